@@ -1,0 +1,42 @@
+//! Identity keys, signed node descriptors and HTTP request signing.
+//!
+//! Every archipel actor — node or tenant — is an Ed25519 key. This crate owns how keys are stored
+//! on disk, how things are signed (always under a namespace, so a signature made for one purpose can
+//! never be replayed for another), and the one implementation of request signing that both the CLI
+//! client and the node's HTTP server use.
+
+mod descriptor;
+mod keys;
+mod request;
+
+pub use descriptor::SignedDescriptor;
+pub use keys::{Identity, KeyFileError, verify_signature};
+pub use request::{
+    AuthError, HEADER_KEY, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, MAX_CLOCK_SKEW_MS,
+    RequestVerifier, SignedRequestHeaders, body_hash, sign_request,
+};
+
+/// Re-export of the underlying key types for crates that talk to commonware directly.
+pub use commonware_cryptography::ed25519::{PrivateKey as Ed25519PrivateKey, PublicKey as Ed25519PublicKey};
+
+/// Signature namespaces: a signature is only valid for the purpose it was made for.
+pub mod namespace {
+    /// Node descriptors.
+    pub const DESCRIPTOR: &[u8] = b"archipel/descriptor/v1";
+    /// Signed HTTP requests.
+    pub const REQUEST: &[u8] = b"archipel/request/v1";
+}
+
+/// Errors from verifying signed data.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CryptoError {
+    /// The bytes are not a valid Ed25519 public key.
+    #[error("{0} is not a valid Ed25519 public key")]
+    BadPublicKey(String),
+    /// The signature does not verify.
+    #[error("signature by {0} does not verify")]
+    BadSignature(String),
+    /// The signed content is malformed.
+    #[error("{0}")]
+    Invalid(String),
+}
