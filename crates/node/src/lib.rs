@@ -1,1 +1,12 @@
-//! placeholder
+//! An archipel node: configuration, genesis, authenticated p2p networking, the membership
+//! (peer table and liveness) protocol, the HTTP API and metrics.
+//!
+//! The protocol logic lives in sans-IO modules ([`membership`]); the actors that drive it
+//! ([`gossip`]) are generic over commonware's runtime and p2p traits so the deterministic simulator
+//! runs exactly the same code as a production node.
+
+pub mod membership;
+pub mod gossip;
+pub mod config;
+pub mod datadir;
+pub mod genesis;

@@ -1,0 +1,282 @@
+//! The node's TOML configuration, and how flags and environment variables override it.
+//!
+//! Precedence, highest first: command-line flag, environment variable (`ARCHIPEL_*`, resolved by
+//! the CLI), config file, default. Relative paths in the file are relative to the file's directory,
+//! so a node directory can be moved as a whole.
+
+use archipel_types::{ByteSize, CountryCode, Region, Roles};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The documented template written by `archipel node init` (values are filled in).
+pub const TEMPLATE_HEADER: &str = "\
+# archipel node configuration.
+# Every field can also be set with a flag of `archipel node run` (e.g. --region) or an environment
+# variable (e.g. ARCHIPEL_REGION); flags win over variables, variables over this file.
+# Relative paths are relative to this file's directory.
+";
+
+/// Problems loading a config, each naming the file and field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file does not exist.
+    #[error("config file {0} does not exist: create it with `archipel node init`")]
+    Missing(PathBuf),
+    /// The file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax or a field value is wrong.
+    #[error("config file {path} is malformed: {message}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, including the field.
+        message: String,
+    },
+    /// Writing the config failed.
+    #[error("cannot write config file {path}: {message}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+}
+
+/// Peer-to-peer settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct P2pConfig {
+    /// Address to listen on (e.g. `0.0.0.0:23100`).
+    pub listen: SocketAddr,
+    /// Address other nodes dial (defaults to `listen`; must not be 0.0.0.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public: Option<SocketAddr>,
+    /// Accept peers on private/loopback addresses (true for devnets and LANs).
+    #[serde(default = "default_true")]
+    pub allow_private_ips: bool,
+}
+
+/// HTTP API settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address to listen on (e.g. `0.0.0.0:23101`).
+    pub listen: SocketAddr,
+    /// Address clients use (defaults to `listen`; must not be 0.0.0.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public: Option<SocketAddr>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A node's configuration file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Human label for tables and logs.
+    pub name: String,
+    /// Path of the node's Ed25519 key file.
+    pub key_file: PathBuf,
+    /// Directory for the node's state.
+    pub data_dir: PathBuf,
+    /// Path of the network's genesis file.
+    pub genesis_file: PathBuf,
+    /// Region the node is in (e.g. `eu-de`).
+    pub region: Region,
+    /// Country the hardware is in (ISO code).
+    pub country: CountryCode,
+    /// Who operates the node.
+    pub operator: String,
+    /// Jurisdiction of the operator (ISO code).
+    pub operator_jurisdiction: CountryCode,
+    /// Storage capacity offered (e.g. `50GiB`).
+    pub capacity: ByteSize,
+    /// Roles (validator, storage, compute, gateway).
+    #[serde(default)]
+    pub roles: Roles,
+    /// P2P settings.
+    pub p2p: P2pConfig,
+    /// API settings.
+    pub api: ApiConfig,
+}
+
+/// Values that override the file (from flags or environment variables); `None` keeps the file's.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigOverrides {
+    /// See [`NodeConfig::name`].
+    pub name: Option<String>,
+    /// See [`NodeConfig::key_file`].
+    pub key_file: Option<PathBuf>,
+    /// See [`NodeConfig::data_dir`].
+    pub data_dir: Option<PathBuf>,
+    /// See [`NodeConfig::genesis_file`].
+    pub genesis_file: Option<PathBuf>,
+    /// See [`NodeConfig::region`].
+    pub region: Option<Region>,
+    /// See [`NodeConfig::country`].
+    pub country: Option<CountryCode>,
+    /// See [`NodeConfig::operator`].
+    pub operator: Option<String>,
+    /// See [`NodeConfig::operator_jurisdiction`].
+    pub operator_jurisdiction: Option<CountryCode>,
+    /// See [`NodeConfig::capacity`].
+    pub capacity: Option<ByteSize>,
+    /// See [`NodeConfig::roles`].
+    pub roles: Option<Roles>,
+    /// See [`P2pConfig::listen`].
+    pub p2p_listen: Option<SocketAddr>,
+    /// See [`P2pConfig::public`].
+    pub p2p_public: Option<SocketAddr>,
+    /// See [`ApiConfig::listen`].
+    pub api_listen: Option<SocketAddr>,
+    /// See [`ApiConfig::public`].
+    pub api_public: Option<SocketAddr>,
+}
+
+impl NodeConfig {
+    /// Reads and parses a config file, resolving relative paths against its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => ConfigError::Missing(path.to_path_buf()),
+            _ => ConfigError::Unreadable { path: path.to_path_buf(), source },
+        })?;
+        let mut cfg: NodeConfig = toml::from_str(&text)
+            .map_err(|e| ConfigError::Malformed { path: path.to_path_buf(), message: e.to_string().trim().to_string() })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.key_file, &mut cfg.data_dir, &mut cfg.genesis_file] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Applies flag/environment overrides.
+    pub fn apply(&mut self, o: ConfigOverrides) {
+        macro_rules! set {
+            ($($field:ident).+ <- $value:expr) => {
+                if let Some(v) = $value {
+                    self.$($field).+ = v;
+                }
+            };
+        }
+        set!(name <- o.name);
+        set!(key_file <- o.key_file);
+        set!(data_dir <- o.data_dir);
+        set!(genesis_file <- o.genesis_file);
+        set!(region <- o.region);
+        set!(country <- o.country);
+        set!(operator <- o.operator);
+        set!(operator_jurisdiction <- o.operator_jurisdiction);
+        set!(capacity <- o.capacity);
+        set!(roles <- o.roles);
+        set!(p2p.listen <- o.p2p_listen);
+        set!(api.listen <- o.api_listen);
+        if o.p2p_public.is_some() {
+            self.p2p.public = o.p2p_public;
+        }
+        if o.api_public.is_some() {
+            self.api.public = o.api_public;
+        }
+    }
+
+    /// Address peers dial.
+    pub fn p2p_public(&self) -> SocketAddr {
+        self.p2p.public.unwrap_or(self.p2p.listen)
+    }
+
+    /// Address API clients use.
+    pub fn api_public(&self) -> SocketAddr {
+        self.api.public.unwrap_or(self.api.listen)
+    }
+
+    /// Renders the config as a commented TOML file.
+    pub fn to_toml(&self) -> Result<String, String> {
+        toml::to_string_pretty(self).map(|body| format!("{TEMPLATE_HEADER}\n{body}")).map_err(|e| e.to_string())
+    }
+
+    /// Writes the config to a new file, never overwriting an existing one.
+    pub fn write_new(&self, path: &Path) -> Result<(), ConfigError> {
+        use std::io::Write;
+        let err = |message: String| ConfigError::Write { path: path.to_path_buf(), message };
+        let text = self.to_toml().map_err(err)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        }
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                err("it already exists; refusing to overwrite (edit it, or remove it yourself)".into())
+            } else {
+                err(e.to_string())
+            }
+        })?;
+        f.write_all(text.as_bytes()).map_err(|e| err(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> NodeConfig {
+        NodeConfig {
+            name: "n01".into(),
+            key_file: "node.key".into(),
+            data_dir: "data".into(),
+            genesis_file: "../genesis.json".into(),
+            region: "eu-de".parse().unwrap(),
+            country: "DE".parse().unwrap(),
+            operator: "acme".into(),
+            operator_jurisdiction: "DE".parse().unwrap(),
+            capacity: "50GiB".parse().unwrap(),
+            roles: "storage".parse().unwrap(),
+            p2p: P2pConfig { listen: "127.0.0.2:23100".parse().unwrap(), public: None, allow_private_ips: true },
+            api: ApiConfig { listen: "127.0.0.2:23101".parse().unwrap(), public: None },
+        }
+    }
+
+    #[test]
+    fn round_trips_resolves_paths_and_applies_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n01/node.toml");
+        sample().write_new(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# archipel node configuration"));
+        let mut cfg = NodeConfig::load(&path).unwrap();
+        assert_eq!(cfg.key_file, dir.path().join("n01/node.key"));
+        assert_eq!(cfg.capacity, "50GiB".parse().unwrap());
+        cfg.apply(ConfigOverrides { region: Some("eu-fr".parse().unwrap()), api_public: Some("10.0.0.1:80".parse().unwrap()), ..Default::default() });
+        assert_eq!(cfg.region.as_str(), "eu-fr");
+        assert_eq!(cfg.api_public(), "10.0.0.1:80".parse().unwrap());
+        assert_eq!(cfg.p2p_public(), "127.0.0.2:23100".parse().unwrap());
+        assert!(sample().write_new(&path).unwrap_err().to_string().contains("refusing to overwrite"));
+    }
+
+    #[test]
+    fn malformed_files_name_the_file_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        let good = sample().to_toml().unwrap();
+        std::fs::write(&path, good.replace("region = \"eu-de\"", "region = \"EU DE\"")).unwrap();
+        let err = NodeConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("node.toml") && err.contains("region"), "{err}");
+        std::fs::write(&path, good.replace("capacity = \"50GiB\"", "capacity = \"lots\"")).unwrap();
+        let err = NodeConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("capacity"), "{err}");
+        std::fs::write(&path, format!("{good}\nbogus = 1\n")).unwrap();
+        let err = NodeConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+        std::fs::write(&path, "name = [").unwrap();
+        assert!(matches!(NodeConfig::load(&path), Err(ConfigError::Malformed { .. })));
+        assert!(matches!(NodeConfig::load(&dir.path().join("none.toml")), Err(ConfigError::Missing(_))));
+    }
+}

@@ -1,0 +1,186 @@
+//! The genesis file: the initial nodes (signed descriptors), the validator set, funded tenant
+//! accounts and protocol timing that every node of one network shares.
+//!
+//! The genesis hash (BLAKE3 of the canonical JSON re-serialization, so whitespace does not
+//! matter) identifies the network: a node refuses to start with a different one, and a data
+//! directory remembers the hash it was created for.
+
+use crate::membership::MembershipTiming;
+use archipel_crypto::SignedDescriptor;
+use archipel_types::{NodeId, Role};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// Largest accepted genesis file.
+pub const MAX_GENESIS_BYTES: u64 = 16 * 1024 * 1024;
+
+/// A funded account in genesis.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenesisAccount {
+    /// Human label.
+    pub name: String,
+    /// The account's Ed25519 public key.
+    pub key: NodeId,
+    /// Initial balance in micro-units.
+    pub balance_micro: u64,
+}
+
+/// The genesis of a network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Genesis {
+    /// Network name (e.g. `archipel-devnet`).
+    pub network: String,
+    /// When the genesis was made (Unix ms); informative, part of the hash.
+    pub created_at_ms: u64,
+    /// The initial nodes.
+    pub nodes: Vec<SignedDescriptor>,
+    /// The validator set (node ids; each must be a node with the validator role).
+    pub validators: Vec<NodeId>,
+    /// Funded tenant accounts.
+    #[serde(default)]
+    pub accounts: Vec<GenesisAccount>,
+    /// Membership timing shared by all nodes.
+    #[serde(default)]
+    pub membership: MembershipTiming,
+}
+
+/// A problem with a genesis file, naming the file and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum GenesisError {
+    /// Missing file.
+    #[error("genesis file {0} does not exist: build one with `archipel genesis new` (or copy the network's genesis.json)")]
+    Missing(PathBuf),
+    /// Unreadable file.
+    #[error("cannot read genesis file {path}: {message}")]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// Syntax or schema problem.
+    #[error("genesis file {path} is malformed: {message}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Content that parses but is inconsistent.
+    #[error("genesis is invalid: {0}")]
+    Invalid(String),
+}
+
+impl Genesis {
+    /// Reads, parses and validates a genesis file.
+    pub fn load(path: &Path) -> Result<Self, GenesisError> {
+        let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => GenesisError::Missing(path.to_path_buf()),
+            _ => GenesisError::Unreadable { path: path.to_path_buf(), message: e.to_string() },
+        })?;
+        if meta.len() > MAX_GENESIS_BYTES {
+            return Err(GenesisError::Malformed {
+                path: path.to_path_buf(),
+                message: format!("{} bytes exceeds the limit of {MAX_GENESIS_BYTES}", meta.len()),
+            });
+        }
+        let bytes = std::fs::read(path)
+            .map_err(|e| GenesisError::Unreadable { path: path.to_path_buf(), message: e.to_string() })?;
+        let g: Genesis = serde_json::from_slice(&bytes)
+            .map_err(|e| GenesisError::Malformed { path: path.to_path_buf(), message: e.to_string() })?;
+        g.validate().map_err(|e| match e {
+            GenesisError::Invalid(m) => GenesisError::Malformed { path: path.to_path_buf(), message: m },
+            other => other,
+        })?;
+        Ok(g)
+    }
+
+    /// Checks internal consistency: every descriptor signed, ids and addresses unique,
+    /// validators are nodes with the validator role, timing sane.
+    pub fn validate(&self) -> Result<(), GenesisError> {
+        let bad = |m: String| Err(GenesisError::Invalid(m));
+        if self.network.is_empty() || self.network.len() > 64 {
+            return bad("`network` must be a name of 1 to 64 characters".into());
+        }
+        if self.nodes.is_empty() {
+            return bad("`nodes` is empty: a network needs at least one node".into());
+        }
+        let mut ids = BTreeSet::new();
+        let mut p2p = BTreeSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let d = &n.descriptor;
+            n.verify().map_err(|e| GenesisError::Invalid(format!("nodes[{i}] ({}): {e}", d.name)))?;
+            if !ids.insert(d.node_id) {
+                return bad(format!("nodes[{i}] ({}): node {} is listed twice", d.name, d.node_id.short()));
+            }
+            if !p2p.insert(d.p2p_address) {
+                return bad(format!("nodes[{i}] ({}): p2p address {} is used by another node", d.name, d.p2p_address));
+            }
+        }
+        if self.validators.is_empty() {
+            return bad("`validators` is empty: list at least one node with the validator role".into());
+        }
+        let mut vset = BTreeSet::new();
+        for v in &self.validators {
+            let Some(n) = self.node(v) else {
+                return bad(format!("validator {} is not one of the genesis nodes", v.short()));
+            };
+            if !n.descriptor.roles.contains(Role::Validator) {
+                return bad(format!("validator {} ({}) lacks the validator role in its descriptor", v.short(), n.descriptor.name));
+            }
+            if !vset.insert(*v) {
+                return bad(format!("validator {} is listed twice", v.short()));
+            }
+        }
+        let mut acc = BTreeSet::new();
+        for a in &self.accounts {
+            if !acc.insert(a.key) {
+                return bad(format!("account {} ({}) is listed twice", a.key.short(), a.name));
+            }
+        }
+        let t = self.membership;
+        if t.hello_interval_ms == 0 || t.down_after_ms <= t.hello_interval_ms {
+            return bad("membership: down_after_ms must be greater than hello_interval_ms, which must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// The genesis hash: BLAKE3 over the canonical JSON form.
+    pub fn hash(&self) -> String {
+        let canonical = serde_json::to_vec(self).unwrap_or_default();
+        blake3::hash(&canonical).to_hex().to_string()
+    }
+
+    /// The descriptor of `id`, if it is a genesis node.
+    pub fn node(&self, id: &NodeId) -> Option<&SignedDescriptor> {
+        self.nodes.iter().find(|n| n.descriptor.node_id == *id)
+    }
+
+    /// Every key allowed to connect and call: nodes and accounts.
+    pub fn known_keys(&self) -> BTreeSet<NodeId> {
+        self.nodes.iter().map(|n| n.descriptor.node_id).chain(self.accounts.iter().map(|a| a.key)).collect()
+    }
+
+    /// The node ids admitted to the p2p network.
+    pub fn node_ids(&self) -> BTreeSet<NodeId> {
+        self.nodes.iter().map(|n| n.descriptor.node_id).collect()
+    }
+
+    /// Writes the genesis as pretty JSON to a new file (never overwrites).
+    pub fn write_new(&self, path: &Path) -> Result<(), GenesisError> {
+        use std::io::Write;
+        let err = |m: String| GenesisError::Unreadable { path: path.to_path_buf(), message: m };
+        let text = serde_json::to_string_pretty(self).map_err(|e| err(e.to_string()))?;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                err("it already exists; refusing to overwrite".into())
+            } else {
+                err(e.to_string())
+            }
+        })?;
+        f.write_all(format!("{text}\n").as_bytes()).map_err(|e| err(e.to_string()))
+    }
+}
