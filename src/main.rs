@@ -1,1 +1,545 @@
-fn main() {}
+//! The `archipel` command: keys, node configuration and running, genesis building, the local
+//! devnet, and inspection of a running network.
+//!
+//! This is the only crate that uses `anyhow`; library errors are converted here and printed as
+//! one line naming the problem and what to do, with a non-zero exit code.
+
+mod devnet;
+mod output;
+mod topology;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use archipel_crypto::{Identity, SignedDescriptor};
+use archipel_node::client::ApiClient;
+use archipel_node::config::{ApiConfig, ConfigOverrides, NodeConfig, P2pConfig};
+use archipel_node::genesis::{Genesis, GenesisAccount};
+use archipel_node::run::{RunOptions, own_descriptor};
+use archipel_types::{ByteSize, CountryCode, NodeId, Region, Role, Roles};
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "archipel",
+    version,
+    about = "archipel: a decentralized cloud — storage and compute that survive the loss of any provider, data center or region",
+    after_help = "Start here: `archipel devnet` runs a local 12-node network; `archipel nodes` shows it."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create and inspect Ed25519 identity keys.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Configure, describe, run and stop a node.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Build and inspect genesis files.
+    Genesis {
+        #[command(subcommand)]
+        command: GenesisCommand,
+    },
+    /// Run a local network of real node processes (12 by default) until Ctrl-C.
+    Devnet(devnet::DevnetArgs),
+    /// Show the network as seen by a node: id, region, country, operator jurisdiction, roles, status.
+    Nodes(NodesArgs),
+    /// Ask a node who you are (a signed request: checks your key is known to the network).
+    Whoami(WhoamiArgs),
+    /// Diagnostics.
+    Debug {
+        #[command(subcommand)]
+        command: DebugCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Generate a new key file (mode 0600). The secret is never printed.
+    Gen {
+        /// Where to write the key.
+        #[arg(long, short, default_value = "archipel.key")]
+        out: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the public key (node/account id) of a key file.
+    Show {
+        /// The key file.
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Node fields settable by flag or environment variable; each overrides the config file.
+#[derive(Args, Debug, Default, Clone)]
+struct NodeFields {
+    /// Human label for the node.
+    #[arg(long, env = "ARCHIPEL_NAME")]
+    name: Option<String>,
+    /// Key file.
+    #[arg(long, env = "ARCHIPEL_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// Data directory.
+    #[arg(long, env = "ARCHIPEL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Genesis file.
+    #[arg(long, env = "ARCHIPEL_GENESIS")]
+    genesis: Option<PathBuf>,
+    /// Region, e.g. eu-de.
+    #[arg(long, env = "ARCHIPEL_REGION")]
+    region: Option<Region>,
+    /// Country of the hardware (ISO code), e.g. DE.
+    #[arg(long, env = "ARCHIPEL_COUNTRY")]
+    country: Option<CountryCode>,
+    /// Operator (company or person running the node).
+    #[arg(long, env = "ARCHIPEL_OPERATOR")]
+    operator: Option<String>,
+    /// Jurisdiction of the operator (ISO code), e.g. US for a US company's node in Germany.
+    #[arg(long, env = "ARCHIPEL_OPERATOR_JURISDICTION")]
+    operator_jurisdiction: Option<CountryCode>,
+    /// Storage capacity offered, e.g. 50GiB.
+    #[arg(long, env = "ARCHIPEL_CAPACITY")]
+    capacity: Option<ByteSize>,
+    /// Roles, comma separated: validator,storage,compute,gateway.
+    #[arg(long, env = "ARCHIPEL_ROLES")]
+    roles: Option<Roles>,
+    /// P2P listen address.
+    #[arg(long, env = "ARCHIPEL_P2P_LISTEN")]
+    p2p_listen: Option<SocketAddr>,
+    /// P2P address other nodes dial (needed when listening on 0.0.0.0).
+    #[arg(long, env = "ARCHIPEL_P2P_PUBLIC")]
+    p2p_public: Option<SocketAddr>,
+    /// Source IP of outgoing p2p connections, if not the public address's (NAT, loopback devnets).
+    #[arg(long, env = "ARCHIPEL_P2P_EGRESS_IP")]
+    p2p_egress_ip: Option<std::net::IpAddr>,
+    /// HTTP API listen address.
+    #[arg(long, env = "ARCHIPEL_API_LISTEN")]
+    api_listen: Option<SocketAddr>,
+    /// HTTP API address clients use (needed when listening on 0.0.0.0).
+    #[arg(long, env = "ARCHIPEL_API_PUBLIC")]
+    api_public: Option<SocketAddr>,
+}
+
+impl NodeFields {
+    fn overrides(&self) -> ConfigOverrides {
+        ConfigOverrides {
+            name: self.name.clone(),
+            key_file: self.key_file.clone(),
+            data_dir: self.data_dir.clone(),
+            genesis_file: self.genesis.clone(),
+            region: self.region.clone(),
+            country: self.country,
+            operator: self.operator.clone(),
+            operator_jurisdiction: self.operator_jurisdiction,
+            capacity: self.capacity,
+            roles: self.roles.clone(),
+            p2p_listen: self.p2p_listen,
+            p2p_public: self.p2p_public,
+            p2p_egress_ip: self.p2p_egress_ip,
+            api_listen: self.api_listen,
+            api_public: self.api_public,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// Create a node directory: a key (kept if present) and a documented node.toml.
+    Init {
+        /// Directory for the node's key, config and data.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        #[command(flatten)]
+        fields: NodeFields,
+    },
+    /// Print the node's signed descriptor (JSON), to be added to a genesis file.
+    Descriptor {
+        /// The node's config file.
+        #[arg(long, short, env = "ARCHIPEL_CONFIG", default_value = "node.toml")]
+        config: PathBuf,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Run the node in the foreground until SIGINT/SIGTERM.
+    Run {
+        /// The node's config file.
+        #[arg(long, short, env = "ARCHIPEL_CONFIG", default_value = "node.toml")]
+        config: PathBuf,
+        /// Refuse to start unless the genesis hash starts with this.
+        #[arg(long, env = "ARCHIPEL_GENESIS_HASH")]
+        genesis_hash: Option<String>,
+        /// Stop when the parent process exits (the devnet sets this).
+        #[arg(long, hide = true)]
+        exit_with_parent: bool,
+        #[command(flatten)]
+        fields: NodeFields,
+    },
+    /// Ask a running node to stop (signed with the node's own key).
+    Stop {
+        /// The node's config file.
+        #[arg(long, short, env = "ARCHIPEL_CONFIG", default_value = "node.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GenesisCommand {
+    /// Build a genesis file from node descriptors.
+    New {
+        /// Network name.
+        #[arg(long)]
+        network: String,
+        /// Signed descriptor files (from `archipel node descriptor`).
+        #[arg(long = "node", required = true)]
+        nodes: Vec<PathBuf>,
+        /// Validators by name or id (default: every node with the validator role).
+        #[arg(long = "validator")]
+        validators: Vec<String>,
+        /// Funded accounts as NAME:KEY:BALANCE_MICRO, KEY being a key file or a 64-hex public key.
+        #[arg(long = "account")]
+        accounts: Vec<String>,
+        /// Where to write the genesis.
+        #[arg(long, short, default_value = "genesis.json")]
+        out: PathBuf,
+    },
+    /// Check a genesis file and print its hash and nodes.
+    Show {
+        /// The genesis file.
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct NodesArgs {
+    /// A node's API URL (default: the local devnet's first node).
+    #[arg(long, env = "ARCHIPEL_NODE")]
+    node: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct WhoamiArgs {
+    /// A node's API URL (default: the local devnet's first node).
+    #[arg(long, env = "ARCHIPEL_NODE")]
+    node: Option<String>,
+    /// Your key file (default: the local devnet's tenant key).
+    #[arg(long, env = "ARCHIPEL_KEY")]
+    key: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum DebugCommand {
+    /// Join the p2p network with a key for a few seconds and report what was received.
+    P2pProbe {
+        /// The key to connect with.
+        #[arg(long)]
+        key: PathBuf,
+        /// The network's genesis.
+        #[arg(long)]
+        genesis: PathBuf,
+        /// Address to listen on while probing.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// How long to listen.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ARCHIPEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,commonware=warn"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn tokio_rt() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start async runtime")
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Key { command } => key(command),
+        Command::Node { command } => node(command),
+        Command::Genesis { command } => genesis(command),
+        Command::Devnet(args) => devnet::run(args),
+        Command::Nodes(args) => tokio_rt()?.block_on(nodes(args)),
+        Command::Whoami(args) => tokio_rt()?.block_on(whoami(args)),
+        Command::Debug { command: DebugCommand::P2pProbe { key, genesis, listen, seconds } } => {
+            let identity = Identity::load(&key)?;
+            let genesis = Genesis::load(&genesis)?;
+            let report = archipel_node::p2p::probe(&identity, &genesis, listen, Duration::from_secs(seconds));
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+    }
+}
+
+fn key(cmd: KeyCommand) -> Result<()> {
+    match cmd {
+        KeyCommand::Gen { out, json } => {
+            let id = Identity::generate();
+            id.save(&out)?;
+            if json {
+                println!("{}", serde_json::json!({ "key_file": out, "id": id.node_id() }));
+            } else {
+                println!("wrote {} (mode 0600)\nid: {}", out.display(), id.node_id());
+            }
+        }
+        KeyCommand::Show { file, json } => {
+            let id = Identity::load(&file)?;
+            if json {
+                println!("{}", serde_json::json!({ "key_file": file, "id": id.node_id(), "short": id.node_id().short() }));
+            } else {
+                println!("{}", id.node_id());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn need<T>(v: Option<T>, flag: &str, env: &str) -> Result<T> {
+    v.ok_or_else(|| anyhow!("--{flag} is required (or set {env})"))
+}
+
+/// Builds the config of `node init` from flags (and environment), with defaults.
+fn init_config(dir: &Path, f: &NodeFields) -> Result<NodeConfig> {
+    let p2p_listen = f.p2p_listen.unwrap_or_else(|| "0.0.0.0:23100".parse().unwrap_or_else(|_| unreachable!()));
+    let api_listen = f.api_listen.unwrap_or_else(|| "0.0.0.0:23101".parse().unwrap_or_else(|_| unreachable!()));
+    if p2p_listen.ip().is_unspecified() && f.p2p_public.is_none() {
+        bail!("--p2p-public is required when the p2p listen address is {p2p_listen}: give the address other nodes dial, e.g. --p2p-public 203.0.113.7:23100");
+    }
+    if api_listen.ip().is_unspecified() && f.api_public.is_none() {
+        bail!("--api-public is required when the API listen address is {api_listen}: give the address clients use, e.g. --api-public 203.0.113.7:23101");
+    }
+    let name = f.name.clone().unwrap_or_else(|| {
+        std::fs::canonicalize(dir)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "node".into())
+    });
+    Ok(NodeConfig {
+        name,
+        key_file: f.key_file.clone().unwrap_or_else(|| "node.key".into()),
+        data_dir: f.data_dir.clone().unwrap_or_else(|| "data".into()),
+        genesis_file: f.genesis.clone().unwrap_or_else(|| "genesis.json".into()),
+        region: need(f.region.clone(), "region", "ARCHIPEL_REGION")?,
+        country: need(f.country, "country", "ARCHIPEL_COUNTRY")?,
+        operator: need(f.operator.clone(), "operator", "ARCHIPEL_OPERATOR")?,
+        operator_jurisdiction: need(f.operator_jurisdiction, "operator-jurisdiction", "ARCHIPEL_OPERATOR_JURISDICTION")?,
+        capacity: f.capacity.unwrap_or(ByteSize(10 << 30)),
+        roles: f.roles.clone().unwrap_or_else(|| "storage,compute".parse().unwrap_or_default()),
+        p2p: P2pConfig { listen: p2p_listen, public: f.p2p_public, egress_ip: f.p2p_egress_ip, allow_private_ips: true },
+        api: ApiConfig { listen: api_listen, public: f.api_public },
+    })
+}
+
+/// Creates (or reuses) the key and writes `node.toml` in `dir`. Returns the node id.
+fn node_init(dir: &Path, fields: &NodeFields, quiet: bool) -> Result<NodeId> {
+    let cfg = init_config(dir, fields)?;
+    let config_path = dir.join("node.toml");
+    if config_path.exists() {
+        bail!("{} already exists: refusing to overwrite it (edit it, or remove it yourself)", config_path.display());
+    }
+    let key_path = if cfg.key_file.is_relative() { dir.join(&cfg.key_file) } else { cfg.key_file.clone() };
+    let identity = if key_path.exists() {
+        let id = Identity::load(&key_path)?;
+        if !quiet {
+            println!("using existing key {}", key_path.display());
+        }
+        id
+    } else {
+        let id = Identity::generate();
+        id.save(&key_path)?;
+        if !quiet {
+            println!("wrote key {} (mode 0600)", key_path.display());
+        }
+        id
+    };
+    // Fail now, not at `node run`, on a config that cannot make a valid descriptor.
+    own_descriptor(&identity, &cfg, &no_genesis(), 1)?;
+    cfg.write_new(&config_path)?;
+    if !quiet {
+        println!("wrote config {}", config_path.display());
+        println!("node id: {}", identity.node_id());
+        println!("next: archipel node descriptor --config {} --out descriptor.json  (send it to whoever builds the genesis)", config_path.display());
+    }
+    Ok(identity.node_id())
+}
+
+/// An empty genesis, for signing a descriptor before any network exists.
+fn no_genesis() -> Genesis {
+    Genesis { network: "-".into(), created_at_ms: 0, nodes: vec![], validators: vec![], accounts: vec![], membership: Default::default() }
+}
+
+fn load_config(path: &Path, fields: Option<&NodeFields>) -> Result<NodeConfig> {
+    let mut cfg = NodeConfig::load(path)?;
+    if let Some(f) = fields {
+        cfg.apply(f.overrides());
+    }
+    Ok(cfg)
+}
+
+fn node(cmd: NodeCommand) -> Result<()> {
+    match cmd {
+        NodeCommand::Init { dir, fields } => node_init(&dir, &fields, false).map(|_| ()),
+        NodeCommand::Descriptor { config, out } => {
+            let cfg = load_config(&config, None)?;
+            let identity = Identity::load(&cfg.key_file)?;
+            let d = own_descriptor(&identity, &cfg, &no_genesis(), 1)?;
+            let text = serde_json::to_string_pretty(&d)?;
+            match out {
+                Some(path) => {
+                    write_new_file(&path, &format!("{text}\n"))?;
+                    println!("wrote {}", path.display());
+                }
+                None => println!("{text}"),
+            }
+            Ok(())
+        }
+        NodeCommand::Run { config, genesis_hash, exit_with_parent, fields } => {
+            let cfg = load_config(&config, Some(&fields))?;
+            let prepared = archipel_node::run::prepare(cfg, RunOptions { expect_genesis_hash: genesis_hash, exit_with_parent })?;
+            prepared.run()?;
+            Ok(())
+        }
+        NodeCommand::Stop { config } => {
+            let cfg = load_config(&config, None)?;
+            let identity = Identity::load(&cfg.key_file)?;
+            let client = ApiClient::new(&cfg.api_public().to_string()).with_identity(identity);
+            tokio_rt()?.block_on(client.call::<serde_json::Value>("POST", "/v1/node/shutdown", Vec::new()))?;
+            println!("node {} is stopping", cfg.name);
+            Ok(())
+        }
+    }
+}
+
+fn write_new_file(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("cannot create {} (refusing to overwrite an existing file)", path.display()))?;
+    f.write_all(text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Parses `NAME:KEY:BALANCE` where KEY is a key file or a hex public key.
+fn parse_account(spec: &str) -> Result<GenesisAccount> {
+    let mut parts = spec.splitn(3, ':');
+    let (Some(name), Some(key), Some(balance)) = (parts.next(), parts.next(), parts.next()) else {
+        bail!("account {spec:?} must be NAME:KEY:BALANCE_MICRO");
+    };
+    let key = match key.parse::<NodeId>() {
+        Ok(id) => id,
+        Err(_) => Identity::load(Path::new(key)).with_context(|| format!("account {name}: {key} is neither a 64-hex key nor a key file"))?.node_id(),
+    };
+    let balance_micro = balance.parse().with_context(|| format!("account {name}: balance {balance:?} is not a whole number of micro-units"))?;
+    Ok(GenesisAccount { name: name.to_string(), key, balance_micro })
+}
+
+/// Builds a validated genesis.
+pub(crate) fn build_genesis(network: &str, nodes: Vec<SignedDescriptor>, validators: &[String], accounts: Vec<GenesisAccount>, now_ms: u64) -> Result<Genesis> {
+    let validators: Vec<NodeId> = if validators.is_empty() {
+        nodes.iter().filter(|n| n.descriptor.roles.contains(Role::Validator)).map(|n| n.descriptor.node_id).collect()
+    } else {
+        validators
+            .iter()
+            .map(|v| {
+                nodes
+                    .iter()
+                    .find(|n| n.descriptor.name == *v || n.descriptor.node_id.to_string().starts_with(v.as_str()))
+                    .map(|n| n.descriptor.node_id)
+                    .ok_or_else(|| anyhow!("validator {v:?} is not the name or id of any --node"))
+            })
+            .collect::<Result<_>>()?
+    };
+    let g = Genesis { network: network.to_string(), created_at_ms: now_ms, nodes, validators, accounts, membership: Default::default() };
+    g.validate()?;
+    Ok(g)
+}
+
+fn genesis(cmd: GenesisCommand) -> Result<()> {
+    match cmd {
+        GenesisCommand::New { network, nodes, validators, accounts, out } => {
+            let nodes = nodes
+                .iter()
+                .map(|p| {
+                    let text = std::fs::read_to_string(p).with_context(|| format!("cannot read descriptor {}", p.display()))?;
+                    serde_json::from_str::<SignedDescriptor>(&text).with_context(|| format!("descriptor {} is malformed", p.display()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let accounts = accounts.iter().map(|a| parse_account(a)).collect::<Result<Vec<_>>>()?;
+            let g = build_genesis(&network, nodes, &validators, accounts, archipel_node::api::system_now_ms())?;
+            g.write_new(&out)?;
+            println!("wrote {} — network {}, {} nodes, {} validators, hash {}", out.display(), g.network, g.nodes.len(), g.validators.len(), g.hash());
+            Ok(())
+        }
+        GenesisCommand::Show { file, json } => {
+            let g = Genesis::load(&file)?;
+            if json {
+                println!("{}", serde_json::json!({ "network": g.network, "hash": g.hash(), "nodes": g.nodes, "validators": g.validators, "accounts": g.accounts }));
+            } else {
+                println!("network {}  hash {}", g.network, g.hash());
+                output::genesis_table(&g);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The API URL to use: the flag/env, else the local devnet's first node.
+fn default_node(node: Option<String>) -> Result<String> {
+    if let Some(n) = node {
+        return Ok(n);
+    }
+    devnet::first_api_url(Path::new(devnet::DEFAULT_DIR))
+        .ok_or_else(|| anyhow!("no node given: pass --node http://HOST:PORT (or set ARCHIPEL_NODE), or start a local network with `archipel devnet`"))
+}
+
+async fn nodes(args: NodesArgs) -> Result<()> {
+    let client = ApiClient::new(&default_node(args.node)?);
+    let view = client.nodes().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        output::nodes_table(&view);
+    }
+    Ok(())
+}
+
+async fn whoami(args: WhoamiArgs) -> Result<()> {
+    let key = match args.key {
+        Some(k) => k,
+        None => Path::new(devnet::DEFAULT_DIR).join("tenant.key"),
+    };
+    let identity = Identity::load(&key)?;
+    let client = ApiClient::new(&default_node(args.node)?).with_identity(identity);
+    let answer: serde_json::Value = client.get("/v1/whoami").await?;
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    Ok(())
+}

@@ -55,6 +55,7 @@ mod tests {
             capacity: "1GiB".parse().unwrap(),
             roles: "storage".parse().unwrap(),
             p2p_address: "127.0.0.2:1".parse().unwrap(),
+            p2p_egress_ip: None,
             api_address: "127.0.0.2:2".parse().unwrap(),
             version: 1,
         }

@@ -6,7 +6,7 @@
 
 use archipel_types::{ByteSize, CountryCode, Region, Roles};
 use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 /// The documented template written by `archipel node init` (values are filled in).
@@ -58,6 +58,10 @@ pub struct P2pConfig {
     /// Address other nodes dial (defaults to `listen`; must not be 0.0.0.0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public: Option<SocketAddr>,
+    /// Source IP of outgoing connections if it differs from the public address (NAT; loopback
+    /// devnets, where the kernel sends from 127.0.0.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_ip: Option<IpAddr>,
     /// Accept peers on private/loopback addresses (true for devnets and LANs).
     #[serde(default = "default_true")]
     pub allow_private_ips: bool,
@@ -136,6 +140,8 @@ pub struct ConfigOverrides {
     pub p2p_listen: Option<SocketAddr>,
     /// See [`P2pConfig::public`].
     pub p2p_public: Option<SocketAddr>,
+    /// See [`P2pConfig::egress_ip`].
+    pub p2p_egress_ip: Option<IpAddr>,
     /// See [`ApiConfig::listen`].
     pub api_listen: Option<SocketAddr>,
     /// See [`ApiConfig::public`].
@@ -183,6 +189,9 @@ impl NodeConfig {
         set!(api.listen <- o.api_listen);
         if o.p2p_public.is_some() {
             self.p2p.public = o.p2p_public;
+        }
+        if o.p2p_egress_ip.is_some() {
+            self.p2p.egress_ip = o.p2p_egress_ip;
         }
         if o.api_public.is_some() {
             self.api.public = o.api_public;
@@ -239,7 +248,7 @@ mod tests {
             operator_jurisdiction: "DE".parse().unwrap(),
             capacity: "50GiB".parse().unwrap(),
             roles: "storage".parse().unwrap(),
-            p2p: P2pConfig { listen: "127.0.0.2:23100".parse().unwrap(), public: None, allow_private_ips: true },
+            p2p: P2pConfig { listen: "127.0.0.2:23100".parse().unwrap(), public: None, egress_ip: None, allow_private_ips: true },
             api: ApiConfig { listen: "127.0.0.2:23101".parse().unwrap(), public: None },
         }
     }

@@ -10,3 +10,7 @@ pub mod gossip;
 pub mod config;
 pub mod datadir;
 pub mod genesis;
+pub mod p2p;
+pub mod api;
+pub mod run;
+pub mod client;

@@ -302,6 +302,7 @@ mod tests {
             capacity: "1GiB".parse().unwrap(),
             roles: "storage".parse().unwrap(),
             p2p_address: format!("127.0.0.{}:1", seed + 2).parse().unwrap(),
+            p2p_egress_ip: None,
             api_address: format!("127.0.0.{}:2", seed + 2).parse().unwrap(),
             version,
         };

@@ -192,6 +192,7 @@ fn descriptor(identity: &Identity, index: usize, version: u64) -> SignedDescript
         capacity: archipel_types::ByteSize(1 << 30),
         roles: Default::default(),
         p2p_address: format!("{ip}:23100").parse().unwrap_or_else(|_| unreachable!()),
+        p2p_egress_ip: None,
         api_address: format!("{ip}:23101").parse().unwrap_or_else(|_| unreachable!()),
         version,
     };

@@ -9,7 +9,7 @@ use crate::{ByteSize, CountryCode, NodeId, Region, TypeError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
 /// Longest accepted operator name, in bytes.
@@ -118,6 +118,11 @@ pub struct NodeDescriptor {
     pub roles: Roles,
     /// Address other nodes dial for the authenticated p2p network.
     pub p2p_address: SocketAddr,
+    /// Source address of the node's outgoing p2p connections, when it differs from the p2p
+    /// address's IP (NAT, or a loopback devnet where the kernel sends from 127.0.0.1). Peers accept
+    /// inbound connections for this key only from this IP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p2p_egress_ip: Option<IpAddr>,
     /// Address of the node's HTTP API.
     pub api_address: SocketAddr,
     /// Monotonic version: a newer descriptor of the same node replaces an older one.
@@ -167,6 +172,7 @@ impl NodeDescriptor {
         out.push(self.roles.0.len() as u8);
         out.extend(self.roles.0.iter().map(|r| r.tag()));
         put_str(&mut out, &self.p2p_address.to_string());
+        put_str(&mut out, &self.p2p_egress_ip.map(|ip| ip.to_string()).unwrap_or_default());
         put_str(&mut out, &self.api_address.to_string());
         out.extend_from_slice(&self.version.to_be_bytes());
         out
@@ -188,6 +194,7 @@ mod tests {
             capacity: "50GiB".parse().unwrap(),
             roles: "validator,storage".parse().unwrap(),
             p2p_address: "127.0.0.2:23100".parse().unwrap(),
+            p2p_egress_ip: None,
             api_address: "127.0.0.2:23101".parse().unwrap(),
             version: 1,
         }
@@ -205,6 +212,9 @@ mod tests {
         variants.push(d);
         let mut d = base.clone();
         d.roles = "storage".parse().unwrap();
+        variants.push(d);
+        let mut d = base.clone();
+        d.p2p_egress_ip = Some("127.0.0.1".parse().unwrap());
         variants.push(d);
         let mut d = base.clone();
         d.version = 2;

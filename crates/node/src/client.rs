@@ -1,0 +1,138 @@
+//! A client of the node HTTP API, signing requests with `archipel_crypto` when given a key.
+//! Used by the CLI, the devnet supervisor and the integration tests.
+
+use crate::api::{ApiError, NodesView};
+use archipel_crypto::{Identity, sign_request};
+use serde::de::DeserializeOwned;
+use std::time::Duration;
+
+/// A failed API call.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No connection.
+    #[error("cannot reach {url}: {reason} (is the node running? check the address, or start a devnet with `archipel devnet`)")]
+    Unreachable {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The node answered with an error.
+    #[error("{url} answered {status} {code}: {message}")]
+    Api {
+        /// The URL.
+        url: String,
+        /// HTTP status.
+        status: u16,
+        /// Error code from the body.
+        code: String,
+        /// Message from the body.
+        message: String,
+    },
+    /// The answer could not be understood.
+    #[error("unexpected answer from {url}: {reason}")]
+    Decode {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl ClientError {
+    /// The HTTP status, if the node answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A client for one node.
+#[derive(Clone, Debug)]
+pub struct ApiClient {
+    base: String,
+    http: reqwest::Client,
+    identity: Option<Identity>,
+}
+
+impl ApiClient {
+    /// A client for the node at `base` (`http://127.0.0.2:23101` or `127.0.0.2:23101`).
+    pub fn new(base: &str) -> Self {
+        let base = base.trim_end_matches('/');
+        let base = if base.contains("://") { base.to_string() } else { format!("http://{base}") };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(3))
+            .no_proxy()
+            .build()
+            .unwrap_or_default();
+        Self { base, http, identity: None }
+    }
+
+    /// Signs every request with `identity`.
+    pub fn with_identity(mut self, identity: Identity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// The node's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Sends a request (signed if the client has a key) and decodes a JSON answer.
+    pub async fn call<T: DeserializeOwned>(&self, method: &str, path: &str, body: Vec<u8>) -> Result<T, ClientError> {
+        let url = format!("{}{}", self.base, path);
+        let m = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| ClientError::Decode { url: url.clone(), reason: e.to_string() })?;
+        let mut req = self.http.request(m, &url);
+        if let Some(id) = &self.identity {
+            let mut nonce = [0u8; 16];
+            rand::fill(&mut nonce);
+            let headers = sign_request(id, method, path, &body, crate::api::system_now_ms(), nonce);
+            for (k, v) in headers.pairs() {
+                req = req.header(k, v);
+            }
+        }
+        if !body.is_empty() {
+            req = req.header("content-type", "application/json").body(body);
+        }
+        let resp = req.send().await.map_err(|e| ClientError::Unreachable { url: url.clone(), reason: root_cause(&e) })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable { url: url.clone(), reason: root_cause(&e) })?;
+        if !status.is_success() {
+            let (code, message) = match serde_json::from_slice::<ApiError>(&bytes) {
+                Ok(e) => (e.error, e.message),
+                Err(_) => ("error".into(), String::from_utf8_lossy(&bytes).chars().take(200).collect()),
+            };
+            return Err(ClientError::Api { url, status: status.as_u16(), code, message });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode { url, reason: e.to_string() })
+    }
+
+    /// `GET` a JSON document.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call("GET", path, Vec::new()).await
+    }
+
+    /// `GET /v1/nodes`.
+    pub async fn nodes(&self) -> Result<NodesView, ClientError> {
+        self.get("/v1/nodes").await
+    }
+
+    /// `GET /metrics` as text.
+    pub async fn metrics_text(&self) -> Result<String, ClientError> {
+        let url = format!("{}/metrics", self.base);
+        let resp = self.http.get(&url).send().await.map_err(|e| ClientError::Unreachable { url: url.clone(), reason: root_cause(&e) })?;
+        resp.text().await.map_err(|e| ClientError::Decode { url, reason: e.to_string() })
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}

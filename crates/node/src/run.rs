@@ -1,0 +1,268 @@
+//! Starting a node: load and check everything, then run p2p, membership and the HTTP API on
+//! commonware's tokio runtime until a signal, a shutdown request or the parent's exit.
+//!
+//! Every check that can fail because of the operator's input happens before anything is written or
+//! bound for long, and fails with an error naming the file, field or address and what to do.
+
+use crate::api::{self, ApiState};
+use crate::config::{ConfigError, NodeConfig};
+use crate::datadir::{self, DataDirError, DataDirMarker};
+use crate::genesis::{Genesis, GenesisError};
+use crate::gossip::{self, LogObserver};
+use crate::membership::PeerTable;
+use crate::p2p;
+use archipel_crypto::{Identity, KeyFileError, RequestVerifier, SignedDescriptor};
+use archipel_types::NodeDescriptor;
+use commonware_runtime::telemetry::metrics::{GaugeExt, MetricsExt};
+use commonware_runtime::{Clock, Metrics, Runner, Spawner, Supervisor, tokio as cw_tokio};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Config problem.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Key problem.
+    #[error(transparent)]
+    Key(#[from] KeyFileError),
+    /// Genesis problem.
+    #[error(transparent)]
+    Genesis(#[from] GenesisError),
+    /// Data directory problem.
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    /// The node's key is not a genesis node.
+    #[error("this node's key {key} (from {key_file}) is not one of the nodes in genesis {genesis}: add its descriptor (`archipel node descriptor`) to the genesis, or use the right key")]
+    NotInGenesis {
+        /// The key.
+        key: String,
+        /// Key file.
+        key_file: PathBuf,
+        /// Genesis file.
+        genesis: PathBuf,
+    },
+    /// The genesis hash is not the expected one.
+    #[error("genesis {path} has hash {found} but {expected} was expected: every node of a network must use the same genesis file")]
+    GenesisMismatch {
+        /// Genesis file.
+        path: PathBuf,
+        /// Its hash.
+        found: String,
+        /// The expected hash.
+        expected: String,
+    },
+    /// A listen address cannot be bound.
+    #[error("cannot listen on {what} address {addr}: {reason}")]
+    Bind {
+        /// `p2p` or `api`.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why, with advice.
+        reason: String,
+    },
+    /// The config describes the node inconsistently.
+    #[error("config is invalid: {0}")]
+    Invalid(String),
+}
+
+/// Options of `archipel node run` beyond the config file.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Refuse to start unless the genesis hash is this.
+    pub expect_genesis_hash: Option<String>,
+    /// Stop when the parent process exits (used by the devnet supervisor so no node is orphaned).
+    pub exit_with_parent: bool,
+}
+
+fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeError> {
+    TcpListener::bind(addr).map_err(|e| {
+        let reason = match e.kind() {
+            std::io::ErrorKind::AddrInUse => format!(
+                "the address is already in use (another archipel node or program?): stop it, or choose another with --{what}-listen"
+            ),
+            std::io::ErrorKind::AddrNotAvailable => {
+                "no local interface has this address: use an address of this machine (or 0.0.0.0) with --{what}-listen".replace("{what}", what)
+            }
+            std::io::ErrorKind::PermissionDenied => "permission denied (ports below 1024 need privileges)".to_string(),
+            _ => e.to_string(),
+        };
+        NodeError::Bind { what, addr, reason }
+    })
+}
+
+/// The descriptor this node announces: the genesis one if the config still matches it, otherwise
+/// a newer version signed now.
+pub fn own_descriptor(identity: &Identity, cfg: &NodeConfig, genesis: &Genesis, now_ms: u64) -> Result<SignedDescriptor, NodeError> {
+    let node_id = identity.node_id();
+    let from_genesis = genesis.node(&node_id);
+    let mut d = NodeDescriptor {
+        node_id,
+        name: cfg.name.clone(),
+        operator: cfg.operator.clone(),
+        region: cfg.region.clone(),
+        country: cfg.country,
+        operator_jurisdiction: cfg.operator_jurisdiction,
+        capacity: cfg.capacity,
+        roles: cfg.roles.clone(),
+        p2p_address: cfg.p2p_public(),
+        p2p_egress_ip: cfg.p2p.egress_ip,
+        api_address: cfg.api_public(),
+        version: from_genesis.map_or(1, |g| g.descriptor.version),
+    };
+    if let Some(g) = from_genesis {
+        if g.descriptor == d {
+            return Ok(g.clone());
+        }
+        d.version = (g.descriptor.version + 1).max(now_ms);
+    }
+    d.validate().map_err(|e| NodeError::Invalid(e.to_string()))?;
+    SignedDescriptor::sign(identity, d).map_err(|e| NodeError::Invalid(e.to_string()))
+}
+
+/// Everything checked and loaded, ready to run.
+#[derive(Debug)]
+pub struct PreparedNode {
+    cfg: NodeConfig,
+    identity: Identity,
+    genesis: Arc<Genesis>,
+    genesis_hash: String,
+    own: SignedDescriptor,
+    api_listener: TcpListener,
+    options: RunOptions,
+}
+
+/// Loads key, genesis and data directory and binds the API, failing with a clear error.
+pub fn prepare(cfg: NodeConfig, options: RunOptions) -> Result<PreparedNode, NodeError> {
+    let identity = Identity::load(&cfg.key_file)?;
+    let genesis = Genesis::load(&cfg.genesis_file)?;
+    let genesis_hash = genesis.hash();
+    if let Some(expected) = &options.expect_genesis_hash
+        && !genesis_hash.starts_with(expected.trim())
+    {
+        return Err(NodeError::GenesisMismatch {
+            path: cfg.genesis_file.clone(),
+            found: genesis_hash,
+            expected: expected.clone(),
+        });
+    }
+    if genesis.node(&identity.node_id()).is_none() {
+        return Err(NodeError::NotInGenesis {
+            key: identity.node_id().short(),
+            key_file: cfg.key_file.clone(),
+            genesis: cfg.genesis_file.clone(),
+        });
+    }
+    let own = own_descriptor(&identity, &cfg, &genesis, api::system_now_ms())?;
+    datadir::open(
+        &cfg.data_dir,
+        &DataDirMarker { network: genesis.network.clone(), genesis_hash: genesis_hash.clone(), node_id: identity.node_id() },
+    )?;
+    // Probe the p2p port now (commonware binds it later and cannot report a clear error), then
+    // hold the API listener for the server.
+    drop(bind("p2p", cfg.p2p.listen)?);
+    let api_listener = bind("api", cfg.api.listen)?;
+    Ok(PreparedNode { cfg, identity, genesis: Arc::new(genesis), genesis_hash, own, api_listener, options })
+}
+
+impl PreparedNode {
+    /// The node's id.
+    pub fn node_id(&self) -> archipel_types::NodeId {
+        self.identity.node_id()
+    }
+
+    /// Runs until SIGINT/SIGTERM, `POST /v1/node/shutdown`, or (with `exit_with_parent`) the parent's exit.
+    pub fn run(self) -> Result<(), NodeError> {
+        let PreparedNode { cfg, identity, genesis, genesis_hash, own, api_listener, options } = self;
+        let storage = cfg.data_dir.join("runtime");
+        let runner = cw_tokio::Runner::new(cw_tokio::Config::new().with_worker_threads(2).with_storage_directory(storage));
+        runner.start(|context| async move {
+            let started = Instant::now();
+            let p2p = p2p::start(&context, &identity, &genesis, &genesis_hash, cfg.p2p.listen, cfg.p2p.allow_private_ips)
+                .map_err(NodeError::Invalid)?;
+
+            let table = Arc::new(Mutex::new(PeerTable::new(
+                own.clone(),
+                genesis.nodes.iter().cloned(),
+                genesis.node_ids(),
+                genesis.membership,
+            )));
+            context.child("membership").spawn({
+                let table = table.clone();
+                move |ctx| gossip::run(ctx, table, p2p.sender, p2p.receiver, LogObserver)
+            });
+            let _oracle = p2p.oracle;
+
+            let node_ctx = context.child("node");
+            let build_info = node_ctx
+                .child("build")
+                .with_attribute("version", env!("CARGO_PKG_VERSION"))
+                .gauge("info", "archipel build information");
+            let _ = build_info.try_set(1);
+            let uptime = node_ctx.gauge("uptime_seconds", "seconds since the node started");
+            let metrics_ctx = context.child("api");
+            let render_metrics = Box::new(move || {
+                let _ = uptime.try_set(started.elapsed().as_secs());
+                metrics_ctx.encode()
+            });
+
+            let (shutdown_tx, mut shutdown_rx) = tokio::sync::watch::channel(false);
+            let state = Arc::new(ApiState {
+                table,
+                genesis: genesis.clone(),
+                genesis_hash: genesis_hash.clone(),
+                own: own.clone(),
+                known_keys: genesis.known_keys(),
+                verifier: Mutex::new(RequestVerifier::default()),
+                render_metrics,
+                started,
+                shutdown: shutdown_tx.clone(),
+            });
+            api_listener.set_nonblocking(true).map_err(|e| NodeError::Invalid(e.to_string()))?;
+            let listener = tokio::net::TcpListener::from_std(api_listener).map_err(|e| NodeError::Invalid(e.to_string()))?;
+            let mut server_stop = shutdown_rx.clone();
+            let server = tokio::spawn(async move {
+                let app = api::router(state);
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = server_stop.wait_for(|s| *s).await;
+                    })
+                    .await;
+            });
+
+            tracing::info!(
+                node = %own.descriptor.node_id.short(),
+                name = %own.descriptor.name,
+                network = %genesis.network,
+                p2p = %cfg.p2p.listen,
+                api = %cfg.api.listen,
+                "node started"
+            );
+            println!("archipel node {} ({}) up: api http://{} p2p {}", own.descriptor.name, own.descriptor.node_id.short(), cfg.api_public(), cfg.p2p_public());
+
+            let parent = std::os::unix::process::parent_id();
+            let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .map_err(|e| NodeError::Invalid(format!("cannot install SIGTERM handler: {e}")))?;
+            let reason = loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => break "SIGINT",
+                    _ = sigterm.recv() => break "SIGTERM",
+                    _ = shutdown_rx.changed() => break "shutdown request",
+                    _ = context.sleep(Duration::from_millis(500)) => {
+                        if options.exit_with_parent && std::os::unix::process::parent_id() != parent {
+                            break "parent process exited";
+                        }
+                    }
+                }
+            };
+            tracing::info!(%reason, "node stopping");
+            let _ = shutdown_tx.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
+            Ok(())
+        })
+    }
+}
