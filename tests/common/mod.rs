@@ -1,0 +1,140 @@
+//! Helpers for the real-process integration tests: run the `archipel` binary, start devnets on
+//! private loopback ranges, poll the HTTP API.
+
+#![allow(dead_code)]
+
+use archipel_node::api::NodesView;
+use archipel_node::client::ApiClient;
+use archipel_node::membership::PeerStatus;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_archipel")
+}
+
+/// Runs `archipel ARGS` to completion in `dir`.
+pub fn archipel(dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin()).current_dir(dir).args(args).env_remove("ARCHIPEL_NODE").output().expect("run archipel")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// A devnet child process with its stdout lines forwarded to a channel.
+pub struct Devnet {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Devnet {
+    /// Starts `archipel devnet` with `extra` args in `work` and waits for "devnet ready".
+    pub fn start(work: &Path, extra: &[&str]) -> Devnet {
+        let dir = work.join("devnet");
+        let mut child = Command::new(bin())
+            .current_dir(work)
+            .arg("devnet")
+            .arg("--dir")
+            .arg(&dir)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start devnet");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut d = Devnet { child, dir, lines: rx, seen: Vec::new() };
+        d.wait_for_line("devnet ready", Duration::from_secs(120));
+        d
+    }
+
+    /// Waits for a stdout line containing `needle`; panics with what was seen on timeout.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => self.seen.push(l),
+                Err(_) => panic!("no line with {needle:?} within {timeout:?}; devnet said:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    pub fn state(&self) -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(self.dir.join("devnet.json")).unwrap()).unwrap()
+    }
+
+    pub fn node(&self, i: usize) -> (String, String, u32, PathBuf) {
+        let s = self.state();
+        let n = &s["nodes"][i];
+        (
+            n["name"].as_str().unwrap().to_string(),
+            n["api_url"].as_str().unwrap().to_string(),
+            n["pid"].as_u64().unwrap_or(0) as u32,
+            PathBuf::from(n["config"].as_str().unwrap()),
+        )
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.state()["nodes"].as_array().unwrap().iter().filter_map(|n| n["pid"].as_u64()).map(|p| p as u32).collect()
+    }
+}
+
+impl Drop for Devnet {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+pub fn alive(pid: u32) -> bool {
+    // A zombie still answers kill(0); check /proc state too.
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    !stat.split(") ").nth(1).is_some_and(|rest| rest.starts_with('Z'))
+}
+
+/// Polls `url`'s view until `pred` holds; returns the time it took or panics after `timeout`.
+pub fn wait_view(url: &str, timeout: Duration, what: &str, pred: impl Fn(&NodesView) -> bool) -> Duration {
+    let rt = rt();
+    let client = ApiClient::new(url);
+    let start = Instant::now();
+    let mut last = None;
+    while start.elapsed() < timeout {
+        if let Ok(v) = rt.block_on(client.nodes()) {
+            if pred(&v) {
+                return start.elapsed();
+            }
+            last = Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what}: not reached within {timeout:?} at {url}; last view: {last:#?}");
+}
+
+pub fn status_of(v: &NodesView, name: &str) -> Option<PeerStatus> {
+    v.nodes.iter().find(|n| n.name == name).map(|n| n.status)
+}
