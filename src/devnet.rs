@@ -140,13 +140,22 @@ fn create(dir: &Path, topology: &Topology, base_ip: Ipv4Addr, base_port: u16) ->
         let identity = Identity::generate();
         identity.save(&node_dir.join("node.key"))?;
         cfg.write_new(&node_dir.join("node.toml"))?;
-        let empty = Genesis { network: "-".into(), created_at_ms: 0, nodes: vec![], validators: vec![], accounts: vec![], membership: Default::default() };
+        let empty = Genesis {
+            network: "-".into(),
+            created_at_ms: 0,
+            nodes: vec![],
+            validators: vec![],
+            accounts: vec![],
+            membership: Default::default(),
+        };
         descriptors.push(own_descriptor(&identity, &cfg, &empty, 1)?);
     }
     let tenant = Identity::generate();
     tenant.save(&dir.join("tenant.key"))?;
-    let accounts = vec![GenesisAccount { name: "tenant".into(), key: tenant.node_id(), balance_micro: TENANT_BALANCE_MICRO }];
-    let genesis = crate::build_genesis("archipel-devnet", descriptors, &[], accounts, archipel_node::api::system_now_ms())?;
+    let accounts =
+        vec![GenesisAccount { name: "tenant".into(), key: tenant.node_id(), balance_micro: TENANT_BALANCE_MICRO }];
+    let genesis =
+        crate::build_genesis("archipel-devnet", descriptors, &[], accounts, archipel_node::api::system_now_ms())?;
     std::fs::write(dir.join("topology.toml"), toml::to_string_pretty(topology)?)?;
     genesis.write_new(&dir.join("genesis.json"))?;
     Ok(())
@@ -178,8 +187,11 @@ fn prepare(args: &DevnetArgs) -> Result<(Genesis, Topology)> {
     };
     let genesis_path = dir.join("genesis.json");
     if genesis_path.exists() {
-        let topology: Topology = toml::from_str(&std::fs::read_to_string(dir.join("topology.toml")).context("devnet topology.toml is missing: run with --reset")?)
-            .context("devnet topology.toml is malformed: run with --reset")?;
+        let topology: Topology = toml::from_str(
+            &std::fs::read_to_string(dir.join("topology.toml"))
+                .context("devnet topology.toml is missing: run with --reset")?,
+        )
+        .context("devnet topology.toml is malformed: run with --reset")?;
         if let Some(w) = wanted
             && w != topology
         {
@@ -244,7 +256,11 @@ pub fn run(args: DevnetArgs) -> Result<()> {
         let cfg = NodeConfig::load(&config)?;
         let id = Identity::load(&cfg.key_file)?.node_id();
         let log = dir.join("logs").join(format!("{}.log", n.name));
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).with_context(|| format!("cannot open {}", log.display()))?;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("cannot open {}", log.display()))?;
         let err = out.try_clone()?;
         let child = Command::new(&exe)
             .args(["node", "run", "--exit-with-parent", "--config"])
@@ -319,7 +335,13 @@ fn stop_all(nodes: &mut [Supervised]) {
     println!("stopped {} nodes", nodes.len());
 }
 
-async fn supervise(args: &DevnetArgs, dir: &Path, genesis: &Genesis, nodes: &mut [Supervised], started: Instant) -> Result<()> {
+async fn supervise(
+    args: &DevnetArgs,
+    dir: &Path,
+    genesis: &Genesis,
+    nodes: &mut [Supervised],
+    started: Instant,
+) -> Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let tty = std::io::stdout().is_terminal();
 
@@ -344,8 +366,13 @@ async fn supervise(args: &DevnetArgs, dir: &Path, genesis: &Genesis, nodes: &mut
             }
         }
         if Instant::now() > deadline {
-            let missing: Vec<_> = nodes.iter().zip(&ready).filter(|(_, r)| !**r).map(|(s, _)| s.node.name.clone()).collect();
-            bail!("nodes {missing:?} did not answer within {} s; see their logs in {}", args.startup_timeout, dir.join("logs").display());
+            let missing: Vec<_> =
+                nodes.iter().zip(&ready).filter(|(_, r)| !**r).map(|(s, _)| s.node.name.clone()).collect();
+            bail!(
+                "nodes {missing:?} did not answer within {} s; see their logs in {}",
+                args.startup_timeout,
+                dir.join("logs").display()
+            );
         }
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(()),
@@ -385,7 +412,9 @@ async fn supervise(args: &DevnetArgs, dir: &Path, genesis: &Genesis, nodes: &mut
                                 describe_exit(status),
                                 last_log_line(&s.node.log),
                                 s.node.log.display(),
-                                std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "archipel".into()),
+                                std::env::current_exe()
+                                    .map(|p| p.display().to_string())
+                                    .unwrap_or_else(|_| "archipel".into()),
                                 s.node.config.display()
                             );
                         }
@@ -408,11 +437,18 @@ async fn supervise(args: &DevnetArgs, dir: &Path, genesis: &Genesis, nodes: &mut
             Some((up, total, by)) => format!("{up}/{total} up (seen by {by})"),
             None => "no node answers".into(),
         };
-        let line = format!("{running}/{} processes · {view} · uptime {}m{:02}s · Ctrl-C stops", nodes.len(), uptime / 60, uptime % 60);
+        let line = format!(
+            "{running}/{} processes · {view} · uptime {}m{:02}s · Ctrl-C stops",
+            nodes.len(),
+            uptime / 60,
+            uptime % 60
+        );
         if tty {
             print!("\r\x1b[2K{line}");
             let _ = std::io::stdout().flush();
-        } else if line.split(" · uptime").next() != last_line.split(" · uptime").next() || last_print.elapsed() > Duration::from_secs(30) {
+        } else if line.split(" · uptime").next() != last_line.split(" · uptime").next()
+            || last_print.elapsed() > Duration::from_secs(30)
+        {
             println!("{line}");
             last_print = Instant::now();
         }

@@ -278,7 +278,11 @@ fn main() {
 }
 
 fn tokio_rt() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start async runtime")
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -313,7 +317,10 @@ fn key(cmd: KeyCommand) -> Result<()> {
         KeyCommand::Show { file, json } => {
             let id = Identity::load(&file)?;
             if json {
-                println!("{}", serde_json::json!({ "key_file": file, "id": id.node_id(), "short": id.node_id().short() }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "key_file": file, "id": id.node_id(), "short": id.node_id().short() })
+                );
             } else {
                 println!("{}", id.node_id());
             }
@@ -331,10 +338,14 @@ fn init_config(dir: &Path, f: &NodeFields) -> Result<NodeConfig> {
     let p2p_listen = f.p2p_listen.unwrap_or_else(|| "0.0.0.0:23100".parse().unwrap_or_else(|_| unreachable!()));
     let api_listen = f.api_listen.unwrap_or_else(|| "0.0.0.0:23101".parse().unwrap_or_else(|_| unreachable!()));
     if p2p_listen.ip().is_unspecified() && f.p2p_public.is_none() {
-        bail!("--p2p-public is required when the p2p listen address is {p2p_listen}: give the address other nodes dial, e.g. --p2p-public 203.0.113.7:23100");
+        bail!(
+            "--p2p-public is required when the p2p listen address is {p2p_listen}: give the address other nodes dial, e.g. --p2p-public 203.0.113.7:23100"
+        );
     }
     if api_listen.ip().is_unspecified() && f.api_public.is_none() {
-        bail!("--api-public is required when the API listen address is {api_listen}: give the address clients use, e.g. --api-public 203.0.113.7:23101");
+        bail!(
+            "--api-public is required when the API listen address is {api_listen}: give the address clients use, e.g. --api-public 203.0.113.7:23101"
+        );
     }
     let name = f.name.clone().unwrap_or_else(|| {
         std::fs::canonicalize(dir)
@@ -350,10 +361,19 @@ fn init_config(dir: &Path, f: &NodeFields) -> Result<NodeConfig> {
         region: need(f.region.clone(), "region", "ARCHIPEL_REGION")?,
         country: need(f.country, "country", "ARCHIPEL_COUNTRY")?,
         operator: need(f.operator.clone(), "operator", "ARCHIPEL_OPERATOR")?,
-        operator_jurisdiction: need(f.operator_jurisdiction, "operator-jurisdiction", "ARCHIPEL_OPERATOR_JURISDICTION")?,
+        operator_jurisdiction: need(
+            f.operator_jurisdiction,
+            "operator-jurisdiction",
+            "ARCHIPEL_OPERATOR_JURISDICTION",
+        )?,
         capacity: f.capacity.unwrap_or(ByteSize(10 << 30)),
         roles: f.roles.clone().unwrap_or_else(|| "storage,compute".parse().unwrap_or_default()),
-        p2p: P2pConfig { listen: p2p_listen, public: f.p2p_public, egress_ip: f.p2p_egress_ip, allow_private_ips: true },
+        p2p: P2pConfig {
+            listen: p2p_listen,
+            public: f.p2p_public,
+            egress_ip: f.p2p_egress_ip,
+            allow_private_ips: true,
+        },
         api: ApiConfig { listen: api_listen, public: f.api_public },
     })
 }
@@ -386,14 +406,24 @@ fn node_init(dir: &Path, fields: &NodeFields, quiet: bool) -> Result<NodeId> {
     if !quiet {
         println!("wrote config {}", config_path.display());
         println!("node id: {}", identity.node_id());
-        println!("next: archipel node descriptor --config {} --out descriptor.json  (send it to whoever builds the genesis)", config_path.display());
+        println!(
+            "next: archipel node descriptor --config {} --out descriptor.json  (send it to whoever builds the genesis)",
+            config_path.display()
+        );
     }
     Ok(identity.node_id())
 }
 
 /// An empty genesis, for signing a descriptor before any network exists.
-fn no_genesis() -> Genesis {
-    Genesis { network: "-".into(), created_at_ms: 0, nodes: vec![], validators: vec![], accounts: vec![], membership: Default::default() }
+pub(crate) fn no_genesis() -> Genesis {
+    Genesis {
+        network: "-".into(),
+        created_at_ms: 0,
+        nodes: vec![],
+        validators: vec![],
+        accounts: vec![],
+        membership: Default::default(),
+    }
 }
 
 fn load_config(path: &Path, fields: Option<&NodeFields>) -> Result<NodeConfig> {
@@ -423,7 +453,8 @@ fn node(cmd: NodeCommand) -> Result<()> {
         }
         NodeCommand::Run { config, genesis_hash, exit_with_parent, fields } => {
             let cfg = load_config(&config, Some(&fields))?;
-            let prepared = archipel_node::run::prepare(cfg, RunOptions { expect_genesis_hash: genesis_hash, exit_with_parent })?;
+            let prepared =
+                archipel_node::run::prepare(cfg, RunOptions { expect_genesis_hash: genesis_hash, exit_with_parent })?;
             prepared.run()?;
             Ok(())
         }
@@ -456,14 +487,24 @@ fn parse_account(spec: &str) -> Result<GenesisAccount> {
     };
     let key = match key.parse::<NodeId>() {
         Ok(id) => id,
-        Err(_) => Identity::load(Path::new(key)).with_context(|| format!("account {name}: {key} is neither a 64-hex key nor a key file"))?.node_id(),
+        Err(_) => Identity::load(Path::new(key))
+            .with_context(|| format!("account {name}: {key} is neither a 64-hex key nor a key file"))?
+            .node_id(),
     };
-    let balance_micro = balance.parse().with_context(|| format!("account {name}: balance {balance:?} is not a whole number of micro-units"))?;
+    let balance_micro = balance
+        .parse()
+        .with_context(|| format!("account {name}: balance {balance:?} is not a whole number of micro-units"))?;
     Ok(GenesisAccount { name: name.to_string(), key, balance_micro })
 }
 
 /// Builds a validated genesis.
-pub(crate) fn build_genesis(network: &str, nodes: Vec<SignedDescriptor>, validators: &[String], accounts: Vec<GenesisAccount>, now_ms: u64) -> Result<Genesis> {
+pub(crate) fn build_genesis(
+    network: &str,
+    nodes: Vec<SignedDescriptor>,
+    validators: &[String],
+    accounts: Vec<GenesisAccount>,
+    now_ms: u64,
+) -> Result<Genesis> {
     let validators: Vec<NodeId> = if validators.is_empty() {
         nodes.iter().filter(|n| n.descriptor.roles.contains(Role::Validator)).map(|n| n.descriptor.node_id).collect()
     } else {
@@ -478,7 +519,14 @@ pub(crate) fn build_genesis(network: &str, nodes: Vec<SignedDescriptor>, validat
             })
             .collect::<Result<_>>()?
     };
-    let g = Genesis { network: network.to_string(), created_at_ms: now_ms, nodes, validators, accounts, membership: Default::default() };
+    let g = Genesis {
+        network: network.to_string(),
+        created_at_ms: now_ms,
+        nodes,
+        validators,
+        accounts,
+        membership: Default::default(),
+    };
     g.validate()?;
     Ok(g)
 }
@@ -489,20 +537,32 @@ fn genesis(cmd: GenesisCommand) -> Result<()> {
             let nodes = nodes
                 .iter()
                 .map(|p| {
-                    let text = std::fs::read_to_string(p).with_context(|| format!("cannot read descriptor {}", p.display()))?;
-                    serde_json::from_str::<SignedDescriptor>(&text).with_context(|| format!("descriptor {} is malformed", p.display()))
+                    let text = std::fs::read_to_string(p)
+                        .with_context(|| format!("cannot read descriptor {}", p.display()))?;
+                    serde_json::from_str::<SignedDescriptor>(&text)
+                        .with_context(|| format!("descriptor {} is malformed", p.display()))
                 })
                 .collect::<Result<Vec<_>>>()?;
             let accounts = accounts.iter().map(|a| parse_account(a)).collect::<Result<Vec<_>>>()?;
             let g = build_genesis(&network, nodes, &validators, accounts, archipel_node::api::system_now_ms())?;
             g.write_new(&out)?;
-            println!("wrote {} — network {}, {} nodes, {} validators, hash {}", out.display(), g.network, g.nodes.len(), g.validators.len(), g.hash());
+            println!(
+                "wrote {} — network {}, {} nodes, {} validators, hash {}",
+                out.display(),
+                g.network,
+                g.nodes.len(),
+                g.validators.len(),
+                g.hash()
+            );
             Ok(())
         }
         GenesisCommand::Show { file, json } => {
             let g = Genesis::load(&file)?;
             if json {
-                println!("{}", serde_json::json!({ "network": g.network, "hash": g.hash(), "nodes": g.nodes, "validators": g.validators, "accounts": g.accounts }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "network": g.network, "hash": g.hash(), "nodes": g.nodes, "validators": g.validators, "accounts": g.accounts })
+                );
             } else {
                 println!("network {}  hash {}", g.network, g.hash());
                 output::genesis_table(&g);

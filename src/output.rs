@@ -19,7 +19,18 @@ fn ago(now_ms: u64, then_ms: Option<u64>) -> String {
 pub fn nodes_table(view: &NodesView) {
     let mut t = Table::new();
     t.load_preset(UTF8_BORDERS_ONLY);
-    t.set_header(["NAME", "ID", "REGION", "COUNTRY", "OPERATOR", "JURISDICTION", "ROLES", "ADDRESS", "STATUS", "LAST SEEN"]);
+    t.set_header([
+        "NAME",
+        "ID",
+        "REGION",
+        "COUNTRY",
+        "OPERATOR",
+        "JURISDICTION",
+        "ROLES",
+        "ADDRESS",
+        "STATUS",
+        "LAST SEEN",
+    ]);
     let mut rows: Vec<_> = view.nodes.iter().collect();
     rows.sort_by(|a, b| a.name.cmp(&b.name).then(a.node_id.cmp(&b.node_id)));
     for n in rows {

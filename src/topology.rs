@@ -59,7 +59,9 @@ impl Topology {
     /// (without adding validators).
     pub fn default_with(n: usize) -> Result<Self> {
         if n == 0 || n > 250 {
-            bail!("--nodes must be between 1 and 250 (each node gets its own loopback address 127.0.0.2 … 127.0.0.251)");
+            bail!(
+                "--nodes must be between 1 and 250 (each node gets its own loopback address 127.0.0.2 … 127.0.0.251)"
+            );
         }
         let nodes = (0..n)
             .map(|i| {
@@ -129,6 +131,9 @@ mod tests {
         let text = toml::to_string(&t).unwrap();
         assert_eq!(toml::from_str::<Topology>(&text).unwrap(), t);
         assert!(Topology::default_with(0).is_err());
-        assert_eq!(Topology::default_with(4).unwrap().nodes.iter().filter(|n| n.roles.contains(Role::Validator)).count(), 4);
+        assert_eq!(
+            Topology::default_with(4).unwrap().nodes.iter().filter(|n| n.roles.contains(Role::Validator)).count(),
+            4
+        );
     }
 }

@@ -22,7 +22,9 @@ fn kill_restart_foreign_key_and_clean_shutdown() {
     let (victim, victim_url, victim_pid, victim_config) = devnet.node(2);
     assert!(url1.contains("127.0.41.2") && url2.contains("127.0.41.3"), "each node has its own address: {url1} {url2}");
 
-    wait_view(&url1, Duration::from_secs(20), "all 4 up", |v| v.nodes.len() == 4 && v.nodes.iter().all(|n| n.status == PeerStatus::Up));
+    wait_view(&url1, Duration::from_secs(20), "all 4 up", |v| {
+        v.nodes.len() == 4 && v.nodes.iter().all(|n| n.status == PeerStatus::Up)
+    });
 
     // kill -9 one node: the others see it down within 5 s.
     kill(Pid::from_raw(victim_pid as i32), Signal::SIGKILL).unwrap();
@@ -40,10 +42,21 @@ fn kill_restart_foreign_key_and_clean_shutdown() {
     let victim_dir = victim_config.parent().unwrap().to_path_buf();
     let victim_p2p = devnet.state()["nodes"][2]["p2p_address"].as_str().unwrap().to_string();
     let probe = |key: &std::path::Path, listen: &str| -> serde_json::Value {
-        let out = archipel(work.path(), &[
-            "debug", "p2p-probe", "--key", key.to_str().unwrap(), "--genesis", net.join("genesis.json").to_str().unwrap(),
-            "--listen", listen, "--seconds", "4",
-        ]);
+        let out = archipel(
+            work.path(),
+            &[
+                "debug",
+                "p2p-probe",
+                "--key",
+                key.to_str().unwrap(),
+                "--genesis",
+                net.join("genesis.json").to_str().unwrap(),
+                "--listen",
+                listen,
+                "--seconds",
+                "4",
+            ],
+        );
         assert!(out.status.success(), "{}", stderr(&out));
         serde_json::from_str(&stdout(&out)).unwrap()
     };
@@ -63,15 +76,22 @@ fn kill_restart_foreign_key_and_clean_shutdown() {
     assert_eq!(unsigned.status(), Some(401), "{unsigned}");
     assert!(unsigned.to_string().contains("missing_signature"), "{unsigned}");
     let foreign_id = Identity::load(&foreign_key).unwrap();
-    let refused = rt.block_on(ApiClient::new(&url1).with_identity(foreign_id).get::<serde_json::Value>("/v1/whoami")).unwrap_err();
+    let refused = rt
+        .block_on(ApiClient::new(&url1).with_identity(foreign_id).get::<serde_json::Value>("/v1/whoami"))
+        .unwrap_err();
     assert_eq!(refused.status(), Some(403), "{refused}");
     assert!(refused.to_string().contains("unknown_key"), "{refused}");
     let tenant = Identity::load(&net.join("tenant.key")).unwrap();
-    let me: serde_json::Value = rt.block_on(ApiClient::new(&url1).with_identity(tenant.clone()).get("/v1/whoami")).unwrap();
+    let me: serde_json::Value =
+        rt.block_on(ApiClient::new(&url1).with_identity(tenant.clone()).get("/v1/whoami")).unwrap();
     assert_eq!(me["kind"], "account");
     // A known key that is not the node's own cannot stop it.
     let forbidden = rt
-        .block_on(ApiClient::new(&url1).with_identity(tenant).call::<serde_json::Value>("POST", "/v1/node/shutdown", vec![]))
+        .block_on(ApiClient::new(&url1).with_identity(tenant).call::<serde_json::Value>(
+            "POST",
+            "/v1/node/shutdown",
+            vec![],
+        ))
         .unwrap_err();
     assert_eq!(forbidden.status(), Some(403), "{forbidden}");
 
@@ -124,10 +144,24 @@ fn devnet_resumes_from_disk_and_refuses_a_different_topology() {
         devnet.wait_for_line("resuming devnet", Duration::from_secs(1));
         assert_eq!(devnet.state()["genesis_hash"].as_str().unwrap(), first_id);
     }
-    let out = archipel(work.path(), &["devnet", "--dir", work.path().join("devnet").to_str().unwrap(), "--nodes", "3", "--base-ip", "127.0.42.2", "--base-port", "25200"]);
+    let out = archipel(
+        work.path(),
+        &[
+            "devnet",
+            "--dir",
+            work.path().join("devnet").to_str().unwrap(),
+            "--nodes",
+            "3",
+            "--base-ip",
+            "127.0.42.2",
+            "--base-port",
+            "25200",
+        ],
+    );
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--reset"), "{}", stderr(&out));
-    let devnet = Devnet::start(work.path(), &["--reset", "--nodes", "3", "--base-ip", "127.0.42.2", "--base-port", "25200"]);
+    let devnet =
+        Devnet::start(work.path(), &["--reset", "--nodes", "3", "--base-ip", "127.0.42.2", "--base-port", "25200"]);
     assert_ne!(devnet.state()["genesis_hash"].as_str().unwrap(), first_id);
     assert_eq!(devnet.pids().len(), 3);
 }

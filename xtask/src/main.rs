@@ -1,1 +1,205 @@
-fn main() {}
+//! Project automation: `cargo xtask bench [devnet|verify|all]` and `cargo xtask sim --seeds N`.
+//!
+//! Benchmarks print absolute figures and a ratio against a baseline measured in the same run on
+//! the same machine, because absolute numbers move by tens of percent on a shared 2-core box.
+
+use anyhow::{Context, Result, bail};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("bench") => {
+            let which = args.get(1).map(String::as_str).unwrap_or("all");
+            match which {
+                "verify" => bench_verify(),
+                "devnet" => bench_devnet(),
+                "all" => bench_verify().and_then(|_| bench_devnet()),
+                other => bail!("unknown benchmark {other:?}: use verify, devnet or all"),
+            }
+        }
+        Some("sim") => {
+            let seeds: u64 = match args.iter().position(|a| a == "--seeds") {
+                Some(i) => {
+                    args.get(i + 1).context("--seeds needs a number")?.parse().context("--seeds needs a number")?
+                }
+                None => 1000,
+            };
+            let status = Command::new(env!("CARGO"))
+                .args(["test", "--release", "-p", "archipel-sim"])
+                .env("ARCHIPEL_SIM_SEEDS", format!("0..{seeds}"))
+                .status()?;
+            if !status.success() {
+                bail!("simulation failed: the failing seed and its replay command are printed above");
+            }
+            Ok(())
+        }
+        _ => {
+            eprintln!("usage: cargo xtask bench [verify|devnet|all]\n       cargo xtask sim [--seeds N]");
+            Ok(())
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Signed-request verifications per second on one core, against bare Ed25519 verification of the
+/// same bytes (the floor: signature checking is the irreducible cost).
+fn bench_verify() -> Result<()> {
+    use archipel_crypto::{Identity, RequestVerifier, sign_request};
+    use commonware_codec::DecodeExt;
+    use commonware_cryptography::{Signer, Verifier, ed25519};
+    const N: usize = 20_000;
+    let id = Identity::from_seed(1);
+    let now = 1_800_000_000_000u64;
+    let body = br#"{"amount":1}"#;
+    let requests: Vec<_> = (0..N)
+        .map(|i| {
+            let mut nonce = [0u8; 16];
+            nonce[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            sign_request(&id, "POST", "/v1/tx", body, now, nonce)
+        })
+        .collect();
+    let pk = id.private_key().public_key();
+    let raw: Vec<(Vec<u8>, ed25519::Signature)> = (0..N)
+        .map(|i| {
+            let msg = format!("POST\n/v1/tx\n{now}\n{i:032x}\n{}", blake3::hash(body).to_hex()).into_bytes();
+            let sig = id.private_key().sign(archipel_crypto::namespace::REQUEST, &msg);
+            (msg, sig)
+        })
+        .collect();
+    let _ = ed25519::Signature::decode(vec![0u8; 64]);
+
+    let mut ours = Vec::new();
+    let mut base = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        for (msg, sig) in &raw {
+            assert!(pk.verify(archipel_crypto::namespace::REQUEST, msg, sig));
+        }
+        base.push(N as f64 / t.elapsed().as_secs_f64());
+        let mut verifier = RequestVerifier::new(30_000, N + 1);
+        let t = Instant::now();
+        for h in &requests {
+            verifier.verify(h, "POST", "/v1/tx", body, now, |_| true).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        ours.push(N as f64 / t.elapsed().as_secs_f64());
+    }
+    let (o, b) = (median(ours), median(base));
+    println!("signed-request verification, 1 core: {o:.0}/s; bare Ed25519 verify: {b:.0}/s; ratio {:.2}", o / b);
+    Ok(())
+}
+
+fn build_release() -> Result<PathBuf> {
+    let status = Command::new(env!("CARGO")).args(["build", "--release", "--quiet", "--bin", "archipel"]).status()?;
+    if !status.success() {
+        bail!("cargo build --release failed");
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
+    Ok(root.join("target/release/archipel"))
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Time from `archipel devnet` to all 12 nodes answering, against spawning the same binary 12
+/// times to print its version (the process-start floor); then idle RSS per node.
+fn bench_devnet() -> Result<()> {
+    let bin = build_release()?;
+    let mut spawn = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let children: Vec<_> = (0..12)
+            .map(|_| Command::new(&bin).arg("--version").stdout(Stdio::null()).spawn())
+            .collect::<std::io::Result<_>>()?;
+        for mut c in children {
+            c.wait()?;
+        }
+        spawn.push(t.elapsed().as_secs_f64());
+    }
+    let spawn = median(spawn);
+
+    let mut ups = Vec::new();
+    let mut rss = Vec::new();
+    for run in 0..3 {
+        let work = std::env::temp_dir().join(format!("archipel-bench-devnet-{}-{run}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)?;
+        // A fresh devnet each run: key generation and genesis are part of the measured time.
+        let t = Instant::now();
+        let mut child = Command::new(&bin)
+            .current_dir(&work)
+            .args(["devnet", "--dir", "devnet", "--base-ip", "127.0.70.2", "--base-port", "26100"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let out = child.stdout.take().context("stdout")?;
+        let mut lines = BufReader::new(out).lines();
+        let mut ready = None;
+        for line in lines.by_ref() {
+            let line = line?;
+            if line.contains("devnet ready") {
+                ready = Some(t.elapsed());
+                break;
+            }
+        }
+        let ready = ready.context("devnet never became ready")?;
+        // All 12 must also see each other up.
+        let client = reqwest::blocking::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build()?;
+        let all_up = loop {
+            let v: Option<serde_json::Value> =
+                client.get("http://127.0.70.2:26101/v1/nodes").send().ok().and_then(|r| r.json().ok());
+            let up = v
+                .as_ref()
+                .map_or(0, |v| v["nodes"].as_array().map_or(0, |a| a.iter().filter(|n| n["status"] == "up").count()));
+            if up == 12 {
+                break t.elapsed();
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("not all nodes up after 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        ups.push(all_up.as_secs_f64());
+        println!(
+            "  run {run}: API answering on all 12 after {:.2}s, all 12 seen up after {:.2}s",
+            ready.as_secs_f64(),
+            all_up.as_secs_f64()
+        );
+        if run == 0 {
+            std::thread::sleep(Duration::from_secs(10));
+            let state: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(work.join("devnet/devnet.json"))?)?;
+            for n in state["nodes"].as_array().context("nodes")? {
+                if let Some(k) = n["pid"].as_u64().and_then(|p| rss_kib(p as u32)) {
+                    rss.push(k as f64 / 1024.0);
+                }
+            }
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT)?;
+        for _ in lines {}
+        child.wait()?;
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    let up = median(ups);
+    println!(
+        "devnet, 12 nodes: all up (every node seen up by n01) in {up:.2}s; 12 bare process starts take {spawn:.3}s; ratio {:.1}",
+        up / spawn
+    );
+    let max = rss.iter().copied().fold(0.0, f64::max);
+    let mean = rss.iter().sum::<f64>() / rss.len().max(1) as f64;
+    println!(
+        "idle RSS per node after 10 s: mean {mean:.1} MiB, max {max:.1} MiB (goal <= 100 MiB; ratio max/goal {:.2})",
+        max / 100.0
+    );
+    Ok(())
+}

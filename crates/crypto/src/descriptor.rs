@@ -33,8 +33,7 @@ impl SignedDescriptor {
         let d = &self.descriptor;
         d.validate().map_err(|e| CryptoError::Invalid(e.to_string()))?;
         let mut sig = [0u8; 64];
-        hex::decode_to_slice(&self.signature, &mut sig)
-            .map_err(|_| CryptoError::BadSignature(d.node_id.short()))?;
+        hex::decode_to_slice(&self.signature, &mut sig).map_err(|_| CryptoError::BadSignature(d.node_id.short()))?;
         verify_signature(&d.node_id, namespace::DESCRIPTOR, &d.signing_bytes(), &sig)
     }
 }

@@ -46,7 +46,9 @@ pub enum KeyFileError {
         mode: u32,
     },
     /// Refusing to replace an existing key.
-    #[error("key file {0} already exists: refusing to overwrite an identity; choose another path or delete it yourself")]
+    #[error(
+        "key file {0} already exists: refusing to overwrite an identity; choose another path or delete it yourself"
+    )]
     Exists(PathBuf),
     /// Writing the file failed.
     #[error("cannot write key file {path}: {source}")]
@@ -110,10 +112,9 @@ impl Identity {
             return Err(KeyFileError::TooOpen { path: path.to_path_buf(), mode });
         }
         let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
-            std::io::ErrorKind::InvalidData => KeyFileError::Corrupt {
-                path: path.to_path_buf(),
-                reason: "it is not text".into(),
-            },
+            std::io::ErrorKind::InvalidData => {
+                KeyFileError::Corrupt { path: path.to_path_buf(), reason: "it is not text".into() }
+            }
             _ => KeyFileError::Unreadable { path: path.to_path_buf(), source },
         })?;
         Self::parse(&text).map_err(|reason| KeyFileError::Corrupt { path: path.to_path_buf(), reason })
@@ -135,18 +136,14 @@ impl Identity {
     /// Writes the key to a new file with mode 0600. Never overwrites.
     pub fn save(&self, path: &Path) -> Result<(), KeyFileError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|source| KeyFileError::Write { path: path.to_path_buf(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| KeyFileError::Write { path: path.to_path_buf(), source })?;
         }
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|source| match source.kind() {
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|source| {
+            match source.kind() {
                 std::io::ErrorKind::AlreadyExists => KeyFileError::Exists(path.to_path_buf()),
                 _ => KeyFileError::Write { path: path.to_path_buf(), source },
-            })?;
+            }
+        })?;
         let seed = self.key.encode();
         let body = format!("{HEADER}\n{}\n", hex::encode(&seed[..]));
         file.write_all(body.as_bytes())
@@ -164,11 +161,7 @@ pub fn public_key(id: &NodeId) -> Result<ed25519::PublicKey, CryptoError> {
 pub fn verify_signature(signer: &NodeId, namespace: &[u8], msg: &[u8], sig: &[u8; 64]) -> Result<(), CryptoError> {
     let pk = public_key(signer)?;
     let sig = ed25519::Signature::decode(sig.to_vec()).map_err(|_| CryptoError::BadSignature(signer.short()))?;
-    if pk.verify(namespace, msg, &sig) {
-        Ok(())
-    } else {
-        Err(CryptoError::BadSignature(signer.short()))
-    }
+    if pk.verify(namespace, msg, &sig) { Ok(()) } else { Err(CryptoError::BadSignature(signer.short())) }
 }
 
 #[cfg(test)]

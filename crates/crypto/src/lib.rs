@@ -12,8 +12,8 @@ mod request;
 pub use descriptor::SignedDescriptor;
 pub use keys::{Identity, KeyFileError, public_key, verify_signature};
 pub use request::{
-    AuthError, HEADER_KEY, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, MAX_CLOCK_SKEW_MS,
-    RequestVerifier, SignedRequestHeaders, body_hash, sign_request,
+    AuthError, HEADER_KEY, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, MAX_CLOCK_SKEW_MS, RequestVerifier,
+    SignedRequestHeaders, body_hash, sign_request,
 };
 
 /// Re-export of the underlying key types for crates that talk to commonware directly.

@@ -32,15 +32,8 @@ pub fn body_hash(body: &[u8]) -> String {
 }
 
 fn canonical(method: &str, path_and_query: &str, timestamp_ms: u64, nonce_hex: &str, body: &[u8]) -> Vec<u8> {
-    format!(
-        "{}\n{}\n{}\n{}\n{}",
-        method.to_ascii_uppercase(),
-        path_and_query,
-        timestamp_ms,
-        nonce_hex,
-        body_hash(body)
-    )
-    .into_bytes()
+    format!("{}\n{}\n{}\n{}\n{}", method.to_ascii_uppercase(), path_and_query, timestamp_ms, nonce_hex, body_hash(body))
+        .into_bytes()
 }
 
 /// The four authentication headers of a request, as sent or as received.
@@ -95,13 +88,17 @@ pub fn sign_request(
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     /// A required header is absent.
-    #[error("request is not signed: header {0} is missing (sign requests with the archipel CLI or see README 'Signed requests')")]
+    #[error(
+        "request is not signed: header {0} is missing (sign requests with the archipel CLI or see README 'Signed requests')"
+    )]
     Missing(&'static str),
     /// A header cannot be parsed.
     #[error("header {0} is malformed: {1}")]
     Malformed(&'static str, String),
     /// The timestamp is too far from the server's clock.
-    #[error("request timestamp is {skew_ms} ms away from the server clock (limit {limit_ms} ms): check the client's clock (NTP)")]
+    #[error(
+        "request timestamp is {skew_ms} ms away from the server clock (limit {limit_ms} ms): check the client's clock (NTP)"
+    )]
     Stale {
         /// How far off, in milliseconds.
         skew_ms: u64,
@@ -190,12 +187,10 @@ impl RequestVerifier {
         let nonce_hex = headers.nonce.as_deref().ok_or(AuthError::Missing(HEADER_NONCE))?;
         let sig_hex = headers.signature.as_deref().ok_or(AuthError::Missing(HEADER_SIGNATURE))?;
 
-        let key: NodeId = key
-            .parse()
-            .map_err(|_| AuthError::Malformed(HEADER_KEY, "expected 64 hex characters".into()))?;
-        let ts: u64 = ts
-            .parse()
-            .map_err(|_| AuthError::Malformed(HEADER_TIMESTAMP, "expected Unix milliseconds".into()))?;
+        let key: NodeId =
+            key.parse().map_err(|_| AuthError::Malformed(HEADER_KEY, "expected 64 hex characters".into()))?;
+        let ts: u64 =
+            ts.parse().map_err(|_| AuthError::Malformed(HEADER_TIMESTAMP, "expected Unix milliseconds".into()))?;
         let mut nonce = [0u8; 16];
         hex::decode_to_slice(nonce_hex, &mut nonce)
             .map_err(|_| AuthError::Malformed(HEADER_NONCE, "expected 32 hex characters".into()))?;
@@ -264,7 +259,11 @@ mod tests {
     #[test]
     fn tampered_body_path_or_method_fails() {
         let (_, mut v, h) = setup();
-        for (m, p, b) in [("POST", "/v1/echo?x=1", &b"bodY"[..]), ("POST", "/v1/echo?x=2", b"body"), ("PUT", "/v1/echo?x=1", b"body")] {
+        for (m, p, b) in [
+            ("POST", "/v1/echo?x=1", &b"bodY"[..]),
+            ("POST", "/v1/echo?x=2", b"body"),
+            ("PUT", "/v1/echo?x=1", b"body"),
+        ] {
             let r = v.verify(&h, m, p, b, NOW, |_| true);
             assert!(matches!(r, Err(AuthError::BadSignature(_))), "{m} {p}: {r:?}");
         }
@@ -277,14 +276,23 @@ mod tests {
         let (_, mut v, h) = setup();
         let mut t = h.clone();
         t.timestamp = Some((NOW + 1).to_string());
-        assert!(matches!(v.verify(&t, "POST", "/v1/echo?x=1", b"body", NOW, |_| true), Err(AuthError::BadSignature(_))));
+        assert!(matches!(
+            v.verify(&t, "POST", "/v1/echo?x=1", b"body", NOW, |_| true),
+            Err(AuthError::BadSignature(_))
+        ));
         let mut t = h.clone();
         t.nonce = Some(hex::encode([2u8; 16]));
-        assert!(matches!(v.verify(&t, "POST", "/v1/echo?x=1", b"body", NOW, |_| true), Err(AuthError::BadSignature(_))));
+        assert!(matches!(
+            v.verify(&t, "POST", "/v1/echo?x=1", b"body", NOW, |_| true),
+            Err(AuthError::BadSignature(_))
+        ));
         // Another key claiming the same signature.
         let mut t = h.clone();
         t.key = Some(Identity::from_seed(8).node_id().to_string());
-        assert!(matches!(v.verify(&t, "POST", "/v1/echo?x=1", b"body", NOW, |_| true), Err(AuthError::BadSignature(_))));
+        assert!(matches!(
+            v.verify(&t, "POST", "/v1/echo?x=1", b"body", NOW, |_| true),
+            Err(AuthError::BadSignature(_))
+        ));
     }
 
     #[test]
@@ -321,7 +329,10 @@ mod tests {
         }
         let mut t = h.clone();
         t.signature = Some("zz".into());
-        assert!(matches!(v.verify(&t, "POST", "/v1/echo?x=1", b"body", NOW, |_| true), Err(AuthError::Malformed(HEADER_SIGNATURE, _))));
+        assert!(matches!(
+            v.verify(&t, "POST", "/v1/echo?x=1", b"body", NOW, |_| true),
+            Err(AuthError::Malformed(HEADER_SIGNATURE, _))
+        ));
         assert_eq!(SignedRequestHeaders::default().pairs(), vec![]);
     }
 

@@ -10,7 +10,9 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// No connection.
-    #[error("cannot reach {url}: {reason} (is the node running? check the address, or start a devnet with `archipel devnet`)")]
+    #[error(
+        "cannot reach {url}: {reason} (is the node running? check the address, or start a devnet with `archipel devnet`)"
+    )]
     Unreachable {
         /// The URL.
         url: String,
@@ -85,7 +87,8 @@ impl ApiClient {
     /// Sends a request (signed if the client has a key) and decodes a JSON answer.
     pub async fn call<T: DeserializeOwned>(&self, method: &str, path: &str, body: Vec<u8>) -> Result<T, ClientError> {
         let url = format!("{}{}", self.base, path);
-        let m = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| ClientError::Decode { url: url.clone(), reason: e.to_string() })?;
+        let m = reqwest::Method::from_bytes(method.as_bytes())
+            .map_err(|e| ClientError::Decode { url: url.clone(), reason: e.to_string() })?;
         let mut req = self.http.request(m, &url);
         if let Some(id) = &self.identity {
             let mut nonce = [0u8; 16];
@@ -98,9 +101,11 @@ impl ApiClient {
         if !body.is_empty() {
             req = req.header("content-type", "application/json").body(body);
         }
-        let resp = req.send().await.map_err(|e| ClientError::Unreachable { url: url.clone(), reason: root_cause(&e) })?;
+        let resp =
+            req.send().await.map_err(|e| ClientError::Unreachable { url: url.clone(), reason: root_cause(&e) })?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable { url: url.clone(), reason: root_cause(&e) })?;
+        let bytes =
+            resp.bytes().await.map_err(|e| ClientError::Unreachable { url: url.clone(), reason: root_cause(&e) })?;
         if !status.is_success() {
             let (code, message) = match serde_json::from_slice::<ApiError>(&bytes) {
                 Ok(e) => (e.error, e.message),
@@ -124,7 +129,12 @@ impl ApiClient {
     /// `GET /metrics` as text.
     pub async fn metrics_text(&self) -> Result<String, ClientError> {
         let url = format!("{}/metrics", self.base);
-        let resp = self.http.get(&url).send().await.map_err(|e| ClientError::Unreachable { url: url.clone(), reason: root_cause(&e) })?;
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable { url: url.clone(), reason: root_cause(&e) })?;
         resp.text().await.map_err(|e| ClientError::Decode { url, reason: e.to_string() })
     }
 }

@@ -155,8 +155,10 @@ impl NodeConfig {
             std::io::ErrorKind::NotFound => ConfigError::Missing(path.to_path_buf()),
             _ => ConfigError::Unreadable { path: path.to_path_buf(), source },
         })?;
-        let mut cfg: NodeConfig = toml::from_str(&text)
-            .map_err(|e| ConfigError::Malformed { path: path.to_path_buf(), message: e.to_string().trim().to_string() })?;
+        let mut cfg: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Malformed {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().to_string(),
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut cfg.key_file, &mut cfg.data_dir, &mut cfg.genesis_file] {
             if p.is_relative() {
@@ -248,7 +250,12 @@ mod tests {
             operator_jurisdiction: "DE".parse().unwrap(),
             capacity: "50GiB".parse().unwrap(),
             roles: "storage".parse().unwrap(),
-            p2p: P2pConfig { listen: "127.0.0.2:23100".parse().unwrap(), public: None, egress_ip: None, allow_private_ips: true },
+            p2p: P2pConfig {
+                listen: "127.0.0.2:23100".parse().unwrap(),
+                public: None,
+                egress_ip: None,
+                allow_private_ips: true,
+            },
             api: ApiConfig { listen: "127.0.0.2:23101".parse().unwrap(), public: None },
         }
     }
@@ -263,7 +270,11 @@ mod tests {
         let mut cfg = NodeConfig::load(&path).unwrap();
         assert_eq!(cfg.key_file, dir.path().join("n01/node.key"));
         assert_eq!(cfg.capacity, "50GiB".parse().unwrap());
-        cfg.apply(ConfigOverrides { region: Some("eu-fr".parse().unwrap()), api_public: Some("10.0.0.1:80".parse().unwrap()), ..Default::default() });
+        cfg.apply(ConfigOverrides {
+            region: Some("eu-fr".parse().unwrap()),
+            api_public: Some("10.0.0.1:80".parse().unwrap()),
+            ..Default::default()
+        });
         assert_eq!(cfg.region.as_str(), "eu-fr");
         assert_eq!(cfg.api_public(), "10.0.0.1:80".parse().unwrap());
         assert_eq!(cfg.p2p_public(), "127.0.0.2:23100".parse().unwrap());

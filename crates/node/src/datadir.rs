@@ -41,7 +41,9 @@ pub enum DataDirError {
         expected_hash: String,
     },
     /// The directory belongs to another node key.
-    #[error("data directory {dir} belongs to node {found}, but this node's key is {expected}: use that node's key file, or a fresh --data-dir")]
+    #[error(
+        "data directory {dir} belongs to node {found}, but this node's key is {expected}: use that node's key file, or a fresh --data-dir"
+    )]
     OtherNode {
         /// The directory.
         dir: PathBuf,

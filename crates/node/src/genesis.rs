@@ -51,7 +51,9 @@ pub struct Genesis {
 #[derive(Debug, thiserror::Error)]
 pub enum GenesisError {
     /// Missing file.
-    #[error("genesis file {0} does not exist: build one with `archipel genesis new` (or copy the network's genesis.json)")]
+    #[error(
+        "genesis file {0} does not exist: build one with `archipel genesis new` (or copy the network's genesis.json)"
+    )]
     Missing(PathBuf),
     /// Unreadable file.
     #[error("cannot read genesis file {path}: {message}")]
@@ -129,7 +131,11 @@ impl Genesis {
                 return bad(format!("validator {} is not one of the genesis nodes", v.short()));
             };
             if !n.descriptor.roles.contains(Role::Validator) {
-                return bad(format!("validator {} ({}) lacks the validator role in its descriptor", v.short(), n.descriptor.name));
+                return bad(format!(
+                    "validator {} ({}) lacks the validator role in its descriptor",
+                    v.short(),
+                    n.descriptor.name
+                ));
             }
             if !vset.insert(*v) {
                 return bad(format!("validator {} is listed twice", v.short()));

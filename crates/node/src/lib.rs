@@ -5,12 +5,12 @@
 //! ([`gossip`]) are generic over commonware's runtime and p2p traits so the deterministic simulator
 //! runs exactly the same code as a production node.
 
-pub mod membership;
-pub mod gossip;
+pub mod api;
+pub mod client;
 pub mod config;
 pub mod datadir;
 pub mod genesis;
+pub mod gossip;
+pub mod membership;
 pub mod p2p;
-pub mod api;
 pub mod run;
-pub mod client;

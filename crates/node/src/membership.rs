@@ -30,7 +30,7 @@ pub struct MembershipTiming {
 
 impl Default for MembershipTiming {
     fn default() -> Self {
-        Self { hello_interval_ms: 1_000, down_after_ms: 3_000 }
+        Self { hello_interval_ms: 500, down_after_ms: 2_000 }
     }
 }
 
@@ -328,8 +328,8 @@ mod tests {
         let fx = t.on_message(id(1), GossipMessage::Hello { digest }, 1_000);
         assert_eq!(fx, vec![Effect::StatusChanged { node: id(1), status: PeerStatus::Up }]);
         assert_eq!(t.peers_up(), 1);
-        assert!(t.tick(3_999).iter().all(|e| !matches!(e, Effect::StatusChanged { .. })));
-        let fx = t.tick(4_001);
+        assert!(t.tick(2_999).iter().all(|e| !matches!(e, Effect::StatusChanged { .. })));
+        let fx = t.tick(3_001);
         assert!(fx.contains(&Effect::StatusChanged { node: id(1), status: PeerStatus::Down }));
         assert_eq!(t.peers_up(), 0);
     }

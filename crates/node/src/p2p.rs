@@ -83,7 +83,9 @@ pub fn start(
         .filter_map(|n| {
             let pk = archipel_crypto::public_key(&n.descriptor.node_id).ok()?;
             let address = match n.descriptor.p2p_egress_ip {
-                Some(ip) => Address::Asymmetric { ingress: n.descriptor.p2p_address.into(), egress: SocketAddr::new(ip, 0) },
+                Some(ip) => {
+                    Address::Asymmetric { ingress: n.descriptor.p2p_address.into(), egress: SocketAddr::new(ip, 0) }
+                }
                 None => Address::Symmetric(n.descriptor.p2p_address),
             };
             Some((pk, address))

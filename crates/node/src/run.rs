@@ -36,7 +36,9 @@ pub enum NodeError {
     #[error(transparent)]
     DataDir(#[from] DataDirError),
     /// The node's key is not a genesis node.
-    #[error("this node's key {key} (from {key_file}) is not one of the nodes in genesis {genesis}: add its descriptor (`archipel node descriptor`) to the genesis, or use the right key")]
+    #[error(
+        "this node's key {key} (from {key_file}) is not one of the nodes in genesis {genesis}: add its descriptor (`archipel node descriptor`) to the genesis, or use the right key"
+    )]
     NotInGenesis {
         /// The key.
         key: String,
@@ -46,7 +48,9 @@ pub enum NodeError {
         genesis: PathBuf,
     },
     /// The genesis hash is not the expected one.
-    #[error("genesis {path} has hash {found} but {expected} was expected: every node of a network must use the same genesis file")]
+    #[error(
+        "genesis {path} has hash {found} but {expected} was expected: every node of a network must use the same genesis file"
+    )]
     GenesisMismatch {
         /// Genesis file.
         path: PathBuf,
@@ -97,7 +101,12 @@ fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeError> 
 
 /// The descriptor this node announces: the genesis one if the config still matches it, otherwise
 /// a newer version signed now.
-pub fn own_descriptor(identity: &Identity, cfg: &NodeConfig, genesis: &Genesis, now_ms: u64) -> Result<SignedDescriptor, NodeError> {
+pub fn own_descriptor(
+    identity: &Identity,
+    cfg: &NodeConfig,
+    genesis: &Genesis,
+    now_ms: u64,
+) -> Result<SignedDescriptor, NodeError> {
     let node_id = identity.node_id();
     let from_genesis = genesis.node(&node_id);
     let mut d = NodeDescriptor {
@@ -160,7 +169,11 @@ pub fn prepare(cfg: NodeConfig, options: RunOptions) -> Result<PreparedNode, Nod
     let own = own_descriptor(&identity, &cfg, &genesis, api::system_now_ms())?;
     datadir::open(
         &cfg.data_dir,
-        &DataDirMarker { network: genesis.network.clone(), genesis_hash: genesis_hash.clone(), node_id: identity.node_id() },
+        &DataDirMarker {
+            network: genesis.network.clone(),
+            genesis_hash: genesis_hash.clone(),
+            node_id: identity.node_id(),
+        },
     )?;
     // Probe the p2p port now (commonware binds it later and cannot report a clear error), then
     // hold the API listener for the server.
@@ -179,11 +192,13 @@ impl PreparedNode {
     pub fn run(self) -> Result<(), NodeError> {
         let PreparedNode { cfg, identity, genesis, genesis_hash, own, api_listener, options } = self;
         let storage = cfg.data_dir.join("runtime");
-        let runner = cw_tokio::Runner::new(cw_tokio::Config::new().with_worker_threads(2).with_storage_directory(storage));
+        let runner =
+            cw_tokio::Runner::new(cw_tokio::Config::new().with_worker_threads(2).with_storage_directory(storage));
         runner.start(|context| async move {
             let started = Instant::now();
-            let p2p = p2p::start(&context, &identity, &genesis, &genesis_hash, cfg.p2p.listen, cfg.p2p.allow_private_ips)
-                .map_err(NodeError::Invalid)?;
+            let p2p =
+                p2p::start(&context, &identity, &genesis, &genesis_hash, cfg.p2p.listen, cfg.p2p.allow_private_ips)
+                    .map_err(NodeError::Invalid)?;
 
             let table = Arc::new(Mutex::new(PeerTable::new(
                 own.clone(),
@@ -223,7 +238,8 @@ impl PreparedNode {
                 shutdown: shutdown_tx.clone(),
             });
             api_listener.set_nonblocking(true).map_err(|e| NodeError::Invalid(e.to_string()))?;
-            let listener = tokio::net::TcpListener::from_std(api_listener).map_err(|e| NodeError::Invalid(e.to_string()))?;
+            let listener =
+                tokio::net::TcpListener::from_std(api_listener).map_err(|e| NodeError::Invalid(e.to_string()))?;
             let mut server_stop = shutdown_rx.clone();
             let server = tokio::spawn(async move {
                 let app = api::router(state);
@@ -242,7 +258,13 @@ impl PreparedNode {
                 api = %cfg.api.listen,
                 "node started"
             );
-            println!("archipel node {} ({}) up: api http://{} p2p {}", own.descriptor.name, own.descriptor.node_id.short(), cfg.api_public(), cfg.p2p_public());
+            println!(
+                "archipel node {} ({}) up: api http://{} p2p {}",
+                own.descriptor.name,
+                own.descriptor.node_id.short(),
+                cfg.api_public(),
+                cfg.p2p_public()
+            );
 
             let parent = std::os::unix::process::parent_id();
             let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

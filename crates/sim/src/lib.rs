@@ -214,8 +214,7 @@ pub fn run(scenario: Scenario) -> Outcome {
 
         let mut members: Vec<&Identity> = honest_ids.iter().collect();
         members.extend(byzantine.iter());
-        let genesis: Vec<SignedDescriptor> =
-            members.iter().enumerate().map(|(i, id)| descriptor(id, i, 1)).collect();
+        let genesis: Vec<SignedDescriptor> = members.iter().enumerate().map(|(i, id)| descriptor(id, i, 1)).collect();
         let allowed: BTreeSet<NodeId> = members.iter().map(|id| id.node_id()).collect();
 
         let p2p_cfg = simulated::Config {
@@ -225,8 +224,7 @@ pub fn run(scenario: Scenario) -> Outcome {
             tracked_peer_sets: NZUsize!(1),
         };
         let registered: Vec<ed25519::PublicKey> = members.iter().map(|id| id.private_key().public_key()).collect();
-        let (network, oracle) =
-            Network::new_with_peers(context.child("network"), p2p_cfg, registered.clone()).await;
+        let (network, oracle) = Network::new_with_peers(context.child("network"), p2p_cfg, registered.clone()).await;
         network.start();
 
         let link = Link {
@@ -253,15 +251,14 @@ pub fn run(scenario: Scenario) -> Outcome {
                 .register(GOSSIP_CHANNEL, quota)
                 .await
                 .unwrap_or_else(|e| panic!("register node {i}: {e}"));
-            let table = Arc::new(Mutex::new(PeerTable::new(
-                genesis[i].clone(),
-                genesis.clone(),
-                allowed.clone(),
-                sc.timing,
-            )));
+            let table =
+                Arc::new(Mutex::new(PeerTable::new(genesis[i].clone(), genesis.clone(), allowed.clone(), sc.timing)));
             tables.push(table.clone());
             let observer = Recorder { node: i, events: events.clone() };
-            context.child("node").with_attribute("index", i).spawn(move |ctx| gossip::run(ctx, table, sender, receiver, observer));
+            context
+                .child("node")
+                .with_attribute("index", i)
+                .spawn(move |ctx| gossip::run(ctx, table, sender, receiver, observer));
         }
 
         // The intruder is not in any tracked peer set: it sends hellos and its descriptor to all.
@@ -308,7 +305,11 @@ pub fn run(scenario: Scenario) -> Outcome {
                 loop {
                     let hello = GossipMessage::Hello { digest: "11".repeat(32) };
                     let _ = sender.send(Recipients::All, IoBuf::from(hello.encode()), false);
-                    let _ = sender.send(Recipients::All, IoBuf::from(GossipMessage::Descriptors(forged.clone()).encode()), false);
+                    let _ = sender.send(
+                        Recipients::All,
+                        IoBuf::from(GossipMessage::Descriptors(forged.clone()).encode()),
+                        false,
+                    );
                     ctx.sleep(Duration::from_millis(700)).await;
                 }
             });

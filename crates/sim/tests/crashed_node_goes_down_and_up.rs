@@ -2,7 +2,7 @@
 //! `down_after + hello_interval` (plus link latency), and up again soon after it reconnects.
 
 use archipel_node::membership::MembershipTiming;
-use archipel_sim::{run, seeds, Scenario};
+use archipel_sim::{Scenario, run, seeds};
 use std::time::Duration;
 
 #[test]
@@ -20,13 +20,22 @@ fn isolated_node_is_seen_down_then_up() {
         for observer in 1..o.honest.len() {
             let events: Vec<_> = o.trace.iter().filter(|e| e.node == observer && e.peer == Some(victim)).collect();
             let down = events.iter().find(|e| e.what == "status Down" && e.at_ms >= 10_000);
-            let replay = format!("replay: ARCHIPEL_SIM_SEED={seed} cargo test -p archipel-sim --test crashed_node_goes_down_and_up");
+            let replay = format!(
+                "replay: ARCHIPEL_SIM_SEED={seed} cargo test -p archipel-sim --test crashed_node_goes_down_and_up"
+            );
             let down = down.unwrap_or_else(|| panic!("seed {seed}: node {observer} never saw node 0 down; {replay}"));
-            assert!(down.at_ms <= 10_000 + limit, "seed {seed}: node {observer} saw node 0 down only at {} ms; {replay}", down.at_ms);
+            assert!(
+                down.at_ms <= 10_000 + limit,
+                "seed {seed}: node {observer} saw node 0 down only at {} ms; {replay}",
+                down.at_ms
+            );
             let up = events.iter().find(|e| e.what == "status Up" && e.at_ms >= 20_000);
             let up = up.unwrap_or_else(|| panic!("seed {seed}: node {observer} never saw node 0 up again; {replay}"));
-            assert!(up.at_ms <= 20_000 + limit, "seed {seed}: node {observer} saw node 0 up only at {} ms; {replay}", up.at_ms);
+            assert!(
+                up.at_ms <= 20_000 + limit,
+                "seed {seed}: node {observer} saw node 0 up only at {} ms; {replay}",
+                up.at_ms
+            );
         }
     }
 }
-

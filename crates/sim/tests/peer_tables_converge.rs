@@ -13,7 +13,11 @@ fn honest_nodes_converge_on_the_same_peer_table() {
         let first = &o.final_tables[0];
         for (i, t) in o.final_tables.iter().enumerate() {
             if t.digest != first.digest {
-                return Err(format!("node {i} has table digest {} but node 0 has {}", hex(&t.digest), hex(&first.digest)));
+                return Err(format!(
+                    "node {i} has table digest {} but node 0 has {}",
+                    hex(&t.digest),
+                    hex(&first.digest)
+                ));
             }
             let end_ms = o.scenario.duration.as_millis() as u64;
             for (j, h) in o.honest.iter().enumerate() {

@@ -1,6 +1,6 @@
 //! Determinism: the same seed gives the same trace, a different seed a different one.
 
-use archipel_sim::{run, seeds, Scenario};
+use archipel_sim::{Scenario, run, seeds};
 
 #[test]
 fn a_seed_replays_to_the_same_trace() {
@@ -8,7 +8,10 @@ fn a_seed_replays_to_the_same_trace() {
         let a = run(Scenario::from_seed(seed));
         let b = run(Scenario::from_seed(seed));
         assert!(!a.trace.is_empty(), "seed {seed}: empty trace");
-        assert_eq!(a.trace_hash, b.trace_hash, "seed {seed} is not deterministic; replay: ARCHIPEL_SIM_SEED={seed} cargo test -p archipel-sim --test same_seed_same_trace");
+        assert_eq!(
+            a.trace_hash, b.trace_hash,
+            "seed {seed} is not deterministic; replay: ARCHIPEL_SIM_SEED={seed} cargo test -p archipel-sim --test same_seed_same_trace"
+        );
         assert_eq!(a.trace, b.trace);
     }
 }

@@ -2,7 +2,7 @@
 //! honest node's table, is never seen up, and forged descriptors relayed by a Byzantine member
 //! never replace genuine ones.
 
-use archipel_sim::{check_seeds, run, Scenario};
+use archipel_sim::{Scenario, check_seeds, run};
 
 #[test]
 fn unregistered_key_is_never_admitted() {
@@ -34,7 +34,10 @@ fn forged_descriptors_from_a_byzantine_member_are_rejected() {
         let o = run(scenario);
         let byz = o.byzantine.expect("scenario has a Byzantine member");
         let rejected = o.trace.iter().filter(|e| e.peer == Some(byz) && e.what.starts_with("rejected")).count();
-        assert!(rejected > 0, "seed {seed}: no forged descriptor was rejected; replay: ARCHIPEL_SIM_SEED={seed} cargo test -p archipel-sim --test unregistered_key_never_admitted");
+        assert!(
+            rejected > 0,
+            "seed {seed}: no forged descriptor was rejected; replay: ARCHIPEL_SIM_SEED={seed} cargo test -p archipel-sim --test unregistered_key_never_admitted"
+        );
         let first = &o.final_tables[0];
         assert!(
             o.final_tables.iter().all(|t| t.digest == first.digest),

@@ -60,10 +60,7 @@ impl Role {
 impl FromStr for Role {
     type Err = TypeError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Role::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s.trim())
-            .ok_or_else(|| TypeError::Role(s.to_string()))
+        Role::ALL.into_iter().find(|r| r.as_str() == s.trim()).ok_or_else(|| TypeError::Role(s.to_string()))
     }
 }
 
@@ -82,11 +79,7 @@ impl Roles {
 impl FromStr for Roles {
     type Err = TypeError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        s.split(',')
-            .filter(|p| !p.trim().is_empty())
-            .map(str::parse)
-            .collect::<Result<BTreeSet<_>, _>>()
-            .map(Roles)
+        s.split(',').filter(|p| !p.trim().is_empty()).map(str::parse).collect::<Result<BTreeSet<_>, _>>().map(Roles)
     }
 }
 

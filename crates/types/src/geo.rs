@@ -36,15 +36,9 @@ impl FromStr for Region {
             && b[0].is_ascii_lowercase()
             && b[1].is_ascii_lowercase()
             && b[2] == b'-'
-            && b[3..]
-                .iter()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            && b[3..].iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
             && !s.ends_with('-');
-        if ok {
-            Ok(Self(s.to_string()))
-        } else {
-            Err(TypeError::Region(s.to_string()))
-        }
+        if ok { Ok(Self(s.to_string())) } else { Err(TypeError::Region(s.to_string())) }
     }
 }
 
