@@ -140,15 +140,7 @@ fn create(dir: &Path, topology: &Topology, base_ip: Ipv4Addr, base_port: u16) ->
         let identity = Identity::generate();
         identity.save(&node_dir.join("node.key"))?;
         cfg.write_new(&node_dir.join("node.toml"))?;
-        let empty = Genesis {
-            network: "-".into(),
-            created_at_ms: 0,
-            nodes: vec![],
-            validators: vec![],
-            accounts: vec![],
-            membership: Default::default(),
-        };
-        descriptors.push(own_descriptor(&identity, &cfg, &empty, 1)?);
+        descriptors.push(own_descriptor(&identity, &cfg, None, 1)?);
     }
     let tenant = Identity::generate();
     tenant.save(&dir.join("tenant.key"))?;
@@ -468,17 +460,11 @@ fn print_summary(dir: &Path, genesis: &Genesis, nodes: &[Supervised]) {
     for s in nodes {
         let d = genesis.nodes.iter().find(|n| n.descriptor.node_id.to_string() == s.node.id).map(|n| &n.descriptor);
         let Some(d) = d else { continue };
-        t.add_row([
-            s.node.name.clone(),
-            d.node_id.short(),
-            d.region.to_string(),
-            d.country.to_string(),
-            d.operator.clone(),
-            d.operator_jurisdiction.to_string(),
-            d.roles.to_string(),
-            s.node.api_url.clone(),
-            s.node.pid.map(|p| p.to_string()).unwrap_or_default(),
-        ]);
+        let mut row = vec![s.node.name.clone()];
+        row.extend(crate::output::descriptor_cells(d));
+        row.push(s.node.api_url.clone());
+        row.push(s.node.pid.map(|p| p.to_string()).unwrap_or_default());
+        t.add_row(row);
     }
     println!("{t}");
     let first = nodes.first().map(|s| s.node.api_url.clone()).unwrap_or_default();

@@ -185,8 +185,24 @@ enum NodeCommand {
         /// Stop when the parent process exits (the devnet sets this).
         #[arg(long, hide = true)]
         exit_with_parent: bool,
+        /// Admission file of a node joining after genesis (from `archipel node admit`); kept in
+        /// the data directory afterwards.
+        #[arg(long, env = "ARCHIPEL_ADMISSION")]
+        admission: Option<PathBuf>,
         #[command(flatten)]
         fields: NodeFields,
+    },
+    /// As a validator, approve a node joining after genesis; with a quorum, submit the admission.
+    Admit {
+        /// The validator's config file.
+        #[arg(long, short, env = "ARCHIPEL_CONFIG", default_value = "node.toml")]
+        config: PathBuf,
+        /// The new node's signed descriptor (from `archipel node descriptor`).
+        #[arg(long)]
+        descriptor: PathBuf,
+        /// The admission file collecting approvals (created if missing).
+        #[arg(long, default_value = "admission.json")]
+        admission: PathBuf,
     },
     /// Ask a running node to stop (signed with the node's own key).
     Stop {
@@ -401,7 +417,7 @@ fn node_init(dir: &Path, fields: &NodeFields, quiet: bool) -> Result<NodeId> {
         id
     };
     // Fail now, not at `node run`, on a config that cannot make a valid descriptor.
-    own_descriptor(&identity, &cfg, &no_genesis(), 1)?;
+    own_descriptor(&identity, &cfg, None, 1)?;
     cfg.write_new(&config_path)?;
     if !quiet {
         println!("wrote config {}", config_path.display());
@@ -412,18 +428,6 @@ fn node_init(dir: &Path, fields: &NodeFields, quiet: bool) -> Result<NodeId> {
         );
     }
     Ok(identity.node_id())
-}
-
-/// An empty genesis, for signing a descriptor before any network exists.
-pub(crate) fn no_genesis() -> Genesis {
-    Genesis {
-        network: "-".into(),
-        created_at_ms: 0,
-        nodes: vec![],
-        validators: vec![],
-        accounts: vec![],
-        membership: Default::default(),
-    }
 }
 
 fn load_config(path: &Path, fields: Option<&NodeFields>) -> Result<NodeConfig> {
@@ -440,7 +444,7 @@ fn node(cmd: NodeCommand) -> Result<()> {
         NodeCommand::Descriptor { config, out } => {
             let cfg = load_config(&config, None)?;
             let identity = Identity::load(&cfg.key_file)?;
-            let d = own_descriptor(&identity, &cfg, &no_genesis(), 1)?;
+            let d = own_descriptor(&identity, &cfg, None, 1)?;
             let text = serde_json::to_string_pretty(&d)?;
             match out {
                 Some(path) => {
@@ -451,13 +455,14 @@ fn node(cmd: NodeCommand) -> Result<()> {
             }
             Ok(())
         }
-        NodeCommand::Run { config, genesis_hash, exit_with_parent, fields } => {
+        NodeCommand::Run { config, genesis_hash, exit_with_parent, admission, fields } => {
             let cfg = load_config(&config, Some(&fields))?;
-            let prepared =
-                archipel_node::run::prepare(cfg, RunOptions { expect_genesis_hash: genesis_hash, exit_with_parent })?;
+            let options = RunOptions { expect_genesis_hash: genesis_hash, exit_with_parent, admission };
+            let prepared = archipel_node::run::prepare(cfg, options)?;
             prepared.run()?;
             Ok(())
         }
+        NodeCommand::Admit { config, descriptor, admission } => admit(&config, &descriptor, &admission),
         NodeCommand::Stop { config } => {
             let cfg = load_config(&config, None)?;
             let identity = Identity::load(&cfg.key_file)?;
@@ -469,14 +474,67 @@ fn node(cmd: NodeCommand) -> Result<()> {
     }
 }
 
+/// Adds this validator's approval to `admission_path`; submits it to the validator's node once
+/// the quorum is reached.
+fn admit(config: &Path, descriptor: &Path, admission_path: &Path) -> Result<()> {
+    use archipel_crypto::{Admission, quorum};
+    let cfg = load_config(config, None)?;
+    let identity = Identity::load(&cfg.key_file)?;
+    let genesis = Genesis::load(&cfg.genesis_file)?;
+    let hash = genesis.hash();
+    if !genesis.validators.contains(&identity.node_id()) {
+        bail!("{} is not a validator of network {}: only validators approve new nodes", cfg.name, genesis.network);
+    }
+    let text = std::fs::read_to_string(descriptor)
+        .with_context(|| format!("cannot read descriptor {}", descriptor.display()))?;
+    let d: SignedDescriptor =
+        serde_json::from_str(&text).with_context(|| format!("descriptor {} is malformed", descriptor.display()))?;
+    d.verify().with_context(|| format!("descriptor {} does not verify", descriptor.display()))?;
+    if genesis.node(&d.descriptor.node_id).is_some() {
+        bail!("node {} is already a genesis node: nothing to admit", d.descriptor.node_id.short());
+    }
+    let mut admission = match std::fs::read_to_string(admission_path) {
+        Ok(t) => {
+            let a: Admission = serde_json::from_str(&t)
+                .with_context(|| format!("admission {} is malformed", admission_path.display()))?;
+            if a.descriptor != d || a.genesis_hash != hash {
+                bail!(
+                    "admission {} is for another descriptor or network: use a new --admission file",
+                    admission_path.display()
+                );
+            }
+            a
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Admission::new(&hash, d),
+        Err(e) => return Err(anyhow!("cannot read {}: {e}", admission_path.display())),
+    };
+    admission.approve(&identity);
+    let tmp = admission_path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&admission)?)
+        .and_then(|_| std::fs::rename(&tmp, admission_path))
+        .with_context(|| format!("cannot write {}", admission_path.display()))?;
+    let (have, need) = (admission.valid_approvals(&genesis.validators), quorum(genesis.validators.len()));
+    println!(
+        "{} approves {}: {have} of {need} approvals in {}",
+        cfg.name,
+        admission.descriptor.descriptor.name,
+        admission_path.display()
+    );
+    if have >= need {
+        let client = ApiClient::new(&cfg.api_public().to_string()).with_identity(identity);
+        let body = serde_json::to_vec(&admission)?;
+        tokio_rt()?.block_on(client.call::<serde_json::Value>("POST", "/v1/admissions", body))?;
+        println!("quorum reached: submitted to {}; the network admits the node within seconds", client.base());
+        println!(
+            "next, on the new node: archipel node run --config node.toml --admission {}",
+            admission_path.display()
+        );
+    }
+    Ok(())
+}
+
 fn write_new_file(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .with_context(|| format!("cannot create {} (refusing to overwrite an existing file)", path.display()))?;
-    f.write_all(text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
+    archipel_node::files::write_new(path, text.as_bytes()).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))
 }
 
 /// Parses `NAME:KEY:BALANCE` where KEY is a key file or a hex public key.

@@ -3,6 +3,7 @@
 use archipel_node::api::NodesView;
 use archipel_node::genesis::Genesis;
 use archipel_node::membership::PeerStatus;
+use archipel_types::NodeDescriptor;
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 
 fn ago(now_ms: u64, then_ms: Option<u64>) -> String {
@@ -57,6 +58,18 @@ pub fn nodes_table(view: &NodesView) {
     println!("network {} — {up}/{} up, as seen by {} (*)", view.network, view.nodes.len(), view.observer.short());
 }
 
+/// The id, region, country, operator, jurisdiction and roles cells of a descriptor.
+pub fn descriptor_cells(d: &NodeDescriptor) -> [String; 6] {
+    [
+        d.node_id.short(),
+        d.region.to_string(),
+        d.country.to_string(),
+        d.operator.clone(),
+        d.operator_jurisdiction.to_string(),
+        d.roles.to_string(),
+    ]
+}
+
 /// Prints the nodes of a genesis.
 pub fn genesis_table(g: &Genesis) {
     let mut t = Table::new();
@@ -64,18 +77,12 @@ pub fn genesis_table(g: &Genesis) {
     t.set_header(["NAME", "ID", "REGION", "COUNTRY", "OPERATOR", "JURISDICTION", "ROLES", "P2P", "API", "VALIDATOR"]);
     for n in &g.nodes {
         let d = &n.descriptor;
-        t.add_row([
-            d.name.clone(),
-            d.node_id.short(),
-            d.region.to_string(),
-            d.country.to_string(),
-            d.operator.clone(),
-            d.operator_jurisdiction.to_string(),
-            d.roles.to_string(),
-            d.p2p_address.to_string(),
-            d.api_address.to_string(),
-            if g.validators.contains(&d.node_id) { "yes".into() } else { String::new() },
-        ]);
+        let mut row = vec![d.name.clone()];
+        row.extend(descriptor_cells(d));
+        row.push(d.p2p_address.to_string());
+        row.push(d.api_address.to_string());
+        row.push(if g.validators.contains(&d.node_id) { "yes".into() } else { String::new() });
+        t.add_row(row);
     }
     println!("{t}");
     for a in &g.accounts {

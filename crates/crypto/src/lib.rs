@@ -5,10 +5,12 @@
 //! never be replayed for another), and the one implementation of request signing that both the CLI
 //! client and the node's HTTP server use.
 
+mod admission;
 mod descriptor;
 mod keys;
 mod request;
 
+pub use admission::{Admission, Approval, quorum};
 pub use descriptor::SignedDescriptor;
 pub use keys::{Identity, KeyFileError, public_key, verify_signature};
 pub use request::{
@@ -23,6 +25,8 @@ pub use commonware_cryptography::ed25519::{PrivateKey as Ed25519PrivateKey, Publ
 pub mod namespace {
     /// Node descriptors.
     pub const DESCRIPTOR: &[u8] = b"archipel/descriptor/v1";
+    /// Validator approvals of nodes joining after genesis.
+    pub const ADMISSION: &[u8] = b"archipel/admission/v1";
     /// Signed HTTP requests.
     pub const REQUEST: &[u8] = b"archipel/request/v1";
 }

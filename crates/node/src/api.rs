@@ -35,8 +35,8 @@ pub struct ApiState {
     pub genesis_hash: String,
     /// This node's current descriptor.
     pub own: SignedDescriptor,
-    /// Keys allowed to call signed endpoints.
-    pub known_keys: BTreeSet<NodeId>,
+    /// Tenant accounts allowed to call signed endpoints (member nodes are allowed too).
+    pub accounts: BTreeSet<NodeId>,
     /// Verifier with its nonce memory.
     pub verifier: Mutex<RequestVerifier>,
     /// Renders the Prometheus text of every registered metric.
@@ -126,6 +126,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
     let signed = Router::new()
         .route("/v1/whoami", get(whoami))
         .route("/v1/node/shutdown", post(shutdown))
+        .route("/v1/admissions", post(admit))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/health", get(health))
@@ -224,6 +225,20 @@ async fn shutdown(State(s): State<Arc<ApiState>>, Extension(Caller(id)): Extensi
     Json(serde_json::json!({ "stopping": true })).into_response()
 }
 
+async fn admit(State(s): State<Arc<ApiState>>, body: axum::body::Bytes) -> Response {
+    let admission: archipel_crypto::Admission = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => {
+            return error(StatusCode::BAD_REQUEST, "malformed_admission", format!("body is not an admission: {e}"));
+        }
+    };
+    let id = admission.descriptor.descriptor.node_id;
+    match lock_table(&s.table).admit(admission) {
+        Ok(new) => Json(serde_json::json!({ "node_id": id, "admitted": true, "new": new })).into_response(),
+        Err(reason) => error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_admission", reason),
+    }
+}
+
 fn auth_headers(h: &HeaderMap) -> SignedRequestHeaders {
     let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     SignedRequestHeaders {
@@ -251,7 +266,10 @@ pub async fn authenticate(State(s): State<Arc<ApiState>>, req: Request, next: Ne
     let headers = auth_headers(&parts.headers);
     let verdict = {
         let mut v = s.verifier.lock().unwrap_or_else(|p| p.into_inner());
-        v.verify(&headers, parts.method.as_str(), &path, &bytes, system_now_ms(), |k| s.known_keys.contains(k))
+        let members = lock_table(&s.table).allowed().clone();
+        v.verify(&headers, parts.method.as_str(), &path, &bytes, system_now_ms(), |k| {
+            s.accounts.contains(k) || members.contains(k)
+        })
     };
     match verdict {
         Ok(caller) => {

@@ -217,20 +217,9 @@ impl NodeConfig {
 
     /// Writes the config to a new file, never overwriting an existing one.
     pub fn write_new(&self, path: &Path) -> Result<(), ConfigError> {
-        use std::io::Write;
         let err = |message: String| ConfigError::Write { path: path.to_path_buf(), message };
         let text = self.to_toml().map_err(err)?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-        }
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                err("it already exists; refusing to overwrite (edit it, or remove it yourself)".into())
-            } else {
-                err(e.to_string())
-            }
-        })?;
-        f.write_all(text.as_bytes()).map_err(|e| err(e.to_string()))
+        crate::files::write_new(path, text.as_bytes()).map_err(err)
     }
 }
 

@@ -10,6 +10,32 @@ use std::path::{Path, PathBuf};
 /// Marker file name inside the data directory.
 pub const MARKER: &str = "network.json";
 
+/// Admissions of nodes that joined after genesis, kept across restarts.
+pub const ADMISSIONS: &str = "admissions.json";
+
+/// Reads the stored admissions (none if the file does not exist).
+pub fn load_admissions(dir: &Path) -> Result<Vec<archipel_crypto::Admission>, DataDirError> {
+    let path = dir.join(ADMISSIONS);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| DataDirError::Io {
+            dir: dir.to_path_buf(),
+            message: format!("{ADMISSIONS} is corrupt ({e}); move it aside — peers will send the admissions again"),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(DataDirError::Io { dir: dir.to_path_buf(), message: format!("cannot read {ADMISSIONS}: {e}") }),
+    }
+}
+
+/// Replaces the stored admissions atomically.
+pub fn save_admissions(dir: &Path, admissions: &[archipel_crypto::Admission]) -> Result<(), DataDirError> {
+    let io = |m: String| DataDirError::Io { dir: dir.to_path_buf(), message: m };
+    let text = serde_json::to_vec_pretty(admissions).map_err(|e| io(e.to_string()))?;
+    let tmp = dir.join(format!("{ADMISSIONS}.tmp"));
+    std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, dir.join(ADMISSIONS)))
+        .map_err(|e| io(format!("cannot write {ADMISSIONS}: {e}")))
+}
+
 /// What a data directory belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataDirMarker {

@@ -177,16 +177,8 @@ impl Genesis {
 
     /// Writes the genesis as pretty JSON to a new file (never overwrites).
     pub fn write_new(&self, path: &Path) -> Result<(), GenesisError> {
-        use std::io::Write;
         let err = |m: String| GenesisError::Unreadable { path: path.to_path_buf(), message: m };
         let text = serde_json::to_string_pretty(self).map_err(|e| err(e.to_string()))?;
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                err("it already exists; refusing to overwrite".into())
-            } else {
-                err(e.to_string())
-            }
-        })?;
-        f.write_all(format!("{text}\n").as_bytes()).map_err(|e| err(e.to_string()))
+        crate::files::write_new(path, format!("{text}\n").as_bytes()).map_err(err)
     }
 }

@@ -90,7 +90,7 @@ where
                     rejected.inc();
                     continue;
                 }
-                Effect::StatusChanged { .. } => continue,
+                Effect::StatusChanged { .. } | Effect::Admitted(_) => continue,
             };
             let bytes = msg.encode();
             if bytes.len() > MAX_GOSSIP_MESSAGE {

@@ -9,6 +9,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod datadir;
+pub mod files;
 pub mod genesis;
 pub mod gossip;
 pub mod membership;

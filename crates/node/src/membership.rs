@@ -10,8 +10,11 @@
 //! table (`Descriptors`). Tables merge by keeping, per node, the highest version whose signature
 //! verifies and whose key is in the allowed set (the genesis nodes). A peer not heard from for
 //! `down_after` is down; the next message from it brings it back up.
+//!
+//! The admitted keys start as the genesis nodes and grow by [`Admission`]s (a validator quorum's
+//! approval of a new node), which travel with the table and surface once as [`Effect::Admitted`].
 
-use archipel_crypto::SignedDescriptor;
+use archipel_crypto::{Admission, SignedDescriptor};
 use archipel_types::NodeId;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -45,6 +48,8 @@ pub enum GossipMessage {
     },
     /// A full table, sent when digests differ.
     Descriptors(Vec<SignedDescriptor>),
+    /// Every admission the sender knows, sent before its table when digests differ.
+    Admissions(Vec<Admission>),
 }
 
 impl GossipMessage {
@@ -59,10 +64,13 @@ impl GossipMessage {
             return Err(format!("message of {} bytes exceeds the limit of {max_len}", bytes.len()));
         }
         let msg: Self = serde_json::from_slice(bytes).map_err(|e| format!("undecodable message: {e}"))?;
-        if let GossipMessage::Descriptors(list) = &msg
-            && list.len() > MAX_DESCRIPTORS_PER_MESSAGE
-        {
-            return Err(format!("{} descriptors exceed the limit of {MAX_DESCRIPTORS_PER_MESSAGE}", list.len()));
+        let count = match &msg {
+            GossipMessage::Descriptors(list) => list.len(),
+            GossipMessage::Admissions(list) => list.len(),
+            GossipMessage::Hello { .. } => 0,
+        };
+        if count > MAX_DESCRIPTORS_PER_MESSAGE {
+            return Err(format!("{count} entries exceed the limit of {MAX_DESCRIPTORS_PER_MESSAGE}"));
         }
         Ok(msg)
     }
@@ -92,6 +100,8 @@ pub enum Effect {
         /// Its new status.
         status: PeerStatus,
     },
+    /// A node was admitted after genesis (emitted once per admission, at the next tick).
+    Admitted(Admission),
     /// A message was refused (unknown sender, bad signature, unknown descriptor key, …).
     Rejected {
         /// Who sent it.
@@ -121,6 +131,15 @@ struct Entry {
     status: PeerStatus,
 }
 
+/// What an [`Admission`] must satisfy: the network's genesis hash and its validator set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdmissionRule {
+    /// Genesis hash of this network.
+    pub genesis_hash: String,
+    /// Genesis validators, whose quorum admits new nodes.
+    pub validators: Vec<NodeId>,
+}
+
 /// The membership state machine.
 #[derive(Debug)]
 pub struct PeerTable {
@@ -129,6 +148,9 @@ pub struct PeerTable {
     allowed: BTreeSet<NodeId>,
     entries: BTreeMap<NodeId, Entry>,
     next_hello_ms: u64,
+    rule: Option<AdmissionRule>,
+    admissions: BTreeMap<NodeId, Admission>,
+    newly_admitted: Vec<Admission>,
 }
 
 impl PeerTable {
@@ -137,11 +159,22 @@ impl PeerTable {
     pub fn new(
         own: SignedDescriptor,
         initial: impl IntoIterator<Item = SignedDescriptor>,
-        allowed: BTreeSet<NodeId>,
+        mut allowed: BTreeSet<NodeId>,
         timing: MembershipTiming,
     ) -> Self {
         let me = own.descriptor.node_id;
-        let mut table = Self { me, timing, allowed, entries: BTreeMap::new(), next_hello_ms: 0 };
+        // A node admitted after genesis is not in the genesis set; it always admits itself.
+        allowed.insert(me);
+        let mut table = Self {
+            me,
+            timing,
+            allowed,
+            entries: BTreeMap::new(),
+            next_hello_ms: 0,
+            rule: None,
+            admissions: BTreeMap::new(),
+            newly_admitted: Vec::new(),
+        };
         // Genesis descriptors were verified when the genesis was loaded; one that still fails here
         // is simply not admitted.
         for d in initial {
@@ -152,6 +185,32 @@ impl PeerTable {
             e.status = PeerStatus::Up;
         }
         table
+    }
+
+    /// Lets the table admit nodes after genesis under `rule`.
+    pub fn with_admission_rule(mut self, rule: AdmissionRule) -> Self {
+        self.rule = Some(rule);
+        self
+    }
+
+    /// Admits the node of `admission` if it is valid for this network. Returns whether it was new.
+    pub fn admit(&mut self, admission: Admission) -> Result<bool, String> {
+        let rule = self.rule.as_ref().ok_or("this table does not admit nodes after genesis")?;
+        let id = admission.descriptor.descriptor.node_id;
+        if self.allowed.contains(&id) {
+            return Ok(false);
+        }
+        admission.verify(&rule.genesis_hash, &rule.validators).map_err(|e| e.to_string())?;
+        self.allowed.insert(id);
+        let _ = self.merge(admission.descriptor.clone());
+        self.admissions.insert(id, admission.clone());
+        self.newly_admitted.push(admission);
+        Ok(true)
+    }
+
+    /// Admissions accepted so far (for persistence).
+    pub fn admissions(&self) -> Vec<Admission> {
+        self.admissions.values().cloned().collect()
     }
 
     /// This node's id.
@@ -171,6 +230,10 @@ impl PeerTable {
             h.update(id.as_bytes());
             h.update(&e.descriptor.descriptor.version.to_be_bytes());
             h.update(e.descriptor.signature.as_bytes());
+        }
+        for id in self.admissions.keys() {
+            h.update(b"admitted");
+            h.update(id.as_bytes());
         }
         *h.finalize().as_bytes()
     }
@@ -242,8 +305,18 @@ impl PeerTable {
         match msg {
             GossipMessage::Hello { digest } => {
                 if digest != hex::encode(self.digest()) {
+                    if !self.admissions.is_empty() {
+                        effects.push(Effect::SendTo(from, GossipMessage::Admissions(self.admissions())));
+                    }
                     let all = self.entries.values().map(|e| e.descriptor.clone()).collect();
                     effects.push(Effect::SendTo(from, GossipMessage::Descriptors(all)));
+                }
+            }
+            GossipMessage::Admissions(list) => {
+                for a in list.into_iter().take(MAX_DESCRIPTORS_PER_MESSAGE) {
+                    if let Err(reason) = self.admit(a) {
+                        effects.push(Effect::Rejected { from, reason });
+                    }
                 }
             }
             GossipMessage::Descriptors(list) => {
@@ -259,7 +332,7 @@ impl PeerTable {
 
     /// Advances time: says hello when due and marks silent peers down.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Effect> {
-        let mut effects = Vec::new();
+        let mut effects: Vec<Effect> = self.newly_admitted.drain(..).map(Effect::Admitted).collect();
         let down_after = self.timing.down_after_ms;
         for (id, e) in self.entries.iter_mut() {
             if *id == self.me || e.status == PeerStatus::Down {
@@ -287,7 +360,7 @@ impl PeerTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use archipel_crypto::Identity;
+    use archipel_crypto::{Admission, Identity};
     use archipel_types::NodeDescriptor;
 
     fn signed(seed: u64, version: u64) -> (Identity, SignedDescriptor) {
@@ -374,6 +447,35 @@ mod tests {
         assert!(fx.iter().any(|e| matches!(e, Effect::Rejected { .. })));
         assert_eq!(t.digest(), before);
         assert_eq!(t.rows().len(), 2);
+    }
+
+    #[test]
+    fn admissions_need_a_validator_quorum_and_spread_with_the_table() {
+        let rule = AdmissionRule { genesis_hash: "gh".into(), validators: vec![id(0), id(1), id(2)] };
+        let mut a = table(0, &[0, 1, 2]).with_admission_rule(rule.clone());
+        let mut b = table(1, &[0, 1, 2]).with_admission_rule(rule);
+        let newcomer = signed(7, 1).1;
+        let mut adm = Admission::new("gh", newcomer.clone());
+        adm.approve(&Identity::from_seed(0));
+        adm.approve(&Identity::from_seed(1));
+        assert!(a.admit(adm.clone()).unwrap_err().contains("approvals"), "2 of 3 is not a quorum");
+        adm.approve(&Identity::from_seed(2));
+        assert_eq!(a.admit(adm.clone()), Ok(true));
+        assert_eq!(a.admit(adm.clone()), Ok(false));
+        assert!(a.allowed().contains(&id(7)));
+        assert!(matches!(&a.tick(0)[0], Effect::Admitted(x) if x == &adm));
+        // b learns the admission through the digest exchange, then accepts the newcomer's hello.
+        let fx = a.on_message(id(1), GossipMessage::Hello { digest: hex::encode(b.digest()) }, 1);
+        for e in fx {
+            if let Effect::SendTo(_, m) = e {
+                b.on_message(id(0), m, 2);
+            }
+        }
+        assert_eq!(a.digest(), b.digest());
+        let fx = b.on_message(id(7), GossipMessage::Hello { digest: hex::encode(b.digest()) }, 3);
+        assert_eq!(fx, vec![Effect::StatusChanged { node: id(7), status: PeerStatus::Up }]);
+        // Without a rule nothing is admitted after genesis.
+        assert!(table(2, &[0, 1, 2]).admit(adm).is_err());
     }
 
     #[test]

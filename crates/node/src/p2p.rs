@@ -1,13 +1,14 @@
 //! Authenticated, encrypted node-to-node networking on `commonware-p2p` (`authenticated::lookup`).
 //!
-//! Every connection is a handshake between two Ed25519 keys; the allowed set is the genesis nodes
-//! (their keys and p2p addresses), so a process whose key is not registered cannot connect and
-//! receives nothing. The namespace includes the genesis hash: nodes of different networks never
+//! Every connection is a handshake between two Ed25519 keys; the allowed set is the member nodes
+//! (genesis nodes plus admitted ones, with their p2p addresses), so a process whose key is not
+//! registered cannot connect and receives nothing. [`MemberSet`] re-tracks the set when a node is
+//! admitted. The namespace includes the genesis hash: nodes of different networks never
 //! talk, even with the same keys.
 
 use crate::genesis::Genesis;
 use crate::gossip::{GOSSIP_CHANNEL, MAX_GOSSIP_MESSAGE};
-use archipel_crypto::Identity;
+use archipel_crypto::{Identity, SignedDescriptor};
 use commonware_cryptography::ChaCha20Poly1305;
 use commonware_p2p::authenticated::lookup::{self, Network};
 use commonware_p2p::{Address, AddressableManager};
@@ -24,16 +25,15 @@ pub type NodeSender = lookup::Sender<archipel_crypto::Ed25519PublicKey, cw_tokio
 /// The concrete p2p receiver of a node.
 pub type NodeReceiver = lookup::Receiver<archipel_crypto::Ed25519PublicKey>;
 
-/// A started p2p network: the gossip channel and the oracle that manages the allowed peer set
-/// (the ledger will update it as nodes register and leave; dropping it stops peer management).
+/// A started p2p network: the gossip channel and the allowed peer set.
 #[allow(missing_debug_implementations)]
 pub struct P2p {
     /// Sends on the gossip channel.
     pub sender: NodeSender,
     /// Receives from the gossip channel.
     pub receiver: NodeReceiver,
-    /// Manages the tracked peer sets.
-    pub oracle: lookup::Oracle<archipel_crypto::Ed25519PublicKey>,
+    /// The allowed peer set.
+    pub members: MemberSet,
 }
 
 /// The p2p namespace of a network: connections only form between nodes of the same genesis.
@@ -41,12 +41,57 @@ pub fn namespace(genesis_hash: &str) -> Vec<u8> {
     format!("archipel/p2p/v1/{genesis_hash}").into_bytes()
 }
 
-/// Starts the p2p network with the genesis nodes as the allowed set and returns the gossip
-/// channel. `listen` is the local socket; peers are dialed at their genesis p2p addresses.
+/// The commonware address of a member: its p2p address, and its egress IP if it has one.
+fn address(d: &archipel_types::NodeDescriptor) -> Address {
+    match d.p2p_egress_ip {
+        Some(ip) => Address::Asymmetric { ingress: d.p2p_address.into(), egress: SocketAddr::new(ip, 0) },
+        None => Address::Symmetric(d.p2p_address),
+    }
+}
+
+/// The allowed peer set as tracked by the p2p oracle.
+#[allow(missing_debug_implementations)]
+pub struct MemberSet {
+    oracle: lookup::Oracle<archipel_crypto::Ed25519PublicKey>,
+    members: std::collections::BTreeMap<archipel_types::NodeId, Address>,
+    next_id: u64,
+}
+
+impl MemberSet {
+    /// Tracks `members` as peer set 0.
+    fn new(oracle: lookup::Oracle<archipel_crypto::Ed25519PublicKey>, members: &[SignedDescriptor]) -> Self {
+        let members = members.iter().map(|m| (m.descriptor.node_id, address(&m.descriptor))).collect();
+        let mut set = Self { oracle, members, next_id: 0 };
+        set.track();
+        set
+    }
+
+    fn track(&mut self) {
+        let entries: Vec<(archipel_crypto::Ed25519PublicKey, Address)> = self
+            .members
+            .iter()
+            .filter_map(|(id, a)| archipel_crypto::public_key(id).ok().map(|pk| (pk, a.clone())))
+            .collect();
+        if let Ok(peers) = Map::try_from(entries) {
+            let _ = self.oracle.track(self.next_id, peers);
+            self.next_id += 1;
+        }
+    }
+
+    /// Adds a member (an admitted node) and tracks the new set.
+    pub fn add(&mut self, member: &SignedDescriptor) {
+        if self.members.insert(member.descriptor.node_id, address(&member.descriptor)).is_none() {
+            self.track();
+        }
+    }
+}
+
+/// Starts the p2p network with `members` as the allowed set and returns the gossip channel.
+/// `listen` is the local socket; peers are dialed at their descriptors' p2p addresses.
 pub fn start(
     context: &cw_tokio::Context,
     identity: &Identity,
-    genesis: &Genesis,
+    members: &[SignedDescriptor],
     genesis_hash: &str,
     listen: SocketAddr,
     allow_private_ips: bool,
@@ -60,7 +105,8 @@ pub fn start(
         },
         cups::Version::V1,
     );
-    let peers = genesis.nodes.len() + 1;
+    // Room for nodes admitted while running.
+    let peers = members.len() + 64;
     let mut cfg = lookup::Config::local(
         handshake,
         &namespace(genesis_hash),
@@ -76,26 +122,11 @@ pub fn start(
     cfg.ping_frequency = Duration::from_secs(1);
     cfg.block_duration = Duration::from_secs(60);
 
-    let (mut network, mut oracle) = Network::new(context.child("p2p"), cfg);
-    let entries: Vec<(archipel_crypto::Ed25519PublicKey, Address)> = genesis
-        .nodes
-        .iter()
-        .filter_map(|n| {
-            let pk = archipel_crypto::public_key(&n.descriptor.node_id).ok()?;
-            let address = match n.descriptor.p2p_egress_ip {
-                Some(ip) => {
-                    Address::Asymmetric { ingress: n.descriptor.p2p_address.into(), egress: SocketAddr::new(ip, 0) }
-                }
-                None => Address::Symmetric(n.descriptor.p2p_address),
-            };
-            Some((pk, address))
-        })
-        .collect();
-    let peers: Map<_, Address> = entries.try_into().map_err(|_| "duplicate keys in genesis".to_string())?;
-    let _ = oracle.track(0, peers);
+    let (mut network, oracle) = Network::new(context.child("p2p"), cfg);
+    let members = MemberSet::new(oracle, members);
     let (sender, receiver) = network.register(GOSSIP_CHANNEL, Quota::per_second(NZU32!(1_000)));
     network.start();
-    Ok(P2p { sender, receiver, oracle })
+    Ok(P2p { sender, receiver, members })
 }
 
 /// What a probe connection saw, see [`probe`].
@@ -128,7 +159,7 @@ pub fn probe(identity: &Identity, genesis: &Genesis, listen: SocketAddr, duratio
     let report = runner.start(|context| async move {
         let mut messages = 0u64;
         let mut heard = std::collections::BTreeSet::new();
-        if let Ok(mut p2p) = start(&context, &identity, &genesis, &genesis_hash, listen, true) {
+        if let Ok(mut p2p) = start(&context, &identity, &genesis.nodes, &genesis_hash, listen, true) {
             let deadline = context.current() + duration;
             loop {
                 commonware_macros::select! {

@@ -8,10 +8,10 @@ use crate::api::{self, ApiState};
 use crate::config::{ConfigError, NodeConfig};
 use crate::datadir::{self, DataDirError, DataDirMarker};
 use crate::genesis::{Genesis, GenesisError};
-use crate::gossip::{self, LogObserver};
-use crate::membership::PeerTable;
+use crate::gossip::{self, GossipObserver, LogObserver};
+use crate::membership::{AdmissionRule, Effect, PeerTable};
 use crate::p2p;
-use archipel_crypto::{Identity, KeyFileError, RequestVerifier, SignedDescriptor};
+use archipel_crypto::{Admission, Identity, KeyFileError, RequestVerifier, SignedDescriptor};
 use archipel_types::NodeDescriptor;
 use commonware_runtime::telemetry::metrics::{GaugeExt, MetricsExt};
 use commonware_runtime::{Clock, Metrics, Runner, Spawner, Supervisor, tokio as cw_tokio};
@@ -69,6 +69,14 @@ pub enum NodeError {
         /// Why, with advice.
         reason: String,
     },
+    /// An admission file is unusable.
+    #[error("admission {path}: {reason}")]
+    Admission {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The config describes the node inconsistently.
     #[error("config is invalid: {0}")]
     Invalid(String),
@@ -81,6 +89,33 @@ pub struct RunOptions {
     pub expect_genesis_hash: Option<String>,
     /// Stop when the parent process exits (used by the devnet supervisor so no node is orphaned).
     pub exit_with_parent: bool,
+    /// The admission of a node that joins after genesis (see `archipel node admit`).
+    pub admission: Option<PathBuf>,
+}
+
+/// The node's observer: logs, re-tracks the p2p allowed set when a node is admitted, and persists
+/// admissions so they survive restarts.
+struct NodeObserver {
+    members: p2p::MemberSet,
+    data_dir: PathBuf,
+    admissions: Vec<Admission>,
+}
+
+impl GossipObserver for NodeObserver {
+    fn on_effect(&mut self, now_ms: u64, effect: &Effect) {
+        LogObserver.on_effect(now_ms, effect);
+        if let Effect::Admitted(a) = effect {
+            self.members.add(&a.descriptor);
+            let id = a.descriptor.descriptor.node_id;
+            if !self.admissions.iter().any(|x| x.descriptor.descriptor.node_id == id) {
+                tracing::info!(node = %id.short(), name = %a.descriptor.descriptor.name, "node admitted");
+                self.admissions.push(a.clone());
+                if let Err(e) = datadir::save_admissions(&self.data_dir, &self.admissions) {
+                    tracing::error!(error = %e, "cannot persist admissions");
+                }
+            }
+        }
+    }
 }
 
 fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeError> {
@@ -99,16 +134,16 @@ fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeError> 
     })
 }
 
-/// The descriptor this node announces: the genesis one if the config still matches it, otherwise
-/// a newer version signed now.
+/// The descriptor this node announces: the known one (from genesis or its admission) if the
+/// config still matches it, otherwise a newer version signed now; version 1 for a new node.
 pub fn own_descriptor(
     identity: &Identity,
     cfg: &NodeConfig,
-    genesis: &Genesis,
+    known: Option<&SignedDescriptor>,
     now_ms: u64,
 ) -> Result<SignedDescriptor, NodeError> {
     let node_id = identity.node_id();
-    let from_genesis = genesis.node(&node_id);
+    let from_genesis = known;
     let mut d = NodeDescriptor {
         node_id,
         name: cfg.name.clone(),
@@ -143,6 +178,7 @@ pub struct PreparedNode {
     own: SignedDescriptor,
     api_listener: TcpListener,
     options: RunOptions,
+    admissions: Vec<Admission>,
 }
 
 /// Loads key, genesis and data directory and binds the API, failing with a clear error.
@@ -159,14 +195,43 @@ pub fn prepare(cfg: NodeConfig, options: RunOptions) -> Result<PreparedNode, Nod
             expected: expected.clone(),
         });
     }
-    if genesis.node(&identity.node_id()).is_none() {
+    // Admissions this node knows: persisted from earlier runs, plus the one given on the command line.
+    let me = identity.node_id();
+    let mut admissions = datadir::load_admissions(&cfg.data_dir)?;
+    if let Some(path) = &options.admission {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| NodeError::Admission { path: path.clone(), reason: format!("cannot read it: {e}") })?;
+        let a: Admission = serde_json::from_str(&text)
+            .map_err(|e| NodeError::Admission { path: path.clone(), reason: format!("malformed: {e}") })?;
+        if a.descriptor.descriptor.node_id != me {
+            return Err(NodeError::Admission {
+                path: path.clone(),
+                reason: format!(
+                    "it admits node {}, not this node {}",
+                    a.descriptor.descriptor.node_id.short(),
+                    me.short()
+                ),
+            });
+        }
+        a.verify(&genesis_hash, &genesis.validators)
+            .map_err(|e| NodeError::Admission { path: path.clone(), reason: e.to_string() })?;
+        admissions.push(a);
+    }
+    admissions.retain(|a| genesis.node(&a.descriptor.descriptor.node_id).is_none());
+    let known = genesis.node(&me).or_else(|| {
+        admissions
+            .iter()
+            .find(|a| a.descriptor.descriptor.node_id == me && a.verify(&genesis_hash, &genesis.validators).is_ok())
+            .map(|a| &a.descriptor)
+    });
+    let Some(known) = known else {
         return Err(NodeError::NotInGenesis {
-            key: identity.node_id().short(),
+            key: me.short(),
             key_file: cfg.key_file.clone(),
             genesis: cfg.genesis_file.clone(),
         });
-    }
-    let own = own_descriptor(&identity, &cfg, &genesis, api::system_now_ms())?;
+    };
+    let own = own_descriptor(&identity, &cfg, Some(known), api::system_now_ms())?;
     datadir::open(
         &cfg.data_dir,
         &DataDirMarker {
@@ -179,7 +244,7 @@ pub fn prepare(cfg: NodeConfig, options: RunOptions) -> Result<PreparedNode, Nod
     // hold the API listener for the server.
     drop(bind("p2p", cfg.p2p.listen)?);
     let api_listener = bind("api", cfg.api.listen)?;
-    Ok(PreparedNode { cfg, identity, genesis: Arc::new(genesis), genesis_hash, own, api_listener, options })
+    Ok(PreparedNode { cfg, identity, genesis: Arc::new(genesis), genesis_hash, own, api_listener, options, admissions })
 }
 
 impl PreparedNode {
@@ -190,27 +255,34 @@ impl PreparedNode {
 
     /// Runs until SIGINT/SIGTERM, `POST /v1/node/shutdown`, or (with `exit_with_parent`) the parent's exit.
     pub fn run(self) -> Result<(), NodeError> {
-        let PreparedNode { cfg, identity, genesis, genesis_hash, own, api_listener, options } = self;
+        let PreparedNode { cfg, identity, genesis, genesis_hash, own, api_listener, options, admissions } = self;
         let storage = cfg.data_dir.join("runtime");
         let runner =
             cw_tokio::Runner::new(cw_tokio::Config::new().with_worker_threads(2).with_storage_directory(storage));
         runner.start(|context| async move {
             let started = Instant::now();
+            let mut members = genesis.nodes.clone();
+            members.extend(admissions.iter().map(|a| a.descriptor.clone()));
             let p2p =
-                p2p::start(&context, &identity, &genesis, &genesis_hash, cfg.p2p.listen, cfg.p2p.allow_private_ips)
+                p2p::start(&context, &identity, &members, &genesis_hash, cfg.p2p.listen, cfg.p2p.allow_private_ips)
                     .map_err(NodeError::Invalid)?;
 
-            let table = Arc::new(Mutex::new(PeerTable::new(
-                own.clone(),
-                genesis.nodes.iter().cloned(),
-                genesis.node_ids(),
-                genesis.membership,
-            )));
+            let mut table = PeerTable::new(own.clone(), members, genesis.node_ids(), genesis.membership)
+                .with_admission_rule(AdmissionRule {
+                    genesis_hash: genesis_hash.clone(),
+                    validators: genesis.validators.clone(),
+                });
+            for a in &admissions {
+                if let Err(e) = table.admit(a.clone()) {
+                    tracing::warn!(node = %a.descriptor.descriptor.node_id.short(), error = %e, "stored admission ignored");
+                }
+            }
+            let table = Arc::new(Mutex::new(table));
+            let observer = NodeObserver { members: p2p.members, data_dir: cfg.data_dir.clone(), admissions };
             context.child("membership").spawn({
                 let table = table.clone();
-                move |ctx| gossip::run(ctx, table, p2p.sender, p2p.receiver, LogObserver)
+                move |ctx| gossip::run(ctx, table, p2p.sender, p2p.receiver, observer)
             });
-            let _oracle = p2p.oracle;
 
             let node_ctx = context.child("node");
             let build_info = node_ctx
@@ -231,7 +303,7 @@ impl PreparedNode {
                 genesis: genesis.clone(),
                 genesis_hash: genesis_hash.clone(),
                 own: own.clone(),
-                known_keys: genesis.known_keys(),
+                accounts: genesis.accounts.iter().map(|a| a.key).collect(),
                 verifier: Mutex::new(RequestVerifier::default()),
                 render_metrics,
                 started,

@@ -171,6 +171,8 @@ impl GossipObserver for Recorder {
         let (what, peer) = match effect {
             Effect::Broadcast(GossipMessage::Hello { digest }) => (format!("hello {}", &digest[..8]), None),
             Effect::Broadcast(GossipMessage::Descriptors(d)) => (format!("broadcast table {}", d.len()), None),
+            Effect::Broadcast(GossipMessage::Admissions(a)) => (format!("broadcast admissions {}", a.len()), None),
+            Effect::Admitted(a) => ("admitted".to_string(), Some(a.descriptor.descriptor.node_id)),
             Effect::SendTo(to, m) => (format!("send {}", matches!(m, GossipMessage::Hello { .. })), Some(*to)),
             Effect::StatusChanged { node, status } => (format!("status {status:?}"), Some(*node)),
             Effect::Rejected { from, reason } => (format!("rejected: {reason}"), Some(*from)),
