@@ -186,6 +186,23 @@ fn bad_inputs_fail_clearly_without_touching_files() {
     let err = run(&["node", "run", "--config", "a/node.toml", "--key-file", "stranger.key", "--data-dir", "fresh"]);
     assert!(err.contains("not one of the nodes in genesis"), "{err}");
 
+    // Every field can come from the environment: a node initialised from ARCHIPEL_* variables.
+    let out = Command::new(bin())
+        .current_dir(w)
+        .args(["node", "init", "--dir", "envnode", "--p2p-listen", "127.0.0.9:1", "--api-listen", "127.0.0.9:2"])
+        .env("ARCHIPEL_REGION", "eu-nl")
+        .env("ARCHIPEL_COUNTRY", "NL")
+        .env("ARCHIPEL_OPERATOR", "env-op")
+        .env("ARCHIPEL_OPERATOR_JURISDICTION", "NL")
+        .env("ARCHIPEL_CAPACITY", "7GiB")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cfg = std::fs::read_to_string(w.join("envnode/node.toml")).unwrap();
+    for want in ["region = \"eu-nl\"", "operator = \"env-op\"", "capacity = \"7GiB\""] {
+        assert!(cfg.contains(want), "{want} missing from {cfg}");
+    }
+
     // Bad flag values name the flag; init refuses to overwrite.
     let err = run(&[
         "node",

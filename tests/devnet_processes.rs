@@ -26,6 +26,29 @@ fn kill_restart_foreign_key_and_clean_shutdown() {
         v.nodes.len() == 4 && v.nodes.iter().all(|n| n.status == PeerStatus::Up)
     });
 
+    // Metrics: peers connected, messages in/out, uptime, build info; plus /health and /v1/node.
+    let rt0 = rt();
+    let c1 = ApiClient::new(&url1);
+    let metrics = rt0.block_on(c1.metrics_text()).unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing:\n{metrics}"))
+    };
+    assert_eq!(value("membership_peers_connected"), 3.0);
+    assert!(value("membership_messages_in_total") > 0.0);
+    assert!(value("membership_messages_out_total") > 0.0);
+    assert!(value("node_uptime_seconds") >= 0.0);
+    assert_eq!(value("node_build_info"), 1.0);
+    let health: serde_json::Value = rt0.block_on(c1.get("/health")).unwrap();
+    assert_eq!(health["status"], "ok");
+    let me: serde_json::Value = rt0.block_on(c1.get("/v1/node")).unwrap();
+    assert_eq!(me["descriptor"]["region"], "eu-de");
+    assert_eq!(me["validator"], true);
+
     // kill -9 one node: the others see it down within 5 s.
     kill(Pid::from_raw(victim_pid as i32), Signal::SIGKILL).unwrap();
     let killed = Instant::now();

@@ -135,7 +135,8 @@ pub fn wait_view(url: &str, timeout: Duration, what: &str, pred: impl Fn(&NodesV
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let last: Option<Vec<_>> = last.map(|v| v.nodes.iter().map(|n| (n.name.clone(), n.status, n.last_seen_ms)).collect());
+    let last: Option<Vec<_>> =
+        last.map(|v| v.nodes.iter().map(|n| (n.name.clone(), n.status, n.last_seen_ms)).collect());
     panic!("{what}: not reached within {timeout:?} at {url}; last view: {last:?}");
 }
 
