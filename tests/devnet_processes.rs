@@ -188,3 +188,47 @@ fn devnet_resumes_from_disk_and_refuses_a_different_topology() {
     assert_ne!(devnet.state()["genesis_hash"].as_str().unwrap(), first_id);
     assert_eq!(devnet.pids().len(), 3);
 }
+
+#[test]
+fn devnet_runs_a_custom_topology_and_rejects_a_bad_one() {
+    let work = tempfile::tempdir().unwrap();
+    let topo = work.path().join("topology.toml");
+    std::fs::write(
+        &topo,
+        r#"
+[[node]]
+name = "fra"
+region = "eu-fr"
+country = "FR"
+operator = "seine-cloud"
+operator_jurisdiction = "FR"
+capacity = "1TiB"
+roles = ["validator", "storage"]
+
+[[node]]
+name = "nyc"
+region = "us-east"
+country = "US"
+operator = "bigcloud"
+operator_jurisdiction = "US"
+capacity = "2TiB"
+roles = ["compute"]
+"#,
+    )
+    .unwrap();
+    let args = ["--topology", topo.to_str().unwrap(), "--base-ip", "127.0.47.2", "--base-port", "25600"];
+    let devnet = Devnet::start(work.path(), &args);
+    let (_, url, _, _) = devnet.node(0);
+    wait_view(&url, Duration::from_secs(20), "custom topology up", |v| {
+        v.nodes.len() == 2
+            && v.nodes.iter().all(|n| n.status == PeerStatus::Up)
+            && v.nodes.iter().any(|n| n.name == "nyc" && n.operator_jurisdiction == "US" && n.roles == "compute")
+    });
+    drop(devnet);
+
+    std::fs::write(&topo, "[[node]]\nname = \"x\"\nregion = \"eu-fr\"\n").unwrap();
+    let dir = work.path().join("other");
+    let out = archipel(work.path(), &["devnet", "--dir", dir.to_str().unwrap(), "--topology", topo.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("topology") && stderr(&out).contains("missing field"), "{}", stderr(&out));
+}
