@@ -224,6 +224,16 @@ roles = ["compute"]
             && v.nodes.iter().all(|n| n.status == PeerStatus::Up)
             && v.nodes.iter().any(|n| n.name == "nyc" && n.operator_jurisdiction == "US" && n.roles == "compute")
     });
+    // Even a supervisor killed with SIGKILL leaves no orphans: nodes watch their parent.
+    let pids = devnet.pids();
+    let mut devnet = devnet;
+    kill(Pid::from_raw(devnet.child.id() as i32), Signal::SIGKILL).unwrap();
+    let _ = devnet.child.wait();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|p| alive(*p)) {
+        assert!(Instant::now() < deadline, "nodes outlived a SIGKILLed devnet: {pids:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     drop(devnet);
 
     std::fs::write(&topo, "[[node]]\nname = \"x\"\nregion = \"eu-fr\"\n").unwrap();
