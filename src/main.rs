@@ -365,9 +365,9 @@ fn init_config(dir: &Path, f: &NodeFields) -> Result<NodeConfig> {
     }
     let name = f.name.clone().unwrap_or_else(|| {
         std::fs::canonicalize(dir)
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| "node".into())
+            .unwrap_or_else(|_| dir.to_path_buf())
+            .file_name()
+            .map_or_else(|| "node".into(), |n| n.to_string_lossy().into_owned())
     });
     Ok(NodeConfig {
         name,
@@ -394,40 +394,32 @@ fn init_config(dir: &Path, f: &NodeFields) -> Result<NodeConfig> {
     })
 }
 
-/// Creates (or reuses) the key and writes `node.toml` in `dir`. Returns the node id.
-fn node_init(dir: &Path, fields: &NodeFields, quiet: bool) -> Result<NodeId> {
+/// Creates (or reuses) the key and writes `node.toml` in `dir`, checking everything before writing.
+fn node_init(dir: &Path, fields: &NodeFields) -> Result<()> {
     let cfg = init_config(dir, fields)?;
     let config_path = dir.join("node.toml");
     if config_path.exists() {
         bail!("{} already exists: refusing to overwrite it (edit it, or remove it yourself)", config_path.display());
     }
     let key_path = if cfg.key_file.is_relative() { dir.join(&cfg.key_file) } else { cfg.key_file.clone() };
-    let identity = if key_path.exists() {
-        let id = Identity::load(&key_path)?;
-        if !quiet {
-            println!("using existing key {}", key_path.display());
-        }
-        id
-    } else {
-        let id = Identity::generate();
-        id.save(&key_path)?;
-        if !quiet {
-            println!("wrote key {} (mode 0600)", key_path.display());
-        }
-        id
-    };
-    // Fail now, not at `node run`, on a config that cannot make a valid descriptor.
+    let existing = key_path.exists();
+    let identity = if existing { Identity::load(&key_path)? } else { Identity::generate() };
+    // Fail now, before writing anything, on a config that cannot make a valid descriptor.
     own_descriptor(&identity, &cfg, None, 1)?;
-    cfg.write_new(&config_path)?;
-    if !quiet {
-        println!("wrote config {}", config_path.display());
-        println!("node id: {}", identity.node_id());
-        println!(
-            "next: archipel node descriptor --config {} --out descriptor.json  (send it to whoever builds the genesis)",
-            config_path.display()
-        );
+    if existing {
+        println!("using existing key {}", key_path.display());
+    } else {
+        identity.save(&key_path)?;
+        println!("wrote key {} (mode 0600)", key_path.display());
     }
-    Ok(identity.node_id())
+    cfg.write_new(&config_path)?;
+    println!("wrote config {}", config_path.display());
+    println!("node id: {}", identity.node_id());
+    println!(
+        "next: archipel node descriptor --config {} --out descriptor.json  (send it to whoever builds the genesis)",
+        config_path.display()
+    );
+    Ok(())
 }
 
 fn load_config(path: &Path, fields: Option<&NodeFields>) -> Result<NodeConfig> {
@@ -440,7 +432,7 @@ fn load_config(path: &Path, fields: Option<&NodeFields>) -> Result<NodeConfig> {
 
 fn node(cmd: NodeCommand) -> Result<()> {
     match cmd {
-        NodeCommand::Init { dir, fields } => node_init(&dir, &fields, false).map(|_| ()),
+        NodeCommand::Init { dir, fields } => node_init(&dir, &fields),
         NodeCommand::Descriptor { config, out } => {
             let cfg = load_config(&config, None)?;
             let identity = Identity::load(&cfg.key_file)?;

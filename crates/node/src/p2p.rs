@@ -105,8 +105,9 @@ pub fn start(
         },
         cups::Version::V1,
     );
-    // Room for nodes admitted while running.
-    let peers = members.len() + 64;
+    // Room for nodes admitted while running. The channel's inbound mailbox is sized from this
+    // times the tracked peer sets times the per-peer quota, so keep both modest (memory).
+    let peers = members.len() + 16;
     let mut cfg = lookup::Config::local(
         handshake,
         &namespace(genesis_hash),
@@ -124,7 +125,8 @@ pub fn start(
 
     let (mut network, oracle) = Network::new(context.child("p2p"), cfg);
     let members = MemberSet::new(oracle, members);
-    let (sender, receiver) = network.register(GOSSIP_CHANNEL, Quota::per_second(NZU32!(1_000)));
+    // Membership sends ~2 hellos per second per peer plus occasional tables.
+    let (sender, receiver) = network.register(GOSSIP_CHANNEL, Quota::per_second(NZU32!(50)));
     network.start();
     Ok(P2p { sender, receiver, members })
 }
