@@ -5,8 +5,10 @@
 //! yet wired to consensus. It performs no I/O, reads no clock and spawns nothing: block time comes
 //! in as an argument, so every node replaying the same transactions reaches the same state root.
 
+pub mod block;
 pub mod state;
 pub mod tx;
 
+pub use block::{Block, BlockHeader, ChainError, build_block, genesis_header, verify_chain};
 pub use state::{Account, LeaseStatus, Receipt, State};
 pub use tx::{Payload, SignedTransaction, Transaction, TxError};
