@@ -104,25 +104,10 @@ fn short(h: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use archipel_types::NodeDescriptor;
 
     fn newcomer() -> SignedDescriptor {
         let id = Identity::from_seed(50);
-        let d = NodeDescriptor {
-            node_id: id.node_id(),
-            name: "late".into(),
-            operator: "acme".into(),
-            region: "eu-de".parse().unwrap(),
-            country: "DE".parse().unwrap(),
-            operator_jurisdiction: "DE".parse().unwrap(),
-            capacity: "1GiB".parse().unwrap(),
-            roles: "storage".parse().unwrap(),
-            p2p_address: "127.0.0.9:1".parse().unwrap(),
-            p2p_egress_ip: None,
-            api_address: "127.0.0.9:2".parse().unwrap(),
-            version: 1,
-        };
-        SignedDescriptor::sign(&id, d).unwrap()
+        SignedDescriptor::sign(&id, crate::descriptor::example_descriptor(&id)).unwrap()
     }
 
     #[test]

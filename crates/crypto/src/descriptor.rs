@@ -38,32 +38,33 @@ impl SignedDescriptor {
     }
 }
 
+/// A valid example descriptor of `id`'s node, for tests.
+#[cfg(test)]
+pub(crate) fn example_descriptor(id: &Identity) -> NodeDescriptor {
+    NodeDescriptor {
+        node_id: id.node_id(),
+        name: "n01".into(),
+        operator: "acme".into(),
+        region: "eu-de".parse().unwrap(),
+        country: "DE".parse().unwrap(),
+        operator_jurisdiction: "DE".parse().unwrap(),
+        capacity: "1GiB".parse().unwrap(),
+        roles: "storage".parse().unwrap(),
+        p2p_address: "127.0.0.2:1".parse().unwrap(),
+        p2p_egress_ip: None,
+        api_address: "127.0.0.2:2".parse().unwrap(),
+        version: 1,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use archipel_types::NodeDescriptor;
-
-    fn descriptor(id: &Identity) -> NodeDescriptor {
-        NodeDescriptor {
-            node_id: id.node_id(),
-            name: "n01".into(),
-            operator: "acme".into(),
-            region: "eu-de".parse().unwrap(),
-            country: "DE".parse().unwrap(),
-            operator_jurisdiction: "DE".parse().unwrap(),
-            capacity: "1GiB".parse().unwrap(),
-            roles: "storage".parse().unwrap(),
-            p2p_address: "127.0.0.2:1".parse().unwrap(),
-            p2p_egress_ip: None,
-            api_address: "127.0.0.2:2".parse().unwrap(),
-            version: 1,
-        }
-    }
 
     #[test]
     fn verifies_and_detects_tampering() {
         let id = Identity::from_seed(3);
-        let signed = SignedDescriptor::sign(&id, descriptor(&id)).unwrap();
+        let signed = SignedDescriptor::sign(&id, example_descriptor(&id)).unwrap();
         assert_eq!(signed.verify(), Ok(()));
 
         let mut tampered = signed.clone();
@@ -75,6 +76,6 @@ mod tests {
         assert_eq!(back.verify(), Ok(()));
 
         let other = Identity::from_seed(4);
-        assert!(SignedDescriptor::sign(&other, descriptor(&id)).is_err());
+        assert!(SignedDescriptor::sign(&other, example_descriptor(&id)).is_err());
     }
 }

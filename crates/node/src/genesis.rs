@@ -165,11 +165,6 @@ impl Genesis {
         self.nodes.iter().find(|n| n.descriptor.node_id == *id)
     }
 
-    /// Every key allowed to connect and call: nodes and accounts.
-    pub fn known_keys(&self) -> BTreeSet<NodeId> {
-        self.nodes.iter().map(|n| n.descriptor.node_id).chain(self.accounts.iter().map(|a| a.key)).collect()
-    }
-
     /// The node ids admitted to the p2p network.
     pub fn node_ids(&self) -> BTreeSet<NodeId> {
         self.nodes.iter().map(|n| n.descriptor.node_id).collect()

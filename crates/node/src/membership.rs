@@ -213,11 +213,6 @@ impl PeerTable {
         self.admissions.values().cloned().collect()
     }
 
-    /// This node's id.
-    pub fn me(&self) -> NodeId {
-        self.me
-    }
-
     /// The admitted keys.
     pub fn allowed(&self) -> &BTreeSet<NodeId> {
         &self.allowed

@@ -248,11 +248,6 @@ pub fn prepare(cfg: NodeConfig, options: RunOptions) -> Result<PreparedNode, Nod
 }
 
 impl PreparedNode {
-    /// The node's id.
-    pub fn node_id(&self) -> archipel_types::NodeId {
-        self.identity.node_id()
-    }
-
     /// Runs until SIGINT/SIGTERM, `POST /v1/node/shutdown`, or (with `exit_with_parent`) the parent's exit.
     pub fn run(self) -> Result<(), NodeError> {
         let PreparedNode { cfg, identity, genesis, genesis_hash, own, api_listener, options, admissions } = self;

@@ -16,8 +16,6 @@ use std::str::FromStr;
 pub const MAX_OPERATOR_LEN: usize = 64;
 /// Longest accepted node name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
-/// Longest textual socket address, in bytes (an IPv6 address with port fits).
-pub const MAX_ADDRESS_LEN: usize = 64;
 
 /// What a node does for the network.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]

@@ -9,7 +9,7 @@ mod geo;
 mod id;
 mod size;
 
-pub use descriptor::{MAX_ADDRESS_LEN, MAX_NAME_LEN, MAX_OPERATOR_LEN, NodeDescriptor, Role, Roles};
+pub use descriptor::{MAX_NAME_LEN, MAX_OPERATOR_LEN, NodeDescriptor, Role, Roles};
 pub use geo::{CountryCode, Region};
 pub use id::NodeId;
 pub use size::ByteSize;
