@@ -6,7 +6,6 @@ mod common;
 
 use archipel_node::membership::PeerStatus;
 use common::*;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 #[test]
@@ -78,13 +77,7 @@ fn node_joins_after_genesis_with_a_validator_quorum() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("quorum reached"), "{}", stdout(&out));
 
-    let mut late = Command::new(bin())
-        .current_dir(w)
-        .args(["node", "run", "--config", "late/node.toml", "--admission", "admission.json"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut late = spawn(w, &["node", "run", "--config", "late/node.toml", "--admission", "admission.json"]);
     // n04 never received the submission: it learns the admission by gossip.
     let (_, url4, _, _) = devnet.node(3);
     for url in [devnet.node(0).1, url4, "http://127.0.45.50:25401".to_string()] {

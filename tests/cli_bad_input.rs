@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 fn init(work: &Path, name: &str, ip: &str, port: u16, region: &str, roles: &str) {
@@ -87,18 +87,8 @@ fn manual_two_node_network_connects() {
     let init_out = archipel(w, &["key", "show", "a/node.key"]);
     assert!(!stdout(&init_out).contains(key_text.lines().nth(1).unwrap()), "secret printed");
 
-    let mut nodes: Vec<_> = ["a", "b"]
-        .iter()
-        .map(|n| {
-            Command::new(bin())
-                .current_dir(w)
-                .args(["node", "run", "--config", &format!("{n}/node.toml")])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let mut nodes: Vec<_> =
+        ["a", "b"].iter().map(|n| spawn(w, &["node", "run", "--config", &format!("{n}/node.toml")])).collect();
     wait_view("http://127.0.43.2:25301", Duration::from_secs(20), "a sees b", |v| {
         v.network == "test-net" && v.nodes.iter().all(|n| n.status == archipel_node::membership::PeerStatus::Up)
     });
@@ -166,13 +156,7 @@ fn bad_inputs_fail_clearly_without_touching_files() {
     // A data directory of another network: first make one with a different genesis.
     let out = archipel(w, &["genesis", "new", "--network", "other-net", "--node", "a.json", "--out", "other.json"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let mut first = Command::new(bin())
-        .current_dir(w)
-        .args(["node", "run", "--config", "a/node.toml", "--genesis", "other.json"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = spawn(w, &["node", "run", "--config", "a/node.toml", "--genesis", "other.json"]);
     wait_view("http://127.0.44.2:25301", Duration::from_secs(20), "other-net node up", |v| v.network == "other-net");
     let _ = first.kill();
     let _ = first.wait();

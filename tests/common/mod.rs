@@ -33,6 +33,17 @@ pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
+/// Starts `archipel ARGS` in `dir` in the background, output discarded.
+pub fn spawn(dir: &Path, args: &[&str]) -> Child {
+    Command::new(bin())
+        .current_dir(dir)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start archipel")
+}
+
 /// A devnet child process with its stdout lines forwarded to a channel.
 pub struct Devnet {
     pub child: Child,

@@ -143,7 +143,6 @@ pub fn own_descriptor(
     now_ms: u64,
 ) -> Result<SignedDescriptor, NodeError> {
     let node_id = identity.node_id();
-    let from_genesis = known;
     let mut d = NodeDescriptor {
         node_id,
         name: cfg.name.clone(),
@@ -156,13 +155,13 @@ pub fn own_descriptor(
         p2p_address: cfg.p2p_public(),
         p2p_egress_ip: cfg.p2p.egress_ip,
         api_address: cfg.api_public(),
-        version: from_genesis.map_or(1, |g| g.descriptor.version),
+        version: known.map_or(1, |k| k.descriptor.version),
     };
-    if let Some(g) = from_genesis {
-        if g.descriptor == d {
-            return Ok(g.clone());
+    if let Some(k) = known {
+        if k.descriptor == d {
+            return Ok(k.clone());
         }
-        d.version = (g.descriptor.version + 1).max(now_ms);
+        d.version = (k.descriptor.version + 1).max(now_ms);
     }
     d.validate().map_err(|e| NodeError::Invalid(e.to_string()))?;
     SignedDescriptor::sign(identity, d).map_err(|e| NodeError::Invalid(e.to_string()))
