@@ -38,9 +38,8 @@ impl SignedDescriptor {
     }
 }
 
-/// A valid example descriptor of `id`'s node, for tests.
-#[cfg(test)]
-pub(crate) fn example_descriptor(id: &Identity) -> NodeDescriptor {
+/// A valid example descriptor of `id`'s node, for tests in this and other crates.
+pub fn example_descriptor(id: &Identity) -> NodeDescriptor {
     NodeDescriptor {
         node_id: id.node_id(),
         name: "n01".into(),

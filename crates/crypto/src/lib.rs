@@ -12,6 +12,11 @@ mod request;
 
 pub use admission::{Admission, Approval, quorum};
 pub use descriptor::SignedDescriptor;
+
+/// Fixtures for tests in this and other crates.
+pub mod test_support {
+    pub use crate::descriptor::example_descriptor;
+}
 pub use keys::{Identity, KeyFileError, public_key, verify_signature};
 pub use request::{
     AuthError, HEADER_KEY, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, MAX_CLOCK_SKEW_MS, RequestVerifier,

@@ -1,14 +1,28 @@
-//! The ledger's deterministic state machine (sans-IO): signed transactions, atomic `apply` with
-//! typed receipts, liveness leases, and a state root committing to all state.
+//! The ledger's deterministic state machine (sans-IO): signed transactions, admission and the
+//! mempool, atomic `apply` with typed receipts, the node registry, liveness leases, blocks, a
+//! Merkle state root with proofs, and the offline chain verifier.
 //!
-//! Started in the foundation's last session as groundwork for the "Replicated ledger" issue; not
-//! yet wired to consensus. It performs no I/O, reads no clock and spawns nothing: block time comes
-//! in as an argument, so every node replaying the same transactions reaches the same state root.
+//! Architecture Invariant: no I/O, no clock, nothing spawned. Block time comes in as an argument,
+//! so every node replaying the same blocks reaches the same state roots.
 
+mod accounts;
 pub mod block;
+pub mod hash;
+mod lease;
+pub mod mempool;
+pub mod merkle;
+pub mod params;
+pub mod proof;
+mod registry;
 pub mod state;
 pub mod tx;
 
-pub use block::{Block, BlockHeader, ChainError, build_block, genesis_header, verify_chain};
-pub use state::{Account, LeaseStatus, Receipt, State};
+pub use block::{
+    Block, BlockHeader, BlockOutcome, ChainError, Proposal, Signatures, execute, genesis_header, propose, verify_chain,
+};
+pub use hash::Hash;
+pub use mempool::{Mempool, MempoolError};
+pub use params::LedgerParams;
+pub use proof::{ProofError, StateProof, TxProof};
+pub use state::{Account, ChainPosition, GenesisState, LeaseStatus, NodeRecord, Receipt, State, StateKey};
 pub use tx::{Payload, SignedTransaction, Transaction, TxError};

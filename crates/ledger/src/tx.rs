@@ -1,19 +1,26 @@
 //! Transactions: who signs, which per-account nonce, what payload; signed under a namespace over
-//! an explicit, versioned encoding.
+//! an explicit binary encoding (commonware-codec).
 //!
-//! Each payload kind has its own variant and its own `apply` function in [`crate::state`], so later
-//! issues (storage, market) add kinds without touching consensus code.
+//! Each payload kind has its own variant here and its own `apply` function in the module that
+//! owns that part of the state (`accounts`, `registry`, `lease`). Later issues (storage, market)
+//! add kinds the same way; consensus only ever sees opaque, encoded transactions.
 
-use archipel_crypto::{Identity, verify_signature};
+use crate::hash::{Hash, hex64};
+use archipel_crypto::{Identity, SignedDescriptor, verify_signature};
 use archipel_types::NodeId;
+use bytes::{Buf as _, BufMut};
+use commonware_codec::{Buf, Copying, EncodeSize, Error as CodecError, RangeCfg, Read, ReadExt, Write};
 use serde::{Deserialize, Serialize};
 
 /// Signature namespace of ledger transactions.
 pub const NAMESPACE: &[u8] = b"archipel/tx/v1";
 
+/// Largest JSON descriptor carried by a registry transaction.
+pub const MAX_DESCRIPTOR_BYTES: usize = 4 * 1024;
+
 /// What a transaction does.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Payload {
     /// Move `amount_micro` from the signer to `to`.
     Transfer {
@@ -24,6 +31,34 @@ pub enum Payload {
     },
     /// Renew the signer node's liveness lease.
     Heartbeat,
+    /// Register a new node; the signer sponsors it (pays the fee) and becomes its owner.
+    RegisterNode {
+        /// The node's descriptor, signed by the node's own key.
+        descriptor: SignedDescriptor,
+    },
+    /// Replace a registered node's descriptor (signed by the node or its owner).
+    UpdateNode {
+        /// The new descriptor, signed by the node's own key.
+        descriptor: SignedDescriptor,
+    },
+    /// Remove a node from the registry (signed by the node or its owner).
+    LeaveNode {
+        /// The node that leaves.
+        node: NodeId,
+    },
+}
+
+impl Payload {
+    /// A short name of the kind, for tables and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Payload::Transfer { .. } => "transfer",
+            Payload::Heartbeat => "heartbeat",
+            Payload::RegisterNode { .. } => "register_node",
+            Payload::UpdateNode { .. } => "update_node",
+            Payload::LeaveNode { .. } => "leave_node",
+        }
+    }
 }
 
 /// An unsigned transaction.
@@ -40,8 +75,19 @@ pub struct Transaction {
 /// Why a transaction was refused. Nothing of a refused transaction is applied.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TxError {
+    /// The bytes are not a transaction.
+    #[error("malformed transaction: {0}")]
+    Malformed(String),
+    /// Too big.
+    #[error("transaction is {bytes} bytes, the limit is {max}")]
+    TooLarge {
+        /// Encoded size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The signature does not verify.
-    #[error("signature by {0} does not verify")]
+    #[error("signature by {0} does not verify: sign the transaction with that account's key")]
     BadSignature(String),
     /// Wrong nonce (a replay or a gap).
     #[error("nonce {got} is not the account's next nonce {expected}")]
@@ -51,13 +97,39 @@ pub enum TxError {
         /// Given nonce.
         got: u64,
     },
+    /// The nonce was already used: a replay.
+    #[error("nonce {got} was already used (the account's next nonce is {next}): a replay")]
+    Replay {
+        /// Given nonce.
+        got: u64,
+        /// The account's next nonce.
+        next: u64,
+    },
+    /// The nonce is too far ahead of the account's next nonce.
+    #[error("nonce {got} is more than {window} ahead of the account's next nonce {next}")]
+    NonceTooFarAhead {
+        /// Given nonce.
+        got: u64,
+        /// The account's next nonce.
+        next: u64,
+        /// The allowed window.
+        window: u64,
+    },
     /// Not enough balance.
-    #[error("balance {balance_micro} is less than {needed_micro}")]
+    #[error("balance {balance_micro} is less than the {needed_micro} needed (amount + fee)")]
     InsufficientFunds {
         /// Available.
         balance_micro: u64,
         /// Needed.
         needed_micro: u64,
+    },
+    /// A heartbeat arrived too soon after the previous one.
+    #[error("heartbeat {gap_ms} ms after the previous one; the minimum gap is {min_gap_ms} ms")]
+    HeartbeatTooSoon {
+        /// Time since the last heartbeat.
+        gap_ms: u64,
+        /// The minimum.
+        min_gap_ms: u64,
     },
     /// The signer may not do this.
     #[error("{0}")]
@@ -67,26 +139,121 @@ pub enum TxError {
     Overflow,
 }
 
-impl Transaction {
-    /// The bytes that are signed: tag, signer, nonce, payload kind and fields.
-    pub fn signing_bytes(&self) -> Vec<u8> {
-        let mut out = b"archipel/tx/v1".to_vec();
-        out.extend_from_slice(self.signer.as_bytes());
-        out.extend_from_slice(&self.nonce.to_be_bytes());
-        match &self.payload {
-            Payload::Transfer { to, amount_micro } => {
-                out.push(1);
-                out.extend_from_slice(to.as_bytes());
-                out.extend_from_slice(&amount_micro.to_be_bytes());
-            }
-            Payload::Heartbeat => out.push(2),
+impl TxError {
+    /// A stable, machine-readable code for HTTP errors and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            TxError::Malformed(_) => "malformed",
+            TxError::TooLarge { .. } => "too_large",
+            TxError::BadSignature(_) => "bad_signature",
+            TxError::BadNonce { .. } => "bad_nonce",
+            TxError::Replay { .. } => "replayed_nonce",
+            TxError::NonceTooFarAhead { .. } => "nonce_too_far_ahead",
+            TxError::InsufficientFunds { .. } => "insufficient_funds",
+            TxError::HeartbeatTooSoon { .. } => "heartbeat_too_soon",
+            TxError::NotAllowed(_) => "not_allowed",
+            TxError::Overflow => "overflow",
         }
+    }
+}
+
+fn write_descriptor(d: &SignedDescriptor, buf: &mut impl BufMut) {
+    // JSON of a descriptor is deterministic (fixed field order, sorted role set).
+    let json = serde_json::to_vec(d).expect("descriptors serialize");
+    json.write(buf);
+}
+
+fn descriptor_size(d: &SignedDescriptor) -> usize {
+    serde_json::to_vec(d).expect("descriptors serialize").encode_size()
+}
+
+fn read_descriptor(buf: &mut impl Buf) -> Result<SignedDescriptor, CodecError> {
+    let json = Vec::<u8>::read_cfg(buf, &(RangeCfg::new(0..=MAX_DESCRIPTOR_BYTES), ()))?;
+    serde_json::from_slice(&json).map_err(|_| CodecError::Invalid("RegisterNode", "descriptor is not valid JSON"))
+}
+
+impl Write for Payload {
+    fn write(&self, buf: &mut impl BufMut) {
+        match self {
+            Payload::Transfer { to, amount_micro } => {
+                1u8.write(buf);
+                to.0.write(buf);
+                amount_micro.write(buf);
+            }
+            Payload::Heartbeat => 2u8.write(buf),
+            Payload::RegisterNode { descriptor } => {
+                3u8.write(buf);
+                write_descriptor(descriptor, buf);
+            }
+            Payload::UpdateNode { descriptor } => {
+                4u8.write(buf);
+                write_descriptor(descriptor, buf);
+            }
+            Payload::LeaveNode { node } => {
+                5u8.write(buf);
+                node.0.write(buf);
+            }
+        }
+    }
+}
+
+impl EncodeSize for Payload {
+    fn encode_size(&self) -> usize {
+        1 + match self {
+            Payload::Transfer { .. } => 32 + 8,
+            Payload::Heartbeat => 0,
+            Payload::RegisterNode { descriptor } | Payload::UpdateNode { descriptor } => descriptor_size(descriptor),
+            Payload::LeaveNode { .. } => 32,
+        }
+    }
+}
+
+impl Read for Payload {
+    type Cfg = ();
+    fn read_cfg(buf: &mut impl Buf, _: &()) -> Result<Self, CodecError> {
+        Ok(match u8::read(buf)? {
+            1 => Payload::Transfer { to: NodeId(<[u8; 32]>::read(buf)?), amount_micro: u64::read(buf)? },
+            2 => Payload::Heartbeat,
+            3 => Payload::RegisterNode { descriptor: read_descriptor(buf)? },
+            4 => Payload::UpdateNode { descriptor: read_descriptor(buf)? },
+            5 => Payload::LeaveNode { node: NodeId(<[u8; 32]>::read(buf)?) },
+            tag => return Err(CodecError::InvalidEnum(tag)),
+        })
+    }
+}
+
+impl Write for Transaction {
+    fn write(&self, buf: &mut impl BufMut) {
+        self.signer.0.write(buf);
+        self.nonce.write(buf);
+        self.payload.write(buf);
+    }
+}
+
+impl EncodeSize for Transaction {
+    fn encode_size(&self) -> usize {
+        32 + 8 + self.payload.encode_size()
+    }
+}
+
+impl Read for Transaction {
+    type Cfg = ();
+    fn read_cfg(buf: &mut impl Buf, _: &()) -> Result<Self, CodecError> {
+        Ok(Transaction { signer: NodeId(<[u8; 32]>::read(buf)?), nonce: u64::read(buf)?, payload: Payload::read(buf)? })
+    }
+}
+
+impl Transaction {
+    /// The bytes that are signed: the encoded transaction.
+    pub fn signing_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encode_size());
+        self.write(&mut out);
         out
     }
 
     /// Signs with `identity`, which must be the signer.
     pub fn sign(self, identity: &Identity) -> SignedTransaction {
-        let signature = hex::encode(identity.sign(NAMESPACE, &self.signing_bytes()));
+        let signature = identity.sign(NAMESPACE, &self.signing_bytes());
         SignedTransaction { tx: self, signature }
     }
 }
@@ -96,24 +263,94 @@ impl Transaction {
 pub struct SignedTransaction {
     /// The transaction.
     pub tx: Transaction,
-    /// Hex Ed25519 signature by `tx.signer`.
-    pub signature: String,
+    /// Ed25519 signature by `tx.signer` (hex in JSON).
+    #[serde(with = "hex64")]
+    pub signature: [u8; 64],
+}
+
+impl Write for SignedTransaction {
+    fn write(&self, buf: &mut impl BufMut) {
+        self.tx.write(buf);
+        self.signature.write(buf);
+    }
+}
+
+impl EncodeSize for SignedTransaction {
+    fn encode_size(&self) -> usize {
+        self.tx.encode_size() + 64
+    }
+}
+
+impl Read for SignedTransaction {
+    type Cfg = ();
+    fn read_cfg(buf: &mut impl Buf, _: &()) -> Result<Self, CodecError> {
+        Ok(SignedTransaction { tx: Transaction::read(buf)?, signature: <[u8; 64]>::read(buf)? })
+    }
 }
 
 impl SignedTransaction {
     /// Checks the signature.
     pub fn verify(&self) -> Result<(), TxError> {
-        let mut sig = [0u8; 64];
-        hex::decode_to_slice(&self.signature, &mut sig).map_err(|_| TxError::BadSignature(self.tx.signer.short()))?;
-        verify_signature(&self.tx.signer, NAMESPACE, &self.tx.signing_bytes(), &sig)
+        verify_signature(&self.tx.signer, NAMESPACE, &self.tx.signing_bytes(), &self.signature)
             .map_err(|_| TxError::BadSignature(self.tx.signer.short()))
     }
 
-    /// The transaction hash (BLAKE3 of signing bytes and signature).
-    pub fn hash(&self) -> [u8; 32] {
-        let mut h = blake3::Hasher::new();
-        h.update(&self.tx.signing_bytes());
-        h.update(self.signature.as_bytes());
-        *h.finalize().as_bytes()
+    /// The transaction hash: BLAKE3 of the encoded transaction and its signature.
+    pub fn hash(&self) -> Hash {
+        Hash::of(&[&self.tx.signing_bytes(), &self.signature])
+    }
+
+    /// The binary encoding (what blocks and `POST /v1/tx` carry).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encode_size());
+        self.write(&mut out);
+        out
+    }
+
+    /// Decodes one transaction from exactly `bytes`, refusing more than `max_bytes`.
+    pub fn from_bytes(bytes: &[u8], max_bytes: usize) -> Result<Self, TxError> {
+        if bytes.len() > max_bytes {
+            return Err(TxError::TooLarge { bytes: bytes.len(), max: max_bytes });
+        }
+        let mut buf = Copying(bytes);
+        let stx = SignedTransaction::read(&mut buf).map_err(|e| TxError::Malformed(e.to_string()))?;
+        if buf.has_remaining() {
+            return Err(TxError::Malformed(format!("{} bytes after the transaction", buf.remaining())));
+        }
+        Ok(stx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding_round_trips_and_refuses_garbage() {
+        let a = Identity::from_seed(1);
+        let t = Transaction {
+            signer: a.node_id(),
+            nonce: 7,
+            payload: Payload::Transfer { to: Identity::from_seed(2).node_id(), amount_micro: 5 },
+        }
+        .sign(&a);
+        let bytes = t.to_bytes();
+        let back = SignedTransaction::from_bytes(&bytes, 1024).unwrap();
+        assert_eq!(back, t);
+        assert_eq!(back.hash(), t.hash());
+        back.verify().unwrap();
+        assert!(matches!(SignedTransaction::from_bytes(&bytes[..10], 1024), Err(TxError::Malformed(_))));
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(matches!(SignedTransaction::from_bytes(&long, 1024), Err(TxError::Malformed(_))));
+        assert!(matches!(SignedTransaction::from_bytes(&bytes, 10), Err(TxError::TooLarge { .. })));
+        let mut bad = bytes.clone();
+        bad[40] = 99; // payload tag
+        assert!(matches!(SignedTransaction::from_bytes(&bad, 1024), Err(TxError::Malformed(_))));
+        // Any flipped bit in the signed part breaks the signature.
+        let mut flipped = bytes;
+        flipped[45] ^= 1;
+        let t2 = SignedTransaction::from_bytes(&flipped, 1024).unwrap();
+        assert!(matches!(t2.verify(), Err(TxError::BadSignature(_))));
     }
 }

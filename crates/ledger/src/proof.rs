@@ -1,0 +1,135 @@
+//! Inclusion proofs checkable offline: a transaction in a block, a state entry after a block.
+//!
+//! A proof only shows that something is committed by a block header; that the header itself is
+//! final is shown by the consensus certificate the node attaches (see the `consensus` crate).
+
+use crate::block::BlockHeader;
+use crate::hash::Hash;
+use crate::merkle::{self, Step};
+use crate::state::{Account, NodeRecord, StateKey};
+use crate::tx::SignedTransaction;
+use serde::{Deserialize, Serialize};
+
+/// A transaction included in a block.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxProof {
+    /// The block header committing to the transaction.
+    pub header: BlockHeader,
+    /// Position in the block.
+    pub index: u32,
+    /// The transaction.
+    pub tx: SignedTransaction,
+    /// Path from the transaction hash to `header.tx_root`.
+    pub path: Vec<Step>,
+}
+
+/// A state entry after a block.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateProof {
+    /// The block header whose state root commits to the entry.
+    pub header: BlockHeader,
+    /// The entry's key (e.g. `account/<key>`).
+    pub key: String,
+    /// The entry's value bytes, hex.
+    pub value_hex: String,
+    /// Path from the entry's leaf to `header.state_root`.
+    pub path: Vec<Step>,
+}
+
+/// Why a proof does not hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("proof does not hold: {0}")]
+pub struct ProofError(pub String);
+
+impl TxProof {
+    /// Checks the transaction's signature and that it is under the header's transaction root;
+    /// returns the transaction hash.
+    pub fn verify(&self) -> Result<Hash, ProofError> {
+        self.tx.verify().map_err(|e| ProofError(e.to_string()))?;
+        let h = self.tx.hash();
+        if merkle::root_from_path(h, &self.path) != self.header.tx_root {
+            return Err(ProofError(format!(
+                "transaction {} is not under the transaction root of block {}",
+                h.short(),
+                self.header.height
+            )));
+        }
+        Ok(h)
+    }
+}
+
+impl StateProof {
+    /// Checks the entry is under the header's state root; returns the decoded value.
+    pub fn verify(&self) -> Result<serde_json::Value, ProofError> {
+        let key: StateKey = self.key.parse().map_err(ProofError)?;
+        let value = hex::decode(&self.value_hex).map_err(|_| ProofError("value_hex is not hex".into()))?;
+        let leaf = merkle::leaf_hash(self.key.as_bytes(), &value);
+        if merkle::root_from_path(leaf, &self.path) != self.header.state_root {
+            return Err(ProofError(format!(
+                "{} = {} is not under the state root of block {}",
+                self.key, self.value_hex, self.header.height
+            )));
+        }
+        decode_value(&key, &value).map_err(ProofError)
+    }
+}
+
+fn be_u64(bytes: &[u8], at: usize) -> Result<u64, String> {
+    bytes
+        .get(at..at + 8)
+        .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+        .ok_or_else(|| "value too short".to_string())
+}
+
+/// Turns the value bytes of a state entry into readable JSON.
+pub fn decode_value(key: &StateKey, value: &[u8]) -> Result<serde_json::Value, String> {
+    let json = |v: Result<serde_json::Value, serde_json::Error>| v.map_err(|e| e.to_string());
+    match key {
+        StateKey::Account(_) => {
+            json(serde_json::to_value(Account { balance_micro: be_u64(value, 0)?, nonce: be_u64(value, 8)? }))
+        }
+        StateKey::Chain => Ok(serde_json::json!({
+            "height": be_u64(value, 0)?, "timestamp_ms": be_u64(value, 8)?, "fees_burned_micro": be_u64(value, 16)?,
+        })),
+        StateKey::Lease(_) => Ok(serde_json::json!({ "last_heartbeat_ms": be_u64(value, 0)? })),
+        StateKey::Node(_) => json(serde_json::from_slice::<NodeRecord>(value).and_then(serde_json::to_value)),
+        StateKey::Params => json(serde_json::from_slice(value)),
+        StateKey::Validator(_) => Ok(serde_json::json!({ "validator": true })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::{Signatures, genesis_header, propose};
+    use crate::state::tests::{genesis, id, transfer};
+
+    #[test]
+    fn tx_and_state_proofs_hold_and_fail_when_tampered() {
+        let s = genesis();
+        let p = propose(&s, &genesis_header(&s), 7, [transfer(0, 0, 1, 5), transfer(1, 0, 0, 3)], Signatures::Verify);
+        let hashes: Vec<_> = p.block.txs.iter().map(SignedTransaction::hash).collect();
+        let proof = TxProof {
+            header: p.block.header,
+            index: 1,
+            tx: p.block.txs[1].clone(),
+            path: merkle::path(&hashes, 1).unwrap(),
+        };
+        assert_eq!(proof.verify().unwrap(), hashes[1]);
+        let mut bad = proof.clone();
+        bad.tx = p.block.txs[0].clone();
+        assert!(bad.verify().is_err());
+
+        let key = StateKey::Account(id(1).node_id());
+        let (value, path) = p.state.prove(&key).unwrap();
+        let sp = StateProof { header: p.block.header, key: key.to_string(), value_hex: hex::encode(&value), path };
+        let v = sp.verify().unwrap();
+        assert_eq!(v["balance_micro"], 500 + 5 - 3 - 1);
+        let mut bad = sp.clone();
+        bad.value_hex = hex::encode([0u8; 16]);
+        assert!(bad.verify().unwrap_err().to_string().contains("not under the state root"));
+        let mut bad = sp;
+        bad.key = StateKey::Account(id(0).node_id()).to_string();
+        assert!(bad.verify().is_err());
+    }
+}
