@@ -7,6 +7,7 @@
 
 mod accounts;
 pub mod block;
+pub mod export;
 pub mod hash;
 mod lease;
 pub mod mempool;
