@@ -576,6 +576,7 @@ pub(crate) fn build_genesis(
         validators,
         accounts,
         membership: Default::default(),
+        ledger: Default::default(),
     };
     g.validate()?;
     Ok(g)

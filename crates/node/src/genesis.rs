@@ -7,6 +7,7 @@
 
 use crate::membership::MembershipTiming;
 use archipel_crypto::SignedDescriptor;
+use archipel_ledger::{GenesisState, LedgerParams, State};
 use archipel_types::{NodeId, Role};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -45,6 +46,9 @@ pub struct Genesis {
     /// Membership timing shared by all nodes.
     #[serde(default)]
     pub membership: MembershipTiming,
+    /// Ledger parameters (lease timing, fees, limits).
+    #[serde(default)]
+    pub ledger: LedgerParams,
 }
 
 /// A problem with a genesis file, naming the file and what is wrong.
@@ -151,13 +155,40 @@ impl Genesis {
         if t.hello_interval_ms == 0 || t.down_after_ms <= t.hello_interval_ms {
             return bad("membership: down_after_ms must be greater than hello_interval_ms, which must be > 0".into());
         }
+        self.ledger.validate().map_err(|e| GenesisError::Invalid(format!("ledger: {e}")))?;
         Ok(())
+    }
+
+    /// The canonical form: compact JSON (what the hash and ledger exports are computed over).
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses a genesis that must already be in canonical form (as embedded in a ledger export),
+    /// validating it.
+    pub fn from_canonical(bytes: &[u8]) -> Result<Self, String> {
+        let g: Genesis = serde_json::from_slice(bytes).map_err(|e| format!("not a genesis: {e}"))?;
+        if g.canonical_bytes() != bytes {
+            return Err("the genesis is not in canonical form (it was edited)".into());
+        }
+        g.validate().map_err(|e| e.to_string())?;
+        Ok(g)
+    }
+
+    /// The ledger's first state: parameters, validators, funded accounts and the genesis nodes.
+    pub fn ledger_state(&self) -> State {
+        State::genesis(GenesisState {
+            params: self.ledger.clone(),
+            timestamp_ms: self.created_at_ms,
+            validators: self.validators.clone(),
+            accounts: self.accounts.iter().map(|a| (a.key, a.balance_micro)).collect(),
+            nodes: self.nodes.iter().map(|n| n.descriptor.clone()).collect(),
+        })
     }
 
     /// The genesis hash: BLAKE3 over the canonical JSON form.
     pub fn hash(&self) -> String {
-        let canonical = serde_json::to_vec(self).unwrap_or_default();
-        blake3::hash(&canonical).to_hex().to_string()
+        blake3::hash(&self.canonical_bytes()).to_hex().to_string()
     }
 
     /// The descriptor of `id`, if it is a genesis node.
