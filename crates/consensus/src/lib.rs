@@ -1,1 +1,11 @@
-//! placeholder
+//! Consensus for the ledger: commonware simplex among the genesis validators, with the ledger as
+//! the application, and the node's finalized chain (blocks on disk, mempool, proofs).
+//!
+//! Kept in its own crate so the heavy commonware consensus dependencies build once and edits
+//! elsewhere rebuild fast.
+
+pub mod chain;
+pub mod store;
+
+pub use chain::{Chain, Finalized, TxLocation, TxStatus};
+pub use store::{BlockStore, FileStore, MemoryStore, Record};

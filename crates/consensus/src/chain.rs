@@ -1,0 +1,361 @@
+//! One node's view of the ledger: the finalized state and blocks, the mempool, and the states of
+//! blocks that were proposed or verified but are not final yet.
+//!
+//! Consensus calls [`Chain::build`], [`Chain::verify`] and [`Chain::finalize`]; the HTTP API
+//! submits transactions and reads state, proofs and blocks. Everything is behind one mutex held
+//! only for bookkeeping: executing a block happens outside it.
+
+use crate::store::{BlockStore, Record};
+use archipel_ledger::{
+    Block, BlockHeader, BlockOutcome, Hash, Mempool, MempoolError, Receipt, Signatures, SignedTransaction, State,
+    StateKey, StateProof, TxProof, execute, genesis_header, merkle, propose,
+};
+use futures::channel::oneshot;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+/// A block may be at most this far ahead of the verifier's clock.
+pub const MAX_CLOCK_DRIFT_MS: u64 = 5_000;
+
+/// Mempool capacity per node.
+pub const MEMPOOL_CAPACITY: usize = 100_000;
+
+/// Where a finalized transaction is and what it did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxLocation {
+    /// Block height.
+    pub height: u64,
+    /// Position in the block.
+    pub index: u32,
+    /// The block's consensus time.
+    pub block_time_ms: u64,
+    /// What it did.
+    pub receipt: Receipt,
+}
+
+/// What a node knows about a transaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "status")]
+pub enum TxStatus {
+    /// In a finalized block.
+    Final(TxLocation),
+    /// Waiting in this node's mempool.
+    Pending,
+    /// Never seen here (or dropped).
+    Unknown,
+}
+
+/// A finalized block as the chain recorded it.
+#[derive(Clone, Debug)]
+pub struct Finalized {
+    /// The block.
+    pub block: Block,
+    /// Nodes whose lease ran out at this block.
+    pub went_down: Vec<archipel_types::NodeId>,
+}
+
+struct Inner {
+    head: BlockHeader,
+    state: State,
+    store: Box<dyn BlockStore>,
+    txs: HashMap<Hash, TxLocation>,
+    mempool: Mempool,
+    pending: HashMap<Hash, (BlockHeader, State, BlockOutcome)>,
+    tx_waiters: HashMap<Hash, Vec<oneshot::Sender<TxLocation>>>,
+    block_waiters: Vec<oneshot::Sender<u64>>,
+    mempool_waiters: Vec<oneshot::Sender<()>>,
+}
+
+/// The ledger as one node sees it.
+pub struct Chain {
+    genesis: BlockHeader,
+    genesis_state: State,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chain").field("genesis", &self.genesis.hash()).finish_non_exhaustive()
+    }
+}
+
+impl Chain {
+    /// Opens the chain: replays the finalized blocks in `store` on `genesis_state`, checking every
+    /// link and root (signatures were checked before the blocks were stored).
+    pub fn open(genesis_state: State, store: Box<dyn BlockStore>) -> Result<Self, String> {
+        let genesis = genesis_header(&genesis_state);
+        let mut state = genesis_state.clone();
+        let mut head = genesis;
+        let mut txs = HashMap::new();
+        let max_txs = state.params().max_block_txs as usize;
+        for height in 1..=store.height() {
+            let record = store.get(height)?.ok_or_else(|| format!("block {height} is missing from the log"))?;
+            let block = Block::from_bytes(&record.block, max_txs).map_err(|e| format!("stored block {height}: {e}"))?;
+            let outcome = execute(&mut state, &head, &block, Signatures::AlreadyVerified)
+                .map_err(|e| format!("stored chain does not replay: {e}"))?;
+            index_txs(&mut txs, &block, outcome.receipts);
+            head = block.header;
+        }
+        Ok(Chain {
+            genesis,
+            genesis_state,
+            inner: Mutex::new(Inner {
+                head,
+                state,
+                store,
+                txs,
+                mempool: Mempool::new(MEMPOOL_CAPACITY),
+                pending: HashMap::new(),
+                tx_waiters: HashMap::new(),
+                block_waiters: Vec::new(),
+                mempool_waiters: Vec::new(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The genesis header (height 0).
+    pub fn genesis(&self) -> BlockHeader {
+        self.genesis
+    }
+
+    /// The last finalized header.
+    pub fn head(&self) -> BlockHeader {
+        self.lock().head
+    }
+
+    /// Reads the finalized state.
+    pub fn with_state<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        f(&self.lock().state)
+    }
+
+    /// Number of transactions waiting in the mempool.
+    pub fn mempool_len(&self) -> usize {
+        self.lock().mempool.len()
+    }
+
+    /// Admits a transaction into the mempool (judged against the finalized state).
+    pub fn submit(&self, stx: SignedTransaction, encoded_len: usize) -> Result<Hash, MempoolError> {
+        let mut g = self.lock();
+        let hash = stx.hash();
+        if g.txs.contains_key(&hash) {
+            return Ok(hash);
+        }
+        let inner = &mut *g;
+        let hash = inner.mempool.insert(&inner.state, stx, encoded_len)?;
+        for w in inner.mempool_waiters.drain(..) {
+            let _ = w.send(());
+        }
+        Ok(hash)
+    }
+
+    /// What this node knows about `hash`.
+    pub fn tx_status(&self, hash: &Hash) -> TxStatus {
+        let g = self.lock();
+        match g.txs.get(hash) {
+            Some(loc) => TxStatus::Final(loc.clone()),
+            None if g.mempool.contains(hash) => TxStatus::Pending,
+            None => TxStatus::Unknown,
+        }
+    }
+
+    /// The location of `hash` if final, or a receiver that fires when it is.
+    pub fn watch_tx(&self, hash: Hash) -> Result<TxLocation, oneshot::Receiver<TxLocation>> {
+        let mut g = self.lock();
+        if let Some(loc) = g.txs.get(&hash) {
+            return Ok(loc.clone());
+        }
+        let (tx, rx) = oneshot::channel();
+        g.tx_waiters.entry(hash).or_default().push(tx);
+        Err(rx)
+    }
+
+    /// `Ok(head height)` if the head is above `height`, or a receiver that fires at the next
+    /// finalized block.
+    pub fn watch_height(&self, height: u64) -> Result<u64, oneshot::Receiver<u64>> {
+        let mut g = self.lock();
+        if g.head.height > height {
+            return Ok(g.head.height);
+        }
+        let (tx, rx) = oneshot::channel();
+        g.block_waiters.push(tx);
+        Err(rx)
+    }
+
+    /// `None` if transactions wait, or a receiver that fires when one arrives.
+    pub fn watch_mempool(&self) -> Option<oneshot::Receiver<()>> {
+        let mut g = self.lock();
+        if !g.mempool.is_empty() {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        g.mempool_waiters.push(tx);
+        Some(rx)
+    }
+
+    /// The header and state after block `hash`, if it is the head, the genesis or a block this
+    /// node built or verified that is not final yet.
+    fn after(&self, g: &Inner, hash: &Hash) -> Option<(BlockHeader, State)> {
+        if *hash == g.head.hash() {
+            return Some((g.head, g.state.clone()));
+        }
+        if g.head.height == 0 && *hash == self.genesis.hash() {
+            return Some((self.genesis, self.genesis_state.clone()));
+        }
+        g.pending.get(hash).map(|(h, s, _)| (*h, s.clone()))
+    }
+
+    /// Builds a block on `parent` from the mempool at time `now_ms`; `None` if the parent is
+    /// unknown here.
+    pub fn build(&self, parent: &Hash, now_ms: u64) -> Option<Block> {
+        let (header, state, candidates) = {
+            let g = self.lock();
+            let (header, state) = self.after(&g, parent)?;
+            let candidates = g.mempool.candidates(&state, state.params().max_block_txs as usize);
+            (header, state, candidates)
+        };
+        // Mempool transactions were verified on admission.
+        let p = propose(&state, &header, now_ms, candidates, Signatures::AlreadyVerified);
+        let mut g = self.lock();
+        for (hash, e) in &p.dropped {
+            tracing::debug!(tx = %hash.short(), error = %e, "dropping a transaction that no longer applies");
+            g.mempool.remove(hash);
+        }
+        g.pending.insert(p.block.hash(), (p.block.header, p.state, p.outcome));
+        Some(p.block)
+    }
+
+    /// Checks `block` (from another validator) against its parent at time `now_ms`; on success
+    /// remembers the resulting state so children can build on it.
+    pub fn verify(&self, block: &Block, now_ms: u64) -> Result<(), String> {
+        let h = &block.header;
+        if h.timestamp_ms > now_ms + MAX_CLOCK_DRIFT_MS {
+            return Err(format!("block {} is {} ms in the future", h.height, h.timestamp_ms - now_ms));
+        }
+        let (parent, mut state) = {
+            let g = self.lock();
+            if g.pending.contains_key(&block.hash()) {
+                return Ok(());
+            }
+            let Some(p) = self.after(&g, &h.parent) else {
+                return Err(format!("block {}: parent {} is not known here", h.height, h.parent.short()));
+            };
+            // Signatures of transactions already in our mempool were checked on admission.
+            for t in block.txs.iter().filter(|t| !g.mempool.contains(&t.hash())) {
+                t.verify().map_err(|e| format!("block {}: {e}", h.height))?;
+            }
+            p
+        };
+        let outcome = execute(&mut state, &parent, block, Signatures::AlreadyVerified).map_err(|e| e.to_string())?;
+        self.lock().pending.insert(block.hash(), (block.header, state, outcome));
+        Ok(())
+    }
+
+    /// Records a finalized block (delivered in height order; repeats are ignored).
+    pub fn finalize(&self, block: Block, certificate: Vec<u8>) -> Result<Option<Finalized>, String> {
+        let hash = block.hash();
+        let (parent, cached) = {
+            let mut g = self.lock();
+            if block.header.height <= g.head.height {
+                return Ok(None);
+            }
+            if block.header.height != g.head.height + 1 {
+                return Err(format!(
+                    "finalized block {} arrived while the head is {}",
+                    block.header.height, g.head.height
+                ));
+            }
+            // A block this node built or verified on the head already has its state.
+            let cached = g.pending.remove(&hash).filter(|(h, _, _)| h.parent == g.head.hash());
+            (g.head, cached.map(|(_, s, o)| (s, o)).ok_or_else(|| g.state.clone()))
+        };
+        // Otherwise (a follower, or a validator catching up) execute it now, checking every
+        // signature.
+        let (state, outcome) = match cached {
+            Ok(done) => done,
+            Err(mut state) => {
+                let outcome = execute(&mut state, &parent, &block, Signatures::Verify).map_err(|e| e.to_string())?;
+                (state, outcome)
+            }
+        };
+        let mut g = self.lock();
+        g.store.append(&Record { block: block.to_bytes(), certificate })?;
+        let height = block.header.height;
+        g.head = block.header;
+        g.state = state;
+        let inner = &mut *g;
+        inner.mempool.prune(&inner.state);
+        for t in &block.txs {
+            inner.mempool.remove(&t.hash());
+        }
+        index_txs(&mut inner.txs, &block, outcome.receipts);
+        for t in &block.txs {
+            let h = t.hash();
+            if let Some(ws) = inner.tx_waiters.remove(&h) {
+                let loc = inner.txs[&h].clone();
+                for w in ws {
+                    let _ = w.send(loc.clone());
+                }
+            }
+        }
+        inner.pending.retain(|_, (header, _, _)| header.height > height);
+        for w in inner.block_waiters.drain(..) {
+            let _ = w.send(height);
+        }
+        Ok(Some(Finalized { block, went_down: outcome.went_down }))
+    }
+
+    /// A finalized block and its certificate.
+    pub fn block(&self, height: u64) -> Result<Option<(Block, Vec<u8>)>, String> {
+        let g = self.lock();
+        let Some(r) = g.store.get(height)? else { return Ok(None) };
+        let b = Block::from_bytes(&r.block, g.state.params().max_block_txs as usize)?;
+        Ok(Some((b, r.certificate)))
+    }
+
+    /// The export-format bytes of finalized blocks from `from` on.
+    pub fn raw_blocks_from(&self, from: u64) -> Result<Vec<u8>, String> {
+        self.lock().store.raw_from(from)
+    }
+
+    /// A proof that `hash` is in a finalized block, with that block's certificate.
+    pub fn prove_tx(&self, hash: &Hash) -> Result<Option<(TxProof, Vec<u8>)>, String> {
+        let Some(loc) = self.lock().txs.get(hash).cloned() else { return Ok(None) };
+        let Some((block, cert)) = self.block(loc.height)? else { return Ok(None) };
+        let hashes: Vec<Hash> = block.txs.iter().map(SignedTransaction::hash).collect();
+        let path = merkle::path(&hashes, loc.index as usize).ok_or("transaction index out of range")?;
+        let tx = block.txs[loc.index as usize].clone();
+        Ok(Some((TxProof { header: block.header, index: loc.index, tx, path }, cert)))
+    }
+
+    /// A proof of the state entry `key` after the head block, with the head's certificate (empty
+    /// at the genesis, which the genesis file itself attests).
+    pub fn prove_state(&self, key: &StateKey) -> Result<Option<(StateProof, Vec<u8>)>, String> {
+        let (header, proved) = {
+            let g = self.lock();
+            (g.head, g.state.prove(key))
+        };
+        let Some((value, path)) = proved else { return Ok(None) };
+        let cert = match header.height {
+            0 => Vec::new(),
+            h => self.block(h)?.map(|(_, c)| c).unwrap_or_default(),
+        };
+        Ok(Some((StateProof { header, key: key.to_string(), value_hex: hex::encode(value), path }, cert)))
+    }
+}
+
+fn index_txs(txs: &mut HashMap<Hash, TxLocation>, block: &Block, receipts: Vec<Receipt>) {
+    for (i, (t, receipt)) in block.txs.iter().zip(receipts).enumerate() {
+        let loc = TxLocation {
+            height: block.header.height,
+            index: i as u32,
+            block_time_ms: block.header.timestamp_ms,
+            receipt,
+        };
+        txs.insert(t.hash(), loc);
+    }
+}
