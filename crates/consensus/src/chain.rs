@@ -118,6 +118,11 @@ impl Chain {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The genesis state.
+    pub fn genesis_state(&self) -> State {
+        self.genesis_state.clone()
+    }
+
     /// The genesis header (height 0).
     pub fn genesis(&self) -> BlockHeader {
         self.genesis
@@ -207,6 +212,12 @@ impl Chain {
             return Some((self.genesis, self.genesis_state.clone()));
         }
         g.pending.get(hash).map(|(h, s, _)| (*h, s.clone()))
+    }
+
+    /// True when the state after block `hash` is known here.
+    pub fn knows(&self, hash: &Hash) -> bool {
+        let g = self.lock();
+        *hash == g.head.hash() || (g.head.height == 0 && *hash == self.genesis.hash()) || g.pending.contains_key(hash)
     }
 
     /// Builds a block on `parent` from the mempool at time `now_ms`; `None` if the parent is

@@ -4,7 +4,10 @@
 //! Kept in its own crate so the heavy commonware consensus dependencies build once and edits
 //! elsewhere rebuild fast.
 
+pub mod app;
+pub mod block;
 pub mod chain;
+pub mod engine;
 pub mod store;
 
 pub use chain::{Chain, Finalized, TxLocation, TxStatus};

@@ -180,9 +180,15 @@ pub fn propose(
     let height = parent.height + 1;
     let went_down = state.begin_block(height, timestamp_ms);
     let max = state.params().max_block_txs as usize;
+    let max_bytes = state.params().max_block_bytes as usize;
+    let mut bytes = BlockHeader::SIZE + 5;
     let (mut txs, mut receipts, mut dropped) = (Vec::new(), Vec::new(), Vec::new());
     for t in candidates {
         if txs.len() == max {
+            break;
+        }
+        let size = t.encode_size();
+        if bytes + size > max_bytes {
             break;
         }
         let result = match signatures {
@@ -193,6 +199,7 @@ pub fn propose(
             Ok(r) => {
                 receipts.push(r);
                 txs.push(t);
+                bytes += size;
             }
             Err(e) => dropped.push((t.hash(), e)),
         }
@@ -239,6 +246,9 @@ pub fn execute(
     }
     if block.txs.len() > state.params().max_block_txs as usize {
         return Err(bad(format!("{} transactions, the limit is {}", block.txs.len(), state.params().max_block_txs)));
+    }
+    if block.encode_size() > state.params().max_block_bytes as usize {
+        return Err(bad(format!("{} bytes, the limit is {}", block.encode_size(), state.params().max_block_bytes)));
     }
     if h.tx_root != tx_root(&block.txs) {
         return Err(bad("transaction root does not match its transactions".into()));

@@ -17,6 +17,8 @@ pub struct LedgerParams {
     pub max_tx_bytes: u32,
     /// Most transactions in one block.
     pub max_block_txs: u32,
+    /// Largest encoded block.
+    pub max_block_bytes: u32,
     /// The mempool accepts nonces up to this far ahead of an account's next nonce.
     pub nonce_window: u64,
 }
@@ -29,6 +31,7 @@ impl Default for LedgerParams {
             tx_fee_micro: 1,
             max_tx_bytes: 8 * 1024,
             max_block_txs: 4_096,
+            max_block_bytes: 1024 * 1024,
             nonce_window: 1_024,
         }
     }
@@ -48,6 +51,9 @@ impl LedgerParams {
         }
         if self.max_tx_bytes < 512 {
             return Err("max_tx_bytes must be at least 512 (a node registration needs about 400)".into());
+        }
+        if self.max_block_bytes < 4 * self.max_tx_bytes {
+            return Err("max_block_bytes must hold at least 4 transactions of max_tx_bytes".into());
         }
         if self.max_block_txs == 0 || self.nonce_window == 0 {
             return Err("max_block_txs and nonce_window must be positive".into());

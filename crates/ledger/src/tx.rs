@@ -169,7 +169,13 @@ fn descriptor_size(d: &SignedDescriptor) -> usize {
 
 fn read_descriptor(buf: &mut impl Buf) -> Result<SignedDescriptor, CodecError> {
     let json = Vec::<u8>::read_cfg(buf, &(RangeCfg::new(0..=MAX_DESCRIPTOR_BYTES), ()))?;
-    serde_json::from_slice(&json).map_err(|_| CodecError::Invalid("RegisterNode", "descriptor is not valid JSON"))
+    let d: SignedDescriptor = serde_json::from_slice(&json)
+        .map_err(|_| CodecError::Invalid("RegisterNode", "descriptor is not valid JSON"))?;
+    // Only the canonical form is accepted, so an encoding decodes and re-encodes to itself.
+    if serde_json::to_vec(&d).ok().as_deref() != Some(json.as_slice()) {
+        return Err(CodecError::Invalid("RegisterNode", "descriptor JSON is not in canonical form"));
+    }
+    Ok(d)
 }
 
 impl Write for Payload {
