@@ -18,13 +18,13 @@ use commonware_consensus::simplex::elector::RoundRobin;
 use commonware_consensus::simplex::scheme::ed25519::Scheme;
 use commonware_consensus::simplex::types::{Activity, Certificate, Finalization};
 use commonware_consensus::simplex::{self};
-use commonware_consensus::types::{Epoch, FixedEpocher, Height, ViewDelta};
+use commonware_consensus::types::{Epoch, FixedEpocher, ViewDelta};
 use commonware_consensus::{Heightable as _, Reporter};
 use commonware_cryptography::blake3::Digest;
 use commonware_cryptography::certificate::{ConstantProvider, Verifier as _};
 use commonware_cryptography::ed25519::{PrivateKey, PublicKey};
 use commonware_cryptography::{Digested, Digestible, Sha256, Signer as _};
-use commonware_p2p::{Blocker, Provider, Receiver, Recipients, Sender};
+use commonware_p2p::{Blocker, Provider, Receiver, Sender};
 use commonware_parallel::Sequential;
 use commonware_runtime::buffer::paged::CacheRef;
 use commonware_runtime::{Clock, Handle, Metrics, Spawner, Storage};
@@ -151,17 +151,21 @@ fn archive_config<C>(prefix: &str, what: &str, page_cache: &CacheRef, codec_conf
 }
 
 /// Starts consensus for this node: as a validator if `key` is one, else as a follower.
-pub async fn start<E, O, S, R>(
+/// `provider` tells marshal and the block broadcast who the peers are; `blocker` blocks peers
+/// that send invalid data (on a node both are the p2p oracle).
+pub async fn start<E, P, B, S, R>(
     context: E,
     key: PrivateKey,
-    oracle: O,
+    provider: P,
+    blocker: B,
     chain: Arc<Chain>,
     cfg: ConsensusConfig,
     channels: Channels<S, R>,
 ) -> Result<Vec<Handle<()>>, String>
 where
     E: Spawner + Clock + Storage + Metrics + rand_core::CryptoRng,
-    O: Provider<PublicKey = PublicKey> + Blocker<PublicKey = PublicKey> + Clone + Send + Sync + 'static,
+    P: Provider<PublicKey = PublicKey> + Clone + Send + Sync + 'static,
+    B: Blocker<PublicKey = PublicKey> + Clone + Send + Sync + 'static,
     S: Sender<PublicKey = PublicKey>,
     R: Receiver<PublicKey = PublicKey>,
 {
@@ -185,7 +189,7 @@ where
             deque_size: 32,
             priority: true,
             codec_config: cfg.block_cfg,
-            peer_provider: oracle.clone(),
+            peer_provider: provider.clone(),
             strategy: Sequential,
         },
     );
@@ -193,8 +197,8 @@ where
         context.child("backfill"),
         marshal::resolver::p2p::Config {
             public_key: me.clone(),
-            peer_provider: oracle.clone(),
-            blocker: oracle.clone(),
+            peer_provider: provider.clone(),
+            blocker: blocker.clone(),
             mailbox_size: NZUsize!(1024),
             fetch_timeout: NZDuration!(Duration::from_secs(1)),
             fetch_retry_delay: Duration::from_millis(100),
@@ -256,7 +260,7 @@ where
                 simplex::Config {
                     scheme,
                     elector: RoundRobin::<Sha256>::default(),
-                    blocker: oracle,
+                    blocker,
                     automaton: wrapper.clone(),
                     relay: wrapper.clone(),
                     reporter: wrapper,
@@ -295,7 +299,6 @@ where
             );
         }
     }
-    let _ = Recipients::<PublicKey>::All;
     Ok(handles)
 }
 
@@ -363,10 +366,4 @@ async fn apply_finalized<E: Clock>(
         }
         ack.acknowledge();
     }
-}
-
-/// Unused marker so `Height` stays imported for docs.
-#[allow(dead_code)]
-fn _height(h: u64) -> Height {
-    Height::new(h)
 }
