@@ -39,7 +39,7 @@ impl State {
                 node.short()
             )));
         }
-        self.nodes.insert(node, NodeRecord { descriptor: descriptor.descriptor.clone(), owner: signer });
+        self.nodes.insert(node, NodeRecord { descriptor: descriptor.clone(), owner: signer });
         Ok(Receipt::NodeRegistered { node, owner: signer })
     }
 
@@ -47,7 +47,7 @@ impl State {
         Self::check_descriptor(descriptor)?;
         let node = descriptor.descriptor.node_id;
         let owner = self.check_controls(signer, node)?.owner;
-        self.nodes.insert(node, NodeRecord { descriptor: descriptor.descriptor.clone(), owner });
+        self.nodes.insert(node, NodeRecord { descriptor: descriptor.clone(), owner });
         Ok(Receipt::NodeUpdated { node })
     }
 
@@ -92,7 +92,7 @@ mod tests {
         d.name = "renamed".into();
         let d = SignedDescriptor::sign(&id(20), d).unwrap();
         s.apply(&signed(0, 1, Payload::UpdateNode { descriptor: d })).unwrap();
-        assert_eq!(s.nodes()[&node].descriptor.name, "renamed");
+        assert_eq!(s.nodes()[&node].descriptor.descriptor.name, "renamed");
         // A stranger may not remove it; the node itself may.
         assert!(matches!(s.apply(&signed(1, 0, Payload::LeaveNode { node })), Err(TxError::NotAllowed(_))));
         s.apply(&signed(20, 1, Payload::LeaveNode { node })).unwrap_err(); // no money for the fee

@@ -8,7 +8,8 @@ use crate::hash::Hash;
 use crate::merkle;
 use crate::params::LedgerParams;
 use crate::tx::{Payload, SignedTransaction, TxError};
-use archipel_types::{NodeDescriptor, NodeId};
+use archipel_crypto::SignedDescriptor;
+use archipel_types::NodeId;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -26,8 +27,8 @@ pub struct Account {
 /// A registered node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
-    /// What the node says about itself (signed by it when registered).
-    pub descriptor: NodeDescriptor,
+    /// What the node says about itself, signed by it.
+    pub descriptor: SignedDescriptor,
     /// The account that registered it (itself for genesis nodes); it may update or remove it.
     pub owner: NodeId,
 }
@@ -106,7 +107,7 @@ pub struct GenesisState {
     /// Funded accounts.
     pub accounts: Vec<(NodeId, u64)>,
     /// Registered nodes (each owns itself).
-    pub nodes: Vec<NodeDescriptor>,
+    pub nodes: Vec<SignedDescriptor>,
 }
 
 /// The key of one state entry, e.g. `account/<64 hex>`.
@@ -182,7 +183,8 @@ impl State {
             a.balance_micro = a.balance_micro.saturating_add(balance_micro);
         }
         for d in g.nodes {
-            s.nodes.insert(d.node_id, NodeRecord { owner: d.node_id, descriptor: d });
+            let id = d.descriptor.node_id;
+            s.nodes.insert(id, NodeRecord { owner: id, descriptor: d });
         }
         s
     }
@@ -391,7 +393,9 @@ pub(crate) mod tests {
             timestamp_ms: 0,
             validators: vec![id(10).node_id()],
             accounts: vec![(id(0).node_id(), 1_000), (id(1).node_id(), 500), (id(10).node_id(), 100)],
-            nodes: vec![archipel_crypto::test_support::example_descriptor(&id(10))],
+            nodes: vec![
+                SignedDescriptor::sign(&id(10), archipel_crypto::test_support::example_descriptor(&id(10))).unwrap(),
+            ],
         })
     }
 

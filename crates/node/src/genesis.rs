@@ -182,7 +182,7 @@ impl Genesis {
             timestamp_ms: self.created_at_ms,
             validators: self.validators.clone(),
             accounts: self.accounts.iter().map(|a| (a.key, a.balance_micro)).collect(),
-            nodes: self.nodes.iter().map(|n| n.descriptor.clone()).collect(),
+            nodes: self.nodes.clone(),
         })
     }
 
