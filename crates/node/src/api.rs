@@ -45,6 +45,10 @@ pub struct ApiState {
     pub started: Instant,
     /// Signals the node to stop (from `POST /v1/node/shutdown`).
     pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// The ledger as this node sees it.
+    pub chain: Arc<archipel_consensus::Chain>,
+    /// Encoded transactions to gossip to the validators.
+    pub tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -62,7 +66,7 @@ pub struct ApiError {
     pub message: String,
 }
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (status, Json(ApiError { error: code.into(), message: message.into() })).into_response()
 }
 
@@ -133,6 +137,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/node", get(node))
         .route("/v1/nodes", get(nodes))
+        .merge(crate::ledger_api::routes())
         .merge(signed)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see README 'HTTP API'") })
         .with_state(state)

@@ -1,5 +1,6 @@
 //! An archipel node: configuration, genesis, authenticated p2p networking, the membership
-//! (peer table and liveness) protocol, the HTTP API and metrics.
+//! (peer table) protocol, the replicated ledger (consensus, transaction gossip, heartbeats), the
+//! HTTP API and metrics.
 //!
 //! The protocol logic lives in sans-IO modules ([`membership`]); the actors that drive it
 //! ([`gossip`]) are generic over commonware's runtime and p2p traits so the deterministic simulator
@@ -12,6 +13,9 @@ pub mod datadir;
 pub mod files;
 pub mod genesis;
 pub mod gossip;
+pub mod heartbeat;
+pub mod ledger_api;
 pub mod membership;
 pub mod p2p;
 pub mod run;
+pub mod txgossip;

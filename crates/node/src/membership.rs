@@ -208,6 +208,25 @@ impl PeerTable {
         Ok(true)
     }
 
+    /// Follows the node registry of finalized ledger state: registered nodes are allowed (with
+    /// their registered descriptors), nodes that left are forgotten (admitted ones stay).
+    /// Returns whether the allowed set changed.
+    pub fn set_registry(&mut self, registry: &[SignedDescriptor]) -> bool {
+        let mut allowed: BTreeSet<NodeId> = registry.iter().map(|d| d.descriptor.node_id).collect();
+        allowed.insert(self.me);
+        allowed.extend(self.admissions.keys().copied());
+        if allowed == self.allowed {
+            return false;
+        }
+        self.allowed = allowed;
+        let allowed = &self.allowed;
+        self.entries.retain(|id, _| allowed.contains(id));
+        for d in registry {
+            let _ = self.merge(d.clone());
+        }
+        true
+    }
+
     /// Admissions accepted so far (for persistence).
     pub fn admissions(&self) -> Vec<Admission> {
         self.admissions.values().cloned().collect()

@@ -15,6 +15,9 @@ use commonware_p2p::{Address, AddressableManager};
 use commonware_runtime::{Quota, Supervisor, tokio as cw_tokio};
 use commonware_stream::cups::{self, Cups};
 use commonware_stream::sake::{self, Sake};
+use archipel_consensus::engine::{
+    BACKFILL_CHANNEL, BLOCKS_CHANNEL, CERTIFICATES_CHANNEL, Channels, RESOLVER_CHANNEL, VOTES_CHANNEL,
+};
 use commonware_utils::{NZU32, NZUsize, ordered::Map};
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
@@ -34,7 +37,16 @@ pub struct P2p {
     pub receiver: NodeReceiver,
     /// The allowed peer set.
     pub members: MemberSet,
+    /// The consensus channels.
+    pub consensus: Channels<NodeSender, NodeReceiver>,
+    /// The transaction gossip channel.
+    pub txs: (NodeSender, NodeReceiver),
+    /// The oracle (peer provider and blocker for consensus).
+    pub oracle: lookup::Oracle<archipel_crypto::Ed25519PublicKey>,
 }
+
+/// p2p channel of transaction gossip (to validators).
+pub const TX_CHANNEL: u64 = 6;
 
 /// The p2p namespace of a network: connections only form between nodes of the same genesis.
 pub fn namespace(genesis_hash: &str) -> Vec<u8> {
@@ -84,6 +96,17 @@ impl MemberSet {
             self.track();
         }
     }
+
+    /// Makes the allowed set exactly `members` (the node registry in finalized state, plus
+    /// admitted nodes); tracks it only when it changed.
+    pub fn set(&mut self, members: &[SignedDescriptor]) {
+        let next: std::collections::BTreeMap<_, _> =
+            members.iter().map(|m| (m.descriptor.node_id, address(&m.descriptor))).collect();
+        if next != self.members {
+            self.members = next;
+            self.track();
+        }
+    }
 }
 
 /// Starts the p2p network with `members` as the allowed set and returns the gossip channel.
@@ -95,6 +118,7 @@ pub fn start(
     genesis_hash: &str,
     listen: SocketAddr,
     allow_private_ips: bool,
+    max_message_bytes: u32,
 ) -> Result<P2p, String> {
     let handshake = Cups::<_, ChaCha20Poly1305>::new(
         Sake {
@@ -113,7 +137,7 @@ pub fn start(
         &namespace(genesis_hash),
         listen,
         NonZeroUsize::new(peers).unwrap_or(NZUsize!(1)),
-        MAX_GOSSIP_MESSAGE as u32,
+        max_message_bytes.max(MAX_GOSSIP_MESSAGE as u32),
         NZUsize!(1_024),
     );
     cfg.allow_private_ips = allow_private_ips;
@@ -124,11 +148,22 @@ pub fn start(
     cfg.block_duration = Duration::from_secs(60);
 
     let (mut network, oracle) = Network::new(context.child("p2p"), cfg);
-    let members = MemberSet::new(oracle, members);
+    let members = MemberSet::new(oracle.clone(), members);
     // Membership sends ~2 hellos per second per peer plus occasional tables.
     let (sender, receiver) = network.register(GOSSIP_CHANNEL, Quota::per_second(NZU32!(50)));
+    // Consensus runs at ~100 views/s with a few messages per view; the inbound mailbox of a
+    // channel is sized peers x burst, so rates are high and bursts modest (memory).
+    let fast = |rate| Quota::per_second(rate).allow_burst(NZU32!(64));
+    let consensus = Channels {
+        votes: network.register(VOTES_CHANNEL, fast(NZU32!(2_000))),
+        certificates: network.register(CERTIFICATES_CHANNEL, fast(NZU32!(2_000))),
+        resolver: network.register(RESOLVER_CHANNEL, fast(NZU32!(500))),
+        blocks: network.register(BLOCKS_CHANNEL, fast(NZU32!(1_000))),
+        backfill: network.register(BACKFILL_CHANNEL, fast(NZU32!(1_000))),
+    };
+    let txs = network.register(TX_CHANNEL, fast(NZU32!(2_000)));
     network.start();
-    Ok(P2p { sender, receiver, members })
+    Ok(P2p { sender, receiver, members, consensus, txs, oracle })
 }
 
 /// What a probe connection saw, see [`probe`].
@@ -161,7 +196,7 @@ pub fn probe(identity: &Identity, genesis: &Genesis, listen: SocketAddr, duratio
     let report = runner.start(|context| async move {
         let mut messages = 0u64;
         let mut heard = std::collections::BTreeSet::new();
-        if let Ok(mut p2p) = start(&context, &identity, &genesis.nodes, &genesis_hash, listen, true) {
+        if let Ok(mut p2p) = start(&context, &identity, &genesis.nodes, &genesis_hash, listen, true, 0) {
             let deadline = context.current() + duration;
             loop {
                 commonware_macros::select! {

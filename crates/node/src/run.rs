@@ -11,6 +11,11 @@ use crate::genesis::{Genesis, GenesisError};
 use crate::gossip::{self, GossipObserver, LogObserver};
 use crate::membership::{AdmissionRule, Effect, PeerTable};
 use crate::p2p;
+use crate::{heartbeat, txgossip};
+use archipel_consensus::block::BlockCfg;
+use archipel_consensus::engine::ConsensusConfig;
+use archipel_consensus::{Chain, FileStore};
+use commonware_cryptography::Signer as _;
 use archipel_crypto::{Admission, Identity, KeyFileError, RequestVerifier, SignedDescriptor};
 use archipel_types::NodeDescriptor;
 use commonware_runtime::telemetry::metrics::{GaugeExt, MetricsExt};
@@ -96,7 +101,7 @@ pub struct RunOptions {
 /// The node's observer: logs, re-tracks the p2p allowed set when a node is admitted, and persists
 /// admissions so they survive restarts.
 struct NodeObserver {
-    members: p2p::MemberSet,
+    members: Arc<Mutex<p2p::MemberSet>>,
     data_dir: PathBuf,
     admissions: Vec<Admission>,
 }
@@ -105,7 +110,7 @@ impl GossipObserver for NodeObserver {
     fn on_effect(&mut self, now_ms: u64, effect: &Effect) {
         LogObserver.on_effect(now_ms, effect);
         if let Effect::Admitted(a) = effect {
-            self.members.add(&a.descriptor);
+            self.members.lock().unwrap_or_else(|p| p.into_inner()).add(&a.descriptor);
             let id = a.descriptor.descriptor.node_id;
             if !self.admissions.iter().any(|x| x.descriptor.descriptor.node_id == id) {
                 tracing::info!(node = %id.short(), name = %a.descriptor.descriptor.name, "node admitted");
@@ -114,6 +119,41 @@ impl GossipObserver for NodeObserver {
                     tracing::error!(error = %e, "cannot persist admissions");
                 }
             }
+        }
+    }
+}
+
+/// Opens the node's finalized chain from `<data dir>/ledger/blocks.log`.
+fn open_chain(cfg: &NodeConfig, genesis: &Genesis) -> Result<Arc<Chain>, NodeError> {
+    let dir = cfg.data_dir.join("ledger");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| NodeError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
+    let store = FileStore::open(&dir.join("blocks.log")).map_err(NodeError::Invalid)?;
+    let chain = Chain::open(genesis.ledger_state(), Box::new(store)).map_err(|e| {
+        NodeError::Invalid(format!("{e}: the data directory {} is damaged; move it aside to resync", cfg.data_dir.display()))
+    })?;
+    Ok(Arc::new(chain))
+}
+
+/// Keeps the p2p allowed set and the peer table equal to the finalized node registry.
+async fn follow_registry(chain: Arc<Chain>, table: crate::gossip::SharedPeerTable, members: Arc<Mutex<p2p::MemberSet>>) {
+    let mut height = chain.head().height;
+    loop {
+        height = match chain.watch_height(height) {
+            Ok(h) => h,
+            Err(next) => match next.await {
+                Ok(h) => h,
+                Err(_) => return,
+            },
+        };
+        let registry: Vec<SignedDescriptor> =
+            chain.with_state(|s| s.nodes().values().map(|r| r.descriptor.clone()).collect());
+        let mut table = crate::gossip::lock_table(&table);
+        if table.set_registry(&registry) {
+            let mut all = registry;
+            all.extend(table.admissions().into_iter().map(|a| a.descriptor));
+            members.lock().unwrap_or_else(|p| p.into_inner()).set(&all);
+            tracing::info!(height, nodes = all.len(), "p2p allowed set follows the node registry");
         }
     }
 }
@@ -255,11 +295,25 @@ impl PreparedNode {
             cw_tokio::Runner::new(cw_tokio::Config::new().with_worker_threads(2).with_storage_directory(storage));
         runner.start(|context| async move {
             let started = Instant::now();
-            let mut members = genesis.nodes.clone();
+            let chain = open_chain(&cfg, &genesis)?;
+            // The allowed set is the node registry of finalized state (genesis nodes at first)
+            // plus nodes admitted by validator quorum.
+            let registry: Vec<SignedDescriptor> =
+                chain.with_state(|s| s.nodes().values().map(|r| r.descriptor.clone()).collect());
+            let mut members = registry.clone();
             members.extend(admissions.iter().map(|a| a.descriptor.clone()));
-            let p2p =
-                p2p::start(&context, &identity, &members, &genesis_hash, cfg.p2p.listen, cfg.p2p.allow_private_ips)
-                    .map_err(NodeError::Invalid)?;
+            let max_message = genesis.ledger.max_block_bytes + 64 * 1024;
+            let p2p = p2p::start(
+                &context,
+                &identity,
+                &members,
+                &genesis_hash,
+                cfg.p2p.listen,
+                cfg.p2p.allow_private_ips,
+                max_message,
+            )
+            .map_err(NodeError::Invalid)?;
+            let member_set = Arc::new(Mutex::new(p2p.members));
 
             let mut table = PeerTable::new(own.clone(), members, genesis.node_ids(), genesis.membership)
                 .with_admission_rule(AdmissionRule {
@@ -271,11 +325,53 @@ impl PreparedNode {
                     tracing::warn!(node = %a.descriptor.descriptor.node_id.short(), error = %e, "stored admission ignored");
                 }
             }
+            table.set_registry(&registry);
             let table = Arc::new(Mutex::new(table));
-            let observer = NodeObserver { members: p2p.members, data_dir: cfg.data_dir.clone(), admissions };
+            let observer = NodeObserver { members: member_set.clone(), data_dir: cfg.data_dir.clone(), admissions };
             context.child("membership").spawn({
                 let table = table.clone();
                 move |ctx| gossip::run(ctx, table, p2p.sender, p2p.receiver, observer)
+            });
+
+            let validators: Vec<archipel_crypto::Ed25519PublicKey> =
+                genesis.validators.iter().filter_map(|v| archipel_crypto::public_key(v).ok()).collect();
+            let consensus_cfg = ConsensusConfig::new(
+                archipel_consensus::engine::namespace(&genesis_hash),
+                validators.clone(),
+                BlockCfg::from(&genesis.ledger),
+            );
+            archipel_consensus::engine::start(
+                context.child("consensus"),
+                identity.private_key().clone(),
+                p2p.oracle.clone(),
+                p2p.oracle.clone(),
+                chain.clone(),
+                consensus_cfg,
+                p2p.consensus,
+            )
+            .await
+            .map_err(NodeError::Invalid)?;
+            let (tx_out, tx_queue) = tokio::sync::mpsc::unbounded_channel();
+            let (tx_sender, tx_receiver) = p2p.txs;
+            let me_pk = identity.private_key().public_key();
+            let gossip_to: Vec<_> = validators.iter().filter(|v| **v != me_pk).cloned().collect();
+            context.child("tx_gossip_out").spawn(move |_| txgossip::send_loop(tx_sender, gossip_to, tx_queue));
+            context.child("tx_gossip_in").spawn({
+                let chain = chain.clone();
+                let max = genesis.ledger.max_tx_bytes as usize;
+                move |_| txgossip::receive_loop(tx_receiver, chain, max)
+            });
+            context.child("heartbeat").spawn({
+                let chain = chain.clone();
+                let identity = identity.clone();
+                let tx_out = tx_out.clone();
+                move |ctx| heartbeat::run(ctx, chain, identity, tx_out)
+            });
+            context.child("registry").spawn({
+                let chain = chain.clone();
+                let table = table.clone();
+                let members = member_set.clone();
+                move |_| follow_registry(chain, table, members)
             });
 
             let node_ctx = context.child("node");
@@ -302,6 +398,8 @@ impl PreparedNode {
                 render_metrics,
                 started,
                 shutdown: shutdown_tx.clone(),
+                chain: chain.clone(),
+                tx_out,
             });
             api_listener.set_nonblocking(true).map_err(|e| NodeError::Invalid(e.to_string()))?;
             let listener =

@@ -1,0 +1,58 @@
+//! Transaction gossip: a transaction submitted to any node reaches every validator (the leader
+//! rotates every view), batched so a burst costs a few messages, not one per transaction.
+
+use crate::p2p::{NodeReceiver, NodeSender};
+use archipel_consensus::Chain;
+use archipel_ledger::SignedTransaction;
+use archipel_ledger::export::{put_record, take_record};
+use commonware_p2p::{Receiver as _, Recipients, Sender as _};
+use commonware_runtime::IoBuf;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// Largest batch sent in one message.
+pub const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// Sends queued transactions (encoded) to the validators.
+pub async fn send_loop(
+    mut sender: NodeSender,
+    validators: Vec<archipel_crypto::Ed25519PublicKey>,
+    mut queue: mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    if validators.is_empty() {
+        return;
+    }
+    while let Some(first) = queue.recv().await {
+        let mut batch = Vec::with_capacity(first.len() + 4);
+        put_record(&mut batch, &first);
+        while batch.len() < MAX_BATCH_BYTES {
+            match queue.try_recv() {
+                Ok(tx) => put_record(&mut batch, &tx),
+                Err(_) => break,
+            }
+        }
+        let _ = sender.send(Recipients::Some(validators.clone()), IoBuf::from(batch), false);
+    }
+}
+
+/// Admits gossiped transactions into the local mempool.
+pub async fn receive_loop(mut receiver: NodeReceiver, chain: Arc<Chain>, max_tx_bytes: usize) {
+    while let Ok((from, message)) = receiver.recv().await {
+        let bytes = message.as_ref().to_vec();
+        let mut at = 0;
+        while at < bytes.len() {
+            let Ok(tx) = take_record(&bytes, &mut at, max_tx_bytes) else {
+                tracing::debug!(peer = ?from, "malformed transaction batch");
+                break;
+            };
+            match SignedTransaction::from_bytes(tx, max_tx_bytes) {
+                Ok(stx) => {
+                    if let Err(e) = chain.submit(stx, tx.len()) {
+                        tracing::trace!(error = %e, "gossiped transaction not admitted");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "malformed gossiped transaction"),
+            }
+        }
+    }
+}
