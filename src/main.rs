@@ -5,6 +5,7 @@
 //! one line naming the problem and what to do, with a non-zero exit code.
 
 mod devnet;
+mod ledger_cli;
 mod output;
 mod topology;
 
@@ -53,6 +54,21 @@ enum Command {
     Devnet(devnet::DevnetArgs),
     /// Show the network as seen by a node: id, region, country, operator jurisdiction, roles, status.
     Nodes(NodesArgs),
+    /// Follow, show, export and verify the replicated ledger.
+    Ledger {
+        #[command(subcommand)]
+        command: ledger_cli::LedgerCommand,
+    },
+    /// Show balances, transfer funds.
+    Account {
+        #[command(subcommand)]
+        command: ledger_cli::AccountCommand,
+    },
+    /// Get inclusion proofs from a node and verify them offline.
+    Proof {
+        #[command(subcommand)]
+        command: ledger_cli::ProofCommand,
+    },
     /// Ask a node who you are (a signed request: checks your key is known to the network).
     Whoami(WhoamiArgs),
     /// Diagnostics.
@@ -309,6 +325,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Devnet(args) => devnet::run(args),
         Command::Nodes(args) => tokio_rt()?.block_on(nodes(args)),
         Command::Whoami(args) => tokio_rt()?.block_on(whoami(args)),
+        Command::Ledger { command } => tokio_rt()?.block_on(ledger_cli::ledger(command)),
+        Command::Account { command } => tokio_rt()?.block_on(ledger_cli::account(command)),
+        Command::Proof { command } => tokio_rt()?.block_on(ledger_cli::proof(command)),
         Command::Debug { command: DebugCommand::P2pProbe { key, genesis, listen, seconds } } => {
             let identity = Identity::load(&key)?;
             let genesis = Genesis::load(&genesis)?;

@@ -31,6 +31,8 @@ pub fn nodes_table(view: &NodesView) {
         "ADDRESS",
         "STATUS",
         "LAST SEEN",
+        "LEASE",
+        "HEARTBEAT",
     ]);
     let mut rows: Vec<_> = view.nodes.iter().collect();
     rows.sort_by(|a, b| a.name.cmp(&b.name).then(a.node_id.cmp(&b.node_id)));
@@ -51,11 +53,23 @@ pub fn nodes_table(view: &NodesView) {
             n.api_url.clone(),
             status.to_string(),
             ago(view.now_ms, n.last_seen_ms),
+            match n.lease {
+                Some(archipel_ledger::LeaseStatus::Up) => "up".into(),
+                Some(archipel_ledger::LeaseStatus::Down) => "DOWN".into(),
+                None => "not registered".into(),
+            },
+            ago(view.now_ms, n.last_heartbeat_ms),
         ]);
     }
     println!("{t}");
     let up = view.nodes.iter().filter(|n| n.status == PeerStatus::Up).count();
-    println!("network {} — {up}/{} up, as seen by {} (*)", view.network, view.nodes.len(), view.observer.short());
+    let leased = view.nodes.iter().filter(|n| n.lease == Some(archipel_ledger::LeaseStatus::Up)).count();
+    println!(
+        "network {} — {up}/{} up, as seen by {} (*); {leased} with a live lease in finalized ledger state",
+        view.network,
+        view.nodes.len(),
+        view.observer.short()
+    );
 }
 
 /// The id, region, country, operator, jurisdiction and roles cells of a descriptor.

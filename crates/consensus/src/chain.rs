@@ -143,6 +143,11 @@ impl Chain {
         self.lock().mempool.len()
     }
 
+    /// Up to `max` transactions waiting in the mempool.
+    pub fn mempool_snapshot(&self, max: usize) -> Vec<SignedTransaction> {
+        self.lock().mempool.all(max)
+    }
+
     /// Admits a transaction into the mempool (judged against the finalized state).
     pub fn submit(&self, stx: SignedTransaction, encoded_len: usize) -> Result<Hash, MempoolError> {
         let mut g = self.lock();

@@ -129,6 +129,11 @@ impl Mempool {
         out
     }
 
+    /// Up to `max` waiting transactions, oldest nonces first per account.
+    pub fn all(&self, max: usize) -> Vec<SignedTransaction> {
+        self.by_account.values().flat_map(|m| m.values()).take(max).cloned().collect()
+    }
+
     /// Forgets `hash` (e.g. a proposer found it no longer applies).
     pub fn remove(&mut self, hash: &Hash) {
         if let Some((signer, nonce)) = self.by_hash.remove(hash)

@@ -121,6 +121,48 @@ impl ApiClient {
         self.call("GET", path, Vec::new()).await
     }
 
+    /// Sends raw bytes (unsigned) and returns the raw answer body; API errors are decoded.
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ClientError> {
+        let url = format!("{}{}", self.base, path);
+        let m = reqwest::Method::from_bytes(method.as_bytes())
+            .map_err(|e| ClientError::Decode { url: url.clone(), reason: e.to_string() })?;
+        let mut req = self.http.request(m, &url).timeout(timeout);
+        if !body.is_empty() {
+            req = req.header("content-type", "application/octet-stream").body(body);
+        }
+        let resp =
+            req.send().await.map_err(|e| ClientError::Unreachable { url: url.clone(), reason: root_cause(&e) })?;
+        let status = resp.status();
+        let bytes =
+            resp.bytes().await.map_err(|e| ClientError::Unreachable { url: url.clone(), reason: root_cause(&e) })?;
+        if !status.is_success() {
+            let (code, message) = match serde_json::from_slice::<ApiError>(&bytes) {
+                Ok(e) => (e.error, e.message),
+                Err(_) => ("error".into(), String::from_utf8_lossy(&bytes).chars().take(200).collect()),
+            };
+            return Err(ClientError::Api { url, status: status.as_u16(), code, message });
+        }
+        Ok(bytes.to_vec())
+    }
+
+    /// Submits a signed transaction; with `wait_final`, answers once it is in a finalized block.
+    pub async fn submit(
+        &self,
+        tx: &archipel_ledger::SignedTransaction,
+        wait_final: bool,
+    ) -> Result<crate::ledger_api::SubmitResponse, ClientError> {
+        let path = if wait_final { "/v1/tx?wait=final&timeout_ms=30000" } else { "/v1/tx" };
+        let bytes = self.raw("POST", path, tx.to_bytes(), Duration::from_secs(35)).await?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Decode { url: format!("{}{path}", self.base), reason: e.to_string() })
+    }
+
     /// `GET /v1/nodes`.
     pub async fn nodes(&self) -> Result<NodesView, ClientError> {
         self.get("/v1/nodes").await

@@ -6,7 +6,9 @@
 
 use crate::api::{ApiState, error};
 use archipel_consensus::{TxLocation, TxStatus};
-use archipel_ledger::{Account, Block, BlockHeader, Hash, LeaseStatus, SignedTransaction, StateKey, StateProof, TxProof};
+use archipel_ledger::{
+    Account, Block, BlockHeader, Hash, LeaseStatus, SignedTransaction, StateKey, StateProof, TxProof,
+};
 use archipel_types::NodeId;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -65,7 +67,13 @@ async fn submit(
     let stx = if json {
         match serde_json::from_slice::<SignedTransaction>(&body) {
             Ok(t) => t,
-            Err(e) => return error(StatusCode::BAD_REQUEST, "malformed", format!("the body is not a signed transaction: {e}")),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "malformed",
+                    format!("the body is not a signed transaction: {e}"),
+                );
+            }
         }
     } else {
         match SignedTransaction::from_bytes(&body, max) {
@@ -77,7 +85,8 @@ async fn submit(
     let hash = match s.chain.submit(stx, bytes.len()) {
         Ok(h) => h,
         Err(e) => {
-            let status = if e.code() == "mempool_full" { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::BAD_REQUEST };
+            let status =
+                if e.code() == "mempool_full" { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::BAD_REQUEST };
             return error(status, e.code(), e.to_string());
         }
     };
@@ -99,7 +108,9 @@ async fn submit(
                     .into_response(),
             }
         }
-        Some(other) => error(StatusCode::BAD_REQUEST, "bad_query", format!("wait={other} is not supported: use wait=final")),
+        Some(other) => {
+            error(StatusCode::BAD_REQUEST, "bad_query", format!("wait={other} is not supported: use wait=final"))
+        }
     }
 }
 
@@ -109,7 +120,6 @@ async fn wait_final(s: &ApiState, hash: Hash, timeout: Duration) -> Option<TxLoc
         Err(rx) => tokio::time::timeout(timeout, rx).await.ok()?.ok(),
     }
 }
-
 
 async fn tx_status(State(s): State<Arc<ApiState>>, Path(hash): Path<String>) -> Response {
     let hash: Hash = match hash.parse() {

@@ -15,6 +15,7 @@ pub mod genesis;
 pub mod gossip;
 pub mod heartbeat;
 pub mod ledger_api;
+pub mod ledger_verify;
 pub mod membership;
 pub mod p2p;
 pub mod run;

@@ -8,6 +8,9 @@
 
 use crate::genesis::Genesis;
 use crate::gossip::{GOSSIP_CHANNEL, MAX_GOSSIP_MESSAGE};
+use archipel_consensus::engine::{
+    BACKFILL_CHANNEL, BLOCKS_CHANNEL, CERTIFICATES_CHANNEL, Channels, RESOLVER_CHANNEL, VOTES_CHANNEL,
+};
 use archipel_crypto::{Identity, SignedDescriptor};
 use commonware_cryptography::ChaCha20Poly1305;
 use commonware_p2p::authenticated::lookup::{self, Network};
@@ -15,9 +18,6 @@ use commonware_p2p::{Address, AddressableManager};
 use commonware_runtime::{Quota, Supervisor, tokio as cw_tokio};
 use commonware_stream::cups::{self, Cups};
 use commonware_stream::sake::{self, Sake};
-use archipel_consensus::engine::{
-    BACKFILL_CHANNEL, BLOCKS_CHANNEL, CERTIFICATES_CHANNEL, Channels, RESOLVER_CHANNEL, VOTES_CHANNEL,
-};
 use commonware_utils::{NZU32, NZUsize, ordered::Map};
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;

@@ -15,9 +15,9 @@ use crate::{heartbeat, txgossip};
 use archipel_consensus::block::BlockCfg;
 use archipel_consensus::engine::ConsensusConfig;
 use archipel_consensus::{Chain, FileStore};
-use commonware_cryptography::Signer as _;
 use archipel_crypto::{Admission, Identity, KeyFileError, RequestVerifier, SignedDescriptor};
 use archipel_types::NodeDescriptor;
+use commonware_cryptography::Signer as _;
 use commonware_runtime::telemetry::metrics::{GaugeExt, MetricsExt};
 use commonware_runtime::{Clock, Metrics, Runner, Spawner, Supervisor, tokio as cw_tokio};
 use std::net::{SocketAddr, TcpListener};
@@ -126,17 +126,23 @@ impl GossipObserver for NodeObserver {
 /// Opens the node's finalized chain from `<data dir>/ledger/blocks.log`.
 fn open_chain(cfg: &NodeConfig, genesis: &Genesis) -> Result<Arc<Chain>, NodeError> {
     let dir = cfg.data_dir.join("ledger");
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| NodeError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir).map_err(|e| NodeError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
     let store = FileStore::open(&dir.join("blocks.log")).map_err(NodeError::Invalid)?;
     let chain = Chain::open(genesis.ledger_state(), Box::new(store)).map_err(|e| {
-        NodeError::Invalid(format!("{e}: the data directory {} is damaged; move it aside to resync", cfg.data_dir.display()))
+        NodeError::Invalid(format!(
+            "{e}: the data directory {} is damaged; move it aside to resync",
+            cfg.data_dir.display()
+        ))
     })?;
     Ok(Arc::new(chain))
 }
 
 /// Keeps the p2p allowed set and the peer table equal to the finalized node registry.
-async fn follow_registry(chain: Arc<Chain>, table: crate::gossip::SharedPeerTable, members: Arc<Mutex<p2p::MemberSet>>) {
+async fn follow_registry(
+    chain: Arc<Chain>,
+    table: crate::gossip::SharedPeerTable,
+    members: Arc<Mutex<p2p::MemberSet>>,
+) {
     let mut height = chain.head().height;
     loop {
         height = match chain.watch_height(height) {
@@ -361,6 +367,13 @@ impl PreparedNode {
                 let max = genesis.ledger.max_tx_bytes as usize;
                 move |_| txgossip::receive_loop(tx_receiver, chain, max)
             });
+            if !validators.contains(&me_pk) {
+                context.child("tx_resend").spawn({
+                    let chain = chain.clone();
+                    let tx_out = tx_out.clone();
+                    move |ctx| txgossip::resend_loop(ctx, chain, tx_out, Duration::from_secs(2))
+                });
+            }
             context.child("heartbeat").spawn({
                 let chain = chain.clone();
                 let identity = identity.clone();

@@ -35,6 +35,24 @@ pub async fn send_loop(
     }
 }
 
+/// On a follower: every `every`, sends what still waits in the mempool to the validators again
+/// (a transaction gossiped while connections were still forming would otherwise wait forever).
+pub async fn resend_loop(
+    clock: impl commonware_runtime::Clock,
+    chain: Arc<Chain>,
+    out: mpsc::UnboundedSender<Vec<u8>>,
+    every: std::time::Duration,
+) {
+    loop {
+        clock.sleep(every).await;
+        for stx in chain.mempool_snapshot(1_000) {
+            if out.send(stx.to_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// Admits gossiped transactions into the local mempool.
 pub async fn receive_loop(mut receiver: NodeReceiver, chain: Arc<Chain>, max_tx_bytes: usize) {
     while let Ok((from, message)) = receiver.recv().await {

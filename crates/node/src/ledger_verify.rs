@@ -1,0 +1,92 @@
+//! Offline verification of a ledger export (`archipel ledger verify`) and of proofs
+//! (`archipel proof verify`): everything is checked against the genesis embedded in the export or
+//! named by the proof, with no node involved.
+
+use crate::genesis::Genesis;
+use crate::ledger_api::{AnyProof, Proof};
+use archipel_consensus::block::BlockCfg;
+use archipel_consensus::engine::{ConsensusConfig, namespace, verify_finality};
+use archipel_ledger::export::{self, Verified};
+use archipel_ledger::{BlockHeader, ChainError};
+use std::cell::OnceCell;
+
+/// The consensus parameters of a genesis: its validators and namespace.
+pub fn consensus_config(genesis: &Genesis) -> ConsensusConfig {
+    let validators = genesis.validators.iter().filter_map(|v| archipel_crypto::public_key(v).ok()).collect();
+    ConsensusConfig::new(namespace(&genesis.hash()), validators, BlockCfg::from(&genesis.ledger))
+}
+
+/// Verifies an export: the canonical genesis, then per block its finality certificate by the
+/// genesis validators, links, transaction root, signatures, full replay and state root.
+pub fn verify_export(bytes: &[u8]) -> Result<(Genesis, Verified), ChainError> {
+    let genesis: OnceCell<(Genesis, ConsensusConfig)> = OnceCell::new();
+    let verified = export::verify(
+        bytes,
+        |g| {
+            let parsed = Genesis::from_canonical(g)?;
+            let state = parsed.ledger_state();
+            let cfg = consensus_config(&parsed);
+            let _ = genesis.set((parsed, cfg));
+            Ok(state)
+        },
+        |header: &BlockHeader, cert: &[u8]| {
+            let (_, cfg) = genesis.get().ok_or("no genesis")?;
+            verify_finality(cfg, &header.hash(), cert)
+        },
+    )?;
+    let (genesis, _) = genesis.into_inner().ok_or(ChainError { height: 0, what: "no genesis".into() })?;
+    Ok((genesis, verified))
+}
+
+/// What a proof shows once verified.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProofReport {
+    /// `transaction` or `state`.
+    pub kind: &'static str,
+    /// Height of the block the proof is against.
+    pub height: u64,
+    /// The block hash.
+    pub block: archipel_ledger::Hash,
+    /// What is proven (transaction hash, or `key = value`).
+    pub shows: String,
+}
+
+/// Verifies a proof from `GET /v1/proof/...` against `genesis`: the Merkle path up to the
+/// header, and the header's finality certificate by the genesis validators.
+pub fn verify_proof(genesis: &Genesis, proof: &AnyProof) -> Result<ProofReport, String> {
+    let cfg = consensus_config(genesis);
+    let check_header = |genesis_hash: &str, header: &BlockHeader, cert_hex: &str| -> Result<(), String> {
+        if genesis_hash != genesis.hash() {
+            return Err(format!("the proof is for network {genesis_hash}, not this genesis {}", genesis.hash()));
+        }
+        if header.height == 0 {
+            let expected = archipel_ledger::genesis_header(&genesis.ledger_state());
+            return if *header == expected { Ok(()) } else { Err("the header is not this genesis".into()) };
+        }
+        let cert = hex::decode(cert_hex).map_err(|_| "the certificate is not hex".to_string())?;
+        verify_finality(&cfg, &header.hash(), &cert)
+            .map_err(|e| format!("block {} is not shown final: {e}", header.height))
+    };
+    match proof {
+        AnyProof::Tx(Proof { genesis_hash, proof, certificate }) => {
+            let h = proof.verify().map_err(|e| e.to_string())?;
+            check_header(genesis_hash, &proof.header, certificate)?;
+            Ok(ProofReport {
+                kind: "transaction",
+                height: proof.header.height,
+                block: proof.header.hash(),
+                shows: h.to_string(),
+            })
+        }
+        AnyProof::State(Proof { genesis_hash, proof, certificate }) => {
+            let value = proof.verify().map_err(|e| e.to_string())?;
+            check_header(genesis_hash, &proof.header, certificate)?;
+            Ok(ProofReport {
+                kind: "state",
+                height: proof.header.height,
+                block: proof.header.hash(),
+                shows: format!("{} = {}", proof.key, value),
+            })
+        }
+    }
+}

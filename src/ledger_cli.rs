@@ -1,0 +1,376 @@
+//! `archipel ledger …`, `archipel account …` and `archipel proof verify`: follow, show, export and
+//! verify the replicated ledger, read and move balances, and check proofs offline.
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use archipel_crypto::Identity;
+use archipel_ledger::{Hash, Payload, Transaction};
+use archipel_node::client::ApiClient;
+use archipel_node::ledger_api::{AccountView, AnyProof, BlockView, HeadView, SubmitResponse};
+use archipel_node::ledger_verify::{verify_export, verify_proof};
+use archipel_types::NodeId;
+use clap::{Args, Subcommand};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where to reach a node.
+#[derive(Args, Debug, Clone)]
+pub struct NodeArg {
+    /// A node's API URL (default: the local devnet's first node).
+    #[arg(long, env = "ARCHIPEL_NODE")]
+    pub node: Option<String>,
+}
+
+/// `archipel ledger`.
+#[derive(Subcommand, Debug)]
+pub enum LedgerCommand {
+    /// Follow finalized blocks live (Ctrl-C stops).
+    Tail {
+        #[command(flatten)]
+        node: NodeArg,
+        /// Start at this height (default: the next block).
+        #[arg(long)]
+        from: Option<u64>,
+        /// Print each block as one JSON line.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many blocks.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Show a finalized block (by height) or a transaction (by hash).
+    Show {
+        /// A height, or a 64-hex transaction hash.
+        what: String,
+        #[command(flatten)]
+        node: NodeArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the finalized chain (genesis, blocks, finality certificates) to FILE.
+    Export {
+        /// Output file (refuses to overwrite).
+        file: PathBuf,
+        #[command(flatten)]
+        node: NodeArg,
+    },
+    /// Verify an export offline: signatures, hash links, transaction roots, a full replay and
+    /// every state root; names the first bad block.
+    Verify {
+        /// The export file.
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `archipel account`.
+#[derive(Subcommand, Debug)]
+pub enum AccountCommand {
+    /// Balance, next nonce and (for nodes) lease status, from finalized state.
+    Show {
+        /// Account id (hex public key) or a key file (default: the devnet tenant key).
+        account: Option<String>,
+        #[command(flatten)]
+        node: NodeArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Transfer funds (waits until final unless --no-wait).
+    Transfer {
+        /// Recipient account id (hex public key) or key file.
+        to: String,
+        /// Amount in micro-units.
+        amount_micro: u64,
+        /// Your key file (default: the devnet tenant key).
+        #[arg(long, env = "ARCHIPEL_KEY")]
+        key: Option<PathBuf>,
+        #[command(flatten)]
+        node: NodeArg,
+        /// Return once accepted, without waiting for finality.
+        #[arg(long)]
+        no_wait: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `archipel proof`.
+#[derive(Subcommand, Debug)]
+pub enum ProofCommand {
+    /// Get a proof from a node (transaction hash, or state key such as account/<id>).
+    Get {
+        /// `tx/<hash>` or a state key (`account/<id>`, `node/<id>`, `lease/<id>`, `chain`, …).
+        what: String,
+        /// Write it to this file (default: print it).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        node: NodeArg,
+    },
+    /// Verify a proof offline against a genesis file.
+    Verify {
+        /// The proof (JSON from `archipel proof get` or GET /v1/proof/...).
+        file: PathBuf,
+        /// The network's genesis (default: the local devnet's).
+        #[arg(long)]
+        genesis: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn client(node: &NodeArg) -> Result<ApiClient> {
+    Ok(ApiClient::new(&crate::default_node(node.node.clone())?))
+}
+
+fn devnet_path(file: &str) -> PathBuf {
+    Path::new(crate::devnet::DEFAULT_DIR).join(file)
+}
+
+/// An account given as a hex id or a key file.
+fn account_id(spec: &str) -> Result<NodeId> {
+    if let Ok(id) = spec.parse::<NodeId>() {
+        return Ok(id);
+    }
+    let path = Path::new(spec);
+    if path.exists() {
+        return Ok(Identity::load(path)?.node_id());
+    }
+    bail!("{spec:?} is neither an account id (64 hex characters) nor a key file")
+}
+
+fn short_ts(ms: u64) -> String {
+    let secs = ms / 1000;
+    format!("{:02}:{:02}:{:02}.{:03}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60, ms % 1000)
+}
+
+fn print_block_line(b: &BlockView) {
+    let kinds: Vec<String> = {
+        let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+        for t in &b.txs {
+            *counts.entry(t.tx.tx.payload.kind()).or_default() += 1;
+        }
+        counts.into_iter().map(|(k, n)| format!("{n} {k}")).collect()
+    };
+    println!(
+        "#{:<8} {}  {}  {:>4} tx  {}",
+        b.header.height,
+        b.hash.short(),
+        short_ts(b.header.timestamp_ms),
+        b.txs.len(),
+        kinds.join(", ")
+    );
+}
+
+/// Runs `archipel ledger …`.
+pub async fn ledger(cmd: LedgerCommand) -> Result<()> {
+    match cmd {
+        LedgerCommand::Tail { node, from, json, count } => {
+            let c = client(&node)?;
+            let mut next = match from {
+                Some(h) => h.max(1),
+                None => c.get::<HeadView>("/v1/ledger/head").await?.header.height + 1,
+            };
+            let mut shown = 0u64;
+            loop {
+                let blocks: Vec<BlockView> =
+                    c.get(&format!("/v1/ledger/blocks?from={next}&limit=100&wait_ms=5000")).await?;
+                for b in &blocks {
+                    if json {
+                        println!("{}", serde_json::to_string(b)?);
+                    } else {
+                        print_block_line(b);
+                    }
+                    next = b.header.height + 1;
+                    shown += 1;
+                    if count.is_some_and(|c| shown >= c) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        LedgerCommand::Show { what, node, json } => {
+            let c = client(&node)?;
+            if let Ok(height) = what.parse::<u64>() {
+                let b: BlockView = c.get(&format!("/v1/ledger/blocks/{height}")).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&b)?);
+                } else {
+                    println!("block {} {}", b.header.height, b.hash);
+                    println!("  parent      {}", b.header.parent);
+                    println!("  time        {} ({} ms)", short_ts(b.header.timestamp_ms), b.header.timestamp_ms);
+                    println!("  tx root     {}", b.header.tx_root);
+                    println!("  state root  {}", b.header.state_root);
+                    println!("  finality    {} bytes of validator signatures", b.certificate.len() / 2);
+                    for t in &b.txs {
+                        println!(
+                            "  tx {}  {} nonce {}  {}",
+                            t.hash.short(),
+                            t.tx.tx.signer.short(),
+                            t.tx.tx.nonce,
+                            t.tx.tx.payload.kind()
+                        );
+                    }
+                }
+                return Ok(());
+            }
+            let hash: Hash = what.parse().map_err(|e: String| anyhow!("{e} (or give a block height)"))?;
+            let r: SubmitResponse = c.get(&format!("/v1/tx/{hash}")).await?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            if !json && matches!(r.status, archipel_consensus::TxStatus::Unknown) {
+                eprintln!("this node has not seen transaction {hash}");
+            }
+            Ok(())
+        }
+        LedgerCommand::Export { file, node } => {
+            if file.exists() {
+                bail!("{} already exists: choose another file or remove it", file.display());
+            }
+            let c = client(&node)?;
+            let bytes = c.raw("GET", "/v1/ledger/export", Vec::new(), Duration::from_secs(300)).await?;
+            let (_, v) =
+                verify_export(&bytes).map_err(|e| anyhow!("the node sent an export that does not verify: {e}"))?;
+            archipel_node::files::write_new(&file, &bytes).map_err(|e| anyhow!("{e}"))?;
+            println!(
+                "wrote {} — {} blocks, {} transactions, head {}",
+                file.display(),
+                v.blocks,
+                v.transactions,
+                v.head
+            );
+            Ok(())
+        }
+        LedgerCommand::Verify { file, json } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            match verify_export(&bytes) {
+                Ok((g, v)) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"ok": true, "network": g.network, "genesis_hash": g.hash(), "blocks": v.blocks, "transactions": v.transactions, "head": v.head, "state_root": v.state_root})
+                        );
+                    } else {
+                        println!(
+                            "ok: network {} (genesis {}), {} blocks, {} transactions; every certificate, signature, link and state root checks out; head {} state root {}",
+                            g.network,
+                            &g.hash()[..16],
+                            v.blocks,
+                            v.transactions,
+                            v.head.short(),
+                            v.state_root.short()
+                        );
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    if json {
+                        println!("{}", serde_json::json!({"ok": false, "height": e.height, "error": e.what}));
+                        std::process::exit(1);
+                    }
+                    bail!("{} does not verify: block {}: {}", file.display(), e.height, e.what)
+                }
+            }
+        }
+    }
+}
+
+/// Runs `archipel account …`.
+pub async fn account(cmd: AccountCommand) -> Result<()> {
+    match cmd {
+        AccountCommand::Show { account, node, json } => {
+            let id = match account {
+                Some(a) => account_id(&a)?,
+                None => Identity::load(&devnet_path("tenant.key"))?.node_id(),
+            };
+            let v: AccountView = client(&node)?.get(&format!("/v1/accounts/{id}")).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("account {}", v.id);
+                println!("  balance     {} micro", v.account.balance_micro);
+                println!("  next nonce  {}", v.account.nonce);
+                if let Some(l) = v.lease {
+                    println!("  lease       {}", serde_json::to_value(l)?.as_str().unwrap_or("?"));
+                }
+                println!("  as of block {}", v.height);
+            }
+            Ok(())
+        }
+        AccountCommand::Transfer { to, amount_micro, key, node, no_wait, json } => {
+            let key = key.unwrap_or_else(|| devnet_path("tenant.key"));
+            let identity = Identity::load(&key)?;
+            let to = account_id(&to)?;
+            let c = client(&node)?;
+            let me: AccountView = c.get(&format!("/v1/accounts/{}", identity.node_id())).await?;
+            let tx = Transaction {
+                signer: identity.node_id(),
+                nonce: me.account.nonce,
+                payload: Payload::Transfer { to, amount_micro },
+            }
+            .sign(&identity);
+            let r = c.submit(&tx, !no_wait).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                match &r.status {
+                    archipel_consensus::TxStatus::Final(loc) => println!(
+                        "transferred {amount_micro} micro to {} — final in block {} (tx {})",
+                        to.short(),
+                        loc.height,
+                        r.hash
+                    ),
+                    _ => println!("submitted tx {} (not final yet: `archipel ledger show {}`)", r.hash, r.hash),
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Runs `archipel proof …`.
+pub async fn proof(cmd: ProofCommand) -> Result<()> {
+    match cmd {
+        ProofCommand::Get { what, out, node } => {
+            let path = match what.strip_prefix("tx/") {
+                Some(h) => format!("/v1/proof/tx/{h}"),
+                None => format!("/v1/proof/state/{what}"),
+            };
+            let v: serde_json::Value = client(&node)?.get(&path).await?;
+            let text = serde_json::to_string_pretty(&v)?;
+            match out {
+                Some(f) => {
+                    archipel_node::files::write_new(&f, text.as_bytes()).map_err(|e| anyhow!("{e}"))?;
+                    println!("wrote {}", f.display());
+                }
+                None => println!("{text}"),
+            }
+            Ok(())
+        }
+        ProofCommand::Verify { file, genesis, json } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let proof: AnyProof =
+                serde_json::from_str(&text).map_err(|e| anyhow!("{} is not a proof: {e}", file.display()))?;
+            let genesis_path = genesis.unwrap_or_else(|| devnet_path("genesis.json"));
+            let g = archipel_node::genesis::Genesis::load(&genesis_path)?;
+            let report = verify_proof(&g, &proof).map_err(|e| anyhow!("{} does not verify: {e}", file.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "ok: {} proof — {} is committed by block {} ({}), finalized by the validators of {}",
+                    report.kind,
+                    report.shows,
+                    report.height,
+                    report.block.short(),
+                    genesis_path.display()
+                );
+            }
+            Ok(())
+        }
+    }
+}
