@@ -6,7 +6,7 @@ use archipel_crypto::Identity;
 use archipel_ledger::{Hash, Payload, Transaction};
 use archipel_node::client::ApiClient;
 use archipel_node::ledger_api::{AccountView, AnyProof, BlockView, HeadView, SubmitResponse};
-use archipel_node::ledger_verify::{verify_export, verify_proof};
+use archipel_node::ledger_verify::{verify_export, verify_export_pinned, verify_proof};
 use archipel_types::NodeId;
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
@@ -59,6 +59,9 @@ pub enum LedgerCommand {
     Verify {
         /// The export file.
         file: PathBuf,
+        /// Require the export's genesis to be this genesis file's (the network you trust).
+        #[arg(long)]
+        genesis: Option<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -245,9 +248,13 @@ pub async fn ledger(cmd: LedgerCommand) -> Result<()> {
             );
             Ok(())
         }
-        LedgerCommand::Verify { file, json } => {
+        LedgerCommand::Verify { file, genesis, json } => {
             let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            match verify_export(&bytes) {
+            let pin = match genesis {
+                Some(p) => Some(archipel_node::genesis::Genesis::load(&p)?.hash()),
+                None => None,
+            };
+            match verify_export_pinned(&bytes, pin.as_deref()) {
                 Ok((g, v)) => {
                     if json {
                         println!(

@@ -19,19 +19,37 @@ pub fn consensus_config(genesis: &Genesis) -> ConsensusConfig {
 /// Verifies an export: the canonical genesis, then per block its finality certificate by the
 /// genesis validators, links, transaction root, signatures, full replay and state root.
 pub fn verify_export(bytes: &[u8]) -> Result<(Genesis, Verified), ChainError> {
+    verify_export_pinned(bytes, None)
+}
+
+/// [`verify_export`], also requiring the embedded genesis to have hash `expected` (from a genesis
+/// file the auditor trusts). Without a pin, an altered genesis shows up at block 1, whose
+/// certificate no longer matches the validators and namespace it implies.
+pub fn verify_export_pinned(bytes: &[u8], expected: Option<&str>) -> Result<(Genesis, Verified), ChainError> {
     let genesis: OnceCell<(Genesis, ConsensusConfig)> = OnceCell::new();
     let verified = export::verify(
         bytes,
         |g| {
             let parsed = Genesis::from_canonical(g)?;
+            if let Some(expected) = expected
+                && parsed.hash() != expected
+            {
+                return Err(format!("its hash is {}, not the expected {expected}", parsed.hash()));
+            }
             let state = parsed.ledger_state();
             let cfg = consensus_config(&parsed);
             let _ = genesis.set((parsed, cfg));
             Ok(state)
         },
         |header: &BlockHeader, cert: &[u8]| {
-            let (_, cfg) = genesis.get().ok_or("no genesis")?;
-            verify_finality(cfg, &header.hash(), cert)
+            let (g, cfg) = genesis.get().ok_or("no genesis")?;
+            verify_finality(cfg, &header.hash(), cert).map_err(|e| match header.height {
+                1 => format!(
+                    "{e} (of genesis {}: if the genesis was altered, no certificate matches it)",
+                    &g.hash()[..16]
+                ),
+                _ => e,
+            })
         },
     )?;
     let (genesis, _) = genesis.into_inner().ok_or(ChainError { height: 0, what: "no genesis".into() })?;
