@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask bench [devnet|verify|all]` and `cargo xtask sim --seeds N`.
+//! Project automation: `cargo xtask bench [devnet|verify|ledger|all]` and `cargo xtask sim --seeds N`.
 //!
 //! Benchmarks print absolute figures and a ratio against a baseline measured in the same run on
 //! the same machine, because absolute numbers move by tens of percent on a shared 2-core box.
@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod ledger_bench;
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -17,8 +19,9 @@ fn main() -> Result<()> {
             match which {
                 "verify" => bench_verify(),
                 "devnet" => bench_devnet(),
-                "all" => bench_verify().and_then(|_| bench_devnet()),
-                other => bail!("unknown benchmark {other:?}: use verify, devnet or all"),
+                "ledger" => ledger_bench::bench(&build_release()?),
+                "all" => bench_verify().and_then(|_| bench_devnet()).and_then(|_| ledger_bench::bench(&build_release()?)),
+                other => bail!("unknown benchmark {other:?}: use verify, devnet, ledger or all"),
             }
         }
         Some("sim") => {
@@ -38,7 +41,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         _ => {
-            eprintln!("usage: cargo xtask bench [verify|devnet|all]\n       cargo xtask sim [--seeds N]");
+            eprintln!("usage: cargo xtask bench [verify|devnet|ledger|all]\n       cargo xtask sim [--seeds N]");
             Ok(())
         }
     }
