@@ -39,7 +39,8 @@ fn summary(mut v: Vec<f64>) -> (f64, f64, usize) {
 struct Guard(Child);
 impl Drop for Guard {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGINT);
+        let _ =
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGINT);
         let _ = self.0.wait();
     }
 }
@@ -77,7 +78,9 @@ pub fn bench(bin: &Path) -> Result<()> {
             ours.idle_p99_ms
         );
     } else {
-        println!("  bare simplex baseline: not run (set SIMPLEX_BASELINE=1 to run ../shared/tools/simplex-baseline.sh, ~8 min the first time)");
+        println!(
+            "  bare simplex baseline: not run (set SIMPLEX_BASELINE=1 to run ../shared/tools/simplex-baseline.sh, ~8 min the first time)"
+        );
     }
     if let Some(e) = etcd {
         println!(
@@ -148,9 +151,9 @@ async fn count_txs(client: &reqwest::Client, node: &str, from: u64, to: u64) -> 
             if b["header"]["height"].as_u64().unwrap_or(u64::MAX) > to {
                 return Ok(n);
             }
-            n += b["txs"].as_array().map_or(0, |t| {
-                t.iter().filter(|t| t["tx"]["payload"]["kind"] == "transfer").count() as u64
-            });
+            n += b["txs"]
+                .as_array()
+                .map_or(0, |t| t.iter().filter(|t| t["tx"]["payload"]["kind"] == "transfer").count() as u64);
             h += 1;
         }
     }
@@ -172,13 +175,15 @@ async fn archipel(bin: &Path) -> Result<Figures> {
     let mut lines = BufReader::new(out).lines();
     loop {
         match lines.next() {
-            Some(l) if l?.contains("devnet ready") => break,
-            Some(_) => {}
+            Some(Ok(l)) if l.contains("devnet ready") => break,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
             None => bail!("devnet exited before it was ready"),
         }
     }
     std::thread::spawn(move || for _ in lines {});
-    let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(64).timeout(Duration::from_secs(30)).build()?;
+    let client =
+        reqwest::Client::builder().no_proxy().pool_max_idle_per_host(64).timeout(Duration::from_secs(30)).build()?;
     while head(&client, NODES[0]).await.unwrap_or(0) < 3 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -267,7 +272,13 @@ async fn archipel(bin: &Path) -> Result<Figures> {
         end_height - start_height
     );
     let _ = std::fs::remove_dir_all(&work);
-    Ok(Figures { idle_p50_ms, idle_p99_ms, load_p50_ms, load_p99_ms, ops_per_s: finalized as f64 / elapsed.as_secs_f64() })
+    Ok(Figures {
+        idle_p50_ms,
+        idle_p99_ms,
+        load_p50_ms,
+        load_p99_ms,
+        ops_per_s: finalized as f64 / elapsed.as_secs_f64(),
+    })
 }
 
 /// Installs etcd if needed (Debian `etcd-server`).
@@ -295,7 +306,9 @@ async fn etcd() -> Result<Figures> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let members: Vec<(String, String, String)> = (0..3)
-        .map(|i| (format!("e{i}"), format!("http://127.0.61.{}:2380", i + 2), format!("http://127.0.61.{}:2379", i + 2)))
+        .map(|i| {
+            (format!("e{i}"), format!("http://127.0.61.{}:2380", i + 2), format!("http://127.0.61.{}:2379", i + 2))
+        })
         .collect();
     let cluster = members.iter().map(|(n, p, _)| format!("{n}={p}")).collect::<Vec<_>>().join(",");
     let mut guards = Vec::new();
@@ -327,7 +340,8 @@ async fn etcd() -> Result<Figures> {
             .spawn()?;
         guards.push(Guard(child));
     }
-    let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(64).timeout(Duration::from_secs(10)).build()?;
+    let client =
+        reqwest::Client::builder().no_proxy().pool_max_idle_per_host(64).timeout(Duration::from_secs(10)).build()?;
     let urls: Vec<String> = members.iter().map(|(_, _, c)| format!("{c}/v3/kv/put")).collect();
     let put = |client: reqwest::Client, url: String, k: String| async move {
         let body = serde_json::json!({"key": b64(k.as_bytes()), "value": b64(b"1")});

@@ -101,18 +101,7 @@ impl ApiClient {
         if !body.is_empty() {
             req = req.header("content-type", "application/json").body(body);
         }
-        let resp =
-            req.send().await.map_err(|e| ClientError::Unreachable { url: url.clone(), reason: root_cause(&e) })?;
-        let status = resp.status();
-        let bytes =
-            resp.bytes().await.map_err(|e| ClientError::Unreachable { url: url.clone(), reason: root_cause(&e) })?;
-        if !status.is_success() {
-            let (code, message) = match serde_json::from_slice::<ApiError>(&bytes) {
-                Ok(e) => (e.error, e.message),
-                Err(_) => ("error".into(), String::from_utf8_lossy(&bytes).chars().take(200).collect()),
-            };
-            return Err(ClientError::Api { url, status: status.as_u16(), code, message });
-        }
+        let bytes = send(req, &url).await?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode { url, reason: e.to_string() })
     }
 
@@ -136,19 +125,7 @@ impl ApiClient {
         if !body.is_empty() {
             req = req.header("content-type", "application/octet-stream").body(body);
         }
-        let resp =
-            req.send().await.map_err(|e| ClientError::Unreachable { url: url.clone(), reason: root_cause(&e) })?;
-        let status = resp.status();
-        let bytes =
-            resp.bytes().await.map_err(|e| ClientError::Unreachable { url: url.clone(), reason: root_cause(&e) })?;
-        if !status.is_success() {
-            let (code, message) = match serde_json::from_slice::<ApiError>(&bytes) {
-                Ok(e) => (e.error, e.message),
-                Err(_) => ("error".into(), String::from_utf8_lossy(&bytes).chars().take(200).collect()),
-            };
-            return Err(ClientError::Api { url, status: status.as_u16(), code, message });
-        }
-        Ok(bytes.to_vec())
+        Ok(send(req, &url).await?.to_vec())
     }
 
     /// Submits a signed transaction; with `wait_final`, answers once it is in a finalized block.
@@ -179,6 +156,23 @@ impl ApiClient {
             .map_err(|e| ClientError::Unreachable { url: url.clone(), reason: root_cause(&e) })?;
         resp.text().await.map_err(|e| ClientError::Decode { url, reason: e.to_string() })
     }
+}
+
+/// Sends `req` and returns the body of a successful answer; an error answer becomes
+/// [`ClientError::Api`] with the code and message from its JSON body.
+async fn send(req: reqwest::RequestBuilder, url: &str) -> Result<bytes::Bytes, ClientError> {
+    let unreachable = |e: reqwest::Error| ClientError::Unreachable { url: url.to_string(), reason: root_cause(&e) };
+    let resp = req.send().await.map_err(unreachable)?;
+    let status = resp.status();
+    let bytes = resp.bytes().await.map_err(unreachable)?;
+    if !status.is_success() {
+        let (code, message) = match serde_json::from_slice::<ApiError>(&bytes) {
+            Ok(e) => (e.error, e.message),
+            Err(_) => ("error".into(), String::from_utf8_lossy(&bytes).chars().take(200).collect()),
+        };
+        return Err(ClientError::Api { url: url.to_string(), status: status.as_u16(), code, message });
+    }
+    Ok(bytes)
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {

@@ -27,6 +27,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 pub fn routes() -> Router<Arc<ApiState>> {
     Router::new()
         .route("/v1/tx", post(submit))
+        .route("/v1/txs", post(submit_batch))
         .route("/v1/tx/{hash}", get(tx_status))
         .route("/v1/ledger/head", get(head))
         .route("/v1/ledger/blocks", get(blocks))
@@ -112,6 +113,53 @@ async fn submit(
             error(StatusCode::BAD_REQUEST, "bad_query", format!("wait={other} is not supported: use wait=final"))
         }
     }
+}
+
+/// Most transactions in one `POST /v1/txs`.
+pub const MAX_BATCH: usize = 1_000;
+
+/// One answer of `POST /v1/txs`: the hash, or why the transaction was refused.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BatchItem {
+    /// The transaction hash (if it decoded).
+    pub hash: Option<Hash>,
+    /// Refusal code, if refused.
+    pub error: Option<String>,
+    /// Refusal reason, if refused.
+    pub message: Option<String>,
+}
+
+/// `POST /v1/txs`: many encoded transactions, each as a 4-byte big-endian length and the bytes
+/// (the ledger export's record framing); answers one item per transaction, in order.
+async fn submit_batch(State(s): State<Arc<ApiState>>, body: Bytes) -> Response {
+    let max = s.genesis.ledger.max_tx_bytes as usize;
+    let mut at = 0;
+    let mut out = Vec::new();
+    while at < body.len() {
+        if out.len() == MAX_BATCH {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "batch_too_large",
+                format!("at most {MAX_BATCH} transactions per batch"),
+            );
+        }
+        let record = match archipel_ledger::export::take_record(&body, &mut at, max) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "malformed", format!("transaction {}: {e}", out.len())),
+        };
+        let item = match SignedTransaction::from_bytes(record, max) {
+            Err(e) => BatchItem { hash: None, error: Some(e.code().into()), message: Some(e.to_string()) },
+            Ok(stx) => match s.chain.submit(stx, record.len()) {
+                Ok(h) => {
+                    let _ = s.tx_out.send(record.to_vec());
+                    BatchItem { hash: Some(h), error: None, message: None }
+                }
+                Err(e) => BatchItem { hash: None, error: Some(e.code().into()), message: Some(e.to_string()) },
+            },
+        };
+        out.push(item);
+    }
+    Json(out).into_response()
 }
 
 async fn wait_final(s: &ApiState, hash: Hash, timeout: Duration) -> Option<TxLocation> {
