@@ -7,9 +7,15 @@
 //! run in milliseconds, and the same seed always produces the same trace: every effect of every
 //! node with its virtual time, hashed together with the runtime's own audit digest.
 //!
+//! [`ledger`] does the same for the replicated ledger: validators and followers running the real
+//! consensus engine, with partitions, lossy links and a Byzantine validator.
+//!
 //! Invariant tests live one per file under `tests/` and run over a seed range
 //! (`ARCHIPEL_SIM_SEEDS=0..200`, or `ARCHIPEL_SIM_SEED=17` for one); a failing seed prints the
 //! command that replays it.
+
+pub mod disk;
+pub mod ledger;
 
 use archipel_crypto::{Identity, SignedDescriptor};
 use archipel_node::gossip::{self, GOSSIP_CHANNEL, GossipObserver, MAX_GOSSIP_MESSAGE, SharedPeerTable, lock_table};
