@@ -198,10 +198,14 @@ async fn archipel(bin: &Path) -> Result<Figures> {
         put_record(&mut batch, &transfer(&tenant, nonce, a, 1_000_000_000));
         nonce += 1;
     }
-    post(&client, format!("http://{}/v1/txs", NODES[0]), batch).await?;
+    let answers = post(&client, format!("http://{}/v1/txs", NODES[0]), batch).await?;
+    if answers.as_array().is_none_or(|a| a.iter().any(|x| !x["error"].is_null())) {
+        bail!("funding the load accounts was refused: {answers}");
+    }
     let last = transfer(&tenant, nonce, &sink, 1);
     nonce += 1;
-    post(&client, format!("http://{}/v1/tx?wait=final", NODES[0]), last).await?;
+    post(&client, format!("http://{}/v1/tx?wait=final", NODES[0]), last).await.context("funding")?;
+    eprintln!("load accounts funded; measuring idle latency");
 
     // Idle latency: one transfer at a time, each to the next node, waiting for finality.
     let mut idle = Vec::new();
@@ -209,9 +213,12 @@ async fn archipel(bin: &Path) -> Result<Figures> {
         let body = transfer(&tenant, nonce, &sink, 1);
         nonce += 1;
         let t = Instant::now();
-        post(&client, format!("http://{}/v1/tx?wait=final", NODES[i % 4]), body).await?;
+        post(&client, format!("http://{}/v1/tx?wait=final", NODES[i % 4]), body)
+            .await
+            .with_context(|| format!("idle latency sample {i} via {}", NODES[i % 4]))?;
         idle.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    eprintln!("idle latency measured; loading for {LOAD:?}");
 
     // Load: CLIENTS tasks submit batches of BATCH transfers as fast as the nodes take them, while
     // the tenant keeps measuring latency.
@@ -251,7 +258,9 @@ async fn archipel(bin: &Path) -> Result<Figures> {
         let body = transfer(&tenant, nonce, &sink, 1);
         nonce += 1;
         let t = Instant::now();
-        post(&client, format!("http://{}/v1/tx?wait=final", NODES[i % 4]), body).await?;
+        post(&client, format!("http://{}/v1/tx?wait=final", NODES[i % 4]), body)
+            .await
+            .with_context(|| format!("latency sample {i} under load via {}", NODES[i % 4]))?;
         loaded.push(t.elapsed().as_secs_f64() * 1e3);
         i += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;

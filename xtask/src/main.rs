@@ -20,7 +20,9 @@ fn main() -> Result<()> {
                 "verify" => bench_verify(),
                 "devnet" => bench_devnet(),
                 "ledger" => ledger_bench::bench(&build_release()?),
-                "all" => bench_verify().and_then(|_| bench_devnet()).and_then(|_| ledger_bench::bench(&build_release()?)),
+                "all" => {
+                    bench_verify().and_then(|_| bench_devnet()).and_then(|_| ledger_bench::bench(&build_release()?))
+                }
                 other => bail!("unknown benchmark {other:?}: use verify, devnet, ledger or all"),
             }
         }

@@ -101,15 +101,21 @@ where
         if !self.ensure_known(now_ms(&runtime), parent, ancestry).await {
             return None;
         }
-        // No fixed block interval: propose at once when transactions wait, else wait a little
-        // for one (an empty block still moves block time forward, which drives leases).
-        if let Some(arrived) = self.chain.watch_mempool() {
+        // No fixed block interval: propose at once when transactions can go in, else wait a
+        // little for one (an empty block still moves block time forward, which drives leases).
+        // Transactions that cannot go in yet (a nonce gap) do not count.
+        let deadline = runtime.current() + IDLE_WAIT;
+        let mut block = loop {
+            let arrived = self.chain.next_submission();
+            let block = self.chain.build(&parent_hash, now_ms(&runtime))?;
+            if !block.txs.is_empty() || runtime.current() >= deadline {
+                break block;
+            }
             commonware_macros::select! {
                 _ = arrived => {},
-                _ = runtime.sleep(IDLE_WAIT) => {},
+                _ = runtime.sleep_until(deadline) => {},
             }
-        }
-        let mut block = self.chain.build(&parent_hash, now_ms(&runtime))?;
+        };
         if self.behaviour == Behaviour::ProposesInvalidBlocks {
             block.header.state_root.0[0] ^= 0xff;
         }

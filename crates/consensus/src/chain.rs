@@ -57,6 +57,9 @@ pub struct Finalized {
 
 struct Inner {
     head: BlockHeader,
+    /// Highest block with a finality certificate of its own (blocks below it without one are
+    /// proven through it).
+    certified: u64,
     state: State,
     store: Box<dyn BlockStore>,
     txs: HashMap<Hash, TxLocation>,
@@ -88,9 +91,13 @@ impl Chain {
         let mut state = genesis_state.clone();
         let mut head = genesis;
         let mut txs = HashMap::new();
+        let mut certified = 0;
         let max_txs = state.params().max_block_txs as usize;
         for height in 1..=store.height() {
             let record = store.get(height)?.ok_or_else(|| format!("block {height} is missing from the log"))?;
+            if !record.certificate.is_empty() {
+                certified = height;
+            }
             let block = Block::from_bytes(&record.block, max_txs).map_err(|e| format!("stored block {height}: {e}"))?;
             let outcome = execute(&mut state, &head, &block, Signatures::AlreadyVerified)
                 .map_err(|e| format!("stored chain does not replay: {e}"))?;
@@ -102,6 +109,7 @@ impl Chain {
             genesis_state,
             inner: Mutex::new(Inner {
                 head,
+                certified,
                 state,
                 store,
                 txs,
@@ -196,15 +204,11 @@ impl Chain {
         Err(rx)
     }
 
-    /// `None` if transactions wait, or a receiver that fires when one arrives.
-    pub fn watch_mempool(&self) -> Option<oneshot::Receiver<()>> {
-        let mut g = self.lock();
-        if !g.mempool.is_empty() {
-            return None;
-        }
+    /// A receiver that fires when the next transaction enters the mempool.
+    pub fn next_submission(&self) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        g.mempool_waiters.push(tx);
-        Some(rx)
+        self.lock().mempool_waiters.push(tx);
+        rx
     }
 
     /// The header and state after block `hash`, if it is the head, the genesis or a block this
@@ -299,8 +303,11 @@ impl Chain {
             }
         };
         let mut g = self.lock();
-        g.store.append(&Record { block: block.to_bytes(), certificate })?;
         let height = block.header.height;
+        if !certificate.is_empty() {
+            g.certified = height;
+        }
+        g.store.append(&Record { block: block.to_bytes(), certificate })?;
         g.head = block.header;
         g.state = state;
         let inner = &mut *g;
@@ -333,35 +340,81 @@ impl Chain {
         Ok(Some((b, r.certificate)))
     }
 
-    /// The export-format bytes of finalized blocks from `from` on.
+    /// The export-format bytes of finalized blocks from `from` up to the last certified one.
     pub fn raw_blocks_from(&self, from: u64) -> Result<Vec<u8>, String> {
-        self.lock().store.raw_from(from)
+        let g = self.lock();
+        g.store.raw_range(from, g.certified)
     }
 
-    /// A proof that `hash` is in a finalized block, with that block's certificate.
-    pub fn prove_tx(&self, hash: &Hash) -> Result<Option<(TxProof, Vec<u8>)>, String> {
-        let Some(loc) = self.lock().txs.get(hash).cloned() else { return Ok(None) };
-        let Some((block, cert)) = self.block(loc.height)? else { return Ok(None) };
+    /// The headers after `height` up to the first block with a certificate of its own, and that
+    /// certificate: what shows block `height` final. `None` while no certificate covers it yet.
+    fn finality_of(&self, height: u64) -> Result<Option<(Vec<BlockHeader>, Vec<u8>)>, String> {
+        let certified = self.lock().certified;
+        if height > certified {
+            return Ok(None);
+        }
+        let mut links = Vec::new();
+        for h in height..=certified {
+            let Some((block, cert)) = self.block(h)? else { return Ok(None) };
+            if h > height {
+                links.push(block.header);
+            }
+            if !cert.is_empty() {
+                return Ok(Some((links, cert)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// A proof that `hash` is in a finalized block, with what shows that block final (the
+    /// headers up to the next certified block, and its certificate).
+    pub fn prove_tx(&self, hash: &Hash) -> Result<Proven<TxProof>, String> {
+        let Some(loc) = self.lock().txs.get(hash).cloned() else { return Ok(Proven::Unknown) };
+        let Some((block, _)) = self.block(loc.height)? else { return Ok(Proven::Unknown) };
+        let Some((links, certificate)) = self.finality_of(loc.height)? else { return Ok(Proven::NotYet) };
         let hashes: Vec<Hash> = block.txs.iter().map(SignedTransaction::hash).collect();
         let path = merkle::path(&hashes, loc.index as usize).ok_or("transaction index out of range")?;
         let tx = block.txs[loc.index as usize].clone();
-        Ok(Some((TxProof { header: block.header, index: loc.index, tx, path }, cert)))
+        Ok(Proven::Ready { proof: TxProof { header: block.header, index: loc.index, tx, path }, links, certificate })
     }
 
-    /// A proof of the state entry `key` after the head block, with the head's certificate (empty
-    /// at the genesis, which the genesis file itself attests).
-    pub fn prove_state(&self, key: &StateKey) -> Result<Option<(StateProof, Vec<u8>)>, String> {
+    /// A proof of the state entry `key` after the head block, with what shows the head final
+    /// (nothing at the genesis, which the genesis file itself attests).
+    pub fn prove_state(&self, key: &StateKey) -> Result<Proven<StateProof>, String> {
         let (header, proved) = {
             let g = self.lock();
             (g.head, g.state.prove(key))
         };
-        let Some((value, path)) = proved else { return Ok(None) };
-        let cert = match header.height {
-            0 => Vec::new(),
-            h => self.block(h)?.map(|(_, c)| c).unwrap_or_default(),
+        let Some((value, path)) = proved else { return Ok(Proven::Unknown) };
+        let (links, certificate) = match header.height {
+            0 => (Vec::new(), Vec::new()),
+            h => match self.finality_of(h)? {
+                Some(f) => f,
+                None => return Ok(Proven::NotYet),
+            },
         };
-        Ok(Some((StateProof { header, key: key.to_string(), value_hex: hex::encode(value), path }, cert)))
+        let proof = StateProof { header, key: key.to_string(), value_hex: hex::encode(value), path };
+        Ok(Proven::Ready { proof, links, certificate })
     }
+}
+
+/// A proof and what shows its block final.
+#[derive(Clone, Debug)]
+pub enum Proven<P> {
+    /// The proof, the headers from its block's child up to a certified block, and that block's
+    /// finality certificate.
+    Ready {
+        /// The Merkle proof.
+        proof: P,
+        /// Headers linking the proof's block to the certified one (empty if it is certified).
+        links: Vec<BlockHeader>,
+        /// The certificate.
+        certificate: Vec<u8>,
+    },
+    /// Final, but the certificate that covers it has not arrived yet: retry shortly.
+    NotYet,
+    /// Not known here.
+    Unknown,
 }
 
 fn index_txs(txs: &mut HashMap<Hash, TxLocation>, block: &Block, receipts: Vec<Receipt>) {

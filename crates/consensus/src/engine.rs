@@ -132,7 +132,7 @@ fn archive_config<C>(prefix: &str, what: &str, page_cache: &CacheRef, codec_conf
     immutable::Config {
         metadata_partition: format!("{prefix}-{what}-metadata"),
         freezer_table_partition: format!("{prefix}-{what}-table"),
-        freezer_table_initial_size: 65_536,
+        freezer_table_initial_size: 1_024,
         freezer_table_resize_frequency: 4,
         freezer_table_resize_chunk_size: 1 << 16,
         freezer_key_partition: format!("{prefix}-{what}-key"),
@@ -326,7 +326,7 @@ async fn tap_finalizations<E, R>(
 }
 
 async fn apply_finalized<E: Clock>(
-    context: E,
+    _context: E,
     chain: Arc<Chain>,
     mailbox: Mailbox<Scheme, Standard<LedgerBlock>>,
     mut updates: mpsc::UnboundedReceiver<Update<LedgerBlock>>,
@@ -335,22 +335,9 @@ async fn apply_finalized<E: Clock>(
         let Update::Block(block, ack) = update else { continue };
         let height = block.height();
         if height.get() > chain.head().height {
-            // Marshal persists the finalization before it delivers the block.
-            let mut certificate = None;
-            for _ in 0..50 {
-                if let Some(f) = mailbox.get_finalization(height).await {
-                    certificate = Some(f.encode().to_vec());
-                    break;
-                }
-                context.sleep(Duration::from_millis(20)).await;
-            }
-            let Some(certificate) = certificate else {
-                tracing::error!(
-                    height = height.get(),
-                    "no finality certificate for a finalized block; stopping the ledger"
-                );
-                return;
-            };
+            // A block finalized as the ancestor of a later finalized block has no certificate of
+            // its own: it is proven by the next certified block through the parent-hash links.
+            let certificate = mailbox.get_finalization(height).await.map(|f| f.encode().to_vec()).unwrap_or_default();
             match chain.finalize(block.inner().block().clone(), certificate) {
                 Ok(Some(f)) => {
                     for node in f.went_down {

@@ -10,5 +10,5 @@ pub mod chain;
 pub mod engine;
 pub mod store;
 
-pub use chain::{Chain, Finalized, TxLocation, TxStatus};
+pub use chain::{Chain, Finalized, Proven, TxLocation, TxStatus};
 pub use store::{BlockStore, FileStore, MemoryStore, Record};

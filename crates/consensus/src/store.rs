@@ -26,8 +26,9 @@ pub trait BlockStore: Send + 'static {
     fn append(&mut self, record: &Record) -> Result<(), String>;
     /// The block at `height`, if stored.
     fn get(&self, height: u64) -> Result<Option<Record>, String>;
-    /// The raw bytes of records `from..=height()` as they appear in an export.
-    fn raw_from(&self, from: u64) -> Result<Vec<u8>, String>;
+    /// The raw bytes of records `from..=to` (clamped to what is stored) as they appear in an
+    /// export.
+    fn raw_range(&self, from: u64, to: u64) -> Result<Vec<u8>, String>;
 }
 
 /// Blocks in memory.
@@ -47,9 +48,10 @@ impl BlockStore for MemoryStore {
     fn get(&self, height: u64) -> Result<Option<Record>, String> {
         Ok(height.checked_sub(1).and_then(|i| self.records.get(i as usize)).cloned())
     }
-    fn raw_from(&self, from: u64) -> Result<Vec<u8>, String> {
+    fn raw_range(&self, from: u64, to: u64) -> Result<Vec<u8>, String> {
         let mut out = Vec::new();
-        for r in self.records.iter().skip(from.saturating_sub(1) as usize) {
+        let take = to.saturating_sub(from.max(1)) + 1;
+        for r in self.records.iter().skip(from.saturating_sub(1) as usize).take(take as usize) {
             put_record(&mut out, &r.block);
             put_record(&mut out, &r.certificate);
         }
@@ -133,12 +135,13 @@ impl BlockStore for FileStore {
         Ok(Some(Record { block, certificate }))
     }
 
-    fn raw_from(&self, from: u64) -> Result<Vec<u8>, String> {
+    fn raw_range(&self, from: u64, to: u64) -> Result<Vec<u8>, String> {
         let from = from.max(1);
-        if from > self.height() {
+        let to = to.min(self.height());
+        if from > to {
             return Ok(Vec::new());
         }
-        read_range(&self.path, self.offsets[from as usize - 1], *self.offsets.last().expect("offsets start with 0"))
+        read_range(&self.path, self.offsets[from as usize - 1], self.offsets[to as usize])
     }
 }
 
@@ -170,10 +173,17 @@ mod tests {
         assert_eq!(store.get(3).unwrap(), Some(record(3)));
         assert_eq!(store.get(0).unwrap(), None);
         assert_eq!(store.get(6).unwrap(), None);
-        let raw = store.raw_from(4).unwrap();
+        let raw = store.raw_range(4, 100).unwrap();
         let mut at = 0;
         assert_eq!(take_record(&raw, &mut at, 100).unwrap(), record(4).block.as_slice());
-        assert_eq!(store.raw_from(9).unwrap(), Vec::<u8>::new());
+        assert_eq!(store.raw_range(9, 100).unwrap(), Vec::<u8>::new());
+        let two = store.raw_range(2, 3).unwrap();
+        let mut at = 0;
+        for i in 2..=3 {
+            assert_eq!(take_record(&two, &mut at, 100).unwrap(), record(i).block.as_slice());
+            assert_eq!(take_record(&two, &mut at, 100).unwrap(), record(i).certificate.as_slice());
+        }
+        assert_eq!(at, two.len());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! are public like the rest of a ledger.
 
 use crate::api::{ApiState, error};
-use archipel_consensus::{TxLocation, TxStatus};
+use archipel_consensus::{Proven, TxLocation, TxStatus};
 use archipel_ledger::{
     Account, Block, BlockHeader, Hash, LeaseStatus, SignedTransaction, StateKey, StateProof, TxProof,
 };
@@ -329,7 +329,12 @@ pub struct Proof<P> {
     /// The proof.
     #[serde(flatten)]
     pub proof: P,
-    /// Hex finality certificate of `proof.header` (empty at the genesis).
+    /// Headers from the child of `proof.header` up to the block `certificate` finalizes (empty
+    /// when that is `proof.header` itself): a block finalized as an ancestor has no certificate
+    /// of its own.
+    #[serde(default)]
+    pub links: Vec<BlockHeader>,
+    /// Hex finality certificate of the last linked header (empty at the genesis).
     pub certificate: String,
 }
 
@@ -343,22 +348,29 @@ pub enum AnyProof {
     State(Proof<StateProof>),
 }
 
+fn proof_answer<P: Serialize>(s: &ApiState, answer: Result<Proven<P>, String>, unknown: String) -> Response {
+    match answer {
+        Ok(Proven::Ready { proof, links, certificate }) => {
+            Json(Proof { genesis_hash: s.genesis_hash.clone(), proof, links, certificate: hex::encode(certificate) })
+                .into_response()
+        }
+        Ok(Proven::NotYet) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_certified_yet",
+            "final, but the certificate covering it has not arrived yet: retry in a moment",
+        ),
+        Ok(Proven::Unknown) => error(StatusCode::NOT_FOUND, "not_found", unknown),
+        Err(e) => internal(e),
+    }
+}
+
 async fn prove_tx(State(s): State<Arc<ApiState>>, Path(hash): Path<String>) -> Response {
     let hash: Hash = match hash.parse() {
         Ok(h) => h,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_hash", e),
     };
-    match s.chain.prove_tx(&hash) {
-        Ok(Some((proof, cert))) => {
-            Json(Proof { genesis_hash: s.genesis_hash.clone(), proof, certificate: hex::encode(cert) }).into_response()
-        }
-        Ok(None) => error(
-            StatusCode::NOT_FOUND,
-            "not_final",
-            format!("transaction {hash} is not in a finalized block ({:?} here)", s.chain.tx_status(&hash)),
-        ),
-        Err(e) => internal(e),
-    }
+    let unknown = format!("transaction {hash} is not in a finalized block ({:?} here)", s.chain.tx_status(&hash));
+    proof_answer(&s, s.chain.prove_tx(&hash), unknown)
 }
 
 async fn prove_state(State(s): State<Arc<ApiState>>, Path(key): Path<String>) -> Response {
@@ -366,11 +378,5 @@ async fn prove_state(State(s): State<Arc<ApiState>>, Path(key): Path<String>) ->
         Ok(k) => k,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_key", e),
     };
-    match s.chain.prove_state(&key) {
-        Ok(Some((proof, cert))) => {
-            Json(Proof { genesis_hash: s.genesis_hash.clone(), proof, certificate: hex::encode(cert) }).into_response()
-        }
-        Ok(None) => error(StatusCode::NOT_FOUND, "no_such_key", format!("{key} is not in the state")),
-        Err(e) => internal(e),
-    }
+    proof_answer(&s, s.chain.prove_state(&key), format!("{key} is not in the state"))
 }

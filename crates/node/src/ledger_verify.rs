@@ -27,6 +27,7 @@ pub fn verify_export(bytes: &[u8]) -> Result<(Genesis, Verified), ChainError> {
 /// certificate no longer matches the validators and namespace it implies.
 pub fn verify_export_pinned(bytes: &[u8], expected: Option<&str>) -> Result<(Genesis, Verified), ChainError> {
     let genesis: OnceCell<(Genesis, ConsensusConfig)> = OnceCell::new();
+    let checked_one = std::cell::Cell::new(false);
     let verified = export::verify(
         bytes,
         |g| {
@@ -43,12 +44,16 @@ pub fn verify_export_pinned(bytes: &[u8], expected: Option<&str>) -> Result<(Gen
         },
         |header: &BlockHeader, cert: &[u8]| {
             let (g, cfg) = genesis.get().ok_or("no genesis")?;
-            verify_finality(cfg, &header.hash(), cert).map_err(|e| match header.height {
-                1 => format!(
-                    "{e} (of genesis {}: if the genesis was altered, no certificate matches it)",
-                    &g.hash()[..16]
-                ),
-                _ => e,
+            let first = !checked_one.replace(true);
+            verify_finality(cfg, &header.hash(), cert).map_err(|e| {
+                if first {
+                    format!(
+                        "{e} (of genesis {}: if the genesis was altered, no certificate matches it)",
+                        &g.hash()[..16]
+                    )
+                } else {
+                    e
+                }
             })
         },
     )?;
@@ -73,22 +78,36 @@ pub struct ProofReport {
 /// header, and the header's finality certificate by the genesis validators.
 pub fn verify_proof(genesis: &Genesis, proof: &AnyProof) -> Result<ProofReport, String> {
     let cfg = consensus_config(genesis);
-    let check_header = |genesis_hash: &str, header: &BlockHeader, cert_hex: &str| -> Result<(), String> {
-        if genesis_hash != genesis.hash() {
-            return Err(format!("the proof is for network {genesis_hash}, not this genesis {}", genesis.hash()));
-        }
-        if header.height == 0 {
-            let expected = archipel_ledger::genesis_header(&genesis.ledger_state());
-            return if *header == expected { Ok(()) } else { Err("the header is not this genesis".into()) };
-        }
-        let cert = hex::decode(cert_hex).map_err(|_| "the certificate is not hex".to_string())?;
-        verify_finality(&cfg, &header.hash(), &cert)
-            .map_err(|e| format!("block {} is not shown final: {e}", header.height))
-    };
+    let check_header =
+        |genesis_hash: &str, header: &BlockHeader, links: &[BlockHeader], cert_hex: &str| -> Result<(), String> {
+            if genesis_hash != genesis.hash() {
+                return Err(format!("the proof is for network {genesis_hash}, not this genesis {}", genesis.hash()));
+            }
+            if header.height == 0 {
+                let expected = archipel_ledger::genesis_header(&genesis.ledger_state());
+                return if *header == expected && links.is_empty() {
+                    Ok(())
+                } else {
+                    Err("the header is not this genesis".into())
+                };
+            }
+            // A block finalized as an ancestor is shown final by its descendants' hash links up to
+            // a certified block.
+            let mut last = *header;
+            for l in links {
+                if l.parent != last.hash() || l.height != last.height + 1 {
+                    return Err(format!("link {} does not follow block {}", l.height, last.height));
+                }
+                last = *l;
+            }
+            let cert = hex::decode(cert_hex).map_err(|_| "the certificate is not hex".to_string())?;
+            verify_finality(&cfg, &last.hash(), &cert)
+                .map_err(|e| format!("block {} is not shown final: {e}", last.height))
+        };
     match proof {
-        AnyProof::Tx(Proof { genesis_hash, proof, certificate }) => {
+        AnyProof::Tx(Proof { genesis_hash, proof, links, certificate }) => {
             let h = proof.verify().map_err(|e| e.to_string())?;
-            check_header(genesis_hash, &proof.header, certificate)?;
+            check_header(genesis_hash, &proof.header, links, certificate)?;
             Ok(ProofReport {
                 kind: "transaction",
                 height: proof.header.height,
@@ -96,9 +115,9 @@ pub fn verify_proof(genesis: &Genesis, proof: &AnyProof) -> Result<ProofReport, 
                 shows: h.to_string(),
             })
         }
-        AnyProof::State(Proof { genesis_hash, proof, certificate }) => {
+        AnyProof::State(Proof { genesis_hash, proof, links, certificate }) => {
             let value = proof.verify().map_err(|e| e.to_string())?;
-            check_header(genesis_hash, &proof.header, certificate)?;
+            check_header(genesis_hash, &proof.header, links, certificate)?;
             Ok(ProofReport {
                 kind: "state",
                 height: proof.header.height,
