@@ -348,7 +348,7 @@ impl Chain {
 
     /// The headers after `height` up to the first block with a certificate of its own, and that
     /// certificate: what shows block `height` final. `None` while no certificate covers it yet.
-    fn finality_of(&self, height: u64) -> Result<Option<(Vec<BlockHeader>, Vec<u8>)>, String> {
+    fn finality_of(&self, height: u64) -> Result<Option<Finality>, String> {
         let certified = self.lock().certified;
         if height > certified {
             return Ok(None);
@@ -397,6 +397,9 @@ impl Chain {
         Ok(Proven::Ready { proof, links, certificate })
     }
 }
+
+/// Headers linking a block to a certified descendant, and that descendant's certificate.
+type Finality = (Vec<BlockHeader>, Vec<u8>);
 
 /// A proof and what shows its block final.
 #[derive(Clone, Debug)]
