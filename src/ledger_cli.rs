@@ -339,6 +339,21 @@ pub async fn account(cmd: AccountCommand) -> Result<()> {
     }
 }
 
+/// Signs `payload` with `key` (default: the devnet tenant key) at its next nonce, submits it and
+/// waits until it is final.
+pub async fn submit_as(key: Option<PathBuf>, payload: Payload, node: &NodeArg, done: &str) -> Result<()> {
+    let identity = Identity::load(&key.unwrap_or_else(|| devnet_path("tenant.key")))?;
+    let c = client(node)?;
+    let me: AccountView = c.get(&format!("/v1/accounts/{}", identity.node_id())).await?;
+    let tx = Transaction { signer: identity.node_id(), nonce: me.account.nonce, payload }.sign(&identity);
+    let r = c.submit(&tx, true).await?;
+    match &r.status {
+        archipel_consensus::TxStatus::Final(loc) => println!("{done} — final in block {} (tx {})", loc.height, r.hash),
+        _ => bail!("transaction {} was accepted but is not final yet: check `archipel ledger show {}`", r.hash, r.hash),
+    }
+    Ok(())
+}
+
 /// Runs `archipel proof …`.
 pub async fn proof(cmd: ProofCommand) -> Result<()> {
     match cmd {

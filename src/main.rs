@@ -205,8 +205,36 @@ enum NodeCommand {
         /// the data directory afterwards.
         #[arg(long, env = "ARCHIPEL_ADMISSION")]
         admission: Option<PathBuf>,
+        /// Start although the key is not a genesis node: it was registered on the ledger
+        /// (`archipel node register`) and is admitted once peers see that finalized.
+        #[arg(long)]
+        join: bool,
         #[command(flatten)]
         fields: NodeFields,
+    },
+    /// Register this node on the ledger (a RegisterNode transaction sponsored by a funded key),
+    /// so it can join with `node run --join`; returns once final.
+    Register {
+        /// The new node's config file (its key signs the descriptor).
+        #[arg(long, short, env = "ARCHIPEL_CONFIG", default_value = "node.toml")]
+        config: PathBuf,
+        /// The sponsor's key: pays the fee and owns the node (default: the devnet tenant key).
+        #[arg(long, env = "ARCHIPEL_KEY")]
+        key: Option<PathBuf>,
+        #[command(flatten)]
+        node: ledger_cli::NodeArg,
+    },
+    /// Remove this node from the ledger's registry (signed by its owner, or by the node's own
+    /// key with --key); peers drop it once final.
+    Leave {
+        /// The node's config file.
+        #[arg(long, short, env = "ARCHIPEL_CONFIG", default_value = "node.toml")]
+        config: PathBuf,
+        /// The owner's key (default: the devnet tenant key).
+        #[arg(long, env = "ARCHIPEL_KEY")]
+        key: Option<PathBuf>,
+        #[command(flatten)]
+        node: ledger_cli::NodeArg,
     },
     /// As a validator, approve a node joining after genesis; with a quorum, submit the admission.
     Admit {
@@ -466,9 +494,27 @@ fn node(cmd: NodeCommand) -> Result<()> {
             }
             Ok(())
         }
-        NodeCommand::Run { config, genesis_hash, exit_with_parent, admission, fields } => {
+        NodeCommand::Register { config, key, node } => {
+            let cfg = load_config(&config, None)?;
+            let identity = Identity::load(&cfg.key_file)?;
+            let descriptor = own_descriptor(&identity, &cfg, None, archipel_node::api::system_now_ms())?;
+            let payload = archipel_ledger::Payload::RegisterNode { descriptor };
+            tokio_rt()?.block_on(ledger_cli::submit_as(key, payload, &node, &format!("registered node {}", cfg.name)))
+        }
+        NodeCommand::Leave { config, key, node } => {
+            let cfg = load_config(&config, None)?;
+            let id = Identity::load(&cfg.key_file)?.node_id();
+            let payload = archipel_ledger::Payload::LeaveNode { node: id };
+            tokio_rt()?.block_on(ledger_cli::submit_as(
+                key,
+                payload,
+                &node,
+                &format!("node {} left the registry", cfg.name),
+            ))
+        }
+        NodeCommand::Run { config, genesis_hash, exit_with_parent, admission, join, fields } => {
             let cfg = load_config(&config, Some(&fields))?;
-            let options = RunOptions { expect_genesis_hash: genesis_hash, exit_with_parent, admission };
+            let options = RunOptions { expect_genesis_hash: genesis_hash, exit_with_parent, admission, join };
             let prepared = archipel_node::run::prepare(cfg, options)?;
             prepared.run()?;
             Ok(())

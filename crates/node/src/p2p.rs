@@ -45,6 +45,9 @@ pub struct P2p {
     pub oracle: lookup::Oracle<archipel_crypto::Ed25519PublicKey>,
 }
 
+/// How many recent member sets the p2p layer keeps allowed (commonware's default).
+const TRACKED_PEER_SETS: NonZeroUsize = NZUsize!(4);
+
 /// p2p channel of transaction gossip (to validators).
 pub const TX_CHANNEL: u64 = 6;
 
@@ -103,8 +106,14 @@ impl MemberSet {
         let next: std::collections::BTreeMap<_, _> =
             members.iter().map(|m| (m.descriptor.node_id, address(&m.descriptor))).collect();
         if next != self.members {
+            let removed = self.members.keys().any(|id| !next.contains_key(id));
             self.members = next;
-            self.track();
+            // The p2p layer allows every member of its recent sets: after a removal, track the
+            // new set until no older set that still holds the removed node remains.
+            let times = if removed { TRACKED_PEER_SETS.get() } else { 1 };
+            for _ in 0..times {
+                self.track();
+            }
         }
     }
 }
@@ -146,6 +155,7 @@ pub fn start(
     cfg.peer_connection_cooldown = Duration::from_millis(500);
     cfg.ping_frequency = Duration::from_secs(1);
     cfg.block_duration = Duration::from_secs(60);
+    cfg.tracked_peer_sets = TRACKED_PEER_SETS;
 
     let (mut network, oracle) = Network::new(context.child("p2p"), cfg);
     let members = MemberSet::new(oracle.clone(), members);

@@ -42,7 +42,7 @@ pub enum NodeError {
     DataDir(#[from] DataDirError),
     /// The node's key is not a genesis node.
     #[error(
-        "this node's key {key} (from {key_file}) is not one of the nodes in genesis {genesis}: add its descriptor (`archipel node descriptor`) to the genesis, or use the right key"
+        "this node's key {key} (from {key_file}) is not one of the nodes in genesis {genesis}: register it on the ledger (`archipel node register`) and start it with --join, add its descriptor (`archipel node descriptor`) to a new genesis, or use the right key"
     )]
     NotInGenesis {
         /// The key.
@@ -96,6 +96,8 @@ pub struct RunOptions {
     pub exit_with_parent: bool,
     /// The admission of a node that joins after genesis (see `archipel node admit`).
     pub admission: Option<PathBuf>,
+    /// Start although the key is not a genesis node (it was registered on the ledger).
+    pub join: bool,
 }
 
 /// The node's observer: logs, re-tracks the p2p allowed set when a node is admitted, and persists
@@ -270,6 +272,10 @@ pub fn prepare(cfg: NodeConfig, options: RunOptions) -> Result<PreparedNode, Nod
             .map(|a| &a.descriptor)
     });
     let Some(known) = known else {
+        if options.join {
+            let own = own_descriptor(&identity, &cfg, None, api::system_now_ms())?;
+            return finish_prepare(cfg, identity, genesis, genesis_hash, own, options, admissions);
+        }
         return Err(NodeError::NotInGenesis {
             key: me.short(),
             key_file: cfg.key_file.clone(),
@@ -277,6 +283,19 @@ pub fn prepare(cfg: NodeConfig, options: RunOptions) -> Result<PreparedNode, Nod
         });
     };
     let own = own_descriptor(&identity, &cfg, Some(known), api::system_now_ms())?;
+    finish_prepare(cfg, identity, genesis, genesis_hash, own, options, admissions)
+}
+
+/// The checks shared by genesis nodes and nodes joining by registration: data directory, ports.
+fn finish_prepare(
+    cfg: NodeConfig,
+    identity: Identity,
+    genesis: Genesis,
+    genesis_hash: String,
+    own: SignedDescriptor,
+    options: RunOptions,
+    admissions: Vec<Admission>,
+) -> Result<PreparedNode, NodeError> {
     datadir::open(
         &cfg.data_dir,
         &DataDirMarker {
