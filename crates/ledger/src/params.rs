@@ -30,7 +30,7 @@ impl Default for LedgerParams {
             heartbeat_min_gap_ms: 100,
             tx_fee_micro: 1,
             max_tx_bytes: 8 * 1024,
-            max_block_txs: 1_024,
+            max_block_txs: 4_096,
             max_block_bytes: 1024 * 1024,
             nonce_window: 1_024,
         }
