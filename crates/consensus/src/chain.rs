@@ -101,7 +101,7 @@ impl Chain {
             let block = Block::from_bytes(&record.block, max_txs).map_err(|e| format!("stored block {height}: {e}"))?;
             let outcome = execute(&mut state, &head, &block, Signatures::AlreadyVerified)
                 .map_err(|e| format!("stored chain does not replay: {e}"))?;
-            index_txs(&mut txs, &block, outcome.receipts);
+            let _ = index_txs(&mut txs, &block, outcome.receipts);
             head = block.header;
         }
         Ok(Chain {
@@ -311,15 +311,12 @@ impl Chain {
         g.head = block.header;
         g.state = state;
         let inner = &mut *g;
+        // Every transaction of the block used its signer's nonce, so pruning by the new nonces
+        // also drops the block's transactions from the mempool.
         inner.mempool.prune(&inner.state);
-        for t in &block.txs {
-            inner.mempool.remove(&t.hash());
-        }
-        index_txs(&mut inner.txs, &block, outcome.receipts);
-        for t in &block.txs {
-            let h = t.hash();
+        for h in index_txs(&mut inner.txs, &block, outcome.receipts) {
             if let Some(ws) = inner.tx_waiters.remove(&h) {
-                let loc = inner.txs[&h].clone();
+                let loc = &inner.txs[&h];
                 for w in ws {
                     let _ = w.send(loc.clone());
                 }
@@ -420,7 +417,9 @@ pub enum Proven<P> {
     Unknown,
 }
 
-fn index_txs(txs: &mut HashMap<Hash, TxLocation>, block: &Block, receipts: Vec<Receipt>) {
+/// Records where each transaction of `block` is; returns their hashes in block order.
+fn index_txs(txs: &mut HashMap<Hash, TxLocation>, block: &Block, receipts: Vec<Receipt>) -> Vec<Hash> {
+    let mut out = Vec::with_capacity(block.txs.len());
     for (i, (t, receipt)) in block.txs.iter().zip(receipts).enumerate() {
         let loc = TxLocation {
             height: block.header.height,
@@ -428,6 +427,9 @@ fn index_txs(txs: &mut HashMap<Hash, TxLocation>, block: &Block, receipts: Vec<R
             block_time_ms: block.header.timestamp_ms,
             receipt,
         };
-        txs.insert(t.hash(), loc);
+        let h = t.hash();
+        txs.insert(h, loc);
+        out.push(h);
     }
+    out
 }

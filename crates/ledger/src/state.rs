@@ -278,15 +278,9 @@ impl State {
         }
         // Dry-run the kind's rules on a scratch copy with the nonce lined up; a gap in nonces is
         // fine here (earlier transactions may still be on their way).
-        let mut scratch = self.clone_for(&tx.signer);
+        let mut scratch = self.clone();
         scratch.accounts.entry(tx.signer).or_default().nonce = tx.nonce;
         scratch.apply_verified(stx).map(|_| ())
-    }
-
-    /// A copy holding what a single transaction by `signer` can touch (cheap for big states is a
-    /// later concern: today it is a full clone).
-    fn clone_for(&self, _signer: &NodeId) -> State {
-        self.clone()
     }
 
     /// Applies one transaction at the current block time: all of it, or nothing.
