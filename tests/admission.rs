@@ -14,34 +14,7 @@ fn node_joins_after_genesis_with_a_validator_quorum() {
     let w = work.path();
     let devnet = Devnet::start(w, &["--nodes", "4", "--base-ip", "127.0.45.2", "--base-port", "25400"]);
     let genesis = devnet.dir.join("genesis.json");
-    let out = archipel(
-        w,
-        &[
-            "node",
-            "init",
-            "--dir",
-            "late",
-            "--name",
-            "late",
-            "--region",
-            "eu-fr",
-            "--country",
-            "FR",
-            "--operator",
-            "late-op",
-            "--operator-jurisdiction",
-            "FR",
-            "--p2p-listen",
-            "127.0.45.50:25400",
-            "--api-listen",
-            "127.0.45.50:25401",
-            "--p2p-egress-ip",
-            "127.0.0.1",
-            "--genesis",
-            genesis.to_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    init_late_node(w, "127.0.45.50", 25400, &genesis, &[]);
     let out = archipel(w, &["node", "descriptor", "--config", "late/node.toml", "--out", "late.json"]);
     assert!(out.status.success(), "{}", stderr(&out));
 

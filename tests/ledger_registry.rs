@@ -33,38 +33,13 @@ fn a_registered_node_joins_and_a_node_that_left_is_dropped() {
     let devnet = Devnet::start(w, &["--nodes", "4", "--base-ip", "127.0.51.2", "--base-port", "26000"]);
     let n1 = devnet.node(0).1;
     let dir = devnet.dir.to_str().unwrap().to_string();
-    let out = archipel(
+    init_late_node(
         w,
-        &[
-            "node",
-            "init",
-            "--dir",
-            "late",
-            "--name",
-            "late",
-            "--region",
-            "eu-fr",
-            "--country",
-            "FR",
-            "--operator",
-            "latecomer",
-            "--operator-jurisdiction",
-            "FR",
-            "--capacity",
-            "10GiB",
-            "--roles",
-            "storage",
-            "--p2p-listen",
-            "127.0.51.30:26000",
-            "--api-listen",
-            "127.0.51.30:26001",
-            "--p2p-egress-ip",
-            "127.0.0.1",
-            "--genesis",
-            &format!("{dir}/genesis.json"),
-        ],
+        "127.0.51.30",
+        26000,
+        &devnet.dir.join("genesis.json"),
+        &["--capacity", "10GiB", "--roles", "storage"],
     );
-    assert!(out.status.success(), "{}", stderr(&out));
 
     // Not registered: it cannot start without --join, and with --join it is refused by every peer.
     let out = archipel(w, &["node", "run", "--config", "late/node.toml"]);

@@ -154,3 +154,37 @@ pub fn wait_view(url: &str, timeout: Duration, what: &str, pred: impl Fn(&NodesV
 pub fn status_of(v: &NodesView, name: &str) -> Option<PeerStatus> {
     v.nodes.iter().find(|n| n.name == name).map(|n| n.status)
 }
+
+/// `archipel node init` of a node "late" (eu-fr, FR operator `late-op`) that is not in the genesis,
+/// listening on `ip` (p2p `port`, API `port + 1`); `extra` adds flags. Panics if it fails.
+pub fn init_late_node(work: &Path, ip: &str, port: u16, genesis: &Path, extra: &[&str]) {
+    let p2p = format!("{ip}:{port}");
+    let api = format!("{ip}:{}", port + 1);
+    let mut args = vec![
+        "node",
+        "init",
+        "--dir",
+        "late",
+        "--name",
+        "late",
+        "--region",
+        "eu-fr",
+        "--country",
+        "FR",
+        "--operator",
+        "late-op",
+        "--operator-jurisdiction",
+        "FR",
+        "--p2p-listen",
+        &p2p,
+        "--api-listen",
+        &api,
+        "--p2p-egress-ip",
+        "127.0.0.1",
+        "--genesis",
+        genesis.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = archipel(work, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
