@@ -8,7 +8,7 @@
 use crate::store::{BlockStore, Record};
 use archipel_ledger::{
     Block, BlockHeader, BlockOutcome, Hash, Mempool, MempoolError, Receipt, Signatures, SignedTransaction, State,
-    StateKey, StateProof, TxProof, execute, genesis_header, merkle, propose,
+    StateKey, StateProof, TxProof, execute, genesis_header, merkle, propose, verify_all, verify_each,
 };
 use futures::channel::oneshot;
 use serde::{Deserialize, Serialize};
@@ -55,6 +55,13 @@ pub struct Finalized {
     pub went_down: Vec<archipel_types::NodeId>,
 }
 
+/// A block this node built or verified that is not final yet, and what executing it gave.
+struct Executed {
+    block: Block,
+    state: State,
+    outcome: BlockOutcome,
+}
+
 struct Inner {
     head: BlockHeader,
     /// Highest block with a finality certificate of its own (blocks below it without one are
@@ -64,7 +71,7 @@ struct Inner {
     store: Box<dyn BlockStore>,
     txs: HashMap<Hash, TxLocation>,
     mempool: Mempool,
-    pending: HashMap<Hash, (BlockHeader, State, BlockOutcome)>,
+    pending: HashMap<Hash, Executed>,
     tx_waiters: HashMap<Hash, Vec<oneshot::Sender<TxLocation>>>,
     block_waiters: Vec<oneshot::Sender<u64>>,
     mempool_waiters: Vec<oneshot::Sender<()>>,
@@ -158,17 +165,46 @@ impl Chain {
 
     /// Admits a transaction into the mempool (judged against the finalized state).
     pub fn submit(&self, stx: SignedTransaction, encoded_len: usize) -> Result<Hash, MempoolError> {
+        self.submit_many(vec![(stx, encoded_len)]).pop().expect("one answer per transaction")
+    }
+
+    /// Admits transactions (each with its encoded length) into the mempool; one answer per
+    /// transaction, in order. Signatures are checked as one batch, outside the lock, and only for
+    /// transactions not already known here.
+    pub fn submit_many(&self, items: Vec<(SignedTransaction, usize)>) -> Vec<Result<Hash, MempoolError>> {
+        let hashes: Vec<Hash> = items.iter().map(|(t, _)| t.hash()).collect();
+        let known: Vec<bool> = {
+            let g = self.lock();
+            hashes.iter().map(|h| g.txs.contains_key(h) || g.mempool.contains(h)).collect()
+        };
+        let fresh: Vec<&SignedTransaction> =
+            items.iter().zip(&known).filter(|(_, k)| !**k).map(|((t, _), _)| t).collect();
+        let mut checked = verify_each(&fresh).into_iter();
         let mut g = self.lock();
-        let hash = stx.hash();
-        if g.txs.contains_key(&hash) {
-            return Ok(hash);
-        }
         let inner = &mut *g;
-        let hash = inner.mempool.insert(&inner.state, stx, encoded_len)?;
-        for w in inner.mempool_waiters.drain(..) {
-            let _ = w.send(());
+        let mut admitted = false;
+        let out = items
+            .into_iter()
+            .zip(hashes)
+            .zip(known)
+            .map(|(((stx, len), hash), known)| {
+                if inner.txs.contains_key(&hash) {
+                    return Ok(hash);
+                }
+                if !known {
+                    checked.next().expect("one check per fresh transaction")?;
+                }
+                let r = inner.mempool.insert_hashed(&inner.state, hash, stx, len, Signatures::AlreadyVerified);
+                admitted |= r.is_ok();
+                r
+            })
+            .collect();
+        if admitted {
+            for w in inner.mempool_waiters.drain(..) {
+                let _ = w.send(());
+            }
         }
-        Ok(hash)
+        out
     }
 
     /// What this node knows about `hash`.
@@ -220,7 +256,7 @@ impl Chain {
         if g.head.height == 0 && *hash == self.genesis.hash() {
             return Some((self.genesis, self.genesis_state.clone()));
         }
-        g.pending.get(hash).map(|(h, s, _)| (*h, s.clone()))
+        g.pending.get(hash).map(|e| (e.block.header, e.state.clone()))
     }
 
     /// True when the state after block `hash` is known here.
@@ -245,7 +281,7 @@ impl Chain {
             tracing::debug!(tx = %hash.short(), error = %e, "dropping a transaction that no longer applies");
             g.mempool.remove(hash);
         }
-        g.pending.insert(p.block.hash(), (p.block.header, p.state, p.outcome));
+        g.pending.insert(p.block.hash(), Executed { block: p.block.clone(), state: p.state, outcome: p.outcome });
         Some(p.block)
     }
 
@@ -265,13 +301,14 @@ impl Chain {
                 return Err(format!("block {}: parent {} is not known here", h.height, h.parent.short()));
             };
             // Signatures of transactions already in our mempool were checked on admission.
-            for t in block.txs.iter().filter(|t| !g.mempool.contains(&t.hash())) {
-                t.verify().map_err(|e| format!("block {}: {e}", h.height))?;
-            }
+            let unchecked: Vec<&SignedTransaction> =
+                block.txs.iter().filter(|t| !g.mempool.contains(&t.hash())).collect();
+            drop(g);
+            verify_all(&unchecked).map_err(|(_, e)| format!("block {}: {e}", h.height))?;
             p
         };
         let outcome = execute(&mut state, &parent, block, Signatures::AlreadyVerified).map_err(|e| e.to_string())?;
-        self.lock().pending.insert(block.hash(), (block.header, state, outcome));
+        self.lock().pending.insert(block.hash(), Executed { block: block.clone(), state, outcome });
         Ok(())
     }
 
@@ -290,8 +327,8 @@ impl Chain {
                 ));
             }
             // A block this node built or verified on the head already has its state.
-            let cached = g.pending.remove(&hash).filter(|(h, _, _)| h.parent == g.head.hash());
-            (g.head, cached.map(|(_, s, o)| (s, o)).ok_or_else(|| g.state.clone()))
+            let cached = g.pending.remove(&hash).filter(|e| e.block.header.parent == g.head.hash());
+            (g.head, cached.map(|e| (e.state, e.outcome)).ok_or_else(|| g.state.clone()))
         };
         // Otherwise (a follower, or a validator catching up) execute it now, checking every
         // signature.
@@ -322,11 +359,25 @@ impl Chain {
                 }
             }
         }
-        inner.pending.retain(|_, (header, _, _)| header.height > height);
+        inner.pending.retain(|_, e| e.block.header.height > height);
         for w in inner.block_waiters.drain(..) {
             let _ = w.send(height);
         }
         Ok(Some(Finalized { block, went_down: outcome.went_down }))
+    }
+
+    /// Records the block with header hash `hash` as finalized by `certificate` if this node built
+    /// or verified it and it follows the head (the fast path: straight from consensus, before
+    /// marshal stores and delivers it). `None` when it does not apply here yet.
+    pub fn finalize_known(&self, hash: &Hash, certificate: Vec<u8>) -> Result<Option<Finalized>, String> {
+        let block = {
+            let g = self.lock();
+            match g.pending.get(hash) {
+                Some(e) if e.block.header.parent == g.head.hash() => e.block.clone(),
+                _ => return Ok(None),
+            }
+        };
+        self.finalize(block, certificate)
     }
 
     /// A finalized block and its certificate.
@@ -432,4 +483,62 @@ fn index_txs(txs: &mut HashMap<Hash, TxLocation>, block: &Block, receipts: Vec<R
         out.push(h);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+    use archipel_crypto::Identity;
+    use archipel_ledger::{GenesisState, Payload, Transaction};
+
+    fn transfer(from: u64, nonce: u64) -> SignedTransaction {
+        let id = Identity::from_seed(from);
+        let to = Identity::from_seed(99).node_id();
+        Transaction { signer: id.node_id(), nonce, payload: Payload::Transfer { to, amount_micro: 1 } }.sign(&id)
+    }
+
+    fn chain() -> Chain {
+        let accounts = (0..3).map(|i| (Identity::from_seed(i).node_id(), 1_000)).collect();
+        let state = State::genesis(GenesisState { accounts, ..GenesisState::default() });
+        Chain::open(state, Box::new(MemoryStore::default())).unwrap()
+    }
+
+    #[test]
+    fn a_batch_is_admitted_item_by_item() {
+        let c = chain();
+        let mut forged = transfer(1, 0);
+        forged.signature[3] ^= 1;
+        let good = transfer(0, 0);
+        let items =
+            vec![(good.clone(), 100), (forged, 100), (transfer(2, 0), 100), (good.clone(), 100), (transfer(7, 0), 100)];
+        let out = c.submit_many(items);
+        assert_eq!(out[0], Ok(good.hash()));
+        assert!(matches!(&out[1], Err(e) if e.code() == "bad_signature"), "{:?}", out[1]);
+        assert!(out[2].is_ok());
+        assert_eq!(out[3], Ok(good.hash()), "a repeat is not an error");
+        assert!(matches!(&out[4], Err(e) if e.code() == "insufficient_funds"), "{:?}", out[4]);
+        assert_eq!(c.mempool_len(), 2);
+        // Nothing known is checked twice; a known transaction is still answered.
+        assert_eq!(c.submit(good.clone(), 100), Ok(good.hash()));
+    }
+
+    #[test]
+    fn a_finalization_applies_a_block_this_node_executed_once() {
+        let c = chain();
+        let t = transfer(0, 0);
+        c.submit(t.clone(), 100).unwrap();
+        let genesis = c.genesis().hash();
+        let block = c.build(&genesis, 1_000).unwrap();
+        assert_eq!(block.txs, vec![t.clone()]);
+        assert!(c.finalize_known(&Hash([7; 32]), vec![1]).unwrap().is_none(), "unknown block");
+        let f = c.finalize_known(&block.hash(), vec![1, 2, 3]).unwrap().expect("applies");
+        assert_eq!(f.block.header.height, 1);
+        assert_eq!(c.head(), block.header);
+        assert!(matches!(c.tx_status(&t.hash()), TxStatus::Final(loc) if loc.height == 1));
+        assert_eq!(c.block(1).unwrap().unwrap().1, vec![1, 2, 3], "the certificate is kept");
+        assert!(c.finalize_known(&block.hash(), vec![1]).unwrap().is_none(), "once");
+        assert!(c.finalize(block, vec![]).unwrap().is_none(), "marshal's later delivery is a repeat");
+        assert_eq!(c.mempool_len(), 0);
+    }
 }

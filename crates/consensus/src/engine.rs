@@ -6,7 +6,7 @@
 //! simulator (deterministic runtime, simulated links) run the same code.
 
 use crate::app::{Behaviour, LedgerApp};
-use crate::block::{BlockCfg, LedgerBlock};
+use crate::block::{BlockCfg, LedgerBlock, hash_of};
 use crate::chain::Chain;
 use commonware_broadcast::buffered;
 use commonware_codec::{Decode as _, Encode as _};
@@ -114,17 +114,45 @@ pub struct Channels<S, R> {
     pub backfill: (S, R),
 }
 
+/// What the applier task hears.
+enum ToApply {
+    /// Marshal's finalized blocks, in height order, once durable in its archives.
+    Block(Update<LedgerBlock>),
+    /// A finalization as simplex forms it, before marshal has stored anything: the fast path
+    /// for blocks this node already executed.
+    Finalization(Finalization<Scheme, Digest>),
+}
+
 /// Forwards marshal's finalized blocks to the applier task.
 #[derive(Clone, Debug)]
-struct Finalized(mpsc::UnboundedSender<Update<LedgerBlock>>);
+struct Finalized(mpsc::UnboundedSender<ToApply>);
 
 impl Reporter for Finalized {
     type Activity = Update<LedgerBlock>;
     fn report(&mut self, activity: Self::Activity) -> commonware_actor::Feedback {
-        match self.0.send(activity) {
+        match self.0.send(ToApply::Block(activity)) {
             Ok(()) => commonware_actor::Feedback::Ok,
             Err(_) => commonware_actor::Feedback::Closed,
         }
+    }
+}
+
+/// Sits between simplex and marshal: passes every activity on, and a copy of each finalization
+/// to the applier task. Marshal syncs its archives before it delivers a block; the ledger keeps
+/// its own log, so it need not wait for that.
+#[derive(Clone)]
+struct EarlyFinality<R> {
+    inner: R,
+    applier: mpsc::UnboundedSender<ToApply>,
+}
+
+impl<R: Reporter<Activity = Activity<Scheme, Digest>>> Reporter for EarlyFinality<R> {
+    type Activity = Activity<Scheme, Digest>;
+    fn report(&mut self, activity: Self::Activity) -> commonware_actor::Feedback {
+        if let Activity::Finalization(f) = &activity {
+            let _ = self.applier.send(ToApply::Finalization(f.clone()));
+        }
+        self.inner.report(activity)
     }
 }
 
@@ -243,6 +271,7 @@ where
         .await;
 
     let (finalized_tx, finalized_rx) = mpsc::unbounded_channel();
+    let early_tx = finalized_tx.clone();
     let mut handles = vec![broadcast.start(channels.blocks)];
     handles.push(actor.start(Finalized(finalized_tx), buffer, resolver));
     handles.push(context.child("ledger_apply").spawn({
@@ -263,7 +292,7 @@ where
                     blocker,
                     automaton: wrapper.clone(),
                     relay: wrapper.clone(),
-                    reporter: wrapper,
+                    reporter: EarlyFinality { inner: wrapper, applier: early_tx },
                     track_historical_votes: false,
                     strategy: Sequential,
                     partition: "archipel-simplex-e0".into(),
@@ -329,28 +358,40 @@ async fn apply_finalized<E: Clock>(
     _context: E,
     chain: Arc<Chain>,
     mailbox: Mailbox<Scheme, Standard<LedgerBlock>>,
-    mut updates: mpsc::UnboundedReceiver<Update<LedgerBlock>>,
+    mut updates: mpsc::UnboundedReceiver<ToApply>,
 ) {
     while let Some(update) = updates.recv().await {
-        let Update::Block(block, ack) = update else { continue };
-        let height = block.height();
-        if height.get() > chain.head().height {
-            // A block finalized as the ancestor of a later finalized block has no certificate of
-            // its own: it is proven by the next certified block through the parent-hash links.
-            let certificate = mailbox.get_finalization(height).await.map(|f| f.encode().to_vec()).unwrap_or_default();
-            match chain.finalize(block.inner().block().clone(), certificate) {
-                Ok(Some(f)) => {
-                    for node in f.went_down {
-                        tracing::info!(height = height.get(), node = %node.short(), "lease expired: node is down");
-                    }
+        let applied = match update {
+            ToApply::Finalization(f) => chain.finalize_known(&hash_of(&f.proposal.payload), f.encode().to_vec()),
+            ToApply::Block(Update::Block(block, ack)) => {
+                let height = block.height();
+                let mut applied = Ok(None);
+                if height.get() > chain.head().height {
+                    // A block finalized as the ancestor of a later finalized block has no
+                    // certificate of its own: it is proven by the next certified block through
+                    // the parent-hash links.
+                    let certificate =
+                        mailbox.get_finalization(height).await.map(|f| f.encode().to_vec()).unwrap_or_default();
+                    applied = chain.finalize(block.inner().block().clone(), certificate);
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::error!(height = height.get(), error = %e, "a finalized block does not apply; stopping the ledger");
-                    return;
+                if applied.is_ok() {
+                    ack.acknowledge();
+                }
+                applied
+            }
+            ToApply::Block(_) => Ok(None),
+        };
+        match applied {
+            Ok(Some(f)) => {
+                for node in f.went_down {
+                    tracing::info!(height = f.block.header.height, node = %node.short(), "lease expired: node is down");
                 }
             }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "a finalized block does not apply; stopping the ledger");
+                return;
+            }
         }
-        ack.acknowledge();
     }
 }

@@ -6,7 +6,7 @@
 use crate::CryptoError;
 use archipel_types::NodeId;
 use commonware_codec::{DecodeExt, Encode};
-use commonware_cryptography::{Signer, Verifier, ed25519};
+use commonware_cryptography::{BatchEntry, BatchVerifier, Signer, Verifier, ed25519};
 use commonware_math::algebra::Random;
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -164,6 +164,28 @@ pub fn verify_signature(signer: &NodeId, namespace: &[u8], msg: &[u8], sig: &[u8
     if pk.verify(namespace, msg, &sig) { Ok(()) } else { Err(CryptoError::BadSignature(signer.short())) }
 }
 
+/// One signature to check in a batch: signer, signed message, signature.
+pub type SignatureItem<'a> = (&'a NodeId, &'a [u8], &'a [u8; 64]);
+
+/// Checks every signature in `items` (all under `namespace`) as one batch: a single
+/// multi-scalar equation, about twice as fast per signature as checking each alone. False if any
+/// is bad, a key is malformed or `items` is empty: check them one by one to find which.
+pub fn verify_signatures(namespace: &[u8], items: &[SignatureItem<'_>]) -> bool {
+    let mut decoded = Vec::with_capacity(items.len());
+    for (signer, msg, sig) in items {
+        let (Ok(pk), Ok(sig)) = (public_key(signer), ed25519::Signature::decode(sig.to_vec())) else {
+            return false;
+        };
+        decoded.push((pk, *msg, sig));
+    }
+    ed25519::PublicKey::verify_batch(
+        &mut rand::rng(),
+        &decoded,
+        |_, (public_key, message, signature)| BatchEntry { namespace, message, public_key, signature },
+        &commonware_parallel::Sequential,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,5 +244,31 @@ mod tests {
         assert!(verify_signature(&a.node_id(), b"other", b"hello", &sig).is_err());
         assert!(verify_signature(&a.node_id(), b"ns", b"hellO", &sig).is_err());
         assert!(verify_signature(&b.node_id(), b"ns", b"hello", &sig).is_err());
+    }
+
+    #[test]
+    fn a_batch_passes_only_when_every_signature_does() {
+        let ids: Vec<Identity> = (0..8).map(Identity::from_seed).collect();
+        let node_ids: Vec<NodeId> = ids.iter().map(Identity::node_id).collect();
+        let msgs: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 40]).collect();
+        let sigs: Vec<[u8; 64]> = ids.iter().zip(&msgs).map(|(id, m)| id.sign(b"ns", m)).collect();
+        let items = |sigs: &[[u8; 64]]| -> Vec<(NodeId, Vec<u8>, [u8; 64])> {
+            node_ids.iter().zip(&msgs).zip(sigs).map(|((n, m), s)| (*n, m.clone(), *s)).collect()
+        };
+        let check = |ns: &[u8], v: &[(NodeId, Vec<u8>, [u8; 64])]| {
+            let refs: Vec<SignatureItem<'_>> = v.iter().map(|(n, m, s)| (n, m.as_slice(), s)).collect();
+            verify_signatures(ns, &refs)
+        };
+        assert!(check(b"ns", &items(&sigs)));
+        assert!(!check(b"other", &items(&sigs)), "namespace is bound");
+        assert!(!check(b"ns", &[]), "an empty batch proves nothing");
+        for bad in 0..8 {
+            let mut tampered = sigs.clone();
+            tampered[bad][5] ^= 1;
+            assert!(!check(b"ns", &items(&tampered)), "signature {bad} tampered");
+            let mut swapped = items(&sigs);
+            swapped[bad].1[0] ^= 1;
+            assert!(!check(b"ns", &swapped), "message {bad} tampered");
+        }
     }
 }

@@ -17,7 +17,7 @@ pub use descriptor::SignedDescriptor;
 pub mod test_support {
     pub use crate::descriptor::example_descriptor;
 }
-pub use keys::{Identity, KeyFileError, public_key, verify_signature};
+pub use keys::{Identity, KeyFileError, SignatureItem, public_key, verify_signature, verify_signatures};
 pub use request::{
     AuthError, HEADER_KEY, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, MAX_CLOCK_SKEW_MS, RequestVerifier,
     SignedRequestHeaders, body_hash, sign_request,

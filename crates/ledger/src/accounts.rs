@@ -5,13 +5,8 @@ use crate::tx::TxError;
 use archipel_types::NodeId;
 
 impl State {
-    pub(crate) fn apply_transfer(
-        &mut self,
-        from: NodeId,
-        to: NodeId,
-        amount: u64,
-        fee: u64,
-    ) -> Result<Receipt, TxError> {
+    /// Checks a transfer of `amount` plus `fee` from `from` to `to` without changing anything.
+    pub(crate) fn check_transfer(&self, from: NodeId, to: NodeId, amount: u64, fee: u64) -> Result<(), TxError> {
         let balance = self.account(&from).balance_micro;
         let needed = amount.checked_add(fee).ok_or(TxError::Overflow)?;
         if balance < needed {
@@ -19,10 +14,17 @@ impl State {
         }
         if from != to {
             self.account(&to).balance_micro.checked_add(amount).ok_or(TxError::Overflow)?;
+        }
+        Ok(())
+    }
+
+    /// Moves `amount` (the fee is charged by the caller); only after [`State::check_transfer`].
+    pub(crate) fn apply_transfer(&mut self, from: NodeId, to: NodeId, amount: u64, fee: u64) -> Receipt {
+        if from != to {
             self.accounts.entry(from).or_default().balance_micro -= amount;
             self.accounts.entry(to).or_default().balance_micro += amount;
         }
-        Ok(Receipt::Transferred { from, to, amount_micro: amount, fee_micro: fee })
+        Receipt::Transferred { from, to, amount_micro: amount, fee_micro: fee }
     }
 }
 

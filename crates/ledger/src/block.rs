@@ -8,7 +8,7 @@
 use crate::hash::Hash;
 use crate::merkle;
 use crate::state::{Receipt, State};
-use crate::tx::{SignedTransaction, TxError};
+use crate::tx::{SignedTransaction, TxError, verify_all};
 use archipel_types::NodeId;
 use bytes::{Buf as _, BufMut};
 use commonware_codec::{Buf, Copying, EncodeSize, Error as CodecError, FixedSize, RangeCfg, Read, ReadExt, Write};
@@ -253,14 +253,15 @@ pub fn execute(
     if h.tx_root != tx_root(&block.txs) {
         return Err(bad("transaction root does not match its transactions".into()));
     }
+    let invalid =
+        |i: usize, e: TxError| bad(format!("transaction {i} ({}) is invalid: {e}", block.txs[i].hash().short()));
+    if signatures == Signatures::Verify {
+        verify_all(&block.txs).map_err(|(i, e)| invalid(i, e))?;
+    }
     let went_down = state.begin_block(h.height, h.timestamp_ms);
     let mut receipts = Vec::with_capacity(block.txs.len());
     for (i, t) in block.txs.iter().enumerate() {
-        let r = match signatures {
-            Signatures::Verify => state.apply(t),
-            Signatures::AlreadyVerified => state.apply_verified(t),
-        };
-        receipts.push(r.map_err(|e| bad(format!("transaction {i} ({}) is invalid: {e}", t.hash().short())))?);
+        receipts.push(state.apply_verified(t).map_err(|e| invalid(i, e))?);
     }
     let root = state.state_root();
     if h.state_root != root {

@@ -7,22 +7,28 @@ use crate::tx::TxError;
 use archipel_types::NodeId;
 
 impl State {
-    pub(crate) fn apply_heartbeat(&mut self, node: NodeId) -> Result<Receipt, TxError> {
+    /// Checks a heartbeat from `node` at the current block time without changing anything.
+    pub(crate) fn check_heartbeat(&self, node: NodeId) -> Result<(), TxError> {
         if !self.nodes.contains_key(&node) {
             return Err(TxError::NotAllowed(format!(
                 "{} is not a registered node: only registered nodes heartbeat (register it with a RegisterNode transaction)",
                 node.short()
             )));
         }
-        let now = self.chain.timestamp_ms;
         if let Some(last) = self.leases.get(&node) {
-            let gap_ms = now.saturating_sub(*last);
+            let gap_ms = self.chain.timestamp_ms.saturating_sub(*last);
             if gap_ms < self.params.heartbeat_min_gap_ms {
                 return Err(TxError::HeartbeatTooSoon { gap_ms, min_gap_ms: self.params.heartbeat_min_gap_ms });
             }
         }
+        Ok(())
+    }
+
+    /// Renews `node`'s lease at the current block time; only after [`State::check_heartbeat`].
+    pub(crate) fn apply_heartbeat(&mut self, node: NodeId) -> Receipt {
+        let now = self.chain.timestamp_ms;
         self.leases.insert(node, now);
-        Ok(Receipt::LeaseRenewed { node, at_ms: now })
+        Receipt::LeaseRenewed { node, at_ms: now }
     }
 }
 

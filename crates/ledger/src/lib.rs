@@ -26,4 +26,4 @@ pub use mempool::{Mempool, MempoolError};
 pub use params::LedgerParams;
 pub use proof::{ProofError, StateProof, TxProof};
 pub use state::{Account, ChainPosition, GenesisState, LeaseStatus, NodeRecord, Receipt, State, StateKey};
-pub use tx::{Payload, SignedTransaction, Transaction, TxError};
+pub use tx::{Payload, SignedTransaction, Transaction, TxError, verify_all, verify_each};

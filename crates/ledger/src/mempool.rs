@@ -4,6 +4,7 @@
 //! judged against; the proposer asks it for candidates on top of any (possibly not yet final)
 //! parent state.
 
+use crate::block::Signatures;
 use crate::hash::Hash;
 use crate::state::State;
 use crate::tx::{SignedTransaction, TxError};
@@ -72,11 +73,26 @@ impl Mempool {
     /// Admits `stx` (encoded in `encoded_len` bytes) against `state`; returns its hash. Adding the
     /// same transaction twice is not an error.
     pub fn insert(&mut self, state: &State, stx: SignedTransaction, encoded_len: usize) -> Result<Hash, MempoolError> {
-        let hash = stx.hash();
+        self.insert_hashed(state, stx.hash(), stx, encoded_len, Signatures::Verify)
+    }
+
+    /// [`Mempool::insert`] with the transaction's hash already computed, and its signature
+    /// already checked if `signatures` says so.
+    pub fn insert_hashed(
+        &mut self,
+        state: &State,
+        hash: Hash,
+        stx: SignedTransaction,
+        encoded_len: usize,
+        signatures: Signatures,
+    ) -> Result<Hash, MempoolError> {
         if self.by_hash.contains_key(&hash) {
             return Ok(hash);
         }
-        state.admit(&stx, encoded_len)?;
+        match signatures {
+            Signatures::Verify => state.admit(&stx, encoded_len)?,
+            Signatures::AlreadyVerified => state.admit_verified(&stx, encoded_len)?,
+        }
         let signer = stx.tx.signer;
         let nonce = stx.tx.nonce;
         if self.by_account.get(&signer).is_some_and(|m| m.contains_key(&nonce)) {

@@ -30,7 +30,8 @@ impl State {
         Ok(rec)
     }
 
-    pub(crate) fn apply_register(&mut self, signer: NodeId, descriptor: &SignedDescriptor) -> Result<Receipt, TxError> {
+    /// Checks that `signer` may register `descriptor`'s node, without changing anything.
+    pub(crate) fn check_register(&self, descriptor: &SignedDescriptor) -> Result<(), TxError> {
         Self::check_descriptor(descriptor)?;
         let node = descriptor.descriptor.node_id;
         if self.nodes.contains_key(&node) {
@@ -39,19 +40,33 @@ impl State {
                 node.short()
             )));
         }
-        self.nodes.insert(node, NodeRecord { descriptor: descriptor.clone(), owner: signer });
-        Ok(Receipt::NodeRegistered { node, owner: signer })
+        Ok(())
     }
 
-    pub(crate) fn apply_update(&mut self, signer: NodeId, descriptor: &SignedDescriptor) -> Result<Receipt, TxError> {
-        Self::check_descriptor(descriptor)?;
+    /// Registers the node; only after [`State::check_register`].
+    pub(crate) fn apply_register(&mut self, signer: NodeId, descriptor: &SignedDescriptor) -> Receipt {
         let node = descriptor.descriptor.node_id;
-        let owner = self.check_controls(signer, node)?.owner;
-        self.nodes.insert(node, NodeRecord { descriptor: descriptor.clone(), owner });
-        Ok(Receipt::NodeUpdated { node })
+        self.nodes.insert(node, NodeRecord { descriptor: descriptor.clone(), owner: signer });
+        Receipt::NodeRegistered { node, owner: signer }
     }
 
-    pub(crate) fn apply_leave(&mut self, signer: NodeId, node: NodeId) -> Result<Receipt, TxError> {
+    /// Checks that `signer` may replace the node's descriptor, without changing anything.
+    pub(crate) fn check_update(&self, signer: NodeId, descriptor: &SignedDescriptor) -> Result<(), TxError> {
+        Self::check_descriptor(descriptor)?;
+        self.check_controls(signer, descriptor.descriptor.node_id).map(|_| ())
+    }
+
+    /// Replaces the descriptor (the owner stays); only after [`State::check_update`].
+    pub(crate) fn apply_update(&mut self, descriptor: &SignedDescriptor) -> Receipt {
+        let node = descriptor.descriptor.node_id;
+        if let Some(rec) = self.nodes.get_mut(&node) {
+            rec.descriptor = descriptor.clone();
+        }
+        Receipt::NodeUpdated { node }
+    }
+
+    /// Checks that `signer` may remove `node`, without changing anything.
+    pub(crate) fn check_leave(&self, signer: NodeId, node: NodeId) -> Result<(), TxError> {
         self.check_controls(signer, node)?;
         if self.validators.contains(&node) {
             return Err(TxError::NotAllowed(format!(
@@ -59,9 +74,14 @@ impl State {
                 node.short()
             )));
         }
+        Ok(())
+    }
+
+    /// Removes the node and its lease; only after [`State::check_leave`].
+    pub(crate) fn apply_leave(&mut self, node: NodeId) -> Receipt {
         self.nodes.remove(&node);
         self.leases.remove(&node);
-        Ok(Receipt::NodeLeft { node })
+        Receipt::NodeLeft { node }
     }
 }
 

@@ -263,11 +263,22 @@ impl State {
     /// Checks a transaction before it enters the mempool: size, signature, nonce window, fee and
     /// everything its kind can check without the transactions before it. Changes nothing.
     pub fn admit(&self, stx: &SignedTransaction, encoded_len: usize) -> Result<(), TxError> {
+        self.check_size(encoded_len)?;
+        stx.verify()?;
+        self.admit_verified(stx, encoded_len)
+    }
+
+    fn check_size(&self, encoded_len: usize) -> Result<(), TxError> {
         let max = self.params.max_tx_bytes as usize;
         if encoded_len > max {
             return Err(TxError::TooLarge { bytes: encoded_len, max });
         }
-        stx.verify()?;
+        Ok(())
+    }
+
+    /// [`State::admit`] for a transaction whose signature was already checked.
+    pub fn admit_verified(&self, stx: &SignedTransaction, encoded_len: usize) -> Result<(), TxError> {
+        self.check_size(encoded_len)?;
         let tx = &stx.tx;
         let next = self.account(&tx.signer).nonce;
         if tx.nonce < next {
@@ -276,11 +287,9 @@ impl State {
         if tx.nonce - next >= self.params.nonce_window {
             return Err(TxError::NonceTooFarAhead { got: tx.nonce, next, window: self.params.nonce_window });
         }
-        // Dry-run the kind's rules on a scratch copy with the nonce lined up; a gap in nonces is
-        // fine here (earlier transactions may still be on their way).
-        let mut scratch = self.clone();
-        scratch.accounts.entry(tx.signer).or_default().nonce = tx.nonce;
-        scratch.apply_verified(stx).map(|_| ())
+        // A gap in nonces is fine here (earlier transactions may still be on their way): check
+        // the kind's rules as if this one came next.
+        self.check_next(stx).map(|_| ())
     }
 
     /// Applies one transaction at the current block time: all of it, or nothing.
@@ -292,32 +301,46 @@ impl State {
     /// [`State::apply`] for a transaction whose signature was already checked.
     pub fn apply_verified(&mut self, stx: &SignedTransaction) -> Result<Receipt, TxError> {
         let tx = &stx.tx;
-        let signer = self.account(&tx.signer);
-        if tx.nonce != signer.nonce {
-            return Err(TxError::BadNonce { expected: signer.nonce, got: tx.nonce });
+        let expected = self.account(&tx.signer).nonce;
+        if tx.nonce != expected {
+            return Err(TxError::BadNonce { expected, got: tx.nonce });
         }
-        let fee = match tx.payload {
-            Payload::Heartbeat => 0,
-            _ => self.params.tx_fee_micro,
-        };
-        if signer.balance_micro < fee {
-            return Err(TxError::InsufficientFunds { balance_micro: signer.balance_micro, needed_micro: fee });
-        }
+        let fee = self.check_next(stx)?;
+        // Every check passed: only now mutate (nothing below can fail).
         let receipt = match &tx.payload {
-            Payload::Transfer { to, amount_micro } => self.apply_transfer(tx.signer, *to, *amount_micro, fee)?,
-            Payload::Heartbeat => self.apply_heartbeat(tx.signer)?,
-            Payload::RegisterNode { descriptor } => self.apply_register(tx.signer, descriptor)?,
-            Payload::UpdateNode { descriptor } => self.apply_update(tx.signer, descriptor)?,
-            Payload::LeaveNode { node } => self.apply_leave(tx.signer, *node)?,
+            Payload::Transfer { to, amount_micro } => self.apply_transfer(tx.signer, *to, *amount_micro, fee),
+            Payload::Heartbeat => self.apply_heartbeat(tx.signer),
+            Payload::RegisterNode { descriptor } => self.apply_register(tx.signer, descriptor),
+            Payload::UpdateNode { descriptor } => self.apply_update(descriptor),
+            Payload::LeaveNode { node } => self.apply_leave(*node),
         };
-        // The kind's checks passed and it has mutated: charge the fee and bump the nonce (neither
-        // can fail: the balance was checked above and kinds never lower the signer's balance
-        // below the fee).
         let a = self.accounts.entry(tx.signer).or_default();
         a.balance_micro -= fee;
         a.nonce += 1;
         self.chain.fees_burned_micro += fee;
         Ok(receipt)
+    }
+
+    /// Checks everything about `stx` except its signature and nonce, as if it were the signer's
+    /// next transaction; changes nothing. Returns the fee it would pay.
+    fn check_next(&self, stx: &SignedTransaction) -> Result<u64, TxError> {
+        let tx = &stx.tx;
+        let fee = match tx.payload {
+            Payload::Heartbeat => 0,
+            _ => self.params.tx_fee_micro,
+        };
+        let balance_micro = self.account(&tx.signer).balance_micro;
+        if balance_micro < fee {
+            return Err(TxError::InsufficientFunds { balance_micro, needed_micro: fee });
+        }
+        match &tx.payload {
+            Payload::Transfer { to, amount_micro } => self.check_transfer(tx.signer, *to, *amount_micro, fee)?,
+            Payload::Heartbeat => self.check_heartbeat(tx.signer)?,
+            Payload::RegisterNode { descriptor } => self.check_register(descriptor)?,
+            Payload::UpdateNode { descriptor } => self.check_update(tx.signer, descriptor)?,
+            Payload::LeaveNode { node } => self.check_leave(tx.signer, *node)?,
+        }
+        Ok(fee)
     }
 
     /// Every entry committed by the state root, in key order.

@@ -134,7 +134,10 @@ pub struct BatchItem {
 async fn submit_batch(State(s): State<Arc<ApiState>>, body: Bytes) -> Response {
     let max = s.genesis.ledger.max_tx_bytes as usize;
     let mut at = 0;
-    let mut out = Vec::new();
+    // Decoded transactions go to the chain in one call (one signature batch); the others are
+    // answered here.
+    let (mut decoded, mut encoded) = (Vec::new(), Vec::new());
+    let mut out: Vec<Option<BatchItem>> = Vec::new();
     while at < body.len() {
         if out.len() == MAX_BATCH {
             return error(
@@ -147,18 +150,36 @@ async fn submit_batch(State(s): State<Arc<ApiState>>, body: Bytes) -> Response {
             Ok(r) => r,
             Err(e) => return error(StatusCode::BAD_REQUEST, "malformed", format!("transaction {}: {e}", out.len())),
         };
-        let item = match SignedTransaction::from_bytes(record, max) {
-            Err(e) => BatchItem { hash: None, error: Some(e.code().into()), message: Some(e.to_string()) },
-            Ok(stx) => match s.chain.submit(stx, record.len()) {
-                Ok(h) => {
-                    let _ = s.tx_out.send(record.to_vec());
+        match SignedTransaction::from_bytes(record, max) {
+            Err(e) => {
+                out.push(Some(BatchItem { hash: None, error: Some(e.code().into()), message: Some(e.to_string()) }))
+            }
+            Ok(stx) => {
+                decoded.push((stx, record.len()));
+                encoded.push(record.to_vec());
+                out.push(None);
+            }
+        }
+    }
+    // Checking up to a thousand signatures takes milliseconds: off the async workers, which
+    // also run consensus.
+    let chain = s.chain.clone();
+    let Ok(results) = tokio::task::spawn_blocking(move || chain.submit_many(decoded)).await else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "admission stopped");
+    };
+    let mut results = results.into_iter().zip(encoded);
+    let out: Vec<BatchItem> = out
+        .into_iter()
+        .map(|item| {
+            item.unwrap_or_else(|| match results.next().expect("one result per decoded transaction") {
+                (Ok(h), bytes) => {
+                    let _ = s.tx_out.send(bytes);
                     BatchItem { hash: Some(h), error: None, message: None }
                 }
-                Err(e) => BatchItem { hash: None, error: Some(e.code().into()), message: Some(e.to_string()) },
-            },
-        };
-        out.push(item);
-    }
+                (Err(e), _) => BatchItem { hash: None, error: Some(e.code().into()), message: Some(e.to_string()) },
+            })
+        })
+        .collect();
     Json(out).into_response()
 }
 

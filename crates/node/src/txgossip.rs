@@ -53,24 +53,30 @@ pub async fn resend_loop(
     }
 }
 
-/// Admits gossiped transactions into the local mempool.
+/// Admits gossiped transactions into the local mempool, a batch at a time (one signature batch,
+/// checked off the async workers).
 pub async fn receive_loop(mut receiver: NodeReceiver, chain: Arc<Chain>, max_tx_bytes: usize) {
     while let Ok((from, message)) = receiver.recv().await {
-        let bytes = message.as_ref().to_vec();
+        let bytes = message.as_ref();
         let mut at = 0;
+        let mut batch = Vec::new();
         while at < bytes.len() {
-            let Ok(tx) = take_record(&bytes, &mut at, max_tx_bytes) else {
+            let Ok(tx) = take_record(bytes, &mut at, max_tx_bytes) else {
                 tracing::debug!(peer = ?from, "malformed transaction batch");
                 break;
             };
             match SignedTransaction::from_bytes(tx, max_tx_bytes) {
-                Ok(stx) => {
-                    if let Err(e) = chain.submit(stx, tx.len()) {
-                        tracing::trace!(error = %e, "gossiped transaction not admitted");
-                    }
-                }
+                Ok(stx) => batch.push((stx, tx.len())),
                 Err(e) => tracing::debug!(error = %e, "malformed gossiped transaction"),
             }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let chain = chain.clone();
+        let Ok(results) = tokio::task::spawn_blocking(move || chain.submit_many(batch)).await else { return };
+        for e in results.into_iter().filter_map(Result::err) {
+            tracing::trace!(error = %e, "gossiped transaction not admitted");
         }
     }
 }
