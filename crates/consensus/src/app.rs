@@ -116,6 +116,7 @@ where
                 _ = runtime.sleep_until(deadline) => {},
             }
         };
+        tracing::debug!(height = block.header.height, txs = block.txs.len(), "proposing");
         if self.behaviour == Behaviour::ProposesInvalidBlocks {
             block.header.state_root.0[0] ^= 0xff;
         }
@@ -141,8 +142,12 @@ where
             let wait = ts - now - MAX_CLOCK_DRIFT_MS;
             runtime.sleep(Duration::from_millis(wait.min(10_000))).await;
         }
+        tracing::debug!(height = block.inner().header().height, "verifying");
         match self.chain.verify(block.inner().block(), now_ms(&runtime)) {
-            Ok(()) => true,
+            Ok(()) => {
+                tracing::debug!(height = block.inner().header().height, "verified");
+                true
+            }
             Err(e) => {
                 tracing::warn!(height = block.inner().header().height, error = %e, "rejecting an invalid block");
                 false

@@ -362,7 +362,11 @@ async fn apply_finalized<E: Clock>(
 ) {
     while let Some(update) = updates.recv().await {
         let applied = match update {
-            ToApply::Finalization(f) => chain.finalize_known(&hash_of(&f.proposal.payload), f.encode().to_vec()),
+            ToApply::Finalization(f) => {
+                let applied = chain.finalize_known(&hash_of(&f.proposal.payload), f.encode().to_vec());
+                tracing::debug!(view = f.proposal.round.view().get(), fast = matches!(applied, Ok(Some(_))), "finalization");
+                applied
+            }
             ToApply::Block(Update::Block(block, ack)) => {
                 let height = block.height();
                 let mut applied = Ok(None);
@@ -373,6 +377,7 @@ async fn apply_finalized<E: Clock>(
                     let certificate =
                         mailbox.get_finalization(height).await.map(|f| f.encode().to_vec()).unwrap_or_default();
                     applied = chain.finalize(block.inner().block().clone(), certificate);
+                    tracing::debug!(height = height.get(), "finalized block from marshal");
                 }
                 if applied.is_ok() {
                     ack.acknowledge();

@@ -83,6 +83,7 @@ async fn submit(
         }
     };
     let bytes = stx.to_bytes();
+    tracing::debug!("transaction submitted");
     let hash = match s.chain.submit(stx, bytes.len()) {
         Ok(h) => h,
         Err(e) => {

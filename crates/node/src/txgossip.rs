@@ -75,6 +75,7 @@ pub async fn receive_loop(mut receiver: NodeReceiver, chain: Arc<Chain>, max_tx_
         }
         let chain = chain.clone();
         let Ok(results) = tokio::task::spawn_blocking(move || chain.submit_many(batch)).await else { return };
+        tracing::debug!(txs = results.len(), "gossiped transactions checked");
         for e in results.into_iter().filter_map(Result::err) {
             tracing::trace!(error = %e, "gossiped transaction not admitted");
         }
