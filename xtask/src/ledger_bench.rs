@@ -60,7 +60,11 @@ pub fn bench(bin: &Path) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let simplex = simplex_baseline();
     let ours = rt.block_on(archipel(bin))?;
-    let etcd = match rt.block_on(etcd()) {
+    let etcd = match if std::env::var_os("ARCHIPEL_BENCH_NO_ETCD").is_some() {
+        Err(anyhow::anyhow!("ARCHIPEL_BENCH_NO_ETCD is set"))
+    } else {
+        rt.block_on(etcd())
+    } {
         Ok(f) => Some(f),
         Err(e) => {
             println!("etcd baseline skipped: {e:#}");
@@ -228,7 +232,12 @@ async fn archipel(bin: &Path) -> Result<Figures> {
     let mut accounts: Vec<(Identity, u64)> = accounts.into_iter().map(|a| (a, 0)).collect();
     let mut probe = Probe { tenant, nonce, sink };
     let mut sustained = 0.0f64;
-    for rate in RATES {
+    // ARCHIPEL_BENCH_RATES=1000,3000 runs only those steps (quick experiments).
+    let rates: Vec<f64> = match std::env::var("ARCHIPEL_BENCH_RATES") {
+        Ok(v) => v.split(',').filter_map(|r| r.trim().parse().ok()).collect(),
+        Err(_) => RATES.to_vec(),
+    };
+    for rate in rates {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let p = load_phase(&client, &mut probe, &mut accounts, Some(rate), STEP).await?;
         println!(
@@ -249,7 +258,11 @@ async fn archipel(bin: &Path) -> Result<Figures> {
         saturated.finalized_per_s, saturated.p50_ms, saturated.p99_ms
     );
     let (idle_p50_ms, idle_p99_ms, _) = summary(idle);
-    let _ = std::fs::remove_dir_all(&work);
+    if std::env::var_os("ARCHIPEL_BENCH_KEEP").is_some() {
+        println!("  devnet kept in {} (ARCHIPEL_BENCH_KEEP)", work.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
     Ok(Figures {
         idle_p50_ms,
         idle_p99_ms,

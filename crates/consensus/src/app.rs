@@ -60,11 +60,15 @@ impl LedgerApp {
                 break;
             }
             if last.inner().header().height <= head {
+                tracing::debug!(height = last.inner().header().height, head, "ancestor is not on the finalized chain");
                 return false;
             }
             match ancestry.next().await {
                 Some(b) => missing.push(b),
-                None => return false,
+                None => {
+                    tracing::debug!(height = last.inner().header().height, "ancestry ended before a known block");
+                    return false;
+                }
             }
         }
         missing.iter().rev().all(|b| match self.chain.verify(b.inner().block(), now_ms) {
@@ -131,6 +135,10 @@ where
         mut ancestry: impl Ancestry<LedgerBlock>,
     ) -> bool {
         let Some(block) = ancestry.next().await else { return false };
+        // Already executed here (or just finalized without our vote, which is the head now).
+        if self.chain.knows(&hash_of(&block.digest())) {
+            return true;
+        }
         let Some(parent) = ancestry.next().await else { return false };
         if !self.ensure_known(now_ms(&runtime), parent, ancestry).await {
             return false;

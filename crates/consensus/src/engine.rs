@@ -364,7 +364,11 @@ async fn apply_finalized<E: Clock>(
         let applied = match update {
             ToApply::Finalization(f) => {
                 let applied = chain.finalize_known(&hash_of(&f.proposal.payload), f.encode().to_vec());
-                tracing::debug!(view = f.proposal.round.view().get(), fast = matches!(applied, Ok(Some(_))), "finalization");
+                tracing::debug!(
+                    view = f.proposal.round.view().get(),
+                    fast = matches!(applied, Ok(Some(_))),
+                    "finalization"
+                );
                 applied
             }
             ToApply::Block(Update::Block(block, ack)) => {

@@ -162,10 +162,7 @@ async fn submit_batch(State(s): State<Arc<ApiState>>, body: Bytes) -> Response {
             }
         }
     }
-    // Checking up to a thousand signatures takes milliseconds: off the async workers, which
-    // also run consensus.
-    let chain = s.chain.clone();
-    let Ok(results) = tokio::task::spawn_blocking(move || chain.submit_many(decoded)).await else {
+    let Some(results) = crate::txgossip::admit(&s.chain, decoded).await else {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "admission stopped");
     };
     let mut results = results.into_iter().zip(encoded);

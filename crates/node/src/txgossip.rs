@@ -73,11 +73,27 @@ pub async fn receive_loop(mut receiver: NodeReceiver, chain: Arc<Chain>, max_tx_
         if batch.is_empty() {
             continue;
         }
-        let chain = chain.clone();
-        let Ok(results) = tokio::task::spawn_blocking(move || chain.submit_many(batch)).await else { return };
+        let Some(results) = admit(&chain, batch).await else { return };
         tracing::debug!(txs = results.len(), "gossiped transactions checked");
         for e in results.into_iter().filter_map(Result::err) {
             tracing::trace!(error = %e, "gossiped transaction not admitted");
         }
     }
+}
+
+/// Below this many transactions a batch is checked in place: handing it to a blocking thread
+/// costs more than checking it.
+const INLINE_BATCH: usize = 16;
+
+/// Admits `batch` into the mempool; larger batches are checked on a blocking thread, off the
+/// async workers that also run consensus. `None` if the runtime is shutting down.
+pub async fn admit(
+    chain: &Arc<Chain>,
+    batch: Vec<(SignedTransaction, usize)>,
+) -> Option<Vec<Result<archipel_ledger::Hash, archipel_ledger::MempoolError>>> {
+    if batch.len() < INLINE_BATCH {
+        return Some(chain.submit_many(batch));
+    }
+    let chain = chain.clone();
+    tokio::task::spawn_blocking(move || chain.submit_many(batch)).await.ok()
 }
