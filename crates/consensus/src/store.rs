@@ -113,9 +113,17 @@ impl BlockStore for FileStore {
         self.file.write_all(&out).map_err(err)?;
         // The OS has the bytes once write returns; fsync in batches keeps append cheap while
         // bounding what a power cut could take (the network still has every finalized block).
+        // The sync runs on its own thread: the caller holds the chain's lock, and one slow fsync
+        // on a busy disk would stall admission, proposals and verification on this node.
         self.unsynced += 1;
         if self.unsynced >= 64 {
-            self.file.sync_data().map_err(err)?;
+            let file = self.file.try_clone().map_err(err)?;
+            let path = self.path.clone();
+            std::thread::spawn(move || {
+                if let Err(e) = file.sync_data() {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot sync the block log");
+                }
+            });
             self.unsynced = 0;
         }
         let end = self.offsets.last().copied().unwrap_or(0) + out.len() as u64;
