@@ -53,8 +53,8 @@ pub async fn resend_loop(
     }
 }
 
-/// Admits gossiped transactions into the local mempool, a batch at a time (one signature batch,
-/// checked off the async workers).
+/// Admits gossiped transactions into the local mempool, a message at a time (one signature
+/// batch; see [`admit`] for where it is checked).
 pub async fn receive_loop(mut receiver: NodeReceiver, chain: Arc<Chain>, max_tx_bytes: usize) {
     while let Ok((from, message)) = receiver.recv().await {
         let bytes = message.as_ref();
