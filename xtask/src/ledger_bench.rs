@@ -275,6 +275,8 @@ async fn archipel(bin: &Path) -> Result<Figures> {
 
 /// Offered loads (transfers per second) of the rate steps.
 const RATES: [f64; 8] = [1_000.0, 2_000.0, 3_000.0, 4_000.0, 5_000.0, 6_000.0, 7_000.0, 8_000.0];
+/// Transfers per second signed beforehand for the saturated phase.
+const PRESIGN_SATURATED_RATE: f64 = 16_000.0;
 /// Length of one rate step.
 const STEP: Duration = Duration::from_secs(6);
 
@@ -302,11 +304,28 @@ async fn load_phase(
     rate: Option<f64>,
     duration: Duration,
 ) -> Result<Phase> {
+    // Sign the load's transfers beforehand: the load client shares the 2 cores with the nodes,
+    // and what is measured is the ledger, not the client's signing.
+    let per_task = rate.unwrap_or(PRESIGN_SATURATED_RATE) / CLIENTS as f64 * duration.as_secs_f64() * 1.2;
+    let mut signing = Vec::new();
+    for (account, n) in accounts.drain(..) {
+        let sink = probe.sink.clone();
+        signing.push(tokio::task::spawn_blocking(move || {
+            let signed: Vec<Vec<u8>> =
+                (n..n + per_task.ceil() as u64 + BATCH as u64).map(|k| transfer(&account, k, &sink, 1)).collect();
+            (account, n, signed)
+        }));
+    }
+    let mut presigned = Vec::new();
+    for s in signing {
+        presigned.push(s.await?);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let start_height = head(client, NODES[0]).await?;
     let mut tasks = Vec::new();
-    for (i, (account, mut n)) in accounts.drain(..).enumerate() {
+    for (i, (account, mut n, signed)) in presigned.into_iter().enumerate() {
         let (client, stop, sink) = (client.clone(), stop.clone(), probe.sink.clone());
+        let first = n;
         tasks.push(tokio::spawn(async move {
             // Per task: `batch` transfers every `every`.
             let (batch, every) = match rate {
@@ -325,7 +344,10 @@ async fn load_phase(
                 }
                 let mut body = Vec::new();
                 for _ in 0..batch {
-                    put_record(&mut body, &transfer(&account, n, &sink, 1));
+                    match signed.get((n - first) as usize) {
+                        Some(tx) => put_record(&mut body, tx),
+                        None => put_record(&mut body, &transfer(&account, n, &sink, 1)),
+                    }
                     n += 1;
                 }
                 match post(&client, format!("http://{}/v1/txs", NODES[i % 4]), body).await {

@@ -8,10 +8,12 @@ use archipel_types::NodeId;
 use commonware_codec::{DecodeExt, Encode};
 use commonware_cryptography::{BatchEntry, BatchVerifier, Signer, Verifier, ed25519};
 use commonware_math::algebra::Random;
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex};
 
 const HEADER: &str = "# archipel Ed25519 secret key: keep it private, never share or commit it";
 
@@ -154,7 +156,29 @@ impl Identity {
 
 /// Turns a node id into a commonware public key, rejecting points that are not valid keys.
 pub fn public_key(id: &NodeId) -> Result<ed25519::PublicKey, CryptoError> {
-    ed25519::PublicKey::decode(id.as_bytes().to_vec()).map_err(|_| CryptoError::BadPublicKey(id.short()))
+    decoded_key(&mut KEYS.lock().unwrap_or_else(std::sync::PoisonError::into_inner), id)
+}
+
+/// Most keys decoded at once before [`KEYS`] starts over (~200 bytes each).
+const KEY_CACHE_ENTRIES: usize = 1 << 16;
+
+/// Keys already decoded. Decoding decompresses a curve point, a third of what checking a
+/// signature costs, and the same accounts sign transaction after transaction.
+static KEYS: LazyLock<Mutex<HashMap<NodeId, ed25519::PublicKey>>> = LazyLock::new(Default::default);
+
+fn decoded_key(
+    cache: &mut HashMap<NodeId, ed25519::PublicKey>,
+    id: &NodeId,
+) -> Result<ed25519::PublicKey, CryptoError> {
+    if let Some(pk) = cache.get(id) {
+        return Ok(pk.clone());
+    }
+    let pk = ed25519::PublicKey::decode(id.as_bytes().to_vec()).map_err(|_| CryptoError::BadPublicKey(id.short()))?;
+    if cache.len() >= KEY_CACHE_ENTRIES {
+        cache.clear();
+    }
+    cache.insert(*id, pk.clone());
+    Ok(pk)
 }
 
 /// Verifies `sig` over `msg` under `namespace` by `signer`.
@@ -172,11 +196,14 @@ pub type SignatureItem<'a> = (&'a NodeId, &'a [u8], &'a [u8; 64]);
 /// is bad, a key is malformed or `items` is empty: check them one by one to find which.
 pub fn verify_signatures(namespace: &[u8], items: &[SignatureItem<'_>]) -> bool {
     let mut decoded = Vec::with_capacity(items.len());
-    for (signer, msg, sig) in items {
-        let (Ok(pk), Ok(sig)) = (public_key(signer), ed25519::Signature::decode(sig.to_vec())) else {
-            return false;
-        };
-        decoded.push((pk, *msg, sig));
+    {
+        let mut keys = KEYS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (signer, msg, sig) in items {
+            let (Ok(pk), Ok(sig)) = (decoded_key(&mut keys, signer), ed25519::Signature::decode(sig.to_vec())) else {
+                return false;
+            };
+            decoded.push((pk, *msg, sig));
+        }
     }
     ed25519::PublicKey::verify_batch(
         &mut rand::rng(),
@@ -244,6 +271,20 @@ mod tests {
         assert!(verify_signature(&a.node_id(), b"other", b"hello", &sig).is_err());
         assert!(verify_signature(&a.node_id(), b"ns", b"hellO", &sig).is_err());
         assert!(verify_signature(&b.node_id(), b"ns", b"hello", &sig).is_err());
+    }
+
+    #[test]
+    fn decoded_keys_are_cached_but_malformed_ones_never_pass() {
+        let a = Identity::from_seed(3);
+        let sig = a.sign(b"ns", b"m");
+        for _ in 0..2 {
+            assert!(verify_signature(&a.node_id(), b"ns", b"m", &sig).is_ok());
+            assert!(verify_signature(&a.node_id(), b"ns", b"x", &sig).is_err());
+        }
+        // Some 32-byte strings are not curve points: refused each time, never cached.
+        let bad = (0u8..=255).map(|i| NodeId([i; 32])).find(|id| public_key(id).is_err()).expect("a non-point");
+        assert!(matches!(public_key(&bad), Err(CryptoError::BadPublicKey(_))));
+        assert!(!verify_signatures(b"ns", &[(&bad, b"m".as_slice(), &sig)]));
     }
 
     #[test]
