@@ -1,23 +1,49 @@
-//! The ledger as the simplex application: propose a block from the mempool as soon as
-//! transactions wait, verify other validators' blocks by executing them, and apply finalized
-//! blocks in order.
+//! The ledger as simplex's automaton, relay and reporter: propose a block from the mempool as
+//! soon as transactions wait, verify other validators' blocks by executing them, send blocks to
+//! the other validators, and hand finalizations to the applier.
+//!
+//! Marshal (commonware's block sync) stays beside it for what it is good at — durable candidate
+//! blocks, finalized archives, backfill for late or restarted nodes — but off the path of a
+//! view: blocks travel through the buffered broadcast engine directly, the parent of a proposal
+//! or a verified block is looked up in the node's [`Chain`] (marshal is asked only for blocks
+//! this node has never seen), and marshal hears finalizations at most every
+//! [`MARSHAL_FINALIZATION_INTERVAL`] (each one costs its actor a metadata fsync, during which it
+//! answers nobody). The one durability barrier kept is marshal's: `certify` (the finalize vote)
+//! waits until the block is on this node's disk, so a finalized block is on the disks of a quorum.
 
 use crate::block::{LedgerBlock, hash_of};
 use crate::chain::{Chain, MAX_CLOCK_DRIFT_MS};
-use commonware_consensus::Application;
-use commonware_consensus::marshal::ancestry::Ancestry;
+use crate::engine::ToApply;
+use commonware_broadcast::{Broadcaster as _, buffered};
+use commonware_consensus::marshal::core::{DigestFallback, Mailbox};
+use commonware_consensus::marshal::standard::Standard;
+use commonware_consensus::simplex::Plan;
 use commonware_consensus::simplex::scheme::ed25519::Scheme;
-use commonware_consensus::simplex::types::Context;
+use commonware_consensus::simplex::types::{Activity, Context, Finalization};
+use commonware_consensus::types::Round;
+use commonware_consensus::{Automaton, CertifiableAutomaton, Relay, Reporter};
 use commonware_cryptography::blake3::Digest;
 use commonware_cryptography::ed25519::PublicKey;
 use commonware_cryptography::{Digested, Digestible};
-use commonware_runtime::{Clock, Metrics, Spawner};
+use commonware_p2p::Recipients;
+use commonware_runtime::telemetry::metrics::histogram::Timed;
+use commonware_runtime::{Clock, Handle, Metrics, Spawner};
+use commonware_utils::channel::{fallible::OneshotExt as _, mpsc, oneshot};
 use futures::StreamExt;
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long an idle leader waits for a transaction before proposing an empty block.
 pub const IDLE_WAIT: Duration = Duration::from_millis(250);
+
+/// Marshal hears at most one finalization per this interval (the newest; it implies its
+/// ancestors).
+pub const MARSHAL_FINALIZATION_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A notarized block that has not reached this node by broadcast within this long is fetched
+/// from the validators that notarized it.
+pub const CERTIFY_FETCH_AFTER: Duration = Duration::from_millis(200);
 
 /// How a validator misbehaves (simulator only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -29,55 +55,154 @@ pub enum Behaviour {
     ProposesInvalidBlocks,
 }
 
-/// The ledger application given to marshal's inline wrapper.
-#[derive(Clone, Debug)]
-pub struct LedgerApp {
-    chain: Arc<Chain>,
-    behaviour: Behaviour,
+/// Per-round state between a proposal or verification and its certification.
+#[derive(Default)]
+struct Rounds {
+    /// Blocks this node built, until consensus asks to send them.
+    built: BTreeMap<Round, Digested<LedgerBlock>>,
+    /// Durability of the blocks handed to marshal, awaited by `certify`.
+    durable: BTreeMap<(Round, Digest), oneshot::Receiver<Handle<()>>>,
 }
 
-impl LedgerApp {
-    /// The application over `chain`.
-    pub fn new(chain: Arc<Chain>, behaviour: Behaviour) -> Self {
-        Self { chain, behaviour }
+/// The ledger application as simplex sees it. Cheap to clone (shared state behind `Arc`s).
+#[allow(missing_debug_implementations)]
+pub struct LedgerApp<E> {
+    context: Arc<E>,
+    chain: Arc<Chain>,
+    behaviour: Behaviour,
+    marshal: Mailbox<Scheme, Standard<LedgerBlock>>,
+    blocks: buffered::Mailbox<PublicKey, LedgerBlock>,
+    rounds: Arc<Mutex<Rounds>>,
+    /// Every finalization, for the applier.
+    applier: mpsc::UnboundedSender<ToApply>,
+    /// The newest finalization marshal has not heard yet.
+    for_marshal: Arc<Mutex<Option<Finalization<Scheme, Digest>>>>,
+    marshal_wake: mpsc::Sender<()>,
+    ancestor_fetch: Timed,
+}
+
+impl<E> Clone for LedgerApp<E> {
+    fn clone(&self) -> Self {
+        Self {
+            context: self.context.clone(),
+            chain: self.chain.clone(),
+            behaviour: self.behaviour,
+            marshal: self.marshal.clone(),
+            blocks: self.blocks.clone(),
+            rounds: self.rounds.clone(),
+            applier: self.applier.clone(),
+            for_marshal: self.for_marshal.clone(),
+            marshal_wake: self.marshal_wake.clone(),
+            ancestor_fetch: self.ancestor_fetch.clone(),
+        }
+    }
+}
+
+impl<E> LedgerApp<E>
+where
+    E: Spawner + Clock + Metrics,
+{
+    /// The application over `chain`; starts the task that passes finalizations on to marshal.
+    pub(crate) fn new(
+        context: E,
+        chain: Arc<Chain>,
+        behaviour: Behaviour,
+        marshal: Mailbox<Scheme, Standard<LedgerBlock>>,
+        blocks: buffered::Mailbox<PublicKey, LedgerBlock>,
+        applier: mpsc::UnboundedSender<ToApply>,
+    ) -> Self {
+        let ancestor_fetch =
+            Timed::register(&context, "ancestor_fetch_duration", "Time to fetch a block unknown here from marshal");
+        let (marshal_wake, wake) = mpsc::channel(1);
+        let for_marshal = Arc::new(Mutex::new(None));
+        context.child("marshal_feed").spawn({
+            let (marshal, for_marshal) = (marshal.clone(), for_marshal.clone());
+            move |context| feed_marshal(context, marshal, for_marshal, wake)
+        });
+        Self {
+            context: Arc::new(context),
+            chain,
+            behaviour,
+            marshal,
+            blocks,
+            rounds: Default::default(),
+            applier,
+            for_marshal,
+            marshal_wake,
+            ancestor_fetch,
+        }
     }
 
-    /// Makes sure the state after `tip` is known, executing the unknown ancestors (oldest first)
-    /// that `ancestry` (newest first, after `tip`) yields. False if they do not connect to the
-    /// finalized chain or one is invalid.
-    async fn ensure_known(
-        &self,
-        now_ms: u64,
-        tip: Digested<LedgerBlock>,
-        mut ancestry: impl Ancestry<LedgerBlock>,
-    ) -> bool {
-        let head = self.chain.head().height;
-        let mut missing = vec![tip];
-        loop {
-            let last = missing.last().expect("starts with the tip");
-            if self.chain.knows(&hash_of(&last.digest())) {
-                missing.pop();
-                break;
-            }
-            if last.inner().header().height <= head {
-                tracing::debug!(height = last.inner().header().height, head, "ancestor is not on the finalized chain");
-                return false;
-            }
-            match ancestry.next().await {
-                Some(b) => missing.push(b),
-                None => {
-                    tracing::debug!(height = last.inner().header().height, "ancestry ended before a known block");
-                    return false;
-                }
-            }
+    fn rounds(&self) -> std::sync::MutexGuard<'_, Rounds> {
+        self.rounds.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Hands `block` to marshal to store, and remembers the durability handle for `certify`.
+    fn store(&self, round: Round, block: Digested<LedgerBlock>) {
+        let (ack, durable) = oneshot::channel();
+        self.rounds().durable.insert((round, block.digest()), durable);
+        self.marshal.verified_deferred(round, block, ack);
+    }
+}
+
+/// Makes sure the state after block `digest` (the parent of a proposal or of a block to verify,
+/// notarized at `round`) is known here, fetching and executing unknown ancestors oldest first.
+/// False if they do not connect to the finalized chain or one is invalid.
+async fn ensure_known<E: Clock>(
+    context: &Arc<E>,
+    chain: &Chain,
+    marshal: &Mailbox<Scheme, Standard<LedgerBlock>>,
+    fetch: &Timed,
+    digest: Digest,
+    round: Round,
+) -> bool {
+    if chain.knows(&hash_of(&digest)) {
+        return true;
+    }
+    tracing::debug!(parent = %hash_of(&digest).short(), "parent unknown here: fetching it");
+    let Some(mut ancestry) =
+        marshal.ancestry(context.clone(), (DigestFallback::FetchByRound { round }, digest), fetch.clone()).await
+    else {
+        return false;
+    };
+    let head = chain.head().height;
+    let mut missing = Vec::new();
+    loop {
+        let Some(block) = ancestry.next().await else {
+            tracing::debug!("ancestry ended before a known block");
+            return false;
+        };
+        if chain.knows(&hash_of(&block.digest())) {
+            break;
         }
-        missing.iter().rev().all(|b| match self.chain.verify(b.inner().block(), now_ms) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(height = b.inner().header().height, error = %e, "ancestor does not verify");
-                false
-            }
-        })
+        if block.inner().header().height <= head {
+            tracing::debug!(height = block.inner().header().height, head, "ancestor is not on the finalized chain");
+            return false;
+        }
+        missing.push(block);
+    }
+    missing.iter().rev().all(|b| match chain.verify(b.inner().block(), now_ms(&**context)) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(height = b.inner().header().height, error = %e, "ancestor does not verify");
+            false
+        }
+    })
+}
+
+/// Passes the newest finalization to marshal, at most one per [`MARSHAL_FINALIZATION_INTERVAL`].
+async fn feed_marshal<E: Clock>(
+    context: E,
+    mut marshal: Mailbox<Scheme, Standard<LedgerBlock>>,
+    newest: Arc<Mutex<Option<Finalization<Scheme, Digest>>>>,
+    mut wake: mpsc::Receiver<()>,
+) {
+    while wake.recv().await.is_some() {
+        let f = newest.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(f) = f {
+            let _ = marshal.report(Activity::Finalization(f));
+            context.sleep(MARSHAL_FINALIZATION_INTERVAL).await;
+        }
     }
 }
 
@@ -85,82 +210,218 @@ fn now_ms(clock: &impl Clock) -> u64 {
     clock.current().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
-impl<E> Application<E> for LedgerApp
+impl<E> Automaton for LedgerApp<E>
 where
-    E: Clock + Spawner + Metrics,
+    E: Spawner + Clock + Metrics,
 {
-    type SigningScheme = Scheme;
     type Context = Context<Digest, PublicKey>;
-    type Block = LedgerBlock;
-    type Input = ();
+    type Digest = Digest;
 
-    async fn propose(
-        &mut self,
-        (runtime, _context): (E, Self::Context),
-        mut ancestry: impl Ancestry<LedgerBlock>,
-        _input: (),
-    ) -> Option<Digested<LedgerBlock>> {
-        let parent = ancestry.next().await?;
-        let parent_hash = hash_of(&parent.digest());
-        if !self.ensure_known(now_ms(&runtime), parent, ancestry).await {
-            return None;
-        }
-        // No fixed block interval: propose at once when transactions can go in, else wait a
-        // little for one (an empty block still moves block time forward, which drives leases).
-        // Transactions that cannot go in yet (a nonce gap) do not count.
-        let deadline = runtime.current() + IDLE_WAIT;
-        let mut block = loop {
-            let arrived = self.chain.next_submission();
-            let block = self.chain.build(&parent_hash, now_ms(&runtime))?;
-            if !block.txs.is_empty() || runtime.current() >= deadline {
-                break block;
+    async fn propose(&mut self, context: Self::Context) -> oneshot::Receiver<Digest> {
+        let (mut tx, rx) = oneshot::channel();
+        let app = self.clone();
+        self.context.child("propose").spawn(move |runtime| async move {
+            let runtime = Arc::new(runtime);
+            let (parent_view, parent) = context.parent;
+            let parent_round = Round::new(context.round.epoch(), parent_view);
+            let known = commonware_macros::select! {
+                _ = tx.closed() => false,
+                known = ensure_known(&runtime, &app.chain, &app.marshal, &app.ancestor_fetch, parent, parent_round) => known,
+            };
+            if !known {
+                return;
             }
-            commonware_macros::select! {
-                _ = arrived => {},
-                _ = runtime.sleep_until(deadline) => {},
+            // No fixed block interval: propose at once when transactions can go in, else wait a
+            // little for one (an empty block still moves block time forward, which drives
+            // leases). Transactions that cannot go in yet (a nonce gap) do not count.
+            let parent = hash_of(&parent);
+            let deadline = runtime.current() + IDLE_WAIT;
+            let mut block = loop {
+                let arrived = app.chain.next_submission();
+                let Some(block) = app.chain.build(&parent, now_ms(&*runtime)) else { return };
+                if !block.txs.is_empty() || runtime.current() >= deadline {
+                    break block;
+                }
+                commonware_macros::select! {
+                    _ = tx.closed() => return,
+                    _ = arrived => {},
+                    _ = runtime.sleep_until(deadline) => {},
+                }
+            };
+            tracing::debug!(height = block.header.height, txs = block.txs.len(), "proposing");
+            if app.behaviour == Behaviour::ProposesInvalidBlocks {
+                block.header.state_root.0[0] ^= 0xff;
             }
-        };
-        tracing::debug!(height = block.header.height, txs = block.txs.len(), "proposing");
-        if self.behaviour == Behaviour::ProposesInvalidBlocks {
-            block.header.state_root.0[0] ^= 0xff;
-        }
-        let block = LedgerBlock::new(block);
-        let digest = block.digest();
-        Some(Digested::precomputed(block, digest))
+            let block = LedgerBlock::new(block);
+            let digest = block.digest();
+            app.rounds().built.insert(context.round, Digested::precomputed(block, digest));
+            tx.send_lossy(digest);
+        });
+        rx
     }
 
-    async fn verify(
-        &mut self,
-        (runtime, _context): (E, Self::Context),
-        mut ancestry: impl Ancestry<LedgerBlock>,
-    ) -> bool {
-        let Some(block) = ancestry.next().await else { return false };
-        // Already executed here (or just finalized without our vote, which is the head now).
-        if self.chain.knows(&hash_of(&block.digest())) {
-            return true;
-        }
-        let Some(parent) = ancestry.next().await else { return false };
-        if !self.ensure_known(now_ms(&runtime), parent, ancestry).await {
-            return false;
-        }
-        // A block from slightly in the future is not invalid: wait until it is acceptable.
-        let ts = block.inner().header().timestamp_ms;
-        let now = now_ms(&runtime);
-        if ts > now + MAX_CLOCK_DRIFT_MS {
-            let wait = ts - now - MAX_CLOCK_DRIFT_MS;
-            runtime.sleep(Duration::from_millis(wait.min(10_000))).await;
-        }
-        tracing::debug!(height = block.inner().header().height, "verifying");
-        match self.chain.verify(block.inner().block(), now_ms(&runtime)) {
-            Ok(()) => {
-                tracing::debug!(height = block.inner().header().height, "verified");
-                true
+    async fn verify(&mut self, context: Self::Context, digest: Digest) -> oneshot::Receiver<bool> {
+        let (mut tx, rx) = oneshot::channel();
+        // Registered before the block arrives: certify may come first (a notarization can form
+        // without this node's vote) and must find the gate.
+        let (ack, durable) = oneshot::channel();
+        self.rounds().durable.insert((context.round, digest), durable);
+        let block = self.blocks.subscribe(digest);
+        let app = self.clone();
+        self.context.child("verify").spawn(move |runtime| async move {
+            let runtime = Arc::new(runtime);
+            let block = commonware_macros::select! {
+                _ = tx.closed() => return,
+                block = block => match block {
+                    Ok(block) => block,
+                    Err(_) => return,
+                },
+            };
+            app.marshal.verified_deferred(context.round, block.clone(), ack);
+            let header = block.inner().header();
+            tracing::debug!(height = header.height, round = %context.round, "block to verify arrived");
+            let (parent_view, parent) = context.parent;
+            if header.parent != hash_of(&parent) {
+                tracing::warn!(height = header.height, "rejecting a block that does not extend the notarized parent");
+                tx.send_lossy(false);
+                return;
             }
-            Err(e) => {
-                tracing::warn!(height = block.inner().header().height, error = %e, "rejecting an invalid block");
-                false
+            // Already executed here (or just finalized without our vote, which is the head now).
+            if app.chain.knows(&hash_of(&digest)) {
+                tx.send_lossy(true);
+                return;
             }
+            let parent_round = Round::new(context.round.epoch(), parent_view);
+            let known = commonware_macros::select! {
+                _ = tx.closed() => return,
+                known = ensure_known(&runtime, &app.chain, &app.marshal, &app.ancestor_fetch, parent, parent_round) => known,
+            };
+            if !known {
+                tx.send_lossy(false);
+                return;
+            }
+            // A block from slightly in the future is not invalid: wait until it is acceptable.
+            let now = now_ms(&*runtime);
+            if header.timestamp_ms > now + MAX_CLOCK_DRIFT_MS {
+                let wait = header.timestamp_ms - now - MAX_CLOCK_DRIFT_MS;
+                runtime.sleep(Duration::from_millis(wait.min(10_000))).await;
+            }
+            tracing::debug!(height = header.height, "verifying");
+            match app.chain.verify(block.inner().block(), now_ms(&*runtime)) {
+                Ok(()) => {
+                    tracing::debug!(height = header.height, "verified");
+                    tx.send_lossy(true);
+                }
+                Err(e) => {
+                    tracing::warn!(height = header.height, error = %e, "rejecting an invalid block");
+                    tx.send_lossy(false);
+                }
+            }
+        });
+        rx
+    }
+}
+
+impl<E> CertifiableAutomaton for LedgerApp<E>
+where
+    E: Spawner + Clock + Metrics,
+{
+    /// A notarized block is certified once it is on this node's disk: a quorum of validators
+    /// verified it (at least one honest), so only its availability is this node's to ensure.
+    async fn certify(&mut self, round: Round, digest: Digest) -> oneshot::Receiver<bool> {
+        let (mut tx, rx) = oneshot::channel();
+        let durable = self.rounds().durable.remove(&(round, digest));
+        let marshal = self.marshal.clone();
+        self.context.child("certify").spawn(move |runtime| async move {
+            if let Some(durable) = durable {
+                // The gate opens once the block arrived and is stored; if it has not arrived by
+                // broadcast soon, fetch it below.
+                let stored = async {
+                    match durable.await {
+                        Ok(handle) => handle.await.is_ok(),
+                        Err(_) => false,
+                    }
+                };
+                let stored = commonware_macros::select! {
+                    _ = tx.closed() => return,
+                    stored = stored => stored,
+                    _ = runtime.sleep(CERTIFY_FETCH_AFTER) => false,
+                };
+                if stored {
+                    tx.send_lossy(true);
+                    return;
+                }
+            }
+            // Never seen here (a leader may send its block to just enough validators, or this
+            // node restarted): fetch it from those who notarized it, and store it.
+            let block = marshal.subscribe_by_digest(digest, DigestFallback::FetchByRound { round });
+            let block = commonware_macros::select! {
+                _ = tx.closed() => return,
+                block = block => match block {
+                    Ok(block) => block,
+                    Err(_) => return,
+                },
+            };
+            if marshal.certified(round, block).await {
+                tx.send_lossy(true);
+            }
+        });
+        rx
+    }
+}
+
+impl<E> Relay for LedgerApp<E>
+where
+    E: Spawner + Clock + Metrics,
+{
+    type Digest = Digest;
+    type PublicKey = PublicKey;
+    type Plan = Plan<PublicKey>;
+
+    fn broadcast(&mut self, digest: Digest, plan: Plan<PublicKey>) -> commonware_actor::Feedback {
+        match plan {
+            Plan::Propose { round } => {
+                let built = self.rounds().built.remove(&round);
+                match built {
+                    Some(block) if block.digest() == digest => {
+                        let feedback = self.blocks.broadcast(Recipients::All, block.clone());
+                        self.store(round, block);
+                        feedback
+                    }
+                    _ => {
+                        tracing::warn!(round = %round, "asked to send a block this node did not build");
+                        commonware_actor::Feedback::Ok
+                    }
+                }
+            }
+            Plan::Forward { round, recipients } => self.marshal.forward(round, digest, recipients),
+            // Only term-start candidates built before their parent certifies are prepared;
+            // this application builds after (no `prepare`).
+            Plan::Prepare { .. } => commonware_actor::Feedback::Ok,
         }
+    }
+}
+
+impl<E> Reporter for LedgerApp<E>
+where
+    E: Spawner + Clock + Metrics,
+{
+    type Activity = Activity<Scheme, Digest>;
+
+    fn report(&mut self, activity: Self::Activity) -> commonware_actor::Feedback {
+        let Activity::Finalization(f) = activity else {
+            return self.marshal.report(activity);
+        };
+        let round = f.proposal.round;
+        {
+            let mut rounds = self.rounds();
+            rounds.built.retain(|r, _| *r > round);
+            rounds.durable.retain(|(r, _), _| *r > round);
+        }
+        let _ = self.applier.send(ToApply::Finalization(f.clone()));
+        *self.for_marshal.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(f);
+        let _ = self.marshal_wake.try_send(());
+        commonware_actor::Feedback::Ok
     }
 }
 

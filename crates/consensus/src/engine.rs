@@ -11,7 +11,7 @@ use crate::chain::Chain;
 use commonware_broadcast::buffered;
 use commonware_codec::{Decode as _, Encode as _};
 use commonware_consensus::marshal::core::{Actor, Mailbox};
-use commonware_consensus::marshal::standard::{Inline, Standard};
+use commonware_consensus::marshal::standard::Standard;
 use commonware_consensus::marshal::{self, Start, Update};
 use commonware_consensus::simplex::config::{Floor, ForwardPolicy, SkipBudget, SkipPolicy};
 use commonware_consensus::simplex::elector::RoundRobin;
@@ -29,6 +29,7 @@ use commonware_parallel::Sequential;
 use commonware_runtime::buffer::paged::CacheRef;
 use commonware_runtime::{Clock, Handle, Metrics, Spawner, Storage};
 use commonware_storage::archive::immutable;
+use commonware_utils::acknowledgement::Exact;
 use commonware_utils::channel::mpsc;
 use commonware_utils::{Acknowledgement as _, NZDuration, NZU16, NZU64, NZUsize, ordered::Set};
 use std::sync::Arc;
@@ -115,7 +116,7 @@ pub struct Channels<S, R> {
 }
 
 /// What the applier task hears.
-enum ToApply {
+pub(crate) enum ToApply {
     /// Marshal's finalized blocks, in height order, once durable in its archives.
     Block(Update<LedgerBlock>),
     /// A finalization as simplex forms it, before marshal has stored anything: the fast path
@@ -134,25 +135,6 @@ impl Reporter for Finalized {
             Ok(()) => commonware_actor::Feedback::Ok,
             Err(_) => commonware_actor::Feedback::Closed,
         }
-    }
-}
-
-/// Sits between simplex and marshal: passes every activity on, and a copy of each finalization
-/// to the applier task. Marshal syncs its archives before it delivers a block; the ledger keeps
-/// its own log, so it need not wait for that.
-#[derive(Clone)]
-struct EarlyFinality<R> {
-    inner: R,
-    applier: mpsc::UnboundedSender<ToApply>,
-}
-
-impl<R: Reporter<Activity = Activity<Scheme, Digest>>> Reporter for EarlyFinality<R> {
-    type Activity = Activity<Scheme, Digest>;
-    fn report(&mut self, activity: Self::Activity) -> commonware_actor::Feedback {
-        if let Activity::Finalization(f) = &activity {
-            let _ = self.applier.send(ToApply::Finalization(f.clone()));
-        }
-        self.inner.report(activity)
     }
 }
 
@@ -273,6 +255,7 @@ where
     let (finalized_tx, finalized_rx) = mpsc::unbounded_channel();
     let early_tx = finalized_tx.clone();
     let mut handles = vec![broadcast.start(channels.blocks)];
+    let buffer_for_app = buffer.clone();
     handles.push(actor.start(Finalized(finalized_tx), buffer, resolver));
     handles.push(context.child("ledger_apply").spawn({
         let chain = chain.clone();
@@ -282,17 +265,16 @@ where
 
     match signer {
         Some(scheme) => {
-            let app = LedgerApp::new(chain, cfg.behaviour);
-            let wrapper = Inline::new(context.child("inline"), app, mailbox, epocher);
+            let app = LedgerApp::new(context.child("ledger"), chain, cfg.behaviour, mailbox, buffer_for_app, early_tx);
             let engine = simplex::Engine::new(
                 context.child("simplex"),
                 simplex::Config {
                     scheme,
                     elector: RoundRobin::<Sha256>::default(),
                     blocker,
-                    automaton: wrapper.clone(),
-                    relay: wrapper.clone(),
-                    reporter: EarlyFinality { inner: wrapper, applier: early_tx },
+                    automaton: app.clone(),
+                    relay: app.clone(),
+                    reporter: app,
                     track_historical_votes: false,
                     strategy: Sequential,
                     partition: "archipel-simplex-e0".into(),
@@ -354,13 +336,33 @@ async fn tap_finalizations<E, R>(
     }
 }
 
+/// Marshal's deliveries are acknowledged in batches of this many (each acknowledgement batch
+/// costs marshal's actor a metadata fsync, during which it answers nobody)...
+const ACK_BATCH: usize = 16;
+/// ...or when no delivery came for this long. Unacknowledged blocks are delivered again after a
+/// restart, which the chain ignores (it already has them).
+const ACK_DELAY: Duration = Duration::from_millis(200);
+
 async fn apply_finalized<E: Clock>(
-    _context: E,
+    context: E,
     chain: Arc<Chain>,
     mailbox: Mailbox<Scheme, Standard<LedgerBlock>>,
     mut updates: mpsc::UnboundedReceiver<ToApply>,
 ) {
-    while let Some(update) = updates.recv().await {
+    let mut acks: Vec<Exact> = Vec::new();
+    loop {
+        let update = if acks.is_empty() {
+            updates.recv().await
+        } else {
+            commonware_macros::select! {
+                update = updates.recv() => update,
+                _ = context.sleep(ACK_DELAY) => {
+                    acks.drain(..).for_each(Exact::acknowledge);
+                    continue;
+                },
+            }
+        };
+        let Some(update) = update else { return };
         let applied = match update {
             ToApply::Finalization(f) => {
                 let applied = chain.finalize_known(&hash_of(&f.proposal.payload), f.encode().to_vec());
@@ -384,7 +386,10 @@ async fn apply_finalized<E: Clock>(
                     tracing::debug!(height = height.get(), "finalized block from marshal");
                 }
                 if applied.is_ok() {
-                    ack.acknowledge();
+                    acks.push(ack);
+                    if acks.len() >= ACK_BATCH {
+                        acks.drain(..).for_each(Exact::acknowledge);
+                    }
                 }
                 applied
             }
