@@ -241,8 +241,8 @@ async fn archipel(bin: &Path) -> Result<Figures> {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let p = load_phase(&client, &mut probe, &mut accounts, Some(rate), STEP).await?;
         println!(
-            "  offered {rate:>5.0} transfers/s: {:>5.0}/s finalized, submit->final p50 {:.1} ms, p99 {:.1} ms",
-            p.finalized_per_s, p.p50_ms, p.p99_ms
+            "  offered {rate:>5.0} transfers/s: {:>5.0}/s finalized, submit->final p50 {:.1} ms, p99 {:.1} ms, CPU {:.0}% busy",
+            p.finalized_per_s, p.p50_ms, p.p99_ms, p.busy_percent
         );
         if p.p99_ms <= 50.0 && p.finalized_per_s >= 0.9 * rate {
             sustained = sustained.max(p.finalized_per_s);
@@ -254,8 +254,8 @@ async fn archipel(bin: &Path) -> Result<Figures> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let saturated = load_phase(&client, &mut probe, &mut accounts, None, LOAD).await?;
     println!(
-        "  saturated ({CLIENTS} clients, batches of {BATCH}): {:.0}/s finalized, p50 {:.1} ms, p99 {:.1} ms",
-        saturated.finalized_per_s, saturated.p50_ms, saturated.p99_ms
+        "  saturated ({CLIENTS} clients, batches of {BATCH}): {:.0}/s finalized, p50 {:.1} ms, p99 {:.1} ms, CPU {:.0}% busy",
+        saturated.finalized_per_s, saturated.p50_ms, saturated.p99_ms, saturated.busy_percent
     );
     let (idle_p50_ms, idle_p99_ms, _) = summary(idle);
     if std::env::var_os("ARCHIPEL_BENCH_KEEP").is_some() {
@@ -292,6 +292,17 @@ struct Phase {
     finalized_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// How busy the whole box's CPUs were during the phase (nodes and load client).
+    busy_percent: f64,
+}
+
+/// (busy, total) CPU ticks of the whole box so far, from /proc/stat.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|t| t.parse().ok()).collect();
+    let total: u64 = ticks.iter().sum();
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    Some((total - idle, total))
 }
 
 /// `CLIENTS` tasks submit transfers from their own accounts, at `rate` per second in all (open
@@ -366,6 +377,7 @@ async fn load_phase(
         }));
     }
     let phase_start = Instant::now();
+    let cpu_start = cpu_ticks();
     let mut latencies = Vec::new();
     let mut i = 0;
     while phase_start.elapsed() < duration {
@@ -380,6 +392,10 @@ async fn load_phase(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = phase_start.elapsed();
+    let busy_percent = match (cpu_start, cpu_ticks()) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => 100.0 * (b1 - b0) as f64 / (t1 - t0) as f64,
+        _ => f64::NAN,
+    };
     stop.store(true, Ordering::Relaxed);
     let end_height = head(client, NODES[0]).await?;
     for t in tasks {
@@ -387,7 +403,7 @@ async fn load_phase(
     }
     let finalized = count_txs(client, NODES[0], start_height + 1, end_height).await?;
     let (p50_ms, p99_ms, _) = summary(latencies);
-    Ok(Phase { finalized_per_s: finalized as f64 / elapsed.as_secs_f64(), p50_ms, p99_ms })
+    Ok(Phase { finalized_per_s: finalized as f64 / elapsed.as_secs_f64(), p50_ms, p99_ms, busy_percent })
 }
 
 /// Installs etcd if needed (Debian `etcd-server`).
