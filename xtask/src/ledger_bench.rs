@@ -216,6 +216,7 @@ async fn archipel(bin: &Path) -> Result<Figures> {
 
     // Idle latency: one transfer at a time, each to the next node, waiting for finality.
     let mut idle = Vec::new();
+    let (cpu_start, heights_start, idle_start) = (cpu_ticks(), head(&client, NODES[0]).await?, Instant::now());
     for i in 0..LATENCY_SAMPLES {
         let body = transfer(&tenant, nonce, &sink, 1);
         nonce += 1;
@@ -225,6 +226,12 @@ async fn archipel(bin: &Path) -> Result<Figures> {
             .with_context(|| format!("idle latency sample {i} via {}", NODES[i % 4]))?;
         idle.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    let blocks = head(&client, NODES[0]).await?.saturating_sub(heights_start);
+    println!(
+        "  idle probes: {:.0} blocks/s, CPU {:.0}% busy",
+        blocks as f64 / idle_start.elapsed().as_secs_f64(),
+        busy_since(cpu_start)
+    );
     eprintln!("idle latency measured; load steps follow");
 
     // Load at fixed offered rates (open loop), stepping up while latency holds, then as fast as
@@ -294,6 +301,14 @@ struct Phase {
     p99_ms: f64,
     /// How busy the whole box's CPUs were during the phase (nodes and load client).
     busy_percent: f64,
+}
+
+/// Percent of the box's CPU time spent busy since `start` (a [`cpu_ticks`] reading).
+fn busy_since(start: Option<(u64, u64)>) -> f64 {
+    match (start, cpu_ticks()) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => 100.0 * (b1 - b0) as f64 / (t1 - t0) as f64,
+        _ => f64::NAN,
+    }
 }
 
 /// (busy, total) CPU ticks of the whole box so far, from /proc/stat.
@@ -392,10 +407,7 @@ async fn load_phase(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = phase_start.elapsed();
-    let busy_percent = match (cpu_start, cpu_ticks()) {
-        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => 100.0 * (b1 - b0) as f64 / (t1 - t0) as f64,
-        _ => f64::NAN,
-    };
+    let busy_percent = busy_since(cpu_start);
     stop.store(true, Ordering::Relaxed);
     let end_height = head(client, NODES[0]).await?;
     for t in tasks {
