@@ -59,7 +59,9 @@ struct Figures {
 pub fn bench(bin: &Path) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let simplex = simplex_baseline();
+    settle_disk();
     let ours = rt.block_on(archipel(bin))?;
+    settle_disk();
     let etcd = match if std::env::var_os("ARCHIPEL_BENCH_NO_ETCD").is_some() {
         Err(anyhow::anyhow!("ARCHIPEL_BENCH_NO_ETCD is set"))
     } else {
@@ -102,6 +104,14 @@ pub fn bench(bin: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Flushes what the previous system wrote and lets the disk go quiet, so each system starts on an
+/// idle disk (every view of all three waits on fsyncs; writeback left over from the previous one
+/// showed up as 200–600 ms outliers).
+fn settle_disk() {
+    let _ = Command::new("sync").status();
+    std::thread::sleep(Duration::from_secs(2));
 }
 
 /// Runs `../shared/tools/simplex-baseline.sh` when asked (it builds commonware-log once, ~8 min).
