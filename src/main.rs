@@ -224,6 +224,19 @@ enum NodeCommand {
         #[command(flatten)]
         node: ledger_cli::NodeArg,
     },
+    /// Publish this node's changed descriptor (an UpdateNode transaction: edit node.toml — region,
+    /// capacity, addresses, roles… — then run this); returns once final. Signed by the owner, or
+    /// by the node's own key with --key.
+    Update {
+        /// The node's config file (its key signs the new descriptor).
+        #[arg(long, short, env = "ARCHIPEL_CONFIG", default_value = "node.toml")]
+        config: PathBuf,
+        /// The owner's key (default: the devnet tenant key).
+        #[arg(long, env = "ARCHIPEL_KEY")]
+        key: Option<PathBuf>,
+        #[command(flatten)]
+        node: ledger_cli::NodeArg,
+    },
     /// Remove this node from the ledger's registry (signed by its owner, or by the node's own
     /// key with --key); peers drop it once final.
     Leave {
@@ -335,6 +348,21 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Signs this node's descriptor from `config` and submits it in the transaction `payload` builds
+/// (RegisterNode or UpdateNode), signed with `key`; returns once final.
+fn publish_descriptor(
+    config: &Path,
+    key: Option<PathBuf>,
+    node: &ledger_cli::NodeArg,
+    done: &str,
+    payload: impl FnOnce(SignedDescriptor) -> archipel_ledger::Payload,
+) -> Result<()> {
+    let cfg = load_config(config, None)?;
+    let identity = Identity::load(&cfg.key_file)?;
+    let descriptor = own_descriptor(&identity, &cfg, None, archipel_node::api::system_now_ms())?;
+    tokio_rt()?.block_on(ledger_cli::submit_as(key, payload(descriptor), node, &format!("{done} node {}", cfg.name)))
 }
 
 fn tokio_rt() -> Result<tokio::runtime::Runtime> {
@@ -495,12 +523,13 @@ fn node(cmd: NodeCommand) -> Result<()> {
             Ok(())
         }
         NodeCommand::Register { config, key, node } => {
-            let cfg = load_config(&config, None)?;
-            let identity = Identity::load(&cfg.key_file)?;
-            let descriptor = own_descriptor(&identity, &cfg, None, archipel_node::api::system_now_ms())?;
-            let payload = archipel_ledger::Payload::RegisterNode { descriptor };
-            tokio_rt()?.block_on(ledger_cli::submit_as(key, payload, &node, &format!("registered node {}", cfg.name)))
+            publish_descriptor(&config, key, &node, "registered", |descriptor| archipel_ledger::Payload::RegisterNode {
+                descriptor,
+            })
         }
+        NodeCommand::Update { config, key, node } => publish_descriptor(&config, key, &node, "updated", |descriptor| {
+            archipel_ledger::Payload::UpdateNode { descriptor }
+        }),
         NodeCommand::Leave { config, key, node } => {
             let cfg = load_config(&config, None)?;
             let id = Identity::load(&cfg.key_file)?.node_id();

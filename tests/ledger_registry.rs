@@ -1,6 +1,7 @@
 //! Real processes: the p2p allowed set follows the node registry in finalized ledger state. A
 //! node registered later (`node register`, a RegisterNode transaction) joins with `node run
-//! --join`, syncs the chain and heartbeats; once it leaves (`node leave`) peers drop it.
+//! --join`, syncs the chain and heartbeats; its owner updates its descriptor (`node update`); once it
+//! leaves (`node leave`) peers drop it.
 
 mod common;
 
@@ -24,6 +25,19 @@ fn wait(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) {
 fn lease_of(url: &str, name: &str) -> Option<String> {
     let v: serde_json::Value = rt().block_on(ApiClient::new(url).get("/v1/nodes")).ok()?;
     v["nodes"].as_array()?.iter().find(|n| n["name"] == name).map(|n| n["lease"].to_string())
+}
+
+/// The late node's id, from its key file.
+fn late_id(w: &std::path::Path) -> String {
+    archipel_crypto::Identity::load(&w.join("late/node.key")).unwrap().node_id().to_string()
+}
+
+/// The registry record of `node` in `url`'s finalized state, as text (it holds the descriptor as JSON).
+fn registered_descriptor(url: &str, node: &str) -> String {
+    let proof: serde_json::Value =
+        rt().block_on(ApiClient::new(url).get(&format!("/v1/proof/state/node/{node}"))).expect("the node's record");
+    let value = proof["value_hex"].as_str().or_else(|| proof["proof"]["value_hex"].as_str()).expect("value_hex");
+    String::from_utf8_lossy(&hex::decode(value).unwrap()).into_owned()
 }
 
 #[test]
@@ -73,6 +87,25 @@ fn a_registered_node_joins_and_a_node_that_left_is_dropped() {
     wait("the new node's lease up as n01 sees it", Duration::from_secs(30), || {
         lease_of(&n1, "late").as_deref() == Some("\"up\"")
     });
+
+    // Its owner publishes a changed descriptor (node.toml edited): the registry holds the new one.
+    let toml_path = w.join("late/node.toml");
+    let toml = std::fs::read_to_string(&toml_path).unwrap();
+    assert!(toml.contains("\"10GiB\""), "{toml}");
+    std::fs::write(&toml_path, toml.replace("\"10GiB\"", "\"20GiB\"")).unwrap();
+    // A funded stranger may not change it: refused with the reason, nothing changes.
+    assert!(archipel(w, &["key", "gen", "--out", "stranger.key"]).status.success());
+    let out = archipel(w, &["account", "transfer", "stranger.key", "1000000", "--key", &tenant, "--node", &n1]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let other = "stranger.key";
+    let out = archipel(w, &["node", "update", "--config", "late/node.toml", "--key", other, "--node", &n1]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(stderr(&out).contains("may not change node"), "{}", stderr(&out));
+    assert!(registered_descriptor(&n1, &late_id(w)).contains("\"10GiB\""));
+    let out = archipel(w, &["node", "update", "--config", "late/node.toml", "--key", &tenant, "--node", &n1]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("updated node late"), "{}", stdout(&out));
+    assert!(registered_descriptor(&n1, &late_id(w)).contains("\"20GiB\""));
 
     // It leaves: peers drop it; its chain stops while the network goes on.
     let out = archipel(w, &["node", "leave", "--config", "late/node.toml", "--key", &tenant, "--node", &n1]);
