@@ -171,6 +171,19 @@ impl NodeFields {
     }
 }
 
+/// A registered node and the key that controls it (`node update`, `node leave`).
+#[derive(clap::Args, Debug)]
+struct OwnedNode {
+    /// The node's config file (its key signs a new descriptor).
+    #[arg(long, short, env = "ARCHIPEL_CONFIG", default_value = "node.toml")]
+    config: PathBuf,
+    /// The owner's key (default: the devnet tenant key); the node's own key may sign too.
+    #[arg(long, env = "ARCHIPEL_KEY")]
+    key: Option<PathBuf>,
+    #[command(flatten)]
+    node: ledger_cli::NodeArg,
+}
+
 #[derive(Subcommand, Debug)]
 enum NodeCommand {
     /// Create a node directory: a key (kept if present) and a documented node.toml.
@@ -227,28 +240,10 @@ enum NodeCommand {
     /// Publish this node's changed descriptor (an UpdateNode transaction: edit node.toml — region,
     /// capacity, addresses, roles… — then run this); returns once final. Signed by the owner, or
     /// by the node's own key with --key.
-    Update {
-        /// The node's config file (its key signs the new descriptor).
-        #[arg(long, short, env = "ARCHIPEL_CONFIG", default_value = "node.toml")]
-        config: PathBuf,
-        /// The owner's key (default: the devnet tenant key).
-        #[arg(long, env = "ARCHIPEL_KEY")]
-        key: Option<PathBuf>,
-        #[command(flatten)]
-        node: ledger_cli::NodeArg,
-    },
+    Update(#[command(flatten)] OwnedNode),
     /// Remove this node from the ledger's registry (signed by its owner, or by the node's own
     /// key with --key); peers drop it once final.
-    Leave {
-        /// The node's config file.
-        #[arg(long, short, env = "ARCHIPEL_CONFIG", default_value = "node.toml")]
-        config: PathBuf,
-        /// The owner's key (default: the devnet tenant key).
-        #[arg(long, env = "ARCHIPEL_KEY")]
-        key: Option<PathBuf>,
-        #[command(flatten)]
-        node: ledger_cli::NodeArg,
-    },
+    Leave(#[command(flatten)] OwnedNode),
     /// As a validator, approve a node joining after genesis; with a quorum, submit the admission.
     Admit {
         /// The validator's config file.
@@ -527,10 +522,12 @@ fn node(cmd: NodeCommand) -> Result<()> {
                 descriptor,
             })
         }
-        NodeCommand::Update { config, key, node } => publish_descriptor(&config, key, &node, "updated", |descriptor| {
-            archipel_ledger::Payload::UpdateNode { descriptor }
-        }),
-        NodeCommand::Leave { config, key, node } => {
+        NodeCommand::Update(OwnedNode { config, key, node }) => {
+            publish_descriptor(&config, key, &node, "updated", |descriptor| archipel_ledger::Payload::UpdateNode {
+                descriptor,
+            })
+        }
+        NodeCommand::Leave(OwnedNode { config, key, node }) => {
             let cfg = load_config(&config, None)?;
             let id = Identity::load(&cfg.key_file)?.node_id();
             let payload = archipel_ledger::Payload::LeaveNode { node: id };
