@@ -107,8 +107,7 @@ pub fn bench(bin: &Path) -> Result<()> {
 }
 
 /// Flushes what the previous system wrote and lets the disk go quiet, so each system starts on an
-/// idle disk (every view of all three waits on fsyncs; writeback left over from the previous one
-/// showed up as 200–600 ms outliers).
+/// idle disk (every view of all three waits on fsyncs).
 fn settle_disk() {
     let _ = Command::new("sync").status();
     std::thread::sleep(Duration::from_secs(2));
