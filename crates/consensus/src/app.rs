@@ -304,7 +304,10 @@ where
             let now = now_ms(&*runtime);
             if header.timestamp_ms > now + MAX_CLOCK_DRIFT_MS {
                 let wait = header.timestamp_ms - now - MAX_CLOCK_DRIFT_MS;
-                runtime.sleep(Duration::from_millis(wait.min(10_000))).await;
+                commonware_macros::select! {
+                    _ = tx.closed() => return,
+                    _ = runtime.sleep(Duration::from_millis(wait.min(10_000))) => {},
+                }
             }
             tracing::debug!(height = header.height, "verifying");
             match app.chain.verify(block.inner().block(), now_ms(&*runtime)) {
@@ -419,7 +422,13 @@ where
             rounds.durable.retain(|(r, _), _| *r > round);
         }
         let _ = self.applier.send(ToApply::Finalization(f.clone()));
-        *self.for_marshal.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(f);
+        {
+            // A late finalization of an earlier view must not displace a newer one.
+            let mut newest = self.for_marshal.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if newest.as_ref().is_none_or(|n| n.proposal.round < round) {
+                *newest = Some(f);
+            }
+        }
         let _ = self.marshal_wake.try_send(());
         commonware_actor::Feedback::Ok
     }
