@@ -206,6 +206,15 @@ async fn feed_marshal<E: Clock>(
     }
 }
 
+/// Runs `work` unless consensus drops the request `tx` answers first (it abandoned the view):
+/// `None` then.
+async fn unless_dropped<R, T>(tx: &mut oneshot::Sender<R>, work: impl std::future::Future<Output = T>) -> Option<T> {
+    commonware_macros::select! {
+        _ = tx.closed() => None,
+        done = work => Some(done),
+    }
+}
+
 fn now_ms(clock: &impl Clock) -> u64 {
     clock.current().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
@@ -224,13 +233,8 @@ where
             let runtime = Arc::new(runtime);
             let (parent_view, parent) = context.parent;
             let parent_round = Round::new(context.round.epoch(), parent_view);
-            let known = commonware_macros::select! {
-                _ = tx.closed() => false,
-                known = ensure_known(&runtime, &app.chain, &app.marshal, &app.ancestor_fetch, parent, parent_round) => known,
-            };
-            if !known {
-                return;
-            }
+            let known = ensure_known(&runtime, &app.chain, &app.marshal, &app.ancestor_fetch, parent, parent_round);
+            let Some(true) = unless_dropped(&mut tx, known).await else { return };
             // No fixed block interval: propose at once when transactions can go in, else wait a
             // little for one (an empty block still moves block time forward, which drives
             // leases). Transactions that cannot go in yet (a nonce gap) do not count.
@@ -270,13 +274,7 @@ where
         let app = self.clone();
         self.context.child("verify").spawn(move |runtime| async move {
             let runtime = Arc::new(runtime);
-            let block = commonware_macros::select! {
-                _ = tx.closed() => return,
-                block = block => match block {
-                    Ok(block) => block,
-                    Err(_) => return,
-                },
-            };
+            let Some(Ok(block)) = unless_dropped(&mut tx, block).await else { return };
             app.marshal.verified_deferred(context.round, block.clone(), ack);
             let header = block.inner().header();
             tracing::debug!(height = header.height, round = %context.round, "block to verify arrived");
@@ -292,10 +290,8 @@ where
                 return;
             }
             let parent_round = Round::new(context.round.epoch(), parent_view);
-            let known = commonware_macros::select! {
-                _ = tx.closed() => return,
-                known = ensure_known(&runtime, &app.chain, &app.marshal, &app.ancestor_fetch, parent, parent_round) => known,
-            };
+            let known = ensure_known(&runtime, &app.chain, &app.marshal, &app.ancestor_fetch, parent, parent_round);
+            let Some(known) = unless_dropped(&mut tx, known).await else { return };
             if !known {
                 tx.send_lossy(false);
                 return;
@@ -304,9 +300,9 @@ where
             let now = now_ms(&*runtime);
             if header.timestamp_ms > now + MAX_CLOCK_DRIFT_MS {
                 let wait = header.timestamp_ms - now - MAX_CLOCK_DRIFT_MS;
-                commonware_macros::select! {
-                    _ = tx.closed() => return,
-                    _ = runtime.sleep(Duration::from_millis(wait.min(10_000))) => {},
+                let waited = runtime.sleep(Duration::from_millis(wait.min(10_000)));
+                if unless_dropped(&mut tx, waited).await.is_none() {
+                    return;
                 }
             }
             tracing::debug!(height = header.height, "verifying");
@@ -358,13 +354,7 @@ where
             // Never seen here (a leader may send its block to just enough validators, or this
             // node restarted): fetch it from those who notarized it, and store it.
             let block = marshal.subscribe_by_digest(digest, DigestFallback::FetchByRound { round });
-            let block = commonware_macros::select! {
-                _ = tx.closed() => return,
-                block = block => match block {
-                    Ok(block) => block,
-                    Err(_) => return,
-                },
-            };
+            let Some(Ok(block)) = unless_dropped(&mut tx, block).await else { return };
             if marshal.certified(round, block).await {
                 tx.send_lossy(true);
             }
