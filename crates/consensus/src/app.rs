@@ -2,20 +2,22 @@
 //! soon as transactions wait, verify other validators' blocks by executing them, send blocks to
 //! the other validators, and hand finalizations to the applier.
 //!
-//! Marshal (commonware's block sync) stays beside it for what it is good at — durable candidate
-//! blocks, finalized archives, backfill for late or restarted nodes — but off the path of a
-//! view: blocks travel through the buffered broadcast engine directly, the parent of a proposal
-//! or a verified block is looked up in the node's [`Chain`] (marshal is asked only for blocks
-//! this node has never seen), and marshal hears finalizations at most every
-//! [`MARSHAL_FINALIZATION_INTERVAL`] (each one costs its actor a metadata fsync, during which it
-//! answers nobody). The one durability barrier kept is marshal's: `certify` (the finalize vote)
-//! waits until the block is on this node's disk, so a finalized block is on the disks of a quorum.
+//! Marshal (commonware's block sync) stays beside it for what it is good at — finalized
+//! archives, backfill for late or restarted nodes — but entirely off the path of a view: blocks
+//! travel through the buffered broadcast engine, the parent of a proposal or a verified block is
+//! looked up in the node's [`Chain`], a block this node missed is fetched from the other
+//! validators by [`Candidates`], and marshal hears only finalizations, at most one every
+//! [`MARSHAL_FINALIZATION_INTERVAL`] (it stores every candidate, notarization and finalization it
+//! hears with its own syncs, which on a shared disk delayed every view). The one durability
+//! barrier kept: `certify` (the finalize vote) waits until [`Candidates`] has the block on this
+//! node's disk, so a finalized block is on the disks of a quorum.
 
-use crate::block::{LedgerBlock, hash_of};
+use crate::block::{LedgerBlock, digest_of, hash_of};
+use crate::candidates::Candidates;
 use crate::chain::{Chain, MAX_CLOCK_DRIFT_MS};
 use crate::engine::ToApply;
 use commonware_broadcast::{Broadcaster as _, buffered};
-use commonware_consensus::marshal::core::{DigestFallback, Mailbox};
+use commonware_consensus::marshal::core::Mailbox;
 use commonware_consensus::marshal::standard::Standard;
 use commonware_consensus::simplex::Plan;
 use commonware_consensus::simplex::scheme::ed25519::Scheme;
@@ -27,9 +29,8 @@ use commonware_cryptography::ed25519::PublicKey;
 use commonware_cryptography::{Digested, Digestible};
 use commonware_p2p::Recipients;
 use commonware_runtime::telemetry::metrics::histogram::Timed;
-use commonware_runtime::{Clock, Handle, Metrics, Spawner};
+use commonware_runtime::{Clock, Metrics, Spawner};
 use commonware_utils::channel::{fallible::OneshotExt as _, mpsc, oneshot};
-use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -42,7 +43,7 @@ pub const IDLE_WAIT: Duration = Duration::from_millis(250);
 pub const MARSHAL_FINALIZATION_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A notarized block that has not reached this node by broadcast within this long is fetched
-/// from the validators that notarized it.
+/// from the other validators.
 pub const CERTIFY_FETCH_AFTER: Duration = Duration::from_millis(200);
 
 /// How a validator misbehaves (simulator only).
@@ -60,8 +61,9 @@ pub enum Behaviour {
 struct Rounds {
     /// Blocks this node built, until consensus asks to send them.
     built: BTreeMap<Round, Digested<LedgerBlock>>,
-    /// Durability of the blocks handed to marshal, awaited by `certify`.
-    durable: BTreeMap<(Round, Digest), oneshot::Receiver<Handle<()>>>,
+    /// Durability of candidate blocks (true once synced), awaited by `certify`; the outer
+    /// channel answers once the block has arrived.
+    durable: BTreeMap<(Round, Digest), oneshot::Receiver<oneshot::Receiver<bool>>>,
 }
 
 /// The ledger application as simplex sees it. Cheap to clone (shared state behind `Arc`s).
@@ -72,6 +74,7 @@ pub struct LedgerApp<E> {
     behaviour: Behaviour,
     marshal: Mailbox<Scheme, Standard<LedgerBlock>>,
     blocks: buffered::Mailbox<PublicKey, LedgerBlock>,
+    candidates: Arc<Candidates>,
     rounds: Arc<Mutex<Rounds>>,
     /// Every finalization, for the applier.
     applier: mpsc::UnboundedSender<ToApply>,
@@ -89,6 +92,7 @@ impl<E> Clone for LedgerApp<E> {
             behaviour: self.behaviour,
             marshal: self.marshal.clone(),
             blocks: self.blocks.clone(),
+            candidates: self.candidates.clone(),
             rounds: self.rounds.clone(),
             applier: self.applier.clone(),
             for_marshal: self.for_marshal.clone(),
@@ -109,10 +113,14 @@ where
         behaviour: Behaviour,
         marshal: Mailbox<Scheme, Standard<LedgerBlock>>,
         blocks: buffered::Mailbox<PublicKey, LedgerBlock>,
+        candidates: Arc<Candidates>,
         applier: mpsc::UnboundedSender<ToApply>,
     ) -> Self {
-        let ancestor_fetch =
-            Timed::register(&context, "ancestor_fetch_duration", "Time to fetch a block unknown here from marshal");
+        let ancestor_fetch = Timed::register(
+            &context,
+            "ancestor_fetch_duration",
+            "Time to fetch a block unknown here from the other validators",
+        );
         let (marshal_wake, wake) = mpsc::channel(1);
         let for_marshal = Arc::new(Mutex::new(None));
         context.child("marshal_feed").spawn({
@@ -125,6 +133,7 @@ where
             behaviour,
             marshal,
             blocks,
+            candidates,
             rounds: Default::default(),
             applier,
             for_marshal,
@@ -137,50 +146,42 @@ where
         self.rounds.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Hands `block` to marshal to store, and remembers the durability handle for `certify`.
+    /// Makes this node's own block durable, and remembers the durability for `certify`.
     fn store(&self, round: Round, block: Digested<LedgerBlock>) {
-        let (ack, durable) = oneshot::channel();
+        let (arrived, durable) = oneshot::channel();
         self.rounds().durable.insert((round, block.digest()), durable);
-        self.marshal.verified_deferred(round, block, ack);
+        let _ = arrived.send(self.candidates.persist(round.view().get(), block));
     }
 }
 
-/// Makes sure the state after block `digest` (the parent of a proposal or of a block to verify,
-/// notarized at `round`) is known here, fetching and executing unknown ancestors oldest first.
-/// False if they do not connect to the finalized chain or one is invalid.
+/// Makes sure the state after block `digest` (the parent of a proposal or of a block to verify)
+/// is known here, fetching and executing unknown ancestors oldest first. False if they do not
+/// connect to the finalized chain or one is invalid; waits as long as no validator answers.
 async fn ensure_known<E: Clock>(
     context: &Arc<E>,
     chain: &Chain,
-    marshal: &Mailbox<Scheme, Standard<LedgerBlock>>,
+    candidates: &Candidates,
     fetch: &Timed,
     digest: Digest,
-    round: Round,
 ) -> bool {
     if chain.knows(&hash_of(&digest)) {
         return true;
     }
     tracing::debug!(parent = %hash_of(&digest).short(), "parent unknown here: fetching it");
-    let Some(mut ancestry) =
-        marshal.ancestry(context.clone(), (DigestFallback::FetchByRound { round }, digest), fetch.clone()).await
-    else {
-        return false;
-    };
+    let timer = fetch.timer(&**context);
     let head = chain.head().height;
     let mut missing = Vec::new();
-    loop {
-        let Some(block) = ancestry.next().await else {
-            tracing::debug!("ancestry ended before a known block");
-            return false;
-        };
-        if chain.knows(&hash_of(&block.digest())) {
-            break;
-        }
+    let mut next = digest;
+    while !chain.knows(&hash_of(&next)) {
+        let block = candidates.fetch(&**context, next).await;
         if block.inner().header().height <= head {
             tracing::debug!(height = block.inner().header().height, head, "ancestor is not on the finalized chain");
             return false;
         }
+        next = digest_of(&block.inner().header().parent);
         missing.push(block);
     }
+    timer.observe(&**context);
     missing.iter().rev().all(|b| match chain.verify(b.inner().block(), now_ms(&**context)) {
         Ok(()) => true,
         Err(e) => {
@@ -231,9 +232,8 @@ where
         let app = self.clone();
         self.context.child("propose").spawn(move |runtime| async move {
             let runtime = Arc::new(runtime);
-            let (parent_view, parent) = context.parent;
-            let parent_round = Round::new(context.round.epoch(), parent_view);
-            let known = ensure_known(&runtime, &app.chain, &app.marshal, &app.ancestor_fetch, parent, parent_round);
+            let (_, parent) = context.parent;
+            let known = ensure_known(&runtime, &app.chain, &app.candidates, &app.ancestor_fetch, parent);
             let Some(true) = unless_dropped(&mut tx, known).await else { return };
             // No fixed block interval: propose at once when transactions can go in, else wait a
             // little for one (an empty block still moves block time forward, which drives
@@ -268,17 +268,26 @@ where
         let (mut tx, rx) = oneshot::channel();
         // Registered before the block arrives: certify may come first (a notarization can form
         // without this node's vote) and must find the gate.
-        let (ack, durable) = oneshot::channel();
+        let (arrived, durable) = oneshot::channel();
         self.rounds().durable.insert((context.round, digest), durable);
+        // Held here already (read back after a restart, or fetched for a child): no need to
+        // wait for the broadcast.
+        let held = self.candidates.get(&digest);
         let block = self.blocks.subscribe(digest);
         let app = self.clone();
         self.context.child("verify").spawn(move |runtime| async move {
             let runtime = Arc::new(runtime);
-            let Some(Ok(block)) = unless_dropped(&mut tx, block).await else { return };
-            app.marshal.verified_deferred(context.round, block.clone(), ack);
+            let block = match held {
+                Some(block) => block,
+                None => {
+                    let Some(Ok(block)) = unless_dropped(&mut tx, block).await else { return };
+                    block
+                }
+            };
+            let _ = arrived.send(app.candidates.persist(context.round.view().get(), block.clone()));
             let header = block.inner().header();
             tracing::debug!(height = header.height, round = %context.round, "block to verify arrived");
-            let (parent_view, parent) = context.parent;
+            let (_, parent) = context.parent;
             if header.parent != hash_of(&parent) {
                 tracing::warn!(height = header.height, "rejecting a block that does not extend the notarized parent");
                 tx.send_lossy(false);
@@ -289,8 +298,7 @@ where
                 tx.send_lossy(true);
                 return;
             }
-            let parent_round = Round::new(context.round.epoch(), parent_view);
-            let known = ensure_known(&runtime, &app.chain, &app.marshal, &app.ancestor_fetch, parent, parent_round);
+            let known = ensure_known(&runtime, &app.chain, &app.candidates, &app.ancestor_fetch, parent);
             let Some(known) = unless_dropped(&mut tx, known).await else { return };
             if !known {
                 tx.send_lossy(false);
@@ -330,32 +338,30 @@ where
     async fn certify(&mut self, round: Round, digest: Digest) -> oneshot::Receiver<bool> {
         let (mut tx, rx) = oneshot::channel();
         let durable = self.rounds().durable.remove(&(round, digest));
-        let marshal = self.marshal.clone();
+        let candidates = self.candidates.clone();
         self.context.child("certify").spawn(move |runtime| async move {
-            if let Some(durable) = durable {
-                // The gate opens once the block arrived and is stored; if it has not arrived by
-                // broadcast soon, fetch it below.
-                let stored = async {
-                    match durable.await {
-                        Ok(handle) => handle.await.is_ok(),
-                        Err(_) => false,
-                    }
-                };
-                let stored = commonware_macros::select! {
-                    _ = tx.closed() => return,
-                    stored = stored => stored,
-                    _ = runtime.sleep(CERTIFY_FETCH_AFTER) => false,
-                };
-                if stored {
-                    tx.send_lossy(true);
-                    return;
+            // The block arrived (by broadcast, or this node built it): wait for its sync. If it
+            // has not arrived soon, fetch it from the other validators below.
+            let arrived = async {
+                match durable {
+                    Some(durable) => durable.await.ok(),
+                    None => futures::future::pending().await,
                 }
-            }
-            // Never seen here (a leader may send its block to just enough validators, or this
-            // node restarted): fetch it from those who notarized it, and store it.
-            let block = marshal.subscribe_by_digest(digest, DigestFallback::FetchByRound { round });
-            let Some(Ok(block)) = unless_dropped(&mut tx, block).await else { return };
-            if marshal.certified(round, block).await {
+            };
+            let synced = commonware_macros::select! {
+                _ = tx.closed() => return,
+                synced = arrived => synced,
+                _ = runtime.sleep(CERTIFY_FETCH_AFTER) => None,
+            };
+            let synced = match synced {
+                Some(synced) => synced,
+                None => {
+                    let fetched = candidates.fetch(&runtime, digest);
+                    let Some(block) = unless_dropped(&mut tx, fetched).await else { return };
+                    candidates.persist(round.view().get(), block)
+                }
+            };
+            if let Some(Ok(true)) = unless_dropped(&mut tx, synced).await {
                 tx.send_lossy(true);
             }
         });
@@ -387,7 +393,11 @@ where
                     }
                 }
             }
-            Plan::Forward { round, recipients } => self.marshal.forward(round, digest, recipients),
+            // Validators that missed the block (the leader went silent on them): send it on.
+            Plan::Forward { recipients, .. } => match self.candidates.get(&digest) {
+                Some(block) => self.blocks.broadcast(recipients, block),
+                None => commonware_actor::Feedback::Ok,
+            },
             // Only term-start candidates built before their parent certifies are prepared;
             // this application builds after (no `prepare`).
             Plan::Prepare { .. } => commonware_actor::Feedback::Ok,
@@ -402,10 +412,15 @@ where
     type Activity = Activity<Scheme, Digest>;
 
     fn report(&mut self, activity: Self::Activity) -> commonware_actor::Feedback {
+        // Marshal hears finalizations only (see the module docs); votes and other certificates
+        // matter to simplex alone.
         let Activity::Finalization(f) = activity else {
-            return self.marshal.report(activity);
+            return commonware_actor::Feedback::Ok;
         };
         let round = f.proposal.round;
+        if let Some(block) = self.candidates.get(&f.proposal.payload) {
+            self.candidates.finalized(block.inner().header().height);
+        }
         {
             let mut rounds = self.rounds();
             rounds.built.retain(|r, _| *r > round);

@@ -7,6 +7,7 @@
 
 use crate::app::{Behaviour, LedgerApp};
 use crate::block::{BlockCfg, LedgerBlock, hash_of};
+use crate::candidates::{self, Candidates};
 use crate::chain::Chain;
 use commonware_broadcast::buffered;
 use commonware_codec::{Decode as _, Encode as _};
@@ -18,7 +19,7 @@ use commonware_consensus::simplex::elector::RoundRobin;
 use commonware_consensus::simplex::scheme::ed25519::Scheme;
 use commonware_consensus::simplex::types::{Activity, Certificate, Finalization};
 use commonware_consensus::simplex::{self};
-use commonware_consensus::types::{Epoch, FixedEpocher, ViewDelta};
+use commonware_consensus::types::{Epoch, FixedEpocher, Round, View, ViewDelta};
 use commonware_consensus::{Heightable as _, Reporter};
 use commonware_cryptography::blake3::Digest;
 use commonware_cryptography::certificate::{ConstantProvider, Verifier as _};
@@ -30,7 +31,7 @@ use commonware_runtime::buffer::paged::CacheRef;
 use commonware_runtime::{Clock, Handle, Metrics, Spawner, Storage};
 use commonware_storage::archive::immutable;
 use commonware_utils::acknowledgement::Exact;
-use commonware_utils::channel::mpsc;
+use commonware_utils::channel::{mpsc, oneshot};
 use commonware_utils::{Acknowledgement as _, NZDuration, NZU16, NZU64, NZUsize, ordered::Set};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +46,8 @@ pub const RESOLVER_CHANNEL: u64 = 3;
 pub const BLOCKS_CHANNEL: u64 = 4;
 /// p2p channel of block backfill (marshal's resolver).
 pub const BACKFILL_CHANNEL: u64 = 5;
+/// p2p channel of candidate blocks a validator missed ([`crate::candidates`]).
+pub const FETCH_CHANNEL: u64 = 7;
 
 /// The consensus namespace of a network (signatures of one network never count in another).
 pub fn namespace(genesis_hash: &str) -> Vec<u8> {
@@ -113,6 +116,8 @@ pub struct Channels<S, R> {
     pub blocks: (S, R),
     /// [`BACKFILL_CHANNEL`].
     pub backfill: (S, R),
+    /// [`FETCH_CHANNEL`].
+    pub fetch: (S, R),
 }
 
 /// What the applier task hears.
@@ -196,7 +201,9 @@ where
         buffered::Config {
             public_key: me.clone(),
             mailbox_size: NZUsize!(1024),
-            deque_size: 32,
+            // Marshal takes finalized blocks from here (it hears a finalization only every
+            // MARSHAL_FINALIZATION_INTERVAL): room for a few seconds of blocks per leader.
+            deque_size: 128,
             priority: true,
             codec_config: cfg.block_cfg,
             peer_provider: provider.clone(),
@@ -265,7 +272,28 @@ where
 
     match signer {
         Some(scheme) => {
-            let app = LedgerApp::new(context.child("ledger"), chain, cfg.behaviour, mailbox, buffer_for_app, early_tx);
+            let others: Vec<PublicKey> = participants.iter().filter(|p| **p != me).cloned().collect();
+            let opened = Candidates::open(context.child("candidates"), chain.head().height, &cfg.block_cfg).await?;
+            // Candidates read back after a restart: marshal may need them to finish the chain.
+            for (view, block) in opened.recovered {
+                let (ack, _) = oneshot::channel();
+                mailbox.verified_deferred(Round::new(Epoch::zero(), View::new(view)), block, ack);
+            }
+            let (candidates, wants, block_cfg) = (opened.candidates.clone(), opened.wants, cfg.block_cfg);
+            handles.push(
+                context
+                    .child("candidate_fetch")
+                    .spawn(move |_| candidates::serve(candidates, wants, channels.fetch, others, block_cfg)),
+            );
+            let app = LedgerApp::new(
+                context.child("ledger"),
+                chain,
+                cfg.behaviour,
+                mailbox,
+                buffer_for_app,
+                opened.candidates,
+                early_tx,
+            );
             let engine = simplex::Engine::new(
                 context.child("simplex"),
                 simplex::Config {

@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod block;
+pub mod candidates;
 pub mod chain;
 pub mod engine;
 pub mod store;

@@ -9,7 +9,7 @@
 use crate::genesis::Genesis;
 use crate::gossip::{GOSSIP_CHANNEL, MAX_GOSSIP_MESSAGE};
 use archipel_consensus::engine::{
-    BACKFILL_CHANNEL, BLOCKS_CHANNEL, CERTIFICATES_CHANNEL, Channels, RESOLVER_CHANNEL, VOTES_CHANNEL,
+    BACKFILL_CHANNEL, BLOCKS_CHANNEL, CERTIFICATES_CHANNEL, Channels, FETCH_CHANNEL, RESOLVER_CHANNEL, VOTES_CHANNEL,
 };
 use archipel_crypto::{Identity, SignedDescriptor};
 use commonware_cryptography::ChaCha20Poly1305;
@@ -170,6 +170,7 @@ pub fn start(
         resolver: network.register(RESOLVER_CHANNEL, fast(NZU32!(500))),
         blocks: network.register(BLOCKS_CHANNEL, fast(NZU32!(1_000))),
         backfill: network.register(BACKFILL_CHANNEL, fast(NZU32!(1_000))),
+        fetch: network.register(FETCH_CHANNEL, fast(NZU32!(1_000))),
     };
     let txs = network.register(TX_CHANNEL, fast(NZU32!(2_000)));
     network.start();

@@ -19,8 +19,8 @@ use crate::disk::OwnDisk;
 use archipel_consensus::app::Behaviour;
 use archipel_consensus::block::BlockCfg;
 use archipel_consensus::engine::{
-    self, BACKFILL_CHANNEL, BLOCKS_CHANNEL, CERTIFICATES_CHANNEL, Channels, ConsensusConfig, RESOLVER_CHANNEL,
-    VOTES_CHANNEL,
+    self, BACKFILL_CHANNEL, BLOCKS_CHANNEL, CERTIFICATES_CHANNEL, Channels, ConsensusConfig, FETCH_CHANNEL,
+    RESOLVER_CHANNEL, VOTES_CHANNEL,
 };
 use archipel_consensus::{Chain, MemoryStore};
 use archipel_crypto::Identity;
@@ -426,6 +426,7 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
                 resolver: register(RESOLVER_CHANNEL).await,
                 blocks: register(BLOCKS_CHANNEL).await,
                 backfill: register(BACKFILL_CHANNEL).await,
+                fetch: register(FETCH_CHANNEL).await,
             };
             let chain = Arc::new(
                 Chain::open(genesis.clone(), Box::new(MemoryStore::default()))

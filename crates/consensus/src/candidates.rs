@@ -1,0 +1,433 @@
+//! Candidate blocks: blocks this validator built or received for a view and has not seen
+//! finalized yet.
+//!
+//! Two jobs, both off marshal's actor so that no view waits behind marshal's own disk work:
+//! - **Durability before the finalize vote.** [`Candidates::persist`] appends the block to a
+//!   log on this node's disk and answers once it is synced; `certify` waits for that, so a
+//!   finalized block is on the disks of a quorum even if every validator loses power a moment
+//!   later. Concurrent writes share one sync (group commit). The log is two blobs used in turn:
+//!   once the active one passes [`LOG_SWITCH_BYTES`] and every block in the other one is
+//!   finalized, the other one is emptied and becomes active. On start the blocks above the
+//!   finalized head are read back ([`Candidates::open`]).
+//! - **Serving validators that missed a block** ([`FETCH_CHANNEL`](crate::engine::FETCH_CHANNEL)):
+//!   [`Candidates::fetch`] asks the other validators for a block by digest until one answers;
+//!   any validator that holds the block answers. The digest is the block's hash, so an answer
+//!   is checked by decoding it, whoever sent it.
+
+use crate::block::{BlockCfg, LedgerBlock};
+use commonware_codec::{Copying, Decode as _, Encode as _};
+use commonware_cryptography::blake3::Digest;
+use commonware_cryptography::ed25519::PublicKey;
+use commonware_cryptography::{Digested, Digestible};
+use commonware_p2p::{Receiver, Recipients, Sender};
+use commonware_runtime::{Blob, Clock, ReadOptions, Spawner, Storage, WriteOptions};
+use commonware_utils::channel::{mpsc, oneshot};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Storage partition of the candidate log.
+const PARTITION: &str = "archipel-candidates";
+/// Size after which the log moves to its other blob (when that one holds only finalized blocks).
+pub const LOG_SWITCH_BYTES: u64 = 16 << 20;
+/// Finalized blocks kept in memory below the head, for validators a little behind.
+const KEEP_FINALIZED: u64 = 64;
+/// How often an unanswered fetch asks again.
+const FETCH_RETRY: Duration = Duration::from_millis(250);
+/// Record header: block length (u32), view (u64) and the block's digest (checked on reading).
+const RECORD_HEADER: usize = 44;
+
+const WANT: u8 = 0;
+const HAVE: u8 = 1;
+
+/// A block waiting to be written, and who waits for its sync.
+struct Write {
+    digest: Digest,
+    height: u64,
+    record: Vec<u8>,
+    done: oneshot::Sender<bool>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Known candidates (and the last [`KEEP_FINALIZED`] finalized blocks) by digest.
+    blocks: HashMap<Digest, Digested<LedgerBlock>>,
+    /// Candidates already synced to the log.
+    synced: HashSet<Digest>,
+    /// Local fetches waiting for a block from the network.
+    waiting: HashMap<Digest, Vec<oneshot::Sender<Digested<LedgerBlock>>>>,
+}
+
+/// This validator's candidate blocks; see the module docs.
+#[allow(missing_debug_implementations)]
+pub struct Candidates {
+    inner: Arc<Mutex<Inner>>,
+    writes: mpsc::UnboundedSender<Write>,
+    wants: mpsc::UnboundedSender<Digest>,
+    /// Height of the finalized head (pruning, and when a log blob may be emptied).
+    finalized: Arc<AtomicU64>,
+}
+
+/// What [`Candidates::open`] returns.
+#[allow(missing_debug_implementations)]
+pub struct Opened {
+    /// The candidates, shared with the application.
+    pub candidates: Arc<Candidates>,
+    /// Blocks above the finalized head read back from the log, by view.
+    pub recovered: Vec<(u64, Digested<LedgerBlock>)>,
+    /// This node's block requests, for [`serve`].
+    pub wants: mpsc::UnboundedReceiver<Digest>,
+}
+
+/// One blob of the log, as the writer sees it.
+struct LogBlob<B> {
+    blob: B,
+    size: u64,
+    /// Highest block height written to it (0 when empty).
+    highest: u64,
+}
+
+impl Candidates {
+    /// Opens the log, reads back the blocks above `head`, and starts its writer on `context`.
+    pub async fn open<E>(context: E, head: u64, cfg: &BlockCfg) -> Result<Opened, String>
+    where
+        E: Storage + Spawner + Clock,
+    {
+        let mut blobs = Vec::new();
+        let mut recovered: Vec<(u64, Digested<LedgerBlock>)> = Vec::new();
+        for name in [b"a", b"b"] {
+            let (blob, size) =
+                context.open(PARTITION, name).await.map_err(|e| format!("cannot open the candidate log: {e}"))?;
+            let bytes = if size == 0 {
+                Vec::new()
+            } else {
+                let buf = blob
+                    .read_at(0, size as usize, ReadOptions::default())
+                    .await
+                    .map_err(|e| format!("cannot read the candidate log: {e}"))?;
+                buf.coalesce().as_ref().to_vec()
+            };
+            let records = parse(&bytes, cfg);
+            let highest = records.iter().map(|(_, b)| b.inner().header().height).max().unwrap_or(0);
+            recovered.extend(records.into_iter().filter(|(_, b)| b.inner().header().height > head));
+            blobs.push(LogBlob { blob, size, highest });
+        }
+        recovered.sort_by_key(|(view, _)| *view);
+        // Continue in the blob written last (the one holding the highest block).
+        let active = usize::from(blobs[1].highest > blobs[0].highest);
+        let finalized = Arc::new(AtomicU64::new(head));
+        let (writes, queue) = mpsc::unbounded_channel();
+        let (wants, wants_rx) = mpsc::unbounded_channel();
+        let mut inner = Inner::default();
+        for (_, block) in &recovered {
+            inner.blocks.insert(block.digest(), block.clone());
+            inner.synced.insert(block.digest());
+        }
+        let inner = Arc::new(Mutex::new(inner));
+        let candidates = Arc::new(Candidates { inner: inner.clone(), writes, wants, finalized: finalized.clone() });
+        let [a, b]: [LogBlob<E::Blob>; 2] = blobs.try_into().unwrap_or_else(|_| unreachable!("two blobs"));
+        context.child("candidate_log").spawn(move |_| write_log(queue, [a, b], active, finalized, inner));
+        Ok(Opened { candidates, recovered, wants: wants_rx })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        lock(&self.inner)
+    }
+
+    /// The block with `digest`, if this node holds it.
+    pub fn get(&self, digest: &Digest) -> Option<Digested<LedgerBlock>> {
+        self.lock().blocks.get(digest).cloned()
+    }
+
+    /// Keeps `block` (proposed or received at `view`) and makes it durable; the answer is true
+    /// once it is synced (at once if it already is), false if the disk refused it.
+    pub fn persist(&self, view: u64, block: Digested<LedgerBlock>) -> oneshot::Receiver<bool> {
+        let (done, answer) = oneshot::channel();
+        let digest = block.digest();
+        let height = block.inner().header().height;
+        {
+            let mut g = self.lock();
+            if g.synced.contains(&digest) {
+                let _ = done.send(true);
+                return answer;
+            }
+            g.blocks.insert(digest, block.clone());
+        }
+        let encoded = block.inner().encode();
+        let mut record = Vec::with_capacity(RECORD_HEADER + encoded.len());
+        record.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+        record.extend_from_slice(&view.to_be_bytes());
+        record.extend_from_slice(digest.as_ref());
+        record.extend_from_slice(encoded.as_ref());
+        if self.writes.send(Write { digest, height, record, done }).is_err() {
+            // The writer is gone (shutting down): never claim durability.
+            let (done, answer) = oneshot::channel();
+            let _ = done.send(false);
+            return answer;
+        }
+        answer
+    }
+
+    /// Records that the chain is final up to `height`: forgets blocks more than
+    /// [`KEEP_FINALIZED`] below it.
+    pub fn finalized(&self, height: u64) {
+        self.finalized.fetch_max(height, Ordering::Relaxed);
+        let floor = height.saturating_sub(KEEP_FINALIZED);
+        let mut g = self.lock();
+        let Inner { blocks, synced, .. } = &mut *g;
+        blocks.retain(|_, b| b.inner().header().height > floor);
+        synced.retain(|d| blocks.contains_key(d));
+    }
+
+    /// The block with `digest`: from here if held, else from the other validators (asking
+    /// again every [`FETCH_RETRY`] until one answers; drop the future to stop).
+    pub async fn fetch(&self, clock: &impl Clock, digest: Digest) -> Digested<LedgerBlock> {
+        loop {
+            let answer = {
+                let mut g = self.lock();
+                if let Some(b) = g.blocks.get(&digest) {
+                    return b.clone();
+                }
+                let (tx, rx) = oneshot::channel();
+                let waiting = g.waiting.entry(digest).or_default();
+                waiting.retain(|w| !w.is_closed());
+                waiting.push(tx);
+                rx
+            };
+            let _ = self.wants.send(digest);
+            commonware_macros::select! {
+                block = answer => if let Ok(block) = block { return block },
+                _ = clock.sleep(FETCH_RETRY) => {},
+            }
+        }
+    }
+
+    /// A block arrived from the network: hand it to whoever waits for it.
+    fn deliver(&self, block: Digested<LedgerBlock>) {
+        let waiters = self.lock().waiting.remove(&block.digest());
+        for w in waiters.into_iter().flatten() {
+            let _ = w.send(block.clone());
+        }
+    }
+}
+
+fn lock(inner: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Splits a log blob into (view, block) records; stops at the first torn or garbled one (a
+/// crash in the middle of a write).
+fn parse(mut bytes: &[u8], cfg: &BlockCfg) -> Vec<(u64, Digested<LedgerBlock>)> {
+    let mut out = Vec::new();
+    while bytes.len() >= RECORD_HEADER {
+        let len = u32::from_be_bytes(bytes[..4].try_into().unwrap_or_default()) as usize;
+        let view = u64::from_be_bytes(bytes[4..12].try_into().unwrap_or_default());
+        let expected = &bytes[12..RECORD_HEADER];
+        bytes = &bytes[RECORD_HEADER..];
+        if len > bytes.len() {
+            break;
+        }
+        let (record, rest) = bytes.split_at(len);
+        match LedgerBlock::decode_cfg(Copying(record), cfg) {
+            Ok(block) if block.digest().as_ref() == expected => {
+                let digest = block.digest();
+                out.push((view, Digested::precomputed(block, digest)));
+            }
+            _ => break,
+        }
+        bytes = rest;
+    }
+    out
+}
+
+/// The log's writer: writes what is queued, syncs once for all of it, answers every waiter.
+async fn write_log<B: Blob>(
+    mut queue: mpsc::UnboundedReceiver<Write>,
+    mut blobs: [LogBlob<B>; 2],
+    mut active: usize,
+    finalized: Arc<AtomicU64>,
+    inner: Arc<Mutex<Inner>>,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while let Ok(w) = queue.try_recv() {
+            batch.push(w);
+        }
+        let other = 1 - active;
+        if blobs[active].size >= LOG_SWITCH_BYTES
+            && blobs[other].highest <= finalized.load(Ordering::Relaxed)
+            && blobs[other].blob.resize(0).await.is_ok()
+        {
+            blobs[other].size = 0;
+            blobs[other].highest = 0;
+            active = other;
+        }
+        let log = &mut blobs[active];
+        let mut bytes = Vec::with_capacity(batch.iter().map(|w| w.record.len()).sum());
+        for w in &batch {
+            bytes.extend_from_slice(&w.record);
+            log.highest = log.highest.max(w.height);
+        }
+        let len = bytes.len() as u64;
+        let ok = match log.blob.write_at(log.size, bytes, WriteOptions::default()).await {
+            Ok(()) => log.blob.sync().await.is_ok(),
+            Err(_) => false,
+        };
+        if ok {
+            log.size += len;
+            let mut g = lock(&inner);
+            for w in &batch {
+                if g.blocks.contains_key(&w.digest) {
+                    g.synced.insert(w.digest);
+                }
+            }
+        } else {
+            tracing::error!("cannot write the candidate log: this validator will not vote to finalize until it can");
+        }
+        for w in batch {
+            let _ = w.done.send(ok);
+        }
+    }
+}
+
+/// Answers other validators' block requests over `channel` and sends this node's own `wants` to
+/// `validators` (the others); runs until the channel closes.
+pub async fn serve<S, R>(
+    candidates: Arc<Candidates>,
+    mut wants: mpsc::UnboundedReceiver<Digest>,
+    (mut sender, mut receiver): (S, R),
+    validators: Vec<PublicKey>,
+    cfg: BlockCfg,
+) where
+    S: Sender<PublicKey = PublicKey>,
+    R: Receiver<PublicKey = PublicKey>,
+{
+    loop {
+        commonware_macros::select! {
+            want = wants.recv() => {
+                let Some(digest) = want else { return };
+                let mut msg = vec![WANT];
+                msg.extend_from_slice(digest.as_ref());
+                sender.send(Recipients::Some(validators.clone()), msg, false);
+            },
+            message = receiver.recv() => {
+                let Ok((peer, bytes)) = message else { return };
+                let Some((&tag, body)) = bytes.as_ref().split_first() else { continue };
+                match tag {
+                    WANT if body.len() == 32 => {
+                        let d: [u8; 32] = body.try_into().unwrap_or_default();
+                        if let Some(block) = candidates.get(&Digest::from(d)) {
+                            let mut msg = vec![HAVE];
+                            msg.extend_from_slice(block.inner().encode().as_ref());
+                            sender.send(Recipients::One(peer), msg, false);
+                        }
+                    }
+                    HAVE => match LedgerBlock::decode_cfg(Copying(body), &cfg) {
+                        Ok(block) => {
+                            let digest = block.digest();
+                            candidates.deliver(Digested::precomputed(block, digest));
+                        }
+                        _ => tracing::debug!(peer = %peer, "ignoring a malformed block answer"),
+                    },
+                    _ => tracing::debug!(peer = %peer, "ignoring a malformed block request"),
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use archipel_ledger::{GenesisState, Signatures, State, genesis_header, propose};
+    use commonware_runtime::{Runner as _, Supervisor as _, deterministic};
+
+    /// `n` empty blocks on top of genesis.
+    fn blocks(n: u64) -> (BlockCfg, Vec<Digested<LedgerBlock>>) {
+        let mut state = State::genesis(GenesisState::default());
+        let cfg = BlockCfg::from(state.params());
+        let mut parent = genesis_header(&state);
+        let mut out = Vec::new();
+        for i in 1..=n {
+            let p = propose(&state, &parent, i * 1_000, [], Signatures::Verify);
+            parent = p.block.header;
+            state = p.state;
+            let block = LedgerBlock::new(p.block);
+            let digest = block.digest();
+            out.push(Digested::precomputed(block, digest));
+        }
+        (cfg, out)
+    }
+
+    #[test]
+    fn synced_candidates_come_back_after_a_restart_unless_finalized() {
+        deterministic::Runner::default().start(|context| async move {
+            let (cfg, chain) = blocks(3);
+            let opened = Candidates::open(context.child("first"), 0, &cfg).await.unwrap();
+            assert!(opened.recovered.is_empty());
+            for (i, b) in chain.iter().enumerate() {
+                assert!(opened.candidates.persist(10 + i as u64, b.clone()).await.unwrap(), "block {i} not synced");
+            }
+            // Already synced: answered at once, nothing written twice.
+            assert!(opened.candidates.persist(10, chain[0].clone()).await.unwrap());
+            drop(opened);
+            // Let the writer finish and close its blobs.
+            context.sleep(Duration::from_millis(100)).await;
+
+            // Restart with block 1 finalized: blocks 2 and 3 come back, with their views.
+            let again = Candidates::open(context.child("second"), 1, &cfg).await.unwrap();
+            let back: Vec<(u64, u64)> =
+                again.recovered.iter().map(|(view, b)| (*view, b.inner().header().height)).collect();
+            assert_eq!(back, vec![(11, 2), (12, 3)]);
+            assert_eq!(again.candidates.get(&chain[2].digest()).map(|b| b.digest()), Some(chain[2].digest()));
+            assert!(again.candidates.get(&chain[0].digest()).is_none());
+            // A recovered block is already durable, and a block held here is fetched without the network.
+            assert!(again.candidates.persist(12, chain[2].clone()).await.unwrap());
+            assert_eq!(again.candidates.fetch(&context, chain[1].digest()).await.digest(), chain[1].digest());
+        });
+    }
+
+    #[test]
+    fn a_torn_or_garbled_tail_is_cut_off_and_the_rest_kept() {
+        let (cfg, chain) = blocks(3);
+        let mut log = Vec::new();
+        for (i, b) in chain.iter().enumerate() {
+            let encoded = b.inner().encode();
+            log.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+            log.extend_from_slice(&(i as u64).to_be_bytes());
+            log.extend_from_slice(b.digest().as_ref());
+            log.extend_from_slice(encoded.as_ref());
+        }
+        let whole = parse(&log, &cfg);
+        assert_eq!(whole.len(), 3);
+        // Torn in the middle of the last record.
+        let torn = parse(&log[..log.len() - 5], &cfg);
+        assert_eq!(
+            torn.iter().map(|(_, b)| b.digest()).collect::<Vec<_>>(),
+            vec![chain[0].digest(), chain[1].digest()]
+        );
+        // A flipped byte inside the second record: only the first survives.
+        let mut garbled = log.clone();
+        let second = RECORD_HEADER + chain[0].inner().encode().len() + RECORD_HEADER + 3;
+        garbled[second] ^= 0xff;
+        assert_eq!(parse(&garbled, &cfg).len(), 1);
+        assert!(parse(&[0, 0], &cfg).is_empty());
+    }
+
+    #[test]
+    fn blocks_far_below_the_finalized_head_are_forgotten() {
+        deterministic::Runner::default().start(|context| async move {
+            let (cfg, chain) = blocks(3);
+            let opened = Candidates::open(context.child("c"), 0, &cfg).await.unwrap();
+            for b in &chain {
+                opened.candidates.persist(1, b.clone()).await.unwrap();
+            }
+            opened.candidates.finalized(3);
+            assert!(opened.candidates.get(&chain[0].digest()).is_some(), "kept for validators a little behind");
+            opened.candidates.finalized(KEEP_FINALIZED + 2);
+            assert!(opened.candidates.get(&chain[0].digest()).is_none());
+            assert!(opened.candidates.get(&chain[2].digest()).is_some());
+        });
+    }
+}
