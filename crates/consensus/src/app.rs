@@ -39,8 +39,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const IDLE_WAIT: Duration = Duration::from_millis(250);
 
 /// Marshal hears at most one finalization per this interval (the newest; it implies its
-/// ancestors).
-pub const MARSHAL_FINALIZATION_INTERVAL: Duration = Duration::from_millis(100);
+/// ancestors) — unless this node never executed a finalized block, which only marshal's delivery
+/// can then bring: that finalization goes to marshal at once.
+pub const MARSHAL_FINALIZATION_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The finalization marshal has not heard yet.
+#[derive(Default)]
+struct ForMarshal {
+    /// The newest one.
+    newest: Option<Finalization<Scheme, Digest>>,
+    /// Some finalized block is not executed here: do not wait for the interval.
+    urgent: bool,
+}
 
 /// A notarized block that has not reached this node by broadcast within this long is fetched
 /// from the other validators.
@@ -79,7 +89,7 @@ pub struct LedgerApp<E> {
     /// Every finalization, for the applier.
     applier: mpsc::UnboundedSender<ToApply>,
     /// The newest finalization marshal has not heard yet.
-    for_marshal: Arc<Mutex<Option<Finalization<Scheme, Digest>>>>,
+    for_marshal: Arc<Mutex<ForMarshal>>,
     marshal_wake: mpsc::Sender<()>,
     ancestor_fetch: Timed,
 }
@@ -122,7 +132,7 @@ where
             "Time to fetch a block unknown here from the other validators",
         );
         let (marshal_wake, wake) = mpsc::channel(1);
-        let for_marshal = Arc::new(Mutex::new(None));
+        let for_marshal = Arc::new(Mutex::new(ForMarshal::default()));
         context.child("marshal_feed").spawn({
             let (marshal, for_marshal) = (marshal.clone(), for_marshal.clone());
             move |context| feed_marshal(context, marshal, for_marshal, wake)
@@ -191,18 +201,40 @@ async fn ensure_known<E: Clock>(
     })
 }
 
-/// Passes the newest finalization to marshal, at most one per [`MARSHAL_FINALIZATION_INTERVAL`].
+/// Passes the newest finalization to marshal, at most one per [`MARSHAL_FINALIZATION_INTERVAL`]
+/// unless one is urgent.
 async fn feed_marshal<E: Clock>(
     context: E,
     mut marshal: Mailbox<Scheme, Standard<LedgerBlock>>,
-    newest: Arc<Mutex<Option<Finalization<Scheme, Digest>>>>,
+    pending: Arc<Mutex<ForMarshal>>,
     mut wake: mpsc::Receiver<()>,
 ) {
-    while wake.recv().await.is_some() {
-        let f = newest.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        if let Some(f) = f {
-            let _ = marshal.report(Activity::Finalization(f));
-            context.sleep(MARSHAL_FINALIZATION_INTERVAL).await;
+    let take = || {
+        let mut p = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        p.urgent = false;
+        p.newest.take()
+    };
+    loop {
+        let Some(f) = take() else {
+            if wake.recv().await.is_none() {
+                return;
+            }
+            continue;
+        };
+        let _ = marshal.report(Activity::Finalization(f));
+        let deadline = context.current() + MARSHAL_FINALIZATION_INTERVAL;
+        loop {
+            commonware_macros::select! {
+                _ = context.sleep_until(deadline) => break,
+                woken = wake.recv() => {
+                    if woken.is_none() {
+                        return;
+                    }
+                    if pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).urgent {
+                        break;
+                    }
+                },
+            }
         }
     }
 }
@@ -427,11 +459,13 @@ where
             rounds.durable.retain(|(r, _), _| *r > round);
         }
         let _ = self.applier.send(ToApply::Finalization(f.clone()));
+        let executed = self.chain.knows(&hash_of(&f.proposal.payload));
         {
             // A late finalization of an earlier view must not displace a newer one.
-            let mut newest = self.for_marshal.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if newest.as_ref().is_none_or(|n| n.proposal.round < round) {
-                *newest = Some(f);
+            let mut pending = self.for_marshal.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            pending.urgent |= !executed;
+            if pending.newest.as_ref().is_none_or(|n| n.proposal.round < round) {
+                pending.newest = Some(f);
             }
         }
         let _ = self.marshal_wake.try_send(());

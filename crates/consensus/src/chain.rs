@@ -370,14 +370,32 @@ impl Chain {
     /// or verified it and it follows the head (the fast path: straight from consensus, before
     /// marshal stores and delivers it). `None` when it does not apply here yet.
     pub fn finalize_known(&self, hash: &Hash, certificate: Vec<u8>) -> Result<Option<Finalized>, String> {
-        let block = {
+        // The block and its ancestors back to the head, newest first, all executed here.
+        let path = {
             let g = self.lock();
-            match g.pending.get(hash) {
-                Some(e) if e.block.header.parent == g.head.hash() => e.block.clone(),
-                _ => return Ok(None),
+            let mut path = Vec::new();
+            let mut at = *hash;
+            loop {
+                let Some(e) = g.pending.get(&at) else { return Ok(None) };
+                if e.block.header.height <= g.head.height {
+                    return Ok(None);
+                }
+                path.push(e.block.clone());
+                if e.block.header.parent == g.head.hash() {
+                    break;
+                }
+                at = e.block.header.parent;
             }
+            path
         };
-        self.finalize(block, certificate)
+        // Ancestors are final with it; like marshal's, they carry no certificate of their own.
+        let mut last = None;
+        let newest = path.len() - 1;
+        for (i, block) in path.into_iter().rev().enumerate() {
+            let certificate = if i == newest { certificate.clone() } else { Vec::new() };
+            last = self.finalize(block, certificate)?;
+        }
+        Ok(last)
     }
 
     /// A finalized block and its certificate.
@@ -540,5 +558,22 @@ mod tests {
         assert!(c.finalize_known(&block.hash(), vec![1]).unwrap().is_none(), "once");
         assert!(c.finalize(block, vec![]).unwrap().is_none(), "marshal's later delivery is a repeat");
         assert_eq!(c.mempool_len(), 0);
+    }
+
+    #[test]
+    fn a_finalization_also_applies_the_executed_ancestors_it_makes_final() {
+        let c = chain();
+        let genesis = c.genesis().hash();
+        let first = c.build(&genesis, 1_000).unwrap();
+        let second = c.build(&first.hash(), 2_000).unwrap();
+        let third = c.build(&second.hash(), 3_000).unwrap();
+        assert!(c.finalize_known(&Hash([7; 32]), vec![1]).unwrap().is_none());
+        let f = c.finalize_known(&third.hash(), vec![3]).unwrap().expect("applies with its ancestors");
+        assert_eq!(f.block.header.height, 3);
+        assert_eq!(c.head(), third.header);
+        assert_eq!(c.block(1).unwrap().unwrap().1, Vec::<u8>::new(), "an ancestor has no certificate of its own");
+        assert_eq!(c.block(2).unwrap().unwrap().0, second);
+        assert_eq!(c.block(3).unwrap().unwrap().1, vec![3]);
+        assert!(c.finalize_known(&second.hash(), vec![2]).unwrap().is_none(), "already final");
     }
 }
