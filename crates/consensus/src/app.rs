@@ -450,8 +450,8 @@ where
             return commonware_actor::Feedback::Ok;
         };
         let round = f.proposal.round;
-        if let Some(block) = self.candidates.get(&f.proposal.payload) {
-            self.candidates.finalized(block.inner().header().height);
+        if let Some(height) = self.candidates.height(&f.proposal.payload) {
+            self.candidates.finalized(height);
         }
         {
             let mut rounds = self.rounds();

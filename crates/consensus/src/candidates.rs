@@ -22,7 +22,7 @@ use commonware_cryptography::{Digested, Digestible};
 use commonware_p2p::{Receiver, Recipients, Sender};
 use commonware_runtime::{Blob, Clock, ReadOptions, Spawner, Storage, WriteOptions};
 use commonware_utils::channel::{mpsc, oneshot};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -49,12 +49,17 @@ struct Write {
     done: oneshot::Sender<bool>,
 }
 
+/// A block this node holds.
+struct Held {
+    block: Digested<LedgerBlock>,
+    /// On the log's disk already.
+    synced: bool,
+}
+
 #[derive(Default)]
 struct Inner {
     /// Known candidates (and the last [`KEEP_FINALIZED`] finalized blocks) by digest.
-    blocks: HashMap<Digest, Digested<LedgerBlock>>,
-    /// Candidates already synced to the log.
-    synced: HashSet<Digest>,
+    blocks: HashMap<Digest, Held>,
     /// Local fetches waiting for a block from the network.
     waiting: HashMap<Digest, Vec<oneshot::Sender<Digested<LedgerBlock>>>>,
 }
@@ -121,8 +126,7 @@ impl Candidates {
         let (wants, wants_rx) = mpsc::unbounded_channel();
         let mut inner = Inner::default();
         for (_, block) in &recovered {
-            inner.blocks.insert(block.digest(), block.clone());
-            inner.synced.insert(block.digest());
+            inner.blocks.insert(block.digest(), Held { block: block.clone(), synced: true });
         }
         let inner = Arc::new(Mutex::new(inner));
         let candidates = Arc::new(Candidates { inner: inner.clone(), writes, wants, finalized: finalized.clone() });
@@ -137,7 +141,12 @@ impl Candidates {
 
     /// The block with `digest`, if this node holds it.
     pub fn get(&self, digest: &Digest) -> Option<Digested<LedgerBlock>> {
-        self.lock().blocks.get(digest).cloned()
+        self.lock().blocks.get(digest).map(|h| h.block.clone())
+    }
+
+    /// The height of the block with `digest`, if this node holds it.
+    pub fn height(&self, digest: &Digest) -> Option<u64> {
+        self.lock().blocks.get(digest).map(|h| h.block.inner().header().height)
     }
 
     /// Keeps `block` (proposed or received at `view`) and makes it durable; the answer is true
@@ -148,11 +157,11 @@ impl Candidates {
         let height = block.inner().header().height;
         {
             let mut g = self.lock();
-            if g.synced.contains(&digest) {
+            if g.blocks.get(&digest).is_some_and(|h| h.synced) {
                 let _ = done.send(true);
                 return answer;
             }
-            g.blocks.insert(digest, block.clone());
+            g.blocks.insert(digest, Held { block: block.clone(), synced: false });
         }
         let encoded = block.inner().encode();
         let mut record = Vec::with_capacity(RECORD_HEADER + encoded.len());
@@ -160,11 +169,9 @@ impl Candidates {
         record.extend_from_slice(&view.to_be_bytes());
         record.extend_from_slice(digest.as_ref());
         record.extend_from_slice(encoded.as_ref());
-        if self.writes.send(Write { digest, height, record, done }).is_err() {
+        if let Err(mpsc::error::SendError(write)) = self.writes.send(Write { digest, height, record, done }) {
             // The writer is gone (shutting down): never claim durability.
-            let (done, answer) = oneshot::channel();
-            let _ = done.send(false);
-            return answer;
+            let _ = write.done.send(false);
         }
         answer
     }
@@ -174,10 +181,7 @@ impl Candidates {
     pub fn finalized(&self, height: u64) {
         self.finalized.fetch_max(height, Ordering::Relaxed);
         let floor = height.saturating_sub(KEEP_FINALIZED);
-        let mut g = self.lock();
-        let Inner { blocks, synced, .. } = &mut *g;
-        blocks.retain(|_, b| b.inner().header().height > floor);
-        synced.retain(|d| blocks.contains_key(d));
+        self.lock().blocks.retain(|_, h| h.block.inner().header().height > floor);
     }
 
     /// The block with `digest`: from here if held, else from the other validators (asking
@@ -186,8 +190,8 @@ impl Candidates {
         loop {
             let answer = {
                 let mut g = self.lock();
-                if let Some(b) = g.blocks.get(&digest) {
-                    return b.clone();
+                if let Some(h) = g.blocks.get(&digest) {
+                    return h.block.clone();
                 }
                 let (tx, rx) = oneshot::channel();
                 let waiting = g.waiting.entry(digest).or_default();
@@ -278,8 +282,8 @@ async fn write_log<B: Blob>(
             log.size += len;
             let mut g = lock(&inner);
             for w in &batch {
-                if g.blocks.contains_key(&w.digest) {
-                    g.synced.insert(w.digest);
+                if let Some(h) = g.blocks.get_mut(&w.digest) {
+                    h.synced = true;
                 }
             }
         } else {
