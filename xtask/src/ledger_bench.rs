@@ -8,6 +8,7 @@ use archipel_crypto::Identity;
 use archipel_ledger::export::put_record;
 use archipel_ledger::{Payload, Transaction};
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -106,11 +107,39 @@ pub fn bench(bin: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Flushes what the previous system wrote and lets the disk go quiet, so each system starts on an
-/// idle disk (every view of all three waits on fsyncs).
+/// A flush slower than this means the disk is still busy with what came before.
+const SLOW_FLUSH: Duration = Duration::from_millis(20);
+/// The disk counts as quiet after this long without a slow flush...
+const QUIET_FOR: Duration = Duration::from_secs(5);
+/// ...and the wait ends after this long in any case.
+const SETTLE_AT_MOST: Duration = Duration::from_secs(60);
+
+/// Flushes what the previous system wrote and waits until the disk is quiet, so each system
+/// starts on an idle disk (every view of all three waits on flushes). Measured on this box: after
+/// the bare-simplex baseline's processes exit, a 4 KiB write + fdatasync that normally takes
+/// 0.5 ms takes 90-150 ms every 2-3 s for about 20 s, even after `sync` (the virtual disk is
+/// still busy below the guest); without this wait those stalls landed in archipel's first load
+/// steps. Probes the flush latency every 10 ms until none was slow for `QUIET_FOR`.
 fn settle_disk() {
     let _ = Command::new("sync").status();
-    std::thread::sleep(Duration::from_secs(2));
+    let path = std::env::temp_dir().join(format!("archipel-bench-settle-{}", std::process::id()));
+    let Ok(file) = std::fs::File::create(&path) else { return };
+    let (start, mut quiet_since) = (Instant::now(), Instant::now());
+    while quiet_since.elapsed() < QUIET_FOR && start.elapsed() < SETTLE_AT_MOST {
+        let t = Instant::now();
+        if file.write_all_at(&[0u8; 4096], 0).and_then(|_| file.sync_data()).is_err() {
+            break;
+        }
+        if t.elapsed() > SLOW_FLUSH {
+            quiet_since = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = std::fs::remove_file(&path);
+    println!(
+        "  disk quiet after {:.0} s (no flush slower than {SLOW_FLUSH:?} for {QUIET_FOR:?})",
+        start.elapsed().as_secs_f64()
+    );
 }
 
 /// Runs `../shared/tools/simplex-baseline.sh` when asked (it builds commonware-log once, ~8 min).
@@ -293,8 +322,10 @@ async fn archipel(bin: &Path) -> Result<Figures> {
 const RATES: [f64; 8] = [1_000.0, 2_000.0, 3_000.0, 4_000.0, 5_000.0, 6_000.0, 7_000.0, 8_000.0];
 /// Transfers per second signed beforehand for the saturated phase.
 const PRESIGN_SATURATED_RATE: f64 = 16_000.0;
-/// Length of one rate step.
+/// Length of one rate step (measured, after `WARM_UP`).
 const STEP: Duration = Duration::from_secs(6);
+/// How long a load runs before its measurement starts.
+const WARM_UP: Duration = Duration::from_secs(1);
 
 /// The account that sends the latency probes.
 struct Probe {
@@ -341,7 +372,7 @@ async fn load_phase(
 ) -> Result<Phase> {
     // Sign the load's transfers beforehand: the load client shares the 2 cores with the nodes,
     // and what is measured is the ledger, not the client's signing.
-    let per_task = rate.unwrap_or(PRESIGN_SATURATED_RATE) / CLIENTS as f64 * duration.as_secs_f64() * 1.2;
+    let per_task = rate.unwrap_or(PRESIGN_SATURATED_RATE) / CLIENTS as f64 * (duration + WARM_UP).as_secs_f64() * 1.2;
     let mut signing = Vec::new();
     for (account, n) in accounts.drain(..) {
         let sink = probe.sink.clone();
@@ -356,7 +387,6 @@ async fn load_phase(
         presigned.push(s.await?);
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let start_height = head(client, NODES[0]).await?;
     let mut tasks = Vec::new();
     for (i, (account, mut n, signed)) in presigned.into_iter().enumerate() {
         let (client, stop, sink) = (client.clone(), stop.clone(), probe.sink.clone());
@@ -400,6 +430,9 @@ async fn load_phase(
             (account, n)
         }));
     }
+    // Steady state only: the step from no load to this load is not measured.
+    tokio::time::sleep(WARM_UP).await;
+    let start_height = head(client, NODES[0]).await?;
     let phase_start = Instant::now();
     let cpu_start = cpu_ticks();
     let mut latencies = Vec::new();
@@ -538,6 +571,8 @@ async fn etcd() -> Result<Figures> {
             }
         }));
     }
+    tokio::time::sleep(WARM_UP).await;
+    let done_before = done.load(Ordering::Relaxed);
     let start = Instant::now();
     let mut loaded = Vec::new();
     let mut i = 0;
@@ -549,6 +584,7 @@ async fn etcd() -> Result<Figures> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = start.elapsed();
+    let done = done.load(Ordering::Relaxed) - done_before;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = t.await;
@@ -562,7 +598,7 @@ async fn etcd() -> Result<Figures> {
         idle_p99_ms,
         load_p50_ms,
         load_p99_ms,
-        ops_per_s: done.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64(),
+        ops_per_s: done as f64 / elapsed.as_secs_f64(),
         sustained_per_s: f64::NAN,
     })
 }

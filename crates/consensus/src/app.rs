@@ -179,18 +179,32 @@ async fn ensure_known<E: Clock>(
     }
     tracing::debug!(parent = %hash_of(&digest).short(), "parent unknown here: fetching it");
     let timer = fetch.timer(&**context);
-    let head = chain.head().height;
-    let mut missing = Vec::new();
-    let mut next = digest;
-    while !chain.knows(&hash_of(&next)) {
-        let block = candidates.fetch(&**context, next).await;
-        if block.inner().header().height <= head {
-            tracing::debug!(height = block.inner().header().height, head, "ancestor is not on the finalized chain");
+    // The applier may finalize blocks while this walks back: an ancestor at or below the head it
+    // started from means the chain does not connect, unless the head has moved since — then the
+    // walk starts over against the new head (fetched blocks are cached by `candidates`).
+    let missing = loop {
+        let head = chain.head().height;
+        let mut missing = Vec::new();
+        let mut next = digest;
+        let connected = loop {
+            if chain.knows(&hash_of(&next)) {
+                break true;
+            }
+            let block = candidates.fetch(&**context, next).await;
+            if block.inner().header().height <= head {
+                break false;
+            }
+            next = digest_of(&block.inner().header().parent);
+            missing.push(block);
+        };
+        if connected {
+            break missing;
+        }
+        if chain.head().height == head {
+            tracing::debug!(head, "ancestor is not on the finalized chain");
             return false;
         }
-        next = digest_of(&block.inner().header().parent);
-        missing.push(block);
-    }
+    };
     timer.observe(&**context);
     missing.iter().rev().all(|b| match chain.verify(b.inner().block(), now_ms(&**context)) {
         Ok(()) => true,

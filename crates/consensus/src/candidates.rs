@@ -207,9 +207,18 @@ impl Candidates {
         }
     }
 
-    /// A block arrived from the network: hand it to whoever waits for it.
+    /// A block arrived from the network: hand it to whoever waits for it, and keep it (in
+    /// memory: persisting is the caller's choice) so that it is not fetched twice and this node
+    /// can serve it on. Blocks nobody asked for are dropped.
     fn deliver(&self, block: Digested<LedgerBlock>) {
-        let waiters = self.lock().waiting.remove(&block.digest());
+        let waiters = {
+            let mut g = self.lock();
+            let waiters = g.waiting.remove(&block.digest());
+            if waiters.is_some() {
+                g.blocks.entry(block.digest()).or_insert_with(|| Held { block: block.clone(), synced: false });
+            }
+            waiters
+        };
         for w in waiters.into_iter().flatten() {
             let _ = w.send(block.clone());
         }
@@ -432,6 +441,32 @@ mod tests {
             opened.candidates.finalized(KEEP_FINALIZED + 2);
             assert!(opened.candidates.get(&chain[0].digest()).is_none());
             assert!(opened.candidates.get(&chain[2].digest()).is_some());
+        });
+    }
+
+    #[test]
+    fn a_fetched_block_is_kept_to_serve_on_and_an_unasked_one_is_dropped() {
+        deterministic::Runner::default().start(|context| async move {
+            let (cfg, chain) = blocks(2);
+            let mut opened = Candidates::open(context.child("log"), 0, &cfg).await.unwrap();
+            let candidates = opened.candidates.clone();
+            // Nobody asked for block 1: an answer carrying it is not kept.
+            candidates.deliver(chain[0].clone());
+            assert!(candidates.get(&chain[0].digest()).is_none());
+
+            let wanted = chain[1].digest();
+            let fetching = context.child("fetch").spawn({
+                let candidates = candidates.clone();
+                move |context| async move { candidates.fetch(&context, wanted).await }
+            });
+            // The request goes out to the validators...
+            assert_eq!(opened.wants.recv().await, Some(wanted));
+            // ...an answer arrives: the fetch gets it, and the node holds it to serve on.
+            candidates.deliver(chain[1].clone());
+            assert_eq!(fetching.await.unwrap().digest(), wanted);
+            assert!(candidates.get(&wanted).is_some());
+            // Held in memory only: persisting it still writes and syncs it.
+            assert!(candidates.persist(5, chain[1].clone()).await.unwrap());
         });
     }
 }
