@@ -6,7 +6,8 @@
 //! archives, backfill for late or restarted nodes — but entirely off the path of a view: blocks
 //! travel through the buffered broadcast engine, the parent of a proposal or a verified block is
 //! looked up in the node's [`Chain`], a block this node missed is fetched from the other
-//! validators by [`Candidates`], and marshal hears only finalizations, at most one every
+//! validators by [`Candidates`] (also a finalized block it never executed:
+//! `LedgerApp::catch_up`), and marshal hears only finalizations, at most one every
 //! [`MARSHAL_FINALIZATION_INTERVAL`] (it stores every candidate, notarization and finalization it
 //! hears with its own syncs, which on a shared disk delayed every view). The one durability
 //! barrier kept: `certify` (the finalize vote) waits until [`Candidates`] has the block on this
@@ -32,6 +33,7 @@ use commonware_runtime::telemetry::metrics::histogram::Timed;
 use commonware_runtime::{Clock, Metrics, Spawner};
 use commonware_utils::channel::{fallible::OneshotExt as _, mpsc, oneshot};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -51,6 +53,10 @@ struct ForMarshal {
     /// Some finalized block is not executed here: do not wait for the interval.
     urgent: bool,
 }
+
+/// How long `LedgerApp::catch_up` tries the validators before leaving a finalized block this
+/// node never executed to marshal.
+pub const CATCH_UP_LIMIT: Duration = Duration::from_secs(2);
 
 /// A notarized block that has not reached this node by broadcast within this long is fetched
 /// from the other validators.
@@ -92,6 +98,8 @@ pub struct LedgerApp<E> {
     for_marshal: Arc<Mutex<ForMarshal>>,
     marshal_wake: mpsc::Sender<()>,
     ancestor_fetch: Timed,
+    /// A finalized block this node never executed is being fetched from the validators.
+    catching_up: Arc<AtomicBool>,
 }
 
 impl<E> Clone for LedgerApp<E> {
@@ -108,6 +116,7 @@ impl<E> Clone for LedgerApp<E> {
             for_marshal: self.for_marshal.clone(),
             marshal_wake: self.marshal_wake.clone(),
             ancestor_fetch: self.ancestor_fetch.clone(),
+            catching_up: self.catching_up.clone(),
         }
     }
 }
@@ -149,7 +158,33 @@ where
             for_marshal,
             marshal_wake,
             ancestor_fetch,
+            catching_up: Default::default(),
         }
+    }
+
+    /// `f` finalized a block this node never executed (it missed the block, or its vote was not
+    /// needed): fetch the block and its missing ancestors from the validators, which hold recent
+    /// blocks, execute them, and hand the finalization to the applier again. One at a time and
+    /// for at most [`CATCH_UP_LIMIT`]; marshal, told at once, covers anything longer (a node far
+    /// behind).
+    fn catch_up(&self, f: Finalization<Scheme, Digest>) {
+        if self.catching_up.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let app = self.clone();
+        self.context.child("catch_up").spawn(move |runtime| async move {
+            let runtime = Arc::new(runtime);
+            let digest = f.proposal.payload;
+            let known = ensure_known(&runtime, &app.chain, &app.candidates, &app.ancestor_fetch, digest);
+            commonware_macros::select! {
+                known = known => if known {
+                    tracing::debug!(view = f.proposal.round.view().get(), "finalized block fetched from the validators");
+                    let _ = app.applier.send(ToApply::Finalization(f));
+                },
+                _ = runtime.sleep(CATCH_UP_LIMIT) => {},
+            }
+            app.catching_up.store(false, Ordering::Release);
+        });
     }
 
     fn rounds(&self) -> std::sync::MutexGuard<'_, Rounds> {
@@ -474,6 +509,9 @@ where
         }
         let _ = self.applier.send(ToApply::Finalization(f.clone()));
         let executed = self.chain.knows(&hash_of(&f.proposal.payload));
+        if !executed {
+            self.catch_up(f.clone());
+        }
         {
             // A late finalization of an earlier view must not displace a newer one.
             let mut pending = self.for_marshal.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
