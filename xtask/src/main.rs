@@ -101,13 +101,19 @@ fn bench_verify() -> Result<()> {
     Ok(())
 }
 
+/// Builds the `archipel` binary where `cargo run --release` builds it (`target/release`, not
+/// xtask's own target directory).
 fn build_release() -> Result<PathBuf> {
-    let status = Command::new(env!("CARGO")).args(["build", "--release", "--quiet", "--bin", "archipel"]).status()?;
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?.join("target");
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--quiet", "--bin", "archipel", "--target-dir"])
+        .arg(&target)
+        .env_remove("CARGO_TARGET_DIR")
+        .status()?;
     if !status.success() {
         bail!("cargo build --release failed");
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
-    Ok(root.join("target/release/archipel"))
+    Ok(target.join("release/archipel"))
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {

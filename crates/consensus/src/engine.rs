@@ -394,9 +394,11 @@ async fn apply_finalized<E: Clock>(
         let applied = match update {
             ToApply::Finalization(f) => {
                 let applied = chain.finalize_known(&hash_of(&f.proposal.payload), f.encode().to_vec());
+                // `advanced`: this finalization moved the head (false: not executed here yet, or
+                // final already — a catch-up hands the same finalization over twice).
                 tracing::debug!(
                     view = f.proposal.round.view().get(),
-                    fast = matches!(applied, Ok(Some(_))),
+                    advanced = matches!(applied, Ok(Some(_))),
                     "finalization"
                 );
                 applied
