@@ -32,6 +32,7 @@ use commonware_p2p::Recipients;
 use commonware_runtime::telemetry::metrics::histogram::Timed;
 use commonware_runtime::{Clock, Metrics, Spawner};
 use commonware_utils::channel::{fallible::OneshotExt as _, mpsc, oneshot};
+use futures::future::Either;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -188,7 +189,7 @@ where
     }
 
     fn rounds(&self) -> std::sync::MutexGuard<'_, Rounds> {
-        self.rounds.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::lock(&self.rounds)
     }
 
     /// Makes this node's own block durable, and remembers the durability for `certify`.
@@ -259,7 +260,7 @@ async fn feed_marshal<E: Clock>(
     mut wake: mpsc::Receiver<()>,
 ) {
     let take = || {
-        let mut p = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut p = crate::lock(&pending);
         p.urgent = false;
         p.newest.take()
     };
@@ -279,7 +280,7 @@ async fn feed_marshal<E: Clock>(
                     if woken.is_none() {
                         return;
                     }
-                    if pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).urgent {
+                    if crate::lock(&pending).urgent {
                         break;
                     }
                 },
@@ -353,18 +354,14 @@ where
         self.rounds().durable.insert((context.round, digest), durable);
         // Held here already (read back after a restart, or fetched for a child): no need to
         // wait for the broadcast.
-        let held = self.candidates.get(&digest);
-        let block = self.blocks.subscribe(digest);
+        let block = match self.candidates.get(&digest) {
+            Some(held) => Either::Left(futures::future::ready(Ok(held))),
+            None => Either::Right(self.blocks.subscribe(digest)),
+        };
         let app = self.clone();
         self.context.child("verify").spawn(move |runtime| async move {
             let runtime = Arc::new(runtime);
-            let block = match held {
-                Some(block) => block,
-                None => {
-                    let Some(Ok(block)) = unless_dropped(&mut tx, block).await else { return };
-                    block
-                }
-            };
+            let Some(Ok(block)) = unless_dropped(&mut tx, block).await else { return };
             let _ = arrived.send(app.candidates.persist(context.round.view().get(), block.clone()));
             let header = block.inner().header();
             tracing::debug!(height = header.height, round = %context.round, "block to verify arrived");
@@ -514,7 +511,7 @@ where
         }
         {
             // A late finalization of an earlier view must not displace a newer one.
-            let mut pending = self.for_marshal.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut pending = crate::lock(&self.for_marshal);
             pending.urgent |= !executed;
             if pending.newest.as_ref().is_none_or(|n| n.proposal.round < round) {
                 pending.newest = Some(f);

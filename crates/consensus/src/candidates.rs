@@ -136,7 +136,7 @@ impl Candidates {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        lock(&self.inner)
+        crate::lock(&self.inner)
     }
 
     /// The block with `digest`, if this node holds it.
@@ -225,10 +225,6 @@ impl Candidates {
     }
 }
 
-fn lock(inner: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
-    inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Splits a log blob into (view, block) records; stops at the first torn or garbled one (a
 /// crash in the middle of a write).
 fn parse(mut bytes: &[u8], cfg: &BlockCfg) -> Vec<(u64, Digested<LedgerBlock>)> {
@@ -289,7 +285,7 @@ async fn write_log<B: Blob>(
         };
         if ok {
             log.size += len;
-            let mut g = lock(&inner);
+            let mut g = crate::lock(&inner);
             for w in &batch {
                 if let Some(h) = g.blocks.get_mut(&w.digest) {
                     h.synced = true;

@@ -12,4 +12,11 @@ pub mod engine;
 pub mod store;
 
 pub use chain::{Chain, Finalized, Proven, TxLocation, TxStatus};
+
+/// Locks `m`, also after a thread panicked while holding it: every lock in this crate guards
+/// state that is consistent between statements, so a panic elsewhere must not take the node's
+/// consensus down with it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 pub use store::{BlockStore, FileStore, MemoryStore, Record};
