@@ -32,7 +32,7 @@ pub fn nodes_table(view: &NodesView) {
         "STATUS",
         "LAST SEEN",
         "LEASE",
-        "HEARTBEAT",
+        "SINCE BLOCK",
     ]);
     let mut rows: Vec<_> = view.nodes.iter().collect();
     rows.sort_by(|a, b| a.name.cmp(&b.name).then(a.node_id.cmp(&b.node_id)));
@@ -58,7 +58,7 @@ pub fn nodes_table(view: &NodesView) {
                 Some(archipel_ledger::LeaseStatus::Down) => "DOWN".into(),
                 None => "not registered".into(),
             },
-            ago(view.now_ms, n.last_heartbeat_ms),
+            n.lease_since_height.map_or("-".into(), |h| format!("#{h}")),
         ]);
     }
     println!("{t}");

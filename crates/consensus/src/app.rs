@@ -15,8 +15,9 @@
 
 use crate::block::{LedgerBlock, digest_of, hash_of};
 use crate::candidates::Candidates;
-use crate::chain::{Chain, MAX_CLOCK_DRIFT_MS};
+use crate::chain::Chain;
 use crate::engine::ToApply;
+use crate::liveness::SharedTracker;
 use commonware_broadcast::{Broadcaster as _, buffered};
 use commonware_consensus::marshal::core::Mailbox;
 use commonware_consensus::marshal::standard::Standard;
@@ -101,6 +102,8 @@ pub struct LedgerApp<E> {
     ancestor_fetch: Timed,
     /// A finalized block this node never executed is being fetched from the validators.
     catching_up: Arc<AtomicBool>,
+    /// When this validator last heard each node (liveness changes in blocks).
+    liveness: SharedTracker,
 }
 
 impl<E> Clone for LedgerApp<E> {
@@ -118,6 +121,7 @@ impl<E> Clone for LedgerApp<E> {
             marshal_wake: self.marshal_wake.clone(),
             ancestor_fetch: self.ancestor_fetch.clone(),
             catching_up: self.catching_up.clone(),
+            liveness: self.liveness.clone(),
         }
     }
 }
@@ -135,6 +139,7 @@ where
         blocks: buffered::Mailbox<PublicKey, LedgerBlock>,
         candidates: Arc<Candidates>,
         applier: mpsc::UnboundedSender<ToApply>,
+        liveness: SharedTracker,
     ) -> Self {
         let ancestor_fetch = Timed::register(
             &context,
@@ -160,6 +165,7 @@ where
             marshal_wake,
             ancestor_fetch,
             catching_up: Default::default(),
+            liveness,
         }
     }
 
@@ -242,7 +248,9 @@ async fn ensure_known<E: Clock>(
         }
     };
     timer.observe(&**context);
-    missing.iter().rev().all(|b| match chain.verify(b.inner().block(), now_ms(&**context)) {
+    // Ancestors are notarized already (a quorum judged their liveness changes): only the state
+    // machine's checks apply.
+    missing.iter().rev().all(|b| match chain.verify(b.inner().block(), now_ms(&**context), |_| Ok(())) {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!(height = b.inner().header().height, error = %e, "ancestor does not verify");
@@ -317,15 +325,20 @@ where
             let (_, parent) = context.parent;
             let known = ensure_known(&runtime, &app.chain, &app.candidates, &app.ancestor_fetch, parent);
             let Some(true) = unless_dropped(&mut tx, known).await else { return };
-            // No fixed block interval: propose at once when transactions can go in, else wait a
-            // little for one (an empty block still moves block time forward, which drives
-            // leases). Transactions that cannot go in yet (a nonce gap) do not count.
+            // No fixed block interval: propose at once when transactions or liveness changes can
+            // go in, else wait a little for one (an empty block still moves block time forward
+            // and gives the next leader its turn). Transactions that cannot go in yet (a nonce
+            // gap) do not count.
             let parent = hash_of(&parent);
             let deadline = runtime.current() + IDLE_WAIT;
             let mut block = loop {
                 let arrived = app.chain.next_submission();
-                let Some(block) = app.chain.build(&parent, now_ms(&*runtime)) else { return };
-                if !block.txs.is_empty() || runtime.current() >= deadline {
+                let now = runtime.current();
+                let plan = |s: &archipel_ledger::State| {
+                    crate::lock(&app.liveness).plan(s, now, s.params().max_block_liveness as usize)
+                };
+                let Some(block) = app.chain.build(&parent, now_ms(&*runtime), plan) else { return };
+                if !block.txs.is_empty() || !block.liveness.is_empty() || runtime.current() >= deadline {
                     break block;
                 }
                 commonware_macros::select! {
@@ -384,15 +397,18 @@ where
             }
             // A block from slightly in the future is not invalid: wait until it is acceptable.
             let now = now_ms(&*runtime);
-            if header.timestamp_ms > now + MAX_CLOCK_DRIFT_MS {
-                let wait = header.timestamp_ms - now - MAX_CLOCK_DRIFT_MS;
+            let drift = app.chain.with_state(|s| s.params().max_clock_drift_ms);
+            if header.timestamp_ms > now.saturating_add(drift) {
+                let wait = header.timestamp_ms - now - drift;
                 let waited = runtime.sleep(Duration::from_millis(wait.min(10_000)));
                 if unless_dropped(&mut tx, waited).await.is_none() {
                     return;
                 }
             }
             tracing::debug!(height = header.height, "verifying");
-            match app.chain.verify(block.inner().block(), now_ms(&*runtime)) {
+            let now = runtime.current();
+            let judge = |c: &archipel_ledger::LivenessChange| crate::lock(&app.liveness).judge(c, now);
+            match app.chain.verify(block.inner().block(), now_ms(&*runtime), judge) {
                 Ok(()) => {
                     tracing::debug!(height = header.height, "verified");
                     tx.send_lossy(true);

@@ -55,7 +55,7 @@ impl LedgerBlock {
 
     /// The genesis block of `state` (height 0, no transactions).
     pub fn genesis(state: &State) -> Self {
-        Self::new(Block { header: genesis_header(state), txs: Vec::new() })
+        Self::new(Block { header: genesis_header(state), liveness: Vec::new(), txs: Vec::new() })
     }
 
     /// The ledger block.
@@ -137,7 +137,7 @@ mod tests {
             payload: archipel_ledger::Payload::Transfer { to: a.node_id(), amount_micro: 1 },
         }
         .sign(&a);
-        let p = archipel_ledger::propose(&state, &genesis_header(&state), 1, [tx], archipel_ledger::Signatures::Verify);
+        let p = archipel_ledger::propose(&state, &genesis_header(&state), 1, [], [tx], archipel_ledger::Signatures::Verify);
         let cfg = BlockCfg::from(state.params());
         let b = LedgerBlock::new(p.block.clone());
         let bytes = b.encode();

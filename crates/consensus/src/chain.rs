@@ -7,16 +7,14 @@
 
 use crate::store::{BlockStore, Record};
 use archipel_ledger::{
-    Block, BlockHeader, BlockOutcome, Hash, Mempool, MempoolError, Receipt, Signatures, SignedTransaction, State,
-    StateKey, StateProof, TxProof, execute, genesis_header, merkle, propose, verify_all, verify_each,
+    Block, BlockHeader, BlockOutcome, Hash, LivenessChange, Mempool, MempoolError, Receipt, Signatures,
+    SignedTransaction, State, StateKey, StateProof, TxProof, execute, genesis_header, merkle, propose, verify_all,
+    verify_each,
 };
 use futures::channel::oneshot;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
-
-/// A block may be at most this far ahead of the verifier's clock.
-pub const MAX_CLOCK_DRIFT_MS: u64 = 5_000;
 
 /// Mempool capacity per node.
 pub const MEMPOOL_CAPACITY: usize = 100_000;
@@ -51,8 +49,10 @@ pub enum TxStatus {
 pub struct Finalized {
     /// The block.
     pub block: Block,
-    /// Nodes whose lease ran out at this block.
+    /// Nodes marked Down at this block.
     pub went_down: Vec<archipel_types::NodeId>,
+    /// Nodes marked Up at this block.
+    pub came_up: Vec<archipel_types::NodeId>,
 }
 
 /// A block this node built or verified that is not final yet, and what executing it gave.
@@ -265,17 +265,23 @@ impl Chain {
         *hash == g.head.hash() || (g.head.height == 0 && *hash == self.genesis.hash()) || g.pending.contains_key(hash)
     }
 
-    /// Builds a block on `parent` from the mempool at time `now_ms`; `None` if the parent is
-    /// unknown here.
-    pub fn build(&self, parent: &Hash, now_ms: u64) -> Option<Block> {
+    /// Builds a block on `parent` at time `now_ms` from the liveness changes `liveness` plans on
+    /// the parent's state and the mempool; `None` if the parent is unknown here.
+    pub fn build(
+        &self,
+        parent: &Hash,
+        now_ms: u64,
+        liveness: impl FnOnce(&State) -> Vec<LivenessChange>,
+    ) -> Option<Block> {
         let (header, state, candidates) = {
             let g = self.lock();
             let (header, state) = self.after(&g, parent)?;
             let candidates = g.mempool.candidates(&state, state.params().max_block_txs as usize);
             (header, state, candidates)
         };
+        let changes = liveness(&state);
         // Mempool transactions were verified on admission.
-        let p = propose(&state, &header, now_ms, candidates, Signatures::AlreadyVerified);
+        let p = propose(&state, &header, now_ms, changes, candidates, Signatures::AlreadyVerified);
         let mut g = self.lock();
         for (hash, e) in &p.dropped {
             tracing::debug!(tx = %hash.short(), error = %e, "dropping a transaction that no longer applies");
@@ -285,12 +291,26 @@ impl Chain {
         Some(p.block)
     }
 
-    /// Checks `block` (from another validator) against its parent at time `now_ms`; on success
-    /// remembers the resulting state so children can build on it.
-    pub fn verify(&self, block: &Block, now_ms: u64) -> Result<(), String> {
+    /// Checks `block` (from another validator) against its parent at time `now_ms`, and its
+    /// liveness changes with `judge` (what this validator heard itself); on success remembers the
+    /// resulting state so children can build on it.
+    pub fn verify(
+        &self,
+        block: &Block,
+        now_ms: u64,
+        judge: impl Fn(&LivenessChange) -> Result<(), String>,
+    ) -> Result<(), String> {
         let h = &block.header;
-        if h.timestamp_ms > now_ms + MAX_CLOCK_DRIFT_MS {
-            return Err(format!("block {} is {} ms in the future", h.height, h.timestamp_ms - now_ms));
+        let drift = self.genesis_state.params().max_clock_drift_ms;
+        if h.timestamp_ms > now_ms.saturating_add(drift) {
+            return Err(format!(
+                "block {} is {} ms in the future (at most {drift} ms allowed)",
+                h.height,
+                h.timestamp_ms - now_ms
+            ));
+        }
+        for change in &block.liveness {
+            judge(change).map_err(|e| format!("block {}: {e}", h.height))?;
         }
         let (parent, mut state) = {
             let g = self.lock();
@@ -363,7 +383,7 @@ impl Chain {
         for w in inner.block_waiters.drain(..) {
             let _ = w.send(height);
         }
-        Ok(Some(Finalized { block, went_down: outcome.went_down }))
+        Ok(Some(Finalized { block, went_down: outcome.went_down, came_up: outcome.came_up }))
     }
 
     /// Records the block with header hash `hash` as finalized by `certificate` if this node built
@@ -547,7 +567,7 @@ mod tests {
         let t = transfer(0, 0);
         c.submit(t.clone(), 100).unwrap();
         let genesis = c.genesis().hash();
-        let block = c.build(&genesis, 1_000).unwrap();
+        let block = c.build(&genesis, 1_000, |_| Vec::new()).unwrap();
         assert_eq!(block.txs, vec![t.clone()]);
         assert!(c.finalize_known(&Hash([7; 32]), vec![1]).unwrap().is_none(), "unknown block");
         let f = c.finalize_known(&block.hash(), vec![1, 2, 3]).unwrap().expect("applies");
@@ -564,9 +584,9 @@ mod tests {
     fn a_finalization_also_applies_the_executed_ancestors_it_makes_final() {
         let c = chain();
         let genesis = c.genesis().hash();
-        let first = c.build(&genesis, 1_000).unwrap();
-        let second = c.build(&first.hash(), 2_000).unwrap();
-        let third = c.build(&second.hash(), 3_000).unwrap();
+        let first = c.build(&genesis, 1_000, |_| Vec::new()).unwrap();
+        let second = c.build(&first.hash(), 2_000, |_| Vec::new()).unwrap();
+        let third = c.build(&second.hash(), 3_000, |_| Vec::new()).unwrap();
         assert!(c.finalize_known(&Hash([7; 32]), vec![1]).unwrap().is_none());
         let f = c.finalize_known(&third.hash(), vec![3]).unwrap().expect("applies with its ancestors");
         assert_eq!(f.block.header.height, 3);

@@ -9,6 +9,7 @@ use crate::app::{Behaviour, LedgerApp};
 use crate::block::{BlockCfg, LedgerBlock, hash_of};
 use crate::candidates::{self, Candidates};
 use crate::chain::Chain;
+use crate::liveness::{self, SharedTracker, Tracker};
 use commonware_broadcast::buffered;
 use commonware_codec::{Decode as _, Encode as _};
 use commonware_consensus::marshal::core::{Actor, Mailbox};
@@ -118,6 +119,8 @@ pub struct Channels<S, R> {
     pub backfill: (S, R),
     /// [`FETCH_CHANNEL`].
     pub fetch: (S, R),
+    /// [`crate::liveness::LIVENESS_CHANNEL`].
+    pub liveness: (S, R),
 }
 
 /// What the applier task hears.
@@ -185,6 +188,8 @@ where
     R: Receiver<PublicKey = PublicKey>,
 {
     let me = key.public_key();
+    let key_for_heartbeats = key.clone();
+    let mut handles = Vec::new();
     let participants = cfg.participants();
     let signer = Scheme::signer(&cfg.namespace, participants.clone(), key);
     let scheme = signer.clone().unwrap_or_else(|| cfg.verifier());
@@ -259,9 +264,31 @@ where
         )
         .await;
 
+    // Heartbeats: every node sends them; validators track them for the blocks' liveness changes.
+    let ttl = Duration::from_millis(genesis_state.params().lease_ttl_ms);
+    let tracker: SharedTracker =
+        Arc::new(std::sync::Mutex::new(Tracker::new(ttl, crate::app::IDLE_WAIT, context.current())));
+    let (heartbeat_sender, heartbeat_receiver) = channels.liveness;
+    handles.push(context.child("heartbeat").spawn({
+        let identity = archipel_crypto::Identity::from_private_key(key_for_heartbeats);
+        let (chain, validators) = (chain.clone(), cfg.validators.clone());
+        let own = signer.is_some().then(|| tracker.clone());
+        move |context| liveness::send_heartbeats(context, identity, chain, heartbeat_sender, validators, own)
+    }));
+    if signer.is_some() {
+        let tracker = tracker.clone();
+        handles.push(
+            context
+                .child("heartbeat_receiver")
+                .spawn(move |context| liveness::receive_heartbeats(context, heartbeat_receiver, tracker)),
+        );
+    } else {
+        drop(heartbeat_receiver);
+    }
+
     let (finalized_tx, finalized_rx) = mpsc::unbounded_channel();
     let early_tx = finalized_tx.clone();
-    let mut handles = vec![broadcast.start(channels.blocks)];
+    handles.push(broadcast.start(channels.blocks));
     let buffer_for_app = buffer.clone();
     handles.push(actor.start(Finalized(finalized_tx), buffer, resolver));
     handles.push(context.child("ledger_apply").spawn({
@@ -293,6 +320,7 @@ where
                 buffer_for_app,
                 opened.candidates,
                 early_tx,
+                tracker,
             );
             let engine = simplex::Engine::new(
                 context.child("simplex"),
@@ -428,7 +456,10 @@ async fn apply_finalized<E: Clock>(
         match applied {
             Ok(Some(f)) => {
                 for node in f.went_down {
-                    tracing::info!(height = f.block.header.height, node = %node.short(), "lease expired: node is down");
+                    tracing::info!(height = f.block.header.height, node = %node.short(), "validators stopped hearing the node: lease down");
+                }
+                for node in f.came_up {
+                    tracing::info!(height = f.block.header.height, node = %node.short(), "node heard again: lease up");
                 }
             }
             Ok(None) => {}

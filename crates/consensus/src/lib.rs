@@ -9,6 +9,7 @@ pub mod block;
 pub mod candidates;
 pub mod chain;
 pub mod engine;
+pub mod liveness;
 pub mod store;
 
 pub use chain::{Chain, Finalized, Proven, TxLocation, TxStatus};

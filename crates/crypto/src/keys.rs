@@ -79,6 +79,11 @@ impl Identity {
         Self { key: ed25519::PrivateKey::from_seed(seed) }
     }
 
+    /// The identity of a commonware key (as consensus holds it).
+    pub fn from_private_key(key: ed25519::PrivateKey) -> Self {
+        Self { key }
+    }
+
     /// The public key as a node id.
     pub fn node_id(&self) -> NodeId {
         let pk = self.key.public_key();

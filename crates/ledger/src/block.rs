@@ -6,6 +6,7 @@
 //! a chain and names the first block that is wrong and why — the core of `archipel ledger verify`.
 
 use crate::hash::Hash;
+use crate::lease::LivenessChange;
 use crate::merkle;
 use crate::state::{Receipt, State};
 use crate::tx::{SignedTransaction, TxError, verify_all};
@@ -25,6 +26,8 @@ pub struct BlockHeader {
     pub timestamp_ms: u64,
     /// Merkle root of the transaction hashes.
     pub tx_root: Hash,
+    /// Merkle root of the liveness changes' hashes.
+    pub liveness_root: Hash,
     /// State root after applying the transactions.
     pub state_root: Hash,
 }
@@ -35,12 +38,13 @@ impl Write for BlockHeader {
         self.parent.0.write(buf);
         self.timestamp_ms.write(buf);
         self.tx_root.0.write(buf);
+        self.liveness_root.0.write(buf);
         self.state_root.0.write(buf);
     }
 }
 
 impl FixedSize for BlockHeader {
-    const SIZE: usize = 8 + 32 + 8 + 32 + 32;
+    const SIZE: usize = 8 + 32 + 8 + 32 + 32 + 32;
 }
 
 impl Read for BlockHeader {
@@ -51,6 +55,7 @@ impl Read for BlockHeader {
             parent: Hash(<[u8; 32]>::read(buf)?),
             timestamp_ms: u64::read(buf)?,
             tx_root: Hash(<[u8; 32]>::read(buf)?),
+            liveness_root: Hash(<[u8; 32]>::read(buf)?),
             state_root: Hash(<[u8; 32]>::read(buf)?),
         })
     }
@@ -65,11 +70,14 @@ impl BlockHeader {
     }
 }
 
-/// A block: header and transactions.
+/// A block: header, liveness changes and transactions.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Block {
     /// The header.
     pub header: BlockHeader,
+    /// Lease changes decided by the validators, applied before the transactions.
+    #[serde(default)]
+    pub liveness: Vec<LivenessChange>,
     /// The transactions, in order.
     pub txs: Vec<SignedTransaction>,
 }
@@ -77,21 +85,26 @@ pub struct Block {
 impl Write for Block {
     fn write(&self, buf: &mut impl BufMut) {
         self.header.write(buf);
+        self.liveness.write(buf);
         self.txs.write(buf);
     }
 }
 
 impl EncodeSize for Block {
     fn encode_size(&self) -> usize {
-        BlockHeader::SIZE + self.txs.encode_size()
+        BlockHeader::SIZE + self.liveness.encode_size() + self.txs.encode_size()
     }
 }
 
 impl Read for Block {
-    /// The most transactions a block may hold.
+    /// The most transactions (and the most liveness changes) a block may hold.
     type Cfg = usize;
     fn read_cfg(buf: &mut impl Buf, max_txs: &usize) -> Result<Self, CodecError> {
-        Ok(Block { header: BlockHeader::read(buf)?, txs: Vec::read_cfg(buf, &(RangeCfg::new(0..=*max_txs), ()))? })
+        Ok(Block {
+            header: BlockHeader::read(buf)?,
+            liveness: Vec::read_cfg(buf, &(RangeCfg::new(0..=*max_txs), ()))?,
+            txs: Vec::read_cfg(buf, &(RangeCfg::new(0..=*max_txs), ()))?,
+        })
     }
 }
 
@@ -124,6 +137,11 @@ pub fn tx_root(txs: &[SignedTransaction]) -> Hash {
     merkle::root(&txs.iter().map(SignedTransaction::hash).collect::<Vec<_>>())
 }
 
+/// Merkle root of liveness changes (by their hashes).
+pub fn liveness_root(changes: &[LivenessChange]) -> Hash {
+    merkle::root(&changes.iter().map(LivenessChange::hash).collect::<Vec<_>>())
+}
+
 /// The header of the genesis state (height 0): the parent of block 1.
 pub fn genesis_header(state: &State) -> BlockHeader {
     BlockHeader {
@@ -131,6 +149,7 @@ pub fn genesis_header(state: &State) -> BlockHeader {
         parent: Hash::ZERO,
         timestamp_ms: state.chain().timestamp_ms,
         tx_root: tx_root(&[]),
+        liveness_root: liveness_root(&[]),
         state_root: state.state_root(),
     }
 }
@@ -149,8 +168,19 @@ pub enum Signatures {
 pub struct BlockOutcome {
     /// One receipt per transaction, in order.
     pub receipts: Vec<Receipt>,
-    /// Nodes whose lease ran out at this block.
+    /// Nodes marked Down at this block.
     pub went_down: Vec<NodeId>,
+    /// Nodes marked Up at this block.
+    pub came_up: Vec<NodeId>,
+}
+
+impl BlockOutcome {
+    fn record(&mut self, change: &LivenessChange) {
+        match change {
+            LivenessChange::Down { node } => self.went_down.push(*node),
+            LivenessChange::Up { node, .. } => self.came_up.push(*node),
+        }
+    }
 }
 
 /// A proposed block, the state after it, and the candidates left out (with why).
@@ -166,23 +196,33 @@ pub struct Proposal {
     pub dropped: Vec<(Hash, TxError)>,
 }
 
-/// Builds the block after `parent` on `state` (the state after `parent`): applies candidates in
-/// order, keeping those that apply, up to the block size limit.
+/// Builds the block after `parent` on `state` (the state after `parent`): applies the liveness
+/// changes that apply (up to `max_block_liveness`), then candidates in order, keeping those that
+/// apply, up to the block size limit.
 pub fn propose(
     state: &State,
     parent: &BlockHeader,
     now_ms: u64,
+    liveness: impl IntoIterator<Item = LivenessChange>,
     candidates: impl IntoIterator<Item = SignedTransaction>,
     signatures: Signatures,
 ) -> Proposal {
     let mut state = state.clone();
     let timestamp_ms = now_ms.max(parent.timestamp_ms);
     let height = parent.height + 1;
-    let went_down = state.begin_block(height, timestamp_ms);
+    state.begin_block(height, timestamp_ms);
+    let mut outcome = BlockOutcome::default();
+    let mut changes = Vec::new();
+    for change in liveness.into_iter().take(state.params().max_block_liveness as usize) {
+        if state.apply_liveness(&change).is_ok() {
+            outcome.record(&change);
+            changes.push(change);
+        }
+    }
     let max = state.params().max_block_txs as usize;
     let max_bytes = state.params().max_block_bytes as usize;
-    let mut bytes = BlockHeader::SIZE + 5;
-    let (mut txs, mut receipts, mut dropped) = (Vec::new(), Vec::new(), Vec::new());
+    let mut bytes = BlockHeader::SIZE + 10 + changes.encode_size();
+    let (mut txs, mut dropped) = (Vec::new(), Vec::new());
     for t in candidates {
         if txs.len() == max {
             break;
@@ -197,7 +237,7 @@ pub fn propose(
         };
         match result {
             Ok(r) => {
-                receipts.push(r);
+                outcome.receipts.push(r);
                 txs.push(t);
                 bytes += size;
             }
@@ -209,9 +249,10 @@ pub fn propose(
         parent: parent.hash(),
         timestamp_ms,
         tx_root: tx_root(&txs),
+        liveness_root: liveness_root(&changes),
         state_root: state.state_root(),
     };
-    Proposal { block: Block { header, txs }, state, outcome: BlockOutcome { receipts, went_down }, dropped }
+    Proposal { block: Block { header, liveness: changes, txs }, state, outcome, dropped }
 }
 
 /// The first problem found in a chain.
@@ -253,21 +294,36 @@ pub fn execute(
     if h.tx_root != tx_root(&block.txs) {
         return Err(bad("transaction root does not match its transactions".into()));
     }
+    if h.liveness_root != liveness_root(&block.liveness) {
+        return Err(bad("liveness root does not match its liveness changes".into()));
+    }
+    if block.liveness.len() > state.params().max_block_liveness as usize {
+        return Err(bad(format!(
+            "{} liveness changes, the limit is {}",
+            block.liveness.len(),
+            state.params().max_block_liveness
+        )));
+    }
     let invalid =
         |i: usize, e: TxError| bad(format!("transaction {i} ({}) is invalid: {e}", block.txs[i].hash().short()));
     if signatures == Signatures::Verify {
         verify_all(&block.txs).map_err(|(i, e)| invalid(i, e))?;
     }
-    let went_down = state.begin_block(h.height, h.timestamp_ms);
-    let mut receipts = Vec::with_capacity(block.txs.len());
+    state.begin_block(h.height, h.timestamp_ms);
+    let mut outcome = BlockOutcome::default();
+    for (i, change) in block.liveness.iter().enumerate() {
+        state.apply_liveness(change).map_err(|e| bad(format!("liveness change {i} is invalid: {e}")))?;
+        outcome.record(change);
+    }
+    outcome.receipts.reserve(block.txs.len());
     for (i, t) in block.txs.iter().enumerate() {
-        receipts.push(state.apply_verified(t).map_err(|e| invalid(i, e))?);
+        outcome.receipts.push(state.apply_verified(t).map_err(|e| invalid(i, e))?);
     }
     let root = state.state_root();
     if h.state_root != root {
         return Err(bad(format!("state root {} differs from the replayed {root}", h.state_root)));
     }
-    Ok(BlockOutcome { receipts, went_down })
+    Ok(outcome)
 }
 
 /// Replays `blocks` from the genesis `state`, checking every link, root and transaction. Returns
@@ -293,7 +349,7 @@ mod tests {
         let mut parent = genesis_header(&s);
         let mut blocks = Vec::new();
         for i in 0..n {
-            let p = propose(&s, &parent, 100 * (i + 1), [transfer(0, i, 1, 10)], Signatures::Verify);
+            let p = propose(&s, &parent, 100 * (i + 1), [], [transfer(0, i, 1, 10)], Signatures::Verify);
             assert!(p.dropped.is_empty());
             s = p.state;
             parent = p.block.header;
@@ -317,6 +373,7 @@ mod tests {
             &s,
             &genesis_header(&s),
             5,
+            [],
             [transfer(0, 0, 1, 1), transfer(0, 0, 1, 2), transfer(0, 1, 1, 9_999)],
             Signatures::Verify,
         );
@@ -373,7 +430,7 @@ mod tests {
                     let nonce = s.account(&crate::state::tests::id(from).node_id()).nonce + skew;
                     transfer(from, nonce, to, amt)
                 }).collect();
-                let p = propose(&s, &parent, 10 * i as u64, cands, Signatures::Verify);
+                let p = propose(&s, &parent, 10 * i as u64, [], cands, Signatures::Verify);
                 s = p.state;
                 parent = p.block.header;
                 blocks.push(p.block);

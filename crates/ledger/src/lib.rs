@@ -9,7 +9,7 @@ mod accounts;
 pub mod block;
 pub mod export;
 pub mod hash;
-mod lease;
+pub mod lease;
 pub mod mempool;
 pub mod merkle;
 pub mod params;
@@ -19,9 +19,11 @@ pub mod state;
 pub mod tx;
 
 pub use block::{
-    Block, BlockHeader, BlockOutcome, ChainError, Proposal, Signatures, execute, genesis_header, propose, verify_chain,
+    Block, BlockHeader, BlockOutcome, ChainError, Proposal, Signatures, execute, genesis_header, liveness_root, propose,
+    verify_chain,
 };
 pub use hash::Hash;
+pub use lease::{AliveProof, Lease, LivenessChange, LivenessError};
 pub use mempool::{Mempool, MempoolError};
 pub use params::LedgerParams;
 pub use proof::{ProofError, StateProof, TxProof};

@@ -91,7 +91,15 @@ pub fn decode_value(key: &StateKey, value: &[u8]) -> Result<serde_json::Value, S
         StateKey::Chain => Ok(serde_json::json!({
             "height": be_u64(value, 0)?, "timestamp_ms": be_u64(value, 8)?, "fees_burned_micro": be_u64(value, 16)?,
         })),
-        StateKey::Lease(_) => Ok(serde_json::json!({ "last_heartbeat_ms": be_u64(value, 0)? })),
+        StateKey::Lease(_) => {
+            let status = match value.first() {
+                Some(1) => "up",
+                Some(0) => "down",
+                _ => return Err("lease value has no status byte".into()),
+            };
+            Ok(serde_json::json!({ "status": status, "since_height": be_u64(value, 1)? }))
+        }
+        StateKey::Network => Ok(serde_json::json!({ "network": hex::encode(value) })),
         StateKey::Node(_) => json(serde_json::from_slice::<NodeRecord>(value).and_then(serde_json::to_value)),
         StateKey::Params => json(serde_json::from_slice(value)),
         StateKey::Validator(_) => Ok(serde_json::json!({ "validator": true })),
@@ -107,7 +115,7 @@ mod tests {
     #[test]
     fn tx_and_state_proofs_hold_and_fail_when_tampered() {
         let s = genesis();
-        let p = propose(&s, &genesis_header(&s), 7, [transfer(0, 0, 1, 5), transfer(1, 0, 0, 3)], Signatures::Verify);
+        let p = propose(&s, &genesis_header(&s), 7, [], [transfer(0, 0, 1, 5), transfer(1, 0, 0, 3)], Signatures::Verify);
         let hashes: Vec<_> = p.block.txs.iter().map(SignedTransaction::hash).collect();
         let proof = TxProof {
             header: p.block.header,

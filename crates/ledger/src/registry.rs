@@ -47,6 +47,7 @@ impl State {
     pub(crate) fn apply_register(&mut self, signer: NodeId, descriptor: &SignedDescriptor) -> Receipt {
         let node = descriptor.descriptor.node_id;
         self.nodes.insert(node, NodeRecord { descriptor: descriptor.clone(), owner: signer });
+        self.open_lease(node);
         Receipt::NodeRegistered { node, owner: signer }
     }
 
@@ -104,9 +105,11 @@ mod tests {
         let r = s.apply(&signed(0, 0, Payload::RegisterNode { descriptor: descriptor(20) })).unwrap();
         assert_eq!(r, Receipt::NodeRegistered { node, owner: id(0).node_id() });
         assert!(s.nodes().contains_key(&node));
-        // The node heartbeats on its own account (free), the owner updates it.
+        // Down until it proves it is alive; the owner updates it.
+        assert_eq!(s.lease_status(&node), LeaseStatus::Down);
         s.begin_block(1, 500);
-        s.apply(&signed(20, 0, Payload::Heartbeat)).unwrap();
+        let proof = crate::AliveProof::sign(&id(20), &s.network(), 0);
+        s.apply_liveness(&crate::LivenessChange::Up { node, proof }).unwrap();
         assert_eq!(s.lease_status(&node), LeaseStatus::Up);
         let mut d = example_descriptor(&id(20));
         d.name = "renamed".into();
@@ -115,7 +118,7 @@ mod tests {
         assert_eq!(s.nodes()[&node].descriptor.descriptor.name, "renamed");
         // A stranger may not remove it; the node itself may.
         assert!(matches!(s.apply(&signed(1, 0, Payload::LeaveNode { node })), Err(TxError::NotAllowed(_))));
-        s.apply(&signed(20, 1, Payload::LeaveNode { node })).unwrap_err(); // no money for the fee
+        s.apply(&signed(20, 0, Payload::LeaveNode { node })).unwrap_err(); // no money for the fee
         s.apply(&signed(0, 2, Payload::LeaveNode { node })).unwrap();
         assert!(!s.nodes().contains_key(&node));
         assert_eq!(s.lease_status(&node), LeaseStatus::Down);

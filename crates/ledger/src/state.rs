@@ -5,6 +5,7 @@
 //! [`State::prove`] can show any single entry against a block header.
 
 use crate::hash::Hash;
+use crate::lease::Lease;
 use crate::merkle;
 use crate::params::LedgerParams;
 use crate::tx::{Payload, SignedTransaction, TxError};
@@ -48,13 +49,6 @@ pub enum Receipt {
         /// Fee burned.
         fee_micro: u64,
     },
-    /// A lease was renewed at the given block time.
-    LeaseRenewed {
-        /// The node.
-        node: NodeId,
-        /// Block time of the heartbeat (ms).
-        at_ms: u64,
-    },
     /// A node joined the registry.
     NodeRegistered {
         /// The node.
@@ -74,13 +68,13 @@ pub enum Receipt {
     },
 }
 
-/// Liveness of a node by its lease at a given block time.
+/// Liveness of a node as finalized state records it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LeaseStatus {
-    /// Heartbeat within `lease_ttl`.
+    /// The validators hear its heartbeats.
     Up,
-    /// No heartbeat within `lease_ttl` (or never).
+    /// The validators stopped hearing it for `lease_ttl` (or never heard it).
     Down,
 }
 
@@ -100,6 +94,9 @@ pub struct ChainPosition {
 pub struct GenesisState {
     /// Parameters.
     pub params: LedgerParams,
+    /// The network's identity (the genesis hash): signatures made for one network never count
+    /// in another.
+    pub network: Hash,
     /// Genesis time (Unix ms).
     pub timestamp_ms: u64,
     /// The validators.
@@ -117,8 +114,10 @@ pub enum StateKey {
     Account(NodeId),
     /// Height, block time and fees burned.
     Chain,
-    /// A node's last heartbeat time.
+    /// A node's lease: Up or Down, and since which height.
     Lease(NodeId),
+    /// The network's identity (genesis hash).
+    Network,
     /// A node's registry record.
     Node(NodeId),
     /// The ledger parameters.
@@ -133,6 +132,7 @@ impl fmt::Display for StateKey {
             StateKey::Account(id) => write!(f, "account/{id}"),
             StateKey::Chain => f.write_str("chain"),
             StateKey::Lease(id) => write!(f, "lease/{id}"),
+            StateKey::Network => f.write_str("network"),
             StateKey::Node(id) => write!(f, "node/{id}"),
             StateKey::Params => f.write_str("params"),
             StateKey::Validator(id) => write!(f, "validator/{id}"),
@@ -147,12 +147,13 @@ impl FromStr for StateKey {
         match s.split_once('/') {
             None if s == "chain" => Ok(StateKey::Chain),
             None if s == "params" => Ok(StateKey::Params),
+            None if s == "network" => Ok(StateKey::Network),
             Some(("account", rest)) => Ok(StateKey::Account(id(rest)?)),
             Some(("lease", rest)) => Ok(StateKey::Lease(id(rest)?)),
             Some(("node", rest)) => Ok(StateKey::Node(id(rest)?)),
             Some(("validator", rest)) => Ok(StateKey::Validator(id(rest)?)),
             _ => Err(format!(
-                "unknown state key {s:?}: use account/<key>, node/<key>, lease/<key>, validator/<key>, chain or params"
+                "unknown state key {s:?}: use account/<key>, node/<key>, lease/<key>, validator/<key>, chain, network or params"
             )),
         }
     }
@@ -162,11 +163,12 @@ impl FromStr for StateKey {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     pub(crate) params: LedgerParams,
+    pub(crate) network: Hash,
     pub(crate) chain: ChainPosition,
     pub(crate) validators: BTreeSet<NodeId>,
     pub(crate) accounts: BTreeMap<NodeId, Account>,
     pub(crate) nodes: BTreeMap<NodeId, NodeRecord>,
-    pub(crate) leases: BTreeMap<NodeId, u64>,
+    pub(crate) leases: BTreeMap<NodeId, Lease>,
 }
 
 impl State {
@@ -174,6 +176,7 @@ impl State {
     pub fn genesis(g: GenesisState) -> Self {
         let mut s = State {
             params: g.params,
+            network: g.network,
             chain: ChainPosition { height: 0, timestamp_ms: g.timestamp_ms, fees_burned_micro: 0 },
             validators: g.validators.into_iter().collect(),
             ..State::default()
@@ -185,6 +188,7 @@ impl State {
         for d in g.nodes {
             let id = d.descriptor.node_id;
             s.nodes.insert(id, NodeRecord { owner: id, descriptor: d });
+            s.open_lease(id);
         }
         s
     }
@@ -192,6 +196,11 @@ impl State {
     /// The parameters.
     pub fn params(&self) -> &LedgerParams {
         &self.params
+    }
+
+    /// The network's identity (its genesis hash).
+    pub fn network(&self) -> Hash {
+        self.network
     }
 
     /// The last applied block's height, time and the fees burned.
@@ -219,45 +228,23 @@ impl State {
         &self.nodes
     }
 
-    /// Time of a node's last heartbeat, if any.
-    pub fn last_heartbeat_ms(&self, node: &NodeId) -> Option<u64> {
-        self.leases.get(node).copied()
-    }
-
     /// Money in all accounts plus fees burned: constant over any sequence of transactions.
     pub fn total_micro(&self) -> u128 {
         self.accounts.values().map(|a| a.balance_micro as u128).sum::<u128>() + self.chain.fees_burned_micro as u128
     }
 
-    /// Lease status of `node` at the last applied block's time.
+    /// Lease status of `node` (Down if it is not registered).
     pub fn lease_status(&self, node: &NodeId) -> LeaseStatus {
-        self.lease_status_at(node, self.chain.timestamp_ms)
-    }
-
-    /// Lease status of `node` at block time `now_ms`.
-    pub fn lease_status_at(&self, node: &NodeId, now_ms: u64) -> LeaseStatus {
         match self.leases.get(node) {
-            Some(t) if self.nodes.contains_key(node) && now_ms.saturating_sub(*t) <= self.params.lease_ttl_ms => {
-                LeaseStatus::Up
-            }
+            Some(l) if self.nodes.contains_key(node) => l.status,
             _ => LeaseStatus::Down,
         }
     }
 
-    /// Starts block `height` at `timestamp_ms`; returns the nodes whose lease ran out since the
-    /// previous block (Down from this height on).
-    pub fn begin_block(&mut self, height: u64, timestamp_ms: u64) -> Vec<NodeId> {
-        let before = self.chain.timestamp_ms;
+    /// Starts block `height` at `timestamp_ms`.
+    pub fn begin_block(&mut self, height: u64, timestamp_ms: u64) {
         self.chain.height = height;
         self.chain.timestamp_ms = timestamp_ms;
-        self.leases
-            .iter()
-            .filter(|(id, _)| {
-                self.lease_status_at(id, before) == LeaseStatus::Up
-                    && self.lease_status_at(id, timestamp_ms) == LeaseStatus::Down
-            })
-            .map(|(id, _)| *id)
-            .collect()
     }
 
     /// Checks a transaction before it enters the mempool: size, signature, nonce window, fee and
@@ -309,7 +296,6 @@ impl State {
         // Every check passed: only now mutate (nothing below can fail).
         let receipt = match &tx.payload {
             Payload::Transfer { to, amount_micro } => self.apply_transfer(tx.signer, *to, *amount_micro, fee),
-            Payload::Heartbeat => self.apply_heartbeat(tx.signer),
             Payload::RegisterNode { descriptor } => self.apply_register(tx.signer, descriptor),
             Payload::UpdateNode { descriptor } => self.apply_update(descriptor),
             Payload::LeaveNode { node } => self.apply_leave(*node),
@@ -325,17 +311,13 @@ impl State {
     /// next transaction; changes nothing. Returns the fee it would pay.
     fn check_next(&self, stx: &SignedTransaction) -> Result<u64, TxError> {
         let tx = &stx.tx;
-        let fee = match tx.payload {
-            Payload::Heartbeat => 0,
-            _ => self.params.tx_fee_micro,
-        };
+        let fee = self.params.tx_fee_micro;
         let balance_micro = self.account(&tx.signer).balance_micro;
         if balance_micro < fee {
             return Err(TxError::InsufficientFunds { balance_micro, needed_micro: fee });
         }
         match &tx.payload {
             Payload::Transfer { to, amount_micro } => self.check_transfer(tx.signer, *to, *amount_micro, fee)?,
-            Payload::Heartbeat => self.check_heartbeat(tx.signer)?,
             Payload::RegisterNode { descriptor } => self.check_register(descriptor)?,
             Payload::UpdateNode { descriptor } => self.check_update(tx.signer, descriptor)?,
             Payload::LeaveNode { node } => self.check_leave(tx.signer, *node)?,
@@ -354,9 +336,10 @@ impl State {
             StateKey::Chain,
             [c.height.to_be_bytes(), c.timestamp_ms.to_be_bytes(), c.fees_burned_micro.to_be_bytes()].concat(),
         ));
-        for (id, t) in &self.leases {
-            out.push((StateKey::Lease(*id), t.to_be_bytes().to_vec()));
+        for (id, lease) in &self.leases {
+            out.push((StateKey::Lease(*id), lease.to_bytes()));
         }
+        out.push((StateKey::Network, self.network.0.to_vec()));
         for (id, rec) in &self.nodes {
             out.push((StateKey::Node(*id), serde_json::to_vec(rec).expect("records serialize")));
         }
@@ -407,6 +390,7 @@ pub(crate) mod tests {
     pub(crate) fn genesis() -> State {
         State::genesis(GenesisState {
             params: LedgerParams::default(),
+            network: Hash([0x4e; 32]),
             timestamp_ms: 0,
             validators: vec![id(10).node_id()],
             accounts: vec![(id(0).node_id(), 1_000), (id(1).node_id(), 500), (id(10).node_id(), 100)],
@@ -436,7 +420,6 @@ pub(crate) mod tests {
         let mut forged = transfer(0, 0, 1, 10);
         forged.tx.payload = Payload::Transfer { to: id(2).node_id(), amount_micro: 10 };
         assert!(matches!(s.apply(&forged), Err(TxError::BadSignature(_))));
-        assert!(matches!(s.apply(&signed(0, 0, Payload::Heartbeat)), Err(TxError::NotAllowed(_))));
         // No money: not even the fee.
         assert!(matches!(s.apply(&transfer(5, 0, 1, 0)), Err(TxError::InsufficientFunds { .. })));
         assert_eq!(s.state_root(), root);

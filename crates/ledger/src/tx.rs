@@ -2,7 +2,7 @@
 //! an explicit binary encoding (commonware-codec).
 //!
 //! Each payload kind has its own variant here and its own `apply` function in the module that
-//! owns that part of the state (`accounts`, `registry`, `lease`). Later issues (storage, market)
+//! owns that part of the state (`accounts`, `registry`). Later issues (storage, market)
 //! add kinds the same way; consensus only ever sees opaque, encoded transactions.
 
 use crate::hash::{Hash, hex64};
@@ -30,8 +30,6 @@ pub enum Payload {
         /// Amount in micro-units.
         amount_micro: u64,
     },
-    /// Renew the signer node's liveness lease.
-    Heartbeat,
     /// Register a new node; the signer sponsors it (pays the fee) and becomes its owner.
     RegisterNode {
         /// The node's descriptor, signed by the node's own key.
@@ -54,7 +52,6 @@ impl Payload {
     pub fn kind(&self) -> &'static str {
         match self {
             Payload::Transfer { .. } => "transfer",
-            Payload::Heartbeat => "heartbeat",
             Payload::RegisterNode { .. } => "register_node",
             Payload::UpdateNode { .. } => "update_node",
             Payload::LeaveNode { .. } => "leave_node",
@@ -124,14 +121,6 @@ pub enum TxError {
         /// Needed.
         needed_micro: u64,
     },
-    /// A heartbeat arrived too soon after the previous one.
-    #[error("heartbeat {gap_ms} ms after the previous one; the minimum gap is {min_gap_ms} ms")]
-    HeartbeatTooSoon {
-        /// Time since the last heartbeat.
-        gap_ms: u64,
-        /// The minimum.
-        min_gap_ms: u64,
-    },
     /// The signer may not do this.
     #[error("{0}")]
     NotAllowed(String),
@@ -151,7 +140,6 @@ impl TxError {
             TxError::Replay { .. } => "replayed_nonce",
             TxError::NonceTooFarAhead { .. } => "nonce_too_far_ahead",
             TxError::InsufficientFunds { .. } => "insufficient_funds",
-            TxError::HeartbeatTooSoon { .. } => "heartbeat_too_soon",
             TxError::NotAllowed(_) => "not_allowed",
             TxError::Overflow => "overflow",
         }
@@ -187,7 +175,6 @@ impl Write for Payload {
                 to.0.write(buf);
                 amount_micro.write(buf);
             }
-            Payload::Heartbeat => 2u8.write(buf),
             Payload::RegisterNode { descriptor } => {
                 3u8.write(buf);
                 write_descriptor(descriptor, buf);
@@ -208,7 +195,6 @@ impl EncodeSize for Payload {
     fn encode_size(&self) -> usize {
         1 + match self {
             Payload::Transfer { .. } => 32 + 8,
-            Payload::Heartbeat => 0,
             Payload::RegisterNode { descriptor } | Payload::UpdateNode { descriptor } => descriptor_size(descriptor),
             Payload::LeaveNode { .. } => 32,
         }
@@ -220,7 +206,6 @@ impl Read for Payload {
     fn read_cfg(buf: &mut impl Buf, _: &()) -> Result<Self, CodecError> {
         Ok(match u8::read(buf)? {
             1 => Payload::Transfer { to: NodeId(<[u8; 32]>::read(buf)?), amount_micro: u64::read(buf)? },
-            2 => Payload::Heartbeat,
             3 => Payload::RegisterNode { descriptor: read_descriptor(buf)? },
             4 => Payload::UpdateNode { descriptor: read_descriptor(buf)? },
             5 => Payload::LeaveNode { node: NodeId(<[u8; 32]>::read(buf)?) },
@@ -373,7 +358,7 @@ mod tests {
         let txs: Vec<SignedTransaction> = (0..6)
             .map(|i| {
                 let a = Identity::from_seed(i);
-                Transaction { signer: a.node_id(), nonce: i, payload: Payload::Heartbeat }.sign(&a)
+                Transaction { signer: a.node_id(), nonce: i, payload: Payload::LeaveNode { node: a.node_id() } }.sign(&a)
             })
             .collect();
         assert_eq!(verify_all(&txs), Ok(()));

@@ -108,9 +108,9 @@ pub struct NodeRow {
     /// Liveness lease in finalized ledger state (`None` if the node is not in the registry).
     #[serde(default)]
     pub lease: Option<archipel_ledger::LeaseStatus>,
-    /// Block time of the node's last heartbeat in finalized state (Unix ms).
+    /// Height of the block that set the lease's current status.
     #[serde(default)]
-    pub last_heartbeat_ms: Option<u64>,
+    pub lease_since_height: Option<u64>,
 }
 
 /// `GET /v1/nodes` response.
@@ -181,9 +181,10 @@ async fn node(State(s): State<Arc<ApiState>>) -> Response {
 pub fn nodes_view(s: &ApiState) -> NodesView {
     let rows = lock_table(&s.table).rows();
     let validators: BTreeSet<_> = s.genesis.validators.iter().copied().collect();
-    let leases: std::collections::BTreeMap<NodeId, (archipel_ledger::LeaseStatus, Option<u64>)> = s
-        .chain
-        .with_state(|st| st.nodes().keys().map(|id| (*id, (st.lease_status(id), st.last_heartbeat_ms(id)))).collect());
+    let leases: std::collections::BTreeMap<NodeId, (archipel_ledger::LeaseStatus, Option<u64>)> =
+        s.chain.with_state(|st| {
+            st.nodes().keys().map(|id| (*id, (st.lease_status(id), st.lease(id).map(|l| l.since_height)))).collect()
+        });
     NodesView {
         network: s.genesis.network.clone(),
         observer: s.own.descriptor.node_id,
@@ -208,7 +209,7 @@ pub fn nodes_view(s: &ApiState) -> NodesView {
                     last_seen_ms: if r.is_self { Some(system_now_ms()) } else { r.last_seen_ms },
                     is_self: r.is_self,
                     lease: leases.get(&d.node_id).map(|l| l.0),
-                    last_heartbeat_ms: leases.get(&d.node_id).and_then(|l| l.1),
+                    lease_since_height: leases.get(&d.node_id).and_then(|l| l.1),
                 }
             })
             .collect(),

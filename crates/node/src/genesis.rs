@@ -179,6 +179,7 @@ impl Genesis {
     pub fn ledger_state(&self) -> State {
         State::genesis(GenesisState {
             params: self.ledger.clone(),
+            network: archipel_ledger::Hash(*blake3::hash(&self.canonical_bytes()).as_bytes()),
             timestamp_ms: self.created_at_ms,
             validators: self.validators.clone(),
             accounts: self.accounts.iter().map(|a| (a.key, a.balance_micro)).collect(),

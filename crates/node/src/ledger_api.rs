@@ -261,7 +261,7 @@ fn internal(e: String) -> Response {
 
 async fn block(State(s): State<Arc<ApiState>>, Path(height): Path<u64>) -> Response {
     if height == 0 {
-        return Json(block_view(Block { header: s.chain.genesis(), txs: Vec::new() }, &[])).into_response();
+        return Json(block_view(Block { header: s.chain.genesis(), liveness: Vec::new(), txs: Vec::new() }, &[])).into_response();
     }
     match s.chain.block(height) {
         Ok(Some((b, c))) => Json(block_view(b, &c)).into_response(),

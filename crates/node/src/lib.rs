@@ -1,5 +1,5 @@
 //! An archipel node: configuration, genesis, authenticated p2p networking, the membership
-//! (peer table) protocol, the replicated ledger (consensus, transaction gossip, heartbeats), the
+//! (peer table) protocol, the replicated ledger (consensus, transaction gossip), the
 //! HTTP API and metrics.
 //!
 //! The protocol logic lives in sans-IO modules ([`membership`]); the actors that drive it
@@ -13,7 +13,6 @@ pub mod datadir;
 pub mod files;
 pub mod genesis;
 pub mod gossip;
-pub mod heartbeat;
 pub mod ledger_api;
 pub mod ledger_verify;
 pub mod membership;

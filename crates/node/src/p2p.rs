@@ -8,6 +8,7 @@
 
 use crate::genesis::Genesis;
 use crate::gossip::{GOSSIP_CHANNEL, MAX_GOSSIP_MESSAGE};
+use archipel_consensus::liveness::LIVENESS_CHANNEL;
 use archipel_consensus::engine::{
     BACKFILL_CHANNEL, BLOCKS_CHANNEL, CERTIFICATES_CHANNEL, Channels, FETCH_CHANNEL, RESOLVER_CHANNEL, VOTES_CHANNEL,
 };
@@ -171,6 +172,8 @@ pub fn start(
         blocks: network.register(BLOCKS_CHANNEL, fast(NZU32!(1_000))),
         backfill: network.register(BACKFILL_CHANNEL, fast(NZU32!(1_000))),
         fetch: network.register(FETCH_CHANNEL, fast(NZU32!(1_000))),
+        // Every node heartbeats every lease_ttl / 4 (a few per second at most).
+        liveness: network.register(LIVENESS_CHANNEL, fast(NZU32!(50))),
     };
     let txs = network.register(TX_CHANNEL, fast(NZU32!(2_000)));
     network.start();

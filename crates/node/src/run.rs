@@ -11,7 +11,7 @@ use crate::genesis::{Genesis, GenesisError};
 use crate::gossip::{self, GossipObserver, LogObserver};
 use crate::membership::{AdmissionRule, Effect, PeerTable};
 use crate::p2p;
-use crate::{heartbeat, txgossip};
+use crate::txgossip;
 use archipel_consensus::block::BlockCfg;
 use archipel_consensus::engine::ConsensusConfig;
 use archipel_consensus::{Chain, FileStore};
@@ -393,12 +393,6 @@ impl PreparedNode {
                     move |ctx| txgossip::resend_loop(ctx, chain, tx_out, Duration::from_secs(2))
                 });
             }
-            context.child("heartbeat").spawn({
-                let chain = chain.clone();
-                let identity = identity.clone();
-                let tx_out = tx_out.clone();
-                move |ctx| heartbeat::run(ctx, chain, identity, tx_out)
-            });
             context.child("registry").spawn({
                 let chain = chain.clone();
                 let table = table.clone();

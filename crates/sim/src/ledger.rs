@@ -22,8 +22,9 @@ use archipel_consensus::engine::{
     self, BACKFILL_CHANNEL, BLOCKS_CHANNEL, CERTIFICATES_CHANNEL, Channels, ConsensusConfig, FETCH_CHANNEL,
     RESOLVER_CHANNEL, VOTES_CHANNEL,
 };
+use archipel_consensus::liveness::LIVENESS_CHANNEL;
 use archipel_consensus::{Chain, MemoryStore};
-use archipel_crypto::Identity;
+use archipel_crypto::{Identity, SignedDescriptor};
 use archipel_ledger::{Block, GenesisState, Hash, LedgerParams, Payload, State, Transaction};
 use archipel_types::NodeId;
 use commonware_codec::{Decode as _, Encode as _};
@@ -333,11 +334,18 @@ fn participants(sc: &LedgerScenario) -> Participants {
     let params = LedgerParams { max_block_bytes: 256 * 1024, max_block_txs: 1_024, ..LedgerParams::default() };
     let genesis = State::genesis(GenesisState {
         params: params.clone(),
+        network: Hash::of(&[b"sim", &sc.seed.to_be_bytes()]),
         timestamp_ms: 0,
         validators: nodes[..VALIDATORS].iter().map(Identity::node_id).collect(),
         accounts: clients.iter().map(|c| (c.node_id(), 1_000_000_000)).collect(),
-        // Transfers need no registered nodes (and node records make every state root dearer).
-        nodes: Vec::new(),
+        // Every node is registered: they heartbeat, and blocks carry their lease changes.
+        nodes: nodes
+            .iter()
+            .map(|id| {
+                SignedDescriptor::sign(id, archipel_crypto::test_support::example_descriptor(id))
+                    .unwrap_or_else(|e| unreachable!("the example descriptor signs: {e}"))
+            })
+            .collect(),
     });
     let consensus = ConsensusConfig::new(
         engine::namespace(&format!("sim-{}", sc.seed)),
@@ -427,6 +435,7 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
                 blocks: register(BLOCKS_CHANNEL).await,
                 backfill: register(BACKFILL_CHANNEL).await,
                 fetch: register(FETCH_CHANNEL).await,
+                liveness: register(LIVENESS_CHANNEL).await,
             };
             let chain = Arc::new(
                 Chain::open(genesis.clone(), Box::new(MemoryStore::default()))
