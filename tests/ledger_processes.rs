@@ -4,8 +4,10 @@
 
 mod common;
 
+use archipel_ledger::LivenessChange;
 use archipel_node::client::ApiClient;
 use archipel_node::ledger_api::{BlockView, HeadView};
+use archipel_types::NodeId;
 use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -59,6 +61,35 @@ fn assert_no_fork(urls: &[&str]) {
     }
 }
 
+/// Nodes marked Down in `url`'s finalized blocks `1..=to`, with the height.
+fn downs(url: &str, to: u64) -> Vec<(u64, NodeId)> {
+    let client = ApiClient::new(url);
+    let mut out = Vec::new();
+    let mut from = 1;
+    while from <= to {
+        let page: Vec<BlockView> =
+            rt().block_on(client.get(&format!("/v1/ledger/blocks?from={from}&limit=100"))).expect("blocks");
+        assert!(!page.is_empty(), "{url} has no block {from}");
+        for b in page.into_iter().take_while(|b| b.header.height <= to) {
+            for c in &b.liveness {
+                if let LivenessChange::Down { node } = c {
+                    out.push((b.header.height, *node));
+                }
+            }
+            from = b.header.height + 1;
+        }
+    }
+    out
+}
+
+/// No node of `alive` (they ran throughout) was ever marked Down: a lease means "the validators
+/// stopped hearing it", not "consensus stalled".
+fn assert_never_down(url: &str, alive: &[NodeId]) {
+    let to = head(url).expect("head");
+    let wrong: Vec<_> = downs(url, to).into_iter().filter(|(_, n)| alive.contains(n)).collect();
+    assert!(wrong.is_empty(), "live nodes marked down (height, node): {wrong:?}");
+}
+
 fn sigkill(pid: u32) {
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill -9");
 }
@@ -106,6 +137,8 @@ fn one_validator_killed_keeps_finalizing_and_returns_to_catch_up_and_validate() 
     wait_height(&n1, h + 10, Duration::from_secs(90));
     wait_height(&n2, h + 10, Duration::from_secs(60));
     assert_no_fork(&[&n1, &n2, &url(3), &n5]);
+    // Leader timeouts of the dead validators' views never expired a live node's lease.
+    assert_never_down(&n1, &[devnet.id(0), devnet.id(3), devnet.id(4)]);
 }
 
 #[test]
@@ -137,4 +170,11 @@ fn two_of_four_validators_down_stops_progress_without_fork_until_one_returns() {
     wait_height(&n1, stalled + 5, Duration::from_secs(90));
     wait_height(&n3, stalled + 5, Duration::from_secs(90));
     assert_no_fork(&[&n1, &n3, &n4, &n5]);
+    // The halt and the restart never expired the lease of a node that kept heartbeating; the
+    // validator still dead is marked down once the chain runs again.
+    wait_height(&n1, stalled + 20, Duration::from_secs(90));
+    assert_never_down(&n1, &[devnet.id(0), devnet.id(3), devnet.id(4)]);
+    let to = head(&n1).unwrap();
+    let down: Vec<NodeId> = downs(&n1, to).into_iter().map(|(_, n)| n).collect();
+    assert!(down.contains(&devnet.id(1)), "the dead validator n02 was never marked down: {down:?}");
 }

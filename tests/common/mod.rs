@@ -110,6 +110,11 @@ impl Devnet {
         )
     }
 
+    /// Node `i`'s id (public key).
+    pub fn id(&self, i: usize) -> archipel_types::NodeId {
+        self.state()["nodes"][i]["id"].as_str().unwrap().parse().unwrap()
+    }
+
     pub fn pids(&self) -> Vec<u32> {
         self.state()["nodes"].as_array().unwrap().iter().filter_map(|n| n["pid"].as_u64()).map(|p| p as u32).collect()
     }

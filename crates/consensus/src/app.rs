@@ -347,7 +347,12 @@ where
                     _ = runtime.sleep_until(deadline) => {},
                 }
             };
-            tracing::debug!(height = block.header.height, txs = block.txs.len(), liveness = block.liveness.len(), "proposing");
+            tracing::debug!(
+                height = block.header.height,
+                txs = block.txs.len(),
+                liveness = block.liveness.len(),
+                "proposing"
+            );
             if app.behaviour == Behaviour::ProposesInvalidBlocks {
                 block.header.state_root.0[0] ^= 0xff;
             }

@@ -137,7 +137,8 @@ mod tests {
             payload: archipel_ledger::Payload::Transfer { to: a.node_id(), amount_micro: 1 },
         }
         .sign(&a);
-        let p = archipel_ledger::propose(&state, &genesis_header(&state), 1, [], [tx], archipel_ledger::Signatures::Verify);
+        let p =
+            archipel_ledger::propose(&state, &genesis_header(&state), 1, [], [tx], archipel_ledger::Signatures::Verify);
         let cfg = BlockCfg::from(state.params());
         let b = LedgerBlock::new(p.block.clone());
         let bytes = b.encode();

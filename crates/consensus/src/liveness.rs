@@ -246,7 +246,9 @@ mod tests {
     fn state_with(nodes: &[u64]) -> State {
         let nodes = nodes
             .iter()
-            .map(|s| SignedDescriptor::sign(&Identity::from_seed(*s), example_descriptor(&Identity::from_seed(*s))).unwrap())
+            .map(|s| {
+                SignedDescriptor::sign(&Identity::from_seed(*s), example_descriptor(&Identity::from_seed(*s))).unwrap()
+            })
             .collect();
         State::genesis(GenesisState { nodes, network: Hash([3; 32]), ..GenesisState::default() })
     }

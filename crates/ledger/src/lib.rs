@@ -19,8 +19,8 @@ pub mod state;
 pub mod tx;
 
 pub use block::{
-    Block, BlockHeader, BlockOutcome, ChainError, Proposal, Signatures, execute, genesis_header, liveness_root, propose,
-    verify_chain,
+    Block, BlockHeader, BlockOutcome, ChainError, Proposal, Signatures, execute, genesis_header, liveness_root,
+    propose, verify_chain,
 };
 pub use hash::Hash;
 pub use lease::{AliveProof, Lease, LivenessChange, LivenessError};

@@ -115,7 +115,8 @@ mod tests {
     #[test]
     fn tx_and_state_proofs_hold_and_fail_when_tampered() {
         let s = genesis();
-        let p = propose(&s, &genesis_header(&s), 7, [], [transfer(0, 0, 1, 5), transfer(1, 0, 0, 3)], Signatures::Verify);
+        let p =
+            propose(&s, &genesis_header(&s), 7, [], [transfer(0, 0, 1, 5), transfer(1, 0, 0, 3)], Signatures::Verify);
         let hashes: Vec<_> = p.block.txs.iter().map(SignedTransaction::hash).collect();
         let proof = TxProof {
             header: p.block.header,

@@ -358,7 +358,8 @@ mod tests {
         let txs: Vec<SignedTransaction> = (0..6)
             .map(|i| {
                 let a = Identity::from_seed(i);
-                Transaction { signer: a.node_id(), nonce: i, payload: Payload::LeaveNode { node: a.node_id() } }.sign(&a)
+                Transaction { signer: a.node_id(), nonce: i, payload: Payload::LeaveNode { node: a.node_id() } }
+                    .sign(&a)
             })
             .collect();
         assert_eq!(verify_all(&txs), Ok(()));

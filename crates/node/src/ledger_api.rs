@@ -230,6 +230,9 @@ pub struct BlockView {
     pub hash: Hash,
     /// The header.
     pub header: BlockHeader,
+    /// Lease changes the validators decided in this block.
+    #[serde(default)]
+    pub liveness: Vec<archipel_ledger::LivenessChange>,
     /// The transactions with their hashes.
     pub txs: Vec<TxView>,
     /// Hex finality certificate (empty for the genesis).
@@ -250,6 +253,7 @@ fn block_view(block: Block, certificate: &[u8]) -> BlockView {
     BlockView {
         hash: block.hash(),
         header: block.header,
+        liveness: block.liveness,
         txs: block.txs.into_iter().map(|t| TxView { hash: t.hash(), tx: t }).collect(),
         certificate: hex::encode(certificate),
     }
@@ -261,7 +265,8 @@ fn internal(e: String) -> Response {
 
 async fn block(State(s): State<Arc<ApiState>>, Path(height): Path<u64>) -> Response {
     if height == 0 {
-        return Json(block_view(Block { header: s.chain.genesis(), liveness: Vec::new(), txs: Vec::new() }, &[])).into_response();
+        return Json(block_view(Block { header: s.chain.genesis(), liveness: Vec::new(), txs: Vec::new() }, &[]))
+            .into_response();
     }
     match s.chain.block(height) {
         Ok(Some((b, c))) => Json(block_view(b, &c)).into_response(),

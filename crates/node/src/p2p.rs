@@ -8,10 +8,10 @@
 
 use crate::genesis::Genesis;
 use crate::gossip::{GOSSIP_CHANNEL, MAX_GOSSIP_MESSAGE};
-use archipel_consensus::liveness::LIVENESS_CHANNEL;
 use archipel_consensus::engine::{
     BACKFILL_CHANNEL, BLOCKS_CHANNEL, CERTIFICATES_CHANNEL, Channels, FETCH_CHANNEL, RESOLVER_CHANNEL, VOTES_CHANNEL,
 };
+use archipel_consensus::liveness::LIVENESS_CHANNEL;
 use archipel_crypto::{Identity, SignedDescriptor};
 use commonware_cryptography::ChaCha20Poly1305;
 use commonware_p2p::authenticated::lookup::{self, Network};

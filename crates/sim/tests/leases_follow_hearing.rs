@@ -98,11 +98,12 @@ fn a_node_cut_off_from_every_validator_goes_down_then_up() {
             if !back {
                 return Err("the isolated validator did not come back up after healing".into());
             }
-            let others = changes
-                .iter()
-                .find(|(_, c)| matches!(c, LivenessChange::Down { node } if *node != victim));
+            let others = changes.iter().find(|(_, c)| matches!(c, LivenessChange::Down { node } if *node != victim));
             if let Some((at, c)) = others {
-                return Err(format!("{} was marked down at {at} ms, though only the victim was cut off", name(o, &c.node())));
+                return Err(format!(
+                    "{} was marked down at {at} ms, though only the victim was cut off",
+                    name(o, &c.node())
+                ));
             }
             Ok(())
         },
