@@ -91,7 +91,9 @@ pub fn decode_value(key: &StateKey, value: &[u8]) -> Result<serde_json::Value, S
         StateKey::Chain => Ok(serde_json::json!({
             "height": be_u64(value, 0)?, "timestamp_ms": be_u64(value, 8)?, "fees_burned_micro": be_u64(value, 16)?,
         })),
+        StateKey::Departed(_) => Ok(serde_json::json!({ "last_version": be_u64(value, 0)? })),
         StateKey::Lease(_) => Ok(serde_json::json!({ "last_heartbeat_ms": be_u64(value, 0)? })),
+        StateKey::Network => Ok(serde_json::json!({ "network": hex::encode(value) })),
         StateKey::Node(_) => json(serde_json::from_slice::<NodeRecord>(value).and_then(serde_json::to_value)),
         StateKey::Params => json(serde_json::from_slice(value)),
         StateKey::Validator(_) => Ok(serde_json::json!({ "validator": true })),

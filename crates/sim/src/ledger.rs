@@ -332,6 +332,7 @@ fn participants(sc: &LedgerScenario) -> Participants {
     let clients: Vec<Identity> = (0..CLIENT_ACCOUNTS).map(|i| Identity::from_seed(base + 50 + i as u64)).collect();
     let params = LedgerParams { max_block_bytes: 256 * 1024, max_block_txs: 1_024, ..LedgerParams::default() };
     let genesis = State::genesis(GenesisState {
+        network: Hash::ZERO,
         params: params.clone(),
         timestamp_ms: 0,
         validators: nodes[..VALIDATORS].iter().map(Identity::node_id).collect(),
