@@ -46,7 +46,7 @@ impl Default for LedgerParams {
             max_block_txs: 4_096,
             max_block_bytes: 1024 * 1024,
             nonce_window: 1_024,
-            max_registered_nodes: 1_024,
+            max_registered_nodes: 256,
             node_deposit_micro: 1_000_000,
         }
     }
