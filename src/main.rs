@@ -359,7 +359,11 @@ fn publish_descriptor(
 ) -> Result<()> {
     let cfg = load_config(config, None)?;
     let identity = Identity::load(&cfg.key_file)?;
-    let descriptor = own_descriptor(&identity, &cfg, None, archipel_node::api::system_now_ms())?;
+    // The ledger takes only a version above the registered one (or above the one the node left
+    // with): the current time in ms is, as long as clocks do not go back.
+    let mut descriptor = own_descriptor(&identity, &cfg, None, archipel_node::api::system_now_ms())?.descriptor;
+    descriptor.version = archipel_node::api::system_now_ms();
+    let descriptor = SignedDescriptor::sign(&identity, descriptor)?;
     tokio_rt()?.block_on(ledger_cli::submit_as(key, payload(descriptor), node, &format!("{done} node {}", cfg.name)))
 }
 

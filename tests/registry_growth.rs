@@ -29,11 +29,20 @@ fn wait(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) {
     }
 }
 
-/// The next nonce of `account` in `url`'s finalized state.
-fn next_nonce(url: &str, account: &Identity) -> u64 {
+/// The next nonce of `account` in `url`'s finalized state, if the node answers.
+fn next_nonce(url: &str, account: &Identity) -> Option<u64> {
     let view: AccountView =
-        rt().block_on(ApiClient::new(url).get(&format!("/v1/accounts/{}", account.node_id()))).expect("account");
-    view.account.nonce
+        rt().block_on(ApiClient::new(url).get(&format!("/v1/accounts/{}", account.node_id()))).ok()?;
+    Some(view.account.nonce)
+}
+
+/// Panics naming the first node process that is gone (the crash this file guards against killed
+/// every node within a second).
+fn assert_all_alive(devnet: &Devnet) {
+    for i in 0..12 {
+        let (name, _, pid, _) = devnet.node(i);
+        assert!(alive(pid), "node {name} (pid {pid}) exited: see {}", devnet.dir.join("logs").display());
+    }
 }
 
 /// A storage node that is never started, at `p2p` (nothing listens there).
@@ -79,8 +88,7 @@ fn submit_batch(url: &str, txs: &[SignedTransaction]) {
 fn two_hundred_registrations_leave_every_devnet_node_running_and_finalizing() {
     let work = tempfile::tempdir().unwrap();
     let mut devnet = Devnet::start(work.path(), &["--base-ip", "127.0.71.2", "--base-port", "26600"]);
-    let pids = devnet.pids();
-    assert_eq!(pids.len(), 12);
+    assert_eq!(devnet.pids().len(), 12);
     let urls: Vec<String> = (0..12).map(|i| devnet.node(i).1).collect();
     let n1 = urls[0].clone();
     let tenant = Identity::load(&devnet.dir.join("tenant.key")).unwrap();
@@ -89,7 +97,7 @@ fn two_hundred_registrations_leave_every_devnet_node_running_and_finalizing() {
 
     // 200 registrations by the tenant, each with its node's consent, in batches of 50, each batch
     // final before the next (as many `archipel node register` calls would be, only faster).
-    let mut nonce = next_nonce(&n1, &tenant);
+    let mut nonce = next_nonce(&n1, &tenant).expect("the tenant's account");
     let started = Instant::now();
     for batch in 0..4 {
         let txs: Vec<SignedTransaction> = (0..50)
@@ -104,13 +112,17 @@ fn two_hundred_registrations_leave_every_devnet_node_running_and_finalizing() {
             })
             .collect();
         submit_batch(&n1, &txs);
-        wait("the batch final", Duration::from_secs(30), || next_nonce(&n1, &tenant) == nonce);
+        wait("the batch final", Duration::from_secs(30), || {
+            assert_all_alive(&devnet);
+            next_nonce(&n1, &tenant) == Some(nonce)
+        });
     }
     eprintln!("200 registrations final in {:?}", started.elapsed());
 
     // Every node follows the registry (212 nodes), keeps running and keeps finalizing.
     for url in &urls {
         wait("the registry of 212 nodes in the node's table", Duration::from_secs(30), || {
+            assert_all_alive(&devnet);
             rt().block_on(ApiClient::new(url).nodes()).is_ok_and(|v| v.nodes.len() == 212)
         });
     }
@@ -119,9 +131,7 @@ fn two_hundred_registrations_leave_every_devnet_node_running_and_finalizing() {
     for (url, before) in urls.iter().zip(&heads) {
         wait("the head advancing", Duration::from_secs(10), || head(url).is_some_and(|h| h >= before + 2));
     }
-    for pid in &pids {
-        assert!(alive(*pid), "node process {pid} exited");
-    }
+    assert_all_alive(&devnet);
     while let Ok(line) = devnet.lines.try_recv() {
         devnet.seen.push(line);
     }

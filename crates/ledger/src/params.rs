@@ -31,6 +31,10 @@ pub struct LedgerParams {
     pub node_deposit_micro: u64,
 }
 
+/// Lowest accepted `max_tx_bytes`: the largest possible node registration (descriptor with the
+/// longest names and addresses, and the node's consent) fits.
+pub const MIN_MAX_TX_BYTES: u32 = 1_024;
+
 /// Highest accepted `max_registered_nodes`. Every node preallocates p2p mailboxes for this many
 /// peers (about 0.25 KiB per peer and message of burst on each channel), so a genesis cannot ask
 /// for more than a node can hold.
@@ -64,8 +68,10 @@ impl LedgerParams {
                 self.heartbeat_min_gap_ms, self.lease_ttl_ms
             ));
         }
-        if self.max_tx_bytes < 512 {
-            return Err("max_tx_bytes must be at least 512 (a node registration needs about 400)".into());
+        if self.max_tx_bytes < MIN_MAX_TX_BYTES {
+            return Err(format!(
+                "max_tx_bytes must be at least {MIN_MAX_TX_BYTES} (a node registration with the longest names and addresses needs that)"
+            ));
         }
         if self.max_block_bytes < 4 * self.max_tx_bytes {
             return Err("max_block_bytes must hold at least 4 transactions of max_tx_bytes".into());

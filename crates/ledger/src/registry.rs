@@ -314,6 +314,24 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_registration_fits_the_smallest_allowed_transaction_size() {
+        use commonware_codec::EncodeSize as _;
+        let mut d = example_descriptor(&id(20));
+        d.name = "n".repeat(archipel_types::MAX_NAME_LEN);
+        d.operator = "o".repeat(archipel_types::MAX_OPERATOR_LEN);
+        d.roles = "validator,storage,compute,gateway".parse().unwrap();
+        d.p2p_address = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".parse().unwrap();
+        d.api_address = d.p2p_address;
+        d.p2p_egress_ip = Some("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap());
+        d.capacity = archipel_types::ByteSize(u64::MAX);
+        d.version = u64::MAX;
+        let d = SignedDescriptor::sign(&id(20), d).unwrap();
+        let stx = signed(0, u64::MAX, register(20, 0, d));
+        let smallest = crate::params::MIN_MAX_TX_BYTES as usize;
+        assert!(stx.encode_size() <= smallest, "{} > {smallest}", stx.encode_size());
+    }
+
+    #[test]
     fn an_update_must_carry_a_newer_descriptor_version() {
         let mut s = registry_genesis();
         s.apply(&signed(0, 0, register(20, 0, descriptor_v(20, 5)))).unwrap();
