@@ -35,6 +35,10 @@ pub struct LedgerParams {
 /// longest names and addresses, and the node's consent) fits.
 pub const MIN_MAX_TX_BYTES: u32 = 1_024;
 
+/// Highest accepted `max_block_bytes` (64 MiB): nodes size their p2p message limit from it, and
+/// the stream layer refuses (panics on) a limit near 4 GiB.
+pub const MAX_BLOCK_BYTES_LIMIT: u32 = 64 * 1024 * 1024;
+
 /// Highest accepted `max_registered_nodes`. Every node preallocates p2p mailboxes for this many
 /// peers (about 0.25 KiB per peer and message of burst on each channel), so a genesis cannot ask
 /// for more than a node can hold.
@@ -73,7 +77,13 @@ impl LedgerParams {
                 "max_tx_bytes must be at least {MIN_MAX_TX_BYTES} (a node registration with the longest names and addresses needs that)"
             ));
         }
-        if self.max_block_bytes < 4 * self.max_tx_bytes {
+        if self.max_block_bytes > MAX_BLOCK_BYTES_LIMIT {
+            return Err(format!(
+                "max_block_bytes ({}) must be at most {MAX_BLOCK_BYTES_LIMIT}: a block travels as one p2p message",
+                self.max_block_bytes
+            ));
+        }
+        if u64::from(self.max_block_bytes) < 4 * u64::from(self.max_tx_bytes) {
             return Err("max_block_bytes must hold at least 4 transactions of max_tx_bytes".into());
         }
         if self.max_block_txs == 0 || self.nonce_window == 0 {
@@ -112,6 +122,10 @@ mod tests {
         assert!(p.validate().unwrap_err().contains("p2p peer limit"));
         let p = LedgerParams { max_registered_nodes: MAX_REGISTERED_NODES_LIMIT, ..LedgerParams::default() };
         assert_eq!(p.validate(), Ok(()));
+        let p = LedgerParams { max_tx_bytes: u32::MAX, ..LedgerParams::default() };
+        assert!(p.validate().unwrap_err().contains("hold at least 4 transactions"), "no overflow");
+        let p = LedgerParams { max_block_bytes: u32::MAX, ..LedgerParams::default() };
+        assert!(p.validate().unwrap_err().contains("max_block_bytes (4294967295) must be at most"));
         let p = LedgerParams { node_deposit_micro: 0, ..LedgerParams::default() };
         assert!(p.validate().unwrap_err().contains("node_deposit_micro must be positive"));
     }
