@@ -204,7 +204,10 @@ fn a_full_registry_refuses_registration_with_the_reason() {
     let url = "http://127.0.73.2:26801";
     wait("a first finalized block", Duration::from_secs(30), || head(url).is_some_and(|h| h > 0));
     let register = |late: &str| {
-        archipel(w, &["node", "register", "--config", &format!("{late}/node.toml"), "--key", "tenant.key", "--node", url])
+        archipel(
+            w,
+            &["node", "register", "--config", &format!("{late}/node.toml"), "--key", "tenant.key", "--node", url],
+        )
     };
     let out = register("late1");
     assert!(out.status.success(), "{}", stderr(&out));

@@ -337,7 +337,8 @@ mod tests {
         s.apply(&signed(0, 0, register(20, 0, descriptor_v(20, 5)))).unwrap();
         let root = s.state_root();
         for (nonce, older) in [(1, 4), (1, 5)] {
-            let e = s.apply(&signed(0, nonce, Payload::UpdateNode { descriptor: descriptor_v(20, older) })).unwrap_err();
+            let e =
+                s.apply(&signed(0, nonce, Payload::UpdateNode { descriptor: descriptor_v(20, older) })).unwrap_err();
             assert_eq!(
                 e,
                 TxError::StaleDescriptor {

@@ -376,7 +376,9 @@ impl State {
         match &tx.payload {
             Payload::Transfer { to, amount_micro } => self.check_transfer(tx.signer, *to, *amount_micro, fee)?,
             Payload::Heartbeat => self.check_heartbeat(tx.signer)?,
-            Payload::RegisterNode { descriptor, consent } => self.check_register(tx.signer, fee, descriptor, consent)?,
+            Payload::RegisterNode { descriptor, consent } => {
+                self.check_register(tx.signer, fee, descriptor, consent)?
+            }
             Payload::UpdateNode { descriptor } => self.check_update(tx.signer, descriptor)?,
             Payload::LeaveNode { node } => self.check_leave(tx.signer, *node)?,
         }
