@@ -226,12 +226,15 @@ enum NodeCommand {
         fields: NodeFields,
     },
     /// Register this node on the ledger (a RegisterNode transaction sponsored by a funded key),
-    /// so it can join with `node run --join`; returns once final.
+    /// so it can join with `node run --join`; returns once final. The sponsor locks the network's
+    /// node deposit (returned by `node leave`); the node's key signs its consent to this sponsor.
     Register {
-        /// The new node's config file (its key signs the descriptor).
+        /// The new node's config file (its key signs the descriptor and the consent; its genesis
+        /// names the network).
         #[arg(long, short, env = "ARCHIPEL_CONFIG", default_value = "node.toml")]
         config: PathBuf,
-        /// The sponsor's key: pays the fee and owns the node (default: the devnet tenant key).
+        /// The sponsor's key: pays the fee, locks the deposit and owns the node (default: the
+        /// devnet tenant key).
         #[arg(long, env = "ARCHIPEL_KEY")]
         key: Option<PathBuf>,
         #[command(flatten)]
@@ -242,7 +245,7 @@ enum NodeCommand {
     /// by the node's own key with --key.
     Update(#[command(flatten)] OwnedNode),
     /// Remove this node from the ledger's registry (signed by its owner, or by the node's own
-    /// key with --key); peers drop it once final.
+    /// key with --key); peers drop it once final and its deposit goes back to the owner.
     Leave(#[command(flatten)] OwnedNode),
     /// As a validator, approve a node joining after genesis; with a quorum, submit the admission.
     Admit {
@@ -356,7 +359,11 @@ fn publish_descriptor(
 ) -> Result<()> {
     let cfg = load_config(config, None)?;
     let identity = Identity::load(&cfg.key_file)?;
-    let descriptor = own_descriptor(&identity, &cfg, None, archipel_node::api::system_now_ms())?;
+    // The ledger takes only a version above the registered one (or above the one the node left
+    // with): the current time in ms is, as long as clocks do not go back.
+    let mut descriptor = own_descriptor(&identity, &cfg, None, archipel_node::api::system_now_ms())?.descriptor;
+    descriptor.version = archipel_node::api::system_now_ms();
+    let descriptor = SignedDescriptor::sign(&identity, descriptor)?;
     tokio_rt()?.block_on(ledger_cli::submit_as(key, payload(descriptor), node, &format!("{done} node {}", cfg.name)))
 }
 
@@ -518,8 +525,14 @@ fn node(cmd: NodeCommand) -> Result<()> {
             Ok(())
         }
         NodeCommand::Register { config, key, node } => {
-            publish_descriptor(&config, key, &node, "registered", |descriptor| archipel_ledger::Payload::RegisterNode {
-                descriptor,
+            // The node consents to be owned by this sponsor on this network (its genesis).
+            let key = key.unwrap_or_else(|| Path::new(devnet::DEFAULT_DIR).join("tenant.key"));
+            let owner = Identity::load(&key)?.node_id();
+            let cfg = load_config(&config, None)?;
+            let network = Genesis::load(&cfg.genesis_file)?.network_hash();
+            let identity = Identity::load(&cfg.key_file)?;
+            publish_descriptor(&config, Some(key), &node, "registered", |descriptor| {
+                archipel_ledger::Payload::register_node(&identity, &network, &owner, descriptor)
             })
         }
         NodeCommand::Update(OwnedNode { config, key, node }) => {
@@ -535,7 +548,7 @@ fn node(cmd: NodeCommand) -> Result<()> {
                 key,
                 payload,
                 &node,
-                &format!("node {} left the registry", cfg.name),
+                &format!("node {} left the registry (its deposit went back to its owner)", cfg.name),
             ))
         }
         NodeCommand::Run { config, genesis_hash, exit_with_parent, admission, join, fields } => {

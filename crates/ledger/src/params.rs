@@ -1,4 +1,5 @@
-//! Ledger parameters fixed by the genesis: lease timing, clock drift, fees and size limits.
+//! Ledger parameters fixed by the genesis: lease timing, clock drift, fees, size limits and the node
+//! registry's bounds (its capacity and the deposit a registration locks).
 
 use serde::{Deserialize, Serialize};
 
@@ -25,7 +26,27 @@ pub struct LedgerParams {
     pub max_block_bytes: u32,
     /// The mempool accepts nonces up to this far ahead of an account's next nonce.
     pub nonce_window: u64,
+    /// Most nodes the registry holds (genesis nodes included); a `RegisterNode` beyond it is
+    /// refused. Every node sizes its p2p peer limit from this value once at start, so the allowed
+    /// set can never outgrow it (memory per node grows with it: see [`MAX_REGISTERED_NODES_LIMIT`]).
+    pub max_registered_nodes: u32,
+    /// Locked from the sponsor by `RegisterNode` and returned to the owner by `LeaveNode`: filling
+    /// the registry costs `max_registered_nodes` deposits, not just fees.
+    pub node_deposit_micro: u64,
 }
+
+/// Lowest accepted `max_tx_bytes`: the largest possible node registration (descriptor with the
+/// longest names and addresses, and the node's consent) fits.
+pub const MIN_MAX_TX_BYTES: u32 = 1_024;
+
+/// Highest accepted `max_block_bytes` (64 MiB): nodes size their p2p message limit from it, and
+/// the stream layer refuses (panics on) a limit near 4 GiB.
+pub const MAX_BLOCK_BYTES_LIMIT: u32 = 64 * 1024 * 1024;
+
+/// Highest accepted `max_registered_nodes`. Every node preallocates p2p mailboxes for this many
+/// peers (about 0.25 KiB per peer and message of burst on each channel), so a genesis cannot ask
+/// for more than a node can hold.
+pub const MAX_REGISTERED_NODES_LIMIT: u32 = 16_384;
 
 impl Default for LedgerParams {
     fn default() -> Self {
@@ -38,6 +59,8 @@ impl Default for LedgerParams {
             max_block_txs: 4_096,
             max_block_bytes: 1024 * 1024,
             nonce_window: 1_024,
+            max_registered_nodes: 256,
+            node_deposit_micro: 1_000_000,
         }
     }
 }
@@ -61,14 +84,34 @@ impl LedgerParams {
         if self.max_block_liveness == 0 {
             return Err("max_block_liveness must be positive".into());
         }
-        if self.max_tx_bytes < 512 {
-            return Err("max_tx_bytes must be at least 512 (a node registration needs about 400)".into());
+        if self.max_tx_bytes < MIN_MAX_TX_BYTES {
+            return Err(format!(
+                "max_tx_bytes must be at least {MIN_MAX_TX_BYTES} (a node registration with the longest names and addresses needs that)"
+            ));
         }
-        if self.max_block_bytes < 4 * self.max_tx_bytes {
+        if self.max_block_bytes > MAX_BLOCK_BYTES_LIMIT {
+            return Err(format!(
+                "max_block_bytes ({}) must be at most {MAX_BLOCK_BYTES_LIMIT}: a block travels as one p2p message",
+                self.max_block_bytes
+            ));
+        }
+        if u64::from(self.max_block_bytes) < 4 * u64::from(self.max_tx_bytes) {
             return Err("max_block_bytes must hold at least 4 transactions of max_tx_bytes".into());
         }
         if self.max_block_txs == 0 || self.nonce_window == 0 {
             return Err("max_block_txs and nonce_window must be positive".into());
+        }
+        if self.max_registered_nodes == 0 || self.max_registered_nodes > MAX_REGISTERED_NODES_LIMIT {
+            return Err(format!(
+                "max_registered_nodes ({}) must be 1 to {MAX_REGISTERED_NODES_LIMIT}: every node sizes its p2p peer limit from it",
+                self.max_registered_nodes
+            ));
+        }
+        if self.node_deposit_micro == 0 {
+            return Err(
+                "node_deposit_micro must be positive: without a deposit anyone can fill the node registry for the fee alone"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -87,5 +130,33 @@ mod tests {
         assert!(p.validate().unwrap_err().contains("lease_ttl_ms"));
         let p = LedgerParams { max_block_liveness: 0, ..LedgerParams::default() };
         assert!(p.validate().unwrap_err().contains("max_block_liveness"));
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        assert_eq!(LedgerParams::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn registry_bounds_are_checked() {
+        let p = LedgerParams { max_registered_nodes: 0, ..LedgerParams::default() };
+        assert!(p.validate().unwrap_err().contains("max_registered_nodes (0)"));
+        let p = LedgerParams { max_registered_nodes: MAX_REGISTERED_NODES_LIMIT + 1, ..LedgerParams::default() };
+        assert!(p.validate().unwrap_err().contains("p2p peer limit"));
+        let p = LedgerParams { max_registered_nodes: MAX_REGISTERED_NODES_LIMIT, ..LedgerParams::default() };
+        assert_eq!(p.validate(), Ok(()));
+        let p = LedgerParams { max_tx_bytes: u32::MAX, ..LedgerParams::default() };
+        assert!(p.validate().unwrap_err().contains("hold at least 4 transactions"), "no overflow");
+        let p = LedgerParams { max_block_bytes: u32::MAX, ..LedgerParams::default() };
+        assert!(p.validate().unwrap_err().contains("max_block_bytes (4294967295) must be at most"));
+        let p = LedgerParams { node_deposit_micro: 0, ..LedgerParams::default() };
+        assert!(p.validate().unwrap_err().contains("node_deposit_micro must be positive"));
+    }
+
+    #[test]
+    fn a_genesis_without_the_registry_fields_gets_the_defaults() {
+        let p: LedgerParams = serde_json::from_str(r#"{"lease_ttl_ms": 3000}"#).unwrap();
+        assert_eq!(p.max_registered_nodes, LedgerParams::default().max_registered_nodes);
+        assert_eq!(p.node_deposit_micro, LedgerParams::default().node_deposit_micro);
     }
 }

@@ -91,6 +91,7 @@ pub fn decode_value(key: &StateKey, value: &[u8]) -> Result<serde_json::Value, S
         StateKey::Chain => Ok(serde_json::json!({
             "height": be_u64(value, 0)?, "timestamp_ms": be_u64(value, 8)?, "fees_burned_micro": be_u64(value, 16)?,
         })),
+        StateKey::Departed(_) => Ok(serde_json::json!({ "last_version": be_u64(value, 0)? })),
         StateKey::Lease(_) => {
             let status = match value.first() {
                 Some(1) => "up",

@@ -1,4 +1,5 @@
-//! Ledger state and `apply`: the chain position, accounts, the node registry and liveness leases.
+//! Ledger state and `apply`: the network it belongs to, the chain position, accounts, the node
+//! registry (with its deposits and the versions of nodes that left) and liveness leases.
 //!
 //! `apply` checks everything first and only then mutates, so a transaction is applied whole or
 //! not at all. The state root is a Merkle root over every `(key, value)` entry in key order, so
@@ -32,6 +33,9 @@ pub struct NodeRecord {
     pub descriptor: SignedDescriptor,
     /// The account that registered it (itself for genesis nodes); it may update or remove it.
     pub owner: NodeId,
+    /// Locked from the owner at registration (`node_deposit_micro` then; 0 for genesis nodes),
+    /// returned to the owner when the node leaves.
+    pub deposit_micro: u64,
 }
 
 /// What an applied transaction did.
@@ -55,6 +59,8 @@ pub enum Receipt {
         node: NodeId,
         /// Its owner.
         owner: NodeId,
+        /// Locked from the owner until the node leaves.
+        deposit_micro: u64,
     },
     /// A node's descriptor changed.
     NodeUpdated {
@@ -65,6 +71,10 @@ pub enum Receipt {
     NodeLeft {
         /// The node.
         node: NodeId,
+        /// Its owner, who got the deposit back.
+        owner: NodeId,
+        /// The deposit returned.
+        deposit_micro: u64,
     },
 }
 
@@ -92,11 +102,11 @@ pub struct ChainPosition {
 /// What a genesis puts into the first state.
 #[derive(Clone, Debug, Default)]
 pub struct GenesisState {
+    /// The network: the genesis hash (zero in unit tests). Registration consents, alive proofs
+    /// and transactions are bound to it, so they cannot be replayed on another network.
+    pub network: Hash,
     /// Parameters.
     pub params: LedgerParams,
-    /// The network's identity (the genesis hash): signatures made for one network never count
-    /// in another.
-    pub network: Hash,
     /// Genesis time (Unix ms).
     pub timestamp_ms: u64,
     /// The validators.
@@ -114,9 +124,12 @@ pub enum StateKey {
     Account(NodeId),
     /// Height, block time and fees burned.
     Chain,
+    /// The highest descriptor version of a node that left the registry (a tombstone: registering
+    /// it again needs a newer descriptor, so an old registration cannot be replayed).
+    Departed(NodeId),
     /// A node's lease: Up or Down, and since which height.
     Lease(NodeId),
-    /// The network's identity (genesis hash).
+    /// The network this state belongs to (the genesis hash).
     Network,
     /// A node's registry record.
     Node(NodeId),
@@ -131,6 +144,7 @@ impl fmt::Display for StateKey {
         match self {
             StateKey::Account(id) => write!(f, "account/{id}"),
             StateKey::Chain => f.write_str("chain"),
+            StateKey::Departed(id) => write!(f, "departed/{id}"),
             StateKey::Lease(id) => write!(f, "lease/{id}"),
             StateKey::Network => f.write_str("network"),
             StateKey::Node(id) => write!(f, "node/{id}"),
@@ -146,14 +160,15 @@ impl FromStr for StateKey {
         let id = |rest: &str| rest.parse::<NodeId>().map_err(|e| format!("state key {s:?}: {e}"));
         match s.split_once('/') {
             None if s == "chain" => Ok(StateKey::Chain),
-            None if s == "params" => Ok(StateKey::Params),
             None if s == "network" => Ok(StateKey::Network),
+            None if s == "params" => Ok(StateKey::Params),
             Some(("account", rest)) => Ok(StateKey::Account(id(rest)?)),
+            Some(("departed", rest)) => Ok(StateKey::Departed(id(rest)?)),
             Some(("lease", rest)) => Ok(StateKey::Lease(id(rest)?)),
             Some(("node", rest)) => Ok(StateKey::Node(id(rest)?)),
             Some(("validator", rest)) => Ok(StateKey::Validator(id(rest)?)),
             _ => Err(format!(
-                "unknown state key {s:?}: use account/<key>, node/<key>, lease/<key>, validator/<key>, chain, network or params"
+                "unknown state key {s:?}: use account/<key>, node/<key>, lease/<key>, departed/<key>, validator/<key>, chain, network or params"
             )),
         }
     }
@@ -162,21 +177,24 @@ impl FromStr for StateKey {
 /// The ledger state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
-    pub(crate) params: LedgerParams,
     pub(crate) network: Hash,
+    pub(crate) params: LedgerParams,
     pub(crate) chain: ChainPosition,
     pub(crate) validators: BTreeSet<NodeId>,
     pub(crate) accounts: BTreeMap<NodeId, Account>,
     pub(crate) nodes: BTreeMap<NodeId, NodeRecord>,
     pub(crate) leases: BTreeMap<NodeId, Lease>,
+    /// Tombstones: the highest descriptor version of each node that left (removed when it
+    /// registers again).
+    pub(crate) departed: BTreeMap<NodeId, u64>,
 }
 
 impl State {
     /// The first state of a network.
     pub fn genesis(g: GenesisState) -> Self {
         let mut s = State {
-            params: g.params,
             network: g.network,
+            params: g.params,
             chain: ChainPosition { height: 0, timestamp_ms: g.timestamp_ms, fees_burned_micro: 0 },
             validators: g.validators.into_iter().collect(),
             ..State::default()
@@ -187,20 +205,20 @@ impl State {
         }
         for d in g.nodes {
             let id = d.descriptor.node_id;
-            s.nodes.insert(id, NodeRecord { owner: id, descriptor: d });
+            s.nodes.insert(id, NodeRecord { owner: id, descriptor: d, deposit_micro: 0 });
             s.open_lease(id);
         }
         s
     }
 
+    /// The network this state belongs to: the genesis hash (zero when built without one).
+    pub fn network(&self) -> Hash {
+        self.network
+    }
+
     /// The parameters.
     pub fn params(&self) -> &LedgerParams {
         &self.params
-    }
-
-    /// The network's identity (its genesis hash).
-    pub fn network(&self) -> Hash {
-        self.network
     }
 
     /// The last applied block's height, time and the fees burned.
@@ -228,9 +246,17 @@ impl State {
         &self.nodes
     }
 
-    /// Money in all accounts plus fees burned: constant over any sequence of transactions.
+    /// The highest descriptor version of `node` if it left the registry (and did not come back).
+    pub fn departed_version(&self, node: &NodeId) -> Option<u64> {
+        self.departed.get(node).copied()
+    }
+
+    /// Money in all accounts, plus node deposits, plus fees burned: constant over any sequence of
+    /// transactions.
     pub fn total_micro(&self) -> u128 {
-        self.accounts.values().map(|a| a.balance_micro as u128).sum::<u128>() + self.chain.fees_burned_micro as u128
+        self.accounts.values().map(|a| a.balance_micro as u128).sum::<u128>()
+            + self.nodes.values().map(|r| r.deposit_micro as u128).sum::<u128>()
+            + self.chain.fees_burned_micro as u128
     }
 
     /// Lease status of `node` (Down if it is not registered).
@@ -296,7 +322,7 @@ impl State {
         // Every check passed: only now mutate (nothing below can fail).
         let receipt = match &tx.payload {
             Payload::Transfer { to, amount_micro } => self.apply_transfer(tx.signer, *to, *amount_micro, fee),
-            Payload::RegisterNode { descriptor } => self.apply_register(tx.signer, descriptor),
+            Payload::RegisterNode { descriptor, .. } => self.apply_register(tx.signer, descriptor),
             Payload::UpdateNode { descriptor } => self.apply_update(descriptor),
             Payload::LeaveNode { node } => self.apply_leave(*node),
         };
@@ -318,7 +344,9 @@ impl State {
         }
         match &tx.payload {
             Payload::Transfer { to, amount_micro } => self.check_transfer(tx.signer, *to, *amount_micro, fee)?,
-            Payload::RegisterNode { descriptor } => self.check_register(descriptor)?,
+            Payload::RegisterNode { descriptor, consent } => {
+                self.check_register(tx.signer, fee, descriptor, consent)?
+            }
             Payload::UpdateNode { descriptor } => self.check_update(tx.signer, descriptor)?,
             Payload::LeaveNode { node } => self.check_leave(tx.signer, *node)?,
         }
@@ -327,7 +355,9 @@ impl State {
 
     /// Every entry committed by the state root, in key order.
     pub fn entries(&self) -> Vec<(StateKey, Vec<u8>)> {
-        let mut out = Vec::with_capacity(3 + self.accounts.len() + 2 * self.nodes.len() + self.validators.len());
+        let mut out = Vec::with_capacity(
+            4 + self.accounts.len() + 2 * self.nodes.len() + self.departed.len() + self.validators.len(),
+        );
         for (id, a) in &self.accounts {
             out.push((StateKey::Account(*id), [a.balance_micro.to_be_bytes(), a.nonce.to_be_bytes()].concat()));
         }
@@ -336,6 +366,9 @@ impl State {
             StateKey::Chain,
             [c.height.to_be_bytes(), c.timestamp_ms.to_be_bytes(), c.fees_burned_micro.to_be_bytes()].concat(),
         ));
+        for (id, version) in &self.departed {
+            out.push((StateKey::Departed(*id), version.to_be_bytes().to_vec()));
+        }
         for (id, lease) in &self.leases {
             out.push((StateKey::Lease(*id), lease.to_bytes()));
         }
@@ -389,8 +422,8 @@ pub(crate) mod tests {
 
     pub(crate) fn genesis() -> State {
         State::genesis(GenesisState {
-            params: LedgerParams::default(),
             network: Hash([0x4e; 32]),
+            params: LedgerParams::default(),
             timestamp_ms: 0,
             validators: vec![id(10).node_id()],
             accounts: vec![(id(0).node_id(), 1_000), (id(1).node_id(), 500), (id(10).node_id(), 100)],
@@ -402,9 +435,14 @@ pub(crate) mod tests {
 
     #[test]
     fn state_keys_print_and_parse() {
-        for k in
-            [StateKey::Account(id(1).node_id()), StateKey::Chain, StateKey::Params, StateKey::Lease(id(2).node_id())]
-        {
+        for k in [
+            StateKey::Account(id(1).node_id()),
+            StateKey::Chain,
+            StateKey::Params,
+            StateKey::Lease(id(2).node_id()),
+            StateKey::Network,
+            StateKey::Departed(id(3).node_id()),
+        ] {
             assert_eq!(k.to_string().parse::<StateKey>().unwrap(), k);
         }
         assert!("bucket/x".parse::<StateKey>().unwrap_err().contains("unknown state key"));
@@ -443,6 +481,19 @@ pub(crate) mod tests {
         let root = s.state_root();
         let _ = s.admit(&transfer(0, 1, 1, 1), 100);
         assert_eq!(s.state_root(), root, "admission changes nothing");
+    }
+
+    #[test]
+    fn the_network_is_a_state_entry_of_its_own() {
+        let zero = genesis();
+        assert_eq!(zero.network(), Hash::ZERO, "unit tests run on the zero network");
+        let net = Hash([9; 32]);
+        let s = State::genesis(GenesisState { network: net, ..GenesisState::default() });
+        assert_eq!(s.network(), net);
+        let (value, _) = s.prove(&StateKey::Network).expect("the network entry");
+        assert_eq!(value, net.0.to_vec());
+        let other = State::genesis(GenesisState { network: Hash([8; 32]), ..GenesisState::default() });
+        assert_ne!(s.state_root(), other.state_root(), "two networks never share a state root");
     }
 
     #[test]

@@ -19,6 +19,18 @@ pub const NAMESPACE: &[u8] = b"archipel/tx/v1";
 /// Largest JSON descriptor carried by a registry transaction.
 pub const MAX_DESCRIPTOR_BYTES: usize = 4 * 1024;
 
+/// Signature namespace of a node's consent to be registered by one sponsor.
+pub const CONSENT_NAMESPACE: &[u8] = b"archipel/node-consent/v1";
+
+/// What a node signs (under [`CONSENT_NAMESPACE`]) to consent to its registration: the network
+/// (genesis hash), the sponsoring account that will own it, and the hash of the exact descriptor
+/// registered. Nobody else can register the node with this consent, on this network or another,
+/// nor with another descriptor.
+pub fn consent_bytes(network: &Hash, owner: &NodeId, descriptor: &SignedDescriptor) -> Vec<u8> {
+    let descriptor_hash = Hash::of(&[&descriptor.descriptor.signing_bytes()]);
+    [&network.0[..], owner.as_bytes(), &descriptor_hash.0].concat()
+}
+
 /// What a transaction does.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
@@ -30,10 +42,15 @@ pub enum Payload {
         /// Amount in micro-units.
         amount_micro: u64,
     },
-    /// Register a new node; the signer sponsors it (pays the fee) and becomes its owner.
+    /// Register a new node; the signer sponsors it (pays the fee and locks the deposit) and
+    /// becomes its owner, with the node's consent. Build it with [`Payload::register_node`].
     RegisterNode {
         /// The node's descriptor, signed by the node's own key.
         descriptor: SignedDescriptor,
+        /// The node's signature over [`consent_bytes`] for this network, this signer and this
+        /// descriptor (hex in JSON).
+        #[serde(with = "hex64")]
+        consent: [u8; 64],
     },
     /// Replace a registered node's descriptor (signed by the node or its owner).
     UpdateNode {
@@ -48,6 +65,13 @@ pub enum Payload {
 }
 
 impl Payload {
+    /// A `RegisterNode` of `node`'s descriptor on `network`, sponsored and owned by `owner`, with
+    /// the consent signed by the node's key.
+    pub fn register_node(node: &Identity, network: &Hash, owner: &NodeId, descriptor: SignedDescriptor) -> Payload {
+        let consent = node.sign(CONSENT_NAMESPACE, &consent_bytes(network, owner, &descriptor));
+        Payload::RegisterNode { descriptor, consent }
+    }
+
     /// A short name of the kind, for tables and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -121,6 +145,52 @@ pub enum TxError {
         /// Needed.
         needed_micro: u64,
     },
+    /// The sponsor cannot lock a node registration's deposit and pay the fee.
+    #[error(
+        "balance {balance_micro} is less than the {deposit_micro} deposit a node registration locks plus the {fee_micro} fee: fund the sponsoring account (the deposit comes back when the node leaves)"
+    )]
+    InsufficientDeposit {
+        /// Available.
+        balance_micro: u64,
+        /// The deposit (genesis parameter `node_deposit_micro`).
+        deposit_micro: u64,
+        /// The fee.
+        fee_micro: u64,
+    },
+    /// The node registry holds `max_registered_nodes` nodes already.
+    #[error(
+        "the node registry is full ({registered} of {max} nodes, genesis parameter max_registered_nodes): a node must leave before another can register"
+    )]
+    RegistryFull {
+        /// Nodes registered now.
+        registered: usize,
+        /// The limit.
+        max: u32,
+    },
+    /// A descriptor not newer than the node's registered one (or than the one it left with).
+    #[error(
+        "descriptor version {got} of node {node} is not above version {current}, {context}: sign a newer descriptor (`archipel node update` / `node register` do)"
+    )]
+    StaleDescriptor {
+        /// The node (short id).
+        node: String,
+        /// The version it has, or left with.
+        current: u64,
+        /// The version offered.
+        got: u64,
+        /// Which version `current` is.
+        context: &'static str,
+    },
+    /// The node's key did not consent to this registration.
+    #[error(
+        "node {node} did not consent to being registered by {owner} on this network: its consent must be signed by the node's key for this sponsor, network and descriptor (`archipel node register --config <the node's node.toml> --key <sponsor key>` signs it)"
+    )]
+    NoConsent {
+        /// The node (short id).
+        node: String,
+        /// The sponsor that tried (short id).
+        owner: String,
+    },
     /// The signer may not do this.
     #[error("{0}")]
     NotAllowed(String),
@@ -140,6 +210,10 @@ impl TxError {
             TxError::Replay { .. } => "replayed_nonce",
             TxError::NonceTooFarAhead { .. } => "nonce_too_far_ahead",
             TxError::InsufficientFunds { .. } => "insufficient_funds",
+            TxError::InsufficientDeposit { .. } => "insufficient_funds",
+            TxError::RegistryFull { .. } => "registry_full",
+            TxError::StaleDescriptor { .. } => "stale_descriptor",
+            TxError::NoConsent { .. } => "no_consent",
             TxError::NotAllowed(_) => "not_allowed",
             TxError::Overflow => "overflow",
         }
@@ -175,9 +249,10 @@ impl Write for Payload {
                 to.0.write(buf);
                 amount_micro.write(buf);
             }
-            Payload::RegisterNode { descriptor } => {
+            Payload::RegisterNode { descriptor, consent } => {
                 3u8.write(buf);
                 write_descriptor(descriptor, buf);
+                consent.write(buf);
             }
             Payload::UpdateNode { descriptor } => {
                 4u8.write(buf);
@@ -195,7 +270,8 @@ impl EncodeSize for Payload {
     fn encode_size(&self) -> usize {
         1 + match self {
             Payload::Transfer { .. } => 32 + 8,
-            Payload::RegisterNode { descriptor } | Payload::UpdateNode { descriptor } => descriptor_size(descriptor),
+            Payload::RegisterNode { descriptor, .. } => descriptor_size(descriptor) + 64,
+            Payload::UpdateNode { descriptor } => descriptor_size(descriptor),
             Payload::LeaveNode { .. } => 32,
         }
     }
@@ -206,7 +282,7 @@ impl Read for Payload {
     fn read_cfg(buf: &mut impl Buf, _: &()) -> Result<Self, CodecError> {
         Ok(match u8::read(buf)? {
             1 => Payload::Transfer { to: NodeId(<[u8; 32]>::read(buf)?), amount_micro: u64::read(buf)? },
-            3 => Payload::RegisterNode { descriptor: read_descriptor(buf)? },
+            3 => Payload::RegisterNode { descriptor: read_descriptor(buf)?, consent: <[u8; 64]>::read(buf)? },
             4 => Payload::UpdateNode { descriptor: read_descriptor(buf)? },
             5 => Payload::LeaveNode { node: NodeId(<[u8; 32]>::read(buf)?) },
             tag => return Err(CodecError::InvalidEnum(tag)),

@@ -7,7 +7,7 @@
 
 use crate::membership::MembershipTiming;
 use archipel_crypto::SignedDescriptor;
-use archipel_ledger::{GenesisState, LedgerParams, State};
+use archipel_ledger::{GenesisState, Hash, LedgerParams, State};
 use archipel_types::{NodeId, Role};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -156,6 +156,13 @@ impl Genesis {
             return bad("membership: down_after_ms must be greater than hello_interval_ms, which must be > 0".into());
         }
         self.ledger.validate().map_err(|e| GenesisError::Invalid(format!("ledger: {e}")))?;
+        if self.nodes.len() > self.ledger.max_registered_nodes as usize {
+            return bad(format!(
+                "ledger: max_registered_nodes ({}) is below the {} genesis nodes: raise it",
+                self.ledger.max_registered_nodes,
+                self.nodes.len()
+            ));
+        }
         Ok(())
     }
 
@@ -175,11 +182,12 @@ impl Genesis {
         Ok(g)
     }
 
-    /// The ledger's first state: parameters, validators, funded accounts and the genesis nodes.
+    /// The ledger's first state: the network (this genesis's hash), parameters, validators,
+    /// funded accounts and the genesis nodes.
     pub fn ledger_state(&self) -> State {
         State::genesis(GenesisState {
+            network: self.network_hash(),
             params: self.ledger.clone(),
-            network: archipel_ledger::Hash(*blake3::hash(&self.canonical_bytes()).as_bytes()),
             timestamp_ms: self.created_at_ms,
             validators: self.validators.clone(),
             accounts: self.accounts.iter().map(|a| (a.key, a.balance_micro)).collect(),
@@ -189,7 +197,13 @@ impl Genesis {
 
     /// The genesis hash: BLAKE3 over the canonical JSON form.
     pub fn hash(&self) -> String {
-        blake3::hash(&self.canonical_bytes()).to_hex().to_string()
+        self.network_hash().to_string()
+    }
+
+    /// The genesis hash as bytes: the ledger's `network` (see [`archipel_ledger::State::network`]),
+    /// to which registration consents are bound.
+    pub fn network_hash(&self) -> Hash {
+        Hash(*blake3::hash(&self.canonical_bytes()).as_bytes())
     }
 
     /// The descriptor of `id`, if it is a genesis node.
@@ -207,5 +221,53 @@ impl Genesis {
         let err = |m: String| GenesisError::Unreadable { path: path.to_path_buf(), message: m };
         let text = serde_json::to_string_pretty(self).map_err(|e| err(e.to_string()))?;
         crate::files::write_new(path, format!("{text}\n").as_bytes()).map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use archipel_crypto::Identity;
+    use archipel_crypto::test_support::example_descriptor;
+
+    fn sample(nodes: u64) -> Genesis {
+        let nodes: Vec<SignedDescriptor> = (0..nodes)
+            .map(|i| {
+                let id = Identity::from_seed(i);
+                let mut d = example_descriptor(&id);
+                d.roles = "validator,storage".parse().unwrap();
+                d.p2p_address = format!("127.0.0.{}:1", i + 2).parse().unwrap();
+                SignedDescriptor::sign(&id, d).unwrap()
+            })
+            .collect();
+        Genesis {
+            network: "test".into(),
+            created_at_ms: 1,
+            validators: vec![nodes[0].descriptor.node_id],
+            nodes,
+            accounts: Vec::new(),
+            membership: MembershipTiming::default(),
+            ledger: LedgerParams::default(),
+        }
+    }
+
+    #[test]
+    fn the_ledger_state_belongs_to_the_genesis_network() {
+        let g = sample(2);
+        assert_eq!(g.ledger_state().network(), g.network_hash());
+        assert_eq!(g.network_hash().to_string(), g.hash());
+        let mut other = g.clone();
+        other.network = "other".into();
+        assert_ne!(other.ledger_state().network(), g.ledger_state().network());
+    }
+
+    #[test]
+    fn the_registry_limit_holds_the_genesis_nodes() {
+        let mut g = sample(3);
+        g.ledger.max_registered_nodes = 3;
+        g.validate().unwrap();
+        g.ledger.max_registered_nodes = 2;
+        let e = g.validate().unwrap_err().to_string();
+        assert!(e.contains("max_registered_nodes (2) is below the 3 genesis nodes"), "{e}");
     }
 }

@@ -7,7 +7,8 @@
 //!
 //! Protocol: every `hello_interval` a node broadcasts `Hello` with a digest of its table. A node
 //! receiving a `Hello` marks the sender as seen; if the digests differ it answers with its whole
-//! table (`Descriptors`). Tables merge by keeping, per node, the highest version whose signature
+//! table (`Descriptors`, in messages of at most [`TABLE_CHUNK`] descriptors, so a table of any
+//! registry size fits the gossip message limits). Tables merge by keeping, per node, the highest version whose signature
 //! verifies and whose key is in the allowed set (the genesis nodes). A peer not heard from for
 //! `down_after` is down; the next message from it brings it back up.
 //!
@@ -21,6 +22,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// Largest number of descriptors accepted in one message.
 pub const MAX_DESCRIPTORS_PER_MESSAGE: usize = 1_024;
+
+/// Descriptors (or admissions) per table message sent: a registry of up to
+/// `max_registered_nodes` nodes goes out in several messages, each far below the count limit and
+/// the 512 KiB size limit (a descriptor's JSON is well under 1 KiB).
+pub const TABLE_CHUNK: usize = 128;
 
 /// Timing of the membership protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -319,11 +325,13 @@ impl PeerTable {
         match msg {
             GossipMessage::Hello { digest } => {
                 if digest != hex::encode(self.digest()) {
-                    if !self.admissions.is_empty() {
-                        effects.push(Effect::SendTo(from, GossipMessage::Admissions(self.admissions())));
+                    for chunk in self.admissions().chunks(TABLE_CHUNK) {
+                        effects.push(Effect::SendTo(from, GossipMessage::Admissions(chunk.to_vec())));
                     }
-                    let all = self.entries.values().map(|e| e.descriptor.clone()).collect();
-                    effects.push(Effect::SendTo(from, GossipMessage::Descriptors(all)));
+                    let all: Vec<SignedDescriptor> = self.entries.values().map(|e| e.descriptor.clone()).collect();
+                    for chunk in all.chunks(TABLE_CHUNK) {
+                        effects.push(Effect::SendTo(from, GossipMessage::Descriptors(chunk.to_vec())));
+                    }
                 }
             }
             GossipMessage::Admissions(list) => {
@@ -388,9 +396,9 @@ mod tests {
             operator_jurisdiction: "DE".parse().unwrap(),
             capacity: "1GiB".parse().unwrap(),
             roles: "storage".parse().unwrap(),
-            p2p_address: format!("127.0.0.{}:1", seed + 2).parse().unwrap(),
+            p2p_address: format!("127.0.{}.{}:1", seed / 250, seed % 250 + 2).parse().unwrap(),
             p2p_egress_ip: None,
-            api_address: format!("127.0.0.{}:2", seed + 2).parse().unwrap(),
+            api_address: format!("127.0.{}.{}:2", seed / 250, seed % 250 + 2).parse().unwrap(),
             version,
         };
         let s = SignedDescriptor::sign(&id, d).unwrap();
@@ -490,6 +498,32 @@ mod tests {
         assert_eq!(fx, vec![Effect::StatusChanged { node: id(7), status: PeerStatus::Up }]);
         // Without a rule nothing is admitted after genesis.
         assert!(table(2, &[0, 1, 2]).admit(adm).is_err());
+    }
+
+    #[test]
+    fn a_large_registry_goes_out_in_messages_within_the_limits() {
+        // a holds newer descriptors than b of more registered nodes than one message may carry.
+        let n = MAX_DESCRIPTORS_PER_MESSAGE as u64 + 76;
+        let at = |version: u64| -> Vec<SignedDescriptor> { (0..n).map(|s| signed(s, version).1).collect() };
+        let allowed: BTreeSet<NodeId> = (0..n).map(id).collect();
+        let mut a = PeerTable::new(signed(0, 2).1, at(2), allowed.clone(), MembershipTiming::default());
+        let mut b = PeerTable::new(signed(1, 2).1, at(1), allowed, MembershipTiming::default());
+        let fx = a.on_message(id(1), GossipMessage::Hello { digest: hex::encode(b.digest()) }, 1);
+        let sent: Vec<GossipMessage> = fx
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::SendTo(_, m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent.len(), (n as usize).div_ceil(TABLE_CHUNK));
+        for m in sent {
+            let bytes = m.encode();
+            assert!(bytes.len() <= crate::gossip::MAX_GOSSIP_MESSAGE);
+            let decoded = GossipMessage::decode(&bytes, crate::gossip::MAX_GOSSIP_MESSAGE).unwrap();
+            b.on_message(id(0), decoded, 2);
+        }
+        assert_eq!(a.digest(), b.digest());
     }
 
     #[test]

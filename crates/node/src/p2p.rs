@@ -1,10 +1,16 @@
 //! Authenticated, encrypted node-to-node networking on `commonware-p2p` (`authenticated::lookup`).
 //!
 //! Every connection is a handshake between two Ed25519 keys; the allowed set is the member nodes
-//! (genesis nodes plus admitted ones, with their p2p addresses), so a process whose key is not
-//! registered cannot connect and receives nothing. [`MemberSet`] re-tracks the set when a node is
-//! admitted. The namespace includes the genesis hash: nodes of different networks never
-//! talk, even with the same keys.
+//! (the node registry of finalized ledger state plus nodes admitted by validator quorum, with their
+//! p2p addresses), so a process whose key is not registered cannot connect and receives nothing.
+//! [`MemberSet`] re-tracks the set when the registry changes or a node is admitted. The namespace
+//! includes the genesis hash: nodes of different networks never talk, even with the same keys.
+//!
+//! commonware sizes its mailboxes from a peer limit fixed at start and panics when a tracked set
+//! is larger ("peer set too large"). The limit is therefore [`peer_limit`] — the genesis's
+//! `max_registered_nodes` (which the ledger enforces at registration) plus room for admitted nodes
+//! and this node — never the current member count, and [`MemberSet`] never hands commonware a
+//! set above it, whatever the registry or the admissions say.
 
 use crate::genesis::Genesis;
 use crate::gossip::{GOSSIP_CHANNEL, MAX_GOSSIP_MESSAGE};
@@ -13,6 +19,8 @@ use archipel_consensus::engine::{
 };
 use archipel_consensus::liveness::LIVENESS_CHANNEL;
 use archipel_crypto::{Identity, SignedDescriptor};
+use archipel_ledger::LedgerParams;
+use archipel_types::NodeId;
 use commonware_cryptography::ChaCha20Poly1305;
 use commonware_p2p::authenticated::lookup::{self, Network};
 use commonware_p2p::{Address, AddressableManager};
@@ -20,6 +28,7 @@ use commonware_runtime::{Quota, Supervisor, tokio as cw_tokio};
 use commonware_stream::cups::{self, Cups};
 use commonware_stream::sake::{self, Sake};
 use commonware_utils::{NZU32, NZUsize, ordered::Map};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::time::Duration;
@@ -46,8 +55,22 @@ pub struct P2p {
     pub oracle: lookup::Oracle<archipel_crypto::Ed25519PublicKey>,
 }
 
-/// How many recent member sets the p2p layer keeps allowed (commonware's default).
-const TRACKED_PEER_SETS: NonZeroUsize = NZUsize!(4);
+/// How many recent member sets the p2p layer keeps allowed. One: a node that left is dropped at
+/// once (peers in both the old and the new set keep their connections), and every channel's
+/// mailbox, sized peer limit x tracked sets x burst, stays a quarter of commonware's default.
+const TRACKED_PEER_SETS: NonZeroUsize = NZUsize!(1);
+
+/// Room in the allowed set for nodes admitted by validator quorum (`archipel node admit`) beyond
+/// the registry; further admissions are not allowed at the p2p layer (and logged).
+pub const ADMITTED_PEERS: usize = 16;
+
+/// The p2p peer limit of a network: `max_registered_nodes` (the registry can never hold more),
+/// [`ADMITTED_PEERS`], and this node itself (commonware counts it even when it is not yet
+/// registered, as a node started with `--join`).
+pub fn peer_limit(params: &LedgerParams) -> NonZeroUsize {
+    let limit = (params.max_registered_nodes as usize).saturating_add(ADMITTED_PEERS + 1);
+    NonZeroUsize::new(limit).unwrap_or(NZUsize!(1))
+}
 
 /// p2p channel of transaction gossip (to validators).
 pub const TX_CHANNEL: u64 = 6;
@@ -65,21 +88,73 @@ fn address(d: &archipel_types::NodeDescriptor) -> Address {
     }
 }
 
-/// The allowed peer set as tracked by the p2p oracle.
+/// Where a [`MemberSet`] sends the sets it tracks: the p2p oracle in a node, a recorder in tests.
+pub trait PeerTracker {
+    /// Makes `peers` the allowed set with index `index` (indices increase).
+    fn track_peers(&mut self, index: u64, peers: Map<archipel_crypto::Ed25519PublicKey, Address>);
+}
+
+impl PeerTracker for lookup::Oracle<archipel_crypto::Ed25519PublicKey> {
+    fn track_peers(&mut self, index: u64, peers: Map<archipel_crypto::Ed25519PublicKey, Address>) {
+        let _ = self.track(index, peers);
+    }
+}
+
+/// The members as commonware counts them: the set plus this node if it is not in it.
+fn counted(members: &BTreeMap<NodeId, Address>, me: &NodeId) -> usize {
+    members.len() + usize::from(!members.contains_key(me))
+}
+
+/// The allowed peer set as tracked by the p2p oracle, bounded by the peer limit.
 #[allow(missing_debug_implementations)]
-pub struct MemberSet {
-    oracle: lookup::Oracle<archipel_crypto::Ed25519PublicKey>,
-    members: std::collections::BTreeMap<archipel_types::NodeId, Address>,
+pub struct MemberSet<T: PeerTracker = lookup::Oracle<archipel_crypto::Ed25519PublicKey>> {
+    tracker: T,
+    me: NodeId,
+    limit: usize,
+    members: BTreeMap<NodeId, Address>,
     next_id: u64,
 }
 
-impl MemberSet {
-    /// Tracks `members` as peer set 0.
-    fn new(oracle: lookup::Oracle<archipel_crypto::Ed25519PublicKey>, members: &[SignedDescriptor]) -> Self {
-        let members = members.iter().map(|m| (m.descriptor.node_id, address(&m.descriptor))).collect();
-        let mut set = Self { oracle, members, next_id: 0 };
+impl<T: PeerTracker> MemberSet<T> {
+    /// Tracks `members` (see [`MemberSet::set`]) as the first set of node `me`, never more than
+    /// `limit` peers counting `me`.
+    pub fn new(tracker: T, me: NodeId, limit: NonZeroUsize, members: &[SignedDescriptor]) -> Self {
+        let mut set = Self { tracker, me, limit: limit.get(), members: BTreeMap::new(), next_id: 0 };
+        set.members = set.bounded(members);
         set.track();
         set
+    }
+
+    /// The current members (what the last tracked set allows).
+    pub fn members(&self) -> &BTreeMap<NodeId, Address> {
+        &self.members
+    }
+
+    /// `members` in order until the limit; the rest is left out with an error log. The registry
+    /// comes first in every caller and never exceeds `max_registered_nodes`, so only admitted
+    /// nodes beyond [`ADMITTED_PEERS`] can be left out.
+    fn bounded(&self, members: &[SignedDescriptor]) -> BTreeMap<NodeId, Address> {
+        let mut out = BTreeMap::new();
+        let mut left_out = Vec::new();
+        for m in members {
+            let id = m.descriptor.node_id;
+            if out.contains_key(&id) {
+                continue;
+            }
+            out.insert(id, address(&m.descriptor));
+            if counted(&out, &self.me) > self.limit {
+                out.remove(&id);
+                left_out.push(id.short());
+            }
+        }
+        if !left_out.is_empty() {
+            tracing::error!(
+                limit = self.limit,
+                left_out = ?left_out,
+                "p2p peer limit reached: these nodes are not allowed to connect (the limit is max_registered_nodes + {ADMITTED_PEERS} admitted nodes + this node)"
+            );
+        }
+        out
     }
 
     fn track(&mut self) {
@@ -88,43 +163,54 @@ impl MemberSet {
             .iter()
             .filter_map(|(id, a)| archipel_crypto::public_key(id).ok().map(|pk| (pk, a.clone())))
             .collect();
+        // `bounded` keeps the set within the limit; checked again here because commonware
+        // panics on a larger set.
+        if counted(&self.members, &self.me) > self.limit {
+            tracing::error!(members = self.members.len(), limit = self.limit, "peer set above the limit not tracked");
+            return;
+        }
         if let Ok(peers) = Map::try_from(entries) {
-            let _ = self.oracle.track(self.next_id, peers);
+            self.tracker.track_peers(self.next_id, peers);
             self.next_id += 1;
         }
     }
 
-    /// Adds a member (an admitted node) and tracks the new set.
+    /// Adds a member (an admitted node) and tracks the new set; refused (with an error log)
+    /// when the set is at the peer limit.
     pub fn add(&mut self, member: &SignedDescriptor) {
-        if self.members.insert(member.descriptor.node_id, address(&member.descriptor)).is_none() {
-            self.track();
+        let id = member.descriptor.node_id;
+        if self.members.contains_key(&id) {
+            return;
         }
+        self.members.insert(id, address(&member.descriptor));
+        if counted(&self.members, &self.me) > self.limit {
+            self.members.remove(&id);
+            tracing::error!(node = %id.short(), limit = self.limit, "p2p peer limit reached: admitted node not allowed to connect");
+            return;
+        }
+        self.track();
     }
 
-    /// Makes the allowed set exactly `members` (the node registry in finalized state, plus
-    /// admitted nodes); tracks it only when it changed.
+    /// Makes the allowed set `members` (the node registry in finalized state first, then
+    /// admitted nodes), cut at the peer limit; tracks it only when it changed.
     pub fn set(&mut self, members: &[SignedDescriptor]) {
-        let next: std::collections::BTreeMap<_, _> =
-            members.iter().map(|m| (m.descriptor.node_id, address(&m.descriptor))).collect();
+        let next = self.bounded(members);
         if next != self.members {
-            let removed = self.members.keys().any(|id| !next.contains_key(id));
             self.members = next;
-            // The p2p layer allows every member of its recent sets: after a removal, track the
-            // new set until no older set that still holds the removed node remains.
-            let times = if removed { TRACKED_PEER_SETS.get() } else { 1 };
-            for _ in 0..times {
-                self.track();
-            }
+            self.track();
         }
     }
 }
 
 /// Starts the p2p network with `members` as the allowed set and returns the gossip channel.
-/// `listen` is the local socket; peers are dialed at their descriptors' p2p addresses.
+/// `listen` is the local socket; peers are dialed at their descriptors' p2p addresses. The peer
+/// limit comes from the genesis's `ledger` parameters ([`peer_limit`]).
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     context: &cw_tokio::Context,
     identity: &Identity,
     members: &[SignedDescriptor],
+    ledger: &LedgerParams,
     genesis_hash: &str,
     listen: SocketAddr,
     allow_private_ips: bool,
@@ -139,14 +225,14 @@ pub fn start(
         },
         cups::Version::V1,
     );
-    // Room for nodes admitted while running. The channel's inbound mailbox is sized from this
-    // times the tracked peer sets times the per-peer quota, so keep both modest (memory).
-    let peers = members.len() + 16;
+    // Fixed for the node's life: the registry can grow up to max_registered_nodes. Each channel's
+    // inbound mailbox is preallocated as this limit times the tracked peer sets times the burst.
+    let limit = peer_limit(ledger);
     let mut cfg = lookup::Config::local(
         handshake,
         &namespace(genesis_hash),
         listen,
-        NonZeroUsize::new(peers).unwrap_or(NZUsize!(1)),
+        limit,
         max_message_bytes.max(MAX_GOSSIP_MESSAGE as u32),
         NZUsize!(1_024),
     );
@@ -159,7 +245,7 @@ pub fn start(
     cfg.tracked_peer_sets = TRACKED_PEER_SETS;
 
     let (mut network, oracle) = Network::new(context.child("p2p"), cfg);
-    let members = MemberSet::new(oracle.clone(), members);
+    let members = MemberSet::new(oracle.clone(), identity.node_id(), limit, members);
     // Membership sends ~2 hellos per second per peer plus occasional tables.
     let (sender, receiver) = network.register(GOSSIP_CHANNEL, Quota::per_second(NZU32!(50)));
     // Consensus runs at ~100 views/s with a few messages per view; the inbound mailbox of a
@@ -210,7 +296,8 @@ pub fn probe(identity: &Identity, genesis: &Genesis, listen: SocketAddr, duratio
     let report = runner.start(|context| async move {
         let mut messages = 0u64;
         let mut heard = std::collections::BTreeSet::new();
-        if let Ok(mut p2p) = start(&context, &identity, &genesis.nodes, &genesis_hash, listen, true, 0) {
+        if let Ok(mut p2p) = start(&context, &identity, &genesis.nodes, &genesis.ledger, &genesis_hash, listen, true, 0)
+        {
             let deadline = context.current() + duration;
             loop {
                 commonware_macros::select! {
@@ -235,4 +322,89 @@ pub fn probe(identity: &Identity, genesis: &Genesis, listen: SocketAddr, duratio
     });
     let _ = std::fs::remove_dir_all(&dir);
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use archipel_crypto::test_support::example_descriptor;
+
+    /// A registered node `i` at its own loopback address (nothing listens there).
+    fn member(i: u64) -> SignedDescriptor {
+        let id = Identity::from_seed(i);
+        let mut d = example_descriptor(&id);
+        d.p2p_address = SocketAddr::from(([127, 0, 70, (i % 250) as u8 + 2], 20_000 + (i / 250) as u16));
+        SignedDescriptor::sign(&id, d).unwrap()
+    }
+
+    #[derive(Default)]
+    struct Recorder(Vec<(u64, usize)>);
+
+    impl PeerTracker for Recorder {
+        fn track_peers(&mut self, index: u64, peers: Map<archipel_crypto::Ed25519PublicKey, Address>) {
+            self.0.push((index, peers.len()));
+        }
+    }
+
+    #[test]
+    fn the_peer_limit_follows_the_registry_limit_not_the_member_count() {
+        let params = LedgerParams { max_registered_nodes: 100, ..LedgerParams::default() };
+        assert_eq!(peer_limit(&params).get(), 100 + ADMITTED_PEERS + 1);
+    }
+
+    #[test]
+    fn the_tracked_set_never_exceeds_the_limit_and_the_registry_comes_first() {
+        let me = Identity::from_seed(0).node_id();
+        let limit = NZUsize!(10);
+        let registry: Vec<SignedDescriptor> = (0..8).map(member).collect();
+        let mut set = MemberSet::new(Recorder::default(), me, limit, &registry);
+        assert_eq!(set.tracker.0, vec![(0, 8)]);
+        // Admitted nodes fill the room left, no further; the registry always stays.
+        let mut all = registry.clone();
+        all.extend((100..105).map(member));
+        set.set(&all);
+        assert_eq!(set.members().len(), 10);
+        assert!(registry.iter().all(|d| set.members().contains_key(&d.descriptor.node_id)));
+        set.add(&member(200));
+        assert_eq!(set.members().len(), 10, "an admission beyond the limit is refused");
+        // A node not (yet) in the set counts itself: room for one less.
+        let mut joining = MemberSet::new(Recorder::default(), Identity::from_seed(999).node_id(), limit, &all);
+        assert_eq!(joining.members().len(), 9);
+        joining.set(&registry);
+        assert_eq!(joining.members().len(), 8);
+        assert!(set.tracker.0.iter().chain(&joining.tracker.0).all(|(_, n)| *n <= 10));
+        let indices: Vec<u64> = set.tracker.0.iter().map(|(i, _)| *i).collect();
+        assert!(indices.windows(2).all(|w| w[0] < w[1]), "indices increase: {indices:?}");
+    }
+
+    /// The devnet crash: 12 members, then 17 registrations made commonware's tracker panic with
+    /// "peer set too large: 29 > 28" (the limit was members + 16). With the real oracle, the
+    /// registry grows to its limit and admissions pile on, and nothing panics.
+    #[test]
+    fn registry_growth_never_panics_the_p2p_layer() {
+        use commonware_runtime::Runner as _;
+        let dir = tempfile::tempdir().unwrap();
+        let runner =
+            cw_tokio::Runner::new(cw_tokio::Config::new().with_worker_threads(1).with_storage_directory(dir.path()));
+        runner.start(|context| async move {
+            let params = LedgerParams { max_registered_nodes: 64, ..LedgerParams::default() };
+            let me = Identity::from_seed(0);
+            let genesis: Vec<SignedDescriptor> = (0..12).map(member).collect();
+            let listen = SocketAddr::from(([127, 0, 70, 1], 0));
+            let mut p2p = start(&context, &me, &genesis, &params, "test", listen, true, 0).unwrap();
+            let mut registry = genesis.clone();
+            for i in 12..64 {
+                registry.push(member(i));
+                p2p.members.set(&registry);
+            }
+            assert_eq!(p2p.members.members().len(), 64);
+            let mut all = registry.clone();
+            all.extend((1_000..1_100).map(member));
+            p2p.members.set(&all);
+            for i in 2_000..2_050 {
+                p2p.members.add(&member(i));
+            }
+            assert_eq!(p2p.members.members().len(), peer_limit(&params).get());
+        });
+    }
 }

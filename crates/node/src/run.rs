@@ -332,6 +332,7 @@ impl PreparedNode {
                 &context,
                 &identity,
                 &members,
+                &genesis.ledger,
                 &genesis_hash,
                 cfg.p2p.listen,
                 cfg.p2p.allow_private_ips,
