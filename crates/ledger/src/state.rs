@@ -422,7 +422,7 @@ pub(crate) mod tests {
 
     pub(crate) fn genesis() -> State {
         State::genesis(GenesisState {
-            network: Hash([0x4e; 32]),
+            network: Hash::ZERO,
             params: LedgerParams::default(),
             timestamp_ms: 0,
             validators: vec![id(10).node_id()],
