@@ -179,20 +179,31 @@ impl Chain {
         };
         let fresh: Vec<&SignedTransaction> =
             items.iter().zip(&known).filter(|(_, k)| !**k).map(|((t, _), _)| t).collect();
+        // Each transaction's own signature result, by position (`None`: known, not checked):
+        // whatever the second lock finds, no result can move to another transaction.
         let mut checked = verify_each(&fresh).into_iter();
+        let signatures: Vec<Option<Result<(), archipel_ledger::TxError>>> = items
+            .iter()
+            .zip(&known)
+            .map(|((t, _), k)| (!*k).then(|| checked.next().unwrap_or_else(|| t.verify())))
+            .collect();
+        #[cfg(test)]
+        tests::between_locks(self);
         let mut g = self.lock();
         let inner = &mut *g;
         let mut admitted = false;
         let out = items
             .into_iter()
             .zip(hashes)
-            .zip(known)
-            .map(|(((stx, len), hash), known)| {
+            .zip(signatures)
+            .map(|(((stx, len), hash), signature)| {
                 if inner.txs.contains_key(&hash) {
                     return Ok(hash);
                 }
-                if !known {
-                    checked.next().expect("one check per fresh transaction")?;
+                // Known at the first lock: the same hash is the same signature, checked on its
+                // admission.
+                if let Some(checked) = signature {
+                    checked?;
                 }
                 let r = inner.mempool.insert_hashed(&inner.state, hash, stx, len, Signatures::AlreadyVerified);
                 admitted |= r.is_ok();
@@ -516,6 +527,18 @@ mod tests {
         Transaction { signer: id.node_id(), nonce, payload: Payload::Transfer { to, amount_micro: 1 } }.sign(&id)
     }
 
+    thread_local! {
+        /// Runs once in the next `submit_many` on this thread, between its two locks.
+        static BETWEEN_LOCKS: std::cell::RefCell<Option<Box<dyn FnOnce(&Chain)>>> = const { std::cell::RefCell::new(None) };
+    }
+
+    /// The test hook `submit_many` calls between its two locks.
+    pub(super) fn between_locks(chain: &Chain) {
+        if let Some(hook) = BETWEEN_LOCKS.with(|h| h.borrow_mut().take()) {
+            hook(chain);
+        }
+    }
+
     fn chain() -> Chain {
         let accounts = (0..3).map(|i| (Identity::from_seed(i).node_id(), 1_000)).collect();
         let state = State::genesis(GenesisState { accounts, ..GenesisState::default() });
@@ -539,6 +562,31 @@ mod tests {
         assert_eq!(c.mempool_len(), 2);
         // Nothing known is checked twice; a known transaction is still answered.
         assert_eq!(c.submit(good.clone(), 100), Ok(good.hash()));
+    }
+
+    #[test]
+    fn a_transaction_finalized_between_the_two_locks_shifts_no_signature_result() {
+        let c = chain();
+        let first = transfer(0, 0);
+        let mut forged = transfer(1, 0);
+        forged.signature[3] ^= 1;
+        let last = transfer(2, 0);
+        // While the batch's signatures are checked, `first` arrives by another path and is
+        // finalized: the second lock finds it final.
+        let early = first.clone();
+        BETWEEN_LOCKS.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move |c: &Chain| {
+                c.submit(early, 100).unwrap();
+                let block = c.build(&c.genesis().hash(), 1_000).unwrap();
+                c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized");
+            }))
+        });
+        let out = c.submit_many(vec![(first.clone(), 100), (forged.clone(), 100), (last.clone(), 100)]);
+        assert_eq!(out[0], Ok(first.hash()), "final already");
+        assert!(matches!(&out[1], Err(e) if e.code() == "bad_signature"), "a forged signature: {:?}", out[1]);
+        assert_eq!(out[2], Ok(last.hash()), "its own signature is good");
+        assert_eq!(c.tx_status(&forged.hash()), TxStatus::Unknown);
+        assert_eq!(c.mempool_len(), 1);
     }
 
     #[test]
