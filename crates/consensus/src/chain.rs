@@ -7,8 +7,9 @@
 
 use crate::store::{BlockStore, Record};
 use archipel_ledger::{
-    Block, BlockHeader, BlockOutcome, Hash, Mempool, MempoolError, Receipt, Signatures, SignedTransaction, State,
-    StateKey, StateProof, TxProof, execute, genesis_header, merkle, propose, verify_all, verify_each,
+    Block, BlockHeader, BlockOutcome, Hash, Mempool, MempoolError, MempoolLimits, Receipt, Signatures,
+    SignedTransaction, State, StateKey, StateProof, TxProof, execute, genesis_header, merkle, propose, verify_all,
+    verify_each,
 };
 use futures::channel::oneshot;
 use serde::{Deserialize, Serialize};
@@ -120,7 +121,7 @@ impl Chain {
                 state,
                 store,
                 txs,
-                mempool: Mempool::new(MEMPOOL_CAPACITY),
+                mempool: Mempool::new(MempoolLimits { capacity: MEMPOOL_CAPACITY, ..MempoolLimits::default() }),
                 pending: HashMap::new(),
                 tx_waiters: HashMap::new(),
                 block_waiters: Vec::new(),
@@ -163,15 +164,17 @@ impl Chain {
         self.lock().mempool.all(max)
     }
 
-    /// Admits a transaction into the mempool (judged against the finalized state).
-    pub fn submit(&self, stx: SignedTransaction, encoded_len: usize) -> Result<Hash, MempoolError> {
-        self.submit_many(vec![(stx, encoded_len)]).pop().expect("one answer per transaction")
+    /// Admits a transaction into the mempool (judged against the finalized state and the
+    /// account's other waiting transactions) at `now_ms` (this node's clock: mempool entries
+    /// expire by it).
+    pub fn submit(&self, stx: SignedTransaction, encoded_len: usize, now_ms: u64) -> Result<Hash, MempoolError> {
+        self.submit_many(vec![(stx, encoded_len)], now_ms).pop().expect("one answer per transaction")
     }
 
-    /// Admits transactions (each with its encoded length) into the mempool; one answer per
-    /// transaction, in order. Signatures are checked as one batch, outside the lock, and only for
-    /// transactions not already known here.
-    pub fn submit_many(&self, items: Vec<(SignedTransaction, usize)>) -> Vec<Result<Hash, MempoolError>> {
+    /// Admits transactions (each with its encoded length) into the mempool at `now_ms`; one
+    /// answer per transaction, in order. Signatures are checked as one batch, outside the lock,
+    /// and only for transactions not already known here.
+    pub fn submit_many(&self, items: Vec<(SignedTransaction, usize)>, now_ms: u64) -> Vec<Result<Hash, MempoolError>> {
         let hashes: Vec<Hash> = items.iter().map(|(t, _)| t.hash()).collect();
         let known: Vec<bool> = {
             let g = self.lock();
@@ -205,7 +208,7 @@ impl Chain {
                 if let Some(checked) = signature {
                     checked?;
                 }
-                let r = inner.mempool.insert_hashed(&inner.state, hash, stx, len, Signatures::AlreadyVerified);
+                let r = inner.mempool.insert_hashed(&inner.state, hash, stx, len, Signatures::AlreadyVerified, now_ms);
                 admitted |= r.is_ok();
                 r
             })
@@ -280,7 +283,8 @@ impl Chain {
     /// unknown here.
     pub fn build(&self, parent: &Hash, now_ms: u64) -> Option<Block> {
         let (header, state, candidates) = {
-            let g = self.lock();
+            let mut g = self.lock();
+            g.mempool.expire(now_ms);
             let (header, state) = self.after(&g, parent)?;
             let candidates = g.mempool.candidates(&state, state.params().max_block_txs as usize);
             (header, state, candidates)
@@ -359,9 +363,9 @@ impl Chain {
         g.head = block.header;
         g.state = state;
         let inner = &mut *g;
-        // Every transaction of the block used its signer's nonce, so pruning by the new nonces
-        // also drops the block's transactions from the mempool.
-        inner.mempool.prune(&inner.state);
+        // Every transaction of the block used its signer's nonce, so pruning its signers by the
+        // new nonces also drops the block's transactions from the mempool.
+        inner.mempool.prune(&inner.state, block.txs.iter().map(|t| t.tx.signer));
         for h in index_txs(&mut inner.txs, &block, outcome.receipts) {
             if let Some(ws) = inner.tx_waiters.remove(&h) {
                 let loc = &inner.txs[&h];
@@ -527,9 +531,12 @@ mod tests {
         Transaction { signer: id.node_id(), nonce, payload: Payload::Transfer { to, amount_micro: 1 } }.sign(&id)
     }
 
+    /// What a test runs between the two locks of `submit_many`.
+    type Hook = Box<dyn FnOnce(&Chain)>;
+
     thread_local! {
         /// Runs once in the next `submit_many` on this thread, between its two locks.
-        static BETWEEN_LOCKS: std::cell::RefCell<Option<Box<dyn FnOnce(&Chain)>>> = const { std::cell::RefCell::new(None) };
+        static BETWEEN_LOCKS: std::cell::RefCell<Option<Hook>> = const { std::cell::RefCell::new(None) };
     }
 
     /// The test hook `submit_many` calls between its two locks.
@@ -553,7 +560,7 @@ mod tests {
         let good = transfer(0, 0);
         let items =
             vec![(good.clone(), 100), (forged, 100), (transfer(2, 0), 100), (good.clone(), 100), (transfer(7, 0), 100)];
-        let out = c.submit_many(items);
+        let out = c.submit_many(items, 0);
         assert_eq!(out[0], Ok(good.hash()));
         assert!(matches!(&out[1], Err(e) if e.code() == "bad_signature"), "{:?}", out[1]);
         assert!(out[2].is_ok());
@@ -561,7 +568,7 @@ mod tests {
         assert!(matches!(&out[4], Err(e) if e.code() == "insufficient_funds"), "{:?}", out[4]);
         assert_eq!(c.mempool_len(), 2);
         // Nothing known is checked twice; a known transaction is still answered.
-        assert_eq!(c.submit(good.clone(), 100), Ok(good.hash()));
+        assert_eq!(c.submit(good.clone(), 100, 0), Ok(good.hash()));
     }
 
     #[test]
@@ -576,12 +583,12 @@ mod tests {
         let early = first.clone();
         BETWEEN_LOCKS.with(|h| {
             *h.borrow_mut() = Some(Box::new(move |c: &Chain| {
-                c.submit(early, 100).unwrap();
+                c.submit(early, 100, 0).unwrap();
                 let block = c.build(&c.genesis().hash(), 1_000).unwrap();
                 c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized");
             }))
         });
-        let out = c.submit_many(vec![(first.clone(), 100), (forged.clone(), 100), (last.clone(), 100)]);
+        let out = c.submit_many(vec![(first.clone(), 100), (forged.clone(), 100), (last.clone(), 100)], 0);
         assert_eq!(out[0], Ok(first.hash()), "final already");
         assert!(matches!(&out[1], Err(e) if e.code() == "bad_signature"), "a forged signature: {:?}", out[1]);
         assert_eq!(out[2], Ok(last.hash()), "its own signature is good");
@@ -593,7 +600,7 @@ mod tests {
     fn a_finalization_applies_a_block_this_node_executed_once() {
         let c = chain();
         let t = transfer(0, 0);
-        c.submit(t.clone(), 100).unwrap();
+        c.submit(t.clone(), 100, 0).unwrap();
         let genesis = c.genesis().hash();
         let block = c.build(&genesis, 1_000).unwrap();
         assert_eq!(block.txs, vec![t.clone()]);

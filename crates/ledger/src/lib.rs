@@ -22,7 +22,7 @@ pub use block::{
     Block, BlockHeader, BlockOutcome, ChainError, Proposal, Signatures, execute, genesis_header, propose, verify_chain,
 };
 pub use hash::Hash;
-pub use mempool::{Mempool, MempoolError};
+pub use mempool::{Mempool, MempoolError, MempoolLimits};
 pub use params::LedgerParams;
 pub use proof::{ProofError, StateProof, TxProof};
 pub use state::{Account, ChainPosition, GenesisState, LeaseStatus, NodeRecord, Receipt, State, StateKey};

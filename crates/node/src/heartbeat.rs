@@ -5,6 +5,7 @@ use archipel_consensus::{Chain, TxStatus};
 use archipel_crypto::Identity;
 use archipel_ledger::{Hash, Payload, Transaction};
 use commonware_runtime::Clock;
+use commonware_utils::SystemTimeExt as _;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -30,7 +31,7 @@ pub async fn run(clock: impl Clock, chain: Arc<Chain>, identity: Identity, gossi
         }
         let stx = Transaction { signer: me, nonce, payload: Payload::Heartbeat }.sign(&identity);
         let bytes = stx.to_bytes();
-        match chain.submit(stx, bytes.len()) {
+        match chain.submit(stx, bytes.len(), clock.current().epoch_millis()) {
             Ok(h) => {
                 in_flight = Some(h);
                 let _ = gossip.send(bytes);
