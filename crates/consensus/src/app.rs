@@ -380,17 +380,32 @@ where
         self.context.child("verify").spawn(move |runtime| async move {
             let runtime = Arc::new(runtime);
             let Some(Ok(block)) = unless_dropped(&mut tx, block).await else { return };
-            let _ = arrived.send(app.candidates.persist(context.round.view().get(), block.clone()));
             let header = block.inner().header();
             tracing::debug!(height = header.height, round = %context.round, "block to verify arrived");
             let (_, parent) = context.parent;
-            if header.parent != hash_of(&parent) {
-                tracing::warn!(height = header.height, "rejecting a block that does not extend the notarized parent");
-                tx.send_lossy(false);
-                return;
-            }
+            // Only a child of the notarized parent reaches the candidate log (a made-up height
+            // would stay there); with the parent not held here, only once the block verified.
+            let view = context.round.view().get();
+            let mut arrived = match app.candidates.persist_child(view, block.clone(), &parent) {
+                Ok(Some(durable)) => {
+                    let _ = arrived.send(durable);
+                    None
+                }
+                Ok(None) => Some(arrived),
+                Err(e) => {
+                    tracing::warn!(height = header.height, error = %e, "rejecting a block that does not extend the notarized parent");
+                    tx.send_lossy(false);
+                    return;
+                }
+            };
+            let mut persist = || {
+                if let Some(arrived) = arrived.take() {
+                    let _ = arrived.send(app.candidates.persist(view, block.clone()));
+                }
+            };
             // Already executed here (or just finalized without our vote, which is the head now).
             if app.chain.knows(&hash_of(&digest)) {
+                persist();
                 tx.send_lossy(true);
                 return;
             }
@@ -416,6 +431,7 @@ where
             match app.chain.verify(block.inner().block(), now_ms(&*runtime), judge) {
                 Ok(()) => {
                     tracing::debug!(height = header.height, "verified");
+                    persist();
                     tx.send_lossy(true);
                 }
                 Err(e) => {
@@ -517,9 +533,7 @@ where
             return commonware_actor::Feedback::Ok;
         };
         let round = f.proposal.round;
-        if let Some(height) = self.candidates.height(&f.proposal.payload) {
-            self.candidates.finalized(height);
-        }
+        self.candidates.finalized(round.view().get(), &f.proposal.payload);
         {
             let mut rounds = self.rounds();
             rounds.built.retain(|r, _| *r > round);

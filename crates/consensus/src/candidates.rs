@@ -6,15 +6,20 @@
 //!   log on this node's disk and answers once it is synced; `certify` waits for that, so a
 //!   finalized block is on the disks of a quorum even if every validator loses power a moment
 //!   later. Concurrent writes share one sync (group commit). The log is two blobs used in turn:
-//!   once the active one passes [`LOG_SWITCH_BYTES`] and every block in the other one is
-//!   finalized, the other one is emptied and becomes active. On start the blocks above the
+//!   once the active one passes [`LOG_SWITCH_BYTES`] and the other one holds nothing from a view
+//!   after the last finalized one, the other one is emptied and becomes active. Views, not
+//!   heights, decide: once view `v` is finalized, a block from a view up to `v` is either
+//!   finalized or can never be, whatever height it claims — so a block at a made-up height
+//!   cannot keep a blob forever. A block received from a leader is written only as a child of
+//!   its notarized parent ([`Candidates::persist_child`]). On start the blocks above the
 //!   finalized head are read back ([`Candidates::open`]).
 //! - **Serving validators that missed a block** ([`FETCH_CHANNEL`](crate::engine::FETCH_CHANNEL)):
 //!   [`Candidates::fetch`] asks the other validators for a block by digest until one answers;
-//!   any validator that holds the block answers. The digest is the block's hash, so an answer
-//!   is checked by decoding it, whoever sent it.
+//!   any validator that holds the block answers a validator (no one else: blocks are not served
+//!   to any peer of the network). The digest is the block's hash, so an answer is checked by
+//!   decoding it.
 
-use crate::block::{BlockCfg, LedgerBlock};
+use crate::block::{BlockCfg, LedgerBlock, hash_of};
 use commonware_codec::{Copying, Decode as _, Encode as _};
 use commonware_cryptography::blake3::Digest;
 use commonware_cryptography::ed25519::PublicKey;
@@ -22,7 +27,7 @@ use commonware_cryptography::{Digested, Digestible};
 use commonware_p2p::{Receiver, Recipients, Sender};
 use commonware_runtime::{Blob, Clock, ReadOptions, Spawner, Storage, WriteOptions};
 use commonware_utils::channel::{mpsc, oneshot};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,7 +49,7 @@ const HAVE: u8 = 1;
 /// A block waiting to be written, and who waits for its sync.
 struct Write {
     digest: Digest,
-    height: u64,
+    view: u64,
     record: Vec<u8>,
     done: oneshot::Sender<bool>,
 }
@@ -52,6 +57,8 @@ struct Write {
 /// A block this node holds.
 struct Held {
     block: Digested<LedgerBlock>,
+    /// The view it was built or received for (`None`: fetched for another node's view).
+    view: Option<u64>,
     /// On the log's disk already.
     synced: bool,
 }
@@ -70,8 +77,10 @@ pub struct Candidates {
     inner: Arc<Mutex<Inner>>,
     writes: mpsc::UnboundedSender<Write>,
     wants: mpsc::UnboundedSender<Digest>,
-    /// Height of the finalized head (pruning, and when a log blob may be emptied).
+    /// Height of the finalized head (pruning).
     finalized: Arc<AtomicU64>,
+    /// View of the last finalization (pruning, and when a log blob may be emptied).
+    finalized_view: Arc<AtomicU64>,
 }
 
 /// What [`Candidates::open`] returns.
@@ -89,13 +98,21 @@ pub struct Opened {
 struct LogBlob<B> {
     blob: B,
     size: u64,
-    /// Highest block height written to it (0 when empty).
-    highest: u64,
+    /// Highest view of a block written to it (0 when empty).
+    highest_view: u64,
 }
 
 impl Candidates {
     /// Opens the log, reads back the blocks above `head`, and starts its writer on `context`.
     pub async fn open<E>(context: E, head: u64, cfg: &BlockCfg) -> Result<Opened, String>
+    where
+        E: Storage + Spawner + Clock,
+    {
+        Self::open_switching_at(context, head, cfg, LOG_SWITCH_BYTES).await
+    }
+
+    /// [`Candidates::open`] with the log moving to its other blob after `switch_bytes`.
+    async fn open_switching_at<E>(context: E, head: u64, cfg: &BlockCfg, switch_bytes: u64) -> Result<Opened, String>
     where
         E: Storage + Spawner + Clock,
     {
@@ -114,24 +131,32 @@ impl Candidates {
                 buf.coalesce().as_ref().to_vec()
             };
             let records = parse(&bytes, cfg);
-            let highest = records.iter().map(|(_, b)| b.inner().header().height).max().unwrap_or(0);
+            let highest_view = records.iter().map(|(view, _)| *view).max().unwrap_or(0);
             recovered.extend(records.into_iter().filter(|(_, b)| b.inner().header().height > head));
-            blobs.push(LogBlob { blob, size, highest });
+            blobs.push(LogBlob { blob, size, highest_view });
         }
         recovered.sort_by_key(|(view, _)| *view);
-        // Continue in the blob written last (the one holding the highest block).
-        let active = usize::from(blobs[1].highest > blobs[0].highest);
+        // Continue in the blob written last (the one holding the latest view).
+        let active = usize::from(blobs[1].highest_view > blobs[0].highest_view);
         let finalized = Arc::new(AtomicU64::new(head));
+        let finalized_view = Arc::new(AtomicU64::new(0));
         let (writes, queue) = mpsc::unbounded_channel();
         let (wants, wants_rx) = mpsc::unbounded_channel();
         let mut inner = Inner::default();
-        for (_, block) in &recovered {
-            inner.blocks.insert(block.digest(), Held { block: block.clone(), synced: true });
+        for (view, block) in &recovered {
+            inner.blocks.insert(block.digest(), Held { block: block.clone(), view: Some(*view), synced: true });
         }
         let inner = Arc::new(Mutex::new(inner));
-        let candidates = Arc::new(Candidates { inner: inner.clone(), writes, wants, finalized: finalized.clone() });
+        let candidates = Arc::new(Candidates {
+            inner: inner.clone(),
+            writes,
+            wants,
+            finalized,
+            finalized_view: finalized_view.clone(),
+        });
         let [a, b]: [LogBlob<E::Blob>; 2] = blobs.try_into().unwrap_or_else(|_| unreachable!("two blobs"));
-        context.child("candidate_log").spawn(move |_| write_log(queue, [a, b], active, finalized, inner));
+        let log = Log { blobs: [a, b], active, switch_bytes };
+        context.child("candidate_log").spawn(move |_| write_log(queue, log, finalized_view, inner));
         Ok(Opened { candidates, recovered, wants: wants_rx })
     }
 
@@ -154,14 +179,13 @@ impl Candidates {
     pub fn persist(&self, view: u64, block: Digested<LedgerBlock>) -> oneshot::Receiver<bool> {
         let (done, answer) = oneshot::channel();
         let digest = block.digest();
-        let height = block.inner().header().height;
         {
             let mut g = self.lock();
             if g.blocks.get(&digest).is_some_and(|h| h.synced) {
                 let _ = done.send(true);
                 return answer;
             }
-            g.blocks.insert(digest, Held { block: block.clone(), synced: false });
+            g.blocks.insert(digest, Held { block: block.clone(), view: Some(view), synced: false });
         }
         let encoded = block.inner().encode();
         let mut record = Vec::with_capacity(RECORD_HEADER + encoded.len());
@@ -169,19 +193,53 @@ impl Candidates {
         record.extend_from_slice(&view.to_be_bytes());
         record.extend_from_slice(digest.as_ref());
         record.extend_from_slice(encoded.as_ref());
-        if let Err(mpsc::error::SendError(write)) = self.writes.send(Write { digest, height, record, done }) {
+        if let Err(mpsc::error::SendError(write)) = self.writes.send(Write { digest, view, record, done }) {
             // The writer is gone (shutting down): never claim durability.
             let _ = write.done.send(false);
         }
         answer
     }
 
-    /// Records that the chain is final up to `height`: forgets blocks more than
-    /// [`KEEP_FINALIZED`] below it.
-    pub fn finalized(&self, height: u64) {
-        self.finalized.fetch_max(height, Ordering::Relaxed);
+    /// [`Candidates::persist`] for a block a leader proposed at `view` on the notarized
+    /// `parent`, if it is the parent's child: it names `parent` and, when the parent is held
+    /// here, its height is the parent's plus one — a block at a made-up height never reaches the
+    /// log. `Ok(None)` when the parent is not held here (the caller persists the block once it
+    /// verified); an error says how the block fails to follow its parent.
+    pub fn persist_child(
+        &self,
+        view: u64,
+        block: Digested<LedgerBlock>,
+        parent: &Digest,
+    ) -> Result<Option<oneshot::Receiver<bool>>, String> {
+        let header = block.inner().header();
+        if header.parent != hash_of(parent) {
+            return Err(format!(
+                "block {} names parent {}, not the notarized parent {}",
+                header.height,
+                header.parent.short(),
+                hash_of(parent).short()
+            ));
+        }
+        let Some(parent_height) = self.height(parent) else { return Ok(None) };
+        if parent_height.checked_add(1) != Some(header.height) {
+            return Err(format!("block claims height {} on a parent at height {parent_height}", header.height));
+        }
+        Ok(Some(self.persist(view, block)))
+    }
+
+    /// Records that consensus finalized block `digest` at `view`: the log may drop what it wrote
+    /// for views up to `view`, and blocks more than [`KEEP_FINALIZED`] below the finalized
+    /// height, or from views up to `view` above it (never to be finalized), are forgotten.
+    pub fn finalized(&self, view: u64, digest: &Digest) {
+        let view = self.finalized_view.fetch_max(view, Ordering::Relaxed).max(view);
+        let mut g = self.lock();
+        let height = g.blocks.get(digest).map(|h| h.block.inner().header().height).unwrap_or(0);
+        let height = self.finalized.fetch_max(height, Ordering::Relaxed).max(height);
         let floor = height.saturating_sub(KEEP_FINALIZED);
-        self.lock().blocks.retain(|_, h| h.block.inner().header().height > floor);
+        g.blocks.retain(|_, h| {
+            let at = h.block.inner().header().height;
+            at > floor && (at <= height || h.view.is_none_or(|v| v > view))
+        });
     }
 
     /// The block with `digest`: from here if held, else from the other validators (asking
@@ -215,7 +273,11 @@ impl Candidates {
             let mut g = self.lock();
             let waiters = g.waiting.remove(&block.digest());
             if waiters.is_some() {
-                g.blocks.entry(block.digest()).or_insert_with(|| Held { block: block.clone(), synced: false });
+                g.blocks.entry(block.digest()).or_insert_with(|| Held {
+                    block: block.clone(),
+                    view: None,
+                    synced: false,
+                });
             }
             waiters
         };
@@ -250,12 +312,18 @@ fn parse(mut bytes: &[u8], cfg: &BlockCfg) -> Vec<(u64, Digested<LedgerBlock>)> 
     out
 }
 
+/// The log's two blobs, which one is written, and when to move to the other.
+struct Log<B> {
+    blobs: [LogBlob<B>; 2],
+    active: usize,
+    switch_bytes: u64,
+}
+
 /// The log's writer: writes what is queued, syncs once for all of it, answers every waiter.
 async fn write_log<B: Blob>(
     mut queue: mpsc::UnboundedReceiver<Write>,
-    mut blobs: [LogBlob<B>; 2],
-    mut active: usize,
-    finalized: Arc<AtomicU64>,
+    mut log: Log<B>,
+    finalized_view: Arc<AtomicU64>,
     inner: Arc<Mutex<Inner>>,
 ) {
     while let Some(first) = queue.recv().await {
@@ -263,20 +331,20 @@ async fn write_log<B: Blob>(
         while let Ok(w) = queue.try_recv() {
             batch.push(w);
         }
-        let other = 1 - active;
-        if blobs[active].size >= LOG_SWITCH_BYTES
-            && blobs[other].highest <= finalized.load(Ordering::Relaxed)
-            && blobs[other].blob.resize(0).await.is_ok()
+        let (active, other) = (log.active, 1 - log.active);
+        if log.blobs[active].size >= log.switch_bytes
+            && log.blobs[other].highest_view <= finalized_view.load(Ordering::Relaxed)
+            && log.blobs[other].blob.resize(0).await.is_ok()
         {
-            blobs[other].size = 0;
-            blobs[other].highest = 0;
-            active = other;
+            log.blobs[other].size = 0;
+            log.blobs[other].highest_view = 0;
+            log.active = other;
         }
-        let log = &mut blobs[active];
+        let log = &mut log.blobs[log.active];
         let mut bytes = Vec::with_capacity(batch.iter().map(|w| w.record.len()).sum());
         for w in &batch {
             bytes.extend_from_slice(&w.record);
-            log.highest = log.highest.max(w.height);
+            log.highest_view = log.highest_view.max(w.view);
         }
         let len = bytes.len() as u64;
         let ok = match log.blob.write_at(log.size, bytes, WriteOptions::default()).await {
@@ -301,7 +369,8 @@ async fn write_log<B: Blob>(
 }
 
 /// Answers other validators' block requests over `channel` and sends this node's own `wants` to
-/// `validators` (the others); runs until the channel closes.
+/// `validators` (the others); runs until the channel closes. Requests and answers from any other
+/// peer are ignored: serving blocks is a validator's duty to validators, not a public service.
 pub async fn serve<S, R>(
     candidates: Arc<Candidates>,
     mut wants: mpsc::UnboundedReceiver<Digest>,
@@ -312,6 +381,7 @@ pub async fn serve<S, R>(
     S: Sender<PublicKey = PublicKey>,
     R: Receiver<PublicKey = PublicKey>,
 {
+    let allowed: HashSet<PublicKey> = validators.iter().cloned().collect();
     loop {
         commonware_macros::select! {
             want = wants.recv() => {
@@ -322,6 +392,10 @@ pub async fn serve<S, R>(
             },
             message = receiver.recv() => {
                 let Ok((peer, bytes)) = message else { return };
+                if !allowed.contains(&peer) {
+                    tracing::debug!(peer = %peer, "ignoring a block message from a peer that is not a validator");
+                    continue;
+                }
                 let Some((&tag, body)) = bytes.as_ref().split_first() else { continue };
                 match tag {
                     WANT if body.len() == 32 => {
@@ -424,6 +498,124 @@ mod tests {
         assert!(parse(&[0, 0], &cfg).is_empty());
     }
 
+    /// `block` claiming height `height` (a Byzantine leader's).
+    fn at_height(block: &Digested<LedgerBlock>, height: u64) -> Digested<LedgerBlock> {
+        let mut b = block.inner().block().clone();
+        b.header.height = height;
+        let b = LedgerBlock::new(b);
+        let digest = b.digest();
+        Digested::precomputed(b, digest)
+    }
+
+    #[test]
+    fn a_block_that_does_not_follow_its_notarized_parent_is_never_written() {
+        deterministic::Runner::default().start(|context| async move {
+            let (cfg, chain) = blocks(3);
+            let opened = Candidates::open(context.child("first"), 0, &cfg).await.unwrap();
+            let c = &opened.candidates;
+            assert!(c.persist(1, chain[0].clone()).await.unwrap());
+            // A Byzantine leader's block on the notarized parent, at a made-up height.
+            let bogus = at_height(&chain[1], u64::MAX);
+            let e = c.persist_child(2, bogus.clone(), &chain[0].digest()).unwrap_err();
+            assert!(e.contains(&format!("claims height {} on a parent at height 1", u64::MAX)), "{e}");
+            // A block on another parent than the notarized one.
+            let e = c.persist_child(2, chain[2].clone(), &chain[0].digest()).unwrap_err();
+            assert!(e.contains("not the notarized parent"), "{e}");
+            // The true child is written; with the parent not held here (the genesis), nothing
+            // is written until the caller has verified the block.
+            assert!(c.persist_child(2, chain[1].clone(), &chain[0].digest()).unwrap().unwrap().await.unwrap());
+            let genesis = crate::block::digest_of(&chain[0].inner().header().parent);
+            assert!(c.persist_child(1, chain[0].clone(), &genesis).unwrap().is_none());
+            drop(opened);
+            context.sleep(Duration::from_millis(100)).await;
+
+            let again = Candidates::open(context.child("second"), 0, &cfg).await.unwrap();
+            let back: Vec<u64> = again.recovered.iter().map(|(_, b)| b.inner().header().height).collect();
+            assert_eq!(back, vec![1, 2]);
+            assert!(again.candidates.get(&bogus.digest()).is_none());
+        });
+    }
+
+    #[test]
+    fn a_block_at_a_made_up_height_does_not_keep_the_log_from_switching() {
+        deterministic::Runner::default().start(|context| async move {
+            let (cfg, chain) = blocks(2);
+            // Switch blobs after every write, as soon as the other blob may be emptied.
+            let opened = Candidates::open_switching_at(context.child("first"), 0, &cfg, 1).await.unwrap();
+            let c = &opened.candidates;
+            // However it got there, a block at a made-up height sits in the first blob (view 1)...
+            let bogus = at_height(&chain[1], u64::MAX);
+            assert!(c.persist(1, bogus.clone()).await.unwrap());
+            // ...the real chain follows at views 2 and 3 (in the second blob, then the first).
+            assert!(c.persist(2, chain[0].clone()).await.unwrap());
+            c.finalized(2, &chain[0].digest());
+            assert!(c.get(&bogus.digest()).is_none(), "a block from a finalized view above the head is dead");
+            assert!(c.persist(3, chain[1].clone()).await.unwrap());
+            drop(opened);
+            context.sleep(Duration::from_millis(100)).await;
+
+            // View 2 is final, so the first blob (views up to 1) was emptied for view 3.
+            let again = Candidates::open(context.child("second"), 0, &cfg).await.unwrap();
+            let back: Vec<u64> = again.recovered.iter().map(|(view, _)| *view).collect();
+            assert_eq!(back, vec![2, 3], "view 1's block left with its blob");
+        });
+    }
+
+    #[test]
+    fn blocks_are_served_to_validators_only() {
+        use commonware_cryptography::Signer as _;
+        use commonware_p2p::simulated::{self, Link, Network};
+        use commonware_runtime::Quota;
+        use commonware_utils::{NZU32, NZUsize};
+
+        deterministic::Runner::default().start(|context| async move {
+            let (cfg, chain) = blocks(1);
+            let keys: Vec<PublicKey> =
+                (0..3).map(|i| archipel_crypto::Identity::from_seed(i).private_key().public_key()).collect();
+            let p2p = simulated::Config {
+                max_size: 1 << 20,
+                max_peers_per_set: NZUsize!(4),
+                disconnect_on_block: false,
+                tracked_peer_sets: NZUsize!(1),
+            };
+            let (network, oracle) = Network::new_with_peers(context.child("network"), p2p, keys.clone()).await;
+            network.start();
+            let link = Link { latency: Duration::from_millis(5), jitter: Duration::ZERO, success_rate: commonware_utils::Probability::new(1, 1).unwrap() };
+            for a in &keys {
+                for b in keys.iter().filter(|b| *b != a) {
+                    oracle.add_link(a.clone(), b.clone(), link.clone()).await.unwrap();
+                }
+            }
+            let mut channels = Vec::new();
+            for k in &keys {
+                channels.push(oracle.control(k.clone()).register(0, Quota::per_second(NZU32!(1_000))).await.unwrap());
+            }
+            let (mut outsider, mut validator) = (channels.pop().unwrap(), channels.pop().unwrap());
+            // Node 0 holds the block; node 1 is the other validator, node 2 any peer.
+            let server = channels.pop().unwrap();
+            let opened = Candidates::open(context.child("server"), 0, &cfg).await.unwrap();
+            assert!(opened.candidates.persist(1, chain[0].clone()).await.unwrap());
+            let others = vec![keys[1].clone()];
+            context
+                .child("serve")
+                .spawn(move |_| serve(opened.candidates, opened.wants, server, others, cfg));
+            let mut want = vec![WANT];
+            want.extend_from_slice(chain[0].digest().as_ref());
+
+            outsider.0.send(Recipients::One(keys[0].clone()), want.clone(), false);
+            commonware_macros::select! {
+                answer = outsider.1.recv() => panic!("a peer that is not a validator was answered: {:?}", answer.map(|(p, _)| p)),
+                _ = context.sleep(Duration::from_secs(1)) => {},
+            }
+            validator.0.send(Recipients::One(keys[0].clone()), want, false);
+            let (from, answer) = validator.1.recv().await.unwrap();
+            assert_eq!(from, keys[0]);
+            let (&tag, body) = answer.as_ref().split_first().unwrap();
+            assert_eq!(tag, HAVE);
+            assert_eq!(LedgerBlock::decode_cfg(Copying(body), &cfg).unwrap().digest(), chain[0].digest());
+        });
+    }
+
     #[test]
     fn blocks_far_below_the_finalized_head_are_forgotten() {
         deterministic::Runner::default().start(|context| async move {
@@ -432,9 +624,14 @@ mod tests {
             for b in &chain {
                 opened.candidates.persist(1, b.clone()).await.unwrap();
             }
-            opened.candidates.finalized(3);
+            opened.candidates.finalized(1, &chain[2].digest());
             assert!(opened.candidates.get(&chain[0].digest()).is_some(), "kept for validators a little behind");
-            opened.candidates.finalized(KEEP_FINALIZED + 2);
+            // A later finalization of a block not held here: only its view is known.
+            opened.candidates.finalized(2, &Digest::from([7; 32]));
+            assert!(opened.candidates.get(&chain[0].digest()).is_some());
+            let (_, far) = blocks(KEEP_FINALIZED + 2);
+            opened.candidates.persist(3, far[KEEP_FINALIZED as usize + 1].clone()).await.unwrap();
+            opened.candidates.finalized(3, &far[KEEP_FINALIZED as usize + 1].digest());
             assert!(opened.candidates.get(&chain[0].digest()).is_none());
             assert!(opened.candidates.get(&chain[2].digest()).is_some());
         });

@@ -7,7 +7,7 @@
 
 use crate::store::{BlockStore, Record};
 use archipel_ledger::{
-    Block, BlockHeader, BlockOutcome, Hash, LivenessChange, Mempool, MempoolError, Receipt, Signatures,
+    Block, BlockHeader, BlockOutcome, Hash, LivenessChange, Mempool, MempoolError, MempoolLimits, Receipt, Signatures,
     SignedTransaction, State, StateKey, StateProof, TxProof, execute, genesis_header, merkle, propose, verify_all,
     verify_each,
 };
@@ -120,7 +120,7 @@ impl Chain {
                 state,
                 store,
                 txs,
-                mempool: Mempool::new(MEMPOOL_CAPACITY),
+                mempool: Mempool::new(MempoolLimits { capacity: MEMPOOL_CAPACITY, ..MempoolLimits::default() }),
                 pending: HashMap::new(),
                 tx_waiters: HashMap::new(),
                 block_waiters: Vec::new(),
@@ -163,15 +163,17 @@ impl Chain {
         self.lock().mempool.all(max)
     }
 
-    /// Admits a transaction into the mempool (judged against the finalized state).
-    pub fn submit(&self, stx: SignedTransaction, encoded_len: usize) -> Result<Hash, MempoolError> {
-        self.submit_many(vec![(stx, encoded_len)]).pop().expect("one answer per transaction")
+    /// Admits a transaction into the mempool (judged against the finalized state and the
+    /// account's other waiting transactions) at `now_ms` (this node's clock: mempool entries
+    /// expire by it).
+    pub fn submit(&self, stx: SignedTransaction, encoded_len: usize, now_ms: u64) -> Result<Hash, MempoolError> {
+        self.submit_many(vec![(stx, encoded_len)], now_ms).pop().expect("one answer per transaction")
     }
 
-    /// Admits transactions (each with its encoded length) into the mempool; one answer per
-    /// transaction, in order. Signatures are checked as one batch, outside the lock, and only for
-    /// transactions not already known here.
-    pub fn submit_many(&self, items: Vec<(SignedTransaction, usize)>) -> Vec<Result<Hash, MempoolError>> {
+    /// Admits transactions (each with its encoded length) into the mempool at `now_ms`; one
+    /// answer per transaction, in order. Signatures are checked as one batch, outside the lock,
+    /// and only for transactions not already known here.
+    pub fn submit_many(&self, items: Vec<(SignedTransaction, usize)>, now_ms: u64) -> Vec<Result<Hash, MempoolError>> {
         let hashes: Vec<Hash> = items.iter().map(|(t, _)| t.hash()).collect();
         let known: Vec<bool> = {
             let g = self.lock();
@@ -179,22 +181,33 @@ impl Chain {
         };
         let fresh: Vec<&SignedTransaction> =
             items.iter().zip(&known).filter(|(_, k)| !**k).map(|((t, _), _)| t).collect();
+        // Each transaction's own signature result, by position (`None`: known, not checked):
+        // whatever the second lock finds, no result can move to another transaction.
         let mut checked = verify_each(&fresh).into_iter();
+        let signatures: Vec<Option<Result<(), archipel_ledger::TxError>>> = items
+            .iter()
+            .zip(&known)
+            .map(|((t, _), k)| (!*k).then(|| checked.next().unwrap_or_else(|| t.verify())))
+            .collect();
+        #[cfg(test)]
+        tests::between_locks(self);
         let mut g = self.lock();
         let inner = &mut *g;
         let mut admitted = false;
         let out = items
             .into_iter()
             .zip(hashes)
-            .zip(known)
-            .map(|(((stx, len), hash), known)| {
+            .zip(signatures)
+            .map(|(((stx, len), hash), signature)| {
                 if inner.txs.contains_key(&hash) {
                     return Ok(hash);
                 }
-                if !known {
-                    checked.next().expect("one check per fresh transaction")?;
+                // Known at the first lock: the same hash is the same signature, checked on its
+                // admission.
+                if let Some(checked) = signature {
+                    checked?;
                 }
-                let r = inner.mempool.insert_hashed(&inner.state, hash, stx, len, Signatures::AlreadyVerified);
+                let r = inner.mempool.insert_hashed(&inner.state, hash, stx, len, Signatures::AlreadyVerified, now_ms);
                 admitted |= r.is_ok();
                 r
             })
@@ -274,7 +287,8 @@ impl Chain {
         liveness: impl FnOnce(&State) -> Vec<LivenessChange>,
     ) -> Option<Block> {
         let (header, state, candidates) = {
-            let g = self.lock();
+            let mut g = self.lock();
+            g.mempool.expire(now_ms);
             let (header, state) = self.after(&g, parent)?;
             let candidates = g.mempool.candidates(&state, state.params().max_block_txs as usize);
             (header, state, candidates)
@@ -368,9 +382,9 @@ impl Chain {
         g.head = block.header;
         g.state = state;
         let inner = &mut *g;
-        // Every transaction of the block used its signer's nonce, so pruning by the new nonces
-        // also drops the block's transactions from the mempool.
-        inner.mempool.prune(&inner.state);
+        // Every transaction of the block used its signer's nonce, so pruning its signers by the
+        // new nonces also drops the block's transactions from the mempool.
+        inner.mempool.prune(&inner.state, block.txs.iter().map(|t| t.tx.signer));
         for h in index_txs(&mut inner.txs, &block, outcome.receipts) {
             if let Some(ws) = inner.tx_waiters.remove(&h) {
                 let loc = &inner.txs[&h];
@@ -536,6 +550,21 @@ mod tests {
         Transaction { signer: id.node_id(), nonce, payload: Payload::Transfer { to, amount_micro: 1 } }.sign(&id)
     }
 
+    /// What a test runs between the two locks of `submit_many`.
+    type Hook = Box<dyn FnOnce(&Chain)>;
+
+    thread_local! {
+        /// Runs once in the next `submit_many` on this thread, between its two locks.
+        static BETWEEN_LOCKS: std::cell::RefCell<Option<Hook>> = const { std::cell::RefCell::new(None) };
+    }
+
+    /// The test hook `submit_many` calls between its two locks.
+    pub(super) fn between_locks(chain: &Chain) {
+        if let Some(hook) = BETWEEN_LOCKS.with(|h| h.borrow_mut().take()) {
+            hook(chain);
+        }
+    }
+
     fn chain() -> Chain {
         let accounts = (0..3).map(|i| (Identity::from_seed(i).node_id(), 1_000)).collect();
         let state = State::genesis(GenesisState { accounts, ..GenesisState::default() });
@@ -550,7 +579,7 @@ mod tests {
         let good = transfer(0, 0);
         let items =
             vec![(good.clone(), 100), (forged, 100), (transfer(2, 0), 100), (good.clone(), 100), (transfer(7, 0), 100)];
-        let out = c.submit_many(items);
+        let out = c.submit_many(items, 0);
         assert_eq!(out[0], Ok(good.hash()));
         assert!(matches!(&out[1], Err(e) if e.code() == "bad_signature"), "{:?}", out[1]);
         assert!(out[2].is_ok());
@@ -558,14 +587,39 @@ mod tests {
         assert!(matches!(&out[4], Err(e) if e.code() == "insufficient_funds"), "{:?}", out[4]);
         assert_eq!(c.mempool_len(), 2);
         // Nothing known is checked twice; a known transaction is still answered.
-        assert_eq!(c.submit(good.clone(), 100), Ok(good.hash()));
+        assert_eq!(c.submit(good.clone(), 100, 0), Ok(good.hash()));
+    }
+
+    #[test]
+    fn a_transaction_finalized_between_the_two_locks_shifts_no_signature_result() {
+        let c = chain();
+        let first = transfer(0, 0);
+        let mut forged = transfer(1, 0);
+        forged.signature[3] ^= 1;
+        let last = transfer(2, 0);
+        // While the batch's signatures are checked, `first` arrives by another path and is
+        // finalized: the second lock finds it final.
+        let early = first.clone();
+        BETWEEN_LOCKS.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move |c: &Chain| {
+                c.submit(early, 100, 0).unwrap();
+                let block = c.build(&c.genesis().hash(), 1_000, |_| Vec::new()).unwrap();
+                c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized");
+            }))
+        });
+        let out = c.submit_many(vec![(first.clone(), 100), (forged.clone(), 100), (last.clone(), 100)], 0);
+        assert_eq!(out[0], Ok(first.hash()), "final already");
+        assert!(matches!(&out[1], Err(e) if e.code() == "bad_signature"), "a forged signature: {:?}", out[1]);
+        assert_eq!(out[2], Ok(last.hash()), "its own signature is good");
+        assert_eq!(c.tx_status(&forged.hash()), TxStatus::Unknown);
+        assert_eq!(c.mempool_len(), 1);
     }
 
     #[test]
     fn a_finalization_applies_a_block_this_node_executed_once() {
         let c = chain();
         let t = transfer(0, 0);
-        c.submit(t.clone(), 100).unwrap();
+        c.submit(t.clone(), 100, 0).unwrap();
         let genesis = c.genesis().hash();
         let block = c.build(&genesis, 1_000, |_| Vec::new()).unwrap();
         assert_eq!(block.txs, vec![t.clone()]);

@@ -24,7 +24,7 @@ pub use block::{
 };
 pub use hash::Hash;
 pub use lease::{AliveProof, Lease, LivenessChange, LivenessError};
-pub use mempool::{Mempool, MempoolError};
+pub use mempool::{Mempool, MempoolError, MempoolLimits};
 pub use params::LedgerParams;
 pub use proof::{ProofError, StateProof, TxProof};
 pub use state::{Account, ChainPosition, GenesisState, LeaseStatus, NodeRecord, Receipt, State, StateKey};

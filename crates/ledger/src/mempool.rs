@@ -1,15 +1,29 @@
 //! The mempool: admitted transactions waiting for a block, ordered per account by nonce.
 //!
-//! Sans-IO: the node feeds it transactions (from `POST /v1/tx` or gossip) and the state they are
-//! judged against; the proposer asks it for candidates on top of any (possibly not yet final)
-//! parent state.
+//! Sans-IO: the node feeds it transactions (from `POST /v1/tx` or gossip), the state they are
+//! judged against and its own clock's time; the proposer asks it for candidates on top of any
+//! (possibly not yet final) parent state.
+//!
+//! **Spam limits.** A transaction that is valid alone may still be spam together with the
+//! account's other waiting ones, so an account's waiting transactions are judged together:
+//! - their amounts and fees together may not exceed the account's finalized balance (a thousand
+//!   transfers that each spend the whole balance cannot all wait);
+//! - at most [`MempoolLimits::gapped_per_account`] of them may wait behind a missing nonce (they
+//!   cannot go into any block until it arrives);
+//! - at most [`MempoolLimits::per_account`] may wait at all;
+//! - each leaves after [`MempoolLimits::ttl_ms`] of the node's clock if no block took it.
+//!
+//! So one account holds a bounded share of the pool, and what it holds either pays its fees in a
+//! block soon or expires. Every check is O(log n): per-account sums and run lengths are kept up to
+//! date on every insert and removal, and expiry walks an age index from its oldest end.
 
 use crate::block::Signatures;
 use crate::hash::Hash;
+use crate::params::LedgerParams;
 use crate::state::State;
-use crate::tx::{SignedTransaction, TxError};
+use crate::tx::{Payload, SignedTransaction, Transaction, TxError};
 use archipel_types::NodeId;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Why the mempool did not take a transaction.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -28,6 +42,49 @@ pub enum MempoolError {
     /// The mempool is full.
     #[error("the mempool is full ({0} transactions waiting): retry in a moment")]
     Full(usize),
+    /// The account already has as many transactions waiting as one account may.
+    #[error(
+        "account {signer} already has {waiting} transactions waiting, the most one account may: \
+         wait until some are final, then submit more"
+    )]
+    AccountQuota {
+        /// The signer (short).
+        signer: String,
+        /// Its waiting transactions (the limit).
+        waiting: usize,
+    },
+    /// Too many of the account's transactions wait behind a nonce that never arrived.
+    #[error(
+        "account {signer} already has {gapped} transactions waiting behind its missing nonce {missing} \
+         (at most {max}): submit nonce {missing} first"
+    )]
+    NonceGap {
+        /// The signer (short).
+        signer: String,
+        /// The first nonce missing from the account's waiting transactions.
+        missing: u64,
+        /// How many wait behind it.
+        gapped: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// With the account's other waiting transactions, this one would spend more than the
+    /// account's finalized balance.
+    #[error(
+        "account {signer}'s waiting transactions already spend {waiting_micro} of its final balance of \
+         {balance_micro}, and this one needs {needed_micro} more (amount + fee): wait until they are \
+         final, or send less"
+    )]
+    Overspend {
+        /// The signer (short).
+        signer: String,
+        /// Amounts and fees of its waiting transactions.
+        waiting_micro: u128,
+        /// This transaction's amount and fee.
+        needed_micro: u64,
+        /// The account's finalized balance.
+        balance_micro: u64,
+    },
 }
 
 impl MempoolError {
@@ -37,22 +94,112 @@ impl MempoolError {
             MempoolError::Invalid(e) => e.code(),
             MempoolError::NonceTaken { .. } => "nonce_taken",
             MempoolError::Full(_) => "mempool_full",
+            MempoolError::AccountQuota { .. } => "account_quota",
+            MempoolError::NonceGap { .. } => "nonce_gap",
+            MempoolError::Overspend { .. } => "overspend",
         }
+    }
+}
+
+/// How much the mempool holds, in all and per account, and for how long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MempoolLimits {
+    /// Transactions waiting in all.
+    pub capacity: usize,
+    /// Transactions one account may have waiting.
+    pub per_account: usize,
+    /// Transactions one account may have waiting behind a missing nonce.
+    pub gapped_per_account: usize,
+    /// A transaction still waiting this long (node clock, ms) after its admission is dropped.
+    pub ttl_ms: u64,
+}
+
+impl Default for MempoolLimits {
+    fn default() -> Self {
+        Self { capacity: 100_000, per_account: 256, gapped_per_account: 16, ttl_ms: 60_000 }
+    }
+}
+
+/// What `tx` takes from its signer's balance at most: the fee and any amount sent. Mirrors the
+/// kinds' rules in `state`; a kind that moves money must be added here.
+fn spend_micro(params: &LedgerParams, tx: &Transaction) -> u64 {
+    match &tx.payload {
+        Payload::Transfer { amount_micro, .. } => params.tx_fee_micro.saturating_add(*amount_micro),
+        // The deposit is locked from the sponsor's balance too.
+        Payload::RegisterNode { .. } => params.tx_fee_micro.saturating_add(params.node_deposit_micro),
+        Payload::UpdateNode { .. } | Payload::LeaveNode { .. } => params.tx_fee_micro,
+    }
+}
+
+/// One waiting transaction.
+#[derive(Debug)]
+struct Waiting {
+    stx: SignedTransaction,
+    hash: Hash,
+    spend_micro: u64,
+    admitted_ms: u64,
+}
+
+/// One account's waiting transactions and the sums the limits need.
+#[derive(Debug)]
+struct AccountQueue {
+    /// By nonce; every nonce is at least `next`.
+    txs: BTreeMap<u64, Waiting>,
+    /// The account's next nonce in the finalized state the queue was last aligned to.
+    next: u64,
+    /// The first nonce from `next` on that is not waiting here: `next..run_end` can go into
+    /// blocks in order, everything above waits for `run_end`.
+    run_end: u64,
+    /// Amounts and fees of everything waiting.
+    spend_micro: u128,
+}
+
+impl AccountQueue {
+    fn new(next: u64) -> Self {
+        Self { txs: BTreeMap::new(), next, run_end: next, spend_micro: 0 }
+    }
+
+    /// Transactions waiting behind a missing nonce.
+    fn gapped(&self) -> usize {
+        self.txs.len().saturating_sub(self.run_end.saturating_sub(self.next) as usize)
+    }
+
+    /// Moves `run_end` over the nonces that wait here.
+    fn extend_run(&mut self) {
+        while self.run_end < u64::MAX && self.txs.contains_key(&self.run_end) {
+            self.run_end += 1;
+        }
+    }
+
+    fn remove(&mut self, nonce: u64) -> Option<Waiting> {
+        let w = self.txs.remove(&nonce)?;
+        self.spend_micro -= u128::from(w.spend_micro);
+        if (self.next..self.run_end).contains(&nonce) {
+            self.run_end = nonce;
+        }
+        Some(w)
     }
 }
 
 /// Waiting transactions.
 #[derive(Debug)]
 pub struct Mempool {
-    by_account: BTreeMap<NodeId, BTreeMap<u64, SignedTransaction>>,
+    accounts: BTreeMap<NodeId, AccountQueue>,
     by_hash: HashMap<Hash, (NodeId, u64)>,
-    capacity: usize,
+    /// Admission time and hash of every waiting transaction, oldest first (expiry).
+    by_age: BTreeSet<(u64, Hash)>,
+    limits: MempoolLimits,
 }
 
 impl Mempool {
-    /// An empty mempool holding at most `capacity` transactions.
-    pub fn new(capacity: usize) -> Self {
-        Self { by_account: BTreeMap::new(), by_hash: HashMap::new(), capacity }
+    /// An empty mempool within `limits`.
+    pub fn new(limits: MempoolLimits) -> Self {
+        Self { accounts: BTreeMap::new(), by_hash: HashMap::new(), by_age: BTreeSet::new(), limits }
+    }
+
+    /// Its limits.
+    pub fn limits(&self) -> MempoolLimits {
+        self.limits
     }
 
     /// Number of waiting transactions.
@@ -70,10 +217,16 @@ impl Mempool {
         self.by_hash.contains_key(hash)
     }
 
-    /// Admits `stx` (encoded in `encoded_len` bytes) against `state`; returns its hash. Adding the
-    /// same transaction twice is not an error.
-    pub fn insert(&mut self, state: &State, stx: SignedTransaction, encoded_len: usize) -> Result<Hash, MempoolError> {
-        self.insert_hashed(state, stx.hash(), stx, encoded_len, Signatures::Verify)
+    /// Admits `stx` (encoded in `encoded_len` bytes) against `state` at `now_ms` (the node's
+    /// clock); returns its hash. Adding the same transaction twice is not an error.
+    pub fn insert(
+        &mut self,
+        state: &State,
+        stx: SignedTransaction,
+        encoded_len: usize,
+        now_ms: u64,
+    ) -> Result<Hash, MempoolError> {
+        self.insert_hashed(state, stx.hash(), stx, encoded_len, Signatures::Verify, now_ms)
     }
 
     /// [`Mempool::insert`] with the transaction's hash already computed, and its signature
@@ -85,7 +238,9 @@ impl Mempool {
         stx: SignedTransaction,
         encoded_len: usize,
         signatures: Signatures,
+        now_ms: u64,
     ) -> Result<Hash, MempoolError> {
+        self.expire(now_ms);
         if self.by_hash.contains_key(&hash) {
             return Ok(hash);
         }
@@ -95,29 +250,99 @@ impl Mempool {
         }
         let signer = stx.tx.signer;
         let nonce = stx.tx.nonce;
-        if self.by_account.get(&signer).is_some_and(|m| m.contains_key(&nonce)) {
-            return Err(MempoolError::NonceTaken { signer: signer.short(), nonce });
+        let account = state.account(&signer);
+        self.align(&signer, account.nonce);
+        let spend = spend_micro(state.params(), &stx.tx);
+        if let Some(q) = self.accounts.get(&signer) {
+            if q.txs.contains_key(&nonce) {
+                return Err(MempoolError::NonceTaken { signer: signer.short(), nonce });
+            }
+            if q.txs.len() >= self.limits.per_account {
+                return Err(MempoolError::AccountQuota { signer: signer.short(), waiting: q.txs.len() });
+            }
+            // Admission refused replays, so `nonce` is not below `next`; not taken, so not
+            // below `run_end` either: anything else than `run_end` is behind a gap.
+            if nonce != q.run_end && q.gapped() >= self.limits.gapped_per_account {
+                return Err(MempoolError::NonceGap {
+                    signer: signer.short(),
+                    missing: q.run_end,
+                    gapped: q.gapped(),
+                    max: self.limits.gapped_per_account,
+                });
+            }
+            if q.spend_micro + u128::from(spend) > u128::from(account.balance_micro) {
+                return Err(MempoolError::Overspend {
+                    signer: signer.short(),
+                    waiting_micro: q.spend_micro,
+                    needed_micro: spend,
+                    balance_micro: account.balance_micro,
+                });
+            }
+        } else if nonce != account.nonce && self.limits.gapped_per_account == 0 {
+            return Err(MempoolError::NonceGap { signer: signer.short(), missing: account.nonce, gapped: 0, max: 0 });
         }
-        if self.len() >= self.capacity {
+        if self.len() >= self.limits.capacity {
             return Err(MempoolError::Full(self.len()));
         }
-        self.by_account.entry(signer).or_default().insert(nonce, stx);
+        let q = self.accounts.entry(signer).or_insert_with(|| AccountQueue::new(account.nonce));
+        q.spend_micro += u128::from(spend);
+        q.txs.insert(nonce, Waiting { stx, hash, spend_micro: spend, admitted_ms: now_ms });
+        q.extend_run();
         self.by_hash.insert(hash, (signer, nonce));
+        self.by_age.insert((now_ms, hash));
         Ok(hash)
+    }
+
+    /// Drops `signer`'s transactions below `next` (its next nonce in a finalized state that
+    /// has moved on since the queue was last aligned).
+    fn align(&mut self, signer: &NodeId, next: u64) {
+        let Some(q) = self.accounts.get_mut(signer) else { return };
+        if next <= q.next {
+            return;
+        }
+        let keep = q.txs.split_off(&next);
+        let gone = std::mem::replace(&mut q.txs, keep);
+        for w in gone.into_values() {
+            q.spend_micro -= u128::from(w.spend_micro);
+            self.by_hash.remove(&w.hash);
+            self.by_age.remove(&(w.admitted_ms, w.hash));
+        }
+        q.next = next;
+        q.run_end = q.run_end.max(next);
+        q.extend_run();
+        if q.txs.is_empty() {
+            self.accounts.remove(signer);
+        }
+    }
+
+    /// Drops every transaction admitted more than the time-to-live before `now_ms`; returns how
+    /// many. Called on every insert, so a node need not call it.
+    pub fn expire(&mut self, now_ms: u64) -> usize {
+        let Some(cutoff) = now_ms.checked_sub(self.limits.ttl_ms) else { return 0 };
+        let mut dropped = 0;
+        while let Some(&(admitted_ms, hash)) = self.by_age.first() {
+            if admitted_ms >= cutoff {
+                break;
+            }
+            self.remove(&hash);
+            dropped += 1;
+        }
+        dropped
     }
 
     /// Up to `max` transactions that can follow `state`: per account the run of consecutive
     /// nonces from its next nonce, interleaved across accounts so none starves.
     pub fn candidates(&self, state: &State, max: usize) -> Vec<SignedTransaction> {
         let mut runs: Vec<Vec<&SignedTransaction>> = Vec::new();
-        for (signer, txs) in &self.by_account {
+        for (signer, q) in &self.accounts {
             let mut next = state.account(signer).nonce;
-            let run: Vec<_> = txs
+            let run: Vec<_> = q
+                .txs
                 .range(next..)
-                .map_while(|(n, t)| {
+                .map_while(|(n, w)| {
                     (*n == next).then(|| {
                         next += 1;
-                        t
+                        &w.stx
                     })
                 })
                 .collect();
@@ -147,33 +372,27 @@ impl Mempool {
 
     /// Up to `max` waiting transactions, oldest nonces first per account.
     pub fn all(&self, max: usize) -> Vec<SignedTransaction> {
-        self.by_account.values().flat_map(|m| m.values()).take(max).cloned().collect()
+        self.accounts.values().flat_map(|q| q.txs.values()).take(max).map(|w| w.stx.clone()).collect()
     }
 
     /// Forgets `hash` (e.g. a proposer found it no longer applies).
     pub fn remove(&mut self, hash: &Hash) {
-        if let Some((signer, nonce)) = self.by_hash.remove(hash)
-            && let Some(m) = self.by_account.get_mut(&signer)
-        {
-            m.remove(&nonce);
-            if m.is_empty() {
-                self.by_account.remove(&signer);
-            }
+        let Some((signer, nonce)) = self.by_hash.remove(hash) else { return };
+        let Some(q) = self.accounts.get_mut(&signer) else { return };
+        if let Some(w) = q.remove(nonce) {
+            self.by_age.remove(&(w.admitted_ms, w.hash));
+        }
+        if q.txs.is_empty() {
+            self.accounts.remove(&signer);
         }
     }
 
-    /// Drops every transaction whose nonce `state` (a finalized state) has used.
-    pub fn prune(&mut self, state: &State) {
-        let mut gone = Vec::new();
-        self.by_account.retain(|signer, txs| {
-            let next = state.account(signer).nonce;
-            let keep = txs.split_off(&next);
-            gone.extend(txs.values().map(SignedTransaction::hash));
-            *txs = keep;
-            !txs.is_empty()
-        });
-        for h in gone {
-            self.by_hash.remove(&h);
+    /// Drops the transactions of `signers` whose nonces `state` (a finalized state) has used.
+    /// Only the signers of the transactions applied since the last call can have any: pass
+    /// those (the accounts of a finalized block), so the cost follows the block, not the pool.
+    pub fn prune(&mut self, state: &State, signers: impl IntoIterator<Item = NodeId>) {
+        for signer in signers {
+            self.align(&signer, state.account(&signer).nonce);
         }
     }
 }
@@ -181,14 +400,18 @@ impl Mempool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::tests::{genesis, id, transfer};
+    use crate::state::tests::{genesis, id, signed, transfer};
+
+    fn pool(capacity: usize) -> Mempool {
+        Mempool::new(MempoolLimits { capacity, ..MempoolLimits::default() })
+    }
 
     #[test]
     fn candidates_follow_nonces_and_interleave_accounts() {
         let mut s = genesis();
-        let mut m = Mempool::new(100);
+        let mut m = pool(100);
         for (from, nonce) in [(0, 1), (0, 0), (1, 0), (0, 3), (1, 1)] {
-            m.insert(&s, transfer(from, nonce, 1 - from, 1), 100).unwrap();
+            m.insert(&s, transfer(from, nonce, 1 - from, 1), 100, 0).unwrap();
         }
         let c = m.candidates(&s, 10);
         let order: Vec<_> = c.iter().map(|t| (t.tx.signer, t.tx.nonce)).collect();
@@ -197,22 +420,177 @@ mod tests {
         assert_eq!(order, expected, "nonce 3 waits for 2");
         assert_eq!(m.candidates(&s, 3).len(), 3);
         s.apply(&c.iter().find(|t| t.tx.signer == a && t.tx.nonce == 0).unwrap().clone()).unwrap();
-        m.prune(&s);
+        m.prune(&s, [a]);
         assert_eq!(m.len(), 4);
     }
 
     #[test]
     fn refuses_duplicates_of_a_nonce_bad_transactions_and_overflow() {
         let s = genesis();
-        let mut m = Mempool::new(2);
+        let mut m = pool(2);
         let t = transfer(0, 0, 1, 1);
-        let h = m.insert(&s, t.clone(), 100).unwrap();
-        assert_eq!(m.insert(&s, t, 100).unwrap(), h, "idempotent");
-        assert!(matches!(m.insert(&s, transfer(0, 0, 1, 2), 100), Err(MempoolError::NonceTaken { .. })));
-        assert!(matches!(m.insert(&s, transfer(0, 1, 1, 5_000), 100), Err(MempoolError::Invalid(_))));
-        m.insert(&s, transfer(0, 1, 1, 1), 100).unwrap();
-        assert!(matches!(m.insert(&s, transfer(1, 0, 0, 1), 100), Err(MempoolError::Full(2))));
+        let h = m.insert(&s, t.clone(), 100, 0).unwrap();
+        assert_eq!(m.insert(&s, t, 100, 0).unwrap(), h, "idempotent");
+        assert!(matches!(m.insert(&s, transfer(0, 0, 1, 2), 100, 0), Err(MempoolError::NonceTaken { .. })));
+        assert!(matches!(m.insert(&s, transfer(0, 1, 1, 5_000), 100, 0), Err(MempoolError::Invalid(_))));
+        m.insert(&s, transfer(0, 1, 1, 1), 100, 0).unwrap();
+        assert!(matches!(m.insert(&s, transfer(1, 0, 0, 1), 100, 0), Err(MempoolError::Full(2))));
         m.remove(&h);
         assert_eq!(m.len(), 1);
+    }
+
+    #[test]
+    fn an_accounts_waiting_transactions_may_not_spend_more_than_its_final_balance_together() {
+        let mut s = genesis();
+        let mut m = pool(100);
+        // Account 0 holds 1,000; each transfer alone is affordable (amount + fee 1).
+        m.insert(&s, transfer(0, 0, 1, 600), 100, 0).unwrap();
+        let e = m.insert(&s, transfer(0, 1, 1, 600), 100, 0).unwrap_err();
+        assert_eq!(e.code(), "overspend");
+        assert!(e.to_string().contains("already spend 601 of its final balance of 1000"), "{e}");
+        // What is left still goes, exactly.
+        let rest = transfer(0, 1, 1, 398);
+        m.insert(&s, rest.clone(), 100, 0).unwrap();
+        assert_eq!(m.insert(&s, transfer(0, 2, 1, 0), 100, 0).unwrap_err().code(), "overspend", "not even the fee");
+        // Another account is judged on its own.
+        m.insert(&s, transfer(1, 0, 0, 499), 100, 0).unwrap();
+        // Once the first is final, what it spent left the balance and the pool alike.
+        let first = m.candidates(&s, 10).into_iter().find(|t| t.tx.signer == id(0).node_id()).unwrap();
+        s.apply(&first).unwrap();
+        m.prune(&s, [id(0).node_id()]);
+        assert!(m.contains(&rest.hash()));
+        assert_eq!(m.insert(&s, transfer(0, 2, 1, 0), 100, 0).unwrap_err().code(), "overspend");
+        // A dropped transaction frees its share.
+        m.remove(&rest.hash());
+        m.insert(&s, transfer(0, 1, 1, 397), 100, 0).unwrap();
+        m.insert(&s, transfer(0, 2, 1, 0), 100, 0).unwrap();
+        assert_eq!(m.insert(&s, transfer(0, 3, 1, 0), 100, 0).unwrap_err().code(), "overspend");
+    }
+
+    #[test]
+    fn only_a_few_transactions_may_wait_behind_a_missing_nonce() {
+        let s = genesis();
+        let limits = MempoolLimits { capacity: 1_000, gapped_per_account: 3, ..MempoolLimits::default() };
+        let mut m = Mempool::new(limits);
+        // Nonce 0 never arrives: 3 may wait behind it.
+        for nonce in [2, 5, 9] {
+            m.insert(&s, transfer(0, nonce, 1, 1), 100, 0).unwrap();
+        }
+        let e = m.insert(&s, transfer(0, 10, 1, 1), 100, 0).unwrap_err();
+        assert_eq!(e.code(), "nonce_gap");
+        assert!(e.to_string().contains("behind its missing nonce 0 (at most 3): submit nonce 0 first"), "{e}");
+        // The missing ones are always welcome and close the gap: 0, 1, 2 run; 5 and 9 wait.
+        m.insert(&s, transfer(0, 0, 1, 1), 100, 0).unwrap();
+        m.insert(&s, transfer(0, 1, 1, 1), 100, 0).unwrap();
+        assert_eq!(m.candidates(&s, 100).len(), 3);
+        m.insert(&s, transfer(0, 12, 1, 1), 100, 0).unwrap();
+        assert_eq!(m.insert(&s, transfer(0, 13, 1, 1), 100, 0).unwrap_err().code(), "nonce_gap");
+        // A transaction dropped from the run opens a gap again: everything above it waits.
+        let one = transfer(0, 1, 1, 1).hash();
+        m.remove(&one);
+        assert_eq!(m.insert(&s, transfer(0, 3, 1, 1), 100, 0).unwrap_err().code(), "nonce_gap");
+        m.insert(&s, transfer(0, 1, 1, 1), 100, 0).unwrap();
+        m.insert(&s, transfer(0, 3, 1, 1), 100, 0).unwrap();
+    }
+
+    #[test]
+    fn one_account_holds_at_most_its_quota() {
+        let s = genesis();
+        let limits = MempoolLimits { capacity: 1_000, per_account: 4, ..MempoolLimits::default() };
+        let mut m = Mempool::new(limits);
+        for nonce in 0..4 {
+            m.insert(&s, transfer(0, nonce, 1, 1), 100, 0).unwrap();
+        }
+        let e = m.insert(&s, transfer(0, 4, 1, 1), 100, 0).unwrap_err();
+        assert_eq!(e.code(), "account_quota");
+        assert!(e.to_string().contains("already has 4 transactions waiting"), "{e}");
+        m.insert(&s, transfer(1, 0, 0, 1), 100, 0).unwrap();
+    }
+
+    #[test]
+    fn transactions_expire_after_the_time_to_live() {
+        let s = genesis();
+        let limits = MempoolLimits { capacity: 1_000, ttl_ms: 60_000, ..MempoolLimits::default() };
+        let mut m = Mempool::new(limits);
+        let old = transfer(0, 5, 1, 1);
+        m.insert(&s, old.clone(), 100, 1_000).unwrap();
+        let newer = transfer(1, 0, 0, 1);
+        m.insert(&s, newer.clone(), 100, 30_000).unwrap();
+        assert_eq!(m.expire(61_000), 0, "exactly the time-to-live: still there");
+        // The next insert after the time-to-live drops the old one, and with it its spend and gap.
+        m.insert(&s, transfer(0, 0, 1, 998), 100, 61_001).unwrap();
+        assert!(!m.contains(&old.hash()));
+        assert!(m.contains(&newer.hash()));
+        assert_eq!(m.expire(90_001), 1);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m.expire(1_000_000), 1);
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn a_flood_of_gapped_and_overspending_transactions_leaves_room_for_honest_ones() {
+        let s = genesis();
+        let mut m = pool(100);
+        // Account 0 floods gapped nonces, account 1 transfers that each spend its whole balance.
+        for nonce in 1..1_024 {
+            let _ = m.insert(&s, transfer(0, nonce, 1, 1), 100, 0);
+            let _ = m.insert(&s, transfer(1, nonce - 1, 0, 499), 100, 0);
+        }
+        assert_eq!(m.len(), MempoolLimits::default().gapped_per_account + 1);
+        // An honest transfer still gets in.
+        m.insert(&s, signed(10, 0, Payload::Transfer { to: id(1).node_id(), amount_micro: 1 }), 100, 0).unwrap();
+    }
+
+    impl Mempool {
+        /// Recomputes every per-account sum and run from scratch and compares.
+        fn check_invariants(&self, state: &State) {
+            let total: usize = self.accounts.values().map(|q| q.txs.len()).sum();
+            assert_eq!(total, self.by_hash.len());
+            assert_eq!(total, self.by_age.len());
+            for (signer, q) in &self.accounts {
+                assert!(!q.txs.is_empty(), "no empty queues");
+                assert!(q.next <= state.account(signer).nonce);
+                assert!(q.txs.keys().all(|n| *n >= q.next));
+                let mut run_end = q.next;
+                while q.txs.contains_key(&run_end) {
+                    run_end += 1;
+                }
+                assert_eq!(q.run_end, run_end, "run of {}", signer.short());
+                let spend: u128 = q.txs.values().map(|w| u128::from(w.spend_micro)).sum();
+                assert_eq!(q.spend_micro, spend);
+                assert!(q.spend_micro <= u128::from(state.account(signer).balance_micro));
+                assert!(q.txs.len() <= self.limits.per_account);
+                for (nonce, w) in &q.txs {
+                    assert_eq!(self.by_hash.get(&w.hash), Some(&(*signer, *nonce)));
+                    assert!(self.by_age.contains(&(w.admitted_ms, w.hash)));
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn sums_and_runs_stay_consistent(ops in proptest::collection::vec((0u8..5, 0u64..2, 0u64..24, 0u64..400), 1..200)) {
+            let mut s = genesis();
+            let limits = MempoolLimits { capacity: 1_000, per_account: 12, gapped_per_account: 4, ttl_ms: 500 };
+            let mut m = Mempool::new(limits);
+            let mut now = 0;
+            for (op, from, nonce, amount) in ops {
+                now += 20;
+                match op {
+                    0 | 1 => { let _ = m.insert(&s, transfer(from, nonce, 1 - from, amount), 100, now); }
+                    2 => m.remove(&transfer(from, nonce, 1 - from, amount).hash()),
+                    3 => {
+                        // A block takes the first candidate (as a proposer would) and is final.
+                        if let Some(t) = m.candidates(&s, 1).pop() {
+                            s.apply(&t).unwrap();
+                            m.prune(&s, [t.tx.signer]);
+                        }
+                    }
+                    _ => { m.expire(now); }
+                }
+                m.check_invariants(&s);
+            }
+        }
     }
 }

@@ -84,7 +84,7 @@ async fn submit(
     };
     let bytes = stx.to_bytes();
     tracing::debug!("transaction submitted");
-    let hash = match s.chain.submit(stx, bytes.len()) {
+    let hash = match s.chain.submit(stx, bytes.len(), archipel_consensus::app::system_now_ms()) {
         Ok(h) => h,
         Err(e) => {
             let status =

@@ -86,14 +86,16 @@ pub async fn receive_loop(mut receiver: NodeReceiver, chain: Arc<Chain>, max_tx_
 const INLINE_BATCH: usize = 16;
 
 /// Admits `batch` into the mempool; larger batches are checked on a blocking thread, off the
-/// async workers that also run consensus. `None` if the runtime is shutting down.
+/// async workers that also run consensus. `None` if the runtime is shutting down. The node runs
+/// on the tokio runtime, whose clock is the system clock: mempool entries expire by it.
 pub async fn admit(
     chain: &Arc<Chain>,
     batch: Vec<(SignedTransaction, usize)>,
 ) -> Option<Vec<Result<archipel_ledger::Hash, archipel_ledger::MempoolError>>> {
+    let now_ms = archipel_consensus::app::system_now_ms();
     if batch.len() < INLINE_BATCH {
-        return Some(chain.submit_many(batch));
+        return Some(chain.submit_many(batch, now_ms));
     }
     let chain = chain.clone();
-    tokio::task::spawn_blocking(move || chain.submit_many(batch)).await.ok()
+    tokio::task::spawn_blocking(move || chain.submit_many(batch, now_ms)).await.ok()
 }

@@ -494,7 +494,7 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
                     }
                     .sign(&clients[from]);
                     let len = stx.to_bytes().len();
-                    match chain.submit(stx.clone(), len) {
+                    match chain.submit(stx.clone(), len, now(&ctx).as_millis() as u64) {
                         Ok(hash) => {
                             nonces[from] += 1;
                             let mut log = submitted.lock().unwrap_or_else(|p| p.into_inner());
@@ -511,7 +511,7 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
                                     loop {
                                         ctx.sleep(sc.latency).await;
                                         if sc.link(entry, v, now(&ctx)).is_some() {
-                                            if let Err(e) = chain.submit(stx, len) {
+                                            if let Err(e) = chain.submit(stx, len, now(&ctx).as_millis() as u64) {
                                                 tracing::debug!(node = v, error = %e, "gossiped transfer refused");
                                             }
                                             return;
