@@ -78,6 +78,17 @@ impl MemoryStore {
         synced as u64
     }
 
+    /// Keeps only the blocks up to `height`, as a disk that acknowledged syncs it never did
+    /// (or a log written by an older version that synced less often) would after a power loss.
+    /// Returns the height left.
+    pub fn truncate(&self, height: u64) -> u64 {
+        let mut d = self.disk();
+        let keep = (height as usize).min(d.records.len());
+        d.records.truncate(keep);
+        d.synced = d.synced.min(keep);
+        keep as u64
+    }
+
     /// Height of the last block a sync made durable.
     pub fn synced_height(&self) -> u64 {
         self.disk().synced as u64
@@ -205,7 +216,8 @@ impl BlockStore for FileStore {
         if let Err(e) = self.file.write_all(&out) {
             // Part of the record may have reached the file: cut it off, or the next append would
             // land behind garbage.
-            let why = format!("cannot append block {} to the block log {}: {e}", self.height() + 1, self.path.display());
+            let why =
+                format!("cannot append block {} to the block log {}: {e}", self.height() + 1, self.path.display());
             if let Err(cut) = self.file.set_len(end) {
                 self.broken = Some(format!(
                     "{why}; cutting the partial record off failed too ({cut}): restart the node (the torn record is moved aside on start)"
