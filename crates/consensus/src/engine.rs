@@ -36,7 +36,7 @@ use commonware_utils::acknowledgement::Exact;
 use commonware_utils::channel::{mpsc, oneshot};
 use commonware_utils::{Acknowledgement as _, NZDuration, NZU16, NZU64, NZUsize, ordered::Set};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// p2p channel of simplex votes.
 pub const VOTES_CHANNEL: u64 = 1;
@@ -367,10 +367,11 @@ async fn tap_finalizations<E, R>(
 }
 
 /// Marshal's deliveries are acknowledged in batches of this many (each acknowledgement batch
-/// costs marshal's actor a metadata fsync, during which it answers nobody)...
+/// costs marshal's actor a metadata fsync, during which it answers nobody, and costs the block
+/// log a sync before it)...
 const ACK_BATCH: usize = 16;
-/// ...or when no delivery came for this long. Unacknowledged blocks are delivered again after a
-/// restart, which the chain ignores (it already has them).
+/// ...or this long after the oldest delivery not yet acknowledged. Unacknowledged blocks are
+/// delivered again after a restart, which the chain ignores (it already has them).
 const ACK_DELAY: Duration = Duration::from_millis(200);
 /// A failed apply or block-log sync is retried after this long, doubling up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(100);
@@ -414,6 +415,9 @@ struct Applier<E, A> {
     failures: Counter,
     /// Acknowledgements of applied blocks not yet covered by a sync.
     acks: Vec<Exact>,
+    /// When to sync for `acks` (at most [`ACK_DELAY`] after the oldest; the backoff after a
+    /// failed sync).
+    flush_at: Option<SystemTime>,
     syncing: Option<Syncing>,
     /// The wait before the next attempt after a failure.
     retry: Duration,
@@ -460,6 +464,7 @@ async fn apply_finalized<E: Clock + Metrics, A: FinalizedArchive>(
         stalled,
         failures,
         acks: Vec::new(),
+        flush_at: None,
         syncing: None,
         retry: RETRY_FIRST,
         sync_failed: false,
@@ -486,6 +491,7 @@ impl<E: Clock, A: FinalizedArchive> Applier<E, A> {
                     self.succeeded();
                     if let ToApply::Block(Update::Block(_, ack)) = update {
                         self.acks.push(ack);
+                        self.flush_at.get_or_insert_with(|| self.context.current() + ACK_DELAY);
                         if self.acks.len() >= ACK_BATCH {
                             self.start_sync();
                         }
@@ -499,14 +505,18 @@ impl<E: Clock, A: FinalizedArchive> Applier<E, A> {
                             acks.into_iter().for_each(Exact::acknowledge);
                             self.sync_failed = false;
                             self.succeeded();
+                            if self.acks.len() >= ACK_BATCH {
+                                self.start_sync();
+                            }
                         }
                         Err(why) => {
                             // Keep the acknowledgements (older first) for the next attempt, after
-                            // the backoff (the flush timer waits `retry` while a sync failed).
+                            // the backoff.
                             let mut all = acks;
                             all.append(&mut self.acks);
                             self.acks = all;
                             self.sync_failed = true;
+                            self.flush_at = Some(self.context.current() + self.retry);
                             let height = self.chain.head().height;
                             self.record_failure((height, why));
                         }
@@ -518,14 +528,11 @@ impl<E: Clock, A: FinalizedArchive> Applier<E, A> {
 
     /// Waits for the next update, the time to sync, or the answer of a running sync.
     async fn next(&mut self, updates: &mut mpsc::UnboundedReceiver<ToApply>) -> Event {
-        let flush_in = match (&self.syncing, self.acks.is_empty()) {
-            (None, false) => Some(if self.sync_failed { self.retry } else { ACK_DELAY }),
-            _ => None,
-        };
+        let flush_at = if self.syncing.is_none() && !self.acks.is_empty() { self.flush_at } else { None };
         let context = &self.context;
         let flush = async move {
-            match flush_in {
-                Some(after) => context.sleep(after).await,
+            match flush_at {
+                Some(at) => context.sleep_until(at).await,
                 None => futures::future::pending().await,
             }
         };
@@ -548,6 +555,7 @@ impl<E: Clock, A: FinalizedArchive> Applier<E, A> {
             return;
         }
         let acks = std::mem::take(&mut self.acks);
+        self.flush_at = None;
         self.syncing = Some(Syncing { answer: self.chain.sync_blocks(), acks });
     }
 
