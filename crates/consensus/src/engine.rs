@@ -666,13 +666,16 @@ mod tests {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, Ordering};
 
+    /// A sync requested at a height, answered when the test says.
+    type PendingSync = (u64, futures::channel::oneshot::Sender<Result<u64, String>>);
+
     /// A block log whose appends fail while `fail_appends` is set and whose syncs answer only
     /// when the test releases them.
     #[derive(Clone, Default)]
     struct TestStore {
         inner: MemoryStore,
         fail_appends: Arc<AtomicBool>,
-        syncs: Arc<Mutex<Vec<(u64, futures::channel::oneshot::Sender<Result<u64, String>>)>>>,
+        syncs: Arc<Mutex<Vec<PendingSync>>>,
     }
 
     impl TestStore {

@@ -57,7 +57,7 @@ impl CrashScenario {
         network.partition = None;
         network.degradation = None;
         network.byzantine = None;
-        let mut r = SeedStream(seed ^ 0x6372_6173_68); // "crash"
+        let mut r = SeedStream(seed ^ 0x0063_7261_7368); // "crash"
         let crash_at = Duration::from_millis(3_000 + r.below(5_001));
         let log_loss = if r.below(2) == 0 { 0 } else { 1 + r.below(20) };
         let late = (r.below(network.nodes() as u64) as usize, Duration::from_millis(1_000 + r.below(3_001)));
