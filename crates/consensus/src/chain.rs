@@ -5,7 +5,8 @@
 //! submits transactions and reads state, proofs and blocks. Everything is behind one mutex held
 //! only for bookkeeping: executing a block happens outside it.
 
-use crate::store::{BlockStore, Record};
+use crate::health::ApplierHealth;
+use crate::store::{BlockStore, Record, Synced};
 use archipel_ledger::{
     Block, BlockHeader, BlockOutcome, Hash, LivenessChange, Mempool, MempoolError, MempoolLimits, Receipt, Signatures,
     SignedTransaction, State, StateKey, StateProof, TxProof, execute, genesis_header, merkle, propose, verify_all,
@@ -82,6 +83,7 @@ pub struct Chain {
     genesis: BlockHeader,
     genesis_state: State,
     inner: Mutex<Inner>,
+    applier: ApplierHealth,
 }
 
 impl std::fmt::Debug for Chain {
@@ -126,6 +128,7 @@ impl Chain {
                 block_waiters: Vec::new(),
                 mempool_waiters: Vec::new(),
             }),
+            applier: ApplierHealth::default(),
         })
     }
 
@@ -141,6 +144,18 @@ impl Chain {
     /// The genesis header (height 0).
     pub fn genesis(&self) -> BlockHeader {
         self.genesis
+    }
+
+    /// Whether the applier keeps this chain up with consensus (a stall means [`Chain::head`] is
+    /// stale).
+    pub fn applier(&self) -> &ApplierHealth {
+        &self.applier
+    }
+
+    /// Starts making every finalized block recorded so far durable in the block log; answers
+    /// once it is (outside the lock).
+    pub fn sync_blocks(&self) -> Synced {
+        self.lock().store.sync()
     }
 
     /// The last finalized header.
@@ -375,10 +390,11 @@ impl Chain {
         };
         let mut g = self.lock();
         let height = block.header.height;
-        if !certificate.is_empty() {
+        let certified = !certificate.is_empty();
+        g.store.append(&Record { block: block.to_bytes(), certificate })?;
+        if certified {
             g.certified = height;
         }
-        g.store.append(&Record { block: block.to_bytes(), certificate })?;
         g.head = block.header;
         g.state = state;
         let inner = &mut *g;

@@ -10,6 +10,7 @@ use crate::block::{BlockCfg, LedgerBlock, hash_of};
 use crate::candidates::{self, Candidates};
 use crate::chain::Chain;
 use crate::liveness::{self, SharedTracker, Tracker};
+use crate::store::Synced;
 use commonware_broadcast::buffered;
 use commonware_codec::{Decode as _, Encode as _};
 use commonware_consensus::marshal::core::{Actor, Mailbox};
@@ -20,7 +21,7 @@ use commonware_consensus::simplex::elector::RoundRobin;
 use commonware_consensus::simplex::scheme::ed25519::Scheme;
 use commonware_consensus::simplex::types::{Activity, Certificate, Finalization};
 use commonware_consensus::simplex::{self};
-use commonware_consensus::types::{Epoch, FixedEpocher, Round, View, ViewDelta};
+use commonware_consensus::types::{Epoch, FixedEpocher, Height, Round, View, ViewDelta};
 use commonware_consensus::{Heightable as _, Reporter};
 use commonware_cryptography::blake3::Digest;
 use commonware_cryptography::certificate::{ConstantProvider, Verifier as _};
@@ -29,13 +30,14 @@ use commonware_cryptography::{Digested, Digestible, Sha256, Signer as _};
 use commonware_p2p::{Blocker, Provider, Receiver, Sender};
 use commonware_parallel::Sequential;
 use commonware_runtime::buffer::paged::CacheRef;
+use commonware_runtime::telemetry::metrics::{Counter, Gauge, GaugeExt as _, MetricsExt as _};
 use commonware_runtime::{Clock, Handle, Metrics, Spawner, Storage};
 use commonware_storage::archive::immutable;
 use commonware_utils::acknowledgement::Exact;
 use commonware_utils::channel::{mpsc, oneshot};
 use commonware_utils::{Acknowledgement as _, NZDuration, NZU16, NZU64, NZUsize, ordered::Set};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// p2p channel of simplex votes.
 pub const VOTES_CHANNEL: u64 = 1;
@@ -291,7 +293,7 @@ where
     handles.push(broadcast.start(channels.blocks));
     let buffer_for_app = buffer.clone();
     handles.push(actor.start(Finalized(finalized_tx), buffer, resolver));
-    handles.push(context.child("ledger_apply").spawn({
+    handles.push(context.child("ledger_applier").spawn({
         let chain = chain.clone();
         let mailbox = mailbox.clone();
         move |context| apply_finalized(context, chain, mailbox, finalized_rx)
@@ -393,35 +395,203 @@ async fn tap_finalizations<E, R>(
 }
 
 /// Marshal's deliveries are acknowledged in batches of this many (each acknowledgement batch
-/// costs marshal's actor a metadata fsync, during which it answers nobody)...
+/// costs marshal's actor a metadata fsync, during which it answers nobody, and costs the block
+/// log a sync before it)...
 const ACK_BATCH: usize = 16;
-/// ...or when no delivery came for this long. Unacknowledged blocks are delivered again after a
-/// restart, which the chain ignores (it already has them).
+/// ...or this long after the oldest delivery not yet acknowledged. Unacknowledged blocks are
+/// delivered again after a restart, which the chain ignores (it already has them).
 const ACK_DELAY: Duration = Duration::from_millis(200);
+/// A failed apply or block-log sync is retried after this long, doubling up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// Longest wait between two attempts.
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
-async fn apply_finalized<E: Clock>(
+/// A failed attempt: the height it was about, and what went wrong.
+type Failure = (u64, String);
+
+/// The acknowledgements of a batch of applied blocks, waiting for the block log's sync.
+struct Syncing {
+    answer: Synced,
+    acks: Vec<Exact>,
+}
+
+/// What the applier waits for.
+enum Event {
+    /// An update from marshal or simplex (`None`: consensus stopped).
+    Update(Option<ToApply>),
+    /// Time to sync the block log for the blocks applied since the last sync.
+    Flush,
+    /// The block log's sync answered.
+    Synced(Result<u64, String>),
+}
+
+/// The task that applies finalized blocks to the [`Chain`] in height order.
+///
+/// It never gives up and never lies: a block that cannot be applied (or a block log that cannot
+/// be synced) is retried with backoff, and meanwhile the chain's [`crate::ApplierHealth`] holds the stall
+/// (the API answers `/health` with 503 and refuses reads of the head), the gauge `stalled` is 1,
+/// the counter `failures` counts the attempts, and each one is logged as an error. A block
+/// marshal delivers is acknowledged only once the block log holding it is synced, so after a
+/// power loss the log is never behind marshal's processed height; should it be behind anyway (a
+/// disk that lied about a sync, or a log from an older version), the missing blocks are taken from
+/// marshal's archive of finalized blocks.
+struct Applier<E, A> {
     context: E,
     chain: Arc<Chain>,
-    mailbox: Mailbox<Scheme, Standard<LedgerBlock>>,
-    mut updates: mpsc::UnboundedReceiver<ToApply>,
+    archive: A,
+    stalled: Gauge,
+    failures: Counter,
+    /// Acknowledgements of applied blocks not yet covered by a sync.
+    acks: Vec<Exact>,
+    /// When to sync for `acks` (at most [`ACK_DELAY`] after the oldest; the backoff after a
+    /// failed sync).
+    flush_at: Option<SystemTime>,
+    syncing: Option<Syncing>,
+    /// The wait before the next attempt after a failure.
+    retry: Duration,
+    /// The last sync failed (a successful apply does not end that stall).
+    sync_failed: bool,
+}
+
+/// What the applier reads from marshal besides its deliveries (a trait so that tests can stand
+/// in for marshal).
+pub(crate) trait FinalizedArchive {
+    /// Marshal's processed height: it delivers the blocks above it.
+    async fn processed(&self) -> Option<u64>;
+    /// The finalized block at `height` from marshal's archive.
+    async fn block(&self, height: u64) -> Option<archipel_ledger::Block>;
+    /// The finality certificate of the block at `height` (empty: it has none of its own).
+    async fn certificate(&self, height: u64) -> Vec<u8>;
+}
+
+impl FinalizedArchive for Mailbox<Scheme, Standard<LedgerBlock>> {
+    async fn processed(&self) -> Option<u64> {
+        self.get_processed().await.map(|p| p.height().get())
+    }
+    async fn block(&self, height: u64) -> Option<archipel_ledger::Block> {
+        self.get_block(Height::new(height)).await.map(|b| b.inner().block().clone())
+    }
+    async fn certificate(&self, height: u64) -> Vec<u8> {
+        self.get_finalization(Height::new(height)).await.map(|f| f.encode().to_vec()).unwrap_or_default()
+    }
+}
+
+async fn apply_finalized<E: Clock + Metrics, A: FinalizedArchive>(
+    context: E,
+    chain: Arc<Chain>,
+    archive: A,
+    updates: mpsc::UnboundedReceiver<ToApply>,
 ) {
-    let mut acks: Vec<Exact> = Vec::new();
-    loop {
-        let update = if acks.is_empty() {
-            updates.recv().await
-        } else {
-            commonware_macros::select! {
-                update = updates.recv() => update,
-                _ = context.sleep(ACK_DELAY) => {
-                    acks.drain(..).for_each(Exact::acknowledge);
-                    continue;
-                },
+    let stalled =
+        context.gauge("stalled", "1 while a finalized block cannot be applied or the block log cannot be synced");
+    let failures = context.counter("failures", "failed attempts to apply a finalized block or to sync the block log");
+    let applier = Applier {
+        context,
+        chain,
+        archive,
+        stalled,
+        failures,
+        acks: Vec::new(),
+        flush_at: None,
+        syncing: None,
+        retry: RETRY_FIRST,
+        sync_failed: false,
+    };
+    applier.run(updates).await;
+}
+
+impl<E: Clock, A: FinalizedArchive> Applier<E, A> {
+    async fn run(mut self, mut updates: mpsc::UnboundedReceiver<ToApply>) {
+        // Marshal delivers from its processed height on: fill the block log up to it first.
+        if let Some(to) = self.archive.processed().await {
+            while let Err(failure) = self.fill(to).await {
+                self.failed(failure).await;
+            }
+            self.succeeded();
+        }
+        loop {
+            match self.next(&mut updates).await {
+                Event::Update(None) => return,
+                Event::Update(Some(update)) => {
+                    while let Err(failure) = self.apply(&update).await {
+                        self.failed(failure).await;
+                    }
+                    self.succeeded();
+                    if let ToApply::Block(Update::Block(_, ack)) = update {
+                        self.acks.push(ack);
+                        self.flush_at.get_or_insert_with(|| self.context.current() + ACK_DELAY);
+                        if self.acks.len() >= ACK_BATCH {
+                            self.start_sync();
+                        }
+                    }
+                }
+                Event::Flush => self.start_sync(),
+                Event::Synced(result) => {
+                    let Some(Syncing { acks, .. }) = self.syncing.take() else { continue };
+                    match result {
+                        Ok(_) => {
+                            acks.into_iter().for_each(Exact::acknowledge);
+                            self.sync_failed = false;
+                            self.succeeded();
+                            if self.acks.len() >= ACK_BATCH {
+                                self.start_sync();
+                            }
+                        }
+                        Err(why) => {
+                            // Keep the acknowledgements (older first) for the next attempt, after
+                            // the backoff.
+                            let mut all = acks;
+                            all.append(&mut self.acks);
+                            self.acks = all;
+                            self.sync_failed = true;
+                            self.flush_at = Some(self.context.current() + self.retry);
+                            let height = self.chain.head().height;
+                            self.record_failure((height, why));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for the next update, the time to sync, or the answer of a running sync.
+    async fn next(&mut self, updates: &mut mpsc::UnboundedReceiver<ToApply>) -> Event {
+        let flush_at = if self.syncing.is_none() && !self.acks.is_empty() { self.flush_at } else { None };
+        let context = &self.context;
+        let flush = async move {
+            match flush_at {
+                Some(at) => context.sleep_until(at).await,
+                None => futures::future::pending().await,
             }
         };
-        let Some(update) = update else { return };
+        let synced = async {
+            match self.syncing.as_mut() {
+                Some(s) => (&mut s.answer).await.unwrap_or_else(|_| Err("the block log's sync was dropped".into())),
+                None => futures::future::pending().await,
+            }
+        };
+        commonware_macros::select! {
+            update = updates.recv() => Event::Update(update),
+            _ = flush => Event::Flush,
+            answer = synced => Event::Synced(answer),
+        }
+    }
+
+    /// Starts syncing the block log for the acknowledgements waiting (one sync at a time).
+    fn start_sync(&mut self) {
+        if self.syncing.is_some() || self.acks.is_empty() {
+            return;
+        }
+        let acks = std::mem::take(&mut self.acks);
+        self.flush_at = None;
+        self.syncing = Some(Syncing { answer: self.chain.sync_blocks(), acks });
+    }
+
+    /// Applies one update; a failure leaves it (and its acknowledgement) for the next attempt.
+    async fn apply(&self, update: &ToApply) -> Result<(), Failure> {
         let applied = match update {
             ToApply::Finalization(f) => {
-                let applied = chain.finalize_known(&hash_of(&f.proposal.payload), f.encode().to_vec());
+                let applied = self.chain.finalize_known(&hash_of(&f.proposal.payload), f.encode().to_vec());
                 // `advanced`: this finalization moved the head (false: not executed here yet, or
                 // final already — a catch-up hands the same finalization over twice).
                 tracing::debug!(
@@ -429,44 +599,282 @@ async fn apply_finalized<E: Clock>(
                     advanced = matches!(applied, Ok(Some(_))),
                     "finalization"
                 );
+                applied.map_err(|e| (self.chain.head().height + 1, e))?
+            }
+            ToApply::Block(Update::Block(block, _)) => {
+                let height = block.height().get();
+                if height <= self.chain.head().height {
+                    return Ok(());
+                }
+                self.fill(height - 1).await?;
+                let applied = self.finalize(block.inner().block().clone(), height).await?;
+                tracing::debug!(height, "finalized block from marshal");
                 applied
             }
-            ToApply::Block(Update::Block(block, ack)) => {
-                let height = block.height();
-                let mut applied = Ok(None);
-                if height.get() > chain.head().height {
-                    // A block finalized as the ancestor of a later finalized block has no
-                    // certificate of its own: it is proven by the next certified block through
-                    // the parent-hash links.
-                    let certificate =
-                        mailbox.get_finalization(height).await.map(|f| f.encode().to_vec()).unwrap_or_default();
-                    applied = chain.finalize(block.inner().block().clone(), certificate);
-                    tracing::debug!(height = height.get(), "finalized block from marshal");
-                }
-                if applied.is_ok() {
-                    acks.push(ack);
-                    if acks.len() >= ACK_BATCH {
-                        acks.drain(..).for_each(Exact::acknowledge);
-                    }
-                }
-                applied
-            }
-            ToApply::Block(_) => Ok(None),
+            ToApply::Block(_) => None,
         };
-        match applied {
-            Ok(Some(f)) => {
-                for node in f.went_down {
-                    tracing::info!(height = f.block.header.height, node = %node.short(), "validators stopped hearing the node: lease down");
-                }
-                for node in f.came_up {
-                    tracing::info!(height = f.block.header.height, node = %node.short(), "node heard again: lease up");
-                }
+        if let Some(f) = applied {
+            for node in f.went_down {
+                tracing::info!(height = f.block.header.height, node = %node.short(), "validators stopped hearing the node: lease down");
             }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "a finalized block does not apply; stopping the ledger");
-                return;
+            for node in f.came_up {
+                tracing::info!(height = f.block.header.height, node = %node.short(), "node heard again: lease up");
             }
         }
+        Ok(())
+    }
+
+    /// Records the finalized `block` at `height` with its certificate from marshal's archive (a
+    /// block finalized as the ancestor of a later finalized block has none of its own: the next
+    /// certified block proves it through the parent-hash links).
+    async fn finalize(&self, block: archipel_ledger::Block, height: u64) -> Result<Option<crate::Finalized>, Failure> {
+        let certificate = self.archive.certificate(height).await;
+        self.chain.finalize(block, certificate).map_err(|e| (height, e))
+    }
+
+    /// Applies the finalized blocks after the head up to `to` from marshal's archive: the block
+    /// log lost blocks marshal already counts as delivered.
+    async fn fill(&self, to: u64) -> Result<(), Failure> {
+        let from = self.chain.head().height + 1;
+        if from > to {
+            return Ok(());
+        }
+        tracing::warn!(from, to, "the block log is behind marshal: taking the missing blocks from its archive");
+        for height in from..=to {
+            let Some(block) = self.archive.block(height).await else {
+                return Err((
+                    height,
+                    format!("finalized block {height} is in neither the block log nor marshal's archive"),
+                ));
+            };
+            self.finalize(block, height).await?;
+        }
+        Ok(())
+    }
+
+    /// Records a failed attempt and waits before the next one.
+    async fn failed(&mut self, failure: Failure) {
+        self.record_failure(failure);
+        self.context.sleep(self.retry).await;
+    }
+
+    fn record_failure(&mut self, (height, why): Failure) {
+        let now_ms = self.context.current().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let attempts = self.chain.applier().failed(height, why.clone(), now_ms);
+        let _ = self.stalled.try_set(1);
+        self.failures.inc();
+        tracing::error!(
+            height,
+            attempts,
+            retry_in_ms = self.retry.as_millis() as u64,
+            error = %why,
+            "the ledger is stalled: this node's head is stale until the retry succeeds"
+        );
+        self.retry = (self.retry * 2).min(RETRY_MAX);
+    }
+
+    /// Ends a stall after an attempt succeeded (unless the block log still cannot be synced).
+    fn succeeded(&mut self) {
+        if self.sync_failed {
+            return;
+        }
+        self.retry = RETRY_FIRST;
+        if let Some(stall) = self.chain.applier().recovered() {
+            let _ = self.stalled.try_set(0);
+            tracing::info!(height = stall.height, attempts = stall.attempts, "the ledger applier recovered");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{BlockStore, MemoryStore, Record};
+    use archipel_ledger::{Block, GenesisState, State};
+    use commonware_runtime::{Runner as _, Supervisor as _, deterministic};
+    use futures::FutureExt as _;
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A sync requested at a height, answered when the test says.
+    type PendingSync = (u64, futures::channel::oneshot::Sender<Result<u64, String>>);
+
+    /// A block log whose appends fail while `fail_appends` is set and whose syncs answer only
+    /// when the test releases them.
+    #[derive(Clone, Default)]
+    struct TestStore {
+        inner: MemoryStore,
+        fail_appends: Arc<AtomicBool>,
+        syncs: Arc<Mutex<Vec<PendingSync>>>,
+    }
+
+    impl TestStore {
+        /// Answers every sync requested so far with `ok` (or a failure); returns how many.
+        fn release_syncs(&self, ok: bool) -> usize {
+            let pending = std::mem::take(&mut *self.syncs.lock().unwrap());
+            let n = pending.len();
+            for (height, answer) in pending {
+                let _ = answer.send(if ok { Ok(height) } else { Err("injected sync failure".into()) });
+            }
+            n
+        }
+    }
+
+    impl BlockStore for TestStore {
+        fn height(&self) -> u64 {
+            self.inner.height()
+        }
+        fn append(&mut self, record: &Record) -> Result<(), String> {
+            if self.fail_appends.load(Ordering::SeqCst) {
+                return Err("injected: no space left on device".into());
+            }
+            self.inner.append(record)
+        }
+        fn get(&self, height: u64) -> Result<Option<Record>, String> {
+            self.inner.get(height)
+        }
+        fn raw_range(&self, from: u64, to: u64) -> Result<Vec<u8>, String> {
+            self.inner.raw_range(from, to)
+        }
+        fn sync(&mut self) -> Synced {
+            let (tx, rx) = futures::channel::oneshot::channel();
+            self.syncs.lock().unwrap().push((self.inner.height(), tx));
+            rx
+        }
+    }
+
+    /// Marshal's archive as the tests set it up.
+    #[derive(Clone, Default)]
+    struct TestArchive {
+        processed: Option<u64>,
+        blocks: BTreeMap<u64, Block>,
+    }
+
+    impl FinalizedArchive for TestArchive {
+        async fn processed(&self) -> Option<u64> {
+            self.processed
+        }
+        async fn block(&self, height: u64) -> Option<Block> {
+            self.blocks.get(&height).cloned()
+        }
+        async fn certificate(&self, _: u64) -> Vec<u8> {
+            Vec::new()
+        }
+    }
+
+    fn genesis() -> State {
+        State::genesis(GenesisState::default())
+    }
+
+    /// A finalized chain of `n` empty blocks, built by another node.
+    fn blocks(n: u64) -> Vec<Block> {
+        let producer = Chain::open(genesis(), Box::new(MemoryStore::default())).unwrap();
+        (1..=n)
+            .map(|i| {
+                let block = producer.build(&producer.head().hash(), i * 1_000, |_| Vec::new()).unwrap();
+                producer.finalize_known(&block.hash(), vec![1]).unwrap().unwrap();
+                block
+            })
+            .collect()
+    }
+
+    fn delivery(block: &Block) -> (ToApply, commonware_utils::acknowledgement::ExactWaiter) {
+        let (ack, waiter) = Exact::handle();
+        let block = LedgerBlock::new(block.clone());
+        let digest = block.digest();
+        (ToApply::Block(Update::Block(Digested::precomputed(block, digest), ack)), waiter)
+    }
+
+    fn metric(context: &deterministic::Context, name: &str) -> Option<f64> {
+        context
+            .encode()
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn a_block_that_does_not_apply_stalls_the_applier_loudly_until_a_retry_applies_it() {
+        deterministic::Runner::default().start(|context| async move {
+            let store = TestStore::default();
+            let chain = Arc::new(Chain::open(genesis(), Box::new(store.clone())).unwrap());
+            let (tx, rx) = mpsc::unbounded_channel();
+            let _applier = context.child("applier").spawn({
+                let chain = chain.clone();
+                move |context| apply_finalized(context, chain, TestArchive::default(), rx)
+            });
+            let chain_blocks = blocks(2);
+            store.fail_appends.store(true, Ordering::SeqCst);
+            let (first, mut acked) = delivery(&chain_blocks[0]);
+            tx.send(first).unwrap();
+            context.sleep(Duration::from_secs(1)).await;
+
+            let stall = chain.applier().stall().expect("a block that cannot be stored stalls the applier");
+            assert_eq!(stall.height, 1);
+            assert!(stall.reason.contains("no space left"), "{}", stall.reason);
+            assert!(stall.attempts >= 2, "retried: {stall:?}");
+            assert_eq!(chain.head().height, 0, "nothing applied");
+            assert_eq!(metric(&context, "applier_stalled"), Some(1.0));
+            assert!(metric(&context, "applier_failures_total").unwrap_or(0.0) >= 2.0);
+            assert!((&mut acked).now_or_never().is_none(), "marshal is not told a block was processed");
+
+            // The disk recovers: the next attempt applies it and the stall ends.
+            store.fail_appends.store(false, Ordering::SeqCst);
+            context.sleep(RETRY_MAX).await;
+            assert_eq!(chain.applier().stall(), None);
+            assert_eq!(chain.head().height, 1);
+            assert_eq!(metric(&context, "applier_stalled"), Some(0.0));
+
+            // Marshal hears of it only once the block log holding it is durable.
+            context.sleep(ACK_DELAY * 2).await;
+            assert!((&mut acked).now_or_never().is_none(), "acknowledged before the block log was synced");
+            assert_eq!(store.release_syncs(true), 1, "one sync for the batch");
+            context.sleep(Duration::from_millis(10)).await;
+            assert!(matches!((&mut acked).now_or_never(), Some(Ok(()))), "acknowledged once synced");
+
+            // A sync that fails is a stall too, retried; the acknowledgement waits for a good one.
+            let (second, mut acked) = delivery(&chain_blocks[1]);
+            tx.send(second).unwrap();
+            context.sleep(ACK_DELAY * 2).await;
+            assert_eq!(store.release_syncs(false), 1);
+            context.sleep(Duration::from_millis(10)).await;
+            let stall = chain.applier().stall().expect("a failed sync stalls");
+            assert!(stall.reason.contains("injected sync failure"), "{}", stall.reason);
+            assert!((&mut acked).now_or_never().is_none());
+            context.sleep(Duration::from_secs(1)).await;
+            assert_eq!(store.release_syncs(true), 1, "the sync is retried");
+            context.sleep(Duration::from_millis(10)).await;
+            assert!(matches!((&mut acked).now_or_never(), Some(Ok(()))));
+            assert_eq!(chain.applier().stall(), None);
+        });
+    }
+
+    #[test]
+    fn a_block_log_behind_marshal_is_filled_from_marshal_s_archive() {
+        deterministic::Runner::default().start(|context| async move {
+            let store = TestStore::default();
+            let chain = Arc::new(Chain::open(genesis(), Box::new(store.clone())).unwrap());
+            let all = blocks(4);
+            // Marshal processed block 2 (and archived 3) but the block log kept nothing.
+            let archive = TestArchive {
+                processed: Some(2),
+                blocks: all.iter().take(3).map(|b| (b.header.height, b.clone())).collect(),
+            };
+            let (tx, rx) = mpsc::unbounded_channel();
+            let _applier = context.child("applier").spawn({
+                let chain = chain.clone();
+                move |context| apply_finalized(context, chain, archive, rx)
+            });
+            context.sleep(Duration::from_millis(100)).await;
+            assert_eq!(chain.head().height, 2, "filled up to marshal's processed height at start");
+            // Marshal delivers 4 next (3 was lost too): 3 comes from the archive.
+            let (fourth, _acked) = delivery(&all[3]);
+            tx.send(fourth).unwrap();
+            context.sleep(Duration::from_millis(100)).await;
+            assert_eq!(chain.head(), all[3].header);
+            assert_eq!(chain.applier().stall(), None);
+        });
     }
 }

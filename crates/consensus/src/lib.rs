@@ -9,6 +9,7 @@ pub mod block;
 pub mod candidates;
 pub mod chain;
 pub mod engine;
+pub mod health;
 pub mod liveness;
 pub mod store;
 
@@ -20,4 +21,5 @@ pub use chain::{Chain, Finalized, Proven, TxLocation, TxStatus};
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+pub use health::{ApplierHealth, Stall};
 pub use store::{BlockStore, FileStore, MemoryStore, Record};

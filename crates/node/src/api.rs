@@ -4,6 +4,11 @@
 //! `/v1/` must be signed (see `archipel_crypto` request signing): the [`authenticate`] middleware
 //! verifies the signature, clock skew, nonce and that the key is known to the network, and answers
 //! 401/403 with a JSON body naming the failed check.
+//!
+//! `/health` answers 200 while this node's ledger keeps up with consensus, and 503 with the reason
+//! while its applier is stalled; meanwhile reads that answer from the current finalized state
+//! (`/v1/ledger/head`, `/v1/accounts/…`, `/v1/proof/state/…`) are refused with 503
+//! `ledger_stalled` rather than served stale.
 
 use crate::genesis::Genesis;
 use crate::gossip::{SharedPeerTable, lock_table};
@@ -12,7 +17,7 @@ use archipel_crypto::{AuthError, RequestVerifier, SignedDescriptor, SignedReques
 use archipel_types::{NodeId, Role};
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -124,6 +129,9 @@ pub struct NodesView {
     pub now_ms: u64,
     /// The rows.
     pub nodes: Vec<NodeRow>,
+    /// Set while the answering node's ledger is stalled: the lease columns are then stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger_stall: Option<archipel_consensus::Stall>,
 }
 
 /// Milliseconds since the Unix epoch, from the system clock.
@@ -143,23 +151,74 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/node", get(node))
         .route("/v1/nodes", get(nodes))
-        .merge(crate::ledger_api::routes())
+        .merge(
+            crate::ledger_api::routes()
+                .route_layer(axum::middleware::from_fn_with_state(state.clone(), refuse_stale_reads)),
+        )
         .merge(signed)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see README 'HTTP API'") })
         .with_state(state)
 }
 
 async fn health(State(s): State<Arc<ApiState>>) -> Response {
-    Json(serde_json::json!({
-        "status": "ok",
-        "node_id": s.own.descriptor.node_id,
-        "name": s.own.descriptor.name,
-        "network": s.genesis.network,
-        "genesis_hash": s.genesis_hash,
-        "uptime_s": s.started.elapsed().as_secs(),
-        "version": env!("CARGO_PKG_VERSION"),
-    }))
-    .into_response()
+    let (status, mut body) = ledger_health(&s.chain);
+    body["node_id"] = serde_json::json!(s.own.descriptor.node_id);
+    body["name"] = serde_json::json!(s.own.descriptor.name);
+    body["network"] = serde_json::json!(s.genesis.network);
+    body["genesis_hash"] = serde_json::json!(s.genesis_hash);
+    body["uptime_s"] = serde_json::json!(s.started.elapsed().as_secs());
+    body["version"] = serde_json::json!(env!("CARGO_PKG_VERSION"));
+    (status, Json(body)).into_response()
+}
+
+/// The ledger part of `/health`: 200 and `"status": "ok"` while the applier keeps up; 503,
+/// `"status": "ledger_stalled"` and the stall (height, reason, since when, attempts) while it does
+/// not. `ledger.height` is the finalized head either way.
+pub fn ledger_health(chain: &archipel_consensus::Chain) -> (StatusCode, serde_json::Value) {
+    let height = chain.head().height;
+    match chain.applier().stall() {
+        None => (StatusCode::OK, serde_json::json!({ "status": "ok", "ledger": { "height": height } })),
+        Some(stall) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({
+                "status": "ledger_stalled",
+                "error": "ledger_stalled",
+                "message": stall_message(height, &stall),
+                "ledger": { "height": height, "stall": stall },
+            }),
+        ),
+    }
+}
+
+fn stall_message(height: u64, stall: &archipel_consensus::Stall) -> String {
+    format!(
+        "this node's ledger is stalled at height {height}: {} (block {}, {} failed attempts, retrying); its state \
+         is stale: read from another node, and see this node's log",
+        stall.reason, stall.height, stall.attempts
+    )
+}
+
+/// Whether a request reads the current finalized state (and so must not be served stale).
+fn reads_current_state(method: &Method, path: &str) -> bool {
+    method == Method::GET
+        && (path == "/v1/ledger/head" || path.starts_with("/v1/accounts/") || path.starts_with("/v1/proof/state/"))
+}
+
+/// The refusal of a read of the current state while the ledger is stalled, if it is.
+pub fn stale_read_refusal(chain: &archipel_consensus::Chain, method: &Method, path: &str) -> Option<Response> {
+    if !reads_current_state(method, path) {
+        return None;
+    }
+    let stall = chain.applier().stall()?;
+    Some(error(StatusCode::SERVICE_UNAVAILABLE, "ledger_stalled", stall_message(chain.head().height, &stall)))
+}
+
+/// Middleware on the ledger routes: see [`stale_read_refusal`].
+async fn refuse_stale_reads(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    match stale_read_refusal(&s.chain, req.method(), req.uri().path()) {
+        Some(refusal) => refusal,
+        None => next.run(req).await,
+    }
 }
 
 async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
@@ -213,6 +272,7 @@ pub fn nodes_view(s: &ApiState) -> NodesView {
                 }
             })
             .collect(),
+        ledger_stall: s.chain.applier().stall(),
     }
 }
 
@@ -300,4 +360,48 @@ pub async fn authenticate(State(s): State<Arc<ApiState>>, req: Request, next: Ne
 fn auth_error(e: &AuthError) -> Response {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
     error(status, e.code(), e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use archipel_consensus::{Chain, MemoryStore};
+    use archipel_ledger::{GenesisState, State as LedgerState};
+
+    async fn body(r: Response) -> serde_json::Value {
+        serde_json::from_slice(&axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_stalled_applier_makes_health_503_and_refuses_reads_of_the_current_state() {
+        let chain =
+            Chain::open(LedgerState::genesis(GenesisState::default()), Box::new(MemoryStore::default())).unwrap();
+        let (status, ok) = ledger_health(&chain);
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(ok["status"], "ok");
+        assert_eq!(ok["ledger"]["height"], 0);
+        assert!(stale_read_refusal(&chain, &Method::GET, "/v1/ledger/head").is_none());
+
+        // What the applier records when a finalized block does not apply.
+        chain.applier().failed(1, "cannot append block 1 to the block log: no space left on device".into(), 5);
+        let (status, stalled) = ledger_health(&chain);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(stalled["status"], "ledger_stalled");
+        assert_eq!(stalled["ledger"]["stall"]["height"], 1);
+        assert!(stalled["message"].as_str().unwrap().contains("no space left"), "{stalled}");
+        for path in ["/v1/ledger/head", "/v1/accounts/ab", "/v1/proof/state/params"] {
+            let refusal = stale_read_refusal(&chain, &Method::GET, path).expect("refused while stalled");
+            assert_eq!(refusal.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
+            let e = body(refusal).await;
+            assert_eq!(e["error"], "ledger_stalled", "{path}");
+            assert!(e["message"].as_str().unwrap().contains("stalled at height 0"), "{e}");
+        }
+        // Finalized history does not go stale: blocks by height and transaction proofs are served.
+        assert!(stale_read_refusal(&chain, &Method::GET, "/v1/ledger/blocks/1").is_none());
+        assert!(stale_read_refusal(&chain, &Method::GET, "/v1/proof/tx/ab").is_none());
+
+        chain.applier().recovered();
+        assert_eq!(ledger_health(&chain).0, StatusCode::OK);
+        assert!(stale_read_refusal(&chain, &Method::GET, "/v1/ledger/head").is_none());
+    }
 }

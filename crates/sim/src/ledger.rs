@@ -204,7 +204,7 @@ impl LedgerScenario {
     }
 
     /// Whether the link from `a` to `b` is up at `at`, and with which settings.
-    fn link(&self, a: usize, b: usize, at: Duration) -> Option<Link> {
+    pub(crate) fn link(&self, a: usize, b: usize, at: Duration) -> Option<Link> {
         if let Some(p) = self.partition
             && p.from <= at
             && at < p.until
@@ -320,14 +320,14 @@ impl LedgerOutcome {
 }
 
 /// The genesis of a scenario's network: validators, followers and client accounts.
-struct Participants {
-    nodes: Vec<Identity>,
-    clients: Vec<Identity>,
-    genesis: State,
-    consensus: ConsensusConfig,
+pub(crate) struct Participants {
+    pub(crate) nodes: Vec<Identity>,
+    pub(crate) clients: Vec<Identity>,
+    pub(crate) genesis: State,
+    pub(crate) consensus: ConsensusConfig,
 }
 
-fn participants(sc: &LedgerScenario) -> Participants {
+pub(crate) fn participants(sc: &LedgerScenario) -> Participants {
     let base = sc.seed.wrapping_mul(100);
     let nodes: Vec<Identity> = (0..sc.nodes()).map(|i| Identity::from_seed(base + i as u64)).collect();
     let clients: Vec<Identity> = (0..CLIENT_ACCOUNTS).map(|i| Identity::from_seed(base + 50 + i as u64)).collect();

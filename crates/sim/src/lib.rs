@@ -8,12 +8,14 @@
 //! node with its virtual time, hashed together with the runtime's own audit digest.
 //!
 //! [`ledger`] does the same for the replicated ledger: validators and followers running the real
-//! consensus engine, with partitions, lossy links and a Byzantine validator.
+//! consensus engine, with partitions, lossy links and a Byzantine validator. [`crash`] cuts the
+//! power of the whole ledger network at a seeded moment (unsynced writes are lost) and restarts it.
 //!
 //! Invariant tests live one per file under `tests/` and run over a seed range
 //! (`ARCHIPEL_SIM_SEEDS=0..200`, or `ARCHIPEL_SIM_SEED=17` for one); a failing seed prints the
 //! command that replays it.
 
+pub mod crash;
 pub mod disk;
 pub mod ledger;
 
