@@ -55,13 +55,17 @@ pub enum LedgerCommand {
         node: NodeArg,
     },
     /// Verify an export offline: signatures, hash links, transaction roots, a full replay and
-    /// every state root; names the first bad block.
+    /// every state root; names the first bad block. Prints which genesis it trusted.
     Verify {
         /// The export file.
         file: PathBuf,
         /// Require the export's genesis to be this genesis file's (the network you trust).
         #[arg(long)]
         genesis: Option<PathBuf>,
+        /// Require the export's genesis to have this hash (64 hex characters, as `archipel
+        /// genesis show` prints it).
+        #[arg(long)]
+        genesis_hash: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -114,17 +118,102 @@ pub enum ProofCommand {
         #[command(flatten)]
         node: NodeArg,
     },
-    /// Verify a proof offline against a genesis file.
+    /// Verify a proof offline against a genesis file. Prints which genesis it trusted.
     Verify {
         /// The proof (JSON from `archipel proof get` or GET /v1/proof/...).
         file: PathBuf,
         /// The network's genesis (default: the local devnet's).
         #[arg(long)]
         genesis: Option<PathBuf>,
+        /// Require that genesis to have this hash (64 hex characters, as `archipel genesis
+        /// show` prints it).
+        #[arg(long)]
+        genesis_hash: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Where the genesis a verification trusted came from.
+#[derive(Debug)]
+enum GenesisSource {
+    /// The `--genesis` file.
+    File(PathBuf),
+    /// The local devnet's genesis (the default of `proof verify`).
+    DevnetFile(PathBuf),
+    /// The genesis inside the export, pinned by `--genesis-hash`.
+    PinnedHash,
+    /// The genesis inside the verified file itself: nothing the user trusts was compared.
+    Embedded(PathBuf),
+}
+
+/// The genesis a verification trusted.
+#[derive(Debug)]
+struct TrustedGenesis {
+    hash: String,
+    source: GenesisSource,
+}
+
+impl TrustedGenesis {
+    /// The `trusted_genesis` object of `--json` output.
+    fn json(&self) -> serde_json::Value {
+        let (source, path) = match &self.source {
+            GenesisSource::File(p) => ("genesis_file", Some(p)),
+            GenesisSource::DevnetFile(p) => ("devnet_genesis_file", Some(p)),
+            GenesisSource::PinnedHash => ("genesis_hash", None),
+            GenesisSource::Embedded(p) => ("file_itself", Some(p)),
+        };
+        serde_json::json!({ "hash": self.hash, "source": source, "path": path })
+    }
+
+    /// "genesis HASH (from …)".
+    fn describe(&self) -> String {
+        let from = match &self.source {
+            GenesisSource::File(p) => format!("the --genesis file {}", p.display()),
+            GenesisSource::DevnetFile(p) => format!("the local devnet's {}", p.display()),
+            GenesisSource::PinnedHash => "inside the export, equal to --genesis-hash".into(),
+            GenesisSource::Embedded(p) => format!("inside {} itself", p.display()),
+        };
+        format!("genesis {} (from {from})", self.hash)
+    }
+
+    /// Says plainly on stderr when nothing the user gave was compared with the genesis.
+    fn warn_if_unchecked(&self) {
+        let what = match &self.source {
+            GenesisSource::Embedded(p) => format!("the genesis inside {}", p.display()),
+            GenesisSource::DevnetFile(p) => format!("the local devnet's genesis {}", p.display()),
+            GenesisSource::File(_) | GenesisSource::PinnedHash => return,
+        };
+        eprintln!(
+            "note: no --genesis or --genesis-hash given, so {what} was trusted (hash {}). Check that this is your network's genesis hash (`archipel genesis show <the network's genesis.json>`, or `genesis_hash` in a trusted node's GET /health), or pass --genesis FILE or --genesis-hash HEX.",
+            self.hash
+        )
+    }
+}
+
+/// The hash `--genesis-hash` gave, checked to be a whole genesis hash.
+fn given_genesis_hash(given: Option<&str>) -> Result<Option<String>> {
+    given
+        .map(|g| {
+            archipel_node::ledger_verify::parse_genesis_hash(g).map_err(|reason| {
+                anyhow!("--genesis-hash {g:?} is not a genesis hash: give all 64 hex characters that `archipel genesis show` prints ({reason})")
+            })
+        })
+        .transpose()
+}
+
+/// Fails unless the genesis at `path` with hash `found` has the `--genesis-hash` `expected`.
+fn check_genesis_hash(path: &Path, found: &str, expected: Option<&str>) -> Result<()> {
+    match expected {
+        Some(e) if e != found => {
+            bail!(
+                "genesis {} has hash {found}, not the --genesis-hash {e}: it is another network's genesis",
+                path.display()
+            )
+        }
+        _ => Ok(()),
+    }
 }
 
 fn client(node: &NodeArg) -> Result<ApiClient> {
@@ -248,30 +337,40 @@ pub async fn ledger(cmd: LedgerCommand) -> Result<()> {
             );
             Ok(())
         }
-        LedgerCommand::Verify { file, genesis, json } => {
+        LedgerCommand::Verify { file, genesis, genesis_hash, json } => {
+            let expected = given_genesis_hash(genesis_hash.as_deref())?;
             let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let pin = match genesis {
-                Some(p) => Some(archipel_node::genesis::Genesis::load(&p)?.hash()),
-                None => None,
+                Some(p) => {
+                    let hash = archipel_node::genesis::Genesis::load(&p)?.hash();
+                    check_genesis_hash(&p, &hash, expected.as_deref())?;
+                    Some((hash, GenesisSource::File(p)))
+                }
+                None => expected.map(|h| (h, GenesisSource::PinnedHash)),
             };
-            match verify_export_pinned(&bytes, pin.as_deref()) {
+            match verify_export_pinned(&bytes, pin.as_ref().map(|(h, _)| h.as_str())) {
                 Ok((g, v)) => {
+                    let trusted = match pin {
+                        Some((hash, source)) => TrustedGenesis { hash, source },
+                        None => TrustedGenesis { hash: g.hash(), source: GenesisSource::Embedded(file.clone()) },
+                    };
                     if json {
                         println!(
                             "{}",
-                            serde_json::json!({"ok": true, "network": g.network, "genesis_hash": g.hash(), "blocks": v.blocks, "transactions": v.transactions, "head": v.head, "state_root": v.state_root})
+                            serde_json::json!({"ok": true, "network": g.network, "genesis_hash": g.hash(), "trusted_genesis": trusted.json(), "blocks": v.blocks, "transactions": v.transactions, "head": v.head, "state_root": v.state_root})
                         );
                     } else {
                         println!(
-                            "ok: network {} (genesis {}), {} blocks, {} transactions; every certificate, signature, link and state root checks out; head {} state root {}",
+                            "ok: network {}, trusted {}; {} blocks, {} transactions; every certificate, signature, link and state root checks out; head {} state root {}",
                             g.network,
-                            &g.hash()[..16],
+                            trusted.describe(),
                             v.blocks,
                             v.transactions,
                             v.head.short(),
                             v.state_root.short()
                         );
                     }
+                    trusted.warn_if_unchecked();
                     Ok(())
                 }
                 Err(e) => {
@@ -373,25 +472,37 @@ pub async fn proof(cmd: ProofCommand) -> Result<()> {
             }
             Ok(())
         }
-        ProofCommand::Verify { file, genesis, json } => {
+        ProofCommand::Verify { file, genesis, genesis_hash, json } => {
+            let expected = given_genesis_hash(genesis_hash.as_deref())?;
             let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let proof: AnyProof =
                 serde_json::from_str(&text).map_err(|e| anyhow!("{} is not a proof: {e}", file.display()))?;
-            let genesis_path = genesis.unwrap_or_else(|| devnet_path("genesis.json"));
+            let (genesis_path, source) = match genesis {
+                Some(p) => (p.clone(), GenesisSource::File(p)),
+                None if expected.is_some() => {
+                    (devnet_path("genesis.json"), GenesisSource::File(devnet_path("genesis.json")))
+                }
+                None => (devnet_path("genesis.json"), GenesisSource::DevnetFile(devnet_path("genesis.json"))),
+            };
             let g = archipel_node::genesis::Genesis::load(&genesis_path)?;
+            let trusted = TrustedGenesis { hash: g.hash(), source };
+            check_genesis_hash(&genesis_path, &trusted.hash, expected.as_deref())?;
             let report = verify_proof(&g, &proof).map_err(|e| anyhow!("{} does not verify: {e}", file.display()))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                let mut v = serde_json::to_value(&report)?;
+                v["trusted_genesis"] = trusted.json();
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
-                    "ok: {} proof — {} is committed by block {} ({}), finalized by the validators of {}",
+                    "ok: {} proof — {} is committed by block {} ({}), finalized by the validators of the trusted {}",
                     report.kind,
                     report.shows,
                     report.height,
                     report.block.short(),
-                    genesis_path.display()
+                    trusted.describe()
                 );
             }
+            trusted.warn_if_unchecked();
             Ok(())
         }
     }
