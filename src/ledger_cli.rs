@@ -142,9 +142,7 @@ enum GenesisSource {
     File(PathBuf),
     /// The local devnet's genesis (the default of `proof verify`).
     DevnetFile(PathBuf),
-    /// The genesis inside the export, pinned by `--genesis-hash`.
-    PinnedHash,
-    /// The genesis inside the verified file itself: nothing the user trusts was compared.
+    /// The genesis inside the verified file itself.
     Embedded(PathBuf),
 }
 
@@ -153,18 +151,19 @@ enum GenesisSource {
 struct TrustedGenesis {
     hash: String,
     source: GenesisSource,
+    /// It was checked to have the `--genesis-hash` given.
+    hash_given: bool,
 }
 
 impl TrustedGenesis {
     /// The `trusted_genesis` object of `--json` output.
     fn json(&self) -> serde_json::Value {
         let (source, path) = match &self.source {
-            GenesisSource::File(p) => ("genesis_file", Some(p)),
-            GenesisSource::DevnetFile(p) => ("devnet_genesis_file", Some(p)),
-            GenesisSource::PinnedHash => ("genesis_hash", None),
-            GenesisSource::Embedded(p) => ("file_itself", Some(p)),
+            GenesisSource::File(p) => ("genesis_file", p),
+            GenesisSource::DevnetFile(p) => ("devnet_genesis_file", p),
+            GenesisSource::Embedded(p) => ("file_itself", p),
         };
-        serde_json::json!({ "hash": self.hash, "source": source, "path": path })
+        serde_json::json!({ "hash": self.hash, "source": source, "path": path, "hash_given": self.hash_given })
     }
 
     /// "genesis HASH (from …)".
@@ -172,18 +171,19 @@ impl TrustedGenesis {
         let from = match &self.source {
             GenesisSource::File(p) => format!("the --genesis file {}", p.display()),
             GenesisSource::DevnetFile(p) => format!("the local devnet's {}", p.display()),
-            GenesisSource::PinnedHash => "inside the export, equal to --genesis-hash".into(),
             GenesisSource::Embedded(p) => format!("inside {} itself", p.display()),
         };
-        format!("genesis {} (from {from})", self.hash)
+        let given = if self.hash_given { ", equal to --genesis-hash" } else { "" };
+        format!("genesis {} (from {from}{given})", self.hash)
     }
 
-    /// Says plainly on stderr when nothing the user gave was compared with the genesis.
+    /// Says plainly on stderr when the genesis was not one the user named.
     fn warn_if_unchecked(&self) {
         let what = match &self.source {
+            _ if self.hash_given => return,
+            GenesisSource::File(_) => return,
             GenesisSource::Embedded(p) => format!("the genesis inside {}", p.display()),
             GenesisSource::DevnetFile(p) => format!("the local devnet's genesis {}", p.display()),
-            GenesisSource::File(_) | GenesisSource::PinnedHash => return,
         };
         eprintln!(
             "note: no --genesis or --genesis-hash given, so {what} was trusted (hash {}). Check that this is your network's genesis hash (`archipel genesis show <the network's genesis.json>`, or `genesis_hash` in a trusted node's GET /health), or pass --genesis FILE or --genesis-hash HEX.",
@@ -340,19 +340,20 @@ pub async fn ledger(cmd: LedgerCommand) -> Result<()> {
         LedgerCommand::Verify { file, genesis, genesis_hash, json } => {
             let expected = given_genesis_hash(genesis_hash.as_deref())?;
             let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            let pin = match genesis {
+            let pin = match &genesis {
                 Some(p) => {
-                    let hash = archipel_node::genesis::Genesis::load(&p)?.hash();
-                    check_genesis_hash(&p, &hash, expected.as_deref())?;
-                    Some((hash, GenesisSource::File(p)))
+                    let hash = archipel_node::genesis::Genesis::load(p)?.hash();
+                    check_genesis_hash(p, &hash, expected.as_deref())?;
+                    Some(hash)
                 }
-                None => expected.map(|h| (h, GenesisSource::PinnedHash)),
+                None => expected.clone(),
             };
-            match verify_export_pinned(&bytes, pin.as_ref().map(|(h, _)| h.as_str())) {
+            match verify_export_pinned(&bytes, pin.as_deref()) {
                 Ok((g, v)) => {
-                    let trusted = match pin {
-                        Some((hash, source)) => TrustedGenesis { hash, source },
-                        None => TrustedGenesis { hash: g.hash(), source: GenesisSource::Embedded(file.clone()) },
+                    let trusted = TrustedGenesis {
+                        hash: g.hash(),
+                        source: genesis.map_or_else(|| GenesisSource::Embedded(file.clone()), GenesisSource::File),
+                        hash_given: expected.is_some(),
                     };
                     if json {
                         println!(
@@ -479,13 +480,20 @@ pub async fn proof(cmd: ProofCommand) -> Result<()> {
                 serde_json::from_str(&text).map_err(|e| anyhow!("{} is not a proof: {e}", file.display()))?;
             let (genesis_path, source) = match genesis {
                 Some(p) => (p.clone(), GenesisSource::File(p)),
-                None if expected.is_some() => {
-                    (devnet_path("genesis.json"), GenesisSource::File(devnet_path("genesis.json")))
-                }
                 None => (devnet_path("genesis.json"), GenesisSource::DevnetFile(devnet_path("genesis.json"))),
             };
-            let g = archipel_node::genesis::Genesis::load(&genesis_path)?;
-            let trusted = TrustedGenesis { hash: g.hash(), source };
+            let g = match archipel_node::genesis::Genesis::load(&genesis_path) {
+                Err(archipel_node::genesis::GenesisError::Missing(p))
+                    if matches!(source, GenesisSource::DevnetFile(_)) =>
+                {
+                    bail!(
+                        "no --genesis given, and there is no local devnet genesis at {}: pass --genesis FILE, the genesis of the network the proof is from",
+                        p.display()
+                    )
+                }
+                other => other?,
+            };
+            let trusted = TrustedGenesis { hash: g.hash(), source, hash_given: expected.is_some() };
             check_genesis_hash(&genesis_path, &trusted.hash, expected.as_deref())?;
             let report = verify_proof(&g, &proof).map_err(|e| anyhow!("{} does not verify: {e}", file.display()))?;
             if json {

@@ -271,6 +271,10 @@ async fn limit_concurrency(State(s): State<Arc<ApiState>>, req: Request, next: N
         );
     };
     let (parts, body) = next.run(req).await.into_parts();
+    if axum::body::HttpBody::size_hint(&body).exact().is_some() {
+        // Already complete in memory: the request is done.
+        return Response::from_parts(parts, body);
+    }
     let body = futures::StreamExt::map(body.into_data_stream(), move |chunk| {
         let _held = &permit;
         chunk
@@ -594,8 +598,10 @@ mod tests {
         }
         let (status, retry, code) = refusal(get(&format!("{url}/v1/ledger/head")).await).await;
         assert_eq!((status, retry.as_deref(), code.as_str()), (429, Some("1"), "ip_rate_limit"));
-        // Submissions are not reads: judged by the ledger (here: not a transaction), not limited.
+        // The client waits as told and asks again.
         let client = ApiClient::new(&url);
+        client.get::<serde_json::Value>("/v1/ledger/head").await.expect("answered after Retry-After");
+        // Submissions are not reads: judged by the ledger (here: not a transaction), not limited.
         match client.raw("POST", "/v1/tx", b"junk".to_vec(), Duration::from_secs(5)).await {
             Err(ClientError::Api { status, code, .. }) => assert_eq!((status, code.as_str()), (400, "malformed")),
             other => panic!("{other:?}"),

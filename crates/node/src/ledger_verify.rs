@@ -52,7 +52,10 @@ pub fn verify_export_pinned(bytes: &[u8], expected: Option<&str>) -> Result<(Gen
             if let Some(expected) = expected
                 && parsed.hash() != expected
             {
-                return Err(format!("its hash is {}, not the expected {expected}", parsed.hash()));
+                return Err(format!(
+                    "its hash is {}, not the trusted {expected}: the export is of another network (or its genesis was changed)",
+                    parsed.hash()
+                ));
             }
             let state = parsed.ledger_state();
             let cfg = consensus_config(&parsed);
