@@ -135,7 +135,11 @@ fn create(dir: &Path, topology: &Topology, base_ip: Ipv4Addr, base_port: u16) ->
                 egress_ip: Some(Ipv4Addr::LOCALHOST.into()),
                 allow_private_ips: true,
             },
-            api: ApiConfig { listen: SocketAddr::new(ip.into(), base_port + 1), public: None },
+            api: ApiConfig {
+                listen: SocketAddr::new(ip.into(), base_port + 1),
+                public: None,
+                limits: Default::default(),
+            },
         };
         let identity = Identity::generate();
         identity.save(&node_dir.join("node.key"))?;

@@ -55,13 +55,17 @@ pub enum LedgerCommand {
         node: NodeArg,
     },
     /// Verify an export offline: signatures, hash links, transaction roots, a full replay and
-    /// every state root; names the first bad block.
+    /// every state root; names the first bad block. Prints which genesis it trusted.
     Verify {
         /// The export file.
         file: PathBuf,
         /// Require the export's genesis to be this genesis file's (the network you trust).
         #[arg(long)]
         genesis: Option<PathBuf>,
+        /// Require the export's genesis to have this hash (64 hex characters, as `archipel
+        /// genesis show` prints it).
+        #[arg(long)]
+        genesis_hash: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -114,17 +118,102 @@ pub enum ProofCommand {
         #[command(flatten)]
         node: NodeArg,
     },
-    /// Verify a proof offline against a genesis file.
+    /// Verify a proof offline against a genesis file. Prints which genesis it trusted.
     Verify {
         /// The proof (JSON from `archipel proof get` or GET /v1/proof/...).
         file: PathBuf,
         /// The network's genesis (default: the local devnet's).
         #[arg(long)]
         genesis: Option<PathBuf>,
+        /// Require that genesis to have this hash (64 hex characters, as `archipel genesis
+        /// show` prints it).
+        #[arg(long)]
+        genesis_hash: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Where the genesis a verification trusted came from.
+#[derive(Debug)]
+enum GenesisSource {
+    /// The `--genesis` file.
+    File(PathBuf),
+    /// The local devnet's genesis (the default of `proof verify`).
+    DevnetFile(PathBuf),
+    /// The genesis inside the verified file itself.
+    Embedded(PathBuf),
+}
+
+/// The genesis a verification trusted.
+#[derive(Debug)]
+struct TrustedGenesis {
+    hash: String,
+    source: GenesisSource,
+    /// It was checked to have the `--genesis-hash` given.
+    hash_given: bool,
+}
+
+impl TrustedGenesis {
+    /// The `trusted_genesis` object of `--json` output.
+    fn json(&self) -> serde_json::Value {
+        let (source, path) = match &self.source {
+            GenesisSource::File(p) => ("genesis_file", p),
+            GenesisSource::DevnetFile(p) => ("devnet_genesis_file", p),
+            GenesisSource::Embedded(p) => ("file_itself", p),
+        };
+        serde_json::json!({ "hash": self.hash, "source": source, "path": path, "hash_given": self.hash_given })
+    }
+
+    /// "genesis HASH (from …)".
+    fn describe(&self) -> String {
+        let from = match &self.source {
+            GenesisSource::File(p) => format!("the --genesis file {}", p.display()),
+            GenesisSource::DevnetFile(p) => format!("the local devnet's {}", p.display()),
+            GenesisSource::Embedded(p) => format!("inside {} itself", p.display()),
+        };
+        let given = if self.hash_given { ", equal to --genesis-hash" } else { "" };
+        format!("genesis {} (from {from}{given})", self.hash)
+    }
+
+    /// Says plainly on stderr when the genesis was not one the user named.
+    fn warn_if_unchecked(&self) {
+        let what = match &self.source {
+            _ if self.hash_given => return,
+            GenesisSource::File(_) => return,
+            GenesisSource::Embedded(p) => format!("the genesis inside {}", p.display()),
+            GenesisSource::DevnetFile(p) => format!("the local devnet's genesis {}", p.display()),
+        };
+        eprintln!(
+            "note: no --genesis or --genesis-hash given, so {what} was trusted (hash {}). Check that this is your network's genesis hash (`archipel genesis show <the network's genesis.json>`, or `genesis_hash` in a trusted node's GET /health), or pass --genesis FILE or --genesis-hash HEX.",
+            self.hash
+        )
+    }
+}
+
+/// The hash `--genesis-hash` gave, checked to be a whole genesis hash.
+fn given_genesis_hash(given: Option<&str>) -> Result<Option<String>> {
+    given
+        .map(|g| {
+            archipel_node::ledger_verify::parse_genesis_hash(g).map_err(|reason| {
+                anyhow!("--genesis-hash {g:?} is not a genesis hash: give all 64 hex characters that `archipel genesis show` prints ({reason})")
+            })
+        })
+        .transpose()
+}
+
+/// Fails unless the genesis at `path` with hash `found` has the `--genesis-hash` `expected`.
+fn check_genesis_hash(path: &Path, found: &str, expected: Option<&str>) -> Result<()> {
+    match expected {
+        Some(e) if e != found => {
+            bail!(
+                "genesis {} has hash {found}, not the --genesis-hash {e}: it is another network's genesis",
+                path.display()
+            )
+        }
+        _ => Ok(()),
+    }
 }
 
 fn client(node: &NodeArg) -> Result<ApiClient> {
@@ -248,30 +337,41 @@ pub async fn ledger(cmd: LedgerCommand) -> Result<()> {
             );
             Ok(())
         }
-        LedgerCommand::Verify { file, genesis, json } => {
+        LedgerCommand::Verify { file, genesis, genesis_hash, json } => {
+            let expected = given_genesis_hash(genesis_hash.as_deref())?;
             let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            let pin = match genesis {
-                Some(p) => Some(archipel_node::genesis::Genesis::load(&p)?.hash()),
-                None => None,
+            let pin = match &genesis {
+                Some(p) => {
+                    let hash = archipel_node::genesis::Genesis::load(p)?.hash();
+                    check_genesis_hash(p, &hash, expected.as_deref())?;
+                    Some(hash)
+                }
+                None => expected.clone(),
             };
             match verify_export_pinned(&bytes, pin.as_deref()) {
                 Ok((g, v)) => {
+                    let trusted = TrustedGenesis {
+                        hash: g.hash(),
+                        source: genesis.map_or_else(|| GenesisSource::Embedded(file.clone()), GenesisSource::File),
+                        hash_given: expected.is_some(),
+                    };
                     if json {
                         println!(
                             "{}",
-                            serde_json::json!({"ok": true, "network": g.network, "genesis_hash": g.hash(), "blocks": v.blocks, "transactions": v.transactions, "head": v.head, "state_root": v.state_root})
+                            serde_json::json!({"ok": true, "network": g.network, "genesis_hash": g.hash(), "trusted_genesis": trusted.json(), "blocks": v.blocks, "transactions": v.transactions, "head": v.head, "state_root": v.state_root})
                         );
                     } else {
                         println!(
-                            "ok: network {} (genesis {}), {} blocks, {} transactions; every certificate, signature, link and state root checks out; head {} state root {}",
+                            "ok: network {}, trusted {}; {} blocks, {} transactions; every certificate, signature, link and state root checks out; head {} state root {}",
                             g.network,
-                            &g.hash()[..16],
+                            trusted.describe(),
                             v.blocks,
                             v.transactions,
                             v.head.short(),
                             v.state_root.short()
                         );
                     }
+                    trusted.warn_if_unchecked();
                     Ok(())
                 }
                 Err(e) => {
@@ -373,25 +473,44 @@ pub async fn proof(cmd: ProofCommand) -> Result<()> {
             }
             Ok(())
         }
-        ProofCommand::Verify { file, genesis, json } => {
+        ProofCommand::Verify { file, genesis, genesis_hash, json } => {
+            let expected = given_genesis_hash(genesis_hash.as_deref())?;
             let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let proof: AnyProof =
                 serde_json::from_str(&text).map_err(|e| anyhow!("{} is not a proof: {e}", file.display()))?;
-            let genesis_path = genesis.unwrap_or_else(|| devnet_path("genesis.json"));
-            let g = archipel_node::genesis::Genesis::load(&genesis_path)?;
+            let (genesis_path, source) = match genesis {
+                Some(p) => (p.clone(), GenesisSource::File(p)),
+                None => (devnet_path("genesis.json"), GenesisSource::DevnetFile(devnet_path("genesis.json"))),
+            };
+            let g = match archipel_node::genesis::Genesis::load(&genesis_path) {
+                Err(archipel_node::genesis::GenesisError::Missing(p))
+                    if matches!(source, GenesisSource::DevnetFile(_)) =>
+                {
+                    bail!(
+                        "no --genesis given, and there is no local devnet genesis at {}: pass --genesis FILE, the genesis of the network the proof is from",
+                        p.display()
+                    )
+                }
+                other => other?,
+            };
+            let trusted = TrustedGenesis { hash: g.hash(), source, hash_given: expected.is_some() };
+            check_genesis_hash(&genesis_path, &trusted.hash, expected.as_deref())?;
             let report = verify_proof(&g, &proof).map_err(|e| anyhow!("{} does not verify: {e}", file.display()))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                let mut v = serde_json::to_value(&report)?;
+                v["trusted_genesis"] = trusted.json();
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
-                    "ok: {} proof — {} is committed by block {} ({}), finalized by the validators of {}",
+                    "ok: {} proof — {} is committed by block {} ({}), finalized by the validators of the trusted {}",
                     report.kind,
                     report.shows,
                     report.height,
                     report.block.short(),
-                    genesis_path.display()
+                    trusted.describe()
                 );
             }
+            trusted.warn_if_unchecked();
             Ok(())
         }
     }

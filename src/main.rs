@@ -208,7 +208,8 @@ enum NodeCommand {
         /// The node's config file.
         #[arg(long, short, env = "ARCHIPEL_CONFIG", default_value = "node.toml")]
         config: PathBuf,
-        /// Refuse to start unless the genesis hash starts with this.
+        /// Refuse to start unless the genesis hash is exactly this (the 64 hex characters
+        /// `archipel genesis show` prints).
         #[arg(long, env = "ARCHIPEL_GENESIS_HASH")]
         genesis_hash: Option<String>,
         /// Stop when the parent process exits (the devnet sets this).
@@ -337,6 +338,7 @@ enum DebugCommand {
 }
 
 fn main() {
+    quiet_on_closed_output();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("ARCHIPEL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,commonware=warn"));
@@ -346,6 +348,30 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Makes a closed standard output or error (`archipel ledger tail | head`) end the program
+/// quietly with status 0, as Unix tools do, instead of a panic and a backtrace. `println!` panics
+/// with the write's error when the reader went away (Rust ignores SIGPIPE); that one panic is
+/// recognised here, for the whole binary, and every other panic is reported as usual.
+fn quiet_on_closed_output() {
+    let broken_pipe = std::io::Error::from(std::io::ErrorKind::BrokenPipe).to_string();
+    let epipe = std::io::Error::from_raw_os_error(nix::errno::Errno::EPIPE as i32).to_string();
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        let printing =
+            message.starts_with("failed printing to stdout") || message.starts_with("failed printing to stderr");
+        if printing && (message.ends_with(&epipe) || message.ends_with(&broken_pipe)) {
+            std::process::exit(0);
+        }
+        report(info);
+    }));
 }
 
 /// Signs this node's descriptor from `config` and submits it in the transaction `payload` builds
@@ -467,7 +493,7 @@ fn init_config(dir: &Path, f: &NodeFields) -> Result<NodeConfig> {
             egress_ip: f.p2p_egress_ip,
             allow_private_ips: true,
         },
-        api: ApiConfig { listen: api_listen, public: f.api_public },
+        api: ApiConfig { listen: api_listen, public: f.api_public, limits: Default::default() },
     })
 }
 

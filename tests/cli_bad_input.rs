@@ -1,6 +1,7 @@
 //! Real processes, bad input: every mistake gets one clear error naming the file, field or
 //! address, a non-zero exit, and nothing is overwritten. Also walks the multi-machine set-up of
-//! the README (init, descriptor, genesis, run) on two loopback addresses.
+//! the README (init, descriptor, genesis, run) on two loopback addresses, and checks that a
+//! closed standard output ends a command quietly.
 
 mod common;
 
@@ -149,10 +150,6 @@ fn bad_inputs_fail_clearly_without_touching_files() {
     let err = run(&["node", "run", "--config", "a/node.toml", "--genesis", "tampered.json"]);
     assert!(err.contains("tampered.json") && err.contains("signature"), "{err}");
 
-    // Expected genesis hash mismatch.
-    let err = run(&["node", "run", "--config", "a/node.toml", "--genesis-hash", "00ff"]);
-    assert!(err.contains("hash"), "{err}");
-
     // A data directory of another network: first make one with a different genesis.
     let out = archipel(w, &["genesis", "new", "--network", "other-net", "--node", "a.json", "--out", "other.json"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -164,6 +161,21 @@ fn bad_inputs_fail_clearly_without_touching_files() {
     let err = run(&["node", "run", "--config", "a/node.toml"]);
     assert!(err.contains("belongs to network \"other-net\"") && err.contains("data"), "{err}");
     assert_eq!(std::fs::read(w.join("a/data/network.json")).unwrap(), marker_before);
+
+    // --genesis-hash is the whole hash: empty, short (even a true prefix) or non-hex values are
+    // refused naming the expected form; another hash is refused naming both.
+    let out = archipel(w, &["genesis", "show", "genesis.json", "--json"]);
+    let hash = serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()["hash"].as_str().unwrap().to_string();
+    for bad in ["", "00ff", &hash[..16], &hash[..63], &format!("{}x", &hash[..63])] {
+        let err = run(&["node", "run", "--config", "a/node.toml", "--genesis-hash", bad]);
+        assert!(err.contains("is not a genesis hash") && err.contains("64 hex characters"), "{bad:?}: {err}");
+    }
+    let other = format!("{}{}", &hash[..63], if hash.ends_with('0') { '1' } else { '0' });
+    let err = run(&["node", "run", "--config", "a/node.toml", "--genesis-hash", &other]);
+    assert!(err.contains(&hash) && err.contains(&other) && err.contains("genesis.json"), "{err}");
+    // The right hash passes that check (and the node then stops at the other network's data dir).
+    let err = run(&["node", "run", "--config", "a/node.toml", "--genesis-hash", &hash.to_uppercase()]);
+    assert!(err.contains("belongs to network \"other-net\""), "{err}");
 
     // A key that is not in genesis.
     assert!(archipel(w, &["key", "gen", "--out", "stranger.key"]).status.success());
@@ -226,4 +238,24 @@ fn bad_inputs_fail_clearly_without_touching_files() {
     assert!(err.contains("already exists"), "{err}");
 
     assert_eq!(std::fs::read(w.join("a/node.key")).unwrap(), key_before, "key file changed");
+}
+
+/// `archipel … | head`: the reader goes away, the command ends quietly with status 0.
+#[test]
+fn a_closed_standard_output_ends_a_command_quietly() {
+    let work = tempfile::tempdir().unwrap();
+    for args in [&["key", "gen", "--out", "k.key"][..], &["key", "show", "k.key", "--json"], &["--help"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(bin())
+            .current_dir(work.path())
+            .args(args)
+            .env("RUST_BACKTRACE", "1")
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert_eq!(stderr(&out), "", "{args:?}");
+    }
 }

@@ -1,7 +1,8 @@
 //! The ledger from a user's side, with real processes: transfers that wait for finality, every
 //! kind of bad transaction refused at submission with its reason, proofs verified offline (and
 //! refused when tampered), exports verified offline (and a changed byte named by block height),
-//! `ledger tail/show` and lease status in `archipel nodes`.
+//! the genesis each verification trusted (and `--genesis-hash`), `ledger tail/show` (also with
+//! its reader gone, as in `ledger tail | head`) and lease status in `archipel nodes`.
 
 mod common;
 
@@ -80,9 +81,25 @@ fn transfers_proofs_exports_and_bad_transactions() {
     let proof = w.join("tx-proof.json");
     let out = archipel(w, &["proof", "get", &format!("tx/{tx_hash}"), "-o", proof.to_str().unwrap(), "--node", &node]);
     assert!(out.status.success(), "{}", stderr(&out));
+    let out = archipel(w, &["genesis", "show", &genesis, "--json"]);
+    let genesis_hash =
+        serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()["hash"].as_str().unwrap().to_string();
+    let other_hash = "ab".repeat(32);
     let out = archipel(w, &["proof", "verify", proof.to_str().unwrap(), "--genesis", &genesis]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains(&tx_hash), "{}", stdout(&out));
+    // Each verification names the genesis it trusted; --genesis-hash must be that genesis's.
+    assert!(stdout(&out).contains(&genesis_hash) && stdout(&out).contains("--genesis file"), "{}", stdout(&out));
+    assert!(!stderr(&out).contains("note:"), "{}", stderr(&out));
+    let p = proof.to_str().unwrap();
+    let out = archipel(w, &["proof", "verify", p, "--genesis", &genesis, "--genesis-hash", &genesis_hash, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["trusted_genesis"]["hash"], genesis_hash.as_str(), "{v}");
+    assert_eq!(v["trusted_genesis"]["source"], "genesis_file", "{v}");
+    let out = archipel(w, &["proof", "verify", p, "--genesis", &genesis, "--genesis-hash", &other_hash]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(&genesis_hash) && stderr(&out).contains(&other_hash), "{}", stderr(&out));
     let state_proof = w.join("state-proof.json");
     let key_arg = format!("account/{}", n5.node_id());
     let out = archipel(w, &["proof", "get", &key_arg, "-o", state_proof.to_str().unwrap(), "--node", &node]);
@@ -115,6 +132,22 @@ fn transfers_proofs_exports_and_bad_transactions() {
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     let blocks = v["blocks"].as_u64().unwrap();
     assert!(blocks > 0);
+    // Without --genesis or --genesis-hash, the export's own genesis was trusted: said plainly.
+    assert_eq!(v["trusted_genesis"]["source"], "file_itself", "{v}");
+    assert_eq!(v["trusted_genesis"]["hash"], genesis_hash.as_str(), "{v}");
+    assert!(stderr(&out).contains("no --genesis or --genesis-hash given") && stderr(&out).contains(&genesis_hash));
+    let e = export.to_str().unwrap();
+    let out = archipel(w, &["ledger", "verify", e, "--genesis-hash", &genesis_hash]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains(&genesis_hash) && !stderr(&out).contains("note:"), "{}", stdout(&out));
+    let out = archipel(w, &["ledger", "verify", e, "--genesis", &genesis, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["trusted_genesis"]["source"], "genesis_file", "{v}");
+    let out = archipel(w, &["ledger", "verify", e, "--genesis-hash", &other_hash]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(&genesis_hash) && stderr(&out).contains(&other_hash), "{}", stderr(&out));
+    let out = archipel(w, &["ledger", "verify", e, "--genesis-hash", &genesis_hash[..12]]);
+    assert!(!out.status.success() && stderr(&out).contains("64 hex characters"), "{}", stderr(&out));
     let bytes = std::fs::read(&export).unwrap();
     let bad = w.join("bad.bin");
     // The last byte (the last block's certificate), a byte of the genesis's network name (caught
@@ -154,6 +187,28 @@ fn transfers_proofs_exports_and_bad_transactions() {
     assert_eq!(stdout(&out).lines().count(), 2, "{}", stdout(&out));
     let out = archipel(w, &["ledger", "show", "1", "--node", &node]);
     assert!(out.status.success() && stdout(&out).contains("state root"), "{}", stdout(&out));
+    // `ledger tail | head -1`: once the reader is gone, tail ends quietly with status 0.
+    let mut tail = std::process::Command::new(bin())
+        .args(["ledger", "tail", "--from", "1", "--node", &node])
+        .env("RUST_BACKTRACE", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(tail.stdout.take().unwrap()), &mut first).unwrap();
+    assert!(first.starts_with("#1 "), "{first}");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = tail.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "tail still runs with no reader");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut tail.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!((status.code(), err.as_str()), (Some(0), ""));
     let out = archipel(w, &["ledger", "show", &tx_hash, "--node", &node]);
     assert!(stdout(&out).contains("\"final\""), "{}", stdout(&out));
     let out = archipel(w, &["ledger", "show", "99999999", "--node", &node]);

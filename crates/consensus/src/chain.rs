@@ -20,6 +20,10 @@ use std::sync::{Mutex, MutexGuard};
 /// Mempool capacity per node.
 pub const MEMPOOL_CAPACITY: usize = 100_000;
 
+/// Most `?wait=final` waiters a node keeps at once (requests whose transaction is not final yet);
+/// beyond it [`Chain::watch_tx`] answers [`TxWatch::Busy`].
+pub const MAX_TX_WAITERS: usize = 10_000;
+
 /// Where a finalized transaction is and what it did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TxLocation {
@@ -73,7 +77,7 @@ struct Inner {
     txs: HashMap<Hash, TxLocation>,
     mempool: Mempool,
     pending: HashMap<Hash, Executed>,
-    tx_waiters: HashMap<Hash, Vec<oneshot::Sender<TxLocation>>>,
+    tx_waiters: TxWaiters,
     block_waiters: Vec<oneshot::Sender<u64>>,
     mempool_waiters: Vec<oneshot::Sender<()>>,
 }
@@ -124,7 +128,7 @@ impl Chain {
                 txs,
                 mempool: Mempool::new(MempoolLimits { capacity: MEMPOOL_CAPACITY, ..MempoolLimits::default() }),
                 pending: HashMap::new(),
-                tx_waiters: HashMap::new(),
+                tx_waiters: TxWaiters::default(),
                 block_waiters: Vec::new(),
                 mempool_waiters: Vec::new(),
             }),
@@ -245,15 +249,24 @@ impl Chain {
         }
     }
 
-    /// The location of `hash` if final, or a receiver that fires when it is.
-    pub fn watch_tx(&self, hash: Hash) -> Result<TxLocation, oneshot::Receiver<TxLocation>> {
+    /// The location of `hash` if final, or a receiver that fires when it is. A waiter whose
+    /// receiver was dropped (its request ended or timed out) is removed when the waiters are
+    /// full, before refusing: at most [`MAX_TX_WAITERS`] are kept.
+    pub fn watch_tx(&self, hash: Hash) -> TxWatch {
         let mut g = self.lock();
         if let Some(loc) = g.txs.get(&hash) {
-            return Ok(loc.clone());
+            return TxWatch::Final(loc.clone());
         }
-        let (tx, rx) = oneshot::channel();
-        g.tx_waiters.entry(hash).or_default().push(tx);
-        Err(rx)
+        match g.tx_waiters.add(hash) {
+            Some(rx) => TxWatch::Wait(rx),
+            None => TxWatch::Busy,
+        }
+    }
+
+    /// Number of `?wait=final` waiters held (including ones whose request already ended and that
+    /// the next [`Chain::watch_tx`] at capacity removes).
+    pub fn tx_waiters(&self) -> usize {
+        self.lock().tx_waiters.count
     }
 
     /// `Ok(head height)` if the head is above `height`, or a receiver that fires at the next
@@ -448,18 +461,28 @@ impl Chain {
         Ok(last)
     }
 
-    /// A finalized block and its certificate.
+    /// A finalized block and its certificate (read under the lock, decoded outside it).
     pub fn block(&self, height: u64) -> Result<Option<(Block, Vec<u8>)>, String> {
-        let g = self.lock();
-        let Some(r) = g.store.get(height)? else { return Ok(None) };
-        let b = Block::from_bytes(&r.block, g.state.params().max_block_txs as usize)?;
+        let (record, max_txs) = {
+            let g = self.lock();
+            (g.store.get(height)?, g.state.params().max_block_txs as usize)
+        };
+        let Some(r) = record else { return Ok(None) };
+        let b = Block::from_bytes(&r.block, max_txs)?;
         Ok(Some((b, r.certificate)))
     }
 
-    /// The export-format bytes of finalized blocks from `from` up to the last certified one.
-    pub fn raw_blocks_from(&self, from: u64) -> Result<Vec<u8>, String> {
+    /// The export-format bytes of at most `max_blocks` finalized blocks from `from`, never past
+    /// the last certified one, and the height of that last certified block. One short lock per
+    /// call: an export reads the log in such chunks.
+    pub fn raw_blocks_from(&self, from: u64, max_blocks: u64) -> Result<(Vec<u8>, u64), String> {
         let g = self.lock();
-        g.store.raw_range(from, g.certified)
+        let from = from.max(1);
+        let to = from.saturating_add(max_blocks.max(1) - 1).min(g.certified);
+        if from > to {
+            return Ok((Vec::new(), g.certified));
+        }
+        Ok((g.store.raw_range(from, to)?, g.certified))
     }
 
     /// The headers after `height` up to the first block with a certificate of its own, and that
@@ -511,6 +534,52 @@ impl Chain {
         };
         let proof = StateProof { header, key: key.to_string(), value_hex: hex::encode(value), path };
         Ok(Proven::Ready { proof, links, certificate })
+    }
+}
+
+/// What [`Chain::watch_tx`] found.
+#[derive(Debug)]
+pub enum TxWatch {
+    /// Already final.
+    Final(TxLocation),
+    /// Fires once it is final (dropping it frees the waiter).
+    Wait(oneshot::Receiver<TxLocation>),
+    /// [`MAX_TX_WAITERS`] requests already wait: retry later.
+    Busy,
+}
+
+/// Requests waiting for transactions to become final, with their number.
+#[derive(Default)]
+struct TxWaiters {
+    by_tx: HashMap<Hash, Vec<oneshot::Sender<TxLocation>>>,
+    count: usize,
+}
+
+impl TxWaiters {
+    /// A new waiter for `hash`; at capacity, first drops the waiters whose request ended, and
+    /// `None` if that frees nothing.
+    fn add(&mut self, hash: Hash) -> Option<oneshot::Receiver<TxLocation>> {
+        if self.count >= MAX_TX_WAITERS {
+            self.by_tx.retain(|_, ws| {
+                ws.retain(|w| !w.is_canceled());
+                !ws.is_empty()
+            });
+            self.count = self.by_tx.values().map(Vec::len).sum();
+            if self.count >= MAX_TX_WAITERS {
+                return None;
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        self.by_tx.entry(hash).or_default().push(tx);
+        self.count += 1;
+        Some(rx)
+    }
+
+    /// Takes the waiters of `hash` (it became final).
+    fn remove(&mut self, hash: &Hash) -> Option<Vec<oneshot::Sender<TxLocation>>> {
+        let ws = self.by_tx.remove(hash)?;
+        self.count -= ws.len();
+        Some(ws)
     }
 }
 
@@ -665,5 +734,62 @@ mod tests {
         assert_eq!(c.block(2).unwrap().unwrap().0, second);
         assert_eq!(c.block(3).unwrap().unwrap().1, vec![3]);
         assert!(c.finalize_known(&second.hash(), vec![2]).unwrap().is_none(), "already final");
+    }
+
+    #[test]
+    fn waiters_of_ended_requests_are_freed_and_the_waiters_are_bounded() {
+        let c = chain();
+        // Requests that gave up (timed out, or the client went away) drop their receiver.
+        for i in 0..3 * MAX_TX_WAITERS as u64 {
+            let mut h = [0u8; 32];
+            h[..8].copy_from_slice(&i.to_be_bytes());
+            match c.watch_tx(Hash(h)) {
+                TxWatch::Wait(rx) => drop(rx),
+                other => panic!("waiter {i}: {other:?}"),
+            }
+            assert!(c.tx_waiters() <= MAX_TX_WAITERS, "{} waiters after {i}", c.tx_waiters());
+        }
+        // Requests still waiting are kept, up to the cap; then the node says it is busy.
+        let held: Vec<_> = (0..MAX_TX_WAITERS as u64)
+            .map(|i| {
+                let mut h = [1u8; 32];
+                h[..8].copy_from_slice(&i.to_be_bytes());
+                c.watch_tx(Hash(h))
+            })
+            .collect();
+        assert!(held.iter().all(|w| matches!(w, TxWatch::Wait(_))));
+        assert_eq!(c.tx_waiters(), MAX_TX_WAITERS);
+        assert!(matches!(c.watch_tx(Hash([9; 32])), TxWatch::Busy));
+        drop(held);
+        assert!(matches!(c.watch_tx(Hash([9; 32])), TxWatch::Wait(_)), "freed once the requests ended");
+        assert_eq!(c.tx_waiters(), 1);
+    }
+
+    #[test]
+    fn raw_blocks_are_read_in_bounded_chunks_up_to_the_last_certified_block() {
+        let c = chain();
+        let mut parent = c.genesis().hash();
+        for i in 1..=5u64 {
+            let b = c.build(&parent, i * 1_000, |_| Vec::new()).unwrap();
+            parent = b.hash();
+            // Block 5 is final as the ancestor of nothing certified yet: no certificate.
+            let cert = if i == 5 { Vec::new() } else { vec![i as u8] };
+            c.finalize(b, cert).unwrap().unwrap();
+        }
+        let count = |raw: &[u8]| {
+            let mut at = 0;
+            let mut n = 0;
+            while at < raw.len() {
+                archipel_ledger::export::take_record(raw, &mut at, 1 << 20).unwrap();
+                archipel_ledger::export::take_record(raw, &mut at, 1 << 20).unwrap();
+                n += 1;
+            }
+            n
+        };
+        let (raw, certified) = c.raw_blocks_from(1, 2).unwrap();
+        assert_eq!((count(&raw), certified), (2, 4));
+        assert_eq!(count(&c.raw_blocks_from(3, 256).unwrap().0), 2, "stops at the last certified block");
+        assert!(c.raw_blocks_from(5, 256).unwrap().0.is_empty());
+        assert!(c.raw_blocks_from(u64::MAX, u64::MAX).unwrap().0.is_empty());
     }
 }

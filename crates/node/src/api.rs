@@ -1,31 +1,42 @@
 //! The node's HTTP API (axum).
 //!
-//! Public reads: `/health`, `/metrics`, `GET /v1/node`, `GET /v1/nodes`. Everything else under
-//! `/v1/` must be signed (see `archipel_crypto` request signing): the [`authenticate`] middleware
-//! verifies the signature, clock skew, nonce and that the key is known to the network, and answers
-//! 401/403 with a JSON body naming the failed check.
+//! Public reads: `/health`, `/metrics`, `GET /v1/node`, `GET /v1/nodes` and the ledger reads of
+//! [`crate::ledger_api`]. The other calls under `/v1/` must be signed (see `archipel_crypto`
+//! request signing): the [`authenticate`] middleware verifies the signature, clock skew, nonce and
+//! that the key is known to the network, and answers 401/403 with a JSON body naming the failed
+//! check.
+//!
+//! The API cannot starve consensus: it runs on its own tokio runtime ([`ApiServer`]), at most
+//! `max_concurrent_requests` requests are handled at once, public reads are rate-limited per
+//! source address and signed calls per key ([`crate::config::ApiLimits`]); a refused call gets 429
+//! with `Retry-After` and a JSON error naming the limit.
 //!
 //! `/health` answers 200 while this node's ledger keeps up with consensus, and 503 with the reason
 //! while its applier is stalled; meanwhile reads that answer from the current finalized state
 //! (`/v1/ledger/head`, `/v1/accounts/…`, `/v1/proof/state/…`) are refused with 503
 //! `ledger_stalled` rather than served stale.
 
+use crate::config::ApiLimits;
 use crate::genesis::Genesis;
 use crate::gossip::{SharedPeerTable, lock_table};
 use crate::membership::PeerStatus;
+use crate::ratelimit::{RateLimiter, source_of};
 use archipel_crypto::{AuthError, RequestVerifier, SignedDescriptor, SignedRequestHeaders};
 use archipel_types::{NodeId, Role};
 use axum::body::Body;
+use axum::extract::connect_info::{ConnectInfo, IntoMakeServiceWithConnectInfo};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::Semaphore;
 
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -54,6 +65,29 @@ pub struct ApiState {
     pub chain: Arc<archipel_consensus::Chain>,
     /// Encoded transactions to gossip to the validators.
     pub tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    /// Concurrency and rate limits.
+    pub guards: ApiGuards,
+}
+
+/// The API's admission control, built from [`ApiLimits`].
+#[derive(Debug)]
+pub struct ApiGuards {
+    limits: ApiLimits,
+    in_flight: Arc<Semaphore>,
+    reads: RateLimiter<IpAddr>,
+    signed: RateLimiter<NodeId>,
+}
+
+impl ApiGuards {
+    /// Guards enforcing `limits`.
+    pub fn new(limits: ApiLimits) -> Self {
+        ApiGuards {
+            limits,
+            in_flight: Arc::new(Semaphore::new(limits.max_concurrent_requests.get() as usize)),
+            reads: RateLimiter::new(limits.reads_per_second_per_ip, limits.read_burst_per_ip),
+            signed: RateLimiter::new(limits.signed_per_second_per_key, limits.signed_burst_per_key),
+        }
+    }
 }
 
 impl std::fmt::Debug for ApiState {
@@ -73,6 +107,15 @@ pub struct ApiError {
 
 pub(crate) fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (status, Json(ApiError { error: code.into(), message: message.into() })).into_response()
+}
+
+/// An error answer telling the caller to retry after `wait` (`Retry-After`, whole seconds, at
+/// least 1).
+pub(crate) fn retry_later(status: StatusCode, code: &str, message: impl Into<String>, wait: Duration) -> Response {
+    let mut r = error(status, code, message);
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    r
 }
 
 /// The authenticated caller of a signed request.
@@ -146,7 +189,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/node/shutdown", post(shutdown))
         .route("/v1/admissions", post(admit))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), authenticate));
-    Router::new()
+    let public = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/node", get(node))
@@ -155,9 +198,128 @@ pub fn router(state: Arc<ApiState>) -> Router {
             crate::ledger_api::routes()
                 .route_layer(axum::middleware::from_fn_with_state(state.clone(), refuse_stale_reads)),
         )
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), limit_reads));
+    Router::new()
+        .merge(public)
         .merge(signed)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see README 'HTTP API'") })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), limit_concurrency))
         .with_state(state)
+}
+
+/// The router as a service that knows each connection's source address (for per-IP limits).
+pub fn service(state: Arc<ApiState>) -> IntoMakeServiceWithConnectInfo<Router, SocketAddr> {
+    router(state).into_make_service_with_connect_info::<SocketAddr>()
+}
+
+/// The HTTP API's own tokio runtime: handlers, exports and waits never run on the threads that
+/// run consensus. Create it before the consensus runtime, [`ApiServer::serve`] from inside it,
+/// and [`ApiServer::stop`] it after the consensus runtime returned (a runtime cannot be dropped
+/// from async code).
+#[derive(Debug)]
+pub struct ApiServer {
+    runtime: tokio::runtime::Runtime,
+}
+
+impl ApiServer {
+    /// Starts the runtime with `limits.worker_threads` threads named `archipel-api`.
+    pub fn new(limits: &ApiLimits) -> Result<Self, String> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(limits.worker_threads.get() as usize)
+            .thread_name("archipel-api")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the API runtime: {e}"))?;
+        Ok(ApiServer { runtime })
+    }
+
+    /// A handle to spawn the server from another runtime.
+    pub fn handle(&self) -> ApiHandle {
+        ApiHandle(self.runtime.handle().clone())
+    }
+
+    /// Stops the runtime, giving running requests up to `grace`.
+    pub fn stop(self, grace: Duration) {
+        self.runtime.shutdown_timeout(grace);
+    }
+}
+
+/// Spawns the HTTP server on an [`ApiServer`]'s runtime.
+#[derive(Clone, Debug)]
+pub struct ApiHandle(tokio::runtime::Handle);
+
+impl ApiHandle {
+    /// Serves `state` on `listener` until `stop` turns true; the task ends when the server has.
+    pub fn serve(
+        &self,
+        listener: std::net::TcpListener,
+        state: Arc<ApiState>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<tokio::task::JoinHandle<()>, String> {
+        let _in_runtime = self.0.enter();
+        listener.set_nonblocking(true).map_err(|e| format!("API listener: {e}"))?;
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| format!("API listener: {e}"))?;
+        Ok(self.0.spawn(async move {
+            let _ = axum::serve(listener, service(state))
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+        }))
+    }
+}
+
+/// Middleware: at most `max_concurrent_requests` requests at once; the permit is held until the
+/// response body has been sent (an export streams for a while).
+async fn limit_concurrency(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    let Ok(permit) = s.guards.in_flight.clone().try_acquire_owned() else {
+        let max = s.guards.limits.max_concurrent_requests;
+        return retry_later(
+            StatusCode::TOO_MANY_REQUESTS,
+            "concurrency_limit",
+            format!("this node already handles {max} requests (api.limits.max_concurrent_requests): retry in a moment"),
+            Duration::from_secs(1),
+        );
+    };
+    let (parts, body) = next.run(req).await.into_parts();
+    if axum::body::HttpBody::size_hint(&body).exact().is_some() {
+        // Already complete in memory: the request is done.
+        return Response::from_parts(parts, body);
+    }
+    let body = futures::StreamExt::map(body.into_data_stream(), move |chunk| {
+        let _held = &permit;
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(body))
+}
+
+/// Middleware: public reads (`GET`) are rate-limited per source address. Submissions are not:
+/// every transaction carries its own signature and fee, and the mempool bounds them.
+async fn limit_reads(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return next.run(req).await;
+    }
+    let ip = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| source_of(c.0.ip()));
+    match s.guards.reads.take(ip, Instant::now()) {
+        Ok(()) => next.run(req).await,
+        Err(wait) => {
+            let l = &s.guards.limits;
+            retry_later(
+                StatusCode::TOO_MANY_REQUESTS,
+                "ip_rate_limit",
+                format!(
+                    "{ip} made more than {} reads in a burst, {} per second (api.limits.read_burst_per_ip, reads_per_second_per_ip): retry after {} ms",
+                    l.read_burst_per_ip,
+                    l.reads_per_second_per_ip,
+                    wait.as_millis().max(1)
+                ),
+                wait,
+            )
+        }
+    }
 }
 
 async fn health(State(s): State<Arc<ApiState>>) -> Response {
@@ -350,6 +512,21 @@ pub async fn authenticate(State(s): State<Arc<ApiState>>, req: Request, next: Ne
     };
     match verdict {
         Ok(caller) => {
+            if let Err(wait) = s.guards.signed.take(caller, Instant::now()) {
+                let l = &s.guards.limits;
+                return retry_later(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "key_rate_limit",
+                    format!(
+                        "key {} made more than {} signed calls in a burst, {} per second (api.limits.signed_burst_per_key, signed_per_second_per_key): retry after {} ms",
+                        caller.short(),
+                        l.signed_burst_per_key,
+                        l.signed_per_second_per_key,
+                        wait.as_millis().max(1)
+                    ),
+                    wait,
+                );
+            }
             parts.extensions.insert(Caller(caller));
             next.run(Request::from_parts(parts, Body::from(bytes))).await
         }
@@ -362,8 +539,204 @@ fn auth_error(e: &AuthError) -> Response {
     error(status, e.code(), e.to_string())
 }
 
+/// A one-node network's API state for the API's tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::config::{ApiConfig, NodeConfig, P2pConfig};
+    use crate::genesis::GenesisAccount;
+    use crate::membership::PeerTable;
+    use archipel_consensus::{Chain, MemoryStore};
+    use archipel_crypto::Identity;
+
+    /// The tenant account of [`state`], funded in its genesis.
+    pub(crate) fn tenant() -> Identity {
+        Identity::from_seed(7)
+    }
+
+    /// The API state of a one-node network enforcing `limits`; nothing finalizes unless the test
+    /// finalizes blocks itself.
+    pub(crate) fn state(limits: ApiLimits) -> Arc<ApiState> {
+        let node = Identity::from_seed(1);
+        let cfg = NodeConfig {
+            name: "n01".into(),
+            key_file: "node.key".into(),
+            data_dir: "data".into(),
+            genesis_file: "genesis.json".into(),
+            region: "eu-de".parse().unwrap(),
+            country: "DE".parse().unwrap(),
+            operator: "acme".into(),
+            operator_jurisdiction: "DE".parse().unwrap(),
+            capacity: "1GiB".parse().unwrap(),
+            roles: "validator".parse().unwrap(),
+            p2p: P2pConfig {
+                listen: "127.0.0.1:1".parse().unwrap(),
+                public: None,
+                egress_ip: None,
+                allow_private_ips: true,
+            },
+            api: ApiConfig { listen: "127.0.0.1:2".parse().unwrap(), public: None, limits },
+        };
+        let own = crate::run::own_descriptor(&node, &cfg, None, 1).unwrap();
+        let genesis = Genesis {
+            network: "api-test".into(),
+            created_at_ms: 1,
+            nodes: vec![own.clone()],
+            validators: vec![node.node_id()],
+            accounts: vec![GenesisAccount { name: "tenant".into(), key: tenant().node_id(), balance_micro: 1 << 40 }],
+            membership: Default::default(),
+            ledger: Default::default(),
+        };
+        let chain = Chain::open(genesis.ledger_state(), Box::new(MemoryStore::default())).unwrap();
+        let table = PeerTable::new(own.clone(), vec![own.clone()], genesis.node_ids(), genesis.membership);
+        let (tx_out, _) = tokio::sync::mpsc::unbounded_channel();
+        let (shutdown, _) = tokio::sync::watch::channel(false);
+        Arc::new(ApiState {
+            table: Arc::new(Mutex::new(table)),
+            genesis_hash: genesis.hash(),
+            accounts: genesis.accounts.iter().map(|a| a.key).collect(),
+            genesis: Arc::new(genesis),
+            own,
+            verifier: Mutex::new(RequestVerifier::default()),
+            render_metrics: Box::new(String::new),
+            started: Instant::now(),
+            shutdown,
+            chain: Arc::new(chain),
+            tx_out,
+            guards: ApiGuards::new(limits),
+        })
+    }
+
+    /// Serves `state` on a free loopback port of the current runtime; returns its base URL.
+    pub(crate) async fn serve(state: Arc<ApiState>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, service(state)).await });
+        url
+    }
+
+    /// `limits` with the given changes.
+    pub(crate) fn limits(change: impl FnOnce(&mut ApiLimits)) -> ApiLimits {
+        let mut l = ApiLimits::default();
+        change(&mut l);
+        l
+    }
+
+    /// A non-zero `u32`.
+    pub(crate) fn nz(v: u32) -> std::num::NonZeroU32 {
+        std::num::NonZeroU32::new(v).unwrap()
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::*;
+    use super::*;
+    use crate::client::{ApiClient, ClientError};
+    use archipel_crypto::Identity;
+
+    async fn get(url: &str) -> reqwest::Response {
+        reqwest::Client::builder().no_proxy().build().unwrap().get(url).send().await.unwrap()
+    }
+
+    async fn refusal(r: reqwest::Response) -> (u16, Option<String>, String) {
+        let status = r.status().as_u16();
+        let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+        let e: ApiError = r.json().await.unwrap();
+        assert!(!e.message.is_empty());
+        (status, retry, e.error)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn public_reads_are_limited_per_source_address() {
+        let state = state(limits(|l| {
+            l.reads_per_second_per_ip = nz(1);
+            l.read_burst_per_ip = nz(3);
+        }));
+        let url = serve(state).await;
+        for _ in 0..3 {
+            assert_eq!(get(&format!("{url}/health")).await.status(), 200);
+        }
+        let (status, retry, code) = refusal(get(&format!("{url}/v1/ledger/head")).await).await;
+        assert_eq!((status, retry.as_deref(), code.as_str()), (429, Some("1"), "ip_rate_limit"));
+        // The client waits as told and asks again.
+        let client = ApiClient::new(&url);
+        client.get::<serde_json::Value>("/v1/ledger/head").await.expect("answered after Retry-After");
+        // Submissions are not reads: judged by the ledger (here: not a transaction), not limited.
+        match client.raw("POST", "/v1/tx", b"junk".to_vec(), Duration::from_secs(5)).await {
+            Err(ClientError::Api { status, code, .. }) => assert_eq!((status, code.as_str()), (400, "malformed")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn signed_calls_are_limited_per_key() {
+        let state = state(limits(|l| {
+            l.signed_per_second_per_key = nz(1);
+            l.signed_burst_per_key = nz(2);
+        }));
+        let url = serve(state).await;
+        let tenant = ApiClient::new(&url).with_identity(tenant());
+        for _ in 0..2 {
+            tenant.get::<serde_json::Value>("/v1/whoami").await.unwrap();
+        }
+        match tenant.get::<serde_json::Value>("/v1/whoami").await {
+            Err(ClientError::Api { status, code, message, .. }) => {
+                assert_eq!((status, code.as_str()), (429, "key_rate_limit"));
+                assert!(message.contains("signed_burst_per_key"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let node = ApiClient::new(&url).with_identity(Identity::from_seed(1));
+        node.get::<serde_json::Value>("/v1/whoami").await.expect("another key has its own limit");
+        // A key that is not allowed is refused for that reason, before any limit.
+        let stranger = ApiClient::new(&url).with_identity(Identity::from_seed(99));
+        assert!(matches!(stranger.get::<serde_json::Value>("/v1/whoami").await, Err(e) if e.status() == Some(403)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_in_flight_are_capped() {
+        let state = state(limits(|l| l.max_concurrent_requests = nz(1)));
+        let url = serve(state).await;
+        // A long poll for a block that does not come holds the only slot.
+        let poll = format!("{url}/v1/ledger/blocks?from=5&wait_ms=1500");
+        let waiting = tokio::spawn(async move { get(&poll).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (status, retry, code) = refusal(get(&format!("{url}/health")).await).await;
+        assert_eq!((status, retry.as_deref(), code.as_str()), (429, Some("1"), "concurrency_limit"));
+        assert_eq!(waiting.await.unwrap().status(), 200);
+        assert_eq!(get(&format!("{url}/health")).await.status(), 200, "the slot is free again");
+    }
+
+    #[test]
+    fn the_api_answers_while_the_consensus_runtime_is_busy() {
+        let server = ApiServer::new(&ApiLimits::default()).unwrap();
+        let state = state(ApiLimits::default());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/health", listener.local_addr().unwrap());
+        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        let consensus = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let api = server.handle();
+        let answered = consensus.block_on(async move {
+            let _server = api.serve(listener, state, stop).unwrap();
+            let asked = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async {
+                    let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
+                    client.get(&url).send().await.map(|r| r.status().as_u16())
+                })
+            });
+            // The consensus runtime's only thread is busy for longer than the client waits.
+            std::thread::sleep(Duration::from_secs(3));
+            asked.join().unwrap()
+        });
+        server.stop(Duration::from_millis(100));
+        assert_eq!(answered.map_err(|e| e.to_string()), Ok(200));
+    }
+}
+
+#[cfg(test)]
+mod stall_tests {
     use super::*;
     use archipel_consensus::{Chain, MemoryStore};
     use archipel_ledger::{GenesisState, State as LedgerState};

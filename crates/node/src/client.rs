@@ -101,7 +101,7 @@ impl ApiClient {
         if !body.is_empty() {
             req = req.header("content-type", "application/json").body(body);
         }
-        let bytes = send(req, &url).await?;
+        let bytes = send(req, &url, self.identity.is_some()).await?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode { url, reason: e.to_string() })
     }
 
@@ -125,7 +125,7 @@ impl ApiClient {
         if !body.is_empty() {
             req = req.header("content-type", "application/octet-stream").body(body);
         }
-        Ok(send(req, &url).await?.to_vec())
+        Ok(send(req, &url, false).await?.to_vec())
     }
 
     /// Submits a signed transaction; with `wait_final`, answers once it is in a finalized block.
@@ -158,11 +158,38 @@ impl ApiClient {
     }
 }
 
+/// Most times a read refused with 429 is sent again.
+pub const READ_RETRIES: u32 = 3;
+
+/// Longest `Retry-After` a read waits for before being sent again (longer: the 429 is returned).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(2);
+
 /// Sends `req` and returns the body of a successful answer; an error answer becomes
-/// [`ClientError::Api`] with the code and message from its JSON body.
-async fn send(req: reqwest::RequestBuilder, url: &str) -> Result<bytes::Bytes, ClientError> {
+/// [`ClientError::Api`] with the code and message from its JSON body. An unsigned `GET` refused
+/// by the node's rate limit (429) is sent again after its `Retry-After`, up to [`READ_RETRIES`]
+/// times (a signed request is not: its nonce is spent).
+async fn send(mut req: reqwest::RequestBuilder, url: &str, signed: bool) -> Result<bytes::Bytes, ClientError> {
     let unreachable = |e: reqwest::Error| ClientError::Unreachable { url: url.to_string(), reason: root_cause(&e) };
-    let resp = req.send().await.map_err(unreachable)?;
+    let is_get =
+        !signed && req.try_clone().and_then(|r| r.build().ok()).is_some_and(|r| r.method() == reqwest::Method::GET);
+    let mut retries = 0;
+    let resp = loop {
+        let again = if is_get && retries < READ_RETRIES { req.try_clone() } else { None };
+        let resp = req.send().await.map_err(unreachable)?;
+        let wait = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .map(Duration::from_secs);
+        match (resp.status().as_u16(), wait, again) {
+            (429, Some(wait), Some(again)) if wait <= MAX_RETRY_AFTER => {
+                tokio::time::sleep(wait).await;
+                retries += 1;
+                req = again;
+            }
+            _ => break resp,
+        }
+    };
     let status = resp.status();
     let bytes = resp.bytes().await.map_err(unreachable)?;
     if !status.is_success() {

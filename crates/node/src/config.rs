@@ -7,6 +7,7 @@
 use archipel_types::{ByteSize, CountryCode, Region, Roles};
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 
 /// The documented template written by `archipel node init` (values are filled in).
@@ -76,6 +77,42 @@ pub struct ApiConfig {
     /// Address clients use (defaults to `listen`; must not be 0.0.0.0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public: Option<SocketAddr>,
+    /// Limits that keep API callers from starving consensus (section `[api.limits]`).
+    #[serde(default)]
+    pub limits: ApiLimits,
+}
+
+/// How much of the node the HTTP API may use. Every value must be at least 1; a refused call
+/// gets 429 with `Retry-After` and a JSON error naming the limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiLimits {
+    /// Worker threads of the API's own runtime (consensus runs on another one).
+    pub worker_threads: NonZeroU32,
+    /// Requests handled at once, over all callers (a streamed export counts until it ends).
+    pub max_concurrent_requests: NonZeroU32,
+    /// Public reads (`GET` without a request signature) per second from one source IP address.
+    pub reads_per_second_per_ip: NonZeroU32,
+    /// Public reads one source IP address may make in a burst.
+    pub read_burst_per_ip: NonZeroU32,
+    /// Signed calls per second from one key (checked after the signature).
+    pub signed_per_second_per_key: NonZeroU32,
+    /// Signed calls one key may make in a burst.
+    pub signed_burst_per_key: NonZeroU32,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        let n = |v: u32| NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN);
+        ApiLimits {
+            worker_threads: n(2),
+            max_concurrent_requests: n(256),
+            reads_per_second_per_ip: n(100),
+            read_burst_per_ip: n(200),
+            signed_per_second_per_key: n(20),
+            signed_burst_per_key: n(40),
+        }
+    }
 }
 
 fn default_true() -> bool {
@@ -245,7 +282,7 @@ mod tests {
                 egress_ip: None,
                 allow_private_ips: true,
             },
-            api: ApiConfig { listen: "127.0.0.2:23101".parse().unwrap(), public: None },
+            api: ApiConfig { listen: "127.0.0.2:23101".parse().unwrap(), public: None, limits: ApiLimits::default() },
         }
     }
 
@@ -287,5 +324,23 @@ mod tests {
         std::fs::write(&path, "name = [").unwrap();
         assert!(matches!(NodeConfig::load(&path), Err(ConfigError::Malformed { .. })));
         assert!(matches!(NodeConfig::load(&dir.path().join("none.toml")), Err(ConfigError::Missing(_))));
+    }
+
+    #[test]
+    fn api_limits_default_when_absent_and_zero_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        let good = sample().to_toml().unwrap();
+        assert!(good.contains("[api.limits]") && good.contains("reads_per_second_per_ip = 100"), "{good}");
+        let without: String = good.lines().take_while(|l| *l != "[api.limits]").collect::<Vec<_>>().join("\n");
+        std::fs::write(&path, &without).unwrap();
+        assert_eq!(NodeConfig::load(&path).unwrap().api.limits, ApiLimits::default(), "configs written before limits");
+        std::fs::write(&path, format!("{without}\n[api.limits]\nreads_per_second_per_ip = 5\n")).unwrap();
+        let cfg = NodeConfig::load(&path).unwrap();
+        assert_eq!(cfg.api.limits.reads_per_second_per_ip.get(), 5);
+        assert_eq!(cfg.api.limits.read_burst_per_ip, ApiLimits::default().read_burst_per_ip, "others keep defaults");
+        std::fs::write(&path, format!("{without}\n[api.limits]\nmax_concurrent_requests = 0\n")).unwrap();
+        let err = NodeConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("max_concurrent_requests") && err.contains("nonzero"), "{err}");
     }
 }

@@ -3,25 +3,67 @@
 //!
 //! Transactions carry their own signature, so `POST /v1/tx` needs no request signature; reads
 //! are public like the rest of a ledger.
+//!
+//! Every answer is bounded, so no caller holds the chain lock or the node's memory for long:
+//! block lists hold at most [`MAX_BLOCKS_PER_PAGE`] blocks, waits end after [`MAX_WAIT`], and the
+//! export streams the block log in chunks read under short locks.
 
-use crate::api::{ApiState, error};
-use archipel_consensus::{Proven, TxLocation, TxStatus};
+use crate::api::{ApiState, error, retry_later};
+use archipel_consensus::chain::TxWatch;
+use archipel_consensus::{Chain, Proven, TxLocation, TxStatus};
 use archipel_ledger::{
     Account, Block, BlockHeader, Hash, LeaseStatus, SignedTransaction, StateKey, StateProof, TxProof,
 };
 use archipel_types::NodeId;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Longest `?wait=final` / `wait_ms` wait.
-pub const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Longest `?wait=final` / `wait_ms` wait; a transaction not final by then is answered as still
+/// pending.
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// Most blocks in one `GET /v1/ledger/blocks` answer (a larger `limit` gets this many).
+pub const MAX_BLOCKS_PER_PAGE: u64 = 100;
+
+/// Most blocks an export reads from the log under one lock.
+pub const EXPORT_CHUNK_BLOCKS: u64 = 256;
+
+/// Bytes an export aims to read under one lock (fewer blocks per chunk when blocks are large).
+pub const EXPORT_CHUNK_BYTES: u64 = 1 << 20;
+
+/// The query parameters of a request, parsed one by one so that a bad value is answered with
+/// 400 naming the parameter.
+type Params = Query<HashMap<String, String>>;
+
+/// A query parameter that is not acceptable (the message starts with `name=`); answered with
+/// 400 `bad_query`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadQuery(pub String);
+
+impl IntoResponse for BadQuery {
+    fn into_response(self) -> Response {
+        error(StatusCode::BAD_REQUEST, "bad_query", self.0)
+    }
+}
+
+/// The whole-number parameter `name`, if given.
+fn param_u64(params: &HashMap<String, String>, name: &str) -> Result<Option<u64>, BadQuery> {
+    match params.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| BadQuery(format!("{name}={v:?} is not a whole number between 0 and {}", u64::MAX))),
+    }
+}
 
 /// The ledger routes.
 pub fn routes() -> Router<Arc<ApiState>> {
@@ -48,21 +90,17 @@ pub struct SubmitResponse {
     pub status: TxStatus,
 }
 
-/// `POST /v1/tx` query.
-#[derive(Debug, Deserialize)]
-pub struct SubmitQuery {
-    /// `final` to answer only once the transaction is in a finalized block.
-    pub wait: Option<String>,
-    /// How long to wait (ms, default 30 000).
-    pub timeout_ms: Option<u64>,
-}
-
-async fn submit(
-    State(s): State<Arc<ApiState>>,
-    Query(q): Query<SubmitQuery>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+/// `POST /v1/tx?wait=final&timeout_ms=N`: answers once the transaction is final, or after
+/// `timeout_ms` (default and at most [`MAX_WAIT`]) with its status (`pending`).
+async fn submit(State(s): State<Arc<ApiState>>, Query(q): Params, headers: HeaderMap, body: Bytes) -> Response {
+    let wait = match (q.get("wait").map(String::as_str), param_u64(&q, "timeout_ms")) {
+        (_, Err(bad)) => return bad.into_response(),
+        (None, _) => None,
+        (Some("final"), Ok(ms)) => Some(ms.map_or(MAX_WAIT, |ms| Duration::from_millis(ms).min(MAX_WAIT))),
+        (Some(other), _) => {
+            return BadQuery(format!("wait={other:?} is not supported: use wait=final")).into_response();
+        }
+    };
     let max = s.genesis.ledger.max_tx_bytes as usize;
     let json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
     let stx = if json {
@@ -93,27 +131,33 @@ async fn submit(
         }
     };
     let _ = s.tx_out.send(bytes);
-    match q.wait.as_deref() {
-        None => (StatusCode::ACCEPTED, Json(SubmitResponse { hash, status: s.chain.tx_status(&hash) })).into_response(),
-        Some("final") => {
-            let timeout = Duration::from_millis(q.timeout_ms.unwrap_or(30_000)).min(MAX_WAIT);
-            match wait_final(&s, hash, timeout).await {
-                Some(loc) => Json(SubmitResponse { hash, status: TxStatus::Final(loc) }).into_response(),
-                None => (
-                    StatusCode::GATEWAY_TIMEOUT,
-                    Json(serde_json::json!({
-                        "error": "not_final_yet",
-                        "message": format!("transaction {hash} was accepted but is not final after {} ms; check it with GET /v1/tx/{hash}", timeout.as_millis()),
-                        "hash": hash,
-                    })),
-                )
-                    .into_response(),
-            }
-        }
-        Some(other) => {
-            error(StatusCode::BAD_REQUEST, "bad_query", format!("wait={other} is not supported: use wait=final"))
-        }
+    let Some(timeout) = wait else {
+        return (StatusCode::ACCEPTED, Json(SubmitResponse { hash, status: s.chain.tx_status(&hash) })).into_response();
+    };
+    match wait_final(&s.chain, hash, timeout).await {
+        WaitOutcome::Final(loc) => Json(SubmitResponse { hash, status: TxStatus::Final(loc) }).into_response(),
+        WaitOutcome::TimedOut => still_pending(&s.chain, hash, timeout),
+        WaitOutcome::Busy => retry_later(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_waiters",
+            format!(
+                "transaction {hash} was accepted, but {} requests already wait for finality on this node: check it with GET /v1/tx/{hash}",
+                archipel_consensus::chain::MAX_TX_WAITERS
+            ),
+            Duration::from_secs(1),
+        ),
     }
+}
+
+/// 202 with the status of a transaction that was not final within `waited`.
+fn still_pending(chain: &Chain, hash: Hash, waited: Duration) -> Response {
+    let status = chain.tx_status(&hash);
+    let mut body = serde_json::to_value(SubmitResponse { hash, status }).unwrap_or_default();
+    body["message"] = serde_json::Value::String(format!(
+        "transaction {hash} was accepted and is still pending after {} ms: check it with GET /v1/tx/{hash}",
+        waited.as_millis()
+    ));
+    (StatusCode::ACCEPTED, Json(body)).into_response()
 }
 
 /// Most transactions in one `POST /v1/txs`.
@@ -181,10 +225,23 @@ async fn submit_batch(State(s): State<Arc<ApiState>>, body: Bytes) -> Response {
     Json(out).into_response()
 }
 
-async fn wait_final(s: &ApiState, hash: Hash, timeout: Duration) -> Option<TxLocation> {
-    match s.chain.watch_tx(hash) {
-        Ok(loc) => Some(loc),
-        Err(rx) => tokio::time::timeout(timeout, rx).await.ok()?.ok(),
+/// How a wait for finality ended.
+enum WaitOutcome {
+    Final(TxLocation),
+    TimedOut,
+    Busy,
+}
+
+/// Waits up to `timeout` for `hash` to be final. The waiter is dropped when this returns or is
+/// cancelled (the client went away), and the chain frees it.
+async fn wait_final(chain: &Chain, hash: Hash, timeout: Duration) -> WaitOutcome {
+    match chain.watch_tx(hash) {
+        TxWatch::Final(loc) => WaitOutcome::Final(loc),
+        TxWatch::Busy => WaitOutcome::Busy,
+        TxWatch::Wait(rx) => match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(loc)) => WaitOutcome::Final(loc),
+            _ => WaitOutcome::TimedOut,
+        },
     }
 }
 
@@ -279,26 +336,48 @@ async fn block(State(s): State<Arc<ApiState>>, Path(height): Path<u64>) -> Respo
     }
 }
 
-/// `GET /v1/ledger/blocks` query.
-#[derive(Debug, Deserialize)]
+/// `GET /v1/ledger/blocks` query, checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlocksQuery {
-    /// First height (default 1).
-    pub from: Option<u64>,
-    /// Most blocks (default 100, at most 1000).
-    pub limit: Option<u64>,
-    /// If no block at `from` exists yet, wait this long for one (ms).
-    pub wait_ms: Option<u64>,
+    /// First height (default 1; 0 counts as 1: the genesis is `/v1/ledger/blocks/0`).
+    pub from: u64,
+    /// Most blocks (default and at most [`MAX_BLOCKS_PER_PAGE`]).
+    pub limit: u64,
+    /// If no block at `from` exists yet, wait this long for one (at most [`MAX_WAIT`]).
+    pub wait: Option<Duration>,
 }
 
-async fn blocks(State(s): State<Arc<ApiState>>, Query(q): Query<BlocksQuery>) -> Response {
-    let from = q.from.unwrap_or(1).max(1);
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    if let (Some(ms), Err(rx)) = (q.wait_ms, s.chain.watch_height(from - 1)) {
-        let _ = tokio::time::timeout(Duration::from_millis(ms).min(MAX_WAIT), rx).await;
+impl BlocksQuery {
+    /// Parses `from`, `limit` and `wait_ms`; 400 naming the parameter when one is not a number
+    /// or `limit` is 0.
+    pub fn parse(params: &HashMap<String, String>) -> Result<Self, BadQuery> {
+        let from = param_u64(params, "from")?.unwrap_or(1).max(1);
+        let limit = match param_u64(params, "limit")? {
+            None => MAX_BLOCKS_PER_PAGE,
+            Some(0) => return Err(BadQuery(format!("limit=0 asks for no blocks: give 1 to {MAX_BLOCKS_PER_PAGE}"))),
+            Some(n) => n.min(MAX_BLOCKS_PER_PAGE),
+        };
+        let wait = param_u64(params, "wait_ms")?.map(|ms| Duration::from_millis(ms).min(MAX_WAIT));
+        Ok(BlocksQuery { from, limit, wait })
     }
-    let head = s.chain.head().height;
+
+    /// The heights to answer with when the head is at `head` (empty when `from` is above it).
+    pub fn heights(&self, head: u64) -> std::ops::RangeInclusive<u64> {
+        let last = self.from.saturating_add(self.limit - 1).min(head);
+        self.from..=last
+    }
+}
+
+async fn blocks(State(s): State<Arc<ApiState>>, Query(params): Params) -> Response {
+    let q = match BlocksQuery::parse(&params) {
+        Ok(q) => q,
+        Err(bad) => return bad.into_response(),
+    };
+    if let (Some(wait), Err(rx)) = (q.wait, s.chain.watch_height(q.from - 1)) {
+        let _ = tokio::time::timeout(wait, rx).await;
+    }
     let mut out = Vec::new();
-    for h in from..=head.min(from + limit - 1) {
+    for h in q.heights(s.chain.head().height) {
         match s.chain.block(h) {
             Ok(Some((b, c))) => out.push(block_view(b, &c)),
             Ok(None) => break,
@@ -308,13 +387,79 @@ async fn blocks(State(s): State<Arc<ApiState>>, Query(q): Query<BlocksQuery>) ->
     Json(out).into_response()
 }
 
+/// `GET /v1/ledger/export`: the genesis, then the blocks up to the last certified one when the
+/// request came, streamed.
 async fn export(State(s): State<Arc<ApiState>>) -> Response {
-    let mut out = archipel_ledger::export::start(&s.genesis.canonical_bytes());
-    match s.chain.raw_blocks_from(1) {
-        Ok(raw) => out.extend_from_slice(&raw),
-        Err(e) => return internal(e),
+    let head = archipel_ledger::export::start(&s.genesis.canonical_bytes());
+    match export_body(s.chain.clone(), head).await {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response(),
+        Err(e) => internal(e),
     }
-    ([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response()
+}
+
+/// Reads blocks `from..from + want` (up to the last certified one) on a blocking thread, under
+/// one short lock.
+async fn read_chunk(chain: &Arc<Chain>, from: u64, want: u64) -> Result<(Vec<u8>, u64), String> {
+    let chain = chain.clone();
+    tokio::task::spawn_blocking(move || chain.raw_blocks_from(from, want))
+        .await
+        .map_err(|e| format!("the task reading the block log failed: {e}"))?
+}
+
+/// Where a streamed export is.
+struct ExportCursor {
+    chain: Arc<Chain>,
+    next: u64,
+    /// The last block to send: the last certified block when the export started.
+    end: u64,
+    blocks_per_chunk: u64,
+}
+
+impl ExportCursor {
+    /// Moves past a chunk of `want` blocks asked from `next` that came as `bytes` bytes, and sizes
+    /// the next chunk to about [`EXPORT_CHUNK_BYTES`].
+    fn advance(&mut self, want: u64, bytes: usize) {
+        let from = self.next;
+        let last = from.saturating_add(want - 1).min(self.end);
+        self.next = last.saturating_add(1);
+        let got = last.saturating_sub(from) + 1;
+        self.blocks_per_chunk = match bytes as u64 {
+            0 => EXPORT_CHUNK_BLOCKS,
+            n => (got.saturating_mul(EXPORT_CHUNK_BYTES) / n).clamp(1, EXPORT_CHUNK_BLOCKS),
+        };
+    }
+}
+
+/// The export as a stream: `head` (magic, version, genesis) and the first chunk of blocks, read
+/// before answering (it fixes where the export ends), then the rest of the block log in chunks
+/// of at most [`EXPORT_CHUNK_BLOCKS`] blocks (fewer when blocks are large), each read under one
+/// short lock when the client has taken the previous one. A read error ends the stream early:
+/// the client sees a truncated export, never a wrong one.
+async fn export_body(chain: Arc<Chain>, mut head: Vec<u8>) -> Result<Body, String> {
+    let (first, end) = read_chunk(&chain, 1, EXPORT_CHUNK_BLOCKS).await?;
+    let mut cursor = ExportCursor { chain, next: 1, end, blocks_per_chunk: EXPORT_CHUNK_BLOCKS };
+    cursor.advance(EXPORT_CHUNK_BLOCKS, first.len());
+    head.extend_from_slice(&first);
+    let rest = futures::stream::unfold(Some(cursor), |cursor| async move {
+        let mut c = cursor?;
+        if c.next > c.end {
+            return None;
+        }
+        let want = c.blocks_per_chunk.min(c.end - c.next + 1);
+        match read_chunk(&c.chain, c.next, want).await {
+            Ok((bytes, _)) if bytes.is_empty() => None,
+            Ok((bytes, _)) => {
+                c.advance(want, bytes.len());
+                Some((Ok(Bytes::from(bytes)), Some(c)))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, from = c.next, "export stopped: cannot read the block log");
+                Some((Err(std::io::Error::other(e)), None))
+            }
+        }
+    });
+    let head = futures::stream::once(async move { Ok(Bytes::from(head)) });
+    Ok(Body::from_stream(futures::StreamExt::chain(head, rest)))
 }
 
 /// `GET /v1/accounts/{id}`.
@@ -403,4 +548,137 @@ async fn prove_state(State(s): State<Arc<ApiState>>, Path(key): Path<String>) ->
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_key", e),
     };
     proof_answer(&s, s.chain.prove_state(&key), format!("{key} is not in the state"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ApiError;
+    use crate::api::testing::{limits, serve, state, tenant};
+    use archipel_ledger::{Payload, Transaction};
+
+    fn http() -> reqwest::Client {
+        reqwest::Client::builder().no_proxy().build().unwrap()
+    }
+
+    /// Finalizes `n` empty blocks on the chain, each with a certificate.
+    fn grow(chain: &Chain, n: u64) {
+        for _ in 0..n {
+            let head = chain.head();
+            let b = chain.build(&head.hash(), head.timestamp_ms + 10, |_| Vec::new()).unwrap();
+            chain.finalize(b, vec![7; 40]).unwrap().unwrap();
+        }
+    }
+
+    fn params(q: &[(&str, &str)]) -> HashMap<String, String> {
+        q.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn block_ranges_are_capped_and_never_overflow() {
+        let q = BlocksQuery::parse(&params(&[("from", &u64::MAX.to_string()), ("limit", "100")])).unwrap();
+        assert!(q.heights(u64::MAX).eq([u64::MAX]), "the last height, not an overflow");
+        assert!(q.heights(10).is_empty());
+        let q = BlocksQuery::parse(&params(&[("limit", "1000000")])).unwrap();
+        assert_eq!((q.from, q.limit, q.wait), (1, MAX_BLOCKS_PER_PAGE, None));
+        assert_eq!(q.heights(1_000), 1..=MAX_BLOCKS_PER_PAGE);
+        let q = BlocksQuery::parse(&params(&[("from", "0"), ("wait_ms", "999999999")])).unwrap();
+        assert_eq!((q.from, q.wait), (1, Some(MAX_WAIT)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn block_lists_are_bounded_and_bad_parameters_named() {
+        let s = state(limits(|_| {}));
+        grow(&s.chain, 150);
+        let url = serve(s).await;
+        let list = |q: &'static str| {
+            let url = url.clone();
+            async move { http().get(format!("{url}/v1/ledger/blocks?{q}")).send().await.unwrap() }
+        };
+        let r = list("limit=1000").await;
+        assert_eq!(r.json::<Vec<BlockView>>().await.unwrap().len() as u64, MAX_BLOCKS_PER_PAGE);
+        let r = list("from=140").await;
+        let heights: Vec<u64> = r.json::<Vec<BlockView>>().await.unwrap().iter().map(|b| b.header.height).collect();
+        assert_eq!(heights, (140..=150).collect::<Vec<_>>());
+        let r = list("from=18446744073709551615&limit=100").await;
+        assert_eq!(r.status(), 200);
+        assert!(r.json::<Vec<BlockView>>().await.unwrap().is_empty());
+        for (q, name) in
+            [("limit=0", "limit"), ("from=-1", "from"), ("from=1&limit=x", "limit"), ("wait_ms=1e3", "wait_ms")]
+        {
+            let r = list(q).await;
+            assert_eq!(r.status(), 400, "{q}");
+            let e: ApiError = r.json().await.unwrap();
+            assert_eq!(e.error, "bad_query");
+            assert!(e.message.starts_with(&format!("{name}=")), "{q}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn export_chunks_shrink_for_large_blocks() {
+        let chain = state(limits(|_| {})).chain.clone();
+        let mut c = ExportCursor { chain, next: 1, end: 1_000, blocks_per_chunk: EXPORT_CHUNK_BLOCKS };
+        c.advance(256, 256 * 64 * 1024);
+        assert_eq!((c.next, c.blocks_per_chunk), (257, 16), "64 KiB blocks: 16 per MiB");
+        c.advance(16, 16 * (4 << 20));
+        assert_eq!((c.next, c.blocks_per_chunk), (273, 1), "never less than one block");
+        c.advance(1, 10);
+        assert_eq!(c.blocks_per_chunk, EXPORT_CHUNK_BLOCKS, "never more than the cap");
+        c.end = 280;
+        c.advance(256, 100);
+        assert_eq!(c.next, 281, "never past the end");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_export_streams_in_chunks() {
+        let s = state(limits(|_| {}));
+        grow(&s.chain, 2 * EXPORT_CHUNK_BLOCKS + 10);
+        let mut expected = archipel_ledger::export::start(&s.genesis.canonical_bytes());
+        expected.extend(s.chain.raw_blocks_from(1, u64::MAX).unwrap().0);
+        let chain = s.chain.clone();
+        let url = serve(s).await;
+        let mut r = http().get(format!("{url}/v1/ledger/export")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.content_length(), None, "streamed, not built whole in memory first");
+        let mut body = Vec::new();
+        let mut chunks = 0;
+        while let Some(c) = r.chunk().await.unwrap() {
+            if chunks == 0 {
+                // Blocks finalized during the export are not in it: it ends where it started.
+                grow(&chain, 3);
+            }
+            body.extend_from_slice(&c);
+            chunks += 1;
+        }
+        assert!(chunks >= 3, "{chunks} chunks");
+        assert_eq!(chain.head().height, 2 * EXPORT_CHUNK_BLOCKS + 13);
+        assert_eq!(body, expected);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wait_for_finality_ends_as_still_pending() {
+        let s = state(limits(|_| {}));
+        let chain = s.chain.clone();
+        let url = serve(s).await;
+        for nonce in 0..20 {
+            let tx = Transaction {
+                signer: tenant().node_id(),
+                nonce,
+                payload: Payload::Transfer { to: tenant().node_id(), amount_micro: 1 },
+            }
+            .sign(&tenant());
+            let r =
+                http().post(format!("{url}/v1/tx?wait=final&timeout_ms=20")).body(tx.to_bytes()).send().await.unwrap();
+            assert_eq!(r.status(), 202);
+            let v: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(v["status"], "pending", "{v}");
+            assert!(v["message"].as_str().unwrap().contains("still pending after 20 ms"), "{v}");
+            let answer: SubmitResponse = serde_json::from_value(v).unwrap();
+            assert_eq!(answer.hash, tx.hash());
+        }
+        assert!(chain.tx_waiters() <= archipel_consensus::chain::MAX_TX_WAITERS);
+        let r = http().post(format!("{url}/v1/tx?wait=final&timeout_ms=soon")).body(vec![]).send().await.unwrap();
+        assert_eq!(r.status(), 400);
+        assert!(r.json::<ApiError>().await.unwrap().message.starts_with("timeout_ms="));
+    }
 }

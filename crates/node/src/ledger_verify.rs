@@ -10,6 +10,23 @@ use archipel_ledger::export::{self, Verified};
 use archipel_ledger::{BlockHeader, ChainError};
 use std::cell::OnceCell;
 
+/// Length of a genesis hash in hex characters (BLAKE3, 32 bytes).
+pub const GENESIS_HASH_HEX_LEN: usize = 64;
+
+/// A genesis hash given by a user (`--genesis-hash`): exactly [`GENESIS_HASH_HEX_LEN`] hex
+/// characters, returned in lowercase as [`Genesis::hash`] writes it. A prefix is refused: it
+/// would let a different genesis with the same first digits through.
+pub fn parse_genesis_hash(text: &str) -> Result<String, String> {
+    let t = text.trim();
+    if let Some(bad) = t.chars().find(|c| !c.is_ascii_hexdigit()) {
+        return Err(format!("{bad:?} is not a hex digit"));
+    }
+    if t.len() != GENESIS_HASH_HEX_LEN {
+        return Err(format!("it has {} hex characters, not {GENESIS_HASH_HEX_LEN}", t.len()));
+    }
+    Ok(t.to_ascii_lowercase())
+}
+
 /// The consensus parameters of a genesis: its validators and namespace.
 pub fn consensus_config(genesis: &Genesis) -> ConsensusConfig {
     let validators = genesis.validators.iter().filter_map(|v| archipel_crypto::public_key(v).ok()).collect();
@@ -35,7 +52,10 @@ pub fn verify_export_pinned(bytes: &[u8], expected: Option<&str>) -> Result<(Gen
             if let Some(expected) = expected
                 && parsed.hash() != expected
             {
-                return Err(format!("its hash is {}, not the expected {expected}", parsed.hash()));
+                return Err(format!(
+                    "its hash is {}, not the trusted {expected}: the export is of another network (or its genesis was changed)",
+                    parsed.hash()
+                ));
             }
             let state = parsed.ledger_state();
             let cfg = consensus_config(&parsed);
@@ -124,6 +144,21 @@ pub fn verify_proof(genesis: &Genesis, proof: &AnyProof) -> Result<ProofReport, 
                 block: proof.header.hash(),
                 shows: format!("{} = {}", proof.key, value),
             })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_genesis_hash_is_all_64_hex_digits() {
+        let full = "ab".repeat(32);
+        assert_eq!(parse_genesis_hash(&format!(" {} ", full.to_uppercase())), Ok(full.clone()));
+        for bad in ["", "ab", &full[..63], &format!("{full}0"), &format!("{}zz", &full[..62])] {
+            let e = parse_genesis_hash(bad).unwrap_err();
+            assert!(e.contains("64") || e.contains("hex digit"), "{bad:?}: {e}");
         }
     }
 }

@@ -17,5 +17,6 @@ pub mod ledger_api;
 pub mod ledger_verify;
 pub mod membership;
 pub mod p2p;
+pub mod ratelimit;
 pub mod run;
 pub mod txgossip;

@@ -1,5 +1,6 @@
-//! Starting a node: load and check everything, then run p2p, membership and the HTTP API on
-//! commonware's tokio runtime until a signal, a shutdown request or the parent's exit.
+//! Starting a node: load and check everything, then run p2p, membership and consensus on
+//! commonware's tokio runtime and the HTTP API on its own runtime ([`api::ApiServer`]), until a
+//! signal, a shutdown request or the parent's exit.
 //!
 //! Every check that can fail because of the operator's input happens before anything is written or
 //! bound for long, and fails with an error naming the file, field or address and what to do.
@@ -52,9 +53,19 @@ pub enum NodeError {
         /// Genesis file.
         genesis: PathBuf,
     },
+    /// The expected genesis hash given is not a hash.
+    #[error(
+        "--genesis-hash {given:?} is not a genesis hash: give all 64 hex characters that `archipel genesis show` prints ({reason})"
+    )]
+    BadGenesisHash {
+        /// What was given.
+        given: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The genesis hash is not the expected one.
     #[error(
-        "genesis {path} has hash {found} but {expected} was expected: every node of a network must use the same genesis file"
+        "genesis {path} has hash {found} but {expected} was expected (--genesis-hash): every node of a network must use the same genesis file"
     )]
     GenesisMismatch {
         /// Genesis file.
@@ -90,7 +101,7 @@ pub enum NodeError {
 /// Options of `archipel node run` beyond the config file.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
-    /// Refuse to start unless the genesis hash is this.
+    /// Refuse to start unless the genesis hash is exactly this (64 hex characters).
     pub expect_genesis_hash: Option<String>,
     /// Stop when the parent process exits (used by the devnet supervisor so no node is orphaned).
     pub exit_with_parent: bool,
@@ -233,14 +244,12 @@ pub fn prepare(cfg: NodeConfig, options: RunOptions) -> Result<PreparedNode, Nod
     let identity = Identity::load(&cfg.key_file)?;
     let genesis = Genesis::load(&cfg.genesis_file)?;
     let genesis_hash = genesis.hash();
-    if let Some(expected) = &options.expect_genesis_hash
-        && !genesis_hash.starts_with(expected.trim())
-    {
-        return Err(NodeError::GenesisMismatch {
-            path: cfg.genesis_file.clone(),
-            found: genesis_hash,
-            expected: expected.clone(),
-        });
+    if let Some(given) = &options.expect_genesis_hash {
+        let expected = crate::ledger_verify::parse_genesis_hash(given)
+            .map_err(|reason| NodeError::BadGenesisHash { given: given.clone(), reason })?;
+        if genesis_hash != expected {
+            return Err(NodeError::GenesisMismatch { path: cfg.genesis_file.clone(), found: genesis_hash, expected });
+        }
     }
     // Admissions this node knows: persisted from earlier runs, plus the one given on the command line.
     let me = identity.node_id();
@@ -316,9 +325,12 @@ impl PreparedNode {
     pub fn run(self) -> Result<(), NodeError> {
         let PreparedNode { cfg, identity, genesis, genesis_hash, own, api_listener, options, admissions } = self;
         let storage = cfg.data_dir.join("runtime");
+        // The API gets its own threads: a burst of requests queues there, not in front of consensus.
+        let api_server = api::ApiServer::new(&cfg.api.limits).map_err(NodeError::Invalid)?;
+        let api_handle = api_server.handle();
         let runner =
             cw_tokio::Runner::new(cw_tokio::Config::new().with_worker_threads(2).with_storage_directory(storage));
-        runner.start(|context| async move {
+        let result = runner.start(|context| async move {
             let started = Instant::now();
             let chain = open_chain(&cfg, &genesis)?;
             // The allowed set is the node registry of finalized state (genesis nodes at first)
@@ -427,19 +439,9 @@ impl PreparedNode {
                 shutdown: shutdown_tx.clone(),
                 chain: chain.clone(),
                 tx_out,
+                guards: api::ApiGuards::new(cfg.api.limits),
             });
-            api_listener.set_nonblocking(true).map_err(|e| NodeError::Invalid(e.to_string()))?;
-            let listener =
-                tokio::net::TcpListener::from_std(api_listener).map_err(|e| NodeError::Invalid(e.to_string()))?;
-            let mut server_stop = shutdown_rx.clone();
-            let server = tokio::spawn(async move {
-                let app = api::router(state);
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = server_stop.wait_for(|s| *s).await;
-                    })
-                    .await;
-            });
+            let server = api_handle.serve(api_listener, state, shutdown_rx.clone()).map_err(NodeError::Invalid)?;
 
             tracing::info!(
                 node = %own.descriptor.node_id.short(),
@@ -476,6 +478,8 @@ impl PreparedNode {
             let _ = shutdown_tx.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
             Ok(())
-        })
+        });
+        api_server.stop(Duration::from_secs(1));
+        result
     }
 }
