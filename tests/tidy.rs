@@ -21,7 +21,7 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 fn workspace_files() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files = Vec::new();
-    for dir in ["src", "crates", "xtask", "tests"] {
+    for dir in ["src", "crates", "xtask", "tests", "fuzz"] {
         rust_files(&root.join(dir), &mut files);
     }
     assert!(files.len() > 10, "tidy found only {} files: wrong root?", files.len());

@@ -1,4 +1,5 @@
-//! Project automation: `cargo xtask bench [devnet|verify|ledger|all]` and `cargo xtask sim --seeds N`.
+//! Project automation: `cargo xtask bench [devnet|verify|ledger|all]`, `cargo xtask sim --seeds N`
+//! and `cargo xtask fuzz [--seconds N]`.
 //!
 //! Benchmarks print absolute figures and a ratio against a baseline measured in the same run on
 //! the same machine, because absolute numbers move by tens of percent on a shared 2-core box.
@@ -9,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod fuzz;
 mod ledger_bench;
 
 fn main() -> Result<()> {
@@ -42,8 +44,12 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Some("fuzz") => fuzz::run(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask bench [verify|devnet|ledger|all]\n       cargo xtask sim [--seeds N]");
+            eprintln!(
+                "usage: cargo xtask bench [verify|devnet|ledger|all]\n       cargo xtask sim [--seeds N]\n       \
+                 cargo xtask fuzz [--seconds N] [TARGET...]"
+            );
             Ok(())
         }
     }

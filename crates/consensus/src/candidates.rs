@@ -46,6 +46,42 @@ const RECORD_HEADER: usize = 44;
 const WANT: u8 = 0;
 const HAVE: u8 = 1;
 
+/// A message on the fetch channel: a tag byte, then a digest (`Want`) or an encoded block
+/// (`Have`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FetchMessage {
+    /// "Send me the block with this digest."
+    Want(Digest),
+    /// A block, answering a `Want`.
+    Have(LedgerBlock),
+}
+
+impl FetchMessage {
+    /// The encoding of `Want(digest)`.
+    pub fn want(digest: &Digest) -> Vec<u8> {
+        [&[WANT][..], digest.as_ref()].concat()
+    }
+
+    /// The encoding of `Have(block)` (built from a reference: blocks are shared, not cloned).
+    pub fn have(block: &LedgerBlock) -> Vec<u8> {
+        [&[HAVE][..], block.encode().as_ref()].concat()
+    }
+
+    /// Decodes a message received from a peer (blocks within `cfg`'s limits).
+    pub fn decode(bytes: &[u8], cfg: &BlockCfg) -> Result<Self, &'static str> {
+        match bytes.split_first() {
+            Some((&WANT, body)) => {
+                let digest: [u8; 32] = body.try_into().map_err(|_| "a block request is not 32 bytes of digest")?;
+                Ok(FetchMessage::Want(Digest::from(digest)))
+            }
+            Some((&HAVE, body)) => LedgerBlock::decode_cfg(Copying(body), cfg)
+                .map(FetchMessage::Have)
+                .map_err(|_| "a block answer is not a valid block"),
+            _ => Err("unknown message tag"),
+        }
+    }
+}
+
 /// A block waiting to be written, and who waits for its sync.
 struct Write {
     digest: Digest,
@@ -289,7 +325,7 @@ impl Candidates {
 
 /// Splits a log blob into (view, block) records; stops at the first torn or garbled one (a
 /// crash in the middle of a write).
-fn parse(mut bytes: &[u8], cfg: &BlockCfg) -> Vec<(u64, Digested<LedgerBlock>)> {
+pub fn parse(mut bytes: &[u8], cfg: &BlockCfg) -> Vec<(u64, Digested<LedgerBlock>)> {
     let mut out = Vec::new();
     while bytes.len() >= RECORD_HEADER {
         let len = u32::from_be_bytes(bytes[..4].try_into().unwrap_or_default()) as usize;
@@ -386,9 +422,7 @@ pub async fn serve<S, R>(
         commonware_macros::select! {
             want = wants.recv() => {
                 let Some(digest) = want else { return };
-                let mut msg = vec![WANT];
-                msg.extend_from_slice(digest.as_ref());
-                sender.send(Recipients::Some(validators.clone()), msg, false);
+                sender.send(Recipients::Some(validators.clone()), FetchMessage::want(&digest), false);
             },
             message = receiver.recv() => {
                 let Ok((peer, bytes)) = message else { return };
@@ -396,24 +430,17 @@ pub async fn serve<S, R>(
                     tracing::debug!(peer = %peer, "ignoring a block message from a peer that is not a validator");
                     continue;
                 }
-                let Some((&tag, body)) = bytes.as_ref().split_first() else { continue };
-                match tag {
-                    WANT if body.len() == 32 => {
-                        let d: [u8; 32] = body.try_into().unwrap_or_default();
-                        if let Some(block) = candidates.get(&Digest::from(d)) {
-                            let mut msg = vec![HAVE];
-                            msg.extend_from_slice(block.inner().encode().as_ref());
-                            sender.send(Recipients::One(peer), msg, false);
+                match FetchMessage::decode(bytes.as_ref(), &cfg) {
+                    Ok(FetchMessage::Want(digest)) => {
+                        if let Some(block) = candidates.get(&digest) {
+                            sender.send(Recipients::One(peer), FetchMessage::have(block.inner()), false);
                         }
                     }
-                    HAVE => match LedgerBlock::decode_cfg(Copying(body), &cfg) {
-                        Ok(block) => {
-                            let digest = block.digest();
-                            candidates.deliver(Digested::precomputed(block, digest));
-                        }
-                        _ => tracing::debug!(peer = %peer, "ignoring a malformed block answer"),
-                    },
-                    _ => tracing::debug!(peer = %peer, "ignoring a malformed block request"),
+                    Ok(FetchMessage::Have(block)) => {
+                        let digest = block.digest();
+                        candidates.deliver(Digested::precomputed(block, digest));
+                    }
+                    Err(reason) => tracing::debug!(peer = %peer, reason, "ignoring a malformed fetch message"),
                 }
             },
         }

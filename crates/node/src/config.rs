@@ -192,7 +192,13 @@ impl NodeConfig {
             std::io::ErrorKind::NotFound => ConfigError::Missing(path.to_path_buf()),
             _ => ConfigError::Unreadable { path: path.to_path_buf(), source },
         })?;
-        let mut cfg: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Malformed {
+        Self::parse(&text, path)
+    }
+
+    /// Parses the contents of the config file at `path` (named in errors; relative paths are
+    /// resolved against its directory): what [`NodeConfig::load`] does once the file is read.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: NodeConfig = toml::from_str(text).map_err(|e| ConfigError::Malformed {
             path: path.to_path_buf(),
             message: e.to_string().trim().to_string(),
         })?;

@@ -95,7 +95,13 @@ impl Genesis {
         }
         let bytes = std::fs::read(path)
             .map_err(|e| GenesisError::Unreadable { path: path.to_path_buf(), message: e.to_string() })?;
-        let g: Genesis = serde_json::from_slice(&bytes)
+        Self::parse(&bytes, path)
+    }
+
+    /// Parses and validates the contents of the genesis file at `path` (named in errors): what
+    /// [`Genesis::load`] does once the file is read.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Self, GenesisError> {
+        let g: Genesis = serde_json::from_slice(bytes)
             .map_err(|e| GenesisError::Malformed { path: path.to_path_buf(), message: e.to_string() })?;
         g.validate().map_err(|e| match e {
             GenesisError::Invalid(m) => GenesisError::Malformed { path: path.to_path_buf(), message: m },

@@ -57,19 +57,8 @@ pub async fn resend_loop(
 /// batch; see [`admit`] for where it is checked).
 pub async fn receive_loop(mut receiver: NodeReceiver, chain: Arc<Chain>, max_tx_bytes: usize) {
     while let Ok((from, message)) = receiver.recv().await {
-        let bytes = message.as_ref();
-        let mut at = 0;
-        let mut batch = Vec::new();
-        while at < bytes.len() {
-            let Ok(tx) = take_record(bytes, &mut at, max_tx_bytes) else {
-                tracing::debug!(peer = ?from, "malformed transaction batch");
-                break;
-            };
-            match SignedTransaction::from_bytes(tx, max_tx_bytes) {
-                Ok(stx) => batch.push((stx, tx.len())),
-                Err(e) => tracing::debug!(error = %e, "malformed gossiped transaction"),
-            }
-        }
+        let batch = decode_batch(message.as_ref(), max_tx_bytes);
+        tracing::trace!(peer = ?from, txs = batch.len(), "transaction batch received");
         if batch.is_empty() {
             continue;
         }
@@ -79,6 +68,25 @@ pub async fn receive_loop(mut receiver: NodeReceiver, chain: Arc<Chain>, max_tx_
             tracing::trace!(error = %e, "gossiped transaction not admitted");
         }
     }
+}
+
+/// Splits a batch received from a peer into its transactions, each with its encoded size. A
+/// malformed record ends the batch (the framing is lost); a record that is not a transaction is
+/// skipped.
+pub fn decode_batch(bytes: &[u8], max_tx_bytes: usize) -> Vec<(SignedTransaction, usize)> {
+    let mut at = 0;
+    let mut batch = Vec::new();
+    while at < bytes.len() {
+        let Ok(tx) = take_record(bytes, &mut at, max_tx_bytes) else {
+            tracing::debug!("malformed transaction batch");
+            break;
+        };
+        match SignedTransaction::from_bytes(tx, max_tx_bytes) {
+            Ok(stx) => batch.push((stx, tx.len())),
+            Err(e) => tracing::debug!(error = %e, "malformed gossiped transaction"),
+        }
+    }
+    batch
 }
 
 /// Below this many transactions a batch is checked in place: handing it to a blocking thread

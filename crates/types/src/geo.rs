@@ -99,7 +99,6 @@ macro_rules! serde_via_str {
         }
     };
 }
-pub(crate) use serde_via_str;
 serde_via_str!(Region);
 serde_via_str!(CountryCode);
 

@@ -1,7 +1,6 @@
 //! Byte sizes with human units (`50GiB`, `500MB`), as used for node capacity.
 
 use crate::TypeError;
-use crate::geo::serde_via_str;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::str::FromStr;
@@ -32,6 +31,28 @@ impl ByteSize {
     /// The size in bytes.
     pub fn bytes(self) -> u64 {
         self.0
+    }
+
+    /// The size in the largest unit that divides it exactly (`50GiB`, `500MB`, `1537B`): what
+    /// files and descriptors store, because [`Display`](fmt::Display) rounds for people
+    /// (`1.5KiB`) and a rounded size would not read back as the value that was signed.
+    pub fn exact(self) -> String {
+        const EXACT: &[(&str, u64)] = &[
+            ("PiB", 1 << 50),
+            ("TiB", 1 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+            ("PB", 1_000_000_000_000_000),
+            ("TB", 1_000_000_000_000),
+            ("GB", 1_000_000_000),
+            ("MB", 1_000_000),
+            ("KB", 1_000),
+        ];
+        match EXACT.iter().find(|(_, m)| self.0 >= *m && self.0.is_multiple_of(*m)) {
+            Some((unit, m)) => format!("{}{unit}", self.0 / m),
+            None => format!("{}B", self.0),
+        }
     }
 }
 
@@ -81,7 +102,17 @@ impl fmt::Display for ByteSize {
     }
 }
 
-serde_via_str!(ByteSize);
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.exact())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -102,7 +133,24 @@ mod tests {
         assert_eq!(ByteSize(1536 + 1).to_string(), "1.5KiB");
     }
 
+    #[test]
+    fn serialization_is_exact_where_display_rounds() {
+        // Found by fuzzing: `--capacity 500MB` was stored as "476.8MiB", which reads back as
+        // 499,961,037 bytes, so a descriptor signed over 500,000,000 failed on every other node.
+        for (size, stored) in [(500_000_000, "500MB"), (1537, "1537B"), (50 << 30, "50GiB"), (0, "0B")] {
+            let json = serde_json::to_string(&ByteSize(size)).unwrap();
+            assert_eq!(json, format!("\"{stored}\""));
+            assert_eq!(serde_json::from_str::<ByteSize>(&json).unwrap(), ByteSize(size));
+        }
+    }
+
     proptest! {
+        #[test]
+        fn serialization_round_trips(n in any::<u64>()) {
+            let json = serde_json::to_string(&ByteSize(n)).unwrap();
+            prop_assert_eq!(serde_json::from_str::<ByteSize>(&json).unwrap(), ByteSize(n));
+        }
+
         #[test]
         fn display_of_whole_binary_units_round_trips(n in 0u64..1_000_000, shift in prop::sample::select(vec![10u32, 20, 30, 40])) {
             let b = ByteSize(n << shift);
