@@ -224,8 +224,11 @@ fn summarise(ours: &Ours, bare: Option<&BareFigures>, etcd: Option<&EtcdFigures>
     }
     f.set("sustained transfers/s", sustained.map_or(0.0, |s| s.target_per_s));
     println!(
-        "  closed loop ({CLIENTS} clients x 1 outstanding batch of {BATCH} transfers, the next sent when all are final): {:.0} transfers/s, {}, CPU {:.0}% busy",
-        ours.closed.ops_per_s, ours.closed.latency, ours.closed.busy_percent
+        "  closed loop ({CLIENTS} clients x 1 outstanding batch of {BATCH} transfers, the next sent when all are final): {:.0} transfers/s, {}, CPU {:.0}% busy{}",
+        ours.closed.ops_per_s,
+        ours.closed.latency,
+        ours.closed.busy_percent,
+        if ours.closed.refused > 0 { format!(", {} transfers refused", ours.closed.refused) } else { String::new() }
     );
     f.set("closed loop transfers/s", ours.closed.ops_per_s);
     f.set("closed loop p50 ms", ours.closed.latency.p50_ms);
