@@ -1,110 +1,348 @@
-//! `cargo xtask bench ledger`: submit→finalized latency and sustained transfer throughput on a
-//! local 4-validator devnet, beside the bare simplex engine (`../shared/tools/simplex-baseline.sh`,
-//! if present) and a 3-member etcd cluster (crash-fault-tolerant baseline) measured in the same run
-//! with a comparable client load.
+//! `cargo xtask bench ledger [--runs N]`: submit->final latency and sustained transfer throughput
+//! of a local 4-validator devnet, beside two baselines measured in the same run: the bare
+//! simplex engine with no application ([`crate::simplex_baseline`]) and a 3-member etcd cluster
+//! ([`crate::etcd_bench`]).
+//!
+//! Every figure is over every transaction the load sent, timed from its submission to the moment
+//! the client learned it was final ([`crate::finality`]); nothing is sampled by a probe. The
+//! open-loop steps raise the offered rate while every step meets the goal (p99 <= 50 ms); the
+//! first miss ends the search. Throughput against etcd is measured closed loop with the same
+//! outstanding work on both. With `--runs N` the whole bench runs N times and every figure is
+//! given as min/median/max.
 
-use anyhow::{Context, Result, bail};
+use crate::etcd_bench::{self, EtcdFigures};
+use crate::figures::{self, KEEP_UP, Latencies, Ms, P99_GOAL_MS, RunFigures, SortedMs, Spread, Step};
+use crate::finality::{self, BatchWaiter, SharedTracker, Tracker};
+use crate::simplex_baseline::{self, BareFigures};
+use anyhow::{Context as _, Result, bail};
 use archipel_crypto::Identity;
 use archipel_ledger::export::put_record;
-use archipel_ledger::{Payload, Transaction};
+use archipel_ledger::{Hash, Payload, Transaction};
+use serde::Deserialize;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const NODES: [&str; 4] = ["127.0.60.2:26201", "127.0.60.3:26201", "127.0.60.4:26201", "127.0.60.5:26201"];
-/// Latency samples measured one at a time.
-const LATENCY_SAMPLES: usize = 300;
-/// How long the load runs.
-const LOAD: Duration = Duration::from_secs(15);
-/// Concurrent load clients (each with its own accounts).
-const CLIENTS: usize = 16;
-/// Transactions per request under load.
-const BATCH: usize = 50;
+/// Idle latency samples, one transaction at a time.
+pub const LATENCY_SAMPLES: usize = 300;
+/// How long the closed-loop load is measured (ours and etcd's).
+pub const LOAD: Duration = Duration::from_secs(15);
+/// Load clients, each with its own account (and etcd's, each with its own keys).
+pub const CLIENTS: usize = 16;
+/// Operations per request in the closed loop: each client has one batch of this many transfers
+/// (etcd: one transaction of this many puts) outstanding.
+pub const BATCH: usize = 50;
+/// How long a load runs before its measurement starts (the idle->load edge, right after the
+/// client signed the step's transfers, is not steady state).
+pub const WARM_UP: Duration = Duration::from_secs(1);
+/// Offered loads (transfers per second) of the open-loop steps.
+const RATES: [f64; 8] = [1_000.0, 2_000.0, 3_000.0, 4_000.0, 5_000.0, 6_000.0, 7_000.0, 8_000.0];
+/// The throughput goal (transfers/s with p99 <= 50 ms).
+const GOAL_RATE: f64 = 5_000.0;
+/// The latency goal against the bare engine: our p50 at most this times its p50.
+const GOAL_P50_RATIO: f64 = 1.5;
+/// The throughput goal against etcd under the same outstanding work.
+const GOAL_ETCD_RATIO: f64 = 1.0;
+/// Length of one rate step's measured window.
+const STEP: Duration = Duration::from_secs(6);
+/// After a window, how long the client waits for its last transfers to be final.
+const DRAIN: Duration = Duration::from_secs(5);
+/// A closed-loop client gives up waiting for its batch after this long (the rest count as never
+/// final).
+const BATCH_WAIT: Duration = Duration::from_secs(10);
+/// Transfers per second signed beforehand for the closed loop (more are signed on the fly).
+const PRESIGN_CLOSED_RATE: f64 = 16_000.0;
+/// How long the bare-simplex baseline runs (default; `ARCHIPEL_BENCH_SIMPLEX_SECS`).
+const SIMPLEX_SECS: u64 = 20;
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
+/// What the ledger itself measured in one run.
+struct Ours {
+    idle: Latencies,
+    steps: Vec<Step>,
+    closed: ClosedLoop,
+}
+
+/// A closed-loop load: every client has the same work outstanding and sends more only when it
+/// learned that work final.
+#[derive(Clone, Debug)]
+pub struct ClosedLoop {
+    /// Operations final (committed) per second in the measured window.
+    pub ops_per_s: f64,
+    /// Submission to learned-final, of every operation sent in the window.
+    pub latency: Latencies,
+    /// Operations refused (or whose request failed).
+    pub refused: u64,
+    /// How busy the box's CPUs were.
+    pub busy_percent: f64,
+}
+
+/// How the bench runs, from the command line and the environment.
+struct Options {
+    runs: usize,
+    rates: Vec<f64>,
+    simplex: Option<Duration>,
+    etcd: bool,
+}
+
+impl Options {
+    fn from_env(runs: usize) -> Result<Self> {
+        // ARCHIPEL_BENCH_RATES=1000,3000 runs only those steps (quick experiments).
+        let mut rates = match std::env::var("ARCHIPEL_BENCH_RATES") {
+            Ok(v) => parse_rates(&v)?,
+            Err(_) => RATES.to_vec(),
+        };
+        rates.sort_by(|a, b| a.total_cmp(b));
+        rates.dedup();
+        let simplex = if std::env::var_os("ARCHIPEL_BENCH_NO_SIMPLEX").is_some() {
+            None
+        } else {
+            let secs = match std::env::var("ARCHIPEL_BENCH_SIMPLEX_SECS") {
+                Ok(v) => v.trim().parse::<u64>().ok().filter(|s| *s > 3).with_context(|| {
+                    format!("ARCHIPEL_BENCH_SIMPLEX_SECS={v:?} is not a whole number of seconds above 3")
+                })?,
+                Err(_) => SIMPLEX_SECS,
+            };
+            Some(Duration::from_secs(secs))
+        };
+        Ok(Options { runs, rates, simplex, etcd: std::env::var_os("ARCHIPEL_BENCH_NO_ETCD").is_none() })
     }
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
-fn summary(mut v: Vec<f64>) -> (f64, f64, usize) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    (percentile(&v, 0.5), percentile(&v, 0.99), v.len())
-}
-
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ =
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGINT);
-        let _ = self.0.wait();
+/// Parses `1000,3000` into rates.
+fn parse_rates(text: &str) -> Result<Vec<f64>> {
+    let rates: Vec<f64> = text
+        .split(',')
+        .map(|r| {
+            r.trim().parse::<f64>().ok().filter(|x| x.is_finite() && *x >= 1.0).with_context(|| {
+                format!("ARCHIPEL_BENCH_RATES: {r:?} is not a rate: give transfers per second, e.g. 1000,3000")
+            })
+        })
+        .collect::<Result<_>>()?;
+    if rates.is_empty() {
+        bail!("ARCHIPEL_BENCH_RATES is empty: give transfers per second, e.g. 1000,3000");
     }
+    Ok(rates)
 }
 
-/// Results of one system under the same load shape.
-struct Figures {
-    idle_p50_ms: f64,
-    idle_p99_ms: f64,
-    load_p50_ms: f64,
-    load_p99_ms: f64,
-    ops_per_s: f64,
-    /// Highest finalized rate of a rate step whose p99 stayed within 50 ms (archipel only).
-    sustained_per_s: f64,
-}
-
-pub fn bench(bin: &Path) -> Result<()> {
+/// Runs the whole bench `runs` times; with more than one run, prints each figure's spread.
+pub fn bench(bin: &Path, runs: usize) -> Result<()> {
+    let options = Options::from_env(runs)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let simplex = simplex_baseline();
-    settle_disk();
-    let ours = rt.block_on(archipel(bin))?;
-    settle_disk();
-    let etcd = match if std::env::var_os("ARCHIPEL_BENCH_NO_ETCD").is_some() {
-        Err(anyhow::anyhow!("ARCHIPEL_BENCH_NO_ETCD is set"))
-    } else {
-        rt.block_on(etcd())
-    } {
-        Ok(f) => Some(f),
-        Err(e) => {
-            println!("etcd baseline skipped: {e:#}");
+    let mut all = Vec::new();
+    for run in 1..=options.runs {
+        println!("== ledger bench, run {run} of {}", options.runs);
+        all.push(one_run(&rt, bin, &options)?);
+    }
+    if options.runs > 1 {
+        print_spread(&all);
+    }
+    Ok(())
+}
+
+fn one_run(rt: &tokio::runtime::Runtime, bin: &Path, options: &Options) -> Result<RunFigures> {
+    let bare = match options.simplex {
+        Some(duration) => {
+            eprintln!("bare simplex: 4 validator processes for {} s", duration.as_secs());
+            match simplex_baseline::run(duration) {
+                Ok(b) => {
+                    println!(
+                        "  bare simplex (4 validators, no application): propose->finalize {}, {:.0} views/s",
+                        b.latency, b.views_per_s
+                    );
+                    Some(b)
+                }
+                Err(e) => {
+                    println!("  bare simplex baseline failed: {e:#}");
+                    None
+                }
+            }
+        }
+        None => {
+            println!("  bare simplex baseline: not run (ARCHIPEL_BENCH_NO_SIMPLEX is set)");
             None
         }
     };
-    println!();
-    println!("ledger, 4 validators on this box (submit -> finalized, measured at the client):");
-    println!(
-        "  idle:  p50 {:.1} ms, p99 {:.1} ms;  saturated: p50 {:.1} ms, p99 {:.1} ms, {:.0} transfers/s",
-        ours.idle_p50_ms, ours.idle_p99_ms, ours.load_p50_ms, ours.load_p99_ms, ours.ops_per_s
-    );
-    println!("  sustained with submit->final p99 <= 50 ms: {:.0} transfers/s (goal >= 5,000)", ours.sustained_per_s);
-    if let Some((p50, p99)) = simplex {
-        println!(
-            "  bare simplex (commonware-log, same box): propose->finalize p50 {p50:.1} ms, p99 {p99:.1} ms; ours/bare p50 {:.2} (goal <= 1.5), p99 {:.1} ms (goal <= 50)",
-            ours.idle_p50_ms / p50,
-            ours.idle_p99_ms
-        );
+    settle_disk();
+    let ours = rt.block_on(archipel(bin, &options.rates))?;
+    let etcd = if options.etcd {
+        settle_disk();
+        match rt.block_on(etcd_bench::run()) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                println!("  etcd baseline skipped: {e:#}");
+                None
+            }
+        }
     } else {
-        println!(
-            "  bare simplex baseline: not run (set SIMPLEX_BASELINE=1 to run ../shared/tools/simplex-baseline.sh, ~8 min the first time)"
-        );
+        println!("  etcd baseline skipped: ARCHIPEL_BENCH_NO_ETCD is set");
+        None
+    };
+    Ok(summarise(&ours, bare.as_ref(), etcd.as_ref()))
+}
+
+/// Prints the run's summary with the goals and returns its figures.
+fn summarise(ours: &Ours, bare: Option<&BareFigures>, etcd: Option<&EtcdFigures>) -> RunFigures {
+    let mut f = RunFigures::default();
+    println!();
+    println!(
+        "ledger, 4 validators on this box; every transaction timed from submission until the client learned it final:"
+    );
+    println!("  idle (one transfer at a time): {}", ours.idle);
+    f.set("idle p50 ms", ours.idle.p50_ms);
+    f.set("idle p99 ms", ours.idle.p99_ms);
+    for s in &ours.steps {
+        let r = s.target_per_s;
+        f.set(format!("{r:.0}/s step: offered /s"), s.offered_per_s);
+        f.set(format!("{r:.0}/s step: accepted /s"), s.accepted_per_s);
+        f.set(format!("{r:.0}/s step: finalized /s"), s.finalized_per_s);
+        f.set(format!("{r:.0}/s step: p50 ms"), s.latency.p50_ms);
+        f.set(format!("{r:.0}/s step: p99 ms"), s.latency.p99_ms);
+    }
+    let search = figures::sustained(&ours.steps);
+    let sustained = search.highest.map(|i| &ours.steps[i]);
+    match sustained {
+        Some(s) => println!(
+            "  sustained (that step and every lower one: p99 <= {P99_GOAL_MS} ms over all transfers, >= {:.0}% of the rate offered and finalized): {:.0} transfers/s ({:.0}/s finalized, {})",
+            KEEP_UP * 100.0,
+            s.target_per_s,
+            s.finalized_per_s,
+            s.latency
+        ),
+        None => println!("  sustained: none (the lowest step missed the goal)"),
+    }
+    match &search.stopped_at {
+        Some((i, why)) => println!(
+            "  the search ended at the {:.0}/s step, which missed the goal: {why}; no higher step was run",
+            ours.steps[*i].target_per_s
+        ),
+        None => println!("  every step run met the goal (add higher ARCHIPEL_BENCH_RATES to search further)"),
+    }
+    f.set("sustained transfers/s", sustained.map_or(0.0, |s| s.target_per_s));
+    println!(
+        "  closed loop ({CLIENTS} clients x 1 outstanding batch of {BATCH} transfers, the next sent when all are final): {:.0} transfers/s, {}, CPU {:.0}% busy{}",
+        ours.closed.ops_per_s,
+        ours.closed.latency,
+        ours.closed.busy_percent,
+        if ours.closed.refused > 0 { format!(", {} transfers refused", ours.closed.refused) } else { String::new() }
+    );
+    f.set("closed loop transfers/s", ours.closed.ops_per_s);
+    f.set("closed loop p50 ms", ours.closed.latency.p50_ms);
+    f.set("closed loop p99 ms", ours.closed.latency.p99_ms);
+    if let Some(b) = bare {
+        f.set("bare simplex p50 ms", b.latency.p50_ms);
+        f.set("bare simplex p99 ms", b.latency.p99_ms);
+        f.set("bare simplex views/s", b.views_per_s);
     }
     if let Some(e) = etcd {
         println!(
-            "  etcd 3 members (same load shape): idle p50 {:.1} ms, p99 {:.1} ms; under load p50 {:.1} ms, p99 {:.1} ms; {:.0} puts/s",
-            e.idle_p50_ms, e.idle_p99_ms, e.load_p50_ms, e.load_p99_ms, e.ops_per_s
+            "  etcd, 3 members: idle (one put at a time) {}; closed loop ({CLIENTS} clients x 1 outstanding transaction of {BATCH} puts): {:.0} puts/s, {}, CPU {:.0}% busy{}",
+            e.idle,
+            e.closed.ops_per_s,
+            e.closed.latency,
+            e.closed.busy_percent,
+            if e.closed.refused > 0 { format!(", {} puts failed", e.closed.refused) } else { String::new() }
         );
-        println!(
-            "  ours/etcd: idle p50 {:.2}, idle p99 {:.2}, throughput {:.2}",
-            ours.idle_p50_ms / e.idle_p50_ms,
-            ours.idle_p99_ms / e.idle_p99_ms,
-            ours.ops_per_s / e.ops_per_s
-        );
+        f.set("etcd idle p50 ms", e.idle.p50_ms);
+        f.set("etcd idle p99 ms", e.idle.p99_ms);
+        f.set("etcd closed loop puts/s", e.closed.ops_per_s);
+        f.set("etcd closed loop p50 ms", e.closed.latency.p50_ms);
+        f.set("etcd closed loop p99 ms", e.closed.latency.p99_ms);
     }
-    Ok(())
+
+    println!("goals:");
+    let rate_ratio = sustained.map_or(0.0, |s| s.target_per_s) / GOAL_RATE;
+    println!(
+        "  >= {GOAL_RATE:.0} transfers/s sustained with p99 <= {P99_GOAL_MS} ms: {:.0}/s, ratio {rate_ratio:.2} (goal >= 1.00) — {}",
+        sustained.map_or(0.0, |s| s.target_per_s),
+        met(rate_ratio >= 1.0)
+    );
+    f.set("goal: sustained / 5000", rate_ratio);
+    // The p50 goal holds at the goal rate: the lowest sustained step at or above it, else the
+    // highest sustained step (said so).
+    let at_goal =
+        search.highest.and_then(|h| ours.steps[..=h].iter().find(|s| s.target_per_s >= GOAL_RATE)).or(sustained);
+    match (bare, at_goal) {
+        (Some(b), Some(s)) => {
+            let ratio = s.latency.p50_ms / b.latency.p50_ms;
+            let idle_ratio = ours.idle.p50_ms / b.latency.p50_ms;
+            let below = if s.target_per_s < GOAL_RATE { " (the goal rate was not sustained)" } else { "" };
+            println!(
+                "  p50 <= {GOAL_P50_RATIO} x bare simplex p50: at the {:.0}/s step{below} p50 {} ms / bare {} ms = {ratio:.2} (goal <= {GOAL_P50_RATIO:.2}) — {}; idle {} ms / bare = {idle_ratio:.2}",
+                s.target_per_s,
+                Ms(s.latency.p50_ms),
+                Ms(b.latency.p50_ms),
+                met(ratio <= GOAL_P50_RATIO && s.target_per_s >= GOAL_RATE),
+                Ms(ours.idle.p50_ms),
+            );
+            f.set("goal: p50 at goal step / bare p50", ratio);
+            f.set("idle p50 / bare p50", idle_ratio);
+        }
+        (None, _) => {
+            println!("  p50 <= {GOAL_P50_RATIO} x bare simplex p50: not judged (the bare-simplex baseline did not run)")
+        }
+        (Some(_), None) => {
+            println!("  p50 <= {GOAL_P50_RATIO} x bare simplex p50: not judged (no step was sustained) — not met")
+        }
+    }
+    match etcd {
+        Some(e) => {
+            let ratio = ours.closed.ops_per_s / e.closed.ops_per_s;
+            println!(
+                "  throughput >= {GOAL_ETCD_RATIO:.1} x etcd's, both closed loop with {} operations outstanding ({CLIENTS} x {BATCH}): {:.0} / {:.0} = {ratio:.2} — {}",
+                CLIENTS * BATCH,
+                ours.closed.ops_per_s,
+                e.closed.ops_per_s,
+                met(ratio >= GOAL_ETCD_RATIO)
+            );
+            f.set("goal: closed loop ours / etcd", ratio);
+        }
+        None => println!("  throughput >= {GOAL_ETCD_RATIO:.1} x etcd's: not judged (etcd did not run)"),
+    }
+    println!();
+    f
+}
+
+fn met(yes: bool) -> &'static str {
+    if yes { "met" } else { "NOT met" }
+}
+
+/// Prints min/median/max of every figure over the runs, and how many runs met each goal.
+fn print_spread(runs: &[RunFigures]) {
+    println!("== spread over {} runs (min / median / max):", runs.len());
+    for (name, spread) in figures::spreads(runs) {
+        match spread {
+            Some(Spread { min, median, max, runs: n }) => {
+                let partial =
+                    if n < runs.len() { format!(" (measured in {n} of {} runs)", runs.len()) } else { String::new() };
+                println!("  {name:<42} {} / {} / {}{partial}", value(min), value(median), value(max));
+            }
+            None => println!("  {name:<42} not measured"),
+        }
+    }
+    let count = |name: &str, ok: fn(f64) -> bool| runs.iter().filter(|r| r.get(name).is_some_and(ok)).count();
+    println!(
+        "  goals met: sustained >= {GOAL_RATE:.0}/s in {} of {n} runs; p50 <= {GOAL_P50_RATIO} x bare in {} of {n}; throughput >= {GOAL_ETCD_RATIO:.1} x etcd in {} of {n}",
+        count("goal: sustained / 5000", |r| r >= 1.0),
+        count("goal: p50 at goal step / bare p50", |r| r <= GOAL_P50_RATIO),
+        count("goal: closed loop ours / etcd", |r| r >= GOAL_ETCD_RATIO),
+        n = runs.len()
+    );
+}
+
+/// A figure for the spread table: "never" for an infinite latency, fewer decimals for larger
+/// values.
+fn value(v: f64) -> String {
+    match v.abs() {
+        x if x.is_infinite() => "never".into(),
+        x if x < 10.0 => format!("{v:.2}"),
+        x if x < 100.0 => format!("{v:.1}"),
+        _ => format!("{v:.0}"),
+    }
 }
 
 /// A flush slower than this means the disk is still busy with what came before.
@@ -142,28 +380,31 @@ fn settle_disk() {
     );
 }
 
-/// Runs `../shared/tools/simplex-baseline.sh` when asked (it builds commonware-log once, ~8 min).
-fn simplex_baseline() -> Option<(f64, f64)> {
-    if std::env::var("SIMPLEX_BASELINE").is_err() {
-        return None;
+/// The devnet's supervisor, stopped with SIGINT (which stops its nodes) when dropped.
+struct Devnet(Child);
+
+impl Drop for Devnet {
+    fn drop(&mut self) {
+        let _ =
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGINT);
+        let _ = self.0.wait();
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
-    let script = root.join("../shared/tools/simplex-baseline.sh");
-    let out = Command::new("bash").arg(&script).env("RUN_S", "30").output().ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    println!("{}", text.trim());
-    // "simplex 4 validators: propose->finalize p50 10.2 ms, p90 … ms, p99 23.0 ms (n=…)"
-    let grab = |key: &str| -> Option<f64> {
-        let at = text.find(key)? + key.len();
-        text[at..].split_whitespace().next()?.parse().ok()
-    };
-    Some((grab("p50 ")?, grab("p99 ")?))
 }
 
-fn transfer(from: &Identity, nonce: u64, to: &Identity, amount: u64) -> Vec<u8> {
-    Transaction { signer: from.node_id(), nonce, payload: Payload::Transfer { to: to.node_id(), amount_micro: amount } }
-        .sign(from)
-        .to_bytes()
+/// A signed transfer: its encoding and its hash.
+struct Signed {
+    bytes: Vec<u8>,
+    hash: Hash,
+}
+
+fn transfer(from: &Identity, nonce: u64, to: &Identity, amount: u64) -> Signed {
+    let stx = Transaction {
+        signer: from.node_id(),
+        nonce,
+        payload: Payload::Transfer { to: to.node_id(), amount_micro: amount },
+    }
+    .sign(from);
+    Signed { hash: stx.hash(), bytes: stx.to_bytes() }
 }
 
 async fn post(client: &reqwest::Client, url: String, body: Vec<u8>) -> Result<serde_json::Value> {
@@ -181,31 +422,7 @@ async fn head(client: &reqwest::Client, node: &str) -> Result<u64> {
     v["header"]["height"].as_u64().context("height")
 }
 
-/// Transactions finalized in heights `from..=to` and the block-time span they cover.
-async fn count_txs(client: &reqwest::Client, node: &str, from: u64, to: u64) -> Result<u64> {
-    let mut n = 0;
-    let mut h = from;
-    while h <= to {
-        let v: serde_json::Value =
-            client.get(format!("http://{node}/v1/ledger/blocks?from={h}&limit=1000")).send().await?.json().await?;
-        let blocks = v.as_array().context("blocks")?;
-        if blocks.is_empty() {
-            break;
-        }
-        for b in blocks {
-            if b["header"]["height"].as_u64().unwrap_or(u64::MAX) > to {
-                return Ok(n);
-            }
-            n += b["txs"]
-                .as_array()
-                .map_or(0, |t| t.iter().filter(|t| t["tx"]["payload"]["kind"] == "transfer").count() as u64);
-            h += 1;
-        }
-    }
-    Ok(n)
-}
-
-async fn archipel(bin: &Path) -> Result<Figures> {
+async fn archipel(bin: &Path, rates: &[f64]) -> Result<Ours> {
     let work = std::env::temp_dir().join(format!("archipel-bench-ledger-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -216,7 +433,7 @@ async fn archipel(bin: &Path) -> Result<Figures> {
         .stderr(Stdio::null())
         .spawn()?;
     let out = child.stdout.take().context("stdout")?;
-    let _guard = Guard(child);
+    let _devnet = Devnet(child);
     let mut lines = BufReader::new(out).lines();
     loop {
         match lines.next() {
@@ -240,7 +457,7 @@ async fn archipel(bin: &Path) -> Result<Figures> {
     let mut nonce = 0u64;
     let mut batch = Vec::new();
     for a in &accounts {
-        put_record(&mut batch, &transfer(&tenant, nonce, a, 1_000_000_000));
+        put_record(&mut batch, &transfer(&tenant, nonce, a, 1_000_000_000).bytes);
         nonce += 1;
     }
     let answers = post(&client, format!("http://{}/v1/txs", NODES[0]), batch).await?;
@@ -249,102 +466,308 @@ async fn archipel(bin: &Path) -> Result<Figures> {
     }
     let last = transfer(&tenant, nonce, &sink, 1);
     nonce += 1;
-    post(&client, format!("http://{}/v1/tx?wait=final", NODES[0]), last).await.context("funding")?;
+    let answer = post(&client, format!("http://{}/v1/tx?wait=final", NODES[0]), last.bytes).await.context("funding")?;
+    if answer["status"] != "final" {
+        bail!("the funding transfers were not final after the node's wait: {answer}");
+    }
     eprintln!("load accounts funded; measuring idle latency");
 
     // Idle latency: one transfer at a time, each to the next node, waiting for finality.
     let mut idle = Vec::new();
     let (cpu_start, heights_start, idle_start) = (cpu_ticks(), head(&client, NODES[0]).await?, Instant::now());
     for i in 0..LATENCY_SAMPLES {
-        let body = transfer(&tenant, nonce, &sink, 1);
+        let body = transfer(&tenant, nonce, &sink, 1).bytes;
         nonce += 1;
         let t = Instant::now();
-        post(&client, format!("http://{}/v1/tx?wait=final", NODES[i % 4]), body)
+        let answer = post(&client, format!("http://{}/v1/tx?wait=final", NODES[i % 4]), body)
             .await
             .with_context(|| format!("idle latency sample {i} via {}", NODES[i % 4]))?;
-        idle.push(t.elapsed().as_secs_f64() * 1e3);
+        // A transfer the node stopped waiting for counts as never final.
+        idle.push(if answer["status"] == "final" { t.elapsed().as_secs_f64() * 1e3 } else { f64::INFINITY });
     }
     let blocks = head(&client, NODES[0]).await?.saturating_sub(heights_start);
     println!(
-        "  idle probes: {:.0} blocks/s, CPU {:.0}% busy",
+        "  idle transfers: {:.0} blocks/s, CPU {:.0}% busy",
         blocks as f64 / idle_start.elapsed().as_secs_f64(),
         busy_since(cpu_start)
     );
     eprintln!("idle latency measured; load steps follow");
 
-    // Load at fixed offered rates (open loop), stepping up while latency holds, then as fast as
-    // the nodes take transactions.
-    let mut accounts: Vec<(Identity, u64)> = accounts.into_iter().map(|a| (a, 0)).collect();
-    let mut probe = Probe { tenant, nonce, sink };
-    let mut sustained = 0.0f64;
-    // ARCHIPEL_BENCH_RATES=1000,3000 runs only those steps (quick experiments).
-    let rates: Vec<f64> = match std::env::var("ARCHIPEL_BENCH_RATES") {
-        Ok(v) => v.split(',').filter_map(|r| r.trim().parse().ok()).collect(),
-        Err(_) => RATES.to_vec(),
-    };
-    for rate in rates {
+    // From here every load transfer is timed: one follower learns finality for all of them.
+    let tracker: SharedTracker = Arc::new(Mutex::new(Tracker::default()));
+    let stop_following = Arc::new(AtomicBool::new(false));
+    let follower = tokio::spawn(finality::follow(
+        client.clone(),
+        NODES.iter().map(|n| n.to_string()).collect(),
+        head(&client, NODES[0]).await? + 1,
+        tracker.clone(),
+        stop_following.clone(),
+    ));
+    let mut load =
+        Load { client: client.clone(), tracker, accounts: accounts.into_iter().map(|a| (a, 0)).collect(), sink };
+    let mut steps = Vec::new();
+    for &rate in rates {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let p = load_phase(&client, &mut probe, &mut accounts, Some(rate), STEP).await?;
+        let step = load.open_loop(rate).await?;
         println!(
-            "  offered {rate:>5.0} transfers/s: {:>5.0}/s finalized, submit->final p50 {:.1} ms, p99 {:.1} ms, CPU {:.0}% busy",
-            p.finalized_per_s, p.p50_ms, p.p99_ms, p.busy_percent
+            "  target {:>5.0}/s: offered {:>5.0}/s, accepted {:>5.0}/s, finalized {:>5.0}/s; {}; CPU {:.0}% busy — {}",
+            step.step.target_per_s,
+            step.step.offered_per_s,
+            step.step.accepted_per_s,
+            step.step.finalized_per_s,
+            step.step.latency,
+            step.busy_percent,
+            match step.step.verdict() {
+                Ok(()) => "goal met".to_string(),
+                Err(why) => format!("goal missed: {why}"),
+            }
         );
-        if p.p99_ms <= 50.0 && p.finalized_per_s >= 0.9 * rate {
-            sustained = sustained.max(p.finalized_per_s);
-        }
-        if p.p99_ms > 500.0 || p.finalized_per_s < 0.8 * rate {
+        let missed = step.step.verdict().is_err();
+        steps.push(step.step);
+        if missed {
             break;
         }
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let saturated = load_phase(&client, &mut probe, &mut accounts, None, LOAD).await?;
-    println!(
-        "  saturated ({CLIENTS} clients, batches of {BATCH}): {:.0}/s finalized, p50 {:.1} ms, p99 {:.1} ms, CPU {:.0}% busy",
-        saturated.finalized_per_s, saturated.p50_ms, saturated.p99_ms, saturated.busy_percent
-    );
-    let (idle_p50_ms, idle_p99_ms, _) = summary(idle);
+    let closed = load.closed_loop().await?;
+    stop_following.store(true, Ordering::Relaxed);
+    let follow = follower.await.context("the block follower panicked")??;
+    if follow.rate_limited > 0 {
+        println!(
+            "  note: the block follower was rate-limited {} times in {} requests (the nodes' read limit); those waits are in the latencies",
+            follow.rate_limited, follow.requests
+        );
+    }
     if std::env::var_os("ARCHIPEL_BENCH_KEEP").is_some() {
         println!("  devnet kept in {} (ARCHIPEL_BENCH_KEEP)", work.display());
     } else {
         let _ = std::fs::remove_dir_all(&work);
     }
-    Ok(Figures {
-        idle_p50_ms,
-        idle_p99_ms,
-        load_p50_ms: saturated.p50_ms,
-        load_p99_ms: saturated.p99_ms,
-        ops_per_s: saturated.finalized_per_s,
-        sustained_per_s: sustained,
-    })
+    Ok(Ours { idle: Latencies::of(SortedMs::new(idle)), steps, closed })
 }
 
-/// Offered loads (transfers per second) of the rate steps.
-const RATES: [f64; 8] = [1_000.0, 2_000.0, 3_000.0, 4_000.0, 5_000.0, 6_000.0, 7_000.0, 8_000.0];
-/// Transfers per second signed beforehand for the saturated phase.
-const PRESIGN_SATURATED_RATE: f64 = 16_000.0;
-/// Length of one rate step (measured, after `WARM_UP`).
-const STEP: Duration = Duration::from_secs(6);
-/// How long a load runs before its measurement starts.
-const WARM_UP: Duration = Duration::from_secs(1);
-
-/// The account that sends the latency probes.
-struct Probe {
-    tenant: Identity,
-    nonce: u64,
-    sink: Identity,
-}
-
-/// What one load phase measured.
-struct Phase {
-    finalized_per_s: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    /// How busy the whole box's CPUs were during the phase (nodes and load client).
+/// A step's figures and how busy the box was.
+struct MeasuredStep {
+    step: Step,
     busy_percent: f64,
 }
 
+/// The load clients' accounts and what they share.
+struct Load {
+    client: reqwest::Client,
+    tracker: SharedTracker,
+    /// Each client's account and next nonce.
+    accounts: Vec<(Identity, u64)>,
+    sink: Identity,
+}
+
+/// How a client sends.
+#[derive(Clone, Copy)]
+enum Pace {
+    /// `batch` transfers every `every`, whatever the answers.
+    Open { batch: usize, every: Duration },
+    /// `BATCH` transfers, then wait until all are final.
+    Closed,
+}
+
+/// One item of the `POST /v1/txs` answer.
+#[derive(Deserialize)]
+struct Admission {
+    error: Option<String>,
+}
+
+impl Load {
+    /// Signs `per_client` transfers per account beforehand: the client shares the 2 cores with
+    /// the nodes, and what is measured is the ledger, not the client's signing.
+    async fn presign(&mut self, per_client: usize) -> Result<Vec<(Identity, u64, Vec<Signed>)>> {
+        let mut signing = Vec::new();
+        for (account, n) in self.accounts.drain(..) {
+            let sink = self.sink.clone();
+            signing.push(tokio::task::spawn_blocking(move || {
+                let signed: Vec<Signed> = (n..n + per_client as u64).map(|k| transfer(&account, k, &sink, 1)).collect();
+                (account, n, signed)
+            }));
+        }
+        let mut out = Vec::new();
+        for s in signing {
+            out.push(s.await?);
+        }
+        Ok(out)
+    }
+
+    /// Runs the clients at `pace` until `until` has passed, then returns the accounts.
+    async fn drive(&mut self, pace: Pace, per_client: usize, until: Duration) -> Result<(Instant, Instant, f64)> {
+        let presigned = self.presign(per_client).await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for (i, (account, first, signed)) in presigned.into_iter().enumerate() {
+            let (client, stop, sink, tracker) =
+                (self.client.clone(), stop.clone(), self.sink.clone(), self.tracker.clone());
+            let url = format!("http://{}/v1/txs", NODES[i % NODES.len()]);
+            tasks.push(tokio::spawn(async move {
+                client_loop(ClientLoop { client, url, tracker, account, first, signed, sink }, pace, stop).await
+            }));
+        }
+        let cpu_start = cpu_ticks();
+        tokio::time::sleep(WARM_UP).await;
+        let from = Instant::now();
+        tokio::time::sleep(until).await;
+        let to = Instant::now();
+        let busy = busy_since(cpu_start);
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            self.accounts.push(t.await?);
+        }
+        // The last transfers of the window: wait (bounded) until the client learns them final.
+        let drain_start = Instant::now();
+        while finality::lock(&self.tracker).pending() > 0 && drain_start.elapsed() < DRAIN {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok((from, to, busy))
+    }
+
+    /// One open-loop step at `rate` transfers/s in all.
+    async fn open_loop(&mut self, rate: f64) -> Result<MeasuredStep> {
+        let per_client_rate = rate / CLIENTS as f64;
+        let batch = (per_client_rate * 0.02).ceil().max(1.0);
+        let every = Duration::from_secs_f64(batch / per_client_rate);
+        let per_client = (per_client_rate * (STEP + WARM_UP).as_secs_f64() * 1.2).ceil() as usize + batch as usize;
+        let (from, to, busy_percent) =
+            self.drive(Pace::Open { batch: batch as usize, every }, per_client, STEP).await?;
+        let w = finality::lock(&self.tracker).take_window(from, to);
+        let secs = (to - from).as_secs_f64();
+        Ok(MeasuredStep {
+            step: Step {
+                target_per_s: rate,
+                offered_per_s: w.offered as f64 / secs,
+                accepted_per_s: w.accepted as f64 / secs,
+                finalized_per_s: w.finalized as f64 / secs,
+                latency: Latencies::of(SortedMs::new(w.latencies_ms)),
+                drain: DRAIN,
+            },
+            busy_percent,
+        })
+    }
+
+    /// The closed loop: every client keeps one batch of `BATCH` outstanding.
+    async fn closed_loop(&mut self) -> Result<ClosedLoop> {
+        let per_client =
+            (PRESIGN_CLOSED_RATE / CLIENTS as f64 * (LOAD + WARM_UP).as_secs_f64()).ceil() as usize + BATCH;
+        let (from, to, busy_percent) = self.drive(Pace::Closed, per_client, LOAD).await?;
+        let w = finality::lock(&self.tracker).take_window(from, to);
+        Ok(ClosedLoop {
+            ops_per_s: w.finalized as f64 / (to - from).as_secs_f64(),
+            latency: Latencies::of(SortedMs::new(w.latencies_ms)),
+            refused: (w.offered - w.accepted) as u64,
+            busy_percent,
+        })
+    }
+}
+
+/// One load client's state.
+struct ClientLoop {
+    client: reqwest::Client,
+    url: String,
+    tracker: SharedTracker,
+    account: Identity,
+    /// Nonce of `signed[0]`.
+    first: u64,
+    signed: Vec<Signed>,
+    sink: Identity,
+}
+
+/// Sends transfers at `pace` until `stop`; returns the account and its next nonce.
+async fn client_loop(c: ClientLoop, pace: Pace, stop: Arc<AtomicBool>) -> (Identity, u64) {
+    let mut n = c.first;
+    let (batch, every) = match pace {
+        Pace::Open { batch, every } => (batch, every),
+        Pace::Closed => (BATCH, Duration::ZERO),
+    };
+    let mut tick = tokio::time::interval(every.max(Duration::from_micros(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut extra: Vec<Signed> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        if matches!(pace, Pace::Open { .. }) {
+            tick.tick().await;
+        }
+        let mut body = Vec::new();
+        let mut hashes = Vec::with_capacity(batch);
+        for k in n..n + batch as u64 {
+            let signed = match c.signed.get((k - c.first) as usize) {
+                Some(s) => s,
+                None => {
+                    // Beyond what was signed beforehand (a fast closed loop): sign now.
+                    let at = (k - c.first) as usize - c.signed.len();
+                    if at >= extra.len() {
+                        extra.push(transfer(&c.account, k, &c.sink, 1));
+                    }
+                    &extra[at]
+                }
+            };
+            put_record(&mut body, &signed.bytes);
+            hashes.push(signed.hash);
+        }
+        let waiter = matches!(pace, Pace::Closed).then(|| BatchWaiter::new(batch));
+        let sent = Instant::now();
+        {
+            let mut t = finality::lock(&c.tracker);
+            for h in &hashes {
+                t.submitting(*h, sent, waiter.clone());
+            }
+        }
+        let answer = c
+            .client
+            .post(&c.url)
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status().is_success());
+        let items: Option<Vec<Admission>> = match answer {
+            Some(r) => r.json().await.ok().filter(|items: &Vec<Admission>| items.len() == batch),
+            None => None,
+        };
+        match items {
+            Some(items) => {
+                let first_refused = items.iter().position(|i| i.error.is_some());
+                {
+                    let mut t = finality::lock(&c.tracker);
+                    for (item, h) in items.iter().zip(&hashes) {
+                        if item.error.is_some() {
+                            t.refused(h, sent);
+                        }
+                    }
+                }
+                match first_refused {
+                    // Refused (e.g. the account's quota is full): resend from there next time.
+                    Some(at) => {
+                        n += at as u64;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    None => n += batch as u64,
+                }
+            }
+            None => {
+                // No usable answer: count the batch as refused and send it again.
+                {
+                    let mut t = finality::lock(&c.tracker);
+                    for h in &hashes {
+                        t.refused(h, sent);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        if let Some(w) = waiter {
+            w.wait(BATCH_WAIT).await;
+        }
+    }
+    (c.account, n)
+}
+
 /// Percent of the box's CPU time spent busy since `start` (a [`cpu_ticks`] reading).
-fn busy_since(start: Option<(u64, u64)>) -> f64 {
+pub fn busy_since(start: Option<(u64, u64)>) -> f64 {
     match (start, cpu_ticks()) {
         (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => 100.0 * (b1 - b0) as f64 / (t1 - t0) as f64,
         _ => f64::NAN,
@@ -352,7 +775,7 @@ fn busy_since(start: Option<(u64, u64)>) -> f64 {
 }
 
 /// (busy, total) CPU ticks of the whole box so far, from /proc/stat.
-fn cpu_ticks() -> Option<(u64, u64)> {
+pub fn cpu_ticks() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let ticks: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|t| t.parse().ok()).collect();
     let total: u64 = ticks.iter().sum();
@@ -360,251 +783,16 @@ fn cpu_ticks() -> Option<(u64, u64)> {
     Some((total - idle, total))
 }
 
-/// `CLIENTS` tasks submit transfers from their own accounts, at `rate` per second in all (open
-/// loop: batches on a timer, whatever the answers) or, with `None`, in batches of `BATCH` as fast
-/// as the nodes take them; meanwhile a probe transfer measures submit->final latency every 20 ms.
-async fn load_phase(
-    client: &reqwest::Client,
-    probe: &mut Probe,
-    accounts: &mut Vec<(Identity, u64)>,
-    rate: Option<f64>,
-    duration: Duration,
-) -> Result<Phase> {
-    // Sign the load's transfers beforehand: the load client shares the 2 cores with the nodes,
-    // and what is measured is the ledger, not the client's signing.
-    let per_task = rate.unwrap_or(PRESIGN_SATURATED_RATE) / CLIENTS as f64 * (duration + WARM_UP).as_secs_f64() * 1.2;
-    let mut signing = Vec::new();
-    for (account, n) in accounts.drain(..) {
-        let sink = probe.sink.clone();
-        signing.push(tokio::task::spawn_blocking(move || {
-            let signed: Vec<Vec<u8>> =
-                (n..n + per_task.ceil() as u64 + BATCH as u64).map(|k| transfer(&account, k, &sink, 1)).collect();
-            (account, n, signed)
-        }));
-    }
-    let mut presigned = Vec::new();
-    for s in signing {
-        presigned.push(s.await?);
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for (i, (account, mut n, signed)) in presigned.into_iter().enumerate() {
-        let (client, stop, sink) = (client.clone(), stop.clone(), probe.sink.clone());
-        let first = n;
-        tasks.push(tokio::spawn(async move {
-            // Per task: `batch` transfers every `every`.
-            let (batch, every) = match rate {
-                Some(r) => {
-                    let per_task = r / CLIENTS as f64;
-                    let batch = (per_task * 0.02).ceil().max(1.0);
-                    (batch as usize, Duration::from_secs_f64(batch / per_task))
-                }
-                None => (BATCH, Duration::ZERO),
-            };
-            let mut tick = tokio::time::interval(every.max(Duration::from_micros(1)));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            while !stop.load(Ordering::Relaxed) {
-                if rate.is_some() {
-                    tick.tick().await;
-                }
-                let mut body = Vec::new();
-                for _ in 0..batch {
-                    match signed.get((n - first) as usize) {
-                        Some(tx) => put_record(&mut body, tx),
-                        None => put_record(&mut body, &transfer(&account, n, &sink, 1)),
-                    }
-                    n += 1;
-                }
-                match post(&client, format!("http://{}/v1/txs", NODES[i % 4]), body).await {
-                    Ok(v) => {
-                        let ok = v.as_array().map_or(0, |a| a.iter().filter(|x| x["error"].is_null()).count());
-                        if ok < batch {
-                            // Refused (e.g. the nonce window is full): resync on the next batch.
-                            n -= (batch - ok) as u64;
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-            (account, n)
-        }));
-    }
-    // Steady state only: the step from no load to this load is not measured.
-    tokio::time::sleep(WARM_UP).await;
-    let start_height = head(client, NODES[0]).await?;
-    let phase_start = Instant::now();
-    let cpu_start = cpu_ticks();
-    let mut latencies = Vec::new();
-    let mut i = 0;
-    while phase_start.elapsed() < duration {
-        let body = transfer(&probe.tenant, probe.nonce, &probe.sink, 1);
-        probe.nonce += 1;
-        let t = Instant::now();
-        post(client, format!("http://{}/v1/tx?wait=final", NODES[i % 4]), body)
-            .await
-            .with_context(|| format!("latency probe {i} under load via {}", NODES[i % 4]))?;
-        latencies.push(t.elapsed().as_secs_f64() * 1e3);
-        i += 1;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let elapsed = phase_start.elapsed();
-    let busy_percent = busy_since(cpu_start);
-    stop.store(true, Ordering::Relaxed);
-    let end_height = head(client, NODES[0]).await?;
-    for t in tasks {
-        accounts.push(t.await?);
-    }
-    let finalized = count_txs(client, NODES[0], start_height + 1, end_height).await?;
-    let (p50_ms, p99_ms, _) = summary(latencies);
-    Ok(Phase { finalized_per_s: finalized as f64 / elapsed.as_secs_f64(), p50_ms, p99_ms, busy_percent })
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Installs etcd if needed (Debian `etcd-server`).
-fn etcd_binary() -> Result<String> {
-    for p in ["/usr/bin/etcd", "/usr/local/bin/etcd"] {
-        if Path::new(p).exists() {
-            return Ok(p.into());
-        }
+    #[test]
+    fn rates_are_named_when_they_are_not_numbers() {
+        assert_eq!(parse_rates("1000, 3000").unwrap(), vec![1000.0, 3000.0]);
+        let e = parse_rates("1000,fast").unwrap_err().to_string();
+        assert!(e.contains("\"fast\" is not a rate"), "{e}");
+        assert!(parse_rates("0").is_err());
+        assert!(parse_rates("").is_err());
     }
-    println!("installing etcd-server (apt-get)…");
-    let ok = Command::new("sh")
-        .args(["-c", "apt-get update -qq >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null 2>&1"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok || !Path::new("/usr/bin/etcd").exists() {
-        bail!("etcd-server is not installed and apt-get could not install it");
-    }
-    Ok("/usr/bin/etcd".into())
-}
-
-async fn etcd() -> Result<Figures> {
-    let bin = etcd_binary()?;
-    let work = std::env::temp_dir().join(format!("archipel-bench-etcd-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
-    let members: Vec<(String, String, String)> = (0..3)
-        .map(|i| {
-            (format!("e{i}"), format!("http://127.0.61.{}:2380", i + 2), format!("http://127.0.61.{}:2379", i + 2))
-        })
-        .collect();
-    let cluster = members.iter().map(|(n, p, _)| format!("{n}={p}")).collect::<Vec<_>>().join(",");
-    let mut guards = Vec::new();
-    for (name, peer, client_url) in &members {
-        let child = Command::new(&bin)
-            .args([
-                "--name",
-                name,
-                "--data-dir",
-                work.join(name).to_str().context("path")?,
-                "--listen-peer-urls",
-                peer,
-                "--initial-advertise-peer-urls",
-                peer,
-                "--listen-client-urls",
-                client_url,
-                "--advertise-client-urls",
-                client_url,
-                "--initial-cluster",
-                &cluster,
-                "--initial-cluster-state",
-                "new",
-                "--initial-cluster-token",
-                "archipel-bench",
-            ])
-            .env("ETCD_UNSUPPORTED_ARCH", "")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        guards.push(Guard(child));
-    }
-    let client =
-        reqwest::Client::builder().no_proxy().pool_max_idle_per_host(64).timeout(Duration::from_secs(10)).build()?;
-    let urls: Vec<String> = members.iter().map(|(_, _, c)| format!("{c}/v3/kv/put")).collect();
-    let put = |client: reqwest::Client, url: String, k: String| async move {
-        let body = serde_json::json!({"key": b64(k.as_bytes()), "value": b64(b"1")});
-        let r = client.post(url).json(&body).send().await?;
-        if !r.status().is_success() {
-            bail!("etcd answered {}", r.status());
-        }
-        Ok::<_, anyhow::Error>(())
-    };
-    let ready = Instant::now();
-    while put(client.clone(), urls[0].clone(), "warmup".into()).await.is_err() {
-        if ready.elapsed() > Duration::from_secs(30) {
-            bail!("etcd cluster did not come up within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let mut idle = Vec::new();
-    for i in 0..LATENCY_SAMPLES {
-        let t = Instant::now();
-        put(client.clone(), urls[i % 3].clone(), format!("idle/{i}")).await?;
-        idle.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    // The same load shape: CLIENTS clients, each request a transaction of BATCH puts.
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for c in 0..CLIENTS {
-        let (client, stop, done) = (client.clone(), stop.clone(), done.clone());
-        let url = format!("{}/v3/kv/txn", members[c % 3].2);
-        tasks.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let ops: Vec<_> = (0..BATCH)
-                    .map(|j| {
-                        serde_json::json!({"requestPut": {"key": b64(format!("load/{c}/{n}/{j}").as_bytes()), "value": b64(b"1")}})
-                    })
-                    .collect();
-                n += 1;
-                let ok = client
-                    .post(&url)
-                    .json(&serde_json::json!({"success": ops}))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success());
-                if ok {
-                    done.fetch_add(BATCH as u64, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
-    tokio::time::sleep(WARM_UP).await;
-    let done_before = done.load(Ordering::Relaxed);
-    let start = Instant::now();
-    let mut loaded = Vec::new();
-    let mut i = 0;
-    while start.elapsed() < LOAD {
-        let t = Instant::now();
-        put(client.clone(), urls[i % 3].clone(), format!("probe/{i}")).await?;
-        loaded.push(t.elapsed().as_secs_f64() * 1e3);
-        i += 1;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let elapsed = start.elapsed();
-    let done = done.load(Ordering::Relaxed) - done_before;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        let _ = t.await;
-    }
-    drop(guards);
-    let _ = std::fs::remove_dir_all(&work);
-    let (idle_p50_ms, idle_p99_ms, _) = summary(idle);
-    let (load_p50_ms, load_p99_ms, _) = summary(loaded);
-    Ok(Figures {
-        idle_p50_ms,
-        idle_p99_ms,
-        load_p50_ms,
-        load_p99_ms,
-        ops_per_s: done as f64 / elapsed.as_secs_f64(),
-        sustained_per_s: f64::NAN,
-    })
-}
-
-/// Standard base64, as etcd's JSON gateway wants keys and values.
-fn b64(bytes: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(bytes)
 }

@@ -10,8 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod etcd_bench;
+mod figures;
+mod finality;
 mod fuzz;
 mod ledger_bench;
+mod simplex_baseline;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -21,10 +25,10 @@ fn main() -> Result<()> {
             match which {
                 "verify" => bench_verify(),
                 "devnet" => bench_devnet(),
-                "ledger" => ledger_bench::bench(&build_release()?),
-                "all" => {
-                    bench_verify().and_then(|_| bench_devnet()).and_then(|_| ledger_bench::bench(&build_release()?))
-                }
+                "ledger" => ledger_bench::bench(&build_release()?, runs(&args)?),
+                "all" => bench_verify()
+                    .and_then(|_| bench_devnet())
+                    .and_then(|_| ledger_bench::bench(&build_release()?, runs(&args)?)),
                 other => bail!("unknown benchmark {other:?}: use verify, devnet, ledger or all"),
             }
         }
@@ -45,13 +49,30 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("fuzz") => fuzz::run(&args[1..]),
+        // Started by `bench ledger` itself: one validator of the bare-simplex baseline.
+        Some("simplex-validator") => simplex_baseline::validator_main(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask bench [verify|devnet|ledger|all]\n       cargo xtask sim [--seeds N]\n       \
+                "usage: cargo xtask bench [verify|devnet|ledger|all] [--runs N]\n       cargo xtask sim [--seeds N]\n       \
                  cargo xtask fuzz [--seconds N] [TARGET...]"
             );
             Ok(())
         }
+    }
+}
+
+/// How many times the ledger bench runs: `--runs N`, else `ARCHIPEL_BENCH_RUNS`, else once.
+fn runs(args: &[String]) -> Result<usize> {
+    let text = match args.iter().position(|a| a == "--runs") {
+        Some(i) => args.get(i + 1).cloned().context("--runs needs a number of runs, e.g. --runs 3")?,
+        None => match std::env::var("ARCHIPEL_BENCH_RUNS") {
+            Ok(v) => v,
+            Err(_) => return Ok(1),
+        },
+    };
+    match text.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => bail!("the number of runs must be a whole number >= 1 (--runs or ARCHIPEL_BENCH_RUNS), not {text:?}"),
     }
 }
 
