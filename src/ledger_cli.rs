@@ -419,7 +419,7 @@ pub async fn account(cmd: AccountCommand) -> Result<()> {
                 nonce: me.account.nonce,
                 payload: Payload::Transfer { to, amount_micro },
             }
-            .sign(&identity);
+            .sign(&identity, &network_of(&c).await?);
             let r = c.submit(&tx, !no_wait).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
@@ -445,7 +445,8 @@ pub async fn submit_as(key: Option<PathBuf>, payload: Payload, node: &NodeArg, d
     let identity = Identity::load(&key.unwrap_or_else(|| devnet_path("tenant.key")))?;
     let c = client(node)?;
     let me: AccountView = c.get(&format!("/v1/accounts/{}", identity.node_id())).await?;
-    let tx = Transaction { signer: identity.node_id(), nonce: me.account.nonce, payload }.sign(&identity);
+    let tx = Transaction { signer: identity.node_id(), nonce: me.account.nonce, payload }
+        .sign(&identity, &network_of(&c).await?);
     let r = c.submit(&tx, true).await?;
     match &r.status {
         archipel_consensus::TxStatus::Final(loc) => println!("{done} — final in block {} (tx {})", loc.height, r.hash),
@@ -514,4 +515,11 @@ pub async fn proof(cmd: ProofCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The network (genesis hash) the node `c` talks to: transactions are signed for it, so one
+/// signed for another network never applies here.
+async fn network_of(c: &ApiClient) -> Result<Hash> {
+    let head: HeadView = c.get("/v1/ledger/head").await?;
+    head.genesis_hash.parse().map_err(|e| anyhow!("the node sent a malformed genesis hash: {e}"))
 }

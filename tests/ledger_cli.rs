@@ -55,13 +55,14 @@ fn transfers_proofs_exports_and_bad_transactions() {
         rt().block_on(client.get::<serde_json::Value>(&format!("/v1/accounts/{}", t.node_id()))).unwrap()["nonce"]
             .as_u64()
             .unwrap();
+    let net = network(&node);
     let tx = |signer: &Identity, nonce: u64, amount: u64| -> SignedTransaction {
         Transaction {
             signer: signer.node_id(),
             nonce,
             payload: Payload::Transfer { to: n5.node_id(), amount_micro: amount },
         }
-        .sign(signer)
+        .sign(signer, &net)
     };
     assert_eq!(refused(&client, tx(&t, nonce - 1, 1).to_bytes()), (400, "replayed_nonce".into()));
     let mut forged = tx(&t, nonce, 1);

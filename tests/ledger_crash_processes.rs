@@ -73,6 +73,7 @@ fn load(url: String, tenant: Identity, to: Identity, stop: Arc<AtomicBool>, admi
         a["nonce"].as_u64()
     };
     let mut nonce = None;
+    let net = network(&url);
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(20));
         let Some(n) = nonce.or_else(nonce_now) else { continue };
@@ -81,7 +82,7 @@ fn load(url: String, tenant: Identity, to: Identity, stop: Arc<AtomicBool>, admi
             nonce: n,
             payload: Payload::Transfer { to: to.node_id(), amount_micro: 1 },
         }
-        .sign(&tenant);
+        .sign(&tenant, &net);
         match rt.block_on(client.submit(&tx, false)) {
             Ok(_) => {
                 nonce = Some(n + 1);

@@ -106,7 +106,7 @@ fn two_hundred_registrations_leave_every_devnet_node_running_and_finalizing() {
                 let p2p = SocketAddr::from(([127, 0, 72, (i % 200) as u8 + 2], 26700));
                 let (node, descriptor) = unstarted_node(i, p2p);
                 let payload = Payload::register_node(&node, &network, &tenant.node_id(), descriptor);
-                let tx = Transaction { signer: tenant.node_id(), nonce, payload }.sign(&tenant);
+                let tx = Transaction { signer: tenant.node_id(), nonce, payload }.sign(&tenant, &network);
                 nonce += 1;
                 tx
             })

@@ -23,9 +23,13 @@ const FUNDS_MICRO: u64 = 1_000;
 /// Most transactions in one `POST /v1/txs`.
 const BATCH: usize = 1_000;
 
+/// The devnet's network id, read once it is up.
+static NETWORK: std::sync::OnceLock<archipel_ledger::Hash> = std::sync::OnceLock::new();
+
 fn transfer(from: &Identity, nonce: u64, to: &Identity, amount_micro: u64) -> SignedTransaction {
+    let network = NETWORK.get().expect("the network is read before signing");
     Transaction { signer: from.node_id(), nonce, payload: Payload::Transfer { to: to.node_id(), amount_micro } }
-        .sign(from)
+        .sign(from, network)
 }
 
 /// Posts `txs` to `POST /v1/txs` in batches; returns one answer per transaction.
@@ -57,6 +61,7 @@ fn a_flood_of_gapped_and_overspending_transfers_leaves_honest_transfers_untouche
     let clients: Vec<ApiClient> = (0..5).map(|i| ApiClient::new(&devnet.node(i).1)).collect();
     let tenant = Identity::load(&devnet.dir.join("tenant.key")).unwrap();
     let sink = Identity::from_seed(5_000_000);
+    let _ = NETWORK.set(network(&devnet.node(0).1));
 
     // Fund the flooding accounts, and wait until that is final.
     let spammers: Vec<Identity> = (0..SPAMMERS).map(|i| Identity::from_seed(5_000_001 + i)).collect();

@@ -11,8 +11,8 @@ use archipel_consensus::store::{BlockStore, FileStore, Record};
 use archipel_crypto::{Admission, Identity, SignedDescriptor};
 use archipel_ledger::export::{push_block, put_record, start};
 use archipel_ledger::{
-    AliveProof, LivenessChange,
-    Block, BlockHeader, Payload, Signatures, State, StateKey, StateProof, Transaction, TxProof, merkle, propose,
+    AliveProof, Block, BlockHeader, Hash, LivenessChange, Payload, Signatures, State, StateKey, StateProof,
+    Transaction, TxProof, merkle, propose,
 };
 use archipel_node::config::{ApiConfig, NodeConfig, P2pConfig};
 use archipel_node::ledger_api::{AnyProof, Proof};
@@ -40,8 +40,8 @@ struct Chain {
     certificate: Vec<u8>,
 }
 
-fn sign(who: &Identity, nonce: u64, payload: Payload) -> archipel_ledger::SignedTransaction {
-    Transaction { signer: who.node_id(), nonce, payload }.sign(who)
+fn sign(who: &Identity, network: &Hash, nonce: u64, payload: Payload) -> archipel_ledger::SignedTransaction {
+    Transaction { signer: who.node_id(), nonce, payload }.sign(who, network)
 }
 
 /// A descriptor of node `seed` at `version`, re-signed.
@@ -57,12 +57,12 @@ fn chain(net: &Network) -> Chain {
     let network = net.state.network();
     let register = Payload::register_node(n5, &network, &tenant.node_id(), descriptor(5, "storage"));
     let first = vec![
-        sign(tenant, 0, Payload::Transfer { to: n2.node_id(), amount_micro: 1_000 }),
-        sign(tenant, 1, register),
+        sign(tenant, &network, 0, Payload::Transfer { to: n2.node_id(), amount_micro: 1_000 }),
+        sign(tenant, &network, 1, register),
     ];
     let second = vec![
-        sign(n2, 0, Payload::UpdateNode { descriptor: versioned(2, 2) }),
-        sign(tenant, 2, Payload::LeaveNode { node: n5.node_id() }),
+        sign(n2, &network, 0, Payload::UpdateNode { descriptor: versioned(2, 2) }),
+        sign(tenant, &network, 2, Payload::LeaveNode { node: n5.node_id() }),
     ];
     // Lease changes: n01 proves it is alive in the first block and is marked down in the second.
     let up = LivenessChange::Up { node: n1.node_id(), proof: AliveProof::sign(n1, &network, 0) };

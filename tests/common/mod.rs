@@ -29,6 +29,12 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// The network id (genesis hash) of the node at `url`: what transactions are signed for.
+pub fn network(url: &str) -> archipel_ledger::Hash {
+    let v: serde_json::Value = rt().block_on(ApiClient::new(url).get("/v1/ledger/head")).expect("head");
+    v["genesis_hash"].as_str().expect("genesis_hash").parse().expect("a hash")
+}
+
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }

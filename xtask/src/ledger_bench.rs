@@ -397,13 +397,16 @@ struct Signed {
     hash: Hash,
 }
 
+/// The devnet's network id, read from its head once it is up.
+static NETWORK: std::sync::OnceLock<Hash> = std::sync::OnceLock::new();
+
 fn transfer(from: &Identity, nonce: u64, to: &Identity, amount: u64) -> Signed {
     let stx = Transaction {
         signer: from.node_id(),
         nonce,
         payload: Payload::Transfer { to: to.node_id(), amount_micro: amount },
     }
-    .sign(from);
+    .sign(from, NETWORK.get().unwrap_or(&Hash::ZERO));
     Signed { hash: stx.hash(), bytes: stx.to_bytes() }
 }
 
@@ -449,6 +452,11 @@ async fn archipel(bin: &Path, rates: &[f64]) -> Result<Ours> {
     while head(&client, NODES[0]).await.unwrap_or(0) < 3 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Transactions are signed for this network (its genesis hash).
+    let v: serde_json::Value = client.get(format!("http://{}/v1/ledger/head", NODES[0])).send().await?.json().await?;
+    let network: Hash =
+        v["genesis_hash"].as_str().context("head without genesis_hash")?.parse().map_err(anyhow::Error::msg)?;
+    let _ = NETWORK.set(network);
     let tenant = Identity::load(&work.join("devnet/tenant.key"))?;
     let sink = Identity::from_seed(7_000_000);
 

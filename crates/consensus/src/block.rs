@@ -136,7 +136,7 @@ mod tests {
             nonce: 0,
             payload: archipel_ledger::Payload::Transfer { to: a.node_id(), amount_micro: 1 },
         }
-        .sign(&a);
+        .sign(&a, &state.network());
         let p =
             archipel_ledger::propose(&state, &genesis_header(&state), 1, [], [tx], archipel_ledger::Signatures::Verify);
         let cfg = BlockCfg::from(state.params());

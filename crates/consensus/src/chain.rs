@@ -202,11 +202,12 @@ impl Chain {
             items.iter().zip(&known).filter(|(_, k)| !**k).map(|((t, _), _)| t).collect();
         // Each transaction's own signature result, by position (`None`: known, not checked):
         // whatever the second lock finds, no result can move to another transaction.
-        let mut checked = verify_each(&fresh).into_iter();
+        let network = self.genesis_state.network();
+        let mut checked = verify_each(&fresh, &network).into_iter();
         let signatures: Vec<Option<Result<(), archipel_ledger::TxError>>> = items
             .iter()
             .zip(&known)
-            .map(|((t, _), k)| (!*k).then(|| checked.next().unwrap_or_else(|| t.verify())))
+            .map(|((t, _), k)| (!*k).then(|| checked.next().unwrap_or_else(|| t.verify(&network))))
             .collect();
         #[cfg(test)]
         tests::between_locks(self);
@@ -366,7 +367,8 @@ impl Chain {
             let unchecked: Vec<&SignedTransaction> =
                 block.txs.iter().filter(|t| !g.mempool.contains(&t.hash())).collect();
             drop(g);
-            verify_all(&unchecked).map_err(|(_, e)| format!("block {}: {e}", h.height))?;
+            verify_all(&unchecked, &self.genesis_state.network())
+                .map_err(|(_, e)| format!("block {}: {e}", h.height))?;
             p
         };
         let outcome = execute(&mut state, &parent, block, Signatures::AlreadyVerified).map_err(|e| e.to_string())?;
@@ -632,7 +634,8 @@ mod tests {
     fn transfer(from: u64, nonce: u64) -> SignedTransaction {
         let id = Identity::from_seed(from);
         let to = Identity::from_seed(99).node_id();
-        Transaction { signer: id.node_id(), nonce, payload: Payload::Transfer { to, amount_micro: 1 } }.sign(&id)
+        Transaction { signer: id.node_id(), nonce, payload: Payload::Transfer { to, amount_micro: 1 } }
+            .sign(&id, &archipel_ledger::Hash::ZERO)
     }
 
     /// What a test runs between the two locks of `submit_many`.

@@ -307,7 +307,7 @@ pub fn execute(
     let invalid =
         |i: usize, e: TxError| bad(format!("transaction {i} ({}) is invalid: {e}", block.txs[i].hash().short()));
     if signatures == Signatures::Verify {
-        verify_all(&block.txs).map_err(|(i, e)| invalid(i, e))?;
+        verify_all(&block.txs, &state.network()).map_err(|(i, e)| invalid(i, e))?;
     }
     state.begin_block(h.height, h.timestamp_ms);
     let mut outcome = BlockOutcome::default();

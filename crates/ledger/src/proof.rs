@@ -42,10 +42,10 @@ pub struct StateProof {
 pub struct ProofError(pub String);
 
 impl TxProof {
-    /// Checks the transaction's signature and that it is under the header's transaction root;
-    /// returns the transaction hash.
-    pub fn verify(&self) -> Result<Hash, ProofError> {
-        self.tx.verify().map_err(|e| ProofError(e.to_string()))?;
+    /// Checks the transaction's signature (made for `network`, the genesis hash) and that it is
+    /// under the header's transaction root; returns the transaction hash.
+    pub fn verify(&self, network: &Hash) -> Result<Hash, ProofError> {
+        self.tx.verify(network).map_err(|e| ProofError(e.to_string()))?;
         let h = self.tx.hash();
         if merkle::root_from_path(h, &self.path) != self.header.tx_root {
             return Err(ProofError(format!(
@@ -125,10 +125,10 @@ mod tests {
             tx: p.block.txs[1].clone(),
             path: merkle::path(&hashes, 1).unwrap(),
         };
-        assert_eq!(proof.verify().unwrap(), hashes[1]);
+        assert_eq!(proof.verify(&Hash::ZERO).unwrap(), hashes[1]);
         let mut bad = proof.clone();
         bad.tx = p.block.txs[0].clone();
-        assert!(bad.verify().is_err());
+        assert!(bad.verify(&Hash::ZERO).is_err());
 
         let key = StateKey::Account(id(1).node_id());
         let (value, path) = p.state.prove(&key).unwrap();

@@ -277,7 +277,7 @@ impl State {
     /// everything its kind can check without the transactions before it. Changes nothing.
     pub fn admit(&self, stx: &SignedTransaction, encoded_len: usize) -> Result<(), TxError> {
         self.check_size(encoded_len)?;
-        stx.verify()?;
+        stx.verify(&self.network)?;
         self.admit_verified(stx, encoded_len)
     }
 
@@ -307,7 +307,7 @@ impl State {
 
     /// Applies one transaction at the current block time: all of it, or nothing.
     pub fn apply(&mut self, stx: &SignedTransaction) -> Result<Receipt, TxError> {
-        stx.verify()?;
+        stx.verify(&self.network)?;
         self.apply_verified(stx)
     }
 
@@ -413,7 +413,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn signed(from: u64, nonce: u64, payload: Payload) -> SignedTransaction {
-        Transaction { signer: id(from).node_id(), nonce, payload }.sign(&id(from))
+        Transaction { signer: id(from).node_id(), nonce, payload }.sign(&id(from), &Hash::ZERO)
     }
 
     pub(crate) fn transfer(from: u64, nonce: u64, to: u64, amount: u64) -> SignedTransaction {

@@ -319,9 +319,18 @@ impl Transaction {
         out
     }
 
-    /// Signs with `identity`, which must be the signer.
-    pub fn sign(self, identity: &Identity) -> SignedTransaction {
-        let signature = identity.sign(NAMESPACE, &self.signing_bytes());
+    /// What the signature covers: the network (genesis hash) and the encoded transaction, so a
+    /// transaction signed for one network never verifies on another where the same key exists.
+    pub fn signed_message(&self, network: &Hash) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + self.encode_size());
+        out.extend_from_slice(&network.0);
+        self.write(&mut out);
+        out
+    }
+
+    /// Signs with `identity`, which must be the signer, for `network`.
+    pub fn sign(self, identity: &Identity, network: &Hash) -> SignedTransaction {
+        let signature = identity.sign(NAMESPACE, &self.signed_message(network));
         SignedTransaction { tx: self, signature }
     }
 }
@@ -357,9 +366,9 @@ impl Read for SignedTransaction {
 }
 
 impl SignedTransaction {
-    /// Checks the signature.
-    pub fn verify(&self) -> Result<(), TxError> {
-        verify_signature(&self.tx.signer, NAMESPACE, &self.tx.signing_bytes(), &self.signature)
+    /// Checks the signature (made for `network`).
+    pub fn verify(&self, network: &Hash) -> Result<(), TxError> {
+        verify_signature(&self.tx.signer, NAMESPACE, &self.tx.signed_message(network), &self.signature)
             .map_err(|_| TxError::BadSignature(self.tx.signer.short()))
     }
 
@@ -391,29 +400,29 @@ impl SignedTransaction {
 
 /// Checks the signatures of all `txs`, as one batch when there are several (about twice as fast
 /// per signature). On failure returns the index of the first bad one and why.
-pub fn verify_all<T: Borrow<SignedTransaction>>(txs: &[T]) -> Result<(), (usize, TxError)> {
-    if batch_passes(txs) {
+pub fn verify_all<T: Borrow<SignedTransaction>>(txs: &[T], network: &Hash) -> Result<(), (usize, TxError)> {
+    if batch_passes(txs, network) {
         return Ok(());
     }
     // One of them is bad (or there is just one): find which.
-    txs.iter().enumerate().try_for_each(|(i, t)| t.borrow().verify().map_err(|e| (i, e)))
+    txs.iter().enumerate().try_for_each(|(i, t)| t.borrow().verify(network).map_err(|e| (i, e)))
 }
 
 /// Checks the signature of each of `txs` (as one batch first, one by one only if that fails);
 /// one result per transaction.
-pub fn verify_each<T: Borrow<SignedTransaction>>(txs: &[T]) -> Vec<Result<(), TxError>> {
-    if batch_passes(txs) {
+pub fn verify_each<T: Borrow<SignedTransaction>>(txs: &[T], network: &Hash) -> Vec<Result<(), TxError>> {
+    if batch_passes(txs, network) {
         return vec![Ok(()); txs.len()];
     }
-    txs.iter().map(|t| t.borrow().verify()).collect()
+    txs.iter().map(|t| t.borrow().verify(network)).collect()
 }
 
 /// True when `txs` has several transactions and all their signatures pass as one batch.
-fn batch_passes<T: Borrow<SignedTransaction>>(txs: &[T]) -> bool {
+fn batch_passes<T: Borrow<SignedTransaction>>(txs: &[T], network: &Hash) -> bool {
     if txs.len() < 2 {
         return false;
     }
-    let bytes: Vec<Vec<u8>> = txs.iter().map(|t| t.borrow().tx.signing_bytes()).collect();
+    let bytes: Vec<Vec<u8>> = txs.iter().map(|t| t.borrow().tx.signed_message(network)).collect();
     let items: Vec<SignatureItem<'_>> = txs
         .iter()
         .zip(&bytes)
@@ -429,27 +438,50 @@ fn batch_passes<T: Borrow<SignedTransaction>>(txs: &[T]) -> bool {
 mod tests {
     use super::*;
 
+    fn verify_all_z<T: Borrow<SignedTransaction>>(txs: &[T]) -> Result<(), (usize, TxError)> {
+        verify_all(txs, &Hash::ZERO)
+    }
+
+    fn verify_each_z<T: Borrow<SignedTransaction>>(txs: &[T]) -> Vec<Result<(), TxError>> {
+        verify_each(txs, &Hash::ZERO)
+    }
+
+    #[test]
+    fn a_transaction_signed_for_one_network_does_not_verify_on_another() {
+        let a = Identity::from_seed(1);
+        let tx = Transaction {
+            signer: a.node_id(),
+            nonce: 0,
+            payload: Payload::Transfer { to: Identity::from_seed(2).node_id(), amount_micro: 5 },
+        };
+        let (ours, theirs) = (Hash([1; 32]), Hash([2; 32]));
+        let t = tx.sign(&a, &ours);
+        t.verify(&ours).unwrap();
+        assert!(matches!(t.verify(&theirs), Err(TxError::BadSignature(_))));
+        assert!(verify_all(&[t.clone(), t.clone()], &theirs).is_err(), "nor in a batch");
+    }
+
     #[test]
     fn batches_name_each_bad_signature() {
         let txs: Vec<SignedTransaction> = (0..6)
             .map(|i| {
                 let a = Identity::from_seed(i);
                 Transaction { signer: a.node_id(), nonce: i, payload: Payload::LeaveNode { node: a.node_id() } }
-                    .sign(&a)
+                    .sign(&a, &Hash::ZERO)
             })
             .collect();
-        assert_eq!(verify_all(&txs), Ok(()));
-        assert!(verify_each(&txs).iter().all(Result::is_ok));
-        assert_eq!(verify_all::<SignedTransaction>(&[]), Ok(()));
+        assert_eq!(verify_all_z(&txs), Ok(()));
+        assert!(verify_each_z(&txs).iter().all(Result::is_ok));
+        assert_eq!(verify_all::<SignedTransaction>(&[], &Hash::ZERO), Ok(()));
         let mut bad = txs.clone();
         bad[2].signature[0] ^= 1;
         bad[4].tx.nonce += 1;
-        assert!(matches!(verify_all(&bad), Err((2, TxError::BadSignature(_)))));
-        let each: Vec<bool> = verify_each(&bad).iter().map(Result::is_ok).collect();
+        assert!(matches!(verify_all_z(&bad), Err((2, TxError::BadSignature(_)))));
+        let each: Vec<bool> = verify_each_z(&bad).iter().map(Result::is_ok).collect();
         assert_eq!(each, [true, true, false, true, false, true]);
         let refs: Vec<&SignedTransaction> = bad[3..].iter().collect();
-        assert!(matches!(verify_all(&refs), Err((1, _))), "works over references too");
-        assert!(matches!(verify_all(&bad[2..3]), Err((0, _))), "a batch of one");
+        assert!(matches!(verify_all_z(&refs), Err((1, _))), "works over references too");
+        assert!(matches!(verify_all_z(&bad[2..3]), Err((0, _))), "a batch of one");
     }
 
     #[test]
@@ -460,12 +492,12 @@ mod tests {
             nonce: 7,
             payload: Payload::Transfer { to: Identity::from_seed(2).node_id(), amount_micro: 5 },
         }
-        .sign(&a);
+        .sign(&a, &Hash::ZERO);
         let bytes = t.to_bytes();
         let back = SignedTransaction::from_bytes(&bytes, 1024).unwrap();
         assert_eq!(back, t);
         assert_eq!(back.hash(), t.hash());
-        back.verify().unwrap();
+        back.verify(&Hash::ZERO).unwrap();
         assert!(matches!(SignedTransaction::from_bytes(&bytes[..10], 1024), Err(TxError::Malformed(_))));
         let mut long = bytes.clone();
         long.push(0);
@@ -478,6 +510,6 @@ mod tests {
         let mut flipped = bytes;
         flipped[45] ^= 1;
         let t2 = SignedTransaction::from_bytes(&flipped, 1024).unwrap();
-        assert!(matches!(t2.verify(), Err(TxError::BadSignature(_))));
+        assert!(matches!(t2.verify(&Hash::ZERO), Err(TxError::BadSignature(_))));
     }
 }

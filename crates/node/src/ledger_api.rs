@@ -666,7 +666,7 @@ mod tests {
                 nonce,
                 payload: Payload::Transfer { to: tenant().node_id(), amount_micro: 1 },
             }
-            .sign(&tenant());
+            .sign(&tenant(), &chain.genesis_state().network());
             let r =
                 http().post(format!("{url}/v1/tx?wait=final&timeout_ms=20")).body(tx.to_bytes()).send().await.unwrap();
             assert_eq!(r.status(), 202);

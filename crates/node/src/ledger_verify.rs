@@ -126,7 +126,7 @@ pub fn verify_proof(genesis: &Genesis, proof: &AnyProof) -> Result<ProofReport, 
         };
     match proof {
         AnyProof::Tx(Proof { genesis_hash, proof, links, certificate }) => {
-            let h = proof.verify().map_err(|e| e.to_string())?;
+            let h = proof.verify(&genesis.network_hash()).map_err(|e| e.to_string())?;
             check_header(genesis_hash, &proof.header, links, certificate)?;
             Ok(ProofReport {
                 kind: "transaction",

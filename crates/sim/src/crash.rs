@@ -213,10 +213,20 @@ pub fn run_crash(scenario: CrashScenario) -> CrashOutcome {
                     nonce: nonces[from],
                     payload: Payload::Transfer { to: parts.clients[to].node_id(), amount_micro: 1 + r.below(1_000) },
                 }
-                .sign(&parts.clients[from]);
+                .sign(&parts.clients[from], &parts.genesis.network());
                 let len = stx.to_bytes().len();
-                let admitted =
-                    chains[..crate::ledger::VALIDATORS].iter().filter(|c| c.submit(stx.clone(), len, context.current().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64).is_ok()).count();
+                let admitted = chains[..crate::ledger::VALIDATORS]
+                    .iter()
+                    .filter(|c| {
+                        c.submit(
+                            stx.clone(),
+                            len,
+                            context.current().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()
+                                as u64,
+                        )
+                        .is_ok()
+                    })
+                    .count();
                 if admitted > 0 {
                     nonces[from] += 1;
                     submitted += 1;

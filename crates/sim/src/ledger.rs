@@ -477,6 +477,7 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
             let submitted = submitted.clone();
             let sc = sc.clone();
             let clients: Vec<Identity> = clients.clone();
+            let network = genesis.network();
             handles.push(context.child("client").spawn(move |ctx| async move {
                 let mut r = SeedStream(sc.seed ^ 0x636c_6965_6e74); // "client"
                 let mut nonces = vec![0u64; clients.len()];
@@ -492,7 +493,7 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
                         nonce,
                         payload: Payload::Transfer { to: clients[to].node_id(), amount_micro: 1 + r.below(1_000) },
                     }
-                    .sign(&clients[from]);
+                    .sign(&clients[from], &network);
                     let len = stx.to_bytes().len();
                     match chain.submit(stx.clone(), len, now(&ctx).as_millis() as u64) {
                         Ok(hash) => {
