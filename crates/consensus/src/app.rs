@@ -131,6 +131,7 @@ where
     E: Spawner + Clock + Metrics,
 {
     /// The application over `chain`; starts the task that passes finalizations on to marshal.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         context: E,
         chain: Arc<Chain>,
@@ -335,7 +336,9 @@ where
                 let arrived = app.chain.next_submission();
                 let now = runtime.current();
                 let plan = |s: &archipel_ledger::State| {
-                    crate::lock(&app.liveness).plan(s, now, s.params().max_block_liveness as usize)
+                    let mut tracker = crate::lock(&app.liveness);
+                    tracker.retain_registered(s);
+                    tracker.plan(s, now, s.params().max_block_liveness as usize)
                 };
                 let Some(block) = app.chain.build(&parent, now_ms(&*runtime), plan) else { return };
                 if !block.txs.is_empty() || !block.liveness.is_empty() || runtime.current() >= deadline {
@@ -415,12 +418,14 @@ where
                 tx.send_lossy(false);
                 return;
             }
-            // A block from slightly in the future is not invalid: wait until it is acceptable.
+            // A block slightly in the future is not invalid: wait until it is acceptable, for at
+            // most the drift allowed (a proposer whose clock runs further ahead is refused rather
+            // than waited for, so it costs its own view only).
             let now = now_ms(&*runtime);
             let drift = app.chain.with_state(|s| s.params().max_clock_drift_ms);
             if header.timestamp_ms > now.saturating_add(drift) {
                 let wait = header.timestamp_ms - now - drift;
-                let waited = runtime.sleep(Duration::from_millis(wait.min(10_000)));
+                let waited = runtime.sleep(Duration::from_millis(wait.min(drift)));
                 if unless_dropped(&mut tx, waited).await.is_none() {
                     return;
                 }

@@ -84,6 +84,10 @@ pub struct Tracker {
     down_after: Duration,
     started: SystemTime,
     heard: HashMap<NodeId, Heard>,
+    /// When this validator last proposed a change for a node: a change its peers refused (the
+    /// view failed) is not proposed again for a TTL, so a node heard by some validators and not
+    /// by others costs a view now and then, never the chain's progress.
+    proposed: HashMap<NodeId, SystemTime>,
 }
 
 impl Tracker {
@@ -91,7 +95,7 @@ impl Tracker {
     /// waits before proposing an empty block (a `Down` can wait that long for its block).
     pub fn new(lease_ttl: Duration, idle_block: Duration, now: SystemTime) -> Self {
         let down_after = lease_ttl.saturating_sub(idle_block).max(lease_ttl * 3 / 4);
-        Self { ttl: lease_ttl, down_after, started: now, heard: HashMap::new() }
+        Self { ttl: lease_ttl, down_after, started: now, heard: HashMap::new(), proposed: HashMap::new() }
     }
 
     /// Silence after which a proposer marks a node Down.
@@ -110,19 +114,42 @@ impl Tracker {
         now.duration_since(last).unwrap_or_default()
     }
 
+    /// Whether this tracker has run for a whole TTL: before that, a silence may only mean that
+    /// connections are still forming (after a restart), so no Down is proposed or accepted.
+    fn settled(&self, now: SystemTime) -> bool {
+        now.duration_since(self.started).unwrap_or_default() >= self.ttl
+    }
+
+    /// Whether `node` was heard since this tracker started, within `within`.
+    fn heard_within(&self, node: &NodeId, now: SystemTime, within: Duration) -> bool {
+        self.heard.get(node).is_some_and(|h| now.duration_since(h.at).unwrap_or_default() <= within)
+    }
+
+    /// Whether a change for `node` was proposed here within the last TTL.
+    fn recently_proposed(&self, node: &NodeId, now: SystemTime) -> bool {
+        self.proposed.get(node).is_some_and(|at| now.duration_since(*at).unwrap_or_default() < self.ttl)
+    }
+
     /// The liveness changes a proposer puts into the block after `state` (at most `max`): Down
     /// for Up nodes silent for [`Tracker::down_after`], Up for Down nodes heard within half the
-    /// TTL whose latest proof is recent enough to apply.
-    pub fn plan(&self, state: &State, now: SystemTime, max: usize) -> Vec<LivenessChange> {
+    /// TTL whose latest proof is recent enough to apply; at most one proposal per node per TTL
+    /// (a change still not in `state` a TTL later is proposed again). Records what it planned.
+    pub fn plan(&mut self, state: &State, now: SystemTime, max: usize) -> Vec<LivenessChange> {
         let mut out = Vec::new();
+        let settled = self.settled(now);
         for (node, lease) in state.leases() {
             if out.len() >= max {
                 break;
             }
+            if self.recently_proposed(node, now) {
+                continue;
+            }
             let silent = self.silent_for(node, now);
             match lease.status {
-                LeaseStatus::Up if silent >= self.down_after => out.push(LivenessChange::Down { node: *node }),
-                LeaseStatus::Down if silent <= self.ttl / 2 => {
+                LeaseStatus::Up if settled && silent >= self.down_after => {
+                    out.push(LivenessChange::Down { node: *node })
+                }
+                LeaseStatus::Down if self.heard_within(node, now, self.ttl / 2) => {
                     let proof = self.heard.get(node).and_then(|h| h.proof);
                     if let Some(proof) = proof.filter(|p| p.at_height >= lease.since_height) {
                         out.push(LivenessChange::Up { node: *node, proof });
@@ -130,6 +157,9 @@ impl Tracker {
                 }
                 _ => {}
             }
+        }
+        for change in &out {
+            self.proposed.insert(change.node(), now);
         }
         out
     }
@@ -140,16 +170,17 @@ impl Tracker {
         let node = change.node();
         let silent = self.silent_for(&node, now);
         match change {
+            LivenessChange::Down { .. } if !self.settled(now) => {
+                Err(format!("marks node {} down, but this validator started less than a lease ago", node.short()))
+            }
             LivenessChange::Down { .. } if silent < self.ttl / 2 => Err(format!(
                 "marks node {} down, but this validator heard it {} ms ago",
                 node.short(),
                 silent.as_millis()
             )),
-            LivenessChange::Up { .. } if silent > self.ttl => Err(format!(
-                "marks node {} up, but this validator has not heard it for {} ms",
-                node.short(),
-                silent.as_millis()
-            )),
+            LivenessChange::Up { .. } if !self.heard_within(&node, now, self.ttl) => {
+                Err(format!("marks node {} up, but this validator has not heard it within a lease", node.short()))
+            }
             _ => Ok(()),
         }
     }
@@ -157,6 +188,7 @@ impl Tracker {
     /// Forgets nodes no longer in `state`'s registry (bounded memory).
     pub fn retain_registered(&mut self, state: &State) {
         self.heard.retain(|node, _| state.nodes().contains_key(node));
+        self.proposed.retain(|node, _| state.nodes().contains_key(node));
     }
 }
 
@@ -304,16 +336,39 @@ mod tests {
     fn verifiers_refuse_changes_that_contradict_what_they_heard() {
         let mut t = Tracker::new(TTL, Duration::from_millis(250), at(0));
         let down = LivenessChange::Down { node: id(1) };
-        // Just started: a Down is refused until half the TTL passed (it heard nobody yet).
-        assert!(t.judge(&down, at(500)).is_err());
-        assert!(t.judge(&down, at(1_000)).is_ok());
-        t.heard(id(1), at(1_000), None);
+        // Just (re)started: no Down is accepted for a lease (connections may still be forming).
         let e = t.judge(&down, at(1_500)).unwrap_err();
-        assert!(e.contains("heard it 500 ms ago"), "{e}");
+        assert!(e.contains("started less than a lease ago"), "{e}");
         assert!(t.judge(&down, at(2_000)).is_ok());
+        t.heard(id(1), at(2_000), None);
+        let e = t.judge(&down, at(2_500)).unwrap_err();
+        assert!(e.contains("heard it 500 ms ago"), "{e}");
+        assert!(t.judge(&down, at(3_000)).is_ok());
+        // Up only for a node actually heard since the start, within a lease.
         let up = LivenessChange::Up { node: id(1), proof: AliveProof { at_height: 0, signature: [0; 64] } };
-        assert!(t.judge(&up, at(3_000)).is_ok());
-        assert!(t.judge(&up, at(3_001)).unwrap_err().contains("has not heard it"));
+        assert!(t.judge(&up, at(4_000)).is_ok());
+        assert!(t.judge(&up, at(4_001)).unwrap_err().contains("has not heard it"));
+        let never = LivenessChange::Up { node: id(2), proof: AliveProof { at_height: 0, signature: [0; 64] } };
+        assert!(t.judge(&never, at(100)).unwrap_err().contains("has not heard it"), "not even just after a start");
+    }
+
+    #[test]
+    fn a_refused_change_is_proposed_again_only_a_lease_later() {
+        // Node 1 is heard by some validators and not by this one: its Down is refused by the
+        // others, the view fails, the state does not change. Proposing it in every view would
+        // stall the chain; once per lease costs a view now and then.
+        let mut s = state_with(&[1]);
+        s.begin_block(1, 0);
+        let p = AliveProof::sign(&Identity::from_seed(1), &s.network(), 0);
+        s.apply_liveness(&LivenessChange::Up { node: id(1), proof: p }).unwrap();
+        let mut t = Tracker::new(TTL, Duration::from_millis(250), at(0));
+        assert_eq!(t.plan(&s, at(3_000), 10), vec![LivenessChange::Down { node: id(1) }]);
+        assert!(t.plan(&s, at(3_100), 10).is_empty(), "not again in the next view");
+        assert!(t.plan(&s, at(4_999), 10).is_empty());
+        assert_eq!(t.plan(&s, at(5_000), 10), vec![LivenessChange::Down { node: id(1) }], "a lease later");
+        // A node that leaves the registry is forgotten.
+        t.retain_registered(&state_with(&[]));
+        assert!(t.proposed.is_empty() && t.heard.is_empty());
     }
 
     #[test]
