@@ -208,11 +208,12 @@ pub fn candidate_log(data: &[u8]) {
 /// complete record stays exactly as it was, and every stored block can be read back.
 pub fn block_log(data: &[u8]) {
     let dir = scratch_dir();
-    let _ = std::fs::remove_dir_all(&dir);
     if std::fs::create_dir_all(&dir).is_err() {
         return;
     }
     let path = dir.join("blocks.log");
+    // A new file each time: truncating one and rewriting it makes ext4 flush it on close.
+    let _ = std::fs::remove_file(&path);
     if std::fs::write(&path, data).is_err() {
         return;
     }
@@ -229,7 +230,15 @@ pub fn block_log(data: &[u8]) {
             assert_eq!(store.get(height + 1).ok().flatten(), Some(record), "an appended record reads back");
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    // A torn tail was moved aside next to the log: clear it for the next input.
+    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let _ = std::fs::remove_file(entry.path());
+    }
+}
+
+/// Removes this thread's scratch directory (the stable harness calls it when a target is done).
+pub fn remove_scratch() {
+    let _ = std::fs::remove_dir_all(scratch_dir());
 }
 
 /// A scratch directory for this process and thread (the stable harness runs targets in threads,

@@ -4,7 +4,7 @@
 //! to a file, with the command that replays it. `cargo xtask fuzz` runs the same targets under
 //! libFuzzer (nightly) for longer.
 //!
-//! `ARCHIPEL_FUZZ_ITERATIONS` (default 2,000 per target), `ARCHIPEL_FUZZ_SECONDS` (the time cap
+//! `ARCHIPEL_FUZZ_ITERATIONS` (default 10,000 per target), `ARCHIPEL_FUZZ_SECONDS` (the time cap
 //! per target, default 60) and `ARCHIPEL_FUZZ_SEED` (default 0) make longer or different runs:
 //! `ARCHIPEL_FUZZ_ITERATIONS=200000 ARCHIPEL_FUZZ_SECONDS=600 ARCHIPEL_FUZZ_SEED=7 cargo test
 //! -p archipel-node --test fuzz_decoders`.
@@ -14,14 +14,14 @@ mod archipel_fuzz;
 
 use archipel_fuzz::mutate::{Rng, mutate};
 use archipel_fuzz::seeds::seeds;
-use archipel_fuzz::targets::{TARGETS, Target, by_name, max_len};
+use archipel_fuzz::targets::{TARGETS, Target, by_name, max_len, remove_scratch};
 use std::collections::BTreeSet;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Mutations per target unless `ARCHIPEL_FUZZ_ITERATIONS` says otherwise.
-const DEFAULT_ITERATIONS: u64 = 2_000;
+const DEFAULT_ITERATIONS: u64 = 10_000;
 /// A target stops mutating after this many seconds (unless `ARCHIPEL_FUZZ_SECONDS` says
 /// otherwise) even if iterations remain (slow machines, debug builds), so the test suite's time
 /// stays bounded.
@@ -93,15 +93,19 @@ fn run(name: &str) {
         Rng::new(seed ^ u64::from_le_bytes(blake3::hash(name.as_bytes()).as_bytes()[..8].try_into().unwrap()));
     let budget = Duration::from_secs(env_u64("ARCHIPEL_FUZZ_SECONDS", DEFAULT_SECONDS));
     let start = Instant::now();
-    for i in 0..iterations {
-        if start.elapsed() > budget {
-            eprintln!("fuzz target {name}: time budget reached after {i} of {iterations} mutations");
-            break;
-        }
+    let mut done = 0;
+    while done < iterations && start.elapsed() < budget {
         let base = &pool[rng.below(pool.len())];
         let input = mutate(&mut rng, base, &pool, max_len(name));
-        check(name, target, &format!("mutation {i} (ARCHIPEL_FUZZ_SEED={seed})"), &input);
+        check(name, target, &format!("mutation {done} (ARCHIPEL_FUZZ_SEED={seed})"), &input);
+        done += 1;
     }
+    remove_scratch();
+    eprintln!(
+        "fuzz target {name}: {} corpus inputs and {done} of {iterations} mutations in {:.1} s, no panic",
+        pool.len(),
+        start.elapsed().as_secs_f64()
+    );
 }
 
 macro_rules! fuzz_tests {
