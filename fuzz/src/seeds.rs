@@ -248,6 +248,9 @@ pub fn seeds() -> Vec<Seed> {
         put_record(&mut batch, &tx.to_bytes());
     }
     add("tx_batch", "six", batch);
+    add("heartbeat", "plain", archipel_consensus::liveness::encode_heartbeat(None));
+    let alive = AliveProof::sign(&net.nodes[0], &net.state.network(), 0);
+    add("heartbeat", "with-proof", archipel_consensus::liveness::encode_heartbeat(Some(&alive)));
     add("tx_batch", "one", {
         let mut one = Vec::new();
         put_record(&mut one, &chain.txs[0].to_bytes());

@@ -39,6 +39,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("gossip_message", gossip_message),
     ("tx_batch", tx_batch),
     ("fetch_message", fetch_message),
+    ("heartbeat", heartbeat),
     ("candidate_log", candidate_log),
     ("block_log", block_log),
     ("export", export),
@@ -183,6 +184,18 @@ pub fn tx_batch(data: &[u8]) {
     for (stx, len) in txgossip::decode_batch(data, max) {
         assert!(len <= max, "a gossiped transaction larger than max_tx_bytes decoded");
         let _ = net.state.admit(&stx, len);
+    }
+}
+
+/// A heartbeat from the liveness channel: decoded, re-encoded, its proof judged as a block's Up
+/// change would be.
+pub fn heartbeat(data: &[u8]) {
+    let Ok(proof) = archipel_consensus::liveness::decode_heartbeat(data) else { return };
+    assert_eq!(archipel_consensus::liveness::encode_heartbeat(proof.as_ref()), data, "a heartbeat re-encodes");
+    if let Some(proof) = proof {
+        let net = network();
+        let node = net.nodes[0].node_id();
+        let _ = net.state.check_liveness(&archipel_ledger::LivenessChange::Up { node, proof });
     }
 }
 
