@@ -65,6 +65,12 @@ fn transfers_proofs_exports_and_bad_transactions() {
         .sign(signer, &net)
     };
     assert_eq!(refused(&client, tx(&t, nonce - 1, 1).to_bytes()), (400, "replayed_nonce".into()));
+    // The same transfer signed for another network (same key, same nonce) is refused: signatures
+    // are bound to the genesis hash.
+    let foreign =
+        Transaction { signer: t.node_id(), nonce, payload: Payload::Transfer { to: n5.node_id(), amount_micro: 1 } }
+            .sign(&t, &archipel_ledger::Hash([0x0f; 32]));
+    assert_eq!(refused(&client, foreign.to_bytes()), (400, "bad_signature".into()));
     let mut forged = tx(&t, nonce, 1);
     forged.tx.payload = Payload::Transfer { to: t.node_id(), amount_micro: 1 };
     assert_eq!(refused(&client, forged.to_bytes()), (400, "bad_signature".into()));

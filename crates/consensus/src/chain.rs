@@ -522,11 +522,12 @@ impl Chain {
     /// A proof of the state entry `key` after the head block, with what shows the head final
     /// (nothing at the genesis, which the genesis file itself attests).
     pub fn prove_state(&self, key: &StateKey) -> Result<Proven<StateProof>, String> {
-        let (header, proved) = {
+        // Proving hashes every entry: do it on a copy, outside the lock consensus needs.
+        let (header, state) = {
             let g = self.lock();
-            (g.head, g.state.prove(key))
+            (g.head, g.state.clone())
         };
-        let Some((value, path)) = proved else { return Ok(Proven::Unknown) };
+        let Some((value, path)) = state.prove(key) else { return Ok(Proven::Unknown) };
         let (links, certificate) = match header.height {
             0 => (Vec::new(), Vec::new()),
             h => match self.finality_of(h)? {
