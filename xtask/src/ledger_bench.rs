@@ -55,6 +55,10 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// A closed-loop client gives up waiting for its batch after this long (the rest count as never
 /// final).
 const BATCH_WAIT: Duration = Duration::from_secs(10);
+/// How often an open-loop client sends what is due.
+const OPEN_TICK: Duration = Duration::from_millis(20);
+/// Most transfers an open-loop client sends in one request (the API takes up to 1,000).
+const MAX_OPEN_BATCH: usize = 500;
 /// Transfers per second signed beforehand for the closed loop (more are signed on the fly).
 const PRESIGN_CLOSED_RATE: f64 = 16_000.0;
 /// How long the bare-simplex baseline runs (default; `ARCHIPEL_BENCH_SIMPLEX_SECS`).
@@ -522,6 +526,9 @@ async fn archipel(bin: &Path, rates: &[f64]) -> Result<Ours> {
                 Err(why) => format!("goal missed: {why}"),
             }
         );
+        if !step.slow.is_empty() {
+            println!("    over {P99_GOAL_MS} ms: {}", figures::describe_stretches(&step.slow, 4));
+        }
         let missed = step.step.verdict().is_err();
         steps.push(step.step);
         if missed {
@@ -546,10 +553,11 @@ async fn archipel(bin: &Path, rates: &[f64]) -> Result<Ours> {
     Ok(Ours { idle: Latencies::of(SortedMs::new(idle)), steps, closed })
 }
 
-/// A step's figures and how busy the box was.
+/// A step's figures, how busy the box was, and when its slow transfers were sent.
 struct MeasuredStep {
     step: Step,
     busy_percent: f64,
+    slow: Vec<figures::SlowStretch>,
 }
 
 /// The load clients' accounts and what they share.
@@ -564,8 +572,10 @@ struct Load {
 /// How a client sends.
 #[derive(Clone, Copy)]
 enum Pace {
-    /// `batch` transfers every `every`, whatever the answers.
-    Open { batch: usize, every: Duration },
+    /// `per_second` transfers per second on average, whatever the answers: every `OPEN_TICK` the
+    /// client sends what is due since it started and not yet admitted (a slow answer makes the
+    /// next batch larger, not the rate lower).
+    Open { per_second: f64 },
     /// `BATCH` transfers, then wait until all are final.
     Closed,
 }
@@ -628,14 +638,12 @@ impl Load {
 
     /// One open-loop step at `rate` transfers/s in all.
     async fn open_loop(&mut self, rate: f64) -> Result<MeasuredStep> {
-        let per_client_rate = rate / CLIENTS as f64;
-        let batch = (per_client_rate * 0.02).ceil().max(1.0);
-        let every = Duration::from_secs_f64(batch / per_client_rate);
-        let per_client = (per_client_rate * (STEP + WARM_UP).as_secs_f64() * 1.2).ceil() as usize + batch as usize;
-        let (from, to, busy_percent) =
-            self.drive(Pace::Open { batch: batch as usize, every }, per_client, STEP).await?;
+        let per_second = rate / CLIENTS as f64;
+        let per_client = (per_second * (STEP + WARM_UP).as_secs_f64() * 1.2).ceil() as usize;
+        let (from, to, busy_percent) = self.drive(Pace::Open { per_second }, per_client, STEP).await?;
         let w = finality::lock(&self.tracker).take_window(from, to);
         let secs = (to - from).as_secs_f64();
+        let slow = figures::slow_stretches(&w.timeline, P99_GOAL_MS);
         Ok(MeasuredStep {
             step: Step {
                 target_per_s: rate,
@@ -646,6 +654,7 @@ impl Load {
                 drain: DRAIN,
             },
             busy_percent,
+            slow,
         })
     }
 
@@ -679,16 +688,21 @@ struct ClientLoop {
 /// Sends transfers at `pace` until `stop`; returns the account and its next nonce.
 async fn client_loop(c: ClientLoop, pace: Pace, stop: Arc<AtomicBool>) -> (Identity, u64) {
     let mut n = c.first;
-    let (batch, every) = match pace {
-        Pace::Open { batch, every } => (batch, every),
-        Pace::Closed => (BATCH, Duration::ZERO),
-    };
-    let mut tick = tokio::time::interval(every.max(Duration::from_micros(1)));
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(OPEN_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut extra: Vec<Signed> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        if matches!(pace, Pace::Open { .. }) {
-            tick.tick().await;
+        let batch = match pace {
+            Pace::Open { per_second } => {
+                tick.tick().await;
+                let due = (started.elapsed().as_secs_f64() * per_second) as u64;
+                (due.saturating_sub(n - c.first) as usize).min(MAX_OPEN_BATCH)
+            }
+            Pace::Closed => BATCH,
+        };
+        if batch == 0 {
+            continue;
         }
         let mut body = Vec::new();
         let mut hashes = Vec::with_capacity(batch);
