@@ -476,28 +476,7 @@ async fn archipel(bin: &Path, rates: &[f64]) -> Result<Ours> {
     }
     eprintln!("load accounts funded; measuring idle latency");
 
-    // Idle latency: one transfer at a time, each to the next node, waiting for finality.
-    let mut idle = Vec::new();
-    let (cpu_start, heights_start, idle_start) = (cpu_ticks(), head(&client, NODES[0]).await?, Instant::now());
-    for i in 0..LATENCY_SAMPLES {
-        let body = transfer(&tenant, nonce, &sink, 1).bytes;
-        nonce += 1;
-        let t = Instant::now();
-        let answer = post(&client, format!("http://{}/v1/tx?wait=final", NODES[i % 4]), body)
-            .await
-            .with_context(|| format!("idle latency sample {i} via {}", NODES[i % 4]))?;
-        // A transfer the node stopped waiting for counts as never final.
-        idle.push(if answer["status"] == "final" { t.elapsed().as_secs_f64() * 1e3 } else { f64::INFINITY });
-    }
-    let blocks = head(&client, NODES[0]).await?.saturating_sub(heights_start);
-    println!(
-        "  idle transfers: {:.0} blocks/s, CPU {:.0}% busy",
-        blocks as f64 / idle_start.elapsed().as_secs_f64(),
-        busy_since(cpu_start)
-    );
-    eprintln!("idle latency measured; load steps follow");
-
-    // From here every load transfer is timed: one follower learns finality for all of them.
+    // From here every transfer is timed: one follower learns finality for all of them.
     let tracker: SharedTracker = Arc::new(Mutex::new(Tracker::default()));
     let stop_following = Arc::new(AtomicBool::new(false));
     let follower = tokio::spawn(finality::follow(
@@ -507,6 +486,43 @@ async fn archipel(bin: &Path, rates: &[f64]) -> Result<Ours> {
         tracker.clone(),
         stop_following.clone(),
     ));
+
+    // Idle latency: one transfer at a time, each to the next node, waiting for the node's answer
+    // that it is final. The follower times the same transfers: the difference is what learning
+    // finality from the blocks adds (the way every load transfer below is timed).
+    let mut idle = Vec::new();
+    let (cpu_start, heights_start, idle_start) = (cpu_ticks(), head(&client, NODES[0]).await?, Instant::now());
+    for i in 0..LATENCY_SAMPLES {
+        let signed = transfer(&tenant, nonce, &sink, 1);
+        nonce += 1;
+        let t = Instant::now();
+        finality::lock(&tracker).submitting(signed.hash, t, None);
+        let answer = post(&client, format!("http://{}/v1/tx?wait=final", NODES[i % 4]), signed.bytes)
+            .await
+            .with_context(|| format!("idle latency sample {i} via {}", NODES[i % 4]))?;
+        // A transfer the node stopped waiting for counts as never final.
+        idle.push(if answer["status"] == "final" { t.elapsed().as_secs_f64() * 1e3 } else { f64::INFINITY });
+    }
+    let idle_end = Instant::now();
+    let blocks = head(&client, NODES[0]).await?.saturating_sub(heights_start);
+    println!(
+        "  idle transfers: {:.0} blocks/s, CPU {:.0}% busy",
+        blocks as f64 / idle_start.elapsed().as_secs_f64(),
+        busy_since(cpu_start)
+    );
+    let drain_start = Instant::now();
+    while finality::lock(&tracker).pending() > 0 && drain_start.elapsed() < DRAIN {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let followed = finality::lock(&tracker).take_window(idle_start, idle_end);
+    let idle = Latencies::of(SortedMs::new(idle));
+    let idle_followed = Latencies::of(SortedMs::new(followed.latencies_ms));
+    println!(
+        "  the same idle transfers timed by following blocks: {idle_followed} (the node's ?wait=final answer: p50 {} ms, p99 {} ms)",
+        Ms(idle.p50_ms),
+        Ms(idle.p99_ms)
+    );
+    eprintln!("idle latency measured; load steps follow");
     let mut load =
         Load { client: client.clone(), tracker, accounts: accounts.into_iter().map(|a| (a, 0)).collect(), sink };
     let mut steps = Vec::new();
@@ -550,7 +566,7 @@ async fn archipel(bin: &Path, rates: &[f64]) -> Result<Ours> {
     } else {
         let _ = std::fs::remove_dir_all(&work);
     }
-    Ok(Ours { idle: Latencies::of(SortedMs::new(idle)), steps, closed })
+    Ok(Ours { idle, steps, closed })
 }
 
 /// A step's figures, how busy the box was, and when its slow transfers were sent.
