@@ -126,6 +126,55 @@ impl Step {
     }
 }
 
+/// A stretch of send time in which every transfer sent was slower than the goal (or never final).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SlowStretch {
+    /// First slow transfer's send time, seconds into the window.
+    pub from_s: f64,
+    /// Last slow transfer's send time, seconds into the window.
+    pub to_s: f64,
+    /// Slow transfers in the stretch.
+    pub count: usize,
+    /// The slowest of them, ms.
+    pub max_ms: f64,
+}
+
+/// Slow transfers sent within this of each other belong to one stretch.
+const STRETCH_GAP_S: f64 = 0.25;
+
+/// Groups the transfers slower than `over_ms` by when they were sent (`timeline`: send time in
+/// seconds into the window, latency in ms): a few short stretches are a stall, one long one is an
+/// overload.
+pub fn slow_stretches(timeline: &[(f64, f64)], over_ms: f64) -> Vec<SlowStretch> {
+    let mut slow: Vec<(f64, f64)> = timeline.iter().copied().filter(|(_, ms)| *ms > over_ms).collect();
+    slow.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut out: Vec<SlowStretch> = Vec::new();
+    for (at, ms) in slow {
+        match out.last_mut() {
+            Some(s) if at - s.to_s <= STRETCH_GAP_S => {
+                s.to_s = at;
+                s.count += 1;
+                s.max_ms = s.max_ms.max(ms);
+            }
+            _ => out.push(SlowStretch { from_s: at, to_s: at, count: 1, max_ms: ms }),
+        }
+    }
+    out
+}
+
+/// "412 sent in 2 stretches: 2.1-2.4 s (max 372.3 ms), 5.0-5.0 s (max 61.0 ms)", at most
+/// `shown` stretches listed.
+pub fn describe_stretches(stretches: &[SlowStretch], shown: usize) -> String {
+    let total: usize = stretches.iter().map(|s| s.count).sum();
+    let listed: Vec<String> = stretches
+        .iter()
+        .take(shown)
+        .map(|s| format!("{:.1}-{:.1} s (max {} ms)", s.from_s, s.to_s, Ms(s.max_ms)))
+        .collect();
+    let more = if stretches.len() > shown { format!(", {} more", stretches.len() - shown) } else { String::new() };
+    format!("{total} sent in {} stretches: {}{more}", stretches.len(), listed.join(", "))
+}
+
 /// The outcome of the rate search.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sustained {
@@ -289,6 +338,20 @@ mod tests {
         assert_eq!(l.to_string(), "p50 50.0 ms, p99 never ms (n=100, 2 never final)");
         let one_lost: Vec<f64> = (1..=99).map(f64::from).chain([f64::INFINITY]).collect();
         assert_eq!(Latencies::of(SortedMs::new(one_lost)).p99_ms, 99.0);
+    }
+
+    #[test]
+    fn slow_transfers_are_grouped_by_when_they_were_sent() {
+        let timeline =
+            [(0.1, 10.0), (2.1, 300.0), (2.2, 372.3), (2.4, 80.0), (3.0, 20.0), (5.0, 61.0), (5.5, f64::INFINITY)];
+        let s = slow_stretches(&timeline, 50.0);
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[0], SlowStretch { from_s: 2.1, to_s: 2.4, count: 3, max_ms: 372.3 });
+        assert_eq!(
+            describe_stretches(&s, 2),
+            "5 sent in 3 stretches: 2.1-2.4 s (max 372.3 ms), 5.0-5.0 s (max 61.0 ms), 1 more"
+        );
+        assert!(slow_stretches(&[(1.0, 49.0)], 50.0).is_empty());
     }
 
     #[test]

@@ -77,6 +77,8 @@ pub struct WindowCounts {
     /// Submission to learned-final of each transaction admitted in the window; infinite for one
     /// not seen final.
     pub latencies_ms: Vec<f64>,
+    /// The same, each with its send time in seconds into the window.
+    pub timeline: Vec<(f64, f64)>,
 }
 
 impl Tracker {
@@ -131,20 +133,22 @@ impl Tracker {
         let offered = self.attempts.iter().filter(|t| inside(t)).count();
         let refused = self.refusals.iter().filter(|t| inside(t)).count();
         let finalized = self.finals.iter().filter(|(_, at)| inside(at)).count();
-        let mut latencies_ms: Vec<f64> = self
+        let offset = |sent: &Instant| (*sent - from).as_secs_f64();
+        let mut timeline: Vec<(f64, f64)> = self
             .finals
             .iter()
             .filter(|(sent, _)| inside(sent))
-            .map(|(sent, at)| (*at - *sent).as_secs_f64() * 1e3)
+            .map(|(sent, at)| (offset(sent), (*at - *sent).as_secs_f64() * 1e3))
             .collect();
-        latencies_ms.extend(self.pending.values().filter(|p| inside(&p.sent)).map(|_| f64::INFINITY));
+        timeline.extend(self.pending.values().filter(|p| inside(&p.sent)).map(|p| (offset(&p.sent), f64::INFINITY)));
+        let latencies_ms = timeline.iter().map(|(_, ms)| *ms).collect();
         for p in self.pending.values() {
             if let Some(w) = &p.waiter {
                 w.settle_one();
             }
         }
         *self = Tracker::default();
-        WindowCounts { offered, accepted: offered.saturating_sub(refused), finalized, latencies_ms }
+        WindowCounts { offered, accepted: offered.saturating_sub(refused), finalized, latencies_ms, timeline }
     }
 
     /// Transactions sent and not yet seen final.

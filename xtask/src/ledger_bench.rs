@@ -55,6 +55,10 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// A closed-loop client gives up waiting for its batch after this long (the rest count as never
 /// final).
 const BATCH_WAIT: Duration = Duration::from_secs(10);
+/// How often an open-loop client sends what is due.
+const OPEN_TICK: Duration = Duration::from_millis(20);
+/// Most transfers an open-loop client sends in one request (the API takes up to 1,000).
+const MAX_OPEN_BATCH: usize = 500;
 /// Transfers per second signed beforehand for the closed loop (more are signed on the fly).
 const PRESIGN_CLOSED_RATE: f64 = 16_000.0;
 /// How long the bare-simplex baseline runs (default; `ARCHIPEL_BENCH_SIMPLEX_SECS`).
@@ -482,28 +486,7 @@ async fn archipel(bin: &Path, rates: &[f64]) -> Result<Ours> {
     }
     eprintln!("load accounts funded; measuring idle latency");
 
-    // Idle latency: one transfer at a time, each to the next node, waiting for finality.
-    let mut idle = Vec::new();
-    let (cpu_start, heights_start, idle_start) = (cpu_ticks(), head(&client, NODES[0]).await?, Instant::now());
-    for i in 0..LATENCY_SAMPLES {
-        let body = transfer(&tenant, nonce, &sink, 1).bytes;
-        nonce += 1;
-        let t = Instant::now();
-        let answer = post(&client, format!("http://{}/v1/tx?wait=final", NODES[i % 4]), body)
-            .await
-            .with_context(|| format!("idle latency sample {i} via {}", NODES[i % 4]))?;
-        // A transfer the node stopped waiting for counts as never final.
-        idle.push(if answer["status"] == "final" { t.elapsed().as_secs_f64() * 1e3 } else { f64::INFINITY });
-    }
-    let blocks = head(&client, NODES[0]).await?.saturating_sub(heights_start);
-    println!(
-        "  idle transfers: {:.0} blocks/s, CPU {:.0}% busy",
-        blocks as f64 / idle_start.elapsed().as_secs_f64(),
-        busy_since(cpu_start)
-    );
-    eprintln!("idle latency measured; load steps follow");
-
-    // From here every load transfer is timed: one follower learns finality for all of them.
+    // From here every transfer is timed: one follower learns finality for all of them.
     let tracker: SharedTracker = Arc::new(Mutex::new(Tracker::default()));
     let stop_following = Arc::new(AtomicBool::new(false));
     let follower = tokio::spawn(finality::follow(
@@ -513,6 +496,43 @@ async fn archipel(bin: &Path, rates: &[f64]) -> Result<Ours> {
         tracker.clone(),
         stop_following.clone(),
     ));
+
+    // Idle latency: one transfer at a time, each to the next node, waiting for the node's answer
+    // that it is final. The follower times the same transfers: the difference is what learning
+    // finality from the blocks adds (the way every load transfer below is timed).
+    let mut idle = Vec::new();
+    let (cpu_start, heights_start, idle_start) = (cpu_ticks(), head(&client, NODES[0]).await?, Instant::now());
+    for i in 0..LATENCY_SAMPLES {
+        let signed = transfer(&tenant, nonce, &sink, 1);
+        nonce += 1;
+        let t = Instant::now();
+        finality::lock(&tracker).submitting(signed.hash, t, None);
+        let answer = post(&client, format!("http://{}/v1/tx?wait=final", NODES[i % 4]), signed.bytes)
+            .await
+            .with_context(|| format!("idle latency sample {i} via {}", NODES[i % 4]))?;
+        // A transfer the node stopped waiting for counts as never final.
+        idle.push(if answer["status"] == "final" { t.elapsed().as_secs_f64() * 1e3 } else { f64::INFINITY });
+    }
+    let idle_end = Instant::now();
+    let blocks = head(&client, NODES[0]).await?.saturating_sub(heights_start);
+    println!(
+        "  idle transfers: {:.0} blocks/s, CPU {:.0}% busy",
+        blocks as f64 / idle_start.elapsed().as_secs_f64(),
+        busy_since(cpu_start)
+    );
+    let drain_start = Instant::now();
+    while finality::lock(&tracker).pending() > 0 && drain_start.elapsed() < DRAIN {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let followed = finality::lock(&tracker).take_window(idle_start, idle_end);
+    let idle = Latencies::of(SortedMs::new(idle));
+    let idle_followed = Latencies::of(SortedMs::new(followed.latencies_ms));
+    println!(
+        "  the same idle transfers timed by following blocks: {idle_followed} (the node's ?wait=final answer: p50 {} ms, p99 {} ms)",
+        Ms(idle.p50_ms),
+        Ms(idle.p99_ms)
+    );
+    eprintln!("idle latency measured; load steps follow");
     let mut load =
         Load { client: client.clone(), tracker, accounts: accounts.into_iter().map(|a| (a, 0)).collect(), sink };
     let mut steps = Vec::new();
@@ -532,6 +552,9 @@ async fn archipel(bin: &Path, rates: &[f64]) -> Result<Ours> {
                 Err(why) => format!("goal missed: {why}"),
             }
         );
+        if !step.slow.is_empty() {
+            println!("    over {P99_GOAL_MS} ms: {}", figures::describe_stretches(&step.slow, 4));
+        }
         let missed = step.step.verdict().is_err();
         steps.push(step.step);
         if missed {
@@ -553,13 +576,14 @@ async fn archipel(bin: &Path, rates: &[f64]) -> Result<Ours> {
     } else {
         let _ = std::fs::remove_dir_all(&work);
     }
-    Ok(Ours { idle: Latencies::of(SortedMs::new(idle)), steps, closed })
+    Ok(Ours { idle, steps, closed })
 }
 
-/// A step's figures and how busy the box was.
+/// A step's figures, how busy the box was, and when its slow transfers were sent.
 struct MeasuredStep {
     step: Step,
     busy_percent: f64,
+    slow: Vec<figures::SlowStretch>,
 }
 
 /// The load clients' accounts and what they share.
@@ -574,8 +598,10 @@ struct Load {
 /// How a client sends.
 #[derive(Clone, Copy)]
 enum Pace {
-    /// `batch` transfers every `every`, whatever the answers.
-    Open { batch: usize, every: Duration },
+    /// `per_second` transfers per second on average, whatever the answers: every `OPEN_TICK` the
+    /// client sends what is due since it started and not yet admitted (a slow answer makes the
+    /// next batch larger, not the rate lower).
+    Open { per_second: f64 },
     /// `BATCH` transfers, then wait until all are final.
     Closed,
 }
@@ -638,14 +664,12 @@ impl Load {
 
     /// One open-loop step at `rate` transfers/s in all.
     async fn open_loop(&mut self, rate: f64) -> Result<MeasuredStep> {
-        let per_client_rate = rate / CLIENTS as f64;
-        let batch = (per_client_rate * 0.02).ceil().max(1.0);
-        let every = Duration::from_secs_f64(batch / per_client_rate);
-        let per_client = (per_client_rate * (STEP + WARM_UP).as_secs_f64() * 1.2).ceil() as usize + batch as usize;
-        let (from, to, busy_percent) =
-            self.drive(Pace::Open { batch: batch as usize, every }, per_client, STEP).await?;
+        let per_second = rate / CLIENTS as f64;
+        let per_client = (per_second * (STEP + WARM_UP).as_secs_f64() * 1.2).ceil() as usize;
+        let (from, to, busy_percent) = self.drive(Pace::Open { per_second }, per_client, STEP).await?;
         let w = finality::lock(&self.tracker).take_window(from, to);
         let secs = (to - from).as_secs_f64();
+        let slow = figures::slow_stretches(&w.timeline, P99_GOAL_MS);
         Ok(MeasuredStep {
             step: Step {
                 target_per_s: rate,
@@ -656,6 +680,7 @@ impl Load {
                 drain: DRAIN,
             },
             busy_percent,
+            slow,
         })
     }
 
@@ -689,16 +714,21 @@ struct ClientLoop {
 /// Sends transfers at `pace` until `stop`; returns the account and its next nonce.
 async fn client_loop(c: ClientLoop, pace: Pace, stop: Arc<AtomicBool>) -> (Identity, u64) {
     let mut n = c.first;
-    let (batch, every) = match pace {
-        Pace::Open { batch, every } => (batch, every),
-        Pace::Closed => (BATCH, Duration::ZERO),
-    };
-    let mut tick = tokio::time::interval(every.max(Duration::from_micros(1)));
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(OPEN_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut extra: Vec<Signed> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        if matches!(pace, Pace::Open { .. }) {
-            tick.tick().await;
+        let batch = match pace {
+            Pace::Open { per_second } => {
+                tick.tick().await;
+                let due = (started.elapsed().as_secs_f64() * per_second) as u64;
+                (due.saturating_sub(n - c.first) as usize).min(MAX_OPEN_BATCH)
+            }
+            Pace::Closed => BATCH,
+        };
+        if batch == 0 {
+            continue;
         }
         let mut body = Vec::new();
         let mut hashes = Vec::with_capacity(batch);
