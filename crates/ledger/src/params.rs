@@ -52,7 +52,8 @@ impl LedgerParams {
         if self.max_tx_bytes < 512 {
             return Err("max_tx_bytes must be at least 512 (a node registration needs about 400)".into());
         }
-        if self.max_block_bytes < 4 * self.max_tx_bytes {
+        // In u64: a max_tx_bytes of 2^30 or more overflows four times itself in u32 (found by fuzzing).
+        if u64::from(self.max_block_bytes) < 4 * u64::from(self.max_tx_bytes) {
             return Err("max_block_bytes must hold at least 4 transactions of max_tx_bytes".into());
         }
         if self.max_block_txs == 0 || self.nonce_window == 0 {
