@@ -95,6 +95,7 @@ impl LedgerParams {
                 self.max_block_bytes
             ));
         }
+        // In u64: a max_tx_bytes of 2^30 or more overflows four times itself in u32 (found by fuzzing).
         if u64::from(self.max_block_bytes) < 4 * u64::from(self.max_tx_bytes) {
             return Err("max_block_bytes must hold at least 4 transactions of max_tx_bytes".into());
         }
