@@ -4,7 +4,6 @@
 
 mod common;
 
-use archipel_ledger::LivenessChange;
 use archipel_node::client::ApiClient;
 use archipel_node::ledger_api::{BlockView, HeadView};
 use archipel_types::NodeId;
@@ -59,35 +58,6 @@ fn assert_no_fork(urls: &[&str]) {
     for u in &urls[1..] {
         assert_eq!(hashes(u, to), reference, "{u} and {} disagree below height {to}", urls[0]);
     }
-}
-
-/// Nodes marked Down in `url`'s finalized blocks `1..=to`, with the height.
-fn downs(url: &str, to: u64) -> Vec<(u64, NodeId)> {
-    let client = ApiClient::new(url);
-    let mut out = Vec::new();
-    let mut from = 1;
-    while from <= to {
-        let page: Vec<BlockView> =
-            rt().block_on(client.get(&format!("/v1/ledger/blocks?from={from}&limit=100"))).expect("blocks");
-        assert!(!page.is_empty(), "{url} has no block {from}");
-        for b in page.into_iter().take_while(|b| b.header.height <= to) {
-            for c in &b.liveness {
-                if let LivenessChange::Down { node } = c {
-                    out.push((b.header.height, *node));
-                }
-            }
-            from = b.header.height + 1;
-        }
-    }
-    out
-}
-
-/// No node of `alive` (they ran throughout) was ever marked Down: a lease means "the validators
-/// stopped hearing it", not "consensus stalled".
-fn assert_never_down(url: &str, alive: &[NodeId]) {
-    let to = head(url).expect("head");
-    let wrong: Vec<_> = downs(url, to).into_iter().filter(|(_, n)| alive.contains(n)).collect();
-    assert!(wrong.is_empty(), "live nodes marked down (height, node): {wrong:?}");
 }
 
 fn sigkill(pid: u32) {

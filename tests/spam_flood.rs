@@ -145,6 +145,11 @@ fn a_flood_of_gapped_and_overspending_transfers_leaves_honest_transfers_untouche
         "an account holds at most 1 + 16 gapped entries: {admitted_per_account:?}"
     );
     assert!(honest.len() >= 10);
+    let slowest = latencies.iter().max().copied().unwrap_or_default();
+    assert!(slowest < Duration::from_secs(10), "an honest transfer took {slowest:?} to finalize during the flood");
+    // The flood never cost a node its lease.
+    let alive: Vec<_> = (0..5).map(|i| devnet.id(i)).collect();
+    assert_never_down(&devnet.node(0).1, &alive);
     assert!(honest.iter().all(|(_, s)| matches!(s, archipel_consensus::TxStatus::Final(_))));
 
     // No mempool is anywhere near its capacity: 16 entries of each gapped account and one of each

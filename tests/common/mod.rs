@@ -199,3 +199,34 @@ pub fn init_late_node(work: &Path, ip: &str, port: u16, genesis: &Path, extra: &
     let out = archipel(work, &args);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// Nodes marked Down in `url`'s finalized blocks `1..=to`, with the height.
+pub fn downs(url: &str, to: u64) -> Vec<(u64, archipel_types::NodeId)> {
+    let client = ApiClient::new(url);
+    let mut out = Vec::new();
+    let mut from = 1;
+    while from <= to {
+        let page: Vec<archipel_node::ledger_api::BlockView> =
+            rt().block_on(client.get(&format!("/v1/ledger/blocks?from={from}&limit=100"))).expect("blocks");
+        assert!(!page.is_empty(), "{url} has no block {from}");
+        for b in page.into_iter().take_while(|b| b.header.height <= to) {
+            for c in &b.liveness {
+                if let archipel_ledger::LivenessChange::Down { node } = c {
+                    out.push((b.header.height, *node));
+                }
+            }
+            from = b.header.height + 1;
+        }
+    }
+    out
+}
+
+/// No node of `alive` (they ran throughout) was ever marked Down: a lease means "the validators
+/// stopped hearing it", not "consensus stalled".
+pub fn assert_never_down(url: &str, alive: &[archipel_types::NodeId]) {
+    let head: archipel_node::ledger_api::HeadView =
+        rt().block_on(ApiClient::new(url).get("/v1/ledger/head")).expect("head");
+    let to = head.header.height;
+    let wrong: Vec<_> = downs(url, to).into_iter().filter(|(_, n)| alive.contains(n)).collect();
+    assert!(wrong.is_empty(), "live nodes marked down (height, node): {wrong:?}");
+}
