@@ -87,11 +87,18 @@ impl EncodeSize for Block {
     }
 }
 
+/// The smallest encoded transaction (a heartbeat: signer, nonce, kind, signature): a block of `n`
+/// bytes holds at most `n / MIN_TX_BYTES` transactions.
+pub const MIN_TX_BYTES: usize = 32 + 8 + 1 + 64;
+
 impl Read for Block {
     /// The most transactions a block may hold.
     type Cfg = usize;
     fn read_cfg(buf: &mut impl Buf, max_txs: &usize) -> Result<Self, CodecError> {
-        Ok(Block { header: BlockHeader::read(buf)?, txs: Vec::read_cfg(buf, &(RangeCfg::new(0..=*max_txs), ()))? })
+        let header = BlockHeader::read(buf)?;
+        // A count the remaining bytes cannot hold is refused before room is reserved for it.
+        let most = (*max_txs).min(buf.remaining() / MIN_TX_BYTES);
+        Ok(Block { header, txs: Vec::read_cfg(buf, &(RangeCfg::new(0..=most), ()))? })
     }
 }
 
@@ -357,6 +364,23 @@ mod tests {
         assert_eq!(Block::from_bytes(&bytes, 10).unwrap(), blocks[1]);
         assert!(Block::from_bytes(&bytes, 0).is_err());
         assert!(Block::from_bytes(&bytes[..bytes.len() - 1], 10).is_err());
+    }
+
+    #[test]
+    fn a_count_the_bytes_cannot_hold_is_refused_before_allocating() {
+        // An export's genesis sets max_block_txs; one of u32::MAX let a 128 MiB record claim 2^32
+        // transactions, and decoding reserved room for ~350,000 of them per MiB (tens of GB: the
+        // process aborted). Now the count is bounded by what the bytes can hold.
+        let mut bytes = vec![0u8; BlockHeader::SIZE];
+        (u32::MAX as usize).write(&mut bytes);
+        bytes.resize(128 << 20, 0);
+        let e = Block::from_bytes(&bytes, u32::MAX as usize).unwrap_err();
+        assert!(e.contains("not a block"), "{e}");
+        // The bound is the smallest transaction: a heartbeat.
+        let a = crate::state::tests::id(1);
+        let heartbeat =
+            crate::Transaction { signer: a.node_id(), nonce: 0, payload: crate::Payload::Heartbeat }.sign(&a);
+        assert_eq!(heartbeat.encode_size(), MIN_TX_BYTES);
     }
 
     proptest! {
