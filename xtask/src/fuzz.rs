@@ -116,14 +116,18 @@ pub fn run(args: &[String]) -> Result<()> {
         if status.success() {
             let runs = final_stat(&text, "number_of_executed_units").unwrap_or(0);
             println!("fuzz {target}: no crash in {runs} runs ({seconds} s)");
-        } else {
-            let tail: Vec<&str> = text.lines().rev().take(60).collect();
-            for line in tail.into_iter().rev() {
-                println!("  {line}");
-            }
-            println!("fuzz {target}: CRASH (log {}; the input is in fuzz/artifacts/{target}/)", log_path.display());
-            crashed.push(target.clone());
+            continue;
         }
+        let tail: Vec<&str> = text.lines().rev().take(60).collect();
+        for line in tail.into_iter().rev() {
+            println!("  {line}");
+        }
+        // `cargo fuzz run` rebuilds first: sources edited during the run can fail that build.
+        if text.contains("failed to build fuzz script") {
+            bail!("fuzz {target}: the target did not build (log {})", log_path.display());
+        }
+        println!("fuzz {target}: CRASH (log {}; the input is in fuzz/artifacts/{target}/)", log_path.display());
+        crashed.push(target.clone());
     }
     if !crashed.is_empty() {
         bail!(

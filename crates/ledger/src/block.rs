@@ -96,15 +96,23 @@ impl EncodeSize for Block {
     }
 }
 
+/// The smallest encoded transaction (a LeaveNode: signer, nonce, kind, node, signature): a block
+/// of `n` bytes holds at most `n / MIN_TX_BYTES` transactions.
+pub const MIN_TX_BYTES: usize = 32 + 8 + 1 + 32 + 64;
+
+/// The smallest encoded liveness change (a Down: kind, node).
+pub const MIN_LIVENESS_BYTES: usize = 1 + 32;
+
 impl Read for Block {
     /// The most transactions (and the most liveness changes) a block may hold.
     type Cfg = usize;
     fn read_cfg(buf: &mut impl Buf, max_txs: &usize) -> Result<Self, CodecError> {
-        Ok(Block {
-            header: BlockHeader::read(buf)?,
-            liveness: Vec::read_cfg(buf, &(RangeCfg::new(0..=*max_txs), ()))?,
-            txs: Vec::read_cfg(buf, &(RangeCfg::new(0..=*max_txs), ()))?,
-        })
+        let header = BlockHeader::read(buf)?;
+        // A count the remaining bytes cannot hold is refused before room is reserved for it.
+        let most = (*max_txs).min(buf.remaining() / MIN_LIVENESS_BYTES);
+        let liveness = Vec::read_cfg(buf, &(RangeCfg::new(0..=most), ()))?;
+        let most = (*max_txs).min(buf.remaining() / MIN_TX_BYTES);
+        Ok(Block { header, liveness, txs: Vec::read_cfg(buf, &(RangeCfg::new(0..=most), ()))? })
     }
 }
 
@@ -414,6 +422,31 @@ mod tests {
         assert_eq!(Block::from_bytes(&bytes, 10).unwrap(), blocks[1]);
         assert!(Block::from_bytes(&bytes, 0).is_err());
         assert!(Block::from_bytes(&bytes[..bytes.len() - 1], 10).is_err());
+    }
+
+    #[test]
+    fn a_count_the_bytes_cannot_hold_is_refused_before_allocating() {
+        // An export's genesis sets max_block_txs; one of u32::MAX let a 128 MiB record claim 2^32
+        // transactions, and decoding reserved room for ~350,000 of them per MiB (tens of GB: the
+        // process aborted). Now the count is bounded by what the bytes can hold.
+        for liveness_count in [u32::MAX as usize, 0] {
+            let mut bytes = vec![0u8; BlockHeader::SIZE];
+            liveness_count.write(&mut bytes);
+            (u32::MAX as usize).write(&mut bytes);
+            bytes.resize(128 << 20, 0);
+            let e = Block::from_bytes(&bytes, u32::MAX as usize).unwrap_err();
+            assert!(e.contains("not a block"), "{e}");
+        }
+        // The bounds are the smallest transaction (a LeaveNode) and the smallest change (a Down).
+        let a = crate::state::tests::id(1);
+        let leave = crate::Transaction {
+            signer: a.node_id(),
+            nonce: 0,
+            payload: crate::Payload::LeaveNode { node: a.node_id() },
+        }
+        .sign(&a, &Hash::of(&[b"net"]));
+        assert_eq!(leave.encode_size(), MIN_TX_BYTES);
+        assert_eq!(LivenessChange::Down { node: a.node_id() }.encode_size(), MIN_LIVENESS_BYTES);
     }
 
     proptest! {

@@ -157,6 +157,11 @@ impl Genesis {
                 return bad(format!("account {} ({}) is listed twice", a.key.short(), a.name));
             }
         }
+        // Money is conserved (fees are burned, not created), so a total that fits in u64 keeps
+        // every balance and the burned total in range (found by fuzzing exports).
+        if self.accounts.iter().try_fold(0u64, |total, a| total.checked_add(a.balance_micro)).is_none() {
+            return bad(format!("the account balances add up to more than {} micro-units: lower them", u64::MAX));
+        }
         let t = self.membership;
         if t.hello_interval_ms == 0 || t.down_after_ms <= t.hello_interval_ms {
             return bad("membership: down_after_ms must be greater than hello_interval_ms, which must be > 0".into());
