@@ -126,7 +126,7 @@ impl Chain {
                 state,
                 store,
                 txs,
-                mempool: Mempool::new(MempoolLimits { capacity: MEMPOOL_CAPACITY, ..MempoolLimits::default() }),
+                mempool: Mempool::new(MempoolLimits::with_capacity(MEMPOOL_CAPACITY)),
                 pending: HashMap::new(),
                 tx_waiters: TxWaiters::default(),
                 block_waiters: Vec::new(),

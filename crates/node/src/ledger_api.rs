@@ -125,8 +125,12 @@ async fn submit(State(s): State<Arc<ApiState>>, Query(q): Params, headers: Heade
     let hash = match s.chain.submit(stx, bytes.len(), archipel_consensus::app::system_now_ms()) {
         Ok(h) => h,
         Err(e) => {
-            let status =
-                if e.code() == "mempool_full" { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::BAD_REQUEST };
+            // Full pools are this node's state, not the transaction's fault: retry later.
+            let status = if matches!(e.code(), "mempool_full" | "gapped_full") {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
             return error(status, e.code(), e.to_string());
         }
     };
