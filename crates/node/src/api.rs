@@ -75,6 +75,7 @@ pub struct ApiGuards {
     limits: ApiLimits,
     in_flight: Arc<Semaphore>,
     reads: RateLimiter<IpAddr>,
+    txs: RateLimiter<IpAddr>,
     signed: RateLimiter<NodeId>,
 }
 
@@ -85,9 +86,38 @@ impl ApiGuards {
             limits,
             in_flight: Arc::new(Semaphore::new(limits.max_concurrent_requests.get() as usize)),
             reads: RateLimiter::new(limits.reads_per_second_per_ip, limits.read_burst_per_ip),
+            txs: RateLimiter::new(limits.txs_per_second_per_ip, limits.tx_burst_per_ip),
             signed: RateLimiter::new(limits.signed_per_second_per_key, limits.signed_burst_per_key),
         }
     }
+}
+
+impl ApiGuards {
+    /// Charges `count` submitted transactions to `source`'s budget; over it, the refusal to
+    /// answer (429 `ip_tx_rate_limit` saying when to retry).
+    pub(crate) fn charge_txs(&self, source: IpAddr, count: usize) -> Option<Response> {
+        let count = u32::try_from(count).unwrap_or(u32::MAX);
+        self.txs.take_n(source, count, Instant::now()).err().map(|wait| {
+            let l = &self.limits;
+            retry_later(
+                StatusCode::TOO_MANY_REQUESTS,
+                "ip_tx_rate_limit",
+                format!(
+                    "{source} submitted more than {} transactions in a burst, {} per second (api.limits.tx_burst_per_ip, txs_per_second_per_ip): retry after {} ms",
+                    l.tx_burst_per_ip,
+                    l.txs_per_second_per_ip,
+                    wait.as_millis().max(1)
+                ),
+                wait,
+            )
+        })
+    }
+}
+
+/// The source a request counts against (IPv6 by /64); the unspecified address when the server
+/// was not given connection info.
+pub(crate) fn request_source(connection: Option<&ConnectInfo<SocketAddr>>) -> IpAddr {
+    connection.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| source_of(c.0.ip()))
 }
 
 impl std::fmt::Debug for ApiState {
@@ -293,16 +323,13 @@ async fn limit_concurrency(State(s): State<Arc<ApiState>>, req: Request, next: N
     Response::from_parts(parts, Body::from_stream(body))
 }
 
-/// Middleware: public reads (`GET`) are rate-limited per source address. Submissions are not:
-/// every transaction carries its own signature and fee, and the mempool bounds them.
+/// Middleware: public reads (`GET`) are rate-limited per source address. Submissions have their
+/// own per-address budget, counted in transactions by their handlers.
 async fn limit_reads(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return next.run(req).await;
     }
-    let ip = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| source_of(c.0.ip()));
+    let ip = request_source(req.extensions().get::<ConnectInfo<SocketAddr>>());
     match s.guards.reads.take(ip, Instant::now()) {
         Ok(()) => next.run(req).await,
         Err(wait) => {
@@ -662,8 +689,46 @@ mod tests {
         // The client waits as told and asks again.
         let client = ApiClient::new(&url);
         client.get::<serde_json::Value>("/v1/ledger/head").await.expect("answered after Retry-After");
-        // Submissions are not reads: judged by the ledger (here: not a transaction), not limited.
+        // Submissions are not reads: they have their own budget, and the ledger judges them (here: not a
+        // transaction).
         match client.raw("POST", "/v1/tx", b"junk".to_vec(), Duration::from_secs(5)).await {
+            Err(ClientError::Api { status, code, .. }) => assert_eq!((status, code.as_str()), (400, "malformed")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn post(url: &str, body: Vec<u8>) -> reqwest::Response {
+        reqwest::Client::builder().no_proxy().build().unwrap().post(url).body(body).send().await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn submissions_are_limited_per_source_address_by_transaction_count() {
+        let state = state(limits(|l| {
+            l.txs_per_second_per_ip = nz(1);
+            l.tx_burst_per_ip = nz(5);
+        }));
+        let url = serve(state).await;
+        // A batch of 4 records that are not transactions: each still costs one (what is sent is
+        // charged, before decoding).
+        let mut batch = Vec::new();
+        for _ in 0..4 {
+            archipel_ledger::export::put_record(&mut batch, b"junk");
+        }
+        let r = post(&format!("{url}/v1/txs"), batch.clone()).await;
+        assert_eq!(r.status(), 200);
+        let items: Vec<crate::ledger_api::BatchItem> = r.json().await.unwrap();
+        assert_eq!(items.len(), 4);
+        assert_eq!(post(&format!("{url}/v1/tx"), b"junk".to_vec()).await.status(), 400, "the fifth");
+        let r = post(&format!("{url}/v1/tx"), b"junk".to_vec()).await;
+        let (status, retry, code) = refusal(r).await;
+        assert_eq!((status, retry.as_deref(), code.as_str()), (429, Some("1"), "ip_tx_rate_limit"));
+        let r = post(&format!("{url}/v1/txs"), batch).await;
+        let message = r.json::<ApiError>().await.unwrap().message;
+        assert!(message.contains("tx_burst_per_ip") && message.contains("retry after"), "{message}");
+        // Reads from the same address have their own budget.
+        assert_eq!(get(&format!("{url}/health")).await.status(), 200);
+        // The client waits as told and submits again.
+        match ApiClient::new(&url).raw("POST", "/v1/tx", b"junk".to_vec(), Duration::from_secs(5)).await {
             Err(ClientError::Api { status, code, .. }) => assert_eq!((status, code.as_str()), (400, "malformed")),
             other => panic!("{other:?}"),
         }
