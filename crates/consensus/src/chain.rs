@@ -126,7 +126,7 @@ impl Chain {
                 state,
                 store,
                 txs,
-                mempool: Mempool::new(MempoolLimits { capacity: MEMPOOL_CAPACITY, ..MempoolLimits::default() }),
+                mempool: Mempool::new(MempoolLimits::with_capacity(MEMPOOL_CAPACITY)),
                 pending: HashMap::new(),
                 tx_waiters: TxWaiters::default(),
                 block_waiters: Vec::new(),
@@ -191,23 +191,34 @@ impl Chain {
 
     /// Admits transactions (each with its encoded length) into the mempool at `now_ms`; one
     /// answer per transaction, in order. Signatures are checked as one batch, outside the lock,
-    /// and only for transactions not already known here.
+    /// and only for transactions not already known here that pass the checks costing no
+    /// signature ([`State::precheck`]: size, nonce window, fee and amount against the finalized
+    /// balance), so a batch of forged transactions that would be refused anyway costs the sender
+    /// its signatures and the node none.
     pub fn submit_many(&self, items: Vec<(SignedTransaction, usize)>, now_ms: u64) -> Vec<Result<Hash, MempoolError>> {
         let hashes: Vec<Hash> = items.iter().map(|(t, _)| t.hash()).collect();
-        let known: Vec<bool> = {
+        // Per transaction: `None` when known here (nothing to check), else the cheap checks' verdict.
+        let prechecked: Vec<Option<Result<(), archipel_ledger::TxError>>> = {
             let g = self.lock();
-            hashes.iter().map(|h| g.txs.contains_key(h) || g.mempool.contains(h)).collect()
+            items
+                .iter()
+                .zip(&hashes)
+                .map(|((t, len), h)| {
+                    let known = g.txs.contains_key(h) || g.mempool.contains(h);
+                    (!known).then(|| g.state.precheck(t, *len))
+                })
+                .collect()
         };
         let fresh: Vec<&SignedTransaction> =
-            items.iter().zip(&known).filter(|(_, k)| !**k).map(|((t, _), _)| t).collect();
-        // Each transaction's own signature result, by position (`None`: known, not checked):
-        // whatever the second lock finds, no result can move to another transaction.
+            items.iter().zip(&prechecked).filter(|(_, p)| matches!(p, Some(Ok(())))).map(|((t, _), _)| t).collect();
+        // Each transaction's own verdict, by position (`None`: known, not checked): whatever the
+        // second lock finds, no result can move to another transaction.
         let network = self.genesis_state.network();
         let mut checked = verify_each(&fresh, &network).into_iter();
         let signatures: Vec<Option<Result<(), archipel_ledger::TxError>>> = items
             .iter()
-            .zip(&known)
-            .map(|((t, _), k)| (!*k).then(|| checked.next().unwrap_or_else(|| t.verify(&network))))
+            .zip(prechecked)
+            .map(|((t, _), p)| p.map(|cheap| cheap.and_then(|()| checked.next().unwrap_or_else(|| t.verify(&network)))))
             .collect();
         #[cfg(test)]
         tests::between_locks(self);
@@ -677,6 +688,35 @@ mod tests {
         assert_eq!(c.mempool_len(), 2);
         // Nothing known is checked twice; a known transaction is still answered.
         assert_eq!(c.submit(good.clone(), 100, 0), Ok(good.hash()));
+    }
+
+    #[test]
+    fn cheap_checks_come_before_signatures() {
+        let c = chain();
+        c.submit(transfer(0, 0), 100, 0).unwrap();
+        let block = c.build(&c.genesis().hash(), 1_000, |_| Vec::new()).unwrap();
+        c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized");
+        let forged = |mut t: SignedTransaction| {
+            t.signature[3] ^= 1;
+            t
+        };
+        // Forged signatures on transactions that fail a check needing no signature are answered
+        // with that check: their signatures are never verified.
+        let items = vec![
+            (forged(transfer(7, 0)), 100),     // an account that cannot pay the fee
+            (forged(transfer(0, 0)), 100),     // a used nonce
+            (forged(transfer(1, 5_000)), 100), // a nonce too far ahead
+            (forged(transfer(1, 0)), 100_000), // too large
+            (transfer(2, 0), 100),
+            (forged(transfer(1, 0)), 100), // passes the cheap checks: its signature is checked
+        ];
+        let codes: Vec<&str> =
+            c.submit_many(items, 0).iter().map(|r| r.as_ref().map_or_else(|e| e.code(), |_| "ok")).collect();
+        assert_eq!(
+            codes,
+            ["insufficient_funds", "replayed_nonce", "nonce_too_far_ahead", "too_large", "ok", "bad_signature"]
+        );
+        assert_eq!(c.mempool_len(), 1);
     }
 
     #[test]

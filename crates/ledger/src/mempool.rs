@@ -11,11 +11,16 @@
 //! - at most [`MempoolLimits::gapped_per_account`] of them may wait behind a missing nonce (they
 //!   cannot go into any block until it arrives);
 //! - at most [`MempoolLimits::per_account`] may wait at all;
+//! - over all accounts, at most [`MempoolLimits::gapped_total`] may wait behind a missing nonce
+//!   (see [`GAPPED_SHARE_PERCENT`]), and when the pool is full a transaction that can go into the
+//!   next block evicts the oldest of them rather than being refused;
 //! - each leaves after [`MempoolLimits::ttl_ms`] of the node's clock if no block took it.
 //!
 //! So one account holds a bounded share of the pool, and what it holds either pays its fees in a
 //! block soon or expires. Every check is O(log n): per-account sums and run lengths are kept up to
-//! date on every insert and removal, and expiry walks an age index from its oldest end.
+//! date on every insert and removal, and expiry walks an age index from its oldest end. Keeping the
+//! index of gapped entries costs O(k log n) more when a run end moves over k entries (k is at most
+//! [`MempoolLimits::per_account`]).
 
 use crate::block::Signatures;
 use crate::hash::Hash;
@@ -68,6 +73,21 @@ pub enum MempoolError {
         /// The limit.
         max: usize,
     },
+    /// The pool already holds as many transactions waiting behind a missing nonce as it may,
+    /// over all accounts.
+    #[error(
+        "the mempool already holds {gapped} transactions waiting behind missing nonces, the most it holds \
+         from all accounts: submit nonce {missing} of {signer} first, or retry once some have expired \
+         (60 s)"
+    )]
+    GappedFull {
+        /// The signer (short).
+        signer: String,
+        /// This signer's first missing nonce.
+        missing: u64,
+        /// Gapped transactions waiting (the limit).
+        gapped: usize,
+    },
     /// With the account's other waiting transactions, this one would spend more than the
     /// account's finalized balance.
     #[error(
@@ -96,10 +116,24 @@ impl MempoolError {
             MempoolError::Full(_) => "mempool_full",
             MempoolError::AccountQuota { .. } => "account_quota",
             MempoolError::NonceGap { .. } => "nonce_gap",
+            MempoolError::GappedFull { .. } => "gapped_full",
             MempoolError::Overspend { .. } => "overspend",
         }
     }
 }
+
+/// Share of the mempool's capacity, in percent, that transactions waiting behind a missing nonce
+/// may take over all accounts ([`MempoolLimits::gapped_total`]).
+///
+/// Such transactions pay no fee until their gap closes, so without a global bound about 6,250
+/// funded accounts holding [`MempoolLimits::gapped_per_account`] (16) each fill a 100,000-entry
+/// pool with transactions no block can take. Honest gaps are short-lived (transactions pipelined
+/// through different nodes, gossip batches arriving out of order) and close within a gossip round
+/// trip: 5 % of the default pool is 5,000 entries, a whole second of the ledger's measured
+/// throughput (~5,000 transactions/s) arriving out of order at once. The other 95 % stays for
+/// transactions that can go into the next block and pay their fee, and those evict gapped ones
+/// when the pool is full anyway.
+pub const GAPPED_SHARE_PERCENT: usize = 5;
 
 /// How much the mempool holds, in all and per account, and for how long.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,13 +144,29 @@ pub struct MempoolLimits {
     pub per_account: usize,
     /// Transactions one account may have waiting behind a missing nonce.
     pub gapped_per_account: usize,
+    /// Transactions all accounts together may have waiting behind a missing nonce.
+    pub gapped_total: usize,
     /// A transaction still waiting this long (node clock, ms) after its admission is dropped.
     pub ttl_ms: u64,
 }
 
+impl MempoolLimits {
+    /// The default limits for a pool of `capacity` transactions, [`GAPPED_SHARE_PERCENT`] of
+    /// them gapped at most.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            capacity,
+            per_account: 256,
+            gapped_per_account: 16,
+            gapped_total: capacity / 100 * GAPPED_SHARE_PERCENT,
+            ttl_ms: 60_000,
+        }
+    }
+}
+
 impl Default for MempoolLimits {
     fn default() -> Self {
-        Self { capacity: 100_000, per_account: 256, gapped_per_account: 16, ttl_ms: 60_000 }
+        Self::with_capacity(100_000)
     }
 }
 
@@ -188,13 +238,38 @@ pub struct Mempool {
     by_hash: HashMap<Hash, (NodeId, u64)>,
     /// Admission time and hash of every waiting transaction, oldest first (expiry).
     by_age: BTreeSet<(u64, Hash)>,
+    /// The part of `by_age` that waits behind a missing nonce (nonce at or above its queue's
+    /// `run_end`): its length is the global gapped count, its oldest end what a full pool evicts.
+    gapped_by_age: BTreeSet<(u64, Hash)>,
     limits: MempoolLimits,
+}
+
+/// Puts `q`'s transactions with nonces in `range` into the gapped index (`gapped`) or takes them
+/// out. A transaction changes side only when its queue's run end moves over it, so callers pass
+/// the range it moved over: the cost follows the change, bounded by the per-account limit.
+fn reclassify(index: &mut BTreeSet<(u64, Hash)>, q: &AccountQueue, range: std::ops::Range<u64>, gapped: bool) {
+    if range.is_empty() {
+        return;
+    }
+    for w in q.txs.range(range).map(|(_, w)| w) {
+        if gapped {
+            index.insert((w.admitted_ms, w.hash));
+        } else {
+            index.remove(&(w.admitted_ms, w.hash));
+        }
+    }
 }
 
 impl Mempool {
     /// An empty mempool within `limits`.
     pub fn new(limits: MempoolLimits) -> Self {
-        Self { accounts: BTreeMap::new(), by_hash: HashMap::new(), by_age: BTreeSet::new(), limits }
+        Self {
+            accounts: BTreeMap::new(),
+            by_hash: HashMap::new(),
+            by_age: BTreeSet::new(),
+            gapped_by_age: BTreeSet::new(),
+            limits,
+        }
     }
 
     /// Its limits.
@@ -205,6 +280,11 @@ impl Mempool {
     /// Number of waiting transactions.
     pub fn len(&self) -> usize {
         self.by_hash.len()
+    }
+
+    /// Number of waiting transactions that wait behind a missing nonce.
+    pub fn gapped_len(&self) -> usize {
+        self.gapped_by_age.len()
     }
 
     /// True when nothing waits.
@@ -281,13 +361,26 @@ impl Mempool {
         } else if nonce != account.nonce && self.limits.gapped_per_account == 0 {
             return Err(MempoolError::NonceGap { signer: signer.short(), missing: account.nonce, gapped: 0, max: 0 });
         }
-        if self.len() >= self.limits.capacity {
+        let missing = self.accounts.get(&signer).map_or(account.nonce, |q| q.run_end);
+        let next_in_line = nonce == missing;
+        if !next_in_line && self.gapped_len() >= self.limits.gapped_total {
+            return Err(MempoolError::GappedFull { signer: signer.short(), missing, gapped: self.gapped_len() });
+        }
+        // A full pool makes room for a transaction that can go next by evicting the oldest
+        // gapped one (which pays nothing until its gap closes, if ever); a gapped one waits.
+        if self.len() >= self.limits.capacity && !(next_in_line && self.evict_oldest_gapped()) {
             return Err(MempoolError::Full(self.len()));
         }
         let q = self.accounts.entry(signer).or_insert_with(|| AccountQueue::new(account.nonce));
         q.spend_micro += u128::from(spend);
         q.txs.insert(nonce, Waiting { stx, hash, spend_micro: spend, admitted_ms: now_ms });
-        q.extend_run();
+        if next_in_line {
+            let was = q.run_end;
+            q.extend_run();
+            reclassify(&mut self.gapped_by_age, q, was..q.run_end, false);
+        } else {
+            self.gapped_by_age.insert((now_ms, hash));
+        }
         self.by_hash.insert(hash, (signer, nonce));
         self.by_age.insert((now_ms, hash));
         Ok(hash)
@@ -306,10 +399,13 @@ impl Mempool {
             q.spend_micro -= u128::from(w.spend_micro);
             self.by_hash.remove(&w.hash);
             self.by_age.remove(&(w.admitted_ms, w.hash));
+            self.gapped_by_age.remove(&(w.admitted_ms, w.hash));
         }
         q.next = next;
+        let was = q.run_end;
         q.run_end = q.run_end.max(next);
         q.extend_run();
+        reclassify(&mut self.gapped_by_age, q, was..q.run_end, false);
         if q.txs.is_empty() {
             self.accounts.remove(signer);
         }
@@ -379,12 +475,23 @@ impl Mempool {
     pub fn remove(&mut self, hash: &Hash) {
         let Some((signer, nonce)) = self.by_hash.remove(hash) else { return };
         let Some(q) = self.accounts.get_mut(&signer) else { return };
+        let was = q.run_end;
         if let Some(w) = q.remove(nonce) {
             self.by_age.remove(&(w.admitted_ms, w.hash));
+            self.gapped_by_age.remove(&(w.admitted_ms, w.hash));
         }
+        // Removed from the run: everything after it in the run now waits behind it.
+        reclassify(&mut self.gapped_by_age, q, q.run_end..was, true);
         if q.txs.is_empty() {
             self.accounts.remove(&signer);
         }
+    }
+
+    /// Drops the oldest transaction waiting behind a missing nonce; false if there is none.
+    fn evict_oldest_gapped(&mut self) -> bool {
+        let Some(&(_, hash)) = self.gapped_by_age.first() else { return false };
+        self.remove(&hash);
+        true
     }
 
     /// Drops the transactions of `signers` whose nonces `state` (a finalized state) has used.
@@ -404,6 +511,85 @@ mod tests {
 
     fn pool(capacity: usize) -> Mempool {
         Mempool::new(MempoolLimits { capacity, ..MempoolLimits::default() })
+    }
+
+    /// A genesis state in which accounts `0..n` hold 1,000 each.
+    fn funded(n: u64) -> State {
+        State::genesis(crate::state::GenesisState {
+            network: Hash::ZERO,
+            params: LedgerParams::default(),
+            timestamp_ms: 0,
+            validators: vec![id(10_000).node_id()],
+            accounts: (0..n).map(|i| (id(i).node_id(), 1_000)).collect(),
+            nodes: vec![],
+        })
+    }
+
+    #[test]
+    fn gapped_transactions_are_bounded_over_all_accounts() {
+        let s = funded(20);
+        let limits =
+            MempoolLimits { capacity: 1_000, gapped_per_account: 4, gapped_total: 10, ..MempoolLimits::default() };
+        let mut m = Mempool::new(limits);
+        // 20 accounts each try 4 transactions behind their missing nonce 0: 10 get in in all.
+        let mut refused = Vec::new();
+        for from in 0..20 {
+            for nonce in 1..5 {
+                if let Err(e) = m.insert(&s, transfer(from, nonce, 0, 1), 100, 0) {
+                    refused.push(e);
+                }
+            }
+        }
+        assert_eq!(m.len(), 10);
+        assert_eq!(refused.len(), 70);
+        assert!(refused.iter().all(|e| e.code() == "gapped_full"), "{refused:?}");
+        let e = &refused[0];
+        assert!(e.to_string().contains("already holds 10 transactions waiting behind missing nonces"), "{e}");
+        assert!(e.to_string().contains("submit nonce 0 of"), "{e}");
+        // Transactions that can go into the next block still get in, and closing a gap frees room.
+        for from in 0..20 {
+            m.insert(&s, transfer(from, 0, 0, 1), 100, 0).unwrap();
+        }
+        assert_eq!(m.len(), 30);
+        for from in 5..15 {
+            m.insert(&s, transfer(from, 2, 0, 1), 100, 0).unwrap();
+        }
+        assert_eq!(m.insert(&s, transfer(15, 2, 0, 1), 100, 0).unwrap_err().code(), "gapped_full");
+    }
+
+    #[test]
+    fn a_full_pool_evicts_gapped_transactions_oldest_first_for_ones_that_can_go_next() {
+        let s = funded(20);
+        let limits =
+            MempoolLimits { capacity: 10, gapped_per_account: 4, gapped_total: 100, ..MempoolLimits::default() };
+        let mut m = Mempool::new(limits);
+        // The pool fills with gapped transactions, account 0's the oldest.
+        let mut gapped = Vec::new();
+        for (at, (from, nonce)) in (0..5).flat_map(|from| [(from, 2), (from, 3)]).enumerate() {
+            let t = transfer(from, nonce, 0, 1);
+            m.insert(&s, t.clone(), 100, at as u64).unwrap();
+            gapped.push(t.hash());
+        }
+        assert_eq!(m.len(), 10);
+        // Another gapped one is refused: the pool is full.
+        assert_eq!(m.insert(&s, transfer(6, 1, 0, 1), 100, 20).unwrap_err().code(), "mempool_full");
+        // One that can go next takes the oldest gapped one's place.
+        m.insert(&s, transfer(7, 0, 0, 1), 100, 20).unwrap();
+        assert_eq!(m.len(), 10);
+        assert!(!m.contains(&gapped[0]));
+        assert!(gapped[1..].iter().all(|h| m.contains(h)));
+        // Closing account 1's gap makes its transactions runnable: they are no longer evicted first.
+        m.remove(&gapped[9]);
+        m.insert(&s, transfer(1, 0, 0, 1), 100, 21).unwrap();
+        m.insert(&s, transfer(1, 1, 0, 1), 100, 21).unwrap();
+        assert!(!m.contains(&gapped[1]), "account 0's last gapped one went");
+        for from in 8..13 {
+            m.insert(&s, transfer(from, 0, 0, 1), 100, 22).unwrap();
+        }
+        assert!(gapped[2..4].iter().all(|h| m.contains(h)), "account 1's run stays");
+        assert!(gapped[4..9].iter().all(|h| !m.contains(h)));
+        // Nothing gapped is left: a full pool refuses.
+        assert_eq!(m.insert(&s, transfer(13, 0, 0, 1), 100, 23).unwrap_err().code(), "mempool_full");
     }
 
     #[test]
@@ -546,6 +732,10 @@ mod tests {
         fn check_invariants(&self, state: &State) {
             let total: usize = self.accounts.values().map(|q| q.txs.len()).sum();
             assert_eq!(total, self.by_hash.len());
+            assert_eq!(self.gapped_len(), self.accounts.values().map(AccountQueue::gapped).sum::<usize>());
+            // Not bounded by `gapped_total`: that limit is checked on admission, and a transaction
+            // dropped from the middle of a run puts the rest of the run behind a gap.
+            assert!(self.len() <= self.limits.capacity);
             assert_eq!(total, self.by_age.len());
             for (signer, q) in &self.accounts {
                 assert!(!q.txs.is_empty(), "no empty queues");
@@ -563,6 +753,8 @@ mod tests {
                 for (nonce, w) in &q.txs {
                     assert_eq!(self.by_hash.get(&w.hash), Some(&(*signer, *nonce)));
                     assert!(self.by_age.contains(&(w.admitted_ms, w.hash)));
+                    let gapped = *nonce >= q.run_end;
+                    assert_eq!(self.gapped_by_age.contains(&(w.admitted_ms, w.hash)), gapped, "nonce {nonce}");
                 }
             }
         }
@@ -572,7 +764,8 @@ mod tests {
         #[test]
         fn sums_and_runs_stay_consistent(ops in proptest::collection::vec((0u8..5, 0u64..2, 0u64..24, 0u64..400), 1..200)) {
             let mut s = genesis();
-            let limits = MempoolLimits { capacity: 1_000, per_account: 12, gapped_per_account: 4, ttl_ms: 500 };
+            // A small pool and gapped share, so that both fill and evict.
+            let limits = MempoolLimits { capacity: 16, per_account: 12, gapped_per_account: 4, gapped_total: 6, ttl_ms: 500 };
             let mut m = Mempool::new(limits);
             let mut now = 0;
             for (op, from, nonce, amount) in ops {

@@ -9,7 +9,7 @@ use crate::hash::Hash;
 use crate::lease::Lease;
 use crate::merkle;
 use crate::params::LedgerParams;
-use crate::tx::{Payload, SignedTransaction, TxError};
+use crate::tx::{Payload, SignedTransaction, Transaction, TxError};
 use archipel_crypto::SignedDescriptor;
 use archipel_types::NodeId;
 use serde::{Deserialize, Serialize};
@@ -292,7 +292,33 @@ impl State {
     /// [`State::admit`] for a transaction whose signature was already checked.
     pub fn admit_verified(&self, stx: &SignedTransaction, encoded_len: usize) -> Result<(), TxError> {
         self.check_size(encoded_len)?;
+        self.check_nonce_window(&stx.tx)?;
+        // A gap in nonces is fine here (earlier transactions may still be on their way): check
+        // the kind's rules as if this one came next.
+        self.check_next(stx).map(|_| ())
+    }
+
+    /// The checks of [`State::admit`] that cost no signature verification: size, nonce window,
+    /// the fee against the signer's balance, and a transfer's amount. Run before signatures are
+    /// verified, so a transaction that would be refused anyway costs its sender a signature and
+    /// the node nothing; passing it says nothing about the other checks.
+    pub fn precheck(&self, stx: &SignedTransaction, encoded_len: usize) -> Result<(), TxError> {
+        self.check_size(encoded_len)?;
         let tx = &stx.tx;
+        self.check_nonce_window(tx)?;
+        let fee = self.params.tx_fee_micro;
+        let balance_micro = self.account(&tx.signer).balance_micro;
+        if balance_micro < fee {
+            return Err(TxError::InsufficientFunds { balance_micro, needed_micro: fee });
+        }
+        if let Payload::Transfer { to, amount_micro } = &tx.payload {
+            self.check_transfer(tx.signer, *to, *amount_micro, fee)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses a used nonce, or one further ahead of the account's next nonce than the window.
+    fn check_nonce_window(&self, tx: &Transaction) -> Result<(), TxError> {
         let next = self.account(&tx.signer).nonce;
         if tx.nonce < next {
             return Err(TxError::Replay { got: tx.nonce, next });
@@ -300,9 +326,7 @@ impl State {
         if tx.nonce - next >= self.params.nonce_window {
             return Err(TxError::NonceTooFarAhead { got: tx.nonce, next, window: self.params.nonce_window });
         }
-        // A gap in nonces is fine here (earlier transactions may still be on their way): check
-        // the kind's rules as if this one came next.
-        self.check_next(stx).map(|_| ())
+        Ok(())
     }
 
     /// Applies one transaction at the current block time: all of it, or nothing.

@@ -7,9 +7,10 @@
 //! check.
 //!
 //! The API cannot starve consensus: it runs on its own tokio runtime ([`ApiServer`]), at most
-//! `max_concurrent_requests` requests are handled at once, public reads are rate-limited per
-//! source address and signed calls per key ([`crate::config::ApiLimits`]); a refused call gets 429
-//! with `Retry-After` and a JSON error naming the limit.
+//! `max_concurrent_requests` requests are handled at once and a quarter of them from one source
+//! address ([`IN_FLIGHT_SOURCE_SHARE`]), public reads and submitted transactions are rate-limited
+//! per source address and signed calls per key ([`crate::config::ApiLimits`]); a refused call gets
+//! 429 with `Retry-After` and a JSON error naming the limit.
 //!
 //! `/health` answers 200 while this node's ledger keeps up with consensus, and 503 with the reason
 //! while its applier is stalled; meanwhile reads that answer from the current finalized state
@@ -32,7 +33,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -40,6 +41,14 @@ use tokio::sync::Semaphore;
 
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// One source address (IPv6: one /64) may have at most 1/`IN_FLIGHT_SOURCE_SHARE` of
+/// `max_concurrent_requests` in flight (at least one). Long polls (`?wait=final`, `wait_ms`) and
+/// streamed exports hold their slot for up to 30 s or the export's length, so without a share one
+/// address could hold every slot and lock everyone else out; with a quarter it takes at least four
+/// addresses, while one client (the CLI, a load generator, a gateway) still keeps 64 of the
+/// default 256 busy.
+pub const IN_FLIGHT_SOURCE_SHARE: u32 = 4;
 
 /// Everything the handlers read.
 pub struct ApiState {
@@ -74,7 +83,10 @@ pub struct ApiState {
 pub struct ApiGuards {
     limits: ApiLimits,
     in_flight: Arc<Semaphore>,
+    in_flight_by_source: Arc<Mutex<HashMap<IpAddr, u32>>>,
+    max_in_flight_per_source: u32,
     reads: RateLimiter<IpAddr>,
+    txs: RateLimiter<IpAddr>,
     signed: RateLimiter<NodeId>,
 }
 
@@ -84,10 +96,71 @@ impl ApiGuards {
         ApiGuards {
             limits,
             in_flight: Arc::new(Semaphore::new(limits.max_concurrent_requests.get() as usize)),
+            in_flight_by_source: Arc::default(),
+            max_in_flight_per_source: (limits.max_concurrent_requests.get() / IN_FLIGHT_SOURCE_SHARE).max(1),
             reads: RateLimiter::new(limits.reads_per_second_per_ip, limits.read_burst_per_ip),
+            txs: RateLimiter::new(limits.txs_per_second_per_ip, limits.tx_burst_per_ip),
             signed: RateLimiter::new(limits.signed_per_second_per_key, limits.signed_burst_per_key),
         }
     }
+}
+
+impl ApiGuards {
+    /// A slot for one more request from `source`, unless it already has its share in flight.
+    fn source_slot(&self, source: IpAddr) -> Option<SourceSlot> {
+        let mut counts = self.in_flight_by_source.lock().unwrap_or_else(|p| p.into_inner());
+        let held = counts.entry(source).or_insert(0);
+        if *held >= self.max_in_flight_per_source {
+            return None;
+        }
+        *held += 1;
+        Some(SourceSlot { counts: self.in_flight_by_source.clone(), source })
+    }
+
+    /// Charges `count` submitted transactions to `source`'s budget; over it, the refusal to
+    /// answer (429 `ip_tx_rate_limit` saying when to retry).
+    pub(crate) fn charge_txs(&self, source: IpAddr, count: usize) -> Option<Response> {
+        let count = u32::try_from(count).unwrap_or(u32::MAX);
+        self.txs.take_n(source, count, Instant::now()).err().map(|wait| {
+            let l = &self.limits;
+            retry_later(
+                StatusCode::TOO_MANY_REQUESTS,
+                "ip_tx_rate_limit",
+                format!(
+                    "{source} submitted more than {} transactions in a burst, {} per second (api.limits.tx_burst_per_ip, txs_per_second_per_ip): retry after {} ms",
+                    l.tx_burst_per_ip,
+                    l.txs_per_second_per_ip,
+                    wait.as_millis().max(1)
+                ),
+                wait,
+            )
+        })
+    }
+}
+
+/// One request in flight from `source`, given back when dropped. Entries at zero are removed, so
+/// the table holds at most one entry per request in flight.
+struct SourceSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, u32>>>,
+    source: IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = counts.get_mut(&self.source) {
+            *held -= 1;
+            if *held == 0 {
+                counts.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// The source a request counts against (IPv6 by /64); the unspecified address when the server
+/// was not given connection info.
+pub(crate) fn request_source(connection: Option<&ConnectInfo<SocketAddr>>) -> IpAddr {
+    connection.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| source_of(c.0.ip()))
 }
 
 impl std::fmt::Debug for ApiState {
@@ -269,8 +342,9 @@ impl ApiHandle {
     }
 }
 
-/// Middleware: at most `max_concurrent_requests` requests at once; the permit is held until the
-/// response body has been sent (an export streams for a while).
+/// Middleware: at most `max_concurrent_requests` requests at once, and at most a share of them
+/// ([`IN_FLIGHT_SOURCE_SHARE`]) from one source address; both are held until the response body
+/// has been sent (an export streams for a while).
 async fn limit_concurrency(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
     let Ok(permit) = s.guards.in_flight.clone().try_acquire_owned() else {
         let max = s.guards.limits.max_concurrent_requests;
@@ -281,28 +355,39 @@ async fn limit_concurrency(State(s): State<Arc<ApiState>>, req: Request, next: N
             Duration::from_secs(1),
         );
     };
+    let source = request_source(req.extensions().get::<ConnectInfo<SocketAddr>>());
+    let Some(slot) = s.guards.source_slot(source) else {
+        let (max, total) = (s.guards.max_in_flight_per_source, s.guards.limits.max_concurrent_requests);
+        return retry_later(
+            StatusCode::TOO_MANY_REQUESTS,
+            "source_concurrency_limit",
+            format!(
+                "{source} already has {max} requests in flight, the most one address may (1/{IN_FLIGHT_SOURCE_SHARE} \
+                 of api.limits.max_concurrent_requests, {total}; long polls and exports hold theirs until they \
+                 end): retry when one of them has finished"
+            ),
+            Duration::from_secs(1),
+        );
+    };
     let (parts, body) = next.run(req).await.into_parts();
     if axum::body::HttpBody::size_hint(&body).exact().is_some() {
         // Already complete in memory: the request is done.
         return Response::from_parts(parts, body);
     }
     let body = futures::StreamExt::map(body.into_data_stream(), move |chunk| {
-        let _held = &permit;
+        let _held = (&permit, &slot);
         chunk
     });
     Response::from_parts(parts, Body::from_stream(body))
 }
 
-/// Middleware: public reads (`GET`) are rate-limited per source address. Submissions are not:
-/// every transaction carries its own signature and fee, and the mempool bounds them.
+/// Middleware: public reads (`GET`) are rate-limited per source address. Submissions have their
+/// own per-address budget, counted in transactions by their handlers.
 async fn limit_reads(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return next.run(req).await;
     }
-    let ip = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| source_of(c.0.ip()));
+    let ip = request_source(req.extensions().get::<ConnectInfo<SocketAddr>>());
     match s.guards.reads.take(ip, Instant::now()) {
         Ok(()) => next.run(req).await,
         Err(wait) => {
@@ -662,8 +747,46 @@ mod tests {
         // The client waits as told and asks again.
         let client = ApiClient::new(&url);
         client.get::<serde_json::Value>("/v1/ledger/head").await.expect("answered after Retry-After");
-        // Submissions are not reads: judged by the ledger (here: not a transaction), not limited.
+        // Submissions are not reads: they have their own budget, and the ledger judges them (here: not a
+        // transaction).
         match client.raw("POST", "/v1/tx", b"junk".to_vec(), Duration::from_secs(5)).await {
+            Err(ClientError::Api { status, code, .. }) => assert_eq!((status, code.as_str()), (400, "malformed")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn post(url: &str, body: Vec<u8>) -> reqwest::Response {
+        reqwest::Client::builder().no_proxy().build().unwrap().post(url).body(body).send().await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn submissions_are_limited_per_source_address_by_transaction_count() {
+        let state = state(limits(|l| {
+            l.txs_per_second_per_ip = nz(1);
+            l.tx_burst_per_ip = nz(5);
+        }));
+        let url = serve(state).await;
+        // A batch of 4 records that are not transactions: each still costs one (what is sent is
+        // charged, before decoding).
+        let mut batch = Vec::new();
+        for _ in 0..4 {
+            archipel_ledger::export::put_record(&mut batch, b"junk");
+        }
+        let r = post(&format!("{url}/v1/txs"), batch.clone()).await;
+        assert_eq!(r.status(), 200);
+        let items: Vec<crate::ledger_api::BatchItem> = r.json().await.unwrap();
+        assert_eq!(items.len(), 4);
+        assert_eq!(post(&format!("{url}/v1/tx"), b"junk".to_vec()).await.status(), 400, "the fifth");
+        let r = post(&format!("{url}/v1/tx"), b"junk".to_vec()).await;
+        let (status, retry, code) = refusal(r).await;
+        assert_eq!((status, retry.as_deref(), code.as_str()), (429, Some("1"), "ip_tx_rate_limit"));
+        let r = post(&format!("{url}/v1/txs"), batch).await;
+        let message = r.json::<ApiError>().await.unwrap().message;
+        assert!(message.contains("tx_burst_per_ip") && message.contains("retry after"), "{message}");
+        // Reads from the same address have their own budget.
+        assert_eq!(get(&format!("{url}/health")).await.status(), 200);
+        // The client waits as told and submits again.
+        match ApiClient::new(&url).raw("POST", "/v1/tx", b"junk".to_vec(), Duration::from_secs(5)).await {
             Err(ClientError::Api { status, code, .. }) => assert_eq!((status, code.as_str()), (400, "malformed")),
             other => panic!("{other:?}"),
         }
@@ -706,6 +829,35 @@ mod tests {
         assert_eq!((status, retry.as_deref(), code.as_str()), (429, Some("1"), "concurrency_limit"));
         assert_eq!(waiting.await.unwrap().status(), 200);
         assert_eq!(get(&format!("{url}/health")).await.status(), 200, "the slot is free again");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_source_address_holds_at_most_a_share_of_the_requests_in_flight() {
+        let state = state(limits(|l| l.max_concurrent_requests = nz(8)));
+        let url = serve(state).await;
+        // Two long polls from 127.0.0.1 hold its share (8 / 4).
+        let poll = format!("{url}/v1/ledger/blocks?from=5&wait_ms=1500");
+        let waiting: Vec<_> = (0..2)
+            .map(|_| {
+                let poll = poll.clone();
+                tokio::spawn(async move { get(&poll).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = get(&format!("{url}/health")).await;
+        let (status, retry, code) = refusal(r).await;
+        assert_eq!((status, retry.as_deref(), code.as_str()), (429, Some("1"), "source_concurrency_limit"));
+        let r = get(&format!("{url}/v1/ledger/head")).await;
+        let message = r.json::<ApiError>().await.unwrap().message;
+        assert!(message.contains("127.0.0.1 already has 2 requests in flight"), "{message}");
+        // Another source address still gets in.
+        let other = reqwest::Client::builder().no_proxy().local_address("127.0.0.2".parse::<IpAddr>().unwrap());
+        let r = other.build().unwrap().get(format!("{url}/health")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "another source is not held back");
+        for w in waiting {
+            assert_eq!(w.await.unwrap().status(), 200);
+        }
+        assert_eq!(get(&format!("{url}/health")).await.status(), 200, "the share is free again");
     }
 
     #[test]

@@ -158,23 +158,22 @@ impl ApiClient {
     }
 }
 
-/// Most times a read refused with 429 is sent again.
+/// Most times an unsigned request refused with 429 is sent again.
 pub const READ_RETRIES: u32 = 3;
 
-/// Longest `Retry-After` a read waits for before being sent again (longer: the 429 is returned).
+/// Longest `Retry-After` waited for before sending again (longer: the 429 is returned).
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(2);
 
 /// Sends `req` and returns the body of a successful answer; an error answer becomes
-/// [`ClientError::Api`] with the code and message from its JSON body. An unsigned `GET` refused
-/// by the node's rate limit (429) is sent again after its `Retry-After`, up to [`READ_RETRIES`]
-/// times (a signed request is not: its nonce is spent).
+/// [`ClientError::Api`] with the code and message from its JSON body. An unsigned request (a
+/// read, or a transaction submission: the same transaction twice is one) refused by the node's
+/// rate limit (429) is sent again after its `Retry-After`, up to [`READ_RETRIES`] times (a signed
+/// request is not: its nonce is spent).
 async fn send(mut req: reqwest::RequestBuilder, url: &str, signed: bool) -> Result<bytes::Bytes, ClientError> {
     let unreachable = |e: reqwest::Error| ClientError::Unreachable { url: url.to_string(), reason: root_cause(&e) };
-    let is_get =
-        !signed && req.try_clone().and_then(|r| r.build().ok()).is_some_and(|r| r.method() == reqwest::Method::GET);
     let mut retries = 0;
     let resp = loop {
-        let again = if is_get && retries < READ_RETRIES { req.try_clone() } else { None };
+        let again = if !signed && retries < READ_RETRIES { req.try_clone() } else { None };
         let resp = req.send().await.map_err(unreachable)?;
         let wait = resp
             .headers()

@@ -99,6 +99,12 @@ pub struct ApiLimits {
     pub signed_per_second_per_key: NonZeroU32,
     /// Signed calls one key may make in a burst.
     pub signed_burst_per_key: NonZeroU32,
+    /// Transactions per second one source IP address may submit (`POST /v1/tx` counts one,
+    /// `POST /v1/txs` one per transaction in the batch, whether or not they decode).
+    pub txs_per_second_per_ip: NonZeroU32,
+    /// Transactions one source IP address may submit in a burst (a batch above it waits for a
+    /// full bucket, then its excess is waited for before the next submission).
+    pub tx_burst_per_ip: NonZeroU32,
 }
 
 impl Default for ApiLimits {
@@ -111,6 +117,11 @@ impl Default for ApiLimits {
             read_burst_per_ip: n(200),
             signed_per_second_per_key: n(20),
             signed_burst_per_key: n(40),
+            // The ledger's measured capacity (~5,000 transfers/s for the whole network): one
+            // source may offer a node as much as the ledger can take, never more, which also caps
+            // the signatures it makes the node verify; the burst is ten full batches.
+            txs_per_second_per_ip: n(5_000),
+            tx_burst_per_ip: n(10_000),
         }
     }
 }

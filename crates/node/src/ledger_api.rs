@@ -2,13 +2,14 @@
 //! transactions, export the chain, and get proofs checkable offline.
 //!
 //! Transactions carry their own signature, so `POST /v1/tx` needs no request signature; reads
-//! are public like the rest of a ledger.
+//! are public like the rest of a ledger. Submissions are charged to their source address's
+//! budget (`api.limits.txs_per_second_per_ip`), one per transaction, before anything is decoded.
 //!
 //! Every answer is bounded, so no caller holds the chain lock or the node's memory for long:
 //! block lists hold at most [`MAX_BLOCKS_PER_PAGE`] blocks, waits end after [`MAX_WAIT`], and the
 //! export streams the block log in chunks read under short locks.
 
-use crate::api::{ApiState, error, retry_later};
+use crate::api::{ApiState, error, request_source, retry_later};
 use archipel_consensus::chain::TxWatch;
 use archipel_consensus::{Chain, Proven, TxLocation, TxStatus};
 use archipel_ledger::{
@@ -16,13 +17,15 @@ use archipel_ledger::{
 };
 use archipel_types::NodeId;
 use axum::body::{Body, Bytes};
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,7 +95,16 @@ pub struct SubmitResponse {
 
 /// `POST /v1/tx?wait=final&timeout_ms=N`: answers once the transaction is final, or after
 /// `timeout_ms` (default and at most [`MAX_WAIT`]) with its status (`pending`).
-async fn submit(State(s): State<Arc<ApiState>>, Query(q): Params, headers: HeaderMap, body: Bytes) -> Response {
+async fn submit(
+    State(s): State<Arc<ApiState>>,
+    connection: Option<Extension<ConnectInfo<SocketAddr>>>,
+    Query(q): Params,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = s.guards.charge_txs(request_source(connection.as_deref()), 1) {
+        return refused;
+    }
     let wait = match (q.get("wait").map(String::as_str), param_u64(&q, "timeout_ms")) {
         (_, Err(bad)) => return bad.into_response(),
         (None, _) => None,
@@ -125,8 +137,12 @@ async fn submit(State(s): State<Arc<ApiState>>, Query(q): Params, headers: Heade
     let hash = match s.chain.submit(stx, bytes.len(), archipel_consensus::app::system_now_ms()) {
         Ok(h) => h,
         Err(e) => {
-            let status =
-                if e.code() == "mempool_full" { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::BAD_REQUEST };
+            // Full pools are this node's state, not the transaction's fault: retry later.
+            let status = if matches!(e.code(), "mempool_full" | "gapped_full") {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
             return error(status, e.code(), e.to_string());
         }
     };
@@ -176,8 +192,22 @@ pub struct BatchItem {
 
 /// `POST /v1/txs`: many encoded transactions, each as a 4-byte big-endian length and the bytes
 /// (the ledger export's record framing); answers one item per transaction, in order.
-async fn submit_batch(State(s): State<Arc<ApiState>>, body: Bytes) -> Response {
+async fn submit_batch(
+    State(s): State<Arc<ApiState>>,
+    connection: Option<Extension<ConnectInfo<SocketAddr>>>,
+    body: Bytes,
+) -> Response {
     let max = s.genesis.ledger.max_tx_bytes as usize;
+    // The budget is charged by the records sent (framing only: nothing decoded yet), at most
+    // one more than a batch may hold.
+    let mut records = 0;
+    let mut at = 0;
+    while records <= MAX_BATCH && archipel_ledger::export::take_record(&body, &mut at, max).is_ok() {
+        records += 1;
+    }
+    if let Some(refused) = s.guards.charge_txs(request_source(connection.as_deref()), records.max(1)) {
+        return refused;
+    }
     let mut at = 0;
     // Decoded transactions go to the chain in one call (one signature batch); the others are
     // answered here.

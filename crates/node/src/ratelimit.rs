@@ -1,6 +1,7 @@
-//! Admission control for the HTTP API: token buckets per source address (public reads) and per
-//! key (signed calls), so that one caller cannot take the CPU, disk or chain lock that consensus
-//! needs. The global cap on requests in flight is a semaphore in [`crate::api`].
+//! Admission control for the HTTP API: token buckets per source address (public reads, and
+//! transactions submitted, weighted by their count) and per key (signed calls), so that one caller
+//! cannot take the CPU, disk or chain lock that consensus needs. The caps on requests in flight
+//! (global and per source address) are in [`crate::api`].
 //!
 //! Time is an argument, so the arithmetic is tested without sleeping.
 
@@ -21,8 +22,8 @@ struct Bucket {
     last: Instant,
 }
 
-/// A token bucket per caller: `rate` tokens per second, at most `burst` saved up; one call
-/// takes one token.
+/// A token bucket per caller: `rate` tokens per second, at most `burst` saved up; a call takes
+/// one token, or its weight ([`RateLimiter::take_n`]).
 #[derive(Debug)]
 pub struct RateLimiter<K> {
     rate_per_s: f64,
@@ -38,6 +39,15 @@ impl<K: Hash + Eq + Copy> RateLimiter<K> {
 
     /// Takes a token for `caller` at `now`, or says how long until one is available.
     pub fn take(&self, caller: K, now: Instant) -> Result<(), Duration> {
+        self.take_n(caller, 1, now)
+    }
+
+    /// Takes `n` tokens for `caller` at `now`, or says how long until they are available. A call
+    /// weighing more than the burst passes once the bucket is full and leaves it owing the rest,
+    /// so it is paid for by the wait before the caller's next call, never refused forever.
+    pub fn take_n(&self, caller: K, n: u32, now: Instant) -> Result<(), Duration> {
+        let cost = f64::from(n);
+        let needed = cost.min(self.burst);
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if buckets.len() >= MAX_TRACKED && !buckets.contains_key(&caller) {
             self.forget(&mut buckets, now);
@@ -46,11 +56,11 @@ impl<K: Hash + Eq + Copy> RateLimiter<K> {
         let refill = now.saturating_duration_since(b.last).as_secs_f64() * self.rate_per_s;
         b.tokens = (b.tokens + refill).min(self.burst);
         b.last = now.max(b.last);
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+        if b.tokens >= needed {
+            b.tokens -= cost;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - b.tokens) / self.rate_per_s))
+            Err(Duration::from_secs_f64((needed - b.tokens) / self.rate_per_s))
         }
     }
 
@@ -114,6 +124,22 @@ mod tests {
             assert_eq!(l.take(1, later), Ok(()));
         }
         assert!(l.take(1, later).is_err());
+    }
+
+    #[test]
+    fn a_weighted_call_takes_its_weight_and_one_above_the_burst_leaves_a_debt() {
+        let l = RateLimiter::new(nz(100), nz(50));
+        let t0 = Instant::now();
+        assert_eq!(l.take_n(1u8, 30, t0), Ok(()));
+        let wait = l.take_n(1, 30, t0).unwrap_err();
+        assert!((wait.as_secs_f64() - 0.1).abs() < 1e-6, "10 tokens missing at 100/s: {wait:?}");
+        assert_eq!(l.take_n(1, 20, t0), Ok(()), "what is left can be taken");
+        // A call above the burst waits for a full bucket, then leaves the bucket owing the rest.
+        let full = t0 + Duration::from_millis(500);
+        assert_eq!(l.take_n(1, 250, full), Ok(()));
+        let wait = l.take(1, full).unwrap_err();
+        assert!((wait.as_secs_f64() - 2.01).abs() < 1e-6, "200 owed and 1 to take at 100/s: {wait:?}");
+        assert_eq!(l.take(1, full + Duration::from_millis(2_011)), Ok(()));
     }
 
     #[test]
