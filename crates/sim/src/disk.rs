@@ -4,6 +4,9 @@
 //! opens fixed partition names (as a real node does, alone on its data directory). Several nodes
 //! in one simulation would open the same partitions, so each node gets this wrapper: every call is
 //! forwarded to the runtime, and storage partitions are prefixed with the node's name.
+//!
+//! The wrapper can also set the node's wall clock off the runtime's by a fixed [`ClockOffset`]
+//! (a validator whose clock is wrong); timers keep running in the runtime's real time.
 
 use commonware_runtime::telemetry::metrics::{Metric, Registered};
 use commonware_runtime::{BlobVersion, Clock, Error, Handle, Metrics, Name, Spawner, Storage, Supervisor, signal};
@@ -13,17 +16,61 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-/// `inner` (a runtime context) whose storage partitions are private to one node.
+/// How far a node's wall clock is off the runtime's (real) time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClockOffset {
+    /// The node reads the real time.
+    #[default]
+    None,
+    /// The node's clock reads this much later than the real time.
+    Ahead(Duration),
+    /// The node's clock reads this much earlier than the real time.
+    Behind(Duration),
+}
+
+impl ClockOffset {
+    /// What a clock with this offset reads at real time `real`.
+    pub fn read(self, real: SystemTime) -> SystemTime {
+        match self {
+            Self::None => real,
+            Self::Ahead(by) => real + by,
+            // The simulation starts at the epoch: a clock behind it reads before the epoch
+            // (which `SystemTime` represents on every platform the simulator runs on).
+            Self::Behind(by) => real.checked_sub(by).unwrap_or_else(|| unreachable!("{real:?} - {by:?} is not a time")),
+        }
+    }
+
+    /// The real time at which a clock with this offset reads `reading`.
+    pub fn real(self, reading: SystemTime) -> SystemTime {
+        match self {
+            Self::None => reading,
+            Self::Ahead(by) => {
+                reading.checked_sub(by).unwrap_or_else(|| unreachable!("{reading:?} - {by:?} is not a time"))
+            }
+            Self::Behind(by) => reading + by,
+        }
+    }
+}
+
+/// `inner` (a runtime context) whose storage partitions are private to one node, and whose wall
+/// clock may be off by a [`ClockOffset`].
 #[derive(Clone)]
 pub struct OwnDisk<E> {
     inner: E,
     prefix: Arc<str>,
+    clock: ClockOffset,
 }
 
 impl<E> OwnDisk<E> {
     /// Wraps `inner`; partitions become `<node>-<partition>` (`node`: letters, digits, `-`, `_`).
     pub fn new(inner: E, node: &str) -> Self {
-        Self { inner, prefix: Arc::from(format!("{node}-")) }
+        Self { inner, prefix: Arc::from(format!("{node}-")), clock: ClockOffset::None }
+    }
+
+    /// This context with its wall clock off by `clock` ([`Clock::current`] and the deadlines of
+    /// [`Clock::sleep_until`] are on the skewed clock; durations are real).
+    pub fn with_clock_offset(self, clock: ClockOffset) -> Self {
+        Self { clock, ..self }
     }
 
     fn partition(&self, partition: &str) -> String {
@@ -33,7 +80,7 @@ impl<E> OwnDisk<E> {
 
 impl<E> std::fmt::Debug for OwnDisk<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OwnDisk").field("prefix", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("OwnDisk").field("prefix", &self.prefix).field("clock", &self.clock).finish_non_exhaustive()
     }
 }
 
@@ -43,21 +90,21 @@ impl<E: Supervisor> Supervisor for OwnDisk<E> {
     }
 
     fn child(&self, label: &'static str) -> Self {
-        Self { inner: self.inner.child(label), prefix: self.prefix.clone() }
+        Self { inner: self.inner.child(label), prefix: self.prefix.clone(), clock: self.clock }
     }
 
     fn with_attribute(self, key: &'static str, value: impl std::fmt::Display) -> Self {
-        Self { inner: self.inner.with_attribute(key, value), prefix: self.prefix }
+        Self { inner: self.inner.with_attribute(key, value), prefix: self.prefix, clock: self.clock }
     }
 }
 
 impl<E: Spawner> Spawner for OwnDisk<E> {
     fn shared(self, blocking: bool) -> Self {
-        Self { inner: self.inner.shared(blocking), prefix: self.prefix }
+        Self { inner: self.inner.shared(blocking), prefix: self.prefix, clock: self.clock }
     }
 
     fn dedicated(self) -> Self {
-        Self { inner: self.inner.dedicated(), prefix: self.prefix }
+        Self { inner: self.inner.dedicated(), prefix: self.prefix, clock: self.clock }
     }
 
     fn spawn<F, Fut, T>(self, f: F) -> Handle<T>
@@ -66,8 +113,8 @@ impl<E: Spawner> Spawner for OwnDisk<E> {
         Fut: Future<Output = T> + Send + 'static,
         T: Send + 'static,
     {
-        let prefix = self.prefix;
-        self.inner.spawn(move |inner| f(Self { inner, prefix }))
+        let (prefix, clock) = (self.prefix, self.clock);
+        self.inner.spawn(move |inner| f(Self { inner, prefix, clock }))
     }
 
     async fn stop(self, value: i32, timeout: Option<Duration>) -> Result<(), Error> {
@@ -81,7 +128,7 @@ impl<E: Spawner> Spawner for OwnDisk<E> {
 
 impl<E: Clock> Clock for OwnDisk<E> {
     fn current(&self) -> SystemTime {
-        self.inner.current()
+        self.clock.read(self.inner.current())
     }
 
     fn sleep(&self, duration: Duration) -> impl Future<Output = ()> + Send + 'static + use<E> {
@@ -89,7 +136,7 @@ impl<E: Clock> Clock for OwnDisk<E> {
     }
 
     fn sleep_until(&self, deadline: SystemTime) -> impl Future<Output = ()> + Send + 'static + use<E> {
-        self.inner.sleep_until(deadline)
+        self.inner.sleep_until(self.clock.real(deadline))
     }
 }
 
@@ -97,7 +144,7 @@ impl<E: Clock> GovernorClock for OwnDisk<E> {
     type Instant = SystemTime;
 
     fn now(&self) -> SystemTime {
-        self.inner.current()
+        self.current()
     }
 }
 

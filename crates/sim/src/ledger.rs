@@ -8,14 +8,16 @@
 //! validator may be Byzantine: it proposes blocks with a wrong state root, or it runs no engine at
 //! all and equivocates, answering every vote it hears with its own votes for the same proposal
 //! and for a made-up one. A client submits a seeded stream of transfers to random honest nodes,
-//! and a stand-in for transaction gossip copies each to every honest validator.
+//! and a stand-in for transaction gossip copies each to every honest validator. A scenario may
+//! also set one node's wall clock off the real time ([`ClockOffset`]), stop one node for good
+//! (its tasks end and its links go dead) and sample every node's finalized height over time.
 //!
 //! [`run_ledger`] returns every node's finalized chain with certificates, the heights reached
 //! when the faults healed and a little later, and a hash of everything (with the runtime's audit
 //! digest) so a seed can be checked to replay exactly.
 
 use crate::SeedStream;
-use crate::disk::OwnDisk;
+use crate::disk::{ClockOffset, OwnDisk};
 use archipel_consensus::app::Behaviour;
 use archipel_consensus::block::BlockCfg;
 use archipel_consensus::engine::{
@@ -127,6 +129,14 @@ pub struct LedgerScenario {
     pub duration: Duration,
     /// Consensus leader timeout.
     pub leader_timeout: Duration,
+    /// A node whose wall clock is off the real time, and by how much (timers run in real time).
+    pub skewed_clock: Option<(usize, ClockOffset)>,
+    /// A node that stops for good at a virtual time: its tasks are aborted and its links cut (it
+    /// receives no transfers from the client).
+    pub stopped: Option<(usize, Duration)>,
+    /// Records every node's finalized height this often ([`NodeRun::heads`]). Off by default: the
+    /// sampling task changes the runtime's schedule, so seeds would replay differently.
+    pub head_samples: Option<Duration>,
 }
 
 impl LedgerScenario {
@@ -175,6 +185,9 @@ impl LedgerScenario {
             transfers_until: Duration::ZERO,
             duration: Duration::ZERO,
             leader_timeout: Duration::from_secs(1),
+            skewed_clock: None,
+            stopped: None,
+            head_samples: None,
         };
         s.transfers_until = s.healed_at() + Duration::from_secs(1);
         s.duration = s.healed_at() + LIVENESS_WINDOW + Duration::from_secs(2);
@@ -203,8 +216,21 @@ impl LedgerScenario {
         self.byzantine.is_some_and(|(b, _)| b == node)
     }
 
+    /// How far `node`'s wall clock is off the real time.
+    pub fn clock(&self, node: usize) -> ClockOffset {
+        self.skewed_clock.filter(|(n, _)| *n == node).map_or(ClockOffset::None, |(_, c)| c)
+    }
+
+    /// Whether `node` has stopped by `at`.
+    fn is_stopped(&self, node: usize, at: Duration) -> bool {
+        self.stopped.is_some_and(|(n, when)| n == node && when <= at)
+    }
+
     /// Whether the link from `a` to `b` is up at `at`, and with which settings.
     pub(crate) fn link(&self, a: usize, b: usize, at: Duration) -> Option<Link> {
+        if self.is_stopped(a, at) || self.is_stopped(b, at) {
+            return None;
+        }
         if let Some(p) = self.partition
             && p.from <= at
             && at < p.until
@@ -242,6 +268,9 @@ impl LedgerScenario {
         if let Some(d) = self.degradation {
             at.extend([d.from, d.until]);
         }
+        if let Some((_, when)) = self.stopped {
+            at.push(when);
+        }
         at.sort();
         at.dedup();
         at
@@ -267,6 +296,9 @@ pub struct NodeRun {
     pub height_at_heal: u64,
     /// Finalized height [`LIVENESS_WINDOW`] after the faults healed.
     pub height_after_window: u64,
+    /// With [`LedgerScenario::head_samples`]: `(virtual ms, height)` at each sample where the
+    /// finalized height had changed since the previous one (the first sample always).
+    pub heads: Vec<(u64, u64)>,
 }
 
 impl NodeRun {
@@ -359,6 +391,11 @@ fn now(context: &impl Clock) -> Duration {
     context.current().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
+/// A node's wall clock in ms at the runtime's time (the client reads its own, real clock).
+fn node_now_ms(context: &impl Clock, clock: ClockOffset) -> u64 {
+    clock.read(context.current()).duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
 async fn sleep_until(context: &impl Clock, at: Duration) {
     let t = now(context);
     if at > t {
@@ -401,6 +438,8 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
         let quota = Quota::per_second(NZU32!(1_000));
         let mut chains: Vec<Option<Arc<Chain>>> = Vec::new();
         let mut handles: Vec<Handle<()>> = Vec::new();
+        // Each node's own tasks (aborting one aborts what it spawned), to stop a node.
+        let mut node_handles: Vec<Vec<Handle<()>>> = Vec::new();
         for (i, id) in nodes.iter().enumerate() {
             let key = keys[i].clone();
             let control = oracle.control(key.clone());
@@ -422,9 +461,9 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
                 )
                 .unwrap_or_else(|| unreachable!("the equivocator is a validator"));
                 let peers: Vec<PublicKey> = keys.iter().filter(|k| **k != key).cloned().collect();
-                handles.push(
+                node_handles.push(vec![
                     context.child("equivocator").spawn(move |ctx| equivocate(ctx, scheme, peers, sender, receiver)),
-                );
+                ]);
                 chains.push(None);
                 continue;
             }
@@ -446,7 +485,8 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
             if sc.byzantine == Some((i, Byzantine::ProposesInvalidBlocks)) {
                 cfg.behaviour = Behaviour::ProposesInvalidBlocks;
             }
-            let node_context = OwnDisk::new(context.child("node").with_attribute("index", i), &format!("node{i}"));
+            let node_context = OwnDisk::new(context.child("node").with_attribute("index", i), &format!("node{i}"))
+                .with_clock_offset(sc.clock(i));
             let started = engine::start(
                 node_context,
                 id.private_key().clone(),
@@ -458,7 +498,7 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
             )
             .await
             .unwrap_or_else(|e| panic!("node {i}: start consensus: {e}"));
-            handles.extend(started);
+            node_handles.push(started);
             chains.push(Some(chain));
         }
 
@@ -469,7 +509,7 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
         let submitted = Arc::new(Mutex::new((Vec::<SubmittedTransfer>::new(), Vec::<String>::new())));
         {
             let entries: Vec<(usize, Arc<Chain>)> = (0..sc.nodes())
-                .filter(|n| !sc.is_byzantine(*n))
+                .filter(|n| !sc.is_byzantine(*n) && sc.stopped.is_none_or(|(s, _)| s != *n))
                 .filter_map(|n| chains[n].clone().map(|c| (n, c)))
                 .collect();
             let validators: Vec<(usize, Arc<Chain>)> =
@@ -495,7 +535,7 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
                     }
                     .sign(&clients[from], &network);
                     let len = stx.to_bytes().len();
-                    match chain.submit(stx.clone(), len, now(&ctx).as_millis() as u64) {
+                    match chain.submit(stx.clone(), len, node_now_ms(&ctx, sc.clock(*entry))) {
                         Ok(hash) => {
                             nonces[from] += 1;
                             let mut log = submitted.lock().unwrap_or_else(|p| p.into_inner());
@@ -512,7 +552,7 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
                                     loop {
                                         ctx.sleep(sc.latency).await;
                                         if sc.link(entry, v, now(&ctx)).is_some() {
-                                            if let Err(e) = chain.submit(stx, len, now(&ctx).as_millis() as u64) {
+                                            if let Err(e) = chain.submit(stx, len, node_now_ms(&ctx, sc.clock(v))) {
                                                 tracing::debug!(node = v, error = %e, "gossiped transfer refused");
                                             }
                                             return;
@@ -534,22 +574,54 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
             }));
         }
 
-        // The fault schedule, and the two height samples.
-        let heal = sc.healed_at();
-        let mut steps: Vec<(Duration, bool)> = sc.link_changes().into_iter().map(|t| (t, false)).collect();
-        steps.push((heal, true));
-        steps.push((heal + LIVENESS_WINDOW, true));
-        steps.retain(|(at, _)| *at <= sc.duration);
-        steps.sort();
         let heights = |chains: &[Option<Arc<Chain>>]| -> Vec<u64> {
             chains.iter().map(|c| c.as_ref().map_or(0, |c| c.head().height)).collect()
         };
+        let heads = Arc::new(Mutex::new(vec![Vec::<(u64, u64)>::new(); sc.nodes()]));
+        if let Some(every) = sc.head_samples {
+            let (heads, chains, end) = (heads.clone(), chains.clone(), sc.duration);
+            handles.push(context.child("head_sampler").spawn(move |ctx| async move {
+                loop {
+                    let at = now(&ctx);
+                    {
+                        let mut log = heads.lock().unwrap_or_else(|p| p.into_inner());
+                        for (log, height) in log.iter_mut().zip(heights(&chains)) {
+                            if log.last().is_none_or(|(_, h)| *h != height) {
+                                log.push((at.as_millis() as u64, height));
+                            }
+                        }
+                    }
+                    if at >= end {
+                        return;
+                    }
+                    ctx.sleep(every).await;
+                }
+            }));
+        }
+
+        // The fault schedule (link changes, the stop), and the two height samples.
+        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+        enum Step {
+            Links,
+            Sample,
+        }
+        let heal = sc.healed_at();
+        let mut steps: Vec<(Duration, Step)> = sc.link_changes().into_iter().map(|t| (t, Step::Links)).collect();
+        steps.push((heal, Step::Sample));
+        steps.push((heal + LIVENESS_WINDOW, Step::Sample));
+        steps.retain(|(at, _)| *at <= sc.duration);
+        steps.sort();
         let mut samples: Vec<Vec<u64>> = Vec::new();
-        for (at, sample) in steps {
+        for (at, step) in steps {
             sleep_until(&context, at).await;
-            if sample {
+            if step == Step::Sample {
                 samples.push(heights(&chains));
                 continue;
+            }
+            if let Some((node, when)) = sc.stopped
+                && when == at
+            {
+                node_handles[node].iter().for_each(Handle::abort);
             }
             for a in 0..keys.len() {
                 for b in 0..keys.len() {
@@ -603,6 +675,7 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
                 chain,
                 height_at_heal: samples.first().map_or(0, |s| s[i]),
                 height_after_window: samples.get(1).map_or(0, |s| s[i]),
+                heads: std::mem::take(&mut heads.lock().unwrap_or_else(|p| p.into_inner())[i]),
             });
         }
         let (submitted, refused) = submitted.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -610,7 +683,7 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
             h.update(&s.hash.0);
         }
         h.update(context.auditor().state().as_bytes());
-        drop(handles);
+        drop((handles, node_handles));
         LedgerOutcome {
             scenario: sc,
             genesis,
