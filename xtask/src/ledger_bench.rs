@@ -61,6 +61,14 @@ const OPEN_TICK: Duration = Duration::from_millis(20);
 const MAX_OPEN_BATCH: usize = 500;
 /// Transfers per second signed beforehand for the closed loop (more are signed on the fly).
 const PRESIGN_CLOSED_RATE: f64 = 16_000.0;
+/// Concurrent `GET /v1/ledger/export` streams during the exports step, each from its own source
+/// address (as many clients would), each reading the export to its end and starting again.
+const EXPORTS: usize = 50;
+/// The transfer rate of the exports step (default; `ARCHIPEL_BENCH_EXPORT_RATE`): a rate every
+/// full run sustains, so what the exports add is measured, not the box running out of CPU.
+const EXPORT_RATE: f64 = 2_000.0;
+/// Goal: p99 with the exports at most this times p99 without them.
+const GOAL_EXPORT_RATIO: f64 = 1.2;
 /// How long the bare-simplex baseline runs (default; `ARCHIPEL_BENCH_SIMPLEX_SECS`).
 const SIMPLEX_SECS: u64 = 20;
 
@@ -68,7 +76,19 @@ const SIMPLEX_SECS: u64 = 20;
 struct Ours {
     idle: Latencies,
     steps: Vec<Step>,
+    exports: Option<ExportsFigures>,
     closed: ClosedLoop,
+}
+
+/// The same open-loop step without and with [`EXPORTS`] concurrent chain exports.
+struct ExportsFigures {
+    without: Step,
+    with: Step,
+    /// Exports read to the end during the loaded step, and their bytes per second.
+    completed: u64,
+    bytes_per_s: f64,
+    /// Exports that ended in an error (a refused request or a broken stream).
+    failed: u64,
 }
 
 /// A closed-loop load: every client has the same work outstanding and sends more only when it
@@ -91,6 +111,8 @@ struct Options {
     rates: Vec<f64>,
     simplex: Option<Duration>,
     etcd: bool,
+    /// The exports step's rate, or `None` to skip it (`ARCHIPEL_BENCH_EXPORT_RATE=0`).
+    export_rate: Option<f64>,
 }
 
 impl Options {
@@ -113,7 +135,12 @@ impl Options {
             };
             Some(Duration::from_secs(secs))
         };
-        Ok(Options { runs, rates, simplex, etcd: std::env::var_os("ARCHIPEL_BENCH_NO_ETCD").is_none() })
+        let export_rate = match std::env::var("ARCHIPEL_BENCH_EXPORT_RATE") {
+            Ok(v) if v.trim() == "0" => None,
+            Ok(v) => Some(parse_rates(&v)?.first().copied().unwrap_or(EXPORT_RATE)),
+            Err(_) => Some(EXPORT_RATE),
+        };
+        Ok(Options { runs, rates, simplex, etcd: std::env::var_os("ARCHIPEL_BENCH_NO_ETCD").is_none(), export_rate })
     }
 }
 
@@ -172,7 +199,7 @@ fn one_run(rt: &tokio::runtime::Runtime, bin: &Path, options: &Options) -> Resul
         }
     };
     settle_disk();
-    let ours = rt.block_on(archipel(bin, &options.rates))?;
+    let ours = rt.block_on(archipel(bin, &options.rates, options.export_rate))?;
     let etcd = if options.etcd {
         settle_disk();
         match rt.block_on(etcd_bench::run()) {
@@ -295,6 +322,25 @@ fn summarise(ours: &Ours, bare: Option<&BareFigures>, etcd: Option<&EtcdFigures>
             println!("  p50 <= {GOAL_P50_RATIO} x bare simplex p50: not judged (no step was sustained) — not met")
         }
     }
+    match &ours.exports {
+        Some(x) => {
+            let ratio = x.with.latency.p99_ms / x.without.latency.p99_ms;
+            let complete = x.with.latency.not_final == 0 && x.without.latency.not_final == 0;
+            println!(
+                "  p99 with {EXPORTS} concurrent exports <= {GOAL_EXPORT_RATIO} x without, at {:.0}/s: {} / {} ms = {ratio:.2} — {}",
+                x.with.target_per_s,
+                Ms(x.with.latency.p99_ms),
+                Ms(x.without.latency.p99_ms),
+                met(ratio <= GOAL_EXPORT_RATIO && complete && x.completed > 0)
+            );
+            f.set("exports step: p99 ms without", x.without.latency.p99_ms);
+            f.set("exports step: p99 ms with exports", x.with.latency.p99_ms);
+            f.set("exports step: exports read", x.completed as f64);
+            // An export step with unfinished transfers or no export read does not judge the goal.
+            f.set("goal: p99 with exports / without", if complete && x.completed > 0 { ratio } else { f64::NAN });
+        }
+        None => println!("  p99 with {EXPORTS} concurrent exports: not judged (the exports step did not run)"),
+    }
     match etcd {
         Some(e) => {
             let ratio = ours.closed.ops_per_s / e.closed.ops_per_s;
@@ -332,10 +378,11 @@ fn print_spread(runs: &[RunFigures]) {
     }
     let count = |name: &str, ok: fn(f64) -> bool| runs.iter().filter(|r| r.get(name).is_some_and(ok)).count();
     println!(
-        "  goals met: sustained >= {GOAL_RATE:.0}/s in {} of {n} runs; p50 <= {GOAL_P50_RATIO} x bare in {} of {n}; throughput >= {GOAL_ETCD_RATIO:.1} x etcd in {} of {n}",
+        "  goals met: sustained >= {GOAL_RATE:.0}/s in {} of {n} runs; p50 <= {GOAL_P50_RATIO} x bare in {} of {n}; throughput >= {GOAL_ETCD_RATIO:.1} x etcd in {} of {n}; p99 with exports <= {GOAL_EXPORT_RATIO} x without in {} of {n}",
         count("goal: sustained / 5000", |r| r >= 1.0),
         count("goal: p50 at goal step / bare p50", |r| r <= GOAL_P50_RATIO),
         count("goal: closed loop ours / etcd", |r| r >= GOAL_ETCD_RATIO),
+        count("goal: p99 with exports / without", |r| r <= GOAL_EXPORT_RATIO),
         n = runs.len()
     );
 }
@@ -431,7 +478,7 @@ async fn head(client: &reqwest::Client, node: &str) -> Result<u64> {
     v["header"]["height"].as_u64().context("height")
 }
 
-async fn archipel(bin: &Path, rates: &[f64]) -> Result<Ours> {
+async fn archipel(bin: &Path, rates: &[f64], export_rate: Option<f64>) -> Result<Ours> {
     let work = std::env::temp_dir().join(format!("archipel-bench-ledger-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -561,6 +608,16 @@ async fn archipel(bin: &Path, rates: &[f64]) -> Result<Ours> {
             break;
         }
     }
+    let exports = match export_rate {
+        Some(rate) => {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Some(load.with_exports(rate).await?)
+        }
+        None => {
+            println!("  exports step: not run (ARCHIPEL_BENCH_EXPORT_RATE=0)");
+            None
+        }
+    };
     tokio::time::sleep(Duration::from_secs(1)).await;
     let closed = load.closed_loop().await?;
     stop_following.store(true, Ordering::Relaxed);
@@ -576,7 +633,7 @@ async fn archipel(bin: &Path, rates: &[f64]) -> Result<Ours> {
     } else {
         let _ = std::fs::remove_dir_all(&work);
     }
-    Ok(Ours { idle, steps, closed })
+    Ok(Ours { idle, steps, exports, closed })
 }
 
 /// A step's figures, how busy the box was, and when its slow transfers were sent.
@@ -684,6 +741,54 @@ impl Load {
         })
     }
 
+    /// The same open-loop step at `rate` twice: alone, then with [`EXPORTS`] concurrent exports
+    /// streaming the whole chain from the nodes (round robin), each started again when it ends.
+    async fn with_exports(&mut self, rate: f64) -> Result<ExportsFigures> {
+        let without = self.open_loop(rate).await?.step;
+        println!("  exports step, {rate:.0}/s alone: {}", without.latency);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        // The readers stand for clients on other machines: on this box they run on their own
+        // runtime, as far below the load client and the nodes as the nodes' API threads are, so
+        // their own CPU neither delays the load client nor takes what the nodes need.
+        let readers_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("export-readers")
+            .on_thread_start(|| {
+                let _ = rustix::process::nice(10);
+            })
+            .enable_all()
+            .build()?;
+        let mut readers = Vec::new();
+        for i in 0..EXPORTS {
+            // Each reader its own source address: the per-address limits are not what is measured.
+            let source = std::net::IpAddr::from([127, 0, 61, 2 + i as u8]);
+            let client = reqwest::Client::builder().no_proxy().local_address(source).build()?;
+            let url = format!("http://{}/v1/ledger/export", NODES[i % NODES.len()]);
+            readers.push(readers_rt.spawn(export_loop(client, url, stop.clone())));
+        }
+        let started = Instant::now();
+        let with = self.open_loop(rate).await;
+        stop.store(true, Ordering::Relaxed);
+        let elapsed = started.elapsed().as_secs_f64();
+        let (mut completed, mut bytes, mut failed) = (0, 0, 0);
+        for r in readers {
+            let (c, b, f) = r.await?;
+            (completed, bytes, failed) = (completed + c, bytes + b, failed + f);
+        }
+        readers_rt.shutdown_background();
+        let with = with?.step;
+        let figures = ExportsFigures { without, with, completed, bytes_per_s: bytes as f64 / elapsed, failed };
+        println!(
+            "  exports step, {rate:.0}/s with {EXPORTS} concurrent exports: {}; {} exports read to the end ({:.0} MB/s){}",
+            figures.with.latency,
+            figures.completed,
+            figures.bytes_per_s / 1e6,
+            if figures.failed > 0 { format!(", {} failed", figures.failed) } else { String::new() }
+        );
+        Ok(figures)
+    }
+
     /// The closed loop: every client keeps one batch of `BATCH` outstanding.
     async fn closed_loop(&mut self) -> Result<ClosedLoop> {
         let per_client =
@@ -697,6 +802,34 @@ impl Load {
             busy_percent,
         })
     }
+}
+
+/// Reads `url` (an export) to its end again and again until `stop`: exports read to the end,
+/// bytes read, and exports that failed (refused or broken off; the reader then waits a little).
+async fn export_loop(client: reqwest::Client, url: String, stop: Arc<AtomicBool>) -> (u64, u64, u64) {
+    let (mut completed, mut bytes, mut failed) = (0, 0, 0);
+    while !stop.load(Ordering::Relaxed) {
+        let ok = match client.get(&url).send().await.and_then(|r| r.error_for_status()) {
+            Ok(mut response) => loop {
+                match response.chunk().await {
+                    Ok(Some(chunk)) => bytes += chunk.len() as u64,
+                    Ok(None) => break true,
+                    Err(_) => break false,
+                }
+                if stop.load(Ordering::Relaxed) {
+                    return (completed, bytes, failed);
+                }
+            },
+            Err(_) => false,
+        };
+        if ok {
+            completed += 1;
+        } else {
+            failed += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    (completed, bytes, failed)
 }
 
 /// One load client's state.

@@ -487,15 +487,19 @@ impl Chain {
 
     /// The export-format bytes of at most `max_blocks` finalized blocks from `from`, never past
     /// the last certified one, and the height of that last certified block. One short lock per
-    /// call: an export reads the log in such chunks.
+    /// call, released before the log is read: an export reads the log in such chunks.
     pub fn raw_blocks_from(&self, from: u64, max_blocks: u64) -> Result<(Vec<u8>, u64), String> {
-        let g = self.lock();
-        let from = from.max(1);
-        let to = from.saturating_add(max_blocks.max(1) - 1).min(g.certified);
-        if from > to {
-            return Ok((Vec::new(), g.certified));
-        }
-        Ok((g.store.raw_range(from, to)?, g.certified))
+        let (read, certified) = {
+            let g = self.lock();
+            let from = from.max(1);
+            let to = from.saturating_add(max_blocks.max(1) - 1).min(g.certified);
+            if from > to {
+                return Ok((Vec::new(), g.certified));
+            }
+            (g.store.raw_range_reader(from, to), g.certified)
+        };
+        // The file is read after the lock is released: exports never hold up consensus.
+        Ok((read()?, certified))
     }
 
     /// The headers after `height` up to the first block with a certificate of its own, and that

@@ -39,11 +39,22 @@ pub trait BlockStore: Send + 'static {
     /// The raw bytes of records `from..=to` (clamped to what is stored) as they appear in an
     /// export.
     fn raw_range(&self, from: u64, to: u64) -> Result<Vec<u8>, String>;
+    /// What [`BlockStore::raw_range`] would read, as a read to run later: a store on disk
+    /// returns one that reads the file without the store (so without the chain's lock, which
+    /// consensus needs), the default reads now.
+    fn raw_range_reader(&self, from: u64, to: u64) -> RangeReader {
+        let bytes = self.raw_range(from, to);
+        Box::new(move || bytes)
+    }
     /// Starts making every block appended so far durable and answers, once they are, with the
     /// height they reach. Cheap under a lock: the sync runs elsewhere, and requests that arrive
     /// while one runs share the next.
     fn sync(&mut self) -> Synced;
 }
+
+/// A read of stored records, run after the store's lock is released (see
+/// [`BlockStore::raw_range_reader`]).
+pub type RangeReader = Box<dyn FnOnce() -> Result<Vec<u8>, String> + Send>;
 
 fn answered(result: Result<u64, String>) -> Synced {
     let (tx, rx) = oneshot::channel();
@@ -250,6 +261,17 @@ impl BlockStore for FileStore {
         read_range(&self.path, self.offsets[from as usize - 1], self.offsets[to as usize])
     }
 
+    fn raw_range_reader(&self, from: u64, to: u64) -> RangeReader {
+        let (from, to) = (from.max(1), to.min(self.height()));
+        if from > to {
+            return Box::new(|| Ok(Vec::new()));
+        }
+        // The log only grows at its end (a torn tail is cut off only when the log is opened), so
+        // the bytes of stored records stay where they are after the lock is released.
+        let (path, start, end) = (self.path.clone(), self.offsets[from as usize - 1], self.offsets[to as usize]);
+        Box::new(move || read_range(&path, start, end))
+    }
+
     fn sync(&mut self) -> Synced {
         let (tx, rx) = oneshot::channel();
         if let Err(mpsc::SendError((_, tx))) = self.syncer.send((self.height(), tx)) {
@@ -307,6 +329,12 @@ mod tests {
         // Concurrent requests are all answered.
         let (a, b) = (store.sync(), store.sync());
         assert_eq!(futures::executor::block_on(async { (a.await, b.await) }), (Ok(Ok(5)), Ok(Ok(5))));
+        // A reader taken now reads the same bytes later, after more appends.
+        let (later, empty) = (store.raw_range_reader(2, 3), store.raw_range_reader(9, 100));
+        store.append(&record(6)).unwrap();
+        assert_eq!(later().unwrap(), two);
+        assert_eq!(empty().unwrap(), Vec::<u8>::new());
+        assert_eq!(store.raw_range_reader(5, 6)().unwrap(), store.raw_range(5, 6).unwrap());
     }
 
     #[test]

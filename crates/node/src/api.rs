@@ -88,6 +88,7 @@ pub struct ApiGuards {
     reads: RateLimiter<IpAddr>,
     txs: RateLimiter<IpAddr>,
     signed: RateLimiter<NodeId>,
+    exports: RateLimiter<()>,
 }
 
 impl ApiGuards {
@@ -101,6 +102,7 @@ impl ApiGuards {
             reads: RateLimiter::new(limits.reads_per_second_per_ip, limits.read_burst_per_ip),
             txs: RateLimiter::new(limits.txs_per_second_per_ip, limits.tx_burst_per_ip),
             signed: RateLimiter::new(limits.signed_per_second_per_key, limits.signed_burst_per_key),
+            exports: RateLimiter::new(limits.export_kib_per_second, limits.export_kib_per_second),
         }
     }
 }
@@ -115,6 +117,15 @@ impl ApiGuards {
         }
         *held += 1;
         Some(SourceSlot { counts: self.in_flight_by_source.clone(), source })
+    }
+
+    /// Waits until all exports together may stream `bytes` more
+    /// ([`ApiLimits::export_kib_per_second`]).
+    pub(crate) async fn pace_export(&self, bytes: usize) {
+        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        while let Err(wait) = self.exports.take_n((), kib, Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// Charges `count` submitted transactions to `source`'s budget; over it, the refusal to
@@ -295,11 +306,13 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    /// Starts the runtime with `limits.worker_threads` threads named `archipel-api`.
+    /// Starts the runtime with `limits.worker_threads` threads named `archipel-api`, each (and
+    /// each of its blocking threads) [`API_NICE`] steps below the node's other threads.
     pub fn new(limits: &ApiLimits) -> Result<Self, String> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(limits.worker_threads.get() as usize)
             .thread_name("archipel-api")
+            .on_thread_start(lower_this_threads_priority)
             .enable_all()
             .build()
             .map_err(|e| format!("cannot start the API runtime: {e}"))?;
@@ -314,6 +327,20 @@ impl ApiServer {
     /// Stops the runtime, giving running requests up to `grace`.
     pub fn stop(self, grace: Duration) {
         self.runtime.shutdown_timeout(grace);
+    }
+}
+
+/// How many nice steps the API's threads run below the node's others. When the CPU is short the
+/// kernel shares it by weight, and a thread 10 steps nicer weighs about a tenth: a flood of
+/// exports, long polls or list requests then takes the CPU consensus leaves idle, not the CPU
+/// consensus needs (measured by the ledger bench's exports step).
+pub const API_NICE: i32 = 10;
+
+/// Lowers the calling thread's priority by [`API_NICE`] (Linux gives each thread its own nice
+/// value). Lowering needs no privilege; a failure is logged, and the thread runs as before.
+fn lower_this_threads_priority() {
+    if let Err(e) = rustix::process::nice(API_NICE) {
+        tracing::warn!(error = %e, "cannot lower the priority of an API thread; the API competes with consensus for CPU");
     }
 }
 
@@ -858,6 +885,27 @@ mod tests {
             assert_eq!(w.await.unwrap().status(), 200);
         }
         assert_eq!(get(&format!("{url}/health")).await.status(), 200, "the share is free again");
+    }
+
+    #[test]
+    fn the_api_threads_run_below_the_callers_priority() {
+        let server = ApiServer::new(&ApiLimits::default()).unwrap();
+        let mine = rustix::process::getpriority_process(None).unwrap();
+        let on = |blocking: bool| {
+            server.runtime.block_on(async move {
+                let ask = || rustix::process::getpriority_process(None).unwrap();
+                if blocking {
+                    tokio::task::spawn_blocking(ask).await.unwrap()
+                } else {
+                    tokio::spawn(async move { ask() }).await.unwrap()
+                }
+            })
+        };
+        let expected = (mine + API_NICE).min(19);
+        assert_eq!(on(false), expected, "a worker thread");
+        assert_eq!(on(true), expected, "a blocking thread (export reads)");
+        assert_eq!(rustix::process::getpriority_process(None).unwrap(), mine, "the caller's thread is unchanged");
+        server.stop(Duration::from_millis(100));
     }
 
     #[test]

@@ -105,6 +105,10 @@ pub struct ApiLimits {
     /// Transactions one source IP address may submit in a burst (a batch above it waits for a
     /// full bucket, then its excess is waited for before the next submission).
     pub tx_burst_per_ip: NonZeroU32,
+    /// KiB per second all of this node's ledger exports together may stream (a token bucket with
+    /// a burst of one second's worth): however many run, exports cost the node a bounded share
+    /// of its CPU and disk.
+    pub export_kib_per_second: NonZeroU32,
 }
 
 impl Default for ApiLimits {
@@ -122,6 +126,9 @@ impl Default for ApiLimits {
             // the signatures it makes the node verify; the burst is ten full batches.
             txs_per_second_per_ip: n(5_000),
             tx_burst_per_ip: n(10_000),
+            // 64 MiB/s: a 1 GB chain exports in ~16 s, and streaming it costs a few percent of
+            // one core (loopback HTTP measured ~1 GB/s on two busy cores).
+            export_kib_per_second: n(64 * 1024),
         }
     }
 }

@@ -421,7 +421,7 @@ async fn blocks(State(s): State<Arc<ApiState>>, Query(params): Params) -> Respon
 /// request came, streamed.
 async fn export(State(s): State<Arc<ApiState>>) -> Response {
     let head = archipel_ledger::export::start(&s.genesis.canonical_bytes());
-    match export_body(s.chain.clone(), head).await {
+    match export_body(s.clone(), head).await {
         Ok(body) => ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response(),
         Err(e) => internal(e),
     }
@@ -438,7 +438,7 @@ async fn read_chunk(chain: &Arc<Chain>, from: u64, want: u64) -> Result<(Vec<u8>
 
 /// Where a streamed export is.
 struct ExportCursor {
-    chain: Arc<Chain>,
+    api: Arc<ApiState>,
     next: u64,
     /// The last block to send: the last certified block when the export started.
     end: u64,
@@ -462,12 +462,14 @@ impl ExportCursor {
 
 /// The export as a stream: `head` (magic, version, genesis) and the first chunk of blocks, read
 /// before answering (it fixes where the export ends), then the rest of the block log in chunks
-/// of at most [`EXPORT_CHUNK_BLOCKS`] blocks (fewer when blocks are large), each read under one
-/// short lock when the client has taken the previous one. A read error ends the stream early:
-/// the client sees a truncated export, never a wrong one.
-async fn export_body(chain: Arc<Chain>, mut head: Vec<u8>) -> Result<Body, String> {
-    let (first, end) = read_chunk(&chain, 1, EXPORT_CHUNK_BLOCKS).await?;
-    let mut cursor = ExportCursor { chain, next: 1, end, blocks_per_chunk: EXPORT_CHUNK_BLOCKS };
+/// of at most [`EXPORT_CHUNK_BLOCKS`] blocks (fewer when blocks are large), each read (the chain's
+/// lock held only to find where) when the client has taken the previous one and the node's
+/// export budget ([`crate::config::ApiLimits::export_kib_per_second`]) allows it. A read error
+/// ends the stream early: the client sees a truncated export, never a wrong one.
+async fn export_body(api: Arc<ApiState>, mut head: Vec<u8>) -> Result<Body, String> {
+    let (first, end) = read_chunk(&api.chain, 1, EXPORT_CHUNK_BLOCKS).await?;
+    api.guards.pace_export(first.len()).await;
+    let mut cursor = ExportCursor { api, next: 1, end, blocks_per_chunk: EXPORT_CHUNK_BLOCKS };
     cursor.advance(EXPORT_CHUNK_BLOCKS, first.len());
     head.extend_from_slice(&first);
     let rest = futures::stream::unfold(Some(cursor), |cursor| async move {
@@ -476,9 +478,10 @@ async fn export_body(chain: Arc<Chain>, mut head: Vec<u8>) -> Result<Body, Strin
             return None;
         }
         let want = c.blocks_per_chunk.min(c.end - c.next + 1);
-        match read_chunk(&c.chain, c.next, want).await {
+        match read_chunk(&c.api.chain, c.next, want).await {
             Ok((bytes, _)) if bytes.is_empty() => None,
             Ok((bytes, _)) => {
+                c.api.guards.pace_export(bytes.len()).await;
                 c.advance(want, bytes.len());
                 Some((Ok(Bytes::from(bytes)), Some(c)))
             }
@@ -646,8 +649,8 @@ mod tests {
 
     #[test]
     fn export_chunks_shrink_for_large_blocks() {
-        let chain = state(limits(|_| {})).chain.clone();
-        let mut c = ExportCursor { chain, next: 1, end: 1_000, blocks_per_chunk: EXPORT_CHUNK_BLOCKS };
+        let api = state(limits(|_| {}));
+        let mut c = ExportCursor { api, next: 1, end: 1_000, blocks_per_chunk: EXPORT_CHUNK_BLOCKS };
         c.advance(256, 256 * 64 * 1024);
         assert_eq!((c.next, c.blocks_per_chunk), (257, 16), "64 KiB blocks: 16 per MiB");
         c.advance(16, 16 * (4 << 20));
@@ -683,6 +686,28 @@ mod tests {
         assert!(chunks >= 3, "{chunks} chunks");
         assert_eq!(chain.head().height, 2 * EXPORT_CHUNK_BLOCKS + 13);
         assert_eq!(body, expected);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn exports_together_stream_within_the_nodes_export_budget() {
+        // Size the budget from the export itself: two exports at once carry 2 x `kib`; the
+        // bucket starts with one second's worth, so they cannot end before 1.5 s.
+        let probe = state(limits(|_| {}));
+        grow(&probe.chain, 3 * EXPORT_CHUNK_BLOCKS);
+        let mut expected = archipel_ledger::export::start(&probe.genesis.canonical_bytes());
+        expected.extend(probe.chain.raw_blocks_from(1, u64::MAX).unwrap().0);
+        let kib = (expected.len() / 1024) as u32;
+        let per_second = std::num::NonZeroU32::new(kib * 2 * 2 / 5).unwrap();
+        let s = state(limits(|l| l.export_kib_per_second = per_second));
+        grow(&s.chain, 3 * EXPORT_CHUNK_BLOCKS);
+        let url = serve(s).await;
+        let started = std::time::Instant::now();
+        let one =
+            || async { http().get(format!("{url}/v1/ledger/export")).send().await.unwrap().bytes().await.unwrap() };
+        let (a, b) = tokio::join!(one(), one());
+        let took = started.elapsed();
+        assert_eq!((a.len(), b.len()), (expected.len(), expected.len()), "both exports are whole");
+        assert!(took >= Duration::from_millis(1_400), "2 x {kib} KiB at {per_second} KiB/s took {took:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
