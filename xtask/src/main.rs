@@ -1,5 +1,5 @@
-//! Project automation: `cargo xtask bench [devnet|verify|ledger|all]`, `cargo xtask sim --seeds N`
-//! and `cargo xtask fuzz [--seconds N]`.
+//! Project automation: `cargo xtask bench [devnet|verify|ledger|liveness|all]`,
+//! `cargo xtask sim --seeds N` and `cargo xtask fuzz [--seconds N]`.
 //!
 //! Benchmarks print absolute figures and a ratio against a baseline measured in the same run on
 //! the same machine, because absolute numbers move by tens of percent on a shared 2-core box.
@@ -15,6 +15,7 @@ mod figures;
 mod finality;
 mod fuzz;
 mod ledger_bench;
+mod liveness_bench;
 mod simplex_baseline;
 
 fn main() -> Result<()> {
@@ -26,10 +27,12 @@ fn main() -> Result<()> {
                 "verify" => bench_verify(),
                 "devnet" => bench_devnet(),
                 "ledger" => ledger_bench::bench(&build_release()?, runs(&args)?),
+                "liveness" => liveness_bench::bench(),
                 "all" => bench_verify()
                     .and_then(|_| bench_devnet())
-                    .and_then(|_| ledger_bench::bench(&build_release()?, runs(&args)?)),
-                other => bail!("unknown benchmark {other:?}: use verify, devnet, ledger or all"),
+                    .and_then(|_| ledger_bench::bench(&build_release()?, runs(&args)?))
+                    .and_then(|_| liveness_bench::bench()),
+                other => bail!("unknown benchmark {other:?}: use verify, devnet, ledger, liveness or all"),
             }
         }
         Some("sim") => {
@@ -53,7 +56,7 @@ fn main() -> Result<()> {
         Some("simplex-validator") => simplex_baseline::validator_main(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask bench [verify|devnet|ledger|all] [--runs N]\n       cargo xtask sim [--seeds N]\n       \
+                "usage: cargo xtask bench [verify|devnet|ledger|liveness|all] [--runs N]\n       cargo xtask sim [--seeds N]\n       \
                  cargo xtask fuzz [--seconds N] [TARGET...]"
             );
             Ok(())
