@@ -3,11 +3,14 @@
 
 use crate::p2p::{NodeReceiver, NodeSender};
 use archipel_consensus::Chain;
-use archipel_ledger::SignedTransaction;
+use archipel_crypto::Ed25519PublicKey as PublicKey;
 use archipel_ledger::export::{put_record, take_record};
+use archipel_ledger::{Hash, MempoolError, SignedTransaction, TxError};
 use commonware_p2p::{Receiver as _, Recipients, Sender as _};
 use commonware_runtime::IoBuf;
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Largest batch sent in one message.
@@ -53,10 +56,44 @@ pub async fn resend_loop(
     }
 }
 
+/// How long gossip from a peer that sent a transaction with a bad signature is dropped unread.
+/// Honest nodes gossip only transactions they admitted, so their signatures were checked against
+/// the same network: a bad one means a faulty or hostile peer, and each of its batches would
+/// cost one-by-one signature checks (a batch check fails as a whole).
+pub const IGNORE_BAD_PEER_FOR: Duration = Duration::from_secs(600);
+
+/// Peers whose gossip is dropped, and until when. Bounded by the peers that can connect (the
+/// registry's members).
+#[derive(Debug, Default)]
+pub struct Ignored(HashMap<PublicKey, Instant>);
+
+impl Ignored {
+    /// Whether gossip from `peer` is read at `now` (forgets sentences served).
+    pub fn listens_to(&mut self, peer: &PublicKey, now: Instant) -> bool {
+        self.0.retain(|_, until| *until > now);
+        !self.0.contains_key(peer)
+    }
+
+    /// Ignores `peer` for [`IGNORE_BAD_PEER_FOR`] from `now` if one of its transactions had a bad
+    /// signature; says whether it did.
+    pub fn judge(&mut self, peer: &PublicKey, results: &[Result<Hash, MempoolError>], now: Instant) -> bool {
+        let forged = results.iter().any(|r| matches!(r, Err(MempoolError::Invalid(TxError::BadSignature(_)))));
+        if forged {
+            self.0.insert(peer.clone(), now + IGNORE_BAD_PEER_FOR);
+        }
+        forged
+    }
+}
+
 /// Admits gossiped transactions into the local mempool, a message at a time (one signature
-/// batch; see [`admit`] for where it is checked).
+/// batch; see [`admit`] for where it is checked). A peer that sends a bad signature is ignored
+/// for [`IGNORE_BAD_PEER_FOR`].
 pub async fn receive_loop(mut receiver: NodeReceiver, chain: Arc<Chain>, max_tx_bytes: usize) {
+    let mut ignored = Ignored::default();
     while let Ok((from, message)) = receiver.recv().await {
+        if !ignored.listens_to(&from, Instant::now()) {
+            continue;
+        }
         let batch = decode_batch(message.as_ref(), max_tx_bytes);
         tracing::trace!(peer = ?from, txs = batch.len(), "transaction batch received");
         if batch.is_empty() {
@@ -64,6 +101,13 @@ pub async fn receive_loop(mut receiver: NodeReceiver, chain: Arc<Chain>, max_tx_
         }
         let Some(results) = admit(&chain, batch).await else { return };
         tracing::debug!(txs = results.len(), "gossiped transactions checked");
+        if ignored.judge(&from, &results, Instant::now()) {
+            tracing::warn!(
+                peer = ?from,
+                for_s = IGNORE_BAD_PEER_FOR.as_secs(),
+                "a peer gossiped a transaction with a bad signature: its gossip is ignored"
+            );
+        }
         for e in results.into_iter().filter_map(Result::err) {
             tracing::trace!(error = %e, "gossiped transaction not admitted");
         }
@@ -106,4 +150,33 @@ pub async fn admit(
     }
     let chain = chain.clone();
     tokio::task::spawn_blocking(move || chain.submit_many(batch, now_ms)).await.ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use archipel_crypto::Identity;
+    use archipel_ledger::{Payload, Transaction};
+
+    #[test]
+    fn a_peer_that_gossips_a_forged_signature_is_ignored_for_a_while() {
+        let (peer, other) = (Identity::from_seed(1).public_key(), Identity::from_seed(2).public_key());
+        let t0 = Instant::now();
+        let mut ignored = Ignored::default();
+        let refused = |e: TxError| vec![Ok(Hash::ZERO), Err(MempoolError::Invalid(e))];
+        // Refusals an honest peer can cause (a race, a spent balance) change nothing.
+        assert!(!ignored.judge(&peer, &refused(TxError::BadNonce { expected: 1, got: 0 }), t0));
+        assert!(ignored.listens_to(&peer, t0));
+        assert!(ignored.judge(&peer, &refused(TxError::BadSignature("x".into())), t0));
+        assert!(!ignored.listens_to(&peer, t0 + Duration::from_secs(1)));
+        assert!(ignored.listens_to(&other, t0 + Duration::from_secs(1)), "only that peer");
+        assert!(ignored.listens_to(&peer, t0 + IGNORE_BAD_PEER_FOR + Duration::from_millis(1)), "not for ever");
+        assert!(ignored.0.is_empty(), "served sentences are forgotten");
+        // A forged transaction is refused as such by the chain's admission (what `judge` reads).
+        let a = Identity::from_seed(3);
+        let mut stx = Transaction { signer: a.node_id(), nonce: 0, payload: Payload::LeaveNode { node: a.node_id() } }
+            .sign(&a, &Hash::ZERO);
+        stx.signature[0] ^= 1;
+        assert!(matches!(stx.verify(&Hash::ZERO), Err(TxError::BadSignature(_))));
+    }
 }
