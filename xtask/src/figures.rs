@@ -97,6 +97,16 @@ pub struct Step {
 }
 
 impl Step {
+    /// Whether the step carried its load, whatever its latency: transfers admitted and all final,
+    /// and the rate offered, admitted and finalized within [`KEEP_UP`] of the target.
+    pub fn kept_up(&self) -> bool {
+        self.latency.count > 0
+            && self.latency.not_final == 0
+            && self.offered_per_s >= KEEP_UP * self.target_per_s
+            && self.accepted_per_s >= KEEP_UP * self.offered_per_s
+            && self.finalized_per_s >= KEEP_UP * self.target_per_s
+    }
+
     /// Whether this step met the goal, and if not, why (every reason that applies).
     pub fn verdict(&self) -> Result<(), String> {
         let mut why = Vec::new();

@@ -63,6 +63,9 @@ pub struct Tracker {
     attempts: Vec<Instant>,
     /// When each refused attempt was sent.
     refusals: Vec<Instant>,
+    /// When each refused transaction was first sent: sent again, it is timed from then, so the
+    /// refusal's round trip and the client's back-off count in its latency.
+    first_sent: HashMap<Hash, Instant>,
 }
 
 /// What a window of the load measured.
@@ -95,6 +98,7 @@ impl Tracker {
                 }
             }
             std::collections::hash_map::Entry::Vacant(v) => {
+                let sent = self.first_sent.remove(v.key()).unwrap_or(sent);
                 v.insert(Pending { sent, waiter });
             }
         }
@@ -103,11 +107,13 @@ impl Tracker {
     /// The node refused the attempt sent at `sent`.
     pub fn refused(&mut self, hash: &Hash, sent: Instant) {
         self.refusals.push(sent);
-        if let Some(p) = self.pending.remove(hash)
-            && let Some(w) = p.waiter
-        {
-            w.settle_one();
-        }
+        let first = self.pending.remove(hash).map(|p| {
+            if let Some(w) = p.waiter {
+                w.settle_one();
+            }
+            p.sent
+        });
+        self.first_sent.entry(*hash).or_insert(first.unwrap_or(sent));
     }
 
     /// The client learned at `at` that `hashes` are final; hashes it did not submit (funding,
@@ -300,6 +306,20 @@ mod tests {
         assert!((l[0] - 40.0).abs() < 1e-6 && (l[1] - 40.0).abs() < 1e-6, "{l:?}");
         assert!(l[2].is_infinite());
         assert_eq!(t.pending(), 0, "the next window starts clean");
+    }
+
+    #[test]
+    fn a_refused_then_resent_transaction_is_timed_from_its_first_sending() {
+        let t0 = Instant::now();
+        let mut t = Tracker::default();
+        t.submitting(h(1), t0, None);
+        t.refused(&h(1), t0);
+        t.submitting(h(1), t0 + Duration::from_millis(40), None);
+        t.learned_final(&[h(1)], t0 + Duration::from_millis(60));
+        let w = t.take_window(t0, t0 + Duration::from_secs(1));
+        assert_eq!((w.offered, w.accepted), (2, 1));
+        assert_eq!(w.latencies_ms.len(), 1);
+        assert!((w.latencies_ms[0] - 60.0).abs() < 1e-6, "{:?}", w.latencies_ms);
     }
 
     #[test]

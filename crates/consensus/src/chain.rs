@@ -20,6 +20,12 @@ use std::sync::{Mutex, MutexGuard};
 /// Mempool capacity per node.
 pub const MEMPOOL_CAPACITY: usize = 100_000;
 
+/// Transactions admitted together by [`Chain::submit_many`]: their signatures are verified as one
+/// batch (batch verification gains little beyond a few dozen), and the next chunk is prechecked
+/// against the pool this one left, so the transactions of a flood that the mempool's rules refuse
+/// cost about one chunk of verifications, not one each.
+pub const SUBMIT_CHUNK: usize = 64;
+
 /// Most `?wait=final` waiters a node keeps at once (requests whose transaction is not final yet);
 /// beyond it [`Chain::watch_tx`] answers [`TxWatch::Busy`].
 pub const MAX_TX_WAITERS: usize = 10_000;
@@ -190,22 +196,41 @@ impl Chain {
     }
 
     /// Admits transactions (each with its encoded length) into the mempool at `now_ms`; one
-    /// answer per transaction, in order. Signatures are checked as one batch, outside the lock,
-    /// and only for transactions not already known here that pass the checks costing no
-    /// signature ([`State::precheck`]: size, nonce window, fee and amount against the finalized
-    /// balance), so a batch of forged transactions that would be refused anyway costs the sender
-    /// its signatures and the node none.
+    /// answer per transaction, in order. They are admitted [`SUBMIT_CHUNK`] at a time: signatures
+    /// are checked as one batch per chunk, outside the lock, and only for transactions not
+    /// already known here that pass the checks costing no signature ([`State::precheck`]: size,
+    /// nonce window, fee, a transfer's amount, a registry change's rules; and the account's
+    /// mempool rules, [`archipel_ledger::Mempool::precheck`]: nonce taken, quota, entries behind a
+    /// gap, cumulative spend). Each chunk sees the pool as the chunks before it left it, so a
+    /// batch of transactions that would be refused anyway (forged, over-spending, far behind a
+    /// gap) costs the sender its signatures and the node about one chunk of verifications.
     pub fn submit_many(&self, items: Vec<(SignedTransaction, usize)>, now_ms: u64) -> Vec<Result<Hash, MempoolError>> {
+        let mut out = Vec::with_capacity(items.len());
+        let mut items = items.into_iter().peekable();
+        while items.peek().is_some() {
+            let chunk: Vec<_> = items.by_ref().take(SUBMIT_CHUNK).collect();
+            out.extend(self.submit_chunk(chunk, now_ms));
+        }
+        out
+    }
+
+    /// [`Chain::submit_many`] for one chunk.
+    fn submit_chunk(&self, items: Vec<(SignedTransaction, usize)>, now_ms: u64) -> Vec<Result<Hash, MempoolError>> {
         let hashes: Vec<Hash> = items.iter().map(|(t, _)| t.hash()).collect();
         // Per transaction: `None` when known here (nothing to check), else the cheap checks' verdict.
-        let prechecked: Vec<Option<Result<(), archipel_ledger::TxError>>> = {
+        let prechecked: Vec<Option<Result<(), MempoolError>>> = {
             let g = self.lock();
             items
                 .iter()
                 .zip(&hashes)
                 .map(|((t, len), h)| {
                     let known = g.txs.contains_key(h) || g.mempool.contains(h);
-                    (!known).then(|| g.state.precheck(t, *len))
+                    (!known).then(|| {
+                        g.state
+                            .precheck(t, *len)
+                            .map_err(MempoolError::from)
+                            .and_then(|()| g.mempool.precheck(&g.state, t))
+                    })
                 })
                 .collect()
         };
@@ -214,11 +239,18 @@ impl Chain {
         // Each transaction's own verdict, by position (`None`: known, not checked): whatever the
         // second lock finds, no result can move to another transaction.
         let network = self.genesis_state.network();
+        #[cfg(test)]
+        tests::VERIFIED.with(|v| v.set(v.get() + fresh.len()));
         let mut checked = verify_each(&fresh, &network).into_iter();
-        let signatures: Vec<Option<Result<(), archipel_ledger::TxError>>> = items
+        let signatures: Vec<Option<Result<(), MempoolError>>> = items
             .iter()
             .zip(prechecked)
-            .map(|((t, _), p)| p.map(|cheap| cheap.and_then(|()| checked.next().unwrap_or_else(|| t.verify(&network)))))
+            .map(|((t, _), p)| {
+                p.map(|cheap| {
+                    cheap
+                        .and_then(|()| checked.next().unwrap_or_else(|| t.verify(&network)).map_err(MempoolError::from))
+                })
+            })
             .collect();
         #[cfg(test)]
         tests::between_locks(self);
@@ -486,20 +518,26 @@ impl Chain {
     }
 
     /// The export-format bytes of at most `max_blocks` finalized blocks from `from`, never past
-    /// the last certified one, and the height of that last certified block. One short lock per
-    /// call, released before the log is read: an export reads the log in such chunks.
+    /// the last certified one, and the height of that last certified block.
     pub fn raw_blocks_from(&self, from: u64, max_blocks: u64) -> Result<(Vec<u8>, u64), String> {
-        let (read, certified) = {
-            let g = self.lock();
-            let from = from.max(1);
-            let to = from.saturating_add(max_blocks.max(1) - 1).min(g.certified);
-            if from > to {
-                return Ok((Vec::new(), g.certified));
-            }
-            (g.store.raw_range_reader(from, to), g.certified)
-        };
-        // The file is read after the lock is released: exports never hold up consensus.
-        Ok((read()?, certified))
+        let (plan, certified) = self.plan_raw_blocks(from, max_blocks, u64::MAX);
+        Ok(((plan.read)()?, certified))
+    }
+
+    /// A read of the export-format bytes of at most `max_blocks` finalized blocks from `from`
+    /// (whole blocks within `max_bytes`, at least one), never past the last certified one, and
+    /// the height of that last certified block. One short lock, released before anything is
+    /// read: the caller knows the size before it reads, and an export reads the log in such
+    /// chunks without holding up consensus.
+    pub fn plan_raw_blocks(&self, from: u64, max_blocks: u64, max_bytes: u64) -> (crate::store::RangeRead, u64) {
+        let g = self.lock();
+        let from = from.max(1);
+        let to = from.saturating_add(max_blocks.max(1) - 1).min(g.certified);
+        if from > to {
+            let nothing: crate::store::RangeReader = Box::new(|| Ok(Vec::new()));
+            return (crate::store::RangeRead { last: from - 1, len: 0, read: nothing }, g.certified);
+        }
+        (g.store.raw_range_reader(from, to, max_bytes), g.certified)
     }
 
     /// The headers after `height` up to the first block with a certificate of its own, and that
@@ -662,6 +700,35 @@ mod tests {
         static BETWEEN_LOCKS: std::cell::RefCell<Option<Hook>> = const { std::cell::RefCell::new(None) };
     }
 
+    thread_local! {
+        /// Signatures `submit_many` verified on this thread.
+        pub(super) static VERIFIED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    fn verified_by(f: impl FnOnce()) -> usize {
+        let before = VERIFIED.with(|v| v.get());
+        f();
+        VERIFIED.with(|v| v.get()) - before
+    }
+
+    #[test]
+    fn a_flood_the_mempool_refuses_costs_about_one_chunk_of_signature_checks() {
+        let c = chain();
+        // 1,023 transfers behind a missing nonce 0: 16 may wait, the rest are refused by the
+        // mempool's rules, which the chunks after the first see before any signature.
+        let flood: Vec<_> = (1..=1_023).map(|n| (transfer(0, n), 100)).collect();
+        let mut out = Vec::new();
+        let verified = verified_by(|| out = c.submit_many(flood, 0));
+        assert_eq!(out.iter().filter(|r| r.is_ok()).count(), 16);
+        assert!(out[16..].iter().all(|r| r.is_err()), "{:?}", &out[16..20]);
+        assert!(verified <= SUBMIT_CHUNK, "{verified} signatures verified for a flood of 1,023");
+        // An honest batch of contiguous nonces is admitted whole, over several chunks.
+        let honest: Vec<_> = (0..200).map(|n| (transfer(1, n), 100)).collect();
+        let verified = verified_by(|| out = c.submit_many(honest, 0));
+        assert!(out.iter().all(Result::is_ok), "{:?}", out.iter().find(|r| r.is_err()));
+        assert_eq!(verified, 200);
+    }
+
     /// The test hook `submit_many` calls between its two locks.
     pub(super) fn between_locks(chain: &Chain) {
         if let Some(hook) = BETWEEN_LOCKS.with(|h| h.borrow_mut().take()) {
@@ -714,8 +781,10 @@ mod tests {
             (transfer(2, 0), 100),
             (forged(transfer(1, 0)), 100), // passes the cheap checks: its signature is checked
         ];
-        let codes: Vec<&str> =
-            c.submit_many(items, 0).iter().map(|r| r.as_ref().map_or_else(|e| e.code(), |_| "ok")).collect();
+        let mut answers = Vec::new();
+        let verified = verified_by(|| answers = c.submit_many(items, 0));
+        assert_eq!(verified, 2, "only the two that pass the cheap checks have their signatures verified");
+        let codes: Vec<&str> = answers.iter().map(|r| r.as_ref().map_or_else(|e| e.code(), |_| "ok")).collect();
         assert_eq!(
             codes,
             ["insufficient_funds", "replayed_nonce", "nonce_too_far_ahead", "too_large", "ok", "bad_signature"]

@@ -22,4 +22,4 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 pub use health::{ApplierHealth, Stall};
-pub use store::{BlockStore, FileStore, MemoryStore, RangeReader, Record};
+pub use store::{BlockStore, FileStore, MemoryStore, RangeRead, RangeReader, Record};

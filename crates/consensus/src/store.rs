@@ -39,12 +39,16 @@ pub trait BlockStore: Send + 'static {
     /// The raw bytes of records `from..=to` (clamped to what is stored) as they appear in an
     /// export.
     fn raw_range(&self, from: u64, to: u64) -> Result<Vec<u8>, String>;
-    /// What [`BlockStore::raw_range`] would read, as a read to run later: a store on disk
-    /// returns one that reads the file without the store (so without the chain's lock, which
-    /// consensus needs), the default reads now.
-    fn raw_range_reader(&self, from: u64, to: u64) -> RangeReader {
+    /// What [`BlockStore::raw_range`] would read for `from..=to`, cut to the whole records that
+    /// fit in `max_bytes` (at least one), as a read to run later: a store on disk returns one
+    /// that reads the file without the store (so without the chain's lock, which consensus
+    /// needs); the default reads now and ignores `max_bytes` (stores in memory, for tests).
+    fn raw_range_reader(&self, from: u64, to: u64, max_bytes: u64) -> RangeRead {
+        let _ = max_bytes;
+        let last = to.min(self.height());
         let bytes = self.raw_range(from, to);
-        Box::new(move || bytes)
+        let len = bytes.as_ref().map_or(0, |b| b.len() as u64);
+        RangeRead { last, len, read: Box::new(move || bytes) }
     }
     /// Starts making every block appended so far durable and answers, once they are, with the
     /// height they reach. Cheap under a lock: the sync runs elsewhere, and requests that arrive
@@ -55,6 +59,23 @@ pub trait BlockStore: Send + 'static {
 /// A read of stored records, run after the store's lock is released (see
 /// [`BlockStore::raw_range_reader`]).
 pub type RangeReader = Box<dyn FnOnce() -> Result<Vec<u8>, String> + Send>;
+
+/// A planned read: the last height it covers (below `from` when there is nothing), its size,
+/// and the read.
+pub struct RangeRead {
+    /// Height of the last record read.
+    pub last: u64,
+    /// Bytes the read returns.
+    pub len: u64,
+    /// The read.
+    pub read: RangeReader,
+}
+
+impl std::fmt::Debug for RangeRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RangeRead").field("last", &self.last).field("len", &self.len).finish_non_exhaustive()
+    }
+}
 
 fn answered(result: Result<u64, String>) -> Synced {
     let (tx, rx) = oneshot::channel();
@@ -261,15 +282,19 @@ impl BlockStore for FileStore {
         read_range(&self.path, self.offsets[from as usize - 1], self.offsets[to as usize])
     }
 
-    fn raw_range_reader(&self, from: u64, to: u64) -> RangeReader {
+    fn raw_range_reader(&self, from: u64, to: u64, max_bytes: u64) -> RangeRead {
         let (from, to) = (from.max(1), to.min(self.height()));
         if from > to {
-            return Box::new(|| Ok(Vec::new()));
+            return RangeRead { last: from - 1, len: 0, read: Box::new(|| Ok(Vec::new())) };
         }
+        let start = self.offsets[from as usize - 1];
+        // The last whole record within `max_bytes`, at least the first.
+        let within = self.offsets[from as usize..=to as usize].partition_point(|end| end - start <= max_bytes);
+        let to = from - 1 + (within as u64).max(1);
         // The log only grows at its end (a torn tail is cut off only when the log is opened), so
         // the bytes of stored records stay where they are after the lock is released.
-        let (path, start, end) = (self.path.clone(), self.offsets[from as usize - 1], self.offsets[to as usize]);
-        Box::new(move || read_range(&path, start, end))
+        let (path, end) = (self.path.clone(), self.offsets[to as usize]);
+        RangeRead { last: to, len: end - start, read: Box::new(move || read_range(&path, start, end)) }
     }
 
     fn sync(&mut self) -> Synced {
@@ -330,11 +355,12 @@ mod tests {
         let (a, b) = (store.sync(), store.sync());
         assert_eq!(futures::executor::block_on(async { (a.await, b.await) }), (Ok(Ok(5)), Ok(Ok(5))));
         // A reader taken now reads the same bytes later, after more appends.
-        let (later, empty) = (store.raw_range_reader(2, 3), store.raw_range_reader(9, 100));
+        let (later, empty) = (store.raw_range_reader(2, 3, u64::MAX), store.raw_range_reader(9, 100, u64::MAX));
         store.append(&record(6)).unwrap();
-        assert_eq!(later().unwrap(), two);
-        assert_eq!(empty().unwrap(), Vec::<u8>::new());
-        assert_eq!(store.raw_range_reader(5, 6)().unwrap(), store.raw_range(5, 6).unwrap());
+        assert_eq!((later.last, later.len), (3, two.len() as u64));
+        assert_eq!((later.read)().unwrap(), two);
+        assert_eq!((empty.len, (empty.read)().unwrap()), (0, Vec::<u8>::new()));
+        assert_eq!((store.raw_range_reader(5, 6, u64::MAX).read)().unwrap(), store.raw_range(5, 6).unwrap());
     }
 
     #[test]
@@ -365,16 +391,22 @@ mod tests {
         let path = dir.path().join("blocks.log");
         conformance(&mut FileStore::open(&path).unwrap());
         let s = FileStore::open(&path).unwrap();
-        assert_eq!(s.height(), 5);
-        assert_eq!(s.get(5).unwrap(), Some(record(5)));
+        assert_eq!(s.height(), 6);
+        assert_eq!(s.get(6).unwrap(), Some(record(6)));
+        // Reads cut to whole records within a byte budget, at least one.
+        let two = s.raw_range(2, 3).unwrap().len() as u64;
+        let cut = s.raw_range_reader(2, 6, two + 5);
+        assert_eq!((cut.last, cut.len), (3, two));
+        assert_eq!((cut.read)().unwrap(), s.raw_range(2, 3).unwrap());
+        assert_eq!(s.raw_range_reader(2, 6, 1).last, 2, "at least one record");
         // A crash mid-append leaves half a record: it is cut and the log stays usable.
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&[0, 0, 0, 50, 1, 2]).unwrap();
         drop(f);
         let mut s = FileStore::open(&path).unwrap();
-        assert_eq!(s.height(), 5);
-        s.append(&record(6)).unwrap();
-        assert_eq!(FileStore::open(&path).unwrap().get(6).unwrap(), Some(record(6)));
+        assert_eq!(s.height(), 6);
+        s.append(&record(7)).unwrap();
+        assert_eq!(FileStore::open(&path).unwrap().get(7).unwrap(), Some(record(7)));
         let aside: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .filter_map(|e| e.ok())

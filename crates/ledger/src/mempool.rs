@@ -25,7 +25,7 @@
 use crate::block::Signatures;
 use crate::hash::Hash;
 use crate::params::LedgerParams;
-use crate::state::State;
+use crate::state::{Account, State};
 use crate::tx::{Payload, SignedTransaction, Transaction, TxError};
 use archipel_types::NodeId;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -333,6 +333,36 @@ impl Mempool {
         let account = state.account(&signer);
         self.align(&signer, account.nonce);
         let spend = spend_micro(state.params(), &stx.tx);
+        self.check_account(signer, nonce, spend, account)?;
+        let missing = self.accounts.get(&signer).map_or(account.nonce, |q| q.run_end);
+        let next_in_line = nonce == missing;
+        if !next_in_line && self.gapped_len() >= self.limits.gapped_total {
+            return Err(MempoolError::GappedFull { signer: signer.short(), missing, gapped: self.gapped_len() });
+        }
+        // A full pool makes room for a transaction that can go next by evicting the oldest
+        // gapped one (which pays nothing until its gap closes, if ever); a gapped one waits.
+        if self.len() >= self.limits.capacity && !(next_in_line && self.evict_oldest_gapped()) {
+            return Err(MempoolError::Full(self.len()));
+        }
+        let q = self.accounts.entry(signer).or_insert_with(|| AccountQueue::new(account.nonce));
+        q.spend_micro += u128::from(spend);
+        q.txs.insert(nonce, Waiting { stx, hash, spend_micro: spend, admitted_ms: now_ms });
+        if next_in_line {
+            let was = q.run_end;
+            q.extend_run();
+            reclassify(&mut self.gapped_by_age, q, was..q.run_end, false);
+        } else {
+            self.gapped_by_age.insert((now_ms, hash));
+        }
+        self.by_hash.insert(hash, (signer, nonce));
+        self.by_age.insert((now_ms, hash));
+        Ok(hash)
+    }
+
+    /// The account's rules for one more transaction (`nonce`, spending `spend`) of `signer`,
+    /// whose finalized account is `account`: nonce not taken, the account's quota, its gapped
+    /// entries, its cumulative spend. The queue must be aligned with `account`.
+    fn check_account(&self, signer: NodeId, nonce: u64, spend: u64, account: Account) -> Result<(), MempoolError> {
         if let Some(q) = self.accounts.get(&signer) {
             if q.txs.contains_key(&nonce) {
                 return Err(MempoolError::NonceTaken { signer: signer.short(), nonce });
@@ -361,29 +391,21 @@ impl Mempool {
         } else if nonce != account.nonce && self.limits.gapped_per_account == 0 {
             return Err(MempoolError::NonceGap { signer: signer.short(), missing: account.nonce, gapped: 0, max: 0 });
         }
-        let missing = self.accounts.get(&signer).map_or(account.nonce, |q| q.run_end);
-        let next_in_line = nonce == missing;
-        if !next_in_line && self.gapped_len() >= self.limits.gapped_total {
-            return Err(MempoolError::GappedFull { signer: signer.short(), missing, gapped: self.gapped_len() });
+        Ok(())
+    }
+
+    /// The account's rules of [`Mempool::insert_hashed`] (nonce taken, quota, gapped entries,
+    /// cumulative spend) checked without changing anything, so that a transaction they refuse is
+    /// refused before its signature is verified. A queue not yet aligned with `state` is left to
+    /// insertion. What this refuses, insertion would refuse in the same pool; `Ok` says nothing of
+    /// the other rules.
+    pub fn precheck(&self, state: &State, stx: &SignedTransaction) -> Result<(), MempoolError> {
+        let (signer, nonce) = (stx.tx.signer, stx.tx.nonce);
+        let account = state.account(&signer);
+        if self.accounts.get(&signer).is_some_and(|q| q.next != account.nonce) || nonce < account.nonce {
+            return Ok(());
         }
-        // A full pool makes room for a transaction that can go next by evicting the oldest
-        // gapped one (which pays nothing until its gap closes, if ever); a gapped one waits.
-        if self.len() >= self.limits.capacity && !(next_in_line && self.evict_oldest_gapped()) {
-            return Err(MempoolError::Full(self.len()));
-        }
-        let q = self.accounts.entry(signer).or_insert_with(|| AccountQueue::new(account.nonce));
-        q.spend_micro += u128::from(spend);
-        q.txs.insert(nonce, Waiting { stx, hash, spend_micro: spend, admitted_ms: now_ms });
-        if next_in_line {
-            let was = q.run_end;
-            q.extend_run();
-            reclassify(&mut self.gapped_by_age, q, was..q.run_end, false);
-        } else {
-            self.gapped_by_age.insert((now_ms, hash));
-        }
-        self.by_hash.insert(hash, (signer, nonce));
-        self.by_age.insert((now_ms, hash));
-        Ok(hash)
+        self.check_account(signer, nonce, spend_micro(state.params(), &stx.tx), account)
     }
 
     /// Drops `signer`'s transactions below `next` (its next nonce in a finalized state that

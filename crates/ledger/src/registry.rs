@@ -45,7 +45,23 @@ impl State {
         descriptor: &SignedDescriptor,
         consent: &[u8; 64],
     ) -> Result<(), TxError> {
+        // The checks that need no signature first: a registration refused anyway costs no
+        // signature check (mempool admission runs them under the chain's lock).
+        self.check_register_cheap(signer, fee, descriptor)?;
         Self::check_descriptor(descriptor)?;
+        let node = descriptor.descriptor.node_id;
+        verify_signature(&node, CONSENT_NAMESPACE, &consent_bytes(&self.network, &signer, descriptor), consent)
+            .map_err(|_| TxError::NoConsent { node: node.short(), owner: signer.short() })?;
+        Ok(())
+    }
+
+    /// [`State::check_register`] without its two signature checks.
+    pub(crate) fn check_register_cheap(
+        &self,
+        signer: NodeId,
+        fee: u64,
+        descriptor: &SignedDescriptor,
+    ) -> Result<(), TxError> {
         let node = descriptor.descriptor.node_id;
         if self.nodes.contains_key(&node) {
             return Err(TxError::NotAllowed(format!(
@@ -57,8 +73,6 @@ impl State {
         if self.nodes.len() >= max as usize {
             return Err(TxError::RegistryFull { registered: self.nodes.len(), max });
         }
-        verify_signature(&node, CONSENT_NAMESPACE, &consent_bytes(&self.network, &signer, descriptor), consent)
-            .map_err(|_| TxError::NoConsent { node: node.short(), owner: signer.short() })?;
         if let Some(&left) = self.departed.get(&node)
             && descriptor.descriptor.version <= left
         {
@@ -91,7 +105,12 @@ impl State {
     /// Checks that `signer` may replace the node's descriptor with a newer one, without changing
     /// anything.
     pub(crate) fn check_update(&self, signer: NodeId, descriptor: &SignedDescriptor) -> Result<(), TxError> {
-        Self::check_descriptor(descriptor)?;
+        self.check_update_cheap(signer, descriptor)?;
+        Self::check_descriptor(descriptor)
+    }
+
+    /// [`State::check_update`] without the descriptor's signature check.
+    pub(crate) fn check_update_cheap(&self, signer: NodeId, descriptor: &SignedDescriptor) -> Result<(), TxError> {
         let node = descriptor.descriptor.node_id;
         let registered = self.check_controls(signer, node)?.descriptor.descriptor.version;
         if descriptor.descriptor.version <= registered {
@@ -197,6 +216,32 @@ mod tests {
         s.apply(&signed(0, 2, Payload::LeaveNode { node })).unwrap();
         assert!(!s.nodes().contains_key(&node));
         assert_eq!(s.lease_status(&node), LeaseStatus::Down);
+    }
+
+    #[test]
+    fn registry_changes_refused_anyway_are_refused_before_any_signature_is_checked() {
+        let mut s = registry_genesis();
+        s.apply(&signed(0, 0, register(20, 0, descriptor(20)))).unwrap();
+        // Forged descriptor and consent signatures: `precheck` must answer from the rules alone.
+        let forge = |mut d: SignedDescriptor| {
+            d.descriptor.name = "tampered".into();
+            d
+        };
+        let check = |payload: Payload| s.precheck(&signed(1, 0, payload), 200).map_err(|e| e.code());
+        let stranger_update = Payload::UpdateNode { descriptor: forge(descriptor_v(20, 2)) };
+        assert_eq!(check(stranger_update), Err("not_allowed"), "account 1 does not control node 20");
+        let stale = Payload::UpdateNode { descriptor: forge(descriptor_v(20, 1)) };
+        assert_eq!(s.precheck(&signed(0, 1, stale), 200).map_err(|e| e.code()), Err("stale_descriptor"));
+        let Payload::RegisterNode { descriptor, mut consent } = register(20, 1, descriptor(20)) else { unreachable!() };
+        consent[0] ^= 1;
+        let again = Payload::RegisterNode { descriptor: forge(descriptor), consent };
+        assert_eq!(check(again), Err("not_allowed"), "already registered");
+        let validator = Payload::LeaveNode { node: id(10).node_id() };
+        assert_eq!(s.precheck(&signed(10, 0, validator), 200).map_err(|e| e.code()), Err("not_allowed"));
+        // What passes the rules still has its signatures checked, by `admit`.
+        let owner_update = signed(0, 1, Payload::UpdateNode { descriptor: forge(descriptor_v(20, 2)) });
+        assert_eq!(s.precheck(&owner_update, 200), Ok(()));
+        assert!(s.admit(&owner_update, 200).unwrap_err().to_string().contains("invalid node descriptor"));
     }
 
     #[test]

@@ -299,7 +299,9 @@ impl State {
     }
 
     /// The checks of [`State::admit`] that cost no signature verification: size, nonce window,
-    /// the fee against the signer's balance, and a transfer's amount. Run before signatures are
+    /// the fee against the signer's balance, a transfer's amount, and a registry change's rules
+    /// but for its descriptor and consent signatures (registered or not, who controls the node,
+    /// room, versions, deposit, validators never leave). Run before signatures are
     /// verified, so a transaction that would be refused anyway costs its sender a signature and
     /// the node nothing; passing it says nothing about the other checks.
     pub fn precheck(&self, stx: &SignedTransaction, encoded_len: usize) -> Result<(), TxError> {
@@ -311,10 +313,12 @@ impl State {
         if balance_micro < fee {
             return Err(TxError::InsufficientFunds { balance_micro, needed_micro: fee });
         }
-        if let Payload::Transfer { to, amount_micro } = &tx.payload {
-            self.check_transfer(tx.signer, *to, *amount_micro, fee)?;
+        match &tx.payload {
+            Payload::Transfer { to, amount_micro } => self.check_transfer(tx.signer, *to, *amount_micro, fee),
+            Payload::RegisterNode { descriptor, .. } => self.check_register_cheap(tx.signer, fee, descriptor),
+            Payload::UpdateNode { descriptor } => self.check_update_cheap(tx.signer, descriptor),
+            Payload::LeaveNode { node } => self.check_leave(tx.signer, *node),
         }
-        Ok(())
     }
 
     /// Refuses a used nonce, or one further ahead of the account's next nonce than the window.

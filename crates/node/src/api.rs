@@ -76,6 +76,21 @@ pub struct ApiState {
     pub tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     /// Concurrency and rate limits.
     pub guards: ApiGuards,
+    /// Where submissions are admitted: the consensus runtime's blocking threads (at the node's
+    /// normal priority), `None` for the current runtime's. Admission holds the chain's lock, and
+    /// a holder on one of the API's niced threads, preempted, would make consensus wait behind it.
+    pub admission: Option<tokio::runtime::Handle>,
+}
+
+impl ApiState {
+    /// Runs `f` (work under the chain's lock) on an admission thread; `None` if the runtime is
+    /// shutting down.
+    pub(crate) async fn admit<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> Option<R> {
+        match &self.admission {
+            Some(runtime) => runtime.spawn_blocking(f).await.ok(),
+            None => tokio::task::spawn_blocking(f).await.ok(),
+        }
+    }
 }
 
 /// The API's admission control, built from [`ApiLimits`].
@@ -88,7 +103,9 @@ pub struct ApiGuards {
     reads: RateLimiter<IpAddr>,
     txs: RateLimiter<IpAddr>,
     signed: RateLimiter<NodeId>,
-    exports: RateLimiter<()>,
+    export_bytes: RateLimiter<()>,
+    exports: Arc<Semaphore>,
+    exports_by_source: Arc<Mutex<HashMap<IpAddr, u32>>>,
 }
 
 impl ApiGuards {
@@ -102,7 +119,9 @@ impl ApiGuards {
             reads: RateLimiter::new(limits.reads_per_second_per_ip, limits.read_burst_per_ip),
             txs: RateLimiter::new(limits.txs_per_second_per_ip, limits.tx_burst_per_ip),
             signed: RateLimiter::new(limits.signed_per_second_per_key, limits.signed_burst_per_key),
-            exports: RateLimiter::new(limits.export_kib_per_second, limits.export_kib_per_second),
+            export_bytes: RateLimiter::new(limits.export_kib_per_second, limits.export_kib_per_second),
+            exports: Arc::new(Semaphore::new(MAX_EXPORTS)),
+            exports_by_source: Arc::default(),
         }
     }
 }
@@ -110,20 +129,39 @@ impl ApiGuards {
 impl ApiGuards {
     /// A slot for one more request from `source`, unless it already has its share in flight.
     fn source_slot(&self, source: IpAddr) -> Option<SourceSlot> {
-        let mut counts = self.in_flight_by_source.lock().unwrap_or_else(|p| p.into_inner());
-        let held = counts.entry(source).or_insert(0);
-        if *held >= self.max_in_flight_per_source {
-            return None;
-        }
-        *held += 1;
-        Some(SourceSlot { counts: self.in_flight_by_source.clone(), source })
+        SourceSlot::take(&self.in_flight_by_source, source, self.max_in_flight_per_source)
+    }
+
+    /// A slot for one more export from `source` ([`MAX_EXPORTS`] at once in all,
+    /// [`MAX_EXPORTS_PER_SOURCE`] from one address), held until the export's stream ends; or the
+    /// refusal to answer (429 `export_limit`).
+    pub(crate) fn export_slot(&self, source: IpAddr) -> Result<ExportSlot, Response> {
+        let refused = |what: String| {
+            retry_later(
+                StatusCode::TOO_MANY_REQUESTS,
+                "export_limit",
+                format!(
+                    "{what}: retry when one has finished (exports share this node's export budget, api.limits.export_kib_per_second)"
+                ),
+                Duration::from_secs(5),
+            )
+        };
+        let Ok(permit) = self.exports.clone().try_acquire_owned() else {
+            return Err(refused(format!("this node already streams {MAX_EXPORTS} exports, the most it does at once")));
+        };
+        let Some(slot) = SourceSlot::take(&self.exports_by_source, source, MAX_EXPORTS_PER_SOURCE) else {
+            return Err(refused(format!(
+                "{source} already has {MAX_EXPORTS_PER_SOURCE} exports streaming, the most one address may"
+            )));
+        };
+        Ok(ExportSlot { _permit: permit, _slot: slot })
     }
 
     /// Waits until all exports together may stream `bytes` more
     /// ([`ApiLimits::export_kib_per_second`]).
     pub(crate) async fn pace_export(&self, bytes: usize) {
         let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
-        while let Err(wait) = self.exports.take_n((), kib, Instant::now()) {
+        while let Err(wait) = self.export_bytes.take_n((), kib, Instant::now()) {
             tokio::time::sleep(wait).await;
         }
     }
@@ -151,9 +189,40 @@ impl ApiGuards {
 
 /// One request in flight from `source`, given back when dropped. Entries at zero are removed, so
 /// the table holds at most one entry per request in flight.
+#[derive(Debug)]
 struct SourceSlot {
     counts: Arc<Mutex<HashMap<IpAddr, u32>>>,
     source: IpAddr,
+}
+
+impl SourceSlot {
+    /// One more of `counts[source]`, unless it already holds `max`.
+    fn take(counts: &Arc<Mutex<HashMap<IpAddr, u32>>>, source: IpAddr, max: u32) -> Option<SourceSlot> {
+        let mut held_by = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let held = held_by.entry(source).or_insert(0);
+        if *held >= max {
+            if *held == 0 {
+                held_by.remove(&source);
+            }
+            return None;
+        }
+        *held += 1;
+        Some(SourceSlot { counts: counts.clone(), source })
+    }
+}
+
+/// Most exports a node streams at once, and from one source address. An export holds its slot
+/// until its stream ends (a client that stops reading holds it until its connection closes), so
+/// exports get their own small pool and can never take every request slot of the node.
+pub const MAX_EXPORTS: usize = 16;
+/// See [`MAX_EXPORTS`].
+pub const MAX_EXPORTS_PER_SOURCE: u32 = 2;
+
+/// An export's hold on [`MAX_EXPORTS`] (released when dropped, with the export's stream).
+#[derive(Debug)]
+pub struct ExportSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _slot: SourceSlot,
 }
 
 impl Drop for SourceSlot {
@@ -312,7 +381,12 @@ impl ApiServer {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(limits.worker_threads.get() as usize)
             .thread_name("archipel-api")
-            .on_thread_start(lower_this_threads_priority)
+            .on_thread_start({
+                // Absolute, from the caller's priority: a thread started by an API thread
+                // inherits that thread's lowered priority and must not be lowered again.
+                let base = rustix::process::getpriority_process(None).unwrap_or(0);
+                move || lower_this_threads_priority(base)
+            })
             .enable_all()
             .build()
             .map_err(|e| format!("cannot start the API runtime: {e}"))?;
@@ -333,13 +407,15 @@ impl ApiServer {
 /// How many nice steps the API's threads run below the node's others. When the CPU is short the
 /// kernel shares it by weight, and a thread 10 steps nicer weighs about a tenth: a flood of
 /// exports, long polls or list requests then takes the CPU consensus leaves idle, not the CPU
-/// consensus needs (measured by the ledger bench's exports step).
+/// consensus needs (measured by the ledger bench's exports step). Work under the chain's lock
+/// (admitting submissions) runs elsewhere ([`ApiState::admit`]).
 pub const API_NICE: i32 = 10;
 
-/// Lowers the calling thread's priority by [`API_NICE`] (Linux gives each thread its own nice
-/// value). Lowering needs no privilege; a failure is logged, and the thread runs as before.
-fn lower_this_threads_priority() {
-    if let Err(e) = rustix::process::nice(API_NICE) {
+/// Sets the calling thread's priority to [`API_NICE`] below `base` (Linux gives each thread its
+/// own nice value). Lowering needs no privilege; a failure is logged, and the thread runs as
+/// before.
+fn lower_this_threads_priority(base: i32) {
+    if let Err(e) = rustix::process::setpriority_process(None, (base + API_NICE).min(19)) {
         tracing::warn!(error = %e, "cannot lower the priority of an API thread; the API competes with consensus for CPU");
     }
 }
@@ -373,6 +449,11 @@ impl ApiHandle {
 /// ([`IN_FLIGHT_SOURCE_SHARE`]) from one source address; both are held until the response body
 /// has been sent (an export streams for a while).
 async fn limit_concurrency(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    // Health checks answer at once from memory: monitoring must see a busy node as busy, not as
+    // down (they are still rate-limited per address as reads).
+    if req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
     let Ok(permit) = s.guards.in_flight.clone().try_acquire_owned() else {
         let max = s.guards.limits.max_concurrent_requests;
         return retry_later(
@@ -716,6 +797,7 @@ pub(crate) mod testing {
             chain: Arc::new(chain),
             tx_out,
             guards: ApiGuards::new(limits),
+            admission: None,
         })
     }
 
@@ -852,10 +934,11 @@ mod tests {
         let poll = format!("{url}/v1/ledger/blocks?from=5&wait_ms=1500");
         let waiting = tokio::spawn(async move { get(&poll).await });
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let (status, retry, code) = refusal(get(&format!("{url}/health")).await).await;
+        let (status, retry, code) = refusal(get(&format!("{url}/v1/ledger/head")).await).await;
         assert_eq!((status, retry.as_deref(), code.as_str()), (429, Some("1"), "concurrency_limit"));
+        assert_eq!(get(&format!("{url}/health")).await.status(), 200, "health checks are never held back");
         assert_eq!(waiting.await.unwrap().status(), 200);
-        assert_eq!(get(&format!("{url}/health")).await.status(), 200, "the slot is free again");
+        assert_eq!(get(&format!("{url}/v1/ledger/head")).await.status(), 200, "the slot is free again");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -871,7 +954,7 @@ mod tests {
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let r = get(&format!("{url}/health")).await;
+        let r = get(&format!("{url}/v1/ledger/head")).await;
         let (status, retry, code) = refusal(r).await;
         assert_eq!((status, retry.as_deref(), code.as_str()), (429, Some("1"), "source_concurrency_limit"));
         let r = get(&format!("{url}/v1/ledger/head")).await;
@@ -879,12 +962,29 @@ mod tests {
         assert!(message.contains("127.0.0.1 already has 2 requests in flight"), "{message}");
         // Another source address still gets in.
         let other = reqwest::Client::builder().no_proxy().local_address("127.0.0.2".parse::<IpAddr>().unwrap());
-        let r = other.build().unwrap().get(format!("{url}/health")).send().await.unwrap();
+        let r = other.build().unwrap().get(format!("{url}/v1/ledger/head")).send().await.unwrap();
         assert_eq!(r.status(), 200, "another source is not held back");
         for w in waiting {
             assert_eq!(w.await.unwrap().status(), 200);
         }
-        assert_eq!(get(&format!("{url}/health")).await.status(), 200, "the share is free again");
+        assert_eq!(get(&format!("{url}/v1/ledger/head")).await.status(), 200, "the share is free again");
+    }
+
+    #[test]
+    fn exports_have_their_own_small_pool_per_node_and_per_address() {
+        let guards = ApiGuards::new(ApiLimits::default());
+        let ip = |i: u8| IpAddr::from([127, 0, 9, i]);
+        let first = guards.export_slot(ip(1)).unwrap();
+        let _second = guards.export_slot(ip(1)).unwrap();
+        let refused = guards.export_slot(ip(1)).unwrap_err();
+        assert_eq!(refused.status(), 429);
+        drop(first);
+        let _again = guards.export_slot(ip(1)).expect("a finished export frees its slot");
+        let mut held: Vec<_> = (2..=15).map(|i| guards.export_slot(ip(i)).unwrap()).collect();
+        assert_eq!(held.len() + 2, MAX_EXPORTS);
+        assert_eq!(guards.export_slot(ip(99)).unwrap_err().status(), 429, "the node's pool is full");
+        held.pop();
+        guards.export_slot(ip(99)).expect("room again");
     }
 
     #[test]
@@ -894,11 +994,13 @@ mod tests {
         let on = |blocking: bool| {
             server.runtime.block_on(async move {
                 let ask = || rustix::process::getpriority_process(None).unwrap();
-                if blocking {
-                    tokio::task::spawn_blocking(ask).await.unwrap()
-                } else {
-                    tokio::spawn(async move { ask() }).await.unwrap()
-                }
+                // Spawned from a worker, as the API spawns them: a new blocking thread inherits
+                // the worker's priority and must still end at the same level.
+                tokio::spawn(
+                    async move { if blocking { tokio::task::spawn_blocking(ask).await.unwrap() } else { ask() } },
+                )
+                .await
+                .unwrap()
             })
         };
         let expected = (mine + API_NICE).min(19);

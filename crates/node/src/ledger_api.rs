@@ -36,10 +36,10 @@ pub const MAX_WAIT: Duration = Duration::from_secs(30);
 /// Most blocks in one `GET /v1/ledger/blocks` answer (a larger `limit` gets this many).
 pub const MAX_BLOCKS_PER_PAGE: u64 = 100;
 
-/// Most blocks an export reads from the log under one lock.
+/// Most blocks in one export chunk.
 pub const EXPORT_CHUNK_BLOCKS: u64 = 256;
 
-/// Bytes an export aims to read under one lock (fewer blocks per chunk when blocks are large).
+/// Most bytes in one export chunk (whole blocks; a larger block is a chunk of its own).
 pub const EXPORT_CHUNK_BYTES: u64 = 1 << 20;
 
 /// The query parameters of a request, parsed one by one so that a bad value is answered with
@@ -134,7 +134,12 @@ async fn submit(
     };
     let bytes = stx.to_bytes();
     tracing::debug!("transaction submitted");
-    let hash = match s.chain.submit(stx, bytes.len(), archipel_consensus::app::system_now_ms()) {
+    let (chain, len) = (s.chain.clone(), bytes.len());
+    let admitted = s.admit(move || chain.submit(stx, len, archipel_consensus::app::system_now_ms())).await;
+    let Some(admitted) = admitted else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the node is stopping: retry on another node");
+    };
+    let hash = match admitted {
         Ok(h) => h,
         Err(e) => {
             // Full pools are this node's state, not the transaction's fault: retry later.
@@ -236,7 +241,8 @@ async fn submit_batch(
             }
         }
     }
-    let Some(results) = crate::txgossip::admit(&s.chain, decoded).await else {
+    let (chain, now_ms) = (s.chain.clone(), archipel_consensus::app::system_now_ms());
+    let Some(results) = s.admit(move || chain.submit_many(decoded, now_ms)).await else {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "admission stopped");
     };
     let mut results = results.into_iter().zip(encoded);
@@ -419,74 +425,54 @@ async fn blocks(State(s): State<Arc<ApiState>>, Query(params): Params) -> Respon
 
 /// `GET /v1/ledger/export`: the genesis, then the blocks up to the last certified one when the
 /// request came, streamed.
-async fn export(State(s): State<Arc<ApiState>>) -> Response {
+async fn export(State(s): State<Arc<ApiState>>, connection: Option<Extension<ConnectInfo<SocketAddr>>>) -> Response {
+    let slot = match s.guards.export_slot(request_source(connection.as_deref())) {
+        Ok(slot) => slot,
+        Err(refused) => return refused,
+    };
     let head = archipel_ledger::export::start(&s.genesis.canonical_bytes());
-    match export_body(s.clone(), head).await {
+    match export_body(s.clone(), head, slot).await {
         Ok(body) => ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response(),
         Err(e) => internal(e),
     }
 }
 
-/// Reads blocks `from..from + want` (up to the last certified one) on a blocking thread, under
-/// one short lock.
-async fn read_chunk(chain: &Arc<Chain>, from: u64, want: u64) -> Result<(Vec<u8>, u64), String> {
-    let chain = chain.clone();
-    tokio::task::spawn_blocking(move || chain.raw_blocks_from(from, want))
+/// Reads the next chunk of an export: blocks from `from` up to `end`, whole blocks within
+/// [`EXPORT_CHUNK_BYTES`] (at least one, so a block larger than that is a chunk of its own). The
+/// chain's lock is held only to find where the chunk is; the node's export budget
+/// ([`crate::config::ApiLimits::export_kib_per_second`]) is paid for its size before it is read;
+/// it is read on a blocking thread. Returns the bytes and the last height they hold, and the last
+/// certified height.
+async fn read_chunk(api: &Arc<ApiState>, from: u64, end: u64) -> Result<(Vec<u8>, u64, u64), String> {
+    let want = EXPORT_CHUNK_BLOCKS.min(end.saturating_sub(from) + 1);
+    let (plan, certified) = api.chain.plan_raw_blocks(from, want, EXPORT_CHUNK_BYTES);
+    api.guards.pace_export(plan.len as usize).await;
+    let last = plan.last;
+    let bytes = tokio::task::spawn_blocking(plan.read)
         .await
-        .map_err(|e| format!("the task reading the block log failed: {e}"))?
-}
-
-/// Where a streamed export is.
-struct ExportCursor {
-    api: Arc<ApiState>,
-    next: u64,
-    /// The last block to send: the last certified block when the export started.
-    end: u64,
-    blocks_per_chunk: u64,
-}
-
-impl ExportCursor {
-    /// Moves past a chunk of `want` blocks asked from `next` that came as `bytes` bytes, and sizes
-    /// the next chunk to about [`EXPORT_CHUNK_BYTES`].
-    fn advance(&mut self, want: u64, bytes: usize) {
-        let from = self.next;
-        let last = from.saturating_add(want - 1).min(self.end);
-        self.next = last.saturating_add(1);
-        let got = last.saturating_sub(from) + 1;
-        self.blocks_per_chunk = match bytes as u64 {
-            0 => EXPORT_CHUNK_BLOCKS,
-            n => (got.saturating_mul(EXPORT_CHUNK_BYTES) / n).clamp(1, EXPORT_CHUNK_BLOCKS),
-        };
-    }
+        .map_err(|e| format!("the task reading the block log failed: {e}"))??;
+    Ok((bytes, last, certified))
 }
 
 /// The export as a stream: `head` (magic, version, genesis) and the first chunk of blocks, read
-/// before answering (it fixes where the export ends), then the rest of the block log in chunks
-/// of at most [`EXPORT_CHUNK_BLOCKS`] blocks (fewer when blocks are large), each read (the chain's
-/// lock held only to find where) when the client has taken the previous one and the node's
-/// export budget ([`crate::config::ApiLimits::export_kib_per_second`]) allows it. A read error
-/// ends the stream early: the client sees a truncated export, never a wrong one.
-async fn export_body(api: Arc<ApiState>, mut head: Vec<u8>) -> Result<Body, String> {
-    let (first, end) = read_chunk(&api.chain, 1, EXPORT_CHUNK_BLOCKS).await?;
-    api.guards.pace_export(first.len()).await;
-    let mut cursor = ExportCursor { api, next: 1, end, blocks_per_chunk: EXPORT_CHUNK_BLOCKS };
-    cursor.advance(EXPORT_CHUNK_BLOCKS, first.len());
+/// before answering (it fixes where the export ends: the last certified block then), then the
+/// rest of the block log in chunks ([`read_chunk`]), each read when the client has taken the
+/// previous one. A read error ends the stream early: the client sees a truncated export, never
+/// a wrong one.
+async fn export_body(api: Arc<ApiState>, mut head: Vec<u8>, slot: crate::api::ExportSlot) -> Result<Body, String> {
+    let (first, last, end) = read_chunk(&api, 1, u64::MAX).await?;
     head.extend_from_slice(&first);
-    let rest = futures::stream::unfold(Some(cursor), |cursor| async move {
-        let mut c = cursor?;
-        if c.next > c.end {
+    // The slot goes with the stream: released when the stream ends or is dropped.
+    let rest = futures::stream::unfold(Some((api, last + 1, slot)), move |cursor| async move {
+        let (api, next, slot) = cursor?;
+        if next > end {
             return None;
         }
-        let want = c.blocks_per_chunk.min(c.end - c.next + 1);
-        match read_chunk(&c.api.chain, c.next, want).await {
-            Ok((bytes, _)) if bytes.is_empty() => None,
-            Ok((bytes, _)) => {
-                c.api.guards.pace_export(bytes.len()).await;
-                c.advance(want, bytes.len());
-                Some((Ok(Bytes::from(bytes)), Some(c)))
-            }
+        match read_chunk(&api, next, end).await {
+            Ok((bytes, _, _)) if bytes.is_empty() => None,
+            Ok((bytes, last, _)) => Some((Ok(Bytes::from(bytes)), Some((api, last + 1, slot)))),
             Err(e) => {
-                tracing::error!(error = %e, from = c.next, "export stopped: cannot read the block log");
+                tracing::error!(error = %e, from = next, "export stopped: cannot read the block log");
                 Some((Err(std::io::Error::other(e)), None))
             }
         }
@@ -645,21 +631,6 @@ mod tests {
             assert_eq!(e.error, "bad_query");
             assert!(e.message.starts_with(&format!("{name}=")), "{q}: {}", e.message);
         }
-    }
-
-    #[test]
-    fn export_chunks_shrink_for_large_blocks() {
-        let api = state(limits(|_| {}));
-        let mut c = ExportCursor { api, next: 1, end: 1_000, blocks_per_chunk: EXPORT_CHUNK_BLOCKS };
-        c.advance(256, 256 * 64 * 1024);
-        assert_eq!((c.next, c.blocks_per_chunk), (257, 16), "64 KiB blocks: 16 per MiB");
-        c.advance(16, 16 * (4 << 20));
-        assert_eq!((c.next, c.blocks_per_chunk), (273, 1), "never less than one block");
-        c.advance(1, 10);
-        assert_eq!(c.blocks_per_chunk, EXPORT_CHUNK_BLOCKS, "never more than the cap");
-        c.end = 280;
-        c.advance(256, 100);
-        assert_eq!(c.next, 281, "never past the end");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -440,6 +440,8 @@ impl PreparedNode {
                 chain: chain.clone(),
                 tx_out,
                 guards: api::ApiGuards::new(cfg.api.limits),
+                // This is the consensus runtime: its blocking threads run at normal priority.
+                admission: tokio::runtime::Handle::try_current().ok(),
             });
             let server = api_handle.serve(api_listener, state, shutdown_rx.clone()).map_err(NodeError::Invalid)?;
 

@@ -160,7 +160,8 @@ mod tests {
 
     #[test]
     fn a_peer_that_gossips_a_forged_signature_is_ignored_for_a_while() {
-        let (peer, other) = (Identity::from_seed(1).public_key(), Identity::from_seed(2).public_key());
+        let key = |seed| archipel_crypto::public_key(&Identity::from_seed(seed).node_id()).unwrap();
+        let (peer, other) = (key(1), key(2));
         let t0 = Instant::now();
         let mut ignored = Ignored::default();
         let refused = |e: TxError| vec![Ok(Hash::ZERO), Err(MempoolError::Invalid(e))];

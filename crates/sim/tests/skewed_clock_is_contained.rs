@@ -47,6 +47,13 @@ const MAX_GAP_MS: u64 = 2_500;
 /// if that view is the skewed validator's, it fails and the Down waits for the next view (1.5 s);
 /// then a few link latencies and a sample. Measured: at most 0.75 s.
 const DOWN_MARGIN_MS: u64 = 2_000;
+/// A skew just inside `max_clock_drift_ms` (1 s by default): the skewed validator's blocks are
+/// accepted, so its views do not fail and block time may run that far ahead of the honest clocks.
+const INSIDE_DRIFT: Duration = Duration::from_millis(900);
+/// With no failed view, a Down is proposed `lease_ttl` less `IDLE_WAIT` after the follower was
+/// last heard (at or before its stop) and is final a few link latencies later: it must be final
+/// within the TTL, plus a sample and latencies.
+const DOWN_MARGIN_INSIDE_DRIFT_MS: u64 = 300;
 
 fn scenario(mut sc: LedgerScenario, clock: ClockOffset) -> LedgerScenario {
     // The skew is the only fault.
@@ -78,7 +85,13 @@ fn finalized_at(o: &LedgerOutcome, honest: &[&NodeRun], height: u64) -> u64 {
     first.unwrap_or(o.scenario.duration.as_millis() as u64)
 }
 
+/// [`contained_within`] with the margin for a skew beyond the drift (the skewed leader's views fail).
 fn contained(o: &LedgerOutcome) -> Result<(), String> {
+    contained_within(o, DOWN_MARGIN_MS)
+}
+
+/// The invariants, with the stopped follower's Down final within `lease_ttl + down_margin_ms`.
+fn contained_within(o: &LedgerOutcome, down_margin_ms: u64) -> Result<(), String> {
     let params = o.genesis.params();
     let (ttl, drift) = (params.lease_ttl_ms, params.max_clock_drift_ms);
     let (Some((skewed, _)), Some((stopped, stop_at))) = (o.scenario.skewed_clock, o.scenario.stopped) else {
@@ -132,11 +145,11 @@ fn contained(o: &LedgerOutcome) -> Result<(), String> {
     let down =
         down_of_stopped.ok_or_else(|| format!("{} stopped at {stop_ms} ms but never went Down", name(o, stopped)))?;
     let down_at = finalized_at(o, &honest, down);
-    if down_at < stop_ms || down_at > stop_ms + ttl + DOWN_MARGIN_MS {
+    if down_at < stop_ms || down_at > stop_ms + ttl + down_margin_ms {
         return Err(format!(
             "{} stopped at {stop_ms} ms; its Down (height {down}) was final at {down_at} ms, not within {} ms",
             name(o, stopped),
-            ttl + DOWN_MARGIN_MS
+            ttl + down_margin_ms
         ));
     }
 
@@ -195,5 +208,25 @@ fn a_validator_4s_behind_neither_expires_leases_nor_freezes_block_time() {
         0..5,
         |sc| Some(scenario(sc, ClockOffset::Behind(SKEW))),
         contained,
+    );
+}
+
+#[test]
+fn a_validator_just_inside_the_drift_ahead_is_accepted_and_still_contained() {
+    check_ledger_seeds(
+        "skewed_clock_is_contained",
+        0..5,
+        |sc| Some(scenario(sc, ClockOffset::Ahead(INSIDE_DRIFT))),
+        |o| contained_within(o, DOWN_MARGIN_INSIDE_DRIFT_MS),
+    );
+}
+
+#[test]
+fn a_validator_just_inside_the_drift_behind_is_accepted_and_still_contained() {
+    check_ledger_seeds(
+        "skewed_clock_is_contained",
+        0..5,
+        |sc| Some(scenario(sc, ClockOffset::Behind(INSIDE_DRIFT))),
+        |o| contained_within(o, DOWN_MARGIN_INSIDE_DRIFT_MS),
     );
 }
