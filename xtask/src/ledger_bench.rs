@@ -84,6 +84,9 @@ const SPAM_BATCH: usize = 512;
 const SPAM_BALANCE: u64 = 1_000_000;
 /// Honest transfers timed before the flood.
 const SPAM_PROBES: usize = 200;
+/// Honest accounts timing transfers side by side in the spam step, one at a time each, each
+/// through its own node in turn (so the short flood meets enough of them).
+const PROBERS: usize = 8;
 /// Fewest honest transfers that must have run during the flood for the step to judge its goal.
 const SPAM_MIN_PROBES_DURING: usize = 20;
 /// Goal: honest p99 during the flood at most this times p99 before it.
@@ -609,6 +612,11 @@ async fn archipel(bin: &Path, rates: &[f64], export_rate: Option<f64>) -> Result
         put_record(&mut batch, &transfer(&tenant, nonce, a, SPAM_BALANCE).bytes);
         nonce += 1;
     }
+    let probers: Vec<Identity> = (0..PROBERS as u64).map(|i| Identity::from_seed(7_200_001 + i)).collect();
+    for a in &probers {
+        put_record(&mut batch, &transfer(&tenant, nonce, a, 1_000_000_000).bytes);
+        nonce += 1;
+    }
     let answers = post(&client, format!("http://{}/v1/txs", NODES[0]), batch).await?;
     if answers.as_array().is_none_or(|a| a.iter().any(|x| !x["error"].is_null())) {
         bail!("funding the load accounts was refused: {answers}");
@@ -707,7 +715,7 @@ async fn archipel(bin: &Path, rates: &[f64], export_rate: Option<f64>) -> Result
         }
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let spam = spam_step(&client, &tenant, &mut nonce, &spammers, &load.sink).await?;
+    let spam = spam_step(&client, probers, &spammers, &load.sink).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let closed = load.closed_loop().await?;
     stop_following.store(true, Ordering::Relaxed);
@@ -748,29 +756,44 @@ async fn quiesce(client: &reqwest::Client) {
     println!("  note: the mempools were not empty {:.0} s after the last step", (DRAIN * 2).as_secs_f64());
 }
 
-/// Honest transfers from `tenant`, one at a time, each sent to the next node with
-/// `?wait=final` and timed until the node answered it final (never final: infinitely late), at
-/// least `min` of them and then until `more` says stop.
+/// Honest transfers from each of `probers` side by side (each one at a time, sent to the next
+/// node with `?wait=final` and timed until the node answered it final; never final: infinitely
+/// late): at least `min` in all, then while `more` says so. Returns the accounts' next nonces.
 async fn honest_probes(
     client: &reqwest::Client,
-    tenant: &Identity,
-    nonce: &mut u64,
+    probers: &mut [(Identity, u64)],
     sink: &Identity,
     min: usize,
-    more: impl Fn() -> bool,
+    more: Arc<dyn Fn() -> bool + Send + Sync>,
 ) -> Result<Vec<f64>> {
-    let mut out = Vec::new();
-    while out.len() < min || more() {
-        let signed = transfer(tenant, *nonce, sink, 1);
-        *nonce += 1;
-        let t = Instant::now();
-        let node = NODES[out.len() % NODES.len()];
-        let answer = post(client, format!("http://{node}/v1/tx?wait=final"), signed.bytes)
-            .await
-            .with_context(|| format!("honest transfer {} via {node}", out.len()))?;
-        out.push(if answer["status"] == "final" { t.elapsed().as_secs_f64() * 1e3 } else { f64::INFINITY });
+    let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for (p, (account, nonce)) in probers.iter().enumerate() {
+        let (client, account, sink, more, taken) =
+            (client.clone(), account.clone(), sink.clone(), more.clone(), taken.clone());
+        let mut nonce = *nonce;
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            while taken.fetch_add(1, Ordering::Relaxed) < min || more() {
+                let signed = transfer(&account, nonce, &sink, 1);
+                nonce += 1;
+                let t = Instant::now();
+                let node = NODES[(p + out.len()) % NODES.len()];
+                let answer = post(&client, format!("http://{node}/v1/tx?wait=final"), signed.bytes)
+                    .await
+                    .with_context(|| format!("honest transfer via {node}"))?;
+                out.push(if answer["status"] == "final" { t.elapsed().as_secs_f64() * 1e3 } else { f64::INFINITY });
+            }
+            anyhow::Ok((nonce, out))
+        }));
     }
-    Ok(out)
+    let mut all = Vec::new();
+    for (t, (_, nonce)) in tasks.into_iter().zip(probers.iter_mut()) {
+        let (next, out) = t.await??;
+        *nonce = next;
+        all.extend(out);
+    }
+    Ok(all)
 }
 
 /// The spam step: honest transfers timed one at a time, then again for as long as [`SPAMMERS`]
@@ -779,13 +802,13 @@ async fn honest_probes(
 /// nonces behind a gap, odd ones each spending 60 % of the balance.
 async fn spam_step(
     client: &reqwest::Client,
-    tenant: &Identity,
-    nonce: &mut u64,
+    probers: Vec<Identity>,
     spammers: &[Identity],
     sink: &Identity,
 ) -> Result<SpamFigures> {
     quiesce(client).await;
-    let before = honest_probes(client, tenant, nonce, sink, SPAM_PROBES, || false).await?;
+    let mut probers: Vec<(Identity, u64)> = probers.into_iter().map(|p| (p, 0)).collect();
+    let before = honest_probes(client, &mut probers, sink, SPAM_PROBES, Arc::new(|| false)).await?;
     // Signed beforehand, off the measured window.
     let mut floods = Vec::new();
     for (i, s) in spammers.iter().enumerate() {
@@ -847,7 +870,8 @@ async fn spam_step(
     }
     let flooding = done.clone();
     let during =
-        honest_probes(client, tenant, nonce, sink, 0, move || flooding.load(Ordering::Relaxed) < SPAMMERS).await?;
+        honest_probes(client, &mut probers, sink, 0, Arc::new(move || flooding.load(Ordering::Relaxed) < SPAMMERS))
+            .await?;
     let flood_secs = started.elapsed().as_secs_f64();
     let mut answers = std::collections::BTreeMap::new();
     let mut sent = 0;
@@ -867,7 +891,10 @@ async fn spam_step(
         answers,
         flood_secs,
     };
-    println!("  spam step, honest transfers one at a time before the flood: {}", figures.before);
+    println!(
+        "  spam step, honest transfers ({PROBERS} accounts, each one at a time) before the flood: {}",
+        figures.before
+    );
     println!(
         "  spam step, during the flood ({} transfers from {SPAMMERS} accounts in {:.1} s; answers {:?}): {}",
         figures.sent, figures.flood_secs, figures.answers, figures.during
