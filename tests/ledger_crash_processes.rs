@@ -161,9 +161,10 @@ fn a_validator_killed_20_times_under_load_catches_up_every_time() {
             assert!(
                 restarted.elapsed() < Duration::from_secs(45),
                 "{what} (moments seed {seed}): {victim} did not catch up with height {target} within 45 s (at \
-                 {:?}, healthy: {})",
+                 {:?}, healthy: {}); its log ends:\n{}",
                 head(&victim),
-                healthy(&victim)
+                healthy(&victim),
+                spawned_log_tail(work.path(), 40)
             );
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -40,12 +40,22 @@ pub fn rt() -> tokio::runtime::Runtime {
 }
 
 /// Starts `archipel ARGS` in `dir` in the background, output discarded.
+/// The last `n` lines of the log of the processes [`spawn`]ed in `dir`, for a failure message.
+pub fn spawned_log_tail(dir: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(dir.join("spawned.log")).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 pub fn spawn(dir: &Path, args: &[&str]) -> Child {
+    // Its log goes to `spawned.log` in `dir` (appended by every process spawned there), to read
+    // when a test fails.
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("spawned.log"));
     Command::new(bin())
         .current_dir(dir)
         .args(args)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log.map_or_else(|_| Stdio::null(), Stdio::from))
         .spawn()
         .expect("start archipel")
 }

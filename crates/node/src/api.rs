@@ -135,16 +135,16 @@ impl ApiGuards {
     /// A slot for one more export from `source` ([`MAX_EXPORTS`] at once in all,
     /// [`MAX_EXPORTS_PER_SOURCE`] from one address), held until the export's stream ends; or the
     /// refusal to answer (429 `export_limit`).
-    pub(crate) fn export_slot(&self, source: IpAddr) -> Result<ExportSlot, Response> {
+    pub(crate) fn export_slot(&self, source: IpAddr) -> Result<ExportSlot, Box<Response>> {
         let refused = |what: String| {
-            retry_later(
+            Box::new(retry_later(
                 StatusCode::TOO_MANY_REQUESTS,
                 "export_limit",
                 format!(
                     "{what}: retry when one has finished (exports share this node's export budget, api.limits.export_kib_per_second)"
                 ),
                 Duration::from_secs(5),
-            )
+            ))
         };
         let Ok(permit) = self.exports.clone().try_acquire_owned() else {
             return Err(refused(format!("this node already streams {MAX_EXPORTS} exports, the most it does at once")));

@@ -428,7 +428,7 @@ async fn blocks(State(s): State<Arc<ApiState>>, Query(params): Params) -> Respon
 async fn export(State(s): State<Arc<ApiState>>, connection: Option<Extension<ConnectInfo<SocketAddr>>>) -> Response {
     let slot = match s.guards.export_slot(request_source(connection.as_deref())) {
         Ok(slot) => slot,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let head = archipel_ledger::export::start(&s.genesis.canonical_bytes());
     match export_body(s.clone(), head, slot).await {
