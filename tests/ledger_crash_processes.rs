@@ -127,7 +127,14 @@ fn a_validator_killed_20_times_under_load_catches_up_every_time() {
         match running.take() {
             Some(mut c) => drop(c.0.wait()),
             None => {
-                while alive(*pid) {
+                // Started by the devnet, which reaps it. The process is a zombie as soon as its
+                // main thread is, but its sockets close only when its last thread has exited (one
+                // may be finishing an fsync): wait until it is gone, or the restart finds its
+                // ports in use.
+                let started = Instant::now();
+                while std::path::Path::new(&format!("/proc/{pid}")).exists()
+                    && started.elapsed() < Duration::from_secs(10)
+                {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }

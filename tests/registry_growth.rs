@@ -217,9 +217,19 @@ fn a_full_registry_refuses_registration_with_the_reason() {
     assert!(err.contains("registry_full") || err.contains("registry is full"), "{err}");
     assert!(err.contains("2 of 2 nodes") && err.contains("max_registered_nodes"), "{err}");
 
-    // A node leaving makes room (and its deposit goes back).
+    // A node leaving makes room, and its deposit goes back to its owner (less the leave's fee).
+    let tenant = Identity::load(&w.join("tenant.key")).unwrap().node_id();
+    let balance = || {
+        rt().block_on(ApiClient::new(url).get::<AccountView>(&format!("/v1/accounts/{tenant}")))
+            .unwrap()
+            .account
+            .balance_micro
+    };
+    let before_leave = balance();
     let out = archipel(w, &["node", "leave", "--config", "late1/node.toml", "--key", "tenant.key", "--node", url]);
     assert!(out.status.success(), "{}", stderr(&out));
+    let (deposit, fee) = (g["ledger"]["node_deposit_micro"].as_u64().unwrap(), g["ledger"]["tx_fee_micro"].as_u64().unwrap());
+    wait("the deposit back", Duration::from_secs(10), || balance() == before_leave + deposit - fee);
     let out = register("late2");
     assert!(out.status.success(), "{}", stderr(&out));
     let before = head(url).unwrap();
