@@ -228,7 +228,8 @@ fn a_full_registry_refuses_registration_with_the_reason() {
     let before_leave = balance();
     let out = archipel(w, &["node", "leave", "--config", "late1/node.toml", "--key", "tenant.key", "--node", url]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let (deposit, fee) = (g["ledger"]["node_deposit_micro"].as_u64().unwrap(), g["ledger"]["tx_fee_micro"].as_u64().unwrap());
+    let (deposit, fee) =
+        (g["ledger"]["node_deposit_micro"].as_u64().unwrap(), g["ledger"]["tx_fee_micro"].as_u64().unwrap());
     wait("the deposit back", Duration::from_secs(10), || balance() == before_leave + deposit - fee);
     let out = register("late2");
     assert!(out.status.success(), "{}", stderr(&out));
