@@ -534,8 +534,7 @@ impl Chain {
         let from = from.max(1);
         let to = from.saturating_add(max_blocks.max(1) - 1).min(g.certified);
         if from > to {
-            let nothing: crate::store::RangeReader = Box::new(|| Ok(Vec::new()));
-            return (crate::store::RangeRead { last: from - 1, len: 0, read: nothing }, g.certified);
+            return (crate::store::RangeRead::nothing(from - 1), g.certified);
         }
         (g.store.raw_range_reader(from, to, max_bytes), g.certified)
     }

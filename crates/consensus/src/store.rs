@@ -71,6 +71,13 @@ pub struct RangeRead {
     pub read: RangeReader,
 }
 
+impl RangeRead {
+    /// A read of nothing, ending at `last`.
+    pub fn nothing(last: u64) -> Self {
+        RangeRead { last, len: 0, read: Box::new(|| Ok(Vec::new())) }
+    }
+}
+
 impl std::fmt::Debug for RangeRead {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RangeRead").field("last", &self.last).field("len", &self.len).finish_non_exhaustive()
@@ -285,7 +292,7 @@ impl BlockStore for FileStore {
     fn raw_range_reader(&self, from: u64, to: u64, max_bytes: u64) -> RangeRead {
         let (from, to) = (from.max(1), to.min(self.height()));
         if from > to {
-            return RangeRead { last: from - 1, len: 0, read: Box::new(|| Ok(Vec::new())) };
+            return RangeRead::nothing(from - 1);
         }
         let start = self.offsets[from as usize - 1];
         // The last whole record within `max_bytes`, at least the first.

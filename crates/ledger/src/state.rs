@@ -308,17 +308,7 @@ impl State {
         self.check_size(encoded_len)?;
         let tx = &stx.tx;
         self.check_nonce_window(tx)?;
-        let fee = self.params.tx_fee_micro;
-        let balance_micro = self.account(&tx.signer).balance_micro;
-        if balance_micro < fee {
-            return Err(TxError::InsufficientFunds { balance_micro, needed_micro: fee });
-        }
-        match &tx.payload {
-            Payload::Transfer { to, amount_micro } => self.check_transfer(tx.signer, *to, *amount_micro, fee),
-            Payload::RegisterNode { descriptor, .. } => self.check_register_cheap(tx.signer, fee, descriptor),
-            Payload::UpdateNode { descriptor } => self.check_update_cheap(tx.signer, descriptor),
-            Payload::LeaveNode { node } => self.check_leave(tx.signer, *node),
-        }
+        self.check_kind(stx, false).map(|_| ())
     }
 
     /// Refuses a used nonce, or one further ahead of the account's next nonce than the window.
@@ -364,6 +354,12 @@ impl State {
     /// Checks everything about `stx` except its signature and nonce, as if it were the signer's
     /// next transaction; changes nothing. Returns the fee it would pay.
     fn check_next(&self, stx: &SignedTransaction) -> Result<u64, TxError> {
+        self.check_kind(stx, true)
+    }
+
+    /// The fee against the balance and the kind's rules; a registry change's descriptor and
+    /// consent signatures only `with_signatures`. Returns the fee.
+    fn check_kind(&self, stx: &SignedTransaction, with_signatures: bool) -> Result<u64, TxError> {
         let tx = &stx.tx;
         let fee = self.params.tx_fee_micro;
         let balance_micro = self.account(&tx.signer).balance_micro;
@@ -372,10 +368,12 @@ impl State {
         }
         match &tx.payload {
             Payload::Transfer { to, amount_micro } => self.check_transfer(tx.signer, *to, *amount_micro, fee)?,
-            Payload::RegisterNode { descriptor, consent } => {
+            Payload::RegisterNode { descriptor, consent } if with_signatures => {
                 self.check_register(tx.signer, fee, descriptor, consent)?
             }
-            Payload::UpdateNode { descriptor } => self.check_update(tx.signer, descriptor)?,
+            Payload::RegisterNode { descriptor, .. } => self.check_register_cheap(tx.signer, fee, descriptor)?,
+            Payload::UpdateNode { descriptor } if with_signatures => self.check_update(tx.signer, descriptor)?,
+            Payload::UpdateNode { descriptor } => self.check_update_cheap(tx.signer, descriptor)?,
             Payload::LeaveNode { node } => self.check_leave(tx.signer, *node)?,
         }
         Ok(fee)
