@@ -50,7 +50,19 @@ impl BatchWaiter {
 
 struct Pending {
     sent: Instant,
+    /// When the node's admission answer arrived.
+    answered: Option<Instant>,
     waiter: Option<Arc<BatchWaiter>>,
+}
+
+/// Where one transaction's time went: submission to the node's answer, answer to the block's
+/// proposal (the leader's clock in the header, same box), proposal to the client learning it
+/// final. Milliseconds; the middle two rest on the header's millisecond timestamp.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Split {
+    pub admission_ms: f64,
+    pub until_proposed_ms: f64,
+    pub proposed_to_learned_ms: f64,
 }
 
 /// Submissions and what became of them (sans-IO: every instant is passed in).
@@ -59,6 +71,8 @@ pub struct Tracker {
     pending: HashMap<Hash, Pending>,
     /// (sent, learned final) of every transaction seen final.
     finals: Vec<(Instant, Instant)>,
+    /// Where the time went, for each final transaction whose answer and block time are known.
+    splits: Vec<(Instant, Split)>,
     /// When each submission attempt was sent.
     attempts: Vec<Instant>,
     /// When each refused attempt was sent.
@@ -82,6 +96,9 @@ pub struct WindowCounts {
     pub latencies_ms: Vec<f64>,
     /// The same, each with its send time in seconds into the window.
     pub timeline: Vec<(f64, f64)>,
+    /// Where the time went, for the final transactions sent in the window whose answer and block
+    /// time are known.
+    pub splits: Vec<Split>,
 }
 
 impl Tracker {
@@ -99,8 +116,15 @@ impl Tracker {
             }
             std::collections::hash_map::Entry::Vacant(v) => {
                 let sent = self.first_sent.remove(v.key()).unwrap_or(sent);
-                v.insert(Pending { sent, waiter });
+                v.insert(Pending { sent, answered: None, waiter });
             }
+        }
+    }
+
+    /// The node admitted `hash` and its answer arrived at `at`.
+    pub fn answered(&mut self, hash: &Hash, at: Instant) {
+        if let Some(p) = self.pending.get_mut(hash) {
+            p.answered.get_or_insert(at);
         }
     }
 
@@ -117,12 +141,26 @@ impl Tracker {
     }
 
     /// The client learned at `at` that `hashes` are final; hashes it did not submit (funding,
-    /// other clients) are ignored.
-    pub fn learned_final<'a>(&mut self, hashes: impl IntoIterator<Item = &'a Hash>, at: Instant) -> usize {
+    /// other clients) are ignored. `proposed`: when their block was proposed, if known.
+    pub fn learned_final<'a>(
+        &mut self,
+        hashes: impl IntoIterator<Item = &'a Hash>,
+        at: Instant,
+        proposed: Option<Instant>,
+    ) -> usize {
+        let ms = |later: Instant, earlier: Instant| later.saturating_duration_since(earlier).as_secs_f64() * 1e3;
         let mut ours = 0;
         for hash in hashes {
             if let Some(p) = self.pending.remove(hash) {
                 self.finals.push((p.sent, at));
+                if let (Some(answered), Some(proposed)) = (p.answered, proposed) {
+                    let split = Split {
+                        admission_ms: ms(answered, p.sent),
+                        until_proposed_ms: ms(proposed, answered),
+                        proposed_to_learned_ms: ms(at, proposed),
+                    };
+                    self.splits.push((p.sent, split));
+                }
                 if let Some(w) = p.waiter {
                     w.settle_one();
                 }
@@ -148,13 +186,14 @@ impl Tracker {
             .collect();
         timeline.extend(self.pending.values().filter(|p| inside(&p.sent)).map(|p| (offset(&p.sent), f64::INFINITY)));
         let latencies_ms = timeline.iter().map(|(_, ms)| *ms).collect();
+        let splits = self.splits.iter().filter(|(sent, _)| inside(sent)).map(|(_, s)| *s).collect();
         for p in self.pending.values() {
             if let Some(w) = &p.waiter {
                 w.settle_one();
             }
         }
         *self = Tracker::default();
-        WindowCounts { offered, accepted: offered.saturating_sub(refused), finalized, latencies_ms, timeline }
+        WindowCounts { offered, accepted: offered.saturating_sub(refused), finalized, latencies_ms, timeline, splits }
     }
 
     /// Transactions sent and not yet seen final.
@@ -180,6 +219,7 @@ struct BlockSummary {
 #[derive(Deserialize)]
 struct HeaderSummary {
     height: u64,
+    timestamp_ms: u64,
 }
 
 #[derive(Deserialize)]
@@ -215,6 +255,16 @@ pub async fn follow(
     stop: Arc<AtomicBool>,
 ) -> Result<FollowStats> {
     let mut stats = FollowStats::default();
+    // Block times are wall-clock milliseconds of the proposer (on this box): mapped to instants
+    // through one reading of both clocks.
+    let (anchor, anchor_ms) = (Instant::now(), wall_ms());
+    let proposed_at = |ts: u64| {
+        if ts >= anchor_ms {
+            anchor.checked_add(Duration::from_millis(ts - anchor_ms))
+        } else {
+            anchor.checked_sub(Duration::from_millis(anchor_ms - ts))
+        }
+    };
     let mut failures = 0;
     let mut turn = 0usize;
     while !stop.load(Ordering::Relaxed) {
@@ -266,12 +316,16 @@ pub async fn follow(
             if b.header.height != from {
                 bail!("{url} answered block {} where {from} was expected", b.header.height);
             }
-            t.learned_final(b.txs.iter().map(|tx| &tx.hash), at);
+            t.learned_final(b.txs.iter().map(|tx| &tx.hash), at, proposed_at(b.header.timestamp_ms));
             from += 1;
             stats.blocks += 1;
         }
     }
     Ok(stats)
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]
@@ -296,8 +350,8 @@ mod tests {
         t.submitting(h(4), ms(120), None);
         t.refused(&h(4), ms(120));
         t.submitting(h(5), ms(130), None); // never final
-        assert_eq!(t.learned_final(&[h(1), h(2), h(9)], ms(140)), 2);
-        assert_eq!(t.learned_final(&[h(3)], ms(150)), 1);
+        assert_eq!(t.learned_final(&[h(1), h(2), h(9)], ms(140), None), 2);
+        assert_eq!(t.learned_final(&[h(3)], ms(150), None), 1);
         let w = t.take_window(ms(100), ms(200));
         assert_eq!((w.offered, w.accepted, w.finalized), (4, 3, 3));
         let mut l = w.latencies_ms;
@@ -315,7 +369,7 @@ mod tests {
         t.submitting(h(1), t0, None);
         t.refused(&h(1), t0);
         t.submitting(h(1), t0 + Duration::from_millis(40), None);
-        t.learned_final(&[h(1)], t0 + Duration::from_millis(60));
+        t.learned_final(&[h(1)], t0 + Duration::from_millis(60), None);
         let w = t.take_window(t0, t0 + Duration::from_secs(1));
         assert_eq!((w.offered, w.accepted), (2, 1));
         assert_eq!(w.latencies_ms.len(), 1);
@@ -328,7 +382,7 @@ mod tests {
         let mut t = Tracker::default();
         t.submitting(h(1), t0, None);
         t.submitting(h(1), t0 + Duration::from_millis(30), None);
-        t.learned_final(&[h(1)], t0 + Duration::from_millis(50));
+        t.learned_final(&[h(1)], t0 + Duration::from_millis(50), None);
         let w = t.take_window(t0, t0 + Duration::from_secs(1));
         assert_eq!(w.offered, 2);
         assert_eq!(w.latencies_ms.len(), 1);
@@ -343,10 +397,10 @@ mod tests {
         for i in 1..=3 {
             t.submitting(h(i), t0, Some(w.clone()));
         }
-        t.learned_final(&[h(1)], t0);
+        t.learned_final(&[h(1)], t0, None);
         t.refused(&h(2), t0);
         assert!(!w.wait(Duration::from_millis(10)).await, "one is still pending");
-        t.learned_final(&[h(3)], t0);
+        t.learned_final(&[h(3)], t0, None);
         assert!(w.wait(Duration::from_millis(10)).await);
     }
 }

@@ -698,6 +698,9 @@ async fn archipel(bin: &Path, rates: &[f64], export_rate: Option<f64>) -> Result
         if !step.slow.is_empty() {
             println!("    over {P99_GOAL_MS} ms: {}", figures::describe_stretches(&step.slow, 4));
         }
+        if let Some(split) = &step.split {
+            println!("    {split}");
+        }
         let missed = step.step.verdict().is_err();
         steps.push(step.step);
         if missed {
@@ -905,6 +908,8 @@ async fn spam_step(
 /// A step's figures, how busy the box was, and when its slow transfers were sent.
 struct MeasuredStep {
     step: Step,
+    /// Where the time went (p50s of [`finality::Split`]), when known.
+    split: Option<String>,
     busy_percent: f64,
     slow: Vec<figures::SlowStretch>,
     /// Every transfer's latency (ms; infinite: never final), for pooling steps.
@@ -1007,6 +1012,7 @@ impl Load {
             busy_percent,
             slow,
             latencies_ms: w.latencies_ms,
+            split: describe_split(&w.splits),
         })
     }
 
@@ -1150,6 +1156,24 @@ struct ClientLoop {
     sink: Identity,
 }
 
+/// "where the time went": p50 and p90 of each part of [`finality::Split`] over `splits`.
+fn describe_split(splits: &[finality::Split]) -> Option<String> {
+    if splits.is_empty() {
+        return None;
+    }
+    let part = |f: fn(&finality::Split) -> f64| {
+        let sorted = SortedMs::new(splits.iter().map(f).collect());
+        format!("p50 {:.1} / p90 {:.1} ms", sorted.percentile(0.5), sorted.percentile(0.9))
+    };
+    Some(format!(
+        "where the time went ({} transfers): submit->admitted {}; admitted->proposed {}; proposed->learned final {}",
+        splits.len(),
+        part(|s| s.admission_ms),
+        part(|s| s.until_proposed_ms),
+        part(|s| s.proposed_to_learned_ms),
+    ))
+}
+
 /// Sends transfers at `pace` until `stop`; returns the account and its next nonce.
 async fn client_loop(c: ClientLoop, pace: Pace, stop: Arc<AtomicBool>) -> (Identity, u64) {
     let mut n = c.first;
@@ -1211,10 +1235,13 @@ async fn client_loop(c: ClientLoop, pace: Pace, stop: Arc<AtomicBool>) -> (Ident
             Some(items) => {
                 let first_refused = items.iter().position(|i| i.error.is_some());
                 {
+                    let answered = Instant::now();
                     let mut t = finality::lock(&c.tracker);
                     for (item, h) in items.iter().zip(&hashes) {
                         if item.error.is_some() {
                             t.refused(h, sent);
+                        } else {
+                            t.answered(h, answered);
                         }
                     }
                 }
