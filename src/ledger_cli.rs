@@ -103,6 +103,59 @@ pub enum AccountCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Pay several recipients in one transaction (all or none; one fee per recipient; waits
+    /// until final unless --no-wait). FILE (or - for standard input) has one `RECIPIENT AMOUNT`
+    /// per line (account id or key file, micro-units; spaces, tabs or a comma between; `#`
+    /// starts a comment), at most 200 lines.
+    Pay {
+        /// The list of payments.
+        file: PathBuf,
+        /// Your key file (default: the devnet tenant key).
+        #[arg(long, env = "ARCHIPEL_KEY")]
+        key: Option<PathBuf>,
+        #[command(flatten)]
+        node: NodeArg,
+        /// Return once accepted, without waiting for finality.
+        #[arg(long)]
+        no_wait: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Reads a payment list (`account pay`): one `RECIPIENT AMOUNT` per line.
+fn read_credits(file: &Path) -> Result<Vec<archipel_ledger::Credit>> {
+    let text = if file == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("cannot read the payment list from standard input")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("cannot read the payment list {}", file.display()))?
+    };
+    let mut credits = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = line.split(|c: char| c == ',' || c.is_whitespace()).filter(|f| !f.is_empty()).collect();
+        let [to, amount] = fields[..] else {
+            bail!("{} line {}: expected `RECIPIENT AMOUNT`, got {line:?}", file.display(), i + 1);
+        };
+        let to = account_id(to).with_context(|| format!("{} line {}", file.display(), i + 1))?;
+        let amount_micro: u64 = amount.parse().with_context(|| {
+            format!("{} line {}: amount {amount:?} is not a whole number of micro-units", file.display(), i + 1)
+        })?;
+        credits.push(archipel_ledger::Credit { to, amount_micro });
+    }
+    if credits.is_empty() || credits.len() > archipel_ledger::MAX_CREDITS {
+        bail!(
+            "{} lists {} payments: one transaction pays 1 to {} recipients (split the list)",
+            file.display(),
+            credits.len(),
+            archipel_ledger::MAX_CREDITS
+        );
+    }
+    Ok(credits)
 }
 
 /// `archipel proof`.
@@ -409,45 +462,47 @@ pub async fn account(cmd: AccountCommand) -> Result<()> {
             Ok(())
         }
         AccountCommand::Transfer { to, amount_micro, key, node, no_wait, json } => {
-            let key = key.unwrap_or_else(|| devnet_path("tenant.key"));
-            let identity = Identity::load(&key)?;
             let to = account_id(&to)?;
-            let c = client(&node)?;
-            let me: AccountView = c.get(&format!("/v1/accounts/{}", identity.node_id())).await?;
-            let tx = Transaction {
-                signer: identity.node_id(),
-                nonce: me.account.nonce,
-                payload: Payload::Transfer { to, amount_micro },
-            }
-            .sign(&identity, &network_of(&c).await?);
-            let r = c.submit(&tx, !no_wait).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                match &r.status {
-                    archipel_consensus::TxStatus::Final(loc) => println!(
-                        "transferred {amount_micro} micro to {} — final in block {} (tx {})",
-                        to.short(),
-                        loc.height,
-                        r.hash
-                    ),
-                    _ => println!("submitted tx {} (not final yet: `archipel ledger show {}`)", r.hash, r.hash),
-                }
-            }
-            Ok(())
+            let r = sign_and_submit(key, Payload::Transfer { to, amount_micro }, &node, !no_wait).await?;
+            print_submitted(&r, json, &format!("transferred {amount_micro} micro to {}", to.short()))
+        }
+        AccountCommand::Pay { file, key, node, no_wait, json } => {
+            let credits = read_credits(&file)?;
+            let (count, total) = (credits.len(), credits.iter().fold(0u64, |t, c| t.saturating_add(c.amount_micro)));
+            let r = sign_and_submit(key, Payload::TransferMany { credits }, &node, !no_wait).await?;
+            print_submitted(&r, json, &format!("paid {total} micro to {count} recipients"))
         }
     }
 }
 
-/// Signs `payload` with `key` (default: the devnet tenant key) at its next nonce, submits it and
-/// waits until it is final.
-pub async fn submit_as(key: Option<PathBuf>, payload: Payload, node: &NodeArg, done: &str) -> Result<()> {
+/// Signs `payload` with `key` (default: the devnet tenant key) at the account's next nonce and
+/// submits it, waiting until it is final when `wait`.
+async fn sign_and_submit(key: Option<PathBuf>, payload: Payload, node: &NodeArg, wait: bool) -> Result<SubmitResponse> {
     let identity = Identity::load(&key.unwrap_or_else(|| devnet_path("tenant.key")))?;
     let c = client(node)?;
     let me: AccountView = c.get(&format!("/v1/accounts/{}", identity.node_id())).await?;
     let tx = Transaction { signer: identity.node_id(), nonce: me.account.nonce, payload }
         .sign(&identity, &network_of(&c).await?);
-    let r = c.submit(&tx, true).await?;
+    Ok(c.submit(&tx, wait).await?)
+}
+
+/// Prints a submission's outcome: `done` and where it is final, or that it is still pending.
+fn print_submitted(r: &SubmitResponse, json: bool, done: &str) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
+    match &r.status {
+        archipel_consensus::TxStatus::Final(loc) => println!("{done} — final in block {} (tx {})", loc.height, r.hash),
+        _ => println!("submitted tx {} (not final yet: `archipel ledger show {}`)", r.hash, r.hash),
+    }
+    Ok(())
+}
+
+/// Signs `payload` with `key` (default: the devnet tenant key) at its next nonce, submits it and
+/// waits until it is final.
+pub async fn submit_as(key: Option<PathBuf>, payload: Payload, node: &NodeArg, done: &str) -> Result<()> {
+    let r = sign_and_submit(key, payload, node, true).await?;
     match &r.status {
         archipel_consensus::TxStatus::Final(loc) => println!("{done} — final in block {} (tx {})", loc.height, r.hash),
         _ => bail!("transaction {} was accepted but is not final yet: check `archipel ledger show {}`", r.hash, r.hash),

@@ -16,6 +16,12 @@ fn tenant(devnet: &Devnet) -> Identity {
     Identity::load(&devnet.dir.join("tenant.key")).unwrap()
 }
 
+fn balance(node: &str, who: &Identity) -> u64 {
+    let a: serde_json::Value =
+        rt().block_on(ApiClient::new(node).get(&format!("/v1/accounts/{}", who.node_id()))).unwrap();
+    a["balance_micro"].as_u64().unwrap()
+}
+
 fn refused(client: &ApiClient, body: Vec<u8>) -> (u16, String) {
     match rt().block_on(client.raw("POST", "/v1/tx", body, Duration::from_secs(10))) {
         Err(ClientError::Api { status, code, .. }) => (status, code),
@@ -220,6 +226,40 @@ fn transfers_proofs_exports_and_bad_transactions() {
     assert!(stdout(&out).contains("\"final\""), "{}", stdout(&out));
     let out = archipel(w, &["ledger", "show", "99999999", "--node", &node]);
     assert!(!out.status.success() && stderr(&out).contains("not finalized yet"), "{}", stderr(&out));
+
+    // One transaction pays several recipients, all or none, one fee per recipient.
+    let n4 = Identity::load(&devnet.node(3).3.parent().unwrap().join("node.key")).unwrap();
+    let list = w.join("payroll.txt");
+    std::fs::write(
+        &list,
+        format!(
+            "# who, how much\n{},100\n{} 200   # key file\n\n{}\t3\n",
+            n4.node_id(),
+            n5_key.display(),
+            n4.node_id()
+        ),
+    )
+    .unwrap();
+    let n4_before = balance(&node, &n4);
+    let out = archipel(w, &["account", "pay", list.to_str().unwrap(), "--key", &key, "--node", &node]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("paid 303 micro to 3 recipients — final in block"), "{}", stdout(&out));
+    assert_eq!(balance(&node, &n4), n4_before + 103);
+    assert_eq!(balance(&node, &n5), 1234 + 200);
+    // A list the tenant cannot cover moves nothing and says why.
+    std::fs::write(&list, format!("{} 1\n{} 18446744073709551615\n", n4.node_id(), n5.node_id())).unwrap();
+    let out = archipel(w, &["account", "pay", list.to_str().unwrap(), "--key", &key, "--node", &node]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("insufficient_funds") || stderr(&out).contains("overflow"), "{}", stderr(&out));
+    assert_eq!(balance(&node, &n4), n4_before + 103, "all or none");
+    // A malformed list is refused before anything is signed, naming the line.
+    std::fs::write(&list, "nobody 5\n").unwrap();
+    let out = archipel(w, &["account", "pay", list.to_str().unwrap(), "--key", &key, "--node", &node]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("line 1"), "{}", stderr(&out));
+    std::fs::write(&list, "# nothing\n").unwrap();
+    let out = archipel(w, &["account", "pay", list.to_str().unwrap(), "--key", &key, "--node", &node]);
+    assert!(stderr(&out).contains("lists 0 payments: one transaction pays 1 to 200 recipients"), "{}", stderr(&out));
 
     // Every node heartbeats: all leases are up in finalized state.
     let start = std::time::Instant::now();

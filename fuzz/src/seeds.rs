@@ -63,6 +63,17 @@ fn chain(net: &Network) -> Chain {
     let second = vec![
         sign(n2, &network, 0, Payload::UpdateNode { descriptor: versioned(2, 2) }),
         sign(tenant, &network, 2, Payload::LeaveNode { node: n5.node_id() }),
+        sign(
+            n2,
+            &network,
+            1,
+            Payload::TransferMany {
+                credits: vec![
+                    archipel_ledger::Credit { to: tenant.node_id(), amount_micro: 10 },
+                    archipel_ledger::Credit { to: n1.node_id(), amount_micro: 20 },
+                ],
+            },
+        ),
     ];
     // Lease changes: n01 proves it is alive in the first block and is marked down in the second.
     let up = LivenessChange::Up { node: n1.node_id(), proof: AliveProof::sign(n1, &network, 0) };

@@ -1,8 +1,9 @@
-//! Accounts and balances: the `Transfer` kind.
+//! Accounts and balances: the `Transfer` and `TransferMany` kinds.
 
 use crate::state::{Receipt, State};
-use crate::tx::TxError;
+use crate::tx::{Credit, MAX_CREDITS, TxError};
 use archipel_types::NodeId;
+use std::collections::BTreeMap;
 
 impl State {
     /// Checks a transfer of `amount` plus `fee` from `from` to `to` without changing anything.
@@ -18,6 +19,56 @@ impl State {
         Ok(())
     }
 
+    /// What each recipient of `credits` gains (the signer's own credits left out: they move
+    /// nothing), and the sum of all amounts; `None` on overflow.
+    fn credit_totals(from: NodeId, credits: &[Credit]) -> Option<(BTreeMap<NodeId, u64>, u64)> {
+        let mut gains: BTreeMap<NodeId, u64> = BTreeMap::new();
+        let mut total: u64 = 0;
+        for c in credits {
+            total = total.checked_add(c.amount_micro)?;
+            if c.to != from {
+                let g = gains.entry(c.to).or_default();
+                *g = g.checked_add(c.amount_micro)?;
+            }
+        }
+        Some((gains, total))
+    }
+
+    /// Checks a [`crate::Payload::TransferMany`] without changing anything: 1 to
+    /// [`MAX_CREDITS`] credits, the signer covers every amount and `fee`, no balance overflows.
+    pub(crate) fn check_transfer_many(&self, from: NodeId, credits: &[Credit], fee: u64) -> Result<(), TxError> {
+        if credits.is_empty() || credits.len() > MAX_CREDITS {
+            return Err(TxError::Malformed(format!(
+                "a transfer_many carries 1 to {MAX_CREDITS} credits, not {}",
+                credits.len()
+            )));
+        }
+        let (gains, total) = Self::credit_totals(from, credits).ok_or(TxError::Overflow)?;
+        let balance = self.account(&from).balance_micro;
+        let needed = total.checked_add(fee).ok_or(TxError::Overflow)?;
+        if balance < needed {
+            return Err(TxError::InsufficientFunds { balance_micro: balance, needed_micro: needed });
+        }
+        for (to, gain) in &gains {
+            self.account(to).balance_micro.checked_add(*gain).ok_or(TxError::Overflow)?;
+        }
+        Ok(())
+    }
+
+    /// Moves every credit (the fee is charged by the caller); only after
+    /// [`State::check_transfer_many`].
+    pub(crate) fn apply_transfer_many(&mut self, from: NodeId, credits: &[Credit], fee: u64) -> Receipt {
+        let (gains, _) = Self::credit_totals(from, credits).expect("checked before");
+        let mut moved = 0;
+        for (to, gain) in gains {
+            self.accounts.entry(to).or_default().balance_micro += gain;
+            moved += gain;
+        }
+        self.accounts.entry(from).or_default().balance_micro -= moved;
+        let total_micro = credits.iter().map(|c| c.amount_micro).sum();
+        Receipt::TransferredMany { from, credits: credits.len(), total_micro, fee_micro: fee }
+    }
+
     /// Moves `amount` (the fee is charged by the caller); only after [`State::check_transfer`].
     pub(crate) fn apply_transfer(&mut self, from: NodeId, to: NodeId, amount: u64, fee: u64) -> Receipt {
         if from != to {
@@ -30,9 +81,63 @@ impl State {
 
 #[cfg(test)]
 mod tests {
-    use crate::state::tests::{genesis, id, transfer};
+    use crate::state::tests::{genesis, id, signed, transfer};
     use crate::state::{Account, GenesisState, Receipt, State};
+    use crate::tx::{Credit, MAX_CREDITS, Payload, TxError};
     use proptest::prelude::*;
+
+    fn many(from: u64, nonce: u64, credits: &[(u64, u64)]) -> crate::SignedTransaction {
+        let credits =
+            credits.iter().map(|&(to, amount)| Credit { to: id(to).node_id(), amount_micro: amount }).collect();
+        signed(from, nonce, Payload::TransferMany { credits })
+    }
+
+    #[test]
+    fn transfer_many_moves_every_credit_and_pays_a_fee_per_credit() {
+        let mut s = genesis();
+        // Account 1 twice, the signer itself once (moves nothing, still paid for).
+        let r = s.apply(&many(0, 0, &[(1, 100), (10, 50), (1, 25), (0, 7)])).unwrap();
+        assert_eq!(r, Receipt::TransferredMany { from: id(0).node_id(), credits: 4, total_micro: 182, fee_micro: 4 });
+        assert_eq!(s.account(&id(0).node_id()), Account { balance_micro: 1_000 - 175 - 4, nonce: 1 });
+        assert_eq!(s.account(&id(1).node_id()).balance_micro, 625);
+        assert_eq!(s.account(&id(10).node_id()).balance_micro, 150);
+        assert_eq!(s.chain().fees_burned_micro, 4);
+        assert_eq!(s.total_micro(), 1_600, "what was burned is counted as burned");
+    }
+
+    #[test]
+    fn transfer_many_is_all_or_nothing() {
+        let mut s = genesis();
+        let root = s.state_root();
+        // 821 left after fees of 2 would be needed twice over: nothing moves.
+        let e = s.apply(&many(0, 0, &[(1, 500), (10, 499)])).unwrap_err();
+        assert_eq!(e, TxError::InsufficientFunds { balance_micro: 1_000, needed_micro: 1_001 });
+        assert_eq!(s.state_root(), root, "a refused transfer_many changes nothing");
+        // Exactly the balance: fine.
+        s.apply(&many(0, 0, &[(1, 500), (10, 498)])).unwrap();
+        assert_eq!(s.account(&id(0).node_id()).balance_micro, 0);
+        // A credit that overflows a recipient's balance refuses the lot.
+        let mut s = State::genesis(GenesisState {
+            accounts: vec![(id(0).node_id(), u64::MAX), (id(1).node_id(), u64::MAX - 5)],
+            ..Default::default()
+        });
+        assert_eq!(s.apply(&many(0, 0, &[(2, 10), (1, 3), (1, 3)])).unwrap_err(), TxError::Overflow);
+        assert_eq!(s.account(&id(2).node_id()).balance_micro, 0);
+        // Amounts whose sum overflows.
+        assert_eq!(s.apply(&many(0, 0, &[(2, u64::MAX), (3, 1)])).unwrap_err(), TxError::Overflow);
+    }
+
+    #[test]
+    fn transfer_many_carries_one_to_max_credits() {
+        let mut s = genesis();
+        let e = s.apply(&many(0, 0, &[])).unwrap_err();
+        assert_eq!(e.code(), "malformed");
+        assert!(e.to_string().contains("1 to 200 credits, not 0"), "{e}");
+        let too_many: Vec<(u64, u64)> = (0..=MAX_CREDITS as u64).map(|_| (1, 1)).collect();
+        assert!(s.apply(&many(0, 0, &too_many)).unwrap_err().to_string().contains("not 201"));
+        s.apply(&many(0, 0, &too_many[..MAX_CREDITS])).unwrap();
+        assert_eq!(s.account(&id(1).node_id()).balance_micro, 700);
+    }
 
     #[test]
     fn transfers_move_money_burn_the_fee_and_bump_the_nonce() {
@@ -50,13 +155,18 @@ mod tests {
 
     proptest! {
         #[test]
-        fn money_is_conserved_and_replay_gives_the_same_root(ops in prop::collection::vec((0u64..3, 0u64..3, 0u64..700), 0..40)) {
+        fn money_is_conserved_and_replay_gives_the_same_root(ops in prop::collection::vec((0u64..3, 0u64..3, 0u64..700, 0usize..4), 0..40)) {
             let start = || State::genesis(GenesisState { accounts: (0..3).map(|i| (id(i).node_id(), 1_000)).collect(), ..Default::default() });
             let mut a = start();
             let mut nonces = [0u64; 3];
             let mut applied = Vec::new();
-            for (from, to, amount) in ops {
-                let t = transfer(from, nonces[from as usize], to, amount);
+            for (from, to, amount, extra) in ops {
+                // `extra` > 0: a transfer_many to `to` and the next accounts in turn.
+                let nonce = nonces[from as usize];
+                let t = match extra {
+                    0 => transfer(from, nonce, to, amount),
+                    n => many(from, nonce, &(0..=n as u64).map(|k| ((to + k) % 3, amount / (k + 1))).collect::<Vec<_>>()),
+                };
                 if a.apply(&t).is_ok() {
                     nonces[from as usize] += 1;
                     applied.push(t);

@@ -28,4 +28,4 @@ pub use mempool::{Mempool, MempoolError, MempoolLimits};
 pub use params::LedgerParams;
 pub use proof::{ProofError, StateProof, TxProof};
 pub use state::{Account, ChainPosition, GenesisState, LeaseStatus, NodeRecord, Receipt, State, StateKey};
-pub use tx::{Payload, SignedTransaction, Transaction, TxError, verify_all, verify_each};
+pub use tx::{Credit, MAX_CREDITS, Payload, SignedTransaction, Transaction, TxError, verify_all, verify_each};

@@ -175,6 +175,9 @@ impl Default for MempoolLimits {
 fn spend_micro(params: &LedgerParams, tx: &Transaction) -> u64 {
     match &tx.payload {
         Payload::Transfer { amount_micro, .. } => params.tx_fee_micro.saturating_add(*amount_micro),
+        Payload::TransferMany { credits } => {
+            credits.iter().fold(tx.payload.fee_micro(params.tx_fee_micro), |sum, c| sum.saturating_add(c.amount_micro))
+        }
         // The deposit is locked from the sponsor's balance too.
         Payload::RegisterNode { .. } => params.tx_fee_micro.saturating_add(params.node_deposit_micro),
         Payload::UpdateNode { .. } | Payload::LeaveNode { .. } => params.tx_fee_micro,
@@ -645,6 +648,18 @@ mod tests {
         assert!(matches!(m.insert(&s, transfer(1, 0, 0, 1), 100, 0), Err(MempoolError::Full(2))));
         m.remove(&h);
         assert_eq!(m.len(), 1);
+    }
+
+    #[test]
+    fn a_transfer_many_counts_every_amount_and_fee_against_the_balance() {
+        let s = genesis();
+        let mut m = pool(100);
+        let credits = vec![crate::Credit { to: id(1).node_id(), amount_micro: 300 }; 3];
+        // 900 + 3 fees: 903 of account 0's 1,000.
+        m.insert(&s, signed(0, 0, Payload::TransferMany { credits }), 100, 0).unwrap();
+        let e = m.insert(&s, transfer(0, 1, 1, 97), 100, 0).unwrap_err();
+        assert!(e.to_string().contains("already spend 903 of its final balance of 1000"), "{e}");
+        m.insert(&s, transfer(0, 1, 1, 96), 100, 0).unwrap();
     }
 
     #[test]

@@ -53,6 +53,17 @@ pub enum Receipt {
         /// Fee burned.
         fee_micro: u64,
     },
+    /// Funds moved to several recipients ([`crate::Payload::TransferMany`]).
+    TransferredMany {
+        /// From.
+        from: NodeId,
+        /// How many credits.
+        credits: usize,
+        /// Sum of the amounts.
+        total_micro: u64,
+        /// Fee burned (one transfer fee per credit).
+        fee_micro: u64,
+    },
     /// A node joined the registry.
     NodeRegistered {
         /// The node.
@@ -340,6 +351,7 @@ impl State {
         // Every check passed: only now mutate (nothing below can fail).
         let receipt = match &tx.payload {
             Payload::Transfer { to, amount_micro } => self.apply_transfer(tx.signer, *to, *amount_micro, fee),
+            Payload::TransferMany { credits } => self.apply_transfer_many(tx.signer, credits, fee),
             Payload::RegisterNode { descriptor, .. } => self.apply_register(tx.signer, descriptor),
             Payload::UpdateNode { descriptor } => self.apply_update(descriptor),
             Payload::LeaveNode { node } => self.apply_leave(*node),
@@ -361,13 +373,14 @@ impl State {
     /// consent signatures only `with_signatures`. Returns the fee.
     fn check_kind(&self, stx: &SignedTransaction, with_signatures: bool) -> Result<u64, TxError> {
         let tx = &stx.tx;
-        let fee = self.params.tx_fee_micro;
+        let fee = tx.payload.fee_micro(self.params.tx_fee_micro);
         let balance_micro = self.account(&tx.signer).balance_micro;
         if balance_micro < fee {
             return Err(TxError::InsufficientFunds { balance_micro, needed_micro: fee });
         }
         match &tx.payload {
             Payload::Transfer { to, amount_micro } => self.check_transfer(tx.signer, *to, *amount_micro, fee)?,
+            Payload::TransferMany { credits } => self.check_transfer_many(tx.signer, credits, fee)?,
             Payload::RegisterNode { descriptor, consent } if with_signatures => {
                 self.check_register(tx.signer, fee, descriptor, consent)?
             }

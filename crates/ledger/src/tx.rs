@@ -31,6 +31,18 @@ pub fn consent_bytes(network: &Hash, owner: &NodeId, descriptor: &SignedDescript
     [&network.0[..], owner.as_bytes(), &descriptor_hash.0].concat()
 }
 
+/// Most credits one [`Payload::TransferMany`] carries.
+pub const MAX_CREDITS: usize = 200;
+
+/// One recipient of a [`Payload::TransferMany`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credit {
+    /// Recipient.
+    pub to: NodeId,
+    /// Amount in micro-units.
+    pub amount_micro: u64,
+}
+
 /// What a transaction does.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
@@ -41,6 +53,12 @@ pub enum Payload {
         to: NodeId,
         /// Amount in micro-units.
         amount_micro: u64,
+    },
+    /// Several transfers from the signer under one signature and one nonce (a payroll, paying a
+    /// job's providers): all of them or none. Each credit pays the transfer fee.
+    TransferMany {
+        /// 1 to [`MAX_CREDITS`] recipients and amounts (a recipient may appear more than once).
+        credits: Vec<Credit>,
     },
     /// Register a new node; the signer sponsors it (pays the fee and locks the deposit) and
     /// becomes its owner, with the node's consent. Build it with [`Payload::register_node`].
@@ -76,9 +94,19 @@ impl Payload {
     pub fn kind(&self) -> &'static str {
         match self {
             Payload::Transfer { .. } => "transfer",
+            Payload::TransferMany { .. } => "transfer_many",
             Payload::RegisterNode { .. } => "register_node",
             Payload::UpdateNode { .. } => "update_node",
             Payload::LeaveNode { .. } => "leave_node",
+        }
+    }
+
+    /// The fee this payload pays when the per-transaction fee is `tx_fee_micro`: once per
+    /// transfer of a [`Payload::TransferMany`], once for any other kind.
+    pub fn fee_micro(&self, tx_fee_micro: u64) -> u64 {
+        match self {
+            Payload::TransferMany { credits } => tx_fee_micro.saturating_mul(credits.len() as u64),
+            _ => tx_fee_micro,
         }
     }
 }
@@ -249,6 +277,15 @@ impl Write for Payload {
                 to.0.write(buf);
                 amount_micro.write(buf);
             }
+            Payload::TransferMany { credits } => {
+                2u8.write(buf);
+                // Count first (a u8 suffices: at most MAX_CREDITS), then each credit.
+                (credits.len() as u8).write(buf);
+                for c in credits {
+                    c.to.0.write(buf);
+                    c.amount_micro.write(buf);
+                }
+            }
             Payload::RegisterNode { descriptor, consent } => {
                 3u8.write(buf);
                 write_descriptor(descriptor, buf);
@@ -270,6 +307,7 @@ impl EncodeSize for Payload {
     fn encode_size(&self) -> usize {
         1 + match self {
             Payload::Transfer { .. } => 32 + 8,
+            Payload::TransferMany { credits } => 1 + credits.len() * (32 + 8),
             Payload::RegisterNode { descriptor, .. } => descriptor_size(descriptor) + 64,
             Payload::UpdateNode { descriptor } => descriptor_size(descriptor),
             Payload::LeaveNode { .. } => 32,
@@ -282,6 +320,17 @@ impl Read for Payload {
     fn read_cfg(buf: &mut impl Buf, _: &()) -> Result<Self, CodecError> {
         Ok(match u8::read(buf)? {
             1 => Payload::Transfer { to: NodeId(<[u8; 32]>::read(buf)?), amount_micro: u64::read(buf)? },
+            2 => {
+                let n = u8::read(buf)? as usize;
+                if n == 0 || n > MAX_CREDITS {
+                    return Err(CodecError::Invalid("TransferMany", "between 1 and 200 credits"));
+                }
+                let mut credits = Vec::with_capacity(n);
+                for _ in 0..n {
+                    credits.push(Credit { to: NodeId(<[u8; 32]>::read(buf)?), amount_micro: u64::read(buf)? });
+                }
+                Payload::TransferMany { credits }
+            }
             3 => Payload::RegisterNode { descriptor: read_descriptor(buf)?, consent: <[u8; 64]>::read(buf)? },
             4 => Payload::UpdateNode { descriptor: read_descriptor(buf)? },
             5 => Payload::LeaveNode { node: NodeId(<[u8; 32]>::read(buf)?) },
@@ -482,6 +531,31 @@ mod tests {
         let refs: Vec<&SignedTransaction> = bad[3..].iter().collect();
         assert!(matches!(verify_all_z(&refs), Err((1, _))), "works over references too");
         assert!(matches!(verify_all_z(&bad[2..3]), Err((0, _))), "a batch of one");
+    }
+
+    #[test]
+    fn transfer_many_round_trips_and_refuses_no_or_too_many_credits() {
+        let a = Identity::from_seed(1);
+        let credit = Credit { to: Identity::from_seed(2).node_id(), amount_micro: 5 };
+        let with = |n: usize| {
+            Transaction { signer: a.node_id(), nonce: 3, payload: Payload::TransferMany { credits: vec![credit; n] } }
+                .sign(&a, &Hash::ZERO)
+        };
+        for n in [1, 2, MAX_CREDITS] {
+            let t = with(n);
+            let bytes = t.to_bytes();
+            assert_eq!(bytes.len(), t.encode_size());
+            assert_eq!(SignedTransaction::from_bytes(&bytes, 16 * 1024).unwrap(), t);
+            assert_eq!(t.tx.payload.fee_micro(3), 3 * n as u64);
+        }
+        // Counts 0 and 201 never decode (the count byte is written as it is).
+        for n in [0, MAX_CREDITS + 1] {
+            let e = SignedTransaction::from_bytes(&with(n).to_bytes(), 16 * 1024).unwrap_err();
+            assert!(e.to_string().contains("between 1 and 200 credits"), "{e}");
+        }
+        // Truncated inside the credits.
+        let bytes = with(3).to_bytes();
+        assert!(matches!(SignedTransaction::from_bytes(&bytes[..60], 1024), Err(TxError::Malformed(_))));
     }
 
     #[test]

@@ -116,7 +116,16 @@ async fn submit(
     let max = s.genesis.ledger.max_tx_bytes as usize;
     let json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
     let stx = if json {
-        match serde_json::from_slice::<SignedTransaction>(&body) {
+        // What is signed and gossiped is the binary form: a JSON transaction must be exactly
+        // one that form decodes to (e.g. no transfer_many with more credits than it counts).
+        let parsed = serde_json::from_slice::<SignedTransaction>(&body).map_err(|e| e.to_string()).and_then(|t| {
+            match SignedTransaction::from_bytes(&t.to_bytes(), usize::MAX) {
+                Ok(back) if back == t => Ok(t),
+                Ok(_) => Err("it has no binary encoding (too many credits?)".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        match parsed {
             Ok(t) => t,
             Err(e) => {
                 return error(
@@ -706,5 +715,29 @@ mod tests {
         let r = http().post(format!("{url}/v1/tx?wait=final&timeout_ms=soon")).body(vec![]).send().await.unwrap();
         assert_eq!(r.status(), 400);
         assert!(r.json::<ApiError>().await.unwrap().message.starts_with("timeout_ms="));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_json_transaction_must_have_a_binary_form() {
+        let s = state(limits(|_| {}));
+        let network = s.chain.genesis_state().network();
+        let url = serve(s).await;
+        let credit = archipel_ledger::Credit { to: tenant().node_id(), amount_micro: 1 };
+        let with = |n: usize| {
+            Transaction {
+                signer: tenant().node_id(),
+                nonce: 0,
+                payload: Payload::TransferMany { credits: vec![credit; n] },
+            }
+            .sign(&tenant(), &network)
+        };
+        // 300 credits would be written with a count of 44: refused before anything else.
+        let r = http().post(format!("{url}/v1/tx")).json(&with(300)).send().await.unwrap();
+        assert_eq!(r.status(), 400);
+        let e = r.json::<ApiError>().await.unwrap();
+        assert_eq!(e.error, "malformed");
+        assert!(e.message.contains("bytes after the transaction"), "{}", e.message);
+        let r = http().post(format!("{url}/v1/tx")).json(&with(3)).send().await.unwrap();
+        assert_eq!(r.status(), 202, "{:?}", r.text().await);
     }
 }
