@@ -54,6 +54,36 @@ const LEADER_TIMEOUT: Duration = Duration::from_secs(1);
 const WARM_UP: Duration = Duration::from_secs(3);
 /// Name of the file each validator writes its samples to, in its own directory.
 const SAMPLES_FILE: &str = "propose_to_finalize_ms.txt";
+/// Each validator's own proposals: `proposed_us finalized_us` (Unix microseconds) per line.
+const TIMELINE_FILE: &str = "timeline_us.txt";
+/// Spacing of the virtual arrivals of [`arrival_to_final`].
+const ARRIVAL_STEP_US: u64 = 100;
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The best any application could do on this engine for a transaction that arrives at a random
+/// moment: it waits for the next proposal (by any leader), then that proposal's finalization.
+/// `timeline` holds every validator's (proposed, finalized) instants (Unix µs, one box's
+/// clock); arrivals every `step_us` from the first proposal to the last are each timed to the
+/// finalization of the first proposal at or after them. Milliseconds, one per arrival.
+pub fn arrival_to_final(timeline: &mut [(u64, u64)], step_us: u64) -> Vec<f64> {
+    timeline.sort_unstable();
+    let (Some(first), Some(last)) = (timeline.first(), timeline.last()) else { return Vec::new() };
+    let (start, end) = (first.0, last.0);
+    let mut out = Vec::new();
+    let mut next = 0;
+    let mut t = start;
+    while t <= end {
+        while timeline[next].0 < t {
+            next += 1;
+        }
+        out.push(timeline[next].1.saturating_sub(t) as f64 / 1e3);
+        t += step_us.max(1);
+    }
+    out
+}
 
 /// What the bare engine measured.
 #[derive(Clone, Debug)]
@@ -63,6 +93,8 @@ pub struct BareFigures {
     pub latency: Latencies,
     /// Views finalized per second (as seen by validator 0).
     pub views_per_s: f64,
+    /// A payload arriving at a random moment, to its finalization ([`arrival_to_final`]).
+    pub arrival: Latencies,
 }
 
 /// Runs 4 validator processes (this executable, `simplex-validator`) for `duration` and
@@ -101,8 +133,11 @@ pub fn run(duration: Duration) -> Result<BareFigures> {
     }
     let mut all = Vec::new();
     let mut views_per_s = f64::NAN;
+    let mut timeline = Vec::new();
     for index in 0..VALIDATORS {
-        let (samples, finalized_views) = read_samples(&work.join(format!("v{index}")).join(SAMPLES_FILE))?;
+        let dir = work.join(format!("v{index}"));
+        timeline.extend(read_timeline(&dir.join(TIMELINE_FILE))?);
+        let (samples, finalized_views) = read_samples(&dir.join(SAMPLES_FILE))?;
         if index == 0 {
             views_per_s = finalized_views as f64 / (duration - WARM_UP).as_secs_f64();
         }
@@ -112,7 +147,21 @@ pub fn run(duration: Duration) -> Result<BareFigures> {
         bail!("the bare-simplex validators finalized no view they proposed; logs in {}", work.display());
     }
     let _ = std::fs::remove_dir_all(&work);
-    Ok(BareFigures { latency: Latencies::of(SortedMs::new(all)), views_per_s })
+    let arrival = Latencies::of(SortedMs::new(arrival_to_final(&mut timeline, ARRIVAL_STEP_US)));
+    Ok(BareFigures { latency: Latencies::of(SortedMs::new(all)), views_per_s, arrival })
+}
+
+fn read_timeline(path: &Path) -> Result<Vec<(u64, u64)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .map(|l| {
+            let mut it = l.split(' ').map(str::parse::<u64>);
+            match (it.next(), it.next()) {
+                (Some(Ok(p)), Some(Ok(f))) => Ok((p, f)),
+                _ => bail!("{}: {l:?} is not `proposed_us finalized_us`", path.display()),
+            }
+        })
+        .collect()
 }
 
 /// Reads a validator's samples: the first line is `finalized_views N`, then one latency (ms)
@@ -274,12 +323,14 @@ fn address(index: usize) -> SocketAddr {
 /// What one validator observed.
 #[derive(Default)]
 struct Observed {
-    /// When this validator proposed each of its payloads.
-    proposed: HashMap<Digest, Instant>,
+    /// When this validator proposed each of its payloads (and the wall clock then).
+    proposed: HashMap<Digest, (Instant, u64)>,
     /// Propose->finalize of this validator's own proposals made after the warm-up (ms).
     samples: Vec<f64>,
     /// Views finalized after the warm-up.
     finalized_views: u64,
+    /// (proposed, finalized) in Unix microseconds, of the same proposals as `samples`.
+    timeline: Vec<(u64, u64)>,
 }
 
 /// The application with no work: proposes a digest of the round, accepts every payload, relays
@@ -305,7 +356,10 @@ impl BareApp {
         for s in &o.samples {
             text.push_str(&format!("{s:.3}\n"));
         }
-        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        let timeline: String = o.timeline.iter().map(|(p, f)| format!("{p} {f}\n")).collect();
+        let path = path.with_file_name(TIMELINE_FILE);
+        std::fs::write(&path, timeline).with_context(|| format!("cannot write {}", path.display()))
     }
 }
 
@@ -316,7 +370,7 @@ impl Automaton for BareApp {
     async fn propose(&mut self, context: Self::Context) -> oneshot::Receiver<Digest> {
         let round = context.round;
         let digest = Sha256::hash(&[&round.epoch().get().to_be_bytes(), &round.view().get().to_be_bytes()]);
-        self.observed().proposed.insert(digest, Instant::now());
+        self.observed().proposed.insert(digest, (Instant::now(), unix_us()));
         let (tx, rx) = oneshot::channel();
         tx.send_lossy(digest);
         rx
@@ -352,12 +406,28 @@ impl Reporter for BareApp {
             if now >= measure_from {
                 o.finalized_views += 1;
             }
-            if let Some(proposed) = o.proposed.remove(&f.proposal.payload)
+            if let Some((proposed, proposed_us)) = o.proposed.remove(&f.proposal.payload)
                 && proposed >= measure_from
             {
                 o.samples.push((now - proposed).as_secs_f64() * 1e3);
+                o.timeline.push((proposed_us, unix_us()));
             }
         }
         commonware_actor::Feedback::Ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Proposals at 0, 10 and 20 ms, each final 6 ms later: an arrival waits for the next
+    /// proposal, then its 6 ms.
+    #[test]
+    fn an_arrival_waits_for_the_next_proposal_then_its_finalization() {
+        let mut timeline = vec![(20_000, 26_000), (0, 6_000), (10_000, 16_000)];
+        let l = arrival_to_final(&mut timeline, 2_500);
+        assert_eq!(l, [6.0, 13.5, 11.0, 8.5, 6.0, 13.5, 11.0, 8.5, 6.0]);
+        assert!(arrival_to_final(&mut [], 100).is_empty());
     }
 }
