@@ -885,11 +885,15 @@ async fn spam_step(
     }
     // Each spammer sends its transfers once (in batches the API takes); the honest probes run
     // while any spammer is still sending.
+    let mut signed = Vec::with_capacity(floods.len());
+    for f in floods {
+        signed.push(f.await?);
+    }
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut senders = Vec::new();
+    eprintln!("spam flood starts");
     let started = Instant::now();
-    for (i, f) in floods.into_iter().enumerate() {
-        let batches = f.await?;
+    for (i, batches) in signed.into_iter().enumerate() {
         let source = std::net::IpAddr::from([127, 0, 62, 2 + i as u8]);
         let client = reqwest::Client::builder().no_proxy().local_address(source).build()?;
         let url = format!("http://{}/v1/txs", NODES[i % NODES.len()]);

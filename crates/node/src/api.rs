@@ -76,20 +76,26 @@ pub struct ApiState {
     pub tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     /// Concurrency and rate limits.
     pub guards: ApiGuards,
-    /// Where submissions are admitted: the consensus runtime's blocking threads (at the node's
-    /// normal priority), `None` for the current runtime's. Admission holds the chain's lock, and
-    /// a holder on one of the API's niced threads, preempted, would make consensus wait behind it.
-    pub admission: Option<tokio::runtime::Handle>,
+    /// Where submissions are admitted: [`ADMISSION_WORKERS`] threads at the node's normal
+    /// priority (admission holds the chain's lock, and a holder on one of the API's niced
+    /// threads, preempted, would make consensus wait behind it), the address that used least
+    /// first ([`crate::fair_queue`]).
+    pub admission: crate::fair_queue::FairQueue,
 }
 
+/// Threads that admit submitted transactions (see [`ApiState::admission`]).
+pub const ADMISSION_WORKERS: usize = 2;
+
 impl ApiState {
-    /// Runs `f` (work under the chain's lock) on an admission thread; `None` if the runtime is
-    /// shutting down.
-    pub(crate) async fn admit<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> Option<R> {
-        match &self.admission {
-            Some(runtime) => runtime.spawn_blocking(f).await.ok(),
-            None => tokio::task::spawn_blocking(f).await.ok(),
-        }
+    /// Runs `f` (work under the chain's lock) on an admission thread in `source`'s turn,
+    /// charged `cost` transactions; `None` if admission has stopped.
+    pub(crate) async fn admit<R: Send + 'static>(
+        &self,
+        source: IpAddr,
+        cost: u64,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Option<R> {
+        self.admission.run(source, cost, f).await
     }
 }
 
@@ -797,7 +803,7 @@ pub(crate) mod testing {
             chain: Arc::new(chain),
             tx_out,
             guards: ApiGuards::new(limits),
-            admission: None,
+            admission: crate::fair_queue::FairQueue::new(ADMISSION_WORKERS).unwrap(),
         })
     }
 

@@ -144,7 +144,8 @@ async fn submit(
     let bytes = stx.to_bytes();
     tracing::debug!("transaction submitted");
     let (chain, len) = (s.chain.clone(), bytes.len());
-    let admitted = s.admit(move || chain.submit(stx, len, archipel_consensus::app::system_now_ms())).await;
+    let source = request_source(connection.as_deref());
+    let admitted = s.admit(source, 1, move || chain.submit(stx, len, archipel_consensus::app::system_now_ms())).await;
     let Some(admitted) = admitted else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the node is stopping: retry on another node");
     };
@@ -251,7 +252,8 @@ async fn submit_batch(
         }
     }
     let (chain, now_ms) = (s.chain.clone(), archipel_consensus::app::system_now_ms());
-    let Some(results) = s.admit(move || chain.submit_many(decoded, now_ms)).await else {
+    let (source, cost) = (request_source(connection.as_deref()), decoded.len() as u64);
+    let Some(results) = s.admit(source, cost, move || chain.submit_many(decoded, now_ms)).await else {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "admission stopped");
     };
     let mut results = results.into_iter().zip(encoded);

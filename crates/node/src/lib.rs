@@ -10,6 +10,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod datadir;
+pub mod fair_queue;
 pub mod files;
 pub mod genesis;
 pub mod gossip;

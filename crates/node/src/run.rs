@@ -440,8 +440,9 @@ impl PreparedNode {
                 chain: chain.clone(),
                 tx_out,
                 guards: api::ApiGuards::new(cfg.api.limits),
-                // This is the consensus runtime: its blocking threads run at normal priority.
-                admission: tokio::runtime::Handle::try_current().ok(),
+                // Started from the consensus runtime: its threads run at normal priority.
+                admission: crate::fair_queue::FairQueue::new(api::ADMISSION_WORKERS)
+                    .map_err(|e| NodeError::Invalid(format!("cannot start the admission threads: {e}")))?,
             });
             let server = api_handle.serve(api_listener, state, shutdown_rx.clone()).map_err(NodeError::Invalid)?;
 
