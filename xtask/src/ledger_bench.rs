@@ -827,6 +827,9 @@ async fn honest_probes(
                     .await
                     .with_context(|| format!("honest transfer via {node}"))?;
                 out.push(if answer["status"] == "final" { t.elapsed().as_secs_f64() * 1e3 } else { f64::INFINITY });
+                if std::env::var_os("ARCHIPEL_BENCH_DEBUG_PROBES").is_some() {
+                    eprintln!("probe {p} via {node}: {:.1} ms, {answer}", out[out.len() - 1]);
+                }
             }
             anyhow::Ok((nonce, out))
         }));
@@ -891,6 +894,10 @@ async fn spam_step(
     }
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut senders = Vec::new();
+    // The spammers get their own runtime thread, and read their answers without parsing them
+    // whole: sharing the honest clients' scheduler, or parsing 100,000 JSON answers on this
+    // box, would delay the honest clients in the bench itself, not in the nodes.
+    let flood_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     eprintln!("spam flood starts");
     let started = Instant::now();
     for (i, batches) in signed.into_iter().enumerate() {
@@ -898,17 +905,18 @@ async fn spam_step(
         let client = reqwest::Client::builder().no_proxy().local_address(source).build()?;
         let url = format!("http://{}/v1/txs", NODES[i % NODES.len()]);
         let done = done.clone();
-        senders.push(tokio::spawn(async move {
+        senders.push(flood_rt.spawn(async move {
             let mut answers = std::collections::BTreeMap::<String, u64>::new();
             let mut sent = 0u64;
             for (bytes, count) in batches {
                 sent += count;
-                match post(&client, url.clone(), bytes).await {
-                    Ok(v) => {
-                        for a in v.as_array().into_iter().flatten() {
-                            *answers.entry(a["error"].as_str().unwrap_or("admitted").to_string()).or_insert(0) += 1;
-                        }
-                    }
+                let answer = async {
+                    let r = client.post(url.clone()).header("content-type", "application/octet-stream").body(bytes);
+                    let r = r.send().await?.error_for_status()?;
+                    anyhow::Ok(r.bytes().await?)
+                };
+                match answer.await {
+                    Ok(body) => count_answers(&body, &mut answers),
                     Err(e) => *answers.entry(format!("request failed: {e:#}")).or_insert(0) += 1,
                 }
             }
@@ -921,6 +929,7 @@ async fn spam_step(
         honest_probes(client, &mut probers, sink, 0, Arc::new(move || flooding.load(Ordering::Relaxed) < SPAMMERS))
             .await?;
     let flood_secs = started.elapsed().as_secs_f64();
+    flood_rt.shutdown_background();
     let mut answers = std::collections::BTreeMap::new();
     let mut sent = 0;
     for s in senders {
@@ -948,6 +957,28 @@ async fn spam_step(
         figures.sent, figures.flood_secs, figures.answers, figures.during
     );
     Ok(figures)
+}
+
+/// Counts the codes of a `POST /v1/txs` answer (`[{"hash":..,"error":"code",..},..]`; an item
+/// without an error was admitted) without parsing the JSON whole.
+fn count_answers(body: &[u8], answers: &mut std::collections::BTreeMap<String, u64>) {
+    const ERROR: &[u8] = b"\"error\":";
+    let mut items = 0u64;
+    let mut at = 0;
+    while let Some(k) = body[at..].windows(ERROR.len()).position(|w| w == ERROR) {
+        at += k + ERROR.len();
+        items += 1;
+        let rest = &body[at..];
+        if rest.first() == Some(&b'"') {
+            let end = rest[1..].iter().position(|&b| b == b'"').unwrap_or(rest.len() - 1);
+            *answers.entry(String::from_utf8_lossy(&rest[1..1 + end]).into_owned()).or_insert(0) += 1;
+        } else {
+            *answers.entry("admitted".into()).or_insert(0) += 1;
+        }
+    }
+    if items == 0 {
+        *answers.entry("request failed: no items in the answer".into()).or_insert(0) += 1;
+    }
 }
 
 /// A step's figures, how busy the box was, and when its slow transfers were sent.
@@ -1362,6 +1393,15 @@ pub fn cpu_ticks() -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_answers_are_counted_by_code() {
+        let body = br#"[{"hash":"ab","error":null,"message":null},{"hash":null,"error":"nonce_gap","message":"x \"error\": y"},{"hash":"cd","error":"overspend","message":"m"},{"hash":"ef","error":null}]"#;
+        let mut answers = std::collections::BTreeMap::new();
+        count_answers(body, &mut answers);
+        let got: Vec<(&str, u64)> = answers.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        assert_eq!(got, [("admitted", 2), ("nonce_gap", 1), ("overspend", 1)]);
+    }
 
     #[test]
     fn rates_are_named_when_they_are_not_numbers() {

@@ -182,7 +182,9 @@ mod tests {
         let mut waits = Vec::new();
         for (who, cost) in [(1u8, 512u64), (1, 512), (1, 512), (1, 512), (2, 1)] {
             let (q2, order) = (q.clone(), order.clone());
-            waits.push(tokio::spawn(async move { q2.run(ip(who), cost, move || order.lock().unwrap().push(who)).await }));
+            waits.push(tokio::spawn(
+                async move { q2.run(ip(who), cost, move || order.lock().unwrap().push(who)).await },
+            ));
             while q.waiting() < waits.len() {
                 tokio::task::yield_now().await;
             }
