@@ -144,7 +144,12 @@ async fn closed_loop(client: &reqwest::Client, txn_urls: &[String]) -> Result<Cl
             while !stop.load(Ordering::Relaxed) {
                 let ops: Vec<_> = (0..BATCH)
                     .map(|j| {
-                        serde_json::json!({"requestPut": {"key": b64(format!("load/{c}/{n}/{j}").as_bytes()), "value": b64(b"1")}})
+                        // Each client writes its own BATCH keys again and again, as each of our
+                        // clients credits its own BATCH accounts: both sides update a fixed
+                        // set of CLIENTS x BATCH entries (our state root is rebuilt over all
+                        // entries every block until issue 18, so a growing keyspace would
+                        // measure that instead).
+                        serde_json::json!({"requestPut": {"key": b64(format!("load/{c}/{j}").as_bytes()), "value": b64(n.to_string().as_bytes())}})
                     })
                     .collect();
                 n += 1;

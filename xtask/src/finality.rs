@@ -389,6 +389,26 @@ mod tests {
         assert!((w.latencies_ms[0] - 50.0).abs() < 1e-6);
     }
 
+    /// The split needs the node's answer and the block's time; each part is measured from the
+    /// one before (a block built before the answer arrived counts 0 for the middle part).
+    #[test]
+    fn where_the_time_went_is_split_at_the_answer_and_the_block_time() {
+        let t0 = Instant::now();
+        let ms = |m: u64| t0 + Duration::from_millis(m);
+        let mut t = Tracker::default();
+        t.submitting(h(1), ms(0), None);
+        t.answered(&h(1), ms(3));
+        t.submitting(h(2), ms(0), None);
+        t.answered(&h(2), ms(9));
+        t.submitting(h(3), ms(0), None); // never answered: no split
+        t.learned_final(&[h(1), h(2), h(3)], ms(20), Some(ms(7)));
+        let w = t.take_window(ms(0), ms(100));
+        assert_eq!(w.splits.len(), 2);
+        let parts = |s: &Split| (s.admission_ms.round(), s.until_proposed_ms.round(), s.proposed_to_learned_ms.round());
+        assert_eq!(parts(&w.splits[0]), (3.0, 4.0, 13.0));
+        assert_eq!(parts(&w.splits[1]), (9.0, 0.0, 13.0), "built before the answer arrived");
+    }
+
     #[tokio::test]
     async fn a_batch_waiter_wakes_when_all_its_transactions_are_settled() {
         let t0 = Instant::now();

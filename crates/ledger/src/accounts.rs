@@ -34,21 +34,36 @@ impl State {
         Some((gains, total))
     }
 
-    /// Checks a [`crate::Payload::TransferMany`] without changing anything: 1 to
-    /// [`MAX_CREDITS`] credits, the signer covers every amount and `fee`, no balance overflows.
-    pub(crate) fn check_transfer_many(&self, from: NodeId, credits: &[Credit], fee: u64) -> Result<(), TxError> {
+    /// The checks of [`State::check_transfer_many`] that cost arithmetic only (no allocation, no
+    /// account but the signer's): run before the signature is verified, under the chain's lock,
+    /// so a forged transaction of 200 credits costs the node no more than it must. 1 to
+    /// [`MAX_CREDITS`] credits, none of 0, and the signer covers every amount and `fee`.
+    pub(crate) fn check_transfer_many_cheap(&self, from: NodeId, credits: &[Credit], fee: u64) -> Result<(), TxError> {
         if credits.is_empty() || credits.len() > MAX_CREDITS {
             return Err(TxError::Malformed(format!(
                 "a transfer_many carries 1 to {MAX_CREDITS} credits, not {}",
                 credits.len()
             )));
         }
-        let (gains, total) = Self::credit_totals(from, credits).ok_or(TxError::Overflow)?;
+        let mut needed = fee;
+        for (i, c) in credits.iter().enumerate() {
+            if c.amount_micro == 0 {
+                return Err(TxError::Malformed(format!("credit {i} of the transfer_many moves nothing (amount 0)")));
+            }
+            needed = needed.checked_add(c.amount_micro).ok_or(TxError::Overflow)?;
+        }
         let balance = self.account(&from).balance_micro;
-        let needed = total.checked_add(fee).ok_or(TxError::Overflow)?;
         if balance < needed {
             return Err(TxError::InsufficientFunds { balance_micro: balance, needed_micro: needed });
         }
+        Ok(())
+    }
+
+    /// Checks a [`crate::Payload::TransferMany`] without changing anything: the cheap checks,
+    /// then that no recipient's balance overflows.
+    pub(crate) fn check_transfer_many(&self, from: NodeId, credits: &[Credit], fee: u64) -> Result<(), TxError> {
+        self.check_transfer_many_cheap(from, credits, fee)?;
+        let (gains, _) = Self::credit_totals(from, credits).ok_or(TxError::Overflow)?;
         for (to, gain) in &gains {
             self.account(to).balance_micro.checked_add(*gain).ok_or(TxError::Overflow)?;
         }
@@ -135,8 +150,33 @@ mod tests {
         assert!(e.to_string().contains("1 to 200 credits, not 0"), "{e}");
         let too_many: Vec<(u64, u64)> = (0..=MAX_CREDITS as u64).map(|_| (1, 1)).collect();
         assert!(s.apply(&many(0, 0, &too_many)).unwrap_err().to_string().contains("not 201"));
+        let zero = s.apply(&many(0, 0, &[(1, 5), (10, 0)])).unwrap_err();
+        assert!(zero.to_string().contains("credit 1 of the transfer_many moves nothing"), "{zero}");
         s.apply(&many(0, 0, &too_many[..MAX_CREDITS])).unwrap();
         assert_eq!(s.account(&id(1).node_id()).balance_micro, 700);
+    }
+
+    /// Before signatures (`precheck`), a forged transfer_many is judged by arithmetic alone; the
+    /// recipients' balances are looked at only once its signature passed.
+    #[test]
+    fn the_precheck_of_transfer_many_is_arithmetic_and_the_full_check_adds_recipients() {
+        let s = State::genesis(GenesisState {
+            accounts: vec![(id(0).node_id(), 1_000), (id(1).node_id(), u64::MAX - 500)],
+            ..Default::default()
+        });
+        let overflowing = many(0, 0, &[(1, 5_00), (1, 5_00)]);
+        let mut forged = many(0, 0, &[(1, 1)]);
+        forged.signature[0] ^= 1;
+        // Cheap: passes on the signer's balance; the recipient overflow is the full check's.
+        assert_eq!(
+            s.precheck(&overflowing, 100),
+            Err(TxError::InsufficientFunds { balance_micro: 1_000, needed_micro: 1_002 })
+        );
+        let fits = many(0, 0, &[(1, 600), (1, 300)]);
+        s.precheck(&fits, 100).unwrap();
+        assert_eq!(s.admit(&fits, 100), Err(TxError::Overflow), "the full check looks at the recipient");
+        s.precheck(&forged, 100).unwrap();
+        assert!(matches!(s.admit(&forged, 100), Err(TxError::BadSignature(_))));
     }
 
     #[test]

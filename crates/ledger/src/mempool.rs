@@ -148,7 +148,14 @@ pub struct MempoolLimits {
     pub gapped_total: usize,
     /// A transaction still waiting this long (node clock, ms) after its admission is dropped.
     pub ttl_ms: u64,
+    /// Encoded bytes waiting in all (transactions differ in size: a transfer is ~150 bytes, a
+    /// `transfer_many` of 200 credits ~8 KB).
+    pub max_bytes: usize,
 }
+
+/// Default byte budget per transaction slot of [`MempoolLimits::with_capacity`]: 100,000 slots
+/// hold 64 MB, so a pool of the largest transactions stays within that.
+pub const BYTES_PER_SLOT: usize = 640;
 
 impl MempoolLimits {
     /// The default limits for a pool of `capacity` transactions, [`GAPPED_SHARE_PERCENT`] of
@@ -160,6 +167,7 @@ impl MempoolLimits {
             gapped_per_account: 16,
             gapped_total: capacity / 100 * GAPPED_SHARE_PERCENT,
             ttl_ms: 60_000,
+            max_bytes: capacity.saturating_mul(BYTES_PER_SLOT),
         }
     }
 }
@@ -189,6 +197,8 @@ fn spend_micro(params: &LedgerParams, tx: &Transaction) -> u64 {
 struct Waiting {
     stx: SignedTransaction,
     hash: Hash,
+    /// Encoded size.
+    bytes: usize,
     spend_micro: u64,
     admitted_ms: u64,
 }
@@ -244,6 +254,8 @@ pub struct Mempool {
     /// The part of `by_age` that waits behind a missing nonce (nonce at or above its queue's
     /// `run_end`): its length is the global gapped count, its oldest end what a full pool evicts.
     gapped_by_age: BTreeSet<(u64, Hash)>,
+    /// Encoded bytes of every waiting transaction.
+    bytes: usize,
     limits: MempoolLimits,
 }
 
@@ -271,6 +283,7 @@ impl Mempool {
             by_hash: HashMap::new(),
             by_age: BTreeSet::new(),
             gapped_by_age: BTreeSet::new(),
+            bytes: 0,
             limits,
         }
     }
@@ -344,12 +357,15 @@ impl Mempool {
         }
         // A full pool makes room for a transaction that can go next by evicting the oldest
         // gapped one (which pays nothing until its gap closes, if ever); a gapped one waits.
-        if self.len() >= self.limits.capacity && !(next_in_line && self.evict_oldest_gapped()) {
-            return Err(MempoolError::Full(self.len()));
+        while self.len() >= self.limits.capacity || self.bytes + encoded_len > self.limits.max_bytes {
+            if !(next_in_line && self.evict_oldest_gapped()) {
+                return Err(MempoolError::Full(self.len()));
+            }
         }
         let q = self.accounts.entry(signer).or_insert_with(|| AccountQueue::new(account.nonce));
         q.spend_micro += u128::from(spend);
-        q.txs.insert(nonce, Waiting { stx, hash, spend_micro: spend, admitted_ms: now_ms });
+        q.txs.insert(nonce, Waiting { stx, hash, bytes: encoded_len, spend_micro: spend, admitted_ms: now_ms });
+        self.bytes += encoded_len;
         if next_in_line {
             let was = q.run_end;
             q.extend_run();
@@ -422,6 +438,7 @@ impl Mempool {
         let gone = std::mem::replace(&mut q.txs, keep);
         for w in gone.into_values() {
             q.spend_micro -= u128::from(w.spend_micro);
+            self.bytes -= w.bytes;
             self.by_hash.remove(&w.hash);
             self.by_age.remove(&(w.admitted_ms, w.hash));
             self.gapped_by_age.remove(&(w.admitted_ms, w.hash));
@@ -502,6 +519,7 @@ impl Mempool {
         let Some(q) = self.accounts.get_mut(&signer) else { return };
         let was = q.run_end;
         if let Some(w) = q.remove(nonce) {
+            self.bytes -= w.bytes;
             self.by_age.remove(&(w.admitted_ms, w.hash));
             self.gapped_by_age.remove(&(w.admitted_ms, w.hash));
         }
@@ -651,6 +669,21 @@ mod tests {
     }
 
     #[test]
+    fn the_pool_is_bounded_in_bytes_too() {
+        let s = genesis();
+        let mut m = Mempool::new(MempoolLimits { max_bytes: 1_000, ..MempoolLimits::default() });
+        m.insert(&s, transfer(0, 0, 1, 1), 600, 0).unwrap();
+        // Room by count, not by bytes.
+        assert!(matches!(m.insert(&s, transfer(1, 0, 0, 1), 401, 0), Err(MempoolError::Full(1))));
+        m.insert(&s, transfer(1, 0, 0, 1), 400, 0).unwrap();
+        // A gapped one is evicted for one that can go next, as for a full count.
+        let mut m = Mempool::new(MempoolLimits { max_bytes: 1_000, ..MempoolLimits::default() });
+        m.insert(&s, transfer(0, 5, 1, 1), 900, 0).unwrap();
+        m.insert(&s, transfer(1, 0, 0, 1), 500, 0).unwrap();
+        assert_eq!(m.len(), 1, "the gapped one made room");
+    }
+
+    #[test]
     fn a_transfer_many_counts_every_amount_and_fee_against_the_balance() {
         let s = genesis();
         let mut m = pool(100);
@@ -773,6 +806,9 @@ mod tests {
             // Not bounded by `gapped_total`: that limit is checked on admission, and a transaction
             // dropped from the middle of a run puts the rest of the run behind a gap.
             assert!(self.len() <= self.limits.capacity);
+            let bytes: usize = self.accounts.values().flat_map(|q| q.txs.values()).map(|w| w.bytes).sum();
+            assert_eq!(bytes, self.bytes);
+            assert!(self.bytes <= self.limits.max_bytes);
             assert_eq!(total, self.by_age.len());
             for (signer, q) in &self.accounts {
                 assert!(!q.txs.is_empty(), "no empty queues");
@@ -802,13 +838,22 @@ mod tests {
         fn sums_and_runs_stay_consistent(ops in proptest::collection::vec((0u8..5, 0u64..2, 0u64..24, 0u64..400), 1..200)) {
             let mut s = genesis();
             // A small pool and gapped share, so that both fill and evict.
-            let limits = MempoolLimits { capacity: 16, per_account: 12, gapped_per_account: 4, gapped_total: 6, ttl_ms: 500 };
+            let limits = MempoolLimits {
+                capacity: 16,
+                per_account: 12,
+                gapped_per_account: 4,
+                gapped_total: 6,
+                ttl_ms: 500,
+                // Binds before `capacity` when the larger transactions wait.
+                max_bytes: 12 * 100,
+            };
             let mut m = Mempool::new(limits);
             let mut now = 0;
             for (op, from, nonce, amount) in ops {
                 now += 20;
                 match op {
-                    0 | 1 => { let _ = m.insert(&s, transfer(from, nonce, 1 - from, amount), 100, now); }
+                    // Sizes 50 to 250 bytes, so the byte budget binds as well as the count.
+                    0 | 1 => { let _ = m.insert(&s, transfer(from, nonce, 1 - from, amount), 50 + 50 * (amount as usize % 5), now); }
                     2 => m.remove(&transfer(from, nonce, 1 - from, amount).hash()),
                     3 => {
                         // A block takes the first candidate (as a proposer would) and is final.

@@ -380,7 +380,10 @@ impl State {
         }
         match &tx.payload {
             Payload::Transfer { to, amount_micro } => self.check_transfer(tx.signer, *to, *amount_micro, fee)?,
-            Payload::TransferMany { credits } => self.check_transfer_many(tx.signer, credits, fee)?,
+            Payload::TransferMany { credits } if with_signatures => {
+                self.check_transfer_many(tx.signer, credits, fee)?
+            }
+            Payload::TransferMany { credits } => self.check_transfer_many_cheap(tx.signer, credits, fee)?,
             Payload::RegisterNode { descriptor, consent } if with_signatures => {
                 self.check_register(tx.signer, fee, descriptor, consent)?
             }

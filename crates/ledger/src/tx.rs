@@ -279,8 +279,9 @@ impl Write for Payload {
             }
             Payload::TransferMany { credits } => {
                 2u8.write(buf);
-                // Count first (a u8 suffices: at most MAX_CREDITS), then each credit.
-                (credits.len() as u8).write(buf);
+                // Count first (a u8 suffices: at most MAX_CREDITS), then each credit. A list too
+                // long for the byte is written with count 0, which never decodes.
+                u8::try_from(credits.len()).unwrap_or(0).write(buf);
                 for c in credits {
                     c.to.0.write(buf);
                     c.amount_micro.write(buf);
@@ -548,8 +549,10 @@ mod tests {
             assert_eq!(SignedTransaction::from_bytes(&bytes, 16 * 1024).unwrap(), t);
             assert_eq!(t.tx.payload.fee_micro(3), 3 * n as u64);
         }
-        // Counts 0 and 201 never decode (the count byte is written as it is).
-        for n in [0, MAX_CREDITS + 1] {
+        // The largest fits the default transaction size limit.
+        assert!(with(MAX_CREDITS).to_bytes().len() <= crate::LedgerParams::default().max_tx_bytes as usize);
+        // Counts 0, 201 and more than a byte holds never decode.
+        for n in [0, MAX_CREDITS + 1, 256, 300] {
             let e = SignedTransaction::from_bytes(&with(n).to_bytes(), 16 * 1024).unwrap_err();
             assert!(e.to_string().contains("between 1 and 200 credits"), "{e}");
         }

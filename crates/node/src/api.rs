@@ -88,14 +88,32 @@ pub const ADMISSION_WORKERS: usize = 2;
 
 impl ApiState {
     /// Runs `f` (work under the chain's lock) on an admission thread in `source`'s turn,
-    /// charged `cost` transactions; `None` if admission has stopped.
+    /// charged `cost` transactions; the answer to send instead when it could not run.
     pub(crate) async fn admit<R: Send + 'static>(
         &self,
         source: IpAddr,
         cost: u64,
         f: impl FnOnce() -> R + Send + 'static,
-    ) -> Option<R> {
-        self.admission.run(source, cost, f).await
+    ) -> Result<R, Response> {
+        use crate::fair_queue::{MAX_QUEUED_PER_SOURCE, Refused};
+        self.admission.run(source, cost, f).await.map_err(|refused| match refused {
+            Refused::Busy => retry_later(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "admission_busy",
+                format!(
+                    "{MAX_QUEUED_PER_SOURCE} submissions from your address (or too many in all) already wait to be admitted: retry when they are answered"
+                ),
+                Duration::from_secs(1),
+            ),
+            Refused::Stopped => {
+                error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the node is stopping: retry on another node")
+            }
+            Refused::Failed => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "admitting the submission failed on this node (see its log): retry on another node",
+            ),
+        })
     }
 }
 

@@ -10,8 +10,11 @@
 //! and an address that sent little (an honest client) is served before one that sent much
 //! (a spammer), however long the spammer's queue.
 //!
-//! "Used" is the cost (transactions) each address had run, halved every [`DECAY`]: a quiet
-//! address soon counts as fresh again.
+//! "Used" is the cost (transactions, a `transfer_many` by its credits) each address had run,
+//! halved for every [`DECAY`] that passed: a quiet address soon counts as fresh again. Ties go to
+//! the job that came first. The queue is bounded ([`MAX_QUEUED_PER_SOURCE`], [`MAX_QUEUED`]):
+//! beyond, a submission is refused at once (`Busy`), and a job whose caller stopped waiting is
+//! dropped unrun.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -20,13 +23,33 @@ use std::time::{Duration, Instant};
 
 /// How often every address's recorded use is halved.
 pub const DECAY: Duration = Duration::from_secs(1);
+/// Most jobs one source address may have waiting.
+pub const MAX_QUEUED_PER_SOURCE: usize = 16;
+/// Most jobs waiting in all.
+pub const MAX_QUEUED: usize = 1_024;
 
-type Job = Box<dyn FnOnce() + Send>;
+/// A job: runs the work and answers its caller, unless the caller is gone (then returns false
+/// without running it).
+type Job = Box<dyn FnOnce() -> bool + Send>;
+
+/// Why a job did not run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Too many jobs wait already (this source's share, or all): retry later.
+    Busy,
+    /// The queue stopped (the node is shutting down).
+    Stopped,
+    /// The job panicked.
+    Failed,
+}
 
 #[derive(Default)]
 struct Sched {
-    /// Waiting jobs by source, each with its cost.
-    queues: HashMap<IpAddr, VecDeque<(u64, Job)>>,
+    /// Waiting jobs by source, each with its arrival number and cost.
+    queues: HashMap<IpAddr, VecDeque<(u64, u64, Job)>>,
+    /// Jobs waiting in all, and the next arrival number.
+    queued: usize,
+    arrivals: u64,
     /// Cost run per source lately (decayed).
     used: HashMap<IpAddr, u64>,
     decayed_at: Option<Instant>,
@@ -34,24 +57,32 @@ struct Sched {
 }
 
 impl Sched {
-    /// The next job: the oldest of the waiting source that used the least.
+    /// The next job: the oldest of the waiting source that used the least (the earlier arrival
+    /// on a tie).
     fn next(&mut self, now: Instant) -> Option<Job> {
         let decayed_at = *self.decayed_at.get_or_insert(now);
-        if now.duration_since(decayed_at) >= DECAY {
-            self.decayed_at = Some(now);
+        let periods = now.duration_since(decayed_at).as_nanos() / DECAY.as_nanos().max(1);
+        if periods > 0 {
+            self.decayed_at = Some(decayed_at + DECAY * periods.min(u32::MAX as u128) as u32);
+            let shift = periods.min(63) as u32;
             let queues = &self.queues;
             self.used.retain(|ip, used| {
-                *used /= 2;
+                *used >>= shift;
                 *used > 0 || queues.contains_key(ip)
             });
         }
         let used = &self.used;
-        let source = *self.queues.keys().min_by_key(|ip| (used.get(*ip).copied().unwrap_or(0), **ip))?;
+        let source = *self
+            .queues
+            .iter()
+            .min_by_key(|(ip, q)| (used.get(*ip).copied().unwrap_or(0), q.front().map_or(u64::MAX, |j| j.0)))?
+            .0;
         let queue = self.queues.get_mut(&source)?;
-        let (cost, job) = queue.pop_front()?;
+        let (_, cost, job) = queue.pop_front()?;
         if queue.is_empty() {
             self.queues.remove(&source);
         }
+        self.queued -= 1;
         let u = self.used.entry(source).or_default();
         *u = u.saturating_add(cost);
         Some(job)
@@ -92,27 +123,39 @@ impl FairQueue {
         Ok(FairQueue { shared })
     }
 
-    /// Runs `f` on a worker in its turn, charged `cost` to `source`; `None` if the queue stopped
-    /// first. `f` runs even if the caller stops waiting.
+    /// Runs `f` on a worker in its turn, charged `cost` to `source`. `f` does not run if the
+    /// caller stopped waiting before its turn.
     pub async fn run<R: Send + 'static>(
         &self,
         source: IpAddr,
         cost: u64,
         f: impl FnOnce() -> R + Send + 'static,
-    ) -> Option<R> {
+    ) -> Result<R, Refused> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         {
             let mut s = self.shared.lock();
             if s.closed {
-                return None;
+                return Err(Refused::Stopped);
+            }
+            let waiting_here = s.queues.get(&source).map_or(0, VecDeque::len);
+            if waiting_here >= MAX_QUEUED_PER_SOURCE || s.queued >= MAX_QUEUED {
+                return Err(Refused::Busy);
             }
             let job: Job = Box::new(move || {
+                if tx.is_closed() {
+                    return false;
+                }
                 let _ = tx.send(f());
+                true
             });
-            s.queues.entry(source).or_default().push_back((cost.max(1), job));
+            let arrival = s.arrivals;
+            s.arrivals += 1;
+            s.queued += 1;
+            s.queues.entry(source).or_default().push_back((arrival, cost.max(1), job));
         }
         self.shared.ready.notify_one();
-        rx.await.ok()
+        // The sender is dropped unsent when the job panicked, or when the queue stopped first.
+        rx.await.map_err(|_| if self.shared.lock().closed { Refused::Stopped } else { Refused::Failed })
     }
 
     /// Jobs waiting (not yet started).
@@ -127,6 +170,7 @@ impl Drop for FairQueue {
         let mut s = self.shared.lock();
         s.closed = true;
         s.queues.clear();
+        s.queued = 0;
         drop(s);
         self.shared.ready.notify_all();
     }
@@ -146,7 +190,7 @@ fn work(shared: &Shared) {
                 s = shared.ready.wait(s).unwrap_or_else(std::sync::PoisonError::into_inner);
             }
         };
-        // A panicking job must not take the worker with it (its caller sees `None`).
+        // A panicking job must not take the worker with it (its caller sees `Failed`).
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
     }
 }
@@ -159,28 +203,30 @@ mod tests {
         IpAddr::from([127, 0, 0, last])
     }
 
-    /// With one worker held busy, a spammer queues many costly jobs and an honest address one
-    /// cheap job after them: the honest job runs right after the spammer's first.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_address_that_used_least_goes_first_however_long_the_others_queue() {
-        let q = Arc::new(FairQueue::new(1).unwrap());
-        let order = Arc::new(Mutex::new(Vec::new()));
+    /// Holds the only worker of `q` busy until the returned sender is used or dropped.
+    async fn hold(q: &Arc<FairQueue>) -> (std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<()>) {
         let (release, gate) = std::sync::mpsc::channel::<()>();
         let (started, running) = tokio::sync::oneshot::channel::<()>();
-        let blocker = {
-            let q = q.clone();
-            tokio::spawn(async move {
-                q.run(ip(9), 1, move || {
-                    started.send(()).unwrap();
-                    gate.recv().unwrap()
-                })
-                .await
+        let q2 = q.clone();
+        let blocker = tokio::spawn(async move {
+            q2.run(ip(9), 1, move || {
+                started.send(()).unwrap();
+                let _ = gate.recv();
             })
-        };
-        // The only worker is busy from here on: everything below queues.
+            .await
+            .unwrap()
+        });
         running.await.unwrap();
+        (release, blocker)
+    }
+
+    /// The order in which one worker runs `jobs` (source, cost), all queued while it was busy.
+    async fn order_of(jobs: &[(u8, u64)]) -> Vec<u8> {
+        let q = Arc::new(FairQueue::new(1).unwrap());
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let (release, blocker) = hold(&q).await;
         let mut waits = Vec::new();
-        for (who, cost) in [(1u8, 512u64), (1, 512), (1, 512), (1, 512), (2, 1)] {
+        for &(who, cost) in jobs {
             let (q2, order) = (q.clone(), order.clone());
             waits.push(tokio::spawn(
                 async move { q2.run(ip(who), cost, move || order.lock().unwrap().push(who)).await },
@@ -190,35 +236,85 @@ mod tests {
             }
         }
         release.send(()).unwrap();
-        blocker.await.unwrap().unwrap();
+        blocker.await.unwrap();
         for w in waits {
             w.await.unwrap().unwrap();
         }
-        // Both fresh at first: the lower address (1) wins the tie; then 2, which used least.
-        assert_eq!(*order.lock().unwrap(), [1, 2, 1, 1, 1]);
+        let order = order.lock().unwrap().clone();
+        order
+    }
+
+    /// A spammer queues many costly jobs and an honest address one cheap job after them: the
+    /// honest job runs right after the spammer's first (FIFO would run it last).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_address_that_used_least_goes_first_however_long_the_others_queue() {
+        // Both fresh at first: the earlier arrival (1) wins the tie; then 2, which used least.
+        assert_eq!(order_of(&[(1, 512), (1, 512), (1, 512), (1, 512), (2, 1)]).await, [1, 2, 1, 1, 1]);
+        // Use is counted by cost, not by job: after A's 512, B's three cheap jobs go first.
+        assert_eq!(order_of(&[(1, 512), (1, 1), (2, 1), (2, 1), (2, 1)]).await, [1, 2, 2, 2, 1]);
+        // A tie goes to the earlier arrival, whatever the addresses.
+        assert_eq!(order_of(&[(7, 1), (3, 1)]).await, [7, 3]);
+    }
+
+    /// A source may queue [`MAX_QUEUED_PER_SOURCE`] jobs; beyond, it is refused at once while
+    /// another source still gets in. A job whose caller stopped waiting does not run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_queue_is_bounded_and_abandoned_jobs_do_not_run() {
+        let q = Arc::new(FairQueue::new(1).unwrap());
+        let (release, blocker) = hold(&q).await;
+        let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut waits = Vec::new();
+        for _ in 0..MAX_QUEUED_PER_SOURCE {
+            let (q2, ran) = (q.clone(), ran.clone());
+            waits.push(tokio::spawn(async move {
+                q2.run(ip(1), 1, move || ran.fetch_add(1, std::sync::atomic::Ordering::SeqCst)).await
+            }));
+            while q.waiting() < waits.len() {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert_eq!(q.run(ip(1), 1, || ()).await, Err(Refused::Busy));
+        // The callers give up: their jobs are dropped unrun once the worker is free.
+        for w in &waits {
+            w.abort();
+        }
+        for w in waits {
+            let _ = w.await;
+        }
+        release.send(()).unwrap();
+        blocker.await.unwrap();
+        let started = Instant::now();
+        while q.waiting() > 0 {
+            assert!(started.elapsed() < Duration::from_secs(10), "the abandoned jobs are never taken");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(q.run(ip(2), 1, || 5).await, Ok(5));
+        assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 0, "no abandoned job ran");
     }
 
     #[test]
     fn use_is_forgotten_over_time() {
         let mut s = Sched::default();
         let t0 = Instant::now();
-        let noop = || -> Job { Box::new(|| {}) };
-        s.queues.entry(ip(1)).or_default().push_back((1_000, noop()));
+        let noop = || -> Job { Box::new(|| true) };
+        s.queues.entry(ip(1)).or_default().push_back((0, 1_000, noop()));
+        s.queued = 1;
         assert!(s.next(t0).is_some());
         assert_eq!(s.used[&ip(1)], 1_000);
         assert!(s.next(t0).is_none(), "nothing waits");
-        for k in 1..=10 {
-            s.next(t0 + DECAY * k);
-        }
+        // One look after two periods halves twice; after ten more, once more per period.
+        s.next(t0 + DECAY * 2);
+        assert_eq!(s.used[&ip(1)], 250);
+        s.next(t0 + DECAY * 12);
         assert!(s.used.is_empty(), "halved to nothing and forgotten: {:?}", s.used);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_job_leaves_the_worker_running_and_a_dropped_queue_answers_none() {
         let q = FairQueue::new(1).unwrap();
-        assert_eq!(q.run(ip(1), 1, || -> u8 { panic!("job failed") }).await, None);
-        assert_eq!(q.run(ip(1), 1, || 7).await, Some(7));
+        assert_eq!(q.run(ip(1), 1, || -> u8 { panic!("job failed") }).await, Err(Refused::Failed));
+        assert_eq!(q.run(ip(1), 1, || 7).await, Ok(7));
         q.shared.lock().closed = true;
-        assert_eq!(q.run(ip(1), 1, || 8).await, None);
+        assert_eq!(q.run(ip(1), 1, || 8).await, Err(Refused::Stopped));
     }
 }

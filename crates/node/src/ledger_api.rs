@@ -93,6 +93,15 @@ pub struct SubmitResponse {
     pub status: TxStatus,
 }
 
+/// What admitting `stx` costs its source in the admission queue: one per transaction, a
+/// `transfer_many` one per credit.
+fn admission_cost(stx: &SignedTransaction) -> u64 {
+    match &stx.tx.payload {
+        archipel_ledger::Payload::TransferMany { credits } => credits.len().max(1) as u64,
+        _ => 1,
+    }
+}
+
 /// `POST /v1/tx?wait=final&timeout_ms=N`: answers once the transaction is final, or after
 /// `timeout_ms` (default and at most [`MAX_WAIT`]) with its status (`pending`).
 async fn submit(
@@ -144,10 +153,12 @@ async fn submit(
     let bytes = stx.to_bytes();
     tracing::debug!("transaction submitted");
     let (chain, len) = (s.chain.clone(), bytes.len());
-    let source = request_source(connection.as_deref());
-    let admitted = s.admit(source, 1, move || chain.submit(stx, len, archipel_consensus::app::system_now_ms())).await;
-    let Some(admitted) = admitted else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the node is stopping: retry on another node");
+    let (source, cost) = (request_source(connection.as_deref()), admission_cost(&stx));
+    let admitted =
+        s.admit(source, cost, move || chain.submit(stx, len, archipel_consensus::app::system_now_ms())).await;
+    let admitted = match admitted {
+        Ok(a) => a,
+        Err(refused) => return refused,
     };
     let hash = match admitted {
         Ok(h) => h,
@@ -252,9 +263,11 @@ async fn submit_batch(
         }
     }
     let (chain, now_ms) = (s.chain.clone(), archipel_consensus::app::system_now_ms());
-    let (source, cost) = (request_source(connection.as_deref()), decoded.len() as u64);
-    let Some(results) = s.admit(source, cost, move || chain.submit_many(decoded, now_ms)).await else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "admission stopped");
+    let source = request_source(connection.as_deref());
+    let cost = decoded.iter().map(|(stx, _)| admission_cost(stx)).sum();
+    let results = match s.admit(source, cost, move || chain.submit_many(decoded, now_ms)).await {
+        Ok(r) => r,
+        Err(refused) => return refused,
     };
     let mut results = results.into_iter().zip(encoded);
     let out: Vec<BatchItem> = out
@@ -733,12 +746,13 @@ mod tests {
             }
             .sign(&tenant(), &network)
         };
-        // 300 credits would be written with a count of 44: refused before anything else.
+        // 300 credits do not fit the count byte (written 0, which never decodes): refused before
+        // anything else.
         let r = http().post(format!("{url}/v1/tx")).json(&with(300)).send().await.unwrap();
         assert_eq!(r.status(), 400);
         let e = r.json::<ApiError>().await.unwrap();
         assert_eq!(e.error, "malformed");
-        assert!(e.message.contains("bytes after the transaction"), "{}", e.message);
+        assert!(e.message.contains("between 1 and 200 credits"), "{}", e.message);
         let r = http().post(format!("{url}/v1/tx")).json(&with(3)).send().await.unwrap();
         assert_eq!(r.status(), 202, "{:?}", r.text().await);
     }
