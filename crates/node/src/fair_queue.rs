@@ -240,8 +240,7 @@ mod tests {
         for w in waits {
             w.await.unwrap().unwrap();
         }
-        let order = order.lock().unwrap().clone();
-        order
+        order.lock().unwrap().clone()
     }
 
     /// A spammer queues many costly jobs and an honest address one cheap job after them: the
