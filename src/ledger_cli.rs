@@ -20,6 +20,22 @@ pub struct NodeArg {
     pub node: Option<String>,
 }
 
+/// How a transaction is signed, where it goes, and how its outcome is shown.
+#[derive(Args, Debug, Clone)]
+pub struct SubmitArgs {
+    /// Your key file (default: the devnet tenant key).
+    #[arg(long, env = "ARCHIPEL_KEY")]
+    key: Option<PathBuf>,
+    #[command(flatten)]
+    node: NodeArg,
+    /// Return once accepted, without waiting for finality.
+    #[arg(long)]
+    no_wait: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 /// `archipel ledger`.
 #[derive(Subcommand, Debug)]
 pub enum LedgerCommand {
@@ -91,17 +107,8 @@ pub enum AccountCommand {
         to: String,
         /// Amount in micro-units.
         amount_micro: u64,
-        /// Your key file (default: the devnet tenant key).
-        #[arg(long, env = "ARCHIPEL_KEY")]
-        key: Option<PathBuf>,
         #[command(flatten)]
-        node: NodeArg,
-        /// Return once accepted, without waiting for finality.
-        #[arg(long)]
-        no_wait: bool,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
+        submit: SubmitArgs,
     },
     /// Pay several recipients in one transaction (all or none; one fee per recipient; waits
     /// until final unless --no-wait). FILE (or - for standard input) has one `RECIPIENT AMOUNT`
@@ -110,17 +117,8 @@ pub enum AccountCommand {
     Pay {
         /// The list of payments.
         file: PathBuf,
-        /// Your key file (default: the devnet tenant key).
-        #[arg(long, env = "ARCHIPEL_KEY")]
-        key: Option<PathBuf>,
         #[command(flatten)]
-        node: NodeArg,
-        /// Return once accepted, without waiting for finality.
-        #[arg(long)]
-        no_wait: bool,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
+        submit: SubmitArgs,
     },
 }
 
@@ -461,18 +459,24 @@ pub async fn account(cmd: AccountCommand) -> Result<()> {
             }
             Ok(())
         }
-        AccountCommand::Transfer { to, amount_micro, key, node, no_wait, json } => {
+        AccountCommand::Transfer { to, amount_micro, submit } => {
             let to = account_id(&to)?;
-            let r = sign_and_submit(key, Payload::Transfer { to, amount_micro }, &node, !no_wait).await?;
-            print_submitted(&r, json, &format!("transferred {amount_micro} micro to {}", to.short()))
+            let done = format!("transferred {amount_micro} micro to {}", to.short());
+            sign_submit_print(submit, Payload::Transfer { to, amount_micro }, &done).await
         }
-        AccountCommand::Pay { file, key, node, no_wait, json } => {
+        AccountCommand::Pay { file, submit } => {
             let credits = read_credits(&file)?;
             let (count, total) = (credits.len(), credits.iter().fold(0u64, |t, c| t.saturating_add(c.amount_micro)));
-            let r = sign_and_submit(key, Payload::TransferMany { credits }, &node, !no_wait).await?;
-            print_submitted(&r, json, &format!("paid {total} micro to {count} recipients"))
+            let done = format!("paid {total} micro to {count} recipients");
+            sign_submit_print(submit, Payload::TransferMany { credits }, &done).await
         }
     }
+}
+
+/// Signs and submits `payload` as `submit` says, then prints the outcome (`done` once final).
+async fn sign_submit_print(submit: SubmitArgs, payload: Payload, done: &str) -> Result<()> {
+    let r = sign_and_submit(submit.key, payload, &submit.node, !submit.no_wait).await?;
+    print_submitted(&r, submit.json, done)
 }
 
 /// Signs `payload` with `key` (default: the devnet tenant key) at the account's next nonce and

@@ -183,6 +183,12 @@ impl Chain {
         self.lock().mempool.len()
     }
 
+    /// (waiting in the mempool, of which behind a missing nonce).
+    pub fn mempool_counts(&self) -> (usize, usize) {
+        let g = self.lock();
+        (g.mempool.len(), g.mempool.gapped_len())
+    }
+
     /// Up to `max` transactions waiting in the mempool.
     pub fn mempool_snapshot(&self, max: usize) -> Vec<SignedTransaction> {
         self.lock().mempool.all(max)

@@ -326,16 +326,21 @@ pub struct HeadView {
     pub hash: Hash,
     /// Transactions waiting in this node's mempool.
     pub mempool: usize,
+    /// Of those, how many wait behind a missing nonce (no block can take them yet).
+    #[serde(default)]
+    pub mempool_gapped: usize,
 }
 
 async fn head(State(s): State<Arc<ApiState>>) -> Response {
     let header = s.chain.head();
+    let (mempool, mempool_gapped) = s.chain.mempool_counts();
     Json(HeadView {
         network: s.genesis.network.clone(),
         genesis_hash: s.genesis_hash.clone(),
         header,
         hash: header.hash(),
-        mempool: s.chain.mempool_len(),
+        mempool,
+        mempool_gapped,
     })
     .into_response()
 }
@@ -755,5 +760,30 @@ mod tests {
         assert!(e.message.contains("between 1 and 200 credits"), "{}", e.message);
         let r = http().post(format!("{url}/v1/tx")).json(&with(3)).send().await.unwrap();
         assert_eq!(r.status(), 202, "{:?}", r.text().await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_head_tells_gapped_mempool_entries_apart() {
+        let s = state(limits(|_| {}));
+        let chain = s.chain.clone();
+        let network = chain.genesis_state().network();
+        let to = |nonce| {
+            Transaction {
+                signer: tenant().node_id(),
+                nonce,
+                payload: Payload::Transfer { to: tenant().node_id(), amount_micro: 1 },
+            }
+            .sign(&tenant(), &network)
+        };
+        // Nonce 0 can go next; 5 waits behind the missing 1..4.
+        for nonce in [0, 5] {
+            let t = to(nonce);
+            let len = t.to_bytes().len();
+            chain.submit(t, len, archipel_consensus::app::system_now_ms()).unwrap();
+        }
+        let url = serve(s).await;
+        let head: serde_json::Value =
+            http().get(format!("{url}/v1/ledger/head")).send().await.unwrap().json().await.unwrap();
+        assert_eq!((head["mempool"].as_u64(), head["mempool_gapped"].as_u64()), (Some(2), Some(1)), "{head}");
     }
 }
