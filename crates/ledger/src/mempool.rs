@@ -148,6 +148,10 @@ pub struct MempoolLimits {
     pub gapped_total: usize,
     /// A transaction still waiting this long (node clock, ms) after its admission is dropped.
     pub ttl_ms: u64,
+    /// A transaction admitted this long ago (ms) that still waits behind a missing nonce is
+    /// dropped: honest gaps close within a gossip round trip, and entries no block can take
+    /// must not hold the gapped share for the whole `ttl_ms`.
+    pub gapped_ttl_ms: u64,
     /// Encoded bytes waiting in all (transactions differ in size: a transfer is ~150 bytes, a
     /// `transfer_many` of 200 credits ~8 KB).
     pub max_bytes: usize,
@@ -167,6 +171,7 @@ impl MempoolLimits {
             gapped_per_account: 16,
             gapped_total: capacity / 100 * GAPPED_SHARE_PERCENT,
             ttl_ms: 60_000,
+            gapped_ttl_ms: 5_000,
             max_bytes: capacity.saturating_mul(BYTES_PER_SLOT),
         }
     }
@@ -456,14 +461,24 @@ impl Mempool {
     /// Drops every transaction admitted more than the time-to-live before `now_ms`; returns how
     /// many. Called on every insert, so a node need not call it.
     pub fn expire(&mut self, now_ms: u64) -> usize {
-        let Some(cutoff) = now_ms.checked_sub(self.limits.ttl_ms) else { return 0 };
         let mut dropped = 0;
-        while let Some(&(admitted_ms, hash)) = self.by_age.first() {
-            if admitted_ms >= cutoff {
-                break;
+        if let Some(cutoff) = now_ms.checked_sub(self.limits.ttl_ms) {
+            while let Some(&(admitted_ms, hash)) = self.by_age.first() {
+                if admitted_ms >= cutoff {
+                    break;
+                }
+                self.remove(&hash);
+                dropped += 1;
             }
-            self.remove(&hash);
-            dropped += 1;
+        }
+        if let Some(cutoff) = now_ms.checked_sub(self.limits.gapped_ttl_ms) {
+            while let Some(&(admitted_ms, hash)) = self.gapped_by_age.first() {
+                if admitted_ms >= cutoff {
+                    break;
+                }
+                self.remove(&hash);
+                dropped += 1;
+            }
         }
         dropped
     }
@@ -669,6 +684,22 @@ mod tests {
     }
 
     #[test]
+    fn entries_behind_a_gap_expire_sooner() {
+        let s = genesis();
+        let mut m = pool(100);
+        m.insert(&s, transfer(0, 0, 1, 1), 100, 0).unwrap();
+        m.insert(&s, transfer(0, 3, 1, 1), 100, 0).unwrap();
+        m.insert(&s, transfer(1, 2, 0, 1), 100, 1_000).unwrap();
+        assert_eq!(m.gapped_len(), 2);
+        assert_eq!(m.expire(4_999), 0);
+        assert_eq!(m.expire(5_001), 1, "account 0's gapped entry, admitted at 0");
+        assert_eq!((m.len(), m.gapped_len()), (2, 1));
+        assert_eq!(m.expire(6_001), 1);
+        assert_eq!((m.len(), m.gapped_len()), (1, 0), "the entry that can go next stays");
+        assert_eq!(m.expire(59_999), 0);
+    }
+
+    #[test]
     fn the_pool_is_bounded_in_bytes_too() {
         let s = genesis();
         let mut m = Mempool::new(MempoolLimits { max_bytes: 1_000, ..MempoolLimits::default() });
@@ -844,6 +875,7 @@ mod tests {
                 gapped_per_account: 4,
                 gapped_total: 6,
                 ttl_ms: 500,
+                gapped_ttl_ms: 200,
                 // Binds before `capacity` when the larger transactions wait.
                 max_bytes: 12 * 100,
             };
