@@ -458,26 +458,23 @@ impl Mempool {
         }
     }
 
-    /// Drops every transaction admitted more than the time-to-live before `now_ms`; returns how
-    /// many. Called on every insert, so a node need not call it.
+    /// Drops every transaction admitted more than `ttl_ms` before `now_ms`, and every one still
+    /// behind a nonce gap admitted more than `gapped_ttl_ms` before it; returns how many. Called
+    /// on every insert, so a node need not call it.
     pub fn expire(&mut self, now_ms: u64) -> usize {
         let mut dropped = 0;
-        if let Some(cutoff) = now_ms.checked_sub(self.limits.ttl_ms) {
-            while let Some(&(admitted_ms, hash)) = self.by_age.first() {
-                if admitted_ms >= cutoff {
-                    break;
+        // Every entry by `ttl_ms`, then those still behind a gap by `gapped_ttl_ms`.
+        for (ttl_ms, gapped_only) in [(self.limits.ttl_ms, false), (self.limits.gapped_ttl_ms, true)] {
+            let Some(cutoff) = now_ms.checked_sub(ttl_ms) else { continue };
+            loop {
+                let index = if gapped_only { &self.gapped_by_age } else { &self.by_age };
+                match index.first() {
+                    Some(&(admitted_ms, hash)) if admitted_ms < cutoff => {
+                        self.remove(&hash);
+                        dropped += 1;
+                    }
+                    _ => break,
                 }
-                self.remove(&hash);
-                dropped += 1;
-            }
-        }
-        if let Some(cutoff) = now_ms.checked_sub(self.limits.gapped_ttl_ms) {
-            while let Some(&(admitted_ms, hash)) = self.gapped_by_age.first() {
-                if admitted_ms >= cutoff {
-                    break;
-                }
-                self.remove(&hash);
-                dropped += 1;
             }
         }
         dropped
