@@ -35,8 +35,12 @@ pub fn network(url: &str) -> archipel_ledger::Hash {
     v["genesis_hash"].as_str().expect("genesis_hash").parse().expect("a hash")
 }
 
-pub fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+/// The test's one runtime, shared by every thread that blocks on a request. One runtime for the
+/// whole test matters: a client pools its connections, and a connection opened on a runtime that
+/// was since dropped fails its next request with "runtime dropped the dispatch task".
+pub fn rt() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap())
 }
 
 /// Starts `archipel ARGS` in `dir` in the background, output discarded.
