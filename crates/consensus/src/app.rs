@@ -321,6 +321,7 @@ where
     async fn propose(&mut self, context: Self::Context) -> oneshot::Receiver<Digest> {
         let (mut tx, rx) = oneshot::channel();
         let app = self.clone();
+        tracing::debug!(round = %context.round, "asked to propose");
         self.context.child("propose").spawn(move |runtime| async move {
             let runtime = Arc::new(runtime);
             let (_, parent) = context.parent;
@@ -457,6 +458,7 @@ where
     /// verified it (at least one honest), so only its availability is this node's to ensure.
     async fn certify(&mut self, round: Round, digest: Digest) -> oneshot::Receiver<bool> {
         let (mut tx, rx) = oneshot::channel();
+        tracing::debug!(round = %round, "asked to certify");
         let durable = self.rounds().durable.remove(&(round, digest));
         let candidates = self.candidates.clone();
         self.context.child("certify").spawn(move |runtime| async move {
@@ -482,6 +484,7 @@ where
                 }
             };
             if let Some(Ok(true)) = unless_dropped(&mut tx, synced).await {
+                tracing::debug!(round = %round, "certified");
                 tx.send_lossy(true);
             }
         });

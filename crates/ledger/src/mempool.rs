@@ -28,7 +28,7 @@ use crate::params::LedgerParams;
 use crate::state::{Account, State};
 use crate::tx::{Payload, SignedTransaction, Transaction, TxError};
 use archipel_types::NodeId;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// Why the mempool did not take a transaction.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -222,6 +222,137 @@ struct AccountQueue {
     spend_micro: u128,
 }
 
+/// What [`Mempool::check_account`] reads of an account's queue: the queue itself, or the
+/// [`Prechecker`]'s picture of it with a batch's earlier transactions added.
+trait QueueView {
+    /// Transactions waiting.
+    fn waiting(&self) -> usize;
+    /// True when one with `nonce` waits.
+    fn holds(&self, nonce: u64) -> bool;
+    /// The first nonce from `next` on that is not waiting.
+    fn run_end(&self) -> u64;
+    /// Transactions waiting behind a missing nonce.
+    fn gapped(&self) -> usize;
+    /// Amounts and fees of everything waiting.
+    fn spend_micro(&self) -> u128;
+}
+
+impl QueueView for AccountQueue {
+    fn waiting(&self) -> usize {
+        self.txs.len()
+    }
+    fn holds(&self, nonce: u64) -> bool {
+        self.txs.contains_key(&nonce)
+    }
+    fn run_end(&self) -> u64 {
+        self.run_end
+    }
+    fn gapped(&self) -> usize {
+        AccountQueue::gapped(self)
+    }
+    fn spend_micro(&self) -> u128 {
+        self.spend_micro
+    }
+}
+
+/// An account's queue as [`Prechecker`] pictures it: its nonces and sums, with the batch's
+/// transactions that passed added.
+#[derive(Debug)]
+struct Shadow {
+    nonces: BTreeSet<u64>,
+    next: u64,
+    run_end: u64,
+    spend_micro: u128,
+}
+
+impl Shadow {
+    fn of(q: &AccountQueue) -> Self {
+        Shadow { nonces: q.txs.keys().copied().collect(), next: q.next, run_end: q.run_end, spend_micro: q.spend_micro }
+    }
+
+    fn empty(next: u64) -> Self {
+        Shadow { nonces: BTreeSet::new(), next, run_end: next, spend_micro: 0 }
+    }
+
+    fn add(&mut self, nonce: u64, spend: u64) {
+        self.nonces.insert(nonce);
+        self.spend_micro += u128::from(spend);
+        while self.run_end < u64::MAX && self.nonces.contains(&self.run_end) {
+            self.run_end += 1;
+        }
+    }
+}
+
+impl QueueView for Shadow {
+    fn waiting(&self) -> usize {
+        self.nonces.len()
+    }
+    fn holds(&self, nonce: u64) -> bool {
+        self.nonces.contains(&nonce)
+    }
+    fn run_end(&self) -> u64 {
+        self.run_end
+    }
+    fn gapped(&self) -> usize {
+        self.nonces.len().saturating_sub(self.run_end.saturating_sub(self.next) as usize)
+    }
+    fn spend_micro(&self) -> u128 {
+        self.spend_micro
+    }
+}
+
+/// Prechecks a batch in order ([`Mempool::prechecker`]).
+#[derive(Debug)]
+pub struct Prechecker<'a> {
+    pool: &'a Mempool,
+    state: &'a State,
+    /// Accounts with a transaction of the batch passed, as they would be with it inserted.
+    shadows: HashMap<NodeId, Shadow>,
+    /// Transactions passed.
+    passed: HashSet<Hash>,
+    /// How many more entries wait behind a missing nonce with them than in the pool.
+    gapped_added: isize,
+}
+
+impl Prechecker<'_> {
+    /// The mempool's verdict on `stx` (whose hash is `hash`) after the batch's earlier
+    /// transactions that passed; a pass counts for the later ones.
+    pub fn check(&mut self, hash: &Hash, stx: &SignedTransaction) -> Result<(), MempoolError> {
+        // Waiting already, or passed earlier in the batch: insertion takes it once.
+        if self.passed.contains(hash) || self.pool.by_hash.contains_key(hash) {
+            return Ok(());
+        }
+        let (signer, nonce) = (stx.tx.signer, stx.tx.nonce);
+        let account = self.state.account(&signer);
+        let queue = self.pool.accounts.get(&signer);
+        // Left to insertion (which aligns the queue first, or refuses the used nonce).
+        if queue.is_some_and(|q| q.next != account.nonce) || nonce < account.nonce {
+            return Ok(());
+        }
+        let spend = spend_micro(self.state.params(), &stx.tx);
+        let shadow = self.shadows.get(&signer);
+        match shadow {
+            Some(shadow) => self.pool.check_account(signer, nonce, spend, account, Some(shadow))?,
+            None => self.pool.check_account(signer, nonce, spend, account, queue)?,
+        }
+        let missing = shadow.map(|s| s.run_end).or(queue.map(|q| q.run_end)).unwrap_or(account.nonce);
+        let gapped = self.pool.gapped_len().saturating_add_signed(self.gapped_added);
+        if nonce != missing && gapped >= self.pool.limits.gapped_total {
+            return Err(MempoolError::GappedFull { signer: signer.short(), missing, gapped });
+        }
+        let shadow = self
+            .shadows
+            .entry(signer)
+            .or_insert_with(|| queue.map_or_else(|| Shadow::empty(account.nonce), Shadow::of));
+        let before = shadow.gapped();
+        shadow.add(nonce, spend);
+        // Closing a gap moves the entries behind it into line.
+        self.gapped_added += shadow.gapped() as isize - before as isize;
+        self.passed.insert(*hash);
+        Ok(())
+    }
+}
+
 impl AccountQueue {
     fn new(next: u64) -> Self {
         Self { txs: BTreeMap::new(), next, run_end: next, spend_micro: 0 }
@@ -354,7 +485,7 @@ impl Mempool {
         let account = state.account(&signer);
         self.align(&signer, account.nonce);
         let spend = spend_micro(state.params(), &stx.tx);
-        self.check_account(signer, nonce, spend, account)?;
+        self.check_account(signer, nonce, spend, account, self.accounts.get(&signer))?;
         let missing = self.accounts.get(&signer).map_or(account.nonce, |q| q.run_end);
         let next_in_line = nonce == missing;
         if !next_in_line && self.gapped_len() >= self.limits.gapped_total {
@@ -386,28 +517,35 @@ impl Mempool {
     /// The account's rules for one more transaction (`nonce`, spending `spend`) of `signer`,
     /// whose finalized account is `account`: nonce not taken, the account's quota, its gapped
     /// entries, its cumulative spend. The queue must be aligned with `account`.
-    fn check_account(&self, signer: NodeId, nonce: u64, spend: u64, account: Account) -> Result<(), MempoolError> {
-        if let Some(q) = self.accounts.get(&signer) {
-            if q.txs.contains_key(&nonce) {
+    fn check_account(
+        &self,
+        signer: NodeId,
+        nonce: u64,
+        spend: u64,
+        account: Account,
+        q: Option<&impl QueueView>,
+    ) -> Result<(), MempoolError> {
+        if let Some(q) = q {
+            if q.holds(nonce) {
                 return Err(MempoolError::NonceTaken { signer: signer.short(), nonce });
             }
-            if q.txs.len() >= self.limits.per_account {
-                return Err(MempoolError::AccountQuota { signer: signer.short(), waiting: q.txs.len() });
+            if q.waiting() >= self.limits.per_account {
+                return Err(MempoolError::AccountQuota { signer: signer.short(), waiting: q.waiting() });
             }
             // Admission refused replays, so `nonce` is not below `next`; not taken, so not
             // below `run_end` either: anything else than `run_end` is behind a gap.
-            if nonce != q.run_end && q.gapped() >= self.limits.gapped_per_account {
+            if nonce != q.run_end() && q.gapped() >= self.limits.gapped_per_account {
                 return Err(MempoolError::NonceGap {
                     signer: signer.short(),
-                    missing: q.run_end,
+                    missing: q.run_end(),
                     gapped: q.gapped(),
                     max: self.limits.gapped_per_account,
                 });
             }
-            if q.spend_micro + u128::from(spend) > u128::from(account.balance_micro) {
+            if q.spend_micro() + u128::from(spend) > u128::from(account.balance_micro) {
                 return Err(MempoolError::Overspend {
                     signer: signer.short(),
-                    waiting_micro: q.spend_micro,
+                    waiting_micro: q.spend_micro(),
                     needed_micro: spend,
                     balance_micro: account.balance_micro,
                 });
@@ -422,14 +560,20 @@ impl Mempool {
     /// cumulative spend) checked without changing anything, so that a transaction they refuse is
     /// refused before its signature is verified. A queue not yet aligned with `state` is left to
     /// insertion. What this refuses, insertion would refuse in the same pool; `Ok` says nothing of
-    /// the other rules.
+    /// the other rules. For transactions submitted together, see [`Mempool::prechecker`].
     pub fn precheck(&self, state: &State, stx: &SignedTransaction) -> Result<(), MempoolError> {
-        let (signer, nonce) = (stx.tx.signer, stx.tx.nonce);
-        let account = state.account(&signer);
-        if self.accounts.get(&signer).is_some_and(|q| q.next != account.nonce) || nonce < account.nonce {
-            return Ok(());
-        }
-        self.check_account(signer, nonce, spend_micro(state.params(), &stx.tx), account)
+        self.prechecker(state).check(&stx.hash(), stx)
+    }
+
+    /// [`Mempool::precheck`] for transactions submitted together: each is judged as though those
+    /// before it that passed had been inserted, so a batch of 64 transfers behind a missing nonce
+    /// passes 16 (the gapped entries an account may hold), not 64. What it refuses, inserting the
+    /// passed ones in order would refuse too, provided they also pass the checks it does not make
+    /// (signatures, the pool's capacity): a transaction refused here because an earlier one from
+    /// the same account in the same batch took its place stays refused if that one's signature
+    /// then fails (the sender's own batch is wrong; it may resubmit).
+    pub fn prechecker<'a>(&'a self, state: &'a State) -> Prechecker<'a> {
+        Prechecker { pool: self, state, shadows: HashMap::new(), passed: HashSet::new(), gapped_added: 0 }
     }
 
     /// Drops `signer`'s transactions below `next` (its next nonce in a finalized state that
@@ -862,6 +1006,36 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// The prechecker judges a batch as inserting it in order would: the same verdict for
+        /// every transaction (the pool has room, nothing expires, every signature is valid), over
+        /// nonce gaps, quotas, cumulative spend, the gapped share and repeats.
+        #[test]
+        fn a_batch_is_prechecked_as_inserting_it_in_order_would_judge_it(
+            before in proptest::collection::vec((0u64..2, 0u64..24, 0u64..400), 0..30),
+            batch in proptest::collection::vec((0u64..2, 0u64..24, 0u64..400), 1..60),
+        ) {
+            let s = genesis();
+            let limits = MempoolLimits { per_account: 12, gapped_per_account: 4, gapped_total: 6, ..MempoolLimits::default() };
+            let mut m = Mempool::new(limits);
+            for (from, nonce, amount) in before {
+                let _ = m.insert(&s, transfer(from, nonce, 1 - from, amount), 100, 0);
+            }
+            // Some transactions twice: the second is the first one's answer again.
+            let txs: Vec<SignedTransaction> =
+                batch.iter().map(|&(from, nonce, amount)| transfer(from, nonce, 1 - from, amount)).collect();
+            let verdicts: Vec<Result<(), &'static str>> = {
+                let mut p = m.prechecker(&s);
+                txs.iter()
+                    .map(|t| s.precheck(t, 100).map_err(MempoolError::from).and_then(|()| p.check(&t.hash(), t)))
+                    .map(|v| v.map_err(|e| e.code()))
+                    .collect()
+            };
+            for (t, verdict) in txs.into_iter().zip(verdicts) {
+                let inserted = m.insert(&s, t, 100, 0).map(|_| ()).map_err(|e| e.code());
+                proptest::prop_assert_eq!(verdict, inserted);
+            }
+        }
+
         #[test]
         fn sums_and_runs_stay_consistent(ops in proptest::collection::vec((0u8..5, 0u64..2, 0u64..24, 0u64..400), 1..200)) {
             let mut s = genesis();

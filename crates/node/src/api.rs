@@ -821,7 +821,7 @@ pub(crate) mod testing {
             chain: Arc::new(chain),
             tx_out,
             guards: ApiGuards::new(limits),
-            admission: crate::fair_queue::FairQueue::new(ADMISSION_WORKERS).unwrap(),
+            admission: crate::fair_queue::FairQueue::new(ADMISSION_WORKERS, limits.admission_pace()).unwrap(),
         })
     }
 

@@ -262,23 +262,42 @@ async fn submit_batch(
             }
         }
     }
-    let (chain, now_ms) = (s.chain.clone(), archipel_consensus::app::system_now_ms());
+    // Admitted a chunk at a time, each in the source's turn: a large batch never holds the
+    // admission queue (or its pace's budget) for long in one piece.
     let source = request_source(connection.as_deref());
-    let cost = decoded.iter().map(|(stx, _)| admission_cost(stx)).sum();
-    let results = match s.admit(source, cost, move || chain.submit_many(decoded, now_ms)).await {
-        Ok(r) => r,
-        Err(refused) => return refused,
-    };
+    let mut results = Vec::with_capacity(decoded.len());
+    let mut decoded = decoded.into_iter().peekable();
+    while decoded.peek().is_some() {
+        let chunk: Vec<_> = decoded.by_ref().take(archipel_consensus::chain::SUBMIT_CHUNK).collect();
+        let (n, cost) = (chunk.len(), chunk.iter().map(|(stx, _)| admission_cost(stx)).sum());
+        let (chain, now_ms) = (s.chain.clone(), archipel_consensus::app::system_now_ms());
+        match s.admit(source, cost, move || chain.submit_many(chunk, now_ms)).await {
+            Ok(r) => results.extend(r.into_iter().map(Some)),
+            // Nothing admitted yet: the refusal answers the request.
+            Err(refused) if results.is_empty() => return refused,
+            // Some admitted: the rest are answered as not taken.
+            Err(_) => results.extend((0..n + decoded.by_ref().count()).map(|_| None)),
+        }
+    }
     let mut results = results.into_iter().zip(encoded);
     let out: Vec<BatchItem> = out
         .into_iter()
         .map(|item| {
             item.unwrap_or_else(|| match results.next().expect("one result per decoded transaction") {
-                (Ok(h), bytes) => {
+                (Some(Ok(h)), bytes) => {
                     let _ = s.tx_out.send(bytes);
                     BatchItem { hash: Some(h), error: None, message: None }
                 }
-                (Err(e), _) => BatchItem { hash: None, error: Some(e.code().into()), message: Some(e.to_string()) },
+                (Some(Err(e)), _) => {
+                    BatchItem { hash: None, error: Some(e.code().into()), message: Some(e.to_string()) }
+                }
+                (None, _) => BatchItem {
+                    hash: None,
+                    error: Some("admission_busy".into()),
+                    message: Some(
+                        "this node's admission queue filled up before this transaction's turn (the batch's earlier ones were taken): resubmit it, here or on another node".into(),
+                    ),
+                },
             })
         })
         .collect();

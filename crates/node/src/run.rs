@@ -441,7 +441,7 @@ impl PreparedNode {
                 tx_out,
                 guards: api::ApiGuards::new(cfg.api.limits),
                 // Started from the consensus runtime: its threads run at normal priority.
-                admission: crate::fair_queue::FairQueue::new(api::ADMISSION_WORKERS)
+                admission: crate::fair_queue::FairQueue::new(api::ADMISSION_WORKERS, cfg.api.limits.admission_pace())
                     .map_err(|e| NodeError::Invalid(format!("cannot start the admission threads: {e}")))?,
             });
             let server = api_handle.serve(api_listener, state, shutdown_rx.clone()).map_err(NodeError::Invalid)?;
