@@ -904,23 +904,17 @@ async fn spam_step(
     }
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut senders = Vec::new();
-    // The spammers get their own runtime thread, at the lowest priority, and read their answers
-    // without parsing them whole: they stand for machines elsewhere, and sharing the honest
-    // clients' scheduler, competing with the nodes for these two cores, or parsing 100,000 JSON
-    // answers here would measure the bench's own load, not the nodes'. The nodes' whole handling
-    // of the flood (HTTP, decoding, admission, gossip) still runs on the same cores as the
-    // honest transfers.
-    let flood_rt = BackgroundRuntime(Some(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            // Linux sets the priority of the calling thread alone.
-            .on_thread_start(|| {
-                let _ = rustix::process::setpriority_process(None, 19);
-            })
-            .enable_all()
-            .build()?,
-    ));
-    if let Some(ms) = std::env::var("ARCHIPEL_BENCH_SPAM_PAUSE_MS").ok().and_then(|v| v.parse().ok()) {
+    // The spammers get their own runtime thread, and read their answers without parsing them
+    // whole: sharing the honest clients' scheduler, or parsing 100,000 JSON answers on this
+    // box, would delay the honest clients in the bench itself, not in the nodes. They run at the
+    // normal priority: on loopback much of the nodes' TCP receive work runs in the sender's
+    // context, so a niced sender would hide cost the nodes really pay.
+    let flood_rt =
+        BackgroundRuntime(Some(tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?));
+    // A pause before the flood, to attach a profiler (`perf record -a`) when "spam flood signed"
+    // is printed; echoed with the figures.
+    if let Some(ms) = std::env::var("ARCHIPEL_BENCH_SPAM_PAUSE_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+        println!("  note: the spam flood started {ms} ms after it was signed (ARCHIPEL_BENCH_SPAM_PAUSE_MS)");
         eprintln!("spam flood signed; pausing {ms} ms");
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
@@ -970,6 +964,8 @@ async fn spam_step(
             *answers.entry(code).or_insert(0) += count;
         }
     }
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let (max_before, max_during) = (max(&before), max(&during));
     let figures = SpamFigures {
         before: Latencies::of(SortedMs::new(before)),
         during: Latencies::of(SortedMs::new(during)),
@@ -978,11 +974,11 @@ async fn spam_step(
         flood_secs,
     };
     println!(
-        "  spam step, honest transfers ({PROBERS} accounts, each one at a time) before the flood: {}",
+        "  spam step, honest transfers ({PROBERS} accounts, each one at a time) before the flood: {}, max {max_before:.1} ms",
         figures.before
     );
     println!(
-        "  spam step, during the flood ({} transfers from {SPAMMERS} accounts in {:.1} s; answers {:?}): {}",
+        "  spam step, during the flood ({} transfers from {SPAMMERS} accounts in {:.1} s; answers {:?}): {}, max {max_during:.1} ms",
         figures.sent, figures.flood_secs, figures.answers, figures.during
     );
     Ok(figures)

@@ -227,7 +227,10 @@ impl Chain {
         let hashes: Vec<Hash> = items.iter().map(|(t, _)| t.hash()).collect();
         // Per transaction: `None` when known here (nothing to check), else the cheap checks' verdict.
         let prechecked: Vec<Option<Result<(), MempoolError>>> = {
-            let g = self.lock();
+            let mut g = self.lock();
+            // What insertion would drop first, so the prechecker judges the pool insertion sees.
+            g.mempool.expire(now_ms);
+            let g = g;
             // Each judged as though the chunk's earlier ones that passed were in the pool.
             let mut pool = g.mempool.prechecker(&g.state);
             items

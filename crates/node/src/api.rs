@@ -88,32 +88,47 @@ pub const ADMISSION_WORKERS: usize = 2;
 
 impl ApiState {
     /// Runs `f` (work under the chain's lock) on an admission thread in `source`'s turn,
-    /// charged `cost` transactions; the answer to send instead when it could not run.
+    /// charged `cost` (fairness: transactions, a `transfer_many` by its credits) and `work`
+    /// transactions (the node-wide pace); the answer to send instead when it could not run.
     pub(crate) async fn admit<R: Send + 'static>(
         &self,
         source: IpAddr,
         cost: u64,
+        work: u64,
         f: impl FnOnce() -> R + Send + 'static,
     ) -> Result<R, Response> {
-        use crate::fair_queue::{MAX_QUEUED_PER_SOURCE, Refused};
-        self.admission.run(source, cost, f).await.map_err(|refused| match refused {
-            Refused::Busy => retry_later(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "admission_busy",
-                format!(
-                    "{MAX_QUEUED_PER_SOURCE} submissions from your address (or too many in all) already wait to be admitted: retry when they are answered"
-                ),
-                Duration::from_secs(1),
+        self.admission.run(source, cost, work, f).await.map_err(refusal)
+    }
+}
+
+/// The answer to a submission that [`crate::fair_queue::FairQueue`] did not run.
+pub(crate) fn refusal(refused: crate::fair_queue::Refused) -> Response {
+    let (status, code, message) = refusal_parts(refused);
+    match refused {
+        crate::fair_queue::Refused::Busy => retry_later(status, code, message, Duration::from_secs(1)),
+        _ => error(status, code, message),
+    }
+}
+
+/// Status, code and message of a refusal (also given per item of a batch).
+pub(crate) fn refusal_parts(refused: crate::fair_queue::Refused) -> (StatusCode, &'static str, String) {
+    use crate::fair_queue::{MAX_QUEUED_PER_SOURCE, Refused};
+    match refused {
+        Refused::Busy => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "admission_busy",
+            format!(
+                "{MAX_QUEUED_PER_SOURCE} submissions from your address (or too many in all) already wait to be admitted: retry when they are answered"
             ),
-            Refused::Stopped => {
-                error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the node is stopping: retry on another node")
-            }
-            Refused::Failed => error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "admitting the submission failed on this node (see its log): retry on another node",
-            ),
-        })
+        ),
+        Refused::Stopped => {
+            (StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the node is stopping: retry on another node".into())
+        }
+        Refused::Failed => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "admitting the submission failed on this node (see its log): retry on another node".into(),
+        ),
     }
 }
 

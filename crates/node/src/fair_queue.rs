@@ -23,7 +23,12 @@
 //! Heavy sources are paced ([`Pace`]): a job from an address whose use, with the job, would be
 //! above [`Pace::light`] starts only while a node-wide token bucket of [`Pace::per_second`]
 //! transactions is not in debt (it may run into debt by one job, so a batch of any size runs).
-//! Light jobs are never delayed, and are charged too, so heavy ones get what light ones leave.
+//! Light jobs may also run while the debt is under one burst, and are charged too, so heavy ones
+//! get what light ones leave and many light addresses together are paced as well. The bucket is
+//! charged the job's transactions (its `work`, what admission's CPU is spent on), fairness its
+//! `cost` (a `transfer_many` by its credits). A job whose caller stopped waiting is dropped
+//! without a charge, and heavy jobs may fill at most [`MAX_QUEUED_HEAVY`] of the queue, so junk
+//! from busy addresses cannot lock light ones out.
 //! Why: a flood of 100,000 transactions from 100 addresses arriving in 0.2 s kept both cores of
 //! the bench box busy and an honest transfer took 4–8 times as long; spread over a second or
 //! two, the same flood leaves consensus the CPU it needs. The budget is far above what the ledger
@@ -31,18 +36,22 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How often every address's recorded use is halved.
 pub const DECAY: Duration = Duration::from_secs(1);
 /// Most use an address may have (with the job) for its jobs to count as light: a client
-/// sending a few transactions a second (use settles near twice the rate, halved every second).
-pub const LIGHT_USE: u64 = 64;
+/// sending a few transactions a second (use settles near 1.5 times the rate, halved every
+/// second). Below a chunk of a batch (64), so a fresh address's first chunk is already heavy.
+pub const LIGHT_USE: u64 = 32;
 /// Most jobs one source address may have waiting.
 pub const MAX_QUEUED_PER_SOURCE: usize = 16;
 /// Most jobs waiting in all.
 pub const MAX_QUEUED: usize = 1_024;
+/// Most jobs of heavy addresses waiting (the rest of [`MAX_QUEUED`] is kept for light ones).
+pub const MAX_QUEUED_HEAVY: usize = MAX_QUEUED * 3 / 4;
 
 /// A job: runs the work and answers its caller, unless the caller is gone (then returns false
 /// without running it).
@@ -62,7 +71,7 @@ pub enum Refused {
 /// How heavy sources are paced (see the module's documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Pace {
-    /// Most use (decayed transactions) an address may have, with the job, to run unpaced.
+    /// Most use (decayed cost) an address may have, with the job, for the job to be light.
     pub light: u64,
     /// Transactions per second the node-wide bucket refills with.
     pub per_second: u64,
@@ -78,9 +87,16 @@ impl Pace {
 /// What a worker does next.
 enum Next {
     Run(Job),
-    /// Only heavy jobs wait and the bucket is in debt until then.
+    /// The bucket is too deep in debt for any waiting job until then.
     WaitUntil(Instant),
     Idle,
+}
+
+/// Which jobs the bucket lets start.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Allowed {
+    Any,
+    LightOnly,
 }
 
 /// A waiting job.
@@ -89,7 +105,14 @@ struct Queued {
     arrival: u64,
     /// Its finish tag (the lowest runs first).
     finish: u64,
+    /// Charged to its source's use and finish tags.
     cost: u64,
+    /// Charged to the bucket.
+    work: u64,
+    /// Its source was heavy when it was queued (counted in `queued_heavy`).
+    heavy: bool,
+    /// Set when its caller stopped waiting.
+    gone: Arc<AtomicBool>,
     job: Job,
 }
 
@@ -100,8 +123,9 @@ struct Sched {
     finish: HashMap<IpAddr, u64>,
     /// The finish tag of the job last started.
     virtual_time: u64,
-    /// Jobs waiting in all, and the next arrival number.
+    /// Jobs waiting in all, of them queued by heavy sources, and the next arrival number.
     queued: usize,
+    queued_heavy: usize,
     arrivals: u64,
     /// Cost run per source lately (decayed).
     used: HashMap<IpAddr, u64>,
@@ -120,6 +144,7 @@ impl Sched {
             finish: HashMap::new(),
             virtual_time: 0,
             queued: 0,
+            queued_heavy: 0,
             arrivals: 0,
             used: HashMap::new(),
             decayed_at: None,
@@ -133,38 +158,85 @@ impl Sched {
     /// The next job to run ([`Sched::pick`] under [`Pace`]).
     fn next(&mut self, now: Instant) -> Next {
         let refilled_at = *self.refilled_at.get_or_insert(now);
-        let rate = self.pace.per_second as f64;
-        self.tokens =
-            (self.tokens + now.saturating_duration_since(refilled_at).as_secs_f64() * rate).min(self.pace.burst as f64);
+        let (rate, burst) = (self.pace.per_second as f64, self.pace.burst as f64);
+        self.tokens = (self.tokens + now.saturating_duration_since(refilled_at).as_secs_f64() * rate).min(burst);
         self.refilled_at = Some(now);
-        let in_debt = self.tokens < 0.0;
-        match self.pick(now, in_debt) {
-            Some((job, cost)) => {
-                self.tokens -= cost as f64;
+        self.drop_abandoned();
+        let allowed = if self.tokens >= 0.0 {
+            Allowed::Any
+        } else if self.tokens >= -burst {
+            Allowed::LightOnly
+        } else {
+            // Nothing may start: wait for the light jobs' threshold if one waits, else for zero.
+            let light_waits = self.queues.iter().any(|(ip, q)| q.front().is_some_and(|j| self.is_light(ip, j.cost)));
+            return self.wait_for(if light_waits { -burst } else { 0.0 }, now);
+        };
+        match self.pick(now, allowed) {
+            Some((job, work)) => {
+                self.tokens -= work as f64;
                 Next::Run(job)
             }
-            None if self.queued > 0 && in_debt => {
-                Next::WaitUntil(now + Duration::from_secs_f64((-self.tokens / rate).min(1.0)))
-            }
-            None => Next::Idle,
+            None => self.wait_for(0.0, now),
         }
     }
 
-    /// Queues `job` from `source`, costing `cost`, with its finish tag.
-    fn push(&mut self, source: IpAddr, cost: u64, job: Job) {
+    /// Idle, or a wait until the bucket holds `level`.
+    fn wait_for(&self, level: f64, now: Instant) -> Next {
+        if self.queued == 0 {
+            return Next::Idle;
+        }
+        let secs = ((level - self.tokens) / self.pace.per_second as f64).clamp(1e-6, 1.0);
+        Next::WaitUntil(now + Duration::from_secs_f64(secs))
+    }
+
+    /// True when a job costing `cost` from `source` is light now.
+    fn is_light(&self, source: &IpAddr, cost: u64) -> bool {
+        self.used.get(source).copied().unwrap_or(0).saturating_add(cost) <= self.pace.light
+    }
+
+    /// Drops the jobs whose callers stopped waiting, uncharged.
+    fn drop_abandoned(&mut self) {
+        let (mut dropped, mut heavy) = (0, 0);
+        self.queues.retain(|_, q| {
+            q.retain(|j| {
+                let gone = j.gone.load(Ordering::Relaxed);
+                if gone {
+                    dropped += 1;
+                    heavy += usize::from(j.heavy);
+                }
+                !gone
+            });
+            !q.is_empty()
+        });
+        self.queued -= dropped;
+        self.queued_heavy -= heavy;
+    }
+
+    /// Queues `job` from `source` with its finish tag, unless the queue is full for it.
+    fn push(&mut self, source: IpAddr, cost: u64, work: u64, gone: Arc<AtomicBool>, job: Job) -> Result<(), Refused> {
         let cost = cost.max(1);
+        let heavy = !self.is_light(&source, cost);
+        let waiting_here = self.queues.get(&source).map_or(0, VecDeque::len);
+        if waiting_here >= MAX_QUEUED_PER_SOURCE
+            || self.queued >= MAX_QUEUED
+            || (heavy && self.queued_heavy >= MAX_QUEUED_HEAVY)
+        {
+            return Err(Refused::Busy);
+        }
         let last = self.finish.get(&source).copied().unwrap_or(0);
         let finish = last.max(self.virtual_time).saturating_add(cost);
         self.finish.insert(source, finish);
         let arrival = self.arrivals;
         self.arrivals += 1;
         self.queued += 1;
-        self.queues.entry(source).or_default().push_back(Queued { arrival, finish, cost, job });
+        self.queued_heavy += usize::from(heavy);
+        self.queues.entry(source).or_default().push_back(Queued { arrival, finish, cost, work, heavy, gone, job });
+        Ok(())
     }
 
-    /// The next job and its cost: of the jobs first in their source's line, the smallest finish
-    /// tag (the earlier arrival on a tie); with `light_only`, of the light sources' only.
-    fn pick(&mut self, now: Instant, light_only: bool) -> Option<(Job, u64)> {
+    /// The next job and its work: of the jobs first in their source's line, the smallest finish
+    /// tag (the earlier arrival on a tie); under [`Allowed::LightOnly`], of the light ones only.
+    fn pick(&mut self, now: Instant, allowed: Allowed) -> Option<(Job, u64)> {
         let decayed_at = *self.decayed_at.get_or_insert(now);
         let periods = now.duration_since(decayed_at).as_nanos() / DECAY.as_nanos().max(1);
         if periods > 0 {
@@ -178,27 +250,26 @@ impl Sched {
             let virtual_time = self.virtual_time;
             self.finish.retain(|ip, finish| *finish > virtual_time || queues.contains_key(ip));
         }
-        let (used, light) = (&self.used, self.pace.light);
         let source = *self
             .queues
             .iter()
             .filter_map(|(ip, q)| {
                 let next = q.front()?;
-                let use_ = used.get(ip).copied().unwrap_or(0);
-                (!light_only || use_.saturating_add(next.cost) <= light).then_some((ip, next.finish, next.arrival))
+                (allowed == Allowed::Any || self.is_light(ip, next.cost)).then_some((ip, next.finish, next.arrival))
             })
             .min_by_key(|&(_, finish, arrival)| (finish, arrival))?
             .0;
         let queue = self.queues.get_mut(&source)?;
-        let Queued { finish, cost, job, .. } = queue.pop_front()?;
+        let Queued { finish, cost, work, heavy, job, .. } = queue.pop_front()?;
         self.virtual_time = self.virtual_time.max(finish);
         if queue.is_empty() {
             self.queues.remove(&source);
         }
         self.queued -= 1;
+        self.queued_heavy -= usize::from(heavy);
         let u = self.used.entry(source).or_default();
         *u = u.saturating_add(cost);
-        Some((job, cost))
+        Some((job, work))
     }
 }
 
@@ -236,23 +307,24 @@ impl FairQueue {
         Ok(FairQueue { shared })
     }
 
-    /// Runs `f` on a worker in its turn, charged `cost` to `source`. `f` does not run if the
-    /// caller stopped waiting before its turn.
+    /// Runs `f` on a worker in its turn, charged `cost` to `source` (fairness) and `work`
+    /// transactions to the bucket (pace). `f` does not run if the caller stopped waiting before
+    /// its turn.
     pub async fn run<R: Send + 'static>(
         &self,
         source: IpAddr,
         cost: u64,
+        work: u64,
         f: impl FnOnce() -> R + Send + 'static,
     ) -> Result<R, Refused> {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        // Marks the job abandoned if this future is dropped before its answer.
+        let gone = Arc::new(AtomicBool::new(false));
+        let _mark = MarkOnDrop(gone.clone());
         {
             let mut s = self.shared.lock();
             if s.closed {
                 return Err(Refused::Stopped);
-            }
-            let waiting_here = s.queues.get(&source).map_or(0, VecDeque::len);
-            if waiting_here >= MAX_QUEUED_PER_SOURCE || s.queued >= MAX_QUEUED {
-                return Err(Refused::Busy);
             }
             let job: Job = Box::new(move || {
                 if tx.is_closed() {
@@ -261,7 +333,11 @@ impl FairQueue {
                 let _ = tx.send(f());
                 true
             });
-            s.push(source, cost, job);
+            if s.push(source, cost, work, gone.clone(), job).is_err() {
+                // Jobs whose callers left may be holding the room.
+                s.drop_abandoned();
+                return Err(Refused::Busy);
+            }
         }
         // Every worker: one waiting for the bucket may take a light job at once.
         self.shared.ready.notify_all();
@@ -275,6 +351,15 @@ impl FairQueue {
     }
 }
 
+/// Sets its flag when dropped.
+struct MarkOnDrop(Arc<AtomicBool>);
+
+impl Drop for MarkOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 impl Drop for FairQueue {
     fn drop(&mut self) {
         // Waiting jobs are dropped (their callers see `None`); running ones finish.
@@ -282,6 +367,7 @@ impl Drop for FairQueue {
         s.closed = true;
         s.queues.clear();
         s.queued = 0;
+        s.queued_heavy = 0;
         drop(s);
         self.shared.ready.notify_all();
     }
@@ -324,7 +410,7 @@ mod tests {
         let (started, running) = tokio::sync::oneshot::channel::<()>();
         let q2 = q.clone();
         let blocker = tokio::spawn(async move {
-            q2.run(ip(9), 1, move || {
+            q2.run(ip(9), 1, 1, move || {
                 started.send(()).unwrap();
                 let _ = gate.recv();
             })
@@ -343,9 +429,9 @@ mod tests {
         let mut waits = Vec::new();
         for &(who, cost) in jobs {
             let (q2, order) = (q.clone(), order.clone());
-            waits.push(tokio::spawn(
-                async move { q2.run(ip(who), cost, move || order.lock().unwrap().push(who)).await },
-            ));
+            waits.push(tokio::spawn(async move {
+                q2.run(ip(who), cost, cost, move || order.lock().unwrap().push(who)).await
+            }));
             while q.waiting() < waits.len() {
                 tokio::task::yield_now().await;
             }
@@ -383,13 +469,13 @@ mod tests {
         for _ in 0..MAX_QUEUED_PER_SOURCE {
             let (q2, ran) = (q.clone(), ran.clone());
             waits.push(tokio::spawn(async move {
-                q2.run(ip(1), 1, move || ran.fetch_add(1, std::sync::atomic::Ordering::SeqCst)).await
+                q2.run(ip(1), 1, 1, move || ran.fetch_add(1, std::sync::atomic::Ordering::SeqCst)).await
             }));
             while q.waiting() < waits.len() {
                 tokio::task::yield_now().await;
             }
         }
-        assert_eq!(q.run(ip(1), 1, || ()).await, Err(Refused::Busy));
+        assert_eq!(q.run(ip(1), 1, 1, || ()).await, Err(Refused::Busy));
         // The callers give up: their jobs are dropped unrun once the worker is free.
         for w in &waits {
             w.abort();
@@ -404,7 +490,7 @@ mod tests {
             assert!(started.elapsed() < Duration::from_secs(10), "the abandoned jobs are never taken");
             tokio::task::yield_now().await;
         }
-        assert_eq!(q.run(ip(2), 1, || 5).await, Ok(5));
+        assert_eq!(q.run(ip(2), 1, 1, || 5).await, Ok(5));
         assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 0, "no abandoned job ran");
     }
 
@@ -413,7 +499,7 @@ mod tests {
         let mut s = Sched::new(Pace::OFF);
         let t0 = Instant::now();
         let noop = || -> Job { Box::new(|| true) };
-        s.push(ip(1), 1_000, noop());
+        s.push(ip(1), 1_000, 1_000, Arc::default(), noop()).unwrap();
         assert!(matches!(s.next(t0), Next::Run(_)));
         assert_eq!(s.used[&ip(1)], 1_000);
         assert!(matches!(s.next(t0), Next::Idle), "nothing waits");
@@ -424,17 +510,17 @@ mod tests {
         assert!(s.used.is_empty(), "halved to nothing and forgotten: {:?}", s.used);
     }
 
-    /// Queues a job for `who` costing `cost` that records `who` in `ran` when it runs.
-    fn queue(s: &mut Sched, ran: &Arc<Mutex<Vec<u8>>>, who: u8, cost: u64) {
+    /// Queues a job for `who` costing `cost` (and as much work) that records `who` in `ran`
+    /// when it runs; the flag that abandons it.
+    fn queue(s: &mut Sched, ran: &Arc<Mutex<Vec<u8>>>, who: u8, cost: u64) -> Arc<AtomicBool> {
         let ran = ran.clone();
-        s.push(
-            ip(who),
-            cost,
-            Box::new(move || {
-                ran.lock().unwrap().push(who);
-                true
-            }),
-        );
+        let gone = Arc::new(AtomicBool::new(false));
+        let job: Job = Box::new(move || {
+            ran.lock().unwrap().push(who);
+            true
+        });
+        s.push(ip(who), cost, cost, gone.clone(), job).unwrap();
+        gone
     }
 
     /// Runs what `s` hands out at `now`; how long it asks to wait, if it does.
@@ -451,7 +537,8 @@ mod tests {
     }
 
     /// A busy address's jobs start at the node-wide pace once the burst is spent (the bucket
-    /// may go into debt by one job); a light address's job runs at once, in debt or not.
+    /// may go into debt by one job); a light address's job runs at once while the debt is under
+    /// one burst, and is charged.
     #[test]
     fn heavy_addresses_are_paced_and_light_ones_never_wait() {
         let pace = Pace { light: 4, per_second: 1_000, burst: 100 };
@@ -466,17 +553,23 @@ mod tests {
         let wait = drain(&mut s, t0).expect("the third heavy job waits");
         assert_eq!(*ran.lock().unwrap(), [1, 1]);
         assert!(wait > Duration::from_millis(95) && wait <= Duration::from_millis(100), "{wait:?}");
-        // A light job (fresh address, cost 1) runs now, in debt.
+        // A light job (fresh address, cost 1) runs now, in debt, and is charged (debt 101).
         queue(&mut s, &ran, 2, 1);
         assert!(drain(&mut s, t0).is_some());
         assert_eq!(*ran.lock().unwrap(), [1, 1, 2]);
-        // Half-way, the heavy job still waits; once the debt (now 101) is paid, it runs.
-        assert!(drain(&mut s, t0 + Duration::from_millis(50)).is_some());
-        assert_eq!(ran.lock().unwrap().len(), 3);
+        // At 100.5 ms the debt is 0.5 (had the light job gone free, the third would run now).
+        assert!(drain(&mut s, t0 + Duration::from_micros(100_500)).is_some());
+        assert_eq!(ran.lock().unwrap().len(), 3, "the light job's charge delays the heavy ones");
         assert!(drain(&mut s, t0 + Duration::from_millis(102)).is_some(), "the fourth waits for the third's cost");
         assert_eq!(*ran.lock().unwrap(), [1, 1, 2, 1]);
         assert_eq!(drain(&mut s, t0 + Duration::from_millis(210)), None);
         assert_eq!(*ran.lock().unwrap(), [1, 1, 2, 1, 1]);
+        // The bucket refills to its burst, no further: after a long pause, one burst's worth.
+        for _ in 0..3 {
+            queue(&mut s, &ran, 1, 100);
+        }
+        assert!(drain(&mut s, t0 + Duration::from_secs(60)).is_some(), "100 in the bucket: two jobs, then a wait");
+        assert_eq!(ran.lock().unwrap().len(), 7);
         // Without pacing, all run at once.
         let mut s = Sched::new(Pace::OFF);
         for _ in 0..4 {
@@ -486,34 +579,106 @@ mod tests {
         assert_eq!(ran.lock().unwrap().iter().filter(|w| **w == 3).count(), 4);
     }
 
+    /// Light jobs may overdraw the bucket by one burst, no more: many light addresses together
+    /// are paced too (and heavy ones wait until the debt is paid).
+    #[test]
+    fn light_addresses_together_overdraw_one_burst_at_most() {
+        let mut s = Sched::new(Pace { light: 4, per_second: 1_000, burst: 10 });
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let t0 = Instant::now();
+        for who in 0..30 {
+            queue(&mut s, &ran, who, 1);
+        }
+        // 10 from the bucket, then 10 more down to -10 and one more (the overdraft is checked
+        // before each job): 21 run, the rest wait 1 ms for the next token above -10.
+        let wait = drain(&mut s, t0).expect("the other light jobs wait");
+        assert_eq!(ran.lock().unwrap().len(), 21);
+        assert!(wait <= Duration::from_millis(2), "{wait:?}");
+        // 9 ms later the debt is 2: nine more run (down to -10 and one past it), the last ones.
+        assert_eq!(drain(&mut s, t0 + Duration::from_millis(9)), None);
+        assert_eq!(ran.lock().unwrap().len(), 30);
+    }
+
+    /// A job whose caller left is dropped without a charge or a turn; abandoned jobs do not hold
+    /// room in the queue.
+    #[test]
+    fn abandoned_jobs_are_dropped_uncharged() {
+        let mut s = Sched::new(Pace { light: 0, per_second: 1_000, burst: 100 });
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let t0 = Instant::now();
+        let gone: Vec<_> = (0..3).map(|_| queue(&mut s, &ran, 1, 100)).collect();
+        queue(&mut s, &ran, 2, 100);
+        for g in &gone {
+            g.store(true, Ordering::Relaxed);
+        }
+        // Only address 2's job runs, paid by the burst: the abandoned ones cost nothing.
+        assert_eq!(drain(&mut s, t0), None);
+        assert_eq!(*ran.lock().unwrap(), [2]);
+        assert_eq!((s.queued, s.queued_heavy), (0, 0));
+        assert!(s.tokens >= 0.0, "{}", s.tokens);
+    }
+
+    /// Heavy jobs may fill three quarters of the queue; light ones still get in.
+    #[test]
+    fn heavy_jobs_leave_room_for_light_ones() {
+        let mut s = Sched::new(Pace { light: 4, per_second: 1, burst: 1 });
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let mut heavy = 0;
+        'fill: for who in 0..=255u8 {
+            for _ in 0..MAX_QUEUED_PER_SOURCE {
+                let job: Job = Box::new(|| true);
+                if s.push(ip(who), 100, 100, Arc::default(), job).is_err() {
+                    break 'fill;
+                }
+                heavy += 1;
+            }
+        }
+        assert_eq!(heavy, MAX_QUEUED_HEAVY);
+        let job: Job = Box::new(|| true);
+        assert_eq!(s.push(IpAddr::from([10, 0, 0, 1]), 100, 100, Arc::default(), job).err(), Some(Refused::Busy));
+        queue(&mut s, &ran, 200, 1);
+        assert_eq!(s.queued, MAX_QUEUED_HEAVY + 1, "a light job gets in");
+    }
+
     /// Through the real queue and its worker: while a busy address's flood waits for the
-    /// bucket (at one transaction a second, the second job would wait 40 s), a light address's
-    /// job is answered.
+    /// bucket (at one transaction a second, its fourth job would wait 50 s), a light address's
+    /// job is answered at once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_light_job_passes_a_paced_flood() {
-        let q = Arc::new(FairQueue::new(1, Pace { light: 4, per_second: 1, burst: 10 }).unwrap());
+        let q = Arc::new(FairQueue::new(1, Pace { light: 4, per_second: 1, burst: 100 }).unwrap());
         let mut flood = Vec::new();
         for _ in 0..MAX_QUEUED_PER_SOURCE {
             let q = q.clone();
-            flood.push(tokio::spawn(async move { q.run(ip(1), 50, || ()).await }));
+            flood.push(tokio::spawn(async move { q.run(ip(1), 50, 50, || ()).await }));
         }
-        // The first flood job takes the burst and runs into debt; the others wait.
-        while q.waiting() > MAX_QUEUED_PER_SOURCE - 1 || !flood.iter().any(|f| f.is_finished()) {
+        // Three flood jobs run (100 -> 50 -> 0 -> -50 in the bucket); the others wait.
+        while q.waiting() != MAX_QUEUED_PER_SOURCE - 3 || flood.iter().filter(|f| f.is_finished()).count() < 3 {
             tokio::task::yield_now().await;
         }
-        assert_eq!(q.run(ip(2), 1, || 7).await, Ok(7));
-        assert_eq!(q.waiting(), MAX_QUEUED_PER_SOURCE - 1, "the flood is still paced");
+        let light = tokio::time::timeout(Duration::from_secs(5), q.run(ip(2), 1, 1, || 7)).await;
+        assert_eq!(light, Ok(Ok(7)), "the light job waited for the flood's debt");
+        assert_eq!(q.waiting(), MAX_QUEUED_PER_SOURCE - 3, "the flood is still paced");
         for f in flood {
             f.abort();
         }
     }
 
+    /// A paced job starts when the bucket allows, with nothing else to wake the worker.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paced_job_starts_on_its_own_once_the_debt_is_paid() {
+        let q = FairQueue::new(1, Pace { light: 0, per_second: 1_000, burst: 1 }).unwrap();
+        assert_eq!(q.run(ip(1), 100, 100, || 1).await, Ok(1));
+        // 99 in debt: about 0.1 s.
+        let paced = tokio::time::timeout(Duration::from_secs(10), q.run(ip(1), 1, 1, || 2)).await;
+        assert_eq!(paced, Ok(Ok(2)));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_job_leaves_the_worker_running_and_a_dropped_queue_answers_none() {
         let q = FairQueue::new(1, Pace::OFF).unwrap();
-        assert_eq!(q.run(ip(1), 1, || -> u8 { panic!("job failed") }).await, Err(Refused::Failed));
-        assert_eq!(q.run(ip(1), 1, || 7).await, Ok(7));
+        assert_eq!(q.run(ip(1), 1, 1, || -> u8 { panic!("job failed") }).await, Err(Refused::Failed));
+        assert_eq!(q.run(ip(1), 1, 1, || 7).await, Ok(7));
         q.shared.lock().closed = true;
-        assert_eq!(q.run(ip(1), 1, || 8).await, Err(Refused::Stopped));
+        assert_eq!(q.run(ip(1), 1, 1, || 8).await, Err(Refused::Stopped));
     }
 }

@@ -155,7 +155,7 @@ async fn submit(
     let (chain, len) = (s.chain.clone(), bytes.len());
     let (source, cost) = (request_source(connection.as_deref()), admission_cost(&stx));
     let admitted =
-        s.admit(source, cost, move || chain.submit(stx, len, archipel_consensus::app::system_now_ms())).await;
+        s.admit(source, cost, 1, move || chain.submit(stx, len, archipel_consensus::app::system_now_ms())).await;
     let admitted = match admitted {
         Ok(a) => a,
         Err(refused) => return refused,
@@ -235,8 +235,8 @@ async fn submit_batch(
         return refused;
     }
     let mut at = 0;
-    // Decoded transactions go to the chain in one call (one signature batch); the others are
-    // answered here.
+    // Decoded transactions go to admission chunk by chunk (one signature batch each); the others
+    // are answered here.
     let (mut decoded, mut encoded) = (Vec::new(), Vec::new());
     let mut out: Vec<Option<BatchItem>> = Vec::new();
     while at < body.len() {
@@ -263,45 +263,114 @@ async fn submit_batch(
         }
     }
     // Admitted a chunk at a time, each in the source's turn: a large batch never holds the
-    // admission queue (or its pace's budget) for long in one piece.
+    // admission queue (or its pace's budget) for long in one piece. Each chunk's admitted
+    // transactions are gossiped as soon as it is done.
     let source = request_source(connection.as_deref());
-    let mut results = Vec::with_capacity(decoded.len());
-    let mut decoded = decoded.into_iter().peekable();
-    while decoded.peek().is_some() {
-        let chunk: Vec<_> = decoded.by_ref().take(archipel_consensus::chain::SUBMIT_CHUNK).collect();
-        let (n, cost) = (chunk.len(), chunk.iter().map(|(stx, _)| admission_cost(stx)).sum());
+    let chunks = chunked(decoded, encoded);
+    let admit = |chunk: Vec<(SignedTransaction, usize)>| {
         let (chain, now_ms) = (s.chain.clone(), archipel_consensus::app::system_now_ms());
-        match s.admit(source, cost, move || chain.submit_many(chunk, now_ms)).await {
-            Ok(r) => results.extend(r.into_iter().map(Some)),
-            // Nothing admitted yet: the refusal answers the request.
-            Err(refused) if results.is_empty() => return refused,
-            // Some admitted: the rest are answered as not taken.
-            Err(_) => results.extend((0..n + decoded.by_ref().count()).map(|_| None)),
-        }
-    }
-    let mut results = results.into_iter().zip(encoded);
+        let cost = chunk.iter().map(|(stx, _)| admission_cost(stx)).sum();
+        let work = chunk.len() as u64;
+        let admission = &s.admission;
+        async move { admission.run(source, cost, work, move || chain.submit_many(chunk, now_ms)).await }
+    };
+    let results = admit_chunks(chunks, admit, |bytes| {
+        let _ = s.tx_out.send(bytes.to_vec());
+    })
+    .await;
+    let results = match results {
+        Ok(r) => r,
+        Err(refused) => return crate::api::refusal(refused),
+    };
+    let mut results = results.into_iter();
     let out: Vec<BatchItem> = out
         .into_iter()
         .map(|item| {
             item.unwrap_or_else(|| match results.next().expect("one result per decoded transaction") {
-                (Some(Ok(h)), bytes) => {
-                    let _ = s.tx_out.send(bytes);
-                    BatchItem { hash: Some(h), error: None, message: None }
-                }
-                (Some(Err(e)), _) => {
+                ChunkResult::Admitted(h) => BatchItem { hash: Some(h), error: None, message: None },
+                ChunkResult::Refused(e) => {
                     BatchItem { hash: None, error: Some(e.code().into()), message: Some(e.to_string()) }
                 }
-                (None, _) => BatchItem {
-                    hash: None,
-                    error: Some("admission_busy".into()),
-                    message: Some(
-                        "this node's admission queue filled up before this transaction's turn (the batch's earlier ones were taken): resubmit it, here or on another node".into(),
-                    ),
-                },
+                ChunkResult::NotRun(refused) => {
+                    let (_, code, message) = crate::api::refusal_parts(refused);
+                    BatchItem {
+                        hash: None,
+                        error: Some(code.into()),
+                        message: Some(format!(
+                            "{message} (this transaction was not admitted; the batch's earlier ones were judged)"
+                        )),
+                    }
+                }
             })
         })
         .collect();
     Json(out).into_response()
+}
+
+/// One decoded transaction's answer from [`admit_chunks`].
+#[derive(Debug)]
+enum ChunkResult {
+    /// Admitted (or already known; gossiped): its hash.
+    Admitted(Hash),
+    /// Judged and refused.
+    Refused(archipel_ledger::MempoolError),
+    /// Its chunk was not run (the queue refused it after earlier chunks ran).
+    NotRun(crate::fair_queue::Refused),
+}
+
+/// Decoded transactions (each with its encoded length) and their encodings, admitted together.
+type Chunk = Vec<((SignedTransaction, usize), Vec<u8>)>;
+
+/// A batch's decoded transactions with their encodings, in chunks of
+/// [`archipel_consensus::chain::SUBMIT_CHUNK`].
+fn chunked(decoded: Vec<(SignedTransaction, usize)>, encoded: Vec<Vec<u8>>) -> Vec<Chunk> {
+    let mut all = decoded.into_iter().zip(encoded).peekable();
+    let mut chunks = Vec::new();
+    while all.peek().is_some() {
+        chunks.push(all.by_ref().take(archipel_consensus::chain::SUBMIT_CHUNK).collect());
+    }
+    chunks
+}
+
+/// Admits `chunks` in order through `admit` (one admission job each), handing each admitted
+/// transaction's encoding to `gossip` as soon as its chunk is done; one answer per transaction.
+/// A refusal before anything ran is the request's answer; after that, the chunks left answer
+/// [`ChunkResult::NotRun`] and the earlier answers stand.
+async fn admit_chunks<F, Fut>(
+    chunks: Vec<Chunk>,
+    mut admit: F,
+    mut gossip: impl FnMut(&[u8]),
+) -> Result<Vec<ChunkResult>, crate::fair_queue::Refused>
+where
+    F: FnMut(Vec<(SignedTransaction, usize)>) -> Fut,
+    Fut: std::future::Future<
+            Output = Result<Vec<Result<Hash, archipel_ledger::MempoolError>>, crate::fair_queue::Refused>,
+        >,
+{
+    let mut results = Vec::new();
+    let mut refused = None;
+    for chunk in chunks {
+        let (txs, encodings): (Vec<_>, Vec<_>) = chunk.into_iter().unzip();
+        if let Some(r) = refused {
+            results.extend(encodings.iter().map(|_| ChunkResult::NotRun(r)));
+            continue;
+        }
+        match admit(txs).await {
+            Ok(answers) => results.extend(answers.into_iter().zip(encodings).map(|(a, bytes)| match a {
+                Ok(h) => {
+                    gossip(&bytes);
+                    ChunkResult::Admitted(h)
+                }
+                Err(e) => ChunkResult::Refused(e),
+            })),
+            Err(r) if results.is_empty() => return Err(r),
+            Err(r) => {
+                refused = Some(r);
+                results.extend(encodings.iter().map(|_| ChunkResult::NotRun(r)));
+            }
+        }
+    }
+    Ok(results)
 }
 
 /// How a wait for finality ended.
@@ -622,7 +691,7 @@ mod tests {
     use super::*;
     use crate::api::ApiError;
     use crate::api::testing::{limits, serve, state, tenant};
-    use archipel_ledger::{Payload, Transaction};
+    use archipel_ledger::{MempoolError, Payload, Transaction};
 
     fn http() -> reqwest::Client {
         reqwest::Client::builder().no_proxy().build().unwrap()
@@ -639,6 +708,61 @@ mod tests {
 
     fn params(q: &[(&str, &str)]) -> HashMap<String, String> {
         q.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    /// A batch admitted chunk by chunk: when the queue refuses a later chunk, the earlier
+    /// answers stand (and were gossiped), the rest say why they were not admitted; a refusal of
+    /// the first chunk answers the whole request.
+    #[tokio::test]
+    async fn a_batch_refused_midway_keeps_what_was_judged() {
+        use crate::fair_queue::Refused;
+        let who = archipel_crypto::Identity::from_seed(1);
+        let batch = |n: u64| {
+            let decoded: Vec<(SignedTransaction, usize)> = (0..n)
+                .map(|nonce| {
+                    let tx = Transaction {
+                        signer: who.node_id(),
+                        nonce,
+                        payload: Payload::LeaveNode { node: who.node_id() },
+                    };
+                    (tx.sign(&who, &Hash::ZERO), 100)
+                })
+                .collect();
+            let encoded = decoded.iter().map(|(t, _)| t.to_bytes()).collect();
+            chunked(decoded, encoded)
+        };
+        let chunks = batch(130);
+        assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), [64, 64, 2]);
+        for refused in [Refused::Busy, Refused::Stopped, Refused::Failed] {
+            let mut calls = 0;
+            let mut gossiped = 0;
+            let admit = |txs: Vec<(SignedTransaction, usize)>| {
+                calls += 1;
+                let answer = match calls {
+                    // The first chunk: even nonces admitted, odd ones refused.
+                    1 => Ok(txs
+                        .iter()
+                        .map(|(t, _)| match t.tx.nonce % 2 {
+                            0 => Ok(t.hash()),
+                            _ => Err(MempoolError::Full(0)),
+                        })
+                        .collect()),
+                    _ => Err(refused),
+                };
+                async move { answer }
+            };
+            let results = admit_chunks(batch(130), admit, |_| gossiped += 1).await.unwrap();
+            assert_eq!(calls, 2, "no chunk is tried after a refusal");
+            assert_eq!(gossiped, 32, "the first chunk's admitted ones are gossiped");
+            assert_eq!(results.len(), 130);
+            assert!(matches!(results[0], ChunkResult::Admitted(_)));
+            assert!(matches!(results[1], ChunkResult::Refused(MempoolError::Full(0))));
+            assert!(results[64..].iter().all(|r| matches!(r, ChunkResult::NotRun(r) if r == &refused)));
+            let (_, code, _) = crate::api::refusal_parts(refused);
+            assert_eq!(code, ["admission_busy", "shutting_down", "internal"][refused as usize]);
+        }
+        let first_refused = admit_chunks(batch(3), |_| async { Err(Refused::Busy) }, |_| ()).await;
+        assert_eq!(first_refused.err(), Some(Refused::Busy));
     }
 
     #[test]
