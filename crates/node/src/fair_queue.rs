@@ -339,8 +339,8 @@ impl FairQueue {
                 return Err(Refused::Busy);
             }
         }
-        // Every worker: one waiting for the bucket may take a light job at once.
-        self.shared.ready.notify_all();
+        // One worker: idle, or waiting for the bucket; either takes the job if the bucket lets it.
+        self.shared.ready.notify_one();
         // The sender is dropped unsent when the job panicked, or when the queue stopped first.
         rx.await.map_err(|_| if self.shared.lock().closed { Refused::Stopped } else { Refused::Failed })
     }
