@@ -151,7 +151,7 @@ async fn submit(
         }
     };
     let bytes = stx.to_bytes();
-    tracing::debug!("transaction submitted");
+    tracing::debug!(hash = %stx.hash(), "transaction submitted");
     let (chain, len) = (s.chain.clone(), bytes.len());
     let (source, cost) = (request_source(connection.as_deref()), admission_cost(&stx));
     let admitted =
@@ -172,6 +172,7 @@ async fn submit(
             return error(status, e.code(), e.to_string());
         }
     };
+    tracing::debug!(%hash, "transaction admitted");
     let _ = s.tx_out.send(bytes);
     let Some(timeout) = wait else {
         return (StatusCode::ACCEPTED, Json(SubmitResponse { hash, status: s.chain.tx_status(&hash) })).into_response();
