@@ -229,12 +229,24 @@ trait QueueView {
     fn waiting(&self) -> usize;
     /// True when one with `nonce` waits.
     fn holds(&self, nonce: u64) -> bool;
+    /// The account's next nonce in the finalized state the queue was aligned to.
+    fn next(&self) -> u64;
     /// The first nonce from `next` on that is not waiting.
     fn run_end(&self) -> u64;
-    /// Transactions waiting behind a missing nonce.
-    fn gapped(&self) -> usize;
     /// Amounts and fees of everything waiting.
     fn spend_micro(&self) -> u128;
+    /// Transactions waiting behind a missing nonce.
+    fn gapped(&self) -> usize {
+        self.waiting().saturating_sub(self.run_end().saturating_sub(self.next()) as usize)
+    }
+}
+
+/// `run_end` moved over the nonces `holds` says wait (the end of the run from `next`).
+fn run_past(mut run_end: u64, holds: impl Fn(u64) -> bool) -> u64 {
+    while run_end < u64::MAX && holds(run_end) {
+        run_end += 1;
+    }
+    run_end
 }
 
 impl QueueView for AccountQueue {
@@ -244,11 +256,11 @@ impl QueueView for AccountQueue {
     fn holds(&self, nonce: u64) -> bool {
         self.txs.contains_key(&nonce)
     }
+    fn next(&self) -> u64 {
+        self.next
+    }
     fn run_end(&self) -> u64 {
         self.run_end
-    }
-    fn gapped(&self) -> usize {
-        AccountQueue::gapped(self)
     }
     fn spend_micro(&self) -> u128 {
         self.spend_micro
@@ -277,9 +289,7 @@ impl Shadow {
     fn add(&mut self, nonce: u64, spend: u64) {
         self.nonces.insert(nonce);
         self.spend_micro += u128::from(spend);
-        while self.run_end < u64::MAX && self.nonces.contains(&self.run_end) {
-            self.run_end += 1;
-        }
+        self.run_end = run_past(self.run_end, |n| self.nonces.contains(&n));
     }
 }
 
@@ -290,11 +300,11 @@ impl QueueView for Shadow {
     fn holds(&self, nonce: u64) -> bool {
         self.nonces.contains(&nonce)
     }
+    fn next(&self) -> u64 {
+        self.next
+    }
     fn run_end(&self) -> u64 {
         self.run_end
-    }
-    fn gapped(&self) -> usize {
-        self.nonces.len().saturating_sub(self.run_end.saturating_sub(self.next) as usize)
     }
     fn spend_micro(&self) -> u128 {
         self.spend_micro
@@ -350,16 +360,9 @@ impl AccountQueue {
         Self { txs: BTreeMap::new(), next, run_end: next, spend_micro: 0 }
     }
 
-    /// Transactions waiting behind a missing nonce.
-    fn gapped(&self) -> usize {
-        self.txs.len().saturating_sub(self.run_end.saturating_sub(self.next) as usize)
-    }
-
     /// Moves `run_end` over the nonces that wait here.
     fn extend_run(&mut self) {
-        while self.run_end < u64::MAX && self.txs.contains_key(&self.run_end) {
-            self.run_end += 1;
-        }
+        self.run_end = run_past(self.run_end, |n| self.txs.contains_key(&n));
     }
 
     fn remove(&mut self, nonce: u64) -> Option<Waiting> {
