@@ -244,7 +244,7 @@ impl Trie {
     pub fn update(&mut self, changes: impl IntoIterator<Item = Change>, src: &dyn NodeSource) -> Result<(), TrieError> {
         let mut ops: Vec<Change> = changes.into_iter().collect();
         // Stable sort, then keep each key's last change.
-        ops.sort_by(|a, b| a.0.cmp(&b.0));
+        ops.sort_by_key(|a| a.0);
         let mut deduped: Vec<Change> = Vec::with_capacity(ops.len());
         for op in ops {
             match deduped.last_mut() {
