@@ -120,6 +120,21 @@ fn transfers_proofs_exports_and_bad_transactions() {
     let out = archipel(w, &["proof", "verify", state_proof.to_str().unwrap(), "--genesis", &genesis, "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("1234"), "{}", stdout(&out));
+    // An account that never appeared: its absence is proven, and cannot be passed off as a balance.
+    let absent_proof = w.join("absent-proof.json");
+    let absent_key = format!("account/{}", Identity::from_seed(4_242).node_id());
+    let out = archipel(w, &["proof", "get", &absent_key, "-o", absent_proof.to_str().unwrap(), "--node", &node]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = archipel(w, &["proof", "verify", absent_proof.to_str().unwrap(), "--genesis", &genesis]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("has no entry"), "{}", stdout(&out));
+    let mut p: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&absent_proof).unwrap()).unwrap();
+    p["value_hex"] = serde_json::Value::String(format!("{:032x}", 999_999u128 << 64));
+    let tampered = w.join("tampered.json");
+    std::fs::write(&tampered, p.to_string()).unwrap();
+    let out = archipel(w, &["proof", "verify", tampered.to_str().unwrap(), "--genesis", &genesis]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("has no entry"), "{}", stderr(&out));
     let mut p: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_proof).unwrap()).unwrap();
     p["value_hex"] = serde_json::Value::String(format!("{:032x}", 999_999u128 << 64));
     let tampered = w.join("tampered.json");

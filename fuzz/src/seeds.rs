@@ -212,14 +212,16 @@ fn proofs(net: &Network, chain: &Chain) -> Vec<(String, AnyProof)> {
     ));
     // The tenant's account after block 2, and a validator entry at the genesis.
     let state_proof = |state: &State, header: BlockHeader, key: StateKey, certificate: String| {
-        let (value, path) = state.prove(&key).unwrap_or_else(|| unreachable!("the key {key} exists"));
-        let proof = StateProof { header, key: key.to_string(), value_hex: hex::encode(value), path };
+        let (value, path) = state.prove(&key);
+        let proof = StateProof { header, key: key.to_string(), value_hex: value.map(hex::encode), path };
         AnyProof::State(Proof { genesis_hash: net.genesis_hash.clone(), proof, links: Vec::new(), certificate })
     };
     let account = StateKey::Account(net.tenant.node_id());
-    out.push(("account".into(), state_proof(&chain.states[1], chain.blocks[1].header, account, certificate)));
+    out.push(("account".into(), state_proof(&chain.states[1], chain.blocks[1].header, account, certificate.clone())));
     let validator = StateKey::Validator(net.nodes[0].node_id());
     out.push(("genesis-validator".into(), state_proof(&net.state, net.header, validator, String::new())));
+    let absent = StateKey::Account(archipel_crypto::Identity::from_seed(u64::MAX).node_id());
+    out.push(("absent-account".into(), state_proof(&chain.states[1], chain.blocks[1].header, absent, certificate)));
     out
 }
 

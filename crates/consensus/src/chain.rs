@@ -580,15 +580,16 @@ impl Chain {
         Ok(Proven::Ready { proof: TxProof { header: block.header, index: loc.index, tx, path }, links, certificate })
     }
 
-    /// A proof of the state entry `key` after the head block, with what shows the head final
-    /// (nothing at the genesis, which the genesis file itself attests).
+    /// A proof of the state entry `key` after the head block — its value, or that it has none —
+    /// with what shows the head final (nothing at the genesis, which the genesis file itself
+    /// attests).
     pub fn prove_state(&self, key: &StateKey) -> Result<Proven<StateProof>, String> {
-        // Proving hashes every entry: do it on a copy, outside the lock consensus needs.
+        // A copy costs one `Arc` clone per table; the path is walked outside the lock.
         let (header, state) = {
             let g = self.lock();
             (g.head, g.state.clone())
         };
-        let Some((value, path)) = state.prove(key) else { return Ok(Proven::Unknown) };
+        let (value, path) = state.prove(key);
         let (links, certificate) = match header.height {
             0 => (Vec::new(), Vec::new()),
             h => match self.finality_of(h)? {
@@ -596,7 +597,7 @@ impl Chain {
                 None => return Ok(Proven::NotYet),
             },
         };
-        let proof = StateProof { header, key: key.to_string(), value_hex: hex::encode(value), path };
+        let proof = StateProof { header, key: key.to_string(), value_hex: value.map(hex::encode), path };
         Ok(Proven::Ready { proof, links, certificate })
     }
 }

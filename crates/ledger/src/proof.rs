@@ -1,4 +1,5 @@
-//! Inclusion proofs checkable offline: a transaction in a block, a state entry after a block.
+//! Proofs checkable offline: a transaction in a block, a state entry after a block — or that a
+//! key has no entry.
 //!
 //! A proof only shows that something is committed by a block header; that the header itself is
 //! final is shown by the consensus certificate the node attaches (see the `consensus` crate).
@@ -6,7 +7,8 @@
 use crate::block::BlockHeader;
 use crate::hash::Hash;
 use crate::merkle::{self, Step};
-use crate::state::{Account, NodeRecord, StateKey};
+use crate::state::{Account, NodeRecord, StateKey, state_key_hash};
+use crate::trie::{Proven, TrieProof, value_hash};
 use crate::tx::SignedTransaction;
 use serde::{Deserialize, Serialize};
 
@@ -23,17 +25,17 @@ pub struct TxProof {
     pub path: Vec<Step>,
 }
 
-/// A state entry after a block.
+/// A state entry after a block, or its absence.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateProof {
     /// The block header whose state root commits to the entry.
     pub header: BlockHeader,
     /// The entry's key (e.g. `account/<key>`).
     pub key: String,
-    /// The entry's value bytes, hex.
-    pub value_hex: String,
-    /// Path from the entry's leaf to `header.state_root`.
-    pub path: Vec<Step>,
+    /// The entry's value bytes, hex; `null` when the proof shows the key has no entry.
+    pub value_hex: Option<String>,
+    /// The key's path in the state trie, from `header.state_root` down.
+    pub path: TrieProof,
 }
 
 /// Why a proof does not hold.
@@ -59,18 +61,36 @@ impl TxProof {
 }
 
 impl StateProof {
-    /// Checks the entry is under the header's state root; returns the decoded value.
-    pub fn verify(&self) -> Result<serde_json::Value, ProofError> {
+    /// Checks the claim — this value, or no entry — against the header's state root; returns the
+    /// decoded value, `None` for a proven absence.
+    pub fn verify(&self) -> Result<Option<serde_json::Value>, ProofError> {
         let key: StateKey = self.key.parse().map_err(ProofError)?;
-        let value = hex::decode(&self.value_hex).map_err(|_| ProofError("value_hex is not hex".into()))?;
-        let leaf = merkle::leaf_hash(self.key.as_bytes(), &value);
-        if merkle::root_from_path(leaf, &self.path) != self.header.state_root {
-            return Err(ProofError(format!(
-                "{} = {} is not under the state root of block {}",
-                self.key, self.value_hex, self.header.height
-            )));
+        let value = match &self.value_hex {
+            Some(v) => Some(hex::decode(v).map_err(|_| ProofError("value_hex is not hex".into()))?),
+            None => None,
+        };
+        let shown = self
+            .path
+            .verify(&self.header.state_root, &state_key_hash(&key))
+            .map_err(|e| ProofError(format!("{}: {e} (the state root of block {})", self.key, self.header.height)))?;
+        match (shown, value) {
+            (Proven::Present(h), Some(v)) if h == value_hash(&v) => {
+                decode_value(&key, &v).map(Some).map_err(ProofError)
+            }
+            (Proven::Absent, None) => Ok(None),
+            (Proven::Present(_), _) => Err(ProofError(format!(
+                "{} = {} is not under the state root of block {}: the path shows another value",
+                self.key,
+                self.value_hex.as_deref().unwrap_or("no entry"),
+                self.header.height
+            ))),
+            (Proven::Absent, Some(v)) => Err(ProofError(format!(
+                "{} = {} is not under the state root of block {}: the path shows the key has no entry",
+                self.key,
+                hex::encode(v),
+                self.header.height
+            ))),
         }
-        decode_value(&key, &value).map_err(ProofError)
     }
 }
 
@@ -131,15 +151,30 @@ mod tests {
         assert!(bad.verify(&Hash::ZERO).is_err());
 
         let key = StateKey::Account(id(1).node_id());
-        let (value, path) = p.state.prove(&key).unwrap();
-        let sp = StateProof { header: p.block.header, key: key.to_string(), value_hex: hex::encode(&value), path };
-        let v = sp.verify().unwrap();
+        let (value, path) = p.state.prove(&key);
+        let sp = StateProof { header: p.block.header, key: key.to_string(), value_hex: value.map(hex::encode), path };
+        let v = sp.verify().unwrap().expect("present");
         assert_eq!(v["balance_micro"], 500 + 5 - 3 - 1);
         let mut bad = sp.clone();
-        bad.value_hex = hex::encode([0u8; 16]);
-        assert!(bad.verify().unwrap_err().to_string().contains("not under the state root"));
-        let mut bad = sp;
+        bad.value_hex = Some(hex::encode([0u8; 16]));
+        assert!(bad.verify().unwrap_err().to_string().contains("shows another value"));
+        let mut bad = sp.clone();
+        bad.value_hex = None;
+        assert!(bad.verify().is_err(), "a present entry cannot be passed off as absent");
+        let mut bad = sp.clone();
         bad.key = StateKey::Account(id(0).node_id()).to_string();
         assert!(bad.verify().is_err());
+        let mut bad = sp;
+        bad.header.state_root = Hash([7; 32]);
+        assert!(bad.verify().is_err());
+
+        // Absence: an account that never appeared.
+        let key = StateKey::Account(id(77).node_id());
+        let (value, path) = p.state.prove(&key);
+        let sp = StateProof { header: p.block.header, key: key.to_string(), value_hex: value.map(hex::encode), path };
+        assert_eq!(sp.verify().unwrap(), None);
+        let mut bad = sp;
+        bad.value_hex = Some(hex::encode([0u8; 16]));
+        assert!(bad.verify().unwrap_err().to_string().contains("shows the key has no entry"));
     }
 }

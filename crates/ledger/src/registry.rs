@@ -95,7 +95,7 @@ impl State {
     pub(crate) fn apply_register(&mut self, signer: NodeId, descriptor: &SignedDescriptor) -> Receipt {
         let node = descriptor.descriptor.node_id;
         let deposit_micro = self.params.node_deposit_micro;
-        self.accounts.entry(signer).or_default().balance_micro -= deposit_micro;
+        self.accounts.update(signer, |a| a.balance_micro -= deposit_micro);
         self.departed.remove(&node);
         self.nodes.insert(node, NodeRecord { descriptor: descriptor.clone(), owner: signer, deposit_micro });
         self.open_lease(node);
@@ -127,9 +127,7 @@ impl State {
     /// Replaces the descriptor (the owner stays); only after [`State::check_update`].
     pub(crate) fn apply_update(&mut self, descriptor: &SignedDescriptor) -> Receipt {
         let node = descriptor.descriptor.node_id;
-        if let Some(rec) = self.nodes.get_mut(&node) {
-            rec.descriptor = descriptor.clone();
-        }
+        self.nodes.update_existing(&node, |rec| rec.descriptor = descriptor.clone());
         Receipt::NodeUpdated { node }
     }
 
@@ -154,7 +152,7 @@ impl State {
         let Some(rec) = self.nodes.remove(&node) else {
             return Receipt::NodeLeft { node, owner: node, deposit_micro: 0 };
         };
-        self.accounts.entry(rec.owner).or_default().balance_micro += rec.deposit_micro;
+        self.accounts.update(rec.owner, |a| a.balance_micro += rec.deposit_micro);
         self.departed.insert(node, rec.descriptor.descriptor.version);
         Receipt::NodeLeft { node, owner: rec.owner, deposit_micro: rec.deposit_micro }
     }
@@ -172,7 +170,7 @@ mod tests {
     /// The test genesis with a deposit the test accounts can afford (account 0 has 1,000).
     fn registry_genesis() -> State {
         let mut s = genesis();
-        s.params.node_deposit_micro = 100;
+        s.params_mut().node_deposit_micro = 100;
         s
     }
 
@@ -209,7 +207,7 @@ mod tests {
         d.version = 2;
         let d = SignedDescriptor::sign(&id(20), d).unwrap();
         s.apply(&signed(0, 1, Payload::UpdateNode { descriptor: d })).unwrap();
-        assert_eq!(s.nodes()[&node].descriptor.descriptor.name, "renamed");
+        assert_eq!(s.nodes().get(&node).unwrap().descriptor.descriptor.name, "renamed");
         // A stranger may not remove it; the node itself may.
         assert!(matches!(s.apply(&signed(1, 0, Payload::LeaveNode { node })), Err(TxError::NotAllowed(_))));
         s.apply(&signed(20, 0, Payload::LeaveNode { node })).unwrap_err(); // no money for the fee
@@ -266,12 +264,12 @@ mod tests {
         let (sponsor, node) = (id(0).node_id(), id(20).node_id());
         s.apply(&signed(0, 0, register(20, 0, descriptor(20)))).unwrap();
         assert_eq!(s.account(&sponsor).balance_micro, 1_000 - 100 - 1, "deposit and fee");
-        assert_eq!(s.nodes()[&node].deposit_micro, 100);
+        assert_eq!(s.nodes().get(&node).unwrap().deposit_micro, 100);
         assert_eq!(s.total_micro(), total, "the deposit is counted");
         // The record, deposit included, is committed by the state root.
         let before = s.state_root();
         let mut other = s.clone();
-        other.nodes.get_mut(&node).unwrap().deposit_micro = 99;
+        other.nodes.update_existing(&node, |r| r.deposit_micro = 99).unwrap();
         assert_ne!(other.state_root(), before);
 
         // The node leaves on its own key (funded for the fee): the deposit goes to the owner.
@@ -283,7 +281,7 @@ mod tests {
         assert_eq!(s.total_micro(), total);
 
         // Account 1 holds 500: not enough for a 600 deposit plus the fee; the error names both.
-        s.params.node_deposit_micro = 600;
+        s.params_mut().node_deposit_micro = 600;
         let root = s.state_root();
         let e = s.apply(&signed(1, 0, register(21, 1, descriptor(21)))).unwrap_err();
         assert_eq!(e, TxError::InsufficientDeposit { balance_micro: 500, deposit_micro: 600, fee_micro: 1 });
@@ -298,7 +296,7 @@ mod tests {
     #[test]
     fn a_full_registry_refuses_registrations_until_a_node_leaves() {
         let mut s = registry_genesis();
-        s.params.max_registered_nodes = 3; // the genesis validator and two more
+        s.params_mut().max_registered_nodes = 3; // the genesis validator and two more
         s.apply(&signed(0, 0, register(20, 0, descriptor(20)))).unwrap();
         s.apply(&signed(0, 1, register(21, 0, descriptor(21)))).unwrap();
         let root = s.state_root();
@@ -334,7 +332,7 @@ mod tests {
         assert_eq!(s.state_root(), root);
         // The consented sponsor registers it.
         s.apply(&signed(0, 0, register(20, 0, descriptor(20)))).unwrap();
-        assert_eq!(s.nodes()[&id(20).node_id()].owner, id(0).node_id());
+        assert_eq!(s.nodes().get(&id(20).node_id()).unwrap().owner, id(0).node_id());
     }
 
     #[test]
@@ -354,7 +352,7 @@ mod tests {
         assert_eq!(s.state_root(), root);
         // The tombstone is committed by the state root.
         let mut other = s.clone();
-        other.departed.clear();
+        other.departed = crate::table::Table::default();
         assert_ne!(other.state_root(), root);
         // A new consent over a newer descriptor registers it again and clears the tombstone.
         s.apply(&signed(0, 2, register(20, 0, descriptor_v(20, 6)))).unwrap();
@@ -400,6 +398,6 @@ mod tests {
         }
         assert_eq!(s.state_root(), root);
         s.apply(&signed(0, 1, Payload::UpdateNode { descriptor: descriptor_v(20, 6) })).unwrap();
-        assert_eq!(s.nodes()[&id(20).node_id()].descriptor.descriptor.version, 6);
+        assert_eq!(s.nodes().get(&id(20).node_id()).unwrap().descriptor.descriptor.version, 6);
     }
 }

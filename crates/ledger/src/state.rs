@@ -2,18 +2,22 @@
 //! registry (with its deposits and the versions of nodes that left) and liveness leases.
 //!
 //! `apply` checks everything first and only then mutates, so a transaction is applied whole or
-//! not at all. The state root is a Merkle root over every `(key, value)` entry in key order, so
-//! [`State::prove`] can show any single entry against a block header.
+//! not at all. The state root is the root of a [`Trie`] over every `(key, value)` entry, brought
+//! up to date from the entries changed since the last block ([`State::seal`]), so a block costs
+//! O(changes × log entries) hashing whatever the size of the state, and [`State::prove`] shows
+//! any key's value — or its absence — against a block header. Each kind of entry is a
+//! [`Table`]: forking the state for a candidate block copies no entries.
 
 use crate::hash::Hash;
 use crate::lease::Lease;
-use crate::merkle;
 use crate::params::LedgerParams;
+use crate::table::Table;
+use crate::trie::{self, NoNodes, Trie, TrieProof};
 use crate::tx::{Payload, SignedTransaction, Transaction, TxError};
 use archipel_crypto::SignedDescriptor;
 use archipel_types::NodeId;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 
@@ -186,18 +190,23 @@ impl FromStr for StateKey {
 }
 
 /// The ledger state.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default)]
 pub struct State {
     pub(crate) network: Hash,
     pub(crate) params: LedgerParams,
     pub(crate) chain: ChainPosition,
     pub(crate) validators: BTreeSet<NodeId>,
-    pub(crate) accounts: BTreeMap<NodeId, Account>,
-    pub(crate) nodes: BTreeMap<NodeId, NodeRecord>,
-    pub(crate) leases: BTreeMap<NodeId, Lease>,
+    pub(crate) accounts: Table<NodeId, Account>,
+    pub(crate) nodes: Table<NodeId, NodeRecord>,
+    pub(crate) leases: Table<NodeId, Lease>,
     /// Tombstones: the highest descriptor version of each node that left (removed when it
     /// registers again).
-    pub(crate) departed: BTreeMap<NodeId, u64>,
+    pub(crate) departed: Table<NodeId, u64>,
+    /// Changed entries outside the tables (the chain position; the network, parameters and
+    /// validators at genesis).
+    other_changed: BTreeSet<StateKey>,
+    /// The entries as of the last [`State::seal`].
+    trie: Trie,
 }
 
 impl State {
@@ -210,9 +219,10 @@ impl State {
             validators: g.validators.into_iter().collect(),
             ..State::default()
         };
+        s.other_changed.extend([StateKey::Chain, StateKey::Network, StateKey::Params]);
+        s.other_changed.extend(s.validators.iter().map(|v| StateKey::Validator(*v)));
         for (id, balance_micro) in g.accounts {
-            let a = s.accounts.entry(id).or_default();
-            a.balance_micro = a.balance_micro.saturating_add(balance_micro);
+            s.accounts.update(id, |a| a.balance_micro = a.balance_micro.saturating_add(balance_micro));
         }
         for d in g.nodes {
             let id = d.descriptor.node_id;
@@ -248,13 +258,20 @@ impl State {
     }
 
     /// All accounts.
-    pub fn accounts(&self) -> &BTreeMap<NodeId, Account> {
+    pub fn accounts(&self) -> &Table<NodeId, Account> {
         &self.accounts
     }
 
     /// The node registry.
-    pub fn nodes(&self) -> &BTreeMap<NodeId, NodeRecord> {
+    pub fn nodes(&self) -> &Table<NodeId, NodeRecord> {
         &self.nodes
+    }
+
+    /// The parameters, to change them in a test (the change enters the next state root).
+    #[cfg(test)]
+    pub(crate) fn params_mut(&mut self) -> &mut LedgerParams {
+        self.other_changed.insert(StateKey::Params);
+        &mut self.params
     }
 
     /// The highest descriptor version of `node` if it left the registry (and did not come back).
@@ -280,6 +297,7 @@ impl State {
 
     /// Starts block `height` at `timestamp_ms`.
     pub fn begin_block(&mut self, height: u64, timestamp_ms: u64) {
+        self.other_changed.insert(StateKey::Chain);
         self.chain.height = height;
         self.chain.timestamp_ms = timestamp_ms;
     }
@@ -356,10 +374,12 @@ impl State {
             Payload::UpdateNode { descriptor } => self.apply_update(descriptor),
             Payload::LeaveNode { node } => self.apply_leave(*node),
         };
-        let a = self.accounts.entry(tx.signer).or_default();
-        a.balance_micro -= fee;
-        a.nonce += 1;
+        self.accounts.update(tx.signer, |a| {
+            a.balance_micro -= fee;
+            a.nonce += 1;
+        });
         self.chain.fees_burned_micro += fee;
+        self.other_changed.insert(StateKey::Chain);
         Ok(receipt)
     }
 
@@ -395,53 +415,124 @@ impl State {
         Ok(fee)
     }
 
-    /// Every entry committed by the state root, in key order.
-    pub fn entries(&self) -> Vec<(StateKey, Vec<u8>)> {
+    /// The value bytes the state root commits to for `key`, or `None` when it has no entry.
+    pub fn value(&self, key: &StateKey) -> Option<Vec<u8>> {
+        match key {
+            StateKey::Account(id) => {
+                self.accounts.get(id).map(|a| [a.balance_micro.to_be_bytes(), a.nonce.to_be_bytes()].concat())
+            }
+            StateKey::Chain => {
+                let c = &self.chain;
+                Some([c.height.to_be_bytes(), c.timestamp_ms.to_be_bytes(), c.fees_burned_micro.to_be_bytes()].concat())
+            }
+            StateKey::Departed(id) => self.departed.get(id).map(|v| v.to_be_bytes().to_vec()),
+            StateKey::Lease(id) => self.leases.get(id).map(Lease::to_bytes),
+            StateKey::Network => Some(self.network.0.to_vec()),
+            StateKey::Node(id) => self.nodes.get(id).map(json),
+            StateKey::Params => Some(json(&self.params)),
+            StateKey::Validator(id) => self.validators.contains(id).then(Vec::new),
+        }
+    }
+
+    /// Every key with an entry, in key order.
+    pub fn keys(&self) -> Vec<StateKey> {
         let mut out = Vec::with_capacity(
             4 + self.accounts.len() + 2 * self.nodes.len() + self.departed.len() + self.validators.len(),
         );
-        for (id, a) in &self.accounts {
-            out.push((StateKey::Account(*id), [a.balance_micro.to_be_bytes(), a.nonce.to_be_bytes()].concat()));
-        }
-        let c = &self.chain;
-        out.push((
-            StateKey::Chain,
-            [c.height.to_be_bytes(), c.timestamp_ms.to_be_bytes(), c.fees_burned_micro.to_be_bytes()].concat(),
-        ));
-        for (id, version) in &self.departed {
-            out.push((StateKey::Departed(*id), version.to_be_bytes().to_vec()));
-        }
-        for (id, lease) in &self.leases {
-            out.push((StateKey::Lease(*id), lease.to_bytes()));
-        }
-        out.push((StateKey::Network, self.network.0.to_vec()));
-        for (id, rec) in &self.nodes {
-            out.push((StateKey::Node(*id), serde_json::to_vec(rec).expect("records serialize")));
-        }
-        out.push((StateKey::Params, serde_json::to_vec(&self.params).expect("params serialize")));
-        for id in &self.validators {
-            out.push((StateKey::Validator(*id), Vec::new()));
-        }
-        debug_assert!(out.windows(2).all(|w| w[0].0.to_string() < w[1].0.to_string()));
+        out.extend(self.accounts.keys().map(|id| StateKey::Account(*id)));
+        out.push(StateKey::Chain);
+        out.extend(self.departed.keys().map(|id| StateKey::Departed(*id)));
+        out.extend(self.leases.keys().map(|id| StateKey::Lease(*id)));
+        out.push(StateKey::Network);
+        out.extend(self.nodes.keys().map(|id| StateKey::Node(*id)));
+        out.push(StateKey::Params);
+        out.extend(self.validators.iter().map(|id| StateKey::Validator(*id)));
         out
     }
 
-    fn leaves(entries: &[(StateKey, Vec<u8>)]) -> Vec<Hash> {
-        entries.iter().map(|(k, v)| merkle::leaf_hash(k.to_string().as_bytes(), v)).collect()
+    /// Every entry committed by the state root, in key order. O(state): for inspection and tests.
+    pub fn entries(&self) -> Vec<(StateKey, Vec<u8>)> {
+        self.keys().into_iter().filter_map(|k| self.value(&k).map(|v| (k, v))).collect()
     }
 
-    /// Merkle root over all state.
+    /// Whether entries changed since the last [`State::seal`].
+    fn has_changes(&self) -> bool {
+        !self.other_changed.is_empty()
+            || self.accounts.has_changes()
+            || self.nodes.has_changes()
+            || self.leases.has_changes()
+            || self.departed.has_changes()
+    }
+
+    /// Brings the state root up to date with the entries changed since the last call, hashing
+    /// only their paths; returns it. Call once per block, after its transactions.
+    pub fn seal(&mut self) -> Hash {
+        if !self.has_changes() {
+            return self.trie.root();
+        }
+        let mut keys: Vec<StateKey> = std::mem::take(&mut self.other_changed).into_iter().collect();
+        keys.extend(self.accounts.take_changed().into_iter().map(StateKey::Account));
+        keys.extend(self.nodes.take_changed().into_iter().map(StateKey::Node));
+        keys.extend(self.leases.take_changed().into_iter().map(StateKey::Lease));
+        keys.extend(self.departed.take_changed().into_iter().map(StateKey::Departed));
+        let changes: Vec<trie::Change> =
+            keys.iter().map(|k| (state_key_hash(k), self.value(k).map(|v| trie::value_hash(&v)))).collect();
+        // This state's trie is held wholly in memory (it is never opened from a store), so no
+        // node can be missing.
+        self.trie.update(changes, &NoNodes).expect("an in-memory trie holds all its nodes");
+        self.trie.root()
+    }
+
+    /// The state root: the trie's root over every entry (sealing a copy if entries changed since
+    /// the last [`State::seal`]).
     pub fn state_root(&self) -> Hash {
-        merkle::root(&Self::leaves(&self.entries()))
+        if self.has_changes() { self.clone().seal() } else { self.trie.root() }
     }
 
-    /// The value of `key` and its Merkle path to the state root, or `None` if absent.
-    pub fn prove(&self, key: &StateKey) -> Option<(Vec<u8>, Vec<merkle::Step>)> {
-        let entries = self.entries();
-        let index = entries.iter().position(|(k, _)| k == key)?;
-        let path = merkle::path(&Self::leaves(&entries), index)?;
-        Some((entries[index].1.clone(), path))
+    /// The root rebuilt from every entry, O(state): a check that incremental sealing missed
+    /// nothing.
+    pub fn rebuilt_root(&self) -> Hash {
+        let mut t = Trie::new();
+        let changes = self.entries().into_iter().map(|(k, v)| (state_key_hash(&k), Some(trie::value_hash(&v))));
+        t.update(changes, &NoNodes).expect("an in-memory trie holds all its nodes");
+        t.root()
     }
+
+    /// The value of `key` (`None` when absent) and its path to the state root, which shows either.
+    pub fn prove(&self, key: &StateKey) -> (Option<Vec<u8>>, TrieProof) {
+        let sealed;
+        let s = if self.has_changes() {
+            sealed = {
+                let mut c = self.clone();
+                c.seal();
+                c
+            };
+            &sealed
+        } else {
+            self
+        };
+        let proof = s.trie.prove(&state_key_hash(key), &NoNodes).expect("an in-memory trie holds all its nodes");
+        (s.value(key), proof)
+    }
+}
+
+/// Two states are equal when they hold the same entries: when their roots are.
+impl PartialEq for State {
+    fn eq(&self, other: &Self) -> bool {
+        self.state_root() == other.state_root()
+    }
+}
+
+impl Eq for State {}
+
+/// Where `key` sits in the trie.
+pub fn state_key_hash(key: &StateKey) -> Hash {
+    trie::key_hash(key.to_string().as_bytes())
+}
+
+/// JSON bytes of a state value (node records and parameters are stored as JSON).
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("state values serialize")
 }
 
 #[cfg(test)]
@@ -532,8 +623,8 @@ pub(crate) mod tests {
         let net = Hash([9; 32]);
         let s = State::genesis(GenesisState { network: net, ..GenesisState::default() });
         assert_eq!(s.network(), net);
-        let (value, _) = s.prove(&StateKey::Network).expect("the network entry");
-        assert_eq!(value, net.0.to_vec());
+        let (value, _) = s.prove(&StateKey::Network);
+        assert_eq!(value, Some(net.0.to_vec()));
         let other = State::genesis(GenesisState { network: Hash([8; 32]), ..GenesisState::default() });
         assert_ne!(s.state_root(), other.state_root(), "two networks never share a state root");
     }
@@ -541,14 +632,30 @@ pub(crate) mod tests {
     #[test]
     fn proofs_verify_against_the_root_and_only_for_their_value() {
         let s = genesis();
+        let root = s.state_root();
         let key = StateKey::Account(id(0).node_id());
-        let (value, path) = s.prove(&key).unwrap();
-        let leaf = merkle::leaf_hash(key.to_string().as_bytes(), &value);
-        assert_eq!(merkle::root_from_path(leaf, &path), s.state_root());
-        let mut other = value.clone();
-        other[7] ^= 1;
-        let leaf = merkle::leaf_hash(key.to_string().as_bytes(), &other);
-        assert_ne!(merkle::root_from_path(leaf, &path), s.state_root());
-        assert!(s.prove(&StateKey::Account(id(99).node_id())).is_none());
+        let (value, proof) = s.prove(&key);
+        let value = value.expect("a funded account");
+        assert_eq!(proof.verify(&root, &state_key_hash(&key)), Ok(trie::Proven::Present(trie::value_hash(&value))));
+        // Another key's path does not hold for this one.
+        assert!(proof.verify(&root, &state_key_hash(&StateKey::Account(id(1).node_id()))).is_err());
+        // An absent account has a value of none, and a proof of that.
+        let absent = StateKey::Account(id(99).node_id());
+        let (none, proof) = s.prove(&absent);
+        assert_eq!(none, None);
+        assert_eq!(proof.verify(&root, &state_key_hash(&absent)), Ok(trie::Proven::Absent));
+    }
+
+    #[test]
+    fn sealing_block_by_block_gives_the_root_rebuilt_from_every_entry() {
+        let mut s = genesis();
+        assert_eq!(s.seal(), s.rebuilt_root());
+        let fork = s.clone();
+        s.begin_block(1, 10);
+        s.apply(&transfer(0, 0, 7, 5)).unwrap();
+        assert_ne!(s.state_root(), fork.state_root(), "unsealed changes are in the root");
+        assert_eq!(s.state_root(), s.seal());
+        assert_eq!(s.seal(), s.rebuilt_root());
+        assert_eq!(fork.state_root(), fork.rebuilt_root(), "a fork keeps its own entries");
     }
 }

@@ -142,7 +142,10 @@ pub fn verify_proof(genesis: &Genesis, proof: &AnyProof) -> Result<ProofReport, 
                 kind: "state",
                 height: proof.header.height,
                 block: proof.header.hash(),
-                shows: format!("{} = {}", proof.key, value),
+                shows: match value {
+                    Some(v) => format!("{} = {v}", proof.key),
+                    None => format!("{} has no entry", proof.key),
+                },
             })
         }
     }
