@@ -16,6 +16,7 @@ pub mod params;
 pub mod proof;
 mod registry;
 pub mod state;
+pub mod store;
 pub mod table;
 pub mod trie;
 pub mod tx;

@@ -217,10 +217,13 @@ fn stored(h: Hash) -> Sub {
 /// One change to apply: a key hash and its new value hash, or `None` to remove the entry.
 pub type Change = (Hash, Option<Hash>);
 
-/// The authenticated state structure (see the module docs). Cloning is one `Arc` clone.
+/// The authenticated state structure (see the module docs). Cloning is one `Arc` clone (and a
+/// copy of the stored nodes it replaced since it was opened).
 #[derive(Clone, Debug, Default)]
 pub struct Trie {
     root: Sub,
+    /// Stored nodes this trie no longer reaches, since it was opened or last asked.
+    replaced: Vec<Hash>,
 }
 
 impl Trie {
@@ -231,7 +234,7 @@ impl Trie {
 
     /// The trie whose root node is kept in a store under `root`.
     pub fn stored(root: Hash) -> Self {
-        Self { root: stored(root) }
+        Self { root: stored(root), replaced: Vec::new() }
     }
 
     /// The root hash: [`Hash::ZERO`] when empty.
@@ -252,8 +255,14 @@ impl Trie {
                 _ => deduped.push(op),
             }
         }
-        self.root = update(&self.root, 0, &deduped, src)?;
+        self.root = update(&self.root, 0, &deduped, src, &mut self.replaced)?;
         Ok(())
+    }
+
+    /// The stored nodes this trie stopped reaching since it was opened or last asked: what a store
+    /// may delete once this root is committed.
+    pub fn take_replaced(&mut self) -> Vec<Hash> {
+        std::mem::take(&mut self.replaced)
     }
 
     /// The value hash stored for `key_hash`, if any.
@@ -316,11 +325,34 @@ fn collect(s: &Sub, out: &mut Vec<(Hash, StoredNode)>) {
     }
 }
 
-/// `ops` sorted by key hash, one per key, all sharing the first `depth` bits of the path to `at`.
-fn update(at: &Sub, depth: usize, ops: &[Change], src: &dyn NodeSource) -> Result<Sub, TrieError> {
+/// `ops` sorted by key hash, one per key, all sharing the first `depth` bits of the path to `at`;
+/// stored nodes the result no longer reaches go to `replaced`.
+fn update(
+    at: &Sub,
+    depth: usize,
+    ops: &[Change],
+    src: &dyn NodeSource,
+    replaced: &mut Vec<Hash>,
+) -> Result<Sub, TrieError> {
     if ops.is_empty() {
         return Ok(at.clone());
     }
+    let out = update_open(at, depth, ops, src, replaced)?;
+    if let Sub::Stored(h) = at
+        && out.hash() != *h
+    {
+        replaced.push(*h);
+    }
+    Ok(out)
+}
+
+fn update_open(
+    at: &Sub,
+    depth: usize,
+    ops: &[Change],
+    src: &dyn NodeSource,
+    replaced: &mut Vec<Hash>,
+) -> Result<Sub, TrieError> {
     match at.open(src)? {
         Open::Empty => build(depth, &ops.iter().filter_map(|(k, v)| v.map(|v| (*k, v))).collect::<Vec<_>>(), src),
         Open::Leaf { key, value } => {
@@ -342,8 +374,8 @@ fn update(at: &Sub, depth: usize, ops: &[Change], src: &dyn NodeSource) -> Resul
                 return Err(TrieError::Source(format!("trie deeper than {KEY_BITS} levels")));
             }
             let split = ops.partition_point(|(k, _)| !bit(k, depth));
-            let l = update(&left, depth + 1, &ops[..split], src)?;
-            let r = update(&right, depth + 1, &ops[split..], src)?;
+            let l = update(&left, depth + 1, &ops[..split], src, replaced)?;
+            let r = update(&right, depth + 1, &ops[split..], src, replaced)?;
             if l.hash() == left.hash() && r.hash() == right.hash() {
                 return Ok(at.clone());
             }
@@ -452,6 +484,18 @@ mod tests {
         value_hash(&i.to_be_bytes())
     }
 
+    /// The final entries after `first` (all writes) then `second`.
+    fn mem_entries(first: &[(u64, u64)], second: &[(u64, Option<u64>)]) -> Vec<Change> {
+        let mut m: BTreeMap<u64, u64> = first.iter().copied().collect();
+        for (a, b) in second {
+            match b {
+                Some(x) => m.insert(*a, *x),
+                None => m.remove(a),
+            };
+        }
+        m.into_iter().map(|(a, b)| (k(a), Some(v(b)))).collect()
+    }
+
     fn from_scratch(entries: &BTreeMap<u64, u64>) -> Hash {
         let mut sorted: Vec<(Hash, Hash)> = entries.iter().map(|(a, b)| (k(*a), v(*b))).collect();
         sorted.sort();
@@ -555,6 +599,20 @@ mod tests {
             mem.update(changes.clone(), &NoNodes).unwrap();
             disk.update(changes, &src).unwrap();
             prop_assert_eq!(disk.root(), mem.root());
+            // Writing the change as a store would — drop what it replaced, add what it made —
+            // leaves exactly the nodes the new root reaches.
+            let mut next = MapSource(src.0.clone());
+            for h in disk.clone().take_replaced() {
+                next.0.remove(&h);
+            }
+            next.0.extend(disk.new_nodes());
+            let mut reachable = HashMap::new();
+            let mut fresh = Trie::new();
+            fresh.update(mem_entries(&first, &second), &NoNodes).unwrap();
+            for (h, n) in fresh.new_nodes() {
+                reachable.insert(h, n);
+            }
+            prop_assert_eq!(next.0, reachable);
             let mut deepest = 0;
             for key in 0u64..200 {
                 let proof = mem.prove(&k(key), &NoNodes).unwrap();

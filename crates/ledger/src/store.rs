@@ -1,0 +1,313 @@
+//! Where committed state lives: the boundary between the sans-IO state machine and a disk.
+//!
+//! A [`StateStore`] holds the state as of one committed height: every entry's value bytes by key,
+//! the trie's nodes by hash, and the height and root they belong to. [`crate::State`] reads
+//! through it (entries it did not change since the last commit, trie nodes off the changed paths)
+//! and hands it one [`Commit`] per finalized block — the entries written, the trie nodes created
+//! and those no longer reachable, the new height and root — which the store applies atomically.
+//! A commit is *durable* or not: after a crash a store reopens at its last durable commit, which
+//! the node then replays forward from its block log, so commits need not wait for a disk flush
+//! each block.
+//!
+//! Two implementations pass one conformance suite ([`conformance`]): [`MemoryStore`] here (tests
+//! and the simulator, where [`MemoryStore::crash`] drops every commit not yet durable) and the
+//! node's disk store.
+
+use crate::hash::Hash;
+use crate::trie::{NodeSource, StoredNode, TrieError};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// The height and state root a store holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// Height of the block whose state this is (0: the genesis).
+    pub height: u64,
+    /// Its state root.
+    pub root: Hash,
+}
+
+/// One block's writes: applied all at once, or not at all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Commit {
+    /// The height these writes bring the store to.
+    pub height: u64,
+    /// The state root after them.
+    pub root: Hash,
+    /// Entries by key: the new value bytes, or `None` when removed.
+    pub entries: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Trie nodes no longer reachable from the new root (removed first).
+    pub stale_nodes: Vec<Hash>,
+    /// Trie nodes created (written after the removals).
+    pub new_nodes: Vec<(Hash, StoredNode)>,
+}
+
+/// A store that could not read or write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The disk failed.
+    #[error("state store I/O failed: {0}")]
+    Io(String),
+    /// What the store holds does not decode or does not fit together.
+    #[error("state store is corrupt: {0} (restore the data directory or resync the node)")]
+    Corrupt(String),
+    /// A commit that does not follow the committed height.
+    #[error("state commit out of order: the store is at height {at}, the commit is for {got}")]
+    OutOfOrder {
+        /// The committed height.
+        at: u64,
+        /// The commit's height.
+        got: u64,
+    },
+}
+
+impl From<TrieError> for StoreError {
+    fn from(e: TrieError) -> Self {
+        match e {
+            TrieError::Missing(_) => StoreError::Corrupt(e.to_string()),
+            TrieError::Source(s) => StoreError::Io(s),
+        }
+    }
+}
+
+/// Committed state, read by [`crate::State`] and written one block at a time.
+pub trait StateStore: NodeSource + Send + Sync + fmt::Debug {
+    /// The height and root held, or `None` for a store nothing was committed to.
+    fn committed(&self) -> Result<Option<Committed>, StoreError>;
+    /// The committed value bytes of `key`.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Up to `limit` committed entries whose keys start with `prefix` and sort after `after`, in
+    /// key order.
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    /// Applies `commit` atomically; with `durable` it survives a crash once this returns,
+    /// without it the store may reopen at the last durable commit. The commit's height must be
+    /// the committed height plus one (or any height on an empty store).
+    fn commit(&self, commit: &Commit, durable: bool) -> Result<(), StoreError>;
+}
+
+/// Checks that `commit` follows what `store` holds.
+pub fn check_order(committed: Option<Committed>, commit: &Commit) -> Result<(), StoreError> {
+    match committed {
+        Some(c) if commit.height != c.height + 1 => Err(StoreError::OutOfOrder { at: c.height, got: commit.height }),
+        _ => Ok(()),
+    }
+}
+
+/// One version of everything a store holds.
+#[derive(Clone, Debug, Default)]
+struct Contents {
+    committed: Option<Committed>,
+    entries: BTreeMap<Vec<u8>, Vec<u8>>,
+    nodes: HashMap<Hash, StoredNode>,
+}
+
+impl Contents {
+    fn apply(&mut self, c: &Commit) {
+        for (k, v) in &c.entries {
+            match v {
+                Some(v) => self.entries.insert(k.clone(), v.clone()),
+                None => self.entries.remove(k),
+            };
+        }
+        for h in &c.stale_nodes {
+            self.nodes.remove(h);
+        }
+        self.nodes.extend(c.new_nodes.iter().copied());
+        self.committed = Some(Committed { height: c.height, root: c.root });
+    }
+}
+
+/// A store in memory: for tests and the simulator. Clones share one store.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryStore {
+    inner: Arc<Mutex<MemoryInner>>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryInner {
+    /// What reads see.
+    current: Contents,
+    /// What survives [`MemoryStore::crash`].
+    durable: Contents,
+    /// Commits since the last durable one, in order.
+    since_durable: Vec<Commit>,
+}
+
+impl MemoryStore {
+    fn lock(&self) -> MutexGuard<'_, MemoryInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A power cut: every commit not yet durable is lost.
+    pub fn crash(&self) {
+        let mut g = self.lock();
+        g.current = g.durable.clone();
+        g.since_durable.clear();
+    }
+
+    /// How many trie nodes it holds (a check that stale nodes are removed).
+    pub fn node_count(&self) -> usize {
+        self.lock().current.nodes.len()
+    }
+}
+
+impl NodeSource for MemoryStore {
+    fn node(&self, hash: &Hash) -> Result<StoredNode, TrieError> {
+        self.lock().current.nodes.get(hash).copied().ok_or(TrieError::Missing(*hash))
+    }
+}
+
+impl StateStore for MemoryStore {
+    fn committed(&self) -> Result<Option<Committed>, StoreError> {
+        Ok(self.lock().current.committed)
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock().current.entries.get(key).cloned())
+    }
+
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let g = self.lock();
+        let start = match after {
+            Some(a) => std::ops::Bound::Excluded(a.to_vec()),
+            None => std::ops::Bound::Included(prefix.to_vec()),
+        };
+        Ok(g.current
+            .entries
+            .range((start, std::ops::Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn commit(&self, commit: &Commit, durable: bool) -> Result<(), StoreError> {
+        let mut g = self.lock();
+        check_order(g.current.committed, commit)?;
+        g.current.apply(commit);
+        g.since_durable.push(commit.clone());
+        if durable {
+            let pending = std::mem::take(&mut g.since_durable);
+            for c in &pending {
+                g.durable.apply(c);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The suite every [`StateStore`] passes. `fresh` gives an empty store; `reopen` gives the same
+/// store as it would be after a crash (for a disk store: closed and opened again; writes not yet
+/// durable may be gone).
+pub mod conformance {
+    use super::*;
+    use crate::trie::{Trie, key_hash, value_hash};
+
+    fn commit_of(trie: &mut Trie, height: u64, writes: &[(&str, Option<&str>)], src: &dyn NodeSource) -> Commit {
+        trie.update(writes.iter().map(|(k, v)| (key_hash(k.as_bytes()), v.map(|v| value_hash(v.as_bytes())))), src)
+            .expect("the store holds every node the trie needs");
+        Commit {
+            height,
+            root: trie.root(),
+            entries: writes.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.map(|v| v.as_bytes().to_vec()))).collect(),
+            stale_nodes: trie.take_replaced(),
+            new_nodes: trie.new_nodes(),
+        }
+    }
+
+    /// Runs the suite; panics (as a test does) on the first failure.
+    pub fn run<S: StateStore>(fresh: impl Fn() -> S, reopen: impl Fn(S) -> S) {
+        let s = fresh();
+        assert_eq!(s.committed().unwrap(), None, "a fresh store holds nothing");
+        assert_eq!(s.get(b"a").unwrap(), None);
+
+        // Height 0, then 1: entries, scans and nodes.
+        let mut trie = Trie::new();
+        let c0 =
+            commit_of(&mut trie, 0, &[("account/1", Some("x")), ("account/2", Some("y")), ("node/1", Some("n"))], &s);
+        s.commit(&c0, true).unwrap();
+        trie = Trie::stored(trie.root());
+        assert_eq!(s.committed().unwrap(), Some(Committed { height: 0, root: c0.root }));
+        assert_eq!(s.get(b"account/2").unwrap().as_deref(), Some(&b"y"[..]));
+        let scan = s.scan(b"account/", None, 10).unwrap();
+        assert_eq!(scan.iter().map(|(k, _)| k.as_slice()).collect::<Vec<_>>(), [&b"account/1"[..], b"account/2"]);
+        assert_eq!(s.scan(b"account/", Some(b"account/1"), 10).unwrap().len(), 1, "after excludes the key itself");
+        assert_eq!(s.scan(b"account/", None, 1).unwrap().len(), 1, "limit holds");
+        assert!(s.scan(b"lease/", None, 10).unwrap().is_empty());
+
+        let c1 = commit_of(&mut trie, 1, &[("account/1", None), ("account/3", Some("z"))], &s);
+        assert!(!c1.stale_nodes.is_empty(), "changing a stored trie replaces stored nodes");
+        s.commit(&c1, false).unwrap();
+        trie = Trie::stored(trie.root());
+        assert_eq!(s.get(b"account/1").unwrap(), None);
+        assert_eq!(s.get(b"account/3").unwrap().as_deref(), Some(&b"z"[..]));
+        // The stored trie is whole: every key proves against the committed root.
+        for (k, want) in [("account/1", None), ("account/2", Some("y")), ("account/3", Some("z"))] {
+            assert_eq!(trie.get(&key_hash(k.as_bytes()), &s).unwrap(), want.map(|v| value_hash(v.as_bytes())));
+        }
+        // Out of order: refused, nothing changed.
+        let err = s.commit(&Commit { height: 5, ..c1.clone() }, true).unwrap_err();
+        assert_eq!(err, StoreError::OutOfOrder { at: 1, got: 5 });
+        assert_eq!(s.committed().unwrap().map(|c| c.height), Some(1));
+
+        // A crash keeps at least the durable commit, and whatever it keeps is whole.
+        let s = reopen(s);
+        let at = s.committed().unwrap().expect("the durable commit survives");
+        assert!(at.height == 0 || at.height == 1, "reopened at {at:?}");
+        let (root, one, three) = if at.height == 0 { (c0.root, Some("x"), None) } else { (c1.root, None, Some("z")) };
+        assert_eq!(at.root, root);
+        assert_eq!(s.get(b"account/1").unwrap().as_deref(), one.map(str::as_bytes));
+        assert_eq!(s.get(b"account/3").unwrap().as_deref(), three.map(str::as_bytes));
+        let reopened = Trie::stored(at.root);
+        for (k, v) in [("account/1", one), ("account/2", Some("y")), ("account/3", three)] {
+            assert_eq!(reopened.get(&key_hash(k.as_bytes()), &s).unwrap(), v.map(|v| value_hash(v.as_bytes())));
+        }
+
+        // Durable commits survive a reopen whole.
+        let mut trie = reopened;
+        let c = commit_of(&mut trie, at.height + 1, &[("account/9", Some("w"))], &s);
+        s.commit(&c, true).unwrap();
+        let s = reopen(s);
+        assert_eq!(s.committed().unwrap(), Some(Committed { height: at.height + 1, root: c.root }));
+        assert_eq!(s.get(b"account/9").unwrap().as_deref(), Some(&b"w"[..]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_store_passes_the_conformance_suite() {
+        conformance::run(MemoryStore::default, |s| {
+            s.crash();
+            s
+        });
+        // And without a crash between: nothing is lost.
+        conformance::run(MemoryStore::default, |s| s);
+    }
+
+    #[test]
+    fn a_crash_drops_exactly_the_commits_not_yet_durable() {
+        let s = MemoryStore::default();
+        let c = |height: u64, v: &str| Commit {
+            height,
+            root: Hash([height as u8; 32]),
+            entries: vec![(b"k".to_vec(), Some(v.as_bytes().to_vec()))],
+            ..Commit::default()
+        };
+        s.commit(&c(0, "a"), true).unwrap();
+        s.commit(&c(1, "b"), false).unwrap();
+        s.commit(&c(2, "c"), false).unwrap();
+        assert_eq!(s.get(b"k").unwrap().as_deref(), Some(&b"c"[..]));
+        s.crash();
+        assert_eq!(s.committed().unwrap().map(|c| c.height), Some(0));
+        assert_eq!(s.get(b"k").unwrap().as_deref(), Some(&b"a"[..]));
+        s.commit(&c(1, "b"), false).unwrap();
+        s.commit(&c(2, "c"), true).unwrap();
+        s.crash();
+        assert_eq!(s.committed().unwrap().map(|c| c.height), Some(2), "a durable commit carries the ones before it");
+        assert_eq!(s.get(b"k").unwrap().as_deref(), Some(&b"c"[..]));
+    }
+}
