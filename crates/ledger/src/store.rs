@@ -43,6 +43,9 @@ pub struct Commit {
     pub new_nodes: Vec<(Hash, StoredNode)>,
 }
 
+/// Entries as key and value bytes, in key order.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// A store that could not read or write.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -79,7 +82,7 @@ pub trait StateStore: NodeSource + Send + Sync + fmt::Debug {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Up to `limit` committed entries whose keys start with `prefix` and sort after `after`, in
     /// key order.
-    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Entries, StoreError>;
     /// Applies `commit` atomically; with `durable` it survives a crash once this returns,
     /// without it the store may reopen at the last durable commit. The commit's height must be
     /// the committed height plus one (or any height on an empty store).
@@ -167,7 +170,7 @@ impl StateStore for MemoryStore {
         Ok(self.lock().current.entries.get(key).cloned())
     }
 
-    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Entries, StoreError> {
         let g = self.lock();
         let start = match after {
             Some(a) => std::ops::Bound::Excluded(a.to_vec()),
