@@ -82,7 +82,8 @@ fn chain(net: &Network) -> Chain {
     let (mut blocks, mut states) = (Vec::new(), Vec::new());
     for (i, txs) in [first.clone(), second.clone()].into_iter().enumerate() {
         let now = net.genesis.created_at_ms + 500 * (i as u64 + 1);
-        let p = propose(&state, &parent, now, liveness[i].clone(), txs, Signatures::Verify);
+        let p = propose(&state, &parent, now, liveness[i].clone(), txs, Signatures::Verify)
+            .unwrap_or_else(|e| panic!("an in-memory state cannot fail: {e}"));
         if p.block.liveness.len() != liveness[i].len() {
             panic!("seed block {} dropped a liveness change; fix the seed chain in fuzz/src/seeds.rs", i + 1);
         }
@@ -212,7 +213,7 @@ fn proofs(net: &Network, chain: &Chain) -> Vec<(String, AnyProof)> {
     ));
     // The tenant's account after block 2, and a validator entry at the genesis.
     let state_proof = |state: &State, header: BlockHeader, key: StateKey, certificate: String| {
-        let (value, path) = state.prove(&key);
+        let (value, path) = state.prove(&key).unwrap_or_else(|e| panic!("an in-memory state cannot fail: {e}"));
         let proof = StateProof { header, key: key.to_string(), value_hex: value.map(hex::encode), path };
         AnyProof::State(Proof { genesis_hash: net.genesis_hash.clone(), proof, links: Vec::new(), certificate })
     };
@@ -238,7 +239,9 @@ pub fn seeds() -> Vec<Seed> {
         add("transaction", &name, tx.to_bytes());
         add("transaction_json", &name, json(tx));
     }
-    let empty = propose(&net.state, &net.header, net.genesis.created_at_ms, [], [], Signatures::Verify).block;
+    let empty = propose(&net.state, &net.header, net.genesis.created_at_ms, [], [], Signatures::Verify)
+        .unwrap_or_else(|e| panic!("an in-memory state cannot fail: {e}"))
+        .block;
     for (name, block) in [("block-1", &chain.blocks[0]), ("block-2", &chain.blocks[1]), ("empty", &empty)] {
         add("block", name, block.to_bytes());
         add("ledger_block", name, LedgerBlock::new(block.clone()).encode().to_vec());

@@ -138,7 +138,8 @@ mod tests {
         }
         .sign(&a, &state.network());
         let p =
-            archipel_ledger::propose(&state, &genesis_header(&state), 1, [], [tx], archipel_ledger::Signatures::Verify);
+            archipel_ledger::propose(&state, &genesis_header(&state), 1, [], [tx], archipel_ledger::Signatures::Verify)
+                .unwrap();
         let cfg = BlockCfg::from(state.params());
         let b = LedgerBlock::new(p.block.clone());
         let bytes = b.encode();

@@ -460,7 +460,7 @@ mod tests {
         let mut parent = genesis_header(&state);
         let mut out = Vec::new();
         for i in 1..=n {
-            let p = propose(&state, &parent, i * 1_000, [], [], Signatures::Verify);
+            let p = propose(&state, &parent, i * 1_000, [], [], Signatures::Verify).unwrap();
             parent = p.block.header;
             state = p.state;
             let block = LedgerBlock::new(p.block);

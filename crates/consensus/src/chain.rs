@@ -4,9 +4,16 @@
 //! Consensus calls [`Chain::build`], [`Chain::verify`] and [`Chain::finalize`]; the HTTP API
 //! submits transactions and reads state, proofs and blocks. Everything is behind one mutex held
 //! only for bookkeeping: executing a block happens outside it.
+//!
+//! Finalized state lives in a [`StateStore`] (on disk in a node): each finalized block's state
+//! changes and transaction index go in as one commit, without a flush; every
+//! [`CHECKPOINT_BLOCKS`] blocks the block log is synced and then the store flushed, so the store
+//! is never durably ahead of the log. [`Chain::open_with`] opens the state at the store's height
+//! and replays only the blocks after it.
 
 use crate::health::ApplierHealth;
 use crate::store::{BlockStore, Record, Synced};
+use archipel_ledger::store::{StateStore, StoreError};
 use archipel_ledger::{
     Block, BlockHeader, BlockOutcome, Hash, LivenessChange, Mempool, MempoolError, MempoolLimits, Receipt, Signatures,
     SignedTransaction, State, StateKey, StateProof, TxProof, execute, genesis_header, merkle, propose, verify_all,
@@ -15,7 +22,11 @@ use archipel_ledger::{
 use futures::channel::oneshot;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Finalized blocks between durable state checkpoints: a restart replays at most this many
+/// blocks from the log (plus those after the last checkpoint's).
+pub const CHECKPOINT_BLOCKS: u64 = 256;
 
 /// Mempool capacity per node.
 pub const MEMPOOL_CAPACITY: usize = 100_000;
@@ -81,7 +92,12 @@ struct Inner {
     certified: u64,
     state: State,
     store: Box<dyn BlockStore>,
-    txs: HashMap<Hash, TxLocation>,
+    /// Finalized state and the transaction index, committed block by block.
+    states: Arc<dyn StateStore>,
+    /// Blocks committed since the last durable checkpoint.
+    since_checkpoint: u64,
+    /// Blocks between checkpoints ([`CHECKPOINT_BLOCKS`] unless a test sets it).
+    checkpoint_every: u64,
     mempool: Mempool,
     pending: HashMap<Hash, Executed>,
     tx_waiters: TxWaiters,
@@ -89,9 +105,19 @@ struct Inner {
     mempool_waiters: Vec<oneshot::Sender<()>>,
 }
 
+/// How [`Chain::open_with`] found its state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Opened {
+    /// The height the state store was at (0: empty, or rebuilt).
+    pub state_height: u64,
+    /// Blocks replayed from the log after it.
+    pub replayed: u64,
+}
+
 /// The ledger as one node sees it.
 pub struct Chain {
     genesis: BlockHeader,
+    opened: Opened,
     genesis_state: State,
     inner: Mutex<Inner>,
     applier: ApplierHealth,
@@ -104,35 +130,113 @@ impl std::fmt::Debug for Chain {
 }
 
 impl Chain {
-    /// Opens the chain: replays the finalized blocks in `store` on `genesis_state`, checking every
-    /// link and root (signatures were checked before the blocks were stored).
+    /// Opens the chain with its state in memory: replays every finalized block in `store` on
+    /// `genesis_state` (tests and the simulator; a node keeps its state on disk, see
+    /// [`Chain::open_with`]).
     pub fn open(genesis_state: State, store: Box<dyn BlockStore>) -> Result<Self, String> {
+        Self::open_with(genesis_state, store, Arc::new(archipel_ledger::store::MemoryStore::default()))
+    }
+
+    /// Opens the chain: the state `states` holds (the genesis on an empty store), checked against
+    /// the block log's header at its height, then the blocks after it replayed from the log,
+    /// checking every link and root (signatures were checked before the blocks were stored).
+    pub fn open_with(
+        genesis_state: State,
+        store: Box<dyn BlockStore>,
+        states: Arc<dyn StateStore>,
+    ) -> Result<Self, String> {
         let genesis = genesis_header(&genesis_state);
-        let mut state = genesis_state.clone();
-        let mut head = genesis;
-        let mut txs = HashMap::new();
-        let mut certified = 0;
-        let max_txs = state.params().max_block_txs as usize;
-        for height in 1..=store.height() {
+        let max_txs = genesis_state.params().max_block_txs as usize;
+        let failed = |e: StoreError| format!("the state store failed: {e}");
+        let read = |height: u64| -> Result<(Block, bool), String> {
             let record = store.get(height)?.ok_or_else(|| format!("block {height} is missing from the log"))?;
-            if !record.certificate.is_empty() {
-                certified = height;
-            }
             let block = Block::from_bytes(&record.block, max_txs).map_err(|e| format!("stored block {height}: {e}"))?;
+            Ok((block, !record.certificate.is_empty()))
+        };
+        let (mut state, mut head) = match State::open(states.clone()).map_err(failed)? {
+            None => {
+                let mut s = genesis_state.clone().with_store(states.clone());
+                let c = s.commit().map_err(failed)?;
+                states.commit(&c, true).map_err(failed)?;
+                s.committed();
+                (s, genesis)
+            }
+            Some(s) => {
+                let at = s.chain().height;
+                if s.network() != genesis_state.network() {
+                    return Err(format!(
+                        "the state store belongs to network {}, not this genesis's {}",
+                        s.network(),
+                        genesis_state.network()
+                    ));
+                }
+                let header = if at == 0 {
+                    Some(genesis)
+                } else if at <= store.height() {
+                    Some(read(at)?.0.header)
+                } else {
+                    None
+                };
+                match header {
+                    Some(h) if h.state_root == s.state_root() => (s, h),
+                    _ => {
+                        // Ahead of the log (a disk that lost writes it had acknowledged) or not
+                        // this chain's: the log is the record, so the state is rebuilt from it.
+                        tracing::warn!(
+                            state_height = at,
+                            log_height = store.height(),
+                            "the state store does not match the block log: rebuilding it from the log"
+                        );
+                        states.clear().map_err(failed)?;
+                        let mut s = genesis_state.clone().with_store(states.clone());
+                        let c = s.commit().map_err(failed)?;
+                        states.commit(&c, true).map_err(failed)?;
+                        s.committed();
+                        (s, genesis)
+                    }
+                }
+            }
+        };
+        let state_height = head.height;
+        let mut certified = 0;
+        for height in (1..=store.height()).rev() {
+            if read(height)?.1 {
+                certified = height;
+                break;
+            }
+        }
+        // Replay what the store does not hold yet, committing as `finalize` does.
+        for height in head.height + 1..=store.height() {
+            let (block, _) = read(height)?;
             let outcome = execute(&mut state, &head, &block, Signatures::AlreadyVerified)
                 .map_err(|e| format!("stored chain does not replay: {e}"))?;
-            let _ = index_txs(&mut txs, &block, outcome.receipts);
+            let mut c = state.commit().map_err(failed)?;
+            c.txs = tx_index(&block, outcome.receipts).into_iter().map(|(h, loc)| (h, loc.encode())).collect();
+            states.commit(&c, false).map_err(failed)?;
+            state.committed();
             head = block.header;
         }
+        // The state replayed from the log is made durable only once the log is: read back is
+        // not synced (a restart reads the page cache).
+        let mut store = store;
+        let synced =
+            futures::executor::block_on(store.sync()).map_err(|_| "the block log's sync was dropped".to_string())??;
+        if synced < head.height {
+            return Err(format!("the block log synced to {synced}, below its height {}", head.height));
+        }
+        states.flush().map_err(failed)?;
         Ok(Chain {
             genesis,
+            opened: Opened { state_height, replayed: head.height - state_height },
             genesis_state,
             inner: Mutex::new(Inner {
                 head,
                 certified,
                 state,
                 store,
-                txs,
+                states,
+                since_checkpoint: 0,
+                checkpoint_every: CHECKPOINT_BLOCKS,
                 mempool: Mempool::new(MempoolLimits::with_capacity(MEMPOOL_CAPACITY)),
                 pending: HashMap::new(),
                 tx_waiters: TxWaiters::default(),
@@ -141,6 +245,18 @@ impl Chain {
             }),
             applier: ApplierHealth::default(),
         })
+    }
+
+    /// What opening found: the stored state's height and the blocks replayed after it.
+    pub fn opened(&self) -> Opened {
+        self.opened
+    }
+
+    /// Checkpoints every `blocks` finalized blocks instead of [`CHECKPOINT_BLOCKS`] (the
+    /// simulator crashes nodes between checkpoints).
+    pub fn with_checkpoint_every(self, blocks: u64) -> Self {
+        self.lock().checkpoint_every = blocks.max(1);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -237,7 +353,7 @@ impl Chain {
                 .iter()
                 .zip(&hashes)
                 .map(|((t, len), h)| {
-                    let known = g.txs.contains_key(h) || g.mempool.contains(h);
+                    let known = g.mempool.contains(h) || g.final_tx(h).is_some();
                     (!known)
                         .then(|| g.state.precheck(t, *len).map_err(MempoolError::from).and_then(|()| pool.check(h, t)))
                 })
@@ -271,7 +387,7 @@ impl Chain {
             .zip(hashes)
             .zip(signatures)
             .map(|(((stx, len), hash), signature)| {
-                if inner.txs.contains_key(&hash) {
+                if inner.final_tx(&hash).is_some() {
                     return Ok(hash);
                 }
                 // Known at the first lock: the same hash is the same signature, checked on its
@@ -295,8 +411,8 @@ impl Chain {
     /// What this node knows about `hash`.
     pub fn tx_status(&self, hash: &Hash) -> TxStatus {
         let g = self.lock();
-        match g.txs.get(hash) {
-            Some(loc) => TxStatus::Final(loc.clone()),
+        match g.final_tx(hash) {
+            Some(loc) => TxStatus::Final(loc),
             None if g.mempool.contains(hash) => TxStatus::Pending,
             None => TxStatus::Unknown,
         }
@@ -307,8 +423,8 @@ impl Chain {
     /// full, before refusing: at most [`MAX_TX_WAITERS`] are kept.
     pub fn watch_tx(&self, hash: Hash) -> TxWatch {
         let mut g = self.lock();
-        if let Some(loc) = g.txs.get(&hash) {
-            return TxWatch::Final(loc.clone());
+        if let Some(loc) = g.final_tx(&hash) {
+            return TxWatch::Final(loc);
         }
         match g.tx_waiters.add(hash) {
             Some(rx) => TxWatch::Wait(rx),
@@ -360,7 +476,8 @@ impl Chain {
     }
 
     /// Builds a block on `parent` at time `now_ms` from the liveness changes `liveness` plans on
-    /// the parent's state and the mempool; `None` if the parent is unknown here.
+    /// the parent's state and the mempool; `None` if the parent is unknown here or the state store
+    /// failed (logged; the node's health reports the store once a finalized block cannot apply).
     pub fn build(
         &self,
         parent: &Hash,
@@ -376,7 +493,13 @@ impl Chain {
         };
         let changes = liveness(&state);
         // Mempool transactions were verified on admission.
-        let p = propose(&state, &header, now_ms, changes, candidates, Signatures::AlreadyVerified);
+        let p = match propose(&state, &header, now_ms, changes, candidates, Signatures::AlreadyVerified) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build a block: the state store failed");
+                return None;
+            }
+        };
         let mut g = self.lock();
         for (hash, e) in &p.dropped {
             tracing::debug!(tx = %hash.short(), error = %e, "dropping a transaction that no longer applies");
@@ -457,20 +580,35 @@ impl Chain {
         };
         let mut g = self.lock();
         let height = block.header.height;
+        if height != g.head.height + 1 {
+            return Ok(None); // finalized meanwhile by another path
+        }
         let certified = !certificate.is_empty();
-        g.store.append(&Record { block: block.to_bytes(), certificate })?;
+        let mut state = state;
+        let index = tx_index(&block, outcome.receipts);
+        let mut commit = state.commit().map_err(|e| format!("block {height}: the state store failed: {e}"))?;
+        commit.txs = index.iter().map(|(h, loc)| (*h, loc.encode())).collect();
+        // A retry after a failed state commit finds the block already in the log.
+        if g.store.height() < height {
+            g.store.append(&Record { block: block.to_bytes(), certificate })?;
+        }
+        g.states.commit(&commit, false).map_err(|e| format!("block {height}: the state store failed: {e}"))?;
+        state.committed();
         if certified {
             g.certified = height;
         }
         g.head = block.header;
         g.state = state;
+        g.since_checkpoint += 1;
+        if g.since_checkpoint >= g.checkpoint_every {
+            g.checkpoint().map_err(|e| format!("block {height}: {e}"))?;
+        }
         let inner = &mut *g;
         // Every transaction of the block used its signer's nonce, so pruning its signers by the
         // new nonces also drops the block's transactions from the mempool.
         inner.mempool.prune(&inner.state, block.txs.iter().map(|t| t.tx.signer));
-        for h in index_txs(&mut inner.txs, &block, outcome.receipts) {
+        for (h, loc) in index {
             if let Some(ws) = inner.tx_waiters.remove(&h) {
-                let loc = &inner.txs[&h];
                 for w in ws {
                     let _ = w.send(loc.clone());
                 }
@@ -571,7 +709,7 @@ impl Chain {
     /// A proof that `hash` is in a finalized block, with what shows that block final (the
     /// headers up to the next certified block, and its certificate).
     pub fn prove_tx(&self, hash: &Hash) -> Result<Proven<TxProof>, String> {
-        let Some(loc) = self.lock().txs.get(hash).cloned() else { return Ok(Proven::Unknown) };
+        let Some(loc) = self.lock().final_tx(hash) else { return Ok(Proven::Unknown) };
         let Some((block, _)) = self.block(loc.height)? else { return Ok(Proven::Unknown) };
         let Some((links, certificate)) = self.finality_of(loc.height)? else { return Ok(Proven::NotYet) };
         let hashes: Vec<Hash> = block.txs.iter().map(SignedTransaction::hash).collect();
@@ -589,7 +727,7 @@ impl Chain {
             let g = self.lock();
             (g.head, g.state.clone())
         };
-        let (value, path) = state.prove(key);
+        let (value, path) = state.prove(key).map_err(|e| e.to_string())?;
         let (links, certificate) = match header.height {
             0 => (Vec::new(), Vec::new()),
             h => match self.finality_of(h)? {
@@ -671,20 +809,62 @@ pub enum Proven<P> {
 }
 
 /// Records where each transaction of `block` is; returns their hashes in block order.
-fn index_txs(txs: &mut HashMap<Hash, TxLocation>, block: &Block, receipts: Vec<Receipt>) -> Vec<Hash> {
-    let mut out = Vec::with_capacity(block.txs.len());
-    for (i, (t, receipt)) in block.txs.iter().zip(receipts).enumerate() {
-        let loc = TxLocation {
-            height: block.header.height,
-            index: i as u32,
-            block_time_ms: block.header.timestamp_ms,
-            receipt,
-        };
-        let h = t.hash();
-        txs.insert(h, loc);
-        out.push(h);
+/// Each transaction of `block` with where it is and what it did.
+fn tx_index(block: &Block, receipts: Vec<Receipt>) -> Vec<(Hash, TxLocation)> {
+    block
+        .txs
+        .iter()
+        .zip(receipts)
+        .enumerate()
+        .map(|(i, (t, receipt))| {
+            let loc = TxLocation {
+                height: block.header.height,
+                index: i as u32,
+                block_time_ms: block.header.timestamp_ms,
+                receipt,
+            };
+            (t.hash(), loc)
+        })
+        .collect()
+}
+
+impl TxLocation {
+    /// The bytes the state store keeps for it.
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
     }
-    out
+}
+
+impl Inner {
+    /// Where a finalized transaction is, from the store's index (`None` if the store cannot say:
+    /// logged).
+    fn final_tx(&self, hash: &Hash) -> Option<TxLocation> {
+        match self.states.tx(hash) {
+            Ok(Some(bytes)) => serde_json::from_slice(&bytes)
+                .map_err(
+                    |e| tracing::error!(tx = %hash.short(), error = %e, "a transaction index entry does not decode"),
+                )
+                .ok(),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(tx = %hash.short(), error = %e, "cannot read the transaction index");
+                None
+            }
+        }
+    }
+
+    /// Makes the finalized state durable: the block log first (waiting for its sync), then the
+    /// state store, so the store is never durably ahead of the log.
+    fn checkpoint(&mut self) -> Result<(), String> {
+        let synced = futures::executor::block_on(self.store.sync())
+            .map_err(|_| "the block log's sync was dropped".to_string())??;
+        if synced < self.head.height {
+            return Err(format!("the block log synced to {synced}, below the head {}", self.head.height));
+        }
+        self.states.flush().map_err(|e| format!("the state store failed: {e}"))?;
+        self.since_checkpoint = 0;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -824,6 +1004,93 @@ mod tests {
         assert_eq!(out[2], Ok(last.hash()), "its own signature is good");
         assert_eq!(c.tx_status(&forged.hash()), TxStatus::Unknown);
         assert_eq!(c.mempool_len(), 1);
+    }
+
+    /// A chain on `blocks` and `states` that finalized `n` blocks of one transfer each, checkpointing
+    /// every 4; the transfers.
+    fn run_blocks(blocks: &MemoryStore, states: &archipel_ledger::store::MemoryStore, n: u64) -> (Chain, Vec<Hash>) {
+        let accounts = (0..3).map(|i| (Identity::from_seed(i).node_id(), 1_000)).collect();
+        let genesis = State::genesis(GenesisState { accounts, ..GenesisState::default() });
+        let c = Chain::open_with(genesis, Box::new(blocks.clone()), Arc::new(states.clone()))
+            .unwrap()
+            .with_checkpoint_every(4);
+        let mut txs = Vec::new();
+        for _ in 0..n {
+            let head = c.head();
+            let t = transfer(0, head.height);
+            c.submit(t.clone(), 100, 0).unwrap();
+            let block = c.build(&head.hash(), 1_000 * (head.height + 1), |_| Vec::new()).unwrap();
+            c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized");
+            txs.push(t.hash());
+        }
+        (c, txs)
+    }
+
+    fn reopen(blocks: &MemoryStore, states: &archipel_ledger::store::MemoryStore) -> Chain {
+        let accounts = (0..3).map(|i| (Identity::from_seed(i).node_id(), 1_000)).collect();
+        let genesis = State::genesis(GenesisState { accounts, ..GenesisState::default() });
+        Chain::open_with(genesis, Box::new(blocks.clone()), Arc::new(states.clone())).unwrap()
+    }
+
+    #[test]
+    fn a_restart_opens_the_stored_state_and_replays_only_the_blocks_after_it() {
+        let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
+        let (c, txs) = run_blocks(&blocks, &states, 10);
+        let (head, root) = (c.head(), c.with_state(State::state_root));
+        drop(c);
+        // A clean restart: the store holds all ten blocks, nothing is replayed.
+        let c = reopen(&blocks, &states);
+        assert_eq!(c.opened(), Opened { state_height: 10, replayed: 0 });
+        assert_eq!((c.head(), c.with_state(State::state_root)), (head, root));
+        assert!(matches!(c.tx_status(&txs[1]), TxStatus::Final(loc) if loc.height == 2), "the index is stored");
+        drop(c);
+
+        // A power cut after ten blocks, the log synced to the end since the last checkpoint
+        // (block 8): the store keeps block 8's state, the two blocks after it are replayed.
+        let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
+        let (c, txs) = run_blocks(&blocks, &states, 10);
+        let head = c.head();
+        assert_eq!(futures::executor::block_on(c.sync_blocks()).unwrap(), Ok(10));
+        drop(c);
+        states.crash();
+        assert_eq!(blocks.crash(), 10);
+        let c = reopen(&blocks, &states);
+        assert_eq!(c.opened(), Opened { state_height: 8, replayed: 2 });
+        assert_eq!(c.head(), head);
+        assert_eq!(c.with_state(State::state_root), head.state_root);
+        assert!(
+            matches!(c.tx_status(&txs[9]), TxStatus::Final(loc) if loc.height == 10),
+            "replayed blocks are indexed"
+        );
+        assert!(matches!(c.tx_status(&txs[7]), TxStatus::Final(loc) if loc.height == 8));
+        drop(c);
+        // A power cut with nothing synced since block 8: both keep block 8.
+        let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
+        drop(run_blocks(&blocks, &states, 10));
+        states.crash();
+        assert_eq!(blocks.crash(), 8, "a checkpoint syncs the log first");
+        let c = reopen(&blocks, &states);
+        assert_eq!(c.opened(), Opened { state_height: 8, replayed: 0 });
+        assert_eq!(c.with_state(State::state_root), c.head().state_root);
+    }
+
+    #[test]
+    fn a_state_store_ahead_of_the_block_log_is_rebuilt_from_the_log() {
+        let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
+        let (c, _) = run_blocks(&blocks, &states, 10);
+        let root5 = c.block(5).unwrap().unwrap().0.header.state_root;
+        drop(c);
+        // A disk that lost log writes it had acknowledged: the log ends at 5, the state is at 10.
+        blocks.truncate(5);
+        let c = reopen(&blocks, &states);
+        assert_eq!(c.opened(), Opened { state_height: 0, replayed: 5 });
+        assert_eq!(c.head().height, 5);
+        assert_eq!(c.with_state(State::state_root), root5);
+        // It goes on from there.
+        let head = c.head();
+        c.submit(transfer(0, 5), 100, 0).unwrap();
+        let block = c.build(&head.hash(), 99_000, |_| Vec::new()).unwrap();
+        assert!(c.finalize_known(&block.hash(), vec![1]).unwrap().is_some());
     }
 
     #[test]

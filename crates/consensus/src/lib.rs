@@ -11,9 +11,10 @@ pub mod chain;
 pub mod engine;
 pub mod health;
 pub mod liveness;
+pub mod state_db;
 pub mod store;
 
-pub use chain::{Chain, Finalized, Proven, TxLocation, TxStatus};
+pub use chain::{Chain, Finalized, Opened, Proven, TxLocation, TxStatus};
 
 /// Locks `m`, also after a thread panicked while holding it: every lock in this crate guards
 /// state that is consistent between statements, so a panic elsewhere must not take the node's

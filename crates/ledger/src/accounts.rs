@@ -76,10 +76,10 @@ impl State {
         let (gains, _) = Self::credit_totals(from, credits).expect("checked before");
         let mut moved = 0;
         for (to, gain) in gains {
-            self.accounts.update(to, |a| a.balance_micro += gain);
+            self.update_account(to, |a| a.balance_micro += gain);
             moved += gain;
         }
-        self.accounts.update(from, |a| a.balance_micro -= moved);
+        self.update_account(from, |a| a.balance_micro -= moved);
         let total_micro = credits.iter().map(|c| c.amount_micro).sum();
         Receipt::TransferredMany { from, credits: credits.len(), total_micro, fee_micro: fee }
     }
@@ -87,8 +87,8 @@ impl State {
     /// Moves `amount` (the fee is charged by the caller); only after [`State::check_transfer`].
     pub(crate) fn apply_transfer(&mut self, from: NodeId, to: NodeId, amount: u64, fee: u64) -> Receipt {
         if from != to {
-            self.accounts.update(from, |a| a.balance_micro -= amount);
-            self.accounts.update(to, |a| a.balance_micro += amount);
+            self.update_account(from, |a| a.balance_micro -= amount);
+            self.update_account(to, |a| a.balance_micro += amount);
         }
         Receipt::Transferred { from, to, amount_micro: amount, fee_micro: fee }
     }

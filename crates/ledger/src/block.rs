@@ -9,6 +9,7 @@ use crate::hash::Hash;
 use crate::lease::LivenessChange;
 use crate::merkle;
 use crate::state::{Receipt, State};
+use crate::store::StoreError;
 use crate::tx::{SignedTransaction, TxError, verify_all};
 use archipel_types::NodeId;
 use bytes::{Buf as _, BufMut};
@@ -206,7 +207,7 @@ pub struct Proposal {
 
 /// Builds the block after `parent` on `state` (the state after `parent`): applies the liveness
 /// changes that apply (up to `max_block_liveness`), then candidates in order, keeping those that
-/// apply, up to the block size limit.
+/// apply, up to the block size limit. Fails only if the state store fails.
 pub fn propose(
     state: &State,
     parent: &BlockHeader,
@@ -214,7 +215,7 @@ pub fn propose(
     liveness: impl IntoIterator<Item = LivenessChange>,
     candidates: impl IntoIterator<Item = SignedTransaction>,
     signatures: Signatures,
-) -> Proposal {
+) -> Result<Proposal, StoreError> {
     let mut state = state.clone();
     let timestamp_ms = now_ms.max(parent.timestamp_ms);
     let height = parent.height + 1;
@@ -258,9 +259,9 @@ pub fn propose(
         timestamp_ms,
         tx_root: tx_root(&txs),
         liveness_root: liveness_root(&changes),
-        state_root: state.seal(),
+        state_root: state.seal()?,
     };
-    Proposal { block: Block { header, liveness: changes, txs }, state, outcome, dropped }
+    Ok(Proposal { block: Block { header, liveness: changes, txs }, state, outcome, dropped })
 }
 
 /// The first problem found in a chain.
@@ -327,7 +328,7 @@ pub fn execute(
     for (i, t) in block.txs.iter().enumerate() {
         outcome.receipts.push(state.apply_verified(t).map_err(|e| invalid(i, e))?);
     }
-    let root = state.seal();
+    let root = state.seal().map_err(|e| bad(format!("cannot replay it: {e} (this node's store, not the block)")))?;
     if h.state_root != root {
         return Err(bad(format!("state root {} differs from the replayed {root}", h.state_root)));
     }
@@ -357,7 +358,7 @@ mod tests {
         let mut parent = genesis_header(&s);
         let mut blocks = Vec::new();
         for i in 0..n {
-            let p = propose(&s, &parent, 100 * (i + 1), [], [transfer(0, i, 1, 10)], Signatures::Verify);
+            let p = propose(&s, &parent, 100 * (i + 1), [], [transfer(0, i, 1, 10)], Signatures::Verify).unwrap();
             assert!(p.dropped.is_empty());
             s = p.state;
             parent = p.block.header;
@@ -384,7 +385,8 @@ mod tests {
             [],
             [transfer(0, 0, 1, 1), transfer(0, 0, 1, 2), transfer(0, 1, 1, 9_999)],
             Signatures::Verify,
-        );
+        )
+        .unwrap();
         assert_eq!(p.block.txs.len(), 1);
         assert_eq!(p.dropped.len(), 2);
         assert!(matches!(p.dropped[0].1, TxError::BadNonce { .. }));
@@ -463,7 +465,7 @@ mod tests {
                     let nonce = s.account(&crate::state::tests::id(from).node_id()).nonce + skew;
                     transfer(from, nonce, to, amt)
                 }).collect();
-                let p = propose(&s, &parent, 10 * i as u64, [], cands, Signatures::Verify);
+                let p = propose(&s, &parent, 10 * i as u64, [], cands, Signatures::Verify).unwrap();
                 s = p.state;
                 parent = p.block.header;
                 blocks.push(p.block);

@@ -144,7 +144,7 @@ mod tests {
         let mut out = start(b"genesis");
         let mut starts = Vec::new();
         for i in 0..3 {
-            let p = propose(&s, &parent, 10 * (i + 1), [], [transfer(0, i, 1, 1)], Signatures::Verify);
+            let p = propose(&s, &parent, 10 * (i + 1), [], [transfer(0, i, 1, 1)], Signatures::Verify).unwrap();
             starts.push(out.len());
             let c = if i == 1 { Vec::new() } else { cert(&p.block.header) };
             push_block(&mut out, &p.block.to_bytes(), &c);

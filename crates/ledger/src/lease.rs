@@ -39,6 +39,17 @@ impl Lease {
         out.extend_from_slice(&self.since_height.to_be_bytes());
         out
     }
+
+    /// Decodes [`Lease::to_bytes`].
+    pub fn from_bytes(b: &[u8]) -> Result<Self, String> {
+        let status = match b.first() {
+            Some(1) => LeaseStatus::Up,
+            Some(0) => LeaseStatus::Down,
+            _ => return Err("a lease starts with a status byte, 0 or 1".into()),
+        };
+        let since: [u8; 8] = b.get(1..).and_then(|r| r.try_into().ok()).ok_or("a lease is 9 bytes")?;
+        Ok(Lease { status, since_height: u64::from_be_bytes(since) })
+    }
 }
 
 /// A node's signed statement that it was alive at (or after) finalized height `at_height`.

@@ -137,7 +137,8 @@ mod tests {
     fn tx_and_state_proofs_hold_and_fail_when_tampered() {
         let s = genesis();
         let p =
-            propose(&s, &genesis_header(&s), 7, [], [transfer(0, 0, 1, 5), transfer(1, 0, 0, 3)], Signatures::Verify);
+            propose(&s, &genesis_header(&s), 7, [], [transfer(0, 0, 1, 5), transfer(1, 0, 0, 3)], Signatures::Verify)
+                .unwrap();
         let hashes: Vec<_> = p.block.txs.iter().map(SignedTransaction::hash).collect();
         let proof = TxProof {
             header: p.block.header,
@@ -151,7 +152,7 @@ mod tests {
         assert!(bad.verify(&Hash::ZERO).is_err());
 
         let key = StateKey::Account(id(1).node_id());
-        let (value, path) = p.state.prove(&key);
+        let (value, path) = p.state.prove(&key).unwrap();
         let sp = StateProof { header: p.block.header, key: key.to_string(), value_hex: value.map(hex::encode), path };
         let v = sp.verify().unwrap().expect("present");
         assert_eq!(v["balance_micro"], 500 + 5 - 3 - 1);
@@ -170,7 +171,7 @@ mod tests {
 
         // Absence: an account that never appeared.
         let key = StateKey::Account(id(77).node_id());
-        let (value, path) = p.state.prove(&key);
+        let (value, path) = p.state.prove(&key).unwrap();
         let sp = StateProof { header: p.block.header, key: key.to_string(), value_hex: value.map(hex::encode), path };
         assert_eq!(sp.verify().unwrap(), None);
         let mut bad = sp;

@@ -73,7 +73,7 @@ impl State {
         if self.nodes.len() >= max as usize {
             return Err(TxError::RegistryFull { registered: self.nodes.len(), max });
         }
-        if let Some(&left) = self.departed.get(&node)
+        if let Some(left) = self.departed_version(&node)
             && descriptor.descriptor.version <= left
         {
             return Err(TxError::StaleDescriptor {
@@ -95,8 +95,8 @@ impl State {
     pub(crate) fn apply_register(&mut self, signer: NodeId, descriptor: &SignedDescriptor) -> Receipt {
         let node = descriptor.descriptor.node_id;
         let deposit_micro = self.params.node_deposit_micro;
-        self.accounts.update(signer, |a| a.balance_micro -= deposit_micro);
-        self.departed.remove(&node);
+        self.update_account(signer, |a| a.balance_micro -= deposit_micro);
+        self.departed.set(node, None);
         self.nodes.insert(node, NodeRecord { descriptor: descriptor.clone(), owner: signer, deposit_micro });
         self.open_lease(node);
         Receipt::NodeRegistered { node, owner: signer, deposit_micro }
@@ -152,8 +152,8 @@ impl State {
         let Some(rec) = self.nodes.remove(&node) else {
             return Receipt::NodeLeft { node, owner: node, deposit_micro: 0 };
         };
-        self.accounts.update(rec.owner, |a| a.balance_micro += rec.deposit_micro);
-        self.departed.insert(node, rec.descriptor.descriptor.version);
+        self.update_account(rec.owner, |a| a.balance_micro += rec.deposit_micro);
+        self.departed.set(node, Some(rec.descriptor.descriptor.version));
         Receipt::NodeLeft { node, owner: rec.owner, deposit_micro: rec.deposit_micro }
     }
 }
@@ -352,7 +352,7 @@ mod tests {
         assert_eq!(s.state_root(), root);
         // The tombstone is committed by the state root.
         let mut other = s.clone();
-        other.departed = crate::table::Table::default();
+        other.departed.set(node, None);
         assert_ne!(other.state_root(), root);
         // A new consent over a newer descriptor registers it again and clears the tombstone.
         s.apply(&signed(0, 2, register(20, 0, descriptor_v(20, 6)))).unwrap();

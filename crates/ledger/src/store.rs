@@ -41,6 +41,9 @@ pub struct Commit {
     pub stale_nodes: Vec<Hash>,
     /// Trie nodes created (written after the removals).
     pub new_nodes: Vec<(Hash, StoredNode)>,
+    /// The block's transactions, by hash, with what the node records about each (opaque here):
+    /// kept beside the state so the two are always at the same height.
+    pub txs: Vec<(Hash, Vec<u8>)>,
 }
 
 /// Entries as key and value bytes, in key order.
@@ -87,6 +90,12 @@ pub trait StateStore: NodeSource + Send + Sync + fmt::Debug {
     /// without it the store may reopen at the last durable commit. The commit's height must be
     /// the committed height plus one (or any height on an empty store).
     fn commit(&self, commit: &Commit, durable: bool) -> Result<(), StoreError>;
+    /// Makes every commit so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
+    /// What a commit recorded for transaction `hash`.
+    fn tx(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Forgets everything, durably: the store is empty again (to rebuild it from the blocks).
+    fn clear(&self) -> Result<(), StoreError>;
 }
 
 /// Checks that `commit` follows what `store` holds.
@@ -103,6 +112,7 @@ struct Contents {
     committed: Option<Committed>,
     entries: BTreeMap<Vec<u8>, Vec<u8>>,
     nodes: HashMap<Hash, StoredNode>,
+    txs: HashMap<Hash, Vec<u8>>,
 }
 
 impl Contents {
@@ -117,6 +127,7 @@ impl Contents {
             self.nodes.remove(h);
         }
         self.nodes.extend(c.new_nodes.iter().copied());
+        self.txs.extend(c.txs.iter().cloned());
         self.committed = Some(Committed { height: c.height, root: c.root });
     }
 }
@@ -191,10 +202,26 @@ impl StateStore for MemoryStore {
         g.current.apply(commit);
         g.since_durable.push(commit.clone());
         if durable {
-            let pending = std::mem::take(&mut g.since_durable);
-            for c in &pending {
-                g.durable.apply(c);
-            }
+            drop(g);
+            return self.flush();
+        }
+        Ok(())
+    }
+
+    fn tx(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock().current.txs.get(hash).cloned())
+    }
+
+    fn clear(&self) -> Result<(), StoreError> {
+        *self.lock() = MemoryInner::default();
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        let mut g = self.lock();
+        let pending = std::mem::take(&mut g.since_durable);
+        for c in &pending {
+            g.durable.apply(c);
         }
         Ok(())
     }
@@ -216,6 +243,7 @@ pub mod conformance {
             entries: writes.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.map(|v| v.as_bytes().to_vec()))).collect(),
             stale_nodes: trie.take_replaced(),
             new_nodes: trie.new_nodes(),
+            txs: Vec::new(),
         }
     }
 
@@ -227,9 +255,12 @@ pub mod conformance {
 
         // Height 0, then 1: entries, scans and nodes.
         let mut trie = Trie::new();
-        let c0 =
+        let mut c0 =
             commit_of(&mut trie, 0, &[("account/1", Some("x")), ("account/2", Some("y")), ("node/1", Some("n"))], &s);
+        c0.txs = vec![(Hash([5; 32]), b"where".to_vec())];
         s.commit(&c0, true).unwrap();
+        assert_eq!(s.tx(&Hash([5; 32])).unwrap().as_deref(), Some(&b"where"[..]));
+        assert_eq!(s.tx(&Hash([6; 32])).unwrap(), None);
         trie = Trie::stored(trie.root());
         assert_eq!(s.committed().unwrap(), Some(Committed { height: 0, root: c0.root }));
         assert_eq!(s.get(b"account/2").unwrap().as_deref(), Some(&b"y"[..]));
@@ -274,6 +305,28 @@ pub mod conformance {
         let s = reopen(s);
         assert_eq!(s.committed().unwrap(), Some(Committed { height: at.height + 1, root: c.root }));
         assert_eq!(s.get(b"account/9").unwrap().as_deref(), Some(&b"w"[..]));
+        assert_eq!(s.tx(&Hash([5; 32])).unwrap().as_deref(), Some(&b"where"[..]), "the index survives");
+
+        // A flush makes the commits before it durable.
+        let mut trie = Trie::stored(c.root);
+        let c = commit_of(&mut trie, at.height + 2, &[("account/8", Some("v"))], &s);
+        s.commit(&c, false).unwrap();
+        s.flush().unwrap();
+        let s = reopen(s);
+        assert_eq!(s.committed().unwrap(), Some(Committed { height: at.height + 2, root: c.root }));
+        assert_eq!(s.get(b"account/8").unwrap().as_deref(), Some(&b"v"[..]));
+
+        // Cleared, durably: nothing is left, and it takes a commit at any height again.
+        s.clear().unwrap();
+        let s = reopen(s);
+        assert_eq!(s.committed().unwrap(), None);
+        assert_eq!(s.get(b"account/8").unwrap(), None);
+        assert_eq!(s.tx(&Hash([5; 32])).unwrap(), None);
+        assert!(s.scan(b"", None, 10).unwrap().is_empty());
+        assert!(s.node(&c.root).is_err());
+        let mut trie = Trie::new();
+        s.commit(&commit_of(&mut trie, 0, &[("chain", Some("c"))], &s), true).unwrap();
+        assert_eq!(s.committed().unwrap().map(|c| c.height), Some(0));
     }
 }
 

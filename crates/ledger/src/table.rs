@@ -1,11 +1,15 @@
 //! One kind of state entry (accounts, nodes, leases, …): a map that a block can fork in O(1) and
 //! that remembers which keys changed since the state root was last brought up to date.
 //!
-//! Every write goes through [`Table::insert`], [`Table::remove`] or [`Table::update`], and each
-//! marks its key, so the state root can be updated from exactly the changed entries
-//! ([`crate::state::State::seal`]) and no write can slip past it. The map is a persistent B-tree
-//! (`imbl`): a clone shares every node, a write copies only its path, so each candidate block
-//! keeps its own state without copying the whole state.
+//! Every write goes through a method that marks its key, so the state root can be updated from
+//! exactly the changed entries ([`crate::state::State::seal`]) and no write can slip past it.
+//! The map is a persistent B-tree (`imbl`): a clone shares every node, a write copies only its
+//! path, so each candidate block keeps its own state without copying the whole state.
+//!
+//! Two shapes: a [`Table`] holds every entry of its kind in memory (kinds bounded by a genesis
+//! parameter, like the node registry, which the node walks often), an [`Overlay`] holds only the
+//! entries written since the last commit and reads the others through from the state store
+//! (kinds that grow without bound, like accounts).
 
 use imbl::OrdMap;
 use std::collections::BTreeSet;
@@ -117,6 +121,67 @@ impl<K: Ord + Clone, V: Clone> FromIterator<(K, V)> for Table<K, V> {
     }
 }
 
+/// Entries of one kind written since the last commit (`None`: removed), over those a store holds;
+/// with the keys changed since [`Overlay::take_changed`].
+#[derive(Clone, Debug)]
+pub struct Overlay<K: Ord + Clone, V: Clone> {
+    map: OrdMap<K, Option<V>>,
+    changed: BTreeSet<K>,
+}
+
+impl<K: Ord + Clone, V: Clone> Default for Overlay<K, V> {
+    fn default() -> Self {
+        Self { map: OrdMap::new(), changed: BTreeSet::new() }
+    }
+}
+
+impl<K: Ord + Clone, V: Clone> Overlay<K, V> {
+    /// The entry of `key`: written here, or else what `load` reads from the store.
+    pub fn get(&self, key: &K, load: impl FnOnce(&K) -> Option<V>) -> Option<V> {
+        match self.map.get(key) {
+            Some(v) => v.clone(),
+            None => load(key),
+        }
+    }
+
+    /// Sets (`Some`) or removes (`None`) `key`'s entry.
+    pub fn set(&mut self, key: K, value: Option<V>) {
+        self.changed.insert(key.clone());
+        self.map.insert(key, value);
+    }
+
+    /// Changes `key`'s entry in place, starting from what `load` reads, or `V::default()`.
+    pub fn update<R>(&mut self, key: K, load: impl FnOnce(&K) -> Option<V>, f: impl FnOnce(&mut V) -> R) -> R
+    where
+        V: Default,
+    {
+        let mut v = self.get(&key, load).unwrap_or_default();
+        let r = f(&mut v);
+        self.set(key, Some(v));
+        r
+    }
+
+    /// The keys written since the last call (each once, in order), forgetting them.
+    pub fn take_changed(&mut self) -> BTreeSet<K> {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// Whether a key was written since [`Overlay::take_changed`].
+    pub fn has_changes(&self) -> bool {
+        !self.changed.is_empty()
+    }
+
+    /// The entries written since the last commit, in key order (`None`: removed).
+    pub fn written(&self) -> impl Iterator<Item = (&K, &Option<V>)> {
+        self.map.iter()
+    }
+
+    /// Forgets the written entries once a store holds them (reads then go to the store).
+    pub fn clear_written(&mut self) {
+        self.map = OrdMap::new();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,5 +201,23 @@ mod tests {
         assert_eq!(t.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>(), [(1, 11), (3, 5)]);
         assert_eq!(fork.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>(), [(1, 10), (2, 20)]);
         assert!(!fork.has_changes());
+    }
+
+    #[test]
+    fn an_overlay_reads_through_until_written_and_remembers_removals() {
+        let store = |k: &u32| (*k < 5).then_some(u64::from(*k) * 100);
+        let mut o: Overlay<u32, u64> = Overlay::default();
+        assert_eq!(o.get(&2, store), Some(200));
+        o.update(2, store, |v| *v += 1);
+        o.set(3, None);
+        o.update(7, store, |v| *v = 9);
+        assert_eq!(
+            (o.get(&2, store), o.get(&3, store), o.get(&4, store), o.get(&7, store)),
+            (Some(201), None, Some(400), Some(9))
+        );
+        assert_eq!(o.take_changed().into_iter().collect::<Vec<_>>(), [2, 3, 7]);
+        assert_eq!(o.written().count(), 3);
+        o.clear_written();
+        assert_eq!(o.get(&3, store), Some(300), "once committed, reads go to the store");
     }
 }

@@ -222,7 +222,8 @@ pub type Change = (Hash, Option<Hash>);
 #[derive(Clone, Debug, Default)]
 pub struct Trie {
     root: Sub,
-    /// Stored nodes this trie no longer reaches, since it was opened or last asked.
+    /// Nodes this trie no longer reaches (stored ones, and ones an ancestor's commit may have
+    /// stored), since it was opened or last asked.
     replaced: Vec<Hash>,
 }
 
@@ -259,8 +260,9 @@ impl Trie {
         Ok(())
     }
 
-    /// The stored nodes this trie stopped reaching since it was opened or last asked: what a store
-    /// may delete once this root is committed.
+    /// The nodes this trie stopped reaching since it was opened or last asked: what a store may
+    /// delete once this root is committed (before writing [`Trie::new_nodes`], which may bring
+    /// one of them back).
     pub fn take_replaced(&mut self) -> Vec<Hash> {
         std::mem::take(&mut self.replaced)
     }
@@ -338,10 +340,10 @@ fn update(
         return Ok(at.clone());
     }
     let out = update_open(at, depth, ops, src, replaced)?;
-    if let Sub::Stored(h) = at
-        && out.hash() != *h
-    {
-        replaced.push(*h);
+    // A node held in memory may have been written by an ancestor's commit already (a child block
+    // executed before its parent was committed), so it is reported like a stored one.
+    if !matches!(at, Sub::Empty) && out.hash() != at.hash() {
+        replaced.push(at.hash());
     }
     Ok(out)
 }

@@ -15,6 +15,7 @@ use crate::p2p;
 use crate::txgossip;
 use archipel_consensus::block::BlockCfg;
 use archipel_consensus::engine::ConsensusConfig;
+use archipel_consensus::state_db::StateDb;
 use archipel_consensus::{Chain, FileStore};
 use archipel_crypto::{Admission, Identity, KeyFileError, RequestVerifier, SignedDescriptor};
 use archipel_types::NodeDescriptor;
@@ -136,17 +137,32 @@ impl GossipObserver for NodeObserver {
     }
 }
 
-/// Opens the node's finalized chain from `<data dir>/ledger/blocks.log`.
+/// Opens the node's finalized chain: the blocks from `<data dir>/ledger/blocks.log`, the state
+/// and transaction index from `<data dir>/ledger/state.redb` (only the blocks after its height
+/// are replayed).
 fn open_chain(cfg: &NodeConfig, genesis: &Genesis) -> Result<Arc<Chain>, NodeError> {
     let dir = cfg.data_dir.join("ledger");
     std::fs::create_dir_all(&dir).map_err(|e| NodeError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
     let store = FileStore::open(&dir.join("blocks.log")).map_err(NodeError::Invalid)?;
-    let chain = Chain::open(genesis.ledger_state(), Box::new(store)).map_err(|e| {
+    let states = StateDb::open(&dir.join("state.redb")).map_err(|e| {
         NodeError::Invalid(format!(
             "{e}: the data directory {} is damaged; move it aside to resync",
             cfg.data_dir.display()
         ))
     })?;
+    let chain = Chain::open_with(genesis.ledger_state(), Box::new(store), Arc::new(states)).map_err(|e| {
+        NodeError::Invalid(format!(
+            "{e}: the data directory {} is damaged; move it aside to resync",
+            cfg.data_dir.display()
+        ))
+    })?;
+    let opened = chain.opened();
+    tracing::info!(
+        state_height = opened.state_height,
+        replayed = opened.replayed,
+        head = chain.head().height,
+        "ledger opened: stored state, then the blocks after it replayed from the log"
+    );
     Ok(Arc::new(chain))
 }
 

@@ -6,7 +6,9 @@
 //! archives and processed height, the candidate log), and each node's block log
 //! ([`MemoryStore::crash`]) keeps only the blocks a sync made durable. In some seeds the block log
 //! loses more (a disk that acknowledged a sync it did not do, or a log from an older version), so
-//! it starts behind what marshal considers delivered. The network then restarts from what is left
+//! it starts behind what marshal considers delivered. Each node's state store keeps what its last
+//! checkpoint flushed ([`StateMemory::crash`]) — ahead of the truncated block log in those seeds,
+//! which the chain must notice and rebuild from the log. The network then restarts from what is left
 //! — one node some seconds after the others, so it has to catch up — and runs on.
 //!
 //! [`run_crash`] reports every node's chain before the crash, the height its block log kept, its
@@ -20,6 +22,7 @@ use archipel_consensus::engine::{
     VOTES_CHANNEL,
 };
 use archipel_consensus::{Chain, MemoryStore, Stall};
+use archipel_ledger::store::MemoryStore as StateMemory;
 use archipel_ledger::{Hash, Payload, Transaction};
 use commonware_cryptography::Signer as _;
 use commonware_cryptography::ed25519::PublicKey;
@@ -31,6 +34,10 @@ use std::time::{Duration, UNIX_EPOCH};
 
 /// Blocks every node must finalize past the highest height reached before the crash.
 pub const PROGRESS_BLOCKS: u64 = 3;
+
+/// Blocks between state checkpoints in the simulation (a node uses 256): small, so the crash
+/// falls after some and the restart opens a state store that is not at the genesis.
+pub const CHECKPOINT_BLOCKS: u64 = 8;
 
 /// A crash scenario. Build one with [`CrashScenario::from_seed`].
 #[derive(Clone, Debug)]
@@ -175,10 +182,13 @@ pub fn run_crash(scenario: CrashScenario) -> CrashOutcome {
     let parts = Arc::new(participants(&sc));
     let keys: Vec<PublicKey> = parts.nodes.iter().map(|id| id.private_key().public_key()).collect();
     let stores: Vec<MemoryStore> = (0..sc.nodes()).map(|_| MemoryStore::default()).collect();
+    // Each node's state store, checkpointed often so crashes fall between and after checkpoints.
+    let states: Vec<StateMemory> = (0..sc.nodes()).map(|_| StateMemory::default()).collect();
     let open = |i: usize, store: &MemoryStore| {
         Arc::new(
-            Chain::open(parts.genesis.clone(), Box::new(store.clone()))
-                .unwrap_or_else(|e| panic!("node {i}: the chain does not reopen after the crash: {e}")),
+            Chain::open_with(parts.genesis.clone(), Box::new(store.clone()), Arc::new(states[i].clone()))
+                .unwrap_or_else(|e| panic!("node {i}: the chain does not reopen after the crash: {e}"))
+                .with_checkpoint_every(CHECKPOINT_BLOCKS),
         )
     };
 
@@ -240,7 +250,8 @@ pub fn run_crash(scenario: CrashScenario) -> CrashOutcome {
         }
     });
 
-    // The power loss: each block log keeps what was synced (and loses `log_loss` more blocks).
+    // The power loss: each block log keeps what was synced (and loses `log_loss` more blocks),
+    // each state store what was flushed (so in the lossy seeds it can be ahead of its log).
     let kept: Vec<u64> = stores
         .iter()
         .map(|s| {
@@ -248,6 +259,9 @@ pub fn run_crash(scenario: CrashScenario) -> CrashOutcome {
             s.truncate(synced.saturating_sub(scenario.log_loss))
         })
         .collect();
+    for s in &states {
+        s.crash();
+    }
 
     // After the restart.
     let (late, late_by) = scenario.late;

@@ -1,0 +1,259 @@
+//! The ledger state on disk: a [`StateStore`] in one `redb` file (`ledger/state.redb`).
+//!
+//! Four tables: `entries` (state key → value bytes), `trie` (node hash → 65-byte node), `txs`
+//! (transaction hash → where it is and what it did) and `meta` (the committed height and root). A block's [`Commit`] is one write transaction, so the
+//! file always holds one whole committed state. Commits that are not durable skip the flush
+//! (redb's `Durability::None`): after a crash the file opens at the last durable commit and the
+//! chain replays the blocks after it from its block log, so the node flushes its state once in a
+//! while instead of once per block.
+//!
+//! Reads go through a snapshot (a read transaction with both tables open) taken after each
+//! commit and shared by every reader, so reading a trie node is a B-tree lookup, not a new
+//! transaction; a reader holding an old snapshot keeps its pages alive until it lets go.
+
+use archipel_ledger::Hash;
+use archipel_ledger::store::{Commit, Committed, Entries, StateStore, StoreError, check_order};
+use archipel_ledger::trie::{NodeSource, StoredNode, TrieError};
+use redb::{Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, TableDefinition};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+const ENTRIES: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("entries");
+const TRIE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("trie");
+const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
+const TXS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("txs");
+const COMMITTED: &str = "committed";
+
+fn io(e: impl fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+/// What readers read: one read transaction with the tables open.
+struct Snapshot {
+    _txn: ReadTransaction,
+    entries: ReadOnlyTable<&'static [u8], &'static [u8]>,
+    trie: ReadOnlyTable<&'static [u8], &'static [u8]>,
+    txs: ReadOnlyTable<&'static [u8], &'static [u8]>,
+    committed: Option<Committed>,
+}
+
+/// The state store of a node's data directory.
+pub struct StateDb {
+    db: Database,
+    path: PathBuf,
+    snapshot: RwLock<Arc<Snapshot>>,
+}
+
+impl fmt::Debug for StateDb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StateDb").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+fn decode_committed(b: &[u8]) -> Result<Committed, StoreError> {
+    if b.len() != 40 {
+        return Err(StoreError::Corrupt(format!("the committed marker is {} bytes, not 40", b.len())));
+    }
+    let height = u64::from_be_bytes(b[..8].try_into().map_err(io)?);
+    let root = Hash(b[8..].try_into().map_err(io)?);
+    Ok(Committed { height, root })
+}
+
+impl StateDb {
+    /// Opens (creating if missing) the state file at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| io(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let db = Database::create(path).map_err(|e| io(format!("cannot open {}: {e}", path.display())))?;
+        // Create the tables once, so read transactions find them.
+        let txn = db.begin_write().map_err(io)?;
+        {
+            txn.open_table(ENTRIES).map_err(io)?;
+            txn.open_table(TRIE).map_err(io)?;
+            txn.open_table(META).map_err(io)?;
+            txn.open_table(TXS).map_err(io)?;
+        }
+        txn.commit().map_err(io)?;
+        let snapshot = RwLock::new(Arc::new(Self::snapshot_of(&db)?));
+        Ok(Self { db, path: path.to_path_buf(), snapshot })
+    }
+
+    fn snapshot_of(db: &Database) -> Result<Snapshot, StoreError> {
+        let txn = db.begin_read().map_err(io)?;
+        let entries = txn.open_table(ENTRIES).map_err(io)?;
+        let trie = txn.open_table(TRIE).map_err(io)?;
+        let txs = txn.open_table(TXS).map_err(io)?;
+        let meta = txn.open_table(META).map_err(io)?;
+        let committed = match meta.get(COMMITTED).map_err(io)? {
+            Some(v) => Some(decode_committed(v.value())?),
+            None => None,
+        };
+        Ok(Snapshot { _txn: txn, entries, trie, txs, committed })
+    }
+
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl NodeSource for StateDb {
+    fn node(&self, hash: &Hash) -> Result<StoredNode, TrieError> {
+        let snap = self.snapshot();
+        let bytes = snap.trie.get(&hash.0[..]).map_err(|e| TrieError::Source(e.to_string()))?;
+        let bytes = bytes.ok_or(TrieError::Missing(*hash))?;
+        StoredNode::from_bytes(bytes.value())
+            .filter(|n| n.hash() == *hash)
+            .ok_or_else(|| TrieError::Source(format!("trie node {} is corrupt on disk", hash.short())))
+    }
+}
+
+impl StateStore for StateDb {
+    fn committed(&self) -> Result<Option<Committed>, StoreError> {
+        Ok(self.snapshot().committed)
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.snapshot().entries.get(key).map_err(io)?.map(|v| v.value().to_vec()))
+    }
+
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Entries, StoreError> {
+        let snap = self.snapshot();
+        let range = match after {
+            Some(a) => snap.entries.range::<&[u8]>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+            None => snap.entries.range::<&[u8]>(prefix..),
+        }
+        .map_err(io)?;
+        let mut out = Vec::new();
+        for item in range {
+            let (k, v) = item.map_err(io)?;
+            if !k.value().starts_with(prefix) || out.len() == limit {
+                break;
+            }
+            out.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn commit(&self, commit: &Commit, durable: bool) -> Result<(), StoreError> {
+        // One writer at a time: hold the snapshot lock across the write so readers never see a
+        // commit without its snapshot.
+        let mut snapshot = self.snapshot.write().unwrap_or_else(|e| e.into_inner());
+        check_order(snapshot.committed, commit)?;
+        let mut txn = self.db.begin_write().map_err(io)?;
+        txn.set_durability(if durable { Durability::Immediate } else { Durability::None }).map_err(io)?;
+        {
+            let mut entries = txn.open_table(ENTRIES).map_err(io)?;
+            for (k, v) in &commit.entries {
+                match v {
+                    Some(v) => entries.insert(k.as_slice(), v.as_slice()).map_err(io)?,
+                    None => entries.remove(k.as_slice()).map_err(io)?,
+                };
+            }
+            let mut trie = txn.open_table(TRIE).map_err(io)?;
+            for h in &commit.stale_nodes {
+                trie.remove(&h.0[..]).map_err(io)?;
+            }
+            for (h, n) in &commit.new_nodes {
+                trie.insert(&h.0[..], &n.to_bytes()[..]).map_err(io)?;
+            }
+            let mut txs = txn.open_table(TXS).map_err(io)?;
+            for (h, v) in &commit.txs {
+                txs.insert(&h.0[..], v.as_slice()).map_err(io)?;
+            }
+            let mut meta = txn.open_table(META).map_err(io)?;
+            let marker = [&commit.height.to_be_bytes()[..], &commit.root.0[..]].concat();
+            meta.insert(COMMITTED, marker.as_slice()).map_err(io)?;
+        }
+        txn.commit().map_err(io)?;
+        *snapshot = Arc::new(Self::snapshot_of(&self.db)?);
+        Ok(())
+    }
+
+    fn tx(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.snapshot().txs.get(&hash.0[..]).map_err(io)?.map(|v| v.value().to_vec()))
+    }
+
+    fn clear(&self) -> Result<(), StoreError> {
+        let mut snapshot = self.snapshot.write().unwrap_or_else(|e| e.into_inner());
+        let txn = self.db.begin_write().map_err(io)?;
+        txn.delete_table(ENTRIES).map_err(io)?;
+        txn.delete_table(TRIE).map_err(io)?;
+        txn.delete_table(TXS).map_err(io)?;
+        txn.delete_table(META).map_err(io)?;
+        for t in [ENTRIES, TRIE, TXS] {
+            txn.open_table(t).map_err(io)?;
+        }
+        txn.open_table(META).map_err(io)?;
+        txn.commit().map_err(io)?;
+        *snapshot = Arc::new(Self::snapshot_of(&self.db)?);
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        let _writer = self.snapshot.write().unwrap_or_else(|e| e.into_inner());
+        // An empty durable commit persists the non-durable ones before it.
+        let mut txn = self.db.begin_write().map_err(io)?;
+        txn.set_durability(Durability::Immediate).map_err(io)?;
+        txn.commit().map_err(io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use archipel_ledger::store::conformance;
+
+    #[test]
+    fn the_disk_store_passes_the_conformance_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = std::sync::atomic::AtomicUsize::new(0);
+        let path = |i: usize| dir.path().join(format!("state-{i}.redb"));
+        conformance::run(
+            || StateDb::open(&path(n.fetch_add(1, std::sync::atomic::Ordering::SeqCst))).unwrap(),
+            |s| {
+                let p = s.path().to_path_buf();
+                drop(s);
+                StateDb::open(&p).unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn a_corrupt_node_or_marker_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let s = StateDb::open(&path).unwrap();
+        let txn = s.db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(TRIE).unwrap();
+            t.insert(&[7u8; 32][..], &[9u8; 65][..]).unwrap();
+            let mut m = txn.open_table(META).unwrap();
+            m.insert(COMMITTED, &[1u8, 2, 3][..]).unwrap();
+        }
+        txn.commit().unwrap();
+        drop(s);
+        let err = StateDb::open(&path).unwrap_err();
+        assert!(err.to_string().contains("committed marker"), "{err}");
+        // A node whose bytes do not hash to its key is refused.
+        let path = dir.path().join("state2.redb");
+        let s = StateDb::open(&path).unwrap();
+        let txn = s.db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(TRIE).unwrap();
+            let node = StoredNode::Leaf { key: Hash([1; 32]), value: Hash([2; 32]) };
+            t.insert(&[7u8; 32][..], &node.to_bytes()[..]).unwrap();
+        }
+        txn.commit().unwrap();
+        drop(s);
+        let s = StateDb::open(&path).unwrap();
+        assert!(s.node(&Hash([7; 32])).unwrap_err().to_string().contains("corrupt"));
+        assert_eq!(s.node(&Hash([8; 32])), Err(TrieError::Missing(Hash([8; 32]))));
+    }
+}
