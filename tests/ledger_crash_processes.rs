@@ -187,6 +187,23 @@ fn a_validator_killed_20_times_under_load_catches_up_every_time() {
     for u in [&victim, &n4, &n5] {
         assert_eq!(hashes(u, to), reference, "{u} and {n1} disagree below height {to}");
     }
+    // Restarts open the stored state and replay only the blocks after it (at most a checkpoint
+    // interval, plus what the log synced since), never the whole chain.
+    let log = std::fs::read_to_string(work.path().join("spawned.log")).unwrap_or_default();
+    let field = |line: &str, name: &str| -> Option<u64> {
+        line.split_whitespace().find_map(|w| w.strip_prefix(name)).and_then(|v| v.trim_matches(',').parse().ok())
+    };
+    let opened: Vec<(u64, u64)> = log
+        .lines()
+        .filter(|l| l.contains("ledger opened"))
+        .filter_map(|l| Some((field(l, "state_height=")?, field(l, "replayed=")?)))
+        .collect();
+    assert!(!opened.is_empty(), "no restart logged how it opened the ledger");
+    assert!(opened.iter().any(|(h, _)| *h > 0), "every restart replayed from the genesis: {opened:?}");
+    assert!(
+        opened.iter().all(|(_, r)| *r <= archipel_consensus::chain::CHECKPOINT_BLOCKS + 64),
+        "a restart replayed more than a checkpoint interval: {opened:?}"
+    );
     let metrics = rt().block_on(ApiClient::new(&victim).metrics_text()).unwrap();
     let stalled = metrics.lines().find(|l| l.starts_with("consensus_ledger_applier_stalled"));
     assert_eq!(stalled.and_then(|l| l.rsplit(' ').next()), Some("0"), "{metrics}");

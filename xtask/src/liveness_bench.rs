@@ -19,9 +19,9 @@
 //!   interval, built as the smallest transaction kind there is now (`LeaveNode`, 137 bytes; the
 //!   removed `Heartbeat` kind was 105), checked with `verify_all` one block's worth at a time (as
 //!   the chain batches signatures) and encoded into a block;
-//! - executing a block with no change, with k Downs and with k Ups, and the state root alone,
-//!   which `execute` rebuilds over every entry at every block whatever the liveness changes
-//!   (issue 18): shown as its own figure.
+//! - executing a block with no change, with k Downs and with k Ups, and, for comparison, the
+//!   state root rebuilt from every entry — what `execute` did every block before issue 18's trie
+//!   (now it seals only the changed entries' paths).
 //!
 //! Setup (keys, signed descriptors, bringing every lease Up through real blocks) is timed apart
 //! and not part of any figure.

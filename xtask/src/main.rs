@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask bench [devnet|verify|ledger|liveness|all]`,
+//! Project automation: `cargo xtask bench [devnet|verify|ledger|liveness|state|all]`,
 //! `cargo xtask sim --seeds N` and `cargo xtask fuzz [--seconds N]`.
 //!
 //! Benchmarks print absolute figures and a ratio against a baseline measured in the same run on
@@ -17,6 +17,7 @@ mod fuzz;
 mod ledger_bench;
 mod liveness_bench;
 mod simplex_baseline;
+mod state_bench;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -28,11 +29,13 @@ fn main() -> Result<()> {
                 "devnet" => bench_devnet(),
                 "ledger" => ledger_bench::bench(&build_release()?, runs(&args)?),
                 "liveness" => liveness_bench::bench(),
+                "state" => state_bench::bench(),
                 "all" => bench_verify()
                     .and_then(|_| bench_devnet())
                     .and_then(|_| ledger_bench::bench(&build_release()?, runs(&args)?))
-                    .and_then(|_| liveness_bench::bench()),
-                other => bail!("unknown benchmark {other:?}: use verify, devnet, ledger, liveness or all"),
+                    .and_then(|_| liveness_bench::bench())
+                    .and_then(|_| state_bench::bench()),
+                other => bail!("unknown benchmark {other:?}: use verify, devnet, ledger, liveness, state or all"),
             }
         }
         Some("sim") => {
@@ -56,7 +59,7 @@ fn main() -> Result<()> {
         Some("simplex-validator") => simplex_baseline::validator_main(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask bench [verify|devnet|ledger|liveness|all] [--runs N]\n       cargo xtask sim [--seeds N]\n       \
+                "usage: cargo xtask bench [verify|devnet|ledger|liveness|state|all] [--runs N]\n       cargo xtask sim [--seeds N]\n       \
                  cargo xtask fuzz [--seconds N] [TARGET...]"
             );
             Ok(())

@@ -25,6 +25,10 @@ const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 const TXS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("txs");
 const COMMITTED: &str = "committed";
 
+/// redb's page cache for the state file: what it keeps in memory beyond the OS page cache (its
+/// default, 1 GiB, would be most of a node's memory budget).
+pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 fn io(e: impl fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
 }
@@ -66,7 +70,10 @@ impl StateDb {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| io(format!("cannot create {}: {e}", dir.display())))?;
         }
-        let db = Database::create(path).map_err(|e| io(format!("cannot open {}: {e}", path.display())))?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| io(format!("cannot open {}: {e}", path.display())))?;
         // Create the tables once, so read transactions find them.
         let txn = db.begin_write().map_err(io)?;
         {

@@ -146,8 +146,8 @@ fn open_chain(cfg: &NodeConfig, genesis: &Genesis) -> Result<Arc<Chain>, NodeErr
     let store = FileStore::open(&dir.join("blocks.log")).map_err(NodeError::Invalid)?;
     let states = StateDb::open(&dir.join("state.redb")).map_err(|e| {
         NodeError::Invalid(format!(
-            "{e}: the data directory {} is damaged; move it aside to resync",
-            cfg.data_dir.display()
+            "{e}: delete {} to have the state rebuilt from the block log",
+            dir.join("state.redb").display()
         ))
     })?;
     let chain = Chain::open_with(genesis.ledger_state(), Box::new(store), Arc::new(states)).map_err(|e| {
