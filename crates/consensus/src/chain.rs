@@ -28,6 +28,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// blocks from the log (plus those after the last checkpoint's).
 pub const CHECKPOINT_BLOCKS: u64 = 256;
 
+/// Finalized blocks whose state changes are written to the state store together: an entry or
+/// trie node changed by several of them is written once, and one written and replaced between
+/// two commits never is (the top of the trie changes every block). Until then the head state
+/// holds them in memory, and the transaction index of those blocks too.
+pub const COMMIT_BLOCKS: u64 = 32;
+
 /// Mempool capacity per node.
 pub const MEMPOOL_CAPACITY: usize = 100_000;
 
@@ -96,6 +102,9 @@ struct Inner {
     states: Arc<dyn StateStore>,
     /// Blocks committed since the last durable checkpoint.
     since_checkpoint: u64,
+    /// Finalized blocks not yet committed to `states`, and their transactions.
+    uncommitted: u64,
+    uncommitted_txs: HashMap<Hash, TxLocation>,
     /// Blocks between checkpoints ([`CHECKPOINT_BLOCKS`] unless a test sets it).
     checkpoint_every: u64,
     mempool: Mempool,
@@ -206,15 +215,16 @@ impl Chain {
             }
         }
         // Replay what the store does not hold yet, committing as `finalize` does.
+        let mut txs = HashMap::new();
         for height in head.height + 1..=store.height() {
             let (block, _) = read(height)?;
             let outcome = execute(&mut state, &head, &block, Signatures::AlreadyVerified)
                 .map_err(|e| format!("stored chain does not replay: {e}"))?;
-            let mut c = state.commit().map_err(failed)?;
-            c.txs = tx_index(&block, outcome.receipts).into_iter().map(|(h, loc)| (h, loc.encode())).collect();
-            states.commit(&c, false).map_err(failed)?;
-            state.committed();
+            txs.extend(tx_index(&block, outcome.receipts));
             head = block.header;
+            if (height - state_height).is_multiple_of(COMMIT_BLOCKS) || height == store.height() {
+                commit_state(&mut state, &*states, &mut txs)?;
+            }
         }
         // State replayed from the log is made durable only once the log is: what was read back
         // may not be synced (a restart reads the page cache).
@@ -238,6 +248,8 @@ impl Chain {
                 store,
                 states,
                 since_checkpoint: 0,
+                uncommitted: 0,
+                uncommitted_txs: HashMap::new(),
                 checkpoint_every: CHECKPOINT_BLOCKS,
                 mempool: Mempool::new(MempoolLimits::with_capacity(MEMPOOL_CAPACITY)),
                 pending: HashMap::new(),
@@ -247,6 +259,12 @@ impl Chain {
             }),
             applier: ApplierHealth::default(),
         })
+    }
+
+    /// Makes the state at the head durable (a clean shutdown): commits it, syncs the block log,
+    /// flushes the store.
+    pub fn close(&self) -> Result<(), String> {
+        self.lock().checkpoint()
     }
 
     /// What opening found: the stored state's height and the blocks replayed after it.
@@ -567,6 +585,14 @@ impl Chain {
                     block.header.height, g.head.height
                 ));
             }
+            // The store catches up before the head moves on, so a store that cannot be written
+            // stalls the applier (which retries) instead of letting memory grow.
+            if g.uncommitted >= COMMIT_BLOCKS || g.since_checkpoint >= g.checkpoint_every {
+                g.commit().map_err(|e| format!("block {}: {e}", block.header.height))?;
+            }
+            if g.since_checkpoint >= g.checkpoint_every {
+                g.checkpoint().map_err(|e| format!("block {}: {e}", block.header.height))?;
+            }
             // A block this node built or verified on the head already has its state.
             let cached = g.pending.remove(&hash).filter(|e| e.block.header.parent == g.head.hash());
             (g.head, cached.map(|e| (e.state, e.outcome)).ok_or_else(|| g.state.clone()))
@@ -586,25 +612,20 @@ impl Chain {
             return Ok(None); // finalized meanwhile by another path
         }
         let certified = !certificate.is_empty();
-        let mut state = state;
         let index = tx_index(&block, outcome.receipts);
-        let mut commit = state.commit().map_err(|e| format!("block {height}: the state store failed: {e}"))?;
-        commit.txs = index.iter().map(|(h, loc)| (*h, loc.encode())).collect();
-        // A retry after a failed state commit finds the block already in the log.
+        // Never append a block the log already holds (a retry after a failed append, which the
+        // log cuts back off, finds it absent again).
         if g.store.height() < height {
             g.store.append(&Record { block: block.to_bytes(), certificate })?;
         }
-        g.states.commit(&commit, false).map_err(|e| format!("block {height}: the state store failed: {e}"))?;
-        state.committed();
         if certified {
             g.certified = height;
         }
         g.head = block.header;
         g.state = state;
+        g.uncommitted_txs.extend(index.iter().cloned());
+        g.uncommitted += 1;
         g.since_checkpoint += 1;
-        if g.since_checkpoint >= g.checkpoint_every {
-            g.checkpoint().map_err(|e| format!("block {height}: {e}"))?;
-        }
         let inner = &mut *g;
         // Every transaction of the block used its signer's nonce, so pruning its signers by the
         // new nonces also drops the block's transactions from the mempool.
@@ -837,10 +858,34 @@ impl TxLocation {
     }
 }
 
+/// Writes what `state` changed since its last commit, with the transactions of those blocks, to
+/// `states` (without a flush), and lets go of it.
+fn commit_state(state: &mut State, states: &dyn StateStore, txs: &mut HashMap<Hash, TxLocation>) -> Result<(), String> {
+    let failed = |e: StoreError| format!("the state store failed: {e}");
+    let mut c = state.commit().map_err(failed)?;
+    c.txs = txs.iter().map(|(h, loc)| (*h, loc.encode())).collect();
+    states.commit(&c, false).map_err(failed)?;
+    state.committed();
+    txs.clear();
+    Ok(())
+}
+
 impl Inner {
-    /// Where a finalized transaction is, from the store's index (`None` if the store cannot say:
-    /// logged).
+    /// Commits the head state to the store (see [`COMMIT_BLOCKS`]).
+    fn commit(&mut self) -> Result<(), String> {
+        if self.uncommitted > 0 {
+            commit_state(&mut self.state, &*self.states, &mut self.uncommitted_txs)?;
+            self.uncommitted = 0;
+        }
+        Ok(())
+    }
+
+    /// Where a finalized transaction is: in a block not committed yet, or in the store's index
+    /// (`None` if the store cannot say: logged).
     fn final_tx(&self, hash: &Hash) -> Option<TxLocation> {
+        if let Some(loc) = self.uncommitted_txs.get(hash) {
+            return Some(loc.clone());
+        }
         match self.states.tx(hash) {
             Ok(Some(bytes)) => serde_json::from_slice(&bytes)
                 .map_err(
@@ -855,9 +900,10 @@ impl Inner {
         }
     }
 
-    /// Makes the finalized state durable: the block log first (waiting for its sync), then the
-    /// state store, so the store is never durably ahead of the log.
+    /// Makes the finalized state durable: the head committed, the block log synced (waiting for
+    /// it), then the state store flushed, so the store is never durably ahead of the log.
     fn checkpoint(&mut self) -> Result<(), String> {
+        self.commit()?;
         let synced = futures::executor::block_on(self.store.sync())
             .map_err(|_| "the block log's sync was dropped".to_string())??;
         if synced < self.head.height {
@@ -1039,6 +1085,9 @@ mod tests {
         let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
         let (c, txs) = run_blocks(&blocks, &states, 10);
         let (head, root) = (c.head(), c.with_state(State::state_root));
+        // Without a clean shutdown the last two blocks (after the checkpoint at 8) are not in the
+        // store; `close` commits them.
+        c.close().unwrap();
         drop(c);
         // A clean restart: the store holds all ten blocks, nothing is replayed.
         let c = reopen(&blocks, &states);

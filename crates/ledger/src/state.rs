@@ -559,26 +559,27 @@ impl State {
     /// (sealing it first). Hand them to [`StateStore::commit`], then call [`State::committed`].
     pub fn commit(&mut self) -> Result<Commit, StoreError> {
         let root = self.seal()?;
-        let entries = self.unsaved.iter().map(|k| (k.to_string().into_bytes(), self.value(k))).collect();
+        let entries = self.unsaved.iter().map(|k| (k.to_bytes(), self.value(k))).collect();
         self.check_fault()?;
+        // The trie stays in memory and is rebuilt from the entries on open: its nodes are not
+        // written (one write per changed entry instead of one per node on its path).
         Ok(Commit {
             height: self.chain.height,
             root,
             entries,
-            stale_nodes: self.trie.clone().take_replaced(),
-            new_nodes: self.trie.new_nodes(),
+            stale_nodes: Vec::new(),
+            new_nodes: Vec::new(),
             txs: Vec::new(),
         })
     }
 
-    /// Once the store holds this state: forget what was written since the last commit, so reads
-    /// of unchanged entries and trie nodes go to the store and memory stays bounded by what later
-    /// blocks change.
+    /// Once the store holds this state: forget the entries written since the last commit, so
+    /// reads of unchanged entries go to the store.
     pub fn committed(&mut self) {
         self.unsaved.clear();
         self.accounts.clear_written();
         self.departed.clear_written();
-        self.trie = Trie::stored(self.trie.root());
+        self.trie.take_replaced_unchecked();
     }
 
     /// How many trie nodes this state holds in memory (changed since its last commit).
@@ -608,14 +609,29 @@ impl State {
         let network = Hash(get(StateKey::Network)?.try_into().map_err(|_| corrupt(&"network", "not 32 bytes".into()))?);
         let params: LedgerParams =
             serde_json::from_slice(&get(StateKey::Params)?).map_err(|e| corrupt(&"params", e.to_string()))?;
-        let mut s = State {
-            network,
-            params,
-            chain,
-            store: StoreRef(store.clone()),
-            trie: Trie::stored(root),
-            ..State::default()
-        };
+        // The trie is rebuilt from every entry (one pass over the store) and must give the
+        // committed root.
+        let mut leaves = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = store.scan(b"", after.as_deref(), 65_536)?;
+            let full = page.len() == 65_536;
+            after = page.last().map(|(k, _)| k.clone());
+            leaves.extend(page.iter().map(|(k, v)| (trie::key_hash(k), Some(trie::value_hash(v)))));
+            if !full {
+                break;
+            }
+        }
+        let mut trie = Trie::new();
+        trie.update(leaves, &trie::NoNodes)?;
+        if trie.root() != root {
+            return Err(StoreError::Corrupt(format!(
+                "its entries hash to root {}, not the committed {}",
+                trie.root().short(),
+                root.short()
+            )));
+        }
+        let mut s = State { network, params, chain, store: StoreRef(store.clone()), trie, ..State::default() };
         for (key, value) in scan_all(&*store, "validator/")? {
             if let StateKey::Validator(id) = key {
                 s.validators.insert(id);
@@ -641,7 +657,7 @@ impl State {
 
     /// Reads `key` from the store; a failure is kept (see [`State::seal`]) and reads as absent.
     fn load<V>(&self, key: &StateKey, decode: fn(&[u8]) -> Result<V, String>) -> Option<V> {
-        let read = self.store.get(key.to_string().as_bytes()).and_then(|bytes| match bytes {
+        let read = self.store.get(&key.to_bytes()).and_then(|bytes| match bytes {
             None => Ok(None),
             Some(b) => decode(&b).map(Some).map_err(|e| StoreError::Corrupt(format!("{key}: {e}"))),
         });
@@ -739,9 +755,35 @@ impl PartialEq for State {
 
 impl Eq for State {}
 
+impl StateKey {
+    /// The key's bytes in the store and the trie: its text form (`account/<64 hex>`), written
+    /// without the formatting machinery (this runs for every changed entry of every block).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let with_id = |prefix: &[u8], id: &NodeId| {
+            let mut out = Vec::with_capacity(prefix.len() + 64);
+            out.extend_from_slice(prefix);
+            let mut hexed = [0u8; 64];
+            // 32 bytes always fit 64 hex characters.
+            let _ = hex::encode_to_slice(id.0, &mut hexed);
+            out.extend_from_slice(&hexed);
+            out
+        };
+        match self {
+            StateKey::Account(id) => with_id(b"account/", id),
+            StateKey::Chain => b"chain".to_vec(),
+            StateKey::Departed(id) => with_id(b"departed/", id),
+            StateKey::Lease(id) => with_id(b"lease/", id),
+            StateKey::Network => b"network".to_vec(),
+            StateKey::Node(id) => with_id(b"node/", id),
+            StateKey::Params => b"params".to_vec(),
+            StateKey::Validator(id) => with_id(b"validator/", id),
+        }
+    }
+}
+
 /// Where `key` sits in the trie.
 pub fn state_key_hash(key: &StateKey) -> Hash {
-    trie::key_hash(key.to_string().as_bytes())
+    trie::key_hash(&key.to_bytes())
 }
 
 /// JSON bytes of a state value (node records and parameters are stored as JSON).
@@ -789,8 +831,11 @@ pub(crate) mod tests {
             StateKey::Lease(id(2).node_id()),
             StateKey::Network,
             StateKey::Departed(id(3).node_id()),
+            StateKey::Node(id(4).node_id()),
+            StateKey::Validator(id(5).node_id()),
         ] {
             assert_eq!(k.to_string().parse::<StateKey>().unwrap(), k);
+            assert_eq!(k.to_bytes(), k.to_string().into_bytes(), "the store's bytes are the text form");
         }
         assert!("bucket/x".parse::<StateKey>().unwrap_err().contains("unknown state key"));
         assert!("account/zz".parse::<StateKey>().is_err());

@@ -494,6 +494,10 @@ impl PreparedNode {
                 }
             };
             tracing::info!(%reason, "node stopping");
+            // The finalized state up to the head, durable: the next start replays nothing.
+            if let Err(e) = chain.close() {
+                tracing::warn!(error = %e, "could not save the ledger state at the head; the next start replays from the last checkpoint");
+            }
             let _ = shutdown_tx.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
             Ok(())
