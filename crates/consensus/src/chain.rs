@@ -104,6 +104,8 @@ struct Inner {
     since_checkpoint: u64,
     /// Finalized blocks not yet committed to `states`, and their transactions.
     uncommitted: u64,
+    /// The height `states` was last committed at.
+    committed_at: u64,
     uncommitted_txs: HashMap<Hash, TxLocation>,
     /// Blocks between checkpoints ([`CHECKPOINT_BLOCKS`] unless a test sets it).
     checkpoint_every: u64,
@@ -162,7 +164,17 @@ impl Chain {
             let block = Block::from_bytes(&record.block, max_txs).map_err(|e| format!("stored block {height}: {e}"))?;
             Ok((block, !record.certificate.is_empty()))
         };
-        let (mut state, mut head) = match State::open(states.clone()).map_err(failed)? {
+        let opened = match State::open(states.clone()) {
+            Ok(opened) => opened,
+            // The log is the record: a store whose entries do not add up is rebuilt from it.
+            Err(StoreError::Corrupt(e)) => {
+                tracing::warn!(error = %e, "the state store is corrupt: rebuilding it from the block log");
+                states.clear().map_err(failed)?;
+                None
+            }
+            Err(e) => return Err(failed(e)),
+        };
+        let (mut state, mut head) = match opened {
             None => {
                 let mut s = genesis_state.clone().with_store(states.clone());
                 let c = s.commit().map_err(failed)?;
@@ -209,7 +221,7 @@ impl Chain {
         let state_height = head.height;
         let mut certified = 0;
         for height in (1..=store.height()).rev() {
-            if read(height)?.1 {
+            if store.get(height)?.is_some_and(|r| !r.certificate.is_empty()) {
                 certified = height;
                 break;
             }
@@ -249,6 +261,7 @@ impl Chain {
                 states,
                 since_checkpoint: 0,
                 uncommitted: 0,
+                committed_at: head.height,
                 uncommitted_txs: HashMap::new(),
                 checkpoint_every: CHECKPOINT_BLOCKS,
                 mempool: Mempool::new(MempoolLimits::with_capacity(MEMPOOL_CAPACITY)),
@@ -623,6 +636,9 @@ impl Chain {
         }
         g.head = block.header;
         g.state = state;
+        // A state executed before the last commit still holds what that commit wrote.
+        let committed_at = g.committed_at;
+        g.state.forget_committed_through(committed_at);
         g.uncommitted_txs.extend(index.iter().cloned());
         g.uncommitted += 1;
         g.since_checkpoint += 1;
@@ -745,12 +761,30 @@ impl Chain {
     /// with what shows the head final (nothing at the genesis, which the genesis file itself
     /// attests).
     pub fn prove_state(&self, key: &StateKey) -> Result<Proven<StateProof>, String> {
-        // A copy costs one `Arc` clone per table; the path is walked outside the lock.
-        let (header, state) = {
-            let g = self.lock();
-            (g.head, g.state.clone())
+        // A copy costs one `Arc` clone per table; the path is walked outside the lock. A value
+        // read after a commit moved the store past this copy would not match its path: then ask
+        // again.
+        let mut attempts = 0;
+        let (header, value, path) = loop {
+            let (header, state) = {
+                let g = self.lock();
+                (g.head, g.state.clone())
+            };
+            let (value, path) = state.prove(key).map_err(|e| e.to_string())?;
+            let shown = path.verify(&header.state_root, &archipel_ledger::state::state_key_hash(key));
+            let matches = match (&shown, &value) {
+                (Ok(archipel_ledger::trie::Proven::Present(h)), Some(v)) => *h == archipel_ledger::trie::value_hash(v),
+                (Ok(archipel_ledger::trie::Proven::Absent), None) => true,
+                _ => false,
+            };
+            attempts += 1;
+            if matches {
+                break (header, value, path);
+            }
+            if attempts == 3 {
+                return Err(format!("{key}: the state moved while proving it; retry"));
+            }
         };
-        let (value, path) = state.prove(key).map_err(|e| e.to_string())?;
         let (links, certificate) = match header.height {
             0 => (Vec::new(), Vec::new()),
             h => match self.finality_of(h)? {
@@ -876,6 +910,7 @@ impl Inner {
         if self.uncommitted > 0 {
             commit_state(&mut self.state, &*self.states, &mut self.uncommitted_txs)?;
             self.uncommitted = 0;
+            self.committed_at = self.head.height;
         }
         Ok(())
     }
@@ -1126,6 +1161,32 @@ mod tests {
     }
 
     #[test]
+    fn the_head_holds_only_what_came_after_the_last_commit() {
+        // Every block is built here and finalized from its cached state, which was forked from
+        // the head before the head's commit: what that commit wrote must not stay in memory.
+        let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
+        let accounts = (0..3).map(|i| (Identity::from_seed(i).node_id(), 1_000_000)).collect();
+        let genesis = State::genesis(GenesisState { accounts, ..GenesisState::default() });
+        let c = Chain::open_with(genesis, Box::new(blocks), Arc::new(states)).unwrap();
+        let sender = Identity::from_seed(0);
+        for n in 0..3 * COMMIT_BLOCKS {
+            let head = c.head();
+            // A new recipient each block: an entry no later block writes again.
+            let payload = Payload::Transfer { to: Identity::from_seed(1_000 + n).node_id(), amount_micro: 1 };
+            let t = Transaction { signer: sender.node_id(), nonce: n, payload }.sign(&sender, &Hash::ZERO);
+            let now = 1_000 * (head.height + 1);
+            c.submit(t, 100, now).unwrap();
+            let block = c.build(&head.hash(), now, |_| Vec::new()).unwrap();
+            assert_eq!(block.txs.len(), 1, "block {}", head.height + 1);
+            c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized");
+        }
+        let held = c.with_state(State::uncommitted_entries);
+        // At most one commit's worth of blocks, each changing its recipient (plus the sender and
+        // the chain position).
+        assert!(held <= COMMIT_BLOCKS as usize + 2, "{held} entries held after {} blocks", 3 * COMMIT_BLOCKS);
+    }
+
+    #[test]
     fn a_state_store_ahead_of_the_block_log_is_rebuilt_from_the_log() {
         let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
         let (c, _) = run_blocks(&blocks, &states, 10);
@@ -1137,6 +1198,22 @@ mod tests {
         assert_eq!(c.opened(), Opened { state_height: 0, replayed: 5 });
         assert_eq!(c.head().height, 5);
         assert_eq!(c.with_state(State::state_root), root5);
+        drop(c);
+        // A store whose entries do not hash to its committed root is rebuilt from the log too.
+        let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
+        let (c, _) = run_blocks(&blocks, &states, 10);
+        let root9 = c.block(9).unwrap().unwrap().0.header.state_root;
+        drop(c);
+        let garbled = archipel_ledger::store::Commit {
+            height: 9,
+            root: root9,
+            entries: vec![(b"chain".to_vec(), Some(vec![0; 24]))],
+            ..Default::default()
+        };
+        states.commit(&garbled, true).unwrap();
+        let c = reopen(&blocks, &states);
+        assert_eq!(c.opened(), Opened { state_height: 0, replayed: 10 });
+        assert_eq!(c.with_state(State::state_root), c.head().state_root);
         // It goes on from there.
         let head = c.head();
         c.submit(transfer(0, 5), 100, 0).unwrap();

@@ -7,9 +7,10 @@
 //! chain replays the blocks after it from its block log, so the node flushes its state once in a
 //! while instead of once per block.
 //!
-//! Reads go through a snapshot (a read transaction with both tables open) taken after each
-//! commit and shared by every reader, so reading a trie node is a B-tree lookup, not a new
-//! transaction; a reader holding an old snapshot keeps its pages alive until it lets go.
+//! Reads go through a snapshot (a read transaction with the tables open) taken after each write
+//! and shared by every reader, so a read is a B-tree lookup, not a new transaction; readers never
+//! wait for a write or a flush (writers take their own lock), and a reader holding an old
+//! snapshot keeps its pages alive until it lets go.
 
 use archipel_ledger::Hash;
 use archipel_ledger::store::{Commit, Committed, Entries, StateStore, StoreError, check_order};
@@ -17,7 +18,7 @@ use archipel_ledger::trie::{NodeSource, StoredNode, TrieError};
 use redb::{Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, TableDefinition};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 const ENTRIES: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("entries");
 const TRIE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("trie");
@@ -46,6 +47,10 @@ struct Snapshot {
 pub struct StateDb {
     db: Database,
     path: PathBuf,
+    /// Held by a commit, flush or clear for its whole write: one writer at a time.
+    writer: Mutex<()>,
+    /// What readers read, swapped (briefly, under the write lock) after each write: readers
+    /// never wait for a write transaction or its flush.
     snapshot: RwLock<Arc<Snapshot>>,
 }
 
@@ -84,7 +89,7 @@ impl StateDb {
         }
         txn.commit().map_err(io)?;
         let snapshot = RwLock::new(Arc::new(Self::snapshot_of(&db)?));
-        Ok(Self { db, path: path.to_path_buf(), snapshot })
+        Ok(Self { db, path: path.to_path_buf(), writer: Mutex::new(()), snapshot })
     }
 
     fn snapshot_of(db: &Database) -> Result<Snapshot, StoreError> {
@@ -102,6 +107,12 @@ impl StateDb {
 
     fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn refresh(&self) -> Result<(), StoreError> {
+        let next = Arc::new(Self::snapshot_of(&self.db)?);
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = next;
+        Ok(())
     }
 
     /// The file.
@@ -149,10 +160,8 @@ impl StateStore for StateDb {
     }
 
     fn commit(&self, commit: &Commit, durable: bool) -> Result<(), StoreError> {
-        // One writer at a time: hold the snapshot lock across the write so readers never see a
-        // commit without its snapshot.
-        let mut snapshot = self.snapshot.write().unwrap_or_else(|e| e.into_inner());
-        check_order(snapshot.committed, commit)?;
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        check_order(self.snapshot().committed, commit)?;
         let mut txn = self.db.begin_write().map_err(io)?;
         txn.set_durability(if durable { Durability::Immediate } else { Durability::None }).map_err(io)?;
         {
@@ -179,8 +188,7 @@ impl StateStore for StateDb {
             meta.insert(COMMITTED, marker.as_slice()).map_err(io)?;
         }
         txn.commit().map_err(io)?;
-        *snapshot = Arc::new(Self::snapshot_of(&self.db)?);
-        Ok(())
+        self.refresh()
     }
 
     fn tx(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
@@ -188,7 +196,7 @@ impl StateStore for StateDb {
     }
 
     fn clear(&self) -> Result<(), StoreError> {
-        let mut snapshot = self.snapshot.write().unwrap_or_else(|e| e.into_inner());
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let txn = self.db.begin_write().map_err(io)?;
         txn.delete_table(ENTRIES).map_err(io)?;
         txn.delete_table(TRIE).map_err(io)?;
@@ -199,12 +207,11 @@ impl StateStore for StateDb {
         }
         txn.open_table(META).map_err(io)?;
         txn.commit().map_err(io)?;
-        *snapshot = Arc::new(Self::snapshot_of(&self.db)?);
-        Ok(())
+        self.refresh()
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        let _writer = self.snapshot.write().unwrap_or_else(|e| e.into_inner());
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         // An empty durable commit persists the non-durable ones before it.
         let mut txn = self.db.begin_write().map_err(io)?;
         txn.set_durability(Durability::Immediate).map_err(io)?;

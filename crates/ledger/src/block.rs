@@ -326,7 +326,12 @@ pub fn execute(
     }
     outcome.receipts.reserve(block.txs.len());
     for (i, t) in block.txs.iter().enumerate() {
-        outcome.receipts.push(state.apply_verified(t).map_err(|e| invalid(i, e))?);
+        let receipt = state.apply_verified(t).map_err(|e| match state.store_fault() {
+            // A refusal read from a failed store says nothing about the transaction.
+            Some(f) => bad(format!("cannot replay it: {f} (this node's store, not the block)")),
+            None => invalid(i, e),
+        })?;
+        outcome.receipts.push(receipt);
     }
     let root = state.seal().map_err(|e| bad(format!("cannot replay it: {e} (this node's store, not the block)")))?;
     if h.state_root != root {

@@ -65,6 +65,10 @@ impl StateProof {
     /// decoded value, `None` for a proven absence.
     pub fn verify(&self) -> Result<Option<serde_json::Value>, ProofError> {
         let key: StateKey = self.key.parse().map_err(ProofError)?;
+        // One key, one spelling: the proof is about the canonical key it names.
+        if key.to_string() != self.key {
+            return Err(ProofError(format!("{:?} is not a canonical state key (write it as {key})", self.key)));
+        }
         let value = match &self.value_hex {
             Some(v) => Some(hex::decode(v).map_err(|_| ProofError("value_hex is not hex".into()))?),
             None => None,
@@ -165,9 +169,13 @@ mod tests {
         let mut bad = sp.clone();
         bad.key = StateKey::Account(id(0).node_id()).to_string();
         assert!(bad.verify().is_err());
-        let mut bad = sp;
+        let mut bad = sp.clone();
         bad.header.state_root = Hash([7; 32]);
         assert!(bad.verify().is_err());
+        // The same key spelled otherwise is not the key the proof is about.
+        let mut bad = sp;
+        bad.key = bad.key.to_uppercase().replace("ACCOUNT", "account");
+        assert!(bad.verify().unwrap_err().to_string().contains("canonical"));
 
         // Absence: an account that never appeared.
         let key = StateKey::Account(id(77).node_id());

@@ -210,8 +210,9 @@ pub struct State {
     /// Changed entries outside the tables (the chain position; the network, parameters and
     /// validators at genesis).
     other_changed: BTreeSet<StateKey>,
-    /// Entries sealed since the last commit: what the next [`State::commit`] writes.
-    unsaved: BTreeSet<StateKey>,
+    /// Entries sealed since the last commit, with the height they were last written at: what
+    /// the next [`State::commit`] writes. Persistent, so forking a state stays O(1).
+    unsaved: imbl::OrdMap<StateKey, u64>,
     /// The entries as of the last [`State::seal`]; nodes off the changed paths are in the store.
     trie: Trie,
     store: StoreRef,
@@ -285,8 +286,13 @@ impl State {
     }
 
     /// Changes `id`'s account (starting from the default if it never appeared).
-    pub(crate) fn update_account<R>(&mut self, id: NodeId, f: impl FnOnce(&mut Account) -> R) -> R {
+    pub(crate) fn update_account(&mut self, id: NodeId, f: impl FnOnce(&mut Account)) {
         let current = self.account(&id);
+        // A failed read gives a default account the checks never saw: change nothing (the
+        // fault stops the next seal).
+        if self.check_fault().is_err() {
+            return;
+        }
         self.accounts.update(id, |_| Some(current), f)
     }
 
@@ -330,6 +336,8 @@ impl State {
     /// Starts block `height` at `timestamp_ms`.
     pub fn begin_block(&mut self, height: u64, timestamp_ms: u64) {
         self.other_changed.insert(StateKey::Chain);
+        self.accounts.writing_at(height);
+        self.departed.writing_at(height);
         self.chain.height = height;
         self.chain.timestamp_ms = timestamp_ms;
     }
@@ -513,7 +521,12 @@ impl State {
             keys.iter().map(|k| (state_key_hash(k), self.value(k).map(|v| trie::value_hash(&v)))).collect();
         self.check_fault()?;
         self.trie.update(changes, &*self.store)?;
-        self.unsaved.extend(keys);
+        // Nodes are not stored (the trie is rebuilt on open): nothing to keep of what it replaced.
+        self.trie.take_replaced_unchecked();
+        let at = self.chain.height;
+        for k in keys {
+            self.unsaved.insert(k, at);
+        }
         Ok(self.trie.root())
     }
 
@@ -559,7 +572,7 @@ impl State {
     /// (sealing it first). Hand them to [`StateStore::commit`], then call [`State::committed`].
     pub fn commit(&mut self) -> Result<Commit, StoreError> {
         let root = self.seal()?;
-        let entries = self.unsaved.iter().map(|k| (k.to_bytes(), self.value(k))).collect();
+        let entries = self.unsaved.keys().map(|k| (k.to_bytes(), self.value(k))).collect();
         self.check_fault()?;
         // The trie stays in memory and is rebuilt from the entries on open: its nodes are not
         // written (one write per changed entry instead of one per node on its path).
@@ -576,10 +589,26 @@ impl State {
     /// Once the store holds this state: forget the entries written since the last commit, so
     /// reads of unchanged entries go to the store.
     pub fn committed(&mut self) {
-        self.unsaved.clear();
+        self.unsaved = imbl::OrdMap::new();
         self.accounts.clear_written();
         self.departed.clear_written();
         self.trie.take_replaced_unchecked();
+    }
+
+    /// Forgets what a store committed through `height` holds already: for a state forked from
+    /// its ancestor before that commit (a block executed before its parent was committed), so
+    /// memory and the next commit hold only what came after.
+    pub fn forget_committed_through(&mut self, height: u64) {
+        self.accounts.forget_through(height);
+        self.departed.forget_through(height);
+        if self.unsaved.values().any(|at| *at <= height) {
+            self.unsaved = self.unsaved.iter().filter(|(_, at)| **at > height).map(|(k, at)| (*k, *at)).collect();
+        }
+    }
+
+    /// Entries held in memory that a commit would write (a check that memory stays bounded).
+    pub fn uncommitted_entries(&self) -> usize {
+        self.unsaved.len()
     }
 
     /// How many trie nodes this state holds in memory (changed since its last commit).
@@ -665,6 +694,12 @@ impl State {
             self.fault.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
             None
         })
+    }
+
+    /// The store failure that stopped this state, if any (checks refused because of it are this
+    /// node's disk, not the transaction's fault).
+    pub fn store_fault(&self) -> Option<StoreError> {
+        self.check_fault().err()
     }
 
     fn check_fault(&self) -> Result<(), StoreError> {

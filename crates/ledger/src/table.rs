@@ -122,16 +122,20 @@ impl<K: Ord + Clone, V: Clone> FromIterator<(K, V)> for Table<K, V> {
 }
 
 /// Entries of one kind written since the last commit (`None`: removed), over those a store holds;
-/// with the keys changed since [`Overlay::take_changed`].
+/// with the keys changed since [`Overlay::take_changed`]. Each entry remembers the block height
+/// it was written at, so a state forked before a commit can drop what that commit wrote
+/// ([`Overlay::forget_through`]).
 #[derive(Clone, Debug)]
 pub struct Overlay<K: Ord + Clone, V: Clone> {
-    map: OrdMap<K, Option<V>>,
+    map: OrdMap<K, (u64, Option<V>)>,
     changed: BTreeSet<K>,
+    /// The height writes are tagged with.
+    at: u64,
 }
 
 impl<K: Ord + Clone, V: Clone> Default for Overlay<K, V> {
     fn default() -> Self {
-        Self { map: OrdMap::new(), changed: BTreeSet::new() }
+        Self { map: OrdMap::new(), changed: BTreeSet::new(), at: 0 }
     }
 }
 
@@ -139,15 +143,20 @@ impl<K: Ord + Clone, V: Clone> Overlay<K, V> {
     /// The entry of `key`: written here, or else what `load` reads from the store.
     pub fn get(&self, key: &K, load: impl FnOnce(&K) -> Option<V>) -> Option<V> {
         match self.map.get(key) {
-            Some(v) => v.clone(),
+            Some((_, v)) => v.clone(),
             None => load(key),
         }
+    }
+
+    /// Tags the writes that follow with block `height`.
+    pub fn writing_at(&mut self, height: u64) {
+        self.at = height;
     }
 
     /// Sets (`Some`) or removes (`None`) `key`'s entry.
     pub fn set(&mut self, key: K, value: Option<V>) {
         self.changed.insert(key.clone());
-        self.map.insert(key, value);
+        self.map.insert(key, (self.at, value));
     }
 
     /// Changes `key`'s entry in place, starting from what `load` reads, or `V::default()`.
@@ -173,12 +182,20 @@ impl<K: Ord + Clone, V: Clone> Overlay<K, V> {
 
     /// The entries written since the last commit, in key order (`None`: removed).
     pub fn written(&self) -> impl Iterator<Item = (&K, &Option<V>)> {
-        self.map.iter()
+        self.map.iter().map(|(k, (_, v))| (k, v))
     }
 
     /// Forgets the written entries once a store holds them (reads then go to the store).
     pub fn clear_written(&mut self) {
         self.map = OrdMap::new();
+    }
+
+    /// Forgets the entries last written at or below `height`, which a store now holds.
+    pub fn forget_through(&mut self, height: u64) {
+        if self.map.values().any(|(at, _)| *at <= height) {
+            self.map =
+                self.map.iter().filter(|(_, (at, _))| *at > height).map(|(k, v)| (k.clone(), v.clone())).collect();
+        }
     }
 }
 
@@ -219,5 +236,13 @@ mod tests {
         assert_eq!(o.written().count(), 3);
         o.clear_written();
         assert_eq!(o.get(&3, store), Some(300), "once committed, reads go to the store");
+        // Writes at two heights: forgetting through the first keeps the second's.
+        o.writing_at(5);
+        o.set(1, Some(1));
+        o.set(2, Some(2));
+        o.writing_at(6);
+        o.set(2, Some(22));
+        o.forget_through(5);
+        assert_eq!((o.get(&1, store), o.get(&2, store)), (Some(100), Some(22)));
     }
 }
