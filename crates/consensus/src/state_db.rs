@@ -34,8 +34,16 @@ fn io(e: impl fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
+/// Entries kept decoded in memory per snapshot (hot accounts are read several times per
+/// transaction, by admission, block building and execution); cleared when full.
+pub const CACHED_ENTRIES: usize = 200_000;
+
+type EntryCache = std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>;
+
 /// What readers read: one read transaction with the tables open.
 struct Snapshot {
+    /// Entries read or written lately, as this snapshot holds them.
+    cache: RwLock<EntryCache>,
     _txn: ReadTransaction,
     entries: ReadOnlyTable<&'static [u8], &'static [u8]>,
     trie: ReadOnlyTable<&'static [u8], &'static [u8]>,
@@ -88,11 +96,11 @@ impl StateDb {
             txn.open_table(TXS).map_err(io)?;
         }
         txn.commit().map_err(io)?;
-        let snapshot = RwLock::new(Arc::new(Self::snapshot_of(&db)?));
+        let snapshot = RwLock::new(Arc::new(Self::snapshot_of(&db, EntryCache::new())?));
         Ok(Self { db, path: path.to_path_buf(), writer: Mutex::new(()), snapshot })
     }
 
-    fn snapshot_of(db: &Database) -> Result<Snapshot, StoreError> {
+    fn snapshot_of(db: &Database, cache: EntryCache) -> Result<Snapshot, StoreError> {
         let txn = db.begin_read().map_err(io)?;
         let entries = txn.open_table(ENTRIES).map_err(io)?;
         let trie = txn.open_table(TRIE).map_err(io)?;
@@ -102,15 +110,27 @@ impl StateDb {
             Some(v) => Some(decode_committed(v.value())?),
             None => None,
         };
-        Ok(Snapshot { _txn: txn, entries, trie, txs, committed })
+        Ok(Snapshot { cache: RwLock::new(cache), _txn: txn, entries, trie, txs, committed })
     }
 
     fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn refresh(&self) -> Result<(), StoreError> {
-        let next = Arc::new(Self::snapshot_of(&self.db)?);
+    /// A new snapshot after a write, its cache carried over with `written` applied.
+    fn refresh(&self, written: &[(Vec<u8>, Option<Vec<u8>>)], keep_cache: bool) -> Result<(), StoreError> {
+        let mut cache = if keep_cache {
+            std::mem::take(&mut *self.snapshot().cache.write().unwrap_or_else(|e| e.into_inner()))
+        } else {
+            EntryCache::new()
+        };
+        if cache.len() + written.len() > CACHED_ENTRIES {
+            cache.clear();
+        }
+        for (k, v) in written {
+            cache.insert(k.clone(), v.clone());
+        }
+        let next = Arc::new(Self::snapshot_of(&self.db, cache)?);
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = next;
         Ok(())
     }
@@ -138,7 +158,17 @@ impl StateStore for StateDb {
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.snapshot().entries.get(key).map_err(io)?.map(|v| v.value().to_vec()))
+        let snap = self.snapshot();
+        if let Some(v) = snap.cache.read().unwrap_or_else(|e| e.into_inner()).get(key) {
+            return Ok(v.clone());
+        }
+        let v = snap.entries.get(key).map_err(io)?.map(|v| v.value().to_vec());
+        let mut cache = snap.cache.write().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= CACHED_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(key.to_vec(), v.clone());
+        Ok(v)
     }
 
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Entries, StoreError> {
@@ -188,7 +218,7 @@ impl StateStore for StateDb {
             meta.insert(COMMITTED, marker.as_slice()).map_err(io)?;
         }
         txn.commit().map_err(io)?;
-        self.refresh()
+        self.refresh(&commit.entries, true)
     }
 
     fn tx(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
@@ -207,7 +237,7 @@ impl StateStore for StateDb {
         }
         txn.open_table(META).map_err(io)?;
         txn.commit().map_err(io)?;
-        self.refresh()
+        self.refresh(&[], false)
     }
 
     fn flush(&self) -> Result<(), StoreError> {
