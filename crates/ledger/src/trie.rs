@@ -261,7 +261,8 @@ impl Trie {
                 _ => deduped.push(op),
             }
         }
-        self.root = update(&self.root, 0, &deduped, src, &mut self.replaced)?;
+        let mut walk = Walk { src, replaced: &mut self.replaced };
+        self.root = update(&mut walk, &self.root, 0, &deduped)?;
         Ok(())
     }
 
@@ -396,57 +397,43 @@ fn collect(s: &Sub, out: &mut Vec<(Hash, StoredNode)>) {
     }
 }
 
-/// `ops` sorted by key hash, one per key, all sharing the first `depth` bits of the path to `at`;
-/// stored nodes the result no longer reaches go to `replaced`.
-fn update(
-    at: &Sub,
-    depth: usize,
-    ops: &[Change],
-    src: &dyn NodeSource,
-    replaced: &mut Vec<Hash>,
-) -> Result<Sub, TrieError> {
+/// What an update reads stored nodes from, and where it reports the nodes it replaces.
+struct Walk<'a> {
+    src: &'a dyn NodeSource,
+    replaced: &'a mut Vec<Hash>,
+}
+
+/// `ops` sorted by key hash, one per key, all sharing the first `depth` bits of the path to `at`.
+fn update(w: &mut Walk<'_>, at: &Sub, depth: usize, ops: &[Change]) -> Result<Sub, TrieError> {
     if ops.is_empty() {
         return Ok(at.clone());
     }
-    let out = update_open(at, depth, ops, src, replaced)?;
+    // Children are borrowed from nodes in memory, not cloned: only the changed path is rebuilt.
+    let out = match at {
+        Sub::Empty => build(depth, &ops.iter().filter_map(|(k, v)| v.map(|v| (*k, v))).collect::<Vec<_>>(), w.src)?,
+        Sub::Leaf(l) => update_leaf(w, at, (l.key, l.value), depth, ops)?,
+        Sub::Branch(b) => update_branch(w, at, (&b.left, &b.right), depth, ops)?,
+        Sub::Stored(h) => match w.src.node(h)? {
+            StoredNode::Leaf { key, value } => update_leaf(w, at, (key, value), depth, ops)?,
+            StoredNode::Branch { left, right } => update_branch(w, at, (&stored(left), &stored(right)), depth, ops)?,
+        },
+    };
     // A node held in memory may have been written by an ancestor's commit already (a child block
     // executed before its parent was committed), so it is reported like a stored one.
     if !matches!(at, Sub::Empty) && out.hash() != at.hash() {
-        replaced.push(at.hash());
+        w.replaced.push(at.hash());
     }
     Ok(out)
-}
-
-fn update_open(
-    at: &Sub,
-    depth: usize,
-    ops: &[Change],
-    src: &dyn NodeSource,
-    replaced: &mut Vec<Hash>,
-) -> Result<Sub, TrieError> {
-    // Children are borrowed from nodes in memory, not cloned: only the changed path is rebuilt.
-    match at {
-        Sub::Empty => build(depth, &ops.iter().filter_map(|(k, v)| v.map(|v| (*k, v))).collect::<Vec<_>>(), src),
-        Sub::Leaf(l) => update_leaf(at, l.key, l.value, depth, ops, src),
-        Sub::Branch(b) => update_branch(at, &b.left, &b.right, depth, ops, src, replaced),
-        Sub::Stored(h) => match src.node(h)? {
-            StoredNode::Leaf { key, value } => update_leaf(at, key, value, depth, ops, src),
-            StoredNode::Branch { left, right } => {
-                update_branch(at, &stored(left), &stored(right), depth, ops, src, replaced)
-            }
-        },
-    }
 }
 
 /// Merges the resident entry with the changes (a change to its key wins), then rebuilds this
 /// subtree from what remains: at most one entry more than the changes.
 fn update_leaf(
+    w: &mut Walk<'_>,
     at: &Sub,
-    key: Hash,
-    value: Hash,
+    (key, value): (Hash, Hash),
     depth: usize,
     ops: &[Change],
-    src: &dyn NodeSource,
 ) -> Result<Sub, TrieError> {
     let mut entries: Vec<(Hash, Hash)> = ops.iter().filter_map(|(k, v)| v.map(|v| (*k, v))).collect();
     if !ops.iter().any(|(k, _)| *k == key) {
@@ -456,29 +443,27 @@ fn update_leaf(
     if entries == [(key, value)] {
         return Ok(at.clone());
     }
-    build(depth, &entries, src)
+    build(depth, &entries, w.src)
 }
 
 fn update_branch(
+    w: &mut Walk<'_>,
     at: &Sub,
-    left: &Sub,
-    right: &Sub,
+    (left, right): (&Sub, &Sub),
     depth: usize,
     ops: &[Change],
-    src: &dyn NodeSource,
-    replaced: &mut Vec<Hash>,
 ) -> Result<Sub, TrieError> {
     if depth >= KEY_BITS {
         // Two distinct 256-bit keys differ before the last bit; a branch this deep is corrupt.
         return Err(TrieError::Source(format!("trie deeper than {KEY_BITS} levels")));
     }
     let split = ops.partition_point(|(k, _)| !bit(k, depth));
-    let l = update(left, depth + 1, &ops[..split], src, replaced)?;
-    let r = update(right, depth + 1, &ops[split..], src, replaced)?;
+    let l = update(w, left, depth + 1, &ops[..split])?;
+    let r = update(w, right, depth + 1, &ops[split..])?;
     if l.hash() == left.hash() && r.hash() == right.hash() {
         return Ok(at.clone());
     }
-    Sub::branch(l, r, src)
+    Sub::branch(l, r, w.src)
 }
 
 /// The canonical subtree at `depth` holding `entries` (sorted, distinct keys).
