@@ -1137,17 +1137,28 @@ mod tests {
     /// A chain on `blocks` and `states` that finalized `n` blocks of one transfer each, checkpointing
     /// every 4; the transfers.
     fn run_blocks(blocks: &MemoryStore, states: &archipel_ledger::store::MemoryStore, n: u64) -> (Chain, Vec<Hash>) {
+        run_blocks_every(blocks, states, n, 4)
+    }
+
+    fn run_blocks_every(
+        blocks: &MemoryStore,
+        states: &archipel_ledger::store::MemoryStore,
+        n: u64,
+        checkpoint: u64,
+    ) -> (Chain, Vec<Hash>) {
         let accounts = (0..3).map(|i| (Identity::from_seed(i).node_id(), 1_000)).collect();
         let genesis = State::genesis(GenesisState { accounts, ..GenesisState::default() });
         let c = Chain::open_with(genesis, Box::new(blocks.clone()), Arc::new(states.clone()))
             .unwrap()
-            .with_checkpoint_every(4);
+            .with_checkpoint_every(checkpoint);
         let mut txs = Vec::new();
         for _ in 0..n {
             let head = c.head();
             let t = transfer(0, head.height);
-            c.submit(t.clone(), 100, 0).unwrap();
-            let block = c.build(&head.hash(), 1_000 * (head.height + 1), |_| Vec::new()).unwrap();
+            let now = 1_000 * (head.height + 1);
+            c.submit(t.clone(), 100, now).unwrap();
+            let block = c.build(&head.hash(), now, |_| Vec::new()).unwrap();
+            assert_eq!(block.txs.len(), 1, "block {}", head.height + 1);
             c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized");
             txs.push(t.hash());
         }
@@ -1229,9 +1240,50 @@ mod tests {
             c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized");
         }
         let held = c.with_state(State::uncommitted_entries);
-        // At most one commit's worth of blocks, each changing its recipient (plus the sender and
-        // the chain position).
-        assert!(held <= COMMIT_BLOCKS as usize + 2, "{held} entries held after {} blocks", 3 * COMMIT_BLOCKS);
+        // Exactly the blocks since the last commit (65 to 96), each changing its recipient, plus
+        // the sender and the chain position: nothing older, nothing newer forgotten.
+        assert_eq!(held, COMMIT_BLOCKS as usize + 2, "entries held after {} blocks", 3 * COMMIT_BLOCKS);
+        for n in 0..3 * COMMIT_BLOCKS {
+            let to = Identity::from_seed(1_000 + n).node_id();
+            assert_eq!(c.with_state(|s| s.account(&to).balance_micro), 1, "recipient of block {}", n + 1);
+        }
+        assert_eq!(c.with_state(State::rebuilt_root), c.head().state_root);
+    }
+
+    #[test]
+    fn commits_every_32_blocks_are_what_a_restart_opens() {
+        // No checkpoint in 70 blocks: the store holds the commits before blocks 33 and 65 (not
+        // durable), the head the rest.
+        let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
+        let (c, txs) = run_blocks_every(&blocks, &states, 70, 10_000);
+        let head = c.head();
+        drop(c);
+        let c = reopen(&blocks, &states);
+        assert_eq!(c.opened(), Opened { state_height: 64, replayed: 6 });
+        assert_eq!(c.head(), head);
+        assert_eq!(c.with_state(State::state_root), head.state_root);
+        for (i, t) in txs.iter().enumerate() {
+            assert!(
+                matches!(c.tx_status(t), TxStatus::Final(loc) if loc.height == i as u64 + 1),
+                "tx of block {}",
+                i + 1
+            );
+        }
+        drop(c);
+        // A power cut: nothing was flushed or synced after the genesis, so both start over, and
+        // the replay covers more than one commit's worth of blocks when the log kept them.
+        states.crash();
+        blocks.crash();
+        let c = reopen(&blocks, &states);
+        assert_eq!(c.opened().state_height, 70, "the reopen before flushed what it replayed");
+        drop(c);
+        let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
+        drop(run_blocks_every(&blocks, &states, 70, 10_000));
+        assert_eq!(futures::executor::block_on(blocks.clone().sync()).unwrap(), Ok(70));
+        states.crash();
+        let c = reopen(&blocks, &states);
+        assert_eq!(c.opened(), Opened { state_height: 0, replayed: 70 });
+        assert_eq!(c.with_state(State::state_root), c.head().state_root);
     }
 
     #[test]

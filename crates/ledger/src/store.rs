@@ -281,8 +281,10 @@ pub mod conformance {
             assert_eq!(trie.get(&key_hash(k.as_bytes()), &s).unwrap(), want.map(|v| value_hash(v.as_bytes())));
         }
         // Out of order: refused, nothing changed.
-        let err = s.commit(&Commit { height: 1, ..c1.clone() }, true).unwrap_err();
+        let stale = Commit { height: 1, entries: vec![(b"account/2".to_vec(), Some(b"late".to_vec()))], ..c1.clone() };
+        let err = s.commit(&stale, true).unwrap_err();
         assert_eq!(err, StoreError::OutOfOrder { at: 1, got: 1 });
+        assert_eq!(s.get(b"account/2").unwrap().as_deref(), Some(&b"y"[..]), "a refused commit writes nothing");
         assert_eq!(s.committed().unwrap().map(|c| c.height), Some(1));
 
         // A crash keeps at least the durable commit, and whatever it keeps is whole.

@@ -629,6 +629,39 @@ mod tests {
         assert!(p.verify(&root, &k(3)).unwrap_err().contains("longer than a key"));
     }
 
+    #[test]
+    fn keys_that_split_at_the_last_bit_build_a_full_depth_path_and_collapse_back() {
+        let a = Hash([0x5a; 32]);
+        let mut b = a;
+        b.0[31] ^= 1; // differs from `a` in the last bit only
+        let c = Hash([0xa5; 32]); // differs in the first bit
+        let mut t = Trie::new();
+        t.update([(a, Some(v(1))), (b, Some(v(2))), (c, Some(v(3)))], &NoNodes).unwrap();
+        let root = t.root();
+        for (k, want) in [(a, v(1)), (b, v(2)), (c, v(3))] {
+            let p = t.prove(&k, &NoNodes).unwrap();
+            assert_eq!(p.verify(&root, &k), Ok(Proven::Present(want)));
+        }
+        assert_eq!(t.prove(&a, &NoNodes).unwrap().siblings.len(), KEY_BITS, "a and b part at the last bit");
+        // Tampered paths: the end swapped for an empty subtree, a sibling flipped, one dropped.
+        let p = t.prove(&a, &NoNodes).unwrap();
+        let mut bad = p.clone();
+        bad.end = ProofEnd::Empty;
+        assert!(bad.verify(&root, &a).is_err(), "a present key passed off as absent");
+        let mut bad = p.clone();
+        bad.siblings[100].0[0] ^= 1;
+        assert!(bad.verify(&root, &a).is_err());
+        let mut bad = p;
+        bad.siblings.pop();
+        assert!(bad.verify(&root, &a).is_err());
+        // Removing `b` collapses the long path: `a`'s leaf moves back up beside `c`.
+        t.update([(b, None)], &NoNodes).unwrap();
+        assert_eq!(t.prove(&a, &NoNodes).unwrap().siblings.len(), 1);
+        let mut fresh = Trie::new();
+        fresh.update([(a, Some(v(1))), (c, Some(v(3)))], &NoNodes).unwrap();
+        assert_eq!(t.root(), fresh.root());
+    }
+
     proptest! {
         /// Incremental updates in batches give the root built from scratch over the final set, and
         /// every key's proof shows exactly its value or its absence.

@@ -114,7 +114,6 @@ proptest! {
         }
         // The trie lives in memory (rebuilt from the entries on open): the store holds no node.
         prop_assert_eq!(store.node_count(), 0);
-        let _ = mem_node_count;
         prop_assert_eq!(disk.state_root(), mem.state_root());
         prop_assert_eq!(disk.rebuilt_root(), mem.state_root(), "the store holds every entry");
         for i in 0..4u64 {
