@@ -522,7 +522,7 @@ impl State {
         self.check_fault()?;
         self.trie.update(changes, &*self.store)?;
         // Nodes are not stored (the trie is rebuilt on open): nothing to keep of what it replaced.
-        self.trie.take_replaced_unchecked();
+        self.trie.take_replaced();
         let at = self.chain.height;
         for k in keys {
             self.unsaved.insert(k, at);
@@ -592,7 +592,6 @@ impl State {
         self.unsaved = imbl::OrdMap::new();
         self.accounts.clear_written();
         self.departed.clear_written();
-        self.trie.take_replaced_unchecked();
     }
 
     /// Forgets what a store committed through `height` holds already: for a state forked from

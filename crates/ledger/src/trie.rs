@@ -22,7 +22,6 @@
 use crate::hash::Hash;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Depth of a key's path: the bits of a 32-byte hash.
 pub const KEY_BITS: usize = 256;
@@ -149,8 +148,6 @@ struct MemLeaf {
     key: Hash,
     value: Hash,
     hash: Hash,
-    /// Written to the store (it and everything below it).
-    persisted: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -158,8 +155,6 @@ struct MemBranch {
     left: Sub,
     right: Sub,
     hash: Hash,
-    /// Written to the store (it and everything below it).
-    persisted: AtomicBool,
 }
 
 /// A subtree with its top node read: what an update or a proof needs to descend.
@@ -180,7 +175,7 @@ impl Sub {
     }
 
     fn leaf(key: Hash, value: Hash) -> Sub {
-        Sub::Leaf(Arc::new(MemLeaf { key, value, hash: leaf_hash(&key, &value), persisted: AtomicBool::new(false) }))
+        Sub::Leaf(Arc::new(MemLeaf { key, value, hash: leaf_hash(&key, &value) }))
     }
 
     /// A branch over two subtrees, in canonical form: one entry alone moves up to replace it.
@@ -197,7 +192,7 @@ impl Sub {
             (Sub::Empty, other) | (other, Sub::Empty) if single(other)? => other.clone(),
             _ => {
                 let hash = branch_hash(&left.hash(), &right.hash());
-                Sub::Branch(Arc::new(MemBranch { left, right, hash, persisted: AtomicBool::new(false) }))
+                Sub::Branch(Arc::new(MemBranch { left, right, hash }))
             }
         })
     }
@@ -270,33 +265,7 @@ impl Trie {
     /// delete once this root is committed (before writing [`Trie::new_nodes`], which may bring
     /// one of them back).
     pub fn take_replaced(&mut self) -> Vec<Hash> {
-        let replaced = std::mem::take(&mut self.replaced);
-        if replaced.is_empty() {
-            return replaced;
-        }
-        // A node replaced and later made again (the same entries under the same path) is
-        // reachable: never report it. (A fork taken before an ancestor's commit carries that
-        // ancestor's replaced nodes, and its copies of the ancestor's nodes are marked persisted,
-        // so they would not be written back after the removal.)
-        let mut reachable = std::collections::HashSet::new();
-        fn walk(s: &Sub, out: &mut std::collections::HashSet<Hash>) {
-            match s {
-                Sub::Leaf(l) => {
-                    out.insert(l.hash);
-                }
-                Sub::Branch(b) => {
-                    out.insert(b.hash);
-                    walk(&b.left, out);
-                    walk(&b.right, out);
-                }
-                Sub::Stored(h) => {
-                    out.insert(*h);
-                }
-                Sub::Empty => {}
-            }
-        }
-        walk(&self.root, &mut reachable);
-        replaced.into_iter().filter(|h| !reachable.contains(h)).collect()
+        std::mem::take(&mut self.replaced)
     }
 
     /// The value hash stored for `key_hash`, if any.
@@ -334,42 +303,6 @@ impl Trie {
         out
     }
 
-    /// Forgets the replaced nodes without reporting them (a trie whose nodes are not stored).
-    pub fn take_replaced_unchecked(&mut self) {
-        self.replaced.clear();
-    }
-
-    /// Records that a store now holds every node of this trie ([`Trie::new_nodes`] then skips
-    /// them; forks made earlier see the same mark, which is true for them too), and keeps in
-    /// memory only the nodes above depth `keep_levels` — the part every block's paths cross —
-    /// referring to the rest by hash.
-    pub fn persisted(&mut self, keep_levels: usize) {
-        fn mark(s: &Sub) {
-            match s {
-                Sub::Leaf(l) => l.persisted.store(true, Ordering::Relaxed),
-                Sub::Branch(b) if !b.persisted.load(Ordering::Relaxed) => {
-                    mark(&b.left);
-                    mark(&b.right);
-                    b.persisted.store(true, Ordering::Relaxed);
-                }
-                _ => {}
-            }
-        }
-        fn cut(s: &Sub, depth: usize, keep: usize) -> Sub {
-            match s {
-                Sub::Branch(b) if depth < keep => {
-                    let (left, right) = (cut(&b.left, depth + 1, keep), cut(&b.right, depth + 1, keep));
-                    Sub::Branch(Arc::new(MemBranch { left, right, hash: b.hash, persisted: AtomicBool::new(true) }))
-                }
-                Sub::Leaf(_) | Sub::Branch(_) if depth >= keep => Sub::Stored(s.hash()),
-                other => other.clone(),
-            }
-        }
-        mark(&self.root);
-        self.root = cut(&self.root, 0, keep_levels);
-        self.replaced.clear();
-    }
-
     /// How many nodes this trie holds in memory.
     pub fn memory_nodes(&self) -> usize {
         fn count(s: &Sub) -> usize {
@@ -386,8 +319,6 @@ impl Trie {
 fn collect(s: &Sub, out: &mut Vec<(Hash, StoredNode)>) {
     match s {
         Sub::Empty | Sub::Stored(_) => {}
-        Sub::Leaf(l) if l.persisted.load(Ordering::Relaxed) => {}
-        Sub::Branch(b) if b.persisted.load(Ordering::Relaxed) => {}
         Sub::Leaf(l) => out.push((l.hash, StoredNode::Leaf { key: l.key, value: l.value })),
         Sub::Branch(b) => {
             collect(&b.left, out);
