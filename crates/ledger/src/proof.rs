@@ -7,7 +7,7 @@
 use crate::block::BlockHeader;
 use crate::hash::Hash;
 use crate::merkle::{self, Step};
-use crate::state::{Account, NodeRecord, StateKey, state_key_hash};
+use crate::state::{Account, NodeRecord, StateKey, be_u64, state_key_hash};
 use crate::trie::{Proven, TrieProof, value_hash};
 use crate::tx::SignedTransaction;
 use serde::{Deserialize, Serialize};
@@ -96,13 +96,6 @@ impl StateProof {
             ))),
         }
     }
-}
-
-fn be_u64(bytes: &[u8], at: usize) -> Result<u64, String> {
-    bytes
-        .get(at..at + 8)
-        .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
-        .ok_or_else(|| "value too short".to_string())
 }
 
 /// Turns the value bytes of a state entry into readable JSON.

@@ -318,8 +318,9 @@ impl State {
     pub fn total_micro(&self) -> u128 {
         self.keys()
             .iter()
-            .filter(|k| matches!(k, StateKey::Account(_)))
-            .map(|k| if let StateKey::Account(id) = k { self.account(id).balance_micro as u128 } else { 0 })
+            .filter_map(
+                |k| if let StateKey::Account(id) = k { Some(self.account(id).balance_micro as u128) } else { None },
+            )
             .sum::<u128>()
             + self.nodes.values().map(|r| r.deposit_micro as u128).sum::<u128>()
             + self.chain.fees_burned_micro as u128
@@ -626,7 +627,7 @@ impl State {
     pub fn open(store: Arc<dyn StateStore>) -> Result<Option<State>, StoreError> {
         let Some(Committed { height, root }) = store.committed()? else { return Ok(None) };
         let get = |key: StateKey| -> Result<Vec<u8>, StoreError> {
-            store.get(key.to_string().as_bytes())?.ok_or_else(|| StoreError::Corrupt(format!("no {key} entry")))
+            store.get(&key.to_bytes())?.ok_or_else(|| StoreError::Corrupt(format!("no {key} entry")))
         };
         let corrupt = |key: &dyn fmt::Display, e: String| StoreError::Corrupt(format!("{key}: {e}"));
         let c = get(StateKey::Chain)?;
@@ -637,19 +638,17 @@ impl State {
         let network = Hash(get(StateKey::Network)?.try_into().map_err(|_| corrupt(&"network", "not 32 bytes".into()))?);
         let params: LedgerParams =
             serde_json::from_slice(&get(StateKey::Params)?).map_err(|e| corrupt(&"params", e.to_string()))?;
-        // The trie is rebuilt from every entry (one pass over the store) and must give the
-        // committed root.
+        // One pass over the store: the trie is rebuilt from every entry (and must give the
+        // committed root), and the registry, leases and validators are kept as it goes.
         let mut leaves = Vec::new();
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = store.scan(b"", after.as_deref(), 65_536)?;
-            let full = page.len() == 65_536;
-            after = page.last().map(|(k, _)| k.clone());
-            leaves.extend(page.iter().map(|(k, v)| (trie::key_hash(k), Some(trie::value_hash(v)))));
-            if !full {
-                break;
+        let mut registry = Vec::new();
+        for_each_stored(&*store, "", |k, v| {
+            leaves.push((trie::key_hash(&k), Some(trie::value_hash(&v))));
+            if [&b"node/"[..], b"lease/", b"validator/"].iter().any(|p| k.starts_with(p)) {
+                registry.push((parse_key("registry", k)?, v));
             }
-        }
+            Ok(())
+        })?;
         let mut trie = Trie::new();
         trie.update(leaves, &trie::NoNodes)?;
         if trie.root() != root {
@@ -660,21 +659,19 @@ impl State {
             )));
         }
         let mut s = State { network, params, chain, store: StoreRef(store.clone()), trie, ..State::default() };
-        for (key, value) in scan_all(&*store, "validator/")? {
-            if let StateKey::Validator(id) = key {
-                s.validators.insert(id);
-            }
-            let _ = value;
-        }
-        for (key, value) in scan_all(&*store, "node/")? {
-            if let StateKey::Node(id) = key {
-                let rec: NodeRecord = serde_json::from_slice(&value).map_err(|e| corrupt(&key, e.to_string()))?;
-                s.nodes.insert(id, rec);
-            }
-        }
-        for (key, value) in scan_all(&*store, "lease/")? {
-            if let StateKey::Lease(id) = key {
-                s.leases.insert(id, Lease::from_bytes(&value).map_err(|e| corrupt(&key, e))?);
+        for (key, value) in registry {
+            match key {
+                StateKey::Validator(id) => {
+                    s.validators.insert(id);
+                }
+                StateKey::Node(id) => {
+                    let rec: NodeRecord = serde_json::from_slice(&value).map_err(|e| corrupt(&key, e.to_string()))?;
+                    s.nodes.insert(id, rec);
+                }
+                StateKey::Lease(id) => {
+                    s.leases.insert(id, Lease::from_bytes(&value).map_err(|e| corrupt(&key, e))?);
+                }
+                _ => {}
             }
         }
         // What was loaded is what the store holds: nothing to seal or write.
@@ -690,7 +687,7 @@ impl State {
             Some(b) => decode(&b).map(Some).map_err(|e| StoreError::Corrupt(format!("{key}: {e}"))),
         });
         read.unwrap_or_else(|e| {
-            self.fault.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+            self.record_fault(e);
             None
         })
     }
@@ -699,6 +696,11 @@ impl State {
     /// node's disk, not the transaction's fault).
     pub fn store_fault(&self) -> Option<StoreError> {
         self.check_fault().err()
+    }
+
+    /// Keeps the first store failure (see [`State::seal`]).
+    fn record_fault(&self, e: StoreError) {
+        self.fault.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
     }
 
     fn check_fault(&self) -> Result<(), StoreError> {
@@ -724,7 +726,7 @@ impl State {
                 })
                 .collect(),
             Err(e) => {
-                self.fault.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                self.record_fault(e);
                 BTreeSet::new()
             }
         };
@@ -741,29 +743,47 @@ impl State {
 
 /// Every stored entry under `prefix`, with its key parsed.
 fn scan_all(store: &dyn StateStore, prefix: &str) -> Result<Vec<(StateKey, Vec<u8>)>, StoreError> {
-    const PAGE: usize = 4_096;
     let mut out = Vec::new();
+    for_each_stored(store, prefix, |k, v| {
+        out.push((parse_key(prefix, k)?, v));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Calls `f` on every stored entry under `prefix`, in key order, a page at a time.
+fn for_each_stored(
+    store: &dyn StateStore,
+    prefix: &str,
+    mut f: impl FnMut(Vec<u8>, Vec<u8>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    const PAGE: usize = 4_096;
     let mut after: Option<Vec<u8>> = None;
     loop {
         let page = store.scan(prefix.as_bytes(), after.as_deref(), PAGE)?;
         let full = page.len() == PAGE;
         after = page.last().map(|(k, _)| k.clone());
         for (k, v) in page {
-            let text = String::from_utf8(k).map_err(|_| StoreError::Corrupt(format!("a {prefix} key is not UTF-8")))?;
-            out.push((text.parse::<StateKey>().map_err(StoreError::Corrupt)?, v));
+            f(k, v)?;
         }
         if !full {
-            return Ok(out);
+            return Ok(());
         }
     }
 }
 
-fn be_u64(bytes: &[u8], at: usize) -> Result<u64, String> {
+fn parse_key(prefix: &str, k: Vec<u8>) -> Result<StateKey, StoreError> {
+    let text = String::from_utf8(k).map_err(|_| StoreError::Corrupt(format!("a {prefix} key is not UTF-8")))?;
+    text.parse::<StateKey>().map_err(StoreError::Corrupt)
+}
+
+/// The big-endian u64 at byte `at` of a state value.
+pub(crate) fn be_u64(bytes: &[u8], at: usize) -> Result<u64, String> {
     bytes
         .get(at..at + 8)
         .and_then(|b| b.try_into().ok())
         .map(u64::from_be_bytes)
-        .ok_or_else(|| format!("{} bytes, too short", bytes.len()))
+        .ok_or_else(|| format!("value too short ({} bytes)", bytes.len()))
 }
 
 fn decode_account(b: &[u8]) -> Result<Account, String> {
