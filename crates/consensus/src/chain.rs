@@ -13,7 +13,7 @@
 
 use crate::health::ApplierHealth;
 use crate::store::{BlockStore, Record, Synced};
-use archipel_ledger::store::{StateStore, StoreError};
+use archipel_ledger::store::{Commit, StateStore, StoreError};
 use archipel_ledger::{
     Block, BlockHeader, BlockOutcome, Hash, LivenessChange, Mempool, MempoolError, MempoolLimits, Receipt, Signatures,
     SignedTransaction, State, StateKey, StateProof, TxProof, execute, genesis_header, merkle, propose, verify_all,
@@ -179,14 +179,8 @@ impl Chain {
             }
             Err(e) => return Err(failed(e)),
         };
-        let (mut state, mut head) = match opened {
-            None => {
-                let mut s = genesis_state.clone().with_store(states.clone());
-                let c = s.commit().map_err(failed)?;
-                states.commit(&c, true).map_err(failed)?;
-                s.committed();
-                (s, genesis)
-            }
+        let resumed = match opened {
+            None => None,
             Some(s) => {
                 let at = s.chain().height;
                 if s.network() != genesis_state.network() {
@@ -204,7 +198,7 @@ impl Chain {
                     None
                 };
                 match header {
-                    Some(h) if h.state_root == s.state_root() => (s, h),
+                    Some(h) if h.state_root == s.state_root() => Some((s, h)),
                     _ => {
                         // Ahead of the log (a disk that lost writes it had acknowledged) or not
                         // this chain's: the log is the record, so the state is rebuilt from it.
@@ -214,13 +208,20 @@ impl Chain {
                             "the state store does not match the block log: rebuilding it from the log"
                         );
                         states.clear().map_err(failed)?;
-                        let mut s = genesis_state.clone().with_store(states.clone());
-                        let c = s.commit().map_err(failed)?;
-                        states.commit(&c, true).map_err(failed)?;
-                        s.committed();
-                        (s, genesis)
+                        None
                     }
                 }
+            }
+        };
+        let (mut state, mut head) = match resumed {
+            Some(resumed) => resumed,
+            // An empty store starts from the genesis, committed durably.
+            None => {
+                let mut s = genesis_state.clone().with_store(states.clone());
+                let c = s.commit().map_err(failed)?;
+                states.commit(&c, true).map_err(failed)?;
+                s.committed();
+                (s, genesis)
             }
         };
         let state_height = head.height;
@@ -240,7 +241,9 @@ impl Chain {
             txs.extend(tx_index(&block, outcome.receipts));
             head = block.header;
             if (height - state_height).is_multiple_of(COMMIT_BLOCKS) || height == store.height() {
-                commit_state(&mut state, &*states, &mut txs)?;
+                write(&*states, &commit_writes(&mut state, &txs)?)?;
+                state.committed();
+                txs.clear();
             }
         }
         // State replayed from the log is made durable only once the log is: what was read back
@@ -297,18 +300,12 @@ impl Chain {
             if g.uncommitted == 0 {
                 return Ok(());
             }
-            let mut c = g.state.commit().map_err(|e| format!("the state store failed: {e}"))?;
-            c.txs = g.uncommitted_txs.iter().map(|(h, loc)| (*h, loc.encode())).collect();
-            (c, g.states.clone(), g.head.height)
+            let inner = &mut *g;
+            (commit_writes(&mut inner.state, &inner.uncommitted_txs)?, g.states.clone(), g.head.height)
         };
-        states.commit(&commit, false).map_err(|e| format!("the state store failed: {e}"))?;
-        let mut g = self.lock();
+        write(&*states, &commit)?;
         // Only `finalize` moves the head, and it is the caller: the head is still at `height`.
-        g.state.forget_committed_through(height);
-        g.state.committed();
-        g.uncommitted_txs.clear();
-        g.uncommitted = 0;
-        g.committed_at = height;
+        self.lock().committed_through(height);
         Ok(())
     }
 
@@ -937,27 +934,36 @@ impl TxLocation {
     }
 }
 
-/// Writes what `state` changed since its last commit, with the transactions of those blocks, to
-/// `states` (without a flush), and lets go of it.
-fn commit_state(state: &mut State, states: &dyn StateStore, txs: &mut HashMap<Hash, TxLocation>) -> Result<(), String> {
-    let failed = |e: StoreError| format!("the state store failed: {e}");
-    let mut c = state.commit().map_err(failed)?;
+/// The writes of what `state` changed since its last commit, with `txs`, the transactions of
+/// those blocks.
+fn commit_writes(state: &mut State, txs: &HashMap<Hash, TxLocation>) -> Result<Commit, String> {
+    let mut c = state.commit().map_err(|e| format!("the state store failed: {e}"))?;
     c.txs = txs.iter().map(|(h, loc)| (*h, loc.encode())).collect();
-    states.commit(&c, false).map_err(failed)?;
-    state.committed();
-    txs.clear();
-    Ok(())
+    Ok(c)
+}
+
+/// Writes `c` to `states` without a flush.
+fn write(states: &dyn StateStore, c: &Commit) -> Result<(), String> {
+    states.commit(c, false).map_err(|e| format!("the state store failed: {e}"))
 }
 
 impl Inner {
     /// Commits the head state to the store (see [`COMMIT_BLOCKS`]).
     fn commit(&mut self) -> Result<(), String> {
         if self.uncommitted > 0 {
-            commit_state(&mut self.state, &*self.states, &mut self.uncommitted_txs)?;
-            self.uncommitted = 0;
-            self.committed_at = self.head.height;
+            let c = commit_writes(&mut self.state, &self.uncommitted_txs)?;
+            write(&*self.states, &c)?;
+            self.committed_through(self.head.height);
         }
         Ok(())
+    }
+
+    /// Lets go of what the store now holds: the head's state, committed at `height`.
+    fn committed_through(&mut self, height: u64) {
+        self.state.committed();
+        self.uncommitted_txs.clear();
+        self.uncommitted = 0;
+        self.committed_at = height;
     }
 
     /// Where a finalized transaction is: in a block not committed yet, or in the store's index
@@ -1053,9 +1059,14 @@ mod tests {
         }
     }
 
+    /// A genesis with accounts 0, 1 and 2 holding `balance_micro` each.
+    fn three_accounts(balance_micro: u64) -> State {
+        let accounts = (0..3).map(|i| (Identity::from_seed(i).node_id(), balance_micro)).collect();
+        State::genesis(GenesisState { accounts, ..GenesisState::default() })
+    }
+
     fn chain() -> Chain {
-        let accounts = (0..3).map(|i| (Identity::from_seed(i).node_id(), 1_000)).collect();
-        let state = State::genesis(GenesisState { accounts, ..GenesisState::default() });
+        let state = three_accounts(1_000);
         Chain::open(state, Box::new(MemoryStore::default())).unwrap()
     }
 
@@ -1146,8 +1157,7 @@ mod tests {
         n: u64,
         checkpoint: u64,
     ) -> (Chain, Vec<Hash>) {
-        let accounts = (0..3).map(|i| (Identity::from_seed(i).node_id(), 1_000)).collect();
-        let genesis = State::genesis(GenesisState { accounts, ..GenesisState::default() });
+        let genesis = three_accounts(1_000);
         let c = Chain::open_with(genesis, Box::new(blocks.clone()), Arc::new(states.clone()))
             .unwrap()
             .with_checkpoint_every(checkpoint);
@@ -1166,8 +1176,7 @@ mod tests {
     }
 
     fn reopen(blocks: &MemoryStore, states: &archipel_ledger::store::MemoryStore) -> Chain {
-        let accounts = (0..3).map(|i| (Identity::from_seed(i).node_id(), 1_000)).collect();
-        let genesis = State::genesis(GenesisState { accounts, ..GenesisState::default() });
+        let genesis = three_accounts(1_000);
         Chain::open_with(genesis, Box::new(blocks.clone()), Arc::new(states.clone())).unwrap()
     }
 
@@ -1224,8 +1233,7 @@ mod tests {
         // Every block is built here and finalized from its cached state, which was forked from
         // the head before the head's commit: what that commit wrote must not stay in memory.
         let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
-        let accounts = (0..3).map(|i| (Identity::from_seed(i).node_id(), 1_000_000)).collect();
-        let genesis = State::genesis(GenesisState { accounts, ..GenesisState::default() });
+        let genesis = three_accounts(1_000_000);
         let c = Chain::open_with(genesis, Box::new(blocks), Arc::new(states)).unwrap();
         let sender = Identity::from_seed(0);
         for n in 0..3 * COMMIT_BLOCKS {
