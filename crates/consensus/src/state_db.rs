@@ -13,7 +13,7 @@
 //! snapshot keeps its pages alive until it lets go.
 
 use archipel_ledger::Hash;
-use archipel_ledger::store::{Commit, Committed, Entries, StateStore, StoreError, check_order};
+use archipel_ledger::store::{Commit, Committed, Entries, StateSnapshot, StateStore, StoreError, check_import, check_order};
 use archipel_ledger::trie::{NodeSource, StoredNode, TrieError};
 use redb::{Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, TableDefinition};
 use std::fmt;
@@ -240,12 +240,56 @@ impl StateStore for StateDb {
         self.refresh(&[], false)
     }
 
+    fn snapshot(&self) -> Result<Box<dyn StateSnapshot>, StoreError> {
+        Ok(Box::new(Pinned(self.snapshot())))
+    }
+
+    fn import(&self, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        check_import(self.snapshot().committed)?;
+        // Not durable by itself: the commit naming the entries' height flushes them with it.
+        let mut txn = self.db.begin_write().map_err(io)?;
+        txn.set_durability(Durability::None).map_err(io)?;
+        {
+            let mut table = txn.open_table(ENTRIES).map_err(io)?;
+            for (k, v) in entries {
+                table.insert(k.as_slice(), v.as_slice()).map_err(io)?;
+            }
+        }
+        txn.commit().map_err(io)?;
+        // Imported pages are read once, at the end: not worth the cache.
+        self.refresh(&[], false)
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         // An empty durable commit persists the non-durable ones before it.
         let mut txn = self.db.begin_write().map_err(io)?;
         txn.set_durability(Durability::Immediate).map_err(io)?;
         txn.commit().map_err(io)
+    }
+}
+
+/// One read transaction of the store, kept while a snapshot is read (its pages stay alive).
+struct Pinned(Arc<Snapshot>);
+
+impl StateSnapshot for Pinned {
+    fn committed(&self) -> Option<Committed> {
+        self.0.committed
+    }
+
+    fn entries(&self, after: Option<&[u8]>, limit: usize) -> Result<Entries, StoreError> {
+        let range = match after {
+            Some(a) => self.0.entries.range::<&[u8]>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+            None => self.0.entries.range::<&[u8]>(..),
+        }
+        .map_err(io)?;
+        let mut out = Vec::new();
+        for item in range.take(limit) {
+            let (k, v) = item.map_err(io)?;
+            out.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        Ok(out)
     }
 }
 

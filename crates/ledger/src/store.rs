@@ -96,6 +96,32 @@ pub trait StateStore: NodeSource + Send + Sync + fmt::Debug {
     fn tx(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError>;
     /// Forgets everything, durably: the store is empty again (to rebuild it from the blocks).
     fn clear(&self) -> Result<(), StoreError>;
+    /// A consistent view of every committed entry at the height it was taken, read page by page
+    /// while commits go on (a joining node's copy of the state).
+    fn snapshot(&self) -> Result<Box<dyn StateSnapshot>, StoreError>;
+    /// Writes `entries` into a store nothing was committed to (a join: the entries of a
+    /// snapshot, a page at a time); the [`StateStore::commit`] that follows gives them their
+    /// height and root. Refused once a height is committed.
+    fn import(&self, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError>;
+}
+
+/// Every entry of one committed state, as [`StateStore::snapshot`] took it.
+pub trait StateSnapshot: Send {
+    /// The height and root of the state it shows (`None`: nothing was committed).
+    fn committed(&self) -> Option<Committed>;
+    /// Up to `limit` entries whose keys sort after `after`, in key order.
+    fn entries(&self, after: Option<&[u8]>, limit: usize) -> Result<Entries, StoreError>;
+}
+
+/// Refuses an import into a store that holds a committed state.
+pub fn check_import(committed: Option<Committed>) -> Result<(), StoreError> {
+    match committed {
+        Some(c) => Err(StoreError::Io(format!(
+            "cannot import entries into a state store committed at height {}: clear it first",
+            c.height
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Checks that `commit` comes after what `store` holds (a commit may cover several blocks).
@@ -116,7 +142,14 @@ struct Contents {
 }
 
 impl Contents {
-    fn apply(&mut self, c: &Commit) {
+    fn apply(&mut self, c: &Pending) {
+        let c = match c {
+            Pending::Commit(c) => c,
+            Pending::Import(entries) => {
+                self.entries.extend(entries.iter().cloned());
+                return;
+            }
+        };
         for (k, v) in &c.entries {
             match v {
                 Some(v) => self.entries.insert(k.clone(), v.clone()),
@@ -144,8 +177,15 @@ struct MemoryInner {
     current: Contents,
     /// What survives [`MemoryStore::crash`].
     durable: Contents,
-    /// Commits since the last durable one, in order.
-    since_durable: Vec<Commit>,
+    /// Commits (and imports) since the last durable one, in order.
+    since_durable: Vec<Pending>,
+}
+
+/// A write not yet durable.
+#[derive(Debug)]
+enum Pending {
+    Commit(Commit),
+    Import(Entries),
 }
 
 impl MemoryStore {
@@ -199,8 +239,9 @@ impl StateStore for MemoryStore {
     fn commit(&self, commit: &Commit, durable: bool) -> Result<(), StoreError> {
         let mut g = self.lock();
         check_order(g.current.committed, commit)?;
-        g.current.apply(commit);
-        g.since_durable.push(commit.clone());
+        let pending = Pending::Commit(commit.clone());
+        g.current.apply(&pending);
+        g.since_durable.push(pending);
         if durable {
             drop(g);
             return self.flush();
@@ -224,6 +265,41 @@ impl StateStore for MemoryStore {
             g.durable.apply(c);
         }
         Ok(())
+    }
+
+    fn snapshot(&self) -> Result<Box<dyn StateSnapshot>, StoreError> {
+        let g = self.lock();
+        Ok(Box::new(MemorySnapshot { committed: g.current.committed, entries: g.current.entries.clone() }))
+    }
+
+    fn import(&self, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
+        let mut g = self.lock();
+        check_import(g.current.committed)?;
+        // Durable with the next durable commit or flush, like a commit.
+        let pending = Pending::Import(entries.to_vec());
+        g.current.apply(&pending);
+        g.since_durable.push(pending);
+        Ok(())
+    }
+}
+
+/// A copy of a [`MemoryStore`]'s entries.
+struct MemorySnapshot {
+    committed: Option<Committed>,
+    entries: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl StateSnapshot for MemorySnapshot {
+    fn committed(&self) -> Option<Committed> {
+        self.committed
+    }
+
+    fn entries(&self, after: Option<&[u8]>, limit: usize) -> Result<Entries, StoreError> {
+        let start = match after {
+            Some(a) => std::ops::Bound::Excluded(a.to_vec()),
+            None => std::ops::Bound::Unbounded,
+        };
+        Ok(self.entries.range((start, std::ops::Bound::Unbounded)).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect())
     }
 }
 
@@ -318,6 +394,31 @@ pub mod conformance {
         assert_eq!(s.committed().unwrap(), Some(Committed { height: at.height + 2, root: c.root }));
         assert_eq!(s.get(b"account/8").unwrap().as_deref(), Some(&b"v"[..]));
 
+        // A snapshot is one committed state, whatever is committed after it was taken.
+        let snap = s.snapshot().unwrap();
+        assert_eq!(snap.committed(), s.committed().unwrap());
+        let before = snap.entries(None, 100).unwrap();
+        assert!(before.windows(2).all(|w| w[0].0 < w[1].0), "in key order");
+        assert_eq!(before, s.scan(b"", None, 100).unwrap());
+        let mut later = Trie::stored(c.root);
+        s.commit(&commit_of(&mut later, at.height + 3, &[("account/2", None), ("account/0", Some("new"))], &s), false)
+            .unwrap();
+        assert_eq!(snap.entries(None, 100).unwrap(), before, "later commits do not show in a snapshot");
+        let paged: Vec<_> = {
+            let mut out = Vec::new();
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let page = snap.entries(after.as_deref(), 2).unwrap();
+                let Some(last) = page.last() else { break };
+                after = Some(last.0.clone());
+                out.extend(page);
+            }
+            out
+        };
+        assert_eq!(paged, before, "pages after the last key cover everything once");
+        drop(snap);
+        assert!(s.import(&[(b"x".to_vec(), b"y".to_vec())]).is_err(), "no import into a committed store");
+
         // Cleared, durably: nothing is left, and it takes a commit at any height again.
         s.clear().unwrap();
         let s = reopen(s);
@@ -329,7 +430,25 @@ pub mod conformance {
         let mut trie = Trie::new();
         s.commit(&commit_of(&mut trie, 0, &[("chain", Some("c"))], &s), true).unwrap();
         assert_eq!(s.committed().unwrap().map(|c| c.height), Some(0));
+
+        // An import (a join): pages of entries, then a commit that names their height and root.
+        s.clear().unwrap();
+        let pages: [&[(&str, &str)]; 2] = [&[("account/1", "a"), ("account/2", "b")], &[("node/7", "n")]];
+        let mut trie = Trie::new();
+        for page in pages {
+            let entries: Vec<_> = page.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect();
+            s.import(&entries).unwrap();
+            trie.update(page.iter().map(|(k, v)| (key_hash(k.as_bytes()), Some(value_hash(v.as_bytes())))), &crate::trie::NoNodes)
+                .unwrap();
+        }
+        assert_eq!(s.committed().unwrap(), None, "an import alone commits nothing");
+        s.commit(&Commit { height: 500, root: trie.root(), ..Commit::default() }, true).unwrap();
+        let s = reopen(s);
+        assert_eq!(s.committed().unwrap(), Some(Committed { height: 500, root: trie.root() }));
+        assert_eq!(s.scan(b"", None, 10).unwrap().len(), 3);
+        assert_eq!(s.get(b"node/7").unwrap().as_deref(), Some(&b"n"[..]));
     }
+
 }
 
 #[cfg(test)]
