@@ -190,9 +190,9 @@ impl Chain {
                         genesis_state.network()
                     ));
                 }
-                let header = if at == 0 {
+                let header = if at == 0 && store.first() == 1 {
                     Some(genesis)
-                } else if at <= store.height() {
+                } else if (store.first()..=store.height()).contains(&at) {
                     Some(read(at)?.0.header)
                 } else {
                     None
@@ -215,8 +215,18 @@ impl Chain {
         };
         let (mut state, mut head) = match resumed {
             Some(resumed) => resumed,
+            // A log that starts above the genesis (a node that joined by state sync) cannot
+            // rebuild a state: only a new join can.
+            None if store.first() > 1 => {
+                return Err(format!(
+                    "the block log starts at block {} (this node joined by state sync, or prunes old blocks) and the state store does not hold a state it can resume from: start the node with --join to sync the state again",
+                    store.first()
+                ));
+            }
             // An empty store starts from the genesis, committed durably.
             None => {
+                // Entries without a committed height (a join cut short) are not a state.
+                states.clear().map_err(failed)?;
                 let mut s = genesis_state.clone().with_store(states.clone());
                 let c = s.commit().map_err(failed)?;
                 states.commit(&c, true).map_err(failed)?;
@@ -226,7 +236,7 @@ impl Chain {
         };
         let state_height = head.height;
         let mut certified = 0;
-        for height in (1..=store.height()).rev() {
+        for height in (store.first()..=store.height()).rev() {
             if store.get(height)?.is_some_and(|r| !r.certificate.is_empty()) {
                 certified = height;
                 break;
@@ -312,6 +322,34 @@ impl Chain {
     /// What opening found: the stored state's height and the blocks replayed after it.
     pub fn opened(&self) -> Opened {
         self.opened
+    }
+
+    /// The height of the first block this node holds (1 unless it joined by state sync or
+    /// prunes old blocks; blocks below it are answered as not held).
+    pub fn first_block(&self) -> u64 {
+        self.lock().store.first()
+    }
+
+    /// The lowest block held with a finality certificate of its own, and that certificate: where
+    /// a node holding blocks only from [`Chain::first_block`] starts marshal's deliveries.
+    pub fn lowest_certified(&self) -> Result<Option<(u64, Vec<u8>)>, String> {
+        let (first, certified) = {
+            let g = self.lock();
+            (g.store.first(), g.certified)
+        };
+        for height in first..=certified {
+            if let Some((_, certificate)) = self.block(height)?.filter(|(_, c)| !c.is_empty()) {
+                return Ok(Some((height, certificate)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every entry of the state as last committed to the store, at its height (a joining node's
+    /// copy): one consistent view, read while the chain goes on.
+    pub fn state_snapshot(&self) -> Result<Box<dyn archipel_ledger::store::StateSnapshot>, String> {
+        let states = self.lock().states.clone();
+        states.snapshot().map_err(|e| e.to_string())
     }
 
     /// Checkpoints every `blocks` finalized blocks instead of [`CHECKPOINT_BLOCKS`] (the
@@ -759,7 +797,7 @@ impl Chain {
     /// chunks without holding up consensus.
     pub fn plan_raw_blocks(&self, from: u64, max_blocks: u64, max_bytes: u64) -> (crate::store::RangeRead, u64) {
         let g = self.lock();
-        let from = from.max(1);
+        let from = from.max(g.store.first());
         let to = from.saturating_add(max_blocks.max(1) - 1).min(g.certified);
         if from > to {
             return (crate::store::RangeRead::nothing(from - 1), g.certified);

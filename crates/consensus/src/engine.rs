@@ -106,6 +106,26 @@ pub fn verify_finality(cfg: &ConsensusConfig, block: &archipel_ledger::Hash, cer
     Ok(())
 }
 
+/// A finality certificate for the block with header hash `block`, signed by `signers` (validators
+/// of `cfg`) at view `view`: for tools and tests that build a chain without running consensus.
+/// `None` if a signer is not a validator or the signers are not a quorum.
+pub fn sign_finality(
+    cfg: &ConsensusConfig,
+    signers: &[PrivateKey],
+    block: &archipel_ledger::Hash,
+    view: u64,
+) -> Option<Vec<u8>> {
+    use commonware_consensus::simplex::types::{Finalize, Proposal};
+    let round = Round::new(Epoch::zero(), View::new(view));
+    let proposal = Proposal::new(round, View::new(view.saturating_sub(1)), crate::block::digest_of(block));
+    let votes = signers
+        .iter()
+        .map(|key| Finalize::sign(&Scheme::signer(&cfg.namespace, cfg.participants(), key.clone())?, proposal.clone()))
+        .collect::<Option<Vec<_>>>()?;
+    let votes = commonware_utils::iter::NonEmpty::try_new(votes.into_iter())?;
+    Finalization::from_owned_finalizes(&cfg.verifier(), votes, &Sequential).ok().map(|f| f.encode().to_vec())
+}
+
 /// The p2p channels consensus uses, as `(sender, receiver)` pairs.
 #[allow(missing_debug_implementations)]
 pub struct Channels<S, R> {

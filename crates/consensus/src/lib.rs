@@ -10,6 +10,7 @@ pub mod candidates;
 pub mod chain;
 pub mod engine;
 pub mod health;
+pub mod join;
 pub mod liveness;
 pub mod state_db;
 pub mod store;

@@ -10,7 +10,7 @@
 use archipel_ledger::export::{MAX_RECORD_BYTES, put_record, take_record};
 use futures::channel::oneshot;
 use std::fs::{File, OpenOptions};
-use std::io::{Read as _, Seek, SeekFrom, Write as _};
+use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 
@@ -27,10 +27,17 @@ pub struct Record {
 /// sync failed.
 pub type Synced = oneshot::Receiver<Result<u64, String>>;
 
-/// An append-only store of finalized blocks, indexed by height (1 = first block).
+/// An append-only store of finalized blocks, indexed by height. A log holds every block from
+/// the first (height 1), or — on a node that joined by state sync or prunes old blocks — from
+/// [`BlockStore::first`].
 pub trait BlockStore: Send + 'static {
-    /// Number of blocks stored (= the height of the last one).
+    /// The height of the last block stored (the first height less one when it holds none).
     fn height(&self) -> u64;
+    /// The height of the first block the log holds or will hold (1: the log starts at the
+    /// genesis' child).
+    fn first(&self) -> u64 {
+        1
+    }
     /// Appends the block at `height() + 1`. It is readable at once but durable only once a later
     /// [`BlockStore::sync`] answers.
     fn append(&mut self, record: &Record) -> Result<(), String>;
@@ -99,6 +106,8 @@ pub struct MemoryStore {
 
 #[derive(Debug, Default)]
 struct MemoryDisk {
+    /// Height of `records[0]` less one.
+    before: u64,
     records: Vec<Record>,
     /// Records made durable by a sync.
     synced: usize,
@@ -109,12 +118,19 @@ impl MemoryStore {
         crate::lock(&self.disk)
     }
 
+    /// An empty log whose first block will be at `first` (a node that joined by state sync).
+    pub fn starting_at(first: u64) -> Self {
+        let s = Self::default();
+        s.disk().before = first.max(1) - 1;
+        s
+    }
+
     /// A power loss: every block appended since the last sync is gone. Returns the height left.
     pub fn crash(&self) -> u64 {
         let mut d = self.disk();
         let synced = d.synced;
         d.records.truncate(synced);
-        synced as u64
+        d.before + synced as u64
     }
 
     /// Keeps only the blocks up to `height`, as a disk that acknowledged syncs it never did
@@ -122,33 +138,41 @@ impl MemoryStore {
     /// Returns the height left.
     pub fn truncate(&self, height: u64) -> u64 {
         let mut d = self.disk();
-        let keep = (height as usize).min(d.records.len());
+        let keep = (height.saturating_sub(d.before) as usize).min(d.records.len());
         d.records.truncate(keep);
         d.synced = d.synced.min(keep);
-        keep as u64
+        d.before + keep as u64
     }
 
     /// Height of the last block a sync made durable.
     pub fn synced_height(&self) -> u64 {
-        self.disk().synced as u64
+        let d = self.disk();
+        d.before + d.synced as u64
     }
 }
 
 impl BlockStore for MemoryStore {
     fn height(&self) -> u64 {
-        self.disk().records.len() as u64
+        let d = self.disk();
+        d.before + d.records.len() as u64
+    }
+    fn first(&self) -> u64 {
+        self.disk().before + 1
     }
     fn append(&mut self, record: &Record) -> Result<(), String> {
         self.disk().records.push(record.clone());
         Ok(())
     }
     fn get(&self, height: u64) -> Result<Option<Record>, String> {
-        Ok(height.checked_sub(1).and_then(|i| self.disk().records.get(i as usize).cloned()))
+        let d = self.disk();
+        Ok(height.checked_sub(d.before + 1).and_then(|i| d.records.get(i as usize).cloned()))
     }
     fn raw_range(&self, from: u64, to: u64) -> Result<Vec<u8>, String> {
+        let d = self.disk();
+        let from = from.max(d.before + 1);
         let mut out = Vec::new();
-        let take = to.saturating_sub(from.max(1)) + 1;
-        for r in self.disk().records.iter().skip(from.saturating_sub(1) as usize).take(take as usize) {
+        let take = (to.saturating_add(1)).saturating_sub(from);
+        for r in d.records.iter().skip((from - d.before - 1) as usize).take(take as usize) {
             put_record(&mut out, &r.block);
             put_record(&mut out, &r.certificate);
         }
@@ -157,8 +181,26 @@ impl BlockStore for MemoryStore {
     fn sync(&mut self) -> Synced {
         let mut d = self.disk();
         d.synced = d.records.len();
-        answered(Ok(d.synced as u64))
+        answered(Ok(d.before + d.synced as u64))
     }
+}
+
+/// The first record of a log that does not start at height 1: this magic and the height of
+/// the log's first block (big-endian), with an empty certificate. No block encodes to 25 bytes.
+const BASE_MAGIC: &[u8; 17] = b"archipel-log-base";
+
+fn base_marker(first: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_record(&mut out, &[&BASE_MAGIC[..], &first.to_be_bytes()].concat());
+    put_record(&mut out, &[]);
+    out
+}
+
+/// The first block's height a log's first record names, if it is a base marker.
+fn parse_base(block: &[u8], certificate: &[u8]) -> Option<u64> {
+    (block.len() == BASE_MAGIC.len() + 8 && block.starts_with(BASE_MAGIC) && certificate.is_empty())
+        .then(|| u64::from_be_bytes(block[BASE_MAGIC.len()..].try_into().expect("8 bytes")))
+        .filter(|first| *first > 1)
 }
 
 /// A request to the sync thread: the height appended when it was made, and where to answer.
@@ -169,7 +211,13 @@ type SyncRequest = (u64, oneshot::Sender<Result<u64, String>>);
 pub struct FileStore {
     path: PathBuf,
     file: File,
-    /// Offset of each block's record; one extra entry: the end of the log.
+    /// The file as readers read it: a planned read ([`BlockStore::raw_range_reader`]) keeps the
+    /// file it was planned on, even after [`FileStore::prune_below`] replaced it.
+    reader: Arc<File>,
+    /// Height of the first block (1, or what the log's base marker names).
+    first: u64,
+    /// Offset of each block's record (`offsets[0]`: block `first`); one extra entry: the end of
+    /// the log.
     offsets: Vec<u64>,
     /// Requests to the thread that syncs the file (an fsync on a busy disk must stall neither the
     /// chain's lock nor a runtime thread).
@@ -189,6 +237,7 @@ impl FileStore {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(err)?;
         let mut offsets = vec![0u64];
+        let mut first = 1;
         let mut at = 0usize;
         while at < bytes.len() {
             let start = at;
@@ -198,24 +247,85 @@ impl FileStore {
                 Err(String::from("a zero length"))
             } else {
                 take_record(&bytes, &mut at, MAX_RECORD_BYTES)
-                    .and_then(|_| take_record(&bytes, &mut at, MAX_RECORD_BYTES))
+                    .and_then(|block| Ok((block, take_record(&bytes, &mut at, MAX_RECORD_BYTES)?)))
             };
             match ok {
-                Ok(_) => offsets.push(at as u64),
+                Ok((block, certificate)) => match parse_base(block, certificate) {
+                    Some(base) if start == 0 => {
+                        first = base;
+                        offsets[0] = at as u64;
+                    }
+                    _ => offsets.push(at as u64),
+                },
                 Err(e) if e.starts_with("truncated") || (zeroed && bytes[start..].iter().all(|b| *b == 0)) => {
                     let aside = PathBuf::from(format!("{}.torn-{start}", path.display()));
-                    tracing::warn!(path = %path.display(), height = offsets.len(), aside = %aside.display(), "moving a torn record at the end of the block log aside");
+                    let height = first + offsets.len() as u64 - 1;
+                    tracing::warn!(path = %path.display(), height, aside = %aside.display(), "moving a torn record at the end of the block log aside");
                     std::fs::write(&aside, &bytes[start..]).map_err(err)?;
                     file.set_len(start as u64).map_err(err)?;
                     file.sync_all().map_err(err)?;
                     break;
                 }
-                Err(e) => return Err(format!("block log {}: block {}: {e}", path.display(), offsets.len())),
+                Err(e) => {
+                    let height = first + offsets.len() as u64 - 1;
+                    return Err(format!("block log {}: block {height}: {e}", path.display()));
+                }
             }
         }
         let syncer = spawn_syncer(&file, path)?;
-        Ok(FileStore { path: path.to_path_buf(), file, offsets, syncer, broken: None })
+        let reader = Arc::new(File::open(path).map_err(err)?);
+        Ok(FileStore { path: path.to_path_buf(), file, reader, first, offsets, syncer, broken: None })
     }
+
+    /// Creates the log at `path` for a node that joined by state sync: empty, its first block
+    /// at `first`. Refuses a file that already holds anything.
+    pub fn create_at(path: &Path, first: u64) -> Result<Self, String> {
+        let err = |e: std::io::Error| format!("block log {}: {e}", path.display());
+        if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
+            return Err(format!("block log {} already holds blocks: move it aside to start a new one", path.display()));
+        }
+        if first > 1 {
+            write_synced(path, &base_marker(first)).map_err(err)?;
+        }
+        Self::open(path)
+    }
+
+    /// Drops every block below `height` (kept: `height` and above, at least the last block):
+    /// the log is rewritten from there under a new name, made durable, and renamed over the old
+    /// one, so a crash leaves either log whole. Reads planned before it go on reading the old
+    /// file. Returns the new first height.
+    pub fn prune_below(&mut self, height: u64) -> Result<u64, String> {
+        let keep_from = height.min(self.height()).max(self.first);
+        if keep_from <= self.first {
+            return Ok(self.first);
+        }
+        let err = |e: std::io::Error| format!("cannot prune the block log {}: {e}", self.path.display());
+        let start = self.offsets[(keep_from - self.first) as usize];
+        let end = *self.offsets.last().expect("one offset at least");
+        let mut bytes = base_marker(keep_from);
+        let marker = bytes.len() as u64;
+        bytes.extend(read_range(&self.reader, &self.path, start, end)?);
+        let tmp = PathBuf::from(format!("{}.pruning", self.path.display()));
+        write_synced(&tmp, &bytes).map_err(err)?;
+        std::fs::rename(&tmp, &self.path).map_err(err)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+        }
+        let file = OpenOptions::new().read(true).append(true).open(&self.path).map_err(err)?;
+        self.syncer = spawn_syncer(&file, &self.path)?;
+        self.reader = Arc::new(File::open(&self.path).map_err(err)?);
+        self.file = file;
+        self.offsets = self.offsets[(keep_from - self.first) as usize..].iter().map(|o| o - start + marker).collect();
+        self.first = keep_from;
+        Ok(keep_from)
+    }
+}
+
+/// Writes `bytes` as the whole file at `path` and syncs it.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
 
 /// Starts the thread that syncs the log at `path`; it ends when the store is dropped.
@@ -239,9 +349,25 @@ fn spawn_syncer(file: &File, path: &Path) -> Result<mpsc::Sender<SyncRequest>, S
     Ok(tx)
 }
 
+impl FileStore {
+    /// Offsets of the records `from..=to`, clamped to what is stored (`None`: nothing).
+    fn span(&self, from: u64, to: u64) -> Option<(u64, u64)> {
+        let (from, to) = (from.max(self.first), to.min(self.height()));
+        (from <= to).then_some((from, to))
+    }
+
+    fn offset(&self, height: u64) -> u64 {
+        self.offsets[(height - self.first) as usize]
+    }
+}
+
 impl BlockStore for FileStore {
     fn height(&self) -> u64 {
-        self.offsets.len() as u64 - 1
+        self.first + self.offsets.len() as u64 - 2
+    }
+
+    fn first(&self) -> u64 {
+        self.first
     }
 
     fn append(&mut self, record: &Record) -> Result<(), String> {
@@ -269,11 +395,8 @@ impl BlockStore for FileStore {
     }
 
     fn get(&self, height: u64) -> Result<Option<Record>, String> {
-        if height == 0 || height > self.height() {
-            return Ok(None);
-        }
-        let (start, end) = (self.offsets[height as usize - 1], self.offsets[height as usize]);
-        let bytes = read_range(&self.path, start, end)?;
+        let Some((height, _)) = self.span(height, height) else { return Ok(None) };
+        let bytes = read_range(&self.reader, &self.path, self.offset(height), self.offset(height + 1))?;
         let mut at = 0;
         let block = take_record(&bytes, &mut at, MAX_RECORD_BYTES)?.to_vec();
         let certificate = take_record(&bytes, &mut at, MAX_RECORD_BYTES)?.to_vec();
@@ -281,27 +404,25 @@ impl BlockStore for FileStore {
     }
 
     fn raw_range(&self, from: u64, to: u64) -> Result<Vec<u8>, String> {
-        let from = from.max(1);
-        let to = to.min(self.height());
-        if from > to {
-            return Ok(Vec::new());
+        match self.span(from, to) {
+            Some((from, to)) => read_range(&self.reader, &self.path, self.offset(from), self.offset(to + 1)),
+            None => Ok(Vec::new()),
         }
-        read_range(&self.path, self.offsets[from as usize - 1], self.offsets[to as usize])
     }
 
     fn raw_range_reader(&self, from: u64, to: u64, max_bytes: u64) -> RangeRead {
-        let (from, to) = (from.max(1), to.min(self.height()));
-        if from > to {
-            return RangeRead::nothing(from - 1);
-        }
-        let start = self.offsets[from as usize - 1];
+        let Some((from, to)) = self.span(from, to) else {
+            return RangeRead::nothing(from.max(self.first) - 1);
+        };
+        let start = self.offset(from);
         // The last whole record within `max_bytes`, at least the first.
-        let within = self.offsets[from as usize..=to as usize].partition_point(|end| end - start <= max_bytes);
+        let ends = &self.offsets[(from - self.first + 1) as usize..=(to - self.first + 1) as usize];
+        let within = ends.partition_point(|end| end - start <= max_bytes);
         let to = from - 1 + (within as u64).max(1);
-        // The log only grows at its end (a torn tail is cut off only when the log is opened), so
-        // the bytes of stored records stay where they are after the lock is released.
-        let (path, end) = (self.path.clone(), self.offsets[to as usize]);
-        RangeRead { last: to, len: end - start, read: Box::new(move || read_range(&path, start, end)) }
+        // The log only grows at its end (a torn tail is cut off only when the log is opened; a
+        // prune writes a new file and this read keeps the old one), so the bytes stay put.
+        let (reader, path, end) = (self.reader.clone(), self.path.clone(), self.offset(to + 1));
+        RangeRead { last: to, len: end - start, read: Box::new(move || read_range(&reader, &path, start, end)) }
     }
 
     fn sync(&mut self) -> Synced {
@@ -313,12 +434,10 @@ impl BlockStore for FileStore {
     }
 }
 
-fn read_range(path: &Path, start: u64, end: u64) -> Result<Vec<u8>, String> {
-    let err = |e: std::io::Error| format!("cannot read block log {}: {e}", path.display());
-    let mut f = File::open(path).map_err(err)?;
-    f.seek(SeekFrom::Start(start)).map_err(err)?;
+fn read_range(file: &File, path: &Path, start: u64, end: u64) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::FileExt as _;
     let mut out = vec![0u8; (end - start) as usize];
-    f.read_exact(&mut out).map_err(err)?;
+    file.read_exact_at(&mut out, start).map_err(|e| format!("cannot read block log {}: {e}", path.display()))?;
     Ok(out)
 }
 
@@ -428,6 +547,72 @@ mod tests {
         let e = FileStore::open(&path).unwrap_err();
         assert!(e.contains("block 1"), "{e}");
         assert_eq!(std::fs::metadata(&path).unwrap().len() as usize, len);
+    }
+
+    /// What a log that starts above height 1 (a joined node's) must do, in both stores.
+    fn conformance_from(store: &mut dyn BlockStore, first: u64) {
+        assert_eq!((store.first(), store.height()), (first, first - 1), "empty: the height is the one before");
+        for i in 0..4u8 {
+            store.append(&record(i)).unwrap();
+        }
+        assert_eq!(store.height(), first + 3);
+        assert_eq!(synced(store), Ok(first + 3));
+        assert_eq!(store.get(first - 1).unwrap(), None, "below the first block: not held");
+        assert_eq!(store.get(1).unwrap(), None);
+        assert_eq!(store.get(first).unwrap(), Some(record(0)));
+        assert_eq!(store.get(first + 3).unwrap(), Some(record(3)));
+        assert_eq!(store.raw_range(1, first).unwrap(), store.raw_range(first, first).unwrap(), "ranges are clamped");
+        let plan = store.raw_range_reader(1, first + 1, u64::MAX);
+        assert_eq!(plan.last, first + 1);
+        assert_eq!((plan.read)().unwrap(), store.raw_range(first, first + 1).unwrap());
+        assert!(store.raw_range_reader(first + 9, first + 20, u64::MAX).last < first + 9, "nothing: below from");
+    }
+
+    #[test]
+    fn logs_that_start_above_one_conform_and_reopen() {
+        conformance_from(&mut MemoryStore::starting_at(1_000), 1_000);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blocks.log");
+        conformance_from(&mut FileStore::create_at(&path, 1_000).unwrap(), 1_000);
+        let s = FileStore::open(&path).unwrap();
+        assert_eq!((s.first(), s.height(), s.get(1_002).unwrap()), (1_000, 1_003, Some(record(2))));
+        assert!(FileStore::create_at(&path, 5).unwrap_err().contains("already holds blocks"));
+        // An empty joined log reopens at its base.
+        let empty = dir.path().join("empty.log");
+        drop(FileStore::create_at(&empty, 77).unwrap());
+        let s = FileStore::open(&empty).unwrap();
+        assert_eq!((s.first(), s.height()), (77, 76));
+        // A marker anywhere but first is not a marker: it is read as a block.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&base_marker(5)).unwrap();
+        drop(f);
+        let s = FileStore::open(&path).unwrap();
+        assert_eq!((s.first(), s.height()), (1_000, 1_004));
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_blocks_and_reads_planned_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blocks.log");
+        let mut s = FileStore::open(&path).unwrap();
+        for i in 1..=10 {
+            s.append(&record(i)).unwrap();
+        }
+        let planned = s.raw_range_reader(2, 4, u64::MAX);
+        let want = s.raw_range(2, 4).unwrap();
+        assert_eq!(s.prune_below(6).unwrap(), 6);
+        assert_eq!((planned.read)().unwrap(), want, "a read planned before the prune reads the old file");
+        assert_eq!((s.first(), s.height()), (6, 10));
+        assert_eq!(s.get(5).unwrap(), None);
+        assert_eq!(s.get(6).unwrap(), Some(record(6)));
+        s.append(&record(11)).unwrap();
+        assert_eq!(synced(&mut s), Ok(11));
+        assert_eq!(s.prune_below(3).unwrap(), 6, "never grows back");
+        assert_eq!(s.prune_below(1_000).unwrap(), 11, "the last block stays");
+        drop(s);
+        let s = FileStore::open(&path).unwrap();
+        assert_eq!((s.first(), s.height(), s.get(11).unwrap()), (11, 11, Some(record(11))));
+        assert!(!dir.path().join("blocks.log.pruning").exists());
     }
 
     #[test]
