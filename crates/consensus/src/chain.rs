@@ -330,19 +330,15 @@ impl Chain {
         self.lock().store.first()
     }
 
-    /// The lowest block held with a finality certificate of its own, and that certificate: where
-    /// a node holding blocks only from [`Chain::first_block`] starts marshal's deliveries.
-    pub fn lowest_certified(&self) -> Result<Option<(u64, Vec<u8>)>, String> {
-        let (first, certified) = {
-            let g = self.lock();
-            (g.store.first(), g.certified)
-        };
-        for height in first..=certified {
-            if let Some((_, certificate)) = self.block(height)?.filter(|(_, c)| !c.is_empty()) {
-                return Ok(Some((height, certificate)));
-            }
+    /// The highest block with a finality certificate of its own, and that certificate: where
+    /// consensus starts when its own storage is new but the block log is not (a node that
+    /// joined by state sync, or whose ledger came from elsewhere).
+    pub fn certified_tip(&self) -> Result<Option<(u64, Vec<u8>)>, String> {
+        let certified = self.lock().certified;
+        if certified == 0 {
+            return Ok(None);
         }
-        Ok(None)
+        Ok(self.block(certified)?.map(|(_, certificate)| (certified, certificate)))
     }
 
     /// Every entry of the state as last committed to the store, at its height (a joining node's

@@ -190,6 +190,14 @@ fn archive_config<C>(prefix: &str, what: &str, page_cache: &CacheRef, codec_conf
     }
 }
 
+/// Simplex's journal (epoch 0).
+const SIMPLEX_PARTITION: &str = "archipel-simplex-e0";
+
+/// True when `partition` holds nothing yet (consensus storage never written here).
+async fn is_new<E: Storage>(context: &E, partition: &str) -> bool {
+    context.scan(partition).await.map_or(true, |blobs| blobs.is_empty())
+}
+
 /// Starts consensus for this node: as a validator if `key` is one, else as a follower.
 /// `provider` tells marshal and the block broadcast who the peers are; `blocker` blocks peers
 /// that send invalid data (on a node both are the p2p oracle).
@@ -222,6 +230,31 @@ where
     let page_cache = CacheRef::new(NZU16!(4096), NZUsize!(256));
     let epocher = FixedEpocher::new(NZU64!(u64::MAX));
     let prefix = "archipel-marshal";
+    // Marshal and simplex start at the genesis, or — when their storage is new but the block log
+    // is not (a node that joined by state sync, or whose ledger came from elsewhere) — at the
+    // log's highest certified block: nothing below it is asked of the network. With storage of
+    // their own they resume from what they recorded.
+    let tip = match chain.certified_tip()? {
+        Some((height, certificate)) => Some(
+            Finalization::<Scheme, Digest>::decode_cfg(
+                commonware_codec::Copying(certificate.as_slice()),
+                &scheme.certificate_codec_config(),
+            )
+            .map_err(|e| format!("block {height}'s stored finality certificate does not decode: {e}"))?,
+        ),
+        None => None,
+    };
+    let marshal_floor = match &tip {
+        Some(f) if is_new(&context, &format!("{prefix}-application-metadata")).await => {
+            tracing::info!(height = chain.certified_tip()?.map_or(0, |t| t.0), "marshal starts from the block log's highest certified block");
+            Start::Floor(f.clone())
+        }
+        _ => Start::Genesis(genesis),
+    };
+    let simplex_floor = match tip {
+        Some(f) if is_new(&context, SIMPLEX_PARTITION).await => Floor::Finalized(f),
+        _ => Floor::Genesis(genesis_digest),
+    };
 
     let (broadcast, buffer) = buffered::Engine::<_, PublicKey, LedgerBlock, _, _>::new(
         context.child("broadcast"),
@@ -269,7 +302,7 @@ where
             marshal::Config {
                 provider: ConstantProvider::new(scheme.clone()),
                 epocher: epocher.clone(),
-                start: Start::Genesis(genesis),
+                start: marshal_floor,
                 partition_prefix: prefix.to_string(),
                 mailbox_size: NZUsize!(1024),
                 view_retention: ViewDelta::new(1024),
@@ -355,10 +388,10 @@ where
                     reporter: app,
                     track_historical_votes: false,
                     strategy: Sequential,
-                    partition: "archipel-simplex-e0".into(),
+                    partition: SIMPLEX_PARTITION.into(),
                     mailbox_size: NZUsize!(1024),
                     epoch: Epoch::zero(),
-                    floor: Floor::Genesis(genesis_digest),
+                    floor: simplex_floor,
                     replay_buffer: NZUsize!(1 << 16),
                     write_buffer: NZUsize!(1 << 16),
                     page_cache,

@@ -7,9 +7,9 @@
 //! certificate of its own, then an end frame with both counts. Nothing in it is trusted:
 //! [`Join::finish`] checks that the blocks link up by hash and that `C`'s certificate is signed by
 //! a quorum of the genesis validators (so block `H` is final), and that the entries hash to block
-//! `H`'s state root (rebuilding the trie, as every restart does). Only then is the state committed
-//! at `H`, the block log started at `H` ([`crate::FileStore::create_at`]) and the chain opened,
-//! replaying `H+1..=C`; marshal then delivers from `C` on ([`crate::Chain::lowest_certified`]).
+//! `H`'s state root (rebuilding the trie, as every restart does). Only then are the blocks written
+//! to a block log that starts at `H` ([`crate::FileStore::create_at`]) and the state made durable
+//! at `H`; the chain opens from the two ([`Chain::open_with`]), replaying `H+1..=C`; marshal and simplex then start from `C` ([`crate::Chain::certified_tip`]).
 //!
 //! The joined node holds no block below `H` and no transaction index before it: `ledger export`
 //! and old transactions are answered by archive nodes. `archipel ledger verify` on an export from
@@ -314,8 +314,8 @@ pub struct Joined {
     pub height: u64,
     /// Entries in it.
     pub entries: u64,
-    /// The chain's head after replaying the blocks up to the certified one.
-    pub head: u64,
+    /// The certified block the log reaches (the chain opens there).
+    pub certified: u64,
 }
 
 fn failed(e: StoreError) -> String {
@@ -359,18 +359,19 @@ impl Join {
         self.reader.entries
     }
 
-    /// Checks the whole snapshot (see the module's documentation), commits its state, writes its
-    /// blocks to the log `log` makes for its first height, and opens the chain. On an error the
-    /// store is cleared again; the log made, if any, is the caller's to remove.
-    pub fn finish(mut self, log: impl FnOnce(u64) -> Result<Box<dyn BlockStore>, String>) -> Result<Chain, String> {
-        let result = self.check_and_open(log);
+    /// Checks the whole snapshot (see the module's documentation), writes its blocks to `log` (an
+    /// empty log starting at the snapshot's height, see [`Join::claimed`]) and commits its state.
+    /// The chain then opens from the two ([`Chain::open_with`]), replaying the blocks after the
+    /// state. On an error the store is cleared again; `log` is the caller's to remove.
+    pub fn finish(mut self, log: &mut dyn BlockStore) -> Result<Joined, String> {
+        let result = self.check_and_commit(log);
         if result.is_err() {
             let _ = self.states.clear();
         }
         result
     }
 
-    fn check_and_open(&mut self, log: impl FnOnce(u64) -> Result<Box<dyn BlockStore>, String>) -> Result<Chain, String> {
+    fn check_and_commit(&mut self, log: &mut dyn BlockStore) -> Result<Joined, String> {
         let Some((height, claimed_root)) = self.reader.head else { return Err("the snapshot is empty".into()) };
         if !self.reader.ended {
             return Err(format!("the snapshot ended early, after {} entries", self.reader.entries));
@@ -416,18 +417,12 @@ impl Join {
                 root.short()
             ));
         }
-        let mut store = log(height)?;
-        if store.first() != height || store.height() != height - 1 {
+        if log.first() != height || log.height() != height - 1 {
             return Err(format!("the new block log must be empty and start at {height}"));
         }
-        for record in &self.reader.blocks {
-            store.append(record)?;
-        }
-        let synced = futures::executor::block_on(store.sync()).map_err(|_| "the block log's sync was dropped")??;
-        if synced < store.height() {
-            return Err(format!("the block log synced to {synced}, below its height {}", store.height()));
-        }
-        self.states.commit(&Commit { height, root, ..Commit::default() }, true).map_err(failed)?;
+        // The commit naming the state's height comes last: a crash before it leaves entries
+        // without a height, which the next start clears.
+        self.states.commit(&Commit { height, root, ..Commit::default() }, false).map_err(failed)?;
         // The entries must hash to the final root: rebuilding the trie from them checks it.
         match State::open(self.states.clone()) {
             Ok(Some(_)) => {}
@@ -437,7 +432,16 @@ impl Join {
             }
             Err(e) => return Err(failed(e)),
         }
-        Chain::open_with(self.genesis_state.clone(), store, self.states.clone())
+        for record in &self.reader.blocks {
+            log.append(record)?;
+        }
+        let synced = futures::executor::block_on(log.sync()).map_err(|_| "the block log's sync was dropped")??;
+        if synced < log.height() {
+            return Err(format!("the block log synced to {synced}, below its height {}", log.height()));
+        }
+        // Durable only now that the log holding its block is: a store is never ahead of its log.
+        self.states.flush().map_err(failed)?;
+        Ok(Joined { height, entries: self.reader.entries, certified: log.height() })
     }
 }
 
@@ -514,7 +518,11 @@ mod tests {
         for piece in bytes.chunks(7) {
             join.push(piece)?;
         }
-        join.finish(|first| Ok(Box::new(MemoryStore::starting_at(first))))
+        let first = join.claimed().map_or(1, |(h, _)| h);
+        let mut log = MemoryStore::starting_at(first);
+        let joined = join.finish(&mut log)?;
+        assert_eq!(joined.height, first);
+        Chain::open_with(genesis(), Box::new(log), Arc::new(states.clone()))
     }
 
     fn served_chain() -> Chain {
@@ -536,7 +544,7 @@ mod tests {
         assert_eq!(joined.first_block(), 32);
         assert_eq!(joined.opened(), crate::Opened { state_height: 32, replayed: 3 });
         assert_eq!(joined.head(), served.block(35).unwrap().unwrap().0.header);
-        assert_eq!(joined.lowest_certified().unwrap().map(|(h, _)| h), Some(35));
+        assert_eq!(joined.certified_tip().unwrap().map(|(h, _)| h), Some(35));
         assert_eq!(joined.block(31).unwrap(), None, "nothing below the snapshot");
         // It follows the chain from there: blocks 36.. executed (signatures checked) agree on
         // every root with the chain that replayed from the genesis.
