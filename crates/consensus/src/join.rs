@@ -223,7 +223,7 @@ impl Reader {
     }
 
     /// Takes `bytes`; returns the entries completed by them.
-    fn push(&mut self, bytes: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+    fn push(&mut self, bytes: &[u8]) -> Result<archipel_ledger::store::Entries, String> {
         if self.ended && !bytes.is_empty() {
             return Err("bytes after the end of the snapshot".into());
         }
@@ -298,7 +298,7 @@ pub struct Join {
     cfg: ConsensusConfig,
     states: Arc<dyn StateStore>,
     reader: Reader,
-    page: Vec<(Vec<u8>, Vec<u8>)>,
+    page: archipel_ledger::store::Entries,
 }
 
 impl std::fmt::Debug for Join {
