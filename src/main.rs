@@ -219,10 +219,17 @@ enum NodeCommand {
         /// the data directory afterwards.
         #[arg(long, env = "ARCHIPEL_ADMISSION")]
         admission: Option<PathBuf>,
-        /// Start although the key is not a genesis node: it was registered on the ledger
-        /// (`archipel node register`) and is admitted once peers see that finalized.
+        /// Join the network: start although the key is not a genesis node (it was registered
+        /// on the ledger with `archipel node register` and is admitted once peers see that
+        /// finalized), and, when this node's ledger is empty or far behind, take the state from
+        /// a peer (checked against a finalized block) instead of replaying every block.
         #[arg(long)]
         join: bool,
+        /// With --join: how many blocks behind the network's head this node's ledger may be and
+        /// still catch up by blocks; further behind, it is moved aside (`<data dir>/replaced-*`)
+        /// and the state is synced from a peer.
+        #[arg(long, default_value_t = archipel_node::join::REJOIN_BEHIND_BLOCKS, requires = "join")]
+        join_behind: u64,
         #[command(flatten)]
         fields: NodeFields,
     },
@@ -577,9 +584,10 @@ fn node(cmd: NodeCommand) -> Result<()> {
                 &format!("node {} left the registry (its deposit went back to its owner)", cfg.name),
             ))
         }
-        NodeCommand::Run { config, genesis_hash, exit_with_parent, admission, join, fields } => {
+        NodeCommand::Run { config, genesis_hash, exit_with_parent, admission, join, join_behind, fields } => {
             let cfg = load_config(&config, Some(&fields))?;
-            let options = RunOptions { expect_genesis_hash: genesis_hash, exit_with_parent, admission, join };
+            let options =
+                RunOptions { expect_genesis_hash: genesis_hash, exit_with_parent, admission, join, join_behind };
             let prepared = archipel_node::run::prepare(cfg, options)?;
             prepared.run()?;
             Ok(())

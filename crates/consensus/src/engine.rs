@@ -246,7 +246,10 @@ where
     };
     let marshal_floor = match &tip {
         Some(f) if is_new(&context, &format!("{prefix}-application-metadata")).await => {
-            tracing::info!(height = chain.certified_tip()?.map_or(0, |t| t.0), "marshal starts from the block log's highest certified block");
+            tracing::info!(
+                height = chain.certified_tip()?.map_or(0, |t| t.0),
+                "marshal starts from the block log's highest certified block"
+            );
             Start::Floor(f.clone())
         }
         _ => Start::Genesis(genesis),

@@ -174,7 +174,10 @@ enum Frame {
     Partial,
     Entry(Vec<u8>, Vec<u8>),
     Block(Record),
-    End { entries: u64, blocks: u64 },
+    End {
+        entries: u64,
+        blocks: u64,
+    },
 }
 
 impl Reader {
@@ -383,7 +386,8 @@ impl Join {
         let max_txs = self.genesis_state.params().max_block_txs as usize;
         let mut headers = Vec::new();
         for (i, record) in self.reader.blocks.iter().enumerate() {
-            let block = Block::from_bytes(&record.block, max_txs).map_err(|e| format!("block {i} of the snapshot: {e}"))?;
+            let block =
+                Block::from_bytes(&record.block, max_txs).map_err(|e| format!("block {i} of the snapshot: {e}"))?;
             let h = block.header;
             let want = height + i as u64;
             if h.height != want {
@@ -576,8 +580,9 @@ mod tests {
         assert_eq!(reopened.head(), served.head());
         assert_eq!(reopened.opened().replayed, 0);
         // Without its state, a joined node cannot rebuild one: it is told to join again.
-        let err = Chain::open_with(genesis(), Box::new(MemoryStore::starting_at(32)), Arc::new(MemoryStates::default()))
-            .unwrap_err();
+        let err =
+            Chain::open_with(genesis(), Box::new(MemoryStore::starting_at(32)), Arc::new(MemoryStates::default()))
+                .unwrap_err();
         assert!(err.contains("--join"), "{err}");
     }
 

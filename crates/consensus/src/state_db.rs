@@ -13,7 +13,9 @@
 //! snapshot keeps its pages alive until it lets go.
 
 use archipel_ledger::Hash;
-use archipel_ledger::store::{Commit, Committed, Entries, StateSnapshot, StateStore, StoreError, check_import, check_order};
+use archipel_ledger::store::{
+    Commit, Committed, Entries, StateSnapshot, StateStore, StoreError, check_import, check_order,
+};
 use archipel_ledger::trie::{NodeSource, StoredNode, TrieError};
 use redb::{Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, TableDefinition};
 use std::fmt;

@@ -299,7 +299,12 @@ impl StateSnapshot for MemorySnapshot {
             Some(a) => std::ops::Bound::Excluded(a.to_vec()),
             None => std::ops::Bound::Unbounded,
         };
-        Ok(self.entries.range((start, std::ops::Bound::Unbounded)).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect())
+        Ok(self
+            .entries
+            .range((start, std::ops::Bound::Unbounded))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
     }
 }
 
@@ -438,8 +443,11 @@ pub mod conformance {
         for page in pages {
             let entries: Vec<_> = page.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect();
             s.import(&entries).unwrap();
-            trie.update(page.iter().map(|(k, v)| (key_hash(k.as_bytes()), Some(value_hash(v.as_bytes())))), &crate::trie::NoNodes)
-                .unwrap();
+            trie.update(
+                page.iter().map(|(k, v)| (key_hash(k.as_bytes()), Some(value_hash(v.as_bytes())))),
+                &crate::trie::NoNodes,
+            )
+            .unwrap();
         }
         assert_eq!(s.committed().unwrap(), None, "an import alone commits nothing");
         s.commit(&Commit { height: 500, root: trie.root(), ..Commit::default() }, true).unwrap();
@@ -448,7 +456,6 @@ pub mod conformance {
         assert_eq!(s.scan(b"", None, 10).unwrap().len(), 3);
         assert_eq!(s.get(b"node/7").unwrap().as_deref(), Some(&b"n"[..]));
     }
-
 }
 
 #[cfg(test)]

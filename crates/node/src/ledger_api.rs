@@ -78,6 +78,7 @@ pub fn routes() -> Router<Arc<ApiState>> {
         .route("/v1/ledger/blocks", get(blocks))
         .route("/v1/ledger/blocks/{height}", get(block))
         .route("/v1/ledger/export", get(export))
+        .route("/v1/ledger/snapshot", get(snapshot))
         .route("/v1/accounts/{id}", get(account))
         .route("/v1/proof/tx/{hash}", get(prove_tx))
         .route("/v1/proof/state/{*key}", get(prove_state))
@@ -479,6 +480,9 @@ async fn block(State(s): State<Arc<ApiState>>, Path(height): Path<u64>) -> Respo
         return Json(block_view(Block { header: s.chain.genesis(), liveness: Vec::new(), txs: Vec::new() }, &[]))
             .into_response();
     }
+    if let Some(refused) = below_first(&s.chain, height) {
+        return refused;
+    }
     match s.chain.block(height) {
         Ok(Some((b, c))) => Json(block_view(b, &c)).into_response(),
         Ok(None) => error(
@@ -527,6 +531,9 @@ async fn blocks(State(s): State<Arc<ApiState>>, Query(params): Params) -> Respon
         Ok(q) => q,
         Err(bad) => return bad.into_response(),
     };
+    if let Some(refused) = below_first(&s.chain, q.from) {
+        return refused;
+    }
     if let (Some(wait), Err(rx)) = (q.wait, s.chain.watch_height(q.from - 1)) {
         let _ = tokio::time::timeout(wait, rx).await;
     }
@@ -548,6 +555,16 @@ async fn export(State(s): State<Arc<ApiState>>, connection: Option<Extension<Con
         Ok(slot) => slot,
         Err(refused) => return *refused,
     };
+    let first = s.chain.first_block();
+    if first > 1 {
+        return error(
+            StatusCode::CONFLICT,
+            "blocks_pruned",
+            format!(
+                "this node holds blocks from height {first} on only (it joined by state sync, or prunes old blocks), so it cannot export the chain from the genesis: export from an archive node"
+            ),
+        );
+    }
     let head = archipel_ledger::export::start(&s.genesis.canonical_bytes());
     match export_body(s.clone(), head, slot).await {
         Ok(body) => ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response(),
@@ -597,6 +614,91 @@ async fn export_body(api: Arc<ApiState>, mut head: Vec<u8>, slot: crate::api::Ex
     });
     let head = futures::stream::once(async move { Ok(Bytes::from(head)) });
     Ok(Body::from_stream(futures::StreamExt::chain(head, rest)))
+}
+
+/// A 404 naming the first block held, for a block below it (this node joined by state sync or
+/// prunes old blocks); `None` for a height it may hold.
+fn below_first(chain: &Chain, height: u64) -> Option<Response> {
+    let first = chain.first_block();
+    (height > 0 && height < first).then(|| {
+        error(
+            StatusCode::NOT_FOUND,
+            "block_pruned",
+            format!(
+                "block {height} is below the first block this node holds ({first}: it joined by state sync, or prunes old blocks): ask an archive node"
+            ),
+        )
+    })
+}
+
+/// Entries per snapshot chunk.
+pub const SNAPSHOT_PAGE: usize = 4_096;
+
+/// `GET /v1/ledger/snapshot`: the state this node last committed, every entry, then the blocks
+/// that show it final (the format and its checks: `archipel_consensus::join`). Streamed: each
+/// page of entries is read on a blocking thread from one pinned view of the state store, and
+/// paid from the node's export budget like an export. The height is in `X-Archipel-Height`.
+async fn snapshot(State(s): State<Arc<ApiState>>, connection: Option<Extension<ConnectInfo<SocketAddr>>>) -> Response {
+    let slot = match s.guards.export_slot(request_source(connection.as_deref())) {
+        Ok(slot) => slot,
+        Err(refused) => return *refused,
+    };
+    let source = match archipel_consensus::join::Source::new(&s.chain) {
+        Ok(source) => source,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "no_snapshot", e),
+    };
+    let height = source.height();
+    let body = futures::stream::unfold(Some((s, source, slot)), |cursor| async move {
+        let (api, source, slot) = cursor?;
+        match snapshot_chunk(&api, source).await {
+            Ok((bytes, Some(source))) => Some((Ok(Bytes::from(bytes)), Some((api, source, slot)))),
+            Ok((bytes, None)) => Some((Ok(Bytes::from(bytes)), None)),
+            Err(e) => {
+                tracing::warn!(error = %e, "state snapshot stopped");
+                Some((Err(std::io::Error::other(e)), None))
+            }
+        }
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::HeaderName::from_static("x-archipel-height"), height.to_string()),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// The next chunk of a snapshot, and the source when more follows: a page of entries, or — once
+/// they are out — the blocks up to a certified one (waiting up to [`MAX_WAIT`] for one) and the
+/// end.
+async fn snapshot_chunk(
+    api: &Arc<ApiState>,
+    mut source: archipel_consensus::join::Source,
+) -> Result<(Vec<u8>, Option<archipel_consensus::join::Source>), String> {
+    let (source, page) = tokio::task::spawn_blocking(move || {
+        let page = source.next_entries(SNAPSHOT_PAGE);
+        (source, page)
+    })
+    .await
+    .map_err(|e| format!("the task reading the state failed: {e}"))?;
+    if let Some(bytes) = page? {
+        api.guards.pace_export(bytes.len()).await;
+        return Ok((bytes, Some(source)));
+    }
+    let deadline = tokio::time::Instant::now() + MAX_WAIT;
+    loop {
+        if let Some(tail) = source.tail(&api.chain)? {
+            return Ok((tail, None));
+        }
+        let waited = match api.chain.watch_height(api.chain.head().height) {
+            Ok(_) => Ok(()),
+            Err(next) => tokio::time::timeout_at(deadline, next).await.map(drop),
+        };
+        if waited.is_err() || tokio::time::Instant::now() >= deadline {
+            return Err(format!("no certified block covered block {} within {MAX_WAIT:?}", source.height()));
+        }
+    }
 }
 
 /// `GET /v1/accounts/{id}`.

@@ -14,6 +14,7 @@ pub mod fair_queue;
 pub mod files;
 pub mod genesis;
 pub mod gossip;
+pub mod join;
 pub mod ledger_api;
 pub mod ledger_verify;
 pub mod membership;

@@ -108,8 +108,12 @@ pub struct RunOptions {
     pub exit_with_parent: bool,
     /// The admission of a node that joins after genesis (see `archipel node admit`).
     pub admission: Option<PathBuf>,
-    /// Start although the key is not a genesis node (it was registered on the ledger).
+    /// Start although the key is not a genesis node (it was registered on the ledger), and sync
+    /// the state from a peer when the ledger is empty or far behind ([`crate::join`]).
     pub join: bool,
+    /// With `join`: how far behind the network the ledger may be and still catch up by blocks
+    /// ([`crate::join::REJOIN_BEHIND_BLOCKS`] by default).
+    pub join_behind: u64,
 }
 
 /// The node's observer: logs, re-tracks the p2p allowed set when a node is admitted, and persists
@@ -344,6 +348,33 @@ impl PreparedNode {
         // The API gets its own threads: a burst of requests queues there, not in front of consensus.
         let api_server = api::ApiServer::new(&cfg.api.limits).map_err(NodeError::Invalid)?;
         let api_handle = api_server.handle();
+        let validators: Vec<archipel_crypto::Ed25519PublicKey> =
+            genesis.validators.iter().filter_map(|v| archipel_crypto::public_key(v).ok()).collect();
+        let consensus_cfg = ConsensusConfig::new(
+            archipel_consensus::engine::namespace(&genesis_hash),
+            validators.clone(),
+            BlockCfg::from(&genesis.ledger),
+        );
+        if options.join {
+            match crate::join::prepare_ledger(
+                &cfg.data_dir,
+                &genesis,
+                &consensus_cfg,
+                &own.descriptor.node_id,
+                options.join_behind,
+            )? {
+                crate::join::Prepared::Kept => {}
+                crate::join::Prepared::Joined { peer, joined, took } => {
+                    tracing::info!(peer = %peer, height = joined.height, entries = joined.entries, took_ms = took.as_millis() as u64, "joined by state sync");
+                    println!(
+                        "joined by state sync from {peer}: the state at block {} ({} entries) in {:.1} s",
+                        joined.height,
+                        joined.entries,
+                        took.as_secs_f64()
+                    );
+                }
+            }
+        }
         let runner =
             cw_tokio::Runner::new(cw_tokio::Config::new().with_worker_threads(2).with_storage_directory(storage));
         let result = runner.start(|context| async move {
@@ -387,13 +418,6 @@ impl PreparedNode {
                 move |ctx| gossip::run(ctx, table, p2p.sender, p2p.receiver, observer)
             });
 
-            let validators: Vec<archipel_crypto::Ed25519PublicKey> =
-                genesis.validators.iter().filter_map(|v| archipel_crypto::public_key(v).ok()).collect();
-            let consensus_cfg = ConsensusConfig::new(
-                archipel_consensus::engine::namespace(&genesis_hash),
-                validators.clone(),
-                BlockCfg::from(&genesis.ledger),
-            );
             archipel_consensus::engine::start(
                 context.child("consensus"),
                 identity.private_key().clone(),

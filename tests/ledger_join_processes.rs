@@ -1,0 +1,190 @@
+//! Real processes: nodes of a 5-node devnet whose ledger is wiped (a follower, then a validator)
+//! or far behind come back with `node run --join`: they take the state from a peer instead of
+//! replaying the chain, follow the network within seconds, agree with it on every block after
+//! the state they took, and say clearly what they do not hold (older blocks, the export). The
+//! joined validator votes: with another validator stopped the chain still finalizes.
+
+mod common;
+
+use archipel_crypto::Identity;
+use archipel_ledger::{Payload, Transaction};
+use archipel_node::client::ApiClient;
+use archipel_node::ledger_api::{BlockView, HeadView};
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::path::Path;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+fn head(url: &str) -> Option<u64> {
+    let h: HeadView = rt().block_on(ApiClient::new(url).get("/v1/ledger/head")).ok()?;
+    Some(h.header.height)
+}
+
+fn healthy(url: &str) -> bool {
+    rt().block_on(ApiClient::new(url).get::<serde_json::Value>("/health")).is_ok_and(|h| h["status"] == "ok")
+}
+
+fn block(url: &str, height: u64) -> Result<BlockView, String> {
+    rt().block_on(ApiClient::new(url).get(&format!("/v1/ledger/blocks/{height}"))).map_err(|e| e.to_string())
+}
+
+fn wait_height(url: &str, height: u64, within: Duration) {
+    let start = Instant::now();
+    while head(url).unwrap_or(0) < height {
+        assert!(start.elapsed() < within, "{url} did not reach height {height} within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Kills the devnet's process `pid` and waits until it is gone (its ports free).
+fn kill_node(pid: u32) {
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill -9");
+    let started = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Transfers from the tenant to `n` fresh accounts, so the state holds more than the genesis.
+fn fill(url: &str, tenant: &Identity, n: u64) {
+    let client = ApiClient::new(url);
+    let net = network(url);
+    let a: serde_json::Value = rt().block_on(client.get(&format!("/v1/accounts/{}", tenant.node_id()))).unwrap();
+    let first = a["nonce"].as_u64().unwrap();
+    for i in 0..n {
+        let to = Identity::from_seed(10_000 + i).node_id();
+        let tx = Transaction {
+            signer: tenant.node_id(),
+            nonce: first + i,
+            payload: Payload::Transfer { to, amount_micro: 1 },
+        }
+        .sign(tenant, &net);
+        // In rounds of 50, each waiting for its last to be final (within every admission limit).
+        rt().block_on(client.submit(&tx, i % 50 == 49 || i + 1 == n)).expect("transfer admitted");
+    }
+}
+
+/// Restarts node `i` with `--join` (and `extra`), waits until it follows `reference` (healthy, at
+/// or above the reference's head when it started); returns the process and how long it took.
+fn rejoin(work: &Path, config: &Path, url: &str, reference: &str, extra: &[&str]) -> (ChildGuard, Duration) {
+    let mut args = vec!["node", "run", "--config", config.to_str().unwrap(), "--join"];
+    args.extend_from_slice(extra);
+    let started = Instant::now();
+    let child = ChildGuard(spawn(work, &args));
+    let target = head(reference).expect("the reference answers");
+    loop {
+        if healthy(url) && head(url).is_some_and(|h| h >= target) {
+            return (child, started.elapsed());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{url} does not follow {reference} (height {target}) 30 s after starting with --join (at {:?}); its log ends:\n{}",
+            head(url),
+            spawned_log_tail(work, 40)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The first block `url` holds: the lowest height it answers (it holds every block from there).
+fn first_held(url: &str) -> u64 {
+    let (mut lo, mut hi) = (1, head(url).expect("head"));
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if block(url, mid).is_ok() { hi = mid } else { lo = mid + 1 }
+    }
+    lo
+}
+
+/// Every block from `from` to `url`'s head as `reference` has it.
+fn assert_same_blocks(url: &str, reference: &str, from: u64) {
+    let to = head(url).unwrap().min(head(reference).unwrap());
+    for h in from..=to {
+        let (a, b) = (block(url, h).expect("held"), block(reference, h).expect("held"));
+        assert_eq!((a.hash, a.header.state_root), (b.hash, b.header.state_root), "block {h} of {url} and {reference}");
+    }
+}
+
+#[test]
+fn wiped_or_far_behind_nodes_join_by_state_sync_and_follow_within_seconds() {
+    let work = tempfile::tempdir().unwrap();
+    let devnet = Devnet::start(work.path(), &["--nodes", "5", "--base-ip", "127.0.59.2", "--base-port", "26700"]);
+    let url = |i| devnet.node(i).1;
+    let n1 = url(0);
+    wait_height(&n1, 3, Duration::from_secs(60));
+    let tenant = Identity::load(&devnet.dir.join("tenant.key")).unwrap();
+    fill(&n1, &tenant, 200);
+    // Past a commit of the state store (every 32 blocks), so a snapshot holds the transfers.
+    wait_height(&n1, head(&n1).unwrap() + 40, Duration::from_secs(60));
+
+    // A follower loses its whole data directory's ledger and consensus storage.
+    let (_, follower, pid, config) = devnet.node(4);
+    kill_node(pid);
+    let data = config.parent().unwrap().join("data");
+    for part in ["ledger", "runtime"] {
+        std::fs::remove_dir_all(data.join(part)).unwrap();
+    }
+    let (follower_proc, took) = rejoin(work.path(), &config, &follower, &n1, &[]);
+    println!("follower: following {took:?} after starting with --join");
+    let log = std::fs::read_to_string(work.path().join("spawned.log")).unwrap();
+    assert!(log.contains("joined by state sync"), "the follower synced the state:\n{log}");
+    let first = first_held(&follower);
+    assert!(first > 1, "it holds no block below the state it took");
+    let refused = block(&follower, first - 1).unwrap_err();
+    assert!(refused.contains("block_pruned") && refused.contains("archive node"), "{refused}");
+    let export = rt().block_on(reqwest::get(format!("{follower}/v1/ledger/export"))).unwrap();
+    assert_eq!(export.status(), 409, "a joined node cannot export from the genesis");
+    // Its balances are the network's: the state came whole.
+    let a: serde_json::Value = rt()
+        .block_on(ApiClient::new(&follower).get(&format!("/v1/accounts/{}", Identity::from_seed(10_199).node_id())))
+        .unwrap();
+    assert_eq!(a["balance_micro"].as_u64(), Some(1), "the last transfer's account: {a}");
+    wait_height(&follower, head(&n1).unwrap() + 8, Duration::from_secs(30));
+    assert_same_blocks(&follower, &n1, first);
+
+    // A validator too: it joins, then votes (with another validator stopped, the chain still
+    // finalizes — three of four are needed).
+    let (_, validator, pid, config) = devnet.node(1);
+    kill_node(pid);
+    let data = config.parent().unwrap().join("data");
+    for part in ["ledger", "runtime"] {
+        std::fs::remove_dir_all(data.join(part)).unwrap();
+    }
+    let (_validator_proc, took) = rejoin(work.path(), &config, &validator, &n1, &[]);
+    println!("validator: following {took:?} after starting with --join");
+    let (_, _, other, _) = devnet.node(2);
+    kill(Pid::from_raw(other as i32), Signal::SIGSTOP).unwrap();
+    let before = head(&n1).unwrap();
+    let progressed = std::panic::catch_unwind(|| wait_height(&n1, before + 8, Duration::from_secs(20)));
+    kill(Pid::from_raw(other as i32), Signal::SIGCONT).unwrap();
+    assert!(progressed.is_ok(), "with n03 stopped the chain stalled: the joined validator does not vote");
+    assert_same_blocks(&validator, &n1, first_held(&validator));
+
+    // Far behind: the follower stops while the chain moves on, then starts with --join and a
+    // threshold below the gap: its old ledger is moved aside and the state synced again.
+    drop(follower_proc);
+    let stopped_at = head(&n1).unwrap();
+    wait_height(&n1, stopped_at + 30, Duration::from_secs(60));
+    let config = devnet.node(4).3;
+    let (_follower_proc, took) = rejoin(work.path(), &config, &follower, &n1, &["--join-behind", "20"]);
+    println!("far-behind follower: following {took:?} after starting with --join");
+    let aside: Vec<_> = std::fs::read_dir(config.parent().unwrap().join("data"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("replaced-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the old ledger is kept aside for the operator");
+    assert!(aside[0].path().join("ledger/blocks.log").exists());
+    assert!(first_held(&follower) > stopped_at, "it took a newer state instead of replaying the gap");
+}
