@@ -175,9 +175,11 @@ fn wiped_or_far_behind_nodes_join_by_state_sync_and_follow_within_seconds() {
     // threshold below the gap: its old ledger is moved aside and the state synced again.
     drop(follower_proc);
     let stopped_at = head(&n1).unwrap();
-    wait_height(&n1, stopped_at + 30, Duration::from_secs(60));
+    // Peers commit their state every 32 blocks (a snapshot is the last commit): after 70 blocks
+    // each has committed one above the follower's head.
+    wait_height(&n1, stopped_at + 70, Duration::from_secs(60));
     let config = devnet.node(4).3;
-    let (_follower_proc, took) = rejoin(work.path(), &config, &follower, &n1, &["--join-behind", "20"]);
+    let (_follower_proc, took) = rejoin(work.path(), &config, &follower, &n1, &["--join-behind", "50"]);
     println!("far-behind follower: following {took:?} after starting with --join");
     let aside: Vec<_> = std::fs::read_dir(config.parent().unwrap().join("data"))
         .unwrap()
