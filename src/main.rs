@@ -5,6 +5,7 @@
 //! one line naming the problem and what to do, with a non-zero exit code.
 
 mod devnet;
+mod fill_chain;
 mod ledger_cli;
 mod output;
 mod topology;
@@ -342,6 +343,23 @@ enum DebugCommand {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// Give a stopped devnet a long chain and a large state, built and signed offline with its
+    /// own validator keys (benchmarks and tests of restart and join). Replaces every node's
+    /// ledger and consensus storage.
+    FillChain {
+        /// The devnet directory.
+        #[arg(long, default_value = devnet::DEFAULT_DIR)]
+        dir: PathBuf,
+        /// The chain's height when done.
+        #[arg(long)]
+        blocks: u64,
+        /// Fresh accounts to credit first (1 micro each, from the tenant).
+        #[arg(long, default_value_t = 0)]
+        accounts: u64,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -424,6 +442,22 @@ fn run(cli: Cli) -> Result<()> {
             let genesis = Genesis::load(&genesis)?;
             let report = archipel_node::p2p::probe(&identity, &genesis, listen, Duration::from_secs(seconds));
             println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Debug { command: DebugCommand::FillChain { dir, blocks, accounts, json } } => {
+            let filled = fill_chain::fill(&dir, blocks, accounts)?;
+            if json {
+                println!("{}", serde_json::to_string(&filled)?);
+            } else {
+                println!(
+                    "devnet {}: chain filled to block {} with {} new accounts in {:.1} s; start it with `archipel devnet --dir {}`",
+                    dir.display(),
+                    filled.height,
+                    filled.accounts,
+                    filled.seconds,
+                    dir.display()
+                );
+            }
             Ok(())
         }
     }

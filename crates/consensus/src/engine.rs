@@ -244,12 +244,16 @@ where
         ),
         None => None,
     };
+    // The floor's block, which marshal needs in hand before it delivers anything above it: given
+    // to the block broadcast's local cache below, where marshal looks first (nobody else may
+    // hold it in a marshal archive: every node may have started from such a floor).
+    let mut floor_block = None;
     let marshal_floor = match &tip {
         Some(f) if is_new(&context, &format!("{prefix}-application-metadata")).await => {
-            tracing::info!(
-                height = chain.certified_tip()?.map_or(0, |t| t.0),
-                "marshal starts from the block log's highest certified block"
-            );
+            let (height, _) = chain.certified_tip()?.ok_or("the certified block went away")?;
+            let (block, _) = chain.block(height)?.ok_or_else(|| format!("block {height} is not in the log"))?;
+            floor_block = Some(LedgerBlock::new(block));
+            tracing::info!(height, "marshal starts from the block log's highest certified block");
             Start::Floor(f.clone())
         }
         _ => Start::Genesis(genesis),
@@ -347,6 +351,15 @@ where
     let (finalized_tx, finalized_rx) = mpsc::unbounded_channel();
     let early_tx = finalized_tx.clone();
     handles.push(broadcast.start(channels.blocks));
+    if let Some(block) = floor_block {
+        let digest = block.digest();
+        // To no one: only into this node's cache.
+        let _ = commonware_broadcast::Broadcaster::broadcast(
+            &buffer,
+            commonware_p2p::Recipients::Some(Vec::new()),
+            Digested::precomputed(block, digest),
+        );
+    }
     let buffer_for_app = buffer.clone();
     handles.push(actor.start(Finalized(finalized_tx), buffer, resolver));
     handles.push(context.child("ledger_applier").spawn({
