@@ -118,6 +118,7 @@ fn create(dir: &Path, topology: &Topology, base_ip: Ipv4Addr, base_port: u16) ->
         let node_dir = dir.join("nodes").join(&n.name);
         let ip = node_ip(base_ip, i)?;
         let cfg = NodeConfig {
+            ledger: Default::default(),
             name: n.name.clone(),
             key_file: "node.key".into(),
             data_dir: "data".into(),

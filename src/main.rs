@@ -514,6 +514,7 @@ fn init_config(dir: &Path, f: &NodeFields) -> Result<NodeConfig> {
             .map_or_else(|| "node".into(), |n| n.to_string_lossy().into_owned())
     });
     Ok(NodeConfig {
+        ledger: Default::default(),
         name,
         key_file: f.key_file.clone().unwrap_or_else(|| "node.key".into()),
         data_dir: f.data_dir.clone().unwrap_or_else(|| "data".into()),

@@ -169,6 +169,7 @@ fn public_only<T: std::str::FromStr>(public: bool, text: &str) -> Option<T> {
 fn node_config(public: bool) -> NodeConfig {
     let opt = |text| public_only(public, text);
     NodeConfig {
+        ledger: Default::default(),
         name: "n01".into(),
         key_file: "node.key".into(),
         data_dir: "data".into(),

@@ -112,6 +112,8 @@ struct Inner {
     uncommitted_txs: HashMap<Hash, TxLocation>,
     /// Blocks between checkpoints ([`CHECKPOINT_BLOCKS`] unless a test sets it).
     checkpoint_every: u64,
+    /// Finalized blocks kept in the log below the head (`None`: all, an archive node).
+    retain: Option<u64>,
     mempool: Mempool,
     pending: HashMap<Hash, Executed>,
     tx_waiters: TxWaiters,
@@ -283,6 +285,7 @@ impl Chain {
                 committed_at: head.height,
                 uncommitted_txs: HashMap::new(),
                 checkpoint_every: CHECKPOINT_BLOCKS,
+                retain: None,
                 mempool: Mempool::new(MempoolLimits::with_capacity(MEMPOOL_CAPACITY)),
                 pending: HashMap::new(),
                 tx_waiters: TxWaiters::default(),
@@ -346,6 +349,34 @@ impl Chain {
     pub fn state_snapshot(&self) -> Result<Box<dyn archipel_ledger::store::StateSnapshot>, String> {
         let states = self.lock().states.clone();
         states.snapshot().map_err(|e| e.to_string())
+    }
+
+    /// Keeps only the last `blocks` finalized blocks in the log (and never drops the block the
+    /// stored state is at): older ones are dropped once as many as are kept have piled up, so
+    /// the rewrite costs O(1) per block. Without it the node keeps every block (an archive).
+    pub fn with_retention(self, blocks: u64) -> Self {
+        self.lock().retain = Some(blocks.max(1));
+        self
+    }
+
+    /// Drops the blocks below what [`Chain::with_retention`] keeps, when due: the kept blocks are
+    /// written to a new log without the chain's lock (the applier, the only appender, is the
+    /// caller), which then takes its place under it.
+    fn prune_outside_lock(&self) -> Result<(), String> {
+        let job = {
+            let g = self.lock();
+            let Some(retain) = g.retain else { return Ok(()) };
+            let keep_from = g.head.height.saturating_sub(retain).min(g.committed_at);
+            if keep_from < g.store.first().saturating_add(retain.max(COMMIT_BLOCKS)) {
+                return Ok(());
+            }
+            g.store.prune_plan(keep_from)
+        };
+        let Some(job) = job else { return Ok(()) };
+        let pruned = job()?;
+        let first = self.lock().store.prune_finish(pruned)?;
+        tracing::info!(first, "block log pruned: older blocks dropped as the retention setting says");
+        Ok(())
     }
 
     /// Checkpoints every `blocks` finalized blocks instead of [`CHECKPOINT_BLOCKS`] (the
@@ -681,6 +712,12 @@ impl Chain {
             }
             if g.since_checkpoint >= g.checkpoint_every {
                 g.checkpoint().map_err(|e| format!("block {}: {e}", block.header.height))?;
+                drop(g);
+                // A prune that fails leaves the log as it was: the node goes on, and says so.
+                if let Err(e) = self.prune_outside_lock() {
+                    tracing::warn!(error = %e, "cannot prune the block log; keeping every block for now");
+                }
+                g = self.lock();
             }
             // A block this node built or verified on the head already has its state.
             let cached = g.pending.remove(&hash).filter(|e| e.block.header.parent == g.head.hash());
@@ -1212,6 +1249,44 @@ mod tests {
     fn reopen(blocks: &MemoryStore, states: &archipel_ledger::store::MemoryStore) -> Chain {
         let genesis = three_accounts(1_000);
         Chain::open_with(genesis, Box::new(blocks.clone()), Arc::new(states.clone())).unwrap()
+    }
+
+    #[test]
+    fn a_retention_setting_keeps_the_last_blocks_and_the_stored_states_block() {
+        let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
+        let genesis = three_accounts(1_000);
+        let c = Chain::open_with(genesis, Box::new(blocks.clone()), Arc::new(states.clone()))
+            .unwrap()
+            .with_checkpoint_every(8)
+            .with_retention(40);
+        let mut firsts = Vec::new();
+        for _ in 0..300 {
+            let head = c.head();
+            let now = 1_000 * (head.height + 1);
+            c.submit(transfer(0, head.height), 100, now).unwrap();
+            let block = c.build(&head.hash(), now, |_| Vec::new()).unwrap();
+            c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized");
+            let first = c.first_block();
+            assert!(c.head().height - first >= 40 || first == 1, "at least the last 40 blocks stay");
+            let committed = c.lock().committed_at;
+            assert!(
+                first == 1 || first <= committed,
+                "the stored state's block stays: first {first}, committed at {committed}"
+            );
+            if firsts.last() != Some(&first) {
+                firsts.push(first);
+            }
+        }
+        assert!(firsts.len() >= 3, "pruned again and again: {firsts:?}");
+        assert!(c.head().height - c.first_block() <= 40 + 40 + 8 + COMMIT_BLOCKS, "and not much more is kept");
+        assert_eq!(c.block(c.first_block() - 1).unwrap().map(|b| b.0.header.height), None);
+        // A restart opens from the state it stored; the log still holds that state's block.
+        c.close().unwrap();
+        drop(c);
+        let c = reopen(&blocks, &states);
+        assert_eq!(c.opened().replayed, 0);
+        assert_eq!(c.head().height, 300);
+        assert!(c.first_block() > 1);
     }
 
     #[test]

@@ -520,6 +520,8 @@ struct Applier<E, A> {
     retry: Duration,
     /// The last sync failed (a successful apply does not end that stall).
     sync_failed: bool,
+    /// The height marshal was last asked to prune below (it follows the block log's first).
+    pruned: u64,
 }
 
 /// What the applier reads from marshal besides its deliveries (a trait so that tests can stand
@@ -531,11 +533,17 @@ pub(crate) trait FinalizedArchive {
     async fn block(&self, height: u64) -> Option<archipel_ledger::Block>;
     /// The finality certificate of the block at `height` (empty: it has none of its own).
     async fn certificate(&self, height: u64) -> Vec<u8>;
+    /// Drops the archive's blocks below `height` (the block log's retention; marshal ignores a
+    /// height above what it processed).
+    fn prune(&self, height: u64);
 }
 
 impl FinalizedArchive for Mailbox<Scheme, Standard<LedgerBlock>> {
     async fn processed(&self) -> Option<u64> {
         self.get_processed().await.map(|p| p.height().get())
+    }
+    fn prune(&self, height: u64) {
+        Mailbox::prune(self, Height::new(height));
     }
     async fn block(&self, height: u64) -> Option<archipel_ledger::Block> {
         self.get_block(Height::new(height)).await.map(|b| b.inner().block().clone())
@@ -565,6 +573,7 @@ async fn apply_finalized<E: Clock + Metrics, A: FinalizedArchive>(
         syncing: None,
         retry: RETRY_FIRST,
         sync_failed: false,
+        pruned: 1,
     };
     applier.run(updates).await;
 }
@@ -600,6 +609,11 @@ impl<E: Clock, A: FinalizedArchive> Applier<E, A> {
                     match result {
                         Ok(_) => {
                             acks.into_iter().for_each(Exact::acknowledge);
+                            let first = self.chain.first_block();
+                            if first > self.pruned {
+                                self.archive.prune(first);
+                                self.pruned = first;
+                            }
                             self.sync_failed = false;
                             self.succeeded();
                             if self.acks.len() >= ACK_BATCH {
@@ -811,6 +825,9 @@ mod tests {
             self.syncs.lock().unwrap().push((self.inner.height(), tx));
             rx
         }
+        fn prune_finish(&mut self, pruned: crate::store::Pruned) -> Result<u64, String> {
+            self.inner.prune_finish(pruned)
+        }
     }
 
     /// Marshal's archive as the tests set it up.
@@ -830,6 +847,7 @@ mod tests {
         async fn certificate(&self, _: u64) -> Vec<u8> {
             Vec::new()
         }
+        fn prune(&self, _: u64) {}
     }
 
     fn genesis() -> State {

@@ -61,6 +61,29 @@ pub trait BlockStore: Send + 'static {
     /// height they reach. Cheap under a lock: the sync runs elsewhere, and requests that arrive
     /// while one runs share the next.
     fn sync(&mut self) -> Synced;
+    /// The first half of dropping every block below `keep_from` (the last block always stays):
+    /// a job that writes the blocks kept to a new log, to run without the store (outside the
+    /// chain's lock), then handed to [`BlockStore::prune_finish`]. `None` when there is nothing
+    /// to drop.
+    fn prune_plan(&self, keep_from: u64) -> Option<PruneJob> {
+        let keep_from = keep_from.min(self.height());
+        (keep_from > self.first()).then(|| -> PruneJob { Box::new(move || Ok(Pruned { keep_from, file: None })) })
+    }
+    /// The second half: takes the new log in place of the old one (with any block appended
+    /// since the plan). Returns the new first height.
+    fn prune_finish(&mut self, pruned: Pruned) -> Result<u64, String>;
+}
+
+/// A prune's slow half (see [`BlockStore::prune_plan`]).
+pub type PruneJob = Box<dyn FnOnce() -> Result<Pruned, String> + Send>;
+
+/// What a prune's slow half made: the first height kept, and the new log's file, if the store
+/// keeps one.
+#[derive(Debug)]
+pub struct Pruned {
+    keep_from: u64,
+    /// The new log's path and the offset in the old log its copy ends at.
+    file: Option<(PathBuf, u64)>,
 }
 
 /// A read of stored records, run after the store's lock is released (see
@@ -183,6 +206,15 @@ impl BlockStore for MemoryStore {
         d.synced = d.records.len();
         answered(Ok(d.before + d.synced as u64))
     }
+    fn prune_finish(&mut self, pruned: Pruned) -> Result<u64, String> {
+        let mut d = self.disk();
+        let keep_from = pruned.keep_from.min(d.before + d.records.len() as u64).max(d.before + 1);
+        let drop = (keep_from - d.before - 1) as usize;
+        d.records.drain(..drop);
+        d.synced = d.synced.saturating_sub(drop);
+        d.before += drop as u64;
+        Ok(d.before + 1)
+    }
 }
 
 /// The first record of a log that does not start at height 1: this magic and the height of
@@ -290,34 +322,20 @@ impl FileStore {
         Self::open(path)
     }
 
-    /// Drops every block below `height` (kept: `height` and above, at least the last block):
-    /// the log is rewritten from there under a new name, made durable, and renamed over the old
-    /// one, so a crash leaves either log whole. Reads planned before it go on reading the old
-    /// file. Returns the new first height.
+    /// Drops every block below `height` at once (kept: `height` and above, at least the last
+    /// block): [`BlockStore::prune_plan`] then [`BlockStore::prune_finish`]. Returns the new first
+    /// height.
     pub fn prune_below(&mut self, height: u64) -> Result<u64, String> {
-        let keep_from = height.min(self.height()).max(self.first);
-        if keep_from <= self.first {
-            return Ok(self.first);
+        match self.prune_plan(height) {
+            Some(job) => self.prune_finish(job()?),
+            None => Ok(self.first),
         }
-        let err = |e: std::io::Error| format!("cannot prune the block log {}: {e}", self.path.display());
-        let start = self.offsets[(keep_from - self.first) as usize];
-        let end = *self.offsets.last().expect("one offset at least");
-        let mut bytes = base_marker(keep_from);
-        let marker = bytes.len() as u64;
-        bytes.extend(read_range(&self.reader, &self.path, start, end)?);
-        let tmp = PathBuf::from(format!("{}.pruning", self.path.display()));
-        write_synced(&tmp, &bytes).map_err(err)?;
-        std::fs::rename(&tmp, &self.path).map_err(err)?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
-        }
-        let file = OpenOptions::new().read(true).append(true).open(&self.path).map_err(err)?;
-        self.syncer = spawn_syncer(&file, &self.path)?;
-        self.reader = Arc::new(File::open(&self.path).map_err(err)?);
-        self.file = file;
-        self.offsets = self.offsets[(keep_from - self.first) as usize..].iter().map(|o| o - start + marker).collect();
-        self.first = keep_from;
-        Ok(keep_from)
+    }
+}
+
+impl FileStore {
+    fn pruning_path(&self) -> PathBuf {
+        PathBuf::from(format!("{}.pruning", self.path.display()))
     }
 }
 
@@ -423,6 +441,54 @@ impl BlockStore for FileStore {
         // prune writes a new file and this read keeps the old one), so the bytes stay put.
         let (reader, path, end) = (self.reader.clone(), self.path.clone(), self.offset(to + 1));
         RangeRead { last: to, len: end - start, read: Box::new(move || read_range(&reader, &path, start, end)) }
+    }
+
+    fn prune_plan(&self, keep_from: u64) -> Option<PruneJob> {
+        let keep_from = keep_from.min(self.height());
+        if keep_from <= self.first {
+            return None;
+        }
+        // The new log: a base marker, then the records kept as they are now, written and synced
+        // under another name; reads go through a handle of the old file, which only grows.
+        let (reader, path, tmp) = (self.reader.clone(), self.path.clone(), self.pruning_path());
+        let (start, end) = (self.offset(keep_from), *self.offsets.last().expect("one offset at least"));
+        Some(Box::new(move || {
+            let mut bytes = base_marker(keep_from);
+            bytes.extend(read_range(&reader, &path, start, end)?);
+            write_synced(&tmp, &bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+            Ok(Pruned { keep_from, file: Some((tmp, end)) })
+        }))
+    }
+
+    fn prune_finish(&mut self, pruned: Pruned) -> Result<u64, String> {
+        let Some((tmp, copied_to)) = pruned.file else { return Ok(self.first) };
+        let keep_from = pruned.keep_from;
+        let err = |e: std::io::Error| format!("cannot prune the block log {}: {e}", self.path.display());
+        if keep_from <= self.first || keep_from > self.height() {
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(self.first);
+        }
+        // Blocks appended since the copy go along.
+        let end = *self.offsets.last().expect("one offset at least");
+        if end > copied_to {
+            let tail = read_range(&self.reader, &self.path, copied_to, end)?;
+            let mut f = OpenOptions::new().append(true).open(&tmp).map_err(err)?;
+            f.write_all(&tail).map_err(err)?;
+            f.sync_all().map_err(err)?;
+        }
+        std::fs::rename(&tmp, &self.path).map_err(err)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+        }
+        let start = self.offset(keep_from);
+        let marker = base_marker(keep_from).len() as u64;
+        let file = OpenOptions::new().read(true).append(true).open(&self.path).map_err(err)?;
+        self.syncer = spawn_syncer(&file, &self.path)?;
+        self.reader = Arc::new(File::open(&self.path).map_err(err)?);
+        self.file = file;
+        self.offsets = self.offsets[(keep_from - self.first) as usize..].iter().map(|o| o - start + marker).collect();
+        self.first = keep_from;
+        Ok(keep_from)
     }
 
     fn sync(&mut self) -> Synced {
@@ -613,6 +679,34 @@ mod tests {
         let s = FileStore::open(&path).unwrap();
         assert_eq!((s.first(), s.height(), s.get(11).unwrap()), (11, 11, Some(record(11))));
         assert!(!dir.path().join("blocks.log.pruning").exists());
+    }
+
+    /// A prune in two halves, with blocks appended between them (the slow half runs without the
+    /// store), in both stores: they keep what was appended, and the first height moves.
+    fn prune_in_halves(store: &mut dyn BlockStore) {
+        for i in 1..=8 {
+            store.append(&record(i)).unwrap();
+        }
+        let job = store.prune_plan(5).expect("blocks to drop");
+        store.append(&record(9)).unwrap();
+        assert_eq!(store.prune_finish(job().unwrap()).unwrap(), 5);
+        assert_eq!((store.first(), store.height()), (5, 9));
+        assert_eq!(store.get(4).unwrap(), None);
+        assert_eq!(store.get(9).unwrap(), Some(record(9)), "appended after the plan, kept");
+        assert_eq!(store.get(5).unwrap(), Some(record(5)));
+        assert!(store.prune_plan(5).is_none() && store.prune_plan(2).is_none(), "nothing to drop");
+        store.append(&record(10)).unwrap();
+        assert_eq!(synced(store), Ok(10));
+    }
+
+    #[test]
+    fn both_stores_prune_in_two_halves() {
+        prune_in_halves(&mut MemoryStore::default());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blocks.log");
+        prune_in_halves(&mut FileStore::open(&path).unwrap());
+        let s = FileStore::open(&path).unwrap();
+        assert_eq!((s.first(), s.height(), s.get(10).unwrap()), (5, 10, Some(record(10))));
     }
 
     #[test]

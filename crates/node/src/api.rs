@@ -791,6 +791,7 @@ pub(crate) mod testing {
     pub(crate) fn state(limits: ApiLimits) -> Arc<ApiState> {
         let node = Identity::from_seed(1);
         let cfg = NodeConfig {
+            ledger: Default::default(),
             name: "n01".into(),
             key_file: "node.key".into(),
             data_dir: "data".into(),

@@ -188,6 +188,29 @@ pub struct NodeConfig {
     pub p2p: P2pConfig,
     /// API settings.
     pub api: ApiConfig,
+    /// Ledger settings (block retention).
+    #[serde(default, skip_serializing_if = "LedgerConfig::is_default")]
+    pub ledger: LedgerConfig,
+}
+
+/// Fewest blocks a pruning node keeps: what a peer behind by less than `--join`'s threshold
+/// ([`crate::join::REJOIN_BEHIND_BLOCKS`]) needs to catch up by blocks.
+pub const MIN_RETAIN_BLOCKS: u64 = crate::join::REJOIN_BEHIND_BLOCKS;
+
+/// `[ledger]` in `node.toml`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// Keep only this many finalized blocks below the head (at least [`MIN_RETAIN_BLOCKS`]);
+    /// absent, the node keeps every block (an archive node, which can export the whole chain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain_blocks: Option<u64>,
+}
+
+impl LedgerConfig {
+    fn is_default(&self) -> bool {
+        *self == LedgerConfig::default()
+    }
 }
 
 /// Values that override the file (from flags or environment variables); `None` keeps the file's.
@@ -242,6 +265,16 @@ impl NodeConfig {
             path: path.to_path_buf(),
             message: e.to_string().trim().to_string(),
         })?;
+        if let Some(n) = cfg.ledger.retain_blocks
+            && n < MIN_RETAIN_BLOCKS
+        {
+            return Err(ConfigError::Malformed {
+                path: path.to_path_buf(),
+                message: format!(
+                    "ledger.retain_blocks = {n} is below {MIN_RETAIN_BLOCKS}: peers catching up need the recent blocks (remove the setting to keep every block)"
+                ),
+            });
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut cfg.key_file, &mut cfg.data_dir, &mut cfg.genesis_file] {
             if p.is_relative() {
@@ -312,6 +345,7 @@ mod tests {
 
     fn sample() -> NodeConfig {
         NodeConfig {
+            ledger: Default::default(),
             name: "n01".into(),
             key_file: "node.key".into(),
             data_dir: "data".into(),
@@ -388,5 +422,38 @@ mod tests {
         std::fs::write(&path, format!("{without}\n[api.limits]\nmax_concurrent_requests = 0\n")).unwrap();
         let err = NodeConfig::load(&path).unwrap_err().to_string();
         assert!(err.contains("max_concurrent_requests") && err.contains("nonzero"), "{err}");
+    }
+
+    #[test]
+    fn block_retention_is_optional_and_never_below_what_peers_need() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        let good = sample().to_toml().unwrap();
+        assert!(!good.contains("[ledger]"), "an archive node's config says nothing: {good}");
+        std::fs::write(&path, &good).unwrap();
+        assert_eq!(NodeConfig::load(&path).unwrap().ledger.retain_blocks, None);
+        std::fs::write(
+            &path,
+            format!(
+                "{good}
+[ledger]
+retain_blocks = 50000
+"
+            ),
+        )
+        .unwrap();
+        assert_eq!(NodeConfig::load(&path).unwrap().ledger.retain_blocks, Some(50_000));
+        std::fs::write(
+            &path,
+            format!(
+                "{good}
+[ledger]
+retain_blocks = 10
+"
+            ),
+        )
+        .unwrap();
+        let err = NodeConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("retain_blocks = 10") && err.contains(&MIN_RETAIN_BLOCKS.to_string()), "{err}");
     }
 }

@@ -154,12 +154,15 @@ fn open_chain(cfg: &NodeConfig, genesis: &Genesis) -> Result<Arc<Chain>, NodeErr
             dir.join("state.redb").display()
         ))
     })?;
-    let chain = Chain::open_with(genesis.ledger_state(), Box::new(store), Arc::new(states)).map_err(|e| {
+    let mut chain = Chain::open_with(genesis.ledger_state(), Box::new(store), Arc::new(states)).map_err(|e| {
         NodeError::Invalid(format!(
             "{e}: the data directory {} is damaged; move it aside to resync",
             cfg.data_dir.display()
         ))
     })?;
+    if let Some(blocks) = cfg.ledger.retain_blocks {
+        chain = chain.with_retention(blocks);
+    }
     let opened = chain.opened();
     tracing::info!(
         state_height = opened.state_height,
