@@ -127,6 +127,34 @@ fn pretty(value: &impl serde::Serialize) -> Vec<u8> {
     format!("{text}\n").into_bytes()
 }
 
+/// What a node serves to a joining node once its state is committed after the two blocks:
+/// every entry, then block 2 with its certificate.
+fn state_snapshot(net: &Network, chain: &Chain) -> Vec<u8> {
+    let node = archipel_consensus::Chain::open(net.state.clone(), Box::new(archipel_consensus::MemoryStore::default()))
+        .unwrap_or_else(|e| unreachable!("a chain in memory opens: {e}"));
+    for (block, certificate) in chain.blocks.iter().zip([Vec::new(), chain.certificate.clone()]) {
+        node.finalize(block.clone(), certificate).unwrap_or_else(|e| panic!("the seed blocks apply: {e}"));
+    }
+    node.close().unwrap_or_else(|e| unreachable!("a store in memory commits: {e}"));
+    let mut source =
+        archipel_consensus::join::Source::new(&node).unwrap_or_else(|e| unreachable!("a committed state: {e}"));
+    let mut out = Vec::new();
+    while let Some(part) = source.next_entries(1_000).unwrap_or_else(|e| unreachable!("a store in memory reads: {e}")) {
+        out.extend(part);
+    }
+    out.extend(source.tail(&node).ok().flatten().unwrap_or_else(|| unreachable!("block 2 is certified")));
+    let cfg = ledger_verify::consensus_config(&net.genesis);
+    let states = std::sync::Arc::new(archipel_ledger::store::MemoryStore::default());
+    let joined = archipel_consensus::join::Join::new(net.state.clone(), cfg, states).and_then(|mut j| {
+        j.push(&out)?;
+        j.finish(&mut archipel_consensus::MemoryStore::starting_at(2))
+    });
+    if let Err(e) = joined {
+        panic!("the seed snapshot does not check out: {e}");
+    }
+    out
+}
+
 /// The block log as the node writes it: block 1 without a certificate of its own, block 2 with.
 fn block_log(chain: &Chain) -> Vec<u8> {
     // Tests build the seeds in several threads at once: one directory per call.
@@ -283,6 +311,7 @@ pub fn seeds() -> Vec<Seed> {
     add("candidate_log", "two-blocks", log);
 
     add("block_log", "two-blocks", block_log(&chain));
+    add("state_snapshot", "after-two-blocks", state_snapshot(net, &chain));
 
     let mut export = start(&net.genesis.canonical_bytes());
     push_block(&mut export, &chain.blocks[0].to_bytes(), &[]);

@@ -46,6 +46,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("genesis", genesis),
     ("node_config", node_config),
     ("proof", proof),
+    ("state_snapshot", state_snapshot),
 ];
 
 /// The target called `name`.
@@ -57,7 +58,9 @@ pub fn by_name(name: &str) -> Option<Target> {
 /// bounded by their decoders anyway).
 pub fn max_len(name: &str) -> usize {
     match name {
-        "export" | "block_log" | "candidate_log" | "block" | "ledger_block" | "fetch_message" => 256 * 1024,
+        "export" | "block_log" | "candidate_log" | "block" | "ledger_block" | "fetch_message" | "state_snapshot" => {
+            256 * 1024
+        }
         _ => 64 * 1024,
     }
 }
@@ -295,4 +298,24 @@ pub fn node_config(data: &[u8]) {
 pub fn proof(data: &[u8]) {
     let Ok(proof) = serde_json::from_slice::<AnyProof>(data) else { return };
     let _ = ledger_verify::verify_proof(&network().genesis, &proof);
+}
+
+/// A state snapshot (`GET /v1/ledger/snapshot`, read by `node run --join`), in two pieces as a
+/// stream delivers it: refused, or checked whole — and then it opens as a chain at its height.
+pub fn state_snapshot(data: &[u8]) {
+    let net = network();
+    let cfg = ledger_verify::consensus_config(&net.genesis);
+    let states = std::sync::Arc::new(archipel_ledger::store::MemoryStore::default());
+    let Ok(mut join) = archipel_consensus::join::Join::new(net.state.clone(), cfg, states.clone()) else { return };
+    let (a, b) = data.split_at(data.len() / 2);
+    if join.push(a).is_err() || join.push(b).is_err() {
+        return;
+    }
+    let Some((height, _)) = join.claimed() else { return };
+    let mut log = archipel_consensus::MemoryStore::starting_at(height);
+    if let Ok(joined) = join.finish(&mut log) {
+        let chain = archipel_consensus::Chain::open_with(net.state.clone(), Box::new(log), states)
+            .unwrap_or_else(|e| panic!("a snapshot that checked out does not open: {e}"));
+        assert_eq!(chain.first_block(), joined.height, "the chain starts at the snapshot's height");
+    }
 }

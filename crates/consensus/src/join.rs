@@ -382,6 +382,9 @@ impl Join {
         if height == 0 {
             return Err("the snapshot is of the genesis state: nothing to sync".into());
         }
+        if height > u64::MAX - MAX_BLOCKS {
+            return Err(format!("height {height} is not a chain's"));
+        }
         self.states.import(&std::mem::take(&mut self.page)).map_err(failed)?;
         let max_txs = self.genesis_state.params().max_block_txs as usize;
         let mut headers = Vec::new();

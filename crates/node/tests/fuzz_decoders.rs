@@ -151,6 +151,7 @@ fuzz_tests!(
     genesis,
     node_config,
     proof,
+    state_snapshot,
 );
 
 /// The committed `seed-*` files are what the code builds today (encodings change when formats
