@@ -18,6 +18,7 @@ mod ledger_bench;
 mod liveness_bench;
 mod simplex_baseline;
 mod state_bench;
+mod state_devnet_bench;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -29,12 +30,13 @@ fn main() -> Result<()> {
                 "devnet" => bench_devnet(),
                 "ledger" => ledger_bench::bench(&build_release()?, runs(&args)?),
                 "liveness" => liveness_bench::bench(),
-                "state" => state_bench::bench(),
+                "state" => state_bench::bench().and_then(|_| bench_state_devnet()),
                 "all" => bench_verify()
                     .and_then(|_| bench_devnet())
                     .and_then(|_| ledger_bench::bench(&build_release()?, runs(&args)?))
                     .and_then(|_| liveness_bench::bench())
-                    .and_then(|_| state_bench::bench()),
+                    .and_then(|_| state_bench::bench())
+                    .and_then(|_| bench_state_devnet()),
                 other => bail!("unknown benchmark {other:?}: use verify, devnet, ledger, liveness, state or all"),
             }
         }
@@ -137,6 +139,17 @@ fn bench_verify() -> Result<()> {
 
 /// Builds the `archipel` binary where `cargo run --release` builds it (`target/release`, not
 /// xtask's own target directory).
+/// The devnet part of `bench state` (skipped with `ARCHIPEL_BENCH_STATE_DEVNET=0`; 10^7 entries
+/// stay in the first part only).
+fn bench_state_devnet() -> Result<()> {
+    if std::env::var("ARCHIPEL_BENCH_STATE_DEVNET").is_ok_and(|v| v == "0") {
+        println!("== bench state (devnet): skipped (ARCHIPEL_BENCH_STATE_DEVNET=0)");
+        return Ok(());
+    }
+    let sizes: Vec<u64> = state_bench::sizes()?.into_iter().filter(|n| *n <= 1_000_000).collect();
+    state_devnet_bench::bench(&build_release()?, &sizes)
+}
+
 fn build_release() -> Result<PathBuf> {
     let target = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?.join("target");
     let status = Command::new(env!("CARGO"))

@@ -201,14 +201,20 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
-/// Runs the benchmark and prints its table.
-pub fn bench() -> Result<()> {
+/// The sizes measured: 10^3, 10^5, 10^6 and 10^7, up to `ARCHIPEL_BENCH_STATE_MAX` (10^6 by
+/// default).
+pub fn sizes() -> Result<Vec<u64>> {
     let max_entries: u64 = std::env::var("ARCHIPEL_BENCH_STATE_MAX")
         .ok()
         .map(|v| v.trim().parse().context("ARCHIPEL_BENCH_STATE_MAX must be a number of entries"))
         .transpose()?
         .unwrap_or(1_000_000);
-    let sizes: Vec<u64> = [1_000, 100_000, 1_000_000, 10_000_000].into_iter().filter(|n| *n <= max_entries).collect();
+    Ok([1_000, 100_000, 1_000_000, 10_000_000].into_iter().filter(|n| *n <= max_entries).collect())
+}
+
+/// Runs the benchmark and prints its table.
+pub fn bench() -> Result<()> {
+    let sizes = sizes()?;
     let dir = tempfile_dir()?;
     println!(
         "== bench state: a block of {CHANGES} changed accounts on the node's disk store, {BLOCKS} blocks per size"
