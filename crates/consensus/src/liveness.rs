@@ -137,7 +137,7 @@ impl Tracker {
     pub fn plan(&mut self, state: &State, now: SystemTime, max: usize) -> Vec<LivenessChange> {
         let mut out = Vec::new();
         let settled = self.settled(now);
-        for (node, lease) in state.leases() {
+        for (node, lease) in &state.leases() {
             if out.len() >= max {
                 break;
             }

@@ -12,7 +12,7 @@
 //! change, whatever the number of nodes.
 
 use crate::hash::Hash;
-use crate::state::{LeaseStatus, State};
+use crate::state::{LeaseStatus, State, StateKey};
 use archipel_crypto::{Identity, verify_signature};
 use archipel_types::NodeId;
 use bytes::BufMut;
@@ -180,14 +180,15 @@ pub enum LivenessError {
 }
 
 impl State {
-    /// Every registered node's lease, in node order.
-    pub fn leases(&self) -> impl Iterator<Item = (&NodeId, &Lease)> {
-        self.leases.iter()
+    /// Every registered node's lease, in node order (the registry is bounded and in memory; each
+    /// lease is read through from the store unless written since the last commit).
+    pub fn leases(&self) -> Vec<(NodeId, Lease)> {
+        self.nodes.keys().filter_map(|id| Some((*id, self.lease(id)?))).collect()
     }
 
     /// The lease of a registered node.
     pub fn lease(&self, node: &NodeId) -> Option<Lease> {
-        self.leases.get(node).copied()
+        self.leases.get(node, |id| self.load(&StateKey::Lease(*id), Lease::from_bytes))
     }
 
     /// Checks `change` against the current state (block height set by `begin_block`) without
@@ -224,13 +225,13 @@ impl State {
             LivenessChange::Down { .. } => LeaseStatus::Down,
             LivenessChange::Up { .. } => LeaseStatus::Up,
         };
-        self.leases.insert(change.node(), Lease { status, since_height: self.chain.height });
+        self.leases.set(change.node(), Some(Lease { status, since_height: self.chain.height }));
         Ok(())
     }
 
     /// Records a newly registered node's lease: Down until it proves it is alive.
     pub(crate) fn open_lease(&mut self, node: NodeId) {
-        self.leases.insert(node, Lease { status: LeaseStatus::Down, since_height: self.chain.height });
+        self.leases.set(node, Some(Lease { status: LeaseStatus::Down, since_height: self.chain.height }));
     }
 }
 
@@ -241,6 +242,30 @@ mod tests {
 
     fn up(seed: u64, s: &State, at_height: u64) -> LivenessChange {
         LivenessChange::Up { node: id(seed).node_id(), proof: AliveProof::sign(&id(seed), &s.network, at_height) }
+    }
+
+    #[test]
+    fn leases_are_read_through_from_the_store_like_any_kind_a_module_adds() {
+        let store = std::sync::Arc::new(crate::store::MemoryStore::default());
+        let mut s = genesis().with_store(store.clone());
+        let node = id(10).node_id();
+        s.begin_block(1, 1_000);
+        s.apply_liveness(&up(10, &s, 0)).unwrap();
+        let c = s.commit().unwrap();
+        crate::store::StateStore::commit(&*store, &c, true).unwrap();
+        s.committed();
+        assert_eq!(s.leases.written().count(), 0, "after a commit no lease is held in memory");
+        assert_eq!(
+            s.lease(&node).map(|l| (l.status, l.since_height)),
+            Some((LeaseStatus::Up, 1)),
+            "read from the store"
+        );
+        // Opening a state loads no lease either: each is read when asked for.
+        let opened = State::open(store.clone()).unwrap().expect("committed");
+        assert_eq!(opened.leases.written().count(), 0);
+        assert_eq!(opened.lease_status(&node), LeaseStatus::Up);
+        assert_eq!(opened.leases(), vec![(node, Lease { status: LeaseStatus::Up, since_height: 1 })]);
+        assert_eq!(opened.state_root(), s.state_root());
     }
 
     #[test]

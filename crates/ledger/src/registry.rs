@@ -148,7 +148,7 @@ impl State {
     /// Removes the node and its lease, returns the deposit to the owner and remembers the node's
     /// last descriptor version; only after [`State::check_leave`].
     pub(crate) fn apply_leave(&mut self, node: NodeId) -> Receipt {
-        self.leases.remove(&node);
+        self.leases.set(node, None);
         let Some(rec) = self.nodes.remove(&node) else {
             return Receipt::NodeLeft { node, owner: node, deposit_micro: 0 };
         };

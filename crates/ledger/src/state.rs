@@ -203,7 +203,9 @@ pub struct State {
     pub(crate) accounts: Overlay<NodeId, Account>,
     /// The registry is bounded by `max_registered_nodes` and walked often: all in memory.
     pub(crate) nodes: Table<NodeId, NodeRecord>,
-    pub(crate) leases: Table<NodeId, Lease>,
+    /// Leases, one per registered node: read through from the store, as every kind a module
+    /// adds is (see [`crate::lease`]).
+    pub(crate) leases: Overlay<NodeId, Lease>,
     /// Tombstones: the highest descriptor version of each node that left (removed when it
     /// registers again). Read through from the store.
     pub(crate) departed: Overlay<NodeId, u64>,
@@ -328,7 +330,7 @@ impl State {
 
     /// Lease status of `node` (Down if it is not registered).
     pub fn lease_status(&self, node: &NodeId) -> LeaseStatus {
-        match self.leases.get(node) {
+        match self.lease(node) {
             Some(l) if self.nodes.contains_key(node) => l.status,
             _ => LeaseStatus::Down,
         }
@@ -339,6 +341,7 @@ impl State {
         self.other_changed.insert(StateKey::Chain);
         self.accounts.writing_at(height);
         self.departed.writing_at(height);
+        self.leases.writing_at(height);
         self.chain.height = height;
         self.chain.timestamp_ms = timestamp_ms;
     }
@@ -468,7 +471,7 @@ impl State {
                 Some([c.height.to_be_bytes(), c.timestamp_ms.to_be_bytes(), c.fees_burned_micro.to_be_bytes()].concat())
             }
             StateKey::Departed(id) => self.departed_version(id).map(|v| v.to_be_bytes().to_vec()),
-            StateKey::Lease(id) => self.leases.get(id).map(Lease::to_bytes),
+            StateKey::Lease(id) => self.lease(id).map(|l| l.to_bytes()),
             StateKey::Network => Some(self.network.0.to_vec()),
             StateKey::Node(id) => self.nodes.get(id).map(json),
             StateKey::Params => Some(json(&self.params)),
@@ -483,7 +486,7 @@ impl State {
         out.extend(self.overlay_keys("account/", &self.accounts, StateKey::Account));
         out.push(StateKey::Chain);
         out.extend(self.overlay_keys("departed/", &self.departed, StateKey::Departed));
-        out.extend(self.leases.keys().map(|id| StateKey::Lease(*id)));
+        out.extend(self.overlay_keys("lease/", &self.leases, StateKey::Lease));
         out.push(StateKey::Network);
         out.extend(self.nodes.keys().map(|id| StateKey::Node(*id)));
         out.push(StateKey::Params);
@@ -593,6 +596,7 @@ impl State {
         self.unsaved = imbl::OrdMap::new();
         self.accounts.clear_written();
         self.departed.clear_written();
+        self.leases.clear_written();
     }
 
     /// Forgets what a store committed through `height` holds already: for a state forked from
@@ -601,6 +605,7 @@ impl State {
     pub fn forget_committed_through(&mut self, height: u64) {
         self.accounts.forget_through(height);
         self.departed.forget_through(height);
+        self.leases.forget_through(height);
         if self.unsaved.values().any(|at| *at <= height) {
             self.unsaved = self.unsaved.iter().filter(|(_, at)| **at > height).map(|(k, at)| (*k, *at)).collect();
         }
@@ -639,12 +644,12 @@ impl State {
         let params: LedgerParams =
             serde_json::from_slice(&get(StateKey::Params)?).map_err(|e| corrupt(&"params", e.to_string()))?;
         // One pass over the store: the trie is rebuilt from every entry (and must give the
-        // committed root), and the registry, leases and validators are kept as it goes.
+        // committed root), and the registry and validators are kept as it goes.
         let mut leaves = Vec::new();
         let mut registry = Vec::new();
         for_each_stored(&*store, "", |k, v| {
             leaves.push((trie::key_hash(&k), Some(trie::value_hash(&v))));
-            if [&b"node/"[..], b"lease/", b"validator/"].iter().any(|p| k.starts_with(p)) {
+            if [&b"node/"[..], b"validator/"].iter().any(|p| k.starts_with(p)) {
                 registry.push((parse_key("registry", k)?, v));
             }
             Ok(())
@@ -668,20 +673,16 @@ impl State {
                     let rec: NodeRecord = serde_json::from_slice(&value).map_err(|e| corrupt(&key, e.to_string()))?;
                     s.nodes.insert(id, rec);
                 }
-                StateKey::Lease(id) => {
-                    s.leases.insert(id, Lease::from_bytes(&value).map_err(|e| corrupt(&key, e))?);
-                }
                 _ => {}
             }
         }
         // What was loaded is what the store holds: nothing to seal or write.
         s.nodes.take_changed();
-        s.leases.take_changed();
         Ok(Some(s))
     }
 
     /// Reads `key` from the store; a failure is kept (see [`State::seal`]) and reads as absent.
-    fn load<V>(&self, key: &StateKey, decode: fn(&[u8]) -> Result<V, String>) -> Option<V> {
+    pub(crate) fn load<V>(&self, key: &StateKey, decode: fn(&[u8]) -> Result<V, String>) -> Option<V> {
         let read = self.store.get(&key.to_bytes()).and_then(|bytes| match bytes {
             None => Ok(None),
             Some(b) => decode(&b).map(Some).map_err(|e| StoreError::Corrupt(format!("{key}: {e}"))),
@@ -721,7 +722,7 @@ impl State {
             Ok(entries) => entries
                 .into_iter()
                 .filter_map(|(k, _)| match k {
-                    StateKey::Account(id) | StateKey::Departed(id) => Some(id),
+                    StateKey::Account(id) | StateKey::Departed(id) | StateKey::Lease(id) => Some(id),
                     _ => None,
                 })
                 .collect(),
