@@ -92,6 +92,9 @@ impl Read for LedgerBlock {
         if block.header.tx_root != tx_root(&block.txs) {
             return Err(CodecError::Invalid("LedgerBlock", "transactions do not match the transaction root"));
         }
+        if block.header.liveness_root != archipel_ledger::liveness_root(&block.liveness) {
+            return Err(CodecError::Invalid("LedgerBlock", "liveness changes do not match the liveness root"));
+        }
         Ok(Self::new(block))
     }
 }

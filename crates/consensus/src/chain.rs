@@ -830,7 +830,12 @@ impl Chain {
     /// chunks without holding up consensus.
     pub fn plan_raw_blocks(&self, from: u64, max_blocks: u64, max_bytes: u64) -> (crate::store::RangeRead, u64) {
         let g = self.lock();
-        let from = from.max(g.store.first());
+        // Below the first block held (pruned, or this node joined above it): nothing, never a
+        // range that silently starts later.
+        if from < g.store.first() && from > 0 {
+            return (crate::store::RangeRead::nothing(from - 1), g.certified);
+        }
+        let from = from.max(1);
         let to = from.saturating_add(max_blocks.max(1) - 1).min(g.certified);
         if from > to {
             return (crate::store::RangeRead::nothing(from - 1), g.certified);
@@ -1280,6 +1285,8 @@ mod tests {
         assert!(firsts.len() >= 3, "pruned again and again: {firsts:?}");
         assert!(c.head().height - c.first_block() <= 40 + 40 + 8 + COMMIT_BLOCKS, "and not much more is kept");
         assert_eq!(c.block(c.first_block() - 1).unwrap().map(|b| b.0.header.height), None);
+        let (plan, _) = c.plan_raw_blocks(1, 10, u64::MAX);
+        assert_eq!(plan.len, 0, "a range starting below the first block held reads nothing, never a later start");
         // A restart opens from the state it stored; the log still holds that state's block.
         c.close().unwrap();
         drop(c);

@@ -234,32 +234,39 @@ where
     // is not (a node that joined by state sync, or whose ledger came from elsewhere) — at the
     // log's highest certified block: nothing below it is asked of the network. With storage of
     // their own they resume from what they recorded.
+    let marshal_new = is_new(&context, &format!("{prefix}-application-metadata")).await;
+    let simplex_new = is_new(&context, SIMPLEX_PARTITION).await;
     let tip = match chain.certified_tip()? {
-        Some((height, certificate)) => Some(
-            Finalization::<Scheme, Digest>::decode_cfg(
+        Some((height, certificate)) if marshal_new || simplex_new => {
+            // Checked before marshal sees it (marshal panics on a floor that does not verify):
+            // a log from elsewhere, or a damaged one, is refused with a reason.
+            let (block, _) = chain.block(height)?.ok_or_else(|| format!("block {height} is not in the log"))?;
+            verify_finality(&cfg, &block.hash(), &certificate).map_err(|e| {
+                format!("block {height}'s stored finality certificate is not valid ({e}): the block log is damaged or not this network's; move the ledger directory aside and start with --join")
+            })?;
+            let f = Finalization::<Scheme, Digest>::decode_cfg(
                 commonware_codec::Copying(certificate.as_slice()),
                 &scheme.certificate_codec_config(),
             )
-            .map_err(|e| format!("block {height}'s stored finality certificate does not decode: {e}"))?,
-        ),
-        None => None,
+            .map_err(|e| format!("block {height}'s stored finality certificate does not decode: {e}"))?;
+            Some((height, block, f))
+        }
+        _ => None,
     };
     // The floor's block, which marshal needs in hand before it delivers anything above it: given
     // to the block broadcast's local cache below, where marshal looks first (nobody else may
     // hold it in a marshal archive: every node may have started from such a floor).
     let mut floor_block = None;
     let marshal_floor = match &tip {
-        Some(f) if is_new(&context, &format!("{prefix}-application-metadata")).await => {
-            let (height, _) = chain.certified_tip()?.ok_or("the certified block went away")?;
-            let (block, _) = chain.block(height)?.ok_or_else(|| format!("block {height} is not in the log"))?;
-            floor_block = Some(LedgerBlock::new(block));
+        Some((height, block, f)) if marshal_new => {
+            floor_block = Some(LedgerBlock::new(block.clone()));
             tracing::info!(height, "marshal starts from the block log's highest certified block");
             Start::Floor(f.clone())
         }
         _ => Start::Genesis(genesis),
     };
     let simplex_floor = match tip {
-        Some(f) if is_new(&context, SIMPLEX_PARTITION).await => Floor::Finalized(f),
+        Some((_, _, f)) if simplex_new => Floor::Finalized(f),
         _ => Floor::Genesis(genesis_digest),
     };
 

@@ -36,8 +36,13 @@ pub const MAX_CERTIFICATE_BYTES: usize = 64 * 1024;
 /// Most blocks a snapshot may carry after its state (`H..=C`): a certified block comes within a
 /// few blocks of any block on a live chain.
 pub const MAX_BLOCKS: u64 = 4_096;
-/// Entries imported into the store at a time.
+/// Entries imported into the store at a time (fewer when they are large: see
+/// [`IMPORT_PAGE_BYTES`]).
 const IMPORT_PAGE: usize = 4_096;
+/// Bytes of entries held before they are imported.
+const IMPORT_PAGE_BYTES: usize = 16 << 20;
+/// Bytes of blocks a snapshot may carry (they are held until the end).
+pub const MAX_BLOCK_BYTES_HELD: usize = 256 << 20;
 
 const TAG_END: u8 = 0;
 const TAG_ENTRY: u8 = 1;
@@ -137,7 +142,19 @@ impl Source {
     /// The blocks from the state's height to the first certified one at or above it, and the
     /// end frame; `None` while no certificate covers the state's block yet.
     pub fn tail(&self, chain: &Chain) -> Result<Option<Vec<u8>>, String> {
-        let (raw, _) = chain.raw_blocks_from(self.height, MAX_BLOCKS)?;
+        if self.height < chain.first_block() {
+            return Err(format!("block {} was pruned while the snapshot was read: ask again", self.height));
+        }
+        // Block by block up to the first with a certificate: a handful on a live chain.
+        let mut raw = Vec::new();
+        for height in self.height..self.height.saturating_add(MAX_BLOCKS) {
+            let Some((block, certificate)) = chain.block(height)? else { return Ok(None) };
+            put_record(&mut raw, &block.to_bytes());
+            put_record(&mut raw, &certificate);
+            if !certificate.is_empty() {
+                break;
+            }
+        }
         let mut out = Vec::new();
         let (blocks, certified) = put_blocks(&mut out, &raw)?;
         if !certified {
@@ -164,6 +181,8 @@ struct Reader {
     last_key: Option<Vec<u8>>,
     entries: u64,
     blocks: Vec<Record>,
+    /// Their bytes.
+    block_bytes: usize,
     ended: bool,
     max_block_bytes: usize,
 }
@@ -248,6 +267,9 @@ impl Reader {
                 return Err(format!("snapshot version {version}; this build reads version {VERSION}"));
             }
             let height = u64::from_be_bytes(self.buf[28..36].try_into().expect("8 bytes"));
+            if height > u64::MAX / 2 {
+                return Err(format!("height {height} is not a chain's"));
+            }
             let root = Hash(self.buf[36..68].try_into().expect("32 bytes"));
             self.head = Some((height, root));
             at = HEAD_BYTES;
@@ -271,6 +293,10 @@ impl Reader {
                 Frame::Block(record) => {
                     if self.blocks.len() as u64 >= MAX_BLOCKS {
                         return Err(format!("more than {MAX_BLOCKS} blocks after the state"));
+                    }
+                    self.block_bytes += record.block.len() + record.certificate.len();
+                    if self.block_bytes > MAX_BLOCK_BYTES_HELD {
+                        return Err(format!("more than {MAX_BLOCK_BYTES_HELD} bytes of blocks after the state"));
                     }
                     self.blocks.push(record);
                 }
@@ -302,6 +328,7 @@ pub struct Join {
     states: Arc<dyn StateStore>,
     reader: Reader,
     page: archipel_ledger::store::Entries,
+    page_bytes: usize,
 }
 
 impl std::fmt::Debug for Join {
@@ -336,20 +363,28 @@ impl Join {
             last_key: None,
             entries: 0,
             blocks: Vec::new(),
+            block_bytes: 0,
             ended: false,
             max_block_bytes,
         };
-        Ok(Join { genesis_state, cfg, states, reader, page: Vec::new() })
+        Ok(Join { genesis_state, cfg, states, reader, page: Vec::new(), page_bytes: 0 })
     }
 
     /// Takes the next bytes of the snapshot; entries go to the store a page at a time.
     pub fn push(&mut self, bytes: &[u8]) -> Result<(), String> {
         let entries = self.reader.push(bytes)?;
+        self.page_bytes += entries.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
         self.page.extend(entries);
-        if self.page.len() >= IMPORT_PAGE {
+        if self.page.len() >= IMPORT_PAGE || self.page_bytes >= IMPORT_PAGE_BYTES {
             self.states.import(&std::mem::take(&mut self.page)).map_err(failed)?;
+            self.page_bytes = 0;
         }
         Ok(())
+    }
+
+    /// Whether the snapshot's end frame has arrived (nothing more may follow).
+    pub fn ended(&self) -> bool {
+        self.reader.ended
     }
 
     /// The height and root the snapshot's header claims, once it has arrived.
@@ -395,6 +430,12 @@ impl Join {
             let want = height + i as u64;
             if h.height != want {
                 return Err(format!("the snapshot's block {i} is at height {}, not {want}", h.height));
+            }
+            // The header is what the certificates sign: the body must be the one it names.
+            if h.tx_root != archipel_ledger::block::tx_root(&block.txs)
+                || h.liveness_root != archipel_ledger::liveness_root(&block.liveness)
+            {
+                return Err(format!("block {}'s body does not match its header", h.height));
             }
             if let Some(parent) = headers.last().map(archipel_ledger::BlockHeader::hash)
                 && h.parent != parent
@@ -637,6 +678,44 @@ mod tests {
         let (n, _) = put_blocks(&mut bytes, &raw).unwrap();
         put_end(&mut bytes, source.entries, n);
         assert!(refused(&bytes).contains("finality certificate"));
+        // Blocks whose bodies are not the ones their (certified) headers name; no blocks; a last
+        // block without a certificate.
+        let with_blocks = |records: &[(Vec<u8>, Vec<u8>)]| {
+            let mut out = bytes[..bytes.len() - bytes.len()].to_vec();
+            let mut source = Source::new(&served).unwrap();
+            while let Some(part) = source.next_entries(100).unwrap() {
+                out.extend(part);
+            }
+            let mut raw = Vec::new();
+            for (b, c) in records {
+                put_record(&mut raw, b);
+                put_record(&mut raw, c);
+            }
+            let mut framed = Vec::new();
+            let mut at = 0;
+            let mut n = 0;
+            while at < raw.len() {
+                let b = take_record(&raw, &mut at, usize::MAX).unwrap();
+                let c = take_record(&raw, &mut at, usize::MAX).unwrap();
+                framed.push(TAG_BLOCK);
+                put_record(&mut framed, b);
+                put_record(&mut framed, c);
+                n += 1;
+            }
+            out.extend(framed);
+            put_end(&mut out, source.entries, n);
+            out
+        };
+        let record = |h: u64| {
+            let (b, c) = served.block(h).unwrap().unwrap();
+            (b.to_bytes(), c)
+        };
+        let mut forged = served.block(33).unwrap().unwrap().0;
+        forged.txs = served.block(34).unwrap().unwrap().0.txs;
+        let bodies = [record(32), (forged.to_bytes(), Vec::new()), record(34), record(35)];
+        assert!(refused(&with_blocks(&bodies)).contains("body does not match its header"));
+        assert!(refused(&with_blocks(&[])).contains("no blocks"));
+        assert!(refused(&with_blocks(&[record(32), record(33)])).contains("no finality certificate"));
         // And the good one still joins after all that.
         assert!(join(&good, &states).is_ok());
     }
@@ -648,6 +727,7 @@ mod tests {
             last_key: None,
             entries: 0,
             blocks: Vec::new(),
+            block_bytes: 0,
             ended: false,
             max_block_bytes: 1024,
         }

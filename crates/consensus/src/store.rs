@@ -232,7 +232,7 @@ fn base_marker(first: u64) -> Vec<u8> {
 fn parse_base(block: &[u8], certificate: &[u8]) -> Option<u64> {
     (block.len() == BASE_MAGIC.len() + 8 && block.starts_with(BASE_MAGIC) && certificate.is_empty())
         .then(|| u64::from_be_bytes(block[BASE_MAGIC.len()..].try_into().expect("8 bytes")))
-        .filter(|first| *first > 1)
+        .filter(|first| *first > 1 && *first <= u64::MAX / 2)
 }
 
 /// A request to the sync thread: the height appended when it was made, and where to answer.
@@ -306,6 +306,11 @@ impl FileStore {
         }
         let syncer = spawn_syncer(&file, path)?;
         let reader = Arc::new(File::open(path).map_err(err)?);
+        // A prune cut short before its rename left its copy: the log is whole without it.
+        let leftover = PathBuf::from(format!("{}.pruning", path.display()));
+        if leftover.exists() {
+            std::fs::remove_file(&leftover).map_err(err)?;
+        }
         Ok(FileStore { path: path.to_path_buf(), file, reader, first, offsets, syncer, broken: None })
     }
 
@@ -337,6 +342,21 @@ impl FileStore {
     fn pruning_path(&self) -> PathBuf {
         PathBuf::from(format!("{}.pruning", self.path.display()))
     }
+}
+
+/// Writes `head` then the bytes `start..end` of `from` (the file at `path`) as the whole file
+/// `to`, a MiB at a time, and syncs it.
+fn copy_synced(from: &File, path: &Path, start: u64, end: u64, head: &[u8], to: &Path) -> Result<(), String> {
+    let err = |e: std::io::Error| format!("cannot write {}: {e}", to.display());
+    let mut out = OpenOptions::new().write(true).create(true).truncate(true).open(to).map_err(err)?;
+    out.write_all(head).map_err(err)?;
+    let mut at = start;
+    while at < end {
+        let next = end.min(at + (1 << 20));
+        out.write_all(&read_range(from, path, at, next)?).map_err(err)?;
+        at = next;
+    }
+    out.sync_all().map_err(err)
 }
 
 /// Writes `bytes` as the whole file at `path` and syncs it.
@@ -453,9 +473,7 @@ impl BlockStore for FileStore {
         let (reader, path, tmp) = (self.reader.clone(), self.path.clone(), self.pruning_path());
         let (start, end) = (self.offset(keep_from), *self.offsets.last().expect("one offset at least"));
         Some(Box::new(move || {
-            let mut bytes = base_marker(keep_from);
-            bytes.extend(read_range(&reader, &path, start, end)?);
-            write_synced(&tmp, &bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+            copy_synced(&reader, &path, start, end, &base_marker(keep_from), &tmp)?;
             Ok(Pruned { keep_from, file: Some((tmp, end)) })
         }))
     }
@@ -468,26 +486,30 @@ impl BlockStore for FileStore {
             let _ = std::fs::remove_file(&tmp);
             return Ok(self.first);
         }
-        // Blocks appended since the copy go along.
+        // Blocks appended since the copy go along; everything that can fail is done on the new
+        // file before it takes the log's name, so a failure leaves the old log in use, whole.
         let end = *self.offsets.last().expect("one offset at least");
+        let file = OpenOptions::new().read(true).append(true).open(&tmp).map_err(err)?;
         if end > copied_to {
             let tail = read_range(&self.reader, &self.path, copied_to, end)?;
-            let mut f = OpenOptions::new().append(true).open(&tmp).map_err(err)?;
-            f.write_all(&tail).map_err(err)?;
-            f.sync_all().map_err(err)?;
+            (&file).write_all(&tail).map_err(err)?;
+            file.sync_all().map_err(err)?;
         }
+        let reader = Arc::new(File::open(&tmp).map_err(err)?);
+        let syncer = spawn_syncer(&file, &self.path)?;
         std::fs::rename(&tmp, &self.path).map_err(err)?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
-        }
+        // The handles follow the file across the rename; only the rename's durability is left.
         let start = self.offset(keep_from);
         let marker = base_marker(keep_from).len() as u64;
-        let file = OpenOptions::new().read(true).append(true).open(&self.path).map_err(err)?;
-        self.syncer = spawn_syncer(&file, &self.path)?;
-        self.reader = Arc::new(File::open(&self.path).map_err(err)?);
+        self.syncer = syncer;
+        self.reader = reader;
         self.file = file;
         self.offsets = self.offsets[(keep_from - self.first) as usize..].iter().map(|o| o - start + marker).collect();
         self.first = keep_from;
+        if let Some(dir) = self.path.parent() {
+            // Not durable yet: a power cut may bring the old log back, which holds every block.
+            File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+        }
         Ok(keep_from)
     }
 
