@@ -178,6 +178,9 @@ fn wiped_or_far_behind_nodes_join_by_state_sync_and_follow_within_seconds() {
     }
     let (_validator_proc, took) = rejoin(work.path(), &config, &validator, &n1, &[]);
     println!("validator: following {took:?} after starting with --join");
+    assert!(first_held(&validator) > CHAIN, "the validator took a state too");
+    // It applies live blocks, not only the ones its snapshot carried.
+    wait_height(&validator, head(&n1).unwrap() + 8, Duration::from_secs(30));
     let (_, _, other, _) = devnet.node(2);
     kill(Pid::from_raw(other as i32), Signal::SIGSTOP).unwrap();
     let before = head(&n1).unwrap();
@@ -192,7 +195,9 @@ fn wiped_or_far_behind_nodes_join_by_state_sync_and_follow_within_seconds() {
     let stopped_at = head(&n1).unwrap();
     // Peers commit their state every 32 blocks (a snapshot is the last commit): after 70 blocks
     // each has committed one above the follower's head.
-    wait_height(&n1, stopped_at + 70, Duration::from_secs(60));
+    for i in 0..4 {
+        wait_height(&url(i), stopped_at + 70, Duration::from_secs(60));
+    }
     let config = devnet.node(4).3;
     let (_follower_proc, took) = rejoin(work.path(), &config, &follower, &n1, &["--join-behind", "50"]);
     println!("far-behind follower: following {took:?} after starting with --join");
@@ -204,4 +209,8 @@ fn wiped_or_far_behind_nodes_join_by_state_sync_and_follow_within_seconds() {
     assert_eq!(aside.len(), 1, "the old ledger is kept aside for the operator");
     assert!(aside[0].path().join("ledger/blocks.log").exists());
     assert!(first_held(&follower) > stopped_at, "it took a newer state instead of replaying the gap");
+    wait_height(&follower, head(&n1).unwrap() + 8, Duration::from_secs(30));
+    assert_same_blocks(&follower, &n1, first_held(&follower));
+    let log = std::fs::read_to_string(work.path().join("spawned.log")).unwrap();
+    assert_eq!(log.matches("joined by state sync").count(), 3, "three joins, each by state sync");
 }
