@@ -51,8 +51,19 @@ impl Drop for ChildGuard {
 fn kill_node(pid: u32) {
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill -9");
     let started = Instant::now();
-    while Path::new(&format!("/proc/{pid}")).exists() && started.elapsed() < Duration::from_secs(10) {
+    // Until the devnet reaped it: its sockets close only when its last thread has exited.
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(started.elapsed() < Duration::from_secs(10), "node {pid} still runs 10 s after kill -9");
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills the node `pid` and deletes its ledger and consensus storage (the node of `config`).
+fn kill_and_wipe(pid: u32, config: &Path) {
+    kill_node(pid);
+    let data = config.parent().unwrap().join("data");
+    for part in ["ledger", "runtime"] {
+        std::fs::remove_dir_all(data.join(part)).unwrap();
     }
 }
 
@@ -145,11 +156,7 @@ fn wiped_or_far_behind_nodes_join_by_state_sync_and_follow_within_seconds() {
 
     // A follower loses its whole data directory's ledger and consensus storage.
     let (_, follower, pid, config) = devnet.node(4);
-    kill_node(pid);
-    let data = config.parent().unwrap().join("data");
-    for part in ["ledger", "runtime"] {
-        std::fs::remove_dir_all(data.join(part)).unwrap();
-    }
+    kill_and_wipe(pid, &config);
     let (follower_proc, took) = rejoin(work.path(), &config, &follower, &n1, &[]);
     println!("follower: following {took:?} after starting with --join");
     let log = std::fs::read_to_string(work.path().join("spawned.log")).unwrap();
@@ -171,11 +178,7 @@ fn wiped_or_far_behind_nodes_join_by_state_sync_and_follow_within_seconds() {
     // A validator too: it joins, then votes (with another validator stopped, the chain still
     // finalizes — three of four are needed).
     let (_, validator, pid, config) = devnet.node(1);
-    kill_node(pid);
-    let data = config.parent().unwrap().join("data");
-    for part in ["ledger", "runtime"] {
-        std::fs::remove_dir_all(data.join(part)).unwrap();
-    }
+    kill_and_wipe(pid, &config);
     let (_validator_proc, took) = rejoin(work.path(), &config, &validator, &n1, &[]);
     println!("validator: following {took:?} after starting with --join");
     assert!(first_held(&validator) > CHAIN, "the validator took a state too");

@@ -282,6 +282,27 @@ fn measure(bin: &Path, accounts: u64) -> Result<Figures> {
     result
 }
 
+/// Starts `node` again; it and how long until it is healthy at the head `reference` had then.
+fn restart_node(
+    bin: &Path,
+    http: &reqwest::blocking::Client,
+    node: &Node,
+    reference: &str,
+    what: &str,
+) -> Result<(Spawned, Duration)> {
+    let target = height(http, reference).context("the reference's head")?;
+    let started = Instant::now();
+    let child = Command::new(bin)
+        .args(["node", "run", "--config"])
+        .arg(&node.config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let spawned = Spawned(child);
+    let took = follows(http, &node.api, target, started, what)?;
+    Ok((spawned, took))
+}
+
 fn measure_in(bin: &Path, work: &Path, accounts: u64) -> Result<Figures> {
     drop(devnet(bin, work)?);
     let t = Instant::now();
@@ -320,34 +341,14 @@ fn measure_in(bin: &Path, work: &Path, accounts: u64) -> Result<Figures> {
     let n2 = &all[1];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(n2.pid as i32), nix::sys::signal::Signal::SIGTERM)?;
     wait_gone(n2.pid)?;
-    let target = height(&http, &apis[0]).context("n01's head")?;
-    let started = Instant::now();
-    let restarted = Spawned(
-        Command::new(bin)
-            .args(["node", "run", "--config"])
-            .arg(&n2.config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let restart = follows(&http, &n2.api, target, started, "restart")?;
+    let (restarted, restart) = restart_node(bin, &http, n2, &apis[0], "restart")?;
     rss = rss.max(peak_rss_mib(restarted.0.id())?);
     // And after a power cut (SIGKILL): the blocks since the last checkpoint are replayed.
     let pid = restarted.0.id();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)?;
     drop(restarted);
     wait_gone(pid)?;
-    let target = height(&http, &apis[0]).context("n01's head")?;
-    let started = Instant::now();
-    let restarted = Spawned(
-        Command::new(bin)
-            .args(["node", "run", "--config"])
-            .arg(&n2.config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let restart_after_kill = follows(&http, &n2.api, target, started, "restart after kill -9")?;
+    let (restarted, restart_after_kill) = restart_node(bin, &http, n2, &apis[0], "restart after kill -9")?;
 
     // The follower joins afresh.
     let n5 = &all[4];

@@ -200,6 +200,20 @@ enum Frame {
 }
 
 impl Reader {
+    /// A reader of a snapshot whose blocks are at most `max_block_bytes`.
+    fn new(max_block_bytes: usize) -> Self {
+        Reader {
+            buf: Vec::new(),
+            head: None,
+            last_key: None,
+            entries: 0,
+            blocks: Vec::new(),
+            block_bytes: 0,
+            ended: false,
+            max_block_bytes,
+        }
+    }
+
     /// The next frame at the start of `buf` and its length.
     fn frame(&self, buf: &[u8]) -> Result<(Frame, usize), String> {
         let Some(&tag) = buf.first() else { return Ok((Frame::Partial, 0)) };
@@ -356,17 +370,7 @@ impl Join {
     /// Starts a join into `states`, which is cleared first (what it held is replaced).
     pub fn new(genesis_state: State, cfg: ConsensusConfig, states: Arc<dyn StateStore>) -> Result<Self, String> {
         states.clear().map_err(failed)?;
-        let max_block_bytes = genesis_state.params().max_block_bytes as usize;
-        let reader = Reader {
-            buf: Vec::new(),
-            head: None,
-            last_key: None,
-            entries: 0,
-            blocks: Vec::new(),
-            block_bytes: 0,
-            ended: false,
-            max_block_bytes,
-        };
+        let reader = Reader::new(genesis_state.params().max_block_bytes as usize);
         Ok(Join { genesis_state, cfg, states, reader, page: Vec::new(), page_bytes: 0 })
     }
 
@@ -721,16 +725,7 @@ mod tests {
     }
 
     fn reader() -> Reader {
-        Reader {
-            buf: Vec::new(),
-            head: None,
-            last_key: None,
-            entries: 0,
-            blocks: Vec::new(),
-            block_bytes: 0,
-            ended: false,
-            max_block_bytes: 1024,
-        }
+        Reader::new(1024)
     }
 
     fn sample() -> Vec<u8> {

@@ -133,21 +133,24 @@ impl NodeSource for NoNodes {
     }
 }
 
-/// A subtree: empty, a node kept elsewhere (by hash), or one held in memory.
+/// A subtree: empty, a node kept elsewhere (by hash), or one held in memory. Two words: the trie
+/// of a node's whole state lives in memory, two of these per entry (a stored hash is boxed: the
+/// node keeps no trie nodes in its store, so only tests and tools hold those).
 #[derive(Clone, Debug, Default)]
 enum Sub {
     #[default]
     Empty,
-    Stored(Hash),
+    Stored(Box<Hash>),
     Leaf(Arc<MemLeaf>),
     Branch(Arc<MemBranch>),
 }
 
+/// An entry. Its hash is not kept (one hash of 64 bytes when a path through it changes): 48
+/// bytes less per entry.
 #[derive(Debug)]
 struct MemLeaf {
     key: Hash,
     value: Hash,
-    hash: Hash,
 }
 
 #[derive(Debug)]
@@ -168,14 +171,14 @@ impl Sub {
     fn hash(&self) -> Hash {
         match self {
             Sub::Empty => Hash::ZERO,
-            Sub::Stored(h) => *h,
-            Sub::Leaf(l) => l.hash,
+            Sub::Stored(h) => **h,
+            Sub::Leaf(l) => leaf_hash(&l.key, &l.value),
             Sub::Branch(b) => b.hash,
         }
     }
 
     fn leaf(key: Hash, value: Hash) -> Sub {
-        Sub::Leaf(Arc::new(MemLeaf { key, value, hash: leaf_hash(&key, &value) }))
+        Sub::Leaf(Arc::new(MemLeaf { key, value }))
     }
 
     /// A branch over two subtrees, in canonical form: one entry alone moves up to replace it.
@@ -211,7 +214,7 @@ impl Sub {
 }
 
 fn stored(h: Hash) -> Sub {
-    if h == Hash::ZERO { Sub::Empty } else { Sub::Stored(h) }
+    if h == Hash::ZERO { Sub::Empty } else { Sub::Stored(Box::new(h)) }
 }
 
 /// One change to apply: a key hash and its new value hash, or `None` to remove the entry.
@@ -319,7 +322,7 @@ impl Trie {
 fn collect(s: &Sub, out: &mut Vec<(Hash, StoredNode)>) {
     match s {
         Sub::Empty | Sub::Stored(_) => {}
-        Sub::Leaf(l) => out.push((l.hash, StoredNode::Leaf { key: l.key, value: l.value })),
+        Sub::Leaf(l) => out.push((leaf_hash(&l.key, &l.value), StoredNode::Leaf { key: l.key, value: l.value })),
         Sub::Branch(b) => {
             collect(&b.left, out);
             collect(&b.right, out);
@@ -513,6 +516,14 @@ mod tests {
         let mut sorted: Vec<(Hash, Hash)> = entries.iter().map(|(a, b)| (k(*a), v(*b))).collect();
         sorted.sort();
         build(0, &sorted, &NoNodes).unwrap().hash()
+    }
+
+    #[test]
+    fn a_subtree_is_two_words_and_an_entry_costs_two_small_allocations() {
+        // What the node's memory at a million entries rests on (the trie is held whole).
+        assert_eq!(std::mem::size_of::<Sub>(), 16);
+        assert_eq!(std::mem::size_of::<MemLeaf>(), 64);
+        assert_eq!(std::mem::size_of::<MemBranch>(), 64);
     }
 
     #[test]
