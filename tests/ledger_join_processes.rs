@@ -58,12 +58,18 @@ fn kill_node(pid: u32) {
     }
 }
 
-/// Kills the node `pid` and deletes its ledger and consensus storage (the node of `config`).
-fn kill_and_wipe(pid: u32, config: &Path) {
+/// Kills the node `pid` and deletes its ledger and consensus storage (the node of `config`) —
+/// all of it, or (a validator) all but simplex's journal: its record of the votes it cast, without
+/// which it could vote twice in a view and be blocked by its peers as an equivocator.
+fn kill_and_wipe(pid: u32, config: &Path, keep_votes: bool) {
     kill_node(pid);
     let data = config.parent().unwrap().join("data");
-    for part in ["ledger", "runtime"] {
-        std::fs::remove_dir_all(data.join(part)).unwrap();
+    std::fs::remove_dir_all(data.join("ledger")).unwrap();
+    for entry in std::fs::read_dir(data.join("runtime")).unwrap().flatten() {
+        if !(keep_votes && entry.file_name().to_string_lossy().starts_with("archipel-simplex")) {
+            let path = entry.path();
+            if path.is_dir() { std::fs::remove_dir_all(&path).unwrap() } else { std::fs::remove_file(&path).unwrap() }
+        }
     }
 }
 
@@ -156,7 +162,7 @@ fn wiped_or_far_behind_nodes_join_by_state_sync_and_follow_within_seconds() {
 
     // A follower loses its whole data directory's ledger and consensus storage.
     let (_, follower, pid, config) = devnet.node(4);
-    kill_and_wipe(pid, &config);
+    kill_and_wipe(pid, &config, false);
     let (follower_proc, took) = rejoin(work.path(), &config, &follower, &n1, &[]);
     println!("follower: following {took:?} after starting with --join");
     let log = std::fs::read_to_string(work.path().join("spawned.log")).unwrap();
@@ -175,10 +181,10 @@ fn wiped_or_far_behind_nodes_join_by_state_sync_and_follow_within_seconds() {
     wait_height(&follower, head(&n1).unwrap() + 8, Duration::from_secs(30));
     assert_same_blocks(&follower, &n1, first);
 
-    // A validator too: it joins, then votes (with another validator stopped, the chain still
-    // finalizes — three of four are needed).
+    // A validator too — its ledger lost, its record of votes kept: it joins, then votes (with
+    // another validator stopped, the chain still finalizes — three of four are needed).
     let (_, validator, pid, config) = devnet.node(1);
-    kill_and_wipe(pid, &config);
+    kill_and_wipe(pid, &config, true);
     let (_validator_proc, took) = rejoin(work.path(), &config, &validator, &n1, &[]);
     println!("validator: following {took:?} after starting with --join");
     assert!(first_held(&validator) > CHAIN, "the validator took a state too");

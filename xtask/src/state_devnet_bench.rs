@@ -6,7 +6,7 @@
 //! the accounts (built and signed offline with its own validator keys), and it starts again from
 //! there. Then, every operation counted (no sample):
 //! - **load**: `CLIENTS` accounts each send one transfer at a time to accounts spread over the
-//!   whole state, through the validators in turn, each waiting for its node's answer that it is
+//!   whole state, each from its own loopback address, through the validators in turn, each waiting for its node's answer that it is
 //!   final (`?wait=final`), for `LOAD`: transfers final per second (over the load's whole wall
 //!   time), and submit→final p50/p99 of every one sent (a failed one counts as infinitely late);
 //! - **RSS**: the largest peak resident set (`VmHWM`) of the node processes: the five after the
@@ -219,8 +219,17 @@ fn load(
         .into_iter()
         .enumerate()
         .map(|(i, client)| {
-            let (apis, http) = (apis.to_vec(), http.clone());
-            std::thread::spawn(move || {
+            // Each client from its own loopback address, as separate machines would be: a node
+            // queues at most 16 submissions per address (`admission_busy` beyond).
+            let source = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 73, 1 + i as u8));
+            let http = reqwest::blocking::Client::builder()
+                .no_proxy()
+                .local_address(source)
+                .timeout(Duration::from_secs(40))
+                .build()
+                .context("an HTTP client")?;
+            let apis = apis.to_vec();
+            Ok(std::thread::spawn(move || {
                 let (mut latencies, mut failed, mut nonce, mut k) = (Vec::new(), 0usize, 0u64, i as u64);
                 while Instant::now() < stop_at {
                     // A recipient spread over the filled accounts (fill-chain's ids).
@@ -257,9 +266,9 @@ fn load(
                     }
                 }
                 (latencies, failed)
-            })
+            }))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let (mut all, mut failed) = (Vec::new(), 0);
     for t in threads {
         let (l, f) = t.join().map_err(|_| anyhow::anyhow!("a load client panicked"))?;

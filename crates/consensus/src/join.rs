@@ -635,6 +635,47 @@ mod tests {
     }
 
     #[test]
+    fn a_join_onto_the_node_s_disk_stores_agrees_on_every_root_after_a_reopen() {
+        let served = served_chain();
+        let bytes = serve(&served);
+        let dir = tempfile::tempdir().unwrap();
+        let (log_path, state_path) = (dir.path().join("blocks.log"), dir.path().join("state.redb"));
+        let states = Arc::new(crate::state_db::StateDb::open(&state_path).unwrap());
+        let (cfg, _) = validators();
+        let mut join = Join::new(genesis(), cfg, states.clone()).unwrap();
+        for piece in bytes.chunks(1_000) {
+            join.push(piece).unwrap();
+        }
+        let first = join.claimed().unwrap().0;
+        let mut log = crate::FileStore::create_at(&log_path, first).unwrap();
+        assert_eq!(join.finish(&mut log).unwrap().height, 32);
+        drop(log);
+        drop(states);
+        // As the node does: everything reopened from the files.
+        let open = || {
+            let log = crate::FileStore::open(&log_path).unwrap();
+            let states = Arc::new(crate::state_db::StateDb::open(&state_path).unwrap());
+            Chain::open_with(genesis(), Box::new(log), states).unwrap()
+        };
+        let joined = open();
+        assert_eq!((joined.first_block(), joined.head().height), (32, 35));
+        for height in 36..=38 {
+            let (block, certificate) = served.block(height).unwrap().unwrap();
+            joined.finalize(block, certificate).unwrap().expect("applies");
+        }
+        for (block, certificate) in grow(&served, 20) {
+            let header = block.header;
+            joined.finalize(block, certificate).unwrap().expect("applies");
+            assert_eq!(joined.with_state(State::state_root), header.state_root);
+        }
+        joined.close().unwrap();
+        drop(joined);
+        let reopened = open();
+        assert_eq!(reopened.head(), served.head());
+        assert_eq!(reopened.opened().replayed, 0);
+    }
+
+    #[test]
     fn a_snapshot_that_does_not_check_out_is_refused_and_leaves_no_state() {
         let served = served_chain();
         let good = serve(&served);
