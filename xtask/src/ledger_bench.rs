@@ -553,7 +553,32 @@ fn settle_disk() {
 }
 
 /// The devnet's supervisor, stopped with SIGINT (which stops its nodes) when dropped.
-struct Devnet(Child);
+/// `archipel devnet --dir devnet` with `args` in `work`, once it says it is ready; stopped (SIGINT)
+/// when dropped.
+pub(crate) fn start_devnet(bin: &Path, work: &Path, args: &[&str]) -> Result<Devnet> {
+    let mut child = Command::new(bin)
+        .current_dir(work)
+        .args(["devnet", "--dir", "devnet"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let out = child.stdout.take().context("stdout")?;
+    let devnet = Devnet(child);
+    let mut lines = BufReader::new(out).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("devnet ready") => break,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+            None => bail!("devnet exited before it was ready"),
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Ok(devnet)
+}
+
+pub(crate) struct Devnet(Child);
 
 impl Drop for Devnet {
     fn drop(&mut self) {
@@ -610,24 +635,7 @@ async fn archipel(bin: &Path, rates: &[f64], export_rate: Option<f64>) -> Result
     let work = std::env::temp_dir().join(format!("archipel-bench-ledger-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let mut child = Command::new(bin)
-        .current_dir(&work)
-        .args(["devnet", "--dir", "devnet", "--nodes", "4", "--base-ip", "127.0.60.2", "--base-port", "26200"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let out = child.stdout.take().context("stdout")?;
-    let _devnet = Devnet(child);
-    let mut lines = BufReader::new(out).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(l)) if l.contains("devnet ready") => break,
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(e.into()),
-            None => bail!("devnet exited before it was ready"),
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
+    let _devnet = start_devnet(bin, &work, &["--nodes", "4", "--base-ip", "127.0.60.2", "--base-port", "26200"])?;
     let client =
         reqwest::Client::builder().no_proxy().pool_max_idle_per_host(64).timeout(Duration::from_secs(30)).build()?;
     while head(&client, NODES[0]).await.unwrap_or(0) < 3 {

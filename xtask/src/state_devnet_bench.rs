@@ -66,26 +66,8 @@ impl Drop for Spawned {
     }
 }
 
-fn devnet(bin: &Path, work: &Path) -> Result<Spawned> {
-    let mut child = Command::new(bin)
-        .current_dir(work)
-        .args(["devnet", "--dir", "devnet", "--nodes", "5", "--base-ip", BASE_IP, "--base-port", BASE_PORT])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let out = child.stdout.take().context("stdout")?;
-    let spawned = Spawned(child);
-    let mut lines = BufReader::new(out).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(l)) if l.contains("devnet ready") => break,
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(e.into()),
-            None => bail!("the devnet exited before it was ready"),
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    Ok(spawned)
+fn devnet(bin: &Path, work: &Path) -> Result<crate::ledger_bench::Devnet> {
+    crate::ledger_bench::start_devnet(bin, work, &["--nodes", "5", "--base-ip", BASE_IP, "--base-port", BASE_PORT])
 }
 
 fn get(http: &reqwest::blocking::Client, url: &str) -> Option<serde_json::Value> {
