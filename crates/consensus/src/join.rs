@@ -107,7 +107,9 @@ impl Source {
     /// The state `chain` last committed to its store.
     pub fn new(chain: &Chain) -> Result<Self, String> {
         let snapshot = chain.state_snapshot()?;
-        let Some(c) = snapshot.committed() else { return Err("the state store holds no committed state yet".into()) };
+        let Some(c) = snapshot.committed().filter(|c| c.height > 0) else {
+            return Err("the state store holds no committed state past the genesis yet".into());
+        };
         if c.height < chain.first_block() {
             return Err(format!("the state at {} is below the first block held ({})", c.height, chain.first_block()));
         }

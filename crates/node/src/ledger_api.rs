@@ -634,6 +634,10 @@ fn below_first(chain: &Chain, height: u64) -> Option<Response> {
 /// Entries per snapshot chunk.
 pub const SNAPSHOT_PAGE: usize = 4_096;
 
+/// How long a snapshot may take to read, all of it: past it the pinned view of the state is let go
+/// and the stream ends with an error (10^6 entries take seconds at the export budget).
+pub const SNAPSHOT_LIFETIME: Duration = Duration::from_secs(15 * 60);
+
 /// `GET /v1/ledger/snapshot`: the state this node last committed, every entry, then the blocks
 /// that show it final (the format and its checks: `archipel_consensus::join`). Streamed: each
 /// page of entries is read on a blocking thread from one pinned view of the state store, and
@@ -648,10 +652,33 @@ async fn snapshot(State(s): State<Arc<ApiState>>, connection: Option<Extension<C
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "no_snapshot", e),
     };
     let height = source.height();
-    let body = futures::stream::unfold(Some((s, source, slot)), |cursor| async move {
-        let (api, source, slot) = cursor?;
+    // The source pins a read of the state store (whose pages redb cannot reuse meanwhile): a
+    // client that stops reading must not keep it, so it is dropped at the deadline whether or not
+    // the stream is polled again.
+    let pinned = Arc::new(std::sync::Mutex::new(Some(source)));
+    let timer = tokio::spawn({
+        let pinned = Arc::downgrade(&pinned);
+        async move {
+            tokio::time::sleep(SNAPSHOT_LIFETIME).await;
+            if let Some(p) = pinned.upgrade() {
+                p.lock().unwrap_or_else(|e| e.into_inner()).take();
+            }
+        }
+    });
+    // The timer goes with the stream (aborted when the stream ends or is dropped).
+    let timer = AbortOnDrop(timer.abort_handle());
+    let body = futures::stream::unfold(Some((s, pinned, (slot, timer))), |cursor| async move {
+        let (api, pinned, slot) = cursor?;
+        let source = pinned.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(source) = source else {
+            let e = format!("the snapshot was not read within {SNAPSHOT_LIFETIME:?}: ask again");
+            return Some((Err(std::io::Error::other(e)), None));
+        };
         match snapshot_chunk(&api, source).await {
-            Ok((bytes, Some(source))) => Some((Ok(Bytes::from(bytes)), Some((api, source, slot)))),
+            Ok((bytes, Some(source))) => {
+                *pinned.lock().unwrap_or_else(|e| e.into_inner()) = Some(source);
+                Some((Ok(Bytes::from(bytes)), Some((api, pinned, slot))))
+            }
             Ok((bytes, None)) => Some((Ok(Bytes::from(bytes)), None)),
             Err(e) => {
                 tracing::warn!(error = %e, "state snapshot stopped");
@@ -667,6 +694,15 @@ async fn snapshot(State(s): State<Arc<ApiState>>, connection: Option<Extension<C
         Body::from_stream(body),
     )
         .into_response()
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The next chunk of a snapshot, and the source when more follows: a page of entries, or — once
@@ -932,6 +968,25 @@ mod tests {
         assert!(chunks >= 3, "{chunks} chunks");
         assert_eq!(chain.head().height, 2 * EXPORT_CHUNK_BLOCKS + 13);
         assert_eq!(body, expected);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_streams_the_committed_state_and_its_final_blocks() {
+        let s = state(limits(|_| {}));
+        let chain = s.chain.clone();
+        let url = serve(s).await;
+        let r = http().get(format!("{url}/v1/ledger/snapshot")).send().await.unwrap();
+        assert_eq!(r.status(), 503, "nothing past the genesis to give");
+        assert!(r.text().await.unwrap().contains("no_snapshot"));
+        grow(&chain, 5);
+        chain.close().unwrap();
+        let r = http().get(format!("{url}/v1/ledger/snapshot")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-archipel-height"], "5");
+        let body = r.bytes().await.unwrap();
+        assert!(body.starts_with(archipel_consensus::join::MAGIC));
+        // Blocks below the first one held are refused by name on a node that joined.
+        assert!(below_first(&chain, 0).is_none() && below_first(&chain, 3).is_none(), "this node holds every block");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
