@@ -266,7 +266,17 @@ where
         _ => Start::Genesis(genesis),
     };
     let simplex_floor = match tip {
-        Some((_, _, f)) if simplex_new => Floor::Finalized(f),
+        Some((height, _, f)) if simplex_new => {
+            if signer.is_some() {
+                // Right for a validator that never voted on this chain (a devnet given its chain by
+                // fill-chain); not for one whose journal was deleted: it may vote twice in a view.
+                tracing::warn!(
+                    height,
+                    "this validator has no record of earlier votes: voting starts after the block log's highest certified block; if it voted on this chain before (its runtime directory was deleted), it may vote twice in a view and its peers would block it"
+                );
+            }
+            Floor::Finalized(f)
+        }
         _ => Floor::Genesis(genesis_digest),
     };
 
