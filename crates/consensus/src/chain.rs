@@ -336,12 +336,12 @@ impl Chain {
     /// The highest block with a finality certificate of its own, and that certificate: where
     /// consensus starts when its own storage is new but the block log is not (a node that
     /// joined by state sync, or whose ledger came from elsewhere).
-    pub fn certified_tip(&self) -> Result<Option<(u64, Vec<u8>)>, String> {
+    pub fn certified_tip(&self) -> Result<Option<(Block, Vec<u8>)>, String> {
         let certified = self.lock().certified;
         if certified == 0 {
             return Ok(None);
         }
-        Ok(self.block(certified)?.map(|(_, certificate)| (certified, certificate)))
+        self.block(certified)
     }
 
     /// Every entry of the state as last committed to the store, at its height (a joining node's

@@ -237,10 +237,10 @@ where
     let marshal_new = is_new(&context, &format!("{prefix}-application-metadata")).await;
     let simplex_new = is_new(&context, SIMPLEX_PARTITION).await;
     let tip = match chain.certified_tip()? {
-        Some((height, certificate)) if marshal_new || simplex_new => {
+        Some((block, certificate)) if marshal_new || simplex_new => {
             // Checked before marshal sees it (marshal panics on a floor that does not verify):
             // a log from elsewhere, or a damaged one, is refused with a reason.
-            let (block, _) = chain.block(height)?.ok_or_else(|| format!("block {height} is not in the log"))?;
+            let height = block.header.height;
             verify_finality(&cfg, &block.hash(), &certificate).map_err(|e| {
                 format!("block {height}'s stored finality certificate is not valid ({e}): the block log is damaged or not this network's; move the ledger directory aside and start with --join")
             })?;

@@ -579,6 +579,22 @@ mod tests {
         Chain::open_with(genesis(), Box::new(log), Arc::new(states.clone()))
     }
 
+    /// `joined` (at block 35 of [`served_chain`]) takes the served chain's blocks 36 to its head,
+    /// then `more` new ones, each executed with its signatures checked: the same block gives the
+    /// same state root every time.
+    fn follow(joined: &Chain, served: &Chain, more: u64) {
+        for height in 36..=served.head().height {
+            let (block, certificate) = served.block(height).unwrap().unwrap();
+            joined.finalize(block, certificate).unwrap().expect("applies");
+        }
+        for (block, certificate) in grow(served, more) {
+            let header = block.header;
+            joined.finalize(block, certificate).unwrap().expect("applies");
+            assert_eq!(joined.head(), header, "same block, same state root");
+            assert_eq!(joined.with_state(State::state_root), header.state_root);
+        }
+    }
+
     fn served_chain() -> Chain {
         let chain = Chain::open_with(genesis(), Box::new(MemoryStore::default()), Arc::new(MemoryStates::default()))
             .unwrap()
@@ -598,20 +614,11 @@ mod tests {
         assert_eq!(joined.first_block(), 32);
         assert_eq!(joined.opened(), crate::Opened { state_height: 32, replayed: 3 });
         assert_eq!(joined.head(), served.block(35).unwrap().unwrap().0.header);
-        assert_eq!(joined.certified_tip().unwrap().map(|(h, _)| h), Some(35));
+        assert_eq!(joined.certified_tip().unwrap().map(|(b, _)| b.header.height), Some(35));
         assert_eq!(joined.block(31).unwrap(), None, "nothing below the snapshot");
         // It follows the chain from there: blocks 36.. executed (signatures checked) agree on
         // every root with the chain that replayed from the genesis.
-        for height in 36..=38 {
-            let (block, certificate) = served.block(height).unwrap().unwrap();
-            joined.finalize(block, certificate).unwrap().expect("applies");
-        }
-        for (block, certificate) in grow(&served, 40) {
-            let header = block.header;
-            joined.finalize(block, certificate).unwrap().expect("applies");
-            assert_eq!(joined.head(), header, "same block, same state root");
-            assert_eq!(joined.with_state(State::state_root), header.state_root);
-        }
+        follow(&joined, &served, 40);
         assert_eq!(joined.with_state(State::state_root), served.with_state(State::state_root));
         // A restart opens what it stored, and still knows where its log starts.
         joined.close().unwrap();
@@ -661,15 +668,7 @@ mod tests {
         };
         let joined = open();
         assert_eq!((joined.first_block(), joined.head().height), (32, 35));
-        for height in 36..=38 {
-            let (block, certificate) = served.block(height).unwrap().unwrap();
-            joined.finalize(block, certificate).unwrap().expect("applies");
-        }
-        for (block, certificate) in grow(&served, 20) {
-            let header = block.header;
-            joined.finalize(block, certificate).unwrap().expect("applies");
-            assert_eq!(joined.with_state(State::state_root), header.state_root);
-        }
+        follow(&joined, &served, 20);
         joined.close().unwrap();
         drop(joined);
         let reopened = open();
@@ -728,7 +727,7 @@ mod tests {
         // Blocks whose bodies are not the ones their (certified) headers name; no blocks; a last
         // block without a certificate.
         let with_blocks = |records: &[(Vec<u8>, Vec<u8>)]| {
-            let mut out = bytes[..bytes.len() - bytes.len()].to_vec();
+            let mut out = Vec::new();
             let mut source = Source::new(&served).unwrap();
             while let Some(part) = source.next_entries(100).unwrap() {
                 out.extend(part);
@@ -738,18 +737,8 @@ mod tests {
                 put_record(&mut raw, b);
                 put_record(&mut raw, c);
             }
-            let mut framed = Vec::new();
-            let mut at = 0;
-            let mut n = 0;
-            while at < raw.len() {
-                let b = take_record(&raw, &mut at, usize::MAX).unwrap();
-                let c = take_record(&raw, &mut at, usize::MAX).unwrap();
-                framed.push(TAG_BLOCK);
-                put_record(&mut framed, b);
-                put_record(&mut framed, c);
-                n += 1;
-            }
-            out.extend(framed);
+            let (n, _) = put_blocks(&mut out, &raw).unwrap();
+            assert_eq!(n, records.len() as u64, "no certified block before the last");
             put_end(&mut out, source.entries, n);
             out
         };
