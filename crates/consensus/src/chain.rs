@@ -1251,6 +1251,13 @@ mod tests {
         (c, txs)
     }
 
+    /// A state store whose states keep their tries as buckets two levels down: the chain's
+    /// blocks then read leaves back from the store on almost every path, also while blocks are
+    /// executed on states not committed yet.
+    fn small_buckets() -> archipel_ledger::store::MemoryStore {
+        archipel_ledger::store::MemoryStore::with_bucket_depth(2)
+    }
+
     fn reopen(blocks: &MemoryStore, states: &archipel_ledger::store::MemoryStore) -> Chain {
         let genesis = three_accounts(1_000);
         Chain::open_with(genesis, Box::new(blocks.clone()), Arc::new(states.clone())).unwrap()
@@ -1258,7 +1265,7 @@ mod tests {
 
     #[test]
     fn a_retention_setting_keeps_the_last_blocks_and_the_stored_states_block() {
-        let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
+        let (blocks, states) = (MemoryStore::default(), small_buckets());
         let genesis = three_accounts(1_000);
         let c = Chain::open_with(genesis, Box::new(blocks.clone()), Arc::new(states.clone()))
             .unwrap()
@@ -1298,7 +1305,7 @@ mod tests {
 
     #[test]
     fn a_restart_opens_the_stored_state_and_replays_only_the_blocks_after_it() {
-        let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
+        let (blocks, states) = (MemoryStore::default(), small_buckets());
         let (c, txs) = run_blocks(&blocks, &states, 10);
         let (head, root) = (c.head(), c.with_state(State::state_root));
         // Without a clean shutdown the last two blocks (after the checkpoint at 8) are not in the
@@ -1317,7 +1324,7 @@ mod tests {
 
         // A power cut after ten blocks, the log synced to the end since the last checkpoint
         // (block 8): the store keeps block 8's state, the two blocks after it are replayed.
-        let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
+        let (blocks, states) = (MemoryStore::default(), small_buckets());
         let (c, txs) = run_blocks(&blocks, &states, 10);
         let head = c.head();
         assert_eq!(futures::executor::block_on(c.sync_blocks()).unwrap(), Ok(10));
@@ -1335,7 +1342,7 @@ mod tests {
         assert!(matches!(c.tx_status(&txs[7]), TxStatus::Final(loc) if loc.height == 8));
         drop(c);
         // A power cut with nothing synced since block 8: both keep block 8.
-        let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
+        let (blocks, states) = (MemoryStore::default(), small_buckets());
         drop(run_blocks(&blocks, &states, 10));
         states.crash();
         assert_eq!(blocks.crash(), 8, "a checkpoint syncs the log first");
@@ -1348,7 +1355,7 @@ mod tests {
     fn the_head_holds_only_what_came_after_the_last_commit() {
         // Every block is built here and finalized from its cached state, which was forked from
         // the head before the head's commit: what that commit wrote must not stay in memory.
-        let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
+        let (blocks, states) = (MemoryStore::default(), small_buckets());
         let genesis = three_accounts(1_000_000);
         let c = Chain::open_with(genesis, Box::new(blocks), Arc::new(states)).unwrap();
         let sender = Identity::from_seed(0);
@@ -1378,7 +1385,7 @@ mod tests {
     fn commits_every_32_blocks_are_what_a_restart_opens() {
         // No checkpoint in 70 blocks: the store holds the commits before blocks 33 and 65 (not
         // durable), the head the rest.
-        let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
+        let (blocks, states) = (MemoryStore::default(), small_buckets());
         let (c, txs) = run_blocks_every(&blocks, &states, 70, 10_000);
         let head = c.head();
         drop(c);
@@ -1401,7 +1408,7 @@ mod tests {
         let c = reopen(&blocks, &states);
         assert_eq!(c.opened().state_height, 70, "the reopen before flushed what it replayed");
         drop(c);
-        let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
+        let (blocks, states) = (MemoryStore::default(), small_buckets());
         drop(run_blocks_every(&blocks, &states, 70, 10_000));
         assert_eq!(futures::executor::block_on(blocks.clone().sync()).unwrap(), Ok(70));
         states.crash();
@@ -1412,7 +1419,7 @@ mod tests {
 
     #[test]
     fn a_state_store_ahead_of_the_block_log_is_rebuilt_from_the_log() {
-        let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
+        let (blocks, states) = (MemoryStore::default(), small_buckets());
         let (c, _) = run_blocks(&blocks, &states, 10);
         let root5 = c.block(5).unwrap().unwrap().0.header.state_root;
         drop(c);
@@ -1424,7 +1431,7 @@ mod tests {
         assert_eq!(c.with_state(State::state_root), root5);
         drop(c);
         // A store whose entries do not hash to its committed root is rebuilt from the log too.
-        let (blocks, states) = (MemoryStore::default(), archipel_ledger::store::MemoryStore::default());
+        let (blocks, states) = (MemoryStore::default(), small_buckets());
         let (c, _) = run_blocks(&blocks, &states, 10);
         let root9 = c.block(9).unwrap().unwrap().0.header.state_root;
         drop(c);

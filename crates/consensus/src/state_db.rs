@@ -1,8 +1,11 @@
 //! The ledger state on disk: a [`StateStore`] in one `redb` file (`ledger/state.redb`).
 //!
-//! Four tables: `entries` (state key → value bytes), `trie` (node hash → 65-byte node), `txs`
-//! (transaction hash → where it is and what it did) and `meta` (the committed height and root). A block's [`Commit`] is one write transaction, so the
-//! file always holds one whole committed state. Commits that are not durable skip the flush
+//! Four tables: `entries` (state key → value bytes), `leaves` (the same entries as trie leaves:
+//! key hash → value hash, written with them), `txs` (transaction hash → where it is and what it
+//! did) and `meta` (the committed height and root). A block's [`Commit`] is one write
+//! transaction, so the file always holds one whole committed state. A file written before the
+//! `leaves` table existed gets it filled from `entries` when opened (its old `trie` table of
+//! nodes is dropped). Commits that are not durable skip the flush
 //! (redb's `Durability::None`): after a crash the file opens at the last durable commit and the
 //! chain replays the blocks after it from its block log, so the node flushes its state once in a
 //! while instead of once per block.
@@ -16,14 +19,19 @@ use archipel_ledger::Hash;
 use archipel_ledger::store::{
     Commit, Committed, Entries, StateSnapshot, StateStore, StoreError, check_import, check_order,
 };
-use archipel_ledger::trie::{NodeSource, StoredNode, TrieError};
-use redb::{Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, TableDefinition};
+use archipel_ledger::trie::{self, Leaf, LeafSource, TrieError};
+use redb::{
+    Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
+};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 const ENTRIES: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("entries");
-const TRIE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("trie");
+const LEAVES: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("leaves");
+/// The table of trie nodes files held before `leaves`: dropped on open.
+const OLD_TRIE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("trie");
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 const TXS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("txs");
 const COMMITTED: &str = "committed";
@@ -48,7 +56,7 @@ struct Snapshot {
     cache: RwLock<EntryCache>,
     _txn: ReadTransaction,
     entries: ReadOnlyTable<&'static [u8], &'static [u8]>,
-    trie: ReadOnlyTable<&'static [u8], &'static [u8]>,
+    leaves: ReadOnlyTable<&'static [u8], &'static [u8]>,
     txs: ReadOnlyTable<&'static [u8], &'static [u8]>,
     committed: Option<Committed>,
 }
@@ -91,9 +99,17 @@ impl StateDb {
             .map_err(|e| io(format!("cannot open {}: {e}", path.display())))?;
         // Create the tables once, so read transactions find them.
         let txn = db.begin_write().map_err(io)?;
+        txn.delete_table(OLD_TRIE).map_err(io)?;
         {
-            txn.open_table(ENTRIES).map_err(io)?;
-            txn.open_table(TRIE).map_err(io)?;
+            let entries = txn.open_table(ENTRIES).map_err(io)?;
+            let mut leaves = txn.open_table(LEAVES).map_err(io)?;
+            if leaves.is_empty().map_err(io)? && !entries.is_empty().map_err(io)? {
+                for item in entries.iter().map_err(io)? {
+                    let (k, v) = item.map_err(io)?;
+                    let (k, v) = leaf_of(k.value(), v.value());
+                    leaves.insert(&k.0[..], &v.0[..]).map_err(io)?;
+                }
+            }
             txn.open_table(META).map_err(io)?;
             txn.open_table(TXS).map_err(io)?;
         }
@@ -105,14 +121,14 @@ impl StateDb {
     fn snapshot_of(db: &Database, cache: EntryCache) -> Result<Snapshot, StoreError> {
         let txn = db.begin_read().map_err(io)?;
         let entries = txn.open_table(ENTRIES).map_err(io)?;
-        let trie = txn.open_table(TRIE).map_err(io)?;
+        let leaves = txn.open_table(LEAVES).map_err(io)?;
         let txs = txn.open_table(TXS).map_err(io)?;
         let meta = txn.open_table(META).map_err(io)?;
         let committed = match meta.get(COMMITTED).map_err(io)? {
             Some(v) => Some(decode_committed(v.value())?),
             None => None,
         };
-        Ok(Snapshot { cache: RwLock::new(cache), _txn: txn, entries, trie, txs, committed })
+        Ok(Snapshot { cache: RwLock::new(cache), _txn: txn, entries, leaves, txs, committed })
     }
 
     fn snapshot(&self) -> Arc<Snapshot> {
@@ -143,14 +159,24 @@ impl StateDb {
     }
 }
 
-impl NodeSource for StateDb {
-    fn node(&self, hash: &Hash) -> Result<StoredNode, TrieError> {
+/// An entry as the trie's leaf: its key hash and value hash.
+fn leaf_of(key: &[u8], value: &[u8]) -> Leaf {
+    (trie::key_hash(key), trie::value_hash(value))
+}
+
+impl LeafSource for StateDb {
+    fn leaves(&self, lo: &Hash, hi: &Hash) -> Result<Vec<Leaf>, TrieError> {
+        let source = |e: redb::StorageError| TrieError::Source(e.to_string());
         let snap = self.snapshot();
-        let bytes = snap.trie.get(&hash.0[..]).map_err(|e| TrieError::Source(e.to_string()))?;
-        let bytes = bytes.ok_or(TrieError::Missing(*hash))?;
-        StoredNode::from_bytes(bytes.value())
-            .filter(|n| n.hash() == *hash)
-            .ok_or_else(|| TrieError::Source(format!("trie node {} is corrupt on disk", hash.short())))
+        let mut out = Vec::new();
+        for item in snap.leaves.range::<&[u8]>(&lo.0[..]..=&hi.0[..]).map_err(source)? {
+            let (k, v) = item.map_err(source)?;
+            let (Ok(k), Ok(v)) = (<[u8; 32]>::try_from(k.value()), <[u8; 32]>::try_from(v.value())) else {
+                return Err(TrieError::Source("a trie leaf on disk is not two 32-byte hashes".into()));
+            };
+            out.push((Hash(k), Hash(v)));
+        }
+        Ok(out)
     }
 }
 
@@ -198,18 +224,19 @@ impl StateStore for StateDb {
         txn.set_durability(if durable { Durability::Immediate } else { Durability::None }).map_err(io)?;
         {
             let mut entries = txn.open_table(ENTRIES).map_err(io)?;
+            let mut leaves = txn.open_table(LEAVES).map_err(io)?;
             for (k, v) in &commit.entries {
                 match v {
-                    Some(v) => entries.insert(k.as_slice(), v.as_slice()).map_err(io)?,
-                    None => entries.remove(k.as_slice()).map_err(io)?,
+                    Some(v) => {
+                        entries.insert(k.as_slice(), v.as_slice()).map_err(io)?;
+                        let (kh, vh) = leaf_of(k, v);
+                        leaves.insert(&kh.0[..], &vh.0[..]).map_err(io)?;
+                    }
+                    None => {
+                        entries.remove(k.as_slice()).map_err(io)?;
+                        leaves.remove(&trie::key_hash(k).0[..]).map_err(io)?;
+                    }
                 };
-            }
-            let mut trie = txn.open_table(TRIE).map_err(io)?;
-            for h in &commit.stale_nodes {
-                trie.remove(&h.0[..]).map_err(io)?;
-            }
-            for (h, n) in &commit.new_nodes {
-                trie.insert(&h.0[..], &n.to_bytes()[..]).map_err(io)?;
             }
             let mut txs = txn.open_table(TXS).map_err(io)?;
             for (h, v) in &commit.txs {
@@ -231,10 +258,10 @@ impl StateStore for StateDb {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let txn = self.db.begin_write().map_err(io)?;
         txn.delete_table(ENTRIES).map_err(io)?;
-        txn.delete_table(TRIE).map_err(io)?;
+        txn.delete_table(LEAVES).map_err(io)?;
         txn.delete_table(TXS).map_err(io)?;
         txn.delete_table(META).map_err(io)?;
-        for t in [ENTRIES, TRIE, TXS] {
+        for t in [ENTRIES, LEAVES, TXS] {
             txn.open_table(t).map_err(io)?;
         }
         txn.open_table(META).map_err(io)?;
@@ -254,8 +281,11 @@ impl StateStore for StateDb {
         txn.set_durability(Durability::None).map_err(io)?;
         {
             let mut table = txn.open_table(ENTRIES).map_err(io)?;
+            let mut leaves = txn.open_table(LEAVES).map_err(io)?;
             for (k, v) in entries {
                 table.insert(k.as_slice(), v.as_slice()).map_err(io)?;
+                let (kh, vh) = leaf_of(k, v);
+                leaves.insert(&kh.0[..], &vh.0[..]).map_err(io)?;
             }
         }
         txn.commit().map_err(io)?;
@@ -316,14 +346,12 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupt_node_or_marker_is_an_error_not_a_panic() {
+    fn a_corrupt_leaf_or_marker_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
         let s = StateDb::open(&path).unwrap();
         let txn = s.db.begin_write().unwrap();
         {
-            let mut t = txn.open_table(TRIE).unwrap();
-            t.insert(&[7u8; 32][..], &[9u8; 65][..]).unwrap();
             let mut m = txn.open_table(META).unwrap();
             m.insert(COMMITTED, &[1u8, 2, 3][..]).unwrap();
         }
@@ -331,19 +359,42 @@ mod tests {
         drop(s);
         let err = StateDb::open(&path).unwrap_err();
         assert!(err.to_string().contains("committed marker"), "{err}");
-        // A node whose bytes do not hash to its key is refused.
+        // A leaf that is not two hashes is refused.
         let path = dir.path().join("state2.redb");
         let s = StateDb::open(&path).unwrap();
         let txn = s.db.begin_write().unwrap();
         {
-            let mut t = txn.open_table(TRIE).unwrap();
-            let node = StoredNode::Leaf { key: Hash([1; 32]), value: Hash([2; 32]) };
-            t.insert(&[7u8; 32][..], &node.to_bytes()[..]).unwrap();
+            let mut t = txn.open_table(LEAVES).unwrap();
+            t.insert(&[7u8; 32][..], &[9u8; 5][..]).unwrap();
         }
         txn.commit().unwrap();
         drop(s);
         let s = StateDb::open(&path).unwrap();
-        assert!(s.node(&Hash([7; 32])).unwrap_err().to_string().contains("corrupt"));
-        assert_eq!(s.node(&Hash([8; 32])), Err(TrieError::Missing(Hash([8; 32]))));
+        let err = s.leaves(&Hash::ZERO, &Hash([0xff; 32])).unwrap_err();
+        assert!(err.to_string().contains("not two 32-byte hashes"), "{err}");
+    }
+
+    #[test]
+    fn a_file_from_before_the_leaves_table_gets_it_from_its_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut e = txn.open_table(ENTRIES).unwrap();
+                e.insert(&b"account/1"[..], &b"x"[..]).unwrap();
+                e.insert(&b"account/2"[..], &b"y"[..]).unwrap();
+                let mut t = txn.open_table(OLD_TRIE).unwrap();
+                t.insert(&[7u8; 32][..], &[9u8; 65][..]).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let s = StateDb::open(&path).unwrap();
+        let mut want = vec![leaf_of(b"account/1", b"x"), leaf_of(b"account/2", b"y")];
+        want.sort();
+        assert_eq!(s.leaves(&Hash::ZERO, &Hash([0xff; 32])).unwrap(), want);
+        let txn = s.db.begin_read().unwrap();
+        assert!(txn.open_table(OLD_TRIE).is_err(), "the old node table is dropped");
     }
 }

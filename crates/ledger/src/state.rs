@@ -525,8 +525,6 @@ impl State {
             keys.iter().map(|k| (state_key_hash(k), self.value(k).map(|v| trie::value_hash(&v)))).collect();
         self.check_fault()?;
         self.trie.update(changes, &*self.store)?;
-        // Nodes are not stored (the trie is rebuilt on open): nothing to keep of what it replaced.
-        self.trie.take_replaced();
         let at = self.chain.height;
         for k in keys {
             self.unsaved.insert(k, at);
@@ -547,7 +545,7 @@ impl State {
     pub fn rebuilt_root(&self) -> Hash {
         let mut t = Trie::new();
         let changes = self.entries().into_iter().map(|(k, v)| (state_key_hash(&k), Some(trie::value_hash(&v))));
-        match t.update(changes, &trie::NoNodes) {
+        match t.update(changes, &trie::NoLeaves) {
             Ok(()) => t.root(),
             Err(_) => Hash::ZERO, // a trie built in memory from nothing reads no stored node
         }
@@ -578,21 +576,17 @@ impl State {
         let root = self.seal()?;
         let entries = self.unsaved.keys().map(|k| (k.to_bytes(), self.value(k))).collect();
         self.check_fault()?;
-        // The trie stays in memory and is rebuilt from the entries on open: its nodes are not
-        // written (one write per changed entry instead of one per node on its path).
-        Ok(Commit {
-            height: self.chain.height,
-            root,
-            entries,
-            stale_nodes: Vec::new(),
-            new_nodes: Vec::new(),
-            txs: Vec::new(),
-        })
+        // The store keeps the entries and, from them, the trie's leaves; no trie node is written
+        // (one write per changed entry instead of one per node on its path).
+        Ok(Commit { height: self.chain.height, root, entries, txs: Vec::new() })
     }
 
     /// Once the store holds this state: forget the entries written since the last commit, so
-    /// reads of unchanged entries go to the store.
+    /// reads of unchanged entries go to the store, and let go of the trie below the store's
+    /// bucket depth (its leaves are read back from the store when a change or a proof needs
+    /// them). Call it only on the state the store now holds exactly.
     pub fn committed(&mut self) {
+        self.trie.compact(self.store.bucket_depth());
         self.unsaved = imbl::OrdMap::new();
         self.accounts.clear_written();
         self.departed.clear_written();
@@ -616,7 +610,8 @@ impl State {
         self.unsaved.len()
     }
 
-    /// How many trie nodes this state holds in memory (changed since its last commit).
+    /// How many trie nodes this state holds in memory: the levels above the store's bucket depth
+    /// and the paths changed since its last commit.
     pub fn memory_trie_nodes(&self) -> usize {
         self.trie.memory_nodes()
     }
@@ -643,19 +638,16 @@ impl State {
         let network = Hash(get(StateKey::Network)?.try_into().map_err(|_| corrupt(&"network", "not 32 bytes".into()))?);
         let params: LedgerParams =
             serde_json::from_slice(&get(StateKey::Params)?).map_err(|e| corrupt(&"params", e.to_string()))?;
-        // One pass over the store: the trie is rebuilt from every entry (and must give the
-        // committed root), and the registry and validators are kept as it goes.
-        let mut leaves = Vec::new();
+        // One pass over the store's leaves rebuilds the trie's top levels (and must give the
+        // committed root); the registry and validators are read whole.
+        let trie = Trie::open(&*store, store.bucket_depth())?;
         let mut registry = Vec::new();
-        for_each_stored(&*store, "", |k, v| {
-            leaves.push((trie::key_hash(&k), Some(trie::value_hash(&v))));
-            if [&b"node/"[..], b"validator/"].iter().any(|p| k.starts_with(p)) {
+        for prefix in ["node/", "validator/"] {
+            for_each_stored(&*store, prefix, |k, v| {
                 registry.push((parse_key("registry", k)?, v));
-            }
-            Ok(())
-        })?;
-        let mut trie = Trie::new();
-        trie.update(leaves, &trie::NoNodes)?;
+                Ok(())
+            })?;
+        }
         if trie.root() != root {
             return Err(StoreError::Corrupt(format!(
                 "its entries hash to root {}, not the committed {}",

@@ -1,10 +1,11 @@
 //! Where committed state lives: the boundary between the sans-IO state machine and a disk.
 //!
 //! A [`StateStore`] holds the state as of one committed height: every entry's value bytes by key,
-//! the trie's nodes by hash, and the height and root they belong to. [`crate::State`] reads
-//! through it (entries it did not change since the last commit, trie nodes off the changed paths)
-//! and hands it one [`Commit`] per finalized block — the entries written, the trie nodes created
-//! and those no longer reachable, the new height and root — which the store applies atomically.
+//! the same entries as trie leaves (`(key hash, value hash)`, in key-hash order, which the store
+//! derives from the entries), and the height and root they belong to. [`crate::State`] reads
+//! through it (entries it did not change since the last commit, the leaves of trie buckets off the
+//! changed paths) and hands it one [`Commit`] per finalized block — the entries written, the new
+//! height and root — which the store applies atomically.
 //! A commit is *durable* or not: after a crash a store reopens at its last durable commit, which
 //! the node then replays forward from its block log, so commits need not wait for a disk flush
 //! each block.
@@ -14,7 +15,7 @@
 //! node's disk store.
 
 use crate::hash::Hash;
-use crate::trie::{NodeSource, StoredNode, TrieError};
+use crate::trie::{self, Leaf, LeafSource, TrieError};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -37,10 +38,6 @@ pub struct Commit {
     pub root: Hash,
     /// Entries by key: the new value bytes, or `None` when removed.
     pub entries: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    /// Trie nodes no longer reachable from the new root (removed first).
-    pub stale_nodes: Vec<Hash>,
-    /// Trie nodes created (written after the removals).
-    pub new_nodes: Vec<(Hash, StoredNode)>,
     /// The block's transactions, by hash, with what the node records about each (opaque here):
     /// kept beside the state so the two are always at the same height.
     pub txs: Vec<(Hash, Vec<u8>)>,
@@ -71,14 +68,19 @@ pub enum StoreError {
 impl From<TrieError> for StoreError {
     fn from(e: TrieError) -> Self {
         match e {
-            TrieError::Missing(_) => StoreError::Corrupt(e.to_string()),
+            TrieError::Mismatch { .. } => StoreError::Corrupt(e.to_string()),
             TrieError::Source(s) => StoreError::Io(s),
         }
     }
 }
 
 /// Committed state, read by [`crate::State`] and written one block at a time.
-pub trait StateStore: NodeSource + Send + Sync + fmt::Debug {
+pub trait StateStore: LeafSource + Send + Sync + fmt::Debug {
+    /// The depth below which a state over this store keeps its trie as buckets whose leaves it
+    /// reads back from the store (see [`crate::trie`]).
+    fn bucket_depth(&self) -> usize {
+        trie::BUCKET_DEPTH
+    }
     /// The height and root held, or `None` for a store nothing was committed to.
     fn committed(&self) -> Result<Option<Committed>, StoreError>;
     /// The committed value bytes of `key`.
@@ -137,7 +139,8 @@ pub fn check_order(committed: Option<Committed>, commit: &Commit) -> Result<(), 
 struct Contents {
     committed: Option<Committed>,
     entries: BTreeMap<Vec<u8>, Vec<u8>>,
-    nodes: HashMap<Hash, StoredNode>,
+    /// The entries as trie leaves: key hash → value hash.
+    leaves: BTreeMap<Hash, Hash>,
     txs: HashMap<Hash, Vec<u8>>,
 }
 
@@ -146,29 +149,46 @@ impl Contents {
         let c = match c {
             Pending::Commit(c) => c,
             Pending::Import(entries) => {
-                self.entries.extend(entries.iter().cloned());
+                for (k, v) in entries {
+                    self.write(k, Some(v));
+                }
                 return;
             }
         };
         for (k, v) in &c.entries {
-            match v {
-                Some(v) => self.entries.insert(k.clone(), v.clone()),
-                None => self.entries.remove(k),
-            };
+            self.write(k, v.as_ref());
         }
-        for h in &c.stale_nodes {
-            self.nodes.remove(h);
-        }
-        self.nodes.extend(c.new_nodes.iter().copied());
         self.txs.extend(c.txs.iter().cloned());
         self.committed = Some(Committed { height: c.height, root: c.root });
     }
 }
 
+impl Contents {
+    fn write(&mut self, k: &[u8], v: Option<&Vec<u8>>) {
+        match v {
+            Some(v) => {
+                self.leaves.insert(trie::key_hash(k), trie::value_hash(v));
+                self.entries.insert(k.to_vec(), v.clone());
+            }
+            None => {
+                self.leaves.remove(&trie::key_hash(k));
+                self.entries.remove(k);
+            }
+        }
+    }
+}
+
 /// A store in memory: for tests and the simulator. Clones share one store.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct MemoryStore {
     inner: Arc<Mutex<MemoryInner>>,
+    bucket_depth: usize,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self { inner: Arc::default(), bucket_depth: trie::BUCKET_DEPTH }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -200,19 +220,24 @@ impl MemoryStore {
         g.since_durable.clear();
     }
 
-    /// How many trie nodes it holds (a check that stale nodes are removed).
-    pub fn node_count(&self) -> usize {
-        self.lock().current.nodes.len()
+    /// A store whose states keep their tries as buckets below `depth` (the default is
+    /// [`trie::BUCKET_DEPTH`]; tests use a few levels, so small states have buckets too).
+    pub fn with_bucket_depth(depth: usize) -> Self {
+        Self { bucket_depth: depth.min(trie::KEY_BITS), ..Self::default() }
     }
 }
 
-impl NodeSource for MemoryStore {
-    fn node(&self, hash: &Hash) -> Result<StoredNode, TrieError> {
-        self.lock().current.nodes.get(hash).copied().ok_or(TrieError::Missing(*hash))
+impl LeafSource for MemoryStore {
+    fn leaves(&self, lo: &Hash, hi: &Hash) -> Result<Vec<Leaf>, TrieError> {
+        Ok(self.lock().current.leaves.range(*lo..=*hi).map(|(k, v)| (*k, *v)).collect())
     }
 }
 
 impl StateStore for MemoryStore {
+    fn bucket_depth(&self) -> usize {
+        self.bucket_depth
+    }
+
     fn committed(&self) -> Result<Option<Committed>, StoreError> {
         Ok(self.lock().current.committed)
     }
@@ -315,17 +340,31 @@ pub mod conformance {
     use super::*;
     use crate::trie::{Trie, key_hash, value_hash};
 
-    fn commit_of(trie: &mut Trie, height: u64, writes: &[(&str, Option<&str>)], src: &dyn NodeSource) -> Commit {
+    /// The trie of the suite's states is kept as buckets below this depth, so its updates and
+    /// proofs read leaves back from the store under test.
+    const DEPTH: usize = 1;
+
+    fn commit_of(trie: &mut Trie, height: u64, writes: &[(&str, Option<&str>)], src: &dyn LeafSource) -> Commit {
         trie.update(writes.iter().map(|(k, v)| (key_hash(k.as_bytes()), v.map(|v| value_hash(v.as_bytes())))), src)
-            .expect("the store holds every node the trie needs");
+            .expect("the store holds every leaf the trie needs");
         Commit {
             height,
             root: trie.root(),
             entries: writes.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.map(|v| v.as_bytes().to_vec()))).collect(),
-            stale_nodes: trie.take_replaced(),
-            new_nodes: trie.new_nodes(),
             txs: Vec::new(),
         }
+    }
+
+    /// The store's leaves: every committed entry as `(key hash, value hash)`, in key-hash order.
+    fn all_leaves(s: &dyn StateStore) -> Vec<Leaf> {
+        s.leaves(&Hash::ZERO, &Hash([0xff; 32])).unwrap()
+    }
+
+    fn leaves_of(entries: &[(&str, &str)]) -> Vec<Leaf> {
+        let mut out: Vec<Leaf> =
+            entries.iter().map(|(k, v)| (key_hash(k.as_bytes()), value_hash(v.as_bytes()))).collect();
+        out.sort();
+        out
     }
 
     /// Runs the suite; panics (as a test does) on the first failure.
@@ -333,16 +372,17 @@ pub mod conformance {
         let s = fresh();
         assert_eq!(s.committed().unwrap(), None, "a fresh store holds nothing");
         assert_eq!(s.get(b"a").unwrap(), None);
+        assert!(all_leaves(&s).is_empty());
 
-        // Height 0, then 1: entries, scans and nodes.
+        // Height 0, then 1: entries, scans and leaves.
         let mut trie = Trie::new();
         let mut c0 =
             commit_of(&mut trie, 0, &[("account/1", Some("x")), ("account/2", Some("y")), ("node/1", Some("n"))], &s);
         c0.txs = vec![(Hash([5; 32]), b"where".to_vec())];
         s.commit(&c0, true).unwrap();
+        trie.compact(DEPTH);
         assert_eq!(s.tx(&Hash([5; 32])).unwrap().as_deref(), Some(&b"where"[..]));
         assert_eq!(s.tx(&Hash([6; 32])).unwrap(), None);
-        trie = Trie::stored(trie.root());
         assert_eq!(s.committed().unwrap(), Some(Committed { height: 0, root: c0.root }));
         assert_eq!(s.get(b"account/2").unwrap().as_deref(), Some(&b"y"[..]));
         let scan = s.scan(b"account/", None, 10).unwrap();
@@ -350,14 +390,20 @@ pub mod conformance {
         assert_eq!(s.scan(b"account/", Some(b"account/1"), 10).unwrap().len(), 1, "after excludes the key itself");
         assert_eq!(s.scan(b"account/", None, 1).unwrap().len(), 1, "limit holds");
         assert!(s.scan(b"lease/", None, 10).unwrap().is_empty());
+        let leaves = leaves_of(&[("account/1", "x"), ("account/2", "y"), ("node/1", "n")]);
+        assert_eq!(all_leaves(&s), leaves, "every entry is a leaf, in key-hash order");
+        // A range holds its ends.
+        assert_eq!(s.leaves(&leaves[1].0, &leaves[1].0).unwrap(), [leaves[1]]);
+        assert_eq!(s.leaves(&leaves[0].0, &leaves[1].0).unwrap(), leaves[..2]);
+        assert_eq!(Trie::open(&s, DEPTH).unwrap().root(), c0.root);
 
         let c1 = commit_of(&mut trie, 1, &[("account/1", None), ("account/3", Some("z"))], &s);
-        assert!(!c1.stale_nodes.is_empty(), "changing a stored trie replaces stored nodes");
         s.commit(&c1, false).unwrap();
-        trie = Trie::stored(trie.root());
+        trie.compact(DEPTH);
         assert_eq!(s.get(b"account/1").unwrap(), None);
         assert_eq!(s.get(b"account/3").unwrap().as_deref(), Some(&b"z"[..]));
-        // The stored trie is whole: every key proves against the committed root.
+        assert_eq!(all_leaves(&s), leaves_of(&[("account/2", "y"), ("account/3", "z"), ("node/1", "n")]));
+        // The trie reads back through the store: every key proves against the committed root.
         for (k, want) in [("account/1", None), ("account/2", Some("y")), ("account/3", Some("z"))] {
             assert_eq!(trie.get(&key_hash(k.as_bytes()), &s).unwrap(), want.map(|v| value_hash(v.as_bytes())));
         }
@@ -376,7 +422,8 @@ pub mod conformance {
         assert_eq!(at.root, root);
         assert_eq!(s.get(b"account/1").unwrap().as_deref(), one.map(str::as_bytes));
         assert_eq!(s.get(b"account/3").unwrap().as_deref(), three.map(str::as_bytes));
-        let reopened = Trie::stored(at.root);
+        let reopened = Trie::open(&s, DEPTH).unwrap();
+        assert_eq!(reopened.root(), at.root, "the leaves are the entries of the state reopened");
         for (k, v) in [("account/1", one), ("account/2", Some("y")), ("account/3", three)] {
             assert_eq!(reopened.get(&key_hash(k.as_bytes()), &s).unwrap(), v.map(|v| value_hash(v.as_bytes())));
         }
@@ -389,15 +436,17 @@ pub mod conformance {
         assert_eq!(s.committed().unwrap(), Some(Committed { height: at.height + 1, root: c.root }));
         assert_eq!(s.get(b"account/9").unwrap().as_deref(), Some(&b"w"[..]));
         assert_eq!(s.tx(&Hash([5; 32])).unwrap().as_deref(), Some(&b"where"[..]), "the index survives");
+        assert_eq!(Trie::open(&s, DEPTH).unwrap().root(), c.root);
 
         // A flush makes the commits before it durable.
-        let mut trie = Trie::stored(c.root);
+        let mut trie = Trie::open(&s, DEPTH).unwrap();
         let c = commit_of(&mut trie, at.height + 2, &[("account/8", Some("v"))], &s);
         s.commit(&c, false).unwrap();
         s.flush().unwrap();
         let s = reopen(s);
         assert_eq!(s.committed().unwrap(), Some(Committed { height: at.height + 2, root: c.root }));
         assert_eq!(s.get(b"account/8").unwrap().as_deref(), Some(&b"v"[..]));
+        assert_eq!(Trie::open(&s, DEPTH).unwrap().root(), c.root);
 
         // A snapshot is one committed state, whatever is committed after it was taken.
         let snap = s.snapshot().unwrap();
@@ -405,7 +454,7 @@ pub mod conformance {
         let before = snap.entries(None, 100).unwrap();
         assert!(before.windows(2).all(|w| w[0].0 < w[1].0), "in key order");
         assert_eq!(before, s.scan(b"", None, 100).unwrap());
-        let mut later = Trie::stored(c.root);
+        let mut later = Trie::open(&s, DEPTH).unwrap();
         s.commit(&commit_of(&mut later, at.height + 3, &[("account/2", None), ("account/0", Some("new"))], &s), false)
             .unwrap();
         assert_eq!(snap.entries(None, 100).unwrap(), before, "later commits do not show in a snapshot");
@@ -431,7 +480,7 @@ pub mod conformance {
         assert_eq!(s.get(b"account/8").unwrap(), None);
         assert_eq!(s.tx(&Hash([5; 32])).unwrap(), None);
         assert!(s.scan(b"", None, 10).unwrap().is_empty());
-        assert!(s.node(&c.root).is_err());
+        assert!(all_leaves(&s).is_empty(), "no leaf outlives a clear");
         let mut trie = Trie::new();
         s.commit(&commit_of(&mut trie, 0, &[("chain", Some("c"))], &s), true).unwrap();
         assert_eq!(s.committed().unwrap().map(|c| c.height), Some(0));
@@ -445,7 +494,7 @@ pub mod conformance {
             s.import(&entries).unwrap();
             trie.update(
                 page.iter().map(|(k, v)| (key_hash(k.as_bytes()), Some(value_hash(v.as_bytes())))),
-                &crate::trie::NoNodes,
+                &crate::trie::NoLeaves,
             )
             .unwrap();
         }
@@ -455,6 +504,8 @@ pub mod conformance {
         assert_eq!(s.committed().unwrap(), Some(Committed { height: 500, root: trie.root() }));
         assert_eq!(s.scan(b"", None, 10).unwrap().len(), 3);
         assert_eq!(s.get(b"node/7").unwrap().as_deref(), Some(&b"n"[..]));
+        assert_eq!(all_leaves(&s), leaves_of(&[("account/1", "a"), ("account/2", "b"), ("node/7", "n")]));
+        assert_eq!(Trie::open(&s, DEPTH).unwrap().root(), trie.root(), "imported entries are leaves too");
     }
 }
 
