@@ -2,7 +2,8 @@
 //! how that node checks it and starts from it instead of replaying every block since genesis.
 //!
 //! A **snapshot** is one byte stream: a header (magic, version, the height `H` and root the
-//! serving node's state store is committed at), every entry of that state in key order, then the
+//! serving node's state store is committed at), every entry of that state in the order of its key's
+//! trie hash (the store's own order; a repeated key is refused), then the
 //! finalized blocks `H..=C` where `C` is the first block at or above `H` with a finality
 //! certificate of its own, then an end frame with both counts. Nothing in it is trusted:
 //! [`Join::finish`] checks that the blocks link up by hash and that `C`'s certificate is signed by
@@ -180,7 +181,8 @@ struct Reader {
     buf: Vec<u8>,
     /// Height and root the header claims.
     head: Option<(u64, Hash)>,
-    last_key: Option<Vec<u8>>,
+    /// The trie hash of the last entry's key.
+    last_key: Option<Hash>,
     entries: u64,
     blocks: Vec<Record>,
     /// Their bytes.
@@ -299,10 +301,14 @@ impl Reader {
                     if !self.blocks.is_empty() {
                         return Err("a state entry after the blocks".into());
                     }
-                    if self.last_key.as_ref().is_some_and(|last| *last >= key) {
-                        return Err(format!("entry {} is not in key order", String::from_utf8_lossy(&key)));
+                    let h = archipel_ledger::trie::key_hash(&key);
+                    if self.last_key.is_some_and(|last| last >= h) {
+                        return Err(format!(
+                            "entry {} is not in key-hash order (repeated or out of order)",
+                            String::from_utf8_lossy(&key)
+                        ));
                     }
-                    self.last_key = Some(key.clone());
+                    self.last_key = Some(h);
                     self.entries += 1;
                     entries.push((key, value));
                 }
@@ -797,13 +803,15 @@ mod tests {
         assert!(err(&v2).contains("version 2"));
         // Out of order, or the same key twice.
         let mut dup = head(7, Hash::ZERO);
-        put_entry(&mut dup, b"b", b"1");
-        put_entry(&mut dup, b"a", b"1");
-        assert!(err(&dup).contains("key order"));
+        let mut keys = [&b"a"[..], b"b"];
+        keys.sort_by_key(|k| std::cmp::Reverse(archipel_ledger::trie::key_hash(k)));
+        put_entry(&mut dup, keys[0], b"1");
+        put_entry(&mut dup, keys[1], b"1");
+        assert!(err(&dup).contains("key-hash order"));
         let mut twice = head(7, Hash::ZERO);
         put_entry(&mut twice, b"a", b"1");
         put_entry(&mut twice, b"a", b"2");
-        assert!(err(&twice).contains("key order"));
+        assert!(err(&twice).contains("key-hash order"));
         // A length above its limit is refused before its bytes arrive.
         let mut huge = head(7, Hash::ZERO);
         huge.push(TAG_ENTRY);

@@ -1,11 +1,12 @@
 //! The ledger state on disk: a [`StateStore`] in one `redb` file (`ledger/state.redb`).
 //!
-//! Four tables: `entries` (state key → value bytes), `leaves` (the same entries as trie leaves:
-//! key hash → value hash, written with them), `txs` (transaction hash → where it is and what it
-//! did) and `meta` (the committed height and root). A block's [`Commit`] is one write
-//! transaction, so the file always holds one whole committed state. A file written before the
-//! `leaves` table existed gets it filled from `entries` when opened (its old `trie` table of
-//! nodes is dropped). Commits that are not durable skip the flush
+//! Three tables: `state` (every entry under its key's trie hash: the key's length as two
+//! big-endian bytes, the key, the value — so the entries are also the trie's leaves, in the trie's
+//! order, see [`archipel_ledger::store`]), `txs` (transaction hash → where it is and what it did)
+//! and `meta` (the committed height and root). A block's [`Commit`] is one write transaction, so
+//! the file always holds one whole committed state. A file from before the `state` table (entries
+//! by key in `entries`, trie nodes in `trie`, leaves in `leaves`) is converted when opened.
+//! Commits that are not durable skip the flush
 //! (redb's `Durability::None`): after a crash the file opens at the last durable commit and the
 //! chain replays the blocks after it from its block log, so the node flushes its state once in a
 //! while instead of once per block.
@@ -20,18 +21,17 @@ use archipel_ledger::store::{
     Commit, Committed, Entries, StateSnapshot, StateStore, StoreError, check_import, check_order,
 };
 use archipel_ledger::trie::{self, Leaf, LeafSource, TrieError};
-use redb::{
-    Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    TableDefinition,
-};
+use redb::{Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-const ENTRIES: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("entries");
-const LEAVES: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("leaves");
-/// The table of trie nodes files held before `leaves`: dropped on open.
-const OLD_TRIE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("trie");
+const STATE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("state");
+/// Tables of earlier versions of the file: entries by key (converted when opened), trie nodes
+/// and leaves (dropped).
+const OLD_ENTRIES: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("entries");
+const OLD_TABLES: [TableDefinition<'_, &[u8], &[u8]>; 3] =
+    [OLD_ENTRIES, TableDefinition::new("trie"), TableDefinition::new("leaves")];
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 const TXS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("txs");
 const COMMITTED: &str = "committed";
@@ -55,8 +55,7 @@ struct Snapshot {
     /// Entries read or written lately, as this snapshot holds them.
     cache: RwLock<EntryCache>,
     _txn: ReadTransaction,
-    entries: ReadOnlyTable<&'static [u8], &'static [u8]>,
-    leaves: ReadOnlyTable<&'static [u8], &'static [u8]>,
+    state: ReadOnlyTable<&'static [u8], &'static [u8]>,
     txs: ReadOnlyTable<&'static [u8], &'static [u8]>,
     committed: Option<Committed>,
 }
@@ -99,19 +98,18 @@ impl StateDb {
             .map_err(|e| io(format!("cannot open {}: {e}", path.display())))?;
         // Create the tables once, so read transactions find them.
         let txn = db.begin_write().map_err(io)?;
-        txn.delete_table(OLD_TRIE).map_err(io)?;
         {
-            let entries = txn.open_table(ENTRIES).map_err(io)?;
-            let mut leaves = txn.open_table(LEAVES).map_err(io)?;
-            if leaves.is_empty().map_err(io)? && !entries.is_empty().map_err(io)? {
-                for item in entries.iter().map_err(io)? {
-                    let (k, v) = item.map_err(io)?;
-                    let (k, v) = leaf_of(k.value(), v.value());
-                    leaves.insert(&k.0[..], &v.0[..]).map_err(io)?;
-                }
+            let mut state = txn.open_table(STATE).map_err(io)?;
+            let old = txn.open_table(OLD_ENTRIES).map_err(io)?;
+            for item in old.iter().map_err(io)? {
+                let (k, v) = item.map_err(io)?;
+                state.insert(&trie::key_hash(k.value()).0[..], row(k.value(), v.value())?.as_slice()).map_err(io)?;
             }
             txn.open_table(META).map_err(io)?;
             txn.open_table(TXS).map_err(io)?;
+        }
+        for t in OLD_TABLES {
+            txn.delete_table(t).map_err(io)?;
         }
         txn.commit().map_err(io)?;
         let snapshot = RwLock::new(Arc::new(Self::snapshot_of(&db, EntryCache::new())?));
@@ -120,15 +118,14 @@ impl StateDb {
 
     fn snapshot_of(db: &Database, cache: EntryCache) -> Result<Snapshot, StoreError> {
         let txn = db.begin_read().map_err(io)?;
-        let entries = txn.open_table(ENTRIES).map_err(io)?;
-        let leaves = txn.open_table(LEAVES).map_err(io)?;
+        let state = txn.open_table(STATE).map_err(io)?;
         let txs = txn.open_table(TXS).map_err(io)?;
         let meta = txn.open_table(META).map_err(io)?;
         let committed = match meta.get(COMMITTED).map_err(io)? {
             Some(v) => Some(decode_committed(v.value())?),
             None => None,
         };
-        Ok(Snapshot { cache: RwLock::new(cache), _txn: txn, entries, leaves, txs, committed })
+        Ok(Snapshot { cache: RwLock::new(cache), _txn: txn, state, txs, committed })
     }
 
     fn snapshot(&self) -> Arc<Snapshot> {
@@ -159,9 +156,41 @@ impl StateDb {
     }
 }
 
-/// An entry as the trie's leaf: its key hash and value hash.
-fn leaf_of(key: &[u8], value: &[u8]) -> Leaf {
-    (trie::key_hash(key), trie::value_hash(value))
+/// The `state` table's value for an entry: the key's length (two big-endian bytes), the key, the
+/// value.
+fn row(key: &[u8], value: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let len = u16::try_from(key.len())
+        .map_err(|_| StoreError::Io(format!("a state key of {} bytes is longer than 65,535", key.len())))?;
+    Ok([&len.to_be_bytes()[..], key, value].concat())
+}
+
+/// Splits a `state` row into key and value.
+fn split_row(row: &[u8]) -> Result<(&[u8], &[u8]), StoreError> {
+    let corrupt = || StoreError::Corrupt("a state row is shorter than its key".into());
+    let len = u16::from_be_bytes(row.get(..2).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?) as usize;
+    let key = row.get(2..2 + len).ok_or_else(corrupt)?;
+    Ok((key, &row[2 + len..]))
+}
+
+/// Reads up to `limit` rows of `table` from `from` on whose keys start with `prefix`, as entries.
+fn rows(
+    table: &ReadOnlyTable<&'static [u8], &'static [u8]>,
+    from: std::ops::Bound<&[u8]>,
+    prefix: &[u8],
+    limit: usize,
+) -> Result<Entries, StoreError> {
+    let mut out = Vec::new();
+    for item in table.range::<&[u8]>((from, std::ops::Bound::Unbounded)).map_err(io)? {
+        if out.len() == limit {
+            break;
+        }
+        let (_, v) = item.map_err(io)?;
+        let (k, v) = split_row(v.value())?;
+        if k.starts_with(prefix) {
+            out.push((k.to_vec(), v.to_vec()));
+        }
+    }
+    Ok(out)
 }
 
 impl LeafSource for StateDb {
@@ -169,12 +198,13 @@ impl LeafSource for StateDb {
         let source = |e: redb::StorageError| TrieError::Source(e.to_string());
         let snap = self.snapshot();
         let mut out = Vec::new();
-        for item in snap.leaves.range::<&[u8]>(&lo.0[..]..=&hi.0[..]).map_err(source)? {
+        for item in snap.state.range::<&[u8]>(&lo.0[..]..=&hi.0[..]).map_err(source)? {
             let (k, v) = item.map_err(source)?;
-            let (Ok(k), Ok(v)) = (<[u8; 32]>::try_from(k.value()), <[u8; 32]>::try_from(v.value())) else {
-                return Err(TrieError::Source("a trie leaf on disk is not two 32-byte hashes".into()));
+            let Ok(k) = <[u8; 32]>::try_from(k.value()) else {
+                return Err(TrieError::Source("a state row's key is not a 32-byte hash".into()));
             };
-            out.push((Hash(k), Hash(v)));
+            let (_, value) = split_row(v.value()).map_err(|e| TrieError::Source(e.to_string()))?;
+            out.push((Hash(k), trie::value_hash(value)));
         }
         Ok(out)
     }
@@ -190,7 +220,19 @@ impl StateStore for StateDb {
         if let Some(v) = snap.cache.read().unwrap_or_else(|e| e.into_inner()).get(key) {
             return Ok(v.clone());
         }
-        let v = snap.entries.get(key).map_err(io)?.map(|v| v.value().to_vec());
+        let v = match snap.state.get(&trie::key_hash(key).0[..]).map_err(io)? {
+            None => None,
+            Some(row) => {
+                let (k, v) = split_row(row.value())?;
+                if k != key {
+                    return Err(StoreError::Corrupt(format!(
+                        "the row under {}'s hash holds another key",
+                        String::from_utf8_lossy(key)
+                    )));
+                }
+                Some(v.to_vec())
+            }
+        };
         let mut cache = snap.cache.write().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= CACHED_ENTRIES {
             cache.clear();
@@ -200,21 +242,9 @@ impl StateStore for StateDb {
     }
 
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Entries, StoreError> {
-        let snap = self.snapshot();
-        let range = match after {
-            Some(a) => snap.entries.range::<&[u8]>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
-            None => snap.entries.range::<&[u8]>(prefix..),
-        }
-        .map_err(io)?;
-        let mut out = Vec::new();
-        for item in range {
-            let (k, v) = item.map_err(io)?;
-            if !k.value().starts_with(prefix) || out.len() == limit {
-                break;
-            }
-            out.push((k.value().to_vec(), v.value().to_vec()));
-        }
-        Ok(out)
+        let after = after.map(trie::key_hash);
+        let from = after.as_ref().map_or(std::ops::Bound::Unbounded, |h| std::ops::Bound::Excluded(&h.0[..]));
+        rows(&self.snapshot().state, from, prefix, limit)
     }
 
     fn commit(&self, commit: &Commit, durable: bool) -> Result<(), StoreError> {
@@ -223,19 +253,12 @@ impl StateStore for StateDb {
         let mut txn = self.db.begin_write().map_err(io)?;
         txn.set_durability(if durable { Durability::Immediate } else { Durability::None }).map_err(io)?;
         {
-            let mut entries = txn.open_table(ENTRIES).map_err(io)?;
-            let mut leaves = txn.open_table(LEAVES).map_err(io)?;
+            let mut state = txn.open_table(STATE).map_err(io)?;
             for (k, v) in &commit.entries {
+                let h = trie::key_hash(k);
                 match v {
-                    Some(v) => {
-                        entries.insert(k.as_slice(), v.as_slice()).map_err(io)?;
-                        let (kh, vh) = leaf_of(k, v);
-                        leaves.insert(&kh.0[..], &vh.0[..]).map_err(io)?;
-                    }
-                    None => {
-                        entries.remove(k.as_slice()).map_err(io)?;
-                        leaves.remove(&trie::key_hash(k).0[..]).map_err(io)?;
-                    }
+                    Some(v) => state.insert(&h.0[..], row(k, v)?.as_slice()).map_err(io)?,
+                    None => state.remove(&h.0[..]).map_err(io)?,
                 };
             }
             let mut txs = txn.open_table(TXS).map_err(io)?;
@@ -257,11 +280,10 @@ impl StateStore for StateDb {
     fn clear(&self) -> Result<(), StoreError> {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let txn = self.db.begin_write().map_err(io)?;
-        txn.delete_table(ENTRIES).map_err(io)?;
-        txn.delete_table(LEAVES).map_err(io)?;
+        txn.delete_table(STATE).map_err(io)?;
         txn.delete_table(TXS).map_err(io)?;
         txn.delete_table(META).map_err(io)?;
-        for t in [ENTRIES, LEAVES, TXS] {
+        for t in [STATE, TXS] {
             txn.open_table(t).map_err(io)?;
         }
         txn.open_table(META).map_err(io)?;
@@ -280,12 +302,9 @@ impl StateStore for StateDb {
         let mut txn = self.db.begin_write().map_err(io)?;
         txn.set_durability(Durability::None).map_err(io)?;
         {
-            let mut table = txn.open_table(ENTRIES).map_err(io)?;
-            let mut leaves = txn.open_table(LEAVES).map_err(io)?;
+            let mut state = txn.open_table(STATE).map_err(io)?;
             for (k, v) in entries {
-                table.insert(k.as_slice(), v.as_slice()).map_err(io)?;
-                let (kh, vh) = leaf_of(k, v);
-                leaves.insert(&kh.0[..], &vh.0[..]).map_err(io)?;
+                state.insert(&trie::key_hash(k).0[..], row(k, v)?.as_slice()).map_err(io)?;
             }
         }
         txn.commit().map_err(io)?;
@@ -311,17 +330,9 @@ impl StateSnapshot for Pinned {
     }
 
     fn entries(&self, after: Option<&[u8]>, limit: usize) -> Result<Entries, StoreError> {
-        let range = match after {
-            Some(a) => self.0.entries.range::<&[u8]>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
-            None => self.0.entries.range::<&[u8]>(..),
-        }
-        .map_err(io)?;
-        let mut out = Vec::new();
-        for item in range.take(limit) {
-            let (k, v) = item.map_err(io)?;
-            out.push((k.value().to_vec(), v.value().to_vec()));
-        }
-        Ok(out)
+        let after = after.map(trie::key_hash);
+        let from = after.as_ref().map_or(std::ops::Bound::Unbounded, |h| std::ops::Bound::Excluded(&h.0[..]));
+        rows(&self.0.state, from, b"", limit)
     }
 }
 
@@ -346,7 +357,7 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupt_leaf_or_marker_is_an_error_not_a_panic() {
+    fn a_corrupt_row_or_marker_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
         let s = StateDb::open(&path).unwrap();
@@ -359,42 +370,59 @@ mod tests {
         drop(s);
         let err = StateDb::open(&path).unwrap_err();
         assert!(err.to_string().contains("committed marker"), "{err}");
-        // A leaf that is not two hashes is refused.
-        let path = dir.path().join("state2.redb");
-        let s = StateDb::open(&path).unwrap();
-        let txn = s.db.begin_write().unwrap();
-        {
-            let mut t = txn.open_table(LEAVES).unwrap();
-            t.insert(&[7u8; 32][..], &[9u8; 5][..]).unwrap();
+        // Rows cut short, under a key that is not a hash, or holding another key than the one
+        // whose hash they sit under: refused by every read.
+        for (under, row) in [
+            (trie::key_hash(b"account/1").0.to_vec(), vec![0u8, 9, b'a']),
+            (vec![7u8; 5], row(b"account/1", b"x").unwrap()),
+            (trie::key_hash(b"account/1").0.to_vec(), row(b"account/2", b"x").unwrap()),
+        ] {
+            let path = dir.path().join("state2.redb");
+            let _ = std::fs::remove_file(&path);
+            let s = StateDb::open(&path).unwrap();
+            let txn = s.db.begin_write().unwrap();
+            txn.open_table(STATE).unwrap().insert(under.as_slice(), row.as_slice()).unwrap();
+            txn.commit().unwrap();
+            drop(s);
+            let s = StateDb::open(&path).unwrap();
+            let leaves = s.leaves(&Hash::ZERO, &Hash([0xff; 32]));
+            let get = s.get(b"account/1");
+            let scan = s.scan(b"", None, 10);
+            assert!(leaves.is_err() || get.is_err() || scan.is_err(), "{leaves:?} {get:?} {scan:?}");
+            if under.len() == 32 {
+                assert!(get.unwrap_err().to_string().contains("corrupt"));
+            }
         }
-        txn.commit().unwrap();
-        drop(s);
-        let s = StateDb::open(&path).unwrap();
-        let err = s.leaves(&Hash::ZERO, &Hash([0xff; 32])).unwrap_err();
-        assert!(err.to_string().contains("not two 32-byte hashes"), "{err}");
+        assert!(row(&[0u8; 70_000], b"x").unwrap_err().to_string().contains("longer than 65,535"));
     }
 
     #[test]
-    fn a_file_from_before_the_leaves_table_gets_it_from_its_entries() {
+    fn a_file_from_before_the_state_table_is_converted() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
         {
             let db = Database::create(&path).unwrap();
             let txn = db.begin_write().unwrap();
             {
-                let mut e = txn.open_table(ENTRIES).unwrap();
+                let mut e = txn.open_table(OLD_ENTRIES).unwrap();
                 e.insert(&b"account/1"[..], &b"x"[..]).unwrap();
                 e.insert(&b"account/2"[..], &b"y"[..]).unwrap();
-                let mut t = txn.open_table(OLD_TRIE).unwrap();
+                let mut t = txn.open_table(OLD_TABLES[1]).unwrap();
                 t.insert(&[7u8; 32][..], &[9u8; 65][..]).unwrap();
             }
             txn.commit().unwrap();
         }
         let s = StateDb::open(&path).unwrap();
-        let mut want = vec![leaf_of(b"account/1", b"x"), leaf_of(b"account/2", b"y")];
+        assert_eq!(s.get(b"account/2").unwrap().as_deref(), Some(&b"y"[..]));
+        let mut want = vec![
+            (trie::key_hash(b"account/1"), trie::value_hash(b"x")),
+            (trie::key_hash(b"account/2"), trie::value_hash(b"y")),
+        ];
         want.sort();
         assert_eq!(s.leaves(&Hash::ZERO, &Hash([0xff; 32])).unwrap(), want);
         let txn = s.db.begin_read().unwrap();
-        assert!(txn.open_table(OLD_TRIE).is_err(), "the old node table is dropped");
+        for t in OLD_TABLES {
+            assert!(txn.open_table(t).is_err(), "the old tables are dropped");
+        }
     }
 }

@@ -638,16 +638,19 @@ impl State {
         let network = Hash(get(StateKey::Network)?.try_into().map_err(|_| corrupt(&"network", "not 32 bytes".into()))?);
         let params: LedgerParams =
             serde_json::from_slice(&get(StateKey::Params)?).map_err(|e| corrupt(&"params", e.to_string()))?;
-        // One pass over the store's leaves rebuilds the trie's top levels (and must give the
-        // committed root); the registry and validators are read whole.
-        let trie = Trie::open(&*store, store.bucket_depth())?;
+        // One pass over the store, in key-hash order: every entry is a leaf of the trie, whose
+        // top levels are rebuilt (and must give the committed root), and the registry and
+        // validators are kept as it goes.
+        let mut builder = trie::Builder::new(store.bucket_depth());
         let mut registry = Vec::new();
-        for prefix in ["node/", "validator/"] {
-            for_each_stored(&*store, prefix, |k, v| {
+        for_each_stored(&*store, "", |k, v| {
+            builder.push((trie::key_hash(&k), trie::value_hash(&v)))?;
+            if [&b"node/"[..], b"validator/"].iter().any(|p| k.starts_with(p)) {
                 registry.push((parse_key("registry", k)?, v));
-                Ok(())
-            })?;
-        }
+            }
+            Ok(())
+        })?;
+        let trie = builder.finish();
         if trie.root() != root {
             return Err(StoreError::Corrupt(format!(
                 "its entries hash to root {}, not the committed {}",
@@ -744,7 +747,7 @@ fn scan_all(store: &dyn StateStore, prefix: &str) -> Result<Vec<(StateKey, Vec<u
     Ok(out)
 }
 
-/// Calls `f` on every stored entry under `prefix`, in key order, a page at a time.
+/// Calls `f` on every stored entry under `prefix`, in key-hash order, a page at a time.
 fn for_each_stored(
     store: &dyn StateStore,
     prefix: &str,

@@ -1,11 +1,13 @@
 //! Where committed state lives: the boundary between the sans-IO state machine and a disk.
 //!
-//! A [`StateStore`] holds the state as of one committed height: every entry's value bytes by key,
-//! the same entries as trie leaves (`(key hash, value hash)`, in key-hash order, which the store
-//! derives from the entries), and the height and root they belong to. [`crate::State`] reads
-//! through it (entries it did not change since the last commit, the leaves of trie buckets off the
-//! changed paths) and hands it one [`Commit`] per finalized block — the entries written, the new
-//! height and root — which the store applies atomically.
+//! A [`StateStore`] holds the state as of one committed height — every entry's key and value
+//! bytes, kept in the order of the key's trie hash ([`crate::trie::key_hash`]) — and the height and
+//! root they belong to. Kept in that order, the entries are also the trie's leaves in the trie's
+//! own order: the leaves of one bucket (see [`crate::trie`]) sit together and come back in one
+//! range read, and an entry is written once, not once as an entry and once as a leaf.
+//! [`crate::State`] reads through it (entries it did not change since the last commit, the leaves
+//! of the buckets on changed paths) and hands it one [`Commit`] per finalized block — the entries
+//! written, the new height and root — which the store applies atomically.
 //! A commit is *durable* or not: after a crash a store reopens at its last durable commit, which
 //! the node then replays forward from its block log, so commits need not wait for a disk flush
 //! each block.
@@ -85,8 +87,10 @@ pub trait StateStore: LeafSource + Send + Sync + fmt::Debug {
     fn committed(&self) -> Result<Option<Committed>, StoreError>;
     /// The committed value bytes of `key`.
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Up to `limit` committed entries whose keys start with `prefix` and sort after `after`, in
-    /// key order.
+    /// Up to `limit` committed entries whose keys start with `prefix`, in key-hash order, after the
+    /// entry of key `after` (its hash: the key itself need not be stored). Entries are not kept
+    /// by prefix, so this reads every entry from `after` on until it has `limit`: O(state) for a
+    /// rare prefix, for opening and inspection only.
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Entries, StoreError>;
     /// Applies `commit` atomically; with `durable` it survives a crash once this returns,
     /// without it the store may reopen at the last durable commit. The commit's height must be
@@ -111,7 +115,7 @@ pub trait StateStore: LeafSource + Send + Sync + fmt::Debug {
 pub trait StateSnapshot: Send {
     /// The height and root of the state it shows (`None`: nothing was committed).
     fn committed(&self) -> Option<Committed>;
-    /// Up to `limit` entries whose keys sort after `after`, in key order.
+    /// Up to `limit` entries after the entry of key `after`, in key-hash order.
     fn entries(&self, after: Option<&[u8]>, limit: usize) -> Result<Entries, StoreError>;
 }
 
@@ -138,9 +142,8 @@ pub fn check_order(committed: Option<Committed>, commit: &Commit) -> Result<(), 
 #[derive(Clone, Debug, Default)]
 struct Contents {
     committed: Option<Committed>,
-    entries: BTreeMap<Vec<u8>, Vec<u8>>,
-    /// The entries as trie leaves: key hash → value hash.
-    leaves: BTreeMap<Hash, Hash>,
+    /// Key hash → key and value.
+    entries: BTreeMap<Hash, (Vec<u8>, Vec<u8>)>,
     txs: HashMap<Hash, Vec<u8>>,
 }
 
@@ -166,15 +169,9 @@ impl Contents {
 impl Contents {
     fn write(&mut self, k: &[u8], v: Option<&Vec<u8>>) {
         match v {
-            Some(v) => {
-                self.leaves.insert(trie::key_hash(k), trie::value_hash(v));
-                self.entries.insert(k.to_vec(), v.clone());
-            }
-            None => {
-                self.leaves.remove(&trie::key_hash(k));
-                self.entries.remove(k);
-            }
-        }
+            Some(v) => self.entries.insert(trie::key_hash(k), (k.to_vec(), v.clone())),
+            None => self.entries.remove(&trie::key_hash(k)),
+        };
     }
 }
 
@@ -229,7 +226,8 @@ impl MemoryStore {
 
 impl LeafSource for MemoryStore {
     fn leaves(&self, lo: &Hash, hi: &Hash) -> Result<Vec<Leaf>, TrieError> {
-        Ok(self.lock().current.leaves.range(*lo..=*hi).map(|(k, v)| (*k, *v)).collect())
+        let g = self.lock();
+        Ok(g.current.entries.range(*lo..=*hi).map(|(h, (_, v))| (*h, trie::value_hash(v))).collect())
     }
 }
 
@@ -243,22 +241,11 @@ impl StateStore for MemoryStore {
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.lock().current.entries.get(key).cloned())
+        Ok(self.lock().current.entries.get(&trie::key_hash(key)).map(|(_, v)| v.clone()))
     }
 
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Entries, StoreError> {
-        let g = self.lock();
-        let start = match after {
-            Some(a) => std::ops::Bound::Excluded(a.to_vec()),
-            None => std::ops::Bound::Included(prefix.to_vec()),
-        };
-        Ok(g.current
-            .entries
-            .range((start, std::ops::Bound::Unbounded))
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .take(limit)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
+        Ok(entries_after(&self.lock().current.entries, prefix, after, limit))
     }
 
     fn commit(&self, commit: &Commit, durable: bool) -> Result<(), StoreError> {
@@ -308,10 +295,29 @@ impl StateStore for MemoryStore {
     }
 }
 
+/// Up to `limit` of `entries` whose keys start with `prefix`, after the entry of key `after`.
+fn entries_after(
+    entries: &BTreeMap<Hash, (Vec<u8>, Vec<u8>)>,
+    prefix: &[u8],
+    after: Option<&[u8]>,
+    limit: usize,
+) -> Entries {
+    let start = match after {
+        Some(a) => std::ops::Bound::Excluded(trie::key_hash(a)),
+        None => std::ops::Bound::Unbounded,
+    };
+    entries
+        .range((start, std::ops::Bound::Unbounded))
+        .filter(|(_, (k, _))| k.starts_with(prefix))
+        .take(limit)
+        .map(|(_, kv)| kv.clone())
+        .collect()
+}
+
 /// A copy of a [`MemoryStore`]'s entries.
 struct MemorySnapshot {
     committed: Option<Committed>,
-    entries: BTreeMap<Vec<u8>, Vec<u8>>,
+    entries: BTreeMap<Hash, (Vec<u8>, Vec<u8>)>,
 }
 
 impl StateSnapshot for MemorySnapshot {
@@ -320,16 +326,7 @@ impl StateSnapshot for MemorySnapshot {
     }
 
     fn entries(&self, after: Option<&[u8]>, limit: usize) -> Result<Entries, StoreError> {
-        let start = match after {
-            Some(a) => std::ops::Bound::Excluded(a.to_vec()),
-            None => std::ops::Bound::Unbounded,
-        };
-        Ok(self
-            .entries
-            .range((start, std::ops::Bound::Unbounded))
-            .take(limit)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
+        Ok(entries_after(&self.entries, b"", after, limit))
     }
 }
 
@@ -360,6 +357,12 @@ pub mod conformance {
         s.leaves(&Hash::ZERO, &Hash([0xff; 32])).unwrap()
     }
 
+    fn by_key_hash(entries: &[(&str, &str)]) -> Entries {
+        let mut out: Entries = entries.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect();
+        out.sort_by_key(|(k, _)| key_hash(k));
+        out
+    }
+
     fn leaves_of(entries: &[(&str, &str)]) -> Vec<Leaf> {
         let mut out: Vec<Leaf> =
             entries.iter().map(|(k, v)| (key_hash(k.as_bytes()), value_hash(v.as_bytes()))).collect();
@@ -386,9 +389,10 @@ pub mod conformance {
         assert_eq!(s.committed().unwrap(), Some(Committed { height: 0, root: c0.root }));
         assert_eq!(s.get(b"account/2").unwrap().as_deref(), Some(&b"y"[..]));
         let scan = s.scan(b"account/", None, 10).unwrap();
-        assert_eq!(scan.iter().map(|(k, _)| k.as_slice()).collect::<Vec<_>>(), [&b"account/1"[..], b"account/2"]);
-        assert_eq!(s.scan(b"account/", Some(b"account/1"), 10).unwrap().len(), 1, "after excludes the key itself");
-        assert_eq!(s.scan(b"account/", None, 1).unwrap().len(), 1, "limit holds");
+        assert_eq!(scan, by_key_hash(&[("account/1", "x"), ("account/2", "y")]), "in key-hash order");
+        assert_eq!(s.scan(b"account/", Some(&scan[0].0), 10).unwrap(), scan[1..], "after excludes the key itself");
+        assert_eq!(s.scan(b"account/", None, 1).unwrap(), scan[..1], "limit holds");
+        assert_eq!(s.scan(b"", None, 10).unwrap().len(), 3);
         assert!(s.scan(b"lease/", None, 10).unwrap().is_empty());
         let leaves = leaves_of(&[("account/1", "x"), ("account/2", "y"), ("node/1", "n")]);
         assert_eq!(all_leaves(&s), leaves, "every entry is a leaf, in key-hash order");
@@ -452,7 +456,7 @@ pub mod conformance {
         let snap = s.snapshot().unwrap();
         assert_eq!(snap.committed(), s.committed().unwrap());
         let before = snap.entries(None, 100).unwrap();
-        assert!(before.windows(2).all(|w| w[0].0 < w[1].0), "in key order");
+        assert!(before.windows(2).all(|w| key_hash(&w[0].0) < key_hash(&w[1].0)), "in key-hash order");
         assert_eq!(before, s.scan(b"", None, 100).unwrap());
         let mut later = Trie::open(&s, DEPTH).unwrap();
         s.commit(&commit_of(&mut later, at.height + 3, &[("account/2", None), ("account/0", Some("new"))], &s), false)

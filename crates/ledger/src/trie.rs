@@ -221,8 +221,7 @@ pub struct Trie {
     root: Sub,
 }
 
-/// Leaves read from a source per call while a trie is opened: the subtrees of this depth, one
-/// at a time (2^8 reads; at 10^7 entries about 40,000 leaves, 2.5 MiB, each).
+/// While a trie is built from all its leaves, the depth of the subtrees built one at a time.
 const OPEN_CHUNK_DEPTH: usize = 8;
 
 impl Trie {
@@ -231,26 +230,26 @@ impl Trie {
         Self::default()
     }
 
-    /// The trie over every leaf `src` holds, built a chunk at a time and kept in memory only
-    /// above `bucket_depth` (see the module docs): what opening a stored state costs, one pass
-    /// over its leaves.
+    /// The trie over every leaf `src` holds, read a chunk at a time and kept in memory only
+    /// above `bucket_depth` (see the module docs).
     pub fn open(src: &dyn LeafSource, bucket_depth: usize) -> Result<Self, TrieError> {
-        let chunk_depth = OPEN_CHUNK_DEPTH.min(bucket_depth);
-        let mut chunks = Vec::with_capacity(1 << chunk_depth);
-        for i in 0..1usize << chunk_depth {
+        let mut b = Builder::new(bucket_depth);
+        for i in 0..1usize << b.chunk_depth {
             // Chunk `i`'s path: `i` in the first `chunk_depth` bits.
             let mut path = Hash::ZERO;
-            for d in 0..chunk_depth {
-                if i & (1 << (chunk_depth - 1 - d)) != 0 {
+            for d in 0..b.chunk_depth {
+                if i & (1 << (b.chunk_depth - 1 - d)) != 0 {
                     path.0[d / 8] |= 0x80 >> (d % 8);
                 }
             }
-            let (lo, hi) = prefix_range(&path, chunk_depth);
+            let (lo, hi) = prefix_range(&path, b.chunk_depth);
             let leaves = src.leaves(&lo, &hi)?;
             check_leaves(&leaves, &lo, &hi)?;
-            chunks.push(build_compacted(chunk_depth, &leaves, bucket_depth));
+            for leaf in leaves {
+                b.push(leaf)?;
+            }
         }
-        Ok(Self { root: join_level(chunks) })
+        Ok(b.finish())
     }
 
     /// The root hash: [`Hash::ZERO`] when empty.
@@ -321,6 +320,63 @@ impl Trie {
             }
         }
         count(&self.root)
+    }
+}
+
+/// Builds a trie from every leaf, given in key-hash order, holding one chunk's leaves at a time
+/// (subtrees at [`OPEN_CHUNK_DEPTH`]: at 10^7 entries about 40,000 leaves, 2.5 MiB) and keeping
+/// the result as buckets below the bucket depth: what opening a stored state costs, one pass.
+#[derive(Debug)]
+pub struct Builder {
+    chunk_depth: usize,
+    bucket_depth: usize,
+    chunks: Vec<Sub>,
+    current: Vec<Leaf>,
+    current_chunk: usize,
+}
+
+impl Builder {
+    /// A builder for a trie kept as buckets below `bucket_depth`.
+    pub fn new(bucket_depth: usize) -> Self {
+        let chunk_depth = OPEN_CHUNK_DEPTH.min(bucket_depth);
+        Builder {
+            chunk_depth,
+            bucket_depth,
+            chunks: vec![Sub::Empty; 1 << chunk_depth],
+            current: Vec::new(),
+            current_chunk: 0,
+        }
+    }
+
+    /// Takes the next leaf; refuses one not above the last in key-hash order.
+    pub fn push(&mut self, leaf: Leaf) -> Result<(), TrieError> {
+        if self.current.last().is_some_and(|last| last.0 >= leaf.0) || self.chunk_of(&leaf.0) < self.current_chunk {
+            return Err(TrieError::Source("the state store's leaves are out of key-hash order or repeated".into()));
+        }
+        let chunk = self.chunk_of(&leaf.0);
+        if chunk != self.current_chunk {
+            self.close_chunk();
+            self.current_chunk = chunk;
+        }
+        self.current.push(leaf);
+        Ok(())
+    }
+
+    /// The trie over every leaf pushed.
+    pub fn finish(mut self) -> Trie {
+        self.close_chunk();
+        Trie { root: join_level(self.chunks) }
+    }
+
+    fn chunk_of(&self, h: &Hash) -> usize {
+        (0..self.chunk_depth).fold(0, |acc, d| (acc << 1) | usize::from(bit(h, d)))
+    }
+
+    fn close_chunk(&mut self) {
+        if !self.current.is_empty() {
+            self.chunks[self.current_chunk] = build_compacted(self.chunk_depth, &self.current, self.bucket_depth);
+            self.current.clear();
+        }
     }
 }
 
