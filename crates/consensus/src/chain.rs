@@ -880,22 +880,27 @@ impl Chain {
     /// attests).
     pub fn prove_state(&self, key: &StateKey) -> Result<Proven<StateProof>, String> {
         // A copy costs one `Arc` clone per table; the path is walked outside the lock. A value
-        // read after a commit moved the store past this copy would not match its path: then ask
-        // again.
+        // read after a commit moved the store past this copy would not match its path, and a
+        // trie bucket read back then would not match the hash the copy kept (an error): either
+        // way, ask again.
         let mut attempts = 0;
         let (header, value, path) = loop {
             let (header, state) = {
                 let g = self.lock();
                 (g.head, g.state.clone())
             };
-            let (value, path) = state.prove(key).map_err(|e| e.to_string())?;
+            attempts += 1;
+            let (value, path) = match state.prove(key) {
+                Ok(proved) => proved,
+                Err(e) if attempts == 3 => return Err(e.to_string()),
+                Err(_) => continue,
+            };
             let shown = path.verify(&header.state_root, &archipel_ledger::state::state_key_hash(key));
             let matches = match (&shown, &value) {
                 (Ok(archipel_ledger::trie::Proven::Present(h)), Some(v)) => *h == archipel_ledger::trie::value_hash(v),
                 (Ok(archipel_ledger::trie::Proven::Absent), None) => true,
                 _ => false,
             };
-            attempts += 1;
             if matches {
                 break (header, value, path);
             }
@@ -1378,6 +1383,40 @@ mod tests {
             let to = Identity::from_seed(1_000 + n).node_id();
             assert_eq!(c.with_state(|s| s.account(&to).balance_micro), 1, "recipient of block {}", n + 1);
         }
+        assert_eq!(c.with_state(State::rebuilt_root), c.head().state_root);
+    }
+
+    #[test]
+    fn the_head_keeps_its_trie_in_memory_only_above_the_buckets_and_what_changed_since() {
+        // 2,000 accounts, buckets 8 levels down (256 of them): blocks built on the head before
+        // its commit must still let go of what the commit wrote, or the whole trie stays.
+        let accounts: Vec<_> = (0..2_000).map(|i| (Identity::from_seed(i).node_id(), 1_000_000)).collect();
+        let genesis = State::genesis(GenesisState { accounts, ..GenesisState::default() });
+        let whole = {
+            let mut g = genesis.clone();
+            g.seal().unwrap();
+            g.memory_trie_nodes()
+        };
+        let states = archipel_ledger::store::MemoryStore::with_bucket_depth(8);
+        let c = Chain::open_with(genesis, Box::new(MemoryStore::default()), Arc::new(states)).unwrap();
+        let sender = Identity::from_seed(0);
+        let mut most = 0;
+        for n in 0..4 * COMMIT_BLOCKS {
+            let head = c.head();
+            let payload = Payload::Transfer { to: Identity::from_seed(1 + n % 1_999).node_id(), amount_micro: 1 };
+            let t = Transaction { signer: sender.node_id(), nonce: n, payload }.sign(&sender, &Hash::ZERO);
+            let now = 1_000 * (head.height + 1);
+            c.submit(t, 100, now).unwrap();
+            let block = c.build(&head.hash(), now, |_| Vec::new()).unwrap();
+            c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized");
+            if n > COMMIT_BLOCKS {
+                most = most.max(c.with_state(State::memory_trie_nodes));
+            }
+        }
+        // The top (at most 511 nodes) and the buckets of the ~34 entries changed since the last
+        // commit (a few dozen nodes each), far below the whole trie.
+        assert!(whole > 4_000, "the whole trie: {whole} nodes");
+        assert!(most < 1_500, "the head held up to {most} trie nodes of the whole {whole}");
         assert_eq!(c.with_state(State::rebuilt_root), c.head().state_root);
     }
 

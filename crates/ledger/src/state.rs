@@ -595,13 +595,16 @@ impl State {
 
     /// Forgets what a store committed through `height` holds already: for a state forked from
     /// its ancestor before that commit (a block executed before its parent was committed), so
-    /// memory and the next commit hold only what came after.
+    /// memory and the next commit hold only what came after — its trie too, except the buckets
+    /// its own blocks after `height` changed (see [`Trie::compact_except`]).
     pub fn forget_committed_through(&mut self, height: u64) {
         self.accounts.forget_through(height);
         self.departed.forget_through(height);
         self.leases.forget_through(height);
         if self.unsaved.values().any(|at| *at <= height) {
             self.unsaved = self.unsaved.iter().filter(|(_, at)| **at > height).map(|(k, at)| (*k, *at)).collect();
+            let own = self.unsaved.keys().map(state_key_hash).collect();
+            self.trie.compact_except(self.store.bucket_depth(), own);
         }
     }
 

@@ -136,6 +136,9 @@ struct MemBranch {
     left: Sub,
     right: Sub,
     hash: Hash,
+    /// Made by an update since the last [`Trie::compact`]: it may hold subtrees below the bucket
+    /// depth in memory. Compaction walks only these, so it costs what changed, not the top's size.
+    fresh: bool,
 }
 
 /// A subtree with its top node read: what an update or a proof needs to descend.
@@ -160,15 +163,19 @@ impl Sub {
     }
 
     /// A branch over two subtrees, in canonical form: one entry alone moves up to replace it (a
-    /// bucket holds two or more, so it never does).
+    /// bucket holds two or more, so it never does). Made by an update: fresh (see [`MemBranch`]).
     fn branch(left: Sub, right: Sub) -> Sub {
+        Self::branch_of(left, right, true)
+    }
+
+    fn branch_of(left: Sub, right: Sub, fresh: bool) -> Sub {
         match (&left, &right) {
             (Sub::Empty, Sub::Empty) => Sub::Empty,
             (Sub::Empty, Sub::Leaf(_)) => right,
             (Sub::Leaf(_), Sub::Empty) => left,
             _ => {
                 let hash = branch_hash(&left.hash(), &right.hash());
-                Sub::Branch(Arc::new(MemBranch { left, right, hash }))
+                Sub::Branch(Arc::new(MemBranch { left, right, hash, fresh }))
             }
         }
     }
@@ -278,7 +285,16 @@ impl Trie {
     /// once `src` holds exactly this trie's entries (after the state is committed to it), so
     /// what a later update or proof reads back is what was let go.
     pub fn compact(&mut self, bucket_depth: usize) {
-        if let Some(root) = compact(&self.root, 0, bucket_depth) {
+        self.compact_except(bucket_depth, Vec::new());
+    }
+
+    /// As [`Trie::compact`], but the buckets holding any of `keep` (key hashes) stay in memory:
+    /// for a trie one or more blocks ahead of what `src` holds, whose own changes since are
+    /// those keys (a state executed on its parent before the parent was committed).
+    pub fn compact_except(&mut self, bucket_depth: usize, mut keep: Vec<Hash>) {
+        keep.sort_unstable();
+        keep.dedup();
+        if let Some(root) = compact(&self.root, 0, bucket_depth, &keep) {
             self.root = root;
         }
     }
@@ -386,7 +402,7 @@ fn join_level(mut subs: Vec<Sub>) -> Sub {
         let mut it = subs.into_iter();
         let mut up = Vec::new();
         while let (Some(l), Some(r)) = (it.next(), it.next()) {
-            up.push(Sub::branch(l, r));
+            up.push(Sub::branch_of(l, r, false));
         }
         subs = up;
     }
@@ -404,25 +420,28 @@ fn build_compacted(depth: usize, entries: &[Leaf], bucket_depth: usize) -> Sub {
             let split = entries.partition_point(|(k, _)| !bit(k, depth));
             let l = build_compacted(depth + 1, &entries[..split], bucket_depth);
             let r = build_compacted(depth + 1, &entries[split..], bucket_depth);
-            Sub::branch(l, r)
+            Sub::branch_of(l, r, false)
         }
     }
 }
 
-/// `s` (at `depth`) with its branches at `bucket_depth` kept as buckets; `None` if it has none.
-fn compact(s: &Sub, depth: usize, bucket_depth: usize) -> Option<Sub> {
+/// `s` (at `depth`) with its branches at `bucket_depth` kept as buckets, except those holding a
+/// key of `keep` (sorted); `None` if it stays as it is.
+fn compact(s: &Sub, depth: usize, bucket_depth: usize, keep: &[Hash]) -> Option<Sub> {
     let Sub::Branch(b) = s else { return None };
     if depth >= bucket_depth {
-        return Some(Sub::Bucket(Box::new(b.hash)));
+        return keep.is_empty().then(|| Sub::Bucket(Box::new(b.hash)));
     }
-    let l = compact(&b.left, depth + 1, bucket_depth);
-    let r = compact(&b.right, depth + 1, bucket_depth);
-    if l.is_none() && r.is_none() {
+    if !b.fresh {
         return None;
     }
-    let left = l.unwrap_or_else(|| b.left.clone());
-    let right = r.unwrap_or_else(|| b.right.clone());
-    Some(Sub::Branch(Arc::new(MemBranch { left, right, hash: b.hash })))
+    let split = keep.partition_point(|k| !bit(k, depth));
+    let left = compact(&b.left, depth + 1, bucket_depth, &keep[..split]).unwrap_or_else(|| b.left.clone());
+    let right = compact(&b.right, depth + 1, bucket_depth, &keep[split..]).unwrap_or_else(|| b.right.clone());
+    // Still fresh while a subtree below the bucket depth stays in memory under it.
+    let expanded = |c: &Sub| matches!(c, Sub::Branch(c) if depth + 1 >= bucket_depth || c.fresh);
+    let fresh = expanded(&left) || expanded(&right);
+    Some(Sub::Branch(Arc::new(MemBranch { left, right, hash: b.hash, fresh })))
 }
 
 /// `ops` sorted by key hash, one per key, all sharing the first `depth` bits of the path to `at`.
@@ -601,7 +620,7 @@ mod tests {
     fn a_subtree_is_two_words_and_an_entry_costs_two_small_allocations() {
         assert_eq!(std::mem::size_of::<Sub>(), 16);
         assert_eq!(std::mem::size_of::<MemLeaf>(), 64);
-        assert_eq!(std::mem::size_of::<MemBranch>(), 64);
+        assert_eq!(std::mem::size_of::<MemBranch>(), 72);
     }
 
     #[test]
@@ -772,12 +791,59 @@ mod tests {
                 src.apply(&changes);
                 disk.compact(depth);
                 prop_assert!(disk.memory_nodes() <= top, "{} nodes above depth {}", disk.memory_nodes(), depth);
+                prop_assert!(compact(&disk.root, 0, depth, &[]).is_none(), "a compacted trie has nothing fresh left to walk");
                 prop_assert_eq!(disk.root(), mem.root());
                 for key in (3u64..300).step_by(7) {
                     prop_assert_eq!(disk.prove(&k(key), &src).unwrap(), mem.prove(&k(key), &NoLeaves).unwrap());
                 }
                 prop_assert_eq!(Trie::open(&src, depth).unwrap().root(), mem.root(), "a reopen agrees");
             }
+        }
+
+        /// A trie a block ahead of its source (a child executed before its parent was committed)
+        /// lets go of everything but the buckets its own changes are in, stays correct, and
+        /// holds only the top once it is committed too.
+        #[test]
+        fn a_trie_ahead_of_its_source_keeps_only_its_own_changes(
+            first in prop::collection::vec((0u64..300, 0u64..4), 1..200),
+            parent in prop::collection::vec((0u64..300, prop::option::of(0u64..4)), 1..60),
+            child in prop::collection::vec((0u64..300, prop::option::of(0u64..4)), 1..8),
+            depth in 1usize..6,
+        ) {
+            let first: Vec<Change> = first.iter().map(|(a, b)| (k(*a), Some(v(*b)))).collect();
+            let parent: Vec<Change> = parent.iter().map(|(a, b)| (k(*a), b.map(v))).collect();
+            let child: Vec<Change> = child.iter().map(|(a, b)| (k(*a), b.map(v))).collect();
+            let mut src = source_of(&first);
+            let mut t = Trie::open(&src, depth).unwrap();
+            t.update(parent.clone(), &src).unwrap();
+            let mut ahead = t.clone();
+            ahead.update(child.clone(), &src).unwrap();
+            // The parent is committed; the child, executed before that, is not.
+            src.apply(&parent);
+            ahead.compact_except(depth, child.iter().map(|c| c.0).collect());
+            let mut mem = Trie::new();
+            mem.update(first.iter().chain(&parent).chain(&child).copied(), &NoLeaves).unwrap();
+            prop_assert_eq!(ahead.root(), mem.root());
+            for key in 0u64..300 {
+                prop_assert_eq!(ahead.prove(&k(key), &src).unwrap(), mem.prove(&k(key), &NoLeaves).unwrap());
+            }
+            let top = (1usize << (depth + 1)) - 1;
+            // What may stay below the top: the buckets the child changed, as the child has them.
+            let mut after_child = src.clone();
+            after_child.apply(&child);
+            let mut ranges: Vec<(Hash, Hash)> = child.iter().map(|c| prefix_range(&c.0, depth)).collect();
+            ranges.sort();
+            ranges.dedup();
+            let kept: usize = ranges
+                .iter()
+                .map(|(lo, hi)| Trie { root: build(depth, &after_child.leaves(lo, hi).unwrap()) }.memory_nodes())
+                .sum();
+            prop_assert!(ahead.memory_nodes() <= top + kept, "only the child's buckets stay: {} nodes, {} kept", ahead.memory_nodes(), kept);
+            // Committed in turn: nothing below the top is left.
+            src.apply(&child);
+            ahead.compact(depth);
+            prop_assert!(ahead.memory_nodes() <= top);
+            prop_assert!(compact(&ahead.root, 0, depth, &[]).is_none());
         }
     }
 }
