@@ -61,15 +61,24 @@ struct Sizes {
     rebuild: Option<Duration>,
     file_bytes: u64,
     rss_bytes: u64,
+    /// Resident memory after the timed blocks (`VmRSS`), not a peak.
+    rss_now_bytes: u64,
+    /// Most trie nodes the state held in memory after any timed block.
+    trie_nodes: usize,
     reopen: Duration,
 }
 
 /// The process's peak resident memory so far (`VmHWM`): sizes run in increasing order, so each
 /// size's figure is the peak up to and including it.
 fn rss_bytes() -> u64 {
+    status_kib("VmHWM:")
+}
+
+/// A line of `/proc/self/status` in bytes (its figures are KiB).
+fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).map(str::to_string))
         .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
         .map_or(0, |kb| kb * 1024)
 }
@@ -159,6 +168,7 @@ fn measure(entries: u64, dir: &std::path::Path) -> Result<Sizes> {
 
     // Timed blocks: 1,000 existing accounts each, spread over the whole state.
     let (mut apply, mut seal, mut commit) = (Vec::new(), Vec::new(), Vec::new());
+    let mut trie_nodes = 0;
     let stride = (entries / CHANGES as u64).max(1);
     for b in 0..BLOCKS as u64 {
         let ids: Vec<u64> = (0..CHANGES as u64).map(|k| (k * stride + b * 7_919) % entries).collect();
@@ -168,12 +178,14 @@ fn measure(entries: u64, dir: &std::path::Path) -> Result<Sizes> {
         apply.push(a);
         seal.push(s);
         commit.push(c);
+        trie_nodes = trie_nodes.max(state.memory_trie_nodes());
     }
     // The flush a checkpoint does, timed and spread over the blocks between checkpoints.
     let t = Instant::now();
     store.flush()?;
     let flush = t.elapsed();
     let rss = rss_bytes();
+    let rss_now = status_kib("VmRSS:");
     let root = state.state_root();
     drop(state);
     drop(store);
@@ -189,7 +201,20 @@ fn measure(entries: u64, dir: &std::path::Path) -> Result<Sizes> {
     drop(reopened);
     drop(store);
     let _ = std::fs::remove_file(&path);
-    Ok(Sizes { entries, fill, apply, seal, commit, flush, rebuild, file_bytes, rss_bytes: rss, reopen })
+    Ok(Sizes {
+        entries,
+        fill,
+        apply,
+        seal,
+        commit,
+        flush,
+        rebuild,
+        file_bytes,
+        rss_bytes: rss,
+        rss_now_bytes: rss_now,
+        trie_nodes,
+        reopen,
+    })
 }
 
 fn mean(d: &[Duration]) -> Duration {
@@ -227,7 +252,7 @@ pub fn bench() -> Result<()> {
         let r = measure(n, &dir)?;
         println!(
             "{n:>10} accounts: fill {:.1} s; per block mean/max: apply {} / {}, seal {} / {}, commit {} / {}; \
-             flush {}; rebuild-all {}; file {:.1} MiB; peak RSS {:.0} MiB; reopen {}",
+             flush {}; rebuild-all {}; file {:.1} MiB; peak RSS {:.0} MiB (now {:.0} MiB; trie nodes in memory at most {}); reopen {}",
             r.fill.as_secs_f64(),
             ms(mean(&r.apply)),
             ms(max(&r.apply)),
@@ -239,6 +264,8 @@ pub fn bench() -> Result<()> {
             r.rebuild.map_or("not run (linear in entries)".into(), ms),
             r.file_bytes as f64 / 1048576.0,
             r.rss_bytes as f64 / 1048576.0,
+            r.rss_now_bytes as f64 / 1048576.0,
+            r.trie_nodes,
             ms(r.reopen),
         );
         rows.push(r);

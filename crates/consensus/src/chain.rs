@@ -318,7 +318,16 @@ impl Chain {
         };
         write(&*states, &commit)?;
         // Only `finalize` moves the head, and it is the caller: the head is still at `height`.
-        self.lock().committed_through(height);
+        // Were it ever not, the head would be a descendant the store does not hold whole: it
+        // lets go only of what the commit wrote, and commits the rest next time.
+        let mut g = self.lock();
+        if g.head.height == height {
+            g.committed_through(height);
+        } else {
+            tracing::warn!(height, head = g.head.height, "the head moved while its state was being committed");
+            g.state.forget_committed_through(height);
+            g.committed_at = height;
+        }
         Ok(())
     }
 

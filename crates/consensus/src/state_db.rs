@@ -21,9 +21,13 @@ use archipel_ledger::store::{
     Commit, Committed, Entries, StateSnapshot, StateStore, StoreError, check_import, check_order,
 };
 use archipel_ledger::trie::{self, Leaf, LeafSource, TrieError};
-use redb::{Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
+};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 const STATE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("state");
@@ -69,6 +73,26 @@ pub struct StateDb {
     /// What readers read, swapped (briefly, under the write lock) after each write: readers
     /// never wait for a write transaction or its flush.
     snapshot: RwLock<Arc<Snapshot>>,
+    /// The trie's bucket depth for states over this store: from the entry count after each
+    /// write (see [`bucket_depth_for`]), unless fixed by [`StateDb::with_bucket_depth`].
+    bucket_depth: AtomicUsize,
+    fixed_depth: Option<usize>,
+}
+
+/// Entries a trie bucket holds about, on average, at the depth [`bucket_depth_for`] picks: the
+/// trie's top then costs about 12 bytes of memory per entry (two nodes per bucket).
+pub const ENTRIES_PER_BUCKET: u64 = 16;
+/// The deepest buckets go: 2^24 buckets (about 2 GiB of top) is beyond any state this node holds.
+pub const MAX_BUCKET_DEPTH: usize = 24;
+
+/// The bucket depth for a store of `entries`: [`trie::BUCKET_DEPTH`] (16) up to about a million
+/// entries, then one level deeper each time the state doubles, so a bucket stays about
+/// [`ENTRIES_PER_BUCKET`] entries — what one change costs to rebuild, and what a commit's worth of
+/// changed buckets holds in memory until the commit — while the top grows by about 12 bytes per
+/// entry. Buckets of different depths coexist in one trie (each is read at its own depth), so
+/// the depth may change as the state grows.
+pub fn bucket_depth_for(entries: u64) -> usize {
+    ((entries / ENTRIES_PER_BUCKET).max(1).ilog2() as usize).clamp(trie::BUCKET_DEPTH, MAX_BUCKET_DEPTH)
 }
 
 impl fmt::Debug for StateDb {
@@ -101,6 +125,10 @@ impl StateDb {
         {
             let mut state = txn.open_table(STATE).map_err(io)?;
             let old = txn.open_table(OLD_ENTRIES).map_err(io)?;
+            if !old.is_empty().map_err(io)? {
+                // Rows a later version left behind (a downgrade, then this) are not this state's.
+                state.retain(|_, _| false).map_err(io)?;
+            }
             for item in old.iter().map_err(io)? {
                 let (k, v) = item.map_err(io)?;
                 state.insert(&trie::key_hash(k.value()).0[..], row(k.value(), v.value())?.as_slice()).map_err(io)?;
@@ -112,8 +140,23 @@ impl StateDb {
             txn.delete_table(t).map_err(io)?;
         }
         txn.commit().map_err(io)?;
-        let snapshot = RwLock::new(Arc::new(Self::snapshot_of(&db, EntryCache::new())?));
-        Ok(Self { db, path: path.to_path_buf(), writer: Mutex::new(()), snapshot })
+        let snapshot = Arc::new(Self::snapshot_of(&db, EntryCache::new())?);
+        let depth = bucket_depth_for(snapshot.state.len().map_err(io)?);
+        Ok(Self {
+            db,
+            path: path.to_path_buf(),
+            writer: Mutex::new(()),
+            snapshot: RwLock::new(snapshot),
+            bucket_depth: AtomicUsize::new(depth),
+            fixed_depth: None,
+        })
+    }
+
+    /// This store with states over it keeping their tries as buckets below `depth` whatever
+    /// the state's size (tests: small states get buckets too).
+    pub fn with_bucket_depth(mut self, depth: usize) -> Self {
+        self.fixed_depth = Some(depth.min(trie::KEY_BITS));
+        self
     }
 
     fn snapshot_of(db: &Database, cache: EntryCache) -> Result<Snapshot, StoreError> {
@@ -146,6 +189,7 @@ impl StateDb {
             cache.insert(k.clone(), v.clone());
         }
         let next = Arc::new(Self::snapshot_of(&self.db, cache)?);
+        self.bucket_depth.store(bucket_depth_for(next.state.len().map_err(io)?), Ordering::Relaxed);
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = next;
         Ok(())
     }
@@ -172,6 +216,18 @@ fn split_row(row: &[u8]) -> Result<(&[u8], &[u8]), StoreError> {
     Ok((key, &row[2 + len..]))
 }
 
+/// Refuses a row filed under another hash than its key's (a disk that garbled it: the trie would
+/// read it in the wrong place).
+fn check_filed(under: &[u8], key: &[u8]) -> Result<(), StoreError> {
+    if under != trie::key_hash(key).0 {
+        return Err(StoreError::Corrupt(format!(
+            "the row of {} is filed under another key's hash",
+            String::from_utf8_lossy(key)
+        )));
+    }
+    Ok(())
+}
+
 /// Reads up to `limit` rows of `table` from `from` on whose keys start with `prefix`, as entries.
 fn rows(
     table: &ReadOnlyTable<&'static [u8], &'static [u8]>,
@@ -184,8 +240,9 @@ fn rows(
         if out.len() == limit {
             break;
         }
-        let (_, v) = item.map_err(io)?;
+        let (h, v) = item.map_err(io)?;
         let (k, v) = split_row(v.value())?;
+        check_filed(h.value(), k)?;
         if k.starts_with(prefix) {
             out.push((k.to_vec(), v.to_vec()));
         }
@@ -201,9 +258,10 @@ impl LeafSource for StateDb {
         for item in snap.state.range::<&[u8]>(&lo.0[..]..=&hi.0[..]).map_err(source)? {
             let (k, v) = item.map_err(source)?;
             let Ok(k) = <[u8; 32]>::try_from(k.value()) else {
-                return Err(TrieError::Source("a state row's key is not a 32-byte hash".into()));
+                return Err(TrieError::Corrupt("a state row's key is not a 32-byte hash".into()));
             };
-            let (_, value) = split_row(v.value()).map_err(|e| TrieError::Source(e.to_string()))?;
+            let (key, value) = split_row(v.value()).map_err(|e| TrieError::Corrupt(e.to_string()))?;
+            check_filed(&k, key).map_err(|e| TrieError::Corrupt(e.to_string()))?;
             out.push((Hash(k), trie::value_hash(value)));
         }
         Ok(out)
@@ -211,6 +269,10 @@ impl LeafSource for StateDb {
 }
 
 impl StateStore for StateDb {
+    fn bucket_depth(&self) -> usize {
+        self.fixed_depth.unwrap_or_else(|| self.bucket_depth.load(Ordering::Relaxed))
+    }
+
     fn committed(&self) -> Result<Option<Committed>, StoreError> {
         Ok(self.snapshot().committed)
     }
@@ -397,6 +459,19 @@ mod tests {
     }
 
     #[test]
+    fn buckets_go_deeper_as_the_state_grows() {
+        assert_eq!(bucket_depth_for(0), trie::BUCKET_DEPTH);
+        assert_eq!(bucket_depth_for(1_000_000), 16, "about 15 entries a bucket at 10^6");
+        assert_eq!(bucket_depth_for(4_000_000), 17);
+        assert_eq!(bucket_depth_for(10_000_000), 19, "about 19 entries a bucket at 10^7");
+        assert_eq!(bucket_depth_for(u64::MAX), MAX_BUCKET_DEPTH);
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDb::open(&dir.path().join("state.redb")).unwrap();
+        assert_eq!(s.bucket_depth(), 16);
+        assert_eq!(s.with_bucket_depth(3).bucket_depth(), 3, "tests fix it");
+    }
+
+    #[test]
     fn a_file_from_before_the_state_table_is_converted() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
@@ -423,6 +498,101 @@ mod tests {
         let txn = s.db.begin_read().unwrap();
         for t in OLD_TABLES {
             assert!(txn.open_table(t).is_err(), "the old tables are dropped");
+        }
+    }
+
+    /// A ledger history on the disk store with buckets three levels down: blocks executed on
+    /// their parent before the parent's commit (as a validator does), commits every few blocks,
+    /// reopenings from the file; every root, value and proof agrees with the state held in
+    /// memory, and a committed state holds only the trie's top.
+    #[test]
+    fn a_history_on_the_disk_store_with_buckets_agrees_with_the_one_in_memory() {
+        use archipel_crypto::Identity;
+        use archipel_ledger::{
+            Credit, GenesisState, Payload, Signatures, State, StateKey, Transaction, execute, genesis_header, propose,
+        };
+        const DEPTH: usize = 3;
+        let id = |i: u64| Identity::from_seed(i);
+        let genesis = || {
+            State::genesis(GenesisState {
+                accounts: (0..40).map(|i| (id(i).node_id(), 1_000_000)).collect(),
+                validators: vec![id(0).node_id()],
+                ..GenesisState::default()
+            })
+        };
+        // The history, in memory: block n sends from account n % 4 to three accounts, new ones
+        // and old ones alike.
+        let mut mem = genesis();
+        let mut headers = vec![genesis_header(&mem)];
+        let mut blocks = Vec::new();
+        for n in 0..60u64 {
+            let signer = id(n % 4);
+            let credits =
+                (0..3).map(|k| Credit { to: id((n * 7 + k * 13) % 90).node_id(), amount_micro: 1 + k }).collect();
+            let nonce = mem.account(&signer.node_id()).nonce;
+            let tx = Transaction { signer: signer.node_id(), nonce, payload: Payload::TransferMany { credits } }
+                .sign(&signer, &archipel_ledger::Hash::ZERO);
+            let p = propose(&mem, headers.last().unwrap(), 10 * (n + 1), [], [tx], Signatures::Verify).unwrap();
+            mem = p.state;
+            headers.push(p.block.header);
+            blocks.push(p.block);
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let open = || Arc::new(StateDb::open(&path).unwrap().with_bucket_depth(DEPTH));
+        let mut store = open();
+        let mut disk = genesis().with_store(store.clone());
+        store.commit(&disk.commit().unwrap(), true).unwrap();
+        disk.committed();
+        let keys: Vec<StateKey> =
+            (0..95).map(|i| StateKey::Account(id(i).node_id())).chain([StateKey::Chain]).collect();
+        let mut h = 0usize;
+        while h < blocks.len() {
+            let mut cur = disk.clone();
+            execute(&mut cur, &headers[h], &blocks[h], Signatures::Verify).unwrap();
+            // Every third block: the child is executed before this block is committed.
+            let child = (h.is_multiple_of(3) && h + 1 < blocks.len()).then(|| {
+                let mut c = cur.clone();
+                execute(&mut c, &headers[h + 1], &blocks[h + 1], Signatures::Verify).unwrap();
+                c
+            });
+            store.commit(&cur.commit().unwrap(), h.is_multiple_of(5)).unwrap();
+            cur.committed();
+            assert!(cur.memory_trie_nodes() < 1 << (DEPTH + 1), "block {}: {}", h + 1, cur.memory_trie_nodes());
+            h += 1;
+            disk = cur;
+            if let Some(mut c) = child {
+                c.forget_committed_through(h as u64);
+                assert_eq!(c.state_root(), headers[h + 1].state_root);
+                store.commit(&c.commit().unwrap(), false).unwrap();
+                c.committed();
+                h += 1;
+                disk = c;
+            }
+            assert_eq!(disk.state_root(), headers[h].state_root, "block {h}");
+            if h.is_multiple_of(10) {
+                // A restart: the file reopened, the state opened from it.
+                store.flush().unwrap();
+                drop(disk);
+                drop(store);
+                store = open();
+                disk = State::open(store.clone()).unwrap().expect("a committed state");
+                assert_eq!(disk.chain().height, h as u64);
+                assert!(disk.memory_trie_nodes() < 1 << (DEPTH + 1));
+            }
+            for key in keys.iter().step_by(7) {
+                let (value, proof) = disk.prove(key).unwrap();
+                let shown = proof.verify(&headers[h].state_root, &archipel_ledger::state::state_key_hash(key)).unwrap();
+                match &value {
+                    Some(v) => assert_eq!(shown, archipel_ledger::trie::Proven::Present(trie::value_hash(v)), "{key}"),
+                    None => assert_eq!(shown, archipel_ledger::trie::Proven::Absent, "{key}"),
+                }
+            }
+        }
+        assert_eq!(disk.state_root(), mem.state_root());
+        for key in &keys {
+            assert_eq!(disk.prove(key).unwrap().0, mem.prove(key).unwrap().0, "{key}");
         }
     }
 }

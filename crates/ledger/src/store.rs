@@ -70,7 +70,7 @@ pub enum StoreError {
 impl From<TrieError> for StoreError {
     fn from(e: TrieError) -> Self {
         match e {
-            TrieError::Mismatch { .. } => StoreError::Corrupt(e.to_string()),
+            TrieError::Mismatch { .. } | TrieError::Corrupt(_) => StoreError::Corrupt(e.to_string()),
             TrieError::Source(s) => StoreError::Io(s),
         }
     }

@@ -18,7 +18,8 @@
 //! [`LeafSource`] (the state store keeps them in key-hash order) and the subtree is rebuilt
 //! whenever a change or a proof goes through it, and checked against the kept hash, so a source
 //! that does not match is an error, never a wrong root. At 10^6 entries a bucket holds about 15,
-//! so touching one costs a range read and about 30 hashes.
+//! so touching one costs a range read and about 30 hashes; a subtree of more than
+//! [`MAX_BUCKET_LEAVES`] entries (keys ground to share a prefix) is split further in memory.
 //!
 //! Architecture Invariant: no I/O here; reading leaves goes through the caller's [`LeafSource`].
 
@@ -32,6 +33,11 @@ pub const KEY_BITS: usize = 256;
 /// The depth below which the node keeps subtrees as buckets (see the module docs): 2^16 buckets,
 /// about 15 entries each at 10^6 entries.
 pub const BUCKET_DEPTH: usize = 16;
+
+/// Most entries a bucket holds: a subtree at the bucket depth with more (keys whose hashes were
+/// ground to share a prefix, or a state that outgrew its depth) is split further, in memory,
+/// until its parts fit, so what a change or a proof rebuilds stays bounded whatever the keys.
+pub const MAX_BUCKET_LEAVES: usize = 64;
 
 /// The hash under which an entry's key is placed.
 pub fn key_hash(key: &[u8]) -> Hash {
@@ -89,6 +95,9 @@ pub enum TrieError {
         /// What the source's leaves hash to.
         got: String,
     },
+    /// The source holds something no store writes (leaves out of order, repeated, or garbled).
+    #[error("the state store is corrupt: {0}")]
+    Corrupt(String),
     /// The source failed to read.
     #[error("state store read failed: {0}")]
     Source(String),
@@ -112,13 +121,14 @@ impl LeafSource for NoLeaves {
 }
 
 /// A subtree: empty, a bucket (its leaves in the source), or one held in memory. Two words (a
-/// bucket's hash is boxed).
+/// bucket is boxed).
 #[derive(Clone, Debug, Default)]
 enum Sub {
     #[default]
     Empty,
-    /// Two or more entries at the bucket depth, kept as their subtree's hash.
-    Bucket(Box<Hash>),
+    /// Two to [`MAX_BUCKET_LEAVES`] entries at or below the bucket depth, kept as their
+    /// subtree's hash.
+    Bucket(Box<Bucket>),
     Leaf(Arc<MemLeaf>),
     Branch(Arc<MemBranch>),
 }
@@ -131,11 +141,20 @@ struct MemLeaf {
     value: Hash,
 }
 
+/// A subtree kept as its hash, with how many entries it holds.
+#[derive(Clone, Debug)]
+struct Bucket {
+    hash: Hash,
+    leaves: u32,
+}
+
 #[derive(Debug)]
 struct MemBranch {
     left: Sub,
     right: Sub,
     hash: Hash,
+    /// Entries under it (saturating).
+    leaves: u32,
     /// Made by an update since the last [`Trie::compact`]: it may hold subtrees below the bucket
     /// depth in memory. Compaction walks only these, so it costs what changed, not the top's size.
     fresh: bool,
@@ -152,10 +171,24 @@ impl Sub {
     fn hash(&self) -> Hash {
         match self {
             Sub::Empty => Hash::ZERO,
-            Sub::Bucket(h) => **h,
+            Sub::Bucket(b) => b.hash,
             Sub::Leaf(l) => leaf_hash(&l.key, &l.value),
             Sub::Branch(b) => b.hash,
         }
+    }
+
+    /// Entries under it.
+    fn leaves(&self) -> u32 {
+        match self {
+            Sub::Empty => 0,
+            Sub::Leaf(_) => 1,
+            Sub::Bucket(b) => b.leaves,
+            Sub::Branch(b) => b.leaves,
+        }
+    }
+
+    fn bucket(hash: Hash, leaves: u32) -> Sub {
+        Sub::Bucket(Box::new(Bucket { hash, leaves }))
     }
 
     fn leaf(key: Hash, value: Hash) -> Sub {
@@ -175,7 +208,8 @@ impl Sub {
             (Sub::Leaf(_), Sub::Empty) => left,
             _ => {
                 let hash = branch_hash(&left.hash(), &right.hash());
-                Sub::Branch(Arc::new(MemBranch { left, right, hash, fresh }))
+                let leaves = left.leaves().saturating_add(right.leaves());
+                Sub::Branch(Arc::new(MemBranch { left, right, hash, leaves, fresh }))
             }
         }
     }
@@ -186,7 +220,7 @@ impl Sub {
             Sub::Leaf(l) => Open::Leaf { key: l.key, value: l.value },
             Sub::Branch(b) => Open::Branch { left: b.left.clone(), right: b.right.clone() },
             Sub::Bucket(want) => {
-                let b = expand(want, src, path, depth)?;
+                let b = expand(&want.hash, src, path, depth)?;
                 Open::Branch { left: b.left.clone(), right: b.right.clone() }
             }
         })
@@ -214,7 +248,7 @@ fn expand(want: &Hash, src: &dyn LeafSource, path: &Hash, depth: usize) -> Resul
 /// on them would not be canonical).
 fn check_leaves(leaves: &[Leaf], lo: &Hash, hi: &Hash) -> Result<(), TrieError> {
     if leaves.iter().any(|(k, _)| k < lo || k > hi) || leaves.windows(2).any(|w| w[0].0 >= w[1].0) {
-        return Err(TrieError::Source("the state store's leaves are out of order or out of range".into()));
+        return Err(TrieError::Corrupt("leaves out of key-hash order or out of range".into()));
     }
     Ok(())
 }
@@ -367,7 +401,7 @@ impl Builder {
     /// Takes the next leaf; refuses one not above the last in key-hash order.
     pub fn push(&mut self, leaf: Leaf) -> Result<(), TrieError> {
         if self.current.last().is_some_and(|last| last.0 >= leaf.0) || self.chunk_of(&leaf.0) < self.current_chunk {
-            return Err(TrieError::Source("the state store's leaves are out of key-hash order or repeated".into()));
+            return Err(TrieError::Corrupt("leaves out of key-hash order or repeated".into()));
         }
         let chunk = self.chunk_of(&leaf.0);
         if chunk != self.current_chunk {
@@ -415,7 +449,9 @@ fn build_compacted(depth: usize, entries: &[Leaf], bucket_depth: usize) -> Sub {
     match entries {
         [] => Sub::Empty,
         [(k, v)] => Sub::leaf(*k, *v),
-        _ if depth >= bucket_depth => Sub::Bucket(Box::new(build(depth, entries).hash())),
+        _ if depth >= bucket_depth && entries.len() <= MAX_BUCKET_LEAVES => {
+            Sub::bucket(build(depth, entries).hash(), entries.len() as u32)
+        }
         _ => {
             let split = entries.partition_point(|(k, _)| !bit(k, depth));
             let l = build_compacted(depth + 1, &entries[..split], bucket_depth);
@@ -425,12 +461,18 @@ fn build_compacted(depth: usize, entries: &[Leaf], bucket_depth: usize) -> Sub {
     }
 }
 
-/// `s` (at `depth`) with its branches at `bucket_depth` kept as buckets, except those holding a
-/// key of `keep` (sorted); `None` if it stays as it is.
+/// Whether `b`, at `depth`, is small enough and deep enough to be kept as a bucket.
+fn fits_bucket(b: &MemBranch, depth: usize, bucket_depth: usize) -> bool {
+    depth >= bucket_depth && b.leaves as usize <= MAX_BUCKET_LEAVES
+}
+
+/// `s` (at `depth`) with its branches at `bucket_depth` (or below, for subtrees of more than
+/// [`MAX_BUCKET_LEAVES`] entries) kept as buckets, except those holding a key of `keep`
+/// (sorted); `None` if it stays as it is.
 fn compact(s: &Sub, depth: usize, bucket_depth: usize, keep: &[Hash]) -> Option<Sub> {
     let Sub::Branch(b) = s else { return None };
-    if depth >= bucket_depth {
-        return keep.is_empty().then(|| Sub::Bucket(Box::new(b.hash)));
+    if fits_bucket(b, depth, bucket_depth) {
+        return keep.is_empty().then(|| Sub::bucket(b.hash, b.leaves));
     }
     if !b.fresh {
         return None;
@@ -438,10 +480,10 @@ fn compact(s: &Sub, depth: usize, bucket_depth: usize, keep: &[Hash]) -> Option<
     let split = keep.partition_point(|k| !bit(k, depth));
     let left = compact(&b.left, depth + 1, bucket_depth, &keep[..split]).unwrap_or_else(|| b.left.clone());
     let right = compact(&b.right, depth + 1, bucket_depth, &keep[split..]).unwrap_or_else(|| b.right.clone());
-    // Still fresh while a subtree below the bucket depth stays in memory under it.
-    let expanded = |c: &Sub| matches!(c, Sub::Branch(c) if depth + 1 >= bucket_depth || c.fresh);
+    // Still fresh while a subtree that could be a bucket stays in memory under it.
+    let expanded = |c: &Sub| matches!(c, Sub::Branch(c) if c.fresh || fits_bucket(c, depth + 1, bucket_depth));
     let fresh = expanded(&left) || expanded(&right);
-    Some(Sub::Branch(Arc::new(MemBranch { left, right, hash: b.hash, fresh })))
+    Some(Sub::Branch(Arc::new(MemBranch { left, right, hash: b.hash, leaves: b.leaves, fresh })))
 }
 
 /// `ops` sorted by key hash, one per key, all sharing the first `depth` bits of the path to `at`.
@@ -453,7 +495,7 @@ fn update(src: &dyn LeafSource, at: &Sub, depth: usize, ops: &[Change]) -> Resul
         Sub::Leaf(l) => Ok(update_leaf(at, (l.key, l.value), depth, ops)),
         Sub::Branch(b) => update_branch(src, at, (&b.left, &b.right), depth, ops),
         Sub::Bucket(want) => {
-            let b = expand(want, src, &first.0, depth)?;
+            let b = expand(&want.hash, src, &first.0, depth)?;
             update_branch(src, at, (&b.left, &b.right), depth, ops)
         }
     }
@@ -610,6 +652,24 @@ mod tests {
         build(0, &sorted).hash()
     }
 
+    /// Checks the shape compaction leaves: no branch in memory that would fit a bucket, and
+    /// every bucket of two to [`MAX_BUCKET_LEAVES`] entries, at or below the bucket depth.
+    fn compacted(s: &Sub, depth: usize, bucket_depth: usize) -> Result<(), String> {
+        match s {
+            Sub::Branch(b) if fits_bucket(b, depth, bucket_depth) => {
+                Err(format!("a branch of {} entries at depth {depth} stays in memory", b.leaves))
+            }
+            Sub::Branch(b) => {
+                compacted(&b.left, depth + 1, bucket_depth)?;
+                compacted(&b.right, depth + 1, bucket_depth)
+            }
+            Sub::Bucket(b) if depth < bucket_depth || b.leaves < 2 || b.leaves as usize > MAX_BUCKET_LEAVES => {
+                Err(format!("a bucket of {} entries at depth {depth}", b.leaves))
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn source_of(changes: &[Change]) -> MapSource {
         let mut src = MapSource::default();
         src.apply(changes);
@@ -670,8 +730,58 @@ mod tests {
                 Ok(vec![(k(2), v(2)), (k(1), v(1))])
             }
         }
-        assert!(matches!(Trie::open(&Liar, 4), Err(TrieError::Source(_))));
-        assert!(matches!(t.prove(&k(1), &Liar), Err(TrieError::Source(_))));
+        assert!(matches!(Trie::open(&Liar, 4), Err(TrieError::Corrupt(_))));
+        assert!(matches!(t.prove(&k(1), &Liar), Err(TrieError::Corrupt(_))));
+    }
+
+    #[test]
+    fn a_trie_opened_with_buckets_below_the_chunk_depth_matches_the_one_in_memory() {
+        // The node's case: buckets (16 there, 12 here) below the chunks the builder reads (8),
+        // with enough entries (20,000: about 5 a bucket) that buckets form everywhere.
+        let changes: Vec<Change> = (0..20_000).map(|i| (k(i), Some(v(i % 7)))).collect();
+        let mut mem = Trie::new();
+        mem.update(changes.clone(), &NoLeaves).unwrap();
+        let src = source_of(&changes);
+        let mut opened = Trie::open(&src, 12).unwrap();
+        assert_eq!(opened.root(), mem.root());
+        assert!(opened.memory_nodes() < 1 << 13, "{} nodes above depth 12", opened.memory_nodes());
+        for key in (0..20_500).step_by(97) {
+            assert_eq!(opened.prove(&k(key), &src).unwrap(), mem.prove(&k(key), &NoLeaves).unwrap(), "key {key}");
+        }
+        let more: Vec<Change> = (19_900..20_100).map(|i| (k(i), (i % 2 == 0).then(|| v(i)))).collect();
+        mem.update(more.clone(), &NoLeaves).unwrap();
+        opened.update(more, &src).unwrap();
+        assert_eq!(opened.root(), mem.root());
+    }
+
+    #[test]
+    fn keys_ground_to_share_a_bucket_split_it_instead_of_growing_it() {
+        // 1,000 keys sharing their first 16 bits (as an attacker grinding account ids would
+        // make them): no bucket holds more than MAX_BUCKET_LEAVES, whatever the depth.
+        let ground = |i: u64| {
+            let mut h = k(i);
+            h.0[0] = 0xab;
+            h.0[1] = 0xcd;
+            h
+        };
+        let changes: Vec<Change> =
+            (0..1_000).map(|i| (ground(i), Some(v(i)))).chain((0..500).map(|i| (k(i), Some(v(i))))).collect();
+        let mut mem = Trie::new();
+        mem.update(changes.clone(), &NoLeaves).unwrap();
+        let mut src = source_of(&changes);
+        let mut t = Trie::open(&src, 16).unwrap();
+        assert_eq!(t.root(), mem.root());
+        assert_eq!(compacted(&t.root, 0, 16), Ok(()));
+        for i in (0..1_000).step_by(37) {
+            assert_eq!(t.prove(&ground(i), &src).unwrap(), mem.prove(&ground(i), &NoLeaves).unwrap());
+        }
+        let more: Vec<Change> = (1_000..1_200).map(|i| (ground(i), Some(v(i)))).collect();
+        t.update(more.clone(), &src).unwrap();
+        mem.update(more.clone(), &NoLeaves).unwrap();
+        src.apply(&more);
+        t.compact(16);
+        assert_eq!(t.root(), mem.root());
+        assert_eq!(compacted(&t.root, 0, 16), Ok(()));
     }
 
     #[test]
@@ -776,8 +886,7 @@ mod tests {
             let mut src = source_of(&first);
             let mut disk = Trie::open(&src, depth).unwrap();
             prop_assert_eq!(disk.root(), mem.root());
-            let top = (1usize << (depth + 1)) - 1;
-            prop_assert!(disk.memory_nodes() <= top, "{} nodes above depth {}", disk.memory_nodes(), depth);
+            prop_assert_eq!(compacted(&disk.root, 0, depth), Ok(()));
             for round in &rounds {
                 let changes: Vec<Change> = round.iter().map(|(a, b)| (k(*a), b.map(v))).collect();
                 mem.update(changes.clone(), &NoLeaves).unwrap();
@@ -790,7 +899,8 @@ mod tests {
                 // Committed: the source catches up and the trie lets go of what it holds.
                 src.apply(&changes);
                 disk.compact(depth);
-                prop_assert!(disk.memory_nodes() <= top, "{} nodes above depth {}", disk.memory_nodes(), depth);
+                prop_assert_eq!(compacted(&disk.root, 0, depth), Ok(()));
+                prop_assert_eq!(disk.memory_nodes(), Trie::open(&src, depth).unwrap().memory_nodes(), "compaction gives what an open does");
                 prop_assert!(compact(&disk.root, 0, depth, &[]).is_none(), "a compacted trie has nothing fresh left to walk");
                 prop_assert_eq!(disk.root(), mem.root());
                 for key in (3u64..300).step_by(7) {
@@ -827,10 +937,11 @@ mod tests {
             for key in 0u64..300 {
                 prop_assert_eq!(ahead.prove(&k(key), &src).unwrap(), mem.prove(&k(key), &NoLeaves).unwrap());
             }
-            let top = (1usize << (depth + 1)) - 1;
-            // What may stay below the top: the buckets the child changed, as the child has them.
+            // What may stay in memory: what an open holds, and the buckets the child changed, as
+            // the child has them.
             let mut after_child = src.clone();
             after_child.apply(&child);
+            let top = Trie::open(&after_child, depth).unwrap().memory_nodes();
             let mut ranges: Vec<(Hash, Hash)> = child.iter().map(|c| prefix_range(&c.0, depth)).collect();
             ranges.sort();
             ranges.dedup();
@@ -842,7 +953,8 @@ mod tests {
             // Committed in turn: nothing below the top is left.
             src.apply(&child);
             ahead.compact(depth);
-            prop_assert!(ahead.memory_nodes() <= top);
+            prop_assert_eq!(ahead.memory_nodes(), top);
+            prop_assert_eq!(compacted(&ahead.root, 0, depth), Ok(()));
             prop_assert!(compact(&ahead.root, 0, depth, &[]).is_none());
         }
     }
