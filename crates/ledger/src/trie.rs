@@ -129,8 +129,19 @@ enum Sub {
     /// Two to [`MAX_BUCKET_LEAVES`] entries at or below the bucket depth, kept as their
     /// subtree's hash.
     Bucket(Box<Bucket>),
+    /// A bucket changed since the last compaction, held as its sorted leaves and hash (not as
+    /// nodes: one allocation for the whole bucket, and nothing to rebuild until a proof asks).
+    Leaves(Arc<MemBucket>),
     Leaf(Arc<MemLeaf>),
     Branch(Arc<MemBranch>),
+}
+
+/// A bucket in memory: two to [`MAX_BUCKET_LEAVES`] leaves, in key-hash order, and the hash of
+/// their subtree.
+#[derive(Debug)]
+struct MemBucket {
+    leaves: Vec<Leaf>,
+    hash: Hash,
 }
 
 /// An entry. Its hash is not kept (one hash of 64 bytes when a path through it changes): 48
@@ -172,6 +183,7 @@ impl Sub {
         match self {
             Sub::Empty => Hash::ZERO,
             Sub::Bucket(b) => b.hash,
+            Sub::Leaves(b) => b.hash,
             Sub::Leaf(l) => leaf_hash(&l.key, &l.value),
             Sub::Branch(b) => b.hash,
         }
@@ -183,6 +195,7 @@ impl Sub {
             Sub::Empty => 0,
             Sub::Leaf(_) => 1,
             Sub::Bucket(b) => b.leaves,
+            Sub::Leaves(b) => b.leaves.len() as u32,
             Sub::Branch(b) => b.leaves,
         }
     }
@@ -223,8 +236,69 @@ impl Sub {
                 let b = expand(&want.hash, src, path, depth)?;
                 Open::Branch { left: b.left.clone(), right: b.right.clone() }
             }
+            Sub::Leaves(b) => return build(depth, &b.leaves).open(src, path, depth),
         })
     }
+}
+
+/// The hash of the canonical subtree at `depth` over `entries` (sorted, distinct keys), computed
+/// without building it.
+fn root_of(depth: usize, entries: &[Leaf]) -> Hash {
+    match entries {
+        [] => Hash::ZERO,
+        [(k, v)] => leaf_hash(k, v),
+        _ => {
+            let split = entries.partition_point(|(k, _)| !bit(k, depth));
+            // One entry alone under a side moves up only when the other side is empty, and then
+            // this subtree would hold one entry: with two or more, both hashes are branches'.
+            branch_hash(&root_of(depth + 1, &entries[..split]), &root_of(depth + 1, &entries[split..]))
+        }
+    }
+}
+
+/// The leaves of the bucket `want` on `path` at `depth`, read from the source and checked
+/// against its hash.
+fn load(want: &Bucket, src: &dyn LeafSource, path: &Hash, depth: usize) -> Result<Vec<Leaf>, TrieError> {
+    let (lo, hi) = prefix_range(path, depth);
+    let leaves = src.leaves(&lo, &hi)?;
+    check_leaves(&leaves, &lo, &hi)?;
+    let got = root_of(depth, &leaves);
+    if leaves.len() < 2 || got != want.hash {
+        return Err(TrieError::Mismatch {
+            prefix: hex::encode(&lo.0[..depth.div_ceil(8).max(1)]),
+            depth,
+            want: want.hash.short(),
+            got: got.short(),
+        });
+    }
+    Ok(leaves)
+}
+
+/// The subtree at `depth` over `leaves` after `ops` (both sorted by key hash, one op per key): a
+/// bucket in memory while it holds two to [`MAX_BUCKET_LEAVES`], else built as it comes out.
+fn rebucket(depth: usize, leaves: &[Leaf], ops: &[Change]) -> Sub {
+    let mut merged = Vec::with_capacity(leaves.len() + ops.len());
+    let (mut i, mut j) = (0, 0);
+    while i < leaves.len() || j < ops.len() {
+        let take_op = j < ops.len() && (i == leaves.len() || ops[j].0 <= leaves[i].0);
+        if take_op {
+            if i < leaves.len() && leaves[i].0 == ops[j].0 {
+                i += 1; // replaced or removed
+            }
+            if let Some(v) = ops[j].1 {
+                merged.push((ops[j].0, v));
+            }
+            j += 1;
+        } else {
+            merged.push(leaves[i]);
+            i += 1;
+        }
+    }
+    if merged.len() < 2 || merged.len() > MAX_BUCKET_LEAVES {
+        return build(depth, &merged);
+    }
+    let hash = root_of(depth, &merged);
+    Sub::Leaves(Arc::new(MemBucket { leaves: merged, hash }))
 }
 
 /// The bucket `want` on `path` at `depth`, rebuilt in memory from the source's leaves and
@@ -365,7 +439,7 @@ impl Trie {
         fn count(s: &Sub) -> usize {
             match s {
                 Sub::Empty | Sub::Bucket(_) => 0,
-                Sub::Leaf(_) => 1,
+                Sub::Leaf(_) | Sub::Leaves(_) => 1,
                 Sub::Branch(b) => 1 + count(&b.left) + count(&b.right),
             }
         }
@@ -450,7 +524,7 @@ fn build_compacted(depth: usize, entries: &[Leaf], bucket_depth: usize) -> Sub {
         [] => Sub::Empty,
         [(k, v)] => Sub::leaf(*k, *v),
         _ if depth >= bucket_depth && entries.len() <= MAX_BUCKET_LEAVES => {
-            Sub::bucket(build(depth, entries).hash(), entries.len() as u32)
+            Sub::bucket(root_of(depth, entries), entries.len() as u32)
         }
         _ => {
             let split = entries.partition_point(|(k, _)| !bit(k, depth));
@@ -470,7 +544,11 @@ fn fits_bucket(b: &MemBranch, depth: usize, bucket_depth: usize) -> bool {
 /// [`MAX_BUCKET_LEAVES`] entries) kept as buckets, except those holding a key of `keep`
 /// (sorted); `None` if it stays as it is.
 fn compact(s: &Sub, depth: usize, bucket_depth: usize, keep: &[Hash]) -> Option<Sub> {
-    let Sub::Branch(b) = s else { return None };
+    let b = match s {
+        Sub::Branch(b) => b,
+        Sub::Leaves(b) => return keep.is_empty().then(|| Sub::bucket(b.hash, b.leaves.len() as u32)),
+        _ => return None,
+    };
     if fits_bucket(b, depth, bucket_depth) {
         return keep.is_empty().then(|| Sub::bucket(b.hash, b.leaves));
     }
@@ -481,7 +559,11 @@ fn compact(s: &Sub, depth: usize, bucket_depth: usize, keep: &[Hash]) -> Option<
     let left = compact(&b.left, depth + 1, bucket_depth, &keep[..split]).unwrap_or_else(|| b.left.clone());
     let right = compact(&b.right, depth + 1, bucket_depth, &keep[split..]).unwrap_or_else(|| b.right.clone());
     // Still fresh while a subtree that could be a bucket stays in memory under it.
-    let expanded = |c: &Sub| matches!(c, Sub::Branch(c) if c.fresh || fits_bucket(c, depth + 1, bucket_depth));
+    let expanded = |c: &Sub| match c {
+        Sub::Branch(c) => c.fresh || fits_bucket(c, depth + 1, bucket_depth),
+        Sub::Leaves(_) => true,
+        _ => false,
+    };
     let fresh = expanded(&left) || expanded(&right);
     Some(Sub::Branch(Arc::new(MemBranch { left, right, hash: b.hash, leaves: b.leaves, fresh })))
 }
@@ -495,9 +577,10 @@ fn update(src: &dyn LeafSource, at: &Sub, depth: usize, ops: &[Change]) -> Resul
         Sub::Leaf(l) => Ok(update_leaf(at, (l.key, l.value), depth, ops)),
         Sub::Branch(b) => update_branch(src, at, (&b.left, &b.right), depth, ops),
         Sub::Bucket(want) => {
-            let b = expand(&want.hash, src, &first.0, depth)?;
-            update_branch(src, at, (&b.left, &b.right), depth, ops)
+            let leaves = load(want, src, &first.0, depth)?;
+            Ok(rebucket(depth, &leaves, ops))
         }
+        Sub::Leaves(b) => Ok(rebucket(depth, &b.leaves, ops)),
     }
 }
 
@@ -666,6 +749,7 @@ mod tests {
             Sub::Bucket(b) if depth < bucket_depth || b.leaves < 2 || b.leaves as usize > MAX_BUCKET_LEAVES => {
                 Err(format!("a bucket of {} entries at depth {depth}", b.leaves))
             }
+            Sub::Leaves(b) => Err(format!("a bucket of {} entries held in memory at depth {depth}", b.leaves.len())),
             _ => Ok(()),
         }
     }
