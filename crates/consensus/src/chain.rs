@@ -331,6 +331,29 @@ impl Chain {
         Ok(())
     }
 
+    /// Makes the finalized state durable without holding the chain lock through the disk work
+    /// (a flush of the state store takes hundreds of milliseconds at 10^6 entries, and admission,
+    /// block building and verification wait for the lock): the head committed (as
+    /// [`Chain::commit_outside_lock`]), the block log synced up to it, then the state store
+    /// flushed — so the store is never durably ahead of the log. The caller is `finalize`, the
+    /// only one that moves the head.
+    fn checkpoint_outside_lock(&self) -> Result<(), String> {
+        self.commit_outside_lock()?;
+        let _committing = crate::lock(&self.committing);
+        let (sync, states, height) = {
+            let mut g = self.lock();
+            (g.store.sync(), g.states.clone(), g.committed_at)
+        };
+        let synced =
+            futures::executor::block_on(sync).map_err(|_| "the block log's sync was dropped".to_string())??;
+        if synced < height {
+            return Err(format!("the block log synced to {synced}, below the committed state at {height}"));
+        }
+        states.flush().map_err(|e| format!("the state store failed: {e}"))?;
+        self.lock().since_checkpoint = 0;
+        Ok(())
+    }
+
     /// What opening found: the stored state's height and the blocks replayed after it.
     pub fn opened(&self) -> Opened {
         self.opened
@@ -720,8 +743,8 @@ impl Chain {
                 g = self.lock();
             }
             if g.since_checkpoint >= g.checkpoint_every {
-                g.checkpoint().map_err(|e| format!("block {}: {e}", block.header.height))?;
                 drop(g);
+                self.checkpoint_outside_lock().map_err(|e| format!("block {}: {e}", block.header.height))?;
                 // A prune that fails leaves the log as it was: the node goes on, and says so.
                 if let Err(e) = self.prune_outside_lock() {
                     tracing::warn!(error = %e, "cannot prune the block log; keeping every block for now");
