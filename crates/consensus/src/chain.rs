@@ -107,6 +107,8 @@ struct Inner {
     since_checkpoint: u64,
     /// Finalized blocks not yet committed to `states`, and their transactions.
     uncommitted: u64,
+    /// The last write of the state failed: the next is waited for.
+    commit_failed: bool,
     /// The height `states` was last committed at.
     committed_at: u64,
     uncommitted_txs: HashMap<Hash, TxLocation>,
@@ -134,8 +136,10 @@ pub struct Opened {
 pub struct Chain {
     genesis: BlockHeader,
     opened: Opened,
-    /// Held while the head's state is written to the store outside the chain lock.
-    committing: Mutex<()>,
+    /// The write of the head's state to the store in flight on its own thread (at most one),
+    /// answering with the height it commits; held while a commit starts, finishes or a
+    /// checkpoint runs.
+    committing: Mutex<Option<std::thread::JoinHandle<Result<u64, String>>>>,
     genesis_state: State,
     inner: Mutex<Inner>,
     applier: ApplierHealth,
@@ -272,7 +276,7 @@ impl Chain {
         Ok(Chain {
             genesis,
             opened: Opened { state_height, replayed: head.height - state_height },
-            committing: Mutex::new(()),
+            committing: Mutex::new(None),
             genesis_state,
             inner: Mutex::new(Inner {
                 head,
@@ -282,6 +286,7 @@ impl Chain {
                 states,
                 since_checkpoint: 0,
                 uncommitted: 0,
+                commit_failed: false,
                 committed_at: head.height,
                 uncommitted_txs: HashMap::new(),
                 checkpoint_every: CHECKPOINT_BLOCKS,
@@ -299,36 +304,79 @@ impl Chain {
     /// Makes the state at the head durable (a clean shutdown): commits it, syncs the block log,
     /// flushes the store.
     pub fn close(&self) -> Result<(), String> {
-        let _committing = crate::lock(&self.committing);
+        let mut in_flight = crate::lock(&self.committing);
+        self.finish_commit(&mut in_flight)?;
         self.lock().checkpoint()
     }
 
-    /// Writes the head's state to the store with the chain lock held only to take the writes and
-    /// to let go of them after: admission, block building and verification go on meanwhile (they
-    /// read the head, which still holds everything until the write is done).
-    fn commit_outside_lock(&self) -> Result<(), String> {
-        let _committing = crate::lock(&self.committing);
+    /// Writes the head's state to the store on a thread of its own, with the chain lock held
+    /// only to take the writes and, once written, to let go of them: admission, block building,
+    /// verification and the applier go on meanwhile (the head, and the states after it, hold
+    /// everything until the write is done). The write before it is finished first, so at most one
+    /// is in flight and the head holds at most two commits' worth of changes. With `wait` (a
+    /// checkpoint, or a retry after a failed write) it returns once this write is done too: a
+    /// store that cannot be written stalls the applier instead of letting memory grow.
+    fn commit_outside_lock(&self, wait: bool) -> Result<(), String> {
+        let mut in_flight = crate::lock(&self.committing);
+        self.finish_commit(&mut in_flight)?;
         let (commit, states, height) = {
             let mut g = self.lock();
             if g.uncommitted == 0 {
                 return Ok(());
             }
             let inner = &mut *g;
-            (commit_writes(&mut inner.state, &inner.uncommitted_txs)?, g.states.clone(), g.head.height)
+            let commit = commit_writes(&mut inner.state, &inner.uncommitted_txs)?;
+            inner.uncommitted = 0;
+            (commit, g.states.clone(), g.head.height)
         };
-        write(&*states, &commit)?;
-        // Only `finalize` moves the head, and it is the caller: the head is still at `height`.
-        // Were it ever not, the head would be a descendant the store does not hold whole: it
-        // lets go only of what the commit wrote, and commits the rest next time.
-        let mut g = self.lock();
-        if g.head.height == height {
-            g.committed_through(height);
-        } else {
-            tracing::warn!(height, head = g.head.height, "the head moved while its state was being committed");
-            g.state.forget_committed_through(height);
-            g.committed_at = height;
+        let handle = std::thread::Builder::new()
+            .name("state-commit".into())
+            .spawn(move || write(&*states, &commit).map(|()| height))
+            .map_err(|e| format!("cannot start writing the state: {e}"))?;
+        *in_flight = Some(handle);
+        if wait {
+            self.finish_commit(&mut in_flight)?;
         }
         Ok(())
+    }
+
+    /// Lets go of what the write in flight wrote once it is done (waiting for it); after a
+    /// failed write, the next commit starts at once and is waited for.
+    fn finish_commit(
+        &self,
+        in_flight: &mut Option<std::thread::JoinHandle<Result<u64, String>>>,
+    ) -> Result<(), String> {
+        let Some(handle) = in_flight.take() else { return Ok(()) };
+        let written = handle.join().unwrap_or_else(|_| Err("the state commit's thread panicked".into()));
+        let mut g = self.lock();
+        match written {
+            Ok(height) => {
+                g.committed_through(height);
+                Ok(())
+            }
+            Err(e) => {
+                g.uncommitted = g.uncommitted.max(COMMIT_BLOCKS);
+                g.commit_failed = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Finishes the write in flight if it is done, without waiting: so the head lets go of what
+    /// it wrote soon after, not a whole commit later.
+    fn reap_commit(&self) -> Result<(), String> {
+        let mut in_flight = crate::lock(&self.committing);
+        if in_flight.as_ref().is_some_and(std::thread::JoinHandle::is_finished) {
+            self.finish_commit(&mut in_flight)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the write of the state in flight, if any (tests: what the store holds is then
+    /// settled).
+    pub fn wait_for_commit(&self) -> Result<(), String> {
+        let mut in_flight = crate::lock(&self.committing);
+        self.finish_commit(&mut in_flight)
     }
 
     /// Makes the finalized state durable without holding the chain lock through the disk work
@@ -338,7 +386,7 @@ impl Chain {
     /// flushed — so the store is never durably ahead of the log. The caller is `finalize`, the
     /// only one that moves the head.
     fn checkpoint_outside_lock(&self) -> Result<(), String> {
-        self.commit_outside_lock()?;
+        self.commit_outside_lock(true)?;
         let _committing = crate::lock(&self.committing);
         let (sync, states, height) = {
             let mut g = self.lock();
@@ -724,6 +772,7 @@ impl Chain {
     /// Records a finalized block (delivered in height order; repeats are ignored).
     pub fn finalize(&self, block: Block, certificate: Vec<u8>) -> Result<Option<Finalized>, String> {
         let hash = block.hash();
+        self.reap_commit().map_err(|e| format!("block {}: {e}", block.header.height))?;
         let (parent, cached) = {
             let mut g = self.lock();
             if block.header.height <= g.head.height {
@@ -738,8 +787,9 @@ impl Chain {
             // The store catches up before the head moves on, so a store that cannot be written
             // stalls the applier (which retries) instead of letting memory grow.
             if g.uncommitted >= COMMIT_BLOCKS {
+                let wait = g.commit_failed;
                 drop(g);
-                self.commit_outside_lock().map_err(|e| format!("block {}: {e}", block.header.height))?;
+                self.commit_outside_lock(wait).map_err(|e| format!("block {}: {e}", block.header.height))?;
                 g = self.lock();
             }
             if g.since_checkpoint >= g.checkpoint_every {
@@ -952,6 +1002,17 @@ impl Chain {
     }
 }
 
+impl Drop for Chain {
+    /// A write of the state in flight is finished before the chain goes: what a restart opens
+    /// does not depend on a thread outliving it.
+    fn drop(&mut self) {
+        let in_flight = self.committing.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(handle) = in_flight {
+            let _ = handle.join();
+        }
+    }
+}
+
 /// What [`Chain::watch_tx`] found.
 #[derive(Debug)]
 pub enum TxWatch {
@@ -1063,20 +1124,26 @@ fn write(states: &dyn StateStore, c: &Commit) -> Result<(), String> {
 impl Inner {
     /// Commits the head state to the store (see [`COMMIT_BLOCKS`]).
     fn commit(&mut self) -> Result<(), String> {
-        if self.uncommitted > 0 {
+        if self.uncommitted > 0 || self.committed_at < self.head.height {
             let c = commit_writes(&mut self.state, &self.uncommitted_txs)?;
             write(&*self.states, &c)?;
+            self.uncommitted = 0;
             self.committed_through(self.head.height);
         }
         Ok(())
     }
 
-    /// Lets go of what the store now holds: the head's state, committed at `height`.
+    /// Lets go of what the store now holds: the state at `height`, the head's or (a write that
+    /// finished after the head moved on) an ancestor's.
     fn committed_through(&mut self, height: u64) {
-        self.state.committed();
-        self.uncommitted_txs.clear();
-        self.uncommitted = 0;
+        if self.head.height == height {
+            self.state.committed();
+        } else {
+            self.state.forget_committed_through(height);
+        }
+        self.uncommitted_txs.retain(|_, loc| loc.height > height);
         self.committed_at = height;
+        self.commit_failed = false;
     }
 
     /// Where a finalized transaction is: in a block not committed yet, or in the store's index
@@ -1407,6 +1474,7 @@ mod tests {
             assert_eq!(block.txs.len(), 1, "block {}", head.height + 1);
             c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized");
         }
+        c.wait_for_commit().unwrap();
         let held = c.with_state(State::uncommitted_entries);
         // Exactly the blocks since the last commit (65 to 96), each changing its recipient, plus
         // the sender and the chain position: nothing older, nothing newer forgotten.
@@ -1450,6 +1518,113 @@ mod tests {
         assert!(whole > 4_000, "the whole trie: {whole} nodes");
         assert!(most < 1_500, "the head held up to {most} trie nodes of the whole {whole}");
         assert_eq!(c.with_state(State::rebuilt_root), c.head().state_root);
+    }
+
+    /// A state store whose commits fail while `fail` is set.
+    #[derive(Debug)]
+    struct Flaky {
+        inner: archipel_ledger::store::MemoryStore,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl archipel_ledger::trie::LeafSource for Flaky {
+        fn leaves(
+            &self,
+            lo: &Hash,
+            hi: &Hash,
+        ) -> Result<Vec<archipel_ledger::trie::Leaf>, archipel_ledger::trie::TrieError> {
+            self.inner.leaves(lo, hi)
+        }
+    }
+
+    impl StateStore for Flaky {
+        fn bucket_depth(&self) -> usize {
+            self.inner.bucket_depth()
+        }
+        fn committed(&self) -> Result<Option<archipel_ledger::store::Committed>, StoreError> {
+            self.inner.committed()
+        }
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(key)
+        }
+        fn scan(
+            &self,
+            prefix: &[u8],
+            after: Option<&[u8]>,
+            limit: usize,
+        ) -> Result<archipel_ledger::store::Entries, StoreError> {
+            self.inner.scan(prefix, after, limit)
+        }
+        fn commit(&self, commit: &archipel_ledger::store::Commit, durable: bool) -> Result<(), StoreError> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Io("the disk is full".into()));
+            }
+            self.inner.commit(commit, durable)
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            self.inner.flush()
+        }
+        fn tx(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.tx(hash)
+        }
+        fn clear(&self) -> Result<(), StoreError> {
+            self.inner.clear()
+        }
+        fn snapshot(&self) -> Result<Box<dyn archipel_ledger::store::StateSnapshot>, StoreError> {
+            self.inner.snapshot()
+        }
+        fn import(&self, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
+            self.inner.import(entries)
+        }
+    }
+
+    #[test]
+    fn a_state_store_that_cannot_be_written_stalls_the_head_until_it_can() {
+        // Commits are written in the background; a failed one must still stop the head (memory
+        // would grow otherwise), and the chain goes on once the store takes writes again.
+        let store = Arc::new(Flaky { inner: small_buckets(), fail: false.into() });
+        let c = Chain::open_with(three_accounts(1_000_000), Box::new(MemoryStore::default()), store.clone()).unwrap();
+        let sender = Identity::from_seed(0);
+        let block = |n: u64| {
+            let head = c.head();
+            let payload = Payload::Transfer { to: Identity::from_seed(1_000 + n).node_id(), amount_micro: 1 };
+            let t = Transaction { signer: sender.node_id(), nonce: n, payload }.sign(&sender, &Hash::ZERO);
+            let now = 1_000 * (head.height + 1);
+            c.submit(t, 100, now).unwrap();
+            c.build(&head.hash(), now, |_| Vec::new()).unwrap()
+        };
+        for n in 0..COMMIT_BLOCKS {
+            let b = block(n);
+            c.finalize_known(&b.hash(), vec![1]).unwrap().expect("finalized");
+        }
+        store.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Block 33 starts the write of 1..=32 in the background, which fails: the head stops once
+        // the failure is known, at the latest when the next write would start (block 65), and
+        // does not move while the store refuses.
+        let mut refused = 0;
+        let mut n = COMMIT_BLOCKS;
+        for _ in 0..2 * COMMIT_BLOCKS + 10 {
+            let b = block(n);
+            match c.finalize_known(&b.hash(), vec![1]) {
+                Ok(_) => n += 1,
+                Err(e) => {
+                    assert!(e.contains("the disk is full"), "{e}");
+                    refused += 1;
+                }
+            }
+        }
+        let stuck = c.head().height;
+        assert!(stuck <= 2 * COMMIT_BLOCKS, "the head went on to {stuck} past a store that cannot be written");
+        assert!(refused >= COMMIT_BLOCKS + 10, "{refused} refusals");
+        store.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        for _ in 0..COMMIT_BLOCKS + 2 {
+            let b = block(c.head().height);
+            c.finalize_known(&b.hash(), vec![1]).unwrap().expect("finalized once the store takes writes");
+        }
+        c.wait_for_commit().unwrap();
+        assert_eq!(c.with_state(State::rebuilt_root), c.head().state_root);
+        let committed = store.committed().unwrap().unwrap();
+        assert!(committed.height > stuck, "the store caught up: {committed:?}");
     }
 
     #[test]
