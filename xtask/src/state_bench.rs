@@ -252,7 +252,7 @@ pub fn bench() -> Result<()> {
         let r = measure(n, &dir)?;
         println!(
             "{n:>10} accounts: fill {:.1} s; per block mean/max: apply {} / {}, seal {} / {}, commit {} / {}; \
-             flush {}; rebuild-all {}; file {:.1} MiB; peak RSS {:.0} MiB (now {:.0} MiB; trie nodes in memory at most {}); reopen {}",
+             flush {}; rebuild-all {}; file {:.1} MiB; peak RSS {:.0} MiB (now {:.0} MiB; trie nodes and bucket leaves in memory at most {}); reopen {}",
             r.fill.as_secs_f64(),
             ms(mean(&r.apply)),
             ms(max(&r.apply)),

@@ -1501,7 +1501,7 @@ mod tests {
         let c = Chain::open_with(genesis, Box::new(MemoryStore::default()), Arc::new(states)).unwrap();
         let sender = Identity::from_seed(0);
         let mut most = 0;
-        for n in 0..4 * COMMIT_BLOCKS {
+        for n in 0..8 * COMMIT_BLOCKS {
             let head = c.head();
             let payload = Payload::Transfer { to: Identity::from_seed(1 + n % 1_999).node_id(), amount_micro: 1 };
             let t = Transaction { signer: sender.node_id(), nonce: n, payload }.sign(&sender, &Hash::ZERO);
@@ -1513,10 +1513,13 @@ mod tests {
                 most = most.max(c.with_state(State::memory_trie_nodes));
             }
         }
-        // The top (at most 511 nodes) and the buckets of the ~34 entries changed since the last
-        // commit (a few dozen nodes each), far below the whole trie.
+        // The top (at most 511 nodes) and the leaves of the buckets changed since the last commit
+        // written (up to two commits' worth while one is written in the background: about 70
+        // buckets of ~8 entries; about 570 held in all here), far below the whole trie, which a
+        // head that never lets go of its forks' buckets approaches (about 1,650 after these
+        // blocks, and growing).
         assert!(whole > 4_000, "the whole trie: {whole} nodes");
-        assert!(most < 1_500, "the head held up to {most} trie nodes of the whole {whole}");
+        assert!(most < 1_200, "the head held up to {most} trie nodes of the whole {whole}");
         assert_eq!(c.with_state(State::rebuilt_root), c.head().state_root);
     }
 

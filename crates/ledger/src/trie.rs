@@ -434,12 +434,14 @@ impl Trie {
         }
     }
 
-    /// How many nodes this trie holds in memory (buckets count as none).
+    /// How many nodes this trie holds in memory: a bucket kept as its hash counts as none, one
+    /// held as its leaves as one per leaf.
     pub fn memory_nodes(&self) -> usize {
         fn count(s: &Sub) -> usize {
             match s {
                 Sub::Empty | Sub::Bucket(_) => 0,
-                Sub::Leaf(_) | Sub::Leaves(_) => 1,
+                Sub::Leaf(_) => 1,
+                Sub::Leaves(b) => b.leaves.len(),
                 Sub::Branch(b) => 1 + count(&b.left) + count(&b.right),
             }
         }
