@@ -228,13 +228,16 @@ fn check_filed(under: &[u8], key: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Reads up to `limit` rows of `table` from `from` on whose keys start with `prefix`, as entries.
+/// Reads up to `limit` rows of `table` after the row of key `after` whose keys start with
+/// `prefix`, as entries.
 fn rows(
     table: &ReadOnlyTable<&'static [u8], &'static [u8]>,
-    from: std::ops::Bound<&[u8]>,
+    after: Option<&[u8]>,
     prefix: &[u8],
     limit: usize,
 ) -> Result<Entries, StoreError> {
+    let after = after.map(trie::key_hash);
+    let from = after.as_ref().map_or(std::ops::Bound::Unbounded, |h| std::ops::Bound::Excluded(&h.0[..]));
     let mut out = Vec::new();
     for item in table.range::<&[u8]>((from, std::ops::Bound::Unbounded)).map_err(io)? {
         if out.len() == limit {
@@ -304,9 +307,7 @@ impl StateStore for StateDb {
     }
 
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Entries, StoreError> {
-        let after = after.map(trie::key_hash);
-        let from = after.as_ref().map_or(std::ops::Bound::Unbounded, |h| std::ops::Bound::Excluded(&h.0[..]));
-        rows(&self.snapshot().state, from, prefix, limit)
+        rows(&self.snapshot().state, after, prefix, limit)
     }
 
     fn commit(&self, commit: &Commit, durable: bool) -> Result<(), StoreError> {
@@ -392,9 +393,7 @@ impl StateSnapshot for Pinned {
     }
 
     fn entries(&self, after: Option<&[u8]>, limit: usize) -> Result<Entries, StoreError> {
-        let after = after.map(trie::key_hash);
-        let from = after.as_ref().map_or(std::ops::Bound::Unbounded, |h| std::ops::Bound::Excluded(&h.0[..]));
-        rows(&self.0.state, from, b"", limit)
+        rows(&self.0.state, after, b"", limit)
     }
 }
 

@@ -233,7 +233,7 @@ impl Sub {
             Sub::Leaf(l) => Open::Leaf { key: l.key, value: l.value },
             Sub::Branch(b) => Open::Branch { left: b.left.clone(), right: b.right.clone() },
             Sub::Bucket(want) => {
-                let b = expand(&want.hash, src, path, depth)?;
+                let b = expand(want, src, path, depth)?;
                 Open::Branch { left: b.left.clone(), right: b.right.clone() }
             }
             Sub::Leaves(b) => return build(depth, &b.leaves).open(src, path, depth),
@@ -301,20 +301,12 @@ fn rebucket(depth: usize, leaves: &[Leaf], ops: &[Change]) -> Sub {
     Sub::Leaves(Arc::new(MemBucket { leaves: merged, hash }))
 }
 
-/// The bucket `want` on `path` at `depth`, rebuilt in memory from the source's leaves and
-/// checked against its hash.
-fn expand(want: &Hash, src: &dyn LeafSource, path: &Hash, depth: usize) -> Result<Arc<MemBranch>, TrieError> {
-    let (lo, hi) = prefix_range(path, depth);
-    let leaves = src.leaves(&lo, &hi)?;
-    check_leaves(&leaves, &lo, &hi)?;
-    match build(depth, &leaves) {
-        Sub::Branch(b) if b.hash == *want => Ok(b),
-        other => Err(TrieError::Mismatch {
-            prefix: hex::encode(&lo.0[..depth.div_ceil(8).max(1)]),
-            depth,
-            want: want.short(),
-            got: other.hash().short(),
-        }),
+/// The bucket `want` on `path` at `depth`, rebuilt in memory from the source's leaves (checked
+/// by [`load`]).
+fn expand(want: &Bucket, src: &dyn LeafSource, path: &Hash, depth: usize) -> Result<Arc<MemBranch>, TrieError> {
+    match build(depth, &load(want, src, path, depth)?) {
+        Sub::Branch(b) => Ok(b),
+        _ => Err(TrieError::Corrupt("a bucket of two or more leaves built to no branch".into())),
     }
 }
 
