@@ -1,17 +1,20 @@
 //! Plain data shared by every archipel crate.
 //!
 //! Nothing here performs I/O or reads a clock: these are the nouns of the system (node ids, regions,
-//! countries, jurisdictions, sizes, roles, node descriptors) with validating constructors, so that a
-//! value of one of these types is known to be well-formed wherever it travels.
+//! countries, jurisdictions, sizes, roles, node descriptors, placement policies) with validating
+//! constructors, so that a value of one of these types is known to be well-formed wherever it
+//! travels.
 
 mod descriptor;
 mod geo;
 mod id;
+mod policy;
 mod size;
 
 pub use descriptor::{MAX_NAME_LEN, MAX_OPERATOR_LEN, NodeDescriptor, Role, Roles};
 pub use geo::{CountryCode, Region};
 pub use id::NodeId;
+pub use policy::{ErasureCode, MAX_POLICY_ENTRIES, PlacementPolicy, RegionMatch};
 pub use size::ByteSize;
 
 /// Errors from parsing or validating plain data.
@@ -34,6 +37,12 @@ pub enum TypeError {
     /// A node id that is not 64 hex characters.
     #[error("invalid node id {0:?}: expected 64 hex characters (an Ed25519 public key)")]
     NodeId(String),
+    /// An erasure code outside the supported bounds.
+    #[error("invalid erasure code {0:?}: use data+parity, e.g. \"4+2\", with 1 to 32 data and 1 to 16 parity shards")]
+    Code(String),
+    /// A placement policy that can never be satisfied, whatever nodes are live.
+    #[error("invalid placement policy: {0}")]
+    Policy(String),
     /// A descriptor field that is out of bounds.
     #[error("invalid node descriptor: {0}")]
     Descriptor(String),
