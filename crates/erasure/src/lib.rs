@@ -325,7 +325,7 @@ mod tests {
             for code in [ErasureCode::DEFAULT, ErasureCode::new(10, 4).unwrap(), ErasureCode::new(32, 16).unwrap()] {
                 let s = shard_bytes(code, len);
                 assert!(
-                    s % SHARD_ALIGN == 0
+                    s.is_multiple_of(SHARD_ALIGN)
                         && s * usize::from(code.data) >= len
                         && s * usize::from(code.data) < len + SHARD_ALIGN * usize::from(code.data)
                 );
