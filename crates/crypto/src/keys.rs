@@ -97,6 +97,13 @@ impl Identity {
         &self.key
     }
 
+    /// A 32-byte secret derived from this key for one purpose (`context` names it, e.g.
+    /// `"archipel 2026 object key wrapping"`): the key never leaves, and secrets for different
+    /// purposes are unrelated.
+    pub fn derive_secret(&self, context: &str) -> [u8; 32] {
+        blake3::derive_key(context, &self.key.encode()[..])
+    }
+
     /// Signs `msg` under `namespace`.
     pub fn sign(&self, namespace: &[u8], msg: &[u8]) -> [u8; 64] {
         let sig = self.key.sign(namespace, msg);

@@ -1,4 +1,4 @@
-//! Identity keys, signed node descriptors and HTTP request signing.
+//! Identity keys, signed node descriptors, HTTP request signing and client-side object encryption.
 //!
 //! Every archipel actor — node or tenant — is an Ed25519 key. This crate owns how keys are stored
 //! on disk, how things are signed (always under a namespace, so a signature made for one purpose can
@@ -8,6 +8,7 @@
 mod admission;
 mod descriptor;
 mod keys;
+mod object;
 mod request;
 
 pub use admission::{Admission, Approval, quorum};
@@ -18,6 +19,7 @@ pub mod test_support {
     pub use crate::descriptor::example_descriptor;
 }
 pub use keys::{Identity, KeyFileError, SignatureItem, public_key, verify_signature, verify_signatures};
+pub use object::{DataKey, ObjectCipher, ObjectCryptoError, TAG_BYTES, WRAPPED_KEY_BYTES, WrapKey};
 pub use request::{
     AuthError, HEADER_KEY, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, MAX_CLOCK_SKEW_MS, RequestVerifier,
     SignedRequestHeaders, body_hash, sign_request,
