@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask bench [devnet|verify|ledger|liveness|state|all]`,
+//! Project automation: `cargo xtask bench [devnet|verify|ledger|liveness|state|pipeline|all]`,
 //! `cargo xtask sim --seeds N` and `cargo xtask fuzz [--seconds N]`.
 //!
 //! Benchmarks print absolute figures and a ratio against a baseline measured in the same run on
@@ -16,6 +16,7 @@ mod finality;
 mod fuzz;
 mod ledger_bench;
 mod liveness_bench;
+mod pipeline_bench;
 mod simplex_baseline;
 mod state_bench;
 mod state_devnet_bench;
@@ -31,13 +32,17 @@ fn main() -> Result<()> {
                 "ledger" => ledger_bench::bench(&build_release()?, runs(&args)?),
                 "liveness" => liveness_bench::bench(),
                 "state" => state_bench::bench().and_then(|_| bench_state_devnet()),
+                "pipeline" => pipeline_bench::bench(),
                 "all" => bench_verify()
                     .and_then(|_| bench_devnet())
                     .and_then(|_| ledger_bench::bench(&build_release()?, runs(&args)?))
                     .and_then(|_| liveness_bench::bench())
                     .and_then(|_| state_bench::bench())
-                    .and_then(|_| bench_state_devnet()),
-                other => bail!("unknown benchmark {other:?}: use verify, devnet, ledger, liveness, state or all"),
+                    .and_then(|_| bench_state_devnet())
+                    .and_then(|_| pipeline_bench::bench()),
+                other => {
+                    bail!("unknown benchmark {other:?}: use verify, devnet, ledger, liveness, state, pipeline or all")
+                }
             }
         }
         Some("sim") => {
@@ -61,7 +66,7 @@ fn main() -> Result<()> {
         Some("simplex-validator") => simplex_baseline::validator_main(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask bench [verify|devnet|ledger|liveness|state|all] [--runs N]\n       cargo xtask sim [--seeds N]\n       \
+                "usage: cargo xtask bench [verify|devnet|ledger|liveness|state|pipeline|all] [--runs N]\n       cargo xtask sim [--seeds N]\n       \
                  cargo xtask fuzz [--seconds N] [TARGET...]"
             );
             Ok(())
