@@ -117,15 +117,15 @@ fn bare_get(
     }
     let restored = rs.decode().expect("decode");
     let mut out = Vec::with_capacity(K * shard);
-    for i in 0..K {
-        match restored.restored_original(i) {
-            Some(s) => out.extend_from_slice(s),
-            None => out.extend_from_slice(&shards[i]),
-        }
+    for (i, own) in shards.iter().enumerate().take(K) {
+        out.extend_from_slice(restored.restored_original(i).unwrap_or(own));
     }
     out.truncate(SEGMENT_BYTES as usize);
     key.open_in_place(nonce(index), Aad::from(index.to_be_bytes()), &mut out).expect("open").len()
 }
+
+/// One segment's shards and their hashes.
+type Segment = (Vec<Vec<u8>>, Vec<[u8; 32]>);
 
 struct Pair {
     name: &'static str,
@@ -151,8 +151,8 @@ pub fn bench() -> Result<()> {
 
     // Shards of every segment for the GET side, made once by our own sealer.
     let mut sealer = SegmentSealer::new(&data_key, &object_id, code);
-    let mut sealed_segments: Vec<(Vec<Vec<u8>>, Vec<[u8; 32]>)> = Vec::with_capacity(SEGMENTS);
-    let mut bare_segments: Vec<(Vec<Vec<u8>>, Vec<[u8; 32]>)> = Vec::with_capacity(SEGMENTS);
+    let mut sealed_segments: Vec<Segment> = Vec::with_capacity(SEGMENTS);
+    let mut bare_segments: Vec<Segment> = Vec::with_capacity(SEGMENTS);
     let mut bare_rs = ReedSolomonEncoder::new(K, M, 64).expect("encoder");
     for (i, plain) in object.chunks(plain_len).enumerate() {
         let mut buf = Vec::with_capacity(SEGMENT_BYTES as usize);
@@ -253,11 +253,8 @@ pub fn bench() -> Result<()> {
                         }
                         let restored = bare_dec.decode().expect("decode");
                         let mut out = Vec::with_capacity(K * shard);
-                        for s in 0..K {
-                            match restored.restored_original(s) {
-                                Some(r) => out.extend_from_slice(r),
-                                None => out.extend_from_slice(&shards[s]),
-                            }
+                        for (s, own) in shards.iter().enumerate().take(K) {
+                            out.extend_from_slice(restored.restored_original(s).unwrap_or(own));
                         }
                         out.len()
                     });
