@@ -219,8 +219,7 @@ pub fn bench() -> Result<()> {
                     get.bare.time(|| bare_get(&ring_key, &mut bare_dec, index, shards, hashes));
                 }
             }
-            for i in 0..SEGMENTS {
-                let (shards, _) = &sealed_segments[i];
+            for (shards, _) in &sealed_segments {
                 if side {
                     enc.ours.time(|| {
                         buf.clear();
