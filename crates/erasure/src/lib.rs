@@ -18,7 +18,7 @@ use reed_solomon_simd::{EncoderResult, ReedSolomonDecoder, ReedSolomonEncoder};
 use std::ops::Range;
 
 /// Shard sizes are multiples of this many bytes.
-pub const SHARD_ALIGN: usize = 64;
+pub const SHARD_ALIGN: usize = archipel_types::SHARD_ALIGN as usize;
 /// Largest segment accepted (encrypted bytes).
 pub const MAX_SEGMENT_BYTES: usize = 64 << 20;
 
@@ -65,7 +65,8 @@ fn codec(e: reed_solomon_simd::Error) -> ErasureError {
 
 /// Bytes in each shard of a segment of `segment_len` bytes under `code`.
 pub fn shard_bytes(code: ErasureCode, segment_len: usize) -> usize {
-    segment_len.div_ceil(usize::from(code.data)).div_ceil(SHARD_ALIGN).max(1) * SHARD_ALIGN
+    // Segments are at most MAX_SEGMENT_BYTES, so the size fits usize on every platform.
+    code.shard_bytes(segment_len as u64) as usize
 }
 
 fn check_segment(len: usize) -> Result<(), ErasureError> {

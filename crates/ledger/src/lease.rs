@@ -29,14 +29,19 @@ pub struct Lease {
     pub status: LeaseStatus,
     /// Height of the block that set this status (for a node never up: its registration).
     pub since_height: u64,
+    /// That block's time (Unix ms): storage repairs a Down holder's shards once the chain's
+    /// time is `repair_grace_ms` past it.
+    #[serde(default)]
+    pub since_ms: u64,
 }
 
 impl Lease {
-    /// The state entry's value: status byte (1 = up) and the height, big-endian.
+    /// The state entry's value: status byte (1 = up), then the height and the time, big-endian.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(9);
+        let mut out = Vec::with_capacity(17);
         out.push(u8::from(self.status == LeaseStatus::Up));
         out.extend_from_slice(&self.since_height.to_be_bytes());
+        out.extend_from_slice(&self.since_ms.to_be_bytes());
         out
     }
 
@@ -47,8 +52,10 @@ impl Lease {
             Some(0) => LeaseStatus::Down,
             _ => return Err("a lease starts with a status byte, 0 or 1".into()),
         };
-        let since: [u8; 8] = b.get(1..).and_then(|r| r.try_into().ok()).ok_or("a lease is 9 bytes")?;
-        Ok(Lease { status, since_height: u64::from_be_bytes(since) })
+        if b.len() != 17 {
+            return Err(format!("a lease is 17 bytes, not {}", b.len()));
+        }
+        Ok(Lease { status, since_height: crate::state::be_u64(b, 1)?, since_ms: crate::state::be_u64(b, 9)? })
     }
 }
 
@@ -225,13 +232,16 @@ impl State {
             LivenessChange::Down { .. } => LeaseStatus::Down,
             LivenessChange::Up { .. } => LeaseStatus::Up,
         };
-        self.leases.set(change.node(), Some(Lease { status, since_height: self.chain.height }));
+        let lease = Lease { status, since_height: self.chain.height, since_ms: self.chain.timestamp_ms };
+        self.leases.set(change.node(), Some(lease));
         Ok(())
     }
 
     /// Records a newly registered node's lease: Down until it proves it is alive.
     pub(crate) fn open_lease(&mut self, node: NodeId) {
-        self.leases.set(node, Some(Lease { status: LeaseStatus::Down, since_height: self.chain.height }));
+        let lease =
+            Lease { status: LeaseStatus::Down, since_height: self.chain.height, since_ms: self.chain.timestamp_ms };
+        self.leases.set(node, Some(lease));
     }
 }
 
@@ -264,7 +274,7 @@ mod tests {
         let opened = State::open(store.clone()).unwrap().expect("committed");
         assert_eq!(opened.leases.written().count(), 0);
         assert_eq!(opened.lease_status(&node), LeaseStatus::Up);
-        assert_eq!(opened.leases(), vec![(node, Lease { status: LeaseStatus::Up, since_height: 1 })]);
+        assert_eq!(opened.leases(), vec![(node, Lease { status: LeaseStatus::Up, since_height: 1, since_ms: 1_000 })]);
         assert_eq!(opened.state_root(), s.state_root());
     }
 

@@ -1,6 +1,7 @@
 //! The ledger's deterministic state machine (sans-IO): signed transactions, admission and the
-//! mempool, atomic `apply` with typed receipts, the node registry, liveness leases, blocks, a
-//! Merkle state root with proofs, and the offline chain verifier.
+//! mempool, atomic `apply` with typed receipts, the node registry, liveness leases, object storage
+//! (buckets, objects, shard holders), blocks, a Merkle state root with proofs, and the offline
+//! chain verifier.
 //!
 //! Architecture Invariant: no I/O, no clock, nothing spawned. Block time comes in as an argument,
 //! so every node replaying the same blocks reaches the same state roots.
@@ -16,6 +17,7 @@ pub mod params;
 pub mod proof;
 mod registry;
 pub mod state;
+pub mod storage;
 pub mod store;
 pub mod table;
 pub mod trie;

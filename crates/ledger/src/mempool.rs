@@ -193,7 +193,13 @@ fn spend_micro(params: &LedgerParams, tx: &Transaction) -> u64 {
         }
         // The deposit is locked from the sponsor's balance too.
         Payload::RegisterNode { .. } => params.tx_fee_micro.saturating_add(params.node_deposit_micro),
-        Payload::UpdateNode { .. } | Payload::LeaveNode { .. } => params.tx_fee_micro,
+        Payload::UpdateNode { .. }
+        | Payload::LeaveNode { .. }
+        | Payload::CreateBucket { .. }
+        | Payload::DeleteBucket { .. }
+        | Payload::PutObject { .. }
+        | Payload::DeleteObject { .. }
+        | Payload::MoveShards { .. } => params.tx_fee_micro,
     }
 }
 

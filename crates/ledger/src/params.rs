@@ -33,6 +33,9 @@ pub struct LedgerParams {
     /// Locked from the sponsor by `RegisterNode` and returned to the owner by `LeaveNode`: filling
     /// the registry costs `max_registered_nodes` deposits, not just fees.
     pub node_deposit_micro: u64,
+    /// How long (chain time, ms) a storage node may be Down before its shards are repaired
+    /// elsewhere: a restart or a short network cut moves nothing.
+    pub repair_grace_ms: u64,
 }
 
 /// Lowest accepted `max_tx_bytes`: the largest possible node registration (descriptor with the
@@ -61,6 +64,7 @@ impl Default for LedgerParams {
             nonce_window: 1_024,
             max_registered_nodes: 256,
             node_deposit_micro: 1_000_000,
+            repair_grace_ms: 10_000,
         }
     }
 }
@@ -106,6 +110,12 @@ impl LedgerParams {
             return Err(format!(
                 "max_registered_nodes ({}) must be 1 to {MAX_REGISTERED_NODES_LIMIT}: every node sizes its p2p peer limit from it",
                 self.max_registered_nodes
+            ));
+        }
+        if self.repair_grace_ms < self.lease_ttl_ms {
+            return Err(format!(
+                "repair_grace_ms ({}) must be at least lease_ttl_ms ({}): shards would move before a node is known dead",
+                self.repair_grace_ms, self.lease_ttl_ms
             ));
         }
         if self.node_deposit_micro == 0 {

@@ -115,8 +115,17 @@ pub fn decode_value(key: &StateKey, value: &[u8]) -> Result<serde_json::Value, S
                 Some(0) => "down",
                 _ => return Err("lease value has no status byte".into()),
             };
-            Ok(serde_json::json!({ "status": status, "since_height": be_u64(value, 1)? }))
+            Ok(
+                serde_json::json!({ "status": status, "since_height": be_u64(value, 1)?, "since_ms": be_u64(value, 9)? }),
+            )
         }
+        StateKey::Bucket(_) => {
+            json(serde_json::from_slice::<crate::storage::BucketRecord>(value).and_then(serde_json::to_value))
+        }
+        StateKey::Object(_) => {
+            json(serde_json::from_slice::<crate::storage::ObjectRecord>(value).and_then(serde_json::to_value))
+        }
+        StateKey::Stored(_) => Ok(serde_json::json!({ "stored_bytes": be_u64(value, 0)? })),
         StateKey::Network => Ok(serde_json::json!({ "network": hex::encode(value) })),
         StateKey::Node(_) => json(serde_json::from_slice::<NodeRecord>(value).and_then(serde_json::to_value)),
         StateKey::Params => json(serde_json::from_slice(value)),

@@ -11,6 +11,7 @@
 use crate::hash::Hash;
 use crate::lease::Lease;
 use crate::params::LedgerParams;
+use crate::storage::{BucketRecord, ObjectRecord};
 use crate::store::{Commit, Committed, MemoryStore, StateStore, StoreError};
 use crate::table::{Overlay, Table};
 use crate::trie::{self, Trie, TrieProof};
@@ -84,6 +85,47 @@ pub enum Receipt {
         /// The node.
         node: NodeId,
     },
+    /// A bucket was created.
+    BucketCreated {
+        /// Its name.
+        name: String,
+        /// Its owner.
+        owner: NodeId,
+    },
+    /// An empty bucket was deleted.
+    BucketDeleted {
+        /// Its name.
+        name: String,
+    },
+    /// An object version was stored (final: every holder signed its receipt).
+    ObjectStored {
+        /// Bucket.
+        bucket: String,
+        /// Key.
+        key: String,
+        /// The new version.
+        version: Hash,
+        /// The version it replaced, whose shards the holders may now delete.
+        replaced: Option<Hash>,
+    },
+    /// An object was deleted; its holders may delete its shards.
+    ObjectDeleted {
+        /// Bucket.
+        bucket: String,
+        /// Key.
+        key: String,
+        /// The version deleted.
+        version: Hash,
+    },
+    /// Shards of an object moved to new holders (a repair).
+    ShardsMoved {
+        /// Bucket.
+        bucket: String,
+        /// Key.
+        key: String,
+        /// How many shards moved.
+        moved: usize,
+    },
     /// A node left the registry.
     NodeLeft {
         /// The node.
@@ -139,6 +181,8 @@ pub struct GenesisState {
 pub enum StateKey {
     /// An account's balance and nonce.
     Account(NodeId),
+    /// A bucket, by the hash of its name ([`crate::storage::bucket_id`]).
+    Bucket(Hash),
     /// Height, block time and fees burned.
     Chain,
     /// The highest descriptor version of a node that left the registry (a tombstone: registering
@@ -150,8 +194,12 @@ pub enum StateKey {
     Network,
     /// A node's registry record.
     Node(NodeId),
+    /// An object, by the hash of its bucket and key ([`crate::storage::object_id`]).
+    Object(Hash),
     /// The ledger parameters.
     Params,
+    /// Bytes of shards assigned to a node.
+    Stored(NodeId),
     /// A validator.
     Validator(NodeId),
 }
@@ -160,12 +208,15 @@ impl fmt::Display for StateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StateKey::Account(id) => write!(f, "account/{id}"),
+            StateKey::Bucket(h) => write!(f, "bucket/{h}"),
             StateKey::Chain => f.write_str("chain"),
             StateKey::Departed(id) => write!(f, "departed/{id}"),
             StateKey::Lease(id) => write!(f, "lease/{id}"),
             StateKey::Network => f.write_str("network"),
             StateKey::Node(id) => write!(f, "node/{id}"),
+            StateKey::Object(h) => write!(f, "object/{h}"),
             StateKey::Params => f.write_str("params"),
+            StateKey::Stored(id) => write!(f, "stored/{id}"),
             StateKey::Validator(id) => write!(f, "validator/{id}"),
         }
     }
@@ -180,12 +231,15 @@ impl FromStr for StateKey {
             None if s == "network" => Ok(StateKey::Network),
             None if s == "params" => Ok(StateKey::Params),
             Some(("account", rest)) => Ok(StateKey::Account(id(rest)?)),
+            Some(("bucket", rest)) => Ok(StateKey::Bucket(rest.parse().map_err(|e| format!("state key {s:?}: {e}"))?)),
+            Some(("object", rest)) => Ok(StateKey::Object(rest.parse().map_err(|e| format!("state key {s:?}: {e}"))?)),
+            Some(("stored", rest)) => Ok(StateKey::Stored(id(rest)?)),
             Some(("departed", rest)) => Ok(StateKey::Departed(id(rest)?)),
             Some(("lease", rest)) => Ok(StateKey::Lease(id(rest)?)),
             Some(("node", rest)) => Ok(StateKey::Node(id(rest)?)),
             Some(("validator", rest)) => Ok(StateKey::Validator(id(rest)?)),
             _ => Err(format!(
-                "unknown state key {s:?}: use account/<key>, node/<key>, lease/<key>, departed/<key>, validator/<key>, chain, network or params"
+                "unknown state key {s:?}: use account/<key>, node/<key>, lease/<key>, departed/<key>, validator/<key>, stored/<key>, bucket/<hash>, object/<hash>, chain, network or params"
             )),
         }
     }
@@ -209,6 +263,12 @@ pub struct State {
     /// Tombstones: the highest descriptor version of each node that left (removed when it
     /// registers again). Read through from the store.
     pub(crate) departed: Overlay<NodeId, u64>,
+    /// Buckets, by name hash (storage): read through from the store.
+    pub(crate) buckets: Overlay<Hash, BucketRecord>,
+    /// Objects, by name hash: read through from the store.
+    pub(crate) objects: Overlay<Hash, ObjectRecord>,
+    /// Bytes of shards assigned to each node: read through from the store.
+    pub(crate) stored: Overlay<NodeId, u64>,
     /// Changed entries outside the tables (the chain position; the network, parameters and
     /// validators at genesis).
     other_changed: BTreeSet<StateKey>,
@@ -342,6 +402,9 @@ impl State {
         self.accounts.writing_at(height);
         self.departed.writing_at(height);
         self.leases.writing_at(height);
+        self.buckets.writing_at(height);
+        self.objects.writing_at(height);
+        self.stored.writing_at(height);
         self.chain.height = height;
         self.chain.timestamp_ms = timestamp_ms;
     }
@@ -417,6 +480,11 @@ impl State {
             Payload::RegisterNode { descriptor, .. } => self.apply_register(tx.signer, descriptor),
             Payload::UpdateNode { descriptor } => self.apply_update(descriptor),
             Payload::LeaveNode { node } => self.apply_leave(*node),
+            Payload::CreateBucket { name, policy } => self.apply_create_bucket(tx.signer, name, policy),
+            Payload::DeleteBucket { name } => self.apply_delete_bucket(name),
+            Payload::PutObject { put } => self.apply_put_object(put),
+            Payload::DeleteObject { bucket, key } => self.apply_delete_object(bucket, key),
+            Payload::MoveShards { bucket, key, moves, .. } => self.apply_move_shards(bucket, key, moves),
         };
         self.update_account(tx.signer, |a| {
             a.balance_micro -= fee;
@@ -455,6 +523,17 @@ impl State {
             Payload::UpdateNode { descriptor } if with_signatures => self.check_update(tx.signer, descriptor)?,
             Payload::UpdateNode { descriptor } => self.check_update_cheap(tx.signer, descriptor)?,
             Payload::LeaveNode { node } => self.check_leave(tx.signer, *node)?,
+            Payload::CreateBucket { name, policy } => self.check_create_bucket(name, policy)?,
+            Payload::DeleteBucket { name } => self.check_delete_bucket(tx.signer, name)?,
+            Payload::PutObject { put } if with_signatures => self.check_put_object(tx.signer, put)?,
+            Payload::PutObject { put } => self.check_put_object_cheap(tx.signer, put)?,
+            Payload::DeleteObject { bucket, key } => self.check_delete_object(tx.signer, bucket, key)?,
+            Payload::MoveShards { bucket, key, version, moves } if with_signatures => {
+                self.check_move_shards(bucket, key, version, moves)?
+            }
+            Payload::MoveShards { bucket, key, version, moves } => {
+                self.check_move_shards_cheap(bucket, key, version, moves).map(drop)?
+            }
         }
         Ok(fee)
     }
@@ -476,6 +555,16 @@ impl State {
             StateKey::Node(id) => self.nodes.get(id).map(json),
             StateKey::Params => Some(json(&self.params)),
             StateKey::Validator(id) => self.validators.contains(id).then(Vec::new),
+            StateKey::Bucket(h) => {
+                self.buckets.get(h, |h| self.load(&StateKey::Bucket(*h), decode_json)).map(|b| json(&b))
+            }
+            StateKey::Object(h) => {
+                self.objects.get(h, |h| self.load(&StateKey::Object(*h), decode_json)).map(|o| json(&o))
+            }
+            StateKey::Stored(id) => self
+                .stored
+                .get(id, |id| self.load(&StateKey::Stored(*id), |b| be_u64(b, 0)))
+                .map(|v| v.to_be_bytes().to_vec()),
         }
     }
 
@@ -484,12 +573,15 @@ impl State {
     pub fn keys(&self) -> Vec<StateKey> {
         let mut out = Vec::new();
         out.extend(self.overlay_keys("account/", &self.accounts, StateKey::Account));
+        out.extend(self.overlay_keys("bucket/", &self.buckets, StateKey::Bucket));
         out.push(StateKey::Chain);
         out.extend(self.overlay_keys("departed/", &self.departed, StateKey::Departed));
         out.extend(self.overlay_keys("lease/", &self.leases, StateKey::Lease));
         out.push(StateKey::Network);
         out.extend(self.nodes.keys().map(|id| StateKey::Node(*id)));
+        out.extend(self.overlay_keys("object/", &self.objects, StateKey::Object));
         out.push(StateKey::Params);
+        out.extend(self.overlay_keys("stored/", &self.stored, StateKey::Stored));
         out.extend(self.validators.iter().map(|id| StateKey::Validator(*id)));
         out
     }
@@ -506,6 +598,9 @@ impl State {
             || self.nodes.has_changes()
             || self.leases.has_changes()
             || self.departed.has_changes()
+            || self.buckets.has_changes()
+            || self.objects.has_changes()
+            || self.stored.has_changes()
     }
 
     /// Brings the state root up to date with the entries changed since the last call, hashing
@@ -521,6 +616,9 @@ impl State {
         keys.extend(self.nodes.take_changed().into_iter().map(StateKey::Node));
         keys.extend(self.leases.take_changed().into_iter().map(StateKey::Lease));
         keys.extend(self.departed.take_changed().into_iter().map(StateKey::Departed));
+        keys.extend(self.buckets.take_changed().into_iter().map(StateKey::Bucket));
+        keys.extend(self.objects.take_changed().into_iter().map(StateKey::Object));
+        keys.extend(self.stored.take_changed().into_iter().map(StateKey::Stored));
         let changes: Vec<trie::Change> =
             keys.iter().map(|k| (state_key_hash(k), self.value(k).map(|v| trie::value_hash(&v)))).collect();
         self.check_fault()?;
@@ -591,6 +689,9 @@ impl State {
         self.accounts.clear_written();
         self.departed.clear_written();
         self.leases.clear_written();
+        self.buckets.clear_written();
+        self.objects.clear_written();
+        self.stored.clear_written();
     }
 
     /// Forgets what a store committed through `height` holds already: for a state forked from
@@ -601,6 +702,9 @@ impl State {
         self.accounts.forget_through(height);
         self.departed.forget_through(height);
         self.leases.forget_through(height);
+        self.buckets.forget_through(height);
+        self.objects.forget_through(height);
+        self.stored.forget_through(height);
         if self.unsaved.values().any(|at| *at <= height) {
             self.unsaved = self.unsaved.iter().filter(|(_, at)| **at > height).map(|(k, at)| (*k, *at)).collect();
             let own = self.unsaved.keys().map(state_key_hash).collect();
@@ -710,20 +814,14 @@ impl State {
     }
 
     /// The keys of one read-through kind: the store's, with this state's writes over them.
-    fn overlay_keys<V: Clone>(
+    fn overlay_keys<K: Ord + Clone + Copy + StoredId, V: Clone>(
         &self,
         prefix: &str,
-        overlay: &Overlay<NodeId, V>,
-        key: fn(NodeId) -> StateKey,
+        overlay: &Overlay<K, V>,
+        key: fn(K) -> StateKey,
     ) -> Vec<StateKey> {
-        let mut ids: BTreeSet<NodeId> = match scan_all(&*self.store, prefix) {
-            Ok(entries) => entries
-                .into_iter()
-                .filter_map(|(k, _)| match k {
-                    StateKey::Account(id) | StateKey::Departed(id) | StateKey::Lease(id) => Some(id),
-                    _ => None,
-                })
-                .collect(),
+        let mut ids: BTreeSet<K> = match scan_all(&*self.store, prefix) {
+            Ok(entries) => entries.into_iter().filter_map(|(k, _)| K::of(&k)).collect(),
             Err(e) => {
                 self.record_fault(e);
                 BTreeSet::new()
@@ -738,6 +836,33 @@ impl State {
         }
         ids.into_iter().map(key).collect()
     }
+}
+
+/// The id inside a read-through kind's state key.
+trait StoredId: Sized {
+    fn of(key: &StateKey) -> Option<Self>;
+}
+
+impl StoredId for NodeId {
+    fn of(key: &StateKey) -> Option<Self> {
+        match key {
+            StateKey::Account(id) | StateKey::Departed(id) | StateKey::Lease(id) | StateKey::Stored(id) => Some(*id),
+            _ => None,
+        }
+    }
+}
+
+impl StoredId for Hash {
+    fn of(key: &StateKey) -> Option<Self> {
+        match key {
+            StateKey::Bucket(h) | StateKey::Object(h) => Some(*h),
+            _ => None,
+        }
+    }
+}
+
+pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(b).map_err(|e| e.to_string())
 }
 
 /// Every stored entry under `prefix`, with its key parsed.
@@ -812,24 +937,27 @@ impl StateKey {
     /// The key's bytes in the store and the trie: its text form (`account/<64 hex>`), written
     /// without the formatting machinery (this runs for every changed entry of every block).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let with_id = |prefix: &[u8], id: &NodeId| {
+        let with_id = |prefix: &[u8], id: &[u8; 32]| {
             let mut out = Vec::with_capacity(prefix.len() + 64);
             out.extend_from_slice(prefix);
             let mut hexed = [0u8; 64];
             // 32 bytes always fit 64 hex characters.
-            let _ = hex::encode_to_slice(id.0, &mut hexed);
+            let _ = hex::encode_to_slice(id, &mut hexed);
             out.extend_from_slice(&hexed);
             out
         };
         match self {
-            StateKey::Account(id) => with_id(b"account/", id),
+            StateKey::Account(id) => with_id(b"account/", &id.0),
             StateKey::Chain => b"chain".to_vec(),
-            StateKey::Departed(id) => with_id(b"departed/", id),
-            StateKey::Lease(id) => with_id(b"lease/", id),
+            StateKey::Departed(id) => with_id(b"departed/", &id.0),
+            StateKey::Lease(id) => with_id(b"lease/", &id.0),
             StateKey::Network => b"network".to_vec(),
-            StateKey::Node(id) => with_id(b"node/", id),
+            StateKey::Node(id) => with_id(b"node/", &id.0),
             StateKey::Params => b"params".to_vec(),
-            StateKey::Validator(id) => with_id(b"validator/", id),
+            StateKey::Validator(id) => with_id(b"validator/", &id.0),
+            StateKey::Bucket(h) => with_id(b"bucket/", &h.0),
+            StateKey::Object(h) => with_id(b"object/", &h.0),
+            StateKey::Stored(id) => with_id(b"stored/", &id.0),
         }
     }
 }
@@ -886,11 +1014,15 @@ pub(crate) mod tests {
             StateKey::Departed(id(3).node_id()),
             StateKey::Node(id(4).node_id()),
             StateKey::Validator(id(5).node_id()),
+            StateKey::Bucket(Hash([6; 32])),
+            StateKey::Object(Hash([7; 32])),
+            StateKey::Stored(id(8).node_id()),
         ] {
             assert_eq!(k.to_string().parse::<StateKey>().unwrap(), k);
             assert_eq!(k.to_bytes(), k.to_string().into_bytes(), "the store's bytes are the text form");
         }
-        assert!("bucket/x".parse::<StateKey>().unwrap_err().contains("unknown state key"));
+        assert!("bucket/x".parse::<StateKey>().unwrap_err().contains("not a hash"));
+        assert!("job/x".parse::<StateKey>().unwrap_err().contains("unknown state key"));
         assert!("account/zz".parse::<StateKey>().is_err());
     }
 

@@ -6,8 +6,13 @@
 //! add kinds the same way; consensus only ever sees opaque, encoded transactions.
 
 use crate::hash::{Hash, hex64};
+use crate::storage::{
+    MAX_BUCKET_NAME, MAX_OBJECT_KEY_BYTES, ObjectPut, ShardMove, read_moves, read_policy, read_str, str_size,
+    write_moves, write_policy, write_str,
+};
 use archipel_crypto::{Identity, SignatureItem, SignedDescriptor, verify_signature, verify_signatures};
 use archipel_types::NodeId;
+use archipel_types::PlacementPolicy;
 use bytes::{Buf as _, BufMut};
 use commonware_codec::{Buf, Copying, EncodeSize, Error as CodecError, RangeCfg, Read, ReadExt, Write};
 use serde::{Deserialize, Serialize};
@@ -80,6 +85,41 @@ pub enum Payload {
         /// The node that leaves.
         node: NodeId,
     },
+    /// Create a bucket owned by the signer, refused when the live network cannot place it.
+    CreateBucket {
+        /// Its name (S3 rules).
+        name: String,
+        /// Its placement policy.
+        policy: PlacementPolicy,
+    },
+    /// Delete an empty bucket (its owner).
+    DeleteBucket {
+        /// Its name.
+        name: String,
+    },
+    /// Store an object version whose shards every holder has acknowledged (the bucket's owner).
+    PutObject {
+        /// The object, its manifest root, holders and their receipts.
+        put: ObjectPut,
+    },
+    /// Delete an object (the bucket's owner).
+    DeleteObject {
+        /// Bucket.
+        bucket: String,
+        /// Key.
+        key: String,
+    },
+    /// Move shards of unhealthy holders to new ones (a repair; anyone may submit it).
+    MoveShards {
+        /// Bucket.
+        bucket: String,
+        /// Key.
+        key: String,
+        /// The object version repaired.
+        version: Hash,
+        /// The moves, each with the new holder's receipt.
+        moves: Vec<ShardMove>,
+    },
 }
 
 impl Payload {
@@ -98,6 +138,11 @@ impl Payload {
             Payload::RegisterNode { .. } => "register_node",
             Payload::UpdateNode { .. } => "update_node",
             Payload::LeaveNode { .. } => "leave_node",
+            Payload::CreateBucket { .. } => "create_bucket",
+            Payload::DeleteBucket { .. } => "delete_bucket",
+            Payload::PutObject { .. } => "put_object",
+            Payload::DeleteObject { .. } => "delete_object",
+            Payload::MoveShards { .. } => "move_shards",
         }
     }
 
@@ -300,6 +345,31 @@ impl Write for Payload {
                 5u8.write(buf);
                 node.0.write(buf);
             }
+            Payload::CreateBucket { name, policy } => {
+                6u8.write(buf);
+                write_str(name, buf);
+                write_policy(policy, buf);
+            }
+            Payload::DeleteBucket { name } => {
+                7u8.write(buf);
+                write_str(name, buf);
+            }
+            Payload::PutObject { put } => {
+                8u8.write(buf);
+                put.write(buf);
+            }
+            Payload::DeleteObject { bucket, key } => {
+                9u8.write(buf);
+                write_str(bucket, buf);
+                write_str(key, buf);
+            }
+            Payload::MoveShards { bucket, key, version, moves } => {
+                10u8.write(buf);
+                write_str(bucket, buf);
+                write_str(key, buf);
+                version.0.write(buf);
+                write_moves(moves, buf);
+            }
         }
     }
 }
@@ -312,6 +382,13 @@ impl EncodeSize for Payload {
             Payload::RegisterNode { descriptor, .. } => descriptor_size(descriptor) + 64,
             Payload::UpdateNode { descriptor } => descriptor_size(descriptor),
             Payload::LeaveNode { .. } => 32,
+            Payload::CreateBucket { name, policy } => str_size(name) + crate::storage::policy_size(policy),
+            Payload::DeleteBucket { name } => str_size(name),
+            Payload::PutObject { put } => put.encode_size(),
+            Payload::DeleteObject { bucket, key } => str_size(bucket) + str_size(key),
+            Payload::MoveShards { bucket, key, moves, .. } => {
+                str_size(bucket) + str_size(key) + 32 + 1 + moves.len() * 97
+            }
         }
     }
 }
@@ -335,6 +412,19 @@ impl Read for Payload {
             3 => Payload::RegisterNode { descriptor: read_descriptor(buf)?, consent: <[u8; 64]>::read(buf)? },
             4 => Payload::UpdateNode { descriptor: read_descriptor(buf)? },
             5 => Payload::LeaveNode { node: NodeId(<[u8; 32]>::read(buf)?) },
+            6 => Payload::CreateBucket { name: read_str(buf, MAX_BUCKET_NAME, "bucket")?, policy: read_policy(buf)? },
+            7 => Payload::DeleteBucket { name: read_str(buf, MAX_BUCKET_NAME, "bucket")? },
+            8 => Payload::PutObject { put: ObjectPut::read(buf)? },
+            9 => Payload::DeleteObject {
+                bucket: read_str(buf, MAX_BUCKET_NAME, "bucket")?,
+                key: read_str(buf, MAX_OBJECT_KEY_BYTES, "key")?,
+            },
+            10 => Payload::MoveShards {
+                bucket: read_str(buf, MAX_BUCKET_NAME, "bucket")?,
+                key: read_str(buf, MAX_OBJECT_KEY_BYTES, "key")?,
+                version: Hash(<[u8; 32]>::read(buf)?),
+                moves: read_moves(buf)?,
+            },
             tag => return Err(CodecError::InvalidEnum(tag)),
         })
     }

@@ -50,7 +50,17 @@ impl ErasureCode {
     pub fn total(&self) -> usize {
         usize::from(self.data) + usize::from(self.parity)
     }
+
+    /// Bytes in each shard of a segment of `segment_len` bytes: the segment split k ways, rounded
+    /// up to [`SHARD_ALIGN`] bytes (reed-solomon-simd works in 64-byte blocks). The one rule the
+    /// erasure coder, the ledger's capacity accounting and the shard store all follow.
+    pub fn shard_bytes(&self, segment_len: u64) -> u64 {
+        segment_len.div_ceil(u64::from(self.data.max(1))).div_ceil(SHARD_ALIGN).max(1) * SHARD_ALIGN
+    }
 }
+
+/// Shard sizes are multiples of this many bytes.
+pub const SHARD_ALIGN: u64 = 64;
 
 impl fmt::Display for ErasureCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

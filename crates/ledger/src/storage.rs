@@ -1,0 +1,1171 @@
+//! Object storage on the ledger: buckets with placement policies, objects with their shard
+//! holders, each node's stored bytes, and shard moves (repairs) — `CreateBucket`, `DeleteBucket`,
+//! `PutObject`, `DeleteObject`, `MoveShards`.
+//!
+//! What the ledger records of an object is constant in size whatever the object's size:
+//! - **One placement per object.** Shard `i` of every segment lives on holder `i`, so an object
+//!   has k+m holders, all recorded on the ledger and each checked against the bucket's geofence
+//!   when the object is put and whenever a shard moves.
+//! - **The manifest's root.** The per-segment shard hashes (24 KiB for 1 GiB at 4+2) form the
+//!   manifest, which every holder stores beside its shards; the ledger keeps its Merkle root, so
+//!   anyone can check a manifest read from any holder.
+//! - **Receipts.** Each holder signs, after fsync, that it holds its shard of every segment,
+//!   checked against that root ([`receipt_bytes`]). A PUT is final only with all k+m receipts:
+//!   a forged or missing receipt is refused, never counted as a copy.
+//!
+//! Each node's stored bytes (`stored/<node>`) are the sum of its shards' sizes; a PUT or move that
+//! would exceed a node's declared capacity is refused, so a full node receives nothing.
+//!
+//! Repairs: a shard may move only away from a holder that is *unhealthy* in this state — gone
+//! from the registry, or Down for at least `repair_grace_ms` of chain time — and only to a
+//! registered storage node that is Up, has room, does not hold another shard of the object, is
+//! inside the bucket's geofence, and signed a receipt for it. Anyone may submit the move (each
+//! node computes the same repair duty from finalized state); nobody can move a healthy holder's
+//! shard.
+//!
+//! Limits and what they are for: bucket names follow S3's rules (3–63 characters); object keys
+//! are at most 1,024 bytes; an object at most 5 TiB in segments of 4 KiB to 64 MiB.
+
+use crate::hash::Hash;
+use crate::state::{LeaseStatus, Receipt, State, StateKey};
+use crate::tx::TxError;
+use archipel_crypto::{Identity, TAG_BYTES, verify_signature};
+use archipel_placement::Candidate;
+use archipel_types::{ErasureCode, NodeId, PlacementPolicy, Role};
+use bytes::BufMut;
+use commonware_codec::{Buf, EncodeSize, Error as CodecError, RangeCfg, Read, ReadExt, Write};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Signature namespace of shard receipts.
+pub const RECEIPT_NAMESPACE: &[u8] = b"archipel/shard-receipt/v1";
+/// Longest object key, in bytes (S3's limit).
+pub const MAX_OBJECT_KEY_BYTES: usize = 1024;
+/// Largest object (S3's limit).
+pub const MAX_OBJECT_BYTES: u64 = 5 << 40;
+/// Smallest plaintext segment.
+pub const MIN_SEGMENT_BYTES: u64 = 4 << 10;
+/// Largest plaintext segment (64 MiB of ciphertext with its tag).
+pub const MAX_SEGMENT_BYTES: u64 = (64 << 20) - TAG_BYTES as u64;
+/// Longest ETag.
+pub const MAX_ETAG_BYTES: usize = 64;
+/// Longest bucket name (S3's rule).
+pub const MAX_BUCKET_NAME: usize = 63;
+/// Bytes of a JSON placement policy in a `CreateBucket`.
+const MAX_POLICY_JSON: usize = 4 * 1024;
+
+/// Checks a bucket name against S3's rules: 3–63 characters of lowercase letters, digits, dots
+/// and hyphens, starting and ending with a letter or digit, no `..`, not shaped like an IP address.
+pub fn check_bucket_name(name: &str) -> Result<(), String> {
+    let b = name.as_bytes();
+    let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let ok = (3..=MAX_BUCKET_NAME).contains(&b.len())
+        && b.iter().all(|c| alnum(c) || *c == b'.' || *c == b'-')
+        && b.first().is_some_and(alnum)
+        && b.last().is_some_and(alnum)
+        && !name.contains("..")
+        && name.parse::<std::net::Ipv4Addr>().is_err();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid bucket name {name:?}: use 3 to 63 lowercase letters, digits, dots and hyphens, starting and ending \
+             with a letter or digit (e.g. \"eu-docs\")"
+        ))
+    }
+}
+
+/// Checks an object key: 1 to 1,024 bytes of UTF-8 without control characters.
+pub fn check_object_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > MAX_OBJECT_KEY_BYTES {
+        return Err(format!("object key must be 1 to {MAX_OBJECT_KEY_BYTES} bytes, not {}", key.len()));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(format!("object key {key:?} contains a control character"));
+    }
+    Ok(())
+}
+
+/// The state key hash of a bucket name.
+pub fn bucket_id(name: &str) -> Hash {
+    Hash::of(&[b"archipel/bucket/v1", name.as_bytes()])
+}
+
+/// The state key hash of an object's name (bucket and key, length-prefixed).
+pub fn object_id(bucket: &str, key: &str) -> Hash {
+    Hash::of(&[b"archipel/object/v1", &[bucket.len() as u8], bucket.as_bytes(), key.as_bytes()])
+}
+
+/// Bytes each holder stores for an object of `size` bytes cut into `segment_bytes` segments:
+/// one shard of every encrypted segment (plaintext plus the GCM tag).
+pub fn shard_bytes_per_holder(code: ErasureCode, size: u64, segment_bytes: u64) -> u64 {
+    if size == 0 || segment_bytes == 0 {
+        return 0;
+    }
+    let tag = TAG_BYTES as u64;
+    let full = size / segment_bytes;
+    let rest = size % segment_bytes;
+    full.saturating_mul(code.shard_bytes(segment_bytes + tag)).saturating_add(if rest > 0 {
+        code.shard_bytes(rest + tag)
+    } else {
+        0
+    })
+}
+
+/// A bucket as the ledger records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketRecord {
+    /// Its name.
+    pub name: String,
+    /// The account that created it; it alone writes and deletes objects in it.
+    pub owner: NodeId,
+    /// Where its objects' shards may live and how they are spread.
+    pub policy: PlacementPolicy,
+    /// Height it was created at.
+    pub created_height: u64,
+    /// Objects in it.
+    pub objects: u64,
+    /// Sum of its objects' sizes.
+    pub bytes: u64,
+}
+
+/// An object as the ledger records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRecord {
+    /// Its bucket.
+    pub bucket: String,
+    /// Its key.
+    pub key: String,
+    /// This version's id, chosen at random by the writer: the associated data of its
+    /// encryption and the name its shards are stored under.
+    pub version: Hash,
+    /// Plaintext bytes.
+    pub size: u64,
+    /// Plaintext bytes per segment (the last one fewer).
+    pub segment_bytes: u64,
+    /// The erasure code (the bucket's when it was put).
+    pub code: ErasureCode,
+    /// Merkle root of the manifest (every segment's shard hashes).
+    pub manifest_root: Hash,
+    /// The ETag S3 clients see.
+    pub etag: String,
+    /// `holders[i]` holds shard `i` of every segment.
+    pub holders: Vec<NodeId>,
+    /// Bytes each holder stores for it.
+    pub shard_bytes: u64,
+    /// Height and block time it was put at.
+    pub created_height: u64,
+    /// Block time it was put at (Unix ms).
+    pub created_ms: u64,
+}
+
+impl ObjectRecord {
+    /// How many segments.
+    pub fn segments(&self) -> u64 {
+        if self.segment_bytes == 0 { 0 } else { self.size.div_ceil(self.segment_bytes) }
+    }
+}
+
+/// What a holder signs once it has fsynced its shard `index` of every segment of object
+/// `version`, checked against the manifest with root `manifest_root`: `shard_bytes` in all.
+pub fn receipt_bytes(network: &Hash, version: &Hash, index: u8, manifest_root: &Hash, shard_bytes: u64) -> Vec<u8> {
+    [&network.0[..], &version.0, &[index], &manifest_root.0, &shard_bytes.to_be_bytes()].concat()
+}
+
+/// A holder's receipt for shard `index` of an object.
+pub fn sign_receipt(
+    holder: &Identity,
+    network: &Hash,
+    version: &Hash,
+    index: u8,
+    manifest_root: &Hash,
+    shard_bytes: u64,
+) -> [u8; 64] {
+    holder.sign(RECEIPT_NAMESPACE, &receipt_bytes(network, version, index, manifest_root, shard_bytes))
+}
+
+/// One shard's holder in a `PutObject`, with its receipt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardHolder {
+    /// The node.
+    pub node: NodeId,
+    /// Its signature over [`receipt_bytes`].
+    #[serde(with = "crate::hash::hex64")]
+    pub receipt: [u8; 64],
+}
+
+/// A new object version: the payload of `PutObject`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectPut {
+    /// The bucket.
+    pub bucket: String,
+    /// The key.
+    pub key: String,
+    /// The version id (random, 32 bytes).
+    pub version: Hash,
+    /// Plaintext bytes.
+    pub size: u64,
+    /// Plaintext bytes per segment.
+    pub segment_bytes: u64,
+    /// Merkle root of the manifest.
+    pub manifest_root: Hash,
+    /// The ETag.
+    pub etag: String,
+    /// The k+m holders in shard order (none for an empty object).
+    pub holders: Vec<ShardHolder>,
+}
+
+/// One shard moved by a repair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardMove {
+    /// The shard index.
+    pub index: u8,
+    /// The new holder.
+    pub to: NodeId,
+    /// Its receipt for the shard.
+    #[serde(with = "crate::hash::hex64")]
+    pub receipt: [u8; 64],
+}
+
+pub(crate) fn write_str(s: &str, buf: &mut impl BufMut) {
+    s.as_bytes().to_vec().write(buf);
+}
+
+pub(crate) fn str_size(s: &str) -> usize {
+    s.as_bytes().to_vec().encode_size()
+}
+
+pub(crate) fn read_str(buf: &mut impl Buf, max: usize, what: &'static str) -> Result<String, CodecError> {
+    let bytes = Vec::<u8>::read_cfg(buf, &(RangeCfg::new(0..=max), ()))?;
+    String::from_utf8(bytes).map_err(|_| CodecError::Invalid(what, "not UTF-8"))
+}
+
+/// Writes a policy as canonical JSON (it is a small, rarely written value).
+pub(crate) fn write_policy(p: &PlacementPolicy, buf: &mut impl BufMut) {
+    serde_json::to_vec(p).expect("policies serialize").write(buf);
+}
+
+pub(crate) fn policy_size(p: &PlacementPolicy) -> usize {
+    serde_json::to_vec(p).expect("policies serialize").encode_size()
+}
+
+pub(crate) fn read_policy(buf: &mut impl Buf) -> Result<PlacementPolicy, CodecError> {
+    let json = Vec::<u8>::read_cfg(buf, &(RangeCfg::new(0..=MAX_POLICY_JSON), ()))?;
+    let p: PlacementPolicy =
+        serde_json::from_slice(&json).map_err(|_| CodecError::Invalid("CreateBucket", "policy is not valid JSON"))?;
+    if serde_json::to_vec(&p).ok().as_deref() != Some(json.as_slice()) {
+        return Err(CodecError::Invalid("CreateBucket", "policy JSON is not in canonical form"));
+    }
+    Ok(p)
+}
+
+impl Write for ObjectPut {
+    fn write(&self, buf: &mut impl BufMut) {
+        write_str(&self.bucket, buf);
+        write_str(&self.key, buf);
+        self.version.0.write(buf);
+        self.size.write(buf);
+        self.segment_bytes.write(buf);
+        self.manifest_root.0.write(buf);
+        write_str(&self.etag, buf);
+        u8::try_from(self.holders.len()).unwrap_or(u8::MAX).write(buf);
+        for h in &self.holders {
+            h.node.0.write(buf);
+            h.receipt.write(buf);
+        }
+    }
+}
+
+impl EncodeSize for ObjectPut {
+    fn encode_size(&self) -> usize {
+        str_size(&self.bucket)
+            + str_size(&self.key)
+            + 32
+            + 8
+            + 8
+            + 32
+            + str_size(&self.etag)
+            + 1
+            + self.holders.len() * 96
+    }
+}
+
+/// Most holders an object can have (32 + 16).
+const MAX_HOLDERS: usize = ErasureCode::MAX_DATA as usize + ErasureCode::MAX_PARITY as usize;
+
+impl Read for ObjectPut {
+    type Cfg = ();
+    fn read_cfg(buf: &mut impl Buf, _: &()) -> Result<Self, CodecError> {
+        let bucket = read_str(buf, MAX_BUCKET_NAME, "bucket")?;
+        let key = read_str(buf, MAX_OBJECT_KEY_BYTES, "key")?;
+        let version = Hash(<[u8; 32]>::read(buf)?);
+        let size = u64::read(buf)?;
+        let segment_bytes = u64::read(buf)?;
+        let manifest_root = Hash(<[u8; 32]>::read(buf)?);
+        let etag = read_str(buf, MAX_ETAG_BYTES, "etag")?;
+        let n = usize::from(u8::read(buf)?);
+        if n > MAX_HOLDERS {
+            return Err(CodecError::Invalid("PutObject", "more holders than any code has shards"));
+        }
+        let mut holders = Vec::with_capacity(n);
+        for _ in 0..n {
+            holders.push(ShardHolder { node: NodeId(<[u8; 32]>::read(buf)?), receipt: <[u8; 64]>::read(buf)? });
+        }
+        Ok(ObjectPut { bucket, key, version, size, segment_bytes, manifest_root, etag, holders })
+    }
+}
+
+/// Writes the moves of a `MoveShards`.
+pub(crate) fn write_moves(moves: &[ShardMove], buf: &mut impl BufMut) {
+    u8::try_from(moves.len()).unwrap_or(u8::MAX).write(buf);
+    for m in moves {
+        m.index.write(buf);
+        m.to.0.write(buf);
+        m.receipt.write(buf);
+    }
+}
+
+/// Reads the moves of a `MoveShards` (1 to 48).
+pub(crate) fn read_moves(buf: &mut impl Buf) -> Result<Vec<ShardMove>, CodecError> {
+    let n = usize::from(u8::read(buf)?);
+    if n == 0 || n > MAX_HOLDERS {
+        return Err(CodecError::Invalid("MoveShards", "between 1 and 48 moves"));
+    }
+    let mut moves = Vec::with_capacity(n);
+    for _ in 0..n {
+        moves.push(ShardMove {
+            index: u8::read(buf)?,
+            to: NodeId(<[u8; 32]>::read(buf)?),
+            receipt: <[u8; 64]>::read(buf)?,
+        });
+    }
+    Ok(moves)
+}
+
+/// Why a holder's shards may be moved elsewhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unhealthy {
+    /// The node left the registry.
+    Gone,
+    /// The node's descriptor changed and it is now outside the bucket's geofence.
+    OutsideFence,
+    /// The node has been Down since this block time, at least `repair_grace_ms` ago.
+    Down {
+        /// When it went down (Unix ms, block time).
+        since_ms: u64,
+    },
+}
+
+impl State {
+    /// The bucket named `name`.
+    pub fn bucket(&self, name: &str) -> Option<BucketRecord> {
+        let id = bucket_id(name);
+        self.buckets
+            .get(&id, |id| self.load(&StateKey::Bucket(*id), crate::state::decode_json))
+            .filter(|b| b.name == name)
+    }
+
+    /// The object at `bucket`/`key`.
+    pub fn object(&self, bucket: &str, key: &str) -> Option<ObjectRecord> {
+        let id = object_id(bucket, key);
+        self.objects
+            .get(&id, |id| self.load(&StateKey::Object(*id), crate::state::decode_json))
+            .filter(|o| o.bucket == bucket && o.key == key)
+    }
+
+    /// Bytes of shards assigned to `node`.
+    pub fn stored_bytes(&self, node: &NodeId) -> u64 {
+        self.stored.get(node, |id| self.load(&StateKey::Stored(*id), |b| crate::state::be_u64(b, 0))).unwrap_or(0)
+    }
+
+    /// `node` as a placement candidate, if it may receive shards now: registered with the storage
+    /// role and Up. Its free bytes are its declared capacity less its stored bytes.
+    pub fn storage_candidate(&self, node: &NodeId) -> Option<Candidate> {
+        let rec = self.nodes.get(node)?;
+        let d = &rec.descriptor.descriptor;
+        if !d.roles.contains(Role::Storage) || self.lease_status(node) != LeaseStatus::Up {
+            return None;
+        }
+        Some(self.candidate_of(node))
+    }
+
+    /// `node` described for placement checks (registered; status not considered).
+    fn candidate_of(&self, node: &NodeId) -> Candidate {
+        let d = self.nodes.get(node).map(|r| &r.descriptor.descriptor);
+        Candidate {
+            node: *node,
+            region: d.map(|d| d.region.clone()).unwrap_or_else(|| "xx-unknown".parse().expect("a valid region")),
+            country: d.map(|d| d.country).unwrap_or_else(|| "XX".parse().expect("a valid country")),
+            operator: d.map(|d| d.operator.clone()).unwrap_or_default(),
+            jurisdiction: d.map(|d| d.operator_jurisdiction).unwrap_or_else(|| "XX".parse().expect("a valid country")),
+            free_bytes: d.map(|d| d.capacity.bytes()).unwrap_or(0).saturating_sub(self.stored_bytes(node)),
+            reputation: archipel_placement::MAX_REPUTATION,
+        }
+    }
+
+    /// Every node that may receive shards now (O(registry): the registry is bounded).
+    pub fn storage_candidates(&self) -> Vec<Candidate> {
+        self.nodes.keys().filter_map(|n| self.storage_candidate(n)).collect()
+    }
+
+    /// Whether `node`'s shards of a bucket with `policy` may be moved now, and why.
+    pub fn unhealthy(&self, node: &NodeId, policy: &PlacementPolicy) -> Option<Unhealthy> {
+        let Some(rec) = self.nodes.get(node) else { return Some(Unhealthy::Gone) };
+        let d = &rec.descriptor.descriptor;
+        if !policy.allows(&d.region, d.country, d.operator_jurisdiction) {
+            return Some(Unhealthy::OutsideFence);
+        }
+        let lease = self.lease(node)?;
+        let grace = self.params.repair_grace_ms;
+        (lease.status == LeaseStatus::Down && self.chain.timestamp_ms.saturating_sub(lease.since_ms) >= grace)
+            .then_some(Unhealthy::Down { since_ms: lease.since_ms })
+    }
+
+    fn owned_bucket(&self, signer: NodeId, name: &str) -> Result<BucketRecord, TxError> {
+        let b = self.bucket(name).ok_or_else(|| {
+            TxError::NotAllowed(format!("no bucket {name:?}: create it first (`archipel bucket create {name}`)"))
+        })?;
+        if b.owner != signer {
+            return Err(TxError::NotAllowed(format!(
+                "bucket {name:?} belongs to {}, not {}",
+                b.owner.short(),
+                signer.short()
+            )));
+        }
+        Ok(b)
+    }
+
+    pub(crate) fn check_create_bucket(&self, name: &str, policy: &PlacementPolicy) -> Result<(), TxError> {
+        check_bucket_name(name).map_err(TxError::NotAllowed)?;
+        if self.bucket(name).is_some() {
+            return Err(TxError::NotAllowed(format!("bucket {name:?} exists already: bucket names are global")));
+        }
+        policy.validate().map_err(|e| TxError::NotAllowed(format!("bucket {name:?}: {e}")))?;
+        archipel_placement::feasible(policy, &self.storage_candidates(), archipel_types::SHARD_ALIGN)
+            .map_err(|e| TxError::NotAllowed(format!("bucket {name:?} cannot be placed: {e}")))
+    }
+
+    pub(crate) fn apply_create_bucket(&mut self, signer: NodeId, name: &str, policy: &PlacementPolicy) -> Receipt {
+        let record = BucketRecord {
+            name: name.to_string(),
+            owner: signer,
+            policy: policy.clone(),
+            created_height: self.chain.height,
+            objects: 0,
+            bytes: 0,
+        };
+        self.buckets.set(bucket_id(name), Some(record));
+        Receipt::BucketCreated { name: name.to_string(), owner: signer }
+    }
+
+    pub(crate) fn check_delete_bucket(&self, signer: NodeId, name: &str) -> Result<(), TxError> {
+        let b = self.owned_bucket(signer, name)?;
+        if b.objects > 0 {
+            return Err(TxError::NotAllowed(format!(
+                "bucket {name:?} still holds {} objects: delete them first",
+                b.objects
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn apply_delete_bucket(&mut self, name: &str) -> Receipt {
+        self.buckets.set(bucket_id(name), None);
+        Receipt::BucketDeleted { name: name.to_string() }
+    }
+
+    /// Every check of a `PutObject` but the receipts' signatures.
+    pub(crate) fn check_put_object_cheap(&self, signer: NodeId, put: &ObjectPut) -> Result<(), TxError> {
+        let bad = |m: String| Err(TxError::NotAllowed(m));
+        let bucket = self.owned_bucket(signer, &put.bucket)?;
+        check_object_key(&put.key).map_err(TxError::NotAllowed)?;
+        if put.etag.len() > MAX_ETAG_BYTES || !put.etag.bytes().all(|c| c.is_ascii_hexdigit() || c == b'-') {
+            return bad(format!("etag must be at most {MAX_ETAG_BYTES} hex digits and dashes"));
+        }
+        if put.size > MAX_OBJECT_BYTES {
+            return bad(format!("object of {} bytes: the limit is {MAX_OBJECT_BYTES} (5 TiB)", put.size));
+        }
+        if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&put.segment_bytes) {
+            return bad(format!(
+                "segments of {} bytes: use {MIN_SEGMENT_BYTES} to {MAX_SEGMENT_BYTES} bytes",
+                put.segment_bytes
+            ));
+        }
+        if let Some(old) = self.object(&put.bucket, &put.key)
+            && old.version == put.version
+        {
+            return bad(format!("version {} of {}/{} is stored already", put.version.short(), put.bucket, put.key));
+        }
+        let code = bucket.policy.code;
+        let want = if put.size == 0 { 0 } else { code.total() };
+        if put.holders.len() != want {
+            return bad(format!(
+                "an object of {} bytes in a {code} bucket has {want} shard holders, not {}",
+                put.size,
+                put.holders.len()
+            ));
+        }
+        if want == 0 {
+            return Ok(());
+        }
+        let nodes: Vec<NodeId> = put.holders.iter().map(|h| h.node).collect();
+        let need = shard_bytes_per_holder(code, put.size, put.segment_bytes);
+        self.check_holders(&bucket.policy, &nodes, need)?;
+        let regions: BTreeSet<_> =
+            nodes.iter().filter_map(|n| self.nodes.get(n)).map(|r| &r.descriptor.descriptor.region).collect();
+        let operators: BTreeSet<_> =
+            nodes.iter().filter_map(|n| self.nodes.get(n)).map(|r| &r.descriptor.descriptor.operator).collect();
+        let p = &bucket.policy;
+        if regions.len() < usize::from(p.min_regions) || operators.len() < usize::from(p.min_operators) {
+            return bad(format!(
+                "the holders span {} regions and {} operators; bucket {:?} needs {} and {}",
+                regions.len(),
+                operators.len(),
+                put.bucket,
+                p.min_regions,
+                p.min_operators
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a full holder list: distinct registered nodes inside the geofence, each a storage
+    /// node that is Up with `need` bytes free.
+    fn check_holders(&self, policy: &PlacementPolicy, nodes: &[NodeId], need: u64) -> Result<(), TxError> {
+        let registry: BTreeMap<NodeId, Candidate> =
+            nodes.iter().filter(|n| self.nodes.contains_key(n)).map(|n| (*n, self.candidate_of(n))).collect();
+        archipel_placement::check(policy, &registry, nodes).map_err(|e| TxError::NotAllowed(e.to_string()))?;
+        for n in nodes {
+            self.check_one_new_holder(policy, n, need)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check_put_object(&self, signer: NodeId, put: &ObjectPut) -> Result<(), TxError> {
+        self.check_put_object_cheap(signer, put)?;
+        let need = self.bucket(&put.bucket).map(|b| shard_bytes_per_holder(b.policy.code, put.size, put.segment_bytes));
+        for (i, h) in put.holders.iter().enumerate() {
+            let msg = receipt_bytes(&self.network, &put.version, i as u8, &put.manifest_root, need.unwrap_or(0));
+            verify_signature(&h.node, RECEIPT_NAMESPACE, &msg, &h.receipt).map_err(|_| {
+                TxError::NotAllowed(format!(
+                    "the receipt of node {} for shard {i} does not verify: it did not sign that it holds this shard",
+                    h.node.short()
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Releases what an object holds: its holders' bytes and its bucket's counts.
+    fn release_object(&mut self, old: &ObjectRecord) {
+        for h in &old.holders {
+            let left = self.stored_bytes(h).saturating_sub(old.shard_bytes);
+            self.stored.set(*h, (left > 0).then_some(left));
+        }
+        if let Some(mut b) = self.bucket(&old.bucket) {
+            b.objects = b.objects.saturating_sub(1);
+            b.bytes = b.bytes.saturating_sub(old.size);
+            self.buckets.set(bucket_id(&old.bucket), Some(b));
+        }
+    }
+
+    pub(crate) fn apply_put_object(&mut self, put: &ObjectPut) -> Receipt {
+        let replaced = self.object(&put.bucket, &put.key);
+        if let Some(old) = &replaced {
+            self.release_object(old);
+        }
+        let Some(mut bucket) = self.bucket(&put.bucket) else {
+            return Receipt::ObjectStored {
+                bucket: put.bucket.clone(),
+                key: put.key.clone(),
+                version: put.version,
+                replaced: None,
+            };
+        };
+        let shard_bytes = shard_bytes_per_holder(bucket.policy.code, put.size, put.segment_bytes);
+        let holders: Vec<NodeId> = put.holders.iter().map(|h| h.node).collect();
+        for h in &holders {
+            let now = self.stored_bytes(h).saturating_add(shard_bytes);
+            self.stored.set(*h, Some(now));
+        }
+        bucket.objects += 1;
+        bucket.bytes = bucket.bytes.saturating_add(put.size);
+        let code = bucket.policy.code;
+        self.buckets.set(bucket_id(&put.bucket), Some(bucket));
+        let record = ObjectRecord {
+            bucket: put.bucket.clone(),
+            key: put.key.clone(),
+            version: put.version,
+            size: put.size,
+            segment_bytes: put.segment_bytes,
+            code,
+            manifest_root: put.manifest_root,
+            etag: put.etag.clone(),
+            holders,
+            shard_bytes,
+            created_height: self.chain.height,
+            created_ms: self.chain.timestamp_ms,
+        };
+        self.objects.set(object_id(&put.bucket, &put.key), Some(record));
+        Receipt::ObjectStored {
+            bucket: put.bucket.clone(),
+            key: put.key.clone(),
+            version: put.version,
+            replaced: replaced.map(|o| o.version),
+        }
+    }
+
+    pub(crate) fn check_delete_object(&self, signer: NodeId, bucket: &str, key: &str) -> Result<(), TxError> {
+        self.owned_bucket(signer, bucket)?;
+        if self.object(bucket, key).is_none() {
+            return Err(TxError::NotAllowed(format!("no object {bucket}/{key}")));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn apply_delete_object(&mut self, bucket: &str, key: &str) -> Receipt {
+        let old = self.object(bucket, key);
+        if let Some(old) = &old {
+            self.release_object(old);
+            self.objects.set(object_id(bucket, key), None);
+        }
+        Receipt::ObjectDeleted {
+            bucket: bucket.into(),
+            key: key.into(),
+            version: old.map(|o| o.version).unwrap_or_default(),
+        }
+    }
+
+    /// Every check of a `MoveShards` but the receipts' signatures; returns the object.
+    pub(crate) fn check_move_shards_cheap(
+        &self,
+        bucket: &str,
+        key: &str,
+        version: &Hash,
+        moves: &[ShardMove],
+    ) -> Result<ObjectRecord, TxError> {
+        let bad = |m: String| Err(TxError::NotAllowed(m));
+        let Some(obj) = self.object(bucket, key).filter(|o| o.version == *version) else {
+            return bad(format!("no version {} of object {bucket}/{key}: it was deleted or replaced", version.short()));
+        };
+        let policy = match self.bucket(bucket) {
+            Some(b) => b.policy,
+            None => return bad(format!("no bucket {bucket:?}")),
+        };
+        let mut after = obj.holders.clone();
+        let mut indices = BTreeSet::new();
+        for m in moves {
+            let i = usize::from(m.index);
+            if i >= after.len() || !indices.insert(i) {
+                return bad(format!("shard index {i} is out of range or moved twice"));
+            }
+            let from = obj.holders[i];
+            if self.unhealthy(&from, &policy).is_none() {
+                return bad(format!(
+                    "shard {i} of {bucket}/{key} is on node {}, which is healthy: only the shards of a node that left or \
+                     has been down for repair_grace_ms ({} ms) may move",
+                    from.short(),
+                    self.params.repair_grace_ms
+                ));
+            }
+            after[i] = m.to;
+        }
+        let distinct: BTreeSet<&NodeId> = after.iter().collect();
+        if distinct.len() != after.len() {
+            return bad("a new holder already holds another shard of this object".into());
+        }
+        for m in moves {
+            self.check_one_new_holder(&policy, &m.to, obj.shard_bytes)?;
+        }
+        Ok(obj)
+    }
+
+    /// A single new holder: inside the fence, a storage node, Up, with room.
+    fn check_one_new_holder(&self, policy: &PlacementPolicy, node: &NodeId, need: u64) -> Result<(), TxError> {
+        let Some(c) = self.storage_candidate(node) else {
+            return Err(TxError::NotAllowed(format!(
+                "node {} cannot take shards: it is not a registered storage node that is up",
+                node.short()
+            )));
+        };
+        if !policy.allows(&c.region, c.country, c.jurisdiction) {
+            return Err(TxError::NotAllowed(format!("node {c} is outside the geofence ({})", policy.describe_fence())));
+        }
+        if c.free_bytes < need {
+            return Err(TxError::NotAllowed(format!(
+                "node {} has {} bytes free, the shard needs {need}: it is full",
+                node.short(),
+                c.free_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check_move_shards(
+        &self,
+        bucket: &str,
+        key: &str,
+        version: &Hash,
+        moves: &[ShardMove],
+    ) -> Result<(), TxError> {
+        let obj = self.check_move_shards_cheap(bucket, key, version, moves)?;
+        for m in moves {
+            let msg = receipt_bytes(&self.network, &obj.version, m.index, &obj.manifest_root, obj.shard_bytes);
+            verify_signature(&m.to, RECEIPT_NAMESPACE, &msg, &m.receipt).map_err(|_| {
+                TxError::NotAllowed(format!(
+                    "the receipt of node {} for shard {} does not verify: it did not sign that it holds the rebuilt shard",
+                    m.to.short(),
+                    m.index
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn apply_move_shards(&mut self, bucket: &str, key: &str, moves: &[ShardMove]) -> Receipt {
+        let Some(mut obj) = self.object(bucket, key) else {
+            return Receipt::ShardsMoved { bucket: bucket.into(), key: key.into(), moved: 0 };
+        };
+        for m in moves {
+            let i = usize::from(m.index);
+            let from = obj.holders[i];
+            let left = self.stored_bytes(&from).saturating_sub(obj.shard_bytes);
+            self.stored.set(from, (left > 0).then_some(left));
+            let now = self.stored_bytes(&m.to).saturating_add(obj.shard_bytes);
+            self.stored.set(m.to, Some(now));
+            obj.holders[i] = m.to;
+        }
+        self.objects.set(object_id(bucket, key), Some(obj));
+        Receipt::ShardsMoved { bucket: bucket.into(), key: key.into(), moved: moves.len() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::{AliveProof, LivenessChange};
+    use crate::params::LedgerParams;
+    use crate::state::GenesisState;
+    use crate::state::tests::{id, signed};
+    use crate::tx::Payload;
+    use archipel_crypto::SignedDescriptor;
+    use archipel_types::NodeDescriptor;
+    use commonware_codec::{Copying, Encode};
+
+    const TENANT: u64 = 0;
+    const MIB: u64 = 1 << 20;
+
+    /// The devnet's topology: seeds 101..=112; 101-103, 105-109 in the EU under EU operators,
+    /// 110-111 in the EU under a US operator, 104 and 112 in us-east.
+    const TOPOLOGY: [(&str, &str, &str, &str); 12] = [
+        ("eu-de", "DE", "rheinhost", "DE"),
+        ("eu-fr", "FR", "seine-cloud", "FR"),
+        ("eu-nl", "NL", "polder-net", "NL"),
+        ("us-east", "US", "bigcloud", "US"),
+        ("eu-de", "DE", "rheinhost", "DE"),
+        ("eu-de", "DE", "alpen-dc", "DE"),
+        ("eu-fr", "FR", "seine-cloud", "FR"),
+        ("eu-fr", "FR", "lyon-compute", "FR"),
+        ("eu-nl", "NL", "polder-net", "NL"),
+        ("eu-de", "DE", "bigcloud", "US"),
+        ("eu-ie", "IE", "bigcloud", "US"),
+        ("us-east", "US", "bigcloud", "US"),
+    ];
+
+    fn descriptor(seed: u64, capacity: &str) -> NodeDescriptor {
+        let (region, country, operator, jurisdiction) = TOPOLOGY[(seed - 101) as usize];
+        let mut d = archipel_crypto::test_support::example_descriptor(&id(seed));
+        d.region = region.parse().unwrap();
+        d.country = country.parse().unwrap();
+        d.operator = operator.into();
+        d.operator_jurisdiction = jurisdiction.parse().unwrap();
+        d.capacity = capacity.parse().unwrap();
+        d
+    }
+
+    /// Twelve storage nodes of 1 GiB, all up at height 1 (time 1 s); the tenant has funds.
+    fn world() -> State {
+        let mut s = State::genesis(GenesisState {
+            network: Hash::ZERO,
+            params: LedgerParams::default(),
+            timestamp_ms: 0,
+            validators: vec![id(101).node_id()],
+            accounts: vec![(id(TENANT).node_id(), 1_000_000), (id(1).node_id(), 1_000)],
+            nodes: (101..=112).map(|n| SignedDescriptor::sign(&id(n), descriptor(n, "1GiB")).unwrap()).collect(),
+        });
+        s.begin_block(1, 1_000);
+        for n in 101..=112 {
+            up(&mut s, n);
+        }
+        s
+    }
+
+    fn up(s: &mut State, seed: u64) {
+        let proof = AliveProof::sign(&id(seed), &s.network, s.chain.height - 1);
+        s.apply_liveness(&LivenessChange::Up { node: id(seed).node_id(), proof }).unwrap();
+    }
+
+    fn eu_no_us() -> PlacementPolicy {
+        PlacementPolicy {
+            regions: ["eu".parse().unwrap()].into(),
+            deny_jurisdictions: ["US".parse().unwrap()].into(),
+            min_regions: 2,
+            min_operators: 2,
+            ..PlacementPolicy::anywhere(ErasureCode::DEFAULT)
+        }
+    }
+
+    fn seed_of(node: &NodeId) -> u64 {
+        (101..=112).find(|n| id(*n).node_id() == *node).expect("a test node")
+    }
+
+    struct Tenant {
+        nonce: u64,
+    }
+
+    impl Tenant {
+        fn send(&mut self, s: &mut State, payload: Payload) -> Result<Receipt, TxError> {
+            let r = s.apply(&signed(TENANT, self.nonce, payload));
+            if r.is_ok() {
+                self.nonce += 1;
+            }
+            r
+        }
+    }
+
+    fn bucket_with(s: &mut State, t: &mut Tenant, name: &str, policy: PlacementPolicy) {
+        t.send(s, Payload::CreateBucket { name: name.into(), policy }).unwrap();
+    }
+
+    /// A put of `size` bytes on `holders` (by seed), every receipt signed as the ledger expects.
+    fn put_on(s: &State, bucket: &str, key: &str, size: u64, holders: &[u64], version: u8) -> ObjectPut {
+        let code = s.bucket(bucket).map(|b| b.policy.code).unwrap_or(ErasureCode::DEFAULT);
+        let version = Hash([version; 32]);
+        let root = Hash([0xaa; 32]);
+        let need = shard_bytes_per_holder(code, size, 8 * MIB);
+        ObjectPut {
+            bucket: bucket.into(),
+            key: key.into(),
+            version,
+            size,
+            segment_bytes: 8 * MIB,
+            manifest_root: root,
+            etag: "0123abcd".into(),
+            holders: holders
+                .iter()
+                .enumerate()
+                .map(|(i, n)| ShardHolder {
+                    node: id(*n).node_id(),
+                    receipt: sign_receipt(&id(*n), &s.network, &version, i as u8, &root, need),
+                })
+                .collect(),
+        }
+    }
+
+    /// Builds and sends a put (see [`put_on`]).
+    fn put(
+        s: &mut State,
+        t: &mut Tenant,
+        bucket: &str,
+        key: &str,
+        size: u64,
+        holders: &[u64],
+        version: u8,
+    ) -> Result<Receipt, TxError> {
+        let p = put_on(s, bucket, key, size, holders, version);
+        t.send(s, Payload::PutObject { put: p })
+    }
+
+    /// Holders as placement chooses them for this version.
+    fn placed(s: &State, bucket: &str, version: u8) -> Vec<u64> {
+        let policy = s.bucket(bucket).unwrap().policy;
+        let nodes = archipel_placement::place(&policy, &s.storage_candidates(), &[version; 32], MIB).unwrap();
+        nodes.iter().map(seed_of).collect()
+    }
+
+    #[test]
+    fn buckets_are_created_once_with_a_policy_the_network_can_place() {
+        let mut s = world();
+        let mut t = Tenant { nonce: 0 };
+        bucket_with(&mut s, &mut t, "eu-docs", eu_no_us());
+        let b = s.bucket("eu-docs").unwrap();
+        assert_eq!((b.owner, b.objects, b.created_height), (id(TENANT).node_id(), 0, 1));
+        let again = t.send(&mut s, Payload::CreateBucket { name: "eu-docs".into(), policy: eu_no_us() }).unwrap_err();
+        assert!(again.to_string().contains("exists already"), "{again}");
+        let bad = t.send(&mut s, Payload::CreateBucket { name: "EU_Docs".into(), policy: eu_no_us() }).unwrap_err();
+        assert!(bad.to_string().contains("invalid bucket name"), "{bad}");
+        for name in ["ab", "-ab", "a..b", "192.168.1.1", &"a".repeat(64)] {
+            assert!(check_bucket_name(name).is_err(), "{name:?}");
+        }
+
+        // 8+2 needs ten nodes; eight EU nodes are not US-operated.
+        let mut wide = eu_no_us();
+        wide.code = ErasureCode::new(8, 2).unwrap();
+        let e = t.send(&mut s, Payload::CreateBucket { name: "wide".into(), policy: wide }).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "bucket \"wide\" cannot be placed: code 8+2 needs 10 nodes in regions [eu] outside US jurisdiction with \
+             64 B free; 8 of the 12 live nodes qualify — add nodes or lower the code to 6+2"
+        );
+        // A Down node does not count: with two EU nodes down only six qualify for 4+2... and
+        // with three down, five: refused.
+        for n in [101, 102, 103] {
+            s.begin_block(s.chain.height + 1, 2_000);
+            s.apply_liveness(&LivenessChange::Down { node: id(n).node_id() }).unwrap();
+        }
+        let e = t.send(&mut s, Payload::CreateBucket { name: "later".into(), policy: eu_no_us() }).unwrap_err();
+        assert!(e.to_string().contains("5 of the 9 live nodes qualify"), "{e}");
+        // An impossible policy in itself.
+        let mut odd = eu_no_us();
+        odd.min_regions = 9;
+        let e = t.send(&mut s, Payload::CreateBucket { name: "odd".into(), policy: odd }).unwrap_err();
+        assert!(e.to_string().contains("cannot cover 9 regions"), "{e}");
+    }
+
+    #[test]
+    fn a_put_is_stored_only_with_every_receipt_inside_the_fence() {
+        let mut s = world();
+        let mut t = Tenant { nonce: 0 };
+        bucket_with(&mut s, &mut t, "eu-docs", eu_no_us());
+        let holders = placed(&s, "eu-docs", 1);
+        let size = 20 * MIB;
+        let good = put_on(&s, "eu-docs", "a/b.txt", size, &holders, 1);
+
+        // A forged receipt: shard 2's holder did not sign, another node did.
+        let mut forged = good.clone();
+        forged.holders[2].receipt = sign_receipt(&id(holders[3]), &s.network, &good.version, 2, &good.manifest_root, 1);
+        let e = t.send(&mut s, Payload::PutObject { put: forged }).unwrap_err();
+        assert!(e.to_string().contains("receipt of node") && e.to_string().contains("shard 2"), "{e}");
+        // A receipt for fewer bytes than the object's shards.
+        let mut short = good.clone();
+        short.holders[0].receipt = sign_receipt(&id(holders[0]), &s.network, &good.version, 0, &good.manifest_root, 1);
+        assert!(t.send(&mut s, Payload::PutObject { put: short }).is_err());
+        // A US-operated holder, even with a valid receipt.
+        let mut us = holders.clone();
+        us[5] = 110;
+        let e = put(&mut s, &mut t, "eu-docs", "a/b.txt", size, &us, 1).unwrap_err();
+        assert!(e.to_string().contains("outside the geofence"), "{e}");
+        // The same node twice.
+        let mut twice = holders.clone();
+        twice[5] = twice[0];
+        let e = put(&mut s, &mut t, "eu-docs", "a/b.txt", size, &twice, 1).unwrap_err();
+        assert!(e.to_string().contains("holds shards"), "{e}");
+        // Too few holders.
+        let e = put(&mut s, &mut t, "eu-docs", "a/b.txt", size, &holders[..5], 1);
+        assert!(e.unwrap_err().to_string().contains("has 6 shard holders, not 5"));
+        // Somebody else's bucket.
+        let stranger = s.apply(&signed(1, 0, Payload::PutObject { put: good.clone() })).unwrap_err();
+        assert!(stranger.to_string().contains("belongs to"), "{stranger}");
+        // Nothing of the refused puts is there.
+        assert!(s.object("eu-docs", "a/b.txt").is_none());
+        assert!((101..=112).all(|n| s.stored_bytes(&id(n).node_id()) == 0));
+
+        let r = t.send(&mut s, Payload::PutObject { put: good.clone() }).unwrap();
+        assert!(matches!(r, Receipt::ObjectStored { replaced: None, .. }), "{r:?}");
+        let o = s.object("eu-docs", "a/b.txt").unwrap();
+        let per_holder = shard_bytes_per_holder(ErasureCode::DEFAULT, size, 8 * MIB);
+        assert_eq!((o.segments(), o.shard_bytes, o.holders.len()), (3, per_holder, 6));
+        // 8 MiB segments of 4+2 give 2 MiB + 64 B shards (the tag); the last, 4 MiB, 1 MiB + 64 B.
+        assert_eq!(per_holder, 2 * (2 * MIB + 64) + (MIB + 64));
+        for h in &holders {
+            assert_eq!(s.stored_bytes(&id(*h).node_id()), per_holder);
+        }
+        let b = s.bucket("eu-docs").unwrap();
+        assert_eq!((b.objects, b.bytes), (1, size));
+        // The same version again is refused; a new version replaces it and frees the old shards.
+        assert!(t.send(&mut s, Payload::PutObject { put: good }).unwrap_err().to_string().contains("stored already"));
+        let holders2 = placed(&s, "eu-docs", 2);
+        let r = put(&mut s, &mut t, "eu-docs", "a/b.txt", MIB, &holders2, 2).unwrap();
+        assert!(matches!(r, Receipt::ObjectStored { replaced: Some(v), .. } if v == Hash([1; 32])), "{r:?}");
+        let b = s.bucket("eu-docs").unwrap();
+        assert_eq!((b.objects, b.bytes), (1, MIB));
+        let small = shard_bytes_per_holder(ErasureCode::DEFAULT, MIB, 8 * MIB);
+        let total: u64 = (101..=112).map(|n| s.stored_bytes(&id(n).node_id())).sum();
+        assert_eq!(total, 6 * small, "the old version's bytes are released");
+
+        // Delete: the bucket can go once empty.
+        let e = t.send(&mut s, Payload::DeleteBucket { name: "eu-docs".into() }).unwrap_err();
+        assert!(e.to_string().contains("still holds 1 objects"), "{e}");
+        t.send(&mut s, Payload::DeleteObject { bucket: "eu-docs".into(), key: "a/b.txt".into() }).unwrap();
+        assert!(s.object("eu-docs", "a/b.txt").is_none());
+        assert!((101..=112).all(|n| s.stored_bytes(&id(n).node_id()) == 0));
+        assert!(t.send(&mut s, Payload::DeleteObject { bucket: "eu-docs".into(), key: "a/b.txt".into() }).is_err());
+        t.send(&mut s, Payload::DeleteBucket { name: "eu-docs".into() }).unwrap();
+        assert!(s.bucket("eu-docs").is_none());
+    }
+
+    #[test]
+    fn full_or_down_nodes_take_no_shards() {
+        let mut s = world();
+        let mut t = Tenant { nonce: 0 };
+        bucket_with(&mut s, &mut t, "eu-docs", eu_no_us());
+        let holders = placed(&s, "eu-docs", 1);
+        // 3 GiB at 4+2 puts 768 MiB (and tags) on each 1 GiB holder; a 2 GiB object would need
+        // 512 MiB more: refused, the nodes are full.
+        put(&mut s, &mut t, "eu-docs", "big1", 3 * 1024 * MIB, &holders, 1).unwrap();
+        let e = put(&mut s, &mut t, "eu-docs", "big2", 2 * 1024 * MIB, &holders, 2).unwrap_err();
+        assert!(e.to_string().contains("it is full"), "{e}");
+        // A Down holder cannot sign for the PUT to count.
+        s.begin_block(2, 2_000);
+        s.apply_liveness(&LivenessChange::Down { node: id(holders[0]).node_id() }).unwrap();
+        let e = put(&mut s, &mut t, "eu-docs", "small", MIB, &holders, 3).unwrap_err();
+        assert!(e.to_string().contains("not a registered storage node that is up"), "{e}");
+    }
+
+    #[test]
+    fn shards_move_only_away_from_unhealthy_holders_and_stay_inside_the_fence() {
+        let mut s = world();
+        let mut t = Tenant { nonce: 0 };
+        bucket_with(&mut s, &mut t, "eu-docs", eu_no_us());
+        let holders = placed(&s, "eu-docs", 1);
+        put(&mut s, &mut t, "eu-docs", "k", 10 * MIB, &holders, 1).unwrap();
+        let o = s.object("eu-docs", "k").unwrap();
+        let spare: Vec<u64> =
+            [101, 102, 103, 105, 106, 107, 108, 109].into_iter().filter(|n| !holders.contains(n)).collect();
+        let network = s.network;
+        let mv = |index: u8, to: u64| ShardMove {
+            index,
+            to: id(to).node_id(),
+            receipt: sign_receipt(&id(to), &network, &o.version, index, &o.manifest_root, o.shard_bytes),
+        };
+        let send = |s: &mut State, moves: Vec<ShardMove>| {
+            // Anyone may submit a repair: account 1 does.
+            let nonce = s.account(&id(1).node_id()).nonce;
+            s.apply(&signed(
+                1,
+                nonce,
+                Payload::MoveShards { bucket: "eu-docs".into(), key: "k".into(), version: o.version, moves },
+            ))
+        };
+        // Healthy holder: refused.
+        let e = send(&mut s, vec![mv(0, spare[0])]).unwrap_err();
+        assert!(e.to_string().contains("which is healthy"), "{e}");
+        // Down, but within the grace: refused.
+        s.begin_block(2, 5_000);
+        s.apply_liveness(&LivenessChange::Down { node: id(holders[0]).node_id() }).unwrap();
+        s.begin_block(3, 5_000 + 9_999);
+        assert!(send(&mut s, vec![mv(0, spare[0])]).unwrap_err().to_string().contains("healthy"));
+        s.begin_block(4, 5_000 + 10_000);
+        // Past the grace: not to a US operator, not to a node holding another shard, not with a
+        // forged receipt, not twice the same index.
+        let e = send(&mut s, vec![mv(0, 110)]).unwrap_err();
+        assert!(e.to_string().contains("outside the geofence"), "{e}");
+        assert!(send(&mut s, vec![mv(0, holders[1])]).unwrap_err().to_string().contains("already holds"));
+        let mut forged = mv(0, spare[0]);
+        forged.receipt = sign_receipt(&id(spare[1]), &network, &o.version, 0, &o.manifest_root, o.shard_bytes);
+        assert!(send(&mut s, vec![forged]).unwrap_err().to_string().contains("does not verify"));
+        assert!(send(&mut s, vec![mv(0, spare[0]), mv(0, spare[1])]).is_err());
+        // A stale version is refused.
+        let nonce = s.account(&id(1).node_id()).nonce;
+        let stale = Payload::MoveShards {
+            bucket: "eu-docs".into(),
+            key: "k".into(),
+            version: Hash([9; 32]),
+            moves: vec![mv(0, spare[0])],
+        };
+        assert!(s.apply(&signed(1, nonce, stale)).unwrap_err().to_string().contains("deleted or replaced"));
+        // The repair.
+        let before = s.stored_bytes(&id(holders[0]).node_id());
+        let r = send(&mut s, vec![mv(0, spare[0])]).unwrap();
+        assert!(matches!(r, Receipt::ShardsMoved { moved: 1, .. }));
+        let after = s.object("eu-docs", "k").unwrap();
+        assert_eq!(after.holders[0], id(spare[0]).node_id());
+        assert_eq!(after.holders[1..], o.holders[1..]);
+        assert_eq!(s.stored_bytes(&id(holders[0]).node_id()), before - o.shard_bytes);
+        assert_eq!(s.stored_bytes(&id(spare[0]).node_id()), o.shard_bytes);
+    }
+
+    #[test]
+    fn a_holder_that_leaves_or_moves_outside_the_fence_is_repaired_at_once() {
+        let mut s = world();
+        let mut t = Tenant { nonce: 0 };
+        bucket_with(&mut s, &mut t, "eu-docs", eu_no_us());
+        let holders = placed(&s, "eu-docs", 1);
+        put(&mut s, &mut t, "eu-docs", "k", MIB, &holders, 1).unwrap();
+        let policy = eu_no_us();
+        assert_eq!(s.unhealthy(&id(holders[0]).node_id(), &policy), None);
+        // Holder 1 is now run by a US company: outside the fence, repairable at once.
+        let signer = holders[1];
+        t.send(&mut s, Payload::Transfer { to: id(signer).node_id(), amount_micro: 10 }).unwrap();
+        let mut d = descriptor(holders[1], "1GiB");
+        d.operator_jurisdiction = "US".parse().unwrap();
+        d.version = 2;
+        s.apply(&signed(
+            signer,
+            0,
+            Payload::UpdateNode { descriptor: SignedDescriptor::sign(&id(signer), d).unwrap() },
+        ))
+        .unwrap();
+        assert_eq!(s.unhealthy(&id(holders[1]).node_id(), &policy), Some(Unhealthy::OutsideFence));
+        // A holder that left the registry.
+        assert!(s.unhealthy(&id(999).node_id(), &policy) == Some(Unhealthy::Gone));
+    }
+
+    #[test]
+    fn storage_payloads_round_trip_through_the_codec_and_garbage_is_refused() {
+        let s = world();
+        let put = put_on(&s, "eu-docs", "k/é/ü", 12345, &[101, 102, 103, 105, 106, 107], 4);
+        let payloads = [
+            Payload::CreateBucket { name: "eu-docs".into(), policy: eu_no_us() },
+            Payload::DeleteBucket { name: "eu-docs".into() },
+            Payload::PutObject { put },
+            Payload::DeleteObject { bucket: "eu-docs".into(), key: "k".into() },
+            Payload::MoveShards {
+                bucket: "eu-docs".into(),
+                key: "k".into(),
+                version: Hash([3; 32]),
+                moves: vec![ShardMove { index: 2, to: id(101).node_id(), receipt: [7; 64] }],
+            },
+        ];
+        for p in payloads {
+            let bytes = p.encode();
+            assert_eq!(bytes.len(), p.encode_size(), "{}", p.kind());
+            assert_eq!(Payload::read(&mut Copying(&bytes[..])).unwrap(), p);
+            for cut in 0..bytes.len() {
+                assert!(Payload::read(&mut Copying(&bytes[..cut])).is_err(), "{} cut at {cut}", p.kind());
+            }
+        }
+        // No moves, or a non-canonical policy.
+        let mut none = vec![10u8];
+        for part in [&b"eu-docs"[..], b"k"] {
+            (part.len() as u32).write(&mut none);
+            none.extend_from_slice(part);
+        }
+        none.extend_from_slice(&[0; 32]);
+        none.push(0);
+        assert!(Payload::read(&mut Copying(&none[..])).is_err());
+        let mut spaced = vec![6u8];
+        (7u32).write(&mut spaced);
+        spaced.extend_from_slice(b"eu-docs");
+        let json = b" {\"code\":\"4+2\",\"min_regions\":1,\"min_operators\":1}".to_vec();
+        json.write(&mut spaced);
+        assert!(Payload::read(&mut Copying(&spaced[..])).is_err());
+    }
+
+    #[test]
+    fn storage_entries_survive_a_commit_and_reopen() {
+        let store = std::sync::Arc::new(crate::store::MemoryStore::default());
+        let mut s = world().with_store(store.clone());
+        let mut t = Tenant { nonce: 0 };
+        bucket_with(&mut s, &mut t, "eu-docs", eu_no_us());
+        let holders = placed(&s, "eu-docs", 1);
+        put(&mut s, &mut t, "eu-docs", "k", MIB, &holders, 1).unwrap();
+        let c = s.commit().unwrap();
+        crate::store::StateStore::commit(&*store, &c, true).unwrap();
+        s.committed();
+        let opened = State::open(store).unwrap().unwrap();
+        assert_eq!(opened.state_root(), s.state_root());
+        assert_eq!(opened.rebuilt_root(), s.state_root());
+        assert_eq!(opened.object("eu-docs", "k"), s.object("eu-docs", "k"));
+        assert_eq!(opened.bucket("eu-docs").map(|b| b.objects), Some(1));
+        assert!(opened.keys().contains(&StateKey::Object(object_id("eu-docs", "k"))));
+        let (value, proof) = opened.prove(&StateKey::Object(object_id("eu-docs", "k"))).unwrap();
+        assert!(value.is_some());
+        let shown = proof.verify(&opened.state_root(), &state_key_hash_of("eu-docs", "k")).unwrap();
+        assert_eq!(shown, crate::trie::Proven::Present(crate::trie::value_hash(&value.unwrap())));
+    }
+
+    fn state_key_hash_of(bucket: &str, key: &str) -> Hash {
+        crate::state::state_key_hash(&StateKey::Object(object_id(bucket, key)))
+    }
+}
