@@ -166,6 +166,127 @@ impl ObjectRecord {
     }
 }
 
+/// Bytes of a wrapped data key in a manifest (salt, key, tag).
+pub const WRAPPED_KEY_BYTES: usize = archipel_crypto::WRAPPED_KEY_BYTES;
+const MANIFEST_MAGIC: &[u8] = b"archipel/manifest/v1";
+
+/// An object version's manifest: its layout, its data key wrapped for the owner, and the BLAKE3
+/// hash of every shard of every segment. Every holder stores it beside its shards; the ledger
+/// keeps its [`Manifest::root`], so a manifest read from any holder is checked before use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    /// The version id.
+    pub version: Hash,
+    /// Plaintext bytes.
+    pub size: u64,
+    /// Plaintext bytes per segment.
+    pub segment_bytes: u64,
+    /// The erasure code.
+    pub code: ErasureCode,
+    /// The object's data key, wrapped for its owner.
+    pub wrapped_key: [u8; WRAPPED_KEY_BYTES],
+    /// `segments[s][i]`: the hash of shard `i` of segment `s`.
+    pub segments: Vec<Vec<[u8; 32]>>,
+}
+
+impl Manifest {
+    /// Ciphertext bytes of segment `s` (plaintext and the tag).
+    pub fn cipher_len(&self, s: u64) -> u64 {
+        let start = s.saturating_mul(self.segment_bytes);
+        self.size.saturating_sub(start).min(self.segment_bytes) + TAG_BYTES as u64
+    }
+
+    /// Bytes of each shard of segment `s`.
+    pub fn shard_len(&self, s: u64) -> u64 {
+        self.code.shard_bytes(self.cipher_len(s))
+    }
+
+    /// The root the ledger records: the layout, the wrapped key and a Merkle tree over the
+    /// segments' shard hashes.
+    pub fn root(&self) -> Hash {
+        let leaves: Vec<Hash> = self
+            .segments
+            .iter()
+            .enumerate()
+            .map(|(s, hashes)| {
+                let mut h = blake3::Hasher::new();
+                h.update(b"archipel/manifest-segment/v1");
+                h.update(&(s as u64).to_be_bytes());
+                for x in hashes {
+                    h.update(x);
+                }
+                Hash(*h.finalize().as_bytes())
+            })
+            .collect();
+        Hash::of(&[
+            MANIFEST_MAGIC,
+            &self.version.0,
+            &self.size.to_be_bytes(),
+            &self.segment_bytes.to_be_bytes(),
+            &[self.code.data, self.code.parity],
+            &self.wrapped_key,
+            &crate::merkle::root(&leaves).0,
+        ])
+    }
+
+    /// The manifest's bytes as stored on holders.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let shards: usize = self.segments.iter().map(Vec::len).sum();
+        let mut out = Vec::with_capacity(MANIFEST_MAGIC.len() + 32 + 18 + WRAPPED_KEY_BYTES + shards * 32);
+        out.extend_from_slice(MANIFEST_MAGIC);
+        out.extend_from_slice(&self.version.0);
+        out.extend_from_slice(&self.size.to_be_bytes());
+        out.extend_from_slice(&self.segment_bytes.to_be_bytes());
+        out.extend_from_slice(&[self.code.data, self.code.parity]);
+        out.extend_from_slice(&self.wrapped_key);
+        for hashes in &self.segments {
+            for x in hashes {
+                out.extend_from_slice(x);
+            }
+        }
+        out
+    }
+
+    /// Decodes [`Manifest::to_bytes`], checking that its layout is one the ledger accepts and
+    /// that it holds exactly one hash per shard of every segment.
+    pub fn from_bytes(b: &[u8]) -> Result<Manifest, String> {
+        let head = MANIFEST_MAGIC.len() + 32 + 18 + WRAPPED_KEY_BYTES;
+        if b.len() < head || &b[..MANIFEST_MAGIC.len()] != MANIFEST_MAGIC {
+            return Err("not an archipel manifest (v1)".into());
+        }
+        let mut at = MANIFEST_MAGIC.len();
+        let mut take = |n: usize| {
+            let part = &b[at..at + n];
+            at += n;
+            part
+        };
+        let version = Hash(take(32).try_into().map_err(|_| "short manifest")?);
+        let size = u64::from_be_bytes(take(8).try_into().map_err(|_| "short manifest")?);
+        let segment_bytes = u64::from_be_bytes(take(8).try_into().map_err(|_| "short manifest")?);
+        let code_bytes = take(2);
+        let code = ErasureCode::new(code_bytes[0], code_bytes[1]).map_err(|e| e.to_string())?;
+        let wrapped_key: [u8; WRAPPED_KEY_BYTES] = take(WRAPPED_KEY_BYTES).try_into().map_err(|_| "short manifest")?;
+        if size > MAX_OBJECT_BYTES || !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&segment_bytes) {
+            return Err(format!("manifest layout out of bounds: {size} bytes in segments of {segment_bytes}"));
+        }
+        let segments = size.div_ceil(segment_bytes);
+        let total = code.total();
+        let expected = (segments as usize).checked_mul(total * 32).ok_or("manifest too large")?;
+        let rest = &b[head..];
+        if rest.len() != expected {
+            return Err(format!(
+                "manifest lists {} bytes of shard hashes, its layout needs {expected} ({segments} segments of {total} shards)",
+                rest.len()
+            ));
+        }
+        let segments = rest
+            .chunks_exact(total * 32)
+            .map(|seg| seg.chunks_exact(32).map(|h| h.try_into().expect("32-byte chunks")).collect())
+            .collect();
+        Ok(Manifest { version, size, segment_bytes, code, wrapped_key, segments })
+    }
+}
+
 /// What a holder signs once it has fsynced its shard `index` of every segment of object
 /// `version`, checked against the manifest with root `manifest_root`: `shard_bytes` in all.
 pub fn receipt_bytes(network: &Hash, version: &Hash, index: u8, manifest_root: &Hash, shard_bytes: u64) -> Vec<u8> {
@@ -1163,6 +1284,48 @@ mod tests {
         assert!(value.is_some());
         let shown = proof.verify(&opened.state_root(), &state_key_hash_of("eu-docs", "k")).unwrap();
         assert_eq!(shown, crate::trie::Proven::Present(crate::trie::value_hash(&value.unwrap())));
+    }
+
+    #[test]
+    fn manifests_round_trip_and_their_root_covers_every_field() {
+        let code = ErasureCode::DEFAULT;
+        let m = Manifest {
+            version: Hash([1; 32]),
+            size: 20 * MIB,
+            segment_bytes: 8 * MIB,
+            code,
+            wrapped_key: [5; WRAPPED_KEY_BYTES],
+            segments: (0..3u8).map(|s| (0..6u8).map(|i| [s * 16 + i; 32]).collect()).collect(),
+        };
+        let bytes = m.to_bytes();
+        assert_eq!(Manifest::from_bytes(&bytes).unwrap(), m);
+        assert_eq!(m.cipher_len(2), 4 * MIB + 16);
+        assert_eq!(m.shard_len(0) * 2 + m.shard_len(2), shard_bytes_per_holder(code, m.size, m.segment_bytes));
+        let root = m.root();
+        let mut variants = vec![];
+        let mut v = m.clone();
+        v.version = Hash([2; 32]);
+        variants.push(v);
+        let mut v = m.clone();
+        v.wrapped_key[0] ^= 1;
+        variants.push(v);
+        let mut v = m.clone();
+        v.segments[2][5][0] ^= 1;
+        variants.push(v);
+        let mut v = m.clone();
+        v.segments.swap(0, 1);
+        variants.push(v);
+        for v in variants {
+            assert_ne!(v.root(), root);
+        }
+        // Truncated, padded, or with a layout that disagrees with its hash count.
+        assert!(Manifest::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+        assert!(Manifest::from_bytes(&[bytes.clone(), vec![0]].concat()).is_err());
+        let mut bigger = m.clone();
+        bigger.size = 30 * MIB;
+        assert!(Manifest::from_bytes(&bigger.to_bytes()).unwrap_err().contains("4 segments"));
+        assert!(Manifest::from_bytes(b"nonsense").is_err());
+        assert!(Manifest::from_bytes(&[]).is_err());
     }
 
     fn state_key_hash_of(bucket: &str, key: &str) -> Hash {
