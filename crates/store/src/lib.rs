@@ -1,0 +1,508 @@
+//! A storage node's shard store: every shard a plain file, a `redb` index of their lengths and
+//! hashes, capacity accounting, and every read checked against the hash it was stored with.
+//!
+//! Layout under the store's directory:
+//! - `shards/<2 hex>/<version hex>/<index>.<segment>`: one file per shard, written to a temporary
+//!   name and renamed, so a reader never sees half a shard under the final name;
+//! - `shards/<2 hex>/<version hex>/manifest`: the object's manifest, as uploaded;
+//! - `index.redb`: `(version, index, segment) → (length, BLAKE3 hash)` and each manifest's length.
+//!
+//! Durability: writes go to the page cache; [`ShardStore::seal`] fsyncs every shard of one object
+//! version and shard index, their directories and the index before it returns — the node signs
+//! its receipt only after that. A crash before a seal may lose unsealed writes, which no receipt
+//! ever vouched for; a torn or flipped file fails its hash check on every read.
+//!
+//! Capacity: the bytes of every shard and manifest count against the capacity the store was
+//! opened with; a write beyond it, or a disk that runs out of space, is refused with
+//! [`ShardStoreError::Full`] and leaves nothing behind.
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// `(version 32 bytes, index 1, segment 8 big-endian)` → `(length 8, hash 32)`.
+const SHARDS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("shards");
+/// `version` → manifest length (8 bytes).
+const MANIFESTS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("manifests");
+
+/// An object version's id (the ledger's `version`).
+pub type Version = [u8; 32];
+
+/// Which shard: object version, shard index, segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ShardKey {
+    /// The object version.
+    pub version: Version,
+    /// The shard index within each segment (0..k+m).
+    pub index: u8,
+    /// The segment.
+    pub segment: u64,
+}
+
+impl ShardKey {
+    fn to_bytes(self) -> [u8; 41] {
+        let mut out = [0u8; 41];
+        out[..32].copy_from_slice(&self.version);
+        out[32] = self.index;
+        out[33..].copy_from_slice(&self.segment.to_be_bytes());
+        out
+    }
+
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        Some(ShardKey {
+            version: b.get(..32)?.try_into().ok()?,
+            index: *b.get(32)?,
+            segment: u64::from_be_bytes(b.get(33..41)?.try_into().ok()?),
+        })
+    }
+}
+
+/// Errors of the shard store. Each says what went wrong and, where there is one, what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardStoreError {
+    /// No room: the store's capacity or the disk itself.
+    #[error("shard store full: {need} more bytes needed, {free} free of {capacity} ({why})")]
+    Full {
+        /// Bytes the write needed.
+        need: u64,
+        /// Bytes free by the store's accounting.
+        free: u64,
+        /// The store's capacity.
+        capacity: u64,
+        /// Which limit: the declared capacity or the disk.
+        why: &'static str,
+    },
+    /// The bytes do not have the hash they were sent with.
+    #[error("shard {key} does not match its hash: expected {expected}, got {got} (a corrupt or truncated upload)")]
+    HashMismatch {
+        /// Which shard.
+        key: String,
+        /// The hash it should have.
+        expected: String,
+        /// The hash it has.
+        got: String,
+    },
+    /// The store does not hold it.
+    #[error("shard {0} is not stored here")]
+    NotFound(String),
+    /// A stored shard whose bytes no longer match: bitrot, a torn write or tampering.
+    #[error("stored shard {key} is corrupt ({why}): it must be repaired from the other holders")]
+    Corrupt {
+        /// Which shard.
+        key: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A file or index operation failed.
+    #[error("shard store I/O on {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The index failed.
+    #[error("shard index: {0}")]
+    Index(String),
+    /// A request outside the store's bounds.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn index_err(e: impl std::fmt::Display) -> ShardStoreError {
+    ShardStoreError::Index(e.to_string())
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> ShardStoreError + '_ {
+    move |source| ShardStoreError::Io { path: path.to_path_buf(), source }
+}
+
+fn is_disk_full(e: &std::io::Error) -> bool {
+    e.kind() == ErrorKind::StorageFull || e.raw_os_error() == Some(28)
+}
+
+fn describe(key: &ShardKey) -> String {
+    format!("{}/{}.{}", &hex::encode(key.version)[..16], key.index, key.segment)
+}
+
+/// Largest shard or manifest the store accepts (a 64 MiB segment at k = 1, or a manifest of
+/// a 5 TiB object in 8 MiB segments at 32+16).
+pub const MAX_SHARD_BYTES: usize = 256 << 20;
+
+/// A node's shards on disk.
+pub struct ShardStore {
+    dir: PathBuf,
+    db: Database,
+    capacity: u64,
+    used: Mutex<u64>,
+    temp_seq: AtomicU64,
+}
+
+impl std::fmt::Debug for ShardStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardStore").field("dir", &self.dir).field("capacity", &self.capacity).finish_non_exhaustive()
+    }
+}
+
+impl ShardStore {
+    /// Opens (creating if missing) the store in `dir`, holding at most `capacity` bytes.
+    pub fn open(dir: &Path, capacity: u64) -> Result<Self, ShardStoreError> {
+        fs::create_dir_all(dir.join("shards")).map_err(io_at(dir))?;
+        let path = dir.join("index.redb");
+        let db = Database::create(&path).map_err(|e| ShardStoreError::Index(format!("{}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(index_err)?;
+        let mut used = 0u64;
+        {
+            let shards = txn.open_table(SHARDS).map_err(index_err)?;
+            for row in shards.iter().map_err(index_err)? {
+                let (_, v) = row.map_err(index_err)?;
+                used = used.saturating_add(decode_entry(v.value())?.0);
+            }
+            let manifests = txn.open_table(MANIFESTS).map_err(index_err)?;
+            for row in manifests.iter().map_err(index_err)? {
+                let (_, v) = row.map_err(index_err)?;
+                used = used.saturating_add(u64::from_be_bytes(v.value().try_into().map_err(index_err)?));
+            }
+        }
+        txn.commit().map_err(index_err)?;
+        Ok(ShardStore { dir: dir.to_path_buf(), db, capacity, used: Mutex::new(used), temp_seq: AtomicU64::new(0) })
+    }
+
+    /// The capacity the store was opened with.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Bytes held (shards and manifests).
+    pub fn used(&self) -> u64 {
+        *self.used.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes still free by the store's accounting.
+    pub fn free(&self) -> u64 {
+        self.capacity.saturating_sub(self.used())
+    }
+
+    fn version_dir(&self, version: &Version) -> PathBuf {
+        let hexed = hex::encode(version);
+        self.dir.join("shards").join(&hexed[..2]).join(hexed)
+    }
+
+    fn shard_path(&self, key: &ShardKey) -> PathBuf {
+        self.version_dir(&key.version).join(format!("{}.{}", key.index, key.segment))
+    }
+
+    /// Reserves `need` bytes (less `freed`, the bytes a replaced entry gives back).
+    fn reserve(&self, need: u64, freed: u64) -> Result<(), ShardStoreError> {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        let after = used.saturating_sub(freed).saturating_add(need);
+        if after > self.capacity {
+            return Err(ShardStoreError::Full {
+                need,
+                free: self.capacity.saturating_sub(*used),
+                capacity: self.capacity,
+                why: "the node's declared capacity",
+            });
+        }
+        *used = after;
+        Ok(())
+    }
+
+    fn unreserve(&self, bytes: u64) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used = used.saturating_sub(bytes);
+    }
+
+    /// Writes `bytes` to `path` through a temporary file and a rename (not yet fsynced).
+    fn write_file(&self, path: &Path, bytes: &[u8]) -> Result<(), ShardStoreError> {
+        let dir = path.parent().unwrap_or(&self.dir);
+        fs::create_dir_all(dir).map_err(|e| self.map_write_err(dir, e, bytes.len()))?;
+        let n = self.temp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!(".tmp-{}-{n}", std::process::id()));
+        let written = File::create(&tmp).and_then(|mut f| f.write_all(bytes)).and_then(|()| fs::rename(&tmp, path));
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(self.map_write_err(path, e, bytes.len()));
+        }
+        Ok(())
+    }
+
+    fn map_write_err(&self, path: &Path, e: std::io::Error, need: usize) -> ShardStoreError {
+        if is_disk_full(&e) {
+            ShardStoreError::Full {
+                need: need as u64,
+                free: self.free(),
+                capacity: self.capacity,
+                why: "the disk is full",
+            }
+        } else {
+            ShardStoreError::Io { path: path.to_path_buf(), source: e }
+        }
+    }
+
+    /// Stores shard `key` if `bytes` hash to `hash`. Storing the same bytes again is a no-op;
+    /// different bytes replace the shard (an interrupted upload retried).
+    pub fn put_shard(&self, key: ShardKey, bytes: &[u8], hash: &[u8; 32]) -> Result<(), ShardStoreError> {
+        if bytes.len() > MAX_SHARD_BYTES {
+            return Err(ShardStoreError::Invalid(format!(
+                "shard of {} bytes: the limit is {MAX_SHARD_BYTES}",
+                bytes.len()
+            )));
+        }
+        let got = blake3::hash(bytes);
+        if got.as_bytes() != hash {
+            return Err(ShardStoreError::HashMismatch {
+                key: describe(&key),
+                expected: hex::encode(hash),
+                got: got.to_hex().to_string(),
+            });
+        }
+        let previous = self.entry(&key)?;
+        if let Some((len, h)) = previous
+            && h == *hash
+            && len == bytes.len() as u64
+            && self.shard_path(&key).exists()
+        {
+            return Ok(());
+        }
+        let freed = previous.map(|(len, _)| len).unwrap_or(0);
+        self.reserve(bytes.len() as u64, freed)?;
+        let path = self.shard_path(&key);
+        let stored = self.write_file(&path, bytes).and_then(|()| {
+            let mut value = Vec::with_capacity(40);
+            value.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+            value.extend_from_slice(hash);
+            self.index_put(SHARDS, &key.to_bytes(), &value)
+        });
+        if let Err(e) = stored {
+            self.unreserve(bytes.len() as u64);
+            // The old entry's bytes were given back by the reservation; the file is gone now.
+            if freed > 0 {
+                let _ = self.index_remove(SHARDS, &key.to_bytes());
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn index_put(&self, table: TableDefinition<'_, &[u8], &[u8]>, k: &[u8], v: &[u8]) -> Result<(), ShardStoreError> {
+        let mut txn = self.db.begin_write().map_err(index_err)?;
+        // Made durable by the seal that vouches for it.
+        txn.set_durability(Durability::None).map_err(index_err)?;
+        txn.open_table(table).map_err(index_err)?.insert(k, v).map_err(index_err)?;
+        txn.commit().map_err(index_err)
+    }
+
+    fn index_remove(&self, table: TableDefinition<'_, &[u8], &[u8]>, k: &[u8]) -> Result<(), ShardStoreError> {
+        let mut txn = self.db.begin_write().map_err(index_err)?;
+        txn.set_durability(Durability::None).map_err(index_err)?;
+        txn.open_table(table).map_err(index_err)?.remove(k).map_err(index_err)?;
+        txn.commit().map_err(index_err)
+    }
+
+    /// The length and hash shard `key` was stored with.
+    pub fn entry(&self, key: &ShardKey) -> Result<Option<(u64, [u8; 32])>, ShardStoreError> {
+        let txn = self.db.begin_read().map_err(index_err)?;
+        let table = txn.open_table(SHARDS).map_err(index_err)?;
+        match table.get(&key.to_bytes()[..]).map_err(index_err)? {
+            Some(v) => decode_entry(v.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Shard `key`, checked against the hash it was stored with.
+    pub fn shard(&self, key: &ShardKey) -> Result<Vec<u8>, ShardStoreError> {
+        let (len, hash) = self.entry(key)?.ok_or_else(|| ShardStoreError::NotFound(describe(key)))?;
+        let path = self.shard_path(key);
+        let mut bytes = Vec::with_capacity(len as usize);
+        match File::open(&path) {
+            Ok(mut f) => f.read_to_end(&mut bytes).map_err(io_at(&path))?,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(ShardStoreError::Corrupt { key: describe(key), why: "its file is missing".into() });
+            }
+            Err(e) => return Err(ShardStoreError::Io { path, source: e }),
+        };
+        if bytes.len() as u64 != len {
+            return Err(ShardStoreError::Corrupt {
+                key: describe(key),
+                why: format!("{} bytes on disk, {len} stored", bytes.len()),
+            });
+        }
+        if blake3::hash(&bytes).as_bytes() != &hash {
+            return Err(ShardStoreError::Corrupt { key: describe(key), why: "its bytes changed on disk".into() });
+        }
+        Ok(bytes)
+    }
+
+    /// The BLAKE3 hash of bytes `offset..offset + len` of shard `key` (an audit's answer), after
+    /// checking the whole shard.
+    pub fn range_hash(&self, key: &ShardKey, offset: u64, len: u64) -> Result<[u8; 32], ShardStoreError> {
+        let bytes = self.shard(key)?;
+        let end = offset.checked_add(len).filter(|e| *e <= bytes.len() as u64).ok_or_else(|| {
+            ShardStoreError::Invalid(format!(
+                "range {offset}+{len} is outside shard {} ({} bytes)",
+                describe(key),
+                bytes.len()
+            ))
+        })?;
+        Ok(*blake3::hash(&bytes[offset as usize..end as usize]).as_bytes())
+    }
+
+    /// Stores an object version's manifest (its bytes, checked by the caller against the
+    /// ledger's root).
+    pub fn put_manifest(&self, version: &Version, bytes: &[u8]) -> Result<(), ShardStoreError> {
+        if bytes.len() > MAX_SHARD_BYTES {
+            return Err(ShardStoreError::Invalid(format!("manifest of {} bytes is too large", bytes.len())));
+        }
+        let previous = self.manifest_len(version)?;
+        self.reserve(bytes.len() as u64, previous.unwrap_or(0))?;
+        let path = self.version_dir(version).join("manifest");
+        let stored = self
+            .write_file(&path, bytes)
+            .and_then(|()| self.index_put(MANIFESTS, version, &(bytes.len() as u64).to_be_bytes()));
+        if let Err(e) = stored {
+            self.unreserve(bytes.len() as u64);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn manifest_len(&self, version: &Version) -> Result<Option<u64>, ShardStoreError> {
+        let txn = self.db.begin_read().map_err(index_err)?;
+        let table = txn.open_table(MANIFESTS).map_err(index_err)?;
+        let len = table.get(&version[..]).map_err(index_err)?;
+        len.map(|v| v.value().try_into().map(u64::from_be_bytes).map_err(index_err)).transpose()
+    }
+
+    /// The manifest stored for `version`, if any (the caller checks it against the ledger).
+    pub fn manifest(&self, version: &Version) -> Result<Option<Vec<u8>>, ShardStoreError> {
+        if self.manifest_len(version)?.is_none() {
+            return Ok(None);
+        }
+        let path = self.version_dir(version).join("manifest");
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ShardStoreError::Io { path, source: e }),
+        }
+    }
+
+    /// Makes shard `index` of every listed segment of `version` durable — each present with the
+    /// expected hash — and returns their total length: what the node's receipt vouches for.
+    pub fn seal(&self, version: &Version, index: u8, expected: &[(u64, [u8; 32])]) -> Result<u64, ShardStoreError> {
+        let mut total = 0u64;
+        for (segment, hash) in expected {
+            let key = ShardKey { version: *version, index, segment: *segment };
+            let (len, stored) = self.entry(&key)?.ok_or_else(|| ShardStoreError::NotFound(describe(&key)))?;
+            if stored != *hash {
+                return Err(ShardStoreError::HashMismatch {
+                    key: describe(&key),
+                    expected: hex::encode(hash),
+                    got: hex::encode(stored),
+                });
+            }
+            let path = self.shard_path(&key);
+            OpenOptions::new().read(true).open(&path).and_then(|f| f.sync_all()).map_err(io_at(&path))?;
+            total += len;
+        }
+        let dir = self.version_dir(version);
+        if let Ok(f) = File::open(dir.join("manifest")) {
+            f.sync_all().map_err(io_at(&dir))?;
+        }
+        for d in [Some(dir.as_path()), dir.parent(), dir.parent().and_then(Path::parent)].into_iter().flatten() {
+            File::open(d).and_then(|f| f.sync_all()).map_err(io_at(d))?;
+        }
+        // An empty durable commit makes every earlier non-durable one durable.
+        let mut txn = self.db.begin_write().map_err(index_err)?;
+        txn.set_durability(Durability::Immediate).map_err(index_err)?;
+        txn.commit().map_err(index_err)?;
+        Ok(total)
+    }
+
+    /// Deletes everything of `version` (garbage collection once the ledger no longer lists it);
+    /// returns the bytes freed.
+    pub fn delete(&self, version: &Version) -> Result<u64, ShardStoreError> {
+        let mut freed = 0u64;
+        let txn = self.db.begin_write().map_err(index_err)?;
+        {
+            let mut shards = txn.open_table(SHARDS).map_err(index_err)?;
+            let mut end = version.to_vec();
+            end.extend_from_slice(&[0xff; 9]);
+            let keys: Vec<Vec<u8>> = shards
+                .range(&version[..]..=&end[..])
+                .map_err(index_err)?
+                .map(|r| r.map(|(k, v)| (k.value().to_vec(), decode_entry(v.value()).map(|e| e.0).unwrap_or(0))))
+                .map(|r| {
+                    r.map(|(k, len)| {
+                        freed += len;
+                        k
+                    })
+                })
+                .collect::<Result<_, _>>()
+                .map_err(index_err)?;
+            for k in keys {
+                shards.remove(&k[..]).map_err(index_err)?;
+            }
+            let mut manifests = txn.open_table(MANIFESTS).map_err(index_err)?;
+            if let Some(v) = manifests.remove(&version[..]).map_err(index_err)? {
+                freed += v.value().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            }
+        }
+        txn.commit().map_err(index_err)?;
+        let dir = self.version_dir(version);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(ShardStoreError::Io { path: dir, source: e }),
+        }
+        self.unreserve(freed);
+        Ok(freed)
+    }
+
+    /// Every object version with files on disk (indexed or not): what garbage collection
+    /// compares with the ledger.
+    pub fn versions(&self) -> Result<Vec<Version>, ShardStoreError> {
+        let mut out = Vec::new();
+        let shards = self.dir.join("shards");
+        for prefix in fs::read_dir(&shards).map_err(io_at(&shards))? {
+            let prefix = prefix.map_err(io_at(&shards))?.path();
+            let Ok(entries) = fs::read_dir(&prefix) else { continue };
+            for entry in entries.flatten() {
+                let mut v = [0u8; 32];
+                if hex::decode_to_slice(entry.file_name().as_encoded_bytes(), &mut v).is_ok() {
+                    out.push(v);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The shards indexed for `version`: `(index, segment)` pairs.
+    pub fn shards_of(&self, version: &Version) -> Result<Vec<(u8, u64)>, ShardStoreError> {
+        let txn = self.db.begin_read().map_err(index_err)?;
+        let table = txn.open_table(SHARDS).map_err(index_err)?;
+        let mut end = version.to_vec();
+        end.extend_from_slice(&[0xff; 9]);
+        let mut out = Vec::new();
+        for row in table.range(&version[..]..=&end[..]).map_err(index_err)? {
+            let (k, _) = row.map_err(index_err)?;
+            if let Some(key) = ShardKey::from_bytes(k.value()) {
+                out.push((key.index, key.segment));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn decode_entry(v: &[u8]) -> Result<(u64, [u8; 32]), ShardStoreError> {
+    if v.len() != 40 {
+        return Err(ShardStoreError::Index(format!("a shard entry is 40 bytes, not {}", v.len())));
+    }
+    let len = u64::from_be_bytes(v[..8].try_into().map_err(index_err)?);
+    let hash: [u8; 32] = v[8..].try_into().map_err(index_err)?;
+    Ok((len, hash))
+}

@@ -1,0 +1,161 @@
+//! The shard store against a real directory: round trips, capacity, corruption on disk, seals,
+//! reopening, garbage collection and a disk that runs out of space.
+
+use archipel_store::{ShardKey, ShardStore, ShardStoreError};
+use std::path::Path;
+
+fn key(v: u8, index: u8, segment: u64) -> ShardKey {
+    ShardKey { version: [v; 32], index, segment }
+}
+
+fn bytes(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)).collect()
+}
+
+fn hash(b: &[u8]) -> [u8; 32] {
+    *blake3::hash(b).as_bytes()
+}
+
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.path().is_dir() {
+            out.extend(files_under(&e.path()));
+        } else {
+            out.push(e.path().display().to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn shards_round_trip_and_count_against_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ShardStore::open(dir.path(), 10_000).unwrap();
+    let a = bytes(4_000, 1);
+    store.put_shard(key(1, 0, 0), &a, &hash(&a)).unwrap();
+    assert_eq!(store.shard(&key(1, 0, 0)).unwrap(), a);
+    assert_eq!((store.used(), store.free()), (4_000, 6_000));
+    // The same bytes again: nothing changes. Other bytes: replaced, accounted once.
+    store.put_shard(key(1, 0, 0), &a, &hash(&a)).unwrap();
+    assert_eq!(store.used(), 4_000);
+    let b = bytes(3_000, 2);
+    store.put_shard(key(1, 0, 0), &b, &hash(&b)).unwrap();
+    assert_eq!((store.shard(&key(1, 0, 0)).unwrap(), store.used()), (b.clone(), 3_000));
+
+    // Full: refused with the numbers, nothing left behind.
+    let big = bytes(7_001, 3);
+    let before = files_under(dir.path());
+    let e = store.put_shard(key(1, 1, 0), &big, &hash(&big)).unwrap_err();
+    assert!(matches!(e, ShardStoreError::Full { need: 7_001, free: 7_000, capacity: 10_000, .. }), "{e}");
+    assert!(e.to_string().contains("declared capacity"), "{e}");
+    assert_eq!(store.used(), 3_000);
+    assert_eq!(files_under(dir.path()), before);
+    assert!(matches!(store.shard(&key(1, 1, 0)), Err(ShardStoreError::NotFound(_))));
+
+    // A body that does not match its hash is refused.
+    let e = store.put_shard(key(1, 2, 0), &a, &hash(&b)).unwrap_err();
+    assert!(matches!(e, ShardStoreError::HashMismatch { .. }), "{e}");
+    assert_eq!(store.used(), 3_000);
+}
+
+#[test]
+fn reads_catch_every_change_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ShardStore::open(dir.path(), 1 << 20).unwrap();
+    let a = bytes(5_000, 9);
+    for seg in 0..3 {
+        store.put_shard(key(2, 1, seg), &a, &hash(&a)).unwrap();
+    }
+    let file = |seg: u64| dir.path().join("shards").join("02").join(hex::encode([2u8; 32])).join(format!("1.{seg}"));
+    // A flipped byte.
+    let mut flipped = std::fs::read(file(0)).unwrap();
+    flipped[123] ^= 1;
+    std::fs::write(file(0), &flipped).unwrap();
+    let e = store.shard(&key(2, 1, 0)).unwrap_err();
+    assert!(matches!(&e, ShardStoreError::Corrupt { why, .. } if why.contains("changed")), "{e}");
+    // A truncated file.
+    std::fs::write(file(1), &a[..100]).unwrap();
+    assert!(matches!(store.shard(&key(2, 1, 1)), Err(ShardStoreError::Corrupt { .. })));
+    // A missing file.
+    std::fs::remove_file(file(2)).unwrap();
+    let e = store.shard(&key(2, 1, 2)).unwrap_err();
+    assert!(e.to_string().contains("missing"), "{e}");
+    // An audit of a corrupt shard fails too.
+    assert!(store.range_hash(&key(2, 1, 0), 0, 10).is_err());
+}
+
+#[test]
+fn seals_vouch_only_for_what_is_there_and_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = [3u8; 32];
+    let segs: Vec<Vec<u8>> = (0..4).map(|s| bytes(1_000 + s, s as u8)).collect();
+    {
+        let store = ShardStore::open(dir.path(), 1 << 20).unwrap();
+        store.put_manifest(&v, b"manifest bytes").unwrap();
+        for (s, b) in segs.iter().enumerate().take(3) {
+            store.put_shard(ShardKey { version: v, index: 4, segment: s as u64 }, b, &hash(b)).unwrap();
+        }
+        let expected: Vec<(u64, [u8; 32])> = segs.iter().enumerate().map(|(s, b)| (s as u64, hash(b))).collect();
+        let e = store.seal(&v, 4, &expected).unwrap_err();
+        assert!(matches!(e, ShardStoreError::NotFound(_)), "{e}");
+        let wrong: Vec<(u64, [u8; 32])> = vec![(0, hash(&segs[1]))];
+        assert!(matches!(store.seal(&v, 4, &wrong), Err(ShardStoreError::HashMismatch { .. })));
+        store.put_shard(ShardKey { version: v, index: 4, segment: 3 }, &segs[3], &hash(&segs[3])).unwrap();
+        let total = store.seal(&v, 4, &expected).unwrap();
+        assert_eq!(total, 1_000 + 1_001 + 1_002 + 1_003);
+        let a = &segs[2];
+        assert_eq!(store.range_hash(&ShardKey { version: v, index: 4, segment: 2 }, 10, 20).unwrap(), hash(&a[10..30]));
+        assert!(store.range_hash(&ShardKey { version: v, index: 4, segment: 2 }, 1_000, 10).is_err());
+    }
+    let store = ShardStore::open(dir.path(), 1 << 20).unwrap();
+    assert_eq!(store.used(), 4_006 + b"manifest bytes".len() as u64);
+    assert_eq!(store.manifest(&v).unwrap().as_deref(), Some(&b"manifest bytes"[..]));
+    assert_eq!(store.shards_of(&v).unwrap(), vec![(4, 0), (4, 1), (4, 2), (4, 3)]);
+    assert_eq!(store.versions().unwrap(), vec![v]);
+    for (s, b) in segs.iter().enumerate() {
+        assert_eq!(&store.shard(&ShardKey { version: v, index: 4, segment: s as u64 }).unwrap(), b);
+    }
+    // Garbage collection frees everything of the version.
+    let freed = store.delete(&v).unwrap();
+    assert_eq!((freed, store.used()), (4_006 + 14, 0));
+    assert!(store.versions().unwrap().is_empty());
+    assert!(store.manifest(&v).unwrap().is_none());
+    assert!(store.shard(&ShardKey { version: v, index: 4, segment: 0 }).is_err());
+}
+
+/// A disk that fills up (a 1 MiB tmpfs, mounted when the tests run as root) is refused with
+/// "the disk is full" even though the declared capacity is larger; the store keeps serving.
+#[test]
+fn a_full_disk_is_refused_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mount =
+        std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(dir.path()).output();
+    if !matches!(&mount, Ok(o) if o.status.success()) {
+        eprintln!("skipping: mounting a tmpfs needs root ({mount:?})");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.path());
+    let store = ShardStore::open(dir.path(), 1 << 30).unwrap();
+    let chunk = bytes(256 << 10, 5);
+    let mut stored = 0;
+    let err = loop {
+        match store.put_shard(key(4, 0, stored), &chunk, &hash(&chunk)) {
+            Ok(()) => stored += 1,
+            Err(e) => break e,
+        }
+        assert!(stored < 10, "a 1 MiB disk took 10 shards of 256 KiB");
+    };
+    assert!(matches!(&err, ShardStoreError::Full { why, .. } if why.contains("disk is full")), "{err}");
+    assert_eq!(store.used(), stored * (256 << 10));
+    for s in 0..stored {
+        assert_eq!(store.shard(&key(4, 0, s)).unwrap(), chunk);
+    }
+    assert!(!files_under(dir.path()).iter().any(|f| f.contains(".tmp-")), "a temporary file was left behind");
+}
