@@ -814,7 +814,7 @@ impl State {
     }
 
     /// The keys of one read-through kind: the store's, with this state's writes over them.
-    fn overlay_keys<K: Ord + Clone + Copy + StoredId, V: Clone>(
+    pub(crate) fn overlay_keys<K: Ord + Clone + Copy + StoredId, V: Clone>(
         &self,
         prefix: &str,
         overlay: &Overlay<K, V>,
@@ -839,7 +839,7 @@ impl State {
 }
 
 /// The id inside a read-through kind's state key.
-trait StoredId: Sized {
+pub(crate) trait StoredId: Sized {
     fn of(key: &StateKey) -> Option<Self>;
 }
 

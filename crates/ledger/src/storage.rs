@@ -494,6 +494,54 @@ impl State {
             .filter(|o| o.bucket == bucket && o.key == key)
     }
 
+    /// Every bucket, by name. O(state): it reads every stored entry (a name index is a later
+    /// step; see ARCHITECTURE.md).
+    pub fn buckets(&self) -> Vec<BucketRecord> {
+        let mut out: Vec<BucketRecord> = self
+            .overlay_keys("bucket/", &self.buckets, StateKey::Bucket)
+            .into_iter()
+            .filter_map(|k| match k {
+                StateKey::Bucket(h) => {
+                    self.buckets.get(&h, |h| self.load(&StateKey::Bucket(*h), crate::state::decode_json))
+                }
+                _ => None,
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Every object of `bucket`, by key. O(state), like [`State::buckets`].
+    pub fn objects_in(&self, bucket: &str) -> Vec<ObjectRecord> {
+        let mut out: Vec<ObjectRecord> = self
+            .overlay_keys("object/", &self.objects, StateKey::Object)
+            .into_iter()
+            .filter_map(|k| match k {
+                StateKey::Object(h) => {
+                    self.objects.get(&h, |h| self.load(&StateKey::Object(*h), crate::state::decode_json))
+                }
+                _ => None,
+            })
+            .filter(|o| o.bucket == bucket)
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out
+    }
+
+    /// Every object with a shard on `node`. O(state), like [`State::buckets`].
+    pub fn objects_on(&self, node: &NodeId) -> Vec<ObjectRecord> {
+        self.overlay_keys("object/", &self.objects, StateKey::Object)
+            .into_iter()
+            .filter_map(|k| match k {
+                StateKey::Object(h) => {
+                    self.objects.get(&h, |h| self.load(&StateKey::Object(*h), crate::state::decode_json))
+                }
+                _ => None,
+            })
+            .filter(|o| o.holders.contains(node))
+            .collect()
+    }
+
     /// Bytes of shards assigned to `node`.
     pub fn stored_bytes(&self, node: &NodeId) -> u64 {
         self.stored.get(node, |id| self.load(&StateKey::Stored(*id), |b| crate::state::be_u64(b, 0))).unwrap_or(0)

@@ -76,6 +76,8 @@ pub struct ApiState {
     pub tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     /// Concurrency and rate limits.
     pub guards: ApiGuards,
+    /// This node's shard store, when it has the storage role.
+    pub shards: Option<Arc<crate::shards::ShardService>>,
     /// Where submissions are admitted: [`ADMISSION_WORKERS`] threads at the node's normal
     /// priority (admission holds the chain's lock, and a holder on one of the API's niced
     /// threads, preempted, would make consensus wait behind it), the address that used least
@@ -381,6 +383,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/node/shutdown", post(shutdown))
         .route("/v1/admissions", post(admit))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), authenticate));
+    let data =
+        crate::shards::routes().route_layer(axum::middleware::from_fn_with_state(state.clone(), authenticate_data));
     let public = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -388,12 +392,14 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/nodes", get(nodes))
         .merge(
             crate::ledger_api::routes()
+                .merge(crate::storage_api::routes())
                 .route_layer(axum::middleware::from_fn_with_state(state.clone(), refuse_stale_reads)),
         )
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), limit_reads));
     Router::new()
         .merge(public)
         .merge(signed)
+        .merge(data)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see README 'HTTP API'") })
         .layer(axum::middleware::from_fn_with_state(state.clone(), limit_concurrency))
         .with_state(state)
@@ -595,7 +601,11 @@ fn stall_message(height: u64, stall: &archipel_consensus::Stall) -> String {
 /// Whether a request reads the current finalized state (and so must not be served stale).
 fn reads_current_state(method: &Method, path: &str) -> bool {
     method == Method::GET
-        && (path == "/v1/ledger/head" || path.starts_with("/v1/accounts/") || path.starts_with("/v1/proof/state/"))
+        && (path == "/v1/ledger/head"
+            || path.starts_with("/v1/accounts/")
+            || path.starts_with("/v1/proof/state/")
+            || path.starts_with("/v1/buckets")
+            || path == "/v1/storage/nodes")
 }
 
 /// The refusal of a read of the current state while the ledger is stalled, if it is.
@@ -722,14 +732,40 @@ fn auth_headers(h: &HeaderMap) -> SignedRequestHeaders {
 
 /// Middleware: verifies the request signature and attaches the [`Caller`].
 pub async fn authenticate(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    authenticate_up_to(s, req, next, MAX_BODY_BYTES).await
+}
+
+/// [`authenticate`] for the shard data plane, whose bodies are whole shards
+/// ([`crate::shards::MAX_SHARD_BODY`]).
+pub async fn authenticate_data(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    // Bodies are held in memory: at most MAX_DATA_REQUESTS of them at once.
+    let _slot = match s.shards.as_ref().map(|svc| svc.try_slot()) {
+        Some(Some(slot)) => Some(slot),
+        Some(None) => {
+            return retry_later(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "data_busy",
+                format!(
+                    "this node already handles {} shard transfers, the most it holds in memory at once: retry in a moment",
+                    crate::shards::MAX_DATA_REQUESTS
+                ),
+                Duration::from_millis(200),
+            );
+        }
+        None => None,
+    };
+    authenticate_up_to(s, req, next, crate::shards::MAX_SHARD_BODY).await
+}
+
+async fn authenticate_up_to(s: Arc<ApiState>, req: Request, next: Next, limit: usize) -> Response {
     let (mut parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+    let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
         Err(_) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
-                format!("request body exceeds {MAX_BODY_BYTES} bytes"),
+                format!("request body exceeds {limit} bytes"),
             );
         }
     };
@@ -838,6 +874,7 @@ pub(crate) mod testing {
             tx_out,
             guards: ApiGuards::new(limits),
             admission: crate::fair_queue::FairQueue::new(ADMISSION_WORKERS, limits.admission_pace()).unwrap(),
+            shards: None,
         })
     }
 

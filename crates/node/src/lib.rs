@@ -1,6 +1,6 @@
 //! An archipel node: configuration, genesis, authenticated p2p networking, the membership
 //! (peer table) protocol, the replicated ledger (consensus, transaction gossip), the
-//! HTTP API and metrics.
+//! HTTP API and metrics, and a storage node's shard data plane.
 //!
 //! The protocol logic lives in sans-IO modules ([`membership`]); the actors that drive it
 //! ([`gossip`]) are generic over commonware's runtime and p2p traits so the deterministic simulator
@@ -21,4 +21,6 @@ pub mod membership;
 pub mod p2p;
 pub mod ratelimit;
 pub mod run;
+pub mod shards;
+pub mod storage_api;
 pub mod txgossip;

@@ -470,6 +470,16 @@ impl PreparedNode {
             });
 
             let (shutdown_tx, mut shutdown_rx) = tokio::sync::watch::channel(false);
+            let shards = if own.descriptor.roles.contains(archipel_types::Role::Storage) {
+                let dir = cfg.data_dir.join("shards");
+                let store = archipel_store::ShardStore::open(&dir, own.descriptor.capacity.bytes()).map_err(|e| {
+                    NodeError::Invalid(format!("cannot open the shard store in {}: {e}", dir.display()))
+                })?;
+                let network = chain.with_state(|st| st.network());
+                Some(Arc::new(crate::shards::ShardService::new(store, identity.clone(), network)))
+            } else {
+                None
+            };
             let state = Arc::new(ApiState {
                 table,
                 genesis: genesis.clone(),
@@ -486,6 +496,7 @@ impl PreparedNode {
                 // Started from the consensus runtime: its threads run at normal priority.
                 admission: crate::fair_queue::FairQueue::new(api::ADMISSION_WORKERS, cfg.api.limits.admission_pace())
                     .map_err(|e| NodeError::Invalid(format!("cannot start the admission threads: {e}")))?,
+                shards,
             });
             let server = api_handle.serve(api_listener, state, shutdown_rx.clone()).map_err(NodeError::Invalid)?;
 

@@ -1,0 +1,283 @@
+//! The storage node's data plane: signed HTTP calls that store, seal and serve shards.
+//!
+//! - `PUT /v1/objects/{version}/shards/{index}/{segment}` with the shard's BLAKE3 hash in
+//!   [`HASH_HEADER`]: stored if the body has that hash, refused otherwise (422 `hash_mismatch`)
+//!   and when the node is full (507 `storage_full`).
+//! - `PUT /v1/objects/{version}/manifest`: the object's manifest, decoded and checked for its
+//!   version before it is stored.
+//! - `POST /v1/objects/{version}/seal/{index}`: checks that this node holds shard `index` of every
+//!   segment the manifest lists, with the manifest's hashes, fsyncs them, and answers the node's
+//!   signed receipt ([`archipel_ledger::storage::sign_receipt`]) — the one thing a `PutObject`
+//!   needs from it.
+//! - `GET …/manifest`, `GET …/shards/{index}/{segment}`: hash-checked reads (a shard that rotted
+//!   on disk answers 500 `shard_corrupt`, never its bytes).
+//! - `GET …/audit/{index}/{segment}?offset=&len=`: the hash of a byte range of a shard, for audits.
+//!
+//! Every call is signed (the same keys as the other signed calls). Bodies are read whole (a
+//! shard is at most [`MAX_SHARD_BODY`]), at most [`MAX_DATA_REQUESTS`] at once, so a node's
+//! memory for uploads stays bounded whatever the number of clients. Disk work runs on blocking
+//! threads, never on the API's async workers.
+
+use crate::api::{ApiState, Caller, error};
+use archipel_crypto::Identity;
+use archipel_ledger::Hash;
+use archipel_ledger::storage::{Manifest, sign_receipt};
+use archipel_store::{ShardKey, ShardStore, ShardStoreError, Version};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Extension, Json};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use tokio::sync::Semaphore;
+
+/// Header carrying a shard's BLAKE3 hash (hex) on upload.
+pub const HASH_HEADER: &str = "x-archipel-shard-hash";
+/// Largest data-plane body: a shard of a 64 MiB segment at k = 1, or a manifest of an object of
+/// about 3 TiB in 8 MiB segments at 4+2 (a larger object needs larger segments).
+pub const MAX_SHARD_BODY: usize = 80 << 20;
+/// Data-plane calls handled at once (their bodies are held in memory).
+pub const MAX_DATA_REQUESTS: usize = 16;
+
+/// A storage node's shard store with the key that signs its receipts.
+#[derive(Debug)]
+pub struct ShardService {
+    store: ShardStore,
+    identity: Identity,
+    network: Hash,
+    permits: Arc<Semaphore>,
+}
+
+/// A holder's receipt, as `POST …/seal/{index}` answers it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SealReceipt {
+    /// The holder.
+    pub node: archipel_types::NodeId,
+    /// The shard index.
+    pub index: u8,
+    /// Bytes of all its shards of the object.
+    pub shard_bytes: u64,
+    /// The manifest root it checked them against.
+    pub manifest_root: Hash,
+    /// Its signature (hex), over `archipel_ledger::storage::receipt_bytes`.
+    pub receipt: String,
+}
+
+impl ShardService {
+    /// The service over `store`, signing receipts with `identity` for `network`.
+    pub fn new(store: ShardStore, identity: Identity, network: Hash) -> Self {
+        ShardService { store, identity, network, permits: Arc::new(Semaphore::new(MAX_DATA_REQUESTS)) }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &ShardStore {
+        &self.store
+    }
+
+    /// A slot for one data-plane call, or `None` when [`MAX_DATA_REQUESTS`] are running.
+    pub fn try_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
+    /// Checks the manifest of `version` against what this node holds for shard `index`, makes
+    /// it durable and signs the receipt.
+    pub fn seal(&self, version: &Version, index: u8) -> Result<SealReceipt, ShardStoreError> {
+        let bytes = self.store.manifest(version)?.ok_or_else(|| {
+            ShardStoreError::NotFound(format!(
+                "the manifest of {}: upload it before sealing",
+                hex::encode(&version[..8])
+            ))
+        })?;
+        let manifest = Manifest::from_bytes(&bytes).map_err(ShardStoreError::Invalid)?;
+        if usize::from(index) >= manifest.code.total() {
+            return Err(ShardStoreError::Invalid(format!("shard index {index} is beyond code {}", manifest.code)));
+        }
+        let expected: Vec<(u64, [u8; 32])> =
+            manifest.segments.iter().enumerate().map(|(s, hashes)| (s as u64, hashes[usize::from(index)])).collect();
+        let total = self.store.seal(version, index, &expected)?;
+        let root = manifest.root();
+        let sig = sign_receipt(&self.identity, &self.network, &Hash(*version), index, &root, total);
+        Ok(SealReceipt {
+            node: self.identity.node_id(),
+            index,
+            shard_bytes: total,
+            manifest_root: root,
+            receipt: hex::encode(sig),
+        })
+    }
+}
+
+/// The data-plane routes (signed; see [`crate::api::authenticate_data`]).
+pub fn routes() -> Router<Arc<ApiState>> {
+    Router::new()
+        .route("/v1/objects/{version}/shards/{index}/{segment}", put(put_shard).get(get_shard))
+        .route("/v1/objects/{version}/manifest", put(put_manifest).get(get_manifest))
+        .route("/v1/objects/{version}/seal/{index}", post(seal))
+        .route("/v1/objects/{version}/audit/{index}/{segment}", get(audit))
+}
+
+fn store_error(e: ShardStoreError) -> Response {
+    let (status, code) = match &e {
+        ShardStoreError::Full { .. } => (StatusCode::INSUFFICIENT_STORAGE, "storage_full"),
+        ShardStoreError::HashMismatch { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "hash_mismatch"),
+        ShardStoreError::NotFound(_) => (StatusCode::NOT_FOUND, "shard_not_found"),
+        ShardStoreError::Corrupt { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "shard_corrupt"),
+        ShardStoreError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+        ShardStoreError::Io { .. } | ShardStoreError::Index(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage_io"),
+    };
+    if status.is_server_error() {
+        tracing::warn!(error = %e, "shard store");
+    }
+    error(status, code, e.to_string())
+}
+
+fn service(s: &ApiState) -> Result<Arc<ShardService>, Response> {
+    s.shards.clone().ok_or_else(|| {
+        error(
+            StatusCode::NOT_FOUND,
+            "not_a_storage_node",
+            "this node does not have the storage role: ask a storage node",
+        )
+    })
+}
+
+fn version_of(text: &str) -> Result<Version, Response> {
+    let mut v = [0u8; 32];
+    hex::decode_to_slice(text, &mut v)
+        .map_err(|_| error(StatusCode::BAD_REQUEST, "bad_version", "an object version is 64 hex characters"))?;
+    Ok(v)
+}
+
+/// Runs store work on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ShardStoreError> + Send + 'static,
+) -> Result<T, Response> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(store_error),
+        Err(_) => {
+            Err(error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the storage task failed; see the node's log"))
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Stored {
+    stored: u64,
+    free: u64,
+}
+
+async fn put_shard(
+    State(s): State<Arc<ApiState>>,
+    Path((version, index, segment)): Path<(String, u8, u64)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let result = async {
+        let svc = service(&s)?;
+        let version = version_of(&version)?;
+        let mut hash = [0u8; 32];
+        let given = headers.get(HASH_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+        hex::decode_to_slice(given, &mut hash).map_err(|_| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "bad_hash",
+                format!("send the shard's BLAKE3 hash in {HASH_HEADER} (64 hex characters)"),
+            )
+        })?;
+        let len = body.len() as u64;
+        let free = blocking(move || {
+            svc.store.put_shard(ShardKey { version, index, segment }, &body, &hash)?;
+            Ok(svc.store.free())
+        })
+        .await?;
+        Ok::<_, Response>(Json(Stored { stored: len, free }).into_response())
+    };
+    result.await.unwrap_or_else(|r| r)
+}
+
+async fn get_shard(
+    State(s): State<Arc<ApiState>>,
+    Path((version, index, segment)): Path<(String, u8, u64)>,
+) -> Response {
+    let result = async {
+        let svc = service(&s)?;
+        let version = version_of(&version)?;
+        let bytes = blocking(move || svc.store.shard(&ShardKey { version, index, segment })).await?;
+        Ok::<_, Response>(bytes.into_response())
+    };
+    result.await.unwrap_or_else(|r| r)
+}
+
+async fn put_manifest(State(s): State<Arc<ApiState>>, Path(version): Path<String>, body: Bytes) -> Response {
+    let result = async {
+        let svc = service(&s)?;
+        let version = version_of(&version)?;
+        let manifest = Manifest::from_bytes(&body)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_manifest", format!("not a valid manifest: {e}")))?;
+        if manifest.version.0 != version {
+            return Err(error(StatusCode::BAD_REQUEST, "bad_manifest", "the manifest is for another version"));
+        }
+        let len = body.len() as u64;
+        let free = blocking(move || {
+            svc.store.put_manifest(&version, &body)?;
+            Ok(svc.store.free())
+        })
+        .await?;
+        Ok::<_, Response>(Json(Stored { stored: len, free }).into_response())
+    };
+    result.await.unwrap_or_else(|r| r)
+}
+
+async fn get_manifest(State(s): State<Arc<ApiState>>, Path(version): Path<String>) -> Response {
+    let result = async {
+        let svc = service(&s)?;
+        let version = version_of(&version)?;
+        let bytes = blocking(move || {
+            svc.store
+                .manifest(&version)?
+                .ok_or_else(|| ShardStoreError::NotFound(format!("manifest of {}", hex::encode(&version[..8]))))
+        })
+        .await?;
+        Ok::<_, Response>(bytes.into_response())
+    };
+    result.await.unwrap_or_else(|r| r)
+}
+
+async fn seal(
+    State(s): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Path((version, index)): Path<(String, u8)>,
+) -> Response {
+    let result = async {
+        let svc = service(&s)?;
+        let version = version_of(&version)?;
+        let receipt = blocking(move || svc.seal(&version, index)).await?;
+        tracing::debug!(caller = %caller.0.short(), version = %hex::encode(&version[..8]), index, "shards sealed");
+        Ok::<_, Response>(Json(receipt).into_response())
+    };
+    result.await.unwrap_or_else(|r| r)
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    offset: u64,
+    len: u64,
+}
+
+async fn audit(
+    State(s): State<Arc<ApiState>>,
+    Path((version, index, segment)): Path<(String, u8, u64)>,
+    Query(q): Query<AuditQuery>,
+) -> Response {
+    let result = async {
+        let svc = service(&s)?;
+        let version = version_of(&version)?;
+        let hash =
+            blocking(move || svc.store.range_hash(&ShardKey { version, index, segment }, q.offset, q.len)).await?;
+        Ok::<_, Response>(Json(serde_json::json!({ "hash": hex::encode(hash) })).into_response())
+    };
+    result.await.unwrap_or_else(|r| r)
+}
