@@ -119,7 +119,23 @@ pub fn routes() -> Router<Arc<ApiState>> {
         .route("/v1/objects/{version}/audit/{index}/{segment}", get(audit))
 }
 
-fn store_error(e: ShardStoreError) -> Response {
+/// A refused data-plane call (boxed: a response is large).
+#[derive(Debug)]
+pub struct Refused(Box<Response>);
+
+impl From<Response> for Refused {
+    fn from(r: Response) -> Self {
+        Refused(Box::new(r))
+    }
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        *self.0
+    }
+}
+
+fn store_error(e: ShardStoreError) -> Refused {
     let (status, code) = match &e {
         ShardStoreError::Full { .. } => (StatusCode::INSUFFICIENT_STORAGE, "storage_full"),
         ShardStoreError::HashMismatch { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "hash_mismatch"),
@@ -131,34 +147,37 @@ fn store_error(e: ShardStoreError) -> Response {
     if status.is_server_error() {
         tracing::warn!(error = %e, "shard store");
     }
-    error(status, code, e.to_string())
+    error(status, code, e.to_string()).into()
 }
 
-fn service(s: &ApiState) -> Result<Arc<ShardService>, Response> {
+fn service(s: &ApiState) -> Result<Arc<ShardService>, Refused> {
     s.shards.clone().ok_or_else(|| {
         error(
             StatusCode::NOT_FOUND,
             "not_a_storage_node",
             "this node does not have the storage role: ask a storage node",
         )
+        .into()
     })
 }
 
-fn version_of(text: &str) -> Result<Version, Response> {
+fn version_of(text: &str) -> Result<Version, Refused> {
     let mut v = [0u8; 32];
-    hex::decode_to_slice(text, &mut v)
-        .map_err(|_| error(StatusCode::BAD_REQUEST, "bad_version", "an object version is 64 hex characters"))?;
+    hex::decode_to_slice(text, &mut v).map_err(|_| {
+        Refused::from(error(StatusCode::BAD_REQUEST, "bad_version", "an object version is 64 hex characters"))
+    })?;
     Ok(v)
 }
 
 /// Runs store work on a blocking thread.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ShardStoreError> + Send + 'static,
-) -> Result<T, Response> {
+) -> Result<T, Refused> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(store_error),
         Err(_) => {
-            Err(error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the storage task failed; see the node's log"))
+            Err(error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the storage task failed; see the node's log")
+                .into())
         }
     }
 }
@@ -174,8 +193,8 @@ async fn put_shard(
     Path((version, index, segment)): Path<(String, u8, u64)>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
-    let result = async {
+) -> Result<Response, Refused> {
+    {
         let svc = service(&s)?;
         let version = version_of(&version)?;
         let mut hash = [0u8; 32];
@@ -193,32 +212,35 @@ async fn put_shard(
             Ok(svc.store.free())
         })
         .await?;
-        Ok::<_, Response>(Json(Stored { stored: len, free }).into_response())
-    };
-    result.await.unwrap_or_else(|r| r)
+        Ok(Json(Stored { stored: len, free }).into_response())
+    }
 }
 
 async fn get_shard(
     State(s): State<Arc<ApiState>>,
     Path((version, index, segment)): Path<(String, u8, u64)>,
-) -> Response {
-    let result = async {
+) -> Result<Response, Refused> {
+    {
         let svc = service(&s)?;
         let version = version_of(&version)?;
         let bytes = blocking(move || svc.store.shard(&ShardKey { version, index, segment })).await?;
-        Ok::<_, Response>(bytes.into_response())
-    };
-    result.await.unwrap_or_else(|r| r)
+        Ok(bytes.into_response())
+    }
 }
 
-async fn put_manifest(State(s): State<Arc<ApiState>>, Path(version): Path<String>, body: Bytes) -> Response {
-    let result = async {
+async fn put_manifest(
+    State(s): State<Arc<ApiState>>,
+    Path(version): Path<String>,
+    body: Bytes,
+) -> Result<Response, Refused> {
+    {
         let svc = service(&s)?;
         let version = version_of(&version)?;
-        let manifest = Manifest::from_bytes(&body)
-            .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_manifest", format!("not a valid manifest: {e}")))?;
+        let manifest = Manifest::from_bytes(&body).map_err(|e| {
+            Refused::from(error(StatusCode::BAD_REQUEST, "bad_manifest", format!("not a valid manifest: {e}")))
+        })?;
         if manifest.version.0 != version {
-            return Err(error(StatusCode::BAD_REQUEST, "bad_manifest", "the manifest is for another version"));
+            return Err(error(StatusCode::BAD_REQUEST, "bad_manifest", "the manifest is for another version").into());
         }
         let len = body.len() as u64;
         let free = blocking(move || {
@@ -226,13 +248,12 @@ async fn put_manifest(State(s): State<Arc<ApiState>>, Path(version): Path<String
             Ok(svc.store.free())
         })
         .await?;
-        Ok::<_, Response>(Json(Stored { stored: len, free }).into_response())
-    };
-    result.await.unwrap_or_else(|r| r)
+        Ok(Json(Stored { stored: len, free }).into_response())
+    }
 }
 
-async fn get_manifest(State(s): State<Arc<ApiState>>, Path(version): Path<String>) -> Response {
-    let result = async {
+async fn get_manifest(State(s): State<Arc<ApiState>>, Path(version): Path<String>) -> Result<Response, Refused> {
+    {
         let svc = service(&s)?;
         let version = version_of(&version)?;
         let bytes = blocking(move || {
@@ -241,24 +262,22 @@ async fn get_manifest(State(s): State<Arc<ApiState>>, Path(version): Path<String
                 .ok_or_else(|| ShardStoreError::NotFound(format!("manifest of {}", hex::encode(&version[..8]))))
         })
         .await?;
-        Ok::<_, Response>(bytes.into_response())
-    };
-    result.await.unwrap_or_else(|r| r)
+        Ok(bytes.into_response())
+    }
 }
 
 async fn seal(
     State(s): State<Arc<ApiState>>,
     Extension(caller): Extension<Caller>,
     Path((version, index)): Path<(String, u8)>,
-) -> Response {
-    let result = async {
+) -> Result<Response, Refused> {
+    {
         let svc = service(&s)?;
         let version = version_of(&version)?;
         let receipt = blocking(move || svc.seal(&version, index)).await?;
         tracing::debug!(caller = %caller.0.short(), version = %hex::encode(&version[..8]), index, "shards sealed");
-        Ok::<_, Response>(Json(receipt).into_response())
-    };
-    result.await.unwrap_or_else(|r| r)
+        Ok(Json(receipt).into_response())
+    }
 }
 
 #[derive(Deserialize)]
@@ -271,13 +290,12 @@ async fn audit(
     State(s): State<Arc<ApiState>>,
     Path((version, index, segment)): Path<(String, u8, u64)>,
     Query(q): Query<AuditQuery>,
-) -> Response {
-    let result = async {
+) -> Result<Response, Refused> {
+    {
         let svc = service(&s)?;
         let version = version_of(&version)?;
         let hash =
             blocking(move || svc.store.range_hash(&ShardKey { version, index, segment }, q.offset, q.len)).await?;
-        Ok::<_, Response>(Json(serde_json::json!({ "hash": hex::encode(hash) })).into_response())
-    };
-    result.await.unwrap_or_else(|r| r)
+        Ok(Json(serde_json::json!({ "hash": hex::encode(hash) })).into_response())
+    }
 }

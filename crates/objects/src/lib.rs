@@ -3,11 +3,16 @@
 //! - [`pipeline`]: the per-segment work of a PUT (encrypt → erasure-code → hash every shard) and
 //!   of a GET (check every shard's hash → decode → decrypt), on buffers of one segment each, so a
 //!   transfer holds a few segments whatever the object's size.
+//! - [`transfer`]: whole-object PUT (placement, parallel uploads, receipts → the `PutObject`
+//!   payload) and GET (manifest checked against the ledger, hedged shard reads, range reads) over
+//!   a [`transfer::Shards`] transport; [`http`] is the signed-HTTP one.
 //!
 //! Nodes and validators only ever receive what leaves this crate: ciphertext shards, their hashes
 //! and wrapped keys.
 
+pub mod http;
 pub mod pipeline;
+pub mod transfer;
 
 pub use pipeline::{
     ObjectError, SEGMENT_BYTES, SEGMENT_PLAIN_BYTES, SealedSegment, SegmentOpener, SegmentSealer, ShardHash, shard_hash,

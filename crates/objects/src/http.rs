@@ -1,0 +1,149 @@
+//! [`Shards`] over the nodes' signed HTTP data plane (`archipel_node::shards` serves it).
+//!
+//! Every call is signed with the client's key. A node busy with its maximum of shard transfers
+//! answers 503 `data_busy`; the call is retried a few times after a short pause. Timeouts scale
+//! with the body: a slow node fails its call rather than stalling a transfer for ever.
+
+use crate::pipeline::ShardHash;
+use crate::transfer::{Holder, Sealed, Shards, TransferError};
+use archipel_crypto::{Identity, sign_request};
+use archipel_ledger::Hash;
+use bytes::Bytes;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Header carrying a shard's hash on upload (the node's `shards::HASH_HEADER`).
+pub const HASH_HEADER: &str = "x-archipel-shard-hash";
+/// Times a busy node is asked again.
+const BUSY_RETRIES: u32 = 20;
+
+/// Shards over signed HTTP.
+#[derive(Clone, Debug)]
+pub struct HttpShards {
+    http: reqwest::Client,
+    identity: Identity,
+}
+
+impl HttpShards {
+    /// A transport signing with `identity`.
+    pub fn new(identity: Identity) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .no_proxy()
+            .pool_max_idle_per_host(8)
+            .build()
+            .unwrap_or_default();
+        HttpShards { http, identity }
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        h: &Holder,
+        path: &str,
+        body: Bytes,
+        hash: Option<ShardHash>,
+    ) -> Result<Bytes, TransferError> {
+        let url = format!("{}{path}", h.url.trim_end_matches('/'));
+        // A minute plus a second per MiB: generous for a slow disk, finite for a dead node.
+        let timeout = Duration::from_secs(60 + (body.len() as u64 >> 20));
+        let fail = |message: String| TransferError { message, full: false };
+        let mut attempt = 0;
+        loop {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            let mut nonce = [0u8; 16];
+            rand::fill(&mut nonce);
+            let headers = sign_request(&self.identity, method, path, &body, now, nonce);
+            let m = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| fail(e.to_string()))?;
+            let mut req = self.http.request(m, &url).timeout(timeout).body(body.clone());
+            for (k, v) in headers.pairs() {
+                req = req.header(k, v);
+            }
+            if let Some(hash) = hash {
+                req = req.header(HASH_HEADER, hex::encode(hash));
+            }
+            let resp = req.send().await.map_err(|e| fail(format!("cannot reach {url}: {}", root_cause(&e))))?;
+            let status = resp.status();
+            let bytes = resp.bytes().await.map_err(|e| fail(format!("{url}: {}", root_cause(&e))))?;
+            if status.is_success() {
+                return Ok(bytes);
+            }
+            let (code, message) = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                Ok(v) => (
+                    v["error"].as_str().unwrap_or("error").to_string(),
+                    v["message"].as_str().unwrap_or_default().to_string(),
+                ),
+                Err(_) => ("error".into(), String::from_utf8_lossy(&bytes).chars().take(200).collect()),
+            };
+            if code == "data_busy" && attempt < BUSY_RETRIES {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(5)))).await;
+                continue;
+            }
+            return Err(TransferError {
+                message: format!("{url} answered {} {code}: {message}", status.as_u16()),
+                full: code == "storage_full",
+            });
+        }
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+fn object_path(version: &Hash) -> String {
+    format!("/v1/objects/{version}")
+}
+
+impl Shards for HttpShards {
+    async fn put_shard(
+        &self,
+        holder: &Holder,
+        version: &Hash,
+        index: u8,
+        segment: u64,
+        bytes: Bytes,
+        hash: ShardHash,
+    ) -> Result<(), TransferError> {
+        let path = format!("{}/shards/{index}/{segment}", object_path(version));
+        self.call("PUT", holder, &path, bytes, Some(hash)).await.map(drop)
+    }
+
+    async fn put_manifest(&self, holder: &Holder, version: &Hash, bytes: Bytes) -> Result<(), TransferError> {
+        self.call("PUT", holder, &format!("{}/manifest", object_path(version)), bytes, None).await.map(drop)
+    }
+
+    async fn seal(&self, holder: &Holder, version: &Hash, index: u8) -> Result<Sealed, TransferError> {
+        let path = format!("{}/seal/{index}", object_path(version));
+        let body = self.call("POST", holder, &path, Bytes::new(), None).await?;
+        let bad = |m: &str| TransferError { message: format!("{}: bad seal answer: {m}", holder.url), full: false };
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| bad(&e.to_string()))?;
+        let mut receipt = [0u8; 64];
+        hex::decode_to_slice(v["receipt"].as_str().unwrap_or(""), &mut receipt).map_err(|_| bad("receipt"))?;
+        let manifest_root: Hash =
+            v["manifest_root"].as_str().unwrap_or("").parse().map_err(|_| bad("manifest_root"))?;
+        let shard_bytes = v["shard_bytes"].as_u64().ok_or_else(|| bad("shard_bytes"))?;
+        Ok(Sealed { shard_bytes, manifest_root, receipt })
+    }
+
+    async fn get_manifest(&self, holder: &Holder, version: &Hash) -> Result<Vec<u8>, TransferError> {
+        self.call("GET", holder, &format!("{}/manifest", object_path(version)), Bytes::new(), None)
+            .await
+            .map(|b| b.to_vec())
+    }
+
+    async fn get_shard(
+        &self,
+        holder: &Holder,
+        version: &Hash,
+        index: u8,
+        segment: u64,
+    ) -> Result<Vec<u8>, TransferError> {
+        let path = format!("{}/shards/{index}/{segment}", object_path(version));
+        self.call("GET", holder, &path, Bytes::new(), None).await.map(|b| b.to_vec())
+    }
+}

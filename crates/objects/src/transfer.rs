@@ -1,0 +1,410 @@
+//! PUT and GET of whole objects over a [`Shards`] transport (signed HTTP in production, a map in
+//! memory in unit tests).
+//!
+//! **PUT** ([`put_object`]): a fresh version id and data key; the k+m holders chosen by
+//! `placement` for that version (deterministic, re-checkable); then segment after segment: read,
+//! seal ([`crate::pipeline`]), upload the k+m shards in parallel, while the next segment is read
+//! and sealed — at most [`SEGMENTS_IN_FLIGHT`] segments are held, whatever the object's size.
+//! Then the manifest goes to every holder, every holder seals its shards and signs a receipt,
+//! and the result is the `PutObject` payload, which the caller submits; the object exists once
+//! that transaction is final. Any holder failing makes the PUT fail with its name: nothing is
+//! committed, and what was uploaded is garbage the holders collect.
+//!
+//! **GET** ([`get_object`]): the manifest from the first holder that has it, checked against the
+//! ledger's root; then, per segment, shards from the data holders plus one more (a hedge), the
+//! first k good ones decoded and decrypted; a holder that fails or serves bytes that fail their
+//! hash is replaced by the next one. Range reads fetch only the segments they cover.
+
+use crate::pipeline::{ObjectError, SEGMENT_PLAIN_BYTES, SegmentOpener, SegmentSealer, ShardHash};
+use archipel_crypto::{DataKey, Identity, WrapKey};
+use archipel_erasure::Segments;
+use archipel_ledger::Hash;
+use archipel_ledger::storage::{
+    BucketRecord, Manifest, ObjectPut, ObjectRecord, ShardHolder, WRAPPED_KEY_BYTES, receipt_bytes,
+    shard_bytes_per_holder,
+};
+use archipel_placement::Candidate;
+use archipel_types::NodeId;
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use std::io::{Read, Write};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Segments sealed and uploading at once during a PUT.
+pub const SEGMENTS_IN_FLIGHT: usize = 2;
+
+/// A node holding (or about to hold) shards, and where to reach it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    /// The node.
+    pub node: NodeId,
+    /// Its API base URL.
+    pub url: String,
+}
+
+/// Why a transfer with one holder failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct TransferError {
+    /// What went wrong, for the user.
+    pub message: String,
+    /// Whether the holder said it is full.
+    pub full: bool,
+}
+
+/// A holder's seal: its receipt for one shard index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sealed {
+    /// Bytes of its shards.
+    pub shard_bytes: u64,
+    /// The manifest root it checked.
+    pub manifest_root: Hash,
+    /// Its signature.
+    pub receipt: [u8; 64],
+}
+
+/// Moving shards to and from holders.
+#[allow(async_fn_in_trait)]
+pub trait Shards: Send + Sync + 'static {
+    /// Stores one shard on `holder`.
+    fn put_shard(
+        &self,
+        holder: &Holder,
+        version: &Hash,
+        index: u8,
+        segment: u64,
+        bytes: Bytes,
+        hash: ShardHash,
+    ) -> impl Future<Output = Result<(), TransferError>> + Send;
+    /// Stores the manifest on `holder`.
+    fn put_manifest(
+        &self,
+        holder: &Holder,
+        version: &Hash,
+        bytes: Bytes,
+    ) -> impl Future<Output = Result<(), TransferError>> + Send;
+    /// Asks `holder` to seal its shard `index` and sign the receipt.
+    fn seal(
+        &self,
+        holder: &Holder,
+        version: &Hash,
+        index: u8,
+    ) -> impl Future<Output = Result<Sealed, TransferError>> + Send;
+    /// Reads the manifest from `holder`.
+    fn get_manifest(
+        &self,
+        holder: &Holder,
+        version: &Hash,
+    ) -> impl Future<Output = Result<Vec<u8>, TransferError>> + Send;
+    /// Reads one shard from `holder`.
+    fn get_shard(
+        &self,
+        holder: &Holder,
+        version: &Hash,
+        index: u8,
+        segment: u64,
+    ) -> impl Future<Output = Result<Vec<u8>, TransferError>> + Send;
+}
+
+/// Errors of a PUT or GET.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferFailed {
+    /// No placement: the bucket's policy cannot be met by the live nodes with room.
+    #[error("cannot place the object: {0}")]
+    Placement(#[from] archipel_placement::PlacementError),
+    /// One holder failed.
+    #[error("holder {node} ({url}) failed: {error} — retry the PUT; its shards will be placed again")]
+    Holder {
+        /// The node (short id).
+        node: String,
+        /// Its URL.
+        url: String,
+        /// What it said.
+        error: TransferError,
+    },
+    /// A holder's receipt does not verify.
+    #[error("holder {0} sent a receipt that does not verify: it is not counted; retry the PUT")]
+    BadReceipt(String),
+    /// Reading the source or writing the destination failed.
+    #[error("{0}")]
+    Io(String),
+    /// The pipeline failed (a segment could not be decoded or opened).
+    #[error(transparent)]
+    Object(#[from] ObjectError),
+    /// The object's manifest could not be read from any holder, or does not match the ledger.
+    #[error("no holder served the manifest of this object matching the ledger's root: {0}")]
+    Manifest(String),
+    /// The data key does not open with this key.
+    #[error(transparent)]
+    Key(#[from] archipel_crypto::ObjectCryptoError),
+    /// The source ended before its announced size.
+    #[error("the source ended after {read} of {size} bytes: it changed while being read")]
+    ShortSource {
+        /// Bytes read.
+        read: u64,
+        /// Bytes announced.
+        size: u64,
+    },
+}
+
+/// What a PUT needs to know besides the data.
+#[derive(Clone, Debug)]
+pub struct PutPlan {
+    /// The bucket, as the ledger records it.
+    pub bucket: BucketRecord,
+    /// The key.
+    pub key: String,
+    /// The object's size (read exactly this many bytes).
+    pub size: u64,
+    /// Nodes that may receive shards now, with their URLs.
+    pub candidates: Vec<(Candidate, String)>,
+    /// The network (genesis hash): receipts are bound to it.
+    pub network: Hash,
+    /// The ETag to record.
+    pub etag: String,
+}
+
+fn random_version() -> Hash {
+    let mut v = [0u8; 32];
+    rand::fill(&mut v);
+    Hash(v)
+}
+
+fn holder_failed(h: &Holder, error: TransferError) -> TransferFailed {
+    TransferFailed::Holder { node: h.node.short(), url: h.url.clone(), error }
+}
+
+/// Puts `source` (exactly `plan.size` bytes) as a new version of `plan.key`, encrypted for
+/// `owner`; returns the `PutObject` payload to submit. `progress` is called with the plaintext
+/// bytes uploaded so far.
+pub async fn put_object<S: Shards>(
+    shards: Arc<S>,
+    plan: &PutPlan,
+    owner: &Identity,
+    mut source: impl Read,
+    mut progress: impl FnMut(u64),
+) -> Result<ObjectPut, TransferFailed> {
+    let code = plan.bucket.policy.code;
+    let version = random_version();
+    let data_key = DataKey::generate()?;
+    let wrapped_key = WrapKey::for_owner(owner).wrap(&data_key, &version.0)?;
+    let segments = Segments::new(plan.size, SEGMENT_PLAIN_BYTES);
+    let per_holder = shard_bytes_per_holder(code, plan.size, SEGMENT_PLAIN_BYTES);
+    let mut manifest = Manifest {
+        version,
+        size: plan.size,
+        segment_bytes: SEGMENT_PLAIN_BYTES,
+        code,
+        wrapped_key,
+        segments: Vec::with_capacity(segments.count() as usize),
+    };
+    if plan.size == 0 {
+        return Ok(ObjectPut {
+            bucket: plan.bucket.name.clone(),
+            key: plan.key.clone(),
+            version,
+            size: 0,
+            segment_bytes: SEGMENT_PLAIN_BYTES,
+            manifest_root: manifest.root(),
+            etag: plan.etag.clone(),
+            holders: vec![],
+        });
+    }
+    let candidates: Vec<Candidate> = plan.candidates.iter().map(|(c, _)| c.clone()).collect();
+    let nodes = archipel_placement::place(&plan.bucket.policy, &candidates, &version.0, per_holder)?;
+    let holders: Vec<Holder> = nodes
+        .iter()
+        .map(|n| Holder {
+            node: *n,
+            url: plan.candidates.iter().find(|(c, _)| c.node == *n).map(|(_, u)| u.clone()).unwrap_or_default(),
+        })
+        .collect();
+
+    let mut sealer = SegmentSealer::new(&data_key, &version.0, code);
+    let mut in_flight: FuturesUnordered<tokio::task::JoinHandle<Result<(), TransferFailed>>> = FuturesUnordered::new();
+    let mut done = 0u64;
+    for s in 0..segments.count() {
+        let range = segments.range(s);
+        let len = (range.end - range.start) as usize;
+        let mut buf = Vec::with_capacity(sealer.buffer_capacity(len));
+        buf.resize(len, 0);
+        let mut read = 0;
+        while read < len {
+            match source.read(&mut buf[read..]) {
+                Ok(0) => return Err(TransferFailed::ShortSource { read: range.start + read as u64, size: plan.size }),
+                Ok(n) => read += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(TransferFailed::Io(format!("reading the source: {e}"))),
+            }
+        }
+        let sealed = sealer.seal(s, &mut buf)?;
+        let parts: Vec<(u8, Bytes, ShardHash)> = (0..code.total())
+            .map(|i| (i as u8, Bytes::copy_from_slice(sealed.shard(i).unwrap_or_default()), sealed.hashes[i]))
+            .collect();
+        manifest.segments.push(sealed.hashes.clone());
+        drop(sealed);
+        while in_flight.len() >= SEGMENTS_IN_FLIGHT {
+            finish(in_flight.next().await)?;
+            done += SEGMENT_PLAIN_BYTES.min(plan.size - done);
+            progress(done);
+        }
+        let t = shards.clone();
+        let hs = holders.clone();
+        in_flight.push(tokio::spawn(async move {
+            let uploads = parts.into_iter().map(|(i, bytes, hash)| {
+                let h = hs[usize::from(i)].clone();
+                let t = t.clone();
+                async move { t.put_shard(&h, &version, i, s, bytes, hash).await.map_err(|e| holder_failed(&h, e)) }
+            });
+            futures::future::try_join_all(uploads).await.map(drop)
+        }));
+    }
+    while let Some(r) = in_flight.next().await {
+        finish(Some(r))?;
+        done += SEGMENT_PLAIN_BYTES.min(plan.size - done);
+        progress(done);
+    }
+
+    let root = manifest.root();
+    let manifest_bytes = Bytes::from(manifest.to_bytes());
+    let seals = holders.iter().enumerate().map(|(i, h)| {
+        let t = shards.clone();
+        let m = manifest_bytes.clone();
+        async move {
+            t.put_manifest(h, &version, m).await.map_err(|e| holder_failed(h, e))?;
+            let sealed = t.seal(h, &version, i as u8).await.map_err(|e| holder_failed(h, e))?;
+            let msg = receipt_bytes(&plan.network, &version, i as u8, &root, per_holder);
+            archipel_crypto::verify_signature(
+                &h.node,
+                archipel_ledger::storage::RECEIPT_NAMESPACE,
+                &msg,
+                &sealed.receipt,
+            )
+            .map_err(|_| TransferFailed::BadReceipt(h.node.short()))?;
+            Ok::<_, TransferFailed>(ShardHolder { node: h.node, receipt: sealed.receipt })
+        }
+    });
+    let receipts = futures::future::try_join_all(seals).await?;
+    Ok(ObjectPut {
+        bucket: plan.bucket.name.clone(),
+        key: plan.key.clone(),
+        version,
+        size: plan.size,
+        segment_bytes: SEGMENT_PLAIN_BYTES,
+        manifest_root: root,
+        etag: plan.etag.clone(),
+        holders: receipts,
+    })
+}
+
+fn finish(r: Option<Result<Result<(), TransferFailed>, tokio::task::JoinError>>) -> Result<(), TransferFailed> {
+    match r {
+        None => Ok(()),
+        Some(Ok(r)) => r,
+        Some(Err(e)) => Err(TransferFailed::Io(format!("an upload task failed: {e}"))),
+    }
+}
+
+/// Reads and checks the manifest of `object` from the first holder that serves a good one.
+pub async fn fetch_manifest<S: Shards>(
+    shards: &S,
+    object: &ObjectRecord,
+    holders: &[Holder],
+) -> Result<Manifest, TransferFailed> {
+    let mut why = Vec::new();
+    for h in holders {
+        match shards.get_manifest(h, &object.version).await {
+            Ok(bytes) => match Manifest::from_bytes(&bytes) {
+                Ok(m) if m.root() == object.manifest_root => return Ok(m),
+                Ok(_) => why.push(format!("{}: a manifest that does not match the ledger", h.node.short())),
+                Err(e) => why.push(format!("{}: {e}", h.node.short())),
+            },
+            Err(e) => why.push(format!("{}: {e}", h.node.short())),
+        }
+    }
+    Err(TransferFailed::Manifest(why.join("; ")))
+}
+
+/// Reads `range` of `object` (all of it when `None`) into `out`; `holders[i]` holds shard `i`.
+/// `progress` is called with the plaintext bytes written so far. Returns the holders whose
+/// shards failed their hash check (to report for repair).
+pub async fn get_object<S: Shards>(
+    shards: &S,
+    object: &ObjectRecord,
+    holders: &[Holder],
+    owner: &Identity,
+    range: Option<Range<u64>>,
+    mut out: impl Write,
+    mut progress: impl FnMut(u64),
+) -> Result<Vec<NodeId>, TransferFailed> {
+    let range = range.unwrap_or(0..object.size);
+    let range = range.start.min(object.size)..range.end.min(object.size);
+    if range.is_empty() {
+        return Ok(vec![]);
+    }
+    let manifest = fetch_manifest(shards, object, holders).await?;
+    let wrapped: &[u8; WRAPPED_KEY_BYTES] = &manifest.wrapped_key;
+    let key = WrapKey::for_owner(owner).unwrap(wrapped, &object.version.0)?;
+    let mut opener = SegmentOpener::new(&key, &object.version.0, manifest.code);
+    let segments = Segments::new(object.size, manifest.segment_bytes);
+    let k = usize::from(manifest.code.data);
+    let mut bad_holders = Vec::new();
+    let mut written = 0u64;
+    for s in segments.covering(range.clone()) {
+        let seg_range = segments.range(s);
+        let hashes =
+            manifest.segments.get(s as usize).ok_or_else(|| TransferFailed::Manifest("too few segments".into()))?;
+        // Ask the data holders and one more; on each failure, the next holder.
+        let mut order = (0..holders.len()).collect::<Vec<_>>().into_iter();
+        let mut pending = FuturesUnordered::new();
+        for i in order.by_ref().take((k + 1).min(holders.len())) {
+            pending.push(fetch(shards, holders, &object.version, i, s, hashes));
+        }
+        let mut got: Vec<(usize, Vec<u8>)> = Vec::with_capacity(k);
+        while got.len() < k {
+            let Some((i, result)) = pending.next().await else { break };
+            match result {
+                Ok(bytes) => got.push((i, bytes)),
+                Err(bad_hash) => {
+                    if bad_hash {
+                        bad_holders.push(holders[i].node);
+                    }
+                    if let Some(next) = order.next() {
+                        pending.push(fetch(shards, holders, &object.version, next, s, hashes));
+                    }
+                }
+            }
+        }
+        drop(pending);
+        let given: Vec<(usize, &[u8])> = got.iter().map(|(i, b)| (*i, b.as_slice())).collect();
+        let plain_len = (seg_range.end - seg_range.start) as usize;
+        let (plain, _) = opener.open(s, plain_len, &given, hashes)?;
+        let from = range.start.max(seg_range.start) - seg_range.start;
+        let to = range.end.min(seg_range.end) - seg_range.start;
+        out.write_all(&plain[from as usize..to as usize]).map_err(|e| TransferFailed::Io(format!("writing: {e}")))?;
+        written += to - from;
+        progress(written);
+    }
+    out.flush().map_err(|e| TransferFailed::Io(format!("writing: {e}")))?;
+    Ok(bad_holders)
+}
+
+/// One shard of segment `s` from holder `i`, checked against its hash: `Err(true)` when the
+/// holder served wrong bytes, `Err(false)` when it did not answer.
+async fn fetch<S: Shards>(
+    shards: &S,
+    holders: &[Holder],
+    version: &Hash,
+    i: usize,
+    s: u64,
+    hashes: &[ShardHash],
+) -> (usize, Result<Vec<u8>, bool>) {
+    let r = match shards.get_shard(&holders[i], version, i as u8, s).await {
+        Ok(bytes) if hashes.get(i).is_some_and(|h| *h == crate::pipeline::shard_hash(&bytes)) => Ok(bytes),
+        Ok(_) => Err(true),
+        Err(_) => Err(false),
+    };
+    (i, r)
+}
