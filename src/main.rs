@@ -8,6 +8,7 @@ mod devnet;
 mod fill_chain;
 mod ledger_cli;
 mod output;
+mod storage_cli;
 mod topology;
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -65,6 +66,22 @@ enum Command {
         #[command(subcommand)]
         command: ledger_cli::AccountCommand,
     },
+    /// Create, list, show and delete storage buckets (each with a placement policy).
+    Bucket {
+        #[command(subcommand)]
+        command: storage_cli::BucketCommand,
+    },
+    /// Upload a file as an object: encrypted, erasure-coded and placed under the bucket's policy.
+    Put(storage_cli::PutArgs),
+    /// Download an object (or a byte range of it).
+    Get(storage_cli::GetArgs),
+    /// List the objects of a bucket.
+    Ls(storage_cli::LsArgs),
+    /// Delete an object.
+    Rm(storage_cli::RmArgs),
+    /// Show an object: size, segments, every shard holder with its region, country and operator
+    /// jurisdiction, and the ledger's proof of that placement.
+    Stat(storage_cli::StatArgs),
     /// Get inclusion proofs from a node and verify them offline.
     Proof {
         #[command(subcommand)]
@@ -437,6 +454,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Ledger { command } => tokio_rt()?.block_on(ledger_cli::ledger(command)),
         Command::Account { command } => tokio_rt()?.block_on(ledger_cli::account(command)),
         Command::Proof { command } => tokio_rt()?.block_on(ledger_cli::proof(command)),
+        Command::Bucket { command } => tokio_rt()?.block_on(storage_cli::bucket(command)),
+        Command::Put(args) => tokio_rt()?.block_on(storage_cli::put(args)),
+        Command::Get(args) => tokio_rt()?.block_on(storage_cli::get(args)),
+        Command::Ls(args) => tokio_rt()?.block_on(storage_cli::ls(args)),
+        Command::Rm(args) => tokio_rt()?.block_on(storage_cli::rm(args)),
+        Command::Stat(args) => tokio_rt()?.block_on(storage_cli::stat(args)),
         Command::Debug { command: DebugCommand::P2pProbe { key, genesis, listen, seconds } } => {
             let identity = Identity::load(&key)?;
             let genesis = Genesis::load(&genesis)?;

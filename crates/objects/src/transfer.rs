@@ -162,8 +162,8 @@ pub struct PutPlan {
     pub candidates: Vec<(Candidate, String)>,
     /// The network (genesis hash): receipts are bound to it.
     pub network: Hash,
-    /// The ETag to record.
-    pub etag: String,
+    /// The ETag to record; `None`: the first 16 bytes of the content's BLAKE3 hash, in hex.
+    pub etag: Option<String>,
 }
 
 fn random_version() -> Hash {
@@ -208,7 +208,7 @@ pub async fn put_object<S: Shards>(
             size: 0,
             segment_bytes: SEGMENT_PLAIN_BYTES,
             manifest_root: manifest.root(),
-            etag: plan.etag.clone(),
+            etag: plan.etag.clone().unwrap_or_else(|| etag_of(&blake3::Hasher::new())),
             holders: vec![],
         });
     }
@@ -222,6 +222,7 @@ pub async fn put_object<S: Shards>(
         })
         .collect();
 
+    let mut content_hash = blake3::Hasher::new();
     let mut sealer = SegmentSealer::new(&data_key, &version.0, code);
     let mut in_flight: FuturesUnordered<tokio::task::JoinHandle<Result<(), TransferFailed>>> = FuturesUnordered::new();
     let mut done = 0u64;
@@ -238,6 +239,9 @@ pub async fn put_object<S: Shards>(
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(TransferFailed::Io(format!("reading the source: {e}"))),
             }
+        }
+        if plan.etag.is_none() {
+            content_hash.update(&buf);
         }
         let sealed = sealer.seal(s, &mut buf)?;
         let parts: Vec<(u8, Bytes, ShardHash)> = (0..code.total())
@@ -294,9 +298,13 @@ pub async fn put_object<S: Shards>(
         size: plan.size,
         segment_bytes: SEGMENT_PLAIN_BYTES,
         manifest_root: root,
-        etag: plan.etag.clone(),
+        etag: plan.etag.clone().unwrap_or_else(|| etag_of(&content_hash)),
         holders: receipts,
     })
+}
+
+fn etag_of(h: &blake3::Hasher) -> String {
+    hex::encode(&h.finalize().as_bytes()[..16])
 }
 
 fn finish(r: Option<Result<Result<(), TransferFailed>, tokio::task::JoinError>>) -> Result<(), TransferFailed> {

@@ -130,7 +130,7 @@ fn plan(candidates: &[(Candidate, String)], size: u64) -> PutPlan {
         size,
         candidates: candidates.to_vec(),
         network: Hash::ZERO,
-        etag: "00".into(),
+        etag: None,
     }
 }
 
