@@ -97,9 +97,11 @@ impl EncodeSize for Block {
     }
 }
 
-/// The smallest encoded transaction (a LeaveNode: signer, nonce, kind, node, signature): a block
-/// of `n` bytes holds at most `n / MIN_TX_BYTES` transactions.
-pub const MIN_TX_BYTES: usize = 32 + 8 + 1 + 32 + 64;
+/// The smallest encoded transaction (a DeleteBucket with an empty name: signer, nonce, kind, a
+/// one-byte length, signature): a block of `n` bytes holds at most `n / MIN_TX_BYTES`
+/// transactions. Every kind's smallest encoding must be at least this (a test checks each), or a
+/// block holding it would not decode and would stall the chain.
+pub const MIN_TX_BYTES: usize = 32 + 8 + 1 + 1 + 64;
 
 /// The smallest encoded liveness change (a Down: kind, node).
 pub const MIN_LIVENESS_BYTES: usize = 1 + 32;
@@ -444,15 +446,31 @@ mod tests {
             let e = Block::from_bytes(&bytes, u32::MAX as usize).unwrap_err();
             assert!(e.contains("not a block"), "{e}");
         }
-        // The bounds are the smallest transaction (a LeaveNode) and the smallest change (a Down).
+        // The bounds are the smallest transaction and the smallest change (a Down). Every kind,
+        // at its smallest, fits the bound, and a block of only such transactions decodes.
         let a = crate::state::tests::id(1);
-        let leave = crate::Transaction {
-            signer: a.node_id(),
-            nonce: 0,
-            payload: crate::Payload::LeaveNode { node: a.node_id() },
+        let empty = String::new;
+        let smallest = [
+            crate::Payload::LeaveNode { node: a.node_id() },
+            crate::Payload::Transfer { to: a.node_id(), amount_micro: 0 },
+            crate::Payload::DeleteBucket { name: empty() },
+            crate::Payload::DeleteObject { bucket: empty(), key: empty() },
+            crate::Payload::MoveShards {
+                bucket: empty(),
+                key: empty(),
+                version: Hash::ZERO,
+                moves: vec![crate::storage::ShardMove { index: 0, to: a.node_id(), receipt: [0; 64] }],
+            },
+        ];
+        let txs: Vec<_> = smallest
+            .into_iter()
+            .map(|payload| crate::Transaction { signer: a.node_id(), nonce: 0, payload }.sign(&a, &Hash::of(&[b"net"])))
+            .collect();
+        assert_eq!(txs.iter().map(|t| t.encode_size()).min(), Some(MIN_TX_BYTES));
+        for tx in &txs {
+            let block = Block { header: genesis_header(&genesis()), liveness: vec![], txs: vec![tx.clone()] };
+            assert_eq!(Block::from_bytes(&block.to_bytes(), 16).as_ref(), Ok(&block), "{}", tx.tx.payload.kind());
         }
-        .sign(&a, &Hash::of(&[b"net"]));
-        assert_eq!(leave.encode_size(), MIN_TX_BYTES);
         assert_eq!(LivenessChange::Down { node: a.node_id() }.encode_size(), MIN_LIVENESS_BYTES);
     }
 

@@ -610,8 +610,15 @@ impl State {
             return Err(TxError::NotAllowed(format!("bucket {name:?} exists already: bucket names are global")));
         }
         policy.validate().map_err(|e| TxError::NotAllowed(format!("bucket {name:?}: {e}")))?;
-        archipel_placement::feasible(policy, &self.storage_candidates(), archipel_types::SHARD_ALIGN)
-            .map_err(|e| TxError::NotAllowed(format!("bucket {name:?} cannot be placed: {e}")))
+        let candidates = self.storage_candidates();
+        archipel_placement::feasible(policy, &candidates, archipel_types::SHARD_ALIGN).map_err(|e| {
+            let hint = if candidates.is_empty() {
+                " (a storage node counts once its lease is up in finalized state: on a network that just started, retry in a few seconds)"
+            } else {
+                ""
+            };
+            TxError::NotAllowed(format!("bucket {name:?} cannot be placed: {e}{hint}"))
+        })
     }
 
     pub(crate) fn apply_create_bucket(&mut self, signer: NodeId, name: &str, policy: &PlacementPolicy) -> Receipt {

@@ -13,7 +13,7 @@
 //! **GET** ([`get_object`]): the manifest from the first holder that has it, checked against the
 //! ledger's root; then, per segment, shards from the data holders plus one more (a hedge), the
 //! first k good ones decoded and decrypted; a holder that fails or serves bytes that fail their
-//! hash is replaced by the next one. Range reads fetch only the segments they cover.
+//! hash is replaced by the next one, and one that is silent for [`HEDGE_AFTER`] gets company. Range reads fetch only the segments they cover.
 
 use crate::pipeline::{ObjectError, SEGMENT_PLAIN_BYTES, SegmentOpener, SegmentSealer, ShardHash};
 use archipel_crypto::{DataKey, Identity, WrapKey};
@@ -31,6 +31,9 @@ use futures::stream::FuturesUnordered;
 use std::io::{Read, Write};
 use std::ops::Range;
 use std::sync::Arc;
+
+/// A GET asks one more holder when no shard arrived for this long.
+pub const HEDGE_AFTER: std::time::Duration = std::time::Duration::from_millis(1500);
 
 /// Segments sealed and uploading at once during a PUT.
 pub const SEGMENTS_IN_FLIGHT: usize = 2;
@@ -372,7 +375,17 @@ pub async fn get_object<S: Shards>(
         }
         let mut got: Vec<(usize, Vec<u8>)> = Vec::with_capacity(k);
         while got.len() < k {
-            let Some((i, result)) = pending.next().await else { break };
+            // A holder slower than the hedge delay gets company: the next holder is asked too.
+            let next = match tokio::time::timeout(HEDGE_AFTER, pending.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    if let Some(more) = order.next() {
+                        pending.push(fetch(shards, holders, &object.version, more, s, hashes));
+                    }
+                    continue;
+                }
+            };
+            let Some((i, result)) = next else { break };
             match result {
                 Ok(bytes) => got.push((i, bytes)),
                 Err(bad_hash) => {

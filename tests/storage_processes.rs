@@ -1,0 +1,210 @@
+//! Object storage with real processes on the default 12-node devnet topology: a bucket "EU only,
+//! no US operators", an impossible policy refused with the numbers, PUT/GET/range/ls/stat/rm
+//! through the CLI, no plaintext in any node's data directory, a shard rotted on disk caught by
+//! its hash, reads that survive m killed holders, and a clean "unrecoverable" beyond.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+fn run(w: &Path, args: &[&str]) -> String {
+    let out = archipel(w, args);
+    assert!(out.status.success(), "archipel {args:?} failed:\n{}{}", stdout(&out), stderr(&out));
+    stdout(&out)
+}
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn refused(w: &Path, args: &[&str]) -> String {
+    let out = archipel(w, args);
+    assert!(!out.status.success(), "archipel {args:?} should have failed:\n{}", stdout(&out));
+    stderr(&out)
+}
+
+/// Every file under `dir`.
+fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() { out.extend(files(&p)) } else { out.push(p) }
+        }
+    }
+    out
+}
+
+#[test]
+fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders() {
+    let work = tempfile::tempdir().unwrap();
+    let devnet = Devnet::start(work.path(), &["--base-ip", "127.0.91.2", "--base-port", "26500"]);
+    let w = work.path();
+    let node = devnet.node(0).1;
+    let dir = devnet.dir.to_str().unwrap().to_string();
+    let key = format!("{dir}/tenant.key");
+    let genesis = format!("{dir}/genesis.json");
+    let t = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        v.extend(["--key".into(), key.clone(), "--node".into(), node.clone()]);
+        v
+    };
+
+    // Leases come up in finalized state a few seconds after the processes start.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let v: serde_json::Value =
+            rt().block_on(archipel_node::client::ApiClient::new(&node).get("/v1/storage/nodes")).unwrap();
+        let up = v["nodes"].as_array().unwrap().iter().filter(|n| n["lease"] == "up").count();
+        if up == 12 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "only {up} of 12 leases up: {v}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
+    // A policy the network cannot place is refused with the numbers.
+    let e = refused(
+        w,
+        &args(&t(&["bucket", "create", "wide", "--code", "8+2", "--regions", "eu", "--deny-jurisdictions", "US"])),
+    );
+    assert!(
+        e.contains("needs 10 nodes in regions [eu] outside US jurisdiction") && e.contains("8 of the 12 live nodes"),
+        "{e}"
+    );
+    run(
+        w,
+        &args(&t(&[
+            "bucket",
+            "create",
+            "eu-docs",
+            "--regions",
+            "eu",
+            "--deny-jurisdictions",
+            "US",
+            "--min-regions",
+            "2",
+            "--min-operators",
+            "2",
+        ])),
+    );
+    let e = refused(w, &args(&t(&["bucket", "create", "eu-docs"])));
+    assert!(e.contains("exists already"), "{e}");
+
+    // A file with a known marker throughout, over several segments.
+    let marker = b"ARCHIPEL-PLAINTEXT-MARKER-7f3a9c";
+    let mut body: Vec<u8> = Vec::with_capacity(20 << 20);
+    let mut x = 7u64;
+    while body.len() < 20 << 20 {
+        body.extend_from_slice(marker);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        body.extend_from_slice(&x.to_le_bytes());
+    }
+    let src = w.join("report.bin");
+    std::fs::write(&src, &body).unwrap();
+    let out = run(w, &args(&t(&["put", src.to_str().unwrap(), "eu-docs/reports/2026.bin", "--json"])));
+    let put: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(put["size"], body.len() as u64, "{put}");
+    run(w, &args(&t(&["put", src.to_str().unwrap(), "eu-docs/reports/copy.bin"])));
+    run(w, &args(&t(&["put", src.to_str().unwrap(), "eu-docs/top.bin"])));
+
+    // Read back whole and by range.
+    let back = w.join("back.bin");
+    run(w, &args(&t(&["get", "eu-docs/reports/2026.bin", back.to_str().unwrap()])));
+    assert!(std::fs::read(&back).unwrap() == body, "the object read back differs");
+    let part = w.join("part.bin");
+    run(w, &args(&t(&["get", "eu-docs/reports/2026.bin", part.to_str().unwrap(), "--range", "8388600-8388700"])));
+    assert_eq!(std::fs::read(&part).unwrap(), body[8_388_600..=8_388_700]);
+    let e = refused(w, &args(&t(&["get", "eu-docs/reports/2026.bin", back.to_str().unwrap()])));
+    assert!(e.contains("exists: pass --force"), "{e}");
+
+    // Listing with a delimiter; stat shows only EU, non-US holders and a verified proof.
+    let ls: serde_json::Value =
+        serde_json::from_str(&run(w, &args(&t(&["ls", "eu-docs", "--delimiter", "/", "--json"])))).unwrap();
+    assert_eq!(ls["common_prefixes"], serde_json::json!(["reports/"]), "{ls}");
+    assert_eq!(ls["objects"].as_array().unwrap().len(), 1);
+    let stat: serde_json::Value = serde_json::from_str(&run(
+        w,
+        &args(&t(&["stat", "eu-docs/reports/2026.bin", "--genesis", &genesis, "--json"])),
+    ))
+    .unwrap();
+    let holders = stat["holders"].as_array().unwrap();
+    assert_eq!(holders.len(), 6);
+    for h in holders {
+        assert!(h["region"].as_str().unwrap().starts_with("eu-") && h["jurisdiction"] != "US", "{h}");
+    }
+    assert!(stat["proven_in_block"].as_u64().unwrap() > 0);
+
+    // No node's data directory holds the plaintext.
+    let all = files(&devnet.dir.join("nodes"));
+    assert!(all.iter().any(|p| p.to_string_lossy().contains("shards")), "no shard files at all");
+    for p in &all {
+        let bytes = std::fs::read(p).unwrap_or_default();
+        assert!(!bytes.windows(marker.len()).any(|win| win == marker), "{} holds plaintext", p.display());
+    }
+
+    // Two holders that are not validators will be killed (killing two of the four validators
+    // would stop consensus); a third holder's shard rots on disk.
+    let names: Vec<String> = holders.iter().map(|h| h["name"].as_str().unwrap().to_string()).collect();
+    let validators = ["n01", "n02", "n03", "n04"];
+    let killed: Vec<usize> = (0..6).filter(|i| !validators.contains(&names[*i].as_str())).take(2).collect();
+    assert_eq!(killed.len(), 2, "{names:?}");
+    let rotten = (0..6).find(|i| !killed.contains(i)).unwrap();
+
+    // The rotten shard is caught by its hash; the read still succeeds.
+    let version = stat["object"]["version"].as_str().unwrap().to_string();
+    let shard = devnet
+        .dir
+        .join("nodes")
+        .join(&names[rotten])
+        .join("data/shards/shards")
+        .join(&version[..2])
+        .join(&version)
+        .join(format!("{rotten}.0"));
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[1000] ^= 0x55;
+    std::fs::write(&shard, &bytes).unwrap();
+    let back2 = w.join("back2.bin");
+    run(w, &args(&t(&["get", "eu-docs/reports/2026.bin", back2.to_str().unwrap()])));
+    assert!(std::fs::read(&back2).unwrap() == body);
+
+    // Kill -9 two holders (m = 2): every read still returns the right bytes.
+    let index_of = |name: &str| (0..12).find(|i| devnet.node(*i).0 == name).unwrap();
+    let ask = devnet.node((0..12).find(|i| !names.contains(&devnet.node(*i).0)).unwrap()).1;
+    for i in &killed {
+        let pid = devnet.node(index_of(&names[*i])).2;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    }
+    let t2 = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        v.extend(["--key".into(), key.clone(), "--node".into(), ask.clone()]);
+        v
+    };
+    let back3 = w.join("back3.bin");
+    run(w, &args(&t2(&["get", "eu-docs/reports/copy.bin", back3.to_str().unwrap()])));
+    assert!(std::fs::read(&back3).unwrap() == body);
+
+    // One shard rotten and two holders dead: segment 0 of 2026.bin has three bad shards of six —
+    // unrecoverable, never wrong bytes, and no file left behind.
+    let lost = w.join("lost.bin");
+    let e = refused(w, &args(&t2(&["get", "eu-docs/reports/2026.bin", lost.to_str().unwrap()])));
+    assert!(e.contains("unrecoverable"), "{e}");
+    assert!(!lost.exists() && !w.join("lost.archipel-partial").exists());
+
+    // Bad input: unknown bucket and key, a key path without a key, deletion.
+    let e = refused(w, &args(&t2(&["put", src.to_str().unwrap(), "nope/x"])));
+    assert!(e.contains("no bucket \"nope\""), "{e}");
+    let e = refused(w, &args(&t2(&["get", "eu-docs/missing", lost.to_str().unwrap()])));
+    assert!(e.contains("no object eu-docs/missing"), "{e}");
+    let e = refused(w, &args(&t2(&["put", src.to_str().unwrap(), "eu-docs"])));
+    assert!(e.contains("BUCKET/KEY"), "{e}");
+    run(w, &args(&t2(&["rm", "eu-docs/top.bin"])));
+    let ls: serde_json::Value = serde_json::from_str(&run(w, &args(&t2(&["ls", "eu-docs", "--json"])))).unwrap();
+    let keys: Vec<&str> = ls["objects"].as_array().unwrap().iter().map(|o| o["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["reports/2026.bin", "reports/copy.bin"]);
+    let e = refused(w, &args(&t2(&["bucket", "rm", "eu-docs"])));
+    assert!(e.contains("still holds 2 objects"), "{e}");
+}
