@@ -6,12 +6,14 @@
 //! - [`transfer`]: whole-object PUT (placement, parallel uploads, receipts → the `PutObject`
 //!   payload) and GET (manifest checked against the ledger, hedged shard reads, range reads) over
 //!   a [`transfer::Shards`] transport; [`http`] is the signed-HTTP one.
+//! - [`repair`]: rebuilds lost shards from k healthy ones onto new holders, for `MoveShards`.
 //!
 //! Nodes and validators only ever receive what leaves this crate: ciphertext shards, their hashes
 //! and wrapped keys.
 
 pub mod http;
 pub mod pipeline;
+pub mod repair;
 pub mod transfer;
 
 pub use pipeline::{

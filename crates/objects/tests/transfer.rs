@@ -278,3 +278,43 @@ async fn a_holder_dying_during_a_put_fails_it_with_its_name() {
     let e = put_object(mem.clone(), &plan(&candidates, 100), &owner, &body[..50], |_| {}).await.unwrap_err();
     assert!(matches!(e, TransferFailed::ShortSource { read: 50, size: 100 }), "{e}");
 }
+
+#[tokio::test]
+async fn repairs_rebuild_lost_shards_on_new_holders_with_valid_receipts() {
+    let (mem, candidates) = world();
+    let body = data(2 * SEGMENT_PLAIN_BYTES as usize + 1234);
+    let p = put(&mem, &candidates, &body).await.unwrap();
+    let holders = holders_of(&p, &candidates);
+    // Holders 1 and 4 die; two nodes that hold nothing of it take their shards.
+    mem.down.lock().unwrap().extend([holders[1].node, holders[4].node]);
+    let spare: Vec<Holder> = candidates
+        .iter()
+        .filter(|(c, _)| !p.holders.iter().any(|h| h.node == c.node))
+        .map(|(c, url)| Holder { node: c.node, url: url.clone() })
+        .take(2)
+        .collect();
+    let healthy: Vec<(usize, Holder)> =
+        holders.iter().cloned().enumerate().filter(|(i, _)| *i != 1 && *i != 4).collect();
+    let targets = vec![(1, spare[0].clone()), (4, spare[1].clone())];
+    let rec = record(&p);
+    let moves = archipel_objects::repair::rebuild(&*mem, &rec, &healthy, &targets, &Hash::ZERO).await.unwrap();
+    assert_eq!(moves.iter().map(|m| (m.index, m.to)).collect::<Vec<_>>(), vec![(1, spare[0].node), (4, spare[1].node)]);
+    for m in &moves {
+        let msg = archipel_ledger::storage::receipt_bytes(&Hash::ZERO, &rec.version, m.index, &rec.manifest_root, rec.shard_bytes);
+        archipel_crypto::verify_signature(&m.to, archipel_ledger::storage::RECEIPT_NAMESPACE, &msg, &m.receipt).unwrap();
+    }
+    // With the new holders, the object survives two more losses among the old ones.
+    let mut after = holders.clone();
+    after[1] = spare[0].clone();
+    after[4] = spare[1].clone();
+    mem.down.lock().unwrap().extend([holders[0].node, holders[5].node]);
+    let mut moved = rec.clone();
+    moved.holders = after.iter().map(|h| h.node).collect();
+    let mut out = vec![];
+    get_object(&*mem, &moved, &after, &Identity::from_seed(1), None, &mut out, |_| {}).await.unwrap();
+    assert_eq!(out, body);
+    // With fewer than k healthy holders, a repair fails as unrecoverable.
+    let few: Vec<(usize, Holder)> = healthy.iter().take(3).cloned().collect();
+    let e = archipel_objects::repair::rebuild(&*mem, &rec, &few, &targets, &Hash::ZERO).await.unwrap_err();
+    assert!(e.to_string().contains("unrecoverable") || e.to_string().contains("manifest"), "{e}");
+}
