@@ -30,6 +30,9 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_DIR: &str = ".archipel/devnet";
 const MARKER: &str = ".archipel-devnet";
 const STATE: &str = "devnet.json";
+/// Balance of each devnet node's own account, in micro-units (fees of its repairs).
+const NODE_BALANCE_MICRO: u64 = 1_000_000_000;
+
 /// Balance of the devnet tenant account, in micro-units.
 const TENANT_BALANCE_MICRO: u64 = 1_000_000_000_000;
 
@@ -149,8 +152,14 @@ fn create(dir: &Path, topology: &Topology, base_ip: Ipv4Addr, base_port: u16) ->
     }
     let tenant = Identity::generate();
     tenant.save(&dir.join("tenant.key"))?;
-    let accounts =
+    let mut accounts =
         vec![GenesisAccount { name: "tenant".into(), key: tenant.node_id(), balance_micro: TENANT_BALANCE_MICRO }];
+    // Each node's own account pays the fees of what it submits by itself (shard repairs).
+    accounts.extend(descriptors.iter().map(|d| GenesisAccount {
+        name: d.descriptor.name.clone(),
+        key: d.descriptor.node_id,
+        balance_micro: NODE_BALANCE_MICRO,
+    }));
     let genesis =
         crate::build_genesis("archipel-devnet", descriptors, &[], accounts, archipel_node::api::system_now_ms())?;
     std::fs::write(dir.join("topology.toml"), toml::to_string_pretty(topology)?)?;

@@ -528,8 +528,8 @@ impl State {
         out
     }
 
-    /// Every object with a shard on `node`. O(state), like [`State::buckets`].
-    pub fn objects_on(&self, node: &NodeId) -> Vec<ObjectRecord> {
+    /// Every object. O(state), like [`State::buckets`].
+    pub fn all_objects(&self) -> Vec<ObjectRecord> {
         self.overlay_keys("object/", &self.objects, StateKey::Object)
             .into_iter()
             .filter_map(|k| match k {
@@ -538,8 +538,12 @@ impl State {
                 }
                 _ => None,
             })
-            .filter(|o| o.holders.contains(node))
             .collect()
+    }
+
+    /// Every object with a shard on `node`. O(state), like [`State::buckets`].
+    pub fn objects_on(&self, node: &NodeId) -> Vec<ObjectRecord> {
+        self.all_objects().into_iter().filter(|o| o.holders.contains(node)).collect()
     }
 
     /// Bytes of shards assigned to `node`.
@@ -577,8 +581,15 @@ impl State {
         self.nodes.keys().filter_map(|n| self.storage_candidate(n)).collect()
     }
 
-    /// Whether `node`'s shards of a bucket with `policy` may be moved now, and why.
+    /// Whether `node`'s shards of a bucket with `policy` may be moved now (at this state's block
+    /// time), and why.
     pub fn unhealthy(&self, node: &NodeId, policy: &PlacementPolicy) -> Option<Unhealthy> {
+        self.unhealthy_at(node, policy, self.chain.timestamp_ms)
+    }
+
+    /// [`State::unhealthy`] at time `now_ms`: a repairer asks with its own clock, since an idle
+    /// chain makes no blocks; the ledger then checks the move against the block that carries it.
+    pub fn unhealthy_at(&self, node: &NodeId, policy: &PlacementPolicy, now_ms: u64) -> Option<Unhealthy> {
         let Some(rec) = self.nodes.get(node) else { return Some(Unhealthy::Gone) };
         let d = &rec.descriptor.descriptor;
         if !policy.allows(&d.region, d.country, d.operator_jurisdiction) {
@@ -586,7 +597,7 @@ impl State {
         }
         let lease = self.lease(node)?;
         let grace = self.params.repair_grace_ms;
-        (lease.status == LeaseStatus::Down && self.chain.timestamp_ms.saturating_sub(lease.since_ms) >= grace)
+        (lease.status == LeaseStatus::Down && now_ms.saturating_sub(lease.since_ms) >= grace)
             .then_some(Unhealthy::Down { since_ms: lease.since_ms })
     }
 
@@ -1219,6 +1230,15 @@ mod tests {
         // Down, but within the grace: refused.
         s.begin_block(2, 5_000);
         s.apply_liveness(&LivenessChange::Down { node: id(holders[0]).node_id() }).unwrap();
+        assert_eq!(s.all_objects().len(), 1);
+        let policy = s.bucket("eu-docs").unwrap().policy;
+        assert_eq!(s.unhealthy_at(&id(holders[0]).node_id(), &policy, 5_000 + 9_999), None);
+        assert_eq!(
+            s.unhealthy_at(&id(holders[0]).node_id(), &policy, 15_000),
+            Some(Unhealthy::Down { since_ms: 5_000 }),
+            "a repairer's clock past the grace sees it, though the chain's time stands still"
+        );
+        assert_eq!(s.unhealthy_at(&id(holders[1]).node_id(), &policy, 99_000), None);
         s.begin_block(3, 5_000 + 9_999);
         assert!(send(&mut s, vec![mv(0, spare[0])]).unwrap_err().to_string().contains("healthy"));
         s.begin_block(4, 5_000 + 10_000);

@@ -78,6 +78,8 @@ pub struct ApiState {
     pub guards: ApiGuards,
     /// This node's shard store, when it has the storage role.
     pub shards: Option<Arc<crate::shards::ShardService>>,
+    /// What the node's background workers last did.
+    pub workers: crate::workers::WorkerStatuses,
     /// Where submissions are admitted: [`ADMISSION_WORKERS`] threads at the node's normal
     /// priority (admission holds the chain's lock, and a holder on one of the API's niced
     /// threads, preempted, would make consensus wait behind it), the address that used least
@@ -390,6 +392,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/node", get(node))
         .route("/v1/nodes", get(nodes))
+        .route("/v1/workers", get(workers))
         .merge(
             crate::ledger_api::routes()
                 .merge(crate::storage_api::routes())
@@ -470,6 +473,11 @@ fn lower_this_threads_priority(base: i32) {
 pub struct ApiHandle(tokio::runtime::Handle);
 
 impl ApiHandle {
+    /// The API runtime, for background workers.
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.0
+    }
+
     /// Serves `state` on `listener` until `stop` turns true; the task ends when the server has.
     pub fn serve(
         &self,
@@ -623,6 +631,10 @@ async fn refuse_stale_reads(State(s): State<Arc<ApiState>>, req: Request, next: 
         Some(refusal) => refusal,
         None => next.run(req).await,
     }
+}
+
+async fn workers(State(s): State<Arc<ApiState>>) -> Response {
+    Json(s.workers.snapshot()).into_response()
 }
 
 async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
@@ -875,6 +887,7 @@ pub(crate) mod testing {
             guards: ApiGuards::new(limits),
             admission: crate::fair_queue::FairQueue::new(ADMISSION_WORKERS, limits.admission_pace()).unwrap(),
             shards: None,
+            workers: Default::default(),
         })
     }
 

@@ -24,3 +24,4 @@ pub mod run;
 pub mod shards;
 pub mod storage_api;
 pub mod txgossip;
+pub mod workers;

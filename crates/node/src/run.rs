@@ -470,6 +470,7 @@ impl PreparedNode {
             });
 
             let (shutdown_tx, mut shutdown_rx) = tokio::sync::watch::channel(false);
+            let workers = crate::workers::WorkerStatuses::default();
             let shards = if own.descriptor.roles.contains(archipel_types::Role::Storage) {
                 let dir = cfg.data_dir.join("shards");
                 let store = archipel_store::ShardStore::open(&dir, own.descriptor.capacity.bytes()).map_err(|e| {
@@ -491,14 +492,27 @@ impl PreparedNode {
                 started,
                 shutdown: shutdown_tx.clone(),
                 chain: chain.clone(),
-                tx_out,
+                tx_out: tx_out.clone(),
                 guards: api::ApiGuards::new(cfg.api.limits),
                 // Started from the consensus runtime: its threads run at normal priority.
                 admission: crate::fair_queue::FairQueue::new(api::ADMISSION_WORKERS, cfg.api.limits.admission_pace())
                     .map_err(|e| NodeError::Invalid(format!("cannot start the admission threads: {e}")))?,
-                shards,
+                shards: shards.clone(),
+                workers: workers.clone(),
             });
             let server = api_handle.serve(api_listener, state, shutdown_rx.clone()).map_err(NodeError::Invalid)?;
+            if let Some(service) = &shards {
+                // Storage duties run on the API's (lower-priority) runtime, never on consensus'.
+                let collect_after = std::env::var("ARCHIPEL_COLLECT_AFTER_SECS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .map_or(crate::workers::COLLECT_AFTER, Duration::from_secs);
+                let repairer = crate::workers::Repairer::new(chain.clone(), identity.clone(), tx_out.clone());
+                crate::workers::spawn(api_handle.runtime(), repairer, workers.clone(), shutdown_rx.clone());
+                let collector =
+                    crate::workers::Collector::new(chain.clone(), service.clone(), own.descriptor.node_id, collect_after);
+                crate::workers::spawn(api_handle.runtime(), collector, workers.clone(), shutdown_rx.clone());
+            }
 
             tracing::info!(
                 node = %own.descriptor.node_id.short(),

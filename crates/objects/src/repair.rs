@@ -72,12 +72,13 @@ pub async fn rebuild<S: Shards>(
             async move {
                 let target = target.ok_or_else(|| TransferFailed::Io(format!("no target for shard {index}")))?;
                 if crate::pipeline::shard_hash(&bytes) != hash {
-                    return Err(TransferFailed::Io(format!("rebuilt shard {index} of segment {s} does not match the manifest")));
+                    return Err(TransferFailed::Io(format!(
+                        "rebuilt shard {index} of segment {s} does not match the manifest"
+                    )));
                 }
-                shards
-                    .put_shard(&target, &object.version, index as u8, s, Bytes::from(bytes), hash)
-                    .await
-                    .map_err(|error| TransferFailed::Holder { node: target.node.short(), url: target.url.clone(), error })
+                shards.put_shard(&target, &object.version, index as u8, s, Bytes::from(bytes), hash).await.map_err(
+                    |error| TransferFailed::Holder { node: target.node.short(), url: target.url.clone(), error },
+                )
             }
         });
         futures::future::try_join_all(uploads).await?;

@@ -300,8 +300,15 @@ async fn repairs_rebuild_lost_shards_on_new_holders_with_valid_receipts() {
     let moves = archipel_objects::repair::rebuild(&*mem, &rec, &healthy, &targets, &Hash::ZERO).await.unwrap();
     assert_eq!(moves.iter().map(|m| (m.index, m.to)).collect::<Vec<_>>(), vec![(1, spare[0].node), (4, spare[1].node)]);
     for m in &moves {
-        let msg = archipel_ledger::storage::receipt_bytes(&Hash::ZERO, &rec.version, m.index, &rec.manifest_root, rec.shard_bytes);
-        archipel_crypto::verify_signature(&m.to, archipel_ledger::storage::RECEIPT_NAMESPACE, &msg, &m.receipt).unwrap();
+        let msg = archipel_ledger::storage::receipt_bytes(
+            &Hash::ZERO,
+            &rec.version,
+            m.index,
+            &rec.manifest_root,
+            rec.shard_bytes,
+        );
+        archipel_crypto::verify_signature(&m.to, archipel_ledger::storage::RECEIPT_NAMESPACE, &msg, &m.receipt)
+            .unwrap();
     }
     // With the new holders, the object survives two more losses among the old ones.
     let mut after = holders.clone();

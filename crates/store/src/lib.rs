@@ -481,6 +481,12 @@ impl ShardStore {
         Ok(out)
     }
 
+    /// How long ago anything of `version` was last written (its directory's modification time).
+    pub fn age(&self, version: &Version) -> Option<std::time::Duration> {
+        let modified = fs::metadata(self.version_dir(version)).and_then(|m| m.modified()).ok()?;
+        Some(modified.elapsed().unwrap_or_default())
+    }
+
     /// The shards indexed for `version`: `(index, segment)` pairs.
     pub fn shards_of(&self, version: &Version) -> Result<Vec<(u8, u64)>, ShardStoreError> {
         let txn = self.db.begin_read().map_err(index_err)?;

@@ -1,0 +1,331 @@
+//! A node's background duties, each a [`Worker`]: a name, an interval and one step at a time,
+//! with its last status kept for `/v1/workers` and the logs. No free-floating loops.
+//!
+//! - [`Repairer`] (storage nodes): finds objects whose holders are unhealthy in finalized state
+//!   (gone, outside the fence, or Down past `repair_grace_ms`), takes those whose repair duty
+//!   falls to this node (a rendezvous hash over the live storage nodes, so every node computes
+//!   the same owner and exactly one acts), rebuilds the lost shards on policy-compliant nodes
+//!   chosen by `placement::replace`, and submits `MoveShards`. When the geofence holds no node
+//!   with room, the object stays degraded and is reported — never placed outside it.
+//! - [`Collector`] (storage nodes): deletes the shards of versions the ledger no longer lists on
+//!   this node (deleted, replaced, moved away, or uploads never committed) once they are
+//!   [`COLLECT_AFTER`] old, so an upload in progress is never collected.
+//!
+//! Both read state by scanning every object (O(objects) per pass); an index by holder is a
+//! later step (ARCHITECTURE.md).
+
+use crate::shards::ShardService;
+use archipel_consensus::Chain;
+use archipel_crypto::Identity;
+use archipel_ledger::storage::{ObjectRecord, ShardMove};
+use archipel_ledger::{Hash, LeaseStatus, Payload, Transaction};
+use archipel_objects::http::HttpShards;
+use archipel_objects::transfer::Holder;
+use archipel_types::{NodeId, PlacementPolicy, Role};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// One background duty.
+pub trait Worker: Send + 'static {
+    /// Its name, for status and logs.
+    fn name(&self) -> &'static str;
+    /// Pause between steps.
+    fn interval(&self) -> Duration;
+    /// One pass; its summary, or why it failed.
+    fn step(&mut self) -> impl Future<Output = Result<String, String>> + Send;
+}
+
+/// What a worker last did.
+#[derive(Clone, Debug, Serialize, Default)]
+pub struct WorkerStatus {
+    /// Steps run.
+    pub steps: u64,
+    /// Whether the last step succeeded.
+    pub ok: bool,
+    /// Its summary or error.
+    pub last: String,
+    /// When it ran (Unix ms).
+    pub at_ms: u64,
+}
+
+/// Every worker's status, by name.
+#[derive(Clone, Debug, Default)]
+pub struct WorkerStatuses(Arc<Mutex<BTreeMap<&'static str, WorkerStatus>>>);
+
+impl WorkerStatuses {
+    /// A copy of every status.
+    pub fn snapshot(&self) -> BTreeMap<&'static str, WorkerStatus> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Runs `worker` on `handle` until `stop` turns true.
+pub fn spawn<W: Worker>(
+    handle: &tokio::runtime::Handle,
+    mut worker: W,
+    statuses: WorkerStatuses,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    handle.spawn(async move {
+        loop {
+            let result = worker.step().await;
+            let name = worker.name();
+            {
+                let mut all = statuses.0.lock().unwrap_or_else(|e| e.into_inner());
+                let s = all.entry(name).or_default();
+                s.steps += 1;
+                s.ok = result.is_ok();
+                s.at_ms = crate::api::system_now_ms();
+                s.last = match &result {
+                    Ok(m) | Err(m) => m.clone(),
+                };
+            }
+            if let Err(e) = &result {
+                tracing::warn!(worker = name, error = %e, "worker step failed");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(worker.interval()) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    });
+}
+
+/// A repair not retried before this long after it failed.
+pub const REPAIR_BACKOFF: Duration = Duration::from_secs(15);
+
+/// Repairs the objects whose repair duty falls to this node.
+#[derive(Debug)]
+pub struct Repairer {
+    chain: Arc<Chain>,
+    identity: Identity,
+    shards: HttpShards,
+    tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    tried: HashMap<Hash, Instant>,
+    next_nonce: u64,
+    submitted: u64,
+}
+
+impl Repairer {
+    /// The repairer of the node with `identity`.
+    pub fn new(chain: Arc<Chain>, identity: Identity, tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) -> Self {
+        let shards = HttpShards::new(identity.clone());
+        Repairer { chain, identity, shards, tx_out, tried: HashMap::new(), next_nonce: 0, submitted: 0 }
+    }
+}
+
+/// One object to repair, read from finalized state.
+struct Job {
+    object: ObjectRecord,
+    policy: PlacementPolicy,
+    healthy: Vec<(usize, Holder)>,
+    missing: Vec<usize>,
+    exclude: BTreeSet<NodeId>,
+}
+
+/// The seed of an object's repair duty.
+pub fn repair_seed(version: &Hash) -> [u8; 32] {
+    Hash::of(&[b"archipel/repair/v1", &version.0]).0
+}
+
+/// Objects with holders unhealthy at `now_ms` in `st`, each with its policy: the repair queue.
+pub fn degraded(st: &archipel_ledger::State, now_ms: u64) -> Vec<(ObjectRecord, PlacementPolicy, Vec<usize>)> {
+    let mut policies: HashMap<String, Option<PlacementPolicy>> = HashMap::new();
+    let mut out = Vec::new();
+    for o in st.all_objects() {
+        let policy = policies.entry(o.bucket.clone()).or_insert_with(|| st.bucket(&o.bucket).map(|b| b.policy)).clone();
+        let Some(policy) = policy else { continue };
+        let bad: Vec<usize> = o
+            .holders
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| st.unhealthy_at(h, &policy, now_ms).is_some())
+            .map(|(i, _)| i)
+            .collect();
+        if !bad.is_empty() {
+            out.push((o, policy, bad));
+        }
+    }
+    out
+}
+
+fn url_of(st: &archipel_ledger::State, node: &NodeId) -> String {
+    st.nodes().get(node).map(|r| format!("http://{}", r.descriptor.descriptor.api_address)).unwrap_or_default()
+}
+
+impl Worker for Repairer {
+    fn name(&self) -> &'static str {
+        "repair"
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_secs(2)
+    }
+
+    async fn step(&mut self) -> Result<String, String> {
+        let me = self.identity.node_id();
+        let (jobs, candidates, urls, network, nonce, queued, live) = self.chain.with_state(|st| {
+            let live: Vec<NodeId> = st
+                .nodes()
+                .iter()
+                .filter(|(id, r)| {
+                    r.descriptor.descriptor.roles.contains(Role::Storage) && st.lease_status(id) == LeaseStatus::Up
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            // Our clock, or the chain's if ahead: an idle chain makes no blocks, so its time
+            // stands still while a holder stays down.
+            let now_ms = crate::api::system_now_ms().max(st.chain().timestamp_ms);
+            let queue = degraded(st, now_ms);
+            let queued = queue.len();
+            let jobs: Vec<Job> = queue
+                .into_iter()
+                .filter(|(o, _, _)| {
+                    archipel_placement::duty_holder(&repair_seed(&o.version), live.iter().copied()) == Some(me)
+                })
+                .map(|(object, policy, missing)| {
+                    let healthy = object
+                        .holders
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| !missing.contains(i))
+                        .map(|(i, n)| (i, Holder { node: *n, url: url_of(st, n) }))
+                        .collect();
+                    let exclude = missing.iter().map(|i| object.holders[*i]).collect();
+                    Job { object, policy, healthy, missing, exclude }
+                })
+                .collect();
+            let candidates = st.storage_candidates();
+            let urls: HashMap<NodeId, String> = candidates.iter().map(|c| (c.node, url_of(st, &c.node))).collect();
+            (jobs, candidates, urls, st.network(), st.account(&me).nonce, queued, live.len())
+        });
+        self.next_nonce = self.next_nonce.max(nonce);
+        self.tried.retain(|_, at| at.elapsed() < REPAIR_BACKOFF);
+        let (mut repaired, mut degraded_left, mut notes) = (0, 0, Vec::new());
+        for job in jobs {
+            let o = &job.object;
+            if self.tried.contains_key(&o.version) {
+                degraded_left += 1;
+                continue;
+            }
+            self.tried.insert(o.version, Instant::now());
+            let name = format!("{}/{}", o.bucket, o.key);
+            let k = usize::from(o.code.data);
+            if job.healthy.len() < k {
+                degraded_left += 1;
+                notes.push(format!("{name}: {} healthy shards of the {k} needed — unrecoverable", job.healthy.len()));
+                continue;
+            }
+            let healthy_map: BTreeMap<usize, NodeId> = job.healthy.iter().map(|(i, h)| (*i, h.node)).collect();
+            let targets = match archipel_placement::replace(
+                &job.policy,
+                &candidates,
+                &o.version.0,
+                o.shard_bytes,
+                &healthy_map,
+                &job.missing,
+                &job.exclude,
+            ) {
+                Ok(t) => t,
+                Err(e) => {
+                    degraded_left += 1;
+                    notes.push(format!("{name} stays degraded: {e}"));
+                    continue;
+                }
+            };
+            let targets: Vec<(usize, Holder)> = targets
+                .into_iter()
+                .map(|(i, n)| (i, Holder { node: n, url: urls.get(&n).cloned().unwrap_or_default() }))
+                .collect();
+            let moves: Vec<ShardMove> =
+                match archipel_objects::repair::rebuild(&self.shards, o, &job.healthy, &targets, &network).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        degraded_left += 1;
+                        notes.push(format!("{name}: repair failed: {e}"));
+                        continue;
+                    }
+                };
+            let payload =
+                Payload::MoveShards { bucket: o.bucket.clone(), key: o.key.clone(), version: o.version, moves };
+            let stx = Transaction { signer: me, nonce: self.next_nonce, payload }.sign(&self.identity, &network);
+            let bytes = stx.to_bytes();
+            match self.chain.submit(stx, bytes.len(), crate::api::system_now_ms()) {
+                Ok(_) => {
+                    self.next_nonce += 1;
+                    self.submitted += 1;
+                    let _ = self.tx_out.send(bytes);
+                    repaired += 1;
+                    tracing::info!(object = %name, shards = job.missing.len(), "repair submitted");
+                }
+                Err(e) => {
+                    degraded_left += 1;
+                    notes.push(format!("{name}: the repair was refused: {e}"));
+                }
+            }
+        }
+        let mut summary = format!(
+            "{queued} objects degraded in finalized state ({live} live storage nodes share the repairs); this node: \
+             {repaired} repairs submitted now ({} since start), {degraded_left} left degraded",
+            self.submitted
+        );
+        if !notes.is_empty() {
+            summary.push_str(": ");
+            summary.push_str(&notes.join("; "));
+        }
+        Ok(summary)
+    }
+}
+
+/// Shards of versions the ledger no longer lists here are deleted once this old.
+pub const COLLECT_AFTER: Duration = Duration::from_secs(600);
+
+/// Deletes shards this node no longer holds for anyone.
+#[derive(Debug)]
+pub struct Collector {
+    chain: Arc<Chain>,
+    service: Arc<ShardService>,
+    me: NodeId,
+    after: Duration,
+}
+
+impl Collector {
+    /// The collector of `service`'s store, deleting unlisted versions once `after` old.
+    pub fn new(chain: Arc<Chain>, service: Arc<ShardService>, me: NodeId, after: Duration) -> Self {
+        Collector { chain, service, me, after }
+    }
+}
+
+impl Worker for Collector {
+    fn name(&self) -> &'static str {
+        "collect"
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_secs(30)
+    }
+
+    async fn step(&mut self) -> Result<String, String> {
+        let listed: BTreeSet<[u8; 32]> =
+            self.chain.with_state(|st| st.objects_on(&self.me).into_iter().map(|o| o.version.0).collect());
+        let service = self.service.clone();
+        let after = self.after;
+        tokio::task::spawn_blocking(move || {
+            let store = service.store();
+            let mut freed = 0u64;
+            let mut deleted = 0;
+            for v in store.versions().map_err(|e| e.to_string())? {
+                if listed.contains(&v) || store.age(&v).is_some_and(|age| age < after) {
+                    continue;
+                }
+                freed += store.delete(&v).map_err(|e| e.to_string())?;
+                deleted += 1;
+            }
+            Ok(format!("{deleted} unlisted versions deleted, {freed} bytes freed"))
+        })
+        .await
+        .map_err(|e| format!("collect task: {e}"))?
+    }
+}
