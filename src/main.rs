@@ -82,6 +82,8 @@ enum Command {
     /// Show an object: size, segments, every shard holder with its region, country and operator
     /// jurisdiction, and the ledger's proof of that placement.
     Stat(storage_cli::StatArgs),
+    /// Storage health per bucket: degraded segments, repair queue, durability.
+    Health(storage_cli::Tenant),
     /// Get inclusion proofs from a node and verify them offline.
     Proof {
         #[command(subcommand)]
@@ -460,6 +462,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Ls(args) => tokio_rt()?.block_on(storage_cli::ls(args)),
         Command::Rm(args) => tokio_rt()?.block_on(storage_cli::rm(args)),
         Command::Stat(args) => tokio_rt()?.block_on(storage_cli::stat(args)),
+        Command::Health(args) => tokio_rt()?.block_on(storage_cli::health(args)),
         Command::Debug { command: DebugCommand::P2pProbe { key, genesis, listen, seconds } } => {
             let identity = Identity::load(&key)?;
             let genesis = Genesis::load(&genesis)?;

@@ -495,6 +495,52 @@ fn o_version_hex(view: &ObjectView) -> String {
     view.object.version.to_string()
 }
 
+/// Runs `archipel health`: per bucket, objects, degraded segments, the repair queue and how
+/// many more holder losses every object survives.
+pub async fn health(tenant: Tenant) -> Result<()> {
+    let h: archipel_node::storage_api::StorageHealth = client(&tenant)?.get("/v1/storage/health").await?;
+    if tenant.json {
+        println!("{}", serde_json::to_string_pretty(&h)?);
+        return Ok(());
+    }
+    if h.buckets.is_empty() {
+        println!("no buckets yet: `archipel bucket create NAME`");
+        return Ok(());
+    }
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING);
+    t.set_header([
+        "BUCKET",
+        "CODE",
+        "OBJECTS",
+        "SEGMENTS",
+        "DEGRADED SEGMENTS",
+        "REPAIR QUEUE",
+        "UNREADABLE",
+        "DURABILITY",
+    ]);
+    for b in &h.buckets {
+        let durability = match b.tolerates_losses {
+            n if n < 0 => "unreadable now: too many holders down".to_string(),
+            0 => "at risk: one more loss makes objects unreadable".to_string(),
+            n => format!("survives {n} more holder losses"),
+        };
+        t.add_row([
+            b.bucket.clone(),
+            b.code.clone(),
+            b.objects.to_string(),
+            b.segments.to_string(),
+            b.degraded_segments.to_string(),
+            b.repair_queue.to_string(),
+            b.unavailable_objects.to_string(),
+            durability,
+        ]);
+    }
+    println!("{t}");
+    println!("(finalized block {}; repairs start once a holder has been down for the repair grace)", h.height);
+    Ok(())
+}
+
 /// `archipel stat BUCKET/KEY`.
 #[derive(Args, Debug)]
 pub struct StatArgs {

@@ -194,6 +194,20 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
     assert!(e.contains("unrecoverable"), "{e}");
     assert!(!lost.exists() && !w.join("lost.archipel-partial").exists());
 
+    // Health shows the degraded segments once the leases expire, and that one more loss would
+    // make objects unreadable.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let health: serde_json::Value = serde_json::from_str(&run(w, &args(&t2(&["health", "--json"])))).unwrap();
+        let b = &health["buckets"][0];
+        if b["degraded_segments"].as_u64().unwrap() >= 3 {
+            assert_eq!(b["tolerates_losses"], 0, "{health}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the killed holders never showed: {health}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+
     // The rotten shard is healed by hand here (audits, which would move it, are not built yet),
     // so the repair below has k good shards of every segment.
     let mut healed = std::fs::read(&shard).unwrap();
@@ -229,6 +243,18 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         if !killed.contains(&i) {
             assert_eq!(h["name"].as_str().unwrap(), names[i], "shard {i} moved although its holder is up");
         }
+    }
+    // Every object repaired: nothing degraded, each survives m more losses.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let health: serde_json::Value = serde_json::from_str(&run(w, &args(&t2(&["health", "--json"])))).unwrap();
+        let b = &health["buckets"][0];
+        if b["degraded_segments"] == 0 {
+            assert_eq!((b["tolerates_losses"].as_i64(), b["repair_queue"].as_u64()), (Some(2), Some(0)), "{health}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "objects still degraded: {health}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
     }
     let back4 = w.join("back4.bin");
     run(w, &args(&t2(&["get", "eu-docs/reports/2026.bin", back4.to_str().unwrap()])));

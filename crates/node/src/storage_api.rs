@@ -31,6 +31,7 @@ pub fn routes() -> Router<Arc<ApiState>> {
         .route("/v1/buckets/{name}/objects", get(list))
         .route("/v1/buckets/{name}/keys/{*key}", get(object))
         .route("/v1/storage/nodes", get(storage_nodes))
+        .route("/v1/storage/health", get(health))
 }
 
 /// A node as storage sees it.
@@ -227,6 +228,88 @@ async fn object(State(s): State<Arc<ApiState>>, Path((name, key)): Path<(String,
         Some(v) => Json(v).into_response(),
         None => error(StatusCode::NOT_FOUND, "no_such_key", format!("no object {name}/{key}")),
     }
+}
+
+/// The health of one bucket's objects.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BucketHealth {
+    /// The bucket.
+    pub bucket: String,
+    /// Its code.
+    pub code: String,
+    /// Objects.
+    pub objects: u64,
+    /// Segments of all its objects.
+    pub segments: u64,
+    /// Objects with at least one holder down, gone or outside the fence.
+    pub degraded_objects: u64,
+    /// Their segments.
+    pub degraded_segments: u64,
+    /// Objects whose repair may start now (holders gone, outside the fence, or down past the
+    /// repair grace): the repair queue.
+    pub repair_queue: u64,
+    /// Objects with fewer than k available holders: not readable until holders come back.
+    pub unavailable_objects: u64,
+    /// The fewest further holder losses any of its objects survives (m when all is healthy;
+    /// negative: unreadable now).
+    pub tolerates_losses: i64,
+}
+
+/// `GET /v1/storage/health`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StorageHealth {
+    /// Finalized height read.
+    pub height: u64,
+    /// Per bucket.
+    pub buckets: Vec<BucketHealth>,
+}
+
+/// The health of every bucket in `st` at `now_ms` (O(objects)).
+pub fn storage_health(st: &LedgerState, now_ms: u64) -> StorageHealth {
+    let mut buckets: std::collections::BTreeMap<String, BucketHealth> = st
+        .buckets()
+        .into_iter()
+        .map(|b| {
+            let h = BucketHealth {
+                bucket: b.name.clone(),
+                code: b.policy.code.to_string(),
+                tolerates_losses: i64::from(b.policy.code.parity),
+                ..BucketHealth::default()
+            };
+            (b.name, h)
+        })
+        .collect();
+    let queue: BTreeSet<archipel_ledger::Hash> =
+        crate::workers::degraded(st, now_ms).into_iter().map(|(o, _, _)| o.version).collect();
+    for o in st.all_objects() {
+        let Some(policy) = st.bucket(&o.bucket).map(|b| b.policy) else { continue };
+        let Some(h) = buckets.get_mut(&o.bucket) else { continue };
+        let available = o
+            .holders
+            .iter()
+            .filter(|n| st.lease_status(n) == LeaseStatus::Up && st.unhealthy_at(n, &policy, now_ms).is_none())
+            .count() as i64;
+        let k = i64::from(o.code.data);
+        h.objects += 1;
+        h.segments += o.segments();
+        if available < o.holders.len() as i64 {
+            h.degraded_objects += 1;
+            h.degraded_segments += o.segments();
+        }
+        if queue.contains(&o.version) {
+            h.repair_queue += 1;
+        }
+        if available < k {
+            h.unavailable_objects += 1;
+        }
+        h.tolerates_losses = h.tolerates_losses.min(available - k);
+    }
+    StorageHealth { height: st.chain().height, buckets: buckets.into_values().collect() }
+}
+
+async fn health(State(s): State<Arc<ApiState>>) -> Response {
+    let view = s.chain.with_state(|st| storage_health(st, crate::api::system_now_ms().max(st.chain().timestamp_ms)));
+    Json(view).into_response()
 }
 
 #[cfg(test)]
