@@ -60,6 +60,10 @@ pub struct DevnetArgs {
     /// Seconds to wait for all nodes to come up.
     #[arg(long, default_value_t = 60)]
     startup_timeout: u64,
+    /// Length of an audit epoch in a new devnet's genesis, ms (each object is audited once per
+    /// epoch).
+    #[arg(long, default_value_t = 10_000)]
+    audit_epoch_ms: u64,
 }
 
 /// One node as recorded in `devnet.json`.
@@ -113,7 +117,7 @@ fn node_ip(base: Ipv4Addr, i: usize) -> Result<Ipv4Addr> {
 }
 
 /// Creates keys, configs and the genesis for `topology` in `dir`.
-fn create(dir: &Path, topology: &Topology, base_ip: Ipv4Addr, base_port: u16) -> Result<()> {
+fn create(dir: &Path, topology: &Topology, base_ip: Ipv4Addr, base_port: u16, audit_epoch_ms: u64) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::write(dir.join(MARKER), "archipel devnet directory; `archipel devnet --reset` deletes it\n")?;
     let mut descriptors: Vec<SignedDescriptor> = Vec::new();
@@ -160,8 +164,10 @@ fn create(dir: &Path, topology: &Topology, base_ip: Ipv4Addr, base_port: u16) ->
         key: d.descriptor.node_id,
         balance_micro: NODE_BALANCE_MICRO,
     }));
-    let genesis =
+    let mut genesis =
         crate::build_genesis("archipel-devnet", descriptors, &[], accounts, archipel_node::api::system_now_ms())?;
+    genesis.ledger.audit_epoch_ms = audit_epoch_ms;
+    genesis.ledger.validate().map_err(|e| anyhow::anyhow!("--audit-epoch-ms: {e}"))?;
     std::fs::write(dir.join("topology.toml"), toml::to_string_pretty(topology)?)?;
     genesis.write_new(&dir.join("genesis.json"))?;
     Ok(())
@@ -215,7 +221,7 @@ fn prepare(args: &DevnetArgs) -> Result<(Genesis, Topology)> {
         Some(t) => t,
         None => Topology::default_with(12)?,
     };
-    create(dir, &topology, args.base_ip, args.base_port)?;
+    create(dir, &topology, args.base_ip, args.base_port, args.audit_epoch_ms)?;
     println!("created devnet in {} ({} nodes)", dir.display(), topology.nodes.len());
     Ok((Genesis::load(&genesis_path)?, topology))
 }

@@ -41,7 +41,9 @@ fn transfers_proofs_exports_and_bad_transactions() {
     let n5_key = devnet.node(4).3.parent().unwrap().join("node.key");
     let n5 = Identity::load(&n5_key).unwrap();
 
-    // A transfer waits for finality and shows up in the balance.
+    // A transfer waits for finality and shows up in the balance (devnet nodes start funded for
+    // their own fees).
+    let n5_start = balance(&node, &n5);
     let out = archipel(
         w,
         &["account", "transfer", n5_key.to_str().unwrap(), "1234", "--key", &key, "--node", &node, "--json"],
@@ -52,7 +54,7 @@ fn transfers_proofs_exports_and_bad_transactions() {
     let tx_hash = r["hash"].as_str().unwrap().to_string();
     let out = archipel(w, &["account", "show", &n5.node_id().to_string(), "--node", &node, "--json"]);
     let a: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-    assert_eq!(a["balance_micro"], 1234);
+    assert_eq!(a["balance_micro"], n5_start + 1234);
 
     // Bad transactions are refused at submission with the reason; nothing is applied.
     let client = ApiClient::new(&node);
@@ -88,7 +90,7 @@ fn transfers_proofs_exports_and_bad_transactions() {
     assert_eq!(refused(&client, tx(&stranger, 0, 1).to_bytes()), (400, "insufficient_funds".into()));
     let out = archipel(w, &["account", "show", &n5.node_id().to_string(), "--node", &node, "--json"]);
     let a: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-    assert_eq!(a["balance_micro"], 1234, "refused transactions changed nothing");
+    assert_eq!(a["balance_micro"], n5_start + 1234, "refused transactions changed nothing");
 
     // Proofs verify offline against the genesis, and not once tampered.
     let proof = w.join("tx-proof.json");
@@ -260,7 +262,7 @@ fn transfers_proofs_exports_and_bad_transactions() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("paid 303 micro to 3 recipients — final in block"), "{}", stdout(&out));
     assert_eq!(balance(&node, &n4), n4_before + 103);
-    assert_eq!(balance(&node, &n5), 1234 + 200);
+    assert_eq!(balance(&node, &n5), n5_start + 1234 + 200);
     // A list the tenant cannot cover moves nothing and says why.
     let tenant_balance = balance(&node, &tenant(&devnet));
     std::fs::write(&list, format!("{} 1\n{} {}\n", n4.node_id(), n5.node_id(), tenant_balance - 2)).unwrap();

@@ -199,7 +199,8 @@ fn spend_micro(params: &LedgerParams, tx: &Transaction) -> u64 {
         | Payload::DeleteBucket { .. }
         | Payload::PutObject { .. }
         | Payload::DeleteObject { .. }
-        | Payload::MoveShards { .. } => params.tx_fee_micro,
+        | Payload::MoveShards { .. }
+        | Payload::AuditFailed { .. } => params.tx_fee_micro,
     }
 }
 

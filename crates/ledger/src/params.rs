@@ -36,6 +36,9 @@ pub struct LedgerParams {
     /// How long (chain time, ms) a storage node may be Down before its shards are repaired
     /// elsewhere: a restart or a short network cut moves nothing.
     pub repair_grace_ms: u64,
+    /// Length of an audit epoch (chain time, ms): each object is challenged once per epoch by
+    /// an auditor drawn from finalized state.
+    pub audit_epoch_ms: u64,
 }
 
 /// Lowest accepted `max_tx_bytes`: the largest possible node registration (descriptor with the
@@ -65,6 +68,7 @@ impl Default for LedgerParams {
             max_registered_nodes: 256,
             node_deposit_micro: 1_000_000,
             repair_grace_ms: 10_000,
+            audit_epoch_ms: 60_000,
         }
     }
 }
@@ -117,6 +121,9 @@ impl LedgerParams {
                 "repair_grace_ms ({}) must be at least lease_ttl_ms ({}): shards would move before a node is known dead",
                 self.repair_grace_ms, self.lease_ttl_ms
             ));
+        }
+        if self.audit_epoch_ms < 1_000 {
+            return Err(format!("audit_epoch_ms ({}) must be at least 1000", self.audit_epoch_ms));
         }
         if self.node_deposit_micro == 0 {
             return Err(

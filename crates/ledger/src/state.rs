@@ -117,6 +117,17 @@ pub enum Receipt {
         /// The version deleted.
         version: Hash,
     },
+    /// A holder failed its audit: its shard is repaired and its reputation lowered.
+    AuditFailed {
+        /// Bucket.
+        bucket: String,
+        /// Key.
+        key: String,
+        /// The holder that failed.
+        holder: NodeId,
+        /// Its shard index.
+        index: u8,
+    },
     /// Shards of an object moved to new holders (a repair).
     ShardsMoved {
         /// Bucket.
@@ -198,6 +209,8 @@ pub enum StateKey {
     Object(Hash),
     /// The ledger parameters.
     Params,
+    /// A node's reputation (lowered by failed audits; absent: full).
+    Reputation(NodeId),
     /// Bytes of shards assigned to a node.
     Stored(NodeId),
     /// A validator.
@@ -216,6 +229,7 @@ impl fmt::Display for StateKey {
             StateKey::Node(id) => write!(f, "node/{id}"),
             StateKey::Object(h) => write!(f, "object/{h}"),
             StateKey::Params => f.write_str("params"),
+            StateKey::Reputation(id) => write!(f, "reputation/{id}"),
             StateKey::Stored(id) => write!(f, "stored/{id}"),
             StateKey::Validator(id) => write!(f, "validator/{id}"),
         }
@@ -234,6 +248,7 @@ impl FromStr for StateKey {
             Some(("bucket", rest)) => Ok(StateKey::Bucket(rest.parse().map_err(|e| format!("state key {s:?}: {e}"))?)),
             Some(("object", rest)) => Ok(StateKey::Object(rest.parse().map_err(|e| format!("state key {s:?}: {e}"))?)),
             Some(("stored", rest)) => Ok(StateKey::Stored(id(rest)?)),
+            Some(("reputation", rest)) => Ok(StateKey::Reputation(id(rest)?)),
             Some(("departed", rest)) => Ok(StateKey::Departed(id(rest)?)),
             Some(("lease", rest)) => Ok(StateKey::Lease(id(rest)?)),
             Some(("node", rest)) => Ok(StateKey::Node(id(rest)?)),
@@ -269,6 +284,8 @@ pub struct State {
     pub(crate) objects: Overlay<Hash, ObjectRecord>,
     /// Bytes of shards assigned to each node: read through from the store.
     pub(crate) stored: Overlay<NodeId, u64>,
+    /// Reputations lowered by audits: read through from the store.
+    pub(crate) reputations: Overlay<NodeId, u16>,
     /// Changed entries outside the tables (the chain position; the network, parameters and
     /// validators at genesis).
     other_changed: BTreeSet<StateKey>,
@@ -405,6 +422,7 @@ impl State {
         self.buckets.writing_at(height);
         self.objects.writing_at(height);
         self.stored.writing_at(height);
+        self.reputations.writing_at(height);
         self.chain.height = height;
         self.chain.timestamp_ms = timestamp_ms;
     }
@@ -485,6 +503,7 @@ impl State {
             Payload::PutObject { put } => self.apply_put_object(put),
             Payload::DeleteObject { bucket, key } => self.apply_delete_object(bucket, key),
             Payload::MoveShards { bucket, key, moves, .. } => self.apply_move_shards(bucket, key, moves),
+            Payload::AuditFailed { bucket, key, epoch, .. } => self.apply_audit_failed(bucket, key, *epoch),
         };
         self.update_account(tx.signer, |a| {
             a.balance_micro -= fee;
@@ -534,6 +553,9 @@ impl State {
             Payload::MoveShards { bucket, key, version, moves } => {
                 self.check_move_shards_cheap(bucket, key, version, moves).map(drop)?
             }
+            Payload::AuditFailed { bucket, key, version, epoch } => {
+                self.check_audit_failed(tx.signer, bucket, key, version, *epoch)?
+            }
         }
         Ok(fee)
     }
@@ -561,6 +583,10 @@ impl State {
             StateKey::Object(h) => {
                 self.objects.get(h, |h| self.load(&StateKey::Object(*h), decode_json)).map(|o| json(&o))
             }
+            StateKey::Reputation(id) => self
+                .reputations
+                .get(id, |id| self.load(&StateKey::Reputation(*id), decode_u16))
+                .map(|r| r.to_be_bytes().to_vec()),
             StateKey::Stored(id) => self
                 .stored
                 .get(id, |id| self.load(&StateKey::Stored(*id), |b| be_u64(b, 0)))
@@ -581,6 +607,7 @@ impl State {
         out.extend(self.nodes.keys().map(|id| StateKey::Node(*id)));
         out.extend(self.overlay_keys("object/", &self.objects, StateKey::Object));
         out.push(StateKey::Params);
+        out.extend(self.overlay_keys("reputation/", &self.reputations, StateKey::Reputation));
         out.extend(self.overlay_keys("stored/", &self.stored, StateKey::Stored));
         out.extend(self.validators.iter().map(|id| StateKey::Validator(*id)));
         out
@@ -601,6 +628,7 @@ impl State {
             || self.buckets.has_changes()
             || self.objects.has_changes()
             || self.stored.has_changes()
+            || self.reputations.has_changes()
     }
 
     /// Brings the state root up to date with the entries changed since the last call, hashing
@@ -619,6 +647,7 @@ impl State {
         keys.extend(self.buckets.take_changed().into_iter().map(StateKey::Bucket));
         keys.extend(self.objects.take_changed().into_iter().map(StateKey::Object));
         keys.extend(self.stored.take_changed().into_iter().map(StateKey::Stored));
+        keys.extend(self.reputations.take_changed().into_iter().map(StateKey::Reputation));
         let changes: Vec<trie::Change> =
             keys.iter().map(|k| (state_key_hash(k), self.value(k).map(|v| trie::value_hash(&v)))).collect();
         self.check_fault()?;
@@ -692,6 +721,7 @@ impl State {
         self.buckets.clear_written();
         self.objects.clear_written();
         self.stored.clear_written();
+        self.reputations.clear_written();
     }
 
     /// Forgets what a store committed through `height` holds already: for a state forked from
@@ -705,6 +735,7 @@ impl State {
         self.buckets.forget_through(height);
         self.objects.forget_through(height);
         self.stored.forget_through(height);
+        self.reputations.forget_through(height);
         if self.unsaved.values().any(|at| *at <= height) {
             self.unsaved = self.unsaved.iter().filter(|(_, at)| **at > height).map(|(k, at)| (*k, *at)).collect();
             let own = self.unsaved.keys().map(state_key_hash).collect();
@@ -846,7 +877,11 @@ pub(crate) trait StoredId: Sized {
 impl StoredId for NodeId {
     fn of(key: &StateKey) -> Option<Self> {
         match key {
-            StateKey::Account(id) | StateKey::Departed(id) | StateKey::Lease(id) | StateKey::Stored(id) => Some(*id),
+            StateKey::Account(id)
+            | StateKey::Departed(id)
+            | StateKey::Lease(id)
+            | StateKey::Stored(id)
+            | StateKey::Reputation(id) => Some(*id),
             _ => None,
         }
     }
@@ -910,6 +945,10 @@ pub(crate) fn be_u64(bytes: &[u8], at: usize) -> Result<u64, String> {
         .ok_or_else(|| format!("value too short ({} bytes)", bytes.len()))
 }
 
+pub(crate) fn decode_u16(b: &[u8]) -> Result<u16, String> {
+    b.try_into().map(u16::from_be_bytes).map_err(|_| format!("a 2-byte value is {} bytes", b.len()))
+}
+
 fn decode_account(b: &[u8]) -> Result<Account, String> {
     if b.len() != 16 {
         return Err(format!("an account is 16 bytes, not {}", b.len()));
@@ -958,6 +997,7 @@ impl StateKey {
             StateKey::Bucket(h) => with_id(b"bucket/", &h.0),
             StateKey::Object(h) => with_id(b"object/", &h.0),
             StateKey::Stored(id) => with_id(b"stored/", &id.0),
+            StateKey::Reputation(id) => with_id(b"reputation/", &id.0),
         }
     }
 }

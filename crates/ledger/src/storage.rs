@@ -37,6 +37,22 @@ use commonware_codec::{Buf, EncodeSize, Error as CodecError, RangeCfg, Read, Rea
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// Reputation a holder loses for each failed audit (of [`archipel_placement::MAX_REPUTATION`]).
+pub const AUDIT_PENALTY: u16 = 250;
+
+/// The seed of an object's audit in `epoch`: who audits it, and which shard and segment.
+pub fn audit_seed(version: &Hash, epoch: u64) -> [u8; 32] {
+    Hash::of(&[b"archipel/audit/v1", &version.0, &epoch.to_be_bytes()]).0
+}
+
+/// Which shard index and segment of `object` its audit in `epoch` challenges.
+pub fn audit_challenge(object: &ObjectRecord, epoch: u64) -> (u8, u64) {
+    let seed = audit_seed(&object.version, epoch);
+    let index = (u64::from(seed[0]) % object.holders.len().max(1) as u64) as u8;
+    let segment = u64::from_be_bytes(seed[8..16].try_into().unwrap_or_default()) % object.segments().max(1);
+    (index, segment)
+}
+
 /// Signature namespace of shard receipts.
 pub const RECEIPT_NAMESPACE: &[u8] = b"archipel/shard-receipt/v1";
 /// Longest object key, in bytes (S3's limit).
@@ -157,6 +173,9 @@ pub struct ObjectRecord {
     pub created_height: u64,
     /// Block time it was put at (Unix ms).
     pub created_ms: u64,
+    /// Shard indices whose holder failed an audit: repaired like an unhealthy holder's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub suspect: Vec<u8>,
 }
 
 impl ObjectRecord {
@@ -572,7 +591,7 @@ impl State {
             operator: d.map(|d| d.operator.clone()).unwrap_or_default(),
             jurisdiction: d.map(|d| d.operator_jurisdiction).unwrap_or_else(|| "XX".parse().expect("a valid country")),
             free_bytes: d.map(|d| d.capacity.bytes()).unwrap_or(0).saturating_sub(self.stored_bytes(node)),
-            reputation: archipel_placement::MAX_REPUTATION,
+            reputation: self.reputation(node),
         }
     }
 
@@ -599,6 +618,70 @@ impl State {
         let grace = self.params.repair_grace_ms;
         (lease.status == LeaseStatus::Down && now_ms.saturating_sub(lease.since_ms) >= grace)
             .then_some(Unhealthy::Down { since_ms: lease.since_ms })
+    }
+
+    /// A node's reputation: [`archipel_placement::MAX_REPUTATION`] less [`AUDIT_PENALTY`] per
+    /// failed audit. Below `placement::MIN_REPUTATION` a node receives no new shards.
+    pub fn reputation(&self, node: &NodeId) -> u16 {
+        self.reputations
+            .get(node, |id| self.load(&StateKey::Reputation(*id), crate::state::decode_u16))
+            .unwrap_or(archipel_placement::MAX_REPUTATION)
+    }
+
+    /// The audit epoch at `now_ms`.
+    pub fn audit_epoch(&self, now_ms: u64) -> u64 {
+        now_ms / self.params.audit_epoch_ms.max(1)
+    }
+
+    /// Who audits `object` in `epoch`: the rendezvous choice among the storage nodes that are up
+    /// and hold none of its shards.
+    pub fn auditor_of(&self, object: &ObjectRecord, epoch: u64) -> Option<NodeId> {
+        let live = self.nodes.iter().filter(|(id, r)| {
+            r.descriptor.descriptor.roles.contains(Role::Storage)
+                && self.lease_status(id) == LeaseStatus::Up
+                && !object.holders.contains(id)
+        });
+        archipel_placement::duty_holder(&audit_seed(&object.version, epoch), live.map(|(id, _)| *id))
+    }
+
+    pub(crate) fn check_audit_failed(
+        &self,
+        signer: NodeId,
+        bucket: &str,
+        key: &str,
+        version: &Hash,
+        epoch: u64,
+    ) -> Result<(), TxError> {
+        let bad = |m: String| Err(TxError::NotAllowed(m));
+        let Some(obj) = self.object(bucket, key).filter(|o| o.version == *version) else {
+            return bad(format!("no version {} of object {bucket}/{key}: it was deleted or replaced", version.short()));
+        };
+        let now = self.audit_epoch(self.chain.timestamp_ms);
+        if epoch > now || epoch + 1 < now {
+            return bad(format!("audit epoch {epoch} is not the current one ({now}) or the one before"));
+        }
+        if self.auditor_of(&obj, epoch) != Some(signer) {
+            return bad(format!("{} is not the auditor of {bucket}/{key} in epoch {epoch}", signer.short()));
+        }
+        let (index, _) = audit_challenge(&obj, epoch);
+        if obj.suspect.contains(&index) {
+            return bad(format!("shard {index} of {bucket}/{key} failed an audit already"));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn apply_audit_failed(&mut self, bucket: &str, key: &str, epoch: u64) -> Receipt {
+        let Some(mut obj) = self.object(bucket, key) else {
+            return Receipt::AuditFailed { bucket: bucket.into(), key: key.into(), holder: NodeId([0; 32]), index: 0 };
+        };
+        let (index, _) = audit_challenge(&obj, epoch);
+        let holder = obj.holders[usize::from(index)];
+        obj.suspect.push(index);
+        obj.suspect.sort_unstable();
+        self.objects.set(object_id(bucket, key), Some(obj));
+        let reputation = self.reputation(&holder).saturating_sub(AUDIT_PENALTY);
+        self.reputations.set(holder, Some(reputation));
+        Receipt::AuditFailed { bucket: bucket.into(), key: key.into(), holder, index }
     }
 
     fn owned_bucket(&self, signer: NodeId, name: &str) -> Result<BucketRecord, TxError> {
@@ -792,6 +875,7 @@ impl State {
             shard_bytes,
             created_height: self.chain.height,
             created_ms: self.chain.timestamp_ms,
+            suspect: vec![],
         };
         self.objects.set(object_id(&put.bucket, &put.key), Some(record));
         Receipt::ObjectStored {
@@ -847,7 +931,7 @@ impl State {
                 return bad(format!("shard index {i} is out of range or moved twice"));
             }
             let from = obj.holders[i];
-            if self.unhealthy(&from, &policy).is_none() {
+            if self.unhealthy(&from, &policy).is_none() && !obj.suspect.contains(&m.index) {
                 return bad(format!(
                     "shard {i} of {bucket}/{key} is on node {}, which is healthy: only the shards of a node that left or \
                      has been down for repair_grace_ms ({} ms) may move",
@@ -921,6 +1005,7 @@ impl State {
             let now = self.stored_bytes(&m.to).saturating_add(obj.shard_bytes);
             self.stored.set(m.to, Some(now));
             obj.holders[i] = m.to;
+            obj.suspect.retain(|s| *s != m.index);
         }
         self.objects.set(object_id(bucket, key), Some(obj));
         Receipt::ShardsMoved { bucket: bucket.into(), key: key.into(), moved: moves.len() }
@@ -977,7 +1062,10 @@ mod tests {
             params: LedgerParams::default(),
             timestamp_ms: 0,
             validators: vec![id(101).node_id()],
-            accounts: vec![(id(TENANT).node_id(), 1_000_000), (id(1).node_id(), 1_000)],
+            accounts: [(id(TENANT).node_id(), 1_000_000), (id(1).node_id(), 1_000)]
+                .into_iter()
+                .chain((101..=112).map(|n| (id(n).node_id(), 1_000)))
+                .collect(),
             nodes: (101..=112).map(|n| SignedDescriptor::sign(&id(n), descriptor(n, "1GiB")).unwrap()).collect(),
         });
         s.begin_block(1, 1_000);
@@ -1312,6 +1400,7 @@ mod tests {
                 version: Hash([3; 32]),
                 moves: vec![ShardMove { index: 2, to: id(101).node_id(), receipt: [7; 64] }],
             },
+            Payload::AuditFailed { bucket: "eu-docs".into(), key: "k".into(), version: Hash([4; 32]), epoch: 99 },
         ];
         for p in payloads {
             let bytes = p.encode();
@@ -1359,6 +1448,74 @@ mod tests {
         assert!(value.is_some());
         let shown = proof.verify(&opened.state_root(), &state_key_hash_of("eu-docs", "k")).unwrap();
         assert_eq!(shown, crate::trie::Proven::Present(crate::trie::value_hash(&value.unwrap())));
+    }
+
+    #[test]
+    fn a_failed_audit_by_its_auditor_marks_the_shard_for_repair_and_costs_reputation() {
+        let mut s = world();
+        let mut t = Tenant { nonce: 0 };
+        bucket_with(&mut s, &mut t, "eu-docs", eu_no_us());
+        let holders = placed(&s, "eu-docs", 1);
+        put(&mut s, &mut t, "eu-docs", "k", 20 * MIB, &holders, 1).unwrap();
+        let o = s.object("eu-docs", "k").unwrap();
+        let epoch = s.audit_epoch(s.chain.timestamp_ms);
+        let auditor = s.auditor_of(&o, epoch).unwrap();
+        assert!(!o.holders.contains(&auditor), "a holder never audits its own object");
+        let (index, segment) = audit_challenge(&o, epoch);
+        assert!(usize::from(index) < 6 && segment < o.segments());
+        let holder = o.holders[usize::from(index)];
+        let report =
+            |epoch| Payload::AuditFailed { bucket: "eu-docs".into(), key: "k".into(), version: o.version, epoch };
+        let as_node = |s: &mut State, node: NodeId, p: Payload| {
+            let seed = seed_of(&node);
+            let nonce = s.account(&node).nonce;
+            s.apply(&signed(seed, nonce, p))
+        };
+        // Only the epoch's auditor may report, and only for this epoch or the one before.
+        let stranger = (101..=112).map(|n| id(n).node_id()).find(|n| *n != auditor && !o.holders.contains(n)).unwrap();
+        let e = as_node(&mut s, stranger, report(epoch)).unwrap_err();
+        assert!(e.to_string().contains("is not the auditor"), "{e}");
+        let e = as_node(&mut s, auditor, report(epoch + 1)).unwrap_err();
+        assert!(e.to_string().contains("not the current one"), "{e}");
+        let r = as_node(&mut s, auditor, report(epoch)).unwrap();
+        assert!(matches!(r, Receipt::AuditFailed { holder: h, index: i, .. } if h == holder && i == index), "{r:?}");
+        assert_eq!(s.reputation(&holder), archipel_placement::MAX_REPUTATION - AUDIT_PENALTY);
+        assert_eq!(s.object("eu-docs", "k").unwrap().suspect, vec![index]);
+        let e = as_node(&mut s, auditor, report(epoch)).unwrap_err();
+        assert!(e.to_string().contains("failed an audit already"), "{e}");
+        // The suspect shard may move although its holder is up; the move clears it.
+        let spare = [101, 102, 103, 105, 106, 107, 108, 109].into_iter().find(|n| !holders.contains(n)).unwrap();
+        let network = s.network;
+        let mv = ShardMove {
+            index,
+            to: id(spare).node_id(),
+            receipt: sign_receipt(&id(spare), &network, &o.version, index, &o.manifest_root, o.shard_bytes),
+        };
+        let other = (index + 1) % 6;
+        let healthy_move = ShardMove {
+            index: other,
+            to: id(spare).node_id(),
+            receipt: sign_receipt(&id(spare), &network, &o.version, other, &o.manifest_root, o.shard_bytes),
+        };
+        let mv_payload = |m: ShardMove| Payload::MoveShards {
+            bucket: "eu-docs".into(),
+            key: "k".into(),
+            version: o.version,
+            moves: vec![m],
+        };
+        assert!(s.apply(&signed(1, 0, mv_payload(healthy_move))).unwrap_err().to_string().contains("healthy"));
+        s.apply(&signed(1, 0, mv_payload(mv))).unwrap();
+        let after = s.object("eu-docs", "k").unwrap();
+        assert!(after.suspect.is_empty() && after.holders[usize::from(index)] == id(spare).node_id());
+        // Reputation falls with every failure; a node below the floor takes no new shards.
+        for _ in 0..3 {
+            let r = s.reputation(&holder).saturating_sub(AUDIT_PENALTY);
+            s.reputations.set(holder, Some(r));
+        }
+        assert_eq!(s.reputation(&holder), 0);
+        assert!(
+            !s.storage_candidates().iter().any(|c| c.node == holder && archipel_placement::eligible(&eu_no_us(), c, 1))
+        );
     }
 
     #[test]

@@ -109,6 +109,18 @@ pub enum Payload {
         /// Key.
         key: String,
     },
+    /// Report that the holder challenged by this object's audit in `epoch` failed it (signed by
+    /// that epoch's auditor): its shard is repaired and its reputation lowered.
+    AuditFailed {
+        /// Bucket.
+        bucket: String,
+        /// Key.
+        key: String,
+        /// The object version audited.
+        version: Hash,
+        /// The audit epoch.
+        epoch: u64,
+    },
     /// Move shards of unhealthy holders to new ones (a repair; anyone may submit it).
     MoveShards {
         /// Bucket.
@@ -143,6 +155,7 @@ impl Payload {
             Payload::PutObject { .. } => "put_object",
             Payload::DeleteObject { .. } => "delete_object",
             Payload::MoveShards { .. } => "move_shards",
+            Payload::AuditFailed { .. } => "audit_failed",
         }
     }
 
@@ -370,6 +383,13 @@ impl Write for Payload {
                 version.0.write(buf);
                 write_moves(moves, buf);
             }
+            Payload::AuditFailed { bucket, key, version, epoch } => {
+                11u8.write(buf);
+                write_str(bucket, buf);
+                write_str(key, buf);
+                version.0.write(buf);
+                epoch.write(buf);
+            }
         }
     }
 }
@@ -389,6 +409,7 @@ impl EncodeSize for Payload {
             Payload::MoveShards { bucket, key, moves, .. } => {
                 str_size(bucket) + str_size(key) + 32 + 1 + moves.len() * 97
             }
+            Payload::AuditFailed { bucket, key, .. } => str_size(bucket) + str_size(key) + 32 + 8,
         }
     }
 }
@@ -424,6 +445,12 @@ impl Read for Payload {
                 key: read_str(buf, MAX_OBJECT_KEY_BYTES, "key")?,
                 version: Hash(<[u8; 32]>::read(buf)?),
                 moves: read_moves(buf)?,
+            },
+            11 => Payload::AuditFailed {
+                bucket: read_str(buf, MAX_BUCKET_NAME, "bucket")?,
+                key: read_str(buf, MAX_OBJECT_KEY_BYTES, "key")?,
+                version: Hash(<[u8; 32]>::read(buf)?),
+                epoch: u64::read(buf)?,
             },
             tag => return Err(CodecError::InvalidEnum(tag)),
         })

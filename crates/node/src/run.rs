@@ -509,6 +509,8 @@ impl PreparedNode {
                     .map_or(crate::workers::COLLECT_AFTER, Duration::from_secs);
                 let repairer = crate::workers::Repairer::new(chain.clone(), identity.clone(), tx_out.clone());
                 crate::workers::spawn(api_handle.runtime(), repairer, workers.clone(), shutdown_rx.clone());
+                let auditor = crate::workers::Auditor::new(chain.clone(), identity.clone(), tx_out.clone());
+                crate::workers::spawn(api_handle.runtime(), auditor, workers.clone(), shutdown_rx.clone());
                 let collector =
                     crate::workers::Collector::new(chain.clone(), service.clone(), own.descriptor.node_id, collect_after);
                 crate::workers::spawn(api_handle.runtime(), collector, workers.clone(), shutdown_rx.clone());

@@ -59,6 +59,8 @@ pub struct StorageNode {
     pub lease: LeaseStatus,
     /// Whether it has the storage role.
     pub storage: bool,
+    /// Its reputation (1000 less 250 per failed audit).
+    pub reputation: u16,
 }
 
 /// `GET /v1/storage/nodes`.
@@ -85,6 +87,7 @@ pub(crate) fn storage_node(st: &LedgerState, id: &NodeId) -> Option<StorageNode>
         stored_bytes: st.stored_bytes(id),
         lease: st.lease_status(id),
         storage: d.roles.contains(Role::Storage),
+        reputation: st.reputation(id),
     })
 }
 

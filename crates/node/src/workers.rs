@@ -20,7 +20,7 @@ use archipel_crypto::Identity;
 use archipel_ledger::storage::{ObjectRecord, ShardMove};
 use archipel_ledger::{Hash, LeaseStatus, Payload, Transaction};
 use archipel_objects::http::HttpShards;
-use archipel_objects::transfer::Holder;
+use archipel_objects::transfer::{Holder, Shards as _};
 use archipel_types::{NodeId, PlacementPolicy, Role};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -121,6 +121,9 @@ struct Job {
     object: ObjectRecord,
     policy: PlacementPolicy,
     healthy: Vec<(usize, Holder)>,
+    /// Where shards are read from: the healthy holders and those whose shard failed an audit
+    /// but are up (their other shards, or a shard that recovered, still pass the hash check).
+    sources: Vec<(usize, Holder)>,
     missing: Vec<usize>,
     exclude: BTreeSet<NodeId>,
 }
@@ -137,11 +140,12 @@ pub fn degraded(st: &archipel_ledger::State, now_ms: u64) -> Vec<(ObjectRecord, 
     for o in st.all_objects() {
         let policy = policies.entry(o.bucket.clone()).or_insert_with(|| st.bucket(&o.bucket).map(|b| b.policy)).clone();
         let Some(policy) = policy else { continue };
+        // Holders gone, outside the fence or down past the grace, and shards that failed an audit.
         let bad: Vec<usize> = o
             .holders
             .iter()
             .enumerate()
-            .filter(|(_, h)| st.unhealthy_at(h, &policy, now_ms).is_some())
+            .filter(|(i, h)| st.unhealthy_at(h, &policy, now_ms).is_some() || o.suspect.contains(&(*i as u8)))
             .map(|(i, _)| i)
             .collect();
         if !bad.is_empty() {
@@ -186,15 +190,21 @@ impl Worker for Repairer {
                     archipel_placement::duty_holder(&repair_seed(&o.version), live.iter().copied()) == Some(me)
                 })
                 .map(|(object, policy, missing)| {
-                    let healthy = object
+                    let holder = |(i, n): (usize, &NodeId)| (i, Holder { node: *n, url: url_of(st, n) });
+                    let healthy =
+                        object.holders.iter().enumerate().filter(|(i, _)| !missing.contains(i)).map(holder).collect();
+                    let sources = object
                         .holders
                         .iter()
                         .enumerate()
-                        .filter(|(i, _)| !missing.contains(i))
-                        .map(|(i, n)| (i, Holder { node: *n, url: url_of(st, n) }))
+                        .filter(|(i, n)| {
+                            !missing.contains(i)
+                                || (object.suspect.contains(&(*i as u8)) && st.lease_status(n) == LeaseStatus::Up)
+                        })
+                        .map(holder)
                         .collect();
                     let exclude = missing.iter().map(|i| object.holders[*i]).collect();
-                    Job { object, policy, healthy, missing, exclude }
+                    Job { object, policy, healthy, sources, missing, exclude }
                 })
                 .collect();
             let candidates = st.storage_candidates();
@@ -213,9 +223,9 @@ impl Worker for Repairer {
             self.tried.insert(o.version, Instant::now());
             let name = format!("{}/{}", o.bucket, o.key);
             let k = usize::from(o.code.data);
-            if job.healthy.len() < k {
+            if job.sources.len() < k {
                 degraded_left += 1;
-                notes.push(format!("{name}: {} healthy shards of the {k} needed — unrecoverable", job.healthy.len()));
+                notes.push(format!("{name}: {} readable holders of the {k} needed — unrecoverable", job.sources.len()));
                 continue;
             }
             let healthy_map: BTreeMap<usize, NodeId> = job.healthy.iter().map(|(i, h)| (*i, h.node)).collect();
@@ -240,7 +250,7 @@ impl Worker for Repairer {
                 .map(|(i, n)| (i, Holder { node: n, url: urls.get(&n).cloned().unwrap_or_default() }))
                 .collect();
             let moves: Vec<ShardMove> =
-                match archipel_objects::repair::rebuild(&self.shards, o, &job.healthy, &targets, &network).await {
+                match archipel_objects::repair::rebuild(&self.shards, o, &job.sources, &targets, &network).await {
                     Ok(m) => m,
                     Err(e) => {
                         degraded_left += 1;
@@ -271,6 +281,136 @@ impl Worker for Repairer {
              {repaired} repairs submitted now ({} since start), {degraded_left} left degraded",
             self.submitted
         );
+        if !notes.is_empty() {
+            summary.push_str(": ");
+            summary.push_str(&notes.join("; "));
+        }
+        Ok(summary)
+    }
+}
+
+/// Audits the objects whose audit in the current epoch falls to this node: fetches the
+/// challenged shard from its holder and checks it against the manifest (read from the other
+/// holders and checked against the ledger's root); a missing, corrupt or made-up shard is
+/// reported with `AuditFailed`, which marks it for repair and lowers the holder's reputation.
+/// A holder that is down is left to the repairer.
+#[derive(Debug)]
+pub struct Auditor {
+    chain: Arc<Chain>,
+    identity: Identity,
+    shards: HttpShards,
+    tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    done: BTreeSet<(Hash, u64)>,
+    next_nonce: u64,
+    passed: u64,
+    failed: u64,
+}
+
+impl Auditor {
+    /// The auditor of the node with `identity`.
+    pub fn new(chain: Arc<Chain>, identity: Identity, tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) -> Self {
+        let shards = HttpShards::new(identity.clone());
+        Auditor { chain, identity, shards, tx_out, done: BTreeSet::new(), next_nonce: 0, passed: 0, failed: 0 }
+    }
+}
+
+/// One challenge to put.
+struct Challenge {
+    object: ObjectRecord,
+    epoch: u64,
+    index: u8,
+    segment: u64,
+    holder: Holder,
+    sources: Vec<Holder>,
+}
+
+impl Worker for Auditor {
+    fn name(&self) -> &'static str {
+        "audit"
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_secs(5)
+    }
+
+    async fn step(&mut self) -> Result<String, String> {
+        use archipel_ledger::storage::audit_challenge;
+        let me = self.identity.node_id();
+        let done = &self.done;
+        let (challenges, network, nonce, epoch) = self.chain.with_state(|st| {
+            let now_ms = crate::api::system_now_ms().max(st.chain().timestamp_ms);
+            let epoch = st.audit_epoch(now_ms);
+            let mut out = Vec::new();
+            for o in st.all_objects() {
+                if o.holders.is_empty() || done.contains(&(o.version, epoch)) || st.auditor_of(&o, epoch) != Some(me) {
+                    continue;
+                }
+                let (index, segment) = audit_challenge(&o, epoch);
+                let holder = o.holders[usize::from(index)];
+                if o.suspect.contains(&index) || st.lease_status(&holder) != LeaseStatus::Up {
+                    continue;
+                }
+                let sources = o
+                    .holders
+                    .iter()
+                    .filter(|h| **h != holder && st.lease_status(h) == LeaseStatus::Up)
+                    .map(|h| Holder { node: *h, url: url_of(st, h) })
+                    .collect();
+                let holder = Holder { node: holder, url: url_of(st, &holder) };
+                out.push(Challenge { object: o, epoch, index, segment, holder, sources });
+            }
+            (out, st.network(), st.account(&me).nonce, epoch)
+        });
+        self.next_nonce = self.next_nonce.max(nonce);
+        self.done.retain(|(_, e)| *e + 1 >= epoch);
+        let mut notes = Vec::new();
+        for c in challenges {
+            self.done.insert((c.object.version, c.epoch));
+            let name = format!("{}/{}", c.object.bucket, c.object.key);
+            let manifest = match archipel_objects::transfer::fetch_manifest(&self.shards, &c.object, &c.sources).await {
+                Ok(m) => m,
+                Err(e) => {
+                    // Not the audited holder's fault: no verdict.
+                    notes.push(format!("{name}: no manifest to check against ({e})"));
+                    continue;
+                }
+            };
+            let Some(expected) = manifest.segments.get(c.segment as usize).and_then(|h| h.get(usize::from(c.index)))
+            else {
+                continue;
+            };
+            let answer = self.shards.get_shard(&c.holder, &c.object.version, c.index, c.segment).await;
+            let why = match answer {
+                Ok(bytes) if archipel_objects::shard_hash(&bytes) == *expected => {
+                    self.passed += 1;
+                    continue;
+                }
+                Ok(_) => "served bytes that do not match the manifest".to_string(),
+                Err(e) => e.message,
+            };
+            self.failed += 1;
+            tracing::warn!(object = %name, holder = %c.holder.node.short(), shard = c.index, segment = c.segment, why = %why, "audit failed");
+            let payload = Payload::AuditFailed {
+                bucket: c.object.bucket.clone(),
+                key: c.object.key.clone(),
+                version: c.object.version,
+                epoch: c.epoch,
+            };
+            let stx = Transaction { signer: me, nonce: self.next_nonce, payload }.sign(&self.identity, &network);
+            let bytes = stx.to_bytes();
+            match self.chain.submit(stx, bytes.len(), crate::api::system_now_ms()) {
+                Ok(_) => {
+                    self.next_nonce += 1;
+                    let _ = self.tx_out.send(bytes);
+                    notes.push(format!("{name}: holder {} failed ({why}): reported", c.holder.node.short()));
+                }
+                Err(e) => notes.push(format!(
+                    "{name}: holder {} failed ({why}); the report was refused: {e}",
+                    c.holder.node.short()
+                )),
+            }
+        }
+        let mut summary = format!("epoch {epoch}: {} audits passed, {} failed since start", self.passed, self.failed);
         if !notes.is_empty() {
             summary.push_str(": ");
             summary.push_str(&notes.join("; "));
