@@ -255,8 +255,8 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
     loop {
         let health: serde_json::Value = serde_json::from_str(&run(w, &args(&t2(&["health", "--json"])))).unwrap();
         let b = &health["buckets"][0];
-        if b["degraded_segments"].as_u64().unwrap() >= 3 {
-            assert!(b["tolerates_losses"].as_i64().unwrap() <= 0, "{health}");
+        // Both killed holders of 2026.bin down: it survives no further loss.
+        if b["degraded_segments"].as_u64().unwrap() >= 3 && b["tolerates_losses"].as_i64().unwrap() <= 0 {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "the killed holders never showed: {health}");

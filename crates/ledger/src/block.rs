@@ -459,7 +459,7 @@ mod tests {
                 bucket: empty(),
                 key: empty(),
                 version: Hash::ZERO,
-                moves: vec![crate::storage::ShardMove { index: 0, to: a.node_id(), receipt: [0; 64] }],
+                moves: vec![crate::storage::ShardMove { index: 0, to: a.node_id(), receipt: [0; 64], expires_ms: 0 }],
             },
         ];
         let txs: Vec<_> = smallest

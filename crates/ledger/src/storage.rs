@@ -173,6 +173,9 @@ pub struct ObjectRecord {
     pub created_height: u64,
     /// Block time it was put at (Unix ms).
     pub created_ms: u64,
+    /// The holders' generation: 0 when put, one more after each `MoveShards` (receipts name it).
+    #[serde(default)]
+    pub generation: u32,
     /// Shard indices whose holder failed an audit: repaired like an unhealthy holder's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub suspect: Vec<u8>,
@@ -306,22 +309,62 @@ impl Manifest {
     }
 }
 
-/// What a holder signs once it has fsynced its shard `index` of every segment of object
-/// `version`, checked against the manifest with root `manifest_root`: `shard_bytes` in all.
-pub fn receipt_bytes(network: &Hash, version: &Hash, index: u8, manifest_root: &Hash, shard_bytes: u64) -> Vec<u8> {
-    [&network.0[..], &version.0, &[index], &manifest_root.0, &shard_bytes.to_be_bytes()].concat()
+/// How long a holder's receipt is good for, from when it signs it (chain time, ms). The
+/// collector keeps unlisted shards longer than this (`RECEIPT_TTL_MS` < the collector's
+/// `COLLECT_AFTER`), so a receipt never vouches for shards already collected.
+pub const RECEIPT_TTL_MS: u64 = 5 * 60_000;
+/// Latest expiry the ledger accepts, from the block's time (clocks are a little apart).
+pub const MAX_RECEIPT_TTL_MS: u64 = 10 * 60_000;
+
+/// What a holder's receipt vouches for: it has fsynced its shard `index` of every segment of
+/// object `version` stored at `object` (the hash of bucket and key), checked against the
+/// manifest with root `manifest_root`, `shard_bytes` in all, for the object's `generation`
+/// of holders (0 when put; each `MoveShards` makes the next); valid until `expires_ms`. Bound
+/// to all of these, a receipt cannot be replayed for another object, another bucket, a later
+/// move, or after the holder may have collected the shards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReceiptTerms {
+    /// [`object_id`] of the bucket and key.
+    pub object: Hash,
+    /// The version.
+    pub version: Hash,
+    /// The holders' generation.
+    pub generation: u32,
+    /// The shard index.
+    pub index: u8,
+    /// The manifest root.
+    pub manifest_root: Hash,
+    /// Bytes of the holder's shards.
+    pub shard_bytes: u64,
+    /// Until when (Unix ms, chain time).
+    pub expires_ms: u64,
 }
 
-/// A holder's receipt for shard `index` of an object.
-pub fn sign_receipt(
-    holder: &Identity,
-    network: &Hash,
-    version: &Hash,
-    index: u8,
-    manifest_root: &Hash,
-    shard_bytes: u64,
-) -> [u8; 64] {
-    holder.sign(RECEIPT_NAMESPACE, &receipt_bytes(network, version, index, manifest_root, shard_bytes))
+impl ReceiptTerms {
+    /// The signed bytes.
+    pub fn bytes(&self, network: &Hash) -> Vec<u8> {
+        [
+            &network.0[..],
+            &self.object.0,
+            &self.version.0,
+            &self.generation.to_be_bytes(),
+            &[self.index],
+            &self.manifest_root.0,
+            &self.shard_bytes.to_be_bytes(),
+            &self.expires_ms.to_be_bytes(),
+        ]
+        .concat()
+    }
+
+    /// The holder's signature.
+    pub fn sign(&self, holder: &Identity, network: &Hash) -> [u8; 64] {
+        holder.sign(RECEIPT_NAMESPACE, &self.bytes(network))
+    }
+
+    /// Whether `node` signed these terms.
+    pub fn verify(&self, network: &Hash, node: &NodeId, signature: &[u8; 64]) -> bool {
+        verify_signature(node, RECEIPT_NAMESPACE, &self.bytes(network), signature).is_ok()
+    }
 }
 
 /// One shard's holder in a `PutObject`, with its receipt.
@@ -329,9 +372,11 @@ pub fn sign_receipt(
 pub struct ShardHolder {
     /// The node.
     pub node: NodeId,
-    /// Its signature over [`receipt_bytes`].
+    /// Its signature over the [`ReceiptTerms`].
     #[serde(with = "crate::hash::hex64")]
     pub receipt: [u8; 64],
+    /// When the receipt expires.
+    pub expires_ms: u64,
 }
 
 /// A new object version: the payload of `PutObject`.
@@ -362,9 +407,11 @@ pub struct ShardMove {
     pub index: u8,
     /// The new holder.
     pub to: NodeId,
-    /// Its receipt for the shard.
+    /// Its receipt for the shard (the object's next generation).
     #[serde(with = "crate::hash::hex64")]
     pub receipt: [u8; 64],
+    /// When the receipt expires.
+    pub expires_ms: u64,
 }
 
 pub(crate) fn write_str(s: &str, buf: &mut impl BufMut) {
@@ -412,6 +459,7 @@ impl Write for ObjectPut {
         for h in &self.holders {
             h.node.0.write(buf);
             h.receipt.write(buf);
+            h.expires_ms.write(buf);
         }
     }
 }
@@ -426,7 +474,7 @@ impl EncodeSize for ObjectPut {
             + 32
             + str_size(&self.etag)
             + 1
-            + self.holders.len() * 96
+            + self.holders.len() * 104
     }
 }
 
@@ -449,7 +497,11 @@ impl Read for ObjectPut {
         }
         let mut holders = Vec::with_capacity(n);
         for _ in 0..n {
-            holders.push(ShardHolder { node: NodeId(<[u8; 32]>::read(buf)?), receipt: <[u8; 64]>::read(buf)? });
+            holders.push(ShardHolder {
+                node: NodeId(<[u8; 32]>::read(buf)?),
+                receipt: <[u8; 64]>::read(buf)?,
+                expires_ms: u64::read(buf)?,
+            });
         }
         Ok(ObjectPut { bucket, key, version, size, segment_bytes, manifest_root, etag, holders })
     }
@@ -462,6 +514,7 @@ pub(crate) fn write_moves(moves: &[ShardMove], buf: &mut impl BufMut) {
         m.index.write(buf);
         m.to.0.write(buf);
         m.receipt.write(buf);
+        m.expires_ms.write(buf);
     }
 }
 
@@ -477,6 +530,7 @@ pub(crate) fn read_moves(buf: &mut impl Buf) -> Result<Vec<ShardMove>, CodecErro
             index: u8::read(buf)?,
             to: NodeId(<[u8; 32]>::read(buf)?),
             receipt: <[u8; 64]>::read(buf)?,
+            expires_ms: u64::read(buf)?,
         });
     }
     Ok(moves)
@@ -778,6 +832,7 @@ impl State {
         if want == 0 {
             return Ok(());
         }
+        self.check_expiries(put.holders.iter().map(|h| h.expires_ms))?;
         let nodes: Vec<NodeId> = put.holders.iter().map(|h| h.node).collect();
         let need = shard_bytes_per_holder(code, put.size, put.segment_bytes);
         self.check_holders(&bucket.policy, &nodes, need)?;
@@ -799,6 +854,27 @@ impl State {
         Ok(())
     }
 
+    /// Refuses receipts that expired or expire implausibly far ahead of this block's time.
+    fn check_expiries(&self, expiries: impl Iterator<Item = u64>) -> Result<(), TxError> {
+        let now = self.chain.timestamp_ms;
+        for e in expiries {
+            if e < now {
+                return Err(TxError::NotAllowed(format!(
+                    "a receipt expired {} ms before this block: ask the holders to seal again (receipts last {} s)",
+                    now - e,
+                    RECEIPT_TTL_MS / 1000
+                )));
+            }
+            if e > now.saturating_add(MAX_RECEIPT_TTL_MS) {
+                return Err(TxError::NotAllowed(format!(
+                    "a receipt expires {} ms after this block, more than the {MAX_RECEIPT_TTL_MS} ms allowed",
+                    e - now
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks a full holder list: distinct registered nodes inside the geofence, each a storage
     /// node that is Up with `need` bytes free.
     fn check_holders(&self, policy: &PlacementPolicy, nodes: &[NodeId], need: u64) -> Result<(), TxError> {
@@ -815,13 +891,21 @@ impl State {
         self.check_put_object_cheap(signer, put)?;
         let need = self.bucket(&put.bucket).map(|b| shard_bytes_per_holder(b.policy.code, put.size, put.segment_bytes));
         for (i, h) in put.holders.iter().enumerate() {
-            let msg = receipt_bytes(&self.network, &put.version, i as u8, &put.manifest_root, need.unwrap_or(0));
-            verify_signature(&h.node, RECEIPT_NAMESPACE, &msg, &h.receipt).map_err(|_| {
-                TxError::NotAllowed(format!(
+            let terms = ReceiptTerms {
+                object: object_id(&put.bucket, &put.key),
+                version: put.version,
+                generation: 0,
+                index: i as u8,
+                manifest_root: put.manifest_root,
+                shard_bytes: need.unwrap_or(0),
+                expires_ms: h.expires_ms,
+            };
+            if !terms.verify(&self.network, &h.node, &h.receipt) {
+                return Err(TxError::NotAllowed(format!(
                     "the receipt of node {} for shard {i} does not verify: it did not sign that it holds this shard",
                     h.node.short()
-                ))
-            })?;
+                )));
+            }
         }
         Ok(())
     }
@@ -875,6 +959,7 @@ impl State {
             shard_bytes,
             created_height: self.chain.height,
             created_ms: self.chain.timestamp_ms,
+            generation: 0,
             suspect: vec![],
         };
         self.objects.set(object_id(&put.bucket, &put.key), Some(record));
@@ -941,6 +1026,7 @@ impl State {
             }
             after[i] = m.to;
         }
+        self.check_expiries(moves.iter().map(|m| m.expires_ms))?;
         let distinct: BTreeSet<&NodeId> = after.iter().collect();
         if distinct.len() != after.len() {
             return bad("a new holder already holds another shard of this object".into());
@@ -981,14 +1067,23 @@ impl State {
     ) -> Result<(), TxError> {
         let obj = self.check_move_shards_cheap(bucket, key, version, moves)?;
         for m in moves {
-            let msg = receipt_bytes(&self.network, &obj.version, m.index, &obj.manifest_root, obj.shard_bytes);
-            verify_signature(&m.to, RECEIPT_NAMESPACE, &msg, &m.receipt).map_err(|_| {
-                TxError::NotAllowed(format!(
-                    "the receipt of node {} for shard {} does not verify: it did not sign that it holds the rebuilt shard",
+            let terms = ReceiptTerms {
+                object: object_id(bucket, key),
+                version: obj.version,
+                generation: obj.generation.saturating_add(1),
+                index: m.index,
+                manifest_root: obj.manifest_root,
+                shard_bytes: obj.shard_bytes,
+                expires_ms: m.expires_ms,
+            };
+            if !terms.verify(&self.network, &m.to, &m.receipt) {
+                return Err(TxError::NotAllowed(format!(
+                    "the receipt of node {} for shard {} does not verify: it did not sign that it holds the rebuilt shard \
+                     for this object's next generation of holders",
                     m.to.short(),
                     m.index
-                ))
-            })?;
+                )));
+            }
         }
         Ok(())
     }
@@ -1007,6 +1102,7 @@ impl State {
             obj.holders[i] = m.to;
             obj.suspect.retain(|s| *s != m.index);
         }
+        obj.generation = obj.generation.saturating_add(1);
         self.objects.set(object_id(bucket, key), Some(obj));
         Receipt::ShardsMoved { bucket: bucket.into(), key: key.into(), moved: moves.len() }
     }
@@ -1131,9 +1227,34 @@ mod tests {
                 .enumerate()
                 .map(|(i, n)| ShardHolder {
                     node: id(*n).node_id(),
-                    receipt: sign_receipt(&id(*n), &s.network, &version, i as u8, &root, need),
+                    receipt: terms(bucket, key, version, 0, i as u8, root, need).sign(&id(*n), &s.network),
+                    expires_ms: EXPIRES,
                 })
                 .collect(),
+        }
+    }
+
+    /// When the tests' receipts expire (their chains run for a few seconds from time 0).
+    const EXPIRES: u64 = 100_000;
+
+    /// The terms a holder signs, expiring at [`EXPIRES`].
+    fn terms(
+        bucket: &str,
+        key: &str,
+        version: Hash,
+        generation: u32,
+        index: u8,
+        root: Hash,
+        bytes: u64,
+    ) -> ReceiptTerms {
+        ReceiptTerms {
+            object: object_id(bucket, key),
+            version,
+            generation,
+            index,
+            manifest_root: root,
+            shard_bytes: bytes,
+            expires_ms: EXPIRES,
         }
     }
 
@@ -1208,12 +1329,15 @@ mod tests {
 
         // A forged receipt: shard 2's holder did not sign, another node did.
         let mut forged = good.clone();
-        forged.holders[2].receipt = sign_receipt(&id(holders[3]), &s.network, &good.version, 2, &good.manifest_root, 1);
+        let need = shard_bytes_per_holder(ErasureCode::DEFAULT, size, 8 * MIB);
+        forged.holders[2].receipt =
+            terms("eu-docs", "a/b.txt", good.version, 0, 2, good.manifest_root, need).sign(&id(holders[3]), &s.network);
         let e = t.send(&mut s, Payload::PutObject { put: forged }).unwrap_err();
         assert!(e.to_string().contains("receipt of node") && e.to_string().contains("shard 2"), "{e}");
         // A receipt for fewer bytes than the object's shards.
         let mut short = good.clone();
-        short.holders[0].receipt = sign_receipt(&id(holders[0]), &s.network, &good.version, 0, &good.manifest_root, 1);
+        short.holders[0].receipt =
+            terms("eu-docs", "a/b.txt", good.version, 0, 0, good.manifest_root, 1).sign(&id(holders[0]), &s.network);
         assert!(t.send(&mut s, Payload::PutObject { put: short }).is_err());
         // A US-operated holder, even with a valid receipt.
         let mut us = holders.clone();
@@ -1234,6 +1358,22 @@ mod tests {
         // Nothing of the refused puts is there.
         assert!(s.object("eu-docs", "a/b.txt").is_none());
         assert!((101..=112).all(|n| s.stored_bytes(&id(n).node_id()) == 0));
+
+        // Receipts are bound to the bucket and key, and expire.
+        bucket_with(&mut s, &mut t, "mine", eu_no_us());
+        let mut copied = good.clone();
+        copied.bucket = "mine".into();
+        let e = t.send(&mut s, Payload::PutObject { put: copied }).unwrap_err();
+        assert!(e.to_string().contains("does not verify"), "a receipt replayed into another bucket: {e}");
+        let mut stale = good.clone();
+        for h in &mut stale.holders {
+            h.expires_ms = 500;
+        }
+        let e = t.send(&mut s, Payload::PutObject { put: stale }).unwrap_err();
+        assert!(e.to_string().contains("expired"), "{e}");
+        let mut far = good.clone();
+        far.holders[0].expires_ms = 10_000_000;
+        assert!(t.send(&mut s, Payload::PutObject { put: far }).unwrap_err().to_string().contains("more than"));
 
         let r = t.send(&mut s, Payload::PutObject { put: good.clone() }).unwrap();
         assert!(matches!(r, Receipt::ObjectStored { replaced: None, .. }), "{r:?}");
@@ -1301,7 +1441,9 @@ mod tests {
         let mv = |index: u8, to: u64| ShardMove {
             index,
             to: id(to).node_id(),
-            receipt: sign_receipt(&id(to), &network, &o.version, index, &o.manifest_root, o.shard_bytes),
+            receipt: terms("eu-docs", "k", o.version, o.generation + 1, index, o.manifest_root, o.shard_bytes)
+                .sign(&id(to), &network),
+            expires_ms: EXPIRES,
         };
         let send = |s: &mut State, moves: Vec<ShardMove>| {
             // Anyone may submit a repair: account 1 does.
@@ -1336,8 +1478,14 @@ mod tests {
         assert!(e.to_string().contains("outside the geofence"), "{e}");
         assert!(send(&mut s, vec![mv(0, holders[1])]).unwrap_err().to_string().contains("already holds"));
         let mut forged = mv(0, spare[0]);
-        forged.receipt = sign_receipt(&id(spare[1]), &network, &o.version, 0, &o.manifest_root, o.shard_bytes);
+        forged.receipt =
+            terms("eu-docs", "k", o.version, 1, 0, o.manifest_root, o.shard_bytes).sign(&id(spare[1]), &network);
         assert!(send(&mut s, vec![forged]).unwrap_err().to_string().contains("does not verify"));
+        // A receipt of an earlier generation (such as the put's) cannot be replayed for a move.
+        let mut replayed = mv(0, spare[0]);
+        replayed.receipt =
+            terms("eu-docs", "k", o.version, 0, 0, o.manifest_root, o.shard_bytes).sign(&id(spare[0]), &network);
+        assert!(send(&mut s, vec![replayed]).unwrap_err().to_string().contains("next generation"));
         assert!(send(&mut s, vec![mv(0, spare[0]), mv(0, spare[1])]).is_err());
         // A stale version is refused.
         let nonce = s.account(&id(1).node_id()).nonce;
@@ -1398,7 +1546,7 @@ mod tests {
                 bucket: "eu-docs".into(),
                 key: "k".into(),
                 version: Hash([3; 32]),
-                moves: vec![ShardMove { index: 2, to: id(101).node_id(), receipt: [7; 64] }],
+                moves: vec![ShardMove { index: 2, to: id(101).node_id(), receipt: [7; 64], expires_ms: 5 }],
             },
             Payload::AuditFailed { bucket: "eu-docs".into(), key: "k".into(), version: Hash([4; 32]), epoch: 99 },
         ];
@@ -1489,13 +1637,17 @@ mod tests {
         let mv = ShardMove {
             index,
             to: id(spare).node_id(),
-            receipt: sign_receipt(&id(spare), &network, &o.version, index, &o.manifest_root, o.shard_bytes),
+            receipt: terms("eu-docs", "k", o.version, 1, index, o.manifest_root, o.shard_bytes)
+                .sign(&id(spare), &network),
+            expires_ms: EXPIRES,
         };
         let other = (index + 1) % 6;
         let healthy_move = ShardMove {
             index: other,
             to: id(spare).node_id(),
-            receipt: sign_receipt(&id(spare), &network, &o.version, other, &o.manifest_root, o.shard_bytes),
+            receipt: terms("eu-docs", "k", o.version, 1, other, o.manifest_root, o.shard_bytes)
+                .sign(&id(spare), &network),
+            expires_ms: EXPIRES,
         };
         let mv_payload = |m: ShardMove| Payload::MoveShards {
             bucket: "eu-docs".into(),

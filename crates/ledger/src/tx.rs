@@ -407,7 +407,7 @@ impl EncodeSize for Payload {
             Payload::PutObject { put } => put.encode_size(),
             Payload::DeleteObject { bucket, key } => str_size(bucket) + str_size(key),
             Payload::MoveShards { bucket, key, moves, .. } => {
-                str_size(bucket) + str_size(key) + 32 + 1 + moves.len() * 97
+                str_size(bucket) + str_size(key) + 32 + 1 + moves.len() * 105
             }
             Payload::AuditFailed { bucket, key, .. } => str_size(bucket) + str_size(key) + 32 + 8,
         }

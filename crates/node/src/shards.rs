@@ -5,10 +5,10 @@
 //!   and when the node is full (507 `storage_full`).
 //! - `PUT /v1/objects/{version}/manifest`: the object's manifest, decoded and checked for its
 //!   version before it is stored.
-//! - `POST /v1/objects/{version}/seal/{index}`: checks that this node holds shard `index` of every
-//!   segment the manifest lists, with the manifest's hashes, fsyncs them, and answers the node's
-//!   signed receipt ([`archipel_ledger::storage::sign_receipt`]) — the one thing a `PutObject`
-//!   needs from it.
+//! - `POST /v1/objects/{version}/seal/{index}?object=&generation=`: checks that this node holds
+//!   shard `index` of every segment the manifest lists, with the manifest's hashes, fsyncs them,
+//!   and answers the node's signed receipt ([`archipel_ledger::storage::ReceiptTerms`], valid
+//!   for five minutes) — the one thing a `PutObject` or `MoveShards` needs from it.
 //! - `GET …/manifest`, `GET …/shards/{index}/{segment}`: hash-checked reads (a shard that rotted
 //!   on disk answers 500 `shard_corrupt`, never its bytes).
 //! - `GET …/audit/{index}/{segment}?offset=&len=`: the hash of a byte range of a shard, for audits.
@@ -21,7 +21,7 @@
 use crate::api::{ApiState, Caller, error};
 use archipel_crypto::Identity;
 use archipel_ledger::Hash;
-use archipel_ledger::storage::{Manifest, sign_receipt};
+use archipel_ledger::storage::{Manifest, RECEIPT_TTL_MS, ReceiptTerms};
 use archipel_store::{ShardKey, ShardStore, ShardStoreError, Version};
 use axum::Router;
 use axum::body::Bytes;
@@ -62,8 +62,10 @@ pub struct SealReceipt {
     pub shard_bytes: u64,
     /// The manifest root it checked them against.
     pub manifest_root: Hash,
-    /// Its signature (hex), over `archipel_ledger::storage::receipt_bytes`.
+    /// Its signature (hex), over the `ReceiptTerms`.
     pub receipt: String,
+    /// When the receipt expires (Unix ms).
+    pub expires_ms: u64,
 }
 
 impl ShardService {
@@ -84,7 +86,13 @@ impl ShardService {
 
     /// Checks the manifest of `version` against what this node holds for shard `index`, makes
     /// it durable and signs the receipt.
-    pub fn seal(&self, version: &Version, index: u8) -> Result<SealReceipt, ShardStoreError> {
+    pub fn seal(
+        &self,
+        version: &Version,
+        index: u8,
+        object: Hash,
+        generation: u32,
+    ) -> Result<SealReceipt, ShardStoreError> {
         let bytes = self.store.manifest(version)?.ok_or_else(|| {
             ShardStoreError::NotFound(format!(
                 "the manifest of {}: upload it before sealing",
@@ -99,13 +107,23 @@ impl ShardService {
             manifest.segments.iter().enumerate().map(|(s, hashes)| (s as u64, hashes[usize::from(index)])).collect();
         let total = self.store.seal(version, index, &expected)?;
         let root = manifest.root();
-        let sig = sign_receipt(&self.identity, &self.network, &Hash(*version), index, &root, total);
+        let expires_ms = crate::api::system_now_ms() + RECEIPT_TTL_MS;
+        let terms = ReceiptTerms {
+            object,
+            version: Hash(*version),
+            generation,
+            index,
+            manifest_root: root,
+            shard_bytes: total,
+            expires_ms,
+        };
         Ok(SealReceipt {
             node: self.identity.node_id(),
             index,
             shard_bytes: total,
             manifest_root: root,
-            receipt: hex::encode(sig),
+            receipt: hex::encode(terms.sign(&self.identity, &self.network)),
+            expires_ms,
         })
     }
 }
@@ -142,6 +160,7 @@ fn store_error(e: ShardStoreError) -> Refused {
         ShardStoreError::NotFound(_) => (StatusCode::NOT_FOUND, "shard_not_found"),
         ShardStoreError::Corrupt { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "shard_corrupt"),
         ShardStoreError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+        ShardStoreError::Exists(_) => (StatusCode::CONFLICT, "already_stored"),
         ShardStoreError::Io { .. } | ShardStoreError::Index(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage_io"),
     };
     if status.is_server_error() {
@@ -266,18 +285,28 @@ async fn get_manifest(State(s): State<Arc<ApiState>>, Path(version): Path<String
     }
 }
 
+/// Query of `POST …/seal/{index}`: the object's state key hash and its holder generation.
+#[derive(Deserialize)]
+struct SealQuery {
+    object: String,
+    #[serde(default)]
+    generation: u32,
+}
+
 async fn seal(
     State(s): State<Arc<ApiState>>,
     Extension(caller): Extension<Caller>,
     Path((version, index)): Path<(String, u8)>,
+    Query(q): Query<SealQuery>,
 ) -> Result<Response, Refused> {
-    {
-        let svc = service(&s)?;
-        let version = version_of(&version)?;
-        let receipt = blocking(move || svc.seal(&version, index)).await?;
-        tracing::debug!(caller = %caller.0.short(), version = %hex::encode(&version[..8]), index, "shards sealed");
-        Ok(Json(receipt).into_response())
-    }
+    let svc = service(&s)?;
+    let version = version_of(&version)?;
+    let object: Hash = q.object.parse().map_err(|_| {
+        Refused::from(error(StatusCode::BAD_REQUEST, "bad_object", "object= is the 64-hex hash of the bucket and key"))
+    })?;
+    let receipt = blocking(move || svc.seal(&version, index, object, q.generation)).await?;
+    tracing::debug!(caller = %caller.0.short(), version = %hex::encode(&version[..8]), index, "shards sealed");
+    Ok(Json(receipt).into_response())
 }
 
 #[derive(Deserialize)]

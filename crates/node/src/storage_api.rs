@@ -335,6 +335,8 @@ mod tests {
             shard_bytes: 0,
             created_height: 0,
             created_ms: 0,
+            generation: 0,
+            suspect: vec![],
         }
     }
 

@@ -93,6 +93,20 @@ pub fn spawn<W: Worker>(
     });
 }
 
+/// The nonce for a worker's next transaction: one after the last it submitted while that one
+/// may still be final, else the account's finalized nonce (a transaction the proposers dropped —
+/// front-run, or no longer valid — never takes its nonce, and the next would wait behind it
+/// for ever).
+fn next_nonce(chain: &Chain, last: &Option<(Hash, u64)>, finalized: u64) -> u64 {
+    match last {
+        Some((hash, nonce)) if *nonce >= finalized => match chain.tx_status(hash) {
+            archipel_consensus::TxStatus::Pending => nonce + 1,
+            _ => finalized,
+        },
+        _ => finalized,
+    }
+}
+
 /// A repair not retried before this long after it failed.
 pub const REPAIR_BACKOFF: Duration = Duration::from_secs(15);
 
@@ -104,7 +118,7 @@ pub struct Repairer {
     shards: HttpShards,
     tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     tried: HashMap<Hash, Instant>,
-    next_nonce: u64,
+    last_tx: Option<(Hash, u64)>,
     submitted: u64,
 }
 
@@ -112,7 +126,7 @@ impl Repairer {
     /// The repairer of the node with `identity`.
     pub fn new(chain: Arc<Chain>, identity: Identity, tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) -> Self {
         let shards = HttpShards::new(identity.clone());
-        Repairer { chain, identity, shards, tx_out, tried: HashMap::new(), next_nonce: 0, submitted: 0 }
+        Repairer { chain, identity, shards, tx_out, tried: HashMap::new(), last_tx: None, submitted: 0 }
     }
 }
 
@@ -211,7 +225,7 @@ impl Worker for Repairer {
             let urls: HashMap<NodeId, String> = candidates.iter().map(|c| (c.node, url_of(st, &c.node))).collect();
             (jobs, candidates, urls, st.network(), st.account(&me).nonce, queued, live.len())
         });
-        self.next_nonce = self.next_nonce.max(nonce);
+        let mut nonce = next_nonce(&self.chain, &self.last_tx, nonce);
         self.tried.retain(|_, at| at.elapsed() < REPAIR_BACKOFF);
         let (mut repaired, mut degraded_left, mut notes) = (0, 0, Vec::new());
         for job in jobs {
@@ -260,11 +274,12 @@ impl Worker for Repairer {
                 };
             let payload =
                 Payload::MoveShards { bucket: o.bucket.clone(), key: o.key.clone(), version: o.version, moves };
-            let stx = Transaction { signer: me, nonce: self.next_nonce, payload }.sign(&self.identity, &network);
+            let stx = Transaction { signer: me, nonce, payload }.sign(&self.identity, &network);
             let bytes = stx.to_bytes();
             match self.chain.submit(stx, bytes.len(), crate::api::system_now_ms()) {
-                Ok(_) => {
-                    self.next_nonce += 1;
+                Ok(hash) => {
+                    self.last_tx = Some((hash, nonce));
+                    nonce += 1;
                     self.submitted += 1;
                     let _ = self.tx_out.send(bytes);
                     repaired += 1;
@@ -301,7 +316,7 @@ pub struct Auditor {
     shards: HttpShards,
     tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     done: BTreeSet<(Hash, u64)>,
-    next_nonce: u64,
+    last_tx: Option<(Hash, u64)>,
     passed: u64,
     failed: u64,
 }
@@ -310,7 +325,7 @@ impl Auditor {
     /// The auditor of the node with `identity`.
     pub fn new(chain: Arc<Chain>, identity: Identity, tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) -> Self {
         let shards = HttpShards::new(identity.clone());
-        Auditor { chain, identity, shards, tx_out, done: BTreeSet::new(), next_nonce: 0, passed: 0, failed: 0 }
+        Auditor { chain, identity, shards, tx_out, done: BTreeSet::new(), last_tx: None, passed: 0, failed: 0 }
     }
 }
 
@@ -361,7 +376,7 @@ impl Worker for Auditor {
             }
             (out, st.network(), st.account(&me).nonce, epoch)
         });
-        self.next_nonce = self.next_nonce.max(nonce);
+        let mut nonce = next_nonce(&self.chain, &self.last_tx, nonce);
         self.done.retain(|(_, e)| *e + 1 >= epoch);
         let mut notes = Vec::new();
         for c in challenges {
@@ -396,11 +411,12 @@ impl Worker for Auditor {
                 version: c.object.version,
                 epoch: c.epoch,
             };
-            let stx = Transaction { signer: me, nonce: self.next_nonce, payload }.sign(&self.identity, &network);
+            let stx = Transaction { signer: me, nonce, payload }.sign(&self.identity, &network);
             let bytes = stx.to_bytes();
             match self.chain.submit(stx, bytes.len(), crate::api::system_now_ms()) {
-                Ok(_) => {
-                    self.next_nonce += 1;
+                Ok(hash) => {
+                    self.last_tx = Some((hash, nonce));
+                    nonce += 1;
                     let _ = self.tx_out.send(bytes);
                     notes.push(format!("{name}: holder {} failed ({why}): reported", c.holder.node.short()));
                 }
@@ -429,12 +445,14 @@ pub struct Collector {
     service: Arc<ShardService>,
     me: NodeId,
     after: Duration,
+    /// Versions found unlisted by the last pass: deleted only if still unlisted at the next.
+    unlisted: BTreeSet<[u8; 32]>,
 }
 
 impl Collector {
     /// The collector of `service`'s store, deleting unlisted versions once `after` old.
     pub fn new(chain: Arc<Chain>, service: Arc<ShardService>, me: NodeId, after: Duration) -> Self {
-        Collector { chain, service, me, after }
+        Collector { chain, service, me, after, unlisted: BTreeSet::new() }
     }
 }
 
@@ -448,24 +466,43 @@ impl Worker for Collector {
     }
 
     async fn step(&mut self) -> Result<String, String> {
-        let listed: BTreeSet<[u8; 32]> =
-            self.chain.with_state(|st| st.objects_on(&self.me).into_iter().map(|o| o.version.0).collect());
+        // Never from a view that may be incomplete: a store that failed a read lists nothing,
+        // and a stalled ledger is behind.
+        if let Some(stall) = self.chain.applier().stall() {
+            return Err(format!("skipped: the ledger is stalled ({})", stall.reason));
+        }
+        let (listed, fault) = self.chain.with_state(|st| {
+            let listed: BTreeSet<[u8; 32]> = st.objects_on(&self.me).into_iter().map(|o| o.version.0).collect();
+            (listed, st.store_fault())
+        });
+        if let Some(e) = fault {
+            return Err(format!("skipped: the state store failed ({e})"));
+        }
         let service = self.service.clone();
         let after = self.after;
-        tokio::task::spawn_blocking(move || {
+        let before = std::mem::take(&mut self.unlisted);
+        let (unlisted, summary) = tokio::task::spawn_blocking(move || {
             let store = service.store();
             let mut freed = 0u64;
             let mut deleted = 0;
+            let mut unlisted = BTreeSet::new();
             for v in store.versions().map_err(|e| e.to_string())? {
                 if listed.contains(&v) || store.age(&v).is_some_and(|age| age < after) {
+                    continue;
+                }
+                // Unlisted in two passes in a row, a pass apart, before anything is deleted.
+                if !before.contains(&v) {
+                    unlisted.insert(v);
                     continue;
                 }
                 freed += store.delete(&v).map_err(|e| e.to_string())?;
                 deleted += 1;
             }
-            Ok(format!("{deleted} unlisted versions deleted, {freed} bytes freed"))
+            Ok::<_, String>((unlisted, format!("{deleted} unlisted versions deleted, {freed} bytes freed")))
         })
         .await
-        .map_err(|e| format!("collect task: {e}"))?
+        .map_err(|e| format!("collect task: {e}"))??;
+        self.unlisted = unlisted;
+        Ok(summary)
     }
 }

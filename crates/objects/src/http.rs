@@ -63,7 +63,7 @@ impl HttpShards {
             }
             let resp = req.send().await.map_err(|e| fail(format!("cannot reach {url}: {}", root_cause(&e))))?;
             let status = resp.status();
-            let bytes = resp.bytes().await.map_err(|e| fail(format!("{url}: {}", root_cause(&e))))?;
+            let bytes = read_capped(resp, &url).await?;
             if status.is_success() {
                 return Ok(bytes);
             }
@@ -85,6 +85,26 @@ impl HttpShards {
             });
         }
     }
+}
+
+/// Most bytes read from one answer: a shard or manifest at most (the node's data-plane body
+/// limit). A node that sends more is cut off, not buffered: a Byzantine holder cannot exhaust the
+/// reader's memory.
+pub const MAX_ANSWER_BYTES: usize = 80 << 20;
+
+async fn read_capped(mut resp: reqwest::Response, url: &str) -> Result<Bytes, TransferError> {
+    let fail = |message: String| TransferError { message, full: false };
+    if resp.content_length().is_some_and(|n| n > MAX_ANSWER_BYTES as u64) {
+        return Err(fail(format!("{url} announced an answer of more than {MAX_ANSWER_BYTES} bytes")));
+    }
+    let mut out = Vec::with_capacity(resp.content_length().unwrap_or(0) as usize);
+    while let Some(chunk) = resp.chunk().await.map_err(|e| fail(format!("{url}: {}", root_cause(&e))))? {
+        if out.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(fail(format!("{url} sent more than {MAX_ANSWER_BYTES} bytes")));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(out))
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
@@ -117,8 +137,15 @@ impl Shards for HttpShards {
         self.call("PUT", holder, &format!("{}/manifest", object_path(version)), bytes, None).await.map(drop)
     }
 
-    async fn seal(&self, holder: &Holder, version: &Hash, index: u8) -> Result<Sealed, TransferError> {
-        let path = format!("{}/seal/{index}", object_path(version));
+    async fn seal(
+        &self,
+        holder: &Holder,
+        version: &Hash,
+        index: u8,
+        object: &Hash,
+        generation: u32,
+    ) -> Result<Sealed, TransferError> {
+        let path = format!("{}/seal/{index}?object={object}&generation={generation}", object_path(version));
         let body = self.call("POST", holder, &path, Bytes::new(), None).await?;
         let bad = |m: &str| TransferError { message: format!("{}: bad seal answer: {m}", holder.url), full: false };
         let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| bad(&e.to_string()))?;
@@ -127,7 +154,8 @@ impl Shards for HttpShards {
         let manifest_root: Hash =
             v["manifest_root"].as_str().unwrap_or("").parse().map_err(|_| bad("manifest_root"))?;
         let shard_bytes = v["shard_bytes"].as_u64().ok_or_else(|| bad("shard_bytes"))?;
-        Ok(Sealed { shard_bytes, manifest_root, receipt })
+        let expires_ms = v["expires_ms"].as_u64().ok_or_else(|| bad("expires_ms"))?;
+        Ok(Sealed { shard_bytes, manifest_root, receipt, expires_ms })
     }
 
     async fn get_manifest(&self, holder: &Holder, version: &Hash) -> Result<Vec<u8>, TransferError> {

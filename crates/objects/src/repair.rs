@@ -8,10 +8,9 @@
 //! shard must hash to the manifest's entry (checked against the ledger's root) before it is sent.
 
 use crate::transfer::{Holder, Shards, TransferFailed, fetch_manifest};
-use archipel_crypto::verify_signature;
 use archipel_erasure::{Decoder, Encoder};
 use archipel_ledger::Hash;
-use archipel_ledger::storage::{ObjectRecord, RECEIPT_NAMESPACE, ShardMove, receipt_bytes};
+use archipel_ledger::storage::{ObjectRecord, ReceiptTerms, ShardMove, object_id};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -90,11 +89,27 @@ pub async fn rebuild<S: Shards>(
         async move {
             let fail = |error| TransferFailed::Holder { node: h.node.short(), url: h.url.clone(), error };
             shards.put_manifest(h, &object.version, m).await.map_err(fail)?;
-            let sealed = shards.seal(h, &object.version, *index as u8).await.map_err(fail)?;
-            let msg = receipt_bytes(network, &object.version, *index as u8, &root, object.shard_bytes);
-            verify_signature(&h.node, RECEIPT_NAMESPACE, &msg, &sealed.receipt)
-                .map_err(|_| TransferFailed::BadReceipt(h.node.short()))?;
-            Ok::<_, TransferFailed>(ShardMove { index: *index as u8, to: h.node, receipt: sealed.receipt })
+            let at = object_id(&object.bucket, &object.key);
+            let generation = object.generation.saturating_add(1);
+            let sealed = shards.seal(h, &object.version, *index as u8, &at, generation).await.map_err(fail)?;
+            let terms = ReceiptTerms {
+                object: at,
+                version: object.version,
+                generation,
+                index: *index as u8,
+                manifest_root: root,
+                shard_bytes: object.shard_bytes,
+                expires_ms: sealed.expires_ms,
+            };
+            if !terms.verify(network, &h.node, &sealed.receipt) {
+                return Err(TransferFailed::BadReceipt(h.node.short()));
+            }
+            Ok::<_, TransferFailed>(ShardMove {
+                index: *index as u8,
+                to: h.node,
+                receipt: sealed.receipt,
+                expires_ms: sealed.expires_ms,
+            })
         }
     });
     futures::future::try_join_all(seals).await

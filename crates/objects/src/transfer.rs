@@ -20,7 +20,7 @@ use archipel_crypto::{DataKey, Identity, WrapKey};
 use archipel_erasure::Segments;
 use archipel_ledger::Hash;
 use archipel_ledger::storage::{
-    BucketRecord, Manifest, ObjectPut, ObjectRecord, ShardHolder, WRAPPED_KEY_BYTES, receipt_bytes,
+    BucketRecord, Manifest, ObjectPut, ObjectRecord, ReceiptTerms, ShardHolder, WRAPPED_KEY_BYTES, object_id,
     shard_bytes_per_holder,
 };
 use archipel_placement::Candidate;
@@ -64,8 +64,10 @@ pub struct Sealed {
     pub shard_bytes: u64,
     /// The manifest root it checked.
     pub manifest_root: Hash,
-    /// Its signature.
+    /// Its signature over the `ReceiptTerms`.
     pub receipt: [u8; 64],
+    /// When the receipt expires.
+    pub expires_ms: u64,
 }
 
 /// Moving shards to and from holders.
@@ -88,12 +90,15 @@ pub trait Shards: Send + Sync + 'static {
         version: &Hash,
         bytes: Bytes,
     ) -> impl Future<Output = Result<(), TransferError>> + Send;
-    /// Asks `holder` to seal its shard `index` and sign the receipt.
+    /// Asks `holder` to seal its shard `index` of `version`, stored at `object` (the hash of
+    /// bucket and key), and sign the receipt for the object's holder `generation`.
     fn seal(
         &self,
         holder: &Holder,
         version: &Hash,
         index: u8,
+        object: &Hash,
+        generation: u32,
     ) -> impl Future<Output = Result<Sealed, TransferError>> + Send;
     /// Reads the manifest from `holder`.
     fn get_manifest(
@@ -281,16 +286,25 @@ pub async fn put_object<S: Shards>(
         let m = manifest_bytes.clone();
         async move {
             t.put_manifest(h, &version, m).await.map_err(|e| holder_failed(h, e))?;
-            let sealed = t.seal(h, &version, i as u8).await.map_err(|e| holder_failed(h, e))?;
-            let msg = receipt_bytes(&plan.network, &version, i as u8, &root, per_holder);
-            archipel_crypto::verify_signature(
-                &h.node,
-                archipel_ledger::storage::RECEIPT_NAMESPACE,
-                &msg,
-                &sealed.receipt,
-            )
-            .map_err(|_| TransferFailed::BadReceipt(h.node.short()))?;
-            Ok::<_, TransferFailed>(ShardHolder { node: h.node, receipt: sealed.receipt })
+            let object = object_id(&plan.bucket.name, &plan.key);
+            let sealed = t.seal(h, &version, i as u8, &object, 0).await.map_err(|e| holder_failed(h, e))?;
+            let terms = ReceiptTerms {
+                object,
+                version,
+                generation: 0,
+                index: i as u8,
+                manifest_root: root,
+                shard_bytes: per_holder,
+                expires_ms: sealed.expires_ms,
+            };
+            if !terms.verify(&plan.network, &h.node, &sealed.receipt) {
+                return Err(TransferFailed::BadReceipt(h.node.short()));
+            }
+            Ok::<_, TransferFailed>(ShardHolder {
+                node: h.node,
+                receipt: sealed.receipt,
+                expires_ms: sealed.expires_ms,
+            })
         }
     });
     let receipts = futures::future::try_join_all(seals).await?;

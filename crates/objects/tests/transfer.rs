@@ -3,7 +3,7 @@
 
 use archipel_crypto::Identity;
 use archipel_ledger::Hash;
-use archipel_ledger::storage::{BucketRecord, ObjectPut, ObjectRecord, shard_bytes_per_holder, sign_receipt};
+use archipel_ledger::storage::{BucketRecord, ObjectPut, ObjectRecord, ReceiptTerms, shard_bytes_per_holder};
 use archipel_objects::transfer::{
     Holder, PutPlan, Sealed, Shards, TransferError, TransferFailed, get_object, put_object,
 };
@@ -59,7 +59,7 @@ impl Shards for Memory {
         self.manifests.lock().unwrap().insert((h.node, *v), bytes.to_vec());
         Ok(())
     }
-    async fn seal(&self, h: &Holder, v: &Hash, i: u8) -> Result<Sealed, TransferError> {
+    async fn seal(&self, h: &Holder, v: &Hash, i: u8, object: &Hash, generation: u32) -> Result<Sealed, TransferError> {
         self.check(h)?;
         let m = self.manifests.lock().unwrap().get(&(h.node, *v)).cloned().ok_or_else(|| fail("no manifest"))?;
         let m = archipel_ledger::storage::Manifest::from_bytes(&m).map_err(|e| fail(&e))?;
@@ -72,8 +72,17 @@ impl Shards for Memory {
             }
             total += b.len() as u64;
         }
-        let receipt = sign_receipt(&self.keys[&h.node], &Hash::ZERO, v, i, &m.root(), total);
-        Ok(Sealed { shard_bytes: total, manifest_root: m.root(), receipt })
+        let terms = ReceiptTerms {
+            object: *object,
+            version: *v,
+            generation,
+            index: i,
+            manifest_root: m.root(),
+            shard_bytes: total,
+            expires_ms: 1_000,
+        };
+        let receipt = terms.sign(&self.keys[&h.node], &Hash::ZERO);
+        Ok(Sealed { shard_bytes: total, manifest_root: m.root(), receipt, expires_ms: 1_000 })
     }
     async fn get_manifest(&self, h: &Holder, v: &Hash) -> Result<Vec<u8>, TransferError> {
         self.check(h)?;
@@ -148,6 +157,8 @@ fn record(put: &ObjectPut) -> ObjectRecord {
         shard_bytes: shard_bytes_per_holder(ErasureCode::DEFAULT, put.size, put.segment_bytes),
         created_height: 1,
         created_ms: 0,
+        generation: 0,
+        suspect: vec![],
     }
 }
 
@@ -201,10 +212,16 @@ async fn objects_of_every_size_round_trip_with_valid_receipts() {
         assert_eq!((p.size, p.holders.len()), (size as u64, if size == 0 { 0 } else { 6 }));
         let per_holder = shard_bytes_per_holder(ErasureCode::DEFAULT, p.size, p.segment_bytes);
         for (i, h) in p.holders.iter().enumerate() {
-            let msg =
-                archipel_ledger::storage::receipt_bytes(&Hash::ZERO, &p.version, i as u8, &p.manifest_root, per_holder);
-            archipel_crypto::verify_signature(&h.node, archipel_ledger::storage::RECEIPT_NAMESPACE, &msg, &h.receipt)
-                .unwrap();
+            let terms = ReceiptTerms {
+                object: archipel_ledger::storage::object_id("b", "k"),
+                version: p.version,
+                generation: 0,
+                index: i as u8,
+                manifest_root: p.manifest_root,
+                shard_bytes: per_holder,
+                expires_ms: h.expires_ms,
+            };
+            assert!(terms.verify(&Hash::ZERO, &h.node, &h.receipt), "holder {i}'s receipt");
         }
         let holders = holders_of(&p, &candidates);
         assert_eq!(get(&mem, &p, &holders, None).await.unwrap(), body, "size {size}");
@@ -300,15 +317,16 @@ async fn repairs_rebuild_lost_shards_on_new_holders_with_valid_receipts() {
     let moves = archipel_objects::repair::rebuild(&*mem, &rec, &healthy, &targets, &Hash::ZERO).await.unwrap();
     assert_eq!(moves.iter().map(|m| (m.index, m.to)).collect::<Vec<_>>(), vec![(1, spare[0].node), (4, spare[1].node)]);
     for m in &moves {
-        let msg = archipel_ledger::storage::receipt_bytes(
-            &Hash::ZERO,
-            &rec.version,
-            m.index,
-            &rec.manifest_root,
-            rec.shard_bytes,
-        );
-        archipel_crypto::verify_signature(&m.to, archipel_ledger::storage::RECEIPT_NAMESPACE, &msg, &m.receipt)
-            .unwrap();
+        let terms = ReceiptTerms {
+            object: archipel_ledger::storage::object_id("b", "k"),
+            version: rec.version,
+            generation: 1,
+            index: m.index,
+            manifest_root: rec.manifest_root,
+            shard_bytes: rec.shard_bytes,
+            expires_ms: m.expires_ms,
+        };
+        assert!(terms.verify(&Hash::ZERO, &m.to, &m.receipt), "the move of shard {}", m.index);
     }
     // With the new holders, the object survives two more losses among the old ones.
     let mut after = holders.clone();

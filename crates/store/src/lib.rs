@@ -110,6 +110,10 @@ pub enum ShardStoreError {
     /// A request outside the store's bounds.
     #[error("{0}")]
     Invalid(String),
+    /// Other bytes are stored under that name already: shards and manifests are never
+    /// overwritten.
+    #[error("{0} is stored already with other bytes: shards and manifests are never overwritten")]
+    Exists(String),
 }
 
 fn index_err(e: impl std::fmt::Display) -> ShardStoreError {
@@ -139,6 +143,8 @@ pub struct ShardStore {
     capacity: u64,
     used: Mutex<u64>,
     temp_seq: AtomicU64,
+    /// Held while a shard or manifest is checked and written.
+    writing: Mutex<()>,
 }
 
 impl std::fmt::Debug for ShardStore {
@@ -168,7 +174,14 @@ impl ShardStore {
             }
         }
         txn.commit().map_err(index_err)?;
-        Ok(ShardStore { dir: dir.to_path_buf(), db, capacity, used: Mutex::new(used), temp_seq: AtomicU64::new(0) })
+        Ok(ShardStore {
+            dir: dir.to_path_buf(),
+            db,
+            capacity,
+            used: Mutex::new(used),
+            temp_seq: AtomicU64::new(0),
+            writing: Mutex::new(()),
+        })
     }
 
     /// The capacity the store was opened with.
@@ -244,7 +257,8 @@ impl ShardStore {
     }
 
     /// Stores shard `key` if `bytes` hash to `hash`. Storing the same bytes again is a no-op;
-    /// different bytes replace the shard (an interrupted upload retried).
+    /// different bytes for a shard already stored are refused ([`ShardStoreError::Exists`]):
+    /// nobody can overwrite a shard, whoever signs the request.
     pub fn put_shard(&self, key: ShardKey, bytes: &[u8], hash: &[u8; 32]) -> Result<(), ShardStoreError> {
         if bytes.len() > MAX_SHARD_BYTES {
             return Err(ShardStoreError::Invalid(format!(
@@ -260,13 +274,17 @@ impl ShardStore {
                 got: got.to_hex().to_string(),
             });
         }
+        // One writer at a time: the check of what is stored and the write are one step, so
+        // two uploads of one shard cannot both count their bytes.
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         let previous = self.entry(&key)?;
-        if let Some((len, h)) = previous
-            && h == *hash
-            && len == bytes.len() as u64
-            && self.shard_path(&key).exists()
-        {
-            return Ok(());
+        if let Some((len, h)) = previous {
+            if h == *hash && len == bytes.len() as u64 && self.shard_path(&key).exists() {
+                return Ok(());
+            }
+            if h != *hash {
+                return Err(ShardStoreError::Exists(describe(&key)));
+            }
         }
         let freed = previous.map(|(len, _)| len).unwrap_or(0);
         self.reserve(bytes.len() as u64, freed)?;
@@ -352,10 +370,19 @@ impl ShardStore {
     }
 
     /// Stores an object version's manifest (its bytes, checked by the caller against the
-    /// ledger's root).
+    /// ledger's root). The same bytes again are a no-op; another manifest for a version that has
+    /// one is refused ([`ShardStoreError::Exists`]).
     pub fn put_manifest(&self, version: &Version, bytes: &[u8]) -> Result<(), ShardStoreError> {
         if bytes.len() > MAX_SHARD_BYTES {
             return Err(ShardStoreError::Invalid(format!("manifest of {} bytes is too large", bytes.len())));
+        }
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(existing) = self.manifest(version)? {
+            return if existing == bytes {
+                Ok(())
+            } else {
+                Err(ShardStoreError::Exists(format!("the manifest of {}", &hex::encode(version)[..16])))
+            };
         }
         let previous = self.manifest_len(version)?;
         self.reserve(bytes.len() as u64, previous.unwrap_or(0))?;

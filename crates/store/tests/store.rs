@@ -36,27 +36,35 @@ fn shards_round_trip_and_count_against_capacity() {
     store.put_shard(key(1, 0, 0), &a, &hash(&a)).unwrap();
     assert_eq!(store.shard(&key(1, 0, 0)).unwrap(), a);
     assert_eq!((store.used(), store.free()), (4_000, 6_000));
-    // The same bytes again: nothing changes. Other bytes: replaced, accounted once.
+    // The same bytes again: nothing changes. Other bytes: refused, whoever asks — a stored
+    // shard is never overwritten.
     store.put_shard(key(1, 0, 0), &a, &hash(&a)).unwrap();
     assert_eq!(store.used(), 4_000);
     let b = bytes(3_000, 2);
-    store.put_shard(key(1, 0, 0), &b, &hash(&b)).unwrap();
-    assert_eq!((store.shard(&key(1, 0, 0)).unwrap(), store.used()), (b.clone(), 3_000));
+    let e = store.put_shard(key(1, 0, 0), &b, &hash(&b)).unwrap_err();
+    assert!(matches!(e, ShardStoreError::Exists(_)), "{e}");
+    assert_eq!((store.shard(&key(1, 0, 0)).unwrap(), store.used()), (a.clone(), 4_000));
+    store.put_shard(key(1, 0, 1), &b, &hash(&b)).unwrap();
+    assert_eq!(store.used(), 7_000);
+    std::fs::remove_file(dir.path().join("shards/01").join(hex::encode([1u8; 32])).join("0.1")).unwrap();
+    // A shard whose file vanished may be stored again with its own bytes.
+    store.put_shard(key(1, 0, 1), &b, &hash(&b)).unwrap();
+    assert_eq!((store.shard(&key(1, 0, 1)).unwrap(), store.used()), (b.clone(), 7_000));
 
     // Full: refused with the numbers, nothing left behind.
-    let big = bytes(7_001, 3);
+    let big = bytes(3_001, 3);
     let before = files_under(dir.path());
     let e = store.put_shard(key(1, 1, 0), &big, &hash(&big)).unwrap_err();
-    assert!(matches!(e, ShardStoreError::Full { need: 7_001, free: 7_000, capacity: 10_000, .. }), "{e}");
+    assert!(matches!(e, ShardStoreError::Full { need: 3_001, free: 3_000, capacity: 10_000, .. }), "{e}");
     assert!(e.to_string().contains("declared capacity"), "{e}");
-    assert_eq!(store.used(), 3_000);
+    assert_eq!(store.used(), 7_000);
     assert_eq!(files_under(dir.path()), before);
     assert!(matches!(store.shard(&key(1, 1, 0)), Err(ShardStoreError::NotFound(_))));
 
     // A body that does not match its hash is refused.
     let e = store.put_shard(key(1, 2, 0), &a, &hash(&b)).unwrap_err();
     assert!(matches!(e, ShardStoreError::HashMismatch { .. }), "{e}");
-    assert_eq!(store.used(), 3_000);
+    assert_eq!(store.used(), 7_000);
 }
 
 #[test]
@@ -93,6 +101,9 @@ fn seals_vouch_only_for_what_is_there_and_survive_reopening() {
     {
         let store = ShardStore::open(dir.path(), 1 << 20).unwrap();
         store.put_manifest(&v, b"manifest bytes").unwrap();
+        store.put_manifest(&v, b"manifest bytes").unwrap();
+        let e = store.put_manifest(&v, b"another manifest").unwrap_err();
+        assert!(matches!(e, ShardStoreError::Exists(_)), "{e}");
         for (s, b) in segs.iter().enumerate().take(3) {
             store.put_shard(ShardKey { version: v, index: 4, segment: s as u64 }, b, &hash(b)).unwrap();
         }
