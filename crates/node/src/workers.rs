@@ -107,6 +107,40 @@ fn next_nonce(chain: &Chain, last: &Option<(Hash, u64)>, finalized: u64) -> u64 
     }
 }
 
+/// Signs and submits a worker's transactions from the node's own account.
+#[derive(Debug)]
+struct Submitter {
+    chain: Arc<Chain>,
+    identity: Identity,
+    tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    last: Option<(Hash, u64)>,
+    nonce: u64,
+}
+
+impl Submitter {
+    fn new(chain: Arc<Chain>, identity: Identity, tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) -> Self {
+        Submitter { chain, identity, tx_out, last: None, nonce: 0 }
+    }
+
+    /// Starts a pass: the next nonce, from the account's `finalized` one (see [`next_nonce`]).
+    fn begin(&mut self, finalized: u64) {
+        self.nonce = next_nonce(&self.chain, &self.last, finalized);
+    }
+
+    /// Signs `payload` at the next nonce and submits it to this node's mempool and the
+    /// validators.
+    fn submit(&mut self, network: &Hash, payload: Payload) -> Result<(), String> {
+        let stx =
+            Transaction { signer: self.identity.node_id(), nonce: self.nonce, payload }.sign(&self.identity, network);
+        let bytes = stx.to_bytes();
+        let hash = self.chain.submit(stx, bytes.len(), crate::api::system_now_ms()).map_err(|e| e.to_string())?;
+        self.last = Some((hash, self.nonce));
+        self.nonce += 1;
+        let _ = self.tx_out.send(bytes);
+        Ok(())
+    }
+}
+
 /// A repair not retried before this long after it failed.
 pub const REPAIR_BACKOFF: Duration = Duration::from_secs(15);
 
@@ -116,9 +150,8 @@ pub struct Repairer {
     chain: Arc<Chain>,
     identity: Identity,
     shards: HttpShards,
-    tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    submitter: Submitter,
     tried: HashMap<Hash, Instant>,
-    last_tx: Option<(Hash, u64)>,
     submitted: u64,
 }
 
@@ -126,7 +159,8 @@ impl Repairer {
     /// The repairer of the node with `identity`.
     pub fn new(chain: Arc<Chain>, identity: Identity, tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) -> Self {
         let shards = HttpShards::new(identity.clone());
-        Repairer { chain, identity, shards, tx_out, tried: HashMap::new(), last_tx: None, submitted: 0 }
+        let submitter = Submitter::new(chain.clone(), identity.clone(), tx_out);
+        Repairer { chain, identity, shards, submitter, tried: HashMap::new(), submitted: 0 }
     }
 }
 
@@ -225,7 +259,7 @@ impl Worker for Repairer {
             let urls: HashMap<NodeId, String> = candidates.iter().map(|c| (c.node, url_of(st, &c.node))).collect();
             (jobs, candidates, urls, st.network(), st.account(&me).nonce, queued, live.len())
         });
-        let mut nonce = next_nonce(&self.chain, &self.last_tx, nonce);
+        self.submitter.begin(nonce);
         self.tried.retain(|_, at| at.elapsed() < REPAIR_BACKOFF);
         let (mut repaired, mut degraded_left, mut notes) = (0, 0, Vec::new());
         for job in jobs {
@@ -274,14 +308,9 @@ impl Worker for Repairer {
                 };
             let payload =
                 Payload::MoveShards { bucket: o.bucket.clone(), key: o.key.clone(), version: o.version, moves };
-            let stx = Transaction { signer: me, nonce, payload }.sign(&self.identity, &network);
-            let bytes = stx.to_bytes();
-            match self.chain.submit(stx, bytes.len(), crate::api::system_now_ms()) {
-                Ok(hash) => {
-                    self.last_tx = Some((hash, nonce));
-                    nonce += 1;
+            match self.submitter.submit(&network, payload) {
+                Ok(()) => {
                     self.submitted += 1;
-                    let _ = self.tx_out.send(bytes);
                     repaired += 1;
                     tracing::info!(object = %name, shards = job.missing.len(), "repair submitted");
                 }
@@ -314,9 +343,8 @@ pub struct Auditor {
     chain: Arc<Chain>,
     identity: Identity,
     shards: HttpShards,
-    tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    submitter: Submitter,
     done: BTreeSet<(Hash, u64)>,
-    last_tx: Option<(Hash, u64)>,
     passed: u64,
     failed: u64,
 }
@@ -325,7 +353,8 @@ impl Auditor {
     /// The auditor of the node with `identity`.
     pub fn new(chain: Arc<Chain>, identity: Identity, tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) -> Self {
         let shards = HttpShards::new(identity.clone());
-        Auditor { chain, identity, shards, tx_out, done: BTreeSet::new(), last_tx: None, passed: 0, failed: 0 }
+        let submitter = Submitter::new(chain.clone(), identity.clone(), tx_out);
+        Auditor { chain, identity, shards, submitter, done: BTreeSet::new(), passed: 0, failed: 0 }
     }
 }
 
@@ -376,7 +405,7 @@ impl Worker for Auditor {
             }
             (out, st.network(), st.account(&me).nonce, epoch)
         });
-        let mut nonce = next_nonce(&self.chain, &self.last_tx, nonce);
+        self.submitter.begin(nonce);
         self.done.retain(|(_, e)| *e + 1 >= epoch);
         let mut notes = Vec::new();
         for c in challenges {
@@ -411,13 +440,8 @@ impl Worker for Auditor {
                 version: c.object.version,
                 epoch: c.epoch,
             };
-            let stx = Transaction { signer: me, nonce, payload }.sign(&self.identity, &network);
-            let bytes = stx.to_bytes();
-            match self.chain.submit(stx, bytes.len(), crate::api::system_now_ms()) {
-                Ok(hash) => {
-                    self.last_tx = Some((hash, nonce));
-                    nonce += 1;
-                    let _ = self.tx_out.send(bytes);
+            match self.submitter.submit(&network, payload) {
+                Ok(()) => {
                     notes.push(format!("{name}: holder {} failed ({why}): reported", c.holder.node.short()));
                 }
                 Err(e) => notes.push(format!(

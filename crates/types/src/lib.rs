@@ -5,6 +5,24 @@
 //! constructors, so that a value of one of these types is known to be well-formed wherever it
 //! travels.
 
+/// Serde for a type through its `Display` and `FromStr` forms (so a value read back is checked
+/// exactly as a parsed one).
+macro_rules! serde_via_str {
+    ($t:ty) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <String as serde::Deserialize>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
 mod descriptor;
 mod geo;
 mod id;
