@@ -256,6 +256,76 @@ fn proofs(net: &Network, chain: &Chain) -> Vec<(String, AnyProof)> {
 }
 
 /// Every seed of every target.
+/// One transaction of each storage kind, from the tenant.
+fn storage_txs(net: &Network) -> Vec<(String, archipel_ledger::SignedTransaction)> {
+    use archipel_ledger::storage::{ObjectPut, ReceiptTerms, ShardHolder, ShardMove, object_id};
+    use archipel_types::{ErasureCode, PlacementPolicy};
+    let network = net.state.network();
+    let tenant = &net.tenant;
+    let policy = PlacementPolicy {
+        regions: ["eu".parse().unwrap_or_else(|e| unreachable!("a region: {e}"))].into(),
+        deny_jurisdictions: ["US".parse().unwrap_or_else(|e| unreachable!("a country: {e}"))].into(),
+        ..PlacementPolicy::anywhere(ErasureCode::DEFAULT)
+    };
+    let version = Hash([9; 32]);
+    let root = Hash([8; 32]);
+    let terms = |index: u8, generation: u32| ReceiptTerms {
+        object: object_id("eu-docs", "reports/2026.pdf"),
+        version,
+        generation,
+        index,
+        manifest_root: root,
+        shard_bytes: 2 << 20,
+        expires_ms: 1_000_000,
+    };
+    let holders = (0..6u8)
+        .map(|i| {
+            let node = &net.nodes[usize::from(i) % net.nodes.len()];
+            ShardHolder { node: node.node_id(), receipt: terms(i, 0).sign(node, &network), expires_ms: 1_000_000 }
+        })
+        .collect();
+    let put = ObjectPut {
+        bucket: "eu-docs".into(),
+        key: "reports/2026.pdf".into(),
+        version,
+        size: 8 << 20,
+        segment_bytes: (8 << 20) - 16,
+        manifest_root: root,
+        etag: "0123456789abcdef".into(),
+        holders,
+    };
+    let mover = &net.nodes[0];
+    let payloads = [
+        ("create-bucket", Payload::CreateBucket { name: "eu-docs".into(), policy }),
+        ("put-object", Payload::PutObject { put }),
+        (
+            "move-shards",
+            Payload::MoveShards {
+                bucket: "eu-docs".into(),
+                key: "reports/2026.pdf".into(),
+                version,
+                moves: vec![ShardMove {
+                    index: 2,
+                    to: mover.node_id(),
+                    receipt: terms(2, 1).sign(mover, &network),
+                    expires_ms: 1_000_000,
+                }],
+            },
+        ),
+        (
+            "audit-failed",
+            Payload::AuditFailed { bucket: "eu-docs".into(), key: "reports/2026.pdf".into(), version, epoch: 7 },
+        ),
+        ("delete-object", Payload::DeleteObject { bucket: "eu-docs".into(), key: "reports/2026.pdf".into() }),
+        ("delete-bucket", Payload::DeleteBucket { name: "eu-docs".into() }),
+    ];
+    payloads
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, payload))| (format!("storage-{name}"), sign(tenant, &network, 100 + i as u64, payload)))
+        .collect()
+}
+
 pub fn seeds() -> Vec<Seed> {
     let net = network();
     let chain = chain(net);
@@ -267,6 +337,11 @@ pub fn seeds() -> Vec<Seed> {
         let name = format!("{}-{}", i + 1, tx.tx.payload.kind().replace('_', "-"));
         add("transaction", &name, tx.to_bytes());
         add("transaction_json", &name, json(tx));
+    }
+    // The storage kinds, signed but not applied (their checks need storage nodes that are up).
+    for (name, tx) in storage_txs(net) {
+        add("transaction", &name, tx.to_bytes());
+        add("transaction_json", &name, json(&tx));
     }
     let empty = propose(&net.state, &net.header, net.genesis.created_at_ms, [], [], Signatures::Verify)
         .unwrap_or_else(|e| panic!("an in-memory state cannot fail: {e}"))
