@@ -33,6 +33,7 @@ pub fn nodes_table(view: &NodesView) {
         "LAST SEEN",
         "LEASE",
         "SINCE BLOCK",
+        "REPUTATION",
     ]);
     let mut rows: Vec<_> = view.nodes.iter().collect();
     rows.sort_by(|a, b| a.name.cmp(&b.name).then(a.node_id.cmp(&b.node_id)));
@@ -59,6 +60,7 @@ pub fn nodes_table(view: &NodesView) {
                 None => "not registered".into(),
             },
             n.lease_since_height.map_or("-".into(), |h| format!("#{h}")),
+            n.reputation.map_or("-".into(), |r| r.to_string()),
         ]);
     }
     println!("{t}");

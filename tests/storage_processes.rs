@@ -214,6 +214,9 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         nodes["nodes"].as_array().unwrap().iter().find(|n| n["name"] == name).unwrap()["reputation"].as_u64().unwrap()
     };
     assert_eq!(reputation(&names[rotten]), 750, "the failed audit costs the holder");
+    let shown: serde_json::Value = serde_json::from_str(&run(w, &["nodes", "--json", "--node", &node])).unwrap();
+    let row = shown["nodes"].as_array().unwrap().iter().find(|n| n["name"] == names[rotten].as_str()).unwrap().clone();
+    assert_eq!(row["reputation"], 750, "`archipel nodes` shows it: {row}");
     let names: Vec<String> =
         audited["holders"].as_array().unwrap().iter().map(|h| h["name"].as_str().unwrap().to_string()).collect();
 

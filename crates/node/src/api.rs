@@ -355,6 +355,9 @@ pub struct NodeRow {
     /// Height of the block that set the lease's current status.
     #[serde(default)]
     pub lease_since_height: Option<u64>,
+    /// Reputation in finalized ledger state (1000 less 250 per failed storage audit).
+    #[serde(default)]
+    pub reputation: Option<u16>,
 }
 
 /// `GET /v1/nodes` response.
@@ -656,10 +659,13 @@ async fn node(State(s): State<Arc<ApiState>>) -> Response {
 pub fn nodes_view(s: &ApiState) -> NodesView {
     let rows = lock_table(&s.table).rows();
     let validators: BTreeSet<_> = s.genesis.validators.iter().copied().collect();
-    let leases: std::collections::BTreeMap<NodeId, (archipel_ledger::LeaseStatus, Option<u64>)> =
-        s.chain.with_state(|st| {
-            st.nodes().keys().map(|id| (*id, (st.lease_status(id), st.lease(id).map(|l| l.since_height)))).collect()
-        });
+    type LeaseRow = (archipel_ledger::LeaseStatus, Option<u64>, u16);
+    let leases: std::collections::BTreeMap<NodeId, LeaseRow> = s.chain.with_state(|st| {
+        st.nodes()
+            .keys()
+            .map(|id| (*id, (st.lease_status(id), st.lease(id).map(|l| l.since_height), st.reputation(id))))
+            .collect()
+    });
     NodesView {
         network: s.genesis.network.clone(),
         observer: s.own.descriptor.node_id,
@@ -685,6 +691,7 @@ pub fn nodes_view(s: &ApiState) -> NodesView {
                     is_self: r.is_self,
                     lease: leases.get(&d.node_id).map(|l| l.0),
                     lease_since_height: leases.get(&d.node_id).and_then(|l| l.1),
+                    reputation: leases.get(&d.node_id).map(|l| l.2),
                 }
             })
             .collect(),
