@@ -1034,6 +1034,35 @@ impl State {
         for m in moves {
             self.check_one_new_holder(&policy, &m.to, obj.shard_bytes)?;
         }
+        // The destinations are the ones placement chooses from this state (moves listed by
+        // ascending index, as the repairer lists them): whoever submits first, the shards go
+        // where every node would have put them, never onto nodes a submitter picked.
+        let missing: Vec<usize> = moves.iter().map(|m| usize::from(m.index)).collect();
+        if missing.windows(2).any(|w| w[0] > w[1]) {
+            return bad("list the moves by ascending shard index".into());
+        }
+        let healthy: BTreeMap<usize, NodeId> =
+            obj.holders.iter().enumerate().filter(|(i, _)| !indices.contains(i)).map(|(i, n)| (i, *n)).collect();
+        let exclude: BTreeSet<NodeId> = missing.iter().map(|i| obj.holders[*i]).collect();
+        let chosen = archipel_placement::replace(
+            &policy,
+            &self.storage_candidates(),
+            &obj.version.0,
+            obj.shard_bytes,
+            &healthy,
+            &missing,
+            &exclude,
+        )
+        .map_err(|e| TxError::NotAllowed(format!("no compliant placement for the moved shards: {e}")))?;
+        for (m, (i, node)) in moves.iter().zip(chosen) {
+            if m.to != node {
+                return bad(format!(
+                    "shard {i} must move to node {} (placement's choice from finalized state), not {}",
+                    node.short(),
+                    m.to.short()
+                ));
+            }
+        }
         Ok(obj)
     }
 
@@ -1472,6 +1501,25 @@ mod tests {
         s.begin_block(3, 5_000 + 9_999);
         assert!(send(&mut s, vec![mv(0, spare[0])]).unwrap_err().to_string().contains("healthy"));
         s.begin_block(4, 5_000 + 10_000);
+        // The destination is placement's choice from this state; any other compliant node is
+        // refused, so whoever submits first cannot steer the shard.
+        let healthy: BTreeMap<usize, NodeId> = o.holders.iter().copied().enumerate().skip(1).collect();
+        let exclude: BTreeSet<NodeId> = [o.holders[0]].into();
+        let chosen = archipel_placement::replace(
+            &eu_no_us(),
+            &s.storage_candidates(),
+            &o.version.0,
+            o.shard_bytes,
+            &healthy,
+            &[0],
+            &exclude,
+        )
+        .unwrap()[0]
+            .1;
+        let chosen = seed_of(&chosen);
+        let spare: Vec<u64> = std::iter::once(chosen).chain(spare.iter().copied().filter(|n| *n != chosen)).collect();
+        let e = send(&mut s, vec![mv(0, spare[1])]).unwrap_err();
+        assert!(e.to_string().contains("must move to node"), "{e}");
         // Past the grace: not to a US operator, not to a node holding another shard, not with a
         // forged receipt, not twice the same index.
         let e = send(&mut s, vec![mv(0, 110)]).unwrap_err();
@@ -1632,7 +1680,19 @@ mod tests {
         let e = as_node(&mut s, auditor, report(epoch)).unwrap_err();
         assert!(e.to_string().contains("failed an audit already"), "{e}");
         // The suspect shard may move although its holder is up; the move clears it.
-        let spare = [101, 102, 103, 105, 106, 107, 108, 109].into_iter().find(|n| !holders.contains(n)).unwrap();
+        let healthy: BTreeMap<usize, NodeId> =
+            o.holders.iter().copied().enumerate().filter(|(i, _)| *i != usize::from(index)).collect();
+        let moved = archipel_placement::replace(
+            &eu_no_us(),
+            &s.storage_candidates(),
+            &o.version.0,
+            o.shard_bytes,
+            &healthy,
+            &[usize::from(index)],
+            &[holder].into(),
+        )
+        .unwrap();
+        let spare = seed_of(&moved[0].1);
         let network = s.network;
         let mv = ShardMove {
             index,
