@@ -2,7 +2,9 @@
 //! doing the same work, on one core, in the same run (issue 19).
 //!
 //! Four pairs, each over every segment of a 256 MiB object (32 segments of 8 MiB ciphertext,
-//! code 4+2), in `ROUNDS` rounds that alternate which side goes first:
+//! code 4+2), in `ROUNDS` rounds that alternate which side goes first, after an untimed warm-up
+//! round (both sides' GET outputs are compared with the plaintext, and both encoders' parity
+//! shards with each other, so both sides do the same work):
 //! - **PUT**: copy the plaintext into the segment buffer, AES-256-GCM (ring) in place, Reed–Solomon
 //!   4+2 (reed-solomon-simd), BLAKE3 of all six shards. Ours is `SegmentSealer::seal`.
 //! - **GET** with two data shards lost: BLAKE3 of the four shards read, decode, AES-GCM open. Ours
@@ -25,7 +27,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 const SEGMENTS: usize = 32;
-const ROUNDS: usize = 5;
+/// Timed rounds (even, so each side goes first equally often), after one untimed warm-up round.
+const ROUNDS: usize = 6;
 const GOAL: f64 = 0.9;
 const K: usize = 4;
 const M: usize = 2;
@@ -102,7 +105,7 @@ fn bare_get(
     index: u64,
     shards: &[Vec<u8>],
     hashes: &[[u8; 32]],
-) -> usize {
+) -> Vec<u8> {
     let shard = shards[0].len();
     for i in (0..K + M).filter(|i| !LOST.contains(i)) {
         assert_eq!(*blake3::hash(&shards[i]).as_bytes(), hashes[i]);
@@ -121,7 +124,9 @@ fn bare_get(
         out.extend_from_slice(restored.restored_original(i).unwrap_or(own));
     }
     out.truncate(SEGMENT_BYTES as usize);
-    key.open_in_place(nonce(index), Aad::from(index.to_be_bytes()), &mut out).expect("open").len()
+    let len = key.open_in_place(nonce(index), Aad::from(index.to_be_bytes()), &mut out).expect("open").len();
+    out.truncate(len);
+    out
 }
 
 /// One segment's shards and their hashes.
@@ -189,7 +194,32 @@ pub fn bench() -> Result<()> {
     let cipher_segment = random_bytes(SEGMENT_BYTES as usize, 3);
     let mut copy_dst = vec![0u8; plain_len];
 
-    for round in 0..ROUNDS {
+    // Both sides encode the same segment to the same parity shards (untimed).
+    {
+        let mut ours = cipher_segment.clone();
+        let encoded = our_enc.encode(&mut ours)?;
+        let shard = cipher_segment.len() / K;
+        bare_rs.reset(K, M, shard).expect("reset");
+        for s in cipher_segment.chunks_exact(shard) {
+            bare_rs.add_original_shard(s).expect("add");
+        }
+        let bare = bare_rs.encode().expect("encode");
+        for p in 0..M {
+            if encoded.shard(K + p) != bare.recovery(p) {
+                bail!("our Reed-Solomon parity shard {p} differs from the bare library's");
+            }
+        }
+    }
+
+    // Round 0 warms both sides up (page faults, work buffers) and is not counted.
+    for round in 0..=ROUNDS {
+        if round == 1 {
+            for pair in [&mut put, &mut get, &mut enc, &mut dec] {
+                pair.bare.times.clear();
+                pair.ours.times.clear();
+            }
+            memcpy.times.clear();
+        }
         let ours_first = round % 2 == 1;
         for side in [ours_first, !ours_first] {
             for (i, plain) in object.chunks(plain_len).enumerate() {
@@ -211,12 +241,15 @@ pub fn bench() -> Result<()> {
                     let given: Vec<(usize, &[u8])> =
                         (0..K + M).filter(|s| !LOST.contains(s)).map(|s| (s, shards[s].as_slice())).collect();
                     let (plain, bad) = get.ours.time(|| opener.open(index, plain_len, &given, hashes))?;
-                    if !bad.is_empty() || plain.len() != plain_len {
-                        bail!("our GET of segment {i} failed its check");
+                    if !bad.is_empty() || plain != object[i * plain_len..(i + 1) * plain_len] {
+                        bail!("our GET of segment {i} did not give its plaintext back");
                     }
                 } else {
                     let (shards, hashes) = &bare_segments[i];
-                    get.bare.time(|| bare_get(&ring_key, &mut bare_dec, index, shards, hashes));
+                    let plain = get.bare.time(|| bare_get(&ring_key, &mut bare_dec, index, shards, hashes));
+                    if plain != object[i * plain_len..(i + 1) * plain_len] {
+                        bail!("the bare GET of segment {i} did not give its plaintext back");
+                    }
                 }
             }
             for (shards, _) in &sealed_segments {

@@ -461,7 +461,59 @@ mod tests {
                 version: Hash::ZERO,
                 moves: vec![crate::storage::ShardMove { index: 0, to: a.node_id(), receipt: [0; 64], expires_ms: 0 }],
             },
+            crate::Payload::AuditFailed { bucket: empty(), key: empty(), version: Hash::ZERO, epoch: 0 },
+            crate::Payload::TransferMany { credits: vec![crate::tx::Credit { to: a.node_id(), amount_micro: 0 }] },
+            crate::Payload::CreateBucket {
+                name: empty(),
+                policy: archipel_types::PlacementPolicy::anywhere(archipel_types::ErasureCode::DEFAULT),
+            },
+            crate::Payload::PutObject {
+                put: crate::storage::ObjectPut {
+                    bucket: empty(),
+                    key: empty(),
+                    version: Hash::ZERO,
+                    size: 0,
+                    segment_bytes: 0,
+                    manifest_root: Hash::ZERO,
+                    etag: empty(),
+                    holders: vec![],
+                },
+            },
+            crate::Payload::RegisterNode {
+                descriptor: archipel_crypto::SignedDescriptor::sign(
+                    &a,
+                    archipel_crypto::test_support::example_descriptor(&a),
+                )
+                .unwrap(),
+                consent: [0; 64],
+            },
+            crate::Payload::UpdateNode {
+                descriptor: archipel_crypto::SignedDescriptor::sign(
+                    &a,
+                    archipel_crypto::test_support::example_descriptor(&a),
+                )
+                .unwrap(),
+            },
         ];
+        // Every kind must appear above: this match has no wildcard, so a new kind does not
+        // compile until its smallest form is added (and checked against the bound).
+        for p in &smallest {
+            match p {
+                crate::Payload::LeaveNode { .. }
+                | crate::Payload::Transfer { .. }
+                | crate::Payload::DeleteBucket { .. }
+                | crate::Payload::DeleteObject { .. }
+                | crate::Payload::MoveShards { .. }
+                | crate::Payload::AuditFailed { .. }
+                | crate::Payload::TransferMany { .. }
+                | crate::Payload::CreateBucket { .. }
+                | crate::Payload::PutObject { .. }
+                | crate::Payload::RegisterNode { .. }
+                | crate::Payload::UpdateNode { .. } => {}
+            }
+        }
+        let kinds: std::collections::BTreeSet<&str> = smallest.iter().map(|p| p.kind()).collect();
+        assert_eq!(kinds.len(), 11, "one payload of every kind: {kinds:?}");
         let txs: Vec<_> = smallest
             .into_iter()
             .map(|payload| crate::Transaction { signer: a.node_id(), nonce: 0, payload }.sign(&a, &Hash::of(&[b"net"])))
