@@ -268,8 +268,17 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
 
     // Repair, with no operator action: once the killed holders have been down for the repair
     // grace, their shards are rebuilt on live EU, non-US nodes and moved there.
+    let metric = |url: &str, name: &str| -> f64 {
+        let text = rt().block_on(archipel_node::client::ApiClient::new(url).metrics_text()).unwrap_or_default();
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.split_whitespace().next().is_some_and(|n| n.ends_with(name)))
+            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .sum()
+    };
+    let mut degraded_seen = 0.0f64;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
     let repaired = loop {
+        degraded_seen = degraded_seen.max(metric(&ask, "storage_degraded_objects"));
         let out = archipel(w, &args(&t2(&["stat", "eu-docs/reports/2026.bin", "--genesis", &genesis, "--json"])));
         if out.status.success() {
             let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
@@ -287,6 +296,12 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         );
         std::thread::sleep(std::time::Duration::from_millis(500));
     };
+    // The metrics showed it: degraded objects while waiting, and the repairs somebody submitted.
+    assert!(degraded_seen >= 1.0, "storage_degraded_objects never rose");
+    let live: Vec<String> =
+        (0..12).map(|i| devnet.node(i)).filter(|n| !killed.iter().any(|k| names[*k] == n.0)).map(|n| n.1).collect();
+    let repairs: f64 = live.iter().map(|u| metric(u, "storage_repairs_submitted")).sum();
+    assert!(repairs >= 1.0, "no node counted a repair");
     for h in repaired["holders"].as_array().unwrap() {
         assert!(inside(h), "{h}");
         assert_eq!(h["lease"], "up", "{h}");

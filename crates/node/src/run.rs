@@ -463,10 +463,31 @@ impl PreparedNode {
                 .gauge("info", "archipel build information");
             let _ = build_info.try_set(1);
             let uptime = node_ctx.gauge("uptime_seconds", "seconds since the node started");
+            let counters = Arc::new(crate::workers::StorageCounters::default());
+            let storage_ctx = context.child("storage");
+            let storage_gauges = [
+                storage_ctx.gauge("degraded_objects", "objects with a holder down, gone, outside the fence or failing audits"),
+                storage_ctx.gauge("repairs_submitted", "shard repairs (MoveShards) this node submitted"),
+                storage_ctx.gauge("audits_passed", "audits this node put that the holder passed"),
+                storage_ctx.gauge("audits_failed", "audits this node put that the holder failed"),
+            ];
             let metrics_ctx = context.child("api");
-            let render_metrics = Box::new(move || {
-                let _ = uptime.try_set(started.elapsed().as_secs());
-                metrics_ctx.encode()
+            let render_metrics = Box::new({
+                let counters = counters.clone();
+                move || {
+                    let _ = uptime.try_set(started.elapsed().as_secs());
+                    use std::sync::atomic::Ordering::Relaxed;
+                    let values = [
+                        counters.degraded_objects.load(Relaxed),
+                        counters.repairs_submitted.load(Relaxed),
+                        counters.audits_passed.load(Relaxed),
+                        counters.audits_failed.load(Relaxed),
+                    ];
+                    for (gauge, value) in storage_gauges.iter().zip(values) {
+                        let _ = gauge.try_set(value);
+                    }
+                    metrics_ctx.encode()
+                }
             });
 
             let (shutdown_tx, mut shutdown_rx) = tokio::sync::watch::channel(false);
@@ -507,9 +528,11 @@ impl PreparedNode {
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .map_or(crate::workers::COLLECT_AFTER, Duration::from_secs);
-                let repairer = crate::workers::Repairer::new(chain.clone(), identity.clone(), tx_out.clone());
+                let repairer =
+                    crate::workers::Repairer::new(chain.clone(), identity.clone(), tx_out.clone(), counters.clone());
                 crate::workers::spawn(api_handle.runtime(), repairer, workers.clone(), shutdown_rx.clone());
-                let auditor = crate::workers::Auditor::new(chain.clone(), identity.clone(), tx_out.clone());
+                let auditor =
+                    crate::workers::Auditor::new(chain.clone(), identity.clone(), tx_out.clone(), counters.clone());
                 crate::workers::spawn(api_handle.runtime(), auditor, workers.clone(), shutdown_rx.clone());
                 let collector =
                     crate::workers::Collector::new(chain.clone(), service.clone(), own.descriptor.node_id, collect_after);

@@ -61,6 +61,19 @@ impl WorkerStatuses {
     }
 }
 
+/// Storage figures the workers keep for `/metrics`.
+#[derive(Debug, Default)]
+pub struct StorageCounters {
+    /// Objects with an unhealthy or suspect holder in finalized state, at the repairer's last pass.
+    pub degraded_objects: std::sync::atomic::AtomicU64,
+    /// Repairs (`MoveShards`) this node submitted.
+    pub repairs_submitted: std::sync::atomic::AtomicU64,
+    /// Audits this node put that the holder passed.
+    pub audits_passed: std::sync::atomic::AtomicU64,
+    /// Audits this node put that the holder failed (reported with `AuditFailed`).
+    pub audits_failed: std::sync::atomic::AtomicU64,
+}
+
 /// Runs `worker` on `handle` until `stop` turns true.
 pub fn spawn<W: Worker>(
     handle: &tokio::runtime::Handle,
@@ -153,14 +166,20 @@ pub struct Repairer {
     submitter: Submitter,
     tried: HashMap<Hash, Instant>,
     submitted: u64,
+    counters: Arc<StorageCounters>,
 }
 
 impl Repairer {
-    /// The repairer of the node with `identity`.
-    pub fn new(chain: Arc<Chain>, identity: Identity, tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) -> Self {
+    /// The repairer of the node with `identity`, counting into `counters`.
+    pub fn new(
+        chain: Arc<Chain>,
+        identity: Identity,
+        tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+        counters: Arc<StorageCounters>,
+    ) -> Self {
         let shards = HttpShards::new(identity.clone());
         let submitter = Submitter::new(chain.clone(), identity.clone(), tx_out);
-        Repairer { chain, identity, shards, submitter, tried: HashMap::new(), submitted: 0 }
+        Repairer { chain, identity, shards, submitter, tried: HashMap::new(), submitted: 0, counters }
     }
 }
 
@@ -260,6 +279,7 @@ impl Worker for Repairer {
             (jobs, candidates, urls, st.network(), st.account(&me).nonce, queued, live.len())
         });
         self.submitter.begin(nonce);
+        self.counters.degraded_objects.store(queued as u64, std::sync::atomic::Ordering::Relaxed);
         self.tried.retain(|_, at| at.elapsed() < REPAIR_BACKOFF);
         let (mut repaired, mut degraded_left, mut notes) = (0, 0, Vec::new());
         for job in jobs {
@@ -311,6 +331,7 @@ impl Worker for Repairer {
             match self.submitter.submit(&network, payload) {
                 Ok(()) => {
                     self.submitted += 1;
+                    self.counters.repairs_submitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     repaired += 1;
                     tracing::info!(object = %name, shards = job.missing.len(), "repair submitted");
                 }
@@ -347,14 +368,20 @@ pub struct Auditor {
     done: BTreeSet<(Hash, u64)>,
     passed: u64,
     failed: u64,
+    counters: Arc<StorageCounters>,
 }
 
 impl Auditor {
-    /// The auditor of the node with `identity`.
-    pub fn new(chain: Arc<Chain>, identity: Identity, tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) -> Self {
+    /// The auditor of the node with `identity`, counting into `counters`.
+    pub fn new(
+        chain: Arc<Chain>,
+        identity: Identity,
+        tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+        counters: Arc<StorageCounters>,
+    ) -> Self {
         let shards = HttpShards::new(identity.clone());
         let submitter = Submitter::new(chain.clone(), identity.clone(), tx_out);
-        Auditor { chain, identity, shards, submitter, done: BTreeSet::new(), passed: 0, failed: 0 }
+        Auditor { chain, identity, shards, submitter, done: BTreeSet::new(), passed: 0, failed: 0, counters }
     }
 }
 
@@ -427,12 +454,14 @@ impl Worker for Auditor {
             let why = match answer {
                 Ok(bytes) if archipel_objects::shard_hash(&bytes) == *expected => {
                     self.passed += 1;
+                    self.counters.audits_passed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     continue;
                 }
                 Ok(_) => "served bytes that do not match the manifest".to_string(),
                 Err(e) => e.message,
             };
             self.failed += 1;
+            self.counters.audits_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(object = %name, holder = %c.holder.node.short(), shard = c.index, segment = c.segment, why = %why, "audit failed");
             let payload = Payload::AuditFailed {
                 bucket: c.object.bucket.clone(),
