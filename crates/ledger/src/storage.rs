@@ -586,17 +586,7 @@ impl State {
 
     /// Every object of `bucket`, by key. O(state), like [`State::buckets`].
     pub fn objects_in(&self, bucket: &str) -> Vec<ObjectRecord> {
-        let mut out: Vec<ObjectRecord> = self
-            .overlay_keys("object/", &self.objects, StateKey::Object)
-            .into_iter()
-            .filter_map(|k| match k {
-                StateKey::Object(h) => {
-                    self.objects.get(&h, |h| self.load(&StateKey::Object(*h), crate::state::decode_json))
-                }
-                _ => None,
-            })
-            .filter(|o| o.bucket == bucket)
-            .collect();
+        let mut out: Vec<ObjectRecord> = self.all_objects().into_iter().filter(|o| o.bucket == bucket).collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));
         out
     }
@@ -627,26 +617,33 @@ impl State {
     /// `node` as a placement candidate, if it may receive shards now: registered with the storage
     /// role and Up. Its free bytes are its declared capacity less its stored bytes.
     pub fn storage_candidate(&self, node: &NodeId) -> Option<Candidate> {
-        let rec = self.nodes.get(node)?;
-        let d = &rec.descriptor.descriptor;
-        if !d.roles.contains(Role::Storage) || self.lease_status(node) != LeaseStatus::Up {
-            return None;
-        }
-        Some(self.candidate_of(node))
+        self.is_live_storage(node).then(|| self.candidate_of(node)).flatten()
     }
 
-    /// `node` described for placement checks (registered; status not considered).
-    fn candidate_of(&self, node: &NodeId) -> Candidate {
-        let d = self.nodes.get(node).map(|r| &r.descriptor.descriptor);
-        Candidate {
+    /// Whether `node` is a registered storage node whose lease is Up.
+    fn is_live_storage(&self, node: &NodeId) -> bool {
+        self.nodes.get(node).is_some_and(|r| r.descriptor.descriptor.roles.contains(Role::Storage))
+            && self.lease_status(node) == LeaseStatus::Up
+    }
+
+    /// The registered storage nodes whose lease is Up, in id order: who shares repair and audit
+    /// duties (O(registry): the registry is bounded).
+    pub fn live_storage_nodes(&self) -> Vec<NodeId> {
+        self.nodes.keys().filter(|n| self.is_live_storage(n)).copied().collect()
+    }
+
+    /// Registered `node` described for placement checks (status not considered).
+    fn candidate_of(&self, node: &NodeId) -> Option<Candidate> {
+        let d = &self.nodes.get(node)?.descriptor.descriptor;
+        Some(Candidate {
             node: *node,
-            region: d.map(|d| d.region.clone()).unwrap_or_else(|| "xx-unknown".parse().expect("a valid region")),
-            country: d.map(|d| d.country).unwrap_or_else(|| "XX".parse().expect("a valid country")),
-            operator: d.map(|d| d.operator.clone()).unwrap_or_default(),
-            jurisdiction: d.map(|d| d.operator_jurisdiction).unwrap_or_else(|| "XX".parse().expect("a valid country")),
-            free_bytes: d.map(|d| d.capacity.bytes()).unwrap_or(0).saturating_sub(self.stored_bytes(node)),
+            region: d.region.clone(),
+            country: d.country,
+            operator: d.operator.clone(),
+            jurisdiction: d.operator_jurisdiction,
+            free_bytes: d.capacity.bytes().saturating_sub(self.stored_bytes(node)),
             reputation: self.reputation(node),
-        }
+        })
     }
 
     /// Every node that may receive shards now (O(registry): the registry is bounded).
@@ -690,12 +687,8 @@ impl State {
     /// Who audits `object` in `epoch`: the rendezvous choice among the storage nodes that are up
     /// and hold none of its shards.
     pub fn auditor_of(&self, object: &ObjectRecord, epoch: u64) -> Option<NodeId> {
-        let live = self.nodes.iter().filter(|(id, r)| {
-            r.descriptor.descriptor.roles.contains(Role::Storage)
-                && self.lease_status(id) == LeaseStatus::Up
-                && !object.holders.contains(id)
-        });
-        archipel_placement::duty_holder(&audit_seed(&object.version, epoch), live.map(|(id, _)| *id))
+        let live = self.live_storage_nodes().into_iter().filter(|id| !object.holders.contains(id));
+        archipel_placement::duty_holder(&audit_seed(&object.version, epoch), live)
     }
 
     pub(crate) fn check_audit_failed(
@@ -879,7 +872,7 @@ impl State {
     /// node that is Up with `need` bytes free.
     fn check_holders(&self, policy: &PlacementPolicy, nodes: &[NodeId], need: u64) -> Result<(), TxError> {
         let registry: BTreeMap<NodeId, Candidate> =
-            nodes.iter().filter(|n| self.nodes.contains_key(n)).map(|n| (*n, self.candidate_of(n))).collect();
+            nodes.iter().filter_map(|n| self.candidate_of(n).map(|c| (*n, c))).collect();
         archipel_placement::check(policy, &registry, nodes).map_err(|e| TxError::NotAllowed(e.to_string()))?;
         for n in nodes {
             self.check_one_new_holder(policy, n, need)?;

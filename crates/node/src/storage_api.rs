@@ -269,7 +269,8 @@ pub struct StorageHealth {
 
 /// The health of every bucket in `st` at `now_ms` (O(objects)).
 pub fn storage_health(st: &LedgerState, now_ms: u64) -> StorageHealth {
-    let mut buckets: std::collections::BTreeMap<String, BucketHealth> = st
+    // One pass over the objects, with each bucket's policy from the bucket list.
+    let mut buckets: std::collections::BTreeMap<String, (archipel_types::PlacementPolicy, BucketHealth)> = st
         .buckets()
         .into_iter()
         .map(|b| {
@@ -279,18 +280,15 @@ pub fn storage_health(st: &LedgerState, now_ms: u64) -> StorageHealth {
                 tolerates_losses: i64::from(b.policy.code.parity),
                 ..BucketHealth::default()
             };
-            (b.name, h)
+            (b.name, (b.policy, h))
         })
         .collect();
-    let queue: BTreeSet<archipel_ledger::Hash> =
-        crate::workers::degraded(st, now_ms).into_iter().map(|(o, _, _)| o.version).collect();
     for o in st.all_objects() {
-        let Some(policy) = st.bucket(&o.bucket).map(|b| b.policy) else { continue };
-        let Some(h) = buckets.get_mut(&o.bucket) else { continue };
+        let Some((policy, h)) = buckets.get_mut(&o.bucket) else { continue };
         let available = o
             .holders
             .iter()
-            .filter(|n| st.lease_status(n) == LeaseStatus::Up && st.unhealthy_at(n, &policy, now_ms).is_none())
+            .filter(|n| st.lease_status(n) == LeaseStatus::Up && st.unhealthy_at(n, policy, now_ms).is_none())
             .count() as i64;
         let k = i64::from(o.code.data);
         h.objects += 1;
@@ -299,7 +297,7 @@ pub fn storage_health(st: &LedgerState, now_ms: u64) -> StorageHealth {
             h.degraded_objects += 1;
             h.degraded_segments += o.segments();
         }
-        if queue.contains(&o.version) {
+        if !crate::workers::to_repair(st, &o, policy, now_ms).is_empty() {
             h.repair_queue += 1;
         }
         if available < k {
@@ -307,7 +305,7 @@ pub fn storage_health(st: &LedgerState, now_ms: u64) -> StorageHealth {
         }
         h.tolerates_losses = h.tolerates_losses.min(available - k);
     }
-    StorageHealth { height: st.chain().height, buckets: buckets.into_values().collect() }
+    StorageHealth { height: st.chain().height, buckets: buckets.into_values().map(|(_, h)| h).collect() }
 }
 
 async fn health(State(s): State<Arc<ApiState>>) -> Response {

@@ -21,7 +21,7 @@ use archipel_ledger::storage::{ObjectRecord, ShardMove};
 use archipel_ledger::{Hash, LeaseStatus, Payload, Transaction};
 use archipel_objects::http::HttpShards;
 use archipel_objects::transfer::{Holder, Shards as _};
-use archipel_types::{NodeId, PlacementPolicy, Role};
+use archipel_types::{NodeId, PlacementPolicy};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -154,6 +154,15 @@ impl Submitter {
     }
 }
 
+/// A pass's summary, followed by its notes if any.
+fn summarize(mut summary: String, notes: &[String]) -> String {
+    if !notes.is_empty() {
+        summary.push_str(": ");
+        summary.push_str(&notes.join("; "));
+    }
+    summary
+}
+
 /// A repair not retried before this long after it failed.
 pub const REPAIR_BACKOFF: Duration = Duration::from_secs(15);
 
@@ -200,6 +209,23 @@ pub fn repair_seed(version: &Hash) -> [u8; 32] {
     Hash::of(&[b"archipel/repair/v1", &version.0]).0
 }
 
+/// The shard indices of `object` to repair at `now_ms`: holders gone, outside the fence or down
+/// past the grace, and shards that failed an audit.
+pub fn to_repair(
+    st: &archipel_ledger::State,
+    object: &ObjectRecord,
+    policy: &PlacementPolicy,
+    now_ms: u64,
+) -> Vec<usize> {
+    object
+        .holders
+        .iter()
+        .enumerate()
+        .filter(|(i, h)| st.unhealthy_at(h, policy, now_ms).is_some() || object.suspect.contains(&(*i as u8)))
+        .map(|(i, _)| i)
+        .collect()
+}
+
 /// Objects with holders unhealthy at `now_ms` in `st`, each with its policy: the repair queue.
 pub fn degraded(st: &archipel_ledger::State, now_ms: u64) -> Vec<(ObjectRecord, PlacementPolicy, Vec<usize>)> {
     let mut policies: HashMap<String, Option<PlacementPolicy>> = HashMap::new();
@@ -207,14 +233,7 @@ pub fn degraded(st: &archipel_ledger::State, now_ms: u64) -> Vec<(ObjectRecord, 
     for o in st.all_objects() {
         let policy = policies.entry(o.bucket.clone()).or_insert_with(|| st.bucket(&o.bucket).map(|b| b.policy)).clone();
         let Some(policy) = policy else { continue };
-        // Holders gone, outside the fence or down past the grace, and shards that failed an audit.
-        let bad: Vec<usize> = o
-            .holders
-            .iter()
-            .enumerate()
-            .filter(|(i, h)| st.unhealthy_at(h, &policy, now_ms).is_some() || o.suspect.contains(&(*i as u8)))
-            .map(|(i, _)| i)
-            .collect();
+        let bad = to_repair(st, &o, &policy, now_ms);
         if !bad.is_empty() {
             out.push((o, policy, bad));
         }
@@ -238,14 +257,7 @@ impl Worker for Repairer {
     async fn step(&mut self) -> Result<String, String> {
         let me = self.identity.node_id();
         let (jobs, candidates, urls, network, nonce, queued, live) = self.chain.with_state(|st| {
-            let live: Vec<NodeId> = st
-                .nodes()
-                .iter()
-                .filter(|(id, r)| {
-                    r.descriptor.descriptor.roles.contains(Role::Storage) && st.lease_status(id) == LeaseStatus::Up
-                })
-                .map(|(id, _)| *id)
-                .collect();
+            let live = st.live_storage_nodes();
             // Our clock, or the chain's if ahead: an idle chain makes no blocks, so its time
             // stands still while a holder stays down.
             let now_ms = crate::api::system_now_ms().max(st.chain().timestamp_ms);
@@ -341,16 +353,12 @@ impl Worker for Repairer {
                 }
             }
         }
-        let mut summary = format!(
+        let summary = format!(
             "{queued} objects degraded in finalized state ({live} live storage nodes share the repairs); this node: \
              {repaired} repairs submitted now ({} since start), {degraded_left} left degraded",
             self.submitted
         );
-        if !notes.is_empty() {
-            summary.push_str(": ");
-            summary.push_str(&notes.join("; "));
-        }
-        Ok(summary)
+        Ok(summarize(summary, &notes))
     }
 }
 
@@ -479,12 +487,8 @@ impl Worker for Auditor {
                 )),
             }
         }
-        let mut summary = format!("epoch {epoch}: {} audits passed, {} failed since start", self.passed, self.failed);
-        if !notes.is_empty() {
-            summary.push_str(": ");
-            summary.push_str(&notes.join("; "));
-        }
-        Ok(summary)
+        let summary = format!("epoch {epoch}: {} audits passed, {} failed since start", self.passed, self.failed);
+        Ok(summarize(summary, &notes))
     }
 }
 
