@@ -16,10 +16,10 @@ use archipel_node::storage_api::{BucketList, ObjectList, ObjectView, StorageNode
 use archipel_objects::http::HttpShards;
 use archipel_objects::transfer::{Holder, PutPlan, get_object, put_object};
 use archipel_placement::{Candidate, MAX_REPUTATION};
-use archipel_types::{CountryCode, ErasureCode, PlacementPolicy, RegionMatch};
+use archipel_types::{CountryCode, ErasureCode, NodeId, PlacementPolicy, RegionMatch};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -256,6 +256,10 @@ fn candidate(n: StorageNode) -> Option<(Candidate, String)> {
     ))
 }
 
+/// How many times `archipel put` places an object before it gives up, each time without the nodes
+/// that failed before.
+const PUT_ATTEMPTS: usize = 4;
+
 /// `archipel put FILE BUCKET/KEY`.
 #[derive(Args, Debug)]
 pub struct PutArgs {
@@ -276,19 +280,44 @@ pub async fn put(args: PutArgs) -> Result<()> {
     let file = std::fs::File::open(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
     let size = file.metadata().with_context(|| format!("cannot read {}", args.file.display()))?.len();
     let bucket_record: BucketRecord = c.get(&format!("/v1/buckets/{bucket}")).await?;
-    let plan = PutPlan {
+    let mut plan = PutPlan {
         bucket: bucket_record,
         key: key.clone(),
         size,
-        candidates: candidates(&c).await?,
+        candidates: vec![],
         network: network_of(&c).await?,
         etag: None,
     };
     let bar = progress(size, args.tenant.json);
     let started = std::time::Instant::now();
     let shards = Arc::new(HttpShards::new(owner.clone()));
-    let reader = std::io::BufReader::with_capacity(1 << 20, file);
-    let put: ObjectPut = put_object(shards, &plan, &owner, reader, |n| bar.set_position(n)).await?;
+    // A holder that dies or misbehaves during the upload fails that attempt; the next attempt
+    // re-reads the file and places the object again without it (the ledger may not know yet that
+    // it is down). What the failed attempt stored is never committed, and its holders collect it.
+    let mut left_out: Vec<NodeId> = Vec::new();
+    let put: ObjectPut = loop {
+        plan.candidates = candidates(&c).await?.into_iter().filter(|(n, _)| !left_out.contains(&n.node)).collect();
+        let mut file = file.try_clone().with_context(|| format!("cannot read {}", args.file.display()))?;
+        file.seek(SeekFrom::Start(0)).with_context(|| format!("cannot read {}", args.file.display()))?;
+        let reader = std::io::BufReader::with_capacity(1 << 20, file);
+        bar.set_position(0);
+        match put_object(shards.clone(), &plan, &owner, reader, |n| bar.set_position(n)).await {
+            Ok(put) => break put,
+            Err(e) => match (e.failed_node(), e.holder_fault()) {
+                (Some(node), Some(fault)) if left_out.len() < PUT_ATTEMPTS - 1 => {
+                    left_out.push(node);
+                    bar.suspend(|| {
+                        eprintln!(
+                            "warning: {fault}; placing the object again without node {} (attempt {} of {PUT_ATTEMPTS})",
+                            node.short(),
+                            left_out.len() + 1
+                        )
+                    });
+                }
+                _ => return Err(e.into()),
+            },
+        }
+    };
     bar.finish_and_clear();
     let r = submit(&args.tenant, &c, Payload::PutObject { put: put.clone() }).await?;
     let secs = started.elapsed().as_secs_f64();

@@ -8,38 +8,9 @@ mod common;
 
 use common::*;
 use std::collections::BTreeSet;
-use std::path::Path;
 
 fn key_path(dir: &str) -> String {
     format!("{dir}/tenant.key")
-}
-
-fn run(w: &Path, args: &[&str]) -> String {
-    let out = archipel(w, args);
-    assert!(out.status.success(), "archipel {args:?} failed:\n{}{}", stdout(&out), stderr(&out));
-    stdout(&out)
-}
-
-fn args(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
-fn refused(w: &Path, args: &[&str]) -> String {
-    let out = archipel(w, args);
-    assert!(!out.status.success(), "archipel {args:?} should have failed:\n{}", stdout(&out));
-    stderr(&out)
-}
-
-/// Every file under `dir`.
-fn files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = vec![];
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() { out.extend(files(&p)) } else { out.push(p) }
-        }
-    }
-    out
 }
 
 #[test]
@@ -59,18 +30,7 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         v
     };
 
-    // Leases come up in finalized state a few seconds after the processes start.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let v: serde_json::Value =
-            rt().block_on(archipel_node::client::ApiClient::new(&node).get("/v1/storage/nodes")).unwrap();
-        let up = v["nodes"].as_array().unwrap().iter().filter(|n| n["lease"] == "up").count();
-        if up == 12 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "only {up} of 12 leases up: {v}");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    wait_storage_up(&node, 12);
 
     // A policy the network cannot place is refused with the numbers.
     let e = refused(
@@ -228,7 +188,7 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
     let ask = devnet.node((0..12).find(|i| !names.contains(&devnet.node(*i).0)).unwrap()).1;
     for i in &killed {
         let pid = devnet.node(index_of(&names[*i])).2;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+        kill9(pid);
     }
     let t2 = |extra: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -268,13 +228,6 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
 
     // Repair, with no operator action: once the killed holders have been down for the repair
     // grace, their shards are rebuilt on live EU, non-US nodes and moved there.
-    let metric = |url: &str, name: &str| -> f64 {
-        let text = rt().block_on(archipel_node::client::ApiClient::new(url).metrics_text()).unwrap_or_default();
-        text.lines()
-            .filter(|l| !l.starts_with('#') && l.split_whitespace().next().is_some_and(|n| n.ends_with(name)))
-            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-            .sum()
-    };
     let mut degraded_seen = 0.0f64;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
     let repaired = loop {

@@ -244,3 +244,63 @@ pub fn assert_never_down(url: &str, alive: &[archipel_types::NodeId]) {
     let wrong: Vec<_> = downs(url, to).into_iter().filter(|(_, n)| alive.contains(n)).collect();
     assert!(wrong.is_empty(), "live nodes marked down (height, node): {wrong:?}");
 }
+
+/// Runs `archipel ARGS` in `w` and returns its stdout; panics with its output if it fails.
+pub fn run(w: &Path, args: &[&str]) -> String {
+    let out = archipel(w, args);
+    assert!(out.status.success(), "archipel {args:?} failed:\n{}{}", stdout(&out), stderr(&out));
+    stdout(&out)
+}
+
+/// Runs `archipel ARGS` in `w`, which must fail; returns its stderr.
+pub fn refused(w: &Path, args: &[&str]) -> String {
+    let out = archipel(w, args);
+    assert!(!out.status.success(), "archipel {args:?} should have failed:\n{}", stdout(&out));
+    stderr(&out)
+}
+
+pub fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Every file under `dir`.
+pub fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() { out.extend(files(&p)) } else { out.push(p) }
+        }
+    }
+    out
+}
+
+/// The sum of every series of the metric whose name ends with `name`, as `url` exports it (0 when
+/// the node does not answer).
+pub fn metric(url: &str, name: &str) -> f64 {
+    let text = rt().block_on(ApiClient::new(url).metrics_text()).unwrap_or_default();
+    text.lines()
+        .filter(|l| !l.starts_with('#') && l.split_whitespace().next().is_some_and(|n| n.ends_with(name)))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until `n` storage leases are up in the finalized state `url` serves (they come up a few
+/// seconds after the processes start).
+pub fn wait_storage_up(url: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v: serde_json::Value = rt().block_on(ApiClient::new(url).get("/v1/storage/nodes")).unwrap();
+        let up = v["nodes"].as_array().unwrap().iter().filter(|n| n["lease"] == "up").count();
+        if up == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "only {up} of {n} leases up: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// SIGKILLs process `pid`.
+pub fn kill9(pid: u32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+}

@@ -75,9 +75,10 @@ pub async fn rebuild<S: Shards>(
                         "rebuilt shard {index} of segment {s} does not match the manifest"
                     )));
                 }
-                shards.put_shard(&target, &object.version, index as u8, s, Bytes::from(bytes), hash).await.map_err(
-                    |error| TransferFailed::Holder { node: target.node.short(), url: target.url.clone(), error },
-                )
+                shards
+                    .put_shard(&target, &object.version, index as u8, s, Bytes::from(bytes), hash)
+                    .await
+                    .map_err(|error| TransferFailed::Holder { node: target.node, url: target.url.clone(), error })
             }
         });
         futures::future::try_join_all(uploads).await?;
@@ -87,7 +88,7 @@ pub async fn rebuild<S: Shards>(
     let seals = targets.iter().map(|(index, h)| {
         let m = manifest_bytes.clone();
         async move {
-            let fail = |error| TransferFailed::Holder { node: h.node.short(), url: h.url.clone(), error };
+            let fail = |error| TransferFailed::Holder { node: h.node, url: h.url.clone(), error };
             shards.put_manifest(h, &object.version, m).await.map_err(fail)?;
             let at = object_id(&object.bucket, &object.key);
             let generation = object.generation.saturating_add(1);
@@ -102,7 +103,7 @@ pub async fn rebuild<S: Shards>(
                 expires_ms: sealed.expires_ms,
             };
             if !terms.verify(network, &h.node, &sealed.receipt) {
-                return Err(TransferFailed::BadReceipt(h.node.short()));
+                return Err(TransferFailed::BadReceipt(h.node));
             }
             Ok::<_, TransferFailed>(ShardMove {
                 index: *index as u8,

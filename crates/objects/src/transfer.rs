@@ -121,20 +121,20 @@ pub trait Shards: Send + Sync + 'static {
 pub enum TransferFailed {
     /// No placement: the bucket's policy cannot be met by the live nodes with room.
     #[error("cannot place the object: {0}")]
-    Placement(#[from] archipel_placement::PlacementError),
+    Placement(archipel_placement::PlacementError),
     /// One holder failed.
-    #[error("holder {node} ({url}) failed: {error} — retry the PUT; its shards will be placed again")]
+    #[error("holder {} ({url}) failed: {error} — retry the PUT; its shards will be placed again", node.short())]
     Holder {
-        /// The node (short id).
-        node: String,
+        /// The node.
+        node: NodeId,
         /// Its URL.
         url: String,
         /// What it said.
         error: TransferError,
     },
     /// A holder's receipt does not verify.
-    #[error("holder {0} sent a receipt that does not verify: it is not counted; retry the PUT")]
-    BadReceipt(String),
+    #[error("holder {} sent a receipt that does not verify: it is not counted; retry the PUT", .0.short())]
+    BadReceipt(NodeId),
     /// Reading the source or writing the destination failed.
     #[error("{0}")]
     Io(String),
@@ -155,6 +155,38 @@ pub enum TransferFailed {
         /// Bytes announced.
         size: u64,
     },
+}
+
+// By hand, not `#[from]`: that would also make the placement error this one's source, and error
+// chains would print its text twice.
+impl From<archipel_placement::PlacementError> for TransferFailed {
+    fn from(e: archipel_placement::PlacementError) -> Self {
+        TransferFailed::Placement(e)
+    }
+}
+
+impl TransferFailed {
+    /// The holder whose failure this is, if one node is to blame: a new attempt should leave it
+    /// out.
+    pub fn failed_node(&self) -> Option<NodeId> {
+        match self {
+            TransferFailed::Holder { node, .. } | TransferFailed::BadReceipt(node) => Some(*node),
+            _ => None,
+        }
+    }
+
+    /// What a failed holder did, without the advice to retry (for a client that retries itself).
+    pub fn holder_fault(&self) -> Option<String> {
+        match self {
+            TransferFailed::Holder { node, url, error } => {
+                Some(format!("holder {} ({url}) failed: {error}", node.short()))
+            }
+            TransferFailed::BadReceipt(node) => {
+                Some(format!("holder {} sent a receipt that does not verify", node.short()))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// What a PUT needs to know besides the data.
@@ -181,7 +213,7 @@ fn random_version() -> Hash {
 }
 
 fn holder_failed(h: &Holder, error: TransferError) -> TransferFailed {
-    TransferFailed::Holder { node: h.node.short(), url: h.url.clone(), error }
+    TransferFailed::Holder { node: h.node, url: h.url.clone(), error }
 }
 
 /// Puts `source` (exactly `plan.size` bytes) as a new version of `plan.key`, encrypted for
@@ -232,7 +264,8 @@ pub async fn put_object<S: Shards>(
 
     let mut content_hash = blake3::Hasher::new();
     let mut sealer = SegmentSealer::new(&data_key, &version.0, code);
-    let mut in_flight: FuturesUnordered<tokio::task::JoinHandle<Result<(), TransferFailed>>> = FuturesUnordered::new();
+    // A JoinSet aborts the uploads still running when an error returns early.
+    let mut in_flight: tokio::task::JoinSet<Result<(), TransferFailed>> = tokio::task::JoinSet::new();
     let mut done = 0u64;
     for s in 0..segments.count() {
         let range = segments.range(s);
@@ -258,22 +291,22 @@ pub async fn put_object<S: Shards>(
         manifest.segments.push(sealed.hashes.clone());
         drop(sealed);
         while in_flight.len() >= SEGMENTS_IN_FLIGHT {
-            finish(in_flight.next().await)?;
+            finish(in_flight.join_next().await)?;
             done += SEGMENT_PLAIN_BYTES.min(plan.size - done);
             progress(done);
         }
         let t = shards.clone();
         let hs = holders.clone();
-        in_flight.push(tokio::spawn(async move {
+        in_flight.spawn(async move {
             let uploads = parts.into_iter().map(|(i, bytes, hash)| {
                 let h = hs[usize::from(i)].clone();
                 let t = t.clone();
                 async move { t.put_shard(&h, &version, i, s, bytes, hash).await.map_err(|e| holder_failed(&h, e)) }
             });
             futures::future::try_join_all(uploads).await.map(drop)
-        }));
+        });
     }
-    while let Some(r) = in_flight.next().await {
+    while let Some(r) = in_flight.join_next().await {
         finish(Some(r))?;
         done += SEGMENT_PLAIN_BYTES.min(plan.size - done);
         progress(done);
@@ -298,7 +331,7 @@ pub async fn put_object<S: Shards>(
                 expires_ms: sealed.expires_ms,
             };
             if !terms.verify(&plan.network, &h.node, &sealed.receipt) {
-                return Err(TransferFailed::BadReceipt(h.node.short()));
+                return Err(TransferFailed::BadReceipt(h.node));
             }
             Ok::<_, TransferFailed>(ShardHolder {
                 node: h.node,
