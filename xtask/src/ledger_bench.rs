@@ -616,7 +616,7 @@ fn transfer(from: &Identity, nonce: u64, to: &Identity, amount: u64) -> Signed {
     Signed { hash: stx.hash(), bytes: stx.to_bytes() }
 }
 
-async fn post(client: &reqwest::Client, url: String, body: Vec<u8>) -> Result<serde_json::Value> {
+pub(crate) async fn post(client: &reqwest::Client, url: String, body: Vec<u8>) -> Result<serde_json::Value> {
     let r = client.post(url).header("content-type", "application/octet-stream").body(body).send().await?;
     let status = r.status();
     let v: serde_json::Value = r.json().await?;

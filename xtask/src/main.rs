@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask bench [devnet|verify|ledger|liveness|state|pipeline|all]`,
+//! Project automation: `cargo xtask bench [devnet|verify|ledger|liveness|state|pipeline|storage|all]`,
 //! `cargo xtask sim --seeds N` and `cargo xtask fuzz [--seconds N]`.
 //!
 //! Benchmarks print absolute figures and a ratio against a baseline measured in the same run on
@@ -20,6 +20,7 @@ mod pipeline_bench;
 mod simplex_baseline;
 mod state_bench;
 mod state_devnet_bench;
+mod storage_bench;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -33,15 +34,19 @@ fn main() -> Result<()> {
                 "liveness" => liveness_bench::bench(),
                 "state" => state_bench::bench().and_then(|_| bench_state_devnet()),
                 "pipeline" => pipeline_bench::bench(),
+                "storage" => storage_bench::bench(&build_release()?),
                 "all" => bench_verify()
                     .and_then(|_| bench_devnet())
                     .and_then(|_| ledger_bench::bench(&build_release()?, runs(&args)?))
                     .and_then(|_| liveness_bench::bench())
                     .and_then(|_| state_bench::bench())
                     .and_then(|_| bench_state_devnet())
-                    .and_then(|_| pipeline_bench::bench()),
+                    .and_then(|_| pipeline_bench::bench())
+                    .and_then(|_| storage_bench::bench(&build_release()?)),
                 other => {
-                    bail!("unknown benchmark {other:?}: use verify, devnet, ledger, liveness, state, pipeline or all")
+                    bail!(
+                        "unknown benchmark {other:?}: use verify, devnet, ledger, liveness, state, pipeline, storage or all"
+                    )
                 }
             }
         }
@@ -62,11 +67,13 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("fuzz") => fuzz::run(&args[1..]),
+        // Started by `bench storage` itself: runs one program and reports its peak RSS.
+        Some("peak-rss") => storage_bench::peak_rss_main(&args[1..]),
         // Started by `bench ledger` itself: one validator of the bare-simplex baseline.
         Some("simplex-validator") => simplex_baseline::validator_main(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask bench [verify|devnet|ledger|liveness|state|pipeline|all] [--runs N]\n       cargo xtask sim [--seeds N]\n       \
+                "usage: cargo xtask bench [verify|devnet|ledger|liveness|state|pipeline|storage|all] [--runs N]\n       cargo xtask sim [--seeds N]\n       \
                  cargo xtask fuzz [--seconds N] [TARGET...]"
             );
             Ok(())

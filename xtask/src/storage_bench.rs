@@ -1,0 +1,464 @@
+//! `cargo xtask bench storage`: object storage on a release devnet of 12 node processes.
+//!
+//! Every figure is read against a baseline measured in the same run on the same disk:
+//!
+//! - **Disk ceiling**: sequential 1 MiB writes of 1 GiB then `fdatasync` (what `dd bs=1M
+//!   conv=fdatasync` does), three times, median. A 4+2 PUT writes 1.5× the object on this one
+//!   disk, so the PUT ceiling is that figure divided by (k+m)/k.
+//! - **Large objects**: three rounds of `archipel put` and `archipel get` of a 1 GiB file through
+//!   the CLI (final on the ledger, read back and checked), each round reported, min/median/max.
+//! - **Small objects**: 32 concurrent clients, each a tenant with its own bucket, PUT 4 KiB
+//!   objects in a closed loop through the library (upload, seal, `PutObject` final); ops/s over
+//!   every PUT of the run, latency p50/p99 with the split between storing and finality.
+//! - **Repair**: a holder of the last 1 GiB object is killed -9; the time from the moment its
+//!   shards may be repaired (lease down + the 10 s grace) until the rebuilt shards are committed,
+//!   against the bytes rebuilt.
+//! - **Client memory**: peak RSS of `archipel put` streaming a 10 GiB (sparse) file, measured by
+//!   the kernel (`getrusage` of a parent that ran only that process); goal ≤ 256 MiB.
+//!   `ARCHIPEL_BENCH_BIG_GIB` sets the size (0 skips it).
+
+use crate::ledger_bench::{Devnet, post, start_devnet};
+use crate::median;
+use anyhow::{Context, Result, bail};
+use archipel_crypto::Identity;
+use archipel_ledger::storage::{BucketRecord, ObjectPut};
+use archipel_ledger::{Credit, Hash, Payload, Transaction};
+use archipel_objects::http::HttpShards;
+use archipel_objects::transfer::{PutPlan, put_object};
+use archipel_placement::{Candidate, MAX_REPUTATION};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const BASE_IP: &str = "127.0.72.2";
+const BASE_PORT: &str = "26400";
+const LARGE_MIB: u64 = 1024;
+const ROUNDS: usize = 3;
+const SMALL_CLIENTS: usize = 32;
+const SMALL_PER_CLIENT: usize = 40;
+const SMALL_BYTES: usize = 4096;
+/// The devnet's repair grace (`archipel devnet` default).
+const REPAIR_GRACE: Duration = Duration::from_secs(10);
+
+/// A node of the running devnet, from its `devnet.json`.
+struct Node {
+    name: String,
+    api: String,
+    pid: u32,
+}
+
+fn nodes(work: &Path) -> Result<Vec<Node>> {
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(work.join("devnet/devnet.json"))?)?;
+    Ok(state["nodes"]
+        .as_array()
+        .context("devnet.json lists no nodes")?
+        .iter()
+        .map(|n| Node {
+            name: n["name"].as_str().unwrap_or_default().to_string(),
+            api: n["api_url"].as_str().unwrap_or_default().to_string(),
+            pid: n["pid"].as_u64().unwrap_or(0) as u32,
+        })
+        .collect())
+}
+
+/// MiB/s of writing 1 GiB sequentially in 1 MiB blocks and `fdatasync`ing it, in `dir`.
+fn disk_write_mib_s(dir: &Path) -> Result<f64> {
+    let path = dir.join("disk-ceiling.bin");
+    let block: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let t = Instant::now();
+    let mut f = std::fs::File::create(&path)?;
+    for _ in 0..1024 {
+        f.write_all(&block)?;
+    }
+    f.sync_data()?;
+    let secs = t.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(1024.0 / secs)
+}
+
+/// Writes `mib` MiB of data that differs from MiB to MiB; returns its BLAKE3 hash.
+fn write_source(path: &Path, mib: u64) -> Result<blake3::Hash> {
+    let mut block: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(40_503) >> 7) as u8).collect();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut h = blake3::Hasher::new();
+    for i in 0..mib {
+        block[..8].copy_from_slice(&i.to_le_bytes());
+        f.write_all(&block)?;
+        h.update(&block);
+    }
+    f.flush()?;
+    Ok(h.finalize())
+}
+
+fn hash_file(path: &Path) -> Result<blake3::Hash> {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(std::fs::File::open(path)?)?;
+    Ok(h.finalize())
+}
+
+/// The CLI against the devnet, as the tenant.
+struct Cli {
+    bin: PathBuf,
+    work: PathBuf,
+    api: String,
+}
+
+impl Cli {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        let key = self.work.join("devnet/tenant.key");
+        c.current_dir(&self.work).args(args).arg("--key").arg(key).args(["--node", &self.api]);
+        c.env_remove("ARCHIPEL_NODE").env_remove("ARCHIPEL_KEY");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let out = self.command(args).output()?;
+        if !out.status.success() {
+            bail!("archipel {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut a = args.to_vec();
+        a.push("--json");
+        Ok(serde_json::from_str(&self.run(&a)?)?)
+    }
+}
+
+fn get_json(http: &reqwest::blocking::Client, url: &str) -> Result<serde_json::Value> {
+    Ok(http.get(url).send()?.error_for_status()?.json()?)
+}
+
+/// Storage leases up in finalized state, as `api` serves them.
+fn leases_up(http: &reqwest::blocking::Client, api: &str) -> Vec<String> {
+    get_json(http, &format!("{api}/v1/storage/nodes")).ok().map_or_else(Vec::new, |v| {
+        v["nodes"]
+            .as_array()
+            .map(|a| {
+                a.iter().filter(|n| n["lease"] == "up").filter_map(|n| n["name"].as_str().map(String::from)).collect()
+            })
+            .unwrap_or_default()
+    })
+}
+
+pub fn bench(bin: &Path) -> Result<()> {
+    let work = std::env::temp_dir().join(format!("archipel-bench-storage-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let result = bench_in(bin, &work);
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn bench_in(bin: &Path, work: &Path) -> Result<()> {
+    println!("== bench storage: 12-node release devnet, 4+2 bucket, data on {}", work.display());
+    let disk = median((0..3).map(|_| disk_write_mib_s(work)).collect::<Result<Vec<_>>>()?);
+    let ceiling = disk / 1.5;
+    println!(
+        "disk: sequential write + fdatasync {disk:.0} MiB/s (median of 3 × 1 GiB); a 4+2 PUT writes 1.5× its size: ceiling {ceiling:.0} MiB/s"
+    );
+
+    let devnet: Devnet = start_devnet(bin, work, &["--base-ip", BASE_IP, "--base-port", BASE_PORT])?;
+    let nodes = nodes(work)?;
+    let api = nodes.first().context("no nodes")?.api.clone();
+    let http = reqwest::blocking::Client::builder().no_proxy().timeout(Duration::from_secs(10)).build()?;
+    let t = Instant::now();
+    while leases_up(&http, &api).len() < nodes.len() {
+        if t.elapsed() > Duration::from_secs(90) {
+            bail!("only {:?} of {} storage leases up after 90 s", leases_up(&http, &api), nodes.len());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let cli = Cli { bin: bin.to_path_buf(), work: work.to_path_buf(), api: api.clone() };
+    cli.run(&["bucket", "create", "bench"])?;
+    let bucket: BucketRecord = serde_json::from_value(get_json(&http, &format!("{api}/v1/buckets/bench"))?)?;
+
+    small_objects(work, &api, &bucket)?;
+    let last = large_objects(&cli, work, ceiling)?;
+    repair(&cli, &http, &nodes, &last, disk)?;
+    client_memory(&cli, work)?;
+    drop(devnet);
+    Ok(())
+}
+
+/// Three rounds of a 1 GiB PUT and GET through the CLI; returns the last object's path.
+fn large_objects(cli: &Cli, work: &Path, ceiling: f64) -> Result<String> {
+    let src = work.join("large.bin");
+    let hash = write_source(&src, LARGE_MIB)?;
+    let back = work.join("large-back.bin");
+    let (mut puts, mut gets) = (vec![], vec![]);
+    let mut last = String::new();
+    for round in 0..ROUNDS {
+        last = format!("bench/large-{round}.bin");
+        let t = Instant::now();
+        cli.run(&["put", src.to_str().context("path")?, &last])?;
+        puts.push(LARGE_MIB as f64 / t.elapsed().as_secs_f64());
+        let _ = std::fs::remove_file(&back);
+        let t = Instant::now();
+        cli.run(&["get", &last, back.to_str().context("path")?])?;
+        gets.push(LARGE_MIB as f64 / t.elapsed().as_secs_f64());
+        if hash_file(&back)? != hash {
+            bail!("{last} read back different from what was put");
+        }
+        println!(
+            "  round {round}: PUT {:.0} MiB/s (final on the ledger), GET {:.0} MiB/s (checked)",
+            puts[round], gets[round]
+        );
+    }
+    std::fs::remove_file(&back)?;
+    std::fs::remove_file(&src)?;
+    let spread = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        (s[0], s[s.len() / 2], s[s.len() - 1])
+    };
+    let (pmin, pmed, pmax) = spread(&puts);
+    let (gmin, gmed, gmax) = spread(&gets);
+    println!(
+        "large objects ({LARGE_MIB} MiB, {ROUNDS} rounds, every round counted): PUT min/median/max {pmin:.0}/{pmed:.0}/{pmax:.0} MiB/s = \
+         {:.2}× the disk ceiling of {ceiling:.0} MiB/s; GET {gmin:.0}/{gmed:.0}/{gmax:.0} MiB/s = {:.2}× that ceiling",
+        pmed / ceiling,
+        gmed / ceiling
+    );
+    Ok(last)
+}
+
+fn candidates(v: &serde_json::Value) -> Vec<(Candidate, String)> {
+    let s = |n: &serde_json::Value, k: &str| n[k].as_str().unwrap_or_default().to_string();
+    v["nodes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|n| n["storage"] == true && n["lease"] == "up")
+                .filter_map(|n| {
+                    Some((
+                        Candidate {
+                            node: s(n, "node").parse().ok()?,
+                            region: s(n, "region").parse().ok()?,
+                            country: s(n, "country").parse().ok()?,
+                            operator: s(n, "operator"),
+                            jurisdiction: s(n, "jurisdiction").parse().ok()?,
+                            free_bytes: n["capacity_bytes"].as_u64()?.saturating_sub(n["stored_bytes"].as_u64()?),
+                            reputation: MAX_REPUTATION,
+                        },
+                        s(n, "api_url"),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn final_tx(
+    http: &reqwest::Client,
+    api: &str,
+    id: &Identity,
+    nonce: u64,
+    network: &Hash,
+    payload: Payload,
+) -> Result<()> {
+    let stx = Transaction { signer: id.node_id(), nonce, payload }.sign(id, network);
+    let answer = post(http, format!("{api}/v1/tx?wait=final"), stx.to_bytes()).await?;
+    if answer["status"] != "final" {
+        bail!("transaction {} not final: {answer}", stx.hash());
+    }
+    Ok(())
+}
+
+/// One small-object client: its tenant, its bucket, its next nonce.
+struct SmallClient {
+    id: Identity,
+    nonce: u64,
+    plan: PutPlan,
+}
+
+/// 32 tenants PUT 4 KiB objects in a closed loop; ops/s over every PUT, latency p50/p99.
+fn small_objects(work: &Path, api: &str, template: &BucketRecord) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build()?;
+        let head: serde_json::Value = http.get(format!("{api}/v1/ledger/head")).send().await?.json().await?;
+        let network: Hash = head["genesis_hash"].as_str().context("genesis_hash")?.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let tenant = Identity::load(&work.join("devnet/tenant.key"))?;
+        let account: serde_json::Value =
+            http.get(format!("{api}/v1/accounts/{}", tenant.node_id())).send().await?.json().await?;
+        let nonce = account["account"]["nonce"].as_u64().context("tenant nonce")?;
+        let ids: Vec<Identity> = (0..SMALL_CLIENTS as u64).map(|i| Identity::from_seed(0x5107_0000 + i)).collect();
+        let credits = ids.iter().map(|t| Credit { to: t.node_id(), amount_micro: 10_000_000_000 }).collect();
+        final_tx(&http, api, &tenant, nonce, &network, Payload::TransferMany { credits }).await.context("funding the clients")?;
+        let nodes: serde_json::Value = http.get(format!("{api}/v1/storage/nodes")).send().await?.json().await?;
+        let candidates = candidates(&nodes);
+        let mut clients = vec![];
+        for (i, id) in ids.into_iter().enumerate() {
+            let name = format!("small-{i}");
+            let policy = template.policy.clone();
+            final_tx(&http, api, &id, 0, &network, Payload::CreateBucket { name: name.clone(), policy }).await?;
+            let bucket: BucketRecord = http.get(format!("{api}/v1/buckets/{name}")).send().await?.json().await?;
+            let plan = PutPlan { bucket, key: String::new(), size: SMALL_BYTES as u64, candidates: candidates.clone(), network, etag: None };
+            clients.push(SmallClient { id, nonce: 1, plan });
+        }
+        let started = Instant::now();
+        let tasks: Vec<_> = clients
+            .into_iter()
+            .enumerate()
+            .map(|(c, mut client)| {
+                let http = http.clone();
+                let api = api.to_string();
+                tokio::spawn(async move {
+                    let shards = Arc::new(HttpShards::new(client.id.clone()));
+                    let mut samples = Vec::with_capacity(SMALL_PER_CLIENT);
+                    for n in 0..SMALL_PER_CLIENT {
+                        let data: Vec<u8> = (0..SMALL_BYTES).map(|i| (i ^ n ^ c) as u8).collect();
+                        client.plan.key = format!("obj-{n}");
+                        let t = Instant::now();
+                        let put: ObjectPut = put_object(shards.clone(), &client.plan, &client.id, &data[..], |_| {}).await?;
+                        let stored = t.elapsed();
+                        final_tx(&http, &api, &client.id, client.nonce, &client.plan.network, Payload::PutObject { put }).await?;
+                        client.nonce += 1;
+                        samples.push((stored.as_secs_f64() * 1e3, t.elapsed().as_secs_f64() * 1e3));
+                    }
+                    Ok::<_, anyhow::Error>(samples)
+                })
+            })
+            .collect();
+        let mut all = vec![];
+        for t in tasks {
+            all.extend(t.await.context("a client task")??);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let n = all.len();
+        let mut totals: Vec<f64> = all.iter().map(|s| s.1).collect();
+        let mut stored: Vec<f64> = all.iter().map(|s| s.0).collect();
+        totals.sort_by(f64::total_cmp);
+        stored.sort_by(f64::total_cmp);
+        let pct = |v: &[f64], p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        let ops = n as f64 / secs;
+        println!(
+            "small objects ({SMALL_BYTES} B, {SMALL_CLIENTS} clients × {SMALL_PER_CLIENT}, all {n} PUTs counted): {ops:.0} PUT/s \
+             (goal 2,000: ratio {:.2}); per PUT p50 {:.1} ms, p99 {:.1} ms, of which storing the shards p50 {:.1} ms, p99 {:.1} ms \
+             and the rest waiting for finality",
+            ops / 2000.0,
+            pct(&totals, 0.5),
+            pct(&totals, 0.99),
+            pct(&stored, 0.5),
+            pct(&stored, 0.99)
+        );
+        Ok(())
+    })
+}
+
+/// Kills a non-validator holder of `path` and times the network's repair.
+fn repair(cli: &Cli, http: &reqwest::blocking::Client, nodes: &[Node], path: &str, disk: f64) -> Result<()> {
+    let stat = cli.json(&["stat", path])?;
+    let holders: Vec<String> = stat["holders"]
+        .as_array()
+        .context("holders")?
+        .iter()
+        .filter_map(|h| h["name"].as_str().map(String::from))
+        .collect();
+    let validators: Vec<&str> = nodes.iter().take(4).map(|n| n.name.as_str()).collect();
+    let (index, victim) = holders
+        .iter()
+        .enumerate()
+        .find(|(_, h)| !validators.contains(&h.as_str()))
+        .context("no holder that is not a validator")?;
+    let shard_bytes = stat["object"]["shard_bytes"].as_u64().context("shard_bytes")?;
+    let node = nodes.iter().find(|n| &n.name == victim).context("victim")?;
+    let ask = nodes.iter().find(|n| !holders.contains(&n.name)).context("a node that holds nothing")?;
+    let killed = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(node.pid as i32), nix::sys::signal::Signal::SIGKILL)?;
+    let down = loop {
+        if !leases_up(http, &ask.api).contains(victim) {
+            break killed.elapsed();
+        }
+        if killed.elapsed() > Duration::from_secs(60) {
+            bail!("{victim} still up 60 s after kill -9");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let cli_ask = Cli { bin: cli.bin.clone(), work: cli.work.clone(), api: ask.api.clone() };
+    let repaired = loop {
+        if let Ok(s) = cli_ask.json(&["stat", path])
+            && s["holders"][index]["name"].as_str().is_some_and(|n| n != victim)
+        {
+            break killed.elapsed();
+        }
+        if killed.elapsed() > Duration::from_secs(600) {
+            bail!("{path}: shard {index} not repaired 600 s after its holder was killed");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let work_time = repaired.saturating_sub(down + REPAIR_GRACE).as_secs_f64().max(1e-3);
+    let mib = shard_bytes as f64 / (1 << 20) as f64;
+    println!(
+        "repair: holder {victim} killed -9; its lease down after {:.1} s, repairable {:.0} s later, {mib:.0} MiB of shards rebuilt \
+         and committed {:.1} s after that: {:.0} MiB/s rebuilt (reading {:.0} MiB) = {:.2}× the disk's write ceiling of {disk:.0} MiB/s",
+        down.as_secs_f64(),
+        REPAIR_GRACE.as_secs_f64(),
+        work_time,
+        mib / work_time,
+        mib * 4.0,
+        mib / work_time / disk
+    );
+    Ok(())
+}
+
+/// Peak RSS of `archipel put` streaming a large sparse file.
+fn client_memory(cli: &Cli, work: &Path) -> Result<()> {
+    let gib: u64 = match std::env::var("ARCHIPEL_BENCH_BIG_GIB") {
+        Ok(v) => {
+            v.trim().parse().with_context(|| format!("ARCHIPEL_BENCH_BIG_GIB must be a number of GiB, not {v:?}"))?
+        }
+        Err(_) => 10,
+    };
+    if gib == 0 {
+        println!("client memory: skipped (ARCHIPEL_BENCH_BIG_GIB=0)");
+        return Ok(());
+    }
+    let src = work.join("big.bin");
+    std::fs::File::create(&src)?.set_len(gib << 30)?;
+    let report = work.join("peak-rss");
+    let xtask = std::env::current_exe()?;
+    let put = cli.command(&["put", src.to_str().context("path")?, "bench/big.bin"]);
+    let t = Instant::now();
+    let status = Command::new(xtask)
+        .arg("peak-rss")
+        .arg(&report)
+        .arg(put.get_program())
+        .args(put.get_args())
+        .current_dir(work)
+        .status()?;
+    let secs = t.elapsed().as_secs_f64();
+    std::fs::remove_file(&src)?;
+    if !status.success() {
+        bail!("the {gib} GiB PUT failed");
+    }
+    let kib: f64 = std::fs::read_to_string(&report)?.trim().parse()?;
+    let mib = kib / 1024.0;
+    println!(
+        "client memory: {gib} GiB streaming PUT in {secs:.0} s ({:.0} MiB/s), peak RSS of archipel put {mib:.0} MiB (goal <= 256 MiB: ratio {:.2}) — {}",
+        (gib << 10) as f64 / secs,
+        mib / 256.0,
+        if mib <= 256.0 { "met" } else { "NOT met" }
+    );
+    Ok(())
+}
+
+/// `xtask peak-rss REPORT PROGRAM ARGS…`: runs the program, writes its peak RSS in KiB to REPORT
+/// and exits with its status. The kernel's `ru_maxrss` over this process's children is exactly
+/// the program's, since it is the only child.
+pub fn peak_rss_main(args: &[String]) -> Result<()> {
+    let (report, program) = match args {
+        [report, program, ..] => (report, program),
+        _ => bail!("usage: xtask peak-rss REPORT PROGRAM [ARGS…]"),
+    };
+    let status = Command::new(program).args(&args[2..]).status()?;
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?;
+    std::fs::write(report, usage.max_rss().to_string())?;
+    std::process::exit(status.code().unwrap_or(1));
+}
