@@ -280,6 +280,13 @@ pub async fn put(args: PutArgs) -> Result<()> {
     let file = std::fs::File::open(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
     let size = file.metadata().with_context(|| format!("cannot read {}", args.file.display()))?.len();
     let bucket_record: BucketRecord = c.get(&format!("/v1/buckets/{bucket}")).await?;
+    if bucket_record.owner != owner.node_id() {
+        bail!(
+            "bucket {bucket:?} belongs to {}, not to your key {}: only its owner writes into it (pass --key)",
+            bucket_record.owner.short(),
+            owner.node_id().short()
+        );
+    }
     let mut plan = PutPlan {
         bucket: bucket_record,
         key: key.clone(),

@@ -6,6 +6,7 @@
 //!    repair starts for nodes that are still up.
 //! 2. Two holders killed -9 during a PUT: the client places the object again without them and it
 //!    reads back byte-identical; the abandoned attempt never lists.
+//! 0. First, a tenant funded after the genesis stores and reads with its own key.
 //! 3. A holder killed during a PUT when no compliant node is left to take its place: a clean
 //!    error, and nothing lists as present.
 //!
@@ -50,6 +51,7 @@ fn hash_file(path: &Path) -> blake3::Hash {
     h.finalize()
 }
 
+#[derive(Clone)]
 struct Net {
     w: PathBuf,
     key: String,
@@ -168,6 +170,22 @@ fn us_east_drill_and_holders_killed_during_puts() {
     assert!(us_east.iter().any(|n| validators.contains(n)), "a us-east validator: {us_east:?}");
 
     net.run(&["bucket", "create", "eu-only", "--regions", "eu", "--deny-jurisdictions", "US"]);
+
+    // A tenant who joined after the genesis (an account funded by a transfer) has a bucket of its
+    // own and stores and reads with its key: the nodes' data plane knows every ledger account.
+    let late_key = net.w.join("late.key");
+    run(&net.w, &["key", "gen", "--out", late_key.to_str().unwrap()]);
+    net.run(&["account", "transfer", late_key.to_str().unwrap(), "1000000000"]);
+    let late = Net { key: late_key.to_str().unwrap().to_string(), ..net.clone() };
+    late.run(&["bucket", "create", "late", "--regions", "eu", "--deny-jurisdictions", "US"]);
+    let src = net.w.join("late.bin");
+    let hash = write_source(&src, 3, 5);
+    late.run(&["put", src.to_str().unwrap(), "late/a.bin"]);
+    late.run(&["get", "late/a.bin", net.w.join("late-back.bin").to_str().unwrap()]);
+    assert_eq!(hash_file(&net.w.join("late-back.bin")), hash, "the late tenant's object reads back different");
+    // Another account cannot write into that bucket.
+    let e = refused(&net.w, &args(&net.t(&["put", src.to_str().unwrap(), "late/b.bin"])));
+    assert!(e.contains("bucket \"late\" belongs to"), "{e}");
 
     // Earlier objects, read in a loop while the drill runs.
     let mut earlier = vec![];

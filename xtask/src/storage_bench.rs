@@ -287,7 +287,7 @@ fn small_objects(work: &Path, api: &str, template: &BucketRecord) -> Result<()> 
         let tenant = Identity::load(&work.join("devnet/tenant.key"))?;
         let account: serde_json::Value =
             http.get(format!("{api}/v1/accounts/{}", tenant.node_id())).send().await?.json().await?;
-        let nonce = account["account"]["nonce"].as_u64().context("tenant nonce")?;
+        let nonce = account["nonce"].as_u64().context("tenant nonce")?;
         let ids: Vec<Identity> = (0..SMALL_CLIENTS as u64).map(|i| Identity::from_seed(0x5107_0000 + i)).collect();
         let credits = ids.iter().map(|t| Credit { to: t.node_id(), amount_micro: 10_000_000_000 }).collect();
         final_tx(&http, api, &tenant, nonce, &network, Payload::TransferMany { credits }).await.context("funding the clients")?;

@@ -751,7 +751,7 @@ fn auth_headers(h: &HeaderMap) -> SignedRequestHeaders {
 
 /// Middleware: verifies the request signature and attaches the [`Caller`].
 pub async fn authenticate(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
-    authenticate_up_to(s, req, next, MAX_BODY_BYTES).await
+    authenticate_up_to(s, req, next, MAX_BODY_BYTES, false).await
 }
 
 /// [`authenticate`] for the shard data plane, whose bodies are whole shards
@@ -773,10 +773,19 @@ pub async fn authenticate_data(State(s): State<Arc<ApiState>>, req: Request, nex
         }
         None => None,
     };
-    authenticate_up_to(s, req, next, crate::shards::MAX_SHARD_BODY).await
+    authenticate_up_to(s, req, next, crate::shards::MAX_SHARD_BODY, true).await
 }
 
-async fn authenticate_up_to(s: Arc<ApiState>, req: Request, next: Next, limit: usize) -> Response {
+/// Checks the request's signature, from a genesis account or a member node; with `ledger_accounts`
+/// (the data plane) also from any account the finalized ledger knows (funded or used): tenants
+/// who joined after the genesis store and read their objects with the key that owns their buckets.
+async fn authenticate_up_to(
+    s: Arc<ApiState>,
+    req: Request,
+    next: Next,
+    limit: usize,
+    ledger_accounts: bool,
+) -> Response {
     let (mut parts, body) = req.into_parts();
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
@@ -794,7 +803,13 @@ async fn authenticate_up_to(s: Arc<ApiState>, req: Request, next: Next, limit: u
         let mut v = s.verifier.lock().unwrap_or_else(|p| p.into_inner());
         let members = lock_table(&s.table).allowed().clone();
         v.verify(&headers, parts.method.as_str(), &path, &bytes, system_now_ms(), |k| {
-            s.accounts.contains(k) || members.contains(k)
+            s.accounts.contains(k)
+                || members.contains(k)
+                || (ledger_accounts
+                    && s.chain.with_state(|st| {
+                        let a = st.account(k);
+                        a.balance_micro > 0 || a.nonce > 0
+                    }))
         })
     };
     match verdict {
