@@ -710,6 +710,9 @@ impl State {
         if self.auditor_of(&obj, epoch) != Some(signer) {
             return bad(format!("{} is not the auditor of {bucket}/{key} in epoch {epoch}", signer.short()));
         }
+        if obj.holders.is_empty() {
+            return bad(format!("{bucket}/{key} is empty: it has no shards to audit"));
+        }
         let (index, _) = audit_challenge(&obj, epoch);
         if obj.suspect.contains(&index) {
             return bad(format!("shard {index} of {bucket}/{key} failed an audit already"));
@@ -722,7 +725,10 @@ impl State {
             return Receipt::AuditFailed { bucket: bucket.into(), key: key.into(), holder: NodeId([0; 32]), index: 0 };
         };
         let (index, _) = audit_challenge(&obj, epoch);
-        let holder = obj.holders[usize::from(index)];
+        // Checked before (an empty object has no holders); never index past them.
+        let Some(&holder) = obj.holders.get(usize::from(index)) else {
+            return Receipt::AuditFailed { bucket: bucket.into(), key: key.into(), holder: NodeId([0; 32]), index };
+        };
         obj.suspect.push(index);
         obj.suspect.sort_unstable();
         self.objects.set(object_id(bucket, key), Some(obj));
@@ -1637,6 +1643,26 @@ mod tests {
         assert!(value.is_some());
         let shown = proof.verify(&opened.state_root(), &state_key_hash_of("eu-docs", "k")).unwrap();
         assert_eq!(shown, crate::trie::Proven::Present(crate::trie::value_hash(&value.unwrap())));
+    }
+
+    #[test]
+    fn an_audit_report_against_an_empty_object_is_refused_not_a_crash() {
+        let mut s = world();
+        let mut t = Tenant { nonce: 0 };
+        bucket_with(&mut s, &mut t, "eu-docs", eu_no_us());
+        put(&mut s, &mut t, "eu-docs", "empty", 0, &[], 1).unwrap();
+        let o = s.object("eu-docs", "empty").unwrap();
+        assert!(o.holders.is_empty());
+        let epoch = s.audit_epoch(s.chain.timestamp_ms);
+        let auditor = s.auditor_of(&o, epoch).expect("an empty object still has an auditor by the rule");
+        let report = Payload::AuditFailed { bucket: "eu-docs".into(), key: "empty".into(), version: o.version, epoch };
+        let nonce = s.account(&auditor).nonce;
+        let e = s.apply(&signed(seed_of(&auditor), nonce, report)).unwrap_err();
+        assert!(e.to_string().contains("no shards to audit"), "{e}");
+        // Applied anyway (a block built by a faulty proposer): no panic, nothing marked.
+        let r = s.apply_audit_failed("eu-docs", "empty", epoch);
+        assert!(matches!(r, Receipt::AuditFailed { .. }));
+        assert!(s.object("eu-docs", "empty").unwrap().suspect.is_empty());
     }
 
     #[test]

@@ -146,6 +146,7 @@ pub struct ApiGuards {
     reads: RateLimiter<IpAddr>,
     txs: RateLimiter<IpAddr>,
     signed: RateLimiter<NodeId>,
+    data: RateLimiter<NodeId>,
     export_bytes: RateLimiter<()>,
     exports: Arc<Semaphore>,
     exports_by_source: Arc<Mutex<HashMap<IpAddr, u32>>>,
@@ -162,6 +163,7 @@ impl ApiGuards {
             reads: RateLimiter::new(limits.reads_per_second_per_ip, limits.read_burst_per_ip),
             txs: RateLimiter::new(limits.txs_per_second_per_ip, limits.tx_burst_per_ip),
             signed: RateLimiter::new(limits.signed_per_second_per_key, limits.signed_burst_per_key),
+            data: RateLimiter::new(limits.data_calls_per_second_per_key, limits.data_burst_per_key),
             export_bytes: RateLimiter::new(limits.export_kib_per_second, limits.export_kib_per_second),
             exports: Arc::new(Semaphore::new(MAX_EXPORTS)),
             exports_by_source: Arc::default(),
@@ -776,16 +778,11 @@ pub async fn authenticate_data(State(s): State<Arc<ApiState>>, req: Request, nex
     authenticate_up_to(s, req, next, crate::shards::MAX_SHARD_BODY, true).await
 }
 
-/// Checks the request's signature, from a genesis account or a member node; with `ledger_accounts`
-/// (the data plane) also from any account the finalized ledger knows (funded or used): tenants
-/// who joined after the genesis store and read their objects with the key that owns their buckets.
-async fn authenticate_up_to(
-    s: Arc<ApiState>,
-    req: Request,
-    next: Next,
-    limit: usize,
-    ledger_accounts: bool,
-) -> Response {
+/// Checks the request's signature, from a genesis account or a member node; on the data plane
+/// (`data_plane`) also from any account the finalized ledger knows (funded or used): tenants who
+/// joined after the genesis store and read their objects with the key that owns their buckets.
+/// Data-plane calls count against their own per-key rate (`data_calls_per_second_per_key`).
+async fn authenticate_up_to(s: Arc<ApiState>, req: Request, next: Next, limit: usize, data_plane: bool) -> Response {
     let (mut parts, body) = req.into_parts();
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
@@ -805,7 +802,7 @@ async fn authenticate_up_to(
         v.verify(&headers, parts.method.as_str(), &path, &bytes, system_now_ms(), |k| {
             s.accounts.contains(k)
                 || members.contains(k)
-                || (ledger_accounts
+                || (data_plane
                     && s.chain.with_state(|st| {
                         let a = st.account(k);
                         a.balance_micro > 0 || a.nonce > 0
@@ -814,16 +811,29 @@ async fn authenticate_up_to(
     };
     match verdict {
         Ok(caller) => {
-            if let Err(wait) = s.guards.signed.take(caller, Instant::now()) {
-                let l = &s.guards.limits;
+            let l = &s.guards.limits;
+            let (limiter, burst, rate, names) = if data_plane {
+                (
+                    &s.guards.data,
+                    l.data_burst_per_key,
+                    l.data_calls_per_second_per_key,
+                    "data_burst_per_key, data_calls_per_second_per_key",
+                )
+            } else {
+                (
+                    &s.guards.signed,
+                    l.signed_burst_per_key,
+                    l.signed_per_second_per_key,
+                    "signed_burst_per_key, signed_per_second_per_key",
+                )
+            };
+            if let Err(wait) = limiter.take(caller, Instant::now()) {
                 return retry_later(
                     StatusCode::TOO_MANY_REQUESTS,
                     "key_rate_limit",
                     format!(
-                        "key {} made more than {} signed calls in a burst, {} per second (api.limits.signed_burst_per_key, signed_per_second_per_key): retry after {} ms",
+                        "key {} made more than {burst} signed calls in a burst, {rate} per second (api.limits.{names}): retry after {} ms",
                         caller.short(),
-                        l.signed_burst_per_key,
-                        l.signed_per_second_per_key,
                         wait.as_millis().max(1)
                     ),
                     wait,

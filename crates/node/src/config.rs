@@ -99,6 +99,11 @@ pub struct ApiLimits {
     pub signed_per_second_per_key: NonZeroU32,
     /// Signed calls one key may make in a burst.
     pub signed_burst_per_key: NonZeroU32,
+    /// Shard and manifest transfers (the data plane) per second from one key: a 1 GiB PUT at
+    /// 4+2 is 128 shard transfers to each holder, made as fast as the disks allow.
+    pub data_calls_per_second_per_key: NonZeroU32,
+    /// Data-plane transfers one key may make in a burst.
+    pub data_burst_per_key: NonZeroU32,
     /// Transactions per second one source IP address may submit (`POST /v1/tx` counts one,
     /// `POST /v1/txs` one per transaction in the batch, whether or not they decode).
     pub txs_per_second_per_ip: NonZeroU32,
@@ -127,6 +132,10 @@ impl Default for ApiLimits {
             read_burst_per_ip: n(200),
             signed_per_second_per_key: n(20),
             signed_burst_per_key: n(40),
+            // 1,000 transfers of 2 MiB shards is 2 GB/s, beyond any disk here: never binds an
+            // honest client; a runaway one is held to it (the 16 transfer slots bound memory).
+            data_calls_per_second_per_key: n(1_000),
+            data_burst_per_key: n(2_000),
             // The ledger's measured capacity (~5,000 transfers/s for the whole network): one
             // source may offer a node as much as the ledger can take, never more, which also caps
             // the signatures it makes the node verify; the burst is ten full batches.

@@ -17,7 +17,7 @@
 use crate::shards::ShardService;
 use archipel_consensus::Chain;
 use archipel_crypto::Identity;
-use archipel_ledger::storage::{ObjectRecord, ShardMove};
+use archipel_ledger::storage::{MAX_RECEIPT_TTL_MS, ObjectRecord, ShardMove};
 use archipel_ledger::{Hash, LeaseStatus, Payload, Transaction};
 use archipel_objects::http::HttpShards;
 use archipel_objects::transfer::{Holder, Shards as _};
@@ -466,7 +466,18 @@ impl Worker for Auditor {
                     continue;
                 }
                 Ok(_) => "served bytes that do not match the manifest".to_string(),
-                Err(e) => e.message,
+                Err(e) if e.holder_lacks_shard() => e.message,
+                Err(e) => {
+                    // Busy, rate-limited, slow or unreachable: no verdict. A holder that is down
+                    // is the lease's business; reporting it here would let anyone who keeps a
+                    // node busy (or the auditor's own network) cost it reputation.
+                    notes.push(format!(
+                        "{name}: holder {} did not answer ({}): no verdict",
+                        c.holder.node.short(),
+                        e.message
+                    ));
+                    continue;
+                }
             };
             self.failed += 1;
             self.counters.audits_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -513,6 +524,10 @@ impl Collector {
     }
 }
 
+/// How far the validators' block time may be from this node's clock when the collector compares
+/// them (issue 17 bounds block time to a few seconds of the validators' clocks).
+const COLLECT_CLOCK_MARGIN_MS: u64 = 60_000;
+
 impl Worker for Collector {
     fn name(&self) -> &'static str {
         "collect"
@@ -528,9 +543,9 @@ impl Worker for Collector {
         if let Some(stall) = self.chain.applier().stall() {
             return Err(format!("skipped: the ledger is stalled ({})", stall.reason));
         }
-        let (listed, fault) = self.chain.with_state(|st| {
+        let (listed, fault, head_ms) = self.chain.with_state(|st| {
             let listed: BTreeSet<[u8; 32]> = st.objects_on(&self.me).into_iter().map(|o| o.version.0).collect();
-            (listed, st.store_fault())
+            (listed, st.store_fault(), st.chain().timestamp_ms)
         });
         if let Some(e) = fault {
             return Err(format!("skipped: the state store failed ({e})"));
@@ -543,8 +558,19 @@ impl Worker for Collector {
             let mut freed = 0u64;
             let mut deleted = 0;
             let mut unlisted = BTreeSet::new();
+            let now_ms = crate::api::system_now_ms();
             for v in store.versions().map_err(|e| e.to_string())? {
-                if listed.contains(&v) || store.age(&v).is_some_and(|age| age < after) {
+                let Some(age) = store.age(&v) else { continue };
+                if listed.contains(&v) || age < after {
+                    continue;
+                }
+                // A receipt signed when these files were written is valid for at most
+                // MAX_RECEIPT_TTL_MS: only once this node's finalized state has a block later
+                // than that can it know the version was never committed. A node that lags
+                // behind (cut off from the validators, still reached by clients) deletes nothing
+                // a block it has not seen yet may list.
+                let written_ms = now_ms.saturating_sub(age.as_millis() as u64);
+                if head_ms < written_ms.saturating_add(MAX_RECEIPT_TTL_MS + COLLECT_CLOCK_MARGIN_MS) {
                     continue;
                 }
                 // Unlisted in two passes in a row, a pass apart, before anything is deleted.

@@ -1,7 +1,8 @@
 //! [`Shards`] over the nodes' signed HTTP data plane (`archipel_node::shards` serves it).
 //!
 //! Every call is signed with the client's key. A node busy with its maximum of shard transfers
-//! answers 503 `data_busy`; the call is retried a few times after a short pause. Timeouts scale
+//! answers 503 `data_busy`, and one over its per-key data rate 429 `key_rate_limit`; either call is
+//! retried a few times after a short pause. Timeouts scale
 //! with the body: a slow node fails its call rather than stalling a transfer for ever.
 
 use crate::pipeline::ShardHash;
@@ -46,7 +47,7 @@ impl HttpShards {
         let url = format!("{}{path}", h.url.trim_end_matches('/'));
         // A minute plus a second per MiB: generous for a slow disk, finite for a dead node.
         let timeout = Duration::from_secs(60 + (body.len() as u64 >> 20));
-        let fail = |message: String| TransferError { message, full: false };
+        let fail = |message: String| TransferError { message, full: false, code: None };
         let mut attempt = 0;
         loop {
             let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
@@ -74,14 +75,17 @@ impl HttpShards {
                 ),
                 Err(_) => ("error".into(), String::from_utf8_lossy(&bytes).chars().take(200).collect()),
             };
-            if code == "data_busy" && attempt < BUSY_RETRIES {
+            if (code == "data_busy" || code == "key_rate_limit") && attempt < BUSY_RETRIES {
                 attempt += 1;
+                // A growing pause: the node's `Retry-After` is in whole seconds, far longer than
+                // its limiters need.
                 tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(5)))).await;
                 continue;
             }
             return Err(TransferError {
                 message: format!("{url} answered {} {code}: {message}", status.as_u16()),
                 full: code == "storage_full",
+                code: Some(code),
             });
         }
     }
@@ -93,7 +97,7 @@ impl HttpShards {
 pub const MAX_ANSWER_BYTES: usize = 80 << 20;
 
 async fn read_capped(mut resp: reqwest::Response, url: &str) -> Result<Bytes, TransferError> {
-    let fail = |message: String| TransferError { message, full: false };
+    let fail = |message: String| TransferError { message, full: false, code: None };
     if resp.content_length().is_some_and(|n| n > MAX_ANSWER_BYTES as u64) {
         return Err(fail(format!("{url} announced an answer of more than {MAX_ANSWER_BYTES} bytes")));
     }
@@ -147,7 +151,11 @@ impl Shards for HttpShards {
     ) -> Result<Sealed, TransferError> {
         let path = format!("{}/seal/{index}?object={object}&generation={generation}", object_path(version));
         let body = self.call("POST", holder, &path, Bytes::new(), None).await?;
-        let bad = |m: &str| TransferError { message: format!("{}: bad seal answer: {m}", holder.url), full: false };
+        let bad = |m: &str| TransferError {
+            message: format!("{}: bad seal answer: {m}", holder.url),
+            full: false,
+            code: None,
+        };
         let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| bad(&e.to_string()))?;
         let mut receipt = [0u8; 64];
         hex::decode_to_slice(v["receipt"].as_str().unwrap_or(""), &mut receipt).map_err(|_| bad("receipt"))?;

@@ -55,6 +55,17 @@ pub struct TransferError {
     pub message: String,
     /// Whether the holder said it is full.
     pub full: bool,
+    /// The error code the holder answered with (`shard_not_found`, `shard_corrupt`, `data_busy`…);
+    /// `None` when it did not answer (unreachable, timed out, cut off).
+    pub code: Option<String>,
+}
+
+impl TransferError {
+    /// Whether the holder itself said it cannot serve the shard: it does not have it, or its copy
+    /// failed its hash. A busy, rate-limited or unreachable holder has said nothing of the kind.
+    pub fn holder_lacks_shard(&self) -> bool {
+        matches!(self.code.as_deref(), Some("shard_not_found" | "shard_corrupt"))
+    }
 }
 
 /// A holder's seal: its receipt for one shard index.

@@ -46,7 +46,7 @@ enum Damage {
 }
 
 fn fail(m: &str) -> TransferError {
-    TransferError { message: m.into(), full: false }
+    TransferError { message: m.into(), full: false, code: None }
 }
 
 impl Memory {
@@ -605,5 +605,15 @@ async fn seeded_faults_never_lose_data_within_m_nor_return_wrong_bytes() {
                 "{e}\nreplay with: ARCHIPEL_SIM_SEED={seed} cargo test -p archipel-objects --test transfer seeded (previous: {last})"
             ),
         }
+    }
+}
+
+#[test]
+fn only_a_holder_that_says_it_lacks_the_shard_fails_an_audit() {
+    let e = |code: Option<&str>| TransferError { message: String::new(), full: false, code: code.map(String::from) };
+    assert!(e(Some("shard_not_found")).holder_lacks_shard());
+    assert!(e(Some("shard_corrupt")).holder_lacks_shard());
+    for busy in [Some("data_busy"), Some("key_rate_limit"), Some("too_busy"), None] {
+        assert!(!e(busy).holder_lacks_shard(), "{busy:?} is no verdict");
     }
 }
