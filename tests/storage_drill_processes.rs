@@ -20,7 +20,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// Writes `mib` MiB that differ from segment to segment (a 1 MiB block and a counter), returning
@@ -204,8 +204,10 @@ fn us_east_drill_and_holders_killed_during_puts() {
     let known = on_disk(&nodes_dir);
 
     let stop = Arc::new(AtomicBool::new(false));
+    let done_reads = Arc::new(AtomicU32::new(0));
     let reader = {
         let stop = stop.clone();
+        let done_reads = done_reads.clone();
         let earlier = earlier.clone();
         let (w, targs) = (net.w.clone(), net.t(&[]));
         std::thread::spawn(move || {
@@ -220,6 +222,7 @@ fn us_east_drill_and_holders_killed_during_puts() {
                     assert!(out.status.success(), "read {reads} of {key} during the drill: {}", stderr(&out));
                     assert_eq!(hash_file(&out_file), *hash, "{key} read back different during the drill");
                     reads += 1;
+                    done_reads.fetch_add(1, Ordering::SeqCst);
                 }
             }
             reads
@@ -228,7 +231,7 @@ fn us_east_drill_and_holders_killed_during_puts() {
 
     // The drill: kill -9 us-east once the big PUT's first shards are on disk.
     let started = Instant::now();
-    let put = net.put_child(&big, "eu-only/drill.bin");
+    let mut put = net.put_child(&big, "eu-only/drill.bin");
     let deadline = Instant::now() + Duration::from_secs(60);
     while new_versions(&nodes_dir, &known).is_empty() {
         assert!(Instant::now() < deadline, "the big PUT never wrote a shard");
@@ -237,13 +240,18 @@ fn us_east_drill_and_holders_killed_during_puts() {
     for name in &us_east {
         kill9(pid_of(name));
     }
+    assert!(put.try_wait().unwrap().is_none(), "the PUT ended before us-east was killed: the drill tested nothing");
+    let reads_at_kill = done_reads.load(Ordering::SeqCst);
     let out = wait_child(put, "drill PUT");
+    let reads_during = done_reads.load(Ordering::SeqCst) - reads_at_kill;
     assert!(out.status.success(), "the PUT failed during the drill: {}", stderr(&out));
     eprintln!("drill: {mib} MiB PUT in {:.1} s with us-east killed", started.elapsed().as_secs_f64());
     stop.store(true, Ordering::Relaxed);
     let reads = reader.join().expect("every read during the drill returned the right bytes");
-    assert!(reads >= 3, "only {reads} reads ran during the drill");
+    assert!(reads_during >= 3, "only {reads_during} reads ended between the kill and the PUT's end ({reads} in all)");
 
+    let drill_holders = net.holders("eu-only/drill.bin");
+    let late_holders = late.holders("late/a.bin");
     let back = net.w.join("drill-back.bin");
     net.run(&["get", "eu-only/drill.bin", back.to_str().unwrap()]);
     assert_eq!(hash_file(&back), big_hash, "the drill's object reads back different");
@@ -256,6 +264,8 @@ fn us_east_drill_and_holders_killed_during_puts() {
     for ((key, _), before) in earlier.iter().zip(&holders_before) {
         assert_eq!(&net.holders(key), before, "{key} was moved although all its holders are up");
     }
+    assert_eq!(net.holders("eu-only/drill.bin"), drill_holders, "the drill's object was moved");
+    assert_eq!(late.holders("late/a.bin"), late_holders, "late/a.bin was moved");
     let live: Vec<String> = all.iter().map(|n| n.0.clone()).filter(|n| !us_east.contains(n)).collect();
     let repairs: f64 = live.iter().map(|n| metric(&url_of(n), "storage_repairs_submitted")).sum();
     assert_eq!(repairs, 0.0, "a repair started although no holder is down");
@@ -281,7 +291,7 @@ fn us_east_drill_and_holders_killed_during_puts() {
     let known = on_disk(&nodes_dir);
     let src = net.w.join("during.bin");
     let hash = write_source(&src, 64, 11);
-    let put = net.put_child(&src, "eu-only/during.bin");
+    let mut put = net.put_child(&src, "eu-only/during.bin");
     let deadline = Instant::now() + Duration::from_secs(60);
     let (victims, abandoned) = loop {
         let seen = new_versions(&nodes_dir, &known);
@@ -295,6 +305,7 @@ fn us_east_drill_and_holders_killed_during_puts() {
     for name in &victims {
         kill9(pid_of(name));
     }
+    assert!(put.try_wait().unwrap().is_none(), "the PUT ended before its holders were killed");
     let out = wait_child(put, "PUT with two holders killed");
     assert!(out.status.success(), "the PUT did not survive two killed holders: {}", stderr(&out));
     assert!(stderr(&out).contains("placing the object again without node"), "{}", stderr(&out));

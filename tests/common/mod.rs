@@ -276,13 +276,17 @@ pub fn files(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// The sum of every series of the metric whose name ends with `name`, as `url` exports it (0 when
-/// the node does not answer).
+/// the node does not answer); panics when a node that answers exports no such series, so a
+/// misspelt name cannot pass as zero.
 pub fn metric(url: &str, name: &str) -> f64 {
-    let text = rt().block_on(ApiClient::new(url).metrics_text()).unwrap_or_default();
-    text.lines()
+    let Ok(text) = rt().block_on(ApiClient::new(url).metrics_text()) else { return 0.0 };
+    let values: Vec<f64> = text
+        .lines()
         .filter(|l| !l.starts_with('#') && l.split_whitespace().next().is_some_and(|n| n.ends_with(name)))
         .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum()
+        .collect();
+    assert!(!values.is_empty(), "{url} exports no metric named …{name}");
+    values.iter().sum()
 }
 
 /// Waits until `n` storage leases are up in the finalized state `url` serves (they come up a few
