@@ -354,7 +354,9 @@ fn small_objects(work: &Path, api: &str, template: &BucketRecord) -> Result<()> 
 
 /// Kills a non-validator holder of `path` and times the network's repair.
 fn repair(cli: &Cli, http: &reqwest::blocking::Client, nodes: &[Node], path: &str, disk: f64) -> Result<()> {
-    let stat = cli.json(&["stat", path])?;
+    let genesis = cli.work.join("devnet/genesis.json");
+    let genesis = genesis.to_str().context("path")?;
+    let stat = cli.json(&["stat", path, "--genesis", genesis])?;
     let holders: Vec<String> = stat["holders"]
         .as_array()
         .context("holders")?
@@ -383,7 +385,7 @@ fn repair(cli: &Cli, http: &reqwest::blocking::Client, nodes: &[Node], path: &st
     };
     let cli_ask = Cli { bin: cli.bin.clone(), work: cli.work.clone(), api: ask.api.clone() };
     let repaired = loop {
-        if let Ok(s) = cli_ask.json(&["stat", path])
+        if let Ok(s) = cli_ask.json(&["stat", path, "--genesis", genesis])
             && s["holders"][index]["name"].as_str().is_some_and(|n| n != victim)
         {
             break killed.elapsed();
