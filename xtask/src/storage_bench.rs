@@ -263,7 +263,18 @@ async fn final_tx(
     payload: Payload,
 ) -> Result<()> {
     let stx = Transaction { signer: id.node_id(), nonce, payload }.sign(id, network);
-    let answer = post(http, format!("{api}/v1/tx?wait=final"), stx.to_bytes()).await?;
+    // A node with too many submissions waiting answers 503 `admission_busy` without admitting
+    // this one: send it again after a pause (a bounded number of times).
+    let mut attempts = 0;
+    let answer = loop {
+        match post(http, format!("{api}/v1/tx?wait=final"), stx.to_bytes()).await {
+            Err(e) if e.to_string().contains("admission_busy") && attempts < 50 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            r => break r?,
+        }
+    };
     if answer["status"] != "final" {
         bail!("transaction {} not final: {answer}", stx.hash());
     }
