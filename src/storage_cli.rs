@@ -310,8 +310,8 @@ pub async fn put(args: PutArgs) -> Result<()> {
         bar.set_position(0);
         match put_object(shards.clone(), &plan, &owner, reader, |n| bar.set_position(n)).await {
             Ok(put) => break put,
-            Err(e) => match (e.failed_node(), e.holder_fault()) {
-                (Some(node), Some(fault)) if left_out.len() < PUT_ATTEMPTS - 1 => {
+            Err(e) => match e.holder_fault() {
+                Some((node, fault)) if left_out.len() < PUT_ATTEMPTS - 1 => {
                     left_out.push(node);
                     bar.suspend(|| {
                         eprintln!(

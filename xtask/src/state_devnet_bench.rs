@@ -95,13 +95,16 @@ fn follows(http: &reqwest::blocking::Client, api: &str, target: u64, since: Inst
     }
 }
 
-struct Node {
-    api: String,
-    pid: u32,
-    config: PathBuf,
+/// A node of a running devnet, from the supervisor's `devnet.json`.
+pub(crate) struct Node {
+    pub(crate) name: String,
+    pub(crate) api: String,
+    pub(crate) pid: u32,
+    pub(crate) config: PathBuf,
 }
 
-fn nodes(work: &Path) -> Result<Vec<Node>> {
+/// The nodes of the devnet in `work/devnet`, in start order.
+pub(crate) fn nodes(work: &Path) -> Result<Vec<Node>> {
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(work.join("devnet/devnet.json"))?)?;
     state["nodes"]
         .as_array()
@@ -109,6 +112,7 @@ fn nodes(work: &Path) -> Result<Vec<Node>> {
         .iter()
         .map(|n| {
             Ok(Node {
+                name: n["name"].as_str().context("name")?.to_string(),
                 api: n["api_url"].as_str().context("api_url")?.to_string(),
                 pid: n["pid"].as_u64().unwrap_or(0) as u32,
                 config: PathBuf::from(n["config"].as_str().context("config")?),

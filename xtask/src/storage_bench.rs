@@ -19,6 +19,7 @@
 
 use crate::ledger_bench::{Devnet, post, start_devnet};
 use crate::median;
+use crate::state_devnet_bench::{Node, nodes};
 use anyhow::{Context, Result, bail};
 use archipel_crypto::Identity;
 use archipel_ledger::storage::{BucketRecord, ObjectPut};
@@ -41,27 +42,6 @@ const SMALL_PER_CLIENT: usize = 40;
 const SMALL_BYTES: usize = 4096;
 /// The devnet's repair grace (`archipel devnet` default).
 const REPAIR_GRACE: Duration = Duration::from_secs(10);
-
-/// A node of the running devnet, from its `devnet.json`.
-struct Node {
-    name: String,
-    api: String,
-    pid: u32,
-}
-
-fn nodes(work: &Path) -> Result<Vec<Node>> {
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(work.join("devnet/devnet.json"))?)?;
-    Ok(state["nodes"]
-        .as_array()
-        .context("devnet.json lists no nodes")?
-        .iter()
-        .map(|n| Node {
-            name: n["name"].as_str().unwrap_or_default().to_string(),
-            api: n["api_url"].as_str().unwrap_or_default().to_string(),
-            pid: n["pid"].as_u64().unwrap_or(0) as u32,
-        })
-        .collect())
-}
 
 /// MiB/s of writing 1 GiB sequentially in 1 MiB blocks and `fdatasync`ing it, in `dir`.
 fn disk_write_mib_s(dir: &Path) -> Result<f64> {

@@ -177,23 +177,15 @@ impl From<archipel_placement::PlacementError> for TransferFailed {
 }
 
 impl TransferFailed {
-    /// The holder whose failure this is, if one node is to blame: a new attempt should leave it
-    /// out.
-    pub fn failed_node(&self) -> Option<NodeId> {
-        match self {
-            TransferFailed::Holder { node, .. } | TransferFailed::BadReceipt(node) => Some(*node),
-            _ => None,
-        }
-    }
-
-    /// What a failed holder did, without the advice to retry (for a client that retries itself).
-    pub fn holder_fault(&self) -> Option<String> {
+    /// The holder to blame, if one node is, with what it did (without the advice to retry): a
+    /// client that retries itself leaves that node out of its next attempt.
+    pub fn holder_fault(&self) -> Option<(NodeId, String)> {
         match self {
             TransferFailed::Holder { node, url, error } => {
-                Some(format!("holder {} ({url}) failed: {error}", node.short()))
+                Some((*node, format!("holder {} ({url}) failed: {error}", node.short())))
             }
             TransferFailed::BadReceipt(node) => {
-                Some(format!("holder {} sent a receipt that does not verify", node.short()))
+                Some((*node, format!("holder {} sent a receipt that does not verify", node.short())))
             }
             _ => None,
         }
