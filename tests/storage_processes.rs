@@ -285,6 +285,60 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         }
     }
 
+    // Another key (a member node's: a Byzantine peer) cannot touch the committed version: an
+    // uploader's claim with its own nonce does not make this version, a repair's claim is held
+    // to the ledger's manifest root and that manifest's hashes, and a claim for another object
+    // is refused. The real shards and manifest are untouched.
+    {
+        use archipel_objects::transfer::{Claim, Shards as _};
+        let attacker_dir = devnet.node(0).3.parent().unwrap().to_path_buf();
+        let attacker = archipel_crypto::Identity::load(&attacker_dir.join("node.key")).unwrap();
+        let evil = archipel_objects::http::HttpShards::new(attacker);
+        let object = archipel_ledger::storage::object_id("eu-docs", "reports/2026.bin");
+        let junk = vec![0x5au8; 1000];
+        let junk_hash = archipel_objects::shard_hash(&junk);
+        let owner_claim = Claim::Owner { object, nonce: [7; 32] };
+        let e =
+            rt().block_on(evil.put_shard(&now[0], &record.version, &owner_claim, 0, 0, junk.clone().into(), junk_hash));
+        assert_eq!(e.unwrap_err().code.as_deref(), Some("not_your_version"));
+        let e = rt().block_on(evil.seal(&now[0], &record.version, &owner_claim, 0, 0));
+        assert_eq!(e.unwrap_err().code.as_deref(), Some("not_your_version"));
+        let committed = Claim::Committed { object };
+        let e =
+            rt().block_on(evil.put_shard(&now[1], &record.version, &committed, 1, 0, junk.clone().into(), junk_hash));
+        assert_eq!(e.unwrap_err().code.as_deref(), Some("hash_mismatch"), "a shard the manifest does not list");
+        let mut fake = manifest.clone();
+        fake.size += 1;
+        let e = rt().block_on(evil.put_manifest(&now[1], &record.version, &committed, fake.to_bytes().into()));
+        assert_eq!(e.unwrap_err().code.as_deref(), Some("hash_mismatch"), "a manifest without the ledger's root");
+        let other = Claim::Committed { object: archipel_ledger::storage::object_id("eu-docs", "top.bin") };
+        let e = rt().block_on(evil.put_shard(&now[1], &record.version, &other, 1, 0, junk.clone().into(), junk_hash));
+        assert_eq!(e.unwrap_err().code.as_deref(), Some("not_committed"));
+        // A node that holds nothing of the object: junk under the version's name is refused
+        // too — there is no manifest yet to check it against, and the right one goes in.
+        let ids: Vec<archipel_types::NodeId> = now.iter().map(|h| h.node).collect();
+        let bystander = (0..12)
+            .map(|i| (devnet.id(i), devnet.node(i).1))
+            .find(|(id, url)| !ids.contains(id) && live.contains(url))
+            .map(|(node, url)| archipel_objects::transfer::Holder { node, url })
+            .unwrap();
+        let e = rt().block_on(evil.put_shard(
+            &bystander,
+            &record.version,
+            &committed,
+            1,
+            0,
+            junk.clone().into(),
+            junk_hash,
+        ));
+        assert_eq!(e.unwrap_err().code.as_deref(), Some("shard_not_found"), "no manifest to check against");
+        rt().block_on(evil.put_manifest(&bystander, &record.version, &committed, manifest.to_bytes().into())).unwrap();
+        let e = rt().block_on(evil.put_shard(&bystander, &record.version, &committed, 1, 0, junk.into(), junk_hash));
+        assert_eq!(e.unwrap_err().code.as_deref(), Some("hash_mismatch"));
+        let got = rt().block_on(shards.get_shard(&now[1], &record.version, 1, 0)).unwrap();
+        assert_eq!(archipel_objects::shard_hash(&got), manifest.segments[0][1], "the holder's shard is untouched");
+    }
+
     // Every object repaired: nothing degraded, each survives m more losses.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {

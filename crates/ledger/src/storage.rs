@@ -112,6 +112,14 @@ pub fn object_id(bucket: &str, key: &str) -> Hash {
     Hash::of(&[b"archipel/object/v1", &[bucket.len() as u8], bucket.as_bytes(), key.as_bytes()])
 }
 
+/// An object version bound to the key that uploads it and the name it is uploaded for:
+/// `BLAKE3(owner, object, nonce)` with a fresh random `nonce`. A holder accepts uploads and seals
+/// for a version not yet on the ledger only from the key that shows the nonce, so nobody else can
+/// write into, seal or take over another tenant's upload, and a version names one object only.
+pub fn version_id(owner: &NodeId, object: &Hash, nonce: &[u8; 32]) -> Hash {
+    Hash::of(&[b"archipel/version/v1", owner.as_bytes(), &object.0, nonce])
+}
+
 /// Bytes each holder stores for an object of `size` bytes cut into `segment_bytes` segments:
 /// one shard of every encrypted segment (plaintext plus the GCM tag).
 pub fn shard_bytes_per_holder(code: ErasureCode, size: u64, segment_bytes: u64) -> u64 {
@@ -565,6 +573,11 @@ impl State {
         self.objects
             .get(&id, |id| self.load(&StateKey::Object(*id), crate::state::decode_json))
             .filter(|o| o.bucket == bucket && o.key == key)
+    }
+
+    /// The object whose name hashes to `id` ([`object_id`]).
+    pub fn object_by_id(&self, id: &Hash) -> Option<ObjectRecord> {
+        self.objects.get(id, |id| self.load(&StateKey::Object(*id), crate::state::decode_json))
     }
 
     /// Every bucket, by name. O(state): it reads every stored entry (a name index is a later

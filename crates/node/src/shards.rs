@@ -5,13 +5,23 @@
 //!   and when the node is full (507 `storage_full`).
 //! - `PUT /v1/objects/{version}/manifest`: the object's manifest, decoded and checked for its
 //!   version before it is stored.
-//! - `POST /v1/objects/{version}/seal/{index}?object=&generation=`: checks that this node holds
+//! - `POST /v1/objects/{version}/seal/{index}?generation=`: checks that this node holds
 //!   shard `index` of every segment the manifest lists, with the manifest's hashes, fsyncs them,
 //!   and answers the node's signed receipt ([`archipel_ledger::storage::ReceiptTerms`], valid
 //!   for five minutes) — the one thing a `PutObject` or `MoveShards` needs from it.
 //! - `GET …/manifest`, `GET …/shards/{index}/{segment}`: hash-checked reads (a shard that rotted
 //!   on disk answers 500 `shard_corrupt`, never its bytes).
 //! - `GET …/audit/{index}/{segment}?offset=&len=`: the hash of a byte range of a shard, for audits.
+//!
+//! Every write carries a claim ([`CLAIM_HEADER`]) naming the object (hash of bucket and key):
+//! - an uploader's, with the nonce its version was made from (`version_id(caller, object,
+//!   nonce)`): only the key that made a version writes or seals it before it is committed, and a
+//!   receipt names the one object the version was made for — nobody can squat another tenant's
+//!   upload, seal it for their own object or break it with other bytes;
+//! - a repair's, for the version this node's finalized state lists for the object: the manifest
+//!   must have the ledger's root and each shard the hash that manifest lists, and they replace
+//!   whatever else is stored under their names, so junk planted at a future repair target cannot
+//!   block a repair.
 //!
 //! Every call is signed (the same keys as the other signed calls). Bodies are read whole (a
 //! shard is at most [`MAX_SHARD_BODY`]), at most [`MAX_DATA_REQUESTS`] at once, so a node's
@@ -21,8 +31,10 @@
 use crate::api::{ApiState, Caller, error};
 use archipel_crypto::Identity;
 use archipel_ledger::Hash;
-use archipel_ledger::storage::{Manifest, RECEIPT_TTL_MS, ReceiptTerms};
+use archipel_ledger::storage::{Manifest, RECEIPT_TTL_MS, ReceiptTerms, version_id};
+use archipel_objects::transfer::{CLAIM_HEADER, Claim};
 use archipel_store::{ShardKey, ShardStore, ShardStoreError, Version};
+use archipel_types::NodeId;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -92,14 +104,9 @@ impl ShardService {
         index: u8,
         object: Hash,
         generation: u32,
+        grant: Grant,
     ) -> Result<SealReceipt, ShardStoreError> {
-        let bytes = self.store.manifest(version)?.ok_or_else(|| {
-            ShardStoreError::NotFound(format!(
-                "the manifest of {}: upload it before sealing",
-                hex::encode(&version[..8])
-            ))
-        })?;
-        let manifest = Manifest::from_bytes(&bytes).map_err(ShardStoreError::Invalid)?;
+        let manifest = self.manifest(version, grant)?;
         if usize::from(index) >= manifest.code.total() {
             return Err(ShardStoreError::Invalid(format!("shard index {index} is beyond code {}", manifest.code)));
         }
@@ -125,6 +132,130 @@ impl ShardService {
             receipt: hex::encode(terms.sign(&self.identity, &self.network)),
             expires_ms,
         })
+    }
+
+    /// The stored manifest of `version`, parsed; under a [`Grant::Committed`], only one with the
+    /// ledger's root.
+    fn manifest(&self, version: &Version, grant: Grant) -> Result<Manifest, ShardStoreError> {
+        let bytes = self.store.manifest(version)?.ok_or_else(|| {
+            ShardStoreError::NotFound(format!("the manifest of {}: upload it first", hex::encode(&version[..8])))
+        })?;
+        let manifest = Manifest::from_bytes(&bytes).map_err(ShardStoreError::Invalid)?;
+        if let Grant::Committed { manifest_root } = grant
+            && manifest.root() != manifest_root
+        {
+            return Err(ShardStoreError::NotFound(format!(
+                "the manifest of {} with the ledger's root: upload it first",
+                hex::encode(&version[..8])
+            )));
+        }
+        Ok(manifest)
+    }
+
+    /// Stores one shard under `grant`: an owner's as sent; a repair's only with the hash the
+    /// ledger's manifest lists, replacing whatever else is stored under its name.
+    pub fn put_shard(&self, key: ShardKey, bytes: &[u8], hash: &[u8; 32], grant: Grant) -> Result<(), ShardStoreError> {
+        match grant {
+            Grant::Owner => self.store.put_shard(key, bytes, hash),
+            Grant::Committed { .. } => {
+                let manifest = self.manifest(&key.version, grant)?;
+                let listed = manifest
+                    .segments
+                    .get(key.segment as usize)
+                    .and_then(|hashes| hashes.get(usize::from(key.index)))
+                    .ok_or_else(|| {
+                        ShardStoreError::Invalid(format!(
+                            "the manifest has no shard {} of segment {}",
+                            key.index, key.segment
+                        ))
+                    })?;
+                if listed != hash {
+                    return Err(ShardStoreError::HashMismatch {
+                        key: format!("shard {} of segment {} (the ledger's manifest)", key.index, key.segment),
+                        expected: hex::encode(listed),
+                        got: hex::encode(hash),
+                    });
+                }
+                self.store.replace_shard(key, bytes, hash)
+            }
+        }
+    }
+
+    /// Stores a manifest under `grant`: an owner's as sent; a repair's only with the ledger's
+    /// root, replacing any other.
+    pub fn put_manifest(&self, version: &Version, bytes: &[u8], grant: Grant) -> Result<(), ShardStoreError> {
+        match grant {
+            Grant::Owner => self.store.put_manifest(version, bytes),
+            Grant::Committed { manifest_root } => {
+                let root = Manifest::from_bytes(bytes).map_err(ShardStoreError::Invalid)?.root();
+                if root != manifest_root {
+                    return Err(ShardStoreError::HashMismatch {
+                        key: "the manifest (root)".into(),
+                        expected: manifest_root.to_string(),
+                        got: root.to_string(),
+                    });
+                }
+                self.store.replace_manifest(version, bytes)
+            }
+        }
+    }
+}
+
+/// What a write to a version may do, from its [`Claim`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grant {
+    /// The version's uploader (its key made it): what it sends is stored; a different shard or
+    /// manifest already stored under the same name is refused.
+    Owner,
+    /// A repair of the version finalized state lists with this manifest root: only that
+    /// manifest and shards with its hashes, which replace anything else under their names.
+    Committed {
+        /// The ledger's manifest root for the version.
+        manifest_root: Hash,
+    },
+}
+
+/// The grant of a write by `caller` to `version` with the claim in `headers`: an owner's nonce
+/// must make the version from the caller's key; a repair's object must list the version in this
+/// node's finalized state.
+fn grant(s: &ApiState, caller: &NodeId, version: &Version, headers: &HeaderMap) -> Result<(Claim, Grant), Refused> {
+    let text = headers.get(CLAIM_HEADER).and_then(|v| v.to_str().ok()).ok_or_else(|| {
+        Refused::from(error(
+            StatusCode::BAD_REQUEST,
+            "claim_required",
+            format!("send {CLAIM_HEADER}: the object's hash and, for a new version, the nonce it was made from"),
+        ))
+    })?;
+    let claim = Claim::from_header(text).map_err(|m| Refused::from(error(StatusCode::BAD_REQUEST, "bad_claim", m)))?;
+    let short = hex::encode(&version[..8]);
+    match claim {
+        Claim::Owner { object, nonce } => {
+            if version_id(caller, &object, &nonce).0 == *version {
+                Ok((claim, Grant::Owner))
+            } else {
+                Err(error(
+                    StatusCode::FORBIDDEN,
+                    "not_your_version",
+                    format!(
+                        "version {short} is not made from your key, that object and that nonce: only its uploader \
+                         writes a new version (make your own with a fresh nonce)"
+                    ),
+                )
+                .into())
+            }
+        }
+        Claim::Committed { object } => match s.chain.with_state(|st| st.object_by_id(&object)) {
+            Some(o) if o.version.0 == *version => Ok((claim, Grant::Committed { manifest_root: o.manifest_root })),
+            _ => Err(error(
+                StatusCode::CONFLICT,
+                "not_committed",
+                format!(
+                    "version {short} is not the version this node's finalized state lists for that object: only a \
+                     committed version is repaired (retry once this node has the block that committed it)"
+                ),
+            )
+            .into()),
+        },
     }
 }
 
@@ -209,6 +340,7 @@ struct Stored {
 
 async fn put_shard(
     State(s): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
     Path((version, index, segment)): Path<(String, u8, u64)>,
     headers: HeaderMap,
     body: Bytes,
@@ -216,6 +348,7 @@ async fn put_shard(
     {
         let svc = service(&s)?;
         let version = version_of(&version)?;
+        let (_, grant) = grant(&s, &caller.0, &version, &headers)?;
         let mut hash = [0u8; 32];
         let given = headers.get(HASH_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
         hex::decode_to_slice(given, &mut hash).map_err(|_| {
@@ -227,7 +360,7 @@ async fn put_shard(
         })?;
         let len = body.len() as u64;
         let free = blocking(move || {
-            svc.store.put_shard(ShardKey { version, index, segment }, &body, &hash)?;
+            svc.put_shard(ShardKey { version, index, segment }, &body, &hash, grant)?;
             Ok(svc.store.free())
         })
         .await?;
@@ -249,12 +382,15 @@ async fn get_shard(
 
 async fn put_manifest(
     State(s): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
     Path(version): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Refused> {
     {
         let svc = service(&s)?;
         let version = version_of(&version)?;
+        let (_, grant) = grant(&s, &caller.0, &version, &headers)?;
         let manifest = Manifest::from_bytes(&body).map_err(|e| {
             Refused::from(error(StatusCode::BAD_REQUEST, "bad_manifest", format!("not a valid manifest: {e}")))
         })?;
@@ -263,7 +399,7 @@ async fn put_manifest(
         }
         let len = body.len() as u64;
         let free = blocking(move || {
-            svc.store.put_manifest(&version, &body)?;
+            svc.put_manifest(&version, &body, grant)?;
             Ok(svc.store.free())
         })
         .await?;
@@ -285,10 +421,9 @@ async fn get_manifest(State(s): State<Arc<ApiState>>, Path(version): Path<String
     }
 }
 
-/// Query of `POST …/seal/{index}`: the object's state key hash and its holder generation.
+/// Query of `POST …/seal/{index}`: the object's holder generation.
 #[derive(Deserialize)]
 struct SealQuery {
-    object: String,
     #[serde(default)]
     generation: u32,
 }
@@ -298,13 +433,12 @@ async fn seal(
     Extension(caller): Extension<Caller>,
     Path((version, index)): Path<(String, u8)>,
     Query(q): Query<SealQuery>,
+    headers: HeaderMap,
 ) -> Result<Response, Refused> {
     let svc = service(&s)?;
     let version = version_of(&version)?;
-    let object: Hash = q.object.parse().map_err(|_| {
-        Refused::from(error(StatusCode::BAD_REQUEST, "bad_object", "object= is the 64-hex hash of the bucket and key"))
-    })?;
-    let receipt = blocking(move || svc.seal(&version, index, object, q.generation)).await?;
+    let (claim, grant) = grant(&s, &caller.0, &version, &headers)?;
+    let receipt = blocking(move || svc.seal(&version, index, claim.object(), q.generation, grant)).await?;
     tracing::debug!(caller = %caller.0.short(), version = %hex::encode(&version[..8]), index, "shards sealed");
     Ok(Json(receipt).into_response())
 }

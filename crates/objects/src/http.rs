@@ -6,7 +6,7 @@
 //! with the body: a slow node fails its call rather than stalling a transfer for ever.
 
 use crate::pipeline::ShardHash;
-use crate::transfer::{Holder, Sealed, Shards, TransferError};
+use crate::transfer::{CLAIM_HEADER, Claim, Holder, Sealed, Shards, TransferError};
 use archipel_crypto::{Identity, sign_request};
 use archipel_ledger::Hash;
 use bytes::Bytes;
@@ -43,6 +43,7 @@ impl HttpShards {
         path: &str,
         body: Bytes,
         hash: Option<ShardHash>,
+        claim: Option<&Claim>,
     ) -> Result<Bytes, TransferError> {
         let url = format!("{}{path}", h.url.trim_end_matches('/'));
         // A minute plus a second per MiB: generous for a slow disk, finite for a dead node.
@@ -61,6 +62,9 @@ impl HttpShards {
             }
             if let Some(hash) = hash {
                 req = req.header(HASH_HEADER, hex::encode(hash));
+            }
+            if let Some(claim) = claim {
+                req = req.header(CLAIM_HEADER, claim.to_header());
             }
             let resp = req.send().await.map_err(|e| fail(format!("cannot reach {url}: {}", root_cause(&e))))?;
             let status = resp.status();
@@ -128,29 +132,38 @@ impl Shards for HttpShards {
         &self,
         holder: &Holder,
         version: &Hash,
+        claim: &Claim,
         index: u8,
         segment: u64,
         bytes: Bytes,
         hash: ShardHash,
     ) -> Result<(), TransferError> {
         let path = format!("{}/shards/{index}/{segment}", object_path(version));
-        self.call("PUT", holder, &path, bytes, Some(hash)).await.map(drop)
+        self.call("PUT", holder, &path, bytes, Some(hash), Some(claim)).await.map(drop)
     }
 
-    async fn put_manifest(&self, holder: &Holder, version: &Hash, bytes: Bytes) -> Result<(), TransferError> {
-        self.call("PUT", holder, &format!("{}/manifest", object_path(version)), bytes, None).await.map(drop)
+    async fn put_manifest(
+        &self,
+        holder: &Holder,
+        version: &Hash,
+        claim: &Claim,
+        bytes: Bytes,
+    ) -> Result<(), TransferError> {
+        self.call("PUT", holder, &format!("{}/manifest", object_path(version)), bytes, None, Some(claim))
+            .await
+            .map(drop)
     }
 
     async fn seal(
         &self,
         holder: &Holder,
         version: &Hash,
+        claim: &Claim,
         index: u8,
-        object: &Hash,
         generation: u32,
     ) -> Result<Sealed, TransferError> {
-        let path = format!("{}/seal/{index}?object={object}&generation={generation}", object_path(version));
-        let body = self.call("POST", holder, &path, Bytes::new(), None).await?;
+        let path = format!("{}/seal/{index}?generation={generation}", object_path(version));
+        let body = self.call("POST", holder, &path, Bytes::new(), None, Some(claim)).await?;
         let bad = |m: &str| TransferError {
             message: format!("{}: bad seal answer: {m}", holder.url),
             full: false,
@@ -167,7 +180,7 @@ impl Shards for HttpShards {
     }
 
     async fn get_manifest(&self, holder: &Holder, version: &Hash) -> Result<Vec<u8>, TransferError> {
-        self.call("GET", holder, &format!("{}/manifest", object_path(version)), Bytes::new(), None)
+        self.call("GET", holder, &format!("{}/manifest", object_path(version)), Bytes::new(), None, None)
             .await
             .map(|b| b.to_vec())
     }
@@ -180,6 +193,6 @@ impl Shards for HttpShards {
         segment: u64,
     ) -> Result<Vec<u8>, TransferError> {
         let path = format!("{}/shards/{index}/{segment}", object_path(version));
-        self.call("GET", holder, &path, Bytes::new(), None).await.map(|b| b.to_vec())
+        self.call("GET", holder, &path, Bytes::new(), None, None).await.map(|b| b.to_vec())
     }
 }

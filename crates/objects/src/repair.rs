@@ -7,7 +7,7 @@
 //! bytes. It never sees plaintext or keys: segments are rebuilt as ciphertext, and every rebuilt
 //! shard must hash to the manifest's entry (checked against the ledger's root) before it is sent.
 
-use crate::transfer::{Holder, Shards, TransferFailed, fetch_manifest};
+use crate::transfer::{Claim, Holder, Shards, TransferFailed, fetch_manifest};
 use archipel_erasure::{Decoder, Encoder};
 use archipel_ledger::Hash;
 use archipel_ledger::storage::{ObjectRecord, ReceiptTerms, ShardMove, object_id};
@@ -30,6 +30,21 @@ pub async fn rebuild<S: Shards>(
     let code = manifest.code;
     let k = usize::from(code.data);
     let wanted: Vec<usize> = targets.iter().map(|(i, _)| *i).collect();
+    // The manifest first: a holder checks it against the ledger's root, then every repaired
+    // shard against it.
+    let claim = Claim::Committed { object: object_id(&object.bucket, &object.key) };
+    let manifest_bytes = Bytes::from(manifest.to_bytes());
+    let uploads = targets.iter().map(|(_, h)| {
+        let m = manifest_bytes.clone();
+        async move {
+            shards.put_manifest(h, &object.version, &claim, m).await.map_err(|error| TransferFailed::Holder {
+                node: h.node,
+                url: h.url.clone(),
+                error,
+            })
+        }
+    });
+    futures::future::try_join_all(uploads).await?;
     let mut decoder = Decoder::new(code);
     let mut encoder = Encoder::new(code);
     for s in 0..manifest.segments.len() as u64 {
@@ -76,42 +91,36 @@ pub async fn rebuild<S: Shards>(
                     )));
                 }
                 shards
-                    .put_shard(&target, &object.version, index as u8, s, Bytes::from(bytes), hash)
+                    .put_shard(&target, &object.version, &claim, index as u8, s, Bytes::from(bytes), hash)
                     .await
                     .map_err(|error| TransferFailed::Holder { node: target.node, url: target.url.clone(), error })
             }
         });
         futures::future::try_join_all(uploads).await?;
     }
-    let manifest_bytes = Bytes::from(manifest.to_bytes());
     let root = manifest.root();
-    let seals = targets.iter().map(|(index, h)| {
-        let m = manifest_bytes.clone();
-        async move {
-            let fail = |error| TransferFailed::Holder { node: h.node, url: h.url.clone(), error };
-            shards.put_manifest(h, &object.version, m).await.map_err(fail)?;
-            let at = object_id(&object.bucket, &object.key);
-            let generation = object.generation.saturating_add(1);
-            let sealed = shards.seal(h, &object.version, *index as u8, &at, generation).await.map_err(fail)?;
-            let terms = ReceiptTerms {
-                object: at,
-                version: object.version,
-                generation,
-                index: *index as u8,
-                manifest_root: root,
-                shard_bytes: object.shard_bytes,
-                expires_ms: sealed.expires_ms,
-            };
-            if !terms.verify(network, &h.node, &sealed.receipt) {
-                return Err(TransferFailed::BadReceipt(h.node));
-            }
-            Ok::<_, TransferFailed>(ShardMove {
-                index: *index as u8,
-                to: h.node,
-                receipt: sealed.receipt,
-                expires_ms: sealed.expires_ms,
-            })
+    let seals = targets.iter().map(|(index, h)| async move {
+        let fail = |error| TransferFailed::Holder { node: h.node, url: h.url.clone(), error };
+        let generation = object.generation.saturating_add(1);
+        let sealed = shards.seal(h, &object.version, &claim, *index as u8, generation).await.map_err(fail)?;
+        let terms = ReceiptTerms {
+            object: claim.object(),
+            version: object.version,
+            generation,
+            index: *index as u8,
+            manifest_root: root,
+            shard_bytes: object.shard_bytes,
+            expires_ms: sealed.expires_ms,
+        };
+        if !terms.verify(network, &h.node, &sealed.receipt) {
+            return Err(TransferFailed::BadReceipt(h.node));
         }
+        Ok::<_, TransferFailed>(ShardMove {
+            index: *index as u8,
+            to: h.node,
+            receipt: sealed.receipt,
+            expires_ms: sealed.expires_ms,
+        })
     });
     futures::future::try_join_all(seals).await
 }

@@ -47,6 +47,67 @@ pub struct Holder {
     pub url: String,
 }
 
+/// What entitles a writer to store and seal shards of a version on a holder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The uploader of a new version of `object`: it shows the `nonce` that, with its key and
+    /// `object`, hashes to the version ([`archipel_ledger::storage::version_id`]).
+    Owner {
+        /// The object (hash of bucket and key).
+        object: Hash,
+        /// The nonce the version was made from.
+        nonce: [u8; 32],
+    },
+    /// A repair of the version the ledger lists for `object`: the holder accepts only the
+    /// manifest with the ledger's root and shards with that manifest's hashes.
+    Committed {
+        /// The object (hash of bucket and key).
+        object: Hash,
+    },
+}
+
+impl Claim {
+    /// The object the claim is for.
+    pub fn object(&self) -> Hash {
+        match self {
+            Claim::Owner { object, .. } | Claim::Committed { object } => *object,
+        }
+    }
+
+    /// As sent in [`CLAIM_HEADER`]: the object's hash, then `.` and the nonce for an owner.
+    pub fn to_header(&self) -> String {
+        match self {
+            Claim::Owner { object, nonce } => format!("{object}.{}", hex::encode(nonce)),
+            Claim::Committed { object } => object.to_string(),
+        }
+    }
+
+    /// Parses [`Claim::to_header`].
+    pub fn from_header(s: &str) -> Result<Claim, String> {
+        let bad = || {
+            format!(
+                "{CLAIM_HEADER} must be the object's 64-hex hash, then `.` and the 64-hex version nonce for an upload"
+            )
+        };
+        let (object, nonce) = match s.split_once('.') {
+            Some((o, n)) => (o, Some(n)),
+            None => (s, None),
+        };
+        let object: Hash = object.parse().map_err(|_| bad())?;
+        match nonce {
+            None => Ok(Claim::Committed { object }),
+            Some(n) => {
+                let mut nonce = [0u8; 32];
+                hex::decode_to_slice(n, &mut nonce).map_err(|_| bad())?;
+                Ok(Claim::Owner { object, nonce })
+            }
+        }
+    }
+}
+
+/// Header carrying a write's [`Claim`].
+pub const CLAIM_HEADER: &str = "x-archipel-claim";
+
 /// Why a transfer with one holder failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
@@ -85,10 +146,12 @@ pub struct Sealed {
 #[allow(async_fn_in_trait)]
 pub trait Shards: Send + Sync + 'static {
     /// Stores one shard on `holder`.
+    #[allow(clippy::too_many_arguments)] // where the shard goes, the writer's claim, the bytes and their hash
     fn put_shard(
         &self,
         holder: &Holder,
         version: &Hash,
+        claim: &Claim,
         index: u8,
         segment: u64,
         bytes: Bytes,
@@ -99,16 +162,17 @@ pub trait Shards: Send + Sync + 'static {
         &self,
         holder: &Holder,
         version: &Hash,
+        claim: &Claim,
         bytes: Bytes,
     ) -> impl Future<Output = Result<(), TransferError>> + Send;
-    /// Asks `holder` to seal its shard `index` of `version`, stored at `object` (the hash of
-    /// bucket and key), and sign the receipt for the object's holder `generation`.
+    /// Asks `holder` to seal its shard `index` of `version`, stored at the claim's object (the
+    /// hash of bucket and key), and sign the receipt for the object's holder `generation`.
     fn seal(
         &self,
         holder: &Holder,
         version: &Hash,
+        claim: &Claim,
         index: u8,
-        object: &Hash,
         generation: u32,
     ) -> impl Future<Output = Result<Sealed, TransferError>> + Send;
     /// Reads the manifest from `holder`.
@@ -209,10 +273,11 @@ pub struct PutPlan {
     pub etag: Option<String>,
 }
 
-fn random_version() -> Hash {
-    let mut v = [0u8; 32];
-    rand::fill(&mut v);
-    Hash(v)
+/// A fresh version of `object` for `owner`, with the claim that proves it is theirs.
+fn new_version(owner: &NodeId, object: Hash) -> (Hash, Claim) {
+    let mut nonce = [0u8; 32];
+    rand::fill(&mut nonce);
+    (archipel_ledger::storage::version_id(owner, &object, &nonce), Claim::Owner { object, nonce })
 }
 
 fn holder_failed(h: &Holder, error: TransferError) -> TransferFailed {
@@ -230,7 +295,8 @@ pub async fn put_object<S: Shards>(
     mut progress: impl FnMut(u64),
 ) -> Result<ObjectPut, TransferFailed> {
     let code = plan.bucket.policy.code;
-    let version = random_version();
+    let object = object_id(&plan.bucket.name, &plan.key);
+    let (version, claim) = new_version(&owner.node_id(), object);
     let data_key = DataKey::generate()?;
     let wrapped_key = WrapKey::for_owner(owner).wrap(&data_key, &version.0)?;
     let segments = Segments::new(plan.size, SEGMENT_PLAIN_BYTES);
@@ -301,11 +367,14 @@ pub async fn put_object<S: Shards>(
         let t = shards.clone();
         let hs = holders.clone();
         in_flight.spawn(async move {
-            let uploads = parts.into_iter().map(|(i, bytes, hash)| {
-                let h = hs[usize::from(i)].clone();
-                let t = t.clone();
-                async move { t.put_shard(&h, &version, i, s, bytes, hash).await.map_err(|e| holder_failed(&h, e)) }
-            });
+            let uploads =
+                parts.into_iter().map(|(i, bytes, hash)| {
+                    let h = hs[usize::from(i)].clone();
+                    let t = t.clone();
+                    async move {
+                        t.put_shard(&h, &version, &claim, i, s, bytes, hash).await.map_err(|e| holder_failed(&h, e))
+                    }
+                });
             futures::future::try_join_all(uploads).await.map(drop)
         });
     }
@@ -321,9 +390,8 @@ pub async fn put_object<S: Shards>(
         let t = shards.clone();
         let m = manifest_bytes.clone();
         async move {
-            t.put_manifest(h, &version, m).await.map_err(|e| holder_failed(h, e))?;
-            let object = object_id(&plan.bucket.name, &plan.key);
-            let sealed = t.seal(h, &version, i as u8, &object, 0).await.map_err(|e| holder_failed(h, e))?;
+            t.put_manifest(h, &version, &claim, m).await.map_err(|e| holder_failed(h, e))?;
+            let sealed = t.seal(h, &version, &claim, i as u8, 0).await.map_err(|e| holder_failed(h, e))?;
             let terms = ReceiptTerms {
                 object,
                 version,

@@ -8,7 +8,7 @@ use archipel_crypto::Identity;
 use archipel_ledger::Hash;
 use archipel_ledger::storage::{BucketRecord, ObjectPut, ObjectRecord, ReceiptTerms, shard_bytes_per_holder};
 use archipel_objects::transfer::{
-    Holder, PutPlan, Sealed, Shards, TransferError, TransferFailed, get_object, put_object,
+    Claim, Holder, PutPlan, Sealed, Shards, TransferError, TransferFailed, get_object, put_object,
 };
 use archipel_objects::{SEGMENT_PLAIN_BYTES, ShardHash};
 use archipel_placement::Candidate;
@@ -30,6 +30,8 @@ struct Memory {
     /// Single shards that a holder serves wrong.
     damaged: Mutex<BTreeMap<ShardAt, Damage>>,
     keys: BTreeMap<NodeId, Identity>,
+    /// Every write's version and claim, in order.
+    claims: Mutex<Vec<(Hash, Claim)>>,
 }
 
 /// How a holder serves one damaged shard.
@@ -60,25 +62,29 @@ impl Shards for Memory {
         &self,
         h: &Holder,
         v: &Hash,
+        claim: &Claim,
         i: u8,
         s: u64,
         bytes: Bytes,
         hash: ShardHash,
     ) -> Result<(), TransferError> {
         self.check(h)?;
+        self.claims.lock().unwrap().push((*v, *claim));
         if *blake3::hash(&bytes).as_bytes() != hash {
             return Err(fail("hash_mismatch"));
         }
         self.shards.lock().unwrap().insert((h.node, *v, i, s), bytes.to_vec());
         Ok(())
     }
-    async fn put_manifest(&self, h: &Holder, v: &Hash, bytes: Bytes) -> Result<(), TransferError> {
+    async fn put_manifest(&self, h: &Holder, v: &Hash, claim: &Claim, bytes: Bytes) -> Result<(), TransferError> {
         self.check(h)?;
+        self.claims.lock().unwrap().push((*v, *claim));
         self.manifests.lock().unwrap().insert((h.node, *v), bytes.to_vec());
         Ok(())
     }
-    async fn seal(&self, h: &Holder, v: &Hash, i: u8, object: &Hash, generation: u32) -> Result<Sealed, TransferError> {
+    async fn seal(&self, h: &Holder, v: &Hash, claim: &Claim, i: u8, generation: u32) -> Result<Sealed, TransferError> {
         self.check(h)?;
+        self.claims.lock().unwrap().push((*v, *claim));
         let m = self.manifests.lock().unwrap().get(&(h.node, *v)).cloned().ok_or_else(|| fail("no manifest"))?;
         let m = archipel_ledger::storage::Manifest::from_bytes(&m).map_err(|e| fail(&e))?;
         let shards = self.shards.lock().unwrap();
@@ -91,7 +97,7 @@ impl Shards for Memory {
             total += b.len() as u64;
         }
         let terms = ReceiptTerms {
-            object: *object,
+            object: claim.object(),
             version: *v,
             generation,
             index: i,
@@ -342,8 +348,35 @@ async fn repairs_rebuild_lost_shards_on_new_holders_with_valid_receipts() {
         holders.iter().cloned().enumerate().filter(|(i, _)| *i != 1 && *i != 4).collect();
     let targets = vec![(1, spare[0].clone()), (4, spare[1].clone())];
     let rec = record(&p);
+    // The PUT wrote every shard, manifest and seal under the owner's claim, whose nonce binds the
+    // version to the owner's key and the object's name.
+    let object = archipel_ledger::storage::object_id("b", "k");
+    let put_claims = std::mem::take(&mut *mem.claims.lock().unwrap());
+    assert!(!put_claims.is_empty());
+    for (v, claim) in &put_claims {
+        assert_eq!(*v, rec.version);
+        match claim {
+            Claim::Owner { object: o, nonce } => {
+                assert_eq!(*o, object);
+                let owner = Identity::from_seed(1).node_id();
+                assert_eq!(archipel_ledger::storage::version_id(&owner, o, nonce), rec.version);
+                let stranger = Identity::from_seed(2).node_id();
+                assert_ne!(archipel_ledger::storage::version_id(&stranger, o, nonce), rec.version);
+            }
+            Claim::Committed { .. } => panic!("a PUT wrote with a repair's claim"),
+        }
+    }
     let moves = archipel_objects::repair::rebuild(&*mem, &rec, &healthy, &targets, &Hash::ZERO).await.unwrap();
     assert_eq!(moves.iter().map(|m| (m.index, m.to)).collect::<Vec<_>>(), vec![(1, spare[0].node), (4, spare[1].node)]);
+    // The repair wrote under the committed version's claim, the manifest to each target first
+    // (a holder checks the repaired shards against it).
+    let repair_claims = std::mem::take(&mut *mem.claims.lock().unwrap());
+    assert!(repair_claims.iter().all(|(v, c)| *v == rec.version && *c == Claim::Committed { object }));
+    assert_eq!(
+        repair_claims.len(),
+        2 + 2 * rec.segments() as usize + 2,
+        "two manifests, two shards a segment, two seals"
+    );
     for m in &moves {
         let terms = ReceiptTerms {
             object: archipel_ledger::storage::object_id("b", "k"),
@@ -615,5 +648,25 @@ fn only_a_holder_that_says_it_lacks_the_shard_fails_an_audit() {
     assert!(e(Some("shard_corrupt")).holder_lacks_shard());
     for busy in [Some("data_busy"), Some("key_rate_limit"), Some("too_busy"), None] {
         assert!(!e(busy).holder_lacks_shard(), "{busy:?} is no verdict");
+    }
+}
+
+#[test]
+fn claims_cross_the_wire_and_bad_headers_are_refused_with_the_format() {
+    let object = archipel_ledger::storage::object_id("b", "k");
+    for c in [Claim::Owner { object, nonce: [3; 32] }, Claim::Committed { object }] {
+        assert_eq!(Claim::from_header(&c.to_header()), Ok(c));
+    }
+    let zeros = "0".repeat(64);
+    for bad in [
+        String::new(),
+        "zz".into(),
+        format!("{object}."),
+        format!("{object}.abcd"),
+        format!("{object}.{zeros}x"),
+        format!("{zeros}0.{zeros}"),
+    ] {
+        let e = Claim::from_header(&bad).unwrap_err();
+        assert!(e.contains("x-archipel-claim") && e.contains("nonce"), "{bad:?}: {e}");
     }
 }

@@ -260,6 +260,17 @@ impl ShardStore {
     /// different bytes for a shard already stored are refused ([`ShardStoreError::Exists`]):
     /// nobody can overwrite a shard, whoever signs the request.
     pub fn put_shard(&self, key: ShardKey, bytes: &[u8], hash: &[u8; 32]) -> Result<(), ShardStoreError> {
+        self.write_shard(key, bytes, hash, false)
+    }
+
+    /// Stores shard `key` like [`ShardStore::put_shard`], replacing a stored shard with other
+    /// bytes: only for bytes the caller checked against the ledger (a repair of a committed
+    /// version, whose manifest lists this hash), so what it replaces was wrong.
+    pub fn replace_shard(&self, key: ShardKey, bytes: &[u8], hash: &[u8; 32]) -> Result<(), ShardStoreError> {
+        self.write_shard(key, bytes, hash, true)
+    }
+
+    fn write_shard(&self, key: ShardKey, bytes: &[u8], hash: &[u8; 32], replace: bool) -> Result<(), ShardStoreError> {
         if bytes.len() > MAX_SHARD_BYTES {
             return Err(ShardStoreError::Invalid(format!(
                 "shard of {} bytes: the limit is {MAX_SHARD_BYTES}",
@@ -282,7 +293,7 @@ impl ShardStore {
             if h == *hash && len == bytes.len() as u64 && self.shard_path(&key).exists() {
                 return Ok(());
             }
-            if h != *hash {
+            if h != *hash && !replace {
                 return Err(ShardStoreError::Exists(describe(&key)));
             }
         }
@@ -373,16 +384,27 @@ impl ShardStore {
     /// ledger's root). The same bytes again are a no-op; another manifest for a version that has
     /// one is refused ([`ShardStoreError::Exists`]).
     pub fn put_manifest(&self, version: &Version, bytes: &[u8]) -> Result<(), ShardStoreError> {
+        self.write_manifest(version, bytes, false)
+    }
+
+    /// Stores a manifest like [`ShardStore::put_manifest`], replacing another one: only for a
+    /// manifest the caller checked against the ledger's root.
+    pub fn replace_manifest(&self, version: &Version, bytes: &[u8]) -> Result<(), ShardStoreError> {
+        self.write_manifest(version, bytes, true)
+    }
+
+    fn write_manifest(&self, version: &Version, bytes: &[u8], replace: bool) -> Result<(), ShardStoreError> {
         if bytes.len() > MAX_SHARD_BYTES {
             return Err(ShardStoreError::Invalid(format!("manifest of {} bytes is too large", bytes.len())));
         }
         let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(existing) = self.manifest(version)? {
-            return if existing == bytes {
-                Ok(())
-            } else {
-                Err(ShardStoreError::Exists(format!("the manifest of {}", &hex::encode(version)[..16])))
-            };
+            if existing == bytes {
+                return Ok(());
+            }
+            if !replace {
+                return Err(ShardStoreError::Exists(format!("the manifest of {}", &hex::encode(version)[..16])));
+            }
         }
         let previous = self.manifest_len(version)?;
         self.reserve(bytes.len() as u64, previous.unwrap_or(0))?;

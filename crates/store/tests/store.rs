@@ -170,3 +170,33 @@ fn a_full_disk_is_refused_cleanly() {
     }
     assert!(!files_under(dir.path()).iter().any(|f| f.contains(".tmp-")), "a temporary file was left behind");
 }
+
+#[test]
+fn replacing_writes_swap_wrong_bytes_for_checked_ones_and_count_them_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ShardStore::open(dir.path(), 10_000).unwrap();
+    let (junk, good) = (bytes(1_000, 9), bytes(2_500, 4));
+    store.put_shard(key(5, 1, 0), &junk, &hash(&junk)).unwrap();
+    assert!(matches!(store.put_shard(key(5, 1, 0), &good, &hash(&good)), Err(ShardStoreError::Exists(_))));
+    // A repair's write, checked against the ledger by the caller, replaces it; the junk's bytes
+    // are given back.
+    store.replace_shard(key(5, 1, 0), &good, &hash(&good)).unwrap();
+    assert_eq!((store.shard(&key(5, 1, 0)).unwrap(), store.used()), (good.clone(), 2_500));
+    store.replace_shard(key(5, 1, 0), &good, &hash(&good)).unwrap();
+    assert_eq!(store.used(), 2_500, "the same bytes again change nothing");
+    // Still hash-checked: bytes that are not what the hash says are refused.
+    let e = store.replace_shard(key(5, 1, 0), &junk, &hash(&good)).unwrap_err();
+    assert!(matches!(e, ShardStoreError::HashMismatch { .. }), "{e}");
+    // Manifests alike.
+    let v = [5u8; 32];
+    store.put_manifest(&v, b"a planted manifest").unwrap();
+    assert!(matches!(store.put_manifest(&v, b"the ledger's manifest"), Err(ShardStoreError::Exists(_))));
+    store.replace_manifest(&v, b"the ledger's manifest").unwrap();
+    assert_eq!(store.manifest(&v).unwrap().unwrap(), b"the ledger's manifest");
+    assert_eq!(store.used(), 2_500 + b"the ledger's manifest".len() as u64);
+    // And it survives reopening.
+    drop(store);
+    let store = ShardStore::open(dir.path(), 10_000).unwrap();
+    assert_eq!(store.shard(&key(5, 1, 0)).unwrap(), good);
+    assert_eq!(store.used(), 2_500 + b"the ledger's manifest".len() as u64);
+}
