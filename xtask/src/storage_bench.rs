@@ -16,6 +16,9 @@
 //! - **Client memory**: peak RSS of `archipel put` streaming a 10 GiB (sparse) file, measured by
 //!   the kernel (`getrusage` of a parent that ran only that process); goal ≤ 256 MiB.
 //!   `ARCHIPEL_BENCH_BIG_GIB` sets the size (0 skips it).
+//!
+//! `ARCHIPEL_BENCH_STEPS=small,large,repair,memory` runs only the listed steps (all by default;
+//! `repair` kills the holder of the most bytes of whatever the earlier steps stored).
 
 use crate::ledger_bench::{Devnet, post, start_devnet};
 use crate::median;
@@ -40,6 +43,22 @@ const ROUNDS: usize = 3;
 const SMALL_CLIENTS: usize = 32;
 const SMALL_PER_CLIENT: usize = 40;
 const SMALL_BYTES: usize = 4096;
+/// The steps of the run, in order.
+const STEPS: [&str; 4] = ["small", "large", "repair", "memory"];
+
+/// The steps `ARCHIPEL_BENCH_STEPS` (comma-separated) asks for; all of them by default.
+fn steps() -> Result<Vec<&'static str>> {
+    let Ok(v) = std::env::var("ARCHIPEL_BENCH_STEPS") else { return Ok(STEPS.to_vec()) };
+    let mut out = vec![];
+    for s in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let step = STEPS.iter().find(|k| **k == s).with_context(|| {
+            format!("ARCHIPEL_BENCH_STEPS: no step {s:?}; the steps are {}", STEPS.join(", "))
+        })?;
+        out.push(*step);
+    }
+    Ok(out)
+}
+
 /// The devnet's repair grace (`archipel devnet` default).
 const REPAIR_GRACE: Duration = Duration::from_secs(10);
 
@@ -155,10 +174,19 @@ fn bench_in(bin: &Path, work: &Path) -> Result<()> {
     cli.run(&["bucket", "create", "bench"])?;
     let bucket: BucketRecord = serde_json::from_value(get_json(&http, &format!("{api}/v1/buckets/bench"))?)?;
 
-    small_objects(work, &api, &bucket)?;
-    large_objects(&cli, work, ceiling, disk)?;
-    repair(&http, &nodes, disk)?;
-    client_memory(&cli, work)?;
+    let steps = steps()?;
+    if steps.contains(&"small") {
+        small_objects(work, &api, &bucket)?;
+    }
+    if steps.contains(&"large") {
+        large_objects(&cli, work, ceiling, disk)?;
+    }
+    if steps.contains(&"repair") {
+        repair(&http, &nodes, disk)?;
+    }
+    if steps.contains(&"memory") {
+        client_memory(&cli, work)?;
+    }
     drop(devnet);
     Ok(())
 }

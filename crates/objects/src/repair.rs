@@ -15,6 +15,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
+/// Segments a repair rebuilds at once.
+pub const REPAIR_SEGMENTS_IN_FLIGHT: usize = 4;
+
 /// Rebuilds shards `targets` (`(shard index, new holder)`) of `object` from `healthy` holders
 /// (`(shard index, holder)`), uploads them with the manifest, has each new holder seal them, and
 /// returns the moves. `network` binds the receipts.
@@ -45,9 +48,13 @@ pub async fn rebuild<S: Shards>(
         }
     });
     futures::future::try_join_all(uploads).await?;
-    let mut decoder = Decoder::new(code);
-    let mut encoder = Encoder::new(code);
-    for s in 0..manifest.segments.len() as u64 {
+    let manifest = &manifest;
+    let claim = &claim;
+    let wanted = &wanted;
+    // Several segments at once: a segment's time is mostly waiting for shards to arrive and to
+    // be stored, so one at a time left the network and disks idle. Memory: k + |targets| shards
+    // per segment in flight.
+    let segments = futures::stream::iter(0..manifest.segments.len() as u64).map(|s| async move {
         let hashes = &manifest.segments[s as usize];
         // k good shards from the healthy holders, asking the next one on each failure.
         let mut order = healthy.iter();
@@ -77,8 +84,8 @@ pub async fn rebuild<S: Shards>(
             }));
         }
         let given: Vec<(usize, &[u8])> = got.iter().map(|(i, b)| (*i, b.as_slice())).collect();
-        let rebuilt = decoder
-            .rebuild(&mut encoder, manifest.cipher_len(s) as usize, &given, &wanted)
+        let rebuilt = Decoder::new(code)
+            .rebuild(&mut Encoder::new(code), manifest.cipher_len(s) as usize, &given, wanted)
             .map_err(|e| TransferFailed::Object(e.into()))?;
         let uploads = rebuilt.into_iter().map(|(index, bytes)| {
             let hash = hashes[index];
@@ -91,18 +98,23 @@ pub async fn rebuild<S: Shards>(
                     )));
                 }
                 shards
-                    .put_shard(&target, &object.version, &claim, index as u8, s, Bytes::from(bytes), hash)
+                    .put_shard(&target, &object.version, claim, index as u8, s, Bytes::from(bytes), hash)
                     .await
                     .map_err(|error| TransferFailed::Holder { node: target.node, url: target.url.clone(), error })
             }
         });
-        futures::future::try_join_all(uploads).await?;
+        futures::future::try_join_all(uploads).await.map(drop)
+    });
+    let mut segments = segments.buffer_unordered(REPAIR_SEGMENTS_IN_FLIGHT);
+    while let Some(done) = segments.next().await {
+        done?;
     }
+    drop(segments);
     let root = manifest.root();
     let seals = targets.iter().map(|(index, h)| async move {
         let fail = |error| TransferFailed::Holder { node: h.node, url: h.url.clone(), error };
         let generation = object.generation.saturating_add(1);
-        let sealed = shards.seal(h, &object.version, &claim, *index as u8, generation).await.map_err(fail)?;
+        let sealed = shards.seal(h, &object.version, claim, *index as u8, generation).await.map_err(fail)?;
         let terms = ReceiptTerms {
             object: claim.object(),
             version: object.version,
