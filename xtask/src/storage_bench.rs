@@ -51,9 +51,10 @@ fn steps() -> Result<Vec<&'static str>> {
     let Ok(v) = std::env::var("ARCHIPEL_BENCH_STEPS") else { return Ok(STEPS.to_vec()) };
     let mut out = vec![];
     for s in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let step = STEPS.iter().find(|k| **k == s).with_context(|| {
-            format!("ARCHIPEL_BENCH_STEPS: no step {s:?}; the steps are {}", STEPS.join(", "))
-        })?;
+        let step = STEPS
+            .iter()
+            .find(|k| **k == s)
+            .with_context(|| format!("ARCHIPEL_BENCH_STEPS: no step {s:?}; the steps are {}", STEPS.join(", ")))?;
         out.push(*step);
     }
     Ok(out)

@@ -759,23 +759,32 @@ pub async fn authenticate(State(s): State<Arc<ApiState>>, req: Request, next: Ne
 /// [`authenticate`] for the shard data plane, whose bodies are whole shards
 /// ([`crate::shards::MAX_SHARD_BODY`]).
 pub async fn authenticate_data(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
-    // Bodies are held in memory: at most MAX_DATA_REQUESTS of them at once.
-    let _slot = match s.shards.as_ref().map(|svc| svc.try_slot()) {
+    // Bodies are held in memory: each call reserves its declared length out of the node's budget
+    // first, and may send no more than it declared.
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(crate::shards::MAX_SHARD_BODY, |n| n.min(crate::shards::MAX_SHARD_BODY as u64) as usize);
+    let _slot = match s.shards.as_ref().map(|svc| svc.try_slot(declared)) {
         Some(Some(slot)) => Some(slot),
         Some(None) => {
             return retry_later(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "data_busy",
                 format!(
-                    "this node already handles {} shard transfers, the most it holds in memory at once: retry in a moment",
-                    crate::shards::MAX_DATA_REQUESTS
+                    "this node already handles {} shard transfers or holds {} MiB of their bodies, the most it takes \
+                     at once: retry in a moment",
+                    crate::shards::MAX_DATA_CALLS,
+                    crate::shards::DATA_BODY_BUDGET >> 20
                 ),
                 Duration::from_millis(200),
             );
         }
         None => None,
     };
-    authenticate_up_to(s, req, next, crate::shards::MAX_SHARD_BODY, true).await
+    authenticate_up_to(s, req, next, declared, true).await
 }
 
 /// Checks the request's signature, from a genesis account or a member node; on the data plane

@@ -24,8 +24,9 @@
 //!   block a repair.
 //!
 //! Every call is signed (the same keys as the other signed calls). Bodies are read whole (a
-//! shard is at most [`MAX_SHARD_BODY`]), at most [`MAX_DATA_REQUESTS`] at once, so a node's
-//! memory for uploads stays bounded whatever the number of clients. Disk work runs on blocking
+//! shard is at most [`MAX_SHARD_BODY`]); a call reserves its declared length out of
+//! [`DATA_BODY_BUDGET`] before its body is read, at most [`MAX_DATA_CALLS`] run at once, so a
+//! node's memory for uploads stays bounded whatever the number of clients. Disk work runs on blocking
 //! threads, never on the API's async workers.
 
 use crate::api::{ApiState, Caller, error};
@@ -51,8 +52,16 @@ pub const HASH_HEADER: &str = "x-archipel-shard-hash";
 /// Largest data-plane body: a shard of a 64 MiB segment at k = 1, or a manifest of an object of
 /// about 3 TiB in 8 MiB segments at 4+2 (a larger object needs larger segments).
 pub const MAX_SHARD_BODY: usize = 80 << 20;
-/// Data-plane calls handled at once (their bodies are held in memory).
-pub const MAX_DATA_REQUESTS: usize = 16;
+/// Bytes of data-plane request bodies a node holds in memory at once: 16 of the largest
+/// ([`MAX_SHARD_BODY`]). Each call reserves its declared length (`Content-Length`; the largest
+/// body when it declares none) before its body is read and may not send more.
+pub const DATA_BODY_BUDGET: usize = 16 * MAX_SHARD_BODY;
+/// Data-plane calls handled at once, whatever their size: small shards, manifests, seals and
+/// reads hold little memory, so many run together — with one slot per largest body they queued
+/// behind each other (retried after a pause) while the node's CPU sat idle.
+pub const MAX_DATA_CALLS: usize = 256;
+/// The unit [`DATA_BODY_BUDGET`] is counted in.
+const BUDGET_UNIT: usize = 64 << 10;
 
 /// A storage node's shard store with the key that signs its receipts.
 #[derive(Debug)]
@@ -60,7 +69,16 @@ pub struct ShardService {
     store: ShardStore,
     identity: Identity,
     network: Hash,
-    permits: Arc<Semaphore>,
+    calls: Arc<Semaphore>,
+    body_budget: Arc<Semaphore>,
+}
+
+/// A data-plane call's place: one of [`MAX_DATA_CALLS`] and its body's share of
+/// [`DATA_BODY_BUDGET`]; both are given back when it is dropped.
+#[derive(Debug)]
+pub struct DataSlot {
+    _call: tokio::sync::OwnedSemaphorePermit,
+    _body: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// A holder's receipt, as `POST …/seal/{index}` answers it.
@@ -83,7 +101,13 @@ pub struct SealReceipt {
 impl ShardService {
     /// The service over `store`, signing receipts with `identity` for `network`.
     pub fn new(store: ShardStore, identity: Identity, network: Hash) -> Self {
-        ShardService { store, identity, network, permits: Arc::new(Semaphore::new(MAX_DATA_REQUESTS)) }
+        ShardService {
+            store,
+            identity,
+            network,
+            calls: Arc::new(Semaphore::new(MAX_DATA_CALLS)),
+            body_budget: Arc::new(Semaphore::new(DATA_BODY_BUDGET / BUDGET_UNIT)),
+        }
     }
 
     /// The store.
@@ -91,9 +115,13 @@ impl ShardService {
         &self.store
     }
 
-    /// A slot for one data-plane call, or `None` when [`MAX_DATA_REQUESTS`] are running.
-    pub fn try_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.permits.clone().try_acquire_owned().ok()
+    /// A slot for one data-plane call whose body is at most `body_bytes` long, or `None` when
+    /// [`MAX_DATA_CALLS`] run or their bodies leave too little of [`DATA_BODY_BUDGET`].
+    pub fn try_slot(&self, body_bytes: usize) -> Option<DataSlot> {
+        let units = body_bytes.min(MAX_SHARD_BODY).div_ceil(BUDGET_UNIT).max(1) as u32;
+        let call = self.calls.clone().try_acquire_owned().ok()?;
+        let body = self.body_budget.clone().try_acquire_many_owned(units).ok()?;
+        Some(DataSlot { _call: call, _body: body })
     }
 
     /// Checks the manifest of `version` against what this node holds for shard `index`, makes
@@ -460,5 +488,31 @@ async fn audit(
         let hash =
             blocking(move || svc.store.range_hash(&ShardKey { version, index, segment }, q.offset, q.len)).await?;
         Ok(Json(serde_json::json!({ "hash": hex::encode(hash) })).into_response())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_count_body_bytes_so_small_calls_run_together_and_large_ones_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShardStore::open(dir.path(), 1 << 30).unwrap();
+        let svc = ShardService::new(store, Identity::from_seed(1), Hash::ZERO);
+        // Sixteen of the largest bodies fill the budget; a seventeenth waits.
+        let large: Vec<DataSlot> = (0..16).map(|_| svc.try_slot(MAX_SHARD_BODY).expect("a large slot")).collect();
+        assert!(svc.try_slot(MAX_SHARD_BODY).is_none());
+        assert!(svc.try_slot(1 << 20).is_none(), "no budget left for a 1 MiB body either");
+        drop(large);
+        // Small calls (a 4 KiB object's shard, a seal) run by the hundred, up to the call limit.
+        let small: Vec<DataSlot> = (0..MAX_DATA_CALLS).map(|_| svc.try_slot(1_100).expect("a small slot")).collect();
+        assert!(svc.try_slot(0).is_none(), "at most MAX_DATA_CALLS at once");
+        drop(small);
+        // A body that declares more than a shard may be is counted as the largest.
+        let huge: Vec<DataSlot> = (0..16).map(|_| svc.try_slot(usize::MAX).unwrap()).collect();
+        assert!(svc.try_slot(1).is_none());
+        drop(huge);
+        assert!(svc.try_slot(MAX_SHARD_BODY).is_some(), "everything given back");
     }
 }
