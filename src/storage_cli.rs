@@ -15,7 +15,7 @@ use archipel_node::client::ApiClient;
 use archipel_node::storage_api::{BucketList, ObjectList, ObjectView, StorageNode, StorageNodes};
 use archipel_objects::http::HttpShards;
 use archipel_objects::transfer::{Holder, PutPlan, get_object, put_object};
-use archipel_placement::{Candidate, MAX_REPUTATION};
+use archipel_placement::Candidate;
 use archipel_types::{CountryCode, ErasureCode, NodeId, PlacementPolicy, RegionMatch};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -250,7 +250,7 @@ fn candidate(n: StorageNode) -> Option<(Candidate, String)> {
             operator: n.operator,
             jurisdiction: n.jurisdiction.parse().ok()?,
             free_bytes: n.capacity_bytes.saturating_sub(n.stored_bytes),
-            reputation: MAX_REPUTATION,
+            reputation: n.reputation,
         },
         n.api_url,
     ))

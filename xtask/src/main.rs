@@ -182,16 +182,23 @@ struct CpuShare {
     processes_percent: f64,
 }
 
+/// The box's busy and total CPU ticks so far, from the aggregate line of `/proc/stat` (user nice
+/// system idle iowait irq softirq steal …; idle and iowait are not busy).
+fn box_ticks() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat is empty")?;
+    let v: Vec<u64> = line.split_whitespace().skip(1).take(8).map(|f| f.parse().unwrap_or(0)).collect();
+    let idle = v[3] + v[4];
+    Ok((v.iter().sum::<u64>() - idle, v.iter().sum()))
+}
+
+/// The share of the box's CPU busy between two [`box_ticks`] readings, in percent.
+fn busy_percent(before: (u64, u64), after: (u64, u64)) -> f64 {
+    100.0 * after.0.saturating_sub(before.0) as f64 / after.1.saturating_sub(before.1).max(1) as f64
+}
+
 /// Measures [`CpuShare`] over `window` from `/proc/stat` and each process's `/proc/PID/stat`.
 fn idle_cpu(pids: &[u32], window: Duration) -> Result<CpuShare> {
-    // Aggregate line of /proc/stat: user nice system idle iowait irq softirq steal ... (ticks).
-    fn box_ticks() -> Result<(u64, u64)> {
-        let stat = std::fs::read_to_string("/proc/stat")?;
-        let line = stat.lines().next().context("/proc/stat is empty")?;
-        let v: Vec<u64> = line.split_whitespace().skip(1).take(8).map(|f| f.parse().unwrap_or(0)).collect();
-        let idle = v[3] + v[4];
-        Ok((v.iter().sum::<u64>() - idle, v.iter().sum()))
-    }
     // utime + stime (fields 14 and 15; the name in field 2 may hold spaces, so count from ')').
     fn process_ticks(pid: u32) -> Option<u64> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -217,7 +224,7 @@ fn idle_cpu(pids: &[u32], window: Duration) -> Result<CpuShare> {
     let wall = t.elapsed().as_secs_f64();
     Ok(CpuShare {
         cpus,
-        box_percent: 100.0 * (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64,
+        box_percent: busy_percent((busy0, total0), (busy1, total1)),
         processes_percent: 100.0 * (procs1 - procs0) as f64 / TICKS_PER_SEC / wall / cpus as f64,
     })
 }

@@ -27,9 +27,10 @@ use anyhow::{Context, Result, bail};
 use archipel_crypto::Identity;
 use archipel_ledger::storage::{BucketRecord, ObjectPut};
 use archipel_ledger::{Credit, Hash, Payload, Transaction};
+use archipel_objects::ShardHash;
 use archipel_objects::http::HttpShards;
-use archipel_objects::transfer::{PutPlan, put_object};
-use archipel_placement::{Candidate, MAX_REPUTATION};
+use archipel_objects::transfer::{Claim, Holder, PutPlan, Sealed, Shards, TransferError, put_object};
+use archipel_placement::Candidate;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -252,7 +253,7 @@ fn candidates(v: &serde_json::Value) -> Vec<(Candidate, String)> {
                             operator: s(n, "operator"),
                             jurisdiction: s(n, "jurisdiction").parse().ok()?,
                             free_bytes: n["capacity_bytes"].as_u64()?.saturating_sub(n["stored_bytes"].as_u64()?),
-                            reputation: MAX_REPUTATION,
+                            reputation: u16::try_from(n["reputation"].as_u64()?).ok()?,
                         },
                         s(n, "api_url"),
                     ))
@@ -289,6 +290,67 @@ async fn final_tx(
     Ok(())
 }
 
+/// The signed-HTTP transport, timing every call by kind: where a small PUT's storing time goes.
+struct Timed {
+    inner: HttpShards,
+    calls: std::sync::Mutex<Vec<(&'static str, f64)>>,
+}
+
+impl Timed {
+    async fn time<T>(&self, kind: &'static str, call: impl std::future::Future<Output = T>) -> T {
+        let t = Instant::now();
+        let r = call.await;
+        self.calls.lock().unwrap_or_else(|e| e.into_inner()).push((kind, t.elapsed().as_secs_f64() * 1e3));
+        r
+    }
+}
+
+impl Shards for Timed {
+    async fn put_shard(
+        &self,
+        holder: &Holder,
+        version: &Hash,
+        claim: &Claim,
+        index: u8,
+        segment: u64,
+        bytes: bytes::Bytes,
+        hash: ShardHash,
+    ) -> Result<(), TransferError> {
+        self.time("shard upload", self.inner.put_shard(holder, version, claim, index, segment, bytes, hash)).await
+    }
+    async fn put_manifest(
+        &self,
+        holder: &Holder,
+        version: &Hash,
+        claim: &Claim,
+        bytes: bytes::Bytes,
+    ) -> Result<(), TransferError> {
+        self.time("manifest upload", self.inner.put_manifest(holder, version, claim, bytes)).await
+    }
+    async fn seal(
+        &self,
+        holder: &Holder,
+        version: &Hash,
+        claim: &Claim,
+        index: u8,
+        generation: u32,
+    ) -> Result<Sealed, TransferError> {
+        self.time("seal", self.inner.seal(holder, version, claim, index, generation)).await
+    }
+    async fn get_manifest(&self, holder: &Holder, version: &Hash) -> Result<Vec<u8>, TransferError> {
+        self.inner.get_manifest(holder, version).await
+    }
+    async fn get_shard(
+        &self,
+        holder: &Holder,
+        version: &Hash,
+        index: u8,
+        segment: u64,
+    ) -> Result<Vec<u8>, TransferError> {
+        self.inner.get_shard(holder, version, index, segment).await
+    }
+}
+
 /// One small-object client: its tenant, its bucket, its next nonce.
 struct SmallClient {
     id: Identity,
@@ -322,6 +384,7 @@ fn small_objects(work: &Path, api: &str, template: &BucketRecord) -> Result<()> 
             clients.push(SmallClient { id, nonce: 1, plan });
         }
         let started = Instant::now();
+        let cpu_before = crate::box_ticks()?;
         let tasks: Vec<_> = clients
             .into_iter()
             .enumerate()
@@ -329,7 +392,7 @@ fn small_objects(work: &Path, api: &str, template: &BucketRecord) -> Result<()> 
                 let http = http.clone();
                 let api = api.to_string();
                 tokio::spawn(async move {
-                    let shards = Arc::new(HttpShards::new(client.id.clone()));
+                    let shards = Arc::new(Timed { inner: HttpShards::new(client.id.clone()), calls: Default::default() });
                     let mut samples = Vec::with_capacity(SMALL_PER_CLIENT);
                     for n in 0..SMALL_PER_CLIENT {
                         let data: Vec<u8> = (0..SMALL_BYTES).map(|i| (i ^ n ^ c) as u8).collect();
@@ -341,15 +404,19 @@ fn small_objects(work: &Path, api: &str, template: &BucketRecord) -> Result<()> 
                         client.nonce += 1;
                         samples.push((stored.as_secs_f64() * 1e3, t.elapsed().as_secs_f64() * 1e3));
                     }
-                    Ok::<_, anyhow::Error>(samples)
+                    let calls = std::mem::take(&mut *shards.calls.lock().unwrap_or_else(|e| e.into_inner()));
+                    Ok::<_, anyhow::Error>((samples, calls))
                 })
             })
             .collect();
-        let mut all = vec![];
+        let (mut all, mut calls) = (vec![], vec![]);
         for t in tasks {
-            all.extend(t.await.context("a client task")??);
+            let (samples, timed) = t.await.context("a client task")??;
+            all.extend(samples);
+            calls.extend(timed);
         }
         let secs = started.elapsed().as_secs_f64();
+        let cpu = crate::busy_percent(cpu_before, crate::box_ticks()?);
         let n = all.len();
         let mut totals: Vec<f64> = all.iter().map(|s| s.1).collect();
         let mut stored: Vec<f64> = all.iter().map(|s| s.0).collect();
@@ -360,13 +427,20 @@ fn small_objects(work: &Path, api: &str, template: &BucketRecord) -> Result<()> 
         println!(
             "small objects ({SMALL_BYTES} B, {SMALL_CLIENTS} clients × {SMALL_PER_CLIENT}, all {n} PUTs counted): {ops:.0} PUT/s \
              (goal 2,000: ratio {:.2}); per PUT p50 {:.1} ms, p99 {:.1} ms, of which storing the shards p50 {:.1} ms, p99 {:.1} ms \
-             and the rest waiting for finality",
+             and the rest waiting for finality; the box's CPU {cpu:.0}% busy meanwhile",
             ops / 2000.0,
             pct(&totals, 0.5),
             pct(&totals, 0.99),
             pct(&stored, 0.5),
             pct(&stored, 0.99)
         );
+        for kind in ["shard upload", "manifest upload", "seal"] {
+            let mut v: Vec<f64> = calls.iter().filter(|(k, _)| *k == kind).map(|(_, ms)| *ms).collect();
+            v.sort_by(f64::total_cmp);
+            if !v.is_empty() {
+                println!("  {kind}: {} calls, p50 {:.1} ms, p99 {:.1} ms", v.len(), pct(&v, 0.5), pct(&v, 0.99));
+            }
+        }
         Ok(())
     })
 }

@@ -1096,6 +1096,15 @@ impl State {
                 c.free_bytes
             )));
         }
+        if c.reputation < archipel_placement::MIN_REPUTATION {
+            return Err(TxError::NotAllowed(format!(
+                "node {} has reputation {} after failed audits, below the {} a node needs to take new shards: \
+                 place them elsewhere",
+                node.short(),
+                c.reputation,
+                archipel_placement::MIN_REPUTATION
+            )));
+        }
         Ok(())
     }
 
@@ -1760,6 +1769,10 @@ mod tests {
         assert!(
             !s.storage_candidates().iter().any(|c| c.node == holder && archipel_placement::eligible(&eu_no_us(), c, 1))
         );
+        // And the ledger refuses it as a new holder, whoever placed it there.
+        let e = s.check_one_new_holder(&eu_no_us(), &holder, 1).unwrap_err().to_string();
+        assert!(e.contains("reputation 0") && e.contains("below the 200"), "{e}");
+        assert!(s.check_one_new_holder(&eu_no_us(), &id(spare).node_id(), 1).is_ok());
     }
 
     #[test]
