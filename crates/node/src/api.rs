@@ -787,19 +787,41 @@ pub async fn authenticate_data(State(s): State<Arc<ApiState>>, req: Request, nex
     authenticate_up_to(s, req, next, declared, true).await
 }
 
+/// Slowest pace a request body may arrive at (after a 10 s grace).
+pub const MIN_BODY_BYTES_PER_SEC: usize = 1 << 20;
+
+/// How long a body of at most `limit` bytes may take to arrive.
+pub fn body_deadline(limit: usize) -> Duration {
+    Duration::from_secs(10 + (limit / MIN_BODY_BYTES_PER_SEC) as u64)
+}
+
 /// Checks the request's signature, from a genesis account or a member node; on the data plane
 /// (`data_plane`) also from any account the finalized ledger knows (funded or used): tenants who
 /// joined after the genesis store and read their objects with the key that owns their buckets.
 /// Data-plane calls count against their own per-key rate (`data_calls_per_second_per_key`).
 async fn authenticate_up_to(s: Arc<ApiState>, req: Request, next: Next, limit: usize, data_plane: bool) -> Response {
     let (mut parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(_) => {
+    // A body must arrive at a pace: a client that trickles it would hold its slot (and on the data
+    // plane its share of the body budget) for as long as it liked.
+    let deadline = body_deadline(limit);
+    let bytes = match tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
-                format!("request body exceeds {limit} bytes"),
+                format!("request body exceeds {limit} bytes (the length it declared, or the most this call takes)"),
+            );
+        }
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} s (at least {} KiB/s): send it at once",
+                    deadline.as_secs(),
+                    MIN_BODY_BYTES_PER_SEC >> 10
+                ),
             );
         }
     };
@@ -1165,6 +1187,28 @@ mod tests {
         });
         server.stop(Duration::from_millis(100));
         assert_eq!(answered.map_err(|e| e.to_string()), Ok(200));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_body_that_trickles_is_cut_off_with_a_clear_answer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let url = serve(state(ApiLimits::default())).await;
+        let addr = url.trim_start_matches("http://");
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // A signed route; the body declares 1,000 bytes and sends 10, then nothing.
+        let head = format!("POST /v1/node/shutdown HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 1000\r\n\r\n");
+        conn.write_all(head.as_bytes()).await.unwrap();
+        conn.write_all(&[b'x'; 10]).await.unwrap();
+        let started = Instant::now();
+        let mut answer = vec![0u8; 4096];
+        let n = tokio::time::timeout(body_deadline(MAX_BODY_BYTES) + Duration::from_secs(10), conn.read(&mut answer))
+            .await
+            .expect("the node never answered a trickling body")
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer[..n]);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(text.contains("body_timeout") && text.contains("KiB/s"), "{text}");
+        assert!(started.elapsed() >= Duration::from_secs(9), "cut off after its deadline, not before");
     }
 }
 
