@@ -308,7 +308,7 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
             rt().block_on(evil.put_shard(&now[1], &record.version, &committed, 1, 0, junk.clone().into(), junk_hash));
         assert_eq!(e.unwrap_err().code.as_deref(), Some("hash_mismatch"), "a shard the manifest does not list");
         let mut fake = manifest.clone();
-        fake.size += 1;
+        fake.segments[0][1] = junk_hash;
         let e = rt().block_on(evil.put_manifest(&now[1], &record.version, &committed, fake.to_bytes().into()));
         assert_eq!(e.unwrap_err().code.as_deref(), Some("hash_mismatch"), "a manifest without the ledger's root");
         let other = Claim::Committed { object: archipel_ledger::storage::object_id("eu-docs", "top.bin") };
@@ -333,10 +333,38 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         ));
         assert_eq!(e.unwrap_err().code.as_deref(), Some("shard_not_found"), "no manifest to check against");
         rt().block_on(evil.put_manifest(&bystander, &record.version, &committed, manifest.to_bytes().into())).unwrap();
-        let e = rt().block_on(evil.put_shard(&bystander, &record.version, &committed, 1, 0, junk.into(), junk_hash));
+        let e = rt().block_on(evil.put_shard(
+            &bystander,
+            &record.version,
+            &committed,
+            1,
+            0,
+            junk.clone().into(),
+            junk_hash,
+        ));
         assert_eq!(e.unwrap_err().code.as_deref(), Some("hash_mismatch"));
         let got = rt().block_on(shards.get_shard(&now[1], &record.version, 1, 0)).unwrap();
         assert_eq!(archipel_objects::shard_hash(&got), manifest.segments[0][1], "the holder's shard is untouched");
+        let kept = rt().block_on(shards.get_manifest(&now[1], &record.version)).unwrap();
+        let kept = archipel_ledger::storage::Manifest::from_bytes(&kept).unwrap();
+        assert_eq!(kept.root(), record.manifest_root, "the holder's manifest is untouched");
+        // An upload in flight: the tenant writes a shard of a fresh version of its own; a holder
+        // that saw its claim (nonce included) replays it with its own key — refused, for writes
+        // and for the seal, and the tenant's shard stays.
+        let tenant_id = archipel_crypto::Identity::load(std::path::Path::new(&key)).unwrap().node_id();
+        let nonce = [0x42; 32];
+        let fresh = archipel_ledger::storage::version_id(&tenant_id, &object, &nonce);
+        let claim = Claim::Owner { object, nonce };
+        let mine = vec![0x11u8; 2000];
+        let mine_hash = archipel_objects::shard_hash(&mine);
+        rt().block_on(shards.put_shard(&now[2], &fresh, &claim, 2, 0, mine.clone().into(), mine_hash)).unwrap();
+        let e = rt().block_on(evil.put_shard(&now[2], &fresh, &claim, 2, 0, junk.clone().into(), junk_hash));
+        assert_eq!(e.unwrap_err().code.as_deref(), Some("not_your_version"), "a replayed claim from another key");
+        let e = rt().block_on(evil.put_shard(&now[2], &fresh, &claim, 2, 1, junk.clone().into(), junk_hash));
+        assert_eq!(e.unwrap_err().code.as_deref(), Some("not_your_version"), "nor a shard the tenant has not sent yet");
+        let e = rt().block_on(evil.seal(&now[2], &fresh, &claim, 2, 0));
+        assert_eq!(e.unwrap_err().code.as_deref(), Some("not_your_version"));
+        assert_eq!(rt().block_on(shards.get_shard(&now[2], &fresh, 2, 0)).unwrap(), mine);
     }
 
     // Every object repaired: nothing degraded, each survives m more losses.

@@ -267,7 +267,9 @@ fn storage_txs(net: &Network) -> Vec<(String, archipel_ledger::SignedTransaction
         deny_jurisdictions: ["US".parse().unwrap_or_else(|e| unreachable!("a country: {e}"))].into(),
         ..PlacementPolicy::anywhere(ErasureCode::DEFAULT)
     };
-    let version = Hash([9; 32]);
+    let nonce = Hash([9; 32]);
+    let version =
+        archipel_ledger::storage::version_id(&tenant.node_id(), &object_id("eu-docs", "reports/2026.pdf"), &nonce.0);
     let root = Hash([8; 32]);
     let terms = |index: u8, generation: u32| ReceiptTerms {
         object: object_id("eu-docs", "reports/2026.pdf"),
@@ -288,6 +290,7 @@ fn storage_txs(net: &Network) -> Vec<(String, archipel_ledger::SignedTransaction
         bucket: "eu-docs".into(),
         key: "reports/2026.pdf".into(),
         version,
+        nonce,
         size: 8 << 20,
         segment_bytes: (8 << 20) - 16,
         manifest_root: root,

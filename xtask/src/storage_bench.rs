@@ -11,8 +11,10 @@
 //!   objects in a closed loop through the library (upload, seal, `PutObject` final); ops/s over
 //!   every PUT of the run, latency p50/p99 with the split between storing and finality.
 //! - **Repair**: the non-validator holding the most shard bytes is killed -9; the time from the
-//!   moment its shards may be repaired (lease down + the 10 s grace) until finalized state assigns
-//!   it nothing and no object is degraded, against every byte it held.
+//!   moment its shards may be repaired (the time of the block that set its lease down plus the
+//!   ledger's repair grace, both read from the ledger) until finalized state assigns it nothing
+//!   and no object is degraded, against every byte it held; a second node going down meanwhile
+//!   fails the run.
 //! - **Client memory**: peak RSS of `archipel put` streaming a 10 GiB (sparse) file, measured by
 //!   the kernel (`getrusage` of a parent that ran only that process); goal ≤ 256 MiB.
 //!   `ARCHIPEL_BENCH_BIG_GIB` sets the size (0 skips it).
@@ -58,11 +60,15 @@ fn steps() -> Result<Vec<&'static str>> {
             .with_context(|| format!("ARCHIPEL_BENCH_STEPS: no step {s:?}; the steps are {}", STEPS.join(", ")))?;
         out.push(*step);
     }
+    if out.is_empty() {
+        bail!("ARCHIPEL_BENCH_STEPS={v:?} names no step; the steps are {}", STEPS.join(", "));
+    }
+    let skipped: Vec<&str> = STEPS.iter().copied().filter(|s| !out.contains(s)).collect();
+    if !skipped.is_empty() {
+        println!("steps skipped (ARCHIPEL_BENCH_STEPS): {}", skipped.join(", "));
+    }
     Ok(out)
 }
-
-/// The devnet's repair grace (`archipel devnet` default).
-const REPAIR_GRACE: Duration = Duration::from_secs(10);
 
 /// MiB/s of writing 1 GiB sequentially in 1 MiB blocks and `fdatasync`ing it, in `dir`.
 fn disk_write_mib_s(dir: &Path) -> Result<f64> {
@@ -129,6 +135,10 @@ fn get_json(http: &reqwest::blocking::Client, url: &str) -> Result<serde_json::V
     Ok(http.get(url).send()?.error_for_status()?.json()?)
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The storage nodes in finalized state, as `api` serves them.
 fn storage_nodes(http: &reqwest::blocking::Client, api: &str) -> Result<Vec<serde_json::Value>> {
     let v = get_json(http, &format!("{api}/v1/storage/nodes"))?;
@@ -184,7 +194,7 @@ fn bench_in(bin: &Path, work: &Path) -> Result<()> {
         large_objects(&cli, work, ceiling, disk)?;
     }
     if steps.contains(&"repair") {
-        repair(&http, &nodes, disk)?;
+        repair(&http, work, &nodes, disk)?;
     }
     if steps.contains(&"memory") {
         client_memory(&cli, work)?;
@@ -437,8 +447,9 @@ fn small_objects(work: &Path, api: &str, template: &BucketRecord) -> Result<()> 
         for kind in ["shard upload", "manifest upload", "seal"] {
             let mut v: Vec<f64> = calls.iter().filter(|(k, _)| *k == kind).map(|(_, ms)| *ms).collect();
             v.sort_by(f64::total_cmp);
-            if !v.is_empty() {
-                println!("  {kind}: {} calls, p50 {:.1} ms, p99 {:.1} ms", v.len(), pct(&v, 0.5), pct(&v, 0.99));
+            match v.is_empty() {
+                true => println!("  {kind}: 0 calls"),
+                false => println!("  {kind}: {} calls, p50 {:.1} ms, p99 {:.1} ms", v.len(), pct(&v, 0.5), pct(&v, 0.99)),
             }
         }
         Ok(())
@@ -449,7 +460,7 @@ fn small_objects(work: &Path, api: &str, template: &BucketRecord) -> Result<()> 
 /// of every shard it held: from the moment they may be repaired (its lease down in finalized
 /// state + the repair grace) until finalized state assigns it nothing and no bucket has a
 /// degraded object.
-fn repair(http: &reqwest::blocking::Client, nodes: &[Node], disk: f64) -> Result<()> {
+fn repair(http: &reqwest::blocking::Client, work: &Path, nodes: &[Node], disk: f64) -> Result<()> {
     let validators: Vec<&str> = nodes.iter().take(4).map(|n| n.name.as_str()).collect();
     let ask = nodes.first().context("no nodes")?;
     let held = |name: &str| -> Result<u64> {
@@ -483,9 +494,31 @@ fn repair(http: &reqwest::blocking::Client, nodes: &[Node], disk: f64) -> Result
         let buckets = h["buckets"].as_array().context("buckets")?;
         buckets.iter().map(|b| b["degraded_objects"].as_u64().context("degraded_objects")).sum()
     };
-    let repaired = loop {
+    // The repair window opens at the block time of the block that set the lease down plus the
+    // ledger's repair grace: read both from the ledger, not from when this bench noticed.
+    let genesis: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(work.join("devnet/genesis.json"))?)?;
+    let grace_ms = genesis["ledger"]["repair_grace_ms"].as_u64().context("repair_grace_ms in the genesis")?;
+    let view = get_json(http, &format!("{}/v1/nodes", ask.api))?;
+    let since_height = view["nodes"]
+        .as_array()
+        .context("nodes")?
+        .iter()
+        .find(|n| n["name"] == victim.as_str())
+        .and_then(|n| n["lease_since_height"].as_u64())
+        .context("the victim's lease_since_height")?;
+    let block = get_json(http, &format!("{}/v1/ledger/blocks/{since_height}", ask.api))?;
+    let down_ms = block["header"]["timestamp_ms"].as_u64().context("timestamp_ms")?;
+    let opens_ms = down_ms + grace_ms;
+    let others: Vec<String> = nodes.iter().map(|n| n.name.clone()).filter(|n| *n != victim).collect();
+    let repaired_ms = loop {
         if held(&victim)? == 0 && degraded()? == 0 {
-            break killed.elapsed();
+            break unix_ms();
+        }
+        // Another node down would start repairs this figure does not count, or keep objects
+        // degraded for reasons of its own.
+        let up = leases_up(http, &ask.api)?;
+        if let Some(gone) = others.iter().find(|n| !up.contains(n)) {
+            bail!("{gone}'s lease went down during the repair of {victim}'s shards: the figure would mix two losses");
         }
         if killed.elapsed() > Duration::from_secs(900) {
             bail!(
@@ -496,15 +529,19 @@ fn repair(http: &reqwest::blocking::Client, nodes: &[Node], disk: f64) -> Result
         }
         std::thread::sleep(Duration::from_millis(250));
     };
-    let work_time = repaired.saturating_sub(down + REPAIR_GRACE).as_secs_f64().max(1e-3);
+    if repaired_ms <= opens_ms {
+        bail!("repaired at {repaired_ms} ms, before the repair window opened at {opens_ms} ms: the clocks disagree");
+    }
+    let work_time = (repaired_ms - opens_ms) as f64 / 1e3;
     let mib = bytes as f64 / (1 << 20) as f64;
     println!(
-        "repair: {victim} (holding {mib:.0} MiB of shards) killed -9; its lease down after {:.1} s, repairable {:.0} s later; \
-         every shard it held rebuilt elsewhere and committed, no object degraded, {:.1} s after that: {:.1} MiB/s rebuilt \
-         (reading k× that) = {:.3}× the disk's write ceiling of {disk:.0} MiB/s",
+        "repair: {victim} (holding {mib:.0} MiB of shards) killed -9; its lease down (block {since_height}) after {:.1} s, \
+         repairable {:.0} s later; every shard it held rebuilt elsewhere and committed, no object degraded, {work_time:.1} s \
+         after that ({:.1} s after the kill): {:.1} MiB/s rebuilt (reading k× that) = {:.3}× the disk's write ceiling of \
+         {disk:.0} MiB/s",
         down.as_secs_f64(),
-        REPAIR_GRACE.as_secs_f64(),
-        work_time,
+        grace_ms as f64 / 1e3,
+        killed.elapsed().as_secs_f64(),
         mib / work_time,
         mib / work_time / disk
     );

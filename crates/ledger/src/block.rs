@@ -472,6 +472,7 @@ mod tests {
                     bucket: empty(),
                     key: empty(),
                     version: Hash::ZERO,
+                    nonce: Hash::ZERO,
                     size: 0,
                     segment_bytes: 0,
                     manifest_root: Hash::ZERO,

@@ -394,8 +394,11 @@ pub struct ObjectPut {
     pub bucket: String,
     /// The key.
     pub key: String,
-    /// The version id (random, 32 bytes).
+    /// The version id: [`version_id`] of the signer, the object and `nonce`.
     pub version: Hash,
+    /// The random nonce the version was made from: the ledger checks that the version is the
+    /// signer's, for this object, so a version names one object network-wide.
+    pub nonce: Hash,
     /// Plaintext bytes.
     pub size: u64,
     /// Plaintext bytes per segment.
@@ -459,6 +462,7 @@ impl Write for ObjectPut {
         write_str(&self.bucket, buf);
         write_str(&self.key, buf);
         self.version.0.write(buf);
+        self.nonce.0.write(buf);
         self.size.write(buf);
         self.segment_bytes.write(buf);
         self.manifest_root.0.write(buf);
@@ -476,6 +480,7 @@ impl EncodeSize for ObjectPut {
     fn encode_size(&self) -> usize {
         str_size(&self.bucket)
             + str_size(&self.key)
+            + 32
             + 32
             + 8
             + 8
@@ -495,6 +500,7 @@ impl Read for ObjectPut {
         let bucket = read_str(buf, MAX_BUCKET_NAME, "bucket")?;
         let key = read_str(buf, MAX_OBJECT_KEY_BYTES, "key")?;
         let version = Hash(<[u8; 32]>::read(buf)?);
+        let nonce = Hash(<[u8; 32]>::read(buf)?);
         let size = u64::read(buf)?;
         let segment_bytes = u64::read(buf)?;
         let manifest_root = Hash(<[u8; 32]>::read(buf)?);
@@ -511,7 +517,7 @@ impl Read for ObjectPut {
                 expires_ms: u64::read(buf)?,
             });
         }
-        Ok(ObjectPut { bucket, key, version, size, segment_bytes, manifest_root, etag, holders })
+        Ok(ObjectPut { bucket, key, version, nonce, size, segment_bytes, manifest_root, etag, holders })
     }
 }
 
@@ -825,6 +831,14 @@ impl State {
             return bad(format!(
                 "segments of {} bytes: use {MIN_SEGMENT_BYTES} to {MAX_SEGMENT_BYTES} bytes",
                 put.segment_bytes
+            ));
+        }
+        if version_id(&signer, &object_id(&put.bucket, &put.key), &put.nonce.0) != put.version {
+            return bad(format!(
+                "version {} is not made from your key, {}/{} and the nonce given: make it with version_id",
+                put.version.short(),
+                put.bucket,
+                put.key
             ));
         }
         if let Some(old) = self.object(&put.bucket, &put.key)
@@ -1261,13 +1275,15 @@ mod tests {
     /// A put of `size` bytes on `holders` (by seed), every receipt signed as the ledger expects.
     fn put_on(s: &State, bucket: &str, key: &str, size: u64, holders: &[u64], version: u8) -> ObjectPut {
         let code = s.bucket(bucket).map(|b| b.policy.code).unwrap_or(ErasureCode::DEFAULT);
-        let version = Hash([version; 32]);
+        let nonce = Hash([version; 32]);
+        let version = vid(bucket, key, version);
         let root = Hash([0xaa; 32]);
         let need = shard_bytes_per_holder(code, size, 8 * MIB);
         ObjectPut {
             bucket: bucket.into(),
             key: key.into(),
             version,
+            nonce,
             size,
             segment_bytes: 8 * MIB,
             manifest_root: root,
@@ -1282,6 +1298,11 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    /// The tenant's version `n` of `bucket/key` (made from the nonce `[n; 32]`).
+    fn vid(bucket: &str, key: &str, n: u8) -> Hash {
+        version_id(&id(TENANT).node_id(), &object_id(bucket, key), &[n; 32])
     }
 
     /// When the tests' receipts expire (their chains run for a few seconds from time 0).
@@ -1413,6 +1434,7 @@ mod tests {
         bucket_with(&mut s, &mut t, "mine", eu_no_us());
         let mut copied = good.clone();
         copied.bucket = "mine".into();
+        (copied.version, copied.nonce) = (vid("mine", "a/b.txt", 1), Hash([1; 32]));
         let e = t.send(&mut s, Payload::PutObject { put: copied }).unwrap_err();
         assert!(e.to_string().contains("does not verify"), "a receipt replayed into another bucket: {e}");
         let mut stale = good.clone();
@@ -1425,6 +1447,19 @@ mod tests {
         far.holders[0].expires_ms = 10_000_000;
         assert!(t.send(&mut s, Payload::PutObject { put: far }).unwrap_err().to_string().contains("more than"));
 
+        // A version must be the signer's, for this object: another key's, or this version under
+        // another name, is refused — a version names one object network-wide.
+        let mut alias = good.clone();
+        alias.key = "elsewhere".into();
+        let e = t.send(&mut s, Payload::PutObject { put: alias }).unwrap_err().to_string();
+        assert!(e.contains("not made from your key"), "{e}");
+        let mut forged = good.clone();
+        forged.nonce = Hash([0x77; 32]);
+        let e = t.send(&mut s, Payload::PutObject { put: forged }).unwrap_err().to_string();
+        assert!(e.contains("not made from your key"), "{e}");
+        let stranger =
+            s.apply(&signed(101, s.account(&id(101).node_id()).nonce, Payload::PutObject { put: good.clone() }));
+        assert!(stranger.is_err());
         let r = t.send(&mut s, Payload::PutObject { put: good.clone() }).unwrap();
         assert!(matches!(r, Receipt::ObjectStored { replaced: None, .. }), "{r:?}");
         let o = s.object("eu-docs", "a/b.txt").unwrap();
@@ -1441,7 +1476,10 @@ mod tests {
         assert!(t.send(&mut s, Payload::PutObject { put: good }).unwrap_err().to_string().contains("stored already"));
         let holders2 = placed(&s, "eu-docs", 2);
         let r = put(&mut s, &mut t, "eu-docs", "a/b.txt", MIB, &holders2, 2).unwrap();
-        assert!(matches!(r, Receipt::ObjectStored { replaced: Some(v), .. } if v == Hash([1; 32])), "{r:?}");
+        assert!(
+            matches!(r, Receipt::ObjectStored { replaced: Some(v), .. } if v == vid("eu-docs", "a/b.txt", 1)),
+            "{r:?}"
+        );
         let b = s.bucket("eu-docs").unwrap();
         assert_eq!((b.objects, b.bytes), (1, MIB));
         let small = shard_bytes_per_holder(ErasureCode::DEFAULT, MIB, 8 * MIB);
@@ -1769,9 +1807,13 @@ mod tests {
         assert!(
             !s.storage_candidates().iter().any(|c| c.node == holder && archipel_placement::eligible(&eu_no_us(), c, 1))
         );
-        // And the ledger refuses it as a new holder, whoever placed it there.
-        let e = s.check_one_new_holder(&eu_no_us(), &holder, 1).unwrap_err().to_string();
+        // And the ledger refuses it as a new holder, whoever placed it there: in a PutObject
+        // (the same holders as the first object, which it was one of) and in a move.
+        let e = put(&mut s, &mut t, "eu-docs", "k2", 20 * MIB, &holders, 2).unwrap_err().to_string();
         assert!(e.contains("reputation 0") && e.contains("below the 200"), "{e}");
+        assert!(s.object("eu-docs", "k2").is_none());
+        let e = s.check_one_new_holder(&eu_no_us(), &holder, 1).unwrap_err().to_string();
+        assert!(e.contains("reputation 0"), "{e}");
         assert!(s.check_one_new_holder(&eu_no_us(), &id(spare).node_id(), 1).is_ok());
     }
 

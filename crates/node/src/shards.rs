@@ -140,6 +140,13 @@ impl ShardService {
         }
         let expected: Vec<(u64, [u8; 32])> =
             manifest.segments.iter().enumerate().map(|(s, hashes)| (s as u64, hashes[usize::from(index)])).collect();
+        // A repair's receipt vouches for what is on disk now: every shard read back and checked
+        // (a copy that rotted since it was written fails here, never gets a receipt).
+        if let Grant::Committed { .. } = grant {
+            for (segment, _) in &expected {
+                self.store.shard(&ShardKey { version: *version, index, segment: *segment })?;
+            }
+        }
         let total = self.store.seal(version, index, &expected)?;
         let root = manifest.root();
         let expires_ms = crate::api::system_now_ms() + RECEIPT_TTL_MS;
@@ -258,9 +265,7 @@ fn grant(s: &ApiState, caller: &NodeId, version: &Version, headers: &HeaderMap) 
     let short = hex::encode(&version[..8]);
     match claim {
         Claim::Owner { object, nonce } => {
-            if version_id(caller, &object, &nonce).0 == *version {
-                Ok((claim, Grant::Owner))
-            } else {
+            if version_id(caller, &object, &nonce).0 != *version {
                 Err(error(
                     StatusCode::FORBIDDEN,
                     "not_your_version",
@@ -270,6 +275,17 @@ fn grant(s: &ApiState, caller: &NodeId, version: &Version, headers: &HeaderMap) 
                     ),
                 )
                 .into())
+            } else if s.chain.with_state(|st| st.object_by_id(&object)).is_some_and(|o| o.version.0 == *version) {
+                // Once committed, a version's shards are what its manifest lists: nobody, its
+                // uploader included, adds to it (repairs write under the ledger's manifest).
+                Err(error(
+                    StatusCode::CONFLICT,
+                    "already_committed",
+                    format!("version {short} is committed: it takes no more uploads (put a new version instead)"),
+                )
+                .into())
+            } else {
+                Ok((claim, Grant::Owner))
             }
         }
         Claim::Committed { object } => match s.chain.with_state(|st| st.object_by_id(&object)) {
@@ -494,6 +510,63 @@ async fn audit(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use archipel_ledger::storage::WRAPPED_KEY_BYTES;
+    use archipel_types::ErasureCode;
+
+    #[test]
+    fn a_repair_replaces_planted_junk_with_the_ledgers_manifest_and_shards_and_signs_only_after_a_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShardStore::open(dir.path(), 1 << 30).unwrap();
+        let svc = ShardService::new(store, Identity::from_seed(1), Hash::ZERO);
+        let version = [3u8; 32];
+        let shard = vec![0x33u8; 5_000];
+        let mut hashes = vec![[0u8; 32]; 6];
+        hashes[2] = *blake3::hash(&shard).as_bytes();
+        let manifest = Manifest {
+            version: Hash(version),
+            size: 100,
+            segment_bytes: 4096,
+            code: ErasureCode::DEFAULT,
+            wrapped_key: [7; WRAPPED_KEY_BYTES],
+            segments: vec![hashes],
+        };
+        let grant = Grant::Committed { manifest_root: manifest.root() };
+        let key = ShardKey { version, index: 2, segment: 0 };
+        // Planted before the repair: another manifest and other bytes under the shard's name.
+        let mut planted = manifest.clone();
+        planted.size = 99;
+        svc.store().put_manifest(&version, &planted.to_bytes()).unwrap();
+        let junk = vec![0x55u8; 4_000];
+        svc.store().put_shard(key, &junk, blake3::hash(&junk).as_bytes()).unwrap();
+        // Against the planted manifest, neither a shard nor a seal goes through.
+        assert!(matches!(svc.put_shard(key, &shard, &hashes_of(&manifest), grant), Err(ShardStoreError::NotFound(_))));
+        assert!(svc.seal(&version, 2, Hash::ZERO, 1, grant).is_err());
+        // A manifest without the ledger's root is refused; the ledger's replaces the planted one.
+        let e = svc.put_manifest(&version, &planted.to_bytes(), grant).unwrap_err();
+        assert!(matches!(e, ShardStoreError::HashMismatch { .. }), "{e}");
+        svc.put_manifest(&version, &manifest.to_bytes(), grant).unwrap();
+        // Bytes the manifest does not list are refused; its shard replaces the junk.
+        let e = svc.put_shard(key, &junk, blake3::hash(&junk).as_bytes(), grant).unwrap_err();
+        assert!(matches!(e, ShardStoreError::HashMismatch { .. }), "{e}");
+        svc.put_shard(key, &shard, &hashes_of(&manifest), grant).unwrap();
+        assert_eq!(svc.store().shard(&key).unwrap(), shard);
+        assert_eq!(svc.store().used(), shard.len() as u64 + manifest.to_bytes().len() as u64);
+        let receipt = svc.seal(&version, 2, Hash::ZERO, 1, grant).unwrap();
+        assert_eq!((receipt.shard_bytes, receipt.manifest_root), (shard.len() as u64, manifest.root()));
+        // A copy that rots after it was stored gets no repair receipt.
+        let path = std::fs::read_dir(dir.path().join("shards/03").join(hex::encode(version)))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().is_some_and(|n| n == "2.0"))
+            .unwrap();
+        std::fs::write(&path, vec![0x34u8; 5_000]).unwrap();
+        assert!(matches!(svc.seal(&version, 2, Hash::ZERO, 1, grant), Err(ShardStoreError::Corrupt { .. })));
+    }
+
+    fn hashes_of(m: &Manifest) -> [u8; 32] {
+        m.segments[0][2]
+    }
 
     #[test]
     fn slots_count_body_bytes_so_small_calls_run_together_and_large_ones_are_bounded() {

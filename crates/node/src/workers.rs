@@ -22,6 +22,7 @@ use archipel_ledger::{Hash, LeaseStatus, Payload, Transaction};
 use archipel_objects::http::HttpShards;
 use archipel_objects::transfer::{Holder, Shards as _};
 use archipel_types::{NodeId, PlacementPolicy};
+use futures::StreamExt;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -192,6 +193,11 @@ impl Repairer {
     }
 }
 
+/// Objects one node rebuilds at once. With [`archipel_objects::repair::REPAIR_SEGMENTS_IN_FLIGHT`]
+/// segments each, at most 4 × 4 segments' shards (k read + the rebuilt ones, ≤ 2 MiB each at the
+/// default segment size: ≤ 192 MiB at 4+2) are held.
+pub const REPAIRS_IN_FLIGHT: usize = 4;
+
 /// One object to repair, read from finalized state.
 struct Job {
     object: ObjectRecord,
@@ -294,6 +300,10 @@ impl Worker for Repairer {
         self.counters.degraded_objects.store(queued as u64, std::sync::atomic::Ordering::Relaxed);
         self.tried.retain(|_, at| at.elapsed() < REPAIR_BACKOFF);
         let (mut repaired, mut degraded_left, mut notes) = (0, 0, Vec::new());
+        // Plan every job first (placement is pure), then rebuild up to REPAIRS_IN_FLIGHT at
+        // once — an object's repair is mostly waiting for shards — and submit each move as its
+        // rebuild ends (the submitter numbers them in that order).
+        let mut planned = Vec::new();
         for job in jobs {
             let o = &job.object;
             if self.tried.contains_key(&o.version) {
@@ -329,18 +339,29 @@ impl Worker for Repairer {
                 .into_iter()
                 .map(|(i, n)| (i, Holder { node: n, url: urls.get(&n).cloned().unwrap_or_default() }))
                 .collect();
-            let moves: Vec<ShardMove> =
-                match archipel_objects::repair::rebuild(&self.shards, o, &job.sources, &targets, &network).await {
-                    Ok(m) => m,
-                    Err(e) => {
-                        degraded_left += 1;
-                        notes.push(format!("{name}: repair failed: {e}"));
-                        continue;
-                    }
-                };
+            planned.push((job, name, targets));
+        }
+        let shards = &self.shards;
+        let network = &network;
+        let mut rebuilds = futures::stream::iter(planned)
+            .map(|(job, name, targets)| async move {
+                let r = archipel_objects::repair::rebuild(shards, &job.object, &job.sources, &targets, network).await;
+                (job, name, r)
+            })
+            .buffer_unordered(REPAIRS_IN_FLIGHT);
+        while let Some((job, name, rebuilt)) = rebuilds.next().await {
+            let o = &job.object;
+            let moves: Vec<ShardMove> = match rebuilt {
+                Ok(m) => m,
+                Err(e) => {
+                    degraded_left += 1;
+                    notes.push(format!("{name}: repair failed: {e}"));
+                    continue;
+                }
+            };
             let payload =
                 Payload::MoveShards { bucket: o.bucket.clone(), key: o.key.clone(), version: o.version, moves };
-            match self.submitter.submit(&network, payload) {
+            match self.submitter.submit(network, payload) {
                 Ok(()) => {
                     self.submitted += 1;
                     self.counters.repairs_submitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -353,6 +374,7 @@ impl Worker for Repairer {
                 }
             }
         }
+        drop(rebuilds);
         let summary = format!(
             "{queued} objects degraded in finalized state ({live} live storage nodes share the repairs); this node: \
              {repaired} repairs submitted now ({} since start), {degraded_left} left degraded",

@@ -273,11 +273,11 @@ pub struct PutPlan {
     pub etag: Option<String>,
 }
 
-/// A fresh version of `object` for `owner`, with the claim that proves it is theirs.
-fn new_version(owner: &NodeId, object: Hash) -> (Hash, Claim) {
+/// A fresh version of `object` for `owner`, with its nonce and the claim that proves it is theirs.
+fn new_version(owner: &NodeId, object: Hash) -> (Hash, Hash, Claim) {
     let mut nonce = [0u8; 32];
     rand::fill(&mut nonce);
-    (archipel_ledger::storage::version_id(owner, &object, &nonce), Claim::Owner { object, nonce })
+    (archipel_ledger::storage::version_id(owner, &object, &nonce), Hash(nonce), Claim::Owner { object, nonce })
 }
 
 fn holder_failed(h: &Holder, error: TransferError) -> TransferFailed {
@@ -296,7 +296,7 @@ pub async fn put_object<S: Shards>(
 ) -> Result<ObjectPut, TransferFailed> {
     let code = plan.bucket.policy.code;
     let object = object_id(&plan.bucket.name, &plan.key);
-    let (version, claim) = new_version(&owner.node_id(), object);
+    let (version, nonce, claim) = new_version(&owner.node_id(), object);
     let data_key = DataKey::generate()?;
     let wrapped_key = WrapKey::for_owner(owner).wrap(&data_key, &version.0)?;
     let segments = Segments::new(plan.size, SEGMENT_PLAIN_BYTES);
@@ -314,6 +314,7 @@ pub async fn put_object<S: Shards>(
             bucket: plan.bucket.name.clone(),
             key: plan.key.clone(),
             version,
+            nonce,
             size: 0,
             segment_bytes: SEGMENT_PLAIN_BYTES,
             manifest_root: manifest.root(),
@@ -416,6 +417,7 @@ pub async fn put_object<S: Shards>(
         bucket: plan.bucket.name.clone(),
         key: plan.key.clone(),
         version,
+        nonce,
         size: plan.size,
         segment_bytes: SEGMENT_PLAIN_BYTES,
         manifest_root: root,
@@ -446,7 +448,25 @@ pub async fn fetch_manifest<S: Shards>(
     for h in holders {
         match shards.get_manifest(h, &object.version).await {
             Ok(bytes) => match Manifest::from_bytes(&bytes) {
-                Ok(m) if m.root() == object.manifest_root => return Ok(m),
+                Ok(m) if m.root() == object.manifest_root => {
+                    // The root is the owner's word; that the manifest fits the record is
+                    // checked too, so nothing reading it indexes past what it has.
+                    let fits = m.version == object.version
+                        && m.code == object.code
+                        && m.size == object.size
+                        && m.segment_bytes == object.segment_bytes
+                        && m.segments.len() as u64 == object.segments()
+                        && (object.size == 0 || object.holders.len() == m.code.total())
+                        && m.segments.iter().all(|hashes| hashes.len() == m.code.total());
+                    if !fits {
+                        return Err(TransferFailed::Manifest(format!(
+                            "the manifest committed for {}/{} does not fit its ledger record (code, size, segments or \
+                             holders differ): the object cannot be read or repaired",
+                            object.bucket, object.key
+                        )));
+                    }
+                    return Ok(m);
+                }
                 Ok(_) => why.push(format!("{}: a manifest that does not match the ledger", h.node.short())),
                 Err(e) => why.push(format!("{}: {e}", h.node.short())),
             },

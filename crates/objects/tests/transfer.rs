@@ -73,6 +73,14 @@ impl Shards for Memory {
         if *blake3::hash(&bytes).as_bytes() != hash {
             return Err(fail("hash_mismatch"));
         }
+        // As a node does: a repair's shard only after the manifest that lists it.
+        if let Claim::Committed { .. } = claim {
+            let m = self.manifests.lock().unwrap().get(&(h.node, *v)).cloned().ok_or_else(|| fail("manifest first"))?;
+            let m = archipel_ledger::storage::Manifest::from_bytes(&m).map_err(|e| fail(&e))?;
+            if m.segments.get(s as usize).and_then(|hs| hs.get(usize::from(i))) != Some(&hash) {
+                return Err(fail("not the shard the manifest lists"));
+            }
+        }
         self.shards.lock().unwrap().insert((h.node, *v, i, s), bytes.to_vec());
         Ok(())
     }
@@ -369,7 +377,7 @@ async fn repairs_rebuild_lost_shards_on_new_holders_with_valid_receipts() {
     let moves = archipel_objects::repair::rebuild(&*mem, &rec, &healthy, &targets, &Hash::ZERO).await.unwrap();
     assert_eq!(moves.iter().map(|m| (m.index, m.to)).collect::<Vec<_>>(), vec![(1, spare[0].node), (4, spare[1].node)]);
     // The repair wrote under the committed version's claim, the manifest to each target first
-    // (a holder checks the repaired shards against it).
+    // (a holder checks the repaired shards against it, and so does this transport).
     let repair_claims = std::mem::take(&mut *mem.claims.lock().unwrap());
     assert!(repair_claims.iter().all(|(v, c)| *v == rec.version && *c == Claim::Committed { object }));
     assert_eq!(
@@ -399,6 +407,17 @@ async fn repairs_rebuild_lost_shards_on_new_holders_with_valid_receipts() {
     let mut out = vec![];
     get_object(&*mem, &moved, &after, &Identity::from_seed(1), None, &mut out, |_| {}).await.unwrap();
     assert_eq!(out, body);
+    // A record the committed manifest does not fit (its owner or Byzantine holders committed
+    // one with another code or size): a clean error, no panic, for repairs and reads.
+    for change in [|r: &mut ObjectRecord| r.size += SEGMENT_PLAIN_BYTES, |r: &mut ObjectRecord| r.code.parity = 1] {
+        let mut unfit = rec.clone();
+        change(&mut unfit);
+        let e = archipel_objects::repair::rebuild(&*mem, &unfit, &healthy, &targets, &Hash::ZERO).await.unwrap_err();
+        assert!(e.to_string().contains("does not fit its ledger record"), "{e}");
+        let mut out = vec![];
+        let e = get_object(&*mem, &unfit, &after, &Identity::from_seed(1), None, &mut out, |_| {}).await.unwrap_err();
+        assert!(e.to_string().contains("does not fit its ledger record"), "{e}");
+    }
     // With fewer than k healthy holders, a repair fails as unrecoverable.
     let few: Vec<(usize, Holder)> = healthy.iter().take(3).cloned().collect();
     let e = archipel_objects::repair::rebuild(&*mem, &rec, &few, &targets, &Hash::ZERO).await.unwrap_err();

@@ -290,7 +290,9 @@ impl ShardStore {
         let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         let previous = self.entry(&key)?;
         if let Some((len, h)) = previous {
-            if h == *hash && len == bytes.len() as u64 && self.shard_path(&key).exists() {
+            // The same shard again: kept only if the copy on disk still has its hash (one that
+            // rotted, was cut short or vanished is written afresh).
+            if h == *hash && len == bytes.len() as u64 && self.shard(&key).is_ok() {
                 return Ok(());
             }
             if h != *hash && !replace {

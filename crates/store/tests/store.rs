@@ -200,3 +200,22 @@ fn replacing_writes_swap_wrong_bytes_for_checked_ones_and_count_them_once() {
     assert_eq!(store.shard(&key(5, 1, 0)).unwrap(), good);
     assert_eq!(store.used(), 2_500 + b"the ledger's manifest".len() as u64);
 }
+
+#[test]
+fn writing_a_shard_again_heals_a_copy_that_rotted_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ShardStore::open(dir.path(), 10_000).unwrap();
+    let good = bytes(2_000, 6);
+    store.put_shard(key(6, 2, 0), &good, &hash(&good)).unwrap();
+    let path = dir.path().join("shards/06").join(hex::encode([6u8; 32])).join("2.0");
+    let mut rotten = std::fs::read(&path).unwrap();
+    rotten[1_000] ^= 0x40;
+    std::fs::write(&path, &rotten).unwrap();
+    assert!(matches!(store.shard(&key(6, 2, 0)), Err(ShardStoreError::Corrupt { .. })));
+    // A repair (or the uploader) sending the right bytes again rewrites the file, counted once.
+    store.replace_shard(key(6, 2, 0), &good, &hash(&good)).unwrap();
+    assert_eq!((store.shard(&key(6, 2, 0)).unwrap(), store.used()), (good.clone(), 2_000));
+    std::fs::write(&path, &rotten).unwrap();
+    store.put_shard(key(6, 2, 0), &good, &hash(&good)).unwrap();
+    assert_eq!((store.shard(&key(6, 2, 0)).unwrap(), store.used()), (good, 2_000));
+}
