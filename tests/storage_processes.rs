@@ -298,22 +298,25 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         let junk = vec![0x5au8; 1000];
         let junk_hash = archipel_objects::shard_hash(&junk);
         let owner_claim = Claim::Owner { object, nonce: [7; 32] };
-        let e =
-            rt().block_on(evil.put_shard(&now[0], &record.version, &owner_claim, 0, 0, junk.clone().into(), junk_hash));
-        assert_eq!(e.unwrap_err().code.as_deref(), Some("not_your_version"));
+        // The attacker uploads the junk as shard `index` of segment `segment`: the code refused.
+        let planted = |h: &archipel_objects::transfer::Holder, v: &archipel_ledger::Hash, c: &Claim, index, segment| {
+            let r = rt().block_on(evil.put_shard(h, v, c, index, segment, junk.clone().into(), junk_hash));
+            r.unwrap_err().code
+        };
+        let e = planted(&now[0], &record.version, &owner_claim, 0, 0);
+        assert_eq!(e.as_deref(), Some("not_your_version"));
         let e = rt().block_on(evil.seal(&now[0], &record.version, &owner_claim, 0, 0));
         assert_eq!(e.unwrap_err().code.as_deref(), Some("not_your_version"));
         let committed = Claim::Committed { object };
-        let e =
-            rt().block_on(evil.put_shard(&now[1], &record.version, &committed, 1, 0, junk.clone().into(), junk_hash));
-        assert_eq!(e.unwrap_err().code.as_deref(), Some("hash_mismatch"), "a shard the manifest does not list");
+        let e = planted(&now[1], &record.version, &committed, 1, 0);
+        assert_eq!(e.as_deref(), Some("hash_mismatch"), "a shard the manifest does not list");
         let mut fake = manifest.clone();
         fake.segments[0][1] = junk_hash;
         let e = rt().block_on(evil.put_manifest(&now[1], &record.version, &committed, fake.to_bytes().into()));
         assert_eq!(e.unwrap_err().code.as_deref(), Some("hash_mismatch"), "a manifest without the ledger's root");
         let other = Claim::Committed { object: archipel_ledger::storage::object_id("eu-docs", "top.bin") };
-        let e = rt().block_on(evil.put_shard(&now[1], &record.version, &other, 1, 0, junk.clone().into(), junk_hash));
-        assert_eq!(e.unwrap_err().code.as_deref(), Some("not_committed"));
+        let e = planted(&now[1], &record.version, &other, 1, 0);
+        assert_eq!(e.as_deref(), Some("not_committed"));
         // A node that holds nothing of the object: junk under the version's name is refused
         // too — there is no manifest yet to check it against, and the right one goes in.
         let ids: Vec<archipel_types::NodeId> = now.iter().map(|h| h.node).collect();
@@ -322,27 +325,11 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
             .find(|(id, url)| !ids.contains(id) && live.contains(url))
             .map(|(node, url)| archipel_objects::transfer::Holder { node, url })
             .unwrap();
-        let e = rt().block_on(evil.put_shard(
-            &bystander,
-            &record.version,
-            &committed,
-            1,
-            0,
-            junk.clone().into(),
-            junk_hash,
-        ));
-        assert_eq!(e.unwrap_err().code.as_deref(), Some("shard_not_found"), "no manifest to check against");
+        let e = planted(&bystander, &record.version, &committed, 1, 0);
+        assert_eq!(e.as_deref(), Some("shard_not_found"), "no manifest to check against");
         rt().block_on(evil.put_manifest(&bystander, &record.version, &committed, manifest.to_bytes().into())).unwrap();
-        let e = rt().block_on(evil.put_shard(
-            &bystander,
-            &record.version,
-            &committed,
-            1,
-            0,
-            junk.clone().into(),
-            junk_hash,
-        ));
-        assert_eq!(e.unwrap_err().code.as_deref(), Some("hash_mismatch"));
+        let e = planted(&bystander, &record.version, &committed, 1, 0);
+        assert_eq!(e.as_deref(), Some("hash_mismatch"));
         let got = rt().block_on(shards.get_shard(&now[1], &record.version, 1, 0)).unwrap();
         assert_eq!(archipel_objects::shard_hash(&got), manifest.segments[0][1], "the holder's shard is untouched");
         let kept = rt().block_on(shards.get_manifest(&now[1], &record.version)).unwrap();
@@ -358,10 +345,10 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         let mine = vec![0x11u8; 2000];
         let mine_hash = archipel_objects::shard_hash(&mine);
         rt().block_on(shards.put_shard(&now[2], &fresh, &claim, 2, 0, mine.clone().into(), mine_hash)).unwrap();
-        let e = rt().block_on(evil.put_shard(&now[2], &fresh, &claim, 2, 0, junk.clone().into(), junk_hash));
-        assert_eq!(e.unwrap_err().code.as_deref(), Some("not_your_version"), "a replayed claim from another key");
-        let e = rt().block_on(evil.put_shard(&now[2], &fresh, &claim, 2, 1, junk.clone().into(), junk_hash));
-        assert_eq!(e.unwrap_err().code.as_deref(), Some("not_your_version"), "nor a shard the tenant has not sent yet");
+        let e = planted(&now[2], &fresh, &claim, 2, 0);
+        assert_eq!(e.as_deref(), Some("not_your_version"), "a replayed claim from another key");
+        let e = planted(&now[2], &fresh, &claim, 2, 1);
+        assert_eq!(e.as_deref(), Some("not_your_version"), "nor a shard the tenant has not sent yet");
         let e = rt().block_on(evil.seal(&now[2], &fresh, &claim, 2, 0));
         assert_eq!(e.unwrap_err().code.as_deref(), Some("not_your_version"));
         assert_eq!(rt().block_on(shards.get_shard(&now[2], &fresh, 2, 0)).unwrap(), mine);
