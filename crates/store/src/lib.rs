@@ -10,7 +10,8 @@
 //! Durability: writes go to the page cache; [`ShardStore::seal`] fsyncs every shard of one object
 //! version and shard index, their directories and the index before it returns — the node signs
 //! its receipt only after that. A crash before a seal may lose unsealed writes, which no receipt
-//! ever vouched for; a torn or flipped file fails its hash check on every read.
+//! ever vouched for; a torn or flipped file fails its hash check on every read; the temporary
+//! files of interrupted writes are removed when the store is opened again.
 //!
 //! Capacity: the bytes of every shard and manifest count against the capacity the store was
 //! opened with; a write beyond it, or a disk that runs out of space, is refused with
@@ -153,8 +154,26 @@ impl std::fmt::Debug for ShardStore {
     }
 }
 
+/// Removes the temporary files of writes a crash or power cut interrupted (`.tmp-*` in any
+/// version's directory): never renamed to a shard's name, never counted, never read. O(versions).
+fn remove_temporaries(shards: &Path) -> Result<(), ShardStoreError> {
+    for prefix in fs::read_dir(shards).map_err(io_at(shards))?.flatten() {
+        let Ok(versions) = fs::read_dir(prefix.path()) else { continue };
+        for version in versions.flatten() {
+            let Ok(files) = fs::read_dir(version.path()) else { continue };
+            for f in files.flatten() {
+                if f.file_name().as_encoded_bytes().starts_with(b".tmp-") {
+                    fs::remove_file(f.path()).map_err(io_at(&f.path()))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 impl ShardStore {
-    /// Opens (creating if missing) the store in `dir`, holding at most `capacity` bytes.
+    /// Opens (creating if missing) the store in `dir`, holding at most `capacity` bytes; removes
+    /// what interrupted writes left behind.
     pub fn open(dir: &Path, capacity: u64) -> Result<Self, ShardStoreError> {
         fs::create_dir_all(dir.join("shards")).map_err(io_at(dir))?;
         let path = dir.join("index.redb");
@@ -174,6 +193,7 @@ impl ShardStore {
             }
         }
         txn.commit().map_err(index_err)?;
+        remove_temporaries(&dir.join("shards"))?;
         Ok(ShardStore {
             dir: dir.to_path_buf(),
             db,

@@ -219,3 +219,20 @@ fn writing_a_shard_again_heals_a_copy_that_rotted_on_disk() {
     store.put_shard(key(6, 2, 0), &good, &hash(&good)).unwrap();
     assert_eq!((store.shard(&key(6, 2, 0)).unwrap(), store.used()), (good, 2_000));
 }
+
+#[test]
+fn reopening_removes_what_an_interrupted_write_left_and_keeps_the_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = bytes(3_000, 8);
+    let version_dir = dir.path().join("shards/07").join(hex::encode([7u8; 32]));
+    {
+        let store = ShardStore::open(dir.path(), 10_000).unwrap();
+        store.put_shard(key(7, 0, 0), &a, &hash(&a)).unwrap();
+        store.seal(&[7u8; 32], 0, &[(0, hash(&a))]).unwrap();
+        // A power cut in the middle of the next write: its temporary file stays behind.
+        std::fs::write(version_dir.join(".tmp-4242-9"), bytes(1_500, 1)).unwrap();
+    }
+    let store = ShardStore::open(dir.path(), 10_000).unwrap();
+    assert!(!version_dir.join(".tmp-4242-9").exists(), "{:?}", files_under(dir.path()));
+    assert_eq!((store.shard(&key(7, 0, 0)).unwrap(), store.used()), (a, 3_000));
+}
