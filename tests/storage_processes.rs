@@ -383,4 +383,54 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
     assert_eq!(keys, ["reports/2026.bin", "reports/copy.bin"]);
     let e = refused(w, &args(&t2(&["bucket", "rm", "eu-docs"])));
     assert!(e.contains("still holds 2 objects"), "{e}");
+
+    // Crash durability: a holder killed -9 long after its receipt and started again serves what
+    // it sealed. With two other holders of the object down too, a read needs all four left — it
+    // included — and returns the right bytes.
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let copy = stat_of("eu-docs/reports/copy.bin", &node);
+    let up_holders: Vec<usize> = copy["holders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["lease"] == "up" && !validators.iter().any(|v| h["name"] == v.as_str()))
+        .map(|h| index_of(h["name"].as_str().unwrap()))
+        .collect();
+    assert!(up_holders.len() >= 3, "three holders that are not validators: {copy}");
+    let (restarted, others) = (up_holders[0], &up_holders[1..3]);
+    let (_, url, pid, config) = devnet.node(restarted);
+    kill9(pid);
+    let gone = std::time::Instant::now();
+    while alive(pid) && gone.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Its sockets close with its last thread: wait for /proc to forget it before the restart.
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() && gone.elapsed() < std::time::Duration::from_secs(10)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _again = Reaped(spawn(w, &["node", "run", "--config", config.to_str().unwrap()]));
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let answers = || rt().block_on(http.get(format!("{url}/health")).send()).is_ok_and(|r| r.status().is_success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !answers() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted holder never answered: {}",
+            spawned_log_tail(w, 20)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    for i in others {
+        kill9(devnet.node(*i).2);
+    }
+    let back5 = w.join("back5.bin");
+    run(w, &args(&t(&["get", "eu-docs/reports/copy.bin", back5.to_str().unwrap()])));
+    assert!(std::fs::read(&back5).unwrap() == body, "read through the restarted holder");
 }
