@@ -144,6 +144,15 @@ impl AuthError {
     }
 }
 
+/// A signed request's headers, parsed.
+struct Parsed<'h> {
+    key: NodeId,
+    ts: u64,
+    nonce: [u8; 16],
+    nonce_hex: &'h str,
+    sig: [u8; 64],
+}
+
 /// Verifies signed requests and remembers nonces to refuse replays.
 #[derive(Debug)]
 pub struct RequestVerifier {
@@ -172,16 +181,24 @@ impl RequestVerifier {
         self.seen.len()
     }
 
-    /// Checks a request and returns the verified caller. `is_known` decides which keys may call.
-    pub fn verify(
-        &mut self,
+    /// What can be checked of a signed request before its body is read: the headers are all
+    /// there and well formed, the timestamp is inside the skew window and the key is known. A
+    /// server runs it before it reserves memory for the body, so a stranger holds none.
+    pub fn precheck(
+        &self,
         headers: &SignedRequestHeaders,
-        method: &str,
-        path_and_query: &str,
-        body: &[u8],
         now_ms: u64,
         is_known: impl Fn(&NodeId) -> bool,
     ) -> Result<NodeId, AuthError> {
+        let Parsed { key, .. } = self.parse_fresh(headers, now_ms)?;
+        if !is_known(&key) {
+            return Err(AuthError::UnknownKey(key.short()));
+        }
+        Ok(key)
+    }
+
+    /// The headers, parsed, with a timestamp inside the skew window.
+    fn parse_fresh<'h>(&self, headers: &'h SignedRequestHeaders, now_ms: u64) -> Result<Parsed<'h>, AuthError> {
         let key = headers.key.as_deref().ok_or(AuthError::Missing(HEADER_KEY))?;
         let ts = headers.timestamp.as_deref().ok_or(AuthError::Missing(HEADER_TIMESTAMP))?;
         let nonce_hex = headers.nonce.as_deref().ok_or(AuthError::Missing(HEADER_NONCE))?;
@@ -197,11 +214,24 @@ impl RequestVerifier {
         let mut sig = [0u8; 64];
         hex::decode_to_slice(sig_hex, &mut sig)
             .map_err(|_| AuthError::Malformed(HEADER_SIGNATURE, "expected 128 hex characters".into()))?;
-
         let skew_ms = now_ms.abs_diff(ts);
         if skew_ms > self.max_skew_ms {
             return Err(AuthError::Stale { skew_ms, limit_ms: self.max_skew_ms });
         }
+        Ok(Parsed { key, ts, nonce, nonce_hex, sig })
+    }
+
+    /// Checks a request and returns the verified caller. `is_known` decides which keys may call.
+    pub fn verify(
+        &mut self,
+        headers: &SignedRequestHeaders,
+        method: &str,
+        path_and_query: &str,
+        body: &[u8],
+        now_ms: u64,
+        is_known: impl Fn(&NodeId) -> bool,
+    ) -> Result<NodeId, AuthError> {
+        let Parsed { key, ts, nonce, nonce_hex, sig } = self.parse_fresh(headers, now_ms)?;
         verify_signature(&key, namespace::REQUEST, &canonical(method, path_and_query, ts, nonce_hex, body), &sig)
             .map_err(|_| AuthError::BadSignature(key.short()))?;
         if !is_known(&key) {

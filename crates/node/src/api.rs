@@ -773,6 +773,16 @@ pub async fn authenticate_data(State(s): State<Arc<ApiState>>, req: Request, nex
         None if headers.contains_key(axum::http::header::TRANSFER_ENCODING) => crate::shards::MAX_SHARD_BODY,
         None => 0,
     };
+    // A stranger, a stale timestamp or a malformed signature holds nothing: checked before the
+    // body's memory is reserved (the signature itself covers the body, checked once it is read).
+    let prechecked = {
+        let v = s.verifier.lock().unwrap_or_else(|p| p.into_inner());
+        let members = lock_table(&s.table).allowed().clone();
+        v.precheck(&auth_headers(headers), system_now_ms(), |k| may_call(&s, &members, k, true))
+    };
+    if let Err(e) = prechecked {
+        return auth_error(&e);
+    }
     let _slot = match s.shards.as_ref().map(|svc| svc.try_slot(declared)) {
         Some(Some(slot)) => Some(slot),
         Some(None) => {
@@ -837,13 +847,7 @@ async fn authenticate_up_to(s: Arc<ApiState>, req: Request, next: Next, limit: u
         let mut v = s.verifier.lock().unwrap_or_else(|p| p.into_inner());
         let members = lock_table(&s.table).allowed().clone();
         v.verify(&headers, parts.method.as_str(), &path, &bytes, system_now_ms(), |k| {
-            s.accounts.contains(k)
-                || members.contains(k)
-                || (data_plane
-                    && s.chain.with_state(|st| {
-                        let a = st.account(k);
-                        a.balance_micro > 0 || a.nonce > 0
-                    }))
+            may_call(&s, &members, k, data_plane)
         })
     };
     match verdict {
@@ -881,6 +885,18 @@ async fn authenticate_up_to(s: Arc<ApiState>, req: Request, next: Next, limit: u
         }
         Err(e) => auth_error(&e),
     }
+}
+
+/// Whether key `k` may make signed calls: a genesis account or a member node; on the data plane
+/// (`data_plane`) also any account the finalized ledger knows (funded or used).
+fn may_call(s: &ApiState, members: &std::collections::BTreeSet<NodeId>, k: &NodeId, data_plane: bool) -> bool {
+    s.accounts.contains(k)
+        || members.contains(k)
+        || (data_plane
+            && s.chain.with_state(|st| {
+                let a = st.account(k);
+                a.balance_micro > 0 || a.nonce > 0
+            }))
 }
 
 fn auth_error(e: &AuthError) -> Response {
@@ -1193,6 +1209,34 @@ mod tests {
         });
         server.stop(Duration::from_millis(100));
         assert_eq!(answered.map_err(|e| e.to_string()), Ok(200));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stranger_on_the_data_plane_is_refused_before_its_body_is_awaited() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let url = serve(state(ApiLimits::default())).await;
+        let addr = url.trim_start_matches("http://");
+        let path = format!("/v1/objects/{}/manifest", "ab".repeat(32));
+        // No signature at all, a body declared and never sent: answered at once, no slot held.
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!("PUT {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 80000000\r\n\r\n");
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("refused at once, not after the body deadline")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+        // A well-signed call from a key nobody knows (no account, not a member): refused too.
+        let stranger = Identity::from_seed(0xdead);
+        let headers = archipel_crypto::sign_request(&stranger, "PUT", &path, b"x", system_now_ms(), [1; 16]);
+        let mut req = reqwest::Client::builder().no_proxy().build().unwrap().put(format!("{url}{path}")).body("x");
+        for (k, v) in headers.pairs() {
+            req = req.header(k, v);
+        }
+        let (status, _, code) = refusal(req.send().await.unwrap()).await;
+        assert_eq!((status, code.as_str()), (403, "unknown_key"));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
