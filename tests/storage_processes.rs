@@ -305,7 +305,8 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         };
         let e = planted(&now[0], &record.version, &owner_claim, 0, 0);
         assert_eq!(e.as_deref(), Some("not_your_version"));
-        let e = rt().block_on(evil.seal(&now[0], &record.version, &owner_claim, 0, 0));
+        let e =
+            rt().block_on(evil.seal(&now[0], &record.version, &owner_claim, 0, 0, Some(manifest.to_bytes().into())));
         assert_eq!(e.unwrap_err().code.as_deref(), Some("not_your_version"));
         let committed = Claim::Committed { object };
         let e = planted(&now[1], &record.version, &committed, 1, 0);
@@ -349,7 +350,7 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         assert_eq!(e.as_deref(), Some("not_your_version"), "a replayed claim from another key");
         let e = planted(&now[2], &fresh, &claim, 2, 1);
         assert_eq!(e.as_deref(), Some("not_your_version"), "nor a shard the tenant has not sent yet");
-        let e = rt().block_on(evil.seal(&now[2], &fresh, &claim, 2, 0));
+        let e = rt().block_on(evil.seal(&now[2], &fresh, &claim, 2, 0, None));
         assert_eq!(e.unwrap_err().code.as_deref(), Some("not_your_version"));
         assert_eq!(rt().block_on(shards.get_shard(&now[2], &fresh, 2, 0)).unwrap(), mine);
     }

@@ -344,8 +344,9 @@ impl Shards for Timed {
         claim: &Claim,
         index: u8,
         generation: u32,
+        manifest: Option<bytes::Bytes>,
     ) -> Result<Sealed, TransferError> {
-        self.time("seal", self.inner.seal(holder, version, claim, index, generation)).await
+        self.time("seal", self.inner.seal(holder, version, claim, index, generation, manifest)).await
     }
     async fn get_manifest(&self, holder: &Holder, version: &Hash) -> Result<Vec<u8>, TransferError> {
         self.inner.get_manifest(holder, version).await

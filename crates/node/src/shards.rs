@@ -5,7 +5,8 @@
 //!   and when the node is full (507 `storage_full`).
 //! - `PUT /v1/objects/{version}/manifest`: the object's manifest, decoded and checked for its
 //!   version before it is stored.
-//! - `POST /v1/objects/{version}/seal/{index}?generation=`: checks that this node holds
+//! - `POST /v1/objects/{version}/seal/{index}?generation=` (the body: the manifest, to store it
+//!   first in the same call, or empty): checks that this node holds
 //!   shard `index` of every segment the manifest lists, with the manifest's hashes, fsyncs them,
 //!   and answers the node's signed receipt ([`archipel_ledger::storage::ReceiptTerms`], valid
 //!   for five minutes) — the one thing a `PutObject` or `MoveShards` needs from it.
@@ -435,12 +436,7 @@ async fn put_manifest(
         let svc = service(&s)?;
         let version = version_of(&version)?;
         let (_, grant) = grant(&s, &caller.0, &version, &headers)?;
-        let manifest = Manifest::from_bytes(&body).map_err(|e| {
-            Refused::from(error(StatusCode::BAD_REQUEST, "bad_manifest", format!("not a valid manifest: {e}")))
-        })?;
-        if manifest.version.0 != version {
-            return Err(error(StatusCode::BAD_REQUEST, "bad_manifest", "the manifest is for another version").into());
-        }
+        check_manifest_for(&version, &body)?;
         let len = body.len() as u64;
         let free = blocking(move || {
             svc.put_manifest(&version, &body, grant)?;
@@ -449,6 +445,17 @@ async fn put_manifest(
         .await?;
         Ok(Json(Stored { stored: len, free }).into_response())
     }
+}
+
+/// Refuses bytes that are not a manifest of `version`.
+fn check_manifest_for(version: &Version, body: &[u8]) -> Result<(), Refused> {
+    let manifest = Manifest::from_bytes(body).map_err(|e| {
+        Refused::from(error(StatusCode::BAD_REQUEST, "bad_manifest", format!("not a valid manifest: {e}")))
+    })?;
+    if manifest.version.0 != *version {
+        return Err(error(StatusCode::BAD_REQUEST, "bad_manifest", "the manifest is for another version").into());
+    }
+    Ok(())
 }
 
 async fn get_manifest(State(s): State<Arc<ApiState>>, Path(version): Path<String>) -> Result<Response, Refused> {
@@ -478,11 +485,22 @@ async fn seal(
     Path((version, index)): Path<(String, u8)>,
     Query(q): Query<SealQuery>,
     headers: HeaderMap,
+    body: Bytes,
 ) -> Result<Response, Refused> {
     let svc = service(&s)?;
     let version = version_of(&version)?;
     let (claim, grant) = grant(&s, &caller.0, &version, &headers)?;
-    let receipt = blocking(move || svc.seal(&version, index, claim.object(), q.generation, grant)).await?;
+    // The manifest may come with the seal (one call instead of two); stored as by `PUT …/manifest`.
+    if !body.is_empty() {
+        check_manifest_for(&version, &body)?;
+    }
+    let receipt = blocking(move || {
+        if !body.is_empty() {
+            svc.put_manifest(&version, &body, grant)?;
+        }
+        svc.seal(&version, index, claim.object(), q.generation, grant)
+    })
+    .await?;
     tracing::debug!(caller = %caller.0.short(), version = %hex::encode(&version[..8]), index, "shards sealed");
     Ok(Json(receipt).into_response())
 }

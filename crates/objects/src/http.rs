@@ -161,9 +161,10 @@ impl Shards for HttpShards {
         claim: &Claim,
         index: u8,
         generation: u32,
+        manifest: Option<Bytes>,
     ) -> Result<Sealed, TransferError> {
         let path = format!("{}/seal/{index}?generation={generation}", object_path(version));
-        let body = self.call("POST", holder, &path, Bytes::new(), None, Some(claim)).await?;
+        let body = self.call("POST", holder, &path, manifest.unwrap_or_default(), None, Some(claim)).await?;
         let bad = |m: &str| TransferError {
             message: format!("{}: bad seal answer: {m}", holder.url),
             full: false,

@@ -114,7 +114,7 @@ pub async fn rebuild<S: Shards>(
     let seals = targets.iter().map(|(index, h)| async move {
         let fail = |error| TransferFailed::Holder { node: h.node, url: h.url.clone(), error };
         let generation = object.generation.saturating_add(1);
-        let sealed = shards.seal(h, &object.version, claim, *index as u8, generation).await.map_err(fail)?;
+        let sealed = shards.seal(h, &object.version, claim, *index as u8, generation, None).await.map_err(fail)?;
         let terms = ReceiptTerms {
             object: claim.object(),
             version: object.version,

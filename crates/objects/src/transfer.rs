@@ -5,7 +5,7 @@
 //! `placement` for that version (deterministic, re-checkable); then segment after segment: read,
 //! seal ([`crate::pipeline`]), upload the k+m shards in parallel, while the next segment is read
 //! and sealed — at most [`SEGMENTS_IN_FLIGHT`] segments are held, whatever the object's size.
-//! Then the manifest goes to every holder, every holder seals its shards and signs a receipt,
+//! Then every holder gets the manifest with the request to seal its shards and signs a receipt,
 //! and the result is the `PutObject` payload, which the caller submits; the object exists once
 //! that transaction is final. Any holder failing makes the PUT fail with its name: nothing is
 //! committed, and what was uploaded is garbage the holders collect.
@@ -166,7 +166,8 @@ pub trait Shards: Send + Sync + 'static {
         bytes: Bytes,
     ) -> impl Future<Output = Result<(), TransferError>> + Send;
     /// Asks `holder` to seal its shard `index` of `version`, stored at the claim's object (the
-    /// hash of bucket and key), and sign the receipt for the object's holder `generation`.
+    /// hash of bucket and key), and sign the receipt for the object's holder `generation`;
+    /// `manifest`, when given, is stored first (as [`Shards::put_manifest`] does).
     fn seal(
         &self,
         holder: &Holder,
@@ -174,6 +175,7 @@ pub trait Shards: Send + Sync + 'static {
         claim: &Claim,
         index: u8,
         generation: u32,
+        manifest: Option<Bytes>,
     ) -> impl Future<Output = Result<Sealed, TransferError>> + Send;
     /// Reads the manifest from `holder`.
     fn get_manifest(
@@ -391,8 +393,7 @@ pub async fn put_object<S: Shards>(
         let t = shards.clone();
         let m = manifest_bytes.clone();
         async move {
-            t.put_manifest(h, &version, &claim, m).await.map_err(|e| holder_failed(h, e))?;
-            let sealed = t.seal(h, &version, &claim, i as u8, 0).await.map_err(|e| holder_failed(h, e))?;
+            let sealed = t.seal(h, &version, &claim, i as u8, 0, Some(m)).await.map_err(|e| holder_failed(h, e))?;
             let terms = ReceiptTerms {
                 object,
                 version,

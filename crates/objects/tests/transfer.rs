@@ -90,9 +90,20 @@ impl Shards for Memory {
         self.manifests.lock().unwrap().insert((h.node, *v), bytes.to_vec());
         Ok(())
     }
-    async fn seal(&self, h: &Holder, v: &Hash, claim: &Claim, i: u8, generation: u32) -> Result<Sealed, TransferError> {
+    async fn seal(
+        &self,
+        h: &Holder,
+        v: &Hash,
+        claim: &Claim,
+        i: u8,
+        generation: u32,
+        manifest: Option<Bytes>,
+    ) -> Result<Sealed, TransferError> {
         self.check(h)?;
         self.claims.lock().unwrap().push((*v, *claim));
+        if let Some(m) = manifest {
+            self.manifests.lock().unwrap().insert((h.node, *v), m.to_vec());
+        }
         let m = self.manifests.lock().unwrap().get(&(h.node, *v)).cloned().ok_or_else(|| fail("no manifest"))?;
         let m = archipel_ledger::storage::Manifest::from_bytes(&m).map_err(|e| fail(&e))?;
         let shards = self.shards.lock().unwrap();
