@@ -575,10 +575,7 @@ impl State {
 
     /// The object at `bucket`/`key`.
     pub fn object(&self, bucket: &str, key: &str) -> Option<ObjectRecord> {
-        let id = object_id(bucket, key);
-        self.objects
-            .get(&id, |id| self.load(&StateKey::Object(*id), crate::state::decode_json))
-            .filter(|o| o.bucket == bucket && o.key == key)
+        self.object_by_id(&object_id(bucket, key)).filter(|o| o.bucket == bucket && o.key == key)
     }
 
     /// The object whose name hashes to `id` ([`object_id`]).
@@ -615,9 +612,7 @@ impl State {
         self.overlay_keys("object/", &self.objects, StateKey::Object)
             .into_iter()
             .filter_map(|k| match k {
-                StateKey::Object(h) => {
-                    self.objects.get(&h, |h| self.load(&StateKey::Object(*h), crate::state::decode_json))
-                }
+                StateKey::Object(h) => self.object_by_id(&h),
                 _ => None,
             })
             .collect()
