@@ -8,6 +8,7 @@
 mod admission;
 mod descriptor;
 mod keys;
+mod memo;
 mod object;
 mod request;
 
@@ -19,6 +20,7 @@ pub mod test_support {
     pub use crate::descriptor::example_descriptor;
 }
 pub use keys::{Identity, KeyFileError, SignatureItem, public_key, verify_signature, verify_signatures};
+pub use memo::{verify_signature_memo, verify_signatures_memo};
 pub use object::{DataKey, ObjectCipher, ObjectCryptoError, TAG_BYTES, WRAPPED_KEY_BYTES, WrapKey};
 pub use request::{
     AuthError, HEADER_KEY, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, MAX_CLOCK_SKEW_MS, RequestVerifier,

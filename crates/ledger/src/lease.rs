@@ -13,7 +13,7 @@
 
 use crate::hash::Hash;
 use crate::state::{LeaseStatus, State, StateKey};
-use archipel_crypto::{Identity, verify_signature};
+use archipel_crypto::{Identity, verify_signature_memo};
 use archipel_types::NodeId;
 use bytes::BufMut;
 use commonware_codec::{Buf, EncodeSize, Error as CodecError, Read, ReadExt, Write};
@@ -82,7 +82,8 @@ impl AliveProof {
 
     /// Checks the signature of `node`.
     pub fn verify(&self, network: &Hash, node: &NodeId) -> bool {
-        verify_signature(node, ALIVE_NAMESPACE, &Self::message(network, node, self.at_height), &self.signature).is_ok()
+        verify_signature_memo(node, ALIVE_NAMESPACE, &Self::message(network, node, self.at_height), &self.signature)
+            .is_ok()
     }
 }
 

@@ -29,7 +29,7 @@
 use crate::hash::Hash;
 use crate::state::{LeaseStatus, Receipt, State, StateKey};
 use crate::tx::TxError;
-use archipel_crypto::{Identity, TAG_BYTES, verify_signature};
+use archipel_crypto::{Identity, SignatureItem, TAG_BYTES, verify_signature_memo, verify_signatures_memo};
 use archipel_placement::Candidate;
 use archipel_types::{ErasureCode, NodeId, PlacementPolicy, Role};
 use bytes::BufMut;
@@ -371,7 +371,7 @@ impl ReceiptTerms {
 
     /// Whether `node` signed these terms.
     pub fn verify(&self, network: &Hash, node: &NodeId, signature: &[u8; 64]) -> bool {
-        verify_signature(node, RECEIPT_NAMESPACE, &self.bytes(network), signature).is_ok()
+        verify_signature_memo(node, RECEIPT_NAMESPACE, &self.bytes(network), signature).is_ok()
     }
 }
 
@@ -911,17 +911,32 @@ impl State {
     pub(crate) fn check_put_object(&self, signer: NodeId, put: &ObjectPut) -> Result<(), TxError> {
         self.check_put_object_cheap(signer, put)?;
         let need = self.bucket(&put.bucket).map(|b| shard_bytes_per_holder(b.policy.code, put.size, put.segment_bytes));
-        for (i, h) in put.holders.iter().enumerate() {
-            let terms = ReceiptTerms {
-                object: object_id(&put.bucket, &put.key),
-                version: put.version,
-                generation: 0,
-                index: i as u8,
-                manifest_root: put.manifest_root,
-                shard_bytes: need.unwrap_or(0),
-                expires_ms: h.expires_ms,
-            };
-            if !terms.verify(&self.network, &h.node, &h.receipt) {
+        let terms: Vec<Vec<u8>> = put
+            .holders
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                ReceiptTerms {
+                    object: object_id(&put.bucket, &put.key),
+                    version: put.version,
+                    generation: 0,
+                    index: i as u8,
+                    manifest_root: put.manifest_root,
+                    shard_bytes: need.unwrap_or(0),
+                    expires_ms: h.expires_ms,
+                }
+                .bytes(&self.network)
+            })
+            .collect();
+        // All receipts as one batch (remembered once good: the block's execution after the
+        // mempool's admission checks them from the memo); one by one only to name a bad one.
+        let items: Vec<SignatureItem<'_>> =
+            put.holders.iter().zip(&terms).map(|(h, t)| (&h.node, t.as_slice(), &h.receipt)).collect();
+        if verify_signatures_memo(RECEIPT_NAMESPACE, &items) {
+            return Ok(());
+        }
+        for (i, (h, t)) in put.holders.iter().zip(&terms).enumerate() {
+            if verify_signature_memo(&h.node, RECEIPT_NAMESPACE, t, &h.receipt).is_err() {
                 return Err(TxError::NotAllowed(format!(
                     "the receipt of node {} for shard {i} does not verify: it did not sign that it holds this shard",
                     h.node.short()

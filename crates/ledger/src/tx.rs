@@ -10,7 +10,7 @@ use crate::storage::{
     MAX_BUCKET_NAME, MAX_OBJECT_KEY_BYTES, ObjectPut, ShardMove, read_moves, read_policy, read_str, str_size,
     write_moves, write_policy, write_str,
 };
-use archipel_crypto::{Identity, SignatureItem, SignedDescriptor, verify_signature, verify_signatures};
+use archipel_crypto::{Identity, SignatureItem, SignedDescriptor, verify_signature_memo, verify_signatures_memo};
 use archipel_types::NodeId;
 use archipel_types::PlacementPolicy;
 use bytes::{Buf as _, BufMut};
@@ -535,7 +535,7 @@ impl Read for SignedTransaction {
 impl SignedTransaction {
     /// Checks the signature (made for `network`).
     pub fn verify(&self, network: &Hash) -> Result<(), TxError> {
-        verify_signature(&self.tx.signer, NAMESPACE, &self.tx.signed_message(network), &self.signature)
+        verify_signature_memo(&self.tx.signer, NAMESPACE, &self.tx.signed_message(network), &self.signature)
             .map_err(|_| TxError::BadSignature(self.tx.signer.short()))
     }
 
@@ -598,7 +598,7 @@ fn batch_passes<T: Borrow<SignedTransaction>>(txs: &[T], network: &Hash) -> bool
             (&t.tx.signer, b.as_slice(), &t.signature)
         })
         .collect();
-    verify_signatures(NAMESPACE, &items)
+    verify_signatures_memo(NAMESPACE, &items)
 }
 
 #[cfg(test)]
