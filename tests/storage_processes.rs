@@ -290,7 +290,7 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
     // to the ledger's manifest root and that manifest's hashes, and a claim for another object
     // is refused. The real shards and manifest are untouched.
     {
-        use archipel_objects::transfer::{Claim, Shards as _};
+        use archipel_objects::transfer::{Claim, SealWith, Shards as _};
         let attacker_dir = devnet.node(0).3.parent().unwrap().to_path_buf();
         let attacker = archipel_crypto::Identity::load(&attacker_dir.join("node.key")).unwrap();
         let evil = archipel_objects::http::HttpShards::new(attacker);
@@ -305,8 +305,11 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         };
         let e = planted(&now[0], &record.version, &owner_claim, 0, 0);
         assert_eq!(e.as_deref(), Some("not_your_version"));
-        let e =
-            rt().block_on(evil.seal(&now[0], &record.version, &owner_claim, 0, 0, Some(manifest.to_bytes().into())));
+        let with_manifest = |m: &archipel_ledger::storage::Manifest, shard: Option<&[u8]>| SealWith {
+            manifest: Some(m.to_bytes().into()),
+            shard: shard.map(|b| b.to_vec().into()),
+        };
+        let e = rt().block_on(evil.seal(&now[0], &record.version, &owner_claim, 0, 0, with_manifest(&manifest, None)));
         assert_eq!(e.unwrap_err().code.as_deref(), Some("not_your_version"));
         let committed = Claim::Committed { object };
         let e = planted(&now[1], &record.version, &committed, 1, 0);
@@ -315,6 +318,12 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         fake.segments[0][1] = junk_hash;
         let e = rt().block_on(evil.put_manifest(&now[1], &record.version, &committed, fake.to_bytes().into()));
         assert_eq!(e.unwrap_err().code.as_deref(), Some("hash_mismatch"), "a manifest without the ledger's root");
+        // The same two riding with a seal (manifest, then a shard in one body): refused alike.
+        let e = rt().block_on(evil.seal(&now[1], &record.version, &committed, 1, 1, with_manifest(&fake, Some(&junk))));
+        assert_eq!(e.unwrap_err().code.as_deref(), Some("hash_mismatch"), "a seal carrying a fake manifest");
+        let e =
+            rt().block_on(evil.seal(&now[1], &record.version, &committed, 1, 1, with_manifest(&manifest, Some(&junk))));
+        assert_eq!(e.unwrap_err().code.as_deref(), Some("hash_mismatch"), "a seal carrying a junk shard");
         let other = Claim::Committed { object: archipel_ledger::storage::object_id("eu-docs", "top.bin") };
         let e = planted(&now[1], &record.version, &other, 1, 0);
         assert_eq!(e.as_deref(), Some("not_committed"));
@@ -350,7 +359,7 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         assert_eq!(e.as_deref(), Some("not_your_version"), "a replayed claim from another key");
         let e = planted(&now[2], &fresh, &claim, 2, 1);
         assert_eq!(e.as_deref(), Some("not_your_version"), "nor a shard the tenant has not sent yet");
-        let e = rt().block_on(evil.seal(&now[2], &fresh, &claim, 2, 0, None));
+        let e = rt().block_on(evil.seal(&now[2], &fresh, &claim, 2, 0, SealWith::default()));
         assert_eq!(e.unwrap_err().code.as_deref(), Some("not_your_version"));
         assert_eq!(rt().block_on(shards.get_shard(&now[2], &fresh, 2, 0)).unwrap(), mine);
     }

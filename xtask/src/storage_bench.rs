@@ -31,7 +31,7 @@ use archipel_ledger::storage::{BucketRecord, ObjectPut};
 use archipel_ledger::{Credit, Hash, Payload, Transaction};
 use archipel_objects::ShardHash;
 use archipel_objects::http::HttpShards;
-use archipel_objects::transfer::{Claim, Holder, PutPlan, Sealed, Shards, TransferError, put_object};
+use archipel_objects::transfer::{Claim, Holder, PutPlan, SealWith, Sealed, Shards, TransferError, put_object};
 use archipel_placement::Candidate;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -344,9 +344,9 @@ impl Shards for Timed {
         claim: &Claim,
         index: u8,
         generation: u32,
-        manifest: Option<bytes::Bytes>,
+        with: SealWith,
     ) -> Result<Sealed, TransferError> {
-        self.time("seal", self.inner.seal(holder, version, claim, index, generation, manifest)).await
+        self.time("seal", self.inner.seal(holder, version, claim, index, generation, with)).await
     }
     async fn get_manifest(&self, holder: &Holder, version: &Hash) -> Result<Vec<u8>, TransferError> {
         self.inner.get_manifest(holder, version).await

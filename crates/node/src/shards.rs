@@ -447,15 +447,15 @@ async fn put_manifest(
     }
 }
 
-/// Refuses bytes that are not a manifest of `version`.
-fn check_manifest_for(version: &Version, body: &[u8]) -> Result<(), Refused> {
+/// Refuses bytes that are not a manifest of `version`; returns the manifest.
+fn check_manifest_for(version: &Version, body: &[u8]) -> Result<Manifest, Refused> {
     let manifest = Manifest::from_bytes(body).map_err(|e| {
         Refused::from(error(StatusCode::BAD_REQUEST, "bad_manifest", format!("not a valid manifest: {e}")))
     })?;
     if manifest.version.0 != *version {
         return Err(error(StatusCode::BAD_REQUEST, "bad_manifest", "the manifest is for another version").into());
     }
-    Ok(())
+    Ok(manifest)
 }
 
 async fn get_manifest(State(s): State<Arc<ApiState>>, Path(version): Path<String>) -> Result<Response, Refused> {
@@ -477,6 +477,8 @@ async fn get_manifest(State(s): State<Arc<ApiState>>, Path(version): Path<String
 struct SealQuery {
     #[serde(default)]
     generation: u32,
+    /// The body is this many bytes of manifest followed by the caller's shard of segment 0.
+    manifest_bytes: Option<usize>,
 }
 
 async fn seal(
@@ -490,13 +492,43 @@ async fn seal(
     let svc = service(&s)?;
     let version = version_of(&version)?;
     let (claim, grant) = grant(&s, &caller.0, &version, &headers)?;
-    // The manifest may come with the seal (one call instead of two); stored as by `PUT …/manifest`.
-    if !body.is_empty() {
-        check_manifest_for(&version, &body)?;
+    // The manifest may come with the seal, and after it the shard of segment 0 (an object of one
+    // segment: the whole upload in one call); each stored as by its own call.
+    let (manifest, shard) = match q.manifest_bytes {
+        None => (body, None),
+        Some(m) if m < body.len() => (body.slice(..m), Some(body.slice(m..))),
+        Some(m) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "bad_seal_body",
+                format!("manifest_bytes={m} leaves no shard in a body of {} bytes", body.len()),
+            )
+            .into());
+        }
+    };
+    let shard = match shard {
+        None => None,
+        Some(bytes) => {
+            let listed = check_manifest_for(&version, &manifest)?;
+            let hash = listed.segments.first().and_then(|hs| hs.get(usize::from(index))).copied().ok_or_else(|| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_seal_body",
+                    format!("the manifest lists no shard {index} of segment 0"),
+                )
+            })?;
+            Some((bytes, hash))
+        }
+    };
+    if !manifest.is_empty() && shard.is_none() {
+        check_manifest_for(&version, &manifest)?;
     }
     let receipt = blocking(move || {
-        if !body.is_empty() {
-            svc.put_manifest(&version, &body, grant)?;
+        if !manifest.is_empty() {
+            svc.put_manifest(&version, &manifest, grant)?;
+        }
+        if let Some((bytes, hash)) = shard {
+            svc.put_shard(ShardKey { version, index, segment: 0 }, &bytes, &hash, grant)?;
         }
         svc.seal(&version, index, claim.object(), q.generation, grant)
     })

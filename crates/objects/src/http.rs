@@ -6,7 +6,7 @@
 //! with the body: a slow node fails its call rather than stalling a transfer for ever.
 
 use crate::pipeline::ShardHash;
-use crate::transfer::{CLAIM_HEADER, Claim, Holder, Sealed, Shards, TransferError};
+use crate::transfer::{CLAIM_HEADER, Claim, Holder, SealWith, Sealed, Shards, TransferError};
 use archipel_crypto::{Identity, sign_request};
 use archipel_ledger::Hash;
 use bytes::Bytes;
@@ -161,10 +161,27 @@ impl Shards for HttpShards {
         claim: &Claim,
         index: u8,
         generation: u32,
-        manifest: Option<Bytes>,
+        with: SealWith,
     ) -> Result<Sealed, TransferError> {
-        let path = format!("{}/seal/{index}?generation={generation}", object_path(version));
-        let body = self.call("POST", holder, &path, manifest.unwrap_or_default(), None, Some(claim)).await?;
+        let mut path = format!("{}/seal/{index}?generation={generation}", object_path(version));
+        // The body is the manifest, then the shard if one rides along (the query says where the
+        // manifest ends).
+        let body = match (with.manifest, with.shard) {
+            (None, None) => Bytes::new(),
+            (Some(m), None) => m,
+            (Some(m), Some(shard)) => {
+                path.push_str(&format!("&manifest_bytes={}", m.len()));
+                Bytes::from([m.as_ref(), shard.as_ref()].concat())
+            }
+            (None, Some(_)) => {
+                return Err(TransferError {
+                    message: "a shard rides with a seal only with its manifest".into(),
+                    full: false,
+                    code: None,
+                });
+            }
+        };
+        let body = self.call("POST", holder, &path, body, None, Some(claim)).await?;
         let bad = |m: &str| TransferError {
             message: format!("{}: bad seal answer: {m}", holder.url),
             full: false,

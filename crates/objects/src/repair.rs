@@ -7,7 +7,7 @@
 //! bytes. It never sees plaintext or keys: segments are rebuilt as ciphertext, and every rebuilt
 //! shard must hash to the manifest's entry (checked against the ledger's root) before it is sent.
 
-use crate::transfer::{Claim, Holder, Shards, TransferFailed, fetch_manifest};
+use crate::transfer::{Claim, Holder, SealWith, Shards, TransferFailed, fetch_manifest};
 use archipel_erasure::{Decoder, Encoder};
 use archipel_ledger::Hash;
 use archipel_ledger::storage::{ObjectRecord, ReceiptTerms, ShardMove, object_id};
@@ -114,7 +114,10 @@ pub async fn rebuild<S: Shards>(
     let seals = targets.iter().map(|(index, h)| async move {
         let fail = |error| TransferFailed::Holder { node: h.node, url: h.url.clone(), error };
         let generation = object.generation.saturating_add(1);
-        let sealed = shards.seal(h, &object.version, claim, *index as u8, generation, None).await.map_err(fail)?;
+        let sealed = shards
+            .seal(h, &object.version, claim, *index as u8, generation, SealWith::default())
+            .await
+            .map_err(fail)?;
         let terms = ReceiptTerms {
             object: claim.object(),
             version: object.version,

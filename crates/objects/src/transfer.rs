@@ -167,7 +167,7 @@ pub trait Shards: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), TransferError>> + Send;
     /// Asks `holder` to seal its shard `index` of `version`, stored at the claim's object (the
     /// hash of bucket and key), and sign the receipt for the object's holder `generation`;
-    /// `manifest`, when given, is stored first (as [`Shards::put_manifest`] does).
+    /// what `with` carries is stored first.
     fn seal(
         &self,
         holder: &Holder,
@@ -175,7 +175,7 @@ pub trait Shards: Send + Sync + 'static {
         claim: &Claim,
         index: u8,
         generation: u32,
-        manifest: Option<Bytes>,
+        with: SealWith,
     ) -> impl Future<Output = Result<Sealed, TransferError>> + Send;
     /// Reads the manifest from `holder`.
     fn get_manifest(
@@ -191,6 +191,16 @@ pub trait Shards: Send + Sync + 'static {
         index: u8,
         segment: u64,
     ) -> impl Future<Output = Result<Vec<u8>, TransferError>> + Send;
+}
+
+/// What a seal call carries, saving the calls that would store it first.
+#[derive(Clone, Debug, Default)]
+pub struct SealWith {
+    /// The manifest, stored as [`Shards::put_manifest`] does.
+    pub manifest: Option<Bytes>,
+    /// The holder's shard of segment 0 (for an object of one segment: the holder's whole share),
+    /// stored after the manifest and checked against the hash it lists. Needs `manifest`.
+    pub shard: Option<Bytes>,
 }
 
 /// Errors of a PUT or GET.
@@ -339,6 +349,7 @@ pub async fn put_object<S: Shards>(
     // A JoinSet aborts the uploads still running when an error returns early.
     let mut in_flight: tokio::task::JoinSet<Result<(), TransferFailed>> = tokio::task::JoinSet::new();
     let mut done = 0u64;
+    let mut single: Option<Vec<(u8, Bytes, ShardHash)>> = None;
     for s in 0..segments.count() {
         let range = segments.range(s);
         let len = (range.end - range.start) as usize;
@@ -362,6 +373,12 @@ pub async fn put_object<S: Shards>(
             .collect();
         manifest.segments.push(sealed.hashes.clone());
         drop(sealed);
+        // An object of one segment goes to each holder in one call: its shard rides with the
+        // seal (small objects pay one call per holder, not two).
+        if segments.count() == 1 {
+            single = Some(parts);
+            continue;
+        }
         while in_flight.len() >= SEGMENTS_IN_FLIGHT {
             finish(in_flight.join_next().await)?;
             done += SEGMENT_PLAIN_BYTES.min(plan.size - done);
@@ -391,9 +408,12 @@ pub async fn put_object<S: Shards>(
     let manifest_bytes = Bytes::from(manifest.to_bytes());
     let seals = holders.iter().enumerate().map(|(i, h)| {
         let t = shards.clone();
-        let m = manifest_bytes.clone();
+        let with = SealWith {
+            manifest: Some(manifest_bytes.clone()),
+            shard: single.as_ref().and_then(|parts| parts.get(i)).map(|(_, bytes, _)| bytes.clone()),
+        };
         async move {
-            let sealed = t.seal(h, &version, &claim, i as u8, 0, Some(m)).await.map_err(|e| holder_failed(h, e))?;
+            let sealed = t.seal(h, &version, &claim, i as u8, 0, with).await.map_err(|e| holder_failed(h, e))?;
             let terms = ReceiptTerms {
                 object,
                 version,
@@ -414,6 +434,9 @@ pub async fn put_object<S: Shards>(
         }
     });
     let receipts = futures::future::try_join_all(seals).await?;
+    if single.is_some() {
+        progress(plan.size);
+    }
     Ok(ObjectPut {
         bucket: plan.bucket.name.clone(),
         key: plan.key.clone(),

@@ -8,7 +8,7 @@ use archipel_crypto::Identity;
 use archipel_ledger::Hash;
 use archipel_ledger::storage::{BucketRecord, ObjectPut, ObjectRecord, ReceiptTerms, shard_bytes_per_holder};
 use archipel_objects::transfer::{
-    Claim, Holder, PutPlan, Sealed, Shards, TransferError, TransferFailed, get_object, put_object,
+    Claim, Holder, PutPlan, SealWith, Sealed, Shards, TransferError, TransferFailed, get_object, put_object,
 };
 use archipel_objects::{SEGMENT_PLAIN_BYTES, ShardHash};
 use archipel_placement::Candidate;
@@ -32,6 +32,8 @@ struct Memory {
     keys: BTreeMap<NodeId, Identity>,
     /// Every write's version and claim, in order.
     claims: Mutex<Vec<(Hash, Claim)>>,
+    /// Seals that carried their shard.
+    seals_with_shard: std::sync::atomic::AtomicUsize,
 }
 
 /// How a holder serves one damaged shard.
@@ -97,15 +99,25 @@ impl Shards for Memory {
         claim: &Claim,
         i: u8,
         generation: u32,
-        manifest: Option<Bytes>,
+        with: SealWith,
     ) -> Result<Sealed, TransferError> {
         self.check(h)?;
         self.claims.lock().unwrap().push((*v, *claim));
-        if let Some(m) = manifest {
+        if let Some(m) = with.manifest {
             self.manifests.lock().unwrap().insert((h.node, *v), m.to_vec());
         }
         let m = self.manifests.lock().unwrap().get(&(h.node, *v)).cloned().ok_or_else(|| fail("no manifest"))?;
         let m = archipel_ledger::storage::Manifest::from_bytes(&m).map_err(|e| fail(&e))?;
+        // As a node does: a shard riding with the seal is segment 0's, with the manifest's hash.
+        if let Some(shard) = with.shard {
+            let listed =
+                m.segments.first().and_then(|hs| hs.get(usize::from(i))).ok_or_else(|| fail("no segment 0"))?;
+            if blake3::hash(&shard).as_bytes() != listed {
+                return Err(fail("not the shard the manifest lists"));
+            }
+            self.seals_with_shard.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.shards.lock().unwrap().insert((h.node, *v, i, 0), shard.to_vec());
+        }
         let shards = self.shards.lock().unwrap();
         let mut total = 0;
         for (s, hashes) in m.segments.iter().enumerate() {
@@ -261,8 +273,12 @@ async fn objects_of_every_size_round_trip_with_valid_receipts() {
     let seg = SEGMENT_PLAIN_BYTES as usize;
     for size in [0, 1, 4095, 100_000, seg, seg + 1, 2 * seg + 77] {
         let body = data(size);
+        let seals_before = mem.seals_with_shard.load(std::sync::atomic::Ordering::Relaxed);
         let p = put(&mem, &candidates, &body).await.unwrap();
         assert_eq!((p.size, p.holders.len()), (size as u64, if size == 0 { 0 } else { 6 }));
+        // An object of one segment reaches each holder in one call: the shard rides with the seal.
+        let with_shard = mem.seals_with_shard.load(std::sync::atomic::Ordering::Relaxed) - seals_before;
+        assert_eq!(with_shard, if size > 0 && size <= seg { 6 } else { 0 }, "size {size}");
         let per_holder = shard_bytes_per_holder(ErasureCode::DEFAULT, p.size, p.segment_bytes);
         for (i, h) in p.holders.iter().enumerate() {
             let terms = ReceiptTerms {

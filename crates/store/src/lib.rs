@@ -18,11 +18,12 @@
 //! [`ShardStoreError::Full`] and leaves nothing behind.
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 
 /// `(version 32 bytes, index 1, segment 8 big-endian)` → `(length 8, hash 32)`.
 const SHARDS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("shards");
@@ -146,6 +147,27 @@ pub struct ShardStore {
     temp_seq: AtomicU64,
     /// Held while a shard or manifest is checked and written.
     writing: Mutex<()>,
+    /// The durable flushes seals share.
+    flushes: Mutex<Flushes>,
+    /// Signalled when a flush ends.
+    flushed: Condvar,
+    /// Flushes run so far.
+    flush_runs: AtomicU64,
+}
+
+/// Group commit of seals: every seal needs its directories fsynced and a durable index commit
+/// after its own files are synced, and one flush that starts after a seal asked serves it. Seals
+/// that ask while a flush runs wait for the next one, which covers them all at once.
+#[derive(Default)]
+struct Flushes {
+    /// Tickets handed out (one per request).
+    asked: u64,
+    /// Every ticket up to this one is durable.
+    done: u64,
+    /// A flush is under way.
+    running: bool,
+    /// Directories the next flush syncs.
+    dirs: BTreeSet<PathBuf>,
 }
 
 impl std::fmt::Debug for ShardStore {
@@ -201,6 +223,9 @@ impl ShardStore {
             used: Mutex::new(used),
             temp_seq: AtomicU64::new(0),
             writing: Mutex::new(()),
+            flushes: Mutex::default(),
+            flushed: Condvar::new(),
+            flush_runs: AtomicU64::new(0),
         })
     }
 
@@ -212,6 +237,11 @@ impl ShardStore {
     /// Bytes held (shards and manifests).
     pub fn used(&self) -> u64 {
         *self.used.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Durable flushes run so far: concurrent seals share one.
+    pub fn flushes(&self) -> u64 {
+        self.flush_runs.load(Ordering::Relaxed)
     }
 
     /// Bytes still free by the store's accounting.
@@ -483,14 +513,58 @@ impl ShardStore {
         if let Ok(f) = File::open(dir.join("manifest")) {
             f.sync_all().map_err(io_at(&dir))?;
         }
-        for d in [Some(dir.as_path()), dir.parent(), dir.parent().and_then(Path::parent)].into_iter().flatten() {
-            File::open(d).and_then(|f| f.sync_all()).map_err(io_at(d))?;
+        let dirs = [Some(dir.as_path()), dir.parent(), dir.parent().and_then(Path::parent)];
+        self.flush(dirs.into_iter().flatten().map(Path::to_path_buf))?;
+        Ok(total)
+    }
+
+    /// Makes `dirs` and every index write so far durable, sharing the work with concurrent
+    /// callers: returns once a flush that started after this call has ended well, or with the
+    /// error of one this call ran itself.
+    fn flush(&self, dirs: impl IntoIterator<Item = PathBuf>) -> Result<(), ShardStoreError> {
+        let mut g = self.flushes.lock().unwrap_or_else(|e| e.into_inner());
+        g.dirs.extend(dirs);
+        g.asked += 1;
+        let ticket = g.asked;
+        loop {
+            if g.done >= ticket {
+                return Ok(());
+            }
+            if g.running {
+                g = self.flushed.wait(g).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            g.running = true;
+            let through = g.asked;
+            let dirs = std::mem::take(&mut g.dirs);
+            drop(g);
+            let r = self.flush_now(&dirs);
+            g = self.flushes.lock().unwrap_or_else(|e| e.into_inner());
+            g.running = false;
+            match &r {
+                Ok(()) => g.done = g.done.max(through),
+                // Whoever waits for these tickets flushes again (and sees its own error).
+                Err(_) => g.dirs.extend(dirs),
+            }
+            self.flushed.notify_all();
+            r?;
         }
-        // An empty durable commit makes every earlier non-durable one durable.
+    }
+
+    /// One flush: fsync each directory (one deleted meanwhile has nothing left to make durable),
+    /// then an empty durable commit, which makes every earlier non-durable one durable.
+    fn flush_now(&self, dirs: &BTreeSet<PathBuf>) -> Result<(), ShardStoreError> {
+        self.flush_runs.fetch_add(1, Ordering::Relaxed);
+        for d in dirs {
+            match File::open(d) {
+                Ok(f) => f.sync_all().map_err(io_at(d))?,
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(io_at(d)(e)),
+            }
+        }
         let mut txn = self.db.begin_write().map_err(index_err)?;
         txn.set_durability(Durability::Immediate).map_err(index_err)?;
-        txn.commit().map_err(index_err)?;
-        Ok(total)
+        txn.commit().map_err(index_err)
     }
 
     /// Deletes everything of `version` (garbage collection once the ledger no longer lists it);

@@ -236,3 +236,32 @@ fn reopening_removes_what_an_interrupted_write_left_and_keeps_the_shards() {
     assert!(!version_dir.join(".tmp-4242-9").exists(), "{:?}", files_under(dir.path()));
     assert_eq!((store.shard(&key(7, 0, 0)).unwrap(), store.used()), (a, 3_000));
 }
+
+#[test]
+fn concurrent_seals_share_flushes_and_all_survive_reopening() {
+    const SEALS: u8 = 24;
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(ShardStore::open(dir.path(), 1 << 30).unwrap());
+    let start = std::sync::Arc::new(std::sync::Barrier::new(SEALS as usize));
+    let threads: Vec<_> = (0..SEALS)
+        .map(|v| {
+            let (store, start) = (store.clone(), start.clone());
+            std::thread::spawn(move || {
+                let b = bytes(3_000 + v as usize, v);
+                store.put_shard(key(v, 1, 0), &b, &hash(&b)).unwrap();
+                start.wait();
+                store.seal(&[v; 32], 1, &[(0, hash(&b))])
+            })
+        })
+        .collect();
+    for (v, t) in threads.into_iter().enumerate() {
+        assert_eq!(t.join().unwrap().unwrap(), 3_000 + v as u64, "a seal returns the bytes it vouches for");
+    }
+    // At most one flush per seal (fewer when they overlap, which a barrier makes likely).
+    assert!((1..=SEALS as u64).contains(&store.flushes()), "{} flushes", store.flushes());
+    drop(store);
+    let store = ShardStore::open(dir.path(), 1 << 30).unwrap();
+    for v in 0..SEALS {
+        assert_eq!(store.shard(&key(v, 1, 0)).unwrap(), bytes(3_000 + v as usize, v));
+    }
+}
