@@ -387,7 +387,33 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
     assert!(e.contains("no object eu-docs/missing"), "{e}");
     let e = refused(w, &args(&t2(&["put", src.to_str().unwrap(), "eu-docs"])));
     assert!(e.contains("BUCKET/KEY"), "{e}");
+    // Deletion, then garbage collection: the holders of the deleted version delete its files,
+    // and a listed version's stay, however old. The collector waits until no receipt signed when
+    // the files were written can still be valid (10 min + a margin, from the files' age): the
+    // test ages both versions' directories by half an hour instead of waiting.
+    let version_dirs = |key: &str| -> Vec<(String, std::path::PathBuf)> {
+        let st = stat_of(key, &node);
+        let v = st["object"]["version"].as_str().unwrap().to_string();
+        let holders = st["holders"].as_array().unwrap().clone();
+        holders
+            .iter()
+            .filter(|h| h["lease"] == "up")
+            .map(|h| {
+                let name = h["name"].as_str().unwrap().to_string();
+                let d = devnet.dir.join("nodes").join(&name).join("data/shards/shards").join(&v[..2]).join(&v);
+                (name, d)
+            })
+            .collect()
+    };
+    let deleted_dirs = version_dirs("eu-docs/top.bin");
+    let kept_dirs = version_dirs("eu-docs/reports/copy.bin");
+    assert!(deleted_dirs.len() >= 4 && kept_dirs.len() >= 4, "{deleted_dirs:?} {kept_dirs:?}");
     run(w, &args(&t2(&["rm", "eu-docs/top.bin"])));
+    let half_an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(1800);
+    for (_, d) in deleted_dirs.iter().chain(&kept_dirs) {
+        std::fs::File::open(d).unwrap().set_modified(half_an_hour_ago).unwrap();
+    }
+    let collected_from = std::time::Instant::now();
     let ls: serde_json::Value = serde_json::from_str(&run(w, &args(&t2(&["ls", "eu-docs", "--json"])))).unwrap();
     let keys: Vec<&str> = ls["objects"].as_array().unwrap().iter().map(|o| o["key"].as_str().unwrap()).collect();
     assert_eq!(keys, ["reports/2026.bin", "reports/copy.bin"]);
@@ -441,4 +467,26 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
     let back5 = w.join("back5.bin");
     run(w, &args(&t(&["get", "eu-docs/reports/copy.bin", back5.to_str().unwrap()])));
     assert!(std::fs::read(&back5).unwrap() == body, "read through the restarted holder");
+
+    // The collectors (a pass every 30 s; a version unlisted on two passes in a row goes) of the
+    // deleted version's holders that are still running have deleted its files.
+    let running = |name: &str| (0..12).any(|i| devnet.node(i).0 == name && pid_alive(devnet.node(i).2));
+    let deadline = collected_from + std::time::Duration::from_secs(150);
+    loop {
+        let left: Vec<&String> =
+            deleted_dirs.iter().filter(|(n, d)| running(n) && d.exists()).map(|(n, _)| n).collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the deleted version's files are still on {left:?}");
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    assert!(deleted_dirs.iter().any(|(n, _)| running(n)), "no holder of the deleted version left running to check");
+    for (n, d) in &kept_dirs {
+        assert!(d.exists() || !running(n), "{n} collected a listed version: {}", d.display());
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
 }
