@@ -138,6 +138,9 @@ fn describe(key: &ShardKey) -> String {
 /// a 5 TiB object in 8 MiB segments at 32+16).
 pub const MAX_SHARD_BYTES: usize = 256 << 20;
 
+/// Shards at least this large start their writeback as soon as they are written.
+const EARLY_WRITEBACK_BYTES: usize = 256 << 10;
+
 /// A node's shards on disk.
 pub struct ShardStore {
     dir: PathBuf,
@@ -285,7 +288,18 @@ impl ShardStore {
         fs::create_dir_all(dir).map_err(|e| self.map_write_err(dir, e, bytes.len()))?;
         let n = self.temp_seq.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!(".tmp-{}-{n}", std::process::id()));
-        let written = File::create(&tmp).and_then(|mut f| f.write_all(bytes)).and_then(|()| fs::rename(&tmp, path));
+        let written = File::create(&tmp)
+            .and_then(|mut f| {
+                f.write_all(bytes)?;
+                // Start writing a large shard to disk now, not at its seal: the seal's fsync then
+                // finds little left to write, and the disk works while the upload goes on. (On
+                // Linux, DONTNEED starts writeback of the dirty pages without waiting for it.)
+                if bytes.len() >= EARLY_WRITEBACK_BYTES {
+                    let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
+                }
+                Ok(())
+            })
+            .and_then(|()| fs::rename(&tmp, path));
         if let Err(e) = written {
             let _ = fs::remove_file(&tmp);
             return Err(self.map_write_err(path, e, bytes.len()));
