@@ -24,4 +24,5 @@ pub mod run;
 pub mod shards;
 pub mod storage_api;
 pub mod txgossip;
+pub mod uploads;
 pub mod workers;

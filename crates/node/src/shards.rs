@@ -24,6 +24,10 @@
 //!   whatever else is stored under their names, so junk planted at a future repair target cannot
 //!   block a repair.
 //!
+//! An owner's writes count against its key's bound on uploads this node's finalized state does
+//! not list as committed ([`crate::uploads::UploadQuota`]: a quarter of the node's capacity per
+//! key); a write past it is refused with 429 `upload_quota` and the numbers.
+//!
 //! Every call is signed (the same keys as the other signed calls). Bodies are read whole (a
 //! shard is at most [`MAX_SHARD_BODY`]); a call reserves its declared length out of
 //! [`DATA_BODY_BUDGET`] before its body is read, at most [`MAX_DATA_CALLS`] run at once, so a
@@ -31,6 +35,7 @@
 //! threads, never on the API's async workers.
 
 use crate::api::{ApiState, Caller, error};
+use crate::uploads::UploadQuota;
 use archipel_crypto::Identity;
 use archipel_ledger::Hash;
 use archipel_ledger::storage::{Manifest, RECEIPT_TTL_MS, ReceiptTerms, version_id};
@@ -72,6 +77,8 @@ pub struct ShardService {
     network: Hash,
     calls: Arc<Semaphore>,
     body_budget: Arc<Semaphore>,
+    /// Each key's bound on uploads not committed yet.
+    quota: UploadQuota,
 }
 
 /// A data-plane call's place: one of [`MAX_DATA_CALLS`] and its body's share of
@@ -103,6 +110,7 @@ impl ShardService {
     /// The service over `store`, signing receipts with `identity` for `network`.
     pub fn new(store: ShardStore, identity: Identity, network: Hash) -> Self {
         ShardService {
+            quota: UploadQuota::new(store.capacity()),
             store,
             identity,
             network,
@@ -364,6 +372,42 @@ fn version_of(text: &str) -> Result<Version, Refused> {
     Ok(v)
 }
 
+/// Bytes an owner's write counted against its key's bound ([`UploadQuota`]); none for a repair
+/// of a committed version or an empty body.
+struct Counted(u64);
+
+impl Counted {
+    /// Gives the bytes back (the write failed).
+    fn release(&self, svc: &ShardService, caller: &NodeId, version: &Version) {
+        if self.0 > 0 {
+            svc.quota.release(caller, version, self.0);
+        }
+    }
+}
+
+/// Counts `bytes` of an owner's write to `version` against the caller's bound, or refuses it
+/// (429 `upload_quota`, with the numbers).
+fn count_upload(
+    s: &ApiState,
+    svc: &ShardService,
+    caller: &NodeId,
+    claim: &Claim,
+    version: &Version,
+    bytes: u64,
+    grant: Grant,
+) -> Result<Counted, Refused> {
+    if grant != Grant::Owner || bytes == 0 {
+        return Ok(Counted(0));
+    }
+    let committed = |object: &Hash, v: &Version| {
+        s.chain.with_state(|st| st.object_by_id(object)).is_some_and(|o| o.version.0 == *v)
+    };
+    svc.quota
+        .reserve(caller, claim.object(), *version, bytes, std::time::Instant::now(), committed)
+        .map_err(|e| Refused::from(error(StatusCode::TOO_MANY_REQUESTS, "upload_quota", e.to_string())))?;
+    Ok(Counted(bytes))
+}
+
 /// Runs store work on a blocking thread.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ShardStoreError> + Send + 'static,
@@ -393,7 +437,7 @@ async fn put_shard(
     {
         let svc = service(&s)?;
         let version = version_of(&version)?;
-        let (_, grant) = grant(&s, &caller.0, &version, &headers)?;
+        let (claim, grant) = grant(&s, &caller.0, &version, &headers)?;
         let mut hash = [0u8; 32];
         let given = headers.get(HASH_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
         hex::decode_to_slice(given, &mut hash).map_err(|_| {
@@ -404,11 +448,14 @@ async fn put_shard(
             )
         })?;
         let len = body.len() as u64;
+        let counted = count_upload(&s, &svc, &caller.0, &claim, &version, len, grant)?;
+        let store = svc.clone();
         let free = blocking(move || {
-            svc.put_shard(ShardKey { version, index, segment }, &body, &hash, grant)?;
-            Ok(svc.store.free())
+            store.put_shard(ShardKey { version, index, segment }, &body, &hash, grant)?;
+            Ok(store.store.free())
         })
-        .await?;
+        .await
+        .inspect_err(|_| counted.release(&svc, &caller.0, &version))?;
         Ok(Json(Stored { stored: len, free }).into_response())
     }
 }
@@ -435,14 +482,17 @@ async fn put_manifest(
     {
         let svc = service(&s)?;
         let version = version_of(&version)?;
-        let (_, grant) = grant(&s, &caller.0, &version, &headers)?;
+        let (claim, grant) = grant(&s, &caller.0, &version, &headers)?;
         check_manifest_for(&version, &body)?;
         let len = body.len() as u64;
+        let counted = count_upload(&s, &svc, &caller.0, &claim, &version, len, grant)?;
+        let store = svc.clone();
         let free = blocking(move || {
-            svc.put_manifest(&version, &body, grant)?;
-            Ok(svc.store.free())
+            store.put_manifest(&version, &body, grant)?;
+            Ok(store.store.free())
         })
-        .await?;
+        .await
+        .inspect_err(|_| counted.release(&svc, &caller.0, &version))?;
         Ok(Json(Stored { stored: len, free }).into_response())
     }
 }
@@ -523,16 +573,20 @@ async fn seal(
     if !manifest.is_empty() && shard.is_none() {
         check_manifest_for(&version, &manifest)?;
     }
+    let carried = (manifest.len() + shard.as_ref().map_or(0, |(b, _)| b.len())) as u64;
+    let counted = count_upload(&s, &svc, &caller.0, &claim, &version, carried, grant)?;
+    let store = svc.clone();
     let receipt = blocking(move || {
         if !manifest.is_empty() {
-            svc.put_manifest(&version, &manifest, grant)?;
+            store.put_manifest(&version, &manifest, grant)?;
         }
         if let Some((bytes, hash)) = shard {
-            svc.put_shard(ShardKey { version, index, segment: 0 }, &bytes, &hash, grant)?;
+            store.put_shard(ShardKey { version, index, segment: 0 }, &bytes, &hash, grant)?;
         }
-        svc.seal(&version, index, claim.object(), q.generation, grant)
+        store.seal(&version, index, claim.object(), q.generation, grant)
     })
-    .await?;
+    .await
+    .inspect_err(|_| counted.release(&svc, &caller.0, &version))?;
     tracing::debug!(caller = %caller.0.short(), version = %hex::encode(&version[..8]), index, "shards sealed");
     Ok(Json(receipt).into_response())
 }
@@ -562,6 +616,57 @@ mod tests {
     use super::*;
     use archipel_ledger::storage::WRAPPED_KEY_BYTES;
     use archipel_types::ErasureCode;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_past_its_bound_of_uncommitted_uploads_is_refused_with_the_numbers() {
+        use archipel_objects::transfer::{Holder, Shards as _};
+        let dir = tempfile::tempdir().unwrap();
+        let node_key = Identity::from_seed(4_242);
+        let mut svc = ShardService::new(ShardStore::open(dir.path(), 1 << 30).unwrap(), node_key, Hash::ZERO);
+        svc.quota = UploadQuota::with_limit(1_500);
+        let mut state = crate::api::testing::state(crate::config::ApiLimits::default());
+        Arc::get_mut(&mut state).unwrap().shards = Some(Arc::new(svc));
+        let url = crate::api::testing::serve(state.clone()).await;
+        let tenant = crate::api::testing::tenant();
+        let holder = Holder { node: Identity::from_seed(1).node_id(), url };
+        let http = archipel_objects::http::HttpShards::new(tenant.clone());
+        let object = archipel_ledger::storage::object_id("b", "k");
+        let upload = |nonce: u8, segment: u64, bytes: Vec<u8>, hash: [u8; 32]| {
+            let http = http.clone();
+            let holder = holder.clone();
+            let tenant = tenant.node_id();
+            async move {
+                let version = version_id(&tenant, &object, &[nonce; 32]);
+                let claim = Claim::Owner { object, nonce: [nonce; 32] };
+                http.put_shard(&holder, &version, &claim, 0, segment, bytes.into(), hash).await
+            }
+        };
+        let shard = |fill: u8| (vec![fill; 700], *blake3::hash(&[fill; 700]).as_bytes());
+        let (a, ha) = shard(1);
+        upload(1, 0, a, ha).await.unwrap();
+        // A write that fails (wrong hash) gives back what it counted.
+        let (b, _) = shard(2);
+        let e = upload(2, 0, b.clone(), [9; 32]).await.unwrap_err();
+        assert_eq!(e.code.as_deref(), Some("hash_mismatch"));
+        let (b, hb) = shard(2);
+        upload(2, 0, b, hb).await.unwrap();
+        // 1,400 bytes counted: 700 more would pass 1,500 — refused, with the numbers, nothing stored.
+        let (c, hc) = shard(3);
+        let e = upload(3, 0, c, hc).await.unwrap_err();
+        assert_eq!(e.code.as_deref(), Some("upload_quota"), "{}", e.message);
+        assert!(e.message.contains("holds 1400 bytes in 2 writes") && e.message.contains("1500"), "{}", e.message);
+        let svc = state.shards.clone().unwrap();
+        let v3 = version_id(&tenant.node_id(), &object, &[3; 32]).0;
+        assert!(svc.store().entry(&ShardKey { version: v3, index: 0, segment: 0 }).unwrap().is_none());
+        // Another key is not affected.
+        // The node's own key (`testing::state` makes it from seed 1): a member, so it may upload.
+        let other = archipel_objects::http::HttpShards::new(Identity::from_seed(1));
+        let me = Identity::from_seed(1).node_id();
+        let version = version_id(&me, &object, &[4; 32]);
+        let (d, hd) = shard(4);
+        let claim = Claim::Owner { object, nonce: [4; 32] };
+        other.put_shard(&holder, &version, &claim, 0, 0, d.into(), hd).await.unwrap();
+    }
 
     #[test]
     fn a_repair_replaces_planted_junk_with_the_ledgers_manifest_and_shards_and_signs_only_after_a_check() {

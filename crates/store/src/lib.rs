@@ -138,7 +138,7 @@ fn describe(key: &ShardKey) -> String {
 /// a 5 TiB object in 8 MiB segments at 32+16).
 pub const MAX_SHARD_BYTES: usize = 256 << 20;
 
-/// Shards at least this large start their writeback as soon as they are written.
+/// Shards at least this large are synced by the early writer as soon as they are written.
 const EARLY_WRITEBACK_BYTES: usize = 256 << 10;
 
 /// A node's shards on disk.
@@ -156,6 +156,23 @@ pub struct ShardStore {
     flushed: Condvar,
     /// Flushes run so far.
     flush_runs: AtomicU64,
+    /// Large shards just written, for the writer thread to sync ahead of their seal.
+    early_sync: std::sync::mpsc::SyncSender<File>,
+}
+
+/// Shards waiting for the early writer at most; more are left to their seal.
+const EARLY_SYNC_QUEUE: usize = 64;
+
+/// The early writer: syncs each shard it is handed (its data only) until the store is dropped.
+fn early_writer() -> Result<std::sync::mpsc::SyncSender<File>, std::io::Error> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<File>(EARLY_SYNC_QUEUE);
+    std::thread::Builder::new().name("shard-sync".into()).spawn(move || {
+        for f in rx {
+            // A failure here is found again by the seal's own fsync, which reports it.
+            let _ = f.sync_data();
+        }
+    })?;
+    Ok(tx)
 }
 
 /// Group commit of seals: every seal needs its directories fsynced and a durable index commit
@@ -229,6 +246,7 @@ impl ShardStore {
             flushes: Mutex::default(),
             flushed: Condvar::new(),
             flush_runs: AtomicU64::new(0),
+            early_sync: early_writer().map_err(io_at(dir))?,
         })
     }
 
@@ -291,11 +309,11 @@ impl ShardStore {
         let written = File::create(&tmp)
             .and_then(|mut f| {
                 f.write_all(bytes)?;
-                // Start writing a large shard to disk now, not at its seal: the seal's fsync then
-                // finds little left to write, and the disk works while the upload goes on. (On
-                // Linux, DONTNEED starts writeback of the dirty pages without waiting for it.)
+                // A large shard goes to disk now, behind the upload, not all at its seal: the
+                // seal's fsync then finds little left to write. (When the writer is behind, the
+                // seal does it all, as before.)
                 if bytes.len() >= EARLY_WRITEBACK_BYTES {
-                    let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
+                    let _ = self.early_sync.try_send(f);
                 }
                 Ok(())
             })
