@@ -164,7 +164,23 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         if st["holders"][rotten]["name"].as_str().unwrap() != names[rotten] {
             break st;
         }
-        assert!(std::time::Instant::now() < deadline, "the rotten holder was never caught; last get: {out}");
+        if std::time::Instant::now() >= deadline {
+            // What every node's auditor and repairer last said, and the ledger's view: which step
+            // (challenge, report, rebuild, move) stopped.
+            let workers: Vec<String> = (0..12)
+                .map(|i| {
+                    let (name, url, _, _) = devnet.node(i);
+                    let said = rt()
+                        .block_on(archipel_node::client::ApiClient::new(&url).get::<serde_json::Value>("/v1/workers"));
+                    format!("{name}: {}", said.map_or_else(|e| e.to_string(), |v| v.to_string()))
+                })
+                .collect();
+            panic!(
+                "the rotten holder {} was never caught; last get: {out}\nobject now: {st}\nworkers:\n{}",
+                names[rotten],
+                workers.join("\n")
+            );
+        }
         std::thread::sleep(std::time::Duration::from_millis(500));
     };
     assert!(audited["holders"].as_array().unwrap().iter().all(inside));
