@@ -576,17 +576,30 @@ async fn seal(
     let carried = (manifest.len() + shard.as_ref().map_or(0, |(b, _)| b.len())) as u64;
     let counted = count_upload(&s, &svc, &caller.0, &claim, &version, carried, grant)?;
     let store = svc.clone();
-    let receipt = blocking(move || {
-        if !manifest.is_empty() {
-            store.put_manifest(&version, &manifest, grant)?;
-        }
-        if let Some((bytes, hash)) = shard {
-            store.put_shard(ShardKey { version, index, segment: 0 }, &bytes, &hash, grant)?;
-        }
-        store.seal(&version, index, claim.object(), q.generation, grant)
+    // Whether anything carried was stored, and the seal's outcome: what was stored keeps
+    // counting even when the seal then fails (it stays on disk until collected).
+    let (stored, sealed) = blocking(move || {
+        let mut stored = false;
+        let write_and_seal = || {
+            if !manifest.is_empty() {
+                store.put_manifest(&version, &manifest, grant)?;
+                stored = true;
+            }
+            if let Some((bytes, hash)) = shard {
+                store.put_shard(ShardKey { version, index, segment: 0 }, &bytes, &hash, grant)?;
+                stored = true;
+            }
+            store.seal(&version, index, claim.object(), q.generation, grant)
+        };
+        let sealed = write_and_seal();
+        Ok((stored, sealed))
     })
-    .await
-    .inspect_err(|_| counted.release(&svc, &caller.0, &version))?;
+    .await?;
+    let receipt = sealed.map_err(store_error).inspect_err(|_| {
+        if !stored {
+            counted.release(&svc, &caller.0, &version);
+        }
+    })?;
     tracing::debug!(caller = %caller.0.short(), version = %hex::encode(&version[..8]), index, "shards sealed");
     Ok(Json(receipt).into_response())
 }

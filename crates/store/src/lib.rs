@@ -158,18 +158,25 @@ pub struct ShardStore {
     flush_runs: AtomicU64,
     /// Large shards just written, for the writer thread to sync ahead of their seal.
     early_sync: std::sync::mpsc::SyncSender<File>,
+    /// Set for good when the early writer's sync of a shard failed: on Linux a later fsync on a
+    /// new descriptor may not report that error again, so no seal vouches for anything after it.
+    early_sync_failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Shards waiting for the early writer at most; more are left to their seal.
 const EARLY_SYNC_QUEUE: usize = 64;
 
-/// The early writer: syncs each shard it is handed (its data only) until the store is dropped.
-fn early_writer() -> Result<std::sync::mpsc::SyncSender<File>, std::io::Error> {
+/// The early writer: syncs each shard it is handed (its data only) until the store is dropped;
+/// a failed sync sets `failed` for good.
+fn early_writer(
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<std::sync::mpsc::SyncSender<File>, std::io::Error> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<File>(EARLY_SYNC_QUEUE);
     std::thread::Builder::new().name("shard-sync".into()).spawn(move || {
         for f in rx {
-            // A failure here is found again by the seal's own fsync, which reports it.
-            let _ = f.sync_data();
+            if f.sync_data().is_err() {
+                failed.store(true, Ordering::SeqCst);
+            }
         }
     })?;
     Ok(tx)
@@ -236,6 +243,7 @@ impl ShardStore {
         }
         txn.commit().map_err(index_err)?;
         remove_temporaries(&dir.join("shards"))?;
+        let early_sync_failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         Ok(ShardStore {
             dir: dir.to_path_buf(),
             db,
@@ -246,7 +254,8 @@ impl ShardStore {
             flushes: Mutex::default(),
             flushed: Condvar::new(),
             flush_runs: AtomicU64::new(0),
-            early_sync: early_writer().map_err(io_at(dir))?,
+            early_sync: early_writer(early_sync_failed.clone()).map_err(io_at(dir))?,
+            early_sync_failed,
         })
     }
 
@@ -547,6 +556,15 @@ impl ShardStore {
         }
         let dirs = [Some(dir.as_path()), dir.parent(), dir.parent().and_then(Path::parent)];
         self.flush(dirs.into_iter().flatten().map(Path::to_path_buf))?;
+        if self.early_sync_failed.load(Ordering::SeqCst) {
+            return Err(ShardStoreError::Io {
+                path: self.dir.clone(),
+                source: std::io::Error::other(
+                    "an earlier write to this disk failed to reach it: the node seals nothing more until it is \
+                     restarted and its disk checked",
+                ),
+            });
+        }
         Ok(total)
     }
 
