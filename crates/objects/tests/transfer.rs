@@ -34,6 +34,8 @@ struct Memory {
     claims: Mutex<Vec<(Hash, Claim)>>,
     /// Seals that carried their shard.
     seals_with_shard: std::sync::atomic::AtomicUsize,
+    /// Shards stored by their own call.
+    shard_calls: std::sync::atomic::AtomicUsize,
 }
 
 /// How a holder serves one damaged shard.
@@ -71,6 +73,7 @@ impl Shards for Memory {
         hash: ShardHash,
     ) -> Result<(), TransferError> {
         self.check(h)?;
+        self.shard_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.claims.lock().unwrap().push((*v, *claim));
         if *blake3::hash(&bytes).as_bytes() != hash {
             return Err(fail("hash_mismatch"));
@@ -274,11 +277,14 @@ async fn objects_of_every_size_round_trip_with_valid_receipts() {
     for size in [0, 1, 4095, 100_000, seg, seg + 1, 2 * seg + 77] {
         let body = data(size);
         let seals_before = mem.seals_with_shard.load(std::sync::atomic::Ordering::Relaxed);
+        let calls_before = mem.shard_calls.load(std::sync::atomic::Ordering::Relaxed);
         let p = put(&mem, &candidates, &body).await.unwrap();
         assert_eq!((p.size, p.holders.len()), (size as u64, if size == 0 { 0 } else { 6 }));
         // An object of one segment reaches each holder in one call: the shard rides with the seal.
         let with_shard = mem.seals_with_shard.load(std::sync::atomic::Ordering::Relaxed) - seals_before;
         assert_eq!(with_shard, if size > 0 && size <= seg { 6 } else { 0 }, "size {size}");
+        let separate = mem.shard_calls.load(std::sync::atomic::Ordering::Relaxed) - calls_before;
+        assert_eq!(separate, if size > seg { 6 * size.div_ceil(seg) } else { 0 }, "shard calls, size {size}");
         let per_holder = shard_bytes_per_holder(ErasureCode::DEFAULT, p.size, p.segment_bytes);
         for (i, h) in p.holders.iter().enumerate() {
             let terms = ReceiptTerms {
