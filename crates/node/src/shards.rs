@@ -556,10 +556,11 @@ async fn seal(
             .into());
         }
     };
-    let shard = match shard {
-        None => None,
-        Some(bytes) => {
-            let listed = check_manifest_for(&version, &manifest)?;
+    // A manifest that comes (or must come, ahead of a shard) is checked once, here.
+    let listed =
+        (!manifest.is_empty() || shard.is_some()).then(|| check_manifest_for(&version, &manifest)).transpose()?;
+    let shard = match (shard, &listed) {
+        (Some(bytes), Some(listed)) => {
             let hash = listed.segments.first().and_then(|hs| hs.get(usize::from(index))).copied().ok_or_else(|| {
                 error(
                     StatusCode::BAD_REQUEST,
@@ -569,10 +570,8 @@ async fn seal(
             })?;
             Some((bytes, hash))
         }
+        _ => None,
     };
-    if !manifest.is_empty() && shard.is_none() {
-        check_manifest_for(&version, &manifest)?;
-    }
     let carried = (manifest.len() + shard.as_ref().map_or(0, |(b, _)| b.len())) as u64;
     let counted = count_upload(&s, &svc, &caller.0, &claim, &version, carried, grant)?;
     let store = svc.clone();

@@ -454,13 +454,13 @@ impl Worker for Auditor {
             // The epoch before too (the ledger takes a report for it): a step that came late does
             // not skip an epoch's audits.
             let epochs = [epoch.checked_sub(1), Some(epoch)];
-            for (o, epoch) in
-                st.all_objects().into_iter().flat_map(|o| epochs.into_iter().flatten().map(move |e| (o.clone(), e)))
-            {
-                if o.holders.is_empty() || done.contains(&(o.version, epoch)) || st.auditor_of(&o, epoch) != Some(me) {
+            let objects = st.all_objects();
+            // Each object once per epoch; cloned only when this node challenges it.
+            for (o, epoch) in objects.iter().flat_map(|o| epochs.into_iter().flatten().map(move |e| (o, e))) {
+                if o.holders.is_empty() || done.contains(&(o.version, epoch)) || st.auditor_of(o, epoch) != Some(me) {
                     continue;
                 }
-                let (index, segment) = audit_challenge(&o, epoch);
+                let (index, segment) = audit_challenge(o, epoch);
                 let holder = o.holders[usize::from(index)];
                 if o.suspect.contains(&index) || st.lease_status(&holder) != LeaseStatus::Up {
                     continue;
@@ -472,7 +472,7 @@ impl Worker for Auditor {
                     .map(|h| Holder { node: *h, url: url_of(st, h) })
                     .collect();
                 let holder = Holder { node: holder, url: url_of(st, &holder) };
-                out.push(Challenge { object: o, epoch, index, segment, holder, sources });
+                out.push(Challenge { object: o.clone(), epoch, index, segment, holder, sources });
             }
             (out, st.network(), st.account(&me).nonce, epoch)
         });
