@@ -1579,6 +1579,14 @@ mod tests {
         fn import(&self, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
             self.inner.import(entries)
         }
+        fn index_scan(
+            &self,
+            prefix: &[u8],
+            after: Option<&[u8]>,
+            limit: usize,
+        ) -> Result<archipel_ledger::store::Entries, StoreError> {
+            self.inner.index_scan(prefix, after, limit)
+        }
     }
 
     #[test]

@@ -38,7 +38,13 @@ const OLD_TABLES: [TableDefinition<'_, &[u8], &[u8]>; 3] =
     [OLD_ENTRIES, TableDefinition::new("trie"), TableDefinition::new("leaves")];
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 const TXS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("txs");
+/// Index rows by key ([`archipel_ledger::store::index_rows`]).
+const INDEX: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("index");
 const COMMITTED: &str = "committed";
+/// Which index the `index` table holds: a file without this marker (or with an older one) has
+/// its index rebuilt from the entries when opened.
+const INDEX_VERSION_KEY: &str = "index_version";
+const INDEX_VERSION: &[u8] = b"1";
 
 /// redb's page cache for the state file: what it keeps in memory beyond the OS page cache (its
 /// default, 1 GiB, would be most of a node's memory budget).
@@ -61,6 +67,7 @@ struct Snapshot {
     _txn: ReadTransaction,
     state: ReadOnlyTable<&'static [u8], &'static [u8]>,
     txs: ReadOnlyTable<&'static [u8], &'static [u8]>,
+    index: ReadOnlyTable<&'static [u8], &'static [u8]>,
     committed: Option<Committed>,
 }
 
@@ -133,8 +140,22 @@ impl StateDb {
                 let (k, v) = item.map_err(io)?;
                 state.insert(&trie::key_hash(k.value()).0[..], row(k.value(), v.value())?.as_slice()).map_err(io)?;
             }
-            txn.open_table(META).map_err(io)?;
             txn.open_table(TXS).map_err(io)?;
+            let mut meta = txn.open_table(META).map_err(io)?;
+            let current = meta.get(INDEX_VERSION_KEY).map_err(io)?.is_some_and(|v| v.value() == INDEX_VERSION);
+            let mut index = txn.open_table(INDEX).map_err(io)?;
+            if !current {
+                // Written by a version without this index: derive it from the entries.
+                index.retain(|_, _| false).map_err(io)?;
+                for item in state.iter().map_err(io)? {
+                    let (_, row_bytes) = item.map_err(io)?;
+                    let (k, v) = split_row(row_bytes.value())?;
+                    for (ik, iv) in archipel_ledger::store::index_rows(k, v) {
+                        index.insert(ik.as_slice(), iv.as_slice()).map_err(io)?;
+                    }
+                }
+                meta.insert(INDEX_VERSION_KEY, INDEX_VERSION).map_err(io)?;
+            }
         }
         for t in OLD_TABLES {
             txn.delete_table(t).map_err(io)?;
@@ -163,12 +184,13 @@ impl StateDb {
         let txn = db.begin_read().map_err(io)?;
         let state = txn.open_table(STATE).map_err(io)?;
         let txs = txn.open_table(TXS).map_err(io)?;
+        let index = txn.open_table(INDEX).map_err(io)?;
         let meta = txn.open_table(META).map_err(io)?;
         let committed = match meta.get(COMMITTED).map_err(io)? {
             Some(v) => Some(decode_committed(v.value())?),
             None => None,
         };
-        Ok(Snapshot { cache: RwLock::new(cache), _txn: txn, state, txs, committed })
+        Ok(Snapshot { cache: RwLock::new(cache), _txn: txn, state, txs, index, committed })
     }
 
     fn snapshot(&self) -> Arc<Snapshot> {
@@ -328,6 +350,13 @@ impl StateStore for StateDb {
             for (h, v) in &commit.txs {
                 txs.insert(&h.0[..], v.as_slice()).map_err(io)?;
             }
+            let mut index = txn.open_table(INDEX).map_err(io)?;
+            for (k, v) in &commit.index {
+                match v {
+                    Some(v) => index.insert(k.as_slice(), v.as_slice()).map_err(io)?,
+                    None => index.remove(k.as_slice()).map_err(io)?,
+                };
+            }
             let mut meta = txn.open_table(META).map_err(io)?;
             let marker = [&commit.height.to_be_bytes()[..], &commit.root.0[..]].concat();
             meta.insert(COMMITTED, marker.as_slice()).map_err(io)?;
@@ -345,11 +374,12 @@ impl StateStore for StateDb {
         let txn = self.db.begin_write().map_err(io)?;
         txn.delete_table(STATE).map_err(io)?;
         txn.delete_table(TXS).map_err(io)?;
+        txn.delete_table(INDEX).map_err(io)?;
         txn.delete_table(META).map_err(io)?;
-        for t in [STATE, TXS] {
+        for t in [STATE, TXS, INDEX] {
             txn.open_table(t).map_err(io)?;
         }
-        txn.open_table(META).map_err(io)?;
+        txn.open_table(META).map_err(io)?.insert(INDEX_VERSION_KEY, INDEX_VERSION).map_err(io)?;
         txn.commit().map_err(io)?;
         self.refresh(&[], false)
     }
@@ -366,13 +396,34 @@ impl StateStore for StateDb {
         txn.set_durability(Durability::None).map_err(io)?;
         {
             let mut state = txn.open_table(STATE).map_err(io)?;
+            let mut index = txn.open_table(INDEX).map_err(io)?;
             for (k, v) in entries {
                 state.insert(&trie::key_hash(k).0[..], row(k, v)?.as_slice()).map_err(io)?;
+                for (ik, iv) in archipel_ledger::store::index_rows(k, v) {
+                    index.insert(ik.as_slice(), iv.as_slice()).map_err(io)?;
+                }
             }
         }
         txn.commit().map_err(io)?;
         // Imported pages are read once, at the end: not worth the cache.
         self.refresh(&[], false)
+    }
+
+    fn index_scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Entries, StoreError> {
+        let snap = self.snapshot();
+        let start = match after {
+            Some(a) if a >= prefix => std::ops::Bound::Excluded(a),
+            _ => std::ops::Bound::Included(prefix),
+        };
+        let mut out = Vec::new();
+        for item in snap.index.range::<&[u8]>((start, std::ops::Bound::Unbounded)).map_err(io)? {
+            let (k, v) = item.map_err(io)?;
+            if out.len() == limit || !k.value().starts_with(prefix) {
+                break;
+            }
+            out.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        Ok(out)
     }
 
     fn flush(&self) -> Result<(), StoreError> {

@@ -11,6 +11,7 @@ pub mod block;
 pub mod export;
 pub mod hash;
 pub mod lease;
+pub mod listing;
 pub mod mempool;
 pub mod merkle;
 pub mod params;

@@ -97,7 +97,10 @@ impl State {
         let deposit_micro = self.params.node_deposit_micro;
         self.update_account(signer, |a| a.balance_micro -= deposit_micro);
         self.departed.set(node, None);
-        self.nodes.insert(node, NodeRecord { descriptor: descriptor.clone(), owner: signer, deposit_micro });
+        self.nodes.insert(
+            node,
+            NodeRecord { descriptor: descriptor.clone(), owner: signer, deposit_micro, relocated: false },
+        );
         self.open_lease(node);
         Receipt::NodeRegistered { node, owner: signer, deposit_micro }
     }
@@ -127,7 +130,13 @@ impl State {
     /// Replaces the descriptor (the owner stays); only after [`State::check_update`].
     pub(crate) fn apply_update(&mut self, descriptor: &SignedDescriptor) -> Receipt {
         let node = descriptor.descriptor.node_id;
-        self.nodes.update_existing(&node, |rec| rec.descriptor = descriptor.clone());
+        let to = &descriptor.descriptor;
+        self.nodes.update_existing(&node, |rec| {
+            let from = &rec.descriptor.descriptor;
+            rec.relocated |= (&from.region, from.country, from.operator_jurisdiction)
+                != (&to.region, to.country, to.operator_jurisdiction);
+            rec.descriptor = descriptor.clone();
+        });
         Receipt::NodeUpdated { node }
     }
 

@@ -43,6 +43,10 @@ pub struct NodeRecord {
     /// Locked from the owner at registration (`node_deposit_micro` then; 0 for genesis nodes),
     /// returned to the owner when the node leaves.
     pub deposit_micro: u64,
+    /// Whether an update changed its region, country or operator jurisdiction since it
+    /// registered: the shards it holds may be outside their geofence now, so repair checks them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub relocated: bool,
 }
 
 /// What an applied transaction did.
@@ -294,14 +298,14 @@ pub struct State {
     unsaved: imbl::OrdMap<StateKey, u64>,
     /// The entries as of the last [`State::seal`]; nodes off the changed paths are in the store.
     trie: Trie,
-    store: StoreRef,
+    pub(crate) store: StoreRef,
     /// The first failed store read, shared by every fork: sealing refuses to go on after it.
     fault: Arc<Mutex<Option<StoreError>>>,
 }
 
 /// The store a state reads through: an empty [`MemoryStore`] by default.
 #[derive(Clone, Debug)]
-struct StoreRef(Arc<dyn StateStore>);
+pub(crate) struct StoreRef(Arc<dyn StateStore>);
 
 impl Default for StoreRef {
     fn default() -> Self {
@@ -333,7 +337,7 @@ impl State {
         }
         for d in g.nodes {
             let id = d.descriptor.node_id;
-            s.nodes.insert(id, NodeRecord { owner: id, descriptor: d, deposit_micro: 0 });
+            s.nodes.insert(id, NodeRecord { owner: id, descriptor: d, deposit_micro: 0, relocated: false });
             s.open_lease(id);
         }
         s
@@ -701,11 +705,18 @@ impl State {
     /// (sealing it first). Hand them to [`StateStore::commit`], then call [`State::committed`].
     pub fn commit(&mut self) -> Result<Commit, StoreError> {
         let root = self.seal()?;
-        let entries = self.unsaved.keys().map(|k| (k.to_bytes(), self.value(k))).collect();
+        let entries: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+            self.unsaved.keys().map(|k| (k.to_bytes(), self.value(k))).collect();
+        // The index follows the objects: the store still holds each one's previous version.
+        let mut index = Vec::new();
+        for (k, new) in entries.iter().filter(|(k, _)| k.starts_with(b"object/")) {
+            let old = self.store.get(k)?;
+            index.extend(crate::listing::index_changes(k, old.as_deref(), new.as_deref()));
+        }
         self.check_fault()?;
         // The store keeps the entries and, from them, the trie's leaves; no trie node is written
         // (one write per changed entry instead of one per node on its path).
-        Ok(Commit { height: self.chain.height, root, entries, txs: Vec::new() })
+        Ok(Commit { height: self.chain.height, root, entries, txs: Vec::new(), index })
     }
 
     /// Once the store holds this state: forget the entries written since the last commit, so
@@ -837,7 +848,14 @@ impl State {
         self.fault.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
     }
 
-    fn check_fault(&self) -> Result<(), StoreError> {
+    /// Keeps `read`'s failure, if any (see [`State::seal`]).
+    pub(crate) fn keep_fault(&self, read: Result<(), StoreError>) {
+        if let Err(e) = read {
+            self.record_fault(e);
+        }
+    }
+
+    pub(crate) fn check_fault(&self) -> Result<(), StoreError> {
         match &*self.fault.lock().unwrap_or_else(|p| p.into_inner()) {
             Some(e) => Err(e.clone()),
             None => Ok(()),

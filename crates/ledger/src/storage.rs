@@ -600,14 +600,8 @@ impl State {
         out
     }
 
-    /// Every object of `bucket`, by key. O(state), like [`State::buckets`].
-    pub fn objects_in(&self, bucket: &str) -> Vec<ObjectRecord> {
-        let mut out: Vec<ObjectRecord> = self.all_objects().into_iter().filter(|o| o.bucket == bucket).collect();
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        out
-    }
-
-    /// Every object. O(state), like [`State::buckets`].
+    /// Every object. O(state), like [`State::buckets`]: a listing reads a page of the index
+    /// instead ([`State::list_objects`]).
     pub fn all_objects(&self) -> Vec<ObjectRecord> {
         self.overlay_keys("object/", &self.objects, StateKey::Object)
             .into_iter()
@@ -616,11 +610,6 @@ impl State {
                 _ => None,
             })
             .collect()
-    }
-
-    /// Every object with a shard on `node`. O(state), like [`State::buckets`].
-    pub fn objects_on(&self, node: &NodeId) -> Vec<ObjectRecord> {
-        self.all_objects().into_iter().filter(|o| o.holders.contains(node)).collect()
     }
 
     /// Bytes of shards assigned to `node`.
@@ -1715,6 +1704,99 @@ mod tests {
         assert_eq!(shown, crate::trie::Proven::Present(crate::trie::value_hash(&value.unwrap())));
     }
 
+    /// Commits `s` to `store` as the chain does.
+    fn commit_to(s: &mut State, store: &crate::store::MemoryStore) {
+        let c = s.commit().unwrap();
+        crate::store::StateStore::commit(store, &c, true).unwrap();
+        s.committed();
+    }
+
+    fn keys_of(objects: &[ObjectRecord]) -> Vec<&str> {
+        objects.iter().map(|o| o.key.as_str()).collect()
+    }
+
+    #[test]
+    fn the_index_lists_by_key_and_follows_puts_deletes_moves_and_commits() {
+        let store = std::sync::Arc::new(crate::store::MemoryStore::default());
+        let mut s = world().with_store(store.clone());
+        let mut t = Tenant { nonce: 0 };
+        bucket_with(&mut s, &mut t, "eu-docs", eu_no_us());
+        bucket_with(&mut s, &mut t, "eu-more", eu_no_us());
+        let holders = placed(&s, "eu-docs", 1);
+        for (n, key) in ["c", "a", "b/2", "\u{e9}t\u{e9}", "b/1"].into_iter().enumerate() {
+            put(&mut s, &mut t, "eu-docs", key, MIB, &holders, n as u8 + 1).unwrap();
+        }
+        let other = placed(&s, "eu-more", 9);
+        put(&mut s, &mut t, "eu-more", "a", MIB, &other, 9).unwrap();
+        let list = |s: &State, prefix: &str, after: Option<&str>, limit: usize| {
+            let got = s.list_objects("eu-docs", prefix, after.map(str::as_bytes), limit).unwrap();
+            got.iter().map(|o| o.key.clone()).collect::<Vec<_>>()
+        };
+        let all = ["a", "b/1", "b/2", "c", "\u{e9}t\u{e9}"];
+        // Before a commit the rows are not in the store yet: the listing reads the state's writes.
+        assert_eq!(list(&s, "", None, 10), all);
+        commit_to(&mut s, &store);
+        assert_eq!(list(&s, "", None, 10), all, "from the store's rows after the commit");
+        assert_eq!(list(&s, "b/", None, 10), ["b/1", "b/2"]);
+        assert_eq!(list(&s, "", Some("a"), 10), all[1..]);
+        assert_eq!(list(&s, "", Some("b/"), 2), ["b/1", "b/2"], "after need not be a key");
+        assert_eq!(list(&s, "", None, 2), ["a", "b/1"]);
+        assert_eq!(list(&s, "\u{e9}", None, 10), ["\u{e9}t\u{e9}"], "a multi-byte prefix");
+        // Past the whole `b/` group, as a delimiter listing skips it: 0xff follows no UTF-8 byte.
+        let past_group = [&b"b/"[..], &[0xff]].concat();
+        let got = s.list_objects("eu-docs", "", Some(&past_group), 10).unwrap();
+        assert_eq!(keys_of(&got), ["c", "\u{e9}t\u{e9}"]);
+        assert_eq!(keys_of(&s.list_objects("eu-more", "", None, 10).unwrap()), ["a"]);
+        assert!(s.list_objects("no-such", "", None, 10).unwrap().is_empty());
+
+        // Uncommitted changes over committed rows: a delete hides a row, a new key joins in order.
+        s.begin_block(2, 2_000);
+        t.send(&mut s, Payload::DeleteObject { bucket: "eu-docs".into(), key: "b/1".into() }).unwrap();
+        put(&mut s, &mut t, "eu-docs", "bb", MIB, &holders, 6).unwrap();
+        let now = ["a", "b/2", "bb", "c", "\u{e9}t\u{e9}"];
+        assert_eq!(list(&s, "", None, 10), now);
+        assert_eq!(list(&s, "", None, 3), now[..3], "a page is full although a stored row was deleted");
+        commit_to(&mut s, &store);
+        assert_eq!(list(&s, "", None, 10), now);
+        let rows = crate::store::StateStore::index_scan(&*store, b"name/", None, 100).unwrap();
+        assert_eq!(rows.len(), 6, "one name row per object, the deleted one's removed");
+
+        // Holders: every object a node holds, and every node that holds one.
+        let everything = s.all_objects();
+        for n in 101..=112 {
+            let node = id(n).node_id();
+            let mut want: Vec<Hash> =
+                everything.iter().filter(|o| o.holders.contains(&node)).map(|o| o.version).collect();
+            let mut got: Vec<Hash> = s.objects_on(&node).iter().map(|o| o.version).collect();
+            want.sort();
+            got.sort();
+            assert_eq!(got, want, "objects on node {n}");
+        }
+        let holding: BTreeSet<NodeId> = everything.iter().flat_map(|o| o.holders.iter().copied()).collect();
+        assert_eq!(s.holder_nodes(), holding);
+
+        // Reopened from the store, the same listing.
+        let opened = State::open(store.clone()).unwrap().unwrap();
+        assert_eq!(list(&opened, "", None, 10), now);
+        assert!(opened.repair_candidates().is_empty(), "every holder is up where it registered");
+
+        // A holder that moves is a repair candidate with exactly the objects it holds.
+        let mover = holders[0];
+        t.send(&mut s, Payload::Transfer { to: id(mover).node_id(), amount_micro: 10 }).unwrap();
+        let mut d = descriptor(mover, "1GiB");
+        d.region = "eu-fr".parse().unwrap();
+        d.version = 2;
+        let update = Payload::UpdateNode { descriptor: SignedDescriptor::sign(&id(mover), d).unwrap() };
+        s.apply(&signed(mover, 0, update)).unwrap();
+        assert!(s.nodes().get(&id(mover).node_id()).unwrap().relocated);
+        let mut got: Vec<Hash> = s.repair_candidates().iter().map(|o| o.version).collect();
+        let mut want: Vec<Hash> = s.objects_on(&id(mover).node_id()).iter().map(|o| o.version).collect();
+        got.sort();
+        want.sort();
+        assert!(got.len() >= 5, "the five eu-docs objects at least");
+        assert_eq!(got, want);
+    }
+
     #[test]
     fn an_audit_report_against_an_empty_object_is_refused_not_a_crash() {
         let mut s = world();
@@ -1768,6 +1850,8 @@ mod tests {
         assert_eq!(s.object("eu-docs", "k").unwrap().suspect, vec![index]);
         let e = as_node(&mut s, auditor, report(epoch)).unwrap_err();
         assert!(e.to_string().contains("failed an audit already"), "{e}");
+        assert_eq!(keys_of(&s.suspect_objects()), ["k"]);
+        assert_eq!(keys_of(&s.repair_candidates()), ["k"], "a suspect shard is repair work although its holder is up");
         // The suspect shard may move although its holder is up; the move clears it.
         let healthy: BTreeMap<usize, NodeId> =
             o.holders.iter().copied().enumerate().filter(|(i, _)| *i != usize::from(index)).collect();
@@ -1808,6 +1892,7 @@ mod tests {
         s.apply(&signed(1, 0, mv_payload(mv))).unwrap();
         let after = s.object("eu-docs", "k").unwrap();
         assert!(after.suspect.is_empty() && after.holders[usize::from(index)] == id(spare).node_id());
+        assert!(s.repair_candidates().is_empty());
         // Reputation falls with every failure; a node below the floor takes no new shards.
         for _ in 0..3 {
             let r = s.reputation(&holder).saturating_sub(AUDIT_PENALTY);

@@ -43,6 +43,16 @@ pub struct Commit {
     /// The block's transactions, by hash, with what the node records about each (opaque here):
     /// kept beside the state so the two are always at the same height.
     pub txs: Vec<(Hash, Vec<u8>)>,
+    /// Index rows by key (`None`: removed): derived from the entries by [`index_rows`], kept in
+    /// key order beside them so listings read a page, not the state. Not part of the state root:
+    /// anyone can derive them again from the entries.
+    pub index: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+/// The index rows a state entry contributes (see [`Commit::index`]): an object's name, holders
+/// and suspect shards (see [`crate::storage`]); nothing for other entries.
+pub fn index_rows(key: &[u8], value: &[u8]) -> Entries {
+    crate::listing::index_rows(key, value)
 }
 
 /// Entries as key and value bytes, in key order.
@@ -108,7 +118,11 @@ pub trait StateStore: LeafSource + Send + Sync + fmt::Debug {
     /// Writes `entries` into a store nothing was committed to (a join: the entries of a
     /// snapshot, a page at a time); the [`StateStore::commit`] that follows gives them their
     /// height and root. Refused once a height is committed.
+    /// Its index rows ([`index_rows`]) are written with them.
     fn import(&self, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError>;
+    /// Up to `limit` committed index rows ([`Commit::index`]) whose keys start with `prefix`, in
+    /// key order, after key `after` (which need not be stored): O(page).
+    fn index_scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Entries, StoreError>;
 }
 
 /// Every entry of one committed state, as [`StateStore::snapshot`] took it.
@@ -145,6 +159,8 @@ struct Contents {
     /// Key hash → key and value.
     entries: BTreeMap<Hash, (Vec<u8>, Vec<u8>)>,
     txs: HashMap<Hash, Vec<u8>>,
+    /// Index rows, by key.
+    index: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
 impl Contents {
@@ -154,12 +170,19 @@ impl Contents {
             Pending::Import(entries) => {
                 for (k, v) in entries {
                     self.write(k, Some(v));
+                    self.index.extend(index_rows(k, v));
                 }
                 return;
             }
         };
         for (k, v) in &c.entries {
             self.write(k, v.as_ref());
+        }
+        for (k, v) in &c.index {
+            match v {
+                Some(v) => self.index.insert(k.clone(), v.clone()),
+                None => self.index.remove(k),
+            };
         }
         self.txs.extend(c.txs.iter().cloned());
         self.committed = Some(Committed { height: c.height, root: c.root });
@@ -293,6 +316,21 @@ impl StateStore for MemoryStore {
         g.since_durable.push(pending);
         Ok(())
     }
+
+    fn index_scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Entries, StoreError> {
+        let g = self.lock();
+        let start = match after {
+            Some(a) if a >= prefix => std::ops::Bound::Excluded(a),
+            _ => std::ops::Bound::Included(prefix),
+        };
+        Ok(g.current
+            .index
+            .range::<[u8], _>((start, std::ops::Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
 }
 
 /// Up to `limit` of `entries` whose keys start with `prefix`, after the entry of key `after`.
@@ -348,7 +386,7 @@ pub mod conformance {
             height,
             root: trie.root(),
             entries: writes.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.map(|v| v.as_bytes().to_vec()))).collect(),
-            txs: Vec::new(),
+            ..Commit::default()
         }
     }
 
@@ -510,6 +548,76 @@ pub mod conformance {
         assert_eq!(s.get(b"node/7").unwrap().as_deref(), Some(&b"n"[..]));
         assert_eq!(all_leaves(&s), leaves_of(&[("account/1", "a"), ("account/2", "b"), ("node/7", "n")]));
         assert_eq!(Trie::open(&s, DEPTH).unwrap().root(), trie.root(), "imported entries are leaves too");
+
+        index(fresh(), &reopen);
+    }
+
+    fn rows(s: &dyn StateStore, prefix: &str, after: Option<&str>, limit: usize) -> Vec<String> {
+        let page = s.index_scan(prefix.as_bytes(), after.map(str::as_bytes), limit).unwrap();
+        page.into_iter()
+            .map(|(k, v)| format!("{}={}", String::from_utf8_lossy(&k), String::from_utf8_lossy(&v)))
+            .collect()
+    }
+
+    /// Index rows: written and removed with their commit, read in key order from any point,
+    /// whole after a crash, gone after a clear, derived from imported objects.
+    fn index<S: StateStore>(s: S, reopen: &impl Fn(S) -> S) {
+        let mut c0 = Commit { height: 0, ..Commit::default() };
+        c0.index = ["name/b/61", "name/b/62", "name/b/6263", "name/c/61", "holder/1/x"]
+            .iter()
+            .map(|k| (k.as_bytes().to_vec(), Some(k.as_bytes()[k.len() - 1..].to_vec())))
+            .collect();
+        s.commit(&c0, true).unwrap();
+        assert_eq!(rows(&s, "name/b/", None, 10), ["name/b/61=1", "name/b/62=2", "name/b/6263=3"], "key order");
+        assert_eq!(rows(&s, "name/b/", Some("name/b/61"), 10), ["name/b/62=2", "name/b/6263=3"], "after excludes");
+        assert_eq!(rows(&s, "name/b/", Some("name/b/615"), 1), ["name/b/62=2"], "after need not be stored");
+        assert_eq!(rows(&s, "name/b/62", Some("name/b/62g"), 10), Vec::<String>::new(), "past a group");
+        assert_eq!(rows(&s, "name/b/", Some("a"), 10).len(), 3, "an `after` before the prefix starts at it");
+        assert_eq!(rows(&s, "name/", None, 10).len(), 4);
+        assert!(rows(&s, "name/d/", None, 10).is_empty());
+        assert!(rows(&s, "name/b/", None, 0).is_empty());
+
+        let c1 = Commit {
+            height: 1,
+            index: vec![(b"name/b/61".to_vec(), None), (b"name/b/60".to_vec(), Some(b"0".to_vec()))],
+            ..Commit::default()
+        };
+        s.commit(&c1, false).unwrap();
+        assert_eq!(rows(&s, "name/b/", None, 10), ["name/b/60=0", "name/b/62=2", "name/b/6263=3"]);
+        let s = reopen(s);
+        let at = s.committed().unwrap().expect("the durable commit survives").height;
+        let first = if at == 0 { "name/b/61=1" } else { "name/b/60=0" };
+        assert_eq!(rows(&s, "name/b/", None, 10), [first, "name/b/62=2", "name/b/6263=3"], "the index is its commit's");
+
+        s.clear().unwrap();
+        let s = reopen(s);
+        assert!(rows(&s, "", None, 10).is_empty(), "no index row outlives a clear");
+
+        // An import derives the rows of the objects it writes.
+        let object = crate::storage::ObjectRecord {
+            bucket: "docs".into(),
+            key: "a".into(),
+            version: Hash([1; 32]),
+            size: 1,
+            segment_bytes: 4096,
+            code: archipel_types::ErasureCode::new(1, 1).unwrap(),
+            manifest_root: Hash([2; 32]),
+            etag: "e".into(),
+            holders: vec![archipel_types::NodeId([3; 32]), archipel_types::NodeId([4; 32])],
+            shard_bytes: 20,
+            created_height: 1,
+            created_ms: 1,
+            generation: 0,
+            suspect: Vec::new(),
+        };
+        let key = crate::StateKey::Object(crate::storage::object_id("docs", "a")).to_bytes();
+        let value = serde_json::to_vec(&object).unwrap();
+        s.import(&[(key.clone(), value.clone()), (b"account/1".to_vec(), b"a".to_vec())]).unwrap();
+        let got = s.index_scan(b"", None, 10).unwrap();
+        let mut want = index_rows(&key, &value);
+        want.sort();
+        assert_eq!(got, want, "an import writes its objects' rows");
+        assert_eq!(got.len(), 3, "a name and two holders");
     }
 }
 
