@@ -551,6 +551,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_file_without_the_index_gets_it_rebuilt_from_its_entries_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let (key, value) = conformance::example_object("docs", "a");
+        {
+            let s = StateDb::open(&path).unwrap();
+            // What a version before the index wrote: entries, no rows, no marker.
+            let entries = vec![(key.clone(), Some(value.clone())), (b"account/1".to_vec(), Some(b"x".to_vec()))];
+            s.commit(&Commit { height: 3, root: Hash([1; 32]), entries, ..Commit::default() }, true).unwrap();
+            assert!(s.index_scan(b"", None, 10).unwrap().is_empty());
+            let txn = s.db.begin_write().unwrap();
+            txn.open_table(META).unwrap().remove(INDEX_VERSION_KEY).unwrap();
+            txn.commit().unwrap();
+        }
+        let s = StateDb::open(&path).unwrap();
+        let mut want = archipel_ledger::store::index_rows(&key, &value);
+        want.sort();
+        assert_eq!(s.index_scan(b"", None, 10).unwrap(), want);
+        assert_eq!(s.committed().unwrap().map(|c| c.height), Some(3), "the state is untouched");
+        // Opened again with the marker in place: the rows are not written twice or dropped.
+        drop(s);
+        assert_eq!(StateDb::open(&path).unwrap().index_scan(b"", None, 10).unwrap(), want);
+    }
+
     /// A ledger history on the disk store with buckets three levels down: blocks executed on
     /// their parent before the parent's commit (as a validator does), commits every few blocks,
     /// reopenings from the file; every root, value and proof agrees with the state held in

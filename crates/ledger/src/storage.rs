@@ -151,6 +151,9 @@ pub struct BucketRecord {
     pub objects: u64,
     /// Sum of its objects' sizes.
     pub bytes: u64,
+    /// Sum of its objects' segments (for health reports without a pass over the objects).
+    #[serde(default)]
+    pub segments: u64,
 }
 
 /// An object as the ledger records it.
@@ -690,7 +693,12 @@ impl State {
     /// Who audits `object` in `epoch`: the rendezvous choice among the storage nodes that are up
     /// and hold none of its shards.
     pub fn auditor_of(&self, object: &ObjectRecord, epoch: u64) -> Option<NodeId> {
-        let live = self.live_storage_nodes().into_iter().filter(|id| !object.holders.contains(id));
+        self.auditor_among(object, epoch, &self.live_storage_nodes())
+    }
+
+    /// [`State::auditor_of`] with the live storage nodes given (one read of them for many objects).
+    pub fn auditor_among(&self, object: &ObjectRecord, epoch: u64, live: &[NodeId]) -> Option<NodeId> {
+        let live = live.iter().copied().filter(|id| !object.holders.contains(id));
         archipel_placement::duty_holder(&audit_seed(&object.version, epoch), live)
     }
 
@@ -779,6 +787,7 @@ impl State {
             created_height: self.chain.height,
             objects: 0,
             bytes: 0,
+            segments: 0,
         };
         self.buckets.set(bucket_id(name), Some(record));
         Receipt::BucketCreated { name: name.to_string(), owner: signer }
@@ -944,6 +953,7 @@ impl State {
         if let Some(mut b) = self.bucket(&old.bucket) {
             b.objects = b.objects.saturating_sub(1);
             b.bytes = b.bytes.saturating_sub(old.size);
+            b.segments = b.segments.saturating_sub(old.segments());
             self.buckets.set(bucket_id(&old.bucket), Some(b));
         }
     }
@@ -969,6 +979,11 @@ impl State {
         }
         bucket.objects += 1;
         bucket.bytes = bucket.bytes.saturating_add(put.size);
+        bucket.segments = bucket.segments.saturating_add(if put.segment_bytes == 0 {
+            0
+        } else {
+            put.size.div_ceil(put.segment_bytes)
+        });
         let code = bucket.policy.code;
         self.buckets.set(bucket_id(&put.bucket), Some(bucket));
         let record = ObjectRecord {
@@ -1470,7 +1485,7 @@ mod tests {
             assert_eq!(s.stored_bytes(&id(*h).node_id()), per_holder);
         }
         let b = s.bucket("eu-docs").unwrap();
-        assert_eq!((b.objects, b.bytes), (1, size));
+        assert_eq!((b.objects, b.bytes, b.segments), (1, size, 3));
         // The same version again is refused; a new version replaces it and frees the old shards.
         assert!(t.send(&mut s, Payload::PutObject { put: good }).unwrap_err().to_string().contains("stored already"));
         let holders2 = placed(&s, "eu-docs", 2);
@@ -1480,7 +1495,7 @@ mod tests {
             "{r:?}"
         );
         let b = s.bucket("eu-docs").unwrap();
-        assert_eq!((b.objects, b.bytes), (1, MIB));
+        assert_eq!((b.objects, b.bytes, b.segments), (1, MIB, 1));
         let small = shard_bytes_per_holder(ErasureCode::DEFAULT, MIB, 8 * MIB);
         let total: u64 = (101..=112).map(|n| s.stored_bytes(&id(n).node_id())).sum();
         assert_eq!(total, 6 * small, "the old version's bytes are released");

@@ -552,6 +552,28 @@ pub mod conformance {
         index(fresh(), &reopen);
     }
 
+    /// The state entry (key and value) of an object `bucket/key` on two holders.
+    pub fn example_object(bucket: &str, key: &str) -> (Vec<u8>, Vec<u8>) {
+        let object = crate::storage::ObjectRecord {
+            bucket: bucket.into(),
+            key: key.into(),
+            version: Hash([1; 32]),
+            size: 1,
+            segment_bytes: 4096,
+            code: archipel_types::ErasureCode::new(1, 1).expect("1+1 is a code"),
+            manifest_root: Hash([2; 32]),
+            etag: "e".into(),
+            holders: vec![archipel_types::NodeId([3; 32]), archipel_types::NodeId([4; 32])],
+            shard_bytes: 20,
+            created_height: 1,
+            created_ms: 1,
+            generation: 0,
+            suspect: Vec::new(),
+        };
+        let entry_key = crate::StateKey::Object(crate::storage::object_id(bucket, key)).to_bytes();
+        (entry_key, serde_json::to_vec(&object).expect("a record encodes"))
+    }
+
     fn rows(s: &dyn StateStore, prefix: &str, after: Option<&str>, limit: usize) -> Vec<String> {
         let page = s.index_scan(prefix.as_bytes(), after.map(str::as_bytes), limit).unwrap();
         page.into_iter()
@@ -594,24 +616,7 @@ pub mod conformance {
         assert!(rows(&s, "", None, 10).is_empty(), "no index row outlives a clear");
 
         // An import derives the rows of the objects it writes.
-        let object = crate::storage::ObjectRecord {
-            bucket: "docs".into(),
-            key: "a".into(),
-            version: Hash([1; 32]),
-            size: 1,
-            segment_bytes: 4096,
-            code: archipel_types::ErasureCode::new(1, 1).unwrap(),
-            manifest_root: Hash([2; 32]),
-            etag: "e".into(),
-            holders: vec![archipel_types::NodeId([3; 32]), archipel_types::NodeId([4; 32])],
-            shard_bytes: 20,
-            created_height: 1,
-            created_ms: 1,
-            generation: 0,
-            suspect: Vec::new(),
-        };
-        let key = crate::StateKey::Object(crate::storage::object_id("docs", "a")).to_bytes();
-        let value = serde_json::to_vec(&object).unwrap();
+        let (key, value) = example_object("docs", "a");
         s.import(&[(key.clone(), value.clone()), (b"account/1".to_vec(), b"a".to_vec())]).unwrap();
         let got = s.index_scan(b"", None, 10).unwrap();
         let mut want = index_rows(&key, &value);

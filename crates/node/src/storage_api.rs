@@ -17,7 +17,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 /// Most keys one listing page returns.
@@ -154,56 +153,77 @@ pub struct ObjectList {
     pub next_start_after: Option<String>,
 }
 
-/// One page of a listing of `objects` (sorted by key): S3's rules for prefix, delimiter and
-/// `start_after`.
-pub fn list_page(objects: Vec<ObjectRecord>, q: &ListQuery, height: u64) -> ObjectList {
+/// One page of a listing with S3's rules for prefix, delimiter and `start_after`. `fetch(after,
+/// n)` gives up to `n` objects whose keys start with the prefix and sort after the bytes `after`,
+/// in key order (a page of the ledger's index); a group under a common prefix is skipped in one
+/// fetch, so a page costs O(limit) reads whatever the bucket holds.
+pub fn list_page<E>(
+    q: &ListQuery,
+    height: u64,
+    mut fetch: impl FnMut(Option<&[u8]>, usize) -> Result<Vec<ObjectRecord>, E>,
+) -> Result<ObjectList, E> {
     let limit = q.limit.unwrap_or(MAX_LIST_KEYS).clamp(1, MAX_LIST_KEYS);
+    let delimiter = q.delimiter.as_deref().filter(|d| !d.is_empty());
+    // The common prefix `key` falls under, if any.
+    let group_of = |key: &str| -> Option<String> {
+        let rest = key.strip_prefix(q.prefix.as_str())?;
+        delimiter.and_then(|d| rest.find(d).map(|at| key[..q.prefix.len() + at + d.len()].to_string()))
+    };
+    // Past every key under `group`: no UTF-8 key has the byte 0xff.
+    let past = |group: &str| [group.as_bytes(), &[0xff]].concat();
     let mut out =
         ObjectList { height, objects: vec![], common_prefixes: vec![], truncated: false, next_start_after: None };
-    let mut prefixes = BTreeSet::new();
+    // A page that ended on a common prefix resumes after the whole group.
+    let mut cursor: Option<Vec<u8>> = q.start_after.as_ref().map(|a| match group_of(a) {
+        Some(g) => past(&g),
+        None => a.as_bytes().to_vec(),
+    });
     let mut count = 0;
-    for o in objects {
-        if !o.key.starts_with(&q.prefix) || q.start_after.as_ref().is_some_and(|a| o.key.as_str() <= a.as_str()) {
-            continue;
+    'pages: loop {
+        // One more than fits, to know whether the listing goes on.
+        let want = limit + 1 - count;
+        let page = fetch(cursor.as_deref(), want)?;
+        let short = page.len() < want;
+        for o in page {
+            if count == limit {
+                out.truncated = true;
+                break 'pages;
+            }
+            count += 1;
+            if let Some(g) = group_of(&o.key) {
+                cursor = Some(past(&g));
+                out.next_start_after = Some(g.clone());
+                out.common_prefixes.push(g);
+                continue 'pages;
+            }
+            cursor = Some(o.key.as_bytes().to_vec());
+            out.next_start_after = Some(o.key.clone());
+            out.objects.push(o);
         }
-        let grouped =
-            q.delimiter.as_deref().filter(|d| !d.is_empty()).and_then(|d| {
-                o.key[q.prefix.len()..].find(d).map(|at| o.key[..q.prefix.len() + at + d.len()].to_string())
-            });
-        // A group already returned on this page, or on an earlier one (a page that ended on a
-        // common prefix resumes after the whole group).
-        if let Some(p) = &grouped
-            && (prefixes.contains(p) || q.start_after.as_ref().is_some_and(|a| p.as_str() <= a.as_str()))
-        {
-            continue;
-        }
-        if count == limit {
-            out.truncated = true;
+        if short {
             break;
-        }
-        count += 1;
-        match grouped {
-            Some(p) => {
-                out.next_start_after = Some(p.clone());
-                prefixes.insert(p.clone());
-                out.common_prefixes.push(p);
-            }
-            None => {
-                out.next_start_after = Some(o.key.clone());
-                out.objects.push(o);
-            }
         }
     }
     if !out.truncated {
         out.next_start_after = None;
     }
-    out
+    Ok(out)
 }
 
 async fn list(State(s): State<Arc<ApiState>>, Path(name): Path<String>, Query(q): Query<ListQuery>) -> Response {
-    let found = s.chain.with_state(|st| st.bucket(&name).map(|_| (st.objects_in(&name), st.chain().height)));
-    match found {
-        Some((objects, height)) => Json(list_page(objects, &q, height)).into_response(),
+    let listed = s.chain.with_state(|st| {
+        st.bucket(&name).map(|_| {
+            let height = st.chain().height;
+            list_page(&q, height, |after, n| st.list_objects(&name, &q.prefix, after, n))
+        })
+    });
+    match listed {
+        Some(Ok(page)) => Json(page).into_response(),
+        Some(Err(e)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_failed",
+            format!("this node cannot read its ledger state ({e}); ask another node"),
+        ),
         None => {
             error(StatusCode::NOT_FOUND, "no_such_bucket", format!("no bucket {name:?} (see `archipel bucket ls`)"))
         }
@@ -267,9 +287,10 @@ pub struct StorageHealth {
     pub buckets: Vec<BucketHealth>,
 }
 
-/// The health of every bucket in `st` at `now_ms` (O(objects)).
+/// The health of every bucket in `st` at `now_ms`: counts from the bucket records, and the
+/// objects that are not whole from the ledger's index of holders that are not up where they
+/// registered (O(buckets + those objects), not O(objects)).
 pub fn storage_health(st: &LedgerState, now_ms: u64) -> StorageHealth {
-    // One pass over the objects, with each bucket's policy from the bucket list.
     let mut buckets: std::collections::BTreeMap<String, (archipel_types::PlacementPolicy, BucketHealth)> = st
         .buckets()
         .into_iter()
@@ -277,13 +298,16 @@ pub fn storage_health(st: &LedgerState, now_ms: u64) -> StorageHealth {
             let h = BucketHealth {
                 bucket: b.name.clone(),
                 code: b.policy.code.to_string(),
+                objects: b.objects,
+                segments: b.segments,
                 tolerates_losses: i64::from(b.policy.code.parity),
                 ..BucketHealth::default()
             };
             (b.name, (b.policy, h))
         })
         .collect();
-    for o in st.all_objects() {
+    // Every object with a holder that is not Up, gone, moved or suspect: a whole one tolerates m.
+    for o in st.repair_candidates() {
         let Some((policy, h)) = buckets.get_mut(&o.bucket) else { continue };
         let available = o
             .holders
@@ -291,8 +315,6 @@ pub fn storage_health(st: &LedgerState, now_ms: u64) -> StorageHealth {
             .filter(|n| st.lease_status(n) == LeaseStatus::Up && st.unhealthy_at(n, policy, now_ms).is_none())
             .count() as i64;
         let k = i64::from(o.code.data);
-        h.objects += 1;
-        h.segments += o.segments();
         if available < o.holders.len() as i64 {
             h.degraded_objects += 1;
             h.degraded_segments += o.segments();
@@ -342,24 +364,43 @@ mod tests {
         l.objects.iter().map(|o| o.key.as_str()).collect()
     }
 
+    /// A page of `all` (sorted by key) as the ledger's index gives it, counting the objects read.
+    fn from(all: &[ObjectRecord], q: &ListQuery, read: &mut usize) -> ObjectList {
+        let page = list_page(q, 7, |after, n| {
+            let got: Vec<ObjectRecord> = all
+                .iter()
+                .filter(|o| o.key.starts_with(&q.prefix) && after.is_none_or(|a| o.key.as_bytes() > a))
+                .take(n)
+                .cloned()
+                .collect();
+            *read += got.len();
+            Ok::<_, ()>(got)
+        });
+        page.unwrap()
+    }
+
+    fn list_page_of(all: Vec<ObjectRecord>, q: &ListQuery, _height: u64) -> ObjectList {
+        from(&all, q, &mut 0)
+    }
+
     #[test]
     fn listings_follow_s3s_prefix_delimiter_and_pagination() {
         let all: Vec<ObjectRecord> =
             ["a.txt", "docs/1", "docs/2", "docs/sub/3", "photos/x", "z"].iter().map(|k| obj(k)).collect();
         let q = ListQuery { delimiter: Some("/".into()), ..ListQuery::default() };
-        let l = list_page(all.clone(), &q, 7);
+        let l = list_page_of(all.clone(), &q, 7);
         assert_eq!(keys(&l), ["a.txt", "z"]);
         assert_eq!(l.common_prefixes, ["docs/", "photos/"]);
         assert!(!l.truncated);
         let q = ListQuery { prefix: "docs/".into(), delimiter: Some("/".into()), ..ListQuery::default() };
-        let l = list_page(all.clone(), &q, 7);
+        let l = list_page_of(all.clone(), &q, 7);
         assert_eq!((keys(&l), l.common_prefixes.clone()), (vec!["docs/1", "docs/2"], vec!["docs/sub/".to_string()]));
         // Pages of two, resumed with start_after, cover everything once.
         let mut seen = vec![];
         let mut after = None;
         loop {
             let q = ListQuery { limit: Some(2), start_after: after.clone(), ..ListQuery::default() };
-            let l = list_page(all.clone(), &q, 7);
+            let l = list_page_of(all.clone(), &q, 7);
             seen.extend(keys(&l).into_iter().map(String::from));
             if !l.truncated {
                 break;
@@ -369,7 +410,7 @@ mod tests {
         assert_eq!(seen, ["a.txt", "docs/1", "docs/2", "docs/sub/3", "photos/x", "z"]);
         // With a delimiter, a page counts a common prefix once and resumes after it.
         let q = ListQuery { limit: Some(2), delimiter: Some("/".into()), ..ListQuery::default() };
-        let l = list_page(all.clone(), &q, 7);
+        let l = list_page_of(all.clone(), &q, 7);
         assert_eq!(
             (keys(&l), l.common_prefixes.clone(), l.truncated),
             (vec!["a.txt"], vec!["docs/".to_string()], true)
@@ -380,7 +421,31 @@ mod tests {
             start_after: l.next_start_after.clone(),
             ..ListQuery::default()
         };
-        let l = list_page(all, &q, 7);
+        let l = list_page_of(all, &q, 7);
         assert_eq!((keys(&l), l.common_prefixes.clone(), l.truncated), (vec!["z"], vec!["photos/".to_string()], false));
+    }
+
+    #[test]
+    fn a_page_reads_about_its_own_size_however_big_the_bucket_or_its_groups() {
+        // 10,000 keys under one common prefix and 10,000 after it.
+        let mut all: Vec<ObjectRecord> = (0..10_000).map(|i| obj(&format!("big/{i:05}"))).collect();
+        all.extend((0..10_000).map(|i| obj(&format!("z{i:05}"))));
+        let mut read = 0;
+        let q = ListQuery { limit: Some(10), delimiter: Some("/".into()), ..ListQuery::default() };
+        let l = from(&all, &q, &mut read);
+        assert_eq!(l.common_prefixes, ["big/"]);
+        assert_eq!(keys(&l), (0..9).map(|i| format!("z{i:05}")).collect::<Vec<_>>());
+        assert!(l.truncated && l.next_start_after.as_deref() == Some("z00008"));
+        // A fetch of 11 that the group filled, then 10 after the group: not the 10,000 inside.
+        assert!(read <= 2 * 11, "read {read} objects for a page of 10");
+        // Resuming after the group itself skips it whole.
+        let mut read = 0;
+        let q = ListQuery { limit: Some(3), start_after: Some("big/".into()), delimiter: Some("/".into()), ..q };
+        let l = from(&all, &q, &mut read);
+        assert_eq!(keys(&l), ["z00000", "z00001", "z00002"]);
+        assert!(read <= 4, "read {read}: the fetch starts past the group");
+        // A key under a prefix that is not the listing's is never grouped.
+        let q = ListQuery { prefix: "big/0000".into(), delimiter: Some("/".into()), ..ListQuery::default() };
+        assert_eq!(keys(&from(&all, &q, &mut 0)).len(), 10);
     }
 }

@@ -17,7 +17,7 @@
 use crate::shards::ShardService;
 use archipel_consensus::Chain;
 use archipel_crypto::Identity;
-use archipel_ledger::storage::{MAX_RECEIPT_TTL_MS, ObjectRecord, ShardMove};
+use archipel_ledger::storage::{MAX_RECEIPT_TTL_MS, ObjectRecord, ShardMove, object_id};
 use archipel_ledger::{Hash, LeaseStatus, Payload, Transaction};
 use archipel_objects::http::HttpShards;
 use archipel_objects::transfer::{Holder, Shards as _};
@@ -233,10 +233,12 @@ pub fn to_repair(
 }
 
 /// Objects with holders unhealthy at `now_ms` in `st`, each with its policy: the repair queue.
+/// Reads the ledger's index of holders that are not up where they registered, and of suspect
+/// shards ([`archipel_ledger::State::repair_candidates`]), not every object.
 pub fn degraded(st: &archipel_ledger::State, now_ms: u64) -> Vec<(ObjectRecord, PlacementPolicy, Vec<usize>)> {
     let mut policies: HashMap<String, Option<PlacementPolicy>> = HashMap::new();
     let mut out = Vec::new();
-    for o in st.all_objects() {
+    for o in st.repair_candidates() {
         let policy = policies.entry(o.bucket.clone()).or_insert_with(|| st.bucket(&o.bucket).map(|b| b.policy)).clone();
         let Some(policy) = policy else { continue };
         let bad = to_repair(st, &o, &policy, now_ms);
@@ -396,6 +398,8 @@ pub struct Auditor {
     shards: HttpShards,
     submitter: Submitter,
     done: BTreeSet<(Hash, u64)>,
+    /// The objects (id and version) this node audits in each epoch it looked at.
+    duties: BTreeMap<u64, Vec<(Hash, Hash)>>,
     passed: u64,
     failed: u64,
     counters: Arc<StorageCounters>,
@@ -405,7 +409,7 @@ pub struct Auditor {
 
 /// Longest pause between two audit steps.
 const AUDIT_STEP_MAX: Duration = Duration::from_secs(5);
-/// Shortest pause between two audit steps (each reads every object).
+/// Shortest pause between two audit steps (the first in an epoch reads every object).
 const AUDIT_STEP_MIN: Duration = Duration::from_secs(1);
 
 impl Auditor {
@@ -420,7 +424,18 @@ impl Auditor {
         let submitter = Submitter::new(chain.clone(), identity.clone(), tx_out);
         let epoch = Duration::from_millis(chain.with_state(|st| st.params().audit_epoch_ms));
         let interval = epoch.clamp(AUDIT_STEP_MIN, AUDIT_STEP_MAX);
-        Auditor { chain, identity, shards, submitter, done: BTreeSet::new(), passed: 0, failed: 0, counters, interval }
+        Auditor {
+            chain,
+            identity,
+            shards,
+            submitter,
+            done: BTreeSet::new(),
+            duties: BTreeMap::new(),
+            passed: 0,
+            failed: 0,
+            counters,
+            interval,
+        }
     }
 }
 
@@ -447,20 +462,38 @@ impl Worker for Auditor {
         use archipel_ledger::storage::audit_challenge;
         let me = self.identity.node_id();
         let done = &self.done;
+        let duties = &mut self.duties;
         let (challenges, network, nonce, epoch) = self.chain.with_state(|st| {
             let now_ms = crate::api::system_now_ms().max(st.chain().timestamp_ms);
             let epoch = st.audit_epoch(now_ms);
-            let mut out = Vec::new();
             // The epoch before too (the ledger takes a report for it): a step that came late does
             // not skip an epoch's audits.
-            let epochs = [epoch.checked_sub(1), Some(epoch)];
-            let objects = st.all_objects();
-            // Each object once per epoch; cloned only when this node challenges it.
-            for (o, epoch) in objects.iter().flat_map(|o| epochs.into_iter().flatten().map(move |e| (o, e))) {
-                if o.holders.is_empty() || done.contains(&(o.version, epoch)) || st.auditor_of(o, epoch) != Some(me) {
+            let epochs: Vec<u64> = [epoch.checked_sub(1), Some(epoch)].into_iter().flatten().collect();
+            duties.retain(|e, _| epochs.contains(e));
+            let unknown: Vec<u64> = epochs.iter().copied().filter(|e| !duties.contains_key(e)).collect();
+            if !unknown.is_empty() {
+                // One pass over the objects per epoch, not per step: objects put after it are
+                // audited from the next epoch on.
+                let live = st.live_storage_nodes();
+                for e in &unknown {
+                    duties.insert(*e, Vec::new());
+                }
+                for o in st.all_objects() {
+                    for e in &unknown {
+                        if !o.holders.is_empty() && st.auditor_among(&o, *e, &live) == Some(me) {
+                            duties.entry(*e).or_default().push((object_id(&o.bucket, &o.key), o.version));
+                        }
+                    }
+                }
+            }
+            let mut out = Vec::new();
+            for (epoch, (id, version)) in duties.iter().flat_map(|(e, ids)| ids.iter().map(move |d| (*e, *d))) {
+                // Still this version, still this node's duty (the live nodes may have changed).
+                let Some(o) = st.object_by_id(&id).filter(|o| o.version == version) else { continue };
+                if done.contains(&(version, epoch)) || st.auditor_of(&o, epoch) != Some(me) {
                     continue;
                 }
-                let (index, segment) = audit_challenge(o, epoch);
+                let (index, segment) = audit_challenge(&o, epoch);
                 let holder = o.holders[usize::from(index)];
                 if o.suspect.contains(&index) || st.lease_status(&holder) != LeaseStatus::Up {
                     continue;
@@ -472,7 +505,7 @@ impl Worker for Auditor {
                     .map(|h| Holder { node: *h, url: url_of(st, h) })
                     .collect();
                 let holder = Holder { node: holder, url: url_of(st, &holder) };
-                out.push(Challenge { object: o.clone(), epoch, index, segment, holder, sources });
+                out.push(Challenge { object: o, epoch, index, segment, holder, sources });
             }
             (out, st.network(), st.account(&me).nonce, epoch)
         });

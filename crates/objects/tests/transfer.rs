@@ -202,6 +202,7 @@ fn plan(candidates: &[(Candidate, String)], size: u64) -> PutPlan {
             created_height: 1,
             objects: 0,
             bytes: 0,
+            segments: 0,
         },
         key: "k".into(),
         size,
