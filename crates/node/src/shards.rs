@@ -40,7 +40,7 @@ use archipel_crypto::Identity;
 use archipel_ledger::Hash;
 use archipel_ledger::storage::{Manifest, RECEIPT_TTL_MS, ReceiptTerms, version_id};
 use archipel_objects::transfer::{CLAIM_HEADER, Claim};
-use archipel_store::{ShardKey, ShardStore, ShardStoreError, Version};
+use archipel_store::{ShardKey, ShardStore, ShardStoreError, Version, Written};
 use archipel_types::NodeId;
 use axum::Router;
 use axum::body::Bytes;
@@ -198,7 +198,13 @@ impl ShardService {
 
     /// Stores one shard under `grant`: an owner's as sent; a repair's only with the hash the
     /// ledger's manifest lists, replacing whatever else is stored under its name.
-    pub fn put_shard(&self, key: ShardKey, bytes: &[u8], hash: &[u8; 32], grant: Grant) -> Result<(), ShardStoreError> {
+    pub fn put_shard(
+        &self,
+        key: ShardKey,
+        bytes: &[u8],
+        hash: &[u8; 32],
+        grant: Grant,
+    ) -> Result<Written, ShardStoreError> {
         match grant {
             Grant::Owner => self.store.put_shard(key, bytes, hash),
             Grant::Committed { .. } => {
@@ -227,7 +233,7 @@ impl ShardService {
 
     /// Stores a manifest under `grant`: an owner's as sent; a repair's only with the ledger's
     /// root, replacing any other.
-    pub fn put_manifest(&self, version: &Version, bytes: &[u8], grant: Grant) -> Result<(), ShardStoreError> {
+    pub fn put_manifest(&self, version: &Version, bytes: &[u8], grant: Grant) -> Result<Written, ShardStoreError> {
         match grant {
             Grant::Owner => self.store.put_manifest(version, bytes),
             Grant::Committed { manifest_root } => {
@@ -448,14 +454,21 @@ async fn put_shard(
             )
         })?;
         let len = body.len() as u64;
-        let counted = count_upload(&s, &svc, &caller.0, &claim, &version, len, grant)?;
+        let key = ShardKey { version, index, segment };
+        // A retry of a stored shard is answered, not counted (at the bound too).
+        let held = matches!(svc.store.entry(&key), Ok(Some((l, h))) if l == len && h == hash);
+        let counted = if held { Counted(0) } else { count_upload(&s, &svc, &caller.0, &claim, &version, len, grant)? };
         let store = svc.clone();
-        let free = blocking(move || {
-            store.put_shard(ShardKey { version, index, segment }, &body, &hash, grant)?;
-            Ok(store.store.free())
+        let (written, free) = blocking(move || {
+            let written = store.put_shard(key, &body, &hash, grant)?;
+            Ok((written, store.store.free()))
         })
         .await
         .inspect_err(|_| counted.release(&svc, &caller.0, &version))?;
+        // A retry of a stored shard holds nothing more.
+        if written == Written::AlreadyHeld {
+            counted.release(&svc, &caller.0, &version);
+        }
         Ok(Json(Stored { stored: len, free }).into_response())
     }
 }
@@ -487,12 +500,15 @@ async fn put_manifest(
         let len = body.len() as u64;
         let counted = count_upload(&s, &svc, &caller.0, &claim, &version, len, grant)?;
         let store = svc.clone();
-        let free = blocking(move || {
-            store.put_manifest(&version, &body, grant)?;
-            Ok(store.store.free())
+        let (written, free) = blocking(move || {
+            let written = store.put_manifest(&version, &body, grant)?;
+            Ok((written, store.store.free()))
         })
         .await
         .inspect_err(|_| counted.release(&svc, &caller.0, &version))?;
+        if written == Written::AlreadyHeld {
+            counted.release(&svc, &caller.0, &version);
+        }
         Ok(Json(Stored { stored: len, free }).into_response())
     }
 }
@@ -575,18 +591,18 @@ async fn seal(
     let carried = (manifest.len() + shard.as_ref().map_or(0, |(b, _)| b.len())) as u64;
     let counted = count_upload(&s, &svc, &caller.0, &claim, &version, carried, grant)?;
     let store = svc.clone();
-    // Whether anything carried was stored, and the seal's outcome: what was stored keeps
-    // counting even when the seal then fails (it stays on disk until collected).
+    // Whether anything carried was newly stored, and the seal's outcome: what was stored keeps
+    // counting even when the seal then fails (it stays on disk until collected); a retry that
+    // stored nothing new counts nothing.
     let (stored, sealed) = blocking(move || {
         let mut stored = false;
         let write_and_seal = || {
             if !manifest.is_empty() {
-                store.put_manifest(&version, &manifest, grant)?;
-                stored = true;
+                stored |= store.put_manifest(&version, &manifest, grant)? == Written::New;
             }
             if let Some((bytes, hash)) = shard {
-                store.put_shard(ShardKey { version, index, segment: 0 }, &bytes, &hash, grant)?;
-                stored = true;
+                stored |=
+                    store.put_shard(ShardKey { version, index, segment: 0 }, &bytes, &hash, grant)? == Written::New;
             }
             store.seal(&version, index, claim.object(), q.generation, grant)
         };
@@ -594,11 +610,10 @@ async fn seal(
         Ok((stored, sealed))
     })
     .await?;
-    let receipt = sealed.map_err(store_error).inspect_err(|_| {
-        if !stored {
-            counted.release(&svc, &caller.0, &version);
-        }
-    })?;
+    if !stored {
+        counted.release(&svc, &caller.0, &version);
+    }
+    let receipt = sealed.map_err(store_error)?;
     tracing::debug!(caller = %caller.0.short(), version = %hex::encode(&version[..8]), index, "shards sealed");
     Ok(Json(receipt).into_response())
 }
@@ -661,7 +676,11 @@ mod tests {
         let e = upload(2, 0, b.clone(), [9; 32]).await.unwrap_err();
         assert_eq!(e.code.as_deref(), Some("hash_mismatch"));
         let (b, hb) = shard(2);
-        upload(2, 0, b, hb).await.unwrap();
+        upload(2, 0, b.clone(), hb).await.unwrap();
+        // Retries of a stored shard hold nothing more, so they count nothing.
+        for _ in 0..3 {
+            upload(2, 0, b.clone(), hb).await.unwrap();
+        }
         // 1,400 bytes counted: 700 more would pass 1,500 — refused, with the numbers, nothing stored.
         let (c, hc) = shard(3);
         let e = upload(3, 0, c, hc).await.unwrap_err();

@@ -8,7 +8,7 @@
 //! refuses a write that would take the key past a quarter of the node's capacity
 //! ([`KEY_SHARE`]), or past [`MAX_PENDING_WRITES`] uncounted writes. A write stops counting once
 //! its version is committed (checked when the key reaches its bound, at most every
-//! [`PRUNE_EVERY`]) or once it is older than [`PENDING_HORIZON`], when the ledger can no longer
+//! [`PRUNE_EVERY`], for at most [`PRUNE_LOOKUPS`] versions, oldest first) or once it is older than [`PENDING_HORIZON`], when the ledger can no longer
 //! commit it and the collector takes it.
 //!
 //! The cost for honest tenants: one upload in flight may hold at most a quarter of a node's
@@ -35,6 +35,8 @@ pub const PENDING_HORIZON: Duration = Duration::from_millis(MAX_RECEIPT_TTL_MS +
 /// Committed versions are looked for at most this often per key (each look is one state lookup
 /// per counted write).
 pub const PRUNE_EVERY: Duration = Duration::from_secs(2);
+/// Most versions one prune looks up (the oldest writes' first).
+pub const PRUNE_LOOKUPS: usize = 4_096;
 
 /// One counted write.
 #[derive(Debug)]
@@ -135,13 +137,24 @@ impl UploadQuota {
         let may_prune = k.pruned.is_none_or(|t| now.saturating_duration_since(t) >= PRUNE_EVERY);
         if k.over(bytes, self.limit) && may_prune {
             k.pruned = Some(now);
+            // Oldest first (the likeliest to be committed), one lookup per version, at most
+            // PRUNE_LOOKUPS of them: a key's prune costs bounded work under this lock.
+            let mut seen: HashMap<Version, bool> = HashMap::new();
             let mut freed = 0;
             k.writes.retain(|p| {
-                let keep = !committed(&p.object, &p.version);
-                if !keep {
+                let done = match seen.get(&p.version) {
+                    Some(done) => *done,
+                    None if seen.len() < PRUNE_LOOKUPS => {
+                        let done = committed(&p.object, &p.version);
+                        seen.insert(p.version, done);
+                        done
+                    }
+                    None => false,
+                };
+                if done {
                     freed += p.bytes;
                 }
-                keep
+                !done
             });
             k.bytes -= freed;
         }
@@ -233,6 +246,36 @@ mod tests {
         // A while later: the committed version is found and stops counting.
         q.reserve(&key(1), Hash::ZERO, [2; 32], 128 << 20, t0 + PRUNE_EVERY, is_committed).unwrap();
         assert_eq!(*lookups.borrow(), 4);
+    }
+
+    #[test]
+    fn a_prune_looks_up_each_version_once_and_a_bounded_number_of_them() {
+        let q = UploadQuota::new(0);
+        let t0 = Instant::now();
+        let lookups = RefCell::new(0);
+        let always = |_: &Hash, _: &Version| {
+            *lookups.borrow_mut() += 1;
+            true
+        };
+        // Every write its own version, all committed: one prune frees the oldest PRUNE_LOOKUPS.
+        let version = |i: usize| {
+            let mut v = [0u8; 32];
+            v[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            v
+        };
+        for i in 0..MAX_PENDING_WRITES {
+            q.reserve(&key(1), Hash::ZERO, version(i), 1, t0, |_, _| false).unwrap();
+        }
+        q.reserve(&key(1), Hash::ZERO, version(0), 1, t0 + PRUNE_EVERY, always).unwrap();
+        assert_eq!(*lookups.borrow(), PRUNE_LOOKUPS);
+        // Many writes of one version: one lookup.
+        let q = UploadQuota::new(0);
+        *lookups.borrow_mut() = 0;
+        for _ in 0..MAX_PENDING_WRITES {
+            q.reserve(&key(1), Hash::ZERO, [5; 32], 1, t0, |_, _| false).unwrap();
+        }
+        q.reserve(&key(1), Hash::ZERO, [6; 32], 1, t0 + PRUNE_EVERY, always).unwrap();
+        assert_eq!(*lookups.borrow(), 1);
     }
 
     #[test]

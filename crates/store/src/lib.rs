@@ -140,6 +140,18 @@ pub const MAX_SHARD_BYTES: usize = 256 << 20;
 
 /// Shards at least this large are synced by the early writer as soon as they are written.
 const EARLY_WRITEBACK_BYTES: usize = 256 << 10;
+/// What a write of a shard or manifest did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// Its bytes are stored now.
+    New,
+    /// The same bytes were stored already (a retry): nothing was written.
+    AlreadyHeld,
+}
+
+/// The empty file a version's directory is created with: its modification time is the version's
+/// first write (see [`ShardStore::age`]).
+pub const BORN: &str = ".born";
 
 /// A node's shards on disk.
 pub struct ShardStore {
@@ -309,10 +321,34 @@ impl ShardStore {
         *used = used.saturating_sub(bytes);
     }
 
+    /// Creates a version's directory if missing, with its birth marker ([`BORN`]): a version's
+    /// age counts from its first write, so writing into it again does not keep it from the
+    /// collector.
+    fn make_version_dir(&self, dir: &Path) -> std::io::Result<()> {
+        let created = match fs::create_dir(dir) {
+            Ok(()) => true,
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => false,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                fs::create_dir_all(dir)?;
+                true
+            }
+            Err(e) => return Err(e),
+        };
+        if created {
+            match File::create_new(dir.join(BORN)) {
+                Ok(_) => {}
+                // Another write created the directory's marker in between.
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `bytes` to `path` through a temporary file and a rename (not yet fsynced).
     fn write_file(&self, path: &Path, bytes: &[u8]) -> Result<(), ShardStoreError> {
         let dir = path.parent().unwrap_or(&self.dir);
-        fs::create_dir_all(dir).map_err(|e| self.map_write_err(dir, e, bytes.len()))?;
+        self.make_version_dir(dir).map_err(|e| self.map_write_err(dir, e, bytes.len()))?;
         let n = self.temp_seq.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!(".tmp-{}-{n}", std::process::id()));
         let written = File::create(&tmp)
@@ -350,18 +386,24 @@ impl ShardStore {
     /// Stores shard `key` if `bytes` hash to `hash`. Storing the same bytes again is a no-op;
     /// different bytes for a shard already stored are refused ([`ShardStoreError::Exists`]):
     /// nobody can overwrite a shard, whoever signs the request.
-    pub fn put_shard(&self, key: ShardKey, bytes: &[u8], hash: &[u8; 32]) -> Result<(), ShardStoreError> {
+    pub fn put_shard(&self, key: ShardKey, bytes: &[u8], hash: &[u8; 32]) -> Result<Written, ShardStoreError> {
         self.write_shard(key, bytes, hash, false)
     }
 
     /// Stores shard `key` like [`ShardStore::put_shard`], replacing a stored shard with other
     /// bytes: only for bytes the caller checked against the ledger (a repair of a committed
     /// version, whose manifest lists this hash), so what it replaces was wrong.
-    pub fn replace_shard(&self, key: ShardKey, bytes: &[u8], hash: &[u8; 32]) -> Result<(), ShardStoreError> {
+    pub fn replace_shard(&self, key: ShardKey, bytes: &[u8], hash: &[u8; 32]) -> Result<Written, ShardStoreError> {
         self.write_shard(key, bytes, hash, true)
     }
 
-    fn write_shard(&self, key: ShardKey, bytes: &[u8], hash: &[u8; 32], replace: bool) -> Result<(), ShardStoreError> {
+    fn write_shard(
+        &self,
+        key: ShardKey,
+        bytes: &[u8],
+        hash: &[u8; 32],
+        replace: bool,
+    ) -> Result<Written, ShardStoreError> {
         if bytes.len() > MAX_SHARD_BYTES {
             return Err(ShardStoreError::Invalid(format!(
                 "shard of {} bytes: the limit is {MAX_SHARD_BYTES}",
@@ -384,7 +426,7 @@ impl ShardStore {
             // The same shard again: kept only if the copy on disk still has its hash (one that
             // rotted, was cut short or vanished is written afresh).
             if h == *hash && len == bytes.len() as u64 && self.shard(&key).is_ok() {
-                return Ok(());
+                return Ok(Written::AlreadyHeld);
             }
             if h != *hash && !replace {
                 return Err(ShardStoreError::Exists(describe(&key)));
@@ -407,7 +449,7 @@ impl ShardStore {
             }
             return Err(e);
         }
-        Ok(())
+        Ok(Written::New)
     }
 
     fn index_put(&self, table: TableDefinition<'_, &[u8], &[u8]>, k: &[u8], v: &[u8]) -> Result<(), ShardStoreError> {
@@ -476,24 +518,24 @@ impl ShardStore {
     /// Stores an object version's manifest (its bytes, checked by the caller against the
     /// ledger's root). The same bytes again are a no-op; another manifest for a version that has
     /// one is refused ([`ShardStoreError::Exists`]).
-    pub fn put_manifest(&self, version: &Version, bytes: &[u8]) -> Result<(), ShardStoreError> {
+    pub fn put_manifest(&self, version: &Version, bytes: &[u8]) -> Result<Written, ShardStoreError> {
         self.write_manifest(version, bytes, false)
     }
 
     /// Stores a manifest like [`ShardStore::put_manifest`], replacing another one: only for a
     /// manifest the caller checked against the ledger's root.
-    pub fn replace_manifest(&self, version: &Version, bytes: &[u8]) -> Result<(), ShardStoreError> {
+    pub fn replace_manifest(&self, version: &Version, bytes: &[u8]) -> Result<Written, ShardStoreError> {
         self.write_manifest(version, bytes, true)
     }
 
-    fn write_manifest(&self, version: &Version, bytes: &[u8], replace: bool) -> Result<(), ShardStoreError> {
+    fn write_manifest(&self, version: &Version, bytes: &[u8], replace: bool) -> Result<Written, ShardStoreError> {
         if bytes.len() > MAX_SHARD_BYTES {
             return Err(ShardStoreError::Invalid(format!("manifest of {} bytes is too large", bytes.len())));
         }
         let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(existing) = self.manifest(version)? {
             if existing == bytes {
-                return Ok(());
+                return Ok(Written::AlreadyHeld);
             }
             if !replace {
                 return Err(ShardStoreError::Exists(format!("the manifest of {}", &hex::encode(version)[..16])));
@@ -509,7 +551,7 @@ impl ShardStore {
             self.unreserve(bytes.len() as u64);
             return Err(e);
         }
-        Ok(())
+        Ok(Written::New)
     }
 
     fn manifest_len(&self, version: &Version) -> Result<Option<u64>, ShardStoreError> {
@@ -678,8 +720,11 @@ impl ShardStore {
 
     /// How long ago anything of `version` was last written (its directory's modification time).
     pub fn age(&self, version: &Version) -> Option<std::time::Duration> {
-        let modified = fs::metadata(self.version_dir(version)).and_then(|m| m.modified()).ok()?;
-        Some(modified.elapsed().unwrap_or_default())
+        let dir = self.version_dir(version);
+        // From the birth marker; a directory without one (written by an older version, or a
+        // crash between the directory and its marker) ages from its last change.
+        let born = fs::metadata(dir.join(BORN)).or_else(|_| fs::metadata(&dir)).and_then(|m| m.modified()).ok()?;
+        Some(born.elapsed().unwrap_or_default())
     }
 
     /// The shards indexed for `version`: `(index, segment)` pairs.

@@ -265,3 +265,25 @@ fn concurrent_seals_share_flushes_and_all_survive_reopening() {
         assert_eq!(store.shard(&key(v, 1, 0)).unwrap(), bytes(3_000 + v as usize, v));
     }
 }
+
+#[test]
+fn a_version_ages_from_its_first_write_however_often_it_is_written_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ShardStore::open(dir.path(), 1 << 20).unwrap();
+    let a = bytes(1_000, 1);
+    store.put_shard(key(7, 0, 0), &a, &hash(&a)).unwrap();
+    assert!(store.age(&[7; 32]).unwrap() < std::time::Duration::from_secs(60));
+    let version_dir = dir.path().join("shards/07").join(hex::encode([7u8; 32]));
+    let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3_600);
+    std::fs::File::open(version_dir.join(archipel_store::BORN)).unwrap().set_modified(an_hour_ago).unwrap();
+    // New files in the directory change its modification time, not the version's age.
+    for segment in 1..4 {
+        store.put_shard(key(7, 0, segment), &a, &hash(&a)).unwrap();
+    }
+    let age = store.age(&[7; 32]).unwrap();
+    assert!(age >= std::time::Duration::from_secs(3_590), "aged {age:?}");
+    // A directory without a marker (an older version wrote it) ages from its last change.
+    std::fs::remove_file(version_dir.join(archipel_store::BORN)).unwrap();
+    assert!(store.age(&[7; 32]).unwrap() < std::time::Duration::from_secs(60));
+    assert_eq!(store.age(&[8; 32]), None, "no such version");
+}
