@@ -158,7 +158,7 @@ fn a_full_disk_is_refused_cleanly() {
     let mut stored = 0;
     let err = loop {
         match store.put_shard(key(4, 0, stored), &chunk, &hash(&chunk)) {
-            Ok(()) => stored += 1,
+            Ok(_) => stored += 1,
             Err(e) => break e,
         }
         assert!(stored < 10, "a 1 MiB disk took 10 shards of 256 KiB");
