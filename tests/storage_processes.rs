@@ -427,8 +427,7 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
     run(w, &args(&t2(&["rm", "eu-docs/top.bin"])));
     let half_an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(1800);
     for (_, d) in deleted_dirs.iter().chain(&kept_dirs) {
-        // A version's age counts from its birth marker (`archipel_store::BORN`).
-        std::fs::File::open(d.join(".born")).unwrap().set_modified(half_an_hour_ago).unwrap();
+        std::fs::File::open(d).unwrap().set_modified(half_an_hour_ago).unwrap();
     }
     let collected_from = std::time::Instant::now();
     let ls: serde_json::Value = serde_json::from_str(&run(w, &args(&t2(&["ls", "eu-docs", "--json"])))).unwrap();

@@ -685,7 +685,11 @@ mod tests {
         let (c, hc) = shard(3);
         let e = upload(3, 0, c, hc).await.unwrap_err();
         assert_eq!(e.code.as_deref(), Some("upload_quota"), "{}", e.message);
-        assert!(e.message.contains("holds 1400 bytes in 2 writes") && e.message.contains("1500"), "{}", e.message);
+        assert!(
+            e.message.contains("holds 1400 bytes in 2 writes to 2 versions") && e.message.contains("1500"),
+            "{}",
+            e.message
+        );
         let svc = state.shards.clone().unwrap();
         let v3 = version_id(&tenant.node_id(), &object, &[3; 32]).0;
         assert!(svc.store().entry(&ShardKey { version: v3, index: 0, segment: 0 }).unwrap().is_none());

@@ -1,25 +1,29 @@
 //! Per-key bounds on what a storage node holds of uploads the ledger has not committed.
 //!
 //! A key that may use the data plane can upload shards of versions of its own that it never
-//! commits; the collector deletes them only once no receipt signed for them can still be valid
-//! (`MAX_RECEIPT_TTL_MS` and a margin, about 11 minutes). Without a bound one key could fill a
-//! node's disk for that long. [`UploadQuota`] counts, per key, the bytes of its owner-claimed
-//! writes (shards and manifests) that this node's finalized state does not list as committed, and
-//! refuses a write that would take the key past a quarter of the node's capacity
-//! ([`KEY_SHARE`]), or past [`MAX_PENDING_WRITES`] uncounted writes. A write stops counting once
-//! its version is committed (checked when the key reaches its bound, at most every
-//! [`PRUNE_EVERY`], for at most [`PRUNE_LOOKUPS`] versions, oldest first) or once it is older than [`PENDING_HORIZON`], when the ledger can no longer
-//! commit it and the collector takes it.
+//! commits; the collector deletes such a version once nothing was written to or sealed in it for
+//! `COLLECT_AFTER` (10 minutes), and the node's finalized state is past any receipt it could
+//! have signed. Without a bound one key could fill a node's disk. [`UploadQuota`] counts, per
+//! key and version, the bytes and writes of its owner-claimed writes (shards and manifests) that
+//! this node's finalized state does not list as committed, and refuses a write that would take
+//! the key past a quarter of the node's capacity ([`KEY_SHARE`]) or past [`MAX_PENDING_WRITES`]
+//! writes. A version stops counting once committed (checked when the key reaches its bound, at
+//! most every [`PRUNE_EVERY`], for at most [`PRUNE_LOOKUPS`] versions, oldest first), or once
+//! nothing was written to it for [`PENDING_HORIZON`] — longer than the collector waits, so what a
+//! version holds on disk counts until the collector could have taken it: writing into an old
+//! upload keeps all of it counted, as it keeps all of it on disk.
 //!
 //! The cost for honest tenants: one upload in flight may hold at most a quarter of a node's
 //! capacity on it (at 4+2, an object of the node's capacity). Many funded keys together can
-//! still fill a node for the horizon; a deposit per upload is the fix (ARCHITECTURE.md).
+//! still fill a node for the horizon; a deposit per upload is the fix (ARCHITECTURE.md). While
+//! the ledger stalls, the collector waits and the quota does not: a stall of more than the
+//! horizon lets a key hold more than its bound until the chain moves again.
 
 use archipel_ledger::Hash;
 use archipel_ledger::storage::MAX_RECEIPT_TTL_MS;
 use archipel_store::Version;
 use archipel_types::NodeId;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -27,47 +31,54 @@ use std::time::{Duration, Instant};
 pub const KEY_SHARE: u64 = 4;
 /// ... but never less than this (a small node still takes one object's share).
 pub const MIN_KEY_QUOTA: u64 = 256 << 20;
-/// Most writes of one key counted at once (bounds the node's memory: ~100 bytes each).
-pub const MAX_PENDING_WRITES: usize = 65_536;
-/// After this, a write cannot be committed any more (its receipts expired) and the collector
-/// deletes it: it stops counting.
+/// Most writes of one key counted at once (bounds the files it makes and the node's memory).
+pub const MAX_PENDING_WRITES: u64 = 65_536;
+/// A version nothing was written to for this long stops counting: the collector deletes it
+/// first (after 10 minutes idle), and its receipts expired.
 pub const PENDING_HORIZON: Duration = Duration::from_millis(MAX_RECEIPT_TTL_MS + 60_000);
-/// Committed versions are looked for at most this often per key (each look is one state lookup
-/// per counted write).
+/// Committed versions are looked for at most this often per key.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(2);
-/// Most versions one prune looks up (the oldest writes' first).
+/// Most versions one prune looks up (the longest idle first).
 pub const PRUNE_LOOKUPS: usize = 4_096;
 
-/// One counted write.
+/// What one key wrote to one version.
 #[derive(Debug)]
 struct Pending {
-    at: Instant,
+    /// The last write.
+    last: Instant,
     object: Hash,
-    version: Version,
     bytes: u64,
+    writes: u64,
 }
 
-/// One key's counted writes, oldest first.
+/// One key's counted versions.
 #[derive(Debug, Default)]
 struct KeyUploads {
-    writes: VecDeque<Pending>,
+    versions: HashMap<Version, Pending>,
     bytes: u64,
+    writes: u64,
     pruned: Option<Instant>,
 }
 
 impl KeyUploads {
-    fn expire(&mut self, now: Instant) {
-        while let Some(p) = self.writes.front() {
-            if now.saturating_duration_since(p.at) < PENDING_HORIZON {
-                break;
-            }
-            self.bytes -= p.bytes;
-            self.writes.pop_front();
-        }
+    fn over(&self, bytes: u64, limit: u64) -> bool {
+        self.bytes.saturating_add(bytes) > limit || self.writes >= MAX_PENDING_WRITES
     }
 
-    fn over(&self, bytes: u64, limit: u64) -> bool {
-        self.bytes.saturating_add(bytes) > limit || self.writes.len() >= MAX_PENDING_WRITES
+    /// Forgets versions idle past the horizon, and (at most [`PRUNE_LOOKUPS`] looked up, the
+    /// longest idle first) those `committed` lists.
+    fn prune(&mut self, now: Instant, committed: impl Fn(&Hash, &Version) -> bool) {
+        let mut idle: Vec<(Instant, Version)> = self.versions.iter().map(|(v, p)| (p.last, *v)).collect();
+        idle.sort_unstable();
+        for (n, (last, v)) in idle.into_iter().enumerate() {
+            let expired = now.saturating_duration_since(last) >= PENDING_HORIZON;
+            let gone =
+                expired || (n < PRUNE_LOOKUPS && self.versions.get(&v).is_some_and(|p| committed(&p.object, &v)));
+            if gone && let Some(p) = self.versions.remove(&v) {
+                self.bytes -= p.bytes;
+                self.writes -= p.writes;
+            }
+        }
     }
 }
 
@@ -81,9 +92,9 @@ pub struct UploadQuota {
 /// A write refused by [`UploadQuota::reserve`], with the numbers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "key {key} holds {bytes} bytes in {writes} writes on this node that the ledger has not committed, and this write \
-     of {asked} bytes would pass its bound of {limit} bytes and {max_writes} writes: commit those uploads (or let them \
-     expire, {horizon_s} s after they were written) before sending more"
+    "key {key} holds {bytes} bytes in {writes} writes to {versions} versions on this node that the ledger has not \
+     committed, and this write of {asked} bytes would pass its bound of {limit} bytes and {max_writes} writes: commit \
+     those uploads (or leave them: a version stops counting {horizon_s} s after its last write) before sending more"
 )]
 pub struct QuotaExceeded {
     /// The key.
@@ -91,14 +102,16 @@ pub struct QuotaExceeded {
     /// Bytes it holds uncommitted.
     pub bytes: u64,
     /// Writes counted.
-    pub writes: usize,
+    pub writes: u64,
+    /// Versions they went to.
+    pub versions: usize,
     /// Bytes this write asked for.
     pub asked: u64,
     /// The bound in bytes.
     pub limit: u64,
     /// The bound in writes.
-    pub max_writes: usize,
-    /// After how long a write stops counting.
+    pub max_writes: u64,
+    /// After how long without a write a version stops counting.
     pub horizon_s: u64,
 }
 
@@ -133,57 +146,48 @@ impl UploadQuota {
     ) -> Result<(), QuotaExceeded> {
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         let k = keys.entry(*key).or_default();
-        k.expire(now);
         let may_prune = k.pruned.is_none_or(|t| now.saturating_duration_since(t) >= PRUNE_EVERY);
         if k.over(bytes, self.limit) && may_prune {
             k.pruned = Some(now);
-            // Oldest first (the likeliest to be committed), one lookup per version, at most
-            // PRUNE_LOOKUPS of them: a key's prune costs bounded work under this lock.
-            let mut seen: HashMap<Version, bool> = HashMap::new();
-            let mut freed = 0;
-            k.writes.retain(|p| {
-                let done = match seen.get(&p.version) {
-                    Some(done) => *done,
-                    None if seen.len() < PRUNE_LOOKUPS => {
-                        let done = committed(&p.object, &p.version);
-                        seen.insert(p.version, done);
-                        done
-                    }
-                    None => false,
-                };
-                if done {
-                    freed += p.bytes;
-                }
-                !done
-            });
-            k.bytes -= freed;
+            k.prune(now, committed);
         }
         if k.over(bytes, self.limit) {
             return Err(QuotaExceeded {
                 key: key.short(),
                 bytes: k.bytes,
-                writes: k.writes.len(),
+                writes: k.writes,
+                versions: k.versions.len(),
                 asked: bytes,
                 limit: self.limit,
                 max_writes: MAX_PENDING_WRITES,
                 horizon_s: PENDING_HORIZON.as_secs(),
             });
         }
+        let p = k.versions.entry(version).or_insert(Pending { last: now, object, bytes: 0, writes: 0 });
+        p.last = now;
+        p.bytes += bytes;
+        p.writes += 1;
         k.bytes += bytes;
-        k.writes.push_back(Pending { at: now, object, version, bytes });
+        k.writes += 1;
         Ok(())
     }
 
-    /// Gives back a reservation whose write failed (the newest of `key` for `version` and
-    /// `bytes`).
+    /// Gives back a reservation of `bytes` by `key` to `version` whose write failed or stored
+    /// nothing new.
     pub fn release(&self, key: &NodeId, version: &Version, bytes: u64) {
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         let Some(k) = keys.get_mut(key) else { return };
-        if let Some(i) = k.writes.iter().rposition(|p| p.version == *version && p.bytes == bytes) {
-            k.writes.remove(i);
+        if let Some(p) = k.versions.get_mut(version) {
+            let bytes = bytes.min(p.bytes);
+            p.bytes -= bytes;
+            p.writes = p.writes.saturating_sub(1);
             k.bytes -= bytes;
+            k.writes = k.writes.saturating_sub(1);
+            if p.writes == 0 {
+                k.versions.remove(version);
+            }
         }
-        if k.writes.is_empty() {
+        if k.versions.is_empty() {
             keys.remove(key);
         }
     }
@@ -204,23 +208,30 @@ mod tests {
         archipel_crypto::Identity::from_seed(u64::from(n) + 77_000).node_id()
     }
 
+    fn version(i: usize) -> Version {
+        let mut v = [0u8; 32];
+        v[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        v
+    }
+
+    const NEVER: fn(&Hash, &Version) -> bool = |_, _| false;
+
     #[test]
     fn a_key_is_bounded_and_others_are_not_affected() {
         let q = UploadQuota::new(4 << 30); // 1 GiB per key
         assert_eq!(q.limit(), 1 << 30);
         let now = Instant::now();
-        let never = |_: &Hash, _: &Version| false;
         for v in 0..4u8 {
-            q.reserve(&key(1), Hash::ZERO, [v; 32], 256 << 20, now, never).unwrap();
+            q.reserve(&key(1), Hash::ZERO, [v; 32], 256 << 20, now, NEVER).unwrap();
         }
-        let e = q.reserve(&key(1), Hash::ZERO, [9; 32], 1, now, never).unwrap_err();
-        assert_eq!((e.bytes, e.writes, e.asked, e.limit), (1 << 30, 4, 1, 1 << 30));
+        let e = q.reserve(&key(1), Hash::ZERO, [9; 32], 1, now, NEVER).unwrap_err();
+        assert_eq!((e.bytes, e.writes, e.versions, e.asked, e.limit), (1 << 30, 4, 4, 1, 1 << 30));
         assert!(e.to_string().contains("commit those uploads"), "{e}");
         // Another key has its own bound.
-        q.reserve(&key(2), Hash::ZERO, [1; 32], 1 << 30, now, never).unwrap();
+        q.reserve(&key(2), Hash::ZERO, [1; 32], 1 << 30, now, NEVER).unwrap();
         // A failed write gives its bytes back.
         q.release(&key(1), &[3; 32], 256 << 20);
-        q.reserve(&key(1), Hash::ZERO, [9; 32], 256 << 20, now, never).unwrap();
+        q.reserve(&key(1), Hash::ZERO, [9; 32], 256 << 20, now, NEVER).unwrap();
     }
 
     #[test]
@@ -249,45 +260,51 @@ mod tests {
     }
 
     #[test]
-    fn a_prune_looks_up_each_version_once_and_a_bounded_number_of_them() {
-        let q = UploadQuota::new(0);
+    fn a_prune_looks_up_a_bounded_number_of_versions() {
+        let q = UploadQuota::with_limit(u64::MAX);
         let t0 = Instant::now();
         let lookups = RefCell::new(0);
         let always = |_: &Hash, _: &Version| {
             *lookups.borrow_mut() += 1;
             true
         };
-        // Every write its own version, all committed: one prune frees the oldest PRUNE_LOOKUPS.
-        let version = |i: usize| {
-            let mut v = [0u8; 32];
-            v[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            v
-        };
-        for i in 0..MAX_PENDING_WRITES {
-            q.reserve(&key(1), Hash::ZERO, version(i), 1, t0, |_, _| false).unwrap();
+        // Every write its own version, all committed: one prune looks up PRUNE_LOOKUPS of them.
+        for i in 0..MAX_PENDING_WRITES as usize {
+            q.reserve(&key(1), Hash::ZERO, version(i), 1, t0, NEVER).unwrap();
         }
         q.reserve(&key(1), Hash::ZERO, version(0), 1, t0 + PRUNE_EVERY, always).unwrap();
         assert_eq!(*lookups.borrow(), PRUNE_LOOKUPS);
-        // Many writes of one version: one lookup.
-        let q = UploadQuota::new(0);
-        *lookups.borrow_mut() = 0;
-        for _ in 0..MAX_PENDING_WRITES {
-            q.reserve(&key(1), Hash::ZERO, [5; 32], 1, t0, |_, _| false).unwrap();
-        }
-        q.reserve(&key(1), Hash::ZERO, [6; 32], 1, t0 + PRUNE_EVERY, always).unwrap();
-        assert_eq!(*lookups.borrow(), 1);
     }
 
     #[test]
-    fn writes_stop_counting_after_the_horizon_and_memory_is_bounded() {
-        let q = UploadQuota::new(0);
+    fn writing_into_an_old_upload_keeps_all_of_it_counted_until_it_is_idle_past_the_horizon() {
+        let q = UploadQuota::new(0); // 256 MiB
         let t0 = Instant::now();
-        let never = |_: &Hash, _: &Version| false;
-        for i in 0..MAX_PENDING_WRITES {
-            q.reserve(&key(1), Hash::ZERO, [(i % 251) as u8; 32], 1, t0, never).unwrap();
+        q.reserve(&key(1), Hash::ZERO, [1; 32], 200 << 20, t0, NEVER).unwrap();
+        // A small write every 10 minutes keeps the version on disk (the collector ages it from
+        // its last write), so its 200 MiB keep counting.
+        let mut t = t0;
+        for _ in 0..5 {
+            t += Duration::from_secs(600);
+            q.reserve(&key(1), Hash::ZERO, [1; 32], 4_096, t, NEVER).unwrap();
         }
-        assert!(q.reserve(&key(1), Hash::ZERO, [0; 32], 1, t0, never).is_err(), "too many writes");
-        q.reserve(&key(1), Hash::ZERO, [0; 32], 256 << 20, t0 + PENDING_HORIZON, never).unwrap();
+        let e = q.reserve(&key(1), Hash::ZERO, [2; 32], 100 << 20, t + PRUNE_EVERY, NEVER).unwrap_err();
+        assert_eq!((e.versions, e.writes), (1, 6));
+        assert!(e.bytes > 200 << 20);
+        // Idle past the horizon: the collector has taken it, and it stops counting.
+        q.reserve(&key(1), Hash::ZERO, [2; 32], 100 << 20, t + PENDING_HORIZON, NEVER).unwrap();
+    }
+
+    #[test]
+    fn writes_are_bounded_in_number_and_stop_counting_after_the_horizon() {
+        let q = UploadQuota::with_limit(u64::MAX);
+        let t0 = Instant::now();
+        for i in 0..MAX_PENDING_WRITES as usize {
+            q.reserve(&key(1), Hash::ZERO, version(i % 251), 1, t0, NEVER).unwrap();
+        }
+        let e = q.reserve(&key(1), Hash::ZERO, [0; 32], 1, t0, NEVER).unwrap_err();
+        assert_eq!((e.writes, e.versions), (MAX_PENDING_WRITES, 251), "too many writes");
+        q.reserve(&key(1), Hash::ZERO, [0; 32], 256 << 20, t0 + PENDING_HORIZON, NEVER).unwrap();
         q.release(&key(1), &[0; 32], 256 << 20);
         assert_eq!(q.keys(), 0, "a key with nothing counted is forgotten");
     }

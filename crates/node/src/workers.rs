@@ -647,8 +647,11 @@ impl Worker for Collector {
                     unlisted.insert(v);
                     continue;
                 }
-                freed += store.delete(&v).map_err(|e| e.to_string())?;
-                deleted += 1;
+                // Unless it was written or sealed since its age was read.
+                if let Some(bytes) = store.delete_if_idle(&v, age).map_err(|e| e.to_string())? {
+                    freed += bytes;
+                    deleted += 1;
+                }
             }
             Ok::<_, String>((unlisted, format!("{deleted} unlisted versions deleted, {freed} bytes freed")))
         })

@@ -140,6 +140,7 @@ pub const MAX_SHARD_BYTES: usize = 256 << 20;
 
 /// Shards at least this large are synced by the early writer as soon as they are written.
 const EARLY_WRITEBACK_BYTES: usize = 256 << 10;
+
 /// What a write of a shard or manifest did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Written {
@@ -148,10 +149,6 @@ pub enum Written {
     /// The same bytes were stored already (a retry): nothing was written.
     AlreadyHeld,
 }
-
-/// The empty file a version's directory is created with: its modification time is the version's
-/// first write (see [`ShardStore::age`]).
-pub const BORN: &str = ".born";
 
 /// A node's shards on disk.
 pub struct ShardStore {
@@ -170,9 +167,10 @@ pub struct ShardStore {
     flush_runs: AtomicU64,
     /// Large shards just written, for the writer thread to sync ahead of their seal.
     early_sync: std::sync::mpsc::SyncSender<File>,
-    /// Set for good when the early writer's sync of a shard failed: on Linux a later fsync on a
-    /// new descriptor may not report that error again, so no seal vouches for anything after it.
-    early_sync_failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Set for good when a sync failed (the early writer's, or a seal's flush): on Linux a later
+    /// fsync on a new descriptor may not report that error again, so no seal vouches for
+    /// anything after it.
+    sync_failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Shards waiting for the early writer at most; more are left to their seal.
@@ -192,6 +190,20 @@ fn early_writer(
         }
     })?;
     Ok(tx)
+}
+
+/// The flush a seal runs for everyone: whatever way it ends (a panic too), the next may start
+/// and the waiting seals wake; one that panicked counts as a failed sync.
+struct FlushRun<'a>(&'a ShardStore);
+
+impl Drop for FlushRun<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.sync_failed.store(true, Ordering::SeqCst);
+        }
+        self.0.flushes.lock().unwrap_or_else(|e| e.into_inner()).running = false;
+        self.0.flushed.notify_all();
+    }
 }
 
 /// Group commit of seals: every seal needs its directories fsynced and a durable index commit
@@ -255,7 +267,7 @@ impl ShardStore {
         }
         txn.commit().map_err(index_err)?;
         remove_temporaries(&dir.join("shards"))?;
-        let early_sync_failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sync_failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         Ok(ShardStore {
             dir: dir.to_path_buf(),
             db,
@@ -266,8 +278,8 @@ impl ShardStore {
             flushes: Mutex::default(),
             flushed: Condvar::new(),
             flush_runs: AtomicU64::new(0),
-            early_sync: early_writer(early_sync_failed.clone()).map_err(io_at(dir))?,
-            early_sync_failed,
+            early_sync: early_writer(sync_failed.clone()).map_err(io_at(dir))?,
+            sync_failed,
         })
     }
 
@@ -321,34 +333,10 @@ impl ShardStore {
         *used = used.saturating_sub(bytes);
     }
 
-    /// Creates a version's directory if missing, with its birth marker ([`BORN`]): a version's
-    /// age counts from its first write, so writing into it again does not keep it from the
-    /// collector.
-    fn make_version_dir(&self, dir: &Path) -> std::io::Result<()> {
-        let created = match fs::create_dir(dir) {
-            Ok(()) => true,
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => false,
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                fs::create_dir_all(dir)?;
-                true
-            }
-            Err(e) => return Err(e),
-        };
-        if created {
-            match File::create_new(dir.join(BORN)) {
-                Ok(_) => {}
-                // Another write created the directory's marker in between.
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
     /// Writes `bytes` to `path` through a temporary file and a rename (not yet fsynced).
     fn write_file(&self, path: &Path, bytes: &[u8]) -> Result<(), ShardStoreError> {
         let dir = path.parent().unwrap_or(&self.dir);
-        self.make_version_dir(dir).map_err(|e| self.map_write_err(dir, e, bytes.len()))?;
+        fs::create_dir_all(dir).map_err(|e| self.map_write_err(dir, e, bytes.len()))?;
         let n = self.temp_seq.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!(".tmp-{}-{n}", std::process::id()));
         let written = File::create(&tmp)
@@ -576,29 +564,46 @@ impl ShardStore {
 
     /// Makes shard `index` of every listed segment of `version` durable — each present with the
     /// expected hash — and returns their total length: what the node's receipt vouches for.
+    ///
+    /// A seal counts as a write of the version ([`ShardStore::age`] starts again): a receipt is
+    /// signed now, so the version must outlive it even if its shards were written long before,
+    /// and [`ShardStore::delete_if_idle`] cannot take it between the checks and the receipt.
     pub fn seal(&self, version: &Version, index: u8, expected: &[(u64, [u8; 32])]) -> Result<u64, ShardStoreError> {
         let mut total = 0u64;
-        for (segment, hash) in expected {
-            let key = ShardKey { version: *version, index, segment: *segment };
-            let (len, stored) = self.entry(&key)?.ok_or_else(|| ShardStoreError::NotFound(describe(&key)))?;
-            if stored != *hash {
-                return Err(ShardStoreError::HashMismatch {
-                    key: describe(&key),
-                    expected: hex::encode(hash),
-                    got: hex::encode(stored),
-                });
-            }
-            let path = self.shard_path(&key);
-            OpenOptions::new().read(true).open(&path).and_then(|f| f.sync_all()).map_err(io_at(&path))?;
-            total += len;
-        }
+        let mut paths = Vec::with_capacity(expected.len());
         let dir = self.version_dir(version);
+        {
+            let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+            for (segment, hash) in expected {
+                let key = ShardKey { version: *version, index, segment: *segment };
+                let (len, stored) = self.entry(&key)?.ok_or_else(|| ShardStoreError::NotFound(describe(&key)))?;
+                if stored != *hash {
+                    return Err(ShardStoreError::HashMismatch {
+                        key: describe(&key),
+                        expected: hex::encode(hash),
+                        got: hex::encode(stored),
+                    });
+                }
+                paths.push(self.shard_path(&key));
+                total += len;
+            }
+            File::open(&dir).and_then(|d| d.set_modified(std::time::SystemTime::now())).map_err(io_at(&dir))?;
+        }
+        for path in &paths {
+            OpenOptions::new().read(true).open(path).and_then(|f| f.sync_all()).map_err(io_at(path))?;
+        }
         if let Ok(f) = File::open(dir.join("manifest")) {
             f.sync_all().map_err(io_at(&dir))?;
         }
         let dirs = [Some(dir.as_path()), dir.parent(), dir.parent().and_then(Path::parent)];
         self.flush(dirs.into_iter().flatten().map(Path::to_path_buf))?;
-        if self.early_sync_failed.load(Ordering::SeqCst) {
+        self.check_synced()?;
+        Ok(total)
+    }
+
+    /// Refuses to vouch for anything once a sync failed ([`ShardStore::sync_failed`]).
+    fn check_synced(&self) -> Result<(), ShardStoreError> {
+        if self.sync_failed.load(Ordering::SeqCst) {
             return Err(ShardStoreError::Io {
                 path: self.dir.clone(),
                 source: std::io::Error::other(
@@ -607,7 +612,7 @@ impl ShardStore {
                 ),
             });
         }
-        Ok(total)
+        Ok(())
     }
 
     /// Makes `dirs` and every index write so far durable, sharing the work with concurrent
@@ -619,6 +624,9 @@ impl ShardStore {
         g.asked += 1;
         let ticket = g.asked;
         loop {
+            // After a failed flush nothing is vouched for, not even by a flush that then works:
+            // the failure may have lost what it was syncing.
+            self.check_synced()?;
             if g.done >= ticket {
                 return Ok(());
             }
@@ -630,16 +638,18 @@ impl ShardStore {
             let through = g.asked;
             let dirs = std::mem::take(&mut g.dirs);
             drop(g);
+            let run = FlushRun(self);
             let r = self.flush_now(&dirs);
-            g = self.flushes.lock().unwrap_or_else(|e| e.into_inner());
-            g.running = false;
             match &r {
-                Ok(()) => g.done = g.done.max(through),
-                // Whoever waits for these tickets flushes again (and sees its own error).
-                Err(_) => g.dirs.extend(dirs),
+                Ok(()) => {
+                    let mut g = self.flushes.lock().unwrap_or_else(|e| e.into_inner());
+                    g.done = g.done.max(through);
+                }
+                Err(_) => self.sync_failed.store(true, Ordering::SeqCst),
             }
-            self.flushed.notify_all();
+            drop(run);
             r?;
+            g = self.flushes.lock().unwrap_or_else(|e| e.into_inner());
         }
     }
 
@@ -662,6 +672,22 @@ impl ShardStore {
     /// Deletes everything of `version` (garbage collection once the ledger no longer lists it);
     /// returns the bytes freed.
     pub fn delete(&self, version: &Version) -> Result<u64, ShardStoreError> {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        self.delete_locked(version)
+    }
+
+    /// Deletes `version` like [`ShardStore::delete`] if nothing was written to or sealed in it
+    /// for `idle` ([`ShardStore::age`]), checked and done as one step with writes and seals held
+    /// off; returns the bytes freed, or `None` when it is younger (or gone).
+    pub fn delete_if_idle(&self, version: &Version, idle: std::time::Duration) -> Result<Option<u64>, ShardStoreError> {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        match self.age(version) {
+            Some(age) if age >= idle => self.delete_locked(version).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn delete_locked(&self, version: &Version) -> Result<u64, ShardStoreError> {
         let mut freed = 0u64;
         let txn = self.db.begin_write().map_err(index_err)?;
         {
@@ -720,11 +746,8 @@ impl ShardStore {
 
     /// How long ago anything of `version` was last written (its directory's modification time).
     pub fn age(&self, version: &Version) -> Option<std::time::Duration> {
-        let dir = self.version_dir(version);
-        // From the birth marker; a directory without one (written by an older version, or a
-        // crash between the directory and its marker) ages from its last change.
-        let born = fs::metadata(dir.join(BORN)).or_else(|_| fs::metadata(&dir)).and_then(|m| m.modified()).ok()?;
-        Some(born.elapsed().unwrap_or_default())
+        let modified = fs::metadata(self.version_dir(version)).and_then(|m| m.modified()).ok()?;
+        Some(modified.elapsed().unwrap_or_default())
     }
 
     /// The shards indexed for `version`: `(index, segment)` pairs.
@@ -751,4 +774,30 @@ fn decode_entry(v: &[u8]) -> Result<(u64, [u8; 32]), ShardStoreError> {
     let len = u64::from_be_bytes(v[..8].try_into().map_err(index_err)?);
     let hash: [u8; 32] = v[8..].try_into().map_err(index_err)?;
     Ok((len, hash))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn after_a_failed_flush_no_seal_is_vouched_for_even_if_the_next_flush_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShardStore::open(dir.path(), 1 << 20).unwrap();
+        let shard = vec![5u8; 1_000];
+        let hash = *blake3::hash(&shard).as_bytes();
+        store.put_shard(ShardKey { version: [1; 32], index: 0, segment: 0 }, &shard, &hash).unwrap();
+        store.seal(&[1; 32], 0, &[(0, hash)]).unwrap();
+        // A directory that cannot be opened (a file stands in its path): the flush fails.
+        std::fs::write(dir.path().join("a-file"), b"x").unwrap();
+        assert!(store.flush([dir.path().join("a-file").join("dir")]).is_err());
+        // Every later flush and seal is refused, though their own syncs would work.
+        let e = store.flush([dir.path().to_path_buf()]).unwrap_err();
+        assert!(e.to_string().contains("seals nothing more"), "{e}");
+        let e = store.seal(&[1; 32], 0, &[(0, hash)]).unwrap_err();
+        assert!(e.to_string().contains("seals nothing more"), "{e}");
+        // Reads go on.
+        assert_eq!(store.shard(&ShardKey { version: [1; 32], index: 0, segment: 0 }).unwrap(), shard);
+        assert!(!store.flushes.lock().unwrap().running, "the failed flush let go");
+    }
 }

@@ -267,23 +267,28 @@ fn concurrent_seals_share_flushes_and_all_survive_reopening() {
 }
 
 #[test]
-fn a_version_ages_from_its_first_write_however_often_it_is_written_again() {
+fn a_seal_restarts_a_versions_age_and_an_idle_delete_spares_what_was_touched() {
     let dir = tempfile::tempdir().unwrap();
     let store = ShardStore::open(dir.path(), 1 << 20).unwrap();
     let a = bytes(1_000, 1);
     store.put_shard(key(7, 0, 0), &a, &hash(&a)).unwrap();
-    assert!(store.age(&[7; 32]).unwrap() < std::time::Duration::from_secs(60));
     let version_dir = dir.path().join("shards/07").join(hex::encode([7u8; 32]));
-    let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3_600);
-    std::fs::File::open(version_dir.join(archipel_store::BORN)).unwrap().set_modified(an_hour_ago).unwrap();
-    // New files in the directory change its modification time, not the version's age.
-    for segment in 1..4 {
-        store.put_shard(key(7, 0, segment), &a, &hash(&a)).unwrap();
-    }
-    let age = store.age(&[7; 32]).unwrap();
-    assert!(age >= std::time::Duration::from_secs(3_590), "aged {age:?}");
-    // A directory without a marker (an older version wrote it) ages from its last change.
-    std::fs::remove_file(version_dir.join(archipel_store::BORN)).unwrap();
+    let backdate = || {
+        let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3_600);
+        std::fs::File::open(&version_dir).unwrap().set_modified(an_hour_ago).unwrap();
+    };
+    backdate();
+    let old = store.age(&[7; 32]).unwrap();
+    assert!(old >= std::time::Duration::from_secs(3_590), "aged {old:?}");
+    // Sealed now: the receipt it signs must outlive the files, so the version is young again.
+    store.seal(&[7; 32], 0, &[(0, hash(&a))]).unwrap();
     assert!(store.age(&[7; 32]).unwrap() < std::time::Duration::from_secs(60));
-    assert_eq!(store.age(&[8; 32]), None, "no such version");
+    assert_eq!(store.delete_if_idle(&[7; 32], old).unwrap(), None, "touched since its age was read");
+    assert_eq!(store.shard(&key(7, 0, 0)).unwrap(), a);
+    // Idle for as long as asked: deleted.
+    backdate();
+    let idle = std::time::Duration::from_secs(3_000);
+    assert_eq!(store.delete_if_idle(&[7; 32], idle).unwrap(), Some(1_000));
+    assert!(store.shard(&key(7, 0, 0)).is_err());
+    assert_eq!(store.delete_if_idle(&[7; 32], idle).unwrap(), None, "gone");
 }
