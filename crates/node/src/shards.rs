@@ -703,6 +703,98 @@ mod tests {
         other.put_shard(&holder, &version, &claim, 0, 0, d.into(), hd).await.unwrap();
     }
 
+    /// A seal that carries the manifest and the caller's shard of segment 0 (an object of one
+    /// segment in one call): stored and sealed when they agree, refused with a named error when
+    /// the body or the manifest is wrong, and a retry counts nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_seal_carrying_manifest_and_shard_stores_both_and_bad_bodies_are_named() {
+        use archipel_objects::transfer::{CLAIM_HEADER, Holder, SealWith, Shards as _};
+        let dir = tempfile::tempdir().unwrap();
+        let mut svc =
+            ShardService::new(ShardStore::open(dir.path(), 1 << 30).unwrap(), Identity::from_seed(4_242), Hash::ZERO);
+        svc.quota = UploadQuota::with_limit(1 << 20);
+        let mut state = crate::api::testing::state(crate::config::ApiLimits::default());
+        Arc::get_mut(&mut state).unwrap().shards = Some(Arc::new(svc));
+        let url = crate::api::testing::serve(state.clone()).await;
+        let tenant = crate::api::testing::tenant();
+        let holder = Holder { node: Identity::from_seed(1).node_id(), url: url.clone() };
+        let http = archipel_objects::http::HttpShards::new(tenant.clone());
+        let object = archipel_ledger::storage::object_id("b", "k");
+        let nonce = [8u8; 32];
+        let version = version_id(&tenant.node_id(), &object, &nonce);
+        let claim = Claim::Owner { object, nonce };
+        let shard = vec![0x42u8; 1_500];
+        let mut hashes = vec![[0u8; 32]; 6];
+        hashes[1] = *blake3::hash(&shard).as_bytes();
+        let manifest = Manifest {
+            version,
+            size: 4_000,
+            segment_bytes: 4_096,
+            code: ErasureCode::DEFAULT,
+            wrapped_key: [7; WRAPPED_KEY_BYTES],
+            segments: vec![hashes],
+        };
+        let m = Bytes::from(manifest.to_bytes());
+        // Raw seals, for bodies no client of ours sends.
+        let raw = |query: String, body: Vec<u8>| {
+            let tenant = tenant.clone();
+            let url = url.clone();
+            let claim = claim.clone();
+            async move {
+                let path = format!("/v1/objects/{}/seal/1?generation=0{query}", version);
+                let now = crate::api::system_now_ms();
+                let headers = archipel_crypto::sign_request(&tenant, "POST", &path, &body, now, rand::random());
+                let mut req = reqwest::Client::new().post(format!("{url}{path}")).body(body);
+                for (k, v) in headers.pairs() {
+                    req = req.header(k, v);
+                }
+                let resp = req.header(CLAIM_HEADER, claim.to_header()).send().await.unwrap();
+                let status = resp.status().as_u16();
+                let v: serde_json::Value = resp.json().await.unwrap();
+                (status, v["error"].as_str().unwrap_or_default().to_string(), v["message"].to_string())
+            }
+        };
+        let with = |m: &Bytes, s: &[u8]| [m.as_ref(), s].concat();
+        let cases = [
+            (format!("&manifest_bytes={}", m.len()), m.to_vec(), 400, "bad_seal_body", "leaves no shard"),
+            (
+                format!("&manifest_bytes={}", m.len() + shard.len() + 5),
+                with(&m, &shard),
+                400,
+                "bad_seal_body",
+                "leaves",
+            ),
+            (format!("&manifest_bytes={}", m.len() - 1), with(&m, &shard), 400, "bad_manifest", ""),
+            (format!("&manifest_bytes={}", m.len()), with(&m, &[0x43u8; 1_500]), 422, "hash_mismatch", "expected"),
+        ];
+        for (query, body, want, code, says) in cases {
+            let (status, got, message) = raw(query.clone(), body).await;
+            assert_eq!((status, got.as_str()), (want, code), "{query}: {message}");
+            assert!(message.contains(says), "{query}: {message}");
+        }
+        let svc = state.shards.clone().unwrap();
+        let key = ShardKey { version: version.0, index: 1, segment: 0 };
+        assert!(svc.store().entry(&key).unwrap().is_none(), "nothing stored by a refused seal");
+        // A manifest for another version is refused too.
+        let mut other = manifest.clone();
+        other.version = Hash([9; 32]);
+        let (status, got, _) =
+            raw(format!("&manifest_bytes={}", m.len()), with(&Bytes::from(other.to_bytes()), &shard)).await;
+        assert_eq!((status, got.as_str()), (400, "bad_manifest"));
+        // The real thing: one call stores the manifest and the shard and seals.
+        let one_call = || SealWith { manifest: Some(m.clone()), shard: Some(Bytes::from(shard.clone())) };
+        let sealed = http.seal(&holder, &version, &claim, 1, 0, one_call()).await.unwrap();
+        assert_eq!((sealed.shard_bytes, sealed.manifest_root), (shard.len() as u64, manifest.root()));
+        assert_eq!(svc.store().shard(&key).unwrap(), shard);
+        let counted = |svc: &ShardService| svc.quota.keys();
+        assert_eq!(counted(&svc), 1);
+        // Retried (an answer lost on the way): the same receipt terms, nothing more counted —
+        // the key's bound of 1 MiB would not take 700 more retries of 1.5 KiB otherwise.
+        for _ in 0..700 {
+            http.seal(&holder, &version, &claim, 1, 0, one_call()).await.unwrap();
+        }
+    }
+
     #[test]
     fn a_repair_replaces_planted_junk_with_the_ledgers_manifest_and_shards_and_signs_only_after_a_check() {
         let dir = tempfile::tempdir().unwrap();
