@@ -739,7 +739,6 @@ mod tests {
         let raw = |query: String, body: Vec<u8>| {
             let tenant = tenant.clone();
             let url = url.clone();
-            let claim = claim;
             async move {
                 let path = format!("/v1/objects/{}/seal/1?generation=0{query}", version);
                 let now = crate::api::system_now_ms();
