@@ -252,8 +252,12 @@ impl Chain {
         let mut txs = HashMap::new();
         for height in head.height + 1..=store.height() {
             let (block, _) = read(height)?;
-            let outcome = execute(&mut state, &head, &block, Signatures::AlreadyVerified)
-                .map_err(|e| format!("stored chain does not replay: {e}"))?;
+            let outcome = execute(&mut state, &head, &block, Signatures::AlreadyVerified).map_err(|e| {
+                format!(
+                    "stored chain does not replay: {e} (a data directory written by another version of archipel? \
+                         its state format may differ: start afresh, e.g. `archipel devnet --reset`)"
+                )
+            })?;
             txs.extend(tx_index(&block, outcome.receipts));
             head = block.header;
             if (height - state_height).is_multiple_of(COMMIT_BLOCKS) || height == store.height() {

@@ -41,9 +41,11 @@ const TXS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("txs");
 /// Index rows by key ([`archipel_ledger::store::index_rows`]).
 const INDEX: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("index");
 const COMMITTED: &str = "committed";
-/// Which index the `index` table holds: a file without this marker (or with an older one) has
-/// its index rebuilt from the entries when opened.
-const INDEX_VERSION_KEY: &str = "index_version";
+/// Which index the `index` table holds and the committed marker it was last written with (every
+/// commit writes both): a file whose marker differs — from before the index, or committed to by
+/// a version without it (a downgrade, then this) — has its index rebuilt from the entries when
+/// opened.
+const INDEX_MARKER: &str = "index";
 const INDEX_VERSION: &[u8] = b"1";
 
 /// redb's page cache for the state file: what it keeps in memory beyond the OS page cache (its
@@ -108,6 +110,11 @@ impl fmt::Debug for StateDb {
     }
 }
 
+/// The index marker for a file whose committed marker is `committed` (empty: nothing committed).
+fn index_marker(committed: &[u8]) -> Vec<u8> {
+    [INDEX_VERSION, b"/", committed].concat()
+}
+
 fn decode_committed(b: &[u8]) -> Result<Committed, StoreError> {
     if b.len() != 40 {
         return Err(StoreError::Corrupt(format!("the committed marker is {} bytes, not 40", b.len())));
@@ -142,7 +149,9 @@ impl StateDb {
             }
             txn.open_table(TXS).map_err(io)?;
             let mut meta = txn.open_table(META).map_err(io)?;
-            let current = meta.get(INDEX_VERSION_KEY).map_err(io)?.is_some_and(|v| v.value() == INDEX_VERSION);
+            let committed = meta.get(COMMITTED).map_err(io)?.map(|v| v.value().to_vec()).unwrap_or_default();
+            let marker = index_marker(&committed);
+            let current = meta.get(INDEX_MARKER).map_err(io)?.is_some_and(|v| v.value() == marker.as_slice());
             let mut index = txn.open_table(INDEX).map_err(io)?;
             if !current {
                 // Written by a version without this index: derive it from the entries.
@@ -154,7 +163,7 @@ impl StateDb {
                         index.insert(ik.as_slice(), iv.as_slice()).map_err(io)?;
                     }
                 }
-                meta.insert(INDEX_VERSION_KEY, INDEX_VERSION).map_err(io)?;
+                meta.insert(INDEX_MARKER, marker.as_slice()).map_err(io)?;
             }
         }
         for t in OLD_TABLES {
@@ -360,6 +369,7 @@ impl StateStore for StateDb {
             let mut meta = txn.open_table(META).map_err(io)?;
             let marker = [&commit.height.to_be_bytes()[..], &commit.root.0[..]].concat();
             meta.insert(COMMITTED, marker.as_slice()).map_err(io)?;
+            meta.insert(INDEX_MARKER, index_marker(&marker).as_slice()).map_err(io)?;
         }
         txn.commit().map_err(io)?;
         self.refresh(&commit.entries, true)
@@ -379,7 +389,7 @@ impl StateStore for StateDb {
         for t in [STATE, TXS, INDEX] {
             txn.open_table(t).map_err(io)?;
         }
-        txn.open_table(META).map_err(io)?.insert(INDEX_VERSION_KEY, INDEX_VERSION).map_err(io)?;
+        txn.open_table(META).map_err(io)?.insert(INDEX_MARKER, index_marker(&[]).as_slice()).map_err(io)?;
         txn.commit().map_err(io)?;
         self.refresh(&[], false)
     }
@@ -552,28 +562,58 @@ mod tests {
     }
 
     #[test]
-    fn a_file_without_the_index_gets_it_rebuilt_from_its_entries_when_opened() {
+    fn an_index_not_written_with_the_last_commit_is_rebuilt_from_the_entries_when_opened() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
         let (key, value) = conformance::example_object("docs", "a");
+        let rows_of = |k: &[u8], v: &[u8]| {
+            let mut r = archipel_ledger::store::index_rows(k, v);
+            r.sort();
+            r
+        };
         {
             let s = StateDb::open(&path).unwrap();
-            // What a version before the index wrote: entries, no rows, no marker.
+            // What a version before the index wrote: entries, no rows, no marker — and a stale row.
             let entries = vec![(key.clone(), Some(value.clone())), (b"account/1".to_vec(), Some(b"x".to_vec()))];
-            s.commit(&Commit { height: 3, root: Hash([1; 32]), entries, ..Commit::default() }, true).unwrap();
-            assert!(s.index_scan(b"", None, 10).unwrap().is_empty());
+            let index = vec![(b"name/zz/00".to_vec(), Some(vec![0; 32]))];
+            s.commit(&Commit { height: 3, root: Hash([1; 32]), entries, index, ..Commit::default() }, true).unwrap();
             let txn = s.db.begin_write().unwrap();
-            txn.open_table(META).unwrap().remove(INDEX_VERSION_KEY).unwrap();
+            txn.open_table(META).unwrap().remove(INDEX_MARKER).unwrap();
             txn.commit().unwrap();
         }
         let s = StateDb::open(&path).unwrap();
-        let mut want = archipel_ledger::store::index_rows(&key, &value);
-        want.sort();
-        assert_eq!(s.index_scan(b"", None, 10).unwrap(), want);
+        assert_eq!(s.index_scan(b"", None, 10).unwrap(), rows_of(&key, &value), "rebuilt, the stale row gone");
         assert_eq!(s.committed().unwrap().map(|c| c.height), Some(3), "the state is untouched");
-        // Opened again with the marker in place: the rows are not written twice or dropped.
+        // A commit by a version without the index (a downgrade): entries and the committed marker
+        // move on, the index does not.
+        let (key2, value2) = conformance::example_object("docs", "b");
+        {
+            let txn = s.db.begin_write().unwrap();
+            txn.open_table(STATE)
+                .unwrap()
+                .insert(&trie::key_hash(&key2).0[..], row(&key2, &value2).unwrap().as_slice())
+                .unwrap();
+            let marker = [&4u64.to_be_bytes()[..], &[2u8; 32][..]].concat();
+            txn.open_table(META).unwrap().insert(COMMITTED, marker.as_slice()).unwrap();
+            txn.commit().unwrap();
+        }
         drop(s);
-        assert_eq!(StateDb::open(&path).unwrap().index_scan(b"", None, 10).unwrap(), want);
+        let s = StateDb::open(&path).unwrap();
+        let mut want = [rows_of(&key, &value), rows_of(&key2, &value2)].concat();
+        want.sort();
+        assert_eq!(s.index_scan(b"", None, 10).unwrap(), want, "the rows of what the other version committed");
+        // Opened again after a commit of its own: the index is current and kept as it is.
+        s.commit(&Commit { height: 5, root: Hash([3; 32]), ..Commit::default() }, true).unwrap();
+        let planted = {
+            let txn = s.db.begin_write().unwrap();
+            txn.open_table(INDEX).unwrap().insert(&b"name/zz/01"[..], &[0u8; 32][..]).unwrap();
+            txn.commit().unwrap();
+            b"name/zz/01".to_vec()
+        };
+        drop(s);
+        let s = StateDb::open(&path).unwrap();
+        let rows = s.index_scan(b"", None, 10).unwrap();
+        assert!(rows.iter().any(|(k, _)| *k == planted), "a current index is not rebuilt on every open");
     }
 
     /// A ledger history on the disk store with buckets three levels down: blocks executed on

@@ -96,10 +96,13 @@ impl State {
         let node = descriptor.descriptor.node_id;
         let deposit_micro = self.params.node_deposit_micro;
         self.update_account(signer, |a| a.balance_micro -= deposit_micro);
+        // A node that left may still be listed as a holder, and may come back from anywhere: its
+        // shards are checked against their fences as a moved node's are.
+        let returning = self.departed_version(&node).is_some();
         self.departed.set(node, None);
         self.nodes.insert(
             node,
-            NodeRecord { descriptor: descriptor.clone(), owner: signer, deposit_micro, relocated: false },
+            NodeRecord { descriptor: descriptor.clone(), owner: signer, deposit_micro, relocated: returning },
         );
         self.open_lease(node);
         Receipt::NodeRegistered { node, owner: signer, deposit_micro }

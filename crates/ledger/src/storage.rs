@@ -1813,6 +1813,49 @@ mod tests {
     }
 
     #[test]
+    fn holders_that_go_down_leave_or_come_back_elsewhere_are_repair_candidates() {
+        let store = std::sync::Arc::new(crate::store::MemoryStore::default());
+        let mut s = world().with_store(store.clone());
+        let mut t = Tenant { nonce: 0 };
+        bucket_with(&mut s, &mut t, "eu-docs", eu_no_us());
+        let holders = placed(&s, "eu-docs", 1);
+        put(&mut s, &mut t, "eu-docs", "k", MIB, &holders, 1).unwrap();
+        commit_to(&mut s, &store);
+        assert!(s.repair_candidates().is_empty());
+        let candidates = |s: &State| keys_of(&s.repair_candidates()).into_iter().map(String::from).collect::<Vec<_>>();
+        // Down: a candidate (the repairer then waits out the grace).
+        let mut down = s.clone();
+        down.begin_block(2, 100_000);
+        down.apply_liveness(&LivenessChange::Down { node: id(holders[0]).node_id() }).unwrap();
+        assert_eq!(candidates(&down), ["k"]);
+        // Left the registry: a candidate, and still one after it registers again elsewhere.
+        s.begin_block(2, 2_000);
+        let leaver = *holders.iter().find(|h| **h != 101).expect("a holder that is not the validator");
+        s.apply(&signed(leaver, 0, Payload::LeaveNode { node: id(leaver).node_id() })).unwrap();
+        assert_eq!(candidates(&s), ["k"]);
+        commit_to(&mut s, &store);
+        assert_eq!(candidates(&s), ["k"], "from the store's rows");
+        s.begin_block(3, 3_000);
+        s.params_mut().node_deposit_micro = 0;
+        let mut d = descriptor(leaver, "1GiB");
+        d.region = "us-east".parse().unwrap();
+        d.country = "US".parse().unwrap();
+        d.version = 2;
+        let again = Payload::register_node(
+            &id(leaver),
+            &s.network,
+            &id(leaver).node_id(),
+            SignedDescriptor::sign(&id(leaver), d).unwrap(),
+        );
+        s.apply(&signed(leaver, 1, again)).unwrap();
+        s.begin_block(5, 5_000);
+        up(&mut s, leaver);
+        assert_eq!(s.lease_status(&id(leaver).node_id()), LeaseStatus::Up);
+        assert_eq!(s.unhealthy(&id(leaver).node_id(), &eu_no_us()), Some(Unhealthy::OutsideFence));
+        assert_eq!(candidates(&s), ["k"], "a returning node is checked like a moved one");
+    }
+
+    #[test]
     fn an_audit_report_against_an_empty_object_is_refused_not_a_crash() {
         let mut s = world();
         let mut t = Tenant { nonce: 0 };
@@ -1865,8 +1908,13 @@ mod tests {
         assert_eq!(s.object("eu-docs", "k").unwrap().suspect, vec![index]);
         let e = as_node(&mut s, auditor, report(epoch)).unwrap_err();
         assert!(e.to_string().contains("failed an audit already"), "{e}");
+        let o_suspect = s.object("eu-docs", "k").unwrap();
         assert_eq!(keys_of(&s.suspect_objects()), ["k"]);
         assert_eq!(keys_of(&s.repair_candidates()), ["k"], "a suspect shard is repair work although its holder is up");
+        let store = std::sync::Arc::new(crate::store::MemoryStore::default());
+        let mut committed = s.clone().with_store(store.clone());
+        commit_to(&mut committed, &store);
+        assert_eq!(keys_of(&committed.repair_candidates()), ["k"], "from the store's suspect row");
         // The suspect shard may move although its holder is up; the move clears it.
         let healthy: BTreeMap<usize, NodeId> =
             o.holders.iter().copied().enumerate().filter(|(i, _)| *i != usize::from(index)).collect();
@@ -1908,6 +1956,19 @@ mod tests {
         let after = s.object("eu-docs", "k").unwrap();
         assert!(after.suspect.is_empty() && after.holders[usize::from(index)] == id(spare).node_id());
         assert!(s.repair_candidates().is_empty());
+        // The rows follow the move: the old holder's and the suspect row go, the new holder's comes.
+        let key = StateKey::Object(object_id("eu-docs", "k")).to_bytes();
+        let (before, after_json) = (serde_json::to_vec(&o_suspect).unwrap(), serde_json::to_vec(&after).unwrap());
+        let changes = crate::listing::index_changes(&key, Some(&before), Some(&after_json));
+        let removed: Vec<String> =
+            changes.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| String::from_utf8_lossy(k).into_owned()).collect();
+        let added: Vec<String> =
+            changes.iter().filter(|(_, v)| v.is_some()).map(|(k, _)| String::from_utf8_lossy(k).into_owned()).collect();
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert!(removed.iter().any(|k| k.starts_with("suspect/")));
+        assert!(removed.iter().any(|k| k.starts_with(&format!("holder/{holder}/"))));
+        assert_eq!(added.len(), 1, "only the new holder's row is written: {added:?}");
+        assert!(added[0].starts_with(&format!("holder/{}/", id(spare).node_id())));
         // Reputation falls with every failure; a node below the floor takes no new shards.
         for _ in 0..3 {
             let r = s.reputation(&holder).saturating_sub(AUDIT_PENALTY);

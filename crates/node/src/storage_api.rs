@@ -153,6 +153,9 @@ pub struct ObjectList {
     pub next_start_after: Option<String>,
 }
 
+/// Objects the first fetch after a common prefix asks for.
+const FETCH_AFTER_GROUP: usize = 4;
+
 /// One page of a listing with S3's rules for prefix, delimiter and `start_after`. `fetch(after,
 /// n)` gives up to `n` objects whose keys start with the prefix and sort after the bytes `after`,
 /// in key order (a page of the ledger's index); a group under a common prefix is skipped in one
@@ -179,9 +182,13 @@ pub fn list_page<E>(
         None => a.as_bytes().to_vec(),
     });
     let mut count = 0;
+    // After a common prefix the next fetch is small and grows while keys come ungrouped, so many
+    // small groups cost a few reads each, not a page each.
+    let mut batch = limit + 1;
     'pages: loop {
-        // One more than fits, to know whether the listing goes on.
-        let want = limit + 1 - count;
+        // At most one more than fits, to know whether the listing goes on.
+        let want = batch.min(limit + 1 - count);
+        batch = batch.saturating_mul(2);
         let page = fetch(cursor.as_deref(), want)?;
         let short = page.len() < want;
         for o in page {
@@ -191,6 +198,7 @@ pub fn list_page<E>(
             }
             count += 1;
             if let Some(g) = group_of(&o.key) {
+                batch = FETCH_AFTER_GROUP;
                 cursor = Some(past(&g));
                 out.next_start_after = Some(g.clone());
                 out.common_prefixes.push(g);
@@ -444,6 +452,14 @@ mod tests {
         let l = from(&all, &q, &mut read);
         assert_eq!(keys(&l), ["z00000", "z00001", "z00002"]);
         assert!(read <= 4, "read {read}: the fetch starts past the group");
+        // Many small groups: a few reads each, not a page each.
+        let groups: Vec<ObjectRecord> =
+            (0..100).flat_map(|g| (0..100).map(move |i| obj(&format!("u{g:03}/{i:03}")))).collect();
+        let mut read = 0;
+        let q = ListQuery { limit: Some(100), delimiter: Some("/".into()), ..ListQuery::default() };
+        let l = from(&groups, &q, &mut read);
+        assert_eq!((l.common_prefixes.len(), l.truncated), (100, false));
+        assert!(read <= 5 * 101 + 101, "read {read} objects for 100 groups");
         // A key under a prefix that is not the listing's is never grouped.
         let q = ListQuery { prefix: "big/0000".into(), delimiter: Some("/".into()), ..ListQuery::default() };
         assert_eq!(keys(&from(&all, &q, &mut 0)).len(), 10);

@@ -192,6 +192,19 @@ impl UploadQuota {
         }
     }
 
+    /// Whether `key` has `version` counted; if so, it counts from `now` on as if written now (a
+    /// seal keeps the version on disk as a write does).
+    pub fn touch(&self, key: &NodeId, version: &Version, now: Instant) -> bool {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        match keys.get_mut(key).and_then(|k| k.versions.get_mut(version)) {
+            Some(p) => {
+                p.last = now;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Keys with counted writes (for tests and metrics).
     pub fn keys(&self) -> usize {
         self.keys.lock().unwrap_or_else(|e| e.into_inner()).len()
@@ -293,6 +306,20 @@ mod tests {
         assert!(e.bytes > 200 << 20);
         // Idle past the horizon: the collector has taken it, and it stops counting.
         q.reserve(&key(1), Hash::ZERO, [2; 32], 100 << 20, t + PENDING_HORIZON, NEVER).unwrap();
+    }
+
+    #[test]
+    fn a_seal_keeps_a_counted_version_counting_as_it_keeps_it_on_disk() {
+        let q = UploadQuota::new(0); // 256 MiB
+        let t0 = Instant::now();
+        q.reserve(&key(1), Hash::ZERO, [1; 32], 200 << 20, t0, NEVER).unwrap();
+        let sealed = t0 + Duration::from_secs(540);
+        assert!(q.touch(&key(1), &[1; 32], sealed));
+        assert!(!q.touch(&key(1), &[2; 32], sealed), "a version never counted");
+        assert!(!q.touch(&key(2), &[1; 32], sealed), "another key's");
+        let later = t0 + PENDING_HORIZON + PRUNE_EVERY;
+        assert!(q.reserve(&key(1), Hash::ZERO, [2; 32], 100 << 20, later, NEVER).is_err(), "counted from its seal");
+        q.reserve(&key(1), Hash::ZERO, [2; 32], 100 << 20, sealed + PENDING_HORIZON, NEVER).unwrap();
     }
 
     #[test]

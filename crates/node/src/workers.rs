@@ -398,8 +398,9 @@ pub struct Auditor {
     shards: HttpShards,
     submitter: Submitter,
     done: BTreeSet<(Hash, u64)>,
-    /// The objects (id and version) this node audits in each epoch it looked at.
-    duties: BTreeMap<u64, Vec<(Hash, Hash)>>,
+    /// The objects (id and version) this node audits in each epoch it looked at, with the live
+    /// set they were found with.
+    duties: BTreeMap<u64, (Hash, Vec<(Hash, Hash)>)>,
     passed: u64,
     failed: u64,
     counters: Arc<StorageCounters>,
@@ -469,25 +470,30 @@ impl Worker for Auditor {
             // The epoch before too (the ledger takes a report for it): a step that came late does
             // not skip an epoch's audits.
             let epochs: Vec<u64> = [epoch.checked_sub(1), Some(epoch)].into_iter().flatten().collect();
-            duties.retain(|e, _| epochs.contains(e));
+            // Who audits what depends on the live storage nodes: a change makes every list stale.
+            let live = st.live_storage_nodes();
+            let live_set = Hash::of(&live.iter().map(|n| n.as_bytes().as_slice()).collect::<Vec<_>>());
+            duties.retain(|e, (set, _)| epochs.contains(e) && *set == live_set);
             let unknown: Vec<u64> = epochs.iter().copied().filter(|e| !duties.contains_key(e)).collect();
             if !unknown.is_empty() {
-                // One pass over the objects per epoch, not per step: objects put after it are
-                // audited from the next epoch on.
-                let live = st.live_storage_nodes();
+                // One pass over the objects per epoch (and live set), not per step: objects put
+                // after it are audited from the next epoch on.
                 for e in &unknown {
-                    duties.insert(*e, Vec::new());
+                    duties.insert(*e, (live_set, Vec::new()));
                 }
                 for o in st.all_objects() {
                     for e in &unknown {
-                        if !o.holders.is_empty() && st.auditor_among(&o, *e, &live) == Some(me) {
-                            duties.entry(*e).or_default().push((object_id(&o.bucket, &o.key), o.version));
+                        if !o.holders.is_empty()
+                            && st.auditor_among(&o, *e, &live) == Some(me)
+                            && let Some((_, list)) = duties.get_mut(e)
+                        {
+                            list.push((object_id(&o.bucket, &o.key), o.version));
                         }
                     }
                 }
             }
             let mut out = Vec::new();
-            for (epoch, (id, version)) in duties.iter().flat_map(|(e, ids)| ids.iter().map(move |d| (*e, *d))) {
+            for (epoch, (id, version)) in duties.iter().flat_map(|(e, (_, ids))| ids.iter().map(move |d| (*e, *d))) {
                 // Still this version, still this node's duty (the live nodes may have changed).
                 let Some(o) = st.object_by_id(&id).filter(|o| o.version == version) else { continue };
                 if done.contains(&(version, epoch)) || st.auditor_of(&o, epoch) != Some(me) {
@@ -619,13 +625,13 @@ impl Worker for Collector {
         if let Some(e) = fault {
             return Err(format!("skipped: the state store failed ({e})"));
         }
-        let service = self.service.clone();
         let after = self.after;
         let before = std::mem::take(&mut self.unlisted);
-        let (unlisted, summary) = tokio::task::spawn_blocking(move || {
-            let store = service.store();
-            let mut freed = 0u64;
-            let mut deleted = 0;
+        // Which versions to delete, from the files and the index's list of this node's objects.
+        let store = self.service.clone();
+        let (unlisted, doomed) = tokio::task::spawn_blocking(move || {
+            let store = store.store();
+            let mut doomed = Vec::new();
             let mut unlisted = BTreeSet::new();
             let now_ms = crate::api::system_now_ms();
             for v in store.versions().map_err(|e| e.to_string())? {
@@ -633,9 +639,9 @@ impl Worker for Collector {
                 if listed.contains(&v) || age < after {
                     continue;
                 }
-                // A receipt signed when these files were written is valid for at most
-                // MAX_RECEIPT_TTL_MS: only once this node's finalized state has a block later
-                // than that can it know the version was never committed. A node that lags
+                // A receipt signed when these files were written (or last sealed) is valid for
+                // at most MAX_RECEIPT_TTL_MS: only once this node's finalized state has a block
+                // later than that can it know the version was never committed. A node that lags
                 // behind (cut off from the validators, still reached by clients) deletes nothing
                 // a block it has not seen yet may list.
                 let written_ms = now_ms.saturating_sub(age.as_millis() as u64);
@@ -647,13 +653,43 @@ impl Worker for Collector {
                     unlisted.insert(v);
                     continue;
                 }
+                doomed.push((v, age, store.object_of(&v)));
+            }
+            Ok::<_, String>((unlisted, doomed))
+        })
+        .await
+        .map_err(|e| format!("collect task: {e}"))??;
+        // Checked once more, without the index: a version whose object (kept beside its shards
+        // when sealed) holds it on this node on the ledger is never deleted, whatever the index
+        // says.
+        let me = self.me;
+        let (doomed, kept): (Vec<_>, Vec<_>) = self.chain.with_state(|st| {
+            doomed.into_iter().partition(|(v, _, object)| {
+                object.is_none_or(|o| {
+                    st.object_by_id(&Hash(o)).is_none_or(|rec| rec.version.0 != *v || !rec.holders.contains(&me))
+                })
+            })
+        });
+        for (v, _, _) in &kept {
+            tracing::error!(version = %hex::encode(&v[..8]), "the ledger lists this version but its object index does not list it on this node: kept");
+        }
+        let store = self.service.clone();
+        let summary = tokio::task::spawn_blocking(move || {
+            let store = store.store();
+            let (mut freed, mut deleted) = (0u64, 0);
+            for (v, age, _) in doomed {
                 // Unless it was written or sealed since its age was read.
                 if let Some(bytes) = store.delete_if_idle(&v, age).map_err(|e| e.to_string())? {
                     freed += bytes;
                     deleted += 1;
                 }
             }
-            Ok::<_, String>((unlisted, format!("{deleted} unlisted versions deleted, {freed} bytes freed")))
+            let kept = if kept.is_empty() {
+                String::new()
+            } else {
+                format!("; {} listed versions kept (see the log)", kept.len())
+            };
+            Ok::<_, String>(format!("{deleted} unlisted versions deleted, {freed} bytes freed{kept}"))
         })
         .await
         .map_err(|e| format!("collect task: {e}"))??;

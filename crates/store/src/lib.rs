@@ -192,6 +192,10 @@ fn early_writer(
     Ok(tx)
 }
 
+/// Failed flushes remembered for their waiting seals (a waiter wakes long before this many more
+/// flushes run).
+const MAX_FAILED_FLUSHES: usize = 1_024;
+
 /// The flush a seal runs for everyone: whatever way it ends (a panic too), the next may start
 /// and the waiting seals wake; one that panicked counts as a failed sync.
 struct FlushRun<'a>(&'a ShardStore);
@@ -213,8 +217,11 @@ impl Drop for FlushRun<'_> {
 struct Flushes {
     /// Tickets handed out (one per request).
     asked: u64,
-    /// Every ticket up to this one is durable.
+    /// Every ticket up to this one has its flush's verdict.
     done: u64,
+    /// The tickets of the last failed flushes, `(after, through]`: their seals get the error,
+    /// whoever runs the next flush (which does not sync their directories again).
+    failed: std::collections::VecDeque<(u64, u64)>,
     /// A flush is under way.
     running: bool,
     /// Directories the next flush syncs.
@@ -590,15 +597,25 @@ impl ShardStore {
             File::open(&dir).and_then(|d| d.set_modified(std::time::SystemTime::now())).map_err(io_at(&dir))?;
         }
         for path in &paths {
-            OpenOptions::new().read(true).open(path).and_then(|f| f.sync_all()).map_err(io_at(path))?;
+            let f = OpenOptions::new().read(true).open(path).map_err(io_at(path))?;
+            self.sync(&f, path)?;
         }
         if let Ok(f) = File::open(dir.join("manifest")) {
-            f.sync_all().map_err(io_at(&dir))?;
+            self.sync(&f, &dir)?;
         }
         let dirs = [Some(dir.as_path()), dir.parent(), dir.parent().and_then(Path::parent)];
         self.flush(dirs.into_iter().flatten().map(Path::to_path_buf))?;
         self.check_synced()?;
         Ok(total)
+    }
+
+    /// `fsync`s `f`; a failure poisons the store ([`ShardStore::sync_failed`]): the pages it was
+    /// writing may be lost although a later sync reports success.
+    fn sync(&self, f: &File, path: &Path) -> Result<(), ShardStoreError> {
+        f.sync_all().map_err(|e| {
+            self.sync_failed.store(true, Ordering::SeqCst);
+            io_at(path)(e)
+        })
     }
 
     /// Refuses to vouch for anything once a sync failed ([`ShardStore::sync_failed`]).
@@ -628,7 +645,15 @@ impl ShardStore {
             // the failure may have lost what it was syncing.
             self.check_synced()?;
             if g.done >= ticket {
-                return Ok(());
+                return match g.failed.iter().find(|(after, through)| *after < ticket && ticket <= *through) {
+                    None => Ok(()),
+                    Some(_) => Err(ShardStoreError::Io {
+                        path: self.dir.clone(),
+                        source: std::io::Error::other(
+                            "the flush that was to make this seal durable failed; seal again",
+                        ),
+                    }),
+                };
             }
             if g.running {
                 g = self.flushed.wait(g).unwrap_or_else(|e| e.into_inner());
@@ -640,12 +665,18 @@ impl ShardStore {
             drop(g);
             let run = FlushRun(self);
             let r = self.flush_now(&dirs);
-            match &r {
-                Ok(()) => {
-                    let mut g = self.flushes.lock().unwrap_or_else(|e| e.into_inner());
-                    g.done = g.done.max(through);
+            {
+                // A failed sync poisoned the store (`flush_now`); anything else (a directory that
+                // could not be opened) fails this flush's seals, which may be tried again.
+                let mut g = self.flushes.lock().unwrap_or_else(|e| e.into_inner());
+                if r.is_err() {
+                    let after = g.done;
+                    g.failed.push_back((after, through));
+                    if g.failed.len() > MAX_FAILED_FLUSHES {
+                        g.failed.pop_front();
+                    }
                 }
-                Err(_) => self.sync_failed.store(true, Ordering::SeqCst),
+                g.done = g.done.max(through);
             }
             drop(run);
             r?;
@@ -659,14 +690,18 @@ impl ShardStore {
         self.flush_runs.fetch_add(1, Ordering::Relaxed);
         for d in dirs {
             match File::open(d) {
-                Ok(f) => f.sync_all().map_err(io_at(d))?,
+                Ok(f) => self.sync(&f, d)?,
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
                 Err(e) => return Err(io_at(d)(e)),
             }
         }
         let mut txn = self.db.begin_write().map_err(index_err)?;
         txn.set_durability(Durability::Immediate).map_err(index_err)?;
-        txn.commit().map_err(index_err)
+        // A durable commit that fails may have failed its fsync: poisoned like one.
+        txn.commit().map_err(|e| {
+            self.sync_failed.store(true, Ordering::SeqCst);
+            index_err(e)
+        })
     }
 
     /// Deletes everything of `version` (garbage collection once the ledger no longer lists it);
@@ -765,7 +800,40 @@ impl ShardStore {
         }
         Ok(out)
     }
+
+    /// Bytes stored for `version`: its shards and manifest.
+    pub fn version_bytes(&self, version: &Version) -> Result<u64, ShardStoreError> {
+        let txn = self.db.begin_read().map_err(index_err)?;
+        let table = txn.open_table(SHARDS).map_err(index_err)?;
+        let mut end = version.to_vec();
+        end.extend_from_slice(&[0xff; 9]);
+        let mut total = 0u64;
+        for row in table.range(&version[..]..=&end[..]).map_err(index_err)? {
+            let (_, v) = row.map_err(index_err)?;
+            total = total.saturating_add(decode_entry(v.value())?.0);
+        }
+        Ok(total.saturating_add(self.manifest_len(version)?.unwrap_or(0)))
+    }
+
+    /// The object `version` was last sealed for, as [`ShardStore::note_object`] kept it (`None`
+    /// for a version never sealed, or sealed by an older version of this store).
+    pub fn object_of(&self, version: &Version) -> Option<[u8; 32]> {
+        fs::read(self.version_dir(version).join(OBJECT_FILE)).ok()?.try_into().ok()
+    }
+
+    /// Keeps which object `version` is a version of, beside its shards (made durable by its
+    /// seal's directory sync): the collector checks it against the ledger before deleting.
+    pub fn note_object(&self, version: &Version, object: &[u8; 32]) -> Result<(), ShardStoreError> {
+        if self.object_of(version).as_ref() == Some(object) {
+            return Ok(());
+        }
+        let path = self.version_dir(version).join(OBJECT_FILE);
+        self.write_file(&path, object)
+    }
 }
+
+/// The file in a version's directory naming its object ([`ShardStore::note_object`]).
+const OBJECT_FILE: &str = "object";
 
 fn decode_entry(v: &[u8]) -> Result<(u64, [u8; 32]), ShardStoreError> {
     if v.len() != 40 {
@@ -781,17 +849,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn after_a_failed_flush_no_seal_is_vouched_for_even_if_the_next_flush_works() {
+    fn after_a_failed_sync_no_seal_is_vouched_for_even_if_the_next_flush_works() {
         let dir = tempfile::tempdir().unwrap();
         let store = ShardStore::open(dir.path(), 1 << 20).unwrap();
         let shard = vec![5u8; 1_000];
         let hash = *blake3::hash(&shard).as_bytes();
         store.put_shard(ShardKey { version: [1; 32], index: 0, segment: 0 }, &shard, &hash).unwrap();
         store.seal(&[1; 32], 0, &[(0, hash)]).unwrap();
-        // A directory that cannot be opened (a file stands in its path): the flush fails.
+        // A directory that cannot be opened (a file stands in its path): the flush fails, and
+        // nothing was lost, so the store goes on.
         std::fs::write(dir.path().join("a-file"), b"x").unwrap();
         assert!(store.flush([dir.path().join("a-file").join("dir")]).is_err());
-        // Every later flush and seal is refused, though their own syncs would work.
+        assert!(!store.sync_failed.load(Ordering::SeqCst));
+        store.seal(&[1; 32], 0, &[(0, hash)]).unwrap();
+        // A seal waiting on a flush that fails gets its error, whoever ran it: here a flush is
+        // under way (as another seal would run it) when the waiter asks, and it fails.
+        store.flushes.lock().unwrap().running = true;
+        let waiter = std::thread::scope(|scope| {
+            let w = scope.spawn(|| store.flush([dir.path().to_path_buf()]));
+            // Its ticket is taken under the lock it then waits on.
+            while {
+                let g = store.flushes.lock().unwrap();
+                g.asked == g.done
+            } {
+                std::thread::yield_now();
+            }
+            {
+                let mut g = store.flushes.lock().unwrap();
+                let (after, through) = (g.done, g.asked);
+                g.failed.push_back((after, through));
+                g.done = through;
+                g.running = false;
+            }
+            store.flushed.notify_all();
+            w.join().unwrap()
+        });
+        assert!(waiter.unwrap_err().to_string().contains("seal again"));
+        store.seal(&[1; 32], 0, &[(0, hash)]).unwrap();
+        // A failed fsync (planted where `sync` records one: this box has no way to make a real
+        // one fail): every later flush and seal is refused, though their own syncs would work.
+        store.sync_failed.store(true, Ordering::SeqCst);
         let e = store.flush([dir.path().to_path_buf()]).unwrap_err();
         assert!(e.to_string().contains("seals nothing more"), "{e}");
         let e = store.seal(&[1; 32], 0, &[(0, hash)]).unwrap_err();
