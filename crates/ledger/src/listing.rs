@@ -67,6 +67,36 @@ pub(crate) fn index_changes(key: &[u8], old: Option<&[u8]>, new: Option<&[u8]>) 
     out
 }
 
+/// Checks that `store`'s index rows are exactly those its entries give (O(state): for tests and
+/// inspection); names the first difference.
+pub fn check_index(store: &dyn crate::store::StateStore) -> Result<(), String> {
+    let mut want: Entries = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = store.scan(b"object/", after.as_deref(), 4_096).map_err(|e| e.to_string())?;
+        let full = page.len() == 4_096;
+        after = page.last().map(|(k, _)| k.clone());
+        want.extend(page.iter().flat_map(|(k, v)| index_rows(k, v)));
+        if !full {
+            break;
+        }
+    }
+    want.sort();
+    let got = store.index_scan(b"", None, usize::MAX).map_err(|e| e.to_string())?;
+    if got == want {
+        return Ok(());
+    }
+    let text = |r: Option<&(Vec<u8>, Vec<u8>)>| r.map(|(k, _)| String::from_utf8_lossy(k).into_owned());
+    let at = got.iter().zip(&want).position(|(g, w)| g != w).unwrap_or(got.len().min(want.len()));
+    Err(format!(
+        "the index holds {} rows, its entries give {}; first difference at row {at}: {:?} where {:?} belongs",
+        got.len(),
+        want.len(),
+        text(got.get(at)),
+        text(want.get(at))
+    ))
+}
+
 /// The object id a row names: the value of a name row, the last part of a holder or suspect row.
 fn id_of_row(key: &[u8], value: &[u8]) -> Option<Hash> {
     if key.starts_with(NAME) {

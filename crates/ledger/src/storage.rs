@@ -1813,6 +1813,79 @@ mod tests {
     }
 
     #[test]
+    fn the_index_stays_the_entries_through_forks_commits_and_crashes() {
+        let store = std::sync::Arc::new(crate::store::MemoryStore::default());
+        let mut s = world().with_store(store.clone());
+        let mut t = Tenant { nonce: 0 };
+        bucket_with(&mut s, &mut t, "eu-docs", eu_no_us());
+        commit_to(&mut s, &store);
+        let check = |when: &str| {
+            if let Err(e) = crate::listing::check_index(&*store) {
+                panic!("{when}: {e}");
+            }
+        };
+        // Puts, overwrites and deletes of a handful of keys, block after block; the chain's
+        // commit patterns: plain, a block executed on a fork before its parent's commit, and a
+        // power cut that loses what was not durable.
+        let ops = |s: &mut State, t: &mut Tenant, h: u64| {
+            let key = format!("k{}", h % 5);
+            if h % 4 == 3 && s.object("eu-docs", &key).is_some() {
+                t.send(s, Payload::DeleteObject { bucket: "eu-docs".into(), key }).unwrap();
+            } else {
+                let holders = placed(s, "eu-docs", h as u8);
+                put(s, t, "eu-docs", &key, MIB * (1 + h % 3), &holders, h as u8).unwrap();
+            }
+        };
+        let mut h = 2;
+        let mut crashed = BTreeSet::new();
+        let mut cuts = 0;
+        while h < 40 {
+            s.begin_block(h, h * 1_000);
+            ops(&mut s, &mut t, h);
+            let crash = h % 7 == 4 && crashed.insert(h);
+            match (crash, h % 3) {
+                (true, _) => {
+                    // A power cut: what was not durable is lost; the state is what the store holds.
+                    let c = s.commit().unwrap();
+                    crate::store::StateStore::commit(&*store, &c, false).unwrap();
+                    store.crash();
+                    cuts += 1;
+                    check(&format!("after a power cut at block {h}"));
+                    s = State::open(store.clone()).unwrap().unwrap();
+                    assert!(s.chain.height < h, "the block was lost");
+                    h = s.chain.height;
+                    t.nonce = s.account(&id(TENANT).node_id()).nonce;
+                }
+                (false, 0) => {
+                    // The next block runs on a fork while this one is written.
+                    let c = s.commit().unwrap();
+                    let mut next = s.clone();
+                    next.begin_block(h + 1, (h + 1) * 1_000);
+                    ops(&mut next, &mut t, h + 1);
+                    crate::store::StateStore::commit(&*store, &c, h % 2 == 0).unwrap();
+                    next.forget_committed_through(h);
+                    check(&format!("after the commit of block {h}, block {} on a fork", h + 1));
+                    s = next;
+                    h += 1;
+                }
+                _ => {
+                    let durable = h % 2 == 0;
+                    let c = s.commit().unwrap();
+                    crate::store::StateStore::commit(&*store, &c, durable).unwrap();
+                    s.committed();
+                    check(&format!("after the commit of block {h}"));
+                }
+            }
+            h += 1;
+        }
+        let c = s.commit().unwrap();
+        crate::store::StateStore::commit(&*store, &c, true).unwrap();
+        check("at the end");
+        assert_eq!(cuts, 4, "power cuts at blocks 11, 18, 32 and 39 (forks skip 4 and 25)");
+        assert!(!s.list_objects("eu-docs", "", None, 10).unwrap().is_empty());
+    }
+
+    #[test]
     fn holders_that_go_down_leave_or_come_back_elsewhere_are_repair_candidates() {
         let store = std::sync::Arc::new(crate::store::MemoryStore::default());
         let mut s = world().with_store(store.clone());

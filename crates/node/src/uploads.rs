@@ -290,6 +290,21 @@ mod tests {
     }
 
     #[test]
+    fn a_prune_looks_up_the_longest_idle_versions_first() {
+        let q = UploadQuota::with_limit(u64::MAX);
+        let t0 = Instant::now();
+        // Version 0 written first, the others after it; only version 0 is committed. The newest
+        // PRUNE_LOOKUPS versions would all be uncommitted: a prune must start at the oldest.
+        let n = MAX_PENDING_WRITES as usize;
+        for i in 0..n {
+            q.reserve(&key(1), Hash::ZERO, version(i), 1, t0 + Duration::from_millis(i as u64), NEVER).unwrap();
+        }
+        let oldest = |_: &Hash, v: &Version| *v == version(0);
+        let later = t0 + Duration::from_millis(n as u64) + PRUNE_EVERY;
+        q.reserve(&key(1), Hash::ZERO, version(n), 1, later, oldest).unwrap();
+    }
+
+    #[test]
     fn writing_into_an_old_upload_keeps_all_of_it_counted_until_it_is_idle_past_the_horizon() {
         let q = UploadQuota::new(0); // 256 MiB
         let t0 = Instant::now();
