@@ -486,7 +486,14 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
 
     // The collectors (a pass every 30 s; a version unlisted on two passes in a row goes) of the
     // deleted version's holders that are still running have deleted its files.
-    let running = |name: &str| (0..12).any(|i| devnet.node(i).0 == name && pid_alive(devnet.node(i).2));
+    // The holder killed and restarted above runs under a new pid (it replayed its chain and
+    // rebuilt nothing of its shards): it counts as running too.
+    let restarted_name = devnet.node(restarted).0;
+    let again_pid = _again.0.id();
+    let running = |name: &str| {
+        (name == restarted_name && pid_alive(again_pid))
+            || (0..12).any(|i| devnet.node(i).0 == name && pid_alive(devnet.node(i).2))
+    };
     let deadline = collected_from + std::time::Duration::from_secs(150);
     loop {
         let left: Vec<&String> =
