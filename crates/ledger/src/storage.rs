@@ -1698,10 +1698,7 @@ mod tests {
 
     #[test]
     fn storage_entries_survive_a_commit_and_reopen() {
-        let store = std::sync::Arc::new(crate::store::MemoryStore::default());
-        let mut s = world().with_store(store.clone());
-        let mut t = Tenant { nonce: 0 };
-        bucket_with(&mut s, &mut t, "eu-docs", eu_no_us());
+        let (store, mut s, mut t) = eu_docs_on_a_store();
         let holders = placed(&s, "eu-docs", 1);
         put(&mut s, &mut t, "eu-docs", "k", MIB, &holders, 1).unwrap();
         let c = s.commit().unwrap();
@@ -1719,6 +1716,16 @@ mod tests {
         assert_eq!(shown, crate::trie::Proven::Present(crate::trie::value_hash(&value.unwrap())));
     }
 
+    /// The world over a store of its own, with the tenant's bucket `eu-docs` (EU only, no US
+    /// operators).
+    fn eu_docs_on_a_store() -> (std::sync::Arc<crate::store::MemoryStore>, State, Tenant) {
+        let store = std::sync::Arc::new(crate::store::MemoryStore::default());
+        let mut s = world().with_store(store.clone());
+        let mut t = Tenant { nonce: 0 };
+        bucket_with(&mut s, &mut t, "eu-docs", eu_no_us());
+        (store, s, t)
+    }
+
     /// Commits `s` to `store` as the chain does.
     fn commit_to(s: &mut State, store: &crate::store::MemoryStore) {
         let c = s.commit().unwrap();
@@ -1732,10 +1739,7 @@ mod tests {
 
     #[test]
     fn the_index_lists_by_key_and_follows_puts_deletes_moves_and_commits() {
-        let store = std::sync::Arc::new(crate::store::MemoryStore::default());
-        let mut s = world().with_store(store.clone());
-        let mut t = Tenant { nonce: 0 };
-        bucket_with(&mut s, &mut t, "eu-docs", eu_no_us());
+        let (store, mut s, mut t) = eu_docs_on_a_store();
         bucket_with(&mut s, &mut t, "eu-more", eu_no_us());
         let holders = placed(&s, "eu-docs", 1);
         for (n, key) in ["c", "a", "b/2", "\u{e9}t\u{e9}", "b/1"].into_iter().enumerate() {
@@ -1814,10 +1818,7 @@ mod tests {
 
     #[test]
     fn the_index_stays_the_entries_through_forks_commits_and_crashes() {
-        let store = std::sync::Arc::new(crate::store::MemoryStore::default());
-        let mut s = world().with_store(store.clone());
-        let mut t = Tenant { nonce: 0 };
-        bucket_with(&mut s, &mut t, "eu-docs", eu_no_us());
+        let (store, mut s, mut t) = eu_docs_on_a_store();
         commit_to(&mut s, &store);
         let check = |when: &str| {
             if let Err(e) = crate::listing::check_index(&*store) {
@@ -1887,10 +1888,7 @@ mod tests {
 
     #[test]
     fn holders_that_go_down_leave_or_come_back_elsewhere_are_repair_candidates() {
-        let store = std::sync::Arc::new(crate::store::MemoryStore::default());
-        let mut s = world().with_store(store.clone());
-        let mut t = Tenant { nonce: 0 };
-        bucket_with(&mut s, &mut t, "eu-docs", eu_no_us());
+        let (store, mut s, mut t) = eu_docs_on_a_store();
         let holders = placed(&s, "eu-docs", 1);
         put(&mut s, &mut t, "eu-docs", "k", MIB, &holders, 1).unwrap();
         commit_to(&mut s, &store);
