@@ -53,6 +53,32 @@ pub fn audit_challenge(object: &ObjectRecord, epoch: u64) -> (u8, u64) {
     (index, segment)
 }
 
+/// Who audits the shards `holder` holds in `epoch`: one of the live storage nodes `live` (in id
+/// order) other than `holder`, picked by a hash of holder and epoch. O(1), so a node finds the
+/// holders it audits in O(holders); each holder has one auditor per epoch, and the pick moves
+/// every epoch.
+pub fn holder_auditor(holder: &NodeId, epoch: u64, live: &[NodeId]) -> Option<NodeId> {
+    let at = live.binary_search(holder);
+    let others = live.len() - usize::from(at.is_ok());
+    if others == 0 {
+        return None;
+    }
+    let seed = Hash::of(&[b"archipel/audit-holder/v1", holder.as_bytes(), &epoch.to_be_bytes()]);
+    let mut pick = (u64::from_be_bytes(seed.0[..8].try_into().unwrap_or_default()) % others as u64) as usize;
+    if let Ok(at) = at
+        && pick >= at
+    {
+        pick += 1;
+    }
+    live.get(pick).copied()
+}
+
+/// [`State::auditor_of`] with the live storage nodes given (in id order).
+pub fn auditor_among(object: &ObjectRecord, epoch: u64, live: &[NodeId]) -> Option<NodeId> {
+    let (index, _) = audit_challenge(object, epoch);
+    holder_auditor(object.holders.get(usize::from(index))?, epoch, live)
+}
+
 /// Signature namespace of shard receipts.
 pub const RECEIPT_NAMESPACE: &[u8] = b"archipel/shard-receipt/v1";
 /// Longest object key, in bytes (S3's limit).
@@ -690,16 +716,24 @@ impl State {
         now_ms / self.params.audit_epoch_ms.max(1)
     }
 
-    /// Who audits `object` in `epoch`: the rendezvous choice among the storage nodes that are up
-    /// and hold none of its shards.
+    /// Who audits `object` in `epoch`: the auditor of the holder its challenge falls on
+    /// ([`holder_auditor`]); nobody for an object without shards.
     pub fn auditor_of(&self, object: &ObjectRecord, epoch: u64) -> Option<NodeId> {
-        self.auditor_among(object, epoch, &self.live_storage_nodes())
+        auditor_among(object, epoch, &self.live_storage_nodes())
     }
 
-    /// [`State::auditor_of`] with the live storage nodes given (one read of them for many objects).
-    pub fn auditor_among(&self, object: &ObjectRecord, epoch: u64, live: &[NodeId]) -> Option<NodeId> {
-        let live = live.iter().copied().filter(|id| !object.holders.contains(id));
-        archipel_placement::duty_holder(&audit_seed(&object.version, epoch), live)
+    /// The objects `me` audits in `epoch` among the live storage nodes `live` (in id order): the
+    /// objects whose challenge falls on a holder `me` audits. O(holders + their objects), read
+    /// from the object index, never a pass over every object.
+    pub fn audit_duties(&self, me: &NodeId, epoch: u64, live: &[NodeId]) -> Vec<ObjectRecord> {
+        let mine = self.holder_nodes().into_iter().filter(|h| holder_auditor(h, epoch, live) == Some(*me));
+        mine.flat_map(|h| {
+            self.objects_on(&h).into_iter().filter(move |o| {
+                let (index, _) = audit_challenge(o, epoch);
+                o.holders.get(usize::from(index)) == Some(&h)
+            })
+        })
+        .collect()
     }
 
     pub(crate) fn check_audit_failed(
@@ -718,11 +752,11 @@ impl State {
         if epoch > now || epoch + 1 < now {
             return bad(format!("audit epoch {epoch} is not the current one ({now}) or the one before"));
         }
-        if self.auditor_of(&obj, epoch) != Some(signer) {
-            return bad(format!("{} is not the auditor of {bucket}/{key} in epoch {epoch}", signer.short()));
-        }
         if obj.holders.is_empty() {
             return bad(format!("{bucket}/{key} is empty: it has no shards to audit"));
+        }
+        if self.auditor_of(&obj, epoch) != Some(signer) {
+            return bad(format!("{} is not the auditor of {bucket}/{key} in epoch {epoch}", signer.short()));
         }
         let (index, _) = audit_challenge(&obj, epoch);
         if obj.suspect.contains(&index) {
@@ -1887,6 +1921,44 @@ mod tests {
     }
 
     #[test]
+    fn every_object_has_one_auditor_per_epoch_found_from_the_holders_it_audits() {
+        let (store, mut s, mut t) = eu_docs_on_a_store();
+        for n in 1..=12u8 {
+            let holders = placed(&s, "eu-docs", n);
+            put(&mut s, &mut t, "eu-docs", &format!("k{n}"), MIB, &holders, n).unwrap();
+        }
+        put(&mut s, &mut t, "eu-docs", "empty", 0, &[], 13).unwrap();
+        commit_to(&mut s, &store);
+        let live = s.live_storage_nodes();
+        let objects = s.all_objects();
+        for epoch in 0..20 {
+            // Each node's duties, read from the index, against the rule applied to every object.
+            let mut seen = BTreeMap::new();
+            for me in &live {
+                for o in s.audit_duties(me, epoch, &live) {
+                    assert_eq!(s.auditor_of(&o, epoch), Some(*me), "epoch {epoch}: {}", o.key);
+                    assert!(seen.insert(o.key.clone(), *me).is_none(), "epoch {epoch}: {} audited twice", o.key);
+                }
+            }
+            for o in &objects {
+                let auditor = s.auditor_of(o, epoch);
+                if o.holders.is_empty() {
+                    assert_eq!(auditor, None);
+                    continue;
+                }
+                let (index, _) = audit_challenge(o, epoch);
+                assert_ne!(auditor, Some(o.holders[usize::from(index)]), "a holder never audits itself");
+                assert_eq!(seen.get(&o.key), auditor.as_ref(), "epoch {epoch}: {} has one auditor", o.key);
+            }
+        }
+        // The pick moves from epoch to epoch.
+        let h = objects.iter().find(|o| !o.holders.is_empty()).unwrap().holders[0];
+        let picks: BTreeSet<NodeId> = (0..20).filter_map(|e| holder_auditor(&h, e, &live)).collect();
+        assert!(picks.len() > 3, "{picks:?}");
+        assert_eq!(holder_auditor(&h, 0, &[h]), None, "alone, nobody audits it");
+    }
+
+    #[test]
     fn holders_that_go_down_leave_or_come_back_elsewhere_are_repair_candidates() {
         let (store, mut s, mut t) = eu_docs_on_a_store();
         let holders = placed(&s, "eu-docs", 1);
@@ -1935,7 +2007,8 @@ mod tests {
         let o = s.object("eu-docs", "empty").unwrap();
         assert!(o.holders.is_empty());
         let epoch = s.audit_epoch(s.chain.timestamp_ms);
-        let auditor = s.auditor_of(&o, epoch).expect("an empty object still has an auditor by the rule");
+        assert_eq!(s.auditor_of(&o, epoch), None, "an object without shards has nobody to audit it");
+        let auditor = id(102).node_id();
         let report = Payload::AuditFailed { bucket: "eu-docs".into(), key: "empty".into(), version: o.version, epoch };
         let nonce = s.account(&auditor).nonce;
         let e = s.apply(&signed(seed_of(&auditor), nonce, report)).unwrap_err();
@@ -1956,8 +2029,8 @@ mod tests {
         let o = s.object("eu-docs", "k").unwrap();
         let epoch = s.audit_epoch(s.chain.timestamp_ms);
         let auditor = s.auditor_of(&o, epoch).unwrap();
-        assert!(!o.holders.contains(&auditor), "a holder never audits its own object");
         let (index, segment) = audit_challenge(&o, epoch);
+        assert_ne!(auditor, o.holders[usize::from(index)], "a holder never audits itself");
         assert!(usize::from(index) < 6 && segment < o.segments());
         let holder = o.holders[usize::from(index)];
         let report =

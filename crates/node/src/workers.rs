@@ -475,22 +475,12 @@ impl Worker for Auditor {
             let live_set = Hash::of(&live.iter().map(|n| n.as_bytes().as_slice()).collect::<Vec<_>>());
             duties.retain(|e, (set, _)| epochs.contains(e) && *set == live_set);
             let unknown: Vec<u64> = epochs.iter().copied().filter(|e| !duties.contains_key(e)).collect();
-            if !unknown.is_empty() {
-                // One pass over the objects per epoch (and live set), not per step: objects put
-                // after it are audited from the next epoch on.
-                for e in &unknown {
-                    duties.insert(*e, (live_set, Vec::new()));
-                }
-                for o in st.all_objects() {
-                    for e in &unknown {
-                        if !o.holders.is_empty()
-                            && st.auditor_among(&o, *e, &live) == Some(me)
-                            && let Some((_, list)) = duties.get_mut(e)
-                        {
-                            list.push((object_id(&o.bucket, &o.key), o.version));
-                        }
-                    }
-                }
+            // Found once per epoch (and live set), not per step, from the object index: the
+            // objects on the holders this node audits. Objects put after it wait for the next.
+            for e in unknown {
+                let list =
+                    st.audit_duties(&me, e, &live).iter().map(|o| (object_id(&o.bucket, &o.key), o.version)).collect();
+                duties.insert(e, (live_set, list));
             }
             let mut out = Vec::new();
             for (epoch, (id, version)) in duties.iter().flat_map(|(e, (_, ids))| ids.iter().map(move |d| (*e, *d))) {
