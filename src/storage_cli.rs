@@ -306,7 +306,7 @@ pub async fn put(args: PutArgs) -> Result<()> {
         plan.candidates = candidates(&c).await?.into_iter().filter(|(n, _)| !left_out.contains(&n.node)).collect();
         let mut file = file.try_clone().with_context(|| format!("cannot read {}", args.file.display()))?;
         file.seek(SeekFrom::Start(0)).with_context(|| format!("cannot read {}", args.file.display()))?;
-        let reader = std::io::BufReader::with_capacity(1 << 20, file);
+        let reader = tokio::io::BufReader::with_capacity(1 << 20, tokio::fs::File::from_std(file));
         bar.set_position(0);
         match put_object(shards.clone(), &plan, &owner, reader, |n| bar.set_position(n)).await {
             Ok(put) => break put,

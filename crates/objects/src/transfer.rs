@@ -28,9 +28,10 @@ use archipel_types::NodeId;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::ops::Range;
 use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// A GET asks one more holder when no shard arrived for this long.
 pub const HEDGE_AFTER: std::time::Duration = std::time::Duration::from_millis(1500);
@@ -298,12 +299,13 @@ fn holder_failed(h: &Holder, error: TransferError) -> TransferFailed {
 
 /// Puts `source` (exactly `plan.size` bytes) as a new version of `plan.key`, encrypted for
 /// `owner`; returns the `PutObject` payload to submit. `progress` is called with the plaintext
-/// bytes uploaded so far.
+/// bytes uploaded so far. The source is read a segment at a time as the uploads go (a file, a
+/// request body streaming in), so memory stays a few segments whatever the size.
 pub async fn put_object<S: Shards>(
     shards: Arc<S>,
     plan: &PutPlan,
     owner: &Identity,
-    mut source: impl Read,
+    mut source: impl AsyncRead + Unpin,
     mut progress: impl FnMut(u64),
 ) -> Result<ObjectPut, TransferFailed> {
     let code = plan.bucket.policy.code;
@@ -357,7 +359,7 @@ pub async fn put_object<S: Shards>(
         buf.resize(len, 0);
         let mut read = 0;
         while read < len {
-            match source.read(&mut buf[read..]) {
+            match source.read(&mut buf[read..]).await {
                 Ok(0) => return Err(TransferFailed::ShortSource { read: range.start + read as u64, size: plan.size }),
                 Ok(n) => read += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

@@ -373,6 +373,38 @@ async fn a_holder_dying_during_a_put_fails_it_with_its_name() {
 }
 
 #[tokio::test]
+async fn a_put_streams_its_source_as_it_arrives_and_a_stream_cut_short_fails() {
+    let (mem, candidates) = world();
+    let owner = Identity::from_seed(1);
+    let body = data(2 * SEGMENT_PLAIN_BYTES as usize + 4_321);
+    // A body arriving in small pieces over a pipe far smaller than a segment (a request body).
+    let (mut tx, rx) = tokio::io::duplex(64 << 10);
+    let sent = body.clone();
+    let writer = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        for chunk in sent.chunks(10_007) {
+            tx.write_all(chunk).await.unwrap();
+        }
+    });
+    let p = put_object(mem.clone(), &plan(&candidates, body.len() as u64), &owner, rx, |_| {}).await.unwrap();
+    writer.await.unwrap();
+    let holders = holders_of(&p, &candidates);
+    assert_eq!(get(&mem, &p, &holders, None).await.unwrap(), body);
+    // The sender stops half way: an error naming how much came, nothing to commit.
+    let (mut tx, rx) = tokio::io::duplex(64 << 10);
+    let half = body[..body.len() / 2].to_vec();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        tx.write_all(&half).await.unwrap();
+    });
+    let e = put_object(mem.clone(), &plan(&candidates, body.len() as u64), &owner, rx, |_| {}).await.unwrap_err();
+    assert!(
+        matches!(e, TransferFailed::ShortSource { read, size } if read == (body.len() / 2) as u64 && size == body.len() as u64),
+        "{e}"
+    );
+}
+
+#[tokio::test]
 async fn repairs_rebuild_lost_shards_on_new_holders_with_valid_receipts() {
     let (mem, candidates) = world();
     let body = data(2 * SEGMENT_PLAIN_BYTES as usize + 1234);
