@@ -421,11 +421,8 @@ impl StateStore for StateDb {
 
     fn index_scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Entries, StoreError> {
         let snap = self.snapshot();
-        let start = match after {
-            Some(a) if a >= prefix => std::ops::Bound::Excluded(a),
-            _ => std::ops::Bound::Included(prefix),
-        };
         let mut out = Vec::new();
+        let start = archipel_ledger::store::index_start(prefix, after);
         for item in snap.index.range::<&[u8]>((start, std::ops::Bound::Unbounded)).map_err(io)? {
             let (k, v) = item.map_err(io)?;
             if out.len() == limit || !k.value().starts_with(prefix) {

@@ -178,12 +178,18 @@ impl State {
     /// Every object with a shard on `node`, O(its objects). A store failure is kept (see
     /// [`State::store_fault`]) and lists what was read before it.
     pub fn objects_on(&self, node: &NodeId) -> Vec<ObjectRecord> {
+        self.indexed_objects(&holder_rows(node), |o| o.holders.contains(node))
+    }
+
+    /// The objects `keep` accepts, from the index rows under `prefix` (each object's current
+    /// record checked again) and the objects written since the last commit. A store failure is
+    /// kept and lists what was read before it.
+    fn indexed_objects(&self, prefix: &[u8], keep: impl Fn(&ObjectRecord) -> bool) -> Vec<ObjectRecord> {
         let written = self.objects_written();
-        let mut out: Vec<ObjectRecord> =
-            written.values().flatten().filter(|o| o.holders.contains(node)).cloned().collect();
-        let read = self.for_each_row(&holder_rows(node), None, |k, v| {
+        let mut out: Vec<ObjectRecord> = written.values().flatten().filter(|o| keep(o)).cloned().collect();
+        let read = self.for_each_row(prefix, None, |k, v| {
             if let Some(id) = id_of_row(k, v).filter(|id| !written.contains_key(id))
-                && let Some(o) = self.object_by_id(&id).filter(|o| o.holders.contains(node))
+                && let Some(o) = self.object_by_id(&id).filter(|o| keep(o))
             {
                 out.push(o);
             }
@@ -225,19 +231,7 @@ impl State {
 
     /// Objects one of whose shards failed an audit, O(those objects).
     pub fn suspect_objects(&self) -> Vec<ObjectRecord> {
-        let written = self.objects_written();
-        let mut out: Vec<ObjectRecord> =
-            written.values().flatten().filter(|o| !o.suspect.is_empty()).cloned().collect();
-        let read = self.for_each_row(SUSPECT, None, |k, v| {
-            if let Some(id) = id_of_row(k, v).filter(|id| !written.contains_key(id))
-                && let Some(o) = self.object_by_id(&id).filter(|o| !o.suspect.is_empty())
-            {
-                out.push(o);
-            }
-            true
-        });
-        self.keep_fault(read);
-        out
+        self.indexed_objects(SUSPECT, |o| !o.suspect.is_empty())
     }
 
     /// Objects that may need repair: those on a holder that left the registry, is not Up, or

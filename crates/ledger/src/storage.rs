@@ -162,6 +162,11 @@ pub fn shard_bytes_per_holder(code: ErasureCode, size: u64, segment_bytes: u64) 
     })
 }
 
+/// How many segments an object of `size` bytes has in segments of `segment_bytes`.
+fn segment_count(size: u64, segment_bytes: u64) -> u64 {
+    if segment_bytes == 0 { 0 } else { size.div_ceil(segment_bytes) }
+}
+
 /// A bucket as the ledger records it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BucketRecord {
@@ -221,7 +226,7 @@ pub struct ObjectRecord {
 impl ObjectRecord {
     /// How many segments.
     pub fn segments(&self) -> u64 {
-        if self.segment_bytes == 0 { 0 } else { self.size.div_ceil(self.segment_bytes) }
+        segment_count(self.size, self.segment_bytes)
     }
 }
 
@@ -1013,11 +1018,7 @@ impl State {
         }
         bucket.objects += 1;
         bucket.bytes = bucket.bytes.saturating_add(put.size);
-        bucket.segments = bucket.segments.saturating_add(if put.segment_bytes == 0 {
-            0
-        } else {
-            put.size.div_ceil(put.segment_bytes)
-        });
+        bucket.segments = bucket.segments.saturating_add(segment_count(put.size, put.segment_bytes));
         let code = bucket.policy.code;
         self.buckets.set(bucket_id(&put.bucket), Some(bucket));
         let record = ObjectRecord {

@@ -49,6 +49,15 @@ pub struct Commit {
     pub index: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
+/// Where an [`StateStore::index_scan`] of `prefix` after `after` starts in key order: just past
+/// `after`, or at `prefix` when `after` sorts before it.
+pub fn index_start<'a>(prefix: &'a [u8], after: Option<&'a [u8]>) -> std::ops::Bound<&'a [u8]> {
+    match after {
+        Some(a) if a >= prefix => std::ops::Bound::Excluded(a),
+        _ => std::ops::Bound::Included(prefix),
+    }
+}
+
 /// The index rows a state entry contributes (see [`Commit::index`]): an object's name, holders
 /// and suspect shards (see [`crate::storage`]); nothing for other entries.
 pub fn index_rows(key: &[u8], value: &[u8]) -> Entries {
@@ -319,13 +328,9 @@ impl StateStore for MemoryStore {
 
     fn index_scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Entries, StoreError> {
         let g = self.lock();
-        let start = match after {
-            Some(a) if a >= prefix => std::ops::Bound::Excluded(a),
-            _ => std::ops::Bound::Included(prefix),
-        };
         Ok(g.current
             .index
-            .range::<[u8], _>((start, std::ops::Bound::Unbounded))
+            .range::<[u8], _>((index_start(prefix, after), std::ops::Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
             .take(limit)
             .map(|(k, v)| (k.clone(), v.clone()))

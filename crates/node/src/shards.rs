@@ -197,6 +197,16 @@ impl ShardService {
         Ok(manifest)
     }
 
+    /// Whether `key` is stored with these bytes' length and `hash` already (a retry).
+    fn holds_shard(&self, key: &ShardKey, bytes: &[u8], hash: &[u8; 32]) -> bool {
+        matches!(self.store.entry(key), Ok(Some((len, h))) if len == bytes.len() as u64 && h == *hash)
+    }
+
+    /// Whether `version`'s manifest is stored as `bytes` already (a retry).
+    fn holds_manifest(&self, version: &Version, bytes: &[u8]) -> bool {
+        self.store.manifest(version).ok().flatten().as_deref() == Some(bytes)
+    }
+
     /// Stores one shard under `grant`: an owner's as sent; a repair's only with the hash the
     /// ledger's manifest lists, replacing whatever else is stored under its name.
     pub fn put_shard(
@@ -457,8 +467,11 @@ async fn put_shard(
         let len = body.len() as u64;
         let key = ShardKey { version, index, segment };
         // A retry of a stored shard is answered, not counted (at the bound too).
-        let held = matches!(svc.store.entry(&key), Ok(Some((l, h))) if l == len && h == hash);
-        let counted = if held { Counted(0) } else { count_upload(&s, &svc, &caller.0, &claim, &version, len, grant)? };
+        let counted = if svc.holds_shard(&key, &body, &hash) {
+            Counted(0)
+        } else {
+            count_upload(&s, &svc, &caller.0, &claim, &version, len, grant)?
+        };
         let store = svc.clone();
         let (written, free) = blocking(move || {
             let written = store.put_shard(key, &body, &hash, grant)?;
@@ -500,8 +513,11 @@ async fn put_manifest(
         check_manifest_for(&version, &body)?;
         let len = body.len() as u64;
         // A retry of a stored manifest is answered, not counted (at the bound too).
-        let held = svc.store.manifest(&version).ok().flatten().as_deref() == Some(&body[..]);
-        let counted = if held { Counted(0) } else { count_upload(&s, &svc, &caller.0, &claim, &version, len, grant)? };
+        let counted = if svc.holds_manifest(&version, &body) {
+            Counted(0)
+        } else {
+            count_upload(&s, &svc, &caller.0, &claim, &version, len, grant)?
+        };
         let store = svc.clone();
         let (written, free) = blocking(move || {
             let written = store.put_manifest(&version, &body, grant)?;
@@ -592,12 +608,10 @@ async fn seal(
         _ => None,
     };
     // What it carries that is stored already (a retry) counts nothing.
-    let manifest_held =
-        !manifest.is_empty() && svc.store.manifest(&version).ok().flatten().as_deref() == Some(&manifest[..]);
-    let shard_held = shard.as_ref().is_some_and(|(bytes, hash)| {
-        let key = ShardKey { version, index, segment: 0 };
-        matches!(svc.store.entry(&key), Ok(Some((l, h))) if l == bytes.len() as u64 && h == *hash)
-    });
+    let manifest_held = !manifest.is_empty() && svc.holds_manifest(&version, &manifest);
+    let shard_held = shard
+        .as_ref()
+        .is_some_and(|(bytes, hash)| svc.holds_shard(&ShardKey { version, index, segment: 0 }, bytes, hash));
     let carried = (if manifest_held { 0 } else { manifest.len() }
         + shard.as_ref().filter(|_| !shard_held).map_or(0, |(b, _)| b.len())) as u64;
     let counted = count_upload(&s, &svc, &caller.0, &claim, &version, carried, grant)?;

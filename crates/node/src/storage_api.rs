@@ -387,28 +387,24 @@ mod tests {
         page.unwrap()
     }
 
-    fn list_page_of(all: Vec<ObjectRecord>, q: &ListQuery, _height: u64) -> ObjectList {
-        from(&all, q, &mut 0)
-    }
-
     #[test]
     fn listings_follow_s3s_prefix_delimiter_and_pagination() {
         let all: Vec<ObjectRecord> =
             ["a.txt", "docs/1", "docs/2", "docs/sub/3", "photos/x", "z"].iter().map(|k| obj(k)).collect();
         let q = ListQuery { delimiter: Some("/".into()), ..ListQuery::default() };
-        let l = list_page_of(all.clone(), &q, 7);
+        let l = from(&all, &q, &mut 0);
         assert_eq!(keys(&l), ["a.txt", "z"]);
         assert_eq!(l.common_prefixes, ["docs/", "photos/"]);
         assert!(!l.truncated);
         let q = ListQuery { prefix: "docs/".into(), delimiter: Some("/".into()), ..ListQuery::default() };
-        let l = list_page_of(all.clone(), &q, 7);
+        let l = from(&all, &q, &mut 0);
         assert_eq!((keys(&l), l.common_prefixes.clone()), (vec!["docs/1", "docs/2"], vec!["docs/sub/".to_string()]));
         // Pages of two, resumed with start_after, cover everything once.
         let mut seen = vec![];
         let mut after = None;
         loop {
             let q = ListQuery { limit: Some(2), start_after: after.clone(), ..ListQuery::default() };
-            let l = list_page_of(all.clone(), &q, 7);
+            let l = from(&all, &q, &mut 0);
             seen.extend(keys(&l).into_iter().map(String::from));
             if !l.truncated {
                 break;
@@ -418,7 +414,7 @@ mod tests {
         assert_eq!(seen, ["a.txt", "docs/1", "docs/2", "docs/sub/3", "photos/x", "z"]);
         // With a delimiter, a page counts a common prefix once and resumes after it.
         let q = ListQuery { limit: Some(2), delimiter: Some("/".into()), ..ListQuery::default() };
-        let l = list_page_of(all.clone(), &q, 7);
+        let l = from(&all, &q, &mut 0);
         assert_eq!(
             (keys(&l), l.common_prefixes.clone(), l.truncated),
             (vec!["a.txt"], vec!["docs/".to_string()], true)
@@ -429,7 +425,7 @@ mod tests {
             start_after: l.next_start_after.clone(),
             ..ListQuery::default()
         };
-        let l = list_page_of(all, &q, 7);
+        let l = from(&all, &q, &mut 0);
         assert_eq!((keys(&l), l.common_prefixes.clone(), l.truncated), (vec!["z"], vec!["photos/".to_string()], false));
     }
 

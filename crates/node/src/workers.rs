@@ -17,7 +17,7 @@
 use crate::shards::ShardService;
 use archipel_consensus::Chain;
 use archipel_crypto::Identity;
-use archipel_ledger::storage::{MAX_RECEIPT_TTL_MS, ObjectRecord, ShardMove, object_id};
+use archipel_ledger::storage::{MAX_RECEIPT_TTL_MS, ObjectRecord, ShardMove, auditor_among, object_id};
 use archipel_ledger::{Hash, LeaseStatus, Payload, Transaction};
 use archipel_objects::http::HttpShards;
 use archipel_objects::transfer::{Holder, Shards as _};
@@ -410,7 +410,7 @@ pub struct Auditor {
 
 /// Longest pause between two audit steps.
 const AUDIT_STEP_MAX: Duration = Duration::from_secs(5);
-/// Shortest pause between two audit steps (the first in an epoch reads every object).
+/// Shortest pause between two audit steps (the first in an epoch reads the index for its duties).
 const AUDIT_STEP_MIN: Duration = Duration::from_secs(1);
 
 impl Auditor {
@@ -484,9 +484,9 @@ impl Worker for Auditor {
             }
             let mut out = Vec::new();
             for (epoch, (id, version)) in duties.iter().flat_map(|(e, (_, ids))| ids.iter().map(move |d| (*e, *d))) {
-                // Still this version, still this node's duty (the live nodes may have changed).
+                // Still this version, still this node's duty (a move may have changed its holders).
                 let Some(o) = st.object_by_id(&id).filter(|o| o.version == version) else { continue };
-                if done.contains(&(version, epoch)) || st.auditor_of(&o, epoch) != Some(me) {
+                if done.contains(&(version, epoch)) || auditor_among(&o, epoch, &live) != Some(me) {
                     continue;
                 }
                 let (index, segment) = audit_challenge(&o, epoch);

@@ -727,8 +727,7 @@ impl ShardStore {
         let txn = self.db.begin_write().map_err(index_err)?;
         {
             let mut shards = txn.open_table(SHARDS).map_err(index_err)?;
-            let mut end = version.to_vec();
-            end.extend_from_slice(&[0xff; 9]);
+            let end = last_key_of(version);
             let keys: Vec<Vec<u8>> = shards
                 .range(&version[..]..=&end[..])
                 .map_err(index_err)?
@@ -789,8 +788,7 @@ impl ShardStore {
     pub fn shards_of(&self, version: &Version) -> Result<Vec<(u8, u64)>, ShardStoreError> {
         let txn = self.db.begin_read().map_err(index_err)?;
         let table = txn.open_table(SHARDS).map_err(index_err)?;
-        let mut end = version.to_vec();
-        end.extend_from_slice(&[0xff; 9]);
+        let end = last_key_of(version);
         let mut out = Vec::new();
         for row in table.range(&version[..]..=&end[..]).map_err(index_err)? {
             let (k, _) = row.map_err(index_err)?;
@@ -805,8 +803,7 @@ impl ShardStore {
     pub fn version_bytes(&self, version: &Version) -> Result<u64, ShardStoreError> {
         let txn = self.db.begin_read().map_err(index_err)?;
         let table = txn.open_table(SHARDS).map_err(index_err)?;
-        let mut end = version.to_vec();
-        end.extend_from_slice(&[0xff; 9]);
+        let end = last_key_of(version);
         let mut total = 0u64;
         for row in table.range(&version[..]..=&end[..]).map_err(index_err)? {
             let (_, v) = row.map_err(index_err)?;
@@ -830,6 +827,13 @@ impl ShardStore {
         let path = self.version_dir(version).join(OBJECT_FILE);
         self.write_file(&path, object)
     }
+}
+
+/// The largest shard key of `version`: its shards' index rows are `version..=last_key_of(version)`.
+fn last_key_of(version: &Version) -> [u8; 41] {
+    let mut end = [0xff; 41];
+    end[..32].copy_from_slice(version);
+    end
 }
 
 /// The file in a version's directory naming its object ([`ShardStore::note_object`]).
