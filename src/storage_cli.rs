@@ -9,19 +9,16 @@
 use crate::ledger_cli::NodeArg;
 use anyhow::{Context as _, Result, anyhow, bail};
 use archipel_crypto::Identity;
-use archipel_ledger::storage::{BucketRecord, ObjectPut};
-use archipel_ledger::{Hash, LeaseStatus, Payload, Transaction};
-use archipel_node::client::ApiClient;
-use archipel_node::storage_api::{BucketList, ObjectList, ObjectView, StorageNode, StorageNodes};
-use archipel_objects::http::HttpShards;
-use archipel_objects::transfer::{Holder, PutPlan, get_object, put_object};
-use archipel_placement::Candidate;
-use archipel_types::{CountryCode, ErasureCode, NodeId, PlacementPolicy, RegionMatch};
+use archipel_ledger::Payload;
+use archipel_ledger::storage::BucketRecord;
+use archipel_objects::api::{ObjectList, ObjectView};
+use archipel_objects::tenant::{FileSource, NewObject, TenantClient};
+use archipel_types::{CountryCode, ErasureCode, PlacementPolicy, RegionMatch};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::io::{IsTerminal, Seek, SeekFrom};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use tokio::io::AsyncWriteExt as _;
 
 /// Who signs and which node is asked.
 #[derive(Args, Debug, Clone)]
@@ -97,37 +94,19 @@ fn identity(t: &Tenant) -> Result<Identity> {
     Ok(Identity::load(&path)?)
 }
 
-fn client(t: &Tenant) -> Result<ApiClient> {
-    Ok(ApiClient::new(&crate::default_node(t.node.node.clone())?))
+/// The tenant's client: its key and the node asked (`--node`, or the devnet's).
+pub fn client(t: &Tenant) -> Result<TenantClient> {
+    Ok(TenantClient::new(&[crate::default_node(t.node.node.clone())?], identity(t)?))
 }
 
-/// Signs `payload` at the tenant's next nonce, submits it and waits until it is final.
-async fn submit(t: &Tenant, c: &ApiClient, payload: Payload) -> Result<archipel_node::ledger_api::SubmitResponse> {
-    let id = identity(t)?;
-    let me: archipel_node::ledger_api::AccountView = c.get(&format!("/v1/accounts/{}", id.node_id())).await?;
-    let network = network_of(c).await?;
-    let tx = Transaction { signer: id.node_id(), nonce: me.account.nonce, payload }.sign(&id, &network);
-    let r = c.submit(&tx, true).await?;
-    match &r.status {
-        archipel_consensus::TxStatus::Final(_) => Ok(r),
-        _ => bail!("transaction {} was accepted but is not final yet: check `archipel ledger show {}`", r.hash, r.hash),
-    }
+/// The tenant's bucket `name`, or an error saying there is none.
+async fn bucket_named(c: &TenantClient, name: &str) -> Result<BucketRecord> {
+    c.bucket(name).await?.ok_or_else(|| anyhow!("no bucket {name:?} (see `archipel bucket ls`)"))
 }
 
-async fn network_of(c: &ApiClient) -> Result<Hash> {
-    let head: serde_json::Value = c.get("/v1/ledger/head").await?;
-    head["genesis_hash"]
-        .as_str()
-        .unwrap_or("")
-        .parse()
-        .map_err(|e| anyhow!("the node sent a malformed genesis hash: {e}"))
-}
-
-fn final_height(r: &archipel_node::ledger_api::SubmitResponse) -> u64 {
-    match &r.status {
-        archipel_consensus::TxStatus::Final(loc) => loc.height,
-        _ => 0,
-    }
+/// The object at `bucket/key`, or an error saying there is none.
+async fn object_at(c: &TenantClient, bucket: &str, key: &str) -> Result<ObjectView> {
+    c.object(bucket, key).await?.ok_or_else(|| anyhow!("no object {bucket}/{key} (see `archipel ls {bucket}`)"))
 }
 
 /// Runs `archipel bucket …`.
@@ -152,13 +131,13 @@ pub async fn bucket(cmd: BucketCommand) -> Result<()> {
                 min_operators,
             };
             policy.validate()?;
-            let c = client(&tenant)?;
-            let r = submit(&tenant, &c, Payload::CreateBucket { name: name.clone(), policy: policy.clone() }).await?;
+            let r =
+                client(&tenant)?.submit(Payload::CreateBucket { name: name.clone(), policy: policy.clone() }).await?;
             if tenant.json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(
-                        &serde_json::json!({"bucket": name, "policy": policy, "tx": r.hash, "height": final_height(&r)})
+                        &serde_json::json!({"bucket": name, "policy": policy, "tx": r.hash, "height": r.height})
                     )?
                 );
             } else {
@@ -166,12 +145,12 @@ pub async fn bucket(cmd: BucketCommand) -> Result<()> {
                     "bucket {name} created — code {}, {} — final in block {}",
                     policy.code,
                     policy.describe_fence(),
-                    final_height(&r)
+                    r.height
                 );
             }
         }
         BucketCommand::Ls(tenant) => {
-            let list: BucketList = client(&tenant)?.get("/v1/buckets").await?;
+            let list = client(&tenant)?.buckets().await?;
             if tenant.json {
                 println!("{}", serde_json::to_string_pretty(&list.buckets)?);
             } else if list.buckets.is_empty() {
@@ -194,7 +173,7 @@ pub async fn bucket(cmd: BucketCommand) -> Result<()> {
             }
         }
         BucketCommand::Show { name, tenant } => {
-            let b: BucketRecord = client(&tenant)?.get(&format!("/v1/buckets/{name}")).await?;
+            let b = bucket_named(&client(&tenant)?, &name).await?;
             if tenant.json {
                 println!("{}", serde_json::to_string_pretty(&b)?);
             } else {
@@ -211,9 +190,8 @@ pub async fn bucket(cmd: BucketCommand) -> Result<()> {
             }
         }
         BucketCommand::Rm { name, tenant } => {
-            let c = client(&tenant)?;
-            let r = submit(&tenant, &c, Payload::DeleteBucket { name: name.clone() }).await?;
-            println!("bucket {name} deleted — final in block {}", final_height(&r));
+            let r = client(&tenant)?.submit(Payload::DeleteBucket { name: name.clone() }).await?;
+            println!("bucket {name} deleted — final in block {}", r.height);
         }
     }
     Ok(())
@@ -235,31 +213,6 @@ fn progress(len: u64, json: bool) -> ProgressBar {
     bar
 }
 
-/// Nodes that may receive shards now, from finalized state.
-async fn candidates(c: &ApiClient) -> Result<Vec<(Candidate, String)>> {
-    let view: StorageNodes = c.get("/v1/storage/nodes").await?;
-    Ok(view.nodes.into_iter().filter(|n| n.storage && n.lease == LeaseStatus::Up).filter_map(candidate).collect())
-}
-
-fn candidate(n: StorageNode) -> Option<(Candidate, String)> {
-    Some((
-        Candidate {
-            node: n.node,
-            region: n.region.parse().ok()?,
-            country: n.country.parse().ok()?,
-            operator: n.operator,
-            jurisdiction: n.jurisdiction.parse().ok()?,
-            free_bytes: n.capacity_bytes.saturating_sub(n.stored_bytes),
-            reputation: n.reputation,
-        },
-        n.api_url,
-    ))
-}
-
-/// How many times `archipel put` places an object before it gives up, each time without the nodes
-/// that failed before.
-const PUT_ATTEMPTS: usize = 4;
-
 /// `archipel put FILE BUCKET/KEY`.
 #[derive(Args, Debug)]
 pub struct PutArgs {
@@ -275,58 +228,30 @@ pub struct PutArgs {
 pub async fn put(args: PutArgs) -> Result<()> {
     let (bucket, key) = split_path(&args.path)?;
     archipel_ledger::storage::check_object_key(&key).map_err(|e| anyhow!(e))?;
-    let owner = identity(&args.tenant)?;
     let c = client(&args.tenant)?;
-    let file = std::fs::File::open(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
-    let size = file.metadata().with_context(|| format!("cannot read {}", args.file.display()))?.len();
-    let bucket_record: BucketRecord = c.get(&format!("/v1/buckets/{bucket}")).await?;
-    if bucket_record.owner != owner.node_id() {
+    let size = std::fs::metadata(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?.len();
+    let bucket_record = bucket_named(&c, &bucket).await?;
+    if bucket_record.owner != c.me() {
         bail!(
             "bucket {bucket:?} belongs to {}, not to your key {}: only its owner writes into it (pass --key)",
             bucket_record.owner.short(),
-            owner.node_id().short()
+            c.me().short()
         );
     }
-    let mut plan = PutPlan {
-        bucket: bucket_record,
-        key: key.clone(),
-        size,
-        candidates: vec![],
-        network: network_of(&c).await?,
-        etag: None,
-    };
     let bar = progress(size, args.tenant.json);
     let started = std::time::Instant::now();
-    let shards = Arc::new(HttpShards::new(owner.clone()));
-    // A holder that dies or misbehaves during the upload fails that attempt; the next attempt
-    // re-reads the file and places the object again without it (the ledger may not know yet that
-    // it is down). What the failed attempt stored is never committed, and its holders collect it.
-    let mut left_out: Vec<NodeId> = Vec::new();
-    let put: ObjectPut = loop {
-        plan.candidates = candidates(&c).await?.into_iter().filter(|(n, _)| !left_out.contains(&n.node)).collect();
-        let mut file = file.try_clone().with_context(|| format!("cannot read {}", args.file.display()))?;
-        file.seek(SeekFrom::Start(0)).with_context(|| format!("cannot read {}", args.file.display()))?;
-        let reader = tokio::io::BufReader::with_capacity(1 << 20, tokio::fs::File::from_std(file));
-        bar.set_position(0);
-        match put_object(shards.clone(), &plan, &owner, reader, |n| bar.set_position(n)).await {
-            Ok(put) => break put,
-            Err(e) => match e.holder_fault() {
-                Some((node, fault)) if left_out.len() < PUT_ATTEMPTS - 1 => {
-                    left_out.push(node);
-                    bar.suspend(|| {
-                        eprintln!(
-                            "warning: {fault}; placing the object again without node {} (attempt {} of {PUT_ATTEMPTS})",
-                            node.short(),
-                            left_out.len() + 1
-                        )
-                    });
-                }
-                _ => return Err(e.into()),
-            },
-        }
-    };
+    let stored = c
+        .put(
+            &bucket_record,
+            NewObject { key: key.clone(), size, ..Default::default() },
+            FileSource(args.file.clone()),
+            |n| bar.set_position(n),
+            |w| bar.suspend(|| eprintln!("warning: {w}")),
+        )
+        .await;
     bar.finish_and_clear();
-    let r = submit(&args.tenant, &c, Payload::PutObject { put: put.clone() }).await?;
+    let stored = stored?;
+    let (put, r) = (&stored.put, &stored.tx);
     let secs = started.elapsed().as_secs_f64();
     if args.tenant.json {
         println!(
@@ -334,7 +259,7 @@ pub async fn put(args: PutArgs) -> Result<()> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "bucket": bucket, "key": key, "version": put.version, "size": size, "etag": put.etag,
                 "holders": put.holders.iter().map(|h| h.node).collect::<Vec<_>>(),
-                "tx": r.hash, "height": final_height(&r), "seconds": secs,
+                "tx": r.hash, "height": r.height, "seconds": secs,
             }))?
         );
     } else {
@@ -343,7 +268,7 @@ pub async fn put(args: PutArgs) -> Result<()> {
             human(size),
             put.holders.len(),
             human((size as f64 / secs.max(1e-3)) as u64),
-            final_height(&r)
+            r.height
         );
     }
     Ok(())
@@ -380,45 +305,39 @@ fn parse_range(text: &str, size: u64) -> Result<std::ops::Range<u64>> {
     Ok(from..to.saturating_add(1).min(size))
 }
 
-fn holders(view: &ObjectView) -> Vec<Holder> {
-    view.object
-        .holders
-        .iter()
-        .zip(&view.holders)
-        .map(|(node, n)| Holder { node: *node, url: n.as_ref().map(|n| n.api_url.clone()).unwrap_or_default() })
-        .collect()
-}
-
 /// Runs `archipel get`.
 pub async fn get(args: GetArgs) -> Result<()> {
     let (bucket, key) = split_path(&args.path)?;
-    let owner = identity(&args.tenant)?;
     let c = client(&args.tenant)?;
-    let view: ObjectView = c.get(&format!("/v1/buckets/{bucket}/keys/{key}")).await?;
+    let view = object_at(&c, &bucket, &key).await?;
     let range = args.range.as_deref().map(|r| parse_range(r, view.object.size)).transpose()?;
     let len = range.as_ref().map_or(view.object.size, |r| r.end - r.start);
     let to_stdout = args.file == Path::new("-");
     let tmp = args.file.with_extension("archipel-partial");
-    let out: Box<dyn std::io::Write> = if to_stdout {
-        Box::new(std::io::stdout().lock())
+    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if to_stdout {
+        Box::new(tokio::io::stdout())
     } else {
         if args.file.exists() && !args.force {
             bail!("{} exists: pass --force to overwrite it", args.file.display());
         }
-        Box::new(std::io::BufWriter::with_capacity(
+        Box::new(tokio::io::BufWriter::with_capacity(
             1 << 20,
-            std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?,
+            tokio::fs::File::create(&tmp).await.with_context(|| format!("cannot create {}", tmp.display()))?,
         ))
     };
     let bar = progress(len, args.tenant.json || to_stdout);
-    let shards = HttpShards::new(owner.clone());
-    let result = get_object(&shards, &view.object, &holders(&view), &owner, range, out, |n| bar.set_position(n)).await;
+    let result: Result<_> = async {
+        let bad = c.get_into(&view, range, &mut out, |n| bar.set_position(n)).await?;
+        out.shutdown().await.with_context(|| format!("writing {}", args.file.display()))?;
+        Ok(bad)
+    }
+    .await;
     bar.finish_and_clear();
     let bad = match result {
         Ok(bad) => bad,
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
-            return Err(e.into());
+            return Err(e);
         }
     };
     if !to_stdout {
@@ -467,15 +386,7 @@ pub async fn ls(args: LsArgs) -> Result<()> {
     let mut all =
         ObjectList { height: 0, objects: vec![], common_prefixes: vec![], truncated: false, next_start_after: None };
     loop {
-        let mut q = vec![("prefix", prefix.clone())];
-        if let Some(d) = &args.delimiter {
-            q.push(("delimiter", d.clone()));
-        }
-        if let Some(a) = &after {
-            q.push(("start_after", a.clone()));
-        }
-        let query: String = q.iter().map(|(k, v)| format!("{k}={}", urlencode(v))).collect::<Vec<_>>().join("&");
-        let page: ObjectList = c.get(&format!("/v1/buckets/{bucket}/objects?{query}")).await?;
+        let page = c.list(&bucket, &prefix, args.delimiter.as_deref(), after.as_deref(), 1000).await?;
         all.height = page.height;
         all.objects.extend(page.objects);
         all.common_prefixes.extend(page.common_prefixes);
@@ -500,15 +411,6 @@ pub async fn ls(args: LsArgs) -> Result<()> {
     Ok(())
 }
 
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// `archipel rm BUCKET/KEY`.
 #[derive(Args, Debug)]
 pub struct RmArgs {
@@ -521,9 +423,8 @@ pub struct RmArgs {
 /// Runs `archipel rm`.
 pub async fn rm(args: RmArgs) -> Result<()> {
     let (bucket, key) = split_path(&args.path)?;
-    let c = client(&args.tenant)?;
-    let r = submit(&args.tenant, &c, Payload::DeleteObject { bucket: bucket.clone(), key: key.clone() }).await?;
-    println!("{bucket}/{key} deleted — final in block {}; its holders delete the shards", final_height(&r));
+    let r = client(&args.tenant)?.submit(Payload::DeleteObject { bucket: bucket.clone(), key: key.clone() }).await?;
+    println!("{bucket}/{key} deleted — final in block {}; its holders delete the shards", r.height);
     Ok(())
 }
 
@@ -595,7 +496,7 @@ pub struct StatArgs {
 pub async fn stat(args: StatArgs) -> Result<()> {
     let (bucket, key) = split_path(&args.path)?;
     let c = client(&args.tenant)?;
-    let view: ObjectView = c.get(&format!("/v1/buckets/{bucket}/keys/{key}")).await?;
+    let view = object_at(&c, &bucket, &key).await?;
     let state_key = archipel_ledger::StateKey::Object(archipel_ledger::storage::object_id(&bucket, &key));
     let proof: archipel_node::ledger_api::Proof<archipel_ledger::StateProof> =
         c.get(&format!("/v1/proof/state/{state_key}")).await?;

@@ -391,7 +391,7 @@ fn small_objects(work: &Path, api: &str, template: &BucketRecord) -> Result<()> 
             let policy = template.policy.clone();
             final_tx(&http, api, &id, 0, &network, Payload::CreateBucket { name: name.clone(), policy }).await?;
             let bucket: BucketRecord = http.get(format!("{api}/v1/buckets/{name}")).send().await?.json().await?;
-            let plan = PutPlan { bucket, key: String::new(), size: SMALL_BYTES as u64, candidates: candidates.clone(), network, etag: None };
+            let plan = PutPlan { bucket, key: String::new(), size: SMALL_BYTES as u64, candidates: candidates.clone(), network, etag: None, meta: Default::default() };
             clients.push(SmallClient { id, nonce: 1, plan });
         }
         let started = Instant::now();

@@ -233,6 +233,9 @@ impl ObjectRecord {
 /// Bytes of a wrapped data key in a manifest (salt, key, tag).
 pub const WRAPPED_KEY_BYTES: usize = archipel_crypto::WRAPPED_KEY_BYTES;
 const MANIFEST_MAGIC: &[u8] = b"archipel/manifest/v1";
+/// A manifest with sealed metadata: the v1 layout, then the metadata's length (u32) and bytes
+/// between the wrapped key and the shard hashes.
+const MANIFEST_MAGIC_V2: &[u8] = b"archipel/manifest/v2";
 
 /// An object version's manifest: its layout, its data key wrapped for the owner, and the BLAKE3
 /// hash of every shard of every segment. Every holder stores it beside its shards; the ledger
@@ -251,7 +254,13 @@ pub struct Manifest {
     pub wrapped_key: [u8; WRAPPED_KEY_BYTES],
     /// `segments[s][i]`: the hash of shard `i` of segment `s`.
     pub segments: Vec<Vec<[u8; 32]>>,
+    /// The object's metadata (content type, user metadata), sealed by the owner with the data
+    /// key: opaque here, at most [`MAX_MANIFEST_META_BYTES`]. Empty: none (the v1 layout).
+    pub meta: Vec<u8>,
 }
+
+/// Most bytes of sealed metadata a manifest carries.
+pub const MAX_MANIFEST_META_BYTES: usize = 16 * 1024;
 
 impl Manifest {
     /// Ciphertext bytes of segment `s` (plaintext and the tag).
@@ -282,27 +291,37 @@ impl Manifest {
                 Hash(*h.finalize().as_bytes())
             })
             .collect();
-        Hash::of(&[
-            MANIFEST_MAGIC,
+        let segments = crate::merkle::root(&leaves);
+        let layout: [&[u8]; 5] = [
             &self.version.0,
             &self.size.to_be_bytes(),
             &self.segment_bytes.to_be_bytes(),
             &[self.code.data, self.code.parity],
             &self.wrapped_key,
-            &crate::merkle::root(&leaves).0,
-        ])
+        ];
+        if self.meta.is_empty() {
+            Hash::of(&[&[MANIFEST_MAGIC][..], &layout, &[&segments.0[..]]].concat())
+        } else {
+            let meta = Hash::of(&[&self.meta]);
+            Hash::of(&[&[MANIFEST_MAGIC_V2][..], &layout, &[&meta.0[..], &segments.0[..]]].concat())
+        }
     }
 
     /// The manifest's bytes as stored on holders.
     pub fn to_bytes(&self) -> Vec<u8> {
         let shards: usize = self.segments.iter().map(Vec::len).sum();
-        let mut out = Vec::with_capacity(MANIFEST_MAGIC.len() + 32 + 18 + WRAPPED_KEY_BYTES + shards * 32);
-        out.extend_from_slice(MANIFEST_MAGIC);
+        let mut out =
+            Vec::with_capacity(MANIFEST_MAGIC.len() + 32 + 18 + WRAPPED_KEY_BYTES + 4 + self.meta.len() + shards * 32);
+        out.extend_from_slice(if self.meta.is_empty() { MANIFEST_MAGIC } else { MANIFEST_MAGIC_V2 });
         out.extend_from_slice(&self.version.0);
         out.extend_from_slice(&self.size.to_be_bytes());
         out.extend_from_slice(&self.segment_bytes.to_be_bytes());
         out.extend_from_slice(&[self.code.data, self.code.parity]);
         out.extend_from_slice(&self.wrapped_key);
+        if !self.meta.is_empty() {
+            out.extend_from_slice(&(self.meta.len() as u32).to_be_bytes());
+            out.extend_from_slice(&self.meta);
+        }
         for hashes in &self.segments {
             for x in hashes {
                 out.extend_from_slice(x);
@@ -315,12 +334,13 @@ impl Manifest {
     /// that it holds exactly one hash per shard of every segment.
     pub fn from_bytes(b: &[u8]) -> Result<Manifest, String> {
         let head = MANIFEST_MAGIC.len() + 32 + 18 + WRAPPED_KEY_BYTES;
-        if b.len() < head || &b[..MANIFEST_MAGIC.len()] != MANIFEST_MAGIC {
-            return Err("not an archipel manifest (v1)".into());
+        let with_meta = b.starts_with(MANIFEST_MAGIC_V2);
+        if b.len() < head || !(with_meta || b.starts_with(MANIFEST_MAGIC)) {
+            return Err("not an archipel manifest (v1 or v2)".into());
         }
         let mut at = MANIFEST_MAGIC.len();
         let mut take = |n: usize| {
-            let part = &b[at..at + n];
+            let part = b.get(at..at + n).unwrap_or_default();
             at += n;
             part
         };
@@ -333,10 +353,23 @@ impl Manifest {
         if size > MAX_OBJECT_BYTES || !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&segment_bytes) {
             return Err(format!("manifest layout out of bounds: {size} bytes in segments of {segment_bytes}"));
         }
+        let meta = if with_meta {
+            let len = u32::from_be_bytes(take(4).try_into().map_err(|_| "short manifest")?) as usize;
+            if len == 0 || len > MAX_MANIFEST_META_BYTES {
+                return Err(format!("manifest metadata of {len} bytes (1 to {MAX_MANIFEST_META_BYTES})"));
+            }
+            let meta = take(len);
+            if meta.len() != len {
+                return Err("short manifest".into());
+            }
+            meta.to_vec()
+        } else {
+            Vec::new()
+        };
         let segments = size.div_ceil(segment_bytes);
         let total = code.total();
         let expected = (segments as usize).checked_mul(total * 32).ok_or("manifest too large")?;
-        let rest = &b[head..];
+        let rest = b.get(at..).unwrap_or_default();
         if rest.len() != expected {
             return Err(format!(
                 "manifest lists {} bytes of shard hashes, its layout needs {expected} ({segments} segments of {total} shards)",
@@ -347,7 +380,7 @@ impl Manifest {
             .chunks_exact(total * 32)
             .map(|seg| seg.chunks_exact(32).map(|h| h.try_into().expect("32-byte chunks")).collect())
             .collect();
-        Ok(Manifest { version, size, segment_bytes, code, wrapped_key, segments })
+        Ok(Manifest { version, size, segment_bytes, code, wrapped_key, segments, meta })
     }
 }
 
@@ -2143,6 +2176,7 @@ mod tests {
             code,
             wrapped_key: [5; WRAPPED_KEY_BYTES],
             segments: (0..3u8).map(|s| (0..6u8).map(|i| [s * 16 + i; 32]).collect()).collect(),
+            meta: vec![],
         };
         let bytes = m.to_bytes();
         assert_eq!(Manifest::from_bytes(&bytes).unwrap(), m);
@@ -2162,9 +2196,28 @@ mod tests {
         let mut v = m.clone();
         v.segments.swap(0, 1);
         variants.push(v);
-        for v in variants {
+        let mut with_meta = m.clone();
+        with_meta.meta = vec![7; 40];
+        variants.push(with_meta.clone());
+        let mut v = with_meta.clone();
+        v.meta[39] ^= 1;
+        variants.push(v);
+        for v in &variants {
             assert_ne!(v.root(), root);
         }
+        assert_ne!(variants[variants.len() - 1].root(), with_meta.root());
+        // Metadata rides in the v2 layout and round-trips; its length is bounded and exact.
+        let meta_bytes = with_meta.to_bytes();
+        assert!(meta_bytes.starts_with(MANIFEST_MAGIC_V2) && bytes.starts_with(MANIFEST_MAGIC));
+        assert_eq!(Manifest::from_bytes(&meta_bytes).unwrap(), with_meta);
+        assert!(Manifest::from_bytes(&meta_bytes[..meta_bytes.len() - 1]).is_err());
+        let mut huge = with_meta.clone();
+        huge.meta = vec![1; MAX_MANIFEST_META_BYTES + 1];
+        assert!(Manifest::from_bytes(&huge.to_bytes()).unwrap_err().contains("metadata"));
+        let mut lying = meta_bytes.clone();
+        let at = MANIFEST_MAGIC_V2.len() + 32 + 18 + WRAPPED_KEY_BYTES;
+        lying[at..at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(Manifest::from_bytes(&lying).is_err());
         // Truncated, padded, or with a layout that disagrees with its hash count.
         assert!(Manifest::from_bytes(&bytes[..bytes.len() - 1]).is_err());
         assert!(Manifest::from_bytes(&[bytes.clone(), vec![0]].concat()).is_err());

@@ -755,6 +755,7 @@ mod tests {
             code: ErasureCode::DEFAULT,
             wrapped_key: [7; WRAPPED_KEY_BYTES],
             segments: vec![hashes],
+            meta: vec![],
         };
         let m = Bytes::from(manifest.to_bytes());
         let dir = tempfile::tempdir().unwrap();
@@ -850,6 +851,7 @@ mod tests {
             code: ErasureCode::DEFAULT,
             wrapped_key: [7; WRAPPED_KEY_BYTES],
             segments: vec![hashes],
+            meta: vec![],
         };
         let grant = Grant::Committed { manifest_root: manifest.root() };
         let key = ShardKey { version, index: 2, segment: 0 };

@@ -3,11 +3,11 @@
 //! place shards on. Like the other reads of current state, they answer 503 `ledger_stalled`
 //! rather than a stale view while this node's ledger is stalled.
 //!
-//! Listings scan the state's stored entries (O(state)); a name index is a later step
-//! (ARCHITECTURE.md, "Object storage").
+//! Listings page the ledger's object index. The answers' types live in
+//! [`archipel_objects::api`], where tenant-side clients (the CLI, the S3 gateway) read them.
 
 use crate::api::{ApiState, error};
-use archipel_ledger::storage::{BucketRecord, ObjectRecord};
+use archipel_ledger::storage::ObjectRecord;
 use archipel_ledger::{LeaseStatus, State as LedgerState};
 use archipel_types::{NodeId, Role};
 use axum::Json;
@@ -18,6 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+
+pub use archipel_objects::api::{BucketList, ObjectList, ObjectView, StorageNode, StorageNodes};
 
 /// Most keys one listing page returns.
 pub const MAX_LIST_KEYS: usize = 1000;
@@ -31,44 +33,6 @@ pub fn routes() -> Router<Arc<ApiState>> {
         .route("/v1/buckets/{name}/keys/{*key}", get(object))
         .route("/v1/storage/nodes", get(storage_nodes))
         .route("/v1/storage/health", get(health))
-}
-
-/// A node as storage sees it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct StorageNode {
-    /// The node.
-    pub node: NodeId,
-    /// Its name.
-    pub name: String,
-    /// Its API URL.
-    pub api_url: String,
-    /// Region.
-    pub region: String,
-    /// Country of its hardware.
-    pub country: String,
-    /// Operator.
-    pub operator: String,
-    /// The operator's jurisdiction.
-    pub jurisdiction: String,
-    /// Declared capacity.
-    pub capacity_bytes: u64,
-    /// Bytes of shards the ledger assigns it.
-    pub stored_bytes: u64,
-    /// Lease in finalized state.
-    pub lease: LeaseStatus,
-    /// Whether it has the storage role.
-    pub storage: bool,
-    /// Its reputation (1000 less 250 per failed audit).
-    pub reputation: u16,
-}
-
-/// `GET /v1/storage/nodes`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct StorageNodes {
-    /// Finalized height read.
-    pub height: u64,
-    /// Every registered node.
-    pub nodes: Vec<StorageNode>,
 }
 
 pub(crate) fn storage_node(st: &LedgerState, id: &NodeId) -> Option<StorageNode> {
@@ -96,15 +60,6 @@ async fn storage_nodes(State(s): State<Arc<ApiState>>) -> Response {
         nodes: st.nodes().keys().filter_map(|id| storage_node(st, id)).collect(),
     });
     Json(view).into_response()
-}
-
-/// `GET /v1/buckets`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct BucketList {
-    /// Finalized height read.
-    pub height: u64,
-    /// The buckets, by name.
-    pub buckets: Vec<BucketRecord>,
 }
 
 async fn buckets(State(s): State<Arc<ApiState>>) -> Response {
@@ -136,21 +91,6 @@ pub struct ListQuery {
     /// Most keys (and common prefixes) to return, at most [`MAX_LIST_KEYS`].
     #[serde(default)]
     pub limit: Option<usize>,
-}
-
-/// `GET /v1/buckets/{name}/objects`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ObjectList {
-    /// Finalized height read.
-    pub height: u64,
-    /// Objects, by key.
-    pub objects: Vec<ObjectRecord>,
-    /// Prefixes grouped by the delimiter.
-    pub common_prefixes: Vec<String>,
-    /// Whether more keys follow; ask again with `start_after` = `next_start_after`.
-    pub truncated: bool,
-    /// The last key or prefix returned, when truncated.
-    pub next_start_after: Option<String>,
 }
 
 /// Objects the first fetch after a common prefix asks for.
@@ -236,17 +176,6 @@ async fn list(State(s): State<Arc<ApiState>>, Path(name): Path<String>, Query(q)
             error(StatusCode::NOT_FOUND, "no_such_bucket", format!("no bucket {name:?} (see `archipel bucket ls`)"))
         }
     }
-}
-
-/// `GET /v1/buckets/{name}/keys/{key}`: an object with its holders.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ObjectView {
-    /// Finalized height read.
-    pub height: u64,
-    /// The object.
-    pub object: ObjectRecord,
-    /// Its holders in shard order (`None`: no longer registered).
-    pub holders: Vec<Option<StorageNode>>,
 }
 
 async fn object(State(s): State<Arc<ApiState>>, Path((name, key)): Path<(String, String)>) -> Response {

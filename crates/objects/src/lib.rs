@@ -11,9 +11,12 @@
 //! Nodes and validators only ever receive what leaves this crate: ciphertext shards, their hashes
 //! and wrapped keys.
 
+pub mod api;
 pub mod http;
+pub mod meta;
 pub mod pipeline;
 pub mod repair;
+pub mod tenant;
 pub mod transfer;
 
 pub use pipeline::{

@@ -15,6 +15,7 @@
 //! first k good ones decoded and decrypted; a holder that fails or serves bytes that fail their
 //! hash is replaced by the next one, and one that is silent for [`HEDGE_AFTER`] gets company. Range reads fetch only the segments they cover.
 
+use crate::meta::ObjectMeta;
 use crate::pipeline::{ObjectError, SEGMENT_PLAIN_BYTES, SegmentOpener, SegmentSealer, ShardHash};
 use archipel_crypto::{DataKey, Identity, WrapKey};
 use archipel_erasure::Segments;
@@ -28,10 +29,10 @@ use archipel_types::NodeId;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use std::io::Write;
+use md5::Digest as _;
 use std::ops::Range;
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// A GET asks one more holder when no shard arrived for this long.
 pub const HEDGE_AFTER: std::time::Duration = std::time::Duration::from_millis(1500);
@@ -282,8 +283,10 @@ pub struct PutPlan {
     pub candidates: Vec<(Candidate, String)>,
     /// The network (genesis hash): receipts are bound to it.
     pub network: Hash,
-    /// The ETag to record; `None`: the first 16 bytes of the content's BLAKE3 hash, in hex.
+    /// The ETag to record; `None`: the MD5 of the content, in hex (S3's ETag of a single-part upload).
     pub etag: Option<String>,
+    /// Metadata sealed into the manifest (an empty object has no manifest, so none is kept).
+    pub meta: ObjectMeta,
 }
 
 /// A fresh version of `object` for `owner`, with its nonce and the claim that proves it is theirs.
@@ -322,6 +325,7 @@ pub async fn put_object<S: Shards>(
         code,
         wrapped_key,
         segments: Vec::with_capacity(segments.count() as usize),
+        meta: plan.meta.seal(&data_key, &version.0).map_err(|e| TransferFailed::Io(e.to_string()))?,
     };
     if plan.size == 0 {
         return Ok(ObjectPut {
@@ -332,7 +336,7 @@ pub async fn put_object<S: Shards>(
             size: 0,
             segment_bytes: SEGMENT_PLAIN_BYTES,
             manifest_root: manifest.root(),
-            etag: plan.etag.clone().unwrap_or_else(|| etag_of(&blake3::Hasher::new())),
+            etag: plan.etag.clone().unwrap_or_else(|| etag_of(md5::Md5::new())),
             holders: vec![],
         });
     }
@@ -346,7 +350,7 @@ pub async fn put_object<S: Shards>(
         })
         .collect();
 
-    let mut content_hash = blake3::Hasher::new();
+    let mut content_hash = md5::Md5::new();
     let mut sealer = SegmentSealer::new(&data_key, &version.0, code);
     // A JoinSet aborts the uploads still running when an error returns early.
     let mut in_flight: tokio::task::JoinSet<Result<(), TransferFailed>> = tokio::task::JoinSet::new();
@@ -447,13 +451,15 @@ pub async fn put_object<S: Shards>(
         size: plan.size,
         segment_bytes: SEGMENT_PLAIN_BYTES,
         manifest_root: root,
-        etag: plan.etag.clone().unwrap_or_else(|| etag_of(&content_hash)),
+        etag: plan.etag.clone().unwrap_or_else(|| etag_of(content_hash)),
         holders: receipts,
     })
 }
 
-fn etag_of(h: &blake3::Hasher) -> String {
-    hex::encode(&h.finalize().as_bytes()[..16])
+/// S3's ETag of a single-part object: the MD5 of its content, in hex (clients such as rclone
+/// compare it with their own).
+fn etag_of(h: md5::Md5) -> String {
+    hex::encode(h.finalize())
 }
 
 fn finish(r: Option<Result<Result<(), TransferFailed>, tokio::task::JoinError>>) -> Result<(), TransferFailed> {
@@ -502,6 +508,35 @@ pub async fn fetch_manifest<S: Shards>(
     Err(TransferFailed::Manifest(why.join("; ")))
 }
 
+/// An object ready to read: its manifest checked against the ledger, its data key and metadata.
+#[derive(Debug)]
+pub struct Opened {
+    /// The manifest (`None` for an empty object, which has none).
+    manifest: Option<Manifest>,
+    key: Option<DataKey>,
+    /// The object's metadata.
+    pub meta: ObjectMeta,
+}
+
+/// Reads the manifest of `object` from its holders and opens its data key and metadata with the
+/// owner's key.
+pub async fn open_object<S: Shards>(
+    shards: &S,
+    object: &ObjectRecord,
+    holders: &[Holder],
+    owner: &Identity,
+) -> Result<Opened, TransferFailed> {
+    if object.size == 0 {
+        return Ok(Opened { manifest: None, key: None, meta: ObjectMeta::default() });
+    }
+    let manifest = fetch_manifest(shards, object, holders).await?;
+    let wrapped: &[u8; WRAPPED_KEY_BYTES] = &manifest.wrapped_key;
+    let key = WrapKey::for_owner(owner).unwrap(wrapped, &object.version.0)?;
+    let meta = ObjectMeta::open(&manifest.meta, &key, &object.version.0)
+        .map_err(|e| TransferFailed::Manifest(e.to_string()))?;
+    Ok(Opened { manifest: Some(manifest), key: Some(key), meta })
+}
+
 /// Reads `range` of `object` (all of it when `None`) into `out`; `holders[i]` holds shard `i`.
 /// `progress` is called with the plaintext bytes written so far. Returns the holders whose
 /// shards failed their hash check (to report for repair).
@@ -511,18 +546,32 @@ pub async fn get_object<S: Shards>(
     holders: &[Holder],
     owner: &Identity,
     range: Option<Range<u64>>,
-    mut out: impl Write,
+    out: impl AsyncWrite + Unpin,
+    progress: impl FnMut(u64),
+) -> Result<Vec<NodeId>, TransferFailed> {
+    let opened = open_object(shards, object, holders, owner).await?;
+    read_object(shards, object, holders, &opened, range, out, progress).await
+}
+
+/// [`get_object`] of an object already opened.
+pub async fn read_object<S: Shards>(
+    shards: &S,
+    object: &ObjectRecord,
+    holders: &[Holder],
+    opened: &Opened,
+    range: Option<Range<u64>>,
+    mut out: impl AsyncWrite + Unpin,
     mut progress: impl FnMut(u64),
 ) -> Result<Vec<NodeId>, TransferFailed> {
     let range = range.unwrap_or(0..object.size);
     let range = range.start.min(object.size)..range.end.min(object.size);
+    let (Some(manifest), Some(key)) = (&opened.manifest, &opened.key) else {
+        return Ok(vec![]);
+    };
     if range.is_empty() {
         return Ok(vec![]);
     }
-    let manifest = fetch_manifest(shards, object, holders).await?;
-    let wrapped: &[u8; WRAPPED_KEY_BYTES] = &manifest.wrapped_key;
-    let key = WrapKey::for_owner(owner).unwrap(wrapped, &object.version.0)?;
-    let mut opener = SegmentOpener::new(&key, &object.version.0, manifest.code);
+    let mut opener = SegmentOpener::new(key, &object.version.0, manifest.code);
     let segments = Segments::new(object.size, manifest.segment_bytes);
     let k = usize::from(manifest.code.data);
     let mut bad_holders = Vec::new();
@@ -568,11 +617,13 @@ pub async fn get_object<S: Shards>(
         let (plain, _) = opener.open(s, plain_len, &given, hashes)?;
         let from = range.start.max(seg_range.start) - seg_range.start;
         let to = range.end.min(seg_range.end) - seg_range.start;
-        out.write_all(&plain[from as usize..to as usize]).map_err(|e| TransferFailed::Io(format!("writing: {e}")))?;
+        out.write_all(&plain[from as usize..to as usize])
+            .await
+            .map_err(|e| TransferFailed::Io(format!("writing: {e}")))?;
         written += to - from;
         progress(written);
     }
-    out.flush().map_err(|e| TransferFailed::Io(format!("writing: {e}")))?;
+    out.flush().await.map_err(|e| TransferFailed::Io(format!("writing: {e}")))?;
     Ok(bad_holders)
 }
 

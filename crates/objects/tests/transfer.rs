@@ -209,6 +209,7 @@ fn plan(candidates: &[(Candidate, String)], size: u64) -> PutPlan {
         candidates: candidates.to_vec(),
         network: Hash::ZERO,
         etag: None,
+        meta: Default::default(),
     }
 }
 

@@ -1,0 +1,577 @@
+//! A tenant's client of the network: reads of finalized state, signed transactions, and whole
+//! object PUT/GET over the nodes' APIs. The CLI and the S3 gateway both stand on it.
+//!
+//! - **Several nodes.** A client is given one or more node URLs; a read or a submission that
+//!   finds a node unreachable, stalled (503) or rate-limited goes to the next one, so the loss of
+//!   one node (or region) does not stop the tenant.
+//! - **Nonces.** Transactions from one key must use consecutive nonces. The client allocates them
+//!   itself under a lock held only while a transaction is *admitted*; it then waits for finality
+//!   outside the lock (submitting the same transaction again is the same transaction), so many
+//!   PUTs commit in the same block instead of one per block. A nonce refused as taken or stale
+//!   is re-read from the ledger and the transaction signed again.
+//! - **PUT retries.** A holder that fails during an upload is left out and the object placed
+//!   again, when the source can be read again ([`PutSource`]); what the failed attempt stored is
+//!   never committed and its holders collect it.
+
+use crate::api::{BucketList, ObjectList, ObjectView, StorageNode, StorageNodes};
+use crate::http::HttpShards;
+use crate::meta::ObjectMeta;
+use crate::transfer::{Holder, Opened, PutPlan, TransferFailed, get_object, open_object, put_object, read_object};
+use archipel_crypto::{Identity, sign_request};
+use archipel_ledger::storage::{BucketRecord, ObjectPut};
+use archipel_ledger::{Hash, LeaseStatus, Payload, Receipt, Transaction};
+use archipel_placement::Candidate;
+use archipel_types::NodeId;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// How many times a PUT places an object before it gives up, each time without the nodes that
+/// failed before.
+pub const PUT_ATTEMPTS: usize = 4;
+
+/// How long a submission waits for its block to be final.
+const FINAL_TIMEOUT: Duration = Duration::from_secs(35);
+
+/// Times a transaction is signed again after its nonce was refused.
+const NONCE_RETRIES: usize = 8;
+
+/// A failed call.
+#[derive(Debug, thiserror::Error)]
+pub enum TenantError {
+    /// No node could be reached.
+    #[error("cannot reach any node ({0}): is the network running? check the addresses, or start `archipel devnet`")]
+    Unreachable(String),
+    /// A node answered with an error.
+    #[error("{url} answered {status} {code}: {message}")]
+    Api {
+        /// The URL.
+        url: String,
+        /// HTTP status.
+        status: u16,
+        /// Error code from the body (`no_such_bucket`, `no_such_key`, `bucket_exists`…).
+        code: String,
+        /// Message from the body.
+        message: String,
+    },
+    /// An answer could not be understood.
+    #[error("unexpected answer from {url}: {reason}")]
+    Decode {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The transaction was admitted but is not final yet.
+    #[error("transaction {0} was accepted but is not final yet: check `archipel ledger show {0}`")]
+    NotFinal(Hash),
+    /// Moving the data failed.
+    #[error(transparent)]
+    Transfer(#[from] TransferFailed),
+}
+
+impl TenantError {
+    /// The error code a node answered with, if it answered.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            TenantError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// The HTTP status a node answered with, if it answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            TenantError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// Whether another node may answer better: this one is unreachable, stalled, busy or failed.
+    fn try_another(&self) -> bool {
+        match self {
+            TenantError::Unreachable(_) => true,
+            TenantError::Api { status, .. } => *status == 429 || *status >= 500,
+            _ => false,
+        }
+    }
+}
+
+/// A node's error body.
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+    message: String,
+}
+
+/// Where a submitted transaction is (the node's `POST /v1/tx` answer).
+#[derive(Deserialize)]
+struct Submitted {
+    hash: Hash,
+    #[serde(flatten)]
+    status: SubmittedStatus,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case", tag = "status")]
+enum SubmittedStatus {
+    Final { height: u64, block_time_ms: u64, receipt: Receipt },
+    Pending,
+    Unknown,
+}
+
+/// A transaction in a finalized block.
+#[derive(Clone, Debug)]
+pub struct Committed {
+    /// Its hash.
+    pub hash: Hash,
+    /// The block's height.
+    pub height: u64,
+    /// The block's consensus time (Unix ms).
+    pub block_time_ms: u64,
+    /// What it did.
+    pub receipt: Receipt,
+}
+
+/// What a PUT reads: once, or again from the start for a retry.
+pub trait PutSource: Send {
+    /// The reader for one attempt; `None` when it cannot be read again (a request body already
+    /// consumed), which ends the retries.
+    fn open(&mut self) -> impl Future<Output = std::io::Result<Option<Box<dyn AsyncRead + Send + Unpin>>>> + Send;
+}
+
+/// A source read once (a request body streaming in): no retry after a holder fails.
+#[derive(Debug)]
+pub struct Once<R>(Option<R>);
+
+impl<R> Once<R> {
+    /// Wraps `reader`.
+    pub fn new(reader: R) -> Self {
+        Once(Some(reader))
+    }
+}
+
+impl<R: AsyncRead + Send + Unpin + 'static> PutSource for Once<R> {
+    async fn open(&mut self) -> std::io::Result<Option<Box<dyn AsyncRead + Send + Unpin>>> {
+        Ok(self.0.take().map(|r| Box::new(r) as Box<dyn AsyncRead + Send + Unpin>))
+    }
+}
+
+/// Bytes in memory, read again for each attempt.
+#[derive(Debug)]
+pub struct InMemory(pub bytes::Bytes);
+
+impl PutSource for InMemory {
+    async fn open(&mut self) -> std::io::Result<Option<Box<dyn AsyncRead + Send + Unpin>>> {
+        Ok(Some(Box::new(std::io::Cursor::new(self.0.clone()))))
+    }
+}
+
+/// A file, opened again for each attempt.
+#[derive(Debug)]
+pub struct FileSource(pub std::path::PathBuf);
+
+impl PutSource for FileSource {
+    async fn open(&mut self) -> std::io::Result<Option<Box<dyn AsyncRead + Send + Unpin>>> {
+        let f = tokio::fs::File::open(&self.0).await?;
+        Ok(Some(Box::new(tokio::io::BufReader::with_capacity(1 << 20, f))))
+    }
+}
+
+/// What a PUT stores besides the bytes.
+#[derive(Clone, Debug, Default)]
+pub struct NewObject {
+    /// The key.
+    pub key: String,
+    /// Exactly this many bytes are read from the source.
+    pub size: u64,
+    /// The ETag to record (default: the MD5 of the content, in hex, as S3 does).
+    pub etag: Option<String>,
+    /// Metadata sealed into the manifest.
+    pub meta: ObjectMeta,
+}
+
+/// A stored object.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    /// What was committed.
+    pub put: ObjectPut,
+    /// Its transaction.
+    pub tx: Committed,
+}
+
+/// A tenant's client: its key and the nodes it talks to.
+#[derive(Debug)]
+pub struct TenantClient {
+    nodes: Vec<String>,
+    /// The node tried first (the last one that answered).
+    preferred: AtomicUsize,
+    http: reqwest::Client,
+    identity: Identity,
+    shards: Arc<HttpShards>,
+    network: tokio::sync::OnceCell<Hash>,
+    /// The next nonce to use, once known.
+    next_nonce: tokio::sync::Mutex<Option<u64>>,
+}
+
+fn base_url(u: &str) -> String {
+    let u = u.trim_end_matches('/');
+    if u.contains("://") { u.to_string() } else { format!("http://{u}") }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Percent-encodes a query value or path segment.
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A storage node as a placement candidate, with its URL; `None` when its location does not parse.
+pub fn candidate(n: StorageNode) -> Option<(Candidate, String)> {
+    Some((
+        Candidate {
+            node: n.node,
+            region: n.region.parse().ok()?,
+            country: n.country.parse().ok()?,
+            operator: n.operator,
+            jurisdiction: n.jurisdiction.parse().ok()?,
+            free_bytes: n.capacity_bytes.saturating_sub(n.stored_bytes),
+            reputation: n.reputation,
+        },
+        n.api_url,
+    ))
+}
+
+/// An object's holders with their URLs, in shard order.
+pub fn holders(view: &ObjectView) -> Vec<Holder> {
+    view.object
+        .holders
+        .iter()
+        .zip(&view.holders)
+        .map(|(node, n)| Holder { node: *node, url: n.as_ref().map(|n| n.api_url.clone()).unwrap_or_default() })
+        .collect()
+}
+
+impl TenantClient {
+    /// A client signing with `identity` and asking `nodes` (URLs or `host:port`), the first one
+    /// first. Panics on an empty list.
+    pub fn new(nodes: &[String], identity: Identity) -> Self {
+        assert!(!nodes.is_empty(), "a tenant client needs at least one node");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(40))
+            .connect_timeout(Duration::from_secs(3))
+            .no_proxy()
+            .build()
+            .unwrap_or_default();
+        TenantClient {
+            nodes: nodes.iter().map(|n| base_url(n)).collect(),
+            preferred: AtomicUsize::new(0),
+            http,
+            shards: Arc::new(HttpShards::new(identity.clone())),
+            identity,
+            network: tokio::sync::OnceCell::new(),
+            next_nonce: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The tenant's key.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The tenant's account.
+    pub fn me(&self) -> NodeId {
+        self.identity.node_id()
+    }
+
+    /// The nodes asked, in order.
+    pub fn nodes(&self) -> &[String] {
+        &self.nodes
+    }
+
+    /// Sends one request to each node in turn until one answers without a reason to try another;
+    /// returns the answer body. `body` and `signed` as in [`Self::get`] and [`Self::submit`].
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Vec<u8>,
+        signed: bool,
+    ) -> Result<bytes::Bytes, TenantError> {
+        let first = self.preferred.load(Ordering::Relaxed) % self.nodes.len();
+        let mut last = None;
+        for n in 0..self.nodes.len() {
+            let at = (first + n) % self.nodes.len();
+            let url = format!("{}{path}", self.nodes[at]);
+            let mut req = self.http.request(method.clone(), &url);
+            if signed {
+                let mut nonce = [0u8; 16];
+                rand::fill(&mut nonce);
+                let headers = sign_request(&self.identity, method.as_str(), path, &body, now_ms(), nonce);
+                for (k, v) in headers.pairs() {
+                    req = req.header(k, v);
+                }
+            }
+            if !body.is_empty() {
+                req = req.header("content-type", "application/octet-stream").body(body.clone());
+            }
+            let result = match req.send().await {
+                Err(e) => Err(TenantError::Unreachable(format!("{url}: {}", root_cause(&e)))),
+                Ok(resp) => {
+                    let status = resp.status();
+                    match resp.bytes().await {
+                        Err(e) => Err(TenantError::Unreachable(format!("{url}: {}", root_cause(&e)))),
+                        Ok(bytes) if status.is_success() => Ok(bytes),
+                        Ok(bytes) => {
+                            let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+                                Ok(e) => (e.error, e.message),
+                                Err(_) => ("error".into(), String::from_utf8_lossy(&bytes).chars().take(200).collect()),
+                            };
+                            Err(TenantError::Api { url: url.clone(), status: status.as_u16(), code, message })
+                        }
+                    }
+                }
+            };
+            match result {
+                Err(e) if e.try_another() => last = Some(e),
+                other => {
+                    self.preferred.store(at, Ordering::Relaxed);
+                    return other;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| TenantError::Unreachable("no node".into())))
+    }
+
+    /// `GET` a JSON document of finalized state.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, TenantError> {
+        let bytes = self.send(reqwest::Method::GET, path, Vec::new(), false).await?;
+        serde_json::from_slice(&bytes).map_err(|e| TenantError::Decode { url: path.into(), reason: e.to_string() })
+    }
+
+    /// The network's genesis hash (transactions and receipts are bound to it).
+    pub async fn network(&self) -> Result<Hash, TenantError> {
+        self.network
+            .get_or_try_init(|| async {
+                let head: serde_json::Value = self.get("/v1/ledger/head").await?;
+                head["genesis_hash"].as_str().unwrap_or("").parse().map_err(|e| TenantError::Decode {
+                    url: "/v1/ledger/head".into(),
+                    reason: format!("malformed genesis hash: {e}"),
+                })
+            })
+            .await
+            .copied()
+    }
+
+    async fn ledger_nonce(&self) -> Result<u64, TenantError> {
+        let me: Option<serde_json::Value> = not_found_is_none(self.get(&format!("/v1/accounts/{}", self.me())).await)?;
+        Ok(me.and_then(|m| m["nonce"].as_u64()).unwrap_or(0))
+    }
+
+    /// Signs `payload` at the next nonce, submits it and waits until it is final.
+    pub async fn submit(&self, payload: Payload) -> Result<Committed, TenantError> {
+        let network = self.network().await?;
+        let mut retries = 0;
+        let stx = {
+            let mut next = self.next_nonce.lock().await;
+            loop {
+                let nonce = match *next {
+                    Some(n) => n,
+                    None => self.ledger_nonce().await?,
+                };
+                let stx =
+                    Transaction { signer: self.me(), nonce, payload: payload.clone() }.sign(&self.identity, &network);
+                match self.send(reqwest::Method::POST, "/v1/tx", stx.to_bytes(), false).await {
+                    Ok(_) => {
+                        *next = Some(nonce + 1);
+                        break stx;
+                    }
+                    Err(e)
+                        if retries < NONCE_RETRIES
+                            && matches!(e.code(), Some("nonce_taken" | "replayed_nonce" | "bad_nonce")) =>
+                    {
+                        retries += 1;
+                        // Taken by a transaction this client no longer knows of (a restart): the
+                        // one after it; stale: the ledger's.
+                        *next = match (e.code(), *next) {
+                            (Some("nonce_taken"), _) => Some(nonce + 1),
+                            _ => None,
+                        };
+                    }
+                    Err(e) => {
+                        *next = None;
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let path = format!("/v1/tx?wait=final&timeout_ms={}", FINAL_TIMEOUT.as_millis() - 5_000);
+        let r = self.send(reqwest::Method::POST, &path, stx.to_bytes(), false).await;
+        let bytes = match r {
+            Ok(b) => b,
+            Err(e) => {
+                // Whether the nonce was used is unknown now: read it again next time.
+                *self.next_nonce.lock().await = None;
+                return Err(e);
+            }
+        };
+        let s: Submitted = serde_json::from_slice(&bytes)
+            .map_err(|e| TenantError::Decode { url: path.clone(), reason: e.to_string() })?;
+        match s.status {
+            SubmittedStatus::Final { height, block_time_ms, receipt } => {
+                Ok(Committed { hash: s.hash, height, block_time_ms, receipt })
+            }
+            SubmittedStatus::Pending | SubmittedStatus::Unknown => {
+                *self.next_nonce.lock().await = None;
+                Err(TenantError::NotFinal(s.hash))
+            }
+        }
+    }
+
+    /// Every bucket.
+    pub async fn buckets(&self) -> Result<BucketList, TenantError> {
+        self.get("/v1/buckets").await
+    }
+
+    /// One bucket; `None` when there is none of that name.
+    pub async fn bucket(&self, name: &str) -> Result<Option<BucketRecord>, TenantError> {
+        not_found_is_none(self.get(&format!("/v1/buckets/{}", urlencode(name))).await)
+    }
+
+    /// One object with its holders; `None` when there is none at that key.
+    pub async fn object(&self, bucket: &str, key: &str) -> Result<Option<ObjectView>, TenantError> {
+        let key: String = key.split('/').map(urlencode).collect::<Vec<_>>().join("/");
+        not_found_is_none(self.get(&format!("/v1/buckets/{}/keys/{key}", urlencode(bucket))).await)
+    }
+
+    /// One page of a bucket's listing (S3 rules for prefix, delimiter and `start_after`).
+    pub async fn list(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        delimiter: Option<&str>,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<ObjectList, TenantError> {
+        let mut q = vec![format!("prefix={}", urlencode(prefix)), format!("limit={limit}")];
+        if let Some(d) = delimiter {
+            q.push(format!("delimiter={}", urlencode(d)));
+        }
+        if let Some(a) = start_after {
+            q.push(format!("start_after={}", urlencode(a)));
+        }
+        self.get(&format!("/v1/buckets/{}/objects?{}", urlencode(bucket), q.join("&"))).await
+    }
+
+    /// Nodes that may receive shards now, from finalized state.
+    pub async fn candidates(&self) -> Result<Vec<(Candidate, String)>, TenantError> {
+        let view: StorageNodes = self.get("/v1/storage/nodes").await?;
+        Ok(view.nodes.into_iter().filter(|n| n.storage && n.lease == LeaseStatus::Up).filter_map(candidate).collect())
+    }
+
+    /// Puts `object.size` bytes from `source` into `bucket` and waits until the `PutObject` is
+    /// final. `progress(bytes)` follows the upload; `warn` hears of a holder left out for a retry.
+    pub async fn put(
+        &self,
+        bucket: &BucketRecord,
+        object: NewObject,
+        mut source: impl PutSource,
+        mut progress: impl FnMut(u64),
+        mut warn: impl FnMut(String),
+    ) -> Result<Stored, TenantError> {
+        let mut plan = PutPlan {
+            bucket: bucket.clone(),
+            key: object.key,
+            size: object.size,
+            candidates: vec![],
+            network: self.network().await?,
+            etag: object.etag,
+            meta: object.meta,
+        };
+        let mut left_out: Vec<NodeId> = Vec::new();
+        let put = loop {
+            plan.candidates =
+                self.candidates().await?.into_iter().filter(|(n, _)| !left_out.contains(&n.node)).collect();
+            let reader = source
+                .open()
+                .await
+                .map_err(|e| TransferFailed::Io(format!("reading the source: {e}")))?
+                .ok_or_else(|| TransferFailed::Io("the source cannot be read again for a retry".into()))?;
+            progress(0);
+            match put_object(self.shards.clone(), &plan, &self.identity, reader, &mut progress).await {
+                Ok(put) => break put,
+                Err(e) => match e.holder_fault() {
+                    Some((node, fault)) if left_out.len() < PUT_ATTEMPTS - 1 => {
+                        // A source read once cannot be tried again.
+                        left_out.push(node);
+                        warn(format!(
+                            "{fault}; placing the object again without node {} (attempt {} of {PUT_ATTEMPTS})",
+                            node.short(),
+                            left_out.len() + 1
+                        ));
+                    }
+                    _ => return Err(e.into()),
+                },
+            }
+        };
+        let tx = self.submit(Payload::PutObject { put: put.clone() }).await?;
+        Ok(Stored { put, tx })
+    }
+
+    /// Opens the object `view` describes: its manifest, data key and metadata.
+    pub async fn open(&self, view: &ObjectView) -> Result<Opened, TenantError> {
+        Ok(open_object(&*self.shards, &view.object, &holders(view), &self.identity).await?)
+    }
+
+    /// Reads `range` (all when `None`) of an object opened with [`Self::open`] into `out`;
+    /// returns the holders whose shards failed their hash check.
+    pub async fn read(
+        &self,
+        view: &ObjectView,
+        opened: &Opened,
+        range: Option<Range<u64>>,
+        out: impl AsyncWrite + Unpin,
+        progress: impl FnMut(u64),
+    ) -> Result<Vec<NodeId>, TenantError> {
+        Ok(read_object(&*self.shards, &view.object, &holders(view), opened, range, out, progress).await?)
+    }
+
+    /// Reads `range` (all when `None`) of the object `view` describes into `out`; returns the
+    /// holders whose shards failed their hash check.
+    pub async fn get_into(
+        &self,
+        view: &ObjectView,
+        range: Option<Range<u64>>,
+        out: impl AsyncWrite + Unpin,
+        progress: impl FnMut(u64),
+    ) -> Result<Vec<NodeId>, TenantError> {
+        Ok(get_object(&*self.shards, &view.object, &holders(view), &self.identity, range, out, progress).await?)
+    }
+}
+
+fn not_found_is_none<T>(r: Result<T, TenantError>) -> Result<Option<T>, TenantError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.status() == Some(404) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
