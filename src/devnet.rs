@@ -64,6 +64,9 @@ pub struct DevnetArgs {
     /// epoch).
     #[arg(long, default_value_t = 10_000)]
     audit_epoch_ms: u64,
+    /// Where the devnet's S3 gateway listens (`off`: no gateway).
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    s3_listen: String,
 }
 
 /// One node as recorded in `devnet.json`.
@@ -98,6 +101,18 @@ pub struct DevnetState {
     pub tenant_key: PathBuf,
     /// The nodes.
     pub nodes: Vec<DevnetNode>,
+    /// The S3 gateway, once it listens.
+    #[serde(default)]
+    pub gateway: Option<crate::gateway_cli::GatewayInfo>,
+}
+
+/// Every node's API URL of the devnet in `dir`.
+pub fn api_urls(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join(STATE))
+        .ok()
+        .and_then(|text| serde_json::from_str::<DevnetState>(&text).ok())
+        .map(|state| state.nodes.iter().map(|n| n.api_url.clone()).collect())
+        .unwrap_or_default()
 }
 
 /// The first node's API URL of the devnet in `dir`, if there is one.
@@ -302,16 +317,18 @@ pub fn run(args: DevnetArgs) -> Result<()> {
         genesis_hash: genesis.hash(),
         tenant_key: dir.join("tenant.key"),
         nodes: nodes.iter().map(|s| s.node.clone()).collect(),
+        gateway: None,
     };
     write_state(&dir, &state)?;
 
     let rt = crate::tokio_rt()?;
-    let result = rt.block_on(supervise(&args, &dir, &genesis, &mut nodes, started));
+    let result = rt.block_on(supervise(&args, &dir, &genesis, &mut nodes, &mut state, started));
     stop_all(&mut nodes);
     for (s, n) in state.nodes.iter_mut().zip(&nodes) {
         s.pid = n.child.as_ref().map(Child::id);
     }
     state.supervisor_pid = None;
+    state.gateway = None;
     let _ = write_state(&dir, &state);
     result
 }
@@ -352,6 +369,7 @@ async fn supervise(
     dir: &Path,
     genesis: &Genesis,
     nodes: &mut [Supervised],
+    state: &mut DevnetState,
     started: Instant,
 ) -> Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -394,6 +412,32 @@ async fn supervise(
     }
     let up_in = started.elapsed();
     print_summary(dir, genesis, nodes);
+    // The tenant's S3 gateway, in this process: it holds the tenant key and talks to every node.
+    let (stop_gateway, gateway_stopped) = tokio::sync::oneshot::channel::<()>();
+    if args.s3_listen != "off" {
+        let listen: SocketAddr = args
+            .s3_listen
+            .parse()
+            .with_context(|| format!("--s3-listen {:?} is not HOST:PORT or off", args.s3_listen))?;
+        let urls: Vec<String> = nodes.iter().map(|s| s.node.api_url.clone()).collect();
+        let tenant = Identity::load(&dir.join("tenant.key"))?;
+        let policy = archipel_types::PlacementPolicy::anywhere(archipel_types::ErasureCode::DEFAULT);
+        let (listener, svc, info) =
+            crate::gateway_cli::start(listen, &urls, tenant, &dir.join("gateway-spool"), policy).await?;
+        crate::gateway_cli::print_info(&info, urls.len());
+        std::fs::write(
+            dir.join("s3.env"),
+            format!(
+                "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\nAWS_ENDPOINT_URL={}\nAWS_DEFAULT_REGION=us-east-1\n",
+                info.access_key_id, info.secret_access_key, info.endpoint
+            ),
+        )?;
+        state.gateway = Some(info);
+        write_state(dir, state)?;
+        tokio::spawn(archipel_gateway::serve(listener, svc, async {
+            let _ = gateway_stopped.await;
+        }));
+    }
     println!("devnet ready: {} nodes up in {:.2}s", nodes.len(), up_in.as_secs_f64());
     let _ = std::io::stdout().flush();
 
@@ -470,6 +514,7 @@ async fn supervise(
         println!();
     }
     println!("stopping devnet…");
+    let _ = stop_gateway.send(());
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 
 mod devnet;
 mod fill_chain;
+mod gateway_cli;
 mod ledger_cli;
 mod output;
 mod storage_cli;
@@ -84,6 +85,9 @@ enum Command {
     Stat(storage_cli::StatArgs),
     /// Storage health per bucket: degraded segments, repair queue, durability.
     Health(storage_cli::Tenant),
+    /// Serve S3 (aws-cli, boto3, rclone) for your buckets: data is encrypted and erasure-coded
+    /// here, on your side, before it reaches any node.
+    Gateway(gateway_cli::GatewayArgs),
     /// Get inclusion proofs from a node and verify them offline.
     Proof {
         #[command(subcommand)]
@@ -463,6 +467,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Rm(args) => tokio_rt()?.block_on(storage_cli::rm(args)),
         Command::Stat(args) => tokio_rt()?.block_on(storage_cli::stat(args)),
         Command::Health(args) => tokio_rt()?.block_on(storage_cli::health(args)),
+        Command::Gateway(args) => tokio_rt()?.block_on(gateway_cli::run(args)),
         Command::Debug { command: DebugCommand::P2pProbe { key, genesis, listen, seconds } } => {
             let identity = Identity::load(&key)?;
             let genesis = Genesis::load(&genesis)?;

@@ -178,6 +178,9 @@ pub struct BucketRecord {
     pub policy: PlacementPolicy,
     /// Height it was created at.
     pub created_height: u64,
+    /// That block's time (Unix ms).
+    #[serde(default)]
+    pub created_ms: u64,
     /// Objects in it.
     pub objects: u64,
     /// Sum of its objects' sizes.
@@ -857,6 +860,7 @@ impl State {
             owner: signer,
             policy: policy.clone(),
             created_height: self.chain.height,
+            created_ms: self.chain.timestamp_ms,
             objects: 0,
             bytes: 0,
             segments: 0,

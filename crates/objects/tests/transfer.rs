@@ -200,6 +200,7 @@ fn plan(candidates: &[(Candidate, String)], size: u64) -> PutPlan {
                 ..PlacementPolicy::anywhere(ErasureCode::DEFAULT)
             },
             created_height: 1,
+            created_ms: 0,
             objects: 0,
             bytes: 0,
             segments: 0,
