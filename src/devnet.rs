@@ -422,21 +422,25 @@ async fn supervise(
         let urls: Vec<String> = nodes.iter().map(|s| s.node.api_url.clone()).collect();
         let tenant = Identity::load(&dir.join("tenant.key"))?;
         let policy = archipel_types::PlacementPolicy::anywhere(archipel_types::ErasureCode::DEFAULT);
-        let (listener, svc, info) =
-            crate::gateway_cli::start(listen, &urls, tenant, &dir.join("gateway-spool"), policy).await?;
-        crate::gateway_cli::print_info(&info, urls.len());
-        std::fs::write(
-            dir.join("s3.env"),
-            format!(
-                "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\nAWS_ENDPOINT_URL={}\nAWS_DEFAULT_REGION=us-east-1\n",
-                info.access_key_id, info.secret_access_key, info.endpoint
-            ),
-        )?;
-        state.gateway = Some(info);
-        write_state(dir, state)?;
-        tokio::spawn(archipel_gateway::serve(listener, svc, async {
-            let _ = gateway_stopped.await;
-        }));
+        match crate::gateway_cli::start(listen, &urls, tenant, &dir.join("gateway-spool"), policy).await {
+            Ok((listener, svc, info)) => {
+                crate::gateway_cli::print_info(&info, urls.len());
+                std::fs::write(
+                    dir.join("s3.env"),
+                    format!(
+                        "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\nAWS_ENDPOINT_URL={}\nAWS_DEFAULT_REGION=us-east-1\n",
+                        info.access_key_id, info.secret_access_key, info.endpoint
+                    ),
+                )?;
+                state.gateway = Some(info);
+                write_state(dir, state)?;
+                tokio::spawn(archipel_gateway::serve(listener, svc, async {
+                    let _ = gateway_stopped.await;
+                }));
+            }
+            // The nodes run without it; the user learns why and how to choose another address.
+            Err(e) => eprintln!("warning: no S3 gateway: {e:#} (pass --s3-listen HOST:PORT, or off)"),
+        }
     }
     println!("devnet ready: {} nodes up in {:.2}s", nodes.len(), up_in.as_secs_f64());
     let _ = std::io::stdout().flush();

@@ -389,7 +389,7 @@ fn main() {
     quiet_on_closed_output();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("ARCHIPEL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,commonware=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,commonware=warn,s3s=off"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
     if let Err(e) = run(cli) {

@@ -82,6 +82,8 @@ impl Devnet {
             .arg("--dir")
             .arg(&dir)
             .args(extra)
+            // Tests run side by side: no devnet takes the default S3 port unless asked to.
+            .args(if extra.contains(&"--s3-listen") { &[][..] } else { &["--s3-listen", "off"][..] })
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -902,6 +902,7 @@ mod tests {
         let this = ETagCondition::ETag(ETag::Strong("abc".into()));
         let other = ETagCondition::ETag(ETag::Strong("xyz".into()));
         let code = |r: S3Result<()>| r.err().map(|e| e.code().as_str().to_string());
+        let (t1, t99, t100, t200) = (at(1), at(99), at(100), at(200));
         // Modified at 100 s (and 400 ms).
         let check = |m, n, ims, ius, read| check_preconditions("abc", 100_400, m, n, ims, ius, read);
         assert_eq!(code(check(Some(&this), None, None, None, true)), None);
@@ -911,13 +912,13 @@ mod tests {
         assert_eq!(code(check(None, Some(&this), None, None, false)).as_deref(), Some("PreconditionFailed"));
         assert_eq!(code(check(None, Some(&any), None, None, false)).as_deref(), Some("PreconditionFailed"));
         assert_eq!(code(check(None, Some(&other), None, None, true)), None);
-        assert_eq!(code(check(None, None, Some(&at(100)), None, true)).as_deref(), Some("NotModified"));
-        assert_eq!(code(check(None, None, Some(&at(99)), None, true)), None);
-        assert_eq!(code(check(None, None, None, Some(&at(99)), true)).as_deref(), Some("PreconditionFailed"));
-        assert_eq!(code(check(None, None, None, Some(&at(100)), true)), None);
+        assert_eq!(code(check(None, None, Some(&t100), None, true)).as_deref(), Some("NotModified"));
+        assert_eq!(code(check(None, None, Some(&t99), None, true)), None);
+        assert_eq!(code(check(None, None, None, Some(&t99), true)).as_deref(), Some("PreconditionFailed"));
+        assert_eq!(code(check(None, None, None, Some(&t100), true)), None);
         // If-Match wins over If-Unmodified-Since; If-None-Match over If-Modified-Since.
-        assert_eq!(code(check(Some(&this), None, None, Some(&at(1)), true)), None);
-        assert_eq!(code(check(None, Some(&other), Some(&at(200)), None, true)), None);
+        assert_eq!(code(check(Some(&this), None, None, Some(&t1), true)), None);
+        assert_eq!(code(check(None, Some(&other), Some(&t200), None, true)), None);
     }
 
     #[test]

@@ -1,0 +1,313 @@
+"""Real S3 clients against a devnet's gateway: boto3, aws-cli and rclone each run a scripted session
+(make a bucket, upload a large file in parts, list, download, compare bytes, presign and fetch with
+curl, delete, remove the bucket), plus end-to-end encryption and bad input.
+
+Run by `tests/s3_clients.rs` (part of `cargo test --workspace`), which starts the devnet, makes the
+Python venv and passes the gateway's endpoint and root keys in the environment.
+"""
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import boto3
+import botocore
+import pytest
+from botocore.config import Config
+
+ENDPOINT = os.environ["ARCHIPEL_S3_ENDPOINT"]
+ACCESS = os.environ["AWS_ACCESS_KEY_ID"]
+SECRET = os.environ["AWS_SECRET_ACCESS_KEY"]
+DEVNET = os.environ["ARCHIPEL_DEVNET_DIR"]
+MIB = 1 << 20
+
+
+def client(access=ACCESS, secret=SECRET):
+    return boto3.client(
+        "s3",
+        endpoint_url=ENDPOINT,
+        aws_access_key_id=access,
+        aws_secret_access_key=secret,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
+    )
+
+
+def bucket_name(tag):
+    return f"{tag}-{uuid.uuid4().hex[:10]}"
+
+
+def big_file(tmp_path, name, size):
+    path = tmp_path / name
+    # Incompressible and different every run.
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def curl(url):
+    out = subprocess.run(["curl", "-sS", "-f", "-o", "-", url], capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr.decode()
+    return out.stdout
+
+
+def error_code(fn):
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        fn()
+    return e.value.response["Error"]["Code"]
+
+
+def test_boto3_session(tmp_path):
+    s3 = client()
+    b = bucket_name("boto")
+    s3.create_bucket(Bucket=b)
+    assert b in [x["Name"] for x in s3.list_buckets()["Buckets"]]
+    src = big_file(tmp_path, "big.bin", 20 * MIB + 12345)
+    # 8 MiB parts: a multipart upload of three parts.
+    cfg = boto3.s3.transfer.TransferConfig(multipart_threshold=8 * MIB, multipart_chunksize=8 * MIB)
+    s3.upload_file(str(src), b, "data/big.bin", Config=cfg, ExtraArgs={"Metadata": {"team": "storage"}, "ContentType": "application/x-test"})
+    head = s3.head_object(Bucket=b, Key="data/big.bin")
+    assert head["ContentLength"] == src.stat().st_size
+    assert head["Metadata"] == {"team": "storage"}
+    assert head["ContentType"] == "application/x-test"
+    assert head["ETag"].strip('"').endswith("-3")
+    for i in range(5):
+        s3.put_object(Bucket=b, Key=f"data/small/{i}.txt", Body=f"small {i}".encode())
+    s3.put_object(Bucket=b, Key="top.txt", Body=b"top")
+    # Listing: delimiter, prefix, and pages of two keys with continuation tokens.
+    top = s3.list_objects_v2(Bucket=b, Delimiter="/")
+    assert [c["Prefix"] for c in top["CommonPrefixes"]] == ["data/"]
+    assert [o["Key"] for o in top["Contents"]] == ["top.txt"]
+    keys, token = [], None
+    while True:
+        kw = {"Bucket": b, "Prefix": "data/small/", "MaxKeys": 2}
+        if token:
+            kw["ContinuationToken"] = token
+        page = s3.list_objects_v2(**kw)
+        keys += [o["Key"] for o in page.get("Contents", [])]
+        if not page["IsTruncated"]:
+            break
+        token = page["NextContinuationToken"]
+    assert keys == [f"data/small/{i}.txt" for i in range(5)]
+    # Download and compare.
+    out = tmp_path / "big.out"
+    s3.download_file(b, "data/big.bin", str(out))
+    assert sha(out) == sha(src)
+    # Range GET.
+    part = s3.get_object(Bucket=b, Key="data/big.bin", Range="bytes=8388600-8388700")
+    assert part["Body"].read() == src.read_bytes()[8388600:8388701]
+    assert part["ContentRange"] == f"bytes 8388600-8388700/{src.stat().st_size}"
+    # Conditional requests.
+    etag = s3.head_object(Bucket=b, Key="top.txt")["ETag"]
+    assert etag.strip('"') == hashlib.md5(b"top").hexdigest()
+    assert error_code(lambda: s3.get_object(Bucket=b, Key="top.txt", IfNoneMatch=etag)) == "304"
+    assert error_code(lambda: s3.get_object(Bucket=b, Key="top.txt", IfMatch='"nope"')) == "PreconditionFailed"
+    assert s3.get_object(Bucket=b, Key="top.txt", IfMatch=etag)["Body"].read() == b"top"
+    assert error_code(lambda: s3.put_object(Bucket=b, Key="top.txt", Body=b"x", IfNoneMatch="*")) == "PreconditionFailed"
+    # Copy keeps the metadata unless replaced.
+    s3.copy_object(Bucket=b, Key="copy.bin", CopySource={"Bucket": b, "Key": "data/big.bin"})
+    assert s3.head_object(Bucket=b, Key="copy.bin")["Metadata"] == {"team": "storage"}
+    s3.copy_object(Bucket=b, Key="copy2.txt", CopySource=f"{b}/top.txt", MetadataDirective="REPLACE", Metadata={"v": "2"})
+    assert s3.head_object(Bucket=b, Key="copy2.txt")["Metadata"] == {"v": "2"}
+    assert s3.get_object(Bucket=b, Key="copy2.txt")["Body"].read() == b"top"
+    # Presigned URL fetched with curl.
+    url = s3.generate_presigned_url("get_object", Params={"Bucket": b, "Key": "top.txt"}, ExpiresIn=300)
+    assert curl(url) == b"top"
+    # Multipart by hand: list parts, abort.
+    up = s3.create_multipart_upload(Bucket=b, Key="aborted.bin")
+    s3.upload_part(Bucket=b, Key="aborted.bin", UploadId=up["UploadId"], PartNumber=1, Body=b"x" * 100)
+    assert [p["PartNumber"] for p in s3.list_parts(Bucket=b, Key="aborted.bin", UploadId=up["UploadId"])["Parts"]] == [1]
+    assert [u["Key"] for u in s3.list_multipart_uploads(Bucket=b).get("Uploads", [])] == ["aborted.bin"]
+    s3.abort_multipart_upload(Bucket=b, Key="aborted.bin", UploadId=up["UploadId"])
+    assert error_code(lambda: s3.list_parts(Bucket=b, Key="aborted.bin", UploadId=up["UploadId"])) == "NoSuchUpload"
+    assert error_code(lambda: s3.head_object(Bucket=b, Key="aborted.bin")) == "404"
+    # A bucket with objects is not removed.
+    assert error_code(lambda: s3.delete_bucket(Bucket=b)) == "BucketNotEmpty"
+    # Delete everything, in one DeleteObjects, and the bucket.
+    everything = [o["Key"] for o in s3.list_objects_v2(Bucket=b)["Contents"]]
+    r = s3.delete_objects(Bucket=b, Delete={"Objects": [{"Key": k} for k in everything]})
+    assert sorted(d["Key"] for d in r["Deleted"]) == sorted(everything)
+    assert s3.list_objects_v2(Bucket=b)["KeyCount"] == 0
+    s3.delete_bucket(Bucket=b)
+    assert error_code(lambda: s3.head_bucket(Bucket=b)) == "404"
+
+
+def aws(*args, check=True):
+    env = dict(os.environ, AWS_DEFAULT_REGION="us-east-1", AWS_MAX_ATTEMPTS="2")
+    out = subprocess.run(["aws", "--endpoint-url", ENDPOINT, *args], capture_output=True, env=env, timeout=300)
+    if check:
+        assert out.returncode == 0, f"aws {' '.join(args)}: {out.stderr.decode()}"
+    return out.stdout.decode()
+
+
+def test_aws_cli_session(tmp_path):
+    b = bucket_name("awscli")
+    aws("s3", "mb", f"s3://{b}")
+    src = big_file(tmp_path, "big.bin", 25 * MIB)
+    # aws-cli uploads files over 8 MiB in 8 MiB parts.
+    aws("s3", "cp", "--only-show-errors", str(src), f"s3://{b}/big.bin")
+    listing = aws("s3", "ls", f"s3://{b}/")
+    assert "big.bin" in listing and str(25 * MIB) in listing
+    out = tmp_path / "big.out"
+    aws("s3", "cp", "--only-show-errors", f"s3://{b}/big.bin", str(out))
+    assert sha(out) == sha(src)
+    url = aws("s3", "presign", f"s3://{b}/big.bin", "--expires-in", "300").strip()
+    assert hashlib.sha256(curl(url)).hexdigest() == sha(src)
+    aws("s3", "rm", "--only-show-errors", f"s3://{b}/big.bin")
+    aws("s3", "rb", f"s3://{b}")
+    assert b not in aws("s3", "ls")
+
+
+def rclone(*args):
+    env = dict(
+        os.environ,
+        RCLONE_CONFIG_ARCH_TYPE="s3",
+        RCLONE_CONFIG_ARCH_PROVIDER="Other",
+        RCLONE_CONFIG_ARCH_ACCESS_KEY_ID=ACCESS,
+        RCLONE_CONFIG_ARCH_SECRET_ACCESS_KEY=SECRET,
+        RCLONE_CONFIG_ARCH_ENDPOINT=ENDPOINT,
+        RCLONE_CONFIG_ARCH_REGION="us-east-1",
+        RCLONE_CONFIG_ARCH_FORCE_PATH_STYLE="true",
+    )
+    # rclone's SDK refuses a CA bundle on a plain-HTTP transport; the endpoint is loopback HTTP.
+    env.pop("AWS_CA_BUNDLE", None)
+    out = subprocess.run(["rclone", "--config", "/dev/null", *args], capture_output=True, env=env, timeout=300)
+    assert out.returncode == 0, f"rclone {' '.join(args)}: {out.stderr.decode()}"
+    return out.stdout.decode()
+
+
+@pytest.mark.skipif(shutil.which("rclone") is None, reason="rclone is not installed (apt-get install rclone)")
+def test_rclone_session(tmp_path):
+    b = bucket_name("rclone")
+    rclone("mkdir", f"arch:{b}")
+    src = big_file(tmp_path, "big.bin", 22 * MIB)
+    # rclone's default 5 MiB chunks, above a 10 MiB cutoff: a multipart upload of five parts.
+    rclone("copyto", "--s3-upload-cutoff", "10M", str(src), f"arch:{b}/dir/big.bin")
+    assert "big.bin" in rclone("ls", f"arch:{b}")
+    out = tmp_path / "big.out"
+    rclone("copyto", f"arch:{b}/dir/big.bin", str(out))
+    assert sha(out) == sha(src)
+    # rclone compares hashes itself: a small file's ETag is its MD5.
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"rclone small file")
+    rclone("copyto", str(small), f"arch:{b}/small.txt")
+    assert rclone("md5sum", f"arch:{b}/small.txt").split()[0] == hashlib.md5(b"rclone small file").hexdigest()
+    url = rclone("link", "--expire", "5m", f"arch:{b}/small.txt").strip()
+    assert curl(url) == b"rclone small file"
+    rclone("delete", f"arch:{b}")
+    rclone("rmdir", f"arch:{b}")
+    assert b not in rclone("lsd", "arch:")
+
+
+def test_nodes_only_ever_see_ciphertext(tmp_path):
+    marker = f"archipel-plaintext-marker-{uuid.uuid4().hex}".encode()
+    b = bucket_name("e2e")
+    aws("s3", "mb", f"s3://{b}")
+    src = tmp_path / "marker.txt"
+    # The marker many times over, in an object of two segments, and once in the metadata.
+    src.write_bytes(marker * (9 * MIB // len(marker)))
+    aws("s3", "cp", "--only-show-errors", "--metadata", f"note={marker.decode()}", str(src), f"s3://{b}/marker.txt")
+    out = tmp_path / "back.txt"
+    aws("s3", "cp", "--only-show-errors", f"s3://{b}/marker.txt", str(out))
+    assert out.read_bytes() == src.read_bytes()
+    nodes = os.path.join(DEVNET, "nodes")
+    scanned = 0
+    for root, _, files in os.walk(nodes):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                data = fh.read()
+            scanned += len(data)
+            assert marker not in data, f"plaintext marker found in {path}"
+    assert scanned > 9 * MIB, "the nodes' data directories hold the shards"
+    aws("s3", "rm", "--only-show-errors", f"s3://{b}/marker.txt")
+    aws("s3", "rb", f"s3://{b}")
+
+
+def raw_request(data, timeout=30, hang_up=True):
+    """Sends `data` on a new connection (then hangs up the sending side, if `hang_up`) and reads
+    the answer until the gateway closes."""
+    host, port = ENDPOINT.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(data)
+        if hang_up:
+            s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            c = s.recv(65536)
+            if not c:
+                break
+            chunks.append(c)
+    return b"".join(chunks)
+
+
+def signed_raw(method, path, body, send):
+    """A request signed (SigV4, payload hash included) for `body`, of which only `send` bytes go."""
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    host = ENDPOINT.removeprefix("http://")
+    req = AWSRequest(method=method, url=f"{ENDPOINT}{path}", data=body, headers={"Host": host})
+    S3SigV4Auth(Credentials(ACCESS, SECRET), "s3", "us-east-1").add_auth(req)
+    headers = "".join(f"{k}: {v}\r\n" for k, v in req.headers.items() if k.lower() != "content-length")
+    head = f"{method} {path} HTTP/1.1\r\n{headers}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    return raw_request(head.encode() + body[:send], hang_up=send < len(body))
+
+
+def test_bad_input_gets_s3_errors_and_stores_nothing(tmp_path):
+    s3 = client()
+    b = bucket_name("bad")
+    s3.create_bucket(Bucket=b)
+    # Wrong signature, unknown key.
+    assert error_code(lambda: client(secret="wrong" * 8).list_objects_v2(Bucket=b)) == "SignatureDoesNotMatch"
+    assert error_code(lambda: client(access="AKNOTAKEY0000000000", secret="x" * 40).list_buckets()) == "InvalidAccessKeyId"
+    # Unsigned.
+    try:
+        urllib.request.urlopen(f"{ENDPOINT}/{b}", timeout=10)
+        raise AssertionError("an unsigned request was served")
+    except urllib.error.HTTPError as e:
+        assert e.code == 403 and b"AccessDenied" in e.read()
+    # Malformed XML.
+    def bad_delete(request, **_):
+        request.data = b"<Delete><Object><Key>unterminated"
+        request.headers["Content-Length"] = str(len(request.data))
+    s3.meta.events.register_first("before-sign.s3.DeleteObjects", bad_delete)
+    assert error_code(lambda: s3.delete_objects(Bucket=b, Delete={"Objects": [{"Key": "a"}]})) == "MalformedXML"
+    s3.meta.events.unregister("before-sign.s3.DeleteObjects", bad_delete)
+    # Invalid names and ranges.
+    assert error_code(lambda: s3.create_bucket(Bucket="Bad_Bucket")) in ("InvalidBucketName", "InvalidRequest")
+    s3.put_object(Bucket=b, Key="k", Body=b"0123456789")
+    assert error_code(lambda: s3.get_object(Bucket=b, Key="k", Range="bytes=50-60")) == "InvalidRange"
+    assert error_code(lambda: s3.get_object(Bucket=b, Key="missing")) == "NoSuchKey"
+    assert error_code(lambda: s3.list_objects_v2(Bucket="no-such-bucket-here")) == "NoSuchBucket"
+    assert error_code(lambda: s3.list_objects_v2(Bucket=b, ContinuationToken="zz-not-hex")) == "InvalidArgument"
+    assert error_code(lambda: s3.complete_multipart_upload(Bucket=b, Key="k", UploadId="0" * 32, MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": "x"}]})) == "NoSuchUpload"
+    # A truncated upload: signed for 100000 bytes, the connection ends after 1000. Nothing is stored.
+    answer = signed_raw("PUT", f"/{b}/truncated", b"y" * 100_000, send=1000)
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer[:300]
+    assert error_code(lambda: s3.head_object(Bucket=b, Key="truncated")) == "404"
+    # The same request whole is stored: the truncation was the only thing wrong with it.
+    answer = signed_raw("PUT", f"/{b}/whole", b"y" * 100_000, send=100_000)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert s3.head_object(Bucket=b, Key="whole")["ContentLength"] == 100_000
+    s3.delete_object(Bucket=b, Key="whole")
+    # Oversized headers and garbage: an HTTP error, and the gateway still serves.
+    answer = raw_request(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n")
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer[:200]
+    answer = raw_request(b"\x00\x01garbage\r\n\r\n")
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer[:200]
+    # An operation the gateway does not implement.
+    assert error_code(lambda: s3.put_bucket_versioning(Bucket=b, VersioningConfiguration={"Status": "Enabled"})) == "NotImplemented"
+    assert s3.get_object(Bucket=b, Key="k")["Body"].read() == b"0123456789"
+    s3.delete_object(Bucket=b, Key="k")
+    s3.delete_bucket(Bucket=b)
