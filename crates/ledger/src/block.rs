@@ -462,6 +462,7 @@ mod tests {
                 moves: vec![crate::storage::ShardMove { index: 0, to: a.node_id(), receipt: [0; 64], expires_ms: 0 }],
             },
             crate::Payload::AuditFailed { bucket: empty(), key: empty(), version: Hash::ZERO, epoch: 0 },
+            crate::Payload::RevokeTokens { ids: vec![Hash::ZERO] },
             crate::Payload::TransferMany { credits: vec![crate::tx::Credit { to: a.node_id(), amount_micro: 0 }] },
             crate::Payload::CreateBucket {
                 name: empty(),
@@ -506,6 +507,7 @@ mod tests {
                 | crate::Payload::DeleteObject { .. }
                 | crate::Payload::MoveShards { .. }
                 | crate::Payload::AuditFailed { .. }
+                | crate::Payload::RevokeTokens { .. }
                 | crate::Payload::TransferMany { .. }
                 | crate::Payload::CreateBucket { .. }
                 | crate::Payload::PutObject { .. }
@@ -514,7 +516,7 @@ mod tests {
             }
         }
         let kinds: std::collections::BTreeSet<&str> = smallest.iter().map(|p| p.kind()).collect();
-        assert_eq!(kinds.len(), 11, "one payload of every kind: {kinds:?}");
+        assert_eq!(kinds.len(), 12, "one payload of every kind: {kinds:?}");
         let txs: Vec<_> = smallest
             .into_iter()
             .map(|payload| crate::Transaction { signer: a.node_id(), nonce: 0, payload }.sign(&a, &Hash::of(&[b"net"])))

@@ -21,6 +21,7 @@ pub mod state;
 pub mod storage;
 pub mod store;
 pub mod table;
+pub mod tokens;
 pub mod trie;
 pub mod tx;
 

@@ -200,7 +200,8 @@ fn spend_micro(params: &LedgerParams, tx: &Transaction) -> u64 {
         | Payload::PutObject { .. }
         | Payload::DeleteObject { .. }
         | Payload::MoveShards { .. }
-        | Payload::AuditFailed { .. } => params.tx_fee_micro,
+        | Payload::AuditFailed { .. }
+        | Payload::RevokeTokens { .. } => params.tx_fee_micro,
     }
 }
 

@@ -150,6 +150,15 @@ pub enum Receipt {
         /// The deposit returned.
         deposit_micro: u64,
     },
+    /// Access-token ids were revoked.
+    TokensRevoked {
+        /// The account that revoked them.
+        account: NodeId,
+        /// Ids in the transaction.
+        revoked: u32,
+        /// Ids the account's list holds now.
+        total: u32,
+    },
 }
 
 /// Liveness of a node as finalized state records it.
@@ -219,6 +228,8 @@ pub enum StateKey {
     Stored(NodeId),
     /// A validator.
     Validator(NodeId),
+    /// The access-token ids an account revoked ([`crate::tokens`]).
+    Revocations(NodeId),
 }
 
 impl fmt::Display for StateKey {
@@ -234,6 +245,7 @@ impl fmt::Display for StateKey {
             StateKey::Object(h) => write!(f, "object/{h}"),
             StateKey::Params => f.write_str("params"),
             StateKey::Reputation(id) => write!(f, "reputation/{id}"),
+            StateKey::Revocations(id) => write!(f, "revocations/{id}"),
             StateKey::Stored(id) => write!(f, "stored/{id}"),
             StateKey::Validator(id) => write!(f, "validator/{id}"),
         }
@@ -253,12 +265,13 @@ impl FromStr for StateKey {
             Some(("object", rest)) => Ok(StateKey::Object(rest.parse().map_err(|e| format!("state key {s:?}: {e}"))?)),
             Some(("stored", rest)) => Ok(StateKey::Stored(id(rest)?)),
             Some(("reputation", rest)) => Ok(StateKey::Reputation(id(rest)?)),
+            Some(("revocations", rest)) => Ok(StateKey::Revocations(id(rest)?)),
             Some(("departed", rest)) => Ok(StateKey::Departed(id(rest)?)),
             Some(("lease", rest)) => Ok(StateKey::Lease(id(rest)?)),
             Some(("node", rest)) => Ok(StateKey::Node(id(rest)?)),
             Some(("validator", rest)) => Ok(StateKey::Validator(id(rest)?)),
             _ => Err(format!(
-                "unknown state key {s:?}: use account/<key>, node/<key>, lease/<key>, departed/<key>, validator/<key>, stored/<key>, bucket/<hash>, object/<hash>, chain, network or params"
+                "unknown state key {s:?}: use account/<key>, node/<key>, lease/<key>, departed/<key>, validator/<key>, stored/<key>, reputation/<key>, revocations/<key>, bucket/<hash>, object/<hash>, chain, network or params"
             )),
         }
     }
@@ -290,6 +303,8 @@ pub struct State {
     pub(crate) stored: Overlay<NodeId, u64>,
     /// Reputations lowered by audits: read through from the store.
     pub(crate) reputations: Overlay<NodeId, u16>,
+    /// Revoked token ids per account: read through from the store.
+    pub(crate) revocations: Overlay<NodeId, Vec<Hash>>,
     /// Changed entries outside the tables (the chain position; the network, parameters and
     /// validators at genesis).
     other_changed: BTreeSet<StateKey>,
@@ -427,6 +442,7 @@ impl State {
         self.objects.writing_at(height);
         self.stored.writing_at(height);
         self.reputations.writing_at(height);
+        self.revocations.writing_at(height);
         self.chain.height = height;
         self.chain.timestamp_ms = timestamp_ms;
     }
@@ -508,6 +524,7 @@ impl State {
             Payload::DeleteObject { bucket, key } => self.apply_delete_object(bucket, key),
             Payload::MoveShards { bucket, key, moves, .. } => self.apply_move_shards(bucket, key, moves),
             Payload::AuditFailed { bucket, key, epoch, .. } => self.apply_audit_failed(bucket, key, *epoch),
+            Payload::RevokeTokens { ids } => self.apply_revoke_tokens(tx.signer, ids),
         };
         self.update_account(tx.signer, |a| {
             a.balance_micro -= fee;
@@ -560,6 +577,7 @@ impl State {
             Payload::AuditFailed { bucket, key, version, epoch } => {
                 self.check_audit_failed(tx.signer, bucket, key, version, *epoch)?
             }
+            Payload::RevokeTokens { ids } => self.check_revoke_tokens(tx.signer, ids)?,
         }
         Ok(fee)
     }
@@ -595,6 +613,10 @@ impl State {
                 .stored
                 .get(id, |id| self.load(&StateKey::Stored(*id), |b| be_u64(b, 0)))
                 .map(|v| v.to_be_bytes().to_vec()),
+            StateKey::Revocations(id) => self
+                .revocations
+                .get(id, |id| self.load(&StateKey::Revocations(*id), decode_json))
+                .map(|v: Vec<Hash>| json(&v)),
         }
     }
 
@@ -612,6 +634,7 @@ impl State {
         out.extend(self.overlay_keys("object/", &self.objects, StateKey::Object));
         out.push(StateKey::Params);
         out.extend(self.overlay_keys("reputation/", &self.reputations, StateKey::Reputation));
+        out.extend(self.overlay_keys("revocations/", &self.revocations, StateKey::Revocations));
         out.extend(self.overlay_keys("stored/", &self.stored, StateKey::Stored));
         out.extend(self.validators.iter().map(|id| StateKey::Validator(*id)));
         out
@@ -633,6 +656,7 @@ impl State {
             || self.objects.has_changes()
             || self.stored.has_changes()
             || self.reputations.has_changes()
+            || self.revocations.has_changes()
     }
 
     /// Brings the state root up to date with the entries changed since the last call, hashing
@@ -652,6 +676,7 @@ impl State {
         keys.extend(self.objects.take_changed().into_iter().map(StateKey::Object));
         keys.extend(self.stored.take_changed().into_iter().map(StateKey::Stored));
         keys.extend(self.reputations.take_changed().into_iter().map(StateKey::Reputation));
+        keys.extend(self.revocations.take_changed().into_iter().map(StateKey::Revocations));
         let changes: Vec<trie::Change> =
             keys.iter().map(|k| (state_key_hash(k), self.value(k).map(|v| trie::value_hash(&v)))).collect();
         self.check_fault()?;
@@ -733,6 +758,7 @@ impl State {
         self.objects.clear_written();
         self.stored.clear_written();
         self.reputations.clear_written();
+        self.revocations.clear_written();
     }
 
     /// Forgets what a store committed through `height` holds already: for a state forked from
@@ -747,6 +773,7 @@ impl State {
         self.objects.forget_through(height);
         self.stored.forget_through(height);
         self.reputations.forget_through(height);
+        self.revocations.forget_through(height);
         if self.unsaved.values().any(|at| *at <= height) {
             self.unsaved = self.unsaved.iter().filter(|(_, at)| **at > height).map(|(k, at)| (*k, *at)).collect();
             let own = self.unsaved.keys().map(state_key_hash).collect();
@@ -899,7 +926,8 @@ impl StoredId for NodeId {
             | StateKey::Departed(id)
             | StateKey::Lease(id)
             | StateKey::Stored(id)
-            | StateKey::Reputation(id) => Some(*id),
+            | StateKey::Reputation(id)
+            | StateKey::Revocations(id) => Some(*id),
             _ => None,
         }
     }
@@ -1016,6 +1044,7 @@ impl StateKey {
             StateKey::Object(h) => with_id(b"object/", &h.0),
             StateKey::Stored(id) => with_id(b"stored/", &id.0),
             StateKey::Reputation(id) => with_id(b"reputation/", &id.0),
+            StateKey::Revocations(id) => with_id(b"revocations/", &id.0),
         }
     }
 }
@@ -1075,6 +1104,8 @@ pub(crate) mod tests {
             StateKey::Bucket(Hash([6; 32])),
             StateKey::Object(Hash([7; 32])),
             StateKey::Stored(id(8).node_id()),
+            StateKey::Reputation(id(9).node_id()),
+            StateKey::Revocations(id(9).node_id()),
         ] {
             assert_eq!(k.to_string().parse::<StateKey>().unwrap(), k);
             assert_eq!(k.to_bytes(), k.to_string().into_bytes(), "the store's bytes are the text form");

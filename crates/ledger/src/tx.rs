@@ -132,6 +132,12 @@ pub enum Payload {
         /// The moves, each with the new holder's receipt.
         moves: Vec<ShardMove>,
     },
+    /// Revoke access tokens the signer issued: 1 to [`crate::tokens::MAX_REVOKE_PER_TX`] token
+    /// ids, added to the signer's list (at most [`crate::tokens::MAX_REVOCATIONS`]).
+    RevokeTokens {
+        /// The ids.
+        ids: Vec<Hash>,
+    },
 }
 
 impl Payload {
@@ -156,6 +162,7 @@ impl Payload {
             Payload::DeleteObject { .. } => "delete_object",
             Payload::MoveShards { .. } => "move_shards",
             Payload::AuditFailed { .. } => "audit_failed",
+            Payload::RevokeTokens { .. } => "revoke_tokens",
         }
     }
 
@@ -390,6 +397,14 @@ impl Write for Payload {
                 version.0.write(buf);
                 epoch.write(buf);
             }
+            Payload::RevokeTokens { ids } => {
+                12u8.write(buf);
+                // A list too long for the byte is written with count 0, which never decodes.
+                u8::try_from(ids.len()).unwrap_or(0).write(buf);
+                for id in ids {
+                    id.0.write(buf);
+                }
+            }
         }
     }
 }
@@ -410,6 +425,7 @@ impl EncodeSize for Payload {
                 str_size(bucket) + str_size(key) + 32 + 1 + moves.len() * 105
             }
             Payload::AuditFailed { bucket, key, .. } => str_size(bucket) + str_size(key) + 32 + 8,
+            Payload::RevokeTokens { ids } => 1 + ids.len() * 32,
         }
     }
 }
@@ -452,6 +468,17 @@ impl Read for Payload {
                 version: Hash(<[u8; 32]>::read(buf)?),
                 epoch: u64::read(buf)?,
             },
+            12 => {
+                let n = u8::read(buf)? as usize;
+                if n == 0 || n > crate::tokens::MAX_REVOKE_PER_TX {
+                    return Err(CodecError::Invalid("RevokeTokens", "between 1 and 64 ids"));
+                }
+                let mut ids = Vec::with_capacity(n);
+                for _ in 0..n {
+                    ids.push(Hash(<[u8; 32]>::read(buf)?));
+                }
+                Payload::RevokeTokens { ids }
+            }
             tag => return Err(CodecError::InvalidEnum(tag)),
         })
     }

@@ -80,6 +80,7 @@ pub fn routes() -> Router<Arc<ApiState>> {
         .route("/v1/ledger/export", get(export))
         .route("/v1/ledger/snapshot", get(snapshot))
         .route("/v1/accounts/{id}", get(account))
+        .route("/v1/accounts/{id}/revocations", get(revocations))
         .route("/v1/proof/tx/{hash}", get(prove_tx))
         .route("/v1/proof/state/{*key}", get(prove_state))
 }
@@ -762,6 +763,27 @@ async fn account(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Resp
         height: st.chain().height,
         lease: st.nodes().contains_key(&id).then(|| st.lease_status(&id)),
     });
+    Json(view).into_response()
+}
+
+/// `GET /v1/accounts/{id}/revocations`: the access-token ids an account revoked.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RevocationsView {
+    /// The account.
+    pub id: NodeId,
+    /// Its revoked token ids, sorted.
+    pub revoked: Vec<archipel_ledger::Hash>,
+    /// Height of the finalized state this was read from.
+    pub height: u64,
+}
+
+async fn revocations(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+    let id: NodeId = match id.parse() {
+        Ok(i) => i,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_account", format!("{e}")),
+    };
+    let view =
+        s.chain.with_state(|st| RevocationsView { id, revoked: st.revocations(&id), height: st.chain().height });
     Json(view).into_response()
 }
 
