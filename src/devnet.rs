@@ -115,6 +115,13 @@ pub fn api_urls(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The S3 gateway endpoint of the devnet in `dir`, while it runs.
+pub fn gateway_endpoint(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(STATE)).ok()?;
+    let state: DevnetState = serde_json::from_str(&text).ok()?;
+    state.gateway.map(|g| g.endpoint)
+}
+
 /// The first node's API URL of the devnet in `dir`, if there is one.
 pub fn first_api_url(dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(dir.join(STATE)).ok()?;
@@ -422,7 +429,7 @@ async fn supervise(
         let urls: Vec<String> = nodes.iter().map(|s| s.node.api_url.clone()).collect();
         let tenant = Identity::load(&dir.join("tenant.key"))?;
         let policy = archipel_types::PlacementPolicy::anywhere(archipel_types::ErasureCode::DEFAULT);
-        match crate::gateway_cli::start(listen, &urls, tenant, &dir.join("gateway-spool"), policy).await {
+        match crate::gateway_cli::start(listen, &urls, tenant, &dir.join("gateway"), policy).await {
             Ok((listener, svc, info)) => {
                 crate::gateway_cli::print_info(&info, urls.len());
                 std::fs::write(

@@ -25,9 +25,10 @@ pub struct GatewayArgs {
     /// The tenant's key file (default: the devnet tenant key).
     #[arg(long, env = "ARCHIPEL_KEY")]
     key: Option<PathBuf>,
-    /// Where multipart uploads keep their parts (default: `gateway-spool` beside the key).
+    /// The gateway's directory: multipart parts (`spool/`) and registered token keys (`keys/`)
+    /// (default: `gateway` beside the key).
     #[arg(long)]
-    spool: Option<PathBuf>,
+    dir: Option<PathBuf>,
     /// Erasure code of buckets created through S3.
     #[arg(long, default_value = "4+2")]
     code: ErasureCode,
@@ -63,26 +64,24 @@ pub fn info(listen: SocketAddr, root: &Key) -> GatewayInfo {
     }
 }
 
-/// Binds and builds a gateway for `identity` over `nodes`; returns the listener, service and info.
+/// Binds and builds a gateway for `identity` over `nodes`, keeping its state in `dir`; returns
+/// the listener, service and info.
 pub async fn start(
     listen: SocketAddr,
     nodes: &[String],
     identity: Identity,
-    spool: &Path,
+    dir: &Path,
     policy: PlacementPolicy,
 ) -> Result<(tokio::net::TcpListener, s3s::service::S3Service, GatewayInfo)> {
     if nodes.is_empty() {
         return Err(anyhow!("no node given: pass --nodes http://HOST:PORT,… or start `archipel devnet`"));
     }
     let root = root_key(&identity);
+    let keys = Keys::open(&identity, Some(&dir.join("keys")))
+        .with_context(|| format!("cannot use the gateway directory {}", dir.display()))?;
     let tenant = Arc::new(TenantClient::new(nodes, identity));
-    let config = GatewayConfig {
-        tenant,
-        default_policy: policy,
-        spool: spool.to_path_buf(),
-        keys: Arc::new(Keys::with_root(root.clone())),
-    };
-    let svc = service(config).with_context(|| format!("cannot use the spool directory {}", spool.display()))?;
+    let config = GatewayConfig { tenant, default_policy: policy, spool: dir.join("spool"), keys: Arc::new(keys) };
+    let svc = service(config).with_context(|| format!("cannot use the gateway directory {}", dir.display()))?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}: is another gateway running? pass --listen"))?;
@@ -99,14 +98,14 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
     } else {
         args.nodes.clone()
     };
-    let spool = args.spool.clone().unwrap_or_else(|| key_path.parent().unwrap_or(Path::new(".")).join("gateway-spool"));
+    let dir = args.dir.clone().unwrap_or_else(|| key_path.parent().unwrap_or(Path::new(".")).join("gateway"));
     let policy = PlacementPolicy {
         regions: args.regions.iter().cloned().collect(),
         deny_jurisdictions: args.deny_jurisdictions.iter().cloned().collect(),
         ..PlacementPolicy::anywhere(args.code)
     };
     policy.validate()?;
-    let (listener, svc, info) = start(args.listen, &nodes, identity, &spool, policy).await?;
+    let (listener, svc, info) = start(args.listen, &nodes, identity, &dir, policy).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {

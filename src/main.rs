@@ -9,6 +9,7 @@ mod fill_chain;
 mod gateway_cli;
 mod ledger_cli;
 mod output;
+mod s3_cli;
 mod storage_cli;
 mod topology;
 
@@ -88,6 +89,12 @@ enum Command {
     /// Serve S3 (aws-cli, boto3, rclone) for your buckets: data is encrypted and erasure-coded
     /// here, on your side, before it reaches any node.
     Gateway(gateway_cli::GatewayArgs),
+    /// S3 access keys: scoped, expiring, revocable (`archipel s3 keys create --bucket B --prefix P
+    /// --read-only --expires 7d`).
+    S3 {
+        #[command(subcommand)]
+        command: s3_cli::S3Command,
+    },
     /// Get inclusion proofs from a node and verify them offline.
     Proof {
         #[command(subcommand)]
@@ -468,6 +475,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Stat(args) => tokio_rt()?.block_on(storage_cli::stat(args)),
         Command::Health(args) => tokio_rt()?.block_on(storage_cli::health(args)),
         Command::Gateway(args) => tokio_rt()?.block_on(gateway_cli::run(args)),
+        Command::S3 { command } => tokio_rt()?.block_on(s3_cli::run(command)),
         Command::Debug { command: DebugCommand::P2pProbe { key, genesis, listen, seconds } } => {
             let identity = Identity::load(&key)?;
             let genesis = Genesis::load(&genesis)?;

@@ -30,7 +30,7 @@ pub struct Tenant {
     node: NodeArg,
     /// Print JSON.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 /// `archipel bucket`.

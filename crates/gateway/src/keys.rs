@@ -1,56 +1,49 @@
 //! Access keys and what each may do.
 //!
 //! Every request is signed (SigV4) with an access key's secret; [`Auth`] gives `s3s` the secret
-//! of a known, unexpired key, and `s3s` checks the signature. [`Access`] then checks the
-//! operation against the key's [`Scope`]: a bucket, a key prefix, read-only or read-write, and an
-//! expiry. Anything outside it is `AccessDenied`.
+//! of a known key, and `s3s` checks the signature. [`Access`] then checks the operation, its
+//! bucket and its key (or listing prefix) against the key's grant:
 //!
-//! The **root key** is derived from the tenant's identity ([`root_key`]): the same tenant key
-//! always gives the same S3 credentials, which the devnet prints.
+//! - the **root key**, derived from the tenant's identity ([`root_key`]): everything;
+//! - a **token key**: the credentials of a capability token ([`crate::tokens`]) — a bucket, a
+//!   prefix, read-only, an expiry, narrowed by any attenuation — refused once any of its ids is in
+//!   the tenant's revocation list on the ledger.
+//!
+//! Anything outside a grant is `AccessDenied`. **Revocations** are read from the ledger by
+//! [`Keys::refresh_revocations`] (the gateway calls it every [`REVOCATION_POLL`]); when the list
+//! could not be read for [`REVOCATION_MAX_AGE`], token keys are refused with `ServiceUnavailable`
+//! rather than checked against a stale list.
 
+use crate::tokens::{Authority, Op, Request};
 use archipel_crypto::Identity;
+use archipel_ledger::Hash;
+use biscuit_auth::Biscuit;
 use s3s::access::{S3Access, S3AccessContext};
 use s3s::auth::{S3Auth, SecretKey};
 use s3s::dto::*;
 use s3s::path::S3Path;
 use s3s::{S3Request, S3Result, s3_error};
-use std::collections::HashMap;
-use std::sync::RwLock;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
-/// What a key may touch.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct Scope {
-    /// The one bucket it may use; `None`: every bucket of the tenant.
-    pub bucket: Option<String>,
-    /// Keys it may use start with this.
-    pub prefix: String,
-    /// Reads only (GET, HEAD, listings).
-    pub read_only: bool,
-    /// Unix ms after which the key is refused; `None`: never.
-    pub expires_ms: Option<u64>,
-}
+/// How often the gateway reads the tenant's revocations.
+pub const REVOCATION_POLL: Duration = Duration::from_secs(1);
+/// Token keys are refused when the revocations are older than this.
+pub const REVOCATION_MAX_AGE: Duration = Duration::from_secs(10);
 
-impl Scope {
-    /// Whether the key may touch `bucket` (at all).
-    pub fn allows_bucket(&self, bucket: &str) -> bool {
-        self.bucket.as_deref().is_none_or(|b| b == bucket)
-    }
-
-    /// Whether the key may touch `key` in `bucket`.
-    pub fn allows_object(&self, bucket: &str, key: &str) -> bool {
-        self.allows_bucket(bucket) && key.starts_with(&self.prefix)
-    }
-
-    /// Whether a listing of `prefix` stays inside the scope.
-    pub fn allows_listing(&self, bucket: &str, prefix: &str) -> bool {
-        self.allows_bucket(bucket) && prefix.starts_with(&self.prefix)
-    }
-
-    /// Whether the key is unscoped: every bucket, every key, read and write.
-    pub fn is_root(&self) -> bool {
-        self.bucket.is_none() && self.prefix.is_empty() && !self.read_only
-    }
+/// What a key may do.
+#[derive(Clone, Debug)]
+pub enum Grant {
+    /// Everything the tenant may.
+    Root,
+    /// What the token allows, until one of its ids is revoked.
+    Token {
+        /// The token, its signatures checked when it was registered.
+        token: Arc<Biscuit>,
+        /// Its revocation ids (hashed), one per block.
+        ids: Vec<Hash>,
+    },
 }
 
 /// One access key.
@@ -61,12 +54,16 @@ pub struct Key {
     /// The secret they sign with.
     pub secret: String,
     /// What it may do.
-    pub scope: Scope,
+    pub grant: Grant,
 }
 
 impl std::fmt::Debug for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Key").field("access_key", &self.access_key).field("scope", &self.scope).finish_non_exhaustive()
+        let kind = match self.grant {
+            Grant::Root => "root",
+            Grant::Token { .. } => "token",
+        };
+        f.debug_struct("Key").field("access_key", &self.access_key).field("grant", &kind).finish_non_exhaustive()
     }
 }
 
@@ -78,168 +75,323 @@ pub fn root_key(identity: &Identity) -> Key {
     Key {
         access_key: format!("AKAR{}", hex::encode_upper(&id.as_bytes()[..8])),
         secret: hex::encode(&secret[..20]),
-        scope: Scope::default(),
+        grant: Grant::Root,
     }
+}
+
+/// The tenant's revocation list as last read.
+#[derive(Debug)]
+struct Revoked {
+    ids: BTreeSet<Hash>,
+    read_at: Option<Instant>,
 }
 
 /// The keys a gateway accepts.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Keys {
+    authority: Authority,
     keys: RwLock<HashMap<String, Key>>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    revoked: RwLock<Revoked>,
+    /// Where registered tokens are kept (one file per key), if anywhere.
+    dir: Option<std::path::PathBuf>,
 }
 
 impl Keys {
-    /// Keys holding only `root`.
-    pub fn with_root(root: Key) -> Self {
-        let keys = Keys::default();
-        keys.insert(root);
-        keys
+    /// The keys of the tenant `identity`: its root key, and the token keys registered in `dir`
+    /// (created if missing; `None`: kept in memory only).
+    pub fn open(identity: &Identity, dir: Option<&std::path::Path>) -> std::io::Result<Keys> {
+        let keys = Keys {
+            authority: Authority::of(identity),
+            keys: RwLock::new(HashMap::new()),
+            revoked: RwLock::new(Revoked { ids: BTreeSet::new(), read_at: None }),
+            dir: dir.map(std::path::Path::to_path_buf),
+        };
+        keys.insert(root_key(identity));
+        if let Some(dir) = dir {
+            std::fs::create_dir_all(dir)?;
+            restrict(dir, 0o700)?;
+            for entry in std::fs::read_dir(dir)? {
+                let path = entry?.path();
+                if path.extension().is_some_and(|e| e == "token")
+                    && let Ok(text) = std::fs::read_to_string(&path)
+                {
+                    match keys.token_key(&text) {
+                        Ok(key) => keys.insert(key),
+                        Err(e) => tracing::warn!("ignoring {}: {e}", path.display()),
+                    }
+                }
+            }
+        }
+        Ok(keys)
     }
 
-    /// Accepts `key` from now on (replacing one with the same id).
-    pub fn insert(&self, key: Key) {
+    /// The tenant's token authority.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    fn insert(&self, key: Key) {
         self.keys.write().unwrap_or_else(|e| e.into_inner()).insert(key.access_key.clone(), key);
     }
 
-    /// Refuses `access_key` from now on.
-    pub fn remove(&self, access_key: &str) -> bool {
-        self.keys.write().unwrap_or_else(|e| e.into_inner()).remove(access_key).is_some()
+    fn token_key(&self, token_b64: &str) -> Result<Key, String> {
+        let token = self.authority.parse(token_b64).map_err(|e| e.to_string())?;
+        let (access_key, secret) = self.authority.credentials(&token).map_err(|e| e.to_string())?;
+        let ids = crate::tokens::revocation_ids(&token);
+        Ok(Key { access_key, secret, grant: Grant::Token { token: Arc::new(token), ids } })
     }
 
-    /// The key `access_key`, if known and not expired.
-    fn live(&self, access_key: &str) -> S3Result<Key> {
-        let key =
-            self.keys.read().unwrap_or_else(|e| e.into_inner()).get(access_key).cloned().ok_or_else(|| {
-                s3_error!(InvalidAccessKeyId, "the access key {access_key} is not known to this gateway")
-            })?;
-        if key.scope.expires_ms.is_some_and(|at| now_ms() >= at) {
-            return Err(s3_error!(AccessDenied, "the access key {access_key} has expired: create a new one"));
+    /// Registers a token (base64): checks it is the tenant's and not revoked, keeps it, and
+    /// returns its key (the S3 credentials).
+    pub fn register(&self, token_b64: &str) -> Result<Key, String> {
+        let key = self.token_key(token_b64)?;
+        self.check_not_revoked(&key).map_err(|e| e.message().unwrap_or("refused").to_string())?;
+        if let Some(dir) = &self.dir {
+            let path = dir.join(format!("{}.token", key.access_key));
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, token_b64.trim())
+                .and_then(|()| restrict(&tmp, 0o600))
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .map_err(|e| format!("cannot keep the token in {}: {e}", dir.display()))?;
         }
+        self.insert(key.clone());
         Ok(key)
     }
 
-    /// The scope of the key that signed a request (none signed: refused).
-    pub fn scope_of(&self, credentials: Option<&s3s::auth::Credentials>) -> S3Result<Scope> {
-        let c = credentials.ok_or_else(|| s3_error!(AccessDenied, "the request is not signed"))?;
-        Ok(self.live(&c.access_key)?.scope)
+    /// Replaces the revocation list with the ledger's.
+    pub fn set_revocations(&self, ids: impl IntoIterator<Item = Hash>) {
+        let mut r = self.revoked.write().unwrap_or_else(|e| e.into_inner());
+        r.ids = ids.into_iter().collect();
+        r.read_at = Some(Instant::now());
     }
+
+    /// Reads the tenant's revocations from the ledger once.
+    pub async fn refresh_revocations(&self, tenant: &archipel_objects::tenant::TenantClient) -> Result<(), String> {
+        let view: serde_json::Value =
+            tenant.get(&format!("/v1/accounts/{}/revocations", tenant.me())).await.map_err(|e| e.to_string())?;
+        let ids: Vec<Hash> = serde_json::from_value(view["revoked"].clone()).map_err(|e| e.to_string())?;
+        self.set_revocations(ids);
+        Ok(())
+    }
+
+    fn check_not_revoked(&self, key: &Key) -> S3Result<()> {
+        let Grant::Token { ids, .. } = &key.grant else { return Ok(()) };
+        let r = self.revoked.read().unwrap_or_else(|e| e.into_inner());
+        match r.read_at {
+            Some(at) if at.elapsed() <= REVOCATION_MAX_AGE => {}
+            _ => {
+                return Err(s3_error!(
+                    ServiceUnavailable,
+                    "the gateway cannot read the tenant's revocations from the ledger: token keys are refused until it can"
+                ));
+            }
+        }
+        if ids.iter().any(|id| r.ids.contains(id)) {
+            return Err(s3_error!(AccessDenied, "the access key {} was revoked on the ledger", key.access_key));
+        }
+        Ok(())
+    }
+
+    /// The key `access_key`, if known.
+    fn known(&self, access_key: &str) -> S3Result<Key> {
+        self.keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(access_key)
+            .cloned()
+            .ok_or_else(|| s3_error!(InvalidAccessKeyId, "the access key {access_key} is not known to this gateway"))
+    }
+
+    /// Whether the key that signed a request may do `req` (none signed: refused).
+    pub fn allow(&self, credentials: Option<&s3s::auth::Credentials>, req: Request<'_>) -> S3Result<()> {
+        let c = credentials.ok_or_else(|| s3_error!(AccessDenied, "the request is not signed"))?;
+        let key = self.known(&c.access_key)?;
+        match &key.grant {
+            Grant::Root => Ok(()),
+            Grant::Token { token, .. } => {
+                self.check_not_revoked(&key)?;
+                self.authority.authorize(token, &req).map_err(|e| s3_error!(AccessDenied, "{e}"))
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+fn restrict(path: &std::path::Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
 /// `s3s`'s view of [`Keys`]: the secret to check a signature with.
 #[derive(Debug)]
-pub struct Auth(pub std::sync::Arc<Keys>);
+pub struct Auth(pub Arc<Keys>);
 
 #[async_trait::async_trait]
 impl S3Auth for Auth {
     async fn get_secret_key(&self, access_key: &str) -> S3Result<SecretKey> {
-        Ok(SecretKey::from(self.0.live(access_key)?.secret))
+        Ok(SecretKey::from(self.0.known(access_key)?.secret))
     }
 }
 
-/// Operations that only read.
-fn reads_only(op: &str) -> bool {
-    op.starts_with("Get") || op.starts_with("Head") || op.starts_with("List") || matches!(op, "SelectObjectContent")
+/// What an operation does, by its name.
+fn op_of(name: &str) -> Op {
+    if name.starts_with("Get") || name.starts_with("Head") || name.starts_with("List") || name == "SelectObjectContent"
+    {
+        Op::Read
+    } else if matches!(name, "CreateBucket" | "DeleteBucket")
+        || name.starts_with("PutBucket")
+        || name.starts_with("DeleteBucket")
+    {
+        Op::Admin
+    } else {
+        Op::Write
+    }
 }
 
-/// `s3s`'s access check: every operation against the signing key's scope.
+/// `s3s`'s access check: every operation against the signing key's grant.
 #[derive(Debug)]
-pub struct Access(pub std::sync::Arc<Keys>);
+pub struct Access(pub Arc<Keys>);
+
+impl Access {
+    fn object(&self, c: Option<&s3s::auth::Credentials>, op: Op, bucket: &str, key: &str) -> S3Result<()> {
+        self.0.allow(c, Request { op, bucket: Some(bucket), key: Some(key) })
+    }
+}
 
 #[async_trait::async_trait]
 impl S3Access for Access {
     async fn check(&self, cx: &mut S3AccessContext<'_>) -> S3Result<()> {
-        let scope = self.0.scope_of(cx.credentials())?;
-        let op = cx.s3_op().name();
-        if scope.read_only && !reads_only(op) {
-            return Err(s3_error!(AccessDenied, "this access key is read-only: {op} is refused"));
+        let op = op_of(cx.s3_op().name());
+        let req = match cx.s3_path() {
+            S3Path::Root => Request { op, bucket: None, key: None },
+            // Listings state their prefix in their own checks below; here, an empty one.
+            S3Path::Bucket { bucket } => Request { op, bucket: Some(bucket), key: None },
+            S3Path::Object { bucket, key } => Request { op, bucket: Some(bucket), key: Some(key) },
+        };
+        if cx.s3_op().name() == "PostObject" {
+            return Err(s3_error!(NotImplemented, "browser POST uploads are not supported: use PUT"));
         }
-        match cx.s3_path() {
-            S3Path::Root => Ok(()),
-            S3Path::Bucket { bucket } => {
-                if !scope.allows_bucket(bucket) {
-                    return Err(s3_error!(AccessDenied, "this access key does not cover bucket {bucket}"));
-                }
-                // Creating or deleting a bucket, or changing its settings, is for unscoped keys.
-                let bucket_admin = matches!(op, "CreateBucket" | "DeleteBucket") || op.starts_with("PutBucket");
-                if bucket_admin && !scope.is_root() {
-                    return Err(s3_error!(AccessDenied, "{op} needs an unscoped access key"));
-                }
-                Ok(())
-            }
-            S3Path::Object { bucket, key } => {
-                if scope.allows_object(bucket, key) {
-                    Ok(())
-                } else {
-                    Err(s3_error!(AccessDenied, "this access key does not cover {bucket}/{key}"))
-                }
-            }
+        // A bucket-level call of a prefix-scoped key is decided by the typed check that knows its
+        // keys (listings, DeleteObjects); everything else is decided here.
+        if matches!(cx.s3_path(), S3Path::Bucket { .. })
+            && matches!(cx.s3_op().name(), "ListObjects" | "ListObjectsV2" | "ListMultipartUploads" | "DeleteObjects")
+        {
+            let c = cx.credentials().ok_or_else(|| s3_error!(AccessDenied, "the request is not signed"))?;
+            self.0.known(&c.access_key)?;
+            return Ok(());
         }
+        self.0.allow(cx.credentials(), req)
     }
 
     async fn list_objects_v2(&self, req: &mut S3Request<ListObjectsV2Input>) -> S3Result<()> {
-        let scope = self.0.scope_of(req.credentials.as_ref())?;
-        listing_in_scope(&scope, &req.input.bucket, req.input.prefix.as_deref().unwrap_or(""))
+        let prefix = req.input.prefix.as_deref().unwrap_or("");
+        self.object(req.credentials.as_ref(), Op::Read, &req.input.bucket, prefix)
     }
 
     async fn list_objects(&self, req: &mut S3Request<ListObjectsInput>) -> S3Result<()> {
-        let scope = self.0.scope_of(req.credentials.as_ref())?;
-        listing_in_scope(&scope, &req.input.bucket, req.input.prefix.as_deref().unwrap_or(""))
+        let prefix = req.input.prefix.as_deref().unwrap_or("");
+        self.object(req.credentials.as_ref(), Op::Read, &req.input.bucket, prefix)
+    }
+
+    async fn list_multipart_uploads(&self, req: &mut S3Request<ListMultipartUploadsInput>) -> S3Result<()> {
+        let prefix = req.input.prefix.as_deref().unwrap_or("");
+        self.object(req.credentials.as_ref(), Op::Read, &req.input.bucket, prefix)
+    }
+
+    async fn put_object(&self, req: &mut S3Request<PutObjectInput>) -> S3Result<()> {
+        self.object(req.credentials.as_ref(), Op::Write, &req.input.bucket, &req.input.key)
     }
 
     async fn copy_object(&self, req: &mut S3Request<CopyObjectInput>) -> S3Result<()> {
-        let scope = self.0.scope_of(req.credentials.as_ref())?;
         match &req.input.copy_source {
-            CopySource::Bucket { bucket, key, .. } if scope.allows_object(bucket, key) => Ok(()),
-            CopySource::Bucket { bucket, key, .. } => {
-                Err(s3_error!(AccessDenied, "this access key does not cover the copy source {bucket}/{key}"))
-            }
+            CopySource::Bucket { bucket, key, .. } => self.object(req.credentials.as_ref(), Op::Read, bucket, key),
             _ => Err(s3_error!(NotImplemented, "only bucket/key copy sources are supported")),
         }
     }
 
     async fn delete_objects(&self, req: &mut S3Request<DeleteObjectsInput>) -> S3Result<()> {
-        let scope = self.0.scope_of(req.credentials.as_ref())?;
         let bucket = &req.input.bucket;
-        match req.input.delete.objects.iter().find(|o| !scope.allows_object(bucket, &o.key)) {
-            Some(o) => Err(s3_error!(AccessDenied, "this access key does not cover {bucket}/{}", o.key)),
-            None => Ok(()),
+        for o in &req.input.delete.objects {
+            self.object(req.credentials.as_ref(), Op::Write, bucket, &o.key)?;
         }
-    }
-}
-
-fn listing_in_scope(scope: &Scope, bucket: &str, prefix: &str) -> S3Result<()> {
-    if scope.allows_listing(bucket, prefix) {
         Ok(())
-    } else {
-        Err(s3_error!(
-            AccessDenied,
-            "this access key lists only {}/{}*: pass that prefix",
-            scope.bucket.as_deref().unwrap_or(bucket),
-            scope.prefix
-        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokens::Scope;
+
+    fn creds(k: &Key) -> s3s::auth::Credentials {
+        s3s::auth::Credentials { access_key: k.access_key.clone(), secret_key: SecretKey::from(k.secret.clone()) }
+    }
+
+    fn read<'a>(bucket: &'a str, key: &'a str) -> Request<'a> {
+        Request { op: Op::Read, bucket: Some(bucket), key: Some(key) }
+    }
 
     #[test]
-    fn scopes_cover_their_bucket_and_prefix_only() {
-        let s = Scope { bucket: Some("b".into()), prefix: "team/".into(), read_only: true, expires_ms: None };
-        assert!(s.allows_object("b", "team/x"));
-        assert!(!s.allows_object("b", "other/x"));
-        assert!(!s.allows_object("c", "team/x"));
-        assert!(s.allows_listing("b", "team/sub/"));
-        assert!(!s.allows_listing("b", ""));
-        assert!(!s.is_root());
-        assert!(Scope::default().is_root());
-        assert!(reads_only("GetObject") && reads_only("ListObjectsV2") && reads_only("HeadObject"));
-        assert!(!reads_only("PutObject") && !reads_only("DeleteObjects") && !reads_only("CopyObject"));
+    fn keys_are_checked_against_grants_revocations_and_their_freshness() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = Identity::from_seed(1);
+        let keys = Keys::open(&tenant, Some(dir.path())).unwrap();
+        let root = root_key(&tenant);
+        assert!(keys.allow(Some(&creds(&root)), Request { op: Op::Admin, bucket: None, key: None }).is_ok());
+        assert!(keys.allow(None, read("b", "k")).is_err(), "unsigned");
+        let code = |r: S3Result<()>| r.unwrap_err().code().as_str().to_string();
+        let stranger = Key { access_key: "AKNOPE".into(), secret: "x".into(), grant: Grant::Root };
+        assert_eq!(code(keys.allow(Some(&creds(&stranger)), read("b", "k"))), "InvalidAccessKeyId");
+        // A token key: refused until the revocations have been read once.
+        let scope = Scope { bucket: Some("b".into()), prefix: "team/".into(), read_only: true, expires_s: None };
+        let token = keys.authority().mint(&scope).unwrap().to_base64().unwrap();
+        assert!(keys.register(&token).unwrap_err().contains("revocations"));
+        keys.set_revocations([]);
+        let k = keys.register(&token).unwrap();
+        assert!(keys.allow(Some(&creds(&k)), read("b", "team/x")).is_ok());
+        assert_eq!(code(keys.allow(Some(&creds(&k)), read("b", "x"))), "AccessDenied");
+        assert_eq!(code(keys.allow(Some(&creds(&k)), read("c", "team/x"))), "AccessDenied");
+        let write = Request { op: Op::Write, bucket: Some("b"), key: Some("team/x") };
+        assert_eq!(code(keys.allow(Some(&creds(&k)), write)), "AccessDenied");
+        // Kept on disk: a restarted gateway knows it.
+        let again = Keys::open(&tenant, Some(dir.path())).unwrap();
+        again.set_revocations([]);
+        assert!(again.allow(Some(&creds(&k)), read("b", "team/x")).is_ok());
+        // Revoked on the ledger: refused; an attenuated child with it.
+        let child = crate::tokens::attenuate(
+            &keys.authority().parse(&token).unwrap(),
+            &Scope { prefix: "team/a/".into(), ..Default::default() },
+        )
+        .unwrap();
+        let child = keys.register(&child.to_base64().unwrap()).unwrap();
+        assert!(keys.allow(Some(&creds(&child)), read("b", "team/a/1")).is_ok());
+        let Grant::Token { ids, .. } = &k.grant else { panic!() };
+        keys.set_revocations([ids[0]]);
+        assert_eq!(code(keys.allow(Some(&creds(&k)), read("b", "team/x"))), "AccessDenied");
+        assert_eq!(code(keys.allow(Some(&creds(&child)), read("b", "team/a/1"))), "AccessDenied");
+        assert!(keys.register(&token).unwrap_err().contains("revoked"));
+        assert!(keys.allow(Some(&creds(&root)), read("b", "x")).is_ok(), "the root key is not a token");
+        // Another tenant's token is not registered.
+        let foreign = Authority::of(&Identity::from_seed(2)).mint(&Scope::default()).unwrap();
+        assert!(keys.register(&foreign.to_base64().unwrap()).is_err());
+        // Revocations that could not be read for too long: token keys refused, not trusted stale.
+        keys.revoked.write().unwrap().read_at = Some(Instant::now() - REVOCATION_MAX_AGE - Duration::from_secs(1));
+        keys.revoked.write().unwrap().ids.clear();
+        assert_eq!(code(keys.allow(Some(&creds(&child)), read("b", "team/a/1"))), "ServiceUnavailable");
+    }
+
+    #[test]
+    fn operations_are_classified() {
+        assert_eq!(op_of("GetObject"), Op::Read);
+        assert_eq!(op_of("ListObjectsV2"), Op::Read);
+        assert_eq!(op_of("HeadObject"), Op::Read);
+        assert_eq!(op_of("PutObject"), Op::Write);
+        assert_eq!(op_of("DeleteObjects"), Op::Write);
+        assert_eq!(op_of("CopyObject"), Op::Write);
+        assert_eq!(op_of("CompleteMultipartUpload"), Op::Write);
+        assert_eq!(op_of("CreateBucket"), Op::Admin);
+        assert_eq!(op_of("DeleteBucket"), Op::Admin);
+        assert_eq!(op_of("PutBucketVersioning"), Op::Admin);
     }
 
     #[test]
@@ -249,15 +401,5 @@ mod tests {
         assert_eq!(a.secret, root_key(&Identity::from_seed(1)).secret);
         assert_ne!(a.secret, root_key(&Identity::from_seed(2)).secret);
         assert_eq!(a.access_key.len(), 20);
-        let keys = Keys::with_root(a.clone());
-        assert!(keys.live(&a.access_key).is_ok());
-        assert!(keys.live("AKNOPE").is_err());
-        let expired = Key {
-            access_key: "AKOLD".into(),
-            secret: "s".into(),
-            scope: Scope { expires_ms: Some(1), ..Default::default() },
-        };
-        keys.insert(expired);
-        assert!(keys.live("AKOLD").is_err());
     }
 }

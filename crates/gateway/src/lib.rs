@@ -7,13 +7,16 @@
 //! streaming chunk signatures) against the access keys in [`keys`] before any operation runs.
 //!
 //! - [`s3`]: the S3 operations over a [`TenantClient`](archipel_objects::tenant::TenantClient).
-//! - [`keys`]: access keys and what each may do.
+//! - [`keys`]: access keys and what each may do; [`tokens`]: the capability tokens behind scoped
+//!   keys. `POST /?archipel-register-key` with a token (base64) as body answers the token's S3
+//!   credentials (JSON): the token is the authority, so the request needs no signature.
 //! - [`multipart`]: multipart uploads.
 //! - [`serve`]: the HTTP listener.
 
 pub mod keys;
 pub mod multipart;
 pub mod s3;
+pub mod tokens;
 
 use archipel_objects::tenant::TenantClient;
 use archipel_types::PlacementPolicy;
@@ -35,15 +38,80 @@ pub struct GatewayConfig {
     pub keys: Arc<keys::Keys>,
 }
 
-/// Builds the S3 service of `config`.
+/// Largest XML request body (a DeleteObjects of 1,000 keys of 1 KiB fits).
+const MAX_XML_BODY: usize = 2 << 20;
+/// Largest token a registration carries.
+const MAX_TOKEN_BYTES: usize = 64 << 10;
+
+/// Builds the S3 service of `config`, and starts reading the tenant's revocations from the
+/// ledger every [`keys::REVOCATION_POLL`].
 pub fn service(config: GatewayConfig) -> std::io::Result<s3s::service::S3Service> {
     let multipart = multipart::Uploads::open(&config.spool)?;
+    let keys = config.keys.clone();
+    let tenant = config.tenant.clone();
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = keys.refresh_revocations(&tenant).await {
+                tracing::warn!("cannot read the tenant's revocations: {e}");
+            }
+            tokio::time::sleep(keys::REVOCATION_POLL).await;
+        }
+    });
     let s3 = s3::Archipel::new(config.tenant, config.default_policy, multipart);
     let mut builder = s3s::service::S3ServiceBuilder::new(s3);
+    let mut limits = s3s::config::S3Config::default();
+    limits.xml_max_body_size = MAX_XML_BODY;
+    // Browser POST uploads are refused; their file part is not even read.
+    limits.post_object_max_file_size = 0;
+    limits.form_max_field_size = 16 << 10;
+    limits.form_max_fields_size = 64 << 10;
+    builder.set_config(Arc::new(s3s::config::StaticConfigProvider::new(Arc::new(limits))));
     builder.set_auth(keys::Auth(config.keys.clone()));
-    builder.set_access(keys::Access(config.keys));
+    builder.set_access(keys::Access(config.keys.clone()));
+    builder.set_route(Register(config.keys));
     Ok(builder.build())
 }
+
+/// `POST /?archipel-register-key`: a token in, its S3 credentials out.
+#[derive(Debug)]
+struct Register(Arc<keys::Keys>);
+
+#[async_trait::async_trait]
+impl s3s::route::S3Route for Register {
+    fn is_match(
+        &self,
+        method: &hyper::Method,
+        uri: &hyper::Uri,
+        _: &hyper::HeaderMap,
+        _: &mut hyper::http::Extensions,
+    ) -> bool {
+        method == hyper::Method::POST && uri.path() == "/" && uri.query() == Some("archipel-register-key")
+    }
+
+    async fn check_access(&self, _: &mut s3s::S3Request<s3s::Body>) -> s3s::S3Result<()> {
+        // The token in the body is the authority: it is checked in `call`.
+        Ok(())
+    }
+
+    async fn call(&self, req: s3s::S3Request<s3s::Body>) -> s3s::S3Result<s3s::S3Response<s3s::Body>> {
+        let mut body = req.input;
+        let bytes = body
+            .store_all_limited(MAX_TOKEN_BYTES)
+            .await
+            .map_err(|e| s3s::s3_error!(InvalidRequest, "send the token (base64) as the body, at most 64 KiB: {e}"))?;
+        let token = std::str::from_utf8(&bytes).map_err(|_| s3s::s3_error!(InvalidRequest, "the token is not text"))?;
+        let key = self.0.register(token).map_err(|e| s3s::S3Error::with_message(s3s::S3ErrorCode::AccessDenied, e))?;
+        let json = serde_json::json!({"access_key_id": key.access_key, "secret_access_key": key.secret});
+        let mut resp = s3s::S3Response::new(s3s::Body::from(json.to_string()));
+        resp.headers.insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+        Ok(resp)
+    }
+}
+
+/// Connections served at once; more are closed on arrival.
+pub const MAX_CONNECTIONS: usize = 512;
+/// Time a client has to send a request's headers.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Serves S3 on `listener` until `shutdown` resolves.
 pub async fn serve(
@@ -51,7 +119,10 @@ pub async fn serve(
     service: s3s::service::S3Service,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A client that does not finish its headers in time is dropped (slow-header attacks).
+    http.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (socket, _) = tokio::select! {
@@ -67,9 +138,14 @@ pub async fn serve(
             () = &mut shutdown => return Ok(()),
         };
         let _ = socket.set_nodelay(true);
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!("{MAX_CONNECTIONS} connections open: refusing another");
+            continue;
+        };
         let service = service.clone();
         let http = http.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = http.serve_connection(TokioIo::new(socket), service).await {
                 tracing::debug!("connection ended: {e}");
             }

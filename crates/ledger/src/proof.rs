@@ -127,7 +127,9 @@ pub fn decode_value(key: &StateKey, value: &[u8]) -> Result<serde_json::Value, S
         }
         StateKey::Stored(_) => Ok(serde_json::json!({ "stored_bytes": be_u64(value, 0)? })),
         StateKey::Reputation(_) => Ok(serde_json::json!({ "reputation": crate::state::decode_u16(value)? })),
-        StateKey::Revocations(_) => json(serde_json::from_slice::<Vec<crate::Hash>>(value).and_then(serde_json::to_value)),
+        StateKey::Revocations(_) => {
+            json(serde_json::from_slice::<Vec<crate::Hash>>(value).and_then(serde_json::to_value))
+        }
         StateKey::Network => Ok(serde_json::json!({ "network": hex::encode(value) })),
         StateKey::Node(_) => json(serde_json::from_slice::<NodeRecord>(value).and_then(serde_json::to_value)),
         StateKey::Params => json(serde_json::from_slice(value)),

@@ -782,8 +782,7 @@ async fn revocations(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> 
         Ok(i) => i,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_account", format!("{e}")),
     };
-    let view =
-        s.chain.with_state(|st| RevocationsView { id, revoked: st.revocations(&id), height: st.chain().height });
+    let view = s.chain.with_state(|st| RevocationsView { id, revoked: st.revocations(&id), height: st.chain().height });
     Json(view).into_response()
 }
 
