@@ -250,7 +250,8 @@ fn prepare(args: &DevnetArgs) -> Result<(Genesis, Topology)> {
 
 fn write_state(dir: &Path, state: &DevnetState) -> Result<()> {
     let tmp = dir.join(format!("{STATE}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
+    // It holds the gateway's root secret.
+    crate::write_private(&tmp, &serde_json::to_vec_pretty(state)?)?;
     std::fs::rename(&tmp, dir.join(STATE))?;
     Ok(())
 }
@@ -432,8 +433,9 @@ async fn supervise(
         match crate::gateway_cli::start(listen, &urls, tenant, &dir.join("gateway"), policy).await {
             Ok((listener, svc, info)) => {
                 crate::gateway_cli::print_info(&info, urls.len());
-                std::fs::write(
-                    dir.join("s3.env"),
+                // Root credentials: for the devnet's user only.
+                crate::write_private(
+                    &dir.join("s3.env"),
                     format!(
                         "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\nAWS_ENDPOINT_URL={}\nAWS_DEFAULT_REGION=us-east-1\n",
                         info.access_key_id, info.secret_access_key, info.endpoint

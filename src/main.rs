@@ -448,6 +448,15 @@ fn publish_descriptor(
     tokio_rt()?.block_on(ledger_cli::submit_as(key, payload(descriptor), node, &format!("{done} node {}", cfg.name)))
 }
 
+/// Writes `bytes` to `path` readable by its owner only.
+fn write_private(path: &Path, bytes: impl AsRef<[u8]>) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.write_all(bytes.as_ref())?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+}
+
 fn tokio_rt() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -65,6 +65,8 @@ fn boto3_aws_cli_and_rclone_sessions_against_the_devnet_gateway() {
         .env("AWS_SECRET_ACCESS_KEY", gw["secret_access_key"].as_str().unwrap())
         .env("AWS_DEFAULT_REGION", "us-east-1")
         .env("ARCHIPEL_DEVNET_DIR", &devnet.dir)
+        .env("ARCHIPEL_BIN", bin())
+        .env("ARCHIPEL_NODE", devnet.node(0).1)
         .env_remove("AWS_PROFILE")
         .output()
         .expect("run pytest");

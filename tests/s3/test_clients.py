@@ -311,3 +311,100 @@ def test_bad_input_gets_s3_errors_and_stores_nothing(tmp_path):
     assert s3.get_object(Bucket=b, Key="k")["Body"].read() == b"0123456789"
     s3.delete_object(Bucket=b, Key="k")
     s3.delete_bucket(Bucket=b)
+
+
+def archipel(*args):
+    """Runs the archipel binary against the devnet (its tenant key, its first node, its gateway)."""
+    cmd = [
+        os.environ["ARCHIPEL_BIN"], *args,
+    ]
+    env = dict(os.environ, ARCHIPEL_KEY=os.path.join(DEVNET, "tenant.key"), ARCHIPEL_NODE=os.environ["ARCHIPEL_NODE"],
+               ARCHIPEL_GATEWAY=ENDPOINT)
+    out = subprocess.run(cmd, capture_output=True, env=env, timeout=120)
+    assert out.returncode == 0, f"archipel {' '.join(args)}: {out.stderr.decode()}"
+    return out.stdout.decode()
+
+
+def new_key(*scope):
+    import json
+    creds = json.loads(archipel("s3", "keys", "create", "--json", *scope))
+    return creds["access_key_id"], creds["secret_access_key"], creds["token"]
+
+
+def denied(fn):
+    assert error_code(fn) == "AccessDenied"
+
+
+def test_scoped_keys_expire_are_revoked_and_stay_in_scope():
+    import json
+    root = client()
+    b, other = bucket_name("scoped"), bucket_name("other")
+    root.create_bucket(Bucket=b)
+    root.create_bucket(Bucket=other)
+    root.put_object(Bucket=b, Key="team/a.txt", Body=b"team a")
+    root.put_object(Bucket=b, Key="private/p.txt", Body=b"private")
+    root.put_object(Bucket=other, Key="team/o.txt", Body=b"other")
+
+    # Read-only on b/team/: reads and lists inside; writes, other prefixes, other buckets denied.
+    ak, sk, token = new_key("--bucket", b, "--prefix", "team/", "--read-only", "--expires", "1h")
+    ro = client(ak, sk)
+    assert ro.get_object(Bucket=b, Key="team/a.txt")["Body"].read() == b"team a"
+    assert [o["Key"] for o in ro.list_objects_v2(Bucket=b, Prefix="team/")["Contents"]] == ["team/a.txt"]
+    denied(lambda: ro.put_object(Bucket=b, Key="team/new.txt", Body=b"x"))                       # action
+    denied(lambda: ro.delete_object(Bucket=b, Key="team/a.txt"))                                 # action
+    denied(lambda: ro.get_object(Bucket=b, Key="private/p.txt"))                                  # prefix
+    denied(lambda: ro.list_objects_v2(Bucket=b))                                                  # prefix (listing)
+    denied(lambda: ro.copy_object(Bucket=b, Key="team/c.txt", CopySource=f"{b}/private/p.txt"))  # prefix (copy source)
+    denied(lambda: ro.get_object(Bucket=other, Key="team/o.txt"))                                 # bucket
+    denied(lambda: ro.create_bucket(Bucket=bucket_name("nope")))                                  # admin
+    assert error_code(lambda: root.head_object(Bucket=b, Key="team/new.txt")) == "404"
+    # Dot segments are part of a key, never a way out of a prefix: `team/../private/p.txt` is its
+    # own (absent) key, not private/p.txt.
+    assert error_code(lambda: ro.get_object(Bucket=b, Key="team/../private/p.txt")) == "NoSuchKey"
+    root.put_object(Bucket=b, Key="x/../team/a.txt", Body=b"dots")
+    assert root.get_object(Bucket=b, Key="x/../team/a.txt")["Body"].read() == b"dots"
+    assert root.get_object(Bucket=b, Key="team/a.txt")["Body"].read() == b"team a"
+
+    # Read-write on b/team/ hands on a read-only attenuation of itself to team/sub/.
+    ak2, sk2, token2 = new_key("--bucket", b, "--prefix", "team/")
+    rw = client(ak2, sk2)
+    rw.put_object(Bucket=b, Key="team/sub/w.txt", Body=b"written")
+    denied(lambda: rw.put_object(Bucket=b, Key="elsewhere.txt", Body=b"x"))
+    denied(lambda: rw.delete_objects(Bucket=b, Delete={"Objects": [{"Key": "team/sub/w.txt"}, {"Key": "private/p.txt"}]}))
+    narrow = archipel("s3", "keys", "attenuate", token2, "--prefix", "team/sub/", "--read-only").strip()
+    creds = json.loads(archipel("s3", "keys", "register", narrow, "--json"))
+    sub = client(creds["access_key_id"], creds["secret_access_key"])
+    assert sub.get_object(Bucket=b, Key="team/sub/w.txt")["Body"].read() == b"written"
+    denied(lambda: sub.get_object(Bucket=b, Key="team/a.txt"))
+    denied(lambda: sub.put_object(Bucket=b, Key="team/sub/x.txt", Body=b"x"))
+
+    # Expired.
+    ak3, sk3, _ = new_key("--bucket", b, "--expires", "1s")
+    time.sleep(2.1)
+    denied(lambda: client(ak3, sk3).get_object(Bucket=b, Key="team/a.txt"))
+
+    # Revoked on the ledger: the key and the token attenuated from it are refused within seconds;
+    # the read-only key minted separately is not.
+    archipel("s3", "keys", "revoke", token2)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            rw.get_object(Bucket=b, Key="team/sub/w.txt")
+            time.sleep(0.3)
+        except botocore.exceptions.ClientError as e:
+            assert e.response["Error"]["Code"] == "AccessDenied"
+            break
+    else:
+        raise AssertionError("a revoked key still works 10 s after its revocation was final")
+    denied(lambda: sub.get_object(Bucket=b, Key="team/sub/w.txt"))
+    assert ro.get_object(Bucket=b, Key="team/a.txt")["Body"].read() == b"team a"
+    # A revoked token is not registered again; a forged one never.
+    out = subprocess.run([os.environ["ARCHIPEL_BIN"], "s3", "keys", "register", token2, "--gateway", ENDPOINT], capture_output=True)
+    assert out.returncode != 0 and b"revoked" in out.stderr, out.stderr
+    out = subprocess.run([os.environ["ARCHIPEL_BIN"], "s3", "keys", "register", token[:-8] + "AAAAAAAA", "--gateway", ENDPOINT], capture_output=True)
+    assert out.returncode != 0, out.stdout
+
+    for bucket in (b, other):
+        keys = [o["Key"] for o in root.list_objects_v2(Bucket=bucket).get("Contents", [])]
+        root.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys]})
+        root.delete_bucket(Bucket=bucket)

@@ -17,7 +17,7 @@ use archipel_objects::tenant::PutSource;
 use md5::Digest as _;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt};
 
 /// Smallest part but the last, as S3 requires.
 pub const MIN_PART_BYTES: u64 = 5 * 1024 * 1024;
@@ -111,6 +111,9 @@ impl Uploads {
     /// The uploads kept in `dir` (created if missing).
     pub fn open(dir: &Path) -> std::io::Result<Uploads> {
         std::fs::create_dir_all(dir)?;
+        // Parts are plaintext: for the gateway's user only.
+        #[cfg(unix)]
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         Ok(Uploads { dir: dir.to_path_buf() })
     }
 
@@ -309,12 +312,56 @@ pub struct PartsSource(Vec<PathBuf>);
 
 impl PutSource for PartsSource {
     async fn open(&mut self) -> std::io::Result<Option<Box<dyn AsyncRead + Send + Unpin>>> {
-        let mut reader: Box<dyn AsyncRead + Send + Unpin> = Box::new(tokio::io::empty());
+        // Fail now, not mid-upload, if a part went missing.
         for path in &self.0 {
-            let f = tokio::fs::File::open(path).await?;
-            reader = Box::new(reader.chain(tokio::io::BufReader::with_capacity(1 << 20, f)));
+            tokio::fs::metadata(path).await?;
         }
-        Ok(Some(reader))
+        Ok(Some(Box::new(PartsReader { files: self.0.clone().into(), current: None, opening: None })))
+    }
+}
+
+type Opening = std::pin::Pin<Box<dyn Future<Output = std::io::Result<tokio::fs::File>> + Send>>;
+
+/// The parts one after the other, one file open at a time (an upload may have 10,000 parts).
+struct PartsReader {
+    files: std::collections::VecDeque<PathBuf>,
+    current: Option<tokio::io::BufReader<tokio::fs::File>>,
+    opening: Option<Opening>,
+}
+
+impl AsyncRead for PartsReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if let Some(opening) = self.opening.as_mut() {
+                match opening.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(f)) => {
+                        self.opening = None;
+                        self.current = Some(tokio::io::BufReader::with_capacity(1 << 20, f));
+                    }
+                }
+            }
+            if let Some(current) = self.current.as_mut() {
+                let before = buf.filled().len();
+                match std::pin::Pin::new(current).poll_read(cx, buf) {
+                    Poll::Ready(Ok(())) if buf.filled().len() == before => self.current = None,
+                    other => return other,
+                }
+            }
+            match self.files.pop_front() {
+                Some(path) => self.opening = Some(Box::pin(tokio::fs::File::open(path))),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
     }
 }
 

@@ -127,8 +127,12 @@ fn from_multipart(e: MultipartError) -> S3Error {
     S3Error::with_message(code, e.to_string())
 }
 
+/// Latest time S3's timestamps can carry (the end of year 9999), in ms.
+const MAX_TIMESTAMP_MS: u64 = 253_402_300_799_000;
+
 fn timestamp(ms: u64) -> Timestamp {
-    Timestamp::from(UNIX_EPOCH + Duration::from_millis(ms))
+    // A node's clock value is not trusted to be representable.
+    Timestamp::from(UNIX_EPOCH + Duration::from_millis(ms.min(MAX_TIMESTAMP_MS)))
 }
 
 fn millis(t: &Timestamp) -> u64 {
@@ -204,15 +208,25 @@ fn meta_from(
     content_language: Option<ContentLanguage>,
     cache_control: Option<CacheControl>,
     metadata: Option<Metadata>,
-) -> ObjectMeta {
-    ObjectMeta {
+) -> S3Result<ObjectMeta> {
+    let meta = ObjectMeta {
         content_type: content_type.map(|c| c.to_string()),
         content_encoding,
         content_disposition,
         content_language,
         cache_control,
         user: metadata.unwrap_or_default().into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect(),
+    };
+    // Refused before any byte is uploaded, not after.
+    let bytes = serde_json::to_vec(&meta).map_or(usize::MAX, |b| b.len());
+    if bytes > archipel_objects::meta::MAX_META_BYTES {
+        return Err(s3_error!(
+            MetadataTooLarge,
+            "the metadata takes {bytes} bytes, more than the {} an object carries",
+            archipel_objects::meta::MAX_META_BYTES
+        ));
     }
+    Ok(meta)
 }
 
 fn user_metadata(meta: &ObjectMeta) -> Option<Metadata> {
@@ -383,17 +397,24 @@ impl Archipel {
         let failed = error.clone();
         let tenant = self.tenant.clone();
         tokio::spawn(async move {
-            let r = tenant.read(&view, &opened, Some(range), writer, |_| {}).await;
+            let mut writer = writer;
+            let r = tenant.read(&view, &opened, Some(range), &mut writer, |_| {}).await;
+            // The error is recorded before the writer closes: the body's end then carries it.
             match r {
                 Ok(bad) if !bad.is_empty() => {
                     tracing::warn!(holders = ?bad, "holders served shards that failed their hash; read from the others")
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!("GET {}/{} failed: {e}", view.object.bucket, view.object.key);
+                    if e.to_string().contains("broken pipe") {
+                        tracing::debug!("GET {}/{}: the client left", view.object.bucket, view.object.key);
+                    } else {
+                        tracing::warn!("GET {}/{} failed: {e}", view.object.bucket, view.object.key);
+                    }
                     *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                 }
             }
+            drop(writer);
         });
         StreamingBlob::wrap(Body {
             inner: tokio_util::io::ReaderStream::with_capacity(reader, 256 << 10),
@@ -496,7 +517,7 @@ impl S3 for Archipel {
             input.content_language,
             input.cache_control,
             input.metadata,
-        );
+        )?;
         let source = put_source(size, input.body).await?;
         let stored = self.put(&bucket, &input.key, size, source, None, meta).await?;
         Ok(S3Response::new(PutObjectOutput {
@@ -696,8 +717,16 @@ impl S3 for Archipel {
             input.copy_source_if_none_match.as_ref(),
             input.copy_source_if_modified_since.as_ref(),
             input.copy_source_if_unmodified_since.as_ref(),
-            false,
-        )?;
+            true,
+        )
+        // A copy's conditions all answer 412 (there is no 304 for a copy).
+        .map_err(|e| {
+            if *e.code() == S3ErrorCode::NotModified {
+                s3_error!(PreconditionFailed, "the copy source's conditions are not met")
+            } else {
+                e
+            }
+        })?;
         let dest = self.my_bucket(&input.bucket).await?;
         let opened = self.tenant.open(&source).await.map_err(from_tenant)?;
         let replace = input.metadata_directive.as_ref().is_some_and(|d| d.as_str() == MetadataDirective::REPLACE);
@@ -709,7 +738,7 @@ impl S3 for Archipel {
                 input.content_language,
                 input.cache_control,
                 input.metadata,
-            )
+            )?
         } else {
             opened.meta.clone()
         };
@@ -743,7 +772,7 @@ impl S3 for Archipel {
             input.content_language,
             input.cache_control,
             input.metadata,
-        );
+        )?;
         let upload = self.uploads.create(&input.bucket, &input.key, meta).await.map_err(from_multipart)?;
         Ok(S3Response::new(CreateMultipartUploadOutput {
             bucket: Some(input.bucket),

@@ -31,6 +31,7 @@ pub fn routes() -> Router<Arc<ApiState>> {
         .route("/v1/buckets/{name}", get(bucket))
         .route("/v1/buckets/{name}/objects", get(list))
         .route("/v1/buckets/{name}/keys/{*key}", get(object))
+        .route("/v1/buckets/{name}/object", get(object_by_query))
         .route("/v1/storage/nodes", get(storage_nodes))
         .route("/v1/storage/health", get(health))
 }
@@ -176,6 +177,17 @@ async fn list(State(s): State<Arc<ApiState>>, Path(name): Path<String>, Query(q)
             error(StatusCode::NOT_FOUND, "no_such_bucket", format!("no bucket {name:?} (see `archipel bucket ls`)"))
         }
     }
+}
+
+/// Query of `GET /v1/buckets/{name}/object`.
+#[derive(Debug, Deserialize)]
+pub struct KeyQuery {
+    /// The object's key, exactly (a key with `.` or `..` segments cannot travel in a path).
+    pub key: String,
+}
+
+async fn object_by_query(s: State<Arc<ApiState>>, Path(name): Path<String>, Query(q): Query<KeyQuery>) -> Response {
+    object(s, Path((name, q.key))).await
 }
 
 async fn object(State(s): State<Arc<ApiState>>, Path((name, key)): Path<(String, String)>) -> Response {

@@ -451,8 +451,16 @@ impl TenantClient {
 
     /// One object with its holders; `None` when there is none at that key.
     pub async fn object(&self, bucket: &str, key: &str) -> Result<Option<ObjectView>, TenantError> {
-        let key: String = key.split('/').map(urlencode).collect::<Vec<_>>().join("/");
-        not_found_is_none(self.get(&format!("/v1/buckets/{}/keys/{key}", urlencode(bucket))).await)
+        // In the query, not the path: a path's `.` and `..` segments would be resolved on the way.
+        let path = format!("/v1/buckets/{}/object?key={}", urlencode(bucket), urlencode(key));
+        let view: Option<ObjectView> = not_found_is_none(self.get(&path).await)?;
+        match view {
+            Some(v) if v.object.bucket != bucket || v.object.key != key => Err(TenantError::Decode {
+                url: path,
+                reason: format!("asked for {bucket}/{key}, the node described {}/{}", v.object.bucket, v.object.key),
+            }),
+            other => Ok(other),
+        }
     }
 
     /// One page of a bucket's listing (S3 rules for prefix, delimiter and `start_after`).
