@@ -5,6 +5,7 @@
 //! one line naming the problem and what to do, with a non-zero exit code.
 
 mod devnet;
+mod export_cli;
 mod fill_chain;
 mod gateway_cli;
 mod ledger_cli;
@@ -89,6 +90,10 @@ enum Command {
     /// Serve S3 (aws-cli, boto3, rclone) for your buckets: data is encrypted and erasure-coded
     /// here, on your side, before it reaches any node.
     Gateway(gateway_cli::GatewayArgs),
+    /// Write a bucket's objects, decrypted, with their metadata, to a directory (resumable).
+    Export(export_cli::ExportArgs),
+    /// Put an export directory's objects into a bucket, of this or another network (resumable).
+    Import(export_cli::ImportArgs),
     /// S3 access keys: scoped, expiring, revocable (`archipel s3 keys create --bucket B --prefix P
     /// --read-only --expires 7d`).
     S3 {
@@ -484,6 +489,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Stat(args) => tokio_rt()?.block_on(storage_cli::stat(args)),
         Command::Health(args) => tokio_rt()?.block_on(storage_cli::health(args)),
         Command::Gateway(args) => tokio_rt()?.block_on(gateway_cli::run(args)),
+        Command::Export(args) => tokio_rt()?.block_on(export_cli::export(args)),
+        Command::Import(args) => tokio_rt()?.block_on(export_cli::import(args)),
         Command::S3 { command } => tokio_rt()?.block_on(s3_cli::run(command)),
         Command::Debug { command: DebugCommand::P2pProbe { key, genesis, listen, seconds } } => {
             let identity = Identity::load(&key)?;
