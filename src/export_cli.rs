@@ -280,7 +280,16 @@ pub async fn import(args: ImportArgs) -> Result<()> {
         }
         progress.set_message(o.key.clone());
         let base = done;
-        let object = NewObject { key: o.key.clone(), size: o.size, etag: Some(o.etag.clone()), meta: o.meta.clone() };
+        // A single-part ETag is the content's MD5: checked against the bytes read (an edited
+        // file is refused, not imported under its old ETag). A multipart ETag is kept as it was.
+        let single = !o.etag.contains('-');
+        let object = NewObject {
+            key: o.key.clone(),
+            size: o.size,
+            etag: (!single).then(|| o.etag.clone()),
+            meta: o.meta.clone(),
+            content_md5: single.then(|| o.etag.clone()),
+        };
         c.put(
             &bucket,
             object,

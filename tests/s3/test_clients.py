@@ -98,6 +98,31 @@ def test_boto3_session(tmp_path):
             break
         token = page["NextContinuationToken"]
     assert keys == [f"data/small/{i}.txt" for i in range(5)]
+    # Delimiter and pages together: every group and key once, in order, v2 tokens and v1 markers.
+    listed = ["list/a/1", "list/a/2", "list/b/1", "list/c", "list/d/x", "list/e f+\u00e9"]
+    for k in listed:
+        s3.put_object(Bucket=b, Key=k, Body=b"l")
+    want = ["list/a/", "list/b/", "list/c", "list/d/", "list/e f+\u00e9"]
+    seen, token = [], None
+    while True:
+        kw = {"Bucket": b, "Prefix": "list/", "Delimiter": "/", "MaxKeys": 1}
+        if token:
+            kw["ContinuationToken"] = token
+        page = s3.list_objects_v2(**kw)
+        seen += [p["Prefix"] for p in page.get("CommonPrefixes", [])] + [o["Key"] for o in page.get("Contents", [])]
+        if not page["IsTruncated"]:
+            break
+        token = page["NextContinuationToken"]
+    assert seen == want, seen
+    seen, marker = [], ""
+    while True:
+        page = s3.list_objects(Bucket=b, Prefix="list/", Delimiter="/", MaxKeys=2, Marker=marker)
+        seen += [p["Prefix"] for p in page.get("CommonPrefixes", [])] + [o["Key"] for o in page.get("Contents", [])]
+        if not page["IsTruncated"]:
+            break
+        marker = page["NextMarker"]
+    assert sorted(seen) == want, seen
+    s3.delete_objects(Bucket=b, Delete={"Objects": [{"Key": k} for k in listed]})
     # Download and compare.
     out = tmp_path / "big.out"
     s3.download_file(b, "data/big.bin", str(out))
@@ -116,12 +141,47 @@ def test_boto3_session(tmp_path):
     # Copy keeps the metadata unless replaced.
     s3.copy_object(Bucket=b, Key="copy.bin", CopySource={"Bucket": b, "Key": "data/big.bin"})
     assert s3.head_object(Bucket=b, Key="copy.bin")["Metadata"] == {"team": "storage"}
+    assert hashlib.sha256(s3.get_object(Bucket=b, Key="copy.bin")["Body"].read()).hexdigest() == sha(src)
+    across = s3.get_object(Bucket=b, Key="copy.bin", Range="bytes=8388000-8389000")["Body"].read()
+    assert across == src.read_bytes()[8388000:8389001]
+    # The multipart ETag is S3's: the MD5 of the parts' MD5s, then the count.
+    data = src.read_bytes()
+    parts = [hashlib.md5(data[i:i + 8 * MIB]).digest() for i in range(0, len(data), 8 * MIB)]
+    assert head["ETag"].strip('"') == hashlib.md5(b"".join(parts)).hexdigest() + "-3"
+    # A single PUT of more than one segment: its ETag is the MD5 of every byte.
+    s3.put_object(Bucket=b, Key="single.bin", Body=data[: 9 * MIB])
+    assert s3.head_object(Bucket=b, Key="single.bin")["ETag"].strip('"') == hashlib.md5(data[: 9 * MIB]).hexdigest()
+    # Content-MD5 is checked: a body that differs from it is not stored.
+    import base64
+    wrong = base64.b64encode(hashlib.md5(b"something else").digest()).decode()
+    assert error_code(lambda: s3.put_object(Bucket=b, Key="digest.txt", Body=b"body", ContentMD5=wrong)) == "BadDigest"
+    assert error_code(lambda: s3.head_object(Bucket=b, Key="digest.txt")) == "404"
     s3.copy_object(Bucket=b, Key="copy2.txt", CopySource=f"{b}/top.txt", MetadataDirective="REPLACE", Metadata={"v": "2"})
     assert s3.head_object(Bucket=b, Key="copy2.txt")["Metadata"] == {"v": "2"}
     assert s3.get_object(Bucket=b, Key="copy2.txt")["Body"].read() == b"top"
     # Presigned URL fetched with curl.
     url = s3.generate_presigned_url("get_object", Params={"Bucket": b, "Key": "top.txt"}, ExpiresIn=300)
     assert curl(url) == b"top"
+    # ... and only with its signature, before it expires.
+    def status(u):
+        try:
+            return urllib.request.urlopen(u, timeout=10).status
+        except urllib.error.HTTPError as e:
+            return e.code
+    import re
+    def tampered(u):
+        return re.sub(r"(Signature=)(.)", lambda m: m.group(1) + ("0" if m.group(2) != "0" else "1"), u, count=1)
+    assert status(tampered(url)) == 403
+    # SigV4 query signatures too (boto3 presigns with SigV2 unless asked).
+    v4 = boto3.client("s3", endpoint_url=ENDPOINT, aws_access_key_id=ACCESS, aws_secret_access_key=SECRET,
+                      region_name="us-east-1", config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
+    url4 = v4.generate_presigned_url("get_object", Params={"Bucket": b, "Key": "top.txt"}, ExpiresIn=300)
+    assert "X-Amz-Signature=" in url4 and curl(url4) == b"top"
+    assert status(tampered(url4)) == 403
+    assert status(f"{ENDPOINT}/{b}/top.txt") == 403
+    short = s3.generate_presigned_url("get_object", Params={"Bucket": b, "Key": "top.txt"}, ExpiresIn=1)
+    time.sleep(2.1)
+    assert status(short) == 403
     # Multipart by hand: list parts, abort.
     up = s3.create_multipart_upload(Bucket=b, Key="aborted.bin")
     s3.upload_part(Bucket=b, Key="aborted.bin", UploadId=up["UploadId"], PartNumber=1, Body=b"x" * 100)
@@ -221,14 +281,27 @@ def test_nodes_only_ever_see_ciphertext(tmp_path):
     assert out.read_bytes() == src.read_bytes()
     nodes = os.path.join(DEVNET, "nodes")
     scanned = 0
+    shard_bytes = 0
     for root, _, files in os.walk(nodes):
         for f in files:
             path = os.path.join(root, f)
-            with open(path, "rb") as fh:
-                data = fh.read()
+            try:
+                with open(path, "rb") as fh:
+                    data = fh.read()
+            except FileNotFoundError:
+                continue  # removed while walking (a pruned log)
             scanned += len(data)
+            if os.sep + "shards" + os.sep in path:
+                shard_bytes += len(data)
             assert marker not in data, f"plaintext marker found in {path}"
-    assert scanned > 9 * MIB, "the nodes' data directories hold the shards"
+    # The object's shards are among what was scanned: 4+2 of 9 MiB is at least 13.5 MiB of shards.
+    assert shard_bytes >= 13 * MIB, f"only {shard_bytes} bytes of shards under {nodes}"
+    # And the gateway's spool kept no plaintext part.
+    spool = os.path.join(DEVNET, "gateway", "spool")
+    for root, _, files in os.walk(spool):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                assert marker not in fh.read()
     aws("s3", "rm", "--only-show-errors", f"s3://{b}/marker.txt")
     aws("s3", "rb", f"s3://{b}")
 
@@ -301,9 +374,28 @@ def test_bad_input_gets_s3_errors_and_stores_nothing(tmp_path):
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
     assert s3.head_object(Bucket=b, Key="whole")["ContentLength"] == 100_000
     s3.delete_object(Bucket=b, Key="whole")
+    # The same beyond one segment, where the body streams into the pipeline as it arrives.
+    answer = signed_raw("PUT", f"/{b}/truncated-big", b"z" * (20 * MIB), send=12 * MIB)
+    assert answer == b"" or (answer.startswith(b"HTTP/1.1 400") and b"IncompleteBody" in answer), answer[:300]
+    assert error_code(lambda: s3.head_object(Bucket=b, Key="truncated-big")) == "404"
+    # A part cut off is not kept.
+    up = s3.create_multipart_upload(Bucket=b, Key="mp")["UploadId"]
+    answer = signed_raw("PUT", f"/{b}/mp?partNumber=1&uploadId={up}", b"p" * (6 * MIB), send=MIB)
+    assert answer == b"" or (answer.startswith(b"HTTP/1.1 400") and b"IncompleteBody" in answer), answer[:300]
+    assert s3.list_parts(Bucket=b, Key="mp", UploadId=up).get("Parts", []) == []
+    s3.abort_multipart_upload(Bucket=b, Key="mp", UploadId=up)
+    # Malformed XML deleted nothing.
+    s3.put_object(Bucket=b, Key="kept", Body=b"kept")
+    s3.meta.events.register_first("before-sign.s3.DeleteObjects", bad_delete)
+    assert error_code(lambda: s3.delete_objects(Bucket=b, Delete={"Objects": [{"Key": "kept"}]})) == "MalformedXML"
+    s3.meta.events.unregister("before-sign.s3.DeleteObjects", bad_delete)
+    assert s3.get_object(Bucket=b, Key="kept")["Body"].read() == b"kept"
+    s3.delete_object(Bucket=b, Key="kept")
     # Oversized headers and garbage: an HTTP error, and the gateway still serves.
-    answer = raw_request(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n")
-    assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer[:200]
+    answer = raw_request(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n", hang_up=False)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    # A large header under the bound is served.
+    assert s3.get_object(Bucket=b, Key="k", ResponseContentDisposition="x" * 20_000)["Body"].read() == b"0123456789"
     answer = raw_request(b"\x00\x01garbage\r\n\r\n")
     assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer[:200]
     # An operation the gateway does not implement.
@@ -371,6 +463,11 @@ def test_scoped_keys_expire_are_revoked_and_stay_in_scope():
     rw.put_object(Bucket=b, Key="team/sub/w.txt", Body=b"written")
     denied(lambda: rw.put_object(Bucket=b, Key="elsewhere.txt", Body=b"x"))
     denied(lambda: rw.delete_objects(Bucket=b, Delete={"Objects": [{"Key": "team/sub/w.txt"}, {"Key": "private/p.txt"}]}))
+    denied(lambda: rw.copy_object(Bucket=b, Key="team/c.txt", CopySource=f"{b}/private/p.txt"))       # copy source
+    denied(lambda: rw.copy_object(Bucket=b, Key="team/c.txt", CopySource=f"{other}/team/o.txt"))      # source bucket
+    rw.copy_object(Bucket=b, Key="team/c.txt", CopySource=f"{b}/team/a.txt")
+    denied(lambda: rw.create_multipart_upload(Bucket=b, Key="private/mp.bin"))
+    denied(lambda: rw.list_multipart_uploads(Bucket=b))
     narrow = archipel("s3", "keys", "attenuate", token2, "--prefix", "team/sub/", "--read-only").strip()
     creds = json.loads(archipel("s3", "keys", "register", narrow, "--json"))
     sub = client(creds["access_key_id"], creds["secret_access_key"])
@@ -379,8 +476,9 @@ def test_scoped_keys_expire_are_revoked_and_stay_in_scope():
     denied(lambda: sub.put_object(Bucket=b, Key="team/sub/x.txt", Body=b"x"))
 
     # Expired.
-    ak3, sk3, _ = new_key("--bucket", b, "--expires", "1s")
-    time.sleep(2.1)
+    ak3, sk3, _ = new_key("--bucket", b, "--expires", "4s")
+    assert client(ak3, sk3).get_object(Bucket=b, Key="team/a.txt")["Body"].read() == b"team a"
+    time.sleep(5.1)
     denied(lambda: client(ak3, sk3).get_object(Bucket=b, Key="team/a.txt"))
 
     # Revoked on the ledger: the key and the token attenuated from it are refused within seconds;
@@ -452,6 +550,12 @@ def test_export_and_import_move_everything_with_metadata_resumably(tmp_path):
     assert s3.head_object(Bucket=b2, Key="media/big.bin")["ContentType"] == "video/x-test"
     again = json.loads(archipel("import", "--from", str(out), "--bucket", b2, "--json"))
     assert (again["imported"], again["skipped"]) == (0, 5)
+    # An edited file of the same size does not match its ETag: refused, nothing imported under it.
+    (out / "docs/readme.txt").write_bytes(b"HELLO")
+    edited = subprocess.run([os.environ["ARCHIPEL_BIN"], "import", "--from", str(out), "--bucket", bucket_name("edit")],
+                            capture_output=True, env=dict(os.environ, ARCHIPEL_KEY=os.path.join(DEVNET, "tenant.key")))
+    assert edited.returncode != 0 and b"MD5" in edited.stderr, edited.stderr
+    (out / "docs/readme.txt").write_bytes(b"hello")
     # A damaged export is refused, naming the file.
     (out / "a").write_bytes(b"short")
     bad = subprocess.run([os.environ["ARCHIPEL_BIN"], "import", "--from", str(out), "--bucket", bucket_name("bad")],

@@ -17,6 +17,7 @@ mod fuzz;
 mod ledger_bench;
 mod liveness_bench;
 mod pipeline_bench;
+mod s3_bench;
 mod simplex_baseline;
 mod state_bench;
 mod state_devnet_bench;
@@ -35,6 +36,7 @@ fn main() -> Result<()> {
                 "state" => state_bench::bench().and_then(|_| bench_state_devnet()),
                 "pipeline" => pipeline_bench::bench(),
                 "storage" => storage_bench::bench(&build_release()?),
+                "s3" => s3_bench::bench(&build_release()?),
                 "all" => bench_verify()
                     .and_then(|_| bench_devnet())
                     .and_then(|_| ledger_bench::bench(&build_release()?, runs(&args)?))
@@ -42,10 +44,11 @@ fn main() -> Result<()> {
                     .and_then(|_| state_bench::bench())
                     .and_then(|_| bench_state_devnet())
                     .and_then(|_| pipeline_bench::bench())
-                    .and_then(|_| storage_bench::bench(&build_release()?)),
+                    .and_then(|_| storage_bench::bench(&build_release()?))
+                    .and_then(|_| s3_bench::bench(&build_release()?)),
                 other => {
                     bail!(
-                        "unknown benchmark {other:?}: use verify, devnet, ledger, liveness, state, pipeline, storage or all"
+                        "unknown benchmark {other:?}: use verify, devnet, ledger, liveness, state, pipeline, storage, s3 or all"
                     )
                 }
             }
@@ -73,7 +76,7 @@ fn main() -> Result<()> {
         Some("simplex-validator") => simplex_baseline::validator_main(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask bench [verify|devnet|ledger|liveness|state|pipeline|storage|all] [--runs N]\n       cargo xtask sim [--seeds N]\n       \
+                "usage: cargo xtask bench [verify|devnet|ledger|liveness|state|pipeline|storage|s3|all] [--runs N]\n       cargo xtask sim [--seeds N]\n       \
                  cargo xtask fuzz [--seconds N] [TARGET...]"
             );
             Ok(())

@@ -110,6 +110,8 @@ impl s3s::route::S3Route for Register {
 
 /// Connections served at once; more are closed on arrival.
 pub const MAX_CONNECTIONS: usize = 512;
+/// Largest request head (request line and headers); a larger one is answered 431.
+pub const MAX_HEADER_BYTES: usize = 64 << 10;
 /// Time a client has to send a request's headers.
 pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -121,7 +123,10 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // A client that does not finish its headers in time is dropped (slow-header attacks).
-    http.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+    http.http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {

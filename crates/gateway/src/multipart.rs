@@ -88,6 +88,9 @@ pub enum MultipartError {
     /// No parts listed.
     #[error("a multipart upload is completed with at least one part")]
     Empty,
+    /// Reading the request body failed (it broke off, or failed its signature or hash).
+    #[error("the part's body could not be read: {0}")]
+    Body(String),
     /// The spool directory failed.
     #[error("the gateway's spool directory failed: {0}")]
     Io(#[from] std::io::Error),
@@ -190,7 +193,7 @@ impl Uploads {
             let mut read = 0u64;
             while read < size {
                 let want = buf.len().min((size - read) as usize);
-                let n = body.read(&mut buf[..want]).await?;
+                let n = body.read(&mut buf[..want]).await.map_err(|e| MultipartError::Body(e.to_string()))?;
                 if n == 0 {
                     return Err(MultipartError::Short { read, size });
                 }

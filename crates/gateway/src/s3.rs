@@ -76,21 +76,17 @@ impl Archipel {
         self.tenant.submit(payload).await.map_err(from_tenant)
     }
 
-    /// Puts `size` bytes of `body` as `bucket/key`.
+    /// Puts `object.size` bytes of `source` as `object.key` into `bucket`.
     async fn put(
         &self,
         bucket: &BucketRecord,
-        key: &str,
-        size: u64,
+        object: NewObject,
         source: impl PutSource,
-        etag: Option<String>,
-        meta: ObjectMeta,
     ) -> S3Result<archipel_objects::tenant::Stored> {
-        check_object_key(key).map_err(|e| S3Error::with_message(S3ErrorCode::KeyTooLongError, e))?;
-        if size > MAX_OBJECT_BYTES {
+        check_object_key(&object.key).map_err(|e| S3Error::with_message(S3ErrorCode::KeyTooLongError, e))?;
+        if object.size > MAX_OBJECT_BYTES {
             return Err(s3_error!(EntityTooLarge, "objects hold at most {MAX_OBJECT_BYTES} bytes"));
         }
-        let object = NewObject { key: key.to_string(), size, etag, meta };
         self.tenant.put(bucket, object, source, |_| {}, |w| tracing::warn!("{w}")).await.map_err(from_tenant)
     }
 }
@@ -105,6 +101,11 @@ fn from_tenant(e: TenantError) -> S3Error {
         TenantError::Api { status, .. } if *status == 429 => S3ErrorCode::SlowDown,
         TenantError::Api { status, .. } if (400..500).contains(status) => S3ErrorCode::InvalidRequest,
         TenantError::Transfer(TransferFailed::ShortSource { .. }) => S3ErrorCode::IncompleteBody,
+        // The request body broke off or failed its signature or hash while streaming.
+        TenantError::Transfer(TransferFailed::Io(m)) if m.starts_with("reading the source") => {
+            S3ErrorCode::IncompleteBody
+        }
+        TenantError::BadDigest { .. } => S3ErrorCode::BadDigest,
         TenantError::Transfer(TransferFailed::Key(_)) => S3ErrorCode::AccessDenied,
         TenantError::Transfer(TransferFailed::Io(_)) => S3ErrorCode::InternalError,
         // Unreachable, stalled or failing nodes, no placement, not final yet: try again.
@@ -120,7 +121,7 @@ fn from_multipart(e: MultipartError) -> S3Error {
         MultipartError::InvalidPart(_) => S3ErrorCode::InvalidPart,
         MultipartError::InvalidPartOrder => S3ErrorCode::InvalidPartOrder,
         MultipartError::TooSmall { .. } => S3ErrorCode::EntityTooSmall,
-        MultipartError::Short { .. } => S3ErrorCode::IncompleteBody,
+        MultipartError::Short { .. } | MultipartError::Body(_) => S3ErrorCode::IncompleteBody,
         MultipartError::Empty => S3ErrorCode::MalformedXML,
         MultipartError::Io(_) => S3ErrorCode::InternalError,
     };
@@ -235,6 +236,15 @@ fn user_metadata(meta: &ObjectMeta) -> Option<Metadata> {
 
 fn content_type(meta: &ObjectMeta) -> Option<ContentType> {
     meta.content_type.as_deref().and_then(|c| c.parse().ok())
+}
+
+/// `Content-MD5` (base64 of 16 bytes) as hex.
+fn decode_md5(b64: &str) -> S3Result<String> {
+    use base64::Engine as _;
+    match base64::engine::general_purpose::STANDARD.decode(b64.trim()) {
+        Ok(raw) if raw.len() == 16 => Ok(hex::encode(raw)),
+        _ => Err(s3_error!(InvalidDigest, "Content-MD5 is not the base64 of 16 bytes")),
+    }
 }
 
 /// The body of a request as a reader, with its exact length.
@@ -518,8 +528,13 @@ impl S3 for Archipel {
             input.cache_control,
             input.metadata,
         )?;
+        let content_md5 = match &input.content_md5 {
+            Some(b64) => Some(decode_md5(b64)?),
+            None => None,
+        };
         let source = put_source(size, input.body).await?;
-        let stored = self.put(&bucket, &input.key, size, source, None, meta).await?;
+        let object = NewObject { key: input.key, size, etag: None, meta, content_md5 };
+        let stored = self.put(&bucket, object, source).await?;
         Ok(S3Response::new(PutObjectOutput {
             e_tag: Some(etag(&stored.put.etag)),
             size: Some(size as i64),
@@ -747,7 +762,8 @@ impl S3 for Archipel {
         // a fresh data key for the destination.
         let body = self.stream(source.clone(), opened, 0..size);
         let reader: Box<dyn tokio::io::AsyncRead + Send + Unpin> = Box::new(body_reader(Some(body)));
-        let stored = self.put(&dest, &input.key, size, BodySource::Stream(Once::new(reader)), None, meta).await?;
+        let object = NewObject { key: input.key.clone(), size, etag: None, meta, content_md5: None };
+        let stored = self.put(&dest, object, BodySource::Stream(Once::new(reader))).await?;
         Ok(S3Response::new(CopyObjectOutput {
             copy_object_result: Some(CopyObjectResult {
                 e_tag: Some(etag(&stored.put.etag)),
@@ -904,7 +920,14 @@ impl S3 for Archipel {
             .collect::<S3Result<_>>()?;
         let (source, size, multipart_etag) =
             self.uploads.assemble(&input.upload_id, &listed).await.map_err(from_multipart)?;
-        let stored = self.put(&bucket, &input.key, size, source, Some(multipart_etag), upload.meta.clone()).await?;
+        let object = NewObject {
+            key: input.key.clone(),
+            size,
+            etag: Some(multipart_etag),
+            meta: upload.meta.clone(),
+            content_md5: None,
+        };
+        let stored = self.put(&bucket, object, source).await?;
         if let Err(e) = self.uploads.remove(&input.upload_id).await {
             tracing::warn!("upload {} committed but its parts were not removed: {e}", input.upload_id);
         }

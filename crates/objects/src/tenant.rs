@@ -66,6 +66,14 @@ pub enum TenantError {
         /// Why.
         reason: String,
     },
+    /// The bytes received differ from the MD5 the client announced.
+    #[error("the content's MD5 is {got}, the request announced {announced}: nothing was stored")]
+    BadDigest {
+        /// What the client said.
+        announced: String,
+        /// What arrived.
+        got: String,
+    },
     /// The transaction was admitted but is not final yet.
     #[error("transaction {0} was accepted but is not final yet: check `archipel ledger show {0}`")]
     NotFinal(Hash),
@@ -193,6 +201,8 @@ pub struct NewObject {
     pub etag: Option<String>,
     /// Metadata sealed into the manifest.
     pub meta: ObjectMeta,
+    /// The content's MD5 (hex) the client announced: a PUT whose bytes differ is not committed.
+    pub content_md5: Option<String>,
 }
 
 /// A stored object.
@@ -533,6 +543,13 @@ impl TenantClient {
                 },
             }
         };
+        if let Some(announced) = object.content_md5 {
+            // Only meaningful when the ETag is the content's MD5 (not a given one).
+            let got = hex::encode(put_md5(&put));
+            if plan.etag.is_none() && !announced.eq_ignore_ascii_case(&got) {
+                return Err(TenantError::BadDigest { announced, got });
+            }
+        }
         let tx = self.submit(Payload::PutObject { put: put.clone() }).await?;
         Ok(Stored { put, tx })
     }
@@ -566,6 +583,11 @@ impl TenantClient {
     ) -> Result<Vec<NodeId>, TenantError> {
         Ok(get_object(&*self.shards, &view.object, &holders(view), &self.identity, range, out, progress).await?)
     }
+}
+
+/// The MD5 a PUT computed (its ETag, when none was given).
+fn put_md5(put: &ObjectPut) -> Vec<u8> {
+    hex::decode(&put.etag).unwrap_or_default()
 }
 
 fn not_found_is_none<T>(r: Result<T, TenantError>) -> Result<Option<T>, TenantError> {

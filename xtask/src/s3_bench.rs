@@ -1,0 +1,313 @@
+//! `cargo xtask bench s3`: the S3 gateway of a 12-node release devnet against a single-node
+//! plain-disk S3 server, side by side in the same run, with the same client.
+//!
+//! - **Baseline**: `s3s-fs` 0.14.1 (the s3s project's file-system S3 server, the library at the
+//!   pinned version) served in this process on loopback, objects as plain files on the same disk.
+//! - **archipel**: the devnet's gateway (in its supervisor process): every object encrypted,
+//!   erasure-coded 4+2 over 6 of the 12 node processes and committed on the ledger before the PUT
+//!   answers.
+//! - **Client**: one SigV4 client here (reqwest, `UNSIGNED-PAYLOAD`), the same for both.
+//! - **Large objects**: three rounds of a 1 GiB PUT (single request, from memory) and GET (every
+//!   byte hashed and compared), per round and min/median/max.
+//! - **Small objects**: 32 concurrent clients × 40 PUTs of 4 KiB, then the same GETs; ops/s over
+//!   every operation of the run.
+//!
+//! Ratios are archipel ÷ baseline; the goal is ≥ 1.0.
+
+use crate::ledger_bench::{Devnet, start_devnet};
+use crate::median;
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use ring::{digest, hmac};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const BASE_IP: &str = "127.0.74.2";
+const BASE_PORT: &str = "26700";
+const GATEWAY: &str = "127.0.74.1:26799";
+const LARGE_MIB: usize = 1024;
+const ROUNDS: usize = 3;
+const SMALL_CLIENTS: usize = 32;
+const SMALL_PER_CLIENT: usize = 40;
+const SMALL_BYTES: usize = 4096;
+
+/// A SigV4-signing S3 client for one endpoint.
+#[derive(Clone)]
+struct S3 {
+    http: reqwest::Client,
+    endpoint: String,
+    host: String,
+    access: String,
+    secret: String,
+}
+
+/// `YYYYMMDD'T'HHMMSS'Z'` and `YYYYMMDD` of a Unix time.
+fn amz_dates(secs: u64) -> (String, String) {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let date = format!("{y:04}{m:02}{d:02}");
+    (format!("{date}T{:02}{:02}{:02}Z", rem / 3600, rem / 60 % 60, rem % 60), date)
+}
+
+fn hmac256(key: &[u8], msg: &[u8]) -> Vec<u8> {
+    hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), msg).as_ref().to_vec()
+}
+
+impl S3 {
+    fn new(endpoint: &str, access: &str, secret: &str) -> Result<S3> {
+        let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(64).build()?;
+        let host = endpoint.trim_start_matches("http://").to_string();
+        Ok(S3 { http, endpoint: endpoint.into(), host, access: access.into(), secret: secret.into() })
+    }
+
+    /// A signed request for `path` (already URI-safe: `[a-z0-9/-.]`).
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let (stamp, date) = amz_dates(now);
+        let canonical = format!(
+            "{method}\n{path}\n\nhost:{}\nx-amz-content-sha256:UNSIGNED-PAYLOAD\nx-amz-date:{stamp}\n\nhost;x-amz-content-sha256;x-amz-date\nUNSIGNED-PAYLOAD",
+            self.host
+        );
+        let scope = format!("{date}/us-east-1/s3/aws4_request");
+        let to_sign = format!(
+            "AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{}",
+            hex::encode(digest::digest(&digest::SHA256, canonical.as_bytes()))
+        );
+        let mut key = hmac256(format!("AWS4{}", self.secret).as_bytes(), date.as_bytes());
+        for part in ["us-east-1", "s3", "aws4_request"] {
+            key = hmac256(&key, part.as_bytes());
+        }
+        let signature = hex::encode(hmac256(&key, to_sign.as_bytes()));
+        self.http
+            .request(method, format!("{}{path}", self.endpoint))
+            .header("x-amz-date", stamp)
+            .header("x-amz-content-sha256", "UNSIGNED-PAYLOAD")
+            .header(
+                "authorization",
+                format!(
+                    "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature={signature}",
+                    self.access
+                ),
+            )
+    }
+
+    async fn ok(resp: reqwest::Response, what: &str) -> Result<reqwest::Response> {
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        bail!("{what}: {status} {}", body.chars().take(300).collect::<String>())
+    }
+
+    async fn make_bucket(&self, bucket: &str) -> Result<()> {
+        let r = self.request(reqwest::Method::PUT, &format!("/{bucket}")).send().await?;
+        Self::ok(r, "create bucket").await.map(drop)
+    }
+
+    async fn put(&self, path: &str, body: Bytes) -> Result<()> {
+        let r = self
+            .request(reqwest::Method::PUT, path)
+            .header("content-length", body.len())
+            .body(body)
+            .timeout(Duration::from_secs(600))
+            .send()
+            .await?;
+        Self::ok(r, &format!("PUT {path}")).await.map(drop)
+    }
+
+    /// GETs `path`, hashing every byte; returns the byte count and the hash.
+    async fn get(&self, path: &str) -> Result<(usize, blake3::Hash)> {
+        let r = self.request(reqwest::Method::GET, path).timeout(Duration::from_secs(600)).send().await?;
+        let mut r = Self::ok(r, &format!("GET {path}")).await?;
+        let mut h = blake3::Hasher::new();
+        let mut n = 0;
+        while let Some(chunk) = r.chunk().await? {
+            n += chunk.len();
+            h.update(&chunk);
+        }
+        Ok((n, h.finalize()))
+    }
+}
+
+/// Figures of one target.
+struct Figures {
+    put_mib_s: Vec<f64>,
+    get_mib_s: Vec<f64>,
+    small_put_ops: f64,
+    small_get_ops: f64,
+}
+
+async fn measure(name: &str, s3: &S3, large: &Bytes) -> Result<Figures> {
+    let want = blake3::hash(large);
+    s3.make_bucket("bench").await?;
+    let (mut put_mib_s, mut get_mib_s) = (vec![], vec![]);
+    for round in 0..ROUNDS {
+        let path = format!("/bench/large-{round}.bin");
+        let t = Instant::now();
+        s3.put(&path, large.clone()).await?;
+        put_mib_s.push(LARGE_MIB as f64 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let (n, h) = s3.get(&path).await?;
+        get_mib_s.push(LARGE_MIB as f64 / t.elapsed().as_secs_f64());
+        if n != large.len() || h != want {
+            bail!("{name}: {path} read back {n} bytes that differ from what was put");
+        }
+        println!(
+            "  {name} round {round}: PUT {:.0} MiB/s, GET {:.0} MiB/s (checked)",
+            put_mib_s[round], get_mib_s[round]
+        );
+    }
+    let small = Bytes::from(vec![0x5au8; SMALL_BYTES]);
+    let run = |get: bool| {
+        let tasks: Vec<_> = (0..SMALL_CLIENTS)
+            .map(|c| {
+                let s3 = s3.clone();
+                let small = small.clone();
+                tokio::spawn(async move {
+                    for i in 0..SMALL_PER_CLIENT {
+                        let path = format!("/bench/small/{c}-{i}");
+                        if get {
+                            let (n, _) = s3.get(&path).await?;
+                            if n != SMALL_BYTES {
+                                bail!("GET {path}: {n} bytes");
+                            }
+                        } else {
+                            s3.put(&path, small.clone()).await?;
+                        }
+                    }
+                    Ok::<_, anyhow::Error>(())
+                })
+            })
+            .collect();
+        async move {
+            let t = Instant::now();
+            for task in tasks {
+                task.await??;
+            }
+            Ok::<_, anyhow::Error>((SMALL_CLIENTS * SMALL_PER_CLIENT) as f64 / t.elapsed().as_secs_f64())
+        }
+    };
+    let small_put_ops = run(false).await?;
+    let small_get_ops = run(true).await?;
+    println!(
+        "  {name} small ({SMALL_CLIENTS} clients × {SMALL_PER_CLIENT} of 4 KiB, every operation): PUT {small_put_ops:.0} ops/s, GET {small_get_ops:.0} ops/s"
+    );
+    Ok(Figures { put_mib_s, get_mib_s, small_put_ops, small_get_ops })
+}
+
+pub fn bench(bin: &Path) -> Result<()> {
+    let work = std::env::temp_dir().join(format!("archipel-bench-s3-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let result = bench_in(bin, &work);
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn bench_in(bin: &Path, work: &Path) -> Result<()> {
+    println!(
+        "== bench s3: archipel's gateway (12-node release devnet, 4+2) vs s3s-fs (one process, plain files), same disk {}",
+        work.display()
+    );
+    let devnet: Devnet =
+        start_devnet(bin, work, &["--base-ip", BASE_IP, "--base-port", BASE_PORT, "--s3-listen", GATEWAY])?;
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(work.join("devnet/devnet.json"))?)?;
+    let gw = &state["gateway"];
+    let (endpoint, access, secret) = (
+        gw["endpoint"].as_str().context("devnet.json names no gateway")?.to_string(),
+        gw["access_key_id"].as_str().context("no access key")?.to_string(),
+        gw["secret_access_key"].as_str().context("no secret")?.to_string(),
+    );
+    let api = state["nodes"][0]["api_url"].as_str().context("no node")?.to_string();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let result = rt.block_on(async {
+        // Every storage lease up before anything is placed.
+        let http = reqwest::Client::builder().no_proxy().build()?;
+        let t = Instant::now();
+        loop {
+            let v: serde_json::Value = http.get(format!("{api}/v1/storage/nodes")).send().await?.json().await?;
+            let nodes = v["nodes"].as_array().map(Vec::len).unwrap_or(0);
+            let up = v["nodes"].as_array().map_or(0, |n| n.iter().filter(|n| n["lease"] == "up").count());
+            if nodes > 0 && up == nodes {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(90) {
+                bail!("only {up} of {nodes} storage leases up after 90 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let root = work.join("s3s-fs");
+        std::fs::create_dir_all(&root)?;
+        let fs = s3s_fs::FileSystem::new(&root).map_err(|e| anyhow::anyhow!("s3s-fs: {e:?}"))?;
+        let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+        builder.set_auth(s3s::auth::SimpleAuth::from_single(access.as_str(), secret.as_str()));
+        let listener = tokio::net::TcpListener::bind("127.0.74.1:0").await?;
+        let baseline_url = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(archipel_gateway::serve(listener, builder.build(), async {
+            let _ = stopped.await;
+        }));
+        let mut large = vec![0u8; LARGE_MIB << 20];
+        for (i, chunk) in large.chunks_mut(1 << 20).enumerate() {
+            chunk.copy_from_slice(&[blake3::hash(&i.to_le_bytes()).as_bytes().as_slice(); 1 << 15].concat());
+        }
+        let large = Bytes::from(large);
+        let base = measure("s3s-fs", &S3::new(&baseline_url, &access, &secret)?, &large).await?;
+        let ours = measure("archipel", &S3::new(&endpoint, &access, &secret)?, &large).await?;
+        let _ = stop.send(());
+        let spread = |v: &[f64]| {
+            let mut s = v.to_vec();
+            s.sort_by(f64::total_cmp);
+            format!("{:.0}/{:.0}/{:.0}", s[0], s[s.len() / 2], s[s.len() - 1])
+        };
+        println!("s3 (archipel ÷ s3s-fs; goal ≥ 1.0):");
+        println!(
+            "  1 GiB PUT  MiB/s min/median/max  archipel {}  s3s-fs {}  ratio {:.2}",
+            spread(&ours.put_mib_s),
+            spread(&base.put_mib_s),
+            median(ours.put_mib_s.clone()) / median(base.put_mib_s.clone())
+        );
+        println!(
+            "  1 GiB GET  MiB/s min/median/max  archipel {}  s3s-fs {}  ratio {:.2}",
+            spread(&ours.get_mib_s),
+            spread(&base.get_mib_s),
+            median(ours.get_mib_s.clone()) / median(base.get_mib_s.clone())
+        );
+        println!(
+            "  4 KiB PUT  ops/s  archipel {:.0}  s3s-fs {:.0}  ratio {:.3}",
+            ours.small_put_ops,
+            base.small_put_ops,
+            ours.small_put_ops / base.small_put_ops
+        );
+        println!(
+            "  4 KiB GET  ops/s  archipel {:.0}  s3s-fs {:.0}  ratio {:.3}",
+            ours.small_get_ops,
+            base.small_get_ops,
+            ours.small_get_ops / base.small_get_ops
+        );
+        Ok(())
+    });
+    drop(devnet);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn amz_dates_are_utc_calendar_dates() {
+        assert_eq!(super::amz_dates(0), ("19700101T000000Z".into(), "19700101".into()));
+        assert_eq!(super::amz_dates(1_795_000_000).1, "20261118");
+        assert_eq!(super::amz_dates(951_782_400).0, "20000229T000000Z");
+    }
+}
