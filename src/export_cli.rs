@@ -16,9 +16,7 @@ use archipel_objects::meta::ObjectMeta;
 use archipel_objects::tenant::{FileSource, NewObject, TenantClient};
 use archipel_types::PlacementPolicy;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 /// The index file of an export.
@@ -107,18 +105,6 @@ fn place(dir: &Path, key: &str) -> String {
     if path.is_dir() || ancestor_is_file { format!("_keys/{}", hex::encode(key.as_bytes())) } else { file }
 }
 
-fn bar(total: u64, json: bool) -> ProgressBar {
-    if json || !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar
-}
-
 fn read_index(dir: &Path) -> Result<Option<ExportIndex>> {
     match std::fs::read(dir.join(INDEX)) {
         Ok(bytes) => Ok(Some(
@@ -170,7 +156,7 @@ pub async fn export(args: ExportArgs) -> Result<()> {
     index.policy = Some(bucket.policy.clone());
     let records = all_objects(&c, &args.bucket, &args.prefix).await?;
     let total: u64 = records.iter().map(|o| o.size).sum();
-    let progress = bar(total, args.tenant.json);
+    let progress = crate::storage_cli::progress(total, args.tenant.json);
     let (mut written, mut skipped, mut done) = (0u64, 0u64, 0u64);
     for rec in records {
         let file = place(&args.to, &rec.key);
@@ -268,7 +254,7 @@ pub async fn import(args: ImportArgs) -> Result<()> {
         }
     };
     let total: u64 = index.objects.iter().map(|o| o.size).sum();
-    let progress = bar(total, args.tenant.json);
+    let progress = crate::storage_cli::progress(total, args.tenant.json);
     let (mut put, mut skipped, mut done) = (0u64, 0u64, 0u64);
     for o in &index.objects {
         let path = args.from.join(&o.file);

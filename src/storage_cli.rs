@@ -201,13 +201,15 @@ fn human(bytes: u64) -> String {
     archipel_types::ByteSize(bytes).to_string()
 }
 
-fn progress(len: u64, json: bool) -> ProgressBar {
+/// A progress bar over `len` bytes on a terminal (hidden for `--json` or a pipe); its message
+/// names what is being moved.
+pub fn progress(len: u64, json: bool) -> ProgressBar {
     if json || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}")
+        ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar

@@ -202,6 +202,17 @@ fn check_preconditions(
     Ok(())
 }
 
+/// [`check_preconditions`] of a GET or HEAD of `o`; `since` is If-Modified-Since and
+/// If-Unmodified-Since.
+fn check_read_preconditions(
+    o: &archipel_ledger::storage::ObjectRecord,
+    if_match: Option<&ETagCondition>,
+    if_none_match: Option<&ETagCondition>,
+    since: [Option<&Timestamp>; 2],
+) -> S3Result<()> {
+    check_preconditions(&o.etag, o.created_ms, if_match, if_none_match, since[0], since[1], true)
+}
+
 fn meta_from(
     content_type: Option<ContentType>,
     content_encoding: Option<ContentEncoding>,
@@ -546,15 +557,8 @@ impl S3 for Archipel {
         let input = req.input;
         let view = self.object(&input.bucket, &input.key).await?;
         let o = &view.object;
-        check_preconditions(
-            &o.etag,
-            o.created_ms,
-            input.if_match.as_ref(),
-            input.if_none_match.as_ref(),
-            input.if_modified_since.as_ref(),
-            input.if_unmodified_since.as_ref(),
-            true,
-        )?;
+        let conditions = [input.if_modified_since.as_ref(), input.if_unmodified_since.as_ref()];
+        check_read_preconditions(o, input.if_match.as_ref(), input.if_none_match.as_ref(), conditions)?;
         let range = match &input.range {
             Some(r) => Some(
                 r.check(o.size)
@@ -594,15 +598,8 @@ impl S3 for Archipel {
         let input = req.input;
         let view = self.object(&input.bucket, &input.key).await?;
         let o = &view.object;
-        check_preconditions(
-            &o.etag,
-            o.created_ms,
-            input.if_match.as_ref(),
-            input.if_none_match.as_ref(),
-            input.if_modified_since.as_ref(),
-            input.if_unmodified_since.as_ref(),
-            true,
-        )?;
+        let conditions = [input.if_modified_since.as_ref(), input.if_unmodified_since.as_ref()];
+        check_read_preconditions(o, input.if_match.as_ref(), input.if_none_match.as_ref(), conditions)?;
         let meta = self.tenant.open(&view).await.map_err(from_tenant)?.meta;
         Ok(S3Response::new(HeadObjectOutput {
             content_length: Some(o.size as i64),

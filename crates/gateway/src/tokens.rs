@@ -201,28 +201,26 @@ fn describe(e: &biscuit_auth::error::Token, req: &Request<'_>) -> String {
     }
 }
 
-/// `token` with a block narrowing it to `scope` (offline: no key needed).
-pub fn attenuate(token: &Biscuit, scope: &Scope) -> Result<Biscuit, TokenError> {
+/// The block narrowing a token to `scope`; refused when it narrows nothing.
+fn attenuation(scope: &Scope) -> Result<BlockBuilder, TokenError> {
     let (code, params) = checks(scope);
     if code.is_empty() {
         return Err(TokenError::Invalid(
             "an attenuation adds at least one limit (bucket, prefix, read-only, expiry)".into(),
         ));
     }
-    let block = BlockBuilder::new().code_with_params(code, params, HashMap::new()).map_err(invalid)?;
-    token.append(block).map_err(invalid)
+    BlockBuilder::new().code_with_params(code, params, HashMap::new()).map_err(invalid)
+}
+
+/// `token` with a block narrowing it to `scope` (offline: no key needed).
+pub fn attenuate(token: &Biscuit, scope: &Scope) -> Result<Biscuit, TokenError> {
+    token.append(attenuation(scope)?).map_err(invalid)
 }
 
 /// `token` (base64) with a block narrowing it to `scope`, by someone who does not hold the
 /// tenant's key (its signatures are checked by the gateway when the result is used).
 pub fn attenuate_base64(token: &str, scope: &Scope) -> Result<String, TokenError> {
-    let (code, params) = checks(scope);
-    if code.is_empty() {
-        return Err(TokenError::Invalid(
-            "an attenuation adds at least one limit (bucket, prefix, read-only, expiry)".into(),
-        ));
-    }
-    let block = BlockBuilder::new().code_with_params(code, params, HashMap::new()).map_err(invalid)?;
+    let block = attenuation(scope)?;
     biscuit_auth::UnverifiedBiscuit::from_base64(token.trim())
         .and_then(|t| t.append(block))
         .and_then(|t| t.to_base64())

@@ -226,6 +226,10 @@ pub struct TenantClient {
     network: tokio::sync::OnceCell<Hash>,
     /// The next nonce to use, once known.
     next_nonce: tokio::sync::Mutex<Option<u64>>,
+    /// The highest block holding one of this client's transactions: reads must see it.
+    written: std::sync::atomic::AtomicU64,
+    /// The highest finalized state height a node answered with.
+    seen: std::sync::atomic::AtomicU64,
 }
 
 fn base_url(u: &str) -> String {
@@ -292,6 +296,8 @@ impl TenantClient {
             identity,
             network: tokio::sync::OnceCell::new(),
             next_nonce: tokio::sync::Mutex::new(None),
+            written: std::sync::atomic::AtomicU64::new(0),
+            seen: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -440,6 +446,7 @@ impl TenantClient {
             .map_err(|e| TenantError::Decode { url: path.clone(), reason: e.to_string() })?;
         match s.status {
             SubmittedStatus::Final { height, block_time_ms, receipt } => {
+                self.written.fetch_max(height, Ordering::Relaxed);
                 Ok(Committed { hash: s.hash, height, block_time_ms, receipt })
             }
             SubmittedStatus::Pending | SubmittedStatus::Unknown => {
@@ -449,18 +456,50 @@ impl TenantClient {
         }
     }
 
+    /// Waits until the node asked has applied every block holding this client's transactions
+    /// (read-your-writes: a node that finalized a PUT a moment after another must not answer
+    /// 404 for it), for at most 10 s.
+    async fn caught_up(&self) -> Result<(), TenantError> {
+        let want = self.written.load(Ordering::Relaxed);
+        if self.seen.load(Ordering::Relaxed) >= want {
+            return Ok(());
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let me: Option<serde_json::Value> =
+                not_found_is_none(self.get(&format!("/v1/accounts/{}", self.me())).await)?;
+            let at = me.and_then(|m| m["height"].as_u64()).unwrap_or(0);
+            self.seen.fetch_max(at, Ordering::Relaxed);
+            if at >= want {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(TenantError::Api {
+                    url: self.nodes[self.preferred.load(Ordering::Relaxed) % self.nodes.len()].clone(),
+                    status: 503,
+                    code: "behind".into(),
+                    message: format!("the node is at block {at}, behind this client's own writes at {want}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// Every bucket.
     pub async fn buckets(&self) -> Result<BucketList, TenantError> {
+        self.caught_up().await?;
         self.get("/v1/buckets").await
     }
 
     /// One bucket; `None` when there is none of that name.
     pub async fn bucket(&self, name: &str) -> Result<Option<BucketRecord>, TenantError> {
+        self.caught_up().await?;
         not_found_is_none(self.get(&format!("/v1/buckets/{}", urlencode(name))).await)
     }
 
     /// One object with its holders; `None` when there is none at that key.
     pub async fn object(&self, bucket: &str, key: &str) -> Result<Option<ObjectView>, TenantError> {
+        self.caught_up().await?;
         // In the query, not the path: a path's `.` and `..` segments would be resolved on the way.
         let path = format!("/v1/buckets/{}/object?key={}", urlencode(bucket), urlencode(key));
         let view: Option<ObjectView> = not_found_is_none(self.get(&path).await)?;
@@ -482,6 +521,7 @@ impl TenantClient {
         start_after: Option<&str>,
         limit: usize,
     ) -> Result<ObjectList, TenantError> {
+        self.caught_up().await?;
         let mut q = vec![format!("prefix={}", urlencode(prefix)), format!("limit={limit}")];
         if let Some(d) = delimiter {
             q.push(format!("delimiter={}", urlencode(d)));
