@@ -37,6 +37,9 @@ pub const PUT_ATTEMPTS: usize = 4;
 /// How long a submission waits for its block to be final.
 const FINAL_TIMEOUT: Duration = Duration::from_secs(35);
 
+/// Times a transaction refused for a nonce gap is sent again, 50 ms apart.
+const GAP_WAITS: usize = 60;
+
 /// Times a transaction is signed again after its nonce was refused.
 const NONCE_RETRIES: usize = 8;
 
@@ -399,6 +402,7 @@ impl TenantClient {
     pub async fn submit(&self, payload: Payload) -> Result<Committed, TenantError> {
         let network = self.network().await?;
         let mut retries = 0;
+        let mut gap_waits = 0;
         let stx = {
             let mut next = self.next_nonce.lock().await;
             loop {
@@ -412,6 +416,12 @@ impl TenantClient {
                     Ok(_) => {
                         *next = Some(nonce + 1);
                         break stx;
+                    }
+                    // The node asked has not yet heard of this client's earlier transactions
+                    // (admitted by another node, still gossiping): the same nonce, a moment later.
+                    Err(e) if gap_waits < GAP_WAITS && e.code() == Some("nonce_gap") => {
+                        gap_waits += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     Err(e)
                         if retries < NONCE_RETRIES
