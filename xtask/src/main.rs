@@ -100,6 +100,17 @@ fn runs(args: &[String]) -> Result<usize> {
     }
 }
 
+/// Runs `f` in a fresh `archipel-bench-NAME-PID` directory under the system's temporary one,
+/// removed afterwards whatever `f` returned.
+fn in_scratch_dir(name: &str, f: impl FnOnce(&std::path::Path) -> Result<()>) -> Result<()> {
+    let work = std::env::temp_dir().join(format!("archipel-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let result = f(&work);
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]

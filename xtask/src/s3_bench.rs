@@ -222,12 +222,7 @@ async fn measure(name: &str, s3: &S3, large: &Bytes) -> Result<Figures> {
 }
 
 pub fn bench(bin: &Path) -> Result<()> {
-    let work = std::env::temp_dir().join(format!("archipel-bench-s3-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
-    let result = bench_in(bin, &work);
-    let _ = std::fs::remove_dir_all(&work);
-    result
+    crate::in_scratch_dir("s3", |work| bench_in(bin, work))
 }
 
 fn bench_in(bin: &Path, work: &Path) -> Result<()> {

@@ -155,12 +155,7 @@ fn leases_up(http: &reqwest::blocking::Client, api: &str) -> Result<Vec<String>>
 }
 
 pub fn bench(bin: &Path) -> Result<()> {
-    let work = std::env::temp_dir().join(format!("archipel-bench-storage-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
-    let result = bench_in(bin, &work);
-    let _ = std::fs::remove_dir_all(&work);
-    result
+    crate::in_scratch_dir("storage", |work| bench_in(bin, work))
 }
 
 fn bench_in(bin: &Path, work: &Path) -> Result<()> {

@@ -76,6 +76,15 @@ impl Archipel {
         self.tenant.submit(payload).await.map_err(from_tenant)
     }
 
+    /// The multipart upload `id`, which must be one of `bucket/key`.
+    async fn upload_of(&self, id: &str, bucket: &str, key: &str) -> S3Result<crate::multipart::Upload> {
+        let upload = self.uploads.get(id).await.map_err(from_multipart)?;
+        if upload.bucket != bucket || upload.key != key {
+            return Err(s3_error!(NoSuchUpload, "upload {id} is for another object"));
+        }
+        Ok(upload)
+    }
+
     /// Puts `object.size` bytes of `source` as `object.key` into `bucket`.
     async fn put(
         &self,
@@ -797,10 +806,7 @@ impl S3 for Archipel {
 
     async fn upload_part(&self, req: S3Request<UploadPartInput>) -> S3Result<S3Response<UploadPartOutput>> {
         let input = req.input;
-        let upload = self.uploads.get(&input.upload_id).await.map_err(from_multipart)?;
-        if upload.bucket != input.bucket || upload.key != input.key {
-            return Err(s3_error!(NoSuchUpload, "upload {} is for another object", input.upload_id));
-        }
+        self.upload_of(&input.upload_id, &input.bucket, &input.key).await?;
         let size = body_len(input.content_length, input.body.as_ref())?;
         if size > crate::multipart::MAX_PART_BYTES {
             return Err(s3_error!(EntityTooLarge, "a part holds at most {} bytes", crate::multipart::MAX_PART_BYTES));
@@ -815,10 +821,7 @@ impl S3 for Archipel {
 
     async fn list_parts(&self, req: S3Request<ListPartsInput>) -> S3Result<S3Response<ListPartsOutput>> {
         let input = req.input;
-        let upload = self.uploads.get(&input.upload_id).await.map_err(from_multipart)?;
-        if upload.bucket != input.bucket || upload.key != input.key {
-            return Err(s3_error!(NoSuchUpload, "upload {} is for another object", input.upload_id));
-        }
+        self.upload_of(&input.upload_id, &input.bucket, &input.key).await?;
         let max = input.max_parts.unwrap_or(1000).clamp(1, 1000) as usize;
         let marker = input.part_number_marker.unwrap_or(0);
         let all = self.uploads.parts(&input.upload_id).await.map_err(from_multipart)?;
@@ -885,10 +888,7 @@ impl S3 for Archipel {
         req: S3Request<AbortMultipartUploadInput>,
     ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
         let input = req.input;
-        let upload = self.uploads.get(&input.upload_id).await.map_err(from_multipart)?;
-        if upload.bucket != input.bucket || upload.key != input.key {
-            return Err(s3_error!(NoSuchUpload, "upload {} is for another object", input.upload_id));
-        }
+        self.upload_of(&input.upload_id, &input.bucket, &input.key).await?;
         self.uploads.remove(&input.upload_id).await.map_err(from_multipart)?;
         Ok(S3Response::new(AbortMultipartUploadOutput::default()))
     }
@@ -898,10 +898,7 @@ impl S3 for Archipel {
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
         let input = req.input;
-        let upload = self.uploads.get(&input.upload_id).await.map_err(from_multipart)?;
-        if upload.bucket != input.bucket || upload.key != input.key {
-            return Err(s3_error!(NoSuchUpload, "upload {} is for another object", input.upload_id));
-        }
+        let upload = self.upload_of(&input.upload_id, &input.bucket, &input.key).await?;
         let bucket = self.my_bucket(&input.bucket).await?;
         let listed: Vec<(i32, String)> = input
             .multipart_upload

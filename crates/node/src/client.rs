@@ -201,10 +201,4 @@ async fn send(mut req: reqwest::RequestBuilder, url: &str, signed: bool) -> Resu
     Ok(bytes)
 }
 
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
-}
+use archipel_objects::tenant::root_cause;

@@ -648,7 +648,8 @@ fn not_found_is_none<T>(r: Result<T, TenantError>) -> Result<Option<T>, TenantEr
     }
 }
 
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+/// The innermost cause of an error (what a connection failure really was), as text.
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cur = e;
     while let Some(next) = cur.source() {
         cur = next;
