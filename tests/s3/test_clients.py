@@ -7,6 +7,7 @@ Python venv and passes the gateway's endpoint and root keys in the environment.
 """
 
 import hashlib
+import hmac
 import os
 import shutil
 import socket
@@ -405,6 +406,62 @@ def test_bad_input_gets_s3_errors_and_stores_nothing(tmp_path):
     s3.delete_bucket(Bucket=b)
 
 
+def chunked_put(path, chunks, corrupt=None, tamper=None):
+    """PUTs `chunks` as an aws-chunked body (`STREAMING-AWS4-HMAC-SHA256-PAYLOAD`, as the AWS SDKs
+    send it), each chunk signed and chained to the one before; the signature sent for chunk number
+    `corrupt` (the final empty chunk is number `len(chunks)`) has one digit changed; chunk number
+    `tamper` has its last byte changed after signing."""
+    host = ENDPOINT.removeprefix("http://")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    scope = f"{stamp[:8]}/us-east-1/s3/aws4_request"
+    key = ("AWS4" + SECRET).encode()
+    for part in (stamp[:8], "us-east-1", "s3", "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    streaming = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"
+    headers = {"content-encoding": "aws-chunked", "host": host, "x-amz-content-sha256": streaming,
+               "x-amz-date": stamp, "x-amz-decoded-content-length": str(sum(map(len, chunks)))}
+    names = ";".join(sorted(headers))
+    canonical = "\n".join(["PUT", path, "", "".join(f"{k}:{headers[k]}\n" for k in sorted(headers)), names, streaming])
+    seed = hmac.new(key, "\n".join(["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()]).encode(),
+                    hashlib.sha256).hexdigest()
+    previous, body = seed, b""
+    for i, chunk in enumerate(chunks + [b""]):
+        to_sign = "\n".join(["AWS4-HMAC-SHA256-PAYLOAD", stamp, scope, previous, hashlib.sha256(b"").hexdigest(),
+                             hashlib.sha256(chunk).hexdigest()])
+        previous = sig = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+        if i == corrupt:
+            sig = ("1" if sig[0] == "0" else "0") + sig[1:]
+        if i == tamper:
+            chunk = chunk[:-1] + bytes([chunk[-1] ^ 1])
+        body += f"{len(chunk):x};chunk-signature={sig}\r\n".encode() + chunk + b"\r\n"
+    auth = f"AWS4-HMAC-SHA256 Credential={ACCESS}/{scope}, SignedHeaders={names}, Signature={seed}"
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    request = f"PUT {path} HTTP/1.1\r\n{head}Authorization: {auth}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    return raw_request(request.encode() + body, hang_up=False)
+
+
+def test_aws_chunked_uploads_are_checked_chunk_by_chunk():
+    s3 = client()
+    b = bucket_name("chunked")
+    s3.create_bucket(Bucket=b)
+    chunks = [bytes([65 + i]) * 65536 for i in range(3)]
+    # Signed right: stored (so a refusal below is the signature's doing).
+    answer = chunked_put(f"/{b}/good", chunks)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert s3.get_object(Bucket=b, Key="good")["Body"].read() == b"".join(chunks)
+    # A bad signature on any chunk, the last empty one too: refused, nothing stored.
+    for i in range(len(chunks) + 1):
+        answer = chunked_put(f"/{b}/bad{i}", chunks, corrupt=i)
+        assert answer.startswith(b"HTTP/1.1 403") and b"SignatureDoesNotMatch" in answer, (i, answer[:400])
+        assert error_code(lambda: s3.head_object(Bucket=b, Key=f"bad{i}")) == "404"
+    # A chunk whose bytes changed on the way, its signature right for the bytes signed: refused.
+    answer = chunked_put(f"/{b}/tampered", chunks, tamper=1)
+    assert answer.startswith(b"HTTP/1.1 403") and b"SignatureDoesNotMatch" in answer, answer[:400]
+    assert error_code(lambda: s3.head_object(Bucket=b, Key="tampered")) == "404"
+    s3.delete_object(Bucket=b, Key="good")
+    s3.delete_bucket(Bucket=b)
+
+
 def archipel(*args):
     """Runs the archipel binary against the devnet (its tenant key, its first node, its gateway)."""
     cmd = [
@@ -550,6 +607,45 @@ def test_export_and_import_move_everything_with_metadata_resumably(tmp_path):
     assert s3.head_object(Bucket=b2, Key="media/big.bin")["ContentType"] == "video/x-test"
     again = json.loads(archipel("import", "--from", str(out), "--bucket", b2, "--json"))
     assert (again["imported"], again["skipped"]) == (0, 5)
+    # To another S3 endpoint (here the devnet's gateway itself, a bucket it does not have yet):
+    # same bytes, content headers and metadata, the key `..` cannot carry under `_keys/`; resumable.
+    b3 = bucket_name("s3-export")
+    to = f"s3://{b3}/backup"
+    sent = json.loads(archipel("export", "--bucket", b, "--to", to, "--endpoint-url", ENDPOINT, "--json"))
+    assert (sent["written"], sent["skipped"]) == (5, 0)
+    there = {o["Key"] for o in s3.list_objects_v2(Bucket=b3)["Contents"]}
+    moved = {k: f"backup/{k}" for k in ("a", "a/b", "docs/readme.txt", "media/big.bin")}
+    moved["x/../escape"] = "backup/_keys/" + b"x/../escape".hex()
+    assert there == set(moved.values())
+    for k, dst in moved.items():
+        src_head, dst_head = s3.head_object(Bucket=b, Key=k), s3.head_object(Bucket=b3, Key=dst)
+        assert s3.get_object(Bucket=b3, Key=dst)["Body"].read() == s3.get_object(Bucket=b, Key=k)["Body"].read(), k
+        assert dst_head["Metadata"]["archipel-etag"] == src_head["ETag"].strip('"')
+        assert {m: v for m, v in dst_head["Metadata"].items() if not m.startswith("archipel-")} == src_head["Metadata"]
+    # 17 MiB goes in parts (16 MiB at most each): the ETag there is of two parts.
+    assert s3.head_object(Bucket=b3, Key="backup/media/big.bin")["ETag"].endswith('-2"')
+    assert s3.head_object(Bucket=b3, Key="backup/media/big.bin")["ContentType"] == "video/x-test"
+    again = json.loads(archipel("export", "--bucket", b, "--to", to, "--endpoint-url", ENDPOINT, "--json"))
+    assert (again["written"], again["skipped"]) == (0, 5)
+    s3.delete_object(Bucket=b3, Key="backup/a")
+    again = json.loads(archipel("export", "--bucket", b, "--to", to, "--endpoint-url", ENDPOINT, "--json"))
+    assert (again["written"], again["skipped"]) == (1, 4)
+    # And back from there into a new bucket: same bytes, ETags (the multipart one kept) and metadata.
+    b4 = bucket_name("s3-import")
+    back = json.loads(archipel("import", "--from", to, "--endpoint-url", ENDPOINT, "--bucket", b4, "--json"))
+    assert (back["imported"], back["skipped"]) == (5, 0)
+    for k in moved:
+        src_head, dst_head = s3.head_object(Bucket=b, Key=k), s3.head_object(Bucket=b4, Key=k)
+        assert dst_head["ETag"] == src_head["ETag"] and dst_head["Metadata"] == src_head["Metadata"], k
+        assert s3.get_object(Bucket=b4, Key=k)["Body"].read() == s3.get_object(Bucket=b, Key=k)["Body"].read(), k
+    assert s3.head_object(Bucket=b4, Key="media/big.bin")["ContentType"] == "video/x-test"
+    again = json.loads(archipel("import", "--from", to, "--endpoint-url", ENDPOINT, "--bucket", b4, "--json"))
+    assert (again["imported"], again["skipped"]) == (0, 5)
+    # Wrong credentials at the target: a clear error, not a crash.
+    refused = subprocess.run([os.environ["ARCHIPEL_BIN"], "export", "--bucket", b, "--to", to, "--endpoint-url", ENDPOINT],
+                             capture_output=True, env=dict(os.environ, ARCHIPEL_KEY=os.path.join(DEVNET, "tenant.key"),
+                                                           AWS_SECRET_ACCESS_KEY="wrong" * 8))
+    assert refused.returncode != 0 and b"SignatureDoesNotMatch" in refused.stderr, refused.stderr
     # An edited file of the same size does not match its ETag: refused, nothing imported under it.
     (out / "docs/readme.txt").write_bytes(b"HELLO")
     edited = subprocess.run([os.environ["ARCHIPEL_BIN"], "import", "--from", str(out), "--bucket", bucket_name("edit")],
@@ -561,7 +657,7 @@ def test_export_and_import_move_everything_with_metadata_resumably(tmp_path):
     bad = subprocess.run([os.environ["ARCHIPEL_BIN"], "import", "--from", str(out), "--bucket", bucket_name("bad")],
                          capture_output=True, env=dict(os.environ, ARCHIPEL_KEY=os.path.join(DEVNET, "tenant.key")))
     assert bad.returncode != 0 and b"damaged" in bad.stderr, bad.stderr
-    for bucket in (b, b2):
+    for bucket in (b, b2, b3, b4):
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
         s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys]})
         s3.delete_bucket(Bucket=bucket)

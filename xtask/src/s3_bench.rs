@@ -6,7 +6,7 @@
 //! - **archipel**: the devnet's gateway (in its supervisor process): every object encrypted,
 //!   erasure-coded 4+2 over 6 of the 12 node processes and committed on the ledger before the PUT
 //!   answers.
-//! - **Client**: one SigV4 client here (reqwest, `UNSIGNED-PAYLOAD`), the same for both.
+//! - **Client**: the gateway crate's SigV4 client (reqwest, `UNSIGNED-PAYLOAD`), the same for both.
 //! - **Large objects**: three rounds of a 1 GiB PUT (single request, from memory) and GET (every
 //!   byte hashed and compared), per round and min/median/max.
 //! - **Small objects**: 32 concurrent clients × 40 PUTs of 4 KiB, then the same GETs; ops/s over
@@ -17,10 +17,10 @@
 use crate::ledger_bench::{Devnet, start_devnet};
 use crate::median;
 use anyhow::{Context, Result, bail};
+use archipel_gateway::client::{ClientError, PayloadHash, S3Client};
 use bytes::Bytes;
-use ring::{digest, hmac};
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 const BASE_IP: &str = "127.0.74.2";
 const BASE_PORT: &str = "26700";
@@ -30,119 +30,39 @@ const ROUNDS: usize = 3;
 const SMALL_CLIENTS: usize = 32;
 const SMALL_PER_CLIENT: usize = 40;
 const SMALL_BYTES: usize = 4096;
+const BUCKET: &str = "bench";
 
 /// PUTs answered 503 and sent again, over the run.
 static RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// A SigV4-signing S3 client for one endpoint.
+/// The bench's client of one endpoint: the shared SigV4 client, payload unsigned (the client's
+/// hashing is no part of either server's cost).
 #[derive(Clone)]
-struct S3 {
-    http: reqwest::Client,
-    endpoint: String,
-    host: String,
-    access: String,
-    secret: String,
-}
-
-/// `YYYYMMDD'T'HHMMSS'Z'` and `YYYYMMDD` of a Unix time.
-fn amz_dates(secs: u64) -> (String, String) {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let date = format!("{y:04}{m:02}{d:02}");
-    (format!("{date}T{:02}{:02}{:02}Z", rem / 3600, rem / 60 % 60, rem % 60), date)
-}
-
-fn hmac256(key: &[u8], msg: &[u8]) -> Vec<u8> {
-    hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), msg).as_ref().to_vec()
-}
+struct S3(S3Client);
 
 impl S3 {
     fn new(endpoint: &str, access: &str, secret: &str) -> Result<S3> {
-        let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(64).build()?;
-        let host = endpoint.trim_start_matches("http://").to_string();
-        Ok(S3 { http, endpoint: endpoint.into(), host, access: access.into(), secret: secret.into() })
+        Ok(S3(S3Client::new(endpoint, "us-east-1", access, secret)?.with_payload(PayloadHash::Unsigned)))
     }
 
-    /// A signed request for `path` (already URI-safe: `[a-z0-9/-.]`).
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let (stamp, date) = amz_dates(now);
-        let canonical = format!(
-            "{method}\n{path}\n\nhost:{}\nx-amz-content-sha256:UNSIGNED-PAYLOAD\nx-amz-date:{stamp}\n\nhost;x-amz-content-sha256;x-amz-date\nUNSIGNED-PAYLOAD",
-            self.host
-        );
-        let scope = format!("{date}/us-east-1/s3/aws4_request");
-        let to_sign = format!(
-            "AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{}",
-            hex::encode(digest::digest(&digest::SHA256, canonical.as_bytes()))
-        );
-        let mut key = hmac256(format!("AWS4{}", self.secret).as_bytes(), date.as_bytes());
-        for part in ["us-east-1", "s3", "aws4_request"] {
-            key = hmac256(&key, part.as_bytes());
-        }
-        let signature = hex::encode(hmac256(&key, to_sign.as_bytes()));
-        self.http
-            .request(method, format!("{}{path}", self.endpoint))
-            .header("x-amz-date", stamp)
-            .header("x-amz-content-sha256", "UNSIGNED-PAYLOAD")
-            .header(
-                "authorization",
-                format!(
-                    "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature={signature}",
-                    self.access
-                ),
-            )
-    }
-
-    async fn ok(resp: reqwest::Response, what: &str) -> Result<reqwest::Response> {
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        let status = resp.status();
-        let body = resp.text().await.unwrap_or_default();
-        bail!("{what}: {status} {}", body.chars().take(300).collect::<String>())
-    }
-
-    async fn make_bucket(&self, bucket: &str) -> Result<()> {
-        let r = self.request(reqwest::Method::PUT, &format!("/{bucket}")).send().await?;
-        Self::ok(r, "create bucket").await.map(drop)
-    }
-
-    /// PUTs `body`; a 503 (which S3 clients retry) is sent again, up to 4 times, and counted in
-    /// [`RETRIES`]; the time of every attempt is part of the operation's.
-    async fn put(&self, path: &str, body: Bytes) -> Result<()> {
+    /// PUTs `body` at `bench/key`; a 503 (which S3 clients retry) is sent again, up to 4 times,
+    /// and counted in [`RETRIES`]; the time of every attempt is part of the operation's.
+    async fn put(&self, key: &str, body: Bytes) -> Result<()> {
         let mut attempt = 0;
         loop {
-            let r = self
-                .request(reqwest::Method::PUT, path)
-                .header("content-length", body.len())
-                .body(body.clone())
-                .timeout(Duration::from_secs(600))
-                .send()
-                .await?;
-            if r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE && attempt < 4 {
-                attempt += 1;
-                RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                continue;
+            match self.0.put_object(BUCKET, key, &[], body.clone()).await {
+                Err(ClientError::S3 { status: 503, .. }) if attempt < 4 => {
+                    attempt += 1;
+                    RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                r => return r.map(drop).map_err(Into::into),
             }
-            return Self::ok(r, &format!("PUT {path}")).await.map(drop);
         }
     }
 
-    /// GETs `path`, hashing every byte; returns the byte count and the hash.
-    async fn get(&self, path: &str) -> Result<(usize, blake3::Hash)> {
-        let r = self.request(reqwest::Method::GET, path).timeout(Duration::from_secs(600)).send().await?;
-        let mut r = Self::ok(r, &format!("GET {path}")).await?;
+    /// GETs `bench/key`, hashing every byte; returns the byte count and the hash.
+    async fn get(&self, key: &str) -> Result<(usize, blake3::Hash)> {
+        let mut r = self.0.get_object(BUCKET, key).await?;
         let mut h = blake3::Hasher::new();
         let mut n = 0;
         while let Some(chunk) = r.chunk().await? {
@@ -163,10 +83,10 @@ struct Figures {
 
 async fn measure(name: &str, s3: &S3, large: &Bytes) -> Result<Figures> {
     let want = blake3::hash(large);
-    s3.make_bucket("bench").await?;
+    s3.0.create_bucket(BUCKET).await?;
     let (mut put_mib_s, mut get_mib_s) = (vec![], vec![]);
     for round in 0..ROUNDS {
-        let path = format!("/bench/large-{round}.bin");
+        let path = format!("large-{round}.bin");
         let t = Instant::now();
         s3.put(&path, large.clone()).await?;
         put_mib_s.push(LARGE_MIB as f64 / t.elapsed().as_secs_f64());
@@ -189,7 +109,7 @@ async fn measure(name: &str, s3: &S3, large: &Bytes) -> Result<Figures> {
                 let small = small.clone();
                 tokio::spawn(async move {
                     for i in 0..SMALL_PER_CLIENT {
-                        let path = format!("/bench/small/{c}-{i}");
+                        let path = format!("small/{c}-{i}");
                         if get {
                             let (n, _) = s3.get(&path).await?;
                             if n != SMALL_BYTES {
@@ -310,14 +230,4 @@ fn bench_in(bin: &Path, work: &Path) -> Result<()> {
     });
     drop(devnet);
     result
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn amz_dates_are_utc_calendar_dates() {
-        assert_eq!(super::amz_dates(0), ("19700101T000000Z".into(), "19700101".into()));
-        assert_eq!(super::amz_dates(1_795_000_000).1, "20261118");
-        assert_eq!(super::amz_dates(951_782_400).0, "20000229T000000Z");
-    }
 }

@@ -12,7 +12,9 @@
 //!   credentials (JSON): the token is the authority, so the request needs no signature.
 //! - [`multipart`]: multipart uploads.
 //! - [`serve`]: the HTTP listener.
+//! - [`client`]: a SigV4 client of other S3 endpoints (`archipel export --to s3://…`, the bench).
 
+pub mod client;
 pub mod keys;
 pub mod multipart;
 pub mod s3;

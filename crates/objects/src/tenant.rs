@@ -231,8 +231,8 @@ pub struct TenantClient {
     next_nonce: tokio::sync::Mutex<Option<u64>>,
     /// The highest block holding one of this client's transactions: reads must see it.
     written: std::sync::atomic::AtomicU64,
-    /// The highest finalized state height a node answered with.
-    seen: std::sync::atomic::AtomicU64,
+    /// Per node (as in `nodes`), the highest finalized state height it answered with.
+    seen: Vec<std::sync::atomic::AtomicU64>,
 }
 
 fn base_url(u: &str) -> String {
@@ -300,7 +300,7 @@ impl TenantClient {
             network: tokio::sync::OnceCell::new(),
             next_nonce: tokio::sync::Mutex::new(None),
             written: std::sync::atomic::AtomicU64::new(0),
-            seen: std::sync::atomic::AtomicU64::new(0),
+            seen: nodes.iter().map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
         }
     }
 
@@ -319,63 +319,110 @@ impl TenantClient {
         &self.nodes
     }
 
-    /// Sends one request to each node in turn until one answers without a reason to try another;
-    /// returns the answer body. `body` and `signed` as in [`Self::get`] and [`Self::submit`].
+    /// Sends one request to node `at`; returns the answer body.
+    async fn send_at(
+        &self,
+        at: usize,
+        method: &reqwest::Method,
+        path: &str,
+        body: &[u8],
+        signed: bool,
+    ) -> Result<bytes::Bytes, TenantError> {
+        let url = format!("{}{path}", self.nodes[at]);
+        let mut req = self.http.request(method.clone(), &url);
+        if signed {
+            let mut nonce = [0u8; 16];
+            rand::fill(&mut nonce);
+            let headers = sign_request(&self.identity, method.as_str(), path, body, now_ms(), nonce);
+            for (k, v) in headers.pairs() {
+                req = req.header(k, v);
+            }
+        }
+        if !body.is_empty() {
+            req = req.header("content-type", "application/octet-stream").body(body.to_vec());
+        }
+        let resp = req.send().await.map_err(|e| TenantError::Unreachable(format!("{url}: {}", root_cause(&e))))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| TenantError::Unreachable(format!("{url}: {}", root_cause(&e))))?;
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(e) => (e.error, e.message),
+            Err(_) => ("error".into(), String::from_utf8_lossy(&bytes).chars().take(200).collect()),
+        };
+        Err(TenantError::Api { url, status: status.as_u16(), code, message })
+    }
+
+    /// Whether node `at` has applied block `min` (read-your-writes: a node that finalized this
+    /// client's PUT a moment after another must not answer 404 for it); `Ok(false)` when not yet.
+    async fn reached(&self, at: usize, min: u64) -> Result<bool, TenantError> {
+        if self.seen[at].load(Ordering::Relaxed) >= min {
+            return Ok(true);
+        }
+        let path = format!("/v1/accounts/{}", self.me());
+        let bytes = self.send_at(at, &reqwest::Method::GET, &path, &[], false).await?;
+        let view: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| TenantError::Decode { url: path, reason: e.to_string() })?;
+        let height = view["height"].as_u64().unwrap_or(0);
+        self.seen[at].fetch_max(height, Ordering::Relaxed);
+        Ok(height >= min)
+    }
+
+    /// Sends one request to each node in turn, from the one that answered last, until one
+    /// answers without a reason to try another; returns the answer body. A node that has not
+    /// applied block `min_height` is not asked; when none has, all are tried again 25 ms later,
+    /// for up to 10 s. `body` and `signed` as in [`Self::get`] and [`Self::submit`].
     async fn send(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Vec<u8>,
         signed: bool,
+        min_height: u64,
     ) -> Result<bytes::Bytes, TenantError> {
-        let first = self.preferred.load(Ordering::Relaxed) % self.nodes.len();
-        let mut last = None;
-        for n in 0..self.nodes.len() {
-            let at = (first + n) % self.nodes.len();
-            let url = format!("{}{path}", self.nodes[at]);
-            let mut req = self.http.request(method.clone(), &url);
-            if signed {
-                let mut nonce = [0u8; 16];
-                rand::fill(&mut nonce);
-                let headers = sign_request(&self.identity, method.as_str(), path, &body, now_ms(), nonce);
-                for (k, v) in headers.pairs() {
-                    req = req.header(k, v);
-                }
-            }
-            if !body.is_empty() {
-                req = req.header("content-type", "application/octet-stream").body(body.clone());
-            }
-            let result = match req.send().await {
-                Err(e) => Err(TenantError::Unreachable(format!("{url}: {}", root_cause(&e)))),
-                Ok(resp) => {
-                    let status = resp.status();
-                    match resp.bytes().await {
-                        Err(e) => Err(TenantError::Unreachable(format!("{url}: {}", root_cause(&e)))),
-                        Ok(bytes) if status.is_success() => Ok(bytes),
-                        Ok(bytes) => {
-                            let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
-                                Ok(e) => (e.error, e.message),
-                                Err(_) => ("error".into(), String::from_utf8_lossy(&bytes).chars().take(200).collect()),
-                            };
-                            Err(TenantError::Api { url: url.clone(), status: status.as_u16(), code, message })
-                        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let first = self.preferred.load(Ordering::Relaxed) % self.nodes.len();
+            let mut last = None;
+            let mut behind = false;
+            for n in 0..self.nodes.len() {
+                let at = (first + n) % self.nodes.len();
+                let result = match self.reached(at, min_height).await {
+                    Ok(true) => self.send_at(at, &method, path, &body, signed).await,
+                    Ok(false) => {
+                        behind = true;
+                        Err(TenantError::Api {
+                            url: self.nodes[at].clone(),
+                            status: 503,
+                            code: "behind".into(),
+                            message: format!(
+                                "the node is at block {}, behind this client's own writes at {min_height}",
+                                self.seen[at].load(Ordering::Relaxed)
+                            ),
+                        })
+                    }
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Err(e) if e.try_another() => last = Some(e),
+                    other => {
+                        self.preferred.store(at, Ordering::Relaxed);
+                        return other;
                     }
                 }
-            };
-            match result {
-                Err(e) if e.try_another() => last = Some(e),
-                other => {
-                    self.preferred.store(at, Ordering::Relaxed);
-                    return other;
-                }
             }
+            if !behind || std::time::Instant::now() > deadline {
+                return Err(last.unwrap_or_else(|| TenantError::Unreachable("no node".into())));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        Err(last.unwrap_or_else(|| TenantError::Unreachable("no node".into())))
     }
 
     /// `GET` a JSON document of finalized state.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, TenantError> {
-        let bytes = self.send(reqwest::Method::GET, path, Vec::new(), false).await?;
+        let bytes =
+            self.send(reqwest::Method::GET, path, Vec::new(), false, self.written.load(Ordering::Relaxed)).await?;
         serde_json::from_slice(&bytes).map_err(|e| TenantError::Decode { url: path.into(), reason: e.to_string() })
     }
 
@@ -412,7 +459,7 @@ impl TenantClient {
                 };
                 let stx =
                     Transaction { signer: self.me(), nonce, payload: payload.clone() }.sign(&self.identity, &network);
-                match self.send(reqwest::Method::POST, "/v1/tx", stx.to_bytes(), false).await {
+                match self.send(reqwest::Method::POST, "/v1/tx", stx.to_bytes(), false, 0).await {
                     Ok(_) => {
                         *next = Some(nonce + 1);
                         break stx;
@@ -443,7 +490,7 @@ impl TenantClient {
             }
         };
         let path = format!("/v1/tx?wait=final&timeout_ms={}", FINAL_TIMEOUT.as_millis() - 5_000);
-        let r = self.send(reqwest::Method::POST, &path, stx.to_bytes(), false).await;
+        let r = self.send(reqwest::Method::POST, &path, stx.to_bytes(), false, 0).await;
         let bytes = match r {
             Ok(b) => b,
             Err(e) => {
@@ -466,50 +513,18 @@ impl TenantClient {
         }
     }
 
-    /// Waits until the node asked has applied every block holding this client's transactions
-    /// (read-your-writes: a node that finalized a PUT a moment after another must not answer
-    /// 404 for it), for at most 10 s.
-    async fn caught_up(&self) -> Result<(), TenantError> {
-        let want = self.written.load(Ordering::Relaxed);
-        if self.seen.load(Ordering::Relaxed) >= want {
-            return Ok(());
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let me: Option<serde_json::Value> =
-                not_found_is_none(self.get(&format!("/v1/accounts/{}", self.me())).await)?;
-            let at = me.and_then(|m| m["height"].as_u64()).unwrap_or(0);
-            self.seen.fetch_max(at, Ordering::Relaxed);
-            if at >= want {
-                return Ok(());
-            }
-            if std::time::Instant::now() > deadline {
-                return Err(TenantError::Api {
-                    url: self.nodes[self.preferred.load(Ordering::Relaxed) % self.nodes.len()].clone(),
-                    status: 503,
-                    code: "behind".into(),
-                    message: format!("the node is at block {at}, behind this client's own writes at {want}"),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
     /// Every bucket.
     pub async fn buckets(&self) -> Result<BucketList, TenantError> {
-        self.caught_up().await?;
         self.get("/v1/buckets").await
     }
 
     /// One bucket; `None` when there is none of that name.
     pub async fn bucket(&self, name: &str) -> Result<Option<BucketRecord>, TenantError> {
-        self.caught_up().await?;
         not_found_is_none(self.get(&format!("/v1/buckets/{}", urlencode(name))).await)
     }
 
     /// One object with its holders; `None` when there is none at that key.
     pub async fn object(&self, bucket: &str, key: &str) -> Result<Option<ObjectView>, TenantError> {
-        self.caught_up().await?;
         // In the query, not the path: a path's `.` and `..` segments would be resolved on the way.
         let path = format!("/v1/buckets/{}/object?key={}", urlencode(bucket), urlencode(key));
         let view: Option<ObjectView> = not_found_is_none(self.get(&path).await)?;
@@ -531,7 +546,6 @@ impl TenantClient {
         start_after: Option<&str>,
         limit: usize,
     ) -> Result<ObjectList, TenantError> {
-        self.caught_up().await?;
         let mut q = vec![format!("prefix={}", urlencode(prefix)), format!("limit={limit}")];
         if let Some(d) = delimiter {
             q.push(format!("delimiter={}", urlencode(d)));
@@ -655,4 +669,78 @@ pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A node on loopback answering `/v1/accounts/…` with the next of `heights` (the last one
+    /// once they run out) and any other GET with its `name`; records the other paths asked.
+    async fn node(name: &'static str, heights: Vec<u64>) -> (String, Arc<Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let log = asked.clone();
+        tokio::spawn(async move {
+            let mut heights = heights.into_iter().peekable();
+            let mut last = 0;
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else { return };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf);
+                let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                let body = if path.starts_with("/v1/accounts/") {
+                    last = heights.next().unwrap_or(last);
+                    serde_json::json!({ "height": last })
+                } else {
+                    log.lock().unwrap().push(path);
+                    serde_json::json!({ "node": name })
+                }
+                .to_string();
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            }
+        });
+        (url, asked)
+    }
+
+    #[tokio::test]
+    async fn reads_skip_nodes_behind_the_clients_own_writes() {
+        let (a, asked_a) = node("a", vec![5]).await;
+        let (b, asked_b) = node("b", vec![12]).await;
+        let c = TenantClient::new(&[a, b], Identity::generate());
+        // Nothing written yet: the first node answers, no height asked.
+        let v: serde_json::Value = c.get("/v1/x").await.unwrap();
+        assert_eq!(v["node"], "a");
+        // A write finalized at block 10: node a (at 5) is not asked; b (at 12) answers.
+        c.written.store(10, Ordering::Relaxed);
+        let v: serde_json::Value = c.get("/v1/y").await.unwrap();
+        assert_eq!(v["node"], "b");
+        assert_eq!(*asked_a.lock().unwrap(), ["/v1/x"]);
+        assert_eq!(*asked_b.lock().unwrap(), ["/v1/y"]);
+    }
+
+    #[tokio::test]
+    async fn reads_wait_until_a_node_catches_up() {
+        let (a, asked_a) = node("a", vec![3, 4, 5, 9, 10]).await;
+        let c = TenantClient::new(&[a], Identity::generate());
+        c.written.store(10, Ordering::Relaxed);
+        let v: serde_json::Value = c.get("/v1/z").await.unwrap();
+        assert_eq!(v["node"], "a");
+        assert_eq!(*asked_a.lock().unwrap(), ["/v1/z"]);
+        assert_eq!(c.seen[0].load(Ordering::Relaxed), 10);
+    }
 }
