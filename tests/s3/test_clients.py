@@ -183,6 +183,27 @@ def test_boto3_session(tmp_path):
     short = s3.generate_presigned_url("get_object", Params={"Bucket": b, "Key": "top.txt"}, ExpiresIn=1)
     time.sleep(2.1)
     assert status(short) == 403
+    # Multipart by hand, parts in order: each streams into segments as it arrives; the gateway
+    # keeps no part, only the carry (under one segment). Then part 3 before part 2: spooled
+    # until part 2 comes. Then a streamed part sent again with other bytes: refused.
+    up = s3.create_multipart_upload(Bucket=b, Key="streamed.bin")["UploadId"]
+    spool_dir = os.path.join(DEVNET, "gateway", "spool", up)
+    pieces = [os.urandom(5 * MIB) for _ in range(4)] + [b"tail"]
+    etags = {1: s3.upload_part(Bucket=b, Key="streamed.bin", UploadId=up, PartNumber=1, Body=pieces[0])["ETag"]}
+    assert not [f for f in os.listdir(spool_dir) if f.startswith("part-")]
+    assert sum(os.path.getsize(os.path.join(spool_dir, f)) for f in os.listdir(spool_dir) if f.startswith("carry.")) < 8 * MIB
+    etags[3] = s3.upload_part(Bucket=b, Key="streamed.bin", UploadId=up, PartNumber=3, Body=pieces[2])["ETag"]
+    assert [f for f in os.listdir(spool_dir) if f.startswith("part-3.")]
+    etags[2] = s3.upload_part(Bucket=b, Key="streamed.bin", UploadId=up, PartNumber=2, Body=pieces[1])["ETag"]
+    assert not [f for f in os.listdir(spool_dir) if f.startswith("part-")]
+    assert error_code(lambda: s3.upload_part(Bucket=b, Key="streamed.bin", UploadId=up, PartNumber=2, Body=pieces[3])) == "InvalidRequest"
+    etags[4] = s3.upload_part(Bucket=b, Key="streamed.bin", UploadId=up, PartNumber=4, Body=pieces[3])["ETag"]
+    etags[5] = s3.upload_part(Bucket=b, Key="streamed.bin", UploadId=up, PartNumber=5, Body=pieces[4])["ETag"]
+    assert [p["PartNumber"] for p in s3.list_parts(Bucket=b, Key="streamed.bin", UploadId=up)["Parts"]] == [1, 2, 3, 4, 5]
+    s3.complete_multipart_upload(Bucket=b, Key="streamed.bin", UploadId=up,
+                                 MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in sorted(etags.items())]})
+    assert s3.get_object(Bucket=b, Key="streamed.bin")["Body"].read() == b"".join(pieces)
+    assert not os.path.exists(spool_dir)
     # Multipart by hand: list parts, abort.
     up = s3.create_multipart_upload(Bucket=b, Key="aborted.bin")
     s3.upload_part(Bucket=b, Key="aborted.bin", UploadId=up["UploadId"], PartNumber=1, Body=b"x" * 100)

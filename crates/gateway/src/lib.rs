@@ -34,7 +34,7 @@ pub struct GatewayConfig {
     /// The policy of buckets created through S3 (S3 has no words for a geofence, except a
     /// location constraint naming a region or area, which narrows it).
     pub default_policy: PlacementPolicy,
-    /// Where multipart uploads keep their parts until completed.
+    /// Where multipart uploads keep their state, carries and parts that arrive out of order.
     pub spool: PathBuf,
     /// The access keys.
     pub keys: Arc<keys::Keys>,
@@ -48,7 +48,15 @@ const MAX_TOKEN_BYTES: usize = 64 << 10;
 /// Builds the S3 service of `config`, and starts reading the tenant's revocations from the
 /// ledger every [`keys::REVOCATION_POLL`].
 pub fn service(config: GatewayConfig) -> std::io::Result<s3s::service::S3Service> {
-    let multipart = multipart::Uploads::open(&config.spool)?;
+    let multipart = Arc::new(multipart::Uploads::open(&config.spool)?);
+    let (uploads, tenant) = (multipart.clone(), config.tenant.clone());
+    tokio::spawn(async move {
+        // Holders keep a slow upload's streamed parts while something is written every 10 minutes.
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            uploads.keep_alive(&tenant).await;
+        }
+    });
     let keys = config.keys.clone();
     let tenant = config.tenant.clone();
     tokio::spawn(async move {

@@ -43,12 +43,12 @@ const DELETES_IN_FLIGHT: usize = 16;
 pub struct Archipel {
     tenant: Arc<TenantClient>,
     default_policy: PlacementPolicy,
-    uploads: Uploads,
+    uploads: Arc<Uploads>,
 }
 
 impl Archipel {
     /// A service for the tenant of `tenant`.
-    pub fn new(tenant: Arc<TenantClient>, default_policy: PlacementPolicy, uploads: Uploads) -> Self {
+    pub fn new(tenant: Arc<TenantClient>, default_policy: PlacementPolicy, uploads: Arc<Uploads>) -> Self {
         Archipel { tenant, default_policy, uploads }
     }
 
@@ -134,6 +134,9 @@ fn from_tenant(e: TenantError) -> S3Error {
 }
 
 fn from_multipart(e: MultipartError) -> S3Error {
+    if let MultipartError::Stage(t) = e {
+        return from_tenant(t);
+    }
     let code = match &e {
         MultipartError::NoSuchUpload(_) => S3ErrorCode::NoSuchUpload,
         MultipartError::BadPartNumber(_) => S3ErrorCode::InvalidArgument,
@@ -143,6 +146,10 @@ fn from_multipart(e: MultipartError) -> S3Error {
         MultipartError::Short { .. } => S3ErrorCode::IncompleteBody,
         MultipartError::Body(m) => body_error(m),
         MultipartError::Empty => S3ErrorCode::MalformedXML,
+        MultipartError::AlreadyStreamed(_) | MultipartError::NotListed(_) | MultipartError::Resealed(_) => {
+            S3ErrorCode::InvalidRequest
+        }
+        MultipartError::Stage(_) => S3ErrorCode::ServiceUnavailable,
         MultipartError::Io(_) => S3ErrorCode::InternalError,
     };
     S3Error::with_message(code, e.to_string())
@@ -877,7 +884,6 @@ impl S3 for Archipel {
         req: S3Request<CreateMultipartUploadInput>,
     ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
         let input = req.input;
-        self.my_bucket(&input.bucket).await?;
         check_object_key(&input.key).map_err(|e| S3Error::with_message(S3ErrorCode::KeyTooLongError, e))?;
         let meta = meta_from(
             input.content_type,
@@ -887,7 +893,10 @@ impl S3 for Archipel {
             input.cache_control,
             input.metadata,
         )?;
-        let upload = self.uploads.create(&input.bucket, &input.key, meta).await.map_err(from_multipart)?;
+        let bucket = self.my_bucket(&input.bucket).await?;
+        // The version its parts stream into, placed now.
+        let staged = self.tenant.begin_staged(&bucket, &input.key).await.map_err(from_tenant)?;
+        let upload = self.uploads.create(&input.bucket, &input.key, meta, staged).await.map_err(from_multipart)?;
         Ok(S3Response::new(CreateMultipartUploadOutput {
             bucket: Some(input.bucket),
             key: Some(input.key),
@@ -905,7 +914,7 @@ impl S3 for Archipel {
         }
         let e = self
             .uploads
-            .put_part(&input.upload_id, input.part_number, size, body_reader(input.body, size))
+            .put_part(&input.upload_id, input.part_number, size, body_reader(input.body, size), &*self.tenant)
             .await
             .map_err(from_multipart)?;
         Ok(S3Response::new(UploadPartOutput { e_tag: Some(etag(&e)), ..Default::default() }))
@@ -990,8 +999,8 @@ impl S3 for Archipel {
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
         let input = req.input;
-        let upload = self.upload_of(&input.upload_id, &input.bucket, &input.key).await?;
-        let bucket = self.my_bucket(&input.bucket).await?;
+        self.upload_of(&input.upload_id, &input.bucket, &input.key).await?;
+        self.my_bucket(&input.bucket).await?;
         let listed: Vec<(i32, String)> = input
             .multipart_upload
             .and_then(|m| m.parts)
@@ -1004,16 +1013,15 @@ impl S3 for Archipel {
                 ))
             })
             .collect::<S3Result<_>>()?;
-        let (source, size, multipart_etag) =
-            self.uploads.assemble(&input.upload_id, &listed).await.map_err(from_multipart)?;
-        let object = NewObject {
-            key: input.key.clone(),
-            size,
-            etag: Some(multipart_etag),
-            meta: upload.meta.clone(),
-            content_md5: None,
-        };
-        let stored = self.put(&bucket, object, source).await?;
+        let done = self.uploads.complete(&input.upload_id, &listed, &*self.tenant).await.map_err(from_multipart)?;
+        if done.size > MAX_OBJECT_BYTES {
+            return Err(s3_error!(EntityTooLarge, "objects hold at most {MAX_OBJECT_BYTES} bytes"));
+        }
+        let stored = self
+            .tenant
+            .commit_staged(&done.upload.staged, done.size, done.segments, &done.upload.meta, done.etag)
+            .await
+            .map_err(from_tenant)?;
         if let Err(e) = self.uploads.remove(&input.upload_id).await {
             tracing::warn!("upload {} committed but its parts were not removed: {e}", input.upload_id);
         }

@@ -16,7 +16,11 @@
 use crate::api::{BucketList, ObjectList, ObjectView, StorageNode, StorageNodes};
 use crate::http::HttpShards;
 use crate::meta::ObjectMeta;
-use crate::transfer::{Holder, Opened, PutPlan, TransferFailed, get_object, open_object, put_object, read_object};
+use crate::pipeline::ShardHash;
+use crate::transfer::{
+    Holder, Opened, PutPlan, Staged, TransferFailed, finish_staged, get_object, keep_staged, open_object, put_object,
+    read_object, stage_segment,
+};
 use archipel_crypto::{Identity, sign_request};
 use archipel_ledger::storage::{BucketRecord, ObjectPut};
 use archipel_ledger::{Hash, LeaseStatus, Payload, Receipt, Transaction};
@@ -614,6 +618,50 @@ impl TenantClient {
                 return Err(TenantError::BadDigest { announced, got });
             }
         }
+        let tx = self.submit(Payload::PutObject { put: put.clone() }).await?;
+        Ok(Stored { put, tx })
+    }
+
+    /// Starts a version of `bucket/key` written a segment at a time ([`Staged`]): placed now on
+    /// the storage nodes up.
+    pub async fn begin_staged(&self, bucket: &BucketRecord, key: &str) -> Result<Staged, TenantError> {
+        let candidates = self.candidates().await?;
+        Ok(Staged::begin(bucket, key, &candidates, &self.identity)?)
+    }
+
+    /// Seals and uploads segment `segment` of a staged version; returns its shards' hashes.
+    pub async fn stage_segment(
+        &self,
+        staged: &Staged,
+        segment: u64,
+        plain: &[u8],
+    ) -> Result<Vec<ShardHash>, TenantError> {
+        Ok(stage_segment(self.shards.clone(), staged, &self.identity, segment, plain).await?)
+    }
+
+    /// Writes a provisional manifest of a staged version to its holders, so that they keep its
+    /// shards while parts are slow to come.
+    pub async fn keep_staged(
+        &self,
+        staged: &Staged,
+        size: u64,
+        segments: Vec<Vec<ShardHash>>,
+    ) -> Result<(), TenantError> {
+        Ok(keep_staged(&*self.shards, staged, &self.identity, size, segments).await?)
+    }
+
+    /// Seals a staged version whose `segments` are all staged and waits until its `PutObject`
+    /// is final.
+    pub async fn commit_staged(
+        &self,
+        staged: &Staged,
+        size: u64,
+        segments: Vec<Vec<ShardHash>>,
+        meta: &ObjectMeta,
+        etag: String,
+    ) -> Result<Stored, TenantError> {
+        let network = self.network().await?;
+        let put = finish_staged(&*self.shards, staged, &self.identity, size, segments, meta, &network, etag).await?;
         let tx = self.submit(Payload::PutObject { put: put.clone() }).await?;
         Ok(Stored { put, tx })
     }

@@ -10,6 +10,10 @@
 //! that transaction is final. Any holder failing makes the PUT fail with its name: nothing is
 //! committed, and what was uploaded is garbage the holders collect.
 //!
+//! **Staged PUT** ([`Staged`], [`stage_segment`], [`finish_staged`]): the same steps spread over
+//! calls — a multipart upload seals and uploads segments as its parts arrive and the manifest
+//! and seals come at its completion; [`keep_staged`] keeps a slow upload's shards on its holders.
+//!
 //! **GET** ([`get_object`]): the manifest from the first holder that has it, checked against the
 //! ledger's root; then, per segment, shards from the data holders plus one more (a hedge), the
 //! first k good ones decoded and decrypted; a holder that fails or serves bytes that fail their
@@ -41,7 +45,7 @@ pub const HEDGE_AFTER: std::time::Duration = std::time::Duration::from_millis(15
 pub const SEGMENTS_IN_FLIGHT: usize = 2;
 
 /// A node holding (or about to hold) shards, and where to reach it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Holder {
     /// The node.
     pub node: NodeId,
@@ -390,19 +394,7 @@ pub async fn put_object<S: Shards>(
             done += SEGMENT_PLAIN_BYTES.min(plan.size - done);
             progress(done);
         }
-        let t = shards.clone();
-        let hs = holders.clone();
-        in_flight.spawn(async move {
-            let uploads =
-                parts.into_iter().map(|(i, bytes, hash)| {
-                    let h = hs[usize::from(i)].clone();
-                    let t = t.clone();
-                    async move {
-                        t.put_shard(&h, &version, &claim, i, s, bytes, hash).await.map_err(|e| holder_failed(&h, e))
-                    }
-                });
-            futures::future::try_join_all(uploads).await.map(drop)
-        });
+        in_flight.spawn(upload_segment(shards.clone(), holders.clone(), version, claim, s, parts));
     }
     while let Some(r) = in_flight.join_next().await {
         finish(Some(r))?;
@@ -411,38 +403,9 @@ pub async fn put_object<S: Shards>(
     }
 
     let root = manifest.root();
-    let manifest_bytes = Bytes::from(manifest.to_bytes());
-    let seals = holders.iter().enumerate().map(|(i, h)| {
-        let t = shards.clone();
-        let with = SealWith {
-            manifest: Some(manifest_bytes.clone()),
-            shard: single.as_ref().and_then(|parts| parts.get(i)).map(|(_, bytes, _)| bytes.clone()),
-        };
-        async move {
-            let sealed = t.seal(h, &version, &claim, i as u8, 0, with).await.map_err(|e| holder_failed(h, e))?;
-            let terms = ReceiptTerms {
-                object,
-                version,
-                generation: 0,
-                index: i as u8,
-                manifest_root: root,
-                shard_bytes: per_holder,
-                expires_ms: sealed.expires_ms,
-            };
-            if !terms.verify(&plan.network, &h.node, &sealed.receipt) {
-                return Err(TransferFailed::BadReceipt(h.node));
-            }
-            Ok::<_, TransferFailed>(ShardHolder {
-                node: h.node,
-                receipt: sealed.receipt,
-                expires_ms: sealed.expires_ms,
-            })
-        }
-    });
-    let receipts = futures::future::try_join_all(seals).await?;
-    if single.is_some() {
-        progress(plan.size);
-    }
+    let single = single.map(|parts| parts.into_iter().map(|(_, bytes, _)| bytes).collect());
+    let receipts = seal_holders(&*shards, &holders, &claim, &manifest, per_holder, &plan.network, single).await?;
+    progress(plan.size);
     Ok(ObjectPut {
         bucket: plan.bucket.name.clone(),
         key: plan.key.clone(),
@@ -453,6 +416,247 @@ pub async fn put_object<S: Shards>(
         manifest_root: root,
         etag: plan.etag.clone().unwrap_or_else(|| etag_of(content_hash)),
         holders: receipts,
+    })
+}
+
+/// Uploads one segment's k+m shards `(index, bytes, hash)` to their holders, in parallel.
+async fn upload_segment<S: Shards>(
+    shards: Arc<S>,
+    holders: Vec<Holder>,
+    version: Hash,
+    claim: Claim,
+    segment: u64,
+    parts: Vec<(u8, Bytes, ShardHash)>,
+) -> Result<(), TransferFailed> {
+    let uploads = parts.into_iter().map(|(i, bytes, hash)| {
+        let h = holders[usize::from(i)].clone();
+        let t = shards.clone();
+        async move { t.put_shard(&h, &version, &claim, i, segment, bytes, hash).await.map_err(|e| holder_failed(&h, e)) }
+    });
+    futures::future::try_join_all(uploads).await.map(drop)
+}
+
+/// Asks every holder to seal its shards of `manifest`'s version (storing the manifest first, and
+/// for an object of one segment its shard, from `single`, in the same call), and checks each
+/// receipt against the terms of the write.
+async fn seal_holders<S: Shards>(
+    shards: &S,
+    holders: &[Holder],
+    claim: &Claim,
+    manifest: &Manifest,
+    per_holder: u64,
+    network: &Hash,
+    single: Option<Vec<Bytes>>,
+) -> Result<Vec<ShardHolder>, TransferFailed> {
+    let root = manifest.root();
+    let version = manifest.version;
+    let manifest_bytes = Bytes::from(manifest.to_bytes());
+    let seals = holders.iter().enumerate().map(|(i, h)| {
+        let with = SealWith {
+            manifest: Some(manifest_bytes.clone()),
+            shard: single.as_ref().and_then(|parts| parts.get(i)).cloned(),
+        };
+        async move {
+            let sealed = shards.seal(h, &version, claim, i as u8, 0, with).await.map_err(|e| holder_failed(h, e))?;
+            let terms = ReceiptTerms {
+                object: claim.object(),
+                version,
+                generation: 0,
+                index: i as u8,
+                manifest_root: root,
+                shard_bytes: per_holder,
+                expires_ms: sealed.expires_ms,
+            };
+            if !terms.verify(network, &h.node, &sealed.receipt) {
+                return Err(TransferFailed::BadReceipt(h.node));
+            }
+            Ok::<_, TransferFailed>(ShardHolder {
+                node: h.node,
+                receipt: sealed.receipt,
+                expires_ms: sealed.expires_ms,
+            })
+        }
+    });
+    futures::future::try_join_all(seals).await
+}
+
+/// A version written a segment at a time across calls — a multipart upload streaming its parts
+/// in as they arrive — with what the writer needs between its first segment and its seal: the
+/// version and its nonce, the data key wrapped for the owner, and the holders, chosen once at
+/// the start. Saved by the caller (a gateway keeps it with the upload) and used again after a
+/// restart.
+///
+/// The holders keep unsealed shards while something is written to the version at least every
+/// 10 minutes: [`keep_staged`] writes a provisional manifest for that when parts are slow.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Staged {
+    /// The bucket, as the ledger recorded it at the start.
+    pub bucket: BucketRecord,
+    /// The key.
+    pub key: String,
+    /// The version.
+    pub version: Hash,
+    /// The nonce the version was made from.
+    pub nonce: Hash,
+    /// The data key, wrapped for the owner.
+    pub wrapped_key: Vec<u8>,
+    /// The k+m holders, by shard index.
+    pub holders: Vec<Holder>,
+}
+
+impl Staged {
+    /// A new version of `bucket/key` for `owner`, placed on `candidates` (the object's size is
+    /// not known yet: holders short of space refuse shards as they come).
+    pub fn begin(
+        bucket: &BucketRecord,
+        key: &str,
+        candidates: &[(Candidate, String)],
+        owner: &Identity,
+    ) -> Result<Staged, TransferFailed> {
+        let object = object_id(&bucket.name, key);
+        let (version, nonce, _) = new_version(&owner.node_id(), object);
+        let data_key = DataKey::generate()?;
+        let wrapped_key = WrapKey::for_owner(owner).wrap(&data_key, &version.0)?.to_vec();
+        let only: Vec<Candidate> = candidates.iter().map(|(c, _)| c.clone()).collect();
+        let nodes = archipel_placement::place(&bucket.policy, &only, &version.0, 0)?;
+        let holders = nodes
+            .iter()
+            .map(|n| Holder {
+                node: *n,
+                url: candidates.iter().find(|(c, _)| c.node == *n).map(|(_, u)| u.clone()).unwrap_or_default(),
+            })
+            .collect();
+        Ok(Staged { bucket: bucket.clone(), key: key.to_string(), version, nonce, wrapped_key, holders })
+    }
+
+    fn claim(&self) -> Claim {
+        Claim::Owner { object: object_id(&self.bucket.name, &self.key), nonce: self.nonce.0 }
+    }
+
+    fn data_key(&self, owner: &Identity) -> Result<DataKey, TransferFailed> {
+        let wrapped: &[u8; WRAPPED_KEY_BYTES] = self
+            .wrapped_key
+            .as_slice()
+            .try_into()
+            .map_err(|_| TransferFailed::Io("the staged upload's wrapped key is damaged".into()))?;
+        Ok(WrapKey::for_owner(owner).unwrap(wrapped, &self.version.0)?)
+    }
+
+    fn manifest(
+        &self,
+        owner: &Identity,
+        size: u64,
+        segments: Vec<Vec<ShardHash>>,
+        meta: &ObjectMeta,
+    ) -> Result<Manifest, TransferFailed> {
+        let data_key = self.data_key(owner)?;
+        let wrapped_key: [u8; WRAPPED_KEY_BYTES] = self
+            .wrapped_key
+            .as_slice()
+            .try_into()
+            .map_err(|_| TransferFailed::Io("the staged upload's wrapped key is damaged".into()))?;
+        Ok(Manifest {
+            version: self.version,
+            size,
+            segment_bytes: SEGMENT_PLAIN_BYTES,
+            code: self.bucket.policy.code,
+            wrapped_key,
+            segments,
+            meta: meta.seal(&data_key, &self.version.0).map_err(|e| TransferFailed::Io(e.to_string()))?,
+        })
+    }
+}
+
+/// Seals segment `segment` of a staged version (`plain`: [`SEGMENT_PLAIN_BYTES`], or fewer for
+/// the last) and uploads its k+m shards; returns their hashes, for the manifest.
+pub async fn stage_segment<S: Shards>(
+    shards: Arc<S>,
+    staged: &Staged,
+    owner: &Identity,
+    segment: u64,
+    plain: &[u8],
+) -> Result<Vec<ShardHash>, TransferFailed> {
+    let code = staged.bucket.policy.code;
+    let data_key = staged.data_key(owner)?;
+    let mut sealer = SegmentSealer::new(&data_key, &staged.version.0, code);
+    let mut buf = Vec::with_capacity(sealer.buffer_capacity(plain.len()));
+    buf.extend_from_slice(plain);
+    let sealed = sealer.seal(segment, &mut buf)?;
+    let hashes = sealed.hashes.clone();
+    let parts: Vec<(u8, Bytes, ShardHash)> = (0..code.total())
+        .map(|i| (i as u8, Bytes::copy_from_slice(sealed.shard(i).unwrap_or_default()), sealed.hashes[i]))
+        .collect();
+    drop(sealed);
+    upload_segment(shards, staged.holders.clone(), staged.version, staged.claim(), segment, parts).await?;
+    Ok(hashes)
+}
+
+/// Keeps a staged version's shards on its holders while parts are slow to come: a provisional
+/// manifest of what is staged so far, written to every holder (a write, which restarts the
+/// holders' 10-minute wait before collecting an unsealed version).
+pub async fn keep_staged<S: Shards>(
+    shards: &S,
+    staged: &Staged,
+    owner: &Identity,
+    size: u64,
+    segments: Vec<Vec<ShardHash>>,
+) -> Result<(), TransferFailed> {
+    let manifest = Bytes::from(staged.manifest(owner, size, segments, &ObjectMeta::default())?.to_bytes());
+    let claim = staged.claim();
+    let writes = staged.holders.iter().map(|h| {
+        let manifest = manifest.clone();
+        async move { shards.put_manifest(h, &staged.version, &claim, manifest).await.map_err(|e| holder_failed(h, e)) }
+    });
+    futures::future::try_join_all(writes).await.map(drop)
+}
+
+/// Seals a staged version of `size` bytes whose `segments` were all staged, with `meta` and
+/// `etag`; returns the `PutObject` payload to submit.
+#[allow(clippy::too_many_arguments)] // the staged version, its contents and what is recorded
+pub async fn finish_staged<S: Shards>(
+    shards: &S,
+    staged: &Staged,
+    owner: &Identity,
+    size: u64,
+    segments: Vec<Vec<ShardHash>>,
+    meta: &ObjectMeta,
+    network: &Hash,
+    etag: String,
+) -> Result<ObjectPut, TransferFailed> {
+    let code = staged.bucket.policy.code;
+    let expected = Segments::new(size, SEGMENT_PLAIN_BYTES).count();
+    if segments.len() as u64 != expected {
+        return Err(TransferFailed::Io(format!(
+            "a staged object of {size} bytes has {expected} segments, {} were staged",
+            segments.len()
+        )));
+    }
+    let manifest = staged.manifest(owner, size, segments, meta)?;
+    let holders = if size == 0 {
+        // No shards: an empty object has no holders (as a PUT of one).
+        vec![]
+    } else {
+        seal_holders(
+            shards,
+            &staged.holders,
+            &staged.claim(),
+            &manifest,
+            shard_bytes_per_holder(code, size, SEGMENT_PLAIN_BYTES),
+            network,
+            None,
+        )
+        .await?
+    };
+    Ok(ObjectPut {
+        bucket: staged.bucket.name.clone(),
+        key: staged.key.clone(),
+        version: staged.version,
+        nonce: staged.nonce,
+        size,
+        segment_bytes: SEGMENT_PLAIN_BYTES,
+        manifest_root: manifest.root(),
+        etag,
+        holders,
     })
 }
 
