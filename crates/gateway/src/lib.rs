@@ -54,7 +54,7 @@ pub fn service(config: GatewayConfig) -> std::io::Result<s3s::service::S3Service
         // Holders keep a slow upload's streamed parts while something is written every 10 minutes.
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(60)).await;
-            uploads.keep_alive(&tenant).await;
+            uploads.keep_alive(&*tenant).await;
         }
     });
     let keys = config.keys.clone();

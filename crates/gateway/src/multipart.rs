@@ -173,11 +173,24 @@ pub trait Stager: Send + Sync {
         segment: u64,
         plain: &[u8],
     ) -> impl Future<Output = Result<Vec<ShardHash>, TenantError>> + Send;
+
+    /// Writes something to the holders of `staged` (whose first `segments` are staged, `size`
+    /// bytes) so that they keep its shards.
+    fn keep(
+        &self,
+        staged: &Staged,
+        size: u64,
+        segments: Vec<Vec<ShardHash>>,
+    ) -> impl Future<Output = Result<(), TenantError>> + Send;
 }
 
 impl Stager for TenantClient {
     async fn stage(&self, staged: &Staged, segment: u64, plain: &[u8]) -> Result<Vec<ShardHash>, TenantError> {
         self.stage_segment(staged, segment, plain).await
+    }
+
+    async fn keep(&self, staged: &Staged, size: u64, segments: Vec<Vec<ShardHash>>) -> Result<(), TenantError> {
+        self.keep_staged(staged, size, segments).await
     }
 }
 
@@ -426,7 +439,7 @@ impl Uploads {
     /// Writes a provisional manifest to the holders of every upload with streamed segments that
     /// nothing was written to for [`KEEP_ALIVE_AFTER`], so they keep its shards; returns how many.
     /// Run every minute by the gateway.
-    pub async fn keep_alive(&self, tenant: &TenantClient) -> usize {
+    pub async fn keep_alive(&self, stager: &impl Stager) -> usize {
         let mut kept = 0;
         for id in self.ids().await.unwrap_or_default() {
             let lock = self.lock(&id);
@@ -439,7 +452,7 @@ impl Uploads {
                 continue;
             }
             let Ok(segments) = load_segments(&dir, &upload.staged, stream.segments).await else { continue };
-            match tenant.keep_staged(&upload.staged, stream.segments * SEGMENT_PLAIN_BYTES, segments).await {
+            match stager.keep(&upload.staged, stream.segments * SEGMENT_PLAIN_BYTES, segments).await {
                 Ok(()) => {
                     stream.written_ms = now_ms();
                     if save_stream(&dir, &stream).await.is_ok() {
@@ -788,6 +801,8 @@ mod tests {
     struct Memory {
         segments: Mutex<BTreeMap<u64, Vec<u8>>>,
         fail: Mutex<Vec<u64>>,
+        /// Keep-alive writes: (size, segments).
+        kept: Mutex<Vec<(u64, usize)>>,
     }
 
     impl Stager for Memory {
@@ -797,6 +812,11 @@ mod tests {
             }
             self.segments.lock().unwrap().insert(segment, plain.to_vec());
             Ok(vec![*blake3::hash(plain).as_bytes(); 6])
+        }
+
+        async fn keep(&self, _: &Staged, size: u64, segments: Vec<Vec<ShardHash>>) -> Result<(), TenantError> {
+            self.kept.lock().unwrap().push((size, segments.len()));
+            Ok(())
         }
     }
 
@@ -964,6 +984,28 @@ mod tests {
         assert!(matches!(e, MultipartError::Resealed(0)), "{e}");
         // Segment 0 holds what the first attempt sent, never the other bytes.
         assert_eq!(mem.segments.lock().unwrap()[&0], p1[..SEG]);
+    }
+
+    #[tokio::test]
+    async fn idle_uploads_with_streamed_segments_get_a_keep_alive_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let ups = Uploads::open(dir.path()).unwrap();
+        let mem = Memory::default();
+        let idle = ups.create("b", "idle", ObjectMeta::default(), staged()).await.unwrap();
+        let p = bytes(1, 17 * MIB);
+        ups.put_part(&idle.id, 1, p.len() as u64, &p[..], &mem).await.unwrap();
+        let busy = ups.create("b", "busy", ObjectMeta::default(), staged()).await.unwrap();
+        ups.put_part(&busy.id, 1, p.len() as u64, &p[..], &mem).await.unwrap();
+        // Nothing written for long enough only to "idle"; "empty" has no segment to keep.
+        ups.create("b", "empty", ObjectMeta::default(), staged()).await.unwrap();
+        let dir_of = dir.path().join(&idle.id);
+        let mut stream = load_stream(&dir_of, &idle.id).await.unwrap();
+        stream.written_ms -= KEEP_ALIVE_AFTER.as_millis() as u64 + 1;
+        save_stream(&dir_of, &stream).await.unwrap();
+        assert_eq!(ups.keep_alive(&mem).await, 1);
+        assert_eq!(*mem.kept.lock().unwrap(), [(2 * SEGMENT_PLAIN_BYTES, 2)]);
+        // Kept just now: not again.
+        assert_eq!(ups.keep_alive(&mem).await, 0);
     }
 
     #[tokio::test]

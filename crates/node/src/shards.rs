@@ -242,10 +242,13 @@ impl ShardService {
         }
     }
 
-    /// Stores a manifest under `grant`: an owner's as sent; a repair's only with the ledger's
-    /// root, replacing any other.
+    /// Stores a manifest under `grant`: an owner's as sent, replacing its own until the version
+    /// is sealed here (a multipart upload writes a provisional one to keep its shards while
+    /// parts are slow; a receipt vouches for one manifest, so none changes after a seal); a
+    /// repair's only with the ledger's root, replacing any other.
     pub fn put_manifest(&self, version: &Version, bytes: &[u8], grant: Grant) -> Result<Written, ShardStoreError> {
         match grant {
+            Grant::Owner if self.store.object_of(version).is_none() => self.store.replace_manifest(version, bytes),
             Grant::Owner => self.store.put_manifest(version, bytes),
             Grant::Committed { manifest_root } => {
                 let root = Manifest::from_bytes(bytes).map_err(ShardStoreError::Invalid)?.root();
@@ -833,6 +836,18 @@ mod tests {
         }
         // And a seal with no body: the version is counted still, so nothing changes.
         http.seal(&holder, &version, &claim, 1, 0, SealWith::default()).await.unwrap();
+        // Sealed: its manifest does not change any more, not even by its owner.
+        let provisional = Manifest { version, segments: vec![], size: 0, ..manifest.clone() }.to_bytes();
+        let e = svc.put_manifest(&version.0, &provisional, Grant::Owner).unwrap_err();
+        assert!(matches!(e, ShardStoreError::Exists(_)), "{e}");
+        // Before a seal, the owner's provisional manifest (a slow multipart upload's keep-alive)
+        // is replaced by the real one the seal brings.
+        let fresh = Hash([11; 32]);
+        let provisional = Manifest { version: fresh, segments: vec![], size: 0, ..manifest.clone() }.to_bytes();
+        svc.put_manifest(&fresh.0, &provisional, Grant::Owner).unwrap();
+        let real = Manifest { version: fresh, ..manifest.clone() }.to_bytes();
+        assert_eq!(svc.put_manifest(&fresh.0, &real, Grant::Owner).unwrap(), Written::New);
+        assert_eq!(svc.store().manifest(&fresh.0).unwrap().as_deref(), Some(&real[..]));
     }
 
     #[test]
