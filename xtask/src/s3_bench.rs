@@ -7,8 +7,9 @@
 //!   erasure-coded 4+2 over 6 of the 12 node processes and committed on the ledger before the PUT
 //!   answers.
 //! - **Client**: the gateway crate's SigV4 client (reqwest, `UNSIGNED-PAYLOAD`), the same for both.
-//! - **Large objects**: three rounds of a 1 GiB PUT (single request, from memory) and GET (every
-//!   byte hashed and compared), per round and min/median/max.
+//! - **Large objects**: three rounds of a 1 GiB PUT (single request, from memory), GET (every
+//!   byte hashed and compared) and multipart PUT (8 MiB parts, 4 at once, as aws-cli sends them;
+//!   read back and compared, untimed), per round and min/median/max.
 //! - **Small objects**: 32 concurrent clients × 40 PUTs of 4 KiB, then the same GETs; ops/s over
 //!   every operation of the run.
 //!
@@ -31,6 +32,8 @@ const SMALL_CLIENTS: usize = 32;
 const SMALL_PER_CLIENT: usize = 40;
 const SMALL_BYTES: usize = 4096;
 const BUCKET: &str = "bench";
+const PART_MIB: usize = 8;
+const PARTS_AT_ONCE: usize = 4;
 
 /// PUTs answered 503 and sent again, over the run.
 static RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -60,6 +63,29 @@ impl S3 {
         }
     }
 
+    /// PUTs `body` at `bench/key` as a multipart upload of [`PART_MIB`] parts, [`PARTS_AT_ONCE`]
+    /// at a time, as aws-cli does.
+    async fn put_multipart(&self, key: &str, body: &Bytes) -> Result<()> {
+        use futures::StreamExt as _;
+        let upload = self.0.create_multipart(BUCKET, key, &[]).await?;
+        let upload = upload.as_str();
+        let parts: Vec<(u32, String)> = futures::stream::iter(body.chunks(PART_MIB << 20).enumerate())
+            .map(|(i, chunk)| {
+                let part = body.slice_ref(chunk);
+                async move {
+                    let n = i as u32 + 1;
+                    Ok::<_, anyhow::Error>((n, self.0.upload_part(BUCKET, key, upload, n, part).await?))
+                }
+            })
+            .buffered(PARTS_AT_ONCE)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_>>()?;
+        self.0.complete_multipart(BUCKET, key, upload, &parts).await?;
+        Ok(())
+    }
+
     /// GETs `bench/key`, hashing every byte; returns the byte count and the hash.
     async fn get(&self, key: &str) -> Result<(usize, blake3::Hash)> {
         let mut r = self.0.get_object(BUCKET, key).await?;
@@ -76,6 +102,7 @@ impl S3 {
 /// Figures of one target.
 struct Figures {
     put_mib_s: Vec<f64>,
+    multipart_mib_s: Vec<f64>,
     get_mib_s: Vec<f64>,
     small_put_ops: f64,
     small_get_ops: f64,
@@ -84,7 +111,7 @@ struct Figures {
 async fn measure(name: &str, s3: &S3, large: &Bytes) -> Result<Figures> {
     let want = blake3::hash(large);
     s3.0.create_bucket(BUCKET).await?;
-    let (mut put_mib_s, mut get_mib_s) = (vec![], vec![]);
+    let (mut put_mib_s, mut get_mib_s, mut multipart_mib_s) = (vec![], vec![], vec![]);
     for round in 0..ROUNDS {
         let path = format!("large-{round}.bin");
         let t = Instant::now();
@@ -96,9 +123,17 @@ async fn measure(name: &str, s3: &S3, large: &Bytes) -> Result<Figures> {
         if n != large.len() || h != want {
             bail!("{name}: {path} read back {n} bytes that differ from what was put");
         }
+        let key = format!("multipart-{round}.bin");
+        let t = Instant::now();
+        s3.put_multipart(&key, large).await?;
+        multipart_mib_s.push(LARGE_MIB as f64 / t.elapsed().as_secs_f64());
+        let (n, h) = s3.get(&key).await?;
+        if n != large.len() || h != want {
+            bail!("{name}: {key} read back {n} bytes that differ from what was put");
+        }
         println!(
-            "  {name} round {round}: PUT {:.0} MiB/s, GET {:.0} MiB/s (checked)",
-            put_mib_s[round], get_mib_s[round]
+            "  {name} round {round}: PUT {:.0} MiB/s, GET {:.0} MiB/s, multipart PUT {:.0} MiB/s (all checked)",
+            put_mib_s[round], get_mib_s[round], multipart_mib_s[round]
         );
     }
     let small = Bytes::from(vec![0x5au8; SMALL_BYTES]);
@@ -138,7 +173,7 @@ async fn measure(name: &str, s3: &S3, large: &Bytes) -> Result<Figures> {
     println!(
         "  {name} small ({SMALL_CLIENTS} clients × {SMALL_PER_CLIENT} of 4 KiB, every operation): PUT {small_put_ops:.0} ops/s ({retried} PUTs answered 503 and sent again, counted in the time), GET {small_get_ops:.0} ops/s"
     );
-    Ok(Figures { put_mib_s, get_mib_s, small_put_ops, small_get_ops })
+    Ok(Figures { put_mib_s, multipart_mib_s, get_mib_s, small_put_ops, small_get_ops })
 }
 
 pub fn bench(bin: &Path) -> Result<()> {
@@ -207,6 +242,12 @@ fn bench_in(bin: &Path, work: &Path) -> Result<()> {
             spread(&ours.put_mib_s),
             spread(&base.put_mib_s),
             median(ours.put_mib_s.clone()) / median(base.put_mib_s.clone())
+        );
+        println!(
+            "  1 GiB multipart PUT ({PART_MIB} MiB parts, {PARTS_AT_ONCE} at once)  MiB/s min/median/max  archipel {}  s3s-fs {}  ratio {:.2}",
+            spread(&ours.multipart_mib_s),
+            spread(&base.multipart_mib_s),
+            median(ours.multipart_mib_s.clone()) / median(base.multipart_mib_s.clone())
         );
         println!(
             "  1 GiB GET  MiB/s min/median/max  archipel {}  s3s-fs {}  ratio {:.2}",
