@@ -254,58 +254,31 @@ async fn export_s3(args: &ExportArgs, c: &TenantClient) -> Result<()> {
     let total: u64 = records.iter().map(|o| o.size).sum();
     let progress = crate::storage_cli::progress(total, args.tenant.json);
     let (mut written, mut skipped, mut done) = (0u64, 0u64, 0u64);
+    let mut failed: Vec<String> = Vec::new();
     for rec in records {
         let key = s3_key_for(&prefix, &rec.key);
-        let there = s3.head_object(&target, &key).await?;
-        if there.is_some_and(|h| h.size == rec.size && h.user.get(ETAG_META) == Some(&rec.etag)) {
-            skipped += 1;
-            done += rec.size;
-            progress.set_position(done);
-            continue;
-        }
-        progress.set_message(rec.key.clone());
-        // Read from the ledger again: the record listed may have been replaced since.
-        let Some(view) = c.object(&args.bucket, &rec.key).await? else { continue };
-        let opened = c.open(&view).await?;
-        let o = &view.object;
-        let headers = s3_headers(&opened.meta, &o.etag, o.created_ms);
-        let base = done;
-        if o.size <= PART_BYTES {
-            let mut body = Vec::with_capacity(o.size as usize);
-            c.read(&view, &opened, None, &mut body, |n| progress.set_position(base + n)).await?;
-            s3.put_object(&target, &key, &headers, body.into())
-                .await
-                .with_context(|| format!("exporting {}", o.key))?;
-        } else {
-            let part = PART_BYTES.max(o.size.div_ceil(MAX_PARTS));
-            let upload =
-                s3.create_multipart(&target, &key, &headers).await.with_context(|| format!("exporting {}", o.key))?;
-            let sent = async {
-                let mut parts = Vec::new();
-                let mut start = 0;
-                while start < o.size {
-                    let end = (start + part).min(o.size);
-                    let mut body = Vec::with_capacity((end - start) as usize);
-                    c.read(&view, &opened, Some(start..end), &mut body, |n| progress.set_position(base + start + n))
-                        .await?;
-                    let number = parts.len() as u32 + 1;
-                    parts.push((number, s3.upload_part(&target, &key, &upload, number, body.into()).await?));
-                    start = end;
-                }
-                s3.complete_multipart(&target, &key, &upload, &parts).await?;
-                anyhow::Ok(())
-            }
-            .await;
-            if let Err(e) = sent {
-                // Free the parts sent; the object is sent whole again on the next run.
-                let _ = s3.abort_multipart(&target, &key, &upload).await;
-                return Err(e).with_context(|| format!("exporting {}", o.key));
+        let size = rec.size;
+        match export_one(args, c, &s3, &target, &key, rec, &progress, done).await {
+            Ok(true) => written += 1,
+            Ok(false) => skipped += 1,
+            // The target refused this object (its metadata, its size…): the others still go.
+            Err(e) => {
+                progress.suspend(|| eprintln!("warning: {e:#}"));
+                failed.push(key);
             }
         }
-        written += 1;
-        done += o.size;
+        done += size;
+        progress.set_position(done);
     }
     progress.finish_and_clear();
+    if !failed.is_empty() {
+        bail!(
+            "{} of the bucket's objects were not exported ({}{}); the others were — run the export again after fixing what the warnings name",
+            failed.len(),
+            failed.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+            if failed.len() > 5 { ", …" } else { "" }
+        );
+    }
     if args.tenant.json {
         println!(
             "{}",
@@ -321,6 +294,60 @@ async fn export_s3(args: &ExportArgs, c: &TenantClient) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Exports one object to `target/key` unless it is there already; `Ok(false)` when it was.
+#[allow(clippy::too_many_arguments)] // the export's parts, the object and the progress
+async fn export_one(
+    args: &ExportArgs,
+    c: &TenantClient,
+    s3: &S3Client,
+    target: &str,
+    key: &str,
+    rec: archipel_ledger::storage::ObjectRecord,
+    progress: &indicatif::ProgressBar,
+    done: u64,
+) -> Result<bool> {
+    let (target, key) = (target.to_string(), key.to_string());
+    let there = s3.head_object(&target, &key).await?;
+    if there.is_some_and(|h| h.size == rec.size && h.user.get(ETAG_META) == Some(&rec.etag)) {
+        return Ok(false);
+    }
+    progress.set_message(rec.key.clone());
+    // Read from the ledger again: the record listed may have been replaced since.
+    let Some(view) = c.object(&args.bucket, &rec.key).await? else { return Ok(false) };
+    let opened = c.open(&view).await?;
+    let o = &view.object;
+    let headers = s3_headers(&opened.meta, &o.etag, o.created_ms);
+    if o.size <= PART_BYTES {
+        let mut body = Vec::with_capacity(o.size as usize);
+        c.read(&view, &opened, None, &mut body, |n| progress.set_position(done + n)).await?;
+        s3.put_object(&target, &key, &headers, body.into()).await.with_context(|| format!("exporting {}", o.key))?;
+        return Ok(true);
+    }
+    let part = PART_BYTES.max(o.size.div_ceil(MAX_PARTS));
+    let upload = s3.create_multipart(&target, &key, &headers).await.with_context(|| format!("exporting {}", o.key))?;
+    let sent = async {
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < o.size {
+            let end = (start + part).min(o.size);
+            let mut body = Vec::with_capacity((end - start) as usize);
+            c.read(&view, &opened, Some(start..end), &mut body, |n| progress.set_position(done + start + n)).await?;
+            let number = parts.len() as u32 + 1;
+            parts.push((number, s3.upload_part(&target, &key, &upload, number, body.into()).await?));
+            start = end;
+        }
+        s3.complete_multipart(&target, &key, &upload, &parts).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = sent {
+        // Free the parts sent; the object is sent whole again on the next run.
+        let _ = s3.abort_multipart(&target, &key, &upload).await;
+        return Err(e).with_context(|| format!("exporting {}", o.key));
+    }
+    Ok(true)
 }
 
 /// `archipel export --to DIR`.
@@ -449,25 +476,29 @@ pub async fn import(args: ImportArgs) -> Result<()> {
 /// The key an object at an S3 target had here: [`s3_key_for`] undone.
 fn key_from_s3(prefix: &str, s3_key: &str) -> Result<String> {
     let rest = s3_key.strip_prefix(prefix).unwrap_or(s3_key);
-    match rest.strip_prefix("_keys/") {
-        Some(hex) => hex::decode(hex)
-            .ok()
-            .and_then(|k| String::from_utf8(k).ok())
-            .ok_or_else(|| anyhow!("{s3_key:?} is under _keys/ but is not the hex of a key")),
-        None => Ok(rest.to_string()),
-    }
+    // Under `_keys/`, the hex of a key an export put there; anything else there is a key of its
+    // own (objects archipel did not write).
+    Ok(rest
+        .strip_prefix("_keys/")
+        .and_then(|hex| hex::decode(hex).ok())
+        .and_then(|k| String::from_utf8(k).ok())
+        .unwrap_or_else(|| rest.to_string()))
 }
 
-/// An object at an S3 endpoint, read again from the start for each attempt.
+/// An object at an S3 endpoint, read again from the start for each attempt: the version a HEAD
+/// saw (`If-Match` its ETag, its size), never one replaced since.
 struct S3Source {
     s3: S3Client,
     bucket: String,
     key: String,
+    etag: String,
+    size: u64,
 }
 
 impl PutSource for S3Source {
     async fn open(&mut self) -> std::io::Result<Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>> {
-        let reader = self.s3.get_reader(&self.bucket, &self.key).await.map_err(std::io::Error::other)?;
+        let expect = Some((self.etag.as_str(), self.size));
+        let reader = self.s3.get_reader(&self.bucket, &self.key, expect).await.map_err(std::io::Error::other)?;
         Ok(Some(Box::new(reader)))
     }
 }
@@ -485,6 +516,10 @@ async fn import_s3(args: &ImportArgs) -> Result<()> {
             .with_context(|| format!("cannot list {} at {}", args.from, s3.endpoint()))?;
         listed.extend(page.objects);
         match page.next {
+            // A server answering the same page again would keep the import here for ever.
+            Some(next) if token.as_ref() == Some(&next) => {
+                bail!("{} at {} answered the continuation token {next:?} twice", args.from, s3.endpoint())
+            }
             Some(next) => token = Some(next),
             None => break,
         }
@@ -507,8 +542,15 @@ async fn import_s3(args: &ImportArgs) -> Result<()> {
             .head_object(&source, &s3_key)
             .await?
             .ok_or_else(|| anyhow!("{s3_key} was listed at {} but is gone: run the import again", s3.endpoint()))?;
-        let etag = head.user.get(ETAG_META).cloned().unwrap_or_else(|| head.etag.clone());
-        if c.object(&name, &key).await?.is_some_and(|v| v.object.etag == etag && v.object.size == head.size) {
+        // An archipel export's ETag travels in its metadata; another object's ETag is kept as it
+        // is when the ledger can record it (hex digits and dashes), so that a run again finds
+        // the object here, not checked against the bytes (not every service's ETag is an MD5).
+        let ours = head.user.get(ETAG_META).cloned();
+        let etag = ours.clone().unwrap_or_else(|| head.etag.clone());
+        if c.object(&name, &key)
+            .await?
+            .is_some_and(|v| v.object.etag.eq_ignore_ascii_case(&etag) && v.object.size == head.size)
+        {
             skipped += 1;
             done += size;
             progress.set_position(done);
@@ -529,11 +571,32 @@ async fn import_s3(args: &ImportArgs) -> Result<()> {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         };
-        let source_of = S3Source { s3: s3.clone(), bucket: source.clone(), key: s3_key.clone() };
+        let source_of = S3Source {
+            s3: s3.clone(),
+            bucket: source.clone(),
+            key: s3_key.clone(),
+            etag: head.etag.clone(),
+            size: head.size,
+        };
         let base = done;
+        let object = match ours {
+            Some(_) => new_object(&key, head.size, &etag, meta),
+            None => {
+                let recordable = !etag.is_empty()
+                    && etag.len() <= archipel_ledger::storage::MAX_ETAG_BYTES
+                    && etag.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+                NewObject {
+                    key: key.clone(),
+                    size: head.size,
+                    etag: recordable.then(|| etag.to_ascii_lowercase()),
+                    meta,
+                    content_md5: None,
+                }
+            }
+        };
         c.put(
             &bucket,
-            new_object(&key, head.size, &etag, meta),
+            object,
             source_of,
             |n| progress.set_position(base + n),
             |w| progress.suspend(|| eprintln!("warning: {w}")),
@@ -635,8 +698,9 @@ mod tests {
         for k in ["a/b.txt", "x/../y", "", "_keys/z", "é/ü"] {
             assert_eq!(key_from_s3("p/", &s3_key_for("p/", k)).unwrap(), k);
         }
-        assert!(key_from_s3("", "_keys/zz").is_err());
-        assert!(key_from_s3("", "_keys/ff").is_err(), "not UTF-8");
+        // Not the hex of a UTF-8 key: a key of its own.
+        assert_eq!(key_from_s3("", "_keys/zz").unwrap(), "_keys/zz");
+        assert_eq!(key_from_s3("", "_keys/ff").unwrap(), "_keys/ff");
     }
 
     #[test]

@@ -56,6 +56,9 @@ impl ClientError {
     }
 }
 
+/// Largest XML answer read (a listing of 1,000 keys of 1 KiB fits).
+pub const MAX_ANSWER_BYTES: usize = 8 << 20;
+
 /// How the payload is signed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PayloadHash {
@@ -138,6 +141,11 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(digest::digest(&digest::SHA256, bytes))
 }
 
+/// A header value as SigV4 signs it and as it is sent: trimmed, runs of spaces made one.
+fn canonical_value(v: &str) -> String {
+    v.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// SigV4 URI encoding: every byte but `A-Za-z0-9-._~` (and `/` when `keep_slash`) as `%XX`.
 pub fn uri_encode(s: &str, keep_slash: bool) -> String {
     let mut out = String::with_capacity(s.len());
@@ -200,10 +208,14 @@ fn url_decode(s: &str) -> Option<String> {
 fn parse_list(xml: &str) -> Option<ListPage> {
     let mut page = ListPage::default();
     let mut rest = xml;
+    // Keys are URL-encoded only when the server says so (one that ignores `encoding-type`
+    // sends them as they are).
+    let encoded = xml_field(xml, "EncodingType").is_some_and(|e| e.trim() == "url");
     while let Some(i) = rest.find("<Contents>") {
         let end = rest[i..].find("</Contents>")? + i;
         let entry = &rest[i..end];
-        let key = url_decode(&xml_unescape(xml_field(entry, "Key")?)?)?;
+        let key = xml_unescape(xml_field(entry, "Key")?)?;
+        let key = if encoded { url_decode(&key)? } else { key };
         let size = xml_field(entry, "Size")?.trim().parse().ok()?;
         page.objects.push((key, size));
         rest = &rest[end..];
@@ -323,7 +335,7 @@ impl S3Client {
         pairs.sort();
         let query_text = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&");
         let mut signed: BTreeMap<String, String> =
-            headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.trim().to_string())).collect();
+            headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), canonical_value(v))).collect();
         if self.payload == PayloadHash::Signed && !body.is_empty() {
             use base64::Engine as _;
             use md5::Digest as _;
@@ -380,12 +392,30 @@ impl S3Client {
             return Ok(resp);
         }
         let status = resp.status();
-        let body = resp.text().await.unwrap_or_default();
+        let body = Self::text(resp, what).await.unwrap_or_default();
         let code = xml_field(&body, "Code")
             .map(str::to_string)
             .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").replace(' ', ""));
         let message = xml_field(&body, "Message").unwrap_or("").to_string();
         Err(ClientError::S3 { what: what.into(), status: status.as_u16(), code, message })
+    }
+
+    /// An answer's body as text, at most [`MAX_ANSWER_BYTES`] (an endpoint cannot make the
+    /// client hold more).
+    async fn text(mut resp: reqwest::Response, what: &str) -> Result<String, ClientError> {
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|source| ClientError::Http { what: what.into(), source })? {
+            if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(ClientError::S3 {
+                    what: what.into(),
+                    status: 200,
+                    code: "AnswerTooLarge".into(),
+                    message: format!("the answer passed {MAX_ANSWER_BYTES} bytes"),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(String::from_utf8_lossy(&body).into_owned())
     }
 
     fn etag_of(resp: &reqwest::Response) -> String {
@@ -461,11 +491,7 @@ impl S3Client {
         }
         let what = format!("list {bucket}/{prefix}");
         let req = self.signed(reqwest::Method::GET, &Self::path(bucket, None)?, &query, &[], b"");
-        let text = Self::send(req, &what)
-            .await?
-            .text()
-            .await
-            .map_err(|source| ClientError::Http { what: what.clone(), source })?;
+        let text = Self::text(Self::send(req, &what).await?, &what).await?;
         parse_list(&text).ok_or_else(|| ClientError::S3 {
             what,
             status: 200,
@@ -475,12 +501,30 @@ impl S3Client {
     }
 
     /// GETs `bucket/key` as a reader of its body; a failure mid-body is an error of the read.
+    ///
+    /// With `expect` (the ETag and size a HEAD gave), the GET carries `If-Match` and an answer of
+    /// another length is refused: an object replaced between the two is not read as the other.
     pub async fn get_reader(
         &self,
         bucket: &str,
         key: &str,
+        expect: Option<(&str, u64)>,
     ) -> Result<impl tokio::io::AsyncRead + Send + Unpin + 'static, ClientError> {
-        let resp = self.get_object(bucket, key).await?;
+        let what = format!("GET {bucket}/{key}");
+        let headers: Vec<(String, String)> =
+            expect.map(|(etag, _)| ("if-match".to_string(), format!("\"{etag}\""))).into_iter().collect();
+        let req = self.signed(reqwest::Method::GET, &Self::path(bucket, Some(key))?, &[], &headers, b"");
+        let resp = Self::send(req.timeout(Duration::from_secs(600)), &what).await?;
+        if let Some((_, size)) = expect
+            && resp.content_length() != Some(size)
+        {
+            return Err(ClientError::S3 {
+                what,
+                status: resp.status().as_u16(),
+                code: "SizeChanged".into(),
+                message: format!("the answer has {:?} bytes, the listing said {size}", resp.content_length()),
+            });
+        }
         let chunks = futures::stream::unfold(Some(resp), |resp| async move {
             let mut resp = resp?;
             match resp.chunk().await {
@@ -493,6 +537,12 @@ impl S3Client {
         Ok(tokio_util::io::StreamReader::new(Box::pin(chunks)))
     }
 
+    /// Deletes `bucket/key` (no error when there is none).
+    pub async fn delete_object(&self, bucket: &str, key: &str) -> Result<(), ClientError> {
+        let req = self.signed(reqwest::Method::DELETE, &Self::path(bucket, Some(key))?, &[], &[], b"");
+        Self::send(req, &format!("DELETE {bucket}/{key}")).await.map(drop)
+    }
+
     /// Starts a multipart upload of `bucket/key` with `headers`; returns its upload id.
     pub async fn create_multipart(
         &self,
@@ -501,11 +551,8 @@ impl S3Client {
         headers: &[(String, String)],
     ) -> Result<String, ClientError> {
         let req = self.signed(reqwest::Method::POST, &Self::path(bucket, Some(key))?, &[("uploads", "")], headers, b"");
-        let text = Self::send(req, &format!("start upload of {bucket}/{key}"))
-            .await?
-            .text()
-            .await
-            .map_err(|source| ClientError::Http { what: format!("start upload of {bucket}/{key}"), source })?;
+        let what = format!("start upload of {bucket}/{key}");
+        let text = Self::text(Self::send(req, &what).await?, &what).await?;
         xml_field(&text, "UploadId").map(str::to_string).ok_or_else(|| ClientError::S3 {
             what: format!("start upload of {bucket}/{key}"),
             status: 200,
@@ -557,11 +604,7 @@ impl S3Client {
             .timeout(Duration::from_secs(600))
             .body(xml);
         // S3 may answer 200 with an error document once the parts are being joined.
-        let text = Self::send(req, &what)
-            .await?
-            .text()
-            .await
-            .map_err(|source| ClientError::Http { what: what.clone(), source })?;
+        let text = Self::text(Self::send(req, &what).await?, &what).await?;
         if let Some(code) = xml_field(&text, "Code") {
             return Err(ClientError::S3 {
                 what,
@@ -650,7 +693,7 @@ mod tests {
 
     #[test]
     fn listings_give_keys_sizes_and_the_next_token() {
-        let xml = "<ListBucketResult><IsTruncated>true</IsTruncated><NextContinuationToken>t&amp;1</NextContinuationToken>\
+        let xml = "<ListBucketResult><EncodingType>url</EncodingType><IsTruncated>true</IsTruncated><NextContinuationToken>t&amp;1</NextContinuationToken>\
                    <Contents><Key>a%2Fb%20c</Key><Size>3</Size></Contents><Contents><Key>x%26y</Key><Size>0</Size></Contents>\
                    </ListBucketResult>";
         let page = parse_list(xml).unwrap();
@@ -658,11 +701,14 @@ mod tests {
         assert_eq!(page.next.as_deref(), Some("t&1"));
         let last = parse_list("<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>").unwrap();
         assert_eq!(last, ListPage::default());
+        // Without `EncodingType`, keys are taken as they are.
+        let plain = parse_list("<Contents><Key>a%2Fb</Key><Size>1</Size></Contents>").unwrap();
+        assert_eq!(plain.objects, vec![("a%2Fb".to_string(), 1)]);
         // Damaged answers are refused, not misread.
         for bad in [
             "<Contents><Key>a</Key></Contents>",
             "<Contents><Key>a</Key><Size>x</Size></Contents>",
-            "<Contents><Key>%zz</Key><Size>1</Size></Contents>",
+            "<EncodingType>url</EncodingType><Contents><Key>%zz</Key><Size>1</Size></Contents>",
             "<IsTruncated>true</IsTruncated>",
         ] {
             assert_eq!(parse_list(bad), None, "{bad}");

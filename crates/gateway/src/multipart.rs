@@ -28,6 +28,7 @@
 //!
 //! [`TenantClient::commit_staged`]: archipel_objects::tenant::TenantClient::commit_staged
 
+use archipel_ledger::storage::MAX_OBJECT_BYTES;
 use archipel_objects::meta::ObjectMeta;
 use archipel_objects::tenant::{TenantClient, TenantError};
 use archipel_objects::transfer::Staged;
@@ -48,6 +49,12 @@ pub const MAX_PART_NUMBER: i32 = 10_000;
 /// An upload nothing was written to for this long gets a keep-alive write to its holders (they
 /// collect unsealed versions after 10 minutes idle).
 pub const KEEP_ALIVE_AFTER: std::time::Duration = std::time::Duration::from_secs(4 * 60);
+/// An upload not completed this long after it started is removed (its holders then collect what
+/// it streamed): abandoned uploads do not hold storage for ever.
+pub const MAX_UPLOAD_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+/// Most bytes of one upload's parts waiting in the spool for their turn: a client sending parts
+/// far ahead of the ones it has not sent is asked to slow down, not given the gateway's disk.
+pub const MAX_SPOOLED_BYTES: u64 = 4 << 30;
 
 /// One upload's record.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -98,8 +105,9 @@ impl Stream {
         self.parts.last().map_or(1, |p| p.number + 1)
     }
 
-    fn carry_len(&self) -> u64 {
-        self.offset - self.segments * SEGMENT_PLAIN_BYTES
+    /// The carry's length; `None` when the record is damaged (no carry of a segment or more).
+    fn carry_len(&self) -> Option<u64> {
+        self.offset.checked_sub(self.segments.checked_mul(SEGMENT_PLAIN_BYTES)?).filter(|c| *c < SEGMENT_PLAIN_BYTES)
     }
 }
 
@@ -156,6 +164,19 @@ pub enum MultipartError {
         "segment {0} of this upload was already sent to its holders with other bytes (a part sent again with other bytes after a failed attempt); it cannot be sealed again: start the upload again"
     )]
     Resealed(u64),
+    /// Too many bytes of this upload's parts wait in the spool for parts not sent yet.
+    #[error(
+        "{waiting} bytes of this upload's parts already wait for parts before them; send the parts in order (part {next} is next)"
+    )]
+    SpoolFull {
+        /// Bytes waiting.
+        waiting: u64,
+        /// The part whose turn it is.
+        next: i32,
+    },
+    /// The object would pass the largest size an object may have.
+    #[error("the upload's parts come to more than the {MAX_OBJECT_BYTES} bytes an object may hold")]
+    TooLarge,
     /// The object pipeline failed (a holder, the network).
     #[error("{0}")]
     Stage(#[from] TenantError),
@@ -207,12 +228,23 @@ pub struct Completed {
     pub etag: String,
 }
 
+/// An upload held for its completion: no part streams into it and no keep-alive writes to its
+/// holders until this is dropped (a keep-alive's provisional manifest landing between the seals
+/// would make holders sign for different manifests).
+#[derive(Debug)]
+pub struct Held {
+    id: String,
+    _lock: tokio::sync::OwnedMutexGuard<()>,
+}
+
 /// The uploads in progress.
 #[derive(Debug)]
 pub struct Uploads {
     dir: PathBuf,
     /// One lock per upload: one part streams at a time.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// [`MAX_SPOOLED_BYTES`], smaller in tests.
+    max_spooled: u64,
 }
 
 fn now_ms() -> u64 {
@@ -234,7 +266,7 @@ impl Uploads {
         // Spooled parts and carries are plaintext: for the gateway's user only.
         #[cfg(unix)]
         std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-        Ok(Uploads { dir: dir.to_path_buf(), locks: Mutex::new(HashMap::new()) })
+        Ok(Uploads { dir: dir.to_path_buf(), locks: Mutex::new(HashMap::new()), max_spooled: MAX_SPOOLED_BYTES })
     }
 
     fn upload_dir(&self, id: &str) -> Result<PathBuf, MultipartError> {
@@ -355,22 +387,46 @@ impl Uploads {
         if let Some(p) = stream.parts.iter().find(|p| p.number == number) {
             return again(p, size, body).await;
         }
+        let waiting: u64 = spooled(&dir, id).await?.iter().filter(|p| p.number != number).map(|p| p.size).sum();
+        if stream.offset.saturating_add(waiting).saturating_add(size) > MAX_OBJECT_BYTES {
+            return Err(MultipartError::TooLarge);
+        }
+        if waiting.saturating_add(size) > self.max_spooled {
+            return Err(MultipartError::SpoolFull { waiting, next: stream.next_part() });
+        }
         let etag = spool(&dir, number, size, &mut body).await?;
         // Its turn may have come meanwhile (the part streaming before it has ended).
         let _streaming = lock.lock().await;
         let mut stream = load_stream(&dir, id).await?;
+        if let Some(p) = stream.parts.iter().find(|p| p.number == number) {
+            // The same number sent twice at once, and the other copy streamed first: this one
+            // stands only if it has the same bytes.
+            let _ = tokio::fs::remove_file(dir.join(format!("part-{number}.{etag}"))).await;
+            return if p.etag == etag { Ok(etag) } else { Err(MultipartError::AlreadyStreamed(number)) };
+        }
         drain(&dir, &upload.staged, &mut stream, stager).await?;
-        Ok(etag)
+        match stream.parts.iter().find(|p| p.number == number) {
+            // Another copy of the number, spooled after this one, replaced it and streamed.
+            Some(p) if p.etag != etag => Err(MultipartError::AlreadyStreamed(number)),
+            _ => Ok(etag),
+        }
+    }
+
+    /// Holds upload `id` for its completion (waiting for a part streaming into it).
+    pub async fn hold(&self, id: &str) -> Result<Held, MultipartError> {
+        self.upload_dir(id)?;
+        Ok(Held { id: id.to_string(), _lock: self.lock(id).lock_owned().await })
     }
 
     /// Checks `listed` (part number, ETag) against upload `id`, streams the listed parts still
     /// spooled, and hands back what seals the object: its size, segments and ETag.
     pub async fn complete(
         &self,
-        id: &str,
+        held: &Held,
         listed: &[(i32, String)],
         stager: &impl Stager,
     ) -> Result<Completed, MultipartError> {
+        let id = held.id.as_str();
         if listed.is_empty() {
             return Err(MultipartError::Empty);
         }
@@ -379,8 +435,6 @@ impl Uploads {
         }
         let upload = self.get(id).await?;
         let dir = self.upload_dir(id)?;
-        let lock = self.lock(id);
-        let _streaming = lock.lock().await;
         let mut stream = load_stream(&dir, id).await?;
         drain(&dir, &upload.staged, &mut stream, stager).await?;
         // The list begins with the streamed parts, then names spooled ones.
@@ -423,43 +477,94 @@ impl Uploads {
         if !carry.is_empty() {
             segments.push(stage_once(&dir, &upload.staged, stream.segments, &carry, stager).await?);
         }
+        if stream.offset > MAX_OBJECT_BYTES {
+            return Err(MultipartError::TooLarge);
+        }
         Ok(Completed { size: stream.offset, segments, etag, upload })
     }
 
-    /// Forgets upload `id` and its parts (its streamed shards are collected by their holders).
+    /// Forgets upload `id` and its parts (its streamed shards are collected by their holders),
+    /// once no part streams into it.
     pub async fn remove(&self, id: &str) -> Result<(), MultipartError> {
-        let dir = self.upload_dir(id)?;
-        match tokio::fs::remove_dir_all(&dir).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(MultipartError::NoSuchUpload(id.into())),
-            Err(e) => Err(e.into()),
+        let held = self.hold(id).await?;
+        self.remove_held(&held).await
+    }
+
+    /// Forgets a held upload: its record first (so parts arriving now find no upload), then its
+    /// directory (a part spooling meanwhile may leave a file: the directory goes on the sweep).
+    pub async fn remove_held(&self, held: &Held) -> Result<(), MultipartError> {
+        let dir = self.upload_dir(&held.id)?;
+        match tokio::fs::remove_file(dir.join("upload.json")).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(MultipartError::NoSuchUpload(held.id.clone()));
+            }
+            Err(e) => return Err(e.into()),
         }
+        if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+            tracing::warn!("upload {}: its directory is left for the sweep: {e}", held.id);
+        }
+        Ok(())
     }
 
     /// Writes a provisional manifest to the holders of every upload with streamed segments that
-    /// nothing was written to for [`KEEP_ALIVE_AFTER`], so they keep its shards; returns how many.
-    /// Run every minute by the gateway.
+    /// nothing was written to for [`KEEP_ALIVE_AFTER`], so they keep its shards; removes uploads
+    /// older than [`MAX_UPLOAD_AGE`] and directories an abort or a crash left without a record.
+    /// Returns how many uploads it kept. Run every minute by the gateway.
     pub async fn keep_alive(&self, stager: &impl Stager) -> usize {
         let mut kept = 0;
         for id in self.ids().await.unwrap_or_default() {
             let lock = self.lock(&id);
-            // A part streaming is a write already.
+            // A part streaming is a write already; a completion holds the upload.
             let Ok(_streaming) = lock.try_lock() else { continue };
-            let (Ok(upload), Ok(dir)) = (self.get(&id).await, self.upload_dir(&id)) else { continue };
+            let Ok(dir) = self.upload_dir(&id) else { continue };
+            let upload = match self.get(&id).await {
+                Ok(u) => u,
+                Err(MultipartError::NoSuchUpload(_)) => {
+                    // No record: removed (or never made whole) — swept once old enough that no
+                    // creation is under way.
+                    let old = tokio::fs::metadata(&dir)
+                        .await
+                        .ok()
+                        .and_then(|m| m.modified().ok())
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age > std::time::Duration::from_secs(3600));
+                    if old {
+                        let _ = tokio::fs::remove_dir_all(&dir).await;
+                    }
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            if now_ms().saturating_sub(upload.started_ms) > MAX_UPLOAD_AGE.as_millis() as u64 {
+                tracing::info!(
+                    "upload {id} of {}/{} was not completed within 7 days: removed",
+                    upload.bucket,
+                    upload.key
+                );
+                let _ = tokio::fs::remove_file(dir.join("upload.json")).await;
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                continue;
+            }
             let Ok(mut stream) = load_stream(&dir, &id).await else { continue };
             if stream.segments == 0 || now_ms().saturating_sub(stream.written_ms) < KEEP_ALIVE_AFTER.as_millis() as u64
             {
                 continue;
             }
             let Ok(segments) = load_segments(&dir, &upload.staged, stream.segments).await else { continue };
-            match stager.keep(&upload.staged, stream.segments * SEGMENT_PLAIN_BYTES, segments).await {
-                Ok(()) => {
+            // One slow holder must not hold up the other uploads' keep-alives.
+            let size = stream.segments * SEGMENT_PLAIN_BYTES;
+            match tokio::time::timeout(std::time::Duration::from_secs(30), stager.keep(&upload.staged, size, segments))
+                .await
+            {
+                Ok(Ok(())) => {
                     stream.written_ms = now_ms();
                     if save_stream(&dir, &stream).await.is_ok() {
                         kept += 1;
                     }
                 }
-                Err(e) => tracing::warn!("upload {id}: keeping its streamed parts on their holders failed: {e}"),
+                Ok(Err(e)) => tracing::warn!("upload {id}: keeping its streamed parts on their holders failed: {e}"),
+                Err(_) => tracing::warn!("upload {id}: keeping its streamed parts on their holders timed out"),
             }
         }
         kept
@@ -489,12 +594,15 @@ async fn save_stream(dir: &Path, stream: &Stream) -> std::io::Result<()> {
 /// The first `count` entries of `segments.bin`: each segment's k+m shard hashes.
 async fn load_segments(dir: &Path, staged: &Staged, count: u64) -> Result<Vec<Vec<ShardHash>>, MultipartError> {
     let per = staged.bucket.policy.code.total();
+    if per == 0 {
+        return Err(damaged("the upload's record"));
+    }
     let bytes = match tokio::fs::read(dir.join("segments.bin")).await {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e.into()),
     };
-    let want = count as usize * per * 32;
+    let want = usize::try_from(count).ok().and_then(|c| c.checked_mul(per * 32)).unwrap_or(usize::MAX);
     if bytes.len() < want {
         return Err(damaged("the upload's segment list"));
     }
@@ -509,7 +617,7 @@ fn carry_path(dir: &Path, offset: u64) -> PathBuf {
 }
 
 async fn load_carry(dir: &Path, stream: &Stream) -> Result<Vec<u8>, MultipartError> {
-    let want = stream.carry_len() as usize;
+    let want = stream.carry_len().ok_or_else(|| damaged("the upload's stream record"))? as usize;
     if want == 0 {
         return Ok(Vec::new());
     }
@@ -676,11 +784,18 @@ async fn stage_once(
 ) -> Result<Vec<ShardHash>, MultipartError> {
     let hash = blake3::hash(plain);
     let path = dir.join("attempts.bin");
-    let log = match tokio::fs::read(&path).await {
+    let mut log = match tokio::fs::read(&path).await {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e.into()),
     };
+    if log.len() % 40 != 0 {
+        // A record torn by a crash or a full disk: no shard was sent after it (its write failed
+        // first), so it goes, and the records after stay aligned.
+        let whole = log.len() / 40 * 40;
+        tokio::fs::OpenOptions::new().write(true).open(&path).await?.set_len(whole as u64).await?;
+        log.truncate(whole);
+    }
     let earlier = log
         .chunks_exact(40)
         .find(|r| r[..8] == index.to_be_bytes())
@@ -897,7 +1012,7 @@ mod tests {
         assert_eq!(ups.parts(&u.id).await.unwrap().len(), 4);
         let listed: Vec<(i32, String)> =
             etags.iter().enumerate().map(|(i, e)| (i as i32 + 1, format!("\"{e}\""))).collect();
-        let done = ups.complete(&u.id, &listed, &mem).await.unwrap();
+        let done = ups.complete(&ups.hold(&u.id).await.unwrap(), &listed, &mem).await.unwrap();
         let whole = parts.concat();
         assert_eq!(done.size, whole.len() as u64);
         assert_eq!(done.segments.len(), whole.len().div_ceil(SEG));
@@ -928,7 +1043,7 @@ mod tests {
         assert!(files(dir.path(), &id, "part-").is_empty());
         let e4 = ups.put_part(&id, 4, parts[3].len() as u64, &parts[3][..], &mem).await.unwrap();
         let listed = vec![(1, e1.clone()), (2, e2.clone()), (3, e3.clone()), (4, e4.clone())];
-        let done = ups.complete(&id, &listed, &mem).await.unwrap();
+        let done = ups.complete(&ups.hold(&id).await.unwrap(), &listed, &mem).await.unwrap();
         assert_eq!(mem.object(done.segments.len()), parts.concat());
         assert_eq!(done.etag, md5_etag(&[&e1, &e2, &e3, &e4]));
     }
@@ -961,10 +1076,11 @@ mod tests {
         assert_eq!(ups.parts(&u.id).await.unwrap().len(), 1);
         mem.fail.lock().unwrap().clear();
         let e2 = ups.put_part(&u.id, 2, p2.len() as u64, &p2[..], &mem).await.unwrap();
-        let done = ups.complete(&u.id, &[(1, e1.clone()), (2, e2.clone())], &mem).await.unwrap();
+        let done =
+            ups.complete(&ups.hold(&u.id).await.unwrap(), &[(1, e1.clone()), (2, e2.clone())], &mem).await.unwrap();
         assert_eq!(mem.object(done.segments.len()), [p1.clone(), p2.clone()].concat());
         // Completing again (the seal failed, the client retries): the same answer.
-        let again = ups.complete(&u.id, &[(1, e1), (2, e2)], &mem).await.unwrap();
+        let again = ups.complete(&ups.hold(&u.id).await.unwrap(), &[(1, e1), (2, e2)], &mem).await.unwrap();
         assert_eq!(again.segments, done.segments);
     }
 
@@ -974,16 +1090,30 @@ mod tests {
         let ups = Uploads::open(dir.path()).unwrap();
         let mem = Memory::default();
         let u = ups.create("b", "k", ObjectMeta::default(), staged()).await.unwrap();
-        // Segment 1 is sent and fails (the holders saw it); part 1 is then sent with other bytes.
-        mem.fail.lock().unwrap().push(1);
+        // Segment 0 is sent and fails (the holders may have seen it); part 1 is then sent with
+        // other bytes: refused before anything goes out.
+        mem.fail.lock().unwrap().push(0);
         let p1 = bytes(1, 20 * MIB);
-        assert!(ups.put_part(&u.id, 1, p1.len() as u64, &p1[..], &mem).await.is_err());
+        assert!(matches!(ups.put_part(&u.id, 1, p1.len() as u64, &p1[..], &mem).await, Err(MultipartError::Stage(_))));
         mem.fail.lock().unwrap().clear();
         let other = bytes(5, 20 * MIB);
         let e = ups.put_part(&u.id, 1, other.len() as u64, &other[..], &mem).await.unwrap_err();
         assert!(matches!(e, MultipartError::Resealed(0)), "{e}");
-        // Segment 0 holds what the first attempt sent, never the other bytes.
+        assert!(mem.segments.lock().unwrap().is_empty());
+        // The same bytes as the failed attempt go through.
+        ups.put_part(&u.id, 1, p1.len() as u64, &p1[..], &mem).await.unwrap();
         assert_eq!(mem.segments.lock().unwrap()[&0], p1[..SEG]);
+        // A record torn by a crash (a full disk) is cut off; the log stays aligned and checked.
+        let log = dir.path().join(&u.id).join("attempts.bin");
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        std::io::Write::write_all(&mut f, &[0xab; 7]).unwrap();
+        let p2 = bytes(2, 9 * MIB);
+        ups.put_part(&u.id, 2, p2.len() as u64, &p2[..], &mem).await.unwrap();
+        assert_eq!(std::fs::metadata(&log).unwrap().len() % 40, 0);
+        let u2 = ups.create("b", "k2", ObjectMeta::default(), staged()).await.unwrap();
+        std::fs::copy(&log, dir.path().join(&u2.id).join("attempts.bin")).unwrap();
+        let e = ups.put_part(&u2.id, 1, other.len() as u64, &other[..], &mem).await.unwrap_err();
+        assert!(matches!(e, MultipartError::Resealed(0)), "{e}");
     }
 
     #[tokio::test]
@@ -1009,6 +1139,128 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_crash_before_the_record_leaves_the_part_to_stream_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = Memory::default();
+        let parts = [bytes(1, 6 * MIB), bytes(2, 11 * MIB), bytes(3, 2 * MIB)];
+        let ups = Uploads::open(dir.path()).unwrap();
+        let u = ups.create("b", "k", ObjectMeta::default(), staged()).await.unwrap();
+        let e1 = ups.put_part(&u.id, 1, parts[0].len() as u64, &parts[0][..], &mem).await.unwrap();
+        let record = dir.path().join(&u.id).join("stream.json");
+        let before = std::fs::read(&record).unwrap();
+        let carries: Vec<(String, Vec<u8>)> = files(dir.path(), &u.id, "carry.")
+            .into_iter()
+            .map(|f| {
+                let bytes = std::fs::read(dir.path().join(&u.id).join(&f)).unwrap();
+                (f, bytes)
+            })
+            .collect();
+        assert_eq!(carries.len(), 1);
+        ups.put_part(&u.id, 2, parts[1].len() as u64, &parts[1][..], &mem).await.unwrap();
+        // The power went before `stream.json` was written: segments.bin and the carry of part 2
+        // are on disk, the record does not name them, and the old carry is still there.
+        std::fs::write(&record, &before).unwrap();
+        for (f, bytes) in &carries {
+            std::fs::write(dir.path().join(&u.id).join(f), bytes).unwrap();
+        }
+        let ups = Uploads::open(dir.path()).unwrap();
+        assert_eq!(ups.parts(&u.id).await.unwrap().len(), 1);
+        let e2 = ups.put_part(&u.id, 2, parts[1].len() as u64, &parts[1][..], &mem).await.unwrap();
+        let e3 = ups.put_part(&u.id, 3, parts[2].len() as u64, &parts[2][..], &mem).await.unwrap();
+        let done = ups.complete(&ups.hold(&u.id).await.unwrap(), &[(1, e1), (2, e2), (3, e3)], &mem).await.unwrap();
+        assert_eq!(mem.object(done.segments.len()), parts.concat());
+    }
+
+    #[tokio::test]
+    async fn objects_of_whole_segments_and_of_nothing_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let ups = Uploads::open(dir.path()).unwrap();
+        let mem = Memory::default();
+        // Two parts making exactly two segments: no carry, no extra segment.
+        let u = ups.create("b", "whole", ObjectMeta::default(), staged()).await.unwrap();
+        let (a, b) = (bytes(1, SEG + 5 * MIB), bytes(2, SEG - 5 * MIB));
+        let ea = ups.put_part(&u.id, 1, a.len() as u64, &a[..], &mem).await.unwrap();
+        let eb = ups.put_part(&u.id, 2, b.len() as u64, &b[..], &mem).await.unwrap();
+        let done = ups.complete(&ups.hold(&u.id).await.unwrap(), &[(1, ea), (2, eb)], &mem).await.unwrap();
+        assert_eq!((done.size, done.segments.len()), (2 * SEG as u64, 2));
+        assert_eq!(mem.object(2), [a, b].concat());
+        // One empty part: an empty object, no segment.
+        let u = ups.create("b", "empty", ObjectMeta::default(), staged()).await.unwrap();
+        let e = ups.put_part(&u.id, 1, 0, &b""[..], &mem).await.unwrap();
+        let done = ups.complete(&ups.hold(&u.id).await.unwrap(), &[(1, e.clone())], &mem).await.unwrap();
+        assert_eq!((done.size, done.segments.len()), (0, 0));
+        assert_eq!(done.etag, md5_etag(&[&e]));
+    }
+
+    #[tokio::test]
+    async fn parts_sent_at_once_all_stream_and_a_number_sent_twice_at_once_stands_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ups = Arc::new(Uploads::open(dir.path()).unwrap());
+        let mem = Arc::new(Memory::default());
+        let u = ups.create("b", "k", ObjectMeta::default(), staged()).await.unwrap();
+        let parts: Vec<Vec<u8>> = (0..6).map(|i| bytes(i, 5 * MIB + i as usize)).collect();
+        // Six parts at once, as a client's threads send them: some stream, the others wait in
+        // the spool and stream in turn; part 3 is also sent a second time with other bytes.
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, p) in parts.iter().enumerate() {
+            let (ups, mem, id, p) = (ups.clone(), mem.clone(), u.id.clone(), p.clone());
+            tasks.spawn(
+                async move { (i as i32 + 1, ups.put_part(&id, i as i32 + 1, p.len() as u64, &p[..], &*mem).await) },
+            );
+        }
+        let (ups2, mem2, id2) = (ups.clone(), mem.clone(), u.id.clone());
+        let twin = tokio::spawn(async move {
+            let other = bytes(99, 5 * MIB + 2);
+            ups2.put_part(&id2, 3, other.len() as u64, &other[..], &*mem2).await
+        });
+        let mut etags = BTreeMap::new();
+        while let Some(r) = tasks.join_next().await {
+            let (n, e) = r.unwrap();
+            if let Ok(e) = e {
+                etags.insert(n, e);
+            }
+        }
+        let twin = twin.await.unwrap();
+        // Exactly one of the two part 3s stands; the spool keeps neither.
+        assert!(files(dir.path(), &u.id, "part-").is_empty());
+        let streamed = ups.parts(&u.id).await.unwrap();
+        assert_eq!(streamed.len(), 6);
+        let listed: Vec<(i32, String)> = streamed.iter().map(|p| (p.number, p.etag.clone())).collect();
+        let done = ups.complete(&ups.hold(&u.id).await.unwrap(), &listed, &*mem).await.unwrap();
+        // The object holds one of the two, the one the part list names; the other's sender was
+        // told so or had its copy replaced (as S3 does), never given the streamed one's ETag.
+        let other = bytes(99, 5 * MIB + 2);
+        let twin_won = streamed[2].etag == hex::encode(md5::Md5::digest(&other));
+        let mut whole = parts.clone();
+        if twin_won {
+            whole[2] = other;
+        }
+        assert_eq!(mem.object(done.segments.len()), whole.concat());
+        let (winner, loser) =
+            if twin_won { (twin.ok(), etags.get(&3).cloned()) } else { (etags.get(&3).cloned(), twin.ok()) };
+        assert_eq!(winner.as_deref(), Some(streamed[2].etag.as_str()));
+        assert_ne!(loser.as_deref(), Some(streamed[2].etag.as_str()));
+        for n in [1, 2, 4, 5, 6] {
+            assert_eq!(etags[&n], streamed[n as usize - 1].etag);
+        }
+    }
+
+    #[tokio::test]
+    async fn parts_far_ahead_of_their_turn_are_asked_to_slow_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ups = Uploads::open(dir.path()).unwrap();
+        ups.max_spooled = 3 * MIB as u64;
+        let mem = Memory::default();
+        let u = ups.create("b", "k", ObjectMeta::default(), staged()).await.unwrap();
+        let p = bytes(1, 2 * MIB);
+        ups.put_part(&u.id, 3, p.len() as u64, &p[..], &mem).await.unwrap();
+        let e = ups.put_part(&u.id, 4, p.len() as u64, &p[..], &mem).await.unwrap_err();
+        assert!(matches!(e, MultipartError::SpoolFull { waiting, next: 1 } if waiting == 2 * MIB as u64), "{e}");
+        // Sending part 3 again replaces it: it does not count against itself.
+        ups.put_part(&u.id, 3, p.len() as u64, &p[..], &mem).await.unwrap();
+    }
+
+    #[tokio::test]
     async fn bad_lists_parts_and_ids_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let ups = Uploads::open(dir.path()).unwrap();
@@ -1016,20 +1268,26 @@ mod tests {
         let u = ups.create("b", "k", ObjectMeta::default(), staged()).await.unwrap();
         let e1 = ups.put_part(&u.id, 1, 4, &b"abcd"[..], &mem).await.unwrap();
         let e3 = ups.put_part(&u.id, 3, 4, &b"ijkl"[..], &mem).await.unwrap();
-        assert!(matches!(ups.complete(&u.id, &[], &mem).await, Err(MultipartError::Empty)));
+        assert!(matches!(ups.complete(&ups.hold(&u.id).await.unwrap(), &[], &mem).await, Err(MultipartError::Empty)));
         assert!(matches!(
-            ups.complete(&u.id, &[(3, e3.clone()), (1, e1.clone())], &mem).await,
+            ups.complete(&ups.hold(&u.id).await.unwrap(), &[(3, e3.clone()), (1, e1.clone())], &mem).await,
             Err(MultipartError::InvalidPartOrder)
         ));
         // Part 1 streamed: a list without it, or with another ETag, is refused.
-        assert!(matches!(ups.complete(&u.id, &[(3, e3.clone())], &mem).await, Err(MultipartError::NotListed(1))));
-        assert!(matches!(ups.complete(&u.id, &[(1, e3.clone())], &mem).await, Err(MultipartError::NotListed(1))));
         assert!(matches!(
-            ups.complete(&u.id, &[(1, e1.clone()), (2, e3.clone())], &mem).await,
+            ups.complete(&ups.hold(&u.id).await.unwrap(), &[(3, e3.clone())], &mem).await,
+            Err(MultipartError::NotListed(1))
+        ));
+        assert!(matches!(
+            ups.complete(&ups.hold(&u.id).await.unwrap(), &[(1, e3.clone())], &mem).await,
+            Err(MultipartError::NotListed(1))
+        ));
+        assert!(matches!(
+            ups.complete(&ups.hold(&u.id).await.unwrap(), &[(1, e1.clone()), (2, e3.clone())], &mem).await,
             Err(MultipartError::InvalidPart(2))
         ));
         assert!(matches!(
-            ups.complete(&u.id, &[(1, e1.clone()), (3, e3.clone())], &mem).await,
+            ups.complete(&ups.hold(&u.id).await.unwrap(), &[(1, e1.clone()), (3, e3.clone())], &mem).await,
             Err(MultipartError::TooSmall { number: 1, size: 4 })
         ));
         assert!(matches!(ups.put_part(&u.id, 0, 1, &b"x"[..], &mem).await, Err(MultipartError::BadPartNumber(0))));
@@ -1044,7 +1302,7 @@ mod tests {
         // A single small part is a whole object; the part skipped (2) is no hole: the list decides.
         let u2 = ups.create("b", "k2", ObjectMeta::default(), staged()).await.unwrap();
         let only = ups.put_part(&u2.id, 1, 3, &b"xyz"[..], &mem).await.unwrap();
-        let done = ups.complete(&u2.id, &[(1, only)], &mem).await.unwrap();
+        let done = ups.complete(&ups.hold(&u2.id).await.unwrap(), &[(1, only)], &mem).await.unwrap();
         assert_eq!((done.size, done.segments.len()), (3, 1));
         // Ids from clients never reach outside the spool.
         for id in ["../etc", "..", "", "ABCDEF0123456789ABCDEF0123456789", &"a".repeat(33)] {

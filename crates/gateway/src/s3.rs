@@ -150,6 +150,8 @@ fn from_multipart(e: MultipartError) -> S3Error {
             S3ErrorCode::InvalidRequest
         }
         MultipartError::Stage(_) => S3ErrorCode::ServiceUnavailable,
+        MultipartError::SpoolFull { .. } => S3ErrorCode::SlowDown,
+        MultipartError::TooLarge => S3ErrorCode::EntityTooLarge,
         MultipartError::Io(_) => S3ErrorCode::InternalError,
     };
     S3Error::with_message(code, e.to_string())
@@ -1013,16 +1015,15 @@ impl S3 for Archipel {
                 ))
             })
             .collect::<S3Result<_>>()?;
-        let done = self.uploads.complete(&input.upload_id, &listed, &*self.tenant).await.map_err(from_multipart)?;
-        if done.size > MAX_OBJECT_BYTES {
-            return Err(s3_error!(EntityTooLarge, "objects hold at most {MAX_OBJECT_BYTES} bytes"));
-        }
+        // Held through the seal: no keep-alive writes to the holders meanwhile.
+        let held = self.uploads.hold(&input.upload_id).await.map_err(from_multipart)?;
+        let done = self.uploads.complete(&held, &listed, &*self.tenant).await.map_err(from_multipart)?;
         let stored = self
             .tenant
             .commit_staged(&done.upload.staged, done.size, done.segments, &done.upload.meta, done.etag)
             .await
             .map_err(from_tenant)?;
-        if let Err(e) = self.uploads.remove(&input.upload_id).await {
+        if let Err(e) = self.uploads.remove_held(&held).await {
             tracing::warn!("upload {} committed but its parts were not removed: {e}", input.upload_id);
         }
         Ok(S3Response::new(CompleteMultipartUploadOutput {

@@ -237,6 +237,11 @@ pub struct TenantClient {
     written: std::sync::atomic::AtomicU64,
     /// Per node (as in `nodes`), the highest finalized state height it answered with.
     seen: Vec<std::sync::atomic::AtomicU64>,
+    /// How long a read waits for a node to reach the client's own writes (or for nodes that
+    /// all answered "too many requests").
+    behind_wait: Duration,
+    /// Reads go to the nodes in turn (a node bounds the reads of one address).
+    turn: AtomicUsize,
 }
 
 fn base_url(u: &str) -> String {
@@ -305,6 +310,8 @@ impl TenantClient {
             next_nonce: tokio::sync::Mutex::new(None),
             written: std::sync::atomic::AtomicU64::new(0),
             seen: nodes.iter().map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
+            behind_wait: Duration::from_secs(10),
+            turn: AtomicUsize::new(0),
         }
     }
 
@@ -373,10 +380,12 @@ impl TenantClient {
         Ok(height >= min)
     }
 
-    /// Sends one request to each node in turn, from the one that answered last, until one
-    /// answers without a reason to try another; returns the answer body. A node that has not
-    /// applied block `min_height` is not asked; when none has, all are tried again 25 ms later,
-    /// for up to 10 s. `body` and `signed` as in [`Self::get`] and [`Self::submit`].
+    /// Sends one request to each node in turn until one answers without a reason to try
+    /// another; returns the answer body. Writes start at the node that answered last (a client's
+    /// transactions reach one node in order), reads at the next node in turn (a node bounds the
+    /// reads of one address: reads spread over all of them). A node that has not applied block
+    /// `min_height` is not asked; when none has, or every node answered 429, all are tried again
+    /// 25 ms later, for up to 10 s. `body` and `signed` as in [`Self::get`] and [`Self::submit`].
     async fn send(
         &self,
         method: reqwest::Method,
@@ -385,9 +394,13 @@ impl TenantClient {
         signed: bool,
         min_height: u64,
     ) -> Result<bytes::Bytes, TenantError> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + self.behind_wait;
         loop {
-            let first = self.preferred.load(Ordering::Relaxed) % self.nodes.len();
+            let first = if method == reqwest::Method::GET {
+                self.turn.fetch_add(1, Ordering::Relaxed)
+            } else {
+                self.preferred.load(Ordering::Relaxed)
+            } % self.nodes.len();
             let mut last = None;
             let mut behind = false;
             for n in 0..self.nodes.len() {
@@ -409,7 +422,11 @@ impl TenantClient {
                     Err(e) => Err(e),
                 };
                 match result {
-                    Err(e) if e.try_another() => last = Some(e),
+                    Err(e) if e.try_another() => {
+                        // Too many requests from here: another node, or the same ones shortly.
+                        behind |= e.status() == Some(429);
+                        last = Some(e);
+                    }
                     other => {
                         self.preferred.store(at, Ordering::Relaxed);
                         return other;
@@ -728,6 +745,15 @@ mod tests {
     /// A node on loopback answering `/v1/accounts/…` with the next of `heights` (the last one
     /// once they run out) and any other GET with its `name`; records the other paths asked.
     async fn node(name: &'static str, heights: Vec<u64>) -> (String, Arc<Mutex<Vec<String>>>) {
+        throttled_node(name, heights, 0).await
+    }
+
+    /// [`node`], answering its first `throttle` other requests 429 (a per-address read bound).
+    async fn throttled_node(
+        name: &'static str,
+        heights: Vec<u64>,
+        throttle: usize,
+    ) -> (String, Arc<Mutex<Vec<String>>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let asked = Arc::new(Mutex::new(Vec::new()));
@@ -735,6 +761,7 @@ mod tests {
         tokio::spawn(async move {
             let mut heights = heights.into_iter().peekable();
             let mut last = 0;
+            let mut throttle = throttle;
             loop {
                 let Ok((mut conn, _)) = listener.accept().await else { return };
                 let mut buf = Vec::new();
@@ -747,16 +774,19 @@ mod tests {
                 }
                 let head = String::from_utf8_lossy(&buf);
                 let path = head.split(' ').nth(1).unwrap_or("").to_string();
-                let body = if path.starts_with("/v1/accounts/") {
+                let (status, body) = if path.starts_with("/v1/accounts/") {
                     last = heights.next().unwrap_or(last);
-                    serde_json::json!({ "height": last })
+                    ("200 OK", serde_json::json!({ "height": last }))
+                } else if throttle > 0 {
+                    throttle -= 1;
+                    ("429 Too Many Requests", serde_json::json!({ "error": "ip_rate_limit", "message": "slow down" }))
                 } else {
                     log.lock().unwrap().push(path);
-                    serde_json::json!({ "node": name })
-                }
-                .to_string();
+                    ("200 OK", serde_json::json!({ "node": name }))
+                };
+                let body = body.to_string();
                 let answer = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
                 );
                 let _ = conn.write_all(answer.as_bytes()).await;
@@ -773,12 +803,43 @@ mod tests {
         // Nothing written yet: the first node answers, no height asked.
         let v: serde_json::Value = c.get("/v1/x").await.unwrap();
         assert_eq!(v["node"], "a");
-        // A write finalized at block 10: node a (at 5) is not asked; b (at 12) answers.
+        // A write finalized at block 10: node a (at 5) is not asked, whichever node a read starts
+        // at; b (at 12) answers.
         c.written.store(10, Ordering::Relaxed);
-        let v: serde_json::Value = c.get("/v1/y").await.unwrap();
-        assert_eq!(v["node"], "b");
+        for path in ["/v1/y", "/v1/z"] {
+            let v: serde_json::Value = c.get(path).await.unwrap();
+            assert_eq!(v["node"], "b");
+        }
         assert_eq!(*asked_a.lock().unwrap(), ["/v1/x"]);
-        assert_eq!(*asked_b.lock().unwrap(), ["/v1/y"]);
+        assert_eq!(*asked_b.lock().unwrap(), ["/v1/y", "/v1/z"]);
+    }
+
+    #[tokio::test]
+    async fn reads_from_nodes_that_stay_behind_fail_as_behind_not_as_absent() {
+        let (a, asked_a) = node("a", vec![5]).await;
+        let mut c = TenantClient::new(&[a], Identity::generate());
+        c.behind_wait = Duration::from_millis(300);
+        c.written.store(10, Ordering::Relaxed);
+        let e = c.get::<serde_json::Value>("/v1/buckets/b/object?key=k").await.unwrap_err();
+        assert_eq!((e.status(), e.code()), (Some(503), Some("behind")), "{e}");
+        assert!(asked_a.lock().unwrap().is_empty(), "a node behind is never asked the read");
+    }
+
+    #[tokio::test]
+    async fn reads_spread_over_the_nodes_and_wait_out_a_node_saying_too_many() {
+        let (a, asked_a) = node("a", vec![0]).await;
+        let (b, asked_b) = node("b", vec![0]).await;
+        let c = TenantClient::new(&[a, b], Identity::generate());
+        for _ in 0..4 {
+            c.get::<serde_json::Value>("/v1/r").await.unwrap();
+        }
+        assert_eq!((asked_a.lock().unwrap().len(), asked_b.lock().unwrap().len()), (2, 2));
+        // Every node says 429 for a while: the read waits, then is answered.
+        let (t, asked_t) = throttled_node("t", vec![0], 3).await;
+        let c = TenantClient::new(&[t], Identity::generate());
+        let v: serde_json::Value = c.get("/v1/s").await.unwrap();
+        assert_eq!(v["node"], "t");
+        assert_eq!(*asked_t.lock().unwrap(), ["/v1/s"]);
     }
 
     #[tokio::test]

@@ -8,7 +8,8 @@ use archipel_crypto::Identity;
 use archipel_ledger::Hash;
 use archipel_ledger::storage::{BucketRecord, ObjectPut, ObjectRecord, ReceiptTerms, shard_bytes_per_holder};
 use archipel_objects::transfer::{
-    Claim, Holder, PutPlan, SealWith, Sealed, Shards, TransferError, TransferFailed, get_object, put_object,
+    Claim, Holder, PutPlan, SealWith, Sealed, Shards, Staged, TransferError, TransferFailed, finish_staged, get_object,
+    keep_staged, put_object, stage_segment,
 };
 use archipel_objects::{SEGMENT_PLAIN_BYTES, ShardHash};
 use archipel_placement::Candidate;
@@ -314,6 +315,67 @@ async fn objects_of_every_size_round_trip_with_valid_receipts() {
     put(&mem, &candidates, &body).await.unwrap();
     for b in mem.shards.lock().unwrap().values() {
         assert!(!b.windows(16).any(|w| w == &marker[..16]));
+    }
+}
+
+#[tokio::test]
+async fn a_staged_object_round_trips_with_valid_receipts_and_keep_alives_write_new_manifests() {
+    let (mem, candidates) = world();
+    let owner = Identity::from_seed(1);
+    let seg = SEGMENT_PLAIN_BYTES as usize;
+    let bucket = plan(&candidates, 0).bucket;
+    for size in [0, 5, seg, 2 * seg + 77] {
+        let body = data(size);
+        let staged = Staged::begin(&bucket, "k", &candidates, &owner).unwrap();
+        let mut segments = vec![];
+        for (i, chunk) in body.chunks(seg).enumerate() {
+            segments.push(stage_segment(mem.clone(), &staged, &owner, i as u64, chunk).await.unwrap());
+            // Slow parts: keep-alives write a provisional manifest, new bytes each time.
+            let before = mem.manifests.lock().unwrap().get(&(staged.holders[0].node, staged.version)).cloned();
+            keep_staged(&*mem, &staged, &owner, (i as u64 + 1) * seg as u64, segments.clone()).await.unwrap();
+            keep_staged(&*mem, &staged, &owner, (i as u64 + 1) * seg as u64, segments.clone()).await.unwrap();
+            let after = mem.manifests.lock().unwrap().get(&(staged.holders[0].node, staged.version)).cloned();
+            assert!(after.is_some() && after != before);
+        }
+        // A segment count that does not fit the size is refused.
+        let wrong = finish_staged(
+            &*mem,
+            &staged,
+            &owner,
+            size as u64 + seg as u64,
+            segments.clone(),
+            &Default::default(),
+            &Hash::ZERO,
+            "e".into(),
+        )
+        .await;
+        assert!(wrong.is_err(), "size {size}");
+        let meta =
+            archipel_objects::meta::ObjectMeta { content_type: Some("text/x-test".into()), ..Default::default() };
+        let p = finish_staged(&*mem, &staged, &owner, size as u64, segments, &meta, &Hash::ZERO, "abcd-2".into())
+            .await
+            .unwrap();
+        assert_eq!((p.size, p.etag.as_str(), p.holders.len()), (size as u64, "abcd-2", if size == 0 { 0 } else { 6 }));
+        let per_holder = shard_bytes_per_holder(ErasureCode::DEFAULT, p.size, p.segment_bytes);
+        for (i, h) in p.holders.iter().enumerate() {
+            let terms = ReceiptTerms {
+                object: archipel_ledger::storage::object_id("b", "k"),
+                version: p.version,
+                generation: 0,
+                index: i as u8,
+                manifest_root: p.manifest_root,
+                shard_bytes: per_holder,
+                expires_ms: h.expires_ms,
+            };
+            assert!(terms.verify(&Hash::ZERO, &h.node, &h.receipt), "holder {i}'s receipt, size {size}");
+        }
+        // The seal's manifest replaced the provisional ones: the object reads back whole, with its metadata.
+        let holders = holders_of(&p, &candidates);
+        assert_eq!(get(&mem, &p, &holders, None).await.unwrap(), body, "size {size}");
+        if size > 0 {
+            let opened = archipel_objects::transfer::open_object(&*mem, &record(&p), &holders, &owner).await.unwrap();
+            assert_eq!(opened.meta, meta);
+        }
     }
 }
 
