@@ -35,7 +35,7 @@ use archipel_objects::transfer::Staged;
 use archipel_objects::{SEGMENT_PLAIN_BYTES, ShardHash};
 use md5::Digest as _;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt};
@@ -234,15 +234,71 @@ pub struct Completed {
 #[derive(Debug)]
 pub struct Held {
     id: String,
-    _lock: tokio::sync::OwnedMutexGuard<()>,
+    lock: Option<tokio::sync::OwnedMutexGuard<()>>,
+    gate: Arc<Gate>,
 }
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        drop(self.lock.take());
+        // Parts that waited for the lock look again.
+        self.gate.done.notify_waiters();
+    }
+}
+
+/// How the parts of one upload take turns.
+#[derive(Debug, Default)]
+struct Gate {
+    /// Held by the part streaming (and by a completion).
+    lock: Arc<tokio::sync::Mutex<()>>,
+    /// Parts of this upload being received now (streaming, or waiting for their turn), by
+    /// number, with how many copies.
+    in_flight: Mutex<BTreeMap<i32, usize>>,
+    /// Told whenever a part arrives or is done.
+    done: tokio::sync::Notify,
+}
+
+/// A part being received, in its gate's `in_flight` until dropped.
+struct InFlight<'a> {
+    gate: &'a Gate,
+    number: i32,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(gate: &'a Gate, number: i32) -> Self {
+        *gate.in_flight.lock().unwrap_or_else(|e| e.into_inner()).entry(number).or_default() += 1;
+        // Parts waiting for this one to arrive look again.
+        gate.done.notify_waiters();
+        InFlight { gate, number }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = self.gate.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = in_flight.get_mut(&self.number) {
+            *n -= 1;
+            if *n == 0 {
+                in_flight.remove(&self.number);
+            }
+        }
+        drop(in_flight);
+        self.gate.done.notify_waiters();
+    }
+}
+
+/// How long a part waits for the parts before it (being received) before it goes to the spool.
+const TURN_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a part waits for parts before it that have not arrived (a client's threads start
+/// their requests at once, and they arrive in any order) before it goes to the spool.
+const ARRIVAL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The uploads in progress.
 #[derive(Debug)]
 pub struct Uploads {
     dir: PathBuf,
-    /// One lock per upload: one part streams at a time.
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One gate per upload: one part streams at a time.
+    gates: Mutex<HashMap<String, Arc<Gate>>>,
     /// [`MAX_SPOOLED_BYTES`], smaller in tests.
     max_spooled: u64,
 }
@@ -266,7 +322,7 @@ impl Uploads {
         // Spooled parts and carries are plaintext: for the gateway's user only.
         #[cfg(unix)]
         std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-        Ok(Uploads { dir: dir.to_path_buf(), locks: Mutex::new(HashMap::new()), max_spooled: MAX_SPOOLED_BYTES })
+        Ok(Uploads { dir: dir.to_path_buf(), gates: Mutex::new(HashMap::new()), max_spooled: MAX_SPOOLED_BYTES })
     }
 
     fn upload_dir(&self, id: &str) -> Result<PathBuf, MultipartError> {
@@ -277,13 +333,13 @@ impl Uploads {
         Ok(self.dir.join(id))
     }
 
-    fn lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
-        // Locks of finished uploads go once nobody holds them.
-        if locks.len() > 1024 {
-            locks.retain(|_, l| Arc::strong_count(l) > 1);
+    fn gate(&self, id: &str) -> Arc<Gate> {
+        let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        // Gates of finished uploads go once nobody uses them.
+        if gates.len() > 1024 {
+            gates.retain(|_, g| Arc::strong_count(g) > 1 || Arc::strong_count(&g.lock) > 1);
         }
-        locks.entry(id.to_string()).or_default().clone()
+        gates.entry(id.to_string()).or_default().clone()
     }
 
     /// Starts an upload of `bucket/key` into `staged`.
@@ -354,8 +410,10 @@ impl Uploads {
     }
 
     /// Stores part `number` of upload `id`: exactly `size` bytes from `body`, streamed into the
-    /// object's segments through `stager` when it is the next part, spooled otherwise. Returns
-    /// its ETag.
+    /// object's segments through `stager` when it is the next part. A part whose turn comes after
+    /// parts being received now (a client sending parts 1–4 at once) waits for them, its body
+    /// unread, up to [`TURN_WAIT`]; one with parts missing before it waits [`ARRIVAL_WAIT`] for
+    /// them to arrive, then goes to the spool. Returns its ETag.
     pub async fn put_part(
         &self,
         id: &str,
@@ -369,24 +427,45 @@ impl Uploads {
         }
         let upload = self.get(id).await?;
         let dir = self.upload_dir(id)?;
-        let lock = self.lock(id);
-        if let Ok(_streaming) = lock.try_lock() {
-            let mut stream = load_stream(&dir, id).await?;
+        let gate = self.gate(id);
+        let lock = gate.lock.clone();
+        let _in_flight = InFlight::new(&gate, number);
+        let waited_from = std::time::Instant::now();
+        let stream = loop {
+            // Told of any part done from here on (no wake-up lost between the check and the wait).
+            let done = gate.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if let Ok(_streaming) = lock.try_lock() {
+                let mut stream = load_stream(&dir, id).await?;
+                if let Some(p) = stream.parts.iter().find(|p| p.number == number) {
+                    return again(p, size, body).await;
+                }
+                if number == stream.next_part() {
+                    let etag =
+                        stream_part(&dir, &upload.staged, &mut stream, number, size, &mut body, None, stager).await?;
+                    drain(&dir, &upload.staged, &mut stream, stager).await?;
+                    return Ok(etag);
+                }
+                drop(_streaming);
+                // Another part may have found the lock taken by this look: it looks again.
+                gate.done.notify_waiters();
+            }
+            let stream = load_stream(&dir, id).await?;
             if let Some(p) = stream.parts.iter().find(|p| p.number == number) {
                 return again(p, size, body).await;
             }
-            if number == stream.next_part() {
-                let etag =
-                    stream_part(&dir, &upload.staged, &mut stream, number, size, &mut body, None, stager).await?;
-                drain(&dir, &upload.staged, &mut stream, stager).await?;
-                return Ok(etag);
+            // Every part before this one is being received here: its turn comes when they are done.
+            let coming = {
+                let in_flight = gate.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                (stream.next_part()..number).all(|n| in_flight.contains_key(&n))
+            };
+            let left = if coming { TURN_WAIT } else { ARRIVAL_WAIT }.saturating_sub(waited_from.elapsed());
+            if left.is_zero() || tokio::time::timeout(left, done).await.is_err() {
+                break stream;
             }
-        }
-        // Ahead of its turn, or another part of the upload is streaming: to the spool.
-        let stream = load_stream(&dir, id).await?;
-        if let Some(p) = stream.parts.iter().find(|p| p.number == number) {
-            return again(p, size, body).await;
-        }
+        };
+        // Ahead of its turn with parts missing before it: to the spool.
         let waiting: u64 = spooled(&dir, id).await?.iter().filter(|p| p.number != number).map(|p| p.size).sum();
         if stream.offset.saturating_add(waiting).saturating_add(size) > MAX_OBJECT_BYTES {
             return Err(MultipartError::TooLarge);
@@ -415,7 +494,9 @@ impl Uploads {
     /// Holds upload `id` for its completion (waiting for a part streaming into it).
     pub async fn hold(&self, id: &str) -> Result<Held, MultipartError> {
         self.upload_dir(id)?;
-        Ok(Held { id: id.to_string(), _lock: self.lock(id).lock_owned().await })
+        let gate = self.gate(id);
+        let lock = Some(gate.lock.clone().lock_owned().await);
+        Ok(Held { id: id.to_string(), lock, gate })
     }
 
     /// Checks `listed` (part number, ETag) against upload `id`, streams the listed parts still
@@ -514,9 +595,10 @@ impl Uploads {
     pub async fn keep_alive(&self, stager: &impl Stager) -> usize {
         let mut kept = 0;
         for id in self.ids().await.unwrap_or_default() {
-            let lock = self.lock(&id);
+            let gate = self.gate(&id);
             // A part streaming is a write already; a completion holds the upload.
-            let Ok(_streaming) = lock.try_lock() else { continue };
+            let Ok(streaming) = gate.lock.clone().try_lock_owned() else { continue };
+            let _streaming = Held { id: id.clone(), lock: Some(streaming), gate: gate.clone() };
             let Ok(dir) = self.upload_dir(&id) else { continue };
             let upload = match self.get(&id).await {
                 Ok(u) => u,
@@ -914,6 +996,8 @@ mod tests {
     /// Segments in memory, by number; fails the segments in `fail`.
     #[derive(Default)]
     struct Memory {
+        /// A spool directory that must hold no part whenever a segment is staged.
+        watch: Mutex<Option<PathBuf>>,
         segments: Mutex<BTreeMap<u64, Vec<u8>>>,
         fail: Mutex<Vec<u64>>,
         /// Keep-alive writes: (size, segments).
@@ -924,6 +1008,14 @@ mod tests {
         async fn stage(&self, _: &Staged, segment: u64, plain: &[u8]) -> Result<Vec<ShardHash>, TenantError> {
             if self.fail.lock().unwrap().contains(&segment) {
                 return Err(TenantError::Unreachable(format!("segment {segment} failed")));
+            }
+            if let Some(dir) = self.watch.lock().unwrap().as_ref() {
+                let spooled: Vec<String> = std::fs::read_dir(dir)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("part-"))
+                    .collect();
+                assert!(spooled.is_empty(), "spooled while streaming: {spooled:?}");
             }
             self.segments.lock().unwrap().insert(segment, plain.to_vec());
             Ok(vec![*blake3::hash(plain).as_bytes(); 6])
@@ -1198,6 +1290,8 @@ mod tests {
         let ups = Arc::new(Uploads::open(dir.path()).unwrap());
         let mem = Arc::new(Memory::default());
         let u = ups.create("b", "k", ObjectMeta::default(), staged()).await.unwrap();
+        // Parts sent at once wait for their turn: none is ever written to the spool.
+        *mem.watch.lock().unwrap() = Some(dir.path().join(&u.id));
         let parts: Vec<Vec<u8>> = (0..6).map(|i| bytes(i, 5 * MIB + i as usize)).collect();
         // Six parts at once, as a client's threads send them: some stream, the others wait in
         // the spool and stream in turn; part 3 is also sent a second time with other bytes.
