@@ -420,7 +420,7 @@ impl Uploads {
         number: i32,
         size: u64,
         mut body: impl AsyncRead + Unpin,
-        stager: &impl Stager,
+        stager: &Arc<impl Stager + 'static>,
     ) -> Result<String, MultipartError> {
         if !(1..=MAX_PART_NUMBER).contains(&number) {
             return Err(MultipartError::BadPartNumber(number));
@@ -505,7 +505,7 @@ impl Uploads {
         &self,
         held: &Held,
         listed: &[(i32, String)],
-        stager: &impl Stager,
+        stager: &Arc<impl Stager + 'static>,
     ) -> Result<Completed, MultipartError> {
         let id = held.id.as_str();
         if listed.is_empty() {
@@ -556,7 +556,7 @@ impl Uploads {
         // bytes under the same number).
         let carry = load_carry(&dir, &stream).await?;
         if !carry.is_empty() {
-            segments.push(stage_once(&dir, &upload.staged, stream.segments, &carry, stager).await?);
+            segments.push(stage_once(&dir, &upload.staged, stream.segments, &carry, &**stager).await?);
         }
         if stream.offset > MAX_OBJECT_BYTES {
             return Err(MultipartError::TooLarge);
@@ -749,21 +749,8 @@ async fn spool(
     let tmp = dir.join(format!("part-{number}.{}.tmp", hex::encode(tmp_name)));
     let result = async {
         let mut file = tokio::fs::File::create(&tmp).await?;
-        let mut md5 = md5::Md5::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut read = 0u64;
-        while read < size {
-            let want = buf.len().min((size - read) as usize);
-            let n = body.read(&mut buf[..want]).await.map_err(|e| MultipartError::Body(e.to_string()))?;
-            if n == 0 {
-                return Err(MultipartError::Short { read, size });
-            }
-            md5.update(&buf[..n]);
-            file.write_all(&buf[..n]).await?;
-            read += n as u64;
-        }
+        let etag = read_part(body, size, &mut file).await?;
         file.sync_all().await?;
-        let etag = hex::encode(md5.finalize());
         // The part's ETag rides in its name: listing the directory lists the parts.
         tokio::fs::rename(&tmp, dir.join(format!("part-{number}.{etag}"))).await?;
         Ok(etag)
@@ -790,8 +777,12 @@ async fn spool(
     }
 }
 
-/// A streamed part sent again: answered with its ETag when it has the same bytes.
-async fn again(part: &Part, size: u64, mut body: impl AsyncRead + Unpin) -> Result<String, MultipartError> {
+/// Reads exactly `size` bytes of a part's `body` into `out`; returns their MD5, in hex.
+async fn read_part(
+    body: &mut (impl AsyncRead + Unpin),
+    size: u64,
+    out: &mut (impl tokio::io::AsyncWrite + Unpin),
+) -> Result<String, MultipartError> {
     let mut md5 = md5::Md5::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut read = 0u64;
@@ -802,9 +793,16 @@ async fn again(part: &Part, size: u64, mut body: impl AsyncRead + Unpin) -> Resu
             return Err(MultipartError::Short { read, size });
         }
         md5.update(&buf[..n]);
+        out.write_all(&buf[..n]).await?;
         read += n as u64;
     }
-    if size == part.size && hex::encode(md5.finalize()) == part.etag {
+    Ok(hex::encode(md5.finalize()))
+}
+
+/// A streamed part sent again: answered with its ETag when it has the same bytes.
+async fn again(part: &Part, size: u64, mut body: impl AsyncRead + Unpin) -> Result<String, MultipartError> {
+    let etag = read_part(&mut body, size, &mut tokio::io::sink()).await?;
+    if size == part.size && etag == part.etag {
         Ok(part.etag.clone())
     } else {
         Err(MultipartError::AlreadyStreamed(part.number))
@@ -812,7 +810,12 @@ async fn again(part: &Part, size: u64, mut body: impl AsyncRead + Unpin) -> Resu
 }
 
 /// Streams the spooled parts whose turn has come.
-async fn drain(dir: &Path, staged: &Staged, stream: &mut Stream, stager: &impl Stager) -> Result<(), MultipartError> {
+async fn drain(
+    dir: &Path,
+    staged: &Staged,
+    stream: &mut Stream,
+    stager: &Arc<impl Stager + 'static>,
+) -> Result<(), MultipartError> {
     loop {
         let next = stream.next_part();
         let Some(part) = spooled(dir, "").await?.into_iter().find(|p| p.number == next) else { return Ok(()) };
@@ -896,6 +899,31 @@ async fn stage_once(
     Ok(stager.stage(staged, index, plain).await?)
 }
 
+/// Segments sealed and uploading at once while a part streams.
+const STAGING_AT_ONCE: usize = 2;
+
+/// Segments staging on their own tasks, in order; those still running when this is dropped (a
+/// part that failed) are stopped.
+struct Staging(std::collections::VecDeque<tokio::task::JoinHandle<Result<Vec<ShardHash>, MultipartError>>>);
+
+impl Staging {
+    /// The hashes of the oldest segment staging.
+    async fn next(&mut self) -> Result<Vec<ShardHash>, MultipartError> {
+        match self.0.pop_front() {
+            Some(task) => task.await.map_err(|e| MultipartError::Io(std::io::Error::other(e)))?,
+            None => Err(MultipartError::Io(std::io::Error::other("no segment is staging"))),
+        }
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 /// Streams part `number` (exactly `size` bytes of `body`) after the carry into segments and
 /// records it; `expect` is the ETag its bytes must have (a spooled part's). Returns its ETag.
 #[allow(clippy::too_many_arguments)] // the upload's place, the part and where its segments go
@@ -907,39 +935,35 @@ async fn stream_part(
     size: u64,
     body: &mut (impl AsyncRead + Unpin),
     expect: Option<&str>,
-    stager: &impl Stager,
+    stager: &Arc<impl Stager + 'static>,
 ) -> Result<String, MultipartError> {
     let segment = SEGMENT_PLAIN_BYTES as usize;
     let mut cur = Vec::with_capacity(segment);
     cur.extend_from_slice(&load_carry(dir, stream).await?);
-    let mut spare: Vec<u8> = Vec::new();
-    let mut pending: Option<Vec<u8>> = None;
     let mut index = stream.segments;
     let mut hashes = Vec::new();
     let mut remaining = size;
     let mut md5 = md5::Md5::new();
+    // Full segments are sealed and uploaded on their own tasks, two at once, while the next is
+    // read (as a PUT does); their hashes come back in order.
+    let mut in_flight = Staging(std::collections::VecDeque::new());
     loop {
-        let filling = fill(body, &mut cur, &mut remaining, &mut md5, size);
-        match pending.take() {
-            // The full segment is sealed and uploaded while the next one is read.
-            Some(full) => {
-                let (staged_hashes, filled) = tokio::join!(stage_once(dir, staged, index, &full, stager), filling);
-                hashes.push(staged_hashes?);
-                index += 1;
-                filled?;
-                spare = full;
-                spare.clear();
-            }
-            None => filling.await?,
-        }
+        fill(body, &mut cur, &mut remaining, &mut md5, size).await?;
         if cur.len() == segment {
-            if spare.capacity() < segment {
-                spare = Vec::with_capacity(segment);
+            let full = std::mem::replace(&mut cur, Vec::with_capacity(segment));
+            while in_flight.0.len() >= STAGING_AT_ONCE {
+                hashes.push(in_flight.next().await?);
             }
-            pending = Some(std::mem::replace(&mut cur, std::mem::take(&mut spare)));
+            let (dir, staged, stager) = (dir.to_path_buf(), staged.clone(), stager.clone());
+            let at = index;
+            index += 1;
+            in_flight.0.push_back(tokio::spawn(async move { stage_once(&dir, &staged, at, &full, &*stager).await }));
         } else if remaining == 0 {
             break;
         }
+    }
+    while !in_flight.0.is_empty() {
+        hashes.push(in_flight.next().await?);
     }
     let etag = hex::encode(md5.finalize());
     if let Some(expected) = expect
@@ -1086,7 +1110,7 @@ mod tests {
     async fn parts_in_order_stream_into_segments_without_spooling() {
         let dir = tempfile::tempdir().unwrap();
         let ups = Uploads::open(dir.path()).unwrap();
-        let mem = Memory::default();
+        let mem = Arc::new(Memory::default());
         let u = ups.create("b", "k", ObjectMeta::default(), staged()).await.unwrap();
         // rclone's 5 MiB parts: segments straddle parts; the last part is 3 bytes.
         let parts = [bytes(1, 5 * MIB), bytes(2, 5 * MIB), bytes(3, 5 * MIB), bytes(4, 3)];
@@ -1118,7 +1142,7 @@ mod tests {
     #[tokio::test]
     async fn parts_out_of_order_wait_in_the_spool_and_a_restart_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let mem = Memory::default();
+        let mem = Arc::new(Memory::default());
         let parts = [bytes(1, 9 * MIB), bytes(2, 6 * MIB), bytes(3, 7 * MIB), bytes(4, MIB)];
         let (id, e3, e2) = {
             let ups = Uploads::open(dir.path()).unwrap();
@@ -1144,7 +1168,7 @@ mod tests {
     async fn a_part_sent_again_is_answered_or_refused_and_failures_leave_nothing_recorded() {
         let dir = tempfile::tempdir().unwrap();
         let ups = Uploads::open(dir.path()).unwrap();
-        let mem = Memory::default();
+        let mem = Arc::new(Memory::default());
         let u = ups.create("b", "k", ObjectMeta::default(), staged()).await.unwrap();
         let p1 = bytes(1, 10 * MIB);
         let e1 = ups.put_part(&u.id, 1, p1.len() as u64, &p1[..], &mem).await.unwrap();
@@ -1180,7 +1204,7 @@ mod tests {
     async fn a_segment_number_is_never_sealed_with_other_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let ups = Uploads::open(dir.path()).unwrap();
-        let mem = Memory::default();
+        let mem = Arc::new(Memory::default());
         let u = ups.create("b", "k", ObjectMeta::default(), staged()).await.unwrap();
         // Segment 0 is sent and fails (the holders may have seen it); part 1 is then sent with
         // other bytes: refused before anything goes out.
@@ -1212,7 +1236,7 @@ mod tests {
     async fn idle_uploads_with_streamed_segments_get_a_keep_alive_write() {
         let dir = tempfile::tempdir().unwrap();
         let ups = Uploads::open(dir.path()).unwrap();
-        let mem = Memory::default();
+        let mem = Arc::new(Memory::default());
         let idle = ups.create("b", "idle", ObjectMeta::default(), staged()).await.unwrap();
         let p = bytes(1, 17 * MIB);
         ups.put_part(&idle.id, 1, p.len() as u64, &p[..], &mem).await.unwrap();
@@ -1224,16 +1248,16 @@ mod tests {
         let mut stream = load_stream(&dir_of, &idle.id).await.unwrap();
         stream.written_ms -= KEEP_ALIVE_AFTER.as_millis() as u64 + 1;
         save_stream(&dir_of, &stream).await.unwrap();
-        assert_eq!(ups.keep_alive(&mem).await, 1);
+        assert_eq!(ups.keep_alive(&*mem).await, 1);
         assert_eq!(*mem.kept.lock().unwrap(), [(2 * SEGMENT_PLAIN_BYTES, 2)]);
         // Kept just now: not again.
-        assert_eq!(ups.keep_alive(&mem).await, 0);
+        assert_eq!(ups.keep_alive(&*mem).await, 0);
     }
 
     #[tokio::test]
     async fn a_crash_before_the_record_leaves_the_part_to_stream_again() {
         let dir = tempfile::tempdir().unwrap();
-        let mem = Memory::default();
+        let mem = Arc::new(Memory::default());
         let parts = [bytes(1, 6 * MIB), bytes(2, 11 * MIB), bytes(3, 2 * MIB)];
         let ups = Uploads::open(dir.path()).unwrap();
         let u = ups.create("b", "k", ObjectMeta::default(), staged()).await.unwrap();
@@ -1267,7 +1291,7 @@ mod tests {
     async fn objects_of_whole_segments_and_of_nothing_complete() {
         let dir = tempfile::tempdir().unwrap();
         let ups = Uploads::open(dir.path()).unwrap();
-        let mem = Memory::default();
+        let mem = Arc::new(Memory::default());
         // Two parts making exactly two segments: no carry, no extra segment.
         let u = ups.create("b", "whole", ObjectMeta::default(), staged()).await.unwrap();
         let (a, b) = (bytes(1, SEG + 5 * MIB), bytes(2, SEG - 5 * MIB));
@@ -1299,13 +1323,13 @@ mod tests {
         for (i, p) in parts.iter().enumerate() {
             let (ups, mem, id, p) = (ups.clone(), mem.clone(), u.id.clone(), p.clone());
             tasks.spawn(
-                async move { (i as i32 + 1, ups.put_part(&id, i as i32 + 1, p.len() as u64, &p[..], &*mem).await) },
+                async move { (i as i32 + 1, ups.put_part(&id, i as i32 + 1, p.len() as u64, &p[..], &mem).await) },
             );
         }
         let (ups2, mem2, id2) = (ups.clone(), mem.clone(), u.id.clone());
         let twin = tokio::spawn(async move {
             let other = bytes(99, 5 * MIB + 2);
-            ups2.put_part(&id2, 3, other.len() as u64, &other[..], &*mem2).await
+            ups2.put_part(&id2, 3, other.len() as u64, &other[..], &mem2).await
         });
         let mut etags = BTreeMap::new();
         while let Some(r) = tasks.join_next().await {
@@ -1320,7 +1344,7 @@ mod tests {
         let streamed = ups.parts(&u.id).await.unwrap();
         assert_eq!(streamed.len(), 6);
         let listed: Vec<(i32, String)> = streamed.iter().map(|p| (p.number, p.etag.clone())).collect();
-        let done = ups.complete(&ups.hold(&u.id).await.unwrap(), &listed, &*mem).await.unwrap();
+        let done = ups.complete(&ups.hold(&u.id).await.unwrap(), &listed, &mem).await.unwrap();
         // The object holds one of the two, the one the part list names; the other's sender was
         // told so or had its copy replaced (as S3 does), never given the streamed one's ETag.
         let other = bytes(99, 5 * MIB + 2);
@@ -1344,7 +1368,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut ups = Uploads::open(dir.path()).unwrap();
         ups.max_spooled = 3 * MIB as u64;
-        let mem = Memory::default();
+        let mem = Arc::new(Memory::default());
         let u = ups.create("b", "k", ObjectMeta::default(), staged()).await.unwrap();
         let p = bytes(1, 2 * MIB);
         ups.put_part(&u.id, 3, p.len() as u64, &p[..], &mem).await.unwrap();
@@ -1358,7 +1382,7 @@ mod tests {
     async fn bad_lists_parts_and_ids_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let ups = Uploads::open(dir.path()).unwrap();
-        let mem = Memory::default();
+        let mem = Arc::new(Memory::default());
         let u = ups.create("b", "k", ObjectMeta::default(), staged()).await.unwrap();
         let e1 = ups.put_part(&u.id, 1, 4, &b"abcd"[..], &mem).await.unwrap();
         let e3 = ups.put_part(&u.id, 3, 4, &b"ijkl"[..], &mem).await.unwrap();

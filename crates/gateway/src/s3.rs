@@ -44,12 +44,23 @@ pub struct Archipel {
     tenant: Arc<TenantClient>,
     default_policy: PlacementPolicy,
     uploads: Arc<Uploads>,
+    /// MiB of request bodies held in memory at once (small PUTs, kept for a retry).
+    bodies: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most MiB of PUT bodies the gateway holds in memory at once, all requests together; a PUT
+/// waits for room (its body unread) rather than the gateway running out of memory.
+pub const BODY_MEMORY_MIB: u32 = 512;
 
 impl Archipel {
     /// A service for the tenant of `tenant`.
     pub fn new(tenant: Arc<TenantClient>, default_policy: PlacementPolicy, uploads: Arc<Uploads>) -> Self {
-        Archipel { tenant, default_policy, uploads }
+        Archipel {
+            tenant,
+            default_policy,
+            uploads,
+            bodies: Arc::new(tokio::sync::Semaphore::new(BODY_MEMORY_MIB as usize)),
+        }
     }
 
     /// The tenant's bucket `name`: `NoSuchBucket`, or `AccessDenied` when another tenant owns it.
@@ -401,9 +412,21 @@ impl PutSource for BodySource {
     }
 }
 
-async fn put_source(size: u64, body: Option<StreamingBlob>) -> S3Result<BodySource> {
+/// A PUT's source, and the memory it holds while the PUT lasts (bodies up to a segment are read
+/// into memory, so that a failing holder can be left out and the PUT placed again).
+async fn put_source(
+    size: u64,
+    body: Option<StreamingBlob>,
+    bodies: &Arc<tokio::sync::Semaphore>,
+) -> S3Result<(BodySource, Option<tokio::sync::OwnedSemaphorePermit>)> {
     let mut reader = body_reader(body, size);
     if size <= RETRYABLE_BODY_BYTES {
+        let mib = size.div_ceil(1 << 20).max(1) as u32;
+        let permit = bodies
+            .clone()
+            .acquire_many_owned(mib)
+            .await
+            .map_err(|_| s3_error!(ServiceUnavailable, "the gateway is shutting down"))?;
         let mut buf = Vec::with_capacity(size as usize);
         (&mut reader)
             .take(size)
@@ -413,9 +436,9 @@ async fn put_source(size: u64, body: Option<StreamingBlob>) -> S3Result<BodySour
         if (buf.len() as u64) < size {
             return Err(s3_error!(IncompleteBody, "the body ended after {} of {size} bytes", buf.len()));
         }
-        return Ok(BodySource::Memory(InMemory(Bytes::from(buf))));
+        return Ok((BodySource::Memory(InMemory(Bytes::from(buf))), Some(permit)));
     }
-    Ok(BodySource::Stream(Once::new(Box::new(reader))))
+    Ok((BodySource::Stream(Once::new(Box::new(reader))), None))
 }
 
 /// Percent-encodes a key for `encoding-type=url` listings (S3 leaves `/` as is).
@@ -653,7 +676,7 @@ impl S3 for Archipel {
             Some(b64) => Some(decode_md5(b64)?),
             None => None,
         };
-        let source = put_source(size, input.body).await?;
+        let (source, _memory) = put_source(size, input.body, &self.bodies).await?;
         let object = NewObject { key: input.key, size, etag: None, meta, content_md5 };
         let stored = self.put(&bucket, object, source).await?;
         Ok(S3Response::new(PutObjectOutput {
@@ -916,7 +939,7 @@ impl S3 for Archipel {
         }
         let e = self
             .uploads
-            .put_part(&input.upload_id, input.part_number, size, body_reader(input.body, size), &*self.tenant)
+            .put_part(&input.upload_id, input.part_number, size, body_reader(input.body, size), &self.tenant)
             .await
             .map_err(from_multipart)?;
         Ok(S3Response::new(UploadPartOutput { e_tag: Some(etag(&e)), ..Default::default() }))
@@ -1017,7 +1040,7 @@ impl S3 for Archipel {
             .collect::<S3Result<_>>()?;
         // Held through the seal: no keep-alive writes to the holders meanwhile.
         let held = self.uploads.hold(&input.upload_id).await.map_err(from_multipart)?;
-        let done = self.uploads.complete(&held, &listed, &*self.tenant).await.map_err(from_multipart)?;
+        let done = self.uploads.complete(&held, &listed, &self.tenant).await.map_err(from_multipart)?;
         let stored = self
             .tenant
             .commit_staged(&done.upload.staged, done.size, done.segments, &done.upload.meta, done.etag)

@@ -242,7 +242,16 @@ pub struct TenantClient {
     behind_wait: Duration,
     /// Reads go to the nodes in turn (a node bounds the reads of one address).
     turn: AtomicUsize,
+    /// The storage nodes up, as last read, and when ([`CANDIDATES_FOR`]).
+    candidates: std::sync::Mutex<Option<(std::time::Instant, CandidateList)>>,
 }
+
+/// Storage nodes that may receive shards, with their URLs.
+type CandidateList = Arc<Vec<(Candidate, String)>>;
+
+/// How long a list of storage nodes serves new PUTs before it is read again: the list is
+/// O(nodes) (10,000 nodes: megabytes), and a node down since is left out by the PUT's retry.
+pub const CANDIDATES_FOR: Duration = Duration::from_secs(5);
 
 fn base_url(u: &str) -> String {
     let u = u.trim_end_matches('/');
@@ -312,6 +321,7 @@ impl TenantClient {
             seen: nodes.iter().map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
             behind_wait: Duration::from_secs(10),
             turn: AtomicUsize::new(0),
+            candidates: std::sync::Mutex::new(None),
         }
     }
 
@@ -579,8 +589,17 @@ impl TenantClient {
 
     /// Nodes that may receive shards now, from finalized state.
     pub async fn candidates(&self) -> Result<Vec<(Candidate, String)>, TenantError> {
+        if let Some((at, list)) = self.candidates.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
+            && at.elapsed() < CANDIDATES_FOR
+        {
+            return Ok(list.as_ref().clone());
+        }
         let view: StorageNodes = self.get("/v1/storage/nodes").await?;
-        Ok(view.nodes.into_iter().filter(|n| n.storage && n.lease == LeaseStatus::Up).filter_map(candidate).collect())
+        let list: Vec<(Candidate, String)> =
+            view.nodes.into_iter().filter(|n| n.storage && n.lease == LeaseStatus::Up).filter_map(candidate).collect();
+        *self.candidates.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), Arc::new(list.clone())));
+        Ok(list)
     }
 
     /// Puts `object.size` bytes from `source` into `bucket` and waits until the `PutObject` is
