@@ -544,6 +544,8 @@ def test_scoped_keys_expire_are_revoked_and_stay_in_scope():
     ro = client(ak, sk)
     assert ro.get_object(Bucket=b, Key="team/a.txt")["Body"].read() == b"team a"
     assert [o["Key"] for o in ro.list_objects_v2(Bucket=b, Prefix="team/")["Contents"]] == ["team/a.txt"]
+    ro.head_bucket(Bucket=b)                                                                       # its bucket exists
+    assert error_code(lambda: ro.head_bucket(Bucket=other)) == "403"                              # bucket (HEAD: no body)
     denied(lambda: ro.put_object(Bucket=b, Key="team/new.txt", Body=b"x"))                       # action
     denied(lambda: ro.delete_object(Bucket=b, Key="team/a.txt"))                                 # action
     denied(lambda: ro.get_object(Bucket=b, Key="private/p.txt"))                                  # prefix

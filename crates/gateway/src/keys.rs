@@ -204,13 +204,28 @@ impl Keys {
 
     /// Whether the key that signed a request may do `req` (none signed: refused).
     pub fn allow(&self, credentials: Option<&s3s::auth::Credentials>, req: Request<'_>) -> S3Result<()> {
+        self.allow_by(credentials, |authority, token| authority.authorize(token, &req))
+    }
+
+    /// Whether the signer may make a bucket-level read of `bucket` (HeadBucket): any key that may
+    /// read something in it.
+    pub fn allow_bucket_head(&self, credentials: Option<&s3s::auth::Credentials>, bucket: &str) -> S3Result<()> {
+        self.allow_by(credentials, |authority, token| authority.authorize_bucket_head(token, bucket))
+    }
+
+    /// The signer's grant decides: the root key may do anything, a token key what `check` says.
+    fn allow_by(
+        &self,
+        credentials: Option<&s3s::auth::Credentials>,
+        check: impl FnOnce(&crate::tokens::Authority, &biscuit_auth::Biscuit) -> Result<(), crate::tokens::TokenError>,
+    ) -> S3Result<()> {
         let c = credentials.ok_or_else(|| s3_error!(AccessDenied, "the request is not signed"))?;
         let key = self.known(&c.access_key)?;
         match &key.grant {
             Grant::Root => Ok(()),
             Grant::Token { token, .. } => {
                 self.check_not_revoked(&key)?;
-                self.authority.authorize(token, &req).map_err(|e| s3_error!(AccessDenied, "{e}"))
+                check(&self.authority, token).map_err(|e| s3_error!(AccessDenied, "{e}"))
             }
         }
     }
@@ -273,6 +288,11 @@ impl S3Access for Access {
         }
         // A bucket-level call of a prefix-scoped key is decided by the typed check that knows its
         // keys (listings, DeleteObjects); everything else is decided here.
+        if let S3Path::Bucket { bucket } = cx.s3_path()
+            && matches!(cx.s3_op().name(), "HeadBucket" | "GetBucketLocation")
+        {
+            return self.0.allow_bucket_head(cx.credentials(), bucket);
+        }
         if matches!(cx.s3_path(), S3Path::Bucket { .. })
             && matches!(cx.s3_op().name(), "ListObjects" | "ListObjectsV2" | "ListMultipartUploads" | "DeleteObjects")
         {

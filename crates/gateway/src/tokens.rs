@@ -110,7 +110,9 @@ fn checks(scope: &Scope) -> (String, HashMap<String, Term>) {
         params.insert("bucket".into(), Term::Str(b.clone()));
     }
     if !scope.prefix.is_empty() {
-        code.push_str("check if key($k), $k.starts_with({prefix});\n");
+        // A bucket-level read (HeadBucket: does it exist, may I use it) names no key: a key
+        // scoped to a prefix of the bucket may make it.
+        code.push_str("check if key($k), $k.starts_with({prefix}) or bucket_head(true);\n");
         params.insert("prefix".into(), Term::Str(scope.prefix.clone()));
     }
     if scope.read_only {
@@ -167,7 +169,18 @@ impl Authority {
 
     /// Whether `token` allows `req` now.
     pub fn authorize(&self, token: &Biscuit, req: &Request<'_>) -> Result<(), TokenError> {
+        self.authorize_with(token, req, "")
+    }
+
+    /// [`Self::authorize`] for a bucket-level read that names no key (HeadBucket,
+    /// GetBucketLocation): allowed to any key that may read something in `bucket`.
+    pub fn authorize_bucket_head(&self, token: &Biscuit, bucket: &str) -> Result<(), TokenError> {
+        self.authorize_with(token, &Request { op: Op::Read, bucket: Some(bucket), key: None }, "bucket_head(true);\n")
+    }
+
+    fn authorize_with(&self, token: &Biscuit, req: &Request<'_>, facts: &str) -> Result<(), TokenError> {
         let mut code = String::from("time({now});\noperation({op});\nallow if tenant({tenant});\n");
+        code.push_str(facts);
         let mut params: HashMap<String, Term> = HashMap::new();
         params.insert("now".into(), Term::Date(unix_now()));
         params.insert("op".into(), Term::Str(req.op.name().into()));
@@ -270,6 +283,10 @@ mod tests {
         assert!(a.authorize(&t, &read("b", "other/x")).is_err());
         assert!(a.authorize(&t, &read("c", "team/x")).is_err());
         assert!(a.authorize(&t, &Request { op: Op::Write, bucket: Some("b"), key: Some("team/x") }).is_err());
+        // HeadBucket of its bucket, not of another; a bucket-level call that is not one is refused.
+        assert!(a.authorize_bucket_head(&t, "b").is_ok());
+        assert!(a.authorize_bucket_head(&t, "other").is_err());
+        assert!(a.authorize(&t, &Request { op: Op::Read, bucket: Some("b"), key: None }).is_err());
         assert!(
             a.authorize(&t, &Request { op: Op::Read, bucket: None, key: None }).is_err(),
             "no bucket: no listing of buckets"
