@@ -325,6 +325,19 @@ impl S3Client {
         body: &[u8],
     ) -> reqwest::RequestBuilder {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.signed_at(now, method, path, query, headers, body)
+    }
+
+    /// [`Self::signed`] at Unix time `now`.
+    fn signed_at(
+        &self,
+        now: u64,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, &str)],
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> reqwest::RequestBuilder {
         let (stamp, _) = amz_dates(now);
         let payload = match self.payload {
             PayloadHash::Signed => sha256_hex(body),
@@ -663,6 +676,33 @@ mod tests {
              SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, \
              Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
         );
+    }
+
+    /// The GET Bucket (List Objects) example of the same documentation, built by the request
+    /// builder: canonical query (sorted, encoded) and the headers it adds.
+    #[test]
+    fn requests_are_signed_as_the_published_aws_listing_example() {
+        let c = S3Client::new(
+            "https://examplebucket.s3.amazonaws.com",
+            "us-east-1",
+            "AKIAIOSFODNN7EXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        )
+        .unwrap();
+        // Given out of order: the canonical query sorts them.
+        let req = c
+            .signed_at(1_369_353_600, reqwest::Method::GET, "/", &[("prefix", "J"), ("max-keys", "2")], &[], b"")
+            .build()
+            .unwrap();
+        assert_eq!(req.url().as_str(), "https://examplebucket.s3.amazonaws.com/?max-keys=2&prefix=J");
+        let auth = req.headers()["authorization"].to_str().unwrap();
+        assert!(auth.ends_with("Signature=34b48302e7b5fa45bde8084f4b7868a86f0a534bc59db6670ed5711ef69dc6f7"), "{auth}");
+        assert!(auth.contains("SignedHeaders=host;x-amz-content-sha256;x-amz-date,"), "{auth}");
+    }
+
+    #[test]
+    fn header_values_are_signed_trimmed_with_runs_of_spaces_made_one() {
+        assert_eq!(canonical_value("  a   b \t c  "), "a b c");
     }
 
     #[test]
