@@ -274,6 +274,23 @@ async fn get(
     get_object(mem, &record(put), holders, &Identity::from_seed(1), range, &mut out, |_| {}).await.map(|_| out)
 }
 
+/// Every holder's receipt of a PUT of `b/k` verifies against the terms of the write.
+fn assert_receipts(p: &ObjectPut) {
+    let per_holder = shard_bytes_per_holder(ErasureCode::DEFAULT, p.size, p.segment_bytes);
+    for (i, h) in p.holders.iter().enumerate() {
+        let terms = ReceiptTerms {
+            object: archipel_ledger::storage::object_id("b", "k"),
+            version: p.version,
+            generation: 0,
+            index: i as u8,
+            manifest_root: p.manifest_root,
+            shard_bytes: per_holder,
+            expires_ms: h.expires_ms,
+        };
+        assert!(terms.verify(&Hash::ZERO, &h.node, &h.receipt), "holder {i}'s receipt, size {}", p.size);
+    }
+}
+
 #[tokio::test]
 async fn objects_of_every_size_round_trip_with_valid_receipts() {
     let (mem, candidates) = world();
@@ -289,19 +306,7 @@ async fn objects_of_every_size_round_trip_with_valid_receipts() {
         assert_eq!(with_shard, if size > 0 && size <= seg { 6 } else { 0 }, "size {size}");
         let separate = mem.shard_calls.load(std::sync::atomic::Ordering::Relaxed) - calls_before;
         assert_eq!(separate, if size > seg { 6 * size.div_ceil(seg) } else { 0 }, "shard calls, size {size}");
-        let per_holder = shard_bytes_per_holder(ErasureCode::DEFAULT, p.size, p.segment_bytes);
-        for (i, h) in p.holders.iter().enumerate() {
-            let terms = ReceiptTerms {
-                object: archipel_ledger::storage::object_id("b", "k"),
-                version: p.version,
-                generation: 0,
-                index: i as u8,
-                manifest_root: p.manifest_root,
-                shard_bytes: per_holder,
-                expires_ms: h.expires_ms,
-            };
-            assert!(terms.verify(&Hash::ZERO, &h.node, &h.receipt), "holder {i}'s receipt");
-        }
+        assert_receipts(&p);
         let holders = holders_of(&p, &candidates);
         assert_eq!(get(&mem, &p, &holders, None).await.unwrap(), body, "size {size}");
         if size > 10 {
@@ -356,19 +361,7 @@ async fn a_staged_object_round_trips_with_valid_receipts_and_keep_alives_write_n
             .await
             .unwrap();
         assert_eq!((p.size, p.etag.as_str(), p.holders.len()), (size as u64, "abcd-2", if size == 0 { 0 } else { 6 }));
-        let per_holder = shard_bytes_per_holder(ErasureCode::DEFAULT, p.size, p.segment_bytes);
-        for (i, h) in p.holders.iter().enumerate() {
-            let terms = ReceiptTerms {
-                object: archipel_ledger::storage::object_id("b", "k"),
-                version: p.version,
-                generation: 0,
-                index: i as u8,
-                manifest_root: p.manifest_root,
-                shard_bytes: per_holder,
-                expires_ms: h.expires_ms,
-            };
-            assert!(terms.verify(&Hash::ZERO, &h.node, &h.receipt), "holder {i}'s receipt, size {size}");
-        }
+        assert_receipts(&p);
         // The seal's manifest replaced the provisional ones: the object reads back whole, with its metadata.
         let holders = holders_of(&p, &candidates);
         assert_eq!(get(&mem, &p, &holders, None).await.unwrap(), body, "size {size}");
