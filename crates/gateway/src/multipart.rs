@@ -432,35 +432,43 @@ impl Uploads {
         let _in_flight = InFlight::new(&gate, number);
         let waited_from = std::time::Instant::now();
         let stream = loop {
-            // Told of any part done from here on (no wake-up lost between the check and the wait).
+            // Told of any part arriving or done, and of the lock let go, from here on (no wake-up
+            // is lost between the look below and the wait).
             let done = gate.done.notified();
             tokio::pin!(done);
             done.as_mut().enable();
-            if let Ok(_streaming) = lock.try_lock() {
-                let mut stream = load_stream(&dir, id).await?;
-                if let Some(p) = stream.parts.iter().find(|p| p.number == number) {
-                    return again(p, size, body).await;
-                }
-                if number == stream.next_part() {
-                    let etag =
-                        stream_part(&dir, &upload.staged, &mut stream, number, size, &mut body, None, stager).await?;
-                    drain(&dir, &upload.staged, &mut stream, stager).await?;
-                    return Ok(etag);
-                }
-                drop(_streaming);
-                // Another part may have found the lock taken by this look: it looks again.
-                gate.done.notify_waiters();
-            }
+            // A look needs no lock (the record is replaced whole); only the part whose turn it is
+            // takes it, so looks never keep a part from its turn.
             let stream = load_stream(&dir, id).await?;
             if let Some(p) = stream.parts.iter().find(|p| p.number == number) {
                 return again(p, size, body).await;
             }
-            // Every part before this one is being received here: its turn comes when they are done.
-            let coming = {
+            let wait = if number == stream.next_part() {
+                if let Ok(_streaming) = lock.try_lock() {
+                    let mut stream = load_stream(&dir, id).await?;
+                    if let Some(p) = stream.parts.iter().find(|p| p.number == number) {
+                        return again(p, size, body).await;
+                    }
+                    if number == stream.next_part() {
+                        let etag =
+                            stream_part(&dir, &upload.staged, &mut stream, number, size, &mut body, None, stager)
+                                .await?;
+                        drain(&dir, &upload.staged, &mut stream, stager).await?;
+                        return Ok(etag);
+                    }
+                    // Streamed meanwhile: look again.
+                    continue;
+                }
+                // Held (the same number sent twice, a keep-alive, a completion): its holder tells
+                // when it lets go.
+                TURN_WAIT
+            } else {
+                // Every part before this one is being received here: its turn comes when they are
+                // done. Otherwise a part before it has not arrived yet.
                 let in_flight = gate.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-                (stream.next_part()..number).all(|n| in_flight.contains_key(&n))
+                if (stream.next_part()..number).all(|n| in_flight.contains_key(&n)) { TURN_WAIT } else { ARRIVAL_WAIT }
             };
-            let left = if coming { TURN_WAIT } else { ARRIVAL_WAIT }.saturating_sub(waited_from.elapsed());
+            let left = wait.saturating_sub(waited_from.elapsed());
             if left.is_zero() || tokio::time::timeout(left, done).await.is_err() {
                 break stream;
             }
@@ -541,25 +549,22 @@ impl Uploads {
             }
         }
         for p in rest {
-            let path = dir.join(format!("part-{}.{}", p.number, p.etag));
-            let mut file = tokio::io::BufReader::with_capacity(1 << 20, tokio::fs::File::open(&path).await?);
-            stream_part(&dir, &upload.staged, &mut stream, p.number, p.size, &mut file, Some(&p.etag), stager).await?;
-            let _ = tokio::fs::remove_file(&path).await;
+            stream_spooled(&dir, &upload.staged, &mut stream, &p, stager).await?;
         }
         let mut md5s = md5::Md5::new();
         for p in &stream.parts {
             md5s.update(hex::decode(&p.etag).map_err(|_| damaged("a part's ETag"))?);
         }
         let etag = format!("{}-{}", hex::encode(md5s.finalize()), stream.parts.len());
+        if stream.offset > MAX_OBJECT_BYTES {
+            return Err(MultipartError::TooLarge);
+        }
         let mut segments = load_segments(&dir, &upload.staged, stream.segments).await?;
         // The carry is the last segment (sealed anew if the completion is tried again: the same
         // bytes under the same number).
         let carry = load_carry(&dir, &stream).await?;
         if !carry.is_empty() {
             segments.push(stage_once(&dir, &upload.staged, stream.segments, &carry, &**stager).await?);
-        }
-        if stream.offset > MAX_OBJECT_BYTES {
-            return Err(MultipartError::TooLarge);
         }
         Ok(Completed { size: stream.offset, segments, etag, upload })
     }
@@ -598,7 +603,7 @@ impl Uploads {
             let gate = self.gate(&id);
             // A part streaming is a write already; a completion holds the upload.
             let Ok(streaming) = gate.lock.clone().try_lock_owned() else { continue };
-            let _streaming = Held { id: id.clone(), lock: Some(streaming), gate: gate.clone() };
+            let held = Held { id: id.clone(), lock: Some(streaming), gate: gate.clone() };
             let Ok(dir) = self.upload_dir(&id) else { continue };
             let upload = match self.get(&id).await {
                 Ok(u) => u,
@@ -624,8 +629,7 @@ impl Uploads {
                     upload.bucket,
                     upload.key
                 );
-                let _ = tokio::fs::remove_file(dir.join("upload.json")).await;
-                let _ = tokio::fs::remove_dir_all(&dir).await;
+                let _ = self.remove_held(&held).await;
                 continue;
             }
             let Ok(mut stream) = load_stream(&dir, &id).await else { continue };
@@ -819,11 +823,23 @@ async fn drain(
     loop {
         let next = stream.next_part();
         let Some(part) = spooled(dir, "").await?.into_iter().find(|p| p.number == next) else { return Ok(()) };
-        let path = dir.join(format!("part-{}.{}", part.number, part.etag));
-        let mut file = tokio::io::BufReader::with_capacity(1 << 20, tokio::fs::File::open(&path).await?);
-        stream_part(dir, staged, stream, part.number, part.size, &mut file, Some(&part.etag), stager).await?;
-        let _ = tokio::fs::remove_file(&path).await;
+        stream_spooled(dir, staged, stream, &part, stager).await?;
     }
+}
+
+/// Streams spooled `part` from its file, then removes the file.
+async fn stream_spooled(
+    dir: &Path,
+    staged: &Staged,
+    stream: &mut Stream,
+    part: &Part,
+    stager: &Arc<impl Stager + 'static>,
+) -> Result<(), MultipartError> {
+    let path = dir.join(format!("part-{}.{}", part.number, part.etag));
+    let mut file = tokio::io::BufReader::with_capacity(1 << 20, tokio::fs::File::open(&path).await?);
+    stream_part(dir, staged, stream, part.number, part.size, &mut file, Some(&part.etag), stager).await?;
+    let _ = tokio::fs::remove_file(&path).await;
+    Ok(())
 }
 
 /// Reads `body` into `cur` until it holds a segment or the part's `remaining` bytes are read.

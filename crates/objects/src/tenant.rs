@@ -247,7 +247,7 @@ pub struct TenantClient {
 }
 
 /// Storage nodes that may receive shards, with their URLs.
-type CandidateList = Arc<Vec<(Candidate, String)>>;
+type CandidateList = Vec<(Candidate, String)>;
 
 /// How long a list of storage nodes serves new PUTs before it is read again: the list is
 /// O(nodes) (10,000 nodes: megabytes), and a node down since is left out by the PUT's retry.
@@ -592,13 +592,12 @@ impl TenantClient {
         if let Some((at, list)) = self.candidates.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
             && at.elapsed() < CANDIDATES_FOR
         {
-            return Ok(list.as_ref().clone());
+            return Ok(list.clone());
         }
         let view: StorageNodes = self.get("/v1/storage/nodes").await?;
         let list: Vec<(Candidate, String)> =
             view.nodes.into_iter().filter(|n| n.storage && n.lease == LeaseStatus::Up).filter_map(candidate).collect();
-        *self.candidates.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((std::time::Instant::now(), Arc::new(list.clone())));
+        *self.candidates.lock().unwrap_or_else(|e| e.into_inner()) = Some((std::time::Instant::now(), list.clone()));
         Ok(list)
     }
 

@@ -533,13 +533,15 @@ impl Staged {
         Claim::Owner { object: object_id(&self.bucket.name, &self.key), nonce: self.nonce.0 }
     }
 
-    fn data_key(&self, owner: &Identity) -> Result<DataKey, TransferFailed> {
-        let wrapped: &[u8; WRAPPED_KEY_BYTES] = self
-            .wrapped_key
+    fn wrapped(&self) -> Result<[u8; WRAPPED_KEY_BYTES], TransferFailed> {
+        self.wrapped_key
             .as_slice()
             .try_into()
-            .map_err(|_| TransferFailed::Io("the staged upload's wrapped key is damaged".into()))?;
-        Ok(WrapKey::for_owner(owner).unwrap(wrapped, &self.version.0)?)
+            .map_err(|_| TransferFailed::Io("the staged upload's wrapped key is damaged".into()))
+    }
+
+    fn data_key(&self, owner: &Identity) -> Result<DataKey, TransferFailed> {
+        Ok(WrapKey::for_owner(owner).unwrap(&self.wrapped()?, &self.version.0)?)
     }
 
     fn manifest(
@@ -550,11 +552,7 @@ impl Staged {
         meta: &ObjectMeta,
     ) -> Result<Manifest, TransferFailed> {
         let data_key = self.data_key(owner)?;
-        let wrapped_key: [u8; WRAPPED_KEY_BYTES] = self
-            .wrapped_key
-            .as_slice()
-            .try_into()
-            .map_err(|_| TransferFailed::Io("the staged upload's wrapped key is damaged".into()))?;
+        let wrapped_key = self.wrapped()?;
         Ok(Manifest {
             version: self.version,
             size,
