@@ -168,7 +168,7 @@ impl Keys {
     /// Reads the tenant's revocations from the ledger once.
     pub async fn refresh_revocations(&self, tenant: &archipel_objects::tenant::TenantClient) -> Result<(), String> {
         let view: serde_json::Value =
-            tenant.get(&format!("/v1/accounts/{}/revocations", tenant.me())).await.map_err(|e| e.to_string())?;
+            tenant.get_fresh(&format!("/v1/accounts/{}/revocations", tenant.me())).await.map_err(|e| e.to_string())?;
         let ids: Vec<Hash> = serde_json::from_value(view["revoked"].clone()).map_err(|e| e.to_string())?;
         self.set_revocations(ids);
         Ok(())

@@ -253,6 +253,9 @@ type CandidateList = Vec<(Candidate, String)>;
 /// O(nodes) (10,000 nodes: megabytes), and a node down since is left out by the PUT's retry.
 pub const CANDIDATES_FOR: Duration = Duration::from_secs(5);
 
+/// How long [`TenantClient::freshest`] waits for each node's head.
+pub const FRESHEST_WAIT: Duration = Duration::from_secs(2);
+
 fn base_url(u: &str) -> String {
     let u = u.trim_end_matches('/');
     if u.contains("://") { u.to_string() } else { format!("http://{u}") }
@@ -450,11 +453,46 @@ impl TenantClient {
         }
     }
 
-    /// `GET` a JSON document of finalized state.
+    /// `GET` a JSON document of finalized state, from a node that has applied this client's own
+    /// writes.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, TenantError> {
-        let bytes =
-            self.send(reqwest::Method::GET, path, Vec::new(), false, self.written.load(Ordering::Relaxed)).await?;
+        self.get_from(path, 0).await
+    }
+
+    /// [`Self::get`], from a node that has also applied block `floor`.
+    async fn get_from<T: DeserializeOwned>(&self, path: &str, floor: u64) -> Result<T, TenantError> {
+        let min = floor.max(self.written.load(Ordering::Relaxed));
+        let bytes = self.send(reqwest::Method::GET, path, Vec::new(), false, min).await?;
         serde_json::from_slice(&bytes).map_err(|e| TenantError::Decode { url: path.into(), reason: e.to_string() })
+    }
+
+    /// `GET` a JSON document of finalized state from a node at the freshest height any of this
+    /// client's nodes has applied ([`Self::freshest`]): what another client wrote and saw final
+    /// at one of them is in the answer.
+    pub async fn get_fresh<T: DeserializeOwned>(&self, path: &str) -> Result<T, TenantError> {
+        let floor = self.freshest().await;
+        self.get_from(path, floor).await
+    }
+
+    /// The highest block any of this client's nodes has applied, asked of all of them at once
+    /// ([`FRESHEST_WAIT`] each; a node that does not answer in time is left out). A write another
+    /// client saw final at one of these nodes is at or below it. Reads of absence (no such
+    /// object, bucket) and listings go there before they are believed: a node a block behind
+    /// would otherwise answer "no such key" for an object another client has just written.
+    pub async fn freshest(&self) -> u64 {
+        let asks = (0..self.nodes.len()).map(|at| async move {
+            let ask = self.send_at(at, &reqwest::Method::GET, "/v1/ledger/head", &[], false);
+            let height = match tokio::time::timeout(FRESHEST_WAIT, ask).await {
+                Ok(Ok(bytes)) => serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v["header"]["height"].as_u64())
+                    .unwrap_or(0),
+                _ => 0,
+            };
+            self.seen[at].fetch_max(height, Ordering::Relaxed);
+            height
+        });
+        futures::future::join_all(asks).await.into_iter().max().unwrap_or(0)
     }
 
     /// The network's genesis hash (transactions and receipts are bound to it).
@@ -546,19 +584,28 @@ impl TenantClient {
 
     /// Every bucket.
     pub async fn buckets(&self) -> Result<BucketList, TenantError> {
-        self.get("/v1/buckets").await
+        self.get_fresh("/v1/buckets").await
     }
 
     /// One bucket; `None` when there is none of that name.
     pub async fn bucket(&self, name: &str) -> Result<Option<BucketRecord>, TenantError> {
-        not_found_is_none(self.get(&format!("/v1/buckets/{}", urlencode(name))).await)
+        let path = format!("/v1/buckets/{}", urlencode(name));
+        match not_found_is_none(self.get(&path).await)? {
+            Some(b) => Ok(Some(b)),
+            // Absent at one node: believed only at the freshest height.
+            None => not_found_is_none(self.get_fresh(&path).await),
+        }
     }
 
     /// One object with its holders; `None` when there is none at that key.
     pub async fn object(&self, bucket: &str, key: &str) -> Result<Option<ObjectView>, TenantError> {
         // In the query, not the path: a path's `.` and `..` segments would be resolved on the way.
         let path = format!("/v1/buckets/{}/object?key={}", urlencode(bucket), urlencode(key));
-        let view: Option<ObjectView> = not_found_is_none(self.get(&path).await)?;
+        let view: Option<ObjectView> = match not_found_is_none(self.get(&path).await)? {
+            Some(v) => Some(v),
+            // Absent at one node: believed only at the freshest height.
+            None => not_found_is_none(self.get_fresh(&path).await)?,
+        };
         match view {
             Some(v) if v.object.bucket != bucket || v.object.key != key => Err(TenantError::Decode {
                 url: path,
@@ -584,7 +631,7 @@ impl TenantClient {
         if let Some(a) = start_after {
             q.push(format!("start_after={}", urlencode(a)));
         }
-        self.get(&format!("/v1/buckets/{}/objects?{}", urlencode(bucket), q.join("&"))).await
+        self.get_fresh(&format!("/v1/buckets/{}/objects?{}", urlencode(bucket), q.join("&"))).await
     }
 
     /// Nodes that may receive shards now, from finalized state.
@@ -772,6 +819,17 @@ mod tests {
         heights: Vec<u64>,
         throttle: usize,
     ) -> (String, Arc<Mutex<Vec<String>>>) {
+        fake_node(name, heights, throttle, false).await
+    }
+
+    /// [`throttled_node`], also answering `/v1/ledger/head` with its height, and every other GET
+    /// 404 when `absent` (a node that has not applied a write yet).
+    async fn fake_node(
+        name: &'static str,
+        heights: Vec<u64>,
+        throttle: usize,
+        absent: bool,
+    ) -> (String, Arc<Mutex<Vec<String>>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let asked = Arc::new(Mutex::new(Vec::new()));
@@ -795,12 +853,19 @@ mod tests {
                 let (status, body) = if path.starts_with("/v1/accounts/") {
                     last = heights.next().unwrap_or(last);
                     ("200 OK", serde_json::json!({ "height": last }))
+                } else if path == "/v1/ledger/head" {
+                    last = heights.next().unwrap_or(last);
+                    ("200 OK", serde_json::json!({ "header": { "height": last } }))
                 } else if throttle > 0 {
                     throttle -= 1;
                     ("429 Too Many Requests", serde_json::json!({ "error": "ip_rate_limit", "message": "slow down" }))
                 } else {
                     log.lock().unwrap().push(path);
-                    ("200 OK", serde_json::json!({ "node": name }))
+                    if absent {
+                        ("404 Not Found", serde_json::json!({ "error": "no_such_object", "message": "none" }))
+                    } else {
+                        ("200 OK", serde_json::json!({ "node": name }))
+                    }
                 };
                 let body = body.to_string();
                 let answer = format!(
@@ -869,5 +934,29 @@ mod tests {
         assert_eq!(v["node"], "a");
         assert_eq!(*asked_a.lock().unwrap(), ["/v1/z"]);
         assert_eq!(c.seen[0].load(Ordering::Relaxed), 10);
+    }
+
+    #[tokio::test]
+    async fn absence_and_listings_are_believed_only_at_the_freshest_height_of_any_node() {
+        // Another client's write is final at block 9: node b has applied it, node a (at 5) not.
+        let (a, asked_a) = fake_node("a", vec![5], 0, true).await;
+        let (b, asked_b) = fake_node("b", vec![9], 0, false).await;
+        let c = TenantClient::new(&[a, b.clone()], Identity::generate());
+        assert_eq!(c.freshest().await, 9);
+        // Reads start at a and b in turn. Each time, the answer is b's (a document that is no
+        // object, bucket or listing: a decoding error), never a's "absent".
+        for _ in 0..2 {
+            let o = c.object("x", "k").await;
+            assert!(matches!(o, Err(TenantError::Decode { .. })), "{o:?}");
+            let k = c.bucket("x").await;
+            assert!(matches!(k, Err(TenantError::Decode { .. })), "{k:?}");
+            let l = c.list("x", "", None, None, 10).await;
+            assert!(matches!(l, Err(TenantError::Decode { .. })), "{l:?}");
+        }
+        assert!(asked_a.lock().unwrap().iter().all(|p| !p.contains("/objects?")), "a is never asked a listing");
+        assert_eq!(asked_b.lock().unwrap().iter().filter(|p| p.contains("/objects?")).count(), 2);
+        // A node that does not answer is left out of the freshest height.
+        let c = TenantClient::new(&["127.0.0.1:9".to_string(), b], Identity::generate());
+        assert_eq!(c.freshest().await, 9);
     }
 }
