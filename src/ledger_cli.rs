@@ -15,7 +15,9 @@ use std::time::Duration;
 /// Where to reach a node.
 #[derive(Args, Debug, Clone)]
 pub struct NodeArg {
-    /// A node's API URL (default: the local devnet's first node).
+    /// A node's API URL (default: the local devnet's first node). Storage commands (bucket, put,
+    /// get, ls, export, import …) take several comma-separated (default: every devnet node);
+    /// others ask the first.
     #[arg(long, env = "ARCHIPEL_NODE")]
     pub node: Option<String>,
 }

@@ -853,8 +853,9 @@ fn genesis(cmd: GenesisCommand) -> Result<()> {
 
 /// The API URL to use: the flag/env, else the local devnet's first node.
 fn default_node(node: Option<String>) -> Result<String> {
-    if let Some(n) = node {
-        return Ok(n);
+    // A list (as storage commands take, e.g. one `ARCHIPEL_NODE` for every command): its first.
+    if let Some(n) = node.as_deref().and_then(|n| n.split(',').map(str::trim).find(|n| !n.is_empty())) {
+        return Ok(n.to_string());
     }
     devnet::first_api_url(Path::new(devnet::DEFAULT_DIR))
         .ok_or_else(|| anyhow!("no node given: pass --node http://HOST:PORT (or set ARCHIPEL_NODE), or start a local network with `archipel devnet`"))

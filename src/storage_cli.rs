@@ -94,9 +94,19 @@ fn identity(t: &Tenant) -> Result<Identity> {
     Ok(Identity::load(&path)?)
 }
 
-/// The tenant's client: its key and the node asked (`--node`, or the devnet's).
+/// The tenant's client: its key and the nodes asked — `--node` (several comma-separated), or
+/// every node of the local devnet, its first one first. Several nodes let a read of absence or
+/// a listing be checked at the freshest height among them (`TenantClient::freshest`): an object
+/// the gateway has just written is then never missed by a node a block behind.
 pub fn client(t: &Tenant) -> Result<TenantClient> {
-    Ok(TenantClient::new(&[crate::default_node(t.node.node.clone())?], identity(t)?))
+    let mut nodes: Vec<String> = match &t.node.node {
+        Some(list) => list.split(',').map(str::trim).filter(|n| !n.is_empty()).map(String::from).collect(),
+        None => crate::devnet::api_urls(Path::new(crate::devnet::DEFAULT_DIR)),
+    };
+    if nodes.is_empty() {
+        nodes.push(crate::default_node(None)?);
+    }
+    Ok(TenantClient::new(&nodes, identity(t)?))
 }
 
 /// The tenant's bucket `name`, or an error saying there is none.

@@ -55,6 +55,7 @@ fn boto3_aws_cli_and_rclone_sessions_against_the_devnet_gateway() {
         eprintln!("note: rclone is not installed (apt-get install rclone): its session is skipped");
     }
     let path = format!("{}:{}", venv.join("bin").display(), std::env::var("PATH").unwrap_or_default());
+    let nodes: Vec<String> = (0..devnet.state()["nodes"].as_array().unwrap().len()).map(|i| devnet.node(i).1).collect();
     let out = Command::new(venv.join("bin/python"))
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs"])
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3/test_clients.py"))
@@ -66,7 +67,8 @@ fn boto3_aws_cli_and_rclone_sessions_against_the_devnet_gateway() {
         .env("AWS_DEFAULT_REGION", "us-east-1")
         .env("ARCHIPEL_DEVNET_DIR", &devnet.dir)
         .env("ARCHIPEL_BIN", bin())
-        .env("ARCHIPEL_NODE", devnet.node(0).1)
+        // Every node: the CLI's reads of absence and listings are checked at the freshest of them.
+        .env("ARCHIPEL_NODE", nodes.join(","))
         .env_remove("AWS_PROFILE")
         .output()
         .expect("run pytest");
