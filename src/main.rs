@@ -8,6 +8,7 @@ mod devnet;
 mod export_cli;
 mod fill_chain;
 mod gateway_cli;
+mod job_cli;
 mod ledger_cli;
 mod output;
 mod s3_cli;
@@ -107,10 +108,21 @@ enum Command {
     },
     /// Ask a node who you are (a signed request: checks your key is known to the network).
     Whoami(WhoamiArgs),
+    /// WebAssembly jobs: `archipel job run-local` runs one here, under a provider's limits.
+    Job {
+        #[command(subcommand)]
+        command: job_cli::JobCommand,
+    },
     /// Diagnostics.
     Debug {
         #[command(subcommand)]
         command: DebugCommand,
+    },
+    /// The process one WebAssembly run lives in (started by `job run-local` and by providers).
+    #[command(hide = true)]
+    WasmRun {
+        /// The run's request file.
+        request: PathBuf,
     },
 }
 
@@ -492,6 +504,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Export(args) => tokio_rt()?.block_on(export_cli::export(args)),
         Command::Import(args) => tokio_rt()?.block_on(export_cli::import(args)),
         Command::S3 { command } => tokio_rt()?.block_on(s3_cli::run(command)),
+        Command::Job { command } => tokio_rt()?.block_on(job_cli::run(command)),
+        Command::WasmRun { request } => std::process::exit(archipel_compute::child::main(&request)),
         Command::Debug { command: DebugCommand::P2pProbe { key, genesis, listen, seconds } } => {
             let identity = Identity::load(&key)?;
             let genesis = Genesis::load(&genesis)?;

@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask bench [devnet|verify|ledger|liveness|state|pipeline|storage|all]`,
+//! Project automation: `cargo xtask bench [devnet|verify|ledger|liveness|state|pipeline|storage|s3|wasm|all]`,
 //! `cargo xtask sim --seeds N` and `cargo xtask fuzz [--seconds N]`.
 //!
 //! Benchmarks print absolute figures and a ratio against a baseline measured in the same run on
@@ -22,6 +22,7 @@ mod simplex_baseline;
 mod state_bench;
 mod state_devnet_bench;
 mod storage_bench;
+mod wasm_bench;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -37,6 +38,7 @@ fn main() -> Result<()> {
                 "pipeline" => pipeline_bench::bench(),
                 "storage" => storage_bench::bench(&build_release()?),
                 "s3" => s3_bench::bench(&build_release()?),
+                "wasm" => wasm_bench::bench(&build_release()?),
                 "all" => bench_verify()
                     .and_then(|_| bench_devnet())
                     .and_then(|_| ledger_bench::bench(&build_release()?, runs(&args)?))
@@ -45,10 +47,11 @@ fn main() -> Result<()> {
                     .and_then(|_| bench_state_devnet())
                     .and_then(|_| pipeline_bench::bench())
                     .and_then(|_| storage_bench::bench(&build_release()?))
-                    .and_then(|_| s3_bench::bench(&build_release()?)),
+                    .and_then(|_| s3_bench::bench(&build_release()?))
+                    .and_then(|_| wasm_bench::bench(&build_release()?)),
                 other => {
                     bail!(
-                        "unknown benchmark {other:?}: use verify, devnet, ledger, liveness, state, pipeline, storage, s3 or all"
+                        "unknown benchmark {other:?}: use verify, devnet, ledger, liveness, state, pipeline, storage, s3, wasm or all"
                     )
                 }
             }
@@ -76,7 +79,7 @@ fn main() -> Result<()> {
         Some("simplex-validator") => simplex_baseline::validator_main(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask bench [verify|devnet|ledger|liveness|state|pipeline|storage|s3|all] [--runs N]\n       cargo xtask sim [--seeds N]\n       \
+                "usage: cargo xtask bench [verify|devnet|ledger|liveness|state|pipeline|storage|s3|wasm|all] [--runs N]\n       cargo xtask sim [--seeds N]\n       \
                  cargo xtask fuzz [--seconds N] [TARGET...]"
             );
             Ok(())
