@@ -32,7 +32,7 @@ mod size;
 pub use descriptor::{MAX_NAME_LEN, MAX_OPERATOR_LEN, NodeDescriptor, Role, Roles};
 pub use geo::{CountryCode, Region};
 pub use id::NodeId;
-pub use policy::{ErasureCode, MAX_POLICY_ENTRIES, PlacementPolicy, RegionMatch, SHARD_ALIGN};
+pub use policy::{ErasureCode, Geofence, MAX_POLICY_ENTRIES, PlacementPolicy, RegionMatch, SHARD_ALIGN};
 pub use size::ByteSize;
 
 /// Errors from parsing or validating plain data.

@@ -241,6 +241,65 @@ impl PlacementPolicy {
     }
 }
 
+/// Where something may be: the geofence part of a bucket's [`PlacementPolicy`], and the whole
+/// of a job's (the same fields, the same rule: inside every non-empty allow list, outside every
+/// refused jurisdiction).
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub struct Geofence {
+    /// Allowed regions or areas; empty allows every region.
+    #[serde(default)]
+    pub regions: BTreeSet<RegionMatch>,
+    /// Allowed countries; empty allows every country.
+    #[serde(default)]
+    pub countries: BTreeSet<CountryCode>,
+    /// Operator jurisdictions refused.
+    #[serde(default)]
+    pub deny_jurisdictions: BTreeSet<CountryCode>,
+}
+
+impl Geofence {
+    /// Checks the lists' lengths.
+    pub fn validate(&self) -> Result<(), TypeError> {
+        if self.regions.len() > MAX_POLICY_ENTRIES
+            || self.countries.len() > MAX_POLICY_ENTRIES
+            || self.deny_jurisdictions.len() > MAX_POLICY_ENTRIES
+        {
+            return Err(TypeError::Policy(format!("each list holds at most {MAX_POLICY_ENTRIES} entries")));
+        }
+        Ok(())
+    }
+
+    /// Whether a node at `region` in `country`, run under `jurisdiction`, is inside.
+    pub fn allows(&self, region: &Region, country: CountryCode, jurisdiction: CountryCode) -> bool {
+        self.as_policy().allows(region, country, jurisdiction)
+    }
+
+    /// The geofence in words: `in regions [eu] outside US jurisdiction`, or `anywhere`.
+    pub fn describe(&self) -> String {
+        self.as_policy().describe_fence()
+    }
+
+    fn as_policy(&self) -> PlacementPolicy {
+        PlacementPolicy {
+            regions: self.regions.clone(),
+            countries: self.countries.clone(),
+            deny_jurisdictions: self.deny_jurisdictions.clone(),
+            ..PlacementPolicy::anywhere(ErasureCode::DEFAULT)
+        }
+    }
+}
+
+impl PlacementPolicy {
+    /// This policy's geofence.
+    pub fn geofence(&self) -> Geofence {
+        Geofence {
+            regions: self.regions.clone(),
+            countries: self.countries.clone(),
+            deny_jurisdictions: self.deny_jurisdictions.clone(),
+        }
+    }
+}
+
 serde_via_str!(ErasureCode);
 serde_via_str!(RegionMatch);
 

@@ -1,0 +1,539 @@
+//! One job's life, as a state machine the ledger drives with finalized transactions and block
+//! times: posted (escrow locked) → sealed bids (each with a bond) → reveals → award (the winner
+//! rule) → leases kept alive by heartbeats → results → the majority accepted and paid once, the
+//! rest refunded. A lapsed lease passes to the best standing-by bid at once, or back to auction.
+//!
+//! **Money.** Posting moves `max_price × N` from the tenant into the job's escrow. A sealed bid
+//! moves a bond (`max_price × BOND_PERCENT / 100`, at least 1) from the provider into the job.
+//! Losing bids get their bond back at the award, except the N best, which stand by (bond kept)
+//! until the job ends. A bid committed and not revealed, a lease that lapses, and a result
+//! outvoted by the majority forfeit the bond to the tenant and count as a penalty on the
+//! provider's record. When a result is accepted, each provider in the majority is paid its own bid
+//! out of the escrow, exactly once, and gets its bond back; everything left in the escrow goes back
+//! to the tenant. Nothing else moves money, and every move is between an account and the job:
+//! the sum of all balances and all jobs' escrows and bonds never changes (property-tested).
+//!
+//! **No majority.** When every run of a round has ended and no outcome has more than N/2 of them,
+//! the job runs once more from a new auction; if that ends without a majority too, the tenant is
+//! refunded and the bonds go back (nobody is shown to be wrong).
+
+use crate::rule::{Bid, Provider, commitment, pick, rank};
+use crate::spec::JobSpec;
+use crate::{MarketError, Micro};
+use archipel_types::NodeId;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A bid's bond as a share of the job's max price.
+pub const BOND_PERCENT: u64 = 10;
+/// Most sealed bids one auction round takes.
+pub const MAX_COMMITS: usize = 256;
+/// Auction rounds a job may go through (re-auctions after lapses or empty rounds) before the
+/// tenant is refunded.
+pub const MAX_ROUNDS: u32 = 16;
+/// Runs again after a round without majority.
+pub const MAX_RERUNS: u32 = 1;
+
+/// Money in and out of accounts; the ledger's accounts implement it, tests a map.
+pub trait Accounts {
+    /// Takes `amount` from `who`, or says it is not there.
+    fn debit(&mut self, who: &NodeId, amount: Micro) -> Result<(), MarketError>;
+    /// Gives `amount` to `who`.
+    fn credit(&mut self, who: &NodeId, amount: Micro);
+}
+
+/// Market-wide settings, from genesis.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct MarketParams {
+    /// A lease lapses when no heartbeat came for this long.
+    pub lease_ttl_ms: u64,
+}
+
+/// What one run produced: its output's hash, or how it failed (the runner's end kind and code).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RunOutcome {
+    /// Exit code 0; the output object's hash.
+    Success {
+        /// BLAKE3 of the output.
+        output: [u8; 32],
+    },
+    /// Any other end (a limit, a trap, a non-zero exit), by the runner's name for it.
+    Failed {
+        /// e.g. `cpu_limit`, `exited:3`.
+        end: String,
+    },
+}
+
+/// A provider's lease on a job.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Lease {
+    /// The winning bid.
+    pub bid: Bid,
+    /// When it was awarded.
+    pub awarded_ms: u64,
+    /// The last heartbeat (or the award).
+    pub last_beat_ms: u64,
+    /// Its result, once committed.
+    pub result: Option<RunOutcome>,
+}
+
+/// A sealed bid.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Commit {
+    /// [`commitment`] of the bid.
+    pub digest: [u8; 32],
+    /// The bond it locked.
+    pub bond: Micro,
+}
+
+/// An auction round in progress.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Auction {
+    /// Its number (0 for the first).
+    pub round: u32,
+    /// Sealed bids are taken until then.
+    pub commit_until_ms: u64,
+    /// Reveals are taken until then; the award follows.
+    pub reveal_until_ms: u64,
+    /// Runs it awards.
+    pub slots: usize,
+    /// Sealed bids, by provider.
+    pub commits: BTreeMap<NodeId, Commit>,
+    /// Revealed bids, by provider.
+    pub bids: BTreeMap<NodeId, Bid>,
+}
+
+/// How a job ended.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Ended {
+    /// A majority outcome was accepted and paid.
+    Accepted {
+        /// The outcome.
+        outcome: RunOutcome,
+        /// When.
+        at_ms: u64,
+    },
+    /// The tenant got the escrow back.
+    Refunded {
+        /// Why.
+        why: String,
+        /// When.
+        at_ms: u64,
+    },
+    /// The tenant cancelled it.
+    Cancelled {
+        /// When.
+        at_ms: u64,
+    },
+}
+
+/// Something the ledger records besides money: for provider records and the job's history.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A lease was awarded (at the auction's end, or from standing by after a lapse).
+    Awarded {
+        /// The provider.
+        provider: NodeId,
+        /// Its price.
+        price_micro: Micro,
+    },
+    /// A provider lost its bond and gets a penalty on its record.
+    Penalized {
+        /// The provider.
+        provider: NodeId,
+        /// Why (`not_revealed`, `lapsed`, `outvoted`).
+        why: &'static str,
+    },
+    /// A provider's result was accepted and paid.
+    Paid {
+        /// The provider.
+        provider: NodeId,
+        /// How much.
+        amount_micro: Micro,
+    },
+    /// A new auction round opened.
+    Reopened {
+        /// Its number.
+        round: u32,
+        /// Runs it awards.
+        slots: usize,
+    },
+    /// The job ended.
+    Ended(Ended),
+}
+
+/// A job on the ledger.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Job {
+    /// Its id (the posting transaction's hash).
+    pub id: [u8; 32],
+    /// Who posted it.
+    pub tenant: NodeId,
+    /// What was asked.
+    pub spec: JobSpec,
+    /// When it was posted.
+    pub posted_ms: u64,
+    /// Money still held for payments.
+    pub escrow_micro: Micro,
+    /// Bonds held, by provider (sealed bids, winners, standing by).
+    pub bonds: BTreeMap<NodeId, Micro>,
+    /// The auction open now, if any.
+    pub auction: Option<Auction>,
+    /// Rounds opened so far.
+    pub rounds: u32,
+    /// Reruns after a round without majority.
+    pub reruns: u32,
+    /// Leases of the current run (active, and ended with a result).
+    pub leases: Vec<Lease>,
+    /// Bids that lost the last award, best first: the first takes a lapsed lease at once.
+    pub standby: Vec<Bid>,
+    /// Providers that may not take this job again (lapsed, or ran it in a round without majority).
+    pub excluded: BTreeSet<NodeId>,
+    /// Providers paid for it (at most once each, at most N).
+    pub paid: BTreeSet<NodeId>,
+    /// How it ended.
+    pub ended: Option<Ended>,
+}
+
+fn bond_for(spec: &JobSpec) -> Micro {
+    (spec.max_price_micro.saturating_mul(BOND_PERCENT) / 100).max(1)
+}
+
+impl Job {
+    /// Posts a job: checks the spec, locks the escrow from `tenant`, opens the first auction.
+    pub fn post(
+        id: [u8; 32],
+        tenant: NodeId,
+        spec: JobSpec,
+        now_ms: u64,
+        accounts: &mut impl Accounts,
+    ) -> Result<(Job, Vec<Event>), MarketError> {
+        spec.check()?;
+        accounts.debit(&tenant, spec.escrow_micro())?;
+        let mut job = Job {
+            id,
+            tenant,
+            escrow_micro: spec.escrow_micro(),
+            spec,
+            posted_ms: now_ms,
+            bonds: BTreeMap::new(),
+            auction: None,
+            rounds: 0,
+            reruns: 0,
+            leases: Vec::new(),
+            standby: Vec::new(),
+            excluded: BTreeSet::new(),
+            paid: BTreeSet::new(),
+            ended: None,
+        };
+        let slots = usize::from(job.spec.redundancy);
+        let mut events = Vec::new();
+        job.open(slots, now_ms, &mut events);
+        Ok((job, events))
+    }
+
+    /// The bond a sealed bid on this job locks.
+    pub fn bond(&self) -> Micro {
+        bond_for(&self.spec)
+    }
+
+    /// Active leases (no result yet).
+    pub fn active(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.iter().filter(|l| l.result.is_none())
+    }
+
+    fn open(&mut self, slots: usize, now_ms: u64, events: &mut Vec<Event>) {
+        let w = self.spec.bid_window_ms;
+        self.auction = Some(Auction {
+            round: self.rounds,
+            commit_until_ms: now_ms + w,
+            reveal_until_ms: now_ms + 2 * w,
+            slots,
+            commits: BTreeMap::new(),
+            bids: BTreeMap::new(),
+        });
+        events.push(Event::Reopened { round: self.rounds, slots });
+        self.rounds += 1;
+    }
+
+    fn live(&self) -> Result<(), MarketError> {
+        match &self.ended {
+            Some(_) => Err(MarketError::Ended),
+            None => Ok(()),
+        }
+    }
+
+    /// A sealed bid from `provider`: locks its bond. Refused outside the commit phase, twice in
+    /// one round, from an excluded provider, or beyond [`MAX_COMMITS`].
+    pub fn commit(
+        &mut self,
+        provider: &NodeId,
+        digest: [u8; 32],
+        now_ms: u64,
+        accounts: &mut impl Accounts,
+    ) -> Result<(), MarketError> {
+        self.live()?;
+        let bond = self.bond();
+        let excluded = self.excluded.contains(provider) || self.active().any(|l| l.bid.provider.node == *provider);
+        let a = self.auction.as_mut().ok_or(MarketError::NoAuction)?;
+        if now_ms >= a.commit_until_ms {
+            return Err(MarketError::Phase("sealed bids are closed: the auction is revealing or awarded"));
+        }
+        if excluded {
+            return Err(MarketError::Excluded);
+        }
+        if a.commits.contains_key(provider) {
+            return Err(MarketError::AlreadyBid);
+        }
+        if a.commits.len() >= MAX_COMMITS {
+            return Err(MarketError::AuctionFull);
+        }
+        accounts.debit(provider, bond)?;
+        a.commits.insert(*provider, Commit { digest, bond });
+        *self.bonds.entry(*provider).or_default() += bond;
+        Ok(())
+    }
+
+    /// Reveals `provider`'s sealed bid: `price` and `salt` must match its commitment.
+    pub fn reveal(
+        &mut self,
+        provider: &Provider,
+        price_micro: Micro,
+        salt: &[u8; 32],
+        now_ms: u64,
+    ) -> Result<(), MarketError> {
+        self.live()?;
+        let id = self.id;
+        let a = self.auction.as_mut().ok_or(MarketError::NoAuction)?;
+        if now_ms < a.commit_until_ms || now_ms >= a.reveal_until_ms {
+            return Err(MarketError::Phase("reveals are taken after sealed bids close and before the award"));
+        }
+        let c = a.commits.get(&provider.node).ok_or(MarketError::NoCommit)?;
+        if commitment(&id, &provider.node, a.round, price_micro, salt) != c.digest {
+            return Err(MarketError::BadReveal);
+        }
+        a.bids.insert(provider.node, Bid { provider: provider.clone(), price_micro });
+        Ok(())
+    }
+
+    /// A heartbeat from a leaseholder.
+    pub fn heartbeat(&mut self, provider: &NodeId, now_ms: u64) -> Result<(), MarketError> {
+        self.live()?;
+        let l = self
+            .leases
+            .iter_mut()
+            .find(|l| l.result.is_none() && l.bid.provider.node == *provider)
+            .ok_or(MarketError::NotLeaseholder)?;
+        l.last_beat_ms = l.last_beat_ms.max(now_ms);
+        Ok(())
+    }
+
+    /// A leaseholder's result. When it makes a majority, the job is accepted and paid.
+    pub fn result(
+        &mut self,
+        provider: &NodeId,
+        outcome: RunOutcome,
+        now_ms: u64,
+        accounts: &mut impl Accounts,
+    ) -> Result<Vec<Event>, MarketError> {
+        self.live()?;
+        let l = self
+            .leases
+            .iter_mut()
+            .find(|l| l.result.is_none() && l.bid.provider.node == *provider)
+            .ok_or(MarketError::NotLeaseholder)?;
+        l.result = Some(outcome);
+        let mut events = Vec::new();
+        self.settle(now_ms, accounts, &mut events);
+        Ok(events)
+    }
+
+    /// The tenant cancels: bonds go back, the escrow is refunded.
+    pub fn cancel(
+        &mut self,
+        who: &NodeId,
+        now_ms: u64,
+        accounts: &mut impl Accounts,
+    ) -> Result<Vec<Event>, MarketError> {
+        self.live()?;
+        if *who != self.tenant {
+            return Err(MarketError::NotTenant);
+        }
+        let mut events = Vec::new();
+        self.close(Ended::Cancelled { at_ms: now_ms }, accounts, &mut events);
+        Ok(events)
+    }
+
+    /// Moves the job on at block time `now_ms`: closes sealed bids, awards, lapses leases.
+    pub fn tick(&mut self, now_ms: u64, params: &MarketParams, accounts: &mut impl Accounts) -> Vec<Event> {
+        let mut events = Vec::new();
+        if self.ended.is_some() {
+            return events;
+        }
+        // Lapsed leases: excluded, bond to the tenant, slot free.
+        let ttl = params.lease_ttl_ms;
+        let lapses = |l: &Lease| l.result.is_none() && now_ms > l.last_beat_ms.saturating_add(ttl);
+        let lapsed: Vec<NodeId> = self.leases.iter().filter(|l| lapses(l)).map(|l| l.bid.provider.node).collect();
+        if !lapsed.is_empty() {
+            self.leases.retain(|l| !lapses(l));
+            for p in &lapsed {
+                self.excluded.insert(*p);
+                events.push(Event::Penalized { provider: *p, why: "lapsed" });
+                self.forfeit(p, accounts);
+            }
+            self.fill(lapsed.len(), now_ms, accounts, &mut events);
+        }
+        if let Some(a) = &self.auction
+            && now_ms >= a.reveal_until_ms
+        {
+            self.award(now_ms, accounts, &mut events);
+        }
+        events
+    }
+
+    /// Gives `slots` freed runs to standing-by bids, best first; what is left goes to auction.
+    fn fill(&mut self, slots: usize, now_ms: u64, accounts: &mut impl Accounts, events: &mut Vec<Event>) {
+        let taken_ops: BTreeSet<String> = self.leases.iter().map(|l| l.bid.provider.operator.clone()).collect();
+        let taken_regions = self.leases.iter().map(|l| l.bid.provider.region.clone()).collect();
+        let excluded = &self.excluded;
+        let candidates: Vec<&Bid> = self.standby.iter().filter(|b| !excluded.contains(&b.provider.node)).collect();
+        let chosen: Vec<Bid> = pick(&candidates, slots, &taken_ops, &taken_regions).into_iter().cloned().collect();
+        for b in &chosen {
+            self.standby.retain(|s| s.provider.node != b.provider.node);
+            events.push(Event::Awarded { provider: b.provider.node, price_micro: b.price_micro });
+            self.leases.push(Lease { bid: b.clone(), awarded_ms: now_ms, last_beat_ms: now_ms, result: None });
+        }
+        let missing = slots - chosen.len();
+        if missing > 0 {
+            self.reauction(missing, now_ms, accounts, events);
+        }
+    }
+
+    /// Opens a new round for `slots` runs (added to one already open), or refunds the tenant when
+    /// the job has had [`MAX_ROUNDS`].
+    fn reauction(&mut self, slots: usize, now_ms: u64, accounts: &mut impl Accounts, events: &mut Vec<Event>) {
+        if let Some(a) = &mut self.auction {
+            a.slots += slots;
+        } else if self.rounds >= MAX_ROUNDS {
+            let why = format!("no provider took the job in {MAX_ROUNDS} auction rounds");
+            self.close(Ended::Refunded { why, at_ms: now_ms }, accounts, events);
+        } else {
+            self.open(slots, now_ms, events);
+        }
+    }
+
+    /// Ends the auction: unrevealed bids forfeit their bond; the winner rule awards the slots;
+    /// the next best stand by; the others get their bond back.
+    fn award(&mut self, now_ms: u64, accounts: &mut impl Accounts, events: &mut Vec<Event>) {
+        let Some(a) = self.auction.take() else { return };
+        for p in a.commits.keys().filter(|p| !a.bids.contains_key(*p)) {
+            events.push(Event::Penalized { provider: *p, why: "not_revealed" });
+            self.forfeit(p, accounts);
+        }
+        let taken_ops: BTreeSet<String> = self.active().map(|l| l.bid.provider.operator.clone()).collect();
+        let taken_regions = self.active().map(|l| l.bid.provider.region.clone()).collect();
+        let ranked = rank(&self.id, a.bids.values(), &self.spec.geofence, self.spec.max_price_micro, &self.excluded);
+        let winners: Vec<Bid> = pick(&ranked, a.slots, &taken_ops, &taken_regions).into_iter().cloned().collect();
+        let won: BTreeSet<NodeId> = winners.iter().map(|b| b.provider.node).collect();
+        // The best losers stand by (bond kept), as many as the job has runs; the rest go home.
+        let previous: Vec<Bid> = std::mem::take(&mut self.standby);
+        let mut standby: Vec<Bid> =
+            ranked.iter().filter(|b| !won.contains(&b.provider.node)).map(|b| (*b).clone()).collect();
+        standby.extend(previous.iter().filter(|b| !a.bids.contains_key(&b.provider.node)).cloned());
+        standby.truncate(usize::from(self.spec.redundancy));
+        let keep: BTreeSet<NodeId> = standby.iter().map(|b| b.provider.node).collect();
+        let holding: BTreeSet<NodeId> = self.active().map(|l| l.bid.provider.node).collect();
+        let bidders = a.bids.keys().copied().chain(previous.iter().map(|b| b.provider.node)).collect::<BTreeSet<_>>();
+        for p in bidders.iter().filter(|p| !won.contains(*p) && !keep.contains(*p) && !holding.contains(*p)) {
+            self.release(p, accounts);
+        }
+        self.standby = standby;
+        for b in &winners {
+            events.push(Event::Awarded { provider: b.provider.node, price_micro: b.price_micro });
+            self.leases.push(Lease { bid: b.clone(), awarded_ms: now_ms, last_beat_ms: now_ms, result: None });
+        }
+        let missing = a.slots - winners.len();
+        if missing > 0 {
+            self.reauction(missing, now_ms, accounts, events);
+        }
+    }
+
+    /// After a result: accepts a majority (pays it, penalizes the outvoted, refunds the rest),
+    /// or, once every run of the round has ended without one, runs again or refunds.
+    fn settle(&mut self, now_ms: u64, accounts: &mut impl Accounts, events: &mut Vec<Event>) {
+        let n = usize::from(self.spec.redundancy);
+        let mut counts: BTreeMap<&RunOutcome, usize> = BTreeMap::new();
+        for r in self.leases.iter().filter_map(|l| l.result.as_ref()) {
+            *counts.entry(r).or_default() += 1;
+        }
+        let majority = counts.iter().find(|(_, c)| **c > n / 2).map(|(o, _)| (*o).clone());
+        if let Some(outcome) = majority {
+            let leases = std::mem::take(&mut self.leases);
+            for l in &leases {
+                let p = l.bid.provider.node;
+                match &l.result {
+                    Some(r) if *r == outcome && !self.paid.contains(&p) => {
+                        let amount = l.bid.price_micro.min(self.escrow_micro);
+                        self.escrow_micro -= amount;
+                        accounts.credit(&p, amount);
+                        self.paid.insert(p);
+                        events.push(Event::Paid { provider: p, amount_micro: amount });
+                        self.release(&p, accounts);
+                    }
+                    Some(_) => {
+                        events.push(Event::Penalized { provider: p, why: "outvoted" });
+                        self.forfeit(&p, accounts);
+                    }
+                    None => {}
+                }
+            }
+            self.leases = leases;
+            self.close(Ended::Accepted { outcome, at_ms: now_ms }, accounts, events);
+            return;
+        }
+        let pending = self.auction.as_ref().map_or(0, |a| a.slots);
+        if self.active().count() == 0 && pending == 0 && self.leases.len() >= n {
+            if self.reruns < MAX_RERUNS {
+                self.reruns += 1;
+                for l in std::mem::take(&mut self.leases) {
+                    self.excluded.insert(l.bid.provider.node);
+                    self.release(&l.bid.provider.node, accounts);
+                }
+                self.reauction(n, now_ms, accounts, events);
+            } else {
+                let why = "no majority among the results, twice".to_string();
+                self.close(Ended::Refunded { why, at_ms: now_ms }, accounts, events);
+            }
+        }
+    }
+
+    /// Returns `p`'s bond to it.
+    fn release(&mut self, p: &NodeId, accounts: &mut impl Accounts) {
+        if let Some(b) = self.bonds.remove(p) {
+            accounts.credit(p, b);
+        }
+    }
+
+    /// Gives `p`'s bond to the tenant.
+    fn forfeit(&mut self, p: &NodeId, accounts: &mut impl Accounts) {
+        if let Some(b) = self.bonds.remove(p) {
+            accounts.credit(&self.tenant, b);
+        }
+    }
+
+    /// Ends the job: bonds still held go back, the escrow left goes to the tenant.
+    fn close(&mut self, ended: Ended, accounts: &mut impl Accounts, events: &mut Vec<Event>) {
+        for (p, b) in std::mem::take(&mut self.bonds) {
+            accounts.credit(&p, b);
+        }
+        accounts.credit(&self.tenant, self.escrow_micro);
+        self.escrow_micro = 0;
+        self.auction = None;
+        self.standby.clear();
+        events.push(Event::Ended(ended.clone()));
+        self.ended = Some(ended);
+    }
+}

@@ -1,0 +1,314 @@
+//! A job's life through the market's rules: awards, failover to a standing-by bid, majority
+//! verification, penalties, refunds — each with the exact money it moves.
+
+use archipel_market::job::{MAX_ROUNDS, MarketParams};
+use archipel_market::rule::{commitment, evaluate, pick, rank};
+use archipel_market::{
+    Accounts, Bid, Decline, Ended, Event, Job, JobLimits, JobSpec, MarketError, Micro, ObjectRef, Offer, Provider,
+    Record, RunOutcome,
+};
+use archipel_types::{Geofence, NodeId};
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Default, Debug)]
+struct Book(BTreeMap<NodeId, Micro>);
+
+impl Accounts for Book {
+    fn debit(&mut self, who: &NodeId, amount: Micro) -> Result<(), MarketError> {
+        let b = self.0.entry(*who).or_default();
+        if *b < amount {
+            return Err(MarketError::Insufficient { need: amount });
+        }
+        *b -= amount;
+        Ok(())
+    }
+    fn credit(&mut self, who: &NodeId, amount: Micro) {
+        *self.0.entry(*who).or_default() += amount;
+    }
+}
+
+impl Book {
+    fn of(&self, who: &NodeId) -> Micro {
+        self.0.get(who).copied().unwrap_or(0)
+    }
+}
+
+const PARAMS: MarketParams = MarketParams { lease_ttl_ms: 2_000 };
+const TENANT: NodeId = NodeId([200; 32]);
+const JOB: [u8; 32] = [7; 32];
+
+fn provider(i: u8, operator: &str, region: &str) -> Provider {
+    Provider {
+        node: NodeId([i; 32]),
+        operator: operator.into(),
+        region: region.parse().unwrap(),
+        country: if region.starts_with("eu") { "DE" } else { "US" }.parse().unwrap(),
+        jurisdiction: if region.starts_with("eu") { "DE" } else { "US" }.parse().unwrap(),
+        record: Record::default(),
+    }
+}
+
+fn spec(n: u8, max: Micro) -> JobSpec {
+    let obj = |k: &str| ObjectRef { bucket: "jobs".into(), key: k.into(), version: [1; 32] };
+    JobSpec {
+        module: obj("wc.wasm"),
+        inputs: vec![obj("in.txt")],
+        args: vec![],
+        env: vec![],
+        limits: JobLimits { memory_bytes: 64 << 20, cpu_ms: 10_000, wall_ms: 20_000, output_bytes: 1 << 20 },
+        max_price_micro: max,
+        geofence: Geofence::default(),
+        redundancy: n,
+        bid_window_ms: 500,
+    }
+}
+
+fn salt(p: &Provider) -> [u8; 32] {
+    [p.node.0[0] ^ 0x5a; 32]
+}
+
+/// Posts a job at t=0 and has `bids` (provider, price) commit at 100 and reveal at 600.
+fn auction(n: u8, max: Micro, bids: &[(&Provider, Micro)], book: &mut Book) -> Job {
+    book.credit(&TENANT, 1_000_000);
+    for (p, _) in bids {
+        book.credit(&p.node, 1_000);
+    }
+    let (mut job, _) = Job::post(JOB, TENANT, spec(n, max), 0, book).unwrap();
+    for (p, price) in bids {
+        job.commit(&p.node, commitment(&JOB, &p.node, 0, *price, &salt(p)), 100, book).unwrap();
+    }
+    for (p, price) in bids {
+        job.reveal(p, *price, &salt(p), 600).unwrap();
+    }
+    job
+}
+
+fn awarded(events: &[Event]) -> Vec<NodeId> {
+    events.iter().filter_map(|e| if let Event::Awarded { provider, .. } = e { Some(*provider) } else { None }).collect()
+}
+
+fn output(b: u8) -> RunOutcome {
+    RunOutcome::Success { output: [b; 32] }
+}
+
+#[test]
+fn the_cheapest_reliable_bid_wins_and_is_paid_its_price_once() {
+    let (a, b, c) = (provider(1, "op-a", "eu-de"), provider(2, "op-b", "eu-fr"), provider(3, "op-c", "us-east"));
+    let mut book = Book::default();
+    let mut job = auction(1, 100, &[(&a, 90), (&b, 60), (&c, 70)], &mut book);
+    assert_eq!(book.of(&TENANT), 1_000_000 - 100, "escrow = max price × N");
+    assert_eq!(book.of(&b.node), 1_000 - 10, "a bond of 10 % of the max price");
+    let ev = job.tick(1_000, &PARAMS, &mut book);
+    assert_eq!(awarded(&ev), [b.node]);
+    // The two others stand by with their bond (N = 1: the best one); the last gets it back.
+    assert_eq!(job.standby.iter().map(|s| s.provider.node).collect::<Vec<_>>(), [c.node]);
+    assert_eq!((book.of(&a.node), book.of(&c.node)), (1_000, 990));
+    job.heartbeat(&b.node, 1_500).unwrap();
+    let ev = job.result(&b.node, output(9), 2_000, &mut book).unwrap();
+    assert!(ev.contains(&Event::Paid { provider: b.node, amount_micro: 60 }), "{ev:?}");
+    assert_eq!(job.ended, Some(Ended::Accepted { outcome: output(9), at_ms: 2_000 }));
+    assert_eq!(book.of(&b.node), 1_060, "its price, and its bond back");
+    assert_eq!(book.of(&c.node), 1_000, "the standby's bond back");
+    assert_eq!(book.of(&TENANT), 1_000_000 - 60, "the tenant paid the winning price only");
+    // Nothing more can happen to it.
+    assert_eq!(job.result(&b.node, output(9), 2_100, &mut book), Err(MarketError::Ended));
+    assert_eq!(job.cancel(&TENANT, 2_100, &mut book), Err(MarketError::Ended));
+}
+
+#[test]
+fn a_lapsed_lease_passes_to_the_standby_at_once_and_the_job_is_paid_once() {
+    let (a, b) = (provider(1, "op-a", "eu-de"), provider(2, "op-b", "eu-fr"));
+    let mut book = Book::default();
+    let mut job = auction(1, 100, &[(&a, 50), (&b, 80)], &mut book);
+    assert_eq!(awarded(&job.tick(1_000, &PARAMS, &mut book)), [a.node]);
+    job.heartbeat(&a.node, 2_000).unwrap();
+    // a dies: no heartbeat; 2 s after its last one its lease lapses and b runs the job.
+    assert!(awarded(&job.tick(4_000, &PARAMS, &mut book)).is_empty(), "not yet: exactly the TTL");
+    let ev = job.tick(4_001, &PARAMS, &mut book);
+    assert!(ev.contains(&Event::Penalized { provider: a.node, why: "lapsed" }), "{ev:?}");
+    assert_eq!(awarded(&ev), [b.node], "the standby, in the same block: no new auction");
+    assert_eq!(book.of(&a.node), 990, "its bond went to the tenant");
+    // a comes back: it holds no lease, its result is refused, and it may not bid on the job.
+    assert_eq!(job.result(&a.node, output(1), 4_100, &mut book), Err(MarketError::NotLeaseholder));
+    assert_eq!(job.heartbeat(&a.node, 4_100), Err(MarketError::NotLeaseholder));
+    job.result(&b.node, output(2), 5_000, &mut book).unwrap();
+    assert_eq!(book.of(&b.node), 1_080);
+    assert_eq!(book.of(&TENANT), 1_000_000 - 80 + 10, "paid once (b's price), a's bond received");
+    assert_eq!(job.paid, BTreeSet::from([b.node]));
+}
+
+#[test]
+fn without_a_standby_a_lapsed_lease_goes_back_to_auction_without_its_provider() {
+    let (a, b) = (provider(1, "op-a", "eu-de"), provider(2, "op-b", "eu-fr"));
+    let mut book = Book::default();
+    let mut job = auction(1, 100, &[(&a, 50)], &mut book);
+    job.tick(1_000, &PARAMS, &mut book);
+    let ev = job.tick(3_001, &PARAMS, &mut book);
+    assert!(ev.contains(&Event::Reopened { round: 1, slots: 1 }), "{ev:?}");
+    assert_eq!(job.escrow_micro, 100, "escrow intact");
+    assert_eq!(job.commit(&a.node, [0; 32], 3_100, &mut book), Err(MarketError::Excluded));
+    book.credit(&b.node, 1_000);
+    job.commit(&b.node, commitment(&JOB, &b.node, 1, 70, &salt(&b)), 3_100, &mut book).unwrap();
+    // A reveal for another round's commitment does not open this one.
+    assert_eq!(job.reveal(&b, 70, &[0; 32], 3_600), Err(MarketError::BadReveal));
+    job.reveal(&b, 70, &salt(&b), 3_600).unwrap();
+    assert_eq!(awarded(&job.tick(4_001, &PARAMS, &mut book)), [b.node]);
+}
+
+#[test]
+fn a_byzantine_provider_is_outvoted_and_penalized_and_the_majority_paid() {
+    let ps = [provider(1, "op-a", "eu-de"), provider(2, "op-b", "eu-fr"), provider(3, "op-c", "eu-nl")];
+    let mut book = Book::default();
+    let mut job = auction(3, 100, &[(&ps[0], 40), (&ps[1], 50), (&ps[2], 60)], &mut book);
+    assert_eq!(awarded(&job.tick(1_000, &PARAMS, &mut book)).len(), 3);
+    job.result(&ps[2].node, output(66), 1_500, &mut book).unwrap();
+    job.result(&ps[0].node, output(1), 1_600, &mut book).unwrap();
+    assert!(job.ended.is_none(), "one each: no majority yet");
+    let ev = job.result(&ps[1].node, output(1), 1_700, &mut book).unwrap();
+    assert!(ev.contains(&Event::Penalized { provider: ps[2].node, why: "outvoted" }), "{ev:?}");
+    assert_eq!(job.ended, Some(Ended::Accepted { outcome: output(1), at_ms: 1_700 }));
+    assert_eq!(book.of(&ps[0].node), 1_040);
+    assert_eq!(book.of(&ps[1].node), 1_050);
+    assert_eq!(book.of(&ps[2].node), 990, "no pay, bond lost");
+    assert_eq!(book.of(&TENANT), 1_000_000 - 90 + 10);
+}
+
+#[test]
+fn no_majority_runs_once_more_then_refunds() {
+    let ps: Vec<Provider> = (1..=4).map(|i| provider(i, &format!("op-{i}"), "eu-de")).collect();
+    let mut book = Book::default();
+    let mut job = auction(2, 100, &[(&ps[0], 40), (&ps[1], 50)], &mut book);
+    job.tick(1_000, &PARAMS, &mut book);
+    job.result(&ps[0].node, output(1), 1_100, &mut book).unwrap();
+    let ev = job.result(&ps[1].node, output(2), 1_200, &mut book).unwrap();
+    assert!(ev.contains(&Event::Reopened { round: 1, slots: 2 }), "{ev:?}");
+    assert_eq!((book.of(&ps[0].node), book.of(&ps[1].node)), (1_000, 1_000), "bonds back: nobody shown wrong");
+    for p in &ps[2..] {
+        book.credit(&p.node, 1_000);
+        job.commit(&p.node, commitment(&JOB, &p.node, 1, 45, &salt(p)), 1_300, &mut book).unwrap();
+    }
+    for p in &ps[2..] {
+        job.reveal(p, 45, &salt(p), 1_800).unwrap();
+    }
+    assert_eq!(awarded(&job.tick(2_200, &PARAMS, &mut book)).len(), 2);
+    job.result(&ps[2].node, output(3), 2_300, &mut book).unwrap();
+    let ev = job.result(&ps[3].node, output(4), 2_400, &mut book).unwrap();
+    assert!(matches!(job.ended, Some(Ended::Refunded { .. })), "{ev:?}");
+    assert_eq!(book.of(&TENANT), 1_000_000, "all back");
+}
+
+#[test]
+fn unrevealed_bids_lose_their_bond_and_bad_reveals_are_refused() {
+    let (a, b) = (provider(1, "op-a", "eu-de"), provider(2, "op-b", "eu-fr"));
+    let mut book = Book::default();
+    book.credit(&TENANT, 1_000);
+    book.credit(&a.node, 100);
+    book.credit(&b.node, 5);
+    let (mut job, _) = Job::post(JOB, TENANT, spec(1, 100), 0, &mut book).unwrap();
+    job.commit(&a.node, commitment(&JOB, &a.node, 0, 30, &salt(&a)), 100, &mut book).unwrap();
+    assert_eq!(job.commit(&a.node, [0; 32], 110, &mut book), Err(MarketError::AlreadyBid));
+    assert_eq!(job.commit(&b.node, [0; 32], 120, &mut book), Err(MarketError::Insufficient { need: 10 }));
+    assert!(matches!(job.reveal(&a, 30, &salt(&a), 400), Err(MarketError::Phase(_))), "too early");
+    assert_eq!(job.reveal(&a, 31, &salt(&a), 600), Err(MarketError::BadReveal));
+    assert_eq!(job.reveal(&b, 30, &salt(&b), 600), Err(MarketError::NoCommit));
+    assert!(matches!(job.commit(&b.node, [0; 32], 600, &mut book), Err(MarketError::Phase(_))), "too late");
+    let ev = job.tick(1_000, &PARAMS, &mut book);
+    assert!(ev.contains(&Event::Penalized { provider: a.node, why: "not_revealed" }), "{ev:?}");
+    assert_eq!(book.of(&a.node), 90);
+    assert_eq!(job.cancel(&a.node, 1_100, &mut book), Err(MarketError::NotTenant));
+    job.cancel(&TENANT, 1_100, &mut book).unwrap();
+    assert_eq!(book.of(&TENANT), 1_010, "escrow back, plus a's bond");
+}
+
+#[test]
+fn a_job_nobody_takes_is_refunded_after_its_rounds() {
+    let mut book = Book::default();
+    book.credit(&TENANT, 1_000);
+    let (mut job, _) = Job::post(JOB, TENANT, spec(1, 100), 0, &mut book).unwrap();
+    let mut t = 0;
+    while job.ended.is_none() && t < 100_000 {
+        t += 500;
+        job.tick(t, &PARAMS, &mut book);
+    }
+    assert!(matches!(&job.ended, Some(Ended::Refunded { why, .. }) if why.contains("auction rounds")), "{job:?}");
+    assert_eq!(job.rounds, MAX_ROUNDS);
+    assert_eq!(book.of(&TENANT), 1_000);
+}
+
+#[test]
+fn winners_come_from_distinct_operators_and_spread_over_regions() {
+    let ps = [
+        provider(1, "op-a", "eu-de"),
+        provider(2, "op-a", "eu-fr"),
+        provider(3, "op-b", "eu-de"),
+        provider(4, "op-c", "eu-nl"),
+    ];
+    let bids: Vec<Bid> = ps.iter().map(|p| Bid { provider: p.clone(), price_micro: 10 }).collect();
+    let ranked = rank(&JOB, &bids, &Geofence::default(), 100, &BTreeSet::new());
+    let winners = pick(&ranked, 3, &BTreeSet::new(), &BTreeSet::new());
+    let ops: BTreeSet<&str> = winners.iter().map(|b| b.provider.operator.as_str()).collect();
+    assert_eq!(ops.len(), 3, "three operators");
+    // Two slots from three regions and three operators: two regions.
+    let two = pick(&ranked, 2, &BTreeSet::new(), &BTreeSet::new());
+    assert_ne!(two[0].provider.region, two[1].provider.region);
+    // Five slots, three operators: only three winners.
+    assert_eq!(pick(&ranked, 5, &BTreeSet::new(), &BTreeSet::new()).len(), 3);
+}
+
+#[test]
+fn reliability_weighs_against_price_and_ties_break_by_hash_not_by_order() {
+    let mut good = provider(1, "op-a", "eu-de");
+    good.record = Record { accepted: 98, penalized: 0 };
+    let mut flaky = provider(2, "op-b", "eu-de");
+    flaky.record = Record { accepted: 1, penalized: 5 };
+    let bids = [Bid { provider: flaky, price_micro: 50 }, Bid { provider: good.clone(), price_micro: 90 }];
+    let ranked = rank(&JOB, &bids, &Geofence::default(), 100, &BTreeSet::new());
+    assert_eq!(ranked[0].provider.node, good.node, "90 at 99 % beats 50 at 25 %");
+    let same: Vec<Bid> =
+        (1..=8).map(|i| Bid { provider: provider(i, &format!("o{i}"), "eu-de"), price_micro: 5 }).collect();
+    let mut reversed = same.clone();
+    reversed.reverse();
+    let order = |b: &[Bid]| -> Vec<NodeId> {
+        rank(&JOB, b, &Geofence::default(), 100, &BTreeSet::new()).iter().map(|b| b.provider.node).collect()
+    };
+    assert_eq!(order(&same), order(&reversed));
+    assert_ne!(order(&same), same.iter().map(|b| b.provider.node).collect::<Vec<_>>(), "not by node id");
+}
+
+#[test]
+fn a_provider_says_why_it_does_not_bid() {
+    let p = provider(1, "op-a", "us-east");
+    let offer = Offer { price_floor_micro: 40, free_slots: 1, max_memory_bytes: 1 << 30, max_cpu_ms: 60_000 };
+    let eu: Geofence = Geofence { regions: ["eu".parse().unwrap()].into(), ..Geofence::default() };
+    assert_eq!(evaluate(&p, &offer, &eu, 100, 1, 1), Err(Decline::Geofence));
+    let any = Geofence::default();
+    assert_eq!(evaluate(&p, &offer, &any, 30, 1, 1), Err(Decline::PriceFloor { floor_micro: 40, max_micro: 30 }));
+    assert!(matches!(evaluate(&p, &offer, &any, 100, 2 << 30, 1), Err(Decline::Limits { .. })));
+    let full = Offer { free_slots: 0, ..offer };
+    assert_eq!(evaluate(&p, &full, &any, 100, 1, 1), Err(Decline::NoCapacity));
+    assert_eq!(evaluate(&p, &offer, &any, 100, 1, 1), Ok(40));
+    let us_out = Geofence { deny_jurisdictions: ["US".parse().unwrap()].into(), ..Geofence::default() };
+    assert_eq!(evaluate(&p, &offer, &us_out, 100, 1, 1), Err(Decline::Geofence));
+}
+
+#[test]
+fn bad_specs_are_refused_with_the_reason() {
+    let mut book = Book::default();
+    book.credit(&TENANT, 1_000);
+    for (s, says) in [
+        (JobSpec { redundancy: 0, ..spec(1, 10) }, "redundancy 0"),
+        (JobSpec { redundancy: 6, ..spec(1, 10) }, "1 to 5"),
+        (JobSpec { max_price_micro: 0, ..spec(1, 10) }, "max price is 0"),
+        (JobSpec { max_price_micro: u64::MAX, ..spec(2, 10) }, "overflows"),
+        (JobSpec { bid_window_ms: 10, ..spec(1, 10) }, "bid window"),
+        (JobSpec { args: vec!["x".repeat(5_000)], ..spec(1, 10) }, "at most 1024 bytes"),
+        (JobSpec { env: vec![("A=B".into(), "c".into())], ..spec(1, 10) }, "'='"),
+        (JobSpec { limits: JobLimits { cpu_ms: 0, ..spec(1, 10).limits }, ..spec(1, 10) }, "cpu_ms"),
+    ] {
+        let e = Job::post(JOB, TENANT, s, 0, &mut book).unwrap_err();
+        assert!(e.to_string().contains(says), "{e} (wanted {says})");
+    }
+    let e = Job::post(JOB, TENANT, spec(1, 5_000), 0, &mut book).unwrap_err();
+    assert_eq!(e, MarketError::Insufficient { need: 5_000 });
+    assert_eq!(book.of(&TENANT), 1_000, "nothing taken by a refused post");
+}
