@@ -206,3 +206,65 @@ pub fn pick<'a>(
     }
     winners
 }
+
+/// What `archipel job why` says of a job without (enough) bids, from the declines providers
+/// recorded: how many providers there are, how many are inside the geofence, and why the others
+/// did not bid — e.g. `no bids: 3 providers are in regions [eu]; 3 declined: price floor above
+/// your max price 20 (3, lowest floor 25)`.
+pub fn explain(
+    geofence: &Geofence,
+    max_micro: Micro,
+    providers: usize,
+    declines: &[Decline],
+    bids: usize,
+    wanted: usize,
+) -> String {
+    let fence = geofence.describe();
+    let outside = declines.iter().filter(|d| matches!(d, Decline::Geofence)).count();
+    let inside = providers.saturating_sub(outside);
+    let head = match bids {
+        0 => "no bids".to_string(),
+        b if b < wanted => format!("{b} bid(s) for {wanted} runs"),
+        b => format!("{b} bid(s)"),
+    };
+    if providers == 0 {
+        return format!("{head}: no provider is registered");
+    }
+    if inside == 0 {
+        return format!("{head}: none of the {providers} providers is {fence}: widen the job's geofence");
+    }
+    let mut reasons: Vec<String> = Vec::new();
+    let floors: Vec<Micro> = declines
+        .iter()
+        .filter_map(|d| if let Decline::PriceFloor { floor_micro, .. } = d { Some(*floor_micro) } else { None })
+        .collect();
+    if let Some(lowest) = floors.iter().min() {
+        reasons.push(format!(
+            "{} have a price floor above your max price {max_micro} (lowest floor {lowest}: raise --max-price)",
+            floors.len()
+        ));
+    }
+    let count = |f: fn(&Decline) -> bool| declines.iter().filter(|d| f(d)).count();
+    let busy = count(|d| matches!(d, Decline::NoCapacity));
+    if busy > 0 {
+        reasons.push(format!("{busy} have no free capacity (the job waits for one)"));
+    }
+    let limits = count(|d| matches!(d, Decline::Limits { .. }));
+    if limits > 0 {
+        reasons.push(format!("{limits} give one job less memory or CPU than it asks (lower its limits)"));
+    }
+    let excluded = count(|d| matches!(d, Decline::Excluded));
+    if excluded > 0 {
+        reasons.push(format!("{excluded} are excluded from this job (a lapsed lease, or they ran it)"));
+    }
+    let silent = inside.saturating_sub(declines.len() - outside).saturating_sub(bids);
+    if silent > 0 {
+        reasons.push(format!("{silent} said nothing (down, or not bidding)"));
+    }
+    let who = if fence == "anywhere" {
+        format!("{providers} providers")
+    } else {
+        format!("{inside} of {providers} providers are {fence}")
+    };
+    format!("{head}: {who}; {}", reasons.join("; "))
+}

@@ -312,3 +312,26 @@ fn bad_specs_are_refused_with_the_reason() {
     assert_eq!(e, MarketError::Insufficient { need: 5_000 });
     assert_eq!(book.of(&TENANT), 1_000, "nothing taken by a refused post");
 }
+
+#[test]
+fn why_a_job_has_no_bids_is_said_with_the_numbers() {
+    use archipel_market::rule::explain;
+    let eu = Geofence { regions: ["eu".parse().unwrap()].into(), ..Geofence::default() };
+    let floors = |f: &[Micro]| -> Vec<Decline> {
+        f.iter().map(|&floor_micro| Decline::PriceFloor { floor_micro, max_micro: 20 }).collect()
+    };
+    let why = explain(&eu, 20, 3, &floors(&[25, 40, 30]), 0, 1);
+    assert_eq!(
+        why,
+        "no bids: 3 of 3 providers are in regions [eu]; 3 have a price floor above your max price 20 (lowest floor 25: raise --max-price)"
+    );
+    let outside = vec![Decline::Geofence; 4];
+    let why = explain(&eu, 20, 4, &outside, 0, 1);
+    assert!(why.contains("none of the 4 providers is in regions [eu]") && why.contains("widen"), "{why}");
+    let mixed = [vec![Decline::NoCapacity, Decline::Limits { what: "memory".into() }], floors(&[50])].concat();
+    let why = explain(&Geofence::default(), 20, 5, &mixed, 1, 2);
+    assert!(why.starts_with("1 bid(s) for 2 runs: 5 providers;"), "{why}");
+    assert!(why.contains("1 have no free capacity") && why.contains("1 give one job less memory"), "{why}");
+    assert!(why.contains("lowest floor 50") && why.contains("1 said nothing"), "{why}");
+    assert_eq!(explain(&eu, 20, 0, &[], 0, 1), "no bids: no provider is registered");
+}
