@@ -59,6 +59,23 @@ pub struct RunLocalArgs {
     json: bool,
 }
 
+/// Whether `a` and `b` name the same existing file.
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// `bytes` as text with control characters other than newline and tab shown escaped.
+fn printable(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .map(|c| if c.is_control() && c != '\n' && c != '\t' { c.escape_default().to_string() } else { c.to_string() })
+        .collect()
+}
+
 /// Runs `archipel job …`.
 pub async fn run(command: JobCommand) -> Result<()> {
     match command {
@@ -111,10 +128,32 @@ async fn run_local(a: RunLocalArgs) -> Result<()> {
     let runner = Runner::new(std::env::current_exe().context("cannot find the archipel binary")?, &["wasm-run"]);
     let outcome = match (&a.output, a.json) {
         (Some(path), _) => {
-            let mut file = tokio::fs::File::create(path)
+            for (what, other) in [("the module", Some(&a.module)), ("--stdin", a.stdin.as_ref())] {
+                if other.is_some_and(|o| same_file(o, path)) {
+                    bail!("--output {} is {what}: it would be overwritten; write the output elsewhere", path.display());
+                }
+            }
+            // Written beside, renamed when the run ends: a file of that name is whole or old.
+            let tmp = path.with_file_name(format!(
+                ".{}.partial",
+                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into())
+            ));
+            let mut file = tokio::fs::File::create(&tmp)
                 .await
-                .with_context(|| format!("cannot write the output to {}", path.display()))?;
-            runner.run(&job, &mut file).await?
+                .with_context(|| format!("cannot write the output to {}", tmp.display()))?;
+            let outcome = runner.run(&job, &mut file).await;
+            drop(file);
+            match outcome {
+                Ok(o) => {
+                    std::fs::rename(&tmp, path)
+                        .with_context(|| format!("cannot write the output to {}", path.display()))?;
+                    o
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e.into());
+                }
+            }
         }
         (None, true) => runner.run(&job, &mut tokio::io::sink()).await?,
         (None, false) => runner.run(&job, &mut tokio::io::stdout()).await?,
@@ -126,8 +165,10 @@ async fn run_local(a: RunLocalArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         if !outcome.log.is_empty() {
-            eprint!("{}", String::from_utf8_lossy(&outcome.log));
-            if !outcome.log.ends_with(b"\n") {
+            // The module's words, not ours: no terminal control sequences get through.
+            let log = printable(&outcome.log);
+            eprint!("{log}");
+            if !log.ends_with('\n') {
                 eprintln!();
             }
         }

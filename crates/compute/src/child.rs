@@ -25,8 +25,23 @@ pub const CPU_LIMIT_EXIT: i32 = 86;
 /// Exit code of a child that could not read its request (nothing else is known).
 pub const BAD_REQUEST_EXIT: i32 = 87;
 
-/// Table elements a module may grow its tables to (each is a pointer: 8 MiB at most).
+/// Table elements a module's tables may hold together (each is a pointer: 8 MiB at most).
 pub const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+/// Tables a module may define.
+pub const MAX_TABLES: usize = 8;
+
+/// Largest module accepted (binary or text): compiling is the one cost outside the limiter's
+/// reach, so the input to it is bounded.
+pub const MAX_MODULE_BYTES: u64 = 64 << 20;
+
+/// How long after the wall-time limit the child ends itself if its parent did not (a parent
+/// that died): the parent's deadline comes first.
+pub const WALL_GRACE: Duration = Duration::from_secs(2);
+
+/// Who writes the status: the first of the main thread (the module ended) and the watchdog (a
+/// limit); the other writes nothing.
+static STATUS_WRITTEN: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
 
 /// What the parent asks of the child, as JSON in the request file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -62,6 +77,15 @@ pub fn main(request: &Path) -> i32 {
     };
     bound_self(&req);
     let end = run_module(&req.job);
+    let mut written = STATUS_WRITTEN.lock().unwrap_or_else(|e| e.into_inner());
+    if *written {
+        // The watchdog has written a limit and is ending the process.
+        drop(written);
+        loop {
+            std::thread::park();
+        }
+    }
+    *written = true;
     match write_status(&req.status, &Status { end, cpu_ms: cpu_ms() }) {
         Ok(()) => 0,
         Err(e) => {
@@ -85,38 +109,67 @@ fn write_status(path: &Path, status: &Status) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// No core dumps; the kernel's CPU limit one second above ours; the watchdog.
+/// No core dumps; killed with its parent; the kernel's CPU limit one second above ours; the
+/// watchdog (CPU limit, and the wall-time limit plus [`WALL_GRACE`] should the parent be gone).
 fn bound_self(req: &Request) {
     use rustix::process::{Resource, Rlimit, setrlimit};
+    let parent = rustix::process::getppid();
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+    if rustix::process::getppid() != parent {
+        // The parent died before the line above: nobody waits for this run.
+        std::process::exit(BAD_REQUEST_EXIT);
+    }
     let _ = setrlimit(Resource::Core, Rlimit { current: Some(0), maximum: Some(0) });
     let limit_ms = req.job.limits.cpu_ms;
     let soft = limit_ms.div_ceil(1000) + 1;
     let _ = setrlimit(Resource::Cpu, Rlimit { current: Some(soft), maximum: Some(soft + 1) });
     let status = req.status.clone();
+    let wall = Duration::from_millis(req.job.limits.wall_ms) + WALL_GRACE;
+    let started = std::time::Instant::now();
     std::thread::spawn(move || {
         loop {
             std::thread::sleep(WATCHDOG_EVERY);
-            if cpu_ms() >= limit_ms {
-                let end = End::CpuLimit { limit_ms };
-                let _ = write_status(&status, &Status { end, cpu_ms: cpu_ms() });
-                std::process::exit(CPU_LIMIT_EXIT);
+            let end = if cpu_ms() >= limit_ms {
+                End::CpuLimit { limit_ms }
+            } else if started.elapsed() >= wall {
+                End::WallLimit { limit_ms: wall.as_millis() as u64 }
+            } else {
+                continue;
+            };
+            let mut written = STATUS_WRITTEN.lock().unwrap_or_else(|e| e.into_inner());
+            if *written {
+                // The module ended first: its status stands.
+                return;
             }
+            *written = true;
+            let _ = write_status(&status, &Status { end, cpu_ms: cpu_ms() });
+            // Holding the lock: the main thread cannot write after this.
+            std::process::exit(CPU_LIMIT_EXIT);
         }
     });
 }
 
-/// Refuses memory growth beyond the limit, and remembers that it did: a run that fails after
-/// a refusal ran out of memory.
+/// Refuses memory growth beyond the limit — all memories and tables of the run together — and
+/// remembers that it did: a run that fails after a refusal ran out of memory.
 #[derive(Debug)]
 pub struct MemoryLimiter {
     limit_bytes: usize,
+    /// Linear memory granted so far, over every memory.
+    memory_bytes: usize,
+    /// Table elements granted so far, over every table.
+    table_elements: usize,
     refused: bool,
 }
 
 impl MemoryLimiter {
     /// A limiter for `limit_bytes` of linear memory.
     pub fn new(limit_bytes: u64) -> Self {
-        MemoryLimiter { limit_bytes: usize::try_from(limit_bytes).unwrap_or(usize::MAX), refused: false }
+        MemoryLimiter {
+            limit_bytes: usize::try_from(limit_bytes).unwrap_or(usize::MAX),
+            memory_bytes: 0,
+            table_elements: 0,
+            refused: false,
+        }
     }
 
     /// Whether a growth was refused.
@@ -126,17 +179,39 @@ impl MemoryLimiter {
 }
 
 impl wasmtime::ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        // `memory.grow` answers -1: the module may cope (malloc returns NULL).
-        let ok = desired <= self.limit_bytes;
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        // `memory.grow` answers -1: the module may cope (malloc returns NULL). The total counts
+        // every memory (multi-memory is off, but the count does not rely on it).
+        let total = self.memory_bytes.saturating_sub(current).saturating_add(desired);
+        let ok = total <= self.limit_bytes;
+        if ok {
+            self.memory_bytes = total;
+        }
         self.refused |= !ok;
         Ok(ok)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        let ok = desired <= MAX_TABLE_ELEMENTS;
+    fn table_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.table_elements.saturating_sub(current).saturating_add(desired);
+        let ok = total <= MAX_TABLE_ELEMENTS;
+        if ok {
+            self.table_elements = total;
+        }
         self.refused |= !ok;
         Ok(ok)
+    }
+
+    // One module, one memory, a few tables: a WASI command needs no more.
+    fn instances(&self) -> usize {
+        1
+    }
+
+    fn memories(&self) -> usize {
+        1
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
     }
 }
 
@@ -151,6 +226,8 @@ pub fn engine(canonical_nans: bool) -> wasmtime::Result<Engine> {
     let mut config = Config::new();
     config.cranelift_nan_canonicalization(canonical_nans);
     config.relaxed_simd_deterministic(true);
+    // A WASI p1 command has one memory; more would only be a way around the memory limit.
+    config.wasm_multi_memory(false);
     Engine::new(&config)
 }
 
@@ -165,9 +242,9 @@ pub fn run_module(job: &Job) -> End {
         Ok(e) => e,
         Err(e) => return End::Crashed { reason: format!("cannot configure wasmtime: {}", short(&e)) },
     };
-    let bytes = match std::fs::read(&job.module) {
+    let bytes = match read_bounded(&job.module, MAX_MODULE_BYTES) {
         Ok(b) => b,
-        Err(e) => return End::InvalidModule { reason: format!("cannot read {}: {e}", job.module.display()) },
+        Err(reason) => return End::InvalidModule { reason },
     };
     let module = match Module::new(&engine, &bytes) {
         Ok(m) => m,
@@ -180,10 +257,8 @@ pub fn run_module(job: &Job) -> End {
     wasi.inherit_stdin().inherit_stdout().inherit_stderr().args(&argv).envs(&job.env);
     if let Some(seed) = &job.seed {
         // The same random bytes on every provider: redundant runs must agree.
-        let mut stream = vec![0u8; 64 << 10];
-        blake3::Hasher::new_derive_key("archipel job random").update(seed).finalize_xof().fill(&mut stream);
-        wasi.secure_random(wasmtime_wasi::Deterministic::new(stream.clone()));
-        wasi.insecure_random(wasmtime_wasi::Deterministic::new(stream));
+        wasi.secure_random(SeededRandom::new(seed, "secure"));
+        wasi.insecure_random(SeededRandom::new(seed, "insecure"));
         wasi.insecure_random_seed(u128::from_le_bytes(seed[..16].try_into().unwrap_or_default()));
     }
     let state = State { wasi: wasi.build_p1(), limiter: MemoryLimiter::new(job.limits.memory_bytes) };
@@ -200,7 +275,11 @@ pub fn run_module(job: &Job) -> End {
     }
     let instance = match linker.instantiate(&mut store, &module) {
         Ok(i) => i,
-        Err(e) => return failed(&store, e, job),
+        Err(_) if store.data().limiter.refused() => return End::MemoryLimit { limit_bytes: job.limits.memory_bytes },
+        // A start function's trap is the module's doing; anything else (an import of the right
+        // name and the wrong type, too many tables) is the module not fitting what jobs are given.
+        Err(e) if e.downcast_ref::<wasmtime::Trap>().is_some() => return failed(&store, e, job),
+        Err(e) => return End::InvalidModule { reason: short(&e) },
     };
     let start = match instance.get_typed_func::<(), ()>(&mut store, "_start") {
         Ok(f) => f,
@@ -213,6 +292,58 @@ pub fn run_module(job: &Job) -> End {
     match start.call(&mut store, ()) {
         Ok(()) => End::Exited { code: 0 },
         Err(e) => failed(&store, e, job),
+    }
+}
+
+/// The file at `path`, if it is at most `max` bytes.
+fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if bytes.len() as u64 > max {
+        return Err(format!("the module is larger than {} MiB", max >> 20));
+    }
+    Ok(bytes)
+}
+
+/// An endless stream of random-looking bytes from a seed: BLAKE3's extendable output under a
+/// key derived from the seed and the stream's name. The same on every provider.
+pub struct SeededRandom(blake3::OutputReader);
+
+impl std::fmt::Debug for SeededRandom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SeededRandom")
+    }
+}
+
+impl SeededRandom {
+    /// The stream `name` of `seed`.
+    pub fn new(seed: &[u8; 32], name: &str) -> Self {
+        let mut h = blake3::Hasher::new_derive_key("archipel job random v1");
+        h.update(seed).update(name.as_bytes());
+        SeededRandom(h.finalize_xof())
+    }
+}
+
+impl rand::TryRng for SeededRandom {
+    type Error = std::convert::Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        let mut b = [0u8; 4];
+        self.0.fill(&mut b);
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        let mut b = [0u8; 8];
+        self.0.fill(&mut b);
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        self.0.fill(dst);
+        Ok(())
     }
 }
 

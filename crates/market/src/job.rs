@@ -13,6 +13,12 @@
 //! to the tenant. Nothing else moves money, and every move is between an account and the job:
 //! the sum of all balances and all jobs' escrows and bonds never changes (property-tested).
 //!
+//! **Failure.** When the majority outcome is a failure (the module trapped, exited non-zero or
+//! passed a limit the same way on most providers), the job is refunded: nobody is paid, the
+//! providers that agree get their bond back, outvoted ones lose it. A tenant can thus have a job
+//! run for nothing by making it fail; what that costs providers is bounded by the job's CPU and
+//! wall-time limits, which each provider's bidder weighs (`rule::Offer::max_cpu_ms`).
+//!
 //! **No majority.** When every run of a round has ended and no outcome has more than N/2 of them,
 //! the job runs once more from a new auction; if that ends without a majority too, the tenant is
 //! refunded and the bonds go back (nobody is shown to be wrong).
@@ -471,10 +477,13 @@ impl Job {
         }
         let majority = counts.iter().find(|(_, c)| **c > n / 2).map(|(o, _)| (*o).clone());
         if let Some(outcome) = majority {
+            let failed = matches!(outcome, RunOutcome::Failed { .. });
             let leases = std::mem::take(&mut self.leases);
             for l in &leases {
                 let p = l.bid.provider.node;
                 match &l.result {
+                    // A job that failed (the same way on most providers) is refunded, not paid.
+                    Some(r) if *r == outcome && failed => self.release(&p, accounts),
                     Some(r) if *r == outcome && !self.paid.contains(&p) => {
                         let amount = l.bid.price_micro.min(self.escrow_micro);
                         self.escrow_micro -= amount;
@@ -491,7 +500,13 @@ impl Job {
                 }
             }
             self.leases = leases;
-            self.close(Ended::Accepted { outcome, at_ms: now_ms }, accounts, events);
+            let ended = match &outcome {
+                RunOutcome::Failed { end } => {
+                    Ended::Refunded { why: format!("the job failed on the providers: {end}"), at_ms: now_ms }
+                }
+                RunOutcome::Success { .. } => Ended::Accepted { outcome, at_ms: now_ms },
+            };
+            self.close(ended, accounts, events);
             return;
         }
         let pending = self.auction.as_ref().map_or(0, |a| a.slots);
