@@ -6,12 +6,19 @@
 //! **Money.** Posting moves `max_price × N` from the tenant into the job's escrow. A sealed bid
 //! moves a bond (`max_price × BOND_PERCENT / 100`, at least 1) from the provider into the job.
 //! Losing bids get their bond back at the award, except the N best, which stand by (bond kept)
-//! until the job ends. A bid committed and not revealed, a lease that lapses, and a result
-//! outvoted by the majority forfeit the bond to the tenant and count as a penalty on the
-//! provider's record. When a result is accepted, each provider in the majority is paid its own bid
-//! out of the escrow, exactly once, and gets its bond back; everything left in the escrow goes back
-//! to the tenant. Nothing else moves money, and every move is between an account and the job:
-//! the sum of all balances and all jobs' escrows and bonds never changes (property-tested).
+//! until the job ends. A bid committed and not revealed, a revealed bid the rule cannot take
+//! (above the max price, outside the geofence), a lease that lapses, and a result outvoted by the
+//! majority forfeit the bond — it is **burned** (`burned_micro`; nobody gains from another's
+//! penalty, so a tenant cannot profit by outvoting honest providers with nodes of its own) — and
+//! count as a penalty on the provider's record. When a result is accepted, each provider in the
+//! majority is paid its own bid out of the escrow, exactly once, and gets its bond back;
+//! everything left in the escrow goes back to the tenant. Nothing else moves money: the sum of all
+//! balances, all jobs' escrows and bonds, and what was burned never changes (property-tested).
+//!
+//! **One node, one vote.** A node holds at most one lease per run, whether its result is posted
+//! or not, and winners of one run never share an operator; the tenant cannot bid on its own job.
+//! A lease lapses without a heartbeat for the TTL, and also — heartbeats or not — once its run has
+//! had its wall time and a TTL more. The tenant may cancel only before the first award.
 //!
 //! **Failure.** When the majority outcome is a failure (the module trapped, exited non-zero or
 //! passed a limit the same way on most providers), the job is refunded: nobody is paid, the
@@ -200,6 +207,8 @@ pub struct Job {
     pub excluded: BTreeSet<NodeId>,
     /// Providers paid for it (at most once each, at most N).
     pub paid: BTreeSet<NodeId>,
+    /// Bonds forfeited (burned: the ledger adds them to the fees burned, nobody receives them).
+    pub burned_micro: Micro,
     /// How it ended.
     pub ended: Option<Ended>,
 }
@@ -233,6 +242,7 @@ impl Job {
             standby: Vec::new(),
             excluded: BTreeSet::new(),
             paid: BTreeSet::new(),
+            burned_micro: 0,
             ended: None,
         };
         let slots = usize::from(job.spec.redundancy);
@@ -255,8 +265,8 @@ impl Job {
         let w = self.spec.bid_window_ms;
         self.auction = Some(Auction {
             round: self.rounds,
-            commit_until_ms: now_ms + w,
-            reveal_until_ms: now_ms + 2 * w,
+            commit_until_ms: now_ms.saturating_add(w),
+            reveal_until_ms: now_ms.saturating_add(w.saturating_mul(2)),
             slots,
             commits: BTreeMap::new(),
             bids: BTreeMap::new(),
@@ -283,7 +293,11 @@ impl Job {
     ) -> Result<(), MarketError> {
         self.live()?;
         let bond = self.bond();
-        let excluded = self.excluded.contains(provider) || self.active().any(|l| l.bid.provider.node == *provider);
+        // One lease per node per run (a result posted or not: one node, one vote), and never the
+        // tenant on its own job.
+        let excluded = self.excluded.contains(provider)
+            || *provider == self.tenant
+            || self.leases.iter().any(|l| l.bid.provider.node == *provider);
         let a = self.auction.as_mut().ok_or(MarketError::NoAuction)?;
         if now_ms >= a.commit_until_ms {
             return Err(MarketError::Phase("sealed bids are closed: the auction is revealing or awarded"));
@@ -318,6 +332,9 @@ impl Job {
             return Err(MarketError::Phase("reveals are taken after sealed bids close and before the award"));
         }
         let c = a.commits.get(&provider.node).ok_or(MarketError::NoCommit)?;
+        if price_micro == 0 {
+            return Err(MarketError::ZeroPrice);
+        }
         if commitment(&id, &provider.node, a.round, price_micro, salt) != c.digest {
             return Err(MarketError::BadReveal);
         }
@@ -368,6 +385,9 @@ impl Job {
         if *who != self.tenant {
             return Err(MarketError::NotTenant);
         }
+        if !self.leases.is_empty() {
+            return Err(MarketError::Phase("the job runs: it can be cancelled only before a lease is awarded"));
+        }
         let mut events = Vec::new();
         self.close(Ended::Cancelled { at_ms: now_ms }, accounts, &mut events);
         Ok(events)
@@ -381,7 +401,12 @@ impl Job {
         }
         // Lapsed leases: excluded, bond to the tenant, slot free.
         let ttl = params.lease_ttl_ms;
-        let lapses = |l: &Lease| l.result.is_none() && now_ms > l.last_beat_ms.saturating_add(ttl);
+        // A lease lapses without heartbeats for the TTL, or, heartbeats or not, when its run
+        // has had its wall time and a TTL more: a provider that beats and never answers cannot
+        // hold the job (and the escrow) forever.
+        let deadline = |l: &Lease| l.awarded_ms.saturating_add(self.spec.limits.wall_ms).saturating_add(ttl);
+        let lapses =
+            |l: &Lease| l.result.is_none() && (now_ms > l.last_beat_ms.saturating_add(ttl) || now_ms > deadline(l));
         let lapsed: Vec<NodeId> = self.leases.iter().filter(|l| lapses(l)).map(|l| l.bid.provider.node).collect();
         if !lapsed.is_empty() {
             self.leases.retain(|l| !lapses(l));
@@ -405,7 +430,12 @@ impl Job {
         let taken_ops: BTreeSet<String> = self.leases.iter().map(|l| l.bid.provider.operator.clone()).collect();
         let taken_regions = self.leases.iter().map(|l| l.bid.provider.region.clone()).collect();
         let excluded = &self.excluded;
-        let candidates: Vec<&Bid> = self.standby.iter().filter(|b| !excluded.contains(&b.provider.node)).collect();
+        let holding: BTreeSet<NodeId> = self.leases.iter().map(|l| l.bid.provider.node).collect();
+        let candidates: Vec<&Bid> = self
+            .standby
+            .iter()
+            .filter(|b| !excluded.contains(&b.provider.node) && !holding.contains(&b.provider.node))
+            .collect();
         let chosen: Vec<Bid> = pick(&candidates, slots, &taken_ops, &taken_regions).into_iter().cloned().collect();
         for b in &chosen {
             self.standby.retain(|s| s.provider.node != b.provider.node);
@@ -439,9 +469,19 @@ impl Job {
             events.push(Event::Penalized { provider: *p, why: "not_revealed" });
             self.forfeit(p, accounts);
         }
-        let taken_ops: BTreeSet<String> = self.active().map(|l| l.bid.provider.operator.clone()).collect();
-        let taken_regions = self.active().map(|l| l.bid.provider.region.clone()).collect();
+        let taken_ops: BTreeSet<String> = self.leases.iter().map(|l| l.bid.provider.operator.clone()).collect();
+        let taken_regions = self.leases.iter().map(|l| l.bid.provider.region.clone()).collect();
         let ranked = rank(&self.id, a.bids.values(), &self.spec.geofence, self.spec.max_price_micro, &self.excluded);
+        // A revealed bid the rule cannot take (above the max price, outside the geofence) was a
+        // way to crowd the auction for nothing: its bond is forfeited too.
+        let eligible: BTreeSet<NodeId> = ranked.iter().map(|b| b.provider.node).collect();
+        for p in a.bids.keys().filter(|p| !eligible.contains(*p)) {
+            events.push(Event::Penalized { provider: *p, why: "ineligible" });
+            self.forfeit(p, accounts);
+        }
+        // A standby whose bond was just forfeited stands by no more.
+        let bonds = &self.bonds;
+        self.standby.retain(|b| bonds.contains_key(&b.provider.node));
         let winners: Vec<Bid> = pick(&ranked, a.slots, &taken_ops, &taken_regions).into_iter().cloned().collect();
         let won: BTreeSet<NodeId> = winners.iter().map(|b| b.provider.node).collect();
         // The best losers stand by (bond kept), as many as the job has runs; the rest go home.
@@ -451,7 +491,7 @@ impl Job {
         standby.extend(previous.iter().filter(|b| !a.bids.contains_key(&b.provider.node)).cloned());
         standby.truncate(usize::from(self.spec.redundancy));
         let keep: BTreeSet<NodeId> = standby.iter().map(|b| b.provider.node).collect();
-        let holding: BTreeSet<NodeId> = self.active().map(|l| l.bid.provider.node).collect();
+        let holding: BTreeSet<NodeId> = self.leases.iter().map(|l| l.bid.provider.node).collect();
         let bidders = a.bids.keys().copied().chain(previous.iter().map(|b| b.provider.node)).collect::<BTreeSet<_>>();
         for p in bidders.iter().filter(|p| !won.contains(*p) && !keep.contains(*p) && !holding.contains(*p)) {
             self.release(p, accounts);
@@ -532,10 +572,11 @@ impl Job {
         }
     }
 
-    /// Gives `p`'s bond to the tenant.
-    fn forfeit(&mut self, p: &NodeId, accounts: &mut impl Accounts) {
+    /// Burns `p`'s bond: nobody gains from another's penalty (a tenant paid forfeits would profit
+    /// from outvoting honest providers with its own).
+    fn forfeit(&mut self, p: &NodeId, _accounts: &mut impl Accounts) {
         if let Some(b) = self.bonds.remove(p) {
-            accounts.credit(&self.tenant, b);
+            self.burned_micro = self.burned_micro.saturating_add(b);
         }
     }
 

@@ -56,6 +56,9 @@ pub enum MarketError {
     /// A heartbeat or result from a provider without a lease on the job.
     #[error("this provider holds no lease on the job: it did not win it, or its lease lapsed or ended")]
     NotLeaseholder,
+    /// A bid of nothing.
+    #[error("a bid's price is at least 1")]
+    ZeroPrice,
     /// Cancelled by someone else than the tenant.
     #[error("only the tenant who posted the job may cancel it")]
     NotTenant,

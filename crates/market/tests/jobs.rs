@@ -127,13 +127,17 @@ fn a_lapsed_lease_passes_to_the_standby_at_once_and_the_job_is_paid_once() {
     let ev = job.tick(4_001, &PARAMS, &mut book);
     assert!(ev.contains(&Event::Penalized { provider: a.node, why: "lapsed" }), "{ev:?}");
     assert_eq!(awarded(&ev), [b.node], "the standby, in the same block: no new auction");
-    assert_eq!(book.of(&a.node), 990, "its bond went to the tenant");
+    assert_eq!((book.of(&a.node), job.burned_micro), (990, 10), "its bond is burned");
     // a comes back: it holds no lease, its result is refused, and it may not bid on the job.
     assert_eq!(job.result(&a.node, output(1), 4_100, &mut book), Err(MarketError::NotLeaseholder));
     assert_eq!(job.heartbeat(&a.node, 4_100), Err(MarketError::NotLeaseholder));
+    assert_eq!(
+        job.cancel(&TENANT, 4_100, &mut book),
+        Err(MarketError::Phase("the job runs: it can be cancelled only before a lease is awarded"))
+    );
     job.result(&b.node, output(2), 5_000, &mut book).unwrap();
     assert_eq!(book.of(&b.node), 1_080);
-    assert_eq!(book.of(&TENANT), 1_000_000 - 80 + 10, "paid once (b's price), a's bond received");
+    assert_eq!(book.of(&TENANT), 1_000_000 - 80, "paid once (b's price)");
     assert_eq!(job.paid, BTreeSet::from([b.node]));
 }
 
@@ -170,7 +174,8 @@ fn a_byzantine_provider_is_outvoted_and_penalized_and_the_majority_paid() {
     assert_eq!(book.of(&ps[0].node), 1_040);
     assert_eq!(book.of(&ps[1].node), 1_050);
     assert_eq!(book.of(&ps[2].node), 990, "no pay, bond lost");
-    assert_eq!(book.of(&TENANT), 1_000_000 - 90 + 10);
+    assert_eq!(book.of(&TENANT), 1_000_000 - 90, "the tenant pays the two it accepted, gains nothing");
+    assert_eq!(job.burned_micro, 10, "the outvoted bond is burned");
 }
 
 #[test]
@@ -195,6 +200,89 @@ fn no_majority_runs_once_more_then_refunds() {
     let ev = job.result(&ps[3].node, output(4), 2_400, &mut book).unwrap();
     assert!(matches!(job.ended, Some(Ended::Refunded { .. })), "{ev:?}");
     assert_eq!(book.of(&TENANT), 1_000_000, "all back");
+    for p in &ps {
+        assert_eq!(book.of(&p.node), 1_000, "nobody paid, nobody penalized");
+    }
+}
+
+#[test]
+fn a_node_that_answered_cannot_take_a_second_lease_of_the_same_run() {
+    let ps = [provider(1, "op-a", "eu-de"), provider(2, "op-b", "eu-fr"), provider(3, "op-c", "eu-nl")];
+    let mut book = Book::default();
+    let mut job = auction(3, 100, &[(&ps[0], 40), (&ps[1], 50), (&ps[2], 60)], &mut book);
+    job.tick(1_000, &PARAMS, &mut book);
+    job.result(&ps[0].node, output(1), 1_100, &mut book).unwrap();
+    // b lapses; nobody stands by: a new round. a, having answered, may not bid for the slot.
+    job.heartbeat(&ps[2].node, 2_900).unwrap();
+    let ev = job.tick(3_001, &PARAMS, &mut book);
+    assert!(ev.contains(&Event::Reopened { round: 1, slots: 1 }), "{ev:?}");
+    let digest = commitment(&JOB, &ps[0].node, 1, 1, &salt(&ps[0]));
+    assert_eq!(job.commit(&ps[0].node, digest, 3_100, &mut book), Err(MarketError::Excluded));
+    // Nor may another node of an operator that already holds a lease in this run win it.
+    let twin = provider(9, "op-a", "eu-pl");
+    book.credit(&twin.node, 1_000);
+    job.commit(&twin.node, commitment(&JOB, &twin.node, 1, 1, &salt(&twin)), 3_100, &mut book).unwrap();
+    job.reveal(&twin, 1, &salt(&twin), 3_600).unwrap();
+    let ev = job.tick(4_001, &PARAMS, &mut book);
+    assert!(!ev.iter().any(|e| matches!(e, Event::Awarded { .. })), "{ev:?}");
+}
+
+#[test]
+fn a_lease_that_beats_but_never_answers_lapses_after_its_wall_time() {
+    let (a, b) = (provider(1, "op-a", "eu-de"), provider(2, "op-b", "eu-fr"));
+    let mut book = Book::default();
+    let mut job = auction(1, 100, &[(&a, 50), (&b, 80)], &mut book);
+    job.tick(1_000, &PARAMS, &mut book);
+    // Awarded at 1 s, wall time 20 s, TTL 2 s: it may beat all it wants until 23 s.
+    for t in (2_000..=23_000).step_by(1_000) {
+        job.heartbeat(&a.node, t).unwrap();
+        assert!(awarded(&job.tick(t, &PARAMS, &mut book)).is_empty(), "{t}");
+    }
+    job.heartbeat(&a.node, 23_001).unwrap();
+    assert_eq!(awarded(&job.tick(23_001, &PARAMS, &mut book)), [b.node]);
+}
+
+#[test]
+fn bids_the_rule_cannot_take_lose_their_bond() {
+    let (a, b) = (provider(1, "op-a", "eu-de"), provider(2, "op-b", "us-east"));
+    let mut book = Book::default();
+    book.credit(&TENANT, 1_000);
+    let eu = JobSpec {
+        geofence: Geofence { regions: ["eu".parse().unwrap()].into(), ..Geofence::default() },
+        ..spec(1, 100)
+    };
+    let (mut job, _) = Job::post(JOB, TENANT, eu, 0, &mut book).unwrap();
+    for p in [&a, &b] {
+        book.credit(&p.node, 1_000);
+    }
+    // a bids above the max price; b is outside the geofence.
+    job.commit(&a.node, commitment(&JOB, &a.node, 0, 500, &salt(&a)), 100, &mut book).unwrap();
+    job.commit(&b.node, commitment(&JOB, &b.node, 0, 10, &salt(&b)), 100, &mut book).unwrap();
+    job.reveal(&a, 500, &salt(&a), 600).unwrap();
+    job.reveal(&b, 10, &salt(&b), 600).unwrap();
+    let ev = job.tick(1_000, &PARAMS, &mut book);
+    for p in [&a, &b] {
+        assert!(ev.contains(&Event::Penalized { provider: p.node, why: "ineligible" }), "{ev:?}");
+        assert_eq!(book.of(&p.node), 990);
+    }
+    assert!(awarded(&ev).is_empty());
+}
+
+#[test]
+fn a_job_that_fails_on_the_majority_is_refunded_and_nobody_paid() {
+    let ps = [provider(1, "op-a", "eu-de"), provider(2, "op-b", "eu-fr"), provider(3, "op-c", "eu-nl")];
+    let mut book = Book::default();
+    let mut job = auction(3, 100, &[(&ps[0], 40), (&ps[1], 50), (&ps[2], 60)], &mut book);
+    job.tick(1_000, &PARAMS, &mut book);
+    let failed = RunOutcome::Failed { end: "cpu_limit".into() };
+    job.result(&ps[0].node, failed.clone(), 1_100, &mut book).unwrap();
+    job.result(&ps[1].node, output(5), 1_200, &mut book).unwrap();
+    let ev = job.result(&ps[2].node, failed, 1_300, &mut book).unwrap();
+    assert!(matches!(&job.ended, Some(Ended::Refunded { why, .. }) if why.contains("cpu_limit")), "{ev:?}");
+    assert!(!ev.iter().any(|e| matches!(e, Event::Paid { .. })), "{ev:?}");
+    assert_eq!(book.of(&TENANT), 1_000_000, "the whole escrow back");
+    assert_eq!((book.of(&ps[0].node), book.of(&ps[2].node)), (1_000, 1_000), "the agreeing get their bond back");
+    assert_eq!((book.of(&ps[1].node), job.burned_micro), (990, 10), "the outvoted one loses it");
 }
 
 #[test]
@@ -212,12 +300,15 @@ fn unrevealed_bids_lose_their_bond_and_bad_reveals_are_refused() {
     assert_eq!(job.reveal(&a, 31, &salt(&a), 600), Err(MarketError::BadReveal));
     assert_eq!(job.reveal(&b, 30, &salt(&b), 600), Err(MarketError::NoCommit));
     assert!(matches!(job.commit(&b.node, [0; 32], 600, &mut book), Err(MarketError::Phase(_))), "too late");
+    assert_eq!(job.reveal(&a, 0, &salt(&a), 600), Err(MarketError::ZeroPrice));
     let ev = job.tick(1_000, &PARAMS, &mut book);
     assert!(ev.contains(&Event::Penalized { provider: a.node, why: "not_revealed" }), "{ev:?}");
-    assert_eq!(book.of(&a.node), 90);
+    assert_eq!((book.of(&a.node), job.burned_micro), (90, 10));
     assert_eq!(job.cancel(&a.node, 1_100, &mut book), Err(MarketError::NotTenant));
+    // The tenant cannot bid on its own job.
+    assert_eq!(job.commit(&TENANT, [0; 32], 1_100, &mut book), Err(MarketError::Excluded));
     job.cancel(&TENANT, 1_100, &mut book).unwrap();
-    assert_eq!(book.of(&TENANT), 1_010, "escrow back, plus a's bond");
+    assert_eq!(book.of(&TENANT), 1_000, "the escrow back, whole");
 }
 
 #[test]
@@ -233,6 +324,25 @@ fn a_job_nobody_takes_is_refunded_after_its_rounds() {
     assert!(matches!(&job.ended, Some(Ended::Refunded { why, .. }) if why.contains("auction rounds")), "{job:?}");
     assert_eq!(job.rounds, MAX_ROUNDS);
     assert_eq!(book.of(&TENANT), 1_000);
+}
+
+#[test]
+fn winners_spread_over_regions_before_taking_a_cheaper_bid_in_a_taken_region() {
+    // The two cheapest are in one region; the third, dearer, is elsewhere.
+    let ps = [provider(1, "op-a", "eu-de"), provider(2, "op-b", "eu-de"), provider(3, "op-c", "eu-fr")];
+    let bids: Vec<Bid> =
+        [10, 11, 30].iter().zip(&ps).map(|(p, v)| Bid { provider: v.clone(), price_micro: *p }).collect();
+    let ranked = rank(&JOB, &bids, &Geofence::default(), 100, &BTreeSet::new());
+    let two: Vec<NodeId> =
+        pick(&ranked, 2, &BTreeSet::new(), &BTreeSet::new()).iter().map(|b| b.provider.node).collect();
+    assert_eq!(two, [ps[0].node, ps[2].node], "eu-de then eu-fr, not the cheaper second eu-de");
+    // Three slots: the region rule gives way, the operator rule does not.
+    let three = pick(&ranked, 3, &BTreeSet::new(), &BTreeSet::new());
+    assert_eq!(three.len(), 3);
+    let twins = [provider(1, "op-a", "eu-de"), provider(2, "op-a", "eu-fr")];
+    let bids: Vec<Bid> = twins.iter().map(|p| Bid { provider: p.clone(), price_micro: 5 }).collect();
+    let ranked = rank(&JOB, &bids, &Geofence::default(), 100, &BTreeSet::new());
+    assert_eq!(pick(&ranked, 2, &BTreeSet::new(), &BTreeSet::new()).len(), 1, "one operator, one winner");
 }
 
 #[test]
