@@ -342,14 +342,18 @@ impl Job {
         Ok(())
     }
 
+    /// `provider`'s active lease.
+    fn lease_of(&mut self, provider: &NodeId) -> Result<&mut Lease, MarketError> {
+        self.leases
+            .iter_mut()
+            .find(|l| l.result.is_none() && l.bid.provider.node == *provider)
+            .ok_or(MarketError::NotLeaseholder)
+    }
+
     /// A heartbeat from a leaseholder.
     pub fn heartbeat(&mut self, provider: &NodeId, now_ms: u64) -> Result<(), MarketError> {
         self.live()?;
-        let l = self
-            .leases
-            .iter_mut()
-            .find(|l| l.result.is_none() && l.bid.provider.node == *provider)
-            .ok_or(MarketError::NotLeaseholder)?;
+        let l = self.lease_of(provider)?;
         l.last_beat_ms = l.last_beat_ms.max(now_ms);
         Ok(())
     }
@@ -363,12 +367,7 @@ impl Job {
         accounts: &mut impl Accounts,
     ) -> Result<Vec<Event>, MarketError> {
         self.live()?;
-        let l = self
-            .leases
-            .iter_mut()
-            .find(|l| l.result.is_none() && l.bid.provider.node == *provider)
-            .ok_or(MarketError::NotLeaseholder)?;
-        l.result = Some(outcome);
+        self.lease_of(provider)?.result = Some(outcome);
         let mut events = Vec::new();
         self.settle(now_ms, accounts, &mut events);
         Ok(events)

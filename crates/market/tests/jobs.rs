@@ -1,6 +1,8 @@
 //! A job's life through the market's rules: awards, failover to a standing-by bid, majority
 //! verification, penalties, refunds — each with the exact money it moves.
 
+mod common;
+
 use archipel_market::job::{MAX_ROUNDS, MarketParams};
 use archipel_market::rule::{commitment, evaluate, pick, rank};
 use archipel_market::{
@@ -8,30 +10,8 @@ use archipel_market::{
     Record, RunOutcome,
 };
 use archipel_types::{Geofence, NodeId};
-use std::collections::{BTreeMap, BTreeSet};
-
-#[derive(Default, Debug)]
-struct Book(BTreeMap<NodeId, Micro>);
-
-impl Accounts for Book {
-    fn debit(&mut self, who: &NodeId, amount: Micro) -> Result<(), MarketError> {
-        let b = self.0.entry(*who).or_default();
-        if *b < amount {
-            return Err(MarketError::Insufficient { need: amount });
-        }
-        *b -= amount;
-        Ok(())
-    }
-    fn credit(&mut self, who: &NodeId, amount: Micro) {
-        *self.0.entry(*who).or_default() += amount;
-    }
-}
-
-impl Book {
-    fn of(&self, who: &NodeId) -> Micro {
-        self.0.get(who).copied().unwrap_or(0)
-    }
-}
+use common::Book;
+use std::collections::BTreeSet;
 
 const PARAMS: MarketParams = MarketParams { lease_ttl_ms: 2_000 };
 const TENANT: NodeId = NodeId([200; 32]);

@@ -4,33 +4,19 @@
 //! nothing. The run counts how the jobs ended and checks that acceptance, refunds, cancellation
 //! and failover to a standby all happened: a generator that never reaches them proves nothing.
 
+mod common;
+
 use archipel_market::job::MarketParams;
 use archipel_market::rule::commitment;
 use archipel_market::{
     Accounts, Ended, Event, Job, JobLimits, JobSpec, MarketError, Micro, ObjectRef, Provider, Record, RunOutcome,
 };
 use archipel_types::{Geofence, NodeId};
+use common::Book;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-
-#[derive(Default, Debug, Clone, PartialEq)]
-struct Book(BTreeMap<NodeId, Micro>);
-
-impl Accounts for Book {
-    fn debit(&mut self, who: &NodeId, amount: Micro) -> Result<(), MarketError> {
-        let b = self.0.entry(*who).or_default();
-        if *b < amount {
-            return Err(MarketError::Insufficient { need: amount });
-        }
-        *b -= amount;
-        Ok(())
-    }
-    fn credit(&mut self, who: &NodeId, amount: Micro) {
-        *self.0.entry(*who).or_default() += amount;
-    }
-}
 
 const TENANTS: u8 = 2;
 const PROVIDERS: u8 = 6;
