@@ -1019,7 +1019,28 @@ async fn stream_part(
     if old_carry != carry_path(dir, offset) {
         let _ = tokio::fs::remove_file(old_carry).await;
     }
+    // Best effort: a failed prune only leaves records that are no longer needed.
+    let _ = prune_attempts(dir, stream.segments).await;
     Ok(etag)
+}
+
+/// Drops the `attempts.bin` records of segments below `streamed`: those are recorded in
+/// `stream.json` and never sealed again (a part sent again is answered from its ETag), so the
+/// nonce guard has nothing left to check for them, and the log each new segment reads stays the
+/// size of what is in flight instead of growing with the object.
+async fn prune_attempts(dir: &Path, streamed: u64) -> std::io::Result<()> {
+    let path = dir.join("attempts.bin");
+    let log = tokio::fs::read(&path).await?;
+    let kept: Vec<u8> = log
+        .chunks_exact(40)
+        .filter(|r| u64::from_be_bytes(r[..8].try_into().unwrap_or_default()) >= streamed)
+        .flatten()
+        .copied()
+        .collect();
+    if kept.len() == log.len() {
+        return Ok(());
+    }
+    write_atomically(&path, &kept).await
 }
 
 #[cfg(test)]
@@ -1234,18 +1255,31 @@ mod tests {
         // No segment of the other bytes reached the holders (segment 1 of the first attempt may
         // have: it was staging beside segment 0).
         assert!(mem.segments.lock().unwrap().values().all(|v| other.chunks(SEG).all(|c| c != &v[..])));
+        // The guard holds in any upload that has the log (kept for the end of this test).
+        let log = dir.path().join(&u.id).join("attempts.bin");
+        let failed_log = std::fs::read(&log).unwrap();
         // The same bytes as the failed attempt go through.
         ups.put_part(&u.id, 1, p1.len() as u64, &p1[..], &mem).await.unwrap();
         assert_eq!(mem.segments.lock().unwrap()[&0], p1[..SEG]);
+        // Recorded: the records of its segments (0 and 1) are dropped, the log does not grow
+        // with the object.
+        let records = |log: &std::path::Path| -> Vec<u64> {
+            std::fs::read(log)
+                .unwrap()
+                .chunks_exact(40)
+                .map(|r| u64::from_be_bytes(r[..8].try_into().unwrap()))
+                .collect()
+        };
+        assert!(records(&log).iter().all(|&i| i >= 2), "{:?}", records(&log));
         // A record torn by a crash (a full disk) is cut off; the log stays aligned and checked.
-        let log = dir.path().join(&u.id).join("attempts.bin");
         let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
         std::io::Write::write_all(&mut f, &[0xab; 7]).unwrap();
         let p2 = bytes(2, 9 * MIB);
         ups.put_part(&u.id, 2, p2.len() as u64, &p2[..], &mem).await.unwrap();
         assert_eq!(std::fs::metadata(&log).unwrap().len() % 40, 0);
+        assert!(records(&log).iter().all(|&i| i >= 3), "part 2 recorded: {:?}", records(&log));
         let u2 = ups.create("b", "k2", ObjectMeta::default(), staged()).await.unwrap();
-        std::fs::copy(&log, dir.path().join(&u2.id).join("attempts.bin")).unwrap();
+        std::fs::write(dir.path().join(&u2.id).join("attempts.bin"), &failed_log).unwrap();
         let e = ups.put_part(&u2.id, 1, other.len() as u64, &other[..], &mem).await.unwrap_err();
         assert!(matches!(e, MultipartError::Resealed(0)), "{e}");
     }

@@ -21,7 +21,7 @@ use crate::transfer::{
     Holder, Opened, PutPlan, Staged, TransferFailed, finish_staged, get_object, keep_staged, open_object, put_object,
     read_object, stage_segment,
 };
-use archipel_crypto::{Identity, sign_request};
+use archipel_crypto::Identity;
 use archipel_ledger::storage::{BucketRecord, ObjectPut};
 use archipel_ledger::{Hash, LeaseStatus, Payload, Receipt, Transaction};
 use archipel_placement::Candidate;
@@ -31,7 +31,7 @@ use serde::de::DeserializeOwned;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// How many times a PUT places an object before it gives up, each time without the nodes that
@@ -261,10 +261,6 @@ fn base_url(u: &str) -> String {
     if u.contains("://") { u.to_string() } else { format!("http://{u}") }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Percent-encodes a query value or path segment.
 pub fn urlencode(s: &str) -> String {
     s.bytes()
@@ -350,18 +346,9 @@ impl TenantClient {
         method: &reqwest::Method,
         path: &str,
         body: &[u8],
-        signed: bool,
     ) -> Result<bytes::Bytes, TenantError> {
         let url = format!("{}{path}", self.nodes[at]);
         let mut req = self.http.request(method.clone(), &url);
-        if signed {
-            let mut nonce = [0u8; 16];
-            rand::fill(&mut nonce);
-            let headers = sign_request(&self.identity, method.as_str(), path, body, now_ms(), nonce);
-            for (k, v) in headers.pairs() {
-                req = req.header(k, v);
-            }
-        }
         if !body.is_empty() {
             req = req.header("content-type", "application/octet-stream").body(body.to_vec());
         }
@@ -385,7 +372,7 @@ impl TenantClient {
             return Ok(true);
         }
         let path = format!("/v1/accounts/{}", self.me());
-        let bytes = self.send_at(at, &reqwest::Method::GET, &path, &[], false).await?;
+        let bytes = self.send_at(at, &reqwest::Method::GET, &path, &[]).await?;
         let view: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|e| TenantError::Decode { url: path, reason: e.to_string() })?;
         let height = view["height"].as_u64().unwrap_or(0);
@@ -398,13 +385,13 @@ impl TenantClient {
     /// transactions reach one node in order), reads at the next node in turn (a node bounds the
     /// reads of one address: reads spread over all of them). A node that has not applied block
     /// `min_height` is not asked; when none has, or every node answered 429, all are tried again
-    /// 25 ms later, for up to 10 s. `body` and `signed` as in [`Self::get`] and [`Self::submit`].
+    /// 25 ms later, for up to 10 s. Reads of state and transactions (signed themselves) need no
+    /// request signature.
     async fn send(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Vec<u8>,
-        signed: bool,
         min_height: u64,
     ) -> Result<bytes::Bytes, TenantError> {
         let deadline = std::time::Instant::now() + self.behind_wait;
@@ -419,7 +406,7 @@ impl TenantClient {
             for n in 0..self.nodes.len() {
                 let at = (first + n) % self.nodes.len();
                 let result = match self.reached(at, min_height).await {
-                    Ok(true) => self.send_at(at, &method, path, &body, signed).await,
+                    Ok(true) => self.send_at(at, &method, path, &body).await,
                     Ok(false) => {
                         behind = true;
                         Err(TenantError::Api {
@@ -462,7 +449,7 @@ impl TenantClient {
     /// [`Self::get`], from a node that has also applied block `floor`.
     async fn get_from<T: DeserializeOwned>(&self, path: &str, floor: u64) -> Result<T, TenantError> {
         let min = floor.max(self.written.load(Ordering::Relaxed));
-        let bytes = self.send(reqwest::Method::GET, path, Vec::new(), false, min).await?;
+        let bytes = self.send(reqwest::Method::GET, path, Vec::new(), min).await?;
         serde_json::from_slice(&bytes).map_err(|e| TenantError::Decode { url: path.into(), reason: e.to_string() })
     }
 
@@ -481,7 +468,7 @@ impl TenantClient {
     /// would otherwise answer "no such key" for an object another client has just written.
     pub async fn freshest(&self) -> u64 {
         let asks = (0..self.nodes.len()).map(|at| async move {
-            let ask = self.send_at(at, &reqwest::Method::GET, "/v1/ledger/head", &[], false);
+            let ask = self.send_at(at, &reqwest::Method::GET, "/v1/ledger/head", &[]);
             let height = match tokio::time::timeout(FRESHEST_WAIT, ask).await {
                 Ok(Ok(bytes)) => serde_json::from_slice::<serde_json::Value>(&bytes)
                     .ok()
@@ -528,7 +515,7 @@ impl TenantClient {
                 };
                 let stx =
                     Transaction { signer: self.me(), nonce, payload: payload.clone() }.sign(&self.identity, &network);
-                match self.send(reqwest::Method::POST, "/v1/tx", stx.to_bytes(), false, 0).await {
+                match self.send(reqwest::Method::POST, "/v1/tx", stx.to_bytes(), 0).await {
                     Ok(_) => {
                         *next = Some(nonce + 1);
                         break stx;
@@ -559,7 +546,7 @@ impl TenantClient {
             }
         };
         let path = format!("/v1/tx?wait=final&timeout_ms={}", FINAL_TIMEOUT.as_millis() - 5_000);
-        let r = self.send(reqwest::Method::POST, &path, stx.to_bytes(), false, 0).await;
+        let r = self.send(reqwest::Method::POST, &path, stx.to_bytes(), 0).await;
         let bytes = match r {
             Ok(b) => b,
             Err(e) => {
