@@ -19,9 +19,14 @@ pub enum JobCommand {
 /// `archipel job run-local`.
 #[derive(Args, Debug)]
 pub struct RunLocalArgs {
-    /// The module (binary .wasm or .wat text).
-    module: PathBuf,
-    /// The file given as stdin (default: empty stdin).
+    /// The module (binary .wasm or .wat text); or give --spec.
+    #[arg(required_unless_present = "spec")]
+    module: Option<PathBuf>,
+    /// A job spec file (TOML, or JSON when it ends in .json): module, inputs, args, env, limits,
+    /// redundancy — see README. Flags given as well override it.
+    #[arg(long)]
+    spec: Option<PathBuf>,
+    /// The file given as stdin (default: the spec's inputs, concatenated; else empty stdin).
     #[arg(long)]
     stdin: Option<PathBuf>,
     /// An argument for the module (repeat for more).
@@ -30,21 +35,21 @@ pub struct RunLocalArgs {
     /// An environment variable for the module, KEY=VALUE (repeat for more).
     #[arg(long = "env")]
     env: Vec<String>,
-    /// Linear memory the module may use.
-    #[arg(long, default_value = "256MiB")]
-    memory: String,
-    /// CPU time the run may use.
-    #[arg(long, default_value = "60s")]
-    cpu: String,
-    /// Wall time the run may take.
-    #[arg(long, default_value = "120s")]
-    timeout: String,
-    /// Output (stdout) the module may write.
-    #[arg(long, default_value = "64MiB")]
-    max_output: String,
-    /// Log (stderr) kept; the rest is counted.
-    #[arg(long, default_value = "64KiB")]
-    max_log: String,
+    /// Linear memory the module may use (default 256MiB).
+    #[arg(long)]
+    memory: Option<String>,
+    /// CPU time the run may use (default 60s).
+    #[arg(long)]
+    cpu: Option<String>,
+    /// Wall time the run may take (default 120s).
+    #[arg(long)]
+    timeout: Option<String>,
+    /// Output (stdout) the module may write (default 64MiB).
+    #[arg(long)]
+    max_output: Option<String>,
+    /// Log (stderr) kept; the rest is counted (default 64KiB).
+    #[arg(long)]
+    max_log: Option<String>,
     /// Canonicalize NaNs, as for jobs run on several providers (slower float code).
     #[arg(long)]
     canonical_nans: bool,
@@ -83,13 +88,75 @@ pub async fn run(command: JobCommand) -> Result<()> {
     }
 }
 
-fn limits(a: &RunLocalArgs) -> Result<Limits> {
+/// A job spec file. Paths are relative to the file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpecFile {
+    /// The module.
+    module: Option<PathBuf>,
+    /// Input files, concatenated as stdin.
+    #[serde(default)]
+    inputs: Vec<PathBuf>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    limits: SpecLimits,
+    /// On how many providers the job is to run (1–5): above 1, NaNs are canonical and WASI's
+    /// randomness seeded, as providers will run it.
+    redundancy: Option<u8>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpecLimits {
+    memory: Option<String>,
+    cpu: Option<String>,
+    timeout: Option<String>,
+    max_output: Option<String>,
+    max_log: Option<String>,
+}
+
+impl SpecFile {
+    fn load(path: &std::path::Path) -> Result<SpecFile> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the spec {}", path.display()))?;
+        let mut spec: SpecFile = if path.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(&text).map_err(|e| anyhow!("the spec {} is not a job spec: {e}", path.display()))?
+        } else {
+            toml::from_str(&text).map_err(|e| anyhow!("the spec {} is not a job spec: {e}", path.display()))?
+        };
+        if let Some(n) = spec.redundancy
+            && !(1..=archipel_market::spec::MAX_REDUNDANCY).contains(&n)
+        {
+            bail!("the spec's redundancy {n} is out of range: run a job on 1 to 5 providers");
+        }
+        let base = path.parent().unwrap_or(std::path::Path::new("."));
+        spec.module = spec.module.map(|m| base.join(m));
+        spec.inputs = spec.inputs.iter().map(|i| base.join(i)).collect();
+        Ok(spec)
+    }
+}
+
+/// The flag's value, else the spec's, else the default, as a number.
+fn pick<T>(
+    flag: &Option<String>,
+    spec: &Option<String>,
+    default: &str,
+    name: &str,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<T> {
+    let text = flag.as_deref().or(spec.as_deref()).unwrap_or(default);
+    parse(text).map_err(|e| anyhow!("{name}: {e}"))
+}
+
+fn limits(a: &RunLocalArgs, s: &SpecLimits) -> Result<Limits> {
     let l = Limits {
-        memory_bytes: parse_bytes(&a.memory).map_err(|e| anyhow!("--memory: {e}"))?,
-        cpu_ms: parse_millis(&a.cpu).map_err(|e| anyhow!("--cpu: {e}"))?,
-        wall_ms: parse_millis(&a.timeout).map_err(|e| anyhow!("--timeout: {e}"))?,
-        output_bytes: parse_bytes(&a.max_output).map_err(|e| anyhow!("--max-output: {e}"))?,
-        log_bytes: parse_bytes(&a.max_log).map_err(|e| anyhow!("--max-log: {e}"))?,
+        memory_bytes: pick(&a.memory, &s.memory, "256MiB", "memory", parse_bytes)?,
+        cpu_ms: pick(&a.cpu, &s.cpu, "60s", "cpu", parse_millis)?,
+        wall_ms: pick(&a.timeout, &s.timeout, "120s", "timeout", parse_millis)?,
+        output_bytes: pick(&a.max_output, &s.max_output, "64MiB", "max-output", parse_bytes)?,
+        log_bytes: pick(&a.max_log, &s.max_log, "64KiB", "max-log", parse_bytes)?,
     };
     if let Some(why) = l.check() {
         bail!("{why}");
@@ -97,39 +164,67 @@ fn limits(a: &RunLocalArgs) -> Result<Limits> {
     Ok(l)
 }
 
+/// The inputs concatenated into one file in `dir` (the module's stdin).
+fn concatenate(inputs: &[PathBuf], dir: &std::path::Path) -> Result<PathBuf> {
+    let path = dir.join("stdin");
+    let mut out = std::fs::File::create(&path)?;
+    for i in inputs {
+        let mut f = std::fs::File::open(i).with_context(|| format!("cannot read the input {}", i.display()))?;
+        std::io::copy(&mut f, &mut out)?;
+    }
+    Ok(path)
+}
+
 async fn run_local(a: RunLocalArgs) -> Result<()> {
-    let limits = limits(&a)?;
-    let env = a
-        .env
-        .iter()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-            _ => Err(anyhow!("--env {kv:?}: give KEY=VALUE")),
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let spec = match &a.spec {
+        Some(p) => SpecFile::load(p)?,
+        None => SpecFile::default(),
+    };
+    let limits = limits(&a, &spec.limits)?;
+    let mut env: Vec<(String, String)> = spec.env.clone().into_iter().collect();
+    for kv in &a.env {
+        match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => {
+                env.retain(|(name, _)| name != k);
+                env.push((k.to_string(), v.to_string()));
+            }
+            _ => bail!("--env {kv:?}: give KEY=VALUE"),
+        }
+    }
+    let redundant = spec.redundancy.unwrap_or(1) > 1;
     let seed = match &a.seed {
-        None => None,
         Some(h) => Some(
             hex::decode(h)
                 .ok()
                 .and_then(|b| <[u8; 32]>::try_from(b).ok())
                 .ok_or_else(|| anyhow!("--seed: give 64 hex digits (32 bytes)"))?,
         ),
+        // As providers will: the seed of a redundant job is fixed (here, by the spec's bytes).
+        None if redundant => a.spec.as_ref().and_then(|p| std::fs::read(p).ok()).map(|b| *blake3::hash(&b).as_bytes()),
+        None => None,
+    };
+    let module = a.module.clone().or(spec.module.clone()).ok_or_else(|| anyhow!("the spec names no module"))?;
+    let work = tempfile::tempdir().context("cannot make a temporary directory")?;
+    let stdin = match (&a.stdin, spec.inputs.is_empty()) {
+        (Some(f), _) => Some(f.clone()),
+        (None, false) => Some(concatenate(&spec.inputs, work.path())?),
+        (None, true) => None,
     };
     let job = Job {
-        module: a.module.clone(),
-        stdin: a.stdin.clone(),
-        args: a.args.clone(),
+        module: module.clone(),
+        stdin: stdin.clone(),
+        args: if a.args.is_empty() { spec.args.clone() } else { a.args.clone() },
         env,
         limits,
-        canonical_nans: a.canonical_nans,
+        canonical_nans: a.canonical_nans || redundant,
         seed,
     };
     let runner = Runner::new(std::env::current_exe().context("cannot find the archipel binary")?, &["wasm-run"]);
     let outcome = match (&a.output, a.json) {
         (Some(path), _) => {
-            for (what, other) in [("the module", Some(&a.module)), ("--stdin", a.stdin.as_ref())] {
-                if other.is_some_and(|o| same_file(o, path)) {
+            let inputs = stdin.iter().chain(&spec.inputs).chain(a.spec.iter());
+            for (what, other) in std::iter::once(("the module", &module)).chain(inputs.map(|i| ("an input", i))) {
+                if same_file(other, path) {
                     bail!("--output {} is {what}: it would be overwritten; write the output elsewhere", path.display());
                 }
             }

@@ -268,3 +268,79 @@ fn the_checked_in_modules_are_what_their_source_builds() {
     }
     assert!(sources >= 3, "the examples are there");
 }
+
+#[test]
+fn a_spec_file_gives_the_module_inputs_args_and_limits_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::copy(example("wordcount.wasm"), d.join("wc.wasm")).unwrap();
+    std::fs::write(d.join("a.txt"), "one two\n").unwrap();
+    std::fs::write(d.join("b.txt"), "three\n").unwrap();
+    std::fs::write(
+        d.join("job.toml"),
+        "module = \"wc.wasm\"\ninputs = [\"a.txt\", \"b.txt\"]\nredundancy = 1\n[limits]\nmemory = \"64MiB\"\ncpu = \"10s\"\n",
+    )
+    .unwrap();
+    let spec = d.join("job.toml");
+    let s = spec.to_str().unwrap();
+    // Run from elsewhere: the spec's paths are its own directory's.
+    let (ok, out, err) = run(Path::new("/"), &["job", "run-local", "--spec", s]);
+    assert!(ok, "{err}");
+    assert_eq!(String::from_utf8(out).unwrap(), "2 3 14\n", "both inputs, in order");
+    // A flag overrides the spec: less memory than the module's own start.
+    let (ok, _, err) = run(d, &["job", "run-local", "--spec", s, "--memory", "64KiB"]);
+    assert!(!ok && err.contains("ran out of memory: the limit is 64 KiB"), "{err}");
+    // --stdin replaces the inputs.
+    let (ok, out, _) = run(d, &["job", "run-local", "--spec", s, "--stdin", d.join("b.txt").to_str().unwrap()]);
+    assert!(ok && out == b"1 1 6\n");
+    // JSON works too.
+    std::fs::write(d.join("job.json"), r#"{"module": "wc.wasm", "inputs": ["b.txt"]}"#).unwrap();
+    let (ok, out, _) = run(d, &["job", "run-local", "--spec", d.join("job.json").to_str().unwrap()]);
+    assert!(ok && out == b"1 1 6\n");
+    // Mistakes are named.
+    for (text, says) in [
+        ("module = \"wc.wasm\"\nmemmory = \"1GiB\"\n", "unknown field `memmory`"),
+        ("module = \"wc.wasm\"\nredundancy = 9\n", "redundancy 9 is out of range"),
+        ("module = \"wc.wasm\"\n[limits]\ncpu = \"forever\"\n", "cpu: \"forever\" is not a duration"),
+        ("inputs = [\"a.txt\"]\n", "names no module"),
+        ("module = \"wc.wasm\"\ninputs = [\"missing.txt\"]\n", "cannot read the input"),
+    ] {
+        std::fs::write(d.join("bad.toml"), text).unwrap();
+        let (ok, _, err) = run(d, &["job", "run-local", "--spec", d.join("bad.toml").to_str().unwrap()]);
+        assert!(!ok && err.contains(says), "{text}: {err}");
+    }
+    // --output naming one of the spec's inputs is refused.
+    let (ok, _, err) = run(d, &["job", "run-local", "--spec", s, "-o", d.join("a.txt").to_str().unwrap()]);
+    assert!(!ok && err.contains("would be overwritten"), "{err}");
+}
+
+#[test]
+fn a_redundant_spec_runs_as_providers_will_canonical_nans_and_a_fixed_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("nan.wat"),
+        r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "random_get" (func $random (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "\01\00\00\00\00\00\f4\7f")
+  (func (export "_start")
+    (f64.store (i32.const 64) (f64.add (f64.load (i32.const 64)) (f64.const 1)))
+    (drop (call $random (i32.const 72) (i32.const 8)))
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const 16))
+    (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#,
+    )
+    .unwrap();
+    std::fs::write(d.join("n3.toml"), "module = \"nan.wat\"\nredundancy = 3\n").unwrap();
+    std::fs::write(d.join("n1.toml"), "module = \"nan.wat\"\nredundancy = 1\n").unwrap();
+    let spec = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let (_, three, _) = run(d, &["job", "run-local", "--spec", &spec("n3.toml")]);
+    let (_, again, _) = run(d, &["job", "run-local", "--spec", &spec("n3.toml")]);
+    let (_, one, _) = run(d, &["job", "run-local", "--spec", &spec("n1.toml")]);
+    assert_eq!(three.len(), 16);
+    assert_eq!(u64::from_le_bytes(three[..8].try_into().unwrap()), 0x7ff8_0000_0000_0000, "canonical NaN");
+    assert_ne!(u64::from_le_bytes(one[..8].try_into().unwrap()), 0x7ff8_0000_0000_0000, "N = 1: plain");
+    assert_eq!(three, again, "the same random bytes run after run");
+}
