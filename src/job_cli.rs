@@ -152,11 +152,11 @@ fn pick<T>(
 
 fn limits(a: &RunLocalArgs, s: &SpecLimits) -> Result<Limits> {
     let l = Limits {
-        memory_bytes: pick(&a.memory, &s.memory, "256MiB", "memory", parse_bytes)?,
-        cpu_ms: pick(&a.cpu, &s.cpu, "60s", "cpu", parse_millis)?,
-        wall_ms: pick(&a.timeout, &s.timeout, "120s", "timeout", parse_millis)?,
-        output_bytes: pick(&a.max_output, &s.max_output, "64MiB", "max-output", parse_bytes)?,
-        log_bytes: pick(&a.max_log, &s.max_log, "64KiB", "max-log", parse_bytes)?,
+        memory_bytes: pick(&a.memory, &s.memory, "256MiB", "--memory (limits.memory)", parse_bytes)?,
+        cpu_ms: pick(&a.cpu, &s.cpu, "60s", "--cpu (limits.cpu)", parse_millis)?,
+        wall_ms: pick(&a.timeout, &s.timeout, "120s", "--timeout (limits.timeout)", parse_millis)?,
+        output_bytes: pick(&a.max_output, &s.max_output, "64MiB", "--max-output (limits.max_output)", parse_bytes)?,
+        log_bytes: pick(&a.max_log, &s.max_log, "64KiB", "--max-log (limits.max_log)", parse_bytes)?,
     };
     if let Some(why) = l.check() {
         bail!("{why}");

@@ -301,7 +301,7 @@ fn a_spec_file_gives_the_module_inputs_args_and_limits_and_flags_override_it() {
     for (text, says) in [
         ("module = \"wc.wasm\"\nmemmory = \"1GiB\"\n", "unknown field `memmory`"),
         ("module = \"wc.wasm\"\nredundancy = 9\n", "redundancy 9 is out of range"),
-        ("module = \"wc.wasm\"\n[limits]\ncpu = \"forever\"\n", "cpu: \"forever\" is not a duration"),
+        ("module = \"wc.wasm\"\n[limits]\ncpu = \"forever\"\n", "--cpu (limits.cpu): \"forever\" is not a duration"),
         ("inputs = [\"a.txt\"]\n", "names no module"),
         ("module = \"wc.wasm\"\ninputs = [\"missing.txt\"]\n", "cannot read the input"),
     ] {
