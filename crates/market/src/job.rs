@@ -1,7 +1,9 @@
 //! One job's life, as a state machine the ledger drives with finalized transactions and block
 //! times: posted (escrow locked) → sealed bids (each with a bond) → reveals → award (the winner
-//! rule) → leases kept alive by heartbeats → results → the majority accepted and paid once, the
-//! rest refunded. A lapsed lease passes to the best standing-by bid at once, or back to auction.
+//! rule) → leases kept alive by heartbeats → sealed results → once every run has sealed, the
+//! results revealed (nobody can copy another's) → the majority accepted and paid once, the rest
+//! refunded. A lapsed lease passes to the best standing-by bid at once, or back to auction; a
+//! sealed result not revealed in its window is no vote, and its run goes the same way.
 //!
 //! **Money.** Posting moves `max_price × N` from the tenant into the job's escrow. A sealed bid
 //! moves a bond (`max_price × BOND_PERCENT / 100`, at least 1) from the provider into the job.
@@ -87,7 +89,9 @@ pub struct Lease {
     pub awarded_ms: u64,
     /// The last heartbeat (or the award).
     pub last_beat_ms: u64,
-    /// Its result, once committed.
+    /// Its sealed result ([`crate::rule::result_commitment`]), once committed.
+    pub sealed: Option<[u8; 32]>,
+    /// Its result, once revealed.
     pub result: Option<RunOutcome>,
 }
 
@@ -209,6 +213,8 @@ pub struct Job {
     pub paid: BTreeSet<NodeId>,
     /// Bonds forfeited (burned: the ledger adds them to the fees burned, nobody receives them).
     pub burned_micro: Micro,
+    /// Sealed results are revealed until then (open once every run of the round has sealed).
+    pub results_reveal_until_ms: Option<u64>,
     /// How it ended.
     pub ended: Option<Ended>,
 }
@@ -243,6 +249,7 @@ impl Job {
             excluded: BTreeSet::new(),
             paid: BTreeSet::new(),
             burned_micro: 0,
+            results_reveal_until_ms: None,
             ended: None,
         };
         let slots = usize::from(job.spec.redundancy);
@@ -256,9 +263,9 @@ impl Job {
         bond_for(&self.spec)
     }
 
-    /// Active leases (no result yet).
+    /// Running leases (no sealed result yet): they heartbeat, and lapse without.
     pub fn active(&self) -> impl Iterator<Item = &Lease> {
-        self.leases.iter().filter(|l| l.result.is_none())
+        self.leases.iter().filter(|l| l.sealed.is_none())
     }
 
     fn open(&mut self, slots: usize, now_ms: u64, events: &mut Vec<Event>) {
@@ -342,11 +349,11 @@ impl Job {
         Ok(())
     }
 
-    /// `provider`'s active lease.
+    /// `provider`'s running lease.
     fn lease_of(&mut self, provider: &NodeId) -> Result<&mut Lease, MarketError> {
         self.leases
             .iter_mut()
-            .find(|l| l.result.is_none() && l.bid.provider.node == *provider)
+            .find(|l| l.sealed.is_none() && l.bid.provider.node == *provider)
             .ok_or(MarketError::NotLeaseholder)
     }
 
@@ -358,16 +365,56 @@ impl Job {
         Ok(())
     }
 
-    /// A leaseholder's result. When it makes a majority, the job is accepted and paid.
-    pub fn result(
+    /// A leaseholder's sealed result ([`crate::rule::result_commitment`]): its run is over. Once
+    /// every run of the round has sealed, the results are revealed for one bid window — so nobody
+    /// can copy another's result instead of running the job.
+    pub fn commit_result(&mut self, provider: &NodeId, digest: [u8; 32], now_ms: u64) -> Result<(), MarketError> {
+        self.live()?;
+        self.lease_of(provider)?.sealed = Some(digest);
+        self.open_result_reveals(now_ms);
+        Ok(())
+    }
+
+    /// Opens the reveal of results when every lease has sealed and no run is waiting for a lease.
+    fn open_result_reveals(&mut self, now_ms: u64) {
+        let pending = self.auction.as_ref().map_or(0, |a| a.slots);
+        if self.results_reveal_until_ms.is_none()
+            && pending == 0
+            && self.active().count() == 0
+            && !self.leases.is_empty()
+        {
+            self.results_reveal_until_ms = Some(now_ms.saturating_add(self.spec.bid_window_ms));
+        }
+    }
+
+    /// Reveals `provider`'s sealed result. When it makes a majority, the job is decided.
+    pub fn reveal_result(
         &mut self,
         provider: &NodeId,
         outcome: RunOutcome,
+        salt: &[u8; 32],
         now_ms: u64,
         accounts: &mut impl Accounts,
     ) -> Result<Vec<Event>, MarketError> {
         self.live()?;
-        self.lease_of(provider)?.result = Some(outcome);
+        match self.results_reveal_until_ms {
+            Some(until) if now_ms < until => {}
+            _ => {
+                return Err(MarketError::Phase(
+                    "results are revealed once every run has sealed its own, for a bid window",
+                ));
+            }
+        }
+        let id = self.id;
+        let l = self
+            .leases
+            .iter_mut()
+            .find(|l| l.sealed.is_some() && l.result.is_none() && l.bid.provider.node == *provider)
+            .ok_or(MarketError::NotLeaseholder)?;
+        if l.sealed != Some(crate::rule::result_commitment(&id, provider, &outcome, salt)) {
+            return Err(MarketError::BadReveal);
+        }
+        l.result = Some(outcome);
         let mut events = Vec::new();
         self.settle(now_ms, accounts, &mut events);
         Ok(events)
@@ -405,7 +452,7 @@ impl Job {
         // hold the job (and the escrow) forever.
         let deadline = |l: &Lease| l.awarded_ms.saturating_add(self.spec.limits.wall_ms).saturating_add(ttl);
         let lapses =
-            |l: &Lease| l.result.is_none() && (now_ms > l.last_beat_ms.saturating_add(ttl) || now_ms > deadline(l));
+            |l: &Lease| l.sealed.is_none() && (now_ms > l.last_beat_ms.saturating_add(ttl) || now_ms > deadline(l));
         let lapsed: Vec<NodeId> = self.leases.iter().filter(|l| lapses(l)).map(|l| l.bid.provider.node).collect();
         if !lapsed.is_empty() {
             self.leases.retain(|l| !lapses(l));
@@ -415,6 +462,23 @@ impl Job {
                 self.forfeit(p, accounts);
             }
             self.fill(lapsed.len(), now_ms, accounts, &mut events);
+        }
+        // Sealed results not revealed in their window: no vote, a penalty, the run again elsewhere.
+        if let Some(until) = self.results_reveal_until_ms
+            && now_ms >= until
+        {
+            self.results_reveal_until_ms = None;
+            let silent: Vec<NodeId> =
+                self.leases.iter().filter(|l| l.result.is_none()).map(|l| l.bid.provider.node).collect();
+            if !silent.is_empty() {
+                self.leases.retain(|l| l.result.is_some());
+                for p in &silent {
+                    self.excluded.insert(*p);
+                    events.push(Event::Penalized { provider: *p, why: "result_not_revealed" });
+                    self.forfeit(p, accounts);
+                }
+                self.fill(silent.len(), now_ms, accounts, &mut events);
+            }
         }
         if let Some(a) = &self.auction
             && now_ms >= a.reveal_until_ms
@@ -439,7 +503,13 @@ impl Job {
         for b in &chosen {
             self.standby.retain(|s| s.provider.node != b.provider.node);
             events.push(Event::Awarded { provider: b.provider.node, price_micro: b.price_micro });
-            self.leases.push(Lease { bid: b.clone(), awarded_ms: now_ms, last_beat_ms: now_ms, result: None });
+            self.leases.push(Lease {
+                bid: b.clone(),
+                awarded_ms: now_ms,
+                last_beat_ms: now_ms,
+                sealed: None,
+                result: None,
+            });
         }
         let missing = slots - chosen.len();
         if missing > 0 {
@@ -498,7 +568,13 @@ impl Job {
         self.standby = standby;
         for b in &winners {
             events.push(Event::Awarded { provider: b.provider.node, price_micro: b.price_micro });
-            self.leases.push(Lease { bid: b.clone(), awarded_ms: now_ms, last_beat_ms: now_ms, result: None });
+            self.leases.push(Lease {
+                bid: b.clone(),
+                awarded_ms: now_ms,
+                last_beat_ms: now_ms,
+                sealed: None,
+                result: None,
+            });
         }
         let missing = a.slots - winners.len();
         if missing > 0 {
@@ -549,9 +625,11 @@ impl Job {
             return;
         }
         let pending = self.auction.as_ref().map_or(0, |a| a.slots);
-        if self.active().count() == 0 && pending == 0 && self.leases.len() >= n {
+        let all_revealed = self.leases.iter().all(|l| l.result.is_some());
+        if self.active().count() == 0 && pending == 0 && all_revealed && self.leases.len() >= n {
             if self.reruns < MAX_RERUNS {
                 self.reruns += 1;
+                self.results_reveal_until_ms = None;
                 for l in std::mem::take(&mut self.leases) {
                     self.excluded.insert(l.bid.provider.node);
                     self.release(&l.bid.provider.node, accounts);
@@ -588,6 +666,7 @@ impl Job {
         self.escrow_micro = 0;
         self.auction = None;
         self.standby.clear();
+        self.results_reveal_until_ms = None;
         events.push(Event::Ended(ended.clone()));
         self.ended = Some(ended);
     }

@@ -139,6 +139,16 @@ pub fn commitment(job: &[u8; 32], provider: &NodeId, round: u32, price: Micro, s
     *h.finalize().as_bytes()
 }
 
+/// What a sealed result commits to: `BLAKE3("archipel sealed result" ‖ job ‖ provider ‖ outcome ‖
+/// salt)`, the outcome as its JSON. The provider is in it, so one provider's seal cannot be
+/// replayed as another's.
+pub fn result_commitment(job: &[u8; 32], provider: &NodeId, outcome: &crate::RunOutcome, salt: &[u8; 32]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("archipel sealed result");
+    let outcome = serde_json::to_vec(outcome).unwrap_or_default();
+    h.update(job).update(&provider.0).update(&(outcome.len() as u64).to_le_bytes()).update(&outcome).update(salt);
+    *h.finalize().as_bytes()
+}
+
 /// A revealed bid with what the rule needs of its provider.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct Bid {

@@ -4,7 +4,7 @@
 mod common;
 
 use archipel_market::job::{MAX_ROUNDS, MarketParams};
-use archipel_market::rule::{commitment, evaluate, pick, rank};
+use archipel_market::rule::{commitment, evaluate, pick, rank, result_commitment};
 use archipel_market::{
     Accounts, Bid, Decline, Ended, Event, Job, JobLimits, JobSpec, MarketError, Micro, ObjectRef, Offer, Provider,
     Record, RunOutcome,
@@ -67,6 +67,26 @@ fn awarded(events: &[Event]) -> Vec<NodeId> {
     events.iter().filter_map(|e| if let Event::Awarded { provider, .. } = e { Some(*provider) } else { None }).collect()
 }
 
+fn result_salt(p: &NodeId) -> [u8; 32] {
+    [p.0[0] ^ 0xa5; 32]
+}
+
+/// `p` seals `o` at `t` (its run is over).
+fn seal(job: &mut Job, p: &NodeId, o: &RunOutcome, t: u64) -> Result<(), MarketError> {
+    job.commit_result(p, result_commitment(&JOB, p, o, &result_salt(p)), t)
+}
+
+/// `p` reveals its sealed `o` at `t`.
+fn reveal(job: &mut Job, p: &NodeId, o: &RunOutcome, t: u64, book: &mut Book) -> Result<Vec<Event>, MarketError> {
+    job.reveal_result(p, o.clone(), &result_salt(p), t, book)
+}
+
+/// Seals and reveals at once: for the last run of a round to seal.
+fn answer(job: &mut Job, p: &NodeId, o: RunOutcome, t: u64, book: &mut Book) -> Result<Vec<Event>, MarketError> {
+    seal(job, p, &o, t)?;
+    reveal(job, p, &o, t, book)
+}
+
 fn output(b: u8) -> RunOutcome {
     RunOutcome::Success { output: [b; 32] }
 }
@@ -84,14 +104,14 @@ fn the_cheapest_reliable_bid_wins_and_is_paid_its_price_once() {
     assert_eq!(job.standby.iter().map(|s| s.provider.node).collect::<Vec<_>>(), [c.node]);
     assert_eq!((book.of(&a.node), book.of(&c.node)), (1_000, 990));
     job.heartbeat(&b.node, 1_500).unwrap();
-    let ev = job.result(&b.node, output(9), 2_000, &mut book).unwrap();
+    let ev = answer(&mut job, &b.node, output(9), 2_000, &mut book).unwrap();
     assert!(ev.contains(&Event::Paid { provider: b.node, amount_micro: 60 }), "{ev:?}");
     assert_eq!(job.ended, Some(Ended::Accepted { outcome: output(9), at_ms: 2_000 }));
     assert_eq!(book.of(&b.node), 1_060, "its price, and its bond back");
     assert_eq!(book.of(&c.node), 1_000, "the standby's bond back");
     assert_eq!(book.of(&TENANT), 1_000_000 - 60, "the tenant paid the winning price only");
     // Nothing more can happen to it.
-    assert_eq!(job.result(&b.node, output(9), 2_100, &mut book), Err(MarketError::Ended));
+    assert_eq!(answer(&mut job, &b.node, output(9), 2_100, &mut book), Err(MarketError::Ended));
     assert_eq!(job.cancel(&TENANT, 2_100, &mut book), Err(MarketError::Ended));
 }
 
@@ -109,13 +129,13 @@ fn a_lapsed_lease_passes_to_the_standby_at_once_and_the_job_is_paid_once() {
     assert_eq!(awarded(&ev), [b.node], "the standby, in the same block: no new auction");
     assert_eq!((book.of(&a.node), job.burned_micro), (990, 10), "its bond is burned");
     // a comes back: it holds no lease, its result is refused, and it may not bid on the job.
-    assert_eq!(job.result(&a.node, output(1), 4_100, &mut book), Err(MarketError::NotLeaseholder));
+    assert_eq!(answer(&mut job, &a.node, output(1), 4_100, &mut book), Err(MarketError::NotLeaseholder));
     assert_eq!(job.heartbeat(&a.node, 4_100), Err(MarketError::NotLeaseholder));
     assert_eq!(
         job.cancel(&TENANT, 4_100, &mut book),
         Err(MarketError::Phase("the job runs: it can be cancelled only before a lease is awarded"))
     );
-    job.result(&b.node, output(2), 5_000, &mut book).unwrap();
+    answer(&mut job, &b.node, output(2), 5_000, &mut book).unwrap();
     assert_eq!(book.of(&b.node), 1_080);
     assert_eq!(book.of(&TENANT), 1_000_000 - 80, "paid once (b's price)");
     assert_eq!(job.paid, BTreeSet::from([b.node]));
@@ -145,10 +165,15 @@ fn a_byzantine_provider_is_outvoted_and_penalized_and_the_majority_paid() {
     let mut book = Book::default();
     let mut job = auction(3, 100, &[(&ps[0], 40), (&ps[1], 50), (&ps[2], 60)], &mut book);
     assert_eq!(awarded(&job.tick(1_000, &PARAMS, &mut book)).len(), 3);
-    job.result(&ps[2].node, output(66), 1_500, &mut book).unwrap();
-    job.result(&ps[0].node, output(1), 1_600, &mut book).unwrap();
+    seal(&mut job, &ps[2].node, &output(66), 1_500).unwrap();
+    seal(&mut job, &ps[0].node, &output(1), 1_550).unwrap();
+    // Not all sealed: nothing can be revealed (nobody can read another's result and copy it).
+    assert!(matches!(reveal(&mut job, &ps[0].node, &output(1), 1_560, &mut book), Err(MarketError::Phase(_))));
+    seal(&mut job, &ps[1].node, &output(1), 1_570).unwrap();
+    reveal(&mut job, &ps[2].node, &output(66), 1_600, &mut book).unwrap();
+    reveal(&mut job, &ps[0].node, &output(1), 1_650, &mut book).unwrap();
     assert!(job.ended.is_none(), "one each: no majority yet");
-    let ev = job.result(&ps[1].node, output(1), 1_700, &mut book).unwrap();
+    let ev = reveal(&mut job, &ps[1].node, &output(1), 1_700, &mut book).unwrap();
     assert!(ev.contains(&Event::Penalized { provider: ps[2].node, why: "outvoted" }), "{ev:?}");
     assert_eq!(job.ended, Some(Ended::Accepted { outcome: output(1), at_ms: 1_700 }));
     assert_eq!(book.of(&ps[0].node), 1_040);
@@ -164,8 +189,9 @@ fn no_majority_runs_once_more_then_refunds() {
     let mut book = Book::default();
     let mut job = auction(2, 100, &[(&ps[0], 40), (&ps[1], 50)], &mut book);
     job.tick(1_000, &PARAMS, &mut book);
-    job.result(&ps[0].node, output(1), 1_100, &mut book).unwrap();
-    let ev = job.result(&ps[1].node, output(2), 1_200, &mut book).unwrap();
+    seal(&mut job, &ps[0].node, &output(1), 1_100).unwrap();
+    answer(&mut job, &ps[1].node, output(2), 1_150, &mut book).unwrap();
+    let ev = reveal(&mut job, &ps[0].node, &output(1), 1_200, &mut book).unwrap();
     assert!(ev.contains(&Event::Reopened { round: 1, slots: 2 }), "{ev:?}");
     assert_eq!((book.of(&ps[0].node), book.of(&ps[1].node)), (1_000, 1_000), "bonds back: nobody shown wrong");
     for p in &ps[2..] {
@@ -176,8 +202,9 @@ fn no_majority_runs_once_more_then_refunds() {
         job.reveal(p, 45, &salt(p), 1_800).unwrap();
     }
     assert_eq!(awarded(&job.tick(2_200, &PARAMS, &mut book)).len(), 2);
-    job.result(&ps[2].node, output(3), 2_300, &mut book).unwrap();
-    let ev = job.result(&ps[3].node, output(4), 2_400, &mut book).unwrap();
+    seal(&mut job, &ps[2].node, &output(3), 2_300).unwrap();
+    answer(&mut job, &ps[3].node, output(4), 2_350, &mut book).unwrap();
+    let ev = reveal(&mut job, &ps[2].node, &output(3), 2_400, &mut book).unwrap();
     assert!(matches!(job.ended, Some(Ended::Refunded { .. })), "{ev:?}");
     assert_eq!(book.of(&TENANT), 1_000_000, "all back");
     for p in &ps {
@@ -191,7 +218,7 @@ fn a_node_that_answered_cannot_take_a_second_lease_of_the_same_run() {
     let mut book = Book::default();
     let mut job = auction(3, 100, &[(&ps[0], 40), (&ps[1], 50), (&ps[2], 60)], &mut book);
     job.tick(1_000, &PARAMS, &mut book);
-    job.result(&ps[0].node, output(1), 1_100, &mut book).unwrap();
+    seal(&mut job, &ps[0].node, &output(1), 1_100).unwrap();
     // b lapses; nobody stands by: a new round. a, having answered, may not bid for the slot.
     job.heartbeat(&ps[2].node, 2_900).unwrap();
     let ev = job.tick(3_001, &PARAMS, &mut book);
@@ -255,9 +282,12 @@ fn a_job_that_fails_on_the_majority_is_refunded_and_nobody_paid() {
     let mut job = auction(3, 100, &[(&ps[0], 40), (&ps[1], 50), (&ps[2], 60)], &mut book);
     job.tick(1_000, &PARAMS, &mut book);
     let failed = RunOutcome::Failed { end: "cpu_limit".into() };
-    job.result(&ps[0].node, failed.clone(), 1_100, &mut book).unwrap();
-    job.result(&ps[1].node, output(5), 1_200, &mut book).unwrap();
-    let ev = job.result(&ps[2].node, failed, 1_300, &mut book).unwrap();
+    seal(&mut job, &ps[0].node, &failed, 1_100).unwrap();
+    seal(&mut job, &ps[1].node, &output(5), 1_150).unwrap();
+    seal(&mut job, &ps[2].node, &failed, 1_200).unwrap();
+    reveal(&mut job, &ps[0].node, &failed, 1_250, &mut book).unwrap();
+    reveal(&mut job, &ps[1].node, &output(5), 1_260, &mut book).unwrap();
+    let ev = reveal(&mut job, &ps[2].node, &failed, 1_300, &mut book).unwrap();
     assert!(matches!(&job.ended, Some(Ended::Refunded { why, .. }) if why.contains("cpu_limit")), "{ev:?}");
     assert!(!ev.iter().any(|e| matches!(e, Event::Paid { .. })), "{ev:?}");
     assert_eq!(book.of(&TENANT), 1_000_000, "the whole escrow back");
@@ -424,4 +454,32 @@ fn why_a_job_has_no_bids_is_said_with_the_numbers() {
     assert!(why.contains("1 have no free capacity") && why.contains("1 give one job less memory"), "{why}");
     assert!(why.contains("lowest floor 50") && why.contains("1 said nothing"), "{why}");
     assert_eq!(explain(&eu, 20, 0, &[], 0, 1), "no bids: no provider is registered");
+}
+
+#[test]
+fn a_result_cannot_be_copied_and_an_unrevealed_one_is_no_vote() {
+    let ps = [provider(1, "op-a", "eu-de"), provider(2, "op-b", "eu-fr"), provider(3, "op-c", "eu-nl")];
+    let spare = provider(4, "op-d", "eu-pl");
+    let mut book = Book::default();
+    let mut job = auction(3, 100, &[(&ps[0], 40), (&ps[1], 50), (&ps[2], 60), (&spare, 70)], &mut book);
+    job.tick(1_000, &PARAMS, &mut book);
+    // c seals a guess without running the job; once the honest results are revealed it cannot
+    // reveal them as its own.
+    seal(&mut job, &ps[0].node, &output(1), 1_100).unwrap();
+    seal(&mut job, &ps[1].node, &output(1), 1_100).unwrap();
+    job.commit_result(&ps[2].node, [0xee; 32], 1_100).unwrap();
+    assert_eq!(reveal(&mut job, &ps[2].node, &output(1), 1_200, &mut book), Err(MarketError::BadReveal));
+    // A seal replayed from another provider is not its own either.
+    let theirs = result_commitment(&JOB, &ps[0].node, &output(1), &result_salt(&ps[0].node));
+    assert_ne!(theirs, result_commitment(&JOB, &ps[2].node, &output(1), &result_salt(&ps[0].node)));
+    // Only a, then nobody else, reveals in the window (500 ms): b and c are no vote, penalized,
+    // and their runs go to the standby (d) and a new round.
+    reveal(&mut job, &ps[0].node, &output(1), 1_200, &mut book).unwrap();
+    let ev = job.tick(1_600, &PARAMS, &mut book);
+    for p in &ps[1..] {
+        assert!(ev.contains(&Event::Penalized { provider: p.node, why: "result_not_revealed" }), "{ev:?}");
+    }
+    assert_eq!(awarded(&ev), [spare.node], "{ev:?}");
+    assert!(job.ended.is_none());
+    assert_eq!(job.burned_micro, 20);
 }

@@ -7,7 +7,7 @@
 mod common;
 
 use archipel_market::job::MarketParams;
-use archipel_market::rule::commitment;
+use archipel_market::rule::{commitment, result_commitment};
 use archipel_market::{
     Accounts, Ended, Event, Job, JobLimits, JobSpec, MarketError, Micro, ObjectRef, Provider, Record, RunOutcome,
 };
@@ -87,6 +87,10 @@ enum Step {
     RevealAll {
         job: usize,
     },
+    /// Every sealed result of the job is revealed (as it was sealed).
+    RevealResults {
+        job: usize,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -99,12 +103,13 @@ fn step() -> impl Strategy<Value = Step> {
             .prop_map(|(job, p, price, honest)| Step::Commit { job, p, price, honest }),
         8 => (0usize..3, 0usize..8, 1u64..600).prop_map(|(job, p, price)| Step::Reveal { job, p, price }),
         3 => (0usize..3, 0usize..4).prop_map(|(job, p)| Step::Beat { job, p }),
-        6 => (0usize..3, 0usize..4, 0u8..3).prop_map(|(job, p, output)| Step::Result { job, p, output }),
+        8 => (0usize..3, 0usize..4, 0u8..3).prop_map(|(job, p, output)| Step::Result { job, p, output }),
         1 => (0usize..3, 0u8..8).prop_map(|(job, by)| Step::Cancel { job, by }),
         5 => (1u64..400).prop_map(|ms| Step::Wait { ms }),
         3 => (0usize..3, 1u8..=PROVIDERS, 1u8..=5, 1u64..300)
             .prop_map(|(job, first, count, price)| Step::BidAll { job, first, count, price }),
         3 => (0usize..3).prop_map(|job| Step::RevealAll { job }),
+        6 => (0usize..3).prop_map(|job| Step::RevealResults { job }),
     ]
 }
 
@@ -161,6 +166,8 @@ fn history(steps: Vec<Step>, reached: &Reached) -> Result<(), TestCaseError> {
     let mut jobs: Vec<Job> = Vec::new();
     // Every honest commit's price, to reveal it.
     let mut sealed: BTreeMap<(usize, u8, u32), Micro> = BTreeMap::new();
+    // Every sealed result, to reveal it.
+    let mut results: BTreeMap<(usize, NodeId), RunOutcome> = BTreeMap::new();
     let mut now = 0u64;
     // Every Paid event, per job.
     let mut paid: BTreeMap<usize, Vec<(NodeId, Micro)>> = BTreeMap::new();
@@ -221,8 +228,30 @@ fn history(steps: Vec<Step>, reached: &Reached) -> Result<(), TestCaseError> {
                         2 => RunOutcome::Failed { end: "cpu_limit".into() },
                         o => RunOutcome::Success { output: [o; 32] },
                     };
-                    let r = j.result(&p, outcome, now, &mut book);
+                    let digest = result_commitment(&j.id, &p, &outcome, &[7; 32]);
+                    let r = j.commit_result(&p, digest, now).map(|()| vec![]);
+                    if r.is_ok() {
+                        results.insert((job, p), outcome);
+                    }
                     on(job, r, &mut events);
+                }
+            }
+            Step::RevealResults { job } => {
+                if let Some(j) = jobs.get_mut(job) {
+                    let sealed: Vec<NodeId> = j
+                        .leases
+                        .iter()
+                        .filter(|l| l.sealed.is_some() && l.result.is_none())
+                        .map(|l| l.bid.provider.node)
+                        .collect();
+                    for p in sealed {
+                        if let Some(o) = results.get(&(job, p)) {
+                            // Each reveal on its own: refused ones change nothing.
+                            if let Ok(ev) = j.reveal_result(&p, o.clone(), &[7; 32], now, &mut book) {
+                                events.push((job, ev));
+                            }
+                        }
+                    }
                 }
             }
             Step::BidAll { job, first, count, price } => {
@@ -333,7 +362,7 @@ fn money_is_conserved_and_each_job_pays_its_majority_once() {
     // to explore others; the properties must hold for every seed, the counts are this one's).
     const SEED: u64 = 20_261_127;
     let seed = std::env::var("PROPTEST_RNG_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(SEED);
-    let mut runner = TestRunner::new(Config { cases: 4_000, rng_seed: RngSeed::Fixed(seed), ..Config::default() });
+    let mut runner = TestRunner::new(Config { cases: 6_000, rng_seed: RngSeed::Fixed(seed), ..Config::default() });
     let strategy = proptest::collection::vec(step(), 1..150);
     if let Err(e) = runner.run(&strategy, |steps| history(steps, &reached)) {
         panic!("{e}");
@@ -349,7 +378,7 @@ fn money_is_conserved_and_each_job_pays_its_majority_once() {
     );
     println!("accepted {a}, refunded {r} (failed majority {f}), cancelled {c}, standby took over {s}, outvoted {o}");
     assert!(
-        seed != SEED || (a >= 100 && r >= 40 && c >= 100 && s >= 40 && f >= 40 && o >= 8),
+        seed != SEED || (a >= 40 && r >= 20 && c >= 100 && s >= 40 && f >= 20 && o >= 3),
         "the histories reach too little: {a} {r} {c} {s} {f} {o}"
     );
 }
