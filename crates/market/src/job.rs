@@ -502,14 +502,7 @@ impl Job {
         let chosen: Vec<Bid> = pick(&candidates, slots, &taken_ops, &taken_regions).into_iter().cloned().collect();
         for b in &chosen {
             self.standby.retain(|s| s.provider.node != b.provider.node);
-            events.push(Event::Awarded { provider: b.provider.node, price_micro: b.price_micro });
-            self.leases.push(Lease {
-                bid: b.clone(),
-                awarded_ms: now_ms,
-                last_beat_ms: now_ms,
-                sealed: None,
-                result: None,
-            });
+            self.grant(b, now_ms, events);
         }
         let missing = slots - chosen.len();
         if missing > 0 {
@@ -567,14 +560,7 @@ impl Job {
         }
         self.standby = standby;
         for b in &winners {
-            events.push(Event::Awarded { provider: b.provider.node, price_micro: b.price_micro });
-            self.leases.push(Lease {
-                bid: b.clone(),
-                awarded_ms: now_ms,
-                last_beat_ms: now_ms,
-                sealed: None,
-                result: None,
-            });
+            self.grant(b, now_ms, events);
         }
         let missing = a.slots - winners.len();
         if missing > 0 {
@@ -640,6 +626,18 @@ impl Job {
                 self.close(Ended::Refunded { why, at_ms: now_ms }, accounts, events);
             }
         }
+    }
+
+    /// Gives `bid` a lease from `now_ms`.
+    fn grant(&mut self, bid: &Bid, now_ms: u64, events: &mut Vec<Event>) {
+        events.push(Event::Awarded { provider: bid.provider.node, price_micro: bid.price_micro });
+        self.leases.push(Lease {
+            bid: bid.clone(),
+            awarded_ms: now_ms,
+            last_beat_ms: now_ms,
+            sealed: None,
+            result: None,
+        });
     }
 
     /// Returns `p`'s bond to it.

@@ -164,12 +164,7 @@ impl PlacementPolicy {
         self.code.validate()?;
         let bad = |m: String| Err(TypeError::Policy(m));
         let total = self.code.total();
-        if self.regions.len() > MAX_POLICY_ENTRIES
-            || self.countries.len() > MAX_POLICY_ENTRIES
-            || self.deny_jurisdictions.len() > MAX_POLICY_ENTRIES
-        {
-            return bad(format!("each list holds at most {MAX_POLICY_ENTRIES} entries"));
-        }
+        self.geofence().validate()?;
         if self.min_regions == 0 || self.min_operators == 0 {
             return bad("min_regions and min_operators are at least 1".into());
         }
