@@ -80,6 +80,15 @@ pub enum RunOutcome {
     },
 }
 
+impl RunOutcome {
+    /// Whether the outcome says more of the machine than of the job: a run ended by its CPU or
+    /// wall-time limit (how far it got depends on the machine's speed) or by its runner crashing.
+    /// Such a result is no dissent from a majority that ran to the end.
+    pub fn depends_on_the_machine(&self) -> bool {
+        matches!(self, RunOutcome::Failed { end } if ["cpu_limit", "wall_limit", "crashed"].contains(&end.as_str()))
+    }
+}
+
 /// A provider's lease on a job.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct Lease {
@@ -593,6 +602,10 @@ impl Job {
                         events.push(Event::Paid { provider: p, amount_micro: amount });
                         self.release(&p, accounts);
                     }
+                    // Stopped by a CPU or wall-time limit, or by a crash of its runner: how far a run
+                    // gets before that depends on the machine, so it is no dissent — no pay, no
+                    // penalty.
+                    Some(r) if r.depends_on_the_machine() => self.release(&p, accounts),
                     Some(_) => {
                         events.push(Event::Penalized { provider: p, why: "outvoted" });
                         self.forfeit(&p, accounts);

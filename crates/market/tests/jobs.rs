@@ -483,3 +483,23 @@ fn a_result_cannot_be_copied_and_an_unrevealed_one_is_no_vote() {
     assert!(job.ended.is_none());
     assert_eq!(job.burned_micro, 20);
 }
+
+#[test]
+fn a_run_stopped_by_its_time_limit_is_no_dissent_from_a_majority_that_finished() {
+    let ps = [provider(1, "op-a", "eu-de"), provider(2, "op-b", "eu-fr"), provider(3, "op-c", "eu-nl")];
+    let mut book = Book::default();
+    let mut job = auction(3, 100, &[(&ps[0], 40), (&ps[1], 50), (&ps[2], 60)], &mut book);
+    job.tick(1_000, &PARAMS, &mut book);
+    let slow = RunOutcome::Failed { end: "cpu_limit".into() };
+    let wrong = RunOutcome::Failed { end: "exited:3".into() };
+    assert!(slow.depends_on_the_machine() && !wrong.depends_on_the_machine());
+    seal(&mut job, &ps[0].node, &output(1), 1_100).unwrap();
+    seal(&mut job, &ps[1].node, &output(1), 1_100).unwrap();
+    seal(&mut job, &ps[2].node, &slow, 1_100).unwrap();
+    reveal(&mut job, &ps[2].node, &slow, 1_200, &mut book).unwrap();
+    reveal(&mut job, &ps[0].node, &output(1), 1_200, &mut book).unwrap();
+    let ev = reveal(&mut job, &ps[1].node, &output(1), 1_200, &mut book).unwrap();
+    assert!(!ev.iter().any(|e| matches!(e, Event::Penalized { .. })), "{ev:?}");
+    assert_eq!(book.of(&ps[2].node), 1_000, "its bond back, no pay");
+    assert_eq!((book.of(&ps[0].node), book.of(&ps[1].node)), (1_040, 1_050));
+}

@@ -103,7 +103,7 @@ fn step() -> impl Strategy<Value = Step> {
             .prop_map(|(job, p, price, honest)| Step::Commit { job, p, price, honest }),
         8 => (0usize..3, 0usize..8, 1u64..600).prop_map(|(job, p, price)| Step::Reveal { job, p, price }),
         3 => (0usize..3, 0usize..4).prop_map(|(job, p)| Step::Beat { job, p }),
-        8 => (0usize..3, 0usize..4, 0u8..3).prop_map(|(job, p, output)| Step::Result { job, p, output }),
+        8 => (0usize..3, 0usize..4, 0u8..4).prop_map(|(job, p, output)| Step::Result { job, p, output }),
         1 => (0usize..3, 0u8..8).prop_map(|(job, by)| Step::Cancel { job, by }),
         5 => (1u64..400).prop_map(|ms| Step::Wait { ms }),
         3 => (0usize..3, 1u8..=PROVIDERS, 1u8..=5, 1u64..300)
@@ -225,7 +225,8 @@ fn history(steps: Vec<Step>, reached: &Reached) -> Result<(), TestCaseError> {
                 if let Some(j) = jobs.get_mut(job) {
                     let p = holder(j, p);
                     let outcome = match output {
-                        2 => RunOutcome::Failed { end: "cpu_limit".into() },
+                        2 => RunOutcome::Failed { end: "exited:1".into() },
+                        3 => RunOutcome::Failed { end: "cpu_limit".into() },
                         o => RunOutcome::Success { output: [o; 32] },
                     };
                     let digest = result_commitment(&j.id, &p, &outcome, &[7; 32]);
@@ -378,7 +379,7 @@ fn money_is_conserved_and_each_job_pays_its_majority_once() {
     );
     println!("accepted {a}, refunded {r} (failed majority {f}), cancelled {c}, standby took over {s}, outvoted {o}");
     assert!(
-        seed != SEED || (a >= 40 && r >= 20 && c >= 100 && s >= 40 && f >= 20 && o >= 3),
+        seed != SEED || (a >= 30 && r >= 20 && c >= 100 && s >= 40 && f >= 20 && o >= 1),
         "the histories reach too little: {a} {r} {c} {s} {f} {o}"
     );
 }
