@@ -48,6 +48,8 @@ pub const MAX_COMMITS: usize = 256;
 pub const MAX_ROUNDS: u32 = 16;
 /// Runs again after a round without majority.
 pub const MAX_RERUNS: u32 = 1;
+/// Longest failure name in a result (`cpu_limit`, `exited:3`…).
+pub const MAX_END_BYTES: usize = 64;
 
 /// Money in and out of accounts; the ledger's accounts implement it, tests a map.
 pub trait Accounts {
@@ -224,6 +226,8 @@ pub struct Job {
     pub burned_micro: Micro,
     /// Sealed results are revealed until then (open once every run of the round has sealed).
     pub results_reveal_until_ms: Option<u64>,
+    /// Whether a lease was ever awarded (the tenant can no longer cancel: work was done).
+    pub ever_awarded: bool,
     /// How it ended.
     pub ended: Option<Ended>,
 }
@@ -259,6 +263,7 @@ impl Job {
             paid: BTreeSet::new(),
             burned_micro: 0,
             results_reveal_until_ms: None,
+            ever_awarded: false,
             ended: None,
         };
         let slots = usize::from(job.spec.redundancy);
@@ -313,7 +318,8 @@ impl Job {
         // tenant on its own job.
         let excluded = self.excluded.contains(provider)
             || *provider == self.tenant
-            || self.leases.iter().any(|l| l.bid.provider.node == *provider);
+            || self.leases.iter().any(|l| l.bid.provider.node == *provider)
+            || self.standby.iter().any(|b| b.provider.node == *provider);
         let a = self.auction.as_mut().ok_or(MarketError::NoAuction)?;
         if now_ms >= a.commit_until_ms {
             return Err(MarketError::Phase("sealed bids are closed: the auction is revealing or awarded"));
@@ -414,6 +420,11 @@ impl Job {
                 ));
             }
         }
+        if let RunOutcome::Failed { end } = &outcome
+            && end.len() > MAX_END_BYTES
+        {
+            return Err(MarketError::BadReveal);
+        }
         let id = self.id;
         let l = self
             .leases
@@ -425,7 +436,10 @@ impl Job {
         }
         l.result = Some(outcome);
         let mut events = Vec::new();
-        self.settle(now_ms, accounts, &mut events);
+        if self.leases.iter().all(|l| l.result.is_some()) {
+            self.results_reveal_until_ms = None;
+            self.settle(now_ms, accounts, &mut events);
+        }
         Ok(events)
     }
 
@@ -440,7 +454,7 @@ impl Job {
         if *who != self.tenant {
             return Err(MarketError::NotTenant);
         }
-        if !self.leases.is_empty() {
+        if self.ever_awarded {
             return Err(MarketError::Phase("the job runs: it can be cancelled only before a lease is awarded"));
         }
         let mut events = Vec::new();
@@ -479,15 +493,15 @@ impl Job {
             self.results_reveal_until_ms = None;
             let silent: Vec<NodeId> =
                 self.leases.iter().filter(|l| l.result.is_none()).map(|l| l.bid.provider.node).collect();
-            if !silent.is_empty() {
-                self.leases.retain(|l| l.result.is_some());
-                for p in &silent {
-                    self.excluded.insert(*p);
-                    events.push(Event::Penalized { provider: *p, why: "result_not_revealed" });
-                    self.forfeit(p, accounts);
-                }
-                self.fill(silent.len(), now_ms, accounts, &mut events);
+            self.leases.retain(|l| l.result.is_some());
+            for p in &silent {
+                self.excluded.insert(*p);
+                events.push(Event::Penalized { provider: *p, why: "result_not_revealed" });
+                self.forfeit(p, accounts);
             }
+            // The round is decided on what was revealed; its runs are not passed on (the revealed
+            // results are public: a later run could copy them).
+            self.settle(now_ms, accounts, &mut events);
         }
         if let Some(a) = &self.auction
             && now_ms >= a.reveal_until_ms
@@ -577,8 +591,11 @@ impl Job {
         }
     }
 
-    /// After a result: accepts a majority (pays it, penalizes the outvoted, refunds the rest),
-    /// or, once every run of the round has ended without one, runs again or refunds.
+    /// Decides a round whose results are all revealed (or whose reveal window closed): accepts a
+    /// majority of the job's N runs (pays it, penalizes the outvoted, refunds the rest), or runs
+    /// the job again on other providers, or refunds. Never called on part of a round: the order
+    /// of reveals in a block decides nothing, and a provider that sealed is judged on what it
+    /// sealed.
     fn settle(&mut self, now_ms: u64, accounts: &mut impl Accounts, events: &mut Vec<Event>) {
         let n = usize::from(self.spec.redundancy);
         let mut counts: BTreeMap<&RunOutcome, usize> = BTreeMap::new();
@@ -623,9 +640,9 @@ impl Job {
             self.close(ended, accounts, events);
             return;
         }
-        let pending = self.auction.as_ref().map_or(0, |a| a.slots);
-        let all_revealed = self.leases.iter().all(|l| l.result.is_some());
-        if self.active().count() == 0 && pending == 0 && all_revealed && self.leases.len() >= n {
+        {
+            // No majority: results of this round are public now, so nobody joins it later (a late
+            // run could copy them); the job runs again, on other providers, or is refunded.
             if self.reruns < MAX_RERUNS {
                 self.reruns += 1;
                 self.results_reveal_until_ms = None;
@@ -643,6 +660,7 @@ impl Job {
 
     /// Gives `bid` a lease from `now_ms`.
     fn grant(&mut self, bid: &Bid, now_ms: u64, events: &mut Vec<Event>) {
+        self.ever_awarded = true;
         events.push(Event::Awarded { provider: bid.provider.node, price_micro: bid.price_micro });
         self.leases.push(Lease {
             bid: bid.clone(),

@@ -140,12 +140,18 @@ pub fn commitment(job: &[u8; 32], provider: &NodeId, round: u32, price: Micro, s
 }
 
 /// What a sealed result commits to: `BLAKE3("archipel sealed result" ‖ job ‖ provider ‖ outcome ‖
-/// salt)`, the outcome as its JSON. The provider is in it, so one provider's seal cannot be
-/// replayed as another's.
+/// salt)`, the outcome as a tag byte then the output hash (0) or the failure's length and name (1).
+/// The provider is in it, so one provider's seal cannot be replayed as another's.
 pub fn result_commitment(job: &[u8; 32], provider: &NodeId, outcome: &crate::RunOutcome, salt: &[u8; 32]) -> [u8; 32] {
     let mut h = blake3::Hasher::new_derive_key("archipel sealed result");
-    let outcome = serde_json::to_vec(outcome).unwrap_or_default();
-    h.update(job).update(&provider.0).update(&(outcome.len() as u64).to_le_bytes()).update(&outcome).update(salt);
+    h.update(job).update(&provider.0);
+    match outcome {
+        crate::RunOutcome::Success { output } => h.update(&[0]).update(output),
+        crate::RunOutcome::Failed { end } => {
+            h.update(&[1]).update(&(end.len() as u64).to_le_bytes()).update(end.as_bytes())
+        }
+    };
+    h.update(salt);
     *h.finalize().as_bytes()
 }
 

@@ -472,16 +472,48 @@ fn a_result_cannot_be_copied_and_an_unrevealed_one_is_no_vote() {
     // A seal replayed from another provider is not its own either.
     let theirs = result_commitment(&JOB, &ps[0].node, &output(1), &result_salt(&ps[0].node));
     assert_ne!(theirs, result_commitment(&JOB, &ps[2].node, &output(1), &result_salt(&ps[0].node)));
-    // Only a, then nobody else, reveals in the window (500 ms): b and c are no vote, penalized,
-    // and their runs go to the standby (d) and a new round.
+    // Only a, then nobody else, reveals in the window (500 ms): b and c are no vote and
+    // penalized; a's result is public, so no later run joins this round (it could copy it): the
+    // round has no majority and the job runs again from a new auction, without a, b or c.
     reveal(&mut job, &ps[0].node, &output(1), 1_200, &mut book).unwrap();
     let ev = job.tick(1_600, &PARAMS, &mut book);
     for p in &ps[1..] {
         assert!(ev.contains(&Event::Penalized { provider: p.node, why: "result_not_revealed" }), "{ev:?}");
     }
-    assert_eq!(awarded(&ev), [spare.node], "{ev:?}");
-    assert!(job.ended.is_none());
-    assert_eq!(job.burned_micro, 20);
+    assert!(ev.contains(&Event::Reopened { round: 1, slots: 3 }), "{ev:?}");
+    assert!(awarded(&ev).is_empty(), "the standby does not join a round whose results are out: {ev:?}");
+    assert_eq!((job.burned_micro, book.of(&ps[0].node)), (20, 1_000), "a's bond back, not paid");
+    for p in &ps {
+        assert_eq!(job.commit(&p.node, [0; 32], 1_700, &mut book), Err(MarketError::Excluded));
+    }
+    // Work was done: the tenant can no longer cancel.
+    assert!(matches!(job.cancel(&TENANT, 1_700, &mut book), Err(MarketError::Phase(_))));
+}
+
+#[test]
+fn a_round_is_decided_on_all_its_reveals_not_the_first_that_agree() {
+    let ps = [provider(1, "op-a", "eu-de"), provider(2, "op-b", "eu-fr"), provider(3, "op-c", "eu-nl")];
+    let spare = provider(4, "op-d", "eu-pl");
+    let mut book = Book::default();
+    let mut job = auction(3, 100, &[(&ps[0], 40), (&ps[1], 50), (&ps[2], 60), (&spare, 70)], &mut book);
+    job.tick(1_000, &PARAMS, &mut book);
+    for p in &ps[..2] {
+        seal(&mut job, &p.node, &output(1), 1_100).unwrap();
+    }
+    seal(&mut job, &ps[2].node, &output(2), 1_100).unwrap();
+    reveal(&mut job, &ps[0].node, &output(1), 1_200, &mut book).unwrap();
+    let ev = reveal(&mut job, &ps[1].node, &output(1), 1_200, &mut book).unwrap();
+    assert!(ev.is_empty() && job.ended.is_none(), "two agree, the third has not revealed: not yet decided");
+    let ev = reveal(&mut job, &ps[2].node, &output(2), 1_300, &mut book).unwrap();
+    assert!(ev.contains(&Event::Penalized { provider: ps[2].node, why: "outvoted" }), "{ev:?}");
+    assert!(matches!(job.ended, Some(Ended::Accepted { .. })));
+    // A failure name past its bound is refused (it would be stored on the ledger).
+    let mut book = Book::default();
+    let mut job = auction(1, 100, &[(&ps[0], 40)], &mut book);
+    job.tick(1_000, &PARAMS, &mut book);
+    let long = RunOutcome::Failed { end: "x".repeat(65) };
+    seal(&mut job, &ps[0].node, &long, 1_100).unwrap();
+    assert_eq!(reveal(&mut job, &ps[0].node, &long, 1_200, &mut book), Err(MarketError::BadReveal));
 }
 
 #[test]
@@ -502,4 +534,20 @@ fn a_run_stopped_by_its_time_limit_is_no_dissent_from_a_majority_that_finished()
     assert!(!ev.iter().any(|e| matches!(e, Event::Penalized { .. })), "{ev:?}");
     assert_eq!(book.of(&ps[2].node), 1_000, "its bond back, no pay");
     assert_eq!((book.of(&ps[0].node), book.of(&ps[1].node)), (1_040, 1_050));
+}
+
+#[test]
+fn a_node_standing_by_cannot_also_bid() {
+    // s stands by but shares a's operator, so it cannot take b's run when b lapses: a new round
+    // opens while s still stands by, and s may not bid in it (its bond backs its place).
+    let (a, b, s) = (provider(1, "op-a", "eu-de"), provider(2, "op-b", "eu-fr"), provider(3, "op-a", "eu-nl"));
+    let mut book = Book::default();
+    let mut job = auction(2, 100, &[(&a, 40), (&b, 50), (&s, 60)], &mut book);
+    assert_eq!(awarded(&job.tick(1_000, &PARAMS, &mut book)), [a.node, b.node]);
+    assert_eq!(job.standby.iter().map(|x| x.provider.node).collect::<Vec<_>>(), [s.node]);
+    job.heartbeat(&a.node, 2_500).unwrap();
+    let ev = job.tick(3_001, &PARAMS, &mut book);
+    assert!(ev.contains(&Event::Reopened { round: 1, slots: 1 }), "{ev:?}");
+    let digest = commitment(&JOB, &s.node, 1, 10, &salt(&s));
+    assert_eq!(job.commit(&s.node, digest, 3_100, &mut book), Err(MarketError::Excluded));
 }
