@@ -511,18 +511,28 @@ impl Job {
         events
     }
 
+    /// The nodes holding a lease of this run.
+    fn holders(&self) -> BTreeSet<NodeId> {
+        self.leases.iter().map(|l| l.bid.provider.node).collect()
+    }
+
+    /// Up to `slots` of `candidates` (best first) for this run by the winner rule: none from an
+    /// operator that holds one of its leases, regions it does not cover yet preferred.
+    fn pick_for_run(&self, candidates: &[&Bid], slots: usize) -> Vec<Bid> {
+        let operators = self.leases.iter().map(|l| l.bid.provider.operator.clone()).collect();
+        let regions = self.leases.iter().map(|l| l.bid.provider.region.clone()).collect();
+        pick(candidates, slots, &operators, &regions).into_iter().cloned().collect()
+    }
+
     /// Gives `slots` freed runs to standing-by bids, best first; what is left goes to auction.
     fn fill(&mut self, slots: usize, now_ms: u64, accounts: &mut impl Accounts, events: &mut Vec<Event>) {
-        let taken_ops: BTreeSet<String> = self.leases.iter().map(|l| l.bid.provider.operator.clone()).collect();
-        let taken_regions = self.leases.iter().map(|l| l.bid.provider.region.clone()).collect();
-        let excluded = &self.excluded;
-        let holding: BTreeSet<NodeId> = self.leases.iter().map(|l| l.bid.provider.node).collect();
+        let holding = self.holders();
         let candidates: Vec<&Bid> = self
             .standby
             .iter()
-            .filter(|b| !excluded.contains(&b.provider.node) && !holding.contains(&b.provider.node))
+            .filter(|b| !self.excluded.contains(&b.provider.node) && !holding.contains(&b.provider.node))
             .collect();
-        let chosen: Vec<Bid> = pick(&candidates, slots, &taken_ops, &taken_regions).into_iter().cloned().collect();
+        let chosen = self.pick_for_run(&candidates, slots);
         for b in &chosen {
             self.standby.retain(|s| s.provider.node != b.provider.node);
             self.grant(b, now_ms, events);
@@ -554,8 +564,6 @@ impl Job {
             events.push(Event::Penalized { provider: *p, why: "not_revealed" });
             self.forfeit(p, accounts);
         }
-        let taken_ops: BTreeSet<String> = self.leases.iter().map(|l| l.bid.provider.operator.clone()).collect();
-        let taken_regions = self.leases.iter().map(|l| l.bid.provider.region.clone()).collect();
         let ranked = rank(&self.id, a.bids.values(), &self.spec.geofence, self.spec.max_price_micro, &self.excluded);
         // A revealed bid the rule cannot take (above the max price, outside the geofence) was a
         // way to crowd the auction for nothing: its bond is forfeited too.
@@ -567,7 +575,7 @@ impl Job {
         // A standby whose bond was just forfeited stands by no more.
         let bonds = &self.bonds;
         self.standby.retain(|b| bonds.contains_key(&b.provider.node));
-        let winners: Vec<Bid> = pick(&ranked, a.slots, &taken_ops, &taken_regions).into_iter().cloned().collect();
+        let winners = self.pick_for_run(&ranked, a.slots);
         let won: BTreeSet<NodeId> = winners.iter().map(|b| b.provider.node).collect();
         // The best losers stand by (bond kept), as many as the job has runs; the rest go home.
         let previous: Vec<Bid> = std::mem::take(&mut self.standby);
@@ -576,7 +584,7 @@ impl Job {
         standby.extend(previous.iter().filter(|b| !a.bids.contains_key(&b.provider.node)).cloned());
         standby.truncate(usize::from(self.spec.redundancy));
         let keep: BTreeSet<NodeId> = standby.iter().map(|b| b.provider.node).collect();
-        let holding: BTreeSet<NodeId> = self.leases.iter().map(|l| l.bid.provider.node).collect();
+        let holding = self.holders();
         let bidders = a.bids.keys().copied().chain(previous.iter().map(|b| b.provider.node)).collect::<BTreeSet<_>>();
         for p in bidders.iter().filter(|p| !won.contains(*p) && !keep.contains(*p) && !holding.contains(*p)) {
             self.release(p, accounts);

@@ -461,6 +461,15 @@ impl TenantClient {
         self.get_from(path, floor).await
     }
 
+    /// [`Self::get`], `None` for a 404 — an absence believed only when a node at the freshest
+    /// height ([`Self::freshest`]) says so too.
+    async fn get_or_absent<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>, TenantError> {
+        match not_found_is_none(self.get(path).await)? {
+            Some(v) => Ok(Some(v)),
+            None => not_found_is_none(self.get_fresh(path).await),
+        }
+    }
+
     /// The highest block any of this client's nodes has applied, asked of all of them at once
     /// ([`FRESHEST_WAIT`] each; a node that does not answer in time is left out). A write another
     /// client saw final at one of these nodes is at or below it. Reads of absence (no such
@@ -576,23 +585,14 @@ impl TenantClient {
 
     /// One bucket; `None` when there is none of that name.
     pub async fn bucket(&self, name: &str) -> Result<Option<BucketRecord>, TenantError> {
-        let path = format!("/v1/buckets/{}", urlencode(name));
-        match not_found_is_none(self.get(&path).await)? {
-            Some(b) => Ok(Some(b)),
-            // Absent at one node: believed only at the freshest height.
-            None => not_found_is_none(self.get_fresh(&path).await),
-        }
+        self.get_or_absent(&format!("/v1/buckets/{}", urlencode(name))).await
     }
 
     /// One object with its holders; `None` when there is none at that key.
     pub async fn object(&self, bucket: &str, key: &str) -> Result<Option<ObjectView>, TenantError> {
         // In the query, not the path: a path's `.` and `..` segments would be resolved on the way.
         let path = format!("/v1/buckets/{}/object?key={}", urlencode(bucket), urlencode(key));
-        let view: Option<ObjectView> = match not_found_is_none(self.get(&path).await)? {
-            Some(v) => Some(v),
-            // Absent at one node: believed only at the freshest height.
-            None => not_found_is_none(self.get_fresh(&path).await)?,
-        };
+        let view: Option<ObjectView> = self.get_or_absent(&path).await?;
         match view {
             Some(v) if v.object.bucket != bucket || v.object.key != key => Err(TenantError::Decode {
                 url: path,
