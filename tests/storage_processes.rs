@@ -149,6 +149,19 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
     // Audits: one holder's shards all rot on disk. Within a few one-second audit epochs its
     // auditor fetches a challenged shard, finds it wrong, reports it; the shard is rebuilt on a
     // compliant node and the holder's reputation falls. Reads never return wrong bytes meanwhile.
+    // What every node's auditor and repairer last said, for a failure message: which step
+    // (challenge, report, rebuild, move) stopped.
+    let workers_said = || {
+        let said: Vec<String> = (0..12)
+            .map(|i| {
+                let (name, url, _, _) = devnet.node(i);
+                let said =
+                    rt().block_on(archipel_node::client::ApiClient::new(&url).get::<serde_json::Value>("/v1/workers"));
+                format!("{name}: {}", said.map_or_else(|e| e.to_string(), |v| v.to_string()))
+            })
+            .collect();
+        said.join("\n")
+    };
     let rotten = (0..6).find(|i| !validators.contains(&names[*i])).unwrap();
     for segment in 0..3 {
         let f = shard_file(&names[rotten], rotten, segment);
@@ -165,20 +178,10 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
             break st;
         }
         if std::time::Instant::now() >= deadline {
-            // What every node's auditor and repairer last said, and the ledger's view: which step
-            // (challenge, report, rebuild, move) stopped.
-            let workers: Vec<String> = (0..12)
-                .map(|i| {
-                    let (name, url, _, _) = devnet.node(i);
-                    let said = rt()
-                        .block_on(archipel_node::client::ApiClient::new(&url).get::<serde_json::Value>("/v1/workers"));
-                    format!("{name}: {}", said.map_or_else(|e| e.to_string(), |v| v.to_string()))
-                })
-                .collect();
             panic!(
                 "the rotten holder {} was never caught; last get: {out}\nobject now: {st}\nworkers:\n{}",
                 names[rotten],
-                workers.join("\n")
+                workers_said()
             );
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
@@ -216,7 +219,9 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
     assert!(std::fs::read(&back3).unwrap() == body);
 
     // A third shard of segment 0 rots: three of six unusable — "unrecoverable", never wrong
-    // bytes, no file left behind. Healed at once (only the ledger's view matters after).
+    // bytes, no file left behind. Healed at once; an audit may catch it meanwhile, and then the
+    // repair below must still rebuild the killed holders' shards first (the fence has room for
+    // two new holders, not three).
     let third = (0..6).find(|i| !killed.contains(i)).unwrap();
     let f = shard_file(&names[third], third, 0);
     let good = std::fs::read(&f).unwrap();
@@ -259,9 +264,10 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no repair within 90 s; last stat: {}{}",
+            "no repair within 90 s; last stat: {}{}\nworkers:\n{}",
             stdout(&out),
-            stderr(&out)
+            stderr(&out),
+            workers_said()
         );
         std::thread::sleep(std::time::Duration::from_millis(500));
     };

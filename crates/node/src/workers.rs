@@ -232,6 +232,15 @@ pub fn to_repair(
         .collect()
 }
 
+/// The shards of `missing` in the order a repair places them when the fence lacks room for
+/// all: those no source serves (holder down or gone) first, then those whose holder still
+/// serves its other shards (a failed audit); by index within each.
+fn repair_order(missing: &[usize], sources: &[(usize, Holder)]) -> Vec<usize> {
+    let mut order = missing.to_vec();
+    order.sort_by_key(|i| (sources.iter().any(|(s, _)| s == i), *i));
+    order
+}
+
 /// Objects with holders unhealthy at `now_ms` in `st`, each with its policy: the repair queue.
 /// Reads the ledger's index of holders that are not up where they registered, and of suspect
 /// shards ([`archipel_ledger::State::repair_candidates`]), not every object.
@@ -321,22 +330,27 @@ impl Worker for Repairer {
                 continue;
             }
             let healthy_map: BTreeMap<usize, NodeId> = job.healthy.iter().map(|(i, h)| (*i, h.node)).collect();
-            let targets = match archipel_placement::replace(
+            // Shards whose holder is down or gone first, then those that failed an audit (their
+            // holder still serves the others): when the fence has room for only some, the
+            // shards no one serves are rebuilt, and the rest wait for room.
+            let order = repair_order(&job.missing, &job.sources);
+            let (targets, short) = archipel_placement::replace_what_fits(
                 &job.policy,
                 &candidates,
                 &o.version.0,
                 o.shard_bytes,
                 &healthy_map,
-                &job.missing,
+                &order,
                 &job.exclude,
-            ) {
-                Ok(t) => t,
-                Err(e) => {
-                    degraded_left += 1;
-                    notes.push(format!("{name} stays degraded: {e}"));
+            );
+            if let Some(e) = short {
+                degraded_left += 1;
+                let waiting = order.len() - targets.len();
+                notes.push(format!("{name}: {waiting} of {} shards stay degraded: {e}", order.len()));
+                if targets.is_empty() {
                     continue;
                 }
-            };
+            }
             let targets: Vec<(usize, Holder)> = targets
                 .into_iter()
                 .map(|(i, n)| (i, Holder { node: n, url: urls.get(&n).cloned().unwrap_or_default() }))
@@ -685,5 +699,19 @@ impl Worker for Collector {
         .map_err(|e| format!("collect task: {e}"))??;
         self.unlisted = unlisted;
         Ok(summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_no_one_serves_are_placed_before_suspect_ones() {
+        let at = |i: usize| (i, Holder { node: NodeId([i as u8; 32]), url: String::new() });
+        // Shard 0 failed an audit (its holder serves, so it is a source); 3 and 4 are down.
+        let sources = [at(0), at(1), at(2), at(5)];
+        assert_eq!(repair_order(&[0, 3, 4], &sources), [3, 4, 0]);
+        assert_eq!(repair_order(&[4, 3], &sources), [3, 4]);
     }
 }

@@ -354,6 +354,34 @@ pub fn replace(
     Ok(missing.iter().copied().zip(chosen.into_iter().map(|c| c.node)).collect())
 }
 
+/// Like [`replace`], but when the fence has room for only some of the `missing` shards, new
+/// holders for as many as fit: `missing` is in priority order (shards whose holder is gone
+/// first), and the shards at its end wait. Returns the moves and, if any shard waits, why.
+/// A repair that can rebuild two of three shards should not rebuild none.
+pub fn replace_what_fits(
+    policy: &PlacementPolicy,
+    candidates: &[Candidate],
+    seed: &[u8; 32],
+    shard_bytes: u64,
+    healthy: &BTreeMap<usize, NodeId>,
+    missing: &[usize],
+    exclude: &BTreeSet<NodeId>,
+) -> (Vec<(usize, NodeId)>, Option<PlacementError>) {
+    let first = match replace(policy, candidates, seed, shard_bytes, healthy, missing, exclude) {
+        Ok(moves) => return (moves, None),
+        Err(e @ PlacementError::BadRequest(_)) => return (Vec::new(), Some(e)),
+        Err(e) => e,
+    };
+    for n in (1..missing.len()).rev() {
+        // The shards that wait keep their holder for now (the caller excludes it); their
+        // failure domains are not counted, so the spread asked of the others errs on the safe side.
+        if let Ok(moves) = replace(policy, candidates, seed, shard_bytes, healthy, &missing[..n], exclude) {
+            return (moves, Some(first));
+        }
+    }
+    (Vec::new(), Some(first))
+}
+
 /// Checks that a segment's holders (`holders[i]` holds shard `i`) respect `policy`: k+m of them,
 /// distinct, each registered and inside the geofence. Failure-domain minimums are a placement
 /// goal, not checked here: after a region is lost, a repair keeps data inside the fence even if

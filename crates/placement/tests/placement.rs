@@ -3,6 +3,7 @@
 
 use archipel_placement::{
     Candidate, MIN_REPUTATION, PlacementError, Violation, check, duty_holder, eligible, feasible, place, replace,
+    replace_what_fits,
 };
 use archipel_types::{ErasureCode, NodeId, PlacementPolicy};
 use proptest::prelude::*;
@@ -169,6 +170,41 @@ fn repairs_stay_inside_the_fence_or_fail() {
         replace(&policy, &pool, &seed, MIB, &BTreeMap::new(), &[6], &BTreeSet::new()),
         Err(PlacementError::BadRequest(_))
     ));
+}
+
+#[test]
+fn a_repair_with_room_for_some_shards_rebuilds_those_first() {
+    // The devnet's eight EU, non-US nodes: six hold the segment, two are spare.
+    let pool = devnet();
+    let policy = eu_no_us(2, 2);
+    let seed = [9u8; 32];
+    let holders = place(&policy, &pool, &seed, MIB).unwrap();
+    // Holders 3 and 4 die; shard 0 failed an audit but its holder is up. Three shards need a
+    // home and two spare nodes remain: the dead holders' shards (first in the order) move.
+    let dead: BTreeSet<NodeId> = [holders[3], holders[4]].into();
+    let live: Vec<Candidate> = pool.iter().filter(|c| !dead.contains(&c.node)).cloned().collect();
+    let healthy: BTreeMap<usize, NodeId> = [1, 2, 5].iter().map(|i| (*i, holders[*i])).collect();
+    let exclude: BTreeSet<NodeId> = [holders[0], holders[3], holders[4]].into();
+    let all = replace(&policy, &live, &seed, MIB, &healthy, &[3, 4, 0], &exclude);
+    assert!(matches!(all, Err(PlacementError::TooFewNodes { .. })), "{all:?}");
+    let (moves, short) = replace_what_fits(&policy, &live, &seed, MIB, &healthy, &[3, 4, 0], &exclude);
+    assert_eq!(moves.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![3, 4]);
+    assert!(matches!(short, Some(PlacementError::TooFewNodes { .. })), "{short:?}");
+    let mut after = holders.clone();
+    for (i, n) in &moves {
+        assert!(!holders.contains(n), "a new holder is a spare node");
+        after[*i] = *n;
+    }
+    check(&policy, &registry(&pool), &after).unwrap();
+    // With room for all, all move and nothing waits; with room for none, none.
+    let (moves, short) = replace_what_fits(&policy, &live, &seed, MIB, &healthy, &[3, 4], &exclude);
+    assert_eq!((moves.len(), short.is_none()), (2, true));
+    let crowded: Vec<Candidate> = live.iter().filter(|c| holders.contains(&c.node)).cloned().collect();
+    let (moves, short) = replace_what_fits(&policy, &crowded, &seed, MIB, &healthy, &[3, 4, 0], &exclude);
+    assert!(moves.is_empty() && short.is_some());
+    // A bad request is not retried smaller.
+    let (moves, short) = replace_what_fits(&policy, &live, &seed, MIB, &healthy, &[1, 3], &exclude);
+    assert!(moves.is_empty() && matches!(short, Some(PlacementError::BadRequest(_))));
 }
 
 #[test]
