@@ -463,6 +463,17 @@ mod tests {
             },
             crate::Payload::AuditFailed { bucket: empty(), key: empty(), version: Hash::ZERO, epoch: 0 },
             crate::Payload::RevokeTokens { ids: vec![Hash::ZERO] },
+            crate::Payload::BidCommit { job: Hash::ZERO, digest: Hash::ZERO, bond_micro: 0 },
+            crate::Payload::BidReveal { job: Hash::ZERO, price_micro: 0, salt: Hash::ZERO },
+            crate::Payload::JobHeartbeat { jobs: vec![Hash::ZERO] },
+            crate::Payload::ResultCommit { job: Hash::ZERO, digest: Hash::ZERO },
+            crate::Payload::ResultReveal {
+                job: Hash::ZERO,
+                outcome: archipel_market::RunOutcome::Failed { end: empty() },
+                salt: Hash::ZERO,
+            },
+            crate::Payload::CancelJob { job: Hash::ZERO },
+            crate::Payload::PostJob { spec: crate::jobs::tests::spec() },
             crate::Payload::TransferMany { credits: vec![crate::tx::Credit { to: a.node_id(), amount_micro: 0 }] },
             crate::Payload::CreateBucket {
                 name: empty(),
@@ -508,6 +519,13 @@ mod tests {
                 | crate::Payload::MoveShards { .. }
                 | crate::Payload::AuditFailed { .. }
                 | crate::Payload::RevokeTokens { .. }
+                | crate::Payload::BidCommit { .. }
+                | crate::Payload::BidReveal { .. }
+                | crate::Payload::JobHeartbeat { .. }
+                | crate::Payload::ResultCommit { .. }
+                | crate::Payload::ResultReveal { .. }
+                | crate::Payload::CancelJob { .. }
+                | crate::Payload::PostJob { .. }
                 | crate::Payload::TransferMany { .. }
                 | crate::Payload::CreateBucket { .. }
                 | crate::Payload::PutObject { .. }
@@ -516,7 +534,7 @@ mod tests {
             }
         }
         let kinds: std::collections::BTreeSet<&str> = smallest.iter().map(|p| p.kind()).collect();
-        assert_eq!(kinds.len(), 12, "one payload of every kind: {kinds:?}");
+        assert_eq!(kinds.len(), 19, "one payload of every kind: {kinds:?}");
         let txs: Vec<_> = smallest
             .into_iter()
             .map(|payload| crate::Transaction { signer: a.node_id(), nonce: 0, payload }.sign(&a, &Hash::of(&[b"net"])))

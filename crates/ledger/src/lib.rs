@@ -1,6 +1,6 @@
 //! The ledger's deterministic state machine (sans-IO): signed transactions, admission and the
 //! mempool, atomic `apply` with typed receipts, the node registry, liveness leases, object storage
-//! (buckets, objects, shard holders), blocks, a Merkle state root with proofs, and the offline
+//! (buckets, objects, shard holders), compute jobs, blocks, a Merkle state root with proofs, and the offline
 //! chain verifier.
 //!
 //! Architecture Invariant: no I/O, no clock, nothing spawned. Block time comes in as an argument,
@@ -10,6 +10,7 @@ mod accounts;
 pub mod block;
 pub mod export;
 pub mod hash;
+pub mod jobs;
 pub mod lease;
 pub mod listing;
 pub mod mempool;

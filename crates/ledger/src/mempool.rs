@@ -201,7 +201,14 @@ fn spend_micro(params: &LedgerParams, tx: &Transaction) -> u64 {
         | Payload::DeleteObject { .. }
         | Payload::MoveShards { .. }
         | Payload::AuditFailed { .. }
-        | Payload::RevokeTokens { .. } => params.tx_fee_micro,
+        | Payload::RevokeTokens { .. }
+        | Payload::BidReveal { .. }
+        | Payload::JobHeartbeat { .. }
+        | Payload::ResultCommit { .. }
+        | Payload::ResultReveal { .. }
+        | Payload::CancelJob { .. } => params.tx_fee_micro,
+        Payload::PostJob { spec } => params.tx_fee_micro.saturating_add(spec.escrow_micro()),
+        Payload::BidCommit { bond_micro, .. } => params.tx_fee_micro.saturating_add(*bond_micro),
     }
 }
 

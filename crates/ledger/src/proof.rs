@@ -130,6 +130,10 @@ pub fn decode_value(key: &StateKey, value: &[u8]) -> Result<serde_json::Value, S
         StateKey::Revocations(_) => {
             json(serde_json::from_slice::<Vec<crate::Hash>>(value).and_then(serde_json::to_value))
         }
+        StateKey::Job(_) => json(serde_json::from_slice::<archipel_market::Job>(value).and_then(serde_json::to_value)),
+        StateKey::Record(_) => {
+            json(serde_json::from_slice::<archipel_market::Record>(value).and_then(serde_json::to_value))
+        }
         StateKey::Network => Ok(serde_json::json!({ "network": hex::encode(value) })),
         StateKey::Node(_) => json(serde_json::from_slice::<NodeRecord>(value).and_then(serde_json::to_value)),
         StateKey::Params => json(serde_json::from_slice(value)),

@@ -150,6 +150,15 @@ pub enum Receipt {
         /// The deposit returned.
         deposit_micro: u64,
     },
+    /// A job transaction was applied ([`crate::jobs`]).
+    JobStep {
+        /// The job (the first, for a heartbeat naming several).
+        job: Hash,
+        /// The transaction's kind (`post_job`, `bid_commit`…).
+        step: String,
+        /// Whether the job ended with it.
+        ended: bool,
+    },
     /// Access-token ids were revoked.
     TokensRevoked {
         /// The account that revoked them.
@@ -230,6 +239,10 @@ pub enum StateKey {
     Validator(NodeId),
     /// The access-token ids an account revoked ([`crate::tokens`]).
     Revocations(NodeId),
+    /// A compute job ([`crate::jobs`]), by id.
+    Job(Hash),
+    /// A compute provider's record of runs ([`crate::jobs`]).
+    Record(NodeId),
 }
 
 impl fmt::Display for StateKey {
@@ -246,6 +259,8 @@ impl fmt::Display for StateKey {
             StateKey::Params => f.write_str("params"),
             StateKey::Reputation(id) => write!(f, "reputation/{id}"),
             StateKey::Revocations(id) => write!(f, "revocations/{id}"),
+            StateKey::Job(h) => write!(f, "job/{h}"),
+            StateKey::Record(id) => write!(f, "record/{id}"),
             StateKey::Stored(id) => write!(f, "stored/{id}"),
             StateKey::Validator(id) => write!(f, "validator/{id}"),
         }
@@ -266,12 +281,14 @@ impl FromStr for StateKey {
             Some(("stored", rest)) => Ok(StateKey::Stored(id(rest)?)),
             Some(("reputation", rest)) => Ok(StateKey::Reputation(id(rest)?)),
             Some(("revocations", rest)) => Ok(StateKey::Revocations(id(rest)?)),
+            Some(("job", rest)) => Ok(StateKey::Job(rest.parse().map_err(|e| format!("state key {s:?}: {e}"))?)),
+            Some(("record", rest)) => Ok(StateKey::Record(id(rest)?)),
             Some(("departed", rest)) => Ok(StateKey::Departed(id(rest)?)),
             Some(("lease", rest)) => Ok(StateKey::Lease(id(rest)?)),
             Some(("node", rest)) => Ok(StateKey::Node(id(rest)?)),
             Some(("validator", rest)) => Ok(StateKey::Validator(id(rest)?)),
             _ => Err(format!(
-                "unknown state key {s:?}: use account/<key>, node/<key>, lease/<key>, departed/<key>, validator/<key>, stored/<key>, reputation/<key>, revocations/<key>, bucket/<hash>, object/<hash>, chain, network or params"
+                "unknown state key {s:?}: use account/<key>, node/<key>, lease/<key>, departed/<key>, validator/<key>, stored/<key>, reputation/<key>, revocations/<key>, record/<key>, bucket/<hash>, object/<hash>, job/<hash>, chain, network or params"
             )),
         }
     }
@@ -305,9 +322,18 @@ pub struct State {
     pub(crate) reputations: Overlay<NodeId, u16>,
     /// Revoked token ids per account: read through from the store.
     pub(crate) revocations: Overlay<NodeId, Vec<Hash>>,
+    /// Compute jobs, by id: read through from the store.
+    pub(crate) jobs: Overlay<Hash, archipel_market::Job>,
+    /// Compute providers' records: read through from the store.
+    pub(crate) records: Overlay<NodeId, archipel_market::Record>,
+    /// Open jobs by the block time they are next due at (not in the root: derived from the
+    /// jobs, rebuilt when a state is opened from its store).
+    pub(crate) due_jobs: imbl::OrdSet<(u64, Hash)>,
+    /// Each open job's entry in `due_jobs`.
+    pub(crate) job_due: imbl::OrdMap<Hash, u64>,
     /// Changed entries outside the tables (the chain position; the network, parameters and
     /// validators at genesis).
-    other_changed: BTreeSet<StateKey>,
+    pub(crate) other_changed: BTreeSet<StateKey>,
     /// Entries sealed since the last commit, with the height they were last written at: what
     /// the next [`State::commit`] writes. Persistent, so forking a state stays O(1).
     unsaved: imbl::OrdMap<StateKey, u64>,
@@ -422,6 +448,7 @@ impl State {
             .sum::<u128>()
             + self.nodes.values().map(|r| r.deposit_micro as u128).sum::<u128>()
             + self.chain.fees_burned_micro as u128
+            + self.jobs_held_micro()
     }
 
     /// Lease status of `node` (Down if it is not registered).
@@ -443,8 +470,11 @@ impl State {
         self.stored.writing_at(height);
         self.reputations.writing_at(height);
         self.revocations.writing_at(height);
+        self.jobs.writing_at(height);
+        self.records.writing_at(height);
         self.chain.height = height;
         self.chain.timestamp_ms = timestamp_ms;
+        self.tick_jobs(timestamp_ms);
     }
 
     /// Checks a transaction before it enters the mempool: size, signature, nonce window, fee and
@@ -525,6 +555,13 @@ impl State {
             Payload::MoveShards { bucket, key, moves, .. } => self.apply_move_shards(bucket, key, moves),
             Payload::AuditFailed { bucket, key, epoch, .. } => self.apply_audit_failed(bucket, key, *epoch),
             Payload::RevokeTokens { ids } => self.apply_revoke_tokens(tx.signer, ids),
+            Payload::PostJob { .. }
+            | Payload::BidCommit { .. }
+            | Payload::BidReveal { .. }
+            | Payload::JobHeartbeat { .. }
+            | Payload::ResultCommit { .. }
+            | Payload::ResultReveal { .. }
+            | Payload::CancelJob { .. } => self.apply_job(tx.signer, tx.nonce, fee, &tx.payload),
         };
         self.update_account(tx.signer, |a| {
             a.balance_micro -= fee;
@@ -578,6 +615,13 @@ impl State {
                 self.check_audit_failed(tx.signer, bucket, key, version, *epoch)?
             }
             Payload::RevokeTokens { ids } => self.check_revoke_tokens(tx.signer, ids)?,
+            Payload::PostJob { .. }
+            | Payload::BidCommit { .. }
+            | Payload::BidReveal { .. }
+            | Payload::JobHeartbeat { .. }
+            | Payload::ResultCommit { .. }
+            | Payload::ResultReveal { .. }
+            | Payload::CancelJob { .. } => self.check_job(tx.signer, tx.nonce, fee, &tx.payload)?,
         }
         Ok(fee)
     }
@@ -617,6 +661,11 @@ impl State {
                 .revocations
                 .get(id, |id| self.load(&StateKey::Revocations(*id), decode_json))
                 .map(|v: Vec<Hash>| json(&v)),
+            StateKey::Job(h) => self.job(h).map(|j| json(&j)),
+            StateKey::Record(id) => self
+                .records
+                .get(id, |id| self.load(&StateKey::Record(*id), decode_json))
+                .map(|r: archipel_market::Record| json(&r)),
         }
     }
 
@@ -628,11 +677,13 @@ impl State {
         out.extend(self.overlay_keys("bucket/", &self.buckets, StateKey::Bucket));
         out.push(StateKey::Chain);
         out.extend(self.overlay_keys("departed/", &self.departed, StateKey::Departed));
+        out.extend(self.overlay_keys("job/", &self.jobs, StateKey::Job));
         out.extend(self.overlay_keys("lease/", &self.leases, StateKey::Lease));
         out.push(StateKey::Network);
         out.extend(self.nodes.keys().map(|id| StateKey::Node(*id)));
         out.extend(self.overlay_keys("object/", &self.objects, StateKey::Object));
         out.push(StateKey::Params);
+        out.extend(self.overlay_keys("record/", &self.records, StateKey::Record));
         out.extend(self.overlay_keys("reputation/", &self.reputations, StateKey::Reputation));
         out.extend(self.overlay_keys("revocations/", &self.revocations, StateKey::Revocations));
         out.extend(self.overlay_keys("stored/", &self.stored, StateKey::Stored));
@@ -657,6 +708,8 @@ impl State {
             || self.stored.has_changes()
             || self.reputations.has_changes()
             || self.revocations.has_changes()
+            || self.jobs.has_changes()
+            || self.records.has_changes()
     }
 
     /// Brings the state root up to date with the entries changed since the last call, hashing
@@ -677,6 +730,8 @@ impl State {
         keys.extend(self.stored.take_changed().into_iter().map(StateKey::Stored));
         keys.extend(self.reputations.take_changed().into_iter().map(StateKey::Reputation));
         keys.extend(self.revocations.take_changed().into_iter().map(StateKey::Revocations));
+        keys.extend(self.jobs.take_changed().into_iter().map(StateKey::Job));
+        keys.extend(self.records.take_changed().into_iter().map(StateKey::Record));
         let changes: Vec<trie::Change> =
             keys.iter().map(|k| (state_key_hash(k), self.value(k).map(|v| trie::value_hash(&v)))).collect();
         self.check_fault()?;
@@ -759,6 +814,8 @@ impl State {
         self.stored.clear_written();
         self.reputations.clear_written();
         self.revocations.clear_written();
+        self.jobs.clear_written();
+        self.records.clear_written();
     }
 
     /// Forgets what a store committed through `height` holds already: for a state forked from
@@ -774,6 +831,8 @@ impl State {
         self.stored.forget_through(height);
         self.reputations.forget_through(height);
         self.revocations.forget_through(height);
+        self.jobs.forget_through(height);
+        self.records.forget_through(height);
         if self.unsaved.values().any(|at| *at <= height) {
             self.unsaved = self.unsaved.iter().filter(|(_, at)| **at > height).map(|(k, at)| (*k, *at)).collect();
             let own = self.unsaved.keys().map(state_key_hash).collect();
@@ -819,10 +878,21 @@ impl State {
         // validators are kept as it goes.
         let mut builder = trie::Builder::new(store.bucket_depth());
         let mut registry = Vec::new();
+        let mut jobs = Vec::new();
         for_each_stored(&*store, "", |k, v| {
             builder.push((trie::key_hash(&k), trie::value_hash(&v)))?;
             if [&b"node/"[..], b"validator/"].iter().any(|p| k.starts_with(p)) {
                 registry.push((parse_key("registry", k)?, v));
+            } else if k.starts_with(b"job/") {
+                // The due index is rebuilt from the open jobs.
+                let key = parse_key("job", k)?;
+                let job: archipel_market::Job =
+                    serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))?;
+                if job.ended.is_none()
+                    && let StateKey::Job(id) = key
+                {
+                    jobs.push((id, job));
+                }
             }
             Ok(())
         })?;
@@ -846,6 +916,9 @@ impl State {
                 }
                 _ => {}
             }
+        }
+        for (id, job) in jobs {
+            s.index_job(&id, &job);
         }
         // What was loaded is what the store holds: nothing to seal or write.
         s.nodes.take_changed();
@@ -927,7 +1000,8 @@ impl StoredId for NodeId {
             | StateKey::Lease(id)
             | StateKey::Stored(id)
             | StateKey::Reputation(id)
-            | StateKey::Revocations(id) => Some(*id),
+            | StateKey::Revocations(id)
+            | StateKey::Record(id) => Some(*id),
             _ => None,
         }
     }
@@ -936,7 +1010,7 @@ impl StoredId for NodeId {
 impl StoredId for Hash {
     fn of(key: &StateKey) -> Option<Self> {
         match key {
-            StateKey::Bucket(h) | StateKey::Object(h) => Some(*h),
+            StateKey::Bucket(h) | StateKey::Object(h) | StateKey::Job(h) => Some(*h),
             _ => None,
         }
     }
@@ -1045,6 +1119,8 @@ impl StateKey {
             StateKey::Stored(id) => with_id(b"stored/", &id.0),
             StateKey::Reputation(id) => with_id(b"reputation/", &id.0),
             StateKey::Revocations(id) => with_id(b"revocations/", &id.0),
+            StateKey::Job(h) => with_id(b"job/", &h.0),
+            StateKey::Record(id) => with_id(b"record/", &id.0),
         }
     }
 }
@@ -1106,12 +1182,15 @@ pub(crate) mod tests {
             StateKey::Stored(id(8).node_id()),
             StateKey::Reputation(id(9).node_id()),
             StateKey::Revocations(id(9).node_id()),
+            StateKey::Job(Hash([10; 32])),
+            StateKey::Record(id(11).node_id()),
         ] {
             assert_eq!(k.to_string().parse::<StateKey>().unwrap(), k);
             assert_eq!(k.to_bytes(), k.to_string().into_bytes(), "the store's bytes are the text form");
         }
         assert!("bucket/x".parse::<StateKey>().unwrap_err().contains("not a hash"));
-        assert!("job/x".parse::<StateKey>().unwrap_err().contains("unknown state key"));
+        assert!("job/x".parse::<StateKey>().unwrap_err().contains("not a hash"));
+        assert!("jobs/x".parse::<StateKey>().unwrap_err().contains("unknown state key"));
         assert!("account/zz".parse::<StateKey>().is_err());
     }
 

@@ -138,6 +138,59 @@ pub enum Payload {
         /// The ids.
         ids: Vec<Hash>,
     },
+    /// Post a compute job ([`crate::jobs`]): locks `max_price × redundancy` of the signer's
+    /// balance as its escrow and opens its first auction. Its id is [`crate::jobs::job_id`] of
+    /// the signer and this transaction's nonce.
+    PostJob {
+        /// What to run, on what, under which limits, price and geofence.
+        spec: archipel_market::JobSpec,
+    },
+    /// A provider's sealed bid ([`archipel_market::rule::commitment`]), locking the job's bond.
+    BidCommit {
+        /// The job.
+        job: Hash,
+        /// The commitment.
+        digest: Hash,
+        /// The bond it locks: the job's ([`archipel_market::Job::bond`]), stated so that the
+        /// mempool can count it against the balance.
+        bond_micro: u64,
+    },
+    /// Opens a sealed bid once sealed bids have closed.
+    BidReveal {
+        /// The job.
+        job: Hash,
+        /// The price for one run.
+        price_micro: u64,
+        /// The salt of the commitment.
+        salt: Hash,
+    },
+    /// A provider's heartbeat on the leases it holds: 1 to [`crate::jobs::MAX_HEARTBEAT_JOBS`]
+    /// jobs.
+    JobHeartbeat {
+        /// The jobs.
+        jobs: Vec<Hash>,
+    },
+    /// A leaseholder's sealed result ([`archipel_market::rule::result_commitment`]): its run ended.
+    ResultCommit {
+        /// The job.
+        job: Hash,
+        /// The commitment.
+        digest: Hash,
+    },
+    /// Opens a sealed result once every run of the round has sealed.
+    ResultReveal {
+        /// The job.
+        job: Hash,
+        /// The output's hash, or how the run failed.
+        outcome: archipel_market::RunOutcome,
+        /// The salt of the commitment.
+        salt: Hash,
+    },
+    /// The tenant cancels a job no provider has been awarded yet: the escrow comes back.
+    CancelJob {
+        /// The job.
+        job: Hash,
+    },
 }
 
 impl Payload {
@@ -163,6 +216,13 @@ impl Payload {
             Payload::MoveShards { .. } => "move_shards",
             Payload::AuditFailed { .. } => "audit_failed",
             Payload::RevokeTokens { .. } => "revoke_tokens",
+            Payload::PostJob { .. } => "post_job",
+            Payload::BidCommit { .. } => "bid_commit",
+            Payload::BidReveal { .. } => "bid_reveal",
+            Payload::JobHeartbeat { .. } => "job_heartbeat",
+            Payload::ResultCommit { .. } => "result_commit",
+            Payload::ResultReveal { .. } => "result_reveal",
+            Payload::CancelJob { .. } => "cancel_job",
         }
     }
 
@@ -405,8 +465,94 @@ impl Write for Payload {
                     id.0.write(buf);
                 }
             }
+            Payload::PostJob { spec } => {
+                13u8.write(buf);
+                spec_json(spec).write(buf);
+            }
+            Payload::BidCommit { job, digest, bond_micro } => {
+                14u8.write(buf);
+                job.0.write(buf);
+                digest.0.write(buf);
+                bond_micro.write(buf);
+            }
+            Payload::BidReveal { job, price_micro, salt } => {
+                15u8.write(buf);
+                job.0.write(buf);
+                price_micro.write(buf);
+                salt.0.write(buf);
+            }
+            Payload::JobHeartbeat { jobs } => {
+                16u8.write(buf);
+                // A list too long for the byte is written with count 0, which never decodes.
+                u8::try_from(jobs.len()).unwrap_or(0).write(buf);
+                for j in jobs {
+                    j.0.write(buf);
+                }
+            }
+            Payload::ResultCommit { job, digest } => {
+                17u8.write(buf);
+                job.0.write(buf);
+                digest.0.write(buf);
+            }
+            Payload::ResultReveal { job, outcome, salt } => {
+                18u8.write(buf);
+                job.0.write(buf);
+                write_outcome(outcome, buf);
+                salt.0.write(buf);
+            }
+            Payload::CancelJob { job } => {
+                19u8.write(buf);
+                job.0.write(buf);
+            }
         }
     }
+}
+
+/// Most bytes of a job spec's JSON in a `PostJob`.
+pub const MAX_SPEC_BYTES: usize = 256 * 1024;
+
+/// A job spec's canonical JSON (serde's, fields in declaration order).
+fn spec_json(spec: &archipel_market::JobSpec) -> Vec<u8> {
+    serde_json::to_vec(spec).expect("job specs serialize")
+}
+
+fn read_spec(buf: &mut impl Buf) -> Result<archipel_market::JobSpec, CodecError> {
+    let json = Vec::<u8>::read_cfg(buf, &(RangeCfg::new(0..=MAX_SPEC_BYTES), ()))?;
+    let spec: archipel_market::JobSpec =
+        serde_json::from_slice(&json).map_err(|_| CodecError::Invalid("PostJob", "spec is not valid JSON"))?;
+    // Only the canonical form is accepted, so an encoding decodes and re-encodes to itself.
+    if spec_json(&spec) != json {
+        return Err(CodecError::Invalid("PostJob", "spec JSON is not in canonical form"));
+    }
+    Ok(spec)
+}
+
+fn write_outcome(outcome: &archipel_market::RunOutcome, buf: &mut impl BufMut) {
+    match outcome {
+        archipel_market::RunOutcome::Success { output } => {
+            0u8.write(buf);
+            output.write(buf);
+        }
+        archipel_market::RunOutcome::Failed { end } => {
+            1u8.write(buf);
+            write_str(end, buf);
+        }
+    }
+}
+
+fn outcome_size(outcome: &archipel_market::RunOutcome) -> usize {
+    1 + match outcome {
+        archipel_market::RunOutcome::Success { .. } => 32,
+        archipel_market::RunOutcome::Failed { end } => str_size(end),
+    }
+}
+
+fn read_outcome(buf: &mut impl Buf) -> Result<archipel_market::RunOutcome, CodecError> {
+    Ok(match u8::read(buf)? {
+        0 => archipel_market::RunOutcome::Success { output: <[u8; 32]>::read(buf)? },
+        1 => archipel_market::RunOutcome::Failed { end: read_str(buf, archipel_market::job::MAX_END_BYTES, "end")? },
+        tag => return Err(CodecError::InvalidEnum(tag)),
+    })
 }
 
 impl EncodeSize for Payload {
@@ -426,6 +572,13 @@ impl EncodeSize for Payload {
             }
             Payload::AuditFailed { bucket, key, .. } => str_size(bucket) + str_size(key) + 32 + 8,
             Payload::RevokeTokens { ids } => 1 + ids.len() * 32,
+            Payload::PostJob { spec } => spec_json(spec).encode_size(),
+            Payload::BidCommit { .. } => 32 + 32 + 8,
+            Payload::BidReveal { .. } => 32 + 8 + 32,
+            Payload::JobHeartbeat { jobs } => 1 + jobs.len() * 32,
+            Payload::ResultCommit { .. } => 32 + 32,
+            Payload::ResultReveal { outcome, .. } => 32 + outcome_size(outcome) + 32,
+            Payload::CancelJob { .. } => 32,
         }
     }
 }
@@ -479,6 +632,35 @@ impl Read for Payload {
                 }
                 Payload::RevokeTokens { ids }
             }
+            13 => Payload::PostJob { spec: read_spec(buf)? },
+            14 => Payload::BidCommit {
+                job: Hash(<[u8; 32]>::read(buf)?),
+                digest: Hash(<[u8; 32]>::read(buf)?),
+                bond_micro: u64::read(buf)?,
+            },
+            15 => Payload::BidReveal {
+                job: Hash(<[u8; 32]>::read(buf)?),
+                price_micro: u64::read(buf)?,
+                salt: Hash(<[u8; 32]>::read(buf)?),
+            },
+            16 => {
+                let n = u8::read(buf)? as usize;
+                if n == 0 || n > crate::jobs::MAX_HEARTBEAT_JOBS {
+                    return Err(CodecError::Invalid("JobHeartbeat", "between 1 and 64 jobs"));
+                }
+                let mut jobs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    jobs.push(Hash(<[u8; 32]>::read(buf)?));
+                }
+                Payload::JobHeartbeat { jobs }
+            }
+            17 => Payload::ResultCommit { job: Hash(<[u8; 32]>::read(buf)?), digest: Hash(<[u8; 32]>::read(buf)?) },
+            18 => Payload::ResultReveal {
+                job: Hash(<[u8; 32]>::read(buf)?),
+                outcome: read_outcome(buf)?,
+                salt: Hash(<[u8; 32]>::read(buf)?),
+            },
+            19 => Payload::CancelJob { job: Hash(<[u8; 32]>::read(buf)?) },
             tag => return Err(CodecError::InvalidEnum(tag)),
         })
     }

@@ -277,6 +277,22 @@ impl Job {
         bond_for(&self.spec)
     }
 
+    /// The first block time at which [`Job::tick`] would change this job (an auction to award, a
+    /// lease to lapse, a reveal window to close); `None` once it ended. The ledger keeps open jobs
+    /// by it, so a block ticks only the jobs that are due.
+    pub fn next_due_ms(&self, params: &MarketParams) -> Option<u64> {
+        if self.ended.is_some() {
+            return None;
+        }
+        let ttl = params.lease_ttl_ms;
+        let leases = self.active().flat_map(|l| {
+            let deadline = l.awarded_ms.saturating_add(self.spec.limits.wall_ms).saturating_add(ttl);
+            [l.last_beat_ms.saturating_add(ttl), deadline].map(|t| t.saturating_add(1))
+        });
+        let auction = self.auction.as_ref().map(|a| a.reveal_until_ms);
+        leases.chain(auction).chain(self.results_reveal_until_ms).min()
+    }
+
     /// Running leases (no sealed result yet): they heartbeat, and lapse without.
     pub fn active(&self) -> impl Iterator<Item = &Lease> {
         self.leases.iter().filter(|l| l.sealed.is_none())

@@ -29,7 +29,35 @@ pub struct ObjectRef {
     /// The key.
     pub key: String,
     /// The object's version (its manifest's hash), so that a job runs on exactly what was posted.
+    #[serde(with = "hex32")]
     pub version: [u8; 32],
+    /// The version's data key, so that the providers can read it: published with the job (the
+    /// ledger is public), so it opens this version and nothing else.
+    #[serde(with = "hex32")]
+    pub data_key: [u8; 32],
+}
+
+/// 32 bytes as 64 hex digits in JSON.
+pub(crate) mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        let hex: String = v.iter().map(|b| format!("{b:02x}")).collect();
+        s.serialize_str(&hex)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = String::deserialize(d)?;
+        let bad = || D::Error::custom("expected 64 hex digits");
+        if s.len() != 64 || !s.is_ascii() {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(out)
+    }
 }
 
 /// The limits a job runs under on every provider.

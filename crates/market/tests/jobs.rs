@@ -29,7 +29,7 @@ fn provider(i: u8, operator: &str, region: &str) -> Provider {
 }
 
 fn spec(n: u8, max: Micro) -> JobSpec {
-    let obj = |k: &str| ObjectRef { bucket: "jobs".into(), key: k.into(), version: [1; 32] };
+    let obj = |k: &str| ObjectRef { bucket: "jobs".into(), key: k.into(), version: [1; 32], data_key: [2; 32] };
     JobSpec {
         module: obj("wc.wasm"),
         inputs: vec![obj("in.txt")],

@@ -125,7 +125,7 @@ fn held(jobs: &[Job]) -> Micro {
 }
 
 fn spec(n: u8, max: Micro) -> JobSpec {
-    let obj = ObjectRef { bucket: "b".into(), key: "k".into(), version: [0; 32] };
+    let obj = ObjectRef { bucket: "b".into(), key: "k".into(), version: [0; 32], data_key: [0; 32] };
     JobSpec {
         module: obj.clone(),
         inputs: vec![obj],
@@ -289,7 +289,18 @@ fn history(steps: Vec<Step>, reached: &Reached) -> Result<(), TestCaseError> {
             Step::Wait { ms } => {
                 now += ms;
                 for (i, j) in jobs.iter_mut().enumerate() {
+                    // The ledger ticks a job only once it is due: before, a tick changes
+                    // nothing; at or after, something.
+                    let due = j.next_due_ms(&PARAMS);
+                    if due.is_none_or(|d| d > now) {
+                        let (copy, was) = (j.clone(), book.clone());
+                        let ev = j.tick(now, &PARAMS, &mut book);
+                        prop_assert!(ev.is_empty() && *j == copy && book == was, "ticked before due {due:?}");
+                        continue;
+                    }
+                    let copy = j.clone();
                     events.push((i, j.tick(now, &PARAMS, &mut book)));
+                    prop_assert!(*j != copy, "due at {due:?} and nothing changed at {now}");
                 }
             }
         }
