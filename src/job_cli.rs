@@ -14,6 +14,20 @@ pub enum JobCommand {
     /// input file, its stdout the output. Example: `archipel job run-local
     /// examples/jobs/wordcount.wasm --stdin notes.txt`.
     RunLocal(RunLocalArgs),
+    /// Post a job to the marketplace: `archipel job submit examples/jobs/wordcount.wasm --input
+    /// notes.txt --max-price 100 --region eu --wait`. Local files are stored as objects first.
+    Submit(crate::market_cli::SubmitArgs),
+    /// Where a job is: its auction, its leases, its results, how it ended.
+    Status(crate::market_cli::JobArgs),
+    /// The logs (stderr) of a job's runs, from their providers.
+    Logs(crate::market_cli::JobArgs),
+    /// The accepted output of a job, checked against the ledger's hash.
+    Output(crate::market_cli::OutputArgs),
+    /// Why a job has no (or too few) bids: the providers that match its policy and why the
+    /// others declined.
+    Why(crate::market_cli::JobArgs),
+    /// Cancel a job before any provider was awarded it: the escrow comes back.
+    Cancel(crate::market_cli::JobArgs),
 }
 
 /// `archipel job run-local`.
@@ -85,6 +99,12 @@ fn printable(bytes: &[u8]) -> String {
 pub async fn run(command: JobCommand) -> Result<()> {
     match command {
         JobCommand::RunLocal(args) => run_local(args).await,
+        JobCommand::Submit(a) => crate::market_cli::submit(a).await,
+        JobCommand::Status(a) => crate::market_cli::status(a).await,
+        JobCommand::Logs(a) => crate::market_cli::logs(a).await,
+        JobCommand::Output(a) => crate::market_cli::output(a).await,
+        JobCommand::Why(a) => crate::market_cli::why(a).await,
+        JobCommand::Cancel(a) => crate::market_cli::cancel(a).await,
     }
 }
 

@@ -10,6 +10,7 @@ mod fill_chain;
 mod gateway_cli;
 mod job_cli;
 mod ledger_cli;
+mod market_cli;
 mod output;
 mod s3_cli;
 mod storage_cli;
@@ -108,7 +109,10 @@ enum Command {
     },
     /// Ask a node who you are (a signed request: checks your key is known to the network).
     Whoami(WhoamiArgs),
-    /// WebAssembly jobs: `archipel job run-local` runs one here, under a provider's limits.
+    /// The compute marketplace: open jobs, recent awards and prices per region.
+    Market(storage_cli::Tenant),
+    /// WebAssembly jobs: submit one to the marketplace and follow it (`submit`, `status`,
+    /// `logs`, `output`, `why`, `cancel`), or run one here under a provider's limits (`run-local`).
     Job {
         #[command(subcommand)]
         command: job_cli::JobCommand,
@@ -505,6 +509,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Import(args) => tokio_rt()?.block_on(export_cli::import(args)),
         Command::S3 { command } => tokio_rt()?.block_on(s3_cli::run(command)),
         Command::Job { command } => tokio_rt()?.block_on(job_cli::run(command)),
+        Command::Market(t) => tokio_rt()?.block_on(market_cli::market(t)),
         Command::WasmRun { request } => std::process::exit(archipel_compute::child::main(&request)),
         Command::Debug { command: DebugCommand::P2pProbe { key, genesis, listen, seconds } } => {
             let identity = Identity::load(&key)?;
@@ -584,6 +589,7 @@ fn init_config(dir: &Path, f: &NodeFields) -> Result<NodeConfig> {
     });
     Ok(NodeConfig {
         ledger: Default::default(),
+        compute: Default::default(),
         name,
         key_file: f.key_file.clone().unwrap_or_else(|| "node.key".into()),
         data_dir: f.data_dir.clone().unwrap_or_else(|| "data".into()),

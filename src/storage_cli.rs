@@ -25,9 +25,9 @@ use tokio::io::AsyncWriteExt as _;
 pub struct Tenant {
     /// Your key file (default: the devnet tenant key).
     #[arg(long, env = "ARCHIPEL_KEY")]
-    key: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
     #[command(flatten)]
-    node: NodeArg,
+    pub(crate) node: NodeArg,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,

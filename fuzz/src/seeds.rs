@@ -198,6 +198,7 @@ fn node_config(public: bool) -> NodeConfig {
     let opt = |text| public_only(public, text);
     NodeConfig {
         ledger: Default::default(),
+        compute: Default::default(),
         name: "n01".into(),
         key_file: "node.key".into(),
         data_dir: "data".into(),

@@ -61,9 +61,16 @@ impl DataKey {
         Ok(DataKey(key))
     }
 
-    /// A key from known bytes (tests and benchmarks).
+    /// A key from known bytes: one handed over with a job (it opens that one object version),
+    /// or in tests and benchmarks.
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
         DataKey(bytes)
+    }
+
+    /// The key's bytes, to hand one object version to someone else (a job's providers read its
+    /// module and inputs with them). Whoever has them reads that version, and nothing else.
+    pub fn expose(&self) -> [u8; 32] {
+        self.0
     }
 }
 

@@ -78,6 +78,8 @@ pub struct ApiState {
     pub guards: ApiGuards,
     /// This node's shard store, when it has the storage role.
     pub shards: Option<Arc<crate::shards::ShardService>>,
+    /// This node's compute provider's book (declines, runs), when it has the compute role.
+    pub provider: Option<Arc<crate::provider::ProviderBook>>,
     /// What the node's background workers last did.
     pub workers: crate::workers::WorkerStatuses,
     /// Where submissions are admitted: [`ADMISSION_WORKERS`] threads at the node's normal
@@ -389,6 +391,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/whoami", get(whoami))
         .route("/v1/node/shutdown", post(shutdown))
         .route("/v1/admissions", post(admit))
+        .merge(crate::jobs_api::tenant_routes())
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), authenticate));
     let data =
         crate::shards::routes().route_layer(axum::middleware::from_fn_with_state(state.clone(), authenticate_data));
@@ -398,9 +401,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/node", get(node))
         .route("/v1/nodes", get(nodes))
         .route("/v1/workers", get(workers))
+        .merge(crate::jobs_api::provider_routes())
         .merge(
             crate::ledger_api::routes()
                 .merge(crate::storage_api::routes())
+                .merge(crate::jobs_api::ledger_routes())
                 .route_layer(axum::middleware::from_fn_with_state(state.clone(), refuse_stale_reads)),
         )
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), limit_reads));
@@ -925,6 +930,7 @@ pub(crate) mod testing {
         let node = Identity::from_seed(1);
         let cfg = NodeConfig {
             ledger: Default::default(),
+            compute: Default::default(),
             name: "n01".into(),
             key_file: "node.key".into(),
             data_dir: "data".into(),
@@ -972,6 +978,7 @@ pub(crate) mod testing {
             guards: ApiGuards::new(limits),
             admission: crate::fair_queue::FairQueue::new(ADMISSION_WORKERS, limits.admission_pace()).unwrap(),
             shards: None,
+            provider: None,
             workers: Default::default(),
         })
     }

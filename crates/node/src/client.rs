@@ -87,6 +87,18 @@ impl ApiClient {
     /// Sends a request (signed if the client has a key) and decodes a JSON answer.
     pub async fn call<T: DeserializeOwned>(&self, method: &str, path: &str, body: Vec<u8>) -> Result<T, ClientError> {
         let url = format!("{}{}", self.base, path);
+        let bytes = self.call_bytes(method, path, body).await?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode { url, reason: e.to_string() })
+    }
+
+    /// `GET` raw bytes (signed if the client has a key): a job's output or log.
+    pub async fn get_bytes(&self, path: &str) -> Result<Vec<u8>, ClientError> {
+        Ok(self.call_bytes("GET", path, Vec::new()).await?.to_vec())
+    }
+
+    /// Sends a request (signed if the client has a key); the answer's bytes.
+    async fn call_bytes(&self, method: &str, path: &str, body: Vec<u8>) -> Result<bytes::Bytes, ClientError> {
+        let url = format!("{}{}", self.base, path);
         let m = reqwest::Method::from_bytes(method.as_bytes())
             .map_err(|e| ClientError::Decode { url: url.clone(), reason: e.to_string() })?;
         let mut req = self.http.request(m, &url);
@@ -101,8 +113,7 @@ impl ApiClient {
         if !body.is_empty() {
             req = req.header("content-type", "application/json").body(body);
         }
-        let bytes = send(req, &url, self.identity.is_some()).await?;
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode { url, reason: e.to_string() })
+        send(req, &url, self.identity.is_some()).await
     }
 
     /// `GET` a JSON document.

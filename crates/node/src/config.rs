@@ -200,6 +200,9 @@ pub struct NodeConfig {
     /// Ledger settings (block retention).
     #[serde(default, skip_serializing_if = "LedgerConfig::is_default")]
     pub ledger: LedgerConfig,
+    /// What a compute provider offers (price floor, slots, memory and CPU per job).
+    #[serde(default, skip_serializing_if = "crate::provider::ComputeConfig::is_default")]
+    pub compute: crate::provider::ComputeConfig,
 }
 
 /// Fewest blocks a pruning node keeps: what a peer behind by less than `--join`'s threshold
@@ -355,6 +358,7 @@ mod tests {
     fn sample() -> NodeConfig {
         NodeConfig {
             ledger: Default::default(),
+            compute: Default::default(),
             name: "n01".into(),
             key_file: "node.key".into(),
             data_dir: "data".into(),

@@ -1,6 +1,7 @@
 //! An archipel node: configuration, genesis, authenticated p2p networking, the membership
 //! (peer table) protocol, the replicated ledger (consensus, transaction gossip), the
-//! HTTP API and metrics, and a storage node's shard data plane.
+//! HTTP API and metrics, a storage node's shard data plane, and a compute provider's
+//! bidder and runner.
 //!
 //! The protocol logic lives in sans-IO modules ([`membership`]); the actors that drive it
 //! ([`gossip`]) are generic over commonware's runtime and p2p traits so the deterministic simulator
@@ -14,11 +15,13 @@ pub mod fair_queue;
 pub mod files;
 pub mod genesis;
 pub mod gossip;
+pub mod jobs_api;
 pub mod join;
 pub mod ledger_api;
 pub mod ledger_verify;
 pub mod membership;
 pub mod p2p;
+pub mod provider;
 pub mod ratelimit;
 pub mod run;
 pub mod shards;

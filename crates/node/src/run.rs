@@ -502,6 +502,11 @@ impl PreparedNode {
             } else {
                 None
             };
+            let provider = own
+                .descriptor
+                .roles
+                .contains(archipel_types::Role::Compute)
+                .then(|| Arc::new(crate::provider::ProviderBook::new(cfg.data_dir.join("jobs"))));
             let state = Arc::new(ApiState {
                 table,
                 genesis: genesis.clone(),
@@ -519,9 +524,27 @@ impl PreparedNode {
                 admission: crate::fair_queue::FairQueue::new(api::ADMISSION_WORKERS, cfg.api.limits.admission_pace())
                     .map_err(|e| NodeError::Invalid(format!("cannot start the admission threads: {e}")))?,
                 shards: shards.clone(),
+                provider: provider.clone(),
                 workers: workers.clone(),
             });
             let server = api_handle.serve(api_listener, state, shutdown_rx.clone()).map_err(NodeError::Invalid)?;
+            // The node's own transactions, from every worker, numbered by one submitter.
+            let submitter = crate::workers::Submitter::new(chain.clone(), identity.clone(), tx_out.clone());
+            if let Some(book) = &provider {
+                // Jobs run in child processes of this very binary (`archipel wasm-run`).
+                let program = std::env::current_exe()
+                    .map_err(|e| NodeError::Invalid(format!("cannot find this program to run jobs with: {e}")))?;
+                let worker = crate::provider::Provider::new(
+                    chain.clone(),
+                    identity.clone(),
+                    submitter.clone(),
+                    cfg.compute.clone(),
+                    book.clone(),
+                    archipel_compute::Runner::new(program, &["wasm-run"]),
+                    api_handle.runtime().clone(),
+                );
+                crate::workers::spawn(api_handle.runtime(), worker, workers.clone(), shutdown_rx.clone());
+            }
             if let Some(service) = &shards {
                 // Storage duties run on the API's (lower-priority) runtime, never on consensus'.
                 let collect_after = std::env::var("ARCHIPEL_COLLECT_AFTER_SECS")
@@ -529,10 +552,10 @@ impl PreparedNode {
                     .and_then(|v| v.parse().ok())
                     .map_or(crate::workers::COLLECT_AFTER, Duration::from_secs);
                 let repairer =
-                    crate::workers::Repairer::new(chain.clone(), identity.clone(), tx_out.clone(), counters.clone());
+                    crate::workers::Repairer::new(chain.clone(), identity.clone(), submitter.clone(), counters.clone());
                 crate::workers::spawn(api_handle.runtime(), repairer, workers.clone(), shutdown_rx.clone());
                 let auditor =
-                    crate::workers::Auditor::new(chain.clone(), identity.clone(), tx_out.clone(), counters.clone());
+                    crate::workers::Auditor::new(chain.clone(), identity.clone(), submitter.clone(), counters.clone());
                 crate::workers::spawn(api_handle.runtime(), auditor, workers.clone(), shutdown_rx.clone());
                 let collector =
                     crate::workers::Collector::new(chain.clone(), service.clone(), own.descriptor.node_id, collect_after);

@@ -121,37 +121,37 @@ fn next_nonce(chain: &Chain, last: &Option<(Hash, u64)>, finalized: u64) -> u64 
     }
 }
 
-/// Signs and submits a worker's transactions from the node's own account.
-#[derive(Debug)]
-struct Submitter {
+/// Signs and submits the node's own transactions (repairs, audit reports, bids, heartbeats,
+/// results) from its account. One per node, shared by its workers (clones share it): each
+/// transaction takes the next nonce after the last one still pending, so two workers never
+/// submit the same nonce (one of the two would be refused — a lost heartbeat can cost a lease).
+#[derive(Clone, Debug)]
+pub struct Submitter {
     chain: Arc<Chain>,
     identity: Identity,
     tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
-    last: Option<(Hash, u64)>,
-    nonce: u64,
+    last: Arc<Mutex<Option<(Hash, u64)>>>,
 }
 
 impl Submitter {
-    fn new(chain: Arc<Chain>, identity: Identity, tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) -> Self {
-        Submitter { chain, identity, tx_out, last: None, nonce: 0 }
+    /// The submitter of the node with `identity`, gossiping its transactions on `tx_out`.
+    pub fn new(chain: Arc<Chain>, identity: Identity, tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) -> Self {
+        Submitter { chain, identity, tx_out, last: Arc::new(Mutex::new(None)) }
     }
 
-    /// Starts a pass: the next nonce, from the account's `finalized` one (see [`next_nonce`]).
-    fn begin(&mut self, finalized: u64) {
-        self.nonce = next_nonce(&self.chain, &self.last, finalized);
-    }
-
-    /// Signs `payload` at the next nonce and submits it to this node's mempool and the
-    /// validators.
-    fn submit(&mut self, network: &Hash, payload: Payload) -> Result<(), String> {
-        let stx =
-            Transaction { signer: self.identity.node_id(), nonce: self.nonce, payload }.sign(&self.identity, network);
+    /// Signs `payload` at the next nonce (see [`next_nonce`]) and submits it to this node's
+    /// mempool and the validators. Returns the transaction's hash.
+    pub fn submit(&self, network: &Hash, payload: Payload) -> Result<Hash, String> {
+        let me = self.identity.node_id();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let finalized = self.chain.with_state(|st| st.account(&me).nonce);
+        let nonce = next_nonce(&self.chain, &last, finalized);
+        let stx = Transaction { signer: me, nonce, payload }.sign(&self.identity, network);
         let bytes = stx.to_bytes();
         let hash = self.chain.submit(stx, bytes.len(), crate::api::system_now_ms()).map_err(|e| e.to_string())?;
-        self.last = Some((hash, self.nonce));
-        self.nonce += 1;
+        *last = Some((hash, nonce));
         let _ = self.tx_out.send(bytes);
-        Ok(())
+        Ok(hash)
     }
 }
 
@@ -181,14 +181,8 @@ pub struct Repairer {
 
 impl Repairer {
     /// The repairer of the node with `identity`, counting into `counters`.
-    pub fn new(
-        chain: Arc<Chain>,
-        identity: Identity,
-        tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
-        counters: Arc<StorageCounters>,
-    ) -> Self {
+    pub fn new(chain: Arc<Chain>, identity: Identity, submitter: Submitter, counters: Arc<StorageCounters>) -> Self {
         let shards = HttpShards::new(identity.clone());
-        let submitter = Submitter::new(chain.clone(), identity.clone(), tx_out);
         Repairer { chain, identity, shards, submitter, tried: HashMap::new(), submitted: 0, counters }
     }
 }
@@ -273,7 +267,7 @@ impl Worker for Repairer {
 
     async fn step(&mut self) -> Result<String, String> {
         let me = self.identity.node_id();
-        let (jobs, candidates, urls, network, nonce, queued, live) = self.chain.with_state(|st| {
+        let (jobs, candidates, urls, network, queued, live) = self.chain.with_state(|st| {
             let live = st.live_storage_nodes();
             // Our clock, or the chain's if ahead: an idle chain makes no blocks, so its time
             // stands still while a holder stays down.
@@ -305,9 +299,8 @@ impl Worker for Repairer {
                 .collect();
             let candidates = st.storage_candidates();
             let urls: HashMap<NodeId, String> = candidates.iter().map(|c| (c.node, url_of(st, &c.node))).collect();
-            (jobs, candidates, urls, st.network(), st.account(&me).nonce, queued, live.len())
+            (jobs, candidates, urls, st.network(), queued, live.len())
         });
-        self.submitter.begin(nonce);
         self.counters.degraded_objects.store(queued as u64, std::sync::atomic::Ordering::Relaxed);
         self.tried.retain(|_, at| at.elapsed() < REPAIR_BACKOFF);
         let (mut repaired, mut degraded_left, mut notes) = (0, 0, Vec::new());
@@ -378,7 +371,7 @@ impl Worker for Repairer {
             let payload =
                 Payload::MoveShards { bucket: o.bucket.clone(), key: o.key.clone(), version: o.version, moves };
             match self.submitter.submit(network, payload) {
-                Ok(()) => {
+                Ok(_) => {
                     self.submitted += 1;
                     self.counters.repairs_submitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     repaired += 1;
@@ -429,14 +422,8 @@ const AUDIT_STEP_MIN: Duration = Duration::from_secs(1);
 
 impl Auditor {
     /// The auditor of the node with `identity`, counting into `counters`.
-    pub fn new(
-        chain: Arc<Chain>,
-        identity: Identity,
-        tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
-        counters: Arc<StorageCounters>,
-    ) -> Self {
+    pub fn new(chain: Arc<Chain>, identity: Identity, submitter: Submitter, counters: Arc<StorageCounters>) -> Self {
         let shards = HttpShards::new(identity.clone());
-        let submitter = Submitter::new(chain.clone(), identity.clone(), tx_out);
         let epoch = Duration::from_millis(chain.with_state(|st| st.params().audit_epoch_ms));
         let interval = epoch.clamp(AUDIT_STEP_MIN, AUDIT_STEP_MAX);
         Auditor {
@@ -478,7 +465,7 @@ impl Worker for Auditor {
         let me = self.identity.node_id();
         let done = &self.done;
         let duties = &mut self.duties;
-        let (challenges, network, nonce, epoch) = self.chain.with_state(|st| {
+        let (challenges, network, epoch) = self.chain.with_state(|st| {
             let now_ms = crate::api::system_now_ms().max(st.chain().timestamp_ms);
             let epoch = st.audit_epoch(now_ms);
             // The epoch before too (the ledger takes a report for it): a step that came late does
@@ -517,9 +504,8 @@ impl Worker for Auditor {
                 let holder = Holder { node: holder, url: url_of(st, &holder) };
                 out.push(Challenge { object: o, epoch, index, segment, holder, sources });
             }
-            (out, st.network(), st.account(&me).nonce, epoch)
+            (out, st.network(), epoch)
         });
-        self.submitter.begin(nonce);
         self.done.retain(|(_, e)| *e + 2 >= epoch);
         let mut notes = Vec::new();
         for c in challenges {
@@ -568,7 +554,7 @@ impl Worker for Auditor {
                 epoch: c.epoch,
             };
             match self.submitter.submit(&network, payload) {
-                Ok(()) => {
+                Ok(_) => {
                     notes.push(format!("{name}: holder {} failed ({why}): reported", c.holder.node.short()));
                 }
                 Err(e) => notes.push(format!(

@@ -463,7 +463,7 @@ impl TenantClient {
 
     /// [`Self::get`], `None` for a 404 — an absence believed only when a node at the freshest
     /// height ([`Self::freshest`]) says so too.
-    async fn get_or_absent<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>, TenantError> {
+    pub async fn get_or_absent<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>, TenantError> {
         match not_found_is_none(self.get(path).await)? {
             Some(v) => Ok(Some(v)),
             None => not_found_is_none(self.get_fresh(path).await),

@@ -745,6 +745,30 @@ pub async fn open_object<S: Shards>(
     Ok(Opened { manifest: Some(manifest), key: Some(key), meta })
 }
 
+/// Opens `object` with its data key handed over by its owner (a job's module and inputs: the
+/// providers are not the owner). A wrong key fails to open the metadata.
+pub async fn open_object_with_key<S: Shards>(
+    shards: &S,
+    object: &ObjectRecord,
+    holders: &[Holder],
+    key: DataKey,
+) -> Result<Opened, TransferFailed> {
+    if object.size == 0 {
+        return Ok(Opened { manifest: None, key: None, meta: ObjectMeta::default() });
+    }
+    let manifest = fetch_manifest(shards, object, holders).await?;
+    let meta = ObjectMeta::open(&manifest.meta, &key, &object.version.0)
+        .map_err(|e| TransferFailed::Manifest(format!("the data key given does not open this version: {e}")))?;
+    Ok(Opened { manifest: Some(manifest), key: Some(key), meta })
+}
+
+impl Opened {
+    /// The version's data key (none for an empty object), to hand over with a job.
+    pub fn data_key(&self) -> Option<&DataKey> {
+        self.key.as_ref()
+    }
+}
+
 /// Reads `range` of `object` (all of it when `None`) into `out`; `holders[i]` holds shard `i`.
 /// `progress` is called with the plaintext bytes written so far. Returns the holders whose
 /// shards failed their hash check (to report for repair).
