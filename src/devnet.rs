@@ -148,7 +148,7 @@ fn create(dir: &Path, topology: &Topology, base_ip: Ipv4Addr, base_port: u16, au
         let ip = node_ip(base_ip, i)?;
         let cfg = NodeConfig {
             ledger: Default::default(),
-            compute: Default::default(),
+            compute: n.compute.clone(),
             name: n.name.clone(),
             key_file: "node.key".into(),
             data_dir: "data".into(),

@@ -27,6 +27,10 @@ pub struct TopologyNode {
     pub capacity: ByteSize,
     /// Roles.
     pub roles: Roles,
+    /// What it offers as a compute provider (`[node.compute]`: price floor, slots, memory and
+    /// CPU per job); default: the node's defaults.
+    #[serde(default, skip_serializing_if = "archipel_node::provider::ComputeConfig::is_default")]
+    pub compute: archipel_node::provider::ComputeConfig,
 }
 
 /// A devnet topology file: `[[node]]` tables.
@@ -75,6 +79,7 @@ impl Topology {
                     operator_jurisdiction: jur.parse()?,
                     capacity: ByteSize(50 << 30),
                     roles: roles.parse()?,
+                    compute: Default::default(),
                 })
             })
             .collect::<Result<Vec<_>, archipel_types::TypeError>>()?;

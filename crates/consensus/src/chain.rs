@@ -630,6 +630,14 @@ impl Chain {
         out
     }
 
+    /// The nonce `signer`'s next transaction should take: after those of its transactions that
+    /// wait in this node's mempool in a run from its finalized nonce (see
+    /// [`archipel_ledger::Mempool::next_free_nonce`]).
+    pub fn next_free_nonce(&self, signer: &archipel_types::NodeId) -> u64 {
+        let g = self.lock();
+        g.mempool.next_free_nonce(&g.state, signer)
+    }
+
     /// What this node knows about `hash`.
     pub fn tx_status(&self, hash: &Hash) -> TxStatus {
         let g = self.lock();
@@ -845,6 +853,9 @@ impl Chain {
         // Every transaction of the block used its signer's nonce, so pruning its signers by the
         // new nonces also drops the block's transactions from the mempool.
         inner.mempool.prune(&inner.state, block.txs.iter().map(|t| t.tx.signer));
+        // A job transaction whose moment passed (a bid after its window) would hold its
+        // signer's later ones until it expired.
+        inner.mempool.drop_stale_heads(&inner.state);
         for (h, loc) in index {
             if let Some(ws) = inner.tx_waiters.remove(&h) {
                 for w in ws {

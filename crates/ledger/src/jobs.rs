@@ -636,6 +636,31 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_bid_that_missed_its_window_leaves_the_mempool_and_frees_its_nonce() {
+        let mut s = world();
+        let mut n = Nonces::default();
+        let job = job_id(&id(TENANT).node_id(), 0);
+        n.send(&mut s, TENANT, Payload::PostJob { spec: spec() }).unwrap();
+        let mut pool = crate::Mempool::new(crate::MempoolLimits::default());
+        let provider = id(201).node_id();
+        let bid = signed(201, 0, Payload::BidCommit { job, digest: Hash([1; 32]), bond_micro: 10 });
+        let transfer = signed(202, 0, Payload::Transfer { to: provider, amount_micro: 1 });
+        pool.insert(&s, bid.clone(), 200, 0).unwrap();
+        pool.insert(&s, transfer, 200, 0).unwrap();
+        assert_eq!(pool.next_free_nonce(&s, &provider), 1, "after the bid that waits");
+        // Still in its window: it stays.
+        assert_eq!(pool.drop_stale_heads(&s), 0);
+        // The window closed in the next block: the bid can never apply, and goes; the transfer
+        // (whose kind does not depend on time) stays; the provider's next nonce is free again.
+        let t = s.chain.timestamp_ms;
+        s.begin_block(s.chain.height + 1, t + 1_000);
+        assert!(s.admit(&bid, 200).is_err());
+        assert_eq!(pool.drop_stale_heads(&s), 1);
+        assert_eq!(pool.len(), 1);
+        assert_eq!(pool.next_free_nonce(&s, &provider), 0);
+    }
+
+    #[test]
     fn open_jobs_are_due_again_after_the_state_is_reopened_from_its_store() {
         let store = std::sync::Arc::new(crate::store::MemoryStore::default());
         let mut s = world().with_store(store.clone());

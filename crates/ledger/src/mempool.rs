@@ -390,6 +390,20 @@ impl AccountQueue {
     }
 }
 
+/// Whether a transaction of this kind may stop applying as block time passes (a job's phases
+/// close, its leases lapse) without any other transaction of its signer.
+fn time_bound(p: &Payload) -> bool {
+    matches!(
+        p,
+        Payload::BidCommit { .. }
+            | Payload::BidReveal { .. }
+            | Payload::JobHeartbeat { .. }
+            | Payload::ResultCommit { .. }
+            | Payload::ResultReveal { .. }
+            | Payload::CancelJob { .. }
+    )
+}
+
 /// Waiting transactions.
 #[derive(Debug)]
 pub struct Mempool {
@@ -703,6 +717,37 @@ impl Mempool {
         let Some(&(_, hash)) = self.gapped_by_age.first() else { return false };
         self.remove(&hash);
         true
+    }
+
+    /// Drops each account's next transaction (the nonce `state` expects) when its kind depends
+    /// on block time — a job's bid, reveal, heartbeat, result or cancel — and it no longer
+    /// applies to `state`: a sealed bid that missed its window never will, and left waiting it
+    /// would hold every later transaction of its account until it expires (`ttl_ms`) — a
+    /// provider could not heartbeat its leases meanwhile. Returns how many were dropped.
+    /// O(accounts waiting): call once per finalized block.
+    pub fn drop_stale_heads(&mut self, state: &State) -> usize {
+        let stale: Vec<Hash> = self
+            .accounts
+            .iter()
+            .filter_map(|(signer, q)| q.txs.get(&state.account(signer).nonce))
+            .filter(|w| time_bound(&w.stx.tx.payload) && state.admit_verified(&w.stx, w.bytes).is_err())
+            .map(|w| w.hash)
+            .collect();
+        for h in &stale {
+            self.remove(h);
+        }
+        stale.len()
+    }
+
+    /// The nonce `signer`'s next transaction should take: the first after the run of its
+    /// transactions waiting here from the nonce `state` expects (that nonce itself when it does
+    /// not wait here: what waits after a gap is not counted on).
+    pub fn next_free_nonce(&self, state: &State, signer: &NodeId) -> u64 {
+        let next = state.account(signer).nonce;
+        match self.accounts.get(signer) {
+            Some(q) => run_past(next, |n| q.txs.contains_key(&n)),
+            None => next,
+        }
     }
 
     /// Drops the transactions of `signers` whose nonces `state` (a finalized state) has used.

@@ -107,49 +107,35 @@ pub fn spawn<W: Worker>(
     });
 }
 
-/// The nonce for a worker's next transaction: one after the last it submitted while that one
-/// may still be final, else the account's finalized nonce (a transaction the proposers dropped —
-/// front-run, or no longer valid — never takes its nonce, and the next would wait behind it
-/// for ever).
-fn next_nonce(chain: &Chain, last: &Option<(Hash, u64)>, finalized: u64) -> u64 {
-    match last {
-        Some((hash, nonce)) if *nonce >= finalized => match chain.tx_status(hash) {
-            archipel_consensus::TxStatus::Pending => nonce + 1,
-            _ => finalized,
-        },
-        _ => finalized,
-    }
-}
-
 /// Signs and submits the node's own transactions (repairs, audit reports, bids, heartbeats,
-/// results) from its account. One per node, shared by its workers (clones share it): each
-/// transaction takes the next nonce after the last one still pending, so two workers never
-/// submit the same nonce (one of the two would be refused — a lost heartbeat can cost a lease).
+/// results) from its account. One per node, shared by its workers (clones share it, and one
+/// submits at a time): each transaction takes the nonce after the node's own run of waiting
+/// ones in its mempool ([`Chain::next_free_nonce`]), so two workers never submit the same
+/// nonce, and a transaction the proposers dropped (front-run, or no longer valid) never holds
+/// the next ones behind it.
 #[derive(Clone, Debug)]
 pub struct Submitter {
     chain: Arc<Chain>,
     identity: Identity,
     tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
-    last: Arc<Mutex<Option<(Hash, u64)>>>,
+    one_at_a_time: Arc<Mutex<()>>,
 }
 
 impl Submitter {
     /// The submitter of the node with `identity`, gossiping its transactions on `tx_out`.
     pub fn new(chain: Arc<Chain>, identity: Identity, tx_out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) -> Self {
-        Submitter { chain, identity, tx_out, last: Arc::new(Mutex::new(None)) }
+        Submitter { chain, identity, tx_out, one_at_a_time: Arc::new(Mutex::new(())) }
     }
 
-    /// Signs `payload` at the next nonce (see [`next_nonce`]) and submits it to this node's
-    /// mempool and the validators. Returns the transaction's hash.
+    /// Signs `payload` at the next free nonce and submits it to this node's mempool and the
+    /// validators. Returns the transaction's hash.
     pub fn submit(&self, network: &Hash, payload: Payload) -> Result<Hash, String> {
         let me = self.identity.node_id();
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let finalized = self.chain.with_state(|st| st.account(&me).nonce);
-        let nonce = next_nonce(&self.chain, &last, finalized);
+        let _turn = self.one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
+        let nonce = self.chain.next_free_nonce(&me);
         let stx = Transaction { signer: me, nonce, payload }.sign(&self.identity, network);
         let bytes = stx.to_bytes();
         let hash = self.chain.submit(stx, bytes.len(), crate::api::system_now_ms()).map_err(|e| e.to_string())?;
-        *last = Some((hash, nonce));
         let _ = self.tx_out.send(bytes);
         Ok(hash)
     }

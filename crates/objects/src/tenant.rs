@@ -505,8 +505,12 @@ impl TenantClient {
             .copied()
     }
 
+    /// The account's next nonce, read at the freshest height any of the client's nodes has
+    /// applied: a node a block behind would give a nonce this key already used (in another
+    /// process, a moment ago), and a transaction with it is admitted there and never final.
     async fn ledger_nonce(&self) -> Result<u64, TenantError> {
-        let me: Option<serde_json::Value> = not_found_is_none(self.get(&format!("/v1/accounts/{}", self.me())).await)?;
+        let me: Option<serde_json::Value> =
+            not_found_is_none(self.get_fresh(&format!("/v1/accounts/{}", self.me())).await)?;
         Ok(me.and_then(|m| m["nonce"].as_u64()).unwrap_or(0))
     }
 
