@@ -2,7 +2,9 @@
 //! times: posted (escrow locked) → sealed bids (each with a bond) → reveals → award (the winner
 //! rule) → leases kept alive by heartbeats → sealed results → once every run has sealed, the
 //! results revealed (nobody can copy another's) → the majority accepted and paid once, the rest
-//! refunded. A lapsed lease passes to the best standing-by bid at once, or back to auction; a
+//! refunded. A lapsed lease passes to the best standing-by bid at once — one outside the region
+//! and operator of the lapsed lease first, since what took one run down there (an outage) may
+//! take the next — or back to auction; a
 //! sealed result not revealed in its window is no vote, and its run goes the same way.
 //!
 //! **Money.** Posting moves `max_price × N` from the tenant into the job's escrow. A sealed bid
@@ -493,6 +495,14 @@ impl Job {
         let lapses =
             |l: &Lease| l.sealed.is_none() && (now_ms > l.last_beat_ms.saturating_add(ttl) || now_ms > deadline(l));
         let lapsed: Vec<NodeId> = self.leases.iter().filter(|l| lapses(l)).map(|l| l.bid.provider.node).collect();
+        // Where they failed: a region or operator that just lost a run may be losing more (an
+        // outage), so standby bids elsewhere take over first.
+        let failed: (BTreeSet<_>, BTreeSet<_>) = self
+            .leases
+            .iter()
+            .filter(|l| lapses(l))
+            .map(|l| (l.bid.provider.region.clone(), l.bid.provider.operator.clone()))
+            .unzip();
         if !lapsed.is_empty() {
             self.leases.retain(|l| !lapses(l));
             for p in &lapsed {
@@ -500,7 +510,7 @@ impl Job {
                 events.push(Event::Penalized { provider: *p, why: "lapsed" });
                 self.forfeit(p, accounts);
             }
-            self.fill(lapsed.len(), now_ms, accounts, &mut events);
+            self.fill(lapsed.len(), &failed, now_ms, accounts, &mut events);
         }
         // Sealed results not revealed in their window: no vote, a penalty, the run again elsewhere.
         if let Some(until) = self.results_reveal_until_ms
@@ -540,14 +550,25 @@ impl Job {
         pick(candidates, slots, &operators, &regions).into_iter().cloned().collect()
     }
 
-    /// Gives `slots` freed runs to standing-by bids, best first; what is left goes to auction.
-    fn fill(&mut self, slots: usize, now_ms: u64, accounts: &mut impl Accounts, events: &mut Vec<Event>) {
+    /// Gives `slots` freed runs to standing-by bids, best first — those outside the regions and
+    /// operators in `failed` (where the lapsed leases were) before the others; what is left goes
+    /// to auction.
+    fn fill(
+        &mut self,
+        slots: usize,
+        failed: &(BTreeSet<archipel_types::Region>, BTreeSet<String>),
+        now_ms: u64,
+        accounts: &mut impl Accounts,
+        events: &mut Vec<Event>,
+    ) {
         let holding = self.holders();
-        let candidates: Vec<&Bid> = self
+        let mut candidates: Vec<&Bid> = self
             .standby
             .iter()
             .filter(|b| !self.excluded.contains(&b.provider.node) && !holding.contains(&b.provider.node))
             .collect();
+        // A stable sort: best first within each side.
+        candidates.sort_by_key(|b| failed.0.contains(&b.provider.region) || failed.1.contains(&b.provider.operator));
         let chosen = self.pick_for_run(&candidates, slots);
         for b in &chosen {
             self.standby.retain(|s| s.provider.node != b.provider.node);

@@ -142,6 +142,29 @@ fn a_lapsed_lease_passes_to_the_standby_at_once_and_the_job_is_paid_once() {
 }
 
 #[test]
+fn a_lapsed_lease_passes_first_to_a_standby_outside_the_region_and_operator_that_failed() {
+    // Two runs; the best standby is in the region of the run that will fail (an outage there
+    // may take it too), the next elsewhere.
+    let a = provider(1, "op-a", "eu-de");
+    let b = provider(2, "op-b", "eu-fr");
+    let c = provider(3, "op-c", "eu-de");
+    let d = provider(4, "op-d", "eu-nl");
+    let mut book = Book::default();
+    let mut job = auction(2, 100, &[(&a, 10), (&b, 20), (&c, 30), (&d, 40)], &mut book);
+    assert_eq!(awarded(&job.tick(1_000, &PARAMS, &mut book)), [a.node, b.node]);
+    assert_eq!(job.standby.iter().map(|s| s.provider.node).collect::<Vec<_>>(), [c.node, d.node]);
+    job.heartbeat(&b.node, 3_000).unwrap();
+    let ev = job.tick(3_001, &PARAMS, &mut book);
+    assert_eq!(awarded(&ev), [d.node], "eu-de lost a run: the standby in eu-nl takes it, not the one in eu-de");
+    // With no standby elsewhere, the one in the failed region still does.
+    let e = provider(5, "op-a", "eu-fr");
+    let mut book = Book::default();
+    let mut job = auction(1, 100, &[(&b, 10), (&e, 20)], &mut book);
+    assert_eq!(awarded(&job.tick(1_000, &PARAMS, &mut book)), [b.node]);
+    assert_eq!(awarded(&job.tick(3_001, &PARAMS, &mut book)), [e.node]);
+}
+
+#[test]
 fn without_a_standby_a_lapsed_lease_goes_back_to_auction_without_its_provider() {
     let (a, b) = (provider(1, "op-a", "eu-de"), provider(2, "op-b", "eu-fr"));
     let mut book = Book::default();

@@ -149,13 +149,13 @@ async fn providers(State(s): State<Arc<ApiState>>) -> Response {
     Json(view).into_response()
 }
 
-fn book(s: &ApiState) -> Result<&crate::provider::ProviderBook, Response> {
+fn book(s: &ApiState) -> Result<&crate::provider::ProviderBook, Box<Response>> {
     s.provider.as_deref().ok_or_else(|| {
-        error(
+        Box::new(error(
             StatusCode::NOT_FOUND,
             "not_a_provider",
             "this node has no compute role: ask a provider (see `archipel market`)",
-        )
+        ))
     })
 }
 
@@ -166,7 +166,7 @@ async fn declined(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Res
     };
     let book = match book(&s) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match book.declined(&id) {
         Some(d) => Json(d).into_response(),
@@ -181,7 +181,7 @@ async fn run(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response
     };
     let book = match book(&s) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match book.run(&id) {
         Some(r) => Json(r).into_response(),
@@ -197,7 +197,7 @@ async fn run_file(s: &ApiState, id: &str, caller: &Caller, name: &str) -> Respon
     };
     let book = match book(s) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(run) = book.run(&id) else {
         return error(StatusCode::NOT_FOUND, "no_run", format!("this provider has no run of job {id}"));
