@@ -16,6 +16,7 @@ mod finality;
 mod fuzz;
 mod ledger_bench;
 mod liveness_bench;
+mod market_bench;
 mod pipeline_bench;
 mod s3_bench;
 mod simplex_baseline;
@@ -39,6 +40,7 @@ fn main() -> Result<()> {
                 "storage" => storage_bench::bench(&build_release()?),
                 "s3" => s3_bench::bench(&build_release()?),
                 "wasm" => wasm_bench::bench(&build_release()?),
+                "market" => market_bench::bench(&build_release()?),
                 "all" => bench_verify()
                     .and_then(|_| bench_devnet())
                     .and_then(|_| ledger_bench::bench(&build_release()?, runs(&args)?))
@@ -48,10 +50,11 @@ fn main() -> Result<()> {
                     .and_then(|_| pipeline_bench::bench())
                     .and_then(|_| storage_bench::bench(&build_release()?))
                     .and_then(|_| s3_bench::bench(&build_release()?))
-                    .and_then(|_| wasm_bench::bench(&build_release()?)),
+                    .and_then(|_| wasm_bench::bench(&build_release()?))
+                    .and_then(|_| market_bench::bench(&build_release()?)),
                 other => {
                     bail!(
-                        "unknown benchmark {other:?}: use verify, devnet, ledger, liveness, state, pipeline, storage, s3, wasm or all"
+                        "unknown benchmark {other:?}: use verify, devnet, ledger, liveness, state, pipeline, storage, s3, wasm, market or all"
                     )
                 }
             }

@@ -317,6 +317,13 @@ impl State {
         }
     }
 
+    /// Writes `record` as stored, without the receipts and checks of `PutObject`: for benchmarks
+    /// that build a state in process (a job needs its module stored).
+    #[cfg(feature = "test-support")]
+    pub fn store_object_unchecked(&mut self, record: crate::storage::ObjectRecord) {
+        self.objects.set(crate::storage::object_id(&record.bucket, &record.key), Some(record));
+    }
+
     /// Escrow and bonds every job holds (for the money check). O(jobs).
     pub fn jobs_held_micro(&self) -> u128 {
         self.job_ids()
