@@ -7,7 +7,7 @@
 //!   block of 2,000 plain transfers, applied the same way; the ratio says what an award costs
 //!   against the cheapest transaction. Goal: ≥ 500 awards/s.
 //! - **Post → award → running** (a release devnet of 12 node processes): 30 word-count jobs posted
-//!   one after another with `archipel job submit` (bid window 200 ms, the least a job may ask);
+//!   one after another with `archipel job submit` (bid window 500 ms, the least a provider bids in);
 //!   for every job, from the block time of its `PostJob` to the block time of its award (both on
 //!   the ledger) and to the moment its provider started it (the provider's `/v1/jobs/{id}/run`,
 //!   same machine clock); p50 and p99 over all 30. Baseline in the same run: a transfer's time
@@ -281,11 +281,11 @@ fn devnet(archipel: &Path) -> Result<()> {
     // Post → award → running.
     let w = wordcount.to_str().context("path")?;
     let i = input.to_str().context("path")?;
-    submit(&[w, "--input", i, "--max-price", "100", "--bid-window", "200ms"])
+    submit(&[w, "--input", i, "--max-price", "100", "--bid-window", "500ms"])
         .context("the first job (stores the files)")?;
     let (mut to_award, mut to_run) = (Vec::new(), Vec::new());
     for _ in 0..LATENCY_JOBS {
-        let id = submit(&[w, "--input", i, "--max-price", "100", "--bid-window", "200ms"])?;
+        let id = submit(&[w, "--input", i, "--max-price", "100", "--bid-window", "500ms"])?;
         let j = accepted(&api, &id, Duration::from_secs(60))?;
         let posted = j["posted_ms"].as_u64().context("posted_ms")?;
         let lease = &j["leases"][0];
@@ -303,7 +303,7 @@ fn devnet(archipel: &Path) -> Result<()> {
     }
     let (award, run) = (sorted(to_award), sorted(to_run));
     println!(
-        "post → award → running: {LATENCY_JOBS} word-count jobs, bid window 200 ms, release devnet of {} nodes",
+        "post → award → running: {LATENCY_JOBS} word-count jobs, bid window 500 ms, release devnet of {} nodes",
         all.len()
     );
     println!(

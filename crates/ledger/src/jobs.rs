@@ -32,6 +32,20 @@ use std::collections::BTreeMap;
 
 /// Most jobs one heartbeat names.
 pub const MAX_HEARTBEAT_JOBS: usize = 64;
+/// Most due jobs one block ticks; the rest, the latest due, wait for the next block (so a
+/// spammer's jobs all falling due at once cannot make one block unbounded work).
+pub const MAX_TICKS_PER_BLOCK: usize = 4_096;
+/// Ended jobs [`State::recent_ended_jobs`] keeps.
+pub const RECENT_ENDED: usize = 100;
+
+/// When `job` ended, if it did.
+pub fn ended_at(job: &Job) -> Option<u64> {
+    match job.ended.as_ref()? {
+        archipel_market::Ended::Accepted { at_ms, .. }
+        | archipel_market::Ended::Refunded { at_ms, .. }
+        | archipel_market::Ended::Cancelled { at_ms } => Some(*at_ms),
+    }
+}
 
 /// A job's id: `BLAKE3("archipel/job/v1" ‖ tenant ‖ nonce)` of the posting transaction, known to
 /// the tenant before it posts.
@@ -104,6 +118,16 @@ impl State {
     /// Open jobs with the block time they are next due at, soonest first.
     pub fn open_jobs(&self) -> impl Iterator<Item = (u64, Hash)> + '_ {
         self.due_jobs.iter().copied()
+    }
+
+    /// How many jobs are open.
+    pub fn open_job_count(&self) -> usize {
+        self.due_jobs.len()
+    }
+
+    /// The newest ended jobs (at most [`RECENT_ENDED`]), newest first, with when they ended.
+    pub fn recent_ended_jobs(&self) -> impl Iterator<Item = (u64, Hash)> + '_ {
+        self.recent_ended.iter().rev().copied()
     }
 
     /// `node` as the market sees it: from the registry and its record. `None` unless it is a
@@ -300,11 +324,23 @@ impl State {
             self.job_due.insert(*id, due);
             self.due_jobs.insert((due, *id));
         }
+        if let Some(at) = ended_at(job) {
+            self.recent_ended.insert((at, *id));
+            if self.recent_ended.len() > RECENT_ENDED {
+                self.recent_ended.remove_min();
+            }
+        }
     }
 
     /// Moves on every job due at block time `now_ms` (called as a block begins).
     pub(crate) fn tick_jobs(&mut self, now_ms: u64) {
-        let due: Vec<Hash> = self.due_jobs.iter().take_while(|(at, _)| *at <= now_ms).map(|(_, id)| *id).collect();
+        let due: Vec<Hash> = self
+            .due_jobs
+            .iter()
+            .take_while(|(at, _)| *at <= now_ms)
+            .take(MAX_TICKS_PER_BLOCK)
+            .map(|(_, id)| *id)
+            .collect();
         let params = self.market_params();
         for id in due {
             let Some(mut job) = self.job(&id) else { continue };
@@ -665,6 +701,10 @@ pub(crate) mod tests {
         assert_eq!(pool.drop_stale_heads(&s), 1);
         assert_eq!(pool.len(), 1);
         assert_eq!(pool.next_free_nonce(&s, &provider), 0);
+        // The provider's next transaction takes the freed nonce (it was taken while the bid waited).
+        let next = signed(201, 0, Payload::Transfer { to: id(202).node_id(), amount_micro: 1 });
+        pool.insert(&s, next, 200, 0).unwrap();
+        assert_eq!(pool.next_free_nonce(&s, &provider), 1);
     }
 
     #[test]
@@ -673,11 +713,17 @@ pub(crate) mod tests {
         let mut s = world().with_store(store.clone());
         let mut n = Nonces::default();
         let job = posted_and_awarded(&mut s, &mut n, spec(), &[(201, 60), (202, 40)]);
+        let cancelled = job_id(&id(TENANT).node_id(), s.account(&id(TENANT).node_id()).nonce);
+        n.send(&mut s, TENANT, Payload::PostJob { spec: spec() }).unwrap();
+        n.send(&mut s, TENANT, Payload::CancelJob { job: cancelled }).unwrap();
         let c = s.commit().unwrap();
         crate::store::StateStore::commit(&*store, &c, true).unwrap();
         s.committed();
         let mut opened = State::open(store).unwrap().unwrap();
         assert_eq!(opened.open_jobs().collect::<Vec<_>>(), s.open_jobs().collect::<Vec<_>>());
+        let recent: Vec<_> = s.recent_ended_jobs().collect();
+        assert_eq!(recent.len(), 1, "the cancelled job");
+        assert_eq!(opened.recent_ended_jobs().collect::<Vec<_>>(), recent);
         assert_eq!(opened.state_root(), s.state_root());
         // The lease lapses in the reopened state as in the original.
         let t = s.chain.timestamp_ms + s.params.lease_ttl_ms + 1;

@@ -390,9 +390,11 @@ impl AccountQueue {
     }
 }
 
-/// Whether a transaction of this kind may stop applying as block time passes (a job's phases
-/// close, its leases lapse) without any other transaction of its signer.
-fn time_bound(p: &Payload) -> bool {
+/// Whether a transaction of this kind may stop applying without any other transaction of its
+/// signer: as block time passes (a job's phases close, its leases lapse) or as others act (a
+/// repair someone else made first, an audit epoch gone). A node's workers send these, and share
+/// one nonce sequence: a dead one would hold the others, heartbeats included.
+fn may_go_stale(p: &Payload) -> bool {
     matches!(
         p,
         Payload::BidCommit { .. }
@@ -401,6 +403,8 @@ fn time_bound(p: &Payload) -> bool {
             | Payload::ResultCommit { .. }
             | Payload::ResultReveal { .. }
             | Payload::CancelJob { .. }
+            | Payload::MoveShards { .. }
+            | Payload::AuditFailed { .. }
     )
 }
 
@@ -719,9 +723,10 @@ impl Mempool {
         true
     }
 
-    /// Drops each account's next transaction (the nonce `state` expects) when its kind depends
-    /// on block time — a job's bid, reveal, heartbeat, result or cancel — and it no longer
-    /// applies to `state`: a sealed bid that missed its window never will, and left waiting it
+    /// Drops each account's next transaction (the nonce `state` expects) when its kind may go
+    /// stale without its signer — a job's bid, reveal, heartbeat, result or cancel, a repair,
+    /// an audit report — and it no longer passes `state`'s checks (those that need no
+    /// signature): a sealed bid that missed its window never will apply, and left waiting it
     /// would hold every later transaction of its account until it expires (`ttl_ms`) — a
     /// provider could not heartbeat its leases meanwhile. Returns how many were dropped.
     /// O(accounts waiting): call once per finalized block.
@@ -730,7 +735,7 @@ impl Mempool {
             .accounts
             .iter()
             .filter_map(|(signer, q)| q.txs.get(&state.account(signer).nonce))
-            .filter(|w| time_bound(&w.stx.tx.payload) && state.admit_verified(&w.stx, w.bytes).is_err())
+            .filter(|w| may_go_stale(&w.stx.tx.payload) && state.precheck(&w.stx, w.bytes).is_err())
             .map(|w| w.hash)
             .collect();
         for h in &stale {

@@ -331,6 +331,9 @@ pub struct State {
     pub(crate) due_jobs: imbl::OrdSet<(u64, Hash)>,
     /// Each open job's entry in `due_jobs`.
     pub(crate) job_due: imbl::OrdMap<Hash, u64>,
+    /// The newest ended jobs, by the time they ended ([`crate::jobs::RECENT_ENDED`] of them):
+    /// what `GET /v1/jobs` lists without reading every job (not in the root either).
+    pub(crate) recent_ended: imbl::OrdSet<(u64, Hash)>,
     /// Changed entries outside the tables (the chain position; the network, parameters and
     /// validators at genesis).
     pub(crate) other_changed: BTreeSet<StateKey>,
@@ -879,19 +882,26 @@ impl State {
         let mut builder = trie::Builder::new(store.bucket_depth());
         let mut registry = Vec::new();
         let mut jobs = Vec::new();
+        let mut ended = BTreeSet::new();
         for_each_stored(&*store, "", |k, v| {
             builder.push((trie::key_hash(&k), trie::value_hash(&v)))?;
             if [&b"node/"[..], b"validator/"].iter().any(|p| k.starts_with(p)) {
                 registry.push((parse_key("registry", k)?, v));
             } else if k.starts_with(b"job/") {
-                // The due index is rebuilt from the open jobs.
+                // The due index is rebuilt from the open jobs, the recent ones from the ended.
                 let key = parse_key("job", k)?;
                 let job: archipel_market::Job =
                     serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))?;
-                if job.ended.is_none()
-                    && let StateKey::Job(id) = key
-                {
-                    jobs.push((id, job));
+                if let StateKey::Job(id) = key {
+                    match crate::jobs::ended_at(&job) {
+                        None => jobs.push((id, job)),
+                        Some(at) => {
+                            ended.insert((at, id));
+                            if ended.len() > crate::jobs::RECENT_ENDED {
+                                ended.pop_first();
+                            }
+                        }
+                    }
                 }
             }
             Ok(())
@@ -920,6 +930,7 @@ impl State {
         for (id, job) in jobs {
             s.index_job(&id, &job);
         }
+        s.recent_ended = ended.into_iter().collect();
         // What was loaded is what the store holds: nothing to seal or write.
         s.nodes.take_changed();
         Ok(Some(s))

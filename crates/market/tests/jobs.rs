@@ -156,6 +156,21 @@ fn a_lapsed_lease_passes_first_to_a_standby_outside_the_region_and_operator_that
     job.heartbeat(&b.node, 3_000).unwrap();
     let ev = job.tick(3_001, &PARAMS, &mut book);
     assert_eq!(awarded(&ev), [d.node], "eu-de lost a run: the standby in eu-nl takes it, not the one in eu-de");
+    // The operator counts too: a cheaper standby of the failed run's operator, in another
+    // region, goes after a dearer one of another operator.
+    let (f, g) = (provider(6, "op-a", "eu-nl"), provider(7, "op-g", "eu-fr"));
+    let mut book = Book::default();
+    let mut job = auction(1, 100, &[(&a, 10), (&f, 20), (&g, 30)], &mut book);
+    assert_eq!(awarded(&job.tick(1_000, &PARAMS, &mut book)), [a.node]);
+    assert_eq!(job.standby.iter().map(|s| s.provider.node).collect::<Vec<_>>(), [f.node]);
+    // (N = 1: one standby; so that both stand by, two runs where the second never lapses.)
+    let mut book = Book::default();
+    let h = provider(8, "op-h", "eu-ie");
+    let mut job = auction(2, 100, &[(&a, 10), (&h, 15), (&f, 20), (&g, 30)], &mut book);
+    assert_eq!(awarded(&job.tick(1_000, &PARAMS, &mut book)), [a.node, h.node]);
+    assert_eq!(job.standby.iter().map(|s| s.provider.node).collect::<Vec<_>>(), [f.node, g.node]);
+    job.heartbeat(&h.node, 3_000).unwrap();
+    assert_eq!(awarded(&job.tick(3_001, &PARAMS, &mut book)), [g.node], "not op-a's other node");
     // With no standby elsewhere, the one in the failed region still does.
     let e = provider(5, "op-a", "eu-fr");
     let mut book = Book::default();

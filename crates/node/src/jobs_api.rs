@@ -15,8 +15,8 @@ use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-/// Most ended jobs `GET /v1/jobs` lists (the newest).
-pub const RECENT_JOBS: usize = 100;
+/// Most open jobs `GET /v1/jobs` lists (the soonest due).
+pub const MAX_LISTED_OPEN: usize = 500;
 
 /// Public reads of jobs in finalized state (behind the stale-read guard).
 pub fn ledger_routes() -> Router<Arc<ApiState>> {
@@ -51,9 +51,11 @@ pub struct JobList {
     pub height: u64,
     /// Its block time.
     pub now_ms: u64,
-    /// Open jobs.
+    /// Open jobs (the [`MAX_LISTED_OPEN`] soonest due).
     pub open: Vec<Job>,
-    /// The newest ended jobs, newest first (at most [`RECENT_JOBS`]).
+    /// How many jobs are open.
+    pub open_total: usize,
+    /// The newest ended jobs, newest first (at most [`archipel_ledger::jobs::RECENT_ENDED`]).
     pub recent: Vec<Job>,
 }
 
@@ -107,24 +109,18 @@ async fn job(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response
     }
 }
 
-fn ended_at(j: &Job) -> u64 {
-    match &j.ended {
-        Some(archipel_market::Ended::Accepted { at_ms, .. })
-        | Some(archipel_market::Ended::Refunded { at_ms, .. })
-        | Some(archipel_market::Ended::Cancelled { at_ms }) => *at_ms,
-        None => 0,
-    }
-}
-
 async fn jobs(State(s): State<Arc<ApiState>>) -> Response {
+    // Bounded: the soonest due of the open jobs, and the index of the newest ended ones.
     let view = s.chain.with_state(|st| {
-        let open: Vec<Job> = st.open_jobs().filter_map(|(_, id)| st.job(&id)).collect();
-        // O(jobs): the ended ones are found among all (an index by end time would bound it).
-        let mut recent: Vec<Job> =
-            st.job_ids().iter().filter_map(|id| st.job(id)).filter(|j| j.ended.is_some()).collect();
-        recent.sort_by_key(|j| std::cmp::Reverse(ended_at(j)));
-        recent.truncate(RECENT_JOBS);
-        JobList { height: st.chain().height, now_ms: st.chain().timestamp_ms, open, recent }
+        let open: Vec<Job> = st.open_jobs().take(MAX_LISTED_OPEN).filter_map(|(_, id)| st.job(&id)).collect();
+        let recent: Vec<Job> = st.recent_ended_jobs().filter_map(|(_, id)| st.job(&id)).collect();
+        JobList {
+            height: st.chain().height,
+            now_ms: st.chain().timestamp_ms,
+            open,
+            open_total: st.open_job_count(),
+            recent,
+        }
     });
     Json(view).into_response()
 }
@@ -183,8 +179,10 @@ async fn run(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response
         Ok(b) => b,
         Err(r) => return *r,
     };
+    // Never the outcome: a provider that read another's result before the reveal could seal
+    // the same one without running the job.
     match book.run(&id) {
-        Some(r) => Json(r).into_response(),
+        Some(r) => Json(crate::provider::RunView::of(&r)).into_response(),
         None => error(StatusCode::NOT_FOUND, "no_run", format!("this provider has no run of job {id}")),
     }
 }

@@ -39,8 +39,12 @@ use std::time::Duration;
 
 /// Pause between two steps.
 pub const STEP: Duration = Duration::from_millis(100);
-/// Most open jobs one step looks at (the oldest due first).
-pub const MAX_JOBS_PER_STEP: usize = 2_000;
+/// Most open jobs one step looks at for bidding (the soonest due first), besides the jobs it
+/// has bid on, stands by for or runs — those it always reads.
+pub const MAX_JOBS_PER_STEP: usize = 256;
+/// The shortest bid window it bids in: a sealed bid must be revealed in a block within one
+/// window after sealed bids close, or its bond is lost; blocks come every few hundred ms.
+pub const MIN_BID_WINDOW_MS: u64 = 500;
 /// Declines kept for `job why` (the newest).
 pub const MAX_DECLINES: usize = 4_096;
 /// How long a run's output and log stay after its job ended.
@@ -150,6 +154,31 @@ pub struct Run {
     revealed_at: Option<std::time::Instant>,
 }
 
+/// What anyone may see of a run (`GET /v1/jobs/{id}/run`): where it is, not its outcome — a
+/// provider that read another's result before the reveal could seal it without running.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunView {
+    /// The job.
+    pub job: Hash,
+    /// `fetching`, `running`, `done` or `abandoned`.
+    pub phase: String,
+    /// When it started (the provider's clock, Unix ms).
+    pub started_ms: u64,
+}
+
+impl RunView {
+    /// The public view of `run`.
+    pub fn of(run: &Run) -> Self {
+        let phase = match run.phase {
+            RunPhase::Fetching => "fetching",
+            RunPhase::Running => "running",
+            RunPhase::Done { .. } => "done",
+            RunPhase::Abandoned { .. } => "abandoned",
+        };
+        RunView { job: run.job, phase: phase.into(), started_ms: run.started_ms }
+    }
+}
+
 /// What the provider knows beyond the ledger, shared with the API.
 #[derive(Debug, Default)]
 pub struct ProviderBook {
@@ -223,6 +252,8 @@ pub struct Provider {
     runner: archipel_compute::Runner,
     shards: HttpShards,
     bids: BTreeMap<(Hash, u32), Sealed>,
+    /// Jobs it bid on (until they end): read every step, however many jobs are open.
+    mine: std::collections::BTreeSet<Hash>,
     last_beat: Option<std::time::Instant>,
     handle: tokio::runtime::Handle,
 }
@@ -285,45 +316,55 @@ impl Provider {
             runner,
             shards,
             bids: BTreeMap::new(),
+            mine: std::collections::BTreeSet::new(),
             last_beat: None,
             handle,
         }
     }
 
-    fn view(&self) -> View {
+    fn view(&mut self) -> View {
         let me = self.identity.node_id();
-        self.chain.with_state(|st| View {
-            now_ms: st.chain().timestamp_ms,
-            network: st.network(),
-            ttl_ms: st.params().lease_ttl_ms,
-            me: st.provider(&me),
-            up: st.lease_status(&me) == LeaseStatus::Up,
-            jobs: st.open_jobs().take(MAX_JOBS_PER_STEP).filter_map(|(_, id)| st.job(&id).map(|j| (id, j))).collect(),
+        let mine = &mut self.mine;
+        self.chain.with_state(|st| {
+            // Its own jobs first (an attacker posting many jobs due sooner must not hide them),
+            // then the soonest due; jobs that ended leave `mine`.
+            let mut ids: Vec<Hash> = mine.iter().copied().collect();
+            ids.extend(st.open_jobs().map(|(_, id)| id).filter(|id| !mine.contains(id)).take(MAX_JOBS_PER_STEP));
+            let jobs: Vec<(Hash, Job)> = ids
+                .into_iter()
+                .filter_map(|id| st.job(&id).map(|j| (id, j)))
+                .filter(|(_, j)| j.ended.is_none())
+                .collect();
+            mine.retain(|id| jobs.iter().any(|(j, _)| j == id));
+            View {
+                now_ms: st.chain().timestamp_ms,
+                network: st.network(),
+                ttl_ms: st.params().lease_ttl_ms,
+                me: st.provider(&me),
+                up: st.lease_status(&me) == LeaseStatus::Up,
+                jobs,
+            }
         })
     }
 
-    /// Slots taken: runs in progress, sealed bids in open auctions, standing-by bids.
+    /// Slots taken: runs in progress, and the jobs it may yet have to run — sealed bids sent
+    /// (final or not) in open auctions, standing-by bids, leases not started.
     fn busy(&self, view: &View) -> u32 {
         let me = self.identity.node_id();
-        let runs = self
-            .book
-            .runs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .filter(|r| matches!(r.phase, RunPhase::Fetching | RunPhase::Running))
-            .count();
+        let runs = self.book.runs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let running = runs.values().filter(|r| matches!(r.phase, RunPhase::Fetching | RunPhase::Running)).count();
+        let sent: std::collections::BTreeSet<Hash> = self.bids.keys().map(|(id, _)| *id).collect();
         let waiting = view
             .jobs
             .iter()
             .filter(|(id, j)| {
-                let bid = j.auction.as_ref().is_some_and(|a| a.commits.contains_key(&me));
+                let bid = sent.contains(id) || j.auction.as_ref().is_some_and(|a| a.commits.contains_key(&me));
                 let standby = j.standby.iter().any(|b| b.provider.node == me);
                 let leased = j.active().any(|l| l.bid.provider.node == me);
-                (bid || standby || leased) && !self.book.runs.lock().unwrap_or_else(|e| e.into_inner()).contains_key(id)
+                (bid || standby || leased) && !runs.contains_key(id)
             })
             .count();
-        (runs + waiting) as u32
+        (running + waiting) as u32
     }
 
     fn submit(&self, network: &Hash, payload: Payload, notes: &mut Vec<String>) -> bool {
@@ -377,6 +418,13 @@ impl Provider {
             };
             let verdict = if involved {
                 Err(Decline::Excluded)
+            } else if job.spec.bid_window_ms < MIN_BID_WINDOW_MS {
+                Err(Decline::Limits {
+                    what: format!(
+                        "a bid window of {} ms, under the {MIN_BID_WINDOW_MS} ms it needs to reveal in time",
+                        job.spec.bid_window_ms
+                    ),
+                })
             } else {
                 let l = &job.spec.limits;
                 evaluate(&provider, &offer, &job.spec.geofence, job.spec.max_price_micro, l.memory_bytes, l.cpu_ms)
@@ -388,6 +436,7 @@ impl Provider {
                     let payload = Payload::BidCommit { job: *id, digest, bond_micro: job.bond() };
                     if self.submit(&view.network, payload, notes) {
                         self.bids.insert(key, Sealed { price, salt, revealed_at: None });
+                        self.mine.insert(*id);
                         busy += 1;
                         sent += 1;
                     }
@@ -474,6 +523,7 @@ impl Provider {
         let mut runs = self.book.runs.lock().unwrap_or_else(|e| e.into_inner());
         let mut gone = Vec::new();
         for (id, r) in runs.iter_mut() {
+            // Every job with a run is in `mine`, so in the view until it ends.
             if open.contains(id) {
                 continue;
             }
@@ -490,7 +540,7 @@ impl Provider {
     }
 
     /// Starts running `job` (a lease this provider holds) in the background.
-    fn start(&self, id: Hash, job: Job) {
+    fn start(&mut self, id: Hash, job: Job) {
         let run = Run {
             job: id,
             tenant: job.tenant,
@@ -502,6 +552,7 @@ impl Provider {
             revealed_at: None,
         };
         self.book.runs.lock().unwrap_or_else(|e| e.into_inner()).insert(id, run);
+        self.mine.insert(id);
         let (chain, shards, runner, book) =
             (self.chain.clone(), self.shards.clone(), self.runner.clone(), self.book.clone());
         let lie = self.config.fault_wrong_output;
@@ -513,7 +564,20 @@ impl Provider {
                     }
                     RunPhase::Done { outcome, end, output_bytes, wall_ms }
                 }
-                Err(why) => {
+                // The tenant's module or inputs cannot be read (a wrong key, an object gone):
+                // said as the run's end, so the job is refunded — a lapse would cost this
+                // provider its bond for the tenant's doing.
+                Err(Failure::Inputs(why)) => {
+                    tracing::warn!(job = %id.short(), %why, "the job's module or inputs cannot be read");
+                    let outcome = RunOutcome::Failed { end: "input_unreadable".into() };
+                    RunPhase::Done {
+                        outcome,
+                        end: format!("cannot read its module or inputs: {why}"),
+                        output_bytes: 0,
+                        wall_ms: 0,
+                    }
+                }
+                Err(Failure::Here(why)) => {
                     tracing::warn!(job = %id.short(), %why, "cannot run the job: its lease will lapse");
                     RunPhase::Abandoned { why }
                 }
@@ -521,6 +585,14 @@ impl Provider {
             book.set_phase(&id, phase);
         });
     }
+}
+
+/// Why a run could not give an outcome.
+enum Failure {
+    /// The job's module or an input cannot be read: the tenant's doing (or the holders').
+    Inputs(String),
+    /// This provider's own trouble (its disk, starting the runner).
+    Here(String),
 }
 
 /// Reads the object `o` (opened with the key the job carries) into `path`.
@@ -570,20 +642,21 @@ async fn execute(
     book: &ProviderBook,
     id: &Hash,
     job: &Job,
-) -> Result<(RunOutcome, String, u64, u64), String> {
+) -> Result<(RunOutcome, String, u64, u64), Failure> {
+    let here = |e: String| Failure::Here(e);
     let dir = book.job_dir(id);
-    tokio::fs::create_dir_all(&dir).await.map_err(|e| format!("{}: {e}", dir.display()))?;
+    tokio::fs::create_dir_all(&dir).await.map_err(|e| here(format!("{}: {e}", dir.display())))?;
     let module = dir.join("module.wasm");
-    fetch(chain, shards, &job.spec.module, &module).await?;
+    fetch(chain, shards, &job.spec.module, &module).await.map_err(Failure::Inputs)?;
     // The inputs, in order, are the module's stdin.
     let input = dir.join("input");
     {
-        let mut all = tokio::fs::File::create(&input).await.map_err(|e| format!("{}: {e}", input.display()))?;
+        let mut all = tokio::fs::File::create(&input).await.map_err(|e| here(format!("{}: {e}", input.display())))?;
         for (i, o) in job.spec.inputs.iter().enumerate() {
             let part = dir.join(format!("input.{i}"));
-            fetch(chain, shards, o, &part).await?;
-            let mut f = tokio::fs::File::open(&part).await.map_err(|e| e.to_string())?;
-            tokio::io::copy(&mut f, &mut all).await.map_err(|e| format!("{}: {e}", input.display()))?;
+            fetch(chain, shards, o, &part).await.map_err(Failure::Inputs)?;
+            let mut f = tokio::fs::File::open(&part).await.map_err(|e| here(e.to_string()))?;
+            tokio::io::copy(&mut f, &mut all).await.map_err(|e| here(format!("{}: {e}", input.display())))?;
             let _ = tokio::fs::remove_file(&part).await;
         }
     }
@@ -606,14 +679,14 @@ async fn execute(
     };
     let output_path = dir.join("output");
     let mut output =
-        tokio::fs::File::create(&output_path).await.map_err(|e| format!("{}: {e}", output_path.display()))?;
-    let outcome = runner.run(&run, &mut output).await.map_err(|e| e.to_string())?;
-    tokio::io::AsyncWriteExt::flush(&mut output).await.map_err(|e| e.to_string())?;
+        tokio::fs::File::create(&output_path).await.map_err(|e| here(format!("{}: {e}", output_path.display())))?;
+    let outcome = runner.run(&run, &mut output).await.map_err(|e| here(e.to_string()))?;
+    tokio::io::AsyncWriteExt::flush(&mut output).await.map_err(|e| here(e.to_string()))?;
     let mut log = outcome.log.clone();
     if outcome.log_dropped > 0 {
         log.extend_from_slice(format!("\n[{} more bytes of log dropped]\n", outcome.log_dropped).as_bytes());
     }
-    tokio::fs::write(dir.join("log"), &log).await.map_err(|e| e.to_string())?;
+    tokio::fs::write(dir.join("log"), &log).await.map_err(|e| here(e.to_string()))?;
     let result = outcome_of(&outcome.end, &outcome.output_blake3);
     Ok((result, outcome.end.to_string(), outcome.output_bytes, outcome.wall_ms))
 }
