@@ -339,7 +339,7 @@ fn devnet(archipel: &Path) -> Result<()> {
             "--timeout",
             "300s",
             "--bid-window",
-            "200ms",
+            "500ms",
         ])?;
         // Running on a non-validator, not yet killed: else wait for it to end and try again.
         let deadline = Instant::now() + Duration::from_secs(30);
