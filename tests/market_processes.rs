@@ -99,10 +99,26 @@ impl Net {
         v["job"].clone()
     }
 
-    /// Waits until job `id` ended; returns it.
+    /// Checks that no provider runs more jobs at once than its 2 slots (the devnet's default):
+    /// its sealed and standing-by bids count as busy, so winning them all never overcommits it.
+    fn within_slots(&self) {
+        let v: serde_json::Value =
+            rt().block_on(archipel_node::client::ApiClient::new(&self.node).get("/v1/jobs")).unwrap();
+        let mut running: std::collections::BTreeMap<String, usize> = Default::default();
+        for j in v["open"].as_array().unwrap() {
+            for l in j["leases"].as_array().unwrap().iter().filter(|l| l["sealed"].is_null()) {
+                *running.entry(l["bid"]["provider"]["node"].as_str().unwrap().to_string()).or_default() += 1;
+            }
+        }
+        assert!(running.values().all(|n| *n <= 2), "a provider holds more leases than its slots: {running:?}");
+    }
+
+    /// Waits until job `id` ended (checking meanwhile that no provider is overcommitted);
+    /// returns it.
     fn ended(&self, id: &str, within: Duration) -> serde_json::Value {
         let deadline = Instant::now() + within;
         loop {
+            self.within_slots();
             let j = self.job(id);
             if !j["ended"].is_null() {
                 return j;

@@ -155,13 +155,14 @@ fn book(s: &ApiState) -> Result<&crate::provider::ProviderBook, Box<Response>> {
     })
 }
 
+/// The job id in the path and this node's provider book.
+fn provider_job<'a>(s: &'a ApiState, id: &str) -> Result<(Hash, &'a crate::provider::ProviderBook), Box<Response>> {
+    Ok((parse_id(id)?, book(s)?))
+}
+
 async fn declined(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
-    let id = match parse_id(&id) {
-        Ok(id) => id,
-        Err(r) => return *r,
-    };
-    let book = match book(&s) {
-        Ok(b) => b,
+    let (id, book) = match provider_job(&s, &id) {
+        Ok(found) => found,
         Err(r) => return *r,
     };
     match book.declined(&id) {
@@ -171,12 +172,8 @@ async fn declined(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Res
 }
 
 async fn run(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
-    let id = match parse_id(&id) {
-        Ok(id) => id,
-        Err(r) => return *r,
-    };
-    let book = match book(&s) {
-        Ok(b) => b,
+    let (id, book) = match provider_job(&s, &id) {
+        Ok(found) => found,
         Err(r) => return *r,
     };
     // Never the outcome: a provider that read another's result before the reveal could seal
@@ -189,12 +186,8 @@ async fn run(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response
 
 /// The file `name` of this node's run of job `id`, to its tenant.
 async fn run_file(s: &ApiState, id: &str, caller: &Caller, name: &str) -> Response {
-    let id = match parse_id(id) {
-        Ok(id) => id,
-        Err(r) => return *r,
-    };
-    let book = match book(s) {
-        Ok(b) => b,
+    let (id, book) = match provider_job(s, id) {
+        Ok(found) => found,
         Err(r) => return *r,
     };
     let Some(run) = book.run(&id) else {
