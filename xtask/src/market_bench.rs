@@ -285,15 +285,16 @@ fn devnet(archipel: &Path) -> Result<()> {
     let list = all.iter().map(|n| n.api.clone()).collect::<Vec<_>>().join(",");
     let key = work.join("devnet/tenant.key");
     let key = key.to_str().context("path")?;
-    // Leases come up a few seconds after the processes.
+    // Leases come up a few seconds after the processes; the 8 non-validators are the providers.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while get(&format!("{api}/v1/providers"))?["providers"]
-        .as_array()
-        .map_or(0, |p| p.iter().filter(|p| p["up"] == true).count())
-        < all.len()
-    {
+    loop {
+        let v = get(&format!("{api}/v1/providers"))?;
+        let ps = v["providers"].as_array().cloned().unwrap_or_default();
+        if ps.len() == all.len() - 4 && ps.iter().all(|p| p["up"] == true) {
+            break;
+        }
         if Instant::now() > deadline {
-            bail!("the providers did not all come up");
+            bail!("the providers did not all come up: {v}");
         }
         std::thread::sleep(Duration::from_millis(200));
     }
