@@ -275,8 +275,9 @@ fn jobs_are_bid_on_run_verified_paid_once_and_survive_the_loss_of_us_east() {
 
     // 3. Nobody can take it: `job why` says so, with the numbers. Each of the 10 EU providers
     // (the ones that just ran failing jobs too) records why it does not bid: it still bids.
-    let outside = net.submit(&[&wasm("wordcount"), "--max-price", "50", "--region", "ap"]);
-    let cheap = net.submit(&[&wasm("wordcount"), "--max-price", "2", "--region", "eu"]);
+    // Long bid windows: 16 empty rounds refund a job, and these must stay open until cancelled.
+    let outside = net.submit(&[&wasm("wordcount"), "--max-price", "50", "--region", "ap", "--bid-window", "5s"]);
+    let cheap = net.submit(&[&wasm("wordcount"), "--max-price", "2", "--region", "eu", "--bid-window", "5s"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let why = run(w, &args(&net.cli(&["job", "why", &cheap])));
