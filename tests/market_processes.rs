@@ -402,4 +402,15 @@ fn jobs_are_bid_on_run_verified_paid_once_and_survive_the_loss_of_us_east() {
     assert_eq!(net.account(&id_of("n12")).0, n12_0.0, "n12 was paid nothing and got no bond back");
     // Both accepted the same output: the chain of SHA-256 is the same wherever it runs.
     assert_eq!(m["ended"]["outcome"], s["ended"]["outcome"]);
+
+    // Anyone can re-check every award, lapse and payment offline: the export replays, ticks
+    // included, to every block's state root.
+    let export = w.join("chain.export");
+    run(w, &["ledger", "export", export.to_str().unwrap(), "--node", &urls[0]]);
+    let genesis = dir.join("genesis.json");
+    let verified = run(w, &["ledger", "verify", export.to_str().unwrap(), "--genesis", genesis.to_str().unwrap()]);
+    assert!(
+        verified.starts_with("ok:") && verified.contains("every certificate, signature, link and state root"),
+        "{verified}"
+    );
 }
