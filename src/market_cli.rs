@@ -63,8 +63,10 @@ pub struct SubmitArgs {
     /// Output (stdout) the module may write.
     #[arg(long, default_value = "64MiB")]
     max_output: String,
-    /// How long sealed bids are taken, then revealed (200 ms to 10 min).
-    #[arg(long, default_value = "500ms")]
+    /// How long sealed bids are taken, then revealed (200 ms to 10 min; providers bid only in
+    /// windows of 500 ms or more). Short windows award sooner; on a busy chain a provider may
+    /// miss a short reveal window and lose its bond, so the default leaves room.
+    #[arg(long, default_value = "2s")]
     bid_window: String,
     /// The bucket local files are stored in (created, with the job's region policy, if missing).
     #[arg(long, default_value = "jobs")]
