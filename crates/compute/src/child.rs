@@ -3,8 +3,8 @@
 //! parent gave it the input file and two pipes), no preopened directory, no socket — then writes
 //! how it ended to the request's status file.
 //!
-//! This process holds the untrusted code, so it bounds itself before compiling it: `RLIMIT_CORE`
-//! 0, `RLIMIT_CPU` one second above the limit (the kernel's backstop), and a watchdog thread that
+//! This process holds the untrusted code, so it bounds itself before compiling it: nice 10 (below
+//! the node, whose heartbeats must not starve), `RLIMIT_CORE` 0, `RLIMIT_CPU` one second above the limit (the kernel's backstop), and a watchdog thread that
 //! ends the process within [`WATCHDOG_EVERY`] of the CPU limit. Memory is bounded by the store's
 //! resource limiter ([`MemoryLimiter`]).
 
@@ -15,6 +15,9 @@ use std::time::Duration;
 use wasmtime::{Config, Engine, Linker, Module, Store};
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
+
+/// The run's scheduling priority (nice): below the node's own.
+pub const NICE: i32 = 10;
 
 /// How often the watchdog reads the process's CPU clock.
 pub const WATCHDOG_EVERY: Duration = Duration::from_millis(10);
@@ -109,10 +112,14 @@ fn write_status(path: &Path, status: &Status) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// No core dumps; killed with its parent; the kernel's CPU limit one second above ours; the
-/// watchdog (CPU limit, and the wall-time limit plus [`WALL_GRACE`] should the parent be gone).
+/// A lower priority (nice 10), so that a job spinning on every core cannot starve the node that
+/// runs it (its heartbeats keep the lease); no core dumps; killed with its parent; the kernel's
+/// CPU limit one second above ours; the watchdog (CPU limit, and the wall-time limit plus
+/// [`WALL_GRACE`] should the parent be gone).
 fn bound_self(req: &Request) {
     use rustix::process::{Resource, Rlimit, setrlimit};
+    // First, so that every thread started later (compilation, the watchdog) inherits it.
+    let _ = rustix::process::setpriority_process(None, NICE);
     let parent = rustix::process::getppid();
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
     if rustix::process::getppid() != parent {
