@@ -679,6 +679,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn workers_sharing_a_submitter_never_take_one_nonce_twice() {
+        // The tenant of the API fixture submits, from two threads at once, through clones of one
+        // submitter: every transaction is admitted, with the nonces 0..40 each once.
+        let state = crate::api::testing::state(crate::config::ApiLimits::default());
+        let tenant = crate::api::testing::tenant();
+        let (tx_out, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let submitter = Submitter::new(state.chain.clone(), tenant.clone(), tx_out);
+        let network = state.chain.with_state(|st| st.network());
+        let to = NodeId([9; 32]);
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let s = submitter.clone();
+                std::thread::spawn(move || {
+                    (0..20)
+                        .map(|_| s.submit(&network, Payload::Transfer { to, amount_micro: 1 }).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let hashes: Vec<Hash> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        assert_eq!(hashes.iter().collect::<BTreeSet<_>>().len(), 40);
+        assert_eq!(state.chain.next_free_nonce(&tenant.node_id()), 40, "40 waiting in a run from nonce 0");
+    }
+
+    #[test]
     fn shards_no_one_serves_are_placed_before_suspect_ones() {
         let at = |i: usize| (i, Holder { node: NodeId([i as u8; 32]), url: String::new() });
         // Shard 0 failed an audit (its holder serves, so it is a source); 3 and 4 are down.
