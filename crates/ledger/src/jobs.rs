@@ -214,10 +214,6 @@ impl State {
                 job.reveal(&provider, *price_micro, &salt.0, now).map_err(|e| refused(id, e))?;
                 (*id, job, Vec::new())
             }
-            Payload::JobHeartbeat { jobs } => {
-                // Several jobs: `job_steps` applies each; here only the first is returned.
-                return self.heartbeats(signer, jobs).map(|mut steps| steps.remove(0));
-            }
             Payload::ResultCommit { job: id, digest } => {
                 let mut job = self.existing_job(id)?;
                 self.provider_for(&signer, id)?;
@@ -261,22 +257,23 @@ impl State {
             .collect()
     }
 
+    /// The steps of a job transaction: one per job a heartbeat names, else one.
+    fn job_steps(&self, signer: NodeId, nonce: u64, fee: u64, payload: &Payload) -> Result<Vec<Step>, TxError> {
+        match payload {
+            Payload::JobHeartbeat { jobs } => self.heartbeats(signer, jobs),
+            _ => self.job_step(signer, nonce, fee, payload).map(|s| vec![s]),
+        }
+    }
+
     /// Checks a job transaction (see [`State::job_step`]).
     pub(crate) fn check_job(&self, signer: NodeId, nonce: u64, fee: u64, payload: &Payload) -> Result<(), TxError> {
-        match payload {
-            Payload::JobHeartbeat { jobs } => self.heartbeats(signer, jobs).map(drop),
-            _ => self.job_step(signer, nonce, fee, payload).map(drop),
-        }
+        self.job_steps(signer, nonce, fee, payload).map(drop)
     }
 
     /// Applies a job transaction checked by [`State::check_job`] just before.
     pub(crate) fn apply_job(&mut self, signer: NodeId, nonce: u64, fee: u64, payload: &Payload) -> Receipt {
-        let steps = match payload {
-            Payload::JobHeartbeat { jobs } => self.heartbeats(signer, jobs),
-            _ => self.job_step(signer, nonce, fee, payload).map(|s| vec![s]),
-        };
         // Checked just before: it succeeds.
-        let steps = steps.unwrap_or_default();
+        let steps = self.job_steps(signer, nonce, fee, payload).unwrap_or_default();
         let first = steps.first().map(|s| (s.id, s.job.ended.is_some()));
         for step in steps {
             self.write_step(step);

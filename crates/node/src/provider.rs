@@ -218,6 +218,12 @@ impl ProviderBook {
         }
     }
 
+    /// Runs fetching or running now.
+    fn running(&self) -> usize {
+        let runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+        runs.values().filter(|r| matches!(r.phase, RunPhase::Fetching | RunPhase::Running)).count()
+    }
+
     fn set_phase(&self, job: &Hash, phase: RunPhase) {
         if let Some(r) = self.runs.lock().unwrap_or_else(|e| e.into_inner()).get_mut(job) {
             r.phase = phase;
@@ -351,8 +357,9 @@ impl Provider {
     /// (final or not) in open auctions, standing-by bids, leases not started.
     fn busy(&self, view: &View) -> u32 {
         let me = self.identity.node_id();
-        let runs = self.book.runs.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let running = runs.values().filter(|r| matches!(r.phase, RunPhase::Fetching | RunPhase::Running)).count();
+        let running = self.book.running();
+        let started: std::collections::BTreeSet<Hash> =
+            self.book.runs.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
         let sent: std::collections::BTreeSet<Hash> = self.bids.keys().map(|(id, _)| *id).collect();
         let waiting = view
             .jobs
@@ -361,7 +368,7 @@ impl Provider {
                 let bid = sent.contains(id) || j.auction.as_ref().is_some_and(|a| a.commits.contains_key(&me));
                 let standby = j.standby.iter().any(|b| b.provider.node == me);
                 let leased = j.active().any(|l| l.bid.provider.node == me);
-                (bid || standby || leased) && !runs.contains_key(id)
+                (bid || standby || leased) && !started.contains(id)
             })
             .count();
         (running + waiting) as u32
@@ -705,14 +712,7 @@ impl Worker for Provider {
         let mut notes = Vec::new();
         let bids = self.auctions(&view, &mut notes);
         let runs = self.leases(&view, &mut notes);
-        let running = self
-            .book
-            .runs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .filter(|r| matches!(r.phase, RunPhase::Fetching | RunPhase::Running))
-            .count();
+        let running = self.book.running();
         let mut summary = format!(
             "{} open jobs; {running} running of {} slots; {bids} bid transactions and {runs} run transactions now",
             view.jobs.len(),
