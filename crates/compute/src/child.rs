@@ -227,8 +227,9 @@ struct State {
     limiter: MemoryLimiter,
 }
 
-/// The engine for a run: Cranelift, no fuel, no epochs; NaNs canonical when asked; relaxed SIMD
-/// deterministic (the same answers on every provider).
+/// The engine for a run: Cranelift, no fuel, no epochs; relaxed SIMD deterministic (the same
+/// answers on every provider); with `canonical_nans`, the NaN result of every float operation made
+/// canonical (for modules [`crate::canon::at_escapes`] cannot rewrite).
 pub fn engine(canonical_nans: bool) -> wasmtime::Result<Engine> {
     let mut config = Config::new();
     config.cranelift_nan_canonicalization(canonical_nans);
@@ -245,13 +246,20 @@ fn short(e: &wasmtime::Error) -> String {
 
 /// Compiles and runs the job's module in this process; says how it ended.
 pub fn run_module(job: &Job) -> End {
-    let engine = match engine(job.canonical_nans) {
-        Ok(e) => e,
-        Err(e) => return End::Crashed { reason: format!("cannot configure wasmtime: {}", short(&e)) },
-    };
     let bytes = match read_bounded(&job.module, MAX_MODULE_BYTES) {
         Ok(b) => b,
         Err(reason) => return End::InvalidModule { reason },
+    };
+    // Canonical NaNs where their bits escape when the module allows it (see `canon`), else after
+    // every float operation.
+    let (bytes, every_op) = match job.canonical_nans.then(|| crate::canon::at_escapes(&bytes)) {
+        Some(Some(rewritten)) => (rewritten, false),
+        Some(None) => (bytes, true),
+        None => (bytes, false),
+    };
+    let engine = match engine(every_op) {
+        Ok(e) => e,
+        Err(e) => return End::Crashed { reason: format!("cannot configure wasmtime: {}", short(&e)) },
     };
     let module = match Module::new(&engine, &bytes) {
         Ok(m) => m,

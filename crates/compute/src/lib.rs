@@ -13,8 +13,10 @@
 //!
 //! Fuel and epoch interruption are not used: measured here (`../shared/notes/performance.md`), they
 //! make tight float loops ~1.5× slower, where a process per job costs ~nothing per instruction.
-//! NaN canonicalization (~3× on float loops) is on only when asked ([`Job::canonical_nans`]), for
-//! jobs whose outputs are compared across providers.
+//! Canonical NaNs are asked for ([`Job::canonical_nans`]) by jobs whose outputs are compared across
+//! providers; [`canon`] makes NaNs canonical only where their bits can be observed (a compare and a
+//! select before float stores, reinterpretations and copysign), not after every float operation
+//! (~3–5× on float loops); modules using SIMD get the latter.
 //!
 //! The module gets no filesystem, no network and no clock beyond WASI's: its stdin is the input,
 //! its stdout the output. Architecture Invariant: nothing here reads the ledger or the network.
@@ -22,6 +24,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+pub mod canon;
 pub mod child;
 pub mod run;
 
@@ -98,7 +101,8 @@ pub struct Job {
     pub env: Vec<(String, String)>,
     /// The limits.
     pub limits: Limits,
-    /// Canonicalize NaNs (for outputs compared across providers; ~3× slower float loops).
+    /// Canonical NaNs wherever their bits can be observed (for outputs compared across providers;
+    /// see [`canon`]).
     pub canonical_nans: bool,
     /// When set, WASI's random bytes come from this seed (the same on every provider, so that
     /// redundant runs agree); when not, from the host's generator.

@@ -100,6 +100,38 @@ fn nan_bits() -> String {
     (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#
     )
 }
+/// Writes a NaN's bits through each way they can escape: an f64 store of NaN + 1 (a payload
+/// kept by x86), an i64 reinterpretation of 0/0, copysign(1, 0/0) and an f32 store of 0/0.
+fn nan_escapes() -> String {
+    format!(
+        r#"(module
+  (import "{WASI}" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "\01\00\00\00\00\00\f4\7f")
+  (func (export "_start")
+    (f64.store (i32.const 64) (f64.add (f64.load (i32.const 64)) (f64.const 1)))
+    (i64.store (i32.const 72) (i64.reinterpret_f64 (f64.div (f64.load (i32.const 128)) (f64.load (i32.const 128)))))
+    (i64.store (i32.const 80) (i64.trunc_f64_s (f64.copysign (f64.const 1) (f64.div (f64.load (i32.const 128)) (f64.load (i32.const 128))))))
+    (f32.store (i32.const 88) (f32.div (f32.load (i32.const 128)) (f32.load (i32.const 128))))
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const 28))
+    (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#
+    )
+}
+/// Like [`nan_bits`] with SIMD: NaN + 1 in both lanes of an f64x2, stored as a v128.
+fn nan_simd() -> String {
+    format!(
+        r#"(module
+  (import "{WASI}" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "\01\00\00\00\00\00\f4\7f\01\00\00\00\00\00\f4\7f")
+  (func (export "_start")
+    (v128.store (i32.const 64) (f64x2.add (v128.load (i32.const 64)) (v128.const f64x2 1 1)))
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const 16))
+    (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#
+    )
+}
 /// Exits with the errno of `fd_prestat_get(3)`: 8 (BADF) when no directory is preopened.
 fn prestat() -> String {
     format!(
@@ -283,6 +315,34 @@ fn nans_are_canonical_only_when_asked() {
     let (_, canonical) = c.run(&job);
     assert_eq!(u64::from_le_bytes(canonical.try_into().unwrap()), 0x7ff8_0000_0000_0000);
     assert_ne!(u64::from_le_bytes(plain.try_into().unwrap()), 0x7ff8_0000_0000_0000, "x86 keeps the payload");
+}
+
+/// Every way a NaN's bits escape gives the canonical bits when asked, where x86's own differ; a
+/// SIMD module (canonicalized after every operation instead) too.
+fn nans_are_canonical_wherever_they_escape() {
+    let c = Case::new();
+    let words = |b: &[u8]| {
+        let w = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+        (w(0), w(8), w(16) as i64, u32::from_le_bytes(b[24..28].try_into().unwrap()))
+    };
+    let mut job = c.job(&nan_escapes(), small());
+    let (o, plain) = c.run(&job);
+    assert_eq!(o.end, End::Exited { code: 0 });
+    let plain = words(&plain);
+    assert_ne!(plain.0, 0x7ff8_0000_0000_0000, "x86 keeps the payload: {plain:x?}");
+    assert_ne!(plain.1, 0x7ff8_0000_0000_0000, "x86's 0/0 is negative: {plain:x?}");
+    assert_eq!(plain.2, -1, "so copysign takes its sign");
+    assert_ne!(plain.3, 0x7fc0_0000, "{plain:x?}");
+    job.canonical_nans = true;
+    let (o, canonical) = c.run(&job);
+    assert_eq!(o.end, End::Exited { code: 0 });
+    assert_eq!(words(&canonical), (0x7ff8_0000_0000_0000, 0x7ff8_0000_0000_0000, 1, 0x7fc0_0000));
+    let mut job = c.job(&nan_simd(), small());
+    let (_, plain) = c.run(&job);
+    assert_ne!(plain[..8], 0x7ff8_0000_0000_0000u64.to_le_bytes());
+    job.canonical_nans = true;
+    let (_, canonical) = c.run(&job);
+    assert_eq!(canonical, [0x7ff8_0000_0000_0000u64.to_le_bytes(); 2].concat());
 }
 
 fn seeded_randomness_is_the_seeds_stream_and_does_not_repeat() {
@@ -523,6 +583,7 @@ fn main() {
         ),
         ("a_runner_that_dies_is_a_crash", a_runner_that_dies_is_a_crash),
         ("nans_are_canonical_only_when_asked", nans_are_canonical_only_when_asked),
+        ("nans_are_canonical_wherever_they_escape", nans_are_canonical_wherever_they_escape),
         ("the_module_gets_its_env_and_no_other_and_no_files", the_module_gets_its_env_and_no_other_and_no_files),
         ("the_parents_own_failures_are_said", the_parents_own_failures_are_said),
         (

@@ -124,7 +124,8 @@ pub struct Auction {
     pub round: u32,
     /// Sealed bids are taken until then.
     pub commit_until_ms: u64,
-    /// Reveals are taken until then; the award follows.
+    /// Reveals are taken until then; the award follows (sooner once every sealed bid is
+    /// revealed: see [`Auction::award_at_ms`]).
     pub reveal_until_ms: u64,
     /// Runs it awards.
     pub slots: usize,
@@ -132,6 +133,19 @@ pub struct Auction {
     pub commits: BTreeMap<NodeId, Commit>,
     /// Revealed bids, by provider.
     pub bids: BTreeMap<NodeId, Bid>,
+}
+
+impl Auction {
+    /// When the auction is awarded: at the end of the reveal phase, or at the first block once
+    /// every sealed bid is revealed — nothing can change the outcome then (sealed bids closed
+    /// before the first reveal was taken), so waiting out the window would only delay the run.
+    pub fn award_at_ms(&self) -> u64 {
+        if !self.commits.is_empty() && self.bids.len() == self.commits.len() {
+            self.commit_until_ms
+        } else {
+            self.reveal_until_ms
+        }
+    }
 }
 
 /// How a job ended.
@@ -291,7 +305,7 @@ impl Job {
             let deadline = l.awarded_ms.saturating_add(self.spec.limits.wall_ms).saturating_add(ttl);
             [l.last_beat_ms.saturating_add(ttl), deadline].map(|t| t.saturating_add(1))
         });
-        let auction = self.auction.as_ref().map(|a| a.reveal_until_ms);
+        let auction = self.auction.as_ref().map(Auction::award_at_ms);
         leases.chain(auction).chain(self.results_reveal_until_ms).min()
     }
 
@@ -530,7 +544,7 @@ impl Job {
             self.settle(now_ms, accounts, &mut events);
         }
         if let Some(a) = &self.auction
-            && now_ms >= a.reveal_until_ms
+            && now_ms >= a.award_at_ms()
         {
             self.award(now_ms, accounts, &mut events);
         }

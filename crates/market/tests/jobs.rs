@@ -589,3 +589,31 @@ fn a_node_standing_by_cannot_also_bid() {
     let digest = commitment(&JOB, &s.node, 1, 10, &salt(&s));
     assert_eq!(job.commit(&s.node, digest, 3_100, &mut book), Err(MarketError::Excluded));
 }
+
+#[test]
+fn an_auction_is_awarded_as_soon_as_every_sealed_bid_is_revealed() {
+    let (a, b) = (provider(1, "op-a", "eu-de"), provider(2, "op-b", "eu-fr"));
+    let mut book = Book::default();
+    // Both sealed bids revealed at 600 (commits closed at 500): due at once, awarded by the
+    // first block after the reveals, not at the reveal phase's end (1,000).
+    let mut job = auction(1, 100, &[(&a, 50), (&b, 80)], &mut book);
+    assert_eq!(job.next_due_ms(&PARAMS), Some(500));
+    assert_eq!(awarded(&job.tick(610, &PARAMS, &mut book)), [a.node]);
+    assert_eq!(job.leases[0].awarded_ms, 610);
+    // One of two revealed: the other may still reveal until 1,000, so the award waits for it.
+    let mut book = Book::default();
+    book.credit(&TENANT, 1_000_000);
+    book.credit(&a.node, 1_000);
+    book.credit(&b.node, 1_000);
+    let (mut job, _) = Job::post(JOB, TENANT, spec(1, 100), 0, &mut book).unwrap();
+    assert_eq!(job.next_due_ms(&PARAMS), Some(1_000), "no sealed bid yet: the window's end");
+    for p in [&a, &b] {
+        job.commit(&p.node, commitment(&JOB, &p.node, 0, 60, &salt(p)), 100, &mut book).unwrap();
+    }
+    job.reveal(&a, 60, &salt(&a), 600).unwrap();
+    assert_eq!(job.next_due_ms(&PARAMS), Some(1_000));
+    assert!(awarded(&job.tick(999, &PARAMS, &mut book)).is_empty(), "b may still reveal");
+    job.reveal(&b, 60, &salt(&b), 999).unwrap();
+    assert_eq!(job.next_due_ms(&PARAMS), Some(500));
+    assert_eq!(awarded(&job.tick(999, &PARAMS, &mut book)).len(), 1);
+}
