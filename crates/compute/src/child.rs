@@ -229,7 +229,7 @@ struct State {
 
 /// The engine for a run: Cranelift, no fuel, no epochs; relaxed SIMD deterministic (the same
 /// answers on every provider); with `canonical_nans`, the NaN result of every float operation made
-/// canonical (for modules [`crate::canon::at_escapes`] cannot rewrite).
+/// canonical (for modules [`crate::canon::rewrite`] cannot rewrite).
 pub fn engine(canonical_nans: bool) -> wasmtime::Result<Engine> {
     let mut config = Config::new();
     config.cranelift_nan_canonicalization(canonical_nans);
@@ -250,9 +250,9 @@ pub fn run_module(job: &Job) -> End {
         Ok(b) => b,
         Err(reason) => return End::InvalidModule { reason },
     };
-    // Canonical NaNs where their bits escape when the module allows it (see `canon`), else after
-    // every float operation.
-    let (bytes, every_op) = match job.canonical_nans.then(|| crate::canon::at_escapes(&bytes)) {
+    // Canonical NaNs: by rewriting the module where it allows it (see `canon`), else by Cranelift
+    // after every float operation.
+    let (bytes, every_op) = match job.canonical_nans.then(|| crate::canon::rewrite(&bytes)) {
         Some(Some(rewritten)) => (rewritten, false),
         Some(None) => (bytes, true),
         None => (bytes, false),

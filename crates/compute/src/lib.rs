@@ -14,9 +14,9 @@
 //! Fuel and epoch interruption are not used: measured here (`../shared/notes/performance.md`), they
 //! make tight float loops ~1.5× slower, where a process per job costs ~nothing per instruction.
 //! Canonical NaNs are asked for ([`Job::canonical_nans`]) by jobs whose outputs are compared across
-//! providers; [`canon`] makes NaNs canonical only where their bits can be observed (a compare and a
-//! select before float stores, reinterpretations and copysign), not after every float operation
-//! (~3–5× on float loops); modules using SIMD get the latter.
+//! providers; [`canon`] rewrites the module to make arithmetic NaNs canonical only where their bits
+//! could be seen, not after every float operation (~3–5× on float loops) — observably the same;
+//! modules using SIMD get the latter.
 //!
 //! The module gets no filesystem, no network and no clock beyond WASI's: its stdin is the input,
 //! its stdout the output. Architecture Invariant: nothing here reads the ledger or the network.
