@@ -12,7 +12,8 @@
 //! [`rewrite`] gives the same observable results more cheaply: it makes an arithmetic result
 //! canonical (`x == x ? x : nan`, a compare and a select, with the bits Cranelift uses) unless the
 //! instructions that follow, within the same straight-line stretch, feed that result straight into
-//! another arithmetic operation, a comparison or a float-to-integer conversion. Those give the same
+//! another arithmetic operation, a comparison, a float-to-integer conversion, `drop`, or a local
+//! whose bits are never seen (every read of it goes to one of those: [`blind_locals`]). Those give the same
 //! answer for every NaN (arithmetic turns a NaN into a NaN — made canonical itself further on —,
 //! comparisons are false, conversions trap or saturate alike), so the bits of the intermediate
 //! NaN can never be seen. An expression such as `x * x - y * y + c` then pays one select, not four.
@@ -25,6 +26,7 @@
 //! Cranelift's canonicalization of every operation. The rewritten module is validated again
 //! before it is returned, and refused (`None`) if it grew past [`MAX_GROWTH`] times its size.
 
+use std::collections::BTreeSet;
 use wasm_encoder::reencode::{Error as ReencodeError, Reencode};
 use wasm_encoder::{Function, Ieee32, Ieee64, Instruction, ValType};
 use wasmparser::{CompositeInnerType, Operator, Parser, Payload, Validator, WasmFeatures};
@@ -158,6 +160,10 @@ fn effect(op: &Operator<'_>) -> Option<(usize, usize, bool)> {
     }
     Some(match op {
         O::LocalGet { .. } | O::GlobalGet { .. } | O::I32Const { .. } | O::I64Const { .. } => (0, 1, false),
+        // A local taking the value itself is decided by the caller; these are for values below it.
+        O::LocalSet { .. } => (1, 0, false),
+        O::LocalTee { .. } => (1, 1, false),
+        O::Drop => (1, 0, true),
         O::F32Const { .. } | O::F64Const { .. } => (0, 1, false),
         O::F32Load { .. } | O::F64Load { .. } | O::I32Load { .. } | O::I64Load { .. } => (1, 1, false),
         // Comparisons: false (or true for `ne`) for every NaN.
@@ -178,18 +184,59 @@ fn effect(op: &Operator<'_>) -> Option<(usize, usize, bool)> {
 }
 
 /// Whether the value `ops[at]` pushed is taken, within the lookahead, by an instruction whose
-/// answer is the same for every NaN — so its bits need not be canonical.
-fn taken_by_nan_blind(ops: &[Operator<'_>], at: usize) -> bool {
+/// answer is the same for every NaN, or kept in a local of `blind` (one whose bits are never
+/// seen) — so its bits need not be canonical.
+fn taken_by_nan_blind(ops: &[Operator<'_>], at: usize, blind: &BTreeSet<u32>) -> bool {
     // Values pushed above it.
     let mut above = 0usize;
     for op in ops.iter().skip(at + 1).take(LOOKAHEAD) {
-        let Some((takes, pushes, blind)) = effect(op) else { return false };
+        match op {
+            Operator::LocalSet { local_index } if above == 0 => return blind.contains(local_index),
+            // The value stays on the stack too: what takes it next decides.
+            Operator::LocalTee { local_index } if above == 0 => {
+                if blind.contains(local_index) {
+                    continue;
+                }
+                return false;
+            }
+            _ => {}
+        }
+        let Some((takes, pushes, nan_blind)) = effect(op) else { return false };
         if takes > above {
-            return blind;
+            return nan_blind;
         }
         above = above - takes + pushes;
     }
     false
+}
+
+/// How many times [`blind_locals`] narrows its set before it gives up (and calls none blind).
+const MAX_ROUNDS: usize = 16;
+
+/// The function's locals whose bits are never seen: every `local.get` of one is taken by a
+/// NaN-blind instruction or kept in another such local. Starts from all locals and drops those
+/// read otherwise until nothing changes; none when that takes more than [`MAX_ROUNDS`].
+fn blind_locals(ops: &[Operator<'_>], locals: u32) -> BTreeSet<u32> {
+    let mut blind: BTreeSet<u32> = (0..locals).collect();
+    for _ in 0..MAX_ROUNDS {
+        let seen: Vec<u32> = ops
+            .iter()
+            .enumerate()
+            .filter_map(|(at, op)| match op {
+                Operator::LocalGet { local_index } if blind.contains(local_index) => {
+                    (!taken_by_nan_blind(ops, at, &blind)).then_some(*local_index)
+                }
+                _ => None,
+            })
+            .collect();
+        if seen.is_empty() {
+            return blind;
+        }
+        for l in seen {
+            blind.remove(&l);
+        }
+    }
+    BTreeSet::new()
 }
 
 impl Reencode for Rewriter {
@@ -221,8 +268,9 @@ impl Reencode for Rewriter {
         while !reader.eof() {
             ops.push(reader.read()?);
         }
+        let blind = blind_locals(&ops, f32_tmp);
         for at in 0..ops.len() {
-            let kind = arithmetic(&ops[at]).filter(|_| !taken_by_nan_blind(&ops, at));
+            let kind = arithmetic(&ops[at]).filter(|_| !taken_by_nan_blind(&ops, at, &blind));
             f.instruction(&self.instruction(ops[at].clone())?);
             // [x] → [x == x ? x : nan]
             match kind {
@@ -296,12 +344,13 @@ mod tests {
 
     #[test]
     fn a_value_taken_by_anything_not_modelled_is_made_canonical() {
-        // A store, a local, copysign's sign, neg, a call's argument: each takes the product as is.
+        // A store, a local that is stored, copysign's sign, neg, a call's argument: each takes the
+        // product as is.
         let m = wat(r#"(module (memory 1)
             (func $f (param f64))
-            (func (param f64)
+            (func (param f64) (local f64)
               i32.const 0  local.get 0  local.get 0  f64.mul  f64.store
-              local.get 0  local.get 0  f64.mul  local.set 0
+              local.get 0  local.get 0  f64.mul  local.set 1  i32.const 8  local.get 1  f64.store
               f64.const 1  local.get 0  local.get 0  f64.mul  f64.copysign  drop
               local.get 0  local.get 0  f64.mul  f64.neg  drop
               local.get 0  local.get 0  f64.mul  call $f))"#);
@@ -367,6 +416,27 @@ mod tests {
         assert_eq!(rewrite(&simd), None, "SIMD: every operation is canonicalized instead");
         assert_eq!(rewrite(b"\0asm\x01\0\0\0\x01junk"), None);
         assert_eq!(rewrite(b"not wasm at all"), None);
+    }
+
+    #[test]
+    fn a_local_whose_bits_are_never_seen_needs_no_select() {
+        // zr and zi only ever meet arithmetic and a comparison (a Mandelbrot step): no select.
+        // `out` is stored, and `mid` goes only into `out`: both get canonical values.
+        let m = wat(r#"(module (memory 1)
+            (func (param $cr f64) (param $ci f64) (local $zr f64) (local $zi f64) (local $t f64) (local $mid f64) (local $out f64)
+              (loop $l
+                (local.set $t (f64.add (f64.sub (f64.mul (local.get $zr) (local.get $zr)) (f64.mul (local.get $zi) (local.get $zi))) (local.get $cr)))
+                (local.set $zi (f64.add (f64.mul (f64.mul (f64.const 2) (local.get $zr)) (local.get $zi)) (local.get $ci)))
+                (local.set $zr (local.get $t))
+                (br_if $l (f64.le (f64.add (f64.mul (local.get $zr) (local.get $zr)) (f64.mul (local.get $zi) (local.get $zi))) (f64.const 4))))
+              (local.set $mid (f64.sqrt (local.get $zr)))
+              (local.set $out (local.get $mid))
+              (f64.store (i32.const 0) (local.get $out))))"#);
+        let out = rewrite(&m).unwrap();
+        let ops = ops(&out);
+        assert_eq!(selects(&out), 1, "{ops:?}");
+        let sqrt = ops.iter().position(|o| o == "F64Sqrt").unwrap();
+        assert!(ops[sqrt + 1].starts_with("LocalTee"), "the root goes to `mid`, read into `out`, stored: {ops:?}");
     }
 
     #[test]
