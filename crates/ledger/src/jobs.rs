@@ -212,7 +212,13 @@ impl State {
                 let mut job = self.existing_job(id)?;
                 let provider = self.provider_for(&signer, id)?;
                 job.reveal(&provider, *price_micro, &salt.0, now).map_err(|e| refused(id, e))?;
-                (*id, job, Vec::new())
+                // The last sealed bid revealed: awarded in this block, not the next one (an idle
+                // chain proposes every 250 ms; the run should not wait for it).
+                let events = match job.next_due_ms(&self.market_params()) {
+                    Some(due) if due <= now => job.tick(now, &self.market_params(), &mut money),
+                    _ => Vec::new(),
+                };
+                (*id, job, events)
             }
             Payload::ResultCommit { job: id, digest } => {
                 let mut job = self.existing_job(id)?;
@@ -487,7 +493,8 @@ pub(crate) mod tests {
         Hash::of(&[b"salt", &n.to_be_bytes()])
     }
 
-    /// Posts `spec`, has `bidders` (seed, price) bid and reveal, and awards at the window's end.
+    /// Posts `spec`, has `bidders` (seed, price) bid and reveal (the last reveal awards), and opens
+    /// one more block.
     fn posted_and_awarded(s: &mut State, n: &mut Nonces, spec: JobSpec, bidders: &[(u64, u64)]) -> Hash {
         let job = job_id(&id(TENANT).node_id(), s.account(&id(TENANT).node_id()).nonce);
         n.send(s, TENANT, Payload::PostJob { spec }).unwrap();
@@ -503,6 +510,27 @@ pub(crate) mod tests {
         }
         s.begin_block(s.chain.height + 1, t + 2_000);
         job
+    }
+
+    #[test]
+    fn the_last_reveal_awards_in_its_own_block() {
+        let mut s = world();
+        let mut n = Nonces::default();
+        let job = job_id(&id(TENANT).node_id(), s.account(&id(TENANT).node_id()).nonce);
+        n.send(&mut s, TENANT, Payload::PostJob { spec: spec() }).unwrap();
+        let bond = s.job(&job).unwrap().bond();
+        for (p, price) in [(201u64, 60u64), (202, 40)] {
+            let digest = Hash(commitment(&job.0, &id(p).node_id(), 0, price, &salt(p).0));
+            n.send(&mut s, p, Payload::BidCommit { job, digest, bond_micro: bond }).unwrap();
+        }
+        let t = s.chain.timestamp_ms;
+        let window = s.job(&job).unwrap().spec.bid_window_ms;
+        s.begin_block(s.chain.height + 1, t + window + 10);
+        n.send(&mut s, 201, Payload::BidReveal { job, price_micro: 60, salt: salt(201) }).unwrap();
+        assert!(leaseholders(&s, &job).is_empty(), "202 may still reveal");
+        n.send(&mut s, 202, Payload::BidReveal { job, price_micro: 40, salt: salt(202) }).unwrap();
+        assert_eq!(leaseholders(&s, &job), vec![id(202).node_id()], "awarded by the last reveal, in its block");
+        assert_eq!(s.job(&job).unwrap().leases[0].awarded_ms, t + window + 10);
     }
 
     fn leaseholders(s: &State, job: &Hash) -> Vec<NodeId> {
@@ -558,7 +586,7 @@ pub(crate) mod tests {
         let total = s.total_micro();
         let job = posted_and_awarded(&mut s, &mut n, spec(), &[(201, 60), (202, 40)]);
         assert_eq!(leaseholders(&s, &job), vec![id(202).node_id()]);
-        let awarded = s.chain.timestamp_ms;
+        let awarded = s.job(&job).unwrap().leases[0].awarded_ms;
         let ttl = s.params.lease_ttl_ms;
         // One TTL without heartbeat is not yet a lapse; a millisecond more is.
         s.begin_block(s.chain.height + 1, awarded + ttl);
