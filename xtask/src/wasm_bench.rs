@@ -9,8 +9,8 @@
 //!   limiter, CPU watchdog, wall deadline, bounded output — stdout to a file. Its time is the whole
 //!   command's: process start and compilation are part of it.
 //! - **Redundant**: the float kernel again with canonical NaNs, as jobs whose outputs are compared
-//!   across providers (N > 1) run: `archipel_compute::canon` rewrites the module so that a NaN is
-//!   made canonical where its bits can escape (float stores, reinterpretations, copysign).
+//!   across providers (N > 1) run: `archipel_compute::canon` rewrites the module so that an
+//!   arithmetic result is made canonical unless only NaN-blind instructions take it.
 //!
 //! Runs alternate native and wasm ([`ROUNDS`] each, the order flipped every round) so that a noisy
 //! neighbour hits both; every run's output must be byte-identical to the native one's and every

@@ -41,13 +41,26 @@ fn features() -> WasmFeatures {
     WasmFeatures::default() - WasmFeatures::SIMD - WasmFeatures::RELAXED_SIMD
 }
 
-/// How much bigger than the module a rewritten one may be (a select is ~13 bytes; a module made
-/// of nothing but arithmetic could grow more): beyond it, the caller canonicalizes every
+/// How much bigger than the module a rewritten one may be (a select is 13 to 17 bytes; a module
+/// made of nothing but arithmetic could grow more): beyond it, the caller canonicalizes every
 /// operation instead, so the compiler's input stays bounded by the module's.
 pub const MAX_GROWTH: usize = 4;
 
 /// How far past an arithmetic result the rewrite looks for the instruction that takes it.
 const LOOKAHEAD: usize = 64;
+
+/// The module to compile for a run, and whether Cranelift must canonicalize every float operation
+/// too: `module` as it is when NaNs need not be canonical; [`rewrite`]'s module when it has one;
+/// else `module` as it is, with Cranelift's canonicalization.
+pub fn prepare(module: Vec<u8>, canonical_nans: bool) -> (Vec<u8>, bool) {
+    if !canonical_nans {
+        return (module, false);
+    }
+    match rewrite(&module) {
+        Some(rewritten) => (rewritten, false),
+        None => (module, true),
+    }
+}
 
 /// `module` (binary or text) rewritten so that every arithmetic NaN that can be observed is
 /// canonical (see the module docs), or `None` when it uses SIMD, is not valid, or cannot be
@@ -366,6 +379,8 @@ mod tests {
         f.call(&mut store, ()).unwrap()
     }
 
+    // x86-64's own NaN bits are asserted first (other machines differ).
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_rewrite_gives_what_cranelifts_canonicalization_gives_and_keeps_exact_bits_exact() {
         // Arithmetic NaNs: a NaN with a payload plus 1 (x86 keeps the payload), stored; 0/0
@@ -437,6 +452,108 @@ mod tests {
         assert_eq!(selects(&out), 1, "{ops:?}");
         let sqrt = ops.iter().position(|o| o == "F64Sqrt").unwrap();
         assert!(ops[sqrt + 1].starts_with("LocalTee"), "the root goes to `mid`, read into `out`, stored: {ops:?}");
+    }
+
+    #[test]
+    fn prepare_rewrites_when_asked_and_falls_back_for_simd() {
+        let plain = wat(r#"(module (func (param f64) (result f64) local.get 0 f64.sqrt))"#);
+        let (bytes, every_op) = prepare(plain.clone(), true);
+        assert!(!every_op && selects(&bytes) == 1, "rewritten, Cranelift's option off");
+        assert_eq!(prepare(plain.clone(), false), (plain, false), "not asked: as it is");
+        let simd = wat(r#"(module (func (result v128) v128.const i64x2 1 2))"#);
+        assert_eq!(prepare(simd.clone(), true), (simd, true), "SIMD: as it is, every operation canonical");
+    }
+
+    #[test]
+    fn a_tee_into_a_blind_local_passes_the_value_on_and_one_into_a_seen_local_does_not() {
+        let m = wat(r#"(module (memory 1)
+            (func (param f64) (local $blind f64) (local $seen f64)
+              i32.const 0  local.get 0  local.get 0  f64.mul  local.tee $blind  f64.store
+              local.get 0  local.get 0  f64.mul  local.tee $seen  f64.sqrt  drop
+              i32.const 8  local.get $seen  f64.store
+              local.get $blind  local.get $blind  f64.lt  drop))"#);
+        // The first product is stored (through the tee), the second kept where it is stored.
+        assert_eq!(selects(&rewrite(&m).unwrap()), 2);
+        let m = wat(r#"(module
+            (func (param f64) (result i32) (local $blind f64)
+              local.get 0  local.get 0  f64.mul  local.tee $blind  local.get 0  f64.lt))"#);
+        assert_eq!(selects(&rewrite(&m).unwrap()), 0, "a tee into a blind local, then a comparison");
+    }
+
+    #[test]
+    fn a_chain_of_locals_longer_than_the_fixpoint_gives_up_safely() {
+        // The product goes through 20 locals, then to memory: every round of the fixpoint uncovers
+        // one more local, so it gives up after 16 — and then no local counts as blind.
+        let mut body = String::from("local.get 0 local.get 0 f64.mul local.set 1\n");
+        for l in 1..20 {
+            body.push_str(&format!("local.get {l} local.set {}\n", l + 1));
+        }
+        body.push_str("i32.const 0 local.get 20 f64.store");
+        let m = wat(&format!("(module (memory 1) (func (param f64) (local {}) {body}))", "f64 ".repeat(20)));
+        assert_eq!(selects(&rewrite(&m).unwrap()), 1);
+    }
+
+    #[test]
+    fn a_rewrite_that_would_grow_past_the_bound_is_refused() {
+        let body = "local.get 0 f64.sqrt local.set 1 i32.const 0 local.get 1 f64.store\n".repeat(2_000);
+        let m = wat(&format!("(module (memory 1) (func (param f64) (local f64) {body}))"));
+        // 2,000 selects of 17 bytes against ~13 bytes of code each: past 4×? No: under it.
+        let grown = rewrite(&m).map(|o| o.len() as f64 / m.len() as f64);
+        assert!(grown.is_some_and(|g| g > 1.5 && g <= MAX_GROWTH as f64), "{grown:?}");
+        let body = "local.get 0 f64.sqrt local.set 1\n".repeat(2_000);
+        let m = wat(&format!(
+            "(module (memory 1) (func (param f64) (local f64) {body} i32.const 0 local.get 1 f64.store))"
+        ));
+        assert_eq!(rewrite(&m), None, "each 5-byte step would take 17 bytes more");
+        assert_eq!(prepare(m.clone(), true), (m, true));
+    }
+
+    /// Runs the module's `ops` export on `engine`.
+    fn ops_bits(engine: &wasmtime::Engine, module: &[u8]) -> (u64, u64, u64, u64, u64, u64, u64, u32, u64) {
+        let module = wasmtime::Module::new(engine, module).unwrap();
+        let mut store = wasmtime::Store::new(engine, ());
+        let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+        let f =
+            instance.get_typed_func::<(), (u64, u64, u64, u64, u64, u64, u64, u32, u64)>(&mut store, "ops").unwrap();
+        f.call(&mut store, ()).unwrap()
+    }
+
+    // x86-64's own NaN bits are asserted first (other machines differ).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_arithmetic_operation_gives_what_cranelifts_canonicalization_gives() {
+        // A NaN with a payload through min, max, ceil, floor, trunc, nearest, sqrt, demote and
+        // promote; each result reinterpreted (an escape).
+        let m = wat(r#"(module (memory 1)
+            (data (i32.const 64) "\01\00\00\00\00\00\f4\7f")
+            (data (i32.const 80) "\01\00\a0\7f")
+            (func $n (result f64) (f64.load (i32.const 64)))
+            (func (export "ops") (result i64 i64 i64 i64 i64 i64 i64 i32 i64)
+              (i64.reinterpret_f64 (f64.min (call $n) (f64.const 1)))
+              (i64.reinterpret_f64 (f64.max (call $n) (f64.const 1)))
+              (i64.reinterpret_f64 (f64.ceil (call $n)))
+              (i64.reinterpret_f64 (f64.floor (call $n)))
+              (i64.reinterpret_f64 (f64.trunc (call $n)))
+              (i64.reinterpret_f64 (f64.nearest (call $n)))
+              (i64.reinterpret_f64 (f64.sqrt (call $n)))
+              (i32.reinterpret_f32 (f32.demote_f64 (call $n)))
+              (i64.reinterpret_f64 (f64.promote_f32 (f32.load (i32.const 80))))))"#);
+        let canonical = (CANONICAL_F64, CANONICAL_F64, CANONICAL_F64, CANONICAL_F64, CANONICAL_F64, CANONICAL_F64);
+        let expected = (
+            canonical.0,
+            canonical.1,
+            canonical.2,
+            canonical.3,
+            canonical.4,
+            canonical.5,
+            CANONICAL_F64,
+            CANONICAL_F32,
+            CANONICAL_F64,
+        );
+        let rewritten = ops_bits(&crate::child::engine(false).unwrap(), &rewrite(&m).unwrap());
+        assert_eq!(rewritten, expected);
+        assert_eq!(ops_bits(&crate::child::engine(true).unwrap(), &m), expected, "as Cranelift's canonicalization");
+        assert_ne!(ops_bits(&crate::child::engine(false).unwrap(), &m), expected, "x86 keeps payloads");
     }
 
     #[test]

@@ -252,11 +252,7 @@ pub fn run_module(job: &Job) -> End {
     };
     // Canonical NaNs: by rewriting the module where it allows it (see `canon`), else by Cranelift
     // after every float operation.
-    let (bytes, every_op) = match job.canonical_nans.then(|| crate::canon::rewrite(&bytes)) {
-        Some(Some(rewritten)) => (rewritten, false),
-        Some(None) => (bytes, true),
-        None => (bytes, false),
-    };
+    let (bytes, every_op) = crate::canon::prepare(bytes, job.canonical_nans);
     let engine = match engine(every_op) {
         Ok(e) => e,
         Err(e) => return End::Crashed { reason: format!("cannot configure wasmtime: {}", short(&e)) },

@@ -137,7 +137,7 @@ pub struct Auction {
 
 impl Auction {
     /// When the auction is awarded: at the end of the reveal phase, or at the first block once
-    /// every sealed bid is revealed — nothing can change the outcome then (sealed bids closed
+    /// every sealed bid is revealed — no bid can be added or changed then (sealed bids closed
     /// before the first reveal was taken), so waiting out the window would only delay the run.
     pub fn award_at_ms(&self) -> u64 {
         if !self.commits.is_empty() && self.bids.len() == self.commits.len() {
