@@ -370,14 +370,15 @@ mod tests {
         assert_eq!(selects(&rewrite(&m).unwrap()), 5);
     }
 
-    /// Runs the module's `bits` export on `engine`.
-    fn bits(engine: &wasmtime::Engine, module: &[u8]) -> (u64, u64, i64, u32, u64, i64) {
+    /// Runs the module's export `name` (no parameters) on `engine`: its results.
+    fn call<R: wasmtime::WasmResults>(engine: &wasmtime::Engine, module: &[u8], name: &str) -> R {
         let module = wasmtime::Module::new(engine, module).unwrap();
         let mut store = wasmtime::Store::new(engine, ());
         let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
-        let f = instance.get_typed_func::<(), (u64, u64, i64, u32, u64, i64)>(&mut store, "bits").unwrap();
-        f.call(&mut store, ()).unwrap()
+        instance.get_typed_func::<(), R>(&mut store, name).unwrap().call(&mut store, ()).unwrap()
     }
+
+    type Bits = (u64, u64, i64, u32, u64, i64);
 
     // x86-64's own NaN bits are asserted first (other machines differ).
     #[cfg(target_arch = "x86_64")]
@@ -400,16 +401,16 @@ mod tests {
               (i64.load (i32.const 72))
               (i64.trunc_f64_s (f64.copysign (f64.const 1) (f64.const -nan)))))"#);
         let plain = crate::child::engine(false).unwrap();
-        let before = bits(&plain, &m);
+        let before: Bits = call(&plain, &m, "bits");
         assert_ne!(before.0, CANONICAL_F64, "x86 keeps the payload: {before:x?}");
         assert_ne!(before.1, CANONICAL_F64, "{before:x?}");
         assert_eq!(before.2, -1, "x86's 0/0 is negative");
         assert_ne!(before.3, CANONICAL_F32, "{before:x?}");
         let exact = (0x7ff4_0000_0000_0001, -1);
         assert_eq!((before.4, before.5), exact);
-        let after = bits(&plain, &rewrite(&m).unwrap());
+        let after: Bits = call(&plain, &rewrite(&m).unwrap(), "bits");
         assert_eq!(after, (CANONICAL_F64, CANONICAL_F64, 1, CANONICAL_F32, exact.0, exact.1));
-        assert_eq!(after, bits(&crate::child::engine(true).unwrap(), &m), "as Cranelift's canonicalization");
+        assert_eq!(after, call(&crate::child::engine(true).unwrap(), &m, "bits"), "as Cranelift's canonicalization");
     }
 
     #[test]
@@ -508,15 +509,7 @@ mod tests {
         assert_eq!(prepare(m.clone(), true), (m, true));
     }
 
-    /// Runs the module's `ops` export on `engine`.
-    fn ops_bits(engine: &wasmtime::Engine, module: &[u8]) -> (u64, u64, u64, u64, u64, u64, u64, u32, u64) {
-        let module = wasmtime::Module::new(engine, module).unwrap();
-        let mut store = wasmtime::Store::new(engine, ());
-        let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
-        let f =
-            instance.get_typed_func::<(), (u64, u64, u64, u64, u64, u64, u64, u32, u64)>(&mut store, "ops").unwrap();
-        f.call(&mut store, ()).unwrap()
-    }
+    type OpsBits = (u64, u64, u64, u64, u64, u64, u64, u32, u64);
 
     // x86-64's own NaN bits are asserted first (other machines differ).
     #[cfg(target_arch = "x86_64")]
@@ -550,10 +543,14 @@ mod tests {
             CANONICAL_F32,
             CANONICAL_F64,
         );
-        let rewritten = ops_bits(&crate::child::engine(false).unwrap(), &rewrite(&m).unwrap());
+        let rewritten: OpsBits = call(&crate::child::engine(false).unwrap(), &rewrite(&m).unwrap(), "ops");
         assert_eq!(rewritten, expected);
-        assert_eq!(ops_bits(&crate::child::engine(true).unwrap(), &m), expected, "as Cranelift's canonicalization");
-        assert_ne!(ops_bits(&crate::child::engine(false).unwrap(), &m), expected, "x86 keeps payloads");
+        assert_eq!(
+            call::<OpsBits>(&crate::child::engine(true).unwrap(), &m, "ops"),
+            expected,
+            "as Cranelift's canonicalization"
+        );
+        assert_ne!(call::<OpsBits>(&crate::child::engine(false).unwrap(), &m, "ops"), expected, "x86 keeps payloads");
     }
 
     #[test]

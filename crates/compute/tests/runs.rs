@@ -86,51 +86,40 @@ fn bomb_then_exit(code: i32) -> String {
 const TWO_MEMORIES: &str = r#"(module (memory 640) (memory 640) (func (export "_start")))"#;
 /// Tables of 2^20 elements each, two of them.
 const BIG_TABLES: &str = r#"(module (table 1048576 funcref) (table 1048576 funcref) (func (export "_start")))"#;
-/// Loads a signalling NaN from memory, adds 1.0, and writes the result's 8 bytes to stdout.
-fn nan_bits() -> String {
+/// A module whose `_start` runs `body` on a memory holding `data` at 64, then writes the `len`
+/// bytes at 64 to stdout.
+fn writes_at_64(data: &str, body: &str, len: u32) -> String {
     format!(
         r#"(module
   (import "{WASI}" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 1)
-  (data (i32.const 64) "\01\00\00\00\00\00\f4\7f")
+  (data (i32.const 64) "{data}")
   (func (export "_start")
-    (f64.store (i32.const 64) (f64.add (f64.load (i32.const 64)) (f64.const 1)))
+    {body}
     (i32.store (i32.const 0) (i32.const 64))
-    (i32.store (i32.const 4) (i32.const 8))
+    (i32.store (i32.const 4) (i32.const {len}))
     (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#
     )
+}
+/// A signalling NaN, as stored at 64.
+const PAYLOAD_NAN: &str = r"\01\00\00\00\00\00\f4\7f";
+/// Loads a signalling NaN from memory, adds 1.0, and writes the result's 8 bytes to stdout.
+fn nan_bits() -> String {
+    writes_at_64(PAYLOAD_NAN, "(f64.store (i32.const 64) (f64.add (f64.load (i32.const 64)) (f64.const 1)))", 8)
 }
 /// Writes a NaN's bits through each way they can escape: an f64 store of NaN + 1 (a payload
 /// kept by x86), an i64 reinterpretation of 0/0, copysign(1, 0/0) and an f32 store of 0/0.
 fn nan_escapes() -> String {
-    format!(
-        r#"(module
-  (import "{WASI}" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 64) "\01\00\00\00\00\00\f4\7f")
-  (func (export "_start")
-    (f64.store (i32.const 64) (f64.add (f64.load (i32.const 64)) (f64.const 1)))
+    let body = r#"(f64.store (i32.const 64) (f64.add (f64.load (i32.const 64)) (f64.const 1)))
     (i64.store (i32.const 72) (i64.reinterpret_f64 (f64.div (f64.load (i32.const 128)) (f64.load (i32.const 128)))))
     (i64.store (i32.const 80) (i64.trunc_f64_s (f64.copysign (f64.const 1) (f64.div (f64.load (i32.const 128)) (f64.load (i32.const 128))))))
-    (f32.store (i32.const 88) (f32.div (f32.load (i32.const 128)) (f32.load (i32.const 128))))
-    (i32.store (i32.const 0) (i32.const 64))
-    (i32.store (i32.const 4) (i32.const 28))
-    (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#
-    )
+    (f32.store (i32.const 88) (f32.div (f32.load (i32.const 128)) (f32.load (i32.const 128))))"#;
+    writes_at_64(PAYLOAD_NAN, body, 28)
 }
 /// Like [`nan_bits`] with SIMD: NaN + 1 in both lanes of an f64x2, stored as a v128.
 fn nan_simd() -> String {
-    format!(
-        r#"(module
-  (import "{WASI}" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 64) "\01\00\00\00\00\00\f4\7f\01\00\00\00\00\00\f4\7f")
-  (func (export "_start")
-    (v128.store (i32.const 64) (f64x2.add (v128.load (i32.const 64)) (v128.const f64x2 1 1)))
-    (i32.store (i32.const 0) (i32.const 64))
-    (i32.store (i32.const 4) (i32.const 16))
-    (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#
-    )
+    let body = "(v128.store (i32.const 64) (f64x2.add (v128.load (i32.const 64)) (v128.const f64x2 1 1)))";
+    writes_at_64(&PAYLOAD_NAN.repeat(2), body, 16)
 }
 /// Exits with the errno of `fd_prestat_get(3)`: 8 (BADF) when no directory is preopened.
 fn prestat() -> String {

@@ -213,11 +213,9 @@ impl State {
                 let provider = self.provider_for(&signer, id)?;
                 job.reveal(&provider, *price_micro, &salt.0, now).map_err(|e| refused(id, e))?;
                 // The last sealed bid revealed: awarded in this block, not the next one (an idle
-                // chain proposes every 250 ms; the run should not wait for it).
-                let events = match job.next_due_ms(&self.market_params()) {
-                    Some(due) if due <= now => job.tick(now, &self.market_params(), &mut money),
-                    _ => Vec::new(),
-                };
+                // chain proposes every 250 ms; the run should not wait for it). A tick changes
+                // only what is due, so any other reveal is left as it was.
+                let events = job.tick(now, &self.market_params(), &mut money);
                 (*id, job, events)
             }
             Payload::ResultCommit { job: id, digest } => {
