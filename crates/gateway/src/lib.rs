@@ -157,7 +157,15 @@ pub async fn serve(
             tracing::warn!("{MAX_CONNECTIONS} connections open: refusing another");
             continue;
         };
-        let service = service.clone();
+        let s3 = service.clone();
+        let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let s3 = s3.clone();
+            async move {
+                let declared = declares_body(req.headers());
+                let response = hyper::service::Service::call(&s3, req).await?;
+                Ok::<_, s3s::HttpError>(close_if_body_unread(declared, response))
+            }
+        });
         let http = http.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -165,5 +173,62 @@ pub async fn serve(
                 tracing::debug!("connection ended: {e}");
             }
         });
+    }
+}
+
+/// Whether a request announces a body (a length above zero, a chunked transfer, or
+/// `Expect: 100-continue`).
+fn declares_body(headers: &hyper::HeaderMap) -> bool {
+    use hyper::header::{CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING};
+    let length = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).map(str::trim);
+    headers.contains_key(TRANSFER_ENCODING) || headers.contains_key(EXPECT) || length.is_some_and(|l| l != "0")
+}
+
+/// A refusal of a request with a body closes the connection after the answer.
+///
+/// A refusal is sent without reading the body. A client that sent `Expect: 100-continue` and got
+/// the refusal instead of `100 Continue` does not send the body (botocore, curl), yet hyper 1.12
+/// (pinned) then drains up to the announced length from the connection, which may be the first
+/// bytes of the client's next request: botocore's `DELETE` after a refused `PUT` arrived as
+/// `ELETE` and failed its signature, under load, one time in a few hundred. Closing is what
+/// RFC 9110 §10.1.1 leaves a server that cannot tell a body from the next request.
+fn close_if_body_unread<B>(declared: bool, mut response: hyper::Response<B>) -> hyper::Response<B> {
+    if declared && !response.status().is_success() {
+        response.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> hyper::HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (hyper::header::HeaderName::from_static(k), hyper::header::HeaderValue::from_static(v)))
+            .collect()
+    }
+
+    #[test]
+    fn a_request_declares_a_body_by_length_chunking_or_expectation() {
+        assert!(declares_body(&headers(&[("content-length", "1")])));
+        assert!(declares_body(&headers(&[("transfer-encoding", "chunked")])));
+        assert!(declares_body(&headers(&[("expect", "100-continue"), ("content-length", "0")])));
+        assert!(!declares_body(&headers(&[("content-length", "0")])));
+        assert!(!declares_body(&headers(&[])));
+    }
+
+    #[test]
+    fn only_a_refused_request_with_a_body_closes_its_connection() {
+        let answer = |status: u16, declared: bool| {
+            let response = hyper::Response::builder().status(status).body(()).unwrap();
+            close_if_body_unread(declared, response).headers().get("connection").map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(answer(403, true).as_deref(), Some("close"));
+        assert_eq!(answer(400, true).as_deref(), Some("close"));
+        assert_eq!(answer(503, true).as_deref(), Some("close"));
+        assert_eq!(answer(200, true), None);
+        assert_eq!(answer(403, false), None);
     }
 }
