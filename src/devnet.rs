@@ -381,7 +381,11 @@ async fn supervise(
     state: &mut DevnetState,
     started: Instant,
 ) -> Result<()> {
+    // Both streams made once: a signal that arrives while no `recv` is pending (between two
+    // turns of the loops below, e.g. while the status line asks a node) is kept for the next
+    // one. A `ctrl_c()` made afresh each turn lost such a SIGINT, and the devnet ran on.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let tty = std::io::stdout().is_terminal();
 
     // Wait until every node answers /health.
@@ -414,7 +418,7 @@ async fn supervise(
             );
         }
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = sigint.recv() => return Ok(()),
             _ = sigterm.recv() => return Ok(()),
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
@@ -460,7 +464,7 @@ async fn supervise(
     let mut last_print = Instant::now();
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }

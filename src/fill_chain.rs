@@ -9,7 +9,8 @@
 //! tenant first (`TransferMany`, 200 credits a transaction), then empty blocks follow up to
 //! `blocks`. Every block carries the genesis' time, so the live chain's next block (at the
 //! current time) never goes back. Each node's ledger and consensus storage is replaced by a copy
-//! of the result; the devnet's nodes then start from its last certified block.
+//! of the result, marked as never voted on; the devnet's nodes then start from its last certified
+//! block.
 
 use crate::devnet::DevnetState;
 use anyhow::{Context as _, Result, bail};
@@ -141,6 +142,12 @@ pub fn fill(dir: &Path, blocks: u64, accounts: u64) -> Result<Filled> {
             std::fs::copy(work.join(file), ledger.join(file))
                 .with_context(|| format!("cannot copy {file} into {}", ledger.display()))?;
         }
+        // No validator voted on this chain: each may vote from its last block at once (see
+        // `archipel_consensus::vote_gate`). The runtime's storage names blobs in hex.
+        let marker = data.join("runtime").join(archipel_consensus::vote_gate::NEVER_VOTED_PARTITION);
+        std::fs::create_dir_all(&marker)?;
+        std::fs::write(marker.join("00"), b"fill-chain")
+            .with_context(|| format!("cannot write the never-voted marker in {}", marker.display()))?;
     }
     std::fs::remove_dir_all(&work).ok();
     Ok(Filled { height, accounts: credited, seconds: started.elapsed().as_secs_f64() })

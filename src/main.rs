@@ -282,6 +282,12 @@ enum NodeCommand {
         /// and the state is synced from a peer.
         #[arg(long, default_value_t = archipel_node::join::REJOIN_BEHIND_BLOCKS, requires = "join")]
         join_behind: u64,
+        /// A validator whose record of its votes (simplex's journal under `<data dir>/runtime`) is
+        /// missing votes at once instead of first waiting for the network to finalize a view it
+        /// cannot have voted in. Only when a quorum of validators lost their records together and
+        /// the network halted: a validator that voted before may otherwise vote twice in a view.
+        #[arg(long)]
+        vote_without_record: bool,
         #[command(flatten)]
         fields: NodeFields,
     },
@@ -694,10 +700,25 @@ fn node(cmd: NodeCommand) -> Result<()> {
                 &format!("node {} left the registry (its deposit went back to its owner)", cfg.name),
             ))
         }
-        NodeCommand::Run { config, genesis_hash, exit_with_parent, admission, join, join_behind, fields } => {
+        NodeCommand::Run {
+            config,
+            genesis_hash,
+            exit_with_parent,
+            admission,
+            join,
+            join_behind,
+            vote_without_record,
+            fields,
+        } => {
             let cfg = load_config(&config, Some(&fields))?;
-            let options =
-                RunOptions { expect_genesis_hash: genesis_hash, exit_with_parent, admission, join, join_behind };
+            let options = RunOptions {
+                expect_genesis_hash: genesis_hash,
+                exit_with_parent,
+                admission,
+                join,
+                join_behind,
+                vote_without_record,
+            };
             let prepared = archipel_node::run::prepare(cfg, options)?;
             prepared.run()?;
             Ok(())

@@ -198,6 +198,37 @@ fn wiped_or_far_behind_nodes_join_by_state_sync_and_follow_within_seconds() {
     assert!(progressed.is_ok(), "with n03 stopped the chain stalled: the joined validator does not vote");
     assert_same_blocks(&validator, &n1, first_held(&validator));
 
+    // A validator that lost its record of votes as well: it follows until the network has
+    // finalized a view it cannot have voted in, then votes (with n03 stopped, n01, n02 and it
+    // must finalize).
+    let (_, wiped, pid, config) = devnet.node(3);
+    kill_and_wipe(pid, &config, false);
+    let (_wiped_proc, took) = rejoin(work.path(), &config, &wiped, &n1, &[]);
+    println!("validator without its journal: following {took:?} after starting with --join");
+    let started = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(work.path().join("spawned.log")).unwrap();
+        assert!(
+            log.contains("no record of its votes on this chain"),
+            "the validator without a journal did not wait at the vote gate:\n{}",
+            spawned_log_tail(work.path(), 40)
+        );
+        if log.contains("this validator starts voting after this finalized view") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the vote gate did not open within 30 s:\n{}",
+            spawned_log_tail(work.path(), 40)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    kill(Pid::from_raw(other as i32), Signal::SIGSTOP).unwrap();
+    let before = head(&n1).unwrap();
+    let progressed = std::panic::catch_unwind(|| wait_height(&n1, before + 8, Duration::from_secs(20)));
+    kill(Pid::from_raw(other as i32), Signal::SIGCONT).unwrap();
+    assert!(progressed.is_ok(), "with n03 stopped the chain stalled: the validator past its vote gate does not vote");
+
     // Far behind: the follower stops while the chain moves on, then starts with --join and a
     // threshold below the gap: its old ledger is moved aside and the state synced again.
     drop(follower_proc);
@@ -221,5 +252,5 @@ fn wiped_or_far_behind_nodes_join_by_state_sync_and_follow_within_seconds() {
     wait_height(&follower, head(&n1).unwrap() + 8, Duration::from_secs(30));
     assert_same_blocks(&follower, &n1, first_held(&follower));
     let log = std::fs::read_to_string(work.path().join("spawned.log")).unwrap();
-    assert_eq!(log.matches("joined by state sync").count(), 3, "three joins, each by state sync");
+    assert_eq!(log.matches("joined by state sync").count(), 4, "four joins, each by state sync");
 }

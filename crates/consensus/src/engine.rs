@@ -11,6 +11,7 @@ use crate::candidates::{self, Candidates};
 use crate::chain::Chain;
 use crate::liveness::{self, SharedTracker, Tracker};
 use crate::store::Synced;
+use crate::vote_gate;
 use commonware_broadcast::buffered;
 use commonware_codec::{Decode as _, Encode as _};
 use commonware_consensus::marshal::core::{Actor, Mailbox};
@@ -70,12 +71,23 @@ pub struct ConsensusConfig {
     pub behaviour: Behaviour,
     /// Time a view waits for its leader's proposal.
     pub leader_timeout: Duration,
+    /// A validator whose simplex journal is missing votes at once instead of waiting at the
+    /// [`crate::vote_gate`] (`node run --vote-without-record`: the operator knows it cast no vote
+    /// in the views of the lost record).
+    pub vote_without_record: bool,
 }
 
 impl ConsensusConfig {
     /// Defaults for a network.
     pub fn new(namespace: Vec<u8>, validators: Vec<PublicKey>, block_cfg: BlockCfg) -> Self {
-        Self { namespace, validators, block_cfg, behaviour: Behaviour::Honest, leader_timeout: Duration::from_secs(1) }
+        Self {
+            namespace,
+            validators,
+            block_cfg,
+            behaviour: Behaviour::Honest,
+            leader_timeout: Duration::from_secs(1),
+            vote_without_record: false,
+        }
     }
 
     fn participants(&self) -> Set<PublicKey> {
@@ -190,8 +202,8 @@ fn archive_config<C>(prefix: &str, what: &str, page_cache: &CacheRef, codec_conf
     }
 }
 
-/// Simplex's journal (epoch 0).
-const SIMPLEX_PARTITION: &str = "archipel-simplex-e0";
+/// Simplex's journal (epoch 0): the record of this validator's votes.
+pub const SIMPLEX_PARTITION: &str = "archipel-simplex-e0";
 
 /// True when `partition` holds nothing yet (consensus storage never written here).
 async fn is_new<E: Storage>(context: &E, partition: &str) -> bool {
@@ -265,14 +277,24 @@ where
         }
         _ => Start::Genesis(genesis),
     };
+    // A validator whose journal is missing while its block log is past the genesis may have voted
+    // on this chain: it waits at the vote gate, unless it is known never to have voted.
+    let never_voted = !is_new(&context, vote_gate::NEVER_VOTED_PARTITION).await;
+    if never_voted {
+        // The marker holds for the first start only: from now on the journal keeps the record.
+        context
+            .remove(vote_gate::NEVER_VOTED_PARTITION, None)
+            .await
+            .map_err(|e| format!("cannot remove the never-voted marker: {e}"))?;
+    }
+    let gated = signer.is_some() && simplex_new && tip.is_some() && !never_voted && !cfg.vote_without_record;
     let simplex_floor = match tip {
         Some((height, _, f)) if simplex_new => {
-            if signer.is_some() {
-                // Right for a validator that never voted on this chain (a devnet given its chain by
-                // fill-chain); not for one whose journal was deleted: it may vote twice in a view.
+            if signer.is_some() && !gated {
                 tracing::warn!(
                     height,
-                    "this validator has no record of earlier votes: voting starts after the block log's highest certified block; if it voted on this chain before (its runtime directory was deleted), it may vote twice in a view and its peers would block it"
+                    never_voted,
+                    "this validator has no record of earlier votes and was told it never voted on this chain: voting starts after the block log's highest certified block"
                 );
             }
             Floor::Finalized(f)
@@ -400,6 +422,7 @@ where
                     .child("candidate_fetch")
                     .spawn(move |_| candidates::serve(candidates, wants, channels.fetch, others, block_cfg)),
             );
+            let gate_mailbox = mailbox.clone();
             let app = LedgerApp::new(
                 context.child("ledger"),
                 chain,
@@ -410,35 +433,73 @@ where
                 early_tx,
                 tracker,
             );
-            let engine = simplex::Engine::new(
-                context.child("simplex"),
-                simplex::Config {
-                    scheme,
-                    elector: RoundRobin::<Sha256>::default(),
-                    blocker,
-                    automaton: app.clone(),
-                    relay: app.clone(),
-                    reporter: app,
-                    track_historical_votes: false,
-                    strategy: Sequential,
-                    partition: SIMPLEX_PARTITION.into(),
-                    mailbox_size: NZUsize!(1024),
-                    epoch: Epoch::zero(),
-                    floor: simplex_floor,
-                    replay_buffer: NZUsize!(1 << 16),
-                    write_buffer: NZUsize!(1 << 16),
-                    page_cache,
-                    leader_timeout: cfg.leader_timeout,
-                    certification_timeout: cfg.leader_timeout * 3 / 2,
-                    timeout_retry: cfg.leader_timeout,
-                    view_retention: ViewDelta::new(256),
-                    skip: SkipPolicy::Enabled { timeout: cfg.leader_timeout * 3, budget: SkipBudget::Participants },
-                    fetch_timeout: NZDuration!(Duration::from_secs(1)),
-                    fetch_retry_delay: Duration::from_millis(100),
-                    forward: ForwardPolicy::SilentLeader,
-                },
-            );
-            handles.push(engine.start(channels.votes, channels.certificates, channels.resolver));
+            let leader_timeout = cfg.leader_timeout;
+            let start_simplex = move |context: E, floor, votes: (S, R), certificates: (S, R), resolver: (S, R)| {
+                let engine = simplex::Engine::new(
+                    context,
+                    simplex::Config {
+                        scheme,
+                        elector: RoundRobin::<Sha256>::default(),
+                        blocker,
+                        automaton: app.clone(),
+                        relay: app.clone(),
+                        reporter: app,
+                        track_historical_votes: false,
+                        strategy: Sequential,
+                        partition: SIMPLEX_PARTITION.into(),
+                        mailbox_size: NZUsize!(1024),
+                        epoch: Epoch::zero(),
+                        floor,
+                        replay_buffer: NZUsize!(1 << 16),
+                        write_buffer: NZUsize!(1 << 16),
+                        page_cache,
+                        leader_timeout,
+                        certification_timeout: leader_timeout * 3 / 2,
+                        timeout_retry: leader_timeout,
+                        view_retention: ViewDelta::new(256),
+                        skip: SkipPolicy::Enabled { timeout: leader_timeout * 3, budget: SkipBudget::Participants },
+                        fetch_timeout: NZDuration!(Duration::from_secs(1)),
+                        fetch_retry_delay: Duration::from_millis(100),
+                        forward: ForwardPolicy::SilentLeader,
+                    },
+                );
+                engine.start(votes, certificates, resolver)
+            };
+            if gated {
+                let verifier = cfg.verifier();
+                handles.push(context.child("vote_gate").spawn(move |context| async move {
+                    let (votes_tx, mut votes_rx) = channels.votes;
+                    let (certificates_tx, mut certificates_rx) = channels.certificates;
+                    let (resolver_tx, mut resolver_rx) = channels.resolver;
+                    let opened = vote_gate::wait(
+                        context.child("wait"),
+                        verifier,
+                        gate_mailbox,
+                        &mut certificates_rx,
+                        &mut votes_rx,
+                        &mut resolver_rx,
+                    )
+                    .await;
+                    let Some(finalization) = opened else { return };
+                    let engine = start_simplex(
+                        context.child("simplex"),
+                        Floor::Finalized(finalization),
+                        (votes_tx, votes_rx),
+                        (certificates_tx, certificates_rx),
+                        (resolver_tx, resolver_rx),
+                    );
+                    let _ = engine.await;
+                }));
+            } else {
+                drop(gate_mailbox);
+                handles.push(start_simplex(
+                    context.child("simplex"),
+                    simplex_floor,
+                    channels.votes,
+                    channels.certificates,
+                    channels.resolver,
+                ));
+            }
         }
         None => {
             // A follower keeps the simplex channels registered (validators send to everyone) and

@@ -14,6 +14,7 @@ pub mod join;
 pub mod liveness;
 pub mod state_db;
 pub mod store;
+pub mod vote_gate;
 
 pub use chain::{Chain, Finalized, Opened, Proven, TxLocation, TxStatus};
 

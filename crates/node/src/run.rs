@@ -114,6 +114,9 @@ pub struct RunOptions {
     /// With `join`: how far behind the network the ledger may be and still catch up by blocks
     /// ([`crate::join::REJOIN_BEHIND_BLOCKS`] by default).
     pub join_behind: u64,
+    /// A validator without its record of votes votes at once (see
+    /// [`archipel_consensus::vote_gate`]).
+    pub vote_without_record: bool,
 }
 
 /// The node's observer: logs, re-tracks the p2p allowed set when a node is admitted, and persists
@@ -353,11 +356,12 @@ impl PreparedNode {
         let api_handle = api_server.handle();
         let validators: Vec<archipel_crypto::Ed25519PublicKey> =
             genesis.validators.iter().filter_map(|v| archipel_crypto::public_key(v).ok()).collect();
-        let consensus_cfg = ConsensusConfig::new(
+        let mut consensus_cfg = ConsensusConfig::new(
             archipel_consensus::engine::namespace(&genesis_hash),
             validators.clone(),
             BlockCfg::from(&genesis.ledger),
         );
+        consensus_cfg.vote_without_record = options.vote_without_record;
         if options.join {
             match crate::join::prepare_ledger(
                 &cfg.data_dir,
@@ -581,9 +585,12 @@ impl PreparedNode {
             let parent = std::os::unix::process::parent_id();
             let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .map_err(|e| NodeError::Invalid(format!("cannot install SIGTERM handler: {e}")))?;
+            // Made once, like SIGTERM's: a SIGINT between two turns is kept for the next.
+            let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                .map_err(|e| NodeError::Invalid(format!("cannot install SIGINT handler: {e}")))?;
             let reason = loop {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => break "SIGINT",
+                    _ = sigint.recv() => break "SIGINT",
                     _ = sigterm.recv() => break "SIGTERM",
                     _ = shutdown_rx.changed() => break "shutdown request",
                     _ = context.sleep(Duration::from_millis(500)) => {

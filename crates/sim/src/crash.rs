@@ -120,6 +120,23 @@ async fn start_node(
     i: usize,
     chain: Arc<Chain>,
 ) -> Vec<Handle<()>> {
+    start_node_with(context, oracle, parts, i, chain, parts.consensus.clone()).await
+}
+
+/// The disk of node `i` (its storage partitions, as [`start_node`] gives them to it).
+pub(crate) fn node_disk(context: &deterministic::Context, i: usize) -> OwnDisk<deterministic::Context> {
+    OwnDisk::new(context.child("node").with_attribute("index", i), &format!("node{i}"))
+}
+
+/// [`start_node`] with a consensus configuration of its own.
+pub(crate) async fn start_node_with(
+    context: &deterministic::Context,
+    oracle: &simulated::Oracle<PublicKey, deterministic::Context>,
+    parts: &Participants,
+    i: usize,
+    chain: Arc<Chain>,
+    consensus: archipel_consensus::engine::ConsensusConfig,
+) -> Vec<Handle<()>> {
     let key = parts.nodes[i].private_key().public_key();
     let control = oracle.control(key);
     let quota = Quota::per_second(NZU32!(1_000));
@@ -136,14 +153,13 @@ async fn start_node(
         fetch: register(FETCH_CHANNEL).await,
         liveness: register(archipel_consensus::liveness::LIVENESS_CHANNEL).await,
     };
-    let node_context = OwnDisk::new(context.child("node").with_attribute("index", i), &format!("node{i}"));
     engine::start(
-        node_context,
+        node_disk(context, i),
         parts.nodes[i].private_key().clone(),
         oracle.manager(),
         control.clone(),
         chain,
-        parts.consensus.clone(),
+        consensus,
         channels,
     )
     .await
@@ -151,7 +167,7 @@ async fn start_node(
 }
 
 /// Creates the simulated network of `sc` on `context` with every base link up.
-async fn network(
+pub(crate) async fn network(
     context: &deterministic::Context,
     sc: &LedgerScenario,
     keys: &[PublicKey],

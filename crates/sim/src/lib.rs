@@ -17,6 +17,7 @@
 
 pub mod crash;
 pub mod disk;
+pub mod journal;
 pub mod ledger;
 
 use archipel_crypto::{Identity, SignedDescriptor};

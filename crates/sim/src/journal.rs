@@ -1,0 +1,150 @@
+//! A validator that lost its record of votes, on the deterministic runtime.
+//!
+//! Four validators run under load; at a seeded moment validator 0 stops and starts again at
+//! once without its simplex journal — its runtime directory deleted, its block log kept — while
+//! the other three run on and still hold its recent votes. With the
+//! [`archipel_consensus::vote_gate`] it follows the chain until the network finalizes a view it
+//! cannot have voted in, then votes; without it (`vote_without_record`) it votes again from its
+//! block log's last certified block, in views it already voted in, and the others see the
+//! conflicting votes. Once the gate must have opened, validator 1 stops: the other three finalize
+//! only if validator 0 votes.
+//!
+//! [`run_journal_loss`] reports which nodes blocked which (honest validators block a peer whose
+//! votes conflict) and the heights before and after validator 1 stopped.
+
+use crate::SeedStream;
+use crate::crash::{network, node_disk, start_node_with};
+use crate::ledger::{LedgerScenario, participants};
+use archipel_consensus::engine::SIMPLEX_PARTITION;
+use archipel_consensus::{Chain, MemoryStore};
+use archipel_ledger::store::MemoryStore as StateMemory;
+use archipel_ledger::{Payload, Transaction};
+use commonware_cryptography::Signer as _;
+use commonware_cryptography::ed25519::PublicKey;
+use commonware_runtime::{Clock, Runner as _, Storage as _, deterministic};
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// The validator whose journal is lost.
+pub const WIPED: usize = 0;
+/// The validator stopped once the gate must have opened.
+pub const STOPPED: usize = 1;
+/// After the restart, when validator [`STOPPED`] stops (the gate observes for 3 s, then opens
+/// at the next finalization).
+pub const STOP_AFTER: Duration = Duration::from_secs(10);
+/// How long the three others run after that.
+pub const RUN_AFTER_STOP: Duration = Duration::from_secs(10);
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct JournalLoss {
+    /// The seed.
+    pub seed: u64,
+    /// When validator [`WIPED`] stopped.
+    pub restart_at: Duration,
+    /// Pairs `(blocker, blocked)` after the restart.
+    pub blocked: Vec<(usize, usize)>,
+    /// Validator 2's finalized height when validator [`STOPPED`] stopped, and at the end.
+    pub heights: (u64, u64),
+    /// Validator [`WIPED`]'s finalized height at the end.
+    pub wiped_height: u64,
+}
+
+fn now(context: &impl Clock) -> Duration {
+    context.current().duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
+/// Runs the scenario of `seed`, with validator [`WIPED`] told it never voted when
+/// `vote_without_record`.
+pub fn run_journal_loss(seed: u64, vote_without_record: bool) -> JournalLoss {
+    let mut sc = LedgerScenario::from_seed(seed);
+    sc.partition = None;
+    sc.degradation = None;
+    sc.byzantine = None;
+    sc.followers = 0;
+    let mut r = SeedStream(seed ^ 0x6a6f_7572); // "jour"
+    let restart_at = Duration::from_millis(3_000 + r.below(3_001));
+    let down_for = Duration::from_millis(r.below(501));
+    let log_loss = r.below(21);
+    sc.transfers_until = restart_at;
+    let parts = Arc::new(participants(&sc));
+    let keys: Vec<PublicKey> = parts.nodes.iter().map(|id| id.private_key().public_key()).collect();
+    let stores: Vec<MemoryStore> = (0..sc.nodes()).map(|_| MemoryStore::default()).collect();
+    let states: Vec<StateMemory> = (0..sc.nodes()).map(|_| StateMemory::default()).collect();
+    let (stores_for_crash, states_for_crash) = (stores.clone(), states.clone());
+    let genesis = parts.genesis.clone();
+    let open = move |i: usize| {
+        Arc::new(
+            Chain::open_with(genesis.clone(), Box::new(stores[i].clone()), Arc::new(states[i].clone()))
+                .unwrap_or_else(|e| panic!("node {i}: the chain does not open: {e}")),
+        )
+    };
+    let end = restart_at + down_for + STOP_AFTER + RUN_AFTER_STOP;
+    let cfg = deterministic::Config::new().with_seed(seed).with_timeout(Some(end + Duration::from_secs(600)));
+    let (blocked, heights, wiped_height) = deterministic::Runner::new(cfg).start(move |context| async move {
+        let oracle = network(&context, &sc, &keys).await;
+        let mut chains: Vec<Arc<Chain>> = (0..sc.nodes()).map(&open).collect();
+        let mut handles = Vec::new();
+        for (i, chain) in chains.iter().enumerate() {
+            handles.push(start_node_with(&context, &oracle, &parts, i, chain.clone(), parts.consensus.clone()).await);
+        }
+        let mut r = SeedStream(seed ^ 0x6c6f_6164); // "load"
+        let mut nonces = vec![0u64; parts.clients.len()];
+        let mut at = Duration::from_millis(500);
+        while at < restart_at {
+            context.sleep(at.saturating_sub(now(&context))).await;
+            let from = r.below(parts.clients.len() as u64) as usize;
+            let stx = Transaction {
+                signer: parts.clients[from].node_id(),
+                nonce: nonces[from],
+                payload: Payload::Transfer {
+                    to: parts.clients[(from + 1) % parts.clients.len()].node_id(),
+                    amount_micro: 1,
+                },
+            }
+            .sign(&parts.clients[from], &parts.genesis.network());
+            let len = stx.to_bytes().len();
+            let ms = now(&context).as_millis() as u64;
+            if chains.iter().filter(|c| c.submit(stx.clone(), len, ms).is_ok()).count() > 0 {
+                nonces[from] += 1;
+            }
+            at += sc.transfer_interval;
+        }
+        context.sleep(restart_at.saturating_sub(now(&context))).await;
+        // Validator WIPED stops; its runtime directory is deleted, its journal with it.
+        for h in std::mem::take(&mut handles[WIPED]) {
+            h.abort();
+        }
+        context.sleep(down_for).await;
+        // It lost power: its block log keeps what was synced, less `log_loss` blocks (a disk that
+        // acknowledged syncs it did not do), so it starts views behind the ones it voted in.
+        let synced = stores_for_crash[WIPED].crash();
+        stores_for_crash[WIPED].truncate(synced.saturating_sub(log_loss));
+        states_for_crash[WIPED].crash();
+        node_disk(&context, WIPED)
+            .remove(SIMPLEX_PARTITION, None)
+            .await
+            .unwrap_or_else(|e| panic!("cannot remove validator {WIPED}'s journal: {e}"));
+        chains[WIPED] = open(WIPED);
+        let mut consensus = parts.consensus.clone();
+        consensus.vote_without_record = vote_without_record;
+        handles[WIPED] = start_node_with(&context, &oracle, &parts, WIPED, chains[WIPED].clone(), consensus).await;
+        let restarted = now(&context);
+        context.sleep((restarted + STOP_AFTER).saturating_sub(now(&context))).await;
+        for h in std::mem::take(&mut handles[STOPPED]) {
+            h.abort();
+        }
+        let at_stop = chains[2].head().height;
+        context.sleep((restarted + STOP_AFTER + RUN_AFTER_STOP).saturating_sub(now(&context))).await;
+        let at_end = chains[2].head().height;
+        let blocked: Vec<(usize, usize)> = oracle
+            .blocked()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(a, b)| Some((keys.iter().position(|k| *k == a)?, keys.iter().position(|k| *k == b)?)))
+            .collect();
+        (blocked, (at_stop, at_end), chains[WIPED].head().height)
+    });
+    JournalLoss { seed, restart_at, blocked, heights, wiped_height }
+}
