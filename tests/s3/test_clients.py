@@ -413,12 +413,19 @@ def test_bad_input_gets_s3_errors_and_stores_nothing(tmp_path):
     s3.meta.events.unregister("before-sign.s3.DeleteObjects", bad_delete)
     assert s3.get_object(Bucket=b, Key="kept")["Body"].read() == b"kept"
     s3.delete_object(Bucket=b, Key="kept")
-    # A refusal sent before the body was read closes the connection: a client told `Expect:
-    # 100-continue` may or may not send the body, so the bytes after the refusal could be either
-    # that body or its next request (botocore's DELETE after a refused PUT once failed its signature).
-    answer = raw_request(f"PUT /{b}/refused HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nExpect: 100-continue\r\n\r\n".encode(),
-                         timeout=10, hang_up=False)
+    # An answer sent before the body was read closes the connection: a client told `Expect:
+    # 100-continue` may or may not send the body, so the bytes after the answer could be either
+    # that body or its next request (botocore's DELETE after a refused PUT arrived as ELETE and
+    # failed its signature). Here the next request follows at once: it must not be read as the
+    # body, nor its remainder as a request.
+    refused = f"PUT /{b}/refused HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nExpect: 100-continue\r\n\r\n"
+    following = f"GET /{b} HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        answer = raw_request((refused + following).encode(), timeout=10, hang_up=False)
+    except socket.timeout:
+        raise AssertionError("the gateway kept the connection open after answering before reading the body")
     assert answer.startswith(b"HTTP/1.1 403") and b"\r\nconnection: close\r\n" in answer.lower(), answer[:300]
+    assert answer.count(b"HTTP/1.1 ") == 1, f"a second answer came on the same connection: {answer!r}"
     # Oversized headers and garbage: an HTTP error, and the gateway still serves.
     answer = raw_request(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n", hang_up=False)
     assert answer.startswith(b"HTTP/1.1 431"), answer[:200]

@@ -280,14 +280,27 @@ where
     // A validator whose journal is missing while its block log is past the genesis may have voted
     // on this chain: it waits at the vote gate, unless it is known never to have voted.
     let never_voted = !is_new(&context, vote_gate::NEVER_VOTED_PARTITION).await;
-    if never_voted {
-        // The marker holds for the first start only: from now on the journal keeps the record.
+    if never_voted && signer.is_none() {
+        // A follower keeps no record of votes: the marker means nothing to it.
         context
             .remove(vote_gate::NEVER_VOTED_PARTITION, None)
             .await
             .map_err(|e| format!("cannot remove the never-voted marker: {e}"))?;
+    } else if never_voted {
+        // The marker holds until the journal has a record: removed once it has one (a crash
+        // before that finds the marker again; after it, a lost journal is noticed).
+        handles.push(context.child("never_voted").spawn(|context| async move {
+            while is_new(&context, SIMPLEX_PARTITION).await {
+                context.sleep(Duration::from_secs(1)).await;
+            }
+            if let Err(e) = context.remove(vote_gate::NEVER_VOTED_PARTITION, None).await {
+                tracing::warn!(error = %e, "cannot remove the never-voted marker; remove <data dir>/runtime/{} by hand", vote_gate::NEVER_VOTED_PARTITION);
+            }
+        }));
     }
     let gated = signer.is_some() && simplex_new && tip.is_some() && !never_voted && !cfg.vote_without_record;
+    // The view of the log's last certified block: this validator took part in views up to it.
+    let known_view = tip.as_ref().map_or(0, |(_, _, f)| f.proposal.round.view().get());
     let simplex_floor = match tip {
         Some((height, _, f)) if simplex_new => {
             if signer.is_some() && !gated {
@@ -467,7 +480,9 @@ where
             };
             if gated {
                 let verifier = cfg.verifier();
+                let validators = cfg.validators.clone();
                 handles.push(context.child("vote_gate").spawn(move |context| async move {
+                    let metrics = vote_gate::GateMetrics::register(&context);
                     let (votes_tx, mut votes_rx) = channels.votes;
                     let (certificates_tx, mut certificates_rx) = channels.certificates;
                     let (resolver_tx, mut resolver_rx) = channels.resolver;
@@ -475,9 +490,14 @@ where
                         context.child("wait"),
                         verifier,
                         gate_mailbox,
-                        &mut certificates_rx,
-                        &mut votes_rx,
-                        &mut resolver_rx,
+                        vote_gate::Watched {
+                            certificates: &mut certificates_rx,
+                            votes: &mut votes_rx,
+                            resolver: &mut resolver_rx,
+                        },
+                        &metrics,
+                        &validators,
+                        known_view,
                     )
                     .await;
                     let Some(finalization) = opened else { return };

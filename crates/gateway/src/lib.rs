@@ -25,6 +25,7 @@ use archipel_types::PlacementPolicy;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// What a gateway needs.
 #[derive(Debug)]
@@ -162,8 +163,11 @@ pub async fn serve(
             let s3 = s3.clone();
             async move {
                 let declared = declares_body(req.headers());
-                let response = hyper::service::Service::call(&s3, req).await?;
-                Ok::<_, s3s::HttpError>(close_if_body_unread(declared, response))
+                let read = Arc::new(AtomicBool::new(false));
+                let req = req.map(|body| s3s::Body::http_body(ReadToEnd { inner: body, read: read.clone() }));
+                let response = s3.call(req).await?;
+                let unread = declared && !read.load(Ordering::Acquire);
+                Ok::<_, s3s::HttpError>(close_if_body_unread(unread, response))
             }
         });
         let http = http.clone();
@@ -184,16 +188,51 @@ fn declares_body(headers: &hyper::HeaderMap) -> bool {
     headers.contains_key(TRANSFER_ENCODING) || headers.contains_key(EXPECT) || length.is_some_and(|l| l != "0")
 }
 
-/// A refusal of a request with a body closes the connection after the answer.
+/// A request body that notes when it was read to its end.
+struct ReadToEnd<B> {
+    inner: B,
+    read: Arc<AtomicBool>,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for ReadToEnd<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(None) = polled {
+            self.read.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            self.read.store(true, Ordering::Release);
+        }
+        end
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An answer sent before the request's body was read to its end closes the connection after it.
 ///
-/// A refusal is sent without reading the body. A client that sent `Expect: 100-continue` and got
-/// the refusal instead of `100 Continue` does not send the body (botocore, curl), yet hyper 1.12
-/// (pinned) then drains up to the announced length from the connection, which may be the first
-/// bytes of the client's next request: botocore's `DELETE` after a refused `PUT` arrived as
-/// `ELETE` and failed its signature, under load, one time in a few hundred. Closing is what
-/// RFC 9110 §10.1.1 leaves a server that cannot tell a body from the next request.
-fn close_if_body_unread<B>(declared: bool, mut response: hyper::Response<B>) -> hyper::Response<B> {
-    if declared && !response.status().is_success() {
+/// A refusal is sent without reading the body, and so may a success (an `Expect: 100-continue`
+/// on a request that needs no body). A client that got the answer instead of `100 Continue` does
+/// not send the body (botocore, curl), yet hyper 1.12 (pinned) then drains up to the announced
+/// length from the connection, which may be the first bytes of the client's next request:
+/// botocore's `DELETE` after a refused `PUT` arrived as `ELETE` and failed its signature, under
+/// load, one time in a few hundred. Closing is what RFC 9110 §10.1.1 leaves a server that cannot
+/// tell a body from the next request.
+fn close_if_body_unread<B>(unread: bool, mut response: hyper::Response<B>) -> hyper::Response<B> {
+    if unread {
         response.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
     }
     response
@@ -220,15 +259,37 @@ mod tests {
     }
 
     #[test]
-    fn only_a_refused_request_with_a_body_closes_its_connection() {
-        let answer = |status: u16, declared: bool| {
-            let response = hyper::Response::builder().status(status).body(()).unwrap();
-            close_if_body_unread(declared, response).headers().get("connection").map(|v| v.to_str().unwrap().to_owned())
+    fn an_answer_before_the_body_was_read_closes_its_connection() {
+        let answer = |unread: bool| {
+            let response = hyper::Response::builder().status(200).body(()).unwrap();
+            close_if_body_unread(unread, response).headers().get("connection").map(|v| v.to_str().unwrap().to_owned())
         };
-        assert_eq!(answer(403, true).as_deref(), Some("close"));
-        assert_eq!(answer(400, true).as_deref(), Some("close"));
-        assert_eq!(answer(503, true).as_deref(), Some("close"));
-        assert_eq!(answer(200, true), None);
-        assert_eq!(answer(403, false), None);
+        assert_eq!(answer(true).as_deref(), Some("close"));
+        assert_eq!(answer(false), None);
+    }
+
+    #[test]
+    fn a_body_is_read_only_once_its_end_was_reached() {
+        use http_body::Body as _;
+        let read = Arc::new(AtomicBool::new(false));
+        let mut body = ReadToEnd { inner: s3s::Body::from(b"abc".to_vec()), read: read.clone() };
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(!read.load(Ordering::Acquire), "nothing read yet");
+        let frame = std::pin::Pin::new(&mut body).poll_frame(&mut cx);
+        assert!(matches!(frame, std::task::Poll::Ready(Some(Ok(_)))));
+        let end = loop {
+            match std::pin::Pin::new(&mut body).poll_frame(&mut cx) {
+                std::task::Poll::Ready(None) => break true,
+                std::task::Poll::Ready(Some(Ok(_))) => continue,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert!(end && read.load(Ordering::Acquire), "read to its end");
+        // An empty body is read once it says it ended.
+        let read = Arc::new(AtomicBool::new(false));
+        let empty = ReadToEnd { inner: s3s::Body::empty(), read: read.clone() };
+        let _ = empty.is_end_stream();
+        assert!(read.load(Ordering::Acquire));
     }
 }

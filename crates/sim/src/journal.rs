@@ -16,12 +16,13 @@ use crate::SeedStream;
 use crate::crash::{network, node_disk, start_node_with};
 use crate::ledger::{LedgerScenario, participants};
 use archipel_consensus::engine::SIMPLEX_PARTITION;
+use archipel_consensus::store::BlockStore as _;
 use archipel_consensus::{Chain, MemoryStore};
 use archipel_ledger::store::MemoryStore as StateMemory;
 use archipel_ledger::{Payload, Transaction};
 use commonware_cryptography::Signer as _;
 use commonware_cryptography::ed25519::PublicKey;
-use commonware_runtime::{Clock, Runner as _, Storage as _, deterministic};
+use commonware_runtime::{Clock, Metrics as _, Runner as _, Storage as _, deterministic};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -42,12 +43,35 @@ pub struct JournalLoss {
     pub seed: u64,
     /// When validator [`WIPED`] stopped.
     pub restart_at: Duration,
-    /// Pairs `(blocker, blocked)` after the restart.
+    /// Pairs `(blocker, blocked)` over the whole run.
     pub blocked: Vec<(usize, usize)>,
     /// Validator 2's finalized height when validator [`STOPPED`] stopped, and at the end.
     pub heights: (u64, u64),
     /// Validator [`WIPED`]'s finalized height at the end.
     pub wiped_height: u64,
+    /// Validator [`WIPED`]'s vote gate when validator [`STOPPED`] stopped (its metrics), if it
+    /// waited at one.
+    pub gate: Option<GateSeen>,
+}
+
+/// A vote gate's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GateSeen {
+    /// 1 while it does not vote.
+    pub waiting: u64,
+    /// The view a finalization had to be above.
+    pub bar: u64,
+    /// The finalized view after which it started voting (0: not yet).
+    pub opened_at: u64,
+}
+
+/// Validator [`WIPED`]'s gate metrics in `metrics` (the runtime's Prometheus text).
+fn gate_of(metrics: &str) -> Option<GateSeen> {
+    let value = |name: &str| {
+        let prefix = format!("node_vote_gate_{name}{{index=\"{WIPED}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(prefix.as_str())?.trim().parse::<u64>().ok())
+    };
+    Some(GateSeen { waiting: value("waiting")?, bar: value("bar")?, opened_at: value("opened_at")? })
 }
 
 fn now(context: &impl Clock) -> Duration {
@@ -81,7 +105,7 @@ pub fn run_journal_loss(seed: u64, vote_without_record: bool) -> JournalLoss {
     };
     let end = restart_at + down_for + STOP_AFTER + RUN_AFTER_STOP;
     let cfg = deterministic::Config::new().with_seed(seed).with_timeout(Some(end + Duration::from_secs(600)));
-    let (blocked, heights, wiped_height) = deterministic::Runner::new(cfg).start(move |context| async move {
+    let (blocked, heights, wiped_height, gate) = deterministic::Runner::new(cfg).start(move |context| async move {
         let oracle = network(&context, &sc, &keys).await;
         let mut chains: Vec<Arc<Chain>> = (0..sc.nodes()).map(&open).collect();
         let mut handles = Vec::new();
@@ -118,8 +142,14 @@ pub fn run_journal_loss(seed: u64, vote_without_record: bool) -> JournalLoss {
         context.sleep(down_for).await;
         // It lost power: its block log keeps what was synced, less `log_loss` blocks (a disk that
         // acknowledged syncs it did not do), so it starts views behind the ones it voted in.
-        let synced = stores_for_crash[WIPED].crash();
-        stores_for_crash[WIPED].truncate(synced.saturating_sub(log_loss));
+        let store = &stores_for_crash[WIPED];
+        let synced = store.crash();
+        // Cut back to a certified block (a node resumes from its log's last one; without one it
+        // would start from the genesis, where a lost journal goes unnoticed by design).
+        let certified = |h: &u64| store.get(*h).ok().flatten().is_some_and(|r| !r.certificate.is_empty());
+        let keep =
+            (1..=synced.saturating_sub(log_loss)).rev().find(certified).or_else(|| (1..=synced).rev().find(certified));
+        store.truncate(keep.unwrap_or(synced));
         states_for_crash[WIPED].crash();
         node_disk(&context, WIPED)
             .remove(SIMPLEX_PARTITION, None)
@@ -131,9 +161,12 @@ pub fn run_journal_loss(seed: u64, vote_without_record: bool) -> JournalLoss {
         handles[WIPED] = start_node_with(&context, &oracle, &parts, WIPED, chains[WIPED].clone(), consensus).await;
         let restarted = now(&context);
         context.sleep((restarted + STOP_AFTER).saturating_sub(now(&context))).await;
+        let gate = gate_of(&context.encode());
         for h in std::mem::take(&mut handles[STOPPED]) {
             h.abort();
         }
+        // Votes validator 1 sent before it stopped may still finalize a block or two.
+        context.sleep(Duration::from_secs(2)).await;
         let at_stop = chains[2].head().height;
         context.sleep((restarted + STOP_AFTER + RUN_AFTER_STOP).saturating_sub(now(&context))).await;
         let at_end = chains[2].head().height;
@@ -144,7 +177,7 @@ pub fn run_journal_loss(seed: u64, vote_without_record: bool) -> JournalLoss {
             .into_iter()
             .filter_map(|(a, b)| Some((keys.iter().position(|k| *k == a)?, keys.iter().position(|k| *k == b)?)))
             .collect();
-        (blocked, (at_stop, at_end), chains[WIPED].head().height)
+        (blocked, (at_stop, at_end), chains[WIPED].head().height, gate)
     });
-    JournalLoss { seed, restart_at, blocked, heights, wiped_height }
+    JournalLoss { seed, restart_at, blocked, heights, wiped_height, gate }
 }

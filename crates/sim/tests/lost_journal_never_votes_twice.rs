@@ -12,6 +12,10 @@ use archipel_sim::journal::{JournalLoss, WIPED, run_journal_loss};
 const SEEDS: std::ops::Range<u64> = 0..6;
 
 fn check(o: &JournalLoss) -> Result<(), String> {
+    match o.gate {
+        Some(g) if g.waiting == 0 && g.bar > 0 && g.opened_at > g.bar => {}
+        other => return Err(format!("validator {WIPED} did not wait at its vote gate and pass it: {other:?}")),
+    }
     if !o.blocked.is_empty() {
         return Err(format!("peers were blocked after the restart: {:?}", o.blocked));
     }
@@ -44,6 +48,10 @@ fn a_validator_without_its_journal_waits_then_votes_without_equivocating() {
 fn without_the_gate_the_same_validator_equivocates() {
     let blocked: Vec<JournalLoss> =
         SEEDS.map(|seed| run_journal_loss(seed, true)).filter(|o| o.blocked.iter().any(|(_, b)| *b == WIPED)).collect();
+    assert!(
+        SEEDS.map(|seed| run_journal_loss(seed, true)).all(|o| o.gate.is_none()),
+        "told to vote without its record, validator {WIPED} still waited at a gate"
+    );
     assert!(
         !blocked.is_empty(),
         "in none of seeds {SEEDS:?} did voting at once without the journal get validator {WIPED} blocked: the scenario no longer exercises the hazard the gate guards against"
