@@ -100,7 +100,8 @@ pub struct CrashOutcome {
     pub submitted: usize,
 }
 
-fn now(context: &impl Clock) -> Duration {
+/// Virtual time since the simulation's start.
+pub(crate) fn now(context: &impl Clock) -> Duration {
     context.current().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 

@@ -13,7 +13,7 @@
 //! votes conflict) and the heights before and after validator 1 stopped.
 
 use crate::SeedStream;
-use crate::crash::{network, node_disk, start_node_with};
+use crate::crash::{network, node_disk, now, start_node_with};
 use crate::ledger::{LedgerScenario, participants};
 use archipel_consensus::engine::SIMPLEX_PARTITION;
 use archipel_consensus::store::BlockStore as _;
@@ -24,7 +24,7 @@ use commonware_cryptography::Signer as _;
 use commonware_cryptography::ed25519::PublicKey;
 use commonware_runtime::{Clock, Metrics as _, Runner as _, Storage as _, deterministic};
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 /// The validator whose journal is lost.
 pub const WIPED: usize = 0;
@@ -72,10 +72,6 @@ fn gate_of(metrics: &str) -> Option<GateSeen> {
         metrics.lines().find_map(|l| l.strip_prefix(prefix.as_str())?.trim().parse::<u64>().ok())
     };
     Some(GateSeen { waiting: value("waiting")?, bar: value("bar")?, opened_at: value("opened_at")? })
-}
-
-fn now(context: &impl Clock) -> Duration {
-    context.current().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
 /// Runs the scenario of `seed`, with validator [`WIPED`] told it never voted when
