@@ -17,6 +17,7 @@
 use crate::SeedStream;
 use crate::disk::OwnDisk;
 use crate::ledger::{LedgerScenario, Participants, participants};
+use crate::votes::{Tapped, VoteLog};
 use archipel_consensus::engine::{
     self, BACKFILL_CHANNEL, BLOCKS_CHANNEL, CERTIFICATES_CHANNEL, Channels, FETCH_CHANNEL, RESOLVER_CHANNEL,
     VOTES_CHANNEL,
@@ -130,7 +131,7 @@ pub(crate) fn node_disk(context: &deterministic::Context, i: usize) -> OwnDisk<d
 }
 
 /// [`start_node`] with a consensus configuration of its own.
-pub(crate) async fn start_node_with(
+async fn start_node_with(
     context: &deterministic::Context,
     oracle: &simulated::Oracle<PublicKey, deterministic::Context>,
     parts: &Participants,
@@ -138,15 +139,33 @@ pub(crate) async fn start_node_with(
     chain: Arc<Chain>,
     consensus: archipel_consensus::engine::ConsensusConfig,
 ) -> Vec<Handle<()>> {
+    start_node_tapped(context, oracle, parts, i, chain, consensus, None).await
+}
+
+/// [`start_node_with`], noting every vote the node sends in `votes` when given.
+pub(crate) async fn start_node_tapped(
+    context: &deterministic::Context,
+    oracle: &simulated::Oracle<PublicKey, deterministic::Context>,
+    parts: &Participants,
+    i: usize,
+    chain: Arc<Chain>,
+    consensus: archipel_consensus::engine::ConsensusConfig,
+    votes: Option<VoteLog>,
+) -> Vec<Handle<()>> {
     let key = parts.nodes[i].private_key().public_key();
     let control = oracle.control(key);
     let quota = Quota::per_second(NZU32!(1_000));
-    let register = |channel: u64| {
+    let register_with = |channel: u64, log: Option<VoteLog>| {
         let control = control.clone();
-        async move { control.register(channel, quota).await.unwrap_or_else(|e| panic!("node {i}: register {channel}: {e}")) }
+        async move {
+            let (sender, receiver) =
+                control.register(channel, quota).await.unwrap_or_else(|e| panic!("node {i}: register {channel}: {e}"));
+            (Tapped::new(sender, log), receiver)
+        }
     };
+    let register = |channel: u64| register_with(channel, None);
     let channels = Channels {
-        votes: register(VOTES_CHANNEL).await,
+        votes: register_with(VOTES_CHANNEL, votes).await,
         certificates: register(CERTIFICATES_CHANNEL).await,
         resolver: register(RESOLVER_CHANNEL).await,
         blocks: register(BLOCKS_CHANNEL).await,
@@ -193,6 +212,42 @@ pub(crate) async fn network(
     oracle
 }
 
+/// Transfers between the client accounts of `parts`, one every `sc.transfer_interval` from 0.5 s
+/// until `until`, each submitted to every validator's chain in `chains` (standing in for
+/// transaction gossip); how many were admitted.
+pub(crate) async fn transfer_load(
+    context: &deterministic::Context,
+    sc: &LedgerScenario,
+    parts: &Participants,
+    chains: &[Arc<Chain>],
+    until: Duration,
+) -> usize {
+    let mut r = SeedStream(sc.seed ^ 0x6c6f_6164); // "load"
+    let mut nonces = vec![0u64; parts.clients.len()];
+    let mut submitted = 0;
+    let mut at = Duration::from_millis(500);
+    while at < until {
+        context.sleep(at.saturating_sub(now(context))).await;
+        let from = r.below(parts.clients.len() as u64) as usize;
+        let to = (from + 1) % parts.clients.len();
+        let stx = Transaction {
+            signer: parts.clients[from].node_id(),
+            nonce: nonces[from],
+            payload: Payload::Transfer { to: parts.clients[to].node_id(), amount_micro: 1 + r.below(1_000) },
+        }
+        .sign(&parts.clients[from], &parts.genesis.network());
+        let len = stx.to_bytes().len();
+        let ms = now(context).as_millis() as u64;
+        let validators = &chains[..crate::ledger::VALIDATORS.min(chains.len())];
+        if validators.iter().filter(|c| c.submit(stx.clone(), len, ms).is_ok()).count() > 0 {
+            nonces[from] += 1;
+            submitted += 1;
+        }
+        at += sc.transfer_interval;
+    }
+    submitted
+}
+
 /// Runs `scenario`: load until the crash, power loss, restart (one node late), run on.
 pub fn run_crash(scenario: CrashScenario) -> CrashOutcome {
     let sc = scenario.network.clone();
@@ -225,41 +280,7 @@ pub fn run_crash(scenario: CrashScenario) -> CrashOutcome {
                 handles.extend(start_node(&context, &oracle, &parts, i, chain.clone()).await);
                 chains.push(chain);
             }
-            // Transfers between the client accounts, each to every validator (standing in for
-            // transaction gossip).
-            let mut r = SeedStream(sc.seed ^ 0x6c6f_6164); // "load"
-            let mut nonces = vec![0u64; parts.clients.len()];
-            let mut submitted = 0;
-            let mut at = Duration::from_millis(500);
-            while at < crash_at {
-                context.sleep(at.saturating_sub(now(&context))).await;
-                let from = r.below(parts.clients.len() as u64) as usize;
-                let to = (from + 1) % parts.clients.len();
-                let stx = Transaction {
-                    signer: parts.clients[from].node_id(),
-                    nonce: nonces[from],
-                    payload: Payload::Transfer { to: parts.clients[to].node_id(), amount_micro: 1 + r.below(1_000) },
-                }
-                .sign(&parts.clients[from], &parts.genesis.network());
-                let len = stx.to_bytes().len();
-                let admitted = chains[..crate::ledger::VALIDATORS]
-                    .iter()
-                    .filter(|c| {
-                        c.submit(
-                            stx.clone(),
-                            len,
-                            context.current().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()
-                                as u64,
-                        )
-                        .is_ok()
-                    })
-                    .count();
-                if admitted > 0 {
-                    nonces[from] += 1;
-                    submitted += 1;
-                }
-                at += sc.transfer_interval;
-            }
+            let submitted = transfer_load(&context, &sc, &parts, &chains, crash_at).await;
             context.sleep(crash_at.saturating_sub(now(&context))).await;
             let before: Vec<Vec<Hash>> = chains.iter().map(|c| hashes(c)).collect();
             drop(handles);

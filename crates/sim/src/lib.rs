@@ -19,6 +19,7 @@ pub mod crash;
 pub mod disk;
 pub mod journal;
 pub mod ledger;
+pub mod votes;
 
 use archipel_crypto::{Identity, SignedDescriptor};
 use archipel_node::gossip::{self, GOSSIP_CHANNEL, GossipObserver, MAX_GOSSIP_MESSAGE, SharedPeerTable, lock_table};
