@@ -318,6 +318,11 @@ pub(crate) fn retry_later(status: StatusCode, code: &str, message: impl Into<Str
     r
 }
 
+/// The body of a signed request with the BLAKE3 hash its signature was checked against (set by
+/// the authentication layer for the handler: a shard's hash is that one, not computed again).
+#[derive(Clone, Debug)]
+pub struct VerifiedBody(pub archipel_store::Hashed<axum::body::Bytes>);
+
 /// The authenticated caller of a signed request.
 #[derive(Clone, Copy, Debug)]
 pub struct Caller(pub NodeId);
@@ -848,10 +853,13 @@ async fn authenticate_up_to(s: Arc<ApiState>, req: Request, next: Next, limit: u
     };
     let path = parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_string(), |p| p.as_str().to_string());
     let headers = auth_headers(&parts.headers);
+    // Hashed once, outside the verifier's lock (a shard body is tens of MiB); the handler gets the
+    // hash with the body (`VerifiedBody`) and does not hash it again.
+    let body = archipel_store::Hashed::new(bytes);
     let verdict = {
         let mut v = s.verifier.lock().unwrap_or_else(|p| p.into_inner());
         let members = lock_table(&s.table).allowed().clone();
-        v.verify(&headers, parts.method.as_str(), &path, &bytes, system_now_ms(), |k| {
+        v.verify_prehashed(&headers, parts.method.as_str(), &path, body.hash(), system_now_ms(), |k| {
             may_call(&s, &members, k, data_plane)
         })
     };
@@ -886,10 +894,29 @@ async fn authenticate_up_to(s: Arc<ApiState>, req: Request, next: Next, limit: u
                 );
             }
             parts.extensions.insert(Caller(caller));
+            let bytes = body.bytes().clone();
+            parts.extensions.insert(VerifiedBody(body));
             next.run(Request::from_parts(parts, Body::from(bytes))).await
         }
-        Err(e) => auth_error(&e),
+        Err(e) => declared_hash_mismatch(&parts.headers, body.hash()).unwrap_or_else(|| auth_error(&e)),
     }
+}
+
+/// A shard upload whose declared hash is not its body's: signed with the declared hash (a
+/// client signs a shard with the hash it has), so its signature fails; named for what it is.
+fn declared_hash_mismatch(headers: &axum::http::HeaderMap, body: &[u8; 32]) -> Option<Response> {
+    let declared = headers.get(crate::shards::HASH_HEADER)?.to_str().ok()?;
+    let actual = hex::encode(body);
+    (!declared.eq_ignore_ascii_case(&actual)).then(|| {
+        error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "hash_mismatch",
+            format!(
+                "the body's BLAKE3 hash is {actual}, not the {declared} given in {}: send the shard's own hash",
+                crate::shards::HASH_HEADER
+            ),
+        )
+    })
 }
 
 /// Whether key `k` may make signed calls: a genesis account or a member node; on the data plane

@@ -34,13 +34,13 @@
 //! node's memory for uploads stays bounded whatever the number of clients. Disk work runs on blocking
 //! threads, never on the API's async workers.
 
-use crate::api::{ApiState, Caller, error};
+use crate::api::{ApiState, Caller, VerifiedBody, error};
 use crate::uploads::UploadQuota;
 use archipel_crypto::Identity;
 use archipel_ledger::Hash;
 use archipel_ledger::storage::{Manifest, RECEIPT_TTL_MS, ReceiptTerms, version_id};
 use archipel_objects::transfer::{CLAIM_HEADER, Claim};
-use archipel_store::{ShardKey, ShardStore, ShardStoreError, Version, Written};
+use archipel_store::{Hashed, ShardKey, ShardStore, ShardStoreError, Version, Written};
 use archipel_types::NodeId;
 use axum::Router;
 use axum::body::Bytes;
@@ -209,15 +209,15 @@ impl ShardService {
 
     /// Stores one shard under `grant`: an owner's as sent; a repair's only with the hash the
     /// ledger's manifest lists, replacing whatever else is stored under its name.
-    pub fn put_shard(
+    pub fn put_shard<B: AsRef<[u8]>>(
         &self,
         key: ShardKey,
-        bytes: &[u8],
+        shard: &Hashed<B>,
         hash: &[u8; 32],
         grant: Grant,
     ) -> Result<Written, ShardStoreError> {
         match grant {
-            Grant::Owner => self.store.put_shard(key, bytes, hash),
+            Grant::Owner => self.store.put_hashed(key, shard, hash),
             Grant::Committed { .. } => {
                 let manifest = self.manifest(&key.version, grant)?;
                 let listed = manifest
@@ -237,7 +237,7 @@ impl ShardService {
                         got: hex::encode(hash),
                     });
                 }
-                self.store.replace_shard(key, bytes, hash)
+                self.store.replace_hashed(key, shard, hash)
             }
         }
     }
@@ -451,8 +451,8 @@ async fn put_shard(
     State(s): State<Arc<ApiState>>,
     Extension(caller): Extension<Caller>,
     Path((version, index, segment)): Path<(String, u8, u64)>,
+    Extension(VerifiedBody(body)): Extension<VerifiedBody>,
     headers: HeaderMap,
-    body: Bytes,
 ) -> Result<Response, Refused> {
     {
         let svc = service(&s)?;
@@ -467,16 +467,17 @@ async fn put_shard(
                 format!("send the shard's BLAKE3 hash in {HASH_HEADER} (64 hex characters)"),
             )
         })?;
-        let len = body.len() as u64;
+        let len = body.bytes().len() as u64;
         let key = ShardKey { version, index, segment };
         // A retry of a stored shard is answered, not counted (at the bound too).
-        let counted = if svc.holds_shard(&key, &body, &hash) {
+        let counted = if svc.holds_shard(&key, body.bytes(), &hash) {
             Counted(0)
         } else {
             count_upload(&s, &svc, &caller.0, &claim, &version, len, grant)?
         };
         let store = svc.clone();
         let (written, free) = blocking(move || {
+            // The body's hash was taken once, to check the request's signature.
             let written = store.put_shard(key, &body, &hash, grant)?;
             Ok((written, store.store.free()))
         })
@@ -635,8 +636,8 @@ async fn seal(
                 stored |= store.put_manifest(&version, &manifest, grant)? == Written::New;
             }
             if let Some((bytes, hash)) = shard {
-                stored |=
-                    store.put_shard(ShardKey { version, index, segment: 0 }, &bytes, &hash, grant)? == Written::New;
+                let key = ShardKey { version, index, segment: 0 };
+                stored |= store.put_shard(key, &Hashed::new(bytes), &hash, grant)? == Written::New;
             }
             store.seal(&version, index, claim.object(), q.generation, grant)
         };
@@ -677,6 +678,55 @@ mod tests {
     use super::*;
     use archipel_ledger::storage::WRAPPED_KEY_BYTES;
     use archipel_types::ErasureCode;
+
+    /// The API hashes a shard body once (for the signature) and stores the shard under that hash:
+    /// a body that is not the one signed, or not the one declared, is refused and nothing stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shard_is_stored_under_the_hash_its_signature_was_checked_against() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc =
+            ShardService::new(ShardStore::open(dir.path(), 1 << 30).unwrap(), Identity::from_seed(4_242), Hash::ZERO);
+        let mut state = crate::api::testing::state(crate::config::ApiLimits::default());
+        Arc::get_mut(&mut state).unwrap().shards = Some(Arc::new(svc));
+        let url = crate::api::testing::serve(state.clone()).await;
+        let tenant = crate::api::testing::tenant();
+        let object = archipel_ledger::storage::object_id("b", "k");
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let (a, b) = (vec![1u8; 900], vec![2u8; 900]);
+        let (ha, hb) = (*blake3::hash(&a).as_bytes(), *blake3::hash(&b).as_bytes());
+        // (nonce, hash signed, hash declared, body) → status, code
+        let cases = [
+            (1, ha, ha, &b, 422, "hash_mismatch"), // signed and declared for A, body B
+            (2, hb, ha, &b, 422, "hash_mismatch"), // signed for the body, declared otherwise
+            (3, ha, hb, &b, 401, "bad_signature"), // declared right, signed for another body
+            (4, hb, hb, &b, 200, ""),
+        ];
+        for (nonce, signed, declared, body, status, code) in cases {
+            let (body, code): (&Vec<u8>, &str) = (body, code);
+            let version = version_id(&tenant.node_id(), &object, &[nonce; 32]);
+            let claim = Claim::Owner { object, nonce: [nonce; 32] };
+            let path = format!("/v1/objects/{version}/shards/0/0");
+            let now = crate::api::system_now_ms();
+            let headers = archipel_crypto::sign_request_prehashed(&tenant, "PUT", &path, &signed, now, [nonce; 16]);
+            let mut req = http.put(format!("{url}{path}")).body(body.clone());
+            for (k, v) in headers.pairs() {
+                req = req.header(k, v);
+            }
+            let resp = req
+                .header(HASH_HEADER, hex::encode(declared))
+                .header(CLAIM_HEADER, claim.to_header())
+                .send()
+                .await
+                .unwrap();
+            let got = resp.status().as_u16();
+            let text = resp.text().await.unwrap();
+            assert_eq!(got, status, "case {nonce}: {text}");
+            assert!(text.contains(code), "case {nonce}: {text}");
+            let held =
+                state.shards.as_ref().unwrap().store().entry(&ShardKey { version: version.0, index: 0, segment: 0 });
+            assert_eq!(held.unwrap().is_some(), status == 200, "case {nonce}: stored only when accepted");
+        }
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_key_past_its_bound_of_uncommitted_uploads_is_refused_with_the_numbers() {
@@ -877,16 +927,19 @@ mod tests {
         let junk = vec![0x55u8; 4_000];
         svc.store().put_shard(key, &junk, blake3::hash(&junk).as_bytes()).unwrap();
         // Against the planted manifest, neither a shard nor a seal goes through.
-        assert!(matches!(svc.put_shard(key, &shard, &hashes_of(&manifest), grant), Err(ShardStoreError::NotFound(_))));
+        assert!(matches!(
+            svc.put_shard(key, &Hashed::new(&shard), &hashes_of(&manifest), grant),
+            Err(ShardStoreError::NotFound(_))
+        ));
         assert!(svc.seal(&version, 2, Hash::ZERO, 1, grant).is_err());
         // A manifest without the ledger's root is refused; the ledger's replaces the planted one.
         let e = svc.put_manifest(&version, &planted.to_bytes(), grant).unwrap_err();
         assert!(matches!(e, ShardStoreError::HashMismatch { .. }), "{e}");
         svc.put_manifest(&version, &manifest.to_bytes(), grant).unwrap();
         // Bytes the manifest does not list are refused; its shard replaces the junk.
-        let e = svc.put_shard(key, &junk, blake3::hash(&junk).as_bytes(), grant).unwrap_err();
+        let e = svc.put_shard(key, &Hashed::new(&junk), blake3::hash(&junk).as_bytes(), grant).unwrap_err();
         assert!(matches!(e, ShardStoreError::HashMismatch { .. }), "{e}");
-        svc.put_shard(key, &shard, &hashes_of(&manifest), grant).unwrap();
+        svc.put_shard(key, &Hashed::new(&shard), &hashes_of(&manifest), grant).unwrap();
         assert_eq!(svc.store().shard(&key).unwrap(), shard);
         assert_eq!(svc.store().used(), shard.len() as u64 + manifest.to_bytes().len() as u64);
         let receipt = svc.seal(&version, 2, Hash::ZERO, 1, grant).unwrap();

@@ -7,7 +7,7 @@
 
 use crate::pipeline::ShardHash;
 use crate::transfer::{CLAIM_HEADER, Claim, Holder, SealWith, Sealed, Shards, TransferError};
-use archipel_crypto::{Identity, sign_request};
+use archipel_crypto::{Identity, sign_request, sign_request_prehashed};
 use archipel_ledger::Hash;
 use bytes::Bytes;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -36,6 +36,8 @@ impl HttpShards {
         HttpShards { http, identity }
     }
 
+    /// Sends a signed request; `hash`, for a shard's body, is its BLAKE3 hash: declared in
+    /// [`HASH_HEADER`] and signed as the body's hash (not computed again).
     async fn call(
         &self,
         method: &str,
@@ -54,7 +56,11 @@ impl HttpShards {
             let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
             let mut nonce = [0u8; 16];
             rand::fill(&mut nonce);
-            let headers = sign_request(&self.identity, method, path, &body, now, nonce);
+            // A shard's hash is its body's: signed as it is, not hashed again.
+            let headers = match &hash {
+                Some(hash) => sign_request_prehashed(&self.identity, method, path, hash, now, nonce),
+                None => sign_request(&self.identity, method, path, &body, now, nonce),
+            };
             let m = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| fail(e.to_string()))?;
             let mut req = self.http.request(m, &url).timeout(timeout).body(body.clone());
             for (k, v) in headers.pairs() {

@@ -134,6 +134,37 @@ fn describe(key: &ShardKey) -> String {
     format!("{}/{}.{}", &hex::encode(key.version)[..16], key.index, key.segment)
 }
 
+/// Bytes with their BLAKE3 hash, taken from them here and nowhere else: a store write given one
+/// does not hash the bytes again (the node's API hashed the request body once, to check its
+/// signature, and the same hash serves the shard).
+#[derive(Clone, Debug)]
+pub struct Hashed<B> {
+    bytes: B,
+    hash: [u8; 32],
+}
+
+impl<B: AsRef<[u8]>> Hashed<B> {
+    /// `bytes` and their BLAKE3 hash.
+    pub fn new(bytes: B) -> Self {
+        let hash = *blake3::hash(bytes.as_ref()).as_bytes();
+        Hashed { bytes, hash }
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &B {
+        &self.bytes
+    }
+
+    /// Their BLAKE3 hash.
+    pub fn hash(&self) -> &[u8; 32] {
+        &self.hash
+    }
+}
+
+fn too_large(len: usize) -> ShardStoreError {
+    ShardStoreError::Invalid(format!("shard of {len} bytes: the limit is {MAX_SHARD_BYTES}"))
+}
+
 /// Largest shard or manifest the store accepts (a 64 MiB segment at k = 1, or a manifest of
 /// a 5 TiB object in 8 MiB segments at 32+16).
 pub const MAX_SHARD_BYTES: usize = 256 << 20;
@@ -378,6 +409,27 @@ impl ShardStore {
         }
     }
 
+    /// [`ShardStore::put_shard`] for bytes hashed already (the node's API hashes every request
+    /// body to check its signature): refused unless their hash is `hash`; not hashed again.
+    pub fn put_hashed<B: AsRef<[u8]>>(
+        &self,
+        key: ShardKey,
+        shard: &Hashed<B>,
+        hash: &[u8; 32],
+    ) -> Result<Written, ShardStoreError> {
+        self.write_checked(key, shard, hash, false)
+    }
+
+    /// [`ShardStore::replace_shard`] for bytes hashed already (see [`ShardStore::put_hashed`]).
+    pub fn replace_hashed<B: AsRef<[u8]>>(
+        &self,
+        key: ShardKey,
+        shard: &Hashed<B>,
+        hash: &[u8; 32],
+    ) -> Result<Written, ShardStoreError> {
+        self.write_checked(key, shard, hash, true)
+    }
+
     /// Stores shard `key` if `bytes` hash to `hash`. Storing the same bytes again is a no-op;
     /// different bytes for a shard already stored are refused ([`ShardStoreError::Exists`]):
     /// nobody can overwrite a shard, whoever signs the request.
@@ -400,17 +452,27 @@ impl ShardStore {
         replace: bool,
     ) -> Result<Written, ShardStoreError> {
         if bytes.len() > MAX_SHARD_BYTES {
-            return Err(ShardStoreError::Invalid(format!(
-                "shard of {} bytes: the limit is {MAX_SHARD_BYTES}",
-                bytes.len()
-            )));
+            return Err(too_large(bytes.len()));
         }
-        let got = blake3::hash(bytes);
-        if got.as_bytes() != hash {
+        self.write_checked(key, &Hashed::new(bytes), hash, replace)
+    }
+
+    fn write_checked<B: AsRef<[u8]>>(
+        &self,
+        key: ShardKey,
+        shard: &Hashed<B>,
+        hash: &[u8; 32],
+        replace: bool,
+    ) -> Result<Written, ShardStoreError> {
+        let bytes = shard.bytes().as_ref();
+        if bytes.len() > MAX_SHARD_BYTES {
+            return Err(too_large(bytes.len()));
+        }
+        if shard.hash() != hash {
             return Err(ShardStoreError::HashMismatch {
                 key: describe(&key),
                 expected: hex::encode(hash),
-                got: got.to_hex().to_string(),
+                got: hex::encode(shard.hash()),
             });
         }
         // One writer at a time: the check of what is stored and the write are one step, so
@@ -851,6 +913,25 @@ fn decode_entry(v: &[u8]) -> Result<(u64, [u8; 32]), ShardStoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hashed_bytes_are_stored_under_their_own_hash_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShardStore::open(dir.path(), 1 << 20).unwrap();
+        let shard = Hashed::new(vec![6u8; 1_000]);
+        assert_eq!(shard.hash(), blake3::hash(&[6u8; 1_000]).as_bytes());
+        let key = ShardKey { version: [2; 32], index: 1, segment: 0 };
+        let e = store.put_hashed(key, &shard, &[9; 32]).unwrap_err();
+        assert!(matches!(e, ShardStoreError::HashMismatch { .. }), "{e}");
+        assert!(store.entry(&key).unwrap().is_none());
+        assert_eq!(store.put_hashed(key, &shard, shard.hash()).unwrap(), Written::New);
+        assert_eq!(store.shard(&key).unwrap(), vec![6u8; 1_000]);
+        assert_eq!(store.put_hashed(key, &shard, shard.hash()).unwrap(), Written::AlreadyHeld);
+        let other = Hashed::new(vec![7u8; 1_000]);
+        assert!(matches!(store.put_hashed(key, &other, other.hash()), Err(ShardStoreError::Exists(_))));
+        assert_eq!(store.replace_hashed(key, &other, other.hash()).unwrap(), Written::New);
+        assert_eq!(store.shard(&key).unwrap(), vec![7u8; 1_000]);
+    }
 
     #[test]
     fn after_a_failed_sync_no_seal_is_vouched_for_even_if_the_next_flush_works() {
