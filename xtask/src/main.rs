@@ -182,7 +182,17 @@ fn bench_state_devnet() -> Result<()> {
     state_devnet_bench::bench(&build_release()?, &sizes)
 }
 
+/// `ARCHIPEL_BENCH_BIN` names another binary instead (an A/B against an older build; the
+/// benches' in-process parts are this checkout's either way).
 fn build_release() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("ARCHIPEL_BENCH_BIN") {
+        let bin = PathBuf::from(bin);
+        if !bin.is_file() {
+            bail!("ARCHIPEL_BENCH_BIN={}: no such file", bin.display());
+        }
+        println!("benchmarking {} (ARCHIPEL_BENCH_BIN), not a fresh build", bin.display());
+        return Ok(bin);
+    }
     let target = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?.join("target");
     let status = Command::new(env!("CARGO"))
         .args(["build", "--release", "--quiet", "--bin", "archipel", "--target-dir"])

@@ -898,7 +898,11 @@ async fn authenticate_up_to(s: Arc<ApiState>, req: Request, next: Next, limit: u
             parts.extensions.insert(VerifiedBody(body));
             next.run(Request::from_parts(parts, Body::from(bytes))).await
         }
-        Err(e) => declared_hash_mismatch(&parts.headers, body.hash()).unwrap_or_else(|| auth_error(&e)),
+        // Only a signature that fails: a replay, an unknown key or a busy verifier say so as such.
+        Err(e @ AuthError::BadSignature(_)) => {
+            declared_hash_mismatch(&parts.headers, body.hash()).unwrap_or_else(|| auth_error(&e))
+        }
+        Err(e) => auth_error(&e),
     }
 }
 

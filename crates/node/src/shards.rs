@@ -722,10 +722,42 @@ mod tests {
             let text = resp.text().await.unwrap();
             assert_eq!(got, status, "case {nonce}: {text}");
             assert!(text.contains(code), "case {nonce}: {text}");
-            let held =
-                state.shards.as_ref().unwrap().store().entry(&ShardKey { version: version.0, index: 0, segment: 0 });
-            assert_eq!(held.unwrap().is_some(), status == 200, "case {nonce}: stored only when accepted");
+            match nonce {
+                // Refused by the authentication layer, which names both hashes.
+                1 => assert!(
+                    text.contains(&hex::encode(ha))
+                        && text.contains(&hex::encode(hb))
+                        && text.contains("send the shard's own hash"),
+                    "{text}"
+                ),
+                // Signed right, refused by the store's check against the declared hash.
+                2 => assert!(text.contains("expected") && text.contains(&hex::encode(ha)), "{text}"),
+                _ => {}
+            }
+            let key = ShardKey { version: version.0, index: 0, segment: 0 };
+            let svc = state.shards.as_ref().unwrap();
+            let held = svc.store().entry(&key).unwrap();
+            if status == 200 {
+                assert_eq!(held, Some((900, hb)), "case {nonce}: stored under the body's hash");
+                assert_eq!(svc.store().shard(&key).unwrap(), b);
+            } else {
+                assert_eq!(held, None, "case {nonce}: nothing stored");
+            }
         }
+        // An unknown key is refused as such, whatever hash it declares.
+        let version = version_id(&tenant.node_id(), &object, &[5; 32]);
+        let path = format!("/v1/objects/{version}/shards/0/0");
+        let stranger = Identity::from_seed(99);
+        let headers =
+            archipel_crypto::sign_request_prehashed(&stranger, "PUT", &path, &hb, crate::api::system_now_ms(), [5; 16]);
+        let mut req = http.put(format!("{url}{path}")).body(b.clone());
+        for (k, v) in headers.pairs() {
+            req = req.header(k, v);
+        }
+        let claim = Claim::Owner { object, nonce: [5; 32] };
+        let resp =
+            req.header(HASH_HEADER, hex::encode(ha)).header(CLAIM_HEADER, claim.to_header()).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 403, "{}", resp.text().await.unwrap());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
