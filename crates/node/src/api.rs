@@ -813,6 +813,9 @@ pub async fn authenticate_data(State(s): State<Arc<ApiState>>, req: Request, nex
     authenticate_up_to(s, req, next, declared, true).await
 }
 
+/// Bodies larger than this are hashed on a blocking thread, not on the async worker.
+const HASH_INLINE_BYTES: usize = 1 << 20;
+
 /// Slowest pace a request body may arrive at (after a 10 s grace).
 pub const MIN_BODY_BYTES_PER_SEC: usize = 1 << 20;
 
@@ -855,7 +858,17 @@ async fn authenticate_up_to(s: Arc<ApiState>, req: Request, next: Next, limit: u
     let headers = auth_headers(&parts.headers);
     // Hashed once, outside the verifier's lock (a shard body is tens of MiB); the handler gets the
     // hash with the body (`VerifiedBody`) and does not hash it again.
-    let body = archipel_store::Hashed::new(bytes);
+    let body = if bytes.len() > HASH_INLINE_BYTES {
+        // A large body (a shard of up to tens of MiB) is hashed off the async workers.
+        match tokio::task::spawn_blocking(move || archipel_store::Hashed::new(bytes)).await {
+            Ok(body) => body,
+            Err(e) => {
+                return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("hashing the body failed: {e}"));
+            }
+        }
+    } else {
+        archipel_store::Hashed::new(bytes)
+    };
     let verdict = {
         let mut v = s.verifier.lock().unwrap_or_else(|p| p.into_inner());
         let members = lock_table(&s.table).allowed().clone();

@@ -58,6 +58,8 @@ pub struct JournalLoss {
     pub gate: Option<GateSeen>,
     /// How many votes validator [`WIPED`] sent before and after it lost its journal.
     pub votes: (usize, usize),
+    /// Messages on its vote channel that did not decode as votes (none expected).
+    pub unreadable: usize,
     /// The views it voted in both before and after, with what it said in each life.
     pub voted_twice: BTreeMap<u64, (BTreeSet<Said>, BTreeSet<Said>)>,
 }
@@ -183,6 +185,7 @@ pub fn run_journal_loss(seed: u64, vote_without_record: bool) -> JournalLoss {
     });
     let read = |log: &VoteLog| log.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let (before, after) = (read(&lives.0), read(&lives.1));
+    let unreadable = before.iter().chain(&after).filter(|v| v.said == Said::Unreadable).count();
     let voted_twice = views_voted_twice(&before, &after);
     JournalLoss {
         seed,
@@ -192,6 +195,7 @@ pub fn run_journal_loss(seed: u64, vote_without_record: bool) -> JournalLoss {
         wiped_height,
         gate,
         votes: (before.len(), after.len()),
+        unreadable,
         voted_twice,
     }
 }

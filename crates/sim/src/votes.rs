@@ -26,6 +26,9 @@ pub enum Said {
     Nullify,
     /// A finalize vote for this payload.
     Finalize(Digest),
+    /// A message on the vote channel that does not decode as a vote (noted with view 0, so a
+    /// test sees it rather than the vote going unlogged).
+    Unreadable,
 }
 
 /// One vote a node sent.
@@ -40,9 +43,12 @@ pub struct VoteSent {
 /// The votes one node sent, in order (shared by the wrapper and the test reading them).
 pub type VoteLog = Arc<Mutex<Vec<VoteSent>>>;
 
-/// Notes `message` in `log` if it decodes as a vote (anything else on the channel is left out).
+/// Notes `message` in `log`: the vote it decodes as, or [`Said::Unreadable`].
 fn note(log: &VoteLog, mut message: IoBufs) {
-    let Ok(vote) = Vote::<Scheme, Digest>::read_cfg(&mut message, &()) else { return };
+    let Ok(vote) = Vote::<Scheme, Digest>::read_cfg(&mut message, &()) else {
+        log.lock().unwrap_or_else(|e| e.into_inner()).push(VoteSent { view: 0, said: Said::Unreadable });
+        return;
+    };
     let view = vote.view().get();
     let said = match vote {
         Vote::Notarize(v) => Said::Notarize(v.proposal.payload),

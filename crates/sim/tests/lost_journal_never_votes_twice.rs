@@ -24,6 +24,9 @@ fn check(o: &JournalLoss) -> Result<(), String> {
             o.votes
         ));
     }
+    if o.unreadable > 0 {
+        return Err(format!("{} messages on validator {WIPED}'s vote channel did not decode as votes", o.unreadable));
+    }
     if !o.voted_twice.is_empty() {
         return Err(format!("validator {WIPED} voted again in views it had voted in: {:?}", o.voted_twice));
     }
