@@ -122,7 +122,7 @@ async fn start_node(
     i: usize,
     chain: Arc<Chain>,
 ) -> Vec<Handle<()>> {
-    start_node_with(context, oracle, parts, i, chain, parts.consensus.clone()).await
+    start_node_tapped(context, oracle, parts, i, chain, parts.consensus.clone(), None).await
 }
 
 /// The disk of node `i` (its storage partitions, as [`start_node`] gives them to it).
@@ -130,19 +130,8 @@ pub(crate) fn node_disk(context: &deterministic::Context, i: usize) -> OwnDisk<d
     OwnDisk::new(context.child("node").with_attribute("index", i), &format!("node{i}"))
 }
 
-/// [`start_node`] with a consensus configuration of its own.
-async fn start_node_with(
-    context: &deterministic::Context,
-    oracle: &simulated::Oracle<PublicKey, deterministic::Context>,
-    parts: &Participants,
-    i: usize,
-    chain: Arc<Chain>,
-    consensus: archipel_consensus::engine::ConsensusConfig,
-) -> Vec<Handle<()>> {
-    start_node_tapped(context, oracle, parts, i, chain, consensus, None).await
-}
-
-/// [`start_node_with`], noting every vote the node sends in `votes` when given.
+/// [`start_node`] with a consensus configuration of its own, noting every vote the node sends in
+/// `votes` when given.
 pub(crate) async fn start_node_tapped(
     context: &deterministic::Context,
     oracle: &simulated::Oracle<PublicKey, deterministic::Context>,
