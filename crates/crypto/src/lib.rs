@@ -24,7 +24,7 @@ pub use memo::{verify_signature_memo, verify_signatures_memo};
 pub use object::{DataKey, ObjectCipher, ObjectCryptoError, TAG_BYTES, WRAPPED_KEY_BYTES, WrapKey};
 pub use request::{
     AuthError, HEADER_KEY, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, MAX_CLOCK_SKEW_MS, RequestVerifier,
-    SignedRequestHeaders, body_hash, sign_request, sign_request_prehashed,
+    SignedRequestHeaders, sign_request, sign_request_prehashed,
 };
 
 /// Re-export of the underlying key types for crates that talk to commonware directly.

@@ -26,11 +26,6 @@ pub const MAX_CLOCK_SKEW_MS: u64 = 30_000;
 /// Most nonces remembered at once; beyond it new requests are refused until old ones expire.
 pub const MAX_REMEMBERED_NONCES: usize = 1_000_000;
 
-/// Hex BLAKE3 hash of a request body.
-pub fn body_hash(body: &[u8]) -> String {
-    blake3::hash(body).to_hex().to_string()
-}
-
 fn canonical(
     method: &str,
     path_and_query: &str,

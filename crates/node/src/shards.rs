@@ -701,25 +701,31 @@ mod tests {
             (3, ha, hb, &b, 401, "bad_signature"), // declared right, signed for another body
             (4, hb, hb, &b, 200, ""),
         ];
+        // A shard PUT by `who` of version `nonce`, signed with hash `signed`, declaring `declared`.
+        let put = |who: Identity, nonce: u8, signed: [u8; 32], declared: [u8; 32], body: Vec<u8>| {
+            let (http, url) = (http.clone(), url.clone());
+            let version = version_id(&tenant.node_id(), &object, &[nonce; 32]);
+            async move {
+                let claim = Claim::Owner { object, nonce: [nonce; 32] };
+                let path = format!("/v1/objects/{version}/shards/0/0");
+                let now = crate::api::system_now_ms();
+                let headers = archipel_crypto::sign_request_prehashed(&who, "PUT", &path, &signed, now, [nonce; 16]);
+                let mut req = http.put(format!("{url}{path}")).body(body);
+                for (k, v) in headers.pairs() {
+                    req = req.header(k, v);
+                }
+                let resp = req
+                    .header(HASH_HEADER, hex::encode(declared))
+                    .header(CLAIM_HEADER, claim.to_header())
+                    .send()
+                    .await
+                    .unwrap();
+                (version, resp.status().as_u16(), resp.text().await.unwrap())
+            }
+        };
         for (nonce, signed, declared, body, status, code) in cases {
             let (body, code): (&Vec<u8>, &str) = (body, code);
-            let version = version_id(&tenant.node_id(), &object, &[nonce; 32]);
-            let claim = Claim::Owner { object, nonce: [nonce; 32] };
-            let path = format!("/v1/objects/{version}/shards/0/0");
-            let now = crate::api::system_now_ms();
-            let headers = archipel_crypto::sign_request_prehashed(&tenant, "PUT", &path, &signed, now, [nonce; 16]);
-            let mut req = http.put(format!("{url}{path}")).body(body.clone());
-            for (k, v) in headers.pairs() {
-                req = req.header(k, v);
-            }
-            let resp = req
-                .header(HASH_HEADER, hex::encode(declared))
-                .header(CLAIM_HEADER, claim.to_header())
-                .send()
-                .await
-                .unwrap();
-            let got = resp.status().as_u16();
-            let text = resp.text().await.unwrap();
+            let (version, got, text) = put(tenant.clone(), nonce, signed, declared, body.clone()).await;
             assert_eq!(got, status, "case {nonce}: {text}");
             assert!(text.contains(code), "case {nonce}: {text}");
             match nonce {
@@ -745,19 +751,8 @@ mod tests {
             }
         }
         // An unknown key is refused as such, whatever hash it declares.
-        let version = version_id(&tenant.node_id(), &object, &[5; 32]);
-        let path = format!("/v1/objects/{version}/shards/0/0");
-        let stranger = Identity::from_seed(99);
-        let headers =
-            archipel_crypto::sign_request_prehashed(&stranger, "PUT", &path, &hb, crate::api::system_now_ms(), [5; 16]);
-        let mut req = http.put(format!("{url}{path}")).body(b.clone());
-        for (k, v) in headers.pairs() {
-            req = req.header(k, v);
-        }
-        let claim = Claim::Owner { object, nonce: [5; 32] };
-        let resp =
-            req.header(HASH_HEADER, hex::encode(ha)).header(CLAIM_HEADER, claim.to_header()).send().await.unwrap();
-        assert_eq!(resp.status().as_u16(), 403, "{}", resp.text().await.unwrap());
+        let (_, got, text) = put(Identity::from_seed(99), 5, hb, ha, b.clone()).await;
+        assert_eq!(got, 403, "{text}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -92,8 +92,9 @@ pub fn run_journal_loss(seed: u64, vote_without_record: bool) -> JournalLoss {
     sc.degradation = None;
     sc.byzantine = None;
     // Lossless links: with one validator silent at its gate, the other three must all take part
-    // in every view, and the simulator's random message loss (which TCP links do not have) can
-    // then stall the network for longer than the run (seen in seed 11 at 90 % delivery).
+    // in every view, and the simulator's random message loss can then stall the network for longer
+    // than the run (seen in seed 11 at 90 % delivery); `one_validator_down_over_lossy_links`
+    // covers that case.
     sc.delivery_percent = 100;
     sc.followers = 0;
     let mut r = SeedStream(seed ^ 0x6a6f_7572); // "jour"

@@ -409,6 +409,17 @@ impl ShardStore {
         }
     }
 
+    /// Stores shard `key` if `bytes` hash to `hash`. Storing the same bytes again is a no-op;
+    /// different bytes for a shard already stored are refused ([`ShardStoreError::Exists`]):
+    /// nobody can overwrite a shard, whoever signs the request.
+    pub fn put_shard(&self, key: ShardKey, bytes: &[u8], hash: &[u8; 32]) -> Result<Written, ShardStoreError> {
+        // Refused before it is hashed.
+        if bytes.len() > MAX_SHARD_BYTES {
+            return Err(too_large(bytes.len()));
+        }
+        self.put_hashed(key, &Hashed::new(bytes), hash)
+    }
+
     /// [`ShardStore::put_shard`] for bytes hashed already (the node's API hashes every request
     /// body to check its signature): refused unless their hash is `hash`; not hashed again.
     pub fn put_hashed<B: AsRef<[u8]>>(
@@ -420,7 +431,9 @@ impl ShardStore {
         self.write_checked(key, shard, hash, false)
     }
 
-    /// [`ShardStore::replace_shard`] for bytes hashed already (see [`ShardStore::put_hashed`]).
+    /// Stores shard `key` like [`ShardStore::put_hashed`], replacing a stored shard with other
+    /// bytes: only for bytes the caller checked against the ledger (a repair of a committed
+    /// version, whose manifest lists this hash), so what it replaces was wrong.
     pub fn replace_hashed<B: AsRef<[u8]>>(
         &self,
         key: ShardKey,
@@ -428,33 +441,6 @@ impl ShardStore {
         hash: &[u8; 32],
     ) -> Result<Written, ShardStoreError> {
         self.write_checked(key, shard, hash, true)
-    }
-
-    /// Stores shard `key` if `bytes` hash to `hash`. Storing the same bytes again is a no-op;
-    /// different bytes for a shard already stored are refused ([`ShardStoreError::Exists`]):
-    /// nobody can overwrite a shard, whoever signs the request.
-    pub fn put_shard(&self, key: ShardKey, bytes: &[u8], hash: &[u8; 32]) -> Result<Written, ShardStoreError> {
-        self.write_shard(key, bytes, hash, false)
-    }
-
-    /// Stores shard `key` like [`ShardStore::put_shard`], replacing a stored shard with other
-    /// bytes: only for bytes the caller checked against the ledger (a repair of a committed
-    /// version, whose manifest lists this hash), so what it replaces was wrong.
-    pub fn replace_shard(&self, key: ShardKey, bytes: &[u8], hash: &[u8; 32]) -> Result<Written, ShardStoreError> {
-        self.write_shard(key, bytes, hash, true)
-    }
-
-    fn write_shard(
-        &self,
-        key: ShardKey,
-        bytes: &[u8],
-        hash: &[u8; 32],
-        replace: bool,
-    ) -> Result<Written, ShardStoreError> {
-        if bytes.len() > MAX_SHARD_BYTES {
-            return Err(too_large(bytes.len()));
-        }
-        self.write_checked(key, &Hashed::new(bytes), hash, replace)
     }
 
     fn write_checked<B: AsRef<[u8]>>(

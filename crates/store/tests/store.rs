@@ -1,7 +1,7 @@
 //! The shard store against a real directory: round trips, capacity, corruption on disk, seals,
 //! reopening, garbage collection and a disk that runs out of space.
 
-use archipel_store::{ShardKey, ShardStore, ShardStoreError};
+use archipel_store::{Hashed, ShardKey, ShardStore, ShardStoreError};
 use std::path::Path;
 
 fn key(v: u8, index: u8, segment: u64) -> ShardKey {
@@ -180,12 +180,12 @@ fn replacing_writes_swap_wrong_bytes_for_checked_ones_and_count_them_once() {
     assert!(matches!(store.put_shard(key(5, 1, 0), &good, &hash(&good)), Err(ShardStoreError::Exists(_))));
     // A repair's write, checked against the ledger by the caller, replaces it; the junk's bytes
     // are given back.
-    store.replace_shard(key(5, 1, 0), &good, &hash(&good)).unwrap();
+    store.replace_hashed(key(5, 1, 0), &Hashed::new(&good), &hash(&good)).unwrap();
     assert_eq!((store.shard(&key(5, 1, 0)).unwrap(), store.used()), (good.clone(), 2_500));
-    store.replace_shard(key(5, 1, 0), &good, &hash(&good)).unwrap();
+    store.replace_hashed(key(5, 1, 0), &Hashed::new(&good), &hash(&good)).unwrap();
     assert_eq!(store.used(), 2_500, "the same bytes again change nothing");
     // Still hash-checked: bytes that are not what the hash says are refused.
-    let e = store.replace_shard(key(5, 1, 0), &junk, &hash(&good)).unwrap_err();
+    let e = store.replace_hashed(key(5, 1, 0), &Hashed::new(&junk), &hash(&good)).unwrap_err();
     assert!(matches!(e, ShardStoreError::HashMismatch { .. }), "{e}");
     // Manifests alike.
     let v = [5u8; 32];
@@ -213,7 +213,7 @@ fn writing_a_shard_again_heals_a_copy_that_rotted_on_disk() {
     std::fs::write(&path, &rotten).unwrap();
     assert!(matches!(store.shard(&key(6, 2, 0)), Err(ShardStoreError::Corrupt { .. })));
     // A repair (or the uploader) sending the right bytes again rewrites the file, counted once.
-    store.replace_shard(key(6, 2, 0), &good, &hash(&good)).unwrap();
+    store.replace_hashed(key(6, 2, 0), &Hashed::new(&good), &hash(&good)).unwrap();
     assert_eq!((store.shard(&key(6, 2, 0)).unwrap(), store.used()), (good.clone(), 2_000));
     std::fs::write(&path, &rotten).unwrap();
     store.put_shard(key(6, 2, 0), &good, &hash(&good)).unwrap();
