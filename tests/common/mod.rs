@@ -75,9 +75,15 @@ pub struct Devnet {
 impl Devnet {
     /// Starts `archipel devnet` with `extra` args in `work` and waits for "devnet ready".
     pub fn start(work: &Path, extra: &[&str]) -> Devnet {
+        Self::start_with_env(work, extra, &[])
+    }
+
+    /// [`Devnet::start`] with `env` set for the devnet and its nodes.
+    pub fn start_with_env(work: &Path, extra: &[&str], env: &[(&str, &str)]) -> Devnet {
         let dir = work.join("devnet");
         let mut child = Command::new(bin())
             .current_dir(work)
+            .envs(env.iter().copied())
             .arg("devnet")
             .arg("--dir")
             .arg(&dir)

@@ -555,8 +555,13 @@ impl PreparedNode {
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .map_or(crate::workers::COLLECT_AFTER, Duration::from_secs);
+                let fallback_after = std::env::var("ARCHIPEL_REPAIR_FALLBACK_SECS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .map_or(crate::workers::REPAIR_FALLBACK_AFTER, Duration::from_secs);
                 let repairer =
-                    crate::workers::Repairer::new(chain.clone(), identity.clone(), submitter.clone(), counters.clone());
+                    crate::workers::Repairer::new(chain.clone(), identity.clone(), submitter.clone(), counters.clone())
+                        .with_fallback_after(fallback_after);
                 crate::workers::spawn(api_handle.runtime(), repairer, workers.clone(), shutdown_rx.clone());
                 let auditor =
                     crate::workers::Auditor::new(chain.clone(), identity.clone(), submitter.clone(), counters.clone());

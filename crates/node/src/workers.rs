@@ -153,7 +153,30 @@ fn summarize(mut summary: String, notes: &[String]) -> String {
 /// A repair not retried before this long after it failed.
 pub const REPAIR_BACKOFF: Duration = Duration::from_secs(15);
 
-/// Repairs the objects whose repair duty falls to this node.
+/// How long an object may stay degraded, its repair's duty holder up, before the next node in
+/// line takes the repair up too — and as long again for each further backup. Time for the holder
+/// to rebuild a large object and retry a few times ([`REPAIR_BACKOFF`]); a holder that is up but
+/// cannot repair (no funds for the fee, a broken disk or network) or will not (Byzantine) delays
+/// the repair by this much, instead of leaving the object degraded for good.
+pub const REPAIR_FALLBACK_AFTER: Duration = Duration::from_secs(60);
+/// Backups in line after the duty holder: at most this many more nodes work on one object's
+/// repair at once (the ledger takes one move per generation of holders, so the others' work is
+/// refused and their new shards collected).
+pub const REPAIR_BACKUPS: usize = 2;
+
+/// Whether the node `rank` places in line for an object's repair
+/// ([`archipel_placement::duty_rank`]; `None`: not a live storage node) takes it up, having seen
+/// the object degraded for `seen_for`: the duty holder at once, backup `r` after `r` ×
+/// `fallback_after`, and no node further down than [`REPAIR_BACKUPS`].
+pub fn takes_repair(rank: Option<usize>, seen_for: Duration, fallback_after: Duration) -> bool {
+    match rank {
+        Some(r) if r <= REPAIR_BACKUPS => seen_for >= fallback_after.saturating_mul(r as u32),
+        _ => false,
+    }
+}
+
+/// Repairs the objects whose repair duty falls to this node, and those whose duty holder left
+/// them degraded for too long when this node is next in line ([`takes_repair`]).
 #[derive(Debug)]
 pub struct Repairer {
     chain: Arc<Chain>,
@@ -161,6 +184,10 @@ pub struct Repairer {
     shards: HttpShards,
     submitter: Submitter,
     tried: HashMap<Hash, Instant>,
+    /// Degraded objects (by version) and when this node first saw each degraded, for as long as
+    /// they stay in the repair queue: what backups count their wait from.
+    seen: HashMap<Hash, Instant>,
+    fallback_after: Duration,
     submitted: u64,
     counters: Arc<StorageCounters>,
 }
@@ -169,7 +196,24 @@ impl Repairer {
     /// The repairer of the node with `identity`, counting into `counters`.
     pub fn new(chain: Arc<Chain>, identity: Identity, submitter: Submitter, counters: Arc<StorageCounters>) -> Self {
         let shards = HttpShards::new(identity.clone());
-        Repairer { chain, identity, shards, submitter, tried: HashMap::new(), submitted: 0, counters }
+        Repairer {
+            chain,
+            identity,
+            shards,
+            submitter,
+            tried: HashMap::new(),
+            seen: HashMap::new(),
+            fallback_after: REPAIR_FALLBACK_AFTER,
+            submitted: 0,
+            counters,
+        }
+    }
+
+    /// This repairer with backups waiting `after` per place in line instead of
+    /// [`REPAIR_FALLBACK_AFTER`] (tests: `ARCHIPEL_REPAIR_FALLBACK_SECS`).
+    pub fn with_fallback_after(mut self, after: Duration) -> Self {
+        self.fallback_after = after;
+        self
     }
 }
 
@@ -253,6 +297,8 @@ impl Worker for Repairer {
 
     async fn step(&mut self) -> Result<String, String> {
         let me = self.identity.node_id();
+        let (seen, fallback_after) = (&mut self.seen, self.fallback_after);
+        let mut backups = 0usize;
         let (jobs, candidates, urls, network, queued, live) = self.chain.with_state(|st| {
             let live = st.live_storage_nodes();
             // Our clock, or the chain's if ahead: an idle chain makes no blocks, so its time
@@ -260,10 +306,19 @@ impl Worker for Repairer {
             let now_ms = crate::api::system_now_ms().max(st.chain().timestamp_ms);
             let queue = degraded(st, now_ms);
             let queued = queue.len();
+            // An object that left the queue (repaired, deleted) starts its wait afresh if it
+            // degrades again.
+            let now = Instant::now();
+            let in_queue: BTreeSet<Hash> = queue.iter().map(|(o, _, _)| o.version).collect();
+            seen.retain(|v, _| in_queue.contains(v));
             let jobs: Vec<Job> = queue
                 .into_iter()
                 .filter(|(o, _, _)| {
-                    archipel_placement::duty_holder(&repair_seed(&o.version), live.iter().copied()) == Some(me)
+                    let since = *seen.entry(o.version).or_insert(now);
+                    let rank = archipel_placement::duty_rank(&repair_seed(&o.version), live.iter().copied(), &me);
+                    let takes = takes_repair(rank, now.saturating_duration_since(since), fallback_after);
+                    backups += usize::from(takes && rank != Some(0));
+                    takes
                 })
                 .map(|(object, policy, missing)| {
                     let holder = |(i, n): (usize, &NodeId)| (i, Holder { node: *n, url: url_of(st, n) });
@@ -372,8 +427,13 @@ impl Worker for Repairer {
         drop(rebuilds);
         let summary = format!(
             "{queued} objects degraded in finalized state ({live} live storage nodes share the repairs); this node: \
-             {repaired} repairs submitted now ({} since start), {degraded_left} left degraded",
-            self.submitted
+             {repaired} repairs submitted now ({} since start), {degraded_left} left degraded{}",
+            self.submitted,
+            if backups > 0 {
+                format!(", {backups} taken up as a backup (their duty holder left them degraded)")
+            } else {
+                String::new()
+            }
         );
         Ok(summarize(summary, &notes))
     }
@@ -677,6 +737,25 @@ impl Worker for Collector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backups_take_a_repair_up_in_turn_and_no_further_than_their_number() {
+        let after = Duration::from_secs(60);
+        let s = Duration::from_secs;
+        // The duty holder at once.
+        assert!(takes_repair(Some(0), Duration::ZERO, after));
+        // The first backup after one wait, the second after two.
+        assert!(!takes_repair(Some(1), s(59), after));
+        assert!(takes_repair(Some(1), s(60), after));
+        assert!(!takes_repair(Some(2), s(119), after));
+        assert!(takes_repair(Some(2), s(120), after));
+        // Nodes further down never, however long; a node not in line never.
+        assert!(!takes_repair(Some(REPAIR_BACKUPS + 1), s(1_000_000), after));
+        assert!(!takes_repair(None, s(1_000_000), after));
+        // A zero wait (a test setting) makes every backup act at once, never beyond the number.
+        assert!(takes_repair(Some(REPAIR_BACKUPS), Duration::ZERO, Duration::ZERO));
+        assert!(!takes_repair(Some(REPAIR_BACKUPS + 1), Duration::ZERO, Duration::ZERO));
+    }
 
     #[test]
     fn workers_sharing_a_submitter_never_take_one_nonce_twice() {

@@ -416,6 +416,23 @@ pub fn duty_holder(seed: &[u8; 32], nodes: impl IntoIterator<Item = NodeId>) -> 
     nodes.into_iter().min_by_key(|n| (score(seed, n), *n))
 }
 
+/// Where `me` stands in line for the duty keyed by `seed` among `nodes`: 0 for the
+/// [`duty_holder`], 1 for the node that would hold it without that one, and so on; `None` when
+/// `me` is not among `nodes`. Backups use it to take a duty up when the nodes before them have
+/// left it undone for long enough (a holder that is up but cannot or will not do it).
+pub fn duty_rank(seed: &[u8; 32], nodes: impl IntoIterator<Item = NodeId>, me: &NodeId) -> Option<usize> {
+    let mine = (score(seed, me), *me);
+    let (mut ahead, mut found) = (0usize, false);
+    for n in nodes {
+        if n == *me {
+            found = true;
+        } else if (score(seed, &n), n) < mine {
+            ahead += 1;
+        }
+    }
+    found.then_some(ahead)
+}
+
 impl fmt::Display for Candidate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

@@ -2,8 +2,8 @@
 //! failure domains, equal inputs give equal answers in any order, and refusals carry the numbers.
 
 use archipel_placement::{
-    Candidate, MIN_REPUTATION, PlacementError, Violation, check, duty_holder, eligible, feasible, place, replace,
-    replace_what_fits,
+    Candidate, MIN_REPUTATION, PlacementError, Violation, check, duty_holder, duty_rank, eligible, feasible, place,
+    replace, replace_what_fits,
 };
 use archipel_types::{ErasureCode, NodeId, PlacementPolicy};
 use proptest::prelude::*;
@@ -254,6 +254,30 @@ fn duties_are_shared_out_and_move_only_with_their_holder() {
     assert!(counts.values().all(|&c| (50..=150).contains(&c)), "{counts:?}");
     assert_eq!(moved, counts[&node(5)]);
     assert_eq!(duty_holder(&[0; 32], std::iter::empty()), None);
+}
+
+#[test]
+fn every_node_has_one_place_in_line_for_a_duty() {
+    let nodes: Vec<NodeId> = (1..=12).map(node).collect();
+    for s in 0..200u16 {
+        let mut seed = [0u8; 32];
+        seed[..2].copy_from_slice(&s.to_be_bytes());
+        let ranks: Vec<usize> = nodes.iter().map(|n| duty_rank(&seed, nodes.iter().copied(), n).unwrap()).collect();
+        // A permutation of 0..12, the same whatever order the nodes come in.
+        let mut sorted = ranks.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..12).collect::<Vec<_>>());
+        for (n, r) in nodes.iter().zip(&ranks) {
+            assert_eq!(duty_rank(&seed, nodes.iter().rev().copied(), n), Some(*r));
+        }
+        // Rank 0 is the duty holder; without it, rank 1 is.
+        let first = nodes[ranks.iter().position(|r| *r == 0).unwrap()];
+        let second = nodes[ranks.iter().position(|r| *r == 1).unwrap()];
+        assert_eq!(duty_holder(&seed, nodes.iter().copied()), Some(first));
+        assert_eq!(duty_holder(&seed, nodes.iter().copied().filter(|n| *n != first)), Some(second));
+    }
+    assert_eq!(duty_rank(&[0; 32], (1..=3).map(node), &node(9)), None);
+    assert_eq!(duty_rank(&[0; 32], std::iter::empty(), &node(1)), None);
 }
 
 fn arb_candidate(i: u8) -> impl Strategy<Value = Candidate> {
