@@ -793,9 +793,10 @@ pub async fn authenticate_data(State(s): State<Arc<ApiState>>, req: Request, nex
     if let Err(e) = prechecked {
         return auth_error(&e);
     }
-    let _slot = match s.shards.as_ref().map(|svc| svc.try_slot(declared)) {
-        Some(Some(slot)) => Some(slot),
-        Some(None) => {
+    let source = request_source(req.extensions().get::<ConnectInfo<SocketAddr>>());
+    let _slot = match s.shards.as_ref().map(|svc| svc.try_slot(source, declared)) {
+        Some(Ok(slot)) => Some(slot),
+        Some(Err(crate::shards::SlotRefused::Busy)) => {
             return retry_later(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "data_busy",
@@ -804,6 +805,19 @@ pub async fn authenticate_data(State(s): State<Arc<ApiState>>, req: Request, nex
                      at once: retry in a moment",
                     crate::shards::MAX_DATA_CALLS,
                     crate::shards::DATA_BODY_BUDGET >> 20
+                ),
+                Duration::from_millis(200),
+            );
+        }
+        Some(Err(crate::shards::SlotRefused::SourceBusy)) => {
+            return retry_later(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "data_busy",
+                format!(
+                    "{source} already has {} shard transfers or {} MiB of their bodies on this node, the most one \
+                     address may hold at once: retry when one has finished",
+                    crate::shards::MAX_DATA_CALLS_PER_SOURCE,
+                    crate::shards::DATA_BODY_BUDGET_PER_SOURCE >> 20
                 ),
                 Duration::from_millis(200),
             );

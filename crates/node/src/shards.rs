@@ -31,8 +31,13 @@
 //! Every call is signed (the same keys as the other signed calls). Bodies are read whole (a
 //! shard is at most [`MAX_SHARD_BODY`]); a call reserves its declared length out of
 //! [`DATA_BODY_BUDGET`] before its body is read, at most [`MAX_DATA_CALLS`] run at once, so a
-//! node's memory for uploads stays bounded whatever the number of clients. Disk work runs on blocking
-//! threads, never on the API's async workers.
+//! node's memory for uploads stays bounded whatever the number of clients. One source address
+//! may hold at most a quarter of either ([`MAX_DATA_CALLS_PER_SOURCE`],
+//! [`DATA_BODY_BUDGET_PER_SOURCE`]): the reservation comes before the body, so before the
+//! signature over it is checked, and the key a call names is only a claim then — a share per
+//! key would let anyone exhaust a victim's share by naming its key, while the source address is
+//! what the TCP connection really comes from. Disk work runs on blocking threads, never on the
+//! API's async workers.
 
 use crate::api::{ApiState, Caller, VerifiedBody, error};
 use crate::uploads::UploadQuota;
@@ -68,6 +73,28 @@ pub const DATA_BODY_BUDGET: usize = 16 * MAX_SHARD_BODY;
 pub const MAX_DATA_CALLS: usize = 256;
 /// The unit [`DATA_BODY_BUDGET`] is counted in.
 const BUDGET_UNIT: usize = 64 << 10;
+/// Data-plane calls one source address may have running at once: a quarter of
+/// [`MAX_DATA_CALLS`], so one host (a slow or hostile client) leaves the rest to the others. An
+/// honest client has a few calls per holder at once (an S3 gateway serving dozens of small PUTs
+/// together, a few dozen).
+pub const MAX_DATA_CALLS_PER_SOURCE: usize = MAX_DATA_CALLS / 4;
+/// Bytes of bodies one source address may hold at once: a quarter of [`DATA_BODY_BUDGET`] (four of
+/// the largest bodies, 160 shards of an 8 MiB segment at 4+2).
+pub const DATA_BODY_BUDGET_PER_SOURCE: usize = DATA_BODY_BUDGET / 4;
+
+/// What each source address holds of the data plane's calls and body budget (in
+/// [`BUDGET_UNIT`]s); an address holding nothing has no entry.
+type SourceShares = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (usize, usize)>>>;
+
+/// Why a data-plane call got no slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotRefused {
+    /// The node runs [`MAX_DATA_CALLS`] or holds its [`DATA_BODY_BUDGET`].
+    Busy,
+    /// This source address holds its share ([`MAX_DATA_CALLS_PER_SOURCE`],
+    /// [`DATA_BODY_BUDGET_PER_SOURCE`]).
+    SourceBusy,
+}
 
 /// A storage node's shard store with the key that signs its receipts.
 #[derive(Debug)]
@@ -77,6 +104,7 @@ pub struct ShardService {
     network: Hash,
     calls: Arc<Semaphore>,
     body_budget: Arc<Semaphore>,
+    sources: SourceShares,
     /// Each key's bound on uploads not committed yet.
     quota: UploadQuota,
 }
@@ -87,6 +115,28 @@ pub struct ShardService {
 pub struct DataSlot {
     _call: tokio::sync::OwnedSemaphorePermit,
     _body: tokio::sync::OwnedSemaphorePermit,
+    _share: SourceShare,
+}
+
+/// One call's part of its source address's share, given back when dropped.
+#[derive(Debug)]
+struct SourceShare {
+    sources: SourceShares,
+    source: std::net::IpAddr,
+    units: usize,
+}
+
+impl Drop for SourceShare {
+    fn drop(&mut self) {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((calls, units)) = sources.get_mut(&self.source) {
+            *calls = calls.saturating_sub(1);
+            *units = units.saturating_sub(self.units);
+            if *calls == 0 {
+                sources.remove(&self.source);
+            }
+        }
+    }
 }
 
 /// A holder's receipt, as `POST …/seal/{index}` answers it.
@@ -116,6 +166,7 @@ impl ShardService {
             network,
             calls: Arc::new(Semaphore::new(MAX_DATA_CALLS)),
             body_budget: Arc::new(Semaphore::new(DATA_BODY_BUDGET / BUDGET_UNIT)),
+            sources: SourceShares::default(),
         }
     }
 
@@ -124,13 +175,27 @@ impl ShardService {
         &self.store
     }
 
-    /// A slot for one data-plane call whose body is at most `body_bytes` long, or `None` when
-    /// [`MAX_DATA_CALLS`] run or their bodies leave too little of [`DATA_BODY_BUDGET`].
-    pub fn try_slot(&self, body_bytes: usize) -> Option<DataSlot> {
-        let units = body_bytes.min(MAX_SHARD_BODY).div_ceil(BUDGET_UNIT).max(1) as u32;
-        let call = self.calls.clone().try_acquire_owned().ok()?;
-        let body = self.body_budget.clone().try_acquire_many_owned(units).ok()?;
-        Some(DataSlot { _call: call, _body: body })
+    /// A slot for one data-plane call from `source` whose body is at most `body_bytes` long;
+    /// refused when `source` holds its share, or [`MAX_DATA_CALLS`] run or their bodies leave too
+    /// little of [`DATA_BODY_BUDGET`].
+    pub fn try_slot(&self, source: std::net::IpAddr, body_bytes: usize) -> Result<DataSlot, SlotRefused> {
+        let units = body_bytes.min(MAX_SHARD_BODY).div_ceil(BUDGET_UNIT).max(1);
+        let share = {
+            let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+            let (calls, held) = sources.entry(source).or_default();
+            if *calls >= MAX_DATA_CALLS_PER_SOURCE || *held + units > DATA_BODY_BUDGET_PER_SOURCE / BUDGET_UNIT {
+                if *calls == 0 {
+                    sources.remove(&source);
+                }
+                return Err(SlotRefused::SourceBusy);
+            }
+            *calls += 1;
+            *held += units;
+            SourceShare { sources: self.sources.clone(), source, units }
+        };
+        let call = self.calls.clone().try_acquire_owned().map_err(|_| SlotRefused::Busy)?;
+        let body = self.body_budget.clone().try_acquire_many_owned(units as u32).map_err(|_| SlotRefused::Busy)?;
+        Ok(DataSlot { _call: call, _body: body, _share: share })
     }
 
     /// Checks the manifest of `version` against what this node holds for shard `index`, makes
@@ -756,6 +821,96 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_address_holding_its_share_of_the_data_plane_waits_and_others_do_not() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let svc =
+            ShardService::new(ShardStore::open(dir.path(), 1 << 30).unwrap(), Identity::from_seed(4_242), Hash::ZERO);
+        let mut state = crate::api::testing::state(crate::config::ApiLimits::default());
+        Arc::get_mut(&mut state).unwrap().shards = Some(Arc::new(svc));
+        let url = crate::api::testing::serve(state.clone()).await;
+        let addr = url.trim_start_matches("http://").to_string();
+        let tenant = crate::api::testing::tenant();
+        let object = archipel_ledger::storage::object_id("b", "k");
+        // A signed shard PUT's head (declaring `len` body bytes) for version `nonce`.
+        let head = |nonce: u8, len: usize, hash: [u8; 32]| {
+            let version = version_id(&tenant.node_id(), &object, &[nonce; 32]);
+            let path = format!("/v1/objects/{version}/shards/0/0");
+            let signed = archipel_crypto::sign_request_prehashed(
+                &tenant,
+                "PUT",
+                &path,
+                &hash,
+                crate::api::system_now_ms(),
+                [nonce; 16],
+            );
+            let claim = Claim::Owner { object, nonce: [nonce; 32] };
+            let mut h: Vec<(String, String)> =
+                signed.pairs().into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            h.push((HASH_HEADER.into(), hex::encode(hash)));
+            h.push((CLAIM_HEADER.into(), claim.to_header()));
+            (path, h, len)
+        };
+        // Four uploads from 127.0.0.1 that declare the largest body and send none: they hold
+        // this address's whole share of the body budget.
+        let mut held = Vec::new();
+        for nonce in 1..=4u8 {
+            let (path, headers, len) = head(nonce, MAX_SHARD_BODY, [0; 32]);
+            let mut text = format!("PUT {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {len}\r\n");
+            for (k, v) in headers {
+                text.push_str(&format!("{k}: {v}\r\n"));
+            }
+            text.push_str("\r\n");
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            stream.write_all(text.as_bytes()).await.unwrap();
+            held.push(stream);
+        }
+        let body = vec![7u8; 900];
+        let hash = *blake3::hash(&body).as_bytes();
+        let put = |from: [u8; 4], nonce: u8| {
+            let (path, headers, _) = head(nonce, body.len(), hash);
+            let http = reqwest::Client::builder().no_proxy().local_address(std::net::IpAddr::from(from)).build();
+            let (url, body) = (url.clone(), body.clone());
+            async move {
+                let mut req = http.unwrap().put(format!("{url}{path}")).body(body);
+                for (k, v) in headers {
+                    req = req.header(k, v);
+                }
+                let resp = req.send().await.unwrap();
+                (resp.status().as_u16(), resp.text().await.unwrap())
+            }
+        };
+        // The same address waits, told why; another address is served.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut nonce = 10;
+        let (status, text) = loop {
+            // The held uploads' heads may not have been read yet.
+            nonce += 1;
+            let (status, text) = put([127, 0, 0, 1], nonce).await;
+            if status != 200 || std::time::Instant::now() > deadline {
+                break (status, text);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        assert_eq!(status, 503, "{text}");
+        assert!(text.contains("data_busy") && text.contains("one address may hold"), "{text}");
+        let (status, text) = put([127, 0, 0, 2], 200).await;
+        assert_eq!(status, 200, "another address: {text}");
+        // Once the held uploads are gone, the address is served again.
+        drop(held);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            nonce += 1;
+            let (status, text) = put([127, 0, 0, 1], nonce).await;
+            if status == 200 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the share was never given back: {status} {text}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_key_past_its_bound_of_uncommitted_uploads_is_refused_with_the_numbers() {
         use archipel_objects::transfer::{Holder, Shards as _};
         let dir = tempfile::tempdir().unwrap();
@@ -986,24 +1141,62 @@ mod tests {
         m.segments[0][2]
     }
 
+    /// Source address `i` (of many).
+    fn host(i: usize) -> std::net::IpAddr {
+        std::net::IpAddr::from([10, 0, (i >> 8) as u8, i as u8])
+    }
+
     #[test]
     fn slots_count_body_bytes_so_small_calls_run_together_and_large_ones_are_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let store = ShardStore::open(dir.path(), 1 << 30).unwrap();
         let svc = ShardService::new(store, Identity::from_seed(1), Hash::ZERO);
-        // Sixteen of the largest bodies fill the budget; a seventeenth waits.
-        let large: Vec<DataSlot> = (0..16).map(|_| svc.try_slot(MAX_SHARD_BODY).expect("a large slot")).collect();
-        assert!(svc.try_slot(MAX_SHARD_BODY).is_none());
-        assert!(svc.try_slot(1 << 20).is_none(), "no budget left for a 1 MiB body either");
+        // Sixteen of the largest bodies (from four hosts) fill the budget; a seventeenth waits.
+        let large: Vec<DataSlot> =
+            (0..16).map(|i| svc.try_slot(host(i / 4), MAX_SHARD_BODY).expect("a large slot")).collect();
+        assert_eq!(svc.try_slot(host(99), MAX_SHARD_BODY).unwrap_err(), SlotRefused::Busy);
+        assert_eq!(svc.try_slot(host(99), 1 << 20).unwrap_err(), SlotRefused::Busy, "no budget for 1 MiB either");
         drop(large);
         // Small calls (a 4 KiB object's shard, a seal) run by the hundred, up to the call limit.
-        let small: Vec<DataSlot> = (0..MAX_DATA_CALLS).map(|_| svc.try_slot(1_100).expect("a small slot")).collect();
-        assert!(svc.try_slot(0).is_none(), "at most MAX_DATA_CALLS at once");
+        let small: Vec<DataSlot> =
+            (0..MAX_DATA_CALLS).map(|i| svc.try_slot(host(i % 8), 1_100).expect("a small slot")).collect();
+        assert_eq!(svc.try_slot(host(99), 0).unwrap_err(), SlotRefused::Busy, "at most MAX_DATA_CALLS at once");
         drop(small);
         // A body that declares more than a shard may be is counted as the largest.
-        let huge: Vec<DataSlot> = (0..16).map(|_| svc.try_slot(usize::MAX).unwrap()).collect();
-        assert!(svc.try_slot(1).is_none());
+        let huge: Vec<DataSlot> = (0..16).map(|i| svc.try_slot(host(i), usize::MAX).unwrap()).collect();
+        assert_eq!(svc.try_slot(host(99), 1).unwrap_err(), SlotRefused::Busy);
         drop(huge);
-        assert!(svc.try_slot(MAX_SHARD_BODY).is_some(), "everything given back");
+        assert!(svc.try_slot(host(0), MAX_SHARD_BODY).is_ok(), "everything given back");
+        assert!(svc.sources.lock().unwrap().is_empty(), "no share left behind");
+    }
+
+    #[test]
+    fn one_source_holds_at_most_a_quarter_of_the_calls_and_of_the_body_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShardStore::open(dir.path(), 1 << 30).unwrap();
+        let svc = ShardService::new(store, Identity::from_seed(1), Hash::ZERO);
+        // Calls: a quarter, then this source waits while others still get in.
+        let small: Vec<DataSlot> =
+            (0..MAX_DATA_CALLS_PER_SOURCE).map(|_| svc.try_slot(host(1), 1_100).unwrap()).collect();
+        assert_eq!(svc.try_slot(host(1), 1_100).unwrap_err(), SlotRefused::SourceBusy);
+        assert!(svc.try_slot(host(2), 1_100).is_ok(), "another source is not held back");
+        drop(small);
+        // Bytes: four of the largest bodies, then no more from this source, even a small one
+        // past its share; the others still have three quarters of the budget.
+        let large: Vec<DataSlot> = (0..4).map(|_| svc.try_slot(host(1), MAX_SHARD_BODY).unwrap()).collect();
+        assert_eq!(svc.try_slot(host(1), BUDGET_UNIT).unwrap_err(), SlotRefused::SourceBusy);
+        let others: Vec<DataSlot> = (0..12).map(|i| svc.try_slot(host(10 + i), MAX_SHARD_BODY).unwrap()).collect();
+        drop(large);
+        // Given back on drop: the source's share is whole again.
+        assert!(svc.try_slot(host(1), 1_100).is_ok());
+        drop(others);
+        assert!(svc.sources.lock().unwrap().is_empty());
+        // A refusal for the node's budget gives the source's part back at once.
+        let fill: Vec<DataSlot> = (0..16).map(|i| svc.try_slot(host(20 + i / 4), MAX_SHARD_BODY).unwrap()).collect();
+        for _ in 0..10 {
+            assert_eq!(svc.try_slot(host(1), MAX_SHARD_BODY).unwrap_err(), SlotRefused::Busy);
+        }
+        drop(fill);
+        assert!(svc.sources.lock().unwrap().is_empty(), "a refused call left a share behind");
     }
 }
