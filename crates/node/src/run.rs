@@ -472,6 +472,10 @@ impl PreparedNode {
             let storage_gauges = [
                 storage_ctx.gauge("degraded_objects", "objects with a holder down, gone, outside the fence or failing audits"),
                 storage_ctx.gauge("repairs_submitted", "shard repairs (MoveShards) this node submitted"),
+                storage_ctx.gauge(
+                    "repairs_refused",
+                    "shard repairs this node rebuilt whose MoveShards its mempool refused (e.g. no funds for the fee)",
+                ),
                 storage_ctx.gauge("audits_passed", "audits this node put that the holder passed"),
                 storage_ctx.gauge("audits_failed", "audits this node put that the holder failed"),
             ];
@@ -484,6 +488,7 @@ impl PreparedNode {
                     let values = [
                         counters.degraded_objects.load(Relaxed),
                         counters.repairs_submitted.load(Relaxed),
+                        counters.repairs_refused.load(Relaxed),
                         counters.audits_passed.load(Relaxed),
                         counters.audits_failed.load(Relaxed),
                     ];

@@ -69,6 +69,9 @@ pub struct StorageCounters {
     pub degraded_objects: std::sync::atomic::AtomicU64,
     /// Repairs (`MoveShards`) this node submitted.
     pub repairs_submitted: std::sync::atomic::AtomicU64,
+    /// Repairs this node rebuilt whose `MoveShards` its own mempool refused (no funds for the
+    /// fee, a move another repairer made first).
+    pub repairs_refused: std::sync::atomic::AtomicU64,
     /// Audits this node put that the holder passed.
     pub audits_passed: std::sync::atomic::AtomicU64,
     /// Audits this node put that the holder failed (reported with `AuditFailed`).
@@ -154,29 +157,69 @@ fn summarize(mut summary: String, notes: &[String]) -> String {
 pub const REPAIR_BACKOFF: Duration = Duration::from_secs(15);
 
 /// How long an object may stay degraded, its repair's duty holder up, before the next node in
-/// line takes the repair up too — and as long again for each further backup. Time for the holder
+/// line takes the repair up too — and as long again for each node after it. Time for the holder
 /// to rebuild a large object and retry a few times ([`REPAIR_BACKOFF`]); a holder that is up but
 /// cannot repair (no funds for the fee, a broken disk or network) or will not (Byzantine) delays
-/// the repair by this much, instead of leaving the object degraded for good.
+/// the repair by this much, instead of leaving the object degraded for good. The line has no end:
+/// nodes that ground their keys to stand first for an object delay its repair by a minute each.
 pub const REPAIR_FALLBACK_AFTER: Duration = Duration::from_secs(60);
-/// Backups in line after the duty holder: at most this many more nodes work on one object's
-/// repair at once (the ledger takes one move per generation of holders, so the others' work is
-/// refused and their new shards collected).
-pub const REPAIR_BACKUPS: usize = 2;
+/// Repairs of other nodes' duties (as a backup) one node starts per step, after its own: a mass
+/// failure, when many repairs run late, does not make every node rebuild every late object.
+pub const BACKUP_REPAIRS_PER_STEP: usize = 1;
 
-/// Whether the node `rank` places in line for an object's repair
-/// ([`archipel_placement::duty_rank`]; `None`: not a live storage node) takes it up, having seen
-/// the object degraded for `seen_for`: the duty holder at once, backup `r` after `r` ×
-/// `fallback_after`, and no node further down than [`REPAIR_BACKUPS`].
-pub fn takes_repair(rank: Option<usize>, seen_for: Duration, fallback_after: Duration) -> bool {
-    match rank {
-        Some(r) if r <= REPAIR_BACKUPS => seen_for >= fallback_after.saturating_mul(r as u32),
-        _ => false,
+/// How far down the line for an object's repair a node may stand and take it up, having seen the
+/// object degraded for `seen_for`: 0 (the duty holder) at once, one place more per
+/// `fallback_after`.
+pub fn repair_reach(seen_for: Duration, fallback_after: Duration) -> usize {
+    if fallback_after.is_zero() {
+        return usize::MAX;
     }
+    usize::try_from(seen_for.as_nanos() / fallback_after.as_nanos()).unwrap_or(usize::MAX)
 }
 
-/// Repairs the objects whose repair duty falls to this node, and those whose duty holder left
-/// them degraded for too long when this node is next in line ([`takes_repair`]).
+/// One entry of the repair queue: the object, its bucket's policy, the shard indices to repair.
+pub type Degraded = (ObjectRecord, PlacementPolicy, Vec<usize>);
+
+/// When this node first saw each degraded object (by version and holder generation).
+pub type SeenDegraded = HashMap<(Hash, u32), Instant>;
+
+/// The repairs `me` starts now from `queue` among the `live` storage nodes: every object whose
+/// duty holder it is, then at most [`BACKUP_REPAIRS_PER_STEP`] of those the line reaches it for
+/// ([`repair_reach`] of the time since `seen` first saw each), longest waiting first, skipping
+/// versions in `tried`. `seen` is updated: entries for objects no longer in `queue` go, new ones
+/// are stamped `now`. Returns the jobs and how many of them are backups.
+pub fn pick_repairs(
+    queue: Vec<Degraded>,
+    live: &[NodeId],
+    me: &NodeId,
+    seen: &mut SeenDegraded,
+    tried: &HashMap<Hash, Instant>,
+    now: Instant,
+    fallback_after: Duration,
+) -> (Vec<Degraded>, usize) {
+    // An object that left the queue (repaired, deleted) or was moved starts its wait afresh if
+    // it is degraded again.
+    let in_queue: BTreeSet<(Hash, u32)> = queue.iter().map(|(o, _, _)| (o.version, o.generation)).collect();
+    seen.retain(|v, _| in_queue.contains(v));
+    let (mut own, mut late) = (Vec::new(), Vec::new());
+    for entry in queue {
+        let since = *seen.entry((entry.0.version, entry.0.generation)).or_insert(now);
+        let reach = repair_reach(now.saturating_duration_since(since), fallback_after);
+        match archipel_placement::duty_rank_within(&repair_seed(&entry.0.version), live.iter().copied(), me, reach) {
+            Some(0) => own.push(entry),
+            Some(_) if !tried.contains_key(&entry.0.version) => late.push((since, entry)),
+            _ => {}
+        }
+    }
+    late.sort_by_key(|(since, _)| *since);
+    let backups = late.len().min(BACKUP_REPAIRS_PER_STEP);
+    own.extend(late.into_iter().take(BACKUP_REPAIRS_PER_STEP).map(|(_, entry)| entry));
+    (own, backups)
+}
+
+/// Repairs the objects whose repair duty falls to this node, and (a few per step) those whose
+/// duty holder left them degraded for long enough that the line reaches this node
+/// ([`repair_reach`]).
 #[derive(Debug)]
 pub struct Repairer {
     chain: Arc<Chain>,
@@ -184,9 +227,11 @@ pub struct Repairer {
     shards: HttpShards,
     submitter: Submitter,
     tried: HashMap<Hash, Instant>,
-    /// Degraded objects (by version) and when this node first saw each degraded, for as long as
-    /// they stay in the repair queue: what backups count their wait from.
-    seen: HashMap<Hash, Instant>,
+    /// Degraded objects (by version and generation of holders) and when this node first saw
+    /// each degraded, for as long as they stay so: what backups count their wait from. A move
+    /// makes a new generation, so a partly repaired object, or one that lost another holder,
+    /// gives its duty holder a fresh head start.
+    seen: SeenDegraded,
     fallback_after: Duration,
     submitted: u64,
     counters: Arc<StorageCounters>,
@@ -268,7 +313,7 @@ fn repair_order(missing: &[usize], sources: &[(usize, Holder)]) -> Vec<usize> {
 /// Objects with holders unhealthy at `now_ms` in `st`, each with its policy: the repair queue.
 /// Reads the ledger's index of holders that are not up where they registered, and of suspect
 /// shards ([`archipel_ledger::State::repair_candidates`]), not every object.
-pub fn degraded(st: &archipel_ledger::State, now_ms: u64) -> Vec<(ObjectRecord, PlacementPolicy, Vec<usize>)> {
+pub fn degraded(st: &archipel_ledger::State, now_ms: u64) -> Vec<Degraded> {
     let mut policies: HashMap<String, Option<PlacementPolicy>> = HashMap::new();
     let mut out = Vec::new();
     for o in st.repair_candidates() {
@@ -298,6 +343,7 @@ impl Worker for Repairer {
     async fn step(&mut self) -> Result<String, String> {
         let me = self.identity.node_id();
         let (seen, fallback_after) = (&mut self.seen, self.fallback_after);
+        let tried = &self.tried;
         let mut backups = 0usize;
         let (jobs, candidates, urls, network, queued, live) = self.chain.with_state(|st| {
             let live = st.live_storage_nodes();
@@ -306,20 +352,10 @@ impl Worker for Repairer {
             let now_ms = crate::api::system_now_ms().max(st.chain().timestamp_ms);
             let queue = degraded(st, now_ms);
             let queued = queue.len();
-            // An object that left the queue (repaired, deleted) starts its wait afresh if it
-            // degrades again.
-            let now = Instant::now();
-            let in_queue: BTreeSet<Hash> = queue.iter().map(|(o, _, _)| o.version).collect();
-            seen.retain(|v, _| in_queue.contains(v));
-            let jobs: Vec<Job> = queue
+            let picked;
+            (picked, backups) = pick_repairs(queue, &live, &me, seen, tried, Instant::now(), fallback_after);
+            let jobs: Vec<Job> = picked
                 .into_iter()
-                .filter(|(o, _, _)| {
-                    let since = *seen.entry(o.version).or_insert(now);
-                    let rank = archipel_placement::duty_rank(&repair_seed(&o.version), live.iter().copied(), &me);
-                    let takes = takes_repair(rank, now.saturating_duration_since(since), fallback_after);
-                    backups += usize::from(takes && rank != Some(0));
-                    takes
-                })
                 .map(|(object, policy, missing)| {
                     let holder = |(i, n): (usize, &NodeId)| (i, Holder { node: *n, url: url_of(st, n) });
                     let healthy =
@@ -420,6 +456,7 @@ impl Worker for Repairer {
                 }
                 Err(e) => {
                     degraded_left += 1;
+                    self.counters.repairs_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     notes.push(format!("{name}: the repair was refused: {e}"));
                 }
             }
@@ -430,7 +467,7 @@ impl Worker for Repairer {
              {repaired} repairs submitted now ({} since start), {degraded_left} left degraded{}",
             self.submitted,
             if backups > 0 {
-                format!(", {backups} taken up as a backup (their duty holder left them degraded)")
+                format!(", {backups} taken up as a backup (their duty holder left them degraded too long)")
             } else {
                 String::new()
             }
@@ -738,23 +775,130 @@ impl Worker for Collector {
 mod tests {
     use super::*;
 
+    /// A degraded object of version `v` (generation `generation`) as the repair queue has it.
+    fn degraded_object(v: u8, generation: u32) -> Degraded {
+        let object = ObjectRecord {
+            bucket: "b".into(),
+            key: format!("k{v}"),
+            version: Hash([v; 32]),
+            size: 1,
+            segment_bytes: 1,
+            code: archipel_types::ErasureCode::DEFAULT,
+            manifest_root: Hash::ZERO,
+            etag: String::new(),
+            holders: vec![NodeId([v; 32]); 6],
+            shard_bytes: 6,
+            created_height: 1,
+            created_ms: 1,
+            generation,
+            suspect: vec![],
+        };
+        (object, PlacementPolicy::anywhere(archipel_types::ErasureCode::DEFAULT), vec![0])
+    }
+
     #[test]
-    fn backups_take_a_repair_up_in_turn_and_no_further_than_their_number() {
+    fn repairs_are_picked_by_place_in_line_and_time_seen() {
+        let live: Vec<NodeId> = (1..=12u8).map(|i| NodeId([i; 32])).collect();
+        let after = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let rank = |o: &Degraded, n: &NodeId| {
+            archipel_placement::duty_rank(&repair_seed(&o.0.version), live.iter().copied(), n).unwrap()
+        };
+        // The nodes at places 0, 1, 2 and 3 in line for object 1.
+        let obj = degraded_object(1, 0);
+        let at = |r: usize| *live.iter().find(|n| rank(&obj, n) == r).unwrap();
+        let picks = |me: &NodeId, seen: &mut SeenDegraded, queue: Vec<Degraded>, now: Instant| {
+            let (jobs, backups) = pick_repairs(queue, &live, me, seen, &HashMap::new(), now, after);
+            (jobs.into_iter().map(|(o, _, _)| (o.version, o.generation)).collect::<Vec<_>>(), backups)
+        };
+        let key = (obj.0.version, 0);
+        // The duty holder at first sight; the others not yet.
+        assert_eq!(picks(&at(0), &mut SeenDegraded::new(), vec![obj.clone()], t0), (vec![key], 0));
+        let mut seen1 = SeenDegraded::new();
+        assert_eq!(picks(&at(1), &mut seen1, vec![obj.clone()], t0), (vec![], 0));
+        // The first backup one wait after it first saw the object, not before.
+        assert_eq!(picks(&at(1), &mut seen1, vec![obj.clone()], t0 + s(59)), (vec![], 0));
+        assert_eq!(picks(&at(1), &mut seen1, vec![obj.clone()], t0 + s(60)), (vec![key], 1));
+        // The second after two waits; the third not then.
+        let mut seen2 = SeenDegraded::new();
+        let mut seen3 = SeenDegraded::new();
+        picks(&at(2), &mut seen2, vec![obj.clone()], t0);
+        picks(&at(3), &mut seen3, vec![obj.clone()], t0);
+        assert_eq!(picks(&at(2), &mut seen2, vec![obj.clone()], t0 + s(119)).0, vec![]);
+        assert_eq!(picks(&at(2), &mut seen2, vec![obj.clone()], t0 + s(120)).0, vec![key]);
+        assert_eq!(picks(&at(3), &mut seen3, vec![obj.clone()], t0 + s(120)).0, vec![]);
+        assert_eq!(picks(&at(3), &mut seen3, vec![obj.clone()], t0 + s(180)).0, vec![key]);
+        // An object that left the queue waits from scratch when it is back.
+        assert_eq!(picks(&at(1), &mut seen1, vec![], t0 + s(61)), (vec![], 0));
+        assert!(seen1.is_empty());
+        assert_eq!(picks(&at(1), &mut seen1, vec![obj.clone()], t0 + s(62)).0, vec![]);
+        assert_eq!(picks(&at(1), &mut seen1, vec![obj.clone()], t0 + s(122)).0, vec![key]);
+        // A move (a new generation of holders) gives the duty holder a fresh head start.
+        let moved = degraded_object(1, 1);
+        assert_eq!(picks(&at(1), &mut seen1, vec![moved.clone()], t0 + s(123)).0, vec![]);
+        assert_eq!(picks(&at(1), &mut seen1, vec![moved], t0 + s(183)).0, vec![(obj.0.version, 1)]);
+        // A version tried lately is not taken up again as a backup.
+        let mut seen_t = SeenDegraded::new();
+        let tried: HashMap<Hash, Instant> = [(obj.0.version, t0)].into();
+        pick_repairs(vec![obj.clone()], &live, &at(1), &mut seen_t, &tried, t0, after);
+        assert!(pick_repairs(vec![obj.clone()], &live, &at(1), &mut seen_t, &tried, t0 + s(60), after).0.is_empty());
+        // A node that is not a live storage node never repairs.
+        let stranger = NodeId([99; 32]);
+        assert_eq!(picks(&stranger, &mut SeenDegraded::new(), vec![obj.clone()], t0), (vec![], 0));
+    }
+
+    #[test]
+    fn own_duties_go_first_and_backups_are_few_per_step() {
+        let live: Vec<NodeId> = (1..=12u8).map(|i| NodeId([i; 32])).collect();
+        let me = live[0];
+        let after = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let queue: Vec<Degraded> = (1..=60u8).map(|v| degraded_object(v, 0)).collect();
+        let rank = |o: &Degraded| {
+            archipel_placement::duty_rank(&repair_seed(&o.0.version), live.iter().copied(), &me).unwrap()
+        };
+        let own: Vec<Hash> = queue.iter().filter(|o| rank(o) == 0).map(|o| o.0.version).collect();
+        assert!(!own.is_empty() && own.len() < queue.len());
+        let mut seen = SeenDegraded::new();
+        // Seen one after the other (the queue growing): object v at t0 + v ms.
+        for i in 0..queue.len() {
+            pick_repairs(
+                queue[..=i].to_vec(),
+                &live,
+                &me,
+                &mut seen,
+                &HashMap::new(),
+                t0 + Duration::from_millis(i as u64),
+                after,
+            );
+        }
+        // An hour later every object is within reach: all own duties, then one backup — the one
+        // seen first of those not this node's.
+        let (jobs, backups) =
+            pick_repairs(queue.clone(), &live, &me, &mut seen, &HashMap::new(), t0 + Duration::from_secs(3_600), after);
+        assert_eq!(backups, BACKUP_REPAIRS_PER_STEP);
+        let versions: Vec<Hash> = jobs.iter().map(|(o, _, _)| o.version).collect();
+        assert_eq!(versions[..own.len()], own[..]);
+        let first_late = queue.iter().find(|o| rank(o) != 0).unwrap().0.version;
+        assert_eq!(versions[own.len()..], [first_late]);
+    }
+
+    #[test]
+    fn the_line_for_a_repair_reaches_one_node_further_per_wait() {
         let after = Duration::from_secs(60);
         let s = Duration::from_secs;
-        // The duty holder at once.
-        assert!(takes_repair(Some(0), Duration::ZERO, after));
-        // The first backup after one wait, the second after two.
-        assert!(!takes_repair(Some(1), s(59), after));
-        assert!(takes_repair(Some(1), s(60), after));
-        assert!(!takes_repair(Some(2), s(119), after));
-        assert!(takes_repair(Some(2), s(120), after));
-        // Nodes further down never, however long; a node not in line never.
-        assert!(!takes_repair(Some(REPAIR_BACKUPS + 1), s(1_000_000), after));
-        assert!(!takes_repair(None, s(1_000_000), after));
-        // A zero wait (a test setting) makes every backup act at once, never beyond the number.
-        assert!(takes_repair(Some(REPAIR_BACKUPS), Duration::ZERO, Duration::ZERO));
-        assert!(!takes_repair(Some(REPAIR_BACKUPS + 1), Duration::ZERO, Duration::ZERO));
+        // The duty holder at once, the first backup after one wait, the second after two…
+        assert_eq!(repair_reach(Duration::ZERO, after), 0);
+        assert_eq!(repair_reach(s(59), after), 0);
+        assert_eq!(repair_reach(s(60), after), 1);
+        assert_eq!(repair_reach(s(119), after), 1);
+        assert_eq!(repair_reach(s(120), after), 2);
+        // …with no end: an object left degraded reaches every node in time.
+        assert_eq!(repair_reach(s(3_600), after), 60);
+        // A zero wait (a test setting) lets every node act at once; nothing overflows.
+        assert_eq!(repair_reach(Duration::ZERO, Duration::ZERO), usize::MAX);
+        assert_eq!(repair_reach(Duration::MAX, Duration::from_nanos(1)), usize::MAX);
     }
 
     #[test]

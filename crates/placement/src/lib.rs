@@ -421,6 +421,18 @@ pub fn duty_holder(seed: &[u8; 32], nodes: impl IntoIterator<Item = NodeId>) -> 
 /// `me` is not among `nodes`. Backups use it to take a duty up when the nodes before them have
 /// left it undone for long enough (a holder that is up but cannot or will not do it).
 pub fn duty_rank(seed: &[u8; 32], nodes: impl IntoIterator<Item = NodeId>, me: &NodeId) -> Option<usize> {
+    duty_rank_within(seed, nodes, me, usize::MAX)
+}
+
+/// [`duty_rank`] when it is at most `max`, else `None`, counted only until more than `max`
+/// nodes are found ahead: a node far down the line learns so after reading a fraction of a
+/// large network.
+pub fn duty_rank_within(
+    seed: &[u8; 32],
+    nodes: impl IntoIterator<Item = NodeId>,
+    me: &NodeId,
+    max: usize,
+) -> Option<usize> {
     let mine = (score(seed, me), *me);
     let (mut ahead, mut found) = (0usize, false);
     for n in nodes {
@@ -428,6 +440,9 @@ pub fn duty_rank(seed: &[u8; 32], nodes: impl IntoIterator<Item = NodeId>, me: &
             found = true;
         } else if (score(seed, &n), n) < mine {
             ahead += 1;
+            if ahead > max {
+                return None;
+            }
         }
     }
     found.then_some(ahead)

@@ -2,8 +2,8 @@
 //! failure domains, equal inputs give equal answers in any order, and refusals carry the numbers.
 
 use archipel_placement::{
-    Candidate, MIN_REPUTATION, PlacementError, Violation, check, duty_holder, duty_rank, eligible, feasible, place,
-    replace, replace_what_fits,
+    Candidate, MIN_REPUTATION, PlacementError, Violation, check, duty_holder, duty_rank, duty_rank_within, eligible,
+    feasible, place, replace, replace_what_fits,
 };
 use archipel_types::{ErasureCode, NodeId, PlacementPolicy};
 use proptest::prelude::*;
@@ -269,12 +269,18 @@ fn every_node_has_one_place_in_line_for_a_duty() {
         assert_eq!(sorted, (0..12).collect::<Vec<_>>());
         for (n, r) in nodes.iter().zip(&ranks) {
             assert_eq!(duty_rank(&seed, nodes.iter().rev().copied(), n), Some(*r));
+            // Within a bound: the rank when it is at most the bound, else nothing.
+            for max in [0, 1, 5, 11] {
+                let within = duty_rank_within(&seed, nodes.iter().copied(), n, max);
+                assert_eq!(within, (*r <= max).then_some(*r), "rank {r}, max {max}");
+            }
         }
-        // Rank 0 is the duty holder; without it, rank 1 is.
-        let first = nodes[ranks.iter().position(|r| *r == 0).unwrap()];
-        let second = nodes[ranks.iter().position(|r| *r == 1).unwrap()];
-        assert_eq!(duty_holder(&seed, nodes.iter().copied()), Some(first));
-        assert_eq!(duty_holder(&seed, nodes.iter().copied().filter(|n| *n != first)), Some(second));
+        // Rank r is the duty holder once the nodes ranked before it are gone.
+        for r in 0..12 {
+            let at = nodes[ranks.iter().position(|x| *x == r).unwrap()];
+            let rest = nodes.iter().zip(&ranks).filter(|(_, x)| **x >= r).map(|(n, _)| *n);
+            assert_eq!(duty_holder(&seed, rest), Some(at));
+        }
     }
     assert_eq!(duty_rank(&[0; 32], (1..=3).map(node), &node(9)), None);
     assert_eq!(duty_rank(&[0; 32], std::iter::empty(), &node(1)), None);
