@@ -342,18 +342,17 @@ impl Worker for Repairer {
 
     async fn step(&mut self) -> Result<String, String> {
         let me = self.identity.node_id();
-        let (seen, fallback_after) = (&mut self.seen, self.fallback_after);
-        let tried = &self.tried;
-        let mut backups = 0usize;
-        let (jobs, candidates, urls, network, queued, live) = self.chain.with_state(|st| {
-            let live = st.live_storage_nodes();
+        let (queue, live) = self.chain.with_state(|st| {
             // Our clock, or the chain's if ahead: an idle chain makes no blocks, so its time
             // stands still while a holder stays down.
             let now_ms = crate::api::system_now_ms().max(st.chain().timestamp_ms);
-            let queue = degraded(st, now_ms);
-            let queued = queue.len();
-            let picked;
-            (picked, backups) = pick_repairs(queue, &live, &me, seen, tried, Instant::now(), fallback_after);
+            (degraded(st, now_ms), st.live_storage_nodes())
+        });
+        let queued = queue.len();
+        // Who does what, outside the chain's lock (a place in line hashes the live nodes).
+        let (picked, backups) =
+            pick_repairs(queue, &live, &me, &mut self.seen, &self.tried, Instant::now(), self.fallback_after);
+        let (jobs, candidates, urls, network) = self.chain.with_state(|st| {
             let jobs: Vec<Job> = picked
                 .into_iter()
                 .map(|(object, policy, missing)| {
@@ -376,8 +375,9 @@ impl Worker for Repairer {
                 .collect();
             let candidates = st.storage_candidates();
             let urls: HashMap<NodeId, String> = candidates.iter().map(|c| (c.node, url_of(st, &c.node))).collect();
-            (jobs, candidates, urls, st.network(), queued, live.len())
+            (jobs, candidates, urls, st.network())
         });
+        let live = live.len();
         self.counters.degraded_objects.store(queued as u64, std::sync::atomic::Ordering::Relaxed);
         self.tried.retain(|_, at| at.elapsed() < REPAIR_BACKOFF);
         let (mut repaired, mut degraded_left, mut notes) = (0, 0, Vec::new());
