@@ -312,6 +312,12 @@ fn jobs_are_bid_on_run_verified_paid_once_and_survive_the_loss_of_us_east() {
     for id in [&outside, &cheap] {
         let t0 = net.account(&tenant);
         run(w, &args(&net.cli(&["job", "cancel", id])));
+        // Final on the node the CLI used; the node read here may be a block behind.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while net.job(id)["ended"]["status"].is_null() {
+            assert!(Instant::now() < deadline, "the cancel never showed: {}", net.job(id));
+            std::thread::sleep(Duration::from_millis(100));
+        }
         assert_eq!(net.job(id)["ended"]["status"], "cancelled");
         assert_eq!(net.moved(&tenant, t0), if id == &outside { 50 } else { 2 }, "the escrow came back");
     }

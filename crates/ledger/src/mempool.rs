@@ -193,11 +193,14 @@ fn spend_micro(params: &LedgerParams, tx: &Transaction) -> u64 {
         }
         // The deposit is locked from the sponsor's balance too.
         Payload::RegisterNode { .. } => params.tx_fee_micro.saturating_add(params.node_deposit_micro),
+        // A new entry's deposit (a `PutObject` that replaces a version locks none: counted as
+        // though it did, the pool may ask a nearly empty account to wait for the block first).
+        Payload::CreateBucket { .. } | Payload::PutObject { .. } => {
+            params.tx_fee_micro.saturating_add(params.entry_deposit_micro)
+        }
         Payload::UpdateNode { .. }
         | Payload::LeaveNode { .. }
-        | Payload::CreateBucket { .. }
         | Payload::DeleteBucket { .. }
-        | Payload::PutObject { .. }
         | Payload::DeleteObject { .. }
         | Payload::MoveShards { .. }
         | Payload::AuditFailed { .. }

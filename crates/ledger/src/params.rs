@@ -39,6 +39,17 @@ pub struct LedgerParams {
     /// Length of an audit epoch (chain time, ms): each object is challenged once per epoch by
     /// an auditor drawn from finalized state.
     pub audit_epoch_ms: u64,
+    /// Locked from a bucket's owner for each entry it adds to the ledger's state — the bucket,
+    /// and each object key in it — and returned to the owner when the entry is deleted (replacing
+    /// an object's version adds no entry): every node keeps these entries, so filling the state
+    /// costs deposits, not just fees. Absent from a genesis written before it (0: no deposit),
+    /// which keeps that network's genesis and state root as they were.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub entry_deposit_micro: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Lowest accepted `max_tx_bytes`: the largest possible node registration (descriptor with the
@@ -69,6 +80,7 @@ impl Default for LedgerParams {
             node_deposit_micro: 1_000_000,
             repair_grace_ms: 10_000,
             audit_epoch_ms: 60_000,
+            entry_deposit_micro: 10_000,
         }
     }
 }
@@ -167,6 +179,13 @@ mod tests {
         assert!(p.validate().unwrap_err().contains("hold at least 4 transactions"), "no overflow");
         let p = LedgerParams { max_block_bytes: u32::MAX, ..LedgerParams::default() };
         assert!(p.validate().unwrap_err().contains("max_block_bytes (4294967295) must be at most"));
+        // A genesis written before entry deposits reads as none, and writes back as it was.
+        let mut old = serde_json::to_value(LedgerParams::default()).unwrap();
+        old.as_object_mut().unwrap().remove("entry_deposit_micro");
+        let read: LedgerParams = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(read.entry_deposit_micro, 0);
+        assert_eq!(serde_json::to_value(&read).unwrap(), old);
+        assert!(serde_json::to_value(LedgerParams::default()).unwrap()["entry_deposit_micro"].as_u64().unwrap() > 0);
         let p = LedgerParams { node_deposit_micro: 0, ..LedgerParams::default() };
         assert!(p.validate().unwrap_err().contains("node_deposit_micro must be positive"));
     }

@@ -603,10 +603,10 @@ impl State {
             Payload::UpdateNode { descriptor } if with_signatures => self.check_update(tx.signer, descriptor)?,
             Payload::UpdateNode { descriptor } => self.check_update_cheap(tx.signer, descriptor)?,
             Payload::LeaveNode { node } => self.check_leave(tx.signer, *node)?,
-            Payload::CreateBucket { name, policy } => self.check_create_bucket(name, policy)?,
+            Payload::CreateBucket { name, policy } => self.check_create_bucket(tx.signer, fee, name, policy)?,
             Payload::DeleteBucket { name } => self.check_delete_bucket(tx.signer, name)?,
-            Payload::PutObject { put } if with_signatures => self.check_put_object(tx.signer, put)?,
-            Payload::PutObject { put } => self.check_put_object_cheap(tx.signer, put)?,
+            Payload::PutObject { put } if with_signatures => self.check_put_object(tx.signer, fee, put)?,
+            Payload::PutObject { put } => self.check_put_object_cheap(tx.signer, fee, put)?,
             Payload::DeleteObject { bucket, key } => self.check_delete_object(tx.signer, bucket, key)?,
             Payload::MoveShards { bucket, key, version, moves } if with_signatures => {
                 self.check_move_shards(bucket, key, version, moves)?

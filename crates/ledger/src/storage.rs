@@ -837,11 +837,53 @@ impl State {
         Ok(b)
     }
 
-    pub(crate) fn check_create_bucket(&self, name: &str, policy: &PlacementPolicy) -> Result<(), TxError> {
+    /// Refuses a new entry (a bucket or an object key) whose deposit and `fee` `signer` cannot pay.
+    fn check_entry_deposit(
+        &self,
+        signer: NodeId,
+        fee: u64,
+        what: &'static str,
+        what_short: &'static str,
+    ) -> Result<(), TxError> {
+        let deposit_micro = self.params.entry_deposit_micro;
+        let balance_micro = self.account(&signer).balance_micro;
+        if deposit_micro.checked_add(fee).is_none_or(|needed| balance_micro < needed) {
+            return Err(TxError::InsufficientEntryDeposit {
+                balance_micro,
+                deposit_micro,
+                fee_micro: fee,
+                what,
+                what_short,
+            });
+        }
+        Ok(())
+    }
+
+    /// Moves a state entry's deposit: locked from `owner` (`lock`) or returned to it.
+    fn entry_deposit(&mut self, owner: NodeId, lock: bool) {
+        let deposit = self.params.entry_deposit_micro;
+        if deposit == 0 {
+            return;
+        }
+        // The lock was checked against the balance; a return gives back what a lock took.
+        self.update_account(owner, |a| {
+            a.balance_micro =
+                if lock { a.balance_micro.saturating_sub(deposit) } else { a.balance_micro.saturating_add(deposit) }
+        });
+    }
+
+    pub(crate) fn check_create_bucket(
+        &self,
+        signer: NodeId,
+        fee: u64,
+        name: &str,
+        policy: &PlacementPolicy,
+    ) -> Result<(), TxError> {
         check_bucket_name(name).map_err(TxError::NotAllowed)?;
         if self.bucket(name).is_some() {
             return Err(TxError::NotAllowed(format!("bucket {name:?} exists already: bucket names are global")));
         }
+        self.check_entry_deposit(signer, fee, "a new bucket", "bucket")?;
         policy.validate().map_err(|e| TxError::NotAllowed(format!("bucket {name:?}: {e}")))?;
         let candidates = self.storage_candidates();
         archipel_placement::feasible(policy, &candidates, archipel_types::SHARD_ALIGN).map_err(|e| {
@@ -866,6 +908,7 @@ impl State {
             segments: 0,
         };
         self.buckets.set(bucket_id(name), Some(record));
+        self.entry_deposit(signer, true);
         Receipt::BucketCreated { name: name.to_string(), owner: signer }
     }
 
@@ -881,15 +924,21 @@ impl State {
     }
 
     pub(crate) fn apply_delete_bucket(&mut self, name: &str) -> Receipt {
+        if let Some(b) = self.bucket(name) {
+            self.entry_deposit(b.owner, false);
+        }
         self.buckets.set(bucket_id(name), None);
         Receipt::BucketDeleted { name: name.to_string() }
     }
 
     /// Every check of a `PutObject` but the receipts' signatures.
-    pub(crate) fn check_put_object_cheap(&self, signer: NodeId, put: &ObjectPut) -> Result<(), TxError> {
+    pub(crate) fn check_put_object_cheap(&self, signer: NodeId, fee: u64, put: &ObjectPut) -> Result<(), TxError> {
         let bad = |m: String| Err(TxError::NotAllowed(m));
         let bucket = self.owned_bucket(signer, &put.bucket)?;
         check_object_key(&put.key).map_err(TxError::NotAllowed)?;
+        if self.object(&put.bucket, &put.key).is_none() {
+            self.check_entry_deposit(signer, fee, "a new object key", "object")?;
+        }
         if put.etag.len() > MAX_ETAG_BYTES || !put.etag.bytes().all(|c| c.is_ascii_hexdigit() || c == b'-') {
             return bad(format!("etag must be at most {MAX_ETAG_BYTES} hex digits and dashes"));
         }
@@ -982,8 +1031,8 @@ impl State {
         Ok(())
     }
 
-    pub(crate) fn check_put_object(&self, signer: NodeId, put: &ObjectPut) -> Result<(), TxError> {
-        self.check_put_object_cheap(signer, put)?;
+    pub(crate) fn check_put_object(&self, signer: NodeId, fee: u64, put: &ObjectPut) -> Result<(), TxError> {
+        self.check_put_object_cheap(signer, fee, put)?;
         let need = self.bucket(&put.bucket).map(|b| shard_bytes_per_holder(b.policy.code, put.size, put.segment_bytes));
         let terms: Vec<Vec<u8>> = put
             .holders
@@ -1057,6 +1106,9 @@ impl State {
         bucket.bytes = bucket.bytes.saturating_add(put.size);
         bucket.segments = bucket.segments.saturating_add(segment_count(put.size, put.segment_bytes));
         let code = bucket.policy.code;
+        if replaced.is_none() {
+            self.entry_deposit(bucket.owner, true);
+        }
         self.buckets.set(bucket_id(&put.bucket), Some(bucket));
         let record = ObjectRecord {
             bucket: put.bucket.clone(),
@@ -1096,6 +1148,9 @@ impl State {
         if let Some(old) = &old {
             self.release_object(old);
             self.objects.set(object_id(bucket, key), None);
+            if let Some(b) = self.bucket(bucket) {
+                self.entry_deposit(b.owner, false);
+            }
         }
         Receipt::ObjectDeleted {
             bucket: bucket.into(),
@@ -1308,7 +1363,7 @@ mod tests {
             params: LedgerParams::default(),
             timestamp_ms: 0,
             validators: vec![id(101).node_id()],
-            accounts: [(id(TENANT).node_id(), 1_000_000), (id(1).node_id(), 1_000)]
+            accounts: [(id(TENANT).node_id(), 1_000_000_000), (id(1).node_id(), 1_000)]
                 .into_iter()
                 .chain((101..=112).map(|n| (id(n).node_id(), 1_000)))
                 .collect(),
@@ -1581,6 +1636,61 @@ mod tests {
         assert!(t.send(&mut s, Payload::DeleteObject { bucket: "eu-docs".into(), key: "a/b.txt".into() }).is_err());
         t.send(&mut s, Payload::DeleteBucket { name: "eu-docs".into() }).unwrap();
         assert!(s.bucket("eu-docs").is_none());
+    }
+
+    #[test]
+    fn new_buckets_and_object_keys_lock_a_deposit_returned_when_deleted() {
+        let mut s = world();
+        let mut t = Tenant { nonce: 0 };
+        let me = id(TENANT).node_id();
+        let (deposit, fee) = (s.params().entry_deposit_micro, s.params().tx_fee_micro);
+        assert!(deposit > 0, "the default genesis asks a deposit");
+        let balance = |s: &State| s.account(&me).balance_micro;
+        let start = balance(&s);
+        // A bucket locks one deposit; a new key another; a new version of that key none.
+        bucket_with(&mut s, &mut t, "eu-docs", eu_no_us());
+        assert_eq!(balance(&s), start - deposit - fee);
+        let holders = placed(&s, "eu-docs", 1);
+        put(&mut s, &mut t, "eu-docs", "k", MIB, &holders, 1).unwrap();
+        assert_eq!(balance(&s), start - 2 * deposit - 2 * fee);
+        let holders = placed(&s, "eu-docs", 2);
+        put(&mut s, &mut t, "eu-docs", "k", MIB, &holders, 2).unwrap();
+        assert_eq!(balance(&s), start - 2 * deposit - 3 * fee);
+        // Deleting gives each back to the owner.
+        t.send(&mut s, Payload::DeleteObject { bucket: "eu-docs".into(), key: "k".into() }).unwrap();
+        assert_eq!(balance(&s), start - deposit - 4 * fee);
+        t.send(&mut s, Payload::DeleteBucket { name: "eu-docs".into() }).unwrap();
+        assert_eq!(balance(&s), start - 5 * fee);
+
+        // An account that cannot lock the deposit is refused with the numbers, and nothing changes.
+        bucket_with(&mut s, &mut t, "eu-docs", eu_no_us());
+        let poor = balance(&s) - deposit - fee + 1;
+        t.send(&mut s, Payload::Transfer { to: id(1).node_id(), amount_micro: poor }).unwrap();
+        let left = balance(&s);
+        assert!(left < deposit + fee && left >= fee, "{left}");
+        let root = s.state_root();
+        let holders = placed(&s, "eu-docs", 3);
+        let e = put(&mut s, &mut t, "eu-docs", "new", MIB, &holders, 3).unwrap_err();
+        assert_eq!(e.code(), "insufficient_funds");
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("{deposit} deposit a new object key locks")) && text.contains("deleted"),
+            "{text}"
+        );
+        let e = t.send(&mut s, Payload::CreateBucket { name: "more".into(), policy: eu_no_us() }).unwrap_err();
+        assert!(e.to_string().contains("a new bucket"), "{e}");
+        assert_eq!(s.state_root(), root, "refused entries change nothing");
+        // Admission refuses it too.
+        let stx = signed(TENANT, t.nonce, Payload::CreateBucket { name: "more".into(), policy: eu_no_us() });
+        assert!(s.admit(&stx, 1_000).is_err());
+
+        // A network whose genesis predates deposits asks none.
+        let mut s = world();
+        s.params_mut().entry_deposit_micro = 0;
+        let mut t = Tenant { nonce: 0 };
+        let start = s.account(&me).balance_micro;
+        bucket_with(&mut s, &mut t, "eu-docs", eu_no_us());
+        assert_eq!(s.account(&me).balance_micro, start - fee);
     }
 
     #[test]

@@ -310,6 +310,23 @@ pub enum TxError {
         /// The fee.
         fee_micro: u64,
     },
+    /// The signer cannot lock the deposit of a new state entry (a bucket, an object key) and
+    /// pay the fee.
+    #[error(
+        "balance {balance_micro} is less than the {deposit_micro} deposit {what} locks plus the {fee_micro} fee: fund the account (the deposit comes back when the {what_short} is deleted)"
+    )]
+    InsufficientEntryDeposit {
+        /// Available.
+        balance_micro: u64,
+        /// The deposit (genesis parameter `entry_deposit_micro`).
+        deposit_micro: u64,
+        /// The fee.
+        fee_micro: u64,
+        /// What the entry is, e.g. "a new bucket".
+        what: &'static str,
+        /// The same, in one word.
+        what_short: &'static str,
+    },
     /// The node registry holds `max_registered_nodes` nodes already.
     #[error(
         "the node registry is full ({registered} of {max} nodes, genesis parameter max_registered_nodes): a node must leave before another can register"
@@ -363,7 +380,7 @@ impl TxError {
             TxError::Replay { .. } => "replayed_nonce",
             TxError::NonceTooFarAhead { .. } => "nonce_too_far_ahead",
             TxError::InsufficientFunds { .. } => "insufficient_funds",
-            TxError::InsufficientDeposit { .. } => "insufficient_funds",
+            TxError::InsufficientDeposit { .. } | TxError::InsufficientEntryDeposit { .. } => "insufficient_funds",
             TxError::RegistryFull { .. } => "registry_full",
             TxError::StaleDescriptor { .. } => "stale_descriptor",
             TxError::NoConsent { .. } => "no_consent",
