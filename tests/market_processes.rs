@@ -130,11 +130,23 @@ impl Net {
 
     /// `who`'s balance and the fees it paid so far (its next nonce: every transaction pays the
     /// devnet's fee of 1).
+    /// `who`'s balance with the deposits its buckets and objects lock counted in (storing a job's
+    /// module or input locks one per new key: that is storage's, not the market's), and nonce.
     fn account(&self, who: &str) -> (i64, i64) {
-        let v: serde_json::Value = rt()
-            .block_on(archipel_node::client::ApiClient::new(&self.node).get(&format!("/v1/accounts/{who}")))
-            .unwrap();
-        (v["balance_micro"].as_i64().unwrap(), v["nonce"].as_i64().unwrap())
+        let client = archipel_node::client::ApiClient::new(&self.node);
+        let v: serde_json::Value = rt().block_on(client.get(&format!("/v1/accounts/{who}"))).unwrap();
+        let genesis = Path::new(&self.key).with_file_name("genesis.json");
+        let genesis: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(genesis).unwrap()).unwrap();
+        let deposit = genesis["ledger"]["entry_deposit_micro"].as_i64().unwrap_or(0);
+        let buckets: serde_json::Value = rt().block_on(client.get("/v1/buckets")).unwrap();
+        let entries: i64 = buckets["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["owner"] == who)
+            .map(|b| 1 + b["objects"].as_i64().unwrap())
+            .sum();
+        (v["balance_micro"].as_i64().unwrap() + deposit * entries, v["nonce"].as_i64().unwrap())
     }
 
     /// How `who`'s balance moved since `before`, fees put back: what it was paid or refunded.

@@ -744,16 +744,23 @@ mod tests {
     use archipel_ledger::storage::WRAPPED_KEY_BYTES;
     use archipel_types::ErasureCode;
 
-    /// The API hashes a shard body once (for the signature) and stores the shard under that hash:
-    /// a body that is not the one signed, or not the one declared, is refused and nothing stored.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_shard_is_stored_under_the_hash_its_signature_was_checked_against() {
+    /// The API of a storage node (key seed 4,242) over a fresh shard store, served on loopback:
+    /// the store's directory (keep it), the API's state and its URL.
+    async fn serve_shards() -> (tempfile::TempDir, Arc<ApiState>, String) {
         let dir = tempfile::tempdir().unwrap();
         let svc =
             ShardService::new(ShardStore::open(dir.path(), 1 << 30).unwrap(), Identity::from_seed(4_242), Hash::ZERO);
         let mut state = crate::api::testing::state(crate::config::ApiLimits::default());
         Arc::get_mut(&mut state).unwrap().shards = Some(Arc::new(svc));
         let url = crate::api::testing::serve(state.clone()).await;
+        (dir, state, url)
+    }
+
+    /// The API hashes a shard body once (for the signature) and stores the shard under that hash:
+    /// a body that is not the one signed, or not the one declared, is refused and nothing stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shard_is_stored_under_the_hash_its_signature_was_checked_against() {
+        let (_dir, state, url) = serve_shards().await;
         let tenant = crate::api::testing::tenant();
         let object = archipel_ledger::storage::object_id("b", "k");
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
@@ -823,12 +830,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_address_holding_its_share_of_the_data_plane_waits_and_others_do_not() {
         use tokio::io::AsyncWriteExt;
-        let dir = tempfile::tempdir().unwrap();
-        let svc =
-            ShardService::new(ShardStore::open(dir.path(), 1 << 30).unwrap(), Identity::from_seed(4_242), Hash::ZERO);
-        let mut state = crate::api::testing::state(crate::config::ApiLimits::default());
-        Arc::get_mut(&mut state).unwrap().shards = Some(Arc::new(svc));
-        let url = crate::api::testing::serve(state.clone()).await;
+        let (_dir, _state, url) = serve_shards().await;
         let addr = url.trim_start_matches("http://").to_string();
         let tenant = crate::api::testing::tenant();
         let object = archipel_ledger::storage::object_id("b", "k");
