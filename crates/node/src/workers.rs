@@ -445,6 +445,13 @@ impl Worker for Repairer {
                     continue;
                 }
             };
+            // Another repairer's move finalized while this one rebuilt: this move is stale (its
+            // receipts name a generation that is gone), and would only wait in the pool.
+            let now = self.chain.with_state(|st| st.object(&o.bucket, &o.key).map(|x| (x.version, x.generation)));
+            if now != Some((o.version, o.generation)) {
+                notes.push(format!("{name}: moved or replaced by someone else meanwhile"));
+                continue;
+            }
             let payload =
                 Payload::MoveShards { bucket: o.bucket.clone(), key: o.key.clone(), version: o.version, moves };
             match self.submitter.submit(network, payload) {
