@@ -452,6 +452,7 @@ impl State {
             + self.nodes.values().map(|r| r.deposit_micro as u128).sum::<u128>()
             + self.chain.fees_burned_micro as u128
             + self.jobs_held_micro()
+            + self.entry_deposits_micro()
     }
 
     /// Lease status of `node` (Down if it is not registered).

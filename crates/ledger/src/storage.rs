@@ -872,6 +872,12 @@ impl State {
         });
     }
 
+    /// What buckets and object keys lock: one deposit per bucket and per key in it.
+    pub(crate) fn entry_deposits_micro(&self) -> u128 {
+        let entries: u128 = self.buckets().iter().map(|b| 1 + u128::from(b.objects)).sum();
+        entries * u128::from(self.params.entry_deposit_micro)
+    }
+
     pub(crate) fn check_create_bucket(
         &self,
         signer: NodeId,
@@ -1661,6 +1667,15 @@ mod tests {
         assert_eq!(balance(&s), start - deposit - 4 * fee);
         t.send(&mut s, Payload::DeleteBucket { name: "eu-docs".into() }).unwrap();
         assert_eq!(balance(&s), start - 5 * fee);
+        // The money total counts what the entries lock.
+        let total = s.total_micro();
+        bucket_with(&mut s, &mut t, "counted", eu_no_us());
+        let holders = placed(&s, "counted", 4);
+        put(&mut s, &mut t, "counted", "k", MIB, &holders, 4).unwrap();
+        assert_eq!(s.total_micro(), total, "locked deposits are counted, not lost");
+        t.send(&mut s, Payload::DeleteObject { bucket: "counted".into(), key: "k".into() }).unwrap();
+        t.send(&mut s, Payload::DeleteBucket { name: "counted".into() }).unwrap();
+        assert_eq!(s.total_micro(), total);
 
         // An account that cannot lock the deposit is refused with the numbers, and nothing changes.
         bucket_with(&mut s, &mut t, "eu-docs", eu_no_us());

@@ -46,9 +46,16 @@ pub struct Genesis {
     /// Membership timing shared by all nodes.
     #[serde(default)]
     pub membership: MembershipTiming,
-    /// Ledger parameters (lease timing, fees, limits).
-    #[serde(default)]
+    /// Ledger parameters (lease timing, fees, limits). A genesis without them has the defaults of
+    /// the version that wrote it: none asked an entry deposit, so theirs is 0 (the network id
+    /// stays what it was).
+    #[serde(default = "params_of_a_genesis_without_them")]
     pub ledger: LedgerParams,
+}
+
+/// The ledger parameters of a genesis file that has none (see [`Genesis::ledger`]).
+fn params_of_a_genesis_without_them() -> LedgerParams {
+    LedgerParams { entry_deposit_micro: 0, ..LedgerParams::default() }
 }
 
 /// A problem with a genesis file, naming the file and what is wrong.
@@ -270,6 +277,27 @@ mod tests {
         let mut other = g.clone();
         other.network = "other".into();
         assert_ne!(other.ledger_state().network(), g.ledger_state().network());
+    }
+
+    #[test]
+    fn a_genesis_from_before_entry_deposits_keeps_its_network_id() {
+        // Without a ledger section, or with one that lacks the field: no deposit, and the file
+        // hashes as it did (the field is not written back).
+        let mut g = sample(2);
+        g.ledger.entry_deposit_micro = 0;
+        let mut json = serde_json::to_value(&g).unwrap();
+        assert!(json["ledger"].get("entry_deposit_micro").is_none());
+        let with_section: Genesis = serde_json::from_value(json.clone()).unwrap();
+        json.as_object_mut().unwrap().remove("ledger");
+        let without: Genesis = serde_json::from_value(json).unwrap();
+        assert_eq!(without.ledger.entry_deposit_micro, 0);
+        assert_eq!(with_section.hash(), g.hash());
+        assert_eq!(without.ledger, g.ledger);
+        assert_eq!(without.hash(), g.hash());
+        // A new genesis asks one, and its id says so.
+        let new = sample(2);
+        assert!(new.ledger.entry_deposit_micro > 0);
+        assert_ne!(new.hash(), g.hash());
     }
 
     #[test]
