@@ -84,8 +84,7 @@ impl State {
             });
         }
         let deposit_micro = self.params.node_deposit_micro;
-        let balance_micro = self.account(&signer).balance_micro;
-        if deposit_micro.checked_add(fee).is_none_or(|needed| balance_micro < needed) {
+        if let Some(balance_micro) = self.short_of(signer, deposit_micro, fee) {
             return Err(TxError::InsufficientDeposit { balance_micro, deposit_micro, fee_micro: fee });
         }
         Ok(())

@@ -413,6 +413,12 @@ impl State {
     }
 
     /// Changes `id`'s account (starting from the default if it never appeared).
+    /// `signer`'s balance when it cannot lock `deposit` and pay `fee` too, else `None`.
+    pub(crate) fn short_of(&self, signer: NodeId, deposit: u64, fee: u64) -> Option<u64> {
+        let balance = self.account(&signer).balance_micro;
+        deposit.checked_add(fee).is_none_or(|needed| balance < needed).then_some(balance)
+    }
+
     pub(crate) fn update_account(&mut self, id: NodeId, f: impl FnOnce(&mut Account)) {
         let current = self.account(&id);
         // A failed read gives a default account the checks never saw: change nothing (the

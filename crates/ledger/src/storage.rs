@@ -846,8 +846,7 @@ impl State {
         what_short: &'static str,
     ) -> Result<(), TxError> {
         let deposit_micro = self.params.entry_deposit_micro;
-        let balance_micro = self.account(&signer).balance_micro;
-        if deposit_micro.checked_add(fee).is_none_or(|needed| balance_micro < needed) {
+        if let Some(balance_micro) = self.short_of(signer, deposit_micro, fee) {
             return Err(TxError::InsufficientEntryDeposit {
                 balance_micro,
                 deposit_micro,

@@ -796,31 +796,23 @@ pub async fn authenticate_data(State(s): State<Arc<ApiState>>, req: Request, nex
     let source = request_source(req.extensions().get::<ConnectInfo<SocketAddr>>());
     let _slot = match s.shards.as_ref().map(|svc| svc.try_slot(source, declared)) {
         Some(Ok(slot)) => Some(slot),
-        Some(Err(crate::shards::SlotRefused::Busy)) => {
-            return retry_later(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "data_busy",
-                format!(
-                    "this node already handles {} shard transfers or holds {} MiB of their bodies, the most it takes \
-                     at once: retry in a moment",
-                    crate::shards::MAX_DATA_CALLS,
-                    crate::shards::DATA_BODY_BUDGET >> 20
+        Some(Err(refused)) => {
+            use crate::shards::{
+                DATA_BODY_BUDGET, DATA_BODY_BUDGET_PER_SOURCE, MAX_DATA_CALLS, MAX_DATA_CALLS_PER_SOURCE, SlotRefused,
+            };
+            let message = match refused {
+                SlotRefused::Busy => format!(
+                    "this node already handles {MAX_DATA_CALLS} shard transfers or holds {} MiB of their bodies, the \
+                     most it takes at once: retry in a moment",
+                    DATA_BODY_BUDGET >> 20
                 ),
-                Duration::from_millis(200),
-            );
-        }
-        Some(Err(crate::shards::SlotRefused::SourceBusy)) => {
-            return retry_later(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "data_busy",
-                format!(
-                    "{source} already has {} shard transfers or {} MiB of their bodies on this node, the most one \
-                     address may hold at once: retry when one has finished",
-                    crate::shards::MAX_DATA_CALLS_PER_SOURCE,
-                    crate::shards::DATA_BODY_BUDGET_PER_SOURCE >> 20
+                SlotRefused::SourceBusy => format!(
+                    "{source} already has {MAX_DATA_CALLS_PER_SOURCE} shard transfers or {} MiB of their bodies on \
+                     this node, the most one address may hold at once: retry when one has finished",
+                    DATA_BODY_BUDGET_PER_SOURCE >> 20
                 ),
-                Duration::from_millis(200),
-            );
+            };
+            return retry_later(StatusCode::SERVICE_UNAVAILABLE, "data_busy", message, Duration::from_millis(200));
         }
         None => None,
     };

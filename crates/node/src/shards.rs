@@ -1086,9 +1086,7 @@ mod tests {
 
     #[test]
     fn a_repair_replaces_planted_junk_with_the_ledgers_manifest_and_shards_and_signs_only_after_a_check() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ShardStore::open(dir.path(), 1 << 30).unwrap();
-        let svc = ShardService::new(store, Identity::from_seed(1), Hash::ZERO);
+        let (dir, svc) = fresh_service();
         let version = [3u8; 32];
         let shard = vec![0x33u8; 5_000];
         let mut hashes = vec![[0u8; 32]; 6];
@@ -1143,6 +1141,13 @@ mod tests {
         m.segments[0][2]
     }
 
+    /// A shard service over a fresh 1 GiB store (keep the directory while it is used).
+    fn fresh_service() -> (tempfile::TempDir, ShardService) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShardStore::open(dir.path(), 1 << 30).unwrap();
+        (dir, ShardService::new(store, Identity::from_seed(1), Hash::ZERO))
+    }
+
     /// Source address `i` (of many).
     fn host(i: usize) -> std::net::IpAddr {
         std::net::IpAddr::from([10, 0, (i >> 8) as u8, i as u8])
@@ -1150,9 +1155,7 @@ mod tests {
 
     #[test]
     fn slots_count_body_bytes_so_small_calls_run_together_and_large_ones_are_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ShardStore::open(dir.path(), 1 << 30).unwrap();
-        let svc = ShardService::new(store, Identity::from_seed(1), Hash::ZERO);
+        let (_dir, svc) = fresh_service();
         // Sixteen of the largest bodies (from four hosts) fill the budget; a seventeenth waits.
         let large: Vec<DataSlot> =
             (0..16).map(|i| svc.try_slot(host(i / 4), MAX_SHARD_BODY).expect("a large slot")).collect();
@@ -1174,9 +1177,7 @@ mod tests {
 
     #[test]
     fn one_source_holds_at_most_a_quarter_of_the_calls_and_of_the_body_budget() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ShardStore::open(dir.path(), 1 << 30).unwrap();
-        let svc = ShardService::new(store, Identity::from_seed(1), Hash::ZERO);
+        let (_dir, svc) = fresh_service();
         // Calls: a quarter, then this source waits while others still get in.
         let small: Vec<DataSlot> =
             (0..MAX_DATA_CALLS_PER_SOURCE).map(|_| svc.try_slot(host(1), 1_100).unwrap()).collect();

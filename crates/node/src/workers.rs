@@ -349,6 +349,7 @@ impl Worker for Repairer {
             (degraded(st, now_ms), st.live_storage_nodes())
         });
         let queued = queue.len();
+        self.tried.retain(|_, at| at.elapsed() < REPAIR_BACKOFF);
         // Who does what, outside the chain's lock (a place in line hashes the live nodes).
         let (picked, backups) =
             pick_repairs(queue, &live, &me, &mut self.seen, &self.tried, Instant::now(), self.fallback_after);
@@ -379,7 +380,6 @@ impl Worker for Repairer {
         });
         let live = live.len();
         self.counters.degraded_objects.store(queued as u64, std::sync::atomic::Ordering::Relaxed);
-        self.tried.retain(|_, at| at.elapsed() < REPAIR_BACKOFF);
         let (mut repaired, mut degraded_left, mut notes) = (0, 0, Vec::new());
         // Plan every job first (placement is pure), then rebuild up to REPAIRS_IN_FLIGHT at
         // once — an object's repair is mostly waiting for shards — and submit each move as its
