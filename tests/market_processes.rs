@@ -433,7 +433,8 @@ fn jobs_are_bid_on_run_verified_paid_once_and_survive_the_loss_of_us_east() {
     assert_eq!(paid(&m), vec![id_of("n03")], "paid exactly once, to the provider that took over: {m}");
     assert_eq!(m["excluded"], serde_json::json!([id_of("n12")]), "only n12 lapsed (no dead standby in us-east): {m}");
     // Its bond left its balance with its bid and never came back; it was paid nothing.
-    assert_eq!(net.account(&id_of("n12")).0, n12_0.0, "n12 was paid nothing and got no bond back");
+    // (Fees put back: a job heartbeat n12 sent just before the kill may be final only after it.)
+    assert_eq!(net.moved(&id_of("n12"), n12_0), 0, "n12 was paid nothing and got no bond back");
     // Both accepted the same output: the chain of SHA-256 is the same wherever it runs.
     assert_eq!(m["ended"]["outcome"], s["ended"]["outcome"]);
 
