@@ -12,6 +12,7 @@ mod job_cli;
 mod ledger_cli;
 mod market_cli;
 mod output;
+mod put_tree;
 mod s3_cli;
 mod storage_cli;
 mod topology;

@@ -225,31 +225,56 @@ pub fn progress(len: u64, json: bool) -> ProgressBar {
     bar
 }
 
-/// `archipel put FILE BUCKET/KEY`.
+/// `archipel put FILE BUCKET/KEY`, or `archipel put DIR BUCKET/PREFIX --recursive`.
 #[derive(Args, Debug)]
 pub struct PutArgs {
-    /// The file to upload.
+    /// The file to upload (a directory with --recursive).
     file: PathBuf,
-    /// Where: BUCKET/KEY.
+    /// Where: BUCKET/KEY (BUCKET or BUCKET/PREFIX with --recursive).
     path: String,
+    /// Put every file under the directory FILE, each at PREFIX/its path.
+    #[arg(long, short = 'r')]
+    recursive: bool,
+    /// With --recursive: PUTs under way at once (small files then go together, one transaction
+    /// for many).
+    #[arg(long, default_value_t = 16)]
+    parallel: usize,
     #[command(flatten)]
     tenant: Tenant,
 }
 
+/// The bucket named `bucket`, which must be the client's own.
+async fn owned_bucket(c: &TenantClient, bucket: &str) -> Result<BucketRecord> {
+    let record = bucket_named(c, bucket).await?;
+    if record.owner != c.me() {
+        bail!(
+            "bucket {bucket:?} belongs to {}, not to your key {}: only its owner writes into it (pass --key)",
+            record.owner.short(),
+            c.me().short()
+        );
+    }
+    Ok(record)
+}
+
 /// Runs `archipel put`.
 pub async fn put(args: PutArgs) -> Result<()> {
+    if args.file.is_dir() {
+        if !args.recursive {
+            bail!("{} is a directory: pass --recursive to put every file under it", args.file.display());
+        }
+        let (bucket, prefix) = args.path.split_once('/').unwrap_or((args.path.as_str(), ""));
+        if bucket.is_empty() {
+            bail!("{:?} is not BUCKET or BUCKET/PREFIX (e.g. eu-docs/reports)", args.path);
+        }
+        let c = client(&args.tenant)?;
+        let record = owned_bucket(&c, bucket).await?;
+        return crate::put_tree::put_tree(&c, &record, &args.file, prefix, args.parallel, args.tenant.json).await;
+    }
     let (bucket, key) = split_path(&args.path)?;
     archipel_ledger::storage::check_object_key(&key).map_err(|e| anyhow!(e))?;
     let c = client(&args.tenant)?;
     let size = std::fs::metadata(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?.len();
-    let bucket_record = bucket_named(&c, &bucket).await?;
-    if bucket_record.owner != c.me() {
-        bail!(
-            "bucket {bucket:?} belongs to {}, not to your key {}: only its owner writes into it (pass --key)",
-            bucket_record.owner.short(),
-            c.me().short()
-        );
-    }
+    let bucket_record = owned_bucket(&c, &bucket).await?;
     let bar = progress(size, args.tenant.json);
     let started = std::time::Instant::now();
     let stored = c

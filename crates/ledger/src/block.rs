@@ -492,6 +492,22 @@ mod tests {
                     holders: vec![],
                 },
             },
+            crate::Payload::PutObjects {
+                batch: crate::batch::PutBatch {
+                    bucket: empty(),
+                    puts: vec![crate::batch::BatchedPut {
+                        key: empty(),
+                        version: Hash::ZERO,
+                        nonce: Hash::ZERO,
+                        size: 0,
+                        segment_bytes: 0,
+                        manifest_root: Hash::ZERO,
+                        etag: empty(),
+                        holders: vec![],
+                    }],
+                    holders: vec![],
+                },
+            },
             crate::Payload::RegisterNode {
                 descriptor: archipel_crypto::SignedDescriptor::sign(
                     &a,
@@ -529,12 +545,13 @@ mod tests {
                 | crate::Payload::TransferMany { .. }
                 | crate::Payload::CreateBucket { .. }
                 | crate::Payload::PutObject { .. }
+                | crate::Payload::PutObjects { .. }
                 | crate::Payload::RegisterNode { .. }
                 | crate::Payload::UpdateNode { .. } => {}
             }
         }
         let kinds: std::collections::BTreeSet<&str> = smallest.iter().map(|p| p.kind()).collect();
-        assert_eq!(kinds.len(), 19, "one payload of every kind: {kinds:?}");
+        assert_eq!(kinds.len(), 20, "one payload of every kind: {kinds:?}");
         let txs: Vec<_> = smallest
             .into_iter()
             .map(|payload| crate::Transaction { signer: a.node_id(), nonce: 0, payload }.sign(&a, &Hash::of(&[b"net"])))

@@ -7,6 +7,7 @@
 //! so every node replaying the same blocks reaches the same state roots.
 
 mod accounts;
+pub mod batch;
 pub mod block;
 pub mod export;
 pub mod hash;

@@ -198,6 +198,10 @@ fn spend_micro(params: &LedgerParams, tx: &Transaction) -> u64 {
         Payload::CreateBucket { .. } | Payload::PutObject { .. } => {
             params.tx_fee_micro.saturating_add(params.entry_deposit_micro)
         }
+        // The same, per object.
+        Payload::PutObjects { batch } => {
+            params.tx_fee_micro.saturating_add(params.entry_deposit_micro).saturating_mul(batch.puts.len() as u64)
+        }
         Payload::UpdateNode { .. }
         | Payload::LeaveNode { .. }
         | Payload::DeleteBucket { .. }

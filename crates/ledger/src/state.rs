@@ -112,6 +112,13 @@ pub enum Receipt {
         /// The version it replaced, whose shards the holders may now delete.
         replaced: Option<Hash>,
     },
+    /// Objects were stored by one `PutObjects`, in its order.
+    ObjectsStored {
+        /// Bucket.
+        bucket: String,
+        /// Each key, its new version and the version it replaced.
+        stored: Vec<crate::batch::StoredVersion>,
+    },
     /// An object was deleted; its holders may delete its shards.
     ObjectDeleted {
         /// Bucket.
@@ -561,6 +568,7 @@ impl State {
             Payload::CreateBucket { name, policy } => self.apply_create_bucket(tx.signer, name, policy),
             Payload::DeleteBucket { name } => self.apply_delete_bucket(name),
             Payload::PutObject { put } => self.apply_put_object(put),
+            Payload::PutObjects { batch } => self.apply_put_batch(batch),
             Payload::DeleteObject { bucket, key } => self.apply_delete_object(bucket, key),
             Payload::MoveShards { bucket, key, moves, .. } => self.apply_move_shards(bucket, key, moves),
             Payload::AuditFailed { bucket, key, epoch, .. } => self.apply_audit_failed(bucket, key, *epoch),
@@ -614,6 +622,8 @@ impl State {
             Payload::DeleteBucket { name } => self.check_delete_bucket(tx.signer, name)?,
             Payload::PutObject { put } if with_signatures => self.check_put_object(tx.signer, fee, put)?,
             Payload::PutObject { put } => self.check_put_object_cheap(tx.signer, fee, put)?,
+            Payload::PutObjects { batch } if with_signatures => self.check_put_batch(tx.signer, fee, batch)?,
+            Payload::PutObjects { batch } => self.check_put_batch_cheap(tx.signer, fee, batch)?,
             Payload::DeleteObject { bucket, key } => self.check_delete_object(tx.signer, bucket, key)?,
             Payload::MoveShards { bucket, key, version, moves } if with_signatures => {
                 self.check_move_shards(bucket, key, version, moves)?

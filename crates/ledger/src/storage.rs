@@ -562,7 +562,7 @@ impl EncodeSize for ObjectPut {
 }
 
 /// Most holders an object can have (32 + 16).
-const MAX_HOLDERS: usize = ErasureCode::MAX_DATA as usize + ErasureCode::MAX_PARITY as usize;
+pub(crate) const MAX_HOLDERS: usize = ErasureCode::MAX_DATA as usize + ErasureCode::MAX_PARITY as usize;
 
 impl Read for ObjectPut {
     type Cfg = ();
@@ -823,7 +823,7 @@ impl State {
         Receipt::AuditFailed { bucket: bucket.into(), key: key.into(), holder, index }
     }
 
-    fn owned_bucket(&self, signer: NodeId, name: &str) -> Result<BucketRecord, TxError> {
+    pub(crate) fn owned_bucket(&self, signer: NodeId, name: &str) -> Result<BucketRecord, TxError> {
         let b = self.bucket(name).ok_or_else(|| {
             TxError::NotAllowed(format!("no bucket {name:?}: create it first (`archipel bucket create {name}`)"))
         })?;
@@ -938,12 +938,28 @@ impl State {
 
     /// Every check of a `PutObject` but the receipts' signatures.
     pub(crate) fn check_put_object_cheap(&self, signer: NodeId, fee: u64, put: &ObjectPut) -> Result<(), TxError> {
-        let bad = |m: String| Err(TxError::NotAllowed(m));
         let bucket = self.owned_bucket(signer, &put.bucket)?;
-        check_object_key(&put.key).map_err(TxError::NotAllowed)?;
         if self.object(&put.bucket, &put.key).is_none() {
             self.check_entry_deposit(signer, fee, "a new object key", "object")?;
         }
+        let need = self.check_put_shape(signer, &bucket, put)?;
+        if put.holders.is_empty() {
+            return Ok(());
+        }
+        let nodes: Vec<NodeId> = put.holders.iter().map(|h| h.node).collect();
+        self.check_holders(&bucket.policy, &nodes, need)
+    }
+
+    /// Every check of a put into `bucket` (the signer's) but the entry deposit, the holders'
+    /// room and fence, and the receipts' signatures; returns the bytes each holder takes.
+    pub(crate) fn check_put_shape(
+        &self,
+        signer: NodeId,
+        bucket: &BucketRecord,
+        put: &ObjectPut,
+    ) -> Result<u64, TxError> {
+        let bad = |m: String| Err(TxError::NotAllowed(m));
+        check_object_key(&put.key).map_err(TxError::NotAllowed)?;
         if put.etag.len() > MAX_ETAG_BYTES || !put.etag.bytes().all(|c| c.is_ascii_hexdigit() || c == b'-') {
             return bad(format!("etag must be at most {MAX_ETAG_BYTES} hex digits and dashes"));
         }
@@ -979,12 +995,11 @@ impl State {
             ));
         }
         if want == 0 {
-            return Ok(());
+            return Ok(0);
         }
         self.check_expiries(put.holders.iter().map(|h| h.expires_ms))?;
         let nodes: Vec<NodeId> = put.holders.iter().map(|h| h.node).collect();
         let need = shard_bytes_per_holder(code, put.size, put.segment_bytes);
-        self.check_holders(&bucket.policy, &nodes, need)?;
         let regions: BTreeSet<_> =
             nodes.iter().filter_map(|n| self.nodes.get(n)).map(|r| &r.descriptor.descriptor.region).collect();
         let operators: BTreeSet<_> =
@@ -1000,7 +1015,7 @@ impl State {
                 p.min_operators
             ));
         }
-        Ok(())
+        Ok(need)
     }
 
     /// Refuses receipts that expired or expire implausibly far ahead of this block's time.
@@ -1027,11 +1042,30 @@ impl State {
     /// Checks a full holder list: distinct registered nodes inside the geofence, each a storage
     /// node that is Up with `need` bytes free.
     fn check_holders(&self, policy: &PlacementPolicy, nodes: &[NodeId], need: u64) -> Result<(), TxError> {
+        self.check_holder_lists(policy, &[(nodes, need)])
+    }
+
+    /// [`State::check_holders`] for several objects at once: each list on its own, and each node
+    /// with room for everything the lists give it together.
+    pub(crate) fn check_holder_lists(
+        &self,
+        policy: &PlacementPolicy,
+        lists: &[(&[NodeId], u64)],
+    ) -> Result<(), TxError> {
+        let mut needs: BTreeMap<NodeId, u64> = BTreeMap::new();
+        for (nodes, need) in lists {
+            for n in *nodes {
+                let total = needs.entry(*n).or_default();
+                *total = total.saturating_add(*need);
+            }
+        }
         let registry: BTreeMap<NodeId, Candidate> =
-            nodes.iter().filter_map(|n| self.candidate_of(n).map(|c| (*n, c))).collect();
-        archipel_placement::check(policy, &registry, nodes).map_err(|e| TxError::NotAllowed(e.to_string()))?;
-        for n in nodes {
-            self.check_one_new_holder(policy, n, need)?;
+            needs.keys().filter_map(|n| self.candidate_of(n).map(|c| (*n, c))).collect();
+        for (nodes, _) in lists {
+            archipel_placement::check(policy, &registry, nodes).map_err(|e| TxError::NotAllowed(e.to_string()))?;
+        }
+        for (n, need) in &needs {
+            self.check_one_new_holder(policy, n, *need)?;
         }
         Ok(())
     }
@@ -1319,7 +1353,7 @@ impl State {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::lease::{AliveProof, LivenessChange};
     use crate::params::LedgerParams;
@@ -1330,8 +1364,8 @@ mod tests {
     use archipel_types::NodeDescriptor;
     use commonware_codec::{Copying, Encode};
 
-    const TENANT: u64 = 0;
-    const MIB: u64 = 1 << 20;
+    pub(crate) const TENANT: u64 = 0;
+    pub(crate) const MIB: u64 = 1 << 20;
 
     /// The devnet's topology: seeds 101..=112; 101-103, 105-109 in the EU under EU operators,
     /// 110-111 in the EU under a US operator, 104 and 112 in us-east.
@@ -1362,7 +1396,7 @@ mod tests {
     }
 
     /// Twelve storage nodes of 1 GiB, all up at height 1 (time 1 s); the tenant has funds.
-    fn world() -> State {
+    pub(crate) fn world() -> State {
         let mut s = State::genesis(GenesisState {
             network: Hash::ZERO,
             params: LedgerParams::default(),
@@ -1386,7 +1420,7 @@ mod tests {
         s.apply_liveness(&LivenessChange::Up { node: id(seed).node_id(), proof }).unwrap();
     }
 
-    fn eu_no_us() -> PlacementPolicy {
+    pub(crate) fn eu_no_us() -> PlacementPolicy {
         PlacementPolicy {
             regions: ["eu".parse().unwrap()].into(),
             deny_jurisdictions: ["US".parse().unwrap()].into(),
@@ -1396,16 +1430,16 @@ mod tests {
         }
     }
 
-    fn seed_of(node: &NodeId) -> u64 {
+    pub(crate) fn seed_of(node: &NodeId) -> u64 {
         (101..=112).find(|n| id(*n).node_id() == *node).expect("a test node")
     }
 
-    struct Tenant {
-        nonce: u64,
+    pub(crate) struct Tenant {
+        pub(crate) nonce: u64,
     }
 
     impl Tenant {
-        fn send(&mut self, s: &mut State, payload: Payload) -> Result<Receipt, TxError> {
+        pub(crate) fn send(&mut self, s: &mut State, payload: Payload) -> Result<Receipt, TxError> {
             let r = s.apply(&signed(TENANT, self.nonce, payload));
             if r.is_ok() {
                 self.nonce += 1;
@@ -1414,12 +1448,12 @@ mod tests {
         }
     }
 
-    fn bucket_with(s: &mut State, t: &mut Tenant, name: &str, policy: PlacementPolicy) {
+    pub(crate) fn bucket_with(s: &mut State, t: &mut Tenant, name: &str, policy: PlacementPolicy) {
         t.send(s, Payload::CreateBucket { name: name.into(), policy }).unwrap();
     }
 
     /// A put of `size` bytes on `holders` (by seed), every receipt signed as the ledger expects.
-    fn put_on(s: &State, bucket: &str, key: &str, size: u64, holders: &[u64], version: u8) -> ObjectPut {
+    pub(crate) fn put_on(s: &State, bucket: &str, key: &str, size: u64, holders: &[u64], version: u8) -> ObjectPut {
         let code = s.bucket(bucket).map(|b| b.policy.code).unwrap_or(ErasureCode::DEFAULT);
         let nonce = Hash([version; 32]);
         let version = vid(bucket, key, version);
@@ -1452,7 +1486,7 @@ mod tests {
     }
 
     /// When the tests' receipts expire (their chains run for a few seconds from time 0).
-    const EXPIRES: u64 = 100_000;
+    pub(crate) const EXPIRES: u64 = 100_000;
 
     /// The terms a holder signs, expiring at [`EXPIRES`].
     fn terms(
@@ -1490,7 +1524,7 @@ mod tests {
     }
 
     /// Holders as placement chooses them for this version.
-    fn placed(s: &State, bucket: &str, version: u8) -> Vec<u64> {
+    pub(crate) fn placed(s: &State, bucket: &str, version: u8) -> Vec<u64> {
         let policy = s.bucket(bucket).unwrap().policy;
         let nodes = archipel_placement::place(&policy, &s.storage_candidates(), &[version; 32], MIB).unwrap();
         nodes.iter().map(seed_of).collect()

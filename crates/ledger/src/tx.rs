@@ -5,6 +5,7 @@
 //! owns that part of the state (`accounts`, `registry`). Later issues (storage, market)
 //! add kinds the same way; consensus only ever sees opaque, encoded transactions.
 
+use crate::batch::PutBatch;
 use crate::hash::{Hash, hex64};
 use crate::storage::{
     MAX_BUCKET_NAME, MAX_OBJECT_KEY_BYTES, ObjectPut, ShardMove, read_moves, read_policy, read_str, str_size,
@@ -101,6 +102,12 @@ pub enum Payload {
     PutObject {
         /// The object, its manifest root, holders and their receipts.
         put: ObjectPut,
+    },
+    /// Store many new object versions in one bucket at once, each holder with one receipt for
+    /// all it holds of them ([`crate::batch`]; the bucket's owner): all of them or none.
+    PutObjects {
+        /// The objects, their holders and the holders' receipts.
+        batch: PutBatch,
     },
     /// Delete an object (the bucket's owner).
     DeleteObject {
@@ -212,6 +219,7 @@ impl Payload {
             Payload::CreateBucket { .. } => "create_bucket",
             Payload::DeleteBucket { .. } => "delete_bucket",
             Payload::PutObject { .. } => "put_object",
+            Payload::PutObjects { .. } => "put_objects",
             Payload::DeleteObject { .. } => "delete_object",
             Payload::MoveShards { .. } => "move_shards",
             Payload::AuditFailed { .. } => "audit_failed",
@@ -227,10 +235,12 @@ impl Payload {
     }
 
     /// The fee this payload pays when the per-transaction fee is `tx_fee_micro`: once per
-    /// transfer of a [`Payload::TransferMany`], once for any other kind.
+    /// transfer of a [`Payload::TransferMany`] and per object of a [`Payload::PutObjects`], once
+    /// for any other kind.
     pub fn fee_micro(&self, tx_fee_micro: u64) -> u64 {
         match self {
             Payload::TransferMany { credits } => tx_fee_micro.saturating_mul(credits.len() as u64),
+            Payload::PutObjects { batch } => tx_fee_micro.saturating_mul(batch.puts.len() as u64),
             _ => tx_fee_micro,
         }
     }
@@ -521,6 +531,10 @@ impl Write for Payload {
                 19u8.write(buf);
                 job.0.write(buf);
             }
+            Payload::PutObjects { batch } => {
+                20u8.write(buf);
+                batch.write(buf);
+            }
         }
     }
 }
@@ -583,6 +597,7 @@ impl EncodeSize for Payload {
             Payload::CreateBucket { name, policy } => str_size(name) + crate::storage::policy_size(policy),
             Payload::DeleteBucket { name } => str_size(name),
             Payload::PutObject { put } => put.encode_size(),
+            Payload::PutObjects { batch } => batch.encode_size(),
             Payload::DeleteObject { bucket, key } => str_size(bucket) + str_size(key),
             Payload::MoveShards { bucket, key, moves, .. } => {
                 str_size(bucket) + str_size(key) + 32 + 1 + moves.len() * 105
@@ -678,6 +693,7 @@ impl Read for Payload {
                 salt: Hash(<[u8; 32]>::read(buf)?),
             },
             19 => Payload::CancelJob { job: Hash(<[u8; 32]>::read(buf)?) },
+            20 => Payload::PutObjects { batch: PutBatch::read(buf)? },
             tag => return Err(CodecError::InvalidEnum(tag)),
         })
     }

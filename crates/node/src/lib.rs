@@ -24,6 +24,7 @@ pub mod p2p;
 pub mod provider;
 pub mod ratelimit;
 pub mod run;
+pub mod shard_batch;
 pub mod shards;
 pub mod storage_api;
 pub mod txgossip;

@@ -43,6 +43,7 @@ use crate::api::{ApiState, Caller, VerifiedBody, error};
 use crate::uploads::UploadQuota;
 use archipel_crypto::Identity;
 use archipel_ledger::Hash;
+use archipel_ledger::batch::{BatchItem, sign_batch_receipt};
 use archipel_ledger::storage::{Manifest, RECEIPT_TTL_MS, ReceiptTerms, version_id};
 use archipel_objects::transfer::{CLAIM_HEADER, Claim};
 use archipel_store::{Hashed, ShardKey, ShardStore, ShardStoreError, Version, Written};
@@ -170,6 +171,11 @@ impl ShardService {
         }
     }
 
+    /// The node whose receipts this service signs.
+    pub fn node_id(&self) -> NodeId {
+        self.identity.node_id()
+    }
+
     /// The store.
     pub fn store(&self) -> &ShardStore {
         &self.store
@@ -242,6 +248,38 @@ impl ShardService {
             receipt: hex::encode(terms.sign(&self.identity, &self.network)),
             expires_ms,
         })
+    }
+
+    /// Stores each of `writes` (new one-segment versions of their uploader: manifest, shard,
+    /// object), makes them all durable together ([`ShardStore::seal_many`]) and signs one receipt
+    /// over the list; returns its expiry, the signature and each version's bytes.
+    pub fn seal_batch(&self, writes: &[BatchWrite]) -> Result<(u64, [u8; 64], Vec<u64>), ShardStoreError> {
+        for w in writes {
+            self.put_manifest(&w.version, &w.manifest, Grant::Owner)?;
+            self.put_shard(
+                ShardKey { version: w.version, index: w.index, segment: 0 },
+                &Hashed::new(&w.shard),
+                &w.hash,
+                Grant::Owner,
+            )?;
+            self.store.note_object(&w.version, &w.object.0)?;
+        }
+        let seals: Vec<archipel_store::SealOf> =
+            writes.iter().map(|w| (w.version, w.index, vec![(0, w.hash)])).collect();
+        let totals = self.store.seal_many(&seals)?;
+        let items: Vec<BatchItem> = writes
+            .iter()
+            .zip(&totals)
+            .map(|(w, total)| BatchItem {
+                object: w.object,
+                version: Hash(w.version),
+                index: w.index,
+                manifest_root: w.root,
+                shard_bytes: *total,
+            })
+            .collect();
+        let expires_ms = crate::api::system_now_ms() + RECEIPT_TTL_MS;
+        Ok((expires_ms, sign_batch_receipt(&self.identity, &self.network, expires_ms, &items), totals))
     }
 
     /// The stored manifest of `version`, parsed; under a [`Grant::Committed`], only one with the
@@ -330,6 +368,26 @@ impl ShardService {
     }
 }
 
+/// One new version of a batched seal ([`ShardService::seal_batch`]), checked by the caller: the
+/// manifest is the version's, of one segment, listing `hash` for shard `index` under `root`.
+#[derive(Clone, Debug)]
+pub struct BatchWrite {
+    /// The version.
+    pub version: Version,
+    /// Its object (hash of bucket and key).
+    pub object: Hash,
+    /// This node's shard index.
+    pub index: u8,
+    /// The manifest.
+    pub manifest: Bytes,
+    /// Its root.
+    pub root: Hash,
+    /// The shard.
+    pub shard: Bytes,
+    /// The shard's hash, as the manifest lists it.
+    pub hash: [u8; 32],
+}
+
 /// What a write to a version may do, from its [`Claim`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Grant {
@@ -356,6 +414,11 @@ fn grant(s: &ApiState, caller: &NodeId, version: &Version, headers: &HeaderMap) 
         ))
     })?;
     let claim = Claim::from_header(text).map_err(|m| Refused::from(error(StatusCode::BAD_REQUEST, "bad_claim", m)))?;
+    Ok((claim, grant_claim(s, caller, version, claim)?))
+}
+
+/// The grant of a write by `caller` to `version` under `claim` (see [`grant`]).
+pub(crate) fn grant_claim(s: &ApiState, caller: &NodeId, version: &Version, claim: Claim) -> Result<Grant, Refused> {
     let short = hex::encode(&version[..8]);
     match claim {
         Claim::Owner { object, nonce } => {
@@ -379,11 +442,11 @@ fn grant(s: &ApiState, caller: &NodeId, version: &Version, headers: &HeaderMap) 
                 )
                 .into())
             } else {
-                Ok((claim, Grant::Owner))
+                Ok(Grant::Owner)
             }
         }
         Claim::Committed { object } => match s.chain.with_state(|st| st.object_by_id(&object)) {
-            Some(o) if o.version.0 == *version => Ok((claim, Grant::Committed { manifest_root: o.manifest_root })),
+            Some(o) if o.version.0 == *version => Ok(Grant::Committed { manifest_root: o.manifest_root }),
             _ => Err(error(
                 StatusCode::CONFLICT,
                 "not_committed",
@@ -403,6 +466,7 @@ pub fn routes() -> Router<Arc<ApiState>> {
         .route("/v1/objects/{version}/shards/{index}/{segment}", put(put_shard).get(get_shard))
         .route("/v1/objects/{version}/manifest", put(put_manifest).get(get_manifest))
         .route("/v1/objects/{version}/seal/{index}", post(seal))
+        .route(archipel_objects::batch::SEAL_BATCH_PATH, post(crate::shard_batch::seal_batch))
         .route("/v1/objects/{version}/audit/{index}/{segment}", get(audit))
 }
 
@@ -422,7 +486,7 @@ impl IntoResponse for Refused {
     }
 }
 
-fn store_error(e: ShardStoreError) -> Refused {
+pub(crate) fn store_error(e: ShardStoreError) -> Refused {
     let (status, code) = match &e {
         ShardStoreError::Full { .. } => (StatusCode::INSUFFICIENT_STORAGE, "storage_full"),
         ShardStoreError::HashMismatch { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "hash_mismatch"),
@@ -438,7 +502,7 @@ fn store_error(e: ShardStoreError) -> Refused {
     error(status, code, e.to_string()).into()
 }
 
-fn service(s: &ApiState) -> Result<Arc<ShardService>, Refused> {
+pub(crate) fn service(s: &ApiState) -> Result<Arc<ShardService>, Refused> {
     s.shards.clone().ok_or_else(|| {
         error(
             StatusCode::NOT_FOUND,
@@ -459,11 +523,11 @@ fn version_of(text: &str) -> Result<Version, Refused> {
 
 /// Bytes an owner's write counted against its key's bound ([`UploadQuota`]); none for a repair
 /// of a committed version or an empty body.
-struct Counted(u64);
+pub(crate) struct Counted(u64);
 
 impl Counted {
     /// Gives the bytes back (the write failed).
-    fn release(&self, svc: &ShardService, caller: &NodeId, version: &Version) {
+    pub(crate) fn release(&self, svc: &ShardService, caller: &NodeId, version: &Version) {
         if self.0 > 0 {
             svc.quota.release(caller, version, self.0);
         }
@@ -472,7 +536,7 @@ impl Counted {
 
 /// Counts `bytes` of an owner's write to `version` against the caller's bound, or refuses it
 /// (429 `upload_quota`, with the numbers).
-fn count_upload(
+pub(crate) fn count_upload(
     s: &ApiState,
     svc: &ShardService,
     caller: &NodeId,
@@ -494,7 +558,7 @@ fn count_upload(
 }
 
 /// Runs store work on a blocking thread.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ShardStoreError> + Send + 'static,
 ) -> Result<T, Refused> {
     match tokio::task::spawn_blocking(f).await {
@@ -602,7 +666,7 @@ async fn put_manifest(
 }
 
 /// Refuses bytes that are not a manifest of `version`; returns the manifest.
-fn check_manifest_for(version: &Version, body: &[u8]) -> Result<Manifest, Refused> {
+pub(crate) fn check_manifest_for(version: &Version, body: &[u8]) -> Result<Manifest, Refused> {
     let manifest = Manifest::from_bytes(body).map_err(|e| {
         Refused::from(error(StatusCode::BAD_REQUEST, "bad_manifest", format!("not a valid manifest: {e}")))
     })?;

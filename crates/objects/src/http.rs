@@ -203,6 +203,20 @@ impl Shards for HttpShards {
         Ok(Sealed { shard_bytes, manifest_root, receipt, expires_ms })
     }
 
+    async fn seal_batch(
+        &self,
+        holder: &Holder,
+        items: Vec<crate::batch::SealItem>,
+    ) -> Result<crate::batch::BatchSealed, TransferError> {
+        let body = Bytes::from(crate::batch::encode_items(&items));
+        let answer = self.call("POST", holder, crate::batch::SEAL_BATCH_PATH, body, None, None).await?;
+        serde_json::from_slice(&answer).map_err(|e| TransferError {
+            message: format!("{}: bad batched seal answer: {e}", holder.url),
+            full: false,
+            code: None,
+        })
+    }
+
     async fn get_manifest(&self, holder: &Holder, version: &Hash) -> Result<Vec<u8>, TransferError> {
         self.call("GET", holder, &format!("{}/manifest", object_path(version)), Bytes::new(), None, None)
             .await

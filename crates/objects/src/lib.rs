@@ -6,12 +6,15 @@
 //! - [`transfer`]: whole-object PUT (placement, parallel uploads, receipts → the `PutObject`
 //!   payload) and GET (manifest checked against the ledger, hedged shard reads, range reads) over
 //!   a [`transfer::Shards`] transport; [`http`] is the signed-HTTP one.
+//! - [`batch`]: group commit of small objects — concurrent PUTs into one bucket sealed on each
+//!   holder in one call and committed by one `PutObjects`.
 //! - [`repair`]: rebuilds lost shards from k healthy ones onto new holders, for `MoveShards`.
 //!
 //! Nodes and validators only ever receive what leaves this crate: ciphertext shards, their hashes
 //! and wrapped keys.
 
 pub mod api;
+pub mod batch;
 pub mod http;
 pub mod meta;
 pub mod pipeline;

@@ -12,14 +12,19 @@
 //! - **PUT retries.** A holder that fails during an upload is left out and the object placed
 //!   again, when the source can be read again ([`PutSource`]); what the failed attempt stored is
 //!   never committed and its holders collect it.
+//! - **Group commit.** Objects of up to [`crate::batch::MAX_BATCHED_OBJECT_BYTES`] put while
+//!   other PUTs of this client are under way go together ([`crate::batch`]): one seal call per
+//!   holder and one `PutObjects` for the lot. A batch that fails for any reason sends each of its
+//!   objects again on its own, the usual way, so each gets its own answer and retries.
 
 use crate::api::{BucketList, ObjectList, ObjectView, StorageNode, StorageNodes};
+use crate::batch::{GroupCommit, MAX_BATCHED_OBJECT_BYTES, seal_batch};
 use crate::http::HttpShards;
 use crate::meta::ObjectMeta;
 use crate::pipeline::ShardHash;
 use crate::transfer::{
-    Holder, Opened, PutPlan, Staged, TransferFailed, finish_staged, get_object, keep_staged, open_object, put_object,
-    read_object, stage_segment,
+    Holder, Opened, Prepared, PutPlan, Staged, TransferFailed, finish_staged, get_object, keep_staged, open_object,
+    prepare_single, put_object, read_exactly, read_object, seal_single, stage_segment,
 };
 use archipel_crypto::Identity;
 use archipel_ledger::storage::{BucketRecord, ObjectPut};
@@ -244,6 +249,70 @@ pub struct TenantClient {
     turn: AtomicUsize,
     /// The storage nodes up, as last read, and when ([`CANDIDATES_FOR`]).
     candidates: std::sync::Mutex<Option<(std::time::Instant, CandidateList)>>,
+    /// Small PUTs waiting to go together.
+    group: GroupCommit<Waiting>,
+    /// Nodes a seal failed on, and when ([`AVOID_FOR`]).
+    avoid: std::sync::Mutex<std::collections::BTreeMap<NodeId, std::time::Instant>>,
+}
+
+/// How long new placements leave out a node a seal failed on.
+pub const AVOID_FOR: Duration = Duration::from_secs(30);
+
+/// A small PUT waiting in [`TenantClient::group`].
+#[derive(Debug)]
+struct Waiting {
+    prepared: Prepared,
+    code: archipel_types::ErasureCode,
+    answer: tokio::sync::mpsc::UnboundedSender<Turn>,
+}
+
+/// What a waiting PUT hears.
+#[derive(Debug)]
+enum Turn {
+    /// It is committed.
+    Done(Box<Stored>),
+    /// Its batch failed (why): it goes again on its own.
+    Alone(String),
+    /// Run this batch: the flush slot is handed over.
+    Lead(String, Vec<Waiting>),
+}
+
+/// A batch being run: if the future running it is dropped, every PUT in it is told to go on its
+/// own and the flush slot is handed over, so that none waits for ever.
+struct Flight<'a> {
+    group: &'a GroupCommit<Waiting>,
+    answers: Vec<tokio::sync::mpsc::UnboundedSender<Turn>>,
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        for a in self.answers.drain(..) {
+            let _ = a.send(Turn::Alone("the PUT that was sending its batch was cancelled".into()));
+        }
+        hand_over(self.group);
+    }
+}
+
+/// Gives the flush slot of a batch that ended to the oldest waiting PUT, with its batch; gives
+/// it back when nothing waits. A PUT that is gone meanwhile passes it on.
+fn hand_over(group: &GroupCommit<Waiting>) {
+    while let Some((bucket, batch)) = group.next_batch(fits) {
+        let Some(first) = batch.first().map(|w| w.answer.clone()) else { continue };
+        match first.send(Turn::Lead(bucket, batch)) {
+            Ok(()) => return,
+            Err(tokio::sync::mpsc::error::SendError(Turn::Lead(_, batch))) => {
+                for w in batch.iter().skip(1) {
+                    let _ = w.answer.send(Turn::Alone("the PUT that was to send its batch was cancelled".into()));
+                }
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+fn fits(batch: &[Waiting], next: &Waiting) -> bool {
+    let batch: Vec<&Prepared> = batch.iter().map(|w| &w.prepared).collect();
+    crate::batch::fits_one_transaction(&batch, &next.prepared)
 }
 
 /// Storage nodes that may receive shards, with their URLs.
@@ -321,6 +390,8 @@ impl TenantClient {
             behind_wait: Duration::from_secs(10),
             turn: AtomicUsize::new(0),
             candidates: std::sync::Mutex::new(None),
+            group: GroupCommit::default(),
+            avoid: Default::default(),
         }
     }
 
@@ -641,7 +712,148 @@ impl TenantClient {
 
     /// Puts `object.size` bytes from `source` into `bucket` and waits until the `PutObject` is
     /// final. `progress(bytes)` follows the upload; `warn` hears of a holder left out for a retry.
+    /// A small object goes with the client's other small PUTs when there are any (group commit).
     pub async fn put(
+        &self,
+        bucket: &BucketRecord,
+        object: NewObject,
+        mut source: impl PutSource,
+        mut progress: impl FnMut(u64),
+        mut warn: impl FnMut(String),
+    ) -> Result<Stored, TenantError> {
+        if object.size == 0 || object.size > MAX_BATCHED_OBJECT_BYTES {
+            return self.put_alone(bucket, object, source, progress, warn).await;
+        }
+        let mut reader = source
+            .open()
+            .await
+            .map_err(|e| TransferFailed::Io(format!("reading the source: {e}")))?
+            .ok_or_else(|| TransferFailed::Io("the source was read already".into()))?;
+        let data = read_exactly(&mut reader, 0, object.size, object.size).await?;
+        progress(0);
+        match self.put_grouped(bucket, &object, data.clone()).await? {
+            Ok(stored) => {
+                progress(object.size);
+                Ok(stored)
+            }
+            Err(why) => {
+                warn(format!("{why}; putting the object on its own"));
+                self.put_alone(bucket, object, InMemory(data.into()), progress, warn).await
+            }
+        }
+    }
+
+    /// Puts one small object with whatever else of this client's is waiting: `Ok(Err(why))`
+    /// when its batch failed and it is to go on its own.
+    async fn put_grouped(
+        &self,
+        bucket: &BucketRecord,
+        object: &NewObject,
+        data: Vec<u8>,
+    ) -> Result<Result<Stored, String>, TenantError> {
+        let plan = PutPlan {
+            bucket: bucket.clone(),
+            key: object.key.clone(),
+            size: object.size,
+            candidates: self.placeable().await?,
+            network: self.network().await?,
+            etag: object.etag.clone(),
+            meta: object.meta.clone(),
+        };
+        let prepared = prepare_single(&plan, &self.identity, data)?;
+        if let Some(announced) = &object.content_md5 {
+            let got = hex::encode(put_md5(&prepared.put));
+            if plan.etag.is_none() && !announced.eq_ignore_ascii_case(&got) {
+                return Err(TenantError::BadDigest { announced: announced.clone(), got });
+            }
+        }
+        let (answer, mut turns) = tokio::sync::mpsc::unbounded_channel();
+        let code = bucket.policy.code;
+        let mut lead = if self.group.join(&bucket.name, Waiting { prepared, code, answer }) {
+            self.group.next_batch(fits)
+        } else {
+            None
+        };
+        loop {
+            if let Some((name, batch)) = lead.take() {
+                let mut flight =
+                    Flight { group: &self.group, answers: batch.iter().map(|w| w.answer.clone()).collect() };
+                let r = self.run_batch(&name, &batch).await;
+                let answers = std::mem::take(&mut flight.answers);
+                match r {
+                    Ok(stored) => {
+                        for (a, s) in answers.iter().zip(stored) {
+                            let _ = a.send(Turn::Done(Box::new(s)));
+                        }
+                    }
+                    Err(why) => {
+                        for a in &answers {
+                            let _ = a.send(Turn::Alone(why.clone()));
+                        }
+                    }
+                }
+                // Dropping the flight hands the slot over.
+                drop(flight);
+            }
+            match turns.recv().await {
+                Some(Turn::Done(stored)) => return Ok(Ok(*stored)),
+                Some(Turn::Alone(why)) => return Ok(Err(why)),
+                Some(Turn::Lead(name, batch)) => lead = Some((name, batch)),
+                None => return Ok(Err("its batch was lost".into())),
+            }
+        }
+    }
+
+    /// Seals and commits one batch: alone, as `PutObject`; more, as `PutObjects`.
+    async fn run_batch(&self, bucket: &str, batch: &[Waiting]) -> Result<Vec<Stored>, String> {
+        let network = self.network().await.map_err(|e| e.to_string())?;
+        if let [one] = batch {
+            let put = seal_single(&*self.shards, &one.prepared, &network).await.map_err(|e| self.blame(e))?;
+            let tx = self.submit(Payload::PutObject { put: put.clone() }).await.map_err(|e| e.to_string())?;
+            return Ok(vec![Stored { put, tx }]);
+        }
+        let code = batch[0].code;
+        let prepared: Vec<&Prepared> = batch.iter().map(|w| &w.prepared).collect();
+        let sealed = seal_batch(&*self.shards, &network, bucket, code, &prepared)
+            .await
+            .map_err(|e| format!("the batch of {} objects failed ({})", batch.len(), self.blame(e)))?;
+        let puts: Vec<ObjectPut> = sealed.puts.iter().map(|p| sealed.object_put(p)).collect();
+        let tx = self
+            .submit(Payload::PutObjects { batch: sealed })
+            .await
+            .map_err(|e| format!("the batch of {} objects was not committed ({e})", batch.len()))?;
+        Ok(puts.into_iter().map(|put| Stored { put, tx: tx.clone() }).collect())
+    }
+
+    /// What a failed seal says, after noting the holder it blames: new placements of this client
+    /// leave that node out for [`AVOID_FOR`] (a dead node would otherwise fail every batch that
+    /// names it until the list of storage nodes is read again and its lease has expired).
+    fn blame(&self, e: TransferFailed) -> String {
+        if let Some((node, _)) = e.holder_fault() {
+            self.blame_node(node);
+        }
+        e.to_string()
+    }
+
+    fn blame_node(&self, node: NodeId) {
+        let mut avoid = self.avoid.lock().unwrap_or_else(|p| p.into_inner());
+        avoid.retain(|_, since| since.elapsed() < AVOID_FOR);
+        avoid.insert(node, std::time::Instant::now());
+    }
+
+    /// The storage nodes new placements may use: [`TenantClient::candidates`] without the ones
+    /// a seal failed on in the last [`AVOID_FOR`] (unless that would leave fewer than half).
+    async fn placeable(&self) -> Result<CandidateList, TenantError> {
+        let all = self.candidates().await?;
+        let avoid = self.avoid.lock().unwrap_or_else(|p| p.into_inner());
+        let kept: CandidateList =
+            all.iter().filter(|(c, _)| avoid.get(&c.node).is_none_or(|t| t.elapsed() >= AVOID_FOR)).cloned().collect();
+        Ok(if kept.len() * 2 >= all.len() { kept } else { all })
+    }
+
+    /// [`TenantClient::put`] of one object on its own, placed again without a holder that
+    /// failed.
+    async fn put_alone(
         &self,
         bucket: &BucketRecord,
         object: NewObject,
@@ -661,7 +873,7 @@ impl TenantClient {
         let mut left_out: Vec<NodeId> = Vec::new();
         let put = loop {
             plan.candidates =
-                self.candidates().await?.into_iter().filter(|(n, _)| !left_out.contains(&n.node)).collect();
+                self.placeable().await?.into_iter().filter(|(n, _)| !left_out.contains(&n.node)).collect();
             let reader = source
                 .open()
                 .await
@@ -672,6 +884,7 @@ impl TenantClient {
                 Ok(put) => break put,
                 Err(e) => match e.holder_fault() {
                     Some((node, fault)) if left_out.len() < PUT_ATTEMPTS - 1 => {
+                        self.blame_node(node);
                         // A source read once cannot be tried again.
                         left_out.push(node);
                         warn(format!(

@@ -183,6 +183,13 @@ pub trait Shards: Send + Sync + 'static {
         generation: u32,
         with: SealWith,
     ) -> impl Future<Output = Result<Sealed, TransferError>> + Send;
+    /// Stores and seals on `holder` its part of a batch of new one-segment objects
+    /// ([`crate::batch`]), answering one receipt for all of it.
+    fn seal_batch(
+        &self,
+        holder: &Holder,
+        items: Vec<crate::batch::SealItem>,
+    ) -> impl Future<Output = Result<crate::batch::BatchSealed, TransferError>> + Send;
     /// Reads the manifest from `holder`.
     fn get_manifest(
         &self,
@@ -300,8 +307,133 @@ fn new_version(owner: &NodeId, object: Hash) -> (Hash, Hash, Claim) {
     (archipel_ledger::storage::version_id(owner, &object, &nonce), Hash(nonce), Claim::Owner { object, nonce })
 }
 
-fn holder_failed(h: &Holder, error: TransferError) -> TransferFailed {
+pub(crate) fn holder_failed(h: &Holder, error: TransferError) -> TransferFailed {
     TransferFailed::Holder { node: h.node, url: h.url.clone(), error }
+}
+
+/// What every PUT starts with: a fresh version and data key, the manifest without its segments
+/// yet, and the holders placement chooses for the version.
+struct Begun {
+    version: Hash,
+    nonce: Hash,
+    claim: Claim,
+    data_key: DataKey,
+    manifest: Manifest,
+    holders: Vec<Holder>,
+    per_holder: u64,
+}
+
+fn begin_put(plan: &PutPlan, owner: &Identity) -> Result<Begun, TransferFailed> {
+    let code = plan.bucket.policy.code;
+    let object = object_id(&plan.bucket.name, &plan.key);
+    let (version, nonce, claim) = new_version(&owner.node_id(), object);
+    let data_key = DataKey::generate()?;
+    let wrapped_key = WrapKey::for_owner(owner).wrap(&data_key, &version.0)?;
+    let segments = Segments::new(plan.size, SEGMENT_PLAIN_BYTES);
+    let per_holder = shard_bytes_per_holder(code, plan.size, SEGMENT_PLAIN_BYTES);
+    let manifest = Manifest {
+        version,
+        size: plan.size,
+        segment_bytes: SEGMENT_PLAIN_BYTES,
+        code,
+        wrapped_key,
+        segments: Vec::with_capacity(segments.count() as usize),
+        meta: plan.meta.seal(&data_key, &version.0).map_err(|e| TransferFailed::Io(e.to_string()))?,
+    };
+    let holders = if plan.size == 0 {
+        vec![]
+    } else {
+        let candidates: Vec<Candidate> = plan.candidates.iter().map(|(c, _)| c.clone()).collect();
+        let nodes = archipel_placement::place(&plan.bucket.policy, &candidates, &version.0, per_holder)?;
+        nodes
+            .iter()
+            .map(|n| Holder {
+                node: *n,
+                url: plan.candidates.iter().find(|(c, _)| c.node == *n).map(|(_, u)| u.clone()).unwrap_or_default(),
+            })
+            .collect()
+    };
+    Ok(Begun { version, nonce, claim, data_key, manifest, holders, per_holder })
+}
+
+impl Begun {
+    /// The payload for `plan` once the manifest is complete, holders without receipts yet.
+    fn payload(&self, plan: &PutPlan, etag: String) -> ObjectPut {
+        ObjectPut {
+            bucket: plan.bucket.name.clone(),
+            key: plan.key.clone(),
+            version: self.version,
+            nonce: self.nonce,
+            size: plan.size,
+            segment_bytes: SEGMENT_PLAIN_BYTES,
+            manifest_root: self.manifest.root(),
+            etag,
+            holders: vec![],
+        }
+    }
+}
+
+/// An object of one segment, encrypted, coded and placed, before any call to its holders: what
+/// [`seal_single`] sends to each holder in one call, or [`crate::batch`] with other objects'.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    /// The `PutObject` payload, its holders without receipts yet.
+    pub put: ObjectPut,
+    /// The uploader's claim on the version.
+    pub claim: Claim,
+    /// The holders, in shard order.
+    pub holders: Vec<Holder>,
+    /// The manifest, encoded.
+    pub manifest: Bytes,
+    /// Shard `i`, for holder `i`.
+    pub shards: Vec<Bytes>,
+    /// Bytes each holder keeps.
+    pub per_holder: u64,
+}
+
+/// Prepares `data` (exactly `plan.size` bytes, one segment at most, not empty) as a new version
+/// of `plan.key`, encrypted for `owner`.
+pub fn prepare_single(plan: &PutPlan, owner: &Identity, mut data: Vec<u8>) -> Result<Prepared, TransferFailed> {
+    if plan.size == 0 || plan.size > SEGMENT_PLAIN_BYTES || data.len() as u64 != plan.size {
+        return Err(TransferFailed::Io(format!(
+            "{} bytes for an object of {} in one segment of at most {SEGMENT_PLAIN_BYTES}",
+            data.len(),
+            plan.size
+        )));
+    }
+    let mut b = begin_put(plan, owner)?;
+    let etag = plan.etag.clone().unwrap_or_else(|| {
+        let mut h = md5::Md5::new();
+        h.update(&data);
+        etag_of(h)
+    });
+    let mut sealer = SegmentSealer::new(&b.data_key, &b.version.0, plan.bucket.policy.code);
+    data.reserve(sealer.buffer_capacity(data.len()).saturating_sub(data.len()));
+    let sealed = sealer.seal(0, &mut data)?;
+    let shards = (0..plan.bucket.policy.code.total())
+        .map(|i| Bytes::copy_from_slice(sealed.shard(i).unwrap_or_default()))
+        .collect();
+    b.manifest.segments.push(sealed.hashes.clone());
+    drop(sealed);
+    let mut put = b.payload(plan, etag);
+    put.holders = b.holders.iter().map(|h| ShardHolder { node: h.node, receipt: [0; 64], expires_ms: 0 }).collect();
+    Ok(Prepared {
+        put,
+        claim: b.claim,
+        holders: b.holders,
+        manifest: Bytes::from(b.manifest.to_bytes()),
+        shards,
+        per_holder: b.per_holder,
+    })
+}
+
+/// Sends each holder of `p` its shard with the manifest and the request to seal it, in one call
+/// each; returns the payload with every receipt, each checked.
+pub async fn seal_single<S: Shards>(shards: &S, p: &Prepared, network: &Hash) -> Result<ObjectPut, TransferFailed> {
+    let manifest = Manifest::from_bytes(&p.manifest).map_err(TransferFailed::Io)?;
+    let receipts =
+        seal_holders(shards, &p.holders, &p.claim, &manifest, p.per_holder, network, Some(p.shards.clone())).await?;
+    Ok(ObjectPut { holders: receipts, ..p.put.clone() })
 }
 
 /// Puts `source` (exactly `plan.size` bytes) as a new version of `plan.key`, encrypted for
@@ -315,80 +447,40 @@ pub async fn put_object<S: Shards>(
     mut source: impl AsyncRead + Unpin,
     mut progress: impl FnMut(u64),
 ) -> Result<ObjectPut, TransferFailed> {
-    let code = plan.bucket.policy.code;
-    let object = object_id(&plan.bucket.name, &plan.key);
-    let (version, nonce, claim) = new_version(&owner.node_id(), object);
-    let data_key = DataKey::generate()?;
-    let wrapped_key = WrapKey::for_owner(owner).wrap(&data_key, &version.0)?;
-    let segments = Segments::new(plan.size, SEGMENT_PLAIN_BYTES);
-    let per_holder = shard_bytes_per_holder(code, plan.size, SEGMENT_PLAIN_BYTES);
-    let mut manifest = Manifest {
-        version,
-        size: plan.size,
-        segment_bytes: SEGMENT_PLAIN_BYTES,
-        code,
-        wrapped_key,
-        segments: Vec::with_capacity(segments.count() as usize),
-        meta: plan.meta.seal(&data_key, &version.0).map_err(|e| TransferFailed::Io(e.to_string()))?,
-    };
-    if plan.size == 0 {
-        return Ok(ObjectPut {
-            bucket: plan.bucket.name.clone(),
-            key: plan.key.clone(),
-            version,
-            nonce,
-            size: 0,
-            segment_bytes: SEGMENT_PLAIN_BYTES,
-            manifest_root: manifest.root(),
-            etag: plan.etag.clone().unwrap_or_else(|| etag_of(md5::Md5::new())),
-            holders: vec![],
-        });
+    if plan.size > 0 && plan.size <= SEGMENT_PLAIN_BYTES {
+        // One segment: read whole, then one call per holder.
+        let data = read_exactly(&mut source, 0, plan.size, plan.size).await?;
+        let p = prepare_single(plan, owner, data)?;
+        let put = seal_single(&*shards, &p, &plan.network).await?;
+        progress(plan.size);
+        return Ok(put);
     }
-    let candidates: Vec<Candidate> = plan.candidates.iter().map(|(c, _)| c.clone()).collect();
-    let nodes = archipel_placement::place(&plan.bucket.policy, &candidates, &version.0, per_holder)?;
-    let holders: Vec<Holder> = nodes
-        .iter()
-        .map(|n| Holder {
-            node: *n,
-            url: plan.candidates.iter().find(|(c, _)| c.node == *n).map(|(_, u)| u.clone()).unwrap_or_default(),
-        })
-        .collect();
-
+    let code = plan.bucket.policy.code;
+    let b = begin_put(plan, owner)?;
+    if plan.size == 0 {
+        return Ok(b.payload(plan, plan.etag.clone().unwrap_or_else(|| etag_of(md5::Md5::new()))));
+    }
+    let Begun { version, nonce, claim, data_key, mut manifest, holders, per_holder } = b;
+    let segments = Segments::new(plan.size, SEGMENT_PLAIN_BYTES);
     let mut content_hash = md5::Md5::new();
     let mut sealer = SegmentSealer::new(&data_key, &version.0, code);
     // A JoinSet aborts the uploads still running when an error returns early.
     let mut in_flight: tokio::task::JoinSet<Result<(), TransferFailed>> = tokio::task::JoinSet::new();
     let mut done = 0u64;
-    let mut single: Option<Vec<(u8, Bytes, ShardHash)>> = None;
     for s in 0..segments.count() {
         let range = segments.range(s);
-        let len = (range.end - range.start) as usize;
-        let mut buf = Vec::with_capacity(sealer.buffer_capacity(len));
-        buf.resize(len, 0);
-        let mut read = 0;
-        while read < len {
-            match source.read(&mut buf[read..]).await {
-                Ok(0) => return Err(TransferFailed::ShortSource { read: range.start + read as u64, size: plan.size }),
-                Ok(n) => read += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(TransferFailed::Io(format!("reading the source: {e}"))),
-            }
-        }
+        let len = range.end - range.start;
+        let mut buf = read_exactly(&mut source, range.start, len, plan.size).await?;
         if plan.etag.is_none() {
             content_hash.update(&buf);
         }
+        buf.reserve(sealer.buffer_capacity(buf.len()).saturating_sub(buf.len()));
         let sealed = sealer.seal(s, &mut buf)?;
         let parts: Vec<(u8, Bytes, ShardHash)> = (0..code.total())
             .map(|i| (i as u8, Bytes::copy_from_slice(sealed.shard(i).unwrap_or_default()), sealed.hashes[i]))
             .collect();
         manifest.segments.push(sealed.hashes.clone());
         drop(sealed);
-        // An object of one segment goes to each holder in one call: its shard rides with the
-        // seal (small objects pay one call per holder, not two).
-        if segments.count() == 1 {
-            single = Some(parts);
-            continue;
-        }
         while in_flight.len() >= SEGMENTS_IN_FLIGHT {
             finish(in_flight.join_next().await)?;
             done += SEGMENT_PLAIN_BYTES.min(plan.size - done);
@@ -402,9 +494,7 @@ pub async fn put_object<S: Shards>(
         progress(done);
     }
 
-    let root = manifest.root();
-    let single = single.map(|parts| parts.into_iter().map(|(_, bytes, _)| bytes).collect());
-    let receipts = seal_holders(&*shards, &holders, &claim, &manifest, per_holder, &plan.network, single).await?;
+    let receipts = seal_holders(&*shards, &holders, &claim, &manifest, per_holder, &plan.network, None).await?;
     progress(plan.size);
     Ok(ObjectPut {
         bucket: plan.bucket.name.clone(),
@@ -413,10 +503,30 @@ pub async fn put_object<S: Shards>(
         nonce,
         size: plan.size,
         segment_bytes: SEGMENT_PLAIN_BYTES,
-        manifest_root: root,
+        manifest_root: manifest.root(),
         etag: plan.etag.clone().unwrap_or_else(|| etag_of(content_hash)),
         holders: receipts,
     })
+}
+
+/// Reads exactly `len` bytes of the source, which is at byte `at` of an object of `size`.
+pub(crate) async fn read_exactly(
+    source: &mut (impl AsyncRead + Unpin),
+    at: u64,
+    len: u64,
+    size: u64,
+) -> Result<Vec<u8>, TransferFailed> {
+    let mut buf = vec![0; len as usize];
+    let mut read = 0;
+    while read < buf.len() {
+        match source.read(&mut buf[read..]).await {
+            Ok(0) => return Err(TransferFailed::ShortSource { read: at + read as u64, size }),
+            Ok(n) => read += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(TransferFailed::Io(format!("reading the source: {e}"))),
+        }
+    }
+    Ok(buf)
 }
 
 /// Uploads one segment's k+m shards `(index, bytes, hash)` to their holders, in parallel.

@@ -6,10 +6,12 @@
 
 use archipel_crypto::Identity;
 use archipel_ledger::Hash;
+use archipel_ledger::batch::{BATCH_RECEIPT_NAMESPACE, BatchItem, batch_receipt_bytes, sign_batch_receipt};
 use archipel_ledger::storage::{BucketRecord, ObjectPut, ObjectRecord, ReceiptTerms, shard_bytes_per_holder};
+use archipel_objects::batch::{BatchSealed, SealItem, seal_batch};
 use archipel_objects::transfer::{
     Claim, Holder, PutPlan, SealWith, Sealed, Shards, Staged, TransferError, TransferFailed, finish_staged, get_object,
-    keep_staged, put_object, stage_segment,
+    keep_staged, prepare_single, put_object, stage_segment,
 };
 use archipel_objects::{SEGMENT_PLAIN_BYTES, ShardHash};
 use archipel_placement::Candidate;
@@ -37,6 +39,10 @@ struct Memory {
     seals_with_shard: std::sync::atomic::AtomicUsize,
     /// Shards stored by their own call.
     shard_calls: std::sync::atomic::AtomicUsize,
+    /// Batched seal calls.
+    batch_calls: std::sync::atomic::AtomicUsize,
+    /// Holders that sign a batch receipt over something else.
+    lying: Mutex<BTreeSet<NodeId>>,
 }
 
 /// How a holder serves one damaged shard.
@@ -142,6 +148,40 @@ impl Shards for Memory {
         };
         let receipt = terms.sign(&self.keys[&h.node], &Hash::ZERO);
         Ok(Sealed { shard_bytes: total, manifest_root: m.root(), receipt, expires_ms: 1_000 })
+    }
+    async fn seal_batch(&self, h: &Holder, items: Vec<SealItem>) -> Result<BatchSealed, TransferError> {
+        self.check(h)?;
+        self.batch_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut signed = vec![];
+        for it in &items {
+            // As a node does: the manifest is the version's, of one segment, listing this shard.
+            let m = archipel_ledger::storage::Manifest::from_bytes(&it.manifest).map_err(|e| fail(&e))?;
+            let listed =
+                m.segments.first().and_then(|hs| hs.get(usize::from(it.index))).ok_or_else(|| fail("no shard"))?;
+            if m.version != it.version || m.segments.len() != 1 || blake3::hash(&it.shard).as_bytes() != listed {
+                return Err(fail("not the shard the manifest lists"));
+            }
+            self.claims.lock().unwrap().push((it.version, Claim::Owner { object: it.object, nonce: it.nonce }));
+            self.manifests.lock().unwrap().insert((h.node, it.version), it.manifest.to_vec());
+            self.shards.lock().unwrap().insert((h.node, it.version, it.index, 0), it.shard.to_vec());
+            signed.push(BatchItem {
+                object: it.object,
+                version: it.version,
+                index: it.index,
+                manifest_root: m.root(),
+                shard_bytes: it.shard.len() as u64,
+            });
+        }
+        if self.lying.lock().unwrap().contains(&h.node) {
+            signed.pop();
+        }
+        let receipt = sign_batch_receipt(&self.keys[&h.node], &Hash::ZERO, 1_000, &signed);
+        Ok(BatchSealed {
+            node: h.node,
+            expires_ms: 1_000,
+            receipt: hex::encode(receipt),
+            shard_bytes: items.iter().map(|i| i.shard.len() as u64).collect(),
+        })
     }
     async fn get_manifest(&self, h: &Holder, v: &Hash) -> Result<Vec<u8>, TransferError> {
         self.check(h)?;
@@ -811,4 +851,53 @@ fn claims_cross_the_wire_and_bad_headers_are_refused_with_the_format() {
         let e = Claim::from_header(&bad).unwrap_err();
         assert!(e.contains("x-archipel-claim") && e.contains("nonce"), "{bad:?}: {e}");
     }
+}
+
+#[tokio::test]
+async fn a_batch_seals_once_per_holder_and_every_object_reads_back() {
+    let (mem, candidates) = world();
+    let owner = Identity::from_seed(1);
+    let bodies: Vec<Vec<u8>> = (0..5).map(|i| data(4096 + i * 1000)).collect();
+    let prepared: Vec<_> = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let mut p = plan(&candidates, b.len() as u64);
+            p.key = format!("k{i}");
+            prepare_single(&p, &owner, b.clone()).unwrap()
+        })
+        .collect();
+    let refs: Vec<_> = prepared.iter().collect();
+    let batch = seal_batch(&*mem, &Hash::ZERO, "b", ErasureCode::DEFAULT, &refs).await.unwrap();
+    // One call per distinct holder, each listed once.
+    let distinct: BTreeSet<NodeId> = prepared.iter().flat_map(|p| p.holders.iter().map(|h| h.node)).collect();
+    assert_eq!(mem.batch_calls.load(std::sync::atomic::Ordering::Relaxed), distinct.len());
+    assert_eq!(batch.holders.len(), distinct.len());
+    // Every holder's receipt is over exactly its items, as the ledger recomputes them.
+    for (at, h) in batch.holders.iter().enumerate() {
+        let items = batch.items_of(at, |size, seg| shard_bytes_per_holder(ErasureCode::DEFAULT, size, seg));
+        assert!(!items.is_empty());
+        let signed = batch_receipt_bytes(&Hash::ZERO, h.expires_ms, &items);
+        archipel_crypto::verify_signature(&h.node, BATCH_RECEIPT_NAMESPACE, &signed, &h.receipt).unwrap();
+    }
+    // And each object reads back from its holders.
+    for (p, body) in batch.puts.iter().zip(&bodies) {
+        let put = batch.object_put(p);
+        let holders = holders_of(&put, &candidates);
+        assert_eq!(&get(&mem, &put, &holders, None).await.unwrap(), body, "{}", p.key);
+    }
+
+    // A holder that signs for other items than it was sent: named, nothing to commit.
+    let liar = prepared[0].holders[0].node;
+    mem.lying.lock().unwrap().insert(liar);
+    match seal_batch(&*mem, &Hash::ZERO, "b", ErasureCode::DEFAULT, &refs).await {
+        Err(TransferFailed::BadReceipt(n)) => assert_eq!(n, liar),
+        other => panic!("{other:?}"),
+    }
+    mem.lying.lock().unwrap().clear();
+    // A holder that is down: the batch fails with its name.
+    let dead = prepared[1].holders[2].node;
+    mem.down.lock().unwrap().insert(dead);
+    let e = seal_batch(&*mem, &Hash::ZERO, "b", ErasureCode::DEFAULT, &refs).await.unwrap_err();
+    assert_eq!(e.holder_fault().map(|(n, _)| n), Some(dead), "{e}");
 }
