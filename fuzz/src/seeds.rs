@@ -256,7 +256,6 @@ fn proofs(net: &Network, chain: &Chain) -> Vec<(String, AnyProof)> {
     out
 }
 
-/// Every seed of every target.
 /// One transaction of each storage kind, from the tenant.
 fn storage_txs(net: &Network) -> Vec<(String, archipel_ledger::SignedTransaction)> {
     use archipel_ledger::storage::{ObjectPut, ReceiptTerms, ShardHolder, ShardMove, object_id};
@@ -322,6 +321,7 @@ fn storage_txs(net: &Network) -> Vec<(String, archipel_ledger::SignedTransaction
         ),
         ("delete-object", Payload::DeleteObject { bucket: "eu-docs".into(), key: "reports/2026.pdf".into() }),
         ("delete-bucket", Payload::DeleteBucket { name: "eu-docs".into() }),
+        ("put-objects", Payload::PutObjects { batch: put_batch(net, "eu-docs") }),
     ];
     payloads
         .into_iter()
@@ -330,6 +330,78 @@ fn storage_txs(net: &Network) -> Vec<(String, archipel_ledger::SignedTransaction
         .collect()
 }
 
+/// Two small objects of `bucket` committed together: each node of the network listed once with
+/// its receipt over what it holds.
+fn put_batch(net: &Network, bucket: &str) -> archipel_ledger::batch::PutBatch {
+    use archipel_ledger::batch::{BatchHolder, BatchedPut, PutBatch, sign_batch_receipt};
+    use archipel_ledger::storage::{object_id, shard_bytes_per_holder, version_id};
+    let tenant = net.tenant.node_id();
+    let puts: Vec<BatchedPut> = (0..2u8)
+        .map(|i| {
+            let key = format!("small/{i}");
+            let nonce = Hash([i + 20; 32]);
+            BatchedPut {
+                version: version_id(&tenant, &object_id(bucket, &key), &nonce.0),
+                key,
+                nonce,
+                size: 4_096,
+                segment_bytes: (8 << 20) - 16,
+                manifest_root: Hash([i + 30; 32]),
+                etag: "00aa".into(),
+                holders: (0..6u8).map(|h| h % net.nodes.len() as u8).collect(),
+            }
+        })
+        .collect();
+    let mut batch = PutBatch {
+        bucket: bucket.into(),
+        puts,
+        holders: net
+            .nodes
+            .iter()
+            .map(|n| BatchHolder { node: n.node_id(), receipt: [0; 64], expires_ms: 1_000_000 })
+            .collect(),
+    };
+    let code = archipel_types::ErasureCode::DEFAULT;
+    for (at, node) in net.nodes.iter().enumerate() {
+        let items = batch.items_of(at, |size, seg| shard_bytes_per_holder(code, size, seg));
+        batch.holders[at].receipt = sign_batch_receipt(node, &net.state.network(), 1_000_000, &items);
+    }
+    batch
+}
+
+/// What a storage node receives in a batched seal: two objects' manifests and shards.
+fn seal_items(net: &Network) -> Vec<archipel_objects::batch::SealItem> {
+    use archipel_ledger::storage::{Manifest, WRAPPED_KEY_BYTES, object_id, version_id};
+    (0..2u8)
+        .map(|i| {
+            let object = object_id("eu-docs", &format!("small/{i}"));
+            let nonce = [i + 20; 32];
+            let version = version_id(&net.tenant.node_id(), &object, &nonce);
+            let shard = vec![i; 1_040];
+            let mut hashes = vec![[0u8; 32]; 6];
+            hashes[usize::from(i)] = *blake3::hash(&shard).as_bytes();
+            let manifest = Manifest {
+                version,
+                size: 4_096,
+                segment_bytes: (8 << 20) - 16,
+                code: archipel_types::ErasureCode::DEFAULT,
+                wrapped_key: [7; WRAPPED_KEY_BYTES],
+                segments: vec![hashes],
+                meta: vec![],
+            };
+            archipel_objects::batch::SealItem {
+                version,
+                object,
+                nonce,
+                index: i,
+                manifest: bytes::Bytes::from(manifest.to_bytes()),
+                shard: bytes::Bytes::from(shard),
+            }
+        })
+        .collect()
+}
+
+/// Every seed of every target.
 pub fn seeds() -> Vec<Seed> {
     let net = network();
     let chain = chain(net);
@@ -372,6 +444,7 @@ pub fn seeds() -> Vec<Seed> {
         put_record(&mut batch, &tx.to_bytes());
     }
     add("tx_batch", "six", batch);
+    add("seal_batch", "two", archipel_objects::batch::encode_items(&seal_items(net)));
     add("heartbeat", "plain", archipel_consensus::liveness::encode_heartbeat(None));
     let alive = AliveProof::sign(&net.nodes[0], &net.state.network(), 0);
     add("heartbeat", "with-proof", archipel_consensus::liveness::encode_heartbeat(Some(&alive)));

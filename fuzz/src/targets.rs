@@ -38,6 +38,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("descriptor", descriptor),
     ("gossip_message", gossip_message),
     ("tx_batch", tx_batch),
+    ("seal_batch", seal_batch),
     ("fetch_message", fetch_message),
     ("heartbeat", heartbeat),
     ("candidate_log", candidate_log),
@@ -187,6 +188,19 @@ pub fn tx_batch(data: &[u8]) {
     for (stx, len) in txgossip::decode_batch(data, max) {
         assert!(len <= max, "a gossiped transaction larger than max_tx_bytes decoded");
         let _ = net.state.admit(&stx, len);
+    }
+}
+
+/// The body of a storage node's `POST /v1/seal-batch`: decoded, re-encoded to the same bytes,
+/// and each item's manifest parsed and checked as the handler does.
+pub fn seal_batch(data: &[u8]) {
+    let Ok(items) = archipel_node::shard_batch::decode(bytes::Bytes::copy_from_slice(data)) else { return };
+    assert_eq!(archipel_objects::batch::encode_items(&items), data, "a batched seal re-encodes");
+    for it in &items {
+        if let Ok(m) = archipel_ledger::storage::Manifest::from_bytes(&it.manifest) {
+            let _ = m.segments.first().and_then(|h| h.get(usize::from(it.index)));
+            let _ = m.root();
+        }
     }
 }
 

@@ -488,10 +488,8 @@ mod tests {
         let mut unused = good.clone();
         unused.holders.push(BatchHolder { node: id(112).node_id(), receipt: [1; 64], expires_ms: EXPIRES });
         let unused_seed = (101..=112).find(|n| !good.holders.iter().any(|h| h.node == id(*n).node_id()));
-        if let Some(n) = unused_seed {
-            unused.holders.last_mut().unwrap().node = id(n).node_id();
-            assert!(refused(&mut s, &mut t, unused).contains("holds none of its objects"));
-        }
+        unused.holders.last_mut().unwrap().node = id(unused_seed.expect("a node no put names")).node_id();
+        assert!(refused(&mut s, &mut t, unused).contains("holds none of its objects"));
         let mut listed_twice = good.clone();
         listed_twice.holders.push(listed_twice.holders[0]);
         assert!(refused(&mut s, &mut t, listed_twice).contains("listed twice"));
@@ -506,6 +504,9 @@ mod tests {
         let mut empty = good.clone();
         empty.puts.clear();
         assert!(refused(&mut s, &mut t, empty).contains("1 to 64 objects"));
+        let mut many = good.clone();
+        many.puts = (0..65).map(|i| BatchedPut { key: format!("k{i}"), ..good.puts[2].clone() }).collect();
+        assert!(refused(&mut s, &mut t, many).contains("1 to 64 objects, not 65"));
         // Someone else's bucket.
         let e = s.apply(&crate::state::tests::signed(1, 0, Payload::PutObjects { batch: good.clone() })).unwrap_err();
         assert!(e.to_string().contains("belongs to"), "{e}");
@@ -513,6 +514,29 @@ mod tests {
         // The good one is stored whole.
         t.send(&mut s, Payload::PutObjects { batch: good }).unwrap();
         assert_eq!(s.bucket("eu-docs").unwrap().objects, 3);
+    }
+
+    #[test]
+    fn decoding_refuses_a_batch_of_no_or_too_many_objects_and_holders_beyond_any_code() {
+        let mut s = world();
+        bucket_with(&mut s, &mut Tenant { nonce: 0 }, "eu-docs", eu_no_us());
+        let good = batch_of(&s, "eu-docs", &[("a", 4096, vec![101, 102, 103, 104, 105, 106], 1)]);
+        let decode = |b: &PutBatch| PutBatch::read(&mut b.encode()).map_err(|e| e.to_string());
+        assert_eq!(decode(&good).unwrap(), good);
+        let mut none = good.clone();
+        none.puts.clear();
+        assert!(decode(&none).unwrap_err().contains("between 1 and 64 objects"));
+        let mut many = good.clone();
+        many.puts = vec![good.puts[0].clone(); 65];
+        assert!(decode(&many).unwrap_err().contains("between 1 and 64 objects"));
+        let mut wide = good.clone();
+        wide.puts[0].holders = vec![0; 49];
+        assert!(decode(&wide).unwrap_err().contains("more holders than any code"));
+        // Cut anywhere: an error, never a panic.
+        let bytes = good.encode();
+        for cut in 0..bytes.len() {
+            assert!(PutBatch::read(&mut bytes.slice(..cut)).is_err(), "cut at {cut}");
+        }
     }
 
     #[test]

@@ -14,8 +14,9 @@
 use crate::api::{ApiState, Caller, error};
 use crate::shards::{BatchWrite, Refused, blocking, check_manifest_for, count_upload, grant_claim, service};
 use archipel_ledger::batch::MAX_BATCH_PUTS;
-use archipel_objects::batch::{BatchSealed, decode_items};
+use archipel_objects::batch::{BatchSealed, SealItem, decode_items};
 use archipel_objects::transfer::Claim;
+use archipel_store::ShardKey;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -23,6 +24,11 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use std::collections::BTreeSet;
 use std::sync::Arc;
+
+/// Decodes a batched seal's body (at most [`MAX_BATCH_PUTS`] items), as the handler does first.
+pub fn decode(body: Bytes) -> Result<Vec<SealItem>, String> {
+    decode_items(body, MAX_BATCH_PUTS)
+}
 
 fn bad(message: String) -> Refused {
     error(StatusCode::BAD_REQUEST, "bad_batch", message).into()
@@ -35,7 +41,7 @@ pub(crate) async fn seal_batch(
     body: Bytes,
 ) -> Result<Response, Refused> {
     let svc = service(&s)?;
-    let items = decode_items(body, MAX_BATCH_PUTS).map_err(|m| bad(format!("not a batch of seals: {m}")))?;
+    let items = decode(body).map_err(|m| bad(format!("not a batch of seals: {m}")))?;
     let mut versions = BTreeSet::new();
     let mut writes = Vec::with_capacity(items.len());
     for (n, it) in items.into_iter().enumerate() {
@@ -60,17 +66,39 @@ pub(crate) async fn seal_batch(
         if *blake3::hash(&it.shard).as_bytes() != hash {
             return Err(bad(format!("item {n}: the shard is not shard {} the manifest of {short} lists", it.index)));
         }
-        count_upload(&s, &svc, &caller.0, &claim, &version, (it.manifest.len() + it.shard.len()) as u64, grant)?;
-        writes.push(BatchWrite {
-            version,
-            object: it.object,
-            index: it.index,
-            root: manifest.root(),
-            manifest: it.manifest,
-            shard: it.shard,
-            hash,
-        });
+        writes.push((
+            claim,
+            grant,
+            BatchWrite {
+                version,
+                object: it.object,
+                index: it.index,
+                root: manifest.root(),
+                manifest: it.manifest,
+                shard: it.shard,
+                hash,
+            },
+        ));
     }
+    // Every item checked: now each is counted against the caller's bound on uploads, what it
+    // carries that is not stored already (a retry counts nothing again); one past the bound
+    // gives back what the others counted.
+    let mut counted = Vec::with_capacity(writes.len());
+    for (claim, grant, w) in &writes {
+        let key = ShardKey { version: w.version, index: w.index, segment: 0 };
+        let carried = (if svc.holds_manifest(&w.version, &w.manifest) { 0 } else { w.manifest.len() })
+            + (if svc.holds_shard(&key, &w.shard, &w.hash) { 0 } else { w.shard.len() });
+        match count_upload(&s, &svc, &caller.0, claim, &w.version, carried as u64, *grant) {
+            Ok(c) => counted.push((c, w.version)),
+            Err(refused) => {
+                for (c, version) in &counted {
+                    c.release(&svc, &caller.0, version);
+                }
+                return Err(refused);
+            }
+        }
+    }
+    let writes: Vec<BatchWrite> = writes.into_iter().map(|(_, _, w)| w).collect();
     let store = svc.clone();
     let node = svc.node_id();
     // What was counted stays counted if the seal fails: some of it may be on disk until the
@@ -182,5 +210,30 @@ mod tests {
         // A body that is no batch at all.
         let e = http.seal_batch(&holder, vec![]).await.unwrap_err();
         assert!(e.message.contains("not a batch of seals") && e.message.contains("not 0"), "{e:?}");
+    }
+
+    /// Each item counts against the uploader's bound on uncommitted uploads: a batch past it is
+    /// refused with 429 and gives back what its other items counted; a retry counts nothing again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_past_the_upload_bound_is_refused_and_counts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Identity::from_seed(4_242);
+        let tenant = testing::tenant();
+        let items: Vec<SealItem> = (1..=3).map(|k| item(&tenant, k, 1, 1)).collect();
+        let one = (items[0].manifest.len() + items[0].shard.len()) as u64;
+        let mut svc = ShardService::new(ShardStore::open(dir.path(), 1 << 30).unwrap(), node.clone(), Hash::ZERO);
+        svc.quota = crate::uploads::UploadQuota::with_limit(2 * one);
+        let mut state = testing::state(crate::config::ApiLimits::default());
+        Arc::get_mut(&mut state).unwrap().shards = Some(Arc::new(svc));
+        let url = testing::serve(state.clone()).await;
+        let holder = Holder { node: node.node_id(), url };
+        let http = archipel_objects::http::HttpShards::new(tenant.clone());
+        let e = http.seal_batch(&holder, items.clone()).await.unwrap_err();
+        assert_eq!(e.code.as_deref(), Some("upload_quota"), "{e:?}");
+        // Two fit, once and again.
+        http.seal_batch(&holder, items[..2].to_vec()).await.unwrap();
+        http.seal_batch(&holder, items[..2].to_vec()).await.unwrap();
+        let e = http.seal_batch(&holder, items[2..].to_vec()).await.unwrap_err();
+        assert_eq!(e.code.as_deref(), Some("upload_quota"), "{e:?}");
     }
 }

@@ -107,7 +107,7 @@ pub struct ShardService {
     body_budget: Arc<Semaphore>,
     sources: SourceShares,
     /// Each key's bound on uploads not committed yet.
-    quota: UploadQuota,
+    pub(crate) quota: UploadQuota,
 }
 
 /// A data-plane call's place: one of [`MAX_DATA_CALLS`] and its body's share of
@@ -301,12 +301,12 @@ impl ShardService {
     }
 
     /// Whether `key` is stored with these bytes' length and `hash` already (a retry).
-    fn holds_shard(&self, key: &ShardKey, bytes: &[u8], hash: &[u8; 32]) -> bool {
+    pub(crate) fn holds_shard(&self, key: &ShardKey, bytes: &[u8], hash: &[u8; 32]) -> bool {
         matches!(self.store.entry(key), Ok(Some((len, h))) if len == bytes.len() as u64 && h == *hash)
     }
 
     /// Whether `version`'s manifest is stored as `bytes` already (a retry).
-    fn holds_manifest(&self, version: &Version, bytes: &[u8]) -> bool {
+    pub(crate) fn holds_manifest(&self, version: &Version, bytes: &[u8]) -> bool {
         self.store.manifest(version).ok().flatten().as_deref() == Some(bytes)
     }
 

@@ -143,6 +143,7 @@ fuzz_tests!(
     descriptor,
     gossip_message,
     tx_batch,
+    seal_batch,
     heartbeat,
     fetch_message,
     candidate_log,

@@ -253,6 +253,8 @@ pub struct TenantClient {
     group: GroupCommit<Waiting>,
     /// Nodes a seal failed on, and when ([`AVOID_FOR`]).
     avoid: std::sync::Mutex<std::collections::BTreeMap<NodeId, std::time::Instant>>,
+    /// Whether small PUTs go together (on unless [`TenantClient::without_group_commit`]).
+    group_commit: bool,
 }
 
 /// How long new placements leave out a node a seal failed on.
@@ -271,10 +273,41 @@ struct Waiting {
 enum Turn {
     /// It is committed.
     Done(Box<Stored>),
-    /// Its batch failed (why): it goes again on its own.
+    /// Its batch failed before its transaction was admitted (why): it goes again on its own.
     Alone(String),
+    /// Its batch's transaction was admitted but is not known final (why, and its hash): sending
+    /// the object again would store it twice, so the PUT fails as a single one would.
+    Unknown(String, Option<Hash>),
     /// Run this batch: the flush slot is handed over.
     Lead(String, Vec<Waiting>),
+}
+
+/// How a batch failed.
+enum BatchFailed {
+    /// Before its transaction was admitted: each object may go again on its own.
+    Before(String),
+    /// After: its transaction may still become final.
+    After(String, Option<Hash>),
+}
+
+/// A waiting PUT's end of its channel. If the PUT is dropped (cancelled) while a batch to run
+/// was handed to it, that batch's PUTs are told to go on their own and the flush slot is handed
+/// on, so that no slot is lost with it.
+struct Inbox<'a> {
+    turns: tokio::sync::mpsc::UnboundedReceiver<Turn>,
+    group: &'a GroupCommit<Waiting>,
+}
+
+impl Drop for Inbox<'_> {
+    fn drop(&mut self) {
+        // No send succeeds after `close`; what was sent before is drained here.
+        self.turns.close();
+        while let Ok(turn) = self.turns.try_recv() {
+            if let Turn::Lead(_, batch) = turn {
+                drop(Flight { group: self.group, answers: batch.iter().map(|w| w.answer.clone()).collect() });
+            }
+        }
+    }
 }
 
 /// A batch being run: if the future running it is dropped, every PUT in it is told to go on its
@@ -392,7 +425,14 @@ impl TenantClient {
             candidates: std::sync::Mutex::new(None),
             group: GroupCommit::default(),
             avoid: Default::default(),
+            group_commit: true,
         }
+    }
+
+    /// The same client with every PUT on its own (no group commit): for comparisons.
+    pub fn without_group_commit(mut self) -> Self {
+        self.group_commit = false;
+        self
     }
 
     /// The tenant's key.
@@ -587,7 +627,14 @@ impl TenantClient {
 
     /// Signs `payload` at the next nonce, submits it and waits until it is final.
     pub async fn submit(&self, payload: Payload) -> Result<Committed, TenantError> {
-        let network = self.network().await?;
+        self.submit_tracked(payload).await.map_err(|(e, _)| e)
+    }
+
+    /// [`TenantClient::submit`], telling on failure whether the transaction was admitted (then
+    /// it may still become final: sending its contents again would do them twice).
+    async fn submit_tracked(&self, payload: Payload) -> Result<Committed, (TenantError, bool)> {
+        let refused = |e: TenantError| (e, false);
+        let network = self.network().await.map_err(refused)?;
         let mut retries = 0;
         let mut gap_waits = 0;
         let stx = {
@@ -595,7 +642,7 @@ impl TenantClient {
             loop {
                 let nonce = match *next {
                     Some(n) => n,
-                    None => self.ledger_nonce().await?,
+                    None => self.ledger_nonce().await.map_err(refused)?,
                 };
                 let stx =
                     Transaction { signer: self.me(), nonce, payload: payload.clone() }.sign(&self.identity, &network);
@@ -624,7 +671,7 @@ impl TenantClient {
                     }
                     Err(e) => {
                         *next = None;
-                        return Err(e);
+                        return Err((e, false));
                     }
                 }
             }
@@ -636,11 +683,11 @@ impl TenantClient {
             Err(e) => {
                 // Whether the nonce was used is unknown now: read it again next time.
                 *self.next_nonce.lock().await = None;
-                return Err(e);
+                return Err((e, true));
             }
         };
         let s: Submitted = serde_json::from_slice(&bytes)
-            .map_err(|e| TenantError::Decode { url: path.clone(), reason: e.to_string() })?;
+            .map_err(|e| (TenantError::Decode { url: path.clone(), reason: e.to_string() }, true))?;
         match s.status {
             SubmittedStatus::Final { height, block_time_ms, receipt } => {
                 self.written.fetch_max(height, Ordering::Relaxed);
@@ -648,7 +695,7 @@ impl TenantClient {
             }
             SubmittedStatus::Pending | SubmittedStatus::Unknown => {
                 *self.next_nonce.lock().await = None;
-                Err(TenantError::NotFinal(s.hash))
+                Err((TenantError::NotFinal(s.hash), true))
             }
         }
     }
@@ -721,7 +768,7 @@ impl TenantClient {
         mut progress: impl FnMut(u64),
         mut warn: impl FnMut(String),
     ) -> Result<Stored, TenantError> {
-        if object.size == 0 || object.size > MAX_BATCHED_OBJECT_BYTES {
+        if !self.group_commit || object.size == 0 || object.size > MAX_BATCHED_OBJECT_BYTES {
             return self.put_alone(bucket, object, source, progress, warn).await;
         }
         let mut reader = source
@@ -760,14 +807,21 @@ impl TenantClient {
             etag: object.etag.clone(),
             meta: object.meta.clone(),
         };
-        let prepared = prepare_single(&plan, &self.identity, data)?;
+        let prepared = match prepare_single(&plan, &self.identity, data.clone()) {
+            // Without the avoided nodes the bucket's policy cannot be met: with all of them.
+            Err(TransferFailed::Placement(_)) => {
+                prepare_single(&PutPlan { candidates: self.candidates().await?, ..plan.clone() }, &self.identity, data)?
+            }
+            other => other?,
+        };
         if let Some(announced) = &object.content_md5 {
             let got = hex::encode(put_md5(&prepared.put));
             if plan.etag.is_none() && !announced.eq_ignore_ascii_case(&got) {
                 return Err(TenantError::BadDigest { announced: announced.clone(), got });
             }
         }
-        let (answer, mut turns) = tokio::sync::mpsc::unbounded_channel();
+        let (answer, turns) = tokio::sync::mpsc::unbounded_channel();
+        let mut inbox = Inbox { turns, group: &self.group };
         let code = bucket.policy.code;
         let mut lead = if self.group.join(&bucket.name, Waiting { prepared, code, answer }) {
             self.group.next_batch(fits)
@@ -786,18 +840,29 @@ impl TenantClient {
                             let _ = a.send(Turn::Done(Box::new(s)));
                         }
                     }
-                    Err(why) => {
+                    Err(BatchFailed::Before(why)) => {
                         for a in &answers {
                             let _ = a.send(Turn::Alone(why.clone()));
+                        }
+                    }
+                    Err(BatchFailed::After(why, hash)) => {
+                        for a in &answers {
+                            let _ = a.send(Turn::Unknown(why.clone(), hash));
                         }
                     }
                 }
                 // Dropping the flight hands the slot over.
                 drop(flight);
             }
-            match turns.recv().await {
+            match inbox.turns.recv().await {
                 Some(Turn::Done(stored)) => return Ok(Ok(*stored)),
                 Some(Turn::Alone(why)) => return Ok(Err(why)),
+                Some(Turn::Unknown(why, hash)) => {
+                    return Err(match hash {
+                        Some(h) => TenantError::NotFinal(h),
+                        None => TenantError::Transfer(TransferFailed::Io(why)),
+                    });
+                }
                 Some(Turn::Lead(name, batch)) => lead = Some((name, batch)),
                 None => return Ok(Err("its batch was lost".into())),
             }
@@ -805,23 +870,31 @@ impl TenantClient {
     }
 
     /// Seals and commits one batch: alone, as `PutObject`; more, as `PutObjects`.
-    async fn run_batch(&self, bucket: &str, batch: &[Waiting]) -> Result<Vec<Stored>, String> {
-        let network = self.network().await.map_err(|e| e.to_string())?;
-        if let [one] = batch {
-            let put = seal_single(&*self.shards, &one.prepared, &network).await.map_err(|e| self.blame(e))?;
-            let tx = self.submit(Payload::PutObject { put: put.clone() }).await.map_err(|e| e.to_string())?;
-            return Ok(vec![Stored { put, tx }]);
-        }
-        let code = batch[0].code;
-        let prepared: Vec<&Prepared> = batch.iter().map(|w| &w.prepared).collect();
-        let sealed = seal_batch(&*self.shards, &network, bucket, code, &prepared)
-            .await
-            .map_err(|e| format!("the batch of {} objects failed ({})", batch.len(), self.blame(e)))?;
-        let puts: Vec<ObjectPut> = sealed.puts.iter().map(|p| sealed.object_put(p)).collect();
-        let tx = self
-            .submit(Payload::PutObjects { batch: sealed })
-            .await
-            .map_err(|e| format!("the batch of {} objects was not committed ({e})", batch.len()))?;
+    async fn run_batch(&self, bucket: &str, batch: &[Waiting]) -> Result<Vec<Stored>, BatchFailed> {
+        let network = self.network().await.map_err(|e| BatchFailed::Before(e.to_string()))?;
+        let (payload, puts) = if let [one] = batch {
+            let put = seal_single(&*self.shards, &one.prepared, &network)
+                .await
+                .map_err(|e| BatchFailed::Before(self.blame(e)))?;
+            (Payload::PutObject { put: put.clone() }, vec![put])
+        } else {
+            let code = batch[0].code;
+            let prepared: Vec<&Prepared> = batch.iter().map(|w| &w.prepared).collect();
+            let sealed = seal_batch(&*self.shards, &network, bucket, code, &prepared).await.map_err(|e| {
+                BatchFailed::Before(format!("the batch of {} objects failed ({})", batch.len(), self.blame(e)))
+            })?;
+            let puts = sealed.puts.iter().map(|p| sealed.object_put(p)).collect();
+            (Payload::PutObjects { batch: sealed }, puts)
+        };
+        let n = puts.len();
+        let tx = self.submit_tracked(payload).await.map_err(|(e, admitted)| {
+            let why = format!("the batch of {n} objects was not committed ({e})");
+            match (admitted, &e) {
+                (false, _) => BatchFailed::Before(why),
+                (true, TenantError::NotFinal(h)) => BatchFailed::After(why, Some(*h)),
+                (true, _) => BatchFailed::After(why, None),
+            }
+        })?;
         Ok(puts.into_iter().map(|put| Stored { put, tx: tx.clone() }).collect())
     }
 
@@ -829,8 +902,12 @@ impl TenantClient {
     /// leave that node out for [`AVOID_FOR`] (a dead node would otherwise fail every batch that
     /// names it until the list of storage nodes is read again and its lease has expired).
     fn blame(&self, e: TransferFailed) -> String {
-        if let Some((node, _)) = e.holder_fault() {
-            self.blame_node(node);
+        // Only a holder that did not answer (down, unreachable, cut off): one that answered a
+        // refusal (busy, over its quota, a block behind) is up and may take the next batch.
+        if let TransferFailed::Holder { node, error, .. } = &e
+            && error.code.is_none()
+        {
+            self.blame_node(*node);
         }
         e.to_string()
     }
@@ -841,14 +918,12 @@ impl TenantClient {
         avoid.insert(node, std::time::Instant::now());
     }
 
-    /// The storage nodes new placements may use: [`TenantClient::candidates`] without the ones
-    /// a seal failed on in the last [`AVOID_FOR`] (unless that would leave fewer than half).
+    /// The storage nodes a grouped PUT places on: [`TenantClient::candidates`] without the ones
+    /// that did not answer a seal in the last [`AVOID_FOR`].
     async fn placeable(&self) -> Result<CandidateList, TenantError> {
         let all = self.candidates().await?;
         let avoid = self.avoid.lock().unwrap_or_else(|p| p.into_inner());
-        let kept: CandidateList =
-            all.iter().filter(|(c, _)| avoid.get(&c.node).is_none_or(|t| t.elapsed() >= AVOID_FOR)).cloned().collect();
-        Ok(if kept.len() * 2 >= all.len() { kept } else { all })
+        Ok(all.into_iter().filter(|(c, _)| avoid.get(&c.node).is_none_or(|t| t.elapsed() >= AVOID_FOR)).collect())
     }
 
     /// [`TenantClient::put`] of one object on its own, placed again without a holder that
@@ -873,7 +948,7 @@ impl TenantClient {
         let mut left_out: Vec<NodeId> = Vec::new();
         let put = loop {
             plan.candidates =
-                self.placeable().await?.into_iter().filter(|(n, _)| !left_out.contains(&n.node)).collect();
+                self.candidates().await?.into_iter().filter(|(n, _)| !left_out.contains(&n.node)).collect();
             let reader = source
                 .open()
                 .await
@@ -884,7 +959,6 @@ impl TenantClient {
                 Ok(put) => break put,
                 Err(e) => match e.holder_fault() {
                     Some((node, fault)) if left_out.len() < PUT_ATTEMPTS - 1 => {
-                        self.blame_node(node);
                         // A source read once cannot be tried again.
                         left_out.push(node);
                         warn(format!(
@@ -1162,5 +1236,101 @@ mod tests {
         // A node that does not answer is left out of the freshest height.
         let c = TenantClient::new(&["127.0.0.1:9".to_string(), b], Identity::generate());
         assert_eq!(c.freshest().await, 9);
+    }
+
+    /// A queued PUT with its end of the channel.
+    fn waiting(key: &str) -> (Waiting, tokio::sync::mpsc::UnboundedReceiver<Turn>) {
+        let (answer, turns) = tokio::sync::mpsc::unbounded_channel();
+        let put = ObjectPut {
+            bucket: "b".into(),
+            key: key.into(),
+            version: Hash::ZERO,
+            nonce: Hash::ZERO,
+            size: 1,
+            segment_bytes: 4096,
+            manifest_root: Hash::ZERO,
+            etag: String::new(),
+            holders: vec![],
+        };
+        let prepared = Prepared {
+            put,
+            claim: crate::transfer::Claim::Owner { object: Hash::ZERO, nonce: [0; 32] },
+            holders: vec![],
+            manifest: bytes::Bytes::new(),
+            shards: vec![],
+            per_holder: 0,
+        };
+        (Waiting { prepared, code: archipel_types::ErasureCode::DEFAULT, answer }, turns)
+    }
+
+    fn keys(batch: &[Waiting]) -> Vec<String> {
+        batch.iter().map(|w| w.prepared.put.key.clone()).collect()
+    }
+
+    /// A batch ends (run, or its runner cancelled): the slot goes to the oldest waiting PUT
+    /// with its batch; a PUT cancelled with a batch handed to it, or before, passes the slot on
+    /// and sends that batch's PUTs on their own; nothing waits for ever, no slot is lost.
+    #[test]
+    fn flush_slots_pass_from_batch_to_batch_and_survive_cancelled_puts() {
+        use crate::batch::MAX_FLUSHES;
+        let group: GroupCommit<Waiting> = GroupCommit::default();
+        let mut inboxes = std::collections::BTreeMap::new();
+        let mut running = vec![];
+        for k in ["a", "b", "c", "d", "e"] {
+            let (w, rx) = waiting(k);
+            inboxes.insert(k, rx);
+            if group.join("bucket", w) {
+                running.push(group.next_batch(fits).unwrap());
+            }
+        }
+        // The first MAX_FLUSHES PUTs each took a slot and ran what was waiting then.
+        assert_eq!(running.len(), MAX_FLUSHES);
+        assert_eq!(group.load().1, MAX_FLUSHES);
+        let waiting_keys: Vec<&str> = ["a", "b", "c", "d", "e"][MAX_FLUSHES..].to_vec();
+        assert_eq!(group.load().0, waiting_keys.len());
+
+        // The first running batch is cancelled mid-flight: its PUTs go alone, the slot passes
+        // to the oldest waiting PUT with everything waiting.
+        let (_, first) = running.remove(0);
+        drop(Flight { group: &group, answers: first.iter().map(|w| w.answer.clone()).collect() });
+        for k in keys(&first) {
+            assert!(matches!(inboxes.get_mut(k.as_str()).unwrap().try_recv(), Ok(Turn::Alone(_))), "{k}");
+        }
+        let lead = waiting_keys[0];
+        let handed = match inboxes.get_mut(lead).unwrap().try_recv() {
+            Ok(Turn::Lead(_, batch)) => batch,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(keys(&handed), waiting_keys);
+        assert_eq!(group.load(), (0, MAX_FLUSHES));
+        // That PUT is cancelled before it runs the batch: the batch's PUTs go alone and, with
+        // nothing else waiting, the slot is given back.
+        let (answer, turns) = tokio::sync::mpsc::unbounded_channel();
+        answer.send(Turn::Lead("bucket".into(), handed)).unwrap();
+        drop(Inbox { turns, group: &group });
+        for k in &waiting_keys[1..] {
+            assert!(matches!(inboxes.get_mut(k).unwrap().try_recv(), Ok(Turn::Alone(_))), "{k}");
+        }
+        assert_eq!(group.load(), (0, MAX_FLUSHES - 1));
+
+        // Every slot busy again, then a PUT that is gone before its turn comes: the batch
+        // handed to it sends the others alone, and the slot passes on (here: given back).
+        let mut busy = running;
+        while group.load().1 < MAX_FLUSHES {
+            let (w, _rx) = waiting("x");
+            assert!(group.join("bucket", w));
+            busy.push(group.next_batch(fits).unwrap());
+        }
+        let (gone, gone_rx) = waiting("f");
+        let (next, mut next_rx) = waiting("g");
+        assert!(!group.join("bucket", gone) && !group.join("bucket", next));
+        drop(gone_rx);
+        for (_, batch) in busy {
+            drop(Flight { group: &group, answers: batch.iter().map(|w| w.answer.clone()).collect() });
+        }
+        assert!(matches!(next_rx.try_recv(), Ok(Turn::Alone(_))));
+        assert_eq!(group.load(), (0, 0), "every slot given back");
+        let (again, _rx) = waiting("h");
+        assert!(group.join("bucket", again), "a new PUT finds a free slot");
     }
 }

@@ -43,6 +43,9 @@ struct Memory {
     batch_calls: std::sync::atomic::AtomicUsize,
     /// Holders that sign a batch receipt over something else.
     lying: Mutex<BTreeSet<NodeId>>,
+    /// Holders that answer a batch with one byte more than they keep of its first item (and sign
+    /// for that).
+    miscounting: Mutex<BTreeSet<NodeId>>,
 }
 
 /// How a holder serves one damaged shard.
@@ -175,12 +178,15 @@ impl Shards for Memory {
         if self.lying.lock().unwrap().contains(&h.node) {
             signed.pop();
         }
+        if self.miscounting.lock().unwrap().contains(&h.node) {
+            signed[0].shard_bytes += 1;
+        }
         let receipt = sign_batch_receipt(&self.keys[&h.node], &Hash::ZERO, 1_000, &signed);
         Ok(BatchSealed {
             node: h.node,
             expires_ms: 1_000,
             receipt: hex::encode(receipt),
-            shard_bytes: items.iter().map(|i| i.shard.len() as u64).collect(),
+            shard_bytes: signed.iter().map(|i| i.shard_bytes).collect(),
         })
     }
     async fn get_manifest(&self, h: &Holder, v: &Hash) -> Result<Vec<u8>, TransferError> {
@@ -895,9 +901,53 @@ async fn a_batch_seals_once_per_holder_and_every_object_reads_back() {
         other => panic!("{other:?}"),
     }
     mem.lying.lock().unwrap().clear();
+    // One that signs for more bytes than the object gives it: not a receipt the ledger takes.
+    let greedy = prepared[2].holders[1].node;
+    mem.miscounting.lock().unwrap().insert(greedy);
+    match seal_batch(&*mem, &Hash::ZERO, "b", ErasureCode::DEFAULT, &refs).await {
+        Err(TransferFailed::BadReceipt(n)) => assert_eq!(n, greedy),
+        other => panic!("{other:?}"),
+    }
+    mem.miscounting.lock().unwrap().clear();
     // A holder that is down: the batch fails with its name.
     let dead = prepared[1].holders[2].node;
     mem.down.lock().unwrap().insert(dead);
     let e = seal_batch(&*mem, &Hash::ZERO, "b", ErasureCode::DEFAULT, &refs).await.unwrap_err();
     assert_eq!(e.holder_fault().map(|(n, _)| n), Some(dead), "{e}");
+}
+
+/// The client's bound on a batch keeps its transaction within the ledger's default
+/// `max_tx_bytes`, whatever the keys, and still lets dozens of small objects go together.
+#[tokio::test]
+async fn a_batch_filled_to_its_bound_fits_one_transaction() {
+    use archipel_objects::batch::fits_one_transaction;
+    let (mem, candidates) = world();
+    let owner = Identity::from_seed(1);
+    let max = archipel_ledger::LedgerParams::default().max_tx_bytes as usize;
+    for (key_len, at_least) in [(12, 25), (1_000, 4)] {
+        let prepared: Vec<_> = (0..64)
+            .map(|i| {
+                let mut p = plan(&candidates, 4096);
+                p.key = format!("{i:0>key_len$}");
+                prepare_single(&p, &owner, data(4096)).unwrap()
+            })
+            .collect();
+        let mut batch: Vec<&_> = vec![&prepared[0]];
+        for p in &prepared[1..] {
+            if !fits_one_transaction(&batch, p) {
+                break;
+            }
+            batch.push(p);
+        }
+        assert!(batch.len() >= at_least, "only {} objects with keys of {key_len} bytes", batch.len());
+        let sealed = seal_batch(&*mem, &Hash::ZERO, "b", ErasureCode::DEFAULT, &batch).await.unwrap();
+        let tx = archipel_ledger::Transaction {
+            signer: owner.node_id(),
+            nonce: 0,
+            payload: archipel_ledger::Payload::PutObjects { batch: sealed },
+        }
+        .sign(&owner, &Hash::ZERO);
+        let len = tx.to_bytes().len();
+        assert!(len <= max, "{} objects with keys of {key_len} bytes: {len} bytes, the limit is {max}", batch.len());
+    }
 }

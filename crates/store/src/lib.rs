@@ -206,6 +206,10 @@ pub struct ShardStore {
     /// fsync on a new descriptor may not report that error again, so no seal vouches for
     /// anything after it.
     sync_failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The store's directory, open since the store was: `syncfs` on it reports every write error
+    /// of the filesystem since then ([`ShardStore::seal_many`]), even one another process's
+    /// `syncfs` on the same filesystem saw first (a descriptor opened later would not).
+    fs_handle: File,
 }
 
 /// Shards waiting for the early writer at most; more are left to their seal.
@@ -322,6 +326,7 @@ impl ShardStore {
             flush_runs: AtomicU64::new(0),
             early_sync: early_writer(sync_failed.clone()).map_err(io_at(dir))?,
             sync_failed,
+            fs_handle: File::open(dir).map_err(io_at(dir))?,
         })
     }
 
@@ -699,14 +704,15 @@ impl ShardStore {
         Ok(totals)
     }
 
-    /// Makes everything written to the store's filesystem durable: `syncfs` on Linux; elsewhere
-    /// each of `files` and its directories, one by one.
+    /// Makes everything written to the store's filesystem durable: `syncfs` on Linux (on the
+    /// descriptor held since the store was opened, so that a write error anywhere on the
+    /// filesystem since then fails it and poisons the store); elsewhere each of `files` and its
+    /// directories, one by one.
     fn sync_filesystem(&self, files: &[PathBuf]) -> Result<(), ShardStoreError> {
         #[cfg(target_os = "linux")]
         {
             let _ = files;
-            let d = File::open(&self.dir).map_err(io_at(&self.dir))?;
-            rustix::fs::syncfs(&d).map_err(|e| {
+            rustix::fs::syncfs(&self.fs_handle).map_err(|e| {
                 self.sync_failed.store(true, Ordering::SeqCst);
                 io_at(&self.dir)(e.into())
             })
@@ -1055,7 +1061,16 @@ mod tests {
             store.put_shard(ShardKey { version: [v; 32], index: v, segment: 0 }, &shard, &hash).unwrap();
             seals.push(([v; 32], v, vec![(0, hash)]));
         }
+        // Written an hour ago, as far as the collector can tell.
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3_600);
+        File::open(store.version_dir(&[2; 32])).unwrap().set_modified(old).unwrap();
+        assert!(store.age(&[2; 32]).is_some_and(|a| a > std::time::Duration::from_secs(3_000)));
+        let runs = store.flush_runs.load(Ordering::Relaxed);
         assert_eq!(store.seal_many(&seals).unwrap(), vec![100, 200, 300]);
+        // One durable index commit for the lot (the filesystem sync cannot be observed here).
+        assert_eq!(store.flush_runs.load(Ordering::Relaxed), runs + 1);
+        // Sealed versions count as written now (the collector's clock starts again).
+        assert!(store.age(&[2; 32]).is_some_and(|a| a < std::time::Duration::from_secs(60)));
         let runs = store.flush_runs.load(Ordering::Relaxed);
         // One missing shard, or one with another hash, refuses the whole call, naming it.
         let mut missing = seals.clone();
@@ -1065,7 +1080,5 @@ mod tests {
         wrong[1].2[0].1 = [7; 32];
         assert!(matches!(store.seal_many(&wrong), Err(ShardStoreError::HashMismatch { .. })));
         assert_eq!(store.flush_runs.load(Ordering::Relaxed), runs, "nothing synced for a refused call");
-        // Sealed versions count as written now (the collector's clock starts again).
-        assert!(store.age(&[2; 32]).is_some_and(|a| a < std::time::Duration::from_secs(60)));
     }
 }
