@@ -167,6 +167,9 @@ impl State {
         if batch.puts.is_empty() || batch.puts.len() > MAX_BATCH_PUTS {
             return bad(format!("a batch carries 1 to {MAX_BATCH_PUTS} objects, not {}", batch.puts.len()));
         }
+        if batch.holders.len() > usize::from(u8::MAX) {
+            return bad(format!("a batch lists at most 255 holders, not {}", batch.holders.len()));
+        }
         let bucket = self.owned_bucket(signer, &batch.bucket)?;
         let mut nodes = BTreeSet::new();
         for h in &batch.holders {

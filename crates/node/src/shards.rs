@@ -228,9 +228,10 @@ impl ShardService {
             }
         }
         self.store.note_object(version, &object.0)?;
+        // From before the sync, as the collector's clock (see `seal_batch`).
+        let expires_ms = crate::api::system_now_ms() + RECEIPT_TTL_MS;
         let total = self.store.seal(version, index, &expected)?;
         let root = manifest.root();
-        let expires_ms = crate::api::system_now_ms() + RECEIPT_TTL_MS;
         let terms = ReceiptTerms {
             object,
             version: Hash(*version),
@@ -266,6 +267,9 @@ impl ShardService {
         }
         let seals: Vec<archipel_store::SealOf> =
             writes.iter().map(|w| (w.version, w.index, vec![(0, w.hash)])).collect();
+        // The expiry counts from before the sync: the collector's clock for these versions
+        // starts when they are marked written, before it too.
+        let expires_ms = crate::api::system_now_ms() + RECEIPT_TTL_MS;
         let totals = self.store.seal_many(&seals)?;
         let items: Vec<BatchItem> = writes
             .iter()
@@ -278,7 +282,6 @@ impl ShardService {
                 shard_bytes: *total,
             })
             .collect();
-        let expires_ms = crate::api::system_now_ms() + RECEIPT_TTL_MS;
         Ok((expires_ms, sign_batch_receipt(&self.identity, &self.network, expires_ms, &items), totals))
     }
 

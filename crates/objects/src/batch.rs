@@ -201,6 +201,19 @@ pub async fn seal_batch<S: Shards>(
     Ok(batch)
 }
 
+/// What [`GroupCommit::next_batch`] does with a waiting PUT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fit {
+    /// Into this batch.
+    Take,
+    /// Not into this one (its key is in it already): it waits for the next.
+    Later,
+    /// Its caller is gone: dropped from the queue.
+    Gone,
+    /// The batch is full.
+    Full,
+}
+
 /// Which queued PUTs go together ([`GroupCommit`]), by bucket: `T` is what a waiting PUT keeps
 /// (its prepared object and how to answer it).
 #[derive(Debug)]
@@ -235,29 +248,34 @@ impl<T> GroupCommit<T> {
     }
 
     /// The next batch for a caller holding a flush slot: the oldest waiting PUT's bucket, and
-    /// every waiting PUT of that bucket after it while `fits` says the batch still fits (the
-    /// first always goes). `None` when nothing waits: the slot is given back.
-    pub fn next_batch(&self, mut fits: impl FnMut(&[T], &T) -> bool) -> Option<(String, Vec<T>)> {
+    /// the waiting PUTs of that bucket after it as `fits` judges each (the first always goes,
+    /// unless [`Fit::Gone`]). `None` when nothing waits: the slot is given back.
+    pub fn next_batch(&self, mut fits: impl FnMut(&[T], &T) -> Fit) -> Option<(String, Vec<T>)> {
         let mut q = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((bucket, first)) = q.waiting.pop_front() else {
-            q.running -= 1;
-            return None;
-        };
-        let mut batch = vec![first];
-        let mut i = 0;
-        while i < q.waiting.len() {
-            if q.waiting[i].0 == bucket {
-                if !fits(&batch, &q.waiting[i].1) {
-                    break;
-                }
-                if let Some((_, t)) = q.waiting.remove(i) {
-                    batch.push(t);
-                }
-            } else {
-                i += 1;
+        loop {
+            let Some((bucket, first)) = q.waiting.pop_front() else {
+                q.running -= 1;
+                return None;
+            };
+            if fits(&[], &first) == Fit::Gone {
+                continue;
             }
+            let mut batch = vec![first];
+            let mut i = 0;
+            while i < q.waiting.len() {
+                if q.waiting[i].0 != bucket {
+                    i += 1;
+                    continue;
+                }
+                match fits(&batch, &q.waiting[i].1) {
+                    Fit::Take => batch.extend(q.waiting.remove(i).map(|(_, t)| t)),
+                    Fit::Later => i += 1,
+                    Fit::Gone => drop(q.waiting.remove(i)),
+                    Fit::Full => break,
+                }
+            }
+            return Some((bucket, batch));
         }
-        Some((bucket, batch))
     }
 
     /// Batches waiting and running, for tests and metrics.
@@ -267,10 +285,14 @@ impl<T> GroupCommit<T> {
     }
 }
 
-/// Whether `next` still fits a batch of `batch` in one transaction.
-pub fn fits_one_transaction(batch: &[&Prepared], next: &Prepared) -> bool {
+/// Whether `next` goes into a batch of `batch`: not when its key is in it already (the ledger
+/// refuses a batch with a key twice), not when the batch would outgrow one transaction.
+pub fn fits_one_transaction(batch: &[&Prepared], next: &Prepared) -> Fit {
+    if batch.iter().any(|p| p.put.key == next.put.key) {
+        return Fit::Later;
+    }
     if batch.len() >= archipel_ledger::batch::MAX_BATCH_PUTS {
-        return false;
+        return Fit::Full;
     }
     // Each put's fields (strings with up to 3 bytes of length) and its holders' places, then
     // each distinct holder once in the table: an upper bound of the encoding.
@@ -278,7 +300,7 @@ pub fn fits_one_transaction(batch: &[&Prepared], next: &Prepared) -> bool {
     let holders: std::collections::BTreeSet<NodeId> =
         batch.iter().chain([&next]).flat_map(|p| p.holders.iter().map(|h| h.node)).collect();
     let bytes = 64 + holders.len() * (32 + 64 + 8) + batch.iter().map(|p| size(p)).sum::<usize>() + size(next);
-    bytes <= MAX_BATCH_PAYLOAD_BYTES
+    if bytes <= MAX_BATCH_PAYLOAD_BYTES { Fit::Take } else { Fit::Full }
 }
 
 #[cfg(test)]
@@ -315,12 +337,22 @@ mod tests {
         let expected: Vec<bool> = (0..6).map(|i| i < MAX_FLUSHES).collect();
         assert_eq!(ran, expected);
         assert_eq!(g.load(), (6, MAX_FLUSHES));
+        let take = |_: &[u32], _: &u32| Fit::Take;
         // The oldest's bucket, all of it that fits (here: two at most).
-        assert_eq!(g.next_batch(|b, _| b.len() < 2), Some(("a".to_string(), vec![0, 2])));
-        assert_eq!(g.next_batch(|_, _| true), Some(("b".to_string(), vec![1, 3, 5])));
-        assert_eq!(g.next_batch(|_, _| true), Some(("a".to_string(), vec![4])));
+        let two = |b: &[u32], _: &u32| if b.len() < 2 { Fit::Take } else { Fit::Full };
+        assert_eq!(g.next_batch(two), Some(("a".to_string(), vec![0, 2])));
+        // One that must wait (3, say its key is in the batch already) stays for the next batch;
+        // one whose caller is gone (5) is dropped.
+        let judge = |_: &[u32], t: &u32| match t {
+            3 => Fit::Later,
+            5 => Fit::Gone,
+            _ => Fit::Take,
+        };
+        assert_eq!(g.next_batch(judge), Some(("b".to_string(), vec![1])));
+        assert_eq!(g.next_batch(take), Some(("b".to_string(), vec![3])));
+        assert_eq!(g.next_batch(take), Some(("a".to_string(), vec![4])));
         // Nothing left: the slot is given back.
-        assert_eq!(g.next_batch(|_, _| true), None);
+        assert_eq!(g.next_batch(take), None);
         assert_eq!(g.load(), (0, MAX_FLUSHES - 1));
     }
 }

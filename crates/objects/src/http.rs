@@ -48,8 +48,11 @@ impl HttpShards {
         claim: Option<&Claim>,
     ) -> Result<Bytes, TransferError> {
         let url = format!("{}{path}", h.url.trim_end_matches('/'));
-        // A minute plus a second per MiB: generous for a slow disk, finite for a dead node.
-        let timeout = Duration::from_secs(60 + (body.len() as u64 >> 20));
+        // A minute plus a second per MiB: generous for a slow disk, finite for a dead node. A
+        // batched seal holds other PUTs' batches: 15 s plus a second per MiB, so that one
+        // holder that hangs does not stall them for a minute.
+        let base = if path == crate::batch::SEAL_BATCH_PATH { 15 } else { 60 };
+        let timeout = Duration::from_secs(base + (body.len() as u64 >> 20));
         let fail = |message: String| TransferError { message, full: false, code: None };
         let mut attempt = 0;
         loop {

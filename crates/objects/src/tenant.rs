@@ -18,7 +18,7 @@
 //!   objects again on its own, the usual way, so each gets its own answer and retries.
 
 use crate::api::{BucketList, ObjectList, ObjectView, StorageNode, StorageNodes};
-use crate::batch::{GroupCommit, MAX_BATCHED_OBJECT_BYTES, seal_batch};
+use crate::batch::{Fit, GroupCommit, MAX_BATCHED_OBJECT_BYTES, seal_batch};
 use crate::http::HttpShards;
 use crate::meta::ObjectMeta;
 use crate::pipeline::ShardHash;
@@ -304,23 +304,43 @@ impl Drop for Inbox<'_> {
         self.turns.close();
         while let Ok(turn) = self.turns.try_recv() {
             if let Turn::Lead(_, batch) = turn {
-                drop(Flight { group: self.group, answers: batch.iter().map(|w| w.answer.clone()).collect() });
+                drop(Flight::new(self.group, &batch));
             }
         }
     }
 }
 
-/// A batch being run: if the future running it is dropped, every PUT in it is told to go on its
-/// own and the flush slot is handed over, so that none waits for ever.
+/// A batch being run: if the future running it is dropped, every PUT in it is told so — to go
+/// on its own if the batch's transaction was not sent yet, else that its outcome is unknown (it
+/// may still become final: sending the objects again would store them twice) — and the flush
+/// slot is handed over, so that none waits for ever.
 struct Flight<'a> {
     group: &'a GroupCommit<Waiting>,
     answers: Vec<tokio::sync::mpsc::UnboundedSender<Turn>>,
+    /// Set once the batch's transaction is being sent.
+    sent: std::sync::atomic::AtomicBool,
+}
+
+impl<'a> Flight<'a> {
+    fn new(group: &'a GroupCommit<Waiting>, batch: &[Waiting]) -> Self {
+        Flight { group, answers: batch.iter().map(|w| w.answer.clone()).collect(), sent: Default::default() }
+    }
 }
 
 impl Drop for Flight<'_> {
     fn drop(&mut self) {
+        let sent = self.sent.load(std::sync::atomic::Ordering::SeqCst);
         for a in self.answers.drain(..) {
-            let _ = a.send(Turn::Alone("the PUT that was sending its batch was cancelled".into()));
+            let _ = a.send(if sent {
+                Turn::Unknown(
+                    "the PUT that was committing its batch was cancelled after sending the transaction: check the \
+                     object (it may be stored)"
+                        .into(),
+                    None,
+                )
+            } else {
+                Turn::Alone("the PUT that was sending its batch was cancelled".into())
+            });
         }
         hand_over(self.group);
     }
@@ -343,7 +363,11 @@ fn hand_over(group: &GroupCommit<Waiting>) {
     }
 }
 
-fn fits(batch: &[Waiting], next: &Waiting) -> bool {
+fn fits(batch: &[Waiting], next: &Waiting) -> Fit {
+    if next.answer.is_closed() {
+        // Its PUT was cancelled while it waited: not committed for nobody.
+        return Fit::Gone;
+    }
     let batch: Vec<&Prepared> = batch.iter().map(|w| &w.prepared).collect();
     crate::batch::fits_one_transaction(&batch, &next.prepared)
 }
@@ -671,7 +695,10 @@ impl TenantClient {
                     }
                     Err(e) => {
                         *next = None;
-                        return Err((e, false));
+                        // A node's refusal: not admitted. No answer (a timeout, a cut
+                        // connection): it may have been.
+                        let maybe = !matches!(e, TenantError::Api { .. });
+                        return Err((e, maybe));
                     }
                 }
             }
@@ -830,9 +857,8 @@ impl TenantClient {
         };
         loop {
             if let Some((name, batch)) = lead.take() {
-                let mut flight =
-                    Flight { group: &self.group, answers: batch.iter().map(|w| w.answer.clone()).collect() };
-                let r = self.run_batch(&name, &batch).await;
+                let mut flight = Flight::new(&self.group, &batch);
+                let r = self.run_batch(&name, &batch, &flight.sent).await;
                 let answers = std::mem::take(&mut flight.answers);
                 match r {
                     Ok(stored) => {
@@ -870,7 +896,12 @@ impl TenantClient {
     }
 
     /// Seals and commits one batch: alone, as `PutObject`; more, as `PutObjects`.
-    async fn run_batch(&self, bucket: &str, batch: &[Waiting]) -> Result<Vec<Stored>, BatchFailed> {
+    async fn run_batch(
+        &self,
+        bucket: &str,
+        batch: &[Waiting],
+        sent: &std::sync::atomic::AtomicBool,
+    ) -> Result<Vec<Stored>, BatchFailed> {
         let network = self.network().await.map_err(|e| BatchFailed::Before(e.to_string()))?;
         let (payload, puts) = if let [one] = batch {
             let put = seal_single(&*self.shards, &one.prepared, &network)
@@ -887,6 +918,7 @@ impl TenantClient {
             (Payload::PutObjects { batch: sealed }, puts)
         };
         let n = puts.len();
+        sent.store(true, std::sync::atomic::Ordering::SeqCst);
         let tx = self.submit_tracked(payload).await.map_err(|(e, admitted)| {
             let why = format!("the batch of {n} objects was not committed ({e})");
             match (admitted, &e) {
@@ -1292,7 +1324,7 @@ mod tests {
         // The first running batch is cancelled mid-flight: its PUTs go alone, the slot passes
         // to the oldest waiting PUT with everything waiting.
         let (_, first) = running.remove(0);
-        drop(Flight { group: &group, answers: first.iter().map(|w| w.answer.clone()).collect() });
+        drop(Flight::new(&group, &first));
         for k in keys(&first) {
             assert!(matches!(inboxes.get_mut(k.as_str()).unwrap().try_recv(), Ok(Turn::Alone(_))), "{k}");
         }
@@ -1313,11 +1345,13 @@ mod tests {
         }
         assert_eq!(group.load(), (0, MAX_FLUSHES - 1));
 
-        // Every slot busy again, then a PUT that is gone before its turn comes: the batch
-        // handed to it sends the others alone, and the slot passes on (here: given back).
+        // Every slot busy again, then a PUT that is gone before its turn comes: it is dropped
+        // from the queue (never committed for nobody) and the next one leads.
         let mut busy = running;
+        let mut keep = vec![];
         while group.load().1 < MAX_FLUSHES {
-            let (w, _rx) = waiting("x");
+            let (w, rx) = waiting("x");
+            keep.push(rx);
             assert!(group.join("bucket", w));
             busy.push(group.next_batch(fits).unwrap());
         }
@@ -1326,11 +1360,24 @@ mod tests {
         assert!(!group.join("bucket", gone) && !group.join("bucket", next));
         drop(gone_rx);
         for (_, batch) in busy {
-            drop(Flight { group: &group, answers: batch.iter().map(|w| w.answer.clone()).collect() });
+            drop(Flight::new(&group, &batch));
         }
-        assert!(matches!(next_rx.try_recv(), Ok(Turn::Alone(_))));
+        match next_rx.try_recv() {
+            Ok(Turn::Lead(_, batch)) => assert_eq!(keys(&batch), ["g"]),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(group.load(), (0, 1));
+        drop(Flight::new(&group, &[]));
         assert_eq!(group.load(), (0, 0), "every slot given back");
-        let (again, _rx) = waiting("h");
+        let (again, mut again_rx) = waiting("h");
         assert!(group.join("bucket", again), "a new PUT finds a free slot");
+        // Its runner is cancelled after the batch's transaction was sent: its PUTs learn that
+        // the outcome is unknown (sending them again could store them twice).
+        let (_, batch) = group.next_batch(fits).unwrap();
+        let flight = Flight::new(&group, &batch);
+        flight.sent.store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(flight);
+        assert!(matches!(again_rx.try_recv(), Ok(Turn::Unknown(..))));
+        assert_eq!(group.load(), (0, 0));
     }
 }

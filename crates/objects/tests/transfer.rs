@@ -934,7 +934,7 @@ async fn a_batch_filled_to_its_bound_fits_one_transaction() {
             .collect();
         let mut batch: Vec<&_> = vec![&prepared[0]];
         for p in &prepared[1..] {
-            if !fits_one_transaction(&batch, p) {
+            if fits_one_transaction(&batch, p) != archipel_objects::batch::Fit::Take {
                 break;
             }
             batch.push(p);

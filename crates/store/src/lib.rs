@@ -210,6 +210,24 @@ pub struct ShardStore {
     /// of the filesystem since then ([`ShardStore::seal_many`]), even one another process's
     /// `syncfs` on the same filesystem saw first (a descriptor opened later would not).
     fs_handle: File,
+    /// Whether a batch seal may rest on one `syncfs`: Linux 5.8 or later (earlier kernels do
+    /// not report write errors from it) and the shards on the store directory's filesystem (a
+    /// separate mount would not be synced). Otherwise each file and directory is synced.
+    whole_sync: bool,
+}
+
+/// Whether `syncfs` on `dir` makes its shards durable and reports their write errors: Linux 5.8
+/// or later, `dir/shards` on the same device as `dir`.
+fn syncfs_is_enough(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    let recent = matches!((parts.next(), parts.next()), (Some(major), Some(minor)) if (major, minor) >= (5, 8));
+    let same = match (std::fs::metadata(dir), std::fs::metadata(dir.join("shards"))) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev(),
+        _ => false,
+    };
+    cfg!(target_os = "linux") && recent && same
 }
 
 /// Shards waiting for the early writer at most; more are left to their seal.
@@ -265,6 +283,8 @@ struct Flushes {
     running: bool,
     /// Directories the next flush syncs.
     dirs: BTreeSet<PathBuf>,
+    /// The next flush first syncs the whole filesystem ([`ShardStore::seal_many`]).
+    whole: bool,
 }
 
 impl std::fmt::Debug for ShardStore {
@@ -327,6 +347,7 @@ impl ShardStore {
             early_sync: early_writer(sync_failed.clone()).map_err(io_at(dir))?,
             sync_failed,
             fs_handle: File::open(dir).map_err(io_at(dir))?,
+            whole_sync: syncfs_is_enough(dir),
         })
     }
 
@@ -681,11 +702,12 @@ impl ShardStore {
     }
 
     /// [`ShardStore::seal`] for many versions at once (a batch of small objects): each checked
-    /// as one seal is, then all made durable together — on Linux one `syncfs` of the store's
-    /// filesystem and one index commit, instead of a sync per file and directory, which for a
-    /// 4 KiB shard cost far more than writing it. Returns each version's total length, in order.
-    /// The sync writes out whatever else is dirty on that filesystem too, so it is meant for
-    /// small shards (a large one's early writer has mostly written it by its seal anyway).
+    /// as one seal is, then all made durable together — where `syncfs` is enough
+    /// ([`ShardStore::whole_sync`]), one `syncfs` of the store's filesystem and one index commit
+    /// (both shared with concurrent callers), instead of a sync per file and directory, which
+    /// for a 4 KiB shard cost far more than writing it; elsewhere each file, then the
+    /// directories and the index. Returns each version's total length, in order. The `syncfs`
+    /// writes out whatever else is dirty on that filesystem too, so it is meant for small shards.
     pub fn seal_many(&self, seals: &[SealOf]) -> Result<Vec<u64>, ShardStoreError> {
         let mut totals = Vec::with_capacity(seals.len());
         let mut paths = Vec::new();
@@ -698,20 +720,32 @@ impl ShardStore {
                 paths.push(self.version_dir(version).join("manifest"));
             }
         }
-        self.sync_filesystem(&paths)?;
-        self.flush(std::iter::empty())?;
+        if self.whole_sync {
+            self.flush_with(std::iter::empty(), true)?;
+        } else {
+            // Each file, then its directories with the index (shared with concurrent seals).
+            let mut dirs = BTreeSet::new();
+            for path in &paths {
+                match File::open(path) {
+                    Ok(f) => self.sync(&f, path)?,
+                    Err(e) => return Err(io_at(path)(e)),
+                }
+                let dir = path.parent().map(Path::to_path_buf);
+                let parents = [dir.clone(), dir.as_deref().and_then(Path::parent).map(Path::to_path_buf)];
+                dirs.extend(parents.into_iter().flatten());
+            }
+            self.flush(dirs)?;
+        }
         self.check_synced()?;
         Ok(totals)
     }
 
-    /// Makes everything written to the store's filesystem durable: `syncfs` on Linux (on the
-    /// descriptor held since the store was opened, so that a write error anywhere on the
-    /// filesystem since then fails it and poisons the store); elsewhere each of `files` and its
-    /// directories, one by one.
-    fn sync_filesystem(&self, files: &[PathBuf]) -> Result<(), ShardStoreError> {
+    /// `syncfs` of the store's filesystem, on the descriptor held since the store was opened (so
+    /// that a write error anywhere on the filesystem since then fails it); a failure poisons the
+    /// store. Only called when [`ShardStore::whole_sync`] holds.
+    fn sync_filesystem(&self) -> Result<(), ShardStoreError> {
         #[cfg(target_os = "linux")]
         {
-            let _ = files;
             rustix::fs::syncfs(&self.fs_handle).map_err(|e| {
                 self.sync_failed.store(true, Ordering::SeqCst);
                 io_at(&self.dir)(e.into())
@@ -719,19 +753,7 @@ impl ShardStore {
         }
         #[cfg(not(target_os = "linux"))]
         {
-            let mut dirs = BTreeSet::new();
-            for path in files {
-                match File::open(path) {
-                    Ok(f) => self.sync(&f, path)?,
-                    Err(e) if e.kind() == ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_at(path)(e)),
-                }
-                let dir = path.parent().map(Path::to_path_buf);
-                dirs.extend(
-                    [dir.clone(), dir.as_deref().and_then(Path::parent).map(Path::to_path_buf)].into_iter().flatten(),
-                );
-            }
-            self.flush(dirs)
+            Err(io_at(&self.dir)(std::io::Error::other("no syncfs here")))
         }
     }
 
@@ -762,8 +784,15 @@ impl ShardStore {
     /// callers: returns once a flush that started after this call has ended well, or with the
     /// error of one this call ran itself.
     fn flush(&self, dirs: impl IntoIterator<Item = PathBuf>) -> Result<(), ShardStoreError> {
+        self.flush_with(dirs, false)
+    }
+
+    /// [`ShardStore::flush`], first syncing the whole filesystem when `whole` (concurrent
+    /// batch seals share one `syncfs` as seals share their flush).
+    fn flush_with(&self, dirs: impl IntoIterator<Item = PathBuf>, whole: bool) -> Result<(), ShardStoreError> {
         let mut g = self.flushes.lock().unwrap_or_else(|e| e.into_inner());
         g.dirs.extend(dirs);
+        g.whole |= whole;
         g.asked += 1;
         let ticket = g.asked;
         loop {
@@ -788,9 +817,10 @@ impl ShardStore {
             g.running = true;
             let through = g.asked;
             let dirs = std::mem::take(&mut g.dirs);
+            let whole = std::mem::take(&mut g.whole);
             drop(g);
             let run = FlushRun(self);
-            let r = self.flush_now(&dirs);
+            let r = if whole { self.sync_filesystem() } else { Ok(()) }.and_then(|()| self.flush_now(&dirs));
             {
                 // A failed sync poisoned the store (`flush_now`); anything else (a directory that
                 // could not be opened) fails this flush's seals, which may be tried again.
@@ -1052,10 +1082,21 @@ mod tests {
     #[test]
     fn many_versions_seal_together_each_checked_as_one_seal_is() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ShardStore::open(dir.path(), 1 << 20).unwrap();
+        let mut store = ShardStore::open(dir.path(), 1 << 20).unwrap();
+        // On this box (Linux 6, one filesystem) one `syncfs` is enough.
+        assert!(store.whole_sync);
+        for whole in [true, false] {
+            store.whole_sync = whole;
+            seal_many_checks(&store, if whole { 1 } else { 10 });
+        }
+    }
+
+    /// One round of [`many_versions_seal_together_each_checked_as_one_seal_is`], with versions
+    /// `[first; 32]`….
+    fn seal_many_checks(store: &ShardStore, first: u8) {
         let mut seals = Vec::new();
-        for v in 1..=3u8 {
-            let shard = vec![v; 100 * usize::from(v)];
+        for v in first..first + 3 {
+            let shard = vec![v; 100 * usize::from(v - first + 1)];
             let hash = *blake3::hash(&shard).as_bytes();
             store.put_manifest(&[v; 32], b"manifest").unwrap();
             store.put_shard(ShardKey { version: [v; 32], index: v, segment: 0 }, &shard, &hash).unwrap();
@@ -1063,18 +1104,18 @@ mod tests {
         }
         // Written an hour ago, as far as the collector can tell.
         let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3_600);
-        File::open(store.version_dir(&[2; 32])).unwrap().set_modified(old).unwrap();
-        assert!(store.age(&[2; 32]).is_some_and(|a| a > std::time::Duration::from_secs(3_000)));
+        File::open(store.version_dir(&[first + 1; 32])).unwrap().set_modified(old).unwrap();
+        assert!(store.age(&[first + 1; 32]).is_some_and(|a| a > std::time::Duration::from_secs(3_000)));
         let runs = store.flush_runs.load(Ordering::Relaxed);
         assert_eq!(store.seal_many(&seals).unwrap(), vec![100, 200, 300]);
         // One durable index commit for the lot (the filesystem sync cannot be observed here).
         assert_eq!(store.flush_runs.load(Ordering::Relaxed), runs + 1);
         // Sealed versions count as written now (the collector's clock starts again).
-        assert!(store.age(&[2; 32]).is_some_and(|a| a < std::time::Duration::from_secs(60)));
+        assert!(store.age(&[first + 1; 32]).is_some_and(|a| a < std::time::Duration::from_secs(60)));
         let runs = store.flush_runs.load(Ordering::Relaxed);
         // One missing shard, or one with another hash, refuses the whole call, naming it.
         let mut missing = seals.clone();
-        missing.push(([9; 32], 0, vec![(0, [0; 32])]));
+        missing.push(([first + 9; 32], 0, vec![(0, [0; 32])]));
         assert!(matches!(store.seal_many(&missing), Err(ShardStoreError::NotFound(_))));
         let mut wrong = seals.clone();
         wrong[1].2[0].1 = [7; 32];
