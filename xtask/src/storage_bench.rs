@@ -380,17 +380,24 @@ struct SmallClient {
     plan: PutPlan,
 }
 
+/// The devnet's network (genesis hash), its funded tenant and that tenant's next nonce.
+async fn devnet_tenant(http: &reqwest::Client, work: &Path, api: &str) -> Result<(Hash, Identity, u64)> {
+    let head: serde_json::Value = http.get(format!("{api}/v1/ledger/head")).send().await?.json().await?;
+    let network: Hash =
+        head["genesis_hash"].as_str().context("genesis_hash")?.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let tenant = Identity::load(&work.join("devnet/tenant.key"))?;
+    let account: serde_json::Value =
+        http.get(format!("{api}/v1/accounts/{}", tenant.node_id())).send().await?.json().await?;
+    let nonce = account["nonce"].as_u64().context("tenant nonce")?;
+    Ok((network, tenant, nonce))
+}
+
 /// 32 tenants PUT 4 KiB objects in a closed loop; ops/s over every PUT, latency p50/p99.
 fn small_objects(work: &Path, api: &str, template: &BucketRecord) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build()?;
-        let head: serde_json::Value = http.get(format!("{api}/v1/ledger/head")).send().await?.json().await?;
-        let network: Hash = head["genesis_hash"].as_str().context("genesis_hash")?.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let tenant = Identity::load(&work.join("devnet/tenant.key"))?;
-        let account: serde_json::Value =
-            http.get(format!("{api}/v1/accounts/{}", tenant.node_id())).send().await?.json().await?;
-        let nonce = account["nonce"].as_u64().context("tenant nonce")?;
+        let (network, tenant, nonce) = devnet_tenant(&http, work, api).await?;
         let ids: Vec<Identity> = (0..SMALL_CLIENTS as u64).map(|i| Identity::from_seed(0x5107_0000 + i)).collect();
         let credits = ids.iter().map(|t| Credit { to: t.node_id(), amount_micro: 10_000_000_000 }).collect();
         final_tx(&http, api, &tenant, nonce, &network, Payload::TransferMany { credits }).await.context("funding the clients")?;
@@ -476,12 +483,7 @@ fn small_grouped(work: &Path, api: &str, template: &BucketRecord, urls: &[String
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build()?;
-        let head: serde_json::Value = http.get(format!("{api}/v1/ledger/head")).send().await?.json().await?;
-        let network: Hash = head["genesis_hash"].as_str().context("genesis_hash")?.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let tenant = Identity::load(&work.join("devnet/tenant.key"))?;
-        let account: serde_json::Value =
-            http.get(format!("{api}/v1/accounts/{}", tenant.node_id())).send().await?.json().await?;
-        let nonce = account["nonce"].as_u64().context("tenant nonce")?;
+        let (network, tenant, nonce) = devnet_tenant(&http, work, api).await?;
         let id = Identity::from_seed(0x5107_1000);
         let credits = vec![Credit { to: id.node_id(), amount_micro: 100_000_000_000 }];
         final_tx(&http, api, &tenant, nonce, &network, Payload::TransferMany { credits }).await.context("funding the client")?;
