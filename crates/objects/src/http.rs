@@ -2,7 +2,9 @@
 //!
 //! Every call is signed with the client's key. A node busy with its maximum of shard transfers
 //! answers 503 `data_busy`, and one over its per-key data rate 429 `key_rate_limit`; either call is
-//! retried a few times after a short pause. Timeouts scale
+//! retried a few times after a short pause. One that does not know the key yet (403
+//! `unknown_key`: a node behind the block that funded a new tenant) is asked again every 500 ms
+//! for 6 s. Timeouts scale
 //! with the body: a slow node fails its call rather than stalling a transfer for ever.
 
 use crate::pipeline::ShardHash;
@@ -16,6 +18,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const HASH_HEADER: &str = "x-archipel-shard-hash";
 /// Times a busy node is asked again.
 const BUSY_RETRIES: u32 = 20;
+/// Times a node that does not know the caller's key yet is asked again, [`UNKNOWN_KEY_PAUSE`]
+/// apart: a node a few blocks behind (a follower under load was measured 3 s behind) has not
+/// applied the funding of a new tenant that other nodes already show.
+const UNKNOWN_KEY_RETRIES: u32 = 12;
+/// The pause between those.
+const UNKNOWN_KEY_PAUSE: Duration = Duration::from_millis(500);
 
 /// Shards over signed HTTP.
 #[derive(Clone, Debug)]
@@ -55,6 +63,7 @@ impl HttpShards {
         let timeout = Duration::from_secs(base + (body.len() as u64 >> 20));
         let fail = |message: String| TransferError { message, full: false, code: None };
         let mut attempt = 0;
+        let mut unknown = 0;
         loop {
             let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
             let mut nonce = [0u8; 16];
@@ -88,6 +97,11 @@ impl HttpShards {
                 ),
                 Err(_) => ("error".into(), String::from_utf8_lossy(&bytes).chars().take(200).collect()),
             };
+            if code == "unknown_key" && unknown < UNKNOWN_KEY_RETRIES {
+                unknown += 1;
+                tokio::time::sleep(UNKNOWN_KEY_PAUSE).await;
+                continue;
+            }
             if (code == "data_busy" || code == "key_rate_limit") && attempt < BUSY_RETRIES {
                 attempt += 1;
                 // A growing pause: the node's `Retry-After` is in whole seconds, far longer than
@@ -235,5 +249,83 @@ impl Shards for HttpShards {
     ) -> Result<Vec<u8>, TransferError> {
         let path = format!("{}/shards/{index}/{segment}", object_path(version));
         self.call("GET", holder, &path, Bytes::new(), None, None).await.map(|b| b.to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// Answers each connection's requests with `answers` in turn (one request per connection:
+    /// the server closes it), reading each request whole first.
+    async fn serve(answers: Vec<(u16, String)>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            for (status, body) in answers {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Headers, then as much body as they announce.
+                loop {
+                    let n = conn.read(&mut buf).await.unwrap();
+                    req.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&req).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
+                            })
+                            .and_then(|v| v.parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if req.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                conn.write_all(answer.as_bytes()).await.unwrap();
+            }
+        });
+        url
+    }
+
+    /// A node that does not know the key yet (a block behind the funding) is asked again until
+    /// it does; one that never learns it fails the call with its answer after the retries.
+    #[tokio::test]
+    async fn a_key_a_node_does_not_know_yet_is_tried_again() {
+        let unknown = (403, r#"{"error":"unknown_key","message":"key 0b12 is not known to this network"}"#.to_string());
+        let sealed = sealed_example();
+        let url = serve(vec![unknown.clone(), unknown.clone(), (200, sealed.clone())]).await;
+        let shards = HttpShards::new(Identity::from_seed(5));
+        let holder = Holder { node: Identity::from_seed(6).node_id(), url };
+        let started = std::time::Instant::now();
+        let got = shards.seal_batch(&holder, vec![]).await.unwrap();
+        assert_eq!(serde_json::to_string(&got).unwrap(), sealed);
+        assert!(started.elapsed() >= 2 * UNKNOWN_KEY_PAUSE);
+
+        let url = serve(vec![unknown; UNKNOWN_KEY_RETRIES as usize + 1]).await;
+        let holder = Holder { node: Identity::from_seed(6).node_id(), url };
+        let e = shards.seal_batch(&holder, vec![]).await.unwrap_err();
+        assert_eq!(e.code.as_deref(), Some("unknown_key"), "{e:?}");
+    }
+
+    /// A batched seal's answer, as JSON.
+    fn sealed_example() -> String {
+        serde_json::to_string(&crate::batch::BatchSealed {
+            node: Identity::from_seed(6).node_id(),
+            expires_ms: 7,
+            receipt: "00".repeat(64),
+            shard_bytes: vec![1, 2],
+        })
+        .unwrap()
     }
 }
