@@ -29,15 +29,24 @@ fn kill_restart_foreign_key_and_clean_shutdown() {
     // Metrics: peers connected, messages in/out, uptime, build info; plus /health and /v1/node.
     let rt0 = rt();
     let c1 = ApiClient::new(&url1);
-    let metrics = rt0.block_on(c1.metrics_text()).unwrap();
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("metric {name} missing:\n{metrics}"))
+    let read = |metrics: &str, name: &str| -> Option<f64> {
+        metrics.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
     };
+    // "All up" is what the others' heartbeats say; this node's own gossip may come a moment
+    // later (its first round is on a timer): read again until it has sent and received some.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let m = rt0.block_on(c1.metrics_text()).unwrap();
+        let moved = |name: &str| read(&m, name).is_some_and(|v| v > 0.0);
+        if (moved("membership_messages_in_total") && moved("membership_messages_out_total"))
+            || std::time::Instant::now() > deadline
+        {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let value =
+        |name: &str| -> f64 { read(&metrics, name).unwrap_or_else(|| panic!("metric {name} missing:\n{metrics}")) };
     assert_eq!(value("membership_peers_connected"), 3.0);
     assert!(value("membership_messages_in_total") > 0.0);
     assert!(value("membership_messages_out_total") > 0.0);
