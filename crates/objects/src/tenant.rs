@@ -14,8 +14,9 @@
 //!   never committed and its holders collect it.
 //! - **Group commit.** Objects of up to [`crate::batch::MAX_BATCHED_OBJECT_BYTES`] put while
 //!   other PUTs of this client are under way go together ([`crate::batch`]): one seal call per
-//!   holder and one `PutObjects` for the lot. A batch that fails for any reason sends each of its
-//!   objects again on its own, the usual way, so each gets its own answer and retries.
+//!   holder and one `PutObjects` for the lot. A batch that fails before its transaction is sent
+//!   sends each of its objects again on its own, the usual way, so each gets its own answer and
+//!   retries; one that fails after fails its PUTs as "not final" (it may still commit).
 
 use crate::api::{BucketList, ObjectList, ObjectView, StorageNode, StorageNodes};
 use crate::batch::{Fit, GroupCommit, MAX_BATCHED_OBJECT_BYTES, seal_batch};
