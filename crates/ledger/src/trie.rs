@@ -136,11 +136,11 @@ enum Sub {
     Branch(Arc<MemBranch>),
 }
 
-/// A bucket in memory: two to [`MAX_BUCKET_LEAVES`] leaves, in key-hash order, and the hash of
-/// their subtree.
+/// A bucket in memory: two to [`MAX_BUCKET_LEAVES`] leaves with their hashes, in key-hash order,
+/// and the hash of their subtree.
 #[derive(Debug)]
 struct MemBucket {
-    leaves: Vec<Leaf>,
+    leaves: Vec<Hashed>,
     hash: Hash,
 }
 
@@ -236,7 +236,10 @@ impl Sub {
                 let b = expand(want, src, path, depth)?;
                 Open::Branch { left: b.left.clone(), right: b.right.clone() }
             }
-            Sub::Leaves(b) => return build(depth, &b.leaves).open(src, path, depth),
+            Sub::Leaves(b) => {
+                let leaves: Vec<Leaf> = b.leaves.iter().map(|l| (l.key, l.value)).collect();
+                return build(depth, &leaves).open(src, path, depth);
+            }
         })
     }
 }
@@ -262,8 +265,14 @@ fn load(want: &Bucket, src: &dyn LeafSource, path: &Hash, depth: usize) -> Resul
     let (lo, hi) = prefix_range(path, depth);
     let leaves = src.leaves(&lo, &hi)?;
     check_leaves(&leaves, &lo, &hi)?;
-    let got = root_of(depth, &leaves);
-    if leaves.len() < 2 || got != want.hash {
+    check_bucket(want, &lo, depth, leaves.len(), root_of(depth, &leaves))?;
+    Ok(leaves)
+}
+
+/// Refuses a bucket whose `count` leaves from the source (whose range starts at `lo`) hash to
+/// `got` instead of the hash the trie kept.
+fn check_bucket(want: &Bucket, lo: &Hash, depth: usize, count: usize, got: Hash) -> Result<(), TrieError> {
+    if count < 2 || got != want.hash {
         return Err(TrieError::Mismatch {
             prefix: hex::encode(&lo.0[..depth.div_ceil(8).max(1)]),
             depth,
@@ -271,22 +280,66 @@ fn load(want: &Bucket, src: &dyn LeafSource, path: &Hash, depth: usize) -> Resul
             got: got.short(),
         });
     }
-    Ok(leaves)
+    Ok(())
 }
 
-/// The subtree at `depth` over `leaves` after `ops` (both sorted by key hash, one op per key): a
-/// bucket in memory while it holds two to [`MAX_BUCKET_LEAVES`], else built as it comes out.
-fn rebucket(depth: usize, leaves: &[Leaf], ops: &[Change]) -> Sub {
+/// A leaf with its hash, computed once per bucket update and shared by the check of the old
+/// bucket and the hash of the new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Hashed {
+    key: Hash,
+    value: Hash,
+    hash: Hash,
+}
+
+impl Hashed {
+    fn of((key, value): Leaf) -> Self {
+        Hashed { key, value, hash: leaf_hash(&key, &value) }
+    }
+}
+
+/// As [`root_of`], over leaves whose hashes are known.
+fn root_of_hashed(depth: usize, entries: &[Hashed]) -> Hash {
+    match entries {
+        [] => Hash::ZERO,
+        [one] => one.hash,
+        _ => {
+            let split = entries.partition_point(|l| !bit(&l.key, depth));
+            branch_hash(&root_of_hashed(depth + 1, &entries[..split]), &root_of_hashed(depth + 1, &entries[split..]))
+        }
+    }
+}
+
+/// The hashes of the subtrees at `depth` over `old` and over `new` together: a part the two
+/// share (no change under it) is hashed once, so a bucket's update costs its leaves' hashes,
+/// its branches once, and the changed paths again.
+fn roots_of_both(depth: usize, old: &[Hashed], new: &[Hashed]) -> (Hash, Hash) {
+    if old == new {
+        let h = root_of_hashed(depth, old);
+        return (h, h);
+    }
+    if old.len() < 2 || new.len() < 2 {
+        return (root_of_hashed(depth, old), root_of_hashed(depth, new));
+    }
+    let (so, sn) = (old.partition_point(|l| !bit(&l.key, depth)), new.partition_point(|l| !bit(&l.key, depth)));
+    let (lo, ln) = roots_of_both(depth + 1, &old[..so], &new[..sn]);
+    let (ro, rn) = roots_of_both(depth + 1, &old[so..], &new[sn..]);
+    (branch_hash(&lo, &ro), branch_hash(&ln, &rn))
+}
+
+/// `leaves` after `ops` (both sorted by key hash, one op per key), unchanged leaves keeping their
+/// hashes.
+fn merge(leaves: &[Hashed], ops: &[Change]) -> Vec<Hashed> {
     let mut merged = Vec::with_capacity(leaves.len() + ops.len());
     let (mut i, mut j) = (0, 0);
     while i < leaves.len() || j < ops.len() {
-        let take_op = j < ops.len() && (i == leaves.len() || ops[j].0 <= leaves[i].0);
+        let take_op = j < ops.len() && (i == leaves.len() || ops[j].0 <= leaves[i].key);
         if take_op {
-            if i < leaves.len() && leaves[i].0 == ops[j].0 {
+            if i < leaves.len() && leaves[i].key == ops[j].0 {
                 i += 1; // replaced or removed
             }
             if let Some(v) = ops[j].1 {
-                merged.push((ops[j].0, v));
+                merged.push(Hashed::of((ops[j].0, v)));
             }
             j += 1;
         } else {
@@ -294,11 +347,29 @@ fn rebucket(depth: usize, leaves: &[Leaf], ops: &[Change]) -> Sub {
             i += 1;
         }
     }
+    merged
+}
+
+/// The subtree at `depth` over `merged` (sorted), whose hash is `hash`: a bucket in memory while
+/// it holds two to [`MAX_BUCKET_LEAVES`], else built as it comes out.
+fn rebucket(depth: usize, merged: Vec<Hashed>, hash: Hash) -> Sub {
     if merged.len() < 2 || merged.len() > MAX_BUCKET_LEAVES {
-        return build(depth, &merged);
+        return build(depth, &merged.iter().map(|l| (l.key, l.value)).collect::<Vec<_>>());
     }
-    let hash = root_of(depth, &merged);
     Sub::Leaves(Arc::new(MemBucket { leaves: merged, hash }))
+}
+
+/// The bucket `want` at `depth` after `ops` (sorted, one per key, all under it): its leaves read
+/// from the source and checked against its hash in the same pass that hashes the new bucket.
+fn update_bucket(want: &Bucket, src: &dyn LeafSource, depth: usize, ops: &[Change]) -> Result<Sub, TrieError> {
+    let (lo, hi) = prefix_range(&ops[0].0, depth);
+    let leaves = src.leaves(&lo, &hi)?;
+    check_leaves(&leaves, &lo, &hi)?;
+    let old: Vec<Hashed> = leaves.into_iter().map(Hashed::of).collect();
+    let merged = merge(&old, ops);
+    let (got, hash) = roots_of_both(depth, &old, &merged);
+    check_bucket(want, &lo, depth, old.len(), got)?;
+    Ok(rebucket(depth, merged, hash))
 }
 
 /// The bucket `want` on `path` at `depth`, rebuilt in memory from the source's leaves (checked
@@ -540,7 +611,14 @@ fn fits_bucket(b: &MemBranch, depth: usize, bucket_depth: usize) -> bool {
 fn compact(s: &Sub, depth: usize, bucket_depth: usize, keep: &[Hash]) -> Option<Sub> {
     let b = match s {
         Sub::Branch(b) => b,
-        Sub::Leaves(b) => return keep.is_empty().then(|| Sub::bucket(b.hash, b.leaves.len() as u32)),
+        Sub::Leaves(b) if !keep.is_empty() => return None,
+        // A bucket above the bucket depth (made when the state was smaller, which buckets less
+        // deeply) is split once it changed, so buckets follow the state as it grows.
+        Sub::Leaves(b) if depth < bucket_depth => {
+            let leaves: Vec<Leaf> = b.leaves.iter().map(|l| (l.key, l.value)).collect();
+            return Some(build_compacted(depth, &leaves, bucket_depth));
+        }
+        Sub::Leaves(b) => return Some(Sub::bucket(b.hash, b.leaves.len() as u32)),
         _ => return None,
     };
     if fits_bucket(b, depth, bucket_depth) {
@@ -564,17 +642,20 @@ fn compact(s: &Sub, depth: usize, bucket_depth: usize, keep: &[Hash]) -> Option<
 
 /// `ops` sorted by key hash, one per key, all sharing the first `depth` bits of the path to `at`.
 fn update(src: &dyn LeafSource, at: &Sub, depth: usize, ops: &[Change]) -> Result<Sub, TrieError> {
-    let Some(first) = ops.first() else { return Ok(at.clone()) };
+    if ops.is_empty() {
+        return Ok(at.clone());
+    }
     // Children are borrowed from nodes in memory, not cloned: only the changed path is rebuilt.
     match at {
         Sub::Empty => Ok(build(depth, &ops.iter().filter_map(|(k, v)| v.map(|v| (*k, v))).collect::<Vec<_>>())),
         Sub::Leaf(l) => Ok(update_leaf(at, (l.key, l.value), depth, ops)),
         Sub::Branch(b) => update_branch(src, at, (&b.left, &b.right), depth, ops),
-        Sub::Bucket(want) => {
-            let leaves = load(want, src, &first.0, depth)?;
-            Ok(rebucket(depth, &leaves, ops))
+        Sub::Bucket(want) => update_bucket(want, src, depth, ops),
+        Sub::Leaves(b) => {
+            let merged = merge(&b.leaves, ops);
+            let hash = root_of_hashed(depth, &merged);
+            Ok(rebucket(depth, merged, hash))
         }
-        Sub::Leaves(b) => Ok(rebucket(depth, &b.leaves, ops)),
     }
 }
 
@@ -860,6 +941,33 @@ mod tests {
         t.compact(16);
         assert_eq!(t.root(), mem.root());
         assert_eq!(compacted(&t.root, 0, 16), Ok(()));
+    }
+
+    #[test]
+    fn buckets_made_when_the_state_was_smaller_are_split_once_they_change() {
+        // 120 entries bucketed at depth 2 (about 30 a bucket).
+        let changes: Vec<Change> = (0..120).map(|i| (k(i), Some(v(i)))).collect();
+        let mut src = source_of(&changes);
+        let mut t = Trie::open(&src, 2).unwrap();
+        assert_eq!(compacted(&t.root, 0, 2), Ok(()));
+        // The state grew and the store now buckets at depth 4: one change in each of the four
+        // buckets, then the commit's compaction.
+        let quarter = |h: &Hash| h.0[0] >> 6;
+        let touched: Vec<Change> = (0..4u8)
+            .map(|q| (0..).find(|i| quarter(&k(*i)) == q).unwrap())
+            .map(|i| (k(i), Some(v(i + 1_000))))
+            .collect();
+        t.update(touched.clone(), &src).unwrap();
+        src.apply(&touched);
+        t.compact(4);
+        assert_eq!(compacted(&t.root, 0, 4), Ok(()), "every bucket is now at depth 4 or below");
+        assert_eq!(t.memory_nodes(), Trie::open(&src, 4).unwrap().memory_nodes(), "as a reopen buckets it");
+        let mut mem = Trie::new();
+        mem.update(changes.into_iter().chain(touched), &NoLeaves).unwrap();
+        assert_eq!(t.root(), mem.root());
+        for i in (0..120).step_by(7) {
+            assert_eq!(t.prove(&k(i), &src).unwrap(), mem.prove(&k(i), &NoLeaves).unwrap());
+        }
     }
 
     #[test]
