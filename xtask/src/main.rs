@@ -35,7 +35,7 @@ fn main() -> Result<()> {
                 "devnet" => bench_devnet(),
                 "ledger" => ledger_bench::bench(&build_release()?, runs(&args)?),
                 "liveness" => liveness_bench::bench(),
-                "state" => state_bench::bench().and_then(|_| bench_state_devnet()),
+                "state" => bench_state_in_process().and_then(|_| bench_state_devnet()),
                 "pipeline" => pipeline_bench::bench(),
                 "storage" => storage_bench::bench(&build_release()?),
                 "s3" => s3_bench::bench(&build_release()?),
@@ -45,7 +45,7 @@ fn main() -> Result<()> {
                     .and_then(|_| bench_devnet())
                     .and_then(|_| ledger_bench::bench(&build_release()?, runs(&args)?))
                     .and_then(|_| liveness_bench::bench())
-                    .and_then(|_| state_bench::bench())
+                    .and_then(|_| bench_state_in_process())
                     .and_then(|_| bench_state_devnet())
                     .and_then(|_| pipeline_bench::bench())
                     .and_then(|_| storage_bench::bench(&build_release()?))
@@ -171,6 +171,15 @@ fn bench_verify() -> Result<()> {
 
 /// Builds the `archipel` binary where `cargo run --release` builds it (`target/release`, not
 /// xtask's own target directory).
+/// The in-process part of `bench state` (skipped with `ARCHIPEL_BENCH_STATE_IN_PROCESS=0`).
+fn bench_state_in_process() -> Result<()> {
+    if std::env::var("ARCHIPEL_BENCH_STATE_IN_PROCESS").is_ok_and(|v| v == "0") {
+        println!("== bench state (in process): skipped (ARCHIPEL_BENCH_STATE_IN_PROCESS=0)");
+        return Ok(());
+    }
+    state_bench::bench()
+}
+
 /// The devnet part of `bench state` (skipped with `ARCHIPEL_BENCH_STATE_DEVNET=0`; 10^7 entries
 /// stay in the first part only).
 fn bench_state_devnet() -> Result<()> {

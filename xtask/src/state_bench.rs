@@ -230,8 +230,26 @@ fn ms(d: Duration) -> String {
 }
 
 /// The sizes measured: 10^3, 10^5, 10^6 and 10^7, up to `ARCHIPEL_BENCH_STATE_MAX` (10^6 by
-/// default).
+/// default); `ARCHIPEL_BENCH_STATE_SIZES=1000,1000000` names them instead (quick A/B runs; 10^3,
+/// the baseline of every ratio, must be one).
 pub fn sizes() -> Result<Vec<u64>> {
+    if let Ok(list) = std::env::var("ARCHIPEL_BENCH_STATE_SIZES") {
+        let mut sizes = list
+            .split(',')
+            .map(|v| {
+                v.trim()
+                    .parse::<u64>()
+                    .with_context(|| format!("ARCHIPEL_BENCH_STATE_SIZES: {v:?} is not a number of entries"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        sizes.sort_unstable();
+        sizes.dedup();
+        ensure!(
+            sizes.first() == Some(&1_000),
+            "ARCHIPEL_BENCH_STATE_SIZES must include 1000 (the baseline of every ratio) and nothing smaller"
+        );
+        return Ok(sizes);
+    }
     let max_entries: u64 = std::env::var("ARCHIPEL_BENCH_STATE_MAX")
         .ok()
         .map(|v| v.trim().parse().context("ARCHIPEL_BENCH_STATE_MAX must be a number of entries"))

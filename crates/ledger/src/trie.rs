@@ -12,13 +12,14 @@
 //! leaf (absence) — and is checked offline by folding them back up to the root.
 //!
 //! Memory stays bounded as the state grows: a [`Trie`] keeps in memory only the levels above a
-//! *bucket depth* (16 in the node: at most 2^16 buckets, a few MiB) and the paths changed since
+//! *bucket depth* (16 in the node, 17 at 10^6 entries: a few MiB) and the paths changed since
 //! its last [`Trie::compact`]. Below that depth a subtree of two or more entries is kept as its
 //! hash alone, a *bucket*; its leaves — `(key hash, value hash)` pairs — are read back from a
 //! [`LeafSource`] (the state store keeps them in key-hash order) and the subtree is rebuilt
 //! whenever a change or a proof goes through it, and checked against the kept hash, so a source
-//! that does not match is an error, never a wrong root. At 10^6 entries a bucket holds about 15,
-//! so touching one costs a range read and about 30 hashes; a subtree of more than
+//! that does not match is an error, never a wrong root. At 10^6 entries a bucket holds about 8,
+//! so touching one costs a range read and about 20 hashes (each leaf's, each branch's of the old
+//! bucket once, and the changed path's again); a subtree of more than
 //! [`MAX_BUCKET_LEAVES`] entries (keys ground to share a prefix) is split further in memory.
 //!
 //! Architecture Invariant: no I/O here; reading leaves goes through the caller's [`LeafSource`].
@@ -30,8 +31,8 @@ use std::sync::Arc;
 /// Depth of a key's path: the bits of a 32-byte hash.
 pub const KEY_BITS: usize = 256;
 
-/// The depth below which the node keeps subtrees as buckets (see the module docs): 2^16 buckets,
-/// about 15 entries each at 10^6 entries.
+/// The shallowest depth at which the node keeps subtrees as buckets (see the module docs): 2^16
+/// buckets; the store goes deeper as the state grows.
 pub const BUCKET_DEPTH: usize = 16;
 
 /// Most entries a bucket holds: a subtree at the bucket depth with more (keys whose hashes were
