@@ -169,8 +169,6 @@ fn bench_verify() -> Result<()> {
     Ok(())
 }
 
-/// Builds the `archipel` binary where `cargo run --release` builds it (`target/release`, not
-/// xtask's own target directory).
 /// The in-process part of `bench state` (skipped with `ARCHIPEL_BENCH_STATE_IN_PROCESS=0`).
 fn bench_state_in_process() -> Result<()> {
     if std::env::var("ARCHIPEL_BENCH_STATE_IN_PROCESS").is_ok_and(|v| v == "0") {
@@ -191,8 +189,9 @@ fn bench_state_devnet() -> Result<()> {
     state_devnet_bench::bench(&build_release()?, &sizes)
 }
 
-/// `ARCHIPEL_BENCH_BIN` names another binary instead (an A/B against an older build; the
-/// benches' in-process parts are this checkout's either way).
+/// Builds the `archipel` binary where `cargo run --release` builds it (`target/release`, not
+/// xtask's own target directory). `ARCHIPEL_BENCH_BIN` names another binary instead (an A/B
+/// against an older build; the benches' in-process parts are this checkout's either way).
 fn build_release() -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os("ARCHIPEL_BENCH_BIN") {
         let bin = PathBuf::from(bin);

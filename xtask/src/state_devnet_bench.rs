@@ -54,6 +54,7 @@ pub struct Figures {
     restart_after_kill: Duration,
     join: Duration,
     sync_line: String,
+    tail: String,
 }
 
 struct Spawned(Child);
@@ -153,13 +154,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Funds the clients and runs the load: (final per second over the whole load, sorted latencies
 /// in ms of every transfer sent — one that failed or was not final within the node's wait counts
-/// as infinitely late —, failures).
+/// as infinitely late —, failures, where the slowest were in time).
 fn load(
     http: &reqwest::blocking::Client,
     work: &Path,
     apis: &[String],
     accounts: u64,
-) -> Result<(f64, Vec<f64>, usize)> {
+) -> Result<(f64, Vec<f64>, usize, String)> {
     let head = get(http, &format!("{}/v1/ledger/head", apis[0])).context("head")?;
     let network: Hash = head["genesis_hash"].as_str().context("genesis_hash")?.parse().map_err(anyhow::Error::msg)?;
     let tenant = Identity::load(&work.join("devnet/tenant.key"))?;
@@ -237,10 +238,10 @@ fn load(
                         .ok()
                         .and_then(|r| r.json().ok());
                     if answer.as_ref().is_some_and(|a| a["status"] == "final") {
-                        latencies.push(sent.elapsed().as_secs_f64() * 1e3);
+                        latencies.push((sent - load_started, sent.elapsed().as_secs_f64() * 1e3));
                         nonce += 1;
                     } else {
-                        latencies.push(f64::INFINITY);
+                        latencies.push((sent - load_started, f64::INFINITY));
                         failed += 1;
                         std::thread::sleep(Duration::from_millis(50));
                         // Start again from the nonce the ledger expects.
@@ -255,17 +256,38 @@ fn load(
             }))
         })
         .collect::<Result<_>>()?;
-    let (mut all, mut failed) = (Vec::new(), 0);
+    let (mut timed, mut failed) = (Vec::new(), 0);
     for t in threads {
         let (l, f) = t.join().map_err(|_| anyhow::anyhow!("a load client panicked"))?;
-        all.extend(l);
+        timed.extend(l);
         failed += f;
     }
     // Until the last client's last answer: transfers still waiting at the deadline count.
     let wall = load_started.elapsed();
+    let mut all: Vec<f64> = timed.iter().map(|(_, l)| *l).collect();
     all.sort_by(f64::total_cmp);
     let finals = all.iter().filter(|l| l.is_finite()).count();
-    Ok((finals as f64 / wall.as_secs_f64(), all, failed))
+    let tail = tail_in_time(&timed, percentile(&all, 0.99));
+    Ok((finals as f64 / wall.as_secs_f64(), all, failed, tail))
+}
+
+/// Where in time the transfers slower than `p99` were sent: spread over the run (a cost every
+/// block pays) or bunched in a few half-second windows (a burst: a commit, a checkpoint, a stall).
+fn tail_in_time(timed: &[(Duration, f64)], p99: f64) -> String {
+    let mut windows = std::collections::BTreeMap::<u64, usize>::new();
+    for (at, _) in timed.iter().filter(|(_, l)| *l > p99) {
+        *windows.entry(at.as_millis() as u64 / 500).or_default() += 1;
+    }
+    let slow: usize = windows.values().sum();
+    let total = timed.iter().map(|(at, _)| at.as_millis() as u64 / 500).max().map_or(0, |w| w + 1);
+    let mut worst: Vec<(u64, usize)> = windows.into_iter().collect();
+    worst.sort_by_key(|(w, n)| (std::cmp::Reverse(*n), *w));
+    let shown: Vec<String> = worst.iter().take(5).map(|(w, n)| format!("{n} at {:.1} s", *w as f64 / 2.0)).collect();
+    format!(
+        "the {slow} transfers over p99 were sent in {} of {total} half-second windows ({})",
+        worst.len(),
+        shown.join(", ")
+    )
 }
 
 fn measure(bin: &Path, accounts: u64) -> Result<Figures> {
@@ -326,7 +348,7 @@ fn measure_in(bin: &Path, work: &Path, accounts: u64) -> Result<Figures> {
     for api in &apis {
         follows(&http, api, CHAIN + 3, Instant::now(), "start")?;
     }
-    let (final_per_s, latencies, failed) = load(&http, work, &apis, accounts)?;
+    let (final_per_s, latencies, failed, tail) = load(&http, work, &apis, accounts)?;
     let mut rss = 0f64;
     for n in &all {
         rss = rss.max(peak_rss_mib(n.pid)?);
@@ -392,6 +414,7 @@ fn measure_in(bin: &Path, work: &Path, accounts: u64) -> Result<Figures> {
         restart,
         join,
         sync_line,
+        tail,
     })
 }
 
@@ -408,7 +431,7 @@ pub fn bench(bin: &Path, sizes: &[u64]) -> Result<()> {
     for &n in sizes {
         let f = measure(bin, n)?;
         println!(
-            "{:>10} accounts: fill {:.1} s; {:.0} transfers final/s ({} sent, {} failed or not final); submit->final p50 {:.1} ms, p99 {:.1} ms (a failed one counts as infinitely late); peak RSS of the largest node {:.0} MiB; validator restart {:.2} s (after kill -9 {:.2} s); follower join {:.2} s [{}]",
+            "{:>10} accounts: fill {:.1} s; {:.0} transfers final/s ({} sent, {} failed or not final); submit->final p50 {:.1} ms, p99 {:.1} ms (a failed one counts as infinitely late; {}); peak RSS of the largest node {:.0} MiB; validator restart {:.2} s (after kill -9 {:.2} s); follower join {:.2} s [{}]",
             f.accounts,
             f.fill.as_secs_f64(),
             f.final_per_s,
@@ -416,6 +439,7 @@ pub fn bench(bin: &Path, sizes: &[u64]) -> Result<()> {
             f.failed,
             f.p50_ms,
             f.p99_ms,
+            f.tail,
             f.rss_mib,
             f.restart.as_secs_f64(),
             f.restart_after_kill.as_secs_f64(),
@@ -431,7 +455,7 @@ pub fn bench(bin: &Path, sizes: &[u64]) -> Result<()> {
     );
     if rows.last().is_none_or(|r| r.accounts < 1_000_000) {
         println!(
-            "(the goals are for 10^6 accounts, not measured in this run: ARCHIPEL_BENCH_STATE_MAX is below 1000000)"
+            "(the goals are for 10^6 accounts, not measured in this run: ARCHIPEL_BENCH_STATE_MAX or ARCHIPEL_BENCH_STATE_SIZES left it out)"
         );
     }
     for r in &rows[1..] {

@@ -37,26 +37,6 @@ pub const CHECKPOINT_BLOCKS: u64 = 1_024;
 /// holds them in memory, and the transaction index of those blocks too.
 pub const COMMIT_BLOCKS: u64 = 32;
 
-/// How many nice steps the thread writing a commit runs below the node's others. The write is a
-/// burst of CPU (at 10^6 entries, writing 32 blocks of 1,000 changes took up to 670 ms in `cargo
-/// xtask bench state`) that nothing waits for until the next commit, 32 blocks later; at the
-/// same priority it takes that time from proposing, verifying and voting on the node's two
-/// shared cores, and the transfers finalized meanwhile make the tail of the ledger's latency.
-pub const COMMIT_NICE: i32 = 10;
-
-/// The nice value the last commit thread ran at (tests).
-#[cfg(test)]
-static COMMIT_THREAD_NICE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(i32::MIN);
-
-/// Lowers the calling thread's priority by `steps` (Linux gives each thread its own nice value;
-/// lowering needs no privilege). A failure is logged and the thread runs as before.
-fn lower_this_threads_priority(steps: i32) {
-    let now = rustix::process::getpriority_process(None).unwrap_or(0);
-    if let Err(e) = rustix::process::setpriority_process(None, (now + steps).min(19)) {
-        tracing::warn!(error = %e, "cannot lower the priority of the state's commit thread");
-    }
-}
-
 /// Mempool capacity per node.
 pub const MEMPOOL_CAPACITY: usize = 100_000;
 
@@ -355,15 +335,7 @@ impl Chain {
         };
         let handle = std::thread::Builder::new()
             .name("state-commit".into())
-            .spawn(move || {
-                lower_this_threads_priority(COMMIT_NICE);
-                #[cfg(test)]
-                COMMIT_THREAD_NICE.store(
-                    rustix::process::getpriority_process(None).unwrap_or(i32::MIN),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                write(&*states, &commit).map(|()| height)
-            })
+            .spawn(move || write(&*states, &commit).map(|()| height))
             .map_err(|e| format!("cannot start writing the state: {e}"))?;
         *in_flight = Some(handle);
         if wait {
@@ -1527,12 +1499,6 @@ mod tests {
             assert_eq!(c.with_state(|s| s.account(&to).balance_micro), 1, "recipient of block {}", n + 1);
         }
         assert_eq!(c.with_state(State::rebuilt_root), c.head().state_root);
-        let mine = rustix::process::getpriority_process(None).unwrap();
-        assert_eq!(
-            COMMIT_THREAD_NICE.load(std::sync::atomic::Ordering::Relaxed),
-            (mine + COMMIT_NICE).min(19),
-            "the commits were written at a lower priority than the chain's"
-        );
     }
 
     #[test]

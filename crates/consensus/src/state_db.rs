@@ -493,12 +493,17 @@ mod tests {
         let err = StateDb::open(&path).unwrap_err();
         assert!(err.to_string().contains("committed marker"), "{err}");
         // Rows cut short, under a key that is not a hash, or holding another key than the one
-        // whose hash they sit under: refused by every read.
-        for (under, row) in [
+        // whose hash they sit under: refused by reads (a misfiled row is refused by a read by key
+        // and by scans; read as a trie bucket's leaves it is the trie's check of the bucket's
+        // hash that refuses it, see `trie::tests`).
+        for (i, (under, row)) in [
             (trie::key_hash(b"account/1").0.to_vec(), vec![0u8, 9, b'a']),
             (vec![7u8; 5], row(b"account/1", b"x").unwrap()),
             (trie::key_hash(b"account/1").0.to_vec(), row(b"account/2", b"x").unwrap()),
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
             let path = dir.path().join("state2.redb");
             let _ = std::fs::remove_file(&path);
             let s = StateDb::open(&path).unwrap();
@@ -513,6 +518,10 @@ mod tests {
             assert!(leaves.is_err() || get.is_err() || scan.is_err(), "{leaves:?} {get:?} {scan:?}");
             if under.len() == 32 {
                 assert!(get.unwrap_err().to_string().contains("corrupt"));
+            }
+            if i == 2 {
+                assert!(leaves.is_ok(), "a bucket's leaves are not hashed again by key");
+                assert!(scan.unwrap_err().to_string().contains("corrupt"), "a scan reads the key and checks it");
             }
         }
         assert!(row(&[0u8; 70_000], b"x").unwrap_err().to_string().contains("longer than 65,535"));

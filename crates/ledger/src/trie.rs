@@ -972,6 +972,30 @@ mod tests {
     }
 
     #[test]
+    fn an_update_refuses_a_bucket_whose_untouched_leaves_changed_behind_it() {
+        let changes: Vec<Change> = (0..64).map(|i| (k(i), Some(v(i)))).collect();
+        let mut src = source_of(&changes);
+        let mut t = Trie::open(&src, 2).unwrap();
+        let root = t.root();
+        // Another key of k(5)'s bucket (same first two bits).
+        let other = (0..64).find(|i| *i != 5 && k(*i).0[0] >> 6 == k(5).0[0] >> 6).unwrap();
+        for tamper in [Some(v(99)), None] {
+            let mut lying = src.clone();
+            match tamper {
+                Some(x) => lying.0.insert(k(5), x),
+                None => lying.0.remove(&k(5)),
+            };
+            let err = t.clone().update([(k(other), Some(v(1_000)))], &lying).unwrap_err();
+            assert!(matches!(err, TrieError::Mismatch { depth: 2, .. }), "{err}");
+        }
+        // An entry the trie never held, added to the bucket behind its back.
+        let stranger = (1_000..).map(k).find(|h| h.0[0] >> 6 == k(5).0[0] >> 6).unwrap();
+        src.0.insert(stranger, v(1));
+        assert!(matches!(t.update([(k(other), None)], &src), Err(TrieError::Mismatch { .. })));
+        assert_eq!(t.root(), root, "a refused update changes nothing");
+    }
+
+    #[test]
     fn proofs_refuse_a_leaf_off_the_path_and_overlong_paths() {
         let mut t = Trie::new();
         t.update((0..8).map(|i| (k(i), Some(v(i)))), &NoLeaves).unwrap();
@@ -1055,6 +1079,110 @@ mod tests {
                     prop_assert!(forged.verify(&root, &k(key)).is_err());
                 }
                 prop_assert!(proof.verify(&k(999), &k(key)).is_err());
+            }
+        }
+
+        /// A bucket's update hashes the old and the new bucket in one pass: both hashes are the
+        /// ones computed apart, and the merge is the model's set after the changes.
+        #[test]
+        fn one_pass_over_a_bucket_gives_its_old_and_new_hashes(
+            old in prop::collection::btree_map(0u64..200, 0u64..4, 0..40),
+            ops in prop::collection::vec((0u64..200, prop::option::of(0u64..4)), 0..20),
+        ) {
+            let sorted = |m: &BTreeMap<u64, u64>| {
+                let mut l: Vec<Leaf> = m.iter().map(|(a, b)| (k(*a), v(*b))).collect();
+                l.sort();
+                l
+            };
+            let mut by_hash: BTreeMap<Hash, Option<Hash>> = BTreeMap::new();
+            let mut model = old.clone();
+            for (key, val) in &ops {
+                by_hash.insert(k(*key), val.map(v));
+                match val { Some(x) => { model.insert(*key, *x); } None => { model.remove(key); } }
+            }
+            let ops: Vec<Change> = by_hash.into_iter().collect();
+            let (before, after) = (sorted(&old), sorted(&model));
+            let hashed: Vec<Hashed> = before.iter().copied().map(Hashed::of).collect();
+            let merged = merge(&hashed, &ops);
+            prop_assert_eq!(merged.iter().map(|l| (l.key, l.value)).collect::<Vec<_>>(), after.clone());
+            prop_assert!(merged.iter().all(|l| l.hash == leaf_hash(&l.key, &l.value)));
+            prop_assert_eq!(roots_of_both(0, &hashed, &merged), (root_of(0, &before), root_of(0, &after)));
+        }
+
+        /// Buckets changed several times between commits (emptied, down to one entry, past
+        /// [`MAX_BUCKET_LEAVES`]) and a bucket depth that grows between commits, as the store's
+        /// does while the state grows: the trie reads, proves and updates as the one in memory,
+        /// and what it keeps after each compaction is buckets only, none above where it started.
+        #[test]
+        fn buckets_changed_between_commits_and_as_the_depth_grows_match_memory(
+            first in prop::collection::vec((0u64..300, 0u64..4), 1..200),
+            rounds in prop::collection::vec(
+                (prop::collection::vec(prop::collection::vec((0u64..300, prop::option::of(0u64..4)), 0..30), 1..4), 0usize..2),
+                1..4,
+            ),
+            start in 0usize..5,
+        ) {
+            fn bucket_depth_on(s: &Sub, path: &Hash, depth: usize) -> Option<usize> {
+                match s {
+                    Sub::Bucket(_) => Some(depth),
+                    Sub::Branch(b) => bucket_depth_on(if bit(path, depth) { &b.right } else { &b.left }, path, depth + 1),
+                    _ => None,
+                }
+            }
+            fn settled(s: &Sub, depth: usize, floor: usize) -> Result<(), String> {
+                match s {
+                    Sub::Leaves(b) => Err(format!("{} leaves held at depth {depth}", b.leaves.len())),
+                    Sub::Bucket(b) if depth < floor || b.leaves < 2 || b.leaves as usize > MAX_BUCKET_LEAVES => {
+                        Err(format!("a bucket of {} entries at depth {depth}", b.leaves))
+                    }
+                    Sub::Branch(b) => settled(&b.left, depth + 1, floor).and_then(|()| settled(&b.right, depth + 1, floor)),
+                    _ => Ok(()),
+                }
+            }
+            let firsts: Vec<Change> = first.iter().map(|(a, b)| (k(*a), Some(v(*b)))).collect();
+            let mut mem = Trie::new();
+            mem.update(firsts.clone(), &NoLeaves).unwrap();
+            let mut src = source_of(&firsts);
+            let mut disk = Trie::open(&src, start).unwrap();
+            let mut depth = start;
+            let mut model: BTreeMap<u64, u64> = first.iter().map(|(a, b)| (*a, *b)).collect();
+            for (batches, grow) in &rounds {
+                // Keys whose entry this round changed (an update that changes nothing leaves its
+                // bucket as it was).
+                let mut changed = Vec::new();
+                for batch in batches {
+                    let before = model.clone();
+                    for (key, val) in batch {
+                        match val { Some(x) => { model.insert(*key, *x); } None => { model.remove(key); } }
+                    }
+                    changed.extend(batch.iter().map(|(key, _)| *key).filter(|key| model.get(key) != before.get(key)));
+                }
+                for batch in batches {
+                    let changes: Vec<Change> = batch.iter().map(|(a, b)| (k(*a), b.map(v))).collect();
+                    mem.update(changes.clone(), &NoLeaves).unwrap();
+                    // The source still holds the last commit: changed buckets are held as leaves.
+                    disk.update(changes, &src).unwrap();
+                    prop_assert_eq!(disk.root(), mem.root());
+                }
+                for key in (1u64..300).step_by(11) {
+                    prop_assert_eq!(disk.prove(&k(key), &src).unwrap(), mem.prove(&k(key), &NoLeaves).unwrap());
+                }
+                for batch in batches {
+                    src.apply(&batch.iter().map(|(a, b)| (k(*a), b.map(v))).collect::<Vec<_>>());
+                }
+                depth += grow;
+                disk.compact(depth);
+                prop_assert_eq!(settled(&disk.root, 0, start), Ok(()));
+                // A bucket a change went through was rebuilt at the depth of this compaction.
+                for key in &changed {
+                    let at = bucket_depth_on(&disk.root, &k(*key), 0);
+                    prop_assert!(at.is_none_or(|d| d >= depth), "key {key}'s bucket at depth {at:?}, above {depth}");
+                }
+                prop_assert!(compact(&disk.root, 0, depth, &[]).is_none(), "nothing fresh left to walk");
+                prop_assert_eq!(disk.root(), mem.root());
+                for key in (4u64..300).step_by(11) {
+                    prop_assert_eq!(disk.prove(&k(key), &src).unwrap(), mem.prove(&k(key), &NoLeaves).unwrap());
+                }
             }
         }
 
