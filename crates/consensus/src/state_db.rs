@@ -493,9 +493,9 @@ mod tests {
         let err = StateDb::open(&path).unwrap_err();
         assert!(err.to_string().contains("committed marker"), "{err}");
         // Rows cut short, under a key that is not a hash, or holding another key than the one
-        // whose hash they sit under: refused by reads (a misfiled row is refused by a read by key
-        // and by scans; read as a trie bucket's leaves it is the trie's check of the bucket's
-        // hash that refuses it, see `trie::tests`).
+        // whose hash they sit under: refused by reads. A misfiled row is refused by a read by key
+        // and by scans (and so by opening the state and by a state sync's import); read as a
+        // trie bucket's leaves it passes, since the trie commits to key hashes and values only.
         for (i, (under, row)) in [
             (trie::key_hash(b"account/1").0.to_vec(), vec![0u8, 9, b'a']),
             (vec![7u8; 5], row(b"account/1", b"x").unwrap()),

@@ -612,7 +612,7 @@ fn fits_bucket(b: &MemBranch, depth: usize, bucket_depth: usize) -> bool {
 fn compact(s: &Sub, depth: usize, bucket_depth: usize, keep: &[Hash]) -> Option<Sub> {
     let b = match s {
         Sub::Branch(b) => b,
-        Sub::Leaves(b) if !keep.is_empty() => return None,
+        Sub::Leaves(_) if !keep.is_empty() => return None,
         // A bucket above the bucket depth (made when the state was smaller, which buckets less
         // deeply) is split once it changed, so buckets follow the state as it grows.
         Sub::Leaves(b) if depth < bucket_depth => {
