@@ -147,7 +147,7 @@ impl GossipObserver for NodeObserver {
 /// Opens the node's finalized chain: the blocks from `<data dir>/ledger/blocks.log`, the state
 /// and transaction index from `<data dir>/ledger/state.redb` (only the blocks after its height
 /// are replayed).
-fn open_chain(cfg: &NodeConfig, genesis: &Genesis) -> Result<Arc<Chain>, NodeError> {
+fn open_chain(cfg: &NodeConfig, genesis: &Genesis, me: &archipel_types::NodeId) -> Result<Arc<Chain>, NodeError> {
     let dir = cfg.data_dir.join("ledger");
     std::fs::create_dir_all(&dir).map_err(|e| NodeError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
     let store = FileStore::open(&dir.join("blocks.log")).map_err(NodeError::Invalid)?;
@@ -166,6 +166,8 @@ fn open_chain(cfg: &NodeConfig, genesis: &Genesis) -> Result<Arc<Chain>, NodeErr
     if let Some(blocks) = cfg.ledger.retain_blocks {
         chain = chain.with_retention(blocks);
     }
+    // Nodes commit their state at heights their keys spread out (see `with_commit_phase`).
+    chain = chain.with_commit_phase(u64::from_le_bytes(me.0[..8].try_into().unwrap_or_default()));
     let opened = chain.opened();
     tracing::info!(
         state_height = opened.state_height,
@@ -351,6 +353,7 @@ impl PreparedNode {
     pub fn run(self) -> Result<(), NodeError> {
         let PreparedNode { cfg, identity, genesis, genesis_hash, own, api_listener, options, admissions } = self;
         let storage = cfg.data_dir.join("runtime");
+        let me = identity.node_id();
         // The API gets its own threads: a burst of requests queues there, not in front of consensus.
         let api_server = api::ApiServer::new(&cfg.api.limits).map_err(NodeError::Invalid)?;
         let api_handle = api_server.handle();
@@ -386,7 +389,7 @@ impl PreparedNode {
             cw_tokio::Runner::new(cw_tokio::Config::new().with_worker_threads(2).with_storage_directory(storage));
         let result = runner.start(|context| async move {
             let started = Instant::now();
-            let chain = open_chain(&cfg, &genesis)?;
+            let chain = open_chain(&cfg, &genesis, &me)?;
             // The allowed set is the node registry of finalized state (genesis nodes at first)
             // plus nodes admitted by validator quorum.
             let registry: Vec<SignedDescriptor> =
