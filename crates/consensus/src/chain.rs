@@ -1496,15 +1496,7 @@ mod tests {
         let c = Chain::open_with(genesis, Box::new(blocks), Arc::new(states)).unwrap();
         let sender = Identity::from_seed(0);
         for n in 0..3 * COMMIT_BLOCKS {
-            let head = c.head();
-            // A new recipient each block: an entry no later block writes again.
-            let payload = Payload::Transfer { to: Identity::from_seed(1_000 + n).node_id(), amount_micro: 1 };
-            let t = Transaction { signer: sender.node_id(), nonce: n, payload }.sign(&sender, &Hash::ZERO);
-            let now = 1_000 * (head.height + 1);
-            c.submit(t, 100, now).unwrap();
-            let block = c.build(&head.hash(), now, |_| Vec::new()).unwrap();
-            assert_eq!(block.txs.len(), 1, "block {}", head.height + 1);
-            c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized");
+            finalize_one_transfer(&c, &sender, n);
         }
         c.wait_for_commit().unwrap();
         let held = c.with_state(State::uncommitted_entries);
@@ -1518,6 +1510,19 @@ mod tests {
         assert_eq!(c.with_state(State::rebuilt_root), c.head().state_root);
     }
 
+    /// Builds on the head a block of one transfer from `sender` (at nonce `n`) to a new recipient
+    /// (an entry no later block writes again) and finalizes it from its cached state.
+    fn finalize_one_transfer(c: &Chain, sender: &Identity, n: u64) {
+        let head = c.head();
+        let payload = Payload::Transfer { to: Identity::from_seed(1_000 + n).node_id(), amount_micro: 1 };
+        let t = Transaction { signer: sender.node_id(), nonce: n, payload }.sign(sender, &Hash::ZERO);
+        let now = 1_000 * (head.height + 1);
+        c.submit(t, 100, now).unwrap();
+        let block = c.build(&head.hash(), now, |_| Vec::new()).unwrap();
+        assert_eq!(block.txs.len(), 1, "block {}", head.height + 1);
+        c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized");
+    }
+
     #[test]
     fn a_commit_phase_moves_the_first_commit_and_keeps_the_interval() {
         let (blocks, states) = (MemoryStore::default(), small_buckets());
@@ -1527,13 +1532,7 @@ mod tests {
         let sender = Identity::from_seed(0);
         let mut heights = Vec::new();
         for n in 0..2 * COMMIT_BLOCKS + 8 {
-            let head = c.head();
-            let payload = Payload::Transfer { to: Identity::from_seed(1_000 + n).node_id(), amount_micro: 1 };
-            let t = Transaction { signer: sender.node_id(), nonce: n, payload }.sign(&sender, &Hash::ZERO);
-            let now = 1_000 * (head.height + 1);
-            c.submit(t, 100, now).unwrap();
-            let block = c.build(&head.hash(), now, |_| Vec::new()).unwrap();
-            c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized");
+            finalize_one_transfer(&c, &sender, n);
             c.wait_for_commit().unwrap();
             let at = states.committed().unwrap().map_or(0, |c| c.height);
             if at > 0 && heights.last() != Some(&at) {

@@ -238,8 +238,7 @@ impl Sub {
                 Open::Branch { left: b.left.clone(), right: b.right.clone() }
             }
             Sub::Leaves(b) => {
-                let leaves: Vec<Leaf> = b.leaves.iter().map(|l| (l.key, l.value)).collect();
-                return build(depth, &leaves).open(src, path, depth);
+                return build(depth, &plain(&b.leaves)).open(src, path, depth);
             }
         })
     }
@@ -247,12 +246,12 @@ impl Sub {
 
 /// The hash of the canonical subtree at `depth` over `entries` (sorted, distinct keys), computed
 /// without building it.
-fn root_of(depth: usize, entries: &[Leaf]) -> Hash {
+fn root_of<L: Keyed>(depth: usize, entries: &[L]) -> Hash {
     match entries {
         [] => Hash::ZERO,
-        [(k, v)] => leaf_hash(k, v),
+        [one] => one.leaf_hash(),
         _ => {
-            let split = entries.partition_point(|(k, _)| !bit(k, depth));
+            let split = entries.partition_point(|l| !bit(l.key(), depth));
             // One entry alone under a side moves up only when the other side is empty, and then
             // this subtree would hold one entry: with two or more, both hashes are branches'.
             branch_hash(&root_of(depth + 1, &entries[..split]), &root_of(depth + 1, &entries[split..]))
@@ -299,16 +298,34 @@ impl Hashed {
     }
 }
 
-/// As [`root_of`], over leaves whose hashes are known.
-fn root_of_hashed(depth: usize, entries: &[Hashed]) -> Hash {
-    match entries {
-        [] => Hash::ZERO,
-        [one] => one.hash,
-        _ => {
-            let split = entries.partition_point(|l| !bit(&l.key, depth));
-            branch_hash(&root_of_hashed(depth + 1, &entries[..split]), &root_of_hashed(depth + 1, &entries[split..]))
-        }
+/// A leaf as the hashing of a subtree sees it: its key hash, and its leaf hash (computed, or
+/// kept from an earlier computation).
+trait Keyed {
+    fn key(&self) -> &Hash;
+    fn leaf_hash(&self) -> Hash;
+}
+
+impl Keyed for Leaf {
+    fn key(&self) -> &Hash {
+        &self.0
     }
+    fn leaf_hash(&self) -> Hash {
+        leaf_hash(&self.0, &self.1)
+    }
+}
+
+impl Keyed for Hashed {
+    fn key(&self) -> &Hash {
+        &self.key
+    }
+    fn leaf_hash(&self) -> Hash {
+        self.hash
+    }
+}
+
+/// The `(key hash, value hash)` pairs of leaves held with their hashes.
+fn plain(leaves: &[Hashed]) -> Vec<Leaf> {
+    leaves.iter().map(|l| (l.key, l.value)).collect()
 }
 
 /// The hashes of the subtrees at `depth` over `old` and over `new` together: a part the two
@@ -316,11 +333,11 @@ fn root_of_hashed(depth: usize, entries: &[Hashed]) -> Hash {
 /// its branches once, and the changed paths again.
 fn roots_of_both(depth: usize, old: &[Hashed], new: &[Hashed]) -> (Hash, Hash) {
     if old == new {
-        let h = root_of_hashed(depth, old);
+        let h = root_of(depth, old);
         return (h, h);
     }
     if old.len() < 2 || new.len() < 2 {
-        return (root_of_hashed(depth, old), root_of_hashed(depth, new));
+        return (root_of(depth, old), root_of(depth, new));
     }
     let (so, sn) = (old.partition_point(|l| !bit(&l.key, depth)), new.partition_point(|l| !bit(&l.key, depth)));
     let (lo, ln) = roots_of_both(depth + 1, &old[..so], &new[..sn]);
@@ -355,7 +372,7 @@ fn merge(leaves: &[Hashed], ops: &[Change]) -> Vec<Hashed> {
 /// it holds two to [`MAX_BUCKET_LEAVES`], else built as it comes out.
 fn rebucket(depth: usize, merged: Vec<Hashed>, hash: Hash) -> Sub {
     if merged.len() < 2 || merged.len() > MAX_BUCKET_LEAVES {
-        return build(depth, &merged.iter().map(|l| (l.key, l.value)).collect::<Vec<_>>());
+        return build(depth, &plain(&merged));
     }
     Sub::Leaves(Arc::new(MemBucket { leaves: merged, hash }))
 }
@@ -616,8 +633,7 @@ fn compact(s: &Sub, depth: usize, bucket_depth: usize, keep: &[Hash]) -> Option<
         // A bucket above the bucket depth (made when the state was smaller, which buckets less
         // deeply) is split once it changed, so buckets follow the state as it grows.
         Sub::Leaves(b) if depth < bucket_depth => {
-            let leaves: Vec<Leaf> = b.leaves.iter().map(|l| (l.key, l.value)).collect();
-            return Some(build_compacted(depth, &leaves, bucket_depth));
+            return Some(build_compacted(depth, &plain(&b.leaves), bucket_depth));
         }
         Sub::Leaves(b) => return Some(Sub::bucket(b.hash, b.leaves.len() as u32)),
         _ => return None,
@@ -654,7 +670,7 @@ fn update(src: &dyn LeafSource, at: &Sub, depth: usize, ops: &[Change]) -> Resul
         Sub::Bucket(want) => update_bucket(want, src, depth, ops),
         Sub::Leaves(b) => {
             let merged = merge(&b.leaves, ops);
-            let hash = root_of_hashed(depth, &merged);
+            let hash = root_of(depth, &merged);
             Ok(rebucket(depth, merged, hash))
         }
     }
@@ -1104,7 +1120,7 @@ mod tests {
             let (before, after) = (sorted(&old), sorted(&model));
             let hashed: Vec<Hashed> = before.iter().copied().map(Hashed::of).collect();
             let merged = merge(&hashed, &ops);
-            prop_assert_eq!(merged.iter().map(|l| (l.key, l.value)).collect::<Vec<_>>(), after.clone());
+            prop_assert_eq!(plain(&merged), after.clone());
             prop_assert!(merged.iter().all(|l| l.hash == leaf_hash(&l.key, &l.value)));
             prop_assert_eq!(roots_of_both(0, &hashed, &merged), (root_of(0, &before), root_of(0, &after)));
         }
