@@ -103,13 +103,13 @@ struct Inner {
     store: Box<dyn BlockStore>,
     /// Finalized state and the transaction index, committed block by block.
     states: Arc<dyn StateStore>,
-    /// Blocks committed since the last durable checkpoint.
+    /// Blocks finalized since the last durable checkpoint.
     since_checkpoint: u64,
     /// Finalized blocks not yet committed to `states`, and their transactions.
     uncommitted: u64,
-    /// How many uncommitted blocks make the next commit due: [`COMMIT_BLOCKS`], except before the
-    /// first commit after opening (see [`Chain::with_commit_phase`]).
-    commit_after: u64,
+    /// Where this node's commits and checkpoints fall: at heights `phase` modulo
+    /// [`COMMIT_BLOCKS`] and modulo `checkpoint_every` (see [`Chain::with_commit_phase`]).
+    phase: u64,
     /// The last write of the state failed: the next is waited for.
     commit_failed: bool,
     /// The height `states` was last committed at.
@@ -293,7 +293,7 @@ impl Chain {
                 states,
                 since_checkpoint: 0,
                 uncommitted: 0,
-                commit_after: COMMIT_BLOCKS,
+                phase: 0,
                 commit_failed: false,
                 committed_at: head.height,
                 uncommitted_txs: HashMap::new(),
@@ -335,7 +335,6 @@ impl Chain {
             let inner = &mut *g;
             let commit = commit_writes(&mut inner.state, &inner.uncommitted_txs)?;
             inner.uncommitted = 0;
-            inner.commit_after = COMMIT_BLOCKS;
             (commit, g.states.clone(), g.head.height)
         };
         let handle = std::thread::Builder::new()
@@ -468,15 +467,18 @@ impl Chain {
         Ok(())
     }
 
-    /// Makes this node's first commit after opening due after `phase % COMMIT_BLOCKS + 1`
-    /// finalized blocks instead of [`COMMIT_BLOCKS`], and every later one [`COMMIT_BLOCKS`] after
-    /// the one before. Nodes started together (a devnet, a network after a common restart) would
-    /// otherwise commit at the same heights, and a commit is a burst of CPU (at 10^6 entries the
-    /// load's slowest transfers came in stalls of all 24 clients at once, one per 32 blocks,
-    /// measured by `bench state`): with phases spread (the node's key picks it), a block's
-    /// validators do not all pay for a commit in the same block, and a quorum is not held up.
+    /// Commits the state at heights `phase` modulo [`COMMIT_BLOCKS`] and checkpoints at heights
+    /// `phase` modulo the checkpoint interval, instead of at multiples of them (phase 0). Nodes
+    /// would otherwise commit and checkpoint at the same heights, and both are bursts of work (at
+    /// 10^6 entries the load's slowest transfers came in stalls of all 24 clients at once, one per
+    /// 32 blocks, measured by `bench state`): with phases spread (the node's key picks it), a
+    /// block's validators do not all pay for a commit in the same block, and a quorum is not held
+    /// up. The phase is one of heights, not of blocks since opening or since the last checkpoint
+    /// (whose commit comes off the phase): nodes restarted together, or whose checkpoints once
+    /// fell together, stay spread. With the default interval (a multiple of [`COMMIT_BLOCKS`]) a
+    /// node's checkpoints fall on its commit heights.
     pub fn with_commit_phase(self, phase: u64) -> Self {
-        self.lock().commit_after = phase % COMMIT_BLOCKS + 1;
+        self.lock().phase = phase;
         self
     }
 
@@ -815,13 +817,13 @@ impl Chain {
             }
             // The store catches up before the head moves on, so a store that cannot be written
             // stalls the applier (which retries) instead of letting memory grow.
-            if g.uncommitted >= g.commit_after {
+            if g.commit_due() {
                 let wait = g.commit_failed;
                 drop(g);
                 self.commit_outside_lock(wait).map_err(|e| format!("block {}: {e}", block.header.height))?;
                 g = self.lock();
             }
-            if g.since_checkpoint >= g.checkpoint_every {
+            if g.checkpoint_due() {
                 drop(g);
                 self.checkpoint_outside_lock().map_err(|e| format!("block {}: {e}", block.header.height))?;
                 // A prune that fails leaves the log as it was: the node goes on, and says so.
@@ -1198,6 +1200,22 @@ impl Inner {
         }
     }
 
+    /// Whether the state at the head is to be committed before the next block is appended: at
+    /// the heights of this node's phase, and whenever [`COMMIT_BLOCKS`] are waiting (after a
+    /// failed write, at once).
+    fn commit_due(&self) -> bool {
+        self.uncommitted >= COMMIT_BLOCKS
+            || self.uncommitted > 0 && self.head.height % COMMIT_BLOCKS == self.phase % COMMIT_BLOCKS
+    }
+
+    /// Whether the head is to be made durable before the next block is appended: at the heights
+    /// of this node's phase, and whenever a whole interval went by without one.
+    fn checkpoint_due(&self) -> bool {
+        self.since_checkpoint >= self.checkpoint_every
+            || self.since_checkpoint > 0
+                && self.head.height % self.checkpoint_every == self.phase % self.checkpoint_every
+    }
+
     /// Makes the finalized state durable: the head committed, the block log synced (waiting for
     /// it), then the state store flushed, so the store is never durably ahead of the log.
     fn checkpoint(&mut self) -> Result<(), String> {
@@ -1523,25 +1541,69 @@ mod tests {
         c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized");
     }
 
-    #[test]
-    fn a_commit_phase_moves_the_first_commit_and_keeps_the_interval() {
-        let (blocks, states) = (MemoryStore::default(), small_buckets());
-        let c = Chain::open_with(three_accounts(1_000_000), Box::new(blocks), Arc::new(states.clone()))
-            .unwrap()
-            .with_commit_phase(COMMIT_BLOCKS + 5);
+    /// Finalizes `n` blocks of one transfer each on `c` (a fresh chain on `blocks` and `states`);
+    /// the heights the state was committed at, and those the block log was synced at (checkpoints).
+    fn commits_and_checkpoints(
+        c: &Chain,
+        blocks: &MemoryStore,
+        states: &archipel_ledger::store::MemoryStore,
+        n: u64,
+    ) -> (Vec<u64>, Vec<u64>) {
         let sender = Identity::from_seed(0);
-        let mut heights = Vec::new();
-        for n in 0..2 * COMMIT_BLOCKS + 8 {
-            finalize_one_transfer(&c, &sender, n);
+        let (mut commits, mut checkpoints) = (Vec::new(), Vec::new());
+        for i in 0..n {
+            finalize_one_transfer(c, &sender, i);
             c.wait_for_commit().unwrap();
             let at = states.committed().unwrap().map_or(0, |c| c.height);
-            if at > 0 && heights.last() != Some(&at) {
-                heights.push(at);
+            if at > 0 && commits.last() != Some(&at) {
+                commits.push(at);
+            }
+            let synced = blocks.synced_height();
+            if synced > 0 && checkpoints.last() != Some(&synced) {
+                checkpoints.push(synced);
             }
         }
-        // Phase 5 (of 32): the first commit after 6 blocks, then every 32.
-        assert_eq!(heights, [6, 6 + COMMIT_BLOCKS, 6 + 2 * COMMIT_BLOCKS]);
+        (commits, checkpoints)
+    }
+
+    #[test]
+    fn a_commit_phase_moves_the_commits_and_keeps_the_interval() {
+        let (blocks, states) = (MemoryStore::default(), small_buckets());
+        let c = Chain::open_with(three_accounts(1_000_000), Box::new(blocks.clone()), Arc::new(states.clone()))
+            .unwrap()
+            .with_commit_phase(COMMIT_BLOCKS + 5);
+        let (commits, _) = commits_and_checkpoints(&c, &blocks, &states, 2 * COMMIT_BLOCKS + 8);
+        // Phase 5 (of 32): commits at heights 5, 37, 69.
+        assert_eq!(commits, [5, 5 + COMMIT_BLOCKS, 5 + 2 * COMMIT_BLOCKS]);
         assert_eq!(c.with_state(State::rebuilt_root), c.head().state_root);
+    }
+
+    #[test]
+    fn checkpoints_follow_the_phase_and_do_not_move_the_commits() {
+        // Phase 37: commits at 5 modulo 32, checkpoints (every 64) at 37 modulo 64. A checkpoint
+        // commits the head: counted from it, later commits would fall at 37 modulo 32 = 5 — the
+        // same here, so take a checkpoint interval that is not a multiple of 32 to tell them apart.
+        let (blocks, states) = (MemoryStore::default(), small_buckets());
+        let c = Chain::open_with(three_accounts(1_000_000), Box::new(blocks.clone()), Arc::new(states.clone()))
+            .unwrap()
+            .with_checkpoint_every(48)
+            .with_commit_phase(37);
+        let (commits, checkpoints) = commits_and_checkpoints(&c, &blocks, &states, 140);
+        assert_eq!(checkpoints, [37, 85, 133], "checkpoints at 37 modulo 48");
+        // Commits at 5 modulo 32, plus the checkpoints' own; none counted from a checkpoint.
+        assert_eq!(commits, [5, 37, 69, 85, 101, 133]);
+        // Two chains of other phases, started together, never checkpoint at the same height.
+        let other = |phase| {
+            let (blocks, states) = (MemoryStore::default(), small_buckets());
+            let c = Chain::open_with(three_accounts(1_000_000), Box::new(blocks.clone()), Arc::new(states.clone()))
+                .unwrap()
+                .with_checkpoint_every(48)
+                .with_commit_phase(phase);
+            commits_and_checkpoints(&c, &blocks, &states, 100)
+        };
+        let (a, b) = (other(10), other(11));
+        assert_eq!((a.1.as_slice(), b.1.as_slice()), ([10, 58].as_slice(), [11, 59].as_slice()));
+        assert!(a.0.iter().all(|h| !b.0.contains(h)), "commits {:?} and {:?} apart", a.0, b.0);
     }
 
     #[test]
