@@ -16,9 +16,13 @@ fn key_path(dir: &str) -> String {
 #[test]
 fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders() {
     let work = tempfile::tempdir().unwrap();
-    // One-second audit epochs, so a rotten holder is caught within the test.
-    let devnet =
-        Devnet::start(work.path(), &["--base-ip", "127.0.91.2", "--base-port", "26500", "--audit-epoch-ms", "1000"]);
+    // One-second audit epochs, so a rotten holder is caught within the test; collectors pass every
+    // 3 s instead of 30 (a deleted version's files go after two passes).
+    let devnet = Devnet::start_with_env(
+        work.path(),
+        &["--base-ip", "127.0.91.2", "--base-port", "26500", "--audit-epoch-ms", "1000"],
+        &[("ARCHIPEL_COLLECT_EVERY_SECS", "3")],
+    );
     let w = work.path();
     let node = devnet.node(0).1;
     let dir = devnet.dir.to_str().unwrap().to_string();
@@ -490,7 +494,7 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
     run(w, &args(&t(&["get", "eu-docs/reports/copy.bin", back5.to_str().unwrap()])));
     assert!(std::fs::read(&back5).unwrap() == body, "read through the restarted holder");
 
-    // The collectors (a pass every 30 s; a version unlisted on two passes in a row goes) of the
+    // The collectors (a pass every 3 s here; a version unlisted on two passes in a row goes) of the
     // deleted version's holders that are still running have deleted its files.
     // The holder killed and restarted above runs under a new pid (it replayed its chain and
     // rebuilt nothing of its shards): it counts as running too.
@@ -500,7 +504,7 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         (name == restarted_name && pid_alive(again_pid))
             || (0..12).any(|i| devnet.node(i).0 == name && pid_alive(devnet.node(i).2))
     };
-    let deadline = collected_from + std::time::Duration::from_secs(150);
+    let deadline = collected_from + std::time::Duration::from_secs(60);
     loop {
         let left: Vec<&String> =
             deleted_dirs.iter().filter(|(n, d)| running(n) && d.exists()).map(|(n, _)| n).collect();

@@ -57,6 +57,8 @@ struct Sizes {
     apply: Vec<Duration>,
     seal: Vec<Duration>,
     commit: Vec<Duration>,
+    /// Of each commit, the part a node does under its chain lock (taking the writes).
+    collect: Vec<Duration>,
     flush: Duration,
     rebuild: Option<Duration>,
     file_bytes: u64,
@@ -84,13 +86,14 @@ fn status_kib(field: &str) -> u64 {
 }
 
 /// Applies `txs` as block `height` and seals it, and every [`COMMIT_BLOCKS`] blocks commits (as
-/// the chain does); returns the three times (the commit's zero between commits).
+/// the chain does); returns the times of the apply, the seal, the commit and the commit's part a
+/// node does under its chain lock (the commit's zero between commits).
 fn block(
     state: &mut State,
     store: &StateDb,
     height: u64,
     txs: &[SignedTransaction],
-) -> Result<(Duration, Duration, Duration)> {
+) -> Result<(Duration, Duration, Duration, Duration)> {
     let t = Instant::now();
     state.begin_block(height, height * 1_000);
     for tx in txs {
@@ -101,12 +104,14 @@ fn block(
     state.seal()?;
     let sealed = t.elapsed();
     let t = Instant::now();
+    let mut collected = Duration::ZERO;
     if height.is_multiple_of(COMMIT_BLOCKS) {
         let c = state.commit()?;
+        collected = t.elapsed();
         store.commit(&c, false)?;
         state.committed();
     }
-    Ok((applied, sealed, t.elapsed()))
+    Ok((applied, sealed, t.elapsed(), collected))
 }
 
 fn measure(entries: u64, dir: &std::path::Path) -> Result<Sizes> {
@@ -167,17 +172,18 @@ fn measure(entries: u64, dir: &std::path::Path) -> Result<Sizes> {
         .transpose()?;
 
     // Timed blocks: 1,000 existing accounts each, spread over the whole state.
-    let (mut apply, mut seal, mut commit) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut apply, mut seal, mut commit, mut collect) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut trie_nodes = 0;
     let stride = (entries / CHANGES as u64).max(1);
     for b in 0..BLOCKS as u64 {
         let ids: Vec<u64> = (0..CHANGES as u64).map(|k| (k * stride + b * 7_919) % entries).collect();
         let txs: Vec<SignedTransaction> = ids.chunks(CREDITS).map(|c| sign(credits(c.iter().copied()))).collect();
         height += 1;
-        let (a, s, c) = block(&mut state, &store, height, &txs)?;
+        let (a, s, c, l) = block(&mut state, &store, height, &txs)?;
         apply.push(a);
         seal.push(s);
         commit.push(c);
+        collect.push(l);
         trie_nodes = trie_nodes.max(state.memory_trie_nodes());
     }
     // The flush a checkpoint does, timed and spread over the blocks between checkpoints.
@@ -207,6 +213,7 @@ fn measure(entries: u64, dir: &std::path::Path) -> Result<Sizes> {
         apply,
         seal,
         commit,
+        collect,
         flush,
         rebuild,
         file_bytes,
@@ -269,8 +276,8 @@ pub fn bench() -> Result<()> {
     for &n in &sizes {
         let r = measure(n, &dir)?;
         println!(
-            "{n:>10} accounts: fill {:.1} s; per block mean/max: apply {} / {}, seal {} / {}, commit {} / {}; \
-             flush {}; rebuild-all {}; file {:.1} MiB; peak RSS {:.0} MiB (now {:.0} MiB; trie nodes and bucket leaves in memory at most {}); reopen {}",
+            "{n:>10} accounts: fill {:.1} s; per block mean/max: apply {} / {}, seal {} / {}, commit {} / {} \
+             (under the chain lock {} / {}); flush {}; rebuild-all {}; file {:.1} MiB; peak RSS {:.0} MiB (now {:.0} MiB; trie nodes and bucket leaves in memory at most {}); reopen {}",
             r.fill.as_secs_f64(),
             ms(mean(&r.apply)),
             ms(max(&r.apply)),
@@ -278,6 +285,8 @@ pub fn bench() -> Result<()> {
             ms(max(&r.seal)),
             ms(mean(&r.commit)),
             ms(max(&r.commit)),
+            ms(mean(&r.collect)),
+            ms(max(&r.collect)),
             ms(r.flush),
             r.rebuild.map_or("not run (linear in entries)".into(), ms),
             r.file_bytes as f64 / 1048576.0,

@@ -563,6 +563,10 @@ impl PreparedNode {
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .map_or(crate::workers::COLLECT_AFTER, Duration::from_secs);
+                let collect_every = std::env::var("ARCHIPEL_COLLECT_EVERY_SECS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .map_or(crate::workers::COLLECT_EVERY, Duration::from_secs);
                 let fallback_after = std::env::var("ARCHIPEL_REPAIR_FALLBACK_SECS")
                     .ok()
                     .and_then(|v| v.parse().ok())
@@ -575,7 +579,8 @@ impl PreparedNode {
                     crate::workers::Auditor::new(chain.clone(), identity.clone(), submitter.clone(), counters.clone());
                 crate::workers::spawn(api_handle.runtime(), auditor, workers.clone(), shutdown_rx.clone());
                 let collector =
-                    crate::workers::Collector::new(chain.clone(), service.clone(), own.descriptor.node_id, collect_after);
+                    crate::workers::Collector::new(chain.clone(), service.clone(), own.descriptor.node_id, collect_after)
+                        .with_interval(collect_every);
                 crate::workers::spawn(api_handle.runtime(), collector, workers.clone(), shutdown_rx.clone());
             }
 

@@ -668,6 +668,8 @@ pub struct Collector {
     service: Arc<ShardService>,
     me: NodeId,
     after: Duration,
+    /// Time between passes ([`COLLECT_EVERY`] unless set).
+    every: Duration,
     /// Versions found unlisted by the last pass: deleted only if still unlisted at the next.
     unlisted: BTreeSet<[u8; 32]>,
 }
@@ -675,9 +677,18 @@ pub struct Collector {
 impl Collector {
     /// The collector of `service`'s store, deleting unlisted versions once `after` old.
     pub fn new(chain: Arc<Chain>, service: Arc<ShardService>, me: NodeId, after: Duration) -> Self {
-        Collector { chain, service, me, after, unlisted: BTreeSet::new() }
+        Collector { chain, service, me, after, every: COLLECT_EVERY, unlisted: BTreeSet::new() }
+    }
+
+    /// Passes `every` apart instead of [`COLLECT_EVERY`] (tests: `ARCHIPEL_COLLECT_EVERY_SECS`).
+    pub fn with_interval(mut self, every: Duration) -> Self {
+        self.every = every.max(Duration::from_secs(1));
+        self
     }
 }
+
+/// Time between two passes of the collector.
+pub const COLLECT_EVERY: Duration = Duration::from_secs(30);
 
 /// How far the validators' block time may be from this node's clock when the collector compares
 /// them (issue 17 bounds block time to a few seconds of the validators' clocks).
@@ -689,7 +700,7 @@ impl Worker for Collector {
     }
 
     fn interval(&self) -> Duration {
-        Duration::from_secs(30)
+        self.every
     }
 
     async fn step(&mut self) -> Result<String, String> {
