@@ -18,10 +18,11 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
     let work = tempfile::tempdir().unwrap();
     // One-second audit epochs, so a rotten holder is caught within the test; collectors pass every
     // 3 s instead of 30 (a deleted version's files go after two passes).
+    let fast_collector = [("ARCHIPEL_COLLECT_EVERY_SECS", "3")];
     let devnet = Devnet::start_with_env(
         work.path(),
         &["--base-ip", "127.0.91.2", "--base-port", "26500", "--audit-epoch-ms", "1000"],
-        &[("ARCHIPEL_COLLECT_EVERY_SECS", "3")],
+        &fast_collector,
     );
     let w = work.path();
     let node = devnet.node(0).1;
@@ -475,7 +476,7 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
     {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let _again = Reaped(spawn(w, &["node", "run", "--config", config.to_str().unwrap()]));
+    let _again = Reaped(spawn_with_env(w, &["node", "run", "--config", config.to_str().unwrap()], &fast_collector));
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let answers = || rt().block_on(http.get(format!("{url}/health")).send()).is_ok_and(|r| r.status().is_success());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);

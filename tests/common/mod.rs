@@ -52,11 +52,17 @@ pub fn spawned_log_tail(dir: &Path, n: usize) -> String {
 }
 
 pub fn spawn(dir: &Path, args: &[&str]) -> Child {
+    spawn_with_env(dir, args, &[])
+}
+
+/// [`spawn`] with `env` set for the process (as a devnet started with it sets for its nodes).
+pub fn spawn_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
     // Its log goes to `spawned.log` in `dir` (appended by every process spawned there), to read
     // when a test fails.
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("spawned.log"));
     Command::new(bin())
         .current_dir(dir)
+        .envs(env.iter().copied())
         .args(args)
         .stdout(Stdio::null())
         .stderr(log.map_or_else(|_| Stdio::null(), Stdio::from))
