@@ -15,6 +15,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::path::Path;
 use std::process::Child;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 fn head(url: &str) -> Option<u64> {
@@ -89,6 +91,49 @@ fn fill(url: &str, tenant: &Identity, n: u64) {
         .sign(tenant, &net);
         // In rounds of 50, each waiting for its last to be final (within every admission limit).
         rt().block_on(client.submit(&tx, i % 50 == 49 || i + 1 == n)).expect("transfer admitted");
+    }
+}
+
+/// A transfer from the tenant every 30 ms while it lives (each the next nonce once the last is
+/// final; the same one again until then), so blocks follow each other at consensus' pace instead
+/// of an idle leader's 250 ms: the test's waits for tens of blocks take seconds, not tens of them,
+/// and the joins happen under load.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl Traffic {
+    fn start(url: &str, tenant: &Identity) -> Traffic {
+        let (url, tenant, stop) = (url.to_string(), tenant.clone(), Arc::new(AtomicBool::new(false)));
+        let net = network(&url);
+        let to = Identity::from_seed(20_000).node_id();
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let client = ApiClient::new(&url);
+            let mut sent = 0;
+            while !stopped.load(Ordering::Relaxed) {
+                let account: Result<serde_json::Value, _> =
+                    rt().block_on(client.get(&format!("/v1/accounts/{}", tenant.node_id())));
+                if let Some(nonce) = account.ok().and_then(|a| a["nonce"].as_u64()) {
+                    let payload = Payload::Transfer { to, amount_micro: 1 };
+                    let tx = Transaction { signer: tenant.node_id(), nonce, payload }.sign(&tenant, &net);
+                    sent += u64::from(rt().block_on(client.submit(&tx, false)).is_ok());
+                }
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            sent
+        });
+        Traffic { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -171,6 +216,7 @@ fn wiped_or_far_behind_nodes_join_by_state_sync_and_follow_within_seconds() {
     }
     let tenant = Identity::load(&devnet.dir.join("tenant.key")).unwrap();
     fill(&n1, &tenant, 200);
+    let _traffic = Traffic::start(&n1, &tenant);
     // Past a commit of the state store (every 32 blocks), so a snapshot holds the transfers.
     wait_height(&n1, head(&n1).unwrap() + 40, Duration::from_secs(60));
 
