@@ -128,6 +128,14 @@ impl Traffic {
     }
 }
 
+impl Traffic {
+    /// Stops the transfers; how many submissions were accepted.
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().map_or(0, |t| t.join().expect("the traffic thread panicked"))
+    }
+}
+
 impl Drop for Traffic {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -216,7 +224,7 @@ fn wiped_or_far_behind_nodes_join_by_state_sync_and_follow_within_seconds() {
     }
     let tenant = Identity::load(&devnet.dir.join("tenant.key")).unwrap();
     fill(&n1, &tenant, 200);
-    let _traffic = Traffic::start(&n1, &tenant);
+    let traffic = Traffic::start(&n1, &tenant);
     // Past a commit of the state store (every 32 blocks), so a snapshot holds the transfers.
     wait_height(&n1, head(&n1).unwrap() + 40, Duration::from_secs(60));
 
@@ -314,4 +322,6 @@ fn wiped_or_far_behind_nodes_join_by_state_sync_and_follow_within_seconds() {
     assert_same_blocks(&follower, &n1, first_held(&follower));
     let log = std::fs::read_to_string(work.path().join("spawned.log")).unwrap();
     assert_eq!(log.matches("joined by state sync").count(), 4, "four joins, each by state sync");
+    let sent = traffic.stop();
+    assert!(sent > 100, "the joins ran under load: {sent} transfers accepted");
 }

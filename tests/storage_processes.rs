@@ -488,6 +488,7 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    let restarted_at = std::time::Instant::now();
     for i in others {
         kill9(devnet.node(*i).2);
     }
@@ -505,7 +506,9 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         (name == restarted_name && pid_alive(again_pid))
             || (0..12).any(|i| devnet.node(i).0 == name && pid_alive(devnet.node(i).2))
     };
-    let deadline = collected_from + std::time::Duration::from_secs(60);
+    // From the later of the deletion and the restarted holder's answer (its collector starts then).
+    let deadline =
+        (collected_from + std::time::Duration::from_secs(60)).max(restarted_at + std::time::Duration::from_secs(30));
     loop {
         let left: Vec<&String> =
             deleted_dirs.iter().filter(|(n, d)| running(n) && d.exists()).map(|(n, _)| n).collect();
@@ -516,7 +519,9 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
     assert!(deleted_dirs.iter().any(|(n, _)| running(n)), "no holder of the deleted version left running to check");
-    // A listed version aged alike stays on every running holder.
+    // A listed version aged alike stays on every running holder, also after two more passes of
+    // every collector (a holder of it alone made no pass the deletion above waited for).
+    std::thread::sleep(std::time::Duration::from_secs(7));
     for (n, d) in kept_dirs.iter().filter(|(n, _)| running(n)) {
         assert!(d.exists(), "{n} collected a listed version: {}", d.display());
     }

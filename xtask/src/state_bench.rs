@@ -57,7 +57,8 @@ struct Sizes {
     apply: Vec<Duration>,
     seal: Vec<Duration>,
     commit: Vec<Duration>,
-    /// Of each commit, the part a node does under its chain lock (taking the writes).
+    /// Of each commit, the part a node does under its chain lock (taking the writes, and letting
+    /// go of them once written).
     collect: Vec<Duration>,
     flush: Duration,
     rebuild: Option<Duration>,
@@ -109,7 +110,9 @@ fn block(
         let c = state.commit()?;
         collected = t.elapsed();
         store.commit(&c, false)?;
+        let written = Instant::now();
         state.committed();
+        collected += written.elapsed();
     }
     Ok((applied, sealed, t.elapsed(), collected))
 }

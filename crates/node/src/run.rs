@@ -205,6 +205,19 @@ async fn follow_registry(
     }
 }
 
+/// A duration in whole seconds from the environment variable `name` (the tests' knobs for the
+/// storage workers), or `default` when it is unset; one that is not a number of seconds is
+/// logged and ignored.
+fn secs_from_env(name: &str, default: Duration) -> Duration {
+    match std::env::var(name) {
+        Err(_) => default,
+        Ok(v) => v.trim().parse().map(Duration::from_secs).unwrap_or_else(|_| {
+            tracing::warn!(variable = name, value = %v, default_secs = default.as_secs(), "not a number of seconds: ignored");
+            default
+        }),
+    }
+}
+
 fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeError> {
     TcpListener::bind(addr).map_err(|e| {
         let reason = match e.kind() {
@@ -559,18 +572,11 @@ impl PreparedNode {
             }
             if let Some(service) = &shards {
                 // Storage duties run on the API's (lower-priority) runtime, never on consensus'.
-                let collect_after = std::env::var("ARCHIPEL_COLLECT_AFTER_SECS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .map_or(crate::workers::COLLECT_AFTER, Duration::from_secs);
-                let collect_every = std::env::var("ARCHIPEL_COLLECT_EVERY_SECS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .map_or(crate::workers::COLLECT_EVERY, Duration::from_secs);
-                let fallback_after = std::env::var("ARCHIPEL_REPAIR_FALLBACK_SECS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .map_or(crate::workers::REPAIR_FALLBACK_AFTER, Duration::from_secs);
+                let collect_after = secs_from_env("ARCHIPEL_COLLECT_AFTER_SECS", crate::workers::COLLECT_AFTER);
+                let collect_every = secs_from_env("ARCHIPEL_COLLECT_EVERY_SECS", crate::workers::COLLECT_EVERY)
+                    .clamp(Duration::from_secs(1), Duration::from_secs(3_600));
+                let fallback_after =
+                    secs_from_env("ARCHIPEL_REPAIR_FALLBACK_SECS", crate::workers::REPAIR_FALLBACK_AFTER);
                 let repairer =
                     crate::workers::Repairer::new(chain.clone(), identity.clone(), submitter.clone(), counters.clone())
                         .with_fallback_after(fallback_after);

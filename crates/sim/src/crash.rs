@@ -36,7 +36,7 @@ use std::time::{Duration, UNIX_EPOCH};
 /// Blocks every node must finalize past the highest height reached before the crash.
 pub const PROGRESS_BLOCKS: u64 = 3;
 
-/// Blocks between state checkpoints in the simulation (a node uses 256): small, so the crash
+/// Blocks between state checkpoints in the simulation (a node uses 1,024): small, so the crash
 /// falls after some and the restart opens a state store that is not at the genesis.
 pub const CHECKPOINT_BLOCKS: u64 = 8;
 
