@@ -126,22 +126,22 @@ impl Traffic {
         });
         Traffic { stop, thread: Some(thread) }
     }
-}
 
-impl Traffic {
     /// Stops the transfers; how many submissions were accepted.
     fn stop(mut self) -> u64 {
+        self.halt().map_or(0, |r| r.expect("the traffic thread panicked"))
+    }
+
+    /// Stops the thread and waits for it (once).
+    fn halt(&mut self) -> Option<std::thread::Result<u64>> {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().map_or(0, |t| t.join().expect("the traffic thread panicked"))
+        self.thread.take().map(std::thread::JoinHandle::join)
     }
 }
 
 impl Drop for Traffic {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let _ = self.halt();
     }
 }
 

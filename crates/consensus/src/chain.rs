@@ -1543,18 +1543,19 @@ mod tests {
         c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized");
     }
 
-    /// Finalizes `n` blocks of one transfer each on `c` (a fresh chain on `blocks` and `states`);
-    /// the heights the state was committed at, and those the block log was synced at (checkpoints).
-    fn commits_and_checkpoints(
-        c: &Chain,
-        blocks: &MemoryStore,
-        states: &archipel_ledger::store::MemoryStore,
-        n: u64,
-    ) -> (Vec<u64>, Vec<u64>) {
+    /// A fresh chain of phase `phase`, checkpointing every `checkpoint_every` blocks, that
+    /// finalized `n` blocks of one transfer each; the heights the state was committed at, and
+    /// those the block log was synced at (checkpoints).
+    fn commits_and_checkpoints(phase: u64, checkpoint_every: u64, n: u64) -> (Chain, Vec<u64>, Vec<u64>) {
+        let (blocks, states) = (MemoryStore::default(), small_buckets());
+        let c = Chain::open_with(three_accounts(1_000_000), Box::new(blocks.clone()), Arc::new(states.clone()))
+            .unwrap()
+            .with_checkpoint_every(checkpoint_every)
+            .with_commit_phase(phase);
         let sender = Identity::from_seed(0);
         let (mut commits, mut checkpoints) = (Vec::new(), Vec::new());
         for i in 0..n {
-            finalize_one_transfer(c, &sender, i);
+            finalize_one_transfer(&c, &sender, i);
             c.wait_for_commit().unwrap();
             let at = states.committed().unwrap().map_or(0, |c| c.height);
             if at > 0 && commits.last() != Some(&at) {
@@ -1565,16 +1566,12 @@ mod tests {
                 checkpoints.push(synced);
             }
         }
-        (commits, checkpoints)
+        (c, commits, checkpoints)
     }
 
     #[test]
     fn a_commit_phase_moves_the_commits_and_keeps_the_interval() {
-        let (blocks, states) = (MemoryStore::default(), small_buckets());
-        let c = Chain::open_with(three_accounts(1_000_000), Box::new(blocks.clone()), Arc::new(states.clone()))
-            .unwrap()
-            .with_commit_phase(COMMIT_BLOCKS + 5);
-        let (commits, _) = commits_and_checkpoints(&c, &blocks, &states, 2 * COMMIT_BLOCKS + 8);
+        let (c, commits, _) = commits_and_checkpoints(COMMIT_BLOCKS + 5, CHECKPOINT_BLOCKS, 2 * COMMIT_BLOCKS + 8);
         // Phase 5 (of 32): commits at heights 5, 37, 69.
         assert_eq!(commits, [5, 5 + COMMIT_BLOCKS, 5 + 2 * COMMIT_BLOCKS]);
         assert_eq!(c.with_state(State::rebuilt_root), c.head().state_root);
@@ -1585,27 +1582,15 @@ mod tests {
         // Phase 37: commits at 5 modulo 32, checkpoints (every 48) at 37 modulo 48. A checkpoint
         // commits the head: were later commits counted from it, they would leave the phase
         // whenever the checkpoint interval is not a multiple of 32, as 48 is not.
-        let (blocks, states) = (MemoryStore::default(), small_buckets());
-        let c = Chain::open_with(three_accounts(1_000_000), Box::new(blocks.clone()), Arc::new(states.clone()))
-            .unwrap()
-            .with_checkpoint_every(48)
-            .with_commit_phase(37);
-        let (commits, checkpoints) = commits_and_checkpoints(&c, &blocks, &states, 140);
+        let (_, commits, checkpoints) = commits_and_checkpoints(37, 48, 140);
         assert_eq!(checkpoints, [37, 85, 133], "checkpoints at 37 modulo 48");
         // Commits at 5 modulo 32, plus the checkpoints' own; none counted from a checkpoint.
         assert_eq!(commits, [5, 37, 69, 85, 101, 133]);
         // Two chains of other phases, started together, never checkpoint at the same height.
-        let other = |phase| {
-            let (blocks, states) = (MemoryStore::default(), small_buckets());
-            let c = Chain::open_with(three_accounts(1_000_000), Box::new(blocks.clone()), Arc::new(states.clone()))
-                .unwrap()
-                .with_checkpoint_every(48)
-                .with_commit_phase(phase);
-            commits_and_checkpoints(&c, &blocks, &states, 100)
-        };
-        let (a, b) = (other(10), other(11));
-        assert_eq!((a.1.as_slice(), b.1.as_slice()), ([10, 58].as_slice(), [11, 59].as_slice()));
-        assert!(a.0.iter().all(|h| !b.0.contains(h)), "commits {:?} and {:?} apart", a.0, b.0);
+        let ((_, a_commits, a_checkpoints), (_, b_commits, b_checkpoints)) =
+            (commits_and_checkpoints(10, 48, 100), commits_and_checkpoints(11, 48, 100));
+        assert_eq!((a_checkpoints.as_slice(), b_checkpoints.as_slice()), ([10, 58].as_slice(), [11, 59].as_slice()));
+        assert!(a_commits.iter().all(|h| !b_commits.contains(h)), "commits {a_commits:?} and {b_commits:?} apart");
     }
 
     #[test]

@@ -573,8 +573,7 @@ impl PreparedNode {
             if let Some(service) = &shards {
                 // Storage duties run on the API's (lower-priority) runtime, never on consensus'.
                 let collect_after = secs_from_env("ARCHIPEL_COLLECT_AFTER_SECS", crate::workers::COLLECT_AFTER);
-                let collect_every = secs_from_env("ARCHIPEL_COLLECT_EVERY_SECS", crate::workers::COLLECT_EVERY)
-                    .clamp(Duration::from_secs(1), Duration::from_secs(3_600));
+                let collect_every = secs_from_env("ARCHIPEL_COLLECT_EVERY_SECS", crate::workers::COLLECT_EVERY);
                 let fallback_after =
                     secs_from_env("ARCHIPEL_REPAIR_FALLBACK_SECS", crate::workers::REPAIR_FALLBACK_AFTER);
                 let repairer =

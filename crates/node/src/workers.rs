@@ -680,9 +680,10 @@ impl Collector {
         Collector { chain, service, me, after, every: COLLECT_EVERY, unlisted: BTreeSet::new() }
     }
 
-    /// Passes `every` apart instead of [`COLLECT_EVERY`] (tests: `ARCHIPEL_COLLECT_EVERY_SECS`).
+    /// Passes `every` apart (within 1 s and 1 h) instead of [`COLLECT_EVERY`] (tests:
+    /// `ARCHIPEL_COLLECT_EVERY_SECS`).
     pub fn with_interval(mut self, every: Duration) -> Self {
-        self.every = every.max(Duration::from_secs(1));
+        self.every = every.clamp(Duration::from_secs(1), Duration::from_secs(3_600));
         self
     }
 }
