@@ -25,11 +25,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Finalized blocks between durable state checkpoints: a restart replays at most this many
-/// blocks from the log (plus those after the last checkpoint's). A checkpoint holds up the
-/// applier while the log syncs and the store flushes (outside the chain lock; when it was
-/// under it, checkpoints every 256 blocks showed as 70–90 ms stretches in the bench's latency,
-/// and a flush takes ~390 ms at 10^6 entries), so they are rare; replaying 1,024 mostly small
-/// blocks takes well under a second.
+/// blocks from the log (plus those after the last checkpoint's). The log's sync and the store's
+/// flush run on the commit thread (a flush takes ~390 ms at 10^6 entries; under the chain lock,
+/// checkpoints every 256 blocks showed as 70–90 ms stretches in the bench's latency), so they
+/// hold up neither the lock nor the applier; replaying 1,024 mostly small blocks takes well
+/// under a second.
 pub const CHECKPOINT_BLOCKS: u64 = 1_024;
 
 /// Finalized blocks whose state changes are written to the state store together: an entry or
@@ -104,8 +104,10 @@ struct Inner {
     store: Box<dyn BlockStore>,
     /// Finalized state and the transaction index, committed block by block.
     states: Arc<dyn StateStore>,
-    /// Blocks finalized since the last durable checkpoint.
+    /// Blocks finalized since the last checkpoint started.
     since_checkpoint: u64,
+    /// The height of the state the store last made durable (blocks below it may be pruned).
+    durable_at: u64,
     /// Finalized blocks not yet committed to `states`, and their transactions.
     uncommitted: u64,
     /// Where this node's commits and checkpoints fall: at heights `phase` modulo
@@ -141,9 +143,8 @@ pub struct Chain {
     genesis: BlockHeader,
     opened: Opened,
     /// The write of the head's state to the store in flight on its own thread (at most one),
-    /// answering with the height it commits; held while a commit starts, finishes or a
-    /// checkpoint runs.
-    committing: Mutex<Option<std::thread::JoinHandle<Result<u64, String>>>>,
+    /// and whether it is a checkpoint; held while a commit starts or finishes.
+    committing: Mutex<Option<InFlight>>,
     genesis_state: State,
     inner: Mutex<Inner>,
     applier: ApplierHealth,
@@ -293,6 +294,7 @@ impl Chain {
                 store,
                 states,
                 since_checkpoint: 0,
+                durable_at: head.height,
                 uncommitted: 0,
                 phase: 0,
                 commit_failed: false,
@@ -322,27 +324,53 @@ impl Chain {
     /// only to take the writes and, once written, to let go of them: admission, block building,
     /// verification and the applier go on meanwhile (the head, and the states after it, hold
     /// everything until the write is done). The write before it is finished first, so at most one
-    /// is in flight and the head holds at most two commits' worth of changes. With `wait` (a
-    /// checkpoint, or a retry after a failed write) it returns once this write is done too: a
-    /// store that cannot be written stalls the applier instead of letting memory grow.
-    fn commit_outside_lock(&self, wait: bool) -> Result<(), String> {
+    /// is in flight and the head holds at most two commits' worth of changes.
+    ///
+    /// With `checkpoint` the same thread then makes the state durable: it waits for the block log's
+    /// sync (asked for now, so it covers the head) and flushes the store, so the store is never
+    /// durably ahead of the log. A flush takes hundreds of milliseconds at 10^6 entries: on the
+    /// applier it held up the consensus runtime's threads, and the bench's 24 clients stalled
+    /// together. With `wait` (a retry after a failed write) it returns once this write is done
+    /// too: a store that cannot be written stalls the applier instead of letting memory grow.
+    fn commit_outside_lock(&self, wait: bool, checkpoint: bool) -> Result<(), String> {
         let mut in_flight = crate::lock(&self.committing);
         self.finish_commit(&mut in_flight)?;
-        let (commit, states, height) = {
+        let (commit, sync, states, height) = {
             let mut g = self.lock();
-            if g.uncommitted == 0 {
+            if g.uncommitted == 0 && !checkpoint {
                 return Ok(());
             }
             let inner = &mut *g;
-            let commit = commit_writes(&mut inner.state, &inner.uncommitted_txs)?;
+            let commit = if inner.uncommitted > 0 {
+                Some(commit_writes(&mut inner.state, &inner.uncommitted_txs)?)
+            } else {
+                None
+            };
             inner.uncommitted = 0;
-            (commit, g.states.clone(), g.head.height)
+            let sync = checkpoint.then(|| inner.store.sync());
+            if checkpoint {
+                inner.since_checkpoint = 0;
+            }
+            (commit, sync, inner.states.clone(), inner.head.height)
         };
         let handle = std::thread::Builder::new()
             .name("state-commit".into())
-            .spawn(move || write(&*states, &commit).map(|()| height))
+            .spawn(move || {
+                if let Some(c) = &commit {
+                    write(&*states, c)?;
+                }
+                let durable = sync.map(|sync| {
+                    let synced = futures::executor::block_on(sync)
+                        .map_err(|_| "the block log's sync was dropped".to_string())??;
+                    if synced < height {
+                        return Err(format!("the block log synced to {synced}, below the committed state at {height}"));
+                    }
+                    states.flush().map_err(|e| format!("the state store failed: {e}"))
+                });
+                Ok(Written { height, durable })
+            })
             .map_err(|e| format!("cannot start writing the state: {e}"))?;
-        *in_flight = Some(handle);
+        *in_flight = Some(InFlight { handle, checkpoint });
         if wait {
             self.finish_commit(&mut in_flight)?;
         }
@@ -350,22 +378,35 @@ impl Chain {
     }
 
     /// Lets go of what the write in flight wrote once it is done (waiting for it); after a
-    /// failed write, the next commit starts at once and is waited for.
-    fn finish_commit(
-        &self,
-        in_flight: &mut Option<std::thread::JoinHandle<Result<u64, String>>>,
-    ) -> Result<(), String> {
-        let Some(handle) = in_flight.take() else { return Ok(()) };
+    /// failed write, the next commit starts at once and is waited for (and, when the write was a
+    /// checkpoint, is one again; a checkpoint whose write went in but whose sync or flush failed
+    /// is retried the same way, with only what came since to write).
+    fn finish_commit(&self, in_flight: &mut Option<InFlight>) -> Result<(), String> {
+        let Some(InFlight { handle, checkpoint }) = in_flight.take() else { return Ok(()) };
         let written = handle.join().unwrap_or_else(|_| Err("the state commit's thread panicked".into()));
         let mut g = self.lock();
         match written {
-            Ok(height) => {
+            Ok(Written { height, durable }) => {
                 g.committed_through(height);
-                Ok(())
+                match durable {
+                    None => Ok(()),
+                    Some(Ok(())) => {
+                        g.durable_at = height;
+                        Ok(())
+                    }
+                    Some(Err(e)) => {
+                        g.since_checkpoint = g.since_checkpoint.max(g.checkpoint_every);
+                        g.commit_failed = true;
+                        Err(e)
+                    }
+                }
             }
             Err(e) => {
                 g.uncommitted = g.uncommitted.max(COMMIT_BLOCKS);
                 g.commit_failed = true;
+                if checkpoint {
+                    g.since_checkpoint = g.since_checkpoint.max(g.checkpoint_every);
+                }
                 Err(e)
             }
         }
@@ -375,7 +416,7 @@ impl Chain {
     /// it wrote soon after, not a whole commit later.
     fn reap_commit(&self) -> Result<(), String> {
         let mut in_flight = crate::lock(&self.committing);
-        if in_flight.as_ref().is_some_and(std::thread::JoinHandle::is_finished) {
+        if in_flight.as_ref().is_some_and(|w| w.handle.is_finished()) {
             self.finish_commit(&mut in_flight)?;
         }
         Ok(())
@@ -386,29 +427,6 @@ impl Chain {
     pub fn wait_for_commit(&self) -> Result<(), String> {
         let mut in_flight = crate::lock(&self.committing);
         self.finish_commit(&mut in_flight)
-    }
-
-    /// Makes the finalized state durable without holding the chain lock through the disk work
-    /// (a flush of the state store takes hundreds of milliseconds at 10^6 entries, and admission,
-    /// block building and verification wait for the lock): the head committed (as
-    /// [`Chain::commit_outside_lock`]), the block log synced up to it, then the state store
-    /// flushed — so the store is never durably ahead of the log. The caller is `finalize`, the
-    /// only one that moves the head.
-    fn checkpoint_outside_lock(&self) -> Result<(), String> {
-        self.commit_outside_lock(true)?;
-        let _committing = crate::lock(&self.committing);
-        let (sync, states, height) = {
-            let mut g = self.lock();
-            (g.store.sync(), g.states.clone(), g.committed_at)
-        };
-        let synced =
-            futures::executor::block_on(sync).map_err(|_| "the block log's sync was dropped".to_string())??;
-        if synced < height {
-            return Err(format!("the block log synced to {synced}, below the committed state at {height}"));
-        }
-        states.flush().map_err(|e| format!("the state store failed: {e}"))?;
-        self.lock().since_checkpoint = 0;
-        Ok(())
     }
 
     /// What opening found: the stored state's height and the blocks replayed after it.
@@ -455,7 +473,8 @@ impl Chain {
         let job = {
             let g = self.lock();
             let Some(retain) = g.retain else { return Ok(()) };
-            let keep_from = g.head.height.saturating_sub(retain).min(g.committed_at);
+            // Blocks above the durable state stay: a power cut replays them.
+            let keep_from = g.head.height.saturating_sub(retain).min(g.durable_at);
             if keep_from < g.store.first().saturating_add(retain.max(COMMIT_BLOCKS)) {
                 return Ok(());
             }
@@ -818,17 +837,14 @@ impl Chain {
             }
             // The store catches up before the head moves on, so a store that cannot be written
             // stalls the applier (which retries) instead of letting memory grow.
-            if g.commit_due() {
+            let checkpoint = g.checkpoint_due();
+            if checkpoint || g.commit_due() {
                 let wait = g.commit_failed;
                 drop(g);
-                self.commit_outside_lock(wait).map_err(|e| format!("block {}: {e}", block.header.height))?;
-                g = self.lock();
-            }
-            if g.checkpoint_due() {
-                drop(g);
-                self.checkpoint_outside_lock().map_err(|e| format!("block {}: {e}", block.header.height))?;
+                self.commit_outside_lock(wait, checkpoint)
+                    .map_err(|e| format!("block {}: {e}", block.header.height))?;
                 // A prune that fails leaves the log as it was: the node goes on, and says so.
-                if let Err(e) = self.prune_outside_lock() {
+                if checkpoint && let Err(e) = self.prune_outside_lock() {
                     tracing::warn!(error = %e, "cannot prune the block log; keeping every block for now");
                 }
                 g = self.lock();
@@ -1042,8 +1058,8 @@ impl Drop for Chain {
     /// does not depend on a thread outliving it.
     fn drop(&mut self) {
         let in_flight = self.committing.get_mut().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(handle) = in_flight {
-            let _ = handle.join();
+        if let Some(w) = in_flight {
+            let _ = w.handle.join();
         }
     }
 }
@@ -1151,6 +1167,20 @@ fn commit_writes(state: &mut State, txs: &HashMap<Hash, TxLocation>) -> Result<C
     Ok(c)
 }
 
+/// A write of the state in flight (see [`Chain::commit_outside_lock`]).
+struct InFlight {
+    handle: std::thread::JoinHandle<Result<Written, String>>,
+    /// It also makes the state durable.
+    checkpoint: bool,
+}
+
+/// What a write of the state in flight did: the height it committed, and for a checkpoint
+/// whether the log's sync and the store's flush after it succeeded.
+struct Written {
+    height: u64,
+    durable: Option<Result<(), String>>,
+}
+
 /// Writes `c` to `states` without a flush.
 fn write(states: &dyn StateStore, c: &Commit) -> Result<(), String> {
     states.commit(c, false).map_err(|e| format!("the state store failed: {e}"))
@@ -1229,6 +1259,7 @@ impl Inner {
         }
         self.states.flush().map_err(|e| format!("the state store failed: {e}"))?;
         self.since_checkpoint = 0;
+        self.durable_at = self.head.height;
         Ok(())
     }
 }
@@ -1630,11 +1661,15 @@ mod tests {
         assert_eq!(c.with_state(State::rebuilt_root), c.head().state_root);
     }
 
-    /// A state store whose commits fail while `fail` is set.
-    #[derive(Debug)]
+    /// A state store whose commits fail while `fail` is set, and whose flushes wait while
+    /// `flush_gate` is held (and are counted).
+    #[derive(Debug, Default)]
     struct Flaky {
         inner: archipel_ledger::store::MemoryStore,
         fail: std::sync::atomic::AtomicBool,
+        flush_gate: Mutex<()>,
+        flushes: std::sync::atomic::AtomicU64,
+        fail_flush: std::sync::atomic::AtomicBool,
     }
 
     impl archipel_ledger::trie::LeafSource for Flaky {
@@ -1672,6 +1707,11 @@ mod tests {
             self.inner.commit(commit, durable)
         }
         fn flush(&self) -> Result<(), StoreError> {
+            let _gate = crate::lock(&self.flush_gate);
+            if self.fail_flush.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Io("the flush failed".into()));
+            }
+            self.flushes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.inner.flush()
         }
         fn tx(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
@@ -1697,10 +1737,92 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_checkpoint_holds_up_neither_the_applier_nor_the_chain_lock() {
+        // A flush takes hundreds of milliseconds at 10^6 entries; run by `finalize`, it held up
+        // the consensus runtime. Here a flush waits until the test lets it go: the blocks after
+        // the checkpoint are finalized (and the chain read) meanwhile, and the flush happens once.
+        let store = Arc::new(Flaky { inner: small_buckets(), ..Flaky::default() });
+        let blocks = MemoryStore::default();
+        let c = Arc::new(
+            Chain::open_with(three_accounts(1_000_000), Box::new(blocks.clone()), store.clone())
+                .unwrap()
+                .with_checkpoint_every(COMMIT_BLOCKS),
+        );
+        let gate = crate::lock(&store.flush_gate);
+        let (done, finished) = std::sync::mpsc::channel();
+        let worker = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let sender = Identity::from_seed(0);
+                // The checkpoint is due once block 32 is final (it runs before 33 is appended).
+                for n in 0..COMMIT_BLOCKS + 10 {
+                    finalize_one_transfer(&c, &sender, n);
+                }
+                let _ = done.send(());
+            })
+        };
+        let went_on = finished.recv_timeout(std::time::Duration::from_secs(20));
+        let flushed_before = store.flushes.load(std::sync::atomic::Ordering::SeqCst);
+        drop(gate);
+        worker.join().unwrap();
+        assert!(went_on.is_ok(), "finalize waited for the checkpoint's flush");
+        assert_eq!(flushed_before, 0, "the flush ran past its gate");
+        assert_eq!(c.head().height, COMMIT_BLOCKS + 10);
+        c.wait_for_commit().unwrap();
+        assert_eq!(store.flushes.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // The log was synced before the flush, up to the checkpoint's height at least.
+        assert!(blocks.synced_height() >= COMMIT_BLOCKS, "synced to {}", blocks.synced_height());
+        assert_eq!(store.committed().unwrap().unwrap().height, COMMIT_BLOCKS);
+    }
+
+    #[test]
+    fn a_failed_checkpoint_is_retried_and_waited_for() {
+        // The flush runs on the commit thread; once it failed, the next block is refused while
+        // the checkpoint, retried there and waited for, fails, and goes in once it succeeds.
+        let store = Arc::new(Flaky { inner: small_buckets(), ..Flaky::default() });
+        let c = Chain::open_with(three_accounts(1_000_000), Box::new(MemoryStore::default()), store.clone())
+            .unwrap()
+            .with_checkpoint_every(COMMIT_BLOCKS);
+        store.fail_flush.store(true, std::sync::atomic::Ordering::SeqCst);
+        let sender = Identity::from_seed(0);
+        // The checkpoint starts before block 33 goes in, for the state at 32.
+        for n in 0..=COMMIT_BLOCKS {
+            finalize_one_transfer(&c, &sender, n);
+        }
+        let e = c.wait_for_commit().unwrap_err();
+        assert!(e.contains("the flush failed"), "{e}");
+        let head = c.head();
+        let t = Transaction {
+            signer: sender.node_id(),
+            nonce: COMMIT_BLOCKS + 1,
+            payload: Payload::Transfer { to: Identity::from_seed(7).node_id(), amount_micro: 1 },
+        };
+        c.submit(t.sign(&sender, &Hash::ZERO), 100, 1_000 * (head.height + 1)).unwrap();
+        let block = c.build(&head.hash(), 1_000 * (head.height + 1), |_| Vec::new()).unwrap();
+        for _ in 0..2 {
+            let e = c.finalize_known(&block.hash(), vec![1]).unwrap_err();
+            assert!(e.contains("the flush failed"), "{e}");
+            assert_eq!(c.head(), head, "the head moved past a failed checkpoint");
+        }
+        assert_eq!(store.flushes.load(std::sync::atomic::Ordering::SeqCst), 0);
+        store.fail_flush.store(false, std::sync::atomic::Ordering::SeqCst);
+        c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized once the flush succeeds");
+        // The retry was waited for: flushed, with the state at 33, before block 34 went in.
+        assert_eq!(store.flushes.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(store.committed().unwrap().unwrap().height, COMMIT_BLOCKS + 1);
+        assert_eq!(c.head().height, COMMIT_BLOCKS + 2);
+        for n in COMMIT_BLOCKS + 2..COMMIT_BLOCKS + 6 {
+            finalize_one_transfer(&c, &sender, n);
+        }
+        c.wait_for_commit().unwrap();
+        assert_eq!(c.with_state(State::rebuilt_root), c.head().state_root);
+    }
+
+    #[test]
     fn a_state_store_that_cannot_be_written_stalls_the_head_until_it_can() {
         // Commits are written in the background; a failed one must still stop the head (memory
         // would grow otherwise), and the chain goes on once the store takes writes again.
-        let store = Arc::new(Flaky { inner: small_buckets(), fail: false.into() });
+        let store = Arc::new(Flaky { inner: small_buckets(), ..Flaky::default() });
         let c = Chain::open_with(three_accounts(1_000_000), Box::new(MemoryStore::default()), store.clone()).unwrap();
         let sender = Identity::from_seed(0);
         let block = |n: u64| {

@@ -606,6 +606,8 @@ mod tests {
             .unwrap()
             .with_checkpoint_every(16);
         grow(&chain, 38);
+        // The checkpoint at 32 runs on the commit thread.
+        chain.wait_for_commit().unwrap();
         chain
     }
 
