@@ -314,9 +314,14 @@ impl Chain {
 
     /// Makes the state at the head durable (a clean shutdown): commits it, syncs the block log,
     /// flushes the store.
+    /// A write or checkpoint in flight that failed does not stop it: the closing checkpoint is
+    /// the retry (a restart would otherwise replay from an older durable state, or a node that
+    /// prunes would need `--join`), and only its own failure is returned.
     pub fn close(&self) -> Result<(), String> {
         let mut in_flight = crate::lock(&self.committing);
-        self.finish_commit(&mut in_flight)?;
+        if let Err(e) = self.finish_commit(&mut in_flight) {
+            tracing::warn!(error = %e, "the last write of the state failed: retrying it to close");
+        }
         self.lock().checkpoint()
     }
 
@@ -353,24 +358,35 @@ impl Chain {
             }
             (commit, sync, inner.states.clone(), inner.head.height)
         };
-        let handle = std::thread::Builder::new()
-            .name("state-commit".into())
-            .spawn(move || {
-                if let Some(c) = &commit {
-                    write(&*states, c)?;
+        let job = move || {
+            if let Some(c) = &commit {
+                write(&*states, c)?;
+            }
+            let durable = sync.map(|sync| {
+                let synced =
+                    futures::executor::block_on(sync).map_err(|_| "the block log's sync was dropped".to_string())??;
+                if synced < height {
+                    return Err(format!("the block log synced to {synced}, below the committed state at {height}"));
                 }
-                let durable = sync.map(|sync| {
-                    let synced = futures::executor::block_on(sync)
-                        .map_err(|_| "the block log's sync was dropped".to_string())??;
-                    if synced < height {
-                        return Err(format!("the block log synced to {synced}, below the committed state at {height}"));
-                    }
-                    states.flush().map_err(|e| format!("the state store failed: {e}"))
-                });
-                Ok(Written { height, durable })
-            })
-            .map_err(|e| format!("cannot start writing the state: {e}"))?;
-        *in_flight = Some(InFlight { handle, checkpoint });
+                states.flush().map_err(|e| format!("the state store failed: {e}"))
+            });
+            Ok(Written { height, durable })
+        };
+        // The writes are out of the head now: if no thread can be had, they are written here
+        // (late, but never lost).
+        let job = Arc::new(Mutex::new(Some(job)));
+        let theirs = Arc::clone(&job);
+        fn run<F: FnOnce() -> Result<Written, String>>(job: &Mutex<Option<F>>) -> Result<Written, String> {
+            crate::lock(job).take().map_or_else(|| Err("the state write ran twice".to_string()), |f| f())
+        }
+        let pending = match std::thread::Builder::new().name("state-commit".into()).spawn(move || run(&theirs)) {
+            Ok(handle) => Pending::Thread(handle),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a thread to write the state: writing it on this one");
+                Pending::Done(run(&job))
+            }
+        };
+        *in_flight = Some(InFlight { pending, checkpoint });
         if wait {
             self.finish_commit(&mut in_flight)?;
         }
@@ -382,8 +398,8 @@ impl Chain {
     /// checkpoint, is one again; a checkpoint whose write went in but whose sync or flush failed
     /// is retried the same way, with only what came since to write).
     fn finish_commit(&self, in_flight: &mut Option<InFlight>) -> Result<(), String> {
-        let Some(InFlight { handle, checkpoint }) = in_flight.take() else { return Ok(()) };
-        let written = handle.join().unwrap_or_else(|_| Err("the state commit's thread panicked".into()));
+        let Some(InFlight { pending, checkpoint }) = in_flight.take() else { return Ok(()) };
+        let written = pending.wait();
         let mut g = self.lock();
         match written {
             Ok(Written { height, durable }) => {
@@ -416,7 +432,7 @@ impl Chain {
     /// it wrote soon after, not a whole commit later.
     fn reap_commit(&self) -> Result<(), String> {
         let mut in_flight = crate::lock(&self.committing);
-        if in_flight.as_ref().is_some_and(|w| w.handle.is_finished()) {
+        if in_flight.as_ref().is_some_and(|w| w.pending.is_finished()) {
             self.finish_commit(&mut in_flight)?;
         }
         Ok(())
@@ -1056,13 +1072,45 @@ impl Chain {
 impl Drop for Chain {
     /// A write of the state in flight is finished before the chain goes: what a restart opens
     /// does not depend on a thread outliving it.
+    ///
+    /// The state store makes its pending (unflushed) writes durable when it closes, so the block
+    /// log is synced first: a chain dropped without [`Chain::close`] (an error on the way out)
+    /// must not leave a store durably ahead of the log. Should that sync fail, the next open
+    /// finds the store ahead and rebuilds it from the log (or asks for `--join`).
     fn drop(&mut self) {
         let in_flight = self.committing.get_mut().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(w) = in_flight {
-            let _ = w.handle.join();
+            let _ = w.pending.wait();
+        }
+        let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
+        let committed = inner.committed_at;
+        if committed <= inner.durable_at {
+            return;
+        }
+        // Bounded: a log on a disk that hangs must not hang the process's exit with it.
+        let mut synced = inner.store.sync();
+        let deadline = std::time::Instant::now() + DROP_SYNC_WAIT;
+        let answer = loop {
+            match synced.try_recv() {
+                Ok(Some(answer)) => break Some(answer),
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(2))
+                }
+                Ok(None) => break None,
+                Err(_) => break Some(Err("the block log's sync was dropped".into())),
+            }
+        };
+        match answer {
+            Some(Ok(synced)) if synced >= committed => {}
+            Some(Ok(synced)) => tracing::error!(synced, committed, "closing: the block log is behind the state store"),
+            Some(Err(e)) => tracing::error!(error = %e, "closing: the block log could not be synced"),
+            None => tracing::error!(committed, "closing: the block log's sync did not answer in time"),
         }
     }
 }
+
+/// How long a chain dropped without [`Chain::close`] waits for the block log's sync.
+const DROP_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What [`Chain::watch_tx`] found.
 #[derive(Debug)]
@@ -1169,9 +1217,34 @@ fn commit_writes(state: &mut State, txs: &HashMap<Hash, TxLocation>) -> Result<C
 
 /// A write of the state in flight (see [`Chain::commit_outside_lock`]).
 struct InFlight {
-    handle: std::thread::JoinHandle<Result<Written, String>>,
+    pending: Pending,
     /// It also makes the state durable.
     checkpoint: bool,
+}
+
+/// A write of the state on its thread, or done already (no thread could be started).
+enum Pending {
+    Thread(std::thread::JoinHandle<Result<Written, String>>),
+    Done(Result<Written, String>),
+}
+
+impl Pending {
+    fn is_finished(&self) -> bool {
+        match self {
+            Pending::Thread(handle) => handle.is_finished(),
+            Pending::Done(_) => true,
+        }
+    }
+
+    /// What the write did, waiting for its thread.
+    fn wait(self) -> Result<Written, String> {
+        match self {
+            Pending::Thread(handle) => {
+                handle.join().unwrap_or_else(|_| Err("the state commit's thread panicked".into()))
+            }
+            Pending::Done(written) => written,
+        }
+    }
 }
 
 /// What a write of the state in flight did: the height it committed, and for a checkpoint
@@ -1451,6 +1524,49 @@ mod tests {
     }
 
     #[test]
+    fn pruning_keeps_every_block_above_the_last_durable_state() {
+        // Commits every 32 blocks, checkpoints every 64: the stored state is often ahead of the
+        // durable one, and a power cut reopens at the durable one, replaying the blocks above it.
+        let (blocks, states) = (MemoryStore::default(), small_buckets());
+        let c = Chain::open_with(three_accounts(1_000), Box::new(blocks.clone()), Arc::new(states.clone()))
+            .unwrap()
+            .with_checkpoint_every(2 * COMMIT_BLOCKS)
+            .with_retention(8);
+        let (mut firsts, mut ahead) = (Vec::new(), 0);
+        for _ in 0..400 {
+            let head = c.head();
+            let now = 1_000 * (head.height + 1);
+            c.submit(transfer(0, head.height), 100, now).unwrap();
+            let block = c.build(&head.hash(), now, |_| Vec::new()).unwrap();
+            c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized");
+            let first = c.first_block();
+            let (committed, durable) = {
+                let g = c.lock();
+                (g.committed_at, g.durable_at)
+            };
+            assert!(
+                first == 1 || first <= durable,
+                "block {first} is the first kept, the durable state is at {durable}"
+            );
+            ahead += usize::from(committed > durable);
+            if firsts.last() != Some(&first) {
+                firsts.push(first);
+            }
+        }
+        assert!(firsts.len() >= 3, "pruned again and again: {firsts:?}");
+        assert!(ahead > 0, "the stored state was never ahead of the durable one: the test shows nothing");
+        // A power cut: only what was synced stays; the chain reopens and replays to a matching root.
+        let head = c.head();
+        c.wait_for_commit().unwrap();
+        std::mem::forget(c);
+        blocks.crash();
+        states.crash();
+        let c = reopen(&blocks, &states);
+        assert!(c.head().height <= head.height);
+        assert_eq!(c.with_state(State::rebuilt_root), c.head().state_root);
+    }
+
+    #[test]
     fn a_retention_setting_keeps_the_last_blocks_and_the_stored_states_block() {
         let (blocks, states) = (MemoryStore::default(), small_buckets());
         let genesis = three_accounts(1_000);
@@ -1670,6 +1786,10 @@ mod tests {
         flush_gate: Mutex<()>,
         flushes: std::sync::atomic::AtomicU64,
         fail_flush: std::sync::atomic::AtomicBool,
+        failed_flushes: std::sync::atomic::AtomicU64,
+        /// The block log, whose synced height each flush records in `synced_at_flush`.
+        log: Option<MemoryStore>,
+        synced_at_flush: std::sync::atomic::AtomicU64,
     }
 
     impl archipel_ledger::trie::LeafSource for Flaky {
@@ -1709,7 +1829,11 @@ mod tests {
         fn flush(&self) -> Result<(), StoreError> {
             let _gate = crate::lock(&self.flush_gate);
             if self.fail_flush.load(std::sync::atomic::Ordering::SeqCst) {
+                self.failed_flushes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 return Err(StoreError::Io("the flush failed".into()));
+            }
+            if let Some(log) = &self.log {
+                self.synced_at_flush.store(log.synced_height(), std::sync::atomic::Ordering::SeqCst);
             }
             self.flushes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.inner.flush()
@@ -1741,8 +1865,8 @@ mod tests {
         // A flush takes hundreds of milliseconds at 10^6 entries; run by `finalize`, it held up
         // the consensus runtime. Here a flush waits until the test lets it go: the blocks after
         // the checkpoint are finalized (and the chain read) meanwhile, and the flush happens once.
-        let store = Arc::new(Flaky { inner: small_buckets(), ..Flaky::default() });
         let blocks = MemoryStore::default();
+        let store = Arc::new(Flaky { inner: small_buckets(), log: Some(blocks.clone()), ..Flaky::default() });
         let c = Arc::new(
             Chain::open_with(three_accounts(1_000_000), Box::new(blocks.clone()), store.clone())
                 .unwrap()
@@ -1771,7 +1895,8 @@ mod tests {
         c.wait_for_commit().unwrap();
         assert_eq!(store.flushes.load(std::sync::atomic::Ordering::SeqCst), 1);
         // The log was synced before the flush, up to the checkpoint's height at least.
-        assert!(blocks.synced_height() >= COMMIT_BLOCKS, "synced to {}", blocks.synced_height());
+        let synced = store.synced_at_flush.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(synced >= COMMIT_BLOCKS, "the log was synced to {synced} when the store flushed");
         assert_eq!(store.committed().unwrap().unwrap().height, COMMIT_BLOCKS);
     }
 
@@ -1789,8 +1914,13 @@ mod tests {
         for n in 0..=COMMIT_BLOCKS {
             finalize_one_transfer(&c, &sender, n);
         }
-        let e = c.wait_for_commit().unwrap_err();
-        assert!(e.contains("the flush failed"), "{e}");
+        // The failure reaches the applier the way it runs, through the next block (no test-only
+        // wait for the commit thread).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while store.failed_flushes.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "the background checkpoint never ran");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let head = c.head();
         let t = Transaction {
             signer: sender.node_id(),
@@ -1816,6 +1946,30 @@ mod tests {
         }
         c.wait_for_commit().unwrap();
         assert_eq!(c.with_state(State::rebuilt_root), c.head().state_root);
+    }
+
+    #[test]
+    fn closing_retries_a_checkpoint_that_failed_in_the_background() {
+        // The background checkpoint's flush fails and nothing else learns of it before close:
+        // close must still leave the head's state durable, not give up on the first error.
+        let store = Arc::new(Flaky { inner: small_buckets(), ..Flaky::default() });
+        let c = Chain::open_with(three_accounts(1_000_000), Box::new(MemoryStore::default()), store.clone())
+            .unwrap()
+            .with_checkpoint_every(COMMIT_BLOCKS);
+        store.fail_flush.store(true, std::sync::atomic::Ordering::SeqCst);
+        let sender = Identity::from_seed(0);
+        for n in 0..=COMMIT_BLOCKS {
+            finalize_one_transfer(&c, &sender, n);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while store.failed_flushes.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "the background checkpoint never ran");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        store.fail_flush.store(false, std::sync::atomic::Ordering::SeqCst);
+        c.close().expect("close retries the checkpoint");
+        assert_eq!(store.flushes.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(store.committed().unwrap().unwrap().height, c.head().height, "the head's state is in the store");
     }
 
     #[test]

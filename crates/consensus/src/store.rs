@@ -369,15 +369,36 @@ fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Starts the thread that syncs the log at `path`; it ends when the store is dropped.
 fn spawn_syncer(file: &File, path: &Path) -> Result<mpsc::Sender<SyncRequest>, String> {
     let file = file.try_clone().map_err(|e| format!("block log {}: {e}", path.display()))?;
+    spawn_syncer_with(path, move || file.sync_data())
+}
+
+/// [`spawn_syncer`] with the sync itself given. A failed sync answers every later request too:
+/// after a failed `fsync` Linux may mark the unwritten pages clean, so a retry that "succeeds"
+/// would call blocks durable that never reached the disk, and a state flushed on that word
+/// would be durably ahead of the log. Only a restart (after the operator checked the disk) or a
+/// prune (which copies the log to a new file and syncs that) clears it.
+fn spawn_syncer_with(
+    path: &Path,
+    mut sync: impl FnMut() -> std::io::Result<()> + Send + 'static,
+) -> Result<mpsc::Sender<SyncRequest>, String> {
     let (tx, rx) = mpsc::channel::<SyncRequest>();
     let shown = path.display().to_string();
     std::thread::Builder::new()
         .name("block-log-sync".into())
         .spawn(move || {
+            let mut failed: Option<String> = None;
             while let Ok(first) = rx.recv() {
                 // Everything asked for while the last sync ran is covered by this one.
                 let batch: Vec<SyncRequest> = std::iter::once(first).chain(rx.try_iter()).collect();
-                let result = file.sync_data().map_err(|e| format!("cannot sync the block log {shown}: {e}"));
+                if failed.is_none()
+                    && let Err(e) = sync()
+                {
+                    tracing::error!(log = %shown, error = %e, "the block log's sync failed: the node must be restarted");
+                    failed = Some(format!(
+                        "the block log {shown} failed to sync ({e}): blocks may not have reached the disk; check the disk, then restart the node"
+                    ));
+                }
+                let result = failed.clone().map_or(Ok(()), Err);
                 for (height, answer) in batch {
                     let _ = answer.send(result.clone().map(|()| height));
                 }
@@ -539,6 +560,32 @@ mod tests {
 
     fn synced(store: &mut dyn BlockStore) -> Result<u64, String> {
         futures::executor::block_on(store.sync()).map_err(|_| "the sync was dropped".to_string())?
+    }
+
+    #[test]
+    fn a_failed_sync_is_never_followed_by_a_success() {
+        // The first sync fails, every later one would succeed: each later request must still be
+        // told of the failure (the pages it covered may be lost however the retry ends).
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = Arc::clone(&calls);
+        let syncer = spawn_syncer_with(Path::new("test.log"), move || {
+            match counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                0 => Err(std::io::Error::other("injected EIO")),
+                _ => Ok(()),
+            }
+        })
+        .unwrap();
+        let ask = |height: u64| {
+            let (tx, rx) = oneshot::channel();
+            syncer.send((height, tx)).unwrap();
+            futures::executor::block_on(rx).unwrap()
+        };
+        let first = ask(5).unwrap_err();
+        assert!(first.contains("injected EIO") && first.contains("restart"), "{first}");
+        for height in [5, 6, 7] {
+            assert_eq!(ask(height), Err(first.clone()), "a later sync at {height} reports the first failure");
+        }
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1, "no sync is tried after a failure");
     }
 
     /// The behaviour both stores must share.
