@@ -1900,10 +1900,10 @@ mod tests {
         assert_eq!(store.committed().unwrap().unwrap().height, COMMIT_BLOCKS);
     }
 
-    #[test]
-    fn a_failed_checkpoint_is_retried_and_waited_for() {
-        // The flush runs on the commit thread; once it failed, the next block is refused while
-        // the checkpoint, retried there and waited for, fails, and goes in once it succeeds.
+    /// A chain checkpointing every 32 blocks whose store's flushes fail, 33 blocks in: the
+    /// checkpoint for the state at 32 ran on the commit thread and failed (nothing else learned
+    /// of it yet). The store, the chain and the sender (whose next nonce is 33).
+    fn a_background_checkpoint_failed() -> (Arc<Flaky>, Chain, Identity) {
         let store = Arc::new(Flaky { inner: small_buckets(), ..Flaky::default() });
         let c = Chain::open_with(three_accounts(1_000_000), Box::new(MemoryStore::default()), store.clone())
             .unwrap()
@@ -1914,13 +1914,21 @@ mod tests {
         for n in 0..=COMMIT_BLOCKS {
             finalize_one_transfer(&c, &sender, n);
         }
-        // The failure reaches the applier the way it runs, through the next block (no test-only
-        // wait for the commit thread).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while store.failed_flushes.load(std::sync::atomic::Ordering::SeqCst) == 0 {
             assert!(std::time::Instant::now() < deadline, "the background checkpoint never ran");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+        (store, c, sender)
+    }
+
+    #[test]
+    fn a_failed_checkpoint_is_retried_and_waited_for() {
+        // The flush runs on the commit thread; once it failed, the next block is refused while
+        // the checkpoint, retried there and waited for, fails, and goes in once it succeeds.
+        // The failure reaches the applier the way it runs, through the next block (no test-only
+        // wait for the commit thread).
+        let (store, c, sender) = a_background_checkpoint_failed();
         let head = c.head();
         let t = Transaction {
             signer: sender.node_id(),
@@ -1952,20 +1960,7 @@ mod tests {
     fn closing_retries_a_checkpoint_that_failed_in_the_background() {
         // The background checkpoint's flush fails and nothing else learns of it before close:
         // close must still leave the head's state durable, not give up on the first error.
-        let store = Arc::new(Flaky { inner: small_buckets(), ..Flaky::default() });
-        let c = Chain::open_with(three_accounts(1_000_000), Box::new(MemoryStore::default()), store.clone())
-            .unwrap()
-            .with_checkpoint_every(COMMIT_BLOCKS);
-        store.fail_flush.store(true, std::sync::atomic::Ordering::SeqCst);
-        let sender = Identity::from_seed(0);
-        for n in 0..=COMMIT_BLOCKS {
-            finalize_one_transfer(&c, &sender, n);
-        }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while store.failed_flushes.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-            assert!(std::time::Instant::now() < deadline, "the background checkpoint never ran");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        let (store, c, _) = a_background_checkpoint_failed();
         store.fail_flush.store(false, std::sync::atomic::Ordering::SeqCst);
         c.close().expect("close retries the checkpoint");
         assert_eq!(store.flushes.load(std::sync::atomic::Ordering::SeqCst), 1);
