@@ -1523,6 +1523,16 @@ mod tests {
         Chain::open_with(genesis, Box::new(blocks.clone()), Arc::new(states.clone())).unwrap()
     }
 
+    /// Finalizes the next block on `c`'s head, with account 0's next transfer (its nonce is the
+    /// head's height) in it.
+    fn finalize_a_transfer_of_account_0(c: &Chain) {
+        let head = c.head();
+        let now = 1_000 * (head.height + 1);
+        c.submit(transfer(0, head.height), 100, now).unwrap();
+        let block = c.build(&head.hash(), now, |_| Vec::new()).unwrap();
+        c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized");
+    }
+
     #[test]
     fn pruning_keeps_every_block_above_the_last_durable_state() {
         // Commits every 32 blocks, checkpoints every 64: the stored state is often ahead of the
@@ -1534,11 +1544,7 @@ mod tests {
             .with_retention(8);
         let (mut firsts, mut ahead) = (Vec::new(), 0);
         for _ in 0..400 {
-            let head = c.head();
-            let now = 1_000 * (head.height + 1);
-            c.submit(transfer(0, head.height), 100, now).unwrap();
-            let block = c.build(&head.hash(), now, |_| Vec::new()).unwrap();
-            c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized");
+            finalize_a_transfer_of_account_0(&c);
             let first = c.first_block();
             let (committed, durable) = {
                 let g = c.lock();
@@ -1576,11 +1582,7 @@ mod tests {
             .with_retention(40);
         let mut firsts = Vec::new();
         for _ in 0..300 {
-            let head = c.head();
-            let now = 1_000 * (head.height + 1);
-            c.submit(transfer(0, head.height), 100, now).unwrap();
-            let block = c.build(&head.hash(), now, |_| Vec::new()).unwrap();
-            c.finalize_known(&block.hash(), vec![1]).unwrap().expect("finalized");
+            finalize_a_transfer_of_account_0(&c);
             let first = c.first_block();
             assert!(c.head().height - first >= 40 || first == 1, "at least the last 40 blocks stay");
             let committed = c.lock().committed_at;
