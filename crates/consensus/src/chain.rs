@@ -1078,9 +1078,11 @@ impl Drop for Chain {
     /// must not leave a store durably ahead of the log. Should that sync fail, the next open
     /// finds the store ahead and rebuilds it from the log (or asks for `--join`).
     fn drop(&mut self) {
-        let in_flight = self.committing.get_mut().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(w) = in_flight {
-            let _ = w.pending.wait();
+        // Through `finish_commit`, so what the write committed counts below: a commit finished
+        // but not yet reaped leaves the store ahead of the durable state too.
+        let mut in_flight = self.committing.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Err(e) = self.finish_commit(&mut in_flight) {
+            tracing::warn!(error = %e, "closing: the last write of the state failed");
         }
         let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
         let committed = inner.committed_at;
@@ -1956,6 +1958,23 @@ mod tests {
         }
         c.wait_for_commit().unwrap();
         assert_eq!(c.with_state(State::rebuilt_root), c.head().state_root);
+    }
+
+    #[test]
+    fn a_chain_dropped_with_a_commit_in_flight_syncs_the_log_it_committed_past() {
+        // The commit of the state at 32 starts as block 33 goes in and is not reaped before the
+        // drop: the store will make it durable when it closes, so the log must be synced to 32.
+        let blocks = MemoryStore::default();
+        let store = Arc::new(Flaky { inner: small_buckets(), ..Flaky::default() });
+        let c = Chain::open_with(three_accounts(1_000_000), Box::new(blocks.clone()), store.clone()).unwrap();
+        let sender = Identity::from_seed(0);
+        for n in 0..=COMMIT_BLOCKS {
+            finalize_one_transfer(&c, &sender, n);
+        }
+        assert!(blocks.synced_height() < COMMIT_BLOCKS, "synced to {} before the drop", blocks.synced_height());
+        drop(c);
+        assert_eq!(store.committed().unwrap().unwrap().height, COMMIT_BLOCKS);
+        assert!(blocks.synced_height() >= COMMIT_BLOCKS, "the log was synced to {} only", blocks.synced_height());
     }
 
     #[test]
