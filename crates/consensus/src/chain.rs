@@ -1078,9 +1078,21 @@ impl Drop for Chain {
     /// must not leave a store durably ahead of the log. Should that sync fail, the next open
     /// finds the store ahead and rebuilds it from the log (or asks for `--join`).
     fn drop(&mut self) {
+        // Bounded, both waits: a disk that hangs must not hang the process's exit with it.
+        let deadline = std::time::Instant::now() + DROP_SYNC_WAIT;
+        let wait = || std::thread::sleep(std::time::Duration::from_millis(2));
+        let mut in_flight = self.committing.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        while in_flight.as_ref().is_some_and(|w| !w.pending.is_finished()) && std::time::Instant::now() < deadline {
+            wait();
+        }
+        if in_flight.as_ref().is_some_and(|w| !w.pending.is_finished()) {
+            // Left to its thread, which holds the store open until it ends; the next open
+            // checks the store against the log either way.
+            tracing::error!("closing: the last write of the state did not finish in time");
+            return;
+        }
         // Through `finish_commit`, so what the write committed counts below: a commit finished
         // but not yet reaped leaves the store ahead of the durable state too.
-        let mut in_flight = self.committing.get_mut().unwrap_or_else(|e| e.into_inner()).take();
         if let Err(e) = self.finish_commit(&mut in_flight) {
             tracing::warn!(error = %e, "closing: the last write of the state failed");
         }
@@ -1089,15 +1101,11 @@ impl Drop for Chain {
         if committed <= inner.durable_at {
             return;
         }
-        // Bounded: a log on a disk that hangs must not hang the process's exit with it.
         let mut synced = inner.store.sync();
-        let deadline = std::time::Instant::now() + DROP_SYNC_WAIT;
         let answer = loop {
             match synced.try_recv() {
                 Ok(Some(answer)) => break Some(answer),
-                Ok(None) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(2))
-                }
+                Ok(None) if std::time::Instant::now() < deadline => wait(),
                 Ok(None) => break None,
                 Err(_) => break Some(Err("the block log's sync was dropped".into())),
             }
@@ -1111,7 +1119,8 @@ impl Drop for Chain {
     }
 }
 
-/// How long a chain dropped without [`Chain::close`] waits for the block log's sync.
+/// How long a chain dropped without [`Chain::close`] waits for its last write of the state and
+/// the block log's sync, together.
 const DROP_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What [`Chain::watch_tx`] found.
@@ -1539,38 +1548,57 @@ mod tests {
     fn pruning_keeps_every_block_above_the_last_durable_state() {
         // Commits every 32 blocks, checkpoints every 64: the stored state is often ahead of the
         // durable one, and a power cut reopens at the durable one, replaying the blocks above it.
+        // A prune runs as a checkpoint starts, so before that checkpoint is durable.
         let (blocks, states) = (MemoryStore::default(), small_buckets());
-        let c = Chain::open_with(three_accounts(1_000), Box::new(blocks.clone()), Arc::new(states.clone()))
+        let store = Arc::new(Flaky { inner: states.clone(), ..Flaky::default() });
+        let c = Chain::open_with(three_accounts(1_000), Box::new(blocks.clone()), store.clone())
             .unwrap()
             .with_checkpoint_every(2 * COMMIT_BLOCKS)
             .with_retention(8);
         let (mut firsts, mut ahead) = (Vec::new(), 0);
-        for _ in 0..400 {
-            finalize_a_transfer_of_account_0(&c);
-            let first = c.first_block();
-            let (committed, durable) = {
-                let g = c.lock();
-                (g.committed_at, g.durable_at)
-            };
+        let check = |c: &Chain| {
+            let g = c.lock();
+            let first = g.store.first();
             assert!(
-                first == 1 || first <= durable,
-                "block {first} is the first kept, the durable state is at {durable}"
+                first == 1 || first <= g.durable_at,
+                "block {first} is the first kept, the durable state is at {}",
+                g.durable_at
             );
-            ahead += usize::from(committed > durable);
+            (first, g.committed_at > g.durable_at)
+        };
+        for _ in 0..10 * COMMIT_BLOCKS {
+            finalize_a_transfer_of_account_0(&c);
+            let (first, is_ahead) = check(&c);
+            ahead += usize::from(is_ahead);
             if firsts.last() != Some(&first) {
                 firsts.push(first);
             }
         }
         assert!(firsts.len() >= 3, "pruned again and again: {firsts:?}");
         assert!(ahead > 0, "the stored state was never ahead of the durable one: the test shows nothing");
-        // A power cut: only what was synced stays; the chain reopens and replays to a matching root.
+        // The power cut comes after the next checkpoint started (and pruned) but before it was
+        // durable: its flush fails. The chain reopens at the last durable state, 64 blocks back,
+        // and replays every synced block above it, which must all still be in the log.
+        let durable = c.lock().durable_at;
+        store.fail_flush.store(true, std::sync::atomic::Ordering::SeqCst);
+        finalize_a_transfer_of_account_0(&c);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !crate::lock(&c.committing).as_ref().is_some_and(|w| w.pending.is_finished()) {
+            assert!(std::time::Instant::now() < deadline, "the checkpoint never ended");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(store.failed_flushes.load(std::sync::atomic::Ordering::SeqCst), 1, "the checkpoint's flush failed");
+        let (first, _) = check(&c);
+        assert!(first > firsts[firsts.len() - 1], "the checkpoint pruned the log");
         let head = c.head();
-        c.wait_for_commit().unwrap();
         std::mem::forget(c);
-        blocks.crash();
+        let synced = blocks.crash();
         states.crash();
+        assert!(synced > durable, "the log is synced to {synced}, not above the durable state at {durable}");
         let c = reopen(&blocks, &states);
-        assert!(c.head().height <= head.height);
+        assert_eq!(c.opened().state_height, durable, "reopened at the last durable state");
+        assert_eq!(c.opened().replayed, synced - durable);
+        assert!(c.head().height == synced && synced <= head.height);
         assert_eq!(c.with_state(State::rebuilt_root), c.head().state_root);
     }
 
@@ -1791,9 +1819,57 @@ mod tests {
         flushes: std::sync::atomic::AtomicU64,
         fail_flush: std::sync::atomic::AtomicBool,
         failed_flushes: std::sync::atomic::AtomicU64,
-        /// The block log, whose synced height each flush records in `synced_at_flush`.
-        log: Option<MemoryStore>,
+        /// The height a [`HeldSyncs`] log's syncs last answered with, which each flush records
+        /// in `synced_at_flush`.
+        log_synced: Option<Arc<std::sync::atomic::AtomicU64>>,
         synced_at_flush: std::sync::atomic::AtomicU64,
+    }
+
+    /// A block log whose syncs are answered only when the test says so (with the height each
+    /// was asked at, recorded in `answered`).
+    #[derive(Default)]
+    struct HeldSyncs {
+        inner: MemoryStore,
+        held: Arc<Mutex<Vec<crate::store::SyncRequest>>>,
+        answered: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl HeldSyncs {
+        /// Answers the syncs asked for so far; returns how many.
+        fn release(held: &Mutex<Vec<crate::store::SyncRequest>>, answered: &std::sync::atomic::AtomicU64) -> usize {
+            let held = std::mem::take(&mut *crate::lock(held));
+            for (height, _) in &held {
+                answered.fetch_max(*height, std::sync::atomic::Ordering::SeqCst);
+            }
+            let n = held.len();
+            for (height, answer) in held {
+                let _ = answer.send(Ok(height));
+            }
+            n
+        }
+    }
+
+    impl BlockStore for HeldSyncs {
+        fn height(&self) -> u64 {
+            self.inner.height()
+        }
+        fn append(&mut self, record: &crate::store::Record) -> Result<(), String> {
+            self.inner.append(record)
+        }
+        fn get(&self, height: u64) -> Result<Option<crate::store::Record>, String> {
+            self.inner.get(height)
+        }
+        fn raw_range(&self, from: u64, to: u64) -> Result<Vec<u8>, String> {
+            self.inner.raw_range(from, to)
+        }
+        fn sync(&mut self) -> crate::store::Synced {
+            let (tx, rx) = futures::channel::oneshot::channel();
+            crate::lock(&self.held).push((self.inner.height(), tx));
+            rx
+        }
+        fn prune_finish(&mut self, pruned: crate::store::Pruned) -> Result<u64, String> {
+            self.inner.prune_finish(pruned)
+        }
     }
 
     impl archipel_ledger::trie::LeafSource for Flaky {
@@ -1836,8 +1912,9 @@ mod tests {
                 self.failed_flushes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 return Err(StoreError::Io("the flush failed".into()));
             }
-            if let Some(log) = &self.log {
-                self.synced_at_flush.store(log.synced_height(), std::sync::atomic::Ordering::SeqCst);
+            if let Some(synced) = &self.log_synced {
+                self.synced_at_flush
+                    .store(synced.load(std::sync::atomic::Ordering::SeqCst), std::sync::atomic::Ordering::SeqCst);
             }
             self.flushes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.inner.flush()
@@ -1868,11 +1945,13 @@ mod tests {
     fn a_slow_checkpoint_holds_up_neither_the_applier_nor_the_chain_lock() {
         // A flush takes hundreds of milliseconds at 10^6 entries; run by `finalize`, it held up
         // the consensus runtime. Here a flush waits until the test lets it go: the blocks after
-        // the checkpoint are finalized (and the chain read) meanwhile, and the flush happens once.
-        let blocks = MemoryStore::default();
-        let store = Arc::new(Flaky { inner: small_buckets(), log: Some(blocks.clone()), ..Flaky::default() });
+        // the checkpoint are finalized (and the chain read) meanwhile, and the flush happens once,
+        // after the log's sync answered.
+        let blocks = HeldSyncs::default();
+        let (held, answered) = (Arc::clone(&blocks.held), Arc::clone(&blocks.answered));
+        let store = Arc::new(Flaky { inner: small_buckets(), log_synced: Some(answered.clone()), ..Flaky::default() });
         let c = Arc::new(
-            Chain::open_with(three_accounts(1_000_000), Box::new(blocks.clone()), store.clone())
+            Chain::open_with(three_accounts(1_000_000), Box::new(blocks), store.clone())
                 .unwrap()
                 .with_checkpoint_every(COMMIT_BLOCKS),
         );
@@ -1896,6 +1975,14 @@ mod tests {
         assert!(went_on.is_ok(), "finalize waited for the checkpoint's flush");
         assert_eq!(flushed_before, 0, "the flush ran past its gate");
         assert_eq!(c.head().height, COMMIT_BLOCKS + 10);
+        // The gate is open, the log's sync not answered: the store must not be flushed yet.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert_eq!(
+            store.flushes.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "flushed before the log's sync answered"
+        );
+        assert!(HeldSyncs::release(&held, &answered) >= 1, "the checkpoint asked for a sync");
         c.wait_for_commit().unwrap();
         assert_eq!(store.flushes.load(std::sync::atomic::Ordering::SeqCst), 1);
         // The log was synced before the flush, up to the checkpoint's height at least.
@@ -1918,11 +2005,13 @@ mod tests {
         for n in 0..=COMMIT_BLOCKS {
             finalize_one_transfer(&c, &sender, n);
         }
+        // Its thread ended, not only its flush: the next block must see it failed.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while store.failed_flushes.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-            assert!(std::time::Instant::now() < deadline, "the background checkpoint never ran");
+        while !crate::lock(&c.committing).as_ref().is_some_and(|w| w.pending.is_finished()) {
+            assert!(std::time::Instant::now() < deadline, "the background checkpoint never ended");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+        assert_eq!(store.failed_flushes.load(std::sync::atomic::Ordering::SeqCst), 1, "the checkpoint failed");
         (store, c, sender)
     }
 
@@ -1975,6 +2064,31 @@ mod tests {
         drop(c);
         assert_eq!(store.committed().unwrap().unwrap().height, COMMIT_BLOCKS);
         assert!(blocks.synced_height() >= COMMIT_BLOCKS, "the log was synced to {} only", blocks.synced_height());
+    }
+
+    #[test]
+    fn a_chain_dropped_while_its_checkpoint_hangs_does_not_hang() {
+        // The checkpoint's flush never returns (a hung disk): dropping the chain gives up on it
+        // after a bounded wait instead of hanging the process's exit.
+        let store = Arc::new(Flaky { inner: small_buckets(), ..Flaky::default() });
+        let c = Chain::open_with(three_accounts(1_000_000), Box::new(MemoryStore::default()), store.clone())
+            .unwrap()
+            .with_checkpoint_every(COMMIT_BLOCKS);
+        let gate = crate::lock(&store.flush_gate);
+        let sender = Identity::from_seed(0);
+        for n in 0..=COMMIT_BLOCKS {
+            finalize_one_transfer(&c, &sender, n);
+        }
+        let (done, dropped) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(c);
+            let _ = done.send(());
+        });
+        let returned = dropped.recv_timeout(DROP_SYNC_WAIT + std::time::Duration::from_secs(20));
+        let flushed = store.flushes.load(std::sync::atomic::Ordering::SeqCst);
+        drop(gate);
+        assert!(returned.is_ok(), "dropping the chain waited for a flush that never ends");
+        assert_eq!(flushed, 0, "the flush ran past its gate");
     }
 
     #[test]

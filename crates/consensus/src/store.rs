@@ -236,7 +236,7 @@ fn parse_base(block: &[u8], certificate: &[u8]) -> Option<u64> {
 }
 
 /// A request to the sync thread: the height appended when it was made, and where to answer.
-type SyncRequest = (u64, oneshot::Sender<Result<u64, String>>);
+pub(crate) type SyncRequest = (u64, oneshot::Sender<Result<u64, String>>);
 
 /// Blocks in a file, with an in-memory index of record offsets.
 #[derive(Debug)]
@@ -254,6 +254,9 @@ pub struct FileStore {
     /// Requests to the thread that syncs the file (an fsync on a busy disk must stall neither the
     /// chain's lock nor a runtime thread).
     syncer: mpsc::Sender<SyncRequest>,
+    /// The first failed sync, if any: shared with every sync thread this log had, so a prune
+    /// (which starts a new one) does not forget it.
+    sync_failed: Arc<Mutex<Option<String>>>,
     /// Why appends are refused: a failed write could not be cut back off the end of the file.
     broken: Option<String>,
 }
@@ -304,14 +307,15 @@ impl FileStore {
                 }
             }
         }
-        let syncer = spawn_syncer(&file, path)?;
+        let sync_failed = Arc::new(Mutex::new(None));
+        let syncer = spawn_syncer(&file, path, Arc::clone(&sync_failed))?;
         let reader = Arc::new(File::open(path).map_err(err)?);
         // A prune cut short before its rename left its copy: the log is whole without it.
         let leftover = PathBuf::from(format!("{}.pruning", path.display()));
         if leftover.exists() {
             std::fs::remove_file(&leftover).map_err(err)?;
         }
-        Ok(FileStore { path: path.to_path_buf(), file, reader, first, offsets, syncer, broken: None })
+        Ok(FileStore { path: path.to_path_buf(), file, reader, first, offsets, syncer, sync_failed, broken: None })
     }
 
     /// Creates the log at `path` for a node that joined by state sync: empty, its first block
@@ -367,18 +371,23 @@ fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// Starts the thread that syncs the log at `path`; it ends when the store is dropped.
-fn spawn_syncer(file: &File, path: &Path) -> Result<mpsc::Sender<SyncRequest>, String> {
+fn spawn_syncer(
+    file: &File,
+    path: &Path,
+    failed: Arc<Mutex<Option<String>>>,
+) -> Result<mpsc::Sender<SyncRequest>, String> {
     let file = file.try_clone().map_err(|e| format!("block log {}: {e}", path.display()))?;
-    spawn_syncer_with(path, move || file.sync_data())
+    spawn_syncer_with(path, failed, move || file.sync_data())
 }
 
-/// [`spawn_syncer`] with the sync itself given. A failed sync answers every later request too:
-/// after a failed `fsync` Linux may mark the unwritten pages clean, so a retry that "succeeds"
-/// would call blocks durable that never reached the disk, and a state flushed on that word
-/// would be durably ahead of the log. Only a restart (after the operator checked the disk) or a
-/// prune (which copies the log to a new file and syncs that) clears it.
+/// [`spawn_syncer`] with the sync itself given. A failed sync answers every later request too
+/// (it is kept in `failed`): after a failed `fsync` Linux may mark the unwritten pages clean, so
+/// a retry that "succeeds" would call blocks durable that never reached the disk, and a state
+/// flushed on that word would be durably ahead of the log. Only a restart, after the operator
+/// checked the disk, clears it; a prune keeps it (its copy would read those same pages).
 fn spawn_syncer_with(
     path: &Path,
+    failed: Arc<Mutex<Option<String>>>,
     mut sync: impl FnMut() -> std::io::Result<()> + Send + 'static,
 ) -> Result<mpsc::Sender<SyncRequest>, String> {
     let (tx, rx) = mpsc::channel::<SyncRequest>();
@@ -386,19 +395,21 @@ fn spawn_syncer_with(
     std::thread::Builder::new()
         .name("block-log-sync".into())
         .spawn(move || {
-            let mut failed: Option<String> = None;
             while let Ok(first) = rx.recv() {
                 // Everything asked for while the last sync ran is covered by this one.
                 let batch: Vec<SyncRequest> = std::iter::once(first).chain(rx.try_iter()).collect();
-                if failed.is_none()
-                    && let Err(e) = sync()
-                {
-                    tracing::error!(log = %shown, error = %e, "the block log's sync failed: the node must be restarted");
-                    failed = Some(format!(
-                        "the block log {shown} failed to sync ({e}): blocks may not have reached the disk; check the disk, then restart the node"
-                    ));
-                }
-                let result = failed.clone().map_or(Ok(()), Err);
+                let earlier = crate::lock(&failed).clone();
+                let result = match earlier {
+                    Some(e) => Err(e),
+                    None => sync().map_err(|e| {
+                        tracing::error!(log = %shown, error = %e, "the block log's sync failed: the node must be restarted");
+                        let e = format!(
+                            "the block log {shown} failed to sync ({e}): blocks may not have reached the disk; check the disk, then restart the node"
+                        );
+                        *crate::lock(&failed) = Some(e.clone());
+                        e
+                    }),
+                };
                 for (height, answer) in batch {
                     let _ = answer.send(result.clone().map(|()| height));
                 }
@@ -486,7 +497,8 @@ impl BlockStore for FileStore {
 
     fn prune_plan(&self, keep_from: u64) -> Option<PruneJob> {
         let keep_from = keep_from.min(self.height());
-        if keep_from <= self.first {
+        // After a failed sync the file's pages may no longer hold what was appended: no copy.
+        if keep_from <= self.first || crate::lock(&self.sync_failed).is_some() {
             return None;
         }
         // The new log: a base marker, then the records kept as they are now, written and synced
@@ -503,7 +515,7 @@ impl BlockStore for FileStore {
         let Some((tmp, copied_to)) = pruned.file else { return Ok(self.first) };
         let keep_from = pruned.keep_from;
         let err = |e: std::io::Error| format!("cannot prune the block log {}: {e}", self.path.display());
-        if keep_from <= self.first || keep_from > self.height() {
+        if keep_from <= self.first || keep_from > self.height() || crate::lock(&self.sync_failed).is_some() {
             let _ = std::fs::remove_file(&tmp);
             return Ok(self.first);
         }
@@ -517,7 +529,7 @@ impl BlockStore for FileStore {
             file.sync_all().map_err(err)?;
         }
         let reader = Arc::new(File::open(&tmp).map_err(err)?);
-        let syncer = spawn_syncer(&file, &self.path)?;
+        let syncer = spawn_syncer(&file, &self.path, Arc::clone(&self.sync_failed))?;
         std::fs::rename(&tmp, &self.path).map_err(err)?;
         // The handles follow the file across the rename; only the rename's durability is left.
         let start = self.offset(keep_from);
@@ -568,7 +580,7 @@ mod tests {
         // told of the failure (the pages it covered may be lost however the retry ends).
         let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let counted = Arc::clone(&calls);
-        let syncer = spawn_syncer_with(Path::new("test.log"), move || {
+        let syncer = spawn_syncer_with(Path::new("test.log"), Arc::default(), move || {
             match counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
                 0 => Err(std::io::Error::other("injected EIO")),
                 _ => Ok(()),
@@ -748,6 +760,29 @@ mod tests {
         let s = FileStore::open(&path).unwrap();
         assert_eq!((s.first(), s.height(), s.get(11).unwrap()), (11, 11, Some(record(11))));
         assert!(!dir.path().join("blocks.log.pruning").exists());
+    }
+
+    #[test]
+    fn no_prune_after_a_failed_sync_and_the_failure_stays() {
+        // After a failed sync the old file's pages may not hold what was appended: a prune must
+        // not copy them into a new, freshly synced log, nor start a sync thread that forgets.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blocks.log");
+        let mut s = FileStore::open(&path).unwrap();
+        for i in 1..=10 {
+            s.append(&record(i)).unwrap();
+        }
+        let planned = s.prune_plan(6).expect("blocks to drop");
+        s.syncer = spawn_syncer_with(&path, Arc::clone(&s.sync_failed), || Err(std::io::Error::other("injected EIO")))
+            .unwrap();
+        let failed = synced(&mut s).unwrap_err();
+        assert!(failed.contains("injected EIO"), "{failed}");
+        assert!(s.prune_plan(6).is_none(), "no prune is planned after a failed sync");
+        assert_eq!(s.prune_finish(planned().unwrap()).unwrap(), 1, "one planned before it is not finished");
+        assert!(!dir.path().join("blocks.log.pruning").exists(), "its copy is removed");
+        assert_eq!(s.prune_below(6).unwrap(), 1);
+        assert_eq!((s.first(), s.height()), (1, 10));
+        assert_eq!(synced(&mut s), Err(failed), "the failure is still reported");
     }
 
     /// A prune in two halves, with blocks appended between them (the slow half runs without the
