@@ -1075,20 +1075,29 @@ impl Drop for Chain {
     ///
     /// The state store makes its pending (unflushed) writes durable when it closes, so the block
     /// log is synced first: a chain dropped without [`Chain::close`] (an error on the way out)
-    /// must not leave a store durably ahead of the log. Should that sync fail, the next open
-    /// finds the store ahead and rebuilds it from the log (or asks for `--join`).
+    /// must not leave a store durably ahead of the log. Both waits are bounded (a disk that hangs
+    /// must not hang the process's exit with it); when either gives up, or the sync fails, the
+    /// store is never closed in this process (one handle is leaked), so its pending writes are
+    /// never made durable: the next open resumes at the last checkpoint and replays the log.
     fn drop(&mut self) {
-        // Bounded, both waits: a disk that hangs must not hang the process's exit with it.
         let deadline = std::time::Instant::now() + DROP_SYNC_WAIT;
         let wait = || std::thread::sleep(std::time::Duration::from_millis(2));
         let mut in_flight = self.committing.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        // Asked for first, so it runs while the write finishes: it covers every block appended,
+        // so any height the write in flight reaches. (A checkpoint in flight syncs the log
+        // itself; only if it fails is a sync asked for below.)
+        let mut synced = {
+            let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
+            let commit_in_flight = in_flight.as_ref().is_some_and(|w| !w.checkpoint);
+            (commit_in_flight || inner.committed_at > inner.durable_at).then(|| inner.store.sync())
+        };
         while in_flight.as_ref().is_some_and(|w| !w.pending.is_finished()) && std::time::Instant::now() < deadline {
             wait();
         }
+        let abandon = |inner: &Inner| std::mem::forget(Arc::clone(&inner.states));
         if in_flight.as_ref().is_some_and(|w| !w.pending.is_finished()) {
-            // Left to its thread, which holds the store open until it ends; the next open
-            // checks the store against the log either way.
-            tracing::error!("closing: the last write of the state did not finish in time");
+            tracing::error!("closing: the last write of the state did not finish in time; its store is left open");
+            abandon(self.inner.get_mut().unwrap_or_else(|e| e.into_inner()));
             return;
         }
         // Through `finish_commit`, so what the write committed counts below: a commit finished
@@ -1101,7 +1110,7 @@ impl Drop for Chain {
         if committed <= inner.durable_at {
             return;
         }
-        let mut synced = inner.store.sync();
+        let synced = synced.get_or_insert_with(|| inner.store.sync());
         let answer = loop {
             match synced.try_recv() {
                 Ok(Some(answer)) => break Some(answer),
@@ -1111,11 +1120,13 @@ impl Drop for Chain {
             }
         };
         match answer {
-            Some(Ok(synced)) if synced >= committed => {}
+            Some(Ok(synced)) if synced >= committed => return,
             Some(Ok(synced)) => tracing::error!(synced, committed, "closing: the block log is behind the state store"),
             Some(Err(e)) => tracing::error!(error = %e, "closing: the block log could not be synced"),
             None => tracing::error!(committed, "closing: the block log's sync did not answer in time"),
         }
+        // Closing the store now would make the state at `committed` durable ahead of the log.
+        abandon(inner);
     }
 }
 
@@ -1816,6 +1827,8 @@ mod tests {
         inner: archipel_ledger::store::MemoryStore,
         fail: std::sync::atomic::AtomicBool,
         flush_gate: Mutex<()>,
+        /// Commits wait while it is held.
+        commit_gate: Mutex<()>,
         flushes: std::sync::atomic::AtomicU64,
         fail_flush: std::sync::atomic::AtomicBool,
         failed_flushes: std::sync::atomic::AtomicU64,
@@ -1826,10 +1839,11 @@ mod tests {
     }
 
     /// A block log whose syncs are answered only when the test says so (with the height each
-    /// was asked at, recorded in `answered`).
+    /// was asked at, recorded in `answered`), or at once with a failure when `refuse` is set.
     #[derive(Default)]
     struct HeldSyncs {
         inner: MemoryStore,
+        refuse: bool,
         held: Arc<Mutex<Vec<crate::store::SyncRequest>>>,
         answered: Arc<std::sync::atomic::AtomicU64>,
     }
@@ -1864,7 +1878,11 @@ mod tests {
         }
         fn sync(&mut self) -> crate::store::Synced {
             let (tx, rx) = futures::channel::oneshot::channel();
-            crate::lock(&self.held).push((self.inner.height(), tx));
+            if self.refuse {
+                let _ = tx.send(Err("injected: the sync failed".into()));
+            } else {
+                crate::lock(&self.held).push((self.inner.height(), tx));
+            }
             rx
         }
         fn prune_finish(&mut self, pruned: crate::store::Pruned) -> Result<u64, String> {
@@ -1901,6 +1919,7 @@ mod tests {
             self.inner.scan(prefix, after, limit)
         }
         fn commit(&self, commit: &archipel_ledger::store::Commit, durable: bool) -> Result<(), StoreError> {
+            let _gate = crate::lock(&self.commit_gate);
             if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(StoreError::Io("the disk is full".into()));
             }
@@ -1976,7 +1995,10 @@ mod tests {
         assert_eq!(flushed_before, 0, "the flush ran past its gate");
         assert_eq!(c.head().height, COMMIT_BLOCKS + 10);
         // The gate is open, the log's sync not answered: the store must not be flushed yet.
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while store.flushes.load(std::sync::atomic::Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         assert_eq!(
             store.flushes.load(std::sync::atomic::Ordering::SeqCst),
             0,
@@ -2019,8 +2041,8 @@ mod tests {
     fn a_failed_checkpoint_is_retried_and_waited_for() {
         // The flush runs on the commit thread; once it failed, the next block is refused while
         // the checkpoint, retried there and waited for, fails, and goes in once it succeeds.
-        // The failure reaches the applier the way it runs, through the next block (no test-only
-        // wait for the commit thread).
+        // The failure reaches the applier the way it runs, through the next block (the setup
+        // waits only until the commit thread ended, never collects its result itself).
         let (store, c, sender) = a_background_checkpoint_failed();
         let head = c.head();
         let t = Transaction {
@@ -2049,21 +2071,73 @@ mod tests {
         assert_eq!(c.with_state(State::rebuilt_root), c.head().state_root);
     }
 
+    /// A chain (default checkpoints) 33 blocks in over `blocks` and `store`: the commit of the
+    /// state at 32 started as block 33 went in (with the store's commit gate held if `gated`),
+    /// and nothing has collected it. Returns the gate's guard too.
+    fn a_commit_in_flight(
+        blocks: Box<dyn BlockStore>,
+        store: &Arc<Flaky>,
+        gated: bool,
+    ) -> (Chain, Option<std::sync::MutexGuard<'_, ()>>) {
+        let c = Chain::open_with(three_accounts(1_000_000), blocks, store.clone()).unwrap();
+        let sender = Identity::from_seed(0);
+        for n in 0..COMMIT_BLOCKS {
+            finalize_one_transfer(&c, &sender, n);
+        }
+        let gate = gated.then(|| crate::lock(&store.commit_gate));
+        finalize_one_transfer(&c, &sender, COMMIT_BLOCKS);
+        (c, gate)
+    }
+
     #[test]
-    fn a_chain_dropped_with_a_commit_in_flight_syncs_the_log_it_committed_past() {
-        // The commit of the state at 32 starts as block 33 goes in and is not reaped before the
-        // drop: the store will make it durable when it closes, so the log must be synced to 32.
+    fn a_chain_dropped_after_an_uncollected_commit_syncs_the_log_it_committed_past() {
+        // The commit of the state at 32 ended but was never collected: the store will make it
+        // durable when it closes, so the log must be synced to 32 first.
         let blocks = MemoryStore::default();
         let store = Arc::new(Flaky { inner: small_buckets(), ..Flaky::default() });
-        let c = Chain::open_with(three_accounts(1_000_000), Box::new(blocks.clone()), store.clone()).unwrap();
-        let sender = Identity::from_seed(0);
-        for n in 0..=COMMIT_BLOCKS {
-            finalize_one_transfer(&c, &sender, n);
+        let (c, _) = a_commit_in_flight(Box::new(blocks.clone()), &store, false);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !crate::lock(&c.committing).as_ref().is_some_and(|w| w.pending.is_finished()) {
+            assert!(std::time::Instant::now() < deadline, "the commit never ended");
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert!(blocks.synced_height() < COMMIT_BLOCKS, "synced to {} before the drop", blocks.synced_height());
         drop(c);
         assert_eq!(store.committed().unwrap().unwrap().height, COMMIT_BLOCKS);
         assert!(blocks.synced_height() >= COMMIT_BLOCKS, "the log was synced to {} only", blocks.synced_height());
+        assert_eq!(Arc::strong_count(&store), 1, "a store whose log was synced is closed");
+    }
+
+    #[test]
+    fn a_chain_dropped_during_a_commit_waits_for_it_and_syncs_the_log() {
+        let blocks = MemoryStore::default();
+        let store = Arc::new(Flaky { inner: small_buckets(), ..Flaky::default() });
+        let (c, gate) = a_commit_in_flight(Box::new(blocks.clone()), &store, true);
+        let dropping = std::thread::spawn(move || drop(c));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(gate);
+        dropping.join().unwrap();
+        assert_eq!(store.committed().unwrap().unwrap().height, COMMIT_BLOCKS, "the drop waited for the commit");
+        assert!(blocks.synced_height() >= COMMIT_BLOCKS, "the log was synced to {} only", blocks.synced_height());
+        assert_eq!(Arc::strong_count(&store), 1, "a store whose log was synced is closed");
+    }
+
+    #[test]
+    fn a_chain_dropped_waits_at_most_five_seconds_for_its_write_and_sync_together() {
+        // The commit takes 3 s, the log's sync never answers: the drop gives up 5 s after it
+        // started (not 5 s after the commit), and leaves the store open, never closed ahead of
+        // the log.
+        let store = Arc::new(Flaky { inner: small_buckets(), ..Flaky::default() });
+        let (c, gate) = a_commit_in_flight(Box::new(HeldSyncs::default()), &store, true);
+        let started = std::time::Instant::now();
+        let dropping = std::thread::spawn(move || drop(c));
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        drop(gate);
+        dropping.join().unwrap();
+        let took = started.elapsed();
+        assert_eq!(store.committed().unwrap().unwrap().height, COMMIT_BLOCKS, "the drop waited for the commit");
+        assert!(took < DROP_SYNC_WAIT + std::time::Duration::from_millis(1_500), "the drop took {took:?}");
+        assert_eq!(Arc::strong_count(&store), 2, "the store was closed though the log's sync never answered");
     }
 
     #[test]
@@ -2089,6 +2163,35 @@ mod tests {
         drop(gate);
         assert!(returned.is_ok(), "dropping the chain waited for a flush that never ends");
         assert_eq!(flushed, 0, "the flush ran past its gate");
+        // The write ends later: the store must stay open (closing it would make its pending
+        // writes durable, ahead of a log nobody synced).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while store.flushes.load(std::sync::atomic::Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(Arc::strong_count(&store), 2, "the store was closed once the abandoned write ended");
+    }
+
+    #[test]
+    fn a_chain_whose_last_log_sync_fails_leaves_its_store_open() {
+        // Committed past the durable state, and the log's sync at drop fails: the store must not
+        // be closed (which would make that commit durable ahead of the log).
+        let blocks = HeldSyncs { refuse: true, ..HeldSyncs::default() };
+        let store = Arc::new(Flaky { inner: small_buckets(), ..Flaky::default() });
+        let c = Chain::open_with(three_accounts(1_000_000), Box::new(blocks), store.clone()).unwrap();
+        let sender = Identity::from_seed(0);
+        for n in 0..COMMIT_BLOCKS + 2 {
+            finalize_one_transfer(&c, &sender, n);
+        }
+        c.wait_for_commit().unwrap();
+        let (committed, durable) = {
+            let g = c.lock();
+            (g.committed_at, g.durable_at)
+        };
+        assert!(committed > durable, "committed at {committed}, durable at {durable}");
+        drop(c);
+        assert_eq!(Arc::strong_count(&store), 2, "the store was closed after a failed sync");
     }
 
     #[test]

@@ -540,8 +540,17 @@ impl BlockStore for FileStore {
         self.offsets = self.offsets[(keep_from - self.first) as usize..].iter().map(|o| o - start + marker).collect();
         self.first = keep_from;
         if let Some(dir) = self.path.parent() {
-            // Not durable yet: a power cut may bring the old log back, which holds every block.
-            File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+            // Until this is durable a power cut may bring the old log back, without the blocks
+            // appended from here on: their syncs must fail too, so no state is flushed on them.
+            if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+                let e = format!(
+                    "the block log {} was pruned but its directory failed to sync ({e}): blocks may not survive a power cut; check the disk, then restart the node",
+                    self.path.display()
+                );
+                tracing::error!(error = %e, "the block log's sync failed: the node must be restarted");
+                *crate::lock(&self.sync_failed) = Some(e.clone());
+                return Err(e);
+            }
         }
         Ok(keep_from)
     }
@@ -783,6 +792,21 @@ mod tests {
         assert_eq!(s.prune_below(6).unwrap(), 1);
         assert_eq!((s.first(), s.height()), (1, 10));
         assert_eq!(synced(&mut s), Err(failed), "the failure is still reported");
+    }
+
+    #[test]
+    fn a_pruned_log_keeps_reporting_a_sync_failure() {
+        // The sync thread a prune starts shares the log's record of a failure: one recorded
+        // after the prune (by the old thread, or the directory's sync) fails every later sync.
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = FileStore::open(&dir.path().join("blocks.log")).unwrap();
+        for i in 1..=10 {
+            s.append(&record(i)).unwrap();
+        }
+        assert_eq!(s.prune_below(6).unwrap(), 6);
+        assert_eq!(synced(&mut s), Ok(10));
+        *crate::lock(&s.sync_failed) = Some("injected: an earlier sync failed".into());
+        assert_eq!(synced(&mut s), Err("injected: an earlier sync failed".into()));
     }
 
     /// A prune in two halves, with blocks appended between them (the slow half runs without the
