@@ -819,8 +819,10 @@ async fn quiesce(client: &reqwest::Client) {
 /// Honest transfers from each of `probers` side by side (each one at a time, sent to the next
 /// node with `?wait=final` and timed until the node answered it final; never final: infinitely
 /// late): at least `min` in all, then while `more` says so. Returns the accounts' next nonces.
+/// Each prober sends from its own source address, as separate honest clients do (the spammers
+/// have theirs too): together on one address they would look like one client sending hundreds
+/// a second, which a node's admission paces like a flood.
 async fn honest_probes(
-    client: &reqwest::Client,
     probers: &mut [(Identity, u64)],
     sink: &Identity,
     min: usize,
@@ -829,8 +831,9 @@ async fn honest_probes(
     let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for (p, (account, nonce)) in probers.iter().enumerate() {
-        let (client, account, sink, more, taken) =
-            (client.clone(), account.clone(), sink.clone(), more.clone(), taken.clone());
+        let source = std::net::IpAddr::from([127, 0, 61, 2 + p as u8]);
+        let client = reqwest::Client::builder().no_proxy().local_address(source).build()?;
+        let (account, sink, more, taken) = (account.clone(), sink.clone(), more.clone(), taken.clone());
         let mut nonce = *nonce;
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
@@ -873,7 +876,7 @@ async fn spam_step(
 ) -> Result<SpamFigures> {
     quiesce(client).await;
     let mut probers: Vec<(Identity, u64)> = probers.into_iter().map(|p| (p, 0)).collect();
-    let before = honest_probes(client, &mut probers, sink, SPAM_PROBES, Arc::new(|| false)).await?;
+    let before = honest_probes(&mut probers, sink, SPAM_PROBES, Arc::new(|| false)).await?;
     // Signed beforehand, off the measured window.
     let mut floods = Vec::new();
     for (i, s) in spammers.iter().enumerate() {
@@ -957,8 +960,7 @@ async fn spam_step(
     }
     let flooding = done.clone();
     let during =
-        honest_probes(client, &mut probers, sink, 0, Arc::new(move || flooding.load(Ordering::Relaxed) < SPAMMERS))
-            .await?;
+        honest_probes(&mut probers, sink, 0, Arc::new(move || flooding.load(Ordering::Relaxed) < SPAMMERS)).await?;
     let flood_secs = started.elapsed().as_secs_f64();
     drop(flood_rt);
     let mut answers = std::collections::BTreeMap::new();

@@ -30,7 +30,9 @@
 //! Light jobs may also run while the debt is under one burst, and are charged too, so heavy ones
 //! get what light ones leave and many light addresses together are paced as well. The bucket is
 //! charged the job's transactions (its `work`, what admission's CPU is spent on), fairness its
-//! `cost` (a `transfer_many` by its credits). A job whose caller stopped waiting is dropped
+//! `cost` (a `transfer_many` by its credits); after a job, its caller may charge the bucket more
+//! ([`FairQueue::charge`]: the ledger's API charges each refused transaction 7 more, so a flood
+//! of transactions that will never be final is paced at an eighth of the rate). A job whose caller stopped waiting is dropped
 //! without a charge, and heavy jobs may fill at most [`MAX_QUEUED_HEAVY`] of the queue, so junk
 //! from busy addresses cannot lock light ones out.
 //! Why: a flood of 100,000 transactions from 100 addresses arriving in 0.2 s kept both cores of
@@ -177,6 +179,16 @@ impl Sched {
             }
             None => self.wait_for(0.0, now),
         }
+    }
+
+    /// Charges the bucket `work` more transactions at `now` (after a job: what its outcome says
+    /// it cost beyond its work).
+    fn charge(&mut self, now: Instant, work: u64) {
+        let refilled_at = *self.refilled_at.get_or_insert(now);
+        let (rate, burst) = (self.pace.per_second as f64, self.pace.burst as f64);
+        self.tokens = (self.tokens + now.saturating_duration_since(refilled_at).as_secs_f64() * rate).min(burst);
+        self.refilled_at = Some(now.max(refilled_at));
+        self.tokens -= work as f64;
     }
 
     /// Idle, or a wait until the bucket holds `level`.
@@ -349,6 +361,15 @@ impl FairQueue {
         self.shared.ready.notify_one();
         // The sender is dropped unsent when the job panicked, or when the queue stopped first.
         rx.await.map_err(|_| if self.shared.lock().closed { Refused::Stopped } else { Refused::Failed })
+    }
+
+    /// Charges the pace's bucket `work` more transactions: what a job turned out to cost beyond
+    /// the work it was queued with (the ledger's API charges refused transactions extra, see
+    /// `ledger_api::REFUSED_EXTRA`). Only later jobs wait for it.
+    pub fn charge(&self, work: u64) {
+        if work > 0 {
+            self.shared.lock().charge(Instant::now(), work);
+        }
     }
 
     /// Jobs waiting (not yet started).
@@ -613,6 +634,29 @@ mod tests {
         }
         assert_eq!(drain(&mut s, t0), None);
         assert_eq!(ran.lock().unwrap().iter().filter(|w| **w == 3).count(), 4);
+    }
+
+    /// A charge after a job (its refusals) puts the bucket in debt: the next heavy job waits for
+    /// it to be paid, at the pace.
+    #[test]
+    fn a_charge_after_a_job_delays_the_next_heavy_one() {
+        let mut s = Sched::new(Pace { light: 4, per_second: 1_000, burst: 100 });
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let t0 = Instant::now();
+        queue(&mut s, &ran, 1, 50);
+        assert_eq!(drain(&mut s, t0), None);
+        // 50 left; the job's 50 refusals charged 7 more each: 300 in debt.
+        s.charge(t0, 350);
+        queue(&mut s, &ran, 1, 50);
+        let wait = drain(&mut s, t0).expect("the next heavy job waits for the debt");
+        assert!(wait > Duration::from_millis(295) && wait <= Duration::from_millis(300), "{wait:?}");
+        assert_eq!(ran.lock().unwrap().len(), 1);
+        assert_eq!(drain(&mut s, t0 + Duration::from_millis(300)), None);
+        assert_eq!(ran.lock().unwrap().len(), 2);
+        // A charge refills first: one a second later finds the bucket full (100), not in debt.
+        s.charge(t0 + Duration::from_secs(10), 60);
+        queue(&mut s, &ran, 1, 50);
+        assert_eq!(drain(&mut s, t0 + Duration::from_secs(10)), None, "40 left: it runs at once");
     }
 
     /// Light jobs may overdraw the bucket by one burst, no more: many light addresses together
