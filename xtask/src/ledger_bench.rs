@@ -83,7 +83,7 @@ const SPAM_BATCH: usize = 512;
 /// What each spammer is funded with; an over-spending spammer's transfers each move 60 % of it.
 const SPAM_BALANCE: u64 = 1_000_000;
 /// Honest transfers timed before the flood.
-const SPAM_PROBES: usize = 200;
+const SPAM_PROBES: usize = 400;
 /// Honest accounts timing transfers side by side in the spam step, one at a time each, each
 /// through its own node in turn (so the short flood meets enough of them).
 const PROBERS: usize = 8;
@@ -428,13 +428,19 @@ fn summarise(ours: &Ours, bare: Option<&BareFigures>, etcd: Option<&EtcdFigures>
     {
         let x = &ours.spam;
         let ratio = x.during.p99_ms / x.before.p99_ms;
-        // Judged only when the flood reached the mempools as meant: every request answered,
-        // both kinds refused by the mempool's rules.
+        // Judged only when the flood reached the mempools as meant: every request answered, every
+        // transfer judged by the mempool (admitted, or refused by its rules: none left unrun by
+        // a busy admission queue), both kinds of refusal among them.
         let failed = x.answers.contains_key("request failed");
+        let judged_by_the_mempool = x.answers.values().sum::<u64>() == x.sent
+            && x.answers
+                .keys()
+                .all(|k| ["admitted", "insufficient_funds", "nonce_gap", "overspend"].contains(&k.as_str()));
         let refused_as_meant = x.answers.contains_key("nonce_gap") && x.answers.contains_key("overspend");
         let judged = x.during.not_final == 0
             && x.before.not_final == 0
             && !failed
+            && judged_by_the_mempool
             && refused_as_meant
             && x.during.count >= SPAM_MIN_PROBES_DURING;
         println!(
@@ -444,7 +450,7 @@ fn summarise(ours: &Ours, bare: Option<&BareFigures>, etcd: Option<&EtcdFigures>
             if judged {
                 met(ratio <= GOAL_SPAM_RATIO)
             } else {
-                "not judged (a flood request failed, the flood was not refused as nonce_gap and overspend, or fewer than SPAM_MIN_PROBES_DURING honest transfers ran during it)"
+                "not judged (a flood request failed, a flood transfer was not judged by the mempool, the flood was not refused as nonce_gap and overspend, or fewer than SPAM_MIN_PROBES_DURING honest transfers ran during it)"
             }
         );
         f.set("spam step: honest p50 ms before", x.before.p50_ms);

@@ -181,14 +181,16 @@ impl Sched {
         }
     }
 
-    /// Charges the bucket `work` more transactions at `now` (after a job: what its outcome says
-    /// it cost beyond its work).
-    fn charge(&mut self, now: Instant, work: u64) {
+    /// Charges the bucket `work` more transactions at `now`, and `source`'s use as much (after a
+    /// job: what its outcome says it cost beyond its work).
+    fn charge(&mut self, now: Instant, source: IpAddr, work: u64) {
         let refilled_at = *self.refilled_at.get_or_insert(now);
         let (rate, burst) = (self.pace.per_second as f64, self.pace.burst as f64);
         self.tokens = (self.tokens + now.saturating_duration_since(refilled_at).as_secs_f64() * rate).min(burst);
         self.refilled_at = Some(now.max(refilled_at));
         self.tokens -= work as f64;
+        let u = self.used.entry(source).or_default();
+        *u = u.saturating_add(work);
     }
 
     /// Idle, or a wait until the bucket holds `level`.
@@ -363,12 +365,13 @@ impl FairQueue {
         rx.await.map_err(|_| if self.shared.lock().closed { Refused::Stopped } else { Refused::Failed })
     }
 
-    /// Charges the pace's bucket `work` more transactions: what a job turned out to cost beyond
-    /// the work it was queued with (the ledger's API charges refused transactions extra, see
+    /// Charges the pace's bucket, and `source`'s use, `work` more transactions: what a job turned
+    /// out to cost beyond the work it was queued with (the ledger's API charges refused
+    /// transactions extra, from inside the job, so a caller that leaves cannot skip it: see
     /// `ledger_api::REFUSED_EXTRA`). Only later jobs wait for it.
-    pub fn charge(&self, work: u64) {
+    pub fn charge(&self, source: IpAddr, work: u64) {
         if work > 0 {
-            self.shared.lock().charge(Instant::now(), work);
+            self.shared.lock().charge(Instant::now(), source, work);
         }
     }
 
@@ -645,16 +648,18 @@ mod tests {
         let t0 = Instant::now();
         queue(&mut s, &ran, 1, 50);
         assert_eq!(drain(&mut s, t0), None);
-        // 50 left; the job's 50 refusals charged 7 more each: 300 in debt.
-        s.charge(t0, 350);
+        // 50 left; the job's 50 refusals charged 7 more each: 300 in debt, and the address's use
+        // is 50 + 350.
+        s.charge(t0, ip(1), 350);
+        assert_eq!(s.used[&ip(1)], 400);
         queue(&mut s, &ran, 1, 50);
         let wait = drain(&mut s, t0).expect("the next heavy job waits for the debt");
         assert!(wait > Duration::from_millis(295) && wait <= Duration::from_millis(300), "{wait:?}");
         assert_eq!(ran.lock().unwrap().len(), 1);
         assert_eq!(drain(&mut s, t0 + Duration::from_millis(300)), None);
         assert_eq!(ran.lock().unwrap().len(), 2);
-        // A charge refills first: one a second later finds the bucket full (100), not in debt.
-        s.charge(t0 + Duration::from_secs(10), 60);
+        // A charge refills first: one 10 s later finds the bucket full (100), not in debt.
+        s.charge(t0 + Duration::from_secs(10), ip(1), 60);
         queue(&mut s, &ran, 1, 50);
         assert_eq!(drain(&mut s, t0 + Duration::from_secs(10)), None, "40 left: it runs at once");
     }

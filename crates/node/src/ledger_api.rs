@@ -156,13 +156,18 @@ async fn submit(
     tracing::debug!(hash = %stx.hash(), "transaction submitted");
     let (chain, len) = (s.chain.clone(), bytes.len());
     let (source, cost) = (request_source(connection.as_deref()), admission_cost(&stx));
-    let admitted =
-        s.admit(source, cost, 1, move || chain.submit(stx, len, archipel_consensus::app::system_now_ms())).await;
+    let state = s.clone();
+    let admitted = s
+        .admit(source, cost, 1, move || {
+            let answer = chain.submit(stx, len, archipel_consensus::app::system_now_ms());
+            charge_refusals(&state, source, std::slice::from_ref(&answer));
+            answer
+        })
+        .await;
     let admitted = match admitted {
         Ok(a) => a,
         Err(refused) => return refused,
     };
-    s.admission.charge(refused_extra(usize::from(admitted.is_err())));
     let hash = match admitted {
         Ok(h) => h,
         Err(e) => {
@@ -206,17 +211,20 @@ fn still_pending(chain: &Chain, hash: Hash, waited: Duration) -> Response {
     (StatusCode::ACCEPTED, Json(body)).into_response()
 }
 
-/// What a transaction the mempool refused costs the admission pace beyond its own one: a flood of
-/// transactions that will never be final (over-spending, behind a nonce gap) is paced at an
-/// eighth of the rate at which admitted ones are (`api.limits.admission_txs_per_second`), while
-/// honest bulk submissions, admitted, keep the whole rate. Measured in the ledger bench's spam
-/// step (100 addresses' 102,300 refused transfers): admitting at 20,000 a second left the honest
-/// transfers' p99 during the flood 2.9 times what it was before; at 5,000 a second, 1.7–2.0.
+/// What a transaction the mempool refused costs the admission pace, and its source's use, beyond
+/// its own one: a flood of transactions that will never be final (over-spending, behind a nonce
+/// gap) is paced at an eighth of the rate at which admitted ones are
+/// (`api.limits.admission_txs_per_second`), and its address waits its turn behind the others,
+/// while honest bulk submissions, admitted, keep the whole rate. A full pool (`mempool_full`,
+/// `gapped_full`) is the node's state, not the transaction's fault: not charged. Figures in
+/// ARCHITECTURE.md (issue 17).
 pub const REFUSED_EXTRA: u64 = 7;
 
-/// [`REFUSED_EXTRA`] for `refused` transactions.
-fn refused_extra(refused: usize) -> u64 {
-    (refused as u64).saturating_mul(REFUSED_EXTRA)
+/// Charges `source` [`REFUSED_EXTRA`] for each transaction of `answers` the mempool refused.
+fn charge_refusals(s: &ApiState, source: std::net::IpAddr, answers: &[Result<Hash, archipel_ledger::MempoolError>]) {
+    let refused =
+        answers.iter().filter(|a| matches!(a, Err(e) if !matches!(e.code(), "mempool_full" | "gapped_full"))).count();
+    s.admission.charge(source, (refused as u64).saturating_mul(REFUSED_EXTRA));
 }
 
 /// Most transactions in one `POST /v1/txs`.
@@ -288,11 +296,15 @@ async fn submit_batch(
         let (chain, now_ms) = (s.chain.clone(), archipel_consensus::app::system_now_ms());
         let cost = chunk.iter().map(|(stx, _)| admission_cost(stx)).sum();
         let work = chunk.len() as u64;
-        let admission = &s.admission;
+        let (state, admission) = (s.clone(), &s.admission);
         async move {
-            let answers = admission.run(source, cost, work, move || chain.submit_many(chunk, now_ms)).await?;
-            admission.charge(refused_extra(answers.iter().filter(|a| a.is_err()).count()));
-            Ok(answers)
+            admission
+                .run(source, cost, work, move || {
+                    let answers = chain.submit_many(chunk, now_ms);
+                    charge_refusals(&state, source, &answers);
+                    answers
+                })
+                .await
         }
     };
     let results = admit_chunks(chunks, admit, |bytes| {
@@ -1123,11 +1135,12 @@ mod tests {
             body
         };
         let items = |r: reqwest::Response| async move { r.json::<Vec<serde_json::Value>>().await.unwrap() };
-        let refused = items(http().post(format!("{url}/v1/txs")).body(batch(u64::MAX / 4)).send().await.unwrap()).await;
+        let (refusing, admissible) = (batch(u64::MAX / 4), batch(1));
+        let refused = items(http().post(format!("{url}/v1/txs")).body(refusing).send().await.unwrap()).await;
         assert_eq!(refused.len(), 64);
         assert!(refused.iter().all(|i| i["error"] == "insufficient_funds"), "{:?}", refused[0]);
         let started = std::time::Instant::now();
-        let admitted = items(http().post(format!("{url}/v1/txs")).body(batch(1)).send().await.unwrap()).await;
+        let admitted = items(http().post(format!("{url}/v1/txs")).body(admissible).send().await.unwrap()).await;
         let took = started.elapsed();
         assert!(admitted.iter().all(|i| i["error"].is_null()), "{:?}", admitted[0]);
         assert!(took >= std::time::Duration::from_millis(300), "the next batch waited {took:?} only");
