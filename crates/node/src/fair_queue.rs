@@ -30,9 +30,10 @@
 //! Light jobs may also run while the debt is under one burst, and are charged too, so heavy ones
 //! get what light ones leave and many light addresses together are paced as well. The bucket is
 //! charged the job's transactions (its `work`, what admission's CPU is spent on), fairness its
-//! `cost` (a `transfer_many` by its credits); after a job, its caller may charge the bucket more
-//! ([`FairQueue::charge`]: the ledger's API charges each refused transaction 7 more, so a flood
-//! of transactions that will never be final is paced at an eighth of the rate). A job whose caller stopped waiting is dropped
+//! `cost` (a `transfer_many` by its credits). Refused transactions are paced apart, at an eighth
+//! of the rate ([`REFUSED_SHARE`], [`FairQueue::refused`]): a flood of transactions that will
+//! never be final is spread out further, without taking the pace of addresses whose
+//! transactions are admitted. A job whose caller stopped waiting is dropped
 //! without a charge, and heavy jobs may fill at most [`MAX_QUEUED_HEAVY`] of the queue, so junk
 //! from busy addresses cannot lock light ones out.
 //! Why: a flood of 100,000 transactions from 100 addresses arriving in 0.2 s kept both cores of
@@ -59,6 +60,12 @@ pub const LIGHT_USE: u64 = 32;
 pub const MAX_QUEUED_PER_SOURCE: usize = 16;
 /// Most jobs waiting in all.
 pub const MAX_QUEUED: usize = 1_024;
+/// Refused transactions are admitted at most this share of the pace: once an address's
+/// transactions were refused (lately: halved with its use), its heavy jobs also wait for a
+/// node-wide bucket of refusals refilled at `per_second / REFUSED_SHARE` (burst likewise), and
+/// each refusal adds `REFUSED_SHARE − 1` more to its use. Addresses whose transactions are
+/// admitted never wait for that bucket, so refusals cannot take the pace honest bulk uses.
+pub const REFUSED_SHARE: u64 = 8;
 /// Most jobs of heavy addresses waiting (the rest of [`MAX_QUEUED`] is kept for light ones).
 pub const MAX_QUEUED_HEAVY: usize = MAX_QUEUED * 3 / 4;
 
@@ -137,7 +144,11 @@ struct Sched {
     pace: Pace,
     /// The bucket's transactions (negative: in debt), as of `refilled_at`.
     tokens: f64,
+    /// The bucket of refused transactions ([`REFUSED_SHARE`]), as of `refilled_at`.
+    refusals: f64,
     refilled_at: Option<Instant>,
+    /// Transactions refused per source lately (decayed with `used`).
+    refused: HashMap<IpAddr, u64>,
 }
 
 impl Sched {
@@ -152,16 +163,30 @@ impl Sched {
             closed: false,
             pace,
             tokens: pace.burst as f64,
+            refusals: Self::refusal_burst(pace),
             refilled_at: None,
+            refused: HashMap::new(),
         }
+    }
+
+    fn refusal_burst(pace: Pace) -> f64 {
+        (pace.burst as f64 / REFUSED_SHARE as f64).max(1.0)
+    }
+
+    /// Refills both buckets up to `now`.
+    fn refill(&mut self, now: Instant) {
+        let refilled_at = *self.refilled_at.get_or_insert(now);
+        let (rate, burst) = (self.pace.per_second as f64, self.pace.burst as f64);
+        let secs = now.saturating_duration_since(refilled_at).as_secs_f64();
+        self.tokens = (self.tokens + secs * rate).min(burst);
+        self.refusals = (self.refusals + secs * rate / REFUSED_SHARE as f64).min(Self::refusal_burst(self.pace));
+        self.refilled_at = Some(now.max(refilled_at));
     }
 
     /// The next job to run ([`Sched::pick`] under [`Pace`]).
     fn next(&mut self, now: Instant) -> Next {
-        let refilled_at = *self.refilled_at.get_or_insert(now);
-        let (rate, burst) = (self.pace.per_second as f64, self.pace.burst as f64);
-        self.tokens = (self.tokens + now.saturating_duration_since(refilled_at).as_secs_f64() * rate).min(burst);
-        self.refilled_at = Some(now);
+        self.refill(now);
+        let burst = self.pace.burst as f64;
         self.drop_abandoned();
         let allowed = if self.tokens >= 0.0 {
             Allowed::Any
@@ -177,20 +202,30 @@ impl Sched {
                 self.tokens -= work as f64;
                 Next::Run(job)
             }
+            // Everything allowed waits for the refusals' bucket (the pace's has room).
+            None if allowed == Allowed::Any && self.queued > 0 => {
+                let rate = self.pace.per_second as f64 / REFUSED_SHARE as f64;
+                let secs = (-self.refusals / rate).clamp(1e-6, 1.0);
+                Next::WaitUntil(now + Duration::from_secs_f64(secs))
+            }
             None => self.wait_for(0.0, now),
         }
     }
 
-    /// Charges the bucket `work` more transactions at `now`, and `source`'s use as much (after a
-    /// job: what its outcome says it cost beyond its work).
-    fn charge(&mut self, now: Instant, source: IpAddr, work: u64) {
-        let refilled_at = *self.refilled_at.get_or_insert(now);
-        let (rate, burst) = (self.pace.per_second as f64, self.pace.burst as f64);
-        self.tokens = (self.tokens + now.saturating_duration_since(refilled_at).as_secs_f64() * rate).min(burst);
-        self.refilled_at = Some(now.max(refilled_at));
-        self.tokens -= work as f64;
+    /// Records at `now` that `refused` transactions of a job from `source` were refused: they
+    /// are charged to the refusals' bucket, and [`REFUSED_SHARE`] − 1 more each to `source`'s use.
+    fn refused(&mut self, now: Instant, source: IpAddr, refused: u64) {
+        self.refill(now);
+        self.refusals -= refused as f64;
+        let r = self.refused.entry(source).or_default();
+        *r = r.saturating_add(refused);
         let u = self.used.entry(source).or_default();
-        *u = u.saturating_add(work);
+        *u = u.saturating_add(refused.saturating_mul(REFUSED_SHARE - 1));
+    }
+
+    /// True when `source`'s jobs, heavy, wait for the refusals' bucket too.
+    fn is_refusing(&self, source: &IpAddr) -> bool {
+        self.refused.get(source).is_some_and(|r| *r > 0)
     }
 
     /// Idle, or a wait until the bucket holds `level`.
@@ -258,6 +293,10 @@ impl Sched {
                 *used >>= shift;
                 *used > 0 || queues.contains_key(ip)
             });
+            self.refused.retain(|_, refused| {
+                *refused >>= shift;
+                *refused > 0
+            });
         }
         let source = *self
             .queues
@@ -266,7 +305,9 @@ impl Sched {
                 let next = q.front()?;
                 let turn =
                     self.used.get(ip).copied().unwrap_or(0).saturating_add(next.cost.saturating_mul(SIZE_WEIGHT));
-                (allowed == Allowed::Any || self.is_light(ip, next.cost)).then_some((ip, turn, next.arrival))
+                let light = self.is_light(ip, next.cost);
+                let may = light || (allowed == Allowed::Any && (self.refusals >= 0.0 || !self.is_refusing(ip)));
+                may.then_some((ip, turn, next.arrival))
             })
             .min_by_key(|&(_, turn, arrival)| (turn, arrival))?
             .0;
@@ -365,13 +406,12 @@ impl FairQueue {
         rx.await.map_err(|_| if self.shared.lock().closed { Refused::Stopped } else { Refused::Failed })
     }
 
-    /// Charges the pace's bucket, and `source`'s use, `work` more transactions: what a job turned
-    /// out to cost beyond the work it was queued with (the ledger's API charges refused
-    /// transactions extra, from inside the job, so a caller that leaves cannot skip it: see
-    /// `ledger_api::REFUSED_EXTRA`). Only later jobs wait for it.
-    pub fn charge(&self, source: IpAddr, work: u64) {
-        if work > 0 {
-            self.shared.lock().charge(Instant::now(), source, work);
+    /// Records that `refused` transactions of a job from `source` were refused (the ledger's API
+    /// calls it from inside the job, so a caller that leaves cannot skip it): later heavy jobs of
+    /// `source` wait for the refusals' bucket too, and its use grows ([`REFUSED_SHARE`]).
+    pub fn refused(&self, source: IpAddr, refused: u64) {
+        if refused > 0 {
+            self.shared.lock().refused(Instant::now(), source, refused);
         }
     }
 
@@ -639,29 +679,43 @@ mod tests {
         assert_eq!(ran.lock().unwrap().iter().filter(|w| **w == 3).count(), 4);
     }
 
-    /// A charge after a job (its refusals) puts the bucket in debt: the next heavy job waits for
-    /// it to be paid, at the pace.
+    /// Once an address's transactions were refused, its heavy jobs also wait for the refusals'
+    /// bucket (an eighth of the pace); an address whose transactions are admitted does not, and
+    /// the pace's own bucket is not charged for the refusals.
     #[test]
-    fn a_charge_after_a_job_delays_the_next_heavy_one() {
-        let mut s = Sched::new(Pace { light: 4, per_second: 1_000, burst: 100 });
+    fn refusing_addresses_wait_for_the_refusals_bucket_alone() {
+        // Refusals: 100 a second, burst 20.
+        let mut s = Sched::new(Pace { light: 4, per_second: 800, burst: 160 });
         let ran = Arc::new(Mutex::new(Vec::new()));
         let t0 = Instant::now();
         queue(&mut s, &ran, 1, 50);
         assert_eq!(drain(&mut s, t0), None);
-        // 50 left; the job's 50 refusals charged 7 more each: 300 in debt, and the address's use
-        // is 50 + 350.
-        s.charge(t0, ip(1), 350);
+        // All 50 refused: the refusals' bucket is 30 in debt, the address's use 50 + 7 × 50.
+        s.refused(t0, ip(1), 50);
         assert_eq!(s.used[&ip(1)], 400);
         queue(&mut s, &ran, 1, 50);
-        let wait = drain(&mut s, t0).expect("the next heavy job waits for the debt");
+        queue(&mut s, &ran, 2, 50);
+        let wait = drain(&mut s, t0).expect("the refusing address waits");
+        assert_eq!(*ran.lock().unwrap(), [1, 2], "the admitted address's heavy job runs at once (60 left)");
         assert!(wait > Duration::from_millis(295) && wait <= Duration::from_millis(300), "{wait:?}");
-        assert_eq!(ran.lock().unwrap().len(), 1);
         assert_eq!(drain(&mut s, t0 + Duration::from_millis(300)), None);
-        assert_eq!(ran.lock().unwrap().len(), 2);
-        // A charge refills first: one 10 s later finds the bucket full (100), not in debt.
-        s.charge(t0 + Duration::from_secs(10), ip(1), 60);
-        queue(&mut s, &ran, 1, 50);
-        assert_eq!(drain(&mut s, t0 + Duration::from_secs(10)), None, "40 left: it runs at once");
+        assert_eq!(*ran.lock().unwrap(), [1, 2, 1]);
+        // A light job of a refusing address is not held back (it is light).
+        s.refused(t0 + Duration::from_millis(300), ip(3), 40);
+        s.used.insert(ip(3), 0);
+        queue(&mut s, &ran, 3, 1);
+        assert_eq!(drain(&mut s, t0 + Duration::from_millis(300)), None);
+        assert_eq!(ran.lock().unwrap().last(), Some(&3));
+        // Refusals are forgotten with use: 8 s later the address is not refusing any more.
+        s.refused.clear();
+        s.refused(t0 + Duration::from_millis(300), ip(4), 1);
+        let mut later = t0 + Duration::from_millis(300);
+        for _ in 0..8 {
+            later += DECAY;
+            queue(&mut s, &ran, 5, 1);
+            drain(&mut s, later);
+        }
+        assert!(!s.is_refusing(&ip(4)), "{:?}", s.refused);
     }
 
     /// Light jobs may overdraw the bucket by one burst, no more: many light addresses together

@@ -211,20 +211,16 @@ fn still_pending(chain: &Chain, hash: Hash, waited: Duration) -> Response {
     (StatusCode::ACCEPTED, Json(body)).into_response()
 }
 
-/// What a transaction the mempool refused costs the admission pace, and its source's use, beyond
-/// its own one: a flood of transactions that will never be final (over-spending, behind a nonce
-/// gap) is paced at an eighth of the rate at which admitted ones are
-/// (`api.limits.admission_txs_per_second`), and its address waits its turn behind the others,
-/// while honest bulk submissions, admitted, keep the whole rate. A full pool (`mempool_full`,
-/// `gapped_full`) is the node's state, not the transaction's fault: not charged. Figures in
-/// ARCHITECTURE.md (issue 17).
-pub const REFUSED_EXTRA: u64 = 7;
-
-/// Charges `source` [`REFUSED_EXTRA`] for each transaction of `answers` the mempool refused.
+/// Tells the admission queue how many of a job's `answers` the mempool refused: a flood of
+/// transactions that will never be final (over-spending, behind a nonce gap) is then paced at an
+/// eighth of the rate (`fair_queue::REFUSED_SHARE`), and its address waits its turn behind the
+/// others, while addresses whose transactions are admitted keep the whole pace. A full pool
+/// (`mempool_full`, `gapped_full`) is the node's state, not the transaction's fault: not counted.
+/// Figures in ARCHITECTURE.md (issue 17).
 fn charge_refusals(s: &ApiState, source: std::net::IpAddr, answers: &[Result<Hash, archipel_ledger::MempoolError>]) {
     let refused =
         answers.iter().filter(|a| matches!(a, Err(e) if !matches!(e.code(), "mempool_full" | "gapped_full"))).count();
-    s.admission.charge(source, (refused as u64).saturating_mul(REFUSED_EXTRA));
+    s.admission.refused(source, refused as u64);
 }
 
 /// Most transactions in one `POST /v1/txs`.
