@@ -1112,9 +1112,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn refused_transactions_cost_the_admission_pace_extra() {
-        // Paced at 1,000 a second, burst 100. A batch of 64 refused transfers costs 64 × 8: the
-        // next batch from that (now busy) address waits for the debt, ~0.4 s. Were refusals
-        // charged as one each, 36 would be left and it would run at once.
+        // Paced at 1,000 a second, burst 100: refusals at 125 a second, burst 12.5. A batch of 64
+        // refused transfers puts the refusals' bucket 51.5 in debt: the next batch from that (now
+        // busy, refusing) address waits for it, ~0.4 s. Were refusals not paced apart, 36 would be
+        // left in the pace's bucket and it would run at once.
         let s = state(limits(|l| {
             l.admission_txs_per_second = crate::api::testing::nz(1_000);
             l.admission_burst = crate::api::testing::nz(100);
