@@ -60,8 +60,8 @@ pub const LIGHT_USE: u64 = 32;
 pub const MAX_QUEUED_PER_SOURCE: usize = 16;
 /// Most jobs waiting in all.
 pub const MAX_QUEUED: usize = 1_024;
-/// Refused transactions are admitted at most this share of the pace: once an address's
-/// transactions were refused (lately: halved with its use), its heavy jobs also wait for a
+/// Refused transactions are admitted at most this share of the pace: once an address had at least
+/// this many transactions refused (lately: halved with its use), its heavy jobs also wait for a
 /// node-wide bucket of refusals refilled at `per_second / REFUSED_SHARE` (burst likewise), and
 /// each refusal adds `REFUSED_SHARE − 1` more to its use. Addresses whose transactions are
 /// admitted never wait for that bucket, so refusals cannot take the pace honest bulk uses.
@@ -216,16 +216,20 @@ impl Sched {
     /// are charged to the refusals' bucket, and [`REFUSED_SHARE`] − 1 more each to `source`'s use.
     fn refused(&mut self, now: Instant, source: IpAddr, refused: u64) {
         self.refill(now);
-        self.refusals -= refused as f64;
+        // Floored: refusals from addresses not held back (light ones, or new) must not leave a
+        // debt that holds refusing addresses back for long (at most a burst's refill, 0.1 s).
+        self.refusals = (self.refusals - refused as f64).max(-Self::refusal_burst(self.pace));
         let r = self.refused.entry(source).or_default();
         *r = r.saturating_add(refused);
         let u = self.used.entry(source).or_default();
         *u = u.saturating_add(refused.saturating_mul(REFUSED_SHARE - 1));
     }
 
-    /// True when `source`'s jobs, heavy, wait for the refusals' bucket too.
+    /// True when `source`'s jobs, heavy, wait for the refusals' bucket too: it had at least
+    /// [`REFUSED_SHARE`] transactions refused lately (an honest client's occasional refusal, or
+    /// one from someone else behind the same address, does not mark it).
     fn is_refusing(&self, source: &IpAddr) -> bool {
-        self.refused.get(source).is_some_and(|r| *r > 0)
+        self.refused.get(source).is_some_and(|r| *r >= REFUSED_SHARE)
     }
 
     /// Idle, or a wait until the bucket holds `level`.
@@ -690,15 +694,16 @@ mod tests {
         let t0 = Instant::now();
         queue(&mut s, &ran, 1, 50);
         assert_eq!(drain(&mut s, t0), None);
-        // All 50 refused: the refusals' bucket is 30 in debt, the address's use 50 + 7 × 50.
+        // All 50 refused: the refusals' bucket is 20 in debt (30, floored at one burst), the
+        // address's use 50 + 7 × 50.
         s.refused(t0, ip(1), 50);
         assert_eq!(s.used[&ip(1)], 400);
         queue(&mut s, &ran, 1, 50);
         queue(&mut s, &ran, 2, 50);
         let wait = drain(&mut s, t0).expect("the refusing address waits");
         assert_eq!(*ran.lock().unwrap(), [1, 2], "the admitted address's heavy job runs at once (60 left)");
-        assert!(wait > Duration::from_millis(295) && wait <= Duration::from_millis(300), "{wait:?}");
-        assert_eq!(drain(&mut s, t0 + Duration::from_millis(300)), None);
+        assert!(wait > Duration::from_millis(195) && wait <= Duration::from_millis(200), "{wait:?}");
+        assert_eq!(drain(&mut s, t0 + Duration::from_millis(200)), None);
         assert_eq!(*ran.lock().unwrap(), [1, 2, 1]);
         // A light job of a refusing address is not held back (it is light).
         s.refused(t0 + Duration::from_millis(300), ip(3), 40);
@@ -706,9 +711,16 @@ mod tests {
         queue(&mut s, &ran, 3, 1);
         assert_eq!(drain(&mut s, t0 + Duration::from_millis(300)), None);
         assert_eq!(ran.lock().unwrap().last(), Some(&3));
+        // Fewer than REFUSED_SHARE refusals do not mark an address.
+        s.refused(t0 + Duration::from_millis(300), ip(6), REFUSED_SHARE - 1);
+        assert!(!s.is_refusing(&ip(6)));
+        // The bucket's debt is floored at one burst of refusals (20 here): a flood of refusals
+        // from addresses not held back cannot hold refusing ones back for long.
+        s.refused(t0 + Duration::from_millis(300), ip(7), 1_000_000);
+        assert_eq!(s.refusals, -20.0);
         // Refusals are forgotten with use: 8 s later the address is not refusing any more.
         s.refused.clear();
-        s.refused(t0 + Duration::from_millis(300), ip(4), 1);
+        s.refused(t0 + Duration::from_millis(300), ip(4), REFUSED_SHARE);
         let mut later = t0 + Duration::from_millis(300);
         for _ in 0..8 {
             later += DECAY;
