@@ -1593,11 +1593,7 @@ mod tests {
         let durable = c.lock().durable_at;
         store.fail_flush.store(true, std::sync::atomic::Ordering::SeqCst);
         finalize_a_transfer_of_account_0(&c);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !crate::lock(&c.committing).as_ref().is_some_and(|w| w.pending.is_finished()) {
-            assert!(std::time::Instant::now() < deadline, "the checkpoint never ended");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        the_write_in_flight_ended(&c, "the checkpoint never ended");
         assert_eq!(store.failed_flushes.load(std::sync::atomic::Ordering::SeqCst), 1, "the checkpoint's flush failed");
         let (first, _) = check(&c);
         assert!(first > firsts[firsts.len() - 1], "the checkpoint pruned the log");
@@ -2028,11 +2024,7 @@ mod tests {
             finalize_one_transfer(&c, &sender, n);
         }
         // Its thread ended, not only its flush: the next block must see it failed.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !crate::lock(&c.committing).as_ref().is_some_and(|w| w.pending.is_finished()) {
-            assert!(std::time::Instant::now() < deadline, "the background checkpoint never ended");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        the_write_in_flight_ended(&c, "the background checkpoint never ended");
         assert_eq!(store.failed_flushes.load(std::sync::atomic::Ordering::SeqCst), 1, "the checkpoint failed");
         (store, c, sender)
     }
@@ -2071,6 +2063,16 @@ mod tests {
         assert_eq!(c.with_state(State::rebuilt_root), c.head().state_root);
     }
 
+    /// Waits (at most 60 s, else fails with `never`) until the thread of `c`'s write in flight
+    /// ended, without collecting its result.
+    fn the_write_in_flight_ended(c: &Chain, never: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !crate::lock(&c.committing).as_ref().is_some_and(|w| w.pending.is_finished()) {
+            assert!(std::time::Instant::now() < deadline, "{never}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     /// A chain (default checkpoints) 33 blocks in over `blocks` and `store`: the commit of the
     /// state at 32 started as block 33 went in (with the store's commit gate held if `gated`),
     /// and nothing has collected it. Returns the gate's guard too.
@@ -2096,11 +2098,7 @@ mod tests {
         let blocks = MemoryStore::default();
         let store = Arc::new(Flaky { inner: small_buckets(), ..Flaky::default() });
         let (c, _) = a_commit_in_flight(Box::new(blocks.clone()), &store, false);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !crate::lock(&c.committing).as_ref().is_some_and(|w| w.pending.is_finished()) {
-            assert!(std::time::Instant::now() < deadline, "the commit never ended");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        the_write_in_flight_ended(&c, "the commit never ended");
         assert!(blocks.synced_height() < COMMIT_BLOCKS, "synced to {} before the drop", blocks.synced_height());
         drop(c);
         assert_eq!(store.committed().unwrap().unwrap().height, COMMIT_BLOCKS);
