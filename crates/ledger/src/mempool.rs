@@ -108,6 +108,14 @@ pub enum MempoolError {
 }
 
 impl MempoolError {
+    /// True for refusals that say the node or the chain is busy, not that the transaction is
+    /// wrong: a full pool (`mempool_full`), a full share of gapped transactions (`gapped_full`),
+    /// an account's quota of waiting transactions (`account_quota`). A sender cannot know them in
+    /// advance, so they do not count against it (see the node's admission and gossip).
+    pub fn is_congestion(&self) -> bool {
+        matches!(self, MempoolError::Full(_) | MempoolError::GappedFull { .. } | MempoolError::AccountQuota { .. })
+    }
+
     /// A stable, machine-readable code.
     pub fn code(&self) -> &'static str {
         match self {

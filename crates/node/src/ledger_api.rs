@@ -214,16 +214,11 @@ fn still_pending(chain: &Chain, hash: Hash, waited: Duration) -> Response {
 /// Tells the admission queue how many of a job's `answers` the mempool refused: a flood of
 /// transactions that will never be final (over-spending, behind a nonce gap) is then paced at an
 /// eighth of the rate (`fair_queue::REFUSED_SHARE`), and its address waits its turn behind the
-/// others, while addresses whose transactions are admitted keep the whole pace. A full pool
-/// (`mempool_full`, `gapped_full`) is the node's state, and a full account quota (`account_quota`:
-/// 256 waiting) the chain's pace: not counted.
+/// others, while addresses whose transactions are admitted keep the whole pace. Congestion (a full
+/// pool, a full account quota: `MempoolError::is_congestion`) is not counted.
 /// Figures in ARCHITECTURE.md (issue 17).
 fn charge_refusals(s: &ApiState, source: std::net::IpAddr, answers: &[Result<Hash, archipel_ledger::MempoolError>]) {
-    let refused = answers
-        .iter()
-        .filter(|a| matches!(a, Err(e) if !matches!(e.code(), "mempool_full" | "gapped_full" | "account_quota")))
-        .count();
-    s.admission.refused(source, refused as u64);
+    s.admission.refused(source, crate::txgossip::refusals(answers) as u64);
 }
 
 /// Most transactions in one `POST /v1/txs`.

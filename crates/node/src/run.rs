@@ -460,7 +460,7 @@ impl PreparedNode {
             context.child("tx_gossip_in").spawn({
                 let chain = chain.clone();
                 let max = genesis.ledger.max_tx_bytes as usize;
-                move |_| txgossip::receive_loop(tx_receiver, chain, max)
+                move |ctx| txgossip::receive_loop(ctx, tx_receiver, chain, max)
             });
             if !validators.contains(&me_pk) {
                 context.child("tx_resend").spawn({
