@@ -445,9 +445,14 @@ pub fn seeds() -> Vec<Seed> {
     }
     add("tx_batch", "six", batch);
     add("seal_batch", "two", archipel_objects::batch::encode_items(&seal_items(net)));
-    add("heartbeat", "plain", archipel_consensus::liveness::encode_heartbeat(None));
-    let alive = AliveProof::sign(&net.nodes[0], &net.state.network(), 0);
-    add("heartbeat", "with-proof", archipel_consensus::liveness::encode_heartbeat(Some(&alive)));
+    {
+        use archipel_consensus::liveness::{Heartbeat, Report, encode_heartbeat};
+        add("heartbeat", "plain", encode_heartbeat(&Heartbeat::default()));
+        let alive = AliveProof::sign(&net.nodes[0], &net.state.network(), 0);
+        add("heartbeat", "with-proof", encode_heartbeat(&Heartbeat { proof: Some(alive), report: None }));
+        let report = Report { silent: vec![net.nodes[0].node_id()], heard: vec![net.nodes[1].node_id()] };
+        add("heartbeat", "with-report", encode_heartbeat(&Heartbeat { proof: Some(alive), report: Some(report) }));
+    }
     add("tx_batch", "one", {
         let mut one = Vec::new();
         put_record(&mut one, &chain.txs[0].to_bytes());

@@ -207,9 +207,9 @@ pub fn seal_batch(data: &[u8]) {
 /// A heartbeat from the liveness channel: decoded, re-encoded, its proof judged as a block's Up
 /// change would be.
 pub fn heartbeat(data: &[u8]) {
-    let Ok(proof) = archipel_consensus::liveness::decode_heartbeat(data) else { return };
-    assert_eq!(archipel_consensus::liveness::encode_heartbeat(proof.as_ref()), data, "a heartbeat re-encodes");
-    if let Some(proof) = proof {
+    let Ok(heartbeat) = archipel_consensus::liveness::decode_heartbeat(data) else { return };
+    assert_eq!(archipel_consensus::liveness::encode_heartbeat(&heartbeat), data, "a heartbeat re-encodes");
+    if let Some(proof) = heartbeat.proof {
         let net = network();
         let node = net.nodes[0].node_id();
         let _ = net.state.check_liveness(&archipel_ledger::LivenessChange::Up { node, proof });

@@ -380,11 +380,13 @@ where
 
     // Heartbeats: every node sends them; validators track them for the blocks' liveness changes.
     let ttl = Duration::from_millis(genesis_state.params().lease_ttl_ms);
-    let tracker: SharedTracker =
-        Arc::new(std::sync::Mutex::new(Tracker::new(ttl, crate::app::IDLE_WAIT, context.current())));
+    let identity = archipel_crypto::Identity::from_private_key(key_for_heartbeats);
+    let tracker: SharedTracker = Arc::new(std::sync::Mutex::new(
+        Tracker::new(ttl, crate::app::IDLE_WAIT, context.current())
+            .with_validators(&cfg.validators, identity.node_id()),
+    ));
     let (heartbeat_sender, heartbeat_receiver) = channels.liveness;
     handles.push(context.child("heartbeat").spawn({
-        let identity = archipel_crypto::Identity::from_private_key(key_for_heartbeats);
         let (chain, validators) = (chain.clone(), cfg.validators.clone());
         let own = signer.is_some().then(|| tracker.clone());
         move |context| liveness::send_heartbeats(context, identity, chain, heartbeat_sender, validators, own)

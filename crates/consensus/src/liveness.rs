@@ -28,47 +28,106 @@ use archipel_types::NodeId;
 use commonware_cryptography::ed25519::PublicKey;
 use commonware_p2p::{Receiver, Recipients, Sender};
 use commonware_runtime::Clock;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 /// p2p channel of heartbeats (every node → validators).
 pub const LIVENESS_CHANNEL: u64 = 8;
 
-/// Heartbeat wire format version.
+/// Heartbeat wire format version without a report (every node).
 const VERSION: u8 = 1;
+/// Heartbeat wire format version with a validator's [`Report`].
+const VERSION_REPORT: u8 = 2;
 /// A heartbeat: version and flag, plus the proof when the flag is set.
 const HEARTBEAT_BYTES: usize = 2;
-const HEARTBEAT_WITH_PROOF_BYTES: usize = 2 + 8 + 64;
+const PROOF_BYTES: usize = 8 + 64;
+/// Most nodes in each list of a [`Report`]: the lowest ids first, so validators that agree list
+/// the same ones (a change needs a quorum of them).
+pub const MAX_REPORTED: usize = 1_024;
 
-/// Encodes a heartbeat, with this node's alive proof when its lease is Down.
-pub fn encode_heartbeat(proof: Option<&AliveProof>) -> Vec<u8> {
-    match proof {
-        None => vec![VERSION, 0],
-        Some(p) => {
-            let mut out = Vec::with_capacity(HEARTBEAT_WITH_PROOF_BYTES);
-            out.extend_from_slice(&[VERSION, 1]);
-            out.extend_from_slice(&p.at_height.to_be_bytes());
-            out.extend_from_slice(&p.signature);
-            out
-        }
-    }
+/// What a validator tells the others with its heartbeats: the changes it would accept now. A
+/// leader proposes a change only when a quorum of validators (itself included) reported it
+/// lately, so a node that heartbeats to some validators only cannot make the others propose
+/// `Down`s that are refused (each refused proposal costs a view and its timeout).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Up nodes this validator has not heard for half a lease (it would accept their `Down`).
+    pub silent: Vec<NodeId>,
+    /// Down nodes it heard within half a lease (it would accept their `Up`).
+    pub heard: Vec<NodeId>,
 }
 
-/// Decodes a heartbeat: `Ok(proof)` or why it is malformed.
-pub fn decode_heartbeat(bytes: &[u8]) -> Result<Option<AliveProof>, &'static str> {
-    match bytes {
-        [VERSION, 0] => Ok(None),
-        [VERSION, 1, rest @ ..] if rest.len() == HEARTBEAT_WITH_PROOF_BYTES - HEARTBEAT_BYTES => {
-            let (height, signature) = rest.split_at(8);
-            Ok(Some(AliveProof {
+/// A decoded heartbeat.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// The sender's alive proof, when its finalized lease is Down.
+    pub proof: Option<AliveProof>,
+    /// A validator's report (see [`Report`]).
+    pub report: Option<Report>,
+}
+
+/// Encodes a heartbeat: version 1 without a report, 2 with one (each list at most
+/// [`MAX_REPORTED`] long: the rest is left out).
+pub fn encode_heartbeat(heartbeat: &Heartbeat) -> Vec<u8> {
+    let version = if heartbeat.report.is_some() { VERSION_REPORT } else { VERSION };
+    let mut out = Vec::with_capacity(HEARTBEAT_BYTES + PROOF_BYTES);
+    out.extend_from_slice(&[version, u8::from(heartbeat.proof.is_some())]);
+    if let Some(p) = &heartbeat.proof {
+        out.extend_from_slice(&p.at_height.to_be_bytes());
+        out.extend_from_slice(&p.signature);
+    }
+    if let Some(r) = &heartbeat.report {
+        for list in [&r.silent, &r.heard] {
+            let n = list.len().min(MAX_REPORTED);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+            for id in &list[..n] {
+                out.extend_from_slice(&id.0);
+            }
+        }
+    }
+    out
+}
+
+/// Decodes a heartbeat, or says why it is malformed.
+pub fn decode_heartbeat(bytes: &[u8]) -> Result<Heartbeat, &'static str> {
+    let [version, flag, rest @ ..] = bytes else { return Err("too short") };
+    if *version != VERSION && *version != VERSION_REPORT {
+        return Err("unknown version");
+    }
+    let (proof, rest) = match flag {
+        0 => (None, rest),
+        1 => {
+            let (proof, rest) = rest.split_at_checked(PROOF_BYTES).ok_or("proof cut short")?;
+            let (height, signature) = proof.split_at(8);
+            let proof = AliveProof {
                 at_height: u64::from_be_bytes(height.try_into().map_err(|_| "bad height")?),
                 signature: signature.try_into().map_err(|_| "bad signature length")?,
-            }))
+            };
+            (Some(proof), rest)
         }
-        [VERSION, ..] => Err("wrong length for its flag"),
-        _ => Err("unknown version"),
+        _ => return Err("unknown flag"),
+    };
+    if *version == VERSION {
+        return if rest.is_empty() { Ok(Heartbeat { proof, report: None }) } else { Err("wrong length for its flag") };
     }
+    let mut at = rest;
+    let mut list = || -> Result<Vec<NodeId>, &'static str> {
+        let (n, tail) = at.split_at_checked(2).ok_or("report cut short")?;
+        let n = u16::from_be_bytes([n[0], n[1]]) as usize;
+        if n > MAX_REPORTED {
+            return Err("report list too long");
+        }
+        let (ids, tail) = tail.split_at_checked(n * 32).ok_or("report cut short")?;
+        at = tail;
+        Ok(ids.chunks_exact(32).map(|c| NodeId(c.try_into().unwrap_or([0; 32]))).collect())
+    };
+    let silent = list()?;
+    let heard = list()?;
+    if !at.is_empty() {
+        return Err("trailing bytes after the report");
+    }
+    Ok(Heartbeat { proof, report: Some(Report { silent, heard }) })
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -88,14 +147,105 @@ pub struct Tracker {
     /// view failed) is not proposed again for a TTL, so a node heard by some validators and not
     /// by others costs a view now and then, never the chain's progress.
     proposed: HashMap<NodeId, SystemTime>,
+    /// The changes of this validator's last proposal with any, not yet judged: the next plan
+    /// looks whether its parent state has them (see [`Tracker::plan`]).
+    last: Vec<LivenessChange>,
+    /// Nodes whose change was in a proposal of several that failed: each is next proposed alone,
+    /// so one refused change cannot keep the others out for ever.
+    alone: Vec<NodeId>,
+    /// Nodes whose change, proposed alone, failed: how often in a row, and until when it is not
+    /// proposed again ([`Tracker::backoff`]).
+    failed: HashMap<NodeId, (u32, SystemTime)>,
+    /// Every validator (this one too, if it is one): a change needs [`Tracker::needed`] reports.
+    validators: Vec<NodeId>,
+    /// This node.
+    me: Option<NodeId>,
+    /// The latest report of each other validator, and when it came.
+    reports: HashMap<NodeId, (SystemTime, HashSet<NodeId>, HashSet<NodeId>)>,
 }
+
+/// Most doublings of the wait before a change that failed alone is proposed again: 32 leases.
+const MAX_BACKOFF_DOUBLINGS: u32 = 5;
 
 impl Tracker {
     /// A tracker started at `now` for leases of `lease_ttl`; `idle_block` is the longest a leader
     /// waits before proposing an empty block (a `Down` can wait that long for its block).
     pub fn new(lease_ttl: Duration, idle_block: Duration, now: SystemTime) -> Self {
         let down_after = lease_ttl.saturating_sub(idle_block).max(lease_ttl * 3 / 4);
-        Self { ttl: lease_ttl, down_after, started: now, heard: HashMap::new(), proposed: HashMap::new() }
+        Self {
+            ttl: lease_ttl,
+            down_after,
+            started: now,
+            heard: HashMap::new(),
+            proposed: HashMap::new(),
+            last: Vec::new(),
+            alone: Vec::new(),
+            failed: HashMap::new(),
+            validators: Vec::new(),
+            me: None,
+            reports: HashMap::new(),
+        }
+    }
+
+    /// This tracker for validator `me` among `validators`: its changes then need the reports of a
+    /// quorum (see [`Report`]). Without it (a single validator, or tests of one tracker alone),
+    /// none are needed.
+    pub fn with_validators(mut self, validators: &[PublicKey], me: NodeId) -> Self {
+        self.validators = validators.iter().map(node_id).collect();
+        self.me = Some(me);
+        self
+    }
+
+    /// How many other validators' fresh reports a change needs: a quorum (2f + 1 of 3f + 1)
+    /// less this validator.
+    fn needed(&self) -> usize {
+        let n = self.validators.len();
+        if n <= 1 {
+            return 0;
+        }
+        let quorum = n - (n - 1) / 3;
+        quorum - usize::from(self.me.is_some_and(|me| self.validators.contains(&me)))
+    }
+
+    /// How many other validators reported, within half a lease of `now`, that they would accept
+    /// a `Down` (`silent`) or an `Up` (not `silent`) for `node`.
+    fn backing(&self, node: &NodeId, now: SystemTime, silent: bool) -> usize {
+        self.reports
+            .values()
+            .filter(|(at, s, h)| {
+                now.duration_since(*at).unwrap_or_default() <= self.ttl / 2
+                    && if silent { s.contains(node) } else { h.contains(node) }
+            })
+            .count()
+    }
+
+    /// Records `from`'s report, received at `now` (ignored unless `from` is another validator).
+    pub fn reported(&mut self, from: NodeId, now: SystemTime, report: Report) {
+        if Some(from) == self.me || !self.validators.contains(&from) {
+            return;
+        }
+        let (silent, heard) = (report.silent.into_iter().collect(), report.heard.into_iter().collect());
+        self.reports.insert(from, (now, silent, heard));
+    }
+
+    /// This validator's report at `now` against `state`: what [`Tracker::judge`] would accept
+    /// (half a lease of silence for a `Down`, hearing within half a lease for an `Up`), the lowest
+    /// [`MAX_REPORTED`] ids of each.
+    pub fn report(&self, state: &State, now: SystemTime) -> Report {
+        let mut report = Report::default();
+        let settled = self.settled(now);
+        for (node, lease) in state.leases() {
+            match lease.status {
+                LeaseStatus::Up if settled && self.silent_for(&node, now) >= self.ttl / 2 => report.silent.push(node),
+                LeaseStatus::Down if self.heard_within(&node, now, self.ttl / 2) => report.heard.push(node),
+                _ => {}
+            }
+        }
+        for list in [&mut report.silent, &mut report.heard] {
+            list.sort();
+            list.truncate(MAX_REPORTED);
+        }
+        report
     }
 
     /// Silence after which a proposer marks a node Down.
@@ -134,22 +284,37 @@ impl Tracker {
     /// for Up nodes silent for [`Tracker::down_after`], Up for Down nodes heard within half the
     /// TTL whose latest proof is recent enough to apply; at most one proposal per node per TTL
     /// (a change still not in `state` a TTL later is proposed again). Records what it planned.
+    ///
+    /// A proposal whose changes `state` (the next proposal's parent) lacks failed: its view was
+    /// nullified, most likely because other validators heard a node this one did not. Then each
+    /// of its changes is next proposed alone, and a change that fails alone waits
+    /// [`Tracker::backoff`] (a lease, doubling with each failure in a row, up to 32) before it is
+    /// proposed again. So a node that heartbeats to some validators only, to make the others'
+    /// views fail, costs each of them a few views per 32 leases, and cannot keep a dead node's
+    /// Down out of blocks by being proposed beside it.
     pub fn plan(&mut self, state: &State, now: SystemTime, max: usize) -> Vec<LivenessChange> {
+        self.judge_last(state, now);
         let mut out = Vec::new();
         let settled = self.settled(now);
+        self.alone.retain(|node| state.lease(node).is_some());
         for (node, lease) in &state.leases() {
             if out.len() >= max {
                 break;
             }
-            if self.recently_proposed(node, now) {
+            if self.recently_proposed(node, now) || self.failed.get(node).is_some_and(|(_, until)| now < *until) {
                 continue;
             }
             let silent = self.silent_for(node, now);
             match lease.status {
-                LeaseStatus::Up if settled && silent >= self.down_after => {
+                LeaseStatus::Up
+                    if settled && silent >= self.down_after && self.backing(node, now, true) >= self.needed() =>
+                {
                     out.push(LivenessChange::Down { node: *node })
                 }
-                LeaseStatus::Down if self.heard_within(node, now, self.ttl / 2) => {
+                LeaseStatus::Down
+                    if self.heard_within(node, now, self.ttl / 2)
+                        && self.backing(node, now, false) >= self.needed() =>
+                {
                     let proof = self.heard.get(node).and_then(|h| h.proof);
                     if let Some(proof) = proof.filter(|p| p.at_height >= lease.since_height) {
                         out.push(LivenessChange::Up { node: *node, proof });
@@ -158,10 +323,62 @@ impl Tracker {
                 _ => {}
             }
         }
+        // A change of a failed proposal goes alone (the first one due, if any is).
+        if let Some(retry) = out.iter().position(|c| self.alone.contains(&c.node())) {
+            let change = out.swap_remove(retry);
+            self.alone.retain(|node| *node != change.node());
+            out = vec![change];
+        }
         for change in &out {
             self.proposed.insert(change.node(), now);
         }
+        if !out.is_empty() {
+            tracing::debug!(changes = ?out.iter().map(|c| (c.node().short(), matches!(c, LivenessChange::Up { .. }))).collect::<Vec<_>>(), "liveness changes proposed");
+        }
+        self.last.clone_from(&out);
         out
+    }
+
+    /// How long a change that failed alone `failures` times in a row waits before it is proposed
+    /// again: a lease, doubled with each failure after the first, at most
+    /// 2^[`MAX_BACKOFF_DOUBLINGS`] leases.
+    pub fn backoff(&self, failures: u32) -> Duration {
+        self.ttl * (1u32 << failures.saturating_sub(1).min(MAX_BACKOFF_DOUBLINGS))
+    }
+
+    /// Judges this validator's last proposal with changes against `state`, the parent of the
+    /// proposal being planned: a change `state` shows landed (or whose node left); if any is
+    /// missing, the proposal failed.
+    fn judge_last(&mut self, state: &State, now: SystemTime) {
+        let last = std::mem::take(&mut self.last);
+        let landed = |c: &LivenessChange| {
+            let wanted = match c {
+                LivenessChange::Down { .. } => LeaseStatus::Down,
+                LivenessChange::Up { .. } => LeaseStatus::Up,
+            };
+            state.lease(&c.node()).is_none_or(|l| l.status == wanted)
+        };
+        if last.iter().all(landed) {
+            for c in &last {
+                self.failed.remove(&c.node());
+            }
+            return;
+        }
+        match last.as_slice() {
+            [only] => {
+                let failures = self.failed.get(&only.node()).map_or(0, |(n, _)| *n).saturating_add(1);
+                let until = now + self.backoff(failures);
+                self.failed.insert(only.node(), (failures, until));
+                tracing::debug!(node = %only.node().short(), failures, "a liveness change proposed alone failed: backing off");
+            }
+            several => {
+                for c in several {
+                    if !self.alone.contains(&c.node()) {
+                        self.alone.push(c.node());
+                    }
+                }
+            }
+        }
     }
 
     /// Whether this validator agrees with `change` at `now` (what it heard itself); the state
@@ -189,6 +406,8 @@ impl Tracker {
     pub fn retain_registered(&mut self, state: &State) {
         self.heard.retain(|node, _| state.nodes().contains_key(node));
         self.proposed.retain(|node, _| state.nodes().contains_key(node));
+        self.failed.retain(|node, _| state.nodes().contains_key(node));
+        self.alone.retain(|node| state.nodes().contains_key(node));
     }
 }
 
@@ -206,16 +425,25 @@ fn node_id(pk: &PublicKey) -> NodeId {
     NodeId(id)
 }
 
-/// What a heartbeat of `identity`'s node says now: a proof when its finalized lease is Down.
-fn own_heartbeat(identity: &Identity, chain: &crate::Chain) -> Vec<u8> {
+/// What a heartbeat of `identity`'s node says at `now`: a proof when its finalized lease is
+/// Down; on a validator (with its `tracker`), its report.
+fn own_heartbeat(
+    identity: &Identity,
+    chain: &crate::Chain,
+    tracker: Option<&SharedTracker>,
+    now: SystemTime,
+) -> Heartbeat {
     let me = identity.node_id();
-    let proof = chain.with_state(|s| match s.lease(&me) {
-        Some(lease) if lease.status == LeaseStatus::Down => {
-            Some(AliveProof::sign(identity, &s.network(), s.chain().height))
-        }
-        _ => None,
-    });
-    encode_heartbeat(proof.as_ref())
+    chain.with_state(|s| {
+        let proof = match s.lease(&me) {
+            Some(lease) if lease.status == LeaseStatus::Down => {
+                Some(AliveProof::sign(identity, &s.network(), s.chain().height))
+            }
+            _ => None,
+        };
+        let report = tracker.map(|t| crate::lock(t).report(s, now));
+        Heartbeat { proof, report }
+    })
 }
 
 /// Runs on every node: sends a heartbeat to the validators every [`heartbeat_interval`]; on a
@@ -234,13 +462,13 @@ pub async fn send_heartbeats<E: Clock, S: Sender<PublicKey = PublicKey>>(
     loop {
         let registered = chain.with_state(|s| s.nodes().contains_key(&me));
         if registered {
-            let message = own_heartbeat(&identity, &chain);
+            let now = context.current();
+            let heartbeat = own_heartbeat(&identity, &chain, tracker.as_ref(), now);
             if let Some(t) = &tracker {
-                let proof = decode_heartbeat(&message).ok().flatten();
-                crate::lock(t).heard(me, context.current(), proof);
+                crate::lock(t).heard(me, now, heartbeat.proof);
             }
             if !others.is_empty() {
-                let _ = sender.send(Recipients::Some(others.clone()), message, false);
+                let _ = sender.send(Recipients::Some(others.clone()), encode_heartbeat(&heartbeat), false);
             }
         }
         context.sleep(every).await;
@@ -256,7 +484,13 @@ pub async fn receive_heartbeats<E: Clock, R: Receiver<PublicKey = PublicKey>>(
 ) {
     while let Ok((peer, message)) = receiver.recv().await {
         match decode_heartbeat(message.as_ref()) {
-            Ok(proof) => crate::lock(&tracker).heard(node_id(&peer), context.current(), proof),
+            Ok(Heartbeat { proof, report }) => {
+                let (mut t, node, now) = (crate::lock(&tracker), node_id(&peer), context.current());
+                t.heard(node, now, proof);
+                if let Some(report) = report {
+                    t.reported(node, now, report);
+                }
+            }
             Err(why) => tracing::debug!(peer = %peer, why, "ignoring a malformed heartbeat"),
         }
     }
@@ -268,6 +502,7 @@ mod tests {
     use archipel_crypto::SignedDescriptor;
     use archipel_crypto::test_support::example_descriptor;
     use archipel_ledger::{GenesisState, Hash};
+    use commonware_cryptography::Signer as _;
 
     const TTL: Duration = Duration::from_millis(2_000);
 
@@ -291,12 +526,37 @@ mod tests {
 
     #[test]
     fn heartbeats_round_trip_and_garbage_is_refused() {
-        assert_eq!(decode_heartbeat(&encode_heartbeat(None)), Ok(None));
+        let plain = Heartbeat::default();
+        assert_eq!(encode_heartbeat(&plain), vec![VERSION, 0], "version 1 as before");
+        assert_eq!(decode_heartbeat(&encode_heartbeat(&plain)), Ok(plain));
         let p = AliveProof::sign(&Identity::from_seed(1), &Hash([3; 32]), 42);
-        assert_eq!(decode_heartbeat(&encode_heartbeat(Some(&p))), Ok(Some(p)));
-        for bad in [&[][..], &[9, 0], &[VERSION, 1, 0], &[VERSION, 0, 0], &[VERSION, 2]] {
+        let proof = Heartbeat { proof: Some(p), report: None };
+        assert_eq!(decode_heartbeat(&encode_heartbeat(&proof)), Ok(proof));
+        let report = Report { silent: vec![id(1), id(2)], heard: vec![id(3)] };
+        for proof in [None, Some(p)] {
+            let h = Heartbeat { proof, report: Some(report.clone()) };
+            let bytes = encode_heartbeat(&h);
+            assert_eq!(bytes[0], VERSION_REPORT);
+            assert_eq!(decode_heartbeat(&bytes), Ok(h));
+            for cut in 0..bytes.len() {
+                assert!(decode_heartbeat(&bytes[..cut]).is_err(), "cut at {cut}");
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(decode_heartbeat(&longer).is_err(), "trailing byte");
+        }
+        for bad in [&[][..], &[9, 0], &[VERSION, 1, 0], &[VERSION, 0, 0], &[VERSION, 2], &[VERSION_REPORT, 0, 0]] {
             assert!(decode_heartbeat(bad).is_err(), "{bad:?}");
         }
+        // A list longer than the limit is refused, and never encoded.
+        let mut too_long = vec![VERSION_REPORT, 0];
+        too_long.extend_from_slice(&((MAX_REPORTED + 1) as u16).to_be_bytes());
+        too_long.extend(std::iter::repeat_n(0u8, (MAX_REPORTED + 1) * 32));
+        too_long.extend_from_slice(&[0, 0]);
+        assert_eq!(decode_heartbeat(&too_long), Err("report list too long"));
+        let many = Report { silent: vec![id(1); MAX_REPORTED + 5], heard: vec![] };
+        let h = decode_heartbeat(&encode_heartbeat(&Heartbeat { proof: None, report: Some(many) })).unwrap();
+        assert_eq!(h.report.unwrap().silent.len(), MAX_REPORTED);
     }
 
     #[test]
@@ -364,11 +624,157 @@ mod tests {
         let mut t = Tracker::new(TTL, Duration::from_millis(250), at(0));
         assert_eq!(t.plan(&s, at(3_000), 10), vec![LivenessChange::Down { node: id(1) }]);
         assert!(t.plan(&s, at(3_100), 10).is_empty(), "not again in the next view");
-        assert!(t.plan(&s, at(4_999), 10).is_empty());
-        assert_eq!(t.plan(&s, at(5_000), 10), vec![LivenessChange::Down { node: id(1) }], "a lease later");
+        // Found failed at 3,100 (the state lacks it): a lease from then.
+        assert!(t.plan(&s, at(5_099), 10).is_empty());
+        assert_eq!(t.plan(&s, at(5_100), 10), vec![LivenessChange::Down { node: id(1) }], "a lease later");
         // A node that leaves the registry is forgotten.
+        assert!(t.plan(&s, at(5_200), 10).is_empty());
+        assert!(!t.failed.is_empty());
         t.retain_registered(&state_with(&[]));
-        assert!(t.proposed.is_empty() && t.heard.is_empty());
+        assert!(t.proposed.is_empty() && t.heard.is_empty() && t.failed.is_empty());
+    }
+
+    /// A state where the nodes of `seeds` are registered and Up.
+    fn all_up(seeds: &[u64]) -> State {
+        let mut s = state_with(seeds);
+        s.begin_block(1, 0);
+        for seed in seeds {
+            let p = AliveProof::sign(&Identity::from_seed(*seed), &s.network(), 0);
+            s.apply_liveness(&LivenessChange::Up { node: id(*seed), proof: p }).unwrap();
+        }
+        s
+    }
+
+    #[test]
+    fn a_failed_proposal_is_retried_one_change_at_a_time_so_a_refused_node_cannot_shield_a_dead_one() {
+        // Node 1 heartbeats to the other validators only (they refuse its Down); node 2 is dead.
+        // Both are silent here, so the first proposal carries both Downs and its view fails.
+        let mut s = all_up(&[1, 2]);
+        let mut t = Tracker::new(TTL, Duration::from_millis(250), at(0));
+        let first = t.plan(&s, at(3_000), 10);
+        assert_eq!(first.len(), 2);
+        assert!(t.plan(&s, at(3_100), 10).is_empty(), "failed: both wait their lease");
+        // A lease later, each goes alone, one after the other: node 1's fails (the others refuse
+        // it; nothing applied), node 2's lands (applied, as the next parent would have it).
+        let mut alone = Vec::new();
+        for (i, ms) in [5_000, 5_050, 5_100].into_iter().enumerate() {
+            let plan = t.plan(&s, at(ms), 10);
+            assert!(plan.len() <= 1, "alone, at {ms}: {plan:?}");
+            if let [change] = plan.as_slice() {
+                if change.node() == id(2) {
+                    s.begin_block(2 + i as u64, 0);
+                    s.apply_liveness(change).unwrap();
+                }
+                alone.push(change.node());
+            }
+        }
+        alone.sort();
+        let mut both = vec![id(1), id(2)];
+        both.sort();
+        assert_eq!(alone, both, "each once, alone");
+        assert_eq!(s.lease(&id(2)).unwrap().status, LeaseStatus::Down, "the dead node's Down landed");
+        assert_eq!(s.lease(&id(1)).unwrap().status, LeaseStatus::Up);
+        // Node 1's Down failed alone once: it waits a lease from then (at most 5.1 s).
+        assert!(t.plan(&s, at(6_000), 10).is_empty());
+        assert_eq!(t.failed.get(&id(1)).map(|f| f.0), Some(1));
+        assert_eq!(t.plan(&s, at(7_100), 10), vec![LivenessChange::Down { node: id(1) }]);
+    }
+
+    #[test]
+    fn a_change_that_keeps_failing_alone_waits_longer_each_time_up_to_32_leases() {
+        let s = all_up(&[1]);
+        let mut t = Tracker::new(TTL, Duration::from_millis(250), at(0));
+        let mut now = at(3_000);
+        assert_eq!(t.plan(&s, now, 10).len(), 1);
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            // The next plan finds it missing: failed alone.
+            now += Duration::from_millis(50);
+            assert!(t.plan(&s, now, 10).is_empty());
+            let failed_at = now;
+            // Probe for the moment it is proposed again (in steps of a tenth of a lease).
+            loop {
+                now += TTL / 10;
+                if !t.plan(&s, now, 10).is_empty() {
+                    break;
+                }
+            }
+            waits.push((now.duration_since(failed_at).unwrap().as_millis() as u64).div_ceil(TTL.as_millis() as u64));
+        }
+        assert_eq!(waits, vec![1, 2, 4, 8, 16, 32, 32], "in leases");
+        // Once it lands (another validator's block, say), the count starts again.
+        let mut landed = s.clone();
+        landed.begin_block(2, 0);
+        landed.apply_liveness(&LivenessChange::Down { node: id(1) }).unwrap();
+        assert!(t.plan(&landed, now + Duration::from_millis(50), 10).is_empty());
+        assert!(t.failed.is_empty(), "a landed change clears its failures");
+    }
+
+    /// Validators 11..=14's keys, and the tracker of validator 11 among them.
+    fn validator_tracker() -> (Vec<PublicKey>, Tracker) {
+        let keys: Vec<PublicKey> = (11..=14).map(|s| Identity::from_seed(s).private_key().public_key()).collect();
+        let t = Tracker::new(TTL, Duration::from_millis(250), at(0)).with_validators(&keys, id(11));
+        (keys, t)
+    }
+
+    #[test]
+    fn a_change_is_proposed_only_once_a_quorum_of_validators_reported_it() {
+        // Node 1 is silent here; of 4 validators a change needs 3: this one and two reports.
+        let s = all_up(&[1, 2]);
+        let (_, mut t) = validator_tracker();
+        assert_eq!(t.needed(), 2);
+        t.heard(id(2), at(2_900), None);
+        assert!(t.plan(&s, at(3_000), 10).is_empty(), "no report yet");
+        let silent = |nodes: Vec<NodeId>| Report { silent: nodes, heard: vec![] };
+        t.reported(id(12), at(3_000), silent(vec![id(1)]));
+        assert!(t.plan(&s, at(3_010), 10).is_empty(), "one report: the other two may hear it");
+        // Reports from a non-validator, or from itself, do not count.
+        t.reported(id(1), at(3_000), silent(vec![id(1)]));
+        t.reported(id(11), at(3_000), silent(vec![id(1)]));
+        assert!(t.plan(&s, at(3_020), 10).is_empty());
+        t.reported(id(13), at(3_000), silent(vec![id(1)]));
+        assert_eq!(t.plan(&s, at(3_030), 10), vec![LivenessChange::Down { node: id(1) }]);
+        // Reports are fresh for half a lease only.
+        let (_, mut t) = validator_tracker();
+        t.reported(id(12), at(3_000), silent(vec![id(1)]));
+        t.reported(id(13), at(3_000), silent(vec![id(1)]));
+        assert!(t.plan(&s, at(3_000) + TTL / 2 + Duration::from_millis(1), 10).is_empty(), "stale reports");
+        // An Up likewise needs reports of hearing.
+        let mut down = all_up(&[1]);
+        down.begin_block(2, 0);
+        down.apply_liveness(&LivenessChange::Down { node: id(1) }).unwrap();
+        let (_, mut t) = validator_tracker();
+        let proof = AliveProof::sign(&Identity::from_seed(1), &down.network(), 2);
+        t.heard(id(1), at(3_000), Some(proof));
+        assert!(t.plan(&down, at(3_010), 10).is_empty());
+        let heard = Report { silent: vec![], heard: vec![id(1)] };
+        t.reported(id(13), at(3_000), heard.clone());
+        t.reported(id(14), at(3_005), heard);
+        assert_eq!(t.plan(&down, at(3_010), 10), vec![LivenessChange::Up { node: id(1), proof }]);
+    }
+
+    #[test]
+    fn a_report_lists_what_judge_would_accept() {
+        let mut s = all_up(&[1, 2, 3]);
+        s.begin_block(2, 0);
+        s.apply_liveness(&LivenessChange::Down { node: id(3) }).unwrap();
+        let (_, mut t) = validator_tracker();
+        t.heard(id(1), at(2_500), None);
+        t.heard(id(3), at(2_900), None);
+        // Just started: no silence reported (judge accepts no Down yet either).
+        assert_eq!(t.report(&s, at(1_500)).silent, vec![]);
+        let r = t.report(&s, at(3_000));
+        assert_eq!(r.silent, vec![id(2)], "node 2 never heard, node 1 heard 500 ms ago");
+        assert_eq!(r.heard, vec![id(3)], "node 3 is Down and heard");
+        for node in &r.silent {
+            assert!(t.judge(&LivenessChange::Down { node: *node }, at(3_000)).is_ok());
+        }
+        let r = t.report(&s, at(3_500));
+        let mut both = vec![id(1), id(2)];
+        both.sort();
+        assert_eq!(r.silent, both, "node 1 silent for half a lease now");
+        assert_eq!(r.heard, vec![id(3)]);
+        assert_eq!(t.report(&s, at(3_901)).heard, vec![], "node 3 not heard within half a lease");
     }
 
     #[test]

@@ -134,6 +134,11 @@ pub struct LedgerScenario {
     /// A node that stops for good at a virtual time: its tasks are aborted and its links cut (it
     /// receives no transfers from the client).
     pub stopped: Option<(usize, Duration)>,
+    /// Followers that heartbeat to half the validators only, each from its time on: an even
+    /// follower (node `VALIDATORS + k`, `k` even) loses its links to validators 2 and 3, an odd
+    /// one to validators 0 and 1 (what a Byzantine node does to make the validators that do not
+    /// hear it propose a `Down` the others refuse).
+    pub half_heard: Vec<(usize, Duration)>,
     /// Records every node's finalized height this often ([`NodeRun::heads`]). Off by default: the
     /// sampling task changes the runtime's schedule, so seeds would replay differently.
     pub head_samples: Option<Duration>,
@@ -187,6 +192,7 @@ impl LedgerScenario {
             leader_timeout: Duration::from_secs(1),
             skewed_clock: None,
             stopped: None,
+            half_heard: Vec::new(),
             head_samples: None,
         };
         s.transfers_until = s.healed_at() + Duration::from_secs(1);
@@ -244,6 +250,17 @@ impl LedgerScenario {
                 return None;
             }
         }
+        let half_cut = |follower: usize, validator: usize| {
+            validator < VALIDATORS
+                && self.half_heard.iter().any(|(n, from)| {
+                    *n == follower
+                        && *from <= at
+                        && (validator >= 2) == follower.saturating_sub(VALIDATORS).is_multiple_of(2)
+                })
+        };
+        if half_cut(a, b) || half_cut(b, a) {
+            return None;
+        }
         let (mut latency, mut delivery) = (self.latency, self.delivery_percent);
         if let Some(d) = self.degradation
             && d.from <= at
@@ -271,6 +288,7 @@ impl LedgerScenario {
         if let Some((_, when)) = self.stopped {
             at.push(when);
         }
+        at.extend(self.half_heard.iter().map(|(_, from)| *from));
         at.sort();
         at.dedup();
         at
@@ -416,7 +434,7 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
 
         let p2p_cfg = simulated::Config {
             max_size: 2 * 1024 * 1024,
-            max_peers_per_set: NZUsize!(8),
+            max_peers_per_set: NZUsize!(16),
             // A blocked equivocator keeps talking: honest nodes must keep ignoring it.
             disconnect_on_block: false,
             tracked_peer_sets: NZUsize!(1),

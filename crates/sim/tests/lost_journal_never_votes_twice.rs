@@ -10,8 +10,11 @@
 use archipel_sim::journal::{JournalLoss, WIPED, run_journal_loss};
 use archipel_sim::votes::conflicting;
 
-/// Seeds checked (each runs about 25 s of virtual time).
-const SEEDS: std::ops::Range<u64> = 0..8;
+/// Seeds checked (each runs about 25 s of virtual time). Voting without the record equivocates in
+/// about one seed in ten to twenty, and which ones moves with any change of the nodes' timing (the
+/// validators' heartbeats growing a report moved them from within 0..8 to 22, 24 and 32), so the
+/// range is wide enough to keep a few.
+const SEEDS: std::ops::Range<u64> = 0..40;
 
 fn check(o: &JournalLoss) -> Result<(), String> {
     match o.gate {
