@@ -5,7 +5,10 @@
 //! needs signing). A node whose finalized lease is Down adds an [`AliveProof`] to it. Each
 //! validator keeps, in a [`Tracker`], when it last heard each node, on its own clock. Proposers
 //! turn that into [`LivenessChange`]s for the block ([`Tracker::plan`]); verifiers refuse a block
-//! whose changes contradict what they heard themselves ([`Tracker::judge`]).
+//! whose changes contradict what they heard themselves ([`Tracker::judge`]). Validators' heartbeats
+//! carry a [`Report`] of the changes they would accept, and a proposer proposes a change only when
+//! a quorum of validators reported it, so a node heard by some validators and not by others cannot
+//! make views fail.
 //!
 //! Why off-chain: a lease then measures how long the *validators* have not heard a node, never
 //! block time, so a consensus stall, a leader timeout, a halted and resumed network or a
