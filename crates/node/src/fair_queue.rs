@@ -202,11 +202,14 @@ impl Sched {
                 self.tokens -= work as f64;
                 Next::Run(job)
             }
-            // Everything allowed waits for the refusals' bucket (the pace's has room).
+            // Everything allowed waits for the refusals' bucket (the pace's has room), or for the
+            // next halving of the counts, which may stop an address counting as refusing.
             None if allowed == Allowed::Any && self.queued > 0 => {
                 let rate = self.pace.per_second as f64 / REFUSED_SHARE as f64;
                 let secs = (-self.refusals / rate).clamp(1e-6, 1.0);
-                Next::WaitUntil(now + Duration::from_secs_f64(secs))
+                let refilled = now + Duration::from_secs_f64(secs);
+                let halved = self.decayed_at.map_or(refilled, |at| (at + DECAY).max(now + Duration::from_micros(1)));
+                Next::WaitUntil(refilled.min(halved))
             }
             None => self.wait_for(0.0, now),
         }
@@ -728,6 +731,28 @@ mod tests {
             drain(&mut s, later);
         }
         assert!(!s.is_refusing(&ip(4)), "{:?}", s.refused);
+    }
+
+    /// A refusing address waits for the refusals' bucket or for the next halving of the counts,
+    /// whichever comes first: after the halving it may not count as refusing any more.
+    #[test]
+    fn a_refusing_address_waits_no_longer_than_the_next_halving() {
+        // Refusals: 10 a second, burst 20: a floored debt takes 2 s to pay (waits are cut to 1 s).
+        let mut s = Sched::new(Pace { light: 4, per_second: 80, burst: 160 });
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let t0 = Instant::now();
+        queue(&mut s, &ran, 1, 50);
+        assert_eq!(drain(&mut s, t0), None, "halvings counted from t0");
+        let t = t0 + Duration::from_millis(600);
+        s.refused(t, ip(1), REFUSED_SHARE + 2);
+        s.refused(t, ip(9), 1_000);
+        queue(&mut s, &ran, 1, 50);
+        let wait = drain(&mut s, t).expect("the refusing address waits");
+        assert_eq!(wait, Duration::from_millis(400), "until the halving at t0 + 1 s, not 1 s from now");
+        // At the halving its 10 refusals become 5: not refusing, so its job runs though the
+        // bucket is still in debt.
+        assert_eq!(drain(&mut s, t0 + DECAY), None);
+        assert_eq!(*ran.lock().unwrap(), [1, 1]);
     }
 
     /// Light jobs may overdraw the bucket by one burst, no more: many light addresses together
