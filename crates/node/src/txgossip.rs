@@ -72,8 +72,14 @@ pub struct Ignored(HashMap<PublicKey, Instant>);
 impl Ignored {
     /// Whether gossip from `peer` is read at `now` (forgets sentences served).
     pub fn listens_to(&mut self, peer: &PublicKey, now: Instant) -> bool {
-        self.0.retain(|_, until| *until > now);
-        !self.0.contains_key(peer)
+        match self.0.get(peer) {
+            Some(until) if *until > now => false,
+            Some(_) => {
+                self.0.remove(peer);
+                true
+            }
+            None => true,
+        }
     }
 
     /// Ignores `peer` for [`IGNORE_BAD_PEER_FOR`] from `now` if one of its transactions had a bad
@@ -90,8 +96,14 @@ impl Ignored {
 /// Most transactions waiting from one peer. Beyond, its batches are dropped (and counted): a
 /// follower sends what still waits in its mempool again every 2 s, and a validator keeps what it
 /// gossiped in its own mempool, so an honest peer loses nothing for long. About 3 s of the
-/// ledger's measured throughput (~5,000 transactions/s), 4 MiB or so of memory per peer.
+/// ledger's measured throughput (~5,000 transactions/s).
 pub const MAX_WAITING_PER_PEER: usize = 16_384;
+/// Most encoded bytes waiting from one peer (held decoded, before any signature check): 16,384
+/// transfers of ~200 bytes fit, not 16,384 transactions of the largest size (8 KiB by default).
+pub const MAX_WAITING_BYTES_PER_PEER: usize = 4 * 1024 * 1024;
+/// Most encoded bytes waiting from all peers together: beyond, the peer with the most waiting
+/// loses its newest batches (with 10,000 peers, the per-peer bound alone would allow 40 GB).
+pub const MAX_WAITING_BYTES: usize = 64 * 1024 * 1024;
 /// Most transactions of one peer checked in one go: its waiting batches are merged into one
 /// signature batch, up to this many.
 pub const MAX_TAKE: usize = 4_096;
@@ -112,7 +124,8 @@ pub const DECAY: Duration = Duration::from_secs(1);
 /// Why: batches used to be admitted one message at a time in arrival order, so one peer sending
 /// batch after batch of validly signed transactions this node refuses kept the loop busy and
 /// honest peers' transactions waited behind them, however long. Here each peer has its own line
-/// (bounded, [`MAX_WAITING_PER_PEER`]); the peer that used least lately goes first, refused
+/// (bounded, [`MAX_WAITING_PER_PEER`], [`MAX_WAITING_BYTES_PER_PEER`], and all together
+/// [`MAX_WAITING_BYTES`]); the peer that used least lately goes first, refused
 /// transactions count [`REFUSED_WEIGHT`] times, and a peer with more than [`PEER_REFUSALS`]
 /// refusals lately waits for them to decay. Peers are registered nodes (a deposit each), and a
 /// peer that sends a bad signature is not read at all for a while ([`Ignored`]). Memory is bounded
@@ -120,6 +133,8 @@ pub const DECAY: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 pub struct Intake {
     peers: HashMap<PublicKey, Line>,
+    /// Encoded bytes waiting in all lines.
+    bytes: usize,
     ignored: Ignored,
     arrivals: u64,
     decayed_at: Option<Instant>,
@@ -130,8 +145,9 @@ pub struct Intake {
 struct Line {
     /// Batches with their arrival numbers.
     waiting: VecDeque<(u64, Vec<(SignedTransaction, usize)>)>,
-    /// Transactions in `waiting`.
+    /// Transactions in `waiting`, and their encoded bytes.
     txs: usize,
+    bytes: usize,
     /// Transactions checked lately, refused ones [`REFUSED_WEIGHT`] times (decayed).
     used: u64,
     /// Transactions refused lately (decayed).
@@ -150,20 +166,48 @@ pub enum Turn {
 }
 
 impl Intake {
+    /// Whether a message from `peer` at `now` may be queued at all (it is read, and its line has
+    /// room): checked before the message is decoded.
+    pub fn accepts(&mut self, peer: &PublicKey, now: Instant) -> bool {
+        self.ignored.listens_to(peer, now)
+            && self.peers.get(peer).is_none_or(|l| l.txs < MAX_WAITING_PER_PEER && l.bytes < MAX_WAITING_BYTES_PER_PEER)
+    }
+
+    /// Whether `peer` waits for its refusals to decay (a batch from it wakes no one).
+    pub fn is_held(&self, peer: &PublicKey) -> bool {
+        self.peers.get(peer).is_some_and(|l| l.refused > PEER_REFUSALS)
+    }
+
     /// Queues `batch` from `peer`, received at `now`; the number of transactions dropped (the
-    /// whole batch, when the peer is ignored or its line is full).
+    /// whole batch when the peer is ignored or its line is full; when all lines together are
+    /// full, the newest batches of the peer with the most bytes waiting, which may be this one).
     pub fn push(&mut self, peer: &PublicKey, batch: Vec<(SignedTransaction, usize)>, now: Instant) -> usize {
         if !self.ignored.listens_to(peer, now) {
             return batch.len();
         }
+        let bytes: usize = batch.iter().map(|(_, len)| *len).sum();
         let line = self.peers.entry(peer.clone()).or_default();
-        if line.txs.saturating_add(batch.len()) > MAX_WAITING_PER_PEER {
+        if line.txs.saturating_add(batch.len()) > MAX_WAITING_PER_PEER
+            || line.bytes.saturating_add(bytes) > MAX_WAITING_BYTES_PER_PEER
+        {
             return batch.len();
         }
         line.txs += batch.len();
+        line.bytes += bytes;
         line.waiting.push_back((self.arrivals, batch));
         self.arrivals += 1;
-        0
+        self.bytes += bytes;
+        let mut dropped = 0;
+        while self.bytes > MAX_WAITING_BYTES {
+            let Some(line) = self.peers.values_mut().max_by_key(|l| l.bytes) else { break };
+            let Some((_, newest)) = line.waiting.pop_back() else { break };
+            let freed: usize = newest.iter().map(|(_, len)| *len).sum();
+            line.txs -= newest.len();
+            line.bytes -= freed;
+            self.bytes -= freed;
+            dropped += newest.len();
+        }
+        dropped
     }
 
     /// The next turn at `now`: the waiting peer with the least use lately (the earlier batch on a
@@ -190,7 +234,10 @@ impl Intake {
                 break;
             }
             let Some((_, batch)) = line.waiting.pop_front() else { break };
+            let bytes: usize = batch.iter().map(|(_, len)| *len).sum();
             line.txs -= batch.len();
+            line.bytes -= bytes;
+            self.bytes -= bytes;
             taken.extend(batch);
         }
         Turn::Admit(peer, taken)
@@ -206,8 +253,10 @@ impl Intake {
         line.refused = line.refused.saturating_add(refused);
         let forged = self.ignored.judge(peer, results, now);
         if forged && let Some(line) = self.peers.get_mut(peer) {
+            self.bytes -= line.bytes;
             line.waiting.clear();
             line.txs = 0;
+            line.bytes = 0;
         }
         forged
     }
@@ -252,28 +301,36 @@ where
     E: commonware_runtime::Spawner + commonware_runtime::Clock + commonware_runtime::Metrics,
 {
     let dropped =
-        context.counter("dropped_txs", "gossiped transactions dropped: their peer's line was full, or it is ignored");
+        context.counter("dropped_txs", "gossiped transactions dropped: their peer's line or all lines were full");
+    let dropped_messages = context
+        .counter("dropped_messages", "gossip messages dropped unread: their peer is ignored or its line is full");
     let intake = Arc::new(std::sync::Mutex::new(Intake::default()));
     let wake = Arc::new(tokio::sync::Notify::new());
     let closed = Arc::new(AtomicBool::new(false));
     {
         let (intake, wake, closed) = (intake.clone(), wake.clone(), closed.clone());
         context.child("reader").spawn(move |_| async move {
+            let lock = || intake.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             while let Ok((from, message)) = receiver.recv().await {
+                // Not decoded when it would be dropped anyway (an ignored peer, a full line).
+                if !lock().accepts(&from, Instant::now()) {
+                    dropped_messages.inc();
+                    continue;
+                }
                 let batch = decode_batch(message.as_ref(), max_tx_bytes);
                 tracing::trace!(peer = ?from, txs = batch.len(), "transaction batch received");
                 if batch.is_empty() {
                     continue;
                 }
-                let lost = intake.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(
-                    &from,
-                    batch,
-                    Instant::now(),
-                );
+                let (lost, held) = {
+                    let mut intake = lock();
+                    (intake.push(&from, batch, Instant::now()), intake.is_held(&from))
+                };
                 if lost > 0 {
                     dropped.inc_by(lost as u64);
-                    tracing::debug!(peer = ?from, txs = lost, "gossiped batch dropped: the peer's line is full or it is ignored");
-                } else {
+                    tracing::debug!(peer = ?from, txs = lost, "gossiped transactions dropped: a line is full");
+                }
+                if !held {
                     wake.notify_one();
                 }
             }
@@ -411,9 +468,72 @@ mod tests {
         assert_eq!(admitted(intake.next(t0)), (honest.clone(), 5));
         intake.done(&honest, &answers(5, 0), t0);
         assert_eq!(admitted(intake.next(t0)), (spammer.clone(), MAX_TAKE));
-        // Even a larger honest peer, whose transactions are admitted, outranks refused ones.
-        assert_eq!(intake.push(&honest, batch(MAX_TAKE), t0), 0);
-        assert_eq!(admitted(intake.next(t0)), (honest, MAX_TAKE));
+        // Only the refusals' weight puts a peer that sent fewer transactions behind: the honest
+        // peer had 4,096 admitted (use 4,096), the spammer 1,024 refused (use 8,192; 1,024 if
+        // refusals weighed like the others).
+        let mut intake = Intake::default();
+        intake.push(&honest, batch(MAX_TAKE), t0);
+        assert_eq!(admitted(intake.next(t0)), (honest.clone(), MAX_TAKE));
+        intake.done(&honest, &answers(MAX_TAKE, 0), t0);
+        intake.push(&spammer, batch(1_024), t0);
+        assert_eq!(admitted(intake.next(t0)), (spammer.clone(), 1_024));
+        intake.done(&spammer, &answers(1_024, 1_024), t0);
+        intake.push(&spammer, batch(5), t0);
+        intake.push(&honest, batch(5), t0);
+        assert_eq!(admitted(intake.next(t0)), (honest, 5), "the spammer's batch came first, but its refusals weigh");
+    }
+
+    #[test]
+    fn a_peer_refused_all_the_time_gets_about_its_budget_checked_a_second() {
+        // A peer whose line is always full and whose every transaction is refused, with a turn
+        // every millisecond for 10 s: about the budget a second is checked, plus one turn.
+        let spammer = peer(1);
+        let t0 = Instant::now();
+        let mut intake = Intake::default();
+        let mut checked = 0u64;
+        for ms in 0..10_000u64 {
+            let now = t0 + Duration::from_millis(ms);
+            while intake.accepts(&spammer, now) {
+                intake.push(&spammer, batch(512), now);
+            }
+            if let Turn::Admit(_, b) = intake.next(now) {
+                checked += b.len() as u64;
+                intake.done(&spammer, &answers(b.len(), b.len()), now);
+            }
+        }
+        assert!(checked <= 10 * PEER_REFUSALS + MAX_TAKE as u64, "{checked} checked in 10 s");
+        assert!(checked >= 5 * PEER_REFUSALS, "{checked} checked in 10 s: it is not shut out either");
+    }
+
+    #[test]
+    fn lines_are_bounded_in_bytes_each_and_all_together() {
+        let t0 = Instant::now();
+        let sized = |n: usize, len: usize| batch(n).into_iter().map(|(t, _)| (t, len)).collect::<Vec<_>>();
+        // One peer: 512 transactions of 8 KiB fill its 4 MiB.
+        let mut intake = Intake::default();
+        assert_eq!(intake.push(&peer(1), sized(512, 8 * 1024), t0), 0);
+        assert!(!intake.accepts(&peer(1), t0), "full: the next message is not even decoded");
+        assert_eq!(intake.push(&peer(1), sized(1, 8 * 1024), t0), 1);
+        assert!(intake.accepts(&peer(2), t0));
+        // All peers: 16 peers of 4 MiB fill 64 MiB; the 17th's batch pushes the fullest peer's
+        // newest batch out (a tie goes to any of them, never to the newcomer's only batch).
+        let mut intake = Intake::default();
+        for p in 0..16 {
+            assert_eq!(intake.push(&peer(10 + p), sized(256, 8 * 1024), t0), 0);
+            assert_eq!(intake.push(&peer(10 + p), sized(256, 8 * 1024), t0), 0);
+        }
+        assert_eq!(intake.bytes, MAX_WAITING_BYTES);
+        assert_eq!(intake.push(&peer(99), sized(1, 1_000), t0), 256, "one of the fullest lost its newest batch");
+        assert!(intake.bytes <= MAX_WAITING_BYTES);
+        assert_eq!(intake.peers[&peer(99)].txs, 1, "the newcomer kept its batch");
+        // Taking from a line gives the room back.
+        let mut turns = 0;
+        while let Turn::Admit(p, b) = intake.next(t0) {
+            intake.done(&p, &answers(b.len(), 0), t0);
+            turns += 1;
+        }
+        assert!(turns >= 17);
+        assert_eq!((intake.bytes, intake.waiting()), (0, 0));
     }
 
     #[test]
