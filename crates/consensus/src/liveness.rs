@@ -45,9 +45,18 @@ const VERSION_REPORT: u8 = 2;
 /// A heartbeat: version and flag, plus the proof when the flag is set.
 const HEARTBEAT_BYTES: usize = 2;
 const PROOF_BYTES: usize = 8 + 64;
-/// Most nodes in each list of a [`Report`]: the lowest ids first, so validators that agree list
-/// the same ones (a change needs a quorum of them).
-pub const MAX_REPORTED: usize = 1_024;
+/// Most nodes in each list of a [`Report`]: the registry's largest size, so a list is never cut
+/// (a cut list would let nodes with ground low ids crowd honest ones out of every report).
+pub const MAX_REPORTED: usize = archipel_ledger::params::MAX_REGISTERED_NODES_LIMIT as usize;
+/// Largest heartbeat: version, flag, proof and two counts, and at most [`MAX_REPORTED`] ids in all
+/// (a node is Up or Down, so it is in one list at most).
+pub const MAX_HEARTBEAT_BYTES: usize = HEARTBEAT_BYTES + PROOF_BYTES + 4 + MAX_REPORTED * 32;
+/// How long another validator's report counts: one heartbeat interval and half another, so one
+/// late report does not drop the backing, while a report of silence stops counting soon after
+/// the node was heard again.
+fn report_fresh(ttl: Duration) -> Duration {
+    heartbeat_interval(ttl) * 3 / 2
+}
 
 /// What a validator tells the others with its heartbeats: the changes it would accept now. A
 /// leader proposes a change only when a quorum of validators (itself included) reported it
@@ -61,6 +70,19 @@ pub struct Report {
     pub heard: Vec<NodeId>,
 }
 
+/// A [`Report`] as sets, for lookups.
+#[derive(Clone, Debug, Default)]
+pub struct ReportSets {
+    silent: HashSet<NodeId>,
+    heard: HashSet<NodeId>,
+}
+
+impl From<Report> for ReportSets {
+    fn from(r: Report) -> Self {
+        Self { silent: r.silent.into_iter().collect(), heard: r.heard.into_iter().collect() }
+    }
+}
+
 /// A decoded heartbeat.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Heartbeat {
@@ -70,8 +92,8 @@ pub struct Heartbeat {
     pub report: Option<Report>,
 }
 
-/// Encodes a heartbeat: version 1 without a report, 2 with one (each list at most
-/// [`MAX_REPORTED`] long: the rest is left out).
+/// Encodes a heartbeat: version 1 without a report, 2 with one (at most [`MAX_REPORTED`] ids in
+/// all, which a report of a registry cannot pass; beyond, the rest is left out).
 pub fn encode_heartbeat(heartbeat: &Heartbeat) -> Vec<u8> {
     let version = if heartbeat.report.is_some() { VERSION_REPORT } else { VERSION };
     let mut out = Vec::with_capacity(HEARTBEAT_BYTES + PROOF_BYTES);
@@ -81,8 +103,10 @@ pub fn encode_heartbeat(heartbeat: &Heartbeat) -> Vec<u8> {
         out.extend_from_slice(&p.signature);
     }
     if let Some(r) = &heartbeat.report {
+        let mut room = MAX_REPORTED;
         for list in [&r.silent, &r.heard] {
-            let n = list.len().min(MAX_REPORTED);
+            let n = list.len().min(room);
+            room -= n;
             out.extend_from_slice(&(n as u16).to_be_bytes());
             for id in &list[..n] {
                 out.extend_from_slice(&id.0);
@@ -127,6 +151,9 @@ pub fn decode_heartbeat(bytes: &[u8]) -> Result<Heartbeat, &'static str> {
     };
     let silent = list()?;
     let heard = list()?;
+    if silent.len() + heard.len() > MAX_REPORTED {
+        return Err("report lists too long together");
+    }
     if !at.is_empty() {
         return Err("trailing bytes after the report");
     }
@@ -167,8 +194,11 @@ pub struct Tracker {
     reports: HashMap<NodeId, (SystemTime, HashSet<NodeId>, HashSet<NodeId>)>,
 }
 
-/// Most doublings of the wait before a change that failed alone is proposed again: 32 leases.
-const MAX_BACKOFF_DOUBLINGS: u32 = 5;
+/// Most doublings of the wait before a change that failed alone is proposed again: 4 leases. A
+/// failure is read from the next parent (the change is missing), which cannot tell a refused
+/// change from a view lost for other reasons (a lossy link, a timeout after planning), so the
+/// wait stays short: a dead node's `Down` is never held back long by views lost around it.
+const MAX_BACKOFF_DOUBLINGS: u32 = 2;
 
 impl Tracker {
     /// A tracker started at `now` for leases of `lease_ttl`; `idle_block` is the longest a leader
@@ -216,39 +246,48 @@ impl Tracker {
         self.reports
             .values()
             .filter(|(at, s, h)| {
-                now.duration_since(*at).unwrap_or_default() <= self.ttl / 2
+                now.duration_since(*at).unwrap_or_default() <= report_fresh(self.ttl)
                     && if silent { s.contains(node) } else { h.contains(node) }
             })
             .count()
     }
 
+    /// Whether reports from `from` count (another validator's).
+    pub fn counts_reports_of(&self, from: &NodeId) -> bool {
+        Some(*from) != self.me && self.validators.contains(from)
+    }
+
     /// Records `from`'s report, received at `now` (ignored unless `from` is another validator).
-    pub fn reported(&mut self, from: NodeId, now: SystemTime, report: Report) {
-        if Some(from) == self.me || !self.validators.contains(&from) {
-            return;
+    /// The sets are built by the caller, outside the tracker's lock ([`ReportSets::from`]).
+    pub fn reported(&mut self, from: NodeId, now: SystemTime, report: ReportSets) {
+        if self.counts_reports_of(&from) {
+            self.reports.insert(from, (now, report.silent, report.heard));
         }
-        let (silent, heard) = (report.silent.into_iter().collect(), report.heard.into_iter().collect());
-        self.reports.insert(from, (now, silent, heard));
     }
 
     /// This validator's report at `now` against `state`: what [`Tracker::judge`] would accept
-    /// (half a lease of silence for a `Down`, hearing within half a lease for an `Up`), the lowest
-    /// [`MAX_REPORTED`] ids of each.
+    /// (half a lease of silence for a `Down`; for an `Up`, hearing within half a lease with a
+    /// proof recent enough to apply, as [`Tracker::plan`] asks). Sorted by id.
     pub fn report(&self, state: &State, now: SystemTime) -> Report {
         let mut report = Report::default();
         let settled = self.settled(now);
         for (node, lease) in state.leases() {
             match lease.status {
                 LeaseStatus::Up if settled && self.silent_for(&node, now) >= self.ttl / 2 => report.silent.push(node),
-                LeaseStatus::Down if self.heard_within(&node, now, self.ttl / 2) => report.heard.push(node),
+                LeaseStatus::Down
+                    if self.heard_within(&node, now, self.ttl / 2) && self.usable_proof(&node, &lease) =>
+                {
+                    report.heard.push(node)
+                }
                 _ => {}
             }
         }
-        for list in [&mut report.silent, &mut report.heard] {
-            list.sort();
-            list.truncate(MAX_REPORTED);
-        }
         report
+    }
+
+    /// Whether `node`'s latest proof is recent enough for its Down `lease`.
+    fn usable_proof(&self, node: &NodeId, lease: &archipel_ledger::Lease) -> bool {
+        self.heard.get(node).and_then(|h| h.proof).is_some_and(|p| p.at_height >= lease.since_height)
     }
 
     /// Silence after which a proposer marks a node Down.
@@ -291,10 +330,11 @@ impl Tracker {
     /// A proposal whose changes `state` (the next proposal's parent) lacks failed: its view was
     /// nullified, most likely because other validators heard a node this one did not. Then each
     /// of its changes is next proposed alone, and a change that fails alone waits
-    /// [`Tracker::backoff`] (a lease, doubling with each failure in a row, up to 32) before it is
-    /// proposed again. So a node that heartbeats to some validators only, to make the others'
-    /// views fail, costs each of them a few views per 32 leases, and cannot keep a dead node's
-    /// Down out of blocks by being proposed beside it.
+    /// [`Tracker::backoff`] (a lease, doubling with each failure in a row, up to 4) before it is
+    /// proposed again. Changes are proposed only with a quorum's reports, so such failures are
+    /// races (a verifier heard the node since it reported); the retries keep one refused change
+    /// from holding a dead node's Down out of blocks beside it, and the back-off bounds what a
+    /// node timing its heartbeats to make such races costs.
     pub fn plan(&mut self, state: &State, now: SystemTime, max: usize) -> Vec<LivenessChange> {
         self.judge_last(state, now);
         let mut out = Vec::new();
@@ -344,7 +384,7 @@ impl Tracker {
 
     /// How long a change that failed alone `failures` times in a row waits before it is proposed
     /// again: a lease, doubled with each failure after the first, at most
-    /// 2^[`MAX_BACKOFF_DOUBLINGS`] leases.
+    /// 2^[`MAX_BACKOFF_DOUBLINGS`] (4) leases.
     pub fn backoff(&self, failures: u32) -> Duration {
         self.ttl * (1u32 << failures.saturating_sub(1).min(MAX_BACKOFF_DOUBLINGS))
     }
@@ -488,10 +528,13 @@ pub async fn receive_heartbeats<E: Clock, R: Receiver<PublicKey = PublicKey>>(
     while let Ok((peer, message)) = receiver.recv().await {
         match decode_heartbeat(message.as_ref()) {
             Ok(Heartbeat { proof, report }) => {
-                let (mut t, node, now) = (crate::lock(&tracker), node_id(&peer), context.current());
+                let (node, now) = (node_id(&peer), context.current());
+                // The sets are built before the lock, which a proposer waits for.
+                let sets = report.map(ReportSets::from);
+                let mut t = crate::lock(&tracker);
                 t.heard(node, now, proof);
-                if let Some(report) = report {
-                    t.reported(node, now, report);
+                if let Some(sets) = sets {
+                    t.reported(node, now, sets);
                 }
             }
             Err(why) => tracing::debug!(peer = %peer, why, "ignoring a malformed heartbeat"),
@@ -557,9 +600,17 @@ mod tests {
         too_long.extend(std::iter::repeat_n(0u8, (MAX_REPORTED + 1) * 32));
         too_long.extend_from_slice(&[0, 0]);
         assert_eq!(decode_heartbeat(&too_long), Err("report list too long"));
-        let many = Report { silent: vec![id(1); MAX_REPORTED + 5], heard: vec![] };
-        let h = decode_heartbeat(&encode_heartbeat(&Heartbeat { proof: None, report: Some(many) })).unwrap();
-        assert_eq!(h.report.unwrap().silent.len(), MAX_REPORTED);
+        let many = Report { silent: vec![id(1); MAX_REPORTED - 5], heard: vec![id(2); 10] };
+        let bytes = encode_heartbeat(&Heartbeat { proof: Some(p), report: Some(many) });
+        assert_eq!(bytes.len(), MAX_HEARTBEAT_BYTES, "the largest heartbeat");
+        let r = decode_heartbeat(&bytes).unwrap().report.unwrap();
+        assert_eq!((r.silent.len(), r.heard.len()), (MAX_REPORTED - 5, 5), "at most MAX_REPORTED ids in all");
+        let mut both_full = vec![VERSION_REPORT, 0];
+        for _ in 0..2 {
+            both_full.extend_from_slice(&(MAX_REPORTED as u16).to_be_bytes());
+            both_full.extend(std::iter::repeat_n(0u8, MAX_REPORTED * 32));
+        }
+        assert_eq!(decode_heartbeat(&both_full), Err("report lists too long together"));
     }
 
     #[test]
@@ -684,7 +735,7 @@ mod tests {
     }
 
     #[test]
-    fn a_change_that_keeps_failing_alone_waits_longer_each_time_up_to_32_leases() {
+    fn a_change_that_keeps_failing_alone_waits_longer_each_time_up_to_4_leases() {
         let s = all_up(&[1]);
         let mut t = Tracker::new(TTL, Duration::from_millis(250), at(0));
         let mut now = at(3_000);
@@ -704,7 +755,7 @@ mod tests {
             }
             waits.push((now.duration_since(failed_at).unwrap().as_millis() as u64).div_ceil(TTL.as_millis() as u64));
         }
-        assert_eq!(waits, vec![1, 2, 4, 8, 16, 32, 32], "in leases");
+        assert_eq!(waits, vec![1, 2, 4, 4, 4, 4, 4], "in leases");
         // Once it lands (another validator's block, say), the count starts again.
         let mut landed = s.clone();
         landed.begin_block(2, 0);
@@ -729,19 +780,20 @@ mod tests {
         t.heard(id(2), at(2_900), None);
         assert!(t.plan(&s, at(3_000), 10).is_empty(), "no report yet");
         let silent = |nodes: Vec<NodeId>| Report { silent: nodes, heard: vec![] };
-        t.reported(id(12), at(3_000), silent(vec![id(1)]));
+        t.reported(id(12), at(3_000), silent(vec![id(1)]).into());
         assert!(t.plan(&s, at(3_010), 10).is_empty(), "one report: the other two may hear it");
         // Reports from a non-validator, or from itself, do not count.
-        t.reported(id(1), at(3_000), silent(vec![id(1)]));
-        t.reported(id(11), at(3_000), silent(vec![id(1)]));
+        t.reported(id(1), at(3_000), silent(vec![id(1)]).into());
+        t.reported(id(11), at(3_000), silent(vec![id(1)]).into());
         assert!(t.plan(&s, at(3_020), 10).is_empty());
-        t.reported(id(13), at(3_000), silent(vec![id(1)]));
+        t.reported(id(13), at(3_000), silent(vec![id(1)]).into());
         assert_eq!(t.plan(&s, at(3_030), 10), vec![LivenessChange::Down { node: id(1) }]);
         // Reports are fresh for half a lease only.
         let (_, mut t) = validator_tracker();
-        t.reported(id(12), at(3_000), silent(vec![id(1)]));
-        t.reported(id(13), at(3_000), silent(vec![id(1)]));
-        assert!(t.plan(&s, at(3_000) + TTL / 2 + Duration::from_millis(1), 10).is_empty(), "stale reports");
+        t.reported(id(12), at(3_000), silent(vec![id(1)]).into());
+        t.reported(id(13), at(3_000), silent(vec![id(1)]).into());
+        assert!(t.plan(&s, at(3_000) + report_fresh(TTL) + Duration::from_millis(1), 10).is_empty(), "stale reports");
+        assert_eq!(report_fresh(TTL), Duration::from_millis(750));
         // An Up likewise needs reports of hearing.
         let mut down = all_up(&[1]);
         down.begin_block(2, 0);
@@ -751,8 +803,8 @@ mod tests {
         t.heard(id(1), at(3_000), Some(proof));
         assert!(t.plan(&down, at(3_010), 10).is_empty());
         let heard = Report { silent: vec![], heard: vec![id(1)] };
-        t.reported(id(13), at(3_000), heard.clone());
-        t.reported(id(14), at(3_005), heard);
+        t.reported(id(13), at(3_000), heard.clone().into());
+        t.reported(id(14), at(3_005), heard.into());
         assert_eq!(t.plan(&down, at(3_010), 10), vec![LivenessChange::Up { node: id(1), proof }]);
     }
 
@@ -763,7 +815,15 @@ mod tests {
         s.apply_liveness(&LivenessChange::Down { node: id(3) }).unwrap();
         let (_, mut t) = validator_tracker();
         t.heard(id(1), at(2_500), None);
-        t.heard(id(3), at(2_900), None);
+        // Node 3 is heard, first without a proof (no Up can be proposed for it: not reported),
+        // then with one recent enough.
+        t.heard(id(3), at(2_800), None);
+        assert_eq!(t.report(&s, at(3_000)).heard, vec![]);
+        let stale = AliveProof::sign(&Identity::from_seed(3), &s.network(), 1);
+        t.heard(id(3), at(2_850), Some(stale));
+        assert_eq!(t.report(&s, at(3_000)).heard, vec![], "a proof from before its Down");
+        let proof = AliveProof::sign(&Identity::from_seed(3), &s.network(), 2);
+        t.heard(id(3), at(2_900), Some(proof));
         // Just started: no silence reported (judge accepts no Down yet either).
         assert_eq!(t.report(&s, at(1_500)).silent, vec![]);
         let r = t.report(&s, at(3_000));
@@ -771,6 +831,12 @@ mod tests {
         assert_eq!(r.heard, vec![id(3)], "node 3 is Down and heard");
         for node in &r.silent {
             assert!(t.judge(&LivenessChange::Down { node: *node }, at(3_000)).is_ok());
+        }
+        for node in &r.heard {
+            assert!(t.judge(&LivenessChange::Up { node: *node, proof }, at(3_000)).is_ok());
+            let mut applied = s.clone();
+            applied.begin_block(3, 0);
+            assert!(applied.check_liveness(&LivenessChange::Up { node: *node, proof }).is_ok());
         }
         let r = t.report(&s, at(3_500));
         let mut both = vec![id(1), id(2)];

@@ -233,7 +233,7 @@ pub fn start(
         &namespace(genesis_hash),
         listen,
         limit,
-        max_message_bytes.max(MAX_GOSSIP_MESSAGE as u32),
+        max_message_bytes.max(MAX_GOSSIP_MESSAGE as u32).max(archipel_consensus::liveness::MAX_HEARTBEAT_BYTES as u32),
         NZUsize!(1_024),
     );
     cfg.allow_private_ips = allow_private_ips;
