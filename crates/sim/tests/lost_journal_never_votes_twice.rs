@@ -73,8 +73,9 @@ fn without_the_gate_the_same_validator_votes_twice_in_a_view() {
         .filter(|o| o.voted_twice.values().any(|(before, after)| conflicting(&before.union(after).copied().collect())))
         .collect();
     assert!(
-        !equivocated.is_empty(),
-        "in none of seeds {SEEDS:?} did voting at once without the journal make validator {WIPED} vote twice, conflicting, in a view: the scenario no longer exercises the hazard the gate guards against"
+        equivocated.len() >= 2,
+        "in {} of seeds {SEEDS:?} (fewer than 2) did voting at once without the journal make validator {WIPED} vote twice, conflicting, in a view: the scenario barely exercises the hazard the gate guards against; widen SEEDS",
+        equivocated.len()
     );
     // Where its peers saw both votes, they blocked it (the hazard is real, not an artefact of the log).
     assert!(
