@@ -1,12 +1,12 @@
 //! Transaction gossip: a transaction submitted to any node reaches every validator (the leader
 //! rotates every view), batched so a burst costs a few messages, not one per transaction.
 
-use crate::p2p::{NodeReceiver, NodeSender};
+use crate::p2p::NodeSender;
 use archipel_consensus::Chain;
 use archipel_crypto::Ed25519PublicKey as PublicKey;
 use archipel_ledger::export::{put_record, take_record};
 use archipel_ledger::{Hash, MempoolError, SignedTransaction, TxError};
-use commonware_p2p::{Receiver as _, Recipients, Sender as _};
+use commonware_p2p::{Recipients, Sender as _};
 use commonware_runtime::IoBuf;
 use commonware_runtime::telemetry::metrics::MetricsExt as _;
 use std::collections::{HashMap, VecDeque};
@@ -296,9 +296,10 @@ pub fn refusals(results: &[Result<Hash, MempoolError>]) -> usize {
 /// task reads every message at once into its peer's line, another admits them (one signature
 /// batch per turn; see [`admit`] for where it is checked). A peer that sends a bad signature is
 /// ignored for [`IGNORE_BAD_PEER_FOR`]. Counts what it drops in the metric `dropped_txs`.
-pub async fn receive_loop<E>(context: E, mut receiver: NodeReceiver, chain: Arc<Chain>, max_tx_bytes: usize)
+pub async fn receive_loop<E, R>(context: E, mut receiver: R, chain: Arc<Chain>, max_tx_bytes: usize)
 where
     E: commonware_runtime::Spawner + commonware_runtime::Clock + commonware_runtime::Metrics,
+    R: commonware_p2p::Receiver<PublicKey = PublicKey>,
 {
     let dropped =
         context.counter("dropped_txs", "gossiped transactions dropped: their peer's line or all lines were full");
@@ -609,6 +610,105 @@ mod tests {
         assert_eq!(intake.waiting(), 0, "what it had queued is dropped");
         assert_eq!(intake.push(&forger, batch(2), t0 + Duration::from_secs(1)), 2, "and new gossip is not read");
         assert_eq!(intake.push(&honest, batch(2), t0 + Duration::from_secs(1)), 0);
+    }
+
+    /// A p2p receiver fed by the test.
+    #[derive(Debug)]
+    struct Fed(tokio::sync::mpsc::UnboundedReceiver<(PublicKey, IoBuf)>);
+
+    impl commonware_p2p::Receiver for Fed {
+        type Error = std::io::Error;
+        type PublicKey = PublicKey;
+
+        async fn recv(&mut self) -> Result<(PublicKey, IoBuf), std::io::Error> {
+            self.0.recv().await.ok_or_else(|| std::io::Error::other("closed"))
+        }
+
+        fn capacity(&self) -> std::num::NonZeroUsize {
+            std::num::NonZeroUsize::MIN
+        }
+    }
+
+    /// A gossip message of `txs`.
+    fn message(txs: &[SignedTransaction]) -> IoBuf {
+        let mut bytes = Vec::new();
+        for t in txs {
+            put_record(&mut bytes, &t.to_bytes());
+        }
+        IoBuf::from(bytes)
+    }
+
+    /// The real loop, on the node's runtime, fed by a test receiver: a peer over its refusals
+    /// waits while another is served; a forged signature stops a peer's gossip; drops are counted;
+    /// the loop ends when the channel closes.
+    #[test]
+    fn the_receive_loop_serves_peers_in_turn_and_holds_back_refused_ones() {
+        use archipel_consensus::{MemoryStore, TxStatus};
+        use archipel_ledger::{GenesisState, State as LedgerState};
+        use commonware_runtime::{Metrics as _, Runner as _, Spawner as _, Supervisor as _};
+        let (spam, spam2, honest, forger) =
+            (Identity::from_seed(21), Identity::from_seed(22), Identity::from_seed(23), Identity::from_seed(24));
+        let network = Hash([7; 32]);
+        let state = LedgerState::genesis(GenesisState {
+            network,
+            accounts: [&spam, &spam2, &honest, &forger].iter().map(|a| (a.node_id(), 1 << 40)).collect(),
+            ..GenesisState::default()
+        });
+        let chain = Arc::new(Chain::open(state, Box::new(MemoryStore::default())).unwrap());
+        let transfer = |from: &Identity, nonce: u64, amount: u64| {
+            Transaction {
+                signer: from.node_id(),
+                nonce,
+                payload: Payload::Transfer { to: Identity::from_seed(30).node_id(), amount_micro: amount },
+            }
+            .sign(from, &network)
+        };
+        // 4,097 variants of one nonce: the first is admitted, 4,096 refused (`nonce_taken`).
+        let variants: Vec<SignedTransaction> = (1..=4_097).map(|a| transfer(&spam, 0, a)).collect();
+        let held = transfer(&spam2, 0, 1);
+        let served = transfer(&honest, 0, 1);
+        let mut forged = transfer(&forger, 0, 1);
+        forged.signature[0] ^= 1;
+        let after_forged = transfer(&forger, 1, 1);
+        let (feed, fed) = tokio::sync::mpsc::unbounded_channel();
+        let (spammer, other, liar) = (peer(1), peer(2), peer(3));
+        commonware_runtime::tokio::Runner::default().start(|context| async move {
+            let looping = context.child("tx_gossip_in").spawn({
+                let chain = chain.clone();
+                move |ctx| receive_loop(ctx, Fed(fed), chain, 64 * 1024)
+            });
+            feed.send((spammer.clone(), message(&variants))).unwrap();
+            feed.send((spammer, message(std::slice::from_ref(&held)))).unwrap();
+            feed.send((other, message(std::slice::from_ref(&served)))).unwrap();
+            feed.send((liar.clone(), message(&[forged]))).unwrap();
+            let status = |t: &SignedTransaction| chain.tx_status(&t.hash());
+            let wait_for = |t: SignedTransaction, within: Duration| {
+                let chain = chain.clone();
+                async move {
+                    let start = Instant::now();
+                    while chain.tx_status(&t.hash()) != TxStatus::Pending {
+                        assert!(start.elapsed() < within, "not admitted within {within:?}");
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            };
+            wait_for(served.clone(), Duration::from_secs(5)).await;
+            assert_eq!(status(&variants[0]), TxStatus::Pending);
+            // Served first; the spammer's next batch waits for its refusals to halve, about a
+            // second after the loop's first turn.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            assert_eq!(status(&held), TxStatus::Unknown, "the spammer's next batch waits for its refusals to decay");
+            // Its refusals halve within a second: then its batch is admitted.
+            wait_for(held.clone(), Duration::from_secs(3)).await;
+            // The forger is ignored: its later, valid transaction is dropped unread and counted.
+            feed.send((liar, message(std::slice::from_ref(&after_forged)))).unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(status(&after_forged), TxStatus::Unknown);
+            assert!(context.encode().contains("tx_gossip_in_dropped_messages_total 1"), "{}", context.encode());
+            // The channel closes: the loop ends.
+            drop(feed);
+            tokio::time::timeout(Duration::from_secs(5), looping).await.expect("the loop ends").unwrap();
+        });
     }
 
     #[test]
