@@ -392,11 +392,11 @@ where
         move |context| liveness::send_heartbeats(context, identity, chain, heartbeat_sender, validators, own)
     }));
     if signer.is_some() {
-        let tracker = tracker.clone();
+        let (tracker, network) = (tracker.clone(), genesis_state.network());
         handles.push(
             context
                 .child("heartbeat_receiver")
-                .spawn(move |context| liveness::receive_heartbeats(context, heartbeat_receiver, tracker)),
+                .spawn(move |context| liveness::receive_heartbeats(context, heartbeat_receiver, tracker, network)),
         );
     } else {
         drop(heartbeat_receiver);

@@ -240,7 +240,7 @@ impl Tracker {
         quorum - usize::from(self.me.is_some_and(|me| self.validators.contains(&me)))
     }
 
-    /// How many other validators reported, within half a lease of `now`, that they would accept
+    /// How many other validators reported, within [`report_fresh`] of `now` (1.5 heartbeat intervals), that they would accept
     /// a `Down` (`silent`) or an `Up` (not `silent`) for `node`.
     fn backing(&self, node: &NodeId, now: SystemTime, silent: bool) -> usize {
         self.reports
@@ -275,7 +275,7 @@ impl Tracker {
             match lease.status {
                 LeaseStatus::Up if settled && self.silent_for(&node, now) >= self.ttl / 2 => report.silent.push(node),
                 LeaseStatus::Down
-                    if self.heard_within(&node, now, self.ttl / 2) && self.usable_proof(&node, &lease) =>
+                    if self.heard_within(&node, now, self.ttl / 2) && self.usable_proof(&node, &lease, state) =>
                 {
                     report.heard.push(node)
                 }
@@ -285,9 +285,13 @@ impl Tracker {
         report
     }
 
-    /// Whether `node`'s latest proof is recent enough for its Down `lease`.
-    fn usable_proof(&self, node: &NodeId, lease: &archipel_ledger::Lease) -> bool {
-        self.heard.get(node).and_then(|h| h.proof).is_some_and(|p| p.at_height >= lease.since_height)
+    /// Whether `node`'s latest proof fits its Down `lease` in a block after `state`: signed at
+    /// or after the Down, at a finalized height (its signature was checked on arrival).
+    fn usable_proof(&self, node: &NodeId, lease: &archipel_ledger::Lease, state: &State) -> bool {
+        self.heard
+            .get(node)
+            .and_then(|h| h.proof)
+            .is_some_and(|p| p.at_height >= lease.since_height && p.at_height <= state.chain().height)
     }
 
     /// Silence after which a proposer marks a node Down.
@@ -359,7 +363,9 @@ impl Tracker {
                         && self.backing(node, now, false) >= self.needed() =>
                 {
                     let proof = self.heard.get(node).and_then(|h| h.proof);
-                    if let Some(proof) = proof.filter(|p| p.at_height >= lease.since_height) {
+                    if let Some(proof) =
+                        proof.filter(|p| p.at_height >= lease.since_height && p.at_height <= state.chain().height)
+                    {
                         out.push(LivenessChange::Up { node: *node, proof });
                     }
                 }
@@ -524,13 +530,25 @@ pub async fn receive_heartbeats<E: Clock, R: Receiver<PublicKey = PublicKey>>(
     context: E,
     mut receiver: R,
     tracker: SharedTracker,
+    network: archipel_ledger::Hash,
 ) {
     while let Ok((peer, message)) = receiver.recv().await {
         match decode_heartbeat(message.as_ref()) {
             Ok(Heartbeat { proof, report }) => {
                 let (node, now) = (node_id(&peer), context.current());
-                // The sets are built before the lock, which a proposer waits for.
-                let sets = report.map(ReportSets::from);
+                // A proof that does not verify is kept out (an Up planned on it would be dropped
+                // from the block, and count as a failed proposal).
+                let proof = proof.filter(|p| {
+                    let ok = p.verify(&network, &node);
+                    if !ok {
+                        tracing::debug!(peer = %peer, "ignoring a heartbeat's alive proof that does not verify");
+                    }
+                    ok
+                });
+                // Only validators' reports count: others' are not even turned into sets, and the
+                // sets are built outside the lock, which a proposer waits for.
+                let counts = report.is_some() && crate::lock(&tracker).counts_reports_of(&node);
+                let sets = report.filter(|_| counts).map(ReportSets::from);
                 let mut t = crate::lock(&tracker);
                 t.heard(node, now, proof);
                 if let Some(sets) = sets {
@@ -788,7 +806,7 @@ mod tests {
         assert!(t.plan(&s, at(3_020), 10).is_empty());
         t.reported(id(13), at(3_000), silent(vec![id(1)]).into());
         assert_eq!(t.plan(&s, at(3_030), 10), vec![LivenessChange::Down { node: id(1) }]);
-        // Reports are fresh for half a lease only.
+        // Reports are fresh for 1.5 heartbeat intervals only.
         let (_, mut t) = validator_tracker();
         t.reported(id(12), at(3_000), silent(vec![id(1)]).into());
         t.reported(id(13), at(3_000), silent(vec![id(1)]).into());
@@ -822,6 +840,9 @@ mod tests {
         let stale = AliveProof::sign(&Identity::from_seed(3), &s.network(), 1);
         t.heard(id(3), at(2_850), Some(stale));
         assert_eq!(t.report(&s, at(3_000)).heard, vec![], "a proof from before its Down");
+        let future = AliveProof::sign(&Identity::from_seed(3), &s.network(), 3);
+        t.heard(id(3), at(2_880), Some(future));
+        assert_eq!(t.report(&s, at(3_000)).heard, vec![], "a proof at a height not finalized yet");
         let proof = AliveProof::sign(&Identity::from_seed(3), &s.network(), 2);
         t.heard(id(3), at(2_900), Some(proof));
         // Just started: no silence reported (judge accepts no Down yet either).

@@ -166,11 +166,13 @@ pub enum Turn {
 }
 
 impl Intake {
-    /// Whether a message from `peer` at `now` may be queued at all (it is read, and its line has
-    /// room): checked before the message is decoded.
-    pub fn accepts(&mut self, peer: &PublicKey, now: Instant) -> bool {
+    /// Whether a message of `len` bytes from `peer` at `now` may be queued at all (it is read,
+    /// and its line has room for it): checked before the message is decoded.
+    pub fn accepts(&mut self, peer: &PublicKey, len: usize, now: Instant) -> bool {
         self.ignored.listens_to(peer, now)
-            && self.peers.get(peer).is_none_or(|l| l.txs < MAX_WAITING_PER_PEER && l.bytes < MAX_WAITING_BYTES_PER_PEER)
+            && self.peers.get(peer).is_none_or(|l| {
+                l.txs < MAX_WAITING_PER_PEER && l.bytes.saturating_add(len) <= MAX_WAITING_BYTES_PER_PEER
+            })
     }
 
     /// Whether `peer` waits for its refusals to decay (a batch from it wakes no one).
@@ -178,35 +180,49 @@ impl Intake {
         self.peers.get(peer).is_some_and(|l| l.refused > PEER_REFUSALS)
     }
 
-    /// Queues `batch` from `peer`, received at `now`; the number of transactions dropped (the
+    /// Queues `batch` from `peer`, received at `now`; the number of transactions dropped: the
     /// whole batch when the peer is ignored or its line is full; when all lines together are
-    /// full, the newest batches of the peer with the most bytes waiting, which may be this one).
+    /// full, the newest batches of lines fuller than this one would be, or else this batch.
     pub fn push(&mut self, peer: &PublicKey, batch: Vec<(SignedTransaction, usize)>, now: Instant) -> usize {
         if !self.ignored.listens_to(peer, now) {
             return batch.len();
         }
         let bytes: usize = batch.iter().map(|(_, len)| *len).sum();
-        let line = self.peers.entry(peer.clone()).or_default();
-        if line.txs.saturating_add(batch.len()) > MAX_WAITING_PER_PEER
-            || line.bytes.saturating_add(bytes) > MAX_WAITING_BYTES_PER_PEER
+        let own = self.peers.get(peer).map_or(0, |l| l.bytes);
+        if self.peers.get(peer).is_some_and(|l| l.txs.saturating_add(batch.len()) > MAX_WAITING_PER_PEER)
+            || own.saturating_add(bytes) > MAX_WAITING_BYTES_PER_PEER
         {
             return batch.len();
         }
+        // All lines full: room is made in lines fuller than this one would be, the fullest
+        // first, newest batches first; if none is, this batch is dropped.
+        let mut dropped = 0;
+        let after = own + bytes;
+        while self.bytes + bytes > MAX_WAITING_BYTES {
+            let Some(victim) = self
+                .peers
+                .iter_mut()
+                .filter(|(p, l)| *p != peer && l.bytes > after)
+                .max_by_key(|(_, l)| l.bytes)
+                .map(|(_, l)| l)
+            else {
+                return dropped + batch.len();
+            };
+            while self.bytes + bytes > MAX_WAITING_BYTES && victim.bytes > after {
+                let Some((_, newest)) = victim.waiting.pop_back() else { break };
+                let freed: usize = newest.iter().map(|(_, len)| *len).sum();
+                victim.txs -= newest.len();
+                victim.bytes -= freed;
+                self.bytes -= freed;
+                dropped += newest.len();
+            }
+        }
+        let line = self.peers.entry(peer.clone()).or_default();
         line.txs += batch.len();
         line.bytes += bytes;
         line.waiting.push_back((self.arrivals, batch));
         self.arrivals += 1;
         self.bytes += bytes;
-        let mut dropped = 0;
-        while self.bytes > MAX_WAITING_BYTES {
-            let Some(line) = self.peers.values_mut().max_by_key(|l| l.bytes) else { break };
-            let Some((_, newest)) = line.waiting.pop_back() else { break };
-            let freed: usize = newest.iter().map(|(_, len)| *len).sum();
-            line.txs -= newest.len();
-            line.bytes -= freed;
-            self.bytes -= freed;
-            dropped += newest.len();
-        }
         dropped
     }
 
@@ -281,6 +297,7 @@ impl Intake {
             l.refused >>= shift;
             l.used > 0 || l.refused > 0 || l.txs > 0
         });
+        self.ignored.0.retain(|_, until| *until > now);
     }
 }
 
@@ -314,7 +331,7 @@ where
             let lock = || intake.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             while let Ok((from, message)) = receiver.recv().await {
                 // Not decoded when it would be dropped anyway (an ignored peer, a full line).
-                if !lock().accepts(&from, Instant::now()) {
+                if !lock().accepts(&from, message.len(), Instant::now()) {
                     dropped_messages.inc();
                     continue;
                 }
@@ -323,17 +340,14 @@ where
                 if batch.is_empty() {
                     continue;
                 }
-                let (lost, held) = {
-                    let mut intake = lock();
-                    (intake.push(&from, batch, Instant::now()), intake.is_held(&from))
-                };
+                let lost = lock().push(&from, batch, Instant::now());
                 if lost > 0 {
                     dropped.inc_by(lost as u64);
                     tracing::debug!(peer = ?from, txs = lost, "gossiped transactions dropped: a line is full");
                 }
-                if !held {
-                    wake.notify_one();
-                }
+                // Even for a held peer: only the admitting loop's turns decay its refusals. (A
+                // held peer's wake-ups are bounded by its line, which stops being decoded when full.)
+                wake.notify_one();
             }
             // The channel closed: the node is stopping. Wakes the admitting loop to end too.
             closed.store(true, Ordering::Relaxed);
@@ -494,7 +508,7 @@ mod tests {
         let mut checked = 0u64;
         for ms in 0..10_000u64 {
             let now = t0 + Duration::from_millis(ms);
-            while intake.accepts(&spammer, now) {
+            while intake.accepts(&spammer, 512 * 100, now) {
                 intake.push(&spammer, batch(512), now);
             }
             if let Turn::Admit(_, b) = intake.next(now) {
@@ -513,9 +527,9 @@ mod tests {
         // One peer: 512 transactions of 8 KiB fill its 4 MiB.
         let mut intake = Intake::default();
         assert_eq!(intake.push(&peer(1), sized(512, 8 * 1024), t0), 0);
-        assert!(!intake.accepts(&peer(1), t0), "full: the next message is not even decoded");
+        assert!(!intake.accepts(&peer(1), 1, t0), "full: the next message is not even decoded");
         assert_eq!(intake.push(&peer(1), sized(1, 8 * 1024), t0), 1);
-        assert!(intake.accepts(&peer(2), t0));
+        assert!(intake.accepts(&peer(2), 512 * 1024, t0));
         // All peers: 16 peers of 4 MiB fill 64 MiB; the 17th's batch pushes the fullest peer's
         // newest batch out (a tie goes to any of them, never to the newcomer's only batch).
         let mut intake = Intake::default();
@@ -527,6 +541,10 @@ mod tests {
         assert_eq!(intake.push(&peer(99), sized(1, 1_000), t0), 256, "one of the fullest lost its newest batch");
         assert!(intake.bytes <= MAX_WAITING_BYTES);
         assert_eq!(intake.peers[&peer(99)].txs, 1, "the newcomer kept its batch");
+        // A batch that would make its line the fullest is the one dropped.
+        let before = intake.bytes;
+        assert_eq!(intake.push(&peer(98), sized(512, 8 * 1024), t0), 512);
+        assert_eq!(intake.bytes, before, "nothing else was dropped for it");
         // Taking from a line gives the room back.
         let mut turns = 0;
         while let Turn::Admit(p, b) = intake.next(t0) {
@@ -665,7 +683,9 @@ mod tests {
         };
         // 4,097 variants of one nonce: the first is admitted, 4,096 refused (`nonce_taken`).
         let variants: Vec<SignedTransaction> = (1..=4_097).map(|a| transfer(&spam, 0, a)).collect();
+        let variants2: Vec<SignedTransaction> = (1..=4_097).map(|a| transfer(&spam, 1, a)).collect();
         let held = transfer(&spam2, 0, 1);
+        let held2 = transfer(&spam2, 1, 1);
         let served = transfer(&honest, 0, 1);
         let mut forged = transfer(&forger, 0, 1);
         forged.signature[0] ^= 1;
@@ -678,7 +698,7 @@ mod tests {
                 move |ctx| receive_loop(ctx, Fed(fed), chain, 64 * 1024)
             });
             feed.send((spammer.clone(), message(&variants))).unwrap();
-            feed.send((spammer, message(std::slice::from_ref(&held)))).unwrap();
+            feed.send((spammer.clone(), message(std::slice::from_ref(&held)))).unwrap();
             feed.send((other, message(std::slice::from_ref(&served)))).unwrap();
             feed.send((liar.clone(), message(&[forged]))).unwrap();
             let status = |t: &SignedTransaction| chain.tx_status(&t.hash());
@@ -700,6 +720,14 @@ mod tests {
             assert_eq!(status(&held), TxStatus::Unknown, "the spammer's next batch waits for its refusals to decay");
             // Its refusals halve within a second: then its batch is admitted.
             wait_for(held.clone(), Duration::from_secs(3)).await;
+            // Held again, with nothing left in its line and no other peer sending: its next batch
+            // still wakes the loop, which waits for the halving and admits it.
+            feed.send((spammer.clone(), message(&variants2))).unwrap();
+            wait_for(variants2[0].clone(), Duration::from_secs(3)).await;
+            // (The turn's refusals are charged once its whole batch was checked.)
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            feed.send((spammer.clone(), message(std::slice::from_ref(&held2)))).unwrap();
+            wait_for(held2, Duration::from_secs(3)).await;
             // The forger is ignored: its later, valid transaction is dropped unread and counted.
             feed.send((liar, message(std::slice::from_ref(&after_forged)))).unwrap();
             tokio::time::sleep(Duration::from_millis(300)).await;
