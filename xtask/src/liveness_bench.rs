@@ -300,7 +300,9 @@ pub fn measure(nodes: usize, rates: Rates, it: Iterations) -> Result<SizeFigures
     // Two trackers side by side, their calls interleaved so that load from elsewhere on the box
     // falls on both alike. Steady: every node heartbeats every `heartbeat`, the leader plans
     // twice per idle block. Silent: 1 % of the nodes never heartbeat; its plans are a lease
-    // apart, so each proposes the k Downs again, and every verifier judges them.
+    // apart, each by a fresh tracker (a tracker whose last proposal is missing from the next
+    // parent treats it as failed and backs off), so each proposes the k Downs, and every
+    // verifier judges them.
     let mut steady = Tracker::new(rates.lease_ttl, rates.idle_block, epoch);
     let mut quiet = Tracker::new(rates.lease_ttl, rates.idle_block, epoch);
     let phases = rates.blocks_per_heartbeat();
@@ -337,6 +339,7 @@ pub fn measure(nodes: usize, rates: Rates, it: Iterations) -> Result<SizeFigures
         let j = b / silent_every;
         if b % silent_every == 0 && j < it.silent_plans {
             let now = epoch + rates.lease_ttl * (j as u32 + 1);
+            quiet = Tracker::new(rates.lease_ttl, rates.idle_block, epoch);
             for node in &live {
                 quiet.heard(*node, now - Duration::from_millis(1), None);
             }
