@@ -304,7 +304,6 @@ pub fn measure(nodes: usize, rates: Rates, it: Iterations) -> Result<SizeFigures
     // parent treats it as failed and backs off), so each proposes the k Downs, and every
     // verifier judges them.
     let mut steady = Tracker::new(rates.lease_ttl, rates.idle_block, epoch);
-    let mut quiet = Tracker::new(rates.lease_ttl, rates.idle_block, epoch);
     let phases = rates.blocks_per_heartbeat();
     let groups: Vec<Vec<NodeId>> = (0..phases)
         .map(|p| ids.iter().enumerate().filter(|(i, _)| i % phases == p).map(|(_, n)| *n).collect())
@@ -339,7 +338,7 @@ pub fn measure(nodes: usize, rates: Rates, it: Iterations) -> Result<SizeFigures
         let j = b / silent_every;
         if b % silent_every == 0 && j < it.silent_plans {
             let now = epoch + rates.lease_ttl * (j as u32 + 1);
-            quiet = Tracker::new(rates.lease_ttl, rates.idle_block, epoch);
+            let mut quiet = Tracker::new(rates.lease_ttl, rates.idle_block, epoch);
             for node in &live {
                 quiet.heard(*node, now - Duration::from_millis(1), None);
             }
