@@ -191,7 +191,7 @@ pub struct Tracker {
     /// This node.
     me: Option<NodeId>,
     /// The latest report of each other validator, and when it came.
-    reports: HashMap<NodeId, (SystemTime, HashSet<NodeId>, HashSet<NodeId>)>,
+    reports: HashMap<NodeId, (SystemTime, ReportSets)>,
 }
 
 /// Most doublings of the wait before a change that failed alone is proposed again: 4 leases. A
@@ -240,14 +240,14 @@ impl Tracker {
         quorum - usize::from(self.me.is_some_and(|me| self.validators.contains(&me)))
     }
 
-    /// How many other validators reported, within [`report_fresh`] of `now` (1.5 heartbeat intervals), that they would accept
-    /// a `Down` (`silent`) or an `Up` (not `silent`) for `node`.
+    /// How many other validators reported, within [`report_fresh`] of `now` (1.5 heartbeat
+    /// intervals), that they would accept a `Down` (`silent`) or an `Up` (not `silent`) for `node`.
     fn backing(&self, node: &NodeId, now: SystemTime, silent: bool) -> usize {
         self.reports
             .values()
-            .filter(|(at, s, h)| {
+            .filter(|(at, r)| {
                 now.duration_since(*at).unwrap_or_default() <= report_fresh(self.ttl)
-                    && if silent { s.contains(node) } else { h.contains(node) }
+                    && if silent { r.silent.contains(node) } else { r.heard.contains(node) }
             })
             .count()
     }
@@ -261,7 +261,7 @@ impl Tracker {
     /// The sets are built by the caller, outside the tracker's lock ([`ReportSets::from`]).
     pub fn reported(&mut self, from: NodeId, now: SystemTime, report: ReportSets) {
         if self.counts_reports_of(&from) {
-            self.reports.insert(from, (now, report.silent, report.heard));
+            self.reports.insert(from, (now, report));
         }
     }
 
@@ -360,12 +360,10 @@ impl Tracker {
                 }
                 LeaseStatus::Down
                     if self.heard_within(node, now, self.ttl / 2)
-                        && self.backing(node, now, false) >= self.needed() =>
+                        && self.backing(node, now, false) >= self.needed()
+                        && self.usable_proof(node, lease, state) =>
                 {
-                    let proof = self.heard.get(node).and_then(|h| h.proof);
-                    if let Some(proof) =
-                        proof.filter(|p| p.at_height >= lease.since_height && p.at_height <= state.chain().height)
-                    {
+                    if let Some(proof) = self.heard.get(node).and_then(|h| h.proof) {
                         out.push(LivenessChange::Up { node: *node, proof });
                     }
                 }
@@ -400,13 +398,7 @@ impl Tracker {
     /// missing, the proposal failed.
     fn judge_last(&mut self, state: &State, now: SystemTime) {
         let last = std::mem::take(&mut self.last);
-        let landed = |c: &LivenessChange| {
-            let wanted = match c {
-                LivenessChange::Down { .. } => LeaseStatus::Down,
-                LivenessChange::Up { .. } => LeaseStatus::Up,
-            };
-            state.lease(&c.node()).is_none_or(|l| l.status == wanted)
-        };
+        let landed = |c: &LivenessChange| state.lease(&c.node()).is_none_or(|l| l.status == c.status());
         if last.iter().all(landed) {
             for c in &last {
                 self.failed.remove(&c.node());

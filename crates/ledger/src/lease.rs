@@ -113,6 +113,14 @@ impl LivenessChange {
         }
     }
 
+    /// The status it gives the node's lease.
+    pub fn status(&self) -> LeaseStatus {
+        match self {
+            LivenessChange::Down { .. } => LeaseStatus::Down,
+            LivenessChange::Up { .. } => LeaseStatus::Up,
+        }
+    }
+
     /// Hash for the block's liveness root.
     pub fn hash(&self) -> Hash {
         let mut bytes = Vec::with_capacity(self.encode_size());
@@ -204,10 +212,7 @@ impl State {
     pub fn check_liveness(&self, change: &LivenessChange) -> Result<(), LivenessError> {
         let node = change.node();
         let lease = self.lease(&node).ok_or_else(|| LivenessError::NotRegistered(node.short()))?;
-        let wanted = match change {
-            LivenessChange::Down { .. } => LeaseStatus::Down,
-            LivenessChange::Up { .. } => LeaseStatus::Up,
-        };
+        let wanted = change.status();
         if lease.status == wanted {
             return Err(LivenessError::Unchanged { node: node.short(), status: wanted });
         }
@@ -229,10 +234,7 @@ impl State {
     /// Applies `change` at the current height: all of it, or nothing.
     pub fn apply_liveness(&mut self, change: &LivenessChange) -> Result<(), LivenessError> {
         self.check_liveness(change)?;
-        let status = match change {
-            LivenessChange::Down { .. } => LeaseStatus::Down,
-            LivenessChange::Up { .. } => LeaseStatus::Up,
-        };
+        let status = change.status();
         let lease = Lease { status, since_height: self.chain.height, since_ms: self.chain.timestamp_ms };
         self.leases.set(change.node(), Some(lease));
         Ok(())

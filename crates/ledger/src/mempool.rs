@@ -116,6 +116,13 @@ impl MempoolError {
         matches!(self, MempoolError::Full(_) | MempoolError::GappedFull { .. } | MempoolError::AccountQuota { .. })
     }
 
+    /// How many of a submission's `results` were refused for a reason of the transaction's own,
+    /// not for congestion ([`MempoolError::is_congestion`]), which an honest sender cannot know.
+    /// A transaction known already is not refused (its answer is its hash).
+    pub fn refusals(results: &[Result<Hash, MempoolError>]) -> usize {
+        results.iter().filter(|r| matches!(r, Err(e) if !e.is_congestion())).count()
+    }
+
     /// A stable, machine-readable code.
     pub fn code(&self) -> &'static str {
         match self {

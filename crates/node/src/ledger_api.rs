@@ -218,7 +218,7 @@ fn still_pending(chain: &Chain, hash: Hash, waited: Duration) -> Response {
 /// pool, a full account quota: `MempoolError::is_congestion`) is not counted.
 /// Figures in ARCHITECTURE.md (issue 17).
 fn charge_refusals(s: &ApiState, source: std::net::IpAddr, answers: &[Result<Hash, archipel_ledger::MempoolError>]) {
-    s.admission.refused(source, crate::txgossip::refusals(answers) as u64);
+    s.admission.refused(source, archipel_ledger::MempoolError::refusals(answers) as u64);
 }
 
 /// Most transactions in one `POST /v1/txs`.

@@ -101,14 +101,15 @@ pub const MAX_WAITING_PER_PEER: usize = 16_384;
 /// Most encoded bytes waiting from one peer (held decoded, before any signature check): 16,384
 /// transfers of ~200 bytes fit, not 16,384 transactions of the largest size (8 KiB by default).
 pub const MAX_WAITING_BYTES_PER_PEER: usize = 4 * 1024 * 1024;
-/// Most encoded bytes waiting from all peers together: beyond, the peer with the most waiting
-/// loses its newest batches (with 10,000 peers, the per-peer bound alone would allow 40 GB).
+/// Most encoded bytes waiting from all peers together: beyond, lines fuller than the pushing
+/// peer's would be lose their newest batches, or else the pushed batch is dropped (with 10,000
+/// peers, the per-peer bound alone would allow 40 GB).
 pub const MAX_WAITING_BYTES: usize = 64 * 1024 * 1024;
 /// Most transactions of one peer checked in one go: its waiting batches are merged into one
 /// signature batch, up to this many.
 pub const MAX_TAKE: usize = 4_096;
 /// Each transaction this node refused (for a reason of the transaction's own, see
-/// [`refusals`]) counts this many times in its peer's use, so a peer whose gossip is mostly
+/// [`MempoolError::refusals`]) counts this many times in its peer's use, so a peer whose gossip is mostly
 /// refused waits behind the others.
 pub const REFUSED_WEIGHT: u64 = 8;
 /// Refusals a peer may have had lately (halved every [`DECAY`]) and still be read: above, its
@@ -140,11 +141,14 @@ pub struct Intake {
     decayed_at: Option<Instant>,
 }
 
+/// Decoded transactions of a gossip message, each with its encoded size.
+type Batch = Vec<(SignedTransaction, usize)>;
+
 /// One peer's waiting batches and recent history.
 #[derive(Debug, Default)]
 struct Line {
-    /// Batches with their arrival numbers.
-    waiting: VecDeque<(u64, Vec<(SignedTransaction, usize)>)>,
+    /// Batches with their arrival numbers and encoded bytes.
+    waiting: VecDeque<(u64, usize, Batch)>,
     /// Transactions in `waiting`, and their encoded bytes.
     txs: usize,
     bytes: usize,
@@ -173,11 +177,6 @@ impl Intake {
             && self.peers.get(peer).is_none_or(|l| {
                 l.txs < MAX_WAITING_PER_PEER && l.bytes.saturating_add(len) <= MAX_WAITING_BYTES_PER_PEER
             })
-    }
-
-    /// Whether `peer` waits for its refusals to decay (a batch from it wakes no one).
-    pub fn is_held(&self, peer: &PublicKey) -> bool {
-        self.peers.get(peer).is_some_and(|l| l.refused > PEER_REFUSALS)
     }
 
     /// Queues `batch` from `peer`, received at `now`; the number of transactions dropped: the
@@ -209,8 +208,7 @@ impl Intake {
                 return dropped + batch.len();
             };
             while self.bytes + bytes > MAX_WAITING_BYTES && victim.bytes > after {
-                let Some((_, newest)) = victim.waiting.pop_back() else { break };
-                let freed: usize = newest.iter().map(|(_, len)| *len).sum();
+                let Some((_, freed, newest)) = victim.waiting.pop_back() else { break };
                 victim.txs -= newest.len();
                 victim.bytes -= freed;
                 self.bytes -= freed;
@@ -220,7 +218,7 @@ impl Intake {
         let line = self.peers.entry(peer.clone()).or_default();
         line.txs += batch.len();
         line.bytes += bytes;
-        line.waiting.push_back((self.arrivals, batch));
+        line.waiting.push_back((self.arrivals, bytes, batch));
         self.arrivals += 1;
         self.bytes += bytes;
         dropped
@@ -245,12 +243,11 @@ impl Intake {
         };
         let Some(line) = self.peers.get_mut(&peer) else { return Turn::Idle };
         let mut taken = Vec::new();
-        while let Some((_, batch)) = line.waiting.front() {
+        while let Some((_, _, batch)) = line.waiting.front() {
             if !taken.is_empty() && taken.len() + batch.len() > MAX_TAKE {
                 break;
             }
-            let Some((_, batch)) = line.waiting.pop_front() else { break };
-            let bytes: usize = batch.iter().map(|(_, len)| *len).sum();
+            let Some((_, bytes, batch)) = line.waiting.pop_front() else { break };
             line.txs -= batch.len();
             line.bytes -= bytes;
             self.bytes -= bytes;
@@ -263,7 +260,7 @@ impl Intake {
     /// refusals, and stops reading it (dropping what waits) if it sent a bad signature. True
     /// when it is ignored from now on.
     pub fn done(&mut self, peer: &PublicKey, results: &[Result<Hash, MempoolError>], now: Instant) -> bool {
-        let refused = refusals(results) as u64;
+        let refused = MempoolError::refusals(results) as u64;
         let line = self.peers.entry(peer.clone()).or_default();
         line.used = line.used.saturating_add(results.len() as u64).saturating_add(refused * (REFUSED_WEIGHT - 1));
         line.refused = line.refused.saturating_add(refused);
@@ -299,14 +296,6 @@ impl Intake {
         });
         self.ignored.0.retain(|_, until| *until > now);
     }
-}
-
-/// How many of `results` were refused for a reason of the transaction's own: not for this node's
-/// state (a full pool, a full share of gapped transactions) or the chain's pace (an account's
-/// quota of waiting transactions), which an honest sender cannot know. A transaction known
-/// already is not refused (its answer is its hash).
-pub fn refusals(results: &[Result<Hash, MempoolError>]) -> usize {
-    results.iter().filter(|r| matches!(r, Err(e) if !e.is_congestion())).count()
 }
 
 /// Admits gossiped transactions into the local mempool, peer by peer in [`Intake`]'s order: one
@@ -563,10 +552,10 @@ mod tests {
             Err(MempoolError::GappedFull { signer: "x".into(), missing: 3, gapped: 5 }),
             Ok(Hash::ZERO),
         ];
-        assert_eq!(refusals(&congested), 0);
-        assert_eq!(refusals(&answers(10, 3)), 3);
+        assert_eq!(MempoolError::refusals(&congested), 0);
+        assert_eq!(MempoolError::refusals(&answers(10, 3)), 3);
         let bad_nonce = vec![Err(MempoolError::Invalid(TxError::BadNonce { expected: 1, got: 0 }))];
-        assert_eq!(refusals(&bad_nonce), 1);
+        assert_eq!(MempoolError::refusals(&bad_nonce), 1);
     }
 
     #[test]
