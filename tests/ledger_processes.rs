@@ -85,6 +85,7 @@ fn one_validator_killed_keeps_finalizing_and_returns_to_catch_up_and_validate() 
     let url = |i| devnet.node(i).1;
     let (n1, n5) = (url(0), url(4));
     wait_height(&n1, 5, Duration::from_secs(60));
+    wait_all_leases_up(&n1);
 
     // kill -9 validator n02: the other three keep finalizing, seen by a validator and a follower.
     let (_, n2, pid2, config2) = devnet.node(1);
@@ -118,6 +119,8 @@ fn two_of_four_validators_down_stops_progress_without_fork_until_one_returns() {
     let url = |i| devnet.node(i).1;
     let (n1, n4, n5) = (url(0), url(3), url(4));
     wait_height(&n1, 3, Duration::from_secs(60));
+    // n02 must be Up before it dies for its Down to be a change at all.
+    wait_all_leases_up(&n1);
 
     let (_, _, pid2, _) = devnet.node(1);
     let (_, n3, pid3, config3) = devnet.node(2);
@@ -144,7 +147,14 @@ fn two_of_four_validators_down_stops_progress_without_fork_until_one_returns() {
     // validator still dead is marked down once the chain runs again.
     wait_height(&n1, stalled + 20, Duration::from_secs(90));
     assert_never_down(&n1, &[devnet.id(0), devnet.id(3), devnet.id(4)]);
-    let to = head(&n1).unwrap();
-    let down: Vec<NodeId> = downs(&n1, to).into_iter().map(|(_, n)| n).collect();
-    assert!(down.contains(&devnet.id(1)), "the dead validator n02 was never marked down: {down:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let to = head(&n1).unwrap();
+        let down: Vec<NodeId> = downs(&n1, to).into_iter().map(|(_, n)| n).collect();
+        if down.contains(&devnet.id(1)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the dead validator n02 was not marked down within 30 s: {down:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -74,6 +74,8 @@ fn a_flood_of_gapped_and_overspending_transfers_leaves_honest_transfers_untouche
     let last = transfer(&tenant, nonce, &sink, 1);
     nonce += 1;
     rt().block_on(clients[0].submit(&last, true)).expect("funding is final");
+    // Every lease is Up before the flood, so "never Down" below means the flood cost none.
+    wait_all_leases_up(&devnet.node(0).1);
 
     // Each account's flood, valid transaction by transaction: nonce 0 never comes (every later
     // nonce waits for it), and odd accounts spend the whole balance (amount + fee) each time.

@@ -318,6 +318,22 @@ pub fn wait_storage_up(url: &str, n: usize) {
     }
 }
 
+/// Waits until every registered node's lease is Up in the finalized state `url` serves. Genesis
+/// leases open Down until a node's first alive proof lands, so a test that kills a node and then
+/// expects it marked Down must first see it Up.
+pub fn wait_all_leases_up(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = rt().block_on(ApiClient::new(url).nodes()).expect("nodes");
+        let leases: Vec<_> = v.nodes.iter().filter_map(|n| n.lease).collect();
+        if !leases.is_empty() && leases.iter().all(|l| *l == archipel_ledger::LeaseStatus::Up) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not every lease came up within 60 s: {leases:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// SIGKILLs process `pid`.
 pub fn kill9(pid: u32) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
