@@ -86,7 +86,7 @@ fn kill_restart_foreign_key_and_clean_shutdown() {
                 "--listen",
                 listen,
                 "--seconds",
-                "4",
+                "8",
             ],
         );
         assert!(out.status.success(), "{}", stderr(&out));
@@ -127,7 +127,8 @@ fn kill_restart_foreign_key_and_clean_shutdown() {
         .unwrap_err();
     assert_eq!(forbidden.status(), Some(403), "{forbidden}");
 
-    // Restart the node: the others see it up within 5 s.
+    // Restart the node: the others see it up within 10 s (the process starts, opens its ledger
+    // and connects first).
     let mut restarted = Command::new(bin())
         .args(["node", "run", "--config", victim_config.to_str().unwrap()])
         .stdout(Stdio::null())
@@ -136,7 +137,7 @@ fn kill_restart_foreign_key_and_clean_shutdown() {
         .unwrap();
     let restart = Instant::now();
     for url in [&url1, &url2] {
-        let left = Duration::from_secs(5).saturating_sub(restart.elapsed());
+        let left = Duration::from_secs(10).saturating_sub(restart.elapsed());
         wait_view(url, left, "victim up again", |v| status_of(v, &victim) == Some(PeerStatus::Up));
     }
     let _ = victim_url;

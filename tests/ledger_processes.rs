@@ -131,11 +131,15 @@ fn two_of_four_validators_down_stops_progress_without_fork_until_one_returns() {
     // validator that was killed.)
     std::thread::sleep(Duration::from_secs(3));
     let before: Vec<u64> = [&n1, &n4, &n5].iter().map(|u| head(u).unwrap()).collect();
+    let top = before.iter().copied().max().unwrap_or(0);
     std::thread::sleep(Duration::from_secs(5));
-    for (u, h) in [&n1, &n4, &n5].iter().zip(&before) {
-        assert_eq!(head(u).unwrap(), *h, "{u} made progress with only 2 of 4 validators");
+    // A node may still learn a block another had at the stall (its certificate came late), but
+    // no height beyond what anyone had.
+    for u in [&n1, &n4, &n5] {
+        let h = head(u).unwrap();
+        assert!(h <= top, "{u} is at height {h}, past {top}: progress with only 2 of 4 validators");
     }
-    let stalled = before[0];
+    let stalled = head(&n1).unwrap();
     assert_no_fork(&[&n1, &n4, &n5]);
 
     // One returns: progress resumes, and it agrees with everyone.

@@ -200,7 +200,7 @@ fn jobs_are_bid_on_run_verified_paid_once_and_survive_the_loss_of_us_east() {
     let (wasm_wc, wasm_chain) = (wasm("wordcount"), wasm("sha256chain"));
 
     // Long enough for every provider to seal a bid on a slow machine: who wins is asserted.
-    let window = ["--bid-window", "2s"];
+    let window = ["--bid-window", "4s"];
 
     // 1. A word count, EU only and no US operator: the cheapest such provider (n06) wins, runs
     // it and is paid its bid once; the output is what the same module gives here.
@@ -403,7 +403,7 @@ fn jobs_are_bid_on_run_verified_paid_once_and_survive_the_loss_of_us_east() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let (before_kill, n12_0) = (net.job(&moving), net.account(&id_of("n12")));
-    let last_beat = before_kill["leases"][0]["last_beat_ms"].as_u64().unwrap();
+    let mut last_beat = before_kill["leases"][0]["last_beat_ms"].as_u64().unwrap();
     let killed_at = Instant::now();
     for name in ["n04", "n12"] {
         kill9(devnet.node(names.iter().position(|n| n == name).unwrap()).2);
@@ -413,7 +413,12 @@ fn jobs_are_bid_on_run_verified_paid_once_and_survive_the_loss_of_us_east() {
         if leaseholders(&m) == [id_of("n03")] {
             break (killed_at.elapsed(), m);
         }
-        assert!(killed_at.elapsed() < Duration::from_secs(30), "the job never left n12: {m}");
+        // A heartbeat sent before the kill may land after the read above: the last one n12 got
+        // in is the latest seen while its lease lasts (it lasts a TTL after it, polled every 50 ms).
+        if leaseholders(&m) == [id_of("n12")] {
+            last_beat = last_beat.max(m["leases"][0]["last_beat_ms"].as_u64().unwrap_or(0));
+        }
+        assert!(killed_at.elapsed() < Duration::from_secs(60), "the job never left n12: {m}");
         std::thread::sleep(Duration::from_millis(50));
     };
     let awarded = m["leases"][0]["awarded_ms"].as_u64().unwrap();
@@ -422,9 +427,10 @@ fn jobs_are_bid_on_run_verified_paid_once_and_survive_the_loss_of_us_east() {
         awarded - last_beat
     );
     // In block time, whatever the machine's speed: a lease TTL (2 s) after the last heartbeat n12
-    // got in, plus the time to the next block (a dead standby taking it first would add a TTL).
-    assert!(awarded - last_beat <= 4_500, "the standby took over {} ms after the last heartbeat", awarded - last_beat);
-    assert!(failover < Duration::from_secs(10), "{failover:?}");
+    // got in, plus the time to the next blocks (n04, a validator, died too: its views wait out a
+    // 1 s leader timeout). A dead standby taking it first would add a whole TTL and its blocks.
+    assert!(awarded - last_beat <= 5_500, "the standby took over {} ms after the last heartbeat", awarded - last_beat);
+    assert!(failover < Duration::from_secs(20), "{failover:?}");
     let m = net.ended(&moving, Duration::from_secs(300));
     let s = net.ended(&staying, Duration::from_secs(300));
     assert_eq!(m["ended"]["status"], "accepted", "{m}");

@@ -488,6 +488,17 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    // And Up again in finalized state, before its lease could age into a repair that would move
+    // its shards (and unlist the version its collector must keep).
+    let restarted_name = devnet.node(restarted).0;
+    while {
+        let v: serde_json::Value =
+            rt().block_on(archipel_node::client::ApiClient::new(&node).get("/v1/storage/nodes")).unwrap();
+        !v["nodes"].as_array().unwrap().iter().any(|n| n["name"] == restarted_name.as_str() && n["lease"] == "up")
+    } {
+        assert!(std::time::Instant::now() < deadline, "the restarted holder's lease never came up again");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     let restarted_at = std::time::Instant::now();
     for i in others {
         kill9(devnet.node(*i).2);
@@ -500,7 +511,6 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
     // deleted version's holders that are still running have deleted its files.
     // The holder killed and restarted above runs under a new pid (it replayed its chain and
     // rebuilt nothing of its shards): it counts as running too.
-    let restarted_name = devnet.node(restarted).0;
     let again_pid = _again.0.id();
     let running = |name: &str| {
         (name == restarted_name && pid_alive(again_pid))

@@ -176,12 +176,16 @@ pub fn wait_view(url: &str, timeout: Duration, what: &str, pred: impl Fn(&NodesV
     let client = ApiClient::new(url);
     let start = Instant::now();
     let mut last = None;
-    while start.elapsed() < timeout {
+    // Looked at once at least, even with no time left.
+    loop {
         if let Ok(v) = rt.block_on(client.nodes()) {
             if pred(&v) {
                 return start.elapsed();
             }
             last = Some(v);
+        }
+        if start.elapsed() >= timeout {
+            break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }

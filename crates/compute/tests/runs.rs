@@ -361,12 +361,19 @@ fn a_run_whose_parent_dies_ends_too() {
     let request = archipel_compute::child::Request { job, status: c.dir.path().join("orphan-status.json") };
     std::fs::write(&req, serde_json::to_vec(&request).unwrap()).unwrap();
     let me = std::env::current_exe().unwrap();
-    // sh starts the child in the background and exits 300 ms later.
-    let script = format!("'{}' wasm-run '{}' & sleep 0.3", me.display(), req.display());
+    // sh starts the child in the background and exits a second later (the child has armed its
+    // parent-death signal by then, even on a loaded box).
+    let script = format!("'{}' wasm-run '{}' & sleep 1", me.display(), req.display());
     assert!(std::process::Command::new("/bin/sh").arg("-c").arg(&script).status().unwrap().success());
-    std::thread::sleep(std::time::Duration::from_millis(400));
-    let alive = running(req.to_str().unwrap());
-    assert!(alive.is_empty(), "the orphan still runs: {alive:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let alive = running(req.to_str().unwrap());
+        if alive.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the orphan still runs 5 s after its parent died: {alive:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 fn a_module_past_the_size_bound_is_refused_unread() {
