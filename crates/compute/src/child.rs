@@ -53,6 +53,12 @@ pub struct Request {
     pub job: Job,
     /// Where the child writes its [`Status`].
     pub status: PathBuf,
+    /// The pid of the process that starts the child and waits for it (the runner's program must
+    /// be the child itself, not a wrapper that forks it). A child whose parent is another has
+    /// been orphaned before it could arm its parent-death signal, and ends at once. `None`
+    /// (requests written by hand) checks only that the parent did not change while arming it.
+    #[serde(default)]
+    pub parent: Option<u32>,
 }
 
 /// What the child reports, as JSON in the status file.
@@ -122,8 +128,11 @@ fn bound_self(req: &Request) {
     let _ = rustix::process::setpriority_process(None, NICE);
     let parent = rustix::process::getppid();
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
-    if rustix::process::getppid() != parent {
-        // The parent died before the line above: nobody waits for this run.
+    let now = rustix::process::getppid();
+    let pid = |p: Option<rustix::process::Pid>| p.map(|p| p.as_raw_nonzero().get().unsigned_abs());
+    if now != parent || req.parent.is_some_and(|expected| pid(now) != Some(expected)) {
+        // The parent died before the line above (or before this process even started): nobody
+        // waits for this run, and the death signal was armed against whoever adopted it.
         std::process::exit(BAD_REQUEST_EXIT);
     }
     let _ = setrlimit(Resource::Core, Rlimit { current: Some(0), maximum: Some(0) });

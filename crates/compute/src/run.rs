@@ -98,7 +98,7 @@ impl Runner {
         let mut job = job.clone();
         // The child runs in the work directory: paths it is given must not depend on ours.
         job.module = std::path::absolute(&job.module).map_err(RunError::Work)?;
-        let request = Request { job: job.clone(), status: status_path.clone() };
+        let request = Request { job: job.clone(), status: status_path.clone(), parent: Some(std::process::id()) };
         std::fs::write(&request_path, serde_json::to_vec(&request).map_err(|e| RunError::Work(e.into()))?)
             .map_err(RunError::Work)?;
 

@@ -358,7 +358,8 @@ fn a_run_whose_parent_dies_ends_too() {
     let c = Case::new();
     let job = c.job(SPIN, Limits { cpu_ms: 60_000, wall_ms: 60_000, ..small() });
     let req = c.dir.path().join("orphan-request.json");
-    let request = archipel_compute::child::Request { job, status: c.dir.path().join("orphan-status.json") };
+    let request =
+        archipel_compute::child::Request { job, status: c.dir.path().join("orphan-status.json"), parent: None };
     std::fs::write(&req, serde_json::to_vec(&request).unwrap()).unwrap();
     let me = std::env::current_exe().unwrap();
     // sh starts the child in the background and exits a second later (the child has armed its
@@ -374,6 +375,33 @@ fn a_run_whose_parent_dies_ends_too() {
         assert!(std::time::Instant::now() < deadline, "the orphan still runs 5 s after its parent died: {alive:?}");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// A child orphaned before it armed its parent-death signal (its parent is not the one the request
+/// names) ends at once instead of running to its limits under whoever adopted it.
+fn a_child_whose_parent_is_not_the_requester_ends_at_once() {
+    let c = Case::new();
+    let job = c.job(SPIN, Limits { cpu_ms: 60_000, wall_ms: 60_000, ..small() });
+    let status = c.dir.path().join("adopted-status.json");
+    let req = c.dir.path().join("adopted-request.json");
+    // This process starts it, but the request names another parent (pid 1, which adopts orphans).
+    let request = archipel_compute::child::Request { job, status: status.clone(), parent: Some(1) };
+    std::fs::write(&req, serde_json::to_vec(&request).unwrap()).unwrap();
+    let me = std::env::current_exe().unwrap();
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(&me).arg("wasm-run").arg(&req).output().unwrap();
+    assert_eq!(out.status.code(), Some(archipel_compute::child::BAD_REQUEST_EXIT), "{out:?}");
+    assert!(!status.exists(), "it wrote no status: it never ran");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "ended at once, not at a limit");
+    // Named right, the same request runs (and here ends at its CPU limit).
+    let request = archipel_compute::child::Request {
+        job: c.job(SPIN, Limits { cpu_ms: 200, ..small() }),
+        status: status.clone(),
+        parent: Some(std::process::id()),
+    };
+    std::fs::write(&req, serde_json::to_vec(&request).unwrap()).unwrap();
+    let _ = std::process::Command::new(&me).arg("wasm-run").arg(&req).output().unwrap();
+    assert!(status.exists(), "with its real parent named, the child ran and reported");
 }
 
 fn a_module_past_the_size_bound_is_refused_unread() {
@@ -587,6 +615,10 @@ fn main() {
             seeded_randomness_is_the_seeds_stream_and_does_not_repeat,
         ),
         ("a_run_whose_parent_dies_ends_too", a_run_whose_parent_dies_ends_too),
+        (
+            "a_child_whose_parent_is_not_the_requester_ends_at_once",
+            a_child_whose_parent_is_not_the_requester_ends_at_once,
+        ),
         ("a_module_past_the_size_bound_is_refused_unread", a_module_past_the_size_bound_is_refused_unread),
     ];
     if args.iter().any(|a| a == "--list") {
