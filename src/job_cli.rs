@@ -108,38 +108,72 @@ pub async fn run(command: JobCommand) -> Result<()> {
     }
 }
 
-/// A job spec file. Paths are relative to the file.
+/// A job spec file, read by `job run-local` and `job submit` alike. Local paths are relative to
+/// the file; `job submit` also takes BUCKET/KEY of a stored object where no such file exists.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SpecFile {
+pub(crate) struct SpecFile {
     /// The module.
-    module: Option<PathBuf>,
-    /// Input files, concatenated as stdin.
+    pub(crate) module: Option<String>,
+    /// Inputs, concatenated as stdin.
     #[serde(default)]
-    inputs: Vec<PathBuf>,
+    pub(crate) inputs: Vec<String>,
     #[serde(default)]
-    args: Vec<String>,
+    pub(crate) args: Vec<String>,
     #[serde(default)]
-    env: std::collections::BTreeMap<String, String>,
+    pub(crate) env: std::collections::BTreeMap<String, String>,
     #[serde(default)]
-    limits: SpecLimits,
+    pub(crate) limits: SpecLimits,
     /// On how many providers the job is to run (1–5): above 1, NaNs are canonical and WASI's
     /// randomness seeded, as providers will run it.
-    redundancy: Option<u8>,
+    pub(crate) redundancy: Option<u8>,
+    /// The most paid one provider for one run, in micro-units (`job submit`).
+    pub(crate) max_price: Option<u64>,
+    /// How long sealed bids are taken (`job submit`), e.g. "2s".
+    pub(crate) bid_window: Option<String>,
+    /// Allowed regions or areas (`job submit`), e.g. ["eu"].
+    #[serde(default)]
+    pub(crate) regions: Vec<String>,
+    /// Allowed countries of the hardware (`job submit`), e.g. ["DE", "FR"].
+    #[serde(default)]
+    pub(crate) countries: Vec<String>,
+    /// Refused operator jurisdictions (`job submit`), e.g. ["US"].
+    #[serde(default)]
+    pub(crate) deny_jurisdictions: Vec<String>,
+    /// The directory the spec's relative paths start from.
+    #[serde(skip)]
+    base: PathBuf,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SpecLimits {
-    memory: Option<String>,
-    cpu: Option<String>,
-    timeout: Option<String>,
-    max_output: Option<String>,
-    max_log: Option<String>,
+pub(crate) struct SpecLimits {
+    pub(crate) memory: Option<String>,
+    pub(crate) cpu: Option<String>,
+    pub(crate) timeout: Option<String>,
+    pub(crate) max_output: Option<String>,
+    pub(crate) max_log: Option<String>,
 }
 
 impl SpecFile {
-    fn load(path: &std::path::Path) -> Result<SpecFile> {
+    /// The spec's module as a local path.
+    fn module_path(&self) -> Option<PathBuf> {
+        self.module.as_ref().map(|m| self.base.join(m))
+    }
+
+    /// The spec's inputs as local paths.
+    fn input_paths(&self) -> Vec<PathBuf> {
+        self.inputs.iter().map(|i| self.base.join(i)).collect()
+    }
+
+    /// `text` (the module or an input) as `job submit` takes it: the file it names relative to
+    /// the spec when there is one, else as written (BUCKET/KEY of a stored object).
+    pub(crate) fn object_text(&self, text: &str) -> String {
+        let local = self.base.join(text);
+        if local.is_file() { local.to_string_lossy().into_owned() } else { text.to_string() }
+    }
+
+    pub(crate) fn load(path: &std::path::Path) -> Result<SpecFile> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the spec {}", path.display()))?;
         let mut spec: SpecFile = if path.extension().is_some_and(|e| e == "json") {
             serde_json::from_str(&text).map_err(|e| anyhow!("the spec {} is not a job spec: {e}", path.display()))?
@@ -151,15 +185,13 @@ impl SpecFile {
         {
             bail!("the spec's redundancy {n} is out of range: run a job on 1 to 5 providers");
         }
-        let base = path.parent().unwrap_or(std::path::Path::new("."));
-        spec.module = spec.module.map(|m| base.join(m));
-        spec.inputs = spec.inputs.iter().map(|i| base.join(i)).collect();
+        spec.base = path.parent().unwrap_or(std::path::Path::new(".")).to_path_buf();
         Ok(spec)
     }
 }
 
 /// The flag's value, else the spec's, else the default, as a number.
-fn pick<T>(
+pub(crate) fn pick<T>(
     flag: &Option<String>,
     spec: &Option<String>,
     default: &str,
@@ -223,11 +255,12 @@ async fn run_local(a: RunLocalArgs) -> Result<()> {
         None if redundant => a.spec.as_ref().and_then(|p| std::fs::read(p).ok()).map(|b| *blake3::hash(&b).as_bytes()),
         None => None,
     };
-    let module = a.module.clone().or(spec.module.clone()).ok_or_else(|| anyhow!("the spec names no module"))?;
+    let module = a.module.clone().or(spec.module_path()).ok_or_else(|| anyhow!("the spec names no module"))?;
     let work = tempfile::tempdir().context("cannot make a temporary directory")?;
-    let stdin = match (&a.stdin, spec.inputs.is_empty()) {
+    let spec_inputs = spec.input_paths();
+    let stdin = match (&a.stdin, spec_inputs.is_empty()) {
         (Some(f), _) => Some(f.clone()),
-        (None, false) => Some(concatenate(&spec.inputs, work.path())?),
+        (None, false) => Some(concatenate(&spec_inputs, work.path())?),
         (None, true) => None,
     };
     let job = Job {
@@ -242,7 +275,7 @@ async fn run_local(a: RunLocalArgs) -> Result<()> {
     let runner = Runner::new(std::env::current_exe().context("cannot find the archipel binary")?, &["wasm-run"]);
     let outcome = match (&a.output, a.json) {
         (Some(path), _) => {
-            let inputs = stdin.iter().chain(&spec.inputs).chain(a.spec.iter());
+            let inputs = stdin.iter().chain(&spec_inputs).chain(a.spec.iter());
             for (what, other) in std::iter::once(("the module", &module)).chain(inputs.map(|i| ("an input", i))) {
                 if same_file(other, path) {
                     bail!("--output {} is {what}: it would be overwritten; write the output elsewhere", path.display());

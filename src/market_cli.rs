@@ -8,6 +8,7 @@
 //! BLAKE3 against the ledger before writing it. Everything else reads finalized state, and the
 //! providers' own APIs for what only they know (why they declined, their run's output and log).
 
+use crate::job_cli::pick;
 use crate::storage_cli::{Tenant, client};
 use anyhow::{Context as _, Result, anyhow, bail};
 use archipel_compute::{parse_bytes, parse_millis};
@@ -24,8 +25,15 @@ use std::time::Duration;
 /// `archipel job submit`.
 #[derive(Args, Debug)]
 pub struct SubmitArgs {
-    /// The module: a local `.wasm` file (stored into --bucket first), or BUCKET/KEY of a stored one.
-    module: String,
+    /// The module: a local `.wasm` file (stored into --bucket first), or BUCKET/KEY of a stored
+    /// one; or give --spec.
+    #[arg(required_unless_present = "spec")]
+    module: Option<String>,
+    /// A job spec file (TOML, or JSON when it ends in .json), as `job run-local` reads it, with
+    /// the market's fields too: max_price, redundancy, regions, countries, deny_jurisdictions,
+    /// bid_window (see README). Flags given as well override it.
+    #[arg(long)]
+    spec: Option<PathBuf>,
     /// An input: a local file (stored into --bucket first) or BUCKET/KEY of a stored object.
     /// Repeat for more; they are concatenated, in order, as the module's stdin.
     #[arg(long = "input")]
@@ -36,12 +44,13 @@ pub struct SubmitArgs {
     /// An environment variable for the module, KEY=VALUE (repeat for more).
     #[arg(long = "env")]
     env: Vec<String>,
-    /// The most you pay one provider for one run, in micro-units (N runs lock N times this).
+    /// The most you pay one provider for one run, in micro-units (N runs lock N times this);
+    /// required, here or in the spec.
     #[arg(long)]
-    max_price: u64,
-    /// On how many providers it runs (1–5); with more, the majority output is accepted.
-    #[arg(long, default_value_t = 1)]
-    redundancy: u8,
+    max_price: Option<u64>,
+    /// On how many providers it runs (1–5; default 1); with more, the majority output is accepted.
+    #[arg(long)]
+    redundancy: Option<u8>,
     /// Allowed regions or areas, comma separated (`eu`, `eu-de`); default: anywhere.
     #[arg(long = "region", value_delimiter = ',')]
     regions: Vec<RegionMatch>,
@@ -51,23 +60,23 @@ pub struct SubmitArgs {
     /// Refused operator jurisdictions, comma separated (`US`).
     #[arg(long, value_delimiter = ',')]
     deny_jurisdictions: Vec<CountryCode>,
-    /// Linear memory the module may use.
-    #[arg(long, default_value = "256MiB")]
-    memory: String,
-    /// CPU time one run may use.
-    #[arg(long, default_value = "60s")]
-    cpu: String,
-    /// Wall time one run may take.
-    #[arg(long, default_value = "120s")]
-    timeout: String,
-    /// Output (stdout) the module may write.
-    #[arg(long, default_value = "64MiB")]
-    max_output: String,
+    /// Linear memory the module may use (default 256MiB).
+    #[arg(long)]
+    memory: Option<String>,
+    /// CPU time one run may use (default 60s).
+    #[arg(long)]
+    cpu: Option<String>,
+    /// Wall time one run may take (default 120s).
+    #[arg(long)]
+    timeout: Option<String>,
+    /// Output (stdout) the module may write (default 64MiB).
+    #[arg(long)]
+    max_output: Option<String>,
     /// How long sealed bids are taken, then revealed (200 ms to 10 min; providers bid only in
-    /// windows of 500 ms or more). Short windows award sooner; on a busy chain a provider may
-    /// miss a short reveal window and lose its bond, so the default leaves room.
-    #[arg(long, default_value = "2s")]
-    bid_window: String,
+    /// windows of 500 ms or more; default 2s). Short windows award sooner; on a busy chain a
+    /// provider may miss a short reveal window and lose its bond, so the default leaves room.
+    #[arg(long)]
+    bid_window: Option<String>,
     /// The bucket local files are stored in (created, with the job's region policy, if missing).
     #[arg(long, default_value = "jobs")]
     bucket: String,
@@ -188,38 +197,70 @@ async fn object_arg(
     }
 }
 
+/// The flag's list when given, else the spec file's entries parsed (`name` in errors).
+fn listed<T: std::str::FromStr + Clone>(flag: &[T], file: &[String], name: &str) -> Result<Vec<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    if !flag.is_empty() {
+        return Ok(flag.to_vec());
+    }
+    file.iter().map(|t| t.parse::<T>().map_err(|e| anyhow!("the spec's {name}: {t:?}: {e}"))).collect()
+}
+
 /// Runs `archipel job submit`.
 pub async fn submit(a: SubmitArgs) -> Result<()> {
-    let c = client(&a.tenant)?;
+    let file = match &a.spec {
+        Some(p) => crate::job_cli::SpecFile::load(p)?,
+        None => crate::job_cli::SpecFile::default(),
+    };
     let geofence = Geofence {
-        regions: a.regions.iter().cloned().collect(),
-        countries: a.countries.iter().copied().collect(),
-        deny_jurisdictions: a.deny_jurisdictions.iter().copied().collect(),
+        regions: listed(&a.regions, &file.regions, "regions")?.into_iter().collect(),
+        countries: listed(&a.countries, &file.countries, "countries")?.into_iter().collect(),
+        deny_jurisdictions: listed(&a.deny_jurisdictions, &file.deny_jurisdictions, "deny_jurisdictions")?
+            .into_iter()
+            .collect(),
     };
     geofence.validate()?;
-    let env = a
-        .env
-        .iter()
-        .map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| anyhow!("--env takes KEY=VALUE"))?;
+    let mut env: Vec<(String, String)> = file.env.clone().into_iter().collect();
+    for kv in &a.env {
+        match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => {
+                env.retain(|(name, _)| name != k);
+                env.push((k.to_string(), v.to_string()));
+            }
+            _ => bail!("--env {kv:?}: give KEY=VALUE"),
+        }
+    }
+    let l = &file.limits;
     let limits = JobLimits {
-        memory_bytes: parse_bytes(&a.memory).map_err(|e| anyhow!("--memory: {e}"))?,
-        cpu_ms: parse_millis(&a.cpu).map_err(|e| anyhow!("--cpu: {e}"))?,
-        wall_ms: parse_millis(&a.timeout).map_err(|e| anyhow!("--timeout: {e}"))?,
-        output_bytes: parse_bytes(&a.max_output).map_err(|e| anyhow!("--max-output: {e}"))?,
+        memory_bytes: pick(&a.memory, &l.memory, "256MiB", "--memory (limits.memory)", parse_bytes)?,
+        cpu_ms: pick(&a.cpu, &l.cpu, "60s", "--cpu (limits.cpu)", parse_millis)?,
+        wall_ms: pick(&a.timeout, &l.timeout, "120s", "--timeout (limits.timeout)", parse_millis)?,
+        output_bytes: pick(&a.max_output, &l.max_output, "64MiB", "--max-output (limits.max_output)", parse_bytes)?,
     };
-    let bid_window_ms = parse_millis(&a.bid_window).map_err(|e| anyhow!("--bid-window: {e}"))?;
+    let bid_window_ms = pick(&a.bid_window, &file.bid_window, "2s", "--bid-window (bid_window)", parse_millis)?;
+    let max_price = a.max_price.or(file.max_price).ok_or_else(|| {
+        anyhow!("no price: give --max-price MICRO (or max_price in the spec), the most one run may cost you")
+    })?;
+    let module = match (&a.module, &file.module) {
+        (Some(m), _) => m.clone(),
+        (None, Some(m)) => file.object_text(m),
+        (None, None) => bail!("no module: give one (a .wasm file or BUCKET/KEY), or `module` in the spec"),
+    };
+    let inputs: Vec<String> =
+        if a.inputs.is_empty() { file.inputs.iter().map(|i| file.object_text(i)).collect() } else { a.inputs.clone() };
+    let c = client(&a.tenant)?;
     // Checked before anything is stored: a spec the ledger refuses costs no upload.
     let mut spec = JobSpec {
         module: ObjectRef { bucket: "-".into(), key: "-".into(), version: [0; 32], data_key: [0; 32] },
         inputs: vec![],
-        args: a.args.clone(),
+        args: if a.args.is_empty() { file.args.clone() } else { a.args.clone() },
         env,
         limits,
-        max_price_micro: a.max_price,
+        max_price_micro: max_price,
         geofence: geofence.clone(),
-        redundancy: a.redundancy,
+        redundancy: a.redundancy.or(file.redundancy).unwrap_or(1),
         bid_window_ms,
     };
     spec.check()?;
@@ -231,8 +272,8 @@ pub async fn submit(a: SubmitArgs) -> Result<()> {
         ..PlacementPolicy::anywhere(archipel_types::ErasureCode::DEFAULT)
     };
     let mut bucket = None;
-    spec.module = object_arg(&c, &mut bucket, &make_bucket, &a.bucket, &a.module, "modules/").await?;
-    for i in &a.inputs {
+    spec.module = object_arg(&c, &mut bucket, &make_bucket, &a.bucket, &module, "modules/").await?;
+    for i in &inputs {
         spec.inputs.push(object_arg(&c, &mut bucket, &make_bucket, &a.bucket, i, "inputs/").await?);
     }
     let posted = c.submit(Payload::PostJob { spec: spec.clone() }).await?;

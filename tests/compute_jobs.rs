@@ -278,9 +278,12 @@ fn a_spec_file_gives_the_module_inputs_args_and_limits_and_flags_override_it() {
     std::fs::write(d.join("b.txt"), "three\n").unwrap();
     std::fs::write(
         d.join("job.toml"),
-        "module = \"wc.wasm\"\ninputs = [\"a.txt\", \"b.txt\"]\nredundancy = 1\n[limits]\nmemory = \"64MiB\"\ncpu = \"10s\"\n",
+        "module = \"wc.wasm\"\ninputs = [\"a.txt\", \"b.txt\"]\nredundancy = 1\n\
+         max_price = 100\nregions = [\"eu\"]\ndeny_jurisdictions = [\"US\"]\nbid_window = \"3s\"\n\
+         [limits]\nmemory = \"64MiB\"\ncpu = \"10s\"\n",
     )
     .unwrap();
+    // (The market's fields are `job submit`'s: the same file runs here.)
     let spec = d.join("job.toml");
     let s = spec.to_str().unwrap();
     // Run from elsewhere: the spec's paths are its own directory's.

@@ -197,29 +197,70 @@ fn jobs_are_bid_on_run_verified_paid_once_and_survive_the_loss_of_us_east() {
     let tenant = archipel_crypto::Identity::load(Path::new(&net.key)).unwrap().node_id().to_string();
     wait_storage_up(&urls[0], 12);
     let wasm = |name: &str| format!("{}/examples/jobs/{name}.wasm", env!("CARGO_MANIFEST_DIR"));
-    let (wasm_wc, wasm_chain) = (wasm("wordcount"), wasm("sha256chain"));
+    let wasm_chain = wasm("sha256chain");
 
     // Long enough for every provider to seal a bid on a slow machine: who wins is asserted.
     let window = ["--bid-window", "4s"];
 
-    // 1. A word count, EU only and no US operator: the cheapest such provider (n06) wins, runs
-    // it and is paid its bid once; the output is what the same module gives here.
+    // 1. A word count, EU only and no US operator, described by a spec file (the TOML `job
+    // run-local` reads, with the market's fields; its input is a path relative to it): the
+    // cheapest such provider (n06) wins, runs it and is paid its bid once; the output is what the
+    // same module gives here.
     let notes = w.join("notes.txt");
     std::fs::write(&notes, "to be or not to be\nthat is the question\n".repeat(100)).unwrap();
     let local = run(w, &["job", "run-local", &wasm("wordcount"), "--stdin", notes.to_str().unwrap()]);
+    let spec = w.join("count.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "module = {:?}\ninputs = [\"notes.txt\"]\nmax_price = 100\nregions = [\"eu\"]\n\
+             deny_jurisdictions = [\"US\"]\nbid_window = \"{}\"\n[limits]\ncpu = \"30s\"\n",
+            wasm("wordcount"),
+            window[1]
+        ),
+    )
+    .unwrap();
     let (t0, p0) = (net.account(&tenant), net.account(&id_of("n06")));
     let out = w.join("count.txt");
     let started = Instant::now();
-    let mut a = vec!["job", "submit", &wasm_wc, "--input", notes.to_str().unwrap(), "--max-price", "100"];
-    a.extend_from_slice(&["--region", "eu", "--deny-jurisdictions", "US", "--wait", "--output", out.to_str().unwrap()]);
-    a.extend_from_slice(&window);
-    run(w, &args(&net.cli(&a)));
+    let a = ["job", "submit", "--spec", spec.to_str().unwrap(), "--wait", "--output", out.to_str().unwrap(), "--json"];
+    let done: serde_json::Value = serde_json::from_str(&run(w, &args(&net.cli(&a)))).unwrap();
     eprintln!("word count job: submitted, run and fetched in {:?}", started.elapsed());
     assert_eq!(std::fs::read_to_string(&out).unwrap(), local, "the job's output is the module's");
     let list: serde_json::Value =
         rt().block_on(archipel_node::client::ApiClient::new(&net.node).get("/v1/jobs")).unwrap();
     let first = list["recent"][0].clone();
     assert_eq!(paid(&first), vec![id_of("n06")], "{first}");
+    // The spec file's fields are the posted job's; flags given as well override it.
+    let id = done["job"].as_str().unwrap().to_string();
+    let status: serde_json::Value =
+        serde_json::from_str(&run(w, &args(&net.cli(&["job", "status", &id, "--json"])))).unwrap();
+    let posted = &status["job"]["spec"];
+    assert_eq!(posted["max_price_micro"], 100, "{posted}");
+    assert_eq!(posted["limits"]["cpu_ms"], 30_000, "{posted}");
+    assert_eq!(posted["bid_window_ms"], 4_000, "{posted}");
+    assert_eq!(posted["inputs"].as_array().map(Vec::len), Some(1), "{posted}");
+    let fence = posted["geofence"].to_string();
+    assert!(fence.contains("\"eu\"") && fence.contains("\"US\""), "{posted}");
+    let text = run(w, &args(&net.cli(&["job", "status", &id])));
+    assert!(text.contains("accepted") && text.contains(&id_of("n06")[..8]), "{text}");
+    let logs = run(w, &args(&net.cli(&["job", "logs", &id])));
+    assert!(logs.contains(&id_of("n06")[..8]), "the log of n06's run: {logs}");
+    let market: serde_json::Value = serde_json::from_str(&run(w, &args(&net.cli(&["market", "--json"])))).unwrap();
+    let index = market["index"].as_array().unwrap();
+    assert!(
+        index.iter().any(|r| r["region"] == "eu-de" && r["median_price_micro"] == 7 && r["runs"] == 1),
+        "the index counts n06's accepted run at its price: {market}"
+    );
+    // A spec without a price is refused naming both ways to give one; a misspelt field by name.
+    let unpriced = w.join("unpriced.json");
+    std::fs::write(&unpriced, format!("{{\"module\": {:?}}}", wasm("wordcount"))).unwrap();
+    let e = refused(w, &args(&net.cli(&["job", "submit", "--spec", unpriced.to_str().unwrap()])));
+    assert!(e.contains("--max-price") && e.contains("max_price"), "{e}");
+    let typo = w.join("typo.toml");
+    std::fs::write(&typo, "module = \"x.wasm\"\nmax_prise = 5\n").unwrap();
+    let e = refused(w, &args(&net.cli(&["job", "submit", "--spec", typo.to_str().unwrap()])));
+    assert!(e.contains("max_prise"), "an unknown field is refused by name: {e}");
     assert_eq!(first["escrow_micro"], 0);
     // Exactly once: the tenant paid n06's bid of 7 (and its fees), n06 got 7 (less its fees).
     assert_eq!(net.moved(&tenant, t0), -7, "the tenant paid the winning bid once");
