@@ -52,6 +52,8 @@ fn boto3_aws_cli_and_rclone_sessions_against_the_devnet_gateway() {
     assert_eq!(gw["endpoint"], "http://127.0.94.1:26999", "devnet.json names the gateway: {gw}");
     wait_storage_up(&devnet.node(0).1, 6);
     if which("rclone").is_none() {
+        // .ci/run installs rclone and sets ARCHIPEL_CI: there, a missing rclone is a failure.
+        assert!(std::env::var_os("ARCHIPEL_CI").is_none(), "rclone is missing under .ci/run");
         eprintln!("note: rclone is not installed (apt-get install rclone): its session is skipped");
     }
     let path = format!("{}:{}", venv.join("bin").display(), std::env::var("PATH").unwrap_or_default());
