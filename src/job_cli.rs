@@ -166,11 +166,9 @@ impl SpecFile {
         self.inputs.iter().map(|i| self.base.join(i)).collect()
     }
 
-    /// `text` (the module or an input) as `job submit` takes it: the file it names relative to
-    /// the spec when there is one, else as written (BUCKET/KEY of a stored object).
-    pub(crate) fn object_text(&self, text: &str) -> String {
-        let local = self.base.join(text);
-        if local.is_file() { local.to_string_lossy().into_owned() } else { text.to_string() }
+    /// `text` (the module or an input) as a path relative to the spec.
+    pub(crate) fn local(&self, text: &str) -> PathBuf {
+        self.base.join(text)
     }
 
     pub(crate) fn load(path: &std::path::Path) -> Result<SpecFile> {

@@ -160,41 +160,71 @@ async fn stored(c: &TenantClient, bucket: &str, key: &str) -> Result<ObjectRef> 
     })
 }
 
-/// A local file, or BUCKET/KEY of a stored object.
-async fn object_arg(
-    c: &TenantClient,
-    jobs_bucket: &mut Option<archipel_ledger::storage::BucketRecord>,
-    make_bucket: &dyn Fn() -> PlacementPolicy,
-    bucket_name: &str,
-    text: &str,
-    prefix: &str,
-) -> Result<ObjectRef> {
+/// Where a job's module or input comes from.
+enum Source {
+    /// A local file, stored into the jobs bucket first.
+    Local(PathBuf),
+    /// A stored object.
+    Stored { bucket: String, key: String },
+}
+
+/// `text` as BUCKET/KEY, if it has that form.
+fn stored_name(text: &str) -> Option<Source> {
+    match text.split_once('/') {
+        Some((b, k)) if !b.is_empty() && !k.is_empty() => Some(Source::Stored { bucket: b.into(), key: k.into() }),
+        _ => None,
+    }
+}
+
+/// A command-line module or input: a file here, else BUCKET/KEY of a stored object.
+fn arg_source(text: &str) -> Result<Source> {
     let path = Path::new(text);
     if path.is_file() {
-        if jobs_bucket.is_none() {
-            let b = match c.bucket(bucket_name).await? {
-                Some(b) => b,
-                None => {
-                    let policy = make_bucket();
-                    eprintln!("creating bucket {bucket_name} ({}) for job files …", policy.describe_fence());
-                    c.submit(Payload::CreateBucket { name: bucket_name.into(), policy }).await?;
-                    c.bucket(bucket_name)
-                        .await?
-                        .ok_or_else(|| anyhow!("bucket {bucket_name} was created but cannot be read"))?
-                }
-            };
-            if b.owner != c.me() {
-                bail!("bucket {bucket_name:?} is not yours: pass --bucket with one of your buckets");
+        return Ok(Source::Local(path.to_path_buf()));
+    }
+    stored_name(text).ok_or_else(|| anyhow!("{text:?} is neither a file here nor BUCKET/KEY of a stored object"))
+}
+
+/// A spec file's module or input (`what`): a file relative to the spec, else BUCKET/KEY of a
+/// stored object — never a file of the current directory.
+fn spec_source(file: &crate::job_cli::SpecFile, text: &str, what: &str) -> Result<Source> {
+    let local = file.local(text);
+    if local.is_file() {
+        return Ok(Source::Local(local));
+    }
+    stored_name(text).ok_or_else(|| {
+        anyhow!(
+            "the spec's {what} {text:?}: there is no file {} and it is not BUCKET/KEY of a stored object",
+            local.display()
+        )
+    })
+}
+
+/// The jobs bucket, created with the job's fence when missing (once per submission).
+async fn jobs_bucket<'b>(
+    c: &TenantClient,
+    slot: &'b mut Option<archipel_ledger::storage::BucketRecord>,
+    make_bucket: &dyn Fn() -> PlacementPolicy,
+    bucket_name: &str,
+) -> Result<&'b archipel_ledger::storage::BucketRecord> {
+    if slot.is_none() {
+        let b = match c.bucket(bucket_name).await? {
+            Some(b) => b,
+            None => {
+                let policy = make_bucket();
+                eprintln!("creating bucket {bucket_name} ({}) for job files …", policy.describe_fence());
+                c.submit(Payload::CreateBucket { name: bucket_name.into(), policy }).await?;
+                c.bucket(bucket_name)
+                    .await?
+                    .ok_or_else(|| anyhow!("bucket {bucket_name} was created but cannot be read"))?
             }
-            *jobs_bucket = Some(b);
+        };
+        if b.owner != c.me() {
+            bail!("bucket {bucket_name:?} is not yours: pass --bucket with one of your buckets");
         }
-        let b = jobs_bucket.as_ref().ok_or_else(|| anyhow!("no jobs bucket"))?;
-        return store_file(c, b, path, prefix).await;
+        *slot = Some(b);
     }
-    match text.split_once('/') {
-        Some((b, k)) if !b.is_empty() && !k.is_empty() => stored(c, b, k).await,
-        _ => bail!("{text:?} is neither a file here nor BUCKET/KEY of a stored object"),
-    }
+    slot.as_ref().ok_or_else(|| anyhow!("no jobs bucket"))
 }
 
 /// The flag's list when given, else the spec file's entries parsed (`name` in errors).
@@ -244,12 +274,15 @@ pub async fn submit(a: SubmitArgs) -> Result<()> {
         anyhow!("no price: give --max-price MICRO (or max_price in the spec), the most one run may cost you")
     })?;
     let module = match (&a.module, &file.module) {
-        (Some(m), _) => m.clone(),
-        (None, Some(m)) => file.object_text(m),
+        (Some(m), _) => arg_source(m)?,
+        (None, Some(m)) => spec_source(&file, m, "module")?,
         (None, None) => bail!("no module: give one (a .wasm file or BUCKET/KEY), or `module` in the spec"),
     };
-    let inputs: Vec<String> =
-        if a.inputs.is_empty() { file.inputs.iter().map(|i| file.object_text(i)).collect() } else { a.inputs.clone() };
+    let inputs: Vec<Source> = if a.inputs.is_empty() {
+        file.inputs.iter().map(|i| spec_source(&file, i, "input")).collect::<Result<_>>()?
+    } else {
+        a.inputs.iter().map(|i| arg_source(i)).collect::<Result<_>>()?
+    };
     let c = client(&a.tenant)?;
     // Checked before anything is stored: a spec the ledger refuses costs no upload.
     let mut spec = JobSpec {
@@ -271,11 +304,26 @@ pub async fn submit(a: SubmitArgs) -> Result<()> {
         deny_jurisdictions: fence.deny_jurisdictions.clone(),
         ..PlacementPolicy::anywhere(archipel_types::ErasureCode::DEFAULT)
     };
-    let mut bucket = None;
-    spec.module = object_arg(&c, &mut bucket, &make_bucket, &a.bucket, &module, "modules/").await?;
-    for i in &inputs {
-        spec.inputs.push(object_arg(&c, &mut bucket, &make_bucket, &a.bucket, i, "inputs/").await?);
+    // Stored objects first: a missing one is said before anything is uploaded.
+    let sources: Vec<(&Source, &str)> =
+        std::iter::once((&module, "modules/")).chain(inputs.iter().map(|i| (i, "inputs/"))).collect();
+    let mut refs: Vec<Option<ObjectRef>> = Vec::with_capacity(sources.len());
+    for (source, _) in &sources {
+        refs.push(match source {
+            Source::Stored { bucket, key } => Some(stored(&c, bucket, key).await?),
+            Source::Local(_) => None,
+        });
     }
+    let mut bucket = None;
+    for ((source, prefix), r) in sources.iter().zip(refs.iter_mut()) {
+        if let Source::Local(path) = source {
+            let b = jobs_bucket(&c, &mut bucket, &make_bucket, &a.bucket).await?;
+            *r = Some(store_file(&c, b, path, prefix).await?);
+        }
+    }
+    let mut refs = refs.into_iter().flatten();
+    spec.module = refs.next().ok_or_else(|| anyhow!("the module was not resolved"))?;
+    spec.inputs = refs.collect();
     let posted = c.submit(Payload::PostJob { spec: spec.clone() }).await?;
     let Receipt::JobStep { job: id, .. } = posted.receipt.clone() else {
         bail!("the ledger's receipt is not a job's: {:?}", posted.receipt)

@@ -127,20 +127,27 @@ fn kill_restart_foreign_key_and_clean_shutdown() {
         .unwrap_err();
     assert_eq!(forbidden.status(), Some(403), "{forbidden}");
 
-    // Restart the node: the others see it up within 10 s (the process starts, opens its ledger
-    // and connects first).
+    // Restart the node.
     let mut restarted = Command::new(bin())
         .args(["node", "run", "--config", victim_config.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Once it runs (answers /health), the others see it up within 5 s.
+    let started = Instant::now();
+    while !rt0
+        .block_on(ApiClient::new(&victim_url).get::<serde_json::Value>("/health"))
+        .is_ok_and(|h| h["status"] == "ok")
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "the restarted node never answered /health");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let restart = Instant::now();
     for url in [&url1, &url2] {
-        let left = Duration::from_secs(10).saturating_sub(restart.elapsed());
+        let left = Duration::from_secs(5).saturating_sub(restart.elapsed());
         wait_view(url, left, "victim up again", |v| status_of(v, &victim) == Some(PeerStatus::Up));
     }
-    let _ = victim_url;
 
     // SIGINT stops every child the devnet started; none is left behind.
     let pids = devnet.pids();

@@ -488,8 +488,8 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    // And Up again in finalized state, before its lease could age into a repair that would move
-    // its shards (and unlist the version its collector must keep).
+    // And Up again in finalized state before the others die (a restart slower than the repair
+    // grace would have had its shards moved already; this keeps a slow one from racing on).
     let restarted_name = devnet.node(restarted).0;
     while {
         let v: serde_json::Value =

@@ -328,8 +328,11 @@ pub fn wait_storage_up(url: &str, n: usize) {
 pub fn wait_all_leases_up(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let v = rt().block_on(ApiClient::new(url).nodes()).expect("nodes");
-        let leases: Vec<_> = v.nodes.iter().filter_map(|n| n.lease).collect();
+        // A failed request is tried again until the deadline.
+        let leases: Vec<_> = rt()
+            .block_on(ApiClient::new(url).nodes())
+            .map(|v| v.nodes.iter().filter_map(|n| n.lease).collect())
+            .unwrap_or_default();
         if !leases.is_empty() && leases.iter().all(|l| *l == archipel_ledger::LeaseStatus::Up) {
             return;
         }

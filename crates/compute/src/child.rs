@@ -28,6 +28,10 @@ pub const CPU_LIMIT_EXIT: i32 = 86;
 /// Exit code of a child that could not read its request (nothing else is known).
 pub const BAD_REQUEST_EXIT: i32 = 87;
 
+/// Exit code of a child whose parent is not the one its request names (orphaned before it armed
+/// its parent-death signal, or started through a wrapper that forks): it ran nothing.
+pub const ORPHANED_EXIT: i32 = 88;
+
 /// Table elements a module's tables may hold together (each is a pointer: 8 MiB at most).
 pub const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
@@ -54,7 +58,7 @@ pub struct Request {
     /// Where the child writes its [`Status`].
     pub status: PathBuf,
     /// The pid of the process that starts the child and waits for it (the runner's program must
-    /// be the child itself, not a wrapper that forks it). A child whose parent is another has
+    /// be the child itself or a wrapper that execs it, like `nice`, not one that forks it). A child whose parent is another has
     /// been orphaned before it could arm its parent-death signal, and ends at once. `None`
     /// (requests written by hand) checks only that the parent did not change while arming it.
     #[serde(default)]
@@ -133,7 +137,13 @@ fn bound_self(req: &Request) {
     if now != parent || req.parent.is_some_and(|expected| pid(now) != Some(expected)) {
         // The parent died before the line above (or before this process even started): nobody
         // waits for this run, and the death signal was armed against whoever adopted it.
-        std::process::exit(BAD_REQUEST_EXIT);
+        eprintln!(
+            "archipel wasm-run: not run: the parent is {:?}, the request names {:?} (orphaned, or started \
+             through a wrapper that forks)",
+            pid(now),
+            req.parent
+        );
+        std::process::exit(ORPHANED_EXIT);
     }
     let _ = setrlimit(Resource::Core, Rlimit { current: Some(0), maximum: Some(0) });
     let limit_ms = req.job.limits.cpu_ms;

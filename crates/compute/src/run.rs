@@ -72,7 +72,8 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// Starts children as `program prefix… REQUEST`.
+    /// Starts children as `program prefix… REQUEST`. The child checks that its parent is this
+    /// process, so `program` must be the child or exec it (`nice` may wrap it; `sh -c` may not).
     pub fn new(program: impl Into<PathBuf>, prefix: &[&str]) -> Self {
         Runner { program: program.into(), prefix: prefix.iter().map(OsString::from).collect() }
     }
@@ -174,6 +175,11 @@ fn ended_without_status(exit: &std::process::ExitStatus, job: &Job) -> End {
     const SIGXCPU: i32 = 24;
     match (exit.signal(), exit.code()) {
         (Some(SIGXCPU), _) | (_, Some(CPU_LIMIT_EXIT)) => End::CpuLimit { limit_ms: job.limits.cpu_ms },
+        (_, Some(crate::child::ORPHANED_EXIT)) => End::Crashed {
+            reason: "the runner process found another parent than this one and ran nothing (is the runner's \
+                     program a wrapper that forks?)"
+                .into(),
+        },
         _ => End::Crashed { reason: format!("the runner process ended ({exit}) without a status") },
     }
 }

@@ -390,7 +390,8 @@ fn a_child_whose_parent_is_not_the_requester_ends_at_once() {
     let me = std::env::current_exe().unwrap();
     let started = std::time::Instant::now();
     let out = std::process::Command::new(&me).arg("wasm-run").arg(&req).output().unwrap();
-    assert_eq!(out.status.code(), Some(archipel_compute::child::BAD_REQUEST_EXIT), "{out:?}");
+    assert_eq!(out.status.code(), Some(archipel_compute::child::ORPHANED_EXIT), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the request names Some(1)"), "{out:?}");
     assert!(!status.exists(), "it wrote no status: it never ran");
     assert!(started.elapsed() < std::time::Duration::from_secs(10), "ended at once, not at a limit");
     // Named right, the same request runs (and here ends at its CPU limit).
