@@ -347,4 +347,25 @@ fn us_east_drill_and_holders_killed_during_puts() {
     // Everything stored before still reads back.
     net.run(&["get", "eu-only/during.bin", back.to_str().unwrap(), "--force"]);
     assert_eq!(hash_file(&back), hash);
+
+    // The killed holder's shards have nowhere compliant to go (every EU, non-US node left holds
+    // one of each segment already): past the repair grace they stay degraded, in the repair queue,
+    // said by `archipel health` and by the nodes' degraded-objects gauge — and never moved out of
+    // the fence.
+    let urls: Vec<String> = (0..12).map(|i| devnet.node(i).1).collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let h: serde_json::Value = serde_json::from_str(&net.run(&["health", "--json"])).unwrap();
+        let b = h["buckets"].as_array().unwrap().iter().find(|b| b["bucket"] == "eu-only").cloned().unwrap();
+        let gauge: f64 = urls.iter().map(|u| metric(u, "storage_degraded_objects")).sum();
+        if b["degraded_segments"].as_u64() > Some(0) && b["repair_queue"].as_u64() > Some(0) && gauge > 0.0 {
+            assert!(b["tolerates_losses"].as_i64() < Some(2), "fewer losses tolerated than m: {b}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stuck segments were never reported (health {b}, gauge {gauge})");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    fence_holds(&keys);
+    net.run(&["get", "eu-only/during.bin", back.to_str().unwrap(), "--force"]);
+    assert_eq!(hash_file(&back), hash, "a degraded object still reads back");
 }

@@ -64,6 +64,17 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
     );
     let e = refused(w, &args(&t(&["bucket", "create", "eu-docs"])));
     assert!(e.contains("exists already"), "{e}");
+    // Listed, and shown with its fence and spread (the refused one is nowhere).
+    let listed: serde_json::Value = serde_json::from_str(&run(w, &args(&t(&["bucket", "ls", "--json"])))).unwrap();
+    let names: Vec<&str> = listed.as_array().unwrap().iter().filter_map(|b| b["name"].as_str()).collect();
+    assert!(names.contains(&"eu-docs") && !names.contains(&"wide"), "{listed}");
+    let table = run(w, &args(&t(&["bucket", "ls"])));
+    assert!(table.contains("eu-docs") && table.contains("4+2"), "{table}");
+    let shown = run(w, &args(&t(&["bucket", "show", "eu-docs"])));
+    assert!(shown.contains("regions [eu]") && shown.contains("US"), "{shown}");
+    assert!(shown.contains("at least 2 regions and 2 operators"), "{shown}");
+    let e = refused(w, &args(&t(&["bucket", "show", "no-such-bucket"])));
+    assert!(e.contains("no-such-bucket"), "{e}");
 
     // A file with a known marker throughout, over several segments.
     let marker = b"ARCHIPEL-PLAINTEXT-MARKER-7f3a9c";
