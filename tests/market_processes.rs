@@ -255,6 +255,9 @@ fn jobs_are_bid_on_run_verified_paid_once_and_survive_the_loss_of_us_east() {
     assert_eq!(posted["limits"]["memory_bytes"], 128 << 20, "{posted}");
     assert_eq!(posted["bid_window_ms"], 4_000, "{posted}");
     assert_eq!(posted["inputs"].as_array().map(Vec::len), Some(1), "{posted}");
+    // The input as stored: later jobs name it BUCKET/KEY instead of uploading it again.
+    let stored_input =
+        format!("{}/{}", posted["inputs"][0]["bucket"].as_str().unwrap(), posted["inputs"][0]["key"].as_str().unwrap());
     let fence = posted["geofence"].to_string();
     assert!(fence.contains("\"eu\"") && fence.contains("\"US\""), "{posted}");
     let text = run(w, &args(&net.cli(&["job", "status", &id])));
@@ -298,6 +301,8 @@ fn jobs_are_bid_on_run_verified_paid_once_and_survive_the_loss_of_us_east() {
         // The CPU limit ends the loop well before the wall time, however busy the machine.
         ids.push(net.submit(&[
             f.to_str().unwrap(),
+            "--input",
+            &stored_input,
             "--max-price",
             "50",
             "--region",
@@ -328,6 +333,14 @@ fn jobs_are_bid_on_run_verified_paid_once_and_survive_the_loss_of_us_east() {
     let reasons = modules.iter().map(|m| m.2).chain(["invalid_module"]);
     for (id, reason) in ids.iter().zip(reasons) {
         let j = net.ended(id, Duration::from_secs(120));
+        if reason != "invalid_module" {
+            let input = &j["spec"]["inputs"][0];
+            assert_eq!(
+                format!("{}/{}", input["bucket"].as_str().unwrap(), input["key"].as_str().unwrap()),
+                stored_input
+            );
+            assert_eq!(input["version"], posted["inputs"][0]["version"], "the stored version: {j}");
+        }
         let why = j["ended"]["why"].as_str().unwrap_or_default();
         assert_eq!(j["ended"]["status"], "refunded", "{j}");
         assert!(why.contains(reason), "job {id}: {why} (wanted {reason})");
