@@ -10,8 +10,8 @@ use archipel_ledger::batch::{BATCH_RECEIPT_NAMESPACE, BatchItem, batch_receipt_b
 use archipel_ledger::storage::{BucketRecord, ObjectPut, ObjectRecord, ReceiptTerms, shard_bytes_per_holder};
 use archipel_objects::batch::{BatchSealed, SealItem, seal_batch};
 use archipel_objects::transfer::{
-    Claim, Holder, PutPlan, SealWith, Sealed, Shards, Staged, TransferError, TransferFailed, finish_staged, get_object,
-    keep_staged, prepare_single, put_object, stage_segment,
+    Claim, HEDGE_AFTER, Holder, PutPlan, SealWith, Sealed, Shards, Staged, TransferError, TransferFailed,
+    finish_staged, get_object, keep_staged, prepare_single, put_object, stage_segment,
 };
 use archipel_objects::{SEGMENT_PLAIN_BYTES, ShardHash};
 use archipel_placement::Candidate;
@@ -43,6 +43,8 @@ struct Memory {
     batch_calls: std::sync::atomic::AtomicUsize,
     /// Holders that sign a batch receipt over something else.
     lying: Mutex<BTreeSet<NodeId>>,
+    /// Holders that never answer a shard read (a hung connection).
+    silent: Mutex<BTreeSet<NodeId>>,
     /// Holders that answer a batch with one byte more than they keep of its first item (and sign
     /// for that).
     miscounting: Mutex<BTreeSet<NodeId>>,
@@ -195,6 +197,9 @@ impl Shards for Memory {
     }
     async fn get_shard(&self, h: &Holder, v: &Hash, i: u8, s: u64) -> Result<Vec<u8>, TransferError> {
         self.check(h)?;
+        if self.silent.lock().unwrap().contains(&h.node) {
+            std::future::pending::<()>().await;
+        }
         let mut b = self.shards.lock().unwrap().get(&(h.node, *v, i, s)).cloned().ok_or_else(|| fail("no shard"))?;
         if self.corrupt.lock().unwrap().contains(&h.node) {
             b[0] ^= 1;
@@ -452,6 +457,29 @@ async fn reads_survive_m_lost_or_lying_holders_and_fail_cleanly_beyond() {
     let mut out = vec![];
     let e = get_object(&*mem, &wrong, &holders, &Identity::from_seed(1), None, &mut out, |_| {}).await.unwrap_err();
     assert!(e.to_string().contains("matching the ledger"), "{e}");
+}
+
+#[tokio::test]
+async fn a_silent_holder_gets_company_after_the_hedge_delay() {
+    let (mem, candidates) = world();
+    let body = data(SEGMENT_PLAIN_BYTES as usize + 1000);
+    let p = put(&mem, &candidates, &body).await.unwrap();
+    let holders = holders_of(&p, &candidates);
+    // Two of the k + 1 holders asked first hang: only the hedge (a holder not yet asked) gives the
+    // k-th shard; without it the read would wait forever.
+    mem.silent.lock().unwrap().extend([holders[0].node, holders[2].node]);
+    let started = std::time::Instant::now();
+    let read = tokio::time::timeout(HEDGE_AFTER * 10, get(&mem, &p, &holders, None)).await;
+    let took = started.elapsed();
+    assert_eq!(read.expect("the read asked another holder").unwrap(), body);
+    // Once per segment (two here), each after the hedge delay.
+    assert!(took >= HEDGE_AFTER * 2 && took < HEDGE_AFTER * 6, "{took:?}");
+    // A silent holder beyond the first k + 1 costs nothing.
+    mem.silent.lock().unwrap().clear();
+    mem.silent.lock().unwrap().insert(holders[5].node);
+    let started = std::time::Instant::now();
+    assert_eq!(get(&mem, &p, &holders, None).await.unwrap(), body);
+    assert!(started.elapsed() < HEDGE_AFTER, "{:?}", started.elapsed());
 }
 
 #[tokio::test]
