@@ -36,10 +36,21 @@ fn topology(dir: &Path) -> std::path::PathBuf {
     path
 }
 
+/// Job `id` in `node`'s finalized state (the CLI returns once some node shows the posting final:
+/// this one may apply that block a moment later).
 fn job(node: &str, id: &str) -> serde_json::Value {
-    let v: serde_json::Value =
-        rt().block_on(archipel_node::client::ApiClient::new(node).get(&format!("/v1/jobs/{id}"))).unwrap();
-    v["job"].clone()
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r: Result<serde_json::Value, _> =
+            rt().block_on(archipel_node::client::ApiClient::new(node).get(&format!("/v1/jobs/{id}")));
+        match r {
+            Ok(v) => return v["job"].clone(),
+            Err(e) if Instant::now() < deadline && e.to_string().contains("no_such_job") => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("job {id}: {e}"),
+        }
+    }
 }
 
 /// Runs (unsealed leases of open jobs) per provider, from finalized state.

@@ -48,7 +48,8 @@ pub const MAX_COMMITS: usize = 256;
 /// Auction rounds a job may go through (re-auctions after lapses or empty rounds) before the
 /// tenant is refunded.
 pub const MAX_ROUNDS: u32 = 16;
-/// Runs again after a round without majority.
+/// Runs again after a round without majority, or whose majority is a limit or a crashed runner
+/// (confirmed elsewhere before a refund).
 pub const MAX_RERUNS: u32 = 1;
 /// Longest failure name in a result (`cpu_limit`, `exited:3`…).
 pub const MAX_END_BYTES: usize = 64;
@@ -662,7 +663,13 @@ impl Job {
             *counts.entry(r).or_default() += 1;
         }
         let majority = counts.iter().find(|(_, c)| **c > n / 2).map(|(o, _)| (*o).clone());
-        if let Some(outcome) = majority {
+        // A limit or a crashed runner says more of the machine than of the job, and only the
+        // providers that ran it say so: before the job ends on their word it runs once more, on
+        // others. A provider that bids low and claims a limit without running cannot end jobs
+        // (it is excluded, unpaid); a job that really needs more than its limits is refunded
+        // when the second round says the same.
+        let unconfirmed = majority.as_ref().is_some_and(RunOutcome::depends_on_the_machine) && self.reruns < MAX_RERUNS;
+        if let Some(outcome) = majority.filter(|_| !unconfirmed) {
             let failed = matches!(outcome, RunOutcome::Failed { .. });
             let leases = std::mem::take(&mut self.leases);
             for l in &leases {
@@ -700,8 +707,9 @@ impl Job {
             return;
         }
         {
-            // No majority: results of this round are public now, so nobody joins it later (a late
-            // run could copy them); the job runs again, on other providers, or is refunded.
+            // No majority (or a limit not yet confirmed): results of this round are public now, so
+            // nobody joins it later (a late run could copy them); the job runs again, on other
+            // providers, or is refunded.
             if self.reruns < MAX_RERUNS {
                 self.reruns += 1;
                 self.results_reveal_until_ms = None;

@@ -319,18 +319,57 @@ fn a_job_that_fails_on_the_majority_is_refunded_and_nobody_paid() {
     let mut book = Book::default();
     let mut job = auction(3, 100, &[(&ps[0], 40), (&ps[1], 50), (&ps[2], 60)], &mut book);
     job.tick(1_000, &PARAMS, &mut book);
-    let failed = RunOutcome::Failed { end: "cpu_limit".into() };
+    // A failure of the job itself (its own exit code), not of a machine's limit.
+    let failed = RunOutcome::Failed { end: "exited:3".into() };
     seal(&mut job, &ps[0].node, &failed, 1_100).unwrap();
     seal(&mut job, &ps[1].node, &output(5), 1_150).unwrap();
     seal(&mut job, &ps[2].node, &failed, 1_200).unwrap();
     reveal(&mut job, &ps[0].node, &failed, 1_250, &mut book).unwrap();
     reveal(&mut job, &ps[1].node, &output(5), 1_260, &mut book).unwrap();
     let ev = reveal(&mut job, &ps[2].node, &failed, 1_300, &mut book).unwrap();
-    assert!(matches!(&job.ended, Some(Ended::Refunded { why, .. }) if why.contains("cpu_limit")), "{ev:?}");
+    assert!(matches!(&job.ended, Some(Ended::Refunded { why, .. }) if why.contains("exited:3")), "{ev:?}");
     assert!(!ev.iter().any(|e| matches!(e, Event::Paid { .. })), "{ev:?}");
     assert_eq!(book.of(&TENANT), 1_000_000, "the whole escrow back");
     assert_eq!((book.of(&ps[0].node), book.of(&ps[2].node)), (1_000, 1_000), "the agreeing get their bond back");
     assert_eq!((book.of(&ps[1].node), job.burned_micro), (990, 10), "the outvoted one loses it");
+}
+
+#[test]
+fn a_limit_claimed_by_the_only_run_is_checked_on_another_provider_before_a_refund() {
+    let ps: Vec<Provider> = (1..=3).map(|i| provider(i, &format!("op-{i}"), "eu-de")).collect();
+    let mut book = Book::default();
+    let limit = RunOutcome::Failed { end: "cpu_limit".into() };
+    // a bids lowest, wins, and says its run hit the CPU limit (it need not have run at all): the
+    // job is not refunded on its word — it runs again elsewhere; a gets its bond back, no pay.
+    let mut job = auction(1, 100, &[(&ps[0], 10)], &mut book);
+    assert_eq!(awarded(&job.tick(1_000, &PARAMS, &mut book)), [ps[0].node]);
+    let ev = answer(&mut job, &ps[0].node, limit.clone(), 1_100, &mut book).unwrap();
+    assert!(ev.contains(&Event::Reopened { round: 1, slots: 1 }), "{ev:?}");
+    assert!(job.ended.is_none() && job.excluded.contains(&ps[0].node), "{job:?}");
+    assert_eq!(book.of(&ps[0].node), 1_000, "its bond back, nothing paid");
+    // b runs it to the end: accepted, b paid once, a never.
+    book.credit(&ps[1].node, 1_000);
+    job.commit(&ps[1].node, commitment(&JOB, &ps[1].node, 1, 30, &salt(&ps[1])), 1_200, &mut book).unwrap();
+    job.reveal(&ps[1], 30, &salt(&ps[1]), 1_700).unwrap();
+    assert_eq!(awarded(&job.tick(2_100, &PARAMS, &mut book)), [ps[1].node]);
+    answer(&mut job, &ps[1].node, output(7), 2_200, &mut book).unwrap();
+    assert!(matches!(job.ended, Some(Ended::Accepted { .. })), "{job:?}");
+    assert_eq!((book.of(&ps[0].node), book.of(&ps[1].node)), (1_000, 1_030));
+    assert_eq!(book.of(&TENANT), 1_000_000 - 30);
+
+    // A job that really needs more than its limit: the second run says so too, and it is refunded.
+    let mut book = Book::default();
+    let mut job = auction(1, 100, &[(&ps[0], 10)], &mut book);
+    job.tick(1_000, &PARAMS, &mut book);
+    answer(&mut job, &ps[0].node, limit.clone(), 1_100, &mut book).unwrap();
+    book.credit(&ps[2].node, 1_000);
+    job.commit(&ps[2].node, commitment(&JOB, &ps[2].node, 1, 30, &salt(&ps[2])), 1_200, &mut book).unwrap();
+    job.reveal(&ps[2], 30, &salt(&ps[2]), 1_700).unwrap();
+    assert_eq!(awarded(&job.tick(2_100, &PARAMS, &mut book)), [ps[2].node]);
+    let ev = answer(&mut job, &ps[2].node, limit, 2_200, &mut book).unwrap();
+    assert!(matches!(&job.ended, Some(Ended::Refunded { why, .. }) if why.contains("cpu_limit")), "{ev:?}");
+    assert_eq!(book.of(&TENANT), 1_000_000, "the whole escrow back");
+    assert_eq!((book.of(&ps[0].node), book.of(&ps[2].node)), (1_000, 1_000), "bonds back, nobody paid");
 }
 
 #[test]

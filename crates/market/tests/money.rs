@@ -390,7 +390,8 @@ fn money_is_conserved_and_each_job_pays_its_majority_once() {
     );
     println!("accepted {a}, refunded {r} (failed majority {f}), cancelled {c}, standby took over {s}, outvoted {o}");
     assert!(
-        seed != SEED || (a >= 30 && r >= 20 && c >= 100 && s >= 40 && f >= 20 && o >= 1),
+        // (A majority of `cpu_limit` runs first runs again elsewhere, so fewer end refunded.)
+        seed != SEED || (a >= 30 && r >= 15 && c >= 100 && s >= 40 && f >= 15 && o >= 1),
         "the histories reach too little: {a} {r} {c} {s} {f} {o}"
     );
 }
