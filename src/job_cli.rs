@@ -108,8 +108,12 @@ pub async fn run(command: JobCommand) -> Result<()> {
     }
 }
 
+/// Largest spec file read.
+const MAX_SPEC_BYTES: u64 = 1 << 20;
+
 /// A job spec file, read by `job run-local` and `job submit` alike. Local paths are relative to
-/// the file; `job submit` also takes BUCKET/KEY of a stored object where no such file exists.
+/// the file (and, for `job submit`, inside its directory); `job submit` also takes
+/// `stored:BUCKET/KEY` for a stored object.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SpecFile {
@@ -166,13 +170,50 @@ impl SpecFile {
         self.inputs.iter().map(|i| self.base.join(i)).collect()
     }
 
-    /// `text` (the module or an input) as a path relative to the spec.
-    pub(crate) fn local(&self, text: &str) -> PathBuf {
-        self.base.join(text)
+    /// `text` as a file of the spec's own directory tree: refused when absolute, or when it leads
+    /// outside that tree (`..`, or a symbolic link out of it). A spec someone else wrote cannot
+    /// make `job submit` publish a file of yours elsewhere (the job carries its data key).
+    pub(crate) fn inside(&self, text: &str) -> Result<PathBuf> {
+        let path = std::path::Path::new(text);
+        if path.is_absolute() {
+            bail!("the spec names {text:?}: paths in a spec are relative to it (copy the file next to the spec)");
+        }
+        let local = self.base.join(path);
+        let base = std::fs::canonicalize(if self.base.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            &self.base
+        })
+        .with_context(|| format!("cannot resolve the spec's directory {}", self.base.display()))?;
+        let real = std::fs::canonicalize(&local)
+            .with_context(|| format!("the spec names {text:?}, but there is no file {}", local.display()))?;
+        if !real.starts_with(&base) {
+            bail!(
+                "the spec names {text:?}, which leads outside the spec's directory {} (to {})",
+                base.display(),
+                real.display()
+            );
+        }
+        if !real.is_file() {
+            bail!("the spec names {text:?}, but {} is not a file", local.display());
+        }
+        Ok(real)
     }
 
     pub(crate) fn load(path: &std::path::Path) -> Result<SpecFile> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the spec {}", path.display()))?;
+        use std::io::Read as _;
+        let file = std::fs::File::open(path).with_context(|| format!("cannot read the spec {}", path.display()))?;
+        let mut text = String::new();
+        file.take(MAX_SPEC_BYTES + 1)
+            .read_to_string(&mut text)
+            .with_context(|| format!("cannot read the spec {} (is it text?)", path.display()))?;
+        if text.len() as u64 > MAX_SPEC_BYTES {
+            bail!(
+                "the spec {} is larger than {} KiB: a job spec names files, it does not hold them",
+                path.display(),
+                MAX_SPEC_BYTES >> 10
+            );
+        }
         let mut spec: SpecFile = if path.extension().is_some_and(|e| e == "json") {
             serde_json::from_str(&text).map_err(|e| anyhow!("the spec {} is not a job spec: {e}", path.display()))?
         } else {

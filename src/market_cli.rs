@@ -185,19 +185,22 @@ fn arg_source(text: &str) -> Result<Source> {
     stored_name(text).ok_or_else(|| anyhow!("{text:?} is neither a file here nor BUCKET/KEY of a stored object"))
 }
 
-/// A spec file's module or input (`what`): a file relative to the spec, else BUCKET/KEY of a
-/// stored object — never a file of the current directory.
+/// A spec file's module or input (`what`): `stored:BUCKET/KEY` for a stored object, else a file
+/// in the spec's own directory tree — never a file of the current directory, nor one outside.
 fn spec_source(file: &crate::job_cli::SpecFile, text: &str, what: &str) -> Result<Source> {
-    let local = file.local(text);
-    if local.is_file() {
-        return Ok(Source::Local(local));
+    if let Some(name) = text.strip_prefix("stored:") {
+        return stored_name(name)
+            .ok_or_else(|| anyhow!("the spec's {what} {text:?}: give a stored object as stored:BUCKET/KEY"));
     }
-    stored_name(text).ok_or_else(|| {
-        anyhow!(
-            "the spec's {what} {text:?}: there is no file {} and it is not BUCKET/KEY of a stored object",
-            local.display()
-        )
-    })
+    file.inside(text).map(Source::Local).map_err(|e| anyhow!("the spec's {what}: {e:#}"))
+}
+
+/// What a job carries the data key of, as said before posting.
+fn describe(source: &Source, what: &str) -> String {
+    match source {
+        Source::Local(p) => format!("{what} {} (stored into your jobs bucket)", p.display()),
+        Source::Stored { bucket, key } => format!("{what} {bucket}/{key} (a stored object)"),
+    }
 }
 
 /// The jobs bucket, created with the job's fence when missing (once per submission).
@@ -304,6 +307,11 @@ pub async fn submit(a: SubmitArgs) -> Result<()> {
         deny_jurisdictions: fence.deny_jurisdictions.clone(),
         ..PlacementPolicy::anywhere(archipel_types::ErasureCode::DEFAULT)
     };
+    eprintln!("the job will carry the data keys of (anyone who reads the ledger can read them):");
+    eprintln!("  {}", describe(&module, "module"));
+    for i in &inputs {
+        eprintln!("  {}", describe(i, "input"));
+    }
     // Stored objects first: a missing one is said before anything is uploaded.
     let sources: Vec<(&Source, &str)> =
         std::iter::once((&module, "modules/")).chain(inputs.iter().map(|i| (i, "inputs/"))).collect();

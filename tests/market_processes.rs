@@ -242,6 +242,14 @@ fn jobs_are_bid_on_run_verified_paid_once_and_survive_the_loss_of_us_east() {
     std::fs::write(&broken, "module = \"wc.wasm\"\ninputs = [\"nothes.txt\"]\nmax_price = 100\n").unwrap();
     let e = refused(w, &args(&net.cli(&["job", "submit", "--spec", broken.to_str().unwrap()])));
     assert!(e.contains(&specs.join("nothes.txt").display().to_string()), "{e}");
+    // A spec cannot reach files outside its directory (it may be someone else's, and the job
+    // would publish the file's data key): not by `..`, not by an absolute path.
+    let notes_path = notes.to_str().unwrap();
+    for (input, said) in [("../nothes.txt", "leads outside"), (notes_path, "relative to it")] {
+        std::fs::write(&broken, format!("module = \"wc.wasm\"\ninputs = [{input:?}]\nmax_price = 100\n")).unwrap();
+        let e = refused(w, &args(&net.cli(&["job", "submit", "--spec", broken.to_str().unwrap()])));
+        assert!(e.contains(said), "{input}: {e}");
+    }
     let (t0, p0) = (net.account(&tenant), net.account(&id_of("n06")));
     let out = w.join("count.txt");
     let started = Instant::now();

@@ -42,6 +42,12 @@ pub enum RunError {
     /// The run's own files (request, status) could not be written or read.
     #[error("cannot prepare the run: {0}")]
     Work(std::io::Error),
+    /// The child found another parent than this process and ran nothing (the runner's program
+    /// forks instead of exec'ing the child): the provider's fault, no result of the job.
+    #[error(
+        "the runner process ran nothing: it found another parent than this one (is the runner's program a wrapper that forks?)"
+    )]
+    Orphaned,
 }
 
 /// How a run went.
@@ -155,6 +161,7 @@ impl Runner {
         let (end, cpu_ms) = match (forced, status) {
             (Some(end), _) => (end, None),
             (None, Some(s)) => (s.end, Some(s.cpu_ms)),
+            (None, None) if exit.code() == Some(crate::child::ORPHANED_EXIT) => return Err(RunError::Orphaned),
             (None, None) => (ended_without_status(&exit, &job), None),
         };
         Ok(Outcome {
@@ -175,11 +182,6 @@ fn ended_without_status(exit: &std::process::ExitStatus, job: &Job) -> End {
     const SIGXCPU: i32 = 24;
     match (exit.signal(), exit.code()) {
         (Some(SIGXCPU), _) | (_, Some(CPU_LIMIT_EXIT)) => End::CpuLimit { limit_ms: job.limits.cpu_ms },
-        (_, Some(crate::child::ORPHANED_EXIT)) => End::Crashed {
-            reason: "the runner process found another parent than this one and ran nothing (is the runner's \
-                     program a wrapper that forks?)"
-                .into(),
-        },
         _ => End::Crashed { reason: format!("the runner process ended ({exit}) without a status") },
     }
 }

@@ -513,6 +513,10 @@ fn the_parents_own_failures_are_said() {
         let o = rt.block_on(runner.run(&c.job(SPIN, small()), &mut out)).unwrap();
         assert_eq!(o.end, End::CpuLimit { limit_ms: 5_000 }, "{script}");
     }
+    // A child that found another parent ran nothing: the provider's error, not the job's end.
+    let runner = Runner::new("/bin/sh", &["-c", "exit 88", "sh"]);
+    let e = rt.block_on(runner.run(&c.job(SPIN, small()), &mut out)).unwrap_err();
+    assert!(matches!(e, RunError::Orphaned), "{e}");
     // Dropped midway: the child is gone soon after.
     let job = c.job(SPIN, Limits { cpu_ms: 60_000, wall_ms: 60_000, ..small() });
     let dropped = rt.block_on(async {

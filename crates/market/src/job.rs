@@ -48,11 +48,17 @@ pub const MAX_COMMITS: usize = 256;
 /// Auction rounds a job may go through (re-auctions after lapses or empty rounds) before the
 /// tenant is refunded.
 pub const MAX_ROUNDS: u32 = 16;
-/// Runs again after a round without majority, or whose majority is a limit or a crashed runner
-/// (confirmed elsewhere before a refund).
+/// Runs again after a round without majority.
 pub const MAX_RERUNS: u32 = 1;
+/// Runs again after a round whose majority only hit a limit or had its runner crash (confirmed
+/// elsewhere before a refund).
+pub const MAX_LIMIT_RERUNS: u32 = 1;
 /// Longest failure name in a result (`cpu_limit`, `exited:3`…).
 pub const MAX_END_BYTES: usize = 64;
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
 
 /// Money in and out of accounts; the ledger's accounts implement it, tests a map.
 pub trait Accounts {
@@ -231,6 +237,10 @@ pub struct Job {
     pub rounds: u32,
     /// Reruns after a round without majority.
     pub reruns: u32,
+    /// Reruns after a round whose majority only hit a limit (absent while 0: the encoding of
+    /// jobs without one is unchanged).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub limit_reruns: u32,
     /// Leases of the current run (active, and ended with a result).
     pub leases: Vec<Lease>,
     /// Bids that lost the last award, best first: the first takes a lapsed lease at once.
@@ -274,6 +284,7 @@ impl Job {
             auction: None,
             rounds: 0,
             reruns: 0,
+            limit_reruns: 0,
             leases: Vec::new(),
             standby: Vec::new(),
             excluded: BTreeSet::new(),
@@ -668,7 +679,8 @@ impl Job {
         // others. A provider that bids low and claims a limit without running cannot end jobs
         // (it is excluded, unpaid); a job that really needs more than its limits is refunded
         // when the second round says the same.
-        let unconfirmed = majority.as_ref().is_some_and(RunOutcome::depends_on_the_machine) && self.reruns < MAX_RERUNS;
+        let unconfirmed =
+            majority.as_ref().is_some_and(RunOutcome::depends_on_the_machine) && self.limit_reruns < MAX_LIMIT_RERUNS;
         if let Some(outcome) = majority.filter(|_| !unconfirmed) {
             let failed = matches!(outcome, RunOutcome::Failed { .. });
             let leases = std::mem::take(&mut self.leases);
@@ -687,8 +699,11 @@ impl Job {
                     }
                     // Stopped by a CPU or wall-time limit, or by a crash of its runner: how far a run
                     // gets before that depends on the machine, so it is no dissent — no pay, no
-                    // penalty.
-                    Some(r) if r.depends_on_the_machine() => self.release(&p, accounts),
+                    // penalty. Nor is a run that finished beside a majority that hit a limit (a
+                    // faster machine, or providers claiming a limit they never ran into).
+                    Some(r) if r.depends_on_the_machine() || outcome.depends_on_the_machine() => {
+                        self.release(&p, accounts)
+                    }
                     Some(_) => {
                         events.push(Event::Penalized { provider: p, why: "outvoted" });
                         self.forfeit(&p, accounts);
@@ -709,9 +724,14 @@ impl Job {
         {
             // No majority (or a limit not yet confirmed): results of this round are public now, so
             // nobody joins it later (a late run could copy them); the job runs again, on other
-            // providers, or is refunded.
-            if self.reruns < MAX_RERUNS {
-                self.reruns += 1;
+            // providers, or is refunded. Each cause has its own budget, so a limit is always
+            // confirmed by a second round, whatever came before.
+            if unconfirmed || self.reruns < MAX_RERUNS {
+                if unconfirmed {
+                    self.limit_reruns += 1;
+                } else {
+                    self.reruns += 1;
+                }
                 self.results_reveal_until_ms = None;
                 for l in std::mem::take(&mut self.leases) {
                     self.excluded.insert(l.bid.provider.node);

@@ -372,6 +372,58 @@ fn a_limit_claimed_by_the_only_run_is_checked_on_another_provider_before_a_refun
     assert_eq!((book.of(&ps[0].node), book.of(&ps[2].node)), (1_000, 1_000), "bonds back, nobody paid");
 }
 
+/// Providers `ps` bid `price` in `round` at `t` (commit) and `t + 500` (reveal).
+fn bid_round(job: &mut Job, ps: &[Provider], round: u32, price: Micro, t: u64, book: &mut Book) {
+    for p in ps {
+        book.credit(&p.node, 1_000);
+        job.commit(&p.node, commitment(&JOB, &p.node, round, price, &salt(p)), t, book).unwrap();
+    }
+    for p in ps {
+        job.reveal(p, price, &salt(p), t + 500).unwrap();
+    }
+}
+
+#[test]
+fn a_run_that_finished_beside_a_limit_majority_is_not_penalized_and_limits_get_their_own_rerun() {
+    let ps: Vec<Provider> = (1..=9).map(|i| provider(i, &format!("op-{i}"), "eu-de")).collect();
+    let limit = RunOutcome::Failed { end: "wall_limit".into() };
+    let mut book = Book::default();
+    // Round 1: no majority (two outputs and a silent reveal): a rerun.
+    let mut job = auction(3, 100, &[(&ps[0], 10), (&ps[1], 10), (&ps[2], 10)], &mut book);
+    job.tick(1_000, &PARAMS, &mut book);
+    seal(&mut job, &ps[0].node, &output(1), 1_100).unwrap();
+    seal(&mut job, &ps[1].node, &output(2), 1_100).unwrap();
+    answer(&mut job, &ps[2].node, output(3), 1_100, &mut book).unwrap();
+    reveal(&mut job, &ps[0].node, &output(1), 1_150, &mut book).unwrap();
+    let ev = reveal(&mut job, &ps[1].node, &output(2), 1_150, &mut book).unwrap();
+    assert!(ev.contains(&Event::Reopened { round: 1, slots: 3 }), "{ev:?}");
+    // Round 2: two claim the wall limit, one finishes. The no-majority rerun is spent, yet the
+    // limit is not taken on this round's word: it runs once more.
+    bid_round(&mut job, &ps[3..6], 1, 10, 1_200, &mut book);
+    assert_eq!(awarded(&job.tick(2_100, &PARAMS, &mut book)).len(), 3);
+    seal(&mut job, &ps[3].node, &limit, 2_200).unwrap();
+    seal(&mut job, &ps[4].node, &output(9), 2_200).unwrap();
+    answer(&mut job, &ps[5].node, limit.clone(), 2_200, &mut book).unwrap();
+    reveal(&mut job, &ps[3].node, &limit, 2_250, &mut book).unwrap();
+    let ev = reveal(&mut job, &ps[4].node, &output(9), 2_250, &mut book).unwrap();
+    assert!(ev.contains(&Event::Reopened { round: 2, slots: 3 }), "{ev:?}");
+    assert!(job.ended.is_none(), "{job:?}");
+    // Round 3: the limit again, beside a finished run: refunded; the finished run is no dissent.
+    bid_round(&mut job, &ps[6..9], 2, 10, 2_300, &mut book);
+    assert_eq!(awarded(&job.tick(3_200, &PARAMS, &mut book)).len(), 3);
+    seal(&mut job, &ps[6].node, &limit, 3_300).unwrap();
+    seal(&mut job, &ps[7].node, &output(9), 3_300).unwrap();
+    answer(&mut job, &ps[8].node, limit.clone(), 3_300, &mut book).unwrap();
+    reveal(&mut job, &ps[6].node, &limit, 3_350, &mut book).unwrap();
+    let ev = reveal(&mut job, &ps[7].node, &output(9), 3_350, &mut book).unwrap();
+    assert!(matches!(&job.ended, Some(Ended::Refunded { why, .. }) if why.contains("wall_limit")), "{ev:?}");
+    assert!(!ev.iter().any(|e| matches!(e, Event::Penalized { .. })), "{ev:?}");
+    assert_eq!(book.of(&TENANT), 1_000_000, "the whole escrow back");
+    for p in &ps {
+        assert_eq!(book.of(&p.node), 1_000, "{:?}: every bond back, nobody paid", p.node);
+    }
+}
+
 #[test]
 fn unrevealed_bids_lose_their_bond_and_bad_reveals_are_refused() {
     let (a, b) = (provider(1, "op-a", "eu-de"), provider(2, "op-b", "eu-fr"));
