@@ -30,6 +30,23 @@ pub enum JobCommand {
     Cancel(crate::market_cli::JobArgs),
 }
 
+/// A run's limits as flags (`job run-local`, `job submit`); each overrides a spec's.
+#[derive(Args, Debug)]
+pub struct LimitFlags {
+    /// Linear memory the module may use (default 256MiB).
+    #[arg(long)]
+    pub(crate) memory: Option<String>,
+    /// CPU time one run may use (default 60s).
+    #[arg(long)]
+    pub(crate) cpu: Option<String>,
+    /// Wall time one run may take (default 120s).
+    #[arg(long)]
+    pub(crate) timeout: Option<String>,
+    /// Output (stdout) the module may write (default 64MiB).
+    #[arg(long)]
+    pub(crate) max_output: Option<String>,
+}
+
 /// `archipel job run-local`.
 #[derive(Args, Debug)]
 pub struct RunLocalArgs {
@@ -49,18 +66,8 @@ pub struct RunLocalArgs {
     /// An environment variable for the module, KEY=VALUE (repeat for more).
     #[arg(long = "env")]
     env: Vec<String>,
-    /// Linear memory the module may use (default 256MiB).
-    #[arg(long)]
-    memory: Option<String>,
-    /// CPU time the run may use (default 60s).
-    #[arg(long)]
-    cpu: Option<String>,
-    /// Wall time the run may take (default 120s).
-    #[arg(long)]
-    timeout: Option<String>,
-    /// Output (stdout) the module may write (default 64MiB).
-    #[arg(long)]
-    max_output: Option<String>,
+    #[command(flatten)]
+    limits: LimitFlags,
     /// Log (stderr) kept; the rest is counted (default 64KiB).
     #[arg(long)]
     max_log: Option<String>,
@@ -243,10 +250,16 @@ pub(crate) fn pick<T>(
 
 fn limits(a: &RunLocalArgs, s: &SpecLimits) -> Result<Limits> {
     let l = Limits {
-        memory_bytes: pick(&a.memory, &s.memory, "256MiB", "--memory (limits.memory)", parse_bytes)?,
-        cpu_ms: pick(&a.cpu, &s.cpu, "60s", "--cpu (limits.cpu)", parse_millis)?,
-        wall_ms: pick(&a.timeout, &s.timeout, "120s", "--timeout (limits.timeout)", parse_millis)?,
-        output_bytes: pick(&a.max_output, &s.max_output, "64MiB", "--max-output (limits.max_output)", parse_bytes)?,
+        memory_bytes: pick(&a.limits.memory, &s.memory, "256MiB", "--memory (limits.memory)", parse_bytes)?,
+        cpu_ms: pick(&a.limits.cpu, &s.cpu, "60s", "--cpu (limits.cpu)", parse_millis)?,
+        wall_ms: pick(&a.limits.timeout, &s.timeout, "120s", "--timeout (limits.timeout)", parse_millis)?,
+        output_bytes: pick(
+            &a.limits.max_output,
+            &s.max_output,
+            "64MiB",
+            "--max-output (limits.max_output)",
+            parse_bytes,
+        )?,
         log_bytes: pick(&a.max_log, &s.max_log, "64KiB", "--max-log (limits.max_log)", parse_bytes)?,
     };
     if let Some(why) = l.check() {

@@ -60,18 +60,8 @@ pub struct SubmitArgs {
     /// Refused operator jurisdictions, comma separated (`US`).
     #[arg(long, value_delimiter = ',')]
     deny_jurisdictions: Vec<CountryCode>,
-    /// Linear memory the module may use (default 256MiB).
-    #[arg(long)]
-    memory: Option<String>,
-    /// CPU time one run may use (default 60s).
-    #[arg(long)]
-    cpu: Option<String>,
-    /// Wall time one run may take (default 120s).
-    #[arg(long)]
-    timeout: Option<String>,
-    /// Output (stdout) the module may write (default 64MiB).
-    #[arg(long)]
-    max_output: Option<String>,
+    #[command(flatten)]
+    limits: crate::job_cli::LimitFlags,
     /// How long sealed bids are taken, then revealed (200 ms to 10 min; providers bid only in
     /// windows of 500 ms or more; default 2s). Short windows award sooner; on a busy chain a
     /// provider may miss a short reveal window and lose its bond, so the default leaves room.
@@ -265,12 +255,12 @@ pub async fn submit(a: SubmitArgs) -> Result<()> {
             _ => bail!("--env {kv:?}: give KEY=VALUE"),
         }
     }
-    let l = &file.limits;
+    let (l, f) = (&file.limits, &a.limits);
     let limits = JobLimits {
-        memory_bytes: pick(&a.memory, &l.memory, "256MiB", "--memory (limits.memory)", parse_bytes)?,
-        cpu_ms: pick(&a.cpu, &l.cpu, "60s", "--cpu (limits.cpu)", parse_millis)?,
-        wall_ms: pick(&a.timeout, &l.timeout, "120s", "--timeout (limits.timeout)", parse_millis)?,
-        output_bytes: pick(&a.max_output, &l.max_output, "64MiB", "--max-output (limits.max_output)", parse_bytes)?,
+        memory_bytes: pick(&f.memory, &l.memory, "256MiB", "--memory (limits.memory)", parse_bytes)?,
+        cpu_ms: pick(&f.cpu, &l.cpu, "60s", "--cpu (limits.cpu)", parse_millis)?,
+        wall_ms: pick(&f.timeout, &l.timeout, "120s", "--timeout (limits.timeout)", parse_millis)?,
+        output_bytes: pick(&f.max_output, &l.max_output, "64MiB", "--max-output (limits.max_output)", parse_bytes)?,
     };
     let bid_window_ms = pick(&a.bid_window, &file.bid_window, "2s", "--bid-window (bid_window)", parse_millis)?;
     let max_price = a.max_price.or(file.max_price).ok_or_else(|| {
