@@ -177,6 +177,22 @@ impl SpecFile {
         self.inputs.iter().map(|i| self.base.join(i)).collect()
     }
 
+    /// The spec's environment with the `--env KEY=VALUE` flags `flags` added (a flag replaces
+    /// the spec's variable of its name).
+    pub(crate) fn env_with(&self, flags: &[String]) -> Result<Vec<(String, String)>> {
+        let mut env: Vec<(String, String)> = self.env.clone().into_iter().collect();
+        for kv in flags {
+            match kv.split_once('=') {
+                Some((k, v)) if !k.is_empty() => {
+                    env.retain(|(name, _)| name != k);
+                    env.push((k.to_string(), v.to_string()));
+                }
+                _ => bail!("--env {kv:?}: give KEY=VALUE"),
+            }
+        }
+        Ok(env)
+    }
+
     /// `text` as a file of the spec's own directory tree: refused when absolute, or when it leads
     /// outside that tree (`..`, or a symbolic link out of it). A spec someone else wrote cannot
     /// make `job submit` publish a file of yours elsewhere (the job carries its data key).
@@ -285,16 +301,7 @@ async fn run_local(a: RunLocalArgs) -> Result<()> {
         None => SpecFile::default(),
     };
     let limits = limits(&a, &spec.limits)?;
-    let mut env: Vec<(String, String)> = spec.env.clone().into_iter().collect();
-    for kv in &a.env {
-        match kv.split_once('=') {
-            Some((k, v)) if !k.is_empty() => {
-                env.retain(|(name, _)| name != k);
-                env.push((k.to_string(), v.to_string()));
-            }
-            _ => bail!("--env {kv:?}: give KEY=VALUE"),
-        }
-    }
+    let env = spec.env_with(&a.env)?;
     let redundant = spec.redundancy.unwrap_or(1) > 1;
     let seed = match &a.seed {
         Some(h) => Some(

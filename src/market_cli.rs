@@ -245,16 +245,7 @@ pub async fn submit(a: SubmitArgs) -> Result<()> {
             .collect(),
     };
     geofence.validate()?;
-    let mut env: Vec<(String, String)> = file.env.clone().into_iter().collect();
-    for kv in &a.env {
-        match kv.split_once('=') {
-            Some((k, v)) if !k.is_empty() => {
-                env.retain(|(name, _)| name != k);
-                env.push((k.to_string(), v.to_string()));
-            }
-            _ => bail!("--env {kv:?}: give KEY=VALUE"),
-        }
-    }
+    let env = file.env_with(&a.env)?;
     let (l, f) = (&file.limits, &a.limits);
     let limits = JobLimits {
         memory_bytes: pick(&f.memory, &l.memory, "256MiB", "--memory (limits.memory)", parse_bytes)?,
