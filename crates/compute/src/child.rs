@@ -58,9 +58,10 @@ pub struct Request {
     /// Where the child writes its [`Status`].
     pub status: PathBuf,
     /// The pid of the process that starts the child and waits for it (the runner's program must
-    /// be the child itself or a wrapper that execs it, like `nice`, not one that forks it). A child whose parent is another has
-    /// been orphaned before it could arm its parent-death signal, and ends at once. `None`
-    /// (requests written by hand) checks only that the parent did not change while arming it.
+    /// be the child itself or a wrapper that execs it, like `nice`, not one that forks it). A
+    /// child whose parent is another has been orphaned before it could arm its parent-death
+    /// signal, and ends at once. `None` (requests written by hand) checks only that the parent
+    /// did not change while arming it.
     #[serde(default)]
     pub parent: Option<u32>,
 }
