@@ -79,6 +79,65 @@ fn boto3_aws_cli_and_rclone_sessions_against_the_devnet_gateway() {
     assert!(out.status.success(), "the S3 client tests failed (exit {:?}):\n{report}", out.status.code());
     println!("{report}");
     assert!(report.contains("passed"), "{report}");
+
+    // The standalone `archipel gateway` (what a tenant runs on its own machine), with its own
+    // bucket policy flags: a boto3 session through it, and the bucket it made fenced as told.
+    let gw_dir = work.path().join("standalone");
+    /// Killed when dropped, also when an assertion fails first.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut gateway = Command::new(bin())
+        .args(["gateway", "--listen", "127.0.94.1:26998", "--nodes", &nodes.join(",")])
+        .args(["--key", devnet.dir.join("tenant.key").to_str().unwrap(), "--dir", gw_dir.to_str().unwrap()])
+        .args(["--code", "3+2", "--regions", "eu", "--deny-jurisdictions", "US", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start archipel gateway");
+    let stdout = gateway.stdout.take().unwrap();
+    let _gateway = Killed(gateway);
+    // It prints its JSON (over several lines) once listening.
+    let mut out = std::io::BufReader::new(stdout);
+    let mut text = String::new();
+    let info: serde_json::Value = loop {
+        let read = std::io::BufRead::read_line(&mut out, &mut text).unwrap();
+        if let Ok(v) = serde_json::from_str(&text) {
+            break v;
+        }
+        assert!(read > 0, "the gateway ended before saying where it listens: {text:?}");
+    };
+    assert_eq!(info["endpoint"], "http://127.0.94.1:26998", "{info}");
+    let script = "import boto3, sys\n\
+        s3 = boto3.client('s3', endpoint_url=sys.argv[1])\n\
+        s3.create_bucket(Bucket='standalone')\n\
+        s3.put_object(Bucket='standalone', Key='k', Body=b'through the standalone gateway')\n\
+        assert s3.get_object(Bucket='standalone', Key='k')['Body'].read() == b'through the standalone gateway'\n\
+        assert [o['Key'] for o in s3.list_objects_v2(Bucket='standalone')['Contents']] == ['k']\n";
+    let session = Command::new(venv.join("bin/python"))
+        .args(["-c", script, info["endpoint"].as_str().unwrap()])
+        .env("AWS_ACCESS_KEY_ID", info["access_key_id"].as_str().unwrap())
+        .env("AWS_SECRET_ACCESS_KEY", info["secret_access_key"].as_str().unwrap())
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .output()
+        .expect("run boto3");
+    assert!(
+        session.status.success(),
+        "the standalone gateway session failed:\n{}",
+        String::from_utf8_lossy(&session.stderr)
+    );
+    let key = devnet.dir.join("tenant.key");
+    let shown = run(
+        work.path(),
+        &["bucket", "show", "standalone", "--json", "--key", key.to_str().unwrap(), "--node", &nodes[0]],
+    );
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    let policy = shown["policy"].to_string();
+    assert!(policy.contains("3+2") && policy.contains("\"eu\"") && policy.contains("\"US\""), "{shown}");
 }
 
 fn which(program: &str) -> Option<PathBuf> {
