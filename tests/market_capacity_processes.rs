@@ -36,23 +36,6 @@ fn topology(dir: &Path) -> std::path::PathBuf {
     path
 }
 
-/// Job `id` in `node`'s finalized state (the CLI returns once some node shows the posting final:
-/// this one may apply that block a moment later).
-fn job(node: &str, id: &str) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r: Result<serde_json::Value, _> =
-            rt().block_on(archipel_node::client::ApiClient::new(node).get(&format!("/v1/jobs/{id}")));
-        match r {
-            Ok(v) => return v["job"].clone(),
-            Err(e) if Instant::now() < deadline && e.to_string().contains("no_such_job") => {
-                std::thread::sleep(Duration::from_millis(50))
-            }
-            Err(e) => panic!("job {id}: {e}"),
-        }
-    }
-}
-
 /// Runs (unsealed leases of open jobs) per provider, from finalized state.
 fn running(node: &str) -> BTreeMap<String, usize> {
     let v: serde_json::Value = rt().block_on(archipel_node::client::ApiClient::new(node).get("/v1/jobs")).unwrap();
@@ -101,7 +84,7 @@ fn more_jobs_than_slots_wait_for_a_free_slot_and_no_provider_is_overcommitted() 
             *m = (*m).max(n);
         }
         assert!(most.values().all(|n| *n <= 1), "a provider of one slot ran more: {most:?}");
-        let jobs: Vec<serde_json::Value> = ids.iter().map(|id| job(&node, id)).collect();
+        let jobs: Vec<serde_json::Value> = ids.iter().map(|id| finalized_job(&node, id)).collect();
         // A job waiting for a round with no free provider says why.
         if !said_no_capacity
             && let Some(waiting) =

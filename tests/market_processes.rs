@@ -93,21 +93,8 @@ impl Net {
         run(&self.w, &args(&self.cli(&a))).trim().to_string()
     }
 
-    /// Job `id` as this test's node sees it in finalized state. The CLI returns once some node
-    /// shows the posting final; this one may apply that block a moment later (404 until then).
     fn job(&self, id: &str) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let r: Result<serde_json::Value, _> =
-                rt().block_on(archipel_node::client::ApiClient::new(&self.node).get(&format!("/v1/jobs/{id}")));
-            match r {
-                Ok(v) => return v["job"].clone(),
-                Err(e) if Instant::now() < deadline && e.to_string().contains("no_such_job") => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
-                Err(e) => panic!("job {id}: {e}"),
-            }
-        }
+        finalized_job(&self.node, id)
     }
 
     /// Checks that no provider runs more jobs at once than its 2 slots (the devnet's default):

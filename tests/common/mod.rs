@@ -341,6 +341,23 @@ pub fn wait_all_leases_up(url: &str) {
     }
 }
 
+/// Job `id` in `node`'s finalized state. The CLI returns once some node shows the posting final;
+/// this one may apply that block a moment later (404 until then).
+pub fn finalized_job(node: &str, id: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r: Result<serde_json::Value, _> =
+            rt().block_on(archipel_node::client::ApiClient::new(node).get(&format!("/v1/jobs/{id}")));
+        match r {
+            Ok(v) => return v["job"].clone(),
+            Err(e) if Instant::now() < deadline && e.to_string().contains("no_such_job") => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("job {id}: {e}"),
+        }
+    }
+}
+
 /// SIGKILLs process `pid`.
 pub fn kill9(pid: u32) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
