@@ -290,8 +290,9 @@ fn jobs_are_bid_on_run_verified_paid_once_and_survive_the_loss_of_us_east() {
     assert_eq!(net.moved(&tenant, t0), -7, "the tenant paid the winning bid once");
     assert_eq!(net.moved(&id_of("n06"), p0), 7, "the provider was paid its bid once");
 
-    // 2. Limits end runs with typed reasons; nothing is paid, the escrow comes back (the tenant
-    // pays only its fees), nobody is penalized, and the providers keep bidding (step 3).
+    // 2. Limits end runs with typed reasons, and nobody is penalized; the providers keep bidding
+    // (step 3). A failure is refunded (the tenant pays only its fees) — except the job's own CPU
+    // limit, which a second provider confirms and is then paid for: a tenant pays for loops.
     let t0 = net.account(&tenant);
     let records: Vec<(u64, u64)> = names.iter().map(|n| net.record(&id_of(n))).collect();
     let modules = [
@@ -337,6 +338,7 @@ fn jobs_are_bid_on_run_verified_paid_once_and_survive_the_loss_of_us_east() {
         "US",
     ]));
     let reasons = modules.iter().map(|m| m.2).chain(["invalid_module"]);
+    let mut spin_price = 0;
     for (id, reason) in ids.iter().zip(reasons) {
         let j = net.ended(id, Duration::from_secs(120));
         if reason != "invalid_module" {
@@ -347,16 +349,26 @@ fn jobs_are_bid_on_run_verified_paid_once_and_survive_the_loss_of_us_east() {
             );
             assert_eq!(input["version"], posted["inputs"][0]["version"], "the stored version: {j}");
         }
-        let why = j["ended"]["why"].as_str().unwrap_or_default();
-        assert_eq!(j["ended"]["status"], "refunded", "{j}");
-        assert!(why.contains(reason), "job {id}: {why} (wanted {reason})");
         let ends: Vec<&str> =
             j["leases"].as_array().unwrap().iter().filter_map(|l| l["result"]["end"].as_str()).collect();
         assert_eq!(ends, [reason], "the run's own typed end: {j}");
-        assert!(paid(&j).is_empty(), "nothing paid: {j}");
         assert_eq!(j["escrow_micro"], 0);
+        if reason == "cpu_limit" {
+            assert_eq!(j["ended"]["status"], "accepted", "{j}");
+            assert_eq!(j["ended"]["outcome"]["end"], reason, "{j}");
+            assert_eq!(j["limit_reruns"], 1, "confirmed by a second provider: {j}");
+            let confirmer = j["leases"][0]["bid"]["provider"]["node"].as_str().unwrap();
+            assert_eq!(paid(&j), [confirmer], "the confirming run is paid: {j}");
+            spin_price = j["leases"][0]["bid"]["price_micro"].as_i64().unwrap();
+            continue;
+        }
+        let why = j["ended"]["why"].as_str().unwrap_or_default();
+        assert_eq!(j["ended"]["status"], "refunded", "{j}");
+        assert!(why.contains(reason), "job {id}: {why} (wanted {reason})");
+        assert!(paid(&j).is_empty(), "nothing paid: {j}");
     }
-    assert_eq!(net.moved(&tenant, t0), 0, "five escrows locked and all given back: the tenant paid only fees");
+    assert!(spin_price > 0);
+    assert_eq!(net.moved(&tenant, t0), -spin_price, "four escrows given back, the loop's run paid: besides fees");
     // Each run that ended with the job's typed failure got its bond back (no dissent): a job's
     // burns come only from leases that lapsed or bids not revealed (on a loaded machine, a
     // provider may miss a heartbeat or a reveal), never from the failure itself.

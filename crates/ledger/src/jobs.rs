@@ -228,7 +228,7 @@ impl State {
                 let mut job = self.existing_job(id)?;
                 self.provider_for(&signer, id)?;
                 let events = job
-                    .reveal_result(&signer, outcome.clone(), &salt.0, now, &mut money)
+                    .reveal_result(&signer, outcome.clone(), &salt.0, now, &self.market_params(), &mut money)
                     .map_err(|e| refused(id, e))?;
                 (*id, job, events)
             }

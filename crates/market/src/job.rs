@@ -24,18 +24,26 @@
 //! A lease lapses without a heartbeat for the TTL, and also — heartbeats or not — once its run has
 //! had its wall time and a TTL more. The tenant may cancel only before the first award.
 //!
-//! **Failure.** When the majority outcome is a failure (the module trapped, exited non-zero or
-//! passed a limit the same way on most providers), the job is refunded: nobody is paid, the
-//! providers that agree get their bond back, outvoted ones lose it. A tenant can thus have a job
-//! run for nothing by making it fail; what that costs providers is bounded by the job's CPU and
-//! wall-time limits, which each provider's bidder weighs (`rule::Offer::max_cpu_ms`).
+//! **Failure.** When the majority outcome is a failure (the module trapped or exited non-zero
+//! the same way on most providers), the job is refunded: nobody is paid, the providers that agree
+//! get their bond back, outvoted ones lose it. A tenant can thus have a job run for nothing by
+//! making it fail; what that costs providers is bounded by the job's CPU and wall-time limits,
+//! which each provider's bidder weighs (`rule::Offer::max_cpu_ms`).
+//!
+//! **Limits.** A majority that hit the CPU or wall-time limit, or whose runner crashed, says more
+//! of the machines than of the job, and could be claimed without running: the job runs once more
+//! on other providers, the claimants excluded and unpaid, their bonds held. A later majority that
+//! ran past the claim (finished, or failed the job's own way) burns their bonds; one that says the
+//! same gives them back. A limit confirmed so was the tenant's own: that round's majority is paid
+//! its bids, like a result. A limit sealed sooner after the award than the limit (less a lease
+//! TTL, for block times) is refused at its reveal.
 //!
 //! **No majority.** When every run of a round has ended and no outcome has more than N/2 of them,
 //! the job runs once more from a new auction; if that ends without a majority too, the tenant is
 //! refunded and the bonds go back (nobody is shown to be wrong).
 
 use crate::rule::{Bid, Provider, commitment, pick, rank};
-use crate::spec::JobSpec;
+use crate::spec::{JobLimits, JobSpec};
 use crate::{MarketError, Micro};
 use archipel_types::NodeId;
 use serde::{Deserialize, Serialize};
@@ -96,7 +104,22 @@ impl RunOutcome {
     /// wall-time limit (how far it got depends on the machine's speed) or by its runner crashing.
     /// Such a result is no dissent from a majority that ran to the end.
     pub fn depends_on_the_machine(&self) -> bool {
-        matches!(self, RunOutcome::Failed { end } if ["cpu_limit", "wall_limit", "crashed"].contains(&end.as_str()))
+        self.is_a_limit() || matches!(self, RunOutcome::Failed { end } if end == "crashed")
+    }
+
+    /// Whether the run was ended by its CPU or wall-time limit.
+    pub fn is_a_limit(&self) -> bool {
+        matches!(self, RunOutcome::Failed { end } if end == "cpu_limit" || end == "wall_limit")
+    }
+
+    /// The CPU or wall-time limit of `limits` this outcome says the run hit, in ms (`None` for
+    /// any other outcome).
+    pub fn limit_hit(&self, limits: &JobLimits) -> Option<u64> {
+        match self {
+            RunOutcome::Failed { end } if end == "cpu_limit" => Some(limits.cpu_ms),
+            RunOutcome::Failed { end } if end == "wall_limit" => Some(limits.wall_ms),
+            _ => None,
+        }
     }
 }
 
@@ -111,6 +134,9 @@ pub struct Lease {
     pub last_beat_ms: u64,
     /// Its sealed result ([`crate::rule::result_commitment`]), once committed.
     pub sealed: Option<[u8; 32]>,
+    /// The block time its result was sealed at (absent before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_ms: Option<u64>,
     /// Its result, once revealed.
     pub result: Option<RunOutcome>,
 }
@@ -241,6 +267,10 @@ pub struct Job {
     /// jobs without one is unchanged).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub limit_reruns: u32,
+    /// Providers whose limit or crash (the majority of their round) sent the job to run once
+    /// more: excluded, their bonds held until a later round decides (absent while empty).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub limit_claimants: BTreeSet<NodeId>,
     /// Leases of the current run (active, and ended with a result).
     pub leases: Vec<Lease>,
     /// Bids that lost the last award, best first: the first takes a lapsed lease at once.
@@ -285,6 +315,7 @@ impl Job {
             rounds: 0,
             reruns: 0,
             limit_reruns: 0,
+            limit_claimants: BTreeSet::new(),
             leases: Vec::new(),
             standby: Vec::new(),
             excluded: BTreeSet::new(),
@@ -429,7 +460,9 @@ impl Job {
     /// can copy another's result instead of running the job.
     pub fn commit_result(&mut self, provider: &NodeId, digest: [u8; 32], now_ms: u64) -> Result<(), MarketError> {
         self.live()?;
-        self.lease_of(provider)?.sealed = Some(digest);
+        let lease = self.lease_of(provider)?;
+        lease.sealed = Some(digest);
+        lease.sealed_ms = Some(now_ms);
         self.open_result_reveals(now_ms);
         Ok(())
     }
@@ -446,13 +479,17 @@ impl Job {
         }
     }
 
-    /// Reveals `provider`'s sealed result. When it makes a majority, the job is decided.
+    /// Reveals `provider`'s sealed result. When it makes a majority, the job is decided. A CPU
+    /// or wall-time limit sealed sooner after the award than the limit (less a lease TTL, for
+    /// block times) is refused: no run hits a limit before it, and a provider that never ran the
+    /// job must at least hold its slot that long to claim one.
     pub fn reveal_result(
         &mut self,
         provider: &NodeId,
         outcome: RunOutcome,
         salt: &[u8; 32],
         now_ms: u64,
+        params: &MarketParams,
         accounts: &mut impl Accounts,
     ) -> Result<Vec<Event>, MarketError> {
         self.live()?;
@@ -477,6 +514,12 @@ impl Job {
             .ok_or(MarketError::NotLeaseholder)?;
         if l.sealed != Some(crate::rule::result_commitment(&id, provider, &outcome, salt)) {
             return Err(MarketError::BadReveal);
+        }
+        if let Some(limit_ms) = outcome.limit_hit(&self.spec.limits) {
+            let ran_ms = l.sealed_ms.unwrap_or(l.awarded_ms).saturating_sub(l.awarded_ms);
+            if ran_ms.saturating_add(params.lease_ttl_ms) < limit_ms {
+                return Err(MarketError::EarlyLimit { ran_ms, limit_ms });
+            }
         }
         l.result = Some(outcome);
         let mut events = Vec::new();
@@ -677,18 +720,20 @@ impl Job {
         // A limit or a crashed runner says more of the machine than of the job, and only the
         // providers that ran it say so: before the job ends on their word it runs once more, on
         // others. A provider that bids low and claims a limit without running cannot end jobs
-        // (it is excluded, unpaid); a job that really needs more than its limits is refunded
-        // when the second round says the same.
+        // (it is excluded, unpaid, its bond held until the rerun bears it out or not).
         let unconfirmed =
             majority.as_ref().is_some_and(RunOutcome::depends_on_the_machine) && self.limit_reruns < MAX_LIMIT_RERUNS;
-        if let Some(outcome) = majority.filter(|_| !unconfirmed) {
-            let failed = matches!(outcome, RunOutcome::Failed { .. });
+        if let Some(outcome) = majority.clone().filter(|_| !unconfirmed) {
+            // A job that failed (the same way on most providers) is refunded, not paid — except
+            // when its own CPU or wall-time limit stopped it, confirmed on two rounds of
+            // different providers: they spent what the tenant allowed, so the majority is paid
+            // (a tenant posting jobs that never end pays for them).
+            let paid = matches!(outcome, RunOutcome::Success { .. }) || outcome.is_a_limit();
             let leases = std::mem::take(&mut self.leases);
             for l in &leases {
                 let p = l.bid.provider.node;
                 match &l.result {
-                    // A job that failed (the same way on most providers) is refunded, not paid.
-                    Some(r) if *r == outcome && failed => self.release(&p, accounts),
+                    Some(r) if *r == outcome && !paid => self.release(&p, accounts),
                     Some(r) if *r == outcome && !self.paid.contains(&p) => {
                         let amount = l.bid.price_micro.min(self.escrow_micro);
                         self.escrow_micro -= amount;
@@ -712,11 +757,20 @@ impl Job {
                 }
             }
             self.leases = leases;
+            // Earlier claims of a limit or crash that this majority ran past (it finished, or
+            // failed the job's own way) were wrong: the claimants lose their bonds. A majority
+            // that hit a limit or crashed too bears them out: their bonds go back at the close.
+            if !outcome.depends_on_the_machine() {
+                for p in std::mem::take(&mut self.limit_claimants) {
+                    events.push(Event::Penalized { provider: p, why: "limit_contradicted" });
+                    self.forfeit(&p, accounts);
+                }
+            }
             let ended = match &outcome {
-                RunOutcome::Failed { end } => {
+                RunOutcome::Failed { end } if !paid => {
                     Ended::Refunded { why: format!("the job failed on the providers: {end}"), at_ms: now_ms }
                 }
-                RunOutcome::Success { .. } => Ended::Accepted { outcome, at_ms: now_ms },
+                _ => Ended::Accepted { outcome, at_ms: now_ms },
             };
             self.close(ended, accounts, events);
             return;
@@ -734,8 +788,15 @@ impl Job {
                 }
                 self.results_reveal_until_ms = None;
                 for l in std::mem::take(&mut self.leases) {
-                    self.excluded.insert(l.bid.provider.node);
-                    self.release(&l.bid.provider.node, accounts);
+                    let p = l.bid.provider.node;
+                    self.excluded.insert(p);
+                    // Those whose limit sends the job on keep their bond in it until a later
+                    // round bears them out or not.
+                    if unconfirmed && l.result.is_some() && l.result == majority {
+                        self.limit_claimants.insert(p);
+                    } else {
+                        self.release(&p, accounts);
+                    }
                 }
                 self.reauction(n, now_ms, accounts, events);
             } else {
@@ -754,6 +815,7 @@ impl Job {
             awarded_ms: now_ms,
             last_beat_ms: now_ms,
             sealed: None,
+            sealed_ms: None,
             result: None,
         });
     }

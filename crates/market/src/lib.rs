@@ -59,6 +59,16 @@ pub enum MarketError {
     /// A bid of nothing.
     #[error("a bid's price is at least 1")]
     ZeroPrice,
+    /// A CPU or wall-time limit claimed by a result sealed before the run could have reached it.
+    #[error(
+        "a run cannot hit its {limit_ms} ms limit {ran_ms} ms after its award: the result was sealed too early to claim it"
+    )]
+    EarlyLimit {
+        /// Block time from the award to the sealed result.
+        ran_ms: u64,
+        /// The limit claimed.
+        limit_ms: u64,
+    },
     /// Cancelled by someone else than the tenant.
     #[error("only the tenant who posted the job may cancel it")]
     NotTenant,

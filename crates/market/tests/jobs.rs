@@ -78,7 +78,7 @@ fn seal(job: &mut Job, p: &NodeId, o: &RunOutcome, t: u64) -> Result<(), MarketE
 
 /// `p` reveals its sealed `o` at `t`.
 fn reveal(job: &mut Job, p: &NodeId, o: &RunOutcome, t: u64, book: &mut Book) -> Result<Vec<Event>, MarketError> {
-    job.reveal_result(p, o.clone(), &result_salt(p), t, book)
+    job.reveal_result(p, o.clone(), &result_salt(p), t, &PARAMS, book)
 }
 
 /// Seals and reveals at once: for the last run of a round to seal.
@@ -334,42 +334,82 @@ fn a_job_that_fails_on_the_majority_is_refunded_and_nobody_paid() {
     assert_eq!((book.of(&ps[1].node), job.burned_micro), (990, 10), "the outvoted one loses it");
 }
 
+/// When a run awarded at `awarded` may first claim the limit of the test spec's `outcome` (the
+/// limit less a lease TTL: block times).
+fn earliest_claim(awarded: u64, outcome: &RunOutcome) -> u64 {
+    awarded + outcome.limit_hit(&spec(1, 1).limits).unwrap() - PARAMS.lease_ttl_ms
+}
+
 #[test]
-fn a_limit_claimed_by_the_only_run_is_checked_on_another_provider_before_a_refund() {
+fn a_limit_claimed_by_the_only_run_is_checked_on_another_provider_and_a_wrong_claim_costs_its_bond() {
     let ps: Vec<Provider> = (1..=3).map(|i| provider(i, &format!("op-{i}"), "eu-de")).collect();
     let mut book = Book::default();
     let limit = RunOutcome::Failed { end: "cpu_limit".into() };
     // a bids lowest, wins, and says its run hit the CPU limit (it need not have run at all): the
-    // job is not refunded on its word — it runs again elsewhere; a gets its bond back, no pay.
+    // job is not refunded on its word — it runs again elsewhere; a's bond stays in the job.
     let mut job = auction(1, 100, &[(&ps[0], 10)], &mut book);
     assert_eq!(awarded(&job.tick(1_000, &PARAMS, &mut book)), [ps[0].node]);
-    let ev = answer(&mut job, &ps[0].node, limit.clone(), 1_100, &mut book).unwrap();
+    let t = earliest_claim(1_000, &limit);
+    let ev = answer(&mut job, &ps[0].node, limit.clone(), t, &mut book).unwrap();
     assert!(ev.contains(&Event::Reopened { round: 1, slots: 1 }), "{ev:?}");
     assert!(job.ended.is_none() && job.excluded.contains(&ps[0].node), "{job:?}");
-    assert_eq!(book.of(&ps[0].node), 1_000, "its bond back, nothing paid");
-    // b runs it to the end: accepted, b paid once, a never.
+    assert_eq!(book.of(&ps[0].node), 990, "nothing paid; its bond held until the rerun decides");
+    assert_eq!(job.limit_claimants, BTreeSet::from([ps[0].node]));
+    // b runs it to the end: accepted, b paid once; a's claim was wrong: its bond is burned.
     book.credit(&ps[1].node, 1_000);
-    job.commit(&ps[1].node, commitment(&JOB, &ps[1].node, 1, 30, &salt(&ps[1])), 1_200, &mut book).unwrap();
-    job.reveal(&ps[1], 30, &salt(&ps[1]), 1_700).unwrap();
-    assert_eq!(awarded(&job.tick(2_100, &PARAMS, &mut book)), [ps[1].node]);
-    answer(&mut job, &ps[1].node, output(7), 2_200, &mut book).unwrap();
+    job.commit(&ps[1].node, commitment(&JOB, &ps[1].node, 1, 30, &salt(&ps[1])), t + 100, &mut book).unwrap();
+    job.reveal(&ps[1], 30, &salt(&ps[1]), t + 600).unwrap();
+    assert_eq!(awarded(&job.tick(t + 1_000, &PARAMS, &mut book)), [ps[1].node]);
+    let ev = answer(&mut job, &ps[1].node, output(7), t + 1_100, &mut book).unwrap();
     assert!(matches!(job.ended, Some(Ended::Accepted { .. })), "{job:?}");
-    assert_eq!((book.of(&ps[0].node), book.of(&ps[1].node)), (1_000, 1_030));
+    assert!(ev.contains(&Event::Penalized { provider: ps[0].node, why: "limit_contradicted" }), "{ev:?}");
+    assert_eq!((book.of(&ps[0].node), book.of(&ps[1].node), job.burned_micro), (990, 1_030, 10));
     assert_eq!(book.of(&TENANT), 1_000_000 - 30);
 
-    // A job that really needs more than its limit: the second run says so too, and it is refunded.
+    // A job that really needs more than its limit: the second run says so too. Both spent what
+    // the tenant allowed; the confirming run is paid its bid (so a tenant posting jobs that never
+    // end pays for them), the first gets its bond back.
     let mut book = Book::default();
     let mut job = auction(1, 100, &[(&ps[0], 10)], &mut book);
     job.tick(1_000, &PARAMS, &mut book);
-    answer(&mut job, &ps[0].node, limit.clone(), 1_100, &mut book).unwrap();
+    answer(&mut job, &ps[0].node, limit.clone(), t, &mut book).unwrap();
     book.credit(&ps[2].node, 1_000);
-    job.commit(&ps[2].node, commitment(&JOB, &ps[2].node, 1, 30, &salt(&ps[2])), 1_200, &mut book).unwrap();
-    job.reveal(&ps[2], 30, &salt(&ps[2]), 1_700).unwrap();
-    assert_eq!(awarded(&job.tick(2_100, &PARAMS, &mut book)), [ps[2].node]);
-    let ev = answer(&mut job, &ps[2].node, limit, 2_200, &mut book).unwrap();
-    assert!(matches!(&job.ended, Some(Ended::Refunded { why, .. }) if why.contains("cpu_limit")), "{ev:?}");
-    assert_eq!(book.of(&TENANT), 1_000_000, "the whole escrow back");
-    assert_eq!((book.of(&ps[0].node), book.of(&ps[2].node)), (1_000, 1_000), "bonds back, nobody paid");
+    job.commit(&ps[2].node, commitment(&JOB, &ps[2].node, 1, 30, &salt(&ps[2])), t + 100, &mut book).unwrap();
+    job.reveal(&ps[2], 30, &salt(&ps[2]), t + 600).unwrap();
+    assert_eq!(awarded(&job.tick(t + 1_000, &PARAMS, &mut book)), [ps[2].node]);
+    let second = earliest_claim(t + 1_000, &limit);
+    let ev = answer(&mut job, &ps[2].node, limit.clone(), second, &mut book).unwrap();
+    assert!(matches!(&job.ended, Some(Ended::Accepted { outcome, .. }) if *outcome == limit), "{ev:?}");
+    assert!(!ev.iter().any(|e| matches!(e, Event::Penalized { .. })), "{ev:?}");
+    assert_eq!(book.of(&TENANT), 1_000_000 - 30, "the tenant pays the confirming run");
+    assert_eq!((book.of(&ps[0].node), book.of(&ps[2].node)), (1_000, 1_030), "a's bond back, c paid its bid");
+}
+
+#[test]
+fn a_limit_sealed_before_the_run_could_reach_it_is_refused() {
+    let ps: Vec<Provider> = (1..=2).map(|i| provider(i, &format!("op-{i}"), "eu-de")).collect();
+    for limit in ["cpu_limit", "wall_limit"].map(|end| RunOutcome::Failed { end: end.into() }) {
+        let mut book = Book::default();
+        let mut job = auction(1, 100, &[(&ps[0], 10)], &mut book);
+        job.tick(1_000, &PARAMS, &mut book);
+        // Sealed 1 ms too soon (block times may lag by a TTL, no more): the reveal is refused.
+        let early = earliest_claim(1_000, &limit) - 1;
+        seal(&mut job, &ps[0].node, &limit, early).unwrap();
+        let e = reveal(&mut job, &ps[0].node, &limit, early, &mut book).unwrap_err();
+        assert!(matches!(e, MarketError::EarlyLimit { .. }), "{e:?}");
+        assert!(e.to_string().contains("sealed too early"), "{e}");
+        // Unrevealed in its window, it is no vote: a penalty, and the job runs elsewhere.
+        let ev = job.tick(early + 500, &PARAMS, &mut book);
+        assert!(ev.contains(&Event::Penalized { provider: ps[0].node, why: "result_not_revealed" }), "{ev:?}");
+        assert_eq!(book.of(&ps[0].node), 990, "{limit:?}");
+        // Any other failure is taken at any time.
+        let mut book = Book::default();
+        let mut job = auction(1, 100, &[(&ps[1], 10)], &mut book);
+        job.tick(1_000, &PARAMS, &mut book);
+        let exited = RunOutcome::Failed { end: "exited:3".into() };
+        answer(&mut job, &ps[1].node, exited, 1_001, &mut book).unwrap();
+        assert!(matches!(job.ended, Some(Ended::Refunded { .. })), "{job:?}");
+    }
 }
 
 /// Providers `ps` bid `price` in `round` at `t` (commit) and `t + 500` (reveal).
@@ -401,26 +441,32 @@ fn a_run_that_finished_beside_a_limit_majority_is_not_penalized_and_limits_get_t
     // limit is not taken on this round's word: it runs once more.
     bid_round(&mut job, &ps[3..6], 1, 10, 1_200, &mut book);
     assert_eq!(awarded(&job.tick(2_100, &PARAMS, &mut book)).len(), 3);
-    seal(&mut job, &ps[3].node, &limit, 2_200).unwrap();
-    seal(&mut job, &ps[4].node, &output(9), 2_200).unwrap();
-    answer(&mut job, &ps[5].node, limit.clone(), 2_200, &mut book).unwrap();
-    reveal(&mut job, &ps[3].node, &limit, 2_250, &mut book).unwrap();
-    let ev = reveal(&mut job, &ps[4].node, &output(9), 2_250, &mut book).unwrap();
+    let t = earliest_claim(2_100, &limit);
+    seal(&mut job, &ps[3].node, &limit, t).unwrap();
+    seal(&mut job, &ps[4].node, &output(9), t).unwrap();
+    answer(&mut job, &ps[5].node, limit.clone(), t, &mut book).unwrap();
+    reveal(&mut job, &ps[3].node, &limit, t + 50, &mut book).unwrap();
+    let ev = reveal(&mut job, &ps[4].node, &output(9), t + 50, &mut book).unwrap();
     assert!(ev.contains(&Event::Reopened { round: 2, slots: 3 }), "{ev:?}");
     assert!(job.ended.is_none(), "{job:?}");
-    // Round 3: the limit again, beside a finished run: refunded; the finished run is no dissent.
-    bid_round(&mut job, &ps[6..9], 2, 10, 2_300, &mut book);
-    assert_eq!(awarded(&job.tick(3_200, &PARAMS, &mut book)).len(), 3);
-    seal(&mut job, &ps[6].node, &limit, 3_300).unwrap();
-    seal(&mut job, &ps[7].node, &output(9), 3_300).unwrap();
-    answer(&mut job, &ps[8].node, limit.clone(), 3_300, &mut book).unwrap();
-    reveal(&mut job, &ps[6].node, &limit, 3_350, &mut book).unwrap();
-    let ev = reveal(&mut job, &ps[7].node, &output(9), 3_350, &mut book).unwrap();
-    assert!(matches!(&job.ended, Some(Ended::Refunded { why, .. }) if why.contains("wall_limit")), "{ev:?}");
+    assert_eq!(job.limit_claimants, BTreeSet::from([ps[3].node, ps[5].node]), "the finished run is no claimant");
+    // Round 3: the limit again, beside a finished run: the limit is confirmed, its claimants in
+    // this round are paid, those of round 2 get their bonds back; the finished runs are no
+    // dissent.
+    bid_round(&mut job, &ps[6..9], 2, 10, t + 100, &mut book);
+    assert_eq!(awarded(&job.tick(t + 1_000, &PARAMS, &mut book)).len(), 3);
+    let t = earliest_claim(t + 1_000, &limit);
+    seal(&mut job, &ps[6].node, &limit, t).unwrap();
+    seal(&mut job, &ps[7].node, &output(9), t).unwrap();
+    answer(&mut job, &ps[8].node, limit.clone(), t, &mut book).unwrap();
+    reveal(&mut job, &ps[6].node, &limit, t + 50, &mut book).unwrap();
+    let ev = reveal(&mut job, &ps[7].node, &output(9), t + 50, &mut book).unwrap();
+    assert!(matches!(&job.ended, Some(Ended::Accepted { outcome, .. }) if *outcome == limit), "{ev:?}");
     assert!(!ev.iter().any(|e| matches!(e, Event::Penalized { .. })), "{ev:?}");
-    assert_eq!(book.of(&TENANT), 1_000_000, "the whole escrow back");
-    for p in &ps {
-        assert_eq!(book.of(&p.node), 1_000, "{:?}: every bond back, nobody paid", p.node);
+    assert_eq!(book.of(&TENANT), 1_000_000 - 20, "the two confirming runs paid");
+    for (i, p) in ps.iter().enumerate() {
+        let paid = if [6, 8].contains(&i) { 10 } else { 0 };
+        assert_eq!(book.of(&p.node), 1_000 + paid, "{i}: every bond back, the confirming runs paid");
     }
 }
 
@@ -654,12 +700,13 @@ fn a_run_stopped_by_its_time_limit_is_no_dissent_from_a_majority_that_finished()
     let slow = RunOutcome::Failed { end: "cpu_limit".into() };
     let wrong = RunOutcome::Failed { end: "exited:3".into() };
     assert!(slow.depends_on_the_machine() && !wrong.depends_on_the_machine());
+    let t = earliest_claim(1_000, &slow);
     seal(&mut job, &ps[0].node, &output(1), 1_100).unwrap();
     seal(&mut job, &ps[1].node, &output(1), 1_100).unwrap();
-    seal(&mut job, &ps[2].node, &slow, 1_100).unwrap();
-    reveal(&mut job, &ps[2].node, &slow, 1_200, &mut book).unwrap();
-    reveal(&mut job, &ps[0].node, &output(1), 1_200, &mut book).unwrap();
-    let ev = reveal(&mut job, &ps[1].node, &output(1), 1_200, &mut book).unwrap();
+    seal(&mut job, &ps[2].node, &slow, t).unwrap();
+    reveal(&mut job, &ps[2].node, &slow, t + 100, &mut book).unwrap();
+    reveal(&mut job, &ps[0].node, &output(1), t + 100, &mut book).unwrap();
+    let ev = reveal(&mut job, &ps[1].node, &output(1), t + 100, &mut book).unwrap();
     assert!(!ev.iter().any(|e| matches!(e, Event::Penalized { .. })), "{ev:?}");
     assert_eq!(book.of(&ps[2].node), 1_000, "its bond back, no pay");
     assert_eq!((book.of(&ps[0].node), book.of(&ps[1].node)), (1_040, 1_050));

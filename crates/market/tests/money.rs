@@ -148,6 +148,8 @@ struct Reached {
     standby_took_over: AtomicUsize,
     failed_majority: AtomicUsize,
     outvoted: AtomicUsize,
+    limit_paid: AtomicUsize,
+    limit_contradicted: AtomicUsize,
 }
 
 fn count(c: &AtomicUsize) {
@@ -248,7 +250,7 @@ fn history(steps: Vec<Step>, reached: &Reached) -> Result<(), TestCaseError> {
                     for p in sealed {
                         if let Some(o) = results.get(&(job, p)) {
                             // Each reveal on its own: refused ones change nothing.
-                            if let Ok(ev) = j.reveal_result(&p, o.clone(), &[7; 32], now, &mut book) {
+                            if let Ok(ev) = j.reveal_result(&p, o.clone(), &[7; 32], now, &PARAMS, &mut book) {
                                 events.push((job, ev));
                             }
                         }
@@ -317,12 +319,24 @@ fn history(steps: Vec<Step>, reached: &Reached) -> Result<(), TestCaseError> {
                 if matches!(e, Event::Penalized { why: "outvoted", .. }) {
                     count(&reached.outvoted);
                 }
+                if matches!(e, Event::Penalized { why: "limit_contradicted", .. }) {
+                    count(&reached.limit_contradicted);
+                    // Only a majority that ran past the claimed limit contradicts it.
+                    let ended = ev.iter().find_map(|e| if let Event::Ended(x) = e { Some(x) } else { None });
+                    prop_assert!(
+                        matches!(ended, Some(Ended::Accepted { outcome, .. }) if !outcome.depends_on_the_machine()),
+                        "a limit claim burned by {ended:?}"
+                    );
+                }
                 match e {
                     Event::Paid { provider, amount_micro } => {
                         paid.entry(*i).or_default().push((*provider, *amount_micro))
                     }
                     Event::Ended(Ended::Accepted { outcome, .. }) => {
                         count(&reached.accepted);
+                        if outcome.is_a_limit() {
+                            count(&reached.limit_paid);
+                        }
                         // Exactly the leases whose result is the majority's, each its own bid, once.
                         let want: BTreeSet<(NodeId, Micro)> = jobs[*i]
                             .leases
@@ -380,6 +394,7 @@ fn money_is_conserved_and_each_job_pays_its_majority_once() {
         panic!("{e}");
     }
     let n = |c: &AtomicUsize| c.load(Ordering::Relaxed);
+    let (lp, lc) = (n(&reached.limit_paid), n(&reached.limit_contradicted));
     let (a, r, c, s, f, o) = (
         n(&reached.accepted),
         n(&reached.refunded),
@@ -388,10 +403,125 @@ fn money_is_conserved_and_each_job_pays_its_majority_once() {
         n(&reached.failed_majority),
         n(&reached.outvoted),
     );
-    println!("accepted {a}, refunded {r} (failed majority {f}), cancelled {c}, standby took over {s}, outvoted {o}");
+    println!(
+        "accepted {a} (a confirmed limit paid: {lp}), refunded {r} (failed majority {f}), cancelled {c}, \
+         standby took over {s}, outvoted {o}, limit claims contradicted {lc}"
+    );
     assert!(
         // (A majority of `cpu_limit` runs first runs again elsewhere, so fewer end refunded.)
         seed != SEED || (a >= 30 && r >= 15 && c >= 100 && s >= 40 && f >= 15 && o >= 1),
-        "the histories reach too little: {a} {r} {c} {s} {f} {o}"
+        "the histories reach too little: {a} {r} {c} {s} {f} {o} {lp} {lc}"
     );
+}
+
+/// One job through up to three rounds of `n` fresh providers each, every run ending as its round
+/// says (0 and 1: two different outputs, 2: the job's own failure, 3: its CPU limit).
+fn limit_rounds(n: u8, rounds: &[Vec<u8>], reached: &Reached) -> Result<(), TestCaseError> {
+    let mut book = Book::default();
+    let tenant = tenant(0);
+    book.credit(&tenant, 10_000);
+    let (mut job, _) = Job::post([9; 32], tenant, spec(n, 100), 0, &mut book).unwrap();
+    let mut total: Micro = book.0.values().sum::<Micro>() + held(std::slice::from_ref(&job));
+    let (mut now, mut next) = (0, 10u8);
+    let mut paid = Vec::new();
+    let mut claimants = BTreeSet::new();
+    let mut penalized = Vec::new();
+    for ends in rounds {
+        let round = job.auction.as_ref().map(|a| a.round).expect("a round is open");
+        let ps: Vec<Provider> =
+            (0..n).map(|k| Provider { operator: format!("op-{}", next + k), ..provider(next + k) }).collect();
+        next += n;
+        for p in &ps {
+            book.credit(&p.node, 1_000);
+            total += 1_000;
+            job.commit(&p.node, commitment(&job.id, &p.node, round, 10, &[p.node.0[0]; 32]), now, &mut book).unwrap();
+        }
+        now += 300;
+        for p in &ps {
+            job.reveal(p, 10, &[p.node.0[0]; 32], now).unwrap();
+        }
+        job.tick(now, &PARAMS, &mut book);
+        prop_assert_eq!(job.active().count(), usize::from(n));
+        now += 500;
+        let outcomes: Vec<(NodeId, RunOutcome)> = ps
+            .iter()
+            .zip(ends)
+            .map(|(p, e)| {
+                let o = match e {
+                    0 | 1 => RunOutcome::Success { output: [*e; 32] },
+                    2 => RunOutcome::Failed { end: "exited:1".into() },
+                    _ => RunOutcome::Failed { end: "cpu_limit".into() },
+                };
+                (p.node, o)
+            })
+            .collect();
+        for (p, o) in &outcomes {
+            job.commit_result(p, result_commitment(&job.id, p, o, &[1; 32]), now).unwrap();
+        }
+        claimants.extend(job.limit_claimants.iter().copied());
+        for (p, o) in &outcomes {
+            for e in job.reveal_result(p, o.clone(), &[1; 32], now, &PARAMS, &mut book).unwrap() {
+                match e {
+                    Event::Paid { provider, .. } => paid.push(provider),
+                    Event::Penalized { provider, why: "limit_contradicted" } => penalized.push(provider),
+                    _ => {}
+                }
+            }
+        }
+        claimants.extend(job.limit_claimants.iter().copied());
+        prop_assert_eq!(book.0.values().sum::<Micro>() + held(std::slice::from_ref(&job)), total, "money conserved");
+        if job.ended.is_some() {
+            break;
+        }
+    }
+    let Some(ended) = &job.ended else { return Ok(()) };
+    let accepted = match ended {
+        Ended::Accepted { outcome, .. } => Some(outcome),
+        _ => None,
+    };
+    // A run is paid only when the job ends accepted with a result or a confirmed limit, and
+    // only those of the deciding round agreeing with it.
+    let deciding: BTreeSet<NodeId> = job
+        .leases
+        .iter()
+        .filter(|l| accepted.is_some_and(|o| l.result.as_ref() == Some(o)))
+        .map(|l| l.bid.provider.node)
+        .collect();
+    prop_assert_eq!(paid.iter().copied().collect::<BTreeSet<_>>(), deciding.clone());
+    // Limit claims that sent the job on are burned exactly when the deciding round's majority
+    // ran past them (it finished, or failed the job's own way).
+    let mut counts: BTreeMap<&RunOutcome, usize> = BTreeMap::new();
+    for r in job.leases.iter().filter_map(|l| l.result.as_ref()) {
+        *counts.entry(r).or_default() += 1;
+    }
+    let majority = counts.into_iter().find(|(_, c)| *c > usize::from(n) / 2).map(|(o, _)| o);
+    let contradicted = majority.is_some_and(|o| !o.depends_on_the_machine());
+    let want: BTreeSet<NodeId> = if contradicted { claimants.clone() } else { BTreeSet::new() };
+    prop_assert_eq!(penalized.iter().copied().collect::<BTreeSet<_>>(), want);
+    for c in &claimants {
+        let bond_back = if contradicted { 990 } else { 1_000 };
+        prop_assert_eq!(book.of(c), bond_back, "claimant {:?} after {:?}", c, ended);
+    }
+    if accepted.is_some_and(RunOutcome::is_a_limit) {
+        count(&reached.limit_paid);
+    }
+    if contradicted && !claimants.is_empty() {
+        count(&reached.limit_contradicted);
+    }
+    Ok(())
+}
+
+#[test]
+fn limit_claims_are_paid_when_confirmed_and_burned_when_contradicted() {
+    let reached = Reached::default();
+    let mut runner =
+        TestRunner::new(Config { cases: 2_000, rng_seed: RngSeed::Fixed(20_261_129), ..Config::default() });
+    let ends = |n: u8| proptest::collection::vec(proptest::collection::vec(0u8..4, usize::from(n)), 1..=3);
+    let strategy = (1u8..=3).prop_flat_map(move |n| (Just(n), ends(n)));
+    if let Err(e) = runner.run(&strategy, |(n, rounds)| limit_rounds(n, &rounds, &reached)) {
+        panic!("{e}");
+    }
+    let (lp, lc) = (reached.limit_paid.load(Ordering::Relaxed), reached.limit_contradicted.load(Ordering::Relaxed));
+    println!("a confirmed limit paid: {lp}, limit claims contradicted: {lc}");
+    assert!(lp >= 20 && lc >= 20, "the histories reach too little: {lp} {lc}");
 }
