@@ -39,7 +39,10 @@
 //! TTL, for block times) is refused at its reveal.
 //!
 //! **No majority.** When every run of a round has ended and no outcome has more than N/2 of them,
-//! the job runs once more from a new auction; if that ends without a majority too, the tenant is
+//! the job runs once more from a new auction, the round's providers excluded and their bonds held
+//! (`Job::earlier`). The round that decides judges the earlier runs too: one with the accepted
+//! result is paid its bid while fewer than N runs are paid in all (the deciding round's first),
+//! one with another result is outvoted. If the rerun ends without a majority too, the tenant is
 //! refunded and the bonds go back (nobody is shown to be wrong).
 
 use crate::rule::{Bid, Provider, commitment, pick, rank};
@@ -271,6 +274,10 @@ pub struct Job {
     /// more: excluded, their bonds held until a later round decides (absent while empty).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub limit_claimants: BTreeSet<NodeId>,
+    /// Runs of earlier rounds that decided nothing (no majority, or a limit to confirm), with
+    /// their results: the round that decides the job judges them too (absent while empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<Lease>,
     /// Leases of the current run (active, and ended with a result).
     pub leases: Vec<Lease>,
     /// Bids that lost the last award, best first: the first takes a lapsed lease at once.
@@ -316,6 +323,7 @@ impl Job {
             reruns: 0,
             limit_reruns: 0,
             limit_claimants: BTreeSet::new(),
+            earlier: Vec::new(),
             leases: Vec::new(),
             standby: Vec::new(),
             excluded: BTreeSet::new(),
@@ -728,46 +736,22 @@ impl Job {
             // when its own CPU or wall-time limit stopped it, confirmed on two rounds of
             // different providers: they spent what the tenant allowed, so the majority is paid
             // (a tenant posting jobs that never end pays for them).
-            let paid = matches!(outcome, RunOutcome::Success { .. }) || outcome.is_a_limit();
-            let leases = std::mem::take(&mut self.leases);
+            let pays = matches!(outcome, RunOutcome::Success { .. }) || outcome.is_a_limit();
+            // This round first, then the earlier ones (their bonds were held for this): an
+            // earlier run with the same result is paid too while fewer than N are, one that
+            // differs is outvoted, and a limit claim that sent the job on and that this majority
+            // ran past (it finished, or failed the job's own way) was wrong.
+            let (leases, earlier) = (std::mem::take(&mut self.leases), self.earlier.clone());
             for l in &leases {
-                let p = l.bid.provider.node;
-                match &l.result {
-                    Some(r) if *r == outcome && !paid => self.release(&p, accounts),
-                    Some(r) if *r == outcome && !self.paid.contains(&p) => {
-                        let amount = l.bid.price_micro.min(self.escrow_micro);
-                        self.escrow_micro -= amount;
-                        accounts.credit(&p, amount);
-                        self.paid.insert(p);
-                        events.push(Event::Paid { provider: p, amount_micro: amount });
-                        self.release(&p, accounts);
-                    }
-                    // Stopped by a CPU or wall-time limit, or by a crash of its runner: how far a run
-                    // gets before that depends on the machine, so it is no dissent — no pay, no
-                    // penalty. Nor is a run that finished beside a majority that hit a limit (a
-                    // faster machine, or providers claiming a limit they never ran into).
-                    Some(r) if r.depends_on_the_machine() || outcome.depends_on_the_machine() => {
-                        self.release(&p, accounts)
-                    }
-                    Some(_) => {
-                        events.push(Event::Penalized { provider: p, why: "outvoted" });
-                        self.forfeit(&p, accounts);
-                    }
-                    None => {}
-                }
+                self.judge(l, &outcome, pays, false, accounts, events);
+            }
+            for l in &earlier {
+                let claimed = self.limit_claimants.contains(&l.bid.provider.node);
+                self.judge(l, &outcome, pays, claimed, accounts, events);
             }
             self.leases = leases;
-            // Earlier claims of a limit or crash that this majority ran past (it finished, or
-            // failed the job's own way) were wrong: the claimants lose their bonds. A majority
-            // that hit a limit or crashed too bears them out: their bonds go back at the close.
-            if !outcome.depends_on_the_machine() {
-                for p in std::mem::take(&mut self.limit_claimants) {
-                    events.push(Event::Penalized { provider: p, why: "limit_contradicted" });
-                    self.forfeit(&p, accounts);
-                }
-            }
             let ended = match &outcome {
-                RunOutcome::Failed { end } if !paid => {
+                RunOutcome::Failed { end } if !pays => {
                     Ended::Refunded { why: format!("the job failed on the providers: {end}"), at_ms: now_ms }
                 }
                 _ => Ended::Accepted { outcome, at_ms: now_ms },
@@ -787,22 +771,59 @@ impl Job {
                     self.reruns += 1;
                 }
                 self.results_reveal_until_ms = None;
+                // The round's runs keep their bonds in the job until a later round decides it:
+                // that round judges them too.
                 for l in std::mem::take(&mut self.leases) {
                     let p = l.bid.provider.node;
                     self.excluded.insert(p);
-                    // Those whose limit sends the job on keep their bond in it until a later
-                    // round bears them out or not.
                     if unconfirmed && l.result.is_some() && l.result == majority {
                         self.limit_claimants.insert(p);
-                    } else {
-                        self.release(&p, accounts);
                     }
+                    self.earlier.push(l);
                 }
                 self.reauction(n, now_ms, accounts, events);
             } else {
                 let why = "no majority among the results, twice".to_string();
                 self.close(Ended::Refunded { why, at_ms: now_ms }, accounts, events);
             }
+        }
+    }
+
+    /// Judges one run by the accepted `outcome` (paid when `pays`): pays it (at most N runs in
+    /// all, from what is left of the escrow), gives its bond back, or burns it. `claimed`: its
+    /// limit or crash sent the job to run again.
+    fn judge(
+        &mut self,
+        l: &Lease,
+        outcome: &RunOutcome,
+        pays: bool,
+        claimed: bool,
+        accounts: &mut impl Accounts,
+        events: &mut Vec<Event>,
+    ) {
+        let p = l.bid.provider.node;
+        let Some(r) = &l.result else { return };
+        if claimed && !outcome.depends_on_the_machine() {
+            events.push(Event::Penalized { provider: p, why: "limit_contradicted" });
+            self.forfeit(&p, accounts);
+        } else if r == outcome {
+            if pays && !self.paid.contains(&p) && self.paid.len() < usize::from(self.spec.redundancy) {
+                let amount = l.bid.price_micro.min(self.escrow_micro);
+                self.escrow_micro -= amount;
+                accounts.credit(&p, amount);
+                self.paid.insert(p);
+                events.push(Event::Paid { provider: p, amount_micro: amount });
+            }
+            self.release(&p, accounts);
+        } else if r.depends_on_the_machine() || outcome.depends_on_the_machine() {
+            // Stopped by a CPU or wall-time limit, or by a crash of its runner: how far a run
+            // gets before that depends on the machine, so it is no dissent — no pay, no penalty.
+            // Nor is a run that finished beside a majority that hit a limit (a faster machine,
+            // or providers claiming a limit they never ran into).
+            self.release(&p, accounts);
+        } else {
+            events.push(Event::Penalized { provider: p, why: "outvoted" });
+            self.forfeit(&p, accounts);
         }
     }
 

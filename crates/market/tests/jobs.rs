@@ -231,7 +231,7 @@ fn no_majority_runs_once_more_then_refunds() {
     answer(&mut job, &ps[1].node, output(2), 1_150, &mut book).unwrap();
     let ev = reveal(&mut job, &ps[0].node, &output(1), 1_200, &mut book).unwrap();
     assert!(ev.contains(&Event::Reopened { round: 1, slots: 2 }), "{ev:?}");
-    assert_eq!((book.of(&ps[0].node), book.of(&ps[1].node)), (1_000, 1_000), "bonds back: nobody shown wrong");
+    assert_eq!((book.of(&ps[0].node), book.of(&ps[1].node)), (990, 990), "bonds held until a later round decides");
     for p in &ps[2..] {
         book.credit(&p.node, 1_000);
         job.commit(&p.node, commitment(&JOB, &p.node, 1, 45, &salt(p)), 1_300, &mut book).unwrap();
@@ -248,6 +248,42 @@ fn no_majority_runs_once_more_then_refunds() {
     for p in &ps {
         assert_eq!(book.of(&p.node), 1_000, "nobody paid, nobody penalized");
     }
+}
+
+#[test]
+fn the_round_that_decides_judges_the_earlier_ones_too() {
+    let ps: Vec<Provider> = (1..=6).map(|i| provider(i, &format!("op-{i}"), "eu-de")).collect();
+    let mut book = Book::default();
+    // Round 1: three different outputs, no majority: the job runs again.
+    let mut job = auction(3, 100, &[(&ps[0], 40), (&ps[1], 50), (&ps[2], 60)], &mut book);
+    job.tick(1_000, &PARAMS, &mut book);
+    seal(&mut job, &ps[0].node, &output(1), 1_100).unwrap();
+    seal(&mut job, &ps[1].node, &output(2), 1_100).unwrap();
+    answer(&mut job, &ps[2].node, output(3), 1_100, &mut book).unwrap();
+    reveal(&mut job, &ps[0].node, &output(1), 1_150, &mut book).unwrap();
+    let ev = reveal(&mut job, &ps[1].node, &output(2), 1_150, &mut book).unwrap();
+    assert!(ev.contains(&Event::Reopened { round: 1, slots: 3 }), "{ev:?}");
+    // Round 2: output 1 twice and a third: accepted. Its two are paid, then round 1's run with
+    // the same output (N = 3 paid in all); every run with another output is outvoted.
+    bid_round(&mut job, &ps[3..6], 1, 30, 1_200, &mut book);
+    assert_eq!(awarded(&job.tick(2_100, &PARAMS, &mut book)).len(), 3);
+    seal(&mut job, &ps[3].node, &output(1), 2_200).unwrap();
+    seal(&mut job, &ps[4].node, &output(1), 2_200).unwrap();
+    let ev = answer(&mut job, &ps[5].node, output(4), 2_200, &mut book).unwrap();
+    assert!(ev.is_empty(), "{ev:?}");
+    reveal(&mut job, &ps[3].node, &output(1), 2_250, &mut book).unwrap();
+    let ev = reveal(&mut job, &ps[4].node, &output(1), 2_250, &mut book).unwrap();
+    assert_eq!(job.ended, Some(Ended::Accepted { outcome: output(1), at_ms: 2_250 }));
+    let paid: Vec<NodeId> =
+        ev.iter().filter_map(|e| if let Event::Paid { provider, .. } = e { Some(*provider) } else { None }).collect();
+    assert_eq!(paid, [ps[3].node, ps[4].node, ps[0].node], "this round first");
+    for p in [&ps[1], &ps[2], &ps[5]] {
+        assert!(ev.contains(&Event::Penalized { provider: p.node, why: "outvoted" }), "{ev:?}");
+    }
+    assert_eq!(book.of(&TENANT), 1_000_000 - 30 - 30 - 40, "each paid its own bid");
+    assert_eq!((book.of(&ps[0].node), book.of(&ps[3].node), book.of(&ps[4].node)), (1_040, 1_030, 1_030));
+    assert_eq!((book.of(&ps[1].node), book.of(&ps[2].node), book.of(&ps[5].node)), (990, 990, 990));
+    assert_eq!(job.burned_micro, 30);
 }
 
 #[test]
@@ -450,9 +486,9 @@ fn a_run_that_finished_beside_a_limit_majority_is_not_penalized_and_limits_get_t
     assert!(ev.contains(&Event::Reopened { round: 2, slots: 3 }), "{ev:?}");
     assert!(job.ended.is_none(), "{job:?}");
     assert_eq!(job.limit_claimants, BTreeSet::from([ps[3].node, ps[5].node]), "the finished run is no claimant");
-    // Round 3: the limit again, beside a finished run: the limit is confirmed, its claimants in
-    // this round are paid, those of round 2 get their bonds back; the finished runs are no
-    // dissent.
+    // Round 3: the limit again, beside a finished run: the limit is confirmed; its claimants in
+    // this round are paid, then those of round 2 while fewer than N are; the other claimant of
+    // round 2 gets its bond back; the finished runs are no dissent.
     bid_round(&mut job, &ps[6..9], 2, 10, t + 100, &mut book);
     assert_eq!(awarded(&job.tick(t + 1_000, &PARAMS, &mut book)).len(), 3);
     let t = earliest_claim(t + 1_000, &limit);
@@ -463,9 +499,9 @@ fn a_run_that_finished_beside_a_limit_majority_is_not_penalized_and_limits_get_t
     let ev = reveal(&mut job, &ps[7].node, &output(9), t + 50, &mut book).unwrap();
     assert!(matches!(&job.ended, Some(Ended::Accepted { outcome, .. }) if *outcome == limit), "{ev:?}");
     assert!(!ev.iter().any(|e| matches!(e, Event::Penalized { .. })), "{ev:?}");
-    assert_eq!(book.of(&TENANT), 1_000_000 - 20, "the two confirming runs paid");
+    assert_eq!(book.of(&TENANT), 1_000_000 - 30, "N = 3 runs paid");
     for (i, p) in ps.iter().enumerate() {
-        let paid = if [6, 8].contains(&i) { 10 } else { 0 };
+        let paid = if [3, 6, 8].contains(&i) { 10 } else { 0 };
         assert_eq!(book.of(&p.node), 1_000 + paid, "{i}: every bond back, the confirming runs paid");
     }
 }
@@ -657,7 +693,8 @@ fn a_result_cannot_be_copied_and_an_unrevealed_one_is_no_vote() {
     }
     assert!(ev.contains(&Event::Reopened { round: 1, slots: 3 }), "{ev:?}");
     assert!(awarded(&ev).is_empty(), "the standby does not join a round whose results are out: {ev:?}");
-    assert_eq!((job.burned_micro, book.of(&ps[0].node)), (20, 1_000), "a's bond back, not paid");
+    assert_eq!((job.burned_micro, book.of(&ps[0].node)), (20, 990), "a not paid, its bond held for the next round");
+    assert_eq!(job.earlier.len(), 1, "a's run waits to be judged: {job:?}");
     for p in &ps {
         assert_eq!(job.commit(&p.node, [0; 32], 1_700, &mut book), Err(MarketError::Excluded));
     }

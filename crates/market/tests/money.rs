@@ -150,6 +150,7 @@ struct Reached {
     outvoted: AtomicUsize,
     limit_paid: AtomicUsize,
     limit_contradicted: AtomicUsize,
+    earlier_paid: AtomicUsize,
 }
 
 fn count(c: &AtomicUsize) {
@@ -337,17 +338,24 @@ fn history(steps: Vec<Step>, reached: &Reached) -> Result<(), TestCaseError> {
                         if outcome.is_a_limit() {
                             count(&reached.limit_paid);
                         }
-                        // Exactly the leases whose result is the majority's, each its own bid, once.
-                        let want: BTreeSet<(NodeId, Micro)> = jobs[*i]
-                            .leases
-                            .iter()
-                            .filter(|l| l.result.as_ref() == Some(outcome))
-                            .map(|l| (l.bid.provider.node, l.bid.price_micro))
-                            .collect();
-                        let got = paid.get(i).cloned().unwrap_or_default();
-                        prop_assert_eq!(got.len(), want.len(), "each paid once");
-                        prop_assert_eq!(&got.into_iter().collect::<BTreeSet<_>>(), &want);
-                        prop_assert!(want.len() > usize::from(jobs[*i].spec.redundancy) / 2, "a majority");
+                        // Exactly the leases whose result is the majority's, each its own bid, once;
+                        // then earlier rounds' runs with that result while fewer than N are paid.
+                        let agreeing = |leases: &[archipel_market::job::Lease]| -> BTreeSet<(NodeId, Micro)> {
+                            leases
+                                .iter()
+                                .filter(|l| l.result.as_ref() == Some(outcome))
+                                .map(|l| (l.bid.provider.node, l.bid.price_micro))
+                                .collect()
+                        };
+                        let (want, earlier) = (agreeing(&jobs[*i].leases), agreeing(&jobs[*i].earlier));
+                        let n = usize::from(jobs[*i].spec.redundancy);
+                        let got: BTreeSet<(NodeId, Micro)> =
+                            paid.get(i).cloned().unwrap_or_default().into_iter().collect();
+                        prop_assert_eq!(got.len(), paid.get(i).map_or(0, Vec::len), "each paid once");
+                        prop_assert!(want.is_subset(&got), "the majority paid: {:?} {:?}", want, got);
+                        prop_assert!(got.difference(&want).all(|x| earlier.contains(x)));
+                        prop_assert_eq!(got.len(), want.len() + earlier.len().min(n - want.len()));
+                        prop_assert!(want.len() > n / 2, "a majority");
                     }
                     Event::Ended(Ended::Refunded { why, .. }) => {
                         count(&reached.refunded);
@@ -414,8 +422,18 @@ fn money_is_conserved_and_each_job_pays_its_majority_once() {
     );
 }
 
+/// The outcome with more than `n / 2` of `results`, if any.
+fn majority_of(results: &[(NodeId, RunOutcome)], n: u8) -> Option<RunOutcome> {
+    let mut counts: BTreeMap<&RunOutcome, usize> = BTreeMap::new();
+    for (_, o) in results {
+        *counts.entry(o).or_default() += 1;
+    }
+    counts.into_iter().find(|(_, c)| *c > usize::from(n) / 2).map(|(o, _)| o.clone())
+}
+
 /// One job through up to three rounds of `n` fresh providers each, every run ending as its round
-/// says (0 and 1: two different outputs, 2: the job's own failure, 3: its CPU limit).
+/// says (0 and 1: two different outputs, 2: the job's own failure, 3: its CPU limit); then each
+/// provider's money against the rules, worked out here from the rounds alone.
 fn limit_rounds(n: u8, rounds: &[Vec<u8>], reached: &Reached) -> Result<(), TestCaseError> {
     let mut book = Book::default();
     let tenant = tenant(0);
@@ -423,9 +441,8 @@ fn limit_rounds(n: u8, rounds: &[Vec<u8>], reached: &Reached) -> Result<(), Test
     let (mut job, _) = Job::post([9; 32], tenant, spec(n, 100), 0, &mut book).unwrap();
     let mut total: Micro = book.0.values().sum::<Micro>() + held(std::slice::from_ref(&job));
     let (mut now, mut next) = (0, 10u8);
-    let mut paid = Vec::new();
-    let mut claimants = BTreeSet::new();
-    let mut penalized = Vec::new();
+    let mut played: Vec<Vec<(NodeId, RunOutcome)>> = Vec::new();
+    let mut events = Vec::new();
     for ends in rounds {
         let round = job.auction.as_ref().map(|a| a.round).expect("a round is open");
         let ps: Vec<Provider> =
@@ -458,55 +475,79 @@ fn limit_rounds(n: u8, rounds: &[Vec<u8>], reached: &Reached) -> Result<(), Test
         for (p, o) in &outcomes {
             job.commit_result(p, result_commitment(&job.id, p, o, &[1; 32]), now).unwrap();
         }
-        claimants.extend(job.limit_claimants.iter().copied());
         for (p, o) in &outcomes {
-            for e in job.reveal_result(p, o.clone(), &[1; 32], now, &PARAMS, &mut book).unwrap() {
-                match e {
-                    Event::Paid { provider, .. } => paid.push(provider),
-                    Event::Penalized { provider, why: "limit_contradicted" } => penalized.push(provider),
-                    _ => {}
-                }
-            }
+            events.extend(job.reveal_result(p, o.clone(), &[1; 32], now, &PARAMS, &mut book).unwrap());
         }
-        claimants.extend(job.limit_claimants.iter().copied());
+        played.push(outcomes);
         prop_assert_eq!(book.0.values().sum::<Micro>() + held(std::slice::from_ref(&job)), total, "money conserved");
         if job.ended.is_some() {
             break;
         }
     }
-    let Some(ended) = &job.ended else { return Ok(()) };
-    let accepted = match ended {
-        Ended::Accepted { outcome, .. } => Some(outcome),
-        _ => None,
-    };
-    // A run is paid only when the job ends accepted with a result or a confirmed limit, and
-    // only those of the deciding round agreeing with it.
-    let deciding: BTreeSet<NodeId> = job
-        .leases
+    let Some(ended) = job.ended.clone() else { return Ok(()) };
+    // The rules, from the rounds alone. The last round decides when it has a majority; an earlier
+    // round whose majority hit a limit sent the job on, and its providers with that outcome are
+    // its claimants.
+    let (last, before) = played.split_last().unwrap();
+    let decided = majority_of(last, n);
+    let claimants: BTreeSet<NodeId> = before
         .iter()
-        .filter(|l| accepted.is_some_and(|o| l.result.as_ref() == Some(o)))
-        .map(|l| l.bid.provider.node)
+        .filter_map(|r| majority_of(r, n).filter(RunOutcome::depends_on_the_machine).map(|m| (r, m)))
+        .flat_map(|(r, m)| r.iter().filter(move |(_, o)| *o == m).map(|(p, _)| *p))
         .collect();
-    prop_assert_eq!(paid.iter().copied().collect::<BTreeSet<_>>(), deciding.clone());
-    // Limit claims that sent the job on are burned exactly when the deciding round's majority
-    // ran past them (it finished, or failed the job's own way).
-    let mut counts: BTreeMap<&RunOutcome, usize> = BTreeMap::new();
-    for r in job.leases.iter().filter_map(|l| l.result.as_ref()) {
-        *counts.entry(r).or_default() += 1;
+    // Paid: all of the deciding round's with its outcome, then earlier ones with it while fewer
+    // than N are (which of them, when more are left, the winner rule's order says).
+    let (mut now_paid, mut may_pay) = (BTreeSet::new(), BTreeSet::new());
+    let mut want_burned = BTreeMap::new();
+    if let Some(m) = &decided {
+        let pays = matches!(m, RunOutcome::Success { .. }) || m.is_a_limit();
+        prop_assert_eq!(matches!(ended, Ended::Accepted { .. }), pays, "{:?}", ended);
+        for (i, (p, o)) in played.iter().enumerate().flat_map(|(i, r)| r.iter().map(move |x| (i, x))) {
+            if claimants.contains(p) && !m.depends_on_the_machine() {
+                want_burned.insert(*p, "limit_contradicted");
+            } else if o == m {
+                if pays {
+                    if i + 1 == played.len() {
+                        now_paid.insert(*p)
+                    } else {
+                        may_pay.insert(*p)
+                    };
+                }
+            } else if !o.depends_on_the_machine() && !m.depends_on_the_machine() {
+                want_burned.insert(*p, "outvoted");
+            }
+        }
+    } else {
+        prop_assert!(matches!(ended, Ended::Refunded { .. }), "{:?}", ended);
     }
-    let majority = counts.into_iter().find(|(_, c)| *c > usize::from(n) / 2).map(|(o, _)| o);
-    let contradicted = majority.is_some_and(|o| !o.depends_on_the_machine());
-    let want: BTreeSet<NodeId> = if contradicted { claimants.clone() } else { BTreeSet::new() };
-    prop_assert_eq!(penalized.iter().copied().collect::<BTreeSet<_>>(), want);
-    for c in &claimants {
-        let bond_back = if contradicted { 990 } else { 1_000 };
-        prop_assert_eq!(book.of(c), bond_back, "claimant {:?} after {:?}", c, ended);
+    let paid: Vec<NodeId> = events
+        .iter()
+        .filter_map(|e| if let Event::Paid { provider, .. } = e { Some(*provider) } else { None })
+        .collect();
+    let paid_now = paid.iter().take_while(|p| now_paid.contains(p)).count();
+    prop_assert_eq!(paid_now, now_paid.len(), "the deciding round first: {:?}", paid);
+    prop_assert!(paid[paid_now..].iter().all(|p| may_pay.contains(p)), "then earlier ones: {:?}", paid);
+    prop_assert_eq!(paid.len(), now_paid.len() + may_pay.len().min(usize::from(n) - now_paid.len()));
+    prop_assert_eq!(paid.iter().collect::<BTreeSet<_>>().len(), paid.len(), "once each");
+    let want_paid = paid.clone();
+    let burned: BTreeMap<NodeId, &str> = events
+        .iter()
+        .filter_map(|e| if let Event::Penalized { provider, why } = e { Some((*provider, *why)) } else { None })
+        .collect();
+    prop_assert_eq!(&burned, &want_burned);
+    for (p, _) in played.iter().flatten() {
+        let want = 1_000 + if want_paid.contains(p) { 10 } else { 0 } - if burned.contains_key(p) { 10 } else { 0 };
+        prop_assert_eq!(book.of(p), want, "{:?} after {:?}", p, ended);
     }
-    if accepted.is_some_and(RunOutcome::is_a_limit) {
+    prop_assert_eq!(book.of(&tenant), 10_000 - 10 * want_paid.len() as Micro);
+    if decided.as_ref().is_some_and(RunOutcome::is_a_limit) {
         count(&reached.limit_paid);
     }
-    if contradicted && !claimants.is_empty() {
+    if want_burned.values().any(|w| *w == "limit_contradicted") {
         count(&reached.limit_contradicted);
+    }
+    if want_paid.iter().any(|p| !last.iter().any(|(q, _)| q == p)) {
+        count(&reached.earlier_paid);
     }
     Ok(())
 }
@@ -521,7 +562,8 @@ fn limit_claims_are_paid_when_confirmed_and_burned_when_contradicted() {
     if let Err(e) = runner.run(&strategy, |(n, rounds)| limit_rounds(n, &rounds, &reached)) {
         panic!("{e}");
     }
-    let (lp, lc) = (reached.limit_paid.load(Ordering::Relaxed), reached.limit_contradicted.load(Ordering::Relaxed));
-    println!("a confirmed limit paid: {lp}, limit claims contradicted: {lc}");
-    assert!(lp >= 20 && lc >= 20, "the histories reach too little: {lp} {lc}");
+    let n = |c: &AtomicUsize| c.load(Ordering::Relaxed);
+    let (lp, lc, ep) = (n(&reached.limit_paid), n(&reached.limit_contradicted), n(&reached.earlier_paid));
+    println!("a confirmed limit paid: {lp}, limit claims contradicted: {lc}, an earlier round's run paid: {ep}");
+    assert!(lp >= 20 && lc >= 20 && ep >= 20, "the histories reach too little: {lp} {lc} {ep}");
 }
