@@ -1,5 +1,5 @@
 //! Real S3 clients against a real devnet's gateway: runs `tests/s3/test_clients.py` (boto3,
-//! aws-cli, rclone, end-to-end encryption, bad input) with pytest from a Python venv this test
+//! aws-cli, rclone, end-to-end encryption, bad input, export to moto's S3 server) with pytest from a Python venv this test
 //! makes once under the target directory, so `cargo test --workspace` runs them too.
 //!
 //! Needs `python3` with `venv` (Debian: python3-venv) and PyPI for the first run; rclone
@@ -13,7 +13,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// What the venv holds, pinned.
-const PACKAGES: &[&str] = &["boto3==1.44.8", "botocore==1.44.8", "awscli==1.46.3", "pytest==9.2.0"];
+/// moto's S3 server (with Flask) is the third-party S3 endpoint the export test writes to.
+const PACKAGES: &[&str] = &[
+    "boto3==1.44.8",
+    "botocore==1.44.8",
+    "awscli==1.46.3",
+    "pytest==9.2.0",
+    "moto[s3]==5.2.5",
+    "flask==3.1.3",
+    "flask-cors==6.0.5",
+];
 
 /// The venv, made (or completed) on first use.
 fn venv() -> PathBuf {
