@@ -38,8 +38,9 @@ fn bad(message: String) -> Refused {
 pub(crate) async fn seal_batch(
     State(s): State<Arc<ApiState>>,
     Extension(caller): Extension<Caller>,
-    body: Bytes,
+    Extension(crate::api::VerifiedBody(body)): Extension<crate::api::VerifiedBody>,
 ) -> Result<Response, Refused> {
+    let body = body.bytes().clone();
     let svc = service(&s)?;
     let items = decode(body).map_err(|m| bad(format!("not a batch of seals: {m}")))?;
     let mut versions = BTreeSet::new();

@@ -708,8 +708,11 @@ async fn seal(
     Path((version, index)): Path<(String, u8)>,
     Query(q): Query<SealQuery>,
     headers: HeaderMap,
-    body: Bytes,
+    // The body the signature check read (not axum's `Bytes` extractor, whose 2 MiB default
+    // limit refused a one-segment object's shard of more than 2 MiB with its manifest).
+    Extension(VerifiedBody(body)): Extension<VerifiedBody>,
 ) -> Result<Response, Refused> {
+    let body = body.bytes().clone();
     let svc = service(&s)?;
     let version = version_of(&version)?;
     let (claim, grant) = grant(&s, &caller.0, &version, &headers)?;
@@ -1149,6 +1152,46 @@ mod tests {
         let real = Manifest { version: fresh, ..manifest.clone() }.to_bytes();
         assert_eq!(svc.put_manifest(&fresh.0, &real, Grant::Owner).unwrap(), Written::New);
         assert_eq!(svc.store().manifest(&fresh.0).unwrap().as_deref(), Some(&real[..]));
+    }
+
+    /// A one-call seal is not bound by a default request-body limit: at 2+1 the shard of a full
+    /// 8 MiB segment is 4 MiB, and with its manifest it is stored and sealed (it was refused with
+    /// "length limit exceeded" above 2 MiB).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_one_call_seal_takes_a_shard_of_more_than_two_mib() {
+        use archipel_objects::transfer::{Holder, SealWith, Shards as _};
+        let tenant = crate::api::testing::tenant();
+        let object = archipel_ledger::storage::object_id("b", "big");
+        let nonce = [5u8; 32];
+        let version = version_id(&tenant.node_id(), &object, &nonce);
+        let claim = Claim::Owner { object, nonce };
+        let shard = vec![0x24u8; 4 << 20];
+        let mut hashes = vec![[0u8; 32]; 3];
+        hashes[2] = *blake3::hash(&shard).as_bytes();
+        let code = ErasureCode::new(2, 1).unwrap();
+        let manifest = Manifest {
+            version,
+            size: 8 << 20,
+            segment_bytes: 8 << 20,
+            code,
+            wrapped_key: [7; WRAPPED_KEY_BYTES],
+            segments: vec![hashes],
+            meta: vec![],
+        };
+        let m = Bytes::from(manifest.to_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let svc =
+            ShardService::new(ShardStore::open(dir.path(), 1 << 30).unwrap(), Identity::from_seed(77), Hash::ZERO);
+        let mut state = crate::api::testing::state(crate::config::ApiLimits::default());
+        Arc::get_mut(&mut state).unwrap().shards = Some(Arc::new(svc));
+        let url = crate::api::testing::serve(state.clone()).await;
+        let holder = Holder { node: Identity::from_seed(1).node_id(), url };
+        let http = archipel_objects::http::HttpShards::new(tenant.clone());
+        let with = SealWith { manifest: Some(m.clone()), shard: Some(Bytes::from(shard.clone())) };
+        let sealed = http.seal(&holder, &version, &claim, 2, 0, with).await.unwrap();
+        assert_eq!(sealed.shard_bytes, shard.len() as u64);
+        let key = ShardKey { version: version.0, index: 2, segment: 0 };
+        assert_eq!(state.shards.as_ref().unwrap().store().shard(&key).unwrap(), shard);
     }
 
     #[test]
