@@ -640,8 +640,11 @@ async fn put_manifest(
     Extension(caller): Extension<Caller>,
     Path(version): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    // As for the seal: the checked body, not a 2 MiB-limited extractor (a manifest of a large
+    // object with a wide code passes 2 MiB).
+    Extension(VerifiedBody(body)): Extension<VerifiedBody>,
 ) -> Result<Response, Refused> {
+    let body = body.bytes().clone();
     {
         let svc = service(&s)?;
         let version = version_of(&version)?;
