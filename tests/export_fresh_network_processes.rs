@@ -26,19 +26,6 @@ impl Net {
     }
 }
 
-/// `n` bytes that differ per `seed`.
-fn bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn keys(w: &Path, net: &Net, bucket: &str) -> Vec<String> {
     let v: serde_json::Value = serde_json::from_str(&run(w, &args(&net.t(&["ls", bucket, "--json"])))).unwrap();
     let mut out: Vec<String> =

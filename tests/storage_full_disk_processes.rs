@@ -24,18 +24,6 @@ impl Drop for Unmount {
     }
 }
 
-fn bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn holders(w: &Path, t: &dyn Fn(&[&str]) -> Vec<String>, object: &str) -> Vec<String> {
     let v: serde_json::Value =
         serde_json::from_str(&run(w, &args(&t(&["stat", object, "--genesis", "devnet/genesis.json", "--json"]))))
@@ -129,7 +117,7 @@ fn a_holder_whose_disk_is_full_refuses_shards_and_keeps_serving_while_puts_go_el
     let mut on_full = Vec::new();
     let mut refused_by_full = None;
     for i in 0..48u64 {
-        let body = bytes(6 << 20, i + 1);
+        let body = bytes(6 << 20, 2 * i + 1);
         let f = w.join(format!("o{i}.bin"));
         std::fs::write(&f, &body).unwrap();
         let object = format!("fill/o{i}");

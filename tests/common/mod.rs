@@ -362,3 +362,17 @@ pub fn finalized_job(node: &str, id: &str) -> serde_json::Value {
 pub fn kill9(pid: u32) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
 }
+
+/// `n` bytes that differ per `seed` (xorshift: incompressible enough for shards, and the same on
+/// every run). Seeds differing only in the lowest bit give the same bytes.
+pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

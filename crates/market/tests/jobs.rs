@@ -250,19 +250,26 @@ fn no_majority_runs_once_more_then_refunds() {
     }
 }
 
+/// A job of N = 3 whose first round, on `ps` bidding `price` (+10 for each next one), ends with
+/// three different outputs (1, 2 and 3, in `ps`' order): no majority, so it runs again.
+fn split_first_round(ps: &[Provider], price: Micro, book: &mut Book) -> Job {
+    let bids: Vec<(&Provider, Micro)> = ps.iter().zip(0..).map(|(p, i)| (p, price + 10 * i)).collect();
+    let mut job = auction(3, 100, &bids, book);
+    job.tick(1_000, &PARAMS, book);
+    seal(&mut job, &ps[0].node, &output(1), 1_100).unwrap();
+    seal(&mut job, &ps[1].node, &output(2), 1_100).unwrap();
+    answer(&mut job, &ps[2].node, output(3), 1_100, book).unwrap();
+    reveal(&mut job, &ps[0].node, &output(1), 1_150, book).unwrap();
+    let ev = reveal(&mut job, &ps[1].node, &output(2), 1_150, book).unwrap();
+    assert!(ev.contains(&Event::Reopened { round: 1, slots: 3 }), "{ev:?}");
+    job
+}
+
 #[test]
 fn the_round_that_decides_judges_the_earlier_ones_too() {
     let ps: Vec<Provider> = (1..=6).map(|i| provider(i, &format!("op-{i}"), "eu-de")).collect();
     let mut book = Book::default();
-    // Round 1: three different outputs, no majority: the job runs again.
-    let mut job = auction(3, 100, &[(&ps[0], 40), (&ps[1], 50), (&ps[2], 60)], &mut book);
-    job.tick(1_000, &PARAMS, &mut book);
-    seal(&mut job, &ps[0].node, &output(1), 1_100).unwrap();
-    seal(&mut job, &ps[1].node, &output(2), 1_100).unwrap();
-    answer(&mut job, &ps[2].node, output(3), 1_100, &mut book).unwrap();
-    reveal(&mut job, &ps[0].node, &output(1), 1_150, &mut book).unwrap();
-    let ev = reveal(&mut job, &ps[1].node, &output(2), 1_150, &mut book).unwrap();
-    assert!(ev.contains(&Event::Reopened { round: 1, slots: 3 }), "{ev:?}");
+    let mut job = split_first_round(&ps[..3], 40, &mut book);
     // Round 2: output 1 twice and a third: accepted. Its two are paid, then round 1's run with
     // the same output (N = 3 paid in all); every run with another output is outvoted.
     bid_round(&mut job, &ps[3..6], 1, 30, 1_200, &mut book);
@@ -464,15 +471,7 @@ fn a_run_that_finished_beside_a_limit_majority_is_not_penalized_and_limits_get_t
     let ps: Vec<Provider> = (1..=9).map(|i| provider(i, &format!("op-{i}"), "eu-de")).collect();
     let limit = RunOutcome::Failed { end: "wall_limit".into() };
     let mut book = Book::default();
-    // Round 1: no majority (two outputs and a silent reveal): a rerun.
-    let mut job = auction(3, 100, &[(&ps[0], 10), (&ps[1], 10), (&ps[2], 10)], &mut book);
-    job.tick(1_000, &PARAMS, &mut book);
-    seal(&mut job, &ps[0].node, &output(1), 1_100).unwrap();
-    seal(&mut job, &ps[1].node, &output(2), 1_100).unwrap();
-    answer(&mut job, &ps[2].node, output(3), 1_100, &mut book).unwrap();
-    reveal(&mut job, &ps[0].node, &output(1), 1_150, &mut book).unwrap();
-    let ev = reveal(&mut job, &ps[1].node, &output(2), 1_150, &mut book).unwrap();
-    assert!(ev.contains(&Event::Reopened { round: 1, slots: 3 }), "{ev:?}");
+    let mut job = split_first_round(&ps[..3], 10, &mut book);
     // Round 2: two claim the wall limit, one finishes. The no-majority rerun is spent, yet the
     // limit is not taken on this round's word: it runs once more.
     bid_round(&mut job, &ps[3..6], 1, 10, 1_200, &mut book);
