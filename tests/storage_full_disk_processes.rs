@@ -121,6 +121,7 @@ fn a_holder_whose_disk_is_full_refuses_shards_and_keeps_serving_while_puts_go_el
         let f = w.join(format!("o{i}.bin"));
         std::fs::write(&f, &body).unwrap();
         let object = format!("fill/o{i}");
+        let before = files_under(&shards);
         let out = archipel(w, &args(&t(&["put", f.to_str().unwrap(), &object])));
         assert!(out.status.success(), "PUT {object} failed: {}", stderr(&out));
         let warned = stderr(&out);
@@ -128,9 +129,20 @@ fn a_holder_whose_disk_is_full_refuses_shards_and_keeps_serving_while_puts_go_el
             eprintln!("PUT {object}: {warned}");
         }
         let hs = holders(w, &t, &object);
-        if warned.contains("full") {
+        if warned.contains("storage_full") {
+            // Refused by the node on the tmpfs, naming the full disk; placed again without it.
+            assert!(warned.contains(&url) && warned.contains("the disk is full"), "{warned}");
             assert!(warned.contains("placing the object again without node"), "{warned}");
             assert!(!hs.contains(&name), "{object} was placed again without {name}: {hs:?}");
+            // What the refused upload left on the full disk: at most its manifest (collected as
+            // an upload never committed), no shard.
+            let mut after = files_under(&shards);
+            for f in &before {
+                if let Some(i) = after.iter().position(|a| a == f) {
+                    after.remove(i);
+                }
+            }
+            assert!(after.iter().all(|f| f == "manifest" || f == "object"), "new files on the full disk: {after:?}");
             refused_by_full = Some((object, body));
             break;
         }

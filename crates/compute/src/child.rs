@@ -256,6 +256,11 @@ pub fn engine(canonical_nans: bool) -> wasmtime::Result<Engine> {
     config.relaxed_simd_deterministic(true);
     // A WASI p1 command has one memory; more would only be a way around the memory limit.
     config.wasm_multi_memory(false);
+    // Compiled on this one thread: the CPU limit is read on the process's CPU clock, and with
+    // compilation on several threads it could pass `cpu_ms` before as much wall time did — the
+    // market refuses a CPU limit claimed sooner after the award than the limit (less a lease
+    // TTL), so an honest run must not reach it faster than the wall clock.
+    config.parallel_compilation(false);
     Engine::new(&config)
 }
 

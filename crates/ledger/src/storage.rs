@@ -265,6 +265,14 @@ pub struct Manifest {
 /// Most bytes of sealed metadata a manifest carries.
 pub const MAX_MANIFEST_META_BYTES: usize = 16 * 1024;
 
+/// Most bytes of a manifest a holder stores (it reads a stored one whole to seal and serve it).
+/// With 32 bytes per shard of every segment it bounds an object's size: with 8 MiB segments,
+/// about 170 GiB at 4+2 and 21 GiB at the widest code, 32+16.
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+
+/// Bytes of a manifest besides its shard hashes, at most (layout, wrapped key, metadata).
+pub const MANIFEST_OVERHEAD_BYTES: usize = 1024 + MAX_MANIFEST_META_BYTES;
+
 impl Manifest {
     /// Ciphertext bytes of segment `s` (plaintext and the tag).
     pub fn cipher_len(&self, s: u64) -> u64 {

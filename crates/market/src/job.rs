@@ -33,16 +33,16 @@
 //! **Limits.** A majority that hit the CPU or wall-time limit, or whose runner crashed, says more
 //! of the machines than of the job, and could be claimed without running: the job runs once more
 //! on other providers, the claimants excluded and unpaid, their bonds held. A later majority that
-//! ran past the claim (finished, or failed the job's own way) burns their bonds; one that says the
-//! same gives them back. A limit confirmed so was the tenant's own: that round's majority is paid
+//! finished the job (a result) burns their bonds; any other decision gives them back. A limit confirmed so was the tenant's own: that round's majority is paid
 //! its bids, like a result. A limit sealed sooner after the award than the limit (less a lease
 //! TTL, for block times) is refused at its reveal.
 //!
 //! **No majority.** When every run of a round has ended and no outcome has more than N/2 of them,
 //! the job runs once more from a new auction, the round's providers excluded and their bonds held
 //! (`Job::earlier`). The round that decides judges the earlier runs too: one with the accepted
-//! result is paid its bid while fewer than N runs are paid in all (the deciding round's first),
-//! one with another result is outvoted. If the rerun ends without a majority too, the tenant is
+//! result is paid its bid while fewer than N runs are paid in all (the deciding round's first);
+//! the others get their bonds back — the deciding round saw their revealed results, so it may
+//! pay for them but not burn them. If the rerun ends without a majority too, the tenant is
 //! refunded and the bonds go back (nobody is shown to be wrong).
 
 use crate::rule::{Bid, Provider, commitment, pick, rank};
@@ -523,8 +523,9 @@ impl Job {
         if l.sealed != Some(crate::rule::result_commitment(&id, provider, &outcome, salt)) {
             return Err(MarketError::BadReveal);
         }
-        if let Some(limit_ms) = outcome.limit_hit(&self.spec.limits) {
-            let ran_ms = l.sealed_ms.unwrap_or(l.awarded_ms).saturating_sub(l.awarded_ms);
+        // (A result sealed before this rule kept its time is taken as it is.)
+        if let (Some(limit_ms), Some(sealed_ms)) = (outcome.limit_hit(&self.spec.limits), l.sealed_ms) {
+            let ran_ms = sealed_ms.saturating_sub(l.awarded_ms);
             if ran_ms.saturating_add(params.lease_ttl_ms) < limit_ms {
                 return Err(MarketError::EarlyLimit { ran_ms, limit_ms });
             }
@@ -737,17 +738,13 @@ impl Job {
             // different providers: they spent what the tenant allowed, so the majority is paid
             // (a tenant posting jobs that never end pays for them).
             let pays = matches!(outcome, RunOutcome::Success { .. }) || outcome.is_a_limit();
-            // This round first, then the earlier ones (their bonds were held for this): an
-            // earlier run with the same result is paid too while fewer than N are, one that
-            // differs is outvoted, and a limit claim that sent the job on and that this majority
-            // ran past (it finished, or failed the job's own way) was wrong.
+            // This round first, then the earlier ones (their bonds were held for this).
             let (leases, earlier) = (std::mem::take(&mut self.leases), self.earlier.clone());
             for l in &leases {
-                self.judge(l, &outcome, pays, false, accounts, events);
+                self.judge(l, &outcome, pays, accounts, events);
             }
             for l in &earlier {
-                let claimed = self.limit_claimants.contains(&l.bid.provider.node);
-                self.judge(l, &outcome, pays, claimed, accounts, events);
+                self.judge_earlier(l, &outcome, pays, accounts, events);
             }
             self.leases = leases;
             let ended = match &outcome {
@@ -789,32 +786,20 @@ impl Job {
         }
     }
 
-    /// Judges one run by the accepted `outcome` (paid when `pays`): pays it (at most N runs in
-    /// all, from what is left of the escrow), gives its bond back, or burns it. `claimed`: its
-    /// limit or crash sent the job to run again.
+    /// Judges one run of the deciding round by the accepted `outcome` (paid when `pays`): pays
+    /// it, gives its bond back, or burns it (outvoted).
     fn judge(
         &mut self,
         l: &Lease,
         outcome: &RunOutcome,
         pays: bool,
-        claimed: bool,
         accounts: &mut impl Accounts,
         events: &mut Vec<Event>,
     ) {
         let p = l.bid.provider.node;
         let Some(r) = &l.result else { return };
-        if claimed && !outcome.depends_on_the_machine() {
-            events.push(Event::Penalized { provider: p, why: "limit_contradicted" });
-            self.forfeit(&p, accounts);
-        } else if r == outcome {
-            if pays && !self.paid.contains(&p) && self.paid.len() < usize::from(self.spec.redundancy) {
-                let amount = l.bid.price_micro.min(self.escrow_micro);
-                self.escrow_micro -= amount;
-                accounts.credit(&p, amount);
-                self.paid.insert(p);
-                events.push(Event::Paid { provider: p, amount_micro: amount });
-            }
-            self.release(&p, accounts);
+        if r == outcome {
+            self.pay(l, pays, accounts, events);
         } else if r.depends_on_the_machine() || outcome.depends_on_the_machine() {
             // Stopped by a CPU or wall-time limit, or by a crash of its runner: how far a run
             // gets before that depends on the machine, so it is no dissent — no pay, no penalty.
@@ -825,6 +810,45 @@ impl Job {
             events.push(Event::Penalized { provider: p, why: "outvoted" });
             self.forfeit(&p, accounts);
         }
+    }
+
+    /// Judges a run of an earlier round (one that decided nothing) by the deciding round's
+    /// `outcome`: paid when it had that outcome (while fewer than N runs are paid); its bond
+    /// burned only when its limit or crash claim sent the job on and the decision is a result —
+    /// the job did finish within its limits on other machines. Any other earlier run gets its bond
+    /// back: the deciding round could see the earlier results (they were revealed to find there was
+    /// no majority), so it may pay for them but not burn them, whoever won it.
+    fn judge_earlier(
+        &mut self,
+        l: &Lease,
+        outcome: &RunOutcome,
+        pays: bool,
+        accounts: &mut impl Accounts,
+        events: &mut Vec<Event>,
+    ) {
+        let p = l.bid.provider.node;
+        if self.limit_claimants.contains(&p) && matches!(outcome, RunOutcome::Success { .. }) {
+            events.push(Event::Penalized { provider: p, why: "limit_contradicted" });
+            self.forfeit(&p, accounts);
+        } else if l.result.as_ref() == Some(outcome) {
+            self.pay(l, pays, accounts, events);
+        } else {
+            self.release(&p, accounts);
+        }
+    }
+
+    /// Pays `l`'s provider its bid when `pays` (once, at most N runs in all, from what is left
+    /// of the escrow), and gives its bond back.
+    fn pay(&mut self, l: &Lease, pays: bool, accounts: &mut impl Accounts, events: &mut Vec<Event>) {
+        let p = l.bid.provider.node;
+        if pays && !self.paid.contains(&p) && self.paid.len() < usize::from(self.spec.redundancy) {
+            let amount = l.bid.price_micro.min(self.escrow_micro);
+            self.escrow_micro -= amount;
+            accounts.credit(&p, amount);
+            self.paid.insert(p);
+            events.push(Event::Paid { provider: p, amount_micro: amount });
+        }
+        self.release(&p, accounts);
     }
 
     /// Gives `bid` a lease from `now_ms`.

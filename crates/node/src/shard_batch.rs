@@ -43,9 +43,16 @@ pub(crate) async fn seal_batch(
     let body = body.bytes().clone();
     let svc = service(&s)?;
     let items = decode(body).map_err(|m| bad(format!("not a batch of seals: {m}")))?;
+    // Hashing a batch's shards (up to the data plane's body bound) runs on a blocking thread, not
+    // on the API's async workers.
+    let items = tokio::task::spawn_blocking(move || {
+        items.into_iter().map(|it| (*blake3::hash(&it.shard).as_bytes(), it)).collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| bad(format!("hashing the batch failed: {e}")))?;
     let mut versions = BTreeSet::new();
     let mut writes = Vec::with_capacity(items.len());
-    for (n, it) in items.into_iter().enumerate() {
+    for (n, (shard_hash, it)) in items.into_iter().enumerate() {
         let version = it.version.0;
         let short = hex::encode(&version[..8]);
         if !versions.insert(version) {
@@ -64,7 +71,7 @@ pub(crate) async fn seal_batch(
         let Some(&hash) = hashes.get(usize::from(it.index)) else {
             return Err(bad(format!("item {n}: the manifest of {short} lists no shard {}", it.index)));
         };
-        if *blake3::hash(&it.shard).as_bytes() != hash {
+        if shard_hash != hash {
             return Err(bad(format!("item {n}: the shard is not shard {} the manifest of {short} lists", it.index)));
         }
         writes.push((

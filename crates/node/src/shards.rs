@@ -673,6 +673,15 @@ async fn put_manifest(
 
 /// Refuses bytes that are not a manifest of `version`; returns the manifest.
 pub(crate) fn check_manifest_for(version: &Version, body: &[u8]) -> Result<Manifest, Refused> {
+    let max = archipel_ledger::storage::MAX_MANIFEST_BYTES;
+    if body.len() > max {
+        return Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "manifest_too_large",
+            format!("a manifest of {} bytes is over the {max} a holder stores", body.len()),
+        )
+        .into());
+    }
     let manifest = Manifest::from_bytes(body).map_err(|e| {
         Refused::from(error(StatusCode::BAD_REQUEST, "bad_manifest", format!("not a valid manifest: {e}")))
     })?;
@@ -1195,6 +1204,52 @@ mod tests {
         assert_eq!(sealed.shard_bytes, shard.len() as u64);
         let key = ShardKey { version: version.0, index: 2, segment: 0 };
         assert_eq!(state.shards.as_ref().unwrap().store().shard(&key).unwrap(), shard);
+    }
+
+    /// Manifests pass 2 MiB for large objects (3 MiB: 16,384 segments at 4+2, 128 GiB) and are
+    /// stored; one over `MAX_MANIFEST_BYTES` is refused by name, with nothing stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_manifest_over_two_mib_is_stored_and_one_over_the_bound_is_refused() {
+        use archipel_objects::transfer::{Holder, Shards as _};
+        let tenant = crate::api::testing::tenant();
+        let object = archipel_ledger::storage::object_id("b", "huge");
+        let dir = tempfile::tempdir().unwrap();
+        let svc =
+            ShardService::new(ShardStore::open(dir.path(), 1 << 40).unwrap(), Identity::from_seed(78), Hash::ZERO);
+        let mut state = crate::api::testing::state(crate::config::ApiLimits::default());
+        Arc::get_mut(&mut state).unwrap().shards = Some(Arc::new(svc));
+        let url = crate::api::testing::serve(state.clone()).await;
+        let holder = Holder { node: Identity::from_seed(1).node_id(), url };
+        let http = archipel_objects::http::HttpShards::new(tenant.clone());
+        for (n, segments) in [(1u8, 16_384u64), (2, 28_000)] {
+            let nonce = [n; 32];
+            let version = version_id(&tenant.node_id(), &object, &nonce);
+            let claim = Claim::Owner { object, nonce };
+            let manifest = Manifest {
+                version,
+                size: segments * (8 << 20),
+                segment_bytes: 8 << 20,
+                code: ErasureCode::DEFAULT,
+                wrapped_key: [7; WRAPPED_KEY_BYTES],
+                segments: vec![vec![[3u8; 32]; 6]; segments as usize],
+                meta: vec![],
+            };
+            let bytes = Bytes::from(manifest.to_bytes());
+            let stored = state.shards.as_ref().unwrap().store().manifest(&version.0).unwrap();
+            assert!(stored.is_none());
+            let put = http.put_manifest(&holder, &version, &claim, bytes.clone()).await;
+            let stored = state.shards.as_ref().unwrap().store().manifest(&version.0).unwrap();
+            if bytes.len() <= archipel_ledger::storage::MAX_MANIFEST_BYTES {
+                assert!(bytes.len() > 3 << 20, "{}", bytes.len());
+                put.unwrap();
+                assert_eq!(stored.as_deref(), Some(&bytes[..]));
+            } else {
+                let e = put.unwrap_err();
+                assert_eq!(e.code.as_deref(), Some("manifest_too_large"), "{e:?}");
+                assert!(e.message.contains("over the"), "{e:?}");
+                assert!(stored.is_none());
+            }
+        }
     }
 
     #[test]

@@ -216,6 +216,24 @@ pub struct SealWith {
     pub shard: Option<Bytes>,
 }
 
+/// Refuses an object too large for the manifest a holder stores (its shard hashes of every
+/// segment), before anything is sent.
+pub fn check_manifest_fits(size: u64, code: archipel_types::ErasureCode) -> Result<(), TransferFailed> {
+    use archipel_ledger::storage::{MANIFEST_OVERHEAD_BYTES, MAX_MANIFEST_BYTES};
+    let per_segment = 32 * code.total() as u64;
+    let segments = size.div_ceil(SEGMENT_PLAIN_BYTES);
+    let room = (MAX_MANIFEST_BYTES - MANIFEST_OVERHEAD_BYTES) as u64;
+    if segments.saturating_mul(per_segment) > room {
+        let max = room / per_segment * SEGMENT_PLAIN_BYTES;
+        return Err(TransferFailed::Io(format!(
+            "an object of {size} bytes is too large for code {code}: its manifest would pass the {MAX_MANIFEST_BYTES} \
+             bytes a holder stores; with this code an object is at most {max} bytes (split it, or use a bucket with \
+             fewer shards per segment)"
+        )));
+    }
+    Ok(())
+}
+
 /// Errors of a PUT or GET.
 #[derive(Debug, thiserror::Error)]
 pub enum TransferFailed {
@@ -456,6 +474,7 @@ pub async fn put_object<S: Shards>(
         return Ok(put);
     }
     let code = plan.bucket.policy.code;
+    check_manifest_fits(plan.size, code)?;
     let b = begin_put(plan, owner)?;
     if plan.size == 0 {
         return Ok(b.payload(plan, plan.etag.clone().unwrap_or_else(|| etag_of(md5::Md5::new()))));

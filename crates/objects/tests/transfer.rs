@@ -979,3 +979,16 @@ async fn a_batch_filled_to_its_bound_fits_one_transaction() {
         assert!(len <= max, "{} objects with keys of {key_len} bytes: {len} bytes, the limit is {max}", batch.len());
     }
 }
+
+#[test]
+fn an_object_too_large_for_a_holders_manifest_is_refused_before_anything_is_sent() {
+    use archipel_objects::transfer::check_manifest_fits;
+    let code = ErasureCode::DEFAULT;
+    assert!(check_manifest_fits(10 << 30, code).is_ok(), "10 GiB at 4+2");
+    assert!(check_manifest_fits(160 << 30, code).is_ok(), "160 GiB at 4+2");
+    let e = check_manifest_fits(200 << 30, code).unwrap_err().to_string();
+    assert!(e.contains("too large for code 4+2") && e.contains("at most"), "{e}");
+    let wide = ErasureCode::new(32, 16).unwrap();
+    assert!(check_manifest_fits(20 << 30, wide).is_ok(), "20 GiB at 32+16");
+    assert!(check_manifest_fits(30 << 30, wide).is_err(), "30 GiB at 32+16");
+}
