@@ -361,7 +361,7 @@ fn jobs_are_bid_on_run_verified_paid_once_and_survive_the_loss_of_us_east() {
             let earlier = j["earlier"].as_array().unwrap();
             assert_eq!((earlier.len(), &earlier[0]["result"]["end"]), (1, &serde_json::json!(reason)), "{j}");
             let claimant = &earlier[0]["bid"]["provider"]["node"];
-            assert_eq!(j["limit_claimants"].as_array().unwrap(), &[claimant.clone()], "{j}");
+            assert_eq!(j["limit_claimants"].as_array().unwrap(), std::slice::from_ref(claimant), "{j}");
             assert_eq!(j["bonds"], serde_json::json!({}), "every bond given back or burned at the end: {j}");
             let confirmer = j["leases"][0]["bid"]["provider"]["node"].as_str().unwrap();
             assert_eq!(paid(&j), [confirmer], "the confirming run is paid: {j}");
