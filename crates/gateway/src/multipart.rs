@@ -28,7 +28,6 @@
 //!
 //! [`TenantClient::commit_staged`]: archipel_objects::tenant::TenantClient::commit_staged
 
-use archipel_ledger::storage::MAX_OBJECT_BYTES;
 use archipel_objects::meta::ObjectMeta;
 use archipel_objects::tenant::{TenantClient, TenantError};
 use archipel_objects::transfer::Staged;
@@ -175,8 +174,11 @@ pub enum MultipartError {
         next: i32,
     },
     /// The object would pass the largest size an object may have.
-    #[error("the upload's parts come to more than the {MAX_OBJECT_BYTES} bytes an object may hold")]
-    TooLarge,
+    #[error(
+        "the upload's parts come to more than the {0} bytes an object of this bucket may hold (its manifest lists \
+         every shard of every segment; a holder stores at most 4 MiB of it)"
+    )]
+    TooLarge(u64),
     /// The object pipeline failed (a holder, the network).
     #[error("{0}")]
     Stage(#[from] TenantError),
@@ -427,6 +429,10 @@ impl Uploads {
         }
         let upload = self.get(id).await?;
         let dir = self.upload_dir(id)?;
+        let max = archipel_objects::transfer::max_object_bytes(upload.staged.bucket.policy.code);
+        if load_stream(&dir, id).await?.offset.saturating_add(size) > max {
+            return Err(MultipartError::TooLarge(max));
+        }
         let gate = self.gate(id);
         let lock = gate.lock.clone();
         let _in_flight = InFlight::new(&gate, number);
@@ -475,8 +481,8 @@ impl Uploads {
         };
         // Ahead of its turn with parts missing before it: to the spool.
         let waiting: u64 = spooled(&dir, id).await?.iter().filter(|p| p.number != number).map(|p| p.size).sum();
-        if stream.offset.saturating_add(waiting).saturating_add(size) > MAX_OBJECT_BYTES {
-            return Err(MultipartError::TooLarge);
+        if stream.offset.saturating_add(waiting).saturating_add(size) > max {
+            return Err(MultipartError::TooLarge(max));
         }
         if waiting.saturating_add(size) > self.max_spooled {
             return Err(MultipartError::SpoolFull { waiting, next: stream.next_part() });
@@ -556,8 +562,9 @@ impl Uploads {
             md5s.update(hex::decode(&p.etag).map_err(|_| damaged("a part's ETag"))?);
         }
         let etag = format!("{}-{}", hex::encode(md5s.finalize()), stream.parts.len());
-        if stream.offset > MAX_OBJECT_BYTES {
-            return Err(MultipartError::TooLarge);
+        let max = archipel_objects::transfer::max_object_bytes(upload.staged.bucket.policy.code);
+        if stream.offset > max {
+            return Err(MultipartError::TooLarge(max));
         }
         let mut segments = load_segments(&dir, &upload.staged, stream.segments).await?;
         // The carry is the last segment (sealed anew if the completion is tried again: the same
@@ -1174,6 +1181,27 @@ mod tests {
             assert_eq!(h[0], *blake3::hash(&mem.segments.lock().unwrap()[&(i as u64)]).as_bytes());
         }
         assert_eq!(done.etag, md5_etag(&etags.iter().map(String::as_str).collect::<Vec<_>>()));
+    }
+
+    /// A part that would take the object past what its bucket's code holds (its manifest must fit
+    /// a holder's 4 MiB) is refused before its body is read, naming the bound; nothing is spooled.
+    #[tokio::test]
+    async fn a_part_past_the_largest_object_of_the_code_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let ups = Uploads::open(dir.path()).unwrap();
+        let mem = Arc::new(Memory::default());
+        let u = ups.create("b", "k", ObjectMeta::default(), staged()).await.unwrap();
+        let max = archipel_objects::transfer::max_object_bytes(ErasureCode::DEFAULT);
+        assert!((160 << 30..180 << 30).contains(&max), "{max}");
+        // Declared, never sent: refused before the body is read.
+        let e = ups.put_part(&u.id, 1, max + 1, &b""[..], &mem).await.unwrap_err();
+        assert!(matches!(e, MultipartError::TooLarge(m) if m == max), "{e}");
+        assert!(e.to_string().contains(&max.to_string()), "{e}");
+        // A part within the bound goes through; the next counts what came before it.
+        ups.put_part(&u.id, 1, 3, &b"abc"[..], &mem).await.unwrap();
+        let e = ups.put_part(&u.id, 2, max - 2, &b""[..], &mem).await.unwrap_err();
+        assert!(matches!(e, MultipartError::TooLarge(m) if m == max), "{e}");
+        assert!(files(dir.path(), &u.id, "part-").is_empty());
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@
 
 use crate::multipart::{MultipartError, Uploads};
 use archipel_ledger::Payload;
-use archipel_ledger::storage::{BucketRecord, MAX_OBJECT_BYTES, check_bucket_name, check_object_key};
+use archipel_ledger::storage::{BucketRecord, check_bucket_name, check_object_key};
 use archipel_objects::api::ObjectView;
 use archipel_objects::meta::ObjectMeta;
 use archipel_objects::tenant::{InMemory, NewObject, Once, PutSource, TenantClient, TenantError};
@@ -104,8 +104,13 @@ impl Archipel {
         source: impl PutSource,
     ) -> S3Result<archipel_objects::tenant::Stored> {
         check_object_key(&object.key).map_err(|e| S3Error::with_message(S3ErrorCode::KeyTooLongError, e))?;
-        if object.size > MAX_OBJECT_BYTES {
-            return Err(s3_error!(EntityTooLarge, "objects hold at most {MAX_OBJECT_BYTES} bytes"));
+        let max = archipel_objects::transfer::max_object_bytes(bucket.policy.code);
+        if object.size > max {
+            return Err(s3_error!(
+                EntityTooLarge,
+                "objects of this bucket (code {}) hold at most {max} bytes",
+                bucket.policy.code
+            ));
         }
         self.tenant.put(bucket, object, source, |_| {}, |w| tracing::warn!("{w}")).await.map_err(from_tenant)
     }
@@ -162,7 +167,7 @@ fn from_multipart(e: MultipartError) -> S3Error {
         }
         MultipartError::Stage(_) => S3ErrorCode::ServiceUnavailable,
         MultipartError::SpoolFull { .. } => S3ErrorCode::SlowDown,
-        MultipartError::TooLarge => S3ErrorCode::EntityTooLarge,
+        MultipartError::TooLarge(_) => S3ErrorCode::EntityTooLarge,
         MultipartError::Io(_) => S3ErrorCode::InternalError,
     };
     S3Error::with_message(code, e.to_string())

@@ -216,15 +216,21 @@ pub struct SealWith {
     pub shard: Option<Bytes>,
 }
 
+/// The largest object a bucket with `code` holds: its manifest (32 bytes per shard of every
+/// segment) must fit the [`archipel_ledger::storage::MAX_MANIFEST_BYTES`] a holder stores, and
+/// the ledger's [`archipel_ledger::storage::MAX_OBJECT_BYTES`] bounds every object.
+pub fn max_object_bytes(code: archipel_types::ErasureCode) -> u64 {
+    use archipel_ledger::storage::{MANIFEST_OVERHEAD_BYTES, MAX_MANIFEST_BYTES, MAX_OBJECT_BYTES};
+    let room = (MAX_MANIFEST_BYTES - MANIFEST_OVERHEAD_BYTES) as u64;
+    (room / (32 * code.total() as u64) * SEGMENT_PLAIN_BYTES).min(MAX_OBJECT_BYTES)
+}
+
 /// Refuses an object too large for the manifest a holder stores (its shard hashes of every
 /// segment), before anything is sent.
 pub fn check_manifest_fits(size: u64, code: archipel_types::ErasureCode) -> Result<(), TransferFailed> {
-    use archipel_ledger::storage::{MANIFEST_OVERHEAD_BYTES, MAX_MANIFEST_BYTES};
-    let per_segment = 32 * code.total() as u64;
-    let segments = size.div_ceil(SEGMENT_PLAIN_BYTES);
-    let room = (MAX_MANIFEST_BYTES - MANIFEST_OVERHEAD_BYTES) as u64;
-    if segments.saturating_mul(per_segment) > room {
-        let max = room / per_segment * SEGMENT_PLAIN_BYTES;
+    use archipel_ledger::storage::MAX_MANIFEST_BYTES;
+    let max = max_object_bytes(code);
+    if size > max {
         return Err(TransferFailed::Io(format!(
             "an object of {size} bytes is too large for code {code}: its manifest would pass the {MAX_MANIFEST_BYTES} \
              bytes a holder stores; with this code an object is at most {max} bytes (split it, or use a bucket with \
