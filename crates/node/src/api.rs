@@ -814,7 +814,15 @@ pub async fn authenticate_data(State(s): State<Arc<ApiState>>, req: Request, nex
             };
             return retry_later(StatusCode::SERVICE_UNAVAILABLE, "data_busy", message, Duration::from_millis(200));
         }
-        None => None,
+        // No shard store: nothing here takes a body (and none would be reserved for), so the
+        // call is answered before one is read.
+        None => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_a_storage_node",
+                "this node does not have the storage role: ask a storage node",
+            );
+        }
     };
     authenticate_up_to(s, req, next, declared, true).await
 }

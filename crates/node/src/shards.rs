@@ -1166,6 +1166,36 @@ mod tests {
         assert_eq!(svc.store().manifest(&fresh.0).unwrap().as_deref(), Some(&real[..]));
     }
 
+    /// A node without a shard store answers a data-plane call with a large body at once, without
+    /// reading (or holding memory for) the body it declared.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_without_storage_answers_a_shard_upload_before_its_body() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tenant = crate::api::testing::tenant();
+        let state = crate::api::testing::state(crate::config::ApiLimits::default());
+        assert!(state.shards.is_none());
+        let url = crate::api::testing::serve(state).await;
+        let path = format!("/v1/objects/{}/shards/0/0", hex::encode([4u8; 32]));
+        let declared = 50usize << 20;
+        let now = crate::api::system_now_ms();
+        let headers = archipel_crypto::sign_request(&tenant, "PUT", &path, &vec![0u8; declared], now, rand::random());
+        let mut head = format!("PUT {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {declared}\r\n");
+        for (k, v) in headers.pairs() {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        let mut conn = tokio::net::TcpStream::connect(url.trim_start_matches("http://")).await.unwrap();
+        conn.write_all(head.as_bytes()).await.unwrap();
+        // Not one byte of the body is sent: the answer comes anyway.
+        let mut answer = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut answer))
+            .await
+            .expect("answered before the body")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 404") && answer.contains("not_a_storage_node"), "{answer}");
+    }
+
     /// A one-call seal is not bound by a default request-body limit: at 2+1 the shard of a full
     /// 8 MiB segment is 4 MiB, and with its manifest it is stored and sealed (it was refused with
     /// "length limit exceeded" above 2 MiB).
