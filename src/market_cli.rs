@@ -374,7 +374,9 @@ fn ended_text(e: &Ended) -> String {
         Ended::Accepted { outcome: RunOutcome::Success { output }, .. } => {
             format!("accepted: output BLAKE3 {}", hex::encode(output))
         }
-        Ended::Accepted { outcome: RunOutcome::Failed { end }, .. } => format!("accepted a failure: {end}"),
+        Ended::Accepted { outcome: RunOutcome::Failed { end }, .. } => {
+            format!("accepted a failure: {end}, on two rounds of providers (the job's own limit: their runs are paid)")
+        }
         Ended::Refunded { why, .. } => format!("refunded: {why}"),
         Ended::Cancelled { .. } => "cancelled: the escrow was refunded".into(),
     }
@@ -405,6 +407,14 @@ fn phase(job: &Job, now_ms: u64) -> String {
             (Some(_), Some(RunOutcome::Failed { end })) => format!("failed: {end}"),
         };
         parts.push(format!("{} ({}, {}) at {}: {state}", p.node.short(), p.region, p.operator, l.bid.price_micro));
+    }
+    if !job.earlier.is_empty() {
+        let why = if job.limit_claimants.is_empty() {
+            "no majority"
+        } else {
+            "a limit or crash claim, checked on other providers"
+        };
+        parts.push(format!("running again after {why} ({} earlier run(s) judged at the end)", job.earlier.len()));
     }
     if !job.excluded.is_empty() {
         parts.push(format!("{} provider(s) excluded", job.excluded.len()));

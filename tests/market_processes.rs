@@ -363,6 +363,8 @@ fn jobs_are_bid_on_run_verified_paid_once_and_survive_the_loss_of_us_east() {
             let claimant = &earlier[0]["bid"]["provider"]["node"];
             assert_eq!(j["limit_claimants"].as_array().unwrap(), std::slice::from_ref(claimant), "{j}");
             assert_eq!(j["bonds"], serde_json::json!({}), "every bond given back or burned at the end: {j}");
+            let text = run(w, &args(&net.cli(&["job", "status", id])));
+            assert!(text.contains("accepted a failure: cpu_limit, on two rounds"), "{text}");
             let confirmer = j["leases"][0]["bid"]["provider"]["node"].as_str().unwrap();
             assert_eq!(paid(&j), [confirmer], "the confirming run is paid: {j}");
             spin_price = j["leases"][0]["bid"]["price_micro"].as_i64().unwrap();
