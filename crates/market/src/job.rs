@@ -33,9 +33,10 @@
 //! **Limits.** A majority that hit the CPU or wall-time limit, or whose runner crashed, says more
 //! of the machines than of the job, and could be claimed without running: the job runs once more
 //! on other providers, the claimants excluded and unpaid, their bonds held. A later majority that
-//! finished the job (a result) burns their bonds; any other decision gives them back. A limit confirmed so was the tenant's own: that round's majority is paid
-//! its bids, like a result. A limit sealed sooner after the award than the limit (less a lease
-//! TTL, for block times) is refused at its reveal.
+//! finished the job (a result) burns their bonds; any other decision gives them back. A limit
+//! confirmed so was the tenant's own: that round's majority is paid its bids, like a result. A
+//! limit sealed sooner after the award than the limit (less a lease TTL, for block times) is
+//! refused at its reveal.
 //!
 //! **No majority.** When every run of a round has ended and no outcome has more than N/2 of them,
 //! the job runs once more from a new auction, the round's providers excluded and their bonds held
@@ -137,7 +138,8 @@ pub struct Lease {
     pub last_beat_ms: u64,
     /// Its sealed result ([`crate::rule::result_commitment`]), once committed.
     pub sealed: Option<[u8; 32]>,
-    /// The block time its result was sealed at (absent before).
+    /// The block time its result was sealed at (absent before it is, and in leases sealed before
+    /// the market kept it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_ms: Option<u64>,
     /// Its result, once revealed.
