@@ -890,6 +890,16 @@ async fn stage_once(
     plain: &[u8],
     stager: &impl Stager,
 ) -> Result<Vec<ShardHash>, MultipartError> {
+    guard_attempt(dir, index, plain).await?;
+    Ok(stager.stage(staged, index, plain).await?)
+}
+
+/// The check and record of [`stage_once`]: refuses segment `index` with bytes other than an
+/// earlier attempt's, or records these. A part's segments pass it one after the other, before
+/// each is staged: a part refused at one segment records none after it (with the check inside
+/// the concurrent staging, the next segment could record other bytes beside a refused one, and
+/// the first bytes could then never be sent again).
+async fn guard_attempt(dir: &Path, index: u64, plain: &[u8]) -> Result<(), MultipartError> {
     let hash = blake3::hash(plain);
     let path = dir.join("attempts.bin");
     let mut log = match tokio::fs::read(&path).await {
@@ -919,7 +929,7 @@ async fn stage_once(
             f.sync_all().await?;
         }
     }
-    Ok(stager.stage(staged, index, plain).await?)
+    Ok(())
 }
 
 /// Segments sealed and uploading at once while a part streams.
@@ -977,10 +987,11 @@ async fn stream_part(
             while in_flight.0.len() >= STAGING_AT_ONCE {
                 hashes.push(in_flight.next().await?);
             }
-            let (dir, staged, stager) = (dir.to_path_buf(), staged.clone(), stager.clone());
             let at = index;
             index += 1;
-            in_flight.0.push_back(tokio::spawn(async move { stage_once(&dir, &staged, at, &full, &*stager).await }));
+            guard_attempt(dir, at, &full).await?;
+            let (staged, stager) = (staged.clone(), stager.clone());
+            in_flight.0.push_back(tokio::spawn(async move { Ok(stager.stage(&staged, at, &full).await?) }));
         } else if remaining == 0 {
             break;
         }
