@@ -181,13 +181,3 @@ fn a_holder_whose_disk_is_full_refuses_shards_and_keeps_serving_while_puts_go_el
     assert!(std::fs::read(&back).unwrap() == *held_body, "{held} read back through the full node");
     assert_eq!(lease_of(&name), "up", "the full node's lease");
 }
-
-/// A spawned node, killed when the test ends.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}

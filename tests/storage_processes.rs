@@ -461,13 +461,6 @@ fn objects_are_stored_encrypted_inside_the_geofence_and_survive_m_lost_holders()
     // Crash durability: a holder killed -9 long after its receipt and started again serves what
     // it sealed. With two other holders of the object down too, a read needs all four left — it
     // included — and returns the right bytes.
-    struct Reaped(std::process::Child);
-    impl Drop for Reaped {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let copy = stat_of("eu-docs/reports/copy.bin", &node);
     let up_holders: Vec<usize> = copy["holders"]
         .as_array()

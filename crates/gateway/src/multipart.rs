@@ -430,9 +430,6 @@ impl Uploads {
         let upload = self.get(id).await?;
         let dir = self.upload_dir(id)?;
         let max = archipel_objects::transfer::max_object_bytes(upload.staged.bucket.policy.code);
-        if load_stream(&dir, id).await?.offset.saturating_add(size) > max {
-            return Err(MultipartError::TooLarge(max));
-        }
         let gate = self.gate(id);
         let lock = gate.lock.clone();
         let _in_flight = InFlight::new(&gate, number);
@@ -446,6 +443,10 @@ impl Uploads {
             // A look needs no lock (the record is replaced whole); only the part whose turn it is
             // takes it, so looks never keep a part from its turn.
             let stream = load_stream(&dir, id).await?;
+            // Past what the bucket's code holds: refused before the body is read.
+            if stream.offset.saturating_add(size) > max {
+                return Err(MultipartError::TooLarge(max));
+            }
             if let Some(p) = stream.parts.iter().find(|p| p.number == number) {
                 return again(p, size, body).await;
             }
