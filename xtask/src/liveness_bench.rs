@@ -12,7 +12,7 @@
 //!   with 1 % of the nodes silent (k changes), `retain_registered` (called before each `plan`),
 //!   `judge` per change — over every call of the run, not a sample — and per second at the
 //!   devnet's rates, read from the code (`LedgerParams::default()`, `heartbeat_interval`,
-//!   `app::IDLE_WAIT`);
+//!   `app::IDLE_WAIT`, `app::LIVENESS_RECHECK`);
 //! - the ledger bytes and transactions spent on liveness, from real blocks built by
 //!   `archipel_ledger::propose` out of the tracker's own plans;
 //! - the old design as a baseline: one signed heartbeat transaction per node per heartbeat
@@ -27,7 +27,7 @@
 //! and not part of any figure.
 
 use anyhow::{Result, ensure};
-use archipel_consensus::app::IDLE_WAIT;
+use archipel_consensus::app::{IDLE_WAIT, LIVENESS_RECHECK};
 use archipel_consensus::liveness::{Tracker, heartbeat_interval};
 use archipel_crypto::test_support::example_descriptor;
 use archipel_crypto::{Identity, SignedDescriptor};
@@ -48,9 +48,9 @@ use std::time::{Duration, Instant, SystemTime};
 pub const SIZES: [usize; 3] = [12, 1_000, 10_000];
 
 /// How often the leader's tracker is asked per idle proposal: `app::propose` plans at once, finds
-/// nothing to put in the block, waits `IDLE_WAIT` for a transaction and plans again before
-/// proposing the empty block.
-const PLANS_PER_IDLE_PROPOSAL: u32 = 2;
+/// nothing to put in the block, plans again every `LIVENESS_RECHECK` while it waits `IDLE_WAIT`
+/// for a transaction, and once more before proposing the empty block.
+const PLANS_PER_IDLE_PROPOSAL: u32 = (IDLE_WAIT.as_millis() / LIVENESS_RECHECK.as_millis()) as u32 + 1;
 
 /// Encoded size of the removed `Heartbeat` transaction (signer, nonce, kind, signature), for the
 /// note beside the baseline, which is built of today's smallest kind.
@@ -303,7 +303,7 @@ pub fn measure(nodes: usize, rates: Rates, it: Iterations) -> Result<SizeFigures
     // apart, each by a fresh tracker (a tracker whose last proposal is missing from the next
     // parent treats it as failed and backs off), so each proposes the k Downs, and every
     // verifier judges them.
-    let mut steady = Tracker::new(rates.lease_ttl, rates.idle_block, epoch);
+    let mut steady = Tracker::new(rates.lease_ttl, LIVENESS_RECHECK, epoch);
     let phases = rates.blocks_per_heartbeat();
     let groups: Vec<Vec<NodeId>> = (0..phases)
         .map(|p| ids.iter().enumerate().filter(|(i, _)| i % phases == p).map(|(_, n)| *n).collect())
@@ -338,7 +338,7 @@ pub fn measure(nodes: usize, rates: Rates, it: Iterations) -> Result<SizeFigures
         let j = b / silent_every;
         if b % silent_every == 0 && j < it.silent_plans {
             let now = epoch + rates.lease_ttl * (j as u32 + 1);
-            let mut quiet = Tracker::new(rates.lease_ttl, rates.idle_block, epoch);
+            let mut quiet = Tracker::new(rates.lease_ttl, LIVENESS_RECHECK, epoch);
             for node in &live {
                 quiet.heard(*node, now - Duration::from_millis(1), None);
             }

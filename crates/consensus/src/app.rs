@@ -39,8 +39,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// How long an idle leader waits for a transaction before proposing an empty block.
-pub const IDLE_WAIT: Duration = Duration::from_millis(250);
+/// How long an idle leader waits for a transaction, a liveness change or a job falling due
+/// before proposing an empty block. Well inside the validators' 1 s leader timeout, so an idle
+/// view is never nullified for its wait; each idle block costs every node its marshal archive
+/// writes and syncs, so the idle chain's cost falls with this (two empty blocks a second).
+pub const IDLE_WAIT: Duration = Duration::from_millis(500);
+
+/// While it waits, an idle leader plans liveness changes again this often: a `Down` due in the
+/// wait goes into a block within this (so [`crate::liveness::Tracker`] plans Downs this much
+/// before the lease's end).
+pub const LIVENESS_RECHECK: Duration = Duration::from_millis(250);
 
 /// Marshal hears at most one finalization per this interval (the newest; it implies its
 /// ancestors) — unless this node never executed a finalized block, which only marshal's delivery
@@ -307,6 +315,13 @@ async fn unless_dropped<R, T>(tx: &mut oneshot::Sender<R>, work: impl std::futur
     }
 }
 
+/// When an idle leader that last planned at `now` looks again: at the next liveness re-plan,
+/// when a job falls due (block time `wake_ms`), or at its `deadline`, whichever comes first.
+fn idle_wake(now: SystemTime, deadline: SystemTime, wake_ms: Option<u64>) -> SystemTime {
+    let due = wake_ms.map_or(deadline, |t| UNIX_EPOCH + Duration::from_millis(t));
+    (now + LIVENESS_RECHECK).min(deadline).min(due)
+}
+
 fn now_ms(clock: &impl Clock) -> u64 {
     clock.current().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
@@ -328,27 +343,32 @@ where
             let known = ensure_known(&runtime, &app.chain, &app.candidates, &app.ancestor_fetch, parent);
             let Some(true) = unless_dropped(&mut tx, known).await else { return };
             // No fixed block interval: propose at once when transactions or liveness changes can
-            // go in, else wait a little for one (an empty block still moves block time forward
-            // and gives the next leader its turn). Transactions that cannot go in yet (a nonce
-            // gap) do not count.
+            // go in, or when a job falls due (or an auction's commit phase closes) since the
+            // parent; else wait a little for one of those (an empty block still moves block time
+            // forward and gives the next leader its turn). Transactions that cannot go in yet (a
+            // nonce gap) do not count.
             let parent = hash_of(&parent);
             let deadline = runtime.current() + IDLE_WAIT;
             let mut block = loop {
                 let arrived = app.chain.next_submission();
                 let now = runtime.current();
+                let mut wake_ms = None;
                 let plan = |s: &archipel_ledger::State| {
+                    wake_ms = s.next_wake_ms(s.chain().timestamp_ms);
                     let mut tracker = crate::lock(&app.liveness);
                     tracker.retain_registered(s);
                     tracker.plan(s, now, s.params().max_block_liveness as usize)
                 };
                 let Some(block) = app.chain.build(&parent, now_ms(&*runtime), plan) else { return };
-                if !block.txs.is_empty() || !block.liveness.is_empty() || runtime.current() >= deadline {
+                let due = wake_ms.is_some_and(|t| t <= block.header.timestamp_ms);
+                if !block.txs.is_empty() || !block.liveness.is_empty() || due || runtime.current() >= deadline {
                     break block;
                 }
+                let wake = idle_wake(now, deadline, wake_ms);
                 commonware_macros::select! {
                     _ = tx.closed() => return,
                     _ = arrived => {},
-                    _ = runtime.sleep_until(deadline) => {},
+                    _ = runtime.sleep_until(wake) => {},
                 }
             };
             tracing::debug!(

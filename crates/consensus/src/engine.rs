@@ -382,7 +382,7 @@ where
     let ttl = Duration::from_millis(genesis_state.params().lease_ttl_ms);
     let identity = archipel_crypto::Identity::from_private_key(key_for_heartbeats);
     let tracker: SharedTracker = Arc::new(std::sync::Mutex::new(
-        Tracker::new(ttl, crate::app::IDLE_WAIT, context.current())
+        Tracker::new(ttl, crate::app::LIVENESS_RECHECK, context.current())
             .with_validators(&cfg.validators, identity.node_id()),
     ));
     let (heartbeat_sender, heartbeat_receiver) = channels.liveness;

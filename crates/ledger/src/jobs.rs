@@ -37,6 +37,8 @@ pub const MAX_HEARTBEAT_JOBS: usize = 64;
 pub const MAX_TICKS_PER_BLOCK: usize = 4_096;
 /// Ended jobs [`State::recent_ended_jobs`] keeps.
 pub const RECENT_ENDED: usize = 100;
+/// Open jobs, soonest due first, that [`State::next_wake_ms`] looks at.
+pub const WAKE_SCAN: usize = 16;
 
 /// When `job` ended, if it did.
 pub fn ended_at(job: &Job) -> Option<u64> {
@@ -118,6 +120,24 @@ impl State {
     /// Open jobs with the block time they are next due at, soonest first.
     pub fn open_jobs(&self) -> impl Iterator<Item = (u64, Hash)> + '_ {
         self.due_jobs.iter().copied()
+    }
+
+    /// The first block time after `after_ms` at which time alone moves a job on: a job falls
+    /// due ([`Job::next_due_ms`]), or an auction's commit phase closes (its sealed bids can then
+    /// be revealed). Read from the [`WAKE_SCAN`] jobs due soonest, so it costs the same however
+    /// many jobs are open; a later time among the others only means a block comes on the idle
+    /// rhythm instead. An idle proposer waits for it rather than its whole idle interval.
+    pub fn next_wake_ms(&self, after_ms: u64) -> Option<u64> {
+        self.due_jobs
+            .iter()
+            .take(WAKE_SCAN)
+            .flat_map(|(due, id)| {
+                let commit_closes = self.job(id).and_then(|j| j.auction.map(|a| a.commit_until_ms));
+                [Some(*due), commit_closes]
+            })
+            .flatten()
+            .filter(|t| *t > after_ms)
+            .min()
     }
 
     /// How many jobs are open.
@@ -529,6 +549,31 @@ pub(crate) mod tests {
         n.send(&mut s, 202, Payload::BidReveal { job, price_micro: 40, salt: salt(202) }).unwrap();
         assert_eq!(leaseholders(&s, &job), vec![id(202).node_id()], "awarded by the last reveal, in its block");
         assert_eq!(s.job(&job).unwrap().leases[0].awarded_ms, t + window + 10);
+    }
+
+    #[test]
+    fn an_idle_proposer_wakes_when_a_commit_phase_closes_and_when_a_job_falls_due() {
+        let mut s = world();
+        let mut n = Nonces::default();
+        assert_eq!(s.next_wake_ms(0), None, "no job, nothing falls due");
+        let posted = s.chain.timestamp_ms;
+        let job = job_id(&id(TENANT).node_id(), s.account(&id(TENANT).node_id()).nonce);
+        n.send(&mut s, TENANT, Payload::PostJob { spec: spec() }).unwrap();
+        let window = spec().bid_window_ms;
+        let digest = Hash(commitment(&job.0, &id(201).node_id(), 0, 60, &salt(201).0));
+        let bond = s.job(&job).unwrap().bond();
+        n.send(&mut s, 201, Payload::BidCommit { job, digest, bond_micro: bond }).unwrap();
+        // In the commit phase: the phase's end (reveals are taken from then), then the award.
+        assert_eq!(s.next_wake_ms(posted), Some(posted + window));
+        assert_eq!(s.next_wake_ms(posted + window), Some(posted + 2 * window), "the reveal window's end");
+        // Past both: nothing before the job's next due time, which is over.
+        assert_eq!(s.next_wake_ms(posted + 2 * window), None);
+        // Awarded: the lease lapses a TTL after the award without a heartbeat.
+        s.begin_block(s.chain.height + 1, posted + window + 10);
+        n.send(&mut s, 201, Payload::BidReveal { job, price_micro: 60, salt: salt(201) }).unwrap();
+        let ttl = s.params().lease_ttl_ms;
+        assert_eq!(leaseholders(&s, &job), vec![id(201).node_id()]);
+        assert_eq!(s.next_wake_ms(posted + window + 10), Some(posted + window + 10 + ttl + 1));
     }
 
     fn leaseholders(s: &State, job: &Hash) -> Vec<NodeId> {

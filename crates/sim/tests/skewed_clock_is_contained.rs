@@ -35,22 +35,23 @@ const SAMPLE: Duration = Duration::from_millis(50);
 const WARM_UP: Duration = Duration::from_secs(4);
 /// The most real time may run ahead of the finalized head's block time: a view the skewed
 /// validator leads fails (the others wait out the drift, refuse its block and give up on the view
-/// after the 1.5 s certification timeout), the next leader may wait `IDLE_WAIT` (250 ms) for
+/// after the 1.5 s certification timeout), the next leader may wait `IDLE_WAIT` (500 ms) for
 /// something to propose, and its block needs a few link latencies (≤ 60 ms each) to be final.
-/// Measured: at most 2.0 s over these seeds.
+/// Measured: at most 2.0 s over these seeds with a 250 ms `IDLE_WAIT` (transfers keep most
+/// blocks from waiting it whole).
 const MAX_LAG_MS: u64 = 2_500;
 /// The longest the finalized height may stand still: one failed view, then a good one.
 /// Measured: at most 1.65 s.
 const MAX_GAP_MS: u64 = 2_500;
 /// Beyond `lease_ttl` after the stop, by when the stopped follower's Down must be final. A leader
-/// proposes it `lease_ttl` less `IDLE_WAIT` after it last heard the follower (before the stop);
+/// proposes it `lease_ttl` less `LIVENESS_RECHECK` after it last heard the follower (before the stop);
 /// if that view is the skewed validator's, it fails and the Down waits for the next view (1.5 s);
 /// then a few link latencies and a sample. Measured: at most 0.75 s.
 const DOWN_MARGIN_MS: u64 = 2_000;
 /// A skew just inside `max_clock_drift_ms` (1 s by default): the skewed validator's blocks are
 /// accepted, so its views do not fail and block time may run that far ahead of the honest clocks.
 const INSIDE_DRIFT: Duration = Duration::from_millis(900);
-/// With no failed view, a Down is proposed `lease_ttl` less `IDLE_WAIT` after the follower was
+/// With no failed view, a Down is proposed `lease_ttl` less `LIVENESS_RECHECK` after the follower was
 /// last heard (at or before its stop) and is final a few link latencies later: it must be final
 /// within the TTL, plus a sample and latencies.
 const DOWN_MARGIN_INSIDE_DRIFT_MS: u64 = 300;
