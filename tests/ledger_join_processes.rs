@@ -96,7 +96,7 @@ fn fill(url: &str, tenant: &Identity, n: u64) {
 
 /// A transfer from the tenant every 30 ms while it lives (each the next nonce once the last is
 /// final; the same one again until then), so blocks follow each other at consensus' pace instead
-/// of an idle leader's 250 ms: the test's waits for tens of blocks take seconds, not tens of them,
+/// of an idle leader's 500 ms: the test's waits for tens of blocks take seconds, not tens of them,
 /// and the joins happen under load.
 struct Traffic {
     stop: Arc<AtomicBool>,

@@ -299,7 +299,7 @@ pub fn measure(nodes: usize, rates: Rates, it: Iterations) -> Result<SizeFigures
 
     // Two trackers side by side, their calls interleaved so that load from elsewhere on the box
     // falls on both alike. Steady: every node heartbeats every `heartbeat`, the leader plans
-    // twice per idle block. Silent: 1 % of the nodes never heartbeat; its plans are a lease
+    // every `LIVENESS_RECHECK` of an idle block's wait and at its end. Silent: 1 % of the nodes never heartbeat; its plans are a lease
     // apart, each by a fresh tracker (a tracker whose last proposal is missing from the next
     // parent treats it as failed and backs off), so each proposes the k Downs, and every
     // verifier judges them.
@@ -324,7 +324,7 @@ pub fn measure(nodes: usize, rates: Rates, it: Iterations) -> Result<SizeFigures
             }
             heard.record(t.elapsed(), group.len());
             for call in 0..PLANS_PER_IDLE_PROPOSAL {
-                let now = block_start + rates.idle_block * call / PLANS_PER_IDLE_PROPOSAL;
+                let now = block_start + (LIVENESS_RECHECK * call).min(rates.idle_block);
                 let t = Instant::now();
                 steady.retain_registered(&state);
                 retain.record(t.elapsed(), 1);
@@ -624,8 +624,8 @@ mod tests {
         check(&f).unwrap();
         assert_eq!((f.k, f.bytes_none, f.bytes_down, f.bytes_up), (1, 0, 33, 105));
         assert_eq!(f.old_txs_per_second, 24.0, "12 nodes × a heartbeat every 500 ms");
-        assert_eq!(f.heard.count, 8 * 6, "every heartbeat of 8 blocks is timed");
-        assert_eq!(f.plan_steady.count, 16);
+        assert_eq!(f.heard.count, 8 * 12, "every heartbeat of 8 blocks (one per node per idle block) is timed");
+        assert_eq!(f.plan_steady.count, 8 * 3, "planned at 0, 250 and 500 ms of each idle wait");
     }
 
     #[test]
@@ -633,7 +633,8 @@ mod tests {
         let r = Rates::devnet();
         assert_eq!(r.heartbeat, r.lease_ttl / 4);
         assert_eq!(r.idle_block, IDLE_WAIT);
-        assert_eq!(r.blocks_per_heartbeat(), 2);
+        assert_eq!(r.blocks_per_heartbeat(), 1, "a heartbeat and an idle block every 500 ms");
+        assert_eq!(PLANS_PER_IDLE_PROPOSAL, 3);
     }
 
     #[test]

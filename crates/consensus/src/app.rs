@@ -45,6 +45,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// writes and syncs, so the idle chain's cost falls with this (two empty blocks a second).
 pub const IDLE_WAIT: Duration = Duration::from_millis(500);
 
+/// An idle leader proposes early for a job falling due only this long after its parent's block
+/// time: however many jobs a tenant posts, with due times however close together, they add at
+/// most five blocks a second to an idle chain (bid windows are at least 200 ms, so a single
+/// auction never waits for it).
+pub const MIN_WAKE_GAP_MS: u64 = 200;
+
 /// While it waits, an idle leader plans liveness changes again this often: a `Down` due in the
 /// wait goes into a block within this (so [`crate::liveness::Tracker`] plans Downs this much
 /// before the lease's end).
@@ -315,6 +321,13 @@ async fn unless_dropped<R, T>(tx: &mut oneshot::Sender<R>, work: impl std::futur
     }
 }
 
+/// The block time at which an idle leader proposes for a job falling due at `due_ms` (the first
+/// after the parent's `parent_ms`): then, but never sooner than [`MIN_WAKE_GAP_MS`] after the
+/// parent.
+fn early_wake_ms(parent_ms: u64, due_ms: Option<u64>) -> Option<u64> {
+    due_ms.map(|t| t.max(parent_ms.saturating_add(MIN_WAKE_GAP_MS)))
+}
+
 /// When an idle leader that last planned at `now` looks again: at the next liveness re-plan,
 /// when a job falls due (block time `wake_ms`), or at its `deadline`, whichever comes first.
 fn idle_wake(now: SystemTime, deadline: SystemTime, wake_ms: Option<u64>) -> SystemTime {
@@ -339,6 +352,9 @@ where
         tracing::debug!(round = %context.round, "asked to propose");
         self.context.child("propose").spawn(move |runtime| async move {
             let runtime = Arc::new(runtime);
+            // The idle wait counts from the view's start, not from when the parent was found:
+            // the other validators' leader timeout runs from theirs.
+            let deadline = runtime.current() + IDLE_WAIT;
             let (_, parent) = context.parent;
             let known = ensure_known(&runtime, &app.chain, &app.candidates, &app.ancestor_fetch, parent);
             let Some(true) = unless_dropped(&mut tx, known).await else { return };
@@ -348,13 +364,12 @@ where
             // forward and gives the next leader its turn). Transactions that cannot go in yet (a
             // nonce gap) do not count.
             let parent = hash_of(&parent);
-            let deadline = runtime.current() + IDLE_WAIT;
             let mut block = loop {
                 let arrived = app.chain.next_submission();
                 let now = runtime.current();
                 let mut wake_ms = None;
                 let plan = |s: &archipel_ledger::State| {
-                    wake_ms = s.next_wake_ms(s.chain().timestamp_ms);
+                    wake_ms = early_wake_ms(s.chain().timestamp_ms, s.next_wake_ms(s.chain().timestamp_ms));
                     let mut tracker = crate::lock(&app.liveness);
                     tracker.retain_registered(s);
                     tracker.plan(s, now, s.params().max_block_liveness as usize)
@@ -588,4 +603,27 @@ where
 /// Wall-clock Unix ms (for callers outside a runtime).
 pub fn system_now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_leader_looks_again_at_the_first_of_replan_due_time_and_deadline() {
+        let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+        let (now, deadline) = (at(10_000), at(10_000) + IDLE_WAIT);
+        assert_eq!(idle_wake(now, deadline, None), now + LIVENESS_RECHECK, "liveness is planned again first");
+        assert_eq!(idle_wake(now, deadline, Some(10_100)), at(10_100), "a job due sooner wakes it");
+        assert_eq!(idle_wake(now, at(10_050), Some(10_100)), at(10_050), "never past the deadline");
+        assert_eq!(idle_wake(now, deadline, Some(9_000)), at(9_000), "a time already passed: at once");
+    }
+
+    #[test]
+    fn an_early_block_comes_no_sooner_than_the_gap_after_its_parent() {
+        assert_eq!(early_wake_ms(1_000, None), None);
+        assert_eq!(early_wake_ms(1_000, Some(1_500)), Some(1_500));
+        assert_eq!(early_wake_ms(1_000, Some(1_001)), Some(1_000 + MIN_WAKE_GAP_MS), "jobs due 1 ms apart wait");
+        assert_eq!(early_wake_ms(u64::MAX, Some(5)), Some(u64::MAX), "no overflow");
+    }
 }

@@ -738,7 +738,11 @@ impl Chain {
     /// A receiver that fires when the next transaction enters the mempool.
     pub fn next_submission(&self) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        self.lock().mempool_waiters.push(tx);
+        let mut g = self.lock();
+        // An idle leader asks again every few hundred ms and drops the last receiver unfired: with
+        // no transaction for hours, those would pile up.
+        g.mempool_waiters.retain(|w| !w.is_canceled());
+        g.mempool_waiters.push(tx);
         rx
     }
 

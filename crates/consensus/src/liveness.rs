@@ -17,7 +17,7 @@
 //! heartbeat interval.
 //!
 //! The thresholds leave a margin between proposer and verifiers: a leader proposes `Down` after
-//! [`Tracker::down_after`] (`lease_ttl` less one idle block interval) of silence, a verifier
+//! [`Tracker::down_after`] (`lease_ttl` less how often an idle leader plans again) of silence, a verifier
 //! accepts it after half the TTL; a leader proposes `Up` for a node heard within half the TTL, a
 //! verifier accepts it if it heard the node within the whole TTL. Silence is counted from the
 //! tracker's start at the earliest, so a validator that just restarted neither proposes nor
@@ -201,10 +201,11 @@ pub struct Tracker {
 const MAX_BACKOFF_DOUBLINGS: u32 = 2;
 
 impl Tracker {
-    /// A tracker started at `now` for leases of `lease_ttl`; `idle_block` is the longest a leader
-    /// waits before proposing an empty block (a `Down` can wait that long for its block).
-    pub fn new(lease_ttl: Duration, idle_block: Duration, now: SystemTime) -> Self {
-        let down_after = lease_ttl.saturating_sub(idle_block).max(lease_ttl * 3 / 4);
+    /// A tracker started at `now` for leases of `lease_ttl`; `replan` is the longest a waiting
+    /// leader goes without planning again (`app::LIVENESS_RECHECK`: a `Down` can wait that long
+    /// for its block).
+    pub fn new(lease_ttl: Duration, replan: Duration, now: SystemTime) -> Self {
+        let down_after = lease_ttl.saturating_sub(replan).max(lease_ttl * 3 / 4);
         Self {
             ttl: lease_ttl,
             down_after,

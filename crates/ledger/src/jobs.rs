@@ -37,8 +37,6 @@ pub const MAX_HEARTBEAT_JOBS: usize = 64;
 pub const MAX_TICKS_PER_BLOCK: usize = 4_096;
 /// Ended jobs [`State::recent_ended_jobs`] keeps.
 pub const RECENT_ENDED: usize = 100;
-/// Open jobs, soonest due first, that [`State::next_wake_ms`] looks at.
-pub const WAKE_SCAN: usize = 16;
 
 /// When `job` ended, if it did.
 pub fn ended_at(job: &Job) -> Option<u64> {
@@ -122,22 +120,13 @@ impl State {
         self.due_jobs.iter().copied()
     }
 
-    /// The first block time after `after_ms` at which time alone moves a job on: a job falls
-    /// due ([`Job::next_due_ms`]), or an auction's commit phase closes (its sealed bids can then
-    /// be revealed). Read from the [`WAKE_SCAN`] jobs due soonest, so it costs the same however
-    /// many jobs are open; a later time among the others only means a block comes on the idle
-    /// rhythm instead. An idle proposer waits for it rather than its whole idle interval.
+    /// The first block time after `after_ms` that someone waits on for a job: an auction with
+    /// sealed bids closes its commit phase or is awarded, a lease lapses, a result reveal window
+    /// closes ([`Job::wake_times_ms`]). An idle proposer proposes then rather than after its
+    /// whole idle interval. One lookup in an index, however many jobs are open.
     pub fn next_wake_ms(&self, after_ms: u64) -> Option<u64> {
-        self.due_jobs
-            .iter()
-            .take(WAKE_SCAN)
-            .flat_map(|(due, id)| {
-                let commit_closes = self.job(id).and_then(|j| j.auction.map(|a| a.commit_until_ms));
-                [Some(*due), commit_closes]
-            })
-            .flatten()
-            .filter(|t| *t > after_ms)
-            .min()
+        let from = (after_ms.checked_add(1)?, Hash::ZERO);
+        self.wakes.range(from..).next().map(|(t, _)| *t)
     }
 
     /// How many jobs are open.
@@ -233,7 +222,7 @@ impl State {
                 let provider = self.provider_for(&signer, id)?;
                 job.reveal(&provider, *price_micro, &salt.0, now).map_err(|e| refused(id, e))?;
                 // The last sealed bid revealed: awarded in this block, not the next one (an idle
-                // chain proposes every 250 ms; the run should not wait for it). A tick changes
+                // chain proposes every 500 ms; the run should not wait for it). A tick changes
                 // only what is due, so any other reveal is left as it was.
                 let events = job.tick(now, &self.market_params(), &mut money);
                 (*id, job, events)
@@ -341,9 +330,20 @@ impl State {
         if let Some(old) = self.job_due.remove(id) {
             self.due_jobs.remove(&(old, *id));
         }
-        if let Some(due) = job.next_due_ms(&self.market_params()) {
+        let params = self.market_params();
+        if let Some(due) = job.next_due_ms(&params) {
             self.job_due.insert(*id, due);
             self.due_jobs.insert((due, *id));
+        }
+        for t in self.job_wakes.remove(id).unwrap_or_default() {
+            self.wakes.remove(&(t, *id));
+        }
+        let wakes = job.wake_times_ms(&params);
+        if !wakes.is_empty() {
+            for t in &wakes {
+                self.wakes.insert((*t, *id));
+            }
+            self.job_wakes.insert(*id, wakes);
         }
         if let Some(at) = ended_at(job) {
             self.recent_ended.insert((at, *id));
@@ -559,6 +559,7 @@ pub(crate) mod tests {
         let posted = s.chain.timestamp_ms;
         let job = job_id(&id(TENANT).node_id(), s.account(&id(TENANT).node_id()).nonce);
         n.send(&mut s, TENANT, Payload::PostJob { spec: spec() }).unwrap();
+        assert_eq!(s.next_wake_ms(posted), None, "an auction nobody bid on asks for no block");
         let window = spec().bid_window_ms;
         let digest = Hash(commitment(&job.0, &id(201).node_id(), 0, 60, &salt(201).0));
         let bond = s.job(&job).unwrap().bond();
@@ -574,6 +575,11 @@ pub(crate) mod tests {
         let ttl = s.params().lease_ttl_ms;
         assert_eq!(leaseholders(&s, &job), vec![id(201).node_id()]);
         assert_eq!(s.next_wake_ms(posted + window + 10), Some(posted + window + 10 + ttl + 1));
+        assert_eq!(s.next_wake_ms(u64::MAX), None);
+        // The index is rebuilt from the jobs when a state is opened: the same answer.
+        let mut rebuilt = State::default();
+        rebuilt.index_job(&job, &s.job(&job).unwrap());
+        assert_eq!(rebuilt.wakes, s.wakes);
     }
 
     fn leaseholders(s: &State, job: &Hash) -> Vec<NodeId> {

@@ -338,6 +338,11 @@ pub struct State {
     pub(crate) due_jobs: imbl::OrdSet<(u64, Hash)>,
     /// Each open job's entry in `due_jobs`.
     pub(crate) job_due: imbl::OrdMap<Hash, u64>,
+    /// Block times an idle chain makes a block at for a job ([`archipel_market::Job::wake_times_ms`];
+    /// derived and rebuilt like `due_jobs`), read by [`State::next_wake_ms`].
+    pub(crate) wakes: imbl::OrdSet<(u64, Hash)>,
+    /// Each open job's entries in `wakes`.
+    pub(crate) job_wakes: imbl::OrdMap<Hash, Vec<u64>>,
     /// The newest ended jobs, by the time they ended ([`crate::jobs::RECENT_ENDED`] of them):
     /// what `GET /v1/jobs` lists without reading every job (not in the root either).
     pub(crate) recent_ended: imbl::OrdSet<(u64, Hash)>,

@@ -353,13 +353,33 @@ impl Job {
         if self.ended.is_some() {
             return None;
         }
+        let auction = self.auction.as_ref().map(Auction::award_at_ms);
+        self.lapses(params).chain(auction).chain(self.results_reveal_until_ms).min()
+    }
+
+    /// The block times someone waits on, for an idle chain to make a block at: an auction with
+    /// sealed bids closes its commit phase (the bids can be revealed from the first block past
+    /// it) and is awarded, a lease lapses, a result reveal window closes. An auction nobody bid
+    /// on is left out — nothing waits for it to reopen or be refunded, and a job posted with a
+    /// short window would otherwise ask for a block every window for 16 rounds. Empty once the
+    /// job ended.
+    pub fn wake_times_ms(&self, params: &MarketParams) -> Vec<u64> {
+        if self.ended.is_some() {
+            return Vec::new();
+        }
+        let auction = self.auction.as_ref().filter(|a| !a.commits.is_empty());
+        let auction = auction.into_iter().flat_map(|a| [a.commit_until_ms, a.award_at_ms()]);
+        self.lapses(params).chain(auction).chain(self.results_reveal_until_ms).collect()
+    }
+
+    /// When each running lease lapses: a TTL after its last heartbeat, or past its wall-time
+    /// limit and a TTL (the first block after either ends it).
+    fn lapses<'a>(&'a self, params: &MarketParams) -> impl Iterator<Item = u64> + 'a {
         let ttl = params.lease_ttl_ms;
-        let leases = self.active().flat_map(|l| {
+        self.active().flat_map(move |l| {
             let deadline = l.awarded_ms.saturating_add(self.spec.limits.wall_ms).saturating_add(ttl);
             [l.last_beat_ms.saturating_add(ttl), deadline].map(|t| t.saturating_add(1))
-        });
-        let auction = self.auction.as_ref().map(Auction::award_at_ms);
-        leases.chain(auction).chain(self.results_reveal_until_ms).min()
+        })
     }
 
     /// Running leases (no sealed result yet): they heartbeat, and lapse without.
