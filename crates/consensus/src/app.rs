@@ -328,6 +328,13 @@ fn early_wake_ms(parent_ms: u64, due_ms: Option<u64>) -> Option<u64> {
     due_ms.map(|t| t.max(parent_ms.saturating_add(MIN_WAKE_GAP_MS)))
 }
 
+/// Whether a leader proposes `block` now (at `now`): it orders something (transactions or
+/// liveness changes), its time passed a job's wake time `wake_ms`, or the idle wait is over.
+fn ready(block: &archipel_ledger::Block, wake_ms: Option<u64>, now: SystemTime, deadline: SystemTime) -> bool {
+    let due = wake_ms.is_some_and(|t| t <= block.header.timestamp_ms);
+    !block.txs.is_empty() || !block.liveness.is_empty() || due || now >= deadline
+}
+
 /// When an idle leader that last planned at `now` looks again: at the next liveness re-plan,
 /// when a job falls due (block time `wake_ms`), or at its `deadline`, whichever comes first.
 fn idle_wake(now: SystemTime, deadline: SystemTime, wake_ms: Option<u64>) -> SystemTime {
@@ -375,8 +382,7 @@ where
                     tracker.plan(s, now, s.params().max_block_liveness as usize)
                 };
                 let Some(block) = app.chain.build(&parent, now_ms(&*runtime), plan) else { return };
-                let due = wake_ms.is_some_and(|t| t <= block.header.timestamp_ms);
-                if !block.txs.is_empty() || !block.liveness.is_empty() || due || runtime.current() >= deadline {
+                if ready(&block, wake_ms, runtime.current(), deadline) {
                     break block;
                 }
                 let wake = idle_wake(now, deadline, wake_ms);
@@ -617,6 +623,23 @@ mod tests {
         assert_eq!(idle_wake(now, deadline, Some(10_100)), at(10_100), "a job due sooner wakes it");
         assert_eq!(idle_wake(now, at(10_050), Some(10_100)), at(10_050), "never past the deadline");
         assert_eq!(idle_wake(now, deadline, Some(9_000)), at(9_000), "a time already passed: at once");
+    }
+
+    #[test]
+    fn a_leader_proposes_an_empty_block_only_when_a_job_is_due_or_its_wait_is_over() {
+        let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+        let genesis = archipel_ledger::State::genesis(archipel_ledger::GenesisState::default());
+        let mut header = archipel_ledger::genesis_header(&genesis);
+        header.timestamp_ms = 10_000;
+        let mut block = archipel_ledger::Block { header, liveness: vec![], txs: vec![] };
+        let deadline = at(10_500);
+        assert!(!ready(&block, None, at(10_000), deadline), "empty, nothing due: wait");
+        assert!(!ready(&block, Some(10_001), at(10_000), deadline), "due 1 ms after the block's time");
+        assert!(ready(&block, Some(10_000), at(10_000), deadline), "due at the block's time");
+        assert!(ready(&block, Some(9_000), at(10_000), deadline));
+        assert!(ready(&block, None, deadline, deadline), "the wait is over");
+        block.liveness.push(archipel_ledger::LivenessChange::Down { node: archipel_types::NodeId([1; 32]) });
+        assert!(ready(&block, None, at(10_000), deadline), "a liveness change goes at once");
     }
 
     #[test]

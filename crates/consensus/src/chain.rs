@@ -1452,6 +1452,19 @@ mod tests {
     }
 
     #[test]
+    fn waiters_for_a_submission_dropped_unfired_do_not_pile_up() {
+        let c = chain();
+        for _ in 0..1_000 {
+            drop(c.next_submission());
+        }
+        let mut kept = c.next_submission();
+        assert!(c.lock().mempool_waiters.len() <= 2, "{} waiters kept", c.lock().mempool_waiters.len());
+        assert!(matches!(kept.try_recv(), Ok(None)), "nothing submitted yet");
+        c.submit(transfer(0, 0), 100, 0).unwrap();
+        assert!(matches!(kept.try_recv(), Ok(Some(()))), "the live waiter still fires");
+    }
+
+    #[test]
     fn cheap_checks_come_before_signatures() {
         let c = chain();
         c.submit(transfer(0, 0), 100, 0).unwrap();

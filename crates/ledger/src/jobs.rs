@@ -576,10 +576,21 @@ pub(crate) mod tests {
         assert_eq!(leaseholders(&s, &job), vec![id(201).node_id()]);
         assert_eq!(s.next_wake_ms(posted + window + 10), Some(posted + window + 10 + ttl + 1));
         assert_eq!(s.next_wake_ms(u64::MAX), None);
-        // The index is rebuilt from the jobs when a state is opened: the same answer.
-        let mut rebuilt = State::default();
-        rebuilt.index_job(&job, &s.job(&job).unwrap());
-        assert_eq!(rebuilt.wakes, s.wakes);
+        // A second job with a sealed bid, cancelled by its tenant: an ended job asks for nothing
+        // and leaves nothing in the index.
+        let lapse = posted + window + 10 + ttl + 1;
+        let second = job_id(&id(TENANT).node_id(), s.account(&id(TENANT).node_id()).nonce);
+        n.send(&mut s, TENANT, Payload::PostJob { spec: spec() }).unwrap();
+        let digest = Hash(commitment(&second.0, &id(202).node_id(), 0, 60, &salt(202).0));
+        n.send(&mut s, 202, Payload::BidCommit { job: second, digest, bond_micro: bond }).unwrap();
+        let now = s.chain.timestamp_ms;
+        assert_eq!(s.next_wake_ms(now), Some((now + window).min(lapse)));
+        assert_eq!(s.job_wakes.len(), 2);
+        n.send(&mut s, TENANT, Payload::CancelJob { job: second }).unwrap();
+        assert!(s.job(&second).unwrap().ended.is_some());
+        assert_eq!(s.next_wake_ms(now), Some(lapse), "only the first job's lease is left");
+        assert_eq!(s.job_wakes.keys().collect::<Vec<_>>(), vec![&job]);
+        assert!(s.wakes.iter().all(|(_, id)| *id == job), "{:?}", s.wakes);
     }
 
     fn leaseholders(s: &State, job: &Hash) -> Vec<NodeId> {
@@ -795,6 +806,8 @@ pub(crate) mod tests {
         s.committed();
         let mut opened = State::open(store).unwrap().unwrap();
         assert_eq!(opened.open_jobs().collect::<Vec<_>>(), s.open_jobs().collect::<Vec<_>>());
+        assert!(!s.wakes.is_empty(), "the running lease lapses at a time worth a block");
+        assert_eq!((&opened.wakes, &opened.job_wakes), (&s.wakes, &s.job_wakes), "wake times rebuilt on opening");
         let recent: Vec<_> = s.recent_ended_jobs().collect();
         assert_eq!(recent.len(), 1, "the cancelled job");
         assert_eq!(opened.recent_ended_jobs().collect::<Vec<_>>(), recent);

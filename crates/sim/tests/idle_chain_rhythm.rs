@@ -46,6 +46,15 @@ fn idle_rhythm(o: &LedgerOutcome) -> Result<(), String> {
             return Err(format!("the idle chain stood still {gap} ms after block {}", pair[0].header.height));
         }
     }
+    // Nor before the first idle block, nor after the last (the run ends at `RUN`; a block is final
+    // a view's latencies after its time).
+    let (first, last) = match (idle.first(), idle.last()) {
+        (Some(f), Some(l)) => (f.header.timestamp_ms, l.header.timestamp_ms),
+        _ => return Err(format!("no block after {WARM_UP_MS} ms")),
+    };
+    if first - WARM_UP_MS > max_gap || (RUN.as_millis() as u64).saturating_sub(last) > 2 * max_gap {
+        return Err(format!("idle blocks only from {first} to {last} ms of {span} ms after warm-up"));
+    }
     if (idle.len() as u64) < span / max_gap {
         return Err(format!("only {} blocks in {span} ms", idle.len()));
     }
