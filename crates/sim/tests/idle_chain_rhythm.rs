@@ -12,8 +12,8 @@ use std::time::Duration;
 const RUN: Duration = Duration::from_secs(24);
 /// The nodes' first leases come up (liveness changes go into blocks at once) before this.
 const WARM_UP_MS: u64 = 6_000;
-/// Two empty blocks a second at most: what the idle network's cost is sized for (at four a
-/// second, the 12-node devnet kept 30 % of a 2-core box busy doing nothing).
+/// Two empty blocks a second at most: what the idle network's cost is measured at (`cargo xtask
+/// bench devnet`; at four a second the 12-node devnet used about a fifth more CPU).
 const MIN_IDLE_GAP_MS: u64 = 500;
 /// The longest a gap between two idle blocks may be: the wait, then the four link delays of a
 /// view (the block out, votes back, the certificate out, the next leader in), each at most the
