@@ -471,11 +471,10 @@ fn jobs_are_bid_on_run_verified_paid_once_and_survive_the_loss_of_us_east() {
     // reliability ((accepted + 1) / (accepted + penalized + 2)): n03 asks 8, n09 10, and which
     // of them ran the earlier steps' jobs (reruns go to providers not tried yet) depends on the
     // order bids came in. Their records do not change while this job is auctioned.
-    let score = |name: &str, price: u128| {
+    let score = |name: &str, price: u64| {
         let (accepted, penalized) = net.record(&id_of(name));
-        let a = u128::from(accepted) + 1;
-        let reliability_ppm = a * 1_000_000 / (a + u128::from(penalized) + 1);
-        price * 1_000_000 / reliability_ppm
+        let record = archipel_market::Record { accepted: accepted as u32, penalized: penalized as u32 };
+        price * 1_000_000 / record.reliability_ppm()
     };
     let (n03, n09) = (score("n03", 8), score("n09", 10));
     let standby_name = if n03 <= n09 { "n03" } else { "n09" };
