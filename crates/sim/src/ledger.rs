@@ -18,6 +18,7 @@
 
 use crate::SeedStream;
 use crate::disk::{ClockOffset, OwnDisk};
+pub use crate::jobs::JobScript;
 use archipel_consensus::app::Behaviour;
 use archipel_consensus::block::BlockCfg;
 use archipel_consensus::engine::{
@@ -27,7 +28,7 @@ use archipel_consensus::engine::{
 use archipel_consensus::liveness::LIVENESS_CHANNEL;
 use archipel_consensus::{Chain, MemoryStore};
 use archipel_crypto::{Identity, SignedDescriptor};
-use archipel_ledger::{Block, GenesisState, Hash, LedgerParams, Payload, State, Transaction};
+use archipel_ledger::{Block, GenesisState, Hash, LedgerParams, Payload, SignedTransaction, State, Transaction};
 use archipel_types::NodeId;
 use commonware_codec::{Decode as _, Encode as _};
 use commonware_consensus::simplex::scheme::ed25519::Scheme;
@@ -142,6 +143,9 @@ pub struct LedgerScenario {
     /// Records every node's finalized height this often ([`NodeRun::heads`]). Off by default: the
     /// sampling task changes the runtime's schedule, so seeds would replay differently.
     pub head_samples: Option<Duration>,
+    /// A tenant posting compute jobs that the nodes bid on ([`crate::jobs`]); none by default
+    /// (with it, every node also has the compute role and a funded account).
+    pub jobs: Option<JobScript>,
 }
 
 impl LedgerScenario {
@@ -194,6 +198,7 @@ impl LedgerScenario {
             stopped: None,
             half_heard: Vec::new(),
             head_samples: None,
+            jobs: None,
         };
         s.transfers_until = s.healed_at() + Duration::from_secs(1);
         s.duration = s.healed_at() + LIVENESS_WINDOW + Duration::from_secs(2);
@@ -373,6 +378,8 @@ impl LedgerOutcome {
 pub(crate) struct Participants {
     pub(crate) nodes: Vec<Identity>,
     pub(crate) clients: Vec<Identity>,
+    /// Posts the scenario's jobs (funded only when it has some).
+    pub(crate) tenant: Identity,
     pub(crate) genesis: State,
     pub(crate) consensus: ConsensusConfig,
 }
@@ -381,19 +388,30 @@ pub(crate) fn participants(sc: &LedgerScenario) -> Participants {
     let base = sc.seed.wrapping_mul(100);
     let nodes: Vec<Identity> = (0..sc.nodes()).map(|i| Identity::from_seed(base + i as u64)).collect();
     let clients: Vec<Identity> = (0..CLIENT_ACCOUNTS).map(|i| Identity::from_seed(base + 50 + i as u64)).collect();
+    let tenant = Identity::from_seed(base + 60);
     let params = LedgerParams { max_block_bytes: 256 * 1024, max_block_txs: 1_024, ..LedgerParams::default() };
+    let mut accounts: Vec<(archipel_types::NodeId, u64)> =
+        clients.iter().map(|c| (c.node_id(), 1_000_000_000)).collect();
+    if sc.jobs.is_some() {
+        // The tenant pays escrow and fees, the providers bonds and fees.
+        accounts.push((tenant.node_id(), 1_000_000_000));
+        accounts.extend(nodes.iter().map(|n| (n.node_id(), 1_000_000)));
+    }
     let genesis = State::genesis(GenesisState {
         params: params.clone(),
         network: Hash::of(&[b"sim", &sc.seed.to_be_bytes()]),
         timestamp_ms: 0,
         validators: nodes[..VALIDATORS].iter().map(Identity::node_id).collect(),
-        accounts: clients.iter().map(|c| (c.node_id(), 1_000_000_000)).collect(),
+        accounts,
         // Every node is registered: they heartbeat, and blocks carry their lease changes.
         nodes: nodes
             .iter()
             .map(|id| {
-                SignedDescriptor::sign(id, archipel_crypto::test_support::example_descriptor(id))
-                    .unwrap_or_else(|e| unreachable!("the example descriptor signs: {e}"))
+                let mut d = archipel_crypto::test_support::example_descriptor(id);
+                if sc.jobs.is_some() {
+                    d.roles = crate::jobs::provider_roles();
+                }
+                SignedDescriptor::sign(id, d).unwrap_or_else(|e| unreachable!("the example descriptor signs: {e}"))
             })
             .collect(),
     });
@@ -402,7 +420,7 @@ pub(crate) fn participants(sc: &LedgerScenario) -> Participants {
         nodes[..VALIDATORS].iter().map(|id| id.private_key().public_key()).collect(),
         BlockCfg::from(&params),
     );
-    Participants { nodes, clients, genesis, consensus }
+    Participants { nodes, clients, tenant, genesis, consensus }
 }
 
 fn now(context: &impl Clock) -> Duration {
@@ -421,6 +439,37 @@ async fn sleep_until(context: &impl Clock, at: Duration) {
     }
 }
 
+/// Submits `stx` to the `entry` node's chain and, when it is admitted, copies it to every other
+/// honest validator in `validators` the way transaction gossip would: one link latency later, or,
+/// while a partition separates them, at the first retry after it heals. The copies are tasks of
+/// `context`'s (they stop with it).
+pub(crate) fn submit_gossiped(
+    context: &deterministic::Context,
+    sc: &LedgerScenario,
+    (entry, chain): (usize, &Arc<Chain>),
+    validators: &[(usize, Arc<Chain>)],
+    stx: SignedTransaction,
+) -> Result<Hash, archipel_ledger::MempoolError> {
+    let len = stx.to_bytes().len();
+    let hash = chain.submit(stx.clone(), len, node_now_ms(context, sc.clock(entry)))?;
+    for (v, chain) in validators.iter().filter(|(v, _)| *v != entry) {
+        let (v, chain, stx, sc) = (*v, chain.clone(), stx.clone(), sc.clone());
+        context.child("gossip").spawn(move |ctx| async move {
+            loop {
+                ctx.sleep(sc.latency).await;
+                if sc.link(entry, v, now(&ctx)).is_some() {
+                    if let Err(e) = chain.submit(stx, len, node_now_ms(&ctx, sc.clock(v))) {
+                        tracing::debug!(node = v, error = %e, "gossiped transaction refused");
+                    }
+                    return;
+                }
+                ctx.sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+    Ok(hash)
+}
+
 /// Runs `scenario` to the end and returns every node's chain.
 pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
     let cfg = deterministic::Config::new()
@@ -428,7 +477,7 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
         .with_timeout(Some(scenario.duration + Duration::from_secs(600)));
     deterministic::Runner::new(cfg).start(|context| async move {
         let sc = scenario;
-        let Participants { nodes, clients, genesis, consensus } = participants(&sc);
+        let Participants { nodes, clients, tenant, genesis, consensus } = participants(&sc);
         let keys: Vec<PublicKey> = nodes.iter().map(|id| id.private_key().public_key()).collect();
         let index_of: BTreeMap<PublicKey, usize> = keys.iter().cloned().enumerate().map(|(i, k)| (k, i)).collect();
 
@@ -532,6 +581,22 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
                 .collect();
             let validators: Vec<(usize, Arc<Chain>)> =
                 entries.iter().filter(|(n, _)| *n < VALIDATORS).cloned().collect();
+            if let Some(script) = sc.jobs {
+                // The tenant's entry is the first honest validator; the providers are the honest
+                // nodes that keep running.
+                let providers: Vec<(usize, Identity)> = entries.iter().map(|(n, _)| (*n, nodes[*n].clone())).collect();
+                let run = crate::jobs::Tenant {
+                    script,
+                    sc: sc.clone(),
+                    tenant: tenant.clone(),
+                    providers,
+                    entry: validators[0].clone(),
+                    validators: validators.clone(),
+                    network: genesis.network(),
+                    refused: submitted.clone(),
+                };
+                handles.push(context.child("tenant").spawn(move |ctx| run.run(ctx)));
+            }
             let submitted = submitted.clone();
             let sc = sc.clone();
             let clients: Vec<Identity> = clients.clone();
@@ -552,8 +617,7 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
                         payload: Payload::Transfer { to: clients[to].node_id(), amount_micro: 1 + r.below(1_000) },
                     }
                     .sign(&clients[from], &network);
-                    let len = stx.to_bytes().len();
-                    match chain.submit(stx.clone(), len, node_now_ms(&ctx, sc.clock(*entry))) {
+                    match submit_gossiped(&ctx, &sc, (*entry, chain), &validators, stx) {
                         Ok(hash) => {
                             nonces[from] += 1;
                             let mut log = submitted.lock().unwrap_or_else(|p| p.into_inner());
@@ -564,21 +628,6 @@ pub fn run_ledger(scenario: LedgerScenario) -> LedgerOutcome {
                                 client: from,
                                 nonce,
                             });
-                            for (v, chain) in validators.iter().filter(|(v, _)| v != entry) {
-                                let (entry, v, chain, stx, sc) = (*entry, *v, chain.clone(), stx.clone(), sc.clone());
-                                ctx.child("gossip").spawn(move |ctx| async move {
-                                    loop {
-                                        ctx.sleep(sc.latency).await;
-                                        if sc.link(entry, v, now(&ctx)).is_some() {
-                                            if let Err(e) = chain.submit(stx, len, node_now_ms(&ctx, sc.clock(v))) {
-                                                tracing::debug!(node = v, error = %e, "gossiped transfer refused");
-                                            }
-                                            return;
-                                        }
-                                        ctx.sleep(Duration::from_millis(500)).await;
-                                    }
-                                });
-                            }
                         }
                         Err(e) => {
                             let mut log = submitted.lock().unwrap_or_else(|p| p.into_inner());

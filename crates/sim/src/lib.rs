@@ -10,6 +10,7 @@
 //! [`ledger`] does the same for the replicated ledger: validators and followers running the real
 //! consensus engine, with partitions, lossy links and a Byzantine validator. [`crash`] cuts the
 //! power of the whole ledger network at a seeded moment (unsynced writes are lost) and restarts it.
+//! [`jobs`] adds a compute tenant whose jobs' deadlines the block times must follow.
 //!
 //! Invariant tests live one per file under `tests/` and run over a seed range
 //! (`ARCHIPEL_SIM_SEEDS=0..200`, or `ARCHIPEL_SIM_SEED=17` for one); a failing seed prints the
@@ -17,6 +18,7 @@
 
 pub mod crash;
 pub mod disk;
+pub mod jobs;
 pub mod journal;
 pub mod ledger;
 pub mod votes;
