@@ -190,6 +190,8 @@ fn create(dir: &Path, topology: &Topology, base_ip: Ipv4Addr, base_port: u16, au
     let mut genesis =
         crate::build_genesis("archipel-devnet", descriptors, &[], accounts, archipel_node::api::system_now_ms())?;
     genesis.ledger.audit_epoch_ms = audit_epoch_ms;
+    // 40 blocks of notice for a protocol upgrade (~20 s idle), so an upgrade can be tried here.
+    genesis.ledger.upgrade_notice_blocks = 40;
     genesis.ledger.validate().map_err(|e| anyhow::anyhow!("--audit-epoch-ms: {e}"))?;
     std::fs::write(dir.join("topology.toml"), toml::to_string_pretty(topology)?)?;
     genesis.write_new(&dir.join("genesis.json"))?;

@@ -88,6 +88,55 @@ pub enum LedgerCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Protocol upgrades: which rules are in force, and scheduling the next version at a height
+    /// (a quorum of validators approves; see README "Upgrading the protocol").
+    Upgrade {
+        #[command(subcommand)]
+        command: UpgradeCommand,
+    },
+}
+
+/// `archipel ledger upgrade`.
+#[derive(Subcommand, Debug)]
+pub enum UpgradeCommand {
+    /// The protocol version in force, the upgrade scheduled, and the newest version this node's
+    /// build implements.
+    Status {
+        #[command(flatten)]
+        node: NodeArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// As a validator, sign an approval of protocol VERSION from HEIGHT on; prints it as
+    /// `VALIDATOR:SIGNATURE` for `upgrade schedule --approval`.
+    Approve {
+        /// The version (the one after the version in force).
+        #[arg(long)]
+        protocol: u32,
+        /// The first height executed under it.
+        #[arg(long)]
+        height: u64,
+        /// The validator's key file (e.g. `.archipel/devnet/nodes/n01/node.key`).
+        #[arg(long)]
+        key: PathBuf,
+        #[command(flatten)]
+        node: NodeArg,
+    },
+    /// Submit a ScheduleUpgrade with a quorum of validators' approvals; returns once final.
+    Schedule {
+        /// The version.
+        #[arg(long)]
+        protocol: u32,
+        /// The first height executed under it.
+        #[arg(long)]
+        height: u64,
+        /// A validator's approval, `VALIDATOR:SIGNATURE` as `upgrade approve` prints it (repeat).
+        #[arg(long = "approval", required = true)]
+        approvals: Vec<String>,
+        #[command(flatten)]
+        submit: SubmitArgs,
+    },
 }
 
 /// `archipel account`.
@@ -390,6 +439,7 @@ pub async fn ledger(cmd: LedgerCommand) -> Result<()> {
             );
             Ok(())
         }
+        LedgerCommand::Upgrade { command } => upgrade(command).await,
         LedgerCommand::Verify { file, genesis, genesis_hash, json } => {
             let expected = given_genesis_hash(genesis_hash.as_deref())?;
             let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
@@ -471,6 +521,68 @@ pub async fn account(cmd: AccountCommand) -> Result<()> {
             let (count, total) = (credits.len(), credits.iter().fold(0u64, |t, c| t.saturating_add(c.amount_micro)));
             let done = format!("paid {total} micro to {count} recipients");
             sign_submit_print(submit, Payload::TransferMany { credits }, &done).await
+        }
+    }
+}
+
+/// Runs `archipel ledger upgrade …`.
+async fn upgrade(cmd: UpgradeCommand) -> Result<()> {
+    use archipel_ledger::upgrade::{Approval, Upgrade};
+    match cmd {
+        UpgradeCommand::Status { node, json } => {
+            let head: HeadView = client(&node)?.get("/v1/ledger/head").await?;
+            let p =
+                head.protocol.ok_or_else(|| anyhow!("this node does not report its protocol: it predates upgrades"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+                return Ok(());
+            }
+            println!("protocol {} in force at block {}", p.active, head.header.height);
+            match p.scheduled {
+                Some(u) => println!(
+                    "protocol {} scheduled from height {} ({} blocks from now)",
+                    u.protocol,
+                    u.height,
+                    u.height.saturating_sub(head.header.height)
+                ),
+                None => println!("no upgrade scheduled"),
+            }
+            let needed = p.scheduled.map_or(p.active, |u| u.protocol);
+            if needed > p.supported {
+                println!(
+                    "this node's build implements protocol {} at most: install a release with protocol {needed}",
+                    p.supported
+                );
+            } else {
+                println!("this node's build implements protocol {} at most", p.supported);
+            }
+            Ok(())
+        }
+        UpgradeCommand::Approve { protocol, height, key, node } => {
+            let identity = Identity::load(&key)?;
+            let network = network_of(&client(&node)?).await?;
+            let a = archipel_ledger::upgrade::approve(&identity, &network, &Upgrade { protocol, height });
+            println!("{}:{}", a.validator, hex::encode(a.signature));
+            Ok(())
+        }
+        UpgradeCommand::Schedule { protocol, height, approvals, submit } => {
+            let approvals = approvals
+                .iter()
+                .map(|a| {
+                    let bad = || anyhow!("approval {a:?} is not VALIDATOR:SIGNATURE (64 and 128 hex characters)");
+                    let (v, sig) = a.split_once(':').ok_or_else(bad)?;
+                    let validator: NodeId = v.parse().map_err(|_| bad())?;
+                    let signature: [u8; 64] = hex::decode(sig).ok().and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
+                    Ok(Approval { validator, signature })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let done = format!("protocol {protocol} scheduled from height {height}");
+            sign_submit_print(
+                submit,
+                Payload::ScheduleUpgrade { upgrade: Upgrade { protocol, height }, approvals },
+                &done,
+            )
+            .await
         }
     }
 }

@@ -712,6 +712,13 @@ fn node(cmd: NodeCommand) -> Result<()> {
             fields,
         } => {
             let cfg = load_config(&config, Some(&fields))?;
+            // Upgrade drills (tests/upgrade_processes.rs): a debug build may act as a build of a
+            // newer protocol. Release builds ignore the variable.
+            #[cfg(debug_assertions)]
+            if let Some(v) = std::env::var_os("ARCHIPEL_TEST_PROTOCOL_CEILING") {
+                let n: u32 = v.to_string_lossy().parse().context("ARCHIPEL_TEST_PROTOCOL_CEILING is not a number")?;
+                archipel_ledger::upgrade::pretend_build_implements(n);
+            }
             let options = RunOptions {
                 expect_genesis_hash: genesis_hash,
                 exit_with_parent,

@@ -780,6 +780,12 @@ impl Chain {
             let candidates = g.mempool.candidates(&state, state.params().max_block_txs as usize);
             (header, state, candidates)
         };
+        // A protocol version this build does not implement is in force from this height: build
+        // nothing (the view times out; the chain waits for upgraded validators).
+        if let Err(e) = state.check_runnable(header.height + 1) {
+            tracing::warn!(height = header.height + 1, error = %e, "not proposing");
+            return None;
+        }
         let changes = liveness(&state);
         // Mempool transactions were verified on admission.
         let p = match propose(&state, &header, now_ms, changes, candidates, Signatures::AlreadyVerified) {

@@ -320,6 +320,7 @@ pub fn execute(
     if signatures == Signatures::Verify {
         verify_all(&block.txs, &state.network()).map_err(|(i, e)| invalid(i, e))?;
     }
+    state.check_runnable(h.height).map_err(bad)?;
     state.begin_block(h.height, h.timestamp_ms);
     let mut outcome = BlockOutcome::default();
     for (i, change) in block.liveness.iter().enumerate() {
@@ -463,6 +464,10 @@ mod tests {
             },
             crate::Payload::AuditFailed { bucket: empty(), key: empty(), version: Hash::ZERO, epoch: 0 },
             crate::Payload::RevokeTokens { ids: vec![Hash::ZERO] },
+            crate::Payload::ScheduleUpgrade {
+                upgrade: crate::upgrade::Upgrade { protocol: 0, height: 0 },
+                approvals: vec![crate::upgrade::Approval { validator: a.node_id(), signature: [0; 64] }],
+            },
             crate::Payload::BidCommit { job: Hash::ZERO, digest: Hash::ZERO, bond_micro: 0 },
             crate::Payload::BidReveal { job: Hash::ZERO, price_micro: 0, salt: Hash::ZERO },
             crate::Payload::JobHeartbeat { jobs: vec![Hash::ZERO] },
@@ -535,6 +540,7 @@ mod tests {
                 | crate::Payload::MoveShards { .. }
                 | crate::Payload::AuditFailed { .. }
                 | crate::Payload::RevokeTokens { .. }
+                | crate::Payload::ScheduleUpgrade { .. }
                 | crate::Payload::BidCommit { .. }
                 | crate::Payload::BidReveal { .. }
                 | crate::Payload::JobHeartbeat { .. }
@@ -551,7 +557,7 @@ mod tests {
             }
         }
         let kinds: std::collections::BTreeSet<&str> = smallest.iter().map(|p| p.kind()).collect();
-        assert_eq!(kinds.len(), 20, "one payload of every kind: {kinds:?}");
+        assert_eq!(kinds.len(), 21, "one payload of every kind: {kinds:?}");
         let txs: Vec<_> = smallest
             .into_iter()
             .map(|payload| crate::Transaction { signer: a.node_id(), nonce: 0, payload }.sign(&a, &Hash::of(&[b"net"])))

@@ -26,6 +26,7 @@ pub mod table;
 pub mod tokens;
 pub mod trie;
 pub mod tx;
+pub mod upgrade;
 
 pub use block::{
     Block, BlockHeader, BlockOutcome, ChainError, Proposal, Signatures, execute, genesis_header, liveness_root,

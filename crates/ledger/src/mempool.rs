@@ -224,6 +224,7 @@ fn spend_micro(params: &LedgerParams, tx: &Transaction) -> u64 {
         | Payload::MoveShards { .. }
         | Payload::AuditFailed { .. }
         | Payload::RevokeTokens { .. }
+        | Payload::ScheduleUpgrade { .. }
         | Payload::BidReveal { .. }
         | Payload::JobHeartbeat { .. }
         | Payload::ResultCommit { .. }

@@ -46,6 +46,11 @@ pub struct LedgerParams {
     /// which keeps that network's genesis and state root as they were.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub entry_deposit_micro: u64,
+    /// The fewest blocks between a `ScheduleUpgrade` and the height it names
+    /// ([`crate::upgrade`]): time for operators to install a release. 0 (absent, as in a genesis
+    /// written before upgrades) means [`crate::upgrade::MIN_UPGRADE_NOTICE_BLOCKS`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub upgrade_notice_blocks: u64,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -65,6 +70,9 @@ pub const MAX_BLOCK_BYTES_LIMIT: u32 = 64 * 1024 * 1024;
 /// for more than a node can hold.
 pub const MAX_REGISTERED_NODES_LIMIT: u32 = 16_384;
 
+/// Lowest accepted nonzero `upgrade_notice_blocks` (a devnet's 10 seconds of idle blocks).
+pub const MIN_NOTICE_BLOCKS_LIMIT: u64 = 20;
+
 impl Default for LedgerParams {
     fn default() -> Self {
         Self {
@@ -81,6 +89,7 @@ impl Default for LedgerParams {
             repair_grace_ms: 10_000,
             audit_epoch_ms: 60_000,
             entry_deposit_micro: 10_000,
+            upgrade_notice_blocks: 0,
         }
     }
 }
@@ -132,6 +141,14 @@ impl LedgerParams {
             return Err(format!(
                 "repair_grace_ms ({}) must be at least lease_ttl_ms ({}): shards would move before a node is known dead",
                 self.repair_grace_ms, self.lease_ttl_ms
+            ));
+        }
+        if self.upgrade_notice_blocks != 0 && self.upgrade_notice_blocks < MIN_NOTICE_BLOCKS_LIMIT {
+            return Err(format!(
+                "upgrade_notice_blocks ({}) must be 0 (the default, {}) or at least {MIN_NOTICE_BLOCKS_LIMIT}: operators \
+                 need time to install a release",
+                self.upgrade_notice_blocks,
+                crate::upgrade::MIN_UPGRADE_NOTICE_BLOCKS
             ));
         }
         if self.audit_epoch_ms < 1_000 {

@@ -105,9 +105,9 @@ pub fn decode_value(key: &StateKey, value: &[u8]) -> Result<serde_json::Value, S
         StateKey::Account(_) => {
             json(serde_json::to_value(Account { balance_micro: be_u64(value, 0)?, nonce: be_u64(value, 8)? }))
         }
-        StateKey::Chain => Ok(serde_json::json!({
-            "height": be_u64(value, 0)?, "timestamp_ms": be_u64(value, 8)?, "fees_burned_micro": be_u64(value, 16)?,
-        })),
+        StateKey::Chain => {
+            json(crate::state::decode_chain(value).map(serde_json::to_value).map_err(|e| e.to_string())?)
+        }
         StateKey::Departed(_) => Ok(serde_json::json!({ "last_version": be_u64(value, 0)? })),
         StateKey::Lease(_) => {
             let status = match value.first() {

@@ -175,6 +175,13 @@ pub enum Receipt {
         /// Ids the account's list holds now.
         total: u32,
     },
+    /// A protocol upgrade was scheduled ([`crate::upgrade`]).
+    UpgradeScheduled {
+        /// The version.
+        protocol: u32,
+        /// The height it comes into force at.
+        height: u64,
+    },
 }
 
 /// Liveness of a node as finalized state records it.
@@ -187,8 +194,8 @@ pub enum LeaseStatus {
     Down,
 }
 
-/// Where the chain is: the last applied block.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Where the chain is: the last applied block, and the protocol version in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChainPosition {
     /// Height of the last applied block (0 = genesis).
     pub height: u64,
@@ -196,6 +203,28 @@ pub struct ChainPosition {
     pub timestamp_ms: u64,
     /// Total fees burned so far.
     pub fees_burned_micro: u64,
+    /// The protocol version in force ([`crate::upgrade`]).
+    #[serde(default = "genesis_protocol")]
+    pub protocol: u32,
+    /// An upgrade scheduled and not yet in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<crate::upgrade::Upgrade>,
+}
+
+fn genesis_protocol() -> u32 {
+    crate::upgrade::GENESIS_PROTOCOL
+}
+
+impl Default for ChainPosition {
+    fn default() -> Self {
+        ChainPosition {
+            height: 0,
+            timestamp_ms: 0,
+            fees_burned_micro: 0,
+            protocol: crate::upgrade::GENESIS_PROTOCOL,
+            upgrade: None,
+        }
+    }
 }
 
 /// What a genesis puts into the first state.
@@ -357,6 +386,9 @@ pub struct State {
     pub(crate) store: StoreRef,
     /// The first failed store read, shared by every fork: sealing refuses to go on after it.
     fault: Arc<Mutex<Option<StoreError>>>,
+    /// The newest protocol version this build executes, when a simulation of an upgrade sets it
+    /// ([`State::with_supported_protocol`]); else [`crate::upgrade::PROTOCOL`]. Not in the root.
+    pub(crate) protocol_ceiling: Option<u32>,
 }
 
 /// The store a state reads through: an empty [`MemoryStore`] by default.
@@ -382,7 +414,7 @@ impl State {
         let mut s = State {
             network: g.network,
             params: g.params,
-            chain: ChainPosition { height: 0, timestamp_ms: g.timestamp_ms, fees_burned_micro: 0 },
+            chain: ChainPosition { timestamp_ms: g.timestamp_ms, ..ChainPosition::default() },
             validators: g.validators.into_iter().collect(),
             ..State::default()
         };
@@ -496,6 +528,7 @@ impl State {
         self.records.writing_at(height);
         self.chain.height = height;
         self.chain.timestamp_ms = timestamp_ms;
+        self.activate_upgrade(height);
         self.tick_jobs(timestamp_ms);
     }
 
@@ -578,6 +611,7 @@ impl State {
             Payload::MoveShards { bucket, key, moves, .. } => self.apply_move_shards(bucket, key, moves),
             Payload::AuditFailed { bucket, key, epoch, .. } => self.apply_audit_failed(bucket, key, *epoch),
             Payload::RevokeTokens { ids } => self.apply_revoke_tokens(tx.signer, ids),
+            Payload::ScheduleUpgrade { upgrade, .. } => self.apply_schedule_upgrade(upgrade),
             Payload::PostJob { .. }
             | Payload::BidCommit { .. }
             | Payload::BidReveal { .. }
@@ -640,6 +674,7 @@ impl State {
                 self.check_audit_failed(tx.signer, bucket, key, version, *epoch)?
             }
             Payload::RevokeTokens { ids } => self.check_revoke_tokens(tx.signer, ids)?,
+            Payload::ScheduleUpgrade { upgrade, approvals } => self.check_schedule_upgrade(upgrade, approvals)?,
             Payload::PostJob { .. }
             | Payload::BidCommit { .. }
             | Payload::BidReveal { .. }
@@ -658,10 +693,7 @@ impl State {
                 .accounts
                 .get(id, |id| self.load(&StateKey::Account(*id), decode_account))
                 .map(|a| [a.balance_micro.to_be_bytes(), a.nonce.to_be_bytes()].concat()),
-            StateKey::Chain => {
-                let c = &self.chain;
-                Some([c.height.to_be_bytes(), c.timestamp_ms.to_be_bytes(), c.fees_burned_micro.to_be_bytes()].concat())
-            }
+            StateKey::Chain => Some(encode_chain(&self.chain)),
             StateKey::Departed(id) => self.departed_version(id).map(|v| v.to_be_bytes().to_vec()),
             StateKey::Lease(id) => self.lease(id).map(|l| l.to_bytes()),
             StateKey::Network => Some(self.network.0.to_vec()),
@@ -1109,11 +1141,40 @@ fn decode_account(b: &[u8]) -> Result<Account, String> {
     Ok(Account { balance_micro: be_u64(b, 0)?, nonce: be_u64(b, 8)? })
 }
 
-fn decode_chain(b: &[u8]) -> Result<ChainPosition, String> {
-    if b.len() != 24 {
-        return Err(format!("the chain entry is 24 bytes, not {}", b.len()));
+/// The chain entry's bytes: height, time and fees burned (24 bytes); then, once an upgrade was
+/// ever scheduled, the protocol in force and the scheduled upgrade (version 0 for none) — so a
+/// network that never upgraded keeps the entry, and its roots, as they always were.
+fn encode_chain(c: &ChainPosition) -> Vec<u8> {
+    let mut v = [c.height.to_be_bytes(), c.timestamp_ms.to_be_bytes(), c.fees_burned_micro.to_be_bytes()].concat();
+    if c.protocol != crate::upgrade::GENESIS_PROTOCOL || c.upgrade.is_some() {
+        let u = c.upgrade.unwrap_or(crate::upgrade::Upgrade { protocol: 0, height: 0 });
+        v.extend_from_slice(&c.protocol.to_be_bytes());
+        v.extend_from_slice(&u.protocol.to_be_bytes());
+        v.extend_from_slice(&u.height.to_be_bytes());
     }
-    Ok(ChainPosition { height: be_u64(b, 0)?, timestamp_ms: be_u64(b, 8)?, fees_burned_micro: be_u64(b, 16)? })
+    v
+}
+
+pub(crate) fn decode_chain(b: &[u8]) -> Result<ChainPosition, String> {
+    let u32_at = |at: usize| -> Result<u32, String> {
+        b.get(at..at + 4).and_then(|s| s.try_into().ok()).map(u32::from_be_bytes).ok_or("short".to_string())
+    };
+    let mut c = ChainPosition {
+        height: be_u64(b, 0)?,
+        timestamp_ms: be_u64(b, 8)?,
+        fees_burned_micro: be_u64(b, 16)?,
+        ..ChainPosition::default()
+    };
+    match b.len() {
+        24 => {}
+        40 => {
+            c.protocol = u32_at(24)?;
+            let (protocol, height) = (u32_at(28)?, be_u64(b, 32)?);
+            c.upgrade = (protocol != 0).then_some(crate::upgrade::Upgrade { protocol, height });
+        }
+        n => return Err(format!("the chain entry is 24 or 40 bytes, not {n}")),
+    }
+    Ok(c)
 }
 
 /// Two states are equal when they hold the same entries: when their roots are.

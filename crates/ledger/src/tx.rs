@@ -145,6 +145,14 @@ pub enum Payload {
         /// The ids.
         ids: Vec<Hash>,
     },
+    /// Schedule the next protocol version at a height ([`crate::upgrade`]), approved by a quorum
+    /// of the validators; anyone may submit it.
+    ScheduleUpgrade {
+        /// The version and its activation height.
+        upgrade: crate::upgrade::Upgrade,
+        /// The validators' approvals (at most one per validator).
+        approvals: Vec<crate::upgrade::Approval>,
+    },
     /// Post a compute job ([`crate::jobs`]): locks `max_price × redundancy` of the signer's
     /// balance as its escrow and opens its first auction. Its id is [`crate::jobs::job_id`] of
     /// the signer and this transaction's nonce.
@@ -224,6 +232,7 @@ impl Payload {
             Payload::MoveShards { .. } => "move_shards",
             Payload::AuditFailed { .. } => "audit_failed",
             Payload::RevokeTokens { .. } => "revoke_tokens",
+            Payload::ScheduleUpgrade { .. } => "schedule_upgrade",
             Payload::PostJob { .. } => "post_job",
             Payload::BidCommit { .. } => "bid_commit",
             Payload::BidReveal { .. } => "bid_reveal",
@@ -535,6 +544,17 @@ impl Write for Payload {
                 20u8.write(buf);
                 batch.write(buf);
             }
+            Payload::ScheduleUpgrade { upgrade, approvals } => {
+                21u8.write(buf);
+                upgrade.protocol.write(buf);
+                upgrade.height.write(buf);
+                // A list too long for the byte is written with count 0, which never decodes.
+                u8::try_from(approvals.len()).unwrap_or(0).write(buf);
+                for a in approvals {
+                    a.validator.0.write(buf);
+                    a.signature.write(buf);
+                }
+            }
         }
     }
 }
@@ -611,6 +631,7 @@ impl EncodeSize for Payload {
             Payload::ResultCommit { .. } => 32 + 32,
             Payload::ResultReveal { outcome, .. } => 32 + outcome_size(outcome) + 32,
             Payload::CancelJob { .. } => 32,
+            Payload::ScheduleUpgrade { approvals, .. } => 4 + 8 + 1 + approvals.len() * (32 + 64),
         }
     }
 }
@@ -694,6 +715,21 @@ impl Read for Payload {
             },
             19 => Payload::CancelJob { job: Hash(<[u8; 32]>::read(buf)?) },
             20 => Payload::PutObjects { batch: PutBatch::read(buf)? },
+            21 => {
+                let upgrade = crate::upgrade::Upgrade { protocol: u32::read(buf)?, height: u64::read(buf)? };
+                let n = u8::read(buf)? as usize;
+                if n == 0 {
+                    return Err(CodecError::Invalid("ScheduleUpgrade", "between 1 and 255 approvals"));
+                }
+                let mut approvals = Vec::with_capacity(n);
+                for _ in 0..n {
+                    approvals.push(crate::upgrade::Approval {
+                        validator: NodeId(<[u8; 32]>::read(buf)?),
+                        signature: <[u8; 64]>::read(buf)?,
+                    });
+                }
+                Payload::ScheduleUpgrade { upgrade, approvals }
+            }
             tag => return Err(CodecError::InvalidEnum(tag)),
         })
     }

@@ -600,6 +600,17 @@ async fn health(State(s): State<Arc<ApiState>>) -> Response {
 pub fn ledger_health(chain: &archipel_consensus::Chain) -> (StatusCode, serde_json::Value) {
     let height = chain.head().height;
     match chain.applier().stall() {
+        // The next block needs a protocol this build does not implement: the chain waits for a
+        // quorum of upgraded validators, and this node must be upgraded to follow it.
+        None if let Err(why) = chain.with_state(|st| st.check_runnable(height + 1)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({
+                "status": "upgrade_required",
+                "error": "upgrade_required",
+                "message": format!("this node's ledger is at height {height} and cannot go on: {why}"),
+                "ledger": { "height": height },
+            }),
+        ),
         None => (StatusCode::OK, serde_json::json!({ "status": "ok", "ledger": { "height": height } })),
         Some(stall) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -444,11 +444,31 @@ pub struct HeadView {
     /// Of those, how many wait behind a missing nonce (no block can take them yet).
     #[serde(default)]
     pub mempool_gapped: usize,
+    /// The protocol version in force, the upgrade scheduled and the newest version this node's
+    /// build implements ([`archipel_ledger::upgrade`]).
+    #[serde(default)]
+    pub protocol: Option<ProtocolView>,
+}
+
+/// Which rules the ledger runs under, and which it will.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProtocolView {
+    /// In force at the head.
+    pub active: u32,
+    /// Scheduled, not yet in force.
+    pub scheduled: Option<archipel_ledger::upgrade::Upgrade>,
+    /// The newest version this node's build implements.
+    pub supported: u32,
 }
 
 async fn head(State(s): State<Arc<ApiState>>) -> Response {
     let header = s.chain.head();
     let (mempool, mempool_gapped) = s.chain.mempool_counts();
+    let protocol = s.chain.with_state(|st| ProtocolView {
+        active: st.protocol(),
+        scheduled: st.scheduled_upgrade(),
+        supported: st.supported_protocol(),
+    });
     Json(HeadView {
         network: s.genesis.network.clone(),
         genesis_hash: s.genesis_hash.clone(),
@@ -456,6 +476,7 @@ async fn head(State(s): State<Arc<ApiState>>) -> Response {
         hash: header.hash(),
         mempool,
         mempool_gapped,
+        protocol: Some(protocol),
     })
     .into_response()
 }

@@ -1,0 +1,362 @@
+//! Protocol upgrades: the ledger's rules carry a version, and a new version comes into force at a
+//! block height that a quorum of validators agreed on beforehand (`ScheduleUpgrade`).
+//!
+//! Every node replays every block, so a rule that changes (how a market round is judged, what a
+//! transaction may carry) must change on every node at the same block, or nodes built before and
+//! after the change disagree about the state. So a rule change is a new protocol version: the
+//! code keeps the old rule for blocks before the version's activation height and the new one from
+//! it ([`State::protocol`] says which applies), and a build refuses to execute a block at a height
+//! where a version newer than it implements ([`PROTOCOL`]) is in force
+//! ([`State::check_runnable`]): an outdated validator stops voting and proposing there, an
+//! outdated follower stops applying and says why on `/health`, and `archipel ledger verify`
+//! names the release needed. The chain never forks over it: it halts at the activation height
+//! while fewer than a quorum of validators run a build that implements the version, and goes on
+//! once they do.
+//!
+//! Scheduling: anyone submits a `ScheduleUpgrade` carrying the approvals — each validator's
+//! signature over (network, version, height) — of a quorum of the current validators (the same
+//! 2f+1 as consensus). The version must be the next one, the height at least
+//! [`MIN_UPGRADE_NOTICE_BLOCKS`] ahead (time for operators to install the release), and only
+//! one upgrade is scheduled at a time. The schedule lives in the `chain` entry, so it is in the
+//! state root; a state with no upgrade ever scheduled encodes that entry exactly as before.
+
+use crate::Hash;
+use crate::state::State;
+use crate::tx::TxError;
+use archipel_crypto::Identity;
+use archipel_types::NodeId;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The newest protocol version this build implements; a network starts at 1.
+pub const PROTOCOL: u32 = 1;
+
+/// A newer protocol this process acts as implementing (0: [`PROTOCOL`]); see
+/// [`pretend_build_implements`].
+static BUILD_CEILING: AtomicU32 = AtomicU32::new(0);
+
+/// Makes this process act as a build that implements protocol versions up to `protocol`: for
+/// upgrade drills (a debug build of `archipel node run` sets it from
+/// `ARCHIPEL_TEST_PROTOCOL_CEILING`; release builds never do). No rule differs between the
+/// versions there are, so nothing else changes.
+pub fn pretend_build_implements(protocol: u32) {
+    BUILD_CEILING.store(protocol, Ordering::Relaxed);
+}
+
+/// The newest protocol this process executes.
+fn build_protocol() -> u32 {
+    match BUILD_CEILING.load(Ordering::Relaxed) {
+        0 => PROTOCOL,
+        n => n,
+    }
+}
+
+/// The protocol every network starts with.
+pub const GENESIS_PROTOCOL: u32 = 1;
+
+/// The fewest blocks between a `ScheduleUpgrade` and the height it names.
+pub const MIN_UPGRADE_NOTICE_BLOCKS: u64 = 1_000;
+
+/// The namespace of a validator's approval signature.
+pub const APPROVAL_NAMESPACE: &[u8] = b"archipel/upgrade-approval/v1";
+
+/// A protocol version that comes into force at a height.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upgrade {
+    /// The version.
+    pub protocol: u32,
+    /// The first height executed under it.
+    pub height: u64,
+}
+
+/// A validator's signature approving an [`Upgrade`] on one network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// The validator.
+    pub validator: NodeId,
+    /// Its signature over [`approval_bytes`] (hex in JSON).
+    #[serde(with = "crate::hash::hex64")]
+    pub signature: [u8; 64],
+}
+
+/// What a validator signs to approve `upgrade` on `network`.
+pub fn approval_bytes(network: &Hash, upgrade: &Upgrade) -> Vec<u8> {
+    [&network.0[..], &upgrade.protocol.to_be_bytes(), &upgrade.height.to_be_bytes()].concat()
+}
+
+/// `validator`'s approval of `upgrade` on `network`.
+pub fn approve(validator: &Identity, network: &Hash, upgrade: &Upgrade) -> Approval {
+    Approval {
+        validator: validator.node_id(),
+        signature: validator.sign(APPROVAL_NAMESPACE, &approval_bytes(network, upgrade)),
+    }
+}
+
+/// How many of `validators` validators must approve: the consensus quorum, 2f+1 of 3f+1.
+pub fn quorum(validators: usize) -> usize {
+    validators - validators.saturating_sub(1) / 3
+}
+
+impl State {
+    /// The protocol version in force at the current block.
+    pub fn protocol(&self) -> u32 {
+        self.chain.protocol
+    }
+
+    /// The fewest blocks between scheduling an upgrade and its height on this network.
+    pub fn upgrade_notice_blocks(&self) -> u64 {
+        match self.params.upgrade_notice_blocks {
+            0 => MIN_UPGRADE_NOTICE_BLOCKS,
+            n => n,
+        }
+    }
+
+    /// The upgrade scheduled and not yet in force, if any.
+    pub fn scheduled_upgrade(&self) -> Option<Upgrade> {
+        self.chain.upgrade
+    }
+
+    /// The protocol version a block at `height` (after this state) is executed under.
+    pub fn protocol_at(&self, height: u64) -> u32 {
+        match self.chain.upgrade {
+            Some(u) if height >= u.height => u.protocol,
+            _ => self.chain.protocol,
+        }
+    }
+
+    /// Whether this build can execute a block at `height` after this state: `Err` names the
+    /// version in force there and the version this build implements.
+    pub fn check_runnable(&self, height: u64) -> Result<(), String> {
+        let needed = self.protocol_at(height);
+        let supported = self.supported_protocol();
+        if needed > supported {
+            let from = self.chain.upgrade.map_or(self.chain.height, |u| u.height);
+            return Err(format!(
+                "upgrade required: the network runs protocol {needed} from height {from}, and this build of archipel \
+                 implements protocol {supported} at most — install a release that implements protocol {needed}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// This state, executing as a build that implements protocol versions up to `protocol`
+    /// (simulations of an upgrade; a node runs with [`PROTOCOL`]). Not part of the state.
+    pub fn with_supported_protocol(mut self, protocol: u32) -> Self {
+        self.protocol_ceiling = Some(protocol);
+        self
+    }
+
+    /// The newest protocol version this state executes blocks under.
+    pub fn supported_protocol(&self) -> u32 {
+        self.protocol_ceiling.unwrap_or_else(build_protocol)
+    }
+
+    /// Puts a scheduled upgrade in force once `height` reaches it (at the start of a block).
+    pub(crate) fn activate_upgrade(&mut self, height: u64) {
+        if let Some(u) = self.chain.upgrade
+            && height >= u.height
+        {
+            self.chain.protocol = u.protocol;
+            self.chain.upgrade = None;
+        }
+    }
+
+    pub(crate) fn check_schedule_upgrade(&self, upgrade: &Upgrade, approvals: &[Approval]) -> Result<(), TxError> {
+        let refuse = |why: String| Err(TxError::NotAllowed(format!("ScheduleUpgrade: {why}")));
+        if let Some(u) = self.chain.upgrade {
+            return refuse(format!(
+                "protocol {} is already scheduled for height {}; one upgrade at a time",
+                u.protocol, u.height
+            ));
+        }
+        let next = self.chain.protocol.saturating_add(1);
+        if upgrade.protocol != next {
+            return refuse(format!(
+                "the network runs protocol {}, so the next upgrade is to {next}, not {}",
+                self.chain.protocol, upgrade.protocol
+            ));
+        }
+        let notice = self.upgrade_notice_blocks();
+        let earliest = self.chain.height.saturating_add(notice);
+        if upgrade.height < earliest {
+            return refuse(format!(
+                "height {} is too soon: give operators at least {notice} blocks to upgrade (height {earliest} or later)",
+                upgrade.height
+            ));
+        }
+        let validators = self.validators();
+        if approvals.len() > validators.len() {
+            return Err(TxError::Malformed(format!(
+                "{} approvals for {} validators",
+                approvals.len(),
+                validators.len()
+            )));
+        }
+        let msg = approval_bytes(&self.network, upgrade);
+        let mut seen = std::collections::BTreeSet::new();
+        for a in approvals {
+            if !validators.contains(&a.validator) {
+                return refuse(format!("{} is not a validator", a.validator.short()));
+            }
+            if !seen.insert(a.validator) {
+                return refuse(format!("{} approves twice", a.validator.short()));
+            }
+            archipel_crypto::verify_signature(&a.validator, APPROVAL_NAMESPACE, &msg, &a.signature).map_err(|_| {
+                TxError::NotAllowed(format!(
+                    "ScheduleUpgrade: {}'s approval is not its signature of protocol {} at height {} on this network",
+                    a.validator.short(),
+                    upgrade.protocol,
+                    upgrade.height
+                ))
+            })?;
+        }
+        let need = quorum(validators.len());
+        if seen.len() < need {
+            return refuse(format!(
+                "{} of {} validators approve; {need} must (the consensus quorum)",
+                seen.len(),
+                validators.len()
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn apply_schedule_upgrade(&mut self, upgrade: &Upgrade) -> crate::Receipt {
+        self.chain.upgrade = Some(*upgrade);
+        self.other_changed.insert(crate::StateKey::Chain);
+        crate::Receipt::UpgradeScheduled { protocol: upgrade.protocol, height: upgrade.height }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::{Signatures, execute, genesis_header, propose};
+    use crate::state::tests::{id, signed};
+    use crate::{GenesisState, LedgerParams, Payload, Receipt, StateKey};
+    use archipel_crypto::SignedDescriptor;
+
+    /// Validators `1..=n` (registered nodes), and account 0 funded.
+    fn genesis_with_validators(n: u64) -> State {
+        let descriptor =
+            |v: u64| SignedDescriptor::sign(&id(v), archipel_crypto::test_support::example_descriptor(&id(v))).unwrap();
+        State::genesis(GenesisState {
+            network: Hash::ZERO,
+            params: LedgerParams::default(),
+            timestamp_ms: 0,
+            validators: (1..=n).map(|v| id(v).node_id()).collect(),
+            accounts: vec![(id(0).node_id(), 1_000)],
+            nodes: (1..=n).map(descriptor).collect(),
+        })
+    }
+
+    fn schedule(network: Hash, protocol: u32, height: u64, approvers: &[u64]) -> Payload {
+        let upgrade = Upgrade { protocol, height };
+        let approvals = approvers.iter().map(|v| approve(&id(*v), &network, &upgrade)).collect();
+        Payload::ScheduleUpgrade { upgrade, approvals }
+    }
+
+    #[test]
+    fn the_quorum_is_two_thirds_and_one() {
+        assert_eq!([1, 2, 3, 4, 5, 7, 10].map(quorum), [1, 2, 3, 3, 4, 5, 7]);
+    }
+
+    #[test]
+    fn a_quorum_of_validators_schedules_the_next_version_with_notice_and_nothing_else_does() {
+        let mut s = genesis_with_validators(4);
+        s.begin_block(1, 1_000);
+        let root = s.seal().unwrap();
+        let far = 1 + MIN_UPGRADE_NOTICE_BLOCKS;
+        let mut nonce = 0;
+        let refused = |s: &mut State, p: Payload| {
+            let e = s.apply(&signed(0, nonce, p)).unwrap_err().to_string();
+            assert_eq!(s.seal().unwrap(), root, "a refusal changes nothing: {e}");
+            e
+        };
+        let e = refused(&mut s, schedule(Hash::ZERO, 2, far, &[1, 2]));
+        assert!(e.contains("2 of 4 validators approve; 3 must"), "{e}");
+        let e = refused(&mut s, schedule(Hash::ZERO, 2, far, &[1, 2, 0]));
+        assert!(e.contains("is not a validator"), "{e}");
+        let e = refused(&mut s, schedule(Hash::ZERO, 2, far, &[1, 2, 2]));
+        assert!(e.contains("approves twice"), "{e}");
+        let e = refused(&mut s, schedule(Hash::ZERO, 3, far, &[1, 2, 3]));
+        assert!(e.contains("the next upgrade is to 2, not 3"), "{e}");
+        let e = refused(&mut s, schedule(Hash::ZERO, 2, far - 1, &[1, 2, 3]));
+        assert!(e.contains("too soon") && e.contains(&format!("height {far} or later")), "{e}");
+        // An approval of another height, or on another network, is not one of this.
+        let mut forged = schedule(Hash::ZERO, 2, far, &[1, 2, 3]);
+        if let Payload::ScheduleUpgrade { upgrade, .. } = &mut forged {
+            upgrade.height += 1;
+        }
+        assert!(refused(&mut s, forged).contains("is not its signature"));
+        let other = Hash::of(&[b"another network"]);
+        let upgrade = Upgrade { protocol: 2, height: far };
+        let approvals = [1, 2, 3].map(|v| approve(&id(v), &other, &upgrade)).to_vec();
+        assert!(refused(&mut s, Payload::ScheduleUpgrade { upgrade, approvals }).contains("is not its signature"));
+
+        let r = s.apply(&signed(0, nonce, schedule(Hash::ZERO, 2, far, &[3, 1, 2]))).unwrap();
+        nonce += 1;
+        assert_eq!(r, Receipt::UpgradeScheduled { protocol: 2, height: far });
+        assert_eq!(s.scheduled_upgrade(), Some(upgrade));
+        assert_eq!((s.protocol(), s.protocol_at(far - 1), s.protocol_at(far)), (1, 1, 2));
+        assert_ne!(s.seal().unwrap(), root, "the schedule is in the root");
+        let e = s.apply(&signed(0, nonce, schedule(Hash::ZERO, 2, far + 5, &[1, 2, 3]))).unwrap_err().to_string();
+        assert!(e.contains("already scheduled for height"), "{e}");
+    }
+
+    #[test]
+    fn the_chain_entry_is_unchanged_until_an_upgrade_and_round_trips_after() {
+        let mut s = genesis_with_validators(4);
+        s.begin_block(1, 1_000);
+        assert_eq!(s.value(&StateKey::Chain).unwrap().len(), 24, "networks without upgrades keep their roots");
+        let far = 1 + MIN_UPGRADE_NOTICE_BLOCKS;
+        s.apply(&signed(0, 0, schedule(Hash::ZERO, 2, far, &[1, 2, 3]))).unwrap();
+        let v = s.value(&StateKey::Chain).unwrap();
+        assert_eq!(v.len(), 40);
+        let c = crate::state::decode_chain(&v).unwrap();
+        assert_eq!((c.protocol, c.upgrade), (1, Some(Upgrade { protocol: 2, height: far })));
+        let shown = crate::proof::decode_value(&StateKey::Chain, &v).unwrap();
+        assert_eq!(shown["upgrade"]["height"], far);
+        s.begin_block(far, 2_000);
+        let c = crate::state::decode_chain(&s.value(&StateKey::Chain).unwrap()).unwrap();
+        assert_eq!((c.protocol, c.upgrade), (2, None), "in force from its height");
+        assert!(crate::state::decode_chain(&[0; 30]).is_err());
+    }
+
+    /// A chain through an activation height: a build that implements the new version executes
+    /// every block; one that does not executes every block before the height and refuses the
+    /// block at it, naming the versions (`Chain::build` asks `check_runnable` before building).
+    #[test]
+    fn an_outdated_build_stops_at_the_activation_height_and_an_upgraded_one_goes_on() {
+        let g = genesis_with_validators(4).with_supported_protocol(2);
+        let mut s = g.clone();
+        let mut parent = genesis_header(&s);
+        let mut blocks = Vec::new();
+        let notice = MIN_UPGRADE_NOTICE_BLOCKS;
+        for height in 1..=notice + 2 {
+            let txs =
+                if height == 1 { vec![signed(0, 0, schedule(Hash::ZERO, 2, notice + 1, &[1, 2, 3]))] } else { vec![] };
+            let p = propose(&s, &parent, height * 10, [], txs, Signatures::Verify).unwrap();
+            assert_eq!(p.block.txs.len(), usize::from(height == 1), "{:?}", p.dropped);
+            s = p.state;
+            parent = p.block.header;
+            blocks.push(p.block);
+        }
+        assert_eq!(s.protocol(), 2);
+        let mut old = g.clone().with_supported_protocol(1);
+        let mut parent = genesis_header(&old);
+        for b in &blocks[..notice as usize] {
+            execute(&mut old, &parent, b, Signatures::Verify).unwrap();
+            parent = b.header;
+        }
+        assert_eq!(old.check_runnable(notice), Ok(()));
+        let e = old.check_runnable(notice + 1).unwrap_err();
+        assert!(e.contains("protocol 2 from height 1001") && e.contains("implements protocol 1 at most"), "{e}");
+        let mut copy = old.clone();
+        let err = execute(&mut copy, &parent, &blocks[notice as usize], Signatures::Verify).unwrap_err();
+        assert_eq!(err.height, notice + 1);
+        assert!(err.what.contains("upgrade required"), "{err}");
+        assert!(crate::block::verify_chain(g.clone().with_supported_protocol(1), &blocks).is_err());
+        assert_eq!(crate::block::verify_chain(g, &blocks).unwrap().state_root(), s.state_root());
+    }
+}

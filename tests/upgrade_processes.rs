@@ -1,0 +1,132 @@
+//! A protocol upgrade with real processes: three of four validators approve protocol 2 from a
+//! height, anyone schedules it, and at that height the network — every node running a build that
+//! implements protocol 1 — stops, without a fork, each node's `/health` saying an upgrade is
+//! required. Three validators restarted as builds of protocol 2 (a debug build reads
+//! `ARCHIPEL_TEST_PROTOCOL_CEILING`) are a quorum: the chain goes on under protocol 2, while the
+//! outdated validator and follower stop at the height and say why, never serving a stale head
+//! as current.
+
+mod common;
+
+use archipel_node::client::ApiClient;
+use archipel_node::ledger_api::{BlockView, HeadView};
+use common::*;
+use std::time::{Duration, Instant};
+
+fn head(url: &str) -> Option<HeadView> {
+    rt().block_on(ApiClient::new(url).get("/v1/ledger/head")).ok()
+}
+
+fn height(url: &str) -> u64 {
+    head(url).map_or(0, |h| h.header.height)
+}
+
+fn wait_height(url: &str, min: u64, timeout: Duration) {
+    let start = Instant::now();
+    while height(url) < min {
+        assert!(start.elapsed() < timeout, "{url} did not reach height {min} within {timeout:?} (at {})", height(url));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `/health` as (HTTP status, body).
+fn health(url: &str) -> (u16, serde_json::Value) {
+    let r = rt().block_on(reqwest::get(format!("{url}/health"))).expect("health answers");
+    let status = r.status().as_u16();
+    (status, rt().block_on(r.json()).expect("health is JSON"))
+}
+
+fn block_hash(url: &str, h: u64) -> String {
+    let b: BlockView = rt().block_on(ApiClient::new(url).get(&format!("/v1/ledger/blocks/{h}"))).expect("block");
+    b.hash.to_string()
+}
+
+#[test]
+fn an_upgrade_halts_outdated_builds_at_its_height_and_goes_on_with_an_upgraded_quorum() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let devnet = Devnet::start(w, &["--nodes", "5", "--base-ip", "127.0.141.2", "--base-port", "26200"]);
+    let node = |i| devnet.node(i);
+    let url = |i| devnet.node(i).1;
+    let n1 = url(0);
+    wait_height(&n1, 5, Duration::from_secs(60));
+    let key = |i: usize| node(i).3.parent().unwrap().join("node.key").to_string_lossy().into_owned();
+    let tenant = devnet.dir.join("tenant.key").to_string_lossy().into_owned();
+
+    // Too soon, and too few approvals: refused with the numbers.
+    let at = height(&n1) + 40 + 15;
+    let approve = |i: usize, at: u64| {
+        let args = ["ledger", "upgrade", "approve", "--protocol", "2", "--height", &at.to_string(), "--key", &key(i)];
+        run(w, &[&args[..], &["--node", &n1]].concat()).trim().to_string()
+    };
+    let schedule = |at: u64, approvals: &[String]| {
+        let mut a = vec!["ledger", "upgrade", "schedule", "--protocol", "2", "--key", &tenant, "--node", &n1];
+        let at = at.to_string();
+        a.extend(["--height", &at]);
+        for x in approvals {
+            a.extend(["--approval", x]);
+        }
+        archipel(w, &a)
+    };
+    let soon = height(&n1) + 5;
+    let early = schedule(soon, &(0..3).map(|i| approve(i, soon)).collect::<Vec<_>>());
+    assert!(!early.status.success() && stderr(&early).contains("too soon"), "{}", stderr(&early));
+    let two = schedule(at, &(0..2).map(|i| approve(i, at)).collect::<Vec<_>>());
+    assert!(!two.status.success() && stderr(&two).contains("2 of 4 validators approve; 3 must"), "{}", stderr(&two));
+
+    let out = schedule(at, &(0..3).map(|i| approve(i, at)).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains(&format!("protocol 2 scheduled from height {at}")), "{}", stdout(&out));
+    let status = run(w, &["ledger", "upgrade", "status", "--node", &n1]);
+    assert!(status.contains("protocol 1 in force") && status.contains("install a release with protocol 2"), "{status}");
+
+    // Every node runs protocol 1: the chain stops just below the height, on every node alike.
+    wait_height(&n1, at - 1, Duration::from_secs(90));
+    std::thread::sleep(Duration::from_secs(4));
+    for i in 0..5 {
+        assert_eq!(height(&url(i)), at - 1, "{} went past the activation height or fell behind", node(i).0);
+        let (code, body) = health(&url(i));
+        assert_eq!((code, body["status"].as_str()), (503, Some("upgrade_required")), "{}: {body}", node(i).0);
+        assert!(body["message"].as_str().unwrap().contains("protocol 2 from height"), "{body}");
+    }
+    let below = block_hash(&n1, at - 1);
+    assert!((1..5).all(|i| block_hash(&url(i), at - 1) == below), "no fork below the height");
+
+    // n01–n03 restarted as builds of protocol 2: a quorum, so the chain goes on.
+    let mut upgraded = Vec::new();
+    for i in 0..3 {
+        kill9(node(i).2);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..3 {
+        let config = node(i).3.to_string_lossy().into_owned();
+        upgraded.push(Reaped(spawn_with_env(
+            w,
+            &["node", "run", "--config", &config],
+            &[("ARCHIPEL_TEST_PROTOCOL_CEILING", "2")],
+        )));
+    }
+    let (n2, n4, n5) = (url(1), url(3), url(4));
+    wait_height(&n1, at + 5, Duration::from_secs(90));
+    wait_height(&n2, at + 5, Duration::from_secs(60));
+    let p = head(&n1).unwrap().protocol.unwrap();
+    assert_eq!((p.active, p.scheduled, p.supported), (2, None, 2));
+    assert_eq!(block_hash(&n2, at), block_hash(&n1, at));
+    assert_eq!(health(&n1).0, 200);
+
+    // The outdated validator and follower: stopped at the height, saying so, not serving as current.
+    for u in [&n4, &n5] {
+        let start = Instant::now();
+        let (code, body) = loop {
+            let (code, body) = health(u);
+            if body["status"] == "ledger_stalled" || start.elapsed() > Duration::from_secs(30) {
+                break (code, body);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert_eq!(code, 503, "{u}: {body}");
+        assert!(body["message"].as_str().unwrap_or_default().contains("upgrade required"), "{u}: {body}");
+        assert_eq!(height(u), 0, "{u} answers its head as if current (height {})", height(u));
+    }
+    drop(upgraded);
+}
