@@ -419,6 +419,16 @@ pub fn seeds() -> Vec<Seed> {
         add("transaction", &name, tx.to_bytes());
         add("transaction_json", &name, json(&tx));
     }
+    // A protocol upgrade approved by three of the four validators, signed but not applied.
+    {
+        use archipel_ledger::upgrade::{Upgrade, approve};
+        let network = net.state.network();
+        let upgrade = Upgrade { protocol: 2, height: 5_000 };
+        let approvals = net.nodes[..3].iter().map(|v| approve(v, &network, &upgrade)).collect();
+        let tx = sign(&net.tenant, &network, 200, Payload::ScheduleUpgrade { upgrade, approvals });
+        add("transaction", "schedule-upgrade", tx.to_bytes());
+        add("transaction_json", "schedule-upgrade", json(&tx));
+    }
     let empty = propose(&net.state, &net.header, net.genesis.created_at_ms, [], [], Signatures::Verify)
         .unwrap_or_else(|e| panic!("an in-memory state cannot fail: {e}"))
         .block;
