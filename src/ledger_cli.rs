@@ -560,7 +560,33 @@ async fn upgrade(cmd: UpgradeCommand) -> Result<()> {
         }
         UpgradeCommand::Approve { protocol, height, key, node } => {
             let identity = Identity::load(&key)?;
-            let network = network_of(&client(&node)?).await?;
+            let c = client(&node)?;
+            let head: HeadView = c.get("/v1/ledger/head").await?;
+            if let Some(p) = head.protocol {
+                if let Some(u) = p.scheduled {
+                    bail!(
+                        "protocol {} is already scheduled from height {}: one upgrade at a time",
+                        u.protocol,
+                        u.height
+                    );
+                }
+                if protocol != p.active + 1 {
+                    bail!(
+                        "the network runs protocol {}: the next upgrade is to {}, not {protocol}",
+                        p.active,
+                        p.active + 1
+                    );
+                }
+                let earliest = head.header.height + p.notice_blocks;
+                if height < earliest {
+                    bail!(
+                        "height {height} is too soon: the network needs {} blocks of notice (height {earliest} or later, \
+                         leaving time to collect the other approvals)",
+                        p.notice_blocks
+                    );
+                }
+            }
+            let network = network_of(&c).await?;
             let a = archipel_ledger::upgrade::approve(&identity, &network, &Upgrade { protocol, height });
             println!("{}:{}", a.validator, hex::encode(a.signature));
             Ok(())

@@ -658,7 +658,7 @@ pub async fn market(t: Tenant) -> Result<()> {
     }
     for i in &index {
         println!(
-            "  {:<10} {:>4} runs, median price {:>8}, reliability {:>5.1} %, price per reliable run {}",
+            "  {:<10} {:>4} runs, median price {:>8}, reliability at award {:>5.1} %, price per reliable run {}",
             i["region"].as_str().unwrap_or("?"),
             i["runs"],
             i["median_price_micro"],

@@ -258,6 +258,10 @@ impl Chain {
         for height in head.height + 1..=store.height() {
             let (block, _) = read(height)?;
             let outcome = execute(&mut state, &head, &block, Signatures::AlreadyVerified).map_err(|e| {
+                if e.what.contains("upgrade required") {
+                    // Blocks of a newer protocol than this build's: the data is fine, the build is old.
+                    return format!("stored chain does not replay on this build: {e}");
+                }
                 format!(
                     "stored chain does not replay: {e} (a data directory written by another version of archipel? \
                          its state format may differ: start afresh, e.g. `archipel devnet --reset`)"
@@ -2363,6 +2367,47 @@ mod tests {
         assert!(c.finalize_known(&block.hash(), vec![1]).unwrap().is_none(), "once");
         assert!(c.finalize(block, vec![]).unwrap().is_none(), "marshal's later delivery is a repeat");
         assert_eq!(c.mempool_len(), 0);
+    }
+
+    /// At an upgrade's height a build that does not implement the version builds no block (its
+    /// view times out); one that does builds it as any other.
+    #[test]
+    fn a_build_builds_nothing_where_a_protocol_it_does_not_implement_is_in_force() {
+        use archipel_ledger::upgrade::{Upgrade, approve};
+        let (tenant, validator) = (Identity::from_seed(0), Identity::from_seed(1));
+        let genesis = State::genesis(GenesisState {
+            accounts: vec![(tenant.node_id(), 1_000)],
+            params: archipel_ledger::LedgerParams { upgrade_notice_blocks: 20, ..Default::default() },
+            validators: vec![validator.node_id()],
+            ..GenesisState::default()
+        });
+        let upgrade = Upgrade { protocol: 2, height: 21 };
+        let approvals = vec![approve(&validator, &archipel_ledger::Hash::ZERO, &upgrade)];
+        let schedule = Transaction {
+            signer: tenant.node_id(),
+            nonce: 0,
+            payload: Payload::ScheduleUpgrade { upgrade, approvals },
+        }
+        .sign(&tenant, &archipel_ledger::Hash::ZERO);
+        for supported in [1, 2] {
+            let c = Chain::open(genesis.clone().with_supported_protocol(supported), Box::new(MemoryStore::default()))
+                .unwrap();
+            c.submit(schedule.clone(), 300, 0).unwrap();
+            let mut parent = c.genesis().hash();
+            for height in 1..=20 {
+                let b = c.build(&parent, height * 100, |_| Vec::new()).expect("below the height, both build");
+                assert_eq!(b.txs.len(), usize::from(height == 1));
+                c.finalize_known(&b.hash(), vec![]).unwrap().expect("applies");
+                parent = b.hash();
+            }
+            assert_eq!(c.with_state(|s| s.scheduled_upgrade()), Some(upgrade));
+            let at = c.build(&parent, 2_100, |_| Vec::new());
+            assert_eq!(at.is_some(), supported == 2, "protocol {supported} build at the height");
+            if let Some(b) = at {
+                c.finalize_known(&b.hash(), vec![]).unwrap().expect("applies");
+                assert_eq!(c.with_state(|s| (s.protocol(), s.scheduled_upgrade())), (2, None));
+            }
+        }
     }
 
     #[test]

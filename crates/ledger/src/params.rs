@@ -171,6 +171,11 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_bad_combinations_are_named() {
         LedgerParams::default().validate().unwrap();
+        // An upgrade notice: absent (the default) or at least 20 blocks.
+        for (notice, ok) in [(0, true), (19, false), (20, true)] {
+            let p = LedgerParams { upgrade_notice_blocks: notice, ..LedgerParams::default() };
+            assert_eq!(p.validate().is_ok(), ok, "notice {notice}");
+        }
         let p = LedgerParams { max_clock_drift_ms: 1_500, ..LedgerParams::default() };
         assert!(p.validate().unwrap_err().contains("max_clock_drift_ms"));
         let p = LedgerParams { lease_ttl_ms: 100, ..LedgerParams::default() };

@@ -674,7 +674,9 @@ impl State {
                 self.check_audit_failed(tx.signer, bucket, key, version, *epoch)?
             }
             Payload::RevokeTokens { ids } => self.check_revoke_tokens(tx.signer, ids)?,
-            Payload::ScheduleUpgrade { upgrade, approvals } => self.check_schedule_upgrade(upgrade, approvals)?,
+            Payload::ScheduleUpgrade { upgrade, approvals } => {
+                self.check_schedule_upgrade(upgrade, approvals, with_signatures)?
+            }
             Payload::PostJob { .. }
             | Payload::BidCommit { .. }
             | Payload::BidReveal { .. }

@@ -57,6 +57,33 @@ pub const GENESIS_PROTOCOL: u32 = 1;
 /// The fewest blocks between a `ScheduleUpgrade` and the height it names.
 pub const MIN_UPGRADE_NOTICE_BLOCKS: u64 = 1_000;
 
+/// The furthest ahead an upgrade may be scheduled, in notices: a mistyped height cannot block every
+/// later upgrade for good (one is pending at a time, and none is cancelled).
+pub const MAX_LEAD_NOTICES: u64 = 100;
+
+/// Most approvals one `ScheduleUpgrade` carries (its count is one byte).
+pub const MAX_APPROVALS: usize = u8::MAX as usize;
+
+/// The bytes of a `ScheduleUpgrade` transaction with `approvals` approvals: signer, nonce,
+/// signature, tag, version, height, count, then 96 bytes an approval.
+pub fn schedule_tx_bytes(approvals: usize) -> usize {
+    32 + 8 + 64 + 1 + 4 + 8 + 1 + approvals * (32 + 64)
+}
+
+/// Whether `validators` validators can ever schedule an upgrade: a quorum of approvals fits in a
+/// transaction of `max_tx_bytes` (checked with the genesis).
+pub fn check_quorum_fits(validators: usize, max_tx_bytes: u32) -> Result<(), String> {
+    let q = quorum(validators);
+    if q > MAX_APPROVALS || schedule_tx_bytes(q) > max_tx_bytes as usize {
+        return Err(format!(
+            "{validators} validators need {q} approvals to schedule a protocol upgrade: {} bytes, more than \
+             max_tx_bytes ({max_tx_bytes}) or {MAX_APPROVALS} approvals — raise max_tx_bytes or have fewer validators",
+            schedule_tx_bytes(q)
+        ));
+    }
+    Ok(())
+}
+
 /// The namespace of a validator's approval signature.
 pub const APPROVAL_NAMESPACE: &[u8] = b"archipel/upgrade-approval/v1";
 
@@ -92,10 +119,9 @@ pub fn approve(validator: &Identity, network: &Hash, upgrade: &Upgrade) -> Appro
     }
 }
 
-/// How many of `validators` validators must approve: the consensus quorum, 2f+1 of 3f+1.
-pub fn quorum(validators: usize) -> usize {
-    validators - validators.saturating_sub(1) / 3
-}
+/// How many of `validators` validators must approve: the consensus quorum, 2f+1 of 3f+1 (the
+/// same as for admitting a node).
+pub use archipel_crypto::quorum;
 
 impl State {
     /// The protocol version in force at the current block.
@@ -130,9 +156,12 @@ impl State {
         let needed = self.protocol_at(height);
         let supported = self.supported_protocol();
         if needed > supported {
-            let from = self.chain.upgrade.map_or(self.chain.height, |u| u.height);
+            let when = match self.chain.upgrade {
+                Some(u) if height >= u.height => format!("from height {}", u.height),
+                _ => format!("at height {}", self.chain.height),
+            };
             return Err(format!(
-                "upgrade required: the network runs protocol {needed} from height {from}, and this build of archipel \
+                "upgrade required: the network runs protocol {needed} {when}, and this build of archipel \
                  implements protocol {supported} at most — install a release that implements protocol {needed}"
             ));
         }
@@ -161,7 +190,14 @@ impl State {
         }
     }
 
-    pub(crate) fn check_schedule_upgrade(&self, upgrade: &Upgrade, approvals: &[Approval]) -> Result<(), TxError> {
+    /// The checks of a `ScheduleUpgrade`; the approvals' signatures only `with_signatures` (the
+    /// mempool's precheck runs the rest first, under the chain's lock, at no signature's cost).
+    pub(crate) fn check_schedule_upgrade(
+        &self,
+        upgrade: &Upgrade,
+        approvals: &[Approval],
+        with_signatures: bool,
+    ) -> Result<(), TxError> {
         let refuse = |why: String| Err(TxError::NotAllowed(format!("ScheduleUpgrade: {why}")));
         if let Some(u) = self.chain.upgrade {
             return refuse(format!(
@@ -184,15 +220,21 @@ impl State {
                 upgrade.height
             ));
         }
+        let latest = self.chain.height.saturating_add(notice.saturating_mul(MAX_LEAD_NOTICES));
+        if upgrade.height > latest {
+            return refuse(format!(
+                "height {} is too far ahead: at most {MAX_LEAD_NOTICES} notices ({latest})",
+                upgrade.height
+            ));
+        }
         let validators = self.validators();
-        if approvals.len() > validators.len() {
+        if approvals.len() > validators.len().min(MAX_APPROVALS) {
             return Err(TxError::Malformed(format!(
-                "{} approvals for {} validators",
+                "{} approvals for {} validators (at most {MAX_APPROVALS})",
                 approvals.len(),
                 validators.len()
             )));
         }
-        let msg = approval_bytes(&self.network, upgrade);
         let mut seen = std::collections::BTreeSet::new();
         for a in approvals {
             if !validators.contains(&a.validator) {
@@ -201,14 +243,6 @@ impl State {
             if !seen.insert(a.validator) {
                 return refuse(format!("{} approves twice", a.validator.short()));
             }
-            archipel_crypto::verify_signature(&a.validator, APPROVAL_NAMESPACE, &msg, &a.signature).map_err(|_| {
-                TxError::NotAllowed(format!(
-                    "ScheduleUpgrade: {}'s approval is not its signature of protocol {} at height {} on this network",
-                    a.validator.short(),
-                    upgrade.protocol,
-                    upgrade.height
-                ))
-            })?;
         }
         let need = quorum(validators.len());
         if seen.len() < need {
@@ -217,6 +251,22 @@ impl State {
                 seen.len(),
                 validators.len()
             ));
+        }
+        if with_signatures {
+            let msg = approval_bytes(&self.network, upgrade);
+            for a in approvals {
+                archipel_crypto::verify_signature(&a.validator, APPROVAL_NAMESPACE, &msg, &a.signature).map_err(
+                    |_| {
+                        TxError::NotAllowed(format!(
+                            "ScheduleUpgrade: {}'s approval is not its signature of protocol {} at height {} on this \
+                             network",
+                            a.validator.short(),
+                            upgrade.protocol,
+                            upgrade.height
+                        ))
+                    },
+                )?;
+            }
         }
         Ok(())
     }
@@ -236,13 +286,17 @@ mod tests {
     use crate::{GenesisState, LedgerParams, Payload, Receipt, StateKey};
     use archipel_crypto::SignedDescriptor;
 
-    /// Validators `1..=n` (registered nodes), and account 0 funded.
+    /// Validators `1..=n` (registered nodes), and account 0 funded; the default notice.
     fn genesis_with_validators(n: u64) -> State {
+        genesis_with(n, LedgerParams::default())
+    }
+
+    fn genesis_with(n: u64, params: LedgerParams) -> State {
         let descriptor =
             |v: u64| SignedDescriptor::sign(&id(v), archipel_crypto::test_support::example_descriptor(&id(v))).unwrap();
         State::genesis(GenesisState {
             network: Hash::ZERO,
-            params: LedgerParams::default(),
+            params,
             timestamp_ms: 0,
             validators: (1..=n).map(|v| id(v).node_id()).collect(),
             accounts: vec![(id(0).node_id(), 1_000)],
@@ -259,6 +313,10 @@ mod tests {
     #[test]
     fn the_quorum_is_two_thirds_and_one() {
         assert_eq!([1, 2, 3, 4, 5, 7, 10].map(quorum), [1, 2, 3, 3, 4, 5, 7]);
+        // A quorum of approvals fits the default transaction up to 125 validators.
+        assert!(check_quorum_fits(125, 8 * 1024).is_ok());
+        assert!(check_quorum_fits(126, 8 * 1024).unwrap_err().contains("126 validators need 85 approvals"));
+        assert!(check_quorum_fits(1_000, u32::MAX).unwrap_err().contains("255 approvals"));
     }
 
     #[test]
@@ -279,10 +337,24 @@ mod tests {
         assert!(e.contains("is not a validator"), "{e}");
         let e = refused(&mut s, schedule(Hash::ZERO, 2, far, &[1, 2, 2]));
         assert!(e.contains("approves twice"), "{e}");
+        let e = refused(&mut s, schedule(Hash::ZERO, 2, far, &[1, 2, 3, 4, 1]));
+        assert!(e.contains("5 approvals for 4 validators"), "{e}");
         let e = refused(&mut s, schedule(Hash::ZERO, 3, far, &[1, 2, 3]));
         assert!(e.contains("the next upgrade is to 2, not 3"), "{e}");
         let e = refused(&mut s, schedule(Hash::ZERO, 2, far - 1, &[1, 2, 3]));
         assert!(e.contains("too soon") && e.contains(&format!("height {far} or later")), "{e}");
+        let latest = 1 + MAX_LEAD_NOTICES * MIN_UPGRADE_NOTICE_BLOCKS;
+        let e = refused(&mut s, schedule(Hash::ZERO, 2, latest + 1, &[1, 2, 3]));
+        assert!(e.contains("too far ahead") && e.contains(&format!("({latest})")), "{e}");
+        // The precheck (before signatures, under the chain's lock) checks no approval signature:
+        // a forged one passes it, and the full check refuses it.
+        let mut forged = schedule(Hash::ZERO, 2, far, &[1, 2, 3]);
+        if let Payload::ScheduleUpgrade { approvals, .. } = &mut forged {
+            approvals[1].signature[0] ^= 1;
+        }
+        let tx = signed(0, nonce, forged);
+        s.precheck(&tx, 1_000).unwrap();
+        assert!(s.admit(&tx, 1_000).unwrap_err().to_string().contains("is not its signature"));
         // An approval of another height, or on another network, is not one of this.
         let mut forged = schedule(Hash::ZERO, 2, far, &[1, 2, 3]);
         if let Payload::ScheduleUpgrade { upgrade, .. } = &mut forged {
@@ -328,11 +400,12 @@ mod tests {
     /// block at it, naming the versions (`Chain::build` asks `check_runnable` before building).
     #[test]
     fn an_outdated_build_stops_at_the_activation_height_and_an_upgraded_one_goes_on() {
-        let g = genesis_with_validators(4).with_supported_protocol(2);
+        let notice = crate::params::MIN_NOTICE_BLOCKS_LIMIT;
+        let params = LedgerParams { upgrade_notice_blocks: notice, ..LedgerParams::default() };
+        let g = genesis_with(4, params).with_supported_protocol(2);
         let mut s = g.clone();
         let mut parent = genesis_header(&s);
         let mut blocks = Vec::new();
-        let notice = MIN_UPGRADE_NOTICE_BLOCKS;
         for height in 1..=notice + 2 {
             let txs =
                 if height == 1 { vec![signed(0, 0, schedule(Hash::ZERO, 2, notice + 1, &[1, 2, 3]))] } else { vec![] };
@@ -351,12 +424,14 @@ mod tests {
         }
         assert_eq!(old.check_runnable(notice), Ok(()));
         let e = old.check_runnable(notice + 1).unwrap_err();
-        assert!(e.contains("protocol 2 from height 1001") && e.contains("implements protocol 1 at most"), "{e}");
+        assert!(e.contains("protocol 2 from height 21") && e.contains("implements protocol 1 at most"), "{e}");
         let mut copy = old.clone();
         let err = execute(&mut copy, &parent, &blocks[notice as usize], Signatures::Verify).unwrap_err();
         assert_eq!(err.height, notice + 1);
         assert!(err.what.contains("upgrade required"), "{err}");
-        assert!(crate::block::verify_chain(g.clone().with_supported_protocol(1), &blocks).is_err());
+        let e = crate::block::verify_chain(g.clone().with_supported_protocol(1), &blocks).unwrap_err();
+        assert_eq!(e.height, notice + 1);
+        assert!(e.what.contains("install a release that implements protocol 2"), "{e}");
         assert_eq!(crate::block::verify_chain(g, &blocks).unwrap().state_root(), s.state_root());
     }
 }

@@ -174,6 +174,8 @@ impl Genesis {
             return bad("membership: down_after_ms must be greater than hello_interval_ms, which must be > 0".into());
         }
         self.ledger.validate().map_err(|e| GenesisError::Invalid(format!("ledger: {e}")))?;
+        archipel_ledger::upgrade::check_quorum_fits(self.validators.len(), self.ledger.max_tx_bytes)
+            .map_err(|e| GenesisError::Invalid(format!("ledger: {e}")))?;
         if self.nodes.len() > self.ledger.max_registered_nodes as usize {
             return bad(format!(
                 "ledger: max_registered_nodes ({}) is below the {} genesis nodes: raise it",
@@ -298,6 +300,34 @@ mod tests {
         let new = sample(2);
         assert!(new.ledger.entry_deposit_micro > 0);
         assert_ne!(new.hash(), g.hash());
+    }
+
+    #[test]
+    fn upgrades_leave_an_older_genesis_as_it_was_and_need_a_quorum_that_fits_a_transaction() {
+        // No notice set: not written, so a genesis from before upgrades hashes as it did.
+        let g = sample(4);
+        let json = serde_json::to_value(&g).unwrap();
+        assert!(json["ledger"].get("upgrade_notice_blocks").is_none());
+        let mut devnet = g.clone();
+        devnet.ledger.upgrade_notice_blocks = 40;
+        assert_ne!(devnet.hash(), g.hash());
+        devnet.ledger.upgrade_notice_blocks = 5;
+        assert!(devnet.validate().unwrap_err().to_string().contains("upgrade_notice_blocks (5)"));
+        // With the smallest transactions (1 KiB), 13 validators' quorum of 9 approvals fits (982
+        // bytes); 14 validators need 10 (1,078 bytes): refused, or they could never upgrade.
+        for (n, fits) in [(13, true), (14, false)] {
+            let mut g = sample(n);
+            g.validators = g.nodes.iter().map(|d| d.descriptor.node_id).collect();
+            g.ledger.max_tx_bytes = 1_024;
+            match g.validate() {
+                Ok(()) => assert!(fits, "{n} validators"),
+                Err(e) => {
+                    assert!(!fits, "{n} validators: {e}");
+                    let e = e.to_string();
+                    assert!(e.contains("14 validators need 10 approvals") && e.contains("1078 bytes"), "{e}");
+                }
+            }
+        }
     }
 
     #[test]

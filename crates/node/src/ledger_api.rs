@@ -459,6 +459,9 @@ pub struct ProtocolView {
     pub scheduled: Option<archipel_ledger::upgrade::Upgrade>,
     /// The newest version this node's build implements.
     pub supported: u32,
+    /// The fewest blocks between scheduling an upgrade and its height on this network.
+    #[serde(default)]
+    pub notice_blocks: u64,
 }
 
 async fn head(State(s): State<Arc<ApiState>>) -> Response {
@@ -468,6 +471,7 @@ async fn head(State(s): State<Arc<ApiState>>) -> Response {
         active: st.protocol(),
         scheduled: st.scheduled_upgrade(),
         supported: st.supported_protocol(),
+        notice_blocks: st.upgrade_notice_blocks(),
     });
     Json(HeadView {
         network: s.genesis.network.clone(),

@@ -15,9 +15,11 @@ const SCRIPT: JobScript =
 
 /// How late a deadline's block may be: after the deadline (or [`MIN_WAKE_GAP_MS`] after the
 /// block before it, whichever is later), the time for the next leader to learn of that block —
-/// three link delays, each at most the scenario's latency plus three deviations — and 50 ms of
-/// scheduling. Far less than the idle wait, so a chain that ignored the deadline would miss it
-/// whenever the deadline fell early in a wait.
+/// three link delays, each taken as the scenario's latency plus three deviations (the simulator
+/// draws delays from a normal distribution, so a far tail could exceed it; each seed replays
+/// exactly, so a seed that passes always does) — and 50 ms of scheduling. Far less than the idle
+/// wait, so a chain that ignored the deadline would miss it whenever the deadline fell early in a
+/// wait.
 fn slack_ms(o: &LedgerOutcome) -> u64 {
     let link = o.scenario.latency + o.scenario.jitter * 3;
     (link * 3).as_millis() as u64 + 50
@@ -54,6 +56,7 @@ fn deadlines_get_blocks(o: &LedgerOutcome) -> Result<(), String> {
         return Err(format!("{} of {} jobs posted", posted.len(), SCRIPT.count));
     }
     let slack = slack_ms(o);
+    let mut deadlines = Vec::new();
     for (j, (at, bid)) in posted.iter().enumerate() {
         let commit_end = at + SCRIPT.bid_window_ms;
         match bid {
@@ -61,6 +64,7 @@ fn deadlines_get_blocks(o: &LedgerOutcome) -> Result<(), String> {
             _ => return Err(format!("job {j} (posted at {at} ms) has no sealed bid before {commit_end} ms")),
         }
         for (what, deadline) in [("commit phase", commit_end), ("reveal phase", commit_end + SCRIPT.bid_window_ms)] {
+            deadlines.push(deadline);
             let Some(i) = blocks.iter().position(|b| b.header.timestamp_ms >= deadline) else {
                 return Err(format!("no block after job {j}'s {what} ended at {deadline} ms"));
             };
@@ -74,6 +78,23 @@ fn deadlines_get_blocks(o: &LedgerOutcome) -> Result<(), String> {
                     t - due
                 ));
             }
+        }
+    }
+    // Nor early: an empty block comes an idle wait after its parent, unless it is the first past
+    // a deadline, and then no sooner than the gap.
+    for pair in blocks.windows(2) {
+        let (parent, b) = (&pair[0].header, &pair[1]);
+        let gap = b.header.timestamp_ms - parent.timestamp_ms;
+        if !b.txs.is_empty() || !b.liveness.is_empty() || gap >= IDLE_WAIT.as_millis() as u64 {
+            continue;
+        }
+        let first_past = deadlines.iter().any(|d| parent.timestamp_ms < *d && b.header.timestamp_ms >= *d);
+        if !first_past || gap < MIN_WAKE_GAP_MS {
+            return Err(format!(
+                "empty block {} came {gap} ms after its parent, {}",
+                b.header.height,
+                if first_past { "closer than the gap" } else { "and no deadline fell between them" }
+            ));
         }
     }
     Ok(())
