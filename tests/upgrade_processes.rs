@@ -4,7 +4,8 @@
 //! required. Three validators restarted as builds of protocol 2 (a debug build reads
 //! `ARCHIPEL_TEST_PROTOCOL_CEILING`) are a quorum: the chain goes on under protocol 2, while the
 //! outdated validator and follower stop at the height and say why, never serving a stale head
-//! as current.
+//! as current. Then a planned upgrade to protocol 3, the validators restarted one at a time on
+//! builds of it before its height: the chain crosses the height without standing still.
 
 mod common;
 
@@ -29,11 +30,11 @@ fn wait_height(url: &str, min: u64, timeout: Duration) {
     }
 }
 
-/// `/health` as (HTTP status, body).
+/// `/health` as (HTTP status, body); (0, null) while the node does not answer.
 fn health(url: &str) -> (u16, serde_json::Value) {
-    let r = rt().block_on(reqwest::get(format!("{url}/health"))).expect("health answers");
+    let Ok(r) = rt().block_on(reqwest::get(format!("{url}/health"))) else { return (0, serde_json::Value::Null) };
     let status = r.status().as_u16();
-    (status, rt().block_on(r.json()).expect("health is JSON"))
+    (status, rt().block_on(r.json()).unwrap_or_default())
 }
 
 fn block_hash(url: &str, h: u64) -> String {
@@ -58,21 +59,24 @@ fn an_upgrade_halts_outdated_builds_at_its_height_and_goes_on_with_an_upgraded_q
     let notice = head(&n1).unwrap().protocol.unwrap().notice_blocks;
     assert_eq!(notice, 40, "the devnet's upgrade notice");
     let at = height(&n1) + notice + 60;
-    let approve = |i: usize, at: u64| {
-        let args = ["ledger", "upgrade", "approve", "--protocol", "2", "--height", &at.to_string(), "--key", &key(i)];
+    let approve_for = |protocol: u32, i: usize, at: u64| {
+        let (protocol, at) = (protocol.to_string(), at.to_string());
+        let args = ["ledger", "upgrade", "approve", "--protocol", &protocol, "--height", &at, "--key", &key(i)];
         run(w, &[&args[..], &["--node", &n1]].concat()).trim().to_string()
     };
-    let schedule = |at: u64, approvals: &[String]| {
-        let mut a = vec!["ledger", "upgrade", "schedule", "--protocol", "2", "--key", &tenant, "--node", &n1];
-        let at = at.to_string();
+    let approve = |i: usize, at: u64| approve_for(2, i, at);
+    let schedule_for = |protocol: u32, at: u64, approvals: &[String]| {
+        let (protocol, at) = (protocol.to_string(), at.to_string());
+        let mut a = vec!["ledger", "upgrade", "schedule", "--protocol", &protocol, "--key", &tenant, "--node", &n1];
         a.extend(["--height", &at]);
         for x in approvals {
             a.extend(["--approval", x]);
         }
         archipel(w, &a)
     };
-    // Too soon (the validator's CLI refuses to sign it; signed by hand, the ledger refuses it), too
-    // few approvals, a malformed one: refused with the reason.
+    let schedule = |at: u64, approvals: &[String]| schedule_for(2, at, approvals);
+    // Too soon (the validator's CLI refuses to sign it; the ledger's own refusal is unit-tested),
+    // too few approvals, a malformed one, approvals of another height: refused with the reason.
     let soon = (height(&n1) + 5).to_string();
     let e = refused(
         w,
@@ -160,5 +164,49 @@ fn an_upgrade_halts_outdated_builds_at_its_height_and_goes_on_with_an_upgraded_q
         let e: serde_json::Value = rt().block_on(r.json()).expect("JSON");
         assert_eq!(e["error"], "ledger_stalled", "{u}: {e}");
     }
+
+    // A planned upgrade, as operators would run one: the release installed first — n04 restarted as
+    // a build of protocol 3 (it catches up), then n01–n03 one at a time (three validators up at
+    // every moment) — then protocol 3 scheduled: the chain crosses its height without stopping.
+    let (_, _, pid4, config4) = node(3);
+    kill9(pid4);
+    let run_as = |config: &std::path::Path, protocol: &str| {
+        let config = config.to_string_lossy().into_owned();
+        Reaped(spawn_with_env(
+            w,
+            &["node", "run", "--config", &config],
+            &[("ARCHIPEL_TEST_PROTOCOL_CEILING", protocol)],
+        ))
+    };
+    // Up, healthy and within a block of `reference` (a node that kept running).
+    let caught_up = |u: &str, reference: &str, what: &str| {
+        let start = Instant::now();
+        while !(health(u).0 == 200 && height(u) + 1 >= height(reference)) {
+            assert!(start.elapsed() < Duration::from_secs(90), "{what} did not catch up: {:?}", health(u));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let _v4 = run_as(&config4, "3");
+    caught_up(&n4, &n1, "n04");
+    for (i, v) in upgraded.iter_mut().enumerate() {
+        let _ = v.0.kill();
+        let _ = v.0.wait();
+        *v = run_as(&node(i).3, "3");
+        caught_up(&url(i), &n4, &node(i).0);
+    }
+    let at3 = height(&n1) + notice + 20;
+    let approvals: Vec<String> = (0..3).map(|i| approve_for(3, i, at3)).collect();
+    let out = schedule_for(3, at3, &approvals);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    wait_height(&n1, at3 + 3, Duration::from_secs(120));
+    let time = |h: u64| -> u64 {
+        let b: BlockView = rt().block_on(ApiClient::new(&n1).get(&format!("/v1/ledger/blocks/{h}"))).expect("block");
+        b.header.timestamp_ms
+    };
+    let gap = time(at3) - time(at3 - 1);
+    assert!(gap < 2_000, "the chain stood {gap} ms at the height of a planned upgrade");
+    let p = head(&n1).unwrap().protocol.unwrap();
+    assert_eq!((p.active, p.scheduled), (3, None));
+    assert_eq!(health(&n4).0, 200);
     drop(upgraded);
 }

@@ -205,6 +205,17 @@ impl LedgerScenario {
         s
     }
 
+    /// This scenario without faults (no partition, no lossy window, no Byzantine validator, every
+    /// message delivered) and without transfers: an idle network.
+    pub fn quiet(mut self) -> Self {
+        self.partition = None;
+        self.degradation = None;
+        self.byzantine = None;
+        self.delivery_percent = 100;
+        self.transfers_until = Duration::ZERO;
+        self
+    }
+
     /// This scenario with validator `index` Byzantine in `mode` (or no Byzantine validator).
     pub fn with_byzantine(mut self, byzantine: Option<(usize, Byzantine)>) -> Self {
         self.byzantine = byzantine;

@@ -66,12 +66,8 @@ fn an_idle_chain_waits_its_idle_wait_between_empty_blocks_and_never_stands_still
     check_ledger_seeds(
         "idle_chain_rhythm",
         0..4,
-        |mut sc| {
-            sc.partition = None;
-            sc.degradation = None;
-            sc.byzantine = None;
-            sc.delivery_percent = 100;
-            sc.transfers_until = Duration::ZERO;
+        |sc| {
+            let mut sc = sc.quiet();
             sc.duration = RUN;
             Some(sc)
         },
