@@ -108,8 +108,9 @@ pub enum UpgradeCommand {
         #[arg(long)]
         json: bool,
     },
-    /// As a validator, sign an approval of protocol VERSION from HEIGHT on; prints it as
-    /// `VALIDATOR:SIGNATURE` for `upgrade schedule --approval`.
+    /// As a validator, sign an approval of protocol VERSION from HEIGHT on (or, with --cancel, of
+    /// cancelling that scheduled upgrade); prints it as `VALIDATOR:SIGNATURE` for `upgrade
+    /// schedule --approval` (or `upgrade cancel --approval`).
     Approve {
         /// The version (the one after the version in force).
         #[arg(long)]
@@ -117,6 +118,9 @@ pub enum UpgradeCommand {
         /// The first height executed under it.
         #[arg(long)]
         height: u64,
+        /// Approve cancelling this scheduled upgrade instead.
+        #[arg(long)]
+        cancel: bool,
         /// The validator's key file (e.g. `.archipel/devnet/nodes/n01/node.key`).
         #[arg(long)]
         key: PathBuf,
@@ -132,6 +136,21 @@ pub enum UpgradeCommand {
         #[arg(long)]
         height: u64,
         /// A validator's approval, `VALIDATOR:SIGNATURE` as `upgrade approve` prints it (repeat).
+        #[arg(long = "approval", required = true)]
+        approvals: Vec<String>,
+        #[command(flatten)]
+        submit: SubmitArgs,
+    },
+    /// Submit a CancelUpgrade of the scheduled upgrade with a quorum of validators' approvals (from
+    /// `upgrade approve --cancel`); returns once final. Only before its height.
+    Cancel {
+        /// The version scheduled.
+        #[arg(long)]
+        protocol: u32,
+        /// Its height.
+        #[arg(long)]
+        height: u64,
+        /// A validator's approval of the cancellation, `VALIDATOR:SIGNATURE` (repeat).
         #[arg(long = "approval", required = true)]
         approvals: Vec<String>,
         #[command(flatten)]
@@ -527,7 +546,7 @@ pub async fn account(cmd: AccountCommand) -> Result<()> {
 
 /// Runs `archipel ledger upgrade …`.
 async fn upgrade(cmd: UpgradeCommand) -> Result<()> {
-    use archipel_ledger::upgrade::{Approval, Upgrade};
+    use archipel_ledger::upgrade::Upgrade;
     match cmd {
         UpgradeCommand::Status { node, json } => {
             let head: HeadView = client(&node)?.get("/v1/ledger/head").await?;
@@ -558,7 +577,24 @@ async fn upgrade(cmd: UpgradeCommand) -> Result<()> {
             }
             Ok(())
         }
-        UpgradeCommand::Approve { protocol, height, key, node } => {
+        UpgradeCommand::Approve { protocol, height, cancel: true, key, node } => {
+            let identity = Identity::load(&key)?;
+            let c = client(&node)?;
+            let head: HeadView = c.get("/v1/ledger/head").await?;
+            let upgrade = Upgrade { protocol, height };
+            if let Some(p) = head.protocol
+                && p.scheduled != Some(upgrade)
+            {
+                let now = p
+                    .scheduled
+                    .map_or("no upgrade is".into(), |u| format!("protocol {} at height {} is", u.protocol, u.height));
+                bail!("protocol {protocol} at height {height} is not scheduled ({now}): nothing to cancel");
+            }
+            let a = archipel_ledger::upgrade::approve_cancel(&identity, &network_of(&c).await?, &upgrade);
+            println!("{}:{}", a.validator, hex::encode(a.signature));
+            Ok(())
+        }
+        UpgradeCommand::Approve { protocol, height, cancel: false, key, node } => {
             let identity = Identity::load(&key)?;
             let c = client(&node)?;
             let head: HeadView = c.get("/v1/ledger/head").await?;
@@ -592,25 +628,32 @@ async fn upgrade(cmd: UpgradeCommand) -> Result<()> {
             Ok(())
         }
         UpgradeCommand::Schedule { protocol, height, approvals, submit } => {
-            let approvals = approvals
-                .iter()
-                .map(|a| {
-                    let bad = || anyhow!("approval {a:?} is not VALIDATOR:SIGNATURE (64 and 128 hex characters)");
-                    let (v, sig) = a.split_once(':').ok_or_else(bad)?;
-                    let validator: NodeId = v.parse().map_err(|_| bad())?;
-                    let signature: [u8; 64] = hex::decode(sig).ok().and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
-                    Ok(Approval { validator, signature })
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let approvals = parse_approvals(&approvals)?;
             let done = format!("protocol {protocol} scheduled from height {height}");
-            sign_submit_print(
-                submit,
-                Payload::ScheduleUpgrade { upgrade: Upgrade { protocol, height }, approvals },
-                &done,
-            )
-            .await
+            let payload = Payload::ScheduleUpgrade { upgrade: Upgrade { protocol, height }, approvals };
+            sign_submit_print(submit, payload, &done).await
+        }
+        UpgradeCommand::Cancel { protocol, height, approvals, submit } => {
+            let approvals = parse_approvals(&approvals)?;
+            let done = format!("the upgrade to protocol {protocol} at height {height} is cancelled");
+            let payload = Payload::CancelUpgrade { upgrade: Upgrade { protocol, height }, approvals };
+            sign_submit_print(submit, payload, &done).await
         }
     }
+}
+
+/// `VALIDATOR:SIGNATURE` approvals, as `ledger upgrade approve` prints them.
+fn parse_approvals(approvals: &[String]) -> Result<Vec<archipel_ledger::upgrade::Approval>> {
+    approvals
+        .iter()
+        .map(|a| {
+            let bad = || anyhow!("approval {a:?} is not VALIDATOR:SIGNATURE (64 and 128 hex characters)");
+            let (v, sig) = a.split_once(':').ok_or_else(bad)?;
+            let validator: NodeId = v.parse().map_err(|_| bad())?;
+            let signature: [u8; 64] = hex::decode(sig).ok().and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
+            Ok(archipel_ledger::upgrade::Approval { validator, signature })
+        })
+        .collect()
 }
 
 /// Signs and submits `payload` as `submit` says, then prints the outcome (`done` once final).

@@ -90,7 +90,11 @@ fn an_upgrade_halts_outdated_builds_at_its_height_and_goes_on_with_an_upgraded_q
     let bad = schedule(at, &["not-an-approval".to_string()]);
     assert!(!bad.status.success() && stderr(&bad).contains("is not VALIDATOR:SIGNATURE"), "{}", stderr(&bad));
     let other = schedule(at + 1, &approvals);
-    assert!(!other.status.success() && stderr(&other).contains("is not its signature"), "{}", stderr(&other));
+    assert!(
+        !other.status.success() && stderr(&other).contains("approval is not its ScheduleUpgrade signature"),
+        "{}",
+        stderr(&other)
+    );
 
     let out = schedule(at, &approvals);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
@@ -194,6 +198,24 @@ fn an_upgrade_halts_outdated_builds_at_its_height_and_goes_on_with_an_upgraded_q
         *v = run_as(&node(i).3, "3");
         caught_up(&url(i), &n4, &node(i).0);
     }
+    // First at a mistyped height, withdrawn by a quorum (`approve --cancel`, `cancel`).
+    let wrong = height(&n1) + notice + 500;
+    let approvals: Vec<String> = (0..3).map(|i| approve_for(3, i, wrong)).collect();
+    assert!(schedule_for(3, wrong, &approvals).status.success());
+    let (p, h) = ("3".to_string(), wrong.to_string());
+    let cancels: Vec<String> = (0..3)
+        .map(|i| {
+            let a = ["ledger", "upgrade", "approve", "--cancel", "--protocol", &p, "--height", &h, "--key", &key(i)];
+            run(w, &[&a[..], &["--node", &n1]].concat()).trim().to_string()
+        })
+        .collect();
+    let mut a = vec!["ledger", "upgrade", "cancel", "--protocol", &p, "--height", &h, "--key", &tenant, "--node", &n1];
+    for x in &cancels {
+        a.extend(["--approval", x]);
+    }
+    let out = run(w, &a);
+    assert!(out.contains(&format!("the upgrade to protocol 3 at height {wrong} is cancelled")), "{out}");
+    assert!(run(w, &["ledger", "upgrade", "status", "--node", &n1]).contains("no upgrade scheduled"));
     let at3 = height(&n1) + notice + 20;
     let approvals: Vec<String> = (0..3).map(|i| approve_for(3, i, at3)).collect();
     let out = schedule_for(3, at3, &approvals);

@@ -428,6 +428,11 @@ pub fn seeds() -> Vec<Seed> {
         let tx = sign(&net.tenant, &network, 200, Payload::ScheduleUpgrade { upgrade, approvals });
         add("transaction", "schedule-upgrade", tx.to_bytes());
         add("transaction_json", "schedule-upgrade", json(&tx));
+        let approvals =
+            net.nodes[..3].iter().map(|v| archipel_ledger::upgrade::approve_cancel(v, &network, &upgrade)).collect();
+        let tx = sign(&net.tenant, &network, 201, Payload::CancelUpgrade { upgrade, approvals });
+        add("transaction", "cancel-upgrade", tx.to_bytes());
+        add("transaction_json", "cancel-upgrade", json(&tx));
     }
     let empty = propose(&net.state, &net.header, net.genesis.created_at_ms, [], [], Signatures::Verify)
         .unwrap_or_else(|e| panic!("an in-memory state cannot fail: {e}"))

@@ -468,6 +468,10 @@ mod tests {
                 upgrade: crate::upgrade::Upgrade { protocol: 0, height: 0 },
                 approvals: vec![crate::upgrade::Approval { validator: a.node_id(), signature: [0; 64] }],
             },
+            crate::Payload::CancelUpgrade {
+                upgrade: crate::upgrade::Upgrade { protocol: 0, height: 0 },
+                approvals: vec![crate::upgrade::Approval { validator: a.node_id(), signature: [0; 64] }],
+            },
             crate::Payload::BidCommit { job: Hash::ZERO, digest: Hash::ZERO, bond_micro: 0 },
             crate::Payload::BidReveal { job: Hash::ZERO, price_micro: 0, salt: Hash::ZERO },
             crate::Payload::JobHeartbeat { jobs: vec![Hash::ZERO] },
@@ -541,6 +545,7 @@ mod tests {
                 | crate::Payload::AuditFailed { .. }
                 | crate::Payload::RevokeTokens { .. }
                 | crate::Payload::ScheduleUpgrade { .. }
+                | crate::Payload::CancelUpgrade { .. }
                 | crate::Payload::BidCommit { .. }
                 | crate::Payload::BidReveal { .. }
                 | crate::Payload::JobHeartbeat { .. }
@@ -557,7 +562,7 @@ mod tests {
             }
         }
         let kinds: std::collections::BTreeSet<&str> = smallest.iter().map(|p| p.kind()).collect();
-        assert_eq!(kinds.len(), 21, "one payload of every kind: {kinds:?}");
+        assert_eq!(kinds.len(), 22, "one payload of every kind: {kinds:?}");
         let txs: Vec<_> = smallest
             .into_iter()
             .map(|payload| crate::Transaction { signer: a.node_id(), nonce: 0, payload }.sign(&a, &Hash::of(&[b"net"])))

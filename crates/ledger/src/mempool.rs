@@ -225,6 +225,7 @@ fn spend_micro(params: &LedgerParams, tx: &Transaction) -> u64 {
         | Payload::AuditFailed { .. }
         | Payload::RevokeTokens { .. }
         | Payload::ScheduleUpgrade { .. }
+        | Payload::CancelUpgrade { .. }
         | Payload::BidReveal { .. }
         | Payload::JobHeartbeat { .. }
         | Payload::ResultCommit { .. }

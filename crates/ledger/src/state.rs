@@ -182,6 +182,13 @@ pub enum Receipt {
         /// The height it comes into force at.
         height: u64,
     },
+    /// A scheduled protocol upgrade was cancelled.
+    UpgradeCancelled {
+        /// The version.
+        protocol: u32,
+        /// The height it would have come into force at.
+        height: u64,
+    },
 }
 
 /// Liveness of a node as finalized state records it.
@@ -612,6 +619,7 @@ impl State {
             Payload::AuditFailed { bucket, key, epoch, .. } => self.apply_audit_failed(bucket, key, *epoch),
             Payload::RevokeTokens { ids } => self.apply_revoke_tokens(tx.signer, ids),
             Payload::ScheduleUpgrade { upgrade, .. } => self.apply_schedule_upgrade(upgrade),
+            Payload::CancelUpgrade { upgrade, .. } => self.apply_cancel_upgrade(upgrade),
             Payload::PostJob { .. }
             | Payload::BidCommit { .. }
             | Payload::BidReveal { .. }
@@ -676,6 +684,9 @@ impl State {
             Payload::RevokeTokens { ids } => self.check_revoke_tokens(tx.signer, ids)?,
             Payload::ScheduleUpgrade { upgrade, approvals } => {
                 self.check_schedule_upgrade(upgrade, approvals, with_signatures)?
+            }
+            Payload::CancelUpgrade { upgrade, approvals } => {
+                self.check_cancel_upgrade(upgrade, approvals, with_signatures)?
             }
             Payload::PostJob { .. }
             | Payload::BidCommit { .. }

@@ -153,6 +153,14 @@ pub enum Payload {
         /// The validators' approvals (at most one per validator).
         approvals: Vec<crate::upgrade::Approval>,
     },
+    /// Cancel the scheduled upgrade before its height, approved by a quorum of the validators
+    /// (signatures under [`crate::upgrade::CANCEL_NAMESPACE`]); anyone may submit it.
+    CancelUpgrade {
+        /// The upgrade scheduled.
+        upgrade: crate::upgrade::Upgrade,
+        /// The validators' approvals of its cancellation.
+        approvals: Vec<crate::upgrade::Approval>,
+    },
     /// Post a compute job ([`crate::jobs`]): locks `max_price × redundancy` of the signer's
     /// balance as its escrow and opens its first auction. Its id is [`crate::jobs::job_id`] of
     /// the signer and this transaction's nonce.
@@ -233,6 +241,7 @@ impl Payload {
             Payload::AuditFailed { .. } => "audit_failed",
             Payload::RevokeTokens { .. } => "revoke_tokens",
             Payload::ScheduleUpgrade { .. } => "schedule_upgrade",
+            Payload::CancelUpgrade { .. } => "cancel_upgrade",
             Payload::PostJob { .. } => "post_job",
             Payload::BidCommit { .. } => "bid_commit",
             Payload::BidReveal { .. } => "bid_reveal",
@@ -546,14 +555,11 @@ impl Write for Payload {
             }
             Payload::ScheduleUpgrade { upgrade, approvals } => {
                 21u8.write(buf);
-                upgrade.protocol.write(buf);
-                upgrade.height.write(buf);
-                // A list too long for the byte is written with count 0, which never decodes.
-                u8::try_from(approvals.len()).unwrap_or(0).write(buf);
-                for a in approvals {
-                    a.validator.0.write(buf);
-                    a.signature.write(buf);
-                }
+                write_upgrade(upgrade, approvals, buf);
+            }
+            Payload::CancelUpgrade { upgrade, approvals } => {
+                22u8.write(buf);
+                write_upgrade(upgrade, approvals, buf);
             }
         }
     }
@@ -631,7 +637,9 @@ impl EncodeSize for Payload {
             Payload::ResultCommit { .. } => 32 + 32,
             Payload::ResultReveal { outcome, .. } => 32 + outcome_size(outcome) + 32,
             Payload::CancelJob { .. } => 32,
-            Payload::ScheduleUpgrade { approvals, .. } => 4 + 8 + 1 + approvals.len() * (32 + 64),
+            Payload::ScheduleUpgrade { approvals, .. } | Payload::CancelUpgrade { approvals, .. } => {
+                4 + 8 + 1 + approvals.len() * (32 + 64)
+            }
         }
     }
 }
@@ -716,23 +724,47 @@ impl Read for Payload {
             19 => Payload::CancelJob { job: Hash(<[u8; 32]>::read(buf)?) },
             20 => Payload::PutObjects { batch: PutBatch::read(buf)? },
             21 => {
-                let upgrade = crate::upgrade::Upgrade { protocol: u32::read(buf)?, height: u64::read(buf)? };
-                let n = u8::read(buf)? as usize;
-                if n == 0 {
-                    return Err(CodecError::Invalid("ScheduleUpgrade", "between 1 and 255 approvals"));
-                }
-                let mut approvals = Vec::with_capacity(n);
-                for _ in 0..n {
-                    approvals.push(crate::upgrade::Approval {
-                        validator: NodeId(<[u8; 32]>::read(buf)?),
-                        signature: <[u8; 64]>::read(buf)?,
-                    });
-                }
+                let (upgrade, approvals) = read_upgrade(buf, "ScheduleUpgrade")?;
                 Payload::ScheduleUpgrade { upgrade, approvals }
+            }
+            22 => {
+                let (upgrade, approvals) = read_upgrade(buf, "CancelUpgrade")?;
+                Payload::CancelUpgrade { upgrade, approvals }
             }
             tag => return Err(CodecError::InvalidEnum(tag)),
         })
     }
+}
+
+/// An upgrade and its approvals: version, height, a count byte, then each validator and signature.
+fn write_upgrade(upgrade: &crate::upgrade::Upgrade, approvals: &[crate::upgrade::Approval], buf: &mut impl BufMut) {
+    upgrade.protocol.write(buf);
+    upgrade.height.write(buf);
+    // A list too long for the byte is written with count 0, which never decodes.
+    u8::try_from(approvals.len()).unwrap_or(0).write(buf);
+    for a in approvals {
+        a.validator.0.write(buf);
+        a.signature.write(buf);
+    }
+}
+
+fn read_upgrade(
+    buf: &mut impl Buf,
+    kind: &'static str,
+) -> Result<(crate::upgrade::Upgrade, Vec<crate::upgrade::Approval>), CodecError> {
+    let upgrade = crate::upgrade::Upgrade { protocol: u32::read(buf)?, height: u64::read(buf)? };
+    let n = u8::read(buf)? as usize;
+    if n == 0 {
+        return Err(CodecError::Invalid(kind, "between 1 and 255 approvals"));
+    }
+    let mut approvals = Vec::with_capacity(n);
+    for _ in 0..n {
+        approvals.push(crate::upgrade::Approval {
+            validator: NodeId(<[u8; 32]>::read(buf)?),
+            signature: <[u8; 64]>::read(buf)?,
+        });
+    }
+    Ok((upgrade, approvals))
 }
 
 impl Write for Transaction {

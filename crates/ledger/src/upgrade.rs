@@ -106,7 +106,11 @@ pub struct Approval {
     pub signature: [u8; 64],
 }
 
-/// What a validator signs to approve `upgrade` on `network`.
+/// The namespace of a validator's approval of cancelling a scheduled upgrade.
+pub const CANCEL_NAMESPACE: &[u8] = b"archipel/upgrade-cancel/v1";
+
+/// What a validator signs to approve `upgrade` on `network` (or, under [`CANCEL_NAMESPACE`], its
+/// cancellation).
 pub fn approval_bytes(network: &Hash, upgrade: &Upgrade) -> Vec<u8> {
     [&network.0[..], &upgrade.protocol.to_be_bytes(), &upgrade.height.to_be_bytes()].concat()
 }
@@ -116,6 +120,14 @@ pub fn approve(validator: &Identity, network: &Hash, upgrade: &Upgrade) -> Appro
     Approval {
         validator: validator.node_id(),
         signature: validator.sign(APPROVAL_NAMESPACE, &approval_bytes(network, upgrade)),
+    }
+}
+
+/// `validator`'s approval of cancelling the scheduled `upgrade` on `network`.
+pub fn approve_cancel(validator: &Identity, network: &Hash, upgrade: &Upgrade) -> Approval {
+    Approval {
+        validator: validator.node_id(),
+        signature: validator.sign(CANCEL_NAMESPACE, &approval_bytes(network, upgrade)),
     }
 }
 
@@ -227,6 +239,41 @@ impl State {
                 upgrade.height
             ));
         }
+        self.check_approvals("ScheduleUpgrade", APPROVAL_NAMESPACE, upgrade, approvals, with_signatures)
+    }
+
+    /// The checks of a `CancelUpgrade`: `upgrade` is the one scheduled (not yet in force), and a
+    /// quorum approves its cancellation (signatures only `with_signatures`).
+    pub(crate) fn check_cancel_upgrade(
+        &self,
+        upgrade: &Upgrade,
+        approvals: &[Approval],
+        with_signatures: bool,
+    ) -> Result<(), TxError> {
+        if self.chain.upgrade != Some(*upgrade) {
+            let now = match self.chain.upgrade {
+                Some(u) => format!("protocol {} at height {} is", u.protocol, u.height),
+                None => "nothing is".into(),
+            };
+            return Err(TxError::NotAllowed(format!(
+                "CancelUpgrade: protocol {} at height {} is not scheduled ({now}; an upgrade in force stays)",
+                upgrade.protocol, upgrade.height
+            )));
+        }
+        self.check_approvals("CancelUpgrade", CANCEL_NAMESPACE, upgrade, approvals, with_signatures)
+    }
+
+    /// Approvals of `upgrade` under `namespace`: distinct current validators, a quorum of them, and
+    /// (`with_signatures`) each one's signature.
+    fn check_approvals(
+        &self,
+        what: &str,
+        namespace: &[u8],
+        upgrade: &Upgrade,
+        approvals: &[Approval],
+        with_signatures: bool,
+    ) -> Result<(), TxError> {
+        let refuse = |why: String| Err(TxError::NotAllowed(format!("{what}: {why}")));
         let validators = self.validators();
         if approvals.len() > validators.len().min(MAX_APPROVALS) {
             return Err(TxError::Malformed(format!(
@@ -255,20 +302,23 @@ impl State {
         if with_signatures {
             let msg = approval_bytes(&self.network, upgrade);
             for a in approvals {
-                archipel_crypto::verify_signature(&a.validator, APPROVAL_NAMESPACE, &msg, &a.signature).map_err(
-                    |_| {
-                        TxError::NotAllowed(format!(
-                            "ScheduleUpgrade: {}'s approval is not its signature of protocol {} at height {} on this \
-                             network",
-                            a.validator.short(),
-                            upgrade.protocol,
-                            upgrade.height
-                        ))
-                    },
-                )?;
+                archipel_crypto::verify_signature(&a.validator, namespace, &msg, &a.signature).map_err(|_| {
+                    TxError::NotAllowed(format!(
+                        "{what}: {}'s approval is not its {what} signature for protocol {} at height {} on this network",
+                        a.validator.short(),
+                        upgrade.protocol,
+                        upgrade.height
+                    ))
+                })?;
             }
         }
         Ok(())
+    }
+
+    pub(crate) fn apply_cancel_upgrade(&mut self, upgrade: &Upgrade) -> crate::Receipt {
+        self.chain.upgrade = None;
+        self.other_changed.insert(crate::StateKey::Chain);
+        crate::Receipt::UpgradeCancelled { protocol: upgrade.protocol, height: upgrade.height }
     }
 
     pub(crate) fn apply_schedule_upgrade(&mut self, upgrade: &Upgrade) -> crate::Receipt {
@@ -354,17 +404,20 @@ mod tests {
         }
         let tx = signed(0, nonce, forged);
         s.precheck(&tx, 1_000).unwrap();
-        assert!(s.admit(&tx, 1_000).unwrap_err().to_string().contains("is not its signature"));
+        assert!(s.admit(&tx, 1_000).unwrap_err().to_string().contains("approval is not its ScheduleUpgrade signature"));
         // An approval of another height, or on another network, is not one of this.
         let mut forged = schedule(Hash::ZERO, 2, far, &[1, 2, 3]);
         if let Payload::ScheduleUpgrade { upgrade, .. } = &mut forged {
             upgrade.height += 1;
         }
-        assert!(refused(&mut s, forged).contains("is not its signature"));
+        assert!(refused(&mut s, forged).contains("approval is not its ScheduleUpgrade signature"));
         let other = Hash::of(&[b"another network"]);
         let upgrade = Upgrade { protocol: 2, height: far };
         let approvals = [1, 2, 3].map(|v| approve(&id(v), &other, &upgrade)).to_vec();
-        assert!(refused(&mut s, Payload::ScheduleUpgrade { upgrade, approvals }).contains("is not its signature"));
+        assert!(
+            refused(&mut s, Payload::ScheduleUpgrade { upgrade, approvals })
+                .contains("approval is not its ScheduleUpgrade signature")
+        );
 
         let r = s.apply(&signed(0, nonce, schedule(Hash::ZERO, 2, far, &[3, 1, 2]))).unwrap();
         nonce += 1;
@@ -374,6 +427,55 @@ mod tests {
         assert_ne!(s.seal().unwrap(), root, "the schedule is in the root");
         let e = s.apply(&signed(0, nonce, schedule(Hash::ZERO, 2, far + 5, &[1, 2, 3]))).unwrap_err().to_string();
         assert!(e.contains("already scheduled for height"), "{e}");
+    }
+
+    /// A quorum can withdraw a scheduled upgrade before its height (a mistyped height, a release
+    /// that will not ship); approvals of the schedule are not approvals of its cancellation.
+    #[test]
+    fn a_quorum_cancels_a_scheduled_upgrade_and_another_can_be_scheduled() {
+        let mut s = genesis_with_validators(4);
+        s.begin_block(1, 1_000);
+        let root = s.seal().unwrap();
+        let far = 1 + MIN_UPGRADE_NOTICE_BLOCKS;
+        let upgrade = Upgrade { protocol: 2, height: far };
+        let cancel = |approvers: &[u64], u: Upgrade, namespace_of_schedule: bool| Payload::CancelUpgrade {
+            upgrade: u,
+            approvals: approvers
+                .iter()
+                .map(|v| {
+                    if namespace_of_schedule {
+                        approve(&id(*v), &Hash::ZERO, &u)
+                    } else {
+                        approve_cancel(&id(*v), &Hash::ZERO, &u)
+                    }
+                })
+                .collect(),
+        };
+        let e = s.apply(&signed(0, 0, cancel(&[1, 2, 3], upgrade, false))).unwrap_err().to_string();
+        assert!(e.contains("is not scheduled (nothing is"), "{e}");
+        s.apply(&signed(0, 0, schedule(Hash::ZERO, 2, far, &[1, 2, 3]))).unwrap();
+        let scheduled = s.seal().unwrap();
+        for (p, why) in [
+            (cancel(&[1, 2], upgrade, false), "2 of 4 validators approve; 3 must"),
+            (cancel(&[1, 2, 3], upgrade, true), "is not its CancelUpgrade signature"),
+            (cancel(&[1, 2, 3], Upgrade { protocol: 2, height: far + 1 }, false), "is not scheduled (protocol 2 at"),
+        ] {
+            let e = s.apply(&signed(0, 1, p)).unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+            assert_eq!(s.seal().unwrap(), scheduled);
+        }
+        let r = s.apply(&signed(0, 1, cancel(&[2, 3, 4], upgrade, false))).unwrap();
+        assert_eq!(r, Receipt::UpgradeCancelled { protocol: 2, height: far });
+        assert_eq!((s.scheduled_upgrade(), s.protocol_at(far)), (None, 1));
+        assert_eq!(s.value(&StateKey::Chain).unwrap().len(), 24, "back to the entry of a network never upgraded");
+        assert_ne!(s.seal().unwrap(), root, "fees were burned");
+        s.apply(&signed(0, 2, schedule(Hash::ZERO, 2, far + 10, &[1, 2, 3]))).unwrap();
+        assert_eq!(s.scheduled_upgrade(), Some(Upgrade { protocol: 2, height: far + 10 }));
+        // In force, it cannot be cancelled.
+        s.begin_block(far + 10, 2_000);
+        let e = s.apply(&signed(0, 3, cancel(&[1, 2, 3], Upgrade { protocol: 2, height: far + 10 }, false)));
+        assert!(e.unwrap_err().to_string().contains("nothing is; an upgrade in force stays"));
+        assert_eq!(s.protocol(), 2);
     }
 
     #[test]
