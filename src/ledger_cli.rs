@@ -590,7 +590,8 @@ async fn upgrade(cmd: UpgradeCommand) -> Result<()> {
                     .map_or("no upgrade is".into(), |u| format!("protocol {} at height {} is", u.protocol, u.height));
                 bail!("protocol {protocol} at height {height} is not scheduled ({now}): nothing to cancel");
             }
-            let a = archipel_ledger::upgrade::approve_cancel(&identity, &network_of(&c).await?, &upgrade);
+            let cancels = head.protocol.map_or(0, |p| p.cancels);
+            let a = archipel_ledger::upgrade::approve_cancel(&identity, &network_of(&c).await?, &upgrade, cancels);
             println!("{}:{}", a.validator, hex::encode(a.signature));
             Ok(())
         }
@@ -623,7 +624,8 @@ async fn upgrade(cmd: UpgradeCommand) -> Result<()> {
                 }
             }
             let network = network_of(&c).await?;
-            let a = archipel_ledger::upgrade::approve(&identity, &network, &Upgrade { protocol, height });
+            let cancels = head.protocol.map_or(0, |p| p.cancels);
+            let a = archipel_ledger::upgrade::approve(&identity, &network, &Upgrade { protocol, height }, cancels);
             println!("{}:{}", a.validator, hex::encode(a.signature));
             Ok(())
         }

@@ -424,12 +424,12 @@ pub fn seeds() -> Vec<Seed> {
         use archipel_ledger::upgrade::{Upgrade, approve};
         let network = net.state.network();
         let upgrade = Upgrade { protocol: 2, height: 5_000 };
-        let approvals = net.nodes[..3].iter().map(|v| approve(v, &network, &upgrade)).collect();
+        let approvals = net.nodes[..3].iter().map(|v| approve(v, &network, &upgrade, 0)).collect();
         let tx = sign(&net.tenant, &network, 200, Payload::ScheduleUpgrade { upgrade, approvals });
         add("transaction", "schedule-upgrade", tx.to_bytes());
         add("transaction_json", "schedule-upgrade", json(&tx));
         let approvals =
-            net.nodes[..3].iter().map(|v| archipel_ledger::upgrade::approve_cancel(v, &network, &upgrade)).collect();
+            net.nodes[..3].iter().map(|v| archipel_ledger::upgrade::approve_cancel(v, &network, &upgrade, 0)).collect();
         let tx = sign(&net.tenant, &network, 201, Payload::CancelUpgrade { upgrade, approvals });
         add("transaction", "cancel-upgrade", tx.to_bytes());
         add("transaction_json", "cancel-upgrade", json(&tx));

@@ -2382,7 +2382,7 @@ mod tests {
             ..GenesisState::default()
         });
         let upgrade = Upgrade { protocol: 2, height: 21 };
-        let approvals = vec![approve(&validator, &archipel_ledger::Hash::ZERO, &upgrade)];
+        let approvals = vec![approve(&validator, &archipel_ledger::Hash::ZERO, &upgrade, 0)];
         let schedule = Transaction {
             signer: tenant.node_id(),
             nonce: 0,

@@ -216,6 +216,9 @@ pub struct ChainPosition {
     /// An upgrade scheduled and not yet in force.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade: Option<crate::upgrade::Upgrade>,
+    /// Scheduled upgrades cancelled so far (approvals name the count).
+    #[serde(default)]
+    pub cancels: u32,
 }
 
 fn genesis_protocol() -> u32 {
@@ -230,6 +233,7 @@ impl Default for ChainPosition {
             fees_burned_micro: 0,
             protocol: crate::upgrade::GENESIS_PROTOCOL,
             upgrade: None,
+            cancels: 0,
         }
     }
 }
@@ -1154,16 +1158,23 @@ fn decode_account(b: &[u8]) -> Result<Account, String> {
     Ok(Account { balance_micro: be_u64(b, 0)?, nonce: be_u64(b, 8)? })
 }
 
+/// Whether the chain entry needs its upgrade fields (else it is written as before upgrades).
+fn upgraded_ever(c: &ChainPosition) -> bool {
+    c.protocol != crate::upgrade::GENESIS_PROTOCOL || c.upgrade.is_some() || c.cancels != 0
+}
+
 /// The chain entry's bytes: height, time and fees burned (24 bytes); then, once an upgrade was
-/// ever scheduled, the protocol in force and the scheduled upgrade (version 0 for none) — so a
-/// network that never upgraded keeps the entry, and its roots, as they always were.
+/// ever scheduled, the protocol in force, the scheduled upgrade (version 0 and height 0 for none)
+/// and the cancels (44 bytes) — so a network that never upgraded keeps the entry, and its roots,
+/// as they always were.
 fn encode_chain(c: &ChainPosition) -> Vec<u8> {
     let mut v = [c.height.to_be_bytes(), c.timestamp_ms.to_be_bytes(), c.fees_burned_micro.to_be_bytes()].concat();
-    if c.protocol != crate::upgrade::GENESIS_PROTOCOL || c.upgrade.is_some() {
+    if upgraded_ever(c) {
         let u = c.upgrade.unwrap_or(crate::upgrade::Upgrade { protocol: 0, height: 0 });
         v.extend_from_slice(&c.protocol.to_be_bytes());
         v.extend_from_slice(&u.protocol.to_be_bytes());
         v.extend_from_slice(&u.height.to_be_bytes());
+        v.extend_from_slice(&c.cancels.to_be_bytes());
     }
     v
 }
@@ -1180,12 +1191,17 @@ pub(crate) fn decode_chain(b: &[u8]) -> Result<ChainPosition, String> {
     };
     match b.len() {
         24 => {}
-        40 => {
+        44 => {
             c.protocol = u32_at(24)?;
             let (protocol, height) = (u32_at(28)?, be_u64(b, 32)?);
             c.upgrade = (protocol != 0).then_some(crate::upgrade::Upgrade { protocol, height });
+            c.cancels = u32_at(40)?;
+            // Only what `encode_chain` writes: one encoding per state.
+            if !upgraded_ever(&c) || (protocol == 0 && height != 0) {
+                return Err("the chain entry's upgrade fields are not in canonical form".into());
+            }
         }
-        n => return Err(format!("the chain entry is 24 or 40 bytes, not {n}")),
+        n => return Err(format!("the chain entry is 24 or 44 bytes, not {n}")),
     }
     Ok(c)
 }

@@ -14,11 +14,14 @@
 //! once they do.
 //!
 //! Scheduling: anyone submits a `ScheduleUpgrade` carrying the approvals — each validator's
-//! signature over (network, version, height) — of a quorum of the current validators (the same
-//! 2f+1 as consensus). The version must be the next one, the height at least
-//! [`MIN_UPGRADE_NOTICE_BLOCKS`] ahead (time for operators to install the release), and only
-//! one upgrade is scheduled at a time. The schedule lives in the `chain` entry, so it is in the
-//! state root; a state with no upgrade ever scheduled encodes that entry exactly as before.
+//! signature over (network, version, height, cancels so far) — of a quorum of the current
+//! validators (the same 2f+1 as consensus). The version must be the next one, the height at least
+//! the network's notice ahead (time for operators to install the release), and only one upgrade
+//! is scheduled at a time. Before its height a quorum may cancel it (`CancelUpgrade`, approvals
+//! under their own namespace); each cancel counts, and approvals name the count, so neither a
+//! schedule nor a cancel can be replayed after a cancel. The schedule lives in the `chain` entry,
+//! so it is in the state root; a state with no upgrade ever scheduled encodes that entry exactly as
+//! before.
 
 use crate::Hash;
 use crate::state::State;
@@ -58,7 +61,7 @@ pub const GENESIS_PROTOCOL: u32 = 1;
 pub const MIN_UPGRADE_NOTICE_BLOCKS: u64 = 1_000;
 
 /// The furthest ahead an upgrade may be scheduled, in notices: a mistyped height cannot block every
-/// later upgrade for good (one is pending at a time, and none is cancelled).
+/// later upgrade for long (one is pending at a time) even if no quorum cancels it.
 pub const MAX_LEAD_NOTICES: u64 = 100;
 
 /// Most approvals one `ScheduleUpgrade` carries (its count is one byte).
@@ -109,25 +112,28 @@ pub struct Approval {
 /// The namespace of a validator's approval of cancelling a scheduled upgrade.
 pub const CANCEL_NAMESPACE: &[u8] = b"archipel/upgrade-cancel/v1";
 
-/// What a validator signs to approve `upgrade` on `network` (or, under [`CANCEL_NAMESPACE`], its
-/// cancellation).
-pub fn approval_bytes(network: &Hash, upgrade: &Upgrade) -> Vec<u8> {
-    [&network.0[..], &upgrade.protocol.to_be_bytes(), &upgrade.height.to_be_bytes()].concat()
+/// What a validator signs to approve `upgrade` on `network` when `cancels` upgrades were cancelled
+/// so far (or, under [`CANCEL_NAMESPACE`], its cancellation): the count makes an approval
+/// single-use across cancels.
+pub fn approval_bytes(network: &Hash, upgrade: &Upgrade, cancels: u32) -> Vec<u8> {
+    [&network.0[..], &upgrade.protocol.to_be_bytes(), &upgrade.height.to_be_bytes(), &cancels.to_be_bytes()].concat()
 }
 
-/// `validator`'s approval of `upgrade` on `network`.
-pub fn approve(validator: &Identity, network: &Hash, upgrade: &Upgrade) -> Approval {
+/// `validator`'s approval of `upgrade` on `network`, after `cancels` cancels
+/// ([`State::upgrade_cancels`]).
+pub fn approve(validator: &Identity, network: &Hash, upgrade: &Upgrade, cancels: u32) -> Approval {
     Approval {
         validator: validator.node_id(),
-        signature: validator.sign(APPROVAL_NAMESPACE, &approval_bytes(network, upgrade)),
+        signature: validator.sign(APPROVAL_NAMESPACE, &approval_bytes(network, upgrade, cancels)),
     }
 }
 
-/// `validator`'s approval of cancelling the scheduled `upgrade` on `network`.
-pub fn approve_cancel(validator: &Identity, network: &Hash, upgrade: &Upgrade) -> Approval {
+/// `validator`'s approval of cancelling the scheduled `upgrade` on `network`, after `cancels`
+/// cancels.
+pub fn approve_cancel(validator: &Identity, network: &Hash, upgrade: &Upgrade, cancels: u32) -> Approval {
     Approval {
         validator: validator.node_id(),
-        signature: validator.sign(CANCEL_NAMESPACE, &approval_bytes(network, upgrade)),
+        signature: validator.sign(CANCEL_NAMESPACE, &approval_bytes(network, upgrade, cancels)),
     }
 }
 
@@ -147,6 +153,11 @@ impl State {
             0 => MIN_UPGRADE_NOTICE_BLOCKS,
             n => n,
         }
+    }
+
+    /// How many scheduled upgrades were cancelled on this network (approvals name it).
+    pub fn upgrade_cancels(&self) -> u32 {
+        self.chain.cancels
     }
 
     /// The upgrade scheduled and not yet in force, if any.
@@ -300,14 +311,23 @@ impl State {
             ));
         }
         if with_signatures {
-            let msg = approval_bytes(&self.network, upgrade);
+            // Checked together, and remembered (`_memo`): the block that carries the transaction
+            // checks them again at no cost.
+            let msg = approval_bytes(&self.network, upgrade, self.chain.cancels);
+            let items: Vec<archipel_crypto::SignatureItem<'_>> =
+                approvals.iter().map(|a| (&a.validator, msg.as_slice(), &a.signature)).collect();
+            if archipel_crypto::verify_signatures_memo(namespace, &items) {
+                return Ok(());
+            }
             for a in approvals {
-                archipel_crypto::verify_signature(&a.validator, namespace, &msg, &a.signature).map_err(|_| {
+                archipel_crypto::verify_signature_memo(&a.validator, namespace, &msg, &a.signature).map_err(|_| {
                     TxError::NotAllowed(format!(
-                        "{what}: {}'s approval is not its {what} signature for protocol {} at height {} on this network",
+                        "{what}: {}'s approval is not its {what} signature for protocol {} at height {} after {} \
+                         cancels on this network",
                         a.validator.short(),
                         upgrade.protocol,
-                        upgrade.height
+                        upgrade.height,
+                        self.chain.cancels
                     ))
                 })?;
             }
@@ -317,6 +337,7 @@ impl State {
 
     pub(crate) fn apply_cancel_upgrade(&mut self, upgrade: &Upgrade) -> crate::Receipt {
         self.chain.upgrade = None;
+        self.chain.cancels = self.chain.cancels.saturating_add(1);
         self.other_changed.insert(crate::StateKey::Chain);
         crate::Receipt::UpgradeCancelled { protocol: upgrade.protocol, height: upgrade.height }
     }
@@ -355,8 +376,13 @@ mod tests {
     }
 
     fn schedule(network: Hash, protocol: u32, height: u64, approvers: &[u64]) -> Payload {
+        schedule_after(0, network, protocol, height, approvers)
+    }
+
+    /// A `ScheduleUpgrade` approved after `cancels` cancels.
+    fn schedule_after(cancels: u32, network: Hash, protocol: u32, height: u64, approvers: &[u64]) -> Payload {
         let upgrade = Upgrade { protocol, height };
-        let approvals = approvers.iter().map(|v| approve(&id(*v), &network, &upgrade)).collect();
+        let approvals = approvers.iter().map(|v| approve(&id(*v), &network, &upgrade, cancels)).collect();
         Payload::ScheduleUpgrade { upgrade, approvals }
     }
 
@@ -413,7 +439,7 @@ mod tests {
         assert!(refused(&mut s, forged).contains("approval is not its ScheduleUpgrade signature"));
         let other = Hash::of(&[b"another network"]);
         let upgrade = Upgrade { protocol: 2, height: far };
-        let approvals = [1, 2, 3].map(|v| approve(&id(v), &other, &upgrade)).to_vec();
+        let approvals = [1, 2, 3].map(|v| approve(&id(v), &other, &upgrade, 0)).to_vec();
         assert!(
             refused(&mut s, Payload::ScheduleUpgrade { upgrade, approvals })
                 .contains("approval is not its ScheduleUpgrade signature")
@@ -438,18 +464,21 @@ mod tests {
         let root = s.seal().unwrap();
         let far = 1 + MIN_UPGRADE_NOTICE_BLOCKS;
         let upgrade = Upgrade { protocol: 2, height: far };
-        let cancel = |approvers: &[u64], u: Upgrade, namespace_of_schedule: bool| Payload::CancelUpgrade {
-            upgrade: u,
-            approvals: approvers
+        let cancel_after = |cancels: u32, approvers: &[u64], u: Upgrade, namespace_of_schedule: bool| {
+            let approvals = approvers
                 .iter()
                 .map(|v| {
                     if namespace_of_schedule {
-                        approve(&id(*v), &Hash::ZERO, &u)
+                        approve(&id(*v), &Hash::ZERO, &u, cancels)
                     } else {
-                        approve_cancel(&id(*v), &Hash::ZERO, &u)
+                        approve_cancel(&id(*v), &Hash::ZERO, &u, cancels)
                     }
                 })
-                .collect(),
+                .collect();
+            Payload::CancelUpgrade { upgrade: u, approvals }
+        };
+        let cancel = |approvers: &[u64], u: Upgrade, namespace_of_schedule: bool| {
+            cancel_after(0, approvers, u, namespace_of_schedule)
         };
         let e = s.apply(&signed(0, 0, cancel(&[1, 2, 3], upgrade, false))).unwrap_err().to_string();
         assert!(e.contains("is not scheduled (nothing is"), "{e}");
@@ -467,13 +496,19 @@ mod tests {
         let r = s.apply(&signed(0, 1, cancel(&[2, 3, 4], upgrade, false))).unwrap();
         assert_eq!(r, Receipt::UpgradeCancelled { protocol: 2, height: far });
         assert_eq!((s.scheduled_upgrade(), s.protocol_at(far)), (None, 1));
-        assert_eq!(s.value(&StateKey::Chain).unwrap().len(), 24, "back to the entry of a network never upgraded");
-        assert_ne!(s.seal().unwrap(), root, "fees were burned");
-        s.apply(&signed(0, 2, schedule(Hash::ZERO, 2, far + 10, &[1, 2, 3]))).unwrap();
-        assert_eq!(s.scheduled_upgrade(), Some(Upgrade { protocol: 2, height: far + 10 }));
+        assert_eq!(s.upgrade_cancels(), 1);
+        assert_ne!(s.seal().unwrap(), root, "fees were burned, and the cancel is counted");
+        // The cancelled schedule cannot be replayed: its approvals named no cancel yet.
+        let e = s.apply(&signed(0, 2, schedule(Hash::ZERO, 2, far, &[1, 2, 3]))).unwrap_err().to_string();
+        assert!(e.contains("approval is not its ScheduleUpgrade signature") && e.contains("after 1 cancels"), "{e}");
+        s.apply(&signed(0, 2, schedule_after(1, Hash::ZERO, 2, far, &[1, 2, 3]))).unwrap();
+        assert_eq!(s.scheduled_upgrade(), Some(upgrade));
+        // Nor the cancel, against the same upgrade scheduled again.
+        let e = s.apply(&signed(0, 3, cancel(&[2, 3, 4], upgrade, false))).unwrap_err().to_string();
+        assert!(e.contains("approval is not its CancelUpgrade signature"), "{e}");
         // In force, it cannot be cancelled.
-        s.begin_block(far + 10, 2_000);
-        let e = s.apply(&signed(0, 3, cancel(&[1, 2, 3], Upgrade { protocol: 2, height: far + 10 }, false)));
+        s.begin_block(far, 2_000);
+        let e = s.apply(&signed(0, 3, cancel_after(1, &[1, 2, 3], upgrade, false)));
         assert!(e.unwrap_err().to_string().contains("nothing is; an upgrade in force stays"));
         assert_eq!(s.protocol(), 2);
     }
@@ -486,7 +521,7 @@ mod tests {
         let far = 1 + MIN_UPGRADE_NOTICE_BLOCKS;
         s.apply(&signed(0, 0, schedule(Hash::ZERO, 2, far, &[1, 2, 3]))).unwrap();
         let v = s.value(&StateKey::Chain).unwrap();
-        assert_eq!(v.len(), 40);
+        assert_eq!(v.len(), 44);
         let c = crate::state::decode_chain(&v).unwrap();
         assert_eq!((c.protocol, c.upgrade), (1, Some(Upgrade { protocol: 2, height: far })));
         let shown = crate::proof::decode_value(&StateKey::Chain, &v).unwrap();
@@ -495,6 +530,15 @@ mod tests {
         let c = crate::state::decode_chain(&s.value(&StateKey::Chain).unwrap()).unwrap();
         assert_eq!((c.protocol, c.upgrade), (2, None), "in force from its height");
         assert!(crate::state::decode_chain(&[0; 30]).is_err());
+        // One encoding per state: upgrade fields that say nothing, or a height without a version.
+        let mut plain = vec![0u8; 44];
+        plain[24..28].copy_from_slice(&1u32.to_be_bytes());
+        assert!(crate::state::decode_chain(&plain).unwrap_err().contains("canonical"));
+        plain[32..40].copy_from_slice(&5u64.to_be_bytes());
+        plain[40..44].copy_from_slice(&1u32.to_be_bytes());
+        assert!(crate::state::decode_chain(&plain).unwrap_err().contains("canonical"));
+        plain[32..40].copy_from_slice(&0u64.to_be_bytes());
+        assert_eq!(crate::state::decode_chain(&plain).unwrap().cancels, 1);
     }
 
     /// A chain through an activation height: a build that implements the new version executes

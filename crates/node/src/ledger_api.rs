@@ -462,6 +462,9 @@ pub struct ProtocolView {
     /// The fewest blocks between scheduling an upgrade and its height on this network.
     #[serde(default)]
     pub notice_blocks: u64,
+    /// Scheduled upgrades cancelled so far: what approvals sign beside the upgrade.
+    #[serde(default)]
+    pub cancels: u32,
 }
 
 async fn head(State(s): State<Arc<ApiState>>) -> Response {
@@ -472,6 +475,7 @@ async fn head(State(s): State<Arc<ApiState>>) -> Response {
         scheduled: st.scheduled_upgrade(),
         supported: st.supported_protocol(),
         notice_blocks: st.upgrade_notice_blocks(),
+        cancels: st.upgrade_cancels(),
     });
     Json(HeadView {
         network: s.genesis.network.clone(),
