@@ -122,7 +122,11 @@ fn an_upgrade_halts_outdated_builds_at_its_height_and_goes_on_with_an_upgraded_q
     for i in 0..3 {
         kill9(node(i).2);
     }
-    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    while (0..3).any(|i| alive(node(i).2)) {
+        assert!(start.elapsed() < Duration::from_secs(10), "a validator survived kill -9");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     for i in 0..3 {
         let config = node(i).3.to_string_lossy().into_owned();
         upgraded.push(Reaped(spawn_with_env(
@@ -174,6 +178,12 @@ fn an_upgrade_halts_outdated_builds_at_its_height_and_goes_on_with_an_upgraded_q
     // every moment) — then protocol 3 scheduled: the chain crosses its height without stopping.
     let (_, _, pid4, config4) = node(3);
     kill9(pid4);
+    // Gone (its sockets closed) before it starts again.
+    let start = Instant::now();
+    while alive(pid4) {
+        assert!(start.elapsed() < Duration::from_secs(10), "n04 survived kill -9");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let run_as = |config: &std::path::Path, protocol: &str| {
         let config = config.to_string_lossy().into_owned();
         Reaped(spawn_with_env(
@@ -186,7 +196,12 @@ fn an_upgrade_halts_outdated_builds_at_its_height_and_goes_on_with_an_upgraded_q
     let caught_up = |u: &str, reference: &str, what: &str| {
         let start = Instant::now();
         while !(health(u).0 == 200 && height(u) + 1 >= height(reference)) {
-            assert!(start.elapsed() < Duration::from_secs(90), "{what} did not catch up: {:?}", health(u));
+            assert!(
+                start.elapsed() < Duration::from_secs(90),
+                "{what} did not catch up: {:?}; the restarted nodes' log:\n{}",
+                health(u),
+                spawned_log_tail(w, 40)
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     };

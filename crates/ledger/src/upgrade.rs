@@ -57,17 +57,18 @@ fn build_protocol() -> u32 {
 /// The protocol every network starts with.
 pub const GENESIS_PROTOCOL: u32 = 1;
 
-/// The fewest blocks between a `ScheduleUpgrade` and the height it names.
+/// The fewest blocks between a `ScheduleUpgrade` and the height it names on a network whose
+/// genesis sets no `upgrade_notice_blocks`.
 pub const MIN_UPGRADE_NOTICE_BLOCKS: u64 = 1_000;
 
 /// The furthest ahead an upgrade may be scheduled, in notices: a mistyped height cannot block every
 /// later upgrade for long (one is pending at a time) even if no quorum cancels it.
 pub const MAX_LEAD_NOTICES: u64 = 100;
 
-/// Most approvals one `ScheduleUpgrade` carries (its count is one byte).
+/// Most approvals one `ScheduleUpgrade` or `CancelUpgrade` carries (its count is one byte).
 pub const MAX_APPROVALS: usize = u8::MAX as usize;
 
-/// The bytes of a `ScheduleUpgrade` transaction with `approvals` approvals: signer, nonce,
+/// The bytes of a `ScheduleUpgrade` (or `CancelUpgrade`) transaction with `approvals` approvals: signer, nonce,
 /// signature, tag, version, height, count, then 96 bytes an approval.
 pub fn schedule_tx_bytes(approvals: usize) -> usize {
     32 + 8 + 64 + 1 + 4 + 8 + 1 + approvals * (32 + 64)
