@@ -128,34 +128,27 @@ pub enum UpgradeCommand {
         node: NodeArg,
     },
     /// Submit a ScheduleUpgrade with a quorum of validators' approvals; returns once final.
-    Schedule {
-        /// The version.
-        #[arg(long)]
-        protocol: u32,
-        /// The first height executed under it.
-        #[arg(long)]
-        height: u64,
-        /// A validator's approval, `VALIDATOR:SIGNATURE` as `upgrade approve` prints it (repeat).
-        #[arg(long = "approval", required = true)]
-        approvals: Vec<String>,
-        #[command(flatten)]
-        submit: SubmitArgs,
-    },
+    Schedule(UpgradeTx),
     /// Submit a CancelUpgrade of the scheduled upgrade with a quorum of validators' approvals (from
     /// `upgrade approve --cancel`); returns once final. Only before its height.
-    Cancel {
-        /// The version scheduled.
-        #[arg(long)]
-        protocol: u32,
-        /// Its height.
-        #[arg(long)]
-        height: u64,
-        /// A validator's approval of the cancellation, `VALIDATOR:SIGNATURE` (repeat).
-        #[arg(long = "approval", required = true)]
-        approvals: Vec<String>,
-        #[command(flatten)]
-        submit: SubmitArgs,
-    },
+    Cancel(UpgradeTx),
+}
+
+/// An upgrade and the validators' approvals of it (or of its cancellation), to submit.
+#[derive(Args, Debug)]
+pub struct UpgradeTx {
+    /// The version.
+    #[arg(long)]
+    protocol: u32,
+    /// The first height executed under it.
+    #[arg(long)]
+    height: u64,
+    /// A validator's approval, `VALIDATOR:SIGNATURE` as `upgrade approve` (or `approve --cancel`)
+    /// prints it (repeat).
+    #[arg(long = "approval", required = true)]
+    approvals: Vec<String>,
+    #[command(flatten)]
+    submit: SubmitArgs,
 }
 
 /// `archipel account`.
@@ -577,71 +570,76 @@ async fn upgrade(cmd: UpgradeCommand) -> Result<()> {
             }
             Ok(())
         }
-        UpgradeCommand::Approve { protocol, height, cancel: true, key, node } => {
+        UpgradeCommand::Approve { protocol, height, cancel, key, node } => {
             let identity = Identity::load(&key)?;
-            let c = client(&node)?;
-            let head: HeadView = c.get("/v1/ledger/head").await?;
+            let head: HeadView = client(&node)?.get("/v1/ledger/head").await?;
+            let network = network_in(&head)?;
             let upgrade = Upgrade { protocol, height };
-            if let Some(p) = head.protocol
-                && p.scheduled != Some(upgrade)
-            {
-                let now = p
-                    .scheduled
-                    .map_or("no upgrade is".into(), |u| format!("protocol {} at height {} is", u.protocol, u.height));
-                bail!("protocol {protocol} at height {height} is not scheduled ({now}): nothing to cancel");
-            }
-            let cancels = head.protocol.map_or(0, |p| p.cancels);
-            let a = archipel_ledger::upgrade::approve_cancel(&identity, &network_of(&c).await?, &upgrade, cancels);
-            println!("{}:{}", a.validator, hex::encode(a.signature));
-            Ok(())
-        }
-        UpgradeCommand::Approve { protocol, height, cancel: false, key, node } => {
-            let identity = Identity::load(&key)?;
-            let c = client(&node)?;
-            let head: HeadView = c.get("/v1/ledger/head").await?;
             if let Some(p) = head.protocol {
-                if let Some(u) = p.scheduled {
-                    bail!(
-                        "protocol {} is already scheduled from height {}: one upgrade at a time",
-                        u.protocol,
-                        u.height
-                    );
-                }
-                if protocol != p.active + 1 {
-                    bail!(
-                        "the network runs protocol {}: the next upgrade is to {}, not {protocol}",
-                        p.active,
-                        p.active + 1
-                    );
-                }
-                let earliest = head.header.height + p.notice_blocks;
-                if height < earliest {
-                    bail!(
-                        "height {height} is too soon: the network needs {} blocks of notice (height {earliest} or later, \
-                         leaving time to collect the other approvals)",
-                        p.notice_blocks
-                    );
+                if cancel {
+                    if p.scheduled != Some(upgrade) {
+                        let now = p.scheduled.map_or("no upgrade is".into(), |u| {
+                            format!("protocol {} at height {} is", u.protocol, u.height)
+                        });
+                        bail!("protocol {protocol} at height {height} is not scheduled ({now}): nothing to cancel");
+                    }
+                } else {
+                    check_next_upgrade(&p, head.header.height, &upgrade)?;
                 }
             }
-            let network = network_of(&c).await?;
             let cancels = head.protocol.map_or(0, |p| p.cancels);
-            let a = archipel_ledger::upgrade::approve(&identity, &network, &Upgrade { protocol, height }, cancels);
+            let a = if cancel {
+                archipel_ledger::upgrade::approve_cancel(&identity, &network, &upgrade, cancels)
+            } else {
+                archipel_ledger::upgrade::approve(&identity, &network, &upgrade, cancels)
+            };
             println!("{}:{}", a.validator, hex::encode(a.signature));
             Ok(())
         }
-        UpgradeCommand::Schedule { protocol, height, approvals, submit } => {
-            let approvals = parse_approvals(&approvals)?;
-            let done = format!("protocol {protocol} scheduled from height {height}");
-            let payload = Payload::ScheduleUpgrade { upgrade: Upgrade { protocol, height }, approvals };
-            sign_submit_print(submit, payload, &done).await
+        UpgradeCommand::Schedule(t) => {
+            let upgrade = Upgrade { protocol: t.protocol, height: t.height };
+            let done = format!("protocol {} scheduled from height {}", t.protocol, t.height);
+            let payload = Payload::ScheduleUpgrade { upgrade, approvals: parse_approvals(&t.approvals)? };
+            sign_submit_print(t.submit, payload, &done).await
         }
-        UpgradeCommand::Cancel { protocol, height, approvals, submit } => {
-            let approvals = parse_approvals(&approvals)?;
-            let done = format!("the upgrade to protocol {protocol} at height {height} is cancelled");
-            let payload = Payload::CancelUpgrade { upgrade: Upgrade { protocol, height }, approvals };
-            sign_submit_print(submit, payload, &done).await
+        UpgradeCommand::Cancel(t) => {
+            let upgrade = Upgrade { protocol: t.protocol, height: t.height };
+            let done = format!("the upgrade to protocol {} at height {} is cancelled", t.protocol, t.height);
+            let payload = Payload::CancelUpgrade { upgrade, approvals: parse_approvals(&t.approvals)? };
+            sign_submit_print(t.submit, payload, &done).await
         }
     }
+}
+
+/// What `approve` checks before signing an upgrade, from the head's protocol view `p` at `head`
+/// (the ledger checks the same again when the schedule is submitted): none pending, the next
+/// version, the network's notice.
+fn check_next_upgrade(
+    p: &archipel_node::ledger_api::ProtocolView,
+    head: u64,
+    upgrade: &archipel_ledger::upgrade::Upgrade,
+) -> Result<()> {
+    if let Some(u) = p.scheduled {
+        bail!("protocol {} is already scheduled from height {}: one upgrade at a time", u.protocol, u.height);
+    }
+    if upgrade.protocol != p.active + 1 {
+        bail!(
+            "the network runs protocol {}: the next upgrade is to {}, not {}",
+            p.active,
+            p.active + 1,
+            upgrade.protocol
+        );
+    }
+    let earliest = head + p.notice_blocks;
+    if upgrade.height < earliest {
+        bail!(
+            "height {} is too soon: the network needs {} blocks of notice (height {earliest} or later, leaving time to \
+             collect the other approvals)",
+            upgrade.height,
+            p.notice_blocks
+        );
+    }
+    Ok(())
 }
 
 /// `VALIDATOR:SIGNATURE` approvals, as `ledger upgrade approve` prints them.
@@ -764,6 +762,10 @@ pub async fn proof(cmd: ProofCommand) -> Result<()> {
 /// The network (genesis hash) the node `c` talks to: transactions are signed for it, so one
 /// signed for another network never applies here.
 async fn network_of(c: &ApiClient) -> Result<Hash> {
-    let head: HeadView = c.get("/v1/ledger/head").await?;
+    network_in(&c.get("/v1/ledger/head").await?)
+}
+
+/// The network (genesis hash) a head names.
+fn network_in(head: &HeadView) -> Result<Hash> {
     head.genesis_hash.parse().map_err(|e| anyhow!("the node sent a malformed genesis hash: {e}"))
 }
