@@ -141,7 +141,7 @@ fn an_upgrade_halts_outdated_builds_at_its_height_and_goes_on_with_an_upgraded_q
         match head(&n1).and_then(|h| h.protocol) {
             Some(p) => break p.supported,
             None if start.elapsed() < Duration::from_secs(60) => std::thread::sleep(Duration::from_millis(200)),
-            None => panic!("restarted n01 does not answer"),
+            None => panic!("restarted n01 does not answer; the restarted nodes' log:\n{}", spawned_log_tail(w, 40)),
         }
     };
     assert_eq!(supported, 2, "ARCHIPEL_TEST_PROTOCOL_CEILING is read by debug builds only: run this test unoptimised");
